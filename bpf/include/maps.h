@@ -1,0 +1,42 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map of nodemesh, declared once. The agent pins them by name under
+ * /sys/fs/bpf/nodemesh/v<NM_MAP_ABI_VERSION>/ so that a restarted agent finds the same maps.
+ */
+#ifndef NODEMESH_MAPS_H
+#define NODEMESH_MAPS_H
+
+#include "nodemesh_abi.h"
+
+#define NM_MAX_CAPTURED_IN_FLIGHT 65536
+#define NM_MAX_POD_LISTENERS 4096
+
+/*
+ * Original destination by socket cookie, written by connect4/connect6 before the port of the
+ * client socket is known. sockops moves the entry to nm_orig_dst once the connection is up.
+ * LRU: a connect that never completes must not leak an entry forever.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_MAX_CAPTURED_IN_FLIGHT);
+	__type(key, __u64);
+	__type(value, struct nm_addr);
+} nm_cookie_dst SEC(".maps");
+
+/* Original destination by {pod netns cookie, client port, family}: what the proxy reads. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_MAX_CAPTURED_IN_FLIGHT);
+	__type(key, struct nm_orig_key);
+	__type(value, struct nm_addr);
+} nm_orig_dst SEC(".maps");
+
+/* In-pod listening sockets that sk_lookup steers inbound connections to. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, NM_MAX_POD_LISTENERS);
+	__type(key, struct nm_listener_key);
+	__type(value, __u64);
+} nm_pod_listeners SEC(".maps");
+
+#endif /* NODEMESH_MAPS_H */

@@ -1,0 +1,76 @@
+// SPDX-License-Identifier: Apache-2.0
+// Module entry. Only src/agent/datapath/native.ts loads this file.
+#include <cstddef>
+
+#include "common.h"
+#include "nodemesh_abi.h"
+
+namespace nodemesh {
+namespace {
+
+#define NM_FIELD(obj, type, field) obj.Set(#field, Napi::Number::New(env, offsetof(type, field)))
+
+Napi::Object Layout(Napi::Env env, size_t size, Napi::Object offsets) {
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("size", Napi::Number::New(env, size));
+  out.Set("offsets", offsets);
+  return out;
+}
+
+// abiLayout(): sizes and offsets of the shared ABI structs as this C++ compiler sees them.
+Napi::Value AbiLayout(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+
+  Napi::Object addr = Napi::Object::New(env);
+  NM_FIELD(addr, nm_addr, family);
+  NM_FIELD(addr, nm_addr, port);
+  NM_FIELD(addr, nm_addr, pad);
+  NM_FIELD(addr, nm_addr, addr);
+  out.Set("nm_addr", Layout(env, sizeof(nm_addr), addr));
+
+  Napi::Object key = Napi::Object::New(env);
+  NM_FIELD(key, nm_orig_key, netns_cookie);
+  NM_FIELD(key, nm_orig_key, port);
+  NM_FIELD(key, nm_orig_key, family);
+  NM_FIELD(key, nm_orig_key, pad);
+  out.Set("nm_orig_key", Layout(env, sizeof(nm_orig_key), key));
+
+  Napi::Object lk = Napi::Object::New(env);
+  NM_FIELD(lk, nm_listener_key, family);
+  NM_FIELD(lk, nm_listener_key, role);
+  NM_FIELD(lk, nm_listener_key, addr);
+  out.Set("nm_listener_key", Layout(env, sizeof(nm_listener_key), lk));
+
+  Napi::Object constants = Napi::Object::New(env);
+  constants.Set("NM_MAP_ABI_VERSION", NM_MAP_ABI_VERSION);
+  constants.Set("NM_PROXY_MARK", NM_PROXY_MARK);
+  constants.Set("NM_PORT_OUTBOUND", NM_PORT_OUTBOUND);
+  constants.Set("NM_PORT_INBOUND", NM_PORT_INBOUND);
+  constants.Set("NM_PORT_INBOUND_TUNNEL", NM_PORT_INBOUND_TUNNEL);
+  constants.Set("NM_PORT_DNS", NM_PORT_DNS);
+  constants.Set("NM_ROLE_INBOUND", NM_ROLE_INBOUND);
+  constants.Set("NM_ROLE_INBOUND_TUNNEL", NM_ROLE_INBOUND_TUNNEL);
+  out.Set("constants", constants);
+  return out;
+}
+
+Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData<AddonData>(data);
+  InitBpf(env, exports, data);
+  InitMaps(env, exports);
+  InitSockets(env, exports);
+  exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
+  return exports;
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) { return InitAll(env, exports); }
+
+}  // namespace nodemesh
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return nodemesh::Init(env, exports); }
+
+NODE_API_MODULE(nodemesh_native, InitModule)

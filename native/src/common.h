@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared pieces of the addon: system errors that carry code/errno/syscall/path to JS, and a
+// Promise-returning worker so nothing that can block runs on the event loop.
+#pragma once
+
+#include <napi.h>
+
+#include <functional>
+#include <string>
+
+namespace nodemesh {
+
+// A failed system or libbpf call. `detail` carries libbpf's log (verifier output) if any.
+struct SysError {
+  int err = 0;
+  std::string syscall;
+  std::string path;
+  std::string detail;
+};
+
+[[noreturn]] void ThrowSys(int err, const std::string& syscall, const std::string& path = "");
+Napi::Error ToJsError(Napi::Env env, const SysError& e);
+
+// libbpf reports details through a print callback; we keep the last lines per thread so the
+// error of a failed load can say why the verifier refused.
+void InstallLibbpfLogger();
+std::string TakeLibbpfLog();
+void ClearLibbpfLog();
+
+// Runs `work` on the libuv pool, then `done` on the JS thread; SysError rejects the Promise.
+class PromiseTask : public Napi::AsyncWorker {
+ public:
+  using Work = std::function<void()>;
+  using Done = std::function<Napi::Value(Napi::Env)>;
+  static Napi::Promise Run(Napi::Env env, Work work, Done done);
+
+ protected:
+  void Execute() override;
+  void OnOK() override;
+  void OnError(const Napi::Error& e) override;
+
+ private:
+  PromiseTask(Napi::Env env, Work work, Done done);
+  Napi::Promise::Deferred deferred_;
+  Work work_;
+  Done done_;
+  bool failed_ = false;
+  SysError error_;
+};
+
+// Per-module state: constructors of the wrapped classes.
+struct AddonData {
+  Napi::FunctionReference bpfObject;
+  Napi::FunctionReference bpfLink;
+};
+
+Napi::Object InitBpf(Napi::Env env, Napi::Object exports, AddonData* data);
+Napi::Object InitSockets(Napi::Env env, Napi::Object exports);
+Napi::Object InitMaps(Napi::Env env, Napi::Object exports);
+
+}  // namespace nodemesh

@@ -1,0 +1,265 @@
+// SPDX-License-Identifier: Apache-2.0
+// Sockets inside another network namespace. setns() changes the namespace of the calling
+// thread only, and a libuv pool thread must never be left in a pod's namespace, so each call
+// runs on a dedicated short-lived thread that enters the namespace, makes the socket, and
+// returns to its original namespace before it ends. The socket keeps the namespace it was made in.
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <thread>
+
+#include "common.h"
+
+#ifndef SO_NETNS_COOKIE
+#define SO_NETNS_COOKIE 71
+#endif
+
+namespace nodemesh {
+
+namespace {
+
+struct SockAddr {
+  sockaddr_storage ss = {};
+  socklen_t len = 0;
+  int family = 0;
+};
+
+SockAddr ParseAddr(const std::string& host, uint16_t port) {
+  SockAddr a;
+  auto* v4 = reinterpret_cast<sockaddr_in*>(&a.ss);
+  auto* v6 = reinterpret_cast<sockaddr_in6*>(&a.ss);
+  if (inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    v4->sin_port = htons(port);
+    a.len = sizeof(*v4);
+    a.family = AF_INET;
+  } else if (inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    v6->sin6_port = htons(port);
+    a.len = sizeof(*v6);
+    a.family = AF_INET6;
+  } else {
+    ThrowSys(EINVAL, "inet_pton", host);
+  }
+  return a;
+}
+
+// Runs fn on a fresh thread inside the network namespace at nsPath.
+template <typename F>
+void InNetns(const std::string& nsPath, F&& fn) {
+  SysError error;
+  bool failed = false;
+  std::thread worker([&]() {
+    int target = open(nsPath.c_str(), O_RDONLY | O_CLOEXEC);
+    if (target < 0) {
+      error = {errno, "open", nsPath, ""};
+      failed = true;
+      return;
+    }
+    int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (self < 0 || setns(target, CLONE_NEWNET) != 0) {
+      error = {errno, self < 0 ? "open" : "setns", self < 0 ? "/proc/thread-self/ns/net" : nsPath, ""};
+      failed = true;
+      if (self >= 0) close(self);
+      close(target);
+      return;
+    }
+    try {
+      fn();
+    } catch (const SysError& e) {
+      error = e;
+      failed = true;
+    }
+    setns(self, CLONE_NEWNET);
+    close(self);
+    close(target);
+  });
+  worker.join();
+  if (failed) throw error;
+}
+
+void SetIntOpt(int fd, int level, int name, int value, const char* what, const std::string& where) {
+  if (setsockopt(fd, level, name, &value, sizeof(value)) != 0) {
+    int err = errno;
+    close(fd);
+    ThrowSys(err, std::string("setsockopt(") + what + ")", where);
+  }
+}
+
+std::string Where(const std::string& ns, const std::string& host, uint16_t port) {
+  bool v6 = host.find(':') != std::string::npos;
+  return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port) + " in " + ns;
+}
+
+struct ListenOptions {
+  std::string netns, host;
+  uint16_t port = 0;
+  int backlog = 511;
+  bool transparent = false;
+};
+
+int ListenIn(const ListenOptions& o) {
+  int out = -1;
+  InNetns(o.netns, [&]() {
+    SockAddr a = ParseAddr(o.host, o.port);
+    std::string where = Where(o.netns, o.host, o.port);
+    int fd = socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) ThrowSys(errno, "socket", where);
+    SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR", where);
+    if (a.family == AF_INET6) SetIntOpt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY", where);
+    if (o.transparent) {
+      if (a.family == AF_INET6)
+        SetIntOpt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT", where);
+      else
+        SetIntOpt(fd, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT", where);
+    }
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
+      int err = errno;
+      close(fd);
+      ThrowSys(err, "bind", where);
+    }
+    if (listen(fd, o.backlog) != 0) {
+      int err = errno;
+      close(fd);
+      ThrowSys(err, "listen", where);
+    }
+    out = fd;
+  });
+  return out;
+}
+
+struct ConnectOptions {
+  std::string netns, host, localHost;
+  uint16_t port = 0;
+  uint32_t mark = 0;
+  int timeoutMs = 10000;
+  bool transparent = false;
+};
+
+int ConnectIn(const ConnectOptions& o) {
+  int out = -1;
+  InNetns(o.netns, [&]() {
+    SockAddr a = ParseAddr(o.host, o.port);
+    std::string where = Where(o.netns, o.host, o.port);
+    int fd = socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) ThrowSys(errno, "socket", where);
+    if (o.mark) SetIntOpt(fd, SOL_SOCKET, SO_MARK, static_cast<int>(o.mark), "SO_MARK", where);
+    if (!o.localHost.empty()) {
+      if (o.transparent) {
+        if (a.family == AF_INET6)
+          SetIntOpt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT", where);
+        else
+          SetIntOpt(fd, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT", where);
+      }
+      SockAddr local = ParseAddr(o.localHost, 0);
+      if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0) {
+        int err = errno;
+        close(fd);
+        ThrowSys(err, "bind", o.localHost + " in " + o.netns);
+      }
+    }
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
+      if (errno != EINPROGRESS) {
+        int err = errno;
+        close(fd);
+        ThrowSys(err, "connect", where);
+      }
+      pollfd p = {fd, POLLOUT, 0};
+      int n;
+      do {
+        n = poll(&p, 1, o.timeoutMs);
+      } while (n < 0 && errno == EINTR);
+      if (n <= 0) {
+        int err = n == 0 ? ETIMEDOUT : errno;
+        close(fd);
+        ThrowSys(err, "connect", where);
+      }
+      int soerr = 0;
+      socklen_t len = sizeof(soerr);
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len);
+      if (soerr != 0) {
+        close(fd);
+        ThrowSys(soerr, "connect", where);
+      }
+    }
+    out = fd;
+  });
+  return out;
+}
+
+std::string StringOpt(const Napi::Object& o, const char* key, const std::string& fallback = "") {
+  return o.Has(key) && o.Get(key).IsString() ? o.Get(key).As<Napi::String>().Utf8Value() : fallback;
+}
+
+int64_t NumberOpt(const Napi::Object& o, const char* key, int64_t fallback) {
+  return o.Has(key) && o.Get(key).IsNumber() ? o.Get(key).As<Napi::Number>().Int64Value() : fallback;
+}
+
+bool BoolOpt(const Napi::Object& o, const char* key) {
+  return o.Has(key) && o.Get(key).IsBoolean() && o.Get(key).As<Napi::Boolean>().Value();
+}
+
+Napi::Value FdResult(Napi::Env env, int fd) { return Napi::Number::New(env, fd); }
+
+// listenInNetns({netns, host, port, backlog?, transparent?}): Promise<number>
+Napi::Value ListenInNetns(const Napi::CallbackInfo& info) {
+  Napi::Object opts = info[0].As<Napi::Object>();
+  ListenOptions o;
+  o.netns = StringOpt(opts, "netns");
+  o.host = StringOpt(opts, "host");
+  o.port = static_cast<uint16_t>(NumberOpt(opts, "port", 0));
+  o.backlog = static_cast<int>(NumberOpt(opts, "backlog", 511));
+  o.transparent = BoolOpt(opts, "transparent");
+  auto fd = std::make_shared<int>(-1);
+  return PromiseTask::Run(
+      info.Env(), [o, fd]() { *fd = ListenIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });
+}
+
+// connectInNetns({netns, host, port, mark?, timeoutMs?, localHost?, transparent?}): Promise<number>
+Napi::Value ConnectInNetns(const Napi::CallbackInfo& info) {
+  Napi::Object opts = info[0].As<Napi::Object>();
+  ConnectOptions o;
+  o.netns = StringOpt(opts, "netns");
+  o.host = StringOpt(opts, "host");
+  o.localHost = StringOpt(opts, "localHost");
+  o.port = static_cast<uint16_t>(NumberOpt(opts, "port", 0));
+  o.mark = static_cast<uint32_t>(NumberOpt(opts, "mark", 0));
+  o.timeoutMs = static_cast<int>(NumberOpt(opts, "timeoutMs", 10000));
+  o.transparent = BoolOpt(opts, "transparent");
+  auto fd = std::make_shared<int>(-1);
+  return PromiseTask::Run(
+      info.Env(), [o, fd]() { *fd = ConnectIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });
+}
+
+Napi::Value CookieOpt(const Napi::CallbackInfo& info, int opt, const char* name) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  uint64_t cookie = 0;
+  socklen_t len = sizeof(cookie);
+  if (getsockopt(fd, SOL_SOCKET, opt, &cookie, &len) != 0)
+    throw ToJsError(info.Env(), {errno, std::string("getsockopt(") + name + ")", "fd " + std::to_string(fd), ""});
+  return Napi::BigInt::New(info.Env(), cookie);
+}
+
+Napi::Value SocketCookie(const Napi::CallbackInfo& info) { return CookieOpt(info, SO_COOKIE, "SO_COOKIE"); }
+Napi::Value NetnsCookie(const Napi::CallbackInfo& info) {
+  return CookieOpt(info, SO_NETNS_COOKIE, "SO_NETNS_COOKIE");
+}
+
+}  // namespace
+
+Napi::Object InitSockets(Napi::Env env, Napi::Object exports) {
+  exports.Set("listenInNetns", Napi::Function::New(env, ListenInNetns, "listenInNetns"));
+  exports.Set("connectInNetns", Napi::Function::New(env, ConnectInNetns, "connectInNetns"));
+  exports.Set("socketCookie", Napi::Function::New(env, SocketCookie, "socketCookie"));
+  exports.Set("netnsCookie", Napi::Function::New(env, NetnsCookie, "netnsCookie"));
+  return exports;
+}
+
+}  // namespace nodemesh

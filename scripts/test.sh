@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# `npm test`: installs what is missing, builds if needed, then runs every test with node's test
+# runner. Integration tests need root: they make network namespaces, cgroups and BPF links.
+# The last test file fails the run if any test left something behind.
+source "$(dirname "$0")/lib.sh"
+[[ $(id -u) -eq 0 ]] || die "the tests create network namespaces, cgroups and BPF programs: run them as root"
+ensure_all
+mapfile -t files < <(find dist/test -name '*.test.js' | sort)
+exec node --test --test-concurrency=1 --test-reporter=spec "${files[@]}"

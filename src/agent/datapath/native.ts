@@ -1,0 +1,318 @@
+/**
+ * The one typed view of the native addon (native/). Nothing else in nodemesh loads the .node
+ * file. Errors from the addon carry code/errno/syscall/path and are rethrown as NodemeshError
+ * NM_ERR_DATAPATH (NM_ERR_BPF_LOAD for a refused object) with that context kept.
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+
+import { NodemeshError, isSystemError, type ErrorCode } from '../../shared/errors.js';
+import { NATIVE_ADDON_PATH } from '../../shared/paths.js';
+
+export interface ProgramInfo {
+  readonly name: string;
+  readonly section: string;
+  readonly fd: number;
+}
+
+export interface MapInfo {
+  readonly name: string;
+  readonly fd: number;
+  readonly type: number;
+  readonly keySize: number;
+  readonly valueSize: number;
+  readonly maxEntries: number;
+  readonly pinPath?: string;
+}
+
+export interface StructLayout {
+  readonly size: number;
+  readonly offsets: Readonly<Record<string, number>>;
+}
+
+export interface AbiLayout {
+  readonly nm_addr: StructLayout;
+  readonly nm_orig_key: StructLayout;
+  readonly nm_listener_key: StructLayout;
+  readonly constants: Readonly<Record<string, number>>;
+}
+
+interface RawLink {
+  fd(): number;
+  pin(path: string): void;
+  unpin(): void;
+  detach(): void;
+  close(): void;
+  updateProgram(object: RawObject, program: string): void;
+}
+
+interface RawObject {
+  programs(): ProgramInfo[];
+  maps(): MapInfo[];
+  attachCgroup(program: string, cgroupPath: string): Promise<RawLink>;
+  attachNetns(program: string, netnsPath: string): Promise<RawLink>;
+  close(): void;
+}
+
+interface RawMapInfo {
+  readonly id: number;
+  readonly name: string;
+  readonly type: number;
+  readonly keySize: number;
+  readonly valueSize: number;
+  readonly maxEntries: number;
+}
+
+export interface ListenOptions {
+  /** Path of the network namespace, e.g. /run/netns/NAME or /proc/PID/ns/net. */
+  readonly netns: string;
+  readonly host: string;
+  readonly port: number;
+  readonly backlog?: number;
+  readonly transparent?: boolean;
+}
+
+export interface ConnectOptions {
+  readonly netns: string;
+  readonly host: string;
+  readonly port: number;
+  /** SO_MARK for the socket; the proxy's sockets carry NM_PROXY_MARK. */
+  readonly mark?: number;
+  readonly timeoutMs?: number;
+  /** Local address to bind before connecting (with transparent: a non-local one). */
+  readonly localHost?: string;
+  readonly transparent?: boolean;
+}
+
+interface RawAddon {
+  loadObject(path: string, options: { mapPinDir?: string }): Promise<RawObject>;
+  openPinnedLink(path: string): RawLink;
+  probeBpf(): void;
+  mapInfo(fd: number): RawMapInfo;
+  mapLookup(fd: number, key: Buffer): Buffer | null;
+  mapUpdate(fd: number, key: Buffer, value: Buffer, flags: number): void;
+  mapDelete(fd: number, key: Buffer): boolean;
+  mapKeys(fd: number): Buffer[];
+  openPinned(path: string): number;
+  pinFd(fd: number, path: string): void;
+  closeFd(fd: number): void;
+  listenInNetns(options: ListenOptions): Promise<number>;
+  connectInNetns(options: ConnectOptions): Promise<number>;
+  socketCookie(fd: number): bigint;
+  netnsCookie(fd: number): bigint;
+  abiLayout(): AbiLayout;
+}
+
+let addon: RawAddon | undefined;
+
+function native(): RawAddon {
+  if (addon) return addon;
+  if (!existsSync(NATIVE_ADDON_PATH)) {
+    throw new NodemeshError('NM_ERR_NATIVE_MISSING', `native addon not built: ${NATIVE_ADDON_PATH} is missing`, {
+      context: { path: NATIVE_ADDON_PATH },
+      hint: 'run `npm run build` (it installs clang, libbpf-dev and cmake if they are missing)',
+    });
+  }
+  const require = createRequire(import.meta.url);
+  addon = require(NATIVE_ADDON_PATH) as RawAddon;
+  return addon;
+}
+
+/** Rethrows an addon failure as a NodemeshError that keeps errno, syscall and path. */
+function datapathError(e: unknown, what: string, code: ErrorCode = 'NM_ERR_DATAPATH'): never {
+  if (isSystemError(e) && typeof e.errno === 'number') {
+    throw new NodemeshError(code, `${what}: ${e.message}`, {
+      context: {
+        errno: e.errno,
+        errnoCode: e.code,
+        ...(e.syscall ? { syscall: e.syscall } : {}),
+        ...(e.path ? { path: e.path } : {}),
+        ...(e.detail ? { detail: e.detail } : {}),
+      },
+      cause: e,
+    });
+  }
+  throw e;
+}
+
+function call<T>(what: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (e) {
+    return datapathError(e, what);
+  }
+}
+
+async function callAsync<T>(what: string, fn: () => Promise<T>, code?: ErrorCode): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    return datapathError(e, what, code);
+  }
+}
+
+/** An attachment of a program to a hook. Closing an unpinned link detaches the program. */
+export class BpfLink {
+  constructor(
+    private readonly raw: RawLink,
+    readonly description: string,
+  ) {}
+
+  get fd(): number {
+    return this.raw.fd();
+  }
+
+  pin(path: string): void {
+    call(`pin ${this.description} at ${path}`, () => this.raw.pin(path));
+  }
+
+  unpin(): void {
+    call(`unpin ${this.description}`, () => this.raw.unpin());
+  }
+
+  /** Takes the program off its hook now, even if the link is pinned or held by others. */
+  detach(): void {
+    call(`detach ${this.description}`, () => this.raw.detach());
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+
+  /** Swaps the program behind a live link atomically (no window without capture). */
+  updateProgram(object: BpfObject, program: string): void {
+    call(`update ${this.description} to ${program}`, () => this.raw.updateProgram(object.raw, program));
+  }
+
+  static openPinned(path: string): BpfLink {
+    return new BpfLink(call(`open pinned link ${path}`, () => native().openPinnedLink(path)), path);
+  }
+}
+
+/** A BPF map seen through an fd; keys and values are raw bytes (see abi.ts for codecs). */
+export class BpfMap {
+  readonly keySize: number;
+  readonly valueSize: number;
+
+  constructor(
+    readonly fd: number,
+    readonly name: string,
+    private readonly ownsFd: boolean,
+  ) {
+    const info = call(`map info of ${name}`, () => native().mapInfo(fd));
+    this.keySize = info.keySize;
+    this.valueSize = info.valueSize;
+  }
+
+  static openPinned(path: string): BpfMap {
+    const fd = call(`open pinned map ${path}`, () => native().openPinned(path));
+    return new BpfMap(fd, path, true);
+  }
+
+  lookup(key: Buffer): Buffer | null {
+    return call(`lookup in ${this.name}`, () => native().mapLookup(this.fd, key));
+  }
+
+  update(key: Buffer, value: Buffer, flags = 0): void {
+    call(`update of ${this.name}`, () => native().mapUpdate(this.fd, key, value, flags));
+  }
+
+  delete(key: Buffer): boolean {
+    return call(`delete from ${this.name}`, () => native().mapDelete(this.fd, key));
+  }
+
+  keys(): Buffer[] {
+    return call(`iterate ${this.name}`, () => native().mapKeys(this.fd));
+  }
+
+  pin(path: string): void {
+    call(`pin ${this.name} at ${path}`, () => native().pinFd(this.fd, path));
+  }
+
+  close(): void {
+    if (this.ownsFd) native().closeFd(this.fd);
+  }
+}
+
+export interface LoadOptions {
+  /** Reuse maps pinned in this bpffs folder, and pin the ones that are not there yet. */
+  readonly mapPinDir?: string;
+}
+
+/** A loaded BPF object file: its programs and maps. */
+export class BpfObject {
+  private constructor(
+    readonly raw: RawObject,
+    readonly path: string,
+  ) {}
+
+  static async load(path: string, options: LoadOptions = {}): Promise<BpfObject> {
+    const raw = await callAsync(`load BPF object ${path}`, () => native().loadObject(path, options), 'NM_ERR_BPF_LOAD');
+    return new BpfObject(raw, path);
+  }
+
+  programs(): ProgramInfo[] {
+    return this.raw.programs();
+  }
+
+  maps(): MapInfo[] {
+    return this.raw.maps();
+  }
+
+  map(name: string): BpfMap {
+    const info = this.raw.maps().find((m) => m.name === name);
+    if (!info) {
+      throw new NodemeshError('NM_ERR_ABI_MISMATCH', `BPF object ${this.path} has no map ${name}`, {
+        context: { object: name, path: this.path },
+      });
+    }
+    return new BpfMap(info.fd, name, false);
+  }
+
+  attachCgroup(program: string, cgroupPath: string): Promise<BpfLink> {
+    return callAsync(`attach ${program} to cgroup ${cgroupPath}`, async () => {
+      return new BpfLink(await this.raw.attachCgroup(program, cgroupPath), `${program}@${cgroupPath}`);
+    });
+  }
+
+  attachNetns(program: string, netnsPath: string): Promise<BpfLink> {
+    return callAsync(`attach ${program} to netns ${netnsPath}`, async () => {
+      return new BpfLink(await this.raw.attachNetns(program, netnsPath), `${program}@${netnsPath}`);
+    });
+  }
+
+  close(): void {
+    this.raw.close();
+  }
+}
+
+/** A listening TCP socket made inside a network namespace; serve it with server.listen({ fd }). */
+export function listenInNetns(options: ListenOptions): Promise<number> {
+  return callAsync(`listen in ${options.netns}`, () => native().listenInNetns(options));
+}
+
+/** A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }). */
+export function connectInNetns(options: ConnectOptions): Promise<number> {
+  return callAsync(`connect in ${options.netns}`, () => native().connectInNetns(options));
+}
+
+export function socketCookie(fd: number): bigint {
+  return call(`SO_COOKIE of fd ${fd}`, () => native().socketCookie(fd));
+}
+
+export function netnsCookie(fd: number): bigint {
+  return call(`SO_NETNS_COOKIE of fd ${fd}`, () => native().netnsCookie(fd));
+}
+
+export function closeFd(fd: number): void {
+  call(`close fd ${fd}`, () => native().closeFd(fd));
+}
+
+/** Throws NM_ERR_NO_BPF context (errno) if the bpf() syscall is missing or forbidden. */
+export function probeBpf(): void {
+  call('bpf() probe', () => native().probeBpf());
+}
+
+export function abiLayout(): AbiLayout {
+  return native().abiLayout();
+}

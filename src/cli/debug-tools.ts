@@ -1,0 +1,93 @@
+/**
+ * Small network tools that run inside pods for the demo and the tests: an echo server that logs
+ * each peer, and a dialer that sends bytes and checks what comes back. They write JSON lines to
+ * stdout because their output is read by programs.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { appendFileSync } from 'node:fs';
+import { connect, createServer, Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
+
+import { NM_PROXY_MARK } from '../agent/datapath/abi.js';
+
+export function echoServer(port: number, logFile: string | undefined): void {
+  const onConnection = (socket: Socket): void => {
+    const peer = { address: socket.remoteAddress, port: socket.remotePort, local: socket.localAddress, localPort: socket.localPort };
+    socket.on('error', () => socket.destroy());
+    socket.on('close', () => {
+      if (logFile) appendFileSync(logFile, JSON.stringify({ ...peer, bytes: socket.bytesRead }) + '\n');
+    });
+    socket.pipe(socket);
+  };
+  for (const host of ['0.0.0.0', '::']) {
+    createServer({ allowHalfOpen: true }, onConnection).listen({ host, port, ipv6Only: host === '::' });
+  }
+  process.on('SIGTERM', () => process.exit(0));
+}
+
+export interface DialResult {
+  readonly ok: boolean;
+  readonly error?: string;
+  readonly sent: number;
+  readonly received: number;
+  readonly intact: boolean;
+  readonly local?: string;
+  readonly localPort?: number;
+  readonly connectMs?: number;
+  readonly totalMs: number;
+}
+
+/** Dials host:port, sends `bytes` random bytes, half-closes, and compares the echo. */
+export async function dial(host: string, port: number, bytes: number, options: { mark?: boolean; timeoutMs?: number } = {}): Promise<DialResult> {
+  const payload = randomBytes(bytes);
+  const sentHash = createHash('sha256').update(payload).digest('hex');
+  const t0 = performance.now();
+  let socket: Socket;
+  let connectMs: number | undefined;
+  try {
+    if (options.mark) {
+      // A marked socket made from this process (and so this pod's cgroup) through the addon.
+      const { connectInNetns } = await import('../agent/datapath/native.js');
+      const fd = await connectInNetns({ netns: '/proc/thread-self/ns/net', host, port, mark: NM_PROXY_MARK, timeoutMs: options.timeoutMs ?? 5000 });
+      socket = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+    } else {
+      socket = await new Promise<Socket>((resolve, reject) => {
+        const s = connect({ host, port, allowHalfOpen: true, timeout: options.timeoutMs ?? 5000 });
+        s.once('connect', () => resolve(s));
+        s.once('timeout', () => reject(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' })));
+        s.once('error', reject);
+      });
+    }
+    connectMs = performance.now() - t0;
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException & { context?: { errnoCode?: string } };
+    return { ok: false, error: err.context?.errnoCode ?? err.code ?? err.message, sent: 0, received: 0, intact: false, totalMs: performance.now() - t0 };
+  }
+  const hash = createHash('sha256');
+  let received = 0;
+  return new Promise<DialResult>((resolve) => {
+    socket.setTimeout(options.timeoutMs ?? 10_000, () => socket.destroy(new Error('idle timeout')));
+    socket.on('data', (chunk: Buffer) => {
+      received += chunk.length;
+      hash.update(chunk);
+    });
+    socket.once('error', (e: NodeJS.ErrnoException) =>
+      resolve({ ok: false, error: e.code ?? e.message, sent: bytes, received, intact: false, totalMs: performance.now() - t0 }),
+    );
+    socket.once('end', () => {
+      const intact = received === bytes && hash.digest('hex') === sentHash;
+      resolve({
+        ok: intact,
+        sent: bytes,
+        received,
+        intact,
+        local: socket.localAddress ?? '',
+        localPort: socket.localPort ?? 0,
+        ...(connectMs === undefined ? {} : { connectMs }),
+        totalMs: performance.now() - t0,
+      });
+      socket.destroy();
+    });
+    socket.end(payload);
+  });
+}

@@ -1,0 +1,158 @@
+/** The `nodemesh` command (design.md section 9). */
+import { Command, Option } from 'commander';
+
+import { probeBpf } from '../agent/datapath/native.js';
+import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { validatePodSpec } from '../runtime/pod-spec.js';
+import { LocalPodRuntime } from '../runtime/pods.js';
+import { NodemeshError } from '../shared/errors.js';
+import { packageVersion } from '../shared/paths.js';
+import { checkKernel, checkRoot } from '../shared/preflight.js';
+import { findCgroup2Mount } from '../runtime/cgroup.js';
+import { dial, echoServer } from './debug-tools.js';
+import { formatError, parseOutputFormat, table } from './output.js';
+import { up } from './up.js';
+
+const out = (text: string): void => void process.stdout.write(text);
+const progress = (step: string): void => void process.stderr.write(`» ${step}\n`);
+
+/** What every pod command needs: root, a supported kernel, cgroup v2. */
+async function podPreflight(): Promise<void> {
+  checkRoot();
+  checkKernel();
+  await findCgroup2Mount();
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+function parsePort(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 65535) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `"${value}" is not a TCP port (1-65535)`, { context: { field: 'port' } });
+  }
+  return n;
+}
+
+const program = new Command('nodemesh')
+  .description('a service mesh without sidecars: one eBPF-captured proxy per node')
+  .version(packageVersion())
+  .showHelpAfterError();
+
+const pod = program.command('pod').description('local pods: a netns, a veth on a bridge, a cgroup and a process');
+
+pod
+  .command('run')
+  .description('start CMD as a pod; stays in the foreground and removes the pod when CMD exits')
+  .requiredOption('--name <name>', 'pod name (DNS-1123 label)')
+  .option('-n, --namespace <namespace>', 'pod namespace', 'default')
+  .option('--service-account <sa>', 'service account (workload identity)', 'default')
+  .option('-l, --label <key=value>', 'pod label, repeatable', collect, [])
+  .option('-d, --detach', 'return once the pod is up; remove it later with `pod rm`', false)
+  .argument('<command...>', 'command and arguments, after --')
+  .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; label: string[]; detach: boolean }) => {
+    await podPreflight();
+    const spec = validatePodSpec({ name: opts.name, namespace: opts.namespace, serviceAccount: opts.serviceAccount, labels: opts.label, command });
+    const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
+    const record = await runtime.create(spec, { detached: opts.detach });
+    const { record: running, child } = await runtime.start(record);
+    if (opts.detach) {
+      out(table(['NAMESPACE', 'NAME', 'IP', 'IPV6', 'PID'], [[running.namespace, running.name, running.ip4, running.ip6, String(running.pid)]]));
+      return;
+    }
+    const forward = (signal: NodeJS.Signals): void => void child.kill(signal);
+    for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, forward);
+    const code = await new Promise<number>((resolve) => child.once('exit', (c, sig) => resolve(c ?? (sig ? 128 + signalNumber(sig) : 1))));
+    const still = await runtime.store.get(running.namespace, running.name);
+    if (still && still.uid === running.uid) await runtime.remove(running, 2000);
+    process.exitCode = code;
+  });
+
+pod
+  .command('list')
+  .description('list local pods')
+  .addOption(new Option('-o, --output <format>', 'table or json').default('table'))
+  .action(async (opts: { output: string }) => {
+    const format = parseOutputFormat(opts.output);
+    await podPreflight();
+    const pods = await new LocalPodRuntime(runtimeConfigFromEnv()).list();
+    if (format === 'json') {
+      out(JSON.stringify(pods, null, 2) + '\n');
+      return;
+    }
+    out(
+      table(
+        ['NAMESPACE', 'NAME', 'STATE', 'IP', 'IPV6', 'PID', 'SERVICE ACCOUNT', 'LABELS'],
+        pods.map((p) => [p.namespace, p.name, p.state, p.ip4, p.ip6, String(p.pid ?? '-'), p.serviceAccount, Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(',') || '-']),
+      ),
+    );
+  });
+
+pod
+  .command('rm')
+  .description("stop a pod's processes and remove everything it made")
+  .argument('<name...>', 'pod names')
+  .option('-n, --namespace <namespace>', 'pod namespace', 'default')
+  .option('--grace <ms>', 'time between SIGTERM and SIGKILL', '5000')
+  .action(async (names: string[], opts: { namespace: string; grace: string }) => {
+    await podPreflight();
+    const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
+    for (const name of names) {
+      const record = await runtime.get(opts.namespace, name);
+      progress(`removing pod ${opts.namespace}/${name}`);
+      await runtime.remove(record, Number(opts.grace));
+    }
+  });
+
+program
+  .command('up')
+  .description('run the demo: local pods, eBPF capture, a request through the node proxy path')
+  .action(async () => {
+    process.exitCode = await up(progress, out);
+  });
+
+program
+  .command('check')
+  .description('check that this machine can run nodemesh (root, kernel, cgroup v2, bpffs, bpf())')
+  .action(async () => {
+    const { preflight } = await import('../shared/preflight.js');
+    await preflight(probeBpf);
+    out('ok: root, kernel >= 5.15, cgroup v2, bpffs, bpf()\n');
+  });
+
+const debug = program.command('debug', { hidden: true }).description('tools that run inside pods (demo, tests)');
+
+debug
+  .command('echo-server')
+  .option('--port <port>', 'TCP port on every address', '8080')
+  .option('--log <file>', 'append a JSON line per closed connection')
+  .action((opts: { port: string; log?: string }) => {
+    echoServer(parsePort(opts.port), opts.log);
+  });
+
+debug
+  .command('dial')
+  .argument('<host>')
+  .argument('<port>')
+  .option('--bytes <n>', 'bytes to send', '1024')
+  .option('--mark', 'connect through the addon with the proxy SO_MARK', false)
+  .option('--timeout <ms>', 'connect and idle timeout', '5000')
+  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string }) => {
+    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: Number(opts.timeout) });
+    out(JSON.stringify(result) + '\n');
+    process.exitCode = result.ok ? 0 : 1;
+  });
+
+function signalNumber(signal: NodeJS.Signals): number {
+  const table: Partial<Record<NodeJS.Signals, number>> = { SIGHUP: 1, SIGINT: 2, SIGKILL: 9, SIGTERM: 15 };
+  return table[signal] ?? 0;
+}
+
+
+try {
+  await program.parseAsync(process.argv);
+} catch (e) {
+  process.stderr.write(formatError(e));
+  process.exitCode = e instanceof NodemeshError && e.code === 'NM_ERR_INVALID_ARGUMENT' ? 2 : 1;
+}

@@ -1,0 +1,145 @@
+/**
+ * The outbound path of one pod, in its first form: accept captured connections on the pod's
+ * 15001 listener, read each one's original destination from the BPF maps, choose where to send
+ * it, connect from inside the pod's netns (marked, from the agent's cgroup, so never captured
+ * again) and relay both ways with half-close and backpressure.
+ */
+import { createServer, Socket, type Server } from 'node:net';
+import { performance } from 'node:perf_hooks';
+
+import { NM_PORT_OUTBOUND, NM_PROXY_MARK, type Family, type SocketAddress } from '../../agent/datapath/abi.js';
+import type { OutboundCapture } from '../../agent/datapath/capture.js';
+import { closeFd, connectInNetns, listenInNetns, netnsCookie } from '../../agent/datapath/native.js';
+import { logger } from '../../shared/log.js';
+
+const log = logger('proxy.outbound');
+
+/** Where a captured connection goes: null refuses it. */
+export type Router = (original: SocketAddress) => { host: string; port: number } | null;
+
+export interface RelayedConnection {
+  readonly original: SocketAddress | null;
+  readonly upstream: { host: string; port: number } | null;
+  readonly bytesFromClient: number;
+  readonly bytesToClient: number;
+  readonly durationMs: number;
+  /** Why the connection was refused or failed; absent if it was relayed to the end. */
+  readonly error?: string;
+}
+
+export interface PodEndpoint {
+  readonly name: string;
+  readonly namespace: string;
+  readonly netnsPath: string;
+}
+
+export interface CaptureRelayOptions {
+  readonly capture: OutboundCapture;
+  readonly pod: PodEndpoint;
+  readonly route: Router;
+  readonly connectTimeoutMs?: number;
+  readonly onConnection?: (c: RelayedConnection) => void;
+}
+
+const HIGH_WATER_MARK = 1 << 20;
+
+export class CaptureRelay {
+  private readonly servers: Server[] = [];
+  private readonly sockets = new Set<Socket>();
+
+  constructor(private readonly options: CaptureRelayOptions) {}
+
+  /** Opens 127.0.0.1:15001 and [::1]:15001 inside the pod and starts serving them. */
+  async start(): Promise<void> {
+    for (const host of ['127.0.0.1', '::1']) {
+      const fd = await listenInNetns({ netns: this.options.pod.netnsPath, host, port: NM_PORT_OUTBOUND });
+      let cookie: bigint;
+      try {
+        cookie = netnsCookie(fd);
+      } catch (e) {
+        closeFd(fd);
+        throw e;
+      }
+      const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK } as Parameters<typeof createServer>[0], (socket) =>
+        this.accept(socket, cookie),
+      );
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen({ fd }, () => resolve());
+      });
+      this.servers.push(server);
+    }
+  }
+
+  private accept(client: Socket, cookie: bigint): void {
+    const started = performance.now();
+    this.sockets.add(client);
+    client.once('close', () => this.sockets.delete(client));
+    const family: Family = client.remoteFamily === 'IPv6' ? 6 : 4;
+    const original = this.options.capture.originalDestination({ netnsCookie: cookie, port: client.remotePort ?? 0, family });
+    const finish = (c: Omit<RelayedConnection, 'durationMs'>): void => {
+      const record: RelayedConnection = { ...c, durationMs: performance.now() - started };
+      if (record.error) log.warn({ pod: this.options.pod.name, namespace: this.options.pod.namespace, ...record }, 'outbound connection failed');
+      this.options.onConnection?.(record);
+    };
+    if (!original) {
+      client.destroy();
+      finish({ original, upstream: null, bytesFromClient: 0, bytesToClient: 0, error: 'no original destination in nm_orig_dst' });
+      return;
+    }
+    const upstream = this.options.route(original);
+    if (!upstream) {
+      client.destroy();
+      finish({ original, upstream, bytesFromClient: 0, bytesToClient: 0, error: 'no route for original destination' });
+      return;
+    }
+    client.pause();
+    connectInNetns({
+      netns: this.options.pod.netnsPath,
+      host: upstream.host,
+      port: upstream.port,
+      mark: NM_PROXY_MARK,
+      timeoutMs: this.options.connectTimeoutMs ?? 5_000,
+    }).then(
+      (fd) => this.relay(client, new Socket({ fd, readable: true, writable: true, allowHalfOpen: true }), original, upstream, finish),
+      (e: unknown) => {
+        client.destroy();
+        finish({ original, upstream, bytesFromClient: 0, bytesToClient: 0, error: (e as Error).message });
+      },
+    );
+  }
+
+  private relay(
+    client: Socket,
+    server: Socket,
+    original: SocketAddress,
+    upstream: { host: string; port: number },
+    finish: (c: Omit<RelayedConnection, 'durationMs'>) => void,
+  ): void {
+    this.sockets.add(server);
+    let error: string | undefined;
+    let closed = 0;
+    const onClose = (): void => {
+      if (++closed < 2) return;
+      this.sockets.delete(server);
+      finish({ original, upstream, bytesFromClient: client.bytesRead, bytesToClient: client.bytesWritten, ...(error ? { error } : {}) });
+    };
+    const onError = (e: Error): void => {
+      error ??= e.message;
+      client.destroy();
+      server.destroy();
+    };
+    client.on('error', onError).once('close', onClose);
+    server.on('error', onError).once('close', onClose);
+    // pipe() keeps backpressure; end() on EOF forwards the half-close.
+    client.pipe(server);
+    server.pipe(client);
+    client.resume();
+  }
+
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    this.servers.length = 0;
+  }
+}

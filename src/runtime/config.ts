@@ -1,0 +1,88 @@
+/**
+ * Settings of the local pod runtime, parsed once. Defaults suit a single machine; tests give each
+ * run its own state folder, bridge, subnets and cgroup subtree so runs never share anything.
+ */
+import { isIPv4, isIPv6 } from 'node:net';
+
+import { NodemeshError } from '../shared/errors.js';
+import { ipv6Bytes, ipv6Text } from '../agent/datapath/abi.js';
+
+export interface Cidr {
+  readonly network: string;
+  readonly prefix: number;
+}
+
+export interface RuntimeConfig {
+  /** Pod records, logs and the runtime lock. */
+  readonly stateDir: string;
+  /** Host bridge that every pod's veth joins. At most 15 characters. */
+  readonly bridge: string;
+  readonly podCidr4: Cidr;
+  readonly podCidr6: Cidr;
+  /** Name of nodemesh's subtree under the cgroup2 mount. */
+  readonly cgroupSubtree: string;
+  /** Prefix of netns and veth names, so leak checks can find ours. */
+  readonly namePrefix: string;
+}
+
+export const DEFAULT_RUNTIME: RuntimeConfig = {
+  stateDir: '/run/nodemesh',
+  bridge: 'nm-br0',
+  podCidr4: { network: '10.200.0.0', prefix: 24 },
+  podCidr6: { network: 'fd00:6e6d::', prefix: 64 },
+  cgroupSubtree: 'nodemesh',
+  namePrefix: 'nm',
+};
+
+export function parseCidr(text: string, family: 4 | 6, field: string): Cidr {
+  const [network = '', prefixText = ''] = text.split('/');
+  const prefix = Number(prefixText);
+  const valid = family === 4 ? isIPv4(network) && prefix >= 8 && prefix <= 30 : isIPv6(network) && prefix >= 64 && prefix <= 120;
+  if (!valid || !Number.isInteger(prefix)) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `${field}: "${text}" is not an IPv${family} subnet (expected ${family === 4 ? '10.200.0.0/24, prefix 8-30' : 'fd00:6e6d::/64, prefix 64-120'})`, {
+      context: { field },
+    });
+  }
+  return { network, prefix };
+}
+
+/** Reads NODEMESH_* environment overrides on top of the defaults. */
+export function runtimeConfigFromEnv(env: NodeJS.ProcessEnv = process.env, base: RuntimeConfig = DEFAULT_RUNTIME): RuntimeConfig {
+  const bridge = env['NODEMESH_BRIDGE'] ?? base.bridge;
+  if (!/^[a-zA-Z0-9_.-]{1,15}$/.test(bridge)) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `NODEMESH_BRIDGE: "${bridge}" is not a valid interface name (1-15 of a-z A-Z 0-9 _ . -)`, {
+      context: { field: 'NODEMESH_BRIDGE' },
+    });
+  }
+  return {
+    stateDir: env['NODEMESH_STATE_DIR'] ?? base.stateDir,
+    bridge,
+    podCidr4: env['NODEMESH_POD_CIDR'] ? parseCidr(env['NODEMESH_POD_CIDR'], 4, 'NODEMESH_POD_CIDR') : base.podCidr4,
+    podCidr6: env['NODEMESH_POD_CIDR6'] ? parseCidr(env['NODEMESH_POD_CIDR6'], 6, 'NODEMESH_POD_CIDR6') : base.podCidr6,
+    cgroupSubtree: env['NODEMESH_CGROUP_SUBTREE'] ?? base.cgroupSubtree,
+    namePrefix: base.namePrefix,
+  };
+}
+
+/** The n-th host address of a subnet (n = 1 is the bridge, pods start at 2). */
+export function hostAddress(cidr: Cidr, family: 4 | 6, n: number): string {
+  if (family === 4) {
+    const base = cidr.network.split('.').reduce((acc, p) => (acc << 8) + Number(p), 0) >>> 0;
+    const mask = cidr.prefix === 0 ? 0 : (0xffffffff << (32 - cidr.prefix)) >>> 0;
+    const v = (((base & mask) >>> 0) + n) >>> 0;
+    return [v >>> 24, (v >>> 16) & 255, (v >>> 8) & 255, v & 255].join('.');
+  }
+  const bytes = ipv6Bytes(cidr.network);
+  let carry = n;
+  for (let i = 15; i >= 0 && carry > 0; i--) {
+    const sum = (bytes[i] ?? 0) + (carry & 0xff);
+    bytes[i] = sum & 0xff;
+    carry = (carry >>> 8) + (sum >> 8);
+  }
+  return ipv6Text(bytes);
+}
+
+/** How many pod addresses an IPv4 subnet holds (network, bridge and broadcast excluded). */
+export function podCapacity(cidr: Cidr): number {
+  return 2 ** (32 - cidr.prefix) - 3;
+}

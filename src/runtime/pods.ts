@@ -1,0 +1,238 @@
+/**
+ * The local pod runtime (design.md section 7): a pod is a network namespace joined by a veth to
+ * a host bridge, a cgroup under nodemesh's cgroup v2 subtree, and a process in both. Local pods
+ * get a route to the pod subnet only, so traffic that capture misses fails with ENETUNREACH
+ * instead of leaving the machine. Creation is all or nothing; removal removes exactly what the
+ * record names.
+ */
+import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { createHash, randomUUID } from 'node:crypto';
+import { openSync, closeSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { NodemeshError, isNodemeshError } from '../shared/errors.js';
+import { logger } from '../shared/log.js';
+import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses } from './cgroup.js';
+import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
+import { bestEffort, CommandFailed, ip, resolveExecutable } from './exec.js';
+import type { PodSpec } from './pod-spec.js';
+import { PodStore, type PodRecord } from './store.js';
+
+const log = logger('runtime');
+
+export interface PodStatus extends PodRecord {
+  readonly state: 'running' | 'exited' | 'creating';
+}
+
+export class LocalPodRuntime {
+  readonly store: PodStore;
+
+  constructor(readonly config: RuntimeConfig) {
+    this.store = new PodStore(config.stateDir);
+  }
+
+  private async cgroupBase(): Promise<string> {
+    return join(await findCgroup2Mount(), this.config.cgroupSubtree);
+  }
+
+  private names(spec: Pick<PodSpec, 'namespace' | 'name'>): { netns: string; hostVeth: string; peerVeth: string } {
+    const hash = createHash('sha256').update(`${this.config.bridge}/${spec.namespace}/${spec.name}`).digest('hex').slice(0, 8);
+    const p = this.config.namePrefix;
+    // Interface names are limited to 15 characters; netns names are files and may be longer.
+    return { netns: `${p}_${spec.namespace}_${spec.name}`, hostVeth: `${p}v${hash}`, peerVeth: `${p}p${hash}` };
+  }
+
+  /** Creates the pod's network and cgroup and records it; the command is not started yet. */
+  async create(spec: PodSpec, options: { detached: boolean }): Promise<PodRecord> {
+    const cgroupBase = await this.cgroupBase();
+    const executable = await resolveExecutable(spec.command[0] ?? '');
+    if (!executable) {
+      throw new NodemeshError('NM_ERR_POD_COMMAND', `command "${spec.command[0]}" not found or not executable`, {
+        context: { pod: spec.name, namespace: spec.namespace, field: 'command' },
+        hint: 'give a path, or a command on PATH',
+      });
+    }
+    return this.store.withLock(async () => {
+      if (await this.store.get(spec.namespace, spec.name)) {
+        throw new NodemeshError('NM_ERR_POD_EXISTS', `pod ${spec.namespace}/${spec.name} already exists`, {
+          context: { pod: spec.name, namespace: spec.namespace },
+          hint: `remove it first: nodemesh pod rm ${spec.name} --namespace ${spec.namespace}`,
+        });
+      }
+      const existing = await this.store.list();
+      const used = new Set(existing.filter((r) => r.bridge === this.config.bridge).map((r) => r.slot));
+      let slot = 2;
+      while (used.has(slot)) slot++;
+      if (slot - 1 > podCapacity(this.config.podCidr4)) {
+        throw new NodemeshError('NM_ERR_POD_CIDR_EXHAUSTED', `pod subnet ${this.config.podCidr4.network}/${this.config.podCidr4.prefix} is full`, {
+          context: { pod: spec.name, namespace: spec.namespace },
+          hint: 'remove pods or set a larger NODEMESH_POD_CIDR',
+        });
+      }
+      const names = this.names(spec);
+      const record: PodRecord = {
+        uid: randomUUID(),
+        name: spec.name,
+        namespace: spec.namespace,
+        serviceAccount: spec.serviceAccount,
+        labels: spec.labels,
+        ip4: hostAddress(this.config.podCidr4, 4, slot),
+        ip6: hostAddress(this.config.podCidr6, 6, slot),
+        slot,
+        netns: names.netns,
+        netnsPath: `/run/netns/${names.netns}`,
+        cgroupPath: join(cgroupBase, 'pods', `${spec.namespace}_${spec.name}`),
+        hostVeth: names.hostVeth,
+        bridge: this.config.bridge,
+        command: [executable, ...spec.command.slice(1)],
+        detached: options.detached,
+        logPath: options.detached ? this.store.logPath(spec.namespace, spec.name) : null,
+        pid: null,
+        phase: 'creating',
+        createdAt: new Date().toISOString(),
+      };
+      // The record goes first, so a crash half-way leaves something `pod rm` can clean.
+      await this.store.write(record);
+      try {
+        await this.setUpNetwork(record, names.peerVeth);
+        await createCgroup(record.cgroupPath);
+      } catch (e) {
+        await this.tearDown(record);
+        if (isNodemeshError(e)) throw e;
+        throw new NodemeshError('NM_ERR_POD_SETUP', `creating pod ${spec.namespace}/${spec.name} failed: ${(e as Error).message}`, {
+          context: { pod: spec.name, namespace: spec.namespace },
+          cause: e,
+        });
+      }
+      log.info({ pod: record.name, namespace: record.namespace, ip4: record.ip4, ip6: record.ip6 }, 'pod created');
+      return record;
+    });
+  }
+
+  private async ensureBridge(): Promise<void> {
+    const br = this.config.bridge;
+    try {
+      await ip('link', 'show', 'dev', br);
+      return;
+    } catch (e) {
+      if (!(e instanceof CommandFailed)) throw e;
+    }
+    await ip('link', 'add', br, 'type', 'bridge');
+    await ip('addr', 'add', `${hostAddress(this.config.podCidr4, 4, 1)}/${this.config.podCidr4.prefix}`, 'dev', br);
+    await ip('-6', 'addr', 'add', `${hostAddress(this.config.podCidr6, 6, 1)}/${this.config.podCidr6.prefix}`, 'dev', br, 'nodad');
+    await ip('link', 'set', br, 'up');
+  }
+
+  private async setUpNetwork(r: PodRecord, peerVeth: string): Promise<void> {
+    await this.ensureBridge();
+    await ip('netns', 'add', r.netns);
+    await ip('link', 'add', r.hostVeth, 'type', 'veth', 'peer', 'name', peerVeth);
+    await ip('link', 'set', peerVeth, 'netns', r.netns);
+    await ip('-n', r.netns, 'link', 'set', peerVeth, 'name', 'eth0');
+    await ip('-n', r.netns, 'link', 'set', 'lo', 'up');
+    await ip('-n', r.netns, 'addr', 'add', `${r.ip4}/${this.config.podCidr4.prefix}`, 'dev', 'eth0');
+    await ip('-n', r.netns, '-6', 'addr', 'add', `${r.ip6}/${this.config.podCidr6.prefix}`, 'dev', 'eth0', 'nodad');
+    await ip('-n', r.netns, 'link', 'set', 'eth0', 'up');
+    await ip('link', 'set', r.hostVeth, 'master', this.config.bridge);
+    await ip('link', 'set', r.hostVeth, 'up');
+  }
+
+  /**
+   * Spawns argv inside the pod's netns and cgroup (like `kubectl exec`). A shell joins the cgroup
+   * first and then execs, so every socket the command opens belongs to the pod's cgroup.
+   */
+  exec(record: PodRecord, argv: ReadonlyArray<string>, options: SpawnOptions = {}): ChildProcess {
+    const script = 'cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" && exec ip netns exec "$ns" "$@"';
+    return spawn('/bin/sh', ['-c', script, 'nodemesh-pod', record.cgroupPath, record.netns, ...argv], options);
+  }
+
+  /** Starts the pod's own command; a detached pod's output goes to its log file. */
+  async start(record: PodRecord): Promise<{ record: PodRecord; child: ChildProcess }> {
+    let child: ChildProcess;
+    if (record.detached && record.logPath) {
+      const out = openSync(record.logPath, 'a');
+      try {
+        child = this.exec(record, record.command, { detached: true, stdio: ['ignore', out, out] });
+      } finally {
+        closeSync(out);
+      }
+      child.unref();
+    } else {
+      child = this.exec(record, record.command, { stdio: 'inherit' });
+    }
+    const pid = await new Promise<number>((resolve, reject) => {
+      child.once('spawn', () => resolve(child.pid ?? -1));
+      child.once('error', reject);
+    }).catch(async (e: unknown) => {
+      await this.remove(record);
+      throw new NodemeshError('NM_ERR_POD_COMMAND', `starting pod ${record.namespace}/${record.name} failed: ${(e as Error).message}`, {
+        context: { pod: record.name, namespace: record.namespace },
+        cause: e,
+      });
+    });
+    const running: PodRecord = { ...record, pid, phase: 'running' };
+    await this.store.write(running);
+    log.info({ pod: record.name, namespace: record.namespace, pid }, 'pod started');
+    return { record: running, child };
+  }
+
+  async list(): Promise<PodStatus[]> {
+    const records = await this.store.list();
+    return records.map((r) => ({ ...r, state: r.phase === 'creating' ? 'creating' : isAlive(r.pid) ? 'running' : 'exited' }));
+  }
+
+  async get(namespace: string, name: string): Promise<PodRecord> {
+    const record = await this.store.get(namespace, name);
+    if (!record) {
+      throw new NodemeshError('NM_ERR_POD_NOT_FOUND', `pod ${namespace}/${name} not found`, {
+        context: { pod: name, namespace },
+        hint: 'see `nodemesh pod list`',
+      });
+    }
+    return record;
+  }
+
+  /** Stops the pod's processes and removes its cgroup, veth, netns and record. */
+  async remove(record: PodRecord, graceMs = 5_000): Promise<void> {
+    await stopCgroupProcesses(record.cgroupPath, graceMs).catch((e: unknown) => {
+      log.warn({ pod: record.name, namespace: record.namespace, err: e }, 'stopping pod processes failed');
+    });
+    await this.store.withLock(() => this.tearDown(record));
+    log.info({ pod: record.name, namespace: record.namespace }, 'pod removed');
+  }
+
+  /** Undoes every step of create; each step tolerates its object being gone already. */
+  private async tearDown(r: PodRecord): Promise<void> {
+    const failures: string[] = [];
+    const note = (what: string) => (e: unknown) => {
+      const msg = (e as Error).message;
+      if (/Cannot find device|No such file|does not exist|Cannot open network namespace/i.test(msg)) return;
+      failures.push(`${what}: ${msg}`);
+    };
+    await bestEffort(() => ip('link', 'del', r.hostVeth), note(`delete veth ${r.hostVeth}`));
+    await bestEffort(() => ip('netns', 'del', r.netns), note(`delete netns ${r.netns}`));
+    const base = await this.cgroupBase();
+    await bestEffort(() => removeCgroup(r.cgroupPath, join(base, '..')), note(`remove cgroup ${r.cgroupPath}`));
+    await this.store.remove(r);
+    const others = (await this.store.list()).filter((o) => o.bridge === r.bridge);
+    if (others.length === 0) {
+      await bestEffort(() => ip('link', 'del', r.bridge), note(`delete bridge ${r.bridge}`));
+      await this.store.removeIfEmpty().catch(note('remove state folder'));
+    }
+    if (failures.length > 0) {
+      throw new NodemeshError('NM_ERR_POD_SETUP', `removing pod ${r.namespace}/${r.name} left: ${failures.join('; ')}`, {
+        context: { pod: r.name, namespace: r.namespace },
+      });
+    }
+  }
+}
+
+function isAlive(pid: number | null): boolean {
+  if (!pid) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

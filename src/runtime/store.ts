@@ -1,0 +1,156 @@
+/**
+ * Pod records on disk (one JSON file per pod in <stateDir>/pods) and the runtime lock. Other
+ * processes (the agent, `pod list`) read the same files; only the runtime writes them.
+ */
+import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { NodemeshError } from '../shared/errors.js';
+
+export interface PodRecord {
+  readonly uid: string;
+  readonly name: string;
+  readonly namespace: string;
+  readonly serviceAccount: string;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly ip4: string;
+  readonly ip6: string;
+  /** Index of the pod's addresses in the pod subnets. */
+  readonly slot: number;
+  readonly netns: string;
+  readonly netnsPath: string;
+  readonly cgroupPath: string;
+  readonly hostVeth: string;
+  readonly bridge: string;
+  readonly command: ReadonlyArray<string>;
+  readonly detached: boolean;
+  readonly logPath: string | null;
+  readonly pid: number | null;
+  readonly phase: 'creating' | 'running';
+  readonly createdAt: string;
+}
+
+export const podKey = (namespace: string, name: string): string => `${namespace}_${name}`;
+
+export class PodStore {
+  readonly podsDir: string;
+  private readonly lockDir: string;
+
+  constructor(readonly stateDir: string) {
+    this.podsDir = join(stateDir, 'pods');
+    this.lockDir = join(stateDir, 'lock');
+  }
+
+  recordPath(namespace: string, name: string): string {
+    return join(this.podsDir, `${podKey(namespace, name)}.json`);
+  }
+
+  logPath(namespace: string, name: string): string {
+    return join(this.podsDir, `${podKey(namespace, name)}.log`);
+  }
+
+  async list(): Promise<PodRecord[]> {
+    let files: string[];
+    try {
+      files = await readdir(this.podsDir);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw e;
+    }
+    const records: PodRecord[] = [];
+    for (const f of files.filter((f) => f.endsWith('.json')).sort()) {
+      records.push(await this.read(join(this.podsDir, f)));
+    }
+    return records;
+  }
+
+  async get(namespace: string, name: string): Promise<PodRecord | null> {
+    try {
+      return await this.read(this.recordPath(namespace, name));
+    } catch (e) {
+      if (e instanceof NodemeshError && (e.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') return null;
+      throw e;
+    }
+  }
+
+  private async read(path: string): Promise<PodRecord> {
+    try {
+      return JSON.parse(await readFile(path, 'utf8')) as PodRecord;
+    } catch (e) {
+      throw new NodemeshError('NM_ERR_STATE', `pod record ${path} cannot be read: ${(e as Error).message}`, {
+        context: { path },
+        cause: e,
+        hint: 'remove the file if the pod is gone; `nodemesh pod rm` cleans what the record names',
+      });
+    }
+  }
+
+  /** Writes atomically (temp file + rename) so readers never see half a record. */
+  async write(record: PodRecord): Promise<void> {
+    await mkdir(this.podsDir, { recursive: true });
+    const path = this.recordPath(record.namespace, record.name);
+    const tmp = `${path}.${process.pid}.tmp`;
+    await writeFile(tmp, JSON.stringify(record, null, 2) + '\n');
+    await rename(tmp, path);
+  }
+
+  async remove(record: Pick<PodRecord, 'namespace' | 'name'>): Promise<void> {
+    await rm(this.recordPath(record.namespace, record.name), { force: true });
+    await rm(this.logPath(record.namespace, record.name), { force: true });
+  }
+
+  /** Removes the state folder if no pod is left in it. */
+  async removeIfEmpty(): Promise<void> {
+    if ((await this.list()).length > 0) return;
+    await rm(this.podsDir, { recursive: true, force: true });
+    const rest = await readdir(this.stateDir).catch(() => ['?']);
+    if (rest.length === 0) await rm(this.stateDir, { recursive: true, force: true });
+  }
+
+  /**
+   * Runs fn holding the runtime lock (a directory: mkdir is atomic). A lock whose owner died is
+   * taken over.
+   */
+  async withLock<T>(fn: () => Promise<T>, timeoutMs = 30_000): Promise<T> {
+    await mkdir(this.stateDir, { recursive: true });
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        await mkdir(this.lockDir);
+        await writeFile(join(this.lockDir, 'owner'), String(process.pid));
+        break;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        if (await this.lockIsStale()) {
+          await rm(this.lockDir, { recursive: true, force: true });
+          continue;
+        }
+        if (Date.now() > deadline) {
+          throw new NodemeshError('NM_ERR_LOCK_TIMEOUT', `runtime lock ${this.lockDir} held for more than ${timeoutMs} ms`, {
+            context: { path: this.lockDir },
+            hint: 'another `nodemesh pod` command is running; if none is, remove the lock folder',
+          });
+        }
+        await sleep(20);
+      }
+    }
+    try {
+      return await fn();
+    } finally {
+      await rm(this.lockDir, { recursive: true, force: true });
+    }
+  }
+
+  private async lockIsStale(): Promise<boolean> {
+    try {
+      const owner = Number(await readFile(join(this.lockDir, 'owner'), 'utf8'));
+      if (!Number.isInteger(owner) || owner <= 0) return false;
+      process.kill(owner, 0);
+      return false;
+    } catch (e) {
+      // ESRCH: the owner is gone. ENOENT: the owner is between mkdir and writing its pid.
+      return (e as NodeJS.ErrnoException).code === 'ESRCH';
+    }
+  }
+}
