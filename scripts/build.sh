@@ -6,7 +6,8 @@ source "$(dirname "$0")/lib.sh"
 what=${1:-all}
 
 build_bpf() {
-  command -v clang >/dev/null || die "clang is not installed: it compiles bpf/*.bpf.c (apt-get install -y clang llvm)"
+  local clang=${CLANG:-clang}
+  command -v "$clang" >/dev/null || die "clang is not installed ($clang): it compiles bpf/*.bpf.c (apt-get install -y clang llvm)"
   [[ -f /usr/include/bpf/bpf_helpers.h ]] || die "libbpf headers are missing: /usr/include/bpf/bpf_helpers.h (apt-get install -y libbpf-dev)"
   [[ -f /usr/include/linux/bpf.h ]] || die "kernel UAPI headers are missing: /usr/include/linux/bpf.h (apt-get install -y linux-libc-dev)"
   mkdir -p build/bpf
@@ -16,13 +17,13 @@ build_bpf() {
   for src in bpf/*.bpf.c; do
     local obj="build/bpf/$(basename "${src%.c}").o"
     say "clang $src -> $obj"
-    clang -O2 -g -Wall -Werror -target bpf "-D__TARGET_ARCH_${arch}" \
+    "$clang" -O2 -g -Wall -Werror -target bpf "-D__TARGET_ARCH_${arch}" \
       -I "/usr/include/${multiarch}" -I bpf/include -c "$src" -o "$obj"
   done
 }
 
 build_native() {
-  command -v cmake >/dev/null || die "cmake is not installed (apt-get install -y cmake)"
+  command -v "${CMAKE:-cmake}" >/dev/null || die "cmake is not installed (apt-get install -y cmake)"
   pkg-config --exists libbpf || die "libbpf is not found by pkg-config (apt-get install -y libbpf-dev pkg-config)"
   local napi
   napi=$(node -p "require('path').resolve(require('node-addon-api').include_dir)")

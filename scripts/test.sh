@@ -6,4 +6,5 @@ source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || die "the tests create network namespaces, cgroups and BPF programs: run them as root"
 ensure_all
 mapfile -t files < <(find dist/test -name '*.test.js' | sort)
+export NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn}
 exec node --test --test-concurrency=1 --test-reporter=spec "${files[@]}"

@@ -276,10 +276,17 @@ Napi::Value OpenPinnedLink(const Napi::CallbackInfo& info) {
   return BpfLink::Wrap(info.Env(), link);
 }
 
-// probeBpf(): creates and closes a one-entry array map, to tell "no BPF here" apart early.
+// probeBpf(): loads and drops a two-instruction cgroup/connect4 program. That needs what the
+// agent needs (bpf() present, CAP_BPF + CAP_NET_ADMIN or CAP_SYS_ADMIN), so "no BPF here" shows
+// up at start with its errno instead of at the first enrollment.
 Napi::Value ProbeBpf(const Napi::CallbackInfo& info) {
-  int fd = bpf_map_create(BPF_MAP_TYPE_ARRAY, "nm_probe", 4, 4, 1, nullptr);
-  if (fd < 0) throw ToJsError(info.Env(), {errno, "bpf(BPF_MAP_CREATE)", "", ""});
+  const struct bpf_insn insns[] = {
+      {BPF_ALU64 | BPF_MOV | BPF_K, BPF_REG_0, 0, 0, 1},  // r0 = 1 (allow)
+      {BPF_JMP | BPF_EXIT, 0, 0, 0, 0},
+  };
+  LIBBPF_OPTS(bpf_prog_load_opts, opts, .expected_attach_type = BPF_CGROUP_INET4_CONNECT);
+  int fd = bpf_prog_load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, "nm_probe", "GPL", insns, 2, &opts);
+  if (fd < 0) throw ToJsError(info.Env(), {errno, "bpf(BPF_PROG_LOAD)", "cgroup/connect4 probe", TakeLibbpfLog()});
   close(fd);
   return info.Env().Undefined();
 }

@@ -54,13 +54,19 @@ export function runtimeConfigFromEnv(env: NodeJS.ProcessEnv = process.env, base:
       context: { field: 'NODEMESH_BRIDGE' },
     });
   }
+  const namePrefix = env['NODEMESH_NAME_PREFIX'] ?? base.namePrefix;
+  if (!/^[a-z]{2,4}$/.test(namePrefix)) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `NODEMESH_NAME_PREFIX: "${namePrefix}" must be 2-4 lowercase letters (veth names are limited to 15 characters)`, {
+      context: { field: 'NODEMESH_NAME_PREFIX' },
+    });
+  }
   return {
     stateDir: env['NODEMESH_STATE_DIR'] ?? base.stateDir,
     bridge,
     podCidr4: env['NODEMESH_POD_CIDR'] ? parseCidr(env['NODEMESH_POD_CIDR'], 4, 'NODEMESH_POD_CIDR') : base.podCidr4,
     podCidr6: env['NODEMESH_POD_CIDR6'] ? parseCidr(env['NODEMESH_POD_CIDR6'], 6, 'NODEMESH_POD_CIDR6') : base.podCidr6,
     cgroupSubtree: env['NODEMESH_CGROUP_SUBTREE'] ?? base.cgroupSubtree,
-    namePrefix: base.namePrefix,
+    namePrefix,
   };
 }
 

@@ -15,13 +15,17 @@ export const CAPTURE_PROGRAMS = ['nm_connect4', 'nm_connect6', 'nm_sockops'] as 
 
 /** The links that hold the capture programs on one cgroup. */
 export class CgroupCapture {
+  private attached = true;
+
   constructor(
     readonly cgroupPath: string,
     readonly links: ReadonlyArray<BpfLink>,
   ) {}
 
-  /** Takes every program off the cgroup (pinned or not) and releases the links. */
+  /** Takes every program off the cgroup (pinned or not) and releases the links. Idempotent. */
   detach(): void {
+    if (!this.attached) return;
+    this.attached = false;
     for (const link of this.links) {
       link.detach();
       link.close();
