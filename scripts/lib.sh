@@ -78,3 +78,21 @@ ensure_all() {
   ensure_node_modules
   ensure_build
 }
+
+# bpffs is mounted by nodemesh when missing. A test or demo run that mounted it unmounts it again
+# at the end, if only the kernel's own preload entries (maps.debug, progs.debug) are left in it.
+bpffs_mounted() { awk '$2 == "/sys/fs/bpf" && $3 == "bpf" { found = 1 } END { exit !found }' /proc/self/mounts; }
+
+BPFFS_WAS_MOUNTED=1
+remember_bpffs() { bpffs_mounted && BPFFS_WAS_MOUNTED=1 || BPFFS_WAS_MOUNTED=0; }
+
+restore_bpffs() {
+  [[ $BPFFS_WAS_MOUNTED -eq 0 ]] && bpffs_mounted || return 0
+  local left
+  left=$(find /sys/fs/bpf -mindepth 1 -maxdepth 1 ! -name maps.debug ! -name progs.debug | head -1)
+  if [[ -z $left ]]; then
+    umount /sys/fs/bpf
+  else
+    say "leaving /sys/fs/bpf mounted: it holds $left"
+  fi
+}

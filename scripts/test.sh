@@ -5,6 +5,12 @@
 source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || die "the tests create network namespaces, cgroups and BPF programs: run them as root"
 ensure_all
-mapfile -t files < <(find dist/test -name '*.test.js' | sort)
+# Unit tests first, then integration, then test/zz-leaks.test.js, which must run last.
+mapfile -t files < <(find dist/test/unit -name '*.test.js' | sort; find dist/test/integration -name '*.test.js' | sort)
+files+=(dist/test/zz-leaks.test.js)
 export NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn}
-exec node --test --test-concurrency=1 --test-reporter=spec "${files[@]}"
+remember_bpffs
+status=0
+node --test --test-concurrency=1 --test-reporter=spec "${files[@]}" || status=$?
+restore_bpffs
+exit $status

@@ -7,7 +7,7 @@
  */
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
-import { openSync, closeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
@@ -227,11 +227,13 @@ export class LocalPodRuntime {
   }
 }
 
-function isAlive(pid: number | null): boolean {
+/** Running means it exists and is not a zombie (an exited child nobody reaped yet). */
+export function isAlive(pid: number | null): boolean {
   if (!pid) return false;
   try {
-    process.kill(pid, 0);
-    return true;
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
   } catch {
     return false;
   }
