@@ -4,9 +4,8 @@
  * to service addresses no host has. Prints what happened and removes everything it made.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect } from 'node:net';
 
-import type { SocketAddress } from '../agent/datapath/abi.js';
+import { familyOf, formatHostPort, type SocketAddress } from '../agent/datapath/abi.js';
 import { OutboundCapture, type CgroupCapture } from '../agent/datapath/capture.js';
 import { probeBpf } from '../agent/datapath/native.js';
 import { CaptureRelay, type RelayedConnection } from '../proxy/outbound/capture-relay.js';
@@ -14,6 +13,7 @@ import { holdBlackhole, type Blackhole } from '../runtime/blackhole.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
 import { LocalPodRuntime } from '../runtime/pods.js';
+import { waitForListener } from '../runtime/wait.js';
 import type { PodRecord } from '../runtime/store.js';
 import { preflight } from '../shared/preflight.js';
 import { CLI_ENTRY } from '../shared/paths.js';
@@ -28,23 +28,6 @@ const SERVICES = [
 const SERVER_PORT = 8080;
 
 type Progress = (step: string) => void;
-
-async function waitForListener(host: string, port: number, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = connect({ host, port });
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    if (Date.now() > deadline) throw new Error(`server at ${host}:${port} did not start within ${timeoutMs} ms`);
-    await sleep(50);
-  }
-}
 
 /** Runs the dialer as the client pod's command and returns its JSON result. */
 async function dialFromPod(runtime: LocalPodRuntime, client: PodRecord, service: SocketAddress): Promise<DialResult> {
@@ -63,6 +46,16 @@ export async function up(progress: Progress, write: (text: string) => void): Pro
   const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
   const cleanups: Array<() => Promise<void>> = [];
   const relayed: RelayedConnection[] = [];
+  let cleaning: Promise<void> | undefined;
+  const cleanUp = (): Promise<void> =>
+    (cleaning ??= (async () => {
+      progress('cleaning up (relay, programs, pods, routes)');
+      for (const c of cleanups.reverse()) await c().catch((e: unknown) => write(`cleanup: ${(e as Error).message}\n`));
+    })());
+  // Ctrl-C during the demo still removes everything it made.
+  const onSignal = (): void => void cleanUp().then(() => process.exit(130));
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
   try {
     for (const stale of (await runtime.list()).filter((p) => p.namespace === NAMESPACE)) {
       progress(`removing pod ${stale.name} left by an earlier demo`);
@@ -82,7 +75,7 @@ export async function up(progress: Progress, write: (text: string) => void): Pro
     await waitForListener(serverRecord.ip4, SERVER_PORT, 10_000);
 
     progress('creating pod demo-client');
-    const clientSpec = validatePodSpec({ name: 'demo-client', namespace: NAMESPACE, labels: ['app=client'], command: ['/bin/true'] });
+    const clientSpec = validatePodSpec({ name: 'demo-client', namespace: NAMESPACE, labels: ['app=client'], command: ['sleep', 'infinity'] });
     const client = await runtime.create(clientSpec, { detached: true });
     cleanups.push(() => runtime.remove(client, 1000));
 
@@ -103,15 +96,15 @@ export async function up(progress: Progress, write: (text: string) => void): Pro
 
     const rows: string[][] = [];
     for (const s of SERVICES) {
-      const service: SocketAddress = { family: s.address.includes(':') ? 6 : 4, address: s.address, port: s.port };
-      progress(`demo-client dials ${s.address.includes(':') ? `[${s.address}]` : s.address}:${s.port}`);
+      const service: SocketAddress = { family: familyOf(s.address), address: s.address, port: s.port };
+      progress(`demo-client dials ${formatHostPort(s.address, s.port)}`);
       const result = await dialFromPod(runtime, client, service);
       await sleep(50);
       const conn = relayed.shift();
       rows.push([
-        `${s.address}:${s.port}`,
-        conn?.original ? `${conn.original.address}:${conn.original.port}` : '-',
-        conn?.upstream ? `${conn.upstream.host}:${conn.upstream.port}` : '-',
+        formatHostPort(s.address, s.port),
+        conn?.original ? formatHostPort(conn.original.address, conn.original.port) : '-',
+        conn?.upstream ? formatHostPort(conn.upstream.host, conn.upstream.port) : '-',
         `${result.sent}/${result.received}`,
         result.intact ? 'yes' : `no${result.error ? ` (${result.error})` : ''}`,
         result.connectMs === undefined ? '-' : result.connectMs.toFixed(2),
@@ -123,7 +116,8 @@ export async function up(progress: Progress, write: (text: string) => void): Pro
     write(`capture maps after the run: ${pending.connecting} connecting, ${pending.established} established-unread entries\n`);
     return rows.every((r) => r[4] === 'yes') ? 0 : 1;
   } finally {
-    progress('cleaning up (relay, programs, pods, routes)');
-    for (const c of cleanups.reverse()) await c().catch((e: unknown) => write(`cleanup: ${(e as Error).message}\n`));
+    await cleanUp();
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
   }
 }

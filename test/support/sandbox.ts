@@ -15,6 +15,7 @@ import { LocalPodRuntime } from '../../src/runtime/pods.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
+import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { ensureBpffs } from '../../src/shared/preflight.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
@@ -81,7 +82,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       const spec = validatePodSpec({ name, labels: ['app=echo'], command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
       const record = await runtime.create(spec, { detached: true });
       const { record: running } = await runtime.start(record);
-      await waitFor(async () => (await dialHost(running.ip4, port)) === true, 10_000, `echo server in pod ${name}`);
+      await waitForListener(running.ip4, port, 10_000);
       const host = hostAddress(config.podCidr4, 4, 1);
       const connections = async (): Promise<ConnectionLogEntry[]> => (await readConnectionLog(log)).filter((c) => c.address !== host);
       return { record: running, connections };
@@ -137,18 +138,6 @@ export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(25);
   }
-}
-
-async function dialHost(host: string, port: number): Promise<boolean> {
-  const { connect } = await import('node:net');
-  return new Promise((resolve) => {
-    const s = connect({ host, port });
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 export async function collect(child: ChildProcess): Promise<{ code: number | null; stdout: string; stderr: string }> {

@@ -103,6 +103,11 @@ export function ipv6Bytes(address: string): Buffer {
   return out;
 }
 
+/** host:port, with brackets around an IPv6 host. */
+export function formatHostPort(host: string, port: number): string {
+  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 export function familyOf(address: string): Family {
   if (isIPv4(address)) return 4;
   if (isIPv6(address)) return 6;
