@@ -93,6 +93,21 @@ void SetIntOpt(int fd, int level, int name, int value, const char* what, const s
   }
 }
 
+// Closes fd and throws the errno of the call that just failed.
+[[noreturn]] void CloseAndThrow(int fd, const char* syscall, const std::string& where) {
+  int err = errno;
+  close(fd);
+  ThrowSys(err, syscall, where);
+}
+
+// IP_TRANSPARENT lets the proxy bind or accept addresses that are not local (source preserving).
+void SetTransparent(int fd, int family, const std::string& where) {
+  if (family == AF_INET6)
+    SetIntOpt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT", where);
+  else
+    SetIntOpt(fd, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT", where);
+}
+
 std::string Where(const std::string& ns, const std::string& host, uint16_t port) {
   bool v6 = host.find(':') != std::string::npos;
   return (v6 ? "[" + host + "]" : host) + ":" + std::to_string(port) + " in " + ns;
@@ -114,22 +129,9 @@ int ListenIn(const ListenOptions& o) {
     if (fd < 0) ThrowSys(errno, "socket", where);
     SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR", where);
     if (a.family == AF_INET6) SetIntOpt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY", where);
-    if (o.transparent) {
-      if (a.family == AF_INET6)
-        SetIntOpt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT", where);
-      else
-        SetIntOpt(fd, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT", where);
-    }
-    if (bind(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
-      int err = errno;
-      close(fd);
-      ThrowSys(err, "bind", where);
-    }
-    if (listen(fd, o.backlog) != 0) {
-      int err = errno;
-      close(fd);
-      ThrowSys(err, "listen", where);
-    }
+    if (o.transparent) SetTransparent(fd, a.family, where);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) CloseAndThrow(fd, "bind", where);
+    if (listen(fd, o.backlog) != 0) CloseAndThrow(fd, "listen", where);
     out = fd;
   });
   return out;
@@ -152,25 +154,13 @@ int ConnectIn(const ConnectOptions& o) {
     if (fd < 0) ThrowSys(errno, "socket", where);
     if (o.mark) SetIntOpt(fd, SOL_SOCKET, SO_MARK, static_cast<int>(o.mark), "SO_MARK", where);
     if (!o.localHost.empty()) {
-      if (o.transparent) {
-        if (a.family == AF_INET6)
-          SetIntOpt(fd, IPPROTO_IPV6, IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT", where);
-        else
-          SetIntOpt(fd, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT", where);
-      }
+      if (o.transparent) SetTransparent(fd, a.family, where);
       SockAddr local = ParseAddr(o.localHost, 0);
-      if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0) {
-        int err = errno;
-        close(fd);
-        ThrowSys(err, "bind", o.localHost + " in " + o.netns);
-      }
+      if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0)
+        CloseAndThrow(fd, "bind", o.localHost + " in " + o.netns);
     }
     if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
-      if (errno != EINPROGRESS) {
-        int err = errno;
-        close(fd);
-        ThrowSys(err, "connect", where);
-      }
+      if (errno != EINPROGRESS) CloseAndThrow(fd, "connect", where);
       pollfd p = {fd, POLLOUT, 0};
       int n;
       do {

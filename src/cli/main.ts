@@ -27,6 +27,14 @@ function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 
+function parseMilliseconds(value: string, field: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of milliseconds`, { context: { field } });
+  }
+  return n;
+}
+
 function parsePort(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 65535) {
@@ -96,12 +104,13 @@ pod
   .option('-n, --namespace <namespace>', 'pod namespace', 'default')
   .option('--grace <ms>', 'time between SIGTERM and SIGKILL', '5000')
   .action(async (names: string[], opts: { namespace: string; grace: string }) => {
+    const grace = parseMilliseconds(opts.grace, 'grace');
     await podPreflight();
     const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
     for (const name of names) {
       const record = await runtime.get(opts.namespace, name);
       progress(`removing pod ${opts.namespace}/${name}`);
-      await runtime.remove(record, Number(opts.grace));
+      await runtime.remove(record, grace);
     }
   });
 
@@ -139,7 +148,7 @@ debug
   .option('--mark', 'connect through the addon with the proxy SO_MARK', false)
   .option('--timeout <ms>', 'connect and idle timeout', '5000')
   .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string }) => {
-    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: Number(opts.timeout) });
+    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout') });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;
   });

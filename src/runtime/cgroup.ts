@@ -25,8 +25,10 @@ export async function findCgroup2Mount(): Promise<string> {
   return mount;
 }
 
+/** Creates a pod cgroup; its parents may exist, the cgroup itself must not (EEXIST). */
 export async function createCgroup(path: string): Promise<void> {
-  await mkdir(path, { recursive: true });
+  await mkdir(path.slice(0, path.lastIndexOf('/')), { recursive: true });
+  await mkdir(path);
 }
 
 export async function cgroupPids(path: string): Promise<number[]> {

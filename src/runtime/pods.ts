@@ -20,6 +20,15 @@ import { PodStore, type PodRecord } from './store.js';
 
 const log = logger('runtime');
 
+/** Which parts of a pod a create() call made, so a failed create undoes exactly those. */
+interface Made {
+  netns: boolean;
+  veth: boolean;
+  cgroup: boolean;
+}
+
+const EVERYTHING: Readonly<Made> = { netns: true, veth: true, cgroup: true };
+
 export interface PodStatus extends PodRecord {
   readonly state: 'running' | 'exited' | 'creating';
 }
@@ -93,11 +102,14 @@ export class LocalPodRuntime {
       };
       // The record goes first, so a crash half-way leaves something `pod rm` can clean.
       await this.store.write(record);
+      const made: Made = { netns: false, veth: false, cgroup: false };
       try {
-        await this.setUpNetwork(record, names.peerVeth);
+        await this.setUpNetwork(record, names.peerVeth, made);
         await createCgroup(record.cgroupPath);
+        made.cgroup = true;
       } catch (e) {
-        await this.tearDown(record);
+        // Undo only what this call made: a netns or veth that already had our name is not ours.
+        await this.tearDown(record, made);
         if (isNodemeshError(e)) throw e;
         throw new NodemeshError('NM_ERR_POD_SETUP', `creating pod ${spec.namespace}/${spec.name} failed: ${(e as Error).message}`, {
           context: { pod: spec.name, namespace: spec.namespace },
@@ -123,10 +135,12 @@ export class LocalPodRuntime {
     await ip('link', 'set', br, 'up');
   }
 
-  private async setUpNetwork(r: PodRecord, peerVeth: string): Promise<void> {
+  private async setUpNetwork(r: PodRecord, peerVeth: string, made: Made): Promise<void> {
     await this.ensureBridge();
     await ip('netns', 'add', r.netns);
+    made.netns = true;
     await ip('link', 'add', r.hostVeth, 'type', 'veth', 'peer', 'name', peerVeth);
+    made.veth = true;
     await ip('link', 'set', peerVeth, 'netns', r.netns);
     await ip('-n', r.netns, 'link', 'set', peerVeth, 'name', 'eth0');
     await ip('-n', r.netns, 'link', 'set', 'lo', 'up');
@@ -201,18 +215,18 @@ export class LocalPodRuntime {
     log.info({ pod: record.name, namespace: record.namespace }, 'pod removed');
   }
 
-  /** Undoes every step of create; each step tolerates its object being gone already. */
-  private async tearDown(r: PodRecord): Promise<void> {
+  /** Undoes the steps of create that `made` names; each tolerates its object being gone already. */
+  private async tearDown(r: PodRecord, made: Made = EVERYTHING): Promise<void> {
     const failures: string[] = [];
     const note = (what: string) => (e: unknown) => {
       const msg = (e as Error).message;
       if (/Cannot find device|No such file|does not exist|Cannot open network namespace/i.test(msg)) return;
       failures.push(`${what}: ${msg}`);
     };
-    await bestEffort(() => ip('link', 'del', r.hostVeth), note(`delete veth ${r.hostVeth}`));
-    await bestEffort(() => ip('netns', 'del', r.netns), note(`delete netns ${r.netns}`));
+    if (made.veth) await bestEffort(() => ip('link', 'del', r.hostVeth), note(`delete veth ${r.hostVeth}`));
+    if (made.netns) await bestEffort(() => ip('netns', 'del', r.netns), note(`delete netns ${r.netns}`));
     const base = await this.cgroupBase();
-    await bestEffort(() => removeCgroup(r.cgroupPath, join(base, '..')), note(`remove cgroup ${r.cgroupPath}`));
+    if (made.cgroup) await bestEffort(() => removeCgroup(r.cgroupPath, join(base, '..')), note(`remove cgroup ${r.cgroupPath}`));
     await this.store.remove(r);
     const others = (await this.store.list()).filter((o) => o.bridge === r.bridge);
     if (others.length === 0) {

@@ -108,3 +108,18 @@ test('pod run forwards SIGTERM to the command and cleans up', async (t) => {
   assert.equal(result.code, 3, `the command's own exit code comes back: ${result.stderr}`);
   await assertNothingMade(sb);
 });
+
+test('a failed create removes what it made and nothing else', async (t) => {
+  const sb = await createSandbox(t);
+  // Someone else's netns already has the name the pod would get.
+  const foreign = `${sb.config.namePrefix}_default_clash`;
+  await ip('netns', 'add', foreign);
+  sb.defer(() => ip('netns', 'del', foreign));
+
+  const r = await cli(['pod', 'run', '--name', 'clash', '--', 'true'], sb.env);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /error NM_ERR_POD_SETUP: creating pod default\/clash failed: `ip netns add nmt_default_clash` failed/);
+  assert.ok((await netnsNames()).includes(foreign), 'the netns that was not ours is still there');
+  assert.deepEqual(await sb.runtime.list(), []);
+  assert.equal(await linkExists(sb.config.bridge), false, 'the bridge this call made is removed');
+});

@@ -60,7 +60,7 @@ export class CaptureRelay {
         closeFd(fd);
         throw e;
       }
-      const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK } as Parameters<typeof createServer>[0], (socket) =>
+      const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK }, (socket) =>
         this.accept(socket, cookie),
       );
       await new Promise<void>((resolve, reject) => {
