@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <sched.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -184,6 +185,48 @@ int ConnectIn(const ConnectOptions& o) {
   return out;
 }
 
+// A connection made by a short-lived child process that first joins a pod's cgroup and netns,
+// so it meets exactly the programs the pod's own sockets meet. Used to prove capture works.
+// The child of a multithreaded process may only make async-signal-safe calls: it does.
+int ProbeConnect(const std::string& cgroupPath, const std::string& netns, const std::string& host, uint16_t port,
+                 int timeoutMs) {
+  SockAddr a = ParseAddr(host, port);
+  std::string procs = cgroupPath + "/cgroup.procs";
+  int cg = open(procs.c_str(), O_WRONLY | O_CLOEXEC);
+  if (cg < 0) ThrowSys(errno, "open", procs);
+  int ns = open(netns.c_str(), O_RDONLY | O_CLOEXEC);
+  if (ns < 0) {
+    int err = errno;
+    close(cg);
+    ThrowSys(err, "open", netns);
+  }
+  timeval tv = {timeoutMs / 1000, (timeoutMs % 1000) * 1000};
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (write(cg, "0", 1) != 1) _exit(250);
+    if (setns(ns, CLONE_NEWNET) != 0) _exit(251);
+    int fd = socket(a.family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) _exit(252);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) _exit(errno & 0xff);
+    _exit(0);
+  }
+  int forkErr = errno;
+  close(cg);
+  close(ns);
+  if (pid < 0) ThrowSys(forkErr, "fork", "capture probe");
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) ThrowSys(errno, "waitpid", "capture probe");
+  }
+  if (!WIFEXITED(status)) return EINTR;
+  int code = WEXITSTATUS(status);
+  if (code == 250) ThrowSys(EPERM, "write", procs);
+  if (code == 251) ThrowSys(EPERM, "setns", netns);
+  if (code == 252) ThrowSys(EMFILE, "socket", "capture probe");
+  return code;  // 0: connected; otherwise the errno connect() failed with
+}
+
 std::string StringOpt(const Napi::Object& o, const char* key, const std::string& fallback = "") {
   return o.Has(key) && o.Get(key).IsString() ? o.Get(key).As<Napi::String>().Utf8Value() : fallback;
 }
@@ -228,6 +271,18 @@ Napi::Value ConnectInNetns(const Napi::CallbackInfo& info) {
       info.Env(), [o, fd]() { *fd = ConnectIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });
 }
 
+// probeConnect({cgroup, netns, host, port, timeoutMs}): Promise<number> (0 or connect's errno)
+Napi::Value ProbeConnectJs(const Napi::CallbackInfo& info) {
+  Napi::Object opts = info[0].As<Napi::Object>();
+  std::string cgroup = StringOpt(opts, "cgroup"), netns = StringOpt(opts, "netns"), host = StringOpt(opts, "host");
+  uint16_t port = static_cast<uint16_t>(NumberOpt(opts, "port", 0));
+  int timeoutMs = static_cast<int>(NumberOpt(opts, "timeoutMs", 2000));
+  auto result = std::make_shared<int>(-1);
+  return PromiseTask::Run(
+      info.Env(), [=]() { *result = ProbeConnect(cgroup, netns, host, port, timeoutMs); },
+      [result](Napi::Env env) { return Napi::Number::New(env, *result); });
+}
+
 Napi::Value CookieOpt(const Napi::CallbackInfo& info, int opt, const char* name) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   uint64_t cookie = 0;
@@ -247,6 +302,7 @@ Napi::Value NetnsCookie(const Napi::CallbackInfo& info) {
 Napi::Object InitSockets(Napi::Env env, Napi::Object exports) {
   exports.Set("listenInNetns", Napi::Function::New(env, ListenInNetns, "listenInNetns"));
   exports.Set("connectInNetns", Napi::Function::New(env, ConnectInNetns, "connectInNetns"));
+  exports.Set("probeConnect", Napi::Function::New(env, ProbeConnectJs, "probeConnect"));
   exports.Set("socketCookie", Napi::Function::New(env, SocketCookie, "socketCookie"));
   exports.Set("netnsCookie", Napi::Function::New(env, NetnsCookie, "netnsCookie"));
   return exports;

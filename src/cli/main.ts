@@ -1,7 +1,13 @@
 /** The `nodemesh` command (design.md section 9). */
 import { Command, Option } from 'commander';
 
+import { hostname } from 'node:os';
+
+import { NodeAgent, type AgentOptions, type EnrolledPodStatus } from '../agent/agent.js';
 import { probeBpf } from '../agent/datapath/native.js';
+import { DEFAULT_PIN_ROOT, assertPinRoot } from '../agent/datapath/node-datapath.js';
+import { parseHostPort } from '../agent/http.js';
+import { LocalRuntimePodSource } from '../agent/pods/source.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
 import { LocalPodRuntime } from '../runtime/pods.js';
@@ -119,6 +125,70 @@ program
   .description('run the demo: local pods, eBPF capture, a request through the node proxy path')
   .action(async () => {
     process.exitCode = await up(progress, out);
+  });
+
+program
+  .command('agent')
+  .description('run the node agent: enroll the pods of this node and serve their traffic')
+  .requiredOption('--config-dir <dir>', 'standalone mode: Kubernetes YAML (Services) read from this folder and watched')
+  .option('--node <name>', 'node name', hostname())
+  .option('--bpf-root <path>', 'bpffs folder for pinned maps and links', DEFAULT_PIN_ROOT)
+  .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
+  .option('--ready <host:port>', '/healthz/ready', '0.0.0.0:15021')
+  .option('--admin <host:port>', 'admin API (pods, config)', '127.0.0.1:15000')
+  .option('--trust-domain <domain>', 'SPIFFE trust domain', 'cluster.local')
+  .addOption(new Option('--passthrough <mode>', 'destinations that are not mesh Services').choices(['allow', 'deny']).default('allow'))
+  .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
+  .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
+  .action(async (opts: { configDir: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string }) => {
+    const invalid = (field: string) => (message: string) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
+    assertPinRoot(opts.bpfRoot);
+    const options: AgentOptions = {
+      node: opts.node,
+      configDir: opts.configDir,
+      pinRoot: opts.bpfRoot,
+      metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
+      ready: parseHostPort(opts.ready, 'ready', invalid('ready')),
+      admin: parseHostPort(opts.admin, 'admin', invalid('admin')),
+      trustDomain: opts.trustDomain,
+      passthrough: opts.passthrough,
+      connectTimeoutMs: parseMilliseconds(opts.connectTimeout, 'connect-timeout'),
+      idleTimeoutMs: parseMilliseconds(opts.idleTimeout, 'idle-timeout'),
+      probeTimeoutMs: 2000,
+    };
+    const { preflight } = await import('../shared/preflight.js');
+    await preflight(probeBpf);
+    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfigFromEnv().stateDir));
+    await new Promise<void>((resolve) => {
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
+    });
+    await agent.stop();
+  });
+
+program
+  .command('status')
+  .description('pods enrolled by the agent of this node')
+  .option('--admin <host:port>', "the agent's admin API", '127.0.0.1:15000')
+  .addOption(new Option('-o, --output <format>', 'table or json').default('table'))
+  .action(async (opts: { admin: string; output: string }) => {
+    const format = parseOutputFormat(opts.output);
+    const at = parseHostPort(opts.admin, 'admin', (m) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', m, { context: { field: 'admin' } }));
+    const url = `http://${at.host.includes(':') ? `[${at.host}]` : at.host}:${at.port}/pods`;
+    let body: { node: string; configVersion: number; pods: EnrolledPodStatus[] };
+    try {
+      body = (await (await fetch(url)).json()) as typeof body;
+    } catch (e) {
+      throw new NodemeshError('NM_ERR_AGENT_UNREACHABLE', `no agent answers at ${url}: ${(e as Error).message}`, {
+        context: { path: url },
+        hint: 'start it with `nodemesh agent --config-dir DIR`, or give --admin HOST:PORT',
+      });
+    }
+    if (format === 'json') {
+      out(JSON.stringify(body, null, 2) + '\n');
+      return;
+    }
+    out(`node ${body.node}, config version ${body.configVersion}\n`);
+    out(table(['NAMESPACE', 'POD', 'IP', 'IPV6', 'VERIFIED', 'CONNECTIONS'], body.pods.map((p) => [p.namespace, p.name, p.ip4, p.ip6, p.verified ? 'yes' : 'no', String(p.connections)])));
   });
 
 program

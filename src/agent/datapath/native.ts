@@ -84,6 +84,15 @@ export interface ConnectOptions {
   readonly transparent?: boolean;
 }
 
+export interface ProbeOptions {
+  /** The pod's cgroup directory: the probe process joins it before connecting. */
+  readonly cgroup: string;
+  readonly netns: string;
+  readonly host: string;
+  readonly port: number;
+  readonly timeoutMs?: number;
+}
+
 interface RawAddon {
   loadObject(path: string, options: { mapPinDir?: string }): Promise<RawObject>;
   openPinnedLink(path: string): RawLink;
@@ -98,6 +107,7 @@ interface RawAddon {
   closeFd(fd: number): void;
   listenInNetns(options: ListenOptions): Promise<number>;
   connectInNetns(options: ConnectOptions): Promise<number>;
+  probeConnect(options: ProbeOptions): Promise<number>;
   socketCookie(fd: number): bigint;
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
@@ -294,6 +304,14 @@ export function listenInNetns(options: ListenOptions): Promise<number> {
 /** A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }). */
 export function connectInNetns(options: ConnectOptions): Promise<number> {
   return callAsync(`connect in ${options.netns}`, () => native().connectInNetns(options));
+}
+
+/**
+ * Connects from a child process placed in the pod's cgroup and netns; resolves with 0 if the
+ * connection was established, or the errno connect() failed with (111 ECONNREFUSED, ...).
+ */
+export function probeConnect(options: ProbeOptions): Promise<number> {
+  return callAsync(`capture probe in ${options.cgroup}`, () => native().probeConnect(options));
 }
 
 export function socketCookie(fd: number): bigint {

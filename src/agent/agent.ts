@@ -1,0 +1,331 @@
+/**
+ * The node agent: discovers the pods of its node, enrolls them (BPF links pinned, in-pod
+ * listeners, a probe proving capture), keeps the proxy's routing snapshot current from the
+ * config, and serves metrics, readiness and admin. One reconcile loop, one mutator per state:
+ * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
+ */
+import { watch, type FSWatcher } from 'node:fs';
+import type { Server } from 'node:http';
+
+import { MeshSnapshot } from '../config/snapshot.js';
+import type { Service } from '../config/service.js';
+import { readConfigDir } from '../config/source-dir.js';
+import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
+import { NodeProxy } from '../proxy/node-proxy.js';
+import { isNodemeshError } from '../shared/errors.js';
+import { logger } from '../shared/log.js';
+import type { SocketAddress } from './datapath/abi.js';
+import { probeConnect } from './datapath/native.js';
+import { NodeDatapath } from './datapath/node-datapath.js';
+import { json, serveHttp, type HostPort } from './http.js';
+import type { NodePod, PodSource } from './pods/source.js';
+
+const log = logger('agent');
+
+export const OPT_OUT_LABEL = 'nodemesh.io/capture';
+/** A link-local address no workload uses: a probe to it must be captured to succeed. */
+export const PROBE_ADDRESS: SocketAddress = { family: 4, address: '169.254.255.253', port: 15999 };
+
+export interface AgentOptions {
+  readonly node: string;
+  readonly configDir: string;
+  readonly pinRoot: string;
+  readonly metrics: HostPort;
+  readonly ready: HostPort;
+  readonly admin: HostPort;
+  readonly trustDomain: string;
+  readonly passthrough: 'allow' | 'deny';
+  readonly connectTimeoutMs: number;
+  readonly idleTimeoutMs: number;
+  readonly probeTimeoutMs: number;
+}
+
+export interface EnrolledPodStatus {
+  readonly uid: string;
+  readonly namespace: string;
+  readonly name: string;
+  readonly ip4: string;
+  readonly ip6: string;
+  readonly verified: boolean;
+  readonly connections: number;
+  readonly enrolledAt: string;
+}
+
+interface Enrolled {
+  readonly pod: NodePod;
+  verified: boolean;
+  readonly enrolledAt: string;
+}
+
+export class NodeAgent {
+  private readonly enrolled = new Map<string, Enrolled>();
+  /** Pods that failed to enroll: not retried before `retryAt`, and logged once per reason. */
+  private readonly failed = new Map<string, { reason: string; retryAt: number; attempts: number }>();
+  private readonly probeWaiters = new Map<string, () => void>();
+  private readonly servers: Server[] = [];
+  private services: ReadonlyArray<Service> = [];
+  private pods: ReadonlyArray<NodePod> = [];
+  private version = 0;
+  private configLoaded = false;
+  private reconciled = false;
+  private running: Promise<void> | undefined;
+  private again = false;
+  private stopWatch: (() => void) | undefined;
+  private configWatcher: FSWatcher | undefined;
+  private configTimer: NodeJS.Timeout | undefined;
+
+  private constructor(
+    private readonly options: AgentOptions,
+    private readonly source: PodSource,
+    private readonly datapath: NodeDatapath,
+    readonly metrics: NodeMetrics,
+    private readonly proxy: NodeProxy,
+  ) {}
+
+  static async start(options: AgentOptions, source: PodSource): Promise<NodeAgent> {
+    const datapath = await NodeDatapath.open(options.pinRoot);
+    const metrics = new NodeMetrics(() => datapath.mapEntries());
+    let agent: NodeAgent | undefined;
+    const proxy = new NodeProxy(datapath, metrics, {
+      trustDomain: options.trustDomain,
+      passthrough: options.passthrough,
+      connectTimeoutMs: options.connectTimeoutMs,
+      idleTimeoutMs: options.idleTimeoutMs,
+      loadBalancing: 'round-robin',
+      probe: PROBE_ADDRESS,
+      onProbe: (uid) => agent?.probeArrived(uid),
+    });
+    agent = new NodeAgent(options, source, datapath, metrics, proxy);
+    try {
+      await agent.startServers();
+      await agent.loadConfig();
+      agent.watchConfig();
+      await agent.reconcile();
+      agent.stopWatch = source.watch(() => void agent?.reconcile());
+    } catch (e) {
+      await agent.stop();
+      throw e;
+    }
+    log.info({ node: options.node, pods: agent.enrolled.size, services: agent.services.length }, 'agent started');
+    return agent;
+  }
+
+  private async startServers(): Promise<void> {
+    const { metrics, ready, admin } = this.options;
+    this.servers.push(
+      await serveHttp(metrics, {
+        '/metrics': async () => ({ status: 200, type: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+      }),
+    );
+    this.servers.push(
+      await serveHttp(ready, {
+        '/healthz/ready': async () => {
+          const notVerified = [...this.enrolled.values()].filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+          const ok = this.configLoaded && this.reconciled && notVerified.length === 0;
+          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified }, ok ? 200 : 503);
+        },
+      }),
+    );
+    this.servers.push(
+      await serveHttp(admin, {
+        '/pods': async () => json({ node: this.options.node, configVersion: this.version, pods: this.status() }),
+        '/config': async () => json(this.configDump()),
+      }),
+    );
+  }
+
+  status(): EnrolledPodStatus[] {
+    return [...this.enrolled.values()]
+      .map((e) => ({
+        uid: e.pod.uid,
+        namespace: e.pod.namespace,
+        name: e.pod.name,
+        ip4: e.pod.ip4,
+        ip6: e.pod.ip6,
+        verified: e.verified,
+        connections: this.proxy.activeConnections(e.pod.uid),
+        enrolledAt: e.enrolledAt,
+      }))
+      .sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+  }
+
+  private configDump(): unknown {
+    const snapshot = this.proxy.currentSnapshot();
+    return {
+      version: snapshot.version,
+      services: snapshot.targets().map((t) => ({
+        service: t.key,
+        clusterIPs: t.service.clusterIPs,
+        targetPort: t.port.targetPort,
+        endpoints: t.endpoints.map((e) => ({ pod: `${e.workload.namespace}/${e.workload.name}`, ip4: e.workload.ip4, ip6: e.workload.ip6, port: e.port })),
+      })),
+    };
+  }
+
+  /** Reads the config folder. A rejected object keeps its last good version serving. */
+  private async loadConfig(): Promise<void> {
+    const { services, issues } = await readConfigDir(this.options.configDir);
+    const byKey = new Map(services.map((s) => [`Service ${s.namespace}/${s.name}`, s]));
+    for (const issue of issues) {
+      const kind = issue.object.split(' ')[0] ?? 'unknown';
+      this.metrics.configErrors.inc({ kind });
+      const previous = this.services.find((s) => `Service ${s.namespace}/${s.name}` === issue.object);
+      if (previous && !byKey.has(issue.object)) byKey.set(issue.object, previous);
+      log.error({ file: issue.file, object: issue.object, field: issue.field, keptLastGood: Boolean(previous) }, `config rejected: ${issue.message}`);
+    }
+    this.services = [...byKey.values()];
+    this.metrics.configObjects.set({ kind: 'Service' }, this.services.length);
+    this.configLoaded = true;
+    this.publish();
+  }
+
+  private watchConfig(): void {
+    try {
+      this.configWatcher = watch(this.options.configDir, () => {
+        clearTimeout(this.configTimer);
+        this.configTimer = setTimeout(() => {
+          this.loadConfig().catch((e: unknown) => log.error({ err: e, dir: this.options.configDir }, 'config reload failed; the last config keeps serving'));
+        }, 100);
+      });
+    } catch (e) {
+      log.warn({ err: e, dir: this.options.configDir }, 'cannot watch the config folder; edits need a restart');
+    }
+  }
+
+  /** A new snapshot from the current Services and the node's pods, swapped in whole. */
+  private publish(): void {
+    this.version++;
+    this.proxy.setSnapshot(new MeshSnapshot(this.version, this.services, this.pods));
+  }
+
+  /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */
+  reconcile(): Promise<void> {
+    if (this.running) {
+      this.again = true;
+      return this.running;
+    }
+    this.running = (async () => {
+      do {
+        this.again = false;
+        await this.reconcileOnce().catch((e: unknown) => log.error({ err: e }, 'reconcile failed'));
+      } while (this.again);
+      this.running = undefined;
+    })();
+    return this.running;
+  }
+
+  private async reconcileOnce(): Promise<void> {
+    const { pods, problems } = await this.source.list();
+    for (const p of problems) this.noteFailure(p, p.reason, p.message);
+    const podsChanged = JSON.stringify(pods.map((p) => [p.uid, p.labels])) !== JSON.stringify(this.pods.map((p) => [p.uid, p.labels]));
+    this.pods = pods;
+    if (podsChanged) this.publish();
+
+    const wanted = new Map(pods.filter((p) => p.labels[OPT_OUT_LABEL] !== 'disabled').map((p) => [p.uid, p]));
+    for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
+    // Pinned state of pods that are gone (from this or an earlier agent) is removed.
+    for (const uid of await this.datapath.pinnedPods()) {
+      if (!wanted.has(uid) && !this.enrolled.has(uid)) {
+        await this.datapath.detachPod(uid);
+        log.info({ uid }, 'removed pinned state of a pod that is gone');
+      }
+    }
+    const pinned = new Set(await this.datapath.pinnedPods());
+    for (const pod of wanted.values()) {
+      const e = this.enrolled.get(pod.uid);
+      if (!e) await this.enroll(pod, pinned.has(pod.uid));
+      else if (!e.verified) await this.verify(e);
+    }
+    for (const uid of [...this.failed.keys()]) if (!wanted.has(uid) && !problems.some((p) => p.uid === uid)) this.failed.delete(uid);
+    this.reconciled = true;
+    this.metrics.podsEnrolled.set(this.enrolled.size);
+  }
+
+  private noteFailure(pod: { uid: string; namespace: string; name: string }, reason: EnrollErrorReason, message: string): void {
+    const prev = this.failed.get(pod.uid);
+    const attempts = (prev?.attempts ?? 0) + 1;
+    this.failed.set(pod.uid, { reason, attempts, retryAt: Date.now() + Math.min(30_000, 500 * 2 ** attempts) });
+    if (prev?.reason === reason) return;
+    this.metrics.enrollErrors.inc({ reason });
+    log.error({ pod: pod.name, namespace: pod.namespace, uid: pod.uid, reason }, `pod not enrolled: ${message}`);
+  }
+
+  private async enroll(pod: NodePod, pinned: boolean): Promise<void> {
+    const failure = this.failed.get(pod.uid);
+    if (failure && Date.now() < failure.retryAt) return;
+    let step: EnrollErrorReason = pinned ? 'readopt_failed' : 'attach_failed';
+    try {
+      if (pinned) this.datapath.readopt(pod.uid);
+      else await this.datapath.attachPod(pod);
+      step = 'listen_failed';
+      await this.proxy.addPod(pod);
+    } catch (e) {
+      if (step === 'listen_failed' || pinned) await this.datapath.detachPod(pod.uid).catch(() => undefined);
+      const message = isNodemeshError(e) ? e.message : (e as Error).message;
+      this.noteFailure(pod, step, message);
+      return;
+    }
+    this.failed.delete(pod.uid);
+    const entry: Enrolled = { pod, verified: false, enrolledAt: new Date().toISOString() };
+    this.enrolled.set(pod.uid, entry);
+    this.metrics.podVerified.set({ namespace: pod.namespace, pod: pod.name }, 0);
+    log.info({ pod: pod.name, namespace: pod.namespace, uid: pod.uid, ip4: pod.ip4, ip6: pod.ip6, readopted: pinned }, 'pod enrolled');
+    await this.verify(entry);
+  }
+
+  probeArrived(uid: string): void {
+    this.probeWaiters.get(uid)?.();
+  }
+
+  /** Proves capture: a connection from inside the pod's cgroup and netns must reach the proxy. */
+  private async verify(entry: Enrolled): Promise<void> {
+    const { pod } = entry;
+    const arrived = new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), this.options.probeTimeoutMs);
+      this.probeWaiters.set(pod.uid, () => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+    let result: number | string;
+    try {
+      result = await probeConnect({ cgroup: pod.cgroupPath, netns: pod.netnsPath, host: PROBE_ADDRESS.address, port: PROBE_ADDRESS.port, timeoutMs: this.options.probeTimeoutMs });
+    } catch (e) {
+      result = (e as Error).message;
+    }
+    const ok = result === 0 && (await arrived);
+    this.probeWaiters.delete(pod.uid);
+    if (!this.enrolled.has(pod.uid)) return;
+    entry.verified = ok;
+    this.metrics.podVerified.set({ namespace: pod.namespace, pod: pod.name }, ok ? 1 : 0);
+    if (ok) log.info({ pod: pod.name, namespace: pod.namespace }, 'pod redirection verified');
+    else this.noteFailure(pod, 'probe_failed', `capture probe did not reach the proxy (connect result ${String(result)})`);
+  }
+
+  private async unenroll(uid: string): Promise<void> {
+    const e = this.enrolled.get(uid);
+    if (!e) return;
+    this.enrolled.delete(uid);
+    await this.proxy.removePod(uid);
+    await this.datapath.detachPod(uid);
+    this.metrics.podVerified.remove({ namespace: e.pod.namespace, pod: e.pod.name });
+    log.info({ pod: e.pod.name, namespace: e.pod.namespace, uid }, 'pod unenrolled');
+  }
+
+  /** Stops serving. Pinned links stay, so pods stay captured until the next agent takes over. */
+  async stop(): Promise<void> {
+    this.stopWatch?.();
+    this.configWatcher?.close();
+    clearTimeout(this.configTimer);
+    await this.running;
+    await this.proxy.close();
+    for (const s of this.servers) await new Promise((resolve) => s.close(resolve));
+    this.datapath.close();
+  }
+
+  /** Stops and removes every pin: pods lose capture (uninstall, tests). */
+  async stopAndPurge(): Promise<void> {
+    await this.stop();
+    await this.datapath.purge();
+  }
+}

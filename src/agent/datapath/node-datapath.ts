@@ -1,0 +1,187 @@
+/**
+ * The node's datapath: the one owner of loaded BPF objects, pinned maps and per-pod links.
+ * Layout under the pin root (default /sys/fs/bpf/nodemesh/v1):
+ *   maps/<map name>                 every map of bpf/include/maps.h, shared by all objects
+ *   pods/<pod uid>/<program name>   the links that hold one pod's programs
+ * Pinned links keep capturing while the agent restarts; a new agent re-owns them (swapping in its
+ * own programs atomically) or removes them if their pod is gone.
+ */
+import { mkdir, readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+
+import { NodemeshError } from '../../shared/errors.js';
+import { logger } from '../../shared/log.js';
+import { BPF_OBJECT_DIR } from '../../shared/paths.js';
+import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
+import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
+import { BpfLink, BpfObject, type BpfMap } from './native.js';
+
+const log = logger('datapath');
+
+export const DEFAULT_PIN_ROOT = '/sys/fs/bpf/nodemesh/v1';
+export const INBOUND_OBJECT = join(BPF_OBJECT_DIR, 'inbound.bpf.o');
+const INBOUND_PROGRAM = 'nm_sk_lookup';
+const POD_PROGRAMS = [...CAPTURE_PROGRAMS, INBOUND_PROGRAM] as const;
+
+/** What the datapath needs to know of a pod. */
+export interface DatapathPod {
+  readonly uid: string;
+  readonly namespace: string;
+  readonly name: string;
+  readonly cgroupPath: string;
+  readonly netnsPath: string;
+}
+
+export class NodeDatapath {
+  private readonly links = new Map<string, BpfLink[]>();
+
+  private constructor(
+    readonly pinRoot: string,
+    private readonly capture: OutboundCapture,
+    private readonly inbound: BpfObject,
+    private readonly listeners: BpfMap,
+  ) {}
+
+  static async open(pinRoot = DEFAULT_PIN_ROOT): Promise<NodeDatapath> {
+    const mapDir = join(pinRoot, 'maps');
+    await mkdir(mapDir, { recursive: true });
+    await mkdir(join(pinRoot, 'pods'), { recursive: true });
+    const capture = await OutboundCapture.load({ mapPinDir: mapDir });
+    let inbound: BpfObject;
+    try {
+      inbound = await BpfObject.load(INBOUND_OBJECT, { mapPinDir: mapDir });
+    } catch (e) {
+      capture.close();
+      throw e;
+    }
+    return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'));
+  }
+
+  private podDir(uid: string): string {
+    return join(this.pinRoot, 'pods', uid);
+  }
+
+  private object(program: string): BpfObject {
+    return program === INBOUND_PROGRAM ? this.inbound : this.capture.object;
+  }
+
+  /** UIDs of pods that have pinned links, from this agent or an earlier one. */
+  async pinnedPods(): Promise<string[]> {
+    return (await readdir(join(this.pinRoot, 'pods')).catch(() => [])).sort();
+  }
+
+  isAttached(uid: string): boolean {
+    return this.links.has(uid);
+  }
+
+  /**
+   * Attaches the capture programs to the pod's cgroup and sk_lookup to its netns, pinning each
+   * link. All or nothing: on failure nothing of this pod stays attached or pinned.
+   */
+  async attachPod(pod: DatapathPod): Promise<void> {
+    const dir = this.podDir(pod.uid);
+    await mkdir(dir, { recursive: true });
+    const made: BpfLink[] = [];
+    try {
+      for (const program of POD_PROGRAMS) {
+        const link =
+          program === INBOUND_PROGRAM ? await this.inbound.attachNetns(program, pod.netnsPath) : await this.capture.object.attachCgroup(program, pod.cgroupPath);
+        made.push(link);
+        link.pin(join(dir, program));
+      }
+    } catch (e) {
+      for (const link of made) {
+        link.detach();
+        link.close();
+      }
+      await rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+    this.links.set(pod.uid, made);
+  }
+
+  /**
+   * Takes over the pinned links of a pod enrolled by an earlier agent, swapping in this build's
+   * programs with link updates: the pod is never without capture.
+   */
+  readopt(uid: string): void {
+    const dir = this.podDir(uid);
+    const links: BpfLink[] = [];
+    try {
+      for (const program of POD_PROGRAMS) {
+        const link = BpfLink.openPinned(join(dir, program));
+        links.push(link);
+        link.updateProgram(this.object(program), program);
+      }
+    } catch (e) {
+      for (const link of links) link.close();
+      throw e;
+    }
+    this.links.set(uid, links);
+  }
+
+  /** Detaches and unpins everything of a pod, whether this agent or an earlier one made it. */
+  async detachPod(uid: string): Promise<void> {
+    const dir = this.podDir(uid);
+    const held = this.links.get(uid);
+    this.links.delete(uid);
+    if (held) {
+      for (const link of held) {
+        link.detach();
+        link.close();
+      }
+    } else {
+      for (const program of POD_PROGRAMS) {
+        try {
+          const link = BpfLink.openPinned(join(dir, program));
+          link.detach();
+          link.close();
+        } catch (e) {
+          log.warn({ uid, program, err: e }, 'pinned link of a removed pod could not be opened');
+        }
+      }
+    }
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  /** Registers a pod's in-pod inbound listener (fd) as the sk_lookup target for its address. */
+  registerInboundListener(family: Family, address: string, fd: number): void {
+    const value = Buffer.alloc(8);
+    value.writeBigUInt64LE(BigInt(fd));
+    this.listeners.update(encodeListenerKey({ family, role: NM_ROLE_INBOUND, address }), value);
+  }
+
+  unregisterInboundListener(family: Family, address: string): void {
+    this.listeners.delete(encodeListenerKey({ family, role: NM_ROLE_INBOUND, address }));
+  }
+
+  originalDestination(key: OrigKey): SocketAddress | null {
+    return this.capture.originalDestination(key);
+  }
+
+  mapEntries(): Record<string, number> {
+    const pending = this.capture.pending();
+    return { nm_cookie_dst: pending.connecting, nm_orig_dst: pending.established, nm_pod_listeners: this.listeners.keys().length };
+  }
+
+  /** Releases this process's handles; pinned links and maps stay (a restart keeps capturing). */
+  close(): void {
+    for (const links of this.links.values()) for (const link of links) link.close();
+    this.links.clear();
+    this.capture.close();
+    this.inbound.close();
+  }
+
+  /** Removes every pin under the root (uninstall, and tests). Pods lose capture. */
+  async purge(): Promise<void> {
+    for (const uid of await this.pinnedPods()) await this.detachPod(uid);
+    this.close();
+    await rm(this.pinRoot, { recursive: true, force: true });
+  }
+}
+
+export function assertPinRoot(path: string): void {
+  if (!path.startsWith('/sys/fs/bpf/')) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${path} is not under /sys/fs/bpf`, { context: { field: 'bpf-root' } });
+  }
+}

@@ -1,0 +1,40 @@
+/** The agent's small HTTP endpoints: metrics (15020), readiness (15021), admin (15000). */
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+
+export interface HostPort {
+  readonly host: string;
+  readonly port: number;
+}
+
+export type Routes = Readonly<Record<string, (req: IncomingMessage) => Promise<{ status: number; type: string; body: string }>>>;
+
+export async function serveHttp(at: HostPort, routes: Routes): Promise<Server> {
+  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+    const path = (req.url ?? '/').split('?')[0] ?? '/';
+    const route = routes[path];
+    if (!route || req.method !== 'GET') {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end(`no such endpoint: ${req.method} ${path}\n`);
+      return;
+    }
+    route(req).then(
+      (r) => res.writeHead(r.status, { 'content-type': r.type }).end(r.body),
+      (e: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(e as Error).message}\n`),
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(at.port, at.host, () => resolve());
+  });
+  return server;
+}
+
+export function json(value: unknown, status = 200): { status: number; type: string; body: string } {
+  return { status, type: 'application/json', body: JSON.stringify(value, null, 2) + '\n' };
+}
+
+export function parseHostPort(text: string, field: string, onError: (message: string) => Error): HostPort {
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
+  const port = Number(m?.[3]);
+  if (!m || !Number.isInteger(port) || port < 0 || port > 65535) throw onError(`--${field} "${text}" is not HOST:PORT`);
+  return { host: m[1] ?? m[2] ?? '', port };
+}

@@ -1,0 +1,86 @@
+/**
+ * Where the agent learns which pods run on its node. The local runtime's records now; kubelet's
+ * pods (cgroups under kubepods, netns of a process in them) fit the same interface later.
+ */
+import { existsSync, watch, type FSWatcher } from 'node:fs';
+
+import type { ProxyPod } from '../../proxy/node-proxy.js';
+import { PodStore } from '../../runtime/store.js';
+
+export interface NodePod extends ProxyPod {
+  readonly cgroupPath: string;
+}
+
+/** A pod that is on the node but cannot be enrolled as it is, with the reason. */
+export interface PodProblem {
+  readonly uid: string;
+  readonly namespace: string;
+  readonly name: string;
+  readonly reason: 'netns_missing' | 'cgroup_missing' | 'invalid_record';
+  readonly message: string;
+}
+
+export interface PodListing {
+  readonly pods: ReadonlyArray<NodePod>;
+  readonly problems: ReadonlyArray<PodProblem>;
+}
+
+export interface PodSource {
+  list(): Promise<PodListing>;
+  /** Calls onChange (possibly spuriously) when pods may have changed; returns a stop function. */
+  watch(onChange: () => void): () => void;
+}
+
+export class LocalRuntimePodSource implements PodSource {
+  private readonly store: PodStore;
+
+  constructor(stateDir: string) {
+    this.store = new PodStore(stateDir);
+  }
+
+  async list(): Promise<PodListing> {
+    const pods: NodePod[] = [];
+    const problems: PodProblem[] = [];
+    for (const r of await this.store.list()) {
+      if (r.phase !== 'running') continue;
+      const id = { uid: r.uid, namespace: r.namespace, name: r.name };
+      if (!r.ip4 || !r.ip6 || !r.netnsPath || !r.cgroupPath) {
+        problems.push({ ...id, reason: 'invalid_record', message: 'pod record lacks addresses, netns or cgroup' });
+      } else if (!existsSync(r.netnsPath)) {
+        problems.push({ ...id, reason: 'netns_missing', message: `network namespace ${r.netnsPath} does not exist` });
+      } else if (!existsSync(r.cgroupPath)) {
+        problems.push({ ...id, reason: 'cgroup_missing', message: `cgroup ${r.cgroupPath} does not exist` });
+      } else {
+        pods.push({ ...id, serviceAccount: r.serviceAccount, labels: r.labels, ip4: r.ip4, ip6: r.ip6, netnsPath: r.netnsPath, cgroupPath: r.cgroupPath });
+      }
+    }
+    return { pods, problems };
+  }
+
+  watch(onChange: () => void): () => void {
+    let watcher: FSWatcher | undefined;
+    const arm = (): void => {
+      if (watcher || !existsSync(this.store.podsDir)) return;
+      try {
+        watcher = watch(this.store.podsDir, () => onChange());
+        watcher.on('error', () => {
+          watcher?.close();
+          watcher = undefined;
+        });
+      } catch {
+        watcher = undefined;
+      }
+    };
+    arm();
+    // The folder may appear or be replaced later; a slow poll also covers missed events.
+    const timer = setInterval(() => {
+      arm();
+      onChange();
+    }, 1000);
+    timer.unref();
+    return () => {
+      clearInterval(timer);
+      watcher?.close();
+    };
+  }
+}

@@ -1,0 +1,126 @@
+/**
+ * Kubernetes Services, validated once at the edge into immutable values (design.md section 5).
+ * Unknown fields are errors, so a typo never silently changes routing.
+ */
+import { isIP } from 'node:net';
+
+export interface ServicePort {
+  readonly name: string;
+  readonly port: number;
+  readonly targetPort: number;
+  readonly protocol: 'TCP';
+}
+
+export interface Service {
+  readonly name: string;
+  readonly namespace: string;
+  readonly clusterIPs: ReadonlyArray<string>;
+  readonly ports: ReadonlyArray<ServicePort>;
+  /** Pods whose labels contain all of these are endpoints. */
+  readonly selector: Readonly<Record<string, string>>;
+}
+
+/** Where a config problem is: file, object, field. */
+export interface ConfigIssue {
+  readonly file: string;
+  readonly object: string;
+  readonly field: string;
+  readonly message: string;
+}
+
+export class ObjectInvalid extends Error {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+type Json = Record<string, unknown>;
+
+const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
+const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+function only(obj: Json, allowed: ReadonlyArray<string>, at: string): void {
+  for (const key of Object.keys(obj)) {
+    if (!allowed.includes(key)) throw new ObjectInvalid(`${at}${key}`, `unknown field "${at}${key}"`);
+  }
+}
+
+function object(v: unknown, field: string): Json {
+  if (!isObject(v)) throw new ObjectInvalid(field, `${field} must be an object`);
+  return v;
+}
+
+function string(v: unknown, field: string): string {
+  if (typeof v !== 'string') throw new ObjectInvalid(field, `${field} must be a string`);
+  return v;
+}
+
+function port(v: unknown, field: string): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1 || v > 65535) throw new ObjectInvalid(field, `${field} must be a port number 1-65535`);
+  return v;
+}
+
+function stringMap(v: unknown, field: string): Record<string, string> {
+  if (v === undefined || v === null) return {};
+  const o = object(v, field);
+  const out: Record<string, string> = {};
+  for (const [k, val] of Object.entries(o)) out[k] = string(val, `${field}.${k}`);
+  return out;
+}
+
+/** metadata of any object: name and namespace, the rest is allowed and ignored. */
+export function parseMetadata(v: unknown): { name: string; namespace: string } {
+  const m = object(v, 'metadata');
+  only(m, ['name', 'namespace', 'labels', 'annotations', 'uid', 'resourceVersion', 'generation', 'creationTimestamp', 'managedFields'], 'metadata.');
+  const name = string(m['name'], 'metadata.name');
+  if (!DNS1123_LABEL.test(name) || name.length > 63) throw new ObjectInvalid('metadata.name', `metadata.name "${name}" must be a DNS-1123 label`);
+  const namespace = m['namespace'] === undefined ? 'default' : string(m['namespace'], 'metadata.namespace');
+  if (!DNS1123_LABEL.test(namespace)) throw new ObjectInvalid('metadata.namespace', `metadata.namespace "${namespace}" must be a DNS-1123 label`);
+  stringMap(m['labels'], 'metadata.labels');
+  return { name, namespace };
+}
+
+export function parseService(doc: Json): Service {
+  only(doc, ['apiVersion', 'kind', 'metadata', 'spec', 'status'], '');
+  const { name, namespace } = parseMetadata(doc['metadata']);
+  const spec = object(doc['spec'], 'spec');
+  only(spec, ['type', 'clusterIP', 'clusterIPs', 'selector', 'ports', 'ipFamilies', 'ipFamilyPolicy', 'sessionAffinity', 'internalTrafficPolicy', 'publishNotReadyAddresses'], 'spec.');
+  if (spec['type'] !== undefined && spec['type'] !== 'ClusterIP') {
+    throw new ObjectInvalid('spec.type', `spec.type "${String(spec['type'])}" is not supported (ClusterIP only)`);
+  }
+  const ips = new Set<string>();
+  if (spec['clusterIP'] !== undefined) ips.add(string(spec['clusterIP'], 'spec.clusterIP'));
+  if (spec['clusterIPs'] !== undefined) {
+    if (!Array.isArray(spec['clusterIPs'])) throw new ObjectInvalid('spec.clusterIPs', 'spec.clusterIPs must be a list');
+    spec['clusterIPs'].forEach((ip, i) => ips.add(string(ip, `spec.clusterIPs[${i}]`)));
+  }
+  for (const ip of ips) {
+    if (isIP(ip) === 0) throw new ObjectInvalid('spec.clusterIP', `"${ip}" is not an IP address (headless Services are not supported yet)`);
+  }
+  if (ips.size === 0) throw new ObjectInvalid('spec.clusterIP', 'spec.clusterIP is required');
+  if (!Array.isArray(spec['ports']) || spec['ports'].length === 0) throw new ObjectInvalid('spec.ports', 'spec.ports must list at least one port');
+  const ports = spec['ports'].map((p: unknown, i: number): ServicePort => {
+    const at = `spec.ports[${i}]`;
+    const o = object(p, at);
+    only(o, ['name', 'port', 'targetPort', 'protocol', 'appProtocol', 'nodePort'], `${at}.`);
+    const protocol = o['protocol'] === undefined ? 'TCP' : string(o['protocol'], `${at}.protocol`);
+    if (protocol !== 'TCP') throw new ObjectInvalid(`${at}.protocol`, `${at}.protocol ${protocol} is not supported (TCP only)`);
+    const servicePort = port(o['port'], `${at}.port`);
+    if (typeof o['targetPort'] === 'string') throw new ObjectInvalid(`${at}.targetPort`, `${at}.targetPort: named ports are not supported yet`);
+    return {
+      name: o['name'] === undefined ? '' : string(o['name'], `${at}.name`),
+      port: servicePort,
+      targetPort: o['targetPort'] === undefined ? servicePort : port(o['targetPort'], `${at}.targetPort`),
+      protocol: 'TCP',
+    };
+  });
+  const seen = new Set<number>();
+  for (const [i, p] of ports.entries()) {
+    if (seen.has(p.port)) throw new ObjectInvalid(`spec.ports[${i}].port`, `port ${p.port} is listed twice`);
+    seen.add(p.port);
+  }
+  return { name, namespace, clusterIPs: [...ips], ports, selector: stringMap(spec['selector'], 'spec.selector') };
+}

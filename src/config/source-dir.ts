@@ -1,0 +1,65 @@
+/**
+ * The local config source (design.md section 5): every *.yaml / *.yml file of a folder,
+ * multi-document. Each object is validated on its own: a bad one is reported with file, object
+ * and field and left out, the others apply.
+ */
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { parseAllDocuments } from 'yaml';
+
+import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
+
+export interface ConfigObjects {
+  readonly services: ReadonlyArray<Service>;
+  readonly issues: ReadonlyArray<ConfigIssue>;
+}
+
+const SUPPORTED = 'v1/Service';
+
+export async function readConfigDir(dir: string): Promise<ConfigObjects> {
+  const files = (await readdir(dir)).filter((f) => /\.ya?ml$/.test(f)).sort();
+  const services: Service[] = [];
+  const issues: ConfigIssue[] = [];
+  const names = new Map<string, string>();
+  for (const f of files) {
+    const file = join(dir, f);
+    const text = await readFile(file, 'utf8');
+    const docs = parseAllDocuments(text);
+    for (const [index, doc] of docs.entries()) {
+      const where = `document ${index + 1}`;
+      if (doc.errors.length > 0) {
+        issues.push({ file, object: where, field: '', message: `not valid YAML: ${doc.errors[0]?.message ?? 'parse error'}` });
+        continue;
+      }
+      const value: unknown = doc.toJS();
+      if (value === null || value === undefined) continue;
+      if (typeof value !== 'object' || Array.isArray(value)) {
+        issues.push({ file, object: where, field: '', message: 'a document must be a Kubernetes object (a mapping)' });
+        continue;
+      }
+      const obj = value as Record<string, unknown>;
+      const kind = `${String(obj['apiVersion'])}/${String(obj['kind'])}`;
+      const meta = obj['metadata'] as { name?: unknown; namespace?: unknown } | undefined;
+      const id = `${String(obj['kind'])} ${String(meta?.namespace ?? 'default')}/${String(meta?.name ?? '?')}`;
+      if (kind !== SUPPORTED) {
+        issues.push({ file, object: id, field: 'kind', message: `${kind} is not supported by this agent (Services only until the control plane lands)` });
+        continue;
+      }
+      try {
+        const svc = parseService(obj);
+        const key = `${svc.namespace}/${svc.name}`;
+        const first = names.get(key);
+        if (first) {
+          issues.push({ file, object: id, field: 'metadata.name', message: `duplicate Service ${key} (first defined in ${first})` });
+          continue;
+        }
+        names.set(key, file);
+        services.push(svc);
+      } catch (e) {
+        if (!(e instanceof ObjectInvalid)) throw e;
+        issues.push({ file, object: id, field: e.field, message: e.message });
+      }
+    }
+  }
+  return { services, issues };
+}

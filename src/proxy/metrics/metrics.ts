@@ -1,0 +1,82 @@
+/**
+ * Every metric of the node, defined in one place (prom-client). Label sets are bounded: pods,
+ * services and fixed reason codes, never a connection or request id.
+ */
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+
+import { workloadName, type Workload } from '../../config/snapshot.js';
+
+/** Istio's standard TCP labels (reporter, source_*, destination_*, ...). */
+export const TCP_LABELS = [
+  'reporter',
+  'source_workload',
+  'source_workload_namespace',
+  'source_principal',
+  'destination_service',
+  'destination_service_namespace',
+  'destination_service_name',
+  'destination_workload',
+  'destination_workload_namespace',
+  'destination_principal',
+  'request_protocol',
+  'response_flags',
+  'connection_security_policy',
+] as const;
+
+export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
+
+/** Why a connection was refused: one list, shared by logs and metrics. */
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload'] as const;
+export type RefuseReason = (typeof REFUSE_REASONS)[number];
+
+export const ENROLL_ERROR_REASONS = ['netns_missing', 'cgroup_missing', 'attach_failed', 'listen_failed', 'probe_failed', 'readopt_failed', 'invalid_record'] as const;
+export type EnrollErrorReason = (typeof ENROLL_ERROR_REASONS)[number];
+
+export function principal(trustDomain: string, w: Pick<Workload, 'namespace' | 'serviceAccount'> | undefined): string {
+  return w ? `spiffe://${trustDomain}/ns/${w.namespace}/sa/${w.serviceAccount}` : 'unknown';
+}
+
+export function workloadLabels(w: Workload | undefined): { name: string; namespace: string } {
+  return w ? { name: workloadName(w), namespace: w.namespace } : { name: 'unknown', namespace: 'unknown' };
+}
+
+export class NodeMetrics {
+  readonly registry = new Registry();
+  readonly tcpOpened: Counter<(typeof TCP_LABELS)[number]>;
+  readonly tcpClosed: Counter<(typeof TCP_LABELS)[number]>;
+  readonly tcpSent: Counter<(typeof TCP_LABELS)[number]>;
+  readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
+  readonly refused: Counter<'direction' | 'reason'>;
+  readonly podsEnrolled: Gauge;
+  readonly podVerified: Gauge<'namespace' | 'pod'>;
+  readonly enrollErrors: Counter<'reason'>;
+  readonly mapEntries: Gauge<'map'>;
+  readonly configErrors: Counter<'kind'>;
+  readonly configObjects: Gauge<'kind'>;
+
+  constructor(mapEntries: () => Record<string, number>) {
+    const registers = [this.registry];
+    const tcp = (name: string, help: string): Counter<(typeof TCP_LABELS)[number]> =>
+      new Counter({ name, help, labelNames: TCP_LABELS, registers });
+    this.tcpOpened = tcp('istio_tcp_connections_opened_total', 'TCP connections opened, by the node proxy');
+    this.tcpClosed = tcp('istio_tcp_connections_closed_total', 'TCP connections closed, by the node proxy');
+    this.tcpSent = tcp('istio_tcp_sent_bytes_total', 'Bytes sent to the client side of a TCP connection');
+    this.tcpReceived = tcp('istio_tcp_received_bytes_total', 'Bytes received from the client side of a TCP connection');
+    this.refused = new Counter({ name: 'nodemesh_connections_refused_total', help: 'Captured connections the proxy refused, by reason', labelNames: ['direction', 'reason'], registers });
+    this.podsEnrolled = new Gauge({ name: 'nodemesh_pods_enrolled', help: 'Pods whose traffic this node captures', registers });
+    this.podVerified = new Gauge({ name: 'nodemesh_pod_redirection_verified', help: '1 once a probe from inside the pod reached the proxy', labelNames: ['namespace', 'pod'], registers });
+    this.enrollErrors = new Counter({ name: 'nodemesh_enroll_errors_total', help: 'Failed pod enrollments, by reason', labelNames: ['reason'], registers });
+    this.configErrors = new Counter({ name: 'nodemesh_config_errors_total', help: 'Config objects rejected, by kind', labelNames: ['kind'], registers });
+    this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
+    this.mapEntries = new Gauge({
+      name: 'nodemesh_bpf_map_entries',
+      help: 'Entries in the BPF maps of this node',
+      labelNames: ['map'],
+      registers,
+      collect() {
+        for (const [map, n] of Object.entries(mapEntries())) this.set({ map }, n);
+      },
+    });
+    collectDefaultMetrics({ register: this.registry, prefix: 'nodemesh_agent_' });
+  }
+}

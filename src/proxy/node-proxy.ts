@@ -1,0 +1,259 @@
+/**
+ * The shared node proxy (L4). For every enrolled pod it serves four sockets made inside the pod's
+ * netns: 127.0.0.1:15001 and [::1]:15001 for captured outbound connections, 0.0.0.0:15006 and
+ * [::]:15006 for inbound connections steered by sk_lookup. Outbound: original destination from
+ * the BPF maps, Service lookup, endpoint choice, connect from inside the pod's netns (marked, so
+ * never captured again), relay. Inbound: deliver to the application at the address the client
+ * dialed, from inside the pod (self-addressed, so sk_lookup lets it through).
+ */
+import { createServer, Socket, type Server } from 'node:net';
+
+import { NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
+import { closeFd, connectInNetns, listenInNetns, netnsCookie } from '../agent/datapath/native.js';
+import { MeshSnapshot, type Workload } from '../config/snapshot.js';
+import { logger } from '../shared/log.js';
+import { LoadBalancer, type LoadBalancing } from './pool/load-balancer.js';
+import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
+import { relay } from './relay.js';
+
+const log = logger('proxy');
+
+/** A pod the proxy serves: its identity and where its network namespace is. */
+export interface ProxyPod extends Workload {
+  readonly netnsPath: string;
+}
+
+/** What the proxy asks of the datapath (the agent's NodeDatapath). */
+export interface ProxyDatapath {
+  originalDestination(key: OrigKey): SocketAddress | null;
+  registerInboundListener(family: Family, address: string, fd: number): void;
+  unregisterInboundListener(family: Family, address: string): void;
+}
+
+export interface ProxyOptions {
+  readonly trustDomain: string;
+  /** Destinations that are not mesh Services: pass through to the original address, or refuse. */
+  readonly passthrough: 'allow' | 'deny';
+  readonly connectTimeoutMs: number;
+  readonly idleTimeoutMs: number;
+  readonly loadBalancing: LoadBalancing;
+  /** Connections to this address prove capture works for the pod; they are not relayed. */
+  readonly probe: SocketAddress;
+  readonly onProbe: (uid: string) => void;
+}
+
+const HIGH_WATER_MARK = 1 << 20;
+
+interface PodState {
+  readonly pod: ProxyPod;
+  readonly servers: Server[];
+  readonly sockets: Set<Socket>;
+  active: number;
+}
+
+export class NodeProxy {
+  private snapshot = MeshSnapshot.empty();
+  private readonly pods = new Map<string, PodState>();
+  private readonly lb: LoadBalancer;
+
+  constructor(
+    private readonly datapath: ProxyDatapath,
+    private readonly metrics: NodeMetrics,
+    private readonly options: ProxyOptions,
+  ) {
+    this.lb = new LoadBalancer(options.loadBalancing);
+  }
+
+  setSnapshot(snapshot: MeshSnapshot): void {
+    this.snapshot = snapshot;
+  }
+
+  currentSnapshot(): MeshSnapshot {
+    return this.snapshot;
+  }
+
+  activeConnections(uid: string): number {
+    return this.pods.get(uid)?.active ?? 0;
+  }
+
+  /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
+  async addPod(pod: ProxyPod): Promise<void> {
+    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0 };
+    try {
+      for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, (s, cookie) => this.outbound(state, s, cookie));
+      for (const [family, host, address] of [[4, '0.0.0.0', pod.ip4], [6, '::', pod.ip6]] as const) {
+        const fd = await this.serve(state, host, NM_PORT_INBOUND, (s) => this.inbound(state, s));
+        this.datapath.registerInboundListener(family, address, fd);
+      }
+    } catch (e) {
+      await this.closeState(state);
+      throw e;
+    }
+    this.pods.set(pod.uid, state);
+  }
+
+  async removePod(uid: string): Promise<void> {
+    const state = this.pods.get(uid);
+    if (!state) return;
+    this.pods.delete(uid);
+    await this.closeState(state);
+  }
+
+  private async closeState(state: PodState): Promise<void> {
+    for (const [family, address] of [[4, state.pod.ip4], [6, state.pod.ip6]] as const) {
+      try {
+        this.datapath.unregisterInboundListener(family, address);
+      } catch {
+        // the entry goes away with its socket anyway
+      }
+    }
+    for (const s of state.sockets) s.destroy();
+    await Promise.all(state.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+  }
+
+  async close(): Promise<void> {
+    for (const uid of [...this.pods.keys()]) await this.removePod(uid);
+  }
+
+  private async serve(state: PodState, host: string, port: number, onConnection: (s: Socket, cookie: bigint) => void): Promise<number> {
+    const fd = await listenInNetns({ netns: state.pod.netnsPath, host, port });
+    let cookie: bigint;
+    try {
+      cookie = netnsCookie(fd);
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+    const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK, pauseOnConnect: true }, (s) => {
+      state.sockets.add(s);
+      s.once('close', () => state.sockets.delete(s));
+      s.on('error', () => undefined);
+      onConnection(s, cookie);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ fd }, () => resolve());
+    });
+    state.servers.push(server);
+    return fd;
+  }
+
+  private refuse(state: PodState, client: Socket, direction: 'outbound' | 'inbound', reason: RefuseReason, detail: Record<string, unknown>): void {
+    this.metrics.refused.inc({ direction, reason });
+    log.warn({ pod: state.pod.name, namespace: state.pod.namespace, direction, reason, ...detail }, 'connection refused');
+    client.resetAndDestroy();
+  }
+
+  private outbound(state: PodState, client: Socket, cookie: bigint): void {
+    const family: Family = client.remoteFamily === 'IPv6' ? 6 : 4;
+    const original = this.datapath.originalDestination({ netnsCookie: cookie, port: client.remotePort ?? 0, family });
+    if (!original) {
+      this.refuse(state, client, 'outbound', 'no_original_destination', { peerPort: client.remotePort });
+      return;
+    }
+    const probe = this.options.probe;
+    if (original.address === probe.address && original.port === probe.port) {
+      client.destroy();
+      this.options.onProbe(state.pod.uid);
+      return;
+    }
+    const snapshot = this.snapshot;
+    const target = snapshot.service(original);
+    let host: string;
+    let port: number;
+    let destination: Workload | undefined;
+    const release: Array<() => void> = [];
+    if (target) {
+      const endpoint = this.lb.pick(target);
+      if (!endpoint) {
+        this.refuse(state, client, 'outbound', 'no_endpoints', { service: target.key, original: formatHostPort(original.address, original.port) });
+        return;
+      }
+      this.lb.acquire(endpoint);
+      release.push(() => this.lb.release(endpoint));
+      destination = endpoint.workload;
+      host = original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4;
+      port = endpoint.port;
+    } else if (this.options.passthrough === 'allow') {
+      host = original.address;
+      port = original.port;
+      destination = snapshot.workload(original.address);
+    } else {
+      this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
+      return;
+    }
+    const labels: TcpLabels = {
+      reporter: 'source',
+      ...this.sourceLabels(state.pod),
+      destination_service: target ? `${target.service.name}.${target.service.namespace}.svc.cluster.local` : formatHostPort(original.address, original.port),
+      destination_service_namespace: target?.service.namespace ?? 'unknown',
+      destination_service_name: target?.service.name ?? 'unknown',
+      ...this.destinationLabels(destination),
+    };
+    this.connectAndRelay(state, client, 'outbound', host, port, labels, release);
+  }
+
+  private inbound(state: PodState, client: Socket): void {
+    const host = (client.localAddress ?? '').replace(/^::ffff:/, '');
+    const port = client.localPort ?? 0;
+    const source = this.snapshot.workload(client.remoteAddress ?? '');
+    const services = this.snapshot.targets().filter((t) => t.port.targetPort === port && t.endpoints.some((e) => e.workload.uid === state.pod.uid));
+    const service = services[0]?.service;
+    const src = workloadLabels(source);
+    const labels: TcpLabels = {
+      reporter: 'destination',
+      source_workload: src.name,
+      source_workload_namespace: src.namespace,
+      source_principal: principal(this.options.trustDomain, source),
+      destination_service: service ? `${service.name}.${service.namespace}.svc.cluster.local` : formatHostPort(host, port),
+      destination_service_namespace: service?.namespace ?? 'unknown',
+      destination_service_name: service?.name ?? 'unknown',
+      ...this.destinationLabels(state.pod),
+    };
+    this.connectAndRelay(state, client, 'inbound', host, port, labels, []);
+  }
+
+  private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
+    const { name, namespace } = workloadLabels(w);
+    return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain, w) };
+  }
+
+  private destinationLabels(
+    w: Workload | undefined,
+  ): Pick<TcpLabels, 'destination_workload' | 'destination_workload_namespace' | 'destination_principal' | 'request_protocol' | 'response_flags' | 'connection_security_policy'> {
+    const { name, namespace } = workloadLabels(w);
+    return {
+      destination_workload: name,
+      destination_workload_namespace: namespace,
+      destination_principal: principal(this.options.trustDomain, w),
+      request_protocol: 'tcp',
+      response_flags: '-',
+      connection_security_policy: 'none',
+    };
+  }
+
+  private connectAndRelay(state: PodState, client: Socket, direction: 'outbound' | 'inbound', host: string, port: number, labels: TcpLabels, release: Array<() => void>): void {
+    state.active++;
+    const done = (): void => {
+      state.active--;
+      for (const r of release) r();
+    };
+    connectInNetns({ netns: state.pod.netnsPath, host, port, mark: NM_PROXY_MARK, timeoutMs: this.options.connectTimeoutMs }).then(
+      async (fd) => {
+        const upstream = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+        state.sockets.add(upstream);
+        upstream.once('close', () => state.sockets.delete(upstream));
+        this.metrics.tcpOpened.inc(labels);
+        const result = await relay(client, upstream, this.options.idleTimeoutMs);
+        this.metrics.tcpClosed.inc(labels);
+        this.metrics.tcpReceived.inc(labels, result.bytesFromClient);
+        this.metrics.tcpSent.inc(labels, result.bytesToClient);
+        done();
+      },
+      (e: unknown) => {
+        done();
+        this.refuse(state, client, direction, 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
+      },
+    );
+  }
+}
