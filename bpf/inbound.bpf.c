@@ -23,6 +23,29 @@ static __always_inline int is_proxy_port(__u32 port)
 	       port == NM_PORT_INBOUND_TUNNEL || port == NM_PORT_DNS;
 }
 
+static __always_inline int is_delivery(struct bpf_sk_lookup *ctx)
+{
+	struct nm_bypass_key key = {};
+
+	key.family = ctx->family;
+	key.remote_port = bpf_ntohs(ctx->remote_port);
+	key.local_port = (__u16)ctx->local_port;
+	if (ctx->family == NM_AF_INET) {
+		key.remote_addr[0] = ctx->remote_ip4;
+		key.local_addr[0] = ctx->local_ip4;
+	} else {
+		key.remote_addr[0] = ctx->remote_ip6[0];
+		key.remote_addr[1] = ctx->remote_ip6[1];
+		key.remote_addr[2] = ctx->remote_ip6[2];
+		key.remote_addr[3] = ctx->remote_ip6[3];
+		key.local_addr[0] = ctx->local_ip6[0];
+		key.local_addr[1] = ctx->local_ip6[1];
+		key.local_addr[2] = ctx->local_ip6[2];
+		key.local_addr[3] = ctx->local_ip6[3];
+	}
+	return bpf_map_lookup_elem(&nm_inbound_bypass, &key) != 0;
+}
+
 SEC("sk_lookup")
 int nm_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -31,6 +54,8 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
 	long err;
 
 	if (ctx->protocol != IPPROTO_TCP || is_proxy_port(ctx->local_port))
+		return SK_PASS;
+	if (is_delivery(ctx))
 		return SK_PASS;
 
 	key.family = ctx->family;

@@ -39,4 +39,12 @@ struct {
 	__type(value, __u64);
 } nm_pod_listeners SEC(".maps");
 
+/* Connections the proxy is delivering inside a pod right now (during their handshake only). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, NM_MAX_CAPTURED_IN_FLIGHT);
+	__type(key, struct nm_bypass_key);
+	__type(value, __u8);
+} nm_inbound_bypass SEC(".maps");
+
 #endif /* NODEMESH_MAPS_H */

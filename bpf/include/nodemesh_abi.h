@@ -21,6 +21,15 @@
 /* Sockets opened by the node proxy carry this SO_MARK; every program lets them pass. */
 #define NM_PROXY_MARK 0x539
 
+/*
+ * Mark of the sockets that deliver inbound connections to the application inside a pod. With
+ * net.ipv4.tcp_fwmark_accept=1 in the pod, the application's side of the connection inherits it,
+ * and the pod's policy route (fwmark NM_DELIVERY_MARK -> table NM_DELIVERY_TABLE: local default)
+ * brings its replies back to the proxy's transparent socket.
+ */
+#define NM_DELIVERY_MARK 0x53a
+#define NM_DELIVERY_TABLE 15006
+
 /* In-pod listener ports (design.md section 2). */
 #define NM_PORT_OUTBOUND 15001
 #define NM_PORT_INBOUND 15006
@@ -60,6 +69,19 @@ struct nm_listener_key {
 	__u32 family; /* NM_AF_INET or NM_AF_INET6 */
 	__u32 role;   /* NM_ROLE_* */
 	__u32 addr[4]; /* pod address, network byte order */
+};
+
+/*
+ * An inbound connection the proxy itself is delivering to the application, by 4-tuple as the
+ * pod sees it: sk_lookup lets exactly these through instead of steering them to 15006 again.
+ * Ports in host byte order; addresses in network byte order.
+ */
+struct nm_bypass_key {
+	__u32 family;
+	__u16 remote_port;
+	__u16 local_port;
+	__u32 remote_addr[4];
+	__u32 local_addr[4];
 };
 
 #endif /* NODEMESH_ABI_H */

@@ -42,9 +42,19 @@ Napi::Value AbiLayout(const Napi::CallbackInfo& info) {
   NM_FIELD(lk, nm_listener_key, addr);
   out.Set("nm_listener_key", Layout(env, sizeof(nm_listener_key), lk));
 
+  Napi::Object bk = Napi::Object::New(env);
+  NM_FIELD(bk, nm_bypass_key, family);
+  NM_FIELD(bk, nm_bypass_key, remote_port);
+  NM_FIELD(bk, nm_bypass_key, local_port);
+  NM_FIELD(bk, nm_bypass_key, remote_addr);
+  NM_FIELD(bk, nm_bypass_key, local_addr);
+  out.Set("nm_bypass_key", Layout(env, sizeof(nm_bypass_key), bk));
+
   Napi::Object constants = Napi::Object::New(env);
   constants.Set("NM_MAP_ABI_VERSION", NM_MAP_ABI_VERSION);
   constants.Set("NM_PROXY_MARK", NM_PROXY_MARK);
+  constants.Set("NM_DELIVERY_MARK", NM_DELIVERY_MARK);
+  constants.Set("NM_DELIVERY_TABLE", NM_DELIVERY_TABLE);
   constants.Set("NM_PORT_OUTBOUND", NM_PORT_OUTBOUND);
   constants.Set("NM_PORT_INBOUND", NM_PORT_INBOUND);
   constants.Set("NM_PORT_INBOUND_TUNNEL", NM_PORT_INBOUND_TUNNEL);

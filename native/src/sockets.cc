@@ -16,7 +16,10 @@
 #include <cstring>
 #include <thread>
 
+#include <bpf/bpf.h>
+
 #include "common.h"
+#include "nodemesh_abi.h"
 
 #ifndef SO_NETNS_COOKIE
 #define SO_NETNS_COOKIE 71
@@ -144,7 +147,34 @@ struct ConnectOptions {
   uint32_t mark = 0;
   int timeoutMs = 10000;
   bool transparent = false;
+  int bypassMapFd = -1;
 };
+
+// The 4-tuple of our socket as the destination pod sees it (we are its "remote").
+nm_bypass_key BypassKey(int fd, const SockAddr& dst) {
+  nm_bypass_key key = {};
+  sockaddr_storage local = {};
+  socklen_t len = sizeof(local);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len);
+  if (dst.family == AF_INET) {
+    auto* l = reinterpret_cast<sockaddr_in*>(&local);
+    auto* d = reinterpret_cast<const sockaddr_in*>(&dst.ss);
+    key.family = NM_AF_INET;
+    key.remote_port = ntohs(l->sin_port);
+    key.local_port = ntohs(d->sin_port);
+    key.remote_addr[0] = l->sin_addr.s_addr;
+    key.local_addr[0] = d->sin_addr.s_addr;
+  } else {
+    auto* l = reinterpret_cast<sockaddr_in6*>(&local);
+    auto* d = reinterpret_cast<const sockaddr_in6*>(&dst.ss);
+    key.family = NM_AF_INET6;
+    key.remote_port = ntohs(l->sin6_port);
+    key.local_port = ntohs(d->sin6_port);
+    memcpy(key.remote_addr, &l->sin6_addr, 16);
+    memcpy(key.local_addr, &d->sin6_addr, 16);
+  }
+  return key;
+}
 
 int ConnectIn(const ConnectOptions& o) {
   int out = -1;
@@ -160,6 +190,21 @@ int ConnectIn(const ConnectOptions& o) {
       if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0)
         CloseAndThrow(fd, "bind", o.localHost + " in " + o.netns);
     }
+    // Registered for the handshake only: sk_lookup consults it for the SYN, retransmits included.
+    bool bypass = o.bypassMapFd >= 0;
+    nm_bypass_key key = bypass ? BypassKey(fd, a) : nm_bypass_key{};
+    if (bypass) {
+      uint8_t one = 1;
+      if (bpf_map_update_elem(o.bypassMapFd, &key, &one, BPF_ANY) != 0) CloseAndThrow(fd, "bpf(BPF_MAP_UPDATE_ELEM)", "nm_inbound_bypass");
+    }
+    struct BypassGuard {
+      bool on;
+      int mapFd;
+      nm_bypass_key key;
+      ~BypassGuard() {
+        if (on) bpf_map_delete_elem(mapFd, &key);
+      }
+    } guard{bypass, o.bypassMapFd, key};
     if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
       if (errno != EINPROGRESS) CloseAndThrow(fd, "connect", where);
       pollfd p = {fd, POLLOUT, 0};
@@ -266,6 +311,7 @@ Napi::Value ConnectInNetns(const Napi::CallbackInfo& info) {
   o.mark = static_cast<uint32_t>(NumberOpt(opts, "mark", 0));
   o.timeoutMs = static_cast<int>(NumberOpt(opts, "timeoutMs", 10000));
   o.transparent = BoolOpt(opts, "transparent");
+  o.bypassMapFd = static_cast<int>(NumberOpt(opts, "bypassMapFd", -1));
   auto fd = std::make_shared<int>(-1);
   return PromiseTask::Run(
       info.Env(), [o, fd]() { *fd = ConnectIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });

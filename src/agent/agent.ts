@@ -4,7 +4,7 @@
  * config, and serves metrics, readiness and admin. One reconcile loop, one mutator per state:
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
-import { watch, type FSWatcher } from 'node:fs';
+import { existsSync, watch, type FSWatcher } from 'node:fs';
 import type { Server } from 'node:http';
 
 import { MeshSnapshot } from '../config/snapshot.js';
@@ -166,13 +166,16 @@ export class NodeAgent {
   private async loadConfig(): Promise<void> {
     const { services, issues } = await readConfigDir(this.options.configDir);
     const byKey = new Map(services.map((s) => [`Service ${s.namespace}/${s.name}`, s]));
+    const rejected = new Map<string, number>([['Service', 0], ['yaml', 0]]);
     for (const issue of issues) {
-      const kind = issue.object.split(' ')[0] ?? 'unknown';
+      const kind = issue.object.startsWith('document ') ? 'yaml' : (issue.object.split(' ')[0] ?? 'unknown');
+      rejected.set(kind, (rejected.get(kind) ?? 0) + 1);
       this.metrics.configErrors.inc({ kind });
       const previous = this.services.find((s) => `Service ${s.namespace}/${s.name}` === issue.object);
       if (previous && !byKey.has(issue.object)) byKey.set(issue.object, previous);
       log.error({ file: issue.file, object: issue.object, field: issue.field, keptLastGood: Boolean(previous) }, `config rejected: ${issue.message}`);
     }
+    for (const [kind, n] of rejected) this.metrics.configRejected.set({ kind }, n);
     this.services = [...byKey.values()];
     this.metrics.configObjects.set({ kind: 'Service' }, this.services.length);
     this.configLoaded = true;
@@ -255,7 +258,7 @@ export class NodeAgent {
     if (failure && Date.now() < failure.retryAt) return;
     let step: EnrollErrorReason = pinned ? 'readopt_failed' : 'attach_failed';
     try {
-      if (pinned) this.datapath.readopt(pod.uid);
+      if (pinned) await this.datapath.readopt(pod);
       else await this.datapath.attachPod(pod);
       step = 'listen_failed';
       await this.proxy.addPod(pod);
@@ -307,7 +310,8 @@ export class NodeAgent {
     if (!e) return;
     this.enrolled.delete(uid);
     await this.proxy.removePod(uid);
-    await this.datapath.detachPod(uid);
+    // The pod may still run (opted out): give its netns back as it was.
+    await this.datapath.detachPod(uid, existsSync(e.pod.netnsPath) ? e.pod.netnsPath : undefined);
     this.metrics.podVerified.remove({ namespace: e.pod.namespace, pod: e.pod.name });
     log.info({ pod: e.pod.name, namespace: e.pod.namespace, uid }, 'pod unenrolled');
   }

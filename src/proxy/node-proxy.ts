@@ -8,7 +8,7 @@
  */
 import { createServer, Socket, type Server } from 'node:net';
 
-import { NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
+import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
 import { closeFd, connectInNetns, listenInNetns, netnsCookie } from '../agent/datapath/native.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -28,6 +28,7 @@ export interface ProxyDatapath {
   originalDestination(key: OrigKey): SocketAddress | null;
   registerInboundListener(family: Family, address: string, fd: number): void;
   unregisterInboundListener(family: Family, address: string): void;
+  readonly inboundBypassFd: number;
 }
 
 export interface ProxyOptions {
@@ -210,7 +211,10 @@ export class NodeProxy {
       destination_service_name: service?.name ?? 'unknown',
       ...this.destinationLabels(state.pod),
     };
-    this.connectAndRelay(state, client, 'inbound', host, port, labels, []);
+    // Delivered from a transparent socket with the client's address, so the application sees
+    // who called (see agent/datapath/pod-routing.ts for how the replies come back).
+    const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
+    this.connectAndRelay(state, client, 'inbound', host, port, labels, [], from);
   }
 
   private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
@@ -232,13 +236,25 @@ export class NodeProxy {
     };
   }
 
-  private connectAndRelay(state: PodState, client: Socket, direction: 'outbound' | 'inbound', host: string, port: number, labels: TcpLabels, release: Array<() => void>): void {
+  private connectAndRelay(
+    state: PodState,
+    client: Socket,
+    direction: 'outbound' | 'inbound',
+    host: string,
+    port: number,
+    labels: TcpLabels,
+    release: Array<() => void>,
+    transparentSource?: string,
+  ): void {
     state.active++;
     const done = (): void => {
       state.active--;
       for (const r of release) r();
     };
-    connectInNetns({ netns: state.pod.netnsPath, host, port, mark: NM_PROXY_MARK, timeoutMs: this.options.connectTimeoutMs }).then(
+    const connect = transparentSource
+      ? { mark: NM_DELIVERY_MARK, localHost: transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
+      : { mark: NM_PROXY_MARK };
+    connectInNetns({ netns: state.pod.netnsPath, host, port, timeoutMs: this.options.connectTimeoutMs, ...connect }).then(
       async (fd) => {
         const upstream = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
         state.sockets.add(upstream);

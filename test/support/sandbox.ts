@@ -33,7 +33,7 @@ export interface Sandbox {
   /** Environment for CLI processes that should use this sandbox. */
   readonly env: NodeJS.ProcessEnv;
   /** Starts a pod running `nodemesh debug echo-server`; connections() excludes the readiness probe. */
-  echoPod(name: string, port: number): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
+  echoPod(name: string, port: number, labels?: string[]): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
   /** A pod whose own command just sleeps; tests exec into it. */
   idlePod(name: string, labels?: string[]): Promise<PodRecord>;
   /** Runs `nodemesh debug dial` inside a pod and returns its result. */
@@ -77,9 +77,9 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
     runtime,
     bpffsDir,
     env,
-    async echoPod(name, port) {
+    async echoPod(name, port, labels = ['app=echo']) {
       const log = join(config.stateDir, `${name}.connections.jsonl`);
-      const spec = validatePodSpec({ name, labels: ['app=echo'], command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
+      const spec = validatePodSpec({ name, labels, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
       const record = await runtime.create(spec, { detached: true });
       const { record: running } = await runtime.start(record);
       await waitForListener(running.ip4, port, 10_000);

@@ -9,6 +9,8 @@ export const AF_INET6 = 10;
 
 export const NM_MAP_ABI_VERSION = 1;
 export const NM_PROXY_MARK = 0x539;
+export const NM_DELIVERY_MARK = 0x53a;
+export const NM_DELIVERY_TABLE = 15006;
 export const NM_PORT_OUTBOUND = 15001;
 export const NM_PORT_INBOUND = 15006;
 export const NM_PORT_INBOUND_TUNNEL = 15008;
@@ -19,6 +21,8 @@ export const NM_ROLE_INBOUND_TUNNEL = 2;
 export const ABI_CONSTANTS: Readonly<Record<string, number>> = {
   NM_MAP_ABI_VERSION,
   NM_PROXY_MARK,
+  NM_DELIVERY_MARK,
+  NM_DELIVERY_TABLE,
   NM_PORT_OUTBOUND,
   NM_PORT_INBOUND,
   NM_PORT_INBOUND_TUNNEL,
@@ -31,6 +35,7 @@ export const LAYOUTS = {
   nm_addr: { size: 24, offsets: { family: 0, port: 4, pad: 6, addr: 8 } },
   nm_orig_key: { size: 16, offsets: { netns_cookie: 0, port: 8, family: 10, pad: 12 } },
   nm_listener_key: { size: 24, offsets: { family: 0, role: 4, addr: 8 } },
+  nm_bypass_key: { size: 40, offsets: { family: 0, remote_port: 4, local_port: 6, remote_addr: 8, local_addr: 24 } },
 } as const;
 
 export type Family = 4 | 6;

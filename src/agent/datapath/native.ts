@@ -34,6 +34,7 @@ export interface AbiLayout {
   readonly nm_addr: StructLayout;
   readonly nm_orig_key: StructLayout;
   readonly nm_listener_key: StructLayout;
+  readonly nm_bypass_key: StructLayout;
   readonly constants: Readonly<Record<string, number>>;
 }
 
@@ -82,6 +83,8 @@ export interface ConnectOptions {
   /** Local address to bind before connecting (with transparent: a non-local one). */
   readonly localHost?: string;
   readonly transparent?: boolean;
+  /** fd of nm_inbound_bypass: the connection's 4-tuple is registered there during the handshake. */
+  readonly bypassMapFd?: number;
 }
 
 export interface ProbeOptions {

@@ -15,6 +15,7 @@ import { BPF_OBJECT_DIR } from '../../shared/paths.js';
 import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
 import { BpfLink, BpfObject, type BpfMap } from './native.js';
+import { disableInboundDelivery, enableInboundDelivery } from './pod-routing.js';
 
 const log = logger('datapath');
 
@@ -40,7 +41,13 @@ export class NodeDatapath {
     private readonly capture: OutboundCapture,
     private readonly inbound: BpfObject,
     private readonly listeners: BpfMap,
+    private readonly bypass: BpfMap,
   ) {}
+
+  /** fd of nm_inbound_bypass, for the proxy's inbound delivery connects. */
+  get inboundBypassFd(): number {
+    return this.bypass.fd;
+  }
 
   static async open(pinRoot = DEFAULT_PIN_ROOT): Promise<NodeDatapath> {
     const mapDir = join(pinRoot, 'maps');
@@ -54,7 +61,7 @@ export class NodeDatapath {
       capture.close();
       throw e;
     }
-    return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'));
+    return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'), inbound.map('nm_inbound_bypass'));
   }
 
   private podDir(uid: string): string {
@@ -89,6 +96,7 @@ export class NodeDatapath {
         made.push(link);
         link.pin(join(dir, program));
       }
+      await enableInboundDelivery(pod.netnsPath);
     } catch (e) {
       for (const link of made) {
         link.detach();
@@ -104,7 +112,8 @@ export class NodeDatapath {
    * Takes over the pinned links of a pod enrolled by an earlier agent, swapping in this build's
    * programs with link updates: the pod is never without capture.
    */
-  readopt(uid: string): void {
+  async readopt(pod: DatapathPod): Promise<void> {
+    const uid = pod.uid;
     const dir = this.podDir(uid);
     const links: BpfLink[] = [];
     try {
@@ -113,6 +122,7 @@ export class NodeDatapath {
         links.push(link);
         link.updateProgram(this.object(program), program);
       }
+      await enableInboundDelivery(pod.netnsPath);
     } catch (e) {
       for (const link of links) link.close();
       throw e;
@@ -120,8 +130,12 @@ export class NodeDatapath {
     this.links.set(uid, links);
   }
 
-  /** Detaches and unpins everything of a pod, whether this agent or an earlier one made it. */
-  async detachPod(uid: string): Promise<void> {
+  /**
+   * Detaches and unpins everything of a pod, whether this agent or an earlier one made it. With
+   * the pod's netns (a live pod leaving the mesh), its delivery routing is removed too.
+   */
+  async detachPod(uid: string, netnsPath?: string): Promise<void> {
+    if (netnsPath) await disableInboundDelivery(netnsPath).catch((e: unknown) => log.warn({ uid, err: e }, 'removing inbound delivery routing failed'));
     const dir = this.podDir(uid);
     const held = this.links.get(uid);
     this.links.delete(uid);

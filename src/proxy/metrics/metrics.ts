@@ -52,6 +52,7 @@ export class NodeMetrics {
   readonly enrollErrors: Counter<'reason'>;
   readonly mapEntries: Gauge<'map'>;
   readonly configErrors: Counter<'kind'>;
+  readonly configRejected: Gauge<'kind'>;
   readonly configObjects: Gauge<'kind'>;
 
   constructor(mapEntries: () => Record<string, number>) {
@@ -66,7 +67,8 @@ export class NodeMetrics {
     this.podsEnrolled = new Gauge({ name: 'nodemesh_pods_enrolled', help: 'Pods whose traffic this node captures', registers });
     this.podVerified = new Gauge({ name: 'nodemesh_pod_redirection_verified', help: '1 once a probe from inside the pod reached the proxy', labelNames: ['namespace', 'pod'], registers });
     this.enrollErrors = new Counter({ name: 'nodemesh_enroll_errors_total', help: 'Failed pod enrollments, by reason', labelNames: ['reason'], registers });
-    this.configErrors = new Counter({ name: 'nodemesh_config_errors_total', help: 'Config objects rejected, by kind', labelNames: ['kind'], registers });
+    this.configErrors = new Counter({ name: 'nodemesh_config_errors_total', help: 'Config object rejections, counted at every load, by kind', labelNames: ['kind'], registers });
+    this.configRejected = new Gauge({ name: 'nodemesh_config_rejected_objects', help: 'Config objects rejected by the last load, by kind', labelNames: ['kind'], registers });
     this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
     this.mapEntries = new Gauge({
       name: 'nodemesh_bpf_map_entries',

@@ -1,0 +1,136 @@
+/**
+ * The node agent as a process, on the real kernel: enrollment of every pod, outbound L4 to a
+ * Service with two endpoints, inbound through 15006, metrics, pods coming and going, a SIGKILL
+ * and restart, refusals, and bad input that is skipped without stopping the rest.
+ */
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+
+import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
+import { createSandbox, waitFor } from '../support/sandbox.js';
+
+const SVC_V4 = '10.96.0.30';
+const SVC_V6 = 'fd00:96::1e';
+const EMPTY_V4 = '10.96.0.31';
+
+test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and restart', async (t) => {
+  const sb = await createSandbox(t);
+  for (const a of [SVC_V4, SVC_V6, EMPTY_V4]) await sb.blackhole(a);
+  const b = await sb.echoPod('echo-b', 8080, ['tier=backend', 'app=echo-b']);
+  const c = await sb.echoPod('echo-c', 8080, ['tier=backend', 'app=echo-c']);
+  const client = await sb.idlePod('client-a', ['app=client']);
+  const outsider = await sb.idlePod('outsider-d', ['app=outsider', 'nodemesh.io/capture=disabled']);
+
+  const agent = await startAgent(sb, {
+    'services.yaml': serviceYaml('backend', [SVC_V4, SVC_V6], { tier: 'backend' }) + '---\n' + serviceYaml('empty', [EMPTY_V4], { tier: 'nothing' }),
+  });
+  const pods = await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods enrolled and verified');
+  assert.deepEqual(pods.map((p) => p.name), ['client-a', 'echo-b', 'echo-c'], 'the opted-out pod is not enrolled');
+  assert.equal(await agent.ready(), 200);
+
+  // Outbound: 6 connections to the Service over IPv4 and IPv6, round robin over B and C.
+  const N = 6;
+  for (let i = 0; i < N; i++) {
+    const r = await sb.dialFrom(client, i % 2 === 0 ? SVC_V4 : SVC_V6, 80, { bytes: 64 * 1024 });
+    assert.ok(r.intact, `dial ${i}: ${JSON.stringify(r)}`);
+  }
+  await waitFor(async () => (await b.connections()).length + (await c.connections()).length === N, 5000, 'server logs');
+  const atB = await b.connections();
+  const atC = await c.connections();
+  assert.equal(atB.length, N / 2, 'B got half');
+  assert.equal(atC.length, N / 2, 'C got half');
+  for (const conn of [...atB, ...atC]) {
+    assert.ok([client.ip4, client.ip6].includes(conn.address.replace(/^::ffff:/, '')), 'the server sees the client pod address');
+    assert.equal(conn.bytes, 64 * 1024);
+  }
+
+  const metrics = await agent.metrics();
+  const out = { reporter: 'source', source_workload: 'client', destination_service: 'backend.default.svc.cluster.local', destination_service_name: 'backend' };
+  assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', out), N);
+  assert.equal(metricValue(metrics, 'istio_tcp_connections_closed_total', out), N);
+  assert.equal(metricValue(metrics, 'istio_tcp_received_bytes_total', out), N * 64 * 1024);
+  assert.equal(metricValue(metrics, 'istio_tcp_sent_bytes_total', out), N * 64 * 1024);
+  assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', { ...out, destination_workload: 'echo-b' }), N / 2);
+  assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', { ...out, source_principal: 'spiffe://cluster.local/ns/default/sa/default' }), N);
+  // The same connections arrived at B and C through their inbound listeners.
+  assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', { reporter: 'destination', source_workload: 'client', destination_service_name: 'backend' }), N);
+  assert.equal(metricValue(metrics, 'nodemesh_pods_enrolled'), 3);
+  assert.equal(metricValue(metrics, 'nodemesh_pod_redirection_verified', { pod: 'client-a' }), 1);
+
+  // Inbound from a pod that is not enrolled reaches B's application through 15006.
+  const direct = await sb.dialFrom(outsider, b.record.ip4, 8080);
+  assert.ok(direct.intact);
+  const inbound = { reporter: 'destination', source_workload: 'outsider', destination_workload: 'echo-b' };
+  assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', inbound), 1);
+
+  // A Service without endpoints: a clean refusal, counted with its reason.
+  const empty = await sb.dialFrom(client, EMPTY_V4, 80);
+  assert.equal(empty.ok, false);
+  assert.match(empty.error ?? '', /ECONNRESET|EPIPE/);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_connections_refused_total', { direction: 'outbound', reason: 'no_endpoints' }), 1);
+
+  // A pod created while the agent runs is captured.
+  const late = await sb.idlePod('late-e', ['app=late']);
+  await agent.waitForPods((p) => p.some((x) => x.name === 'late-e' && x.verified), 'late pod verified');
+  assert.ok((await sb.dialFrom(late, SVC_V4, 80)).intact);
+
+  // A deleted pod leaves no state: no pinned links, no listener entries.
+  const cRecord = (await sb.runtime.list()).find((p) => p.name === 'echo-c');
+  assert.ok(cRecord);
+  await sb.runtime.remove(cRecord, 500);
+  await agent.waitForPods((p) => !p.some((x) => x.name === 'echo-c'), 'echo-c unenrolled');
+  assert.equal(existsSync(join(agent.pinRoot, 'pods', cRecord.uid)), false, 'pinned links of echo-c removed');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_pod_listeners' }) === 2 * 3, 5000, 'listener entries of 3 pods');
+
+  // SIGKILL: pinned programs keep capturing (connections are refused at 15001 instead of
+  // finding no route), and a new agent re-owns the pods without detaching them.
+  await agent.kill('SIGKILL');
+  const during = await sb.dialFrom(client, SVC_V4, 80);
+  assert.equal(during.error, 'ECONNREFUSED', 'still captured while no agent runs');
+  await agent.restart();
+  const after = await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'pods re-owned after restart');
+  assert.deepEqual(after.map((p) => p.name), ['client-a', 'echo-b', 'late-e']);
+  assert.match(agent.log(), /"readopted":true/);
+  for (const host of [SVC_V4, SVC_V6]) assert.ok((await sb.dialFrom(client, host, 80)).intact, `after restart, ${host}`);
+});
+
+test('agent: bad config and bad pod records are skipped, named and counted; the rest works', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC_V4);
+  await sb.echoPod('good-b', 8080, ['tier=backend']);
+  const client = await sb.idlePod('client-a');
+  // A pod whose record points to a network namespace that does not exist.
+  const ghost = await sb.idlePod('ghost');
+  const record = { ...ghost, uid: 'ghost-uid', name: 'ghost-2', netnsPath: '/run/netns/nmt_does_not_exist' };
+  await writeFile(join(sb.config.stateDir, 'pods', 'default_ghost-2.json'), JSON.stringify(record));
+  sb.defer(() => sb.runtime.store.remove(record));
+
+  const agent = await startAgent(sb, {
+    'a-good.yaml': serviceYaml('backend', [SVC_V4], { tier: 'backend' }),
+    'b-broken.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: broken\n',
+    'c-noports.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: noports}\nspec: {clusterIP: 10.96.0.99, selector: {a: b}}\n',
+    'd-unknown.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: typo}\nspec: {clusterIP: 10.96.0.98, selectr: {a: b}, ports: [{port: 80}]}\n',
+  });
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'good pods enrolled');
+  assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'the good Service works');
+
+  const log = agent.log();
+  assert.match(log, /"file":"[^"]*b-broken\.yaml".*config rejected: not valid YAML/);
+  assert.match(log, /"file":"[^"]*c-noports\.yaml","object":"Service default\/noports","field":"spec\.ports".*spec\.ports must list at least one port/);
+  assert.match(log, /"object":"Service default\/typo","field":"spec\.selectr".*unknown field/);
+  assert.match(log, /"pod":"ghost-2".*"reason":"netns_missing".*network namespace \/run\/netns\/nmt_does_not_exist does not exist/);
+  const metrics = await agent.metrics();
+  assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects'), 3);
+  assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects', { kind: 'yaml' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'netns_missing' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_config_objects', { kind: 'Service' }), 1);
+
+  // An edit that breaks the good Service keeps its last good version serving.
+  await agent.writeConfig('a-good.yaml', serviceYaml('backend', [SVC_V4], { tier: 'backend' }).replace('port: 80', 'port: 0'));
+  await waitFor(() => /"object":"Service default\/backend".*"keptLastGood":true/.test(agent.log()), 5000, 'reload with the broken edit');
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_config_rejected_objects'), 4);
+  assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'the last good Service keeps serving');
+});

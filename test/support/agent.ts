@@ -1,0 +1,114 @@
+/** Runs `nodemesh agent` as its own process inside a test sandbox, on free loopback ports. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import type { EnrolledPodStatus } from '../../src/agent/agent.js';
+import { CLI_ENTRY } from '../../src/shared/paths.js';
+import { waitFor, type Sandbox } from './sandbox.js';
+
+export interface AgentProcess {
+  readonly configDir: string;
+  readonly pinRoot: string;
+  child: ChildProcess;
+  /** Everything the agent logged (JSON lines). */
+  log(): string;
+  pods(): Promise<EnrolledPodStatus[]>;
+  metrics(): Promise<string>;
+  ready(): Promise<number>;
+  waitForPods(check: (pods: EnrolledPodStatus[]) => boolean, what: string): Promise<EnrolledPodStatus[]>;
+  kill(signal: NodeJS.Signals): Promise<void>;
+  restart(): Promise<void>;
+  writeConfig(file: string, yaml: string): Promise<void>;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as { port: number }).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** Counter value of a metric line whose labels include all of `labels`. */
+export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
+  let total = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    if (Object.entries(labels).every(([k, v]) => line.includes(`${k}="${v}"`))) total += Number(line.split(' ').pop());
+  }
+  return total;
+}
+
+export async function startAgent(sb: Sandbox, config: Record<string, string>): Promise<AgentProcess> {
+  const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
+  for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
+  const pinRoot = join(sb.bpffsDir, 'agent');
+  const [metrics, ready, admin] = [await freePort(), await freePort(), await freePort()];
+  let output = '';
+  const spawnAgent = (): ChildProcess => {
+    const child = spawn(
+      process.execPath,
+      [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
+      { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
+    return child;
+  };
+  const get = async (port: number, path: string): Promise<Response> => fetch(`http://127.0.0.1:${port}${path}`);
+  const agent: AgentProcess = {
+    configDir,
+    pinRoot,
+    child: spawnAgent(),
+    log: () => output,
+    pods: async () => ((await (await get(admin, '/pods')).json()) as { pods: EnrolledPodStatus[] }).pods,
+    metrics: async () => (await get(metrics, '/metrics')).text(),
+    ready: async () => (await get(ready, '/healthz/ready')).status,
+    async waitForPods(check, what) {
+      let last: EnrolledPodStatus[] = [];
+      await waitFor(async () => check((last = await agent.pods().catch(() => []))), 15_000, `${what} (agent pods: ${JSON.stringify(last)})`);
+      return last;
+    },
+    async kill(signal) {
+      const child = agent.child;
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill(signal);
+      await exited;
+    },
+    async restart() {
+      agent.child = spawnAgent();
+      await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, 'agent ready after restart');
+    },
+    async writeConfig(file, yaml) {
+      await writeFile(join(configDir, file), yaml);
+    },
+  };
+  sb.defer(async () => {
+    await agent.kill('SIGTERM');
+    await rm(configDir, { recursive: true, force: true });
+    // Unpinning the links detaches every program the agent left on the pods.
+    await rm(pinRoot, { recursive: true, force: true });
+  });
+  await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, `agent ready; log: ${output}`);
+  return agent;
+}
+
+export function serviceYaml(name: string, ips: string[], selector: Record<string, string>, port = 80, targetPort = 8080): string {
+  return [
+    'apiVersion: v1',
+    'kind: Service',
+    `metadata: {name: ${name}, namespace: default}`,
+    'spec:',
+    `  clusterIPs: [${ips.join(', ')}]`,
+    `  selector: {${Object.entries(selector).map(([k, v]) => `${k}: ${v}`).join(', ')}}`,
+    `  ports: [{name: tcp, port: ${port}, targetPort: ${targetPort}}]`,
+    '',
+  ].join('\n');
+}
