@@ -1,0 +1,183 @@
+/**
+ * `npm run bench`: nodemesh L4 against direct pod-to-pod traffic and a sidecar-style peer
+ * (HAProxy behind nft REDIRECT in each pod), all in the same run, on local pods of this machine.
+ * Prints a table and writes bench/results/latest.json. Not a test: numbers, not assertions.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { probeBpf } from '../src/agent/datapath/native.js';
+import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
+import type { RuntimeConfig } from '../src/runtime/config.js';
+import { validatePodSpec } from '../src/runtime/pod-spec.js';
+import { LocalPodRuntime } from '../src/runtime/pods.js';
+import type { PodRecord } from '../src/runtime/store.js';
+import { waitForListener } from '../src/runtime/wait.js';
+import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
+import { preflight } from '../src/shared/preflight.js';
+import { startSidecarPeer } from './sidecar-peer.js';
+import { cpuSeconds, heyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
+
+const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
+const SERVICE_IP = '10.96.0.50';
+const HTTP_PORT = 80;
+const APP_HTTP = 8080;
+const IPERF_PORT = 5201;
+const POD_COUNTS = (process.env['BENCH_PODS'] ?? '1,10,100').split(',').map(Number);
+
+interface Scenario {
+  throughputGbps: number;
+  keepAliveRps: number;
+  newConnRps: number;
+  latency: Latency;
+  proxyCpuSecPer1000Req: number | null;
+}
+
+const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
+
+async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string, httpPort: number, proxyPids: () => number[]): Promise<Scenario> {
+  const throughputGbps = await iperf(runtime, client, host, IPERF_PORT, SECONDS);
+  const cpu0 = await cpuSeconds(proxyPids());
+  const ka = await wrk(runtime, client, host, httpPort, SECONDS, true);
+  const cpu1 = await cpuSeconds(proxyPids());
+  const nc = await wrk(runtime, client, host, httpPort, SECONDS, false);
+  const latency = await heyFixedRate(runtime, client, host, httpPort, SECONDS);
+  const pids = proxyPids();
+  return {
+    throughputGbps,
+    keepAliveRps: ka.rps,
+    newConnRps: nc.rps,
+    latency,
+    proxyCpuSecPer1000Req: pids.length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null,
+  };
+}
+
+async function main(): Promise<void> {
+  await preflight(probeBpf);
+  const id = Date.now().toString(36).slice(-5);
+  const config: RuntimeConfig = {
+    stateDir: `/tmp/nodemesh-bench-${id}`,
+    bridge: `nmbb${id}`,
+    podCidr4: { network: '10.202.0.0', prefix: 22 },
+    podCidr6: { network: 'fd00:6e62::', prefix: 64 },
+    cgroupSubtree: `nodemesh-bench-${id}`,
+    namePrefix: 'nmb',
+  };
+  const runtime = new LocalPodRuntime(config);
+  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));
+  const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const cleanups: Array<() => Promise<unknown>> = [];
+  let agent: ChildProcess | undefined;
+  const results: Record<string, unknown> = { machine: { cpus: (await import('node:os')).cpus().length, kernel: (await import('node:os')).release() }, seconds: SECONDS };
+  try {
+    const hole: Blackhole = await holdBlackhole(SERVICE_IP);
+    cleanups.push(() => hole.release());
+
+    const nginxConf = join(work, 'nginx.conf');
+    const body = 'x'.repeat(1024);
+    await writeFile(
+      nginxConf,
+      `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; location / { return 200 "${body}"; } } }\n`,
+    );
+    say('creating pods: server (nginx :8080 with 1 KB responses, iperf3 :5201) and client');
+    const server = await runtime.create(
+      validatePodSpec({ name: 'server', labels: ['app=server'], command: ['sh', '-c', `nginx -c ${nginxConf} & exec iperf3 -s -p ${IPERF_PORT}`] }),
+      { detached: true },
+    );
+    cleanups.push(() => runtime.remove(server, 1000));
+    await runtime.start(server);
+    const client = await runtime.create(validatePodSpec({ name: 'client', labels: ['app=client'], command: ['sleep', 'infinity'] }), { detached: true });
+    cleanups.push(() => runtime.remove(client, 1000));
+    await runtime.start(client);
+    await waitForListener(server.ip4, APP_HTTP, 10_000);
+    await waitForListener(server.ip4, IPERF_PORT, 10_000);
+
+    say('direct pod to pod');
+    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
+
+    say('sidecar peer: HAProxy + nft REDIRECT in both pods');
+    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
+      { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
+      { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007 },
+    ]);
+    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
+    await peer.stop();
+
+    say('nodemesh L4: agent, capture, outbound + inbound proxy');
+    const configDir = join(work, 'config');
+    await mkdir(configDir);
+    await writeFile(
+      join(configDir, 'service.yaml'),
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
+    );
+    const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
+    agent = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900'], { env, stdio: 'inherit' });
+    const running = agent;
+    cleanups.push(async () => {
+      running.kill('SIGTERM');
+      await new Promise((r) => running.once('exit', r));
+      await rm(pinRoot, { recursive: true, force: true });
+    });
+    const waitVerified = async (n: number): Promise<void> => {
+      for (let i = 0; i < 600; i++) {
+        const body = await fetch('http://127.0.0.1:15900/pods').then((r) => r.json() as Promise<{ pods: Array<{ verified: boolean }> }>).catch(() => ({ pods: [] }));
+        if (body.pods.length === n && body.pods.every((p) => p.verified)) return;
+        await sleep(200);
+      }
+      throw new Error(`agent did not verify ${n} pods`);
+    };
+    await waitVerified(2);
+    const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [running.pid ?? 0]);
+
+    say('agent RSS with more enrolled pods');
+    const rss: Record<string, number> = {};
+    let pods = 2;
+    for (const target of POD_COUNTS) {
+      while (pods < target) {
+        const p = await runtime.create(validatePodSpec({ name: `idle-${pods}`, command: ['sleep', 'infinity'] }), { detached: true });
+        cleanups.push(() => runtime.remove(p, 1000));
+        await runtime.start(p);
+        pods++;
+      }
+      await waitVerified(Math.max(pods, 2));
+      await sleep(1000);
+      rss[String(Math.max(target, pods))] = await rssMiB(running.pid ?? 0);
+    }
+
+    const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
+    const addedP90PerHop = (mesh.latency.p90 - direct.latency.p90) / 2;
+    Object.assign(results, { direct, sidecar, nodemesh: mesh, agentRssMiB: rss, ratios: {
+      throughputVsSidecar: ratio(mesh.throughputGbps, sidecar.throughputGbps),
+      keepAliveRpsVsSidecar: ratio(mesh.keepAliveRps, sidecar.keepAliveRps),
+      newConnRpsVsSidecar: ratio(mesh.newConnRps, sidecar.newConnRps),
+      throughputVsDirect: ratio(mesh.throughputGbps, direct.throughputGbps),
+      addedP90MsPerHop: Math.round(addedP90PerHop * 1000) / 1000,
+    } });
+
+    const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
+    const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft)', sidecar], ['nodemesh L4', mesh]];
+    const lines = [
+      '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
+      '|---|---|---|---|---|---|---|---|',
+      ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+      '',
+      `agent RSS (MiB) by enrolled pods: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.toFixed(1)}`).join(', ')}`,
+      `ratios: ${JSON.stringify(results['ratios'])}`,
+    ];
+    process.stdout.write(lines.join('\n') + '\n');
+    const outDir = join(PACKAGE_ROOT, 'bench', 'results');
+    await mkdir(outDir, { recursive: true });
+    await writeFile(join(outDir, 'latest.json'), JSON.stringify({ date: new Date().toISOString(), ...results }, null, 2) + '\n');
+    say(`wrote ${join(outDir, 'latest.json')}`);
+  } finally {
+    say('cleaning up');
+    for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await rm(work, { recursive: true, force: true });
+    await rm(config.stateDir, { recursive: true, force: true });
+  }
+}
+
+await main();

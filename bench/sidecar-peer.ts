@@ -1,0 +1,68 @@
+/**
+ * The sidecar-style peer: HAProxy (mode tcp, one thread, like a one-CPU sidecar) in each pod's
+ * netns, with nft REDIRECT on both sides, the way iptables-based sidecars capture:
+ *   client pod: output to the service address -> 127.0.0.1:15001/15002 -> server pod IP
+ *   server pod: prerouting to the app ports   -> :15006/15007       -> 127.0.0.1:app port
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+
+import { run } from '../src/runtime/exec.js';
+import type { LocalPodRuntime } from '../src/runtime/pods.js';
+import type { PodRecord } from '../src/runtime/store.js';
+
+export interface SidecarPeer {
+  readonly pids: () => number[];
+  stop(): Promise<void>;
+}
+
+interface Route {
+  readonly servicePort: number;
+  readonly appPort: number;
+  readonly outboundPort: number;
+  readonly inboundPort: number;
+}
+
+async function nft(netnsPath: string, script: string): Promise<void> {
+  const child = spawn('nsenter', [`--net=${netnsPath}`, 'nft', '-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
+  let err = '';
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  child.stdin.end(script);
+  const code = await new Promise<number | null>((resolve) => child.once('close', resolve));
+  if (code !== 0) throw new Error(`nft in ${netnsPath} failed: ${err}`);
+}
+
+function haproxyConfig(listens: Array<{ port: number; to: string }>): string {
+  const lines = ['global', '  nbthread 1', '  maxconn 4000', 'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
+  for (const l of listens) lines.push(`listen p${l.port}`, `  bind :${l.port}`, `  server s ${l.to}`);
+  return lines.join('\n') + '\n';
+}
+
+export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[]): Promise<SidecarPeer> {
+  const children: ChildProcess[] = [];
+  const start = async (pod: PodRecord, name: string, cfg: string): Promise<void> => {
+    const path = join(dir, `${name}.cfg`);
+    await writeFile(path, cfg);
+    const child = runtime.exec(pod, ['haproxy', '-db', '-f', path], { stdio: ['ignore', 'ignore', 'inherit'] });
+    children.push(child);
+  };
+  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}` }))));
+  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}` }))));
+  const out = routes.map((r) => `ip daddr ${serviceIp} tcp dport ${r.servicePort} redirect to :${r.outboundPort}`).join('\n    ');
+  const inb = routes.map((r) => `iifname "eth0" tcp dport ${r.servicePort} redirect to :${r.inboundPort}`).join('\n    ');
+  // An iptables/nft sidecar needs a route to the service address (REDIRECT runs after routing);
+  // local pods have none. If the redirect ever missed, the host's blackhole route drops it.
+  await run('nsenter', [`--net=${client.netnsPath}`, 'ip', 'route', 'add', `${serviceIp}/32`, 'dev', 'eth0']);
+  await nft(client.netnsPath, `table ip nmbench {\n  chain out {\n    type nat hook output priority -100;\n    ${out}\n  }\n}\n`);
+  await nft(server.netnsPath, `table ip nmbench {\n  chain pre {\n    type nat hook prerouting priority -100;\n    ${inb}\n  }\n}\n`);
+  await new Promise((r) => setTimeout(r, 300));
+  return {
+    pids: () => children.map((c) => c.pid ?? 0).filter(Boolean),
+    async stop() {
+      for (const c of children) c.kill('SIGTERM');
+      for (const pod of [client, server]) await run('nsenter', [`--net=${pod.netnsPath}`, 'nft', 'delete', 'table', 'ip', 'nmbench']).catch(() => undefined);
+      await run('nsenter', [`--net=${client.netnsPath}`, 'ip', 'route', 'del', `${serviceIp}/32`]).catch(() => undefined);
+    },
+  };
+}

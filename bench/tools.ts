@@ -1,0 +1,79 @@
+/** Load generators run inside the client pod (so capture applies), and their output parsed. */
+import type { ChildProcess } from 'node:child_process';
+
+import type { LocalPodRuntime } from '../src/runtime/pods.js';
+import type { PodRecord } from '../src/runtime/store.js';
+
+export interface Output {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+export async function execIn(runtime: LocalPodRuntime, pod: PodRecord, argv: string[]): Promise<Output> {
+  const child: ChildProcess = runtime.exec(pod, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout?.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  const code = await new Promise<number | null>((resolve) => child.once('close', resolve));
+  if (code !== 0) throw new Error(`${argv.join(' ')} failed (exit ${code}): ${stderr || stdout}`);
+  return { code, stdout, stderr };
+}
+
+const url = (host: string, port: number): string => `http://${host.includes(':') ? `[${host}]` : host}:${port}/`;
+
+/** Single-stream TCP throughput in Gbit/s (iperf3, receiver side). */
+export async function iperf(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<number> {
+  const out = await execIn(runtime, client, ['iperf3', '-c', host, '-p', String(port), '-t', String(seconds), '-J']);
+  const report = JSON.parse(out.stdout) as { error?: string; end?: { sum_received?: { bits_per_second: number } } };
+  const bps = report.end?.sum_received?.bits_per_second;
+  if (report.error || bps === undefined) throw new Error(`iperf3 to ${host}:${port}: ${report.error ?? 'no result'}`);
+  return bps / 1e9;
+}
+
+/** Requests per second with wrk; keepAlive false sends Connection: close (new connections/s). */
+export async function wrk(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number, keepAlive: boolean): Promise<{ rps: number; requests: number }> {
+  const argv = ['wrk', '-t1', '-c32', `-d${seconds}s`];
+  if (!keepAlive) argv.push('-H', 'Connection: close');
+  const out = await execIn(runtime, client, [...argv, url(host, port)]);
+  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out.stdout)?.[1]);
+  const requests = Number(/(\d+) requests in/.exec(out.stdout)?.[1]);
+  if (!Number.isFinite(rps)) throw new Error(`wrk printed no rate: ${out.stdout}`);
+  // Failed requests would inflate the rate: a path that errors must not look fast.
+  const errors = /Non-2xx or 3xx responses: (\d+)|Socket errors: .*/.exec(out.stdout);
+  if (errors) throw new Error(`wrk saw errors against ${host}:${port}: ${errors[0]}`);
+  return { rps, requests };
+}
+
+export interface Latency {
+  readonly p50: number;
+  readonly p90: number;
+  readonly p99: number;
+  readonly rps: number;
+}
+
+/** Latency percentiles in ms at a fixed 1000 requests/s (hey: 10 workers x 100/s). */
+export async function heyFixedRate(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<Latency> {
+  const out = await execIn(runtime, client, ['hey', '-z', `${seconds}s`, '-c', '10', '-q', '100', '-disable-keepalive=false', url(host, port)]);
+  const pct = (p: number): number => Number(new RegExp(`${p}%+ in ([\\d.]+) secs`).exec(out.stdout)?.[1]) * 1000;
+  return { p50: pct(50), p90: pct(90), p99: pct(99), rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out.stdout)?.[1]) };
+}
+
+/** User+system CPU seconds of processes, from /proc/PID/stat (clock ticks of 100 Hz). */
+export async function cpuSeconds(pids: ReadonlyArray<number>): Promise<number> {
+  const { readFile } = await import('node:fs/promises');
+  let ticks = 0;
+  for (const pid of pids) {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    ticks += Number(fields[11] ?? 0) + Number(fields[12] ?? 0);
+  }
+  return ticks / 100;
+}
+
+export async function rssMiB(pid: number): Promise<number> {
+  const { readFile } = await import('node:fs/promises');
+  const status = await readFile(`/proc/${pid}/status`, 'utf8');
+  return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1]) / 1024;
+}
