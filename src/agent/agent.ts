@@ -237,7 +237,7 @@ export class NodeAgent {
     for (const pod of wanted.values()) {
       const e = this.enrolled.get(pod.uid);
       if (!e) await this.enroll(pod, pinned.has(pod.uid));
-      else if (!e.verified) await this.verify(e);
+      else if (!e.verified && Date.now() >= (this.failed.get(pod.uid)?.retryAt ?? 0)) await this.verify(e);
     }
     for (const uid of [...this.failed.keys()]) if (!wanted.has(uid) && !problems.some((p) => p.uid === uid)) this.failed.delete(uid);
     this.reconciled = true;
@@ -301,7 +301,10 @@ export class NodeAgent {
     if (!this.enrolled.has(pod.uid)) return;
     entry.verified = ok;
     this.metrics.podVerified.set({ namespace: pod.namespace, pod: pod.name }, ok ? 1 : 0);
-    if (ok) log.info({ pod: pod.name, namespace: pod.namespace }, 'pod redirection verified');
+    if (ok) {
+      this.failed.delete(pod.uid);
+      log.info({ pod: pod.name, namespace: pod.namespace }, 'pod redirection verified');
+    }
     else this.noteFailure(pod, 'probe_failed', `capture probe did not reach the proxy (connect result ${String(result)})`);
   }
 

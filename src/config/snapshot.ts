@@ -45,6 +45,8 @@ const vipKey = (address: string, port: number): string => `${address}|${port}`;
 export class MeshSnapshot {
   private readonly byVip = new Map<string, ServiceTarget>();
   private readonly byIp = new Map<string, Workload>();
+  /** uid|targetPort -> the Service port that selects that workload there (inbound labels). */
+  private readonly byEndpoint = new Map<string, ServiceTarget>();
 
   constructor(
     readonly version: number,
@@ -66,6 +68,10 @@ export class MeshSnapshot {
           key: `${service.namespace}/${service.name}:${port.port}`,
         };
         for (const ip of service.clusterIPs) this.byVip.set(vipKey(ip, port.port), target);
+        for (const e of target.endpoints) {
+          const k = `${e.workload.uid}|${e.port}`;
+          if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
+        }
       }
     }
     Object.freeze(this);
@@ -81,6 +87,11 @@ export class MeshSnapshot {
 
   workload(ip: string): Workload | undefined {
     return this.byIp.get(ip.replace(/^::ffff:/, ''));
+  }
+
+  /** The Service an inbound connection to this workload and port belongs to (the first, if several). */
+  serviceOf(workloadUid: string, port: number): ServiceTarget | undefined {
+    return this.byEndpoint.get(`${workloadUid}|${port}`);
   }
 
   targets(): ServiceTarget[] {

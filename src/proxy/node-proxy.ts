@@ -198,8 +198,7 @@ export class NodeProxy {
     const host = (client.localAddress ?? '').replace(/^::ffff:/, '');
     const port = client.localPort ?? 0;
     const source = this.snapshot.workload(client.remoteAddress ?? '');
-    const services = this.snapshot.targets().filter((t) => t.port.targetPort === port && t.endpoints.some((e) => e.workload.uid === state.pod.uid));
-    const service = services[0]?.service;
+    const service = this.snapshot.serviceOf(state.pod.uid, port)?.service;
     const src = workloadLabels(source);
     const labels: TcpLabels = {
       reporter: 'destination',

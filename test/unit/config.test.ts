@@ -68,6 +68,8 @@ test('snapshot: endpoints from labels in the same namespace, by virtual address 
   assert.equal(snap.service({ family: 6, address: 'fd00::1', port: 80 }), t4);
   assert.equal(snap.service({ family: 4, address: '10.96.0.1', port: 81 }), undefined);
   assert.equal(snap.workload('::ffff:10.0.0.3')?.name, 'db');
+  assert.equal(snap.serviceOf('uid-web-2', 8080), t4);
+  assert.equal(snap.serviceOf('uid-db', 8080), undefined);
   assert.ok(Object.isFrozen(snap));
 });
 
