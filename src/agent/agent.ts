@@ -311,10 +311,11 @@ export class NodeAgent {
   private async unenroll(uid: string): Promise<void> {
     const e = this.enrolled.get(uid);
     if (!e) return;
-    this.enrolled.delete(uid);
     await this.proxy.removePod(uid);
     // The pod may still run (opted out): give its netns back as it was.
     await this.datapath.detachPod(uid, existsSync(e.pod.netnsPath) ? e.pod.netnsPath : undefined);
+    // Reported as enrolled until its state is gone, so `status` never shows a half-removed pod as gone.
+    this.enrolled.delete(uid);
     this.metrics.podVerified.remove({ namespace: e.pod.namespace, pod: e.pod.name });
     log.info({ pod: e.pod.name, namespace: e.pod.namespace, uid }, 'pod unenrolled');
   }
