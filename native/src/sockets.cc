@@ -1,8 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-// Sockets inside another network namespace. setns() changes the namespace of the calling
-// thread only, and a libuv pool thread must never be left in a pod's namespace, so each call
-// runs on a dedicated short-lived thread that enters the namespace, makes the socket, and
-// returns to its original namespace before it ends. The socket keeps the namespace it was made in.
+// Sockets inside another network namespace. setns() changes the namespace of the calling thread
+// only, and a libuv pool thread must never be left in a pod's namespace: sockets are made by the
+// pod's own long-lived thread (netns_sockets.cc) and keep the namespace they were made in.
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -14,12 +13,12 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <thread>
 
 #include <bpf/bpf.h>
 
 #include "common.h"
 #include "nodemesh_abi.h"
+#include "netns_sockets.h"
 
 #ifndef SO_NETNS_COOKIE
 #define SO_NETNS_COOKIE 71
@@ -53,40 +52,6 @@ SockAddr ParseAddr(const std::string& host, uint16_t port) {
     ThrowSys(EINVAL, "inet_pton", host);
   }
   return a;
-}
-
-// Runs fn on a fresh thread inside the network namespace at nsPath.
-template <typename F>
-void InNetns(const std::string& nsPath, F&& fn) {
-  SysError error;
-  bool failed = false;
-  std::thread worker([&]() {
-    int target = open(nsPath.c_str(), O_RDONLY | O_CLOEXEC);
-    if (target < 0) {
-      error = {errno, "open", nsPath, ""};
-      failed = true;
-      return;
-    }
-    int self = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    if (self < 0 || setns(target, CLONE_NEWNET) != 0) {
-      error = {errno, self < 0 ? "open" : "setns", self < 0 ? "/proc/thread-self/ns/net" : nsPath, ""};
-      failed = true;
-      if (self >= 0) close(self);
-      close(target);
-      return;
-    }
-    try {
-      fn();
-    } catch (const SysError& e) {
-      error = e;
-      failed = true;
-    }
-    setns(self, CLONE_NEWNET);
-    close(self);
-    close(target);
-  });
-  worker.join();
-  if (failed) throw error;
 }
 
 void SetIntOpt(int fd, int level, int name, int value, const char* what, const std::string& where) {
@@ -125,20 +90,15 @@ struct ListenOptions {
 };
 
 int ListenIn(const ListenOptions& o) {
-  int out = -1;
-  InNetns(o.netns, [&]() {
-    SockAddr a = ParseAddr(o.host, o.port);
-    std::string where = Where(o.netns, o.host, o.port);
-    int fd = socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) ThrowSys(errno, "socket", where);
-    SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR", where);
-    if (a.family == AF_INET6) SetIntOpt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY", where);
-    if (o.transparent) SetTransparent(fd, a.family, where);
-    if (bind(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) CloseAndThrow(fd, "bind", where);
-    if (listen(fd, o.backlog) != 0) CloseAndThrow(fd, "listen", where);
-    out = fd;
-  });
-  return out;
+  SockAddr a = ParseAddr(o.host, o.port);
+  std::string where = Where(o.netns, o.host, o.port);
+  int fd = NetnsSocket(o.netns, a.family);
+  SetIntOpt(fd, SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR", where);
+  if (a.family == AF_INET6) SetIntOpt(fd, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY", where);
+  if (o.transparent) SetTransparent(fd, a.family, where);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) CloseAndThrow(fd, "bind", where);
+  if (listen(fd, o.backlog) != 0) CloseAndThrow(fd, "listen", where);
+  return fd;
 }
 
 struct ConnectOptions {
@@ -176,13 +136,14 @@ nm_bypass_key BypassKey(int fd, const SockAddr& dst) {
   return key;
 }
 
+// Runs on a libuv pool thread: only socket() needs the pod's netns (NetnsSocket); bind, connect
+// and the wait for the handshake use the socket's own namespace.
 int ConnectIn(const ConnectOptions& o) {
   int out = -1;
-  InNetns(o.netns, [&]() {
+  {
     SockAddr a = ParseAddr(o.host, o.port);
     std::string where = Where(o.netns, o.host, o.port);
-    int fd = socket(a.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) ThrowSys(errno, "socket", where);
+    int fd = NetnsSocket(o.netns, a.family);
     if (o.mark) SetIntOpt(fd, SOL_SOCKET, SO_MARK, static_cast<int>(o.mark), "SO_MARK", where);
     if (!o.localHost.empty()) {
       if (o.transparent) SetTransparent(fd, a.family, where);
@@ -226,7 +187,7 @@ int ConnectIn(const ConnectOptions& o) {
       }
     }
     out = fd;
-  });
+  }
   return out;
 }
 
@@ -329,6 +290,11 @@ Napi::Value ProbeConnectJs(const Napi::CallbackInfo& info) {
       [result](Napi::Env env) { return Napi::Number::New(env, *result); });
 }
 
+// releaseNetns(path): ends the socket thread of a pod's netns (call when the pod leaves).
+Napi::Value ReleaseNetnsJs(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), ReleaseNetns(info[0].As<Napi::String>()));
+}
+
 Napi::Value CookieOpt(const Napi::CallbackInfo& info, int opt, const char* name) {
   int fd = info[0].As<Napi::Number>().Int32Value();
   uint64_t cookie = 0;
@@ -349,6 +315,7 @@ Napi::Object InitSockets(Napi::Env env, Napi::Object exports) {
   exports.Set("listenInNetns", Napi::Function::New(env, ListenInNetns, "listenInNetns"));
   exports.Set("connectInNetns", Napi::Function::New(env, ConnectInNetns, "connectInNetns"));
   exports.Set("probeConnect", Napi::Function::New(env, ProbeConnectJs, "probeConnect"));
+  exports.Set("releaseNetns", Napi::Function::New(env, ReleaseNetnsJs, "releaseNetns"));
   exports.Set("socketCookie", Napi::Function::New(env, SocketCookie, "socketCookie"));
   exports.Set("netnsCookie", Napi::Function::New(env, NetnsCookie, "netnsCookie"));
   return exports;

@@ -9,7 +9,7 @@
 import { createServer, Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
-import { closeFd, connectInNetns, listenInNetns, netnsCookie } from '../agent/datapath/native.js';
+import { closeFd, connectInNetns, listenInNetns, netnsCookie, releaseNetns } from '../agent/datapath/native.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
 import { LoadBalancer, type LoadBalancing } from './pool/load-balancer.js';
@@ -110,6 +110,7 @@ export class NodeProxy {
     }
     for (const s of state.sockets) s.destroy();
     await Promise.all(state.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    releaseNetns(state.pod.netnsPath);
   }
 
   async close(): Promise<void> {
@@ -255,6 +256,12 @@ export class NodeProxy {
       : { mark: NM_PROXY_MARK };
     connectInNetns({ netns: state.pod.netnsPath, host, port, timeoutMs: this.options.connectTimeoutMs, ...connect }).then(
       async (fd) => {
+        // The client went away (or the pod left the mesh) while we were connecting.
+        if (client.destroyed || !this.pods.has(state.pod.uid)) {
+          closeFd(fd);
+          done();
+          return;
+        }
         const upstream = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
         state.sockets.add(upstream);
         upstream.once('close', () => state.sockets.delete(upstream));

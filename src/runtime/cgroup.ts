@@ -50,6 +50,17 @@ async function waitEmpty(path: string, timeoutMs: number): Promise<boolean> {
   }
 }
 
+/** Waits until pid is in the cgroup; false if the process exits first or the time runs out. */
+export async function waitForCgroupMember(path: string, pid: number, child: { exitCode: number | null; signalCode: string | null }, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if ((await cgroupPids(path)).includes(pid)) return true;
+    if (child.exitCode !== null || child.signalCode !== null) return false;
+    await sleep(5);
+  }
+  return false;
+}
+
 function signalAll(pids: ReadonlyArray<number>, signal: NodeJS.Signals): void {
   for (const pid of pids) {
     try {
@@ -78,6 +89,23 @@ export async function stopCgroupProcesses(path: string, graceMs: number): Promis
   }
 }
 
+/**
+ * rmdir, retried for a moment on EBUSY: a cgroup counts as populated until its last exited
+ * process has been reaped, which can lag the process leaving cgroup.procs.
+ */
+async function rmdirWhenEmpty(dir: string, retry: boolean): Promise<void> {
+  const deadline = Date.now() + (retry ? 2_000 : 0);
+  for (;;) {
+    try {
+      await rmdir(dir);
+      return;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EBUSY' || Date.now() >= deadline) throw e;
+      await sleep(20);
+    }
+  }
+}
+
 /** Removes a cgroup directory and, if they are then empty, its parents up to `stopAt` (exclusive). */
 export async function removeCgroup(path: string, stopAt: string): Promise<void> {
   let dir = path;
@@ -85,10 +113,11 @@ export async function removeCgroup(path: string, stopAt: string): Promise<void> 
     try {
       const children = (await readdir(dir, { withFileTypes: true })).filter((d) => d.isDirectory());
       if (children.length > 0) return;
-      await rmdir(dir);
+      await rmdirWhenEmpty(dir, dir === path);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'EBUSY' || code === 'ENOTEMPTY') return;
+      // A parent another pod (or agent) still uses stays; the pod's own cgroup must go.
+      if (dir !== path && (code === 'EBUSY' || code === 'ENOTEMPTY')) return;
       if (code !== 'ENOENT') throw e;
     }
     dir = dir.slice(0, dir.lastIndexOf('/'));

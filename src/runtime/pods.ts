@@ -12,7 +12,7 @@ import { join } from 'node:path';
 
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses } from './cgroup.js';
+import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, waitForCgroupMember } from './cgroup.js';
 import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
 import { bestEffort, CommandFailed, ip, resolveExecutable } from './exec.js';
 import type { PodSpec } from './pod-spec.js';
@@ -184,6 +184,15 @@ export class LocalPodRuntime {
         cause: e,
       });
     });
+    // The shell joins the cgroup before it execs the command; until it has, the pod is not up
+    // (and `pod rm` could not find its process to stop it).
+    const joined = await waitForCgroupMember(record.cgroupPath, pid, child, 5_000);
+    if (!joined) {
+      await this.remove(record, 500);
+      throw new NodemeshError('NM_ERR_POD_COMMAND', `pod ${record.namespace}/${record.name}: the command exited before it joined the pod's cgroup`, {
+        context: { pod: record.name, namespace: record.namespace, path: record.cgroupPath },
+      });
+    }
     const running: PodRecord = { ...record, pid, phase: 'running' };
     await this.store.write(running);
     log.info({ pod: record.name, namespace: record.namespace, pid }, 'pod started');

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 
 import { NM_ROLE_INBOUND, encodeAddr, encodeListenerKey, encodeOrigKey } from '../../src/agent/datapath/abi.js';
 import { OutboundCapture } from '../../src/agent/datapath/capture.js';
-import { BpfLink, BpfMap, BpfObject, listenInNetns, netnsCookie, socketCookie } from '../../src/agent/datapath/native.js';
+import { BpfLink, BpfMap, BpfObject, closeFd, listenInNetns, netnsCookie, releaseNetns, socketCookie } from '../../src/agent/datapath/native.js';
 import { BPF_OBJECT_DIR } from '../../src/shared/paths.js';
 import { isNodemeshError } from '../../src/shared/errors.js';
 import { createSandbox, waitFor } from '../support/sandbox.js';
@@ -95,6 +95,7 @@ test('sk_lookup on a pod netns steers inbound connections to the in-pod listener
   const listeners = object.map('nm_pod_listeners');
 
   const fd = await listenInNetns({ netns: server.netnsPath, host: '0.0.0.0', port: 15006 });
+  sb.defer(() => releaseNetns(server.netnsPath));
   assert.notEqual(netnsCookie(fd), 0n);
   assert.notEqual(socketCookie(fd), 0n);
   const fdValue = Buffer.alloc(8);
@@ -124,4 +125,27 @@ test('sk_lookup on a pod netns steers inbound connections to the in-pod listener
   const after = await sb.dialFrom(client, server.ip4, 9999, { bytes: 0 });
   assert.equal(after.error, 'ECONNREFUSED');
   assert.equal(accepted.length, 1);
+});
+
+test('in-pod sockets follow a netns path to a new pod that reuses it', async (t) => {
+  const sb = await createSandbox(t);
+  const client = await sb.idlePod('reuse-client');
+  const first = await sb.idlePod('reuse');
+  const fd1 = await listenInNetns({ netns: first.netnsPath, host: '0.0.0.0', port: 7000 });
+  closeFd(fd1);
+  await sb.runtime.remove(first, 200);
+  // Same name, same netns path, a new namespace: the socket must be made in the new one.
+  const second = await sb.idlePod('reuse');
+  sb.defer(() => releaseNetns(second.netnsPath));
+  const fd2 = await listenInNetns({ netns: second.netnsPath, host: '0.0.0.0', port: 7000 });
+  const accepted: string[] = [];
+  const server = createServer((s: Socket) => {
+    accepted.push(s.remoteAddress ?? '');
+    s.end();
+  });
+  await new Promise<void>((resolve) => server.listen({ fd: fd2 }, resolve));
+  sb.defer(() => new Promise((resolve) => server.close(resolve)));
+  const r = await sb.dialFrom(client, second.ip4, 7000, { bytes: 0 });
+  assert.equal(r.error, undefined, JSON.stringify(r));
+  assert.deepEqual(accepted, [client.ip4]);
 });

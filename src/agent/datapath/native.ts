@@ -111,6 +111,7 @@ interface RawAddon {
   listenInNetns(options: ListenOptions): Promise<number>;
   connectInNetns(options: ConnectOptions): Promise<number>;
   probeConnect(options: ProbeOptions): Promise<number>;
+  releaseNetns(netnsPath: string): boolean;
   socketCookie(fd: number): bigint;
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
@@ -307,6 +308,14 @@ export function listenInNetns(options: ListenOptions): Promise<number> {
 /** A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }). */
 export function connectInNetns(options: ConnectOptions): Promise<number> {
   return callAsync(`connect in ${options.netns}`, () => native().connectInNetns(options));
+}
+
+/**
+ * Ends the addon's socket thread for a pod's netns. Call it when the proxy is done with the pod:
+ * a thread inside a network namespace keeps that namespace (and its veth) alive.
+ */
+export function releaseNetns(netnsPath: string): boolean {
+  return native().releaseNetns(netnsPath);
 }
 
 /**

@@ -9,7 +9,7 @@ import { performance } from 'node:perf_hooks';
 
 import { NM_PORT_OUTBOUND, NM_PROXY_MARK, type Family, type SocketAddress } from '../../agent/datapath/abi.js';
 import type { OutboundCapture } from '../../agent/datapath/capture.js';
-import { closeFd, connectInNetns, listenInNetns, netnsCookie } from '../../agent/datapath/native.js';
+import { closeFd, connectInNetns, listenInNetns, netnsCookie, releaseNetns } from '../../agent/datapath/native.js';
 import { logger } from '../../shared/log.js';
 
 const log = logger('proxy.outbound');
@@ -141,5 +141,6 @@ export class CaptureRelay {
     for (const s of this.sockets) s.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     this.servers.length = 0;
+    releaseNetns(this.options.pod.netnsPath);
   }
 }
