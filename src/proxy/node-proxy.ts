@@ -6,14 +6,15 @@
  * never captured again), relay. Inbound: deliver to the application at the address the client
  * dialed, from inside the pod (self-addressed, so sk_lookup lets it through).
  */
-import { createServer, Socket, type Server } from 'node:net';
+import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
-import { closeFd, connectInNetns, listenInNetns, netnsCookie, releaseNetns } from '../agent/datapath/native.js';
+import { closeFd, connectInNetns, releaseNetns } from '../agent/datapath/native.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
 import { LoadBalancer, type LoadBalancing } from './pool/load-balancer.js';
 import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
+import { listenInPod } from './pod-listener.js';
 import { relay } from './relay.js';
 
 const log = logger('proxy');
@@ -42,8 +43,6 @@ export interface ProxyOptions {
   readonly probe: SocketAddress;
   readonly onProbe: (uid: string) => void;
 }
-
-const HIGH_WATER_MARK = 1 << 20;
 
 interface PodState {
   readonly pod: ProxyPod;
@@ -118,26 +117,14 @@ export class NodeProxy {
   }
 
   private async serve(state: PodState, host: string, port: number, onConnection: (s: Socket, cookie: bigint) => void): Promise<number> {
-    const fd = await listenInNetns({ netns: state.pod.netnsPath, host, port });
-    let cookie: bigint;
-    try {
-      cookie = netnsCookie(fd);
-    } catch (e) {
-      closeFd(fd);
-      throw e;
-    }
-    const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK, pauseOnConnect: true }, (s) => {
+    const listener = await listenInPod(state.pod.netnsPath, host, port, (s, cookie) => {
       state.sockets.add(s);
       s.once('close', () => state.sockets.delete(s));
       s.on('error', () => undefined);
       onConnection(s, cookie);
     });
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ fd }, () => resolve());
-    });
-    state.servers.push(server);
-    return fd;
+    state.servers.push(listener.server);
+    return listener.fd;
   }
 
   private refuse(state: PodState, client: Socket, direction: 'outbound' | 'inbound', reason: RefuseReason, detail: Record<string, unknown>): void {

@@ -50,19 +50,37 @@ export class PodStore {
     return join(this.podsDir, `${podKey(namespace, name)}.log`);
   }
 
+  /** Every record; a corrupt one throws (NM_ERR_STATE). Use scan() to skip and report instead. */
   async list(): Promise<PodRecord[]> {
+    const { records, errors } = await this.scan();
+    if (errors[0]) throw errors[0];
+    return records;
+  }
+
+  /**
+   * Every readable record, and an error for each record that cannot be read. A record removed
+   * while we read the folder is simply gone, not an error.
+   */
+  async scan(): Promise<{ records: PodRecord[]; errors: NodemeshError[] }> {
     let files: string[];
     try {
       files = await readdir(this.podsDir);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { records: [], errors: [] };
       throw e;
     }
     const records: PodRecord[] = [];
+    const errors: NodemeshError[] = [];
     for (const f of files.filter((f) => f.endsWith('.json')).sort()) {
-      records.push(await this.read(join(this.podsDir, f)));
+      try {
+        records.push(await this.read(join(this.podsDir, f)));
+      } catch (e) {
+        if (e instanceof NodemeshError && (e.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') continue;
+        if (e instanceof NodemeshError) errors.push(e);
+        else throw e;
+      }
     }
-    return records;
+    return { records, errors };
   }
 
   async get(namespace: string, name: string): Promise<PodRecord | null> {

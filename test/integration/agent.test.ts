@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
@@ -107,6 +107,10 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   const record = { ...ghost, uid: 'ghost-uid', name: 'ghost-2', netnsPath: '/run/netns/nmt_does_not_exist' };
   await writeFile(join(sb.config.stateDir, 'pods', 'default_ghost-2.json'), JSON.stringify(record));
   sb.defer(() => sb.runtime.store.remove(record));
+  // And a record that is not JSON at all.
+  const corrupt = join(sb.config.stateDir, 'pods', 'default_corrupt.json');
+  await writeFile(corrupt, '{not json');
+  sb.defer(() => rm(corrupt, { force: true }));
 
   const agent = await startAgent(sb, {
     'a-good.yaml': serviceYaml('backend', [SVC_V4], { tier: 'backend' }),
@@ -122,7 +126,9 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   assert.match(log, /"file":"[^"]*c-noports\.yaml","object":"Service default\/noports","field":"spec\.ports".*spec\.ports must list at least one port/);
   assert.match(log, /"object":"Service default\/typo","field":"spec\.selectr".*unknown field/);
   assert.match(log, /"pod":"ghost-2".*"reason":"netns_missing".*network namespace \/run\/netns\/nmt_does_not_exist does not exist/);
+  assert.match(log, /"pod":"corrupt".*"reason":"invalid_record".*pod record [^ ]*default_corrupt\.json cannot be read/);
   const metrics = await agent.metrics();
+  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'invalid_record' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects'), 3);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects', { kind: 'yaml' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'netns_missing' }), 1);

@@ -120,7 +120,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
           errors.push(e);
         }
       }
-      for (const pod of await runtime.store.list().catch(() => [])) {
+      for (const pod of (await runtime.store.scan().catch(() => ({ records: [] }))).records) {
         await runtime.remove(pod, 500).catch((e: unknown) => errors.push(e));
       }
       await rm(bpffsDir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));

@@ -41,7 +41,13 @@ export class LocalRuntimePodSource implements PodSource {
   async list(): Promise<PodListing> {
     const pods: NodePod[] = [];
     const problems: PodProblem[] = [];
-    for (const r of await this.store.list()) {
+    const { records, errors } = await this.store.scan();
+    for (const e of errors) {
+      const file = e.context.path ?? '';
+      const key = file.split('/').pop()?.replace(/\.json$/, '') ?? file;
+      problems.push({ uid: `record:${file}`, namespace: key.split('_')[0] ?? '', name: key.split('_').slice(1).join('_'), reason: 'invalid_record', message: e.message });
+    }
+    for (const r of records) {
       if (r.phase !== 'running') continue;
       const id = { uid: r.uid, namespace: r.namespace, name: r.name };
       if (!r.ip4 || !r.ip6 || !r.netnsPath || !r.cgroupPath) {

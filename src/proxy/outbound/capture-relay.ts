@@ -4,12 +4,14 @@
  * it, connect from inside the pod's netns (marked, from the agent's cgroup, so never captured
  * again) and relay both ways with half-close and backpressure.
  */
-import { createServer, Socket, type Server } from 'node:net';
+import { Socket, type Server } from 'node:net';
 import { performance } from 'node:perf_hooks';
 
 import { NM_PORT_OUTBOUND, NM_PROXY_MARK, type Family, type SocketAddress } from '../../agent/datapath/abi.js';
 import type { OutboundCapture } from '../../agent/datapath/capture.js';
-import { closeFd, connectInNetns, listenInNetns, netnsCookie, releaseNetns } from '../../agent/datapath/native.js';
+import { connectInNetns, releaseNetns } from '../../agent/datapath/native.js';
+import { listenInPod } from '../pod-listener.js';
+import { relay } from '../relay.js';
 import { logger } from '../../shared/log.js';
 
 const log = logger('proxy.outbound');
@@ -38,10 +40,9 @@ export interface CaptureRelayOptions {
   readonly pod: PodEndpoint;
   readonly route: Router;
   readonly connectTimeoutMs?: number;
+  readonly idleTimeoutMs?: number;
   readonly onConnection?: (c: RelayedConnection) => void;
 }
-
-const HIGH_WATER_MARK = 1 << 20;
 
 export class CaptureRelay {
   private readonly servers: Server[] = [];
@@ -52,22 +53,8 @@ export class CaptureRelay {
   /** Opens 127.0.0.1:15001 and [::1]:15001 inside the pod and starts serving them. */
   async start(): Promise<void> {
     for (const host of ['127.0.0.1', '::1']) {
-      const fd = await listenInNetns({ netns: this.options.pod.netnsPath, host, port: NM_PORT_OUTBOUND });
-      let cookie: bigint;
-      try {
-        cookie = netnsCookie(fd);
-      } catch (e) {
-        closeFd(fd);
-        throw e;
-      }
-      const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK }, (socket) =>
-        this.accept(socket, cookie),
-      );
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen({ fd }, () => resolve());
-      });
-      this.servers.push(server);
+      const listener = await listenInPod(this.options.pod.netnsPath, host, NM_PORT_OUTBOUND, (socket, cookie) => this.accept(socket, cookie));
+      this.servers.push(listener.server);
     }
   }
 
@@ -93,7 +80,6 @@ export class CaptureRelay {
       finish({ original, upstream, bytesFromClient: 0, bytesToClient: 0, error: 'no route for original destination' });
       return;
     }
-    client.pause();
     connectInNetns({
       netns: this.options.pod.netnsPath,
       host: upstream.host,
@@ -101,40 +87,18 @@ export class CaptureRelay {
       mark: NM_PROXY_MARK,
       timeoutMs: this.options.connectTimeoutMs ?? 5_000,
     }).then(
-      (fd) => this.relay(client, new Socket({ fd, readable: true, writable: true, allowHalfOpen: true }), original, upstream, finish),
+      async (fd) => {
+        const server = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
+        this.sockets.add(server);
+        server.once('close', () => this.sockets.delete(server));
+        const result = await relay(client, server, this.options.idleTimeoutMs ?? 3_600_000);
+        finish({ original, upstream, ...result });
+      },
       (e: unknown) => {
         client.destroy();
         finish({ original, upstream, bytesFromClient: 0, bytesToClient: 0, error: (e as Error).message });
       },
     );
-  }
-
-  private relay(
-    client: Socket,
-    server: Socket,
-    original: SocketAddress,
-    upstream: { host: string; port: number },
-    finish: (c: Omit<RelayedConnection, 'durationMs'>) => void,
-  ): void {
-    this.sockets.add(server);
-    let error: string | undefined;
-    let closed = 0;
-    const onClose = (): void => {
-      if (++closed < 2) return;
-      this.sockets.delete(server);
-      finish({ original, upstream, bytesFromClient: client.bytesRead, bytesToClient: client.bytesWritten, ...(error ? { error } : {}) });
-    };
-    const onError = (e: Error): void => {
-      error ??= e.message;
-      client.destroy();
-      server.destroy();
-    };
-    client.on('error', onError).once('close', onClose);
-    server.on('error', onError).once('close', onClose);
-    // pipe() keeps backpressure; end() on EOF forwards the half-close.
-    client.pipe(server);
-    server.pipe(client);
-    client.resume();
   }
 
   async close(): Promise<void> {
