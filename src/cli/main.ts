@@ -77,7 +77,12 @@ pod
     }
     const forward = (signal: NodeJS.Signals): void => void child.kill(signal);
     for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(s, forward);
-    const code = await new Promise<number>((resolve) => child.once('exit', (c, sig) => resolve(c ?? (sig ? 128 + signalNumber(sig) : 1))));
+    const exitStatus = (c: number | null, sig: NodeJS.Signals | null): number => c ?? (sig ? 128 + signalNumber(sig) : 1);
+    // A short command may have ended already while the pod was being started.
+    const code =
+      child.exitCode !== null || child.signalCode !== null
+        ? exitStatus(child.exitCode, child.signalCode)
+        : await new Promise<number>((resolve) => child.once('exit', (c, sig) => resolve(exitStatus(c, sig))));
     const still = await runtime.store.get(running.namespace, running.name);
     if (still && still.uid === running.uid) await runtime.remove(running, 2000);
     process.exitCode = code;

@@ -50,12 +50,15 @@ async function waitEmpty(path: string, timeoutMs: number): Promise<boolean> {
   }
 }
 
-/** Waits until pid is in the cgroup; false if the process exits first or the time runs out. */
+/**
+ * Waits until pid is in the cgroup, or has already exited (a short command may join and end
+ * between two looks). False only if neither happens in time.
+ */
 export async function waitForCgroupMember(path: string, pid: number, child: { exitCode: number | null; signalCode: string | null }, timeoutMs: number): Promise<boolean> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
+    if (child.exitCode !== null || child.signalCode !== null) return true;
     if ((await cgroupPids(path)).includes(pid)) return true;
-    if (child.exitCode !== null || child.signalCode !== null) return false;
     await sleep(5);
   }
   return false;

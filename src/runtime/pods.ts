@@ -184,12 +184,12 @@ export class LocalPodRuntime {
         cause: e,
       });
     });
-    // The shell joins the cgroup before it execs the command; until it has, the pod is not up
-    // (and `pod rm` could not find its process to stop it).
-    const joined = await waitForCgroupMember(record.cgroupPath, pid, child, 5_000);
-    if (!joined) {
+    // The shell joins the cgroup before it execs the command; until it has (or has already
+    // exited), `pod rm` could not find its process to stop it.
+    if (!(await waitForCgroupMember(record.cgroupPath, pid, child, 5_000))) {
+      child.kill('SIGKILL');
       await this.remove(record, 500);
-      throw new NodemeshError('NM_ERR_POD_COMMAND', `pod ${record.namespace}/${record.name}: the command exited before it joined the pod's cgroup`, {
+      throw new NodemeshError('NM_ERR_POD_COMMAND', `pod ${record.namespace}/${record.name}: the command did not join the pod's cgroup within 5 s`, {
         context: { pod: record.name, namespace: record.namespace, path: record.cgroupPath },
       });
     }
