@@ -171,15 +171,21 @@ export class NodeProxy {
       this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
       return;
     }
-    const labels: TcpLabels = {
-      reporter: 'source',
-      ...this.sourceLabels(state.pod),
-      destination_service: target ? `${target.service.name}.${target.service.namespace}.svc.cluster.local` : formatHostPort(original.address, original.port),
-      destination_service_namespace: target?.service.namespace ?? 'unknown',
-      destination_service_name: target?.service.name ?? 'unknown',
-      ...this.destinationLabels(destination),
-    };
-    this.connectAndRelay(state, client, 'outbound', host, port, labels, release);
+    const service = target
+      ? { destination_service: `${target.service.name}.${target.service.namespace}.svc.cluster.local`, destination_service_namespace: target.service.namespace, destination_service_name: target.service.name }
+      : { destination_service: formatHostPort(original.address, original.port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
+    const labels: TcpLabels = { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(destination) };
+    // Same-node fast path: the destination pod is served by this proxy too, so deliver straight
+    // into it (as its inbound side would, with the client's address) and skip the second hop.
+    // Both sides' metrics are still reported, as the two proxies of two nodes would.
+    const local = destination ? this.pods.get(destination.uid) : undefined;
+    if (local) {
+      const source = original.family === 6 ? state.pod.ip6 : state.pod.ip4;
+      const inboundLabels: TcpLabels = { ...labels, reporter: 'destination' };
+      this.connectAndRelay(state, client, 'same_node', { netnsPath: local.pod.netnsPath, host, port, transparentSource: source }, [labels, inboundLabels], release);
+      return;
+    }
+    this.connectAndRelay(state, client, 'outbound', { netnsPath: state.pod.netnsPath, host, port }, [labels], release);
   }
 
   private inbound(state: PodState, client: Socket): void {
@@ -201,7 +207,7 @@ export class NodeProxy {
     // Delivered from a transparent socket with the client's address, so the application sees
     // who called (see agent/datapath/pod-routing.ts for how the replies come back).
     const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
-    this.connectAndRelay(state, client, 'inbound', host, port, labels, [], from);
+    this.connectAndRelay(state, client, 'inbound', { netnsPath: state.pod.netnsPath, host, port, transparentSource: from }, [labels], []);
   }
 
   private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
@@ -223,16 +229,19 @@ export class NodeProxy {
     };
   }
 
+  /**
+   * Connects to the upstream from inside a pod's netns and relays. With transparentSource the
+   * socket carries the client's address (inbound delivery); otherwise the proxy's mark.
+   */
   private connectAndRelay(
     state: PodState,
     client: Socket,
-    direction: 'outbound' | 'inbound',
-    host: string,
-    port: number,
-    labels: TcpLabels,
+    path: 'same_node' | 'outbound' | 'inbound',
+    upstreamAt: { netnsPath: string; host: string; port: number; transparentSource?: string },
+    labels: ReadonlyArray<TcpLabels>,
     release: Array<() => void>,
-    transparentSource?: string,
   ): void {
+    const { host, port, transparentSource } = upstreamAt;
     state.active++;
     const done = (): void => {
       state.active--;
@@ -241,7 +250,7 @@ export class NodeProxy {
     const connect = transparentSource
       ? { mark: NM_DELIVERY_MARK, localHost: transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
       : { mark: NM_PROXY_MARK };
-    connectInNetns({ netns: state.pod.netnsPath, host, port, timeoutMs: this.options.connectTimeoutMs, ...connect }).then(
+    connectInNetns({ netns: upstreamAt.netnsPath, host, port, timeoutMs: this.options.connectTimeoutMs, ...connect }).then(
       async (fd) => {
         // The client went away (or the pod left the mesh) while we were connecting.
         if (client.destroyed || !this.pods.has(state.pod.uid)) {
@@ -252,16 +261,19 @@ export class NodeProxy {
         const upstream = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
         state.sockets.add(upstream);
         upstream.once('close', () => state.sockets.delete(upstream));
-        this.metrics.tcpOpened.inc(labels);
+        this.metrics.proxied.inc({ path });
+        for (const l of labels) this.metrics.tcpOpened.inc(l);
         const result = await relay(client, upstream, this.options.idleTimeoutMs);
-        this.metrics.tcpClosed.inc(labels);
-        this.metrics.tcpReceived.inc(labels, result.bytesFromClient);
-        this.metrics.tcpSent.inc(labels, result.bytesToClient);
+        for (const l of labels) {
+          this.metrics.tcpClosed.inc(l);
+          this.metrics.tcpReceived.inc(l, result.bytesFromClient);
+          this.metrics.tcpSent.inc(l, result.bytesToClient);
+        }
         done();
       },
       (e: unknown) => {
         done();
-        this.refuse(state, client, direction, 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
+        this.refuse(state, client, path === 'inbound' ? 'inbound' : 'outbound', 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
       },
     );
   }

@@ -57,6 +57,9 @@ test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and
   assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', { ...out, source_principal: 'spiffe://cluster.local/ns/default/sa/default' }), N);
   // The same connections arrived at B and C through their inbound listeners.
   assert.equal(metricValue(metrics, 'istio_tcp_connections_opened_total', { reporter: 'destination', source_workload: 'client', destination_service_name: 'backend' }), N);
+  // B and C are on this node: the outbound proxy delivered straight into them, one hop.
+  assert.equal(metricValue(metrics, 'nodemesh_proxied_connections_total', { path: 'same_node' }), N);
+  assert.equal(metricValue(metrics, 'nodemesh_proxied_connections_total', { path: 'inbound' }), 0);
   assert.equal(metricValue(metrics, 'nodemesh_pods_enrolled'), 3);
   assert.equal(metricValue(metrics, 'nodemesh_pod_redirection_verified', { pod: 'client-a' }), 1);
 
@@ -65,6 +68,7 @@ test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and
   assert.ok(direct.intact);
   const inbound = { reporter: 'destination', source_workload: 'outsider', destination_workload: 'echo-b' };
   assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', inbound), 1);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'inbound' }), 1);
 
   // A Service without endpoints: a clean refusal, counted with its reason.
   const empty = await sb.dialFrom(client, EMPTY_V4, 80);

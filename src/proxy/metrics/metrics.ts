@@ -47,6 +47,7 @@ export class NodeMetrics {
   readonly tcpSent: Counter<(typeof TCP_LABELS)[number]>;
   readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
   readonly refused: Counter<'direction' | 'reason'>;
+  readonly proxied: Counter<'path'>;
   readonly podsEnrolled: Gauge;
   readonly podVerified: Gauge<'namespace' | 'pod'>;
   readonly enrollErrors: Counter<'reason'>;
@@ -64,6 +65,12 @@ export class NodeMetrics {
     this.tcpSent = tcp('istio_tcp_sent_bytes_total', 'Bytes sent to the client side of a TCP connection');
     this.tcpReceived = tcp('istio_tcp_received_bytes_total', 'Bytes received from the client side of a TCP connection');
     this.refused = new Counter({ name: 'nodemesh_connections_refused_total', help: 'Captured connections the proxy refused, by reason', labelNames: ['direction', 'reason'], registers });
+    this.proxied = new Counter({
+      name: 'nodemesh_proxied_connections_total',
+      help: 'Connections the proxy relayed, by path: same_node (straight into a local pod), outbound (out of the source pod), inbound (into the destination pod)',
+      labelNames: ['path'],
+      registers,
+    });
     this.podsEnrolled = new Gauge({ name: 'nodemesh_pods_enrolled', help: 'Pods whose traffic this node captures', registers });
     this.podVerified = new Gauge({ name: 'nodemesh_pod_redirection_verified', help: '1 once a probe from inside the pod reached the proxy', labelNames: ['namespace', 'pod'], registers });
     this.enrollErrors = new Counter({ name: 'nodemesh_enroll_errors_total', help: 'Failed pod enrollments, by reason', labelNames: ['reason'], registers });
