@@ -7,6 +7,7 @@
 import { existsSync, watch, type FSWatcher } from 'node:fs';
 import type { Server } from 'node:http';
 
+import { DEFAULT_MESH, shouldEnroll, type MeshSettings, type Namespace } from '../config/mesh.js';
 import { MeshSnapshot } from '../config/snapshot.js';
 import type { Service } from '../config/service.js';
 import { readConfigDir } from '../config/source-dir.js';
@@ -22,7 +23,6 @@ import type { NodePod, PodSource } from './pods/source.js';
 
 const log = logger('agent');
 
-export const OPT_OUT_LABEL = 'nodemesh.io/capture';
 /** A link-local address no workload uses: a probe to it must be captured to succeed. */
 export const PROBE_ADDRESS: SocketAddress = { family: 4, address: '169.254.255.253', port: 15999 };
 
@@ -64,6 +64,8 @@ export class NodeAgent {
   private readonly probeWaiters = new Map<string, () => void>();
   private readonly servers: Server[] = [];
   private services: ReadonlyArray<Service> = [];
+  private namespaces: ReadonlyMap<string, Namespace> = new Map();
+  private mesh: MeshSettings = DEFAULT_MESH;
   private pods: ReadonlyArray<NodePod> = [];
   private version = 0;
   private configLoaded = false;
@@ -164,7 +166,7 @@ export class NodeAgent {
 
   /** Reads the config folder. A rejected object keeps its last good version serving. */
   private async loadConfig(): Promise<void> {
-    const { services, issues } = await readConfigDir(this.options.configDir);
+    const { services, namespaces, mesh, issues } = await readConfigDir(this.options.configDir);
     const byKey = new Map(services.map((s) => [`Service ${s.namespace}/${s.name}`, s]));
     const rejected = new Map<string, number>([['Service', 0], ['yaml', 0]]);
     for (const issue of issues) {
@@ -177,9 +179,15 @@ export class NodeAgent {
     }
     for (const [kind, n] of rejected) this.metrics.configRejected.set({ kind }, n);
     this.services = [...byKey.values()];
+    this.namespaces = new Map(namespaces.map((n) => [n.name, n]));
+    // An invalid mesh ConfigMap keeps the last good settings, like any other object.
+    if (mesh || !issues.some((i) => i.object.startsWith(`ConfigMap `))) this.mesh = mesh ?? DEFAULT_MESH;
     this.metrics.configObjects.set({ kind: 'Service' }, this.services.length);
+    const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();
+    // Enrollment depends on namespace labels and the mesh settings.
+    if (!first) void this.reconcile();
   }
 
   private watchConfig(): void {
@@ -224,7 +232,7 @@ export class NodeAgent {
     this.pods = pods;
     if (podsChanged) this.publish();
 
-    const wanted = new Map(pods.filter((p) => p.labels[OPT_OUT_LABEL] !== 'disabled').map((p) => [p.uid, p]));
+    const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.namespaces.get(p.namespace), this.mesh)).map((p) => [p.uid, p]));
     for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
     // Pinned state of pods that are gone (from this or an earlier agent) is removed.
     for (const uid of await this.datapath.pinnedPods()) {

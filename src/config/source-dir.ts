@@ -7,18 +7,22 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 
+import { MESH_CONFIG_NAME, parseMeshConfig, parseNamespace, type MeshSettings, type Namespace } from './mesh.js';
 import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
 
 export interface ConfigObjects {
   readonly services: ReadonlyArray<Service>;
+  readonly namespaces: ReadonlyArray<Namespace>;
+  /** From the `nodemesh` ConfigMap, if there is one (and it is valid). */
+  readonly mesh: MeshSettings | undefined;
   readonly issues: ReadonlyArray<ConfigIssue>;
 }
-
-const SUPPORTED = 'v1/Service';
 
 export async function readConfigDir(dir: string): Promise<ConfigObjects> {
   const files = (await readdir(dir)).filter((f) => /\.ya?ml$/.test(f)).sort();
   const services: Service[] = [];
+  const namespaces: Namespace[] = [];
+  let mesh: MeshSettings | undefined;
   const issues: ConfigIssue[] = [];
   const names = new Map<string, string>();
   for (const f of files) {
@@ -41,11 +45,19 @@ export async function readConfigDir(dir: string): Promise<ConfigObjects> {
       const kind = `${String(obj['apiVersion'])}/${String(obj['kind'])}`;
       const meta = obj['metadata'] as { name?: unknown; namespace?: unknown } | undefined;
       const id = `${String(obj['kind'])} ${String(meta?.namespace ?? 'default')}/${String(meta?.name ?? '?')}`;
-      if (kind !== SUPPORTED) {
-        issues.push({ file, object: id, field: 'kind', message: `${kind} is not supported by this agent (Services only until the control plane lands)` });
-        continue;
-      }
       try {
+        if (kind === 'v1/Namespace') {
+          namespaces.push(parseNamespace(obj));
+          continue;
+        }
+        if (kind === 'v1/ConfigMap') {
+          if (meta?.name === MESH_CONFIG_NAME) mesh = parseMeshConfig(obj);
+          continue;
+        }
+        if (kind !== 'v1/Service') {
+          issues.push({ file, object: id, field: 'kind', message: `${kind} is not supported by this agent (Service, Namespace and the nodemesh ConfigMap until the control plane lands)` });
+          continue;
+        }
         const svc = parseService(obj);
         const key = `${svc.namespace}/${svc.name}`;
         const first = names.get(key);
@@ -61,5 +73,5 @@ export async function readConfigDir(dir: string): Promise<ConfigObjects> {
       }
     }
   }
-  return { services, issues };
+  return { services, namespaces, mesh, issues };
 }

@@ -4,11 +4,12 @@
  * and restart, refusals, and bad input that is skipped without stopping the rest.
  */
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
+import { run } from '../../src/runtime/exec.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
 import { createSandbox, waitFor } from '../support/sandbox.js';
 
@@ -143,4 +144,16 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   await waitFor(() => /"object":"Service default\/backend".*"keptLastGood":true/.test(agent.log()), 5000, 'reload with the broken edit');
   assert.equal(metricValue(await agent.metrics(), 'nodemesh_config_rejected_objects'), 4);
   assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'the last good Service keeps serving');
+
+  // The namespace opts out: its live pods leave the mesh and keep nothing of it.
+  await agent.writeConfig('e-namespace.yaml', 'apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {nodemesh.io/capture: disabled}}\n');
+  await agent.waitForPods((p) => p.length === 0, 'every pod unenrolled');
+  assert.deepEqual(readdirSync(join(agent.pinRoot, 'pods')), [], 'no pinned links left');
+  assert.equal((await sb.dialFrom(client, SVC_V4, 80)).error, 'ENETUNREACH', 'no longer captured');
+  const rules = await run('nsenter', [`--net=${client.netnsPath}`, 'ip', 'rule', 'show']);
+  assert.doesNotMatch(rules.stdout, /0x53a/, 'the delivery route is gone from the pod');
+  // And back in.
+  await rm(join(agent.configDir, 'e-namespace.yaml'));
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'pods enrolled again');
+  assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'captured again');
 });

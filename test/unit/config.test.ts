@@ -45,7 +45,7 @@ test('the config folder: multi-document, bad objects reported with file and obje
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   await writeFile(join(dir, 'a.yaml'), 'apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.2, ports: [{port: 80}]}\n');
-  await writeFile(join(dir, 'b.yml'), 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n- not a mapping\n');
+  await writeFile(join(dir, 'b.yml'), 'apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n---\n- not a mapping\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: unrelated}\ndata: {a: b}\n');
   await writeFile(join(dir, 'c.txt'), 'ignored');
   const { services, issues } = await readConfigDir(dir);
   assert.deepEqual(services.map((s) => s.name), ['a']);
@@ -53,7 +53,7 @@ test('the config folder: multi-document, bad objects reported with file and obje
     issues.map((i) => [i.file.split('/').pop(), i.object, i.field]),
     [
       ['a.yaml', 'Service default/a', 'metadata.name'],
-      ['b.yml', 'ConfigMap default/x', 'kind'],
+      ['b.yml', 'Deployment default/x', 'kind'],
       ['b.yml', 'document 2', ''],
     ],
   );
@@ -97,4 +97,30 @@ test('load balancing: round robin, and least connections with round-robin ties',
   const empty = new MeshSnapshot(2, [s], []).service({ family: 4, address: '10.96.0.1', port: 80 });
   assert.ok(empty);
   assert.equal(rr.pick(empty), undefined);
+});
+
+test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {
+  const { shouldEnroll, parseMeshConfig, DEFAULT_MESH } = await import('../../src/config/mesh.js');
+  const optIn = { enrollment: 'opt-in' as const };
+  const plain = { name: 'shop', labels: {} };
+  const enabled = { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } };
+  const disabled = { name: 'shop', labels: { 'nodemesh.io/capture': 'disabled' } };
+  assert.equal(shouldEnroll({}, undefined, DEFAULT_MESH), true);
+  assert.equal(shouldEnroll({ 'nodemesh.io/capture': 'disabled' }, plain, DEFAULT_MESH), false);
+  assert.equal(shouldEnroll({}, disabled, DEFAULT_MESH), false);
+  assert.equal(shouldEnroll({}, plain, optIn), false);
+  assert.equal(shouldEnroll({}, enabled, optIn), true);
+  assert.equal(shouldEnroll({ 'nodemesh.io/capture': 'enabled' }, plain, optIn), true);
+  assert.equal(shouldEnroll({ 'nodemesh.io/capture': 'disabled' }, enabled, optIn), false);
+  assert.deepEqual(parseMeshConfig({ data: { enrollment: 'opt-in' } }), optIn);
+  assert.throws(() => parseMeshConfig({ data: { enrollment: 'some' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrollment');
+  assert.throws(() => parseMeshConfig({ data: { enrolment: 'all' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrolment');
+
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(join(dir, 'mesh.yaml'), 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {enrollment: opt-in}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {nodemesh.io/enabled: "true"}}\n');
+  const read = await readConfigDir(dir);
+  assert.deepEqual(read.mesh, optIn);
+  assert.deepEqual(read.namespaces, [{ name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]);
+  assert.deepEqual(read.issues, []);
 });

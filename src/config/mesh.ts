@@ -1,0 +1,52 @@
+/**
+ * Namespaces (their labels decide enrollment) and the mesh-wide settings of the `nodemesh`
+ * ConfigMap (design.md section 5), validated like every other object.
+ */
+import { ObjectInvalid, parseMetadata } from './service.js';
+
+export const ENABLED_LABEL = 'nodemesh.io/enabled';
+export const CAPTURE_LABEL = 'nodemesh.io/capture';
+export const MESH_CONFIG_NAME = 'nodemesh';
+
+export interface Namespace {
+  readonly name: string;
+  readonly labels: Readonly<Record<string, string>>;
+}
+
+export interface MeshSettings {
+  /** all: every pod unless it or its namespace opts out; opt-in: only namespaces labelled nodemesh.io/enabled=true. */
+  readonly enrollment: 'all' | 'opt-in';
+}
+
+export const DEFAULT_MESH: MeshSettings = { enrollment: 'all' };
+
+type Json = Record<string, unknown>;
+
+export function parseNamespace(doc: Json): Namespace {
+  for (const key of Object.keys(doc)) {
+    if (!['apiVersion', 'kind', 'metadata', 'spec', 'status'].includes(key)) throw new ObjectInvalid(key, `unknown field "${key}"`);
+  }
+  const meta = doc['metadata'] as Json | undefined;
+  const { name } = parseMetadata({ ...meta, namespace: undefined });
+  const labels = (meta?.['labels'] ?? {}) as Record<string, string>;
+  return { name, labels };
+}
+
+/** The `nodemesh` ConfigMap's data. Other ConfigMaps are not the mesh's business. */
+export function parseMeshConfig(doc: Json): MeshSettings {
+  const data = (doc['data'] ?? {}) as Json;
+  if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new ObjectInvalid('data', 'data must be a mapping');
+  for (const key of Object.keys(data)) {
+    if (key !== 'enrollment') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment)`);
+  }
+  const enrollment = data['enrollment'] ?? DEFAULT_MESH.enrollment;
+  if (enrollment !== 'all' && enrollment !== 'opt-in') throw new ObjectInvalid('data.enrollment', `data.enrollment "${String(enrollment)}" must be "all" or "opt-in"`);
+  return { enrollment };
+}
+
+/** Whether the agent enrolls a pod, from its labels, its namespace's labels and the mode. */
+export function shouldEnroll(podLabels: Readonly<Record<string, string>>, namespace: Namespace | undefined, mesh: MeshSettings): boolean {
+  if (podLabels[CAPTURE_LABEL] === 'disabled' || namespace?.labels[CAPTURE_LABEL] === 'disabled') return false;
+  if (mesh.enrollment === 'all') return true;
+  return namespace?.labels[ENABLED_LABEL] === 'true' || podLabels[CAPTURE_LABEL] === 'enabled';
+}
