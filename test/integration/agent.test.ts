@@ -5,7 +5,8 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync } from 'node:fs';
-import { rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
@@ -112,6 +113,12 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   const record = { ...ghost, uid: 'ghost-uid', name: 'ghost-2', netnsPath: '/run/netns/nmt_does_not_exist' };
   await writeFile(join(sb.config.stateDir, 'pods', 'default_ghost-2.json'), JSON.stringify(record));
   sb.defer(() => sb.runtime.store.remove(record));
+  // A pod whose "cgroup" is a plain folder: the kernel refuses to attach there.
+  const notCgroup = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-notcg-`));
+  sb.defer(() => rm(notCgroup, { recursive: true, force: true }));
+  const refused = { ...ghost, uid: 'refused-uid', name: 'refused', cgroupPath: notCgroup };
+  await writeFile(join(sb.config.stateDir, 'pods', 'default_refused.json'), JSON.stringify(refused));
+  sb.defer(() => sb.runtime.store.remove(refused));
   // And a record that is not JSON at all.
   const corrupt = join(sb.config.stateDir, 'pods', 'default_corrupt.json');
   await writeFile(corrupt, '{not json');
@@ -131,9 +138,12 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   assert.match(log, /"file":"[^"]*c-noports\.yaml","object":"Service default\/noports","field":"spec\.ports".*spec\.ports must list at least one port/);
   assert.match(log, /"object":"Service default\/typo","field":"spec\.selectr".*unknown field/);
   assert.match(log, /"pod":"ghost-2".*"reason":"netns_missing".*network namespace \/run\/netns\/nmt_does_not_exist does not exist/);
+  assert.match(log, /"pod":"refused".*"reason":"attach_failed".*attach nm_connect4 to cgroup [^ ]*notcg/);
+  assert.equal(existsSync(join(agent.pinRoot, 'pods', 'refused-uid')), false, 'nothing of the refused pod stays pinned');
   assert.match(log, /"pod":"corrupt".*"reason":"invalid_record".*pod record [^ ]*default_corrupt\.json cannot be read/);
   const metrics = await agent.metrics();
   assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'invalid_record' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'attach_failed' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects'), 3);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects', { kind: 'yaml' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'netns_missing' }), 1);
