@@ -47,4 +47,15 @@ struct {
 	__type(value, __u8);
 } nm_inbound_bypass SEC(".maps");
 
+/*
+ * Fail-closed enrollment: cgroup ids (the cgroup directory's inode) whose pods may open
+ * connections that capture did not rewrite: verified pods and pods that opted out of the mesh.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, NM_MAX_POD_LISTENERS);
+	__type(key, __u64);
+	__type(value, __u8);
+} nm_allowed_cgroups SEC(".maps");
+
 #endif /* NODEMESH_MAPS_H */

@@ -5,6 +5,7 @@
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
 import { existsSync, watch, type FSWatcher } from 'node:fs';
+import { stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 
 import { DEFAULT_MESH, shouldEnroll, type MeshSettings, type Namespace } from '../config/mesh.js';
@@ -28,6 +29,8 @@ export const PROBE_ADDRESS: SocketAddress = { family: 4, address: '169.254.255.2
 
 export interface AgentOptions {
   readonly node: string;
+  /** The cgroup every pod of this node lives under (fail-closed enrollment gates it). */
+  readonly podsCgroup: string;
   readonly configDir: string;
   readonly pinRoot: string;
   readonly metrics: HostPort;
@@ -62,6 +65,8 @@ export class NodeAgent {
   /** Pods that failed to enroll: not retried before `retryAt`, and logged once per reason. */
   private readonly failed = new Map<string, { reason: string; retryAt: number; attempts: number }>();
   private readonly probeWaiters = new Map<string, () => void>();
+  /** cgroup id -> pod, for the cgroups allowed past the fail-closed gate. */
+  private readonly allowedCgroups = new Map<bigint, string>();
   private readonly servers: Server[] = [];
   private services: ReadonlyArray<Service> = [];
   private namespaces: ReadonlyMap<string, Namespace> = new Map();
@@ -248,8 +253,47 @@ export class NodeAgent {
       else if (!e.verified && Date.now() >= (this.failed.get(pod.uid)?.retryAt ?? 0)) await this.verify(e);
     }
     for (const uid of [...this.failed.keys()]) if (!wanted.has(uid) && !problems.some((p) => p.uid === uid)) this.failed.delete(uid);
+    await this.syncGate(pods, wanted);
     this.reconciled = true;
     this.metrics.podsEnrolled.set(this.enrolled.size);
+  }
+
+  /**
+   * Fail-closed enrollment: the gate is on while the mesh config asks for it; verified pods and
+   * pods that opted out may connect past it, every other pod only through capture.
+   */
+  private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>): Promise<void> {
+    if (this.mesh.failClosedEnrollment) {
+      await this.datapath.enableGate(this.options.podsCgroup);
+    } else {
+      if (this.datapath.gateEnabled) {
+        await this.datapath.disableGate();
+        log.info({ podsCgroup: this.options.podsCgroup }, 'fail-closed enrollment off');
+      }
+      return;
+    }
+    const allow = new Map<bigint, string>();
+    for (const pod of pods) {
+      const enrolled = this.enrolled.get(pod.uid);
+      if (wanted.has(pod.uid) && !enrolled?.verified) continue;
+      try {
+        allow.set((await stat(pod.cgroupPath, { bigint: true })).ino, `${pod.namespace}/${pod.name}`);
+      } catch {
+        // the pod is going away
+      }
+    }
+    // Entries an earlier agent left in the pinned map are reconciled like our own.
+    if (this.allowedCgroups.size === 0) for (const id of this.datapath.allowedCgroupIds()) this.allowedCgroups.set(id, 'earlier agent');
+    for (const [id, pod] of allow) {
+      if (this.allowedCgroups.has(id)) continue;
+      this.datapath.allowCgroup(id);
+      this.allowedCgroups.set(id, pod);
+    }
+    for (const id of [...this.allowedCgroups.keys()]) {
+      if (allow.has(id)) continue;
+      this.datapath.disallowCgroup(id);
+      this.allowedCgroups.delete(id);
+    }
   }
 
   private noteFailure(pod: { uid: string; namespace: string; name: string }, reason: EnrollErrorReason, message: string): void {

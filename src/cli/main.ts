@@ -2,6 +2,7 @@
 import { Command, Option } from 'commander';
 
 import { hostname } from 'node:os';
+import { join } from 'node:path';
 
 import { NodeAgent, type AgentOptions, type EnrolledPodStatus } from '../agent/agent.js';
 import { probeBpf } from '../agent/datapath/native.js';
@@ -148,8 +149,10 @@ program
   .action(async (opts: { configDir: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string }) => {
     const invalid = (field: string) => (message: string) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
     assertPinRoot(opts.bpfRoot);
+    const runtimeConfig = runtimeConfigFromEnv();
     const options: AgentOptions = {
       node: opts.node,
+      podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
       configDir: opts.configDir,
       pinRoot: opts.bpfRoot,
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
@@ -163,7 +166,7 @@ program
     };
     const { preflight } = await import('../shared/preflight.js');
     await preflight(probeBpf);
-    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfigFromEnv().stateDir));
+    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir));
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

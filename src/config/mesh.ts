@@ -16,9 +16,11 @@ export interface Namespace {
 export interface MeshSettings {
   /** all: every pod unless it or its namespace opts out; opt-in: only namespaces labelled nodemesh.io/enabled=true. */
   readonly enrollment: 'all' | 'opt-in';
+  /** Refuse connections from pods the agent has not yet verified (they would escape the mesh). */
+  readonly failClosedEnrollment: boolean;
 }
 
-export const DEFAULT_MESH: MeshSettings = { enrollment: 'all' };
+export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false };
 
 type Json = Record<string, unknown>;
 
@@ -37,11 +39,15 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   const data = (doc['data'] ?? {}) as Json;
   if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new ObjectInvalid('data', 'data must be a mapping');
   for (const key of Object.keys(data)) {
-    if (key !== 'enrollment') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment)`);
+    if (key !== 'enrollment' && key !== 'failClosedEnrollment') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment)`);
   }
   const enrollment = data['enrollment'] ?? DEFAULT_MESH.enrollment;
   if (enrollment !== 'all' && enrollment !== 'opt-in') throw new ObjectInvalid('data.enrollment', `data.enrollment "${String(enrollment)}" must be "all" or "opt-in"`);
-  return { enrollment };
+  const failClosed = data['failClosedEnrollment'] ?? 'false';
+  if (failClosed !== 'true' && failClosed !== 'false') {
+    throw new ObjectInvalid('data.failClosedEnrollment', `data.failClosedEnrollment "${String(failClosed)}" must be "true" or "false" (a quoted string, as ConfigMap data is)`);
+  }
+  return { enrollment, failClosedEnrollment: failClosed === 'true' };
 }
 
 /** Whether the agent enrolls a pod, from its labels, its namespace's labels and the mode. */

@@ -5,14 +5,18 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync } from 'node:fs';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { mkdir, mkdtemp, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
+import type { DialResult } from '../../src/cli/debug-tools.js';
+import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { run } from '../../src/runtime/exec.js';
+import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
-import { createSandbox, waitFor } from '../support/sandbox.js';
+import { collect, createSandbox, waitFor } from '../support/sandbox.js';
 
 const SVC_V4 = '10.96.0.30';
 const SVC_V6 = 'fd00:96::1e';
@@ -166,4 +170,40 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   await rm(join(agent.configDir, 'e-namespace.yaml'));
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'pods enrolled again');
   assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'captured again');
+});
+
+test('agent: fail-closed enrollment refuses connections from pods not yet verified', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC_V4);
+  const server = await sb.echoPod('server-b', 8080, ['tier=backend']);
+  const client = await sb.idlePod('client-a');
+  const outsider = await sb.idlePod('outsider-d', ['nodemesh.io/capture=disabled']);
+  const meshConfig = (failClosed: boolean): string =>
+    `apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "${failClosed}"}\n`;
+  const agent = await startAgent(sb, { 'service.yaml': serviceYaml('backend', [SVC_V4], { tier: 'backend' }), 'mesh.yaml': meshConfig(true) });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_allowed_cgroups' }) === 3, 5000, 'three cgroups allowed');
+
+  // Verified and opted-out pods work as before.
+  assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'verified pod to a Service');
+  assert.ok((await sb.dialFrom(client, server.record.ip4, 8080)).intact, 'verified pod, passthrough');
+  assert.ok((await sb.dialFrom(outsider, server.record.ip4, 8080)).intact, 'opted-out pod');
+
+  // A workload in the pods cgroup that the agent has not verified (here: one it does not know
+  // at all) cannot open a connection past the mesh.
+  const podsCgroup = join(await findCgroup2Mount(), sb.config.cgroupSubtree, 'pods');
+  const intruder = join(podsCgroup, 'not-yet-enrolled');
+  await mkdir(intruder);
+  sb.defer(() => rmdir(intruder));
+  const dialFromIntruder = async (): Promise<DialResult> => {
+    const argv = ['sh', '-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" 8080 --bytes 64', intruder, client.netns, process.execPath, CLI_ENTRY, server.record.ip4];
+    const r = await collect(spawn(argv[0] ?? 'sh', argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] }));
+    return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
+  };
+  assert.equal((await dialFromIntruder()).error, 'EPERM');
+
+  // Fail-closed off: the gate goes, the same dial goes through.
+  await agent.writeConfig('mesh.yaml', meshConfig(false));
+  await waitFor(async () => (await dialFromIntruder()).intact, 5000, 'dial allowed once the gate is off');
+  assert.equal(existsSync(join(agent.pinRoot, 'gate')), false, 'gate unpinned');
 });

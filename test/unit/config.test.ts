@@ -101,7 +101,7 @@ test('load balancing: round robin, and least connections with round-robin ties',
 
 test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {
   const { shouldEnroll, parseMeshConfig, DEFAULT_MESH } = await import('../../src/config/mesh.js');
-  const optIn = { enrollment: 'opt-in' as const };
+  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false };
   const plain = { name: 'shop', labels: {} };
   const enabled = { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } };
   const disabled = { name: 'shop', labels: { 'nodemesh.io/capture': 'disabled' } };
@@ -115,6 +115,8 @@ test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigM
   assert.deepEqual(parseMeshConfig({ data: { enrollment: 'opt-in' } }), optIn);
   assert.throws(() => parseMeshConfig({ data: { enrollment: 'some' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrollment');
   assert.throws(() => parseMeshConfig({ data: { enrolment: 'all' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrolment');
+  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true });
+  assert.throws(() => parseMeshConfig({ data: { failClosedEnrollment: true } }), (e) => e instanceof ObjectInvalid && e.field === 'data.failClosedEnrollment');
 
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
   t.after(() => rm(dir, { recursive: true, force: true }));

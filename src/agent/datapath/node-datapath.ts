@@ -6,6 +6,7 @@
  * Pinned links keep capturing while the agent restarts; a new agent re-owns them (swapping in its
  * own programs atomically) or removes them if their pod is gone.
  */
+import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -21,6 +22,8 @@ const log = logger('datapath');
 
 export const DEFAULT_PIN_ROOT = '/sys/fs/bpf/nodemesh/v1';
 export const INBOUND_OBJECT = join(BPF_OBJECT_DIR, 'inbound.bpf.o');
+export const GATE_OBJECT = join(BPF_OBJECT_DIR, 'gate.bpf.o');
+const GATE_PROGRAMS = ['nm_gate4', 'nm_gate6'] as const;
 const INBOUND_PROGRAM = 'nm_sk_lookup';
 const POD_PROGRAMS = [...CAPTURE_PROGRAMS, INBOUND_PROGRAM] as const;
 
@@ -42,7 +45,11 @@ export class NodeDatapath {
     private readonly inbound: BpfObject,
     private readonly listeners: BpfMap,
     private readonly bypass: BpfMap,
+    private readonly gate: BpfObject,
+    private readonly allowed: BpfMap,
   ) {}
+
+  private gateLinks: BpfLink[] = [];
 
   /** fd of nm_inbound_bypass, for the proxy's inbound delivery connects. */
   get inboundBypassFd(): number {
@@ -54,14 +61,17 @@ export class NodeDatapath {
     await mkdir(mapDir, { recursive: true });
     await mkdir(join(pinRoot, 'pods'), { recursive: true });
     const capture = await OutboundCapture.load({ mapPinDir: mapDir });
-    let inbound: BpfObject;
+    let inbound: BpfObject | undefined;
+    let gate: BpfObject;
     try {
       inbound = await BpfObject.load(INBOUND_OBJECT, { mapPinDir: mapDir });
+      gate = await BpfObject.load(GATE_OBJECT, { mapPinDir: mapDir });
     } catch (e) {
       capture.close();
+      inbound?.close();
       throw e;
     }
-    return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'), inbound.map('nm_inbound_bypass'));
+    return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'), inbound.map('nm_inbound_bypass'), gate, gate.map('nm_allowed_cgroups'));
   }
 
   private podDir(uid: string): string {
@@ -158,6 +168,76 @@ export class NodeDatapath {
     await rm(dir, { recursive: true, force: true });
   }
 
+  /**
+   * Fail-closed enrollment: the gate programs on the parent cgroup of all pods refuse connections
+   * that capture did not rewrite, from any pod whose cgroup is not allowed. Pinned, so the gate
+   * holds while the agent restarts; a pinned gate from an earlier agent is re-owned.
+   */
+  async enableGate(podsCgroup: string): Promise<void> {
+    if (this.gateLinks.length > 0) return;
+    await mkdir(podsCgroup, { recursive: true });
+    const dir = join(this.pinRoot, 'gate');
+    await mkdir(dir, { recursive: true });
+    const links: BpfLink[] = [];
+    try {
+      for (const program of GATE_PROGRAMS) {
+        const pin = join(dir, program);
+        let link: BpfLink;
+        if (existsSync(pin)) {
+          link = BpfLink.openPinned(pin);
+          links.push(link);
+          link.updateProgram(this.gate, program);
+        } else {
+          link = await this.gate.attachCgroup(program, podsCgroup);
+          links.push(link);
+          link.pin(pin);
+        }
+      }
+    } catch (e) {
+      for (const link of links) {
+        link.detach();
+        link.close();
+      }
+      await rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+    this.gateLinks = links;
+  }
+
+  /** Removes the gate, whether this agent or an earlier one set it. */
+  async disableGate(): Promise<void> {
+    const dir = join(this.pinRoot, 'gate');
+    const links = this.gateLinks.length > 0 ? this.gateLinks : GATE_PROGRAMS.filter((p) => existsSync(join(dir, p))).map((p) => BpfLink.openPinned(join(dir, p)));
+    for (const link of links) {
+      link.detach();
+      link.close();
+    }
+    this.gateLinks = [];
+    await rm(dir, { recursive: true, force: true });
+  }
+
+  /** Whether a gate is in place, set by this agent or pinned by an earlier one. */
+  get gateEnabled(): boolean {
+    return this.gateLinks.length > 0 || existsSync(join(this.pinRoot, 'gate'));
+  }
+
+  /** Lets a pod's cgroup connect past the gate (verified, or opted out). */
+  allowCgroup(cgroupId: bigint): void {
+    const key = Buffer.alloc(8);
+    key.writeBigUInt64LE(cgroupId);
+    this.allowed.update(key, Buffer.from([1]));
+  }
+
+  allowedCgroupIds(): bigint[] {
+    return this.allowed.keys().map((k) => k.readBigUInt64LE(0));
+  }
+
+  disallowCgroup(cgroupId: bigint): void {
+    const key = Buffer.alloc(8);
+    key.writeBigUInt64LE(cgroupId);
+    this.allowed.delete(key);
+  }
+
   /** Registers a pod's in-pod inbound listener (fd) as the sk_lookup target for its address. */
   registerInboundListener(family: Family, address: string, fd: number): void {
     const value = Buffer.alloc(8);
@@ -175,20 +255,29 @@ export class NodeDatapath {
 
   mapEntries(): Record<string, number> {
     const pending = this.capture.pending();
-    return { nm_cookie_dst: pending.connecting, nm_orig_dst: pending.established, nm_pod_listeners: this.listeners.keys().length };
+    return {
+      nm_cookie_dst: pending.connecting,
+      nm_orig_dst: pending.established,
+      nm_pod_listeners: this.listeners.keys().length,
+      nm_allowed_cgroups: this.allowed.keys().length,
+    };
   }
 
   /** Releases this process's handles; pinned links and maps stay (a restart keeps capturing). */
   close(): void {
     for (const links of this.links.values()) for (const link of links) link.close();
     this.links.clear();
+    for (const link of this.gateLinks) link.close();
+    this.gateLinks = [];
     this.capture.close();
     this.inbound.close();
+    this.gate.close();
   }
 
   /** Removes every pin under the root (uninstall, and tests). Pods lose capture. */
   async purge(): Promise<void> {
     for (const uid of await this.pinnedPods()) await this.detachPod(uid);
+    await this.disableGate();
     this.close();
     await rm(this.pinRoot, { recursive: true, force: true });
   }
