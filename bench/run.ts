@@ -114,11 +114,19 @@ async function main(): Promise<void> {
       `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
     );
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
-    agent = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900'], { env, stdio: 'inherit' });
-    const running = agent;
+    const startAgent = (): ChildProcess => {
+      const child = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900'], { env, stdio: 'inherit' });
+      agent = child;
+      return child;
+    };
+    const stopAgent = async (child: ChildProcess): Promise<void> => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    };
     cleanups.push(async () => {
-      running.kill('SIGTERM');
-      await new Promise((r) => running.once('exit', r));
+      if (agent) await stopAgent(agent);
       await rm(pinRoot, { recursive: true, force: true });
     });
     const waitVerified = async (n: number): Promise<void> => {
@@ -129,10 +137,16 @@ async function main(): Promise<void> {
       }
       throw new Error(`agent did not verify ${n} pods`);
     };
+    const loaded = startAgent();
     await waitVerified(2);
-    const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [running.pid ?? 0]);
+    const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [loaded.pid ?? 0]);
+    const rssAfterLoad = await rssMiB(loaded.pid ?? 0);
 
-    say('agent RSS with more enrolled pods');
+    // RSS by enrolled pods, from a fresh agent: what the pods cost, not what a load burst left
+    // in the heap (that is rssAfterLoad). Pods stay captured across the restart (pinned links).
+    say('agent RSS with more enrolled pods (fresh agent)');
+    await stopAgent(loaded);
+    const fresh = startAgent();
     const rss: Record<string, number> = {};
     let pods = 2;
     for (const target of POD_COUNTS) {
@@ -144,7 +158,7 @@ async function main(): Promise<void> {
       }
       await waitVerified(Math.max(pods, 2));
       await sleep(1000);
-      rss[String(Math.max(target, pods))] = await rssMiB(running.pid ?? 0);
+      rss[String(Math.max(target, pods))] = await rssMiB(fresh.pid ?? 0);
     }
 
     const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
@@ -152,7 +166,7 @@ async function main(): Promise<void> {
     // nodemesh has one here, as both pods are on this node (same-node fast path).
     const hops = { sidecar: 2, nodemesh: 1 };
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
-    Object.assign(results, { direct, sidecar, nodemesh: mesh, agentRssMiB: rss, ratios: {
+    Object.assign(results, { direct, sidecar, nodemesh: mesh, agentRssMiB: rss, agentRssAfterLoadMiB: rssAfterLoad, ratios: {
       throughputVsSidecar: ratio(mesh.throughputGbps, sidecar.throughputGbps),
       keepAliveRpsVsSidecar: ratio(mesh.keepAliveRps, sidecar.keepAliveRps),
       newConnRpsVsSidecar: ratio(mesh.newConnRps, sidecar.newConnRps),
@@ -169,7 +183,7 @@ async function main(): Promise<void> {
       '|---|---|---|---|---|---|---|---|',
       ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
       '',
-      `agent RSS (MiB) by enrolled pods: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.toFixed(1)}`).join(', ')}`,
+      `agent RSS (MiB) by enrolled pods, fresh agent: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.toFixed(1)}`).join(', ')}; after the load runs: ${rssAfterLoad.toFixed(1)}`,
       `ratios: ${JSON.stringify(results['ratios'])}`,
     ];
     process.stdout.write(lines.join('\n') + '\n');
