@@ -137,6 +137,7 @@ export class NodeAgent {
       await serveHttp(admin, {
         '/pods': async () => json({ node: this.options.node, configVersion: this.version, pods: this.status() }),
         '/config': async () => json(this.configDump()),
+        '/debug/memory': async () => json({ ...process.memoryUsage(), pods: this.enrolled.size }),
       }),
     );
   }
