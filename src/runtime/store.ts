@@ -2,7 +2,8 @@
  * Pod records on disk (one JSON file per pod in <stateDir>/pods) and the runtime lock. Other
  * processes (the agent, `pod list`) read the same files; only the runtime writes them.
  */
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -118,12 +119,10 @@ export class PodStore {
     await rm(this.logPath(record.namespace, record.name), { force: true });
   }
 
-  /** Removes the state folder if no pod is left in it. */
+  /** Removes the pods folder if no pod is left; withLock then removes the state folder. */
   async removeIfEmpty(): Promise<void> {
     if ((await this.list()).length > 0) return;
     await rm(this.podsDir, { recursive: true, force: true });
-    const rest = await readdir(this.stateDir).catch(() => ['?']);
-    if (rest.length === 0) await rm(this.stateDir, { recursive: true, force: true });
   }
 
   /**
@@ -139,6 +138,11 @@ export class PodStore {
         await writeFile(join(this.lockDir, 'owner'), String(process.pid));
         break;
       } catch (e) {
+        // The folder was removed by a process that just released the last pod: make it again.
+        if ((e as NodeJS.ErrnoException).code === 'ENOENT') {
+          await mkdir(this.stateDir, { recursive: true });
+          continue;
+        }
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
         if (await this.lockIsStale()) {
           await rm(this.lockDir, { recursive: true, force: true });
@@ -157,6 +161,9 @@ export class PodStore {
       return await fn();
     } finally {
       await rm(this.lockDir, { recursive: true, force: true });
+      // No pods left (removeIfEmpty took the pods folder): leave nothing behind. rmdir fails,
+      // harmlessly, if another process has put something there meanwhile.
+      if (!existsSync(this.podsDir)) await rmdir(this.stateDir).catch(() => undefined);
     }
   }
 
