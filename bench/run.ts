@@ -28,6 +28,8 @@ const APP_HTTP = 8080;
 const IPERF_PORT = 5201;
 const POD_COUNTS = (process.env['BENCH_PODS'] ?? '1,10,100').split(',').map(Number);
 const RSS_SETTLE_MS = 15_000;
+/** kernel (splice in the addon, the default) or js (node streams), to compare the two. */
+const RELAY = process.env['BENCH_RELAY'] ?? 'kernel';
 
 interface Scenario {
   throughputGbps: number;
@@ -72,7 +74,7 @@ async function main(): Promise<void> {
   const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
   const cleanups: Array<() => Promise<unknown>> = [];
   let agent: ChildProcess | undefined;
-  const results: Record<string, unknown> = { machine: { cpus: (await import('node:os')).cpus().length, kernel: (await import('node:os')).release() }, seconds: SECONDS };
+  const results: Record<string, unknown> = { relay: RELAY, machine: { cpus: (await import('node:os')).cpus().length, kernel: (await import('node:os')).release() }, seconds: SECONDS };
   try {
     const hole: Blackhole = await holdBlackhole(SERVICE_IP);
     cleanups.push(() => hole.release());
@@ -116,7 +118,7 @@ async function main(): Promise<void> {
     );
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
     const startAgent = (): ChildProcess => {
-      const child = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900'], { env, stdio: 'inherit' });
+      const child = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
       agent = child;
       return child;
     };

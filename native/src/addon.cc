@@ -71,6 +71,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitBpf(env, exports, data);
   InitMaps(env, exports);
   InitSockets(env, exports);
+  InitRelay(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
   return exports;
 }

@@ -57,5 +57,6 @@ struct AddonData {
 Napi::Object InitBpf(Napi::Env env, Napi::Object exports, AddonData* data);
 Napi::Object InitSockets(Napi::Env env, Napi::Object exports);
 Napi::Object InitMaps(Napi::Env env, Napi::Object exports);
+Napi::Object InitRelay(Napi::Env env, Napi::Object exports);
 
 }  // namespace nodemesh

@@ -41,6 +41,8 @@ export interface AgentOptions {
   readonly connectTimeoutMs: number;
   readonly idleTimeoutMs: number;
   readonly probeTimeoutMs: number;
+  /** Copy bytes with splice() in the addon (default) rather than through JS streams. */
+  readonly kernelRelay: boolean;
 }
 
 export interface EnrolledPodStatus {
@@ -101,6 +103,7 @@ export class NodeAgent {
       loadBalancing: 'round-robin',
       probe: PROBE_ADDRESS,
       onProbe: (uid) => agent?.probeArrived(uid),
+      kernelRelay: options.kernelRelay,
     });
     agent = new NodeAgent(options, source, datapath, metrics, proxy);
     try {

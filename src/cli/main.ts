@@ -146,7 +146,8 @@ program
   .addOption(new Option('--passthrough <mode>', 'destinations that are not mesh Services').choices(['allow', 'deny']).default('allow'))
   .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
   .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
-  .action(async (opts: { configDir: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string }) => {
+  .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
+  .action(async (opts: { configDir: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js' }) => {
     const invalid = (field: string) => (message: string) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
     assertPinRoot(opts.bpfRoot);
     const runtimeConfig = runtimeConfigFromEnv();
@@ -163,6 +164,7 @@ program
       connectTimeoutMs: parseMilliseconds(opts.connectTimeout, 'connect-timeout'),
       idleTimeoutMs: parseMilliseconds(opts.idleTimeout, 'idle-timeout'),
       probeTimeoutMs: 2000,
+      kernelRelay: opts.relay === 'kernel',
     };
     const { preflight } = await import('../shared/preflight.js');
     await preflight(probeBpf);

@@ -9,13 +9,13 @@
 import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
-import { closeFd, connectInNetns, releaseNetns } from '../agent/datapath/native.js';
+import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
 import { LoadBalancer, type LoadBalancing } from './pool/load-balancer.js';
 import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
-import { listenInPod } from './pod-listener.js';
-import { relay } from './relay.js';
+import { listenInPod, socketFd } from './pod-listener.js';
+import { relay, type RelayResult } from './relay.js';
 
 const log = logger('proxy');
 
@@ -42,6 +42,8 @@ export interface ProxyOptions {
   /** Connections to this address prove capture works for the pod; they are not relayed. */
   readonly probe: SocketAddress;
   readonly onProbe: (uid: string) => void;
+  /** Relay bytes with splice() in the addon instead of JS streams. */
+  readonly kernelRelay: boolean;
 }
 
 interface PodState {
@@ -114,6 +116,7 @@ export class NodeProxy {
 
   async close(): Promise<void> {
     for (const uid of [...this.pods.keys()]) await this.removePod(uid);
+    if (this.options.kernelRelay) relayAbortAll();
   }
 
   private async serve(state: PodState, host: string, port: number, onConnection: (s: Socket, cookie: bigint) => void): Promise<number> {
@@ -125,6 +128,25 @@ export class NodeProxy {
     });
     state.servers.push(listener.server);
     return listener.fd;
+  }
+
+  /**
+   * Copies bytes both ways until both directions end. In the kernel (splice on the addon's relay
+   * thread) when the accepted socket's fd is reachable, which it is for TCP on Linux; through JS
+   * streams otherwise.
+   */
+  private async relay(state: PodState, client: Socket, upstreamFd: number): Promise<RelayResult> {
+    const clientFd = socketFd(client);
+    if (clientFd !== undefined && this.options.kernelRelay) {
+      const own = dupFd(clientFd);
+      // node:net's copy goes; the connection lives on in `own`, which the relay now owns.
+      client.destroy();
+      return relayFds(own, upstreamFd, this.options.idleTimeoutMs);
+    }
+    const upstream = new Socket({ fd: upstreamFd, readable: true, writable: true, allowHalfOpen: true });
+    state.sockets.add(upstream);
+    upstream.once('close', () => state.sockets.delete(upstream));
+    return relay(client, upstream, this.options.idleTimeoutMs);
   }
 
   private refuse(state: PodState, client: Socket, direction: 'outbound' | 'inbound', reason: RefuseReason, detail: Record<string, unknown>): void {
@@ -258,12 +280,9 @@ export class NodeProxy {
           done();
           return;
         }
-        const upstream = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
-        state.sockets.add(upstream);
-        upstream.once('close', () => state.sockets.delete(upstream));
         this.metrics.proxied.inc({ path });
         for (const l of labels) this.metrics.tcpOpened.inc(l);
-        const result = await relay(client, upstream, this.options.idleTimeoutMs);
+        const result = await this.relay(state, client, fd);
         for (const l of labels) {
           this.metrics.tcpClosed.inc(l);
           this.metrics.tcpReceived.inc(l, result.bytesFromClient);

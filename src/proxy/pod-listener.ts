@@ -34,3 +34,9 @@ export async function listenInPod(netnsPath: string, host: string, port: number,
   });
   return { server, fd, netnsCookie: cookie };
 }
+
+/** The fd of a TCP socket node:net accepted (libuv exposes it on Unix), if there is one. */
+export function socketFd(socket: Socket): number | undefined {
+  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : undefined;
+}

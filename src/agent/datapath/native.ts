@@ -87,6 +87,12 @@ export interface ConnectOptions {
   readonly bypassMapFd?: number;
 }
 
+export interface KernelRelayResult {
+  readonly bytesFromClient: number;
+  readonly bytesToClient: number;
+  readonly error?: string;
+}
+
 export interface ProbeOptions {
   /** The pod's cgroup directory: the probe process joins it before connecting. */
   readonly cgroup: string;
@@ -112,6 +118,9 @@ interface RawAddon {
   connectInNetns(options: ConnectOptions): Promise<number>;
   probeConnect(options: ProbeOptions): Promise<number>;
   releaseNetns(netnsPath: string): boolean;
+  relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult>;
+  relayAbortAll(): void;
+  dupFd(fd: number): number;
   socketCookie(fd: number): bigint;
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
@@ -308,6 +317,24 @@ export function listenInNetns(options: ListenOptions): Promise<number> {
 /** A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }). */
 export function connectInNetns(options: ConnectOptions): Promise<number> {
   return callAsync(`connect in ${options.netns}`, () => native().connectInNetns(options));
+}
+
+/**
+ * Relays two connected sockets in the kernel (splice through pipes, on the addon's epoll thread)
+ * until both directions end, an error, or idleTimeoutMs without traffic. Takes ownership of both
+ * fds: give it a dupFd() of a socket node:net still holds, then destroy that socket.
+ */
+export function relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult> {
+  return native().relayFds(clientFd, upstreamFd, idleTimeoutMs);
+}
+
+/** Ends every kernel-relayed connection (the proxy is stopping). */
+export function relayAbortAll(): void {
+  native().relayAbortAll();
+}
+
+export function dupFd(fd: number): number {
+  return call(`dup fd ${fd}`, () => native().dupFd(fd));
 }
 
 /**
