@@ -118,7 +118,7 @@ async function main(): Promise<void> {
     );
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
     const startAgent = (): ChildProcess => {
-      const child = spawn(process.execPath, [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
+      const child = spawn(process.execPath, ['--max-semi-space-size=2', CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
       agent = child;
       return child;
     };
