@@ -243,14 +243,15 @@ export class NodeAgent {
 
     const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.namespaces.get(p.namespace), this.mesh)).map((p) => [p.uid, p]));
     for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
-    // Pinned state of pods that are gone (from this or an earlier agent) is removed.
-    for (const uid of await this.datapath.pinnedPods()) {
+    // Pinned state of pods that are gone (from this or an earlier agent) is removed; what stays
+    // pinned belongs to wanted pods, which an earlier agent may have enrolled.
+    const pinned = new Set(await this.datapath.pinnedPods());
+    for (const uid of pinned) {
       if (!wanted.has(uid) && !this.enrolled.has(uid)) {
         await this.datapath.detachPod(uid);
         log.info({ uid }, 'removed pinned state of a pod that is gone');
       }
     }
-    const pinned = new Set(await this.datapath.pinnedPods());
     for (const pod of wanted.values()) {
       const e = this.enrolled.get(pod.uid);
       if (!e) await this.enroll(pod, pinned.has(pod.uid));

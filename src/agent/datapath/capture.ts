@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { NodemeshError } from '../../shared/errors.js';
 import { BPF_OBJECT_DIR } from '../../shared/paths.js';
 import { LAYOUTS, decodeAddr, encodeOrigKey, type OrigKey, type SocketAddress } from './abi.js';
-import { BpfObject, type BpfLink, type BpfMap, type LoadOptions } from './native.js';
+import { BpfObject, detachAll, type BpfLink, type BpfMap, type LoadOptions } from './native.js';
 
 export const CAPTURE_OBJECT = join(BPF_OBJECT_DIR, 'capture.bpf.o');
 export const CAPTURE_PROGRAMS = ['nm_connect4', 'nm_connect6', 'nm_sockops'] as const;
@@ -26,10 +26,7 @@ export class CgroupCapture {
   detach(): void {
     if (!this.attached) return;
     this.attached = false;
-    for (const link of this.links) {
-      link.detach();
-      link.close();
-    }
+    detachAll(this.links);
   }
 }
 

@@ -212,6 +212,14 @@ export class BpfLink {
   }
 }
 
+/** Takes each program off its hook now (pinned or not) and releases the link. */
+export function detachAll(links: Iterable<BpfLink>): void {
+  for (const link of links) {
+    link.detach();
+    link.close();
+  }
+}
+
 /** A BPF map seen through an fd; keys and values are raw bytes (see abi.ts for codecs). */
 export class BpfMap {
   readonly keySize: number;

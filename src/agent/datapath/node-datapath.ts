@@ -15,7 +15,7 @@ import { logger } from '../../shared/log.js';
 import { BPF_OBJECT_DIR } from '../../shared/paths.js';
 import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
-import { BpfLink, BpfObject, type BpfMap } from './native.js';
+import { BpfLink, BpfObject, detachAll, type BpfMap } from './native.js';
 import { disableInboundDelivery, enableInboundDelivery } from './pod-routing.js';
 
 const log = logger('datapath');
@@ -108,10 +108,7 @@ export class NodeDatapath {
       }
       await enableInboundDelivery(pod.netnsPath);
     } catch (e) {
-      for (const link of made) {
-        link.detach();
-        link.close();
-      }
+      detachAll(made);
       await rm(dir, { recursive: true, force: true });
       throw e;
     }
@@ -150,16 +147,11 @@ export class NodeDatapath {
     const held = this.links.get(uid);
     this.links.delete(uid);
     if (held) {
-      for (const link of held) {
-        link.detach();
-        link.close();
-      }
+      detachAll(held);
     } else {
       for (const program of POD_PROGRAMS) {
         try {
-          const link = BpfLink.openPinned(join(dir, program));
-          link.detach();
-          link.close();
+          detachAll([BpfLink.openPinned(join(dir, program))]);
         } catch (e) {
           log.warn({ uid, program, err: e }, 'pinned link of a removed pod could not be opened');
         }
@@ -194,10 +186,7 @@ export class NodeDatapath {
         }
       }
     } catch (e) {
-      for (const link of links) {
-        link.detach();
-        link.close();
-      }
+      detachAll(links);
       await rm(dir, { recursive: true, force: true });
       throw e;
     }
@@ -208,10 +197,7 @@ export class NodeDatapath {
   async disableGate(): Promise<void> {
     const dir = join(this.pinRoot, 'gate');
     const links = this.gateLinks.length > 0 ? this.gateLinks : GATE_PROGRAMS.filter((p) => existsSync(join(dir, p))).map((p) => BpfLink.openPinned(join(dir, p)));
-    for (const link of links) {
-      link.detach();
-      link.close();
-    }
+    detachAll(links);
     this.gateLinks = [];
     await rm(dir, { recursive: true, force: true });
   }
@@ -223,9 +209,7 @@ export class NodeDatapath {
 
   /** Lets a pod's cgroup connect past the gate (verified, or opted out). */
   allowCgroup(cgroupId: bigint): void {
-    const key = Buffer.alloc(8);
-    key.writeBigUInt64LE(cgroupId);
-    this.allowed.update(key, Buffer.from([1]));
+    this.allowed.update(cgroupKey(cgroupId), Buffer.from([1]));
   }
 
   allowedCgroupIds(): bigint[] {
@@ -233,9 +217,7 @@ export class NodeDatapath {
   }
 
   disallowCgroup(cgroupId: bigint): void {
-    const key = Buffer.alloc(8);
-    key.writeBigUInt64LE(cgroupId);
-    this.allowed.delete(key);
+    this.allowed.delete(cgroupKey(cgroupId));
   }
 
   /** Registers a pod's in-pod inbound listener (fd) as the sk_lookup target for its address. */
@@ -281,6 +263,13 @@ export class NodeDatapath {
     this.close();
     await rm(this.pinRoot, { recursive: true, force: true });
   }
+}
+
+/** Key of nm_allowed_cgroups: the cgroup id as a host-order u64. */
+function cgroupKey(cgroupId: bigint): Buffer {
+  const key = Buffer.alloc(8);
+  key.writeBigUInt64LE(cgroupId);
+  return key;
 }
 
 export function assertPinRoot(path: string): void {
