@@ -11,7 +11,9 @@ import type { Server } from 'node:http';
 import { DEFAULT_MESH, shouldEnroll, type MeshSettings, type Namespace } from '../config/mesh.js';
 import { MeshSnapshot } from '../config/snapshot.js';
 import type { Service } from '../config/service.js';
+import { keepLastGood } from '../config/last-good.js';
 import { readConfigDir } from '../config/source-dir.js';
+import type { TrafficPolicy } from '../config/traffic-policy.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { isNodemeshError } from '../shared/errors.js';
@@ -71,6 +73,9 @@ export class NodeAgent {
   private readonly allowedCgroups = new Map<bigint, string>();
   private readonly servers: Server[] = [];
   private services: ReadonlyArray<Service> = [];
+  private trafficPolicies: ReadonlyArray<TrafficPolicy> = [];
+  /** The file each served config object came from (for keeping the last good ones). */
+  private configFiles: ReadonlyMap<string, string> = new Map();
   private namespaces: ReadonlyMap<string, Namespace> = new Map();
   private mesh: MeshSettings = DEFAULT_MESH;
   private pods: ReadonlyArray<NodePod> = [];
@@ -100,7 +105,6 @@ export class NodeAgent {
       passthrough: options.passthrough,
       connectTimeoutMs: options.connectTimeoutMs,
       idleTimeoutMs: options.idleTimeoutMs,
-      loadBalancing: 'round-robin',
       probe: PROBE_ADDRESS,
       onProbe: (uid) => agent?.probeArrived(uid),
       kernelRelay: options.kernelRelay,
@@ -164,37 +168,49 @@ export class NodeAgent {
     const snapshot = this.proxy.currentSnapshot();
     return {
       version: snapshot.version,
+      warnings: snapshot.warnings,
       services: snapshot.targets().map((t) => ({
         service: t.key,
         clusterIPs: t.service.clusterIPs,
         targetPort: t.port.targetPort,
-        endpoints: t.endpoints.map((e) => ({ pod: `${e.workload.namespace}/${e.workload.name}`, ip4: e.workload.ip4, ip6: e.workload.ip6, port: e.port })),
+        policy: t.policy,
+        endpoints: t.endpoints.map((e) => ({ pod: `${e.workload.namespace}/${e.workload.name}`, ip4: e.workload.ip4, ip6: e.workload.ip6, port: e.port, ...this.proxy.endpointState(e) })),
       })),
     };
   }
 
   /** Reads the config folder. A rejected object keeps its last good version serving. */
   private async loadConfig(): Promise<void> {
-    const { services, namespaces, mesh, issues } = await readConfigDir(this.options.configDir);
-    const byKey = new Map(services.map((s) => [`Service ${s.namespace}/${s.name}`, s]));
-    const rejected = new Map<string, number>([['Service', 0], ['yaml', 0]]);
+    const read = await readConfigDir(this.options.configDir);
+    const { namespaces, mesh, issues } = read;
+    const services = keepLastGood('Service', read.services, this.services, this.configFiles, issues);
+    const policies = keepLastGood('TrafficPolicy', read.trafficPolicies, this.trafficPolicies, this.configFiles, issues);
+    const kept = new Set([...services.kept, ...policies.kept]);
+    const rejected = new Map<string, number>([['Service', 0], ['TrafficPolicy', 0], ['yaml', 0]]);
     for (const issue of issues) {
       const kind = issue.object.startsWith('document ') ? 'yaml' : (issue.object.split(' ')[0] ?? 'unknown');
       rejected.set(kind, (rejected.get(kind) ?? 0) + 1);
       this.metrics.configErrors.inc({ kind });
-      const previous = this.services.find((s) => `Service ${s.namespace}/${s.name}` === issue.object);
-      if (previous && !byKey.has(issue.object)) byKey.set(issue.object, previous);
-      log.error({ file: issue.file, object: issue.object, field: issue.field, keptLastGood: Boolean(previous) }, `config rejected: ${issue.message}`);
+      log.error({ file: issue.file, object: issue.object, field: issue.field, keptLastGood: kept.has(issue.object) }, `config rejected: ${issue.message}`);
     }
     for (const [kind, n] of rejected) this.metrics.configRejected.set({ kind }, n);
-    this.services = [...byKey.values()];
+    const files = new Map(read.files);
+    for (const id of kept) {
+      const file = this.configFiles.get(id);
+      if (file !== undefined) files.set(id, file);
+    }
+    this.configFiles = files;
+    this.services = services.objects;
+    this.trafficPolicies = policies.objects;
     this.namespaces = new Map(namespaces.map((n) => [n.name, n]));
     // An invalid mesh ConfigMap keeps the last good settings, like any other object.
     if (mesh || !issues.some((i) => i.object.startsWith(`ConfigMap `))) this.mesh = mesh ?? DEFAULT_MESH;
     this.metrics.configObjects.set({ kind: 'Service' }, this.services.length);
+    this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, this.trafficPolicies.length);
     const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();
+    for (const w of this.proxy.currentSnapshot().warnings) log.warn({ object: w.object }, `config warning: ${w.message}`);
     // Enrollment depends on namespace labels and the mesh settings.
     if (!first) void this.reconcile();
   }
@@ -215,7 +231,7 @@ export class NodeAgent {
   /** A new snapshot from the current Services and the node's pods, swapped in whole. */
   private publish(): void {
     this.version++;
-    this.proxy.setSnapshot(new MeshSnapshot(this.version, this.services, this.pods));
+    this.proxy.setSnapshot(new MeshSnapshot(this.version, this.services, this.pods, this.trafficPolicies));
   }
 
   /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */

@@ -38,7 +38,7 @@ export interface DialResult {
 }
 
 /** Dials host:port, sends `bytes` random bytes, half-closes, and compares the echo. */
-export async function dial(host: string, port: number, bytes: number, options: { mark?: boolean; timeoutMs?: number } = {}): Promise<DialResult> {
+export async function dial(host: string, port: number, bytes: number, options: { mark?: boolean; timeoutMs?: number; holdMs?: number } = {}): Promise<DialResult> {
   const payload = randomBytes(bytes);
   const sentHash = createHash('sha256').update(payload).digest('hex');
   const t0 = performance.now();
@@ -88,6 +88,10 @@ export async function dial(host: string, port: number, bytes: number, options: {
       });
       socket.destroy();
     });
-    socket.end(payload);
+    // With holdMs the connection stays open that long after the bytes went out.
+    if (options.holdMs) {
+      socket.write(payload);
+      setTimeout(() => socket.end(), options.holdMs);
+    } else socket.end(payload);
   });
 }

@@ -227,8 +227,9 @@ debug
   .option('--bytes <n>', 'bytes to send', '1024')
   .option('--mark', 'connect through the addon with the proxy SO_MARK', false)
   .option('--timeout <ms>', 'connect and idle timeout', '5000')
-  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string }) => {
-    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout') });
+  .option('--hold <ms>', 'keep the connection open this long after sending', '0')
+  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string; hold: string }) => {
+    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;
   });

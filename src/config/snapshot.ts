@@ -5,6 +5,7 @@
  */
 import type { SocketAddress } from '../agent/datapath/abi.js';
 import type { Service, ServicePort } from './service.js';
+import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 
 export interface Workload {
   readonly uid: string;
@@ -28,6 +29,14 @@ export interface ServiceTarget {
   readonly endpoints: ReadonlyArray<Endpoint>;
   /** namespace/name:port, the key for per-service state such as load-balancer cursors. */
   readonly key: string;
+  /** From the TrafficPolicy that targets the Service, or the defaults. */
+  readonly policy: ServicePolicy;
+}
+
+/** Something in the config that is valid on its own but does not fit the rest (shown, not fatal). */
+export interface SnapshotWarning {
+  readonly object: string;
+  readonly message: string;
 }
 
 /** Istio's workload name: the app label when there is one, else the pod name. */
@@ -47,12 +56,16 @@ export class MeshSnapshot {
   private readonly byIp = new Map<string, Workload>();
   /** uid|targetPort -> the Service port that selects that workload there (inbound labels). */
   private readonly byEndpoint = new Map<string, ServiceTarget>();
+  readonly warnings: ReadonlyArray<SnapshotWarning>;
 
   constructor(
     readonly version: number,
     readonly services: ReadonlyArray<Service>,
     readonly workloads: ReadonlyArray<Workload>,
+    readonly trafficPolicies: ReadonlyArray<TrafficPolicy> = [],
   ) {
+    const warnings: SnapshotWarning[] = [];
+    const policies = resolvePolicies(services, trafficPolicies, warnings);
     for (const w of workloads) {
       this.byIp.set(w.ip4, w);
       this.byIp.set(w.ip6, w);
@@ -66,6 +79,7 @@ export class MeshSnapshot {
           port,
           endpoints: members.map((workload) => ({ workload, port: port.targetPort })),
           key: `${service.namespace}/${service.name}:${port.port}`,
+          policy: policies.get(`${service.namespace}/${service.name}`) ?? DEFAULT_SERVICE_POLICY,
         };
         for (const ip of service.clusterIPs) this.byVip.set(vipKey(ip, port.port), target);
         for (const e of target.endpoints) {
@@ -74,6 +88,7 @@ export class MeshSnapshot {
         }
       }
     }
+    this.warnings = warnings;
     Object.freeze(this);
   }
 
@@ -97,4 +112,26 @@ export class MeshSnapshot {
   targets(): ServiceTarget[] {
     return [...new Set(this.byVip.values())];
   }
+}
+
+/**
+ * Which policy each Service gets. Several policies on one Service: the first by name wins (as
+ * Gateway API policies resolve conflicts, with name as the tie-break) and the others are named in
+ * a warning; a policy whose Service does not exist (yet) is a warning too.
+ */
+function resolvePolicies(services: ReadonlyArray<Service>, policies: ReadonlyArray<TrafficPolicy>, warnings: SnapshotWarning[]): Map<string, ServicePolicy> {
+  const known = new Set(services.map((s) => `${s.namespace}/${s.name}`));
+  const chosen = new Map<string, TrafficPolicy>();
+  const sorted = [...policies].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+  for (const p of sorted) {
+    for (const name of p.services) {
+      const key = `${p.namespace}/${name}`;
+      const object = `TrafficPolicy ${p.namespace}/${p.name}`;
+      const winner = chosen.get(key);
+      if (!known.has(key)) warnings.push({ object, message: `targets Service ${key}, which does not exist` });
+      else if (winner) warnings.push({ object, message: `ignored for Service ${key}: TrafficPolicy ${winner.namespace}/${winner.name} already applies to it` });
+      else chosen.set(key, p);
+    }
+  }
+  return new Map([...chosen].map(([k, p]) => [k, p.policy]));
 }

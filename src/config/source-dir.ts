@@ -8,19 +8,30 @@ import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 
 import { MESH_CONFIG_NAME, parseMeshConfig, parseNamespace, type MeshSettings, type Namespace } from './mesh.js';
+import { schemas } from './schemas.js';
 import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
+import { TRAFFIC_POLICY_API, parseTrafficPolicy, type TrafficPolicy } from './traffic-policy.js';
+
+const TRAFFIC_POLICY = `${TRAFFIC_POLICY_API}/TrafficPolicy`;
 
 export interface ConfigObjects {
   readonly services: ReadonlyArray<Service>;
+  readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
   readonly namespaces: ReadonlyArray<Namespace>;
   /** From the `nodemesh` ConfigMap, if there is one (and it is valid). */
   readonly mesh: MeshSettings | undefined;
   readonly issues: ReadonlyArray<ConfigIssue>;
+  /** The file each accepted object came from, by object id ("Service ns/name"). */
+  readonly files: ReadonlyMap<string, string>;
 }
+
+/** How config objects are named in issues, logs and metrics: "Kind namespace/name". */
+export const objectId = (kind: string, o: { namespace: string; name: string }): string => `${kind} ${o.namespace}/${o.name}`;
 
 export async function readConfigDir(dir: string): Promise<ConfigObjects> {
   const files = (await readdir(dir)).filter((f) => /\.ya?ml$/.test(f)).sort();
   const services: Service[] = [];
+  const trafficPolicies: TrafficPolicy[] = [];
   const namespaces: Namespace[] = [];
   let mesh: MeshSettings | undefined;
   const issues: ConfigIssue[] = [];
@@ -54,24 +65,27 @@ export async function readConfigDir(dir: string): Promise<ConfigObjects> {
           if (meta?.name === MESH_CONFIG_NAME) mesh = parseMeshConfig(obj);
           continue;
         }
-        if (kind !== 'v1/Service') {
-          issues.push({ file, object: id, field: 'kind', message: `${kind} is not supported by this agent (Service, Namespace and the nodemesh ConfigMap until the control plane lands)` });
+        const isService = kind === 'v1/Service';
+        const isPolicy = kind === TRAFFIC_POLICY;
+        if (!isService && !isPolicy) {
+          const known = schemas().has(String(obj['apiVersion']), String(obj['kind']));
+          issues.push({ file, object: id, field: 'kind', message: `${kind} is ${known ? 'not used by this agent yet' : 'not a supported kind'} (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY})` });
           continue;
         }
-        const svc = parseService(obj);
-        const key = `${svc.namespace}/${svc.name}`;
-        const first = names.get(key);
+        const parsed = isService ? { service: parseService(obj) } : { policy: parseTrafficPolicy(obj) };
+        const first = names.get(id);
         if (first) {
-          issues.push({ file, object: id, field: 'metadata.name', message: `duplicate Service ${key} (first defined in ${first})` });
+          issues.push({ file, object: id, field: 'metadata.name', message: `duplicate ${id} (first defined in ${first})` });
           continue;
         }
-        names.set(key, file);
-        services.push(svc);
+        names.set(id, file);
+        if (parsed.service) services.push(parsed.service);
+        if (parsed.policy) trafficPolicies.push(parsed.policy);
       } catch (e) {
         if (!(e instanceof ObjectInvalid)) throw e;
         issues.push({ file, object: id, field: e.field, message: e.message });
       }
     }
   }
-  return { services, namespaces, mesh, issues };
+  return { services, trafficPolicies, namespaces, mesh, issues, files: names };
 }

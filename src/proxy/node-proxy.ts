@@ -10,9 +10,9 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
-import { MeshSnapshot, type Workload } from '../config/snapshot.js';
+import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
-import { LoadBalancer, type LoadBalancing } from './pool/load-balancer.js';
+import { LoadBalancer } from './pool/load-balancer.js';
 import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
 import { listenInPod, socketFd } from './pod-listener.js';
 import { relay, type RelayResult } from './relay.js';
@@ -38,12 +38,22 @@ export interface ProxyOptions {
   readonly passthrough: 'allow' | 'deny';
   readonly connectTimeoutMs: number;
   readonly idleTimeoutMs: number;
-  readonly loadBalancing: LoadBalancing;
   /** Connections to this address prove capture works for the pod; they are not relayed. */
   readonly probe: SocketAddress;
   readonly onProbe: (uid: string) => void;
   /** Relay bytes with splice() in the addon instead of JS streams. */
   readonly kernelRelay: boolean;
+}
+
+/** Where a connection goes, from which netns, and the metric labels it is reported under. */
+interface Upstream {
+  readonly path: 'same_node' | 'outbound' | 'inbound';
+  readonly netnsPath: string;
+  readonly host: string;
+  readonly port: number;
+  /** Connect with the client's address (delivery into the destination pod). */
+  readonly transparentSource?: string;
+  readonly labels: ReadonlyArray<TcpLabels>;
 }
 
 interface PodState {
@@ -63,15 +73,21 @@ export class NodeProxy {
     private readonly metrics: NodeMetrics,
     private readonly options: ProxyOptions,
   ) {
-    this.lb = new LoadBalancer(options.loadBalancing);
+    this.lb = new LoadBalancer();
   }
 
   setSnapshot(snapshot: MeshSnapshot): void {
     this.snapshot = snapshot;
+    this.lb.retain(snapshot.targets());
   }
 
   currentSnapshot(): MeshSnapshot {
     return this.snapshot;
+  }
+
+  /** Open connections the load balancer counts on an endpoint, and whether it is ejected. */
+  endpointState(e: Endpoint): { activeConnections: number; ejected: boolean } {
+    return { activeConnections: this.lb.activeConnections(e), ejected: this.lb.isEjected(e) };
   }
 
   activeConnections(uid: string): number {
@@ -135,18 +151,18 @@ export class NodeProxy {
    * thread) when the accepted socket's fd is reachable, which it is for TCP on Linux; through JS
    * streams otherwise.
    */
-  private async relay(state: PodState, client: Socket, upstreamFd: number): Promise<RelayResult> {
+  private async relay(state: PodState, client: Socket, upstreamFd: number, idleTimeoutMs: number): Promise<RelayResult> {
     const clientFd = socketFd(client);
     if (clientFd !== undefined && this.options.kernelRelay) {
       const own = dupFd(clientFd);
       // node:net's copy goes; the connection lives on in `own`, which the relay now owns.
       client.destroy();
-      return relayFds(own, upstreamFd, this.options.idleTimeoutMs);
+      return relayFds(own, upstreamFd, idleTimeoutMs);
     }
     const upstream = new Socket({ fd: upstreamFd, readable: true, writable: true, allowHalfOpen: true });
     state.sockets.add(upstream);
     upstream.once('close', () => state.sockets.delete(upstream));
-    return relay(client, upstream, this.options.idleTimeoutMs);
+    return relay(client, upstream, idleTimeoutMs);
   }
 
   private refuse(state: PodState, client: Socket, direction: 'outbound' | 'inbound', reason: RefuseReason, detail: Record<string, unknown>): void {
@@ -170,51 +186,107 @@ export class NodeProxy {
     }
     const snapshot = this.snapshot;
     const target = snapshot.service(original);
-    let host: string;
-    let port: number;
-    let destination: Workload | undefined;
-    const release: Array<() => void> = [];
     if (target) {
-      const endpoint = this.lb.pick(target);
+      void this.toService(state, client, original, target);
+      return;
+    }
+    if (this.options.passthrough === 'deny') {
+      this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
+      return;
+    }
+    const service = { destination_service: formatHostPort(original.address, original.port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
+    const upstream = this.upstreamTo(state, original, snapshot.workload(original.address), original.address, original.port, service);
+    state.active++;
+    this.connect(upstream, this.options.connectTimeoutMs).then(
+      (fd) => this.relayAndCount(state, client, fd, upstream, this.options.idleTimeoutMs).finally(() => state.active--),
+      (e: unknown) => {
+        state.active--;
+        this.refuse(state, client, 'outbound', 'upstream_connect_failed', { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
+      },
+    );
+  }
+
+  /**
+   * A connection to a Service: within its connection limit, to an endpoint the load balancer
+   * picks; a failed connect counts against that endpoint's health and is tried once more on
+   * another endpoint before the client is refused.
+   */
+  private async toService(state: PodState, client: Socket, original: SocketAddress, target: ServiceTarget): Promise<void> {
+    const policy = target.policy;
+    const svc = target.service;
+    const service = { destination_service: `${svc.name}.${svc.namespace}.svc.cluster.local`, destination_service_namespace: svc.namespace, destination_service_name: svc.name };
+    if (!this.lb.hasCapacity(target)) {
+      this.refuse(state, client, 'outbound', 'overflow', { service: target.key, maxConnections: policy.maxConnections });
+      return;
+    }
+    const attempts = Math.min(2, target.endpoints.length);
+    let avoid: Endpoint | undefined;
+    for (let attempt = 1; ; attempt++) {
+      const endpoint = this.lb.pick(target, avoid);
       if (!endpoint) {
         this.refuse(state, client, 'outbound', 'no_endpoints', { service: target.key, original: formatHostPort(original.address, original.port) });
         return;
       }
-      this.lb.acquire(endpoint);
-      release.push(() => this.lb.release(endpoint));
-      destination = endpoint.workload;
-      host = original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4;
-      port = endpoint.port;
-    } else if (this.options.passthrough === 'allow') {
-      host = original.address;
-      port = original.port;
-      destination = snapshot.workload(original.address);
-    } else {
-      this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
-      return;
+      const host = original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4;
+      const upstream = this.upstreamTo(state, original, endpoint.workload, host, endpoint.port, service);
+      this.lb.acquire(target, endpoint);
+      state.active++;
+      try {
+        let fd: number;
+        try {
+          fd = await this.connect(upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+        } catch (e) {
+          if (this.lb.connectFailed(target, endpoint)) {
+            this.metrics.ejections.inc({ service: target.key });
+            log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port }, 'endpoint ejected after consecutive connect errors');
+          }
+          if (attempt < attempts && !client.destroyed) {
+            this.metrics.connectRetries.inc({ service: target.key });
+            avoid = endpoint;
+            continue;
+          }
+          this.refuse(state, client, 'outbound', 'upstream_connect_failed', { service: target.key, upstream: formatHostPort(host, endpoint.port), attempts: attempt, err: (e as Error).message });
+          return;
+        }
+        this.lb.connectSucceeded(endpoint);
+        await this.relayAndCount(state, client, fd, upstream, policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+        return;
+      } finally {
+        this.lb.release(target, endpoint);
+        state.active--;
+      }
     }
-    const service = target
-      ? { destination_service: `${target.service.name}.${target.service.namespace}.svc.cluster.local`, destination_service_namespace: target.service.namespace, destination_service_name: target.service.name }
-      : { destination_service: formatHostPort(original.address, original.port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
+  }
+
+  /**
+   * Where an outbound connection goes and how it is reported. Same-node fast path: a destination
+   * pod served by this proxy too gets the connection straight from the outbound side (as its
+   * inbound side would, with the client's address), skipping the second hop; both sides' metrics
+   * are still reported, as the two proxies of two nodes would.
+   */
+  private upstreamTo(
+    state: PodState,
+    original: SocketAddress,
+    destination: Workload | undefined,
+    host: string,
+    port: number,
+    service: Pick<TcpLabels, 'destination_service' | 'destination_service_namespace' | 'destination_service_name'>,
+  ): Upstream {
     const labels: TcpLabels = { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(destination) };
-    // Same-node fast path: the destination pod is served by this proxy too, so deliver straight
-    // into it (as its inbound side would, with the client's address) and skip the second hop.
-    // Both sides' metrics are still reported, as the two proxies of two nodes would.
     const local = destination ? this.pods.get(destination.uid) : undefined;
     if (local) {
-      const source = original.family === 6 ? state.pod.ip6 : state.pod.ip4;
-      const inboundLabels: TcpLabels = { ...labels, reporter: 'destination' };
-      this.connectAndRelay(state, client, 'same_node', { netnsPath: local.pod.netnsPath, host, port, transparentSource: source }, [labels, inboundLabels], release);
-      return;
+      const transparentSource = original.family === 6 ? state.pod.ip6 : state.pod.ip4;
+      return { path: 'same_node', netnsPath: local.pod.netnsPath, host, port, transparentSource, labels: [labels, { ...labels, reporter: 'destination' }] };
     }
-    this.connectAndRelay(state, client, 'outbound', { netnsPath: state.pod.netnsPath, host, port }, [labels], release);
+    return { path: 'outbound', netnsPath: state.pod.netnsPath, host, port, labels: [labels] };
   }
 
   private inbound(state: PodState, client: Socket): void {
     const host = (client.localAddress ?? '').replace(/^::ffff:/, '');
     const port = client.localPort ?? 0;
     const source = this.snapshot.workload(client.remoteAddress ?? '');
-    const service = this.snapshot.serviceOf(state.pod.uid, port)?.service;
+    const target = this.snapshot.serviceOf(state.pod.uid, port);
+    const service = target?.service;
     const src = workloadLabels(source);
     const labels: TcpLabels = {
       reporter: 'destination',
@@ -229,7 +301,15 @@ export class NodeProxy {
     // Delivered from a transparent socket with the client's address, so the application sees
     // who called (see agent/datapath/pod-routing.ts for how the replies come back).
     const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
-    this.connectAndRelay(state, client, 'inbound', { netnsPath: state.pod.netnsPath, host, port, transparentSource: from }, [labels], []);
+    const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
+    state.active++;
+    this.connect(upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs).then(
+      (fd) => this.relayAndCount(state, client, fd, upstream, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs).finally(() => state.active--),
+      (e: unknown) => {
+        state.active--;
+        this.refuse(state, client, 'inbound', 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
+      },
+    );
   }
 
   private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
@@ -252,48 +332,30 @@ export class NodeProxy {
   }
 
   /**
-   * Connects to the upstream from inside a pod's netns and relays. With transparentSource the
-   * socket carries the client's address (inbound delivery); otherwise the proxy's mark.
+   * Connects to the upstream from inside a pod's netns. With transparentSource the socket carries
+   * the client's address (inbound delivery); otherwise the proxy's mark.
    */
-  private connectAndRelay(
-    state: PodState,
-    client: Socket,
-    path: 'same_node' | 'outbound' | 'inbound',
-    upstreamAt: { netnsPath: string; host: string; port: number; transparentSource?: string },
-    labels: ReadonlyArray<TcpLabels>,
-    release: Array<() => void>,
-  ): void {
-    const { host, port, transparentSource } = upstreamAt;
-    state.active++;
-    const done = (): void => {
-      state.active--;
-      for (const r of release) r();
-    };
-    const connect = transparentSource
-      ? { mark: NM_DELIVERY_MARK, localHost: transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
+  private connect(u: Upstream, timeoutMs: number): Promise<number> {
+    const how = u.transparentSource
+      ? { mark: NM_DELIVERY_MARK, localHost: u.transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
       : { mark: NM_PROXY_MARK };
-    connectInNetns({ netns: upstreamAt.netnsPath, host, port, timeoutMs: this.options.connectTimeoutMs, ...connect }).then(
-      async (fd) => {
-        // The client went away (or the pod left the mesh) while we were connecting.
-        if (client.destroyed || !this.pods.has(state.pod.uid)) {
-          closeFd(fd);
-          done();
-          return;
-        }
-        this.metrics.proxied.inc({ path });
-        for (const l of labels) this.metrics.tcpOpened.inc(l);
-        const result = await this.relay(state, client, fd);
-        for (const l of labels) {
-          this.metrics.tcpClosed.inc(l);
-          this.metrics.tcpReceived.inc(l, result.bytesFromClient);
-          this.metrics.tcpSent.inc(l, result.bytesToClient);
-        }
-        done();
-      },
-      (e: unknown) => {
-        done();
-        this.refuse(state, client, path === 'inbound' ? 'inbound' : 'outbound', 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
-      },
-    );
+    return connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how });
+  }
+
+  /** Relays a connected upstream fd and reports the connection under each of its labels. */
+  private async relayAndCount(state: PodState, client: Socket, fd: number, u: Upstream, idleTimeoutMs: number): Promise<void> {
+    // The client went away (or the pod left the mesh) while we were connecting.
+    if (client.destroyed || !this.pods.has(state.pod.uid)) {
+      closeFd(fd);
+      return;
+    }
+    this.metrics.proxied.inc({ path: u.path });
+    for (const l of u.labels) this.metrics.tcpOpened.inc(l);
+    const result = await this.relay(state, client, fd, idleTimeoutMs);
+    for (const l of u.labels) {
+      this.metrics.tcpClosed.inc(l);
+      this.metrics.tcpReceived.inc(l, result.bytesFromClient);
+      this.metrics.tcpSent.inc(l, result.bytesToClient);
+    }
   }
 }

@@ -15,7 +15,7 @@ import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { run } from '../../src/runtime/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
-import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
+import { metricValue, serviceYaml, startAgent, type AgentConfigDump } from '../support/agent.js';
 import { collect, createSandbox, waitFor } from '../support/sandbox.js';
 
 const SVC_V4 = '10.96.0.30';
@@ -206,4 +206,61 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
   await agent.writeConfig('mesh.yaml', meshConfig(false));
   await waitFor(async () => (await dialFromIntruder()).intact, 5000, 'dial allowed once the gate is off');
   assert.equal(existsSync(join(agent.pinRoot, 'gate')), false, 'gate unpinned');
+});
+
+test('agent: a TrafficPolicy picks least connections, caps connections, retries and ejects an endpoint that refuses', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC_V4);
+  const b = await sb.echoPod('echo-b', 8080, ['tier=backend']);
+  const c = await sb.echoPod('echo-c', 8080, ['tier=backend']);
+  // Selected by the Service, but nothing listens on 8080: every connect to it is refused.
+  await sb.idlePod('dead-d', ['tier=backend']);
+  const client = await sb.idlePod('client-a');
+  const policy = [
+    'apiVersion: networking.nodemesh.io/v1alpha1',
+    'kind: TrafficPolicy',
+    'metadata: {name: backend}',
+    'spec:',
+    '  targetRefs: [{kind: Service, name: backend}]',
+    '  loadBalancer: {type: LeastRequest}',
+    '  connectionPool: {tcp: {maxConnections: 2}}',
+    '  outlierDetection: {consecutiveConnectErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 50}',
+    '',
+  ].join('\n');
+  const agent = await startAgent(sb, { 'service.yaml': serviceYaml('backend', [SVC_V4], { tier: 'backend' }), 'policy.yaml': policy });
+  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'pods verified');
+  const backend = async (): Promise<AgentConfigDump['services'][number] | undefined> => (await agent.config()).services.find((s) => s.service === 'default/backend:80');
+  assert.equal((await backend())?.policy.loadBalancing, 'least-connections');
+
+  // Three endpoints in turn (ties go round robin): the one that refuses is retried on another
+  // endpoint, so the client never sees it, and it is ejected after its first error.
+  for (let i = 0; i < 3; i++) {
+    const r = await sb.dialFrom(client, SVC_V4, 80);
+    assert.ok(r.intact, `dial ${i}: ${JSON.stringify(r)}\n${agent.log().split("\n").filter((l) => /"subsystem":"proxy"/.test(l)).join("\n")}`);
+  }
+  let metrics = await agent.metrics();
+  assert.equal(metricValue(metrics, 'nodemesh_outlier_ejections_total', { service: 'default/backend:80' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_upstream_connect_retries_total', { service: 'default/backend:80' }), 1);
+  assert.deepEqual((await backend())?.endpoints.filter((e) => e.ejected).map((e) => e.pod), ['default/dead-d']);
+  await waitFor(async () => (await b.connections()).length + (await c.connections()).length === 3, 5000, 'three connections logged');
+  const before = { b: (await b.connections()).length, c: (await c.connections()).length };
+
+  // One connection held open on one endpoint: least connections sends the next ones to the other.
+  const held = sb.dialFrom(client, SVC_V4, 80, { holdMs: 4000 });
+  await waitFor(async () => (await backend())?.endpoints.some((e) => e.activeConnections === 1) ?? false, 5000, 'the held connection is open');
+  const busy = (await backend())?.endpoints.find((e) => e.activeConnections === 1)?.pod;
+  for (let i = 0; i < 4; i++) assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, `dial while held ${i}`);
+  await waitFor(async () => (await b.connections()).length + (await c.connections()).length === 7, 5000, 'four more logged');
+  const added = { b: (await b.connections()).length - before.b, c: (await c.connections()).length - before.c };
+  assert.deepEqual(added, busy === 'default/echo-b' ? { b: 0, c: 4 } : { b: 4, c: 0 }, `all four avoid the busy endpoint ${busy}`);
+
+  // maxConnections 2: with two open, a third is refused and counted.
+  const held2 = sb.dialFrom(client, SVC_V4, 80, { holdMs: 2000 });
+  await waitFor(async () => ((await backend())?.endpoints.reduce((n, e) => n + e.activeConnections, 0) ?? 0) === 2, 5000, 'two connections open');
+  const over = await sb.dialFrom(client, SVC_V4, 80);
+  assert.equal(over.ok, false);
+  metrics = await agent.metrics();
+  assert.equal(metricValue(metrics, 'nodemesh_connections_refused_total', { direction: 'outbound', reason: 'overflow' }), 1);
+  assert.ok((await held).intact, 'the held connection was relayed whole');
+  assert.ok((await held2).intact);
 });

@@ -9,6 +9,16 @@ import type { EnrolledPodStatus } from '../../src/agent/agent.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { waitFor, type Sandbox } from './sandbox.js';
 
+export interface AgentConfigDump {
+  version: number;
+  warnings: Array<{ object: string; message: string }>;
+  services: Array<{
+    service: string;
+    policy: { source?: string; loadBalancing: string; maxConnections: number };
+    endpoints: Array<{ pod: string; port: number; activeConnections: number; ejected: boolean }>;
+  }>;
+}
+
 export interface AgentProcess {
   readonly configDir: string;
   readonly pinRoot: string;
@@ -17,6 +27,8 @@ export interface AgentProcess {
   log(): string;
   pods(): Promise<EnrolledPodStatus[]>;
   metrics(): Promise<string>;
+  /** The admin API's /config: the routing tables the proxy serves from. */
+  config(): Promise<AgentConfigDump>;
   ready(): Promise<number>;
   waitForPods(check: (pods: EnrolledPodStatus[]) => boolean, what: string): Promise<EnrolledPodStatus[]>;
   kill(signal: NodeJS.Signals): Promise<void>;
@@ -69,6 +81,7 @@ export async function startAgent(sb: Sandbox, config: Record<string, string>): P
     log: () => output,
     pods: async () => ((await (await get(admin, '/pods')).json()) as { pods: EnrolledPodStatus[] }).pods,
     metrics: async () => (await get(metrics, '/metrics')).text(),
+    config: async () => (await (await get(admin, '/config')).json()) as AgentConfigDump,
     ready: async () => (await get(ready, '/healthz/ready')).status,
     async waitForPods(check, what) {
       let last: EnrolledPodStatus[] = [];

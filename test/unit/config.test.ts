@@ -4,9 +4,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
-import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
+import { keepLastGood } from '../../src/config/last-good.js';
+import { parseDuration } from '../../src/config/schemas.js';
+import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
 import { ObjectInvalid, parseService } from '../../src/config/service.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
+import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
 const svc = (spec: Record<string, unknown>, extra: Record<string, unknown> = {}) => ({ apiVersion: 'v1', kind: 'Service', metadata: { name: 'web', namespace: 'shop' }, spec, ...extra });
@@ -73,30 +76,142 @@ test('snapshot: endpoints from labels in the same namespace, by virtual address 
   assert.ok(Object.isFrozen(snap));
 });
 
-test('load balancing: round robin, and least connections with round-robin ties', () => {
+const TP = (spec: Record<string, unknown>, name = 'web-policy'): Record<string, unknown> => ({
+  apiVersion: 'networking.nodemesh.io/v1alpha1',
+  kind: 'TrafficPolicy',
+  metadata: { name, namespace: 'shop' },
+  spec: { targetRefs: [{ kind: 'Service', name: 'web' }], ...spec },
+});
+
+function webTarget(policies: Record<string, unknown>[] = []): ServiceTarget {
   const s = parseService(svc({ clusterIP: '10.96.0.1', selector: { app: 'web' }, ports: [{ port: 80 }] }));
-  const snap = new MeshSnapshot(1, [s], [pod('a', { app: 'web' }, 1), pod('b', { app: 'web' }, 2), pod('c', { app: 'web' }, 3)]);
+  const snap = new MeshSnapshot(1, [s], [pod('a', { app: 'web' }, 1), pod('b', { app: 'web' }, 2), pod('c', { app: 'web' }, 3)], policies.map(parseTrafficPolicy));
   const target = snap.service({ family: 4, address: '10.96.0.1', port: 80 });
   assert.ok(target);
-  const rr = new LoadBalancer('round-robin');
+  return target;
+}
+
+test('load balancing: round robin by default, least connections from a TrafficPolicy (round-robin ties)', () => {
+  const target = webTarget();
+  assert.equal(target.policy, DEFAULT_SERVICE_POLICY);
+  const rr = new LoadBalancer();
   assert.deepEqual([1, 2, 3, 4, 5, 6].map(() => rr.pick(target)?.workload.name), ['a', 'b', 'c', 'a', 'b', 'c']);
 
-  const lc = new LoadBalancer('least-connections');
-  const first = lc.pick(target);
+  const lcTarget = webTarget([TP({ loadBalancer: { type: 'LeastRequest' } })]);
+  assert.equal(lcTarget.policy.loadBalancing, 'least-connections');
+  const lc = new LoadBalancer();
+  const first = lc.pick(lcTarget);
   assert.ok(first);
-  lc.acquire(first);
-  lc.acquire(first);
-  const second = lc.pick(target);
+  lc.acquire(lcTarget, first);
+  lc.acquire(lcTarget, first);
+  const second = lc.pick(lcTarget);
   assert.ok(second && second.workload.name !== first.workload.name);
-  lc.acquire(second);
-  const third = lc.pick(target);
+  lc.acquire(lcTarget, second);
+  const third = lc.pick(lcTarget);
   assert.ok(third && ![first.workload.name, second.workload.name].includes(third.workload.name), 'the idle endpoint wins');
-  lc.release(first);
-  lc.release(first);
+  lc.release(lcTarget, first);
+  lc.release(lcTarget, first);
   assert.equal(lc.activeConnections(first), 0);
+  const s = parseService(svc({ clusterIP: '10.96.0.1', selector: { app: 'web' }, ports: [{ port: 80 }] }));
   const empty = new MeshSnapshot(2, [s], []).service({ family: 4, address: '10.96.0.1', port: 80 });
   assert.ok(empty);
   assert.equal(rr.pick(empty), undefined);
+
+  const random = webTarget([TP({ loadBalancer: { type: 'Random' } })]);
+  const seen = new Set(Array.from({ length: 200 }, () => new LoadBalancer().pick(random)?.workload.name));
+  assert.deepEqual([...seen].sort(), ['a', 'b', 'c']);
+});
+
+test('connection limit and passive health: ejection after consecutive connect errors, bounded, timed, panic when all are out', () => {
+  let now = 1_000;
+  const target = webTarget([TP({ connectionPool: { tcp: { maxConnections: 2 } }, outlierDetection: { consecutiveConnectErrors: 2, baseEjectionTime: '10s', maxEjectionPercent: 34 } })]);
+  const lb = new LoadBalancer(() => now);
+  const [a, b, c] = target.endpoints;
+  assert.ok(a && b && c);
+  lb.acquire(target, a);
+  assert.equal(lb.hasCapacity(target), true);
+  lb.acquire(target, b);
+  assert.equal(lb.hasCapacity(target), false, 'maxConnections reached');
+  lb.release(target, b);
+  assert.equal(lb.hasCapacity(target), true);
+
+  assert.equal(lb.connectFailed(target, a), false, 'one error is not enough');
+  lb.connectSucceeded(a);
+  assert.equal(lb.connectFailed(target, a), false, 'a success resets the count');
+  assert.equal(lb.connectFailed(target, a), true, 'two in a row eject');
+  assert.equal(lb.isEjected(a), true);
+  for (let i = 0; i < 6; i++) assert.notEqual(lb.pick(target)?.workload.name, 'a');
+  lb.connectFailed(target, b);
+  assert.equal(lb.connectFailed(target, b), false, '34% of 3 endpoints: only one may be out');
+  assert.equal(lb.isEjected(b), false);
+  assert.equal(lb.pick(target, c)?.workload.name, 'b', 'avoid skips the endpoint that just failed');
+  now += 10_001;
+  assert.equal(lb.isEjected(a), false, 'the ejection ends after baseEjectionTime');
+  lb.connectFailed(target, a);
+  assert.equal(lb.connectFailed(target, a), true);
+  now += 10_001;
+  assert.equal(lb.isEjected(a), true, 'the second ejection lasts twice as long');
+  now += 10_000;
+  assert.equal(lb.isEjected(a), false);
+
+  const solo = webTarget([TP({ outlierDetection: { consecutiveConnectErrors: 1, maxEjectionPercent: 100 } })]);
+  const lb2 = new LoadBalancer(() => now);
+  for (const e of solo.endpoints) lb2.connectFailed(solo, e);
+  assert.ok(solo.endpoints.every((e) => lb2.isEjected(e)));
+  assert.ok(lb2.pick(solo), 'all ejected: panic, all are used');
+});
+
+test('TrafficPolicy is validated against its CRD schema, naming the field', () => {
+  const p = parseTrafficPolicy(TP({ loadBalancer: { type: 'LeastRequest' }, connectionPool: { tcp: { connectTimeout: '1.5s', idleTimeout: '1m30s' } } }));
+  assert.deepEqual(p.services, ['web']);
+  assert.equal(p.policy.connectTimeoutMs, 1500);
+  assert.equal(p.policy.idleTimeoutMs, 90_000);
+  assert.equal(p.policy.source, 'shop/web-policy');
+  const bad: Array<[Record<string, unknown>, string]> = [
+    [TP({ loadBalancer: { type: 'Fastest' } }), 'spec.loadBalancer.type'],
+    [TP({ loadBalancer: { typ: 'Random' } }), 'spec.loadBalancer.typ'],
+    [TP({ connectionPool: { tcp: { maxConnections: '10' } } }), 'spec.connectionPool.tcp.maxConnections'],
+    [TP({ connectionPool: { tcp: { connectTimeout: '10 seconds' } } }), 'spec.connectionPool.tcp.connectTimeout'],
+    [TP({ targetRefs: [] }), 'spec.targetRefs'],
+    [TP({ targetRefs: [{ kind: 'Deployment', name: 'web' }] }), 'spec.targetRefs[0].kind'],
+    [{ ...TP({}), spec: undefined }, 'spec'],
+    [{ ...TP({}), extra: true }, 'extra'],
+    [{ ...TP({}), metadata: { name: 'Bad_Name' } }, 'metadata.name'],
+  ];
+  for (const [doc, field] of bad) {
+    assert.throws(() => parseTrafficPolicy(doc), (e) => e instanceof ObjectInvalid && e.field === field, field);
+  }
+  assert.equal(parseDuration('250ms', 'f'), 250);
+  assert.throws(() => parseDuration('5', 'f'), ObjectInvalid);
+});
+
+test('snapshot: the first TrafficPolicy by name wins a Service; conflicts and missing targets are warnings', () => {
+  const s = parseService(svc({ clusterIP: '10.96.0.1', selector: { app: 'web' }, ports: [{ port: 80 }] }));
+  const policies = [
+    TP({ loadBalancer: { type: 'Random' } }, 'b-policy'),
+    TP({ loadBalancer: { type: 'LeastRequest' } }, 'a-policy'),
+    TP({ targetRefs: [{ kind: 'Service', name: 'gone' }] }, 'c-policy'),
+  ].map(parseTrafficPolicy);
+  const snap = new MeshSnapshot(1, [s], [], policies);
+  assert.equal(snap.service({ family: 4, address: '10.96.0.1', port: 80 })?.policy.source, 'shop/a-policy');
+  assert.deepEqual(snap.warnings.map((w) => w.object), ['TrafficPolicy shop/b-policy', 'TrafficPolicy shop/c-policy']);
+});
+
+test('last good: a rejected object, or one in a file that stops parsing, keeps its previous version', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const service = (name: string, ip: string): string => `apiVersion: v1\nkind: Service\nmetadata: {name: ${name}}\nspec: {clusterIP: ${ip}, ports: [{port: 80}]}\n`;
+  await writeFile(join(dir, 'a.yaml'), service('a', '10.96.0.1') + '---\n' + service('b', '10.96.0.2'));
+  await writeFile(join(dir, 'c.yaml'), service('c', '10.96.0.3'));
+  const first = await readConfigDir(dir);
+  assert.deepEqual(first.issues, []);
+  // b gets a bad field, c's file stops being YAML, a is deleted.
+  await writeFile(join(dir, 'a.yaml'), 'apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {clusterIP: 10.96.0.9, ports: [{port: 80}], bogus: 1}\n');
+  await writeFile(join(dir, 'c.yaml'), 'kind: [unclosed\n');
+  const second = await readConfigDir(dir);
+  const { objects, kept } = keepLastGood('Service', second.services, first.services, first.files, second.issues);
+  assert.deepEqual([...kept].sort(), ['Service default/b', 'Service default/c']);
+  assert.deepEqual(objects.map((o) => `${o.name}=${o.clusterIPs[0]}`).sort(), ['b=10.96.0.2', 'c=10.96.0.3']);
 });
 
 test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {

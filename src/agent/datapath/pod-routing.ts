@@ -3,7 +3,7 @@
  * the application from a transparent socket bound to the client's address and marked
  * NM_DELIVERY_MARK. With tcp_fwmark_accept the application's side of the connection inherits the
  * mark, and a policy route sends marked packets for any address to the local table, so replies
- * come back to the proxy instead of leaving the pod. No iptables: a sysctl and two ip rules in
+ * come back to the proxy instead of leaving the pod. No iptables: sysctls and two ip rules in
  * the pod's own network namespace, which disappear with it.
  */
 import { NM_DELIVERY_MARK, NM_DELIVERY_TABLE } from './abi.js';
@@ -25,7 +25,14 @@ async function ignoreMissing(p: Promise<unknown>): Promise<void> {
 }
 
 export async function enableInboundDelivery(netnsPath: string): Promise<void> {
-  await inNetns(netnsPath, ['sh', '-c', 'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept']);
+  // fwmark_reflect: a reset the kernel sends for a port nothing listens on carries the SYN's mark
+  // too, so it reaches the proxy's transparent socket (an immediate ECONNREFUSED) instead of
+  // leaving the pod for the real client address and the proxy waiting out its connect timeout.
+  await inNetns(netnsPath, [
+    'sh',
+    '-c',
+    'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept && echo 1 > /proc/sys/net/ipv4/fwmark_reflect && echo 1 > /proc/sys/net/ipv6/fwmark_reflect',
+  ]);
   for (const [family, any] of [['-4', '0.0.0.0/0'], ['-6', '::/0']] as const) {
     // del + add keeps it idempotent: re-enrolling a pod must not stack duplicate rules.
     await ignoreMissing(inNetns(netnsPath, ['ip', family, 'rule', 'del', 'fwmark', mark, 'lookup', table, 'pref', table]));

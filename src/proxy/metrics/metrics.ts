@@ -26,7 +26,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 export const ENROLL_ERROR_REASONS = ['netns_missing', 'cgroup_missing', 'attach_failed', 'listen_failed', 'probe_failed', 'readopt_failed', 'invalid_record'] as const;
@@ -48,6 +48,8 @@ export class NodeMetrics {
   readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
   readonly refused: Counter<'direction' | 'reason'>;
   readonly proxied: Counter<'path'>;
+  readonly ejections: Counter<'service'>;
+  readonly connectRetries: Counter<'service'>;
   readonly podsEnrolled: Gauge;
   readonly podVerified: Gauge<'namespace' | 'pod'>;
   readonly enrollErrors: Counter<'reason'>;
@@ -71,6 +73,8 @@ export class NodeMetrics {
       labelNames: ['path'],
       registers,
     });
+    this.ejections = new Counter({ name: 'nodemesh_outlier_ejections_total', help: 'Endpoints ejected after consecutive connect errors (TrafficPolicy outlierDetection), by Service', labelNames: ['service'], registers });
+    this.connectRetries = new Counter({ name: 'nodemesh_upstream_connect_retries_total', help: 'Outbound connections retried on another endpoint after a connect error, by Service', labelNames: ['service'], registers });
     this.podsEnrolled = new Gauge({ name: 'nodemesh_pods_enrolled', help: 'Pods whose traffic this node captures', registers });
     this.podVerified = new Gauge({ name: 'nodemesh_pod_redirection_verified', help: '1 once a probe from inside the pod reached the proxy', labelNames: ['namespace', 'pod'], registers });
     this.enrollErrors = new Counter({ name: 'nodemesh_enroll_errors_total', help: 'Failed pod enrollments, by reason', labelNames: ['reason'], registers });

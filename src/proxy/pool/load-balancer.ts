@@ -1,58 +1,123 @@
-/** L4 endpoint choice: round robin (default) and least connections, per service port. */
+/**
+ * L4 endpoint choice per Service port, as its TrafficPolicy says: round robin (default), least
+ * connections (ties in round robin) or random, over the endpoints that are not ejected. Passive
+ * health: an endpoint that fails `consecutiveConnectErrors` connects in a row is ejected for
+ * baseEjectionTime times its number of ejections, within maxEjectionPercent of the Service's
+ * endpoints (at least one may always be ejected). When every endpoint is ejected, all are used
+ * again (panic), since refusing everything helps nobody.
+ */
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 
-export type LoadBalancing = 'round-robin' | 'least-connections';
+export type LoadBalancing = 'round-robin' | 'least-connections' | 'random';
 
 const endpointKey = (e: Endpoint): string => `${e.workload.uid}:${e.port}`;
+
+interface Health {
+  consecutiveErrors: number;
+  ejections: number;
+  ejectedUntil: number;
+}
 
 export class LoadBalancer {
   private readonly cursors = new Map<string, number>();
   private readonly active = new Map<string, number>();
+  private readonly perTarget = new Map<string, number>();
+  private readonly health = new Map<string, Health>();
 
-  constructor(private readonly mode: LoadBalancing = 'round-robin') {}
+  constructor(private readonly now: () => number = Date.now) {}
 
-  /** Picks an endpoint, or undefined if the target has none. Call release() when it closes. */
-  pick(target: ServiceTarget, mode: LoadBalancing = this.mode): Endpoint | undefined {
-    const eps = target.endpoints;
-    if (eps.length === 0) return undefined;
-    if (mode === 'least-connections') {
-      // Ties go round robin, so equal load still spreads.
-      const start = this.next(target.key, eps.length);
-      let best: Endpoint | undefined;
-      let bestActive = Infinity;
-      for (let i = 0; i < eps.length; i++) {
-        const e = eps[(start + i) % eps.length];
-        if (!e) continue;
-        const n = this.active.get(endpointKey(e)) ?? 0;
-        if (n < bestActive) {
-          best = e;
-          bestActive = n;
-        }
+  /** Picks an endpoint, or undefined if the target has none. `avoid` is skipped when there is another. */
+  pick(target: ServiceTarget, avoid?: Endpoint): Endpoint | undefined {
+    const all = target.endpoints;
+    if (all.length === 0) return undefined;
+    const now = this.now();
+    let eps = all.filter((e) => !this.isEjected(e, now) && (avoid === undefined || endpointKey(e) !== endpointKey(avoid)));
+    if (eps.length === 0) eps = all.filter((e) => avoid === undefined || endpointKey(e) !== endpointKey(avoid));
+    if (eps.length === 0) eps = [...all];
+    const mode = target.policy.loadBalancing;
+    if (mode === 'random') return eps[Math.floor(Math.random() * eps.length)];
+    const start = this.next(target.key, eps.length);
+    if (mode === 'round-robin') return eps[start];
+    let best: Endpoint | undefined;
+    let bestActive = Infinity;
+    for (let i = 0; i < eps.length; i++) {
+      const e = eps[(start + i) % eps.length];
+      if (!e) continue;
+      const n = this.active.get(endpointKey(e)) ?? 0;
+      if (n < bestActive) {
+        best = e;
+        bestActive = n;
       }
-      return best;
     }
-    return eps[this.next(target.key, eps.length)];
+    return best;
   }
 
   private next(key: string, n: number): number {
-    const i = (this.cursors.get(key) ?? -1) + 1;
-    this.cursors.set(key, i % n);
-    return i % n;
+    const i = ((this.cursors.get(key) ?? -1) + 1) % n;
+    this.cursors.set(key, i);
+    return i;
   }
 
-  acquire(e: Endpoint): void {
-    const k = endpointKey(e);
-    this.active.set(k, (this.active.get(k) ?? 0) + 1);
+  /** Whether the Service's connection limit (TrafficPolicy maxConnections) leaves room for one more. */
+  hasCapacity(target: ServiceTarget): boolean {
+    return (this.perTarget.get(target.key) ?? 0) < target.policy.maxConnections;
   }
 
-  release(e: Endpoint): void {
-    const k = endpointKey(e);
-    const n = (this.active.get(k) ?? 1) - 1;
-    if (n <= 0) this.active.delete(k);
-    else this.active.set(k, n);
+  acquire(target: ServiceTarget, e: Endpoint): void {
+    bump(this.active, endpointKey(e), 1);
+    bump(this.perTarget, target.key, 1);
+  }
+
+  release(target: ServiceTarget, e: Endpoint): void {
+    bump(this.active, endpointKey(e), -1);
+    bump(this.perTarget, target.key, -1);
   }
 
   activeConnections(e: Endpoint): number {
     return this.active.get(endpointKey(e)) ?? 0;
   }
+
+  /** Records a failed connect; returns true when this failure ejected the endpoint. */
+  connectFailed(target: ServiceTarget, e: Endpoint): boolean {
+    const key = endpointKey(e);
+    const h = this.health.get(key) ?? { consecutiveErrors: 0, ejections: 0, ejectedUntil: 0 };
+    this.health.set(key, h);
+    h.consecutiveErrors++;
+    const { consecutiveConnectErrors, baseEjectionMs, maxEjectionPercent } = target.policy.outlier;
+    const now = this.now();
+    if (h.consecutiveErrors < consecutiveConnectErrors || h.ejectedUntil > now) return false;
+    const ejected = target.endpoints.filter((x) => this.isEjected(x, now)).length;
+    const allowed = maxEjectionPercent === 0 ? 0 : Math.max(1, Math.floor((target.endpoints.length * maxEjectionPercent) / 100));
+    if (ejected >= allowed) return false;
+    h.ejections++;
+    h.ejectedUntil = now + baseEjectionMs * h.ejections;
+    h.consecutiveErrors = 0;
+    return true;
+  }
+
+  connectSucceeded(e: Endpoint): void {
+    const h = this.health.get(endpointKey(e));
+    if (!h) return;
+    h.consecutiveErrors = 0;
+    // A healthy endpoint that has served its ejection forgets it, so the next one is short again.
+    if (h.ejectedUntil <= this.now()) this.health.delete(endpointKey(e));
+  }
+
+  isEjected(e: Endpoint, now = this.now()): boolean {
+    return (this.health.get(endpointKey(e))?.ejectedUntil ?? 0) > now;
+  }
+
+  /** Forgets state of endpoints and Services that are no longer in the snapshot. */
+  retain(targets: ReadonlyArray<ServiceTarget>): void {
+    const endpoints = new Set(targets.flatMap((t) => t.endpoints.map(endpointKey)));
+    const keys = new Set(targets.map((t) => t.key));
+    for (const k of this.health.keys()) if (!endpoints.has(k)) this.health.delete(k);
+    for (const k of this.cursors.keys()) if (!keys.has(k)) this.cursors.delete(k);
+  }
+}
+
+function bump(m: Map<string, number>, key: string, by: number): void {
+  const n = (m.get(key) ?? 0) + by;
+  if (n <= 0) m.delete(key);
+  else m.set(key, n);
 }
