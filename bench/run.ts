@@ -19,7 +19,7 @@ import { waitForListener } from '../src/runtime/wait.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/shared/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { cpuSeconds, heyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
+import { cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.50';
@@ -47,7 +47,7 @@ async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string
   const ka = await wrk(runtime, client, host, httpPort, SECONDS, true);
   const cpu1 = await cpuSeconds(proxyPids());
   const nc = await wrk(runtime, client, host, httpPort, SECONDS, false);
-  const latency = await heyFixedRate(runtime, client, host, httpPort, SECONDS);
+  const latency = await latencyFixedRate(runtime, client, host, httpPort, SECONDS);
   const pids = proxyPids();
   return {
     throughputGbps,
@@ -118,7 +118,8 @@ async function main(): Promise<void> {
     );
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
     const startAgent = (): ChildProcess => {
-      const child = spawn(process.execPath, ['--max-semi-space-size=2', CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
+      // Started through bin/nodemesh.js's own line, so the bench runs the agent with the V8 flags it ships with.
+      const child = spawn(CLI_ENTRY, ['agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
       agent = child;
       return child;
     };

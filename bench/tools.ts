@@ -1,14 +1,18 @@
 /** Load generators run inside the client pod (so capture applies), and their output parsed. */
 import type { ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
 
 import type { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
+import { PACKAGE_ROOT } from '../src/shared/paths.js';
 
 export interface Output {
   readonly code: number | null;
   readonly stdout: string;
   readonly stderr: string;
 }
+
+export const LATENCY_TOOL = join(PACKAGE_ROOT, 'build', 'bench', 'latency');
 
 export async function execIn(runtime: LocalPodRuntime, pod: PodRecord, argv: string[]): Promise<Output> {
   const child: ChildProcess = runtime.exec(pod, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -53,11 +57,15 @@ export interface Latency {
   readonly rps: number;
 }
 
-/** Latency percentiles in ms at a fixed 1000 requests/s (hey: 10 workers x 100/s). */
-export async function heyFixedRate(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<Latency> {
-  const out = await execIn(runtime, client, ['hey', '-z', `${seconds}s`, '-c', '10', '-q', '100', '-disable-keepalive=false', url(host, port)]);
-  const pct = (p: number): number => Number(new RegExp(`${p}%+ in ([\\d.]+) secs`).exec(out.stdout)?.[1]) * 1000;
-  return { p50: pct(50), p90: pct(90), p99: pct(99), rps: Number(/Requests\/sec:\s+([\d.]+)/.exec(out.stdout)?.[1]) };
+/**
+ * Latency percentiles in ms at a fixed 1000 requests/s over 10 keep-alive connections, from
+ * bench/latency.c (open loop, microsecond resolution; hey's 0.1 ms steps were too coarse).
+ */
+export async function latencyFixedRate(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<Latency> {
+  const out = await execIn(runtime, client, [LATENCY_TOOL, host, String(port), '1000', String(seconds), '10']);
+  const r = JSON.parse(out.stdout.trim().split('\n').pop() ?? '{}') as { requests: number; errors: number; missing: number; p50: number; p90: number; p99: number };
+  if (!(r.requests > 0) || r.errors > 0 || r.missing > 0) throw new Error(`latency run against ${host}:${port} failed: ${out.stdout} ${out.stderr}`);
+  return { p50: r.p50, p90: r.p90, p99: r.p99, rps: r.requests / seconds };
 }
 
 /** User+system CPU seconds of processes, from /proc/PID/stat (clock ticks of 100 Hz). */

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# `npm run bench`: installs the load tools and the sidecar peer (iperf3, wrk, hey, HAProxy, nft,
+# `npm run bench`: installs the load tools and the sidecar peer (iperf3, wrk, HAProxy, nft,
 # nginx as the app) from Debian's packages, builds if needed, runs bench/run.ts.
 # BENCH_SECONDS (default 5) and BENCH_PODS (default 1,10,100) tune it.
 source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || die "the benchmark creates network namespaces, cgroups and BPF programs: run it as root"
-SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "hey:cmd:hey" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
+# The fixed-rate latency client (microsecond resolution), built with the system C compiler.
+mkdir -p build/bench
+if [[ ! build/bench/latency -nt bench/latency.c ]]; then
+  cc -O2 -Wall -Wextra -Werror -o build/bench/latency bench/latency.c || die "cannot build bench/latency.c (needs a C compiler: apt-get install gcc)"
+fi
 remember_bpffs
 status=0
 NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn} node dist/bench/run.js || status=$?

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the BPF objects (clang), the native addon (cmake-js over libbpf) and the TypeScript (tsc).
+# Builds the BPF objects (clang), the native addon (cmake-js over libbpf), the TypeScript (tsc) and
+# the validators compiled from the CRD schemas in daemonset/crds.
 # Fails loudly, naming the missing tool, if clang or the libbpf headers are not there.
 source "$(dirname "$0")/lib.sh"
 
@@ -35,6 +36,8 @@ build_native() {
 build_ts() {
   say "tsc"
   npx --no-install tsc -p tsconfig.json
+  say "CRD schemas -> validators"
+  node dist/src/config/generate-validators.js
 }
 
 case "$what" in

@@ -58,7 +58,7 @@ ensure_node_modules() {
 }
 
 source_hash() {
-  find src test bpf native bin scripts package.json package-lock.json tsconfig.json -type f \
+  find src test bench bpf native bin scripts daemonset package.json package-lock.json tsconfig.json -type f \
     -not -path '*/node_modules/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }
 

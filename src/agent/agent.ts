@@ -23,6 +23,7 @@ import { probeConnect } from './datapath/native.js';
 import { NodeDatapath } from './datapath/node-datapath.js';
 import { json, serveHttp, type HostPort } from './http.js';
 import type { NodePod, PodSource } from './pods/source.js';
+import { byNamespaceName } from '../shared/order.js';
 
 const log = logger('agent');
 
@@ -161,7 +162,7 @@ export class NodeAgent {
         connections: this.proxy.activeConnections(e.pod.uid),
         enrolledAt: e.enrolledAt,
       }))
-      .sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+      .sort(byNamespaceName);
   }
 
   private configDump(): unknown {

@@ -1,45 +1,25 @@
 /**
  * Validation of nodemesh's own kinds against the OpenAPI v3 schemas of their CRDs
- * (daemonset/crds/*.yaml): one source of truth for the API server and for local files. The
- * schemas are compiled with ajv as they are, with one change a structural CRD schema cannot say:
- * every object that lists its properties rejects others, as `kubectl --validate=strict` does
- * (the API server would silently prune them, which hides typos).
+ * (daemonset/crds/*.yaml, read by crds.ts): one source of truth for the API server and for local
+ * files. The build compiles them into ajv standalone validators; this module loads those and
+ * turns their errors into ObjectInvalid with the field named.
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 
-import { Ajv, type ErrorObject, type ValidateFunction } from 'ajv';
-import { parse } from 'yaml';
+import type { ErrorObject } from 'ajv';
 
+import { NodemeshError } from '../shared/errors.js';
 import { PACKAGE_ROOT } from '../shared/paths.js';
 import { ObjectInvalid } from './service.js';
 
-export const CRD_DIR = join(PACKAGE_ROOT, 'daemonset', 'crds');
+/** The validators `npm run build` compiles from daemonset/crds (src/config/generate-validators.ts). */
+export const GENERATED_VALIDATORS = join(PACKAGE_ROOT, 'build', 'generated', 'crd-validators.cjs');
 
-type Json = Record<string, unknown>;
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
-
-/** Kubernetes' schema extensions: allowed in the schemas, no meaning for local validation. */
-const KUBERNETES_KEYWORDS = [
-  'x-kubernetes-preserve-unknown-fields',
-  'x-kubernetes-int-or-string',
-  'x-kubernetes-embedded-resource',
-  'x-kubernetes-list-type',
-  'x-kubernetes-list-map-keys',
-  'x-kubernetes-map-type',
-  'x-kubernetes-validations',
-];
-
-/** A copy of the schema where objects with listed properties refuse unlisted ones. */
-function strictCopy(schema: unknown): unknown {
-  if (Array.isArray(schema)) return schema.map(strictCopy);
-  if (!isObject(schema)) return schema;
-  const out: Json = {};
-  for (const [k, v] of Object.entries(schema)) out[k] = k === 'enum' || k === 'default' || k === 'example' ? v : strictCopy(v);
-  if (out['type'] === 'object' && isObject(out['properties']) && out['additionalProperties'] === undefined && out['x-kubernetes-preserve-unknown-fields'] !== true) {
-    out['additionalProperties'] = false;
-  }
-  return out;
+interface Validator {
+  (doc: unknown): boolean;
+  errors?: ErrorObject[] | null;
 }
 
 /** `/spec/targetRefs/0/kind` -> `spec.targetRefs[0].kind` */
@@ -70,30 +50,15 @@ function describe(e: ErrorObject): { field: string; message: string } {
   return { field, message: `${field || 'the object'} ${e.message ?? 'is not valid'}` };
 }
 
-export interface KindSchema {
-  readonly group: string;
-  readonly version: string;
-  readonly kind: string;
-  readonly plural: string;
-}
-
 class SchemaRegistry {
-  private readonly validators = new Map<string, ValidateFunction>();
-  readonly kinds: KindSchema[] = [];
+  private readonly validators: ReadonlyMap<string, Validator>;
 
-  constructor(dir: string) {
-    const ajv = new Ajv({ allErrors: false, strict: true, strictRequired: false });
-    ajv.addVocabulary(KUBERNETES_KEYWORDS);
-    for (const file of readdirSync(dir).filter((f) => /\.ya?ml$/.test(f)).sort()) {
-      const crd = parse(readFileSync(join(dir, file), 'utf8')) as {
-        spec: { group: string; names: { kind: string; plural: string }; versions: Array<{ name: string; schema: { openAPIV3Schema: unknown } }> };
-      };
-      for (const v of crd.spec.versions) {
-        const key = `${crd.spec.group}/${v.name}/${crd.spec.names.kind}`;
-        this.validators.set(key, ajv.compile(strictCopy(v.schema.openAPIV3Schema) as object));
-        this.kinds.push({ group: crd.spec.group, version: v.name, kind: crd.spec.names.kind, plural: crd.spec.names.plural });
-      }
+  constructor(file: string) {
+    if (!existsSync(file)) {
+      throw new NodemeshError('NM_ERR_NATIVE_MISSING', `the compiled CRD validators are missing: ${file}`, { context: { path: file }, hint: 'run `npm run build`' });
     }
+    const mod = createRequire(import.meta.url)(file) as Record<string, Validator>;
+    this.validators = new Map(Object.entries(mod));
   }
 
   /** Whether `apiVersion`/`kind` is one of nodemesh's own kinds. */
@@ -114,9 +79,9 @@ class SchemaRegistry {
 
 let registry: SchemaRegistry | undefined;
 
-/** The CRD schemas of this build, compiled once on first use. */
+/** The validators of this build's CRD schemas, loaded once on first use. */
 export function schemas(): SchemaRegistry {
-  registry ??= new SchemaRegistry(CRD_DIR);
+  registry ??= new SchemaRegistry(GENERATED_VALIDATORS);
   return registry;
 }
 

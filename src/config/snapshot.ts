@@ -6,6 +6,7 @@
 import type { SocketAddress } from '../agent/datapath/abi.js';
 import type { Service, ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
+import { byNamespaceName } from '../shared/order.js';
 
 export interface Workload {
   readonly uid: string;
@@ -70,7 +71,7 @@ export class MeshSnapshot {
       this.byIp.set(w.ip4, w);
       this.byIp.set(w.ip6, w);
     }
-    const sorted = [...workloads].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+    const sorted = [...workloads].sort(byNamespaceName);
     for (const service of services) {
       const members = sorted.filter((w) => w.namespace === service.namespace && selects(service.selector, w.labels));
       for (const port of service.ports) {
@@ -122,7 +123,7 @@ export class MeshSnapshot {
 function resolvePolicies(services: ReadonlyArray<Service>, policies: ReadonlyArray<TrafficPolicy>, warnings: SnapshotWarning[]): Map<string, ServicePolicy> {
   const known = new Set(services.map((s) => `${s.namespace}/${s.name}`));
   const chosen = new Map<string, TrafficPolicy>();
-  const sorted = [...policies].sort((a, b) => `${a.namespace}/${a.name}`.localeCompare(`${b.namespace}/${b.name}`));
+  const sorted = [...policies].sort(byNamespaceName);
   for (const p of sorted) {
     for (const name of p.services) {
       const key = `${p.namespace}/${name}`;
