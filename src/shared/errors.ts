@@ -9,7 +9,7 @@ export const ERROR_CODES = {
   NM_ERR_NO_CGROUP2: 'no cgroup v2 hierarchy is mounted',
   NM_ERR_NO_BPF: 'the bpf() system call is missing or not permitted',
   NM_ERR_BPFFS: 'the BPF filesystem is not mounted and could not be mounted',
-  NM_ERR_NATIVE_MISSING: 'the native addon or the compiled BPF objects are not built',
+  NM_ERR_NATIVE_MISSING: 'the native addon, the compiled BPF objects or the generated CRD validators are not built',
   NM_ERR_TOOL_MISSING: 'a system tool nodemesh runs (iproute2) is not installed',
   NM_ERR_DATAPATH: 'a kernel call of the datapath (BPF, socket, namespace) failed',
   NM_ERR_BPF_LOAD: 'the kernel refused to load a BPF object (verifier or missing feature)',
