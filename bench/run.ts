@@ -200,6 +200,12 @@ async function main(): Promise<void> {
     say(`wrote ${join(outDir, 'latest.json')}`);
   } finally {
     say('cleaning up');
+    // The agent goes first: pods removed under a running agent are reported as errors.
+    if (agent && agent.exitCode === null && agent.signalCode === null) {
+      const exited = new Promise((r) => agent?.once('exit', r));
+      agent.kill('SIGTERM');
+      await exited;
+    }
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
     await rm(work, { recursive: true, force: true });
     await rm(config.stateDir, { recursive: true, force: true });
