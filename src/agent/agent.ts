@@ -253,7 +253,15 @@ export class NodeAgent {
 
   private async reconcileOnce(): Promise<void> {
     const { pods, problems } = await this.source.list();
-    for (const p of problems) this.noteFailure(p, p.reason, p.message);
+    for (const p of problems) {
+      // A pod being deleted loses its netns before its record: for a pod that was enrolled until
+      // now that is a removal, not an error (a record that stays broken is one on the next pass).
+      if (p.reason === 'netns_missing' && this.enrolled.has(p.uid)) {
+        log.info({ pod: p.name, namespace: p.namespace, uid: p.uid }, 'network namespace gone: the pod is being removed');
+        continue;
+      }
+      this.noteFailure(p, p.reason, p.message);
+    }
     const podsChanged = JSON.stringify(pods.map((p) => [p.uid, p.labels])) !== JSON.stringify(this.pods.map((p) => [p.uid, p.labels]));
     this.pods = pods;
     if (podsChanged) this.publish();
