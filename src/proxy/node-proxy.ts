@@ -196,12 +196,17 @@ export class NodeProxy {
     }
     const service = { destination_service: formatHostPort(original.address, original.port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
     const upstream = this.upstreamTo(state, original, snapshot.workload(original.address), original.address, original.port, service);
+    this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
+  }
+
+  /** One connect attempt, then the relay; a failed connect refuses the client. */
+  private forward(state: PodState, client: Socket, direction: 'outbound' | 'inbound', upstream: Upstream, connectTimeoutMs: number, idleTimeoutMs: number): void {
     state.active++;
-    this.connect(upstream, this.options.connectTimeoutMs).then(
-      (fd) => this.relayAndCount(state, client, fd, upstream, this.options.idleTimeoutMs).finally(() => state.active--),
+    this.connect(upstream, connectTimeoutMs).then(
+      (fd) => this.relayAndCount(state, client, fd, upstream, idleTimeoutMs).finally(() => state.active--),
       (e: unknown) => {
         state.active--;
-        this.refuse(state, client, 'outbound', 'upstream_connect_failed', { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
+        this.refuse(state, client, direction, 'upstream_connect_failed', { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
       },
     );
   }
@@ -302,14 +307,7 @@ export class NodeProxy {
     // who called (see agent/datapath/pod-routing.ts for how the replies come back).
     const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
-    state.active++;
-    this.connect(upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs).then(
-      (fd) => this.relayAndCount(state, client, fd, upstream, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs).finally(() => state.active--),
-      (e: unknown) => {
-        state.active--;
-        this.refuse(state, client, 'inbound', 'upstream_connect_failed', { upstream: formatHostPort(host, port), err: (e as Error).message });
-      },
-    );
+    this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }
 
   private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
