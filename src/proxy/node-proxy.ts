@@ -10,6 +10,7 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
+import type { Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
 import { LoadBalancer } from './pool/load-balancer.js';
@@ -43,6 +44,15 @@ export interface ProxyOptions {
   readonly onProbe: (uid: string) => void;
   /** Relay bytes with splice() in the addon instead of JS streams. */
   readonly kernelRelay: boolean;
+}
+
+type ServiceLabels = Pick<TcpLabels, 'destination_service' | 'destination_service_namespace' | 'destination_service_name'>;
+
+/** Istio's destination_service labels: the Service's cluster name, or the address for anything else. */
+function serviceLabels(service: Service | undefined, host: string, port: number): ServiceLabels {
+  return service
+    ? { destination_service: `${service.name}.${service.namespace}.svc.cluster.local`, destination_service_namespace: service.namespace, destination_service_name: service.name }
+    : { destination_service: formatHostPort(host, port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
 }
 
 /** Where a connection goes, from which netns, and the metric labels it is reported under. */
@@ -194,8 +204,7 @@ export class NodeProxy {
       this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
       return;
     }
-    const service = { destination_service: formatHostPort(original.address, original.port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
-    const upstream = this.upstreamTo(state, original, snapshot.workload(original.address), original.address, original.port, service);
+    const upstream = this.upstreamTo(state, original, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, original.address, original.port));
     this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
   }
 
@@ -218,8 +227,7 @@ export class NodeProxy {
    */
   private async toService(state: PodState, client: Socket, original: SocketAddress, target: ServiceTarget): Promise<void> {
     const policy = target.policy;
-    const svc = target.service;
-    const service = { destination_service: `${svc.name}.${svc.namespace}.svc.cluster.local`, destination_service_namespace: svc.namespace, destination_service_name: svc.name };
+    const service = serviceLabels(target.service, original.address, original.port);
     if (!this.lb.hasCapacity(target)) {
       this.refuse(state, client, 'outbound', 'overflow', { service: target.key, maxConnections: policy.maxConnections });
       return;
@@ -275,7 +283,7 @@ export class NodeProxy {
     destination: Workload | undefined,
     host: string,
     port: number,
-    service: Pick<TcpLabels, 'destination_service' | 'destination_service_namespace' | 'destination_service_name'>,
+    service: ServiceLabels,
   ): Upstream {
     const labels: TcpLabels = { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(destination) };
     const local = destination ? this.pods.get(destination.uid) : undefined;
@@ -291,16 +299,13 @@ export class NodeProxy {
     const port = client.localPort ?? 0;
     const source = this.snapshot.workload(client.remoteAddress ?? '');
     const target = this.snapshot.serviceOf(state.pod.uid, port);
-    const service = target?.service;
     const src = workloadLabels(source);
     const labels: TcpLabels = {
       reporter: 'destination',
       source_workload: src.name,
       source_workload_namespace: src.namespace,
       source_principal: principal(this.options.trustDomain, source),
-      destination_service: service ? `${service.name}.${service.namespace}.svc.cluster.local` : formatHostPort(host, port),
-      destination_service_namespace: service?.namespace ?? 'unknown',
-      destination_service_name: service?.name ?? 'unknown',
+      ...serviceLabels(target?.service, host, port),
       ...this.destinationLabels(state.pod),
     };
     // Delivered from a transparent socket with the client's address, so the application sees
