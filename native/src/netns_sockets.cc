@@ -4,16 +4,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <condition_variable>
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <thread>
 
 #include "common.h"
 
@@ -21,137 +21,78 @@ namespace nodemesh {
 
 namespace {
 
-struct Request {
-  int family = 0;
-  int fd = -1;
-  SysError error;
-  bool failed = false;
-  bool done = false;
-};
-
-class NetnsThread {
- public:
-  explicit NetnsThread(const std::string& path) : path_(path) {
-    std::unique_lock<std::mutex> lock(mu_);
-    thread_ = std::thread([this]() { Run(); });
-    cv_.wait(lock, [this]() { return started_; });
-  }
-
-  ~NetnsThread() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
-  int MakeSocket(int family) {
-    std::unique_lock<std::mutex> lock(mu_);
-    if (startFailed_) throw startError_;
-    Request req;
-    req.family = family;
-    queue_.push_back(&req);
-    cv_.notify_all();
-    cv_.wait(lock, [&req]() { return req.done; });
-    if (req.failed) throw req.error;
-    return req.fd;
-  }
-
- private:
-  void Run() {
-    int target = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    bool ok = target >= 0 && setns(target, CLONE_NEWNET) == 0;
-    int err = errno;
-    if (target >= 0) close(target);
-    std::unique_lock<std::mutex> lock(mu_);
-    started_ = true;
-    if (!ok) {
-      startFailed_ = true;
-      startError_ = {err, target < 0 ? "open" : "setns", path_, ""};
-    }
-    cv_.notify_all();
-    if (!ok) return;  // this thread never entered the netns; it just ends
-    while (true) {
-      cv_.wait(lock, [this]() { return stop_ || !queue_.empty(); });
-      if (stop_) break;
-      while (!queue_.empty()) {
-        Request* req = queue_.front();
-        queue_.pop_front();
-        req->fd = socket(req->family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (req->fd < 0) {
-          req->failed = true;
-          req->error = {errno, "socket", path_, ""};
-        }
-        req->done = true;
-      }
-      cv_.notify_all();
-    }
-    // Requests that raced with stop are answered, not left waiting.
-    for (Request* req : queue_) {
-      req->failed = true;
-      req->error = {ESHUTDOWN, "socket", path_, ""};
-      req->done = true;
-    }
-    queue_.clear();
-    cv_.notify_all();
-  }
-
-  std::string path_;
-  std::thread thread_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Request*> queue_;
-  bool started_ = false;
-  bool startFailed_ = false;
-  SysError startError_;
-  bool stop_ = false;
-};
-
-struct Entry {
-  ino_t inode;
-  std::shared_ptr<NetnsThread> thread;
+// An open fd of a pod's netns; closed when the last user (registry or a socket call) drops it.
+struct NetnsFd {
+  NetnsFd(int f, ino_t i) : fd(f), inode(i) {}
+  NetnsFd(const NetnsFd&) = delete;
+  NetnsFd& operator=(const NetnsFd&) = delete;
+  ~NetnsFd() { close(fd); }
+  const int fd;
+  const ino_t inode;
 };
 
 std::mutex registryMu;
-std::map<std::string, Entry> registry;
+std::map<std::string, std::shared_ptr<NetnsFd>> registry;
 
-// The thread for the netns now at `path`. A path can be reused by a new pod (same name, new
-// netns): the inode tells them apart, and the old namespace's thread is dropped.
-std::shared_ptr<NetnsThread> ThreadFor(const std::string& path) {
+// The netns now at `path`. A path can be reused by a new pod (same name, new netns): the inode
+// tells them apart, and the old namespace's fd is dropped.
+std::shared_ptr<NetnsFd> NetnsAt(const std::string& path) {
   struct stat st = {};
   if (stat(path.c_str(), &st) != 0) ThrowSys(errno, "stat", path);
+  {
+    std::lock_guard<std::mutex> lock(registryMu);
+    auto it = registry.find(path);
+    if (it != registry.end() && it->second->inode == st.st_ino) return it->second;
+  }
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) ThrowSys(errno, "open", path);
+  struct stat opened = {};
+  if (fstat(fd, &opened) != 0) {
+    int err = errno;
+    close(fd);
+    ThrowSys(err, "fstat", path);
+  }
+  auto ns = std::make_shared<NetnsFd>(fd, opened.st_ino);
   std::lock_guard<std::mutex> lock(registryMu);
-  auto it = registry.find(path);
-  if (it != registry.end() && it->second.inode == st.st_ino) return it->second.thread;
-  auto t = std::make_shared<NetnsThread>(path);
-  registry[path] = Entry{st.st_ino, t};
-  return t;
+  registry[path] = ns;
+  return ns;
+}
+
+// This thread's own netns, opened once per thread (libuv pool threads live as long as the process).
+int OwnNetns() {
+  thread_local int own = -1;
+  if (own < 0) {
+    own = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    if (own < 0) ThrowSys(errno, "open", "/proc/thread-self/ns/net");
+  }
+  return own;
 }
 
 }  // namespace
 
 int NetnsSocket(const std::string& nsPath, int family) {
-  std::shared_ptr<NetnsThread> t = ThreadFor(nsPath);
-  try {
-    return t->MakeSocket(family);
-  } catch (const SysError& e) {
+  int own = OwnNetns();
+  std::shared_ptr<NetnsFd> ns = NetnsAt(nsPath);
+  if (setns(ns->fd, CLONE_NEWNET) != 0) {
+    int err = errno;
     // A netns that could not be entered is not remembered: the path may be valid next time.
-    if (e.syscall != "socket") ReleaseNetns(nsPath);
-    throw;
+    ReleaseNetns(nsPath);
+    ThrowSys(err, "setns", nsPath);
   }
+  int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int err = errno;
+  if (setns(own, CLONE_NEWNET) != 0) {
+    // Never go on inside a pod's netns: every later socket of this thread would be made there.
+    fprintf(stderr, "nodemesh: cannot return to the agent's netns after making a socket in %s: %s\n", nsPath.c_str(), strerror(errno));
+    abort();
+  }
+  if (fd < 0) ThrowSys(err, "socket", nsPath);
+  return fd;
 }
 
 bool ReleaseNetns(const std::string& nsPath) {
-  std::shared_ptr<NetnsThread> t;
-  {
-    std::lock_guard<std::mutex> lock(registryMu);
-    auto it = registry.find(nsPath);
-    if (it == registry.end()) return false;
-    t = it->second.thread;
-    registry.erase(it);
-  }
-  return true;  // the thread ends when the last user drops its reference
+  std::lock_guard<std::mutex> lock(registryMu);
+  return registry.erase(nsPath) > 0;
 }
 
 }  // namespace nodemesh

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Sockets inside another network namespace. setns() changes the namespace of the calling thread
-// only, and a libuv pool thread must never be left in a pod's namespace: sockets are made by the
-// pod's own long-lived thread (netns_sockets.cc) and keep the namespace they were made in.
+// only: the pool thread enters the pod's netns just for socket() and returns at once
+// (netns_sockets.cc); the socket keeps the namespace it was made in.
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -290,7 +290,7 @@ Napi::Value ProbeConnectJs(const Napi::CallbackInfo& info) {
       [result](Napi::Env env) { return Napi::Number::New(env, *result); });
 }
 
-// releaseNetns(path): ends the socket thread of a pod's netns (call when the pod leaves).
+// releaseNetns(path): closes the fd the addon keeps of a pod's netns (call when the pod leaves).
 Napi::Value ReleaseNetnsJs(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), ReleaseNetns(info[0].As<Napi::String>()));
 }

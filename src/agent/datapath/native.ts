@@ -346,8 +346,8 @@ export function dupFd(fd: number): number {
 }
 
 /**
- * Ends the addon's socket thread for a pod's netns. Call it when the proxy is done with the pod:
- * a thread inside a network namespace keeps that namespace (and its veth) alive.
+ * Closes the fd the addon keeps of a pod's netns (to make sockets in it). Call it when the proxy
+ * is done with the pod: an open fd keeps a network namespace (and its veth) alive.
  */
 export function releaseNetns(netnsPath: string): boolean {
   return native().releaseNetns(netnsPath);
