@@ -4,7 +4,7 @@ import { join } from 'node:path';
 
 import type { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
-import { PACKAGE_ROOT } from '../src/shared/paths.js';
+import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 
 export interface Output {
   readonly code: number | null;
@@ -84,4 +84,13 @@ export async function rssMiB(pid: number): Promise<number> {
   const { readFile } = await import('node:fs/promises');
   const status = await readFile(`/proc/${pid}/status`, 'utf8');
   return Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1]) / 1024;
+}
+
+/**
+ * How the bench starts the agent: through bin/nodemesh.js (so with the V8 flags it ships with),
+ * or under `node $BENCH_NODE_FLAGS` when that is set, to compare flags in the same run.
+ */
+export function agentCommand(args: ReadonlyArray<string>): [string, string[]] {
+  const flags = process.env['BENCH_NODE_FLAGS']?.split(' ').filter((f) => f !== '');
+  return flags ? [process.execPath, [...flags, CLI_ENTRY, ...args]] : [CLI_ENTRY, [...args]];
 }
