@@ -16,10 +16,10 @@ import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
-import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
+import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/shared/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
+import { agentCommand, cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.50';
@@ -117,9 +117,8 @@ async function main(): Promise<void> {
       `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
     );
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
-    const startAgent = (): ChildProcess => {
-      // Started through bin/nodemesh.js's own line, so the bench runs the agent with the V8 flags it ships with.
-      const child = spawn(CLI_ENTRY, ['agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY], { env, stdio: 'inherit' });
+    const startAgent = (extra: ReadonlyArray<string> = []): ChildProcess => {
+      const child = spawn(...agentCommand(['agent', ...extra, '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY]), { env, stdio: 'inherit' });
       agent = child;
       return child;
     };
@@ -145,11 +144,19 @@ async function main(): Promise<void> {
     await waitVerified(2);
     const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [loaded.pid ?? 0]);
     const rssAfterLoad = await rssMiB(loaded.pid ?? 0);
+    await stopAgent(loaded);
+
+    // The same with TurboFan (`--jit full`): what the default's lower memory costs in speed.
+    say('nodemesh L4 with --jit full');
+    const fullJit = startAgent(['--jit', 'full']);
+    await waitVerified(2);
+    const meshFullJit = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [fullJit.pid ?? 0]);
+    const rssAfterLoadFullJit = await rssMiB(fullJit.pid ?? 0);
 
     // RSS by enrolled pods, from a fresh agent: what the pods cost, not what a load burst left
     // in the heap (that is rssAfterLoad). Pods stay captured across the restart (pinned links).
     say('agent RSS with more enrolled pods (fresh agent)');
-    await stopAgent(loaded);
+    await stopAgent(fullJit);
     const fresh = startAgent();
     const rss: Record<string, { afterEnroll: number; steady: number }> = {};
     let pods = 2;
@@ -173,10 +180,11 @@ async function main(): Promise<void> {
     // nodemesh has one here, as both pods are on this node (same-node fast path).
     const hops = { sidecar: 2, nodemesh: 1 };
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
-    Object.assign(results, { direct, sidecar, nodemesh: mesh, agentRssMiB: rss, agentRssAfterLoadMiB: rssAfterLoad, ratios: {
+    Object.assign(results, { direct, sidecar, nodemesh: mesh, nodemeshFullJit: meshFullJit, agentRssMiB: rss, agentRssAfterLoadMiB: { baseline: rssAfterLoad, fullJit: rssAfterLoadFullJit }, ratios: {
       throughputVsSidecar: ratio(mesh.throughputGbps, sidecar.throughputGbps),
       keepAliveRpsVsSidecar: ratio(mesh.keepAliveRps, sidecar.keepAliveRps),
       newConnRpsVsSidecar: ratio(mesh.newConnRps, sidecar.newConnRps),
+      newConnRpsVsSidecarFullJit: ratio(meshFullJit.newConnRps, sidecar.newConnRps),
       throughputVsDirect: ratio(mesh.throughputGbps, direct.throughputGbps),
       addedP90Ms: { sidecar: addedP90(sidecar), nodemesh: addedP90(mesh) },
       addedP90MsPerHop: { sidecar: addedP90(sidecar) / hops.sidecar, nodemesh: addedP90(mesh) / hops.nodemesh },
@@ -184,13 +192,13 @@ async function main(): Promise<void> {
     } });
 
     const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
-    const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft)', sidecar], ['nodemesh L4', mesh]];
+    const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft)', sidecar], ['nodemesh L4', mesh], ['nodemesh L4, --jit full', meshFullJit]];
     const lines = [
       '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
       '|---|---|---|---|---|---|---|---|',
       ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
       '',
-      `agent RSS (MiB) by enrolled pods, fresh agent, 1 s / ${RSS_SETTLE_MS / 1000} s after enrolling: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.afterEnroll.toFixed(1)} / ${m.steady.toFixed(1)}`).join(', ')}; after the load runs: ${rssAfterLoad.toFixed(1)}`,
+      `agent RSS (MiB) by enrolled pods, fresh agent, 1 s / ${RSS_SETTLE_MS / 1000} s after enrolling: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.afterEnroll.toFixed(1)} / ${m.steady.toFixed(1)}`).join(', ')}; after the load runs: ${rssAfterLoad.toFixed(1)} (--jit full: ${rssAfterLoadFullJit.toFixed(1)})`,
       `ratios: ${JSON.stringify(results['ratios'])}`,
     ];
     process.stdout.write(lines.join('\n') + '\n');
