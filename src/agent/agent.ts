@@ -4,16 +4,13 @@
  * config, and serves metrics, readiness and admin. One reconcile loop, one mutator per state:
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
-import { existsSync, watch, type FSWatcher } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 
-import { DEFAULT_MESH, shouldEnroll, type MeshSettings, type Namespace } from '../config/mesh.js';
-import { MeshSnapshot } from '../config/snapshot.js';
-import type { Service } from '../config/service.js';
-import { keepLastGood } from '../config/last-good.js';
-import { readConfigDir } from '../config/source-dir.js';
-import type { TrafficPolicy } from '../config/traffic-policy.js';
+import { shouldEnroll } from '../config/mesh.js';
+import { MeshSnapshot, type Workload } from '../config/snapshot.js';
+import { ConfigStore, EMPTY_CONFIG, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { isNodemeshError } from '../shared/errors.js';
@@ -21,6 +18,7 @@ import { logger } from '../shared/log.js';
 import type { SocketAddress } from './datapath/abi.js';
 import { probeConnect } from './datapath/native.js';
 import { NodeDatapath } from './datapath/node-datapath.js';
+import { ControlPlaneClient } from './control-plane-client.js';
 import { json, serveHttp, type HostPort } from './http.js';
 import type { NodePod, PodSource } from './pods/source.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -34,7 +32,8 @@ export interface AgentOptions {
   readonly node: string;
   /** The cgroup every pod of this node lives under (fail-closed enrollment gates it). */
   readonly podsCgroup: string;
-  readonly configDir: string;
+  /** Where the config comes from: a folder (standalone mode) or the control plane's stream. */
+  readonly config: ConfigFeed;
   readonly pinRoot: string;
   readonly metrics: HostPort;
   readonly ready: HostPort;
@@ -46,6 +45,18 @@ export interface AgentOptions {
   readonly probeTimeoutMs: number;
   /** Copy bytes with splice() in the addon (default) rather than through JS streams. */
   readonly kernelRelay: boolean;
+}
+
+export type ConfigFeed = { readonly kind: 'dir'; readonly dir: string } | { readonly kind: 'control-plane'; readonly address: HostPort };
+
+/** The config the control plane sent for this node: applied whole, under the control plane's version. */
+export interface RemoteConfig {
+  readonly version: number;
+  /** The snapshot's digest (the agent says it in Hello when it reconnects). */
+  readonly digest: string;
+  readonly config: MeshConfig;
+  /** Workloads of the whole mesh this node needs (endpoints elsewhere, its own pods). */
+  readonly workloads: ReadonlyArray<Workload>;
 }
 
 export interface EnrolledPodStatus {
@@ -73,21 +84,22 @@ export class NodeAgent {
   /** cgroup id -> pod, for the cgroups allowed past the fail-closed gate. */
   private readonly allowedCgroups = new Map<bigint, string>();
   private readonly servers: Server[] = [];
-  private services: ReadonlyArray<Service> = [];
-  private trafficPolicies: ReadonlyArray<TrafficPolicy> = [];
-  /** The file each served config object came from (for keeping the last good ones). */
-  private configFiles: ReadonlyMap<string, string> = new Map();
-  private namespaces: ReadonlyMap<string, Namespace> = new Map();
-  private mesh: MeshSettings = DEFAULT_MESH;
+  private config: MeshConfig = EMPTY_CONFIG;
+  /** Standalone mode: the config folder. */
+  private store: ConfigStore | undefined;
+  /** Control plane mode: the Discovery stream. */
+  private cpClient: ControlPlaneClient | undefined;
+  /** Control plane mode: the last snapshot applied. */
+  private remote: RemoteConfig | undefined;
   private pods: ReadonlyArray<NodePod> = [];
   private version = 0;
+  /** Called when the node's pods change (the control plane client reports them). */
+  private readonly podListeners: Array<(pods: ReadonlyArray<NodePod>) => void> = [];
   private configLoaded = false;
   private reconciled = false;
   private running: Promise<void> | undefined;
   private again = false;
   private stopWatch: (() => void) | undefined;
-  private configWatcher: FSWatcher | undefined;
-  private configTimer: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly options: AgentOptions,
@@ -113,15 +125,27 @@ export class NodeAgent {
     agent = new NodeAgent(options, source, datapath, metrics, proxy);
     try {
       await agent.startServers();
-      await agent.loadConfig();
-      agent.watchConfig();
+      if (options.config.kind === 'dir') {
+        const self = agent;
+        agent.store = new ConfigStore(options.config.dir, { onLoad: (config, rejected) => self.configRead(config, rejected) });
+        await agent.store.load();
+        agent.store.watch();
+      } else {
+        const m = metrics;
+        agent.cpClient = new ControlPlaneClient(options.config.address, options.node, agent, {
+          onAck: () => m.snapshots.inc({ result: 'applied' }),
+          onNack: () => m.snapshots.inc({ result: 'rejected' }),
+          onConnected: (up) => m.controlPlaneConnected.set(up ? 1 : 0),
+        });
+        agent.cpClient.start();
+      }
       await agent.reconcile();
       agent.stopWatch = source.watch(() => void agent?.reconcile());
     } catch (e) {
       await agent.stop();
       throw e;
     }
-    log.info({ node: options.node, pods: agent.enrolled.size, services: agent.services.length }, 'agent started');
+    log.info({ node: options.node, pods: agent.enrolled.size, services: agent.config.services.length, config: options.config.kind }, 'agent started');
     return agent;
   }
 
@@ -143,7 +167,13 @@ export class NodeAgent {
     );
     this.servers.push(
       await serveHttp(admin, {
-        '/pods': async () => json({ node: this.options.node, configVersion: this.version, pods: this.status() }),
+        '/pods': async () =>
+          json({
+            node: this.options.node,
+            configVersion: this.version,
+            ...(this.cpClient ? { controlPlane: { connected: this.cpClient.isConnected(), version: this.remote?.version ?? 0 } } : {}),
+            pods: this.status(),
+          }),
         '/config': async () => json(this.configDump()),
         '/debug/memory': async () => json({ ...process.memoryUsage(), pods: this.enrolled.size }),
       }),
@@ -180,34 +210,36 @@ export class NodeAgent {
     };
   }
 
-  /** Reads the config folder. A rejected object keeps its last good version serving. */
-  private async loadConfig(): Promise<void> {
-    const read = await readConfigDir(this.options.configDir);
-    const { namespaces, mesh, issues } = read;
-    const services = keepLastGood('Service', read.services, this.services, this.configFiles, issues);
-    const policies = keepLastGood('TrafficPolicy', read.trafficPolicies, this.trafficPolicies, this.configFiles, issues);
-    const kept = new Set([...services.kept, ...policies.kept]);
-    const rejected = new Map<string, number>([['Service', 0], ['TrafficPolicy', 0], ['yaml', 0]]);
-    for (const issue of issues) {
-      const kind = issue.object.startsWith('document ') ? 'yaml' : (issue.object.split(' ')[0] ?? 'unknown');
-      rejected.set(kind, (rejected.get(kind) ?? 0) + 1);
-      this.metrics.configErrors.inc({ kind });
-      log.error({ file: issue.file, object: issue.object, field: issue.field, keptLastGood: kept.has(issue.object) }, `config rejected: ${issue.message}`);
-    }
-    for (const [kind, n] of rejected) this.metrics.configRejected.set({ kind }, n);
-    const files = new Map(read.files);
-    for (const id of kept) {
-      const file = this.configFiles.get(id);
-      if (file !== undefined) files.set(id, file);
-    }
-    this.configFiles = files;
-    this.services = services.objects;
-    this.trafficPolicies = policies.objects;
-    this.namespaces = new Map(namespaces.map((n) => [n.name, n]));
-    // An invalid mesh ConfigMap keeps the last good settings, like any other object.
-    if (mesh || !issues.some((i) => i.object.startsWith(`ConfigMap `))) this.mesh = mesh ?? DEFAULT_MESH;
-    this.metrics.configObjects.set({ kind: 'Service' }, this.services.length);
-    this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, this.trafficPolicies.length);
+  /** Standalone mode: the config folder was read (rejected objects keep their last good versions). */
+  private configRead(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void {
+    recordRejections(rejected, this.metrics.configErrors, this.metrics.configRejected);
+    this.applyConfig(config);
+  }
+
+  /**
+   * Control plane mode: a snapshot for this node, validated by the client. Applied whole (routing
+   * tables and enrollment settings together) before the client acknowledges it.
+   */
+  applyRemote(remote: RemoteConfig): void {
+    this.remote = remote;
+    this.applyConfig(remote.config);
+  }
+
+  /** The control plane snapshot applied (version 0: none); the client resumes from it. */
+  remoteState(): { version: number; digest: string } {
+    return { version: this.remote?.version ?? 0, digest: this.remote?.digest ?? '' };
+  }
+
+  /** Calls `listener` with the node's pods now and after every change (until the agent stops). */
+  onPods(listener: (pods: ReadonlyArray<NodePod>) => void): void {
+    this.podListeners.push(listener);
+    listener(this.pods);
+  }
+
+  private applyConfig(config: MeshConfig): void {
+    this.config = config;
+    this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
+    this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
     const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();
@@ -216,23 +248,22 @@ export class NodeAgent {
     if (!first) void this.reconcile();
   }
 
-  private watchConfig(): void {
-    try {
-      this.configWatcher = watch(this.options.configDir, () => {
-        clearTimeout(this.configTimer);
-        this.configTimer = setTimeout(() => {
-          this.loadConfig().catch((e: unknown) => log.error({ err: e, dir: this.options.configDir }, 'config reload failed; the last config keeps serving'));
-        }, 100);
-      });
-    } catch (e) {
-      log.warn({ err: e, dir: this.options.configDir }, 'cannot watch the config folder; edits need a restart');
-    }
-  }
-
-  /** A new snapshot from the current Services and the node's pods, swapped in whole. */
+  /**
+   * A new routing snapshot from the config and the workloads, swapped in whole. Standalone, the
+   * workloads are this node's pods; with a control plane, the mesh's workloads it sent plus this
+   * node's pods as the agent sees them now (a new pod routes before the control plane echoes it).
+   */
   private publish(): void {
+    const { services, trafficPolicies } = this.config;
+    if (this.remote) {
+      const local = new Set(this.pods.map((p) => p.uid));
+      const workloads = [...this.remote.workloads.filter((w) => !local.has(w.uid)), ...this.pods];
+      this.version = this.remote.version;
+      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies));
+      return;
+    }
     this.version++;
-    this.proxy.setSnapshot(new MeshSnapshot(this.version, this.services, this.pods, this.trafficPolicies));
+    this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.pods, trafficPolicies));
   }
 
   /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */
@@ -264,9 +295,12 @@ export class NodeAgent {
     }
     const podsChanged = JSON.stringify(pods.map((p) => [p.uid, p.labels])) !== JSON.stringify(this.pods.map((p) => [p.uid, p.labels]));
     this.pods = pods;
-    if (podsChanged) this.publish();
+    if (podsChanged) {
+      this.publish();
+      for (const l of this.podListeners) l(pods);
+    }
 
-    const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.namespaces.get(p.namespace), this.mesh)).map((p) => [p.uid, p]));
+    const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)).map((p) => [p.uid, p]));
     for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
     // Pinned state of pods that are gone (from this or an earlier agent) is removed; what stays
     // pinned belongs to wanted pods, which an earlier agent may have enrolled.
@@ -293,7 +327,7 @@ export class NodeAgent {
    * pods that opted out may connect past it, every other pod only through capture.
    */
   private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>): Promise<void> {
-    if (this.mesh.failClosedEnrollment) {
+    if (this.config.mesh.failClosedEnrollment) {
       await this.datapath.enableGate(this.options.podsCgroup);
     } else {
       if (this.datapath.gateEnabled) {
@@ -405,8 +439,9 @@ export class NodeAgent {
   /** Stops serving. Pinned links stay, so pods stay captured until the next agent takes over. */
   async stop(): Promise<void> {
     this.stopWatch?.();
-    this.configWatcher?.close();
-    clearTimeout(this.configTimer);
+    this.store?.close();
+    this.cpClient?.stop();
+    this.podListeners.length = 0;
     await this.running;
     await this.proxy.close();
     for (const s of this.servers) await new Promise((resolve) => s.close(resolve));

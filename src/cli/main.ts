@@ -10,18 +10,21 @@ import { DEFAULT_PIN_ROOT, assertPinRoot } from '../agent/datapath/node-datapath
 import { parseHostPort } from '../agent/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
-import { validatePodSpec } from '../runtime/pod-spec.js';
-import { LocalPodRuntime } from '../runtime/pods.js';
 import { NodemeshError } from '../shared/errors.js';
 import { packageVersion } from '../shared/paths.js';
 import { checkKernel, checkRoot } from '../shared/preflight.js';
 import { findCgroup2Mount } from '../runtime/cgroup.js';
-import { dial, echoServer } from './debug-tools.js';
+import type { NodeSyncStatus } from '../control-plane/server.js';
 import { formatError, parseOutputFormat, table } from './output.js';
-import { up } from './up.js';
 
 const out = (text: string): void => void process.stdout.write(text);
 const progress = (step: string): void => void process.stderr.write(`» ${step}\n`);
+
+// Commands load what only they use when they run: the agent is a long-running process on every
+// node, and each module it never needs (the pod runtime, crypto, the debug tools) is resident
+// memory for nothing.
+const podRuntime = async (): Promise<InstanceType<typeof import('../runtime/pods.js').LocalPodRuntime>> =>
+  new (await import('../runtime/pods.js')).LocalPodRuntime(runtimeConfigFromEnv());
 
 /** What every pod command needs: root, a supported kernel, cgroup v2. */
 async function podPreflight(): Promise<void> {
@@ -29,6 +32,12 @@ async function podPreflight(): Promise<void> {
   checkKernel();
   await findCgroup2Mount();
 }
+
+/** An invalid-argument error naming the option, for parsers that take an error factory. */
+const invalid =
+  (field: string) =>
+  (message: string): NodemeshError =>
+    new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
@@ -68,8 +77,9 @@ pod
   .argument('<command...>', 'command and arguments, after --')
   .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; label: string[]; detach: boolean }) => {
     await podPreflight();
+    const { validatePodSpec } = await import('../runtime/pod-spec.js');
     const spec = validatePodSpec({ name: opts.name, namespace: opts.namespace, serviceAccount: opts.serviceAccount, labels: opts.label, command });
-    const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
+    const runtime = await podRuntime();
     const record = await runtime.create(spec, { detached: opts.detach });
     const { record: running, child } = await runtime.start(record);
     if (opts.detach) {
@@ -96,7 +106,7 @@ pod
   .action(async (opts: { output: string }) => {
     const format = parseOutputFormat(opts.output);
     await podPreflight();
-    const pods = await new LocalPodRuntime(runtimeConfigFromEnv()).list();
+    const pods = await (await podRuntime()).list();
     if (format === 'json') {
       out(JSON.stringify(pods, null, 2) + '\n');
       return;
@@ -118,7 +128,7 @@ pod
   .action(async (names: string[], opts: { namespace: string; grace: string }) => {
     const grace = parseMilliseconds(opts.grace, 'grace');
     await podPreflight();
-    const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
+    const runtime = await podRuntime();
     for (const name of names) {
       const record = await runtime.get(opts.namespace, name);
       progress(`removing pod ${opts.namespace}/${name}`);
@@ -130,13 +140,15 @@ program
   .command('up')
   .description('run the demo: local pods, eBPF capture, a request through the node proxy path')
   .action(async () => {
+    const { up } = await import('./up.js');
     process.exitCode = await up(progress, out);
   });
 
 program
   .command('agent')
   .description('run the node agent: enroll the pods of this node and serve their traffic')
-  .requiredOption('--config-dir <dir>', 'standalone mode: Kubernetes YAML (Services) read from this folder and watched')
+  .option('--control-plane <host:port>', "the control plane's Discovery stream (15010)")
+  .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
   .option('--node <name>', 'node name', hostname())
   .option('--bpf-root <path>', 'bpffs folder for pinned maps and links', DEFAULT_PIN_ROOT)
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
@@ -147,14 +159,22 @@ program
   .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
   .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
   .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
-  .action(async (opts: { configDir: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js' }) => {
-    const invalid = (field: string) => (message: string) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
+  .addOption(
+    // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
+    new Option('--jit <tiers>', "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s)")
+      .choices(['baseline', 'full'])
+      .default('baseline'),
+  )
+  .action(async (opts: { controlPlane?: string; configDir?: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     assertPinRoot(opts.bpfRoot);
+    if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', { context: { field: 'control-plane' } });
+    }
     const runtimeConfig = runtimeConfigFromEnv();
     const options: AgentOptions = {
       node: opts.node,
       podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
-      configDir: opts.configDir,
+      config: opts.controlPlane !== undefined ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')) } : { kind: 'dir', dir: opts.configDir ?? '' },
       pinRoot: opts.bpfRoot,
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
       ready: parseHostPort(opts.ready, 'ready', invalid('ready')),
@@ -177,12 +197,35 @@ program
 
 program
   .command('status')
-  .description('pods enrolled by the agent of this node')
+  .description('pods enrolled by the agent of this node, or with --control-plane every node and whether its config is in sync')
   .option('--admin <host:port>', "the agent's admin API", '127.0.0.1:15000')
+  .option('--control-plane <host:port>', "the control plane's HTTP port (15014): one row per node")
   .addOption(new Option('-o, --output <format>', 'table or json').default('table'))
-  .action(async (opts: { admin: string; output: string }) => {
+  .action(async (opts: { admin: string; controlPlane?: string; output: string }) => {
     const format = parseOutputFormat(opts.output);
-    const at = parseHostPort(opts.admin, 'admin', (m) => new NodemeshError('NM_ERR_INVALID_ARGUMENT', m, { context: { field: 'admin' } }));
+    if (opts.controlPlane !== undefined) {
+      const cp = parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane'));
+      const url = `http://${cp.host.includes(':') ? `[${cp.host}]` : cp.host}:${cp.port}/debug/nodes`;
+      let nodes: { version: number; nodes: NodeSyncStatus[] };
+      try {
+        nodes = (await (await fetch(url)).json()) as typeof nodes;
+      } catch (e) {
+        throw new NodemeshError('NM_ERR_CONTROL_PLANE_UNREACHABLE', `no control plane answers at ${url}: ${(e as Error).message}`, { context: { path: url } });
+      }
+      if (format === 'json') {
+        out(JSON.stringify(nodes, null, 2) + '\n');
+        return;
+      }
+      out(`config version ${nodes.version}\n`);
+      out(
+        table(
+          ['NODE', 'CONNECTED', 'PODS', 'SENT', 'APPLIED', 'IN SYNC', 'LAST REJECTION'],
+          nodes.nodes.map((n) => [n.node, n.connected ? 'yes' : 'no', String(n.pods), String(n.sentVersion), String(n.ackedVersion), n.inSync ? 'yes' : 'no', n.lastNack[0] ? `${n.lastNack[0].object}: ${n.lastNack[0].message}` : '-']),
+        ),
+      );
+      return;
+    }
+    const at = parseHostPort(opts.admin, 'admin', invalid('admin'));
     const url = `http://${at.host.includes(':') ? `[${at.host}]` : at.host}:${at.port}/pods`;
     let body: { node: string; configVersion: number; pods: EnrolledPodStatus[] };
     try {
@@ -202,6 +245,21 @@ program
   });
 
 program
+  .command('control-plane')
+  .description('serve the mesh config to every node agent (gRPC Discovery stream) from a folder of Kubernetes YAML')
+  .requiredOption('--config-dir <dir>', 'Kubernetes YAML read from this folder and watched')
+  .option('--listen <host:port>', 'gRPC Discovery stream, plaintext', '127.0.0.1:15010')
+  .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
+  .action(async (opts: { configDir: string; listen: string; http: string }) => {
+    const { ControlPlane } = await import('../control-plane/server.js');
+    const cp = await ControlPlane.start({ configDir: opts.configDir, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')) });
+    await new Promise<void>((resolve) => {
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
+    });
+    await cp.stop();
+  });
+
+program
   .command('check')
   .description('check that this machine can run nodemesh (root, kernel, cgroup v2, bpffs, bpf())')
   .action(async () => {
@@ -216,7 +274,8 @@ debug
   .command('echo-server')
   .option('--port <port>', 'TCP port on every address', '8080')
   .option('--log <file>', 'append a JSON line per closed connection')
-  .action((opts: { port: string; log?: string }) => {
+  .action(async (opts: { port: string; log?: string }) => {
+    const { echoServer } = await import('./debug-tools.js');
     echoServer(parsePort(opts.port), opts.log);
   });
 
@@ -229,6 +288,7 @@ debug
   .option('--timeout <ms>', 'connect and idle timeout', '5000')
   .option('--hold <ms>', 'keep the connection open this long after sending', '0')
   .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string; hold: string }) => {
+    const { dial } = await import('./debug-tools.js');
     const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;

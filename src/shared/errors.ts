@@ -23,6 +23,7 @@ export const ERROR_CODES = {
   NM_ERR_POD_CIDR_EXHAUSTED: 'the local pod subnet has no free address',
   NM_ERR_STATE: 'the local runtime state folder holds a record that cannot be read',
   NM_ERR_AGENT_UNREACHABLE: "the node agent's admin API does not answer",
+  NM_ERR_CONTROL_PLANE_UNREACHABLE: "the control plane's HTTP port (15014) does not answer",
   NM_ERR_LOCK_TIMEOUT: 'another nodemesh process holds the runtime lock for too long',
 } as const;
 

@@ -6,6 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import type { EnrolledPodStatus } from '../../src/agent/agent.js';
+import type { NodeSyncStatus } from '../../src/control-plane/server.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { waitFor, type Sandbox } from './sandbox.js';
 
@@ -36,7 +37,7 @@ export interface AgentProcess {
   writeConfig(file: string, yaml: string): Promise<void>;
 }
 
-async function freePort(): Promise<number> {
+export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = createServer();
     s.once('error', reject);
@@ -57,7 +58,12 @@ export function metricValue(text: string, name: string, labels: Record<string, s
   return total;
 }
 
-export async function startAgent(sb: Sandbox, config: Record<string, string>): Promise<AgentProcess> {
+/** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
+export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string };
+
+export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promise<AgentProcess> {
+  const controlPlane = typeof source['controlPlane'] === 'string' && Object.keys(source).length === 1 ? (source as { controlPlane: string }).controlPlane : undefined;
+  const config: Record<string, string> = controlPlane === undefined ? (source as Record<string, string>) : {};
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
   const pinRoot = join(sb.bpffsDir, 'agent');
@@ -66,7 +72,7 @@ export async function startAgent(sb: Sandbox, config: Record<string, string>): P
   const spawnAgent = (): ChildProcess => {
     const child = spawn(
       process.execPath,
-      [CLI_ENTRY, 'agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
+      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
@@ -124,4 +130,61 @@ export function serviceYaml(name: string, ips: string[], selector: Record<string
     `  ports: [{name: tcp, port: ${port}, targetPort: ${targetPort}}]`,
     '',
   ].join('\n');
+}
+
+export interface ControlPlaneProcess {
+  readonly configDir: string;
+  /** gRPC address for `agent --control-plane`. */
+  readonly address: string;
+  log(): string;
+  writeConfig(file: string, yaml: string): Promise<void>;
+  nodes(): Promise<{ version: number; nodes: NodeSyncStatus[] }>;
+  metrics(): Promise<string>;
+  kill(signal: NodeJS.Signals): Promise<void>;
+  restart(): Promise<void>;
+}
+
+/** Runs `nodemesh control-plane` on a config folder of its own, on free loopback ports. */
+export async function startControlPlane(sb: Sandbox, config: Record<string, string>): Promise<ControlPlaneProcess> {
+  const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-cp-`));
+  for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
+  const [grpc, http] = [await freePort(), await freePort()];
+  let output = '';
+  let child: ChildProcess;
+  const spawnCp = (): ChildProcess => {
+    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--http', `127.0.0.1:${http}`], {
+      env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    c.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+    c.stderr?.on('data', (d: Buffer) => (output += d.toString()));
+    return c;
+  };
+  const get = async (path: string): Promise<Response> => fetch(`http://127.0.0.1:${http}${path}`);
+  const ready = async (): Promise<void> => waitFor(async () => (await get('/healthz/ready').catch(() => undefined))?.status === 200, 15_000, `control plane ready; log: ${output}`);
+  const cp: ControlPlaneProcess = {
+    configDir,
+    address: `127.0.0.1:${grpc}`,
+    log: () => output,
+    writeConfig: (file, yaml) => writeFile(join(configDir, file), yaml),
+    nodes: async () => (await (await get('/debug/nodes')).json()) as { version: number; nodes: NodeSyncStatus[] },
+    metrics: async () => (await get('/metrics')).text(),
+    async kill(signal) {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill(signal);
+      await exited;
+    },
+    async restart() {
+      child = spawnCp();
+      await ready();
+    },
+  };
+  child = spawnCp();
+  sb.defer(async () => {
+    await cp.kill('SIGTERM');
+    await rm(configDir, { recursive: true, force: true });
+  });
+  await ready();
+  return cp;
 }

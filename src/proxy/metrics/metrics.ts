@@ -2,7 +2,7 @@
  * Every metric of the node, defined in one place (prom-client). Label sets are bounded: pods,
  * services and fixed reason codes, never a connection or request id.
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from './prom.js';
 
 import { workloadName, type Workload } from '../../config/snapshot.js';
 
@@ -57,6 +57,8 @@ export class NodeMetrics {
   readonly configErrors: Counter<'kind'>;
   readonly configRejected: Gauge<'kind'>;
   readonly configObjects: Gauge<'kind'>;
+  readonly snapshots: Counter<'result'>;
+  readonly controlPlaneConnected: Gauge;
 
   constructor(mapEntries: () => Record<string, number>) {
     const registers = [this.registry];
@@ -81,6 +83,8 @@ export class NodeMetrics {
     this.configErrors = new Counter({ name: 'nodemesh_config_errors_total', help: 'Config object rejections, counted at every load, by kind', labelNames: ['kind'], registers });
     this.configRejected = new Gauge({ name: 'nodemesh_config_rejected_objects', help: 'Config objects rejected by the last load, by kind', labelNames: ['kind'], registers });
     this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
+    this.snapshots = new Counter({ name: 'nodemesh_config_snapshots_total', help: 'Control plane snapshots, by result (applied, rejected)', labelNames: ['result'], registers });
+    this.controlPlaneConnected = new Gauge({ name: 'nodemesh_control_plane_connected', help: '1 while the Discovery stream to the control plane is up', registers });
     this.mapEntries = new Gauge({
       name: 'nodemesh_bpf_map_entries',
       help: 'Entries in the BPF maps of this node',

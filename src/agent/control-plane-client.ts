@@ -1,0 +1,143 @@
+/**
+ * The agent's side of nodemesh.v1.Discovery/Stream (design.md section 6): says Hello with the
+ * version it serves, reports the node's pods, validates each snapshot at this edge and applies it
+ * whole (Ack) or not at all (Nack, the last good one keeps serving). When the control plane is
+ * gone the agent keeps serving and reconnects with jittered exponential backoff; it resumes from
+ * its version, so an unchanged config is not sent again.
+ */
+import { credentials, makeClientConstructor, type Client, type ClientDuplexStream } from '@grpc/grpc-js';
+
+import type { Workload } from '../config/snapshot.js';
+import { logger } from '../shared/log.js';
+import { packageVersion } from '../shared/paths.js';
+import {
+  CAPABILITIES,
+  MAX_MESSAGE_BYTES,
+  SnapshotInvalid,
+  decodeSnapshot,
+  discoveryService,
+  workloadToWire,
+  type AgentMessage,
+  type ControlPlaneMessage,
+  type WireSnapshot,
+} from '../shared/protocol/discovery.js';
+import type { HostPort } from './http.js';
+
+const log = logger('cp-client');
+
+/** What the client needs of the agent. */
+export interface SnapshotTarget {
+  applyRemote(remote: { version: number; digest: string; config: ReturnType<typeof decodeSnapshot>['config']; workloads: ReadonlyArray<Workload> }): void;
+  remoteState(): { version: number; digest: string };
+  onPods(listener: (pods: ReadonlyArray<Workload>) => void): void;
+}
+
+export interface ClientEvents {
+  onAck?(version: number): void;
+  onNack?(version: number, error: SnapshotInvalid): void;
+  onConnected?(connected: boolean): void;
+}
+
+const BACKOFF_BASE_MS = 250;
+const BACKOFF_MAX_MS = 30_000;
+
+export class ControlPlaneClient {
+  private client: Client | undefined;
+  private call: ClientDuplexStream<AgentMessage, ControlPlaneMessage> | undefined;
+  private pods: ReadonlyArray<Workload> = [];
+  private attempt = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+  private connected = false;
+
+  constructor(
+    private readonly address: HostPort,
+    private readonly node: string,
+    private readonly agent: SnapshotTarget,
+    private readonly events: ClientEvents = {},
+  ) {}
+
+  start(): void {
+    const Discovery = makeClientConstructor(discoveryService(), 'Discovery');
+    const host = this.address.host.includes(':') ? `[${this.address.host}]` : this.address.host;
+    this.client = new Discovery(`${host}:${this.address.port}`, credentials.createInsecure(), {
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.keepalive_time_ms': 30_000,
+      'grpc.keepalive_timeout_ms': 10_000,
+    });
+    this.agent.onPods((pods) => {
+      this.pods = pods;
+      this.send({ pods: { pods: pods.map((p) => workloadToWire(p, this.node)) } });
+    });
+    this.connect();
+  }
+
+  isConnected(): boolean {
+    return this.connected;
+  }
+
+  stop(): void {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.call?.cancel();
+    this.client?.close();
+  }
+
+  private send(m: AgentMessage): void {
+    this.call?.write(m);
+  }
+
+  private connect(): void {
+    if (this.stopped || !this.client) return;
+    const stream = (this.client as unknown as { Stream(): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream();
+    this.call = stream;
+    const { version, digest } = this.agent.remoteState();
+    stream.write({ hello: { node: this.node, agentVersion: packageVersion(), capabilities: [...CAPABILITIES], version, digest } });
+    stream.write({ pods: { pods: this.pods.map((p) => workloadToWire(p, this.node)) } });
+    // The control plane answers Hello with headers: from then on the stream is up.
+    stream.on('metadata', () => this.setConnected(true));
+    stream.on('data', (m: ControlPlaneMessage) => {
+      this.attempt = 0;
+      if (m.snapshot) this.apply(stream, m.snapshot);
+      else log.warn({ message: m.message }, 'control plane sent a message this agent does not handle; ignored');
+    });
+    let ended = false;
+    const retry = (reason: string): void => {
+      if (ended) return;
+      ended = true;
+      if (this.call === stream) this.call = undefined;
+      this.setConnected(false);
+      if (this.stopped) return;
+      // Full jitter: agents that lost the same control plane do not all come back at once.
+      const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
+      this.attempt = Math.min(this.attempt + 1, 16);
+      log.warn({ reason, retryInMs: Math.round(delay), version: this.agent.remoteState().version }, 'control plane stream lost; serving the last snapshot and reconnecting');
+      this.timer = setTimeout(() => this.connect(), delay);
+    };
+    stream.on('error', (e: Error & { details?: string }) => retry(e.details ?? e.message));
+    stream.on('end', () => retry('the control plane ended the stream'));
+  }
+
+  private setConnected(connected: boolean): void {
+    if (this.connected === connected) return;
+    this.connected = connected;
+    this.events.onConnected?.(connected);
+  }
+
+  private apply(stream: ClientDuplexStream<AgentMessage, ControlPlaneMessage>, s: WireSnapshot): void {
+    const current = this.agent.remoteState().version;
+    try {
+      if (s.version < current) throw new SnapshotInvalid([{ object: 'Snapshot', field: 'version', message: `version ${s.version} is older than the version served (${current})` }]);
+      const decoded = decodeSnapshot(s);
+      this.agent.applyRemote({ version: s.version, digest: s.digest, ...decoded });
+      stream.write({ ack: { version: s.version } });
+      log.info({ version: s.version, resources: s.resources.length }, 'snapshot applied');
+      this.events.onAck?.(s.version);
+    } catch (e) {
+      if (!(e instanceof SnapshotInvalid)) throw e;
+      stream.write({ nack: { version: s.version, errors: [...e.errors] } });
+      log.error({ version: s.version, errors: e.errors, serving: current }, 'snapshot rejected; the last good one keeps serving');
+      this.events.onNack?.(s.version, e);
+    }
+  }
+}

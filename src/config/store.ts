@@ -1,0 +1,137 @@
+/**
+ * The config of the mesh as read from a folder of Kubernetes YAML (design.md section 5), kept
+ * current: read, validated, last-good applied, watched. One owner for it, shared by the agent's
+ * standalone mode and the control plane, so both serve exactly the same objects from the same
+ * files. Readers get an immutable MeshConfig; a new one replaces it whole after every read.
+ */
+import { watch, type FSWatcher } from 'node:fs';
+
+import type { Counter, Gauge } from '../proxy/metrics/prom.js';
+import { logger } from '../shared/log.js';
+import { keepLastGood } from './last-good.js';
+import { DEFAULT_MESH, type MeshSettings, type Namespace } from './mesh.js';
+import type { ConfigIssue, Service } from './service.js';
+import { readConfigDir } from './source-dir.js';
+import type { TrafficPolicy } from './traffic-policy.js';
+
+const log = logger('config');
+
+export interface MeshConfig {
+  readonly services: ReadonlyArray<Service>;
+  readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
+  readonly namespaces: ReadonlyMap<string, Namespace>;
+  readonly mesh: MeshSettings;
+}
+
+export const EMPTY_CONFIG: MeshConfig = Object.freeze({ services: [], trafficPolicies: [], namespaces: new Map(), mesh: DEFAULT_MESH });
+
+/** What the last read rejected, with whether the object's last good version still serves. */
+export interface RejectedObject extends ConfigIssue {
+  readonly keptLastGood: boolean;
+}
+
+/** Kinds counted in metrics: the config kinds plus "yaml" for documents that do not parse. */
+export const CONFIG_KINDS = ['Service', 'TrafficPolicy', 'Namespace', 'ConfigMap', 'yaml'] as const;
+
+export interface ConfigStoreEvents {
+  /** After every read: the config now served and what was rejected. */
+  onLoad(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void;
+}
+
+export class ConfigStore {
+  private config: MeshConfig = EMPTY_CONFIG;
+  private rejected: ReadonlyArray<RejectedObject> = [];
+  private files: ReadonlyMap<string, string> = new Map();
+  private loaded = false;
+  private watcher: FSWatcher | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private reading: Promise<void> = Promise.resolve();
+
+  constructor(
+    readonly dir: string,
+    private readonly events: ConfigStoreEvents,
+  ) {}
+
+  current(): MeshConfig {
+    return this.config;
+  }
+
+  lastRejected(): ReadonlyArray<RejectedObject> {
+    return this.rejected;
+  }
+
+  hasLoaded(): boolean {
+    return this.loaded;
+  }
+
+  /** Reads the folder now (reads are serialised). A rejected object keeps its last good version. */
+  load(): Promise<void> {
+    this.reading = this.reading.then(() => this.read());
+    return this.reading;
+  }
+
+  /** Reads again shortly after every change in the folder. */
+  watch(): void {
+    try {
+      this.watcher = watch(this.dir, () => {
+        clearTimeout(this.timer);
+        this.timer = setTimeout(() => {
+          this.load().catch((e: unknown) => log.error({ err: e, dir: this.dir }, 'config reload failed; the last config keeps serving'));
+        }, 100);
+      });
+    } catch (e) {
+      log.warn({ err: e, dir: this.dir }, 'cannot watch the config folder; edits need a restart');
+    }
+  }
+
+  close(): void {
+    clearTimeout(this.timer);
+    this.watcher?.close();
+  }
+
+  private async read(): Promise<void> {
+    const read = await readConfigDir(this.dir);
+    const { issues } = read;
+    const previous = this.config;
+    const services = keepLastGood('Service', read.services, previous.services, this.files, issues);
+    const policies = keepLastGood('TrafficPolicy', read.trafficPolicies, previous.trafficPolicies, this.files, issues);
+    const kept = new Set([...services.kept, ...policies.kept]);
+    const files = new Map(read.files);
+    for (const id of kept) {
+      const file = this.files.get(id);
+      if (file !== undefined) files.set(id, file);
+    }
+    // An invalid mesh ConfigMap keeps the last good settings, like any other object.
+    const meshRejected = issues.some((i) => i.object.startsWith('ConfigMap '));
+    const config: MeshConfig = Object.freeze({
+      services: services.objects,
+      trafficPolicies: policies.objects,
+      namespaces: new Map(read.namespaces.map((n) => [n.name, n])),
+      mesh: read.mesh ?? (meshRejected ? previous.mesh : DEFAULT_MESH),
+    });
+    this.files = files;
+    this.config = config;
+    this.rejected = issues.map((i) => ({ ...i, keptLastGood: kept.has(i.object) || (i.object.startsWith('ConfigMap ') && read.mesh === undefined) }));
+    this.loaded = true;
+    for (const r of this.rejected) {
+      log.error({ file: r.file, object: r.object, field: r.field, keptLastGood: r.keptLastGood }, `config rejected: ${r.message}`);
+    }
+    this.events.onLoad(config, this.rejected);
+  }
+}
+
+/** Counts a read's rejections: every one (errors counter) and those of this read, by kind (gauge). */
+export function recordRejections(rejected: ReadonlyArray<RejectedObject>, errors: Counter<'kind'>, current: Gauge<'kind'>): void {
+  const counts = new Map<string, number>(CONFIG_KINDS.map((k) => [k, 0]));
+  for (const r of rejected) {
+    const kind = rejectedKind(r);
+    counts.set(kind, (counts.get(kind) ?? 0) + 1);
+    errors.inc({ kind });
+  }
+  for (const [kind, n] of counts) current.set({ kind }, n);
+}
+
+/** The metrics kind of a rejected object: its Kind, or "yaml" for a document that did not parse. */
+export function rejectedKind(issue: Pick<ConfigIssue, 'object'>): string {
+  return issue.object.startsWith('document ') ? 'yaml' : (issue.object.split(' ')[0] ?? 'unknown');
+}

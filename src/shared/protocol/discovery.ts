@@ -1,0 +1,281 @@
+/**
+ * nodemesh.v1.Discovery (proto/nodemesh/v1/discovery.proto, design.md section 6): the messages as
+ * TypeScript sees them (@grpc/proto-loader with camelCase fields, uint64 as number, oneofs named)
+ * and the one codec between them and the config model. The proto file is the contract; this
+ * module loads it, nothing copies it.
+ */
+import { createHash } from 'node:crypto';
+import { isIP } from 'node:net';
+import { join } from 'node:path';
+
+import type { ServiceDefinition } from '@grpc/grpc-js';
+import { loadSync } from '@grpc/proto-loader';
+
+import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../../config/mesh.js';
+import type { Service, ServicePort } from '../../config/service.js';
+import type { Workload } from '../../config/snapshot.js';
+import type { TrafficPolicy } from '../../config/traffic-policy.js';
+import type { LoadBalancing } from '../../proxy/pool/load-balancer.js';
+import type { MeshConfig } from '../../config/store.js';
+import { compareStrings } from '../order.js';
+import { PACKAGE_ROOT } from '../paths.js';
+
+export const PROTO_FILE = join(PACKAGE_ROOT, 'proto', 'nodemesh', 'v1', 'discovery.proto');
+/** What an agent of this build understands (Hello.capabilities). */
+export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'MeshSettings', 'Namespace'] as const;
+/** Largest message either side accepts: a node's view of a big mesh fits, a runaway one does not. */
+export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+
+export interface WireServicePort {
+  name: string;
+  port: number;
+  targetPort: number;
+  protocol: string;
+}
+export interface WireService {
+  namespace: string;
+  name: string;
+  clusterIps: string[];
+  ports: WireServicePort[];
+  selector: Record<string, string>;
+}
+export interface WireWorkload {
+  uid: string;
+  namespace: string;
+  name: string;
+  serviceAccount: string;
+  labels: Record<string, string>;
+  ip4: string;
+  ip6: string;
+  node: string;
+}
+export interface WireTrafficPolicy {
+  namespace: string;
+  name: string;
+  services: string[];
+  loadBalancing: string;
+  maxConnections: number;
+  connectTimeoutMs?: number | null;
+  idleTimeoutMs?: number | null;
+  consecutiveConnectErrors: number;
+  baseEjectionMs: number;
+  maxEjectionPercent: number;
+}
+export interface WireMeshSettings {
+  enrollment: string;
+  failClosedEnrollment: boolean;
+}
+export interface WireNamespace {
+  name: string;
+  labels: Record<string, string>;
+}
+export interface WireResource {
+  service?: WireService;
+  workload?: WireWorkload;
+  trafficPolicy?: WireTrafficPolicy;
+  mesh?: WireMeshSettings;
+  namespace?: WireNamespace;
+  resource?: 'service' | 'workload' | 'trafficPolicy' | 'mesh' | 'namespace';
+}
+export interface WireConfigError {
+  object: string;
+  field: string;
+  message: string;
+}
+export interface WireSnapshot {
+  version: number;
+  digest: string;
+  resources: WireResource[];
+}
+export interface WireHello {
+  node: string;
+  agentVersion: string;
+  capabilities: string[];
+  version: number;
+  digest: string;
+}
+export interface AgentMessage {
+  hello?: WireHello;
+  ack?: { version: number };
+  nack?: { version: number; errors: WireConfigError[] };
+  pods?: { pods: WireWorkload[] };
+  message?: 'hello' | 'ack' | 'nack' | 'pods';
+}
+export interface ControlPlaneMessage {
+  snapshot?: WireSnapshot;
+  delta?: unknown;
+  message?: 'snapshot' | 'delta';
+}
+
+let definition: ServiceDefinition | undefined;
+
+/** The Discovery service definition, loaded from the proto file once. */
+export function discoveryService(): ServiceDefinition {
+  if (!definition) {
+    const pkg = loadSync(PROTO_FILE, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true });
+    definition = pkg['nodemesh.v1.Discovery'] as ServiceDefinition;
+  }
+  return definition;
+}
+
+// ---- config model -> wire (control plane) ----
+
+export function workloadToWire(w: Workload, node: string): WireWorkload {
+  return { uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: { ...w.labels }, ip4: w.ip4, ip6: w.ip6, node };
+}
+
+export function serviceToWire(s: Service): WireService {
+  return { namespace: s.namespace, name: s.name, clusterIps: [...s.clusterIPs], ports: s.ports.map((p) => ({ ...p })), selector: { ...s.selector } };
+}
+
+export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
+  const p = t.policy;
+  return {
+    namespace: t.namespace,
+    name: t.name,
+    services: [...t.services],
+    loadBalancing: p.loadBalancing,
+    maxConnections: p.maxConnections,
+    ...(p.connectTimeoutMs === undefined ? {} : { connectTimeoutMs: p.connectTimeoutMs }),
+    ...(p.idleTimeoutMs === undefined ? {} : { idleTimeoutMs: p.idleTimeoutMs }),
+    consecutiveConnectErrors: p.outlier.consecutiveConnectErrors,
+    baseEjectionMs: p.outlier.baseEjectionMs,
+    maxEjectionPercent: p.outlier.maxEjectionPercent,
+  };
+}
+
+/** A node's resources in a canonical order (kind, namespace, name), and their digest. */
+export function snapshotMessage(version: number, config: MeshConfig, workloads: ReadonlyArray<WireWorkload>): WireSnapshot {
+  const resources: WireResource[] = [
+    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment } },
+    ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
+    ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
+    ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
+    ...sortByKey(workloads).map((w) => ({ workload: w })),
+  ];
+  return { version, digest: digestOf(resources), resources };
+}
+
+function sortByKey<T extends { namespace: string; name: string }>(items: ReadonlyArray<T>): T[] {
+  return [...items].sort((a, b) => compareStrings(a.namespace, b.namespace) || compareStrings(a.name, b.name));
+}
+
+/** Hex SHA-256 over the resources' JSON, in the order given (snapshotMessage's canonical order). */
+export function digestOf(resources: ReadonlyArray<WireResource>): string {
+  const h = createHash('sha256');
+  for (const r of resources) h.update(JSON.stringify(r, canonical)).update('\n');
+  return h.digest('hex');
+}
+
+/** JSON with object keys sorted, so equal resources hash equally whatever built them. */
+function canonical(_key: string, value: unknown): unknown {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return value;
+  const obj = value as Record<string, unknown>;
+  return Object.fromEntries(
+    Object.keys(obj)
+      .filter((k) => k !== 'resource' && obj[k] !== undefined && obj[k] !== null)
+      .sort(compareStrings)
+      .map((k) => [k, obj[k]]),
+  );
+}
+
+// ---- wire -> config model (agent; validated at this edge) ----
+
+export class SnapshotInvalid extends Error {
+  constructor(readonly errors: ReadonlyArray<WireConfigError>) {
+    super(`snapshot rejected: ${errors.map((e) => `${e.object}${e.field ? ` ${e.field}` : ''}: ${e.message}`).join('; ')}`);
+  }
+}
+
+const LOAD_BALANCING: ReadonlyArray<LoadBalancing> = ['round-robin', 'least-connections', 'random'];
+
+export interface DecodedSnapshot {
+  readonly config: MeshConfig;
+  readonly workloads: ReadonlyArray<Workload>;
+}
+
+/**
+ * Validates and converts a snapshot for the agent. Any bad resource rejects the snapshot whole
+ * (the agent Nacks it with these errors and keeps serving its last good one).
+ */
+export function decodeSnapshot(s: WireSnapshot): DecodedSnapshot {
+  const errors: WireConfigError[] = [];
+  const bad = (object: string, field: string, message: string): void => void errors.push({ object, field, message });
+  const seen = new Set<string>();
+  const unique = (object: string): boolean => {
+    if (seen.has(object)) {
+      bad(object, 'metadata.name', 'appears twice in the snapshot');
+      return false;
+    }
+    seen.add(object);
+    return true;
+  };
+  const services: Service[] = [];
+  const policies: TrafficPolicy[] = [];
+  const workloads: Workload[] = [];
+  const namespaces = new Map<string, Namespace>();
+  let mesh: MeshSettings = DEFAULT_MESH;
+  if (!Number.isSafeInteger(s.version) || s.version <= 0) bad('Snapshot', 'version', `version ${String(s.version)} is not a positive integer`);
+  if (digestOf(s.resources) !== s.digest) bad('Snapshot', 'digest', 'the digest does not match the resources (garbled or incomplete message)');
+  for (const r of s.resources) {
+    if (r.service) {
+      const w = r.service;
+      const id = `Service ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      if (!w.name || !w.namespace) bad(id, 'metadata.name', 'name and namespace are required');
+      w.clusterIps.forEach((ip, i) => isIP(ip) === 0 && bad(id, `spec.clusterIPs[${i}]`, `"${ip}" is not an IP address`));
+      if (w.ports.length === 0) bad(id, 'spec.ports', 'a Service needs at least one port');
+      const ports: ServicePort[] = w.ports.map((p, i) => {
+        for (const [field, v] of [['port', p.port], ['targetPort', p.targetPort]] as const) {
+          if (!Number.isInteger(v) || v < 1 || v > 65535) bad(id, `spec.ports[${i}].${field}`, `${v} is not a TCP port`);
+        }
+        if (p.protocol !== 'TCP') bad(id, `spec.ports[${i}].protocol`, `protocol "${p.protocol}" is not supported (TCP)`);
+        return { name: p.name, port: p.port, targetPort: p.targetPort, protocol: 'TCP' };
+      });
+      services.push(Object.freeze({ namespace: w.namespace, name: w.name, clusterIPs: Object.freeze([...w.clusterIps]), ports: Object.freeze(ports), selector: Object.freeze({ ...w.selector }) }));
+    } else if (r.workload) {
+      const w = r.workload;
+      const id = `Workload ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      if (!w.uid) bad(id, 'uid', 'a workload needs a uid');
+      if (w.ip4 && isIP(w.ip4) !== 4) bad(id, 'ip4', `"${w.ip4}" is not an IPv4 address`);
+      if (w.ip6 && isIP(w.ip6) !== 6) bad(id, 'ip6', `"${w.ip6}" is not an IPv6 address`);
+      workloads.push(Object.freeze({ uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: Object.freeze({ ...w.labels }), ip4: w.ip4, ip6: w.ip6 }));
+    } else if (r.trafficPolicy) {
+      const w = r.trafficPolicy;
+      const id = `TrafficPolicy ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      const lb = LOAD_BALANCING.find((l) => l === w.loadBalancing);
+      if (!lb) bad(id, 'spec.loadBalancer.type', `"${w.loadBalancing}" is not one of ${LOAD_BALANCING.join(', ')}`);
+      if (w.maxEjectionPercent > 100) bad(id, 'spec.outlierDetection.maxEjectionPercent', `${w.maxEjectionPercent} is over 100`);
+      policies.push(
+        Object.freeze({
+          namespace: w.namespace,
+          name: w.name,
+          services: Object.freeze([...w.services]),
+          policy: Object.freeze({
+            source: `${w.namespace}/${w.name}`,
+            loadBalancing: lb ?? 'round-robin',
+            maxConnections: w.maxConnections,
+            connectTimeoutMs: w.connectTimeoutMs ?? undefined,
+            idleTimeoutMs: w.idleTimeoutMs ?? undefined,
+            outlier: Object.freeze({ consecutiveConnectErrors: w.consecutiveConnectErrors, baseEjectionMs: w.baseEjectionMs, maxEjectionPercent: w.maxEjectionPercent }),
+          }),
+        }),
+      );
+    } else if (r.mesh) {
+      const w = r.mesh;
+      if (!unique('MeshSettings nodemesh')) continue;
+      if (w.enrollment !== 'all' && w.enrollment !== 'opt-in') bad('ConfigMap nodemesh', 'data.enrollment', `"${w.enrollment}" must be "all" or "opt-in"`);
+      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment });
+    } else if (r.namespace) {
+      const w = r.namespace;
+      if (!unique(`Namespace ${w.name}`)) continue;
+      namespaces.set(w.name, Object.freeze({ name: w.name, labels: Object.freeze({ ...w.labels }) }));
+    } else {
+      bad('Snapshot', 'resources', 'a resource of a kind this agent does not know (is the control plane newer than the agent?)');
+    }
+  }
+  if (errors.length > 0) throw new SnapshotInvalid(errors);
+  return { config: Object.freeze({ services, trafficPolicies: policies, namespaces, mesh }), workloads };
+}
