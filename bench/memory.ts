@@ -3,7 +3,8 @@
  * (BENCH_PODS, default 100). Starts N idle local pods and one agent, waits until every pod is
  * verified and the agent has been idle a while, then prints VmRSS and a breakdown of
  * /proc/PID/smaps (node binary, other files, V8 and malloc heap, thread stacks). Not a test.
- * BENCH_NODE_FLAGS (e.g. "--max-opt=1") runs the agent under `node FLAGS` instead of the flags
+ * BENCH_GROW=1 starts the agent with 2 pods and adds the others while it runs (as npm run bench
+ * does). BENCH_NODE_FLAGS (e.g. "--max-opt=1") runs the agent under `node FLAGS` instead of the flags
  * of bin/nodemesh.js, to compare.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -78,12 +79,18 @@ async function main(): Promise<void> {
     const configDir = join(work, 'config');
     await mkdir(configDir);
     await writeFile(join(configDir, 'service.yaml'), 'apiVersion: v1\nkind: Service\nmetadata: {name: idle}\nspec:\n  clusterIP: 10.96.0.60\n  selector: {app: idle}\n  ports: [{port: 80}]\n');
-    say(`creating ${PODS} idle pods`);
-    for (let i = 0; i < PODS; i++) {
-      const p = await runtime.create(validatePodSpec({ name: `idle-${i}`, labels: ['app=idle'], command: ['sleep', 'infinity'] }), { detached: true });
-      cleanups.push(() => runtime.remove(p, 1000));
-      await runtime.start(p);
-    }
+    const addPods = async (from: number, to: number): Promise<void> => {
+      for (let i = from; i < to; i++) {
+        const p = await runtime.create(validatePodSpec({ name: `idle-${i}`, labels: ['app=idle'], command: ['sleep', 'infinity'] }), { detached: true });
+        cleanups.push(() => runtime.remove(p, 1000));
+        await runtime.start(p);
+      }
+    };
+    // BENCH_GROW=1: the agent starts with 2 pods and enrolls the others as they come (as in npm run bench).
+    const grow = process.env['BENCH_GROW'] === '1';
+    const before = grow ? Math.min(2, PODS) : PODS;
+    say(`creating ${before} idle pods`);
+    await addPods(0, before);
     const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
     agent = spawn(...agentCommand(['agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', '127.0.0.1:15901']), { env, stdio: 'inherit' });
     cleanups.push(async () => {
@@ -94,6 +101,10 @@ async function main(): Promise<void> {
       }
       await rm(pinRoot, { recursive: true, force: true });
     });
+    if (grow) {
+      say(`creating ${PODS - before} more while the agent runs`);
+      await addPods(before, PODS);
+    }
     say('waiting for the agent to verify every pod');
     for (let i = 0; ; i++) {
       const body = await fetch('http://127.0.0.1:15901/pods').then((r) => r.json() as Promise<{ pods: Array<{ verified: boolean }> }>).catch(() => ({ pods: [] }));
@@ -105,11 +116,13 @@ async function main(): Promise<void> {
     say(`all verified; idle for ${SETTLE_MS / 1000} s`);
     await sleep(SETTLE_MS);
     const steady = await breakdown(agent.pid ?? 0);
+    const heap = (await fetch('http://127.0.0.1:15901/debug/memory').then((r) => r.json())) as Record<string, number>;
     const mib = (k: number): string => (k / 1024).toFixed(1);
     const kinds = Object.keys(steady.byKind).sort((a, b) => (steady.byKind[b] ?? 0) - (steady.byKind[a] ?? 0));
     process.stdout.write(
       [
-        `agent with ${PODS} enrolled pods: VmRSS ${mib(enrolled.rssKiB)} MiB when all verified, ${mib(steady.rssKiB)} MiB after ${SETTLE_MS / 1000} s idle; ${steady.threads} threads`,
+        `agent with ${PODS} enrolled pods${grow ? ' (enrolled as they came)' : ''}: VmRSS ${mib(enrolled.rssKiB)} MiB when all verified, ${mib(steady.rssKiB)} MiB after ${SETTLE_MS / 1000} s idle; ${steady.threads} threads`,
+        `V8 heap after idle: total ${mib((heap['heapTotal'] ?? 0) / 1024)} MiB, used ${mib((heap['heapUsed'] ?? 0) / 1024)} MiB, external ${mib((heap['external'] ?? 0) / 1024)} MiB`,
         '| mapping | MiB (verified) | MiB (idle) |',
         '|---|---|---|',
         ...kinds.map((k) => `| ${k} | ${mib(enrolled.byKind[k] ?? 0)} | ${mib(steady.byKind[k] ?? 0)} |`),

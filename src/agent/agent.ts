@@ -18,7 +18,7 @@ import { logger } from '../shared/log.js';
 import type { SocketAddress } from './datapath/abi.js';
 import { probeConnect } from './datapath/native.js';
 import { NodeDatapath } from './datapath/node-datapath.js';
-import { ControlPlaneClient } from './control-plane-client.js';
+import type { ControlPlaneClient } from './control-plane-client.js';
 import { json, serveHttp, type HostPort } from './http.js';
 import type { NodePod, PodSource } from './pods/source.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -131,6 +131,8 @@ export class NodeAgent {
         await agent.store.load();
         agent.store.watch();
       } else {
+        // Loaded only in this mode: gRPC and protobuf cost ~5 MiB of resident memory (bench/memory.ts).
+        const { ControlPlaneClient } = await import('./control-plane-client.js');
         const m = metrics;
         agent.cpClient = new ControlPlaneClient(options.config.address, options.node, agent, {
           onAck: () => m.snapshots.inc({ result: 'applied' }),
