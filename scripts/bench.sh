@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # `npm run bench`: installs the load tools and the sidecar peer (iperf3, wrk, HAProxy, nft,
 # nginx as the app) from Debian's packages, builds if needed, runs bench/run.ts.
-# BENCH_SECONDS (default 5) and BENCH_PODS (default 1,10,100) tune it.
+# BENCH_SECONDS (default 5) and BENCH_PODS (default 1,10,100) tune it. `bench.sh memory`: see below.
 source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || die "the benchmark creates network namespaces, cgroups and BPF programs: run it as root"
+# `npm run bench:memory` (bench/memory.ts): the agent's RSS with N pods and where it goes; no load tools.
+if [[ ${1:-} == memory ]]; then
+  ensure_all
+  remember_bpffs
+  status=0
+  NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn} node dist/bench/memory.js || status=$?
+  restore_bpffs
+  exit $status
+fi
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
 # The fixed-rate latency client (microsecond resolution), built with the system C compiler.
