@@ -14,12 +14,15 @@ import {
   CAPABILITIES,
   MAX_MESSAGE_BYTES,
   SnapshotInvalid,
-  decodeSnapshot,
+  applyDelta,
+  decodeResources,
   discoveryService,
+  resourceKey,
   workloadToWire,
   type AgentMessage,
   type ControlPlaneMessage,
-  type WireSnapshot,
+  type DecodedSnapshot,
+  type WireResource,
 } from '../shared/protocol/discovery.js';
 import type { HostPort } from './http.js';
 
@@ -27,7 +30,7 @@ const log = logger('cp-client');
 
 /** What the client needs of the agent. */
 export interface SnapshotTarget {
-  applyRemote(remote: { version: number; digest: string; config: ReturnType<typeof decodeSnapshot>['config']; workloads: ReadonlyArray<Workload> }): void;
+  applyRemote(remote: { version: number; digest: string } & DecodedSnapshot): void;
   remoteState(): { version: number; digest: string };
   onPods(listener: (pods: ReadonlyArray<Workload>) => void): void;
 }
@@ -45,6 +48,8 @@ export class ControlPlaneClient {
   private client: Client | undefined;
   private call: ClientDuplexStream<AgentMessage, ControlPlaneMessage> | undefined;
   private pods: ReadonlyArray<Workload> = [];
+  /** The resources of the version applied, by key: what the next Delta applies to. */
+  private held = new Map<string, WireResource>();
   private attempt = 0;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
@@ -98,8 +103,15 @@ export class ControlPlaneClient {
     stream.on('metadata', () => this.setConnected(true));
     stream.on('data', (m: ControlPlaneMessage) => {
       this.attempt = 0;
-      if (m.snapshot) this.apply(stream, m.snapshot);
-      else log.warn({ message: m.message }, 'control plane sent a message this agent does not handle; ignored');
+      if (m.snapshot) {
+        const s = m.snapshot;
+        this.apply(stream, s.version, 'snapshot', () => new Map(s.resources.map((r) => [resourceKey(r), r])), s.digest);
+      } else if (m.delta) {
+        const d = m.delta;
+        this.apply(stream, d.version, 'delta', () => applyDelta(this.held, this.agent.remoteState().version, d), d.digest);
+      } else {
+        log.warn({ message: m.message }, 'control plane sent a message this agent does not handle; ignored');
+      }
     });
     let ended = false;
     const retry = (reason: string): void => {
@@ -124,20 +136,23 @@ export class ControlPlaneClient {
     this.events.onConnected?.(connected);
   }
 
-  private apply(stream: ClientDuplexStream<AgentMessage, ControlPlaneMessage>, s: WireSnapshot): void {
+  /** Validates and applies a Snapshot or Delta whole, then Acks; or Nacks and keeps the last good. */
+  private apply(stream: ClientDuplexStream<AgentMessage, ControlPlaneMessage>, version: number, kind: 'snapshot' | 'delta', resources: () => Map<string, WireResource>, digest: string): void {
     const current = this.agent.remoteState().version;
     try {
-      if (s.version < current) throw new SnapshotInvalid([{ object: 'Snapshot', field: 'version', message: `version ${s.version} is older than the version served (${current})` }]);
-      const decoded = decodeSnapshot(s);
-      this.agent.applyRemote({ version: s.version, digest: s.digest, ...decoded });
-      stream.write({ ack: { version: s.version } });
-      log.info({ version: s.version, resources: s.resources.length }, 'snapshot applied');
-      this.events.onAck?.(s.version);
+      if (version < current) throw new SnapshotInvalid([{ object: 'Snapshot', field: 'version', message: `version ${version} is older than the version served (${current})` }]);
+      const next = resources();
+      const decoded = decodeResources(version, digest, [...next.values()]);
+      this.agent.applyRemote({ version, digest, ...decoded });
+      this.held = next;
+      stream.write({ ack: { version } });
+      log.info({ version, kind, resources: next.size }, 'config applied');
+      this.events.onAck?.(version);
     } catch (e) {
       if (!(e instanceof SnapshotInvalid)) throw e;
-      stream.write({ nack: { version: s.version, errors: [...e.errors] } });
-      log.error({ version: s.version, errors: e.errors, serving: current }, 'snapshot rejected; the last good one keeps serving');
-      this.events.onNack?.(s.version, e);
+      stream.write({ nack: { version, errors: [...e.errors] } });
+      log.error({ version, kind, errors: e.errors, serving: current }, 'config rejected; the last good one keeps serving');
+      this.events.onNack?.(version, e);
     }
   }
 }

@@ -50,6 +50,35 @@ export function selects(selector: Readonly<Record<string, string>>, labels: Read
   return keys.length > 0 && keys.every((k) => labels[k] === selector[k]);
 }
 
+type Labelled = { readonly namespace: string; readonly labels: Readonly<Record<string, string>> };
+
+/**
+ * Finds the members of many selectors at once: workloads indexed by namespace and label, so each
+ * selector looks only at the workloads that carry its first label (a mesh of 1,000 Services and
+ * 10,000 pods is 10 million label checks without it). Members keep the order they were given in.
+ */
+export class SelectorIndex<W extends Labelled> {
+  private readonly byLabel = new Map<string, W[]>();
+
+  constructor(workloads: Iterable<W>) {
+    for (const w of workloads) {
+      for (const [k, v] of Object.entries(w.labels)) {
+        const key = `${w.namespace}\u0000${k}\u0000${v}`;
+        const list = this.byLabel.get(key);
+        if (list) list.push(w);
+        else this.byLabel.set(key, [w]);
+      }
+    }
+  }
+
+  members(namespace: string, selector: Readonly<Record<string, string>>): W[] {
+    const first = Object.entries(selector)[0];
+    if (!first) return [];
+    const candidates = this.byLabel.get(`${namespace}\u0000${first[0]}\u0000${first[1]}`) ?? [];
+    return candidates.filter((w) => selects(selector, w.labels));
+  }
+}
+
 const vipKey = (address: string, port: number): string => `${address}|${port}`;
 
 export class MeshSnapshot {
@@ -71,9 +100,9 @@ export class MeshSnapshot {
       this.byIp.set(w.ip4, w);
       this.byIp.set(w.ip6, w);
     }
-    const sorted = [...workloads].sort(byNamespaceName);
+    const index = new SelectorIndex([...workloads].sort(byNamespaceName));
     for (const service of services) {
-      const members = sorted.filter((w) => w.namespace === service.namespace && selects(service.selector, w.labels));
+      const members = index.members(service.namespace, service.selector);
       for (const port of service.ports) {
         const target: ServiceTarget = {
           service,

@@ -5,26 +5,34 @@
  * (nodemesh.v1.Discovery/Stream). One owner per state: the store owns config, this module owns
  * versions, node pods and the streams.
  *
+ * A node first gets a Snapshot, then Deltas against what it acknowledged (resources added or
+ * changed, keys removed). Changes are batched for a few milliseconds, then pushed as one version.
  * Flow control: a stream has at most one push waiting for its Ack. Changes made meanwhile are
  * folded into the next push, sent when the Ack (or Nack) arrives, so an agent that never answers
- * costs one snapshot of memory, not a queue.
+ * costs one message of memory, not a queue.
  */
 import type { Server as HttpServer } from 'node:http';
 
 import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
 
 import { json, serveHttp, type HostPort } from '../agent/http.js';
-import { selects } from '../config/snapshot.js';
+import { SelectorIndex } from '../config/snapshot.js';
 import { ConfigStore, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
 import {
   MAX_MESSAGE_BYTES,
+  configResources,
+  digestHex,
   discoveryService,
-  snapshotMessage,
+  keyParts,
+  resourceHash,
+  resourceKey,
+  sortByKey,
   type AgentMessage,
   type ControlPlaneMessage,
   type WireConfigError,
+  type WireResource,
   type WireSnapshot,
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
@@ -34,6 +42,10 @@ const log = logger('control-plane');
 
 /** Pods one agent may report: a node runs at most a few hundred (kubelet's default limit is 110). */
 const MAX_PODS_PER_NODE = 1000;
+/** Changes within this window go out as one version (a burst of pod reports, an editor's saves). */
+const BATCH_MS = 10;
+/** After a start, how long agents get to report their pods before the first push. */
+const WARMUP_MS = 2000;
 
 export interface ControlPlaneOptions {
   readonly configDir: string;
@@ -41,6 +53,8 @@ export interface ControlPlaneOptions {
   readonly listen: HostPort;
   /** HTTP: /metrics, /healthz/ready, /debug/snapshot, /debug/nodes (15014). */
   readonly http: HostPort;
+  /** How long agents get to report their pods after a start before the first push (default 2 s). */
+  readonly warmupMs?: number;
 }
 
 /** What `nodemesh status` and /debug/nodes show per node. */
@@ -56,13 +70,19 @@ export interface NodeSyncStatus {
   readonly lastNack: ReadonlyArray<WireConfigError>;
 }
 
+/** What a node should hold now: resources by key, and their digest. */
+interface NodeView {
+  readonly resources: ReadonlyMap<string, WireResource>;
+  readonly digest: string;
+}
+
 class AgentStream {
-  sent: WireSnapshot | undefined;
-  /** The last version the agent answered (Ack or Nack), or served when it connected. */
-  answered = 0;
-  /** When the config version of the outstanding push was made (for the propagation histogram). */
-  sentAt = 0;
-  awaitingAck = false;
+  /** What the agent holds (its last Ack): resource hashes by key; undefined: it needs a Snapshot. */
+  held: Map<string, bigint> | undefined;
+  heldVersion = 0;
+  heldDigest = '';
+  /** The outstanding push, applied to `held` when the agent Acks it. */
+  pending: { version: number; digest: string; hashes: Map<string, bigint>; at: number } | undefined;
   dirty = false;
   lastNack: ReadonlyArray<WireConfigError> = [];
 
@@ -80,8 +100,16 @@ export class ControlPlane {
   /** What each node last acknowledged, kept across reconnects (for status). */
   private readonly acked = new Map<string, number>();
   private version = 0;
-  /** When the current version was made. */
+  /** When the current version's first change happened (for the propagation histogram). */
   private versionAt = 0;
+  /** Changes since the last push, pushed together after BATCH_MS. */
+  private batch: NodeJS.Timeout | undefined;
+  /** False until the agents had time to report their pods after a start. */
+  private warm = true;
+  private warmup: NodeJS.Timeout | undefined;
+  private changedAt = 0;
+  /** Resources every node gets at the current version (config and endpoint workloads). */
+  private shared: NodeView & { readonly sum: bigint; readonly endpointUids: ReadonlySet<string> } = { resources: new Map(), digest: digestHex(0n), sum: 0n, endpointUids: new Set() };
   private grpc: Server | undefined;
   private http: HttpServer | undefined;
   private port = 0;
@@ -95,10 +123,17 @@ export class ControlPlane {
     try {
       await cp.store.load();
       cp.store.watch();
+      // Pods come from the agents' reports: until they have had time to report after a restart,
+      // a push would tell every node that the endpoints on other nodes are gone.
+      cp.warm = false;
+      cp.warmup = setTimeout(() => {
+        cp.warm = true;
+        cp.flush();
+      }, options.warmupMs ?? WARMUP_MS);
       await cp.serveGrpc();
       cp.http = await serveHttp(options.http, {
         '/metrics': async () => ({ status: 200, type: cp.metrics.registry.contentType, body: await cp.metrics.registry.metrics() }),
-        '/healthz/ready': async () => json({ ready: cp.store.hasLoaded(), version: cp.version }, cp.store.hasLoaded() ? 200 : 503),
+        '/healthz/ready': async () => json({ ready: cp.store.hasLoaded() && cp.warm, warm: cp.warm, version: cp.version }, cp.store.hasLoaded() && cp.warm ? 200 : 503),
         '/debug/nodes': async () => json({ version: cp.version, nodes: cp.nodes() }),
         '/debug/snapshot': async (req) => {
           const node = new URL(req.url ?? '/', 'http://x').searchParams.get('node');
@@ -125,6 +160,8 @@ export class ControlPlane {
 
   async stop(): Promise<void> {
     this.store.close();
+    clearTimeout(this.batch);
+    clearTimeout(this.warmup);
     for (const s of this.streams.values()) s.call.end();
     const grpc = this.grpc;
     if (grpc) await new Promise<void>((resolve) => grpc.tryShutdown(() => resolve()));
@@ -141,28 +178,65 @@ export class ControlPlane {
         node,
         connected: s !== undefined,
         pods: this.podsByNode.get(node)?.length ?? 0,
-        sentVersion: s?.sent?.version ?? 0,
+        sentVersion: s?.pending?.version ?? s?.heldVersion ?? 0,
         ackedVersion: acked,
-        inSync: s !== undefined && !s.awaitingAck && !s.dirty && s.sent !== undefined && acked === s.sent.version && s.sent.digest === this.snapshotFor(node).digest,
+        inSync: s !== undefined && s.pending === undefined && !s.dirty && s.held !== undefined && s.heldDigest === this.viewOf(node).digest,
         lastNack: s?.lastNack ?? [],
       };
     });
   }
 
+  /** What a node should hold now, as the Snapshot it would get (/debug/snapshot). */
+  snapshotFor(node: string): WireSnapshot {
+    const view = this.viewOf(node);
+    return { version: this.version, digest: view.digest, resources: [...view.resources.values()] };
+  }
+
   /**
    * What a node needs: the mesh settings, namespaces, Services and TrafficPolicies, the workloads
-   * that are endpoints of a Service, and the node's own pods. Workloads nobody selects on other
-   * nodes are left out; narrowing Services to those a node's pods may call is future work.
+   * that are endpoints of a Service (all computed once per version), and the node's own pods.
+   * Narrowing Services to those a node's pods may call is future work.
    */
-  snapshotFor(node: string): WireSnapshot {
-    const config = this.store.current();
-    const workloads: WireWorkload[] = [];
-    for (const [n, pods] of this.podsByNode) {
-      for (const p of pods) {
-        if (n === node || config.services.some((s) => s.namespace === p.namespace && selects(s.selector, p.labels))) workloads.push(p);
-      }
+  private viewOf(node: string): NodeView {
+    const own = (this.podsByNode.get(node) ?? []).filter((p) => !this.shared.endpointUids.has(p.uid));
+    if (own.length === 0) return this.shared;
+    const resources = new Map(this.shared.resources);
+    let sum = this.shared.sum;
+    for (const p of sortByKey(own)) {
+      const r: WireResource = { workload: p };
+      resources.set(resourceKey(r), r);
+      sum += resourceHash(r);
     }
-    return snapshotMessage(this.version, config, workloads);
+    return { resources, digest: digestHex(sum) };
+  }
+
+  /** The shared part of every node's view, once per version. */
+  private computeShared(): void {
+    const config = this.store.current();
+    const pods = [...this.podsByNode.values()].flat();
+    const index = new SelectorIndex(pods);
+    const endpointUids = new Set<string>();
+    for (const svc of config.services) for (const p of index.members(svc.namespace, svc.selector)) endpointUids.add(p.uid);
+    const resources = new Map<string, WireResource>();
+    let sum = 0n;
+    const add = (r: WireResource): void => {
+      resources.set(resourceKey(r), r);
+      sum += resourceHash(r);
+    };
+    for (const r of configResources(config)) add(r);
+    for (const p of sortByKey(pods.filter((p) => endpointUids.has(p.uid)))) add(this.workloadResource(p));
+    this.shared = { resources, sum, digest: digestHex(sum), endpointUids };
+  }
+
+  /** One resource object per reported pod object, so its hash is computed once. */
+  private readonly workloadResources = new WeakMap<WireWorkload, WireResource>();
+  private workloadResource(p: WireWorkload): WireResource {
+    let r = this.workloadResources.get(p);
+    if (!r) {
+      r = { workload: p };
+      this.workloadResources.set(p, r);
+    }
+    return r;
   }
 
   private configRead(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void {
@@ -173,28 +247,46 @@ export class ControlPlane {
     this.changed();
   }
 
-  /** A new version (monotonic across restarts: never below the wall clock in ms), pushed to every node. */
+  /** A change: pushed with the others of the next BATCH_MS as one version. */
   private changed(): void {
+    if (this.batch || !this.warm) return;
+    this.changedAt = performance.now();
+    this.batch = setTimeout(() => this.flush(), BATCH_MS);
+  }
+
+  /** A new version (monotonic across restarts: never below the wall clock in ms), pushed to every node. */
+  private flush(): void {
+    this.batch = undefined;
     this.version = Math.max(this.version + 1, Date.now());
-    this.versionAt = performance.now();
+    this.versionAt = this.changedAt;
     this.metrics.configVersion.set(this.version);
+    this.computeShared();
     for (const s of this.streams.values()) this.push(s);
   }
 
   private push(s: AgentStream): void {
-    if (s.awaitingAck) {
+    if (!this.warm) return;
+    if (s.pending) {
       s.dirty = true;
       return;
     }
     s.dirty = false;
-    const snapshot = this.snapshotFor(s.node);
+    const view = this.viewOf(s.node);
     // Nothing this node needs changed: it stays on the version it has.
-    if (s.sent && s.sent.digest === snapshot.digest && s.answered === s.sent.version) return;
-    s.sent = snapshot;
-    s.sentAt = this.versionAt;
-    s.awaitingAck = true;
-    this.metrics.pushes.inc({ type: 'snapshot' });
-    s.call.write({ snapshot });
+    if (s.held && s.heldDigest === view.digest) return;
+    const hashes = new Map<string, bigint>();
+    for (const [k, r] of view.resources) hashes.set(k, resourceHash(r));
+    s.pending = { version: this.version, digest: view.digest, hashes, at: this.versionAt };
+    if (!s.held) {
+      this.metrics.pushes.inc({ type: 'snapshot' });
+      s.call.write({ snapshot: { version: this.version, digest: view.digest, resources: [...view.resources.values()] } });
+      return;
+    }
+    const upserts: WireResource[] = [];
+    for (const [k, r] of view.resources) if (s.held.get(k) !== hashes.get(k)) upserts.push(r);
+    const removals = [...s.held.keys()].filter((k) => !view.resources.has(k)).map(keyParts);
+    this.metrics.pushes.inc({ type: 'delta' });
+    s.call.write({ delta: { version: this.version, baseVersion: s.heldVersion, digest: view.digest, upserts, removals } });
   }
 
   private async serveGrpc(): Promise<void> {
@@ -233,11 +325,14 @@ export class ControlPlane {
           previous.call.end();
         }
         stream = new AgentStream(hello.node, call);
-        // The agent serves this version already: if it is still what the node needs, nothing is sent.
-        if (hello.version > 0) {
-          stream.answered = hello.version;
+        // The agent holds exactly what the node needs now (same digest): nothing is sent, and
+        // later changes come as Deltas against it. Otherwise it gets a Snapshot.
+        const view = this.viewOf(hello.node);
+        if (hello.version > 0 && hello.digest === view.digest) {
+          stream.held = new Map([...view.resources].map(([k, r]) => [k, resourceHash(r)]));
+          stream.heldVersion = hello.version;
+          stream.heldDigest = hello.digest;
           this.acked.set(hello.node, hello.version);
-          stream.sent = { version: hello.version, digest: hello.digest, resources: [] };
         }
         // Headers now: the agent knows it is connected even when it has nothing new to receive.
         call.sendMetadata(new Metadata());
@@ -259,22 +354,32 @@ export class ControlPlane {
         this.changed();
       } else if (m.ack || m.nack) {
         const version = m.ack?.version ?? m.nack?.version ?? 0;
-        if (!s.awaitingAck || version !== s.sent?.version) {
-          log.warn({ node: s.node, version, expected: s.sent?.version }, 'answer for a version that was not sent; ignored');
+        const pending = s.pending;
+        if (!pending || version !== pending.version) {
+          log.warn({ node: s.node, version, expected: pending?.version }, 'answer for a version that was not sent; ignored');
           return;
         }
-        s.awaitingAck = false;
-        s.answered = version;
+        s.pending = undefined;
         if (m.ack) {
+          s.held = pending.hashes;
+          s.heldVersion = pending.version;
+          s.heldDigest = pending.digest;
           s.lastNack = [];
           this.acked.set(s.node, version);
           this.metrics.acks.inc({ result: 'ack' });
-          this.metrics.pushSeconds.observe((performance.now() - s.sentAt) / 1000);
+          this.metrics.pushSeconds.observe((performance.now() - pending.at) / 1000);
         } else {
           s.lastNack = (m.nack?.errors ?? []).slice(0, 100);
           this.metrics.acks.inc({ result: 'nack' });
-          log.error({ node: s.node, version, errors: s.lastNack }, 'agent rejected the snapshot; it keeps serving its last good one');
-          // The same snapshot would be rejected again: the next one goes out at the next change.
+          // A Delta on a base the agent does not hold: it gets a Snapshot right away. Anything
+          // else would be rejected again: the next push goes out at the next change.
+          if (s.lastNack.some((e) => e.object === 'Delta' && e.field === 'baseVersion')) {
+            log.warn({ node: s.node, version }, 'agent holds another version than the delta assumed; sending a snapshot');
+            s.held = undefined;
+            s.dirty = true;
+          } else {
+            log.error({ node: s.node, version, errors: s.lastNack }, 'agent rejected the config; it keeps serving its last good one');
+          }
         }
         if (s.dirty) this.push(s);
       }

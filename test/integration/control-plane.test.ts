@@ -45,6 +45,7 @@ test('control plane: edits reach the agent, traffic survives its loss, the agent
   const cpMetrics = await cp.metrics();
   assert.equal(metricValue(cpMetrics, 'nodemesh_cp_connected_agents'), 1);
   assert.ok(metricValue(cpMetrics, 'nodemesh_cp_acks_total', { result: 'ack' }) >= 2);
+  assert.ok(metricValue(cpMetrics, 'nodemesh_cp_pushes_total', { type: 'delta' }) >= 1, 'the edit went out as a delta');
 
   // Control plane gone: the agent keeps serving the last snapshot.
   await cp.kill('SIGKILL');
@@ -126,7 +127,20 @@ test('control plane protocol: a bad snapshot is Nacked with the field named, the
   assert.equal(config.version, 1000, 'the last good snapshot keeps serving');
   assert.ok((await sb.dialFrom(client, SVC, 80)).intact, 'and traffic flows on it');
   await waitFor(async () => (await b.connections()).length === 2, 5000, 'B got both connections');
+
+  // A delta on another base than the agent holds is refused; one on its base applies.
+  const moved = snapshotMessage(4000, { ...EMPTY_CONFIG, services: [service(81)] }, [{ ...podB, labels: { ...podB.labels }, node: 'n' }]);
+  const upsert = moved.resources.find((r) => r.service);
+  assert.ok(upsert);
+  fake.send({ delta: { version: 4000, baseVersion: 999, digest: moved.digest, upserts: [upsert], removals: [] } });
+  await waitFor(async () => fake.answers.length === 4, 5000, 'answer to the delta on a wrong base');
+  assert.deepEqual(fake.answers[3]?.nack?.errors.map((e) => [e.object, e.field]), [['Delta', 'baseVersion']]);
+  fake.send({ delta: { version: 4000, baseVersion: 1000, digest: moved.digest, upserts: [upsert], removals: [] } });
+  await waitFor(async () => fake.answers.length === 5, 5000, 'answer to the delta');
+  assert.deepEqual(fake.answers[4]?.ack, { version: 4000 });
+  assert.deepEqual((await agent.config()).services.map((x) => x.service), ['default/backend:81']);
+
   const m = await agent.metrics();
-  assert.equal(metricValue(m, 'nodemesh_config_snapshots_total', { result: 'applied' }), 1);
-  assert.equal(metricValue(m, 'nodemesh_config_snapshots_total', { result: 'rejected' }), 2);
+  assert.equal(metricValue(m, 'nodemesh_config_snapshots_total', { result: 'applied' }), 2);
+  assert.equal(metricValue(m, 'nodemesh_config_snapshots_total', { result: 'rejected' }), 3);
 });

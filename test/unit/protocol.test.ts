@@ -4,7 +4,19 @@ import { test } from 'node:test';
 
 import { DEFAULT_MESH } from '../../src/config/mesh.js';
 import type { MeshConfig } from '../../src/config/store.js';
-import { SnapshotInvalid, decodeSnapshot, digestOf, snapshotMessage, type WireWorkload } from '../../src/shared/protocol/discovery.js';
+import {
+  SnapshotInvalid,
+  applyDelta,
+  decodeResources,
+  decodeSnapshot,
+  digestOf,
+  discoveryService,
+  keyParts,
+  resourceKey,
+  snapshotMessage,
+  type ControlPlaneMessage,
+  type WireWorkload,
+} from '../../src/shared/protocol/discovery.js';
 
 const config: MeshConfig = {
   services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'cart' } }],
@@ -56,4 +68,31 @@ test('a snapshot with a bad resource is refused whole, each problem named', () =
   const dup = snapshotMessage(6, config, [pod, pod]);
   assert.throws(() => decodeSnapshot(dup), /Workload shop\/cart-1 metadata.name: appears twice/);
   assert.throws(() => decodeSnapshot({ ...snapshotMessage(7, config, []), version: 0 }), /version 0 is not a positive integer/);
+});
+
+test('through protobuf and back: the digest still matches, optional fields stay unset', () => {
+  const method = discoveryService()['Stream'];
+  assert.ok(method);
+  const noTimeouts: MeshConfig = { ...config, trafficPolicies: [{ ...config.trafficPolicies[0]!, policy: { ...config.trafficPolicies[0]!.policy, connectTimeoutMs: undefined } }] };
+  for (const c of [config, noTimeouts]) {
+    const sent = snapshotMessage(9, c, [pod]);
+    const received = method.responseDeserialize(method.responseSerialize({ snapshot: sent })) as ControlPlaneMessage;
+    assert.ok(received.snapshot);
+    const d = decodeSnapshot(received.snapshot);
+    assert.deepEqual(d.config.trafficPolicies, c.trafficPolicies);
+  }
+});
+
+test('a delta applies to the version it was made from, and only to it', () => {
+  const v1 = snapshotMessage(1, config, [pod]);
+  const held = new Map(v1.resources.map((r) => [resourceKey(r), r]));
+  const moved: WireWorkload = { ...pod, name: 'cart-2', uid: 'u2', ip4: '10.200.0.6' };
+  const v2 = snapshotMessage(2, config, [moved]);
+  const delta = { version: 2, baseVersion: 1, digest: v2.digest, upserts: [{ workload: moved }], removals: [keyParts(resourceKey({ workload: pod }))] };
+  const next = applyDelta(held, 1, delta);
+  const d = decodeResources(2, delta.digest, [...next.values()]);
+  assert.deepEqual(d.workloads.map((w) => w.name), ['cart-2']);
+  assert.throws(() => applyDelta(held, 5, delta), /delta from version 1, but this agent holds 5/);
+  // A delta that leaves out a change does not reach the digest it promises.
+  assert.throws(() => decodeResources(2, delta.digest, [...applyDelta(held, 1, { ...delta, removals: [] }).values()]), /digest does not match/);
 });

@@ -101,9 +101,21 @@ export interface AgentMessage {
   pods?: { pods: WireWorkload[] };
   message?: 'hello' | 'ack' | 'nack' | 'pods';
 }
+export interface WireResourceKey {
+  kind: string;
+  namespace: string;
+  name: string;
+}
+export interface WireDelta {
+  version: number;
+  baseVersion: number;
+  digest: string;
+  upserts: WireResource[];
+  removals: WireResourceKey[];
+}
 export interface ControlPlaneMessage {
   snapshot?: WireSnapshot;
-  delta?: unknown;
+  delta?: WireDelta;
   message?: 'snapshot' | 'delta';
 }
 
@@ -144,36 +156,84 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
   };
 }
 
-/** A node's resources in a canonical order (kind, namespace, name), and their digest. */
-export function snapshotMessage(version: number, config: MeshConfig, workloads: ReadonlyArray<WireWorkload>): WireSnapshot {
-  const resources: WireResource[] = [
+/**
+ * The resources of a config, in a canonical order (kind, namespace, name): the part every node
+ * gets alike. Workloads are added per node.
+ */
+export function configResources(config: MeshConfig): WireResource[] {
+  return [
     { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment } },
     ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
     ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
     ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
-    ...sortByKey(workloads).map((w) => ({ workload: w })),
   ];
+}
+
+/** A full snapshot of a config and workloads (tests and small meshes; the control plane reuses parts). */
+export function snapshotMessage(version: number, config: MeshConfig, workloads: ReadonlyArray<WireWorkload>): WireSnapshot {
+  const resources = [...configResources(config), ...sortByKey(workloads).map((w) => ({ workload: w }))];
   return { version, digest: digestOf(resources), resources };
 }
 
-function sortByKey<T extends { namespace: string; name: string }>(items: ReadonlyArray<T>): T[] {
+export function sortByKey<T extends { namespace: string; name: string }>(items: ReadonlyArray<T>): T[] {
   return [...items].sort((a, b) => compareStrings(a.namespace, b.namespace) || compareStrings(a.name, b.name));
 }
 
-/** Hex SHA-256 over the resources' JSON, in the order given (snapshotMessage's canonical order). */
-export function digestOf(resources: ReadonlyArray<WireResource>): string {
-  const h = createHash('sha256');
-  for (const r of resources) h.update(JSON.stringify(r, canonical)).update('\n');
-  return h.digest('hex');
+/** "Kind/namespace/name", the identity of a resource in snapshots and deltas. */
+export function resourceKey(r: WireResource): string {
+  if (r.service) return `Service/${r.service.namespace}/${r.service.name}`;
+  if (r.workload) return `Workload/${r.workload.namespace}/${r.workload.name}`;
+  if (r.trafficPolicy) return `TrafficPolicy/${r.trafficPolicy.namespace}/${r.trafficPolicy.name}`;
+  if (r.namespace) return `Namespace//${r.namespace.name}`;
+  if (r.mesh) return 'MeshSettings//nodemesh';
+  return 'Unknown//';
 }
 
-/** JSON with object keys sorted, so equal resources hash equally whatever built them. */
+export function keyOf(k: WireResourceKey): string {
+  return `${k.kind}/${k.namespace}/${k.name}`;
+}
+
+export function keyParts(key: string): WireResourceKey {
+  const [kind = '', namespace = '', ...rest] = key.split('/');
+  return { kind, namespace, name: rest.join('/') };
+}
+
+const DIGEST_MOD = 1n << 256n;
+/** Resources are never mutated once built: their hash is computed once per object. */
+const hashes = new WeakMap<WireResource, bigint>();
+
+/** SHA-256 of the resource's key and canonical JSON, as a number (see Snapshot.digest). */
+export function resourceHash(r: WireResource): bigint {
+  let h = hashes.get(r);
+  if (h === undefined) {
+    h = BigInt(`0x${createHash('sha256').update(`${resourceKey(r)}\n${JSON.stringify(r, canonical)}`).digest('hex')}`);
+    hashes.set(r, h);
+  }
+  return h;
+}
+
+/** The digest of a set of resources: the sum of their hashes modulo 2^256 (order-independent). */
+export function digestOf(resources: Iterable<WireResource>): string {
+  let sum = 0n;
+  for (const r of resources) sum += resourceHash(r);
+  return digestHex(sum);
+}
+
+export function digestHex(sum: bigint): string {
+  return (((sum % DIGEST_MOD) + DIGEST_MOD) % DIGEST_MOD).toString(16).padStart(64, '0');
+}
+
+/**
+ * JSON with object keys sorted, so equal resources hash equally whoever built them; leaves out
+ * what protobuf decoding adds (the oneof name in "resource", "_field" presence markers, nulls and
+ * proto3 defaults of optional fields).
+ */
 function canonical(_key: string, value: unknown): unknown {
   if (value === null || typeof value !== 'object' || Array.isArray(value)) return value;
   const obj = value as Record<string, unknown>;
   return Object.fromEntries(
     Object.keys(obj)
-      .filter((k) => k !== 'resource' && obj[k] !== undefined && obj[k] !== null)
+      .filter((k) => k !== 'resource' && !k.startsWith('_') && obj[k] !== undefined && obj[k] !== null)
       .sort(compareStrings)
       .map((k) => [k, obj[k]]),
   );
@@ -199,6 +259,25 @@ export interface DecodedSnapshot {
  * (the agent Nacks it with these errors and keeps serving its last good one).
  */
 export function decodeSnapshot(s: WireSnapshot): DecodedSnapshot {
+  return decodeResources(s.version, s.digest, s.resources);
+}
+
+/**
+ * A Delta applied to the resources the agent holds (by key): the resources after it, or an error
+ * naming why it does not apply (another base version). The result is then decoded like a Snapshot.
+ */
+export function applyDelta(held: ReadonlyMap<string, WireResource>, heldVersion: number, d: WireDelta): Map<string, WireResource> {
+  if (d.baseVersion !== heldVersion) {
+    throw new SnapshotInvalid([{ object: 'Delta', field: 'baseVersion', message: `delta from version ${d.baseVersion}, but this agent holds ${heldVersion}` }]);
+  }
+  const next = new Map(held);
+  for (const k of d.removals) next.delete(keyOf(k));
+  for (const r of d.upserts) next.set(resourceKey(r), r);
+  return next;
+}
+
+export function decodeResources(version: number, digest: string, resources: ReadonlyArray<WireResource>): DecodedSnapshot {
+  const s = { version, digest, resources };
   const errors: WireConfigError[] = [];
   const bad = (object: string, field: string, message: string): void => void errors.push({ object, field, message });
   const seen = new Set<string>();
