@@ -13,6 +13,11 @@ if [[ ${1:-} == memory ]]; then
   restore_bpffs
   exit $status
 fi
+# `npm run bench:control-plane` (bench/control-plane.ts): config propagation and memory at mesh scale.
+if [[ ${1:-} == control-plane ]]; then
+  ensure_all
+  exec node dist/bench/control-plane.js
+fi
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
 # The fixed-rate latency client (microsecond resolution), built with the system C compiler.
@@ -24,4 +29,6 @@ remember_bpffs
 status=0
 NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn} node dist/bench/run.js || status=$?
 restore_bpffs
+# The control plane at mesh scale (no pods, no traffic): propagation p50/p99, memory.
+[[ $status -ne 0 ]] || NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn} node dist/bench/control-plane.js || status=$?
 exit $status

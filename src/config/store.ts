@@ -11,7 +11,7 @@ import { logger } from '../shared/log.js';
 import { keepLastGood } from './last-good.js';
 import { DEFAULT_MESH, type MeshSettings, type Namespace } from './mesh.js';
 import type { ConfigIssue, Service } from './service.js';
-import { readConfigDir } from './source-dir.js';
+import { readConfigDir, type ConfigDirCache } from './source-dir.js';
 import type { TrafficPolicy } from './traffic-policy.js';
 
 const log = logger('config');
@@ -46,6 +46,7 @@ export class ConfigStore {
   private watcher: FSWatcher | undefined;
   private timer: NodeJS.Timeout | undefined;
   private reading: Promise<void> = Promise.resolve();
+  private readonly parsed: ConfigDirCache = new Map();
 
   constructor(
     readonly dir: string,
@@ -90,7 +91,7 @@ export class ConfigStore {
   }
 
   private async read(): Promise<void> {
-    const read = await readConfigDir(this.dir);
+    const read = await readConfigDir(this.dir, this.parsed);
     const { issues } = read;
     const previous = this.config;
     const services = keepLastGood('Service', read.services, previous.services, this.files, issues);

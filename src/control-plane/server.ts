@@ -33,6 +33,7 @@ import {
   type ControlPlaneMessage,
   type WireConfigError,
   type WireResource,
+  type WireResourceKey,
   type WireSnapshot,
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
@@ -70,19 +71,20 @@ export interface NodeSyncStatus {
   readonly lastNack: ReadonlyArray<WireConfigError>;
 }
 
-/** What a node should hold now: resources by key, and their digest. */
+/** What a node should hold now: resources by key, their hashes, and their digest. */
 interface NodeView {
   readonly resources: ReadonlyMap<string, WireResource>;
+  readonly hashes: ReadonlyMap<string, bigint>;
   readonly digest: string;
 }
 
 class AgentStream {
   /** What the agent holds (its last Ack): resource hashes by key; undefined: it needs a Snapshot. */
-  held: Map<string, bigint> | undefined;
+  held: ReadonlyMap<string, bigint> | undefined;
   heldVersion = 0;
   heldDigest = '';
   /** The outstanding push, applied to `held` when the agent Acks it. */
-  pending: { version: number; digest: string; hashes: Map<string, bigint>; at: number } | undefined;
+  pending: { version: number; digest: string; hashes: ReadonlyMap<string, bigint>; at: number } | undefined;
   dirty = false;
   lastNack: ReadonlyArray<WireConfigError> = [];
 
@@ -109,7 +111,12 @@ export class ControlPlane {
   private warmup: NodeJS.Timeout | undefined;
   private changedAt = 0;
   /** Resources every node gets at the current version (config and endpoint workloads). */
-  private shared: NodeView & { readonly sum: bigint; readonly endpointUids: ReadonlySet<string> } = { resources: new Map(), digest: digestHex(0n), sum: 0n, endpointUids: new Set() };
+  private shared: NodeView & { readonly sum: bigint; readonly endpointUids: ReadonlySet<string> } = { resources: new Map(), hashes: new Map(), digest: digestHex(0n), sum: 0n, endpointUids: new Set() };
+  /**
+   * Deltas of this version by (digest held -> digest wanted): nodes that hold the same and need
+   * the same (most of them: their pods are all some Service's endpoints) share one computation.
+   */
+  private deltas = new Map<string, { upserts: WireResource[]; removals: WireResourceKey[] }>();
   private grpc: Server | undefined;
   private http: HttpServer | undefined;
   private port = 0;
@@ -201,13 +208,17 @@ export class ControlPlane {
     const own = (this.podsByNode.get(node) ?? []).filter((p) => !this.shared.endpointUids.has(p.uid));
     if (own.length === 0) return this.shared;
     const resources = new Map(this.shared.resources);
+    const hashes = new Map(this.shared.hashes);
     let sum = this.shared.sum;
     for (const p of sortByKey(own)) {
-      const r: WireResource = { workload: p };
-      resources.set(resourceKey(r), r);
-      sum += resourceHash(r);
+      const r = this.workloadResource(p);
+      const k = resourceKey(r);
+      const h = resourceHash(r);
+      resources.set(k, r);
+      hashes.set(k, h);
+      sum += h;
     }
-    return { resources, digest: digestHex(sum) };
+    return { resources, hashes, digest: digestHex(sum) };
   }
 
   /** The shared part of every node's view, once per version. */
@@ -218,14 +229,19 @@ export class ControlPlane {
     const endpointUids = new Set<string>();
     for (const svc of config.services) for (const p of index.members(svc.namespace, svc.selector)) endpointUids.add(p.uid);
     const resources = new Map<string, WireResource>();
+    const hashes = new Map<string, bigint>();
     let sum = 0n;
     const add = (r: WireResource): void => {
-      resources.set(resourceKey(r), r);
-      sum += resourceHash(r);
+      const k = resourceKey(r);
+      const h = resourceHash(r);
+      resources.set(k, r);
+      hashes.set(k, h);
+      sum += h;
     };
     for (const r of configResources(config)) add(r);
     for (const p of sortByKey(pods.filter((p) => endpointUids.has(p.uid)))) add(this.workloadResource(p));
-    this.shared = { resources, sum, digest: digestHex(sum), endpointUids };
+    this.shared = { resources, hashes, sum, digest: digestHex(sum), endpointUids };
+    this.deltas = new Map();
   }
 
   /** One resource object per reported pod object, so its hash is computed once. */
@@ -274,19 +290,24 @@ export class ControlPlane {
     const view = this.viewOf(s.node);
     // Nothing this node needs changed: it stays on the version it has.
     if (s.held && s.heldDigest === view.digest) return;
-    const hashes = new Map<string, bigint>();
-    for (const [k, r] of view.resources) hashes.set(k, resourceHash(r));
-    s.pending = { version: this.version, digest: view.digest, hashes, at: this.versionAt };
-    if (!s.held) {
+    const held = s.held;
+    s.pending = { version: this.version, digest: view.digest, hashes: view.hashes, at: this.versionAt };
+    if (!held) {
       this.metrics.pushes.inc({ type: 'snapshot' });
       s.call.write({ snapshot: { version: this.version, digest: view.digest, resources: [...view.resources.values()] } });
       return;
     }
-    const upserts: WireResource[] = [];
-    for (const [k, r] of view.resources) if (s.held.get(k) !== hashes.get(k)) upserts.push(r);
-    const removals = [...s.held.keys()].filter((k) => !view.resources.has(k)).map(keyParts);
+    const memo = `${s.heldDigest}>${view.digest}`;
+    let delta = this.deltas.get(memo);
+    if (!delta) {
+      const upserts: WireResource[] = [];
+      for (const [k, h] of view.hashes) if (held.get(k) !== h) upserts.push(view.resources.get(k) as WireResource);
+      const removals = [...held.keys()].filter((k) => !view.hashes.has(k)).map(keyParts);
+      delta = { upserts, removals };
+      this.deltas.set(memo, delta);
+    }
     this.metrics.pushes.inc({ type: 'delta' });
-    s.call.write({ delta: { version: this.version, baseVersion: s.heldVersion, digest: view.digest, upserts, removals } });
+    s.call.write({ delta: { version: this.version, baseVersion: s.heldVersion, digest: view.digest, ...delta } });
   }
 
   private async serveGrpc(): Promise<void> {
@@ -329,7 +350,7 @@ export class ControlPlane {
         // later changes come as Deltas against it. Otherwise it gets a Snapshot.
         const view = this.viewOf(hello.node);
         if (hello.version > 0 && hello.digest === view.digest) {
-          stream.held = new Map([...view.resources].map(([k, r]) => [k, resourceHash(r)]));
+          stream.held = view.hashes;
           stream.heldVersion = hello.version;
           stream.heldDigest = hello.digest;
           this.acked.set(hello.node, hello.version);

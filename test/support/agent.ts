@@ -1,13 +1,13 @@
 /** Runs `nodemesh agent` as its own process inside a test sandbox, on free loopback ports. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import type { EnrolledPodStatus } from '../../src/agent/agent.js';
 import type { NodeSyncStatus } from '../../src/control-plane/server.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
+import { freePort } from '../../src/shared/ports.js';
 import { waitFor, type Sandbox } from './sandbox.js';
 
 export interface AgentConfigDump {
@@ -37,16 +37,6 @@ export interface AgentProcess {
   writeConfig(file: string, yaml: string): Promise<void>;
 }
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 /** Counter value of a metric line whose labels include all of `labels`. */
 export function metricValue(text: string, name: string, labels: Record<string, string> = {}): number {
