@@ -18,6 +18,19 @@ export interface Service {
   readonly ports: ReadonlyArray<ServicePort>;
   /** Pods whose labels contain all of these are endpoints. */
   readonly selector: Readonly<Record<string, string>>;
+  /**
+   * Namespaces whose pods may see this Service (Istio's `networking.istio.io/exportTo`
+   * annotation: "*" every namespace, "." its own, or names). The control plane sends a Service
+   * only to nodes running pods of those namespaces.
+   */
+  readonly exportTo: ReadonlyArray<string>;
+}
+
+export const EXPORT_TO_ANNOTATION = 'networking.istio.io/exportTo';
+
+/** Whether pods of this namespace may call the Service (its exportTo; a Service's own namespace only if listed). */
+export function exportedTo(service: Pick<Service, 'exportTo'>, namespace: string): boolean {
+  return service.exportTo.includes('*') || service.exportTo.includes(namespace);
 }
 
 /** Where a config problem is: file, object, field. */
@@ -72,7 +85,7 @@ function stringMap(v: unknown, field: string): Record<string, string> {
 }
 
 /** metadata of any object: name and namespace, the rest is allowed and ignored. */
-export function parseMetadata(v: unknown): { name: string; namespace: string } {
+export function parseMetadata(v: unknown): { name: string; namespace: string; annotations: Record<string, string> } {
   const m = object(v, 'metadata');
   only(m, ['name', 'namespace', 'labels', 'annotations', 'uid', 'resourceVersion', 'generation', 'creationTimestamp', 'managedFields'], 'metadata.');
   const name = string(m['name'], 'metadata.name');
@@ -80,12 +93,13 @@ export function parseMetadata(v: unknown): { name: string; namespace: string } {
   const namespace = m['namespace'] === undefined ? 'default' : string(m['namespace'], 'metadata.namespace');
   if (!DNS1123_LABEL.test(namespace)) throw new ObjectInvalid('metadata.namespace', `metadata.namespace "${namespace}" must be a DNS-1123 label`);
   stringMap(m['labels'], 'metadata.labels');
-  return { name, namespace };
+  return { name, namespace, annotations: stringMap(m['annotations'], 'metadata.annotations') };
 }
 
 export function parseService(doc: Json): Service {
   only(doc, ['apiVersion', 'kind', 'metadata', 'spec', 'status'], '');
-  const { name, namespace } = parseMetadata(doc['metadata']);
+  const { name, namespace, annotations } = parseMetadata(doc['metadata']);
+  const exportTo = parseExportTo(annotations[EXPORT_TO_ANNOTATION], namespace);
   const spec = object(doc['spec'], 'spec');
   only(spec, ['type', 'clusterIP', 'clusterIPs', 'selector', 'ports', 'ipFamilies', 'ipFamilyPolicy', 'sessionAffinity', 'internalTrafficPolicy', 'publishNotReadyAddresses'], 'spec.');
   if (spec['type'] !== undefined && spec['type'] !== 'ClusterIP') {
@@ -122,5 +136,25 @@ export function parseService(doc: Json): Service {
     if (seen.has(p.port)) throw new ObjectInvalid(`spec.ports[${i}].port`, `port ${p.port} is listed twice`);
     seen.add(p.port);
   }
-  return { name, namespace, clusterIPs: [...ips], ports, selector: stringMap(spec['selector'], 'spec.selector') };
+  return { name, namespace, clusterIPs: [...ips], ports, selector: stringMap(spec['selector'], 'spec.selector'), exportTo };
+}
+
+/** "*" (default), ".", "~" (nobody) or namespace names, comma-separated; "." becomes the Service's namespace. */
+function parseExportTo(value: string | undefined, namespace: string): string[] {
+  if (value === undefined) return ['*'];
+  const field = `metadata.annotations["${EXPORT_TO_ANNOTATION}"]`;
+  const items = value.split(',').map((x) => x.trim());
+  if (items.includes('~')) {
+    if (items.length > 1) throw new ObjectInvalid(field, `${field}: "~" (export to nobody) cannot be combined with other namespaces`);
+    return [];
+  }
+  return [
+    ...new Set(
+      items.map((x) => {
+        if (x === '*' || x === '.') return x === '.' ? namespace : '*';
+        if (!DNS1123_LABEL.test(x)) throw new ObjectInvalid(field, `${field}: "${x}" is not "*", ".", "~" or a namespace name`);
+        return x;
+      }),
+    ),
+  ];
 }

@@ -28,7 +28,9 @@ import {
   keyParts,
   resourceHash,
   resourceKey,
+  serviceToWire,
   sortByKey,
+  trafficPolicyToWire,
   type AgentMessage,
   type ControlPlaneMessage,
   type WireConfigError,
@@ -66,7 +68,7 @@ export interface NodeSyncStatus {
   /** Version of the last push to this node, and the last one it acknowledged. */
   readonly sentVersion: number;
   readonly ackedVersion: number;
-  /** The node acknowledged the snapshot of the current config. */
+  /** The node acknowledged the snapshot of the current config, and no change is waiting to go out. */
   readonly inSync: boolean;
   readonly lastNack: ReadonlyArray<WireConfigError>;
 }
@@ -110,11 +112,13 @@ export class ControlPlane {
   private warm = true;
   private warmup: NodeJS.Timeout | undefined;
   private changedAt = 0;
-  /** Resources every node gets at the current version (config and endpoint workloads). */
-  private shared: NodeView & { readonly sum: bigint; readonly endpointUids: ReadonlySet<string> } = { resources: new Map(), hashes: new Map(), digest: digestHex(0n), sum: 0n, endpointUids: new Set() };
+  /** What nodes are sent at the current version, computed once per version (see computeScopes). */
+  private scopes: VersionScopes = emptyScopes();
+  /** Each node's view at the current version (nodes with the same scope share its maps). */
+  private views = new Map<string, NodeView>();
   /**
    * Deltas of this version by (digest held -> digest wanted): nodes that hold the same and need
-   * the same (most of them: their pods are all some Service's endpoints) share one computation.
+   * the same share one computation.
    */
   private deltas = new Map<string, { upserts: WireResource[]; removals: WireResourceKey[] }>();
   private grpc: Server | undefined;
@@ -187,7 +191,7 @@ export class ControlPlane {
         pods: this.podsByNode.get(node)?.length ?? 0,
         sentVersion: s?.pending?.version ?? s?.heldVersion ?? 0,
         ackedVersion: acked,
-        inSync: s !== undefined && s.pending === undefined && !s.dirty && s.held !== undefined && s.heldDigest === this.viewOf(node).digest,
+        inSync: s !== undefined && this.batch === undefined && s.pending === undefined && !s.dirty && s.held !== undefined && s.heldDigest === this.viewOf(node).digest,
         lastNack: s?.lastNack ?? [],
       };
     });
@@ -200,47 +204,76 @@ export class ControlPlane {
   }
 
   /**
-   * What a node needs: the mesh settings, namespaces, Services and TrafficPolicies, the workloads
-   * that are endpoints of a Service (all computed once per version), and the node's own pods.
-   * Narrowing Services to those a node's pods may call is future work.
+   * What a node needs (design.md section 6: not the whole mesh): the mesh settings and every
+   * Namespace (their labels decide enrollment); the Services its pods may call (exported to all
+   * namespaces or to one of its pods' namespaces) and the Services its pods serve (for the
+   * destination side's labels); the TrafficPolicies of those Services; their endpoints; its own
+   * pods. Nodes whose pods have the same namespaces and serve the same Services share one view.
    */
   private viewOf(node: string): NodeView {
-    const own = (this.podsByNode.get(node) ?? []).filter((p) => !this.shared.endpointUids.has(p.uid));
-    if (own.length === 0) return this.shared;
-    const resources = new Map(this.shared.resources);
-    const hashes = new Map(this.shared.hashes);
-    let sum = this.shared.sum;
-    for (const p of sortByKey(own)) {
-      const r = this.workloadResource(p);
-      const k = resourceKey(r);
-      const h = resourceHash(r);
-      resources.set(k, r);
-      hashes.set(k, h);
-      sum += h;
+    const cached = this.views.get(node);
+    if (cached) return cached;
+    const pods = this.podsByNode.get(node) ?? [];
+    const sc = this.scopes;
+    const extra = new Set<string>();
+    for (const p of pods) {
+      for (const k of sc.exportedTo.get(p.namespace) ?? []) extra.add(k);
+      for (const k of sc.servicesOf.get(p.uid) ?? []) if (!sc.everywhere.has(k)) extra.add(k);
     }
-    return { resources, hashes, digest: digestHex(sum) };
+    const scopeKey = [...extra].sort(compareStrings).join(',');
+    let scoped = sc.byScope.get(scopeKey);
+    if (!scoped) {
+      scoped = sc.base.clone();
+      for (const k of extra) for (const r of sc.perService.get(k) ?? []) scoped.add(r);
+      sc.byScope.set(scopeKey, scoped);
+    }
+    const own = pods.filter((p) => !scoped.has(`Workload/${p.namespace}/${p.name}`));
+    let view: NodeView = scoped;
+    if (own.length > 0) {
+      const set = scoped.clone();
+      for (const p of sortByKey(own)) set.add(this.workloadResource(p));
+      view = set;
+    }
+    this.views.set(node, view);
+    return view;
   }
 
-  /** The shared part of every node's view, once per version. */
-  private computeShared(): void {
+  /** Which resources go to which nodes, once per version: the part every node gets, and the rest by Service. */
+  private computeScopes(): void {
     const config = this.store.current();
     const pods = [...this.podsByNode.values()].flat();
     const index = new SelectorIndex(pods);
-    const endpointUids = new Set<string>();
-    for (const svc of config.services) for (const p of index.members(svc.namespace, svc.selector)) endpointUids.add(p.uid);
-    const resources = new Map<string, WireResource>();
-    const hashes = new Map<string, bigint>();
-    let sum = 0n;
-    const add = (r: WireResource): void => {
-      const k = resourceKey(r);
-      const h = resourceHash(r);
-      resources.set(k, r);
-      hashes.set(k, h);
-      sum += h;
-    };
-    for (const r of configResources(config)) add(r);
-    for (const p of sortByKey(pods.filter((p) => endpointUids.has(p.uid)))) add(this.workloadResource(p));
-    this.shared = { resources, hashes, sum, digest: digestHex(sum), endpointUids };
+    const base = new ResourceSet();
+    const perService = new Map<string, WireResource[]>();
+    const everywhere = new Set<string>();
+    const exportedTo = new Map<string, string[]>();
+    const servicesOf = new Map<string, string[]>();
+    // Mesh settings and Namespaces: configResources puts them first, in canonical order.
+    for (const r of configResources({ ...config, services: [], trafficPolicies: [] })) base.add(r);
+    const policies = new Map<string, WireResource[]>();
+    const known = new Set(config.services.map((svc) => `${svc.namespace}/${svc.name}`));
+    for (const t of sortByKey(config.trafficPolicies)) {
+      const r: WireResource = { trafficPolicy: trafficPolicyToWire(t) };
+      const targets = t.services.map((name) => `${t.namespace}/${name}`).filter((k) => known.has(k));
+      // A policy that targets nothing (yet) goes everywhere, so every agent's warnings name it.
+      if (targets.length === 0) base.add(r);
+      for (const k of targets) policies.set(k, [...(policies.get(k) ?? []), r]);
+    }
+    for (const svc of sortByKey(config.services)) {
+      const key = `${svc.namespace}/${svc.name}`;
+      const members = sortByKey(index.members(svc.namespace, svc.selector));
+      const resources: WireResource[] = [{ service: serviceToWire(svc) }, ...(policies.get(key) ?? []), ...members.map((p) => this.workloadResource(p))];
+      for (const p of members) servicesOf.set(p.uid, [...(servicesOf.get(p.uid) ?? []), key]);
+      if (svc.exportTo.includes('*')) {
+        everywhere.add(key);
+        for (const r of resources) base.add(r);
+      } else {
+        perService.set(key, resources);
+        for (const ns of svc.exportTo) exportedTo.set(ns, [...(exportedTo.get(ns) ?? []), key]);
+      }
+    }
+    this.scopes = { base, perService, everywhere, exportedTo, servicesOf, byScope: new Map() };
+    this.views = new Map();
     this.deltas = new Map();
   }
 
@@ -276,7 +309,7 @@ export class ControlPlane {
     this.version = Math.max(this.version + 1, Date.now());
     this.versionAt = this.changedAt;
     this.metrics.configVersion.set(this.version);
-    this.computeShared();
+    this.computeScopes();
     for (const s of this.streams.values()) this.push(s);
   }
 
@@ -424,3 +457,56 @@ export class ControlPlane {
   }
 }
 
+
+/** Resources by key with their hashes and the running digest; added to, never changed. */
+class ResourceSet implements NodeView {
+  private sum = 0n;
+
+  constructor(
+    readonly resources = new Map<string, WireResource>(),
+    readonly hashes = new Map<string, bigint>(),
+  ) {}
+
+  get digest(): string {
+    return digestHex(this.sum);
+  }
+
+  has(key: string): boolean {
+    return this.resources.has(key);
+  }
+
+  /** Adds a resource unless one of that key is there (a workload that is the endpoint of several Services). */
+  add(r: WireResource): void {
+    const k = resourceKey(r);
+    if (this.resources.has(k)) return;
+    const h = resourceHash(r);
+    this.resources.set(k, r);
+    this.hashes.set(k, h);
+    this.sum += h;
+  }
+
+  clone(): ResourceSet {
+    const c = new ResourceSet(new Map(this.resources), new Map(this.hashes));
+    c.sum = this.sum;
+    return c;
+  }
+}
+
+/** The resources of one version, grouped by who needs them. */
+interface VersionScopes {
+  /** What every node gets: mesh settings, Namespaces, Services exported everywhere with their policies and endpoints. */
+  readonly base: ResourceSet;
+  /** Services exported to some namespaces only: their resources (Service, policies, endpoints) by namespace/name. */
+  readonly perService: ReadonlyMap<string, ReadonlyArray<WireResource>>;
+  readonly everywhere: ReadonlySet<string>;
+  /** Namespace -> the Services exported to it by name (not by "*"). */
+  readonly exportedTo: ReadonlyMap<string, ReadonlyArray<string>>;
+  /** Pod uid -> the Services it is an endpoint of. */
+  readonly servicesOf: ReadonlyMap<string, ReadonlyArray<string>>;
+  /** Views by the set of extra Services, shared by nodes that need the same. */
+  readonly byScope: Map<string, ResourceSet>;
+}
+
+function emptyScopes(): VersionScopes {
+  return { base: new ResourceSet(), perService: new Map(), everywhere: new Set(), exportedTo: new Map(), servicesOf: new Map(), byScope: new Map() };
+}

@@ -10,7 +10,7 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
-import type { Service } from '../config/service.js';
+import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
 import { LoadBalancer } from './pool/load-balancer.js';
@@ -196,7 +196,9 @@ export class NodeProxy {
     }
     const snapshot = this.snapshot;
     const target = snapshot.service(original);
-    if (target) {
+    // A Service not exported to the caller's namespace is not the caller's to see: to it, the
+    // address is one like any other (Istio's exportTo), whatever else this node serves.
+    if (target && exportedTo(target.service, state.pod.namespace)) {
       void this.toService(state, client, original, target);
       return;
     }

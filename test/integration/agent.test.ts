@@ -20,6 +20,7 @@ import { collect, createSandbox, waitFor } from '../support/sandbox.js';
 
 const SVC_V4 = '10.96.0.30';
 const SVC_V6 = 'fd00:96::1e';
+const HIDDEN_V4 = '10.96.0.31';
 const EMPTY_V4 = '10.96.0.31';
 
 test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and restart', async (t) => {
@@ -110,6 +111,7 @@ test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and
 test('agent: bad config and bad pod records are skipped, named and counted; the rest works', async (t) => {
   const sb = await createSandbox(t);
   await sb.blackhole(SVC_V4);
+  await sb.blackhole(HIDDEN_V4);
   await sb.echoPod('good-b', 8080, ['tier=backend']);
   const client = await sb.idlePod('client-a');
   // A pod whose record points to a network namespace that does not exist.
@@ -133,9 +135,15 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
     'b-broken.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: broken\n',
     'c-noports.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: noports}\nspec: {clusterIP: 10.96.0.99, selector: {a: b}}\n',
     'd-unknown.yaml': 'apiVersion: v1\nkind: Service\nmetadata: {name: typo}\nspec: {clusterIP: 10.96.0.98, selectr: {a: b}, ports: [{port: 80}]}\n',
+    // Valid, but exported to another namespace only: for pods of "default" its address is no Service.
+    'e-hidden.yaml': serviceYaml('hidden', [HIDDEN_V4], { tier: 'backend' }).replace('namespace: default}', 'namespace: default, annotations: {networking.istio.io/exportTo: other}}'),
   });
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'good pods enrolled');
   assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'the good Service works');
+  const hidden = await sb.dialFrom(client, HIDDEN_V4, 80);
+  assert.equal(hidden.intact, false, 'a Service not exported to the caller is not served to it');
+  const refusedBefore = metricValue(await agent.metrics(), 'nodemesh_connections_refused_total', { direction: 'outbound', reason: 'upstream_connect_failed' });
+  assert.equal(refusedBefore, 1, 'it went the passthrough way, to an address this pod has no route to');
 
   const log = agent.log();
   assert.match(log, /"file":"[^"]*b-broken\.yaml".*config rejected: not valid YAML/);
@@ -151,7 +159,7 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects'), 3);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects', { kind: 'yaml' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'netns_missing' }), 1);
-  assert.equal(metricValue(metrics, 'nodemesh_config_objects', { kind: 'Service' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_config_objects', { kind: 'Service' }), 2);
 
   // An edit that breaks the good Service keeps its last good version serving.
   await agent.writeConfig('a-good.yaml', serviceYaml('backend', [SVC_V4], { tier: 'backend' }).replace('port: 80', 'port: 0'));

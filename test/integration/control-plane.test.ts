@@ -95,7 +95,7 @@ test('control plane protocol: a bad snapshot is Nacked with the field named, the
   const client = await sb.idlePod('client-a', ['app=client']);
   const fake = await scriptedControlPlane();
   t.after(() => fake.stop());
-  const service = (port: number): Service => ({ namespace: 'default', name: 'backend', clusterIPs: [SVC], ports: [{ name: 'tcp', port, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'echo-b' } });
+  const service = (port: number): Service => ({ namespace: 'default', name: 'backend', clusterIPs: [SVC], ports: [{ name: 'tcp', port, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'echo-b' }, exportTo: ['*'] });
   const podB: Workload = { uid: b.record.uid, namespace: 'default', name: 'echo-b', serviceAccount: 'default', labels: { app: 'echo-b' }, ip4: b.record.ip4, ip6: b.record.ip6 };
   const good = snapshotMessage(1000, { ...EMPTY_CONFIG, services: [service(80)] }, [{ ...podB, labels: { ...podB.labels }, node: 'n' }]);
   // The agent is ready only once it has a config: send the good one as soon as it says Hello.

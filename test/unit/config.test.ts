@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import { keepLastGood } from '../../src/config/last-good.js';
 import { parseDuration } from '../../src/config/schemas.js';
 import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
-import { ObjectInvalid, parseService } from '../../src/config/service.js';
+import { ObjectInvalid, exportedTo, parseService } from '../../src/config/service.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
@@ -38,10 +38,19 @@ test('Service validation names the field', () => {
     [svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }], selectr: {} }), 'spec.selectr'],
     [svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }] }, { extra: 1 }), 'extra'],
     [{ ...svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }] }), metadata: { name: 'Web' } }, 'metadata.name'],
+    [{ ...svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }] }), metadata: { name: 'web', annotations: { 'networking.istio.io/exportTo': 'Ops' } } }, 'metadata.annotations["networking.istio.io/exportTo"]'],
+    [{ ...svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }] }), metadata: { name: 'web', annotations: { 'networking.istio.io/exportTo': '~,ops' } } }, 'metadata.annotations["networking.istio.io/exportTo"]'],
   ];
   for (const [doc, field] of bad) {
     assert.throws(() => parseService(doc), (e) => e instanceof ObjectInvalid && e.field === field, field);
-  }
+  }  const exported = (value: string | undefined): ReadonlyArray<string> =>
+    parseService({ ...svc({ clusterIP: '10.96.0.1', ports: [{ port: 80 }] }), metadata: { name: 'web', namespace: 'shop', annotations: value === undefined ? {} : { 'networking.istio.io/exportTo': value } } }).exportTo;
+  assert.deepEqual(exported(undefined), ['*']);
+  assert.deepEqual(exported('.'), ['shop']);
+  assert.deepEqual(exported('., ops, shop'), ['shop', 'ops']);
+  assert.deepEqual(exported('~'), []);
+  assert.equal(exportedTo({ exportTo: ['shop'] }, 'ops'), false);
+  assert.equal(exportedTo({ exportTo: ['*'] }, 'ops'), true);
 });
 
 test('the config folder: multi-document, bad objects reported with file and object, the rest kept', async (t) => {

@@ -19,7 +19,7 @@ import {
 } from '../../src/shared/protocol/discovery.js';
 
 const config: MeshConfig = {
-  services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'cart' } }],
+  services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'cart' }, exportTo: ['*'] }],
   trafficPolicies: [
     {
       namespace: 'shop',

@@ -38,6 +38,7 @@ export interface WireService {
   clusterIps: string[];
   ports: WireServicePort[];
   selector: Record<string, string>;
+  exportTo: string[];
 }
 export interface WireWorkload {
   uid: string;
@@ -137,7 +138,7 @@ export function workloadToWire(w: Workload, node: string): WireWorkload {
 }
 
 export function serviceToWire(s: Service): WireService {
-  return { namespace: s.namespace, name: s.name, clusterIps: [...s.clusterIPs], ports: s.ports.map((p) => ({ ...p })), selector: { ...s.selector } };
+  return { namespace: s.namespace, name: s.name, clusterIps: [...s.clusterIPs], ports: s.ports.map((p) => ({ ...p })), selector: { ...s.selector }, exportTo: [...s.exportTo] };
 }
 
 export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
@@ -311,7 +312,7 @@ export function decodeResources(version: number, digest: string, resources: Read
         if (p.protocol !== 'TCP') bad(id, `spec.ports[${i}].protocol`, `protocol "${p.protocol}" is not supported (TCP)`);
         return { name: p.name, port: p.port, targetPort: p.targetPort, protocol: 'TCP' };
       });
-      services.push(Object.freeze({ namespace: w.namespace, name: w.name, clusterIPs: Object.freeze([...w.clusterIps]), ports: Object.freeze(ports), selector: Object.freeze({ ...w.selector }) }));
+      services.push(Object.freeze({ namespace: w.namespace, name: w.name, clusterIPs: Object.freeze([...w.clusterIps]), ports: Object.freeze(ports), selector: Object.freeze({ ...w.selector }), exportTo: Object.freeze([...w.exportTo]) }));
     } else if (r.workload) {
       const w = r.workload;
       const id = `Workload ${w.namespace}/${w.name}`;

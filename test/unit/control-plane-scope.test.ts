@@ -1,0 +1,124 @@
+/**
+ * What each node is sent (design.md section 6: what it needs, not the whole mesh): the control
+ * plane in this process on loopback, with plain gRPC clients as agents reporting their pods.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+
+import { credentials, makeClientConstructor, type ClientDuplexStream } from '@grpc/grpc-js';
+
+import { ControlPlane } from '../../src/control-plane/server.js';
+import { freePort } from '../../src/shared/ports.js';
+import { applyDelta, discoveryService, resourceKey, type AgentMessage, type ControlPlaneMessage, type WireResource, type WireWorkload } from '../../src/shared/protocol/discovery.js';
+import { waitFor } from '../support/sandbox.js';
+
+const service = (ns: string, name: string, ip: string, exportTo?: string): string =>
+  `apiVersion: v1
+kind: Service
+metadata:
+  name: ${name}
+  namespace: ${ns}
+${exportTo === undefined ? '' : `  annotations: {networking.istio.io/exportTo: "${exportTo}"}\n`}spec:
+  clusterIP: ${ip}
+  selector: {app: ${name}}
+  ports: [{name: tcp, port: 80, targetPort: 8080}]
+---
+`;
+
+const pod = (node: string, ns: string, name: string, app: string, n: number): WireWorkload => ({
+  uid: `uid-${name}`,
+  namespace: ns,
+  name,
+  serviceAccount: 'default',
+  labels: { app },
+  ip4: `10.200.0.${n}`,
+  ip6: '',
+  node,
+});
+
+/** An agent that only holds what it is sent (Snapshot, then Deltas) and Acks it. */
+class TestAgent {
+  held = new Map<string, WireResource>();
+  version = 0;
+  private readonly call: ClientDuplexStream<AgentMessage, ControlPlaneMessage>;
+
+  constructor(address: string, node: string, pods: WireWorkload[]) {
+    const Client = makeClientConstructor(discoveryService(), 'Discovery');
+    const client = new Client(address, credentials.createInsecure());
+    this.call = (client as unknown as { Stream(): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream();
+    this.call.on('error', () => undefined);
+    this.call.on('data', (m: ControlPlaneMessage) => {
+      if (m.snapshot) this.held = new Map(m.snapshot.resources.map((r) => [resourceKey(r), r]));
+      else if (m.delta) this.held = applyDelta(this.held, this.version, m.delta);
+      this.version = m.snapshot?.version ?? m.delta?.version ?? 0;
+      this.call.write({ ack: { version: this.version } });
+    });
+    this.call.write({ hello: { node, agentVersion: 'test', capabilities: [], version: 0, digest: '' } });
+    this.call.write({ pods: { pods } });
+  }
+
+  keys(kind: string): string[] {
+    return [...this.held.keys()].filter((k) => k.startsWith(`${kind}/`)).sort();
+  }
+
+  stop(): void {
+    this.call.cancel();
+  }
+}
+
+test('each node is sent the Services its pods may call or serve, their policies and endpoints, not the rest', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-scope-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const write = (text: string): Promise<void> => writeFile(join(dir, 'mesh.yaml'), text);
+  const base =
+    service('shop', 'web', '10.96.1.1') + // everywhere (no annotation)
+    service('shop', 'cart', '10.96.1.2', '.') + // shop only
+    service('ops', 'db', '10.96.1.3', 'shop') + // shop only, not even ops
+    service('ops', 'metrics', '10.96.1.4', '~') + // nobody calls it; its endpoint's node still learns it
+    `apiVersion: networking.nodemesh.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: cart-lb, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: cart}]
+  loadBalancer: {type: LeastRequest}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: ops}
+`;
+  await write(base);
+  const cp = await ControlPlane.start({ configDir: dir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
+  t.after(() => cp.stop());
+  const address = `127.0.0.1:${cp.grpcPort()}`;
+  const a = new TestAgent(address, 'node-a', [pod('node-a', 'shop', 'client', 'client', 1)]);
+  const b = new TestAgent(address, 'node-b', [pod('node-b', 'ops', 'metrics-1', 'metrics', 2)]);
+  const c = new TestAgent(address, 'node-c', [pod('node-c', 'shop', 'cart-1', 'cart', 3), pod('node-c', 'ops', 'db-1', 'db', 4)]);
+  t.after(() => [a, b, c].forEach((x) => x.stop()));
+  const settled = (): boolean => cp.nodes().length === 3 && cp.nodes().every((n) => n.pods > 0 && n.inSync);
+  await waitFor(settled, 5000, 'three nodes in sync');
+
+  assert.deepEqual(a.keys('Service'), ['Service/ops/db', 'Service/shop/cart', 'Service/shop/web']);
+  assert.deepEqual(a.keys('TrafficPolicy'), ['TrafficPolicy/shop/cart-lb']);
+  assert.deepEqual(a.keys('Workload'), ['Workload/ops/db-1', 'Workload/shop/cart-1', 'Workload/shop/client']);
+  // ops pods may call web only; metrics is there because node-b serves it.
+  assert.deepEqual(b.keys('Service'), ['Service/ops/metrics', 'Service/shop/web']);
+  assert.deepEqual(b.keys('TrafficPolicy'), []);
+  assert.deepEqual(b.keys('Workload'), ['Workload/ops/metrics-1']);
+  // A shop pod lives there (cart and db are exported to shop) and it serves cart and db.
+  assert.deepEqual(c.keys('Service'), ['Service/ops/db', 'Service/shop/cart', 'Service/shop/web']);
+  for (const x of [a, b, c]) {
+    assert.deepEqual(x.keys('Namespace'), ['Namespace//ops'], 'every node gets every Namespace');
+    assert.deepEqual(x.keys('MeshSettings'), ['MeshSettings//nodemesh']);
+  }
+
+  // Exporting cart everywhere reaches node-b as a Delta with cart, its policy and its endpoint.
+  const version = cp.currentVersion();
+  await write(base.replace('exportTo: "."', 'exportTo: "*"'));
+  await waitFor(() => cp.currentVersion() > version && settled() && b.keys('Service').includes('Service/shop/cart'), 5000, 'cart exported to ops');
+  assert.deepEqual(b.keys('TrafficPolicy'), ['TrafficPolicy/shop/cart-lb']);
+  assert.deepEqual(b.keys('Workload'), ['Workload/ops/metrics-1', 'Workload/shop/cart-1']);
+  assert.deepEqual(cp.snapshotFor('node-b').resources.map(resourceKey).sort(), [...b.held.keys()].sort(), 'the agent holds what /debug/snapshot says');
+});
