@@ -10,7 +10,7 @@ import type { Server } from 'node:http';
 
 import { shouldEnroll } from '../config/mesh.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
-import { ConfigStore, EMPTY_CONFIG, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
+import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { isNodemeshError } from '../shared/errors.js';
@@ -127,7 +127,7 @@ export class NodeAgent {
       await agent.startServers();
       if (options.config.kind === 'dir') {
         const self = agent;
-        agent.store = new ConfigStore(options.config.dir, { onLoad: (config, rejected) => self.configRead(config, rejected) });
+        agent.store = new ConfigStore(new ConfigDirReader(options.config.dir), { onLoad: (config, rejected) => self.configRead(config, rejected) });
         await agent.store.load();
         agent.store.watch();
       } else {

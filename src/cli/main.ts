@@ -246,13 +246,22 @@ program
 
 program
   .command('control-plane')
-  .description('serve the mesh config to every node agent (gRPC Discovery stream) from a folder of Kubernetes YAML')
-  .requiredOption('--config-dir <dir>', 'Kubernetes YAML read from this folder and watched')
+  .description('serve the mesh config to every node agent (gRPC Discovery stream) from a folder of Kubernetes YAML or the Kubernetes API')
+  .option('--config-dir <dir>', 'Kubernetes YAML read from this folder and watched (the default source)')
+  .addOption(new Option('--source <source>', 'where config comes from: dir (--config-dir) or kubernetes (list+watch of the API)').choices(['dir', 'kubernetes']).default('dir'))
+  .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
   .option('--listen <host:port>', 'gRPC Discovery stream, plaintext', '127.0.0.1:15010')
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir: string; listen: string; http: string }) => {
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string }) => {
+    if (opts.source === 'dir' && opts.configDir === undefined) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' } });
+    }
+    if (opts.source === 'kubernetes' && opts.configDir !== undefined) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--config-dir and --source kubernetes exclude each other', { context: { field: 'source' } });
+    }
+    const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
-    const cp = await ControlPlane.start({ configDir: opts.configDir, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')) });
+    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

@@ -84,10 +84,16 @@ function stringMap(v: unknown, field: string): Record<string, string> {
   return out;
 }
 
+/** Every field of Kubernetes' ObjectMeta: the API server fills several of them in. */
+const OBJECT_META_FIELDS = [
+  'name', 'namespace', 'labels', 'annotations', 'uid', 'resourceVersion', 'generation', 'creationTimestamp', 'managedFields',
+  'generateName', 'deletionTimestamp', 'deletionGracePeriodSeconds', 'finalizers', 'ownerReferences', 'selfLink',
+];
+
 /** metadata of any object: name and namespace, the rest is allowed and ignored. */
 export function parseMetadata(v: unknown): { name: string; namespace: string; annotations: Record<string, string> } {
   const m = object(v, 'metadata');
-  only(m, ['name', 'namespace', 'labels', 'annotations', 'uid', 'resourceVersion', 'generation', 'creationTimestamp', 'managedFields'], 'metadata.');
+  only(m, OBJECT_META_FIELDS, 'metadata.');
   const name = string(m['name'], 'metadata.name');
   if (!DNS1123_LABEL.test(name) || name.length > 63) throw new ObjectInvalid('metadata.name', `metadata.name "${name}" must be a DNS-1123 label`);
   const namespace = m['namespace'] === undefined ? 'default' : string(m['namespace'], 'metadata.namespace');
@@ -96,14 +102,22 @@ export function parseMetadata(v: unknown): { name: string; namespace: string; an
   return { name, namespace, annotations: stringMap(m['annotations'], 'metadata.annotations') };
 }
 
+/** Every field of a v1 ServiceSpec (so a typo is an error and an API server's object is not). */
+const SERVICE_SPEC_FIELDS = [
+  'type', 'clusterIP', 'clusterIPs', 'selector', 'ports', 'ipFamilies', 'ipFamilyPolicy', 'sessionAffinity', 'sessionAffinityConfig',
+  'internalTrafficPolicy', 'externalTrafficPolicy', 'publishNotReadyAddresses', 'externalIPs', 'externalName', 'loadBalancerIP',
+  'loadBalancerSourceRanges', 'loadBalancerClass', 'allocateLoadBalancerNodePorts', 'healthCheckNodePort', 'trafficDistribution',
+];
+
 export function parseService(doc: Json): Service {
   only(doc, ['apiVersion', 'kind', 'metadata', 'spec', 'status'], '');
   const { name, namespace, annotations } = parseMetadata(doc['metadata']);
   const exportTo = parseExportTo(annotations[EXPORT_TO_ANNOTATION], namespace);
   const spec = object(doc['spec'], 'spec');
-  only(spec, ['type', 'clusterIP', 'clusterIPs', 'selector', 'ports', 'ipFamilies', 'ipFamilyPolicy', 'sessionAffinity', 'internalTrafficPolicy', 'publishNotReadyAddresses'], 'spec.');
-  if (spec['type'] !== undefined && spec['type'] !== 'ClusterIP') {
-    throw new ObjectInvalid('spec.type', `spec.type "${String(spec['type'])}" is not supported (ClusterIP only)`);
+  only(spec, SERVICE_SPEC_FIELDS, 'spec.');
+  // NodePort and LoadBalancer Services have a cluster IP too: inside the mesh they are served by it.
+  if (spec['type'] !== undefined && spec['type'] !== 'ClusterIP' && spec['type'] !== 'NodePort' && spec['type'] !== 'LoadBalancer') {
+    throw new ObjectInvalid('spec.type', `spec.type "${String(spec['type'])}" is not supported (ClusterIP, NodePort, LoadBalancer)`);
   }
   const ips = new Set<string>();
   if (spec['clusterIP'] !== undefined) ips.add(string(spec['clusterIP'], 'spec.clusterIP'));

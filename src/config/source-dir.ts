@@ -7,32 +7,8 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 
-import { MESH_CONFIG_NAME, parseMeshConfig, parseNamespace, type MeshSettings, type Namespace } from './mesh.js';
-import { schemas } from './schemas.js';
-import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
-import { TRAFFIC_POLICY_API, parseTrafficPolicy, type TrafficPolicy } from './traffic-policy.js';
-
-const TRAFFIC_POLICY = `${TRAFFIC_POLICY_API}/TrafficPolicy`;
-
-export interface ConfigObjects {
-  readonly services: ReadonlyArray<Service>;
-  readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
-  readonly namespaces: ReadonlyArray<Namespace>;
-  /** From the `nodemesh` ConfigMap, if there is one (and it is valid). */
-  readonly mesh: MeshSettings | undefined;
-  readonly issues: ReadonlyArray<ConfigIssue>;
-  /** The file each accepted object came from, by object id ("Service ns/name"). */
-  readonly files: ReadonlyMap<string, string>;
-}
-
-/** How config objects are named in issues, logs and metrics: "Kind namespace/name". */
-export const objectId = (kind: string, o: { namespace: string; name: string }): string => `${kind} ${o.namespace}/${o.name}`;
-
-/** What one file holds, before the objects of all files are merged (duplicates are found then). */
-interface FileContents {
-  readonly objects: ReadonlyArray<{ readonly id: string } & ({ readonly service: Service } | { readonly policy: TrafficPolicy } | { readonly namespace: Namespace } | { readonly mesh: MeshSettings })>;
-  readonly issues: ReadonlyArray<ConfigIssue>;
-}
+import { mergeObjects, parseObject, type ConfigObject, type ConfigObjects, type FileContents } from './objects.js';
+import type { ConfigIssue } from './service.js';
 
 /**
  * Parsed files by path, reused while a file's text is unchanged: the control plane re-reads the
@@ -42,12 +18,7 @@ export type ConfigDirCache = Map<string, { readonly text: string; readonly conte
 
 export async function readConfigDir(dir: string, cache: ConfigDirCache = new Map()): Promise<ConfigObjects> {
   const files = (await readdir(dir)).filter((f) => /\.ya?ml$/.test(f)).sort();
-  const services: Service[] = [];
-  const trafficPolicies: TrafficPolicy[] = [];
-  const namespaces: Namespace[] = [];
-  let mesh: MeshSettings | undefined;
-  const issues: ConfigIssue[] = [];
-  const names = new Map<string, string>();
+  const contents: Array<{ file: string; contents: FileContents }> = [];
   const seen = new Set<string>();
   for (const f of files) {
     const file = join(dir, f);
@@ -58,28 +29,14 @@ export async function readConfigDir(dir: string, cache: ConfigDirCache = new Map
       cached = { text, contents: parseFile(file, text) };
       cache.set(file, cached);
     }
-    issues.push(...cached.contents.issues);
-    for (const o of cached.contents.objects) {
-      if ('namespace' in o) namespaces.push(o.namespace);
-      else if ('mesh' in o) mesh = o.mesh;
-      else {
-        const first = names.get(o.id);
-        if (first) {
-          issues.push({ file, object: o.id, field: 'metadata.name', message: `duplicate ${o.id} (first defined in ${first})` });
-          continue;
-        }
-        names.set(o.id, file);
-        if ('service' in o) services.push(o.service);
-        else trafficPolicies.push(o.policy);
-      }
-    }
+    contents.push({ file, contents: cached.contents });
   }
   for (const file of cache.keys()) if (!seen.has(file)) cache.delete(file);
-  return { services, trafficPolicies, namespaces, mesh, issues, files: names };
+  return mergeObjects(contents);
 }
 
 function parseFile(file: string, text: string): FileContents {
-  const objects: Array<FileContents['objects'][number]> = [];
+  const objects: ConfigObject[] = [];
   const issues: ConfigIssue[] = [];
   const docs = parseAllDocuments(text);
   for (const [index, doc] of docs.entries()) {
@@ -94,29 +51,9 @@ function parseFile(file: string, text: string): FileContents {
       issues.push({ file, object: where, field: '', message: 'a document must be a Kubernetes object (a mapping)' });
       continue;
     }
-    const obj = value as Record<string, unknown>;
-    const kind = `${String(obj['apiVersion'])}/${String(obj['kind'])}`;
-    const meta = obj['metadata'] as { name?: unknown; namespace?: unknown } | undefined;
-    const id = `${String(obj['kind'])} ${String(meta?.namespace ?? 'default')}/${String(meta?.name ?? '?')}`;
-    try {
-      if (kind === 'v1/Namespace') {
-        objects.push({ id, namespace: parseNamespace(obj) });
-        continue;
-      }
-      if (kind === 'v1/ConfigMap') {
-        if (meta?.name === MESH_CONFIG_NAME) objects.push({ id, mesh: parseMeshConfig(obj) });
-        continue;
-      }
-      if (kind === 'v1/Service') objects.push({ id, service: parseService(obj) });
-      else if (kind === TRAFFIC_POLICY) objects.push({ id, policy: parseTrafficPolicy(obj) });
-      else {
-        const known = schemas().has(String(obj['apiVersion']), String(obj['kind']));
-        issues.push({ file, object: id, field: 'kind', message: `${kind} is ${known ? 'not used by this agent yet' : 'not a supported kind'} (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY})` });
-      }
-    } catch (e) {
-      if (!(e instanceof ObjectInvalid)) throw e;
-      issues.push({ file, object: id, field: e.field, message: e.message });
-    }
+    const parsed = parseObject(file, value as Record<string, unknown>);
+    if ('issue' in parsed) issues.push(parsed.issue);
+    else if (parsed.object) objects.push(parsed.object);
   }
   return { objects, issues };
 }

@@ -1,8 +1,9 @@
 /**
- * The config of the mesh as read from a folder of Kubernetes YAML (design.md section 5), kept
- * current: read, validated, last-good applied, watched. One owner for it, shared by the agent's
- * standalone mode and the control plane, so both serve exactly the same objects from the same
- * files. Readers get an immutable MeshConfig; a new one replaces it whole after every read.
+ * The config of the mesh as read from a source (design.md section 5: a folder of Kubernetes
+ * YAML, or the Kubernetes API), kept current: read, validated, last-good applied, watched. One
+ * owner for it, shared by the agent's standalone mode and the control plane, so both serve exactly
+ * the same objects from the same sources. Readers get an immutable MeshConfig; a new one replaces
+ * it whole after every read.
  */
 import { watch, type FSWatcher } from 'node:fs';
 
@@ -11,6 +12,7 @@ import { logger } from '../shared/log.js';
 import { keepLastGood } from './last-good.js';
 import { DEFAULT_MESH, type MeshSettings, type Namespace } from './mesh.js';
 import type { ConfigIssue, Service } from './service.js';
+import type { ConfigObjects } from './objects.js';
 import { readConfigDir, type ConfigDirCache } from './source-dir.js';
 import type { TrafficPolicy } from './traffic-policy.js';
 
@@ -38,18 +40,65 @@ export interface ConfigStoreEvents {
   onLoad(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void;
 }
 
+/** Where config comes from: objects validated one by one, and a signal when they change. */
+export interface ConfigReader {
+  /** Names the source in logs: a folder, a Kubernetes API server. */
+  readonly description: string;
+  /** False until the source has its first complete view (an API source that has not listed yet): nothing is pushed then. */
+  synced(): boolean;
+  /** What the source holds now, each object validated on its own. */
+  read(): Promise<ConfigObjects>;
+  /** From now on, calls onChange (a few at a time are folded together by the reader) after changes. */
+  watch(onChange: () => void): void;
+  close(): void;
+}
+
+/** The folder source: every *.yaml/*.yml file, re-read shortly after any change in the folder. */
+export class ConfigDirReader implements ConfigReader {
+  private watcher: FSWatcher | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly parsed: ConfigDirCache = new Map();
+
+  constructor(readonly dir: string) {}
+
+  get description(): string {
+    return this.dir;
+  }
+
+  synced(): boolean {
+    return true;
+  }
+
+  read(): Promise<ConfigObjects> {
+    return readConfigDir(this.dir, this.parsed);
+  }
+
+  watch(onChange: () => void): void {
+    try {
+      this.watcher = watch(this.dir, () => {
+        clearTimeout(this.timer);
+        this.timer = setTimeout(onChange, 100);
+      });
+    } catch (e) {
+      log.warn({ err: e, dir: this.dir }, 'cannot watch the config folder; edits need a restart');
+    }
+  }
+
+  close(): void {
+    clearTimeout(this.timer);
+    this.watcher?.close();
+  }
+}
+
 export class ConfigStore {
   private config: MeshConfig = EMPTY_CONFIG;
   private rejected: ReadonlyArray<RejectedObject> = [];
   private files: ReadonlyMap<string, string> = new Map();
   private loaded = false;
-  private watcher: FSWatcher | undefined;
-  private timer: NodeJS.Timeout | undefined;
   private reading: Promise<void> = Promise.resolve();
-  private readonly parsed: ConfigDirCache = new Map();
 
   constructor(
-    readonly dir: string,
+    readonly reader: ConfigReader,
     private readonly events: ConfigStoreEvents,
   ) {}
 
@@ -65,33 +114,25 @@ export class ConfigStore {
     return this.loaded;
   }
 
-  /** Reads the folder now (reads are serialised). A rejected object keeps its last good version. */
+  /** Reads the source now (reads are serialised). A rejected object keeps its last good version. */
   load(): Promise<void> {
     this.reading = this.reading.then(() => this.read());
     return this.reading;
   }
 
-  /** Reads again shortly after every change in the folder. */
+  /** Reads again after every change of the source. */
   watch(): void {
-    try {
-      this.watcher = watch(this.dir, () => {
-        clearTimeout(this.timer);
-        this.timer = setTimeout(() => {
-          this.load().catch((e: unknown) => log.error({ err: e, dir: this.dir }, 'config reload failed; the last config keeps serving'));
-        }, 100);
-      });
-    } catch (e) {
-      log.warn({ err: e, dir: this.dir }, 'cannot watch the config folder; edits need a restart');
-    }
+    this.reader.watch(() => {
+      this.load().catch((e: unknown) => log.error({ err: e, source: this.reader.description }, 'config reload failed; the last config keeps serving'));
+    });
   }
 
   close(): void {
-    clearTimeout(this.timer);
-    this.watcher?.close();
+    this.reader.close();
   }
 
   private async read(): Promise<void> {
-    const read = await readConfigDir(this.dir, this.parsed);
+    const read = await this.reader.read();
     const { issues } = read;
     const previous = this.config;
     const services = keepLastGood('Service', read.services, previous.services, this.files, issues);

@@ -17,7 +17,7 @@ import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerD
 
 import { json, serveHttp, type HostPort } from '../agent/http.js';
 import { SelectorIndex } from '../config/snapshot.js';
-import { ConfigStore, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
+import { ConfigDirReader, ConfigStore, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
 import {
@@ -40,6 +40,7 @@ import {
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
 import { ControlPlaneMetrics } from './metrics.js';
+import { KubernetesSource, type KubernetesSourceOptions } from './sources/kubernetes.js';
 
 const log = logger('control-plane');
 
@@ -50,8 +51,11 @@ const BATCH_MS = 10;
 /** After a start, how long agents get to report their pods before the first push. */
 const WARMUP_MS = 2000;
 
+/** Where config comes from: a folder of YAML (pods from the agents' reports), or the Kubernetes API (pods from it too). */
+export type ControlPlaneSource = { readonly kind: 'dir'; readonly dir: string } | ({ readonly kind: 'kubernetes' } & Omit<KubernetesSourceOptions, 'registry'>);
+
 export interface ControlPlaneOptions {
-  readonly configDir: string;
+  readonly source: ControlPlaneSource;
   /** gRPC, plaintext (15010). */
   readonly listen: HostPort;
   /** HTTP: /metrics, /healthz/ready, /debug/snapshot, /debug/nodes (15014). */
@@ -100,7 +104,9 @@ export class ControlPlane {
   private readonly store: ConfigStore;
   readonly metrics = new ControlPlaneMetrics();
   private readonly streams = new Map<string, AgentStream>();
-  private readonly podsByNode = new Map<string, ReadonlyArray<WireWorkload>>();
+  private podsByNode = new Map<string, ReadonlyArray<WireWorkload>>();
+  /** Pods come from the config source (the Kubernetes API); agents' reports are then not used. */
+  private podsFromSource = false;
   /** What each node last acknowledged, kept across reconnects (for status). */
   private readonly acked = new Map<string, number>();
   private version = 0;
@@ -126,7 +132,17 @@ export class ControlPlane {
   private port = 0;
 
   private constructor(private readonly options: ControlPlaneOptions) {
-    this.store = new ConfigStore(options.configDir, { onLoad: (config, rejected) => this.configRead(config, rejected) });
+    const source = options.source;
+    let reader: ConfigReader;
+    if (source.kind === 'dir') reader = new ConfigDirReader(source.dir);
+    else {
+      const kube = new KubernetesSource({ ...source, registry: this.metrics.registry });
+      // The API knows every pod, with its node: endpoints come from it, not from agent reports.
+      this.podsFromSource = true;
+      kube.watchPods((pods) => this.sourcePods(pods));
+      reader = kube;
+    }
+    this.store = new ConfigStore(reader, { onLoad: (config, rejected) => this.configRead(config, rejected) });
   }
 
   static async start(options: ControlPlaneOptions): Promise<ControlPlane> {
@@ -136,15 +152,23 @@ export class ControlPlane {
       cp.store.watch();
       // Pods come from the agents' reports: until they have had time to report after a restart,
       // a push would tell every node that the endpoints on other nodes are gone.
+      // With pods from the API there is nothing to wait for but the source's first list.
       cp.warm = false;
-      cp.warmup = setTimeout(() => {
-        cp.warm = true;
-        cp.flush();
-      }, options.warmupMs ?? WARMUP_MS);
+      cp.warmup = setTimeout(
+        () => {
+          cp.warm = true;
+          cp.flush();
+        },
+        cp.podsFromSource ? 0 : (options.warmupMs ?? WARMUP_MS),
+      );
       await cp.serveGrpc();
       cp.http = await serveHttp(options.http, {
         '/metrics': async () => ({ status: 200, type: cp.metrics.registry.contentType, body: await cp.metrics.registry.metrics() }),
-        '/healthz/ready': async () => json({ ready: cp.store.hasLoaded() && cp.warm, warm: cp.warm, version: cp.version }, cp.store.hasLoaded() && cp.warm ? 200 : 503),
+        '/healthz/ready': async () => {
+          const synced = cp.store.reader.synced();
+          const ready = cp.store.hasLoaded() && cp.warm && synced && cp.version > 0;
+          return json({ ready, warm: cp.warm, synced, version: cp.version }, ready ? 200 : 503);
+        },
         '/debug/nodes': async () => json({ version: cp.version, nodes: cp.nodes() }),
         '/debug/snapshot': async (req) => {
           const node = new URL(req.url ?? '/', 'http://x').searchParams.get('node');
@@ -288,6 +312,18 @@ export class ControlPlane {
     return r;
   }
 
+  /** All pods from the config source (Kubernetes): grouped by node, replacing what was there. */
+  private sourcePods(pods: ReadonlyArray<WireWorkload>): void {
+    const byNode = new Map<string, WireWorkload[]>();
+    for (const p of pods) {
+      const list = byNode.get(p.node);
+      if (list) list.push(p);
+      else byNode.set(p.node, [p]);
+    }
+    this.podsByNode = byNode;
+    this.changed();
+  }
+
   private configRead(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void {
     recordRejections(rejected, this.metrics.configErrors, this.metrics.configRejected);
     this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
@@ -306,6 +342,8 @@ export class ControlPlane {
   /** A new version (monotonic across restarts: never below the wall clock in ms), pushed to every node. */
   private flush(): void {
     this.batch = undefined;
+    // Before the source's first full view, any version would tell agents that objects are gone.
+    if (!this.store.reader.synced()) return;
     this.version = Math.max(this.version + 1, Date.now());
     this.versionAt = this.changedAt;
     this.metrics.configVersion.set(this.version);
@@ -397,7 +435,9 @@ export class ControlPlane {
         return;
       }
       const s = stream;
-      if (m.pods) {
+      if (m.pods && this.podsFromSource) {
+        log.debug({ node: s.node, pods: m.pods.pods.length }, 'pod report ignored: pods come from the Kubernetes API');
+      } else if (m.pods) {
         if (m.pods.pods.length > MAX_PODS_PER_NODE) {
           fail('too_many_pods', GrpcStatus.RESOURCE_EXHAUSTED, `node ${s.node} reported ${m.pods.pods.length} pods (at most ${MAX_PODS_PER_NODE})`);
           return;

@@ -8,12 +8,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
-import { credentials, makeClientConstructor, type ClientDuplexStream } from '@grpc/grpc-js';
-
 import { ControlPlane } from '../../src/control-plane/server.js';
 import { freePort } from '../../src/shared/ports.js';
-import { applyDelta, discoveryService, resourceKey, type AgentMessage, type ControlPlaneMessage, type WireResource, type WireWorkload } from '../../src/shared/protocol/discovery.js';
+import { resourceKey, type WireWorkload } from '../../src/shared/protocol/discovery.js';
 import { waitFor } from '../support/sandbox.js';
+import { TestAgent } from '../support/test-agent.js';
 
 const service = (ns: string, name: string, ip: string, exportTo?: string): string =>
   `apiVersion: v1
@@ -39,36 +38,6 @@ const pod = (node: string, ns: string, name: string, app: string, n: number): Wi
   node,
 });
 
-/** An agent that only holds what it is sent (Snapshot, then Deltas) and Acks it. */
-class TestAgent {
-  held = new Map<string, WireResource>();
-  version = 0;
-  private readonly call: ClientDuplexStream<AgentMessage, ControlPlaneMessage>;
-
-  constructor(address: string, node: string, pods: WireWorkload[]) {
-    const Client = makeClientConstructor(discoveryService(), 'Discovery');
-    const client = new Client(address, credentials.createInsecure());
-    this.call = (client as unknown as { Stream(): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream();
-    this.call.on('error', () => undefined);
-    this.call.on('data', (m: ControlPlaneMessage) => {
-      if (m.snapshot) this.held = new Map(m.snapshot.resources.map((r) => [resourceKey(r), r]));
-      else if (m.delta) this.held = applyDelta(this.held, this.version, m.delta);
-      this.version = m.snapshot?.version ?? m.delta?.version ?? 0;
-      this.call.write({ ack: { version: this.version } });
-    });
-    this.call.write({ hello: { node, agentVersion: 'test', capabilities: [], version: 0, digest: '' } });
-    this.call.write({ pods: { pods } });
-  }
-
-  keys(kind: string): string[] {
-    return [...this.held.keys()].filter((k) => k.startsWith(`${kind}/`)).sort();
-  }
-
-  stop(): void {
-    this.call.cancel();
-  }
-}
-
 test('each node is sent the Services its pods may call or serve, their policies and endpoints, not the rest', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-scope-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
@@ -90,7 +59,7 @@ kind: Namespace
 metadata: {name: ops}
 `;
   await write(base);
-  const cp = await ControlPlane.start({ configDir: dir, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
   t.after(() => cp.stop());
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const a = new TestAgent(address, 'node-a', [pod('node-a', 'shop', 'client', 'client', 1)]);

@@ -1,0 +1,186 @@
+/**
+ * The few calls the control plane makes to a Kubernetes API server: a paged list and a watch
+ * stream of one resource. Connection settings and credentials come from @kubernetes/client-node's
+ * KubeConfig (kubeconfig files, in-cluster service account, exec and token-file auth), applied
+ * again for every request so rotated tokens are picked up.
+ */
+import { request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http';
+import { request as httpsRequest } from 'node:https';
+
+import { KubeConfig } from '@kubernetes/client-node';
+
+import { NodemeshError } from '../../shared/errors.js';
+
+/** A watch line longer than this is not an object we could use: the stream is treated as garbled. */
+const MAX_LINE_BYTES = 16 * 1024 * 1024;
+/** A list page: the API server's paging keeps one response (and our memory for it) bounded. */
+const PAGE_LIMIT = 500;
+
+export type KubeObject = Record<string, unknown> & { metadata?: { name?: string; namespace?: string; resourceVersion?: string; uid?: string } };
+
+export interface WatchEvent {
+  readonly type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR';
+  readonly object: KubeObject;
+}
+
+/** A request the API server answered with an error status (or did not answer). */
+export class KubeApiError extends Error {
+  constructor(
+    readonly path: string,
+    /** HTTP status, 0 when the request did not get an answer. */
+    readonly status: number,
+    /** The Status object's reason (Expired, Gone, Forbidden, ...) or the socket error's code. */
+    readonly reason: string,
+    message: string,
+  ) {
+    super(message);
+  }
+
+  /** 410 Gone: the resourceVersion (or continue token) is too old; list again. */
+  get expired(): boolean {
+    return this.status === 410;
+  }
+}
+
+export interface KubeApiOptions {
+  /** A kubeconfig file; without it: $KUBECONFIG, ~/.kube/config, then the in-cluster service account. */
+  readonly kubeconfig?: string;
+}
+
+export class KubeApi {
+  private constructor(
+    private readonly config: KubeConfig,
+    readonly server: string,
+  ) {}
+
+  static load(options: KubeApiOptions = {}): KubeApi {
+    const config = new KubeConfig();
+    try {
+      if (options.kubeconfig !== undefined) config.loadFromFile(options.kubeconfig);
+      else if (process.env['KUBECONFIG'] === undefined && process.env['KUBERNETES_SERVICE_HOST'] !== undefined) config.loadFromCluster();
+      else config.loadFromDefault();
+    } catch (e) {
+      throw new NodemeshError('NM_ERR_KUBE_CONFIG', `cannot load the Kubernetes client config: ${(e as Error).message}`, {
+        context: { path: options.kubeconfig ?? process.env['KUBECONFIG'] ?? '~/.kube/config' },
+        hint: 'pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account',
+        cause: e,
+      });
+    }
+    const cluster = config.getCurrentCluster();
+    if (!cluster) throw new NodemeshError('NM_ERR_KUBE_CONFIG', 'the Kubernetes client config has no current cluster', { context: { path: options.kubeconfig ?? '' } });
+    return new KubeApi(config, cluster.server.replace(/\/+$/, ''));
+  }
+
+  /** Every object of a resource, page by page, and the list's resourceVersion (where a watch starts). */
+  async list(path: string, signal: AbortSignal): Promise<{ items: KubeObject[]; resourceVersion: string }> {
+    const items: KubeObject[] = [];
+    let cont = '';
+    for (;;) {
+      const query: Record<string, string> = { limit: String(PAGE_LIMIT) };
+      if (cont !== '') query['continue'] = cont;
+      const res = await this.send(path, query, signal);
+      const body = await readJson(res, path);
+      if (res.statusCode !== 200) throw statusError(path, res.statusCode ?? 0, body);
+      const list = body as { items?: unknown; metadata?: { resourceVersion?: unknown; continue?: unknown } };
+      if (!Array.isArray(list.items)) throw new KubeApiError(path, 200, 'BadList', `GET ${path}: the answer is not a list (no items)`);
+      for (const item of list.items) items.push(item as KubeObject);
+      cont = typeof list.metadata?.continue === 'string' ? list.metadata.continue : '';
+      if (cont === '') return { items, resourceVersion: String(list.metadata?.resourceVersion ?? '') };
+    }
+  }
+
+  /**
+   * A watch from resourceVersion: onEvent for each event in order. Resolves when the server ends
+   * the stream (its timeout; the caller watches again from the last version it saw), rejects on an
+   * error status (410 when the version is too old), a dropped connection or a garbled line.
+   */
+  async watch(path: string, resourceVersion: string, timeoutSeconds: number, signal: AbortSignal, onEvent: (e: WatchEvent) => void): Promise<void> {
+    const query = { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds: String(timeoutSeconds) };
+    const res = await this.send(path, query, signal);
+    if (res.statusCode !== 200) throw statusError(path, res.statusCode ?? 0, await readJson(res, path).catch(() => undefined));
+    await new Promise<void>((resolve, reject) => {
+      let buffered: Buffer[] = [];
+      let size = 0;
+      let failed = false;
+      const fail = (e: Error): void => {
+        if (failed) return;
+        failed = true;
+        res.destroy();
+        reject(e);
+      };
+      const line = (bytes: Buffer): void => {
+        if (bytes.length === 0) return;
+        let event: WatchEvent;
+        try {
+          event = JSON.parse(bytes.toString('utf8')) as WatchEvent;
+        } catch {
+          throw new KubeApiError(path, 200, 'Garbled', `watch ${path}: a line is not JSON (${bytes.subarray(0, 80).toString('utf8')}...)`);
+        }
+        if (typeof event !== 'object' || event === null || typeof event.type !== 'string' || typeof event.object !== 'object' || event.object === null) {
+          throw new KubeApiError(path, 200, 'Garbled', `watch ${path}: an event without type or object`);
+        }
+        onEvent(event);
+      };
+      res.on('data', (chunk: Buffer) => {
+        if (failed) return;
+        try {
+          let start = 0;
+          for (let nl = chunk.indexOf(10); nl !== -1; nl = chunk.indexOf(10, start)) {
+            const piece = chunk.subarray(start, nl);
+            line(buffered.length === 0 ? piece : Buffer.concat([...buffered, piece]));
+            buffered = [];
+            size = 0;
+            start = nl + 1;
+          }
+          if (start < chunk.length) {
+            buffered.push(chunk.subarray(start));
+            size += chunk.length - start;
+            if (size > MAX_LINE_BYTES) throw new KubeApiError(path, 200, 'Garbled', `watch ${path}: a line is longer than ${MAX_LINE_BYTES} bytes`);
+          }
+        } catch (e) {
+          fail(e as Error);
+        }
+      });
+      res.on('end', () => {
+        if (failed) return;
+        if (size > 0) fail(new KubeApiError(path, 200, 'Truncated', `watch ${path}: the stream ended inside an event`));
+        else resolve();
+      });
+      const dropped = (why: string): void =>
+        fail(size > 0 ? new KubeApiError(path, 0, 'Truncated', `watch ${path}: the connection dropped inside an event (${why})`) : new KubeApiError(path, 0, 'Dropped', `watch ${path}: the connection dropped (${why})`));
+      res.on('error', (e: Error) => dropped((e as NodeJS.ErrnoException).code ?? e.message));
+      res.on('aborted', () => dropped('aborted'));
+    });
+  }
+
+  private async send(path: string, query: Record<string, string>, signal: AbortSignal): Promise<IncomingMessage> {
+    const url = new URL(this.server + path);
+    for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
+    const options: RequestOptions & { headers: Record<string, string> } = { method: 'GET', headers: { Accept: 'application/json' }, signal };
+    await this.config.applyToHTTPSOptions(options as Parameters<KubeConfig['applyToHTTPSOptions']>[0]);
+    const request = url.protocol === 'http:' ? httpRequest : httpsRequest;
+    return new Promise<IncomingMessage>((resolve, reject) => {
+      const req = request(url, options, resolve);
+      req.on('error', (e: NodeJS.ErrnoException) => reject(new KubeApiError(path, 0, e.code ?? e.name, `GET ${url.pathname}: ${e.message}`)));
+      req.end();
+    });
+  }
+}
+
+async function readJson(res: IncomingMessage, path: string): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  for await (const c of res) chunks.push(c as Buffer);
+  const text = Buffer.concat(chunks).toString('utf8');
+  try {
+    return JSON.parse(text) as unknown;
+  } catch {
+    throw new KubeApiError(path, res.statusCode ?? 0, 'Garbled', `GET ${path}: HTTP ${res.statusCode ?? 0}, the answer is not JSON`);
+  }
+}
+
+/** An error from a Status object (`{kind: Status, code, reason, message}`) or a bare status code. */
+function statusError(path: string, status: number, body: unknown): KubeApiError {
+  const s = (typeof body === 'object' && body !== null ? body : {}) as { code?: unknown; reason?: unknown; message?: unknown };
+  const code = typeof s.code === 'number' ? s.code : status;
+  return new KubeApiError(path, code, typeof s.reason === 'string' ? s.reason : `HTTP${code}`, `GET ${path}: HTTP ${code}${typeof s.message === 'string' ? `: ${s.message}` : ''}`);
+}

@@ -1,0 +1,164 @@
+/**
+ * The Kubernetes config source (design.md section 5, `nodemesh control-plane --source
+ * kubernetes`): list + watch of the kinds the config model has, each object validated by the same
+ * code as a file's (src/config/objects.ts), and the cluster's Pods as the mesh's workloads.
+ * Until every resource has been listed once the source is not synced, and the control plane
+ * pushes nothing: an empty copy must never reach an agent as "no Services".
+ */
+import { mergeObjects, parseObject, type ConfigObjects, type FileContents } from '../../config/objects.js';
+import type { ConfigIssue } from '../../config/service.js';
+import type { ConfigReader } from '../../config/store.js';
+import { TRAFFIC_POLICY_API } from '../../config/traffic-policy.js';
+import { MESH_CONFIG_NAME } from '../../config/mesh.js';
+import { Counter, type Registry } from '../../proxy/metrics/prom.js';
+import type { WireWorkload } from '../../shared/protocol/discovery.js';
+import { KubeApi, type KubeApiOptions, type KubeObject } from './kube-api.js';
+import { Reflector, type ReflectorMetrics } from './reflector.js';
+
+/** Many events in a burst (a rollout) become one read. */
+const DEBOUNCE_MS = 20;
+
+interface ConfigResource {
+  readonly resource: string;
+  readonly path: string;
+  /** List items carry no apiVersion/kind; the parser needs them. */
+  readonly apiVersion: string;
+  readonly kind: string;
+}
+
+const CONFIG_RESOURCES: ReadonlyArray<ConfigResource> = [
+  { resource: 'namespaces', path: '/api/v1/namespaces', apiVersion: 'v1', kind: 'Namespace' },
+  { resource: 'configmaps', path: `/api/v1/configmaps?fieldSelector=metadata.name%3D${MESH_CONFIG_NAME}`, apiVersion: 'v1', kind: 'ConfigMap' },
+  { resource: 'services', path: '/api/v1/services', apiVersion: 'v1', kind: 'Service' },
+  { resource: 'trafficpolicies', path: `/apis/${TRAFFIC_POLICY_API}/trafficpolicies`, apiVersion: TRAFFIC_POLICY_API, kind: 'TrafficPolicy' },
+];
+
+/** Pods that are the mesh's workloads, by node, from the API (instead of the agents' reports). */
+export interface PodInventory {
+  watchPods(onChange: (pods: ReadonlyArray<WireWorkload>) => void): void;
+}
+
+export interface KubernetesSourceOptions extends KubeApiOptions {
+  readonly registry: Registry;
+  /** For tests: the server's watch timeout (default 300 s, randomised up to twice that). */
+  readonly watchTimeoutSeconds?: number;
+}
+
+export class KubernetesSource implements ConfigReader, PodInventory {
+  private readonly api: KubeApi;
+  private readonly config: Array<{ spec: ConfigResource; reflector: Reflector }>;
+  private readonly pods: Reflector;
+  private readonly invalidPods: Counter<'reason'>;
+  private onConfig: (() => void) | undefined;
+  private onPods: ((pods: ReadonlyArray<WireWorkload>) => void) | undefined;
+  private configTimer: NodeJS.Timeout | undefined;
+  private podsTimer: NodeJS.Timeout | undefined;
+
+  constructor(options: KubernetesSourceOptions) {
+    this.api = KubeApi.load(options);
+    const registers = [options.registry];
+    const metrics: ReflectorMetrics = {
+      events: new Counter({ name: 'nodemesh_cp_kube_watch_events_total', help: 'Watch events from the Kubernetes API, by resource and type', labelNames: ['resource', 'type'], registers }),
+      lists: new Counter({ name: 'nodemesh_cp_kube_lists_total', help: 'Full lists of a resource, by reason (initial, expired: after 410 Gone, retry)', labelNames: ['resource', 'reason'], registers }),
+      errors: new Counter({ name: 'nodemesh_cp_kube_errors_total', help: 'Failed lists and watches of the Kubernetes API, by resource and reason', labelNames: ['resource', 'reason'], registers }),
+    };
+    this.invalidPods = new Counter({ name: 'nodemesh_cp_kube_pods_skipped_total', help: 'Pod objects from the API that could not be read as workloads, by reason', labelNames: ['reason'], registers });
+    const timeout = options.watchTimeoutSeconds === undefined ? {} : { watchTimeoutSeconds: options.watchTimeoutSeconds };
+    this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, ...timeout }, metrics, () => this.configChanged()) }));
+    this.pods = new Reflector(this.api, { resource: 'pods', path: '/api/v1/pods', ...timeout }, metrics, () => this.podsChanged());
+    for (const { reflector } of this.config) reflector.start();
+    this.pods.start();
+  }
+
+  get description(): string {
+    return `Kubernetes API ${this.api.server}`;
+  }
+
+  synced(): boolean {
+    return this.config.every((c) => c.reflector.hasSynced()) && this.pods.hasSynced();
+  }
+
+  async read(): Promise<ConfigObjects> {
+    const origins = this.config.map(({ spec, reflector }) => {
+      const file = `kubernetes:${spec.resource}`;
+      const objects: Array<FileContents['objects'][number]> = [];
+      const issues: ConfigIssue[] = [];
+      for (const o of reflector.list()) {
+        const parsed = parseObject(file, { ...o, apiVersion: spec.apiVersion, kind: spec.kind });
+        if ('issue' in parsed) issues.push(parsed.issue);
+        else if (parsed.object) objects.push(parsed.object);
+      }
+      return { file, contents: { objects, issues } };
+    });
+    return mergeObjects(origins);
+  }
+
+  watch(onChange: () => void): void {
+    this.onConfig = onChange;
+  }
+
+  watchPods(onChange: (pods: ReadonlyArray<WireWorkload>) => void): void {
+    this.onPods = onChange;
+    if (this.pods.hasSynced()) this.podsChanged();
+  }
+
+  close(): void {
+    clearTimeout(this.configTimer);
+    clearTimeout(this.podsTimer);
+    for (const { reflector } of this.config) reflector.stop();
+    this.pods.stop();
+  }
+
+  private configChanged(): void {
+    if (this.configTimer || !this.config.every((c) => c.reflector.hasSynced())) return;
+    this.configTimer = setTimeout(() => {
+      this.configTimer = undefined;
+      this.onConfig?.();
+    }, DEBOUNCE_MS);
+  }
+
+  private podsChanged(): void {
+    if (this.podsTimer || !this.pods.hasSynced()) return;
+    this.podsTimer = setTimeout(() => {
+      this.podsTimer = undefined;
+      const pods: WireWorkload[] = [];
+      for (const o of this.pods.list()) {
+        const w = podWorkload(o);
+        if (typeof w === 'string') {
+          if (w !== 'not_running') this.invalidPods.inc({ reason: w });
+        } else pods.push(w);
+      }
+      this.onPods?.(pods);
+    }, DEBOUNCE_MS);
+  }
+}
+
+/**
+ * A Pod object as a workload: scheduled, running, with an address, ready and not being deleted
+ * (what the EndpointSlice controller counts as a ready endpoint). Otherwise why not.
+ */
+export function podWorkload(o: KubeObject): WireWorkload | 'not_running' | 'invalid' {
+  const meta = o.metadata;
+  const spec = (o['spec'] ?? {}) as { nodeName?: unknown; serviceAccountName?: unknown };
+  const status = (o['status'] ?? {}) as { phase?: unknown; podIP?: unknown; podIPs?: unknown; conditions?: unknown };
+  if (typeof meta?.name !== 'string' || typeof meta.namespace !== 'string' || typeof meta.uid !== 'string') return 'invalid';
+  if ((meta as { deletionTimestamp?: unknown }).deletionTimestamp !== undefined) return 'not_running';
+  if (status.phase !== 'Running' || typeof spec.nodeName !== 'string') return 'not_running';
+  const conditions = Array.isArray(status.conditions) ? (status.conditions as Array<{ type?: unknown; status?: unknown }>) : [];
+  if (!conditions.some((c) => c.type === 'Ready' && c.status === 'True')) return 'not_running';
+  const ips = Array.isArray(status.podIPs) ? (status.podIPs as Array<{ ip?: unknown }>).map((p) => p.ip).filter((ip): ip is string => typeof ip === 'string') : typeof status.podIP === 'string' ? [status.podIP] : [];
+  const ip4 = ips.find((ip) => !ip.includes(':')) ?? '';
+  const ip6 = ips.find((ip) => ip.includes(':')) ?? '';
+  if (ip4 === '' && ip6 === '') return 'not_running';
+  const labels = (meta as { labels?: unknown }).labels;
+  return {
+    uid: meta.uid,
+    namespace: meta.namespace,
+    name: meta.name,
+    serviceAccount: typeof spec.serviceAccountName === 'string' ? spec.serviceAccountName : 'default',
+    labels: typeof labels === 'object' && labels !== null ? Object.fromEntries(Object.entries(labels).filter(([, v]) => typeof v === 'string')) as Record<string, string> : {},
+    ip4,
+    ip6,
+    node: spec.nodeName,
+  };
+}

@@ -1,0 +1,158 @@
+/**
+ * The control plane's Kubernetes source against the in-test API server (test/support/
+ * fake-kube-api.ts; no real one can run here): adds, updates and deletes reach the agents, a
+ * rejected object keeps its last good version, a watch that drops mid-event resumes without a
+ * list, and a watch from a compacted version (410) lists again and catches up.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+
+import { ControlPlane } from '../../src/control-plane/server.js';
+import { freePort } from '../../src/shared/ports.js';
+import { metricValue } from '../support/agent.js';
+import { kubeconfigFor, startFakeKubeApi, type Obj } from '../support/fake-kube-api.js';
+import { waitFor } from '../support/sandbox.js';
+import { TestAgent } from '../support/test-agent.js';
+
+const SERVICES = '/api/v1/services';
+const PODS = '/api/v1/pods';
+const NAMESPACES = '/api/v1/namespaces';
+
+const service = (name: string, port: number, extra: Record<string, unknown> = {}): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Service',
+  metadata: { name, namespace: 'shop', uid: `svc-${name}`, creationTimestamp: '2026-12-01T00:00:00Z', managedFields: [] },
+  // What an API server returns: defaults filled in, status present.
+  spec: { type: 'ClusterIP', clusterIP: `10.96.2.${port % 250}`, clusterIPs: [`10.96.2.${port % 250}`], ipFamilies: ['IPv4'], ipFamilyPolicy: 'SingleStack', internalTrafficPolicy: 'Cluster', sessionAffinity: 'None', selector: { app: name }, ports: [{ name: 'http', port, protocol: 'TCP', targetPort: 8080 }], ...extra },
+  status: { loadBalancer: {} },
+});
+
+const pod = (name: string, app: string, node: string, ip: string, ready = true): Obj => ({
+  apiVersion: 'v1',
+  kind: 'Pod',
+  metadata: { name, namespace: 'shop', uid: `pod-${name}`, labels: { app }, ownerReferences: [{ kind: 'ReplicaSet', name: `${app}-rs` }] },
+  spec: { nodeName: node, serviceAccountName: app, containers: [{ name: 'app', image: 'x' }] },
+  status: { phase: 'Running', podIP: ip, podIPs: [{ ip }], conditions: [{ type: 'Ready', status: ready ? 'True' : 'False' }] },
+});
+
+test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad object; dropped watches resume; 410 lists again', async (t) => {
+  const api = await startFakeKubeApi();
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
+  const stops: Array<() => unknown> = [];
+  // Agents, then the control plane, then the API server it watches.
+  t.after(async () => {
+    for (const stop of stops.reverse()) await stop();
+    await api.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const kubeconfig = join(dir, 'kubeconfig');
+  await writeFile(kubeconfig, kubeconfigFor(api));
+
+  api.put(NAMESPACES, { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }, spec: { finalizers: ['kubernetes'] }, status: { phase: 'Active' } });
+  api.put(SERVICES, service('web', 80));
+  api.put(PODS, pod('web-1', 'web', 'node-a', '10.200.0.5'));
+  api.put(PODS, pod('web-2', 'web', 'node-a', '10.200.0.6', false)); // not ready: no endpoint
+  api.put(PODS, pod('client', 'client', 'node-b', '10.200.0.7'));
+
+  const http = await freePort();
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  stops.push(() => cp.stop());
+  const b = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-b', []);
+  stops.push(() => b.stop());
+  const serviceOf = (name: string): { ports: Array<{ port: number }> } | undefined => b.held.get(`Service/shop/${name}`)?.service;
+  const metrics = async (): Promise<string> => (await fetch(`http://127.0.0.1:${http}/metrics`)).text();
+
+  await waitFor(() => serviceOf('web') !== undefined, 5000, 'web from the API');
+  assert.equal((await fetch(`http://127.0.0.1:${http}/healthz/ready`)).status, 200);
+  assert.deepEqual(b.keys('Workload'), ['Workload/shop/client', 'Workload/shop/web-1'], 'the ready endpoint and the node\'s own pod');
+  assert.equal(b.held.get('Workload/shop/client')?.workload?.serviceAccount, 'client');
+  assert.deepEqual(b.held.get('Namespace//shop')?.namespace?.labels, { 'nodemesh.io/enabled': 'true' });
+
+  // Add, update, delete.
+  api.put(SERVICES, service('cart', 81));
+  api.put(PODS, pod('cart-1', 'cart', 'node-a', '10.200.0.8'));
+  await waitFor(() => serviceOf('cart') !== undefined && b.keys('Workload').includes('Workload/shop/cart-1'), 5000, 'cart added');
+  api.put(SERVICES, service('web', 8080));
+  await waitFor(() => serviceOf('web')?.ports[0]?.port === 8080, 5000, 'web updated');
+  api.remove(SERVICES, 'shop', 'cart');
+  await waitFor(() => serviceOf('cart') === undefined && !b.keys('Workload').includes('Workload/shop/cart-1'), 5000, 'cart deleted, its endpoint no longer sent');
+  api.put(PODS, pod('web-2', 'web', 'node-a', '10.200.0.6', true));
+  await waitFor(() => b.keys('Workload').includes('Workload/shop/web-2'), 5000, 'web-2 ready: an endpoint now');
+
+  // A bad update (a typo the API server would have pruned, or an object we cannot serve): the
+  // last good version keeps serving, the error names object and field.
+  api.put(SERVICES, service('web', 9090, { selectr: { app: 'web' } }));
+  await waitFor(async () => metricValue(await metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'Service' }) === 1, 5000, 'web rejected');
+  assert.equal(serviceOf('web')?.ports[0]?.port, 8080, 'the last good web keeps serving');
+  const debug = (await (await fetch(`http://127.0.0.1:${http}/debug/snapshot?node=node-b`)).json()) as { configErrors: Array<{ object: string; field: string; file: string; keptLastGood: boolean }> };
+  assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field, e.keptLastGood]), [['kubernetes:services', 'Service shop/web', 'spec.selectr', true]]);
+  api.put(SERVICES, service('web', 8080));
+
+  // Bookmarks move the version on; a watch cut in the middle of an event resumes from the last
+  // version seen (no list) and the event arrives whole.
+  api.bookmark();
+  await waitFor(async () => metricValue(await metrics(), 'nodemesh_cp_kube_watch_events_total', { resource: 'services', type: 'BOOKMARK' }) >= 1, 5000, 'bookmark received');
+  const lists = (): number => api.requests.filter((r) => r === `list ${SERVICES}`).length;
+  const listsBefore = lists();
+  api.cutNextEvent();
+  api.put(SERVICES, service('late', 82));
+  await waitFor(() => serviceOf('late') !== undefined, 5000, 'the cut event arrives after the re-watch');
+  assert.equal(lists(), listsBefore, 'a dropped watch resumes without a list');
+  assert.ok(metricValue(await metrics(), 'nodemesh_cp_kube_errors_total', { resource: 'services', reason: 'connection' }) >= 1, 'the cut is counted');
+  // A line that is not JSON: counted, the watch made again from the last good version, nothing lost.
+  const garbled = async (): Promise<boolean> => {
+    if (metricValue(await metrics(), 'nodemesh_cp_kube_errors_total', { resource: 'services', reason: 'garbled' }) >= 1) return true;
+    // Sent again until one lands (a watch being made again at that moment would miss it).
+    api.sendRaw(SERVICES, '{"type":"ADDED","object":{garbage\n');
+    return false;
+  };
+  await waitFor(garbled, 5000, 'garbled line counted');
+  api.put(SERVICES, service('later', 84));
+  await waitFor(() => serviceOf('later') !== undefined, 5000, 'events after the garbled line arrive');
+  assert.equal(lists(), listsBefore, 'still no list');
+
+  // While no watch can be made, changes happen and history is compacted: the re-watch from the
+  // old version gets 410, the source lists again and catches up.
+  api.refuseWatches(true);
+  api.dropWatches();
+  await waitFor(() => api.openWatches() === 0, 5000, 'watches dropped');
+  api.remove(SERVICES, 'shop', 'late');
+  api.put(SERVICES, service('cart', 83));
+  api.compact();
+  await waitFor(async () => metricValue(await metrics(), 'nodemesh_cp_kube_errors_total', { resource: 'services', reason: 'server_error' }) >= 1, 5000, 'a refused watch (503) counted');
+  api.refuseWatches(false);
+  await waitFor(() => serviceOf('late') === undefined && serviceOf('cart')?.ports[0]?.port === 83, 10_000, 'caught up after the 410');
+  assert.ok(lists() > listsBefore, 'listed again');
+  const m = await metrics();
+  assert.ok(metricValue(m, 'nodemesh_cp_kube_lists_total', { resource: 'services', reason: 'expired' }) >= 1);
+  assert.deepEqual(cp.snapshotFor('node-b').resources.filter((r) => r.service).map((r) => r.service?.name).sort(), ['cart', 'later', 'web']);
+});
+
+test('Kubernetes source: nothing is pushed before the first list, and a bad kubeconfig is a clear error', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
+  const stops: Array<() => unknown> = [];
+  t.after(async () => {
+    for (const stop of stops.reverse()) await stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+  await assert.rejects(
+    ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'missing') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() } }),
+    (e: Error & { code?: string }) => e.code === 'NM_ERR_KUBE_CONFIG' && e.message.includes('missing'),
+  );
+  // An API server that refuses us (wrong token): the control plane runs, is not ready, sends nothing.
+  const api = await startFakeKubeApi();
+  stops.push(() => api.close());
+  api.put(SERVICES, service('web', 80));
+  await writeFile(join(dir, 'kubeconfig'), kubeconfigFor(api).replace(api.token, 'wrong-token'));
+  const http = await freePort();
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'kubeconfig') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  stops.push(() => cp.stop());
+  const agent = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-a', []);
+  stops.push(() => agent.stop());
+  await waitFor(async () => metricValue(await (await fetch(`http://127.0.0.1:${http}/metrics`)).text(), 'nodemesh_cp_kube_errors_total', { reason: 'unauthorized' }) >= 5, 5000, 'every resource refused');
+  assert.equal((await fetch(`http://127.0.0.1:${http}/healthz/ready`)).status, 503);
+  assert.equal(agent.version, 0, 'the agent was sent nothing (not an empty config)');
+});
