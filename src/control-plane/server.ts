@@ -40,7 +40,7 @@ import {
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
 import { ControlPlaneMetrics } from './metrics.js';
-import { KubernetesSource, type KubernetesSourceOptions } from './sources/kubernetes.js';
+import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
 const log = logger('control-plane');
 
@@ -131,12 +131,16 @@ export class ControlPlane {
   private http: HttpServer | undefined;
   private port = 0;
 
-  private constructor(private readonly options: ControlPlaneOptions) {
+  private constructor(
+    private readonly options: ControlPlaneOptions,
+    kubernetes: typeof import('./sources/kubernetes.js') | undefined,
+  ) {
     const source = options.source;
     let reader: ConfigReader;
     if (source.kind === 'dir') reader = new ConfigDirReader(source.dir);
     else {
-      const kube = new KubernetesSource({ ...source, registry: this.metrics.registry });
+      if (!kubernetes) throw new Error('internal: the Kubernetes source module is not loaded');
+      const kube = new kubernetes.KubernetesSource({ ...source, registry: this.metrics.registry });
       // The API knows every pod, with its node: endpoints come from it, not from agent reports.
       this.podsFromSource = true;
       kube.watchPods((pods) => this.sourcePods(pods));
@@ -146,7 +150,8 @@ export class ControlPlane {
   }
 
   static async start(options: ControlPlaneOptions): Promise<ControlPlane> {
-    const cp = new ControlPlane(options);
+    // The Kubernetes client is loaded only for that source: it is most of the modules there are.
+    const cp = new ControlPlane(options, options.source.kind === 'kubernetes' ? await import('./sources/kubernetes.js') : undefined);
     try {
       await cp.store.load();
       cp.store.watch();
