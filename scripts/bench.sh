@@ -16,7 +16,11 @@ fi
 # `npm run bench:control-plane` (bench/control-plane.ts): config propagation and memory at mesh scale.
 if [[ ${1:-} == control-plane ]]; then
   ensure_all
-  exec node dist/bench/control-plane.js
+  remember_bpffs
+  status=0
+  NODEMESH_LOG_LEVEL=${NODEMESH_LOG_LEVEL:-warn} node dist/bench/control-plane.js || status=$?
+  restore_bpffs
+  exit $status
 fi
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all

@@ -24,7 +24,9 @@ import {
   MAX_MESSAGE_BYTES,
   configResources,
   digestHex,
-  discoveryService,
+  discoveryServerService,
+  encodeControlPlaneMessage,
+  EncodedMessage,
   keyParts,
   resourceHash,
   resourceKey,
@@ -35,7 +37,6 @@ import {
   type ControlPlaneMessage,
   type WireConfigError,
   type WireResource,
-  type WireResourceKey,
   type WireSnapshot,
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
@@ -123,10 +124,11 @@ export class ControlPlane {
   /** Each node's view at the current version (nodes with the same scope share its maps). */
   private views = new Map<string, NodeView>();
   /**
-   * Deltas of this version by (digest held -> digest wanted): nodes that hold the same and need
-   * the same share one computation.
+   * Messages of this version, encoded, by what the node holds and what it needs ("version:digest
+   * held>digest wanted", or ">digest" for a Snapshot): nodes that hold the same and need the same
+   * share one computation and one encoding.
    */
-  private deltas = new Map<string, { upserts: WireResource[]; removals: WireResourceKey[] }>();
+  private encoded = new Map<string, EncodedMessage>();
   private grpc: Server | undefined;
   private http: HttpServer | undefined;
   private port = 0;
@@ -303,7 +305,7 @@ export class ControlPlane {
     }
     this.scopes = { base, perService, everywhere, exportedTo, servicesOf, byScope: new Map() };
     this.views = new Map();
-    this.deltas = new Map();
+    this.encoded = new Map();
   }
 
   /** One resource object per reported pod object, so its hash is computed once. */
@@ -368,22 +370,21 @@ export class ControlPlane {
     if (s.held && s.heldDigest === view.digest) return;
     const held = s.held;
     s.pending = { version: this.version, digest: view.digest, hashes: view.hashes, at: this.versionAt };
-    if (!held) {
-      this.metrics.pushes.inc({ type: 'snapshot' });
-      s.call.write({ snapshot: { version: this.version, digest: view.digest, resources: [...view.resources.values()] } });
-      return;
+    // Nodes that need the same get the same bytes: each message is encoded once per version.
+    const memo = held ? `${s.heldVersion}:${s.heldDigest}>${view.digest}` : `>${view.digest}`;
+    let message = this.encoded.get(memo);
+    if (!message) {
+      if (!held) message = encodeControlPlaneMessage({ snapshot: { version: this.version, digest: view.digest, resources: [...view.resources.values()] } });
+      else {
+        const upserts: WireResource[] = [];
+        for (const [k, h] of view.hashes) if (held.get(k) !== h) upserts.push(view.resources.get(k) as WireResource);
+        const removals = [...held.keys()].filter((k) => !view.hashes.has(k)).map(keyParts);
+        message = encodeControlPlaneMessage({ delta: { version: this.version, baseVersion: s.heldVersion, digest: view.digest, upserts, removals } });
+      }
+      this.encoded.set(memo, message);
     }
-    const memo = `${s.heldDigest}>${view.digest}`;
-    let delta = this.deltas.get(memo);
-    if (!delta) {
-      const upserts: WireResource[] = [];
-      for (const [k, h] of view.hashes) if (held.get(k) !== h) upserts.push(view.resources.get(k) as WireResource);
-      const removals = [...held.keys()].filter((k) => !view.hashes.has(k)).map(keyParts);
-      delta = { upserts, removals };
-      this.deltas.set(memo, delta);
-    }
-    this.metrics.pushes.inc({ type: 'delta' });
-    s.call.write({ delta: { version: this.version, baseVersion: s.heldVersion, digest: view.digest, ...delta } });
+    this.metrics.pushes.inc({ type: held ? 'delta' : 'snapshot' });
+    s.call.write(message as unknown as ControlPlaneMessage);
   }
 
   private async serveGrpc(): Promise<void> {
@@ -393,7 +394,7 @@ export class ControlPlane {
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
     });
-    server.addService(discoveryService(), { Stream: (call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>) => this.serveStream(call) });
+    server.addService(discoveryServerService(), { Stream: (call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>) => this.serveStream(call) });
     const { host, port } = this.options.listen;
     this.port = await new Promise<number>((resolve, reject) => {
       server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));

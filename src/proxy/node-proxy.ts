@@ -301,12 +301,9 @@ export class NodeProxy {
     const port = client.localPort ?? 0;
     const source = this.snapshot.workload(client.remoteAddress ?? '');
     const target = this.snapshot.serviceOf(state.pod.uid, port);
-    const src = workloadLabels(source);
     const labels: TcpLabels = {
       reporter: 'destination',
-      source_workload: src.name,
-      source_workload_namespace: src.namespace,
-      source_principal: principal(this.options.trustDomain, source),
+      ...this.sourceLabels(source),
       ...serviceLabels(target?.service, host, port),
       ...this.destinationLabels(state.pod),
     };
@@ -317,19 +314,20 @@ export class NodeProxy {
     this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }
 
-  private sourceLabels(w: Workload): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal'> {
-    const { name, namespace } = workloadLabels(w);
-    return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain, w) };
+  private sourceLabels(w: Workload | undefined): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal' | 'source_version'> {
+    const { name, namespace, version } = workloadLabels(w);
+    return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain, w), source_version: version };
   }
 
   private destinationLabels(
     w: Workload | undefined,
-  ): Pick<TcpLabels, 'destination_workload' | 'destination_workload_namespace' | 'destination_principal' | 'request_protocol' | 'response_flags' | 'connection_security_policy'> {
-    const { name, namespace } = workloadLabels(w);
+  ): Pick<TcpLabels, 'destination_workload' | 'destination_workload_namespace' | 'destination_principal' | 'destination_version' | 'request_protocol' | 'response_flags' | 'connection_security_policy'> {
+    const { name, namespace, version } = workloadLabels(w);
     return {
       destination_workload: name,
       destination_workload_namespace: namespace,
       destination_principal: principal(this.options.trustDomain, w),
+      destination_version: version,
       request_protocol: 'tcp',
       response_flags: '-',
       connection_security_policy: 'none',

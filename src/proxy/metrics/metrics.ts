@@ -12,12 +12,14 @@ export const TCP_LABELS = [
   'source_workload',
   'source_workload_namespace',
   'source_principal',
+  'source_version',
   'destination_service',
   'destination_service_namespace',
   'destination_service_name',
   'destination_workload',
   'destination_workload_namespace',
   'destination_principal',
+  'destination_version',
   'request_protocol',
   'response_flags',
   'connection_security_policy',
@@ -36,8 +38,9 @@ export function principal(trustDomain: string, w: Pick<Workload, 'namespace' | '
   return w ? `spiffe://${trustDomain}/ns/${w.namespace}/sa/${w.serviceAccount}` : 'unknown';
 }
 
-export function workloadLabels(w: Workload | undefined): { name: string; namespace: string } {
-  return w ? { name: workloadName(w), namespace: w.namespace } : { name: 'unknown', namespace: 'unknown' };
+/** Istio's workload labels: name (app label or pod name), namespace, version (the version label). */
+export function workloadLabels(w: Workload | undefined): { name: string; namespace: string; version: string } {
+  return w ? { name: workloadName(w), namespace: w.namespace, version: w.labels['version'] ?? w.labels['app.kubernetes.io/version'] ?? 'unknown' } : { name: 'unknown', namespace: 'unknown', version: 'unknown' };
 }
 
 export class NodeMetrics {

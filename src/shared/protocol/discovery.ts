@@ -131,6 +131,27 @@ export function discoveryService(): ServiceDefinition {
   return definition;
 }
 
+/**
+ * A ControlPlaneMessage already encoded: the control plane sends the same Snapshot or Delta to
+ * every node that needs the same, and encodes it once instead of once per stream.
+ */
+export class EncodedMessage {
+  constructor(readonly bytes: Buffer) {}
+}
+
+export function encodeControlPlaneMessage(m: ControlPlaneMessage): EncodedMessage {
+  return new EncodedMessage(discoveryService()['Stream']?.responseSerialize(m) ?? Buffer.alloc(0));
+}
+
+/** The service definition for the server side: EncodedMessages pass through the serializer as they are. */
+export function discoveryServerService(): ServiceDefinition {
+  const base = discoveryService();
+  const stream = base['Stream'];
+  if (!stream) throw new Error('internal: nodemesh.v1.Discovery has no Stream method');
+  const serialize = stream.responseSerialize;
+  return { ...base, Stream: { ...stream, responseSerialize: (m: ControlPlaneMessage | EncodedMessage) => (m instanceof EncodedMessage ? m.bytes : serialize(m)) } };
+}
+
 // ---- config model -> wire (control plane) ----
 
 export function workloadToWire(w: Workload, node: string): WireWorkload {
