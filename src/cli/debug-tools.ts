@@ -95,3 +95,45 @@ export async function dial(host: string, port: number, bytes: number, options: {
     } else socket.end(payload);
   });
 }
+
+export interface LoadResult {
+  /** "host:port" -> requests whose bytes came back intact, and failures by error. */
+  readonly targets: Record<string, { ok: number; failed: number; errors: Record<string, number> }>;
+  readonly seconds: number;
+}
+
+/**
+ * A steady load for the demo: every target gets `rate` requests a second (a new connection each,
+ * 1 KiB sent and checked on the way back), for `durationMs` or until SIGTERM/SIGINT. At most
+ * 64 requests are in flight: a stalled target slows the load instead of piling up sockets.
+ */
+export async function load(targets: ReadonlyArray<{ host: string; port: number }>, rate: number, durationMs: number): Promise<LoadResult> {
+  const result: LoadResult['targets'] = {};
+  const started = performance.now();
+  let inFlight = 0;
+  let stopping = false;
+  const stop = (): void => void (stopping = true);
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+  const timers = targets.map((t) => {
+    const key = `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
+    const counts = (result[key] = { ok: 0, failed: 0, errors: {} as Record<string, number> });
+    return setInterval(() => {
+      if (stopping || inFlight >= 64) return;
+      inFlight++;
+      void dial(t.host, t.port, 1024, { timeoutMs: 5000 }).then((r) => {
+        inFlight--;
+        if (r.ok) counts.ok++;
+        else {
+          counts.failed++;
+          const why = r.error ?? 'not intact';
+          counts.errors[why] = (counts.errors[why] ?? 0) + 1;
+        }
+      });
+    }, 1000 / rate);
+  });
+  while (!stopping && performance.now() - started < durationMs) await new Promise((r) => setTimeout(r, 100));
+  for (const t of timers) clearInterval(t);
+  while (inFlight > 0) await new Promise((r) => setTimeout(r, 20));
+  return { targets: result, seconds: (performance.now() - started) / 1000 };
+}

@@ -51,6 +51,13 @@ function parseMilliseconds(value: string, field: string): number {
   return n;
 }
 
+/** "30s", "2m", "1h", "500ms": how long, in milliseconds. */
+function parseDurationOption(value: string, field: string): number {
+  const m = /^(\d+)(ms|s|m|h)$/.exec(value);
+  if (!m) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a duration like 30s, 2m or 1h`, { context: { field } });
+  return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h'];
+}
+
 function parsePort(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 65535) {
@@ -138,10 +145,14 @@ pod
 
 program
   .command('up')
-  .description('run the demo: local pods, eBPF capture, a request through the node proxy path')
-  .action(async () => {
+  .description('run the demo: the control plane on examples/mesh, a node agent, workload pods and traffic; a summary on Ctrl-C or after --duration')
+  .option('--duration <time>', 'stop after this long (e.g. 30s, 2m); default: until Ctrl-C')
+  .option('--rate <n>', 'requests per second to each Service address', '10')
+  .action(async (opts: { duration?: string; rate: string }) => {
+    const rate = Number(opts.rate);
+    if (!Number.isFinite(rate) || rate <= 0 || rate > 200) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${opts.rate}" must be 1-200 requests per second`, { context: { field: 'rate' } });
     const { up } = await import('./up.js');
-    process.exitCode = await up(progress, out);
+    process.exitCode = await up({ durationMs: opts.duration === undefined ? undefined : parseDurationOption(opts.duration, 'duration'), rate }, progress, out);
   });
 
 program
@@ -301,6 +312,20 @@ debug
     const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;
+  });
+
+debug
+  .command('load')
+  .description('new connections at a steady rate to each target, bytes checked; prints a JSON summary')
+  .argument('<targets...>', 'HOST:PORT of each target')
+  .option('--rate <n>', 'requests per second per target', '10')
+  .option('--duration <ms>', 'how long (or until SIGTERM)', '3600000')
+  .action(async (targets: string[], opts: { rate: string; duration: string }) => {
+    const { load } = await import('./debug-tools.js');
+    const rate = Number(opts.rate);
+    if (!Number.isFinite(rate) || rate <= 0 || rate > 1000) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${opts.rate}" must be 1-1000 requests per second`, { context: { field: 'rate' } });
+    const parsed = targets.map((t) => parseHostPort(t, 'targets', invalid('targets')));
+    out(JSON.stringify(await load(parsed, rate, parseMilliseconds(opts.duration, 'duration'))) + '\n');
   });
 
 function signalNumber(signal: NodeJS.Signals): number {

@@ -1,120 +1,238 @@
 /**
- * `nodemesh up`, what `npm run demo` runs. For now: two local pods, the capture programs on the
- * client pod's cgroup, a relay on its 15001 listener, and one request over IPv4 and one over IPv6
- * to service addresses no host has. Prints what happened and removes everything it made.
+ * `nodemesh up`, what `npm run demo` runs: the control plane on examples/mesh, one node agent
+ * connected to it, the example's workload pods on this machine, and a load generator pod calling
+ * every Service through the mesh. It prints progress, then (on Ctrl-C or after --duration) a
+ * table of requests per Service and endpoint read from the agent's metrics endpoint, and removes
+ * everything it made.
  */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { hostname, tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { familyOf, formatHostPort, type SocketAddress } from '../agent/datapath/abi.js';
-import { OutboundCapture, type CgroupCapture } from '../agent/datapath/capture.js';
 import { probeBpf } from '../agent/datapath/native.js';
-import { CaptureRelay, type RelayedConnection } from '../proxy/outbound/capture-relay.js';
 import { holdBlackhole, type Blackhole } from '../runtime/blackhole.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
 import { LocalPodRuntime } from '../runtime/pods.js';
-import { waitForListener } from '../runtime/wait.js';
 import type { PodRecord } from '../runtime/store.js';
+import { waitForListener } from '../runtime/wait.js';
+import { NodemeshError } from '../shared/errors.js';
+import { CLI_ENTRY, PACKAGE_ROOT } from '../shared/paths.js';
 import { preflight } from '../shared/preflight.js';
-import { CLI_ENTRY } from '../shared/paths.js';
-import type { DialResult } from './debug-tools.js';
+import type { LoadResult } from './debug-tools.js';
 import { table } from './output.js';
 
-const NAMESPACE = 'nodemesh-demo';
-const SERVICES = [
-  { address: '10.96.0.10', port: 80 },
-  { address: 'fd00:96::a', port: 80 },
-] as const;
-const SERVER_PORT = 8080;
+const EXAMPLES = join(PACKAGE_ROOT, 'examples', 'mesh');
+const NAMESPACE = 'shop';
+const APP_PORT = 8080;
+/** The example's Services (examples/mesh/*.yaml): what loadgen calls. */
+const TARGETS = ['10.96.100.10:80', '[fd00:96::100:10]:80', '10.96.100.11:80', '10.96.100.12:80'];
+const PORTS = { grpc: 15010, cpHttp: 15014, metrics: 15020, ready: 15021, admin: 15000 } as const;
+/** The demo's agent pins under its own folder, so a real agent's pins are never touched. */
+const PIN_ROOT = '/sys/fs/bpf/nodemesh-demo/v1';
+
+const WORKLOADS: ReadonlyArray<{ name: string; labels: string[] }> = [
+  { name: 'frontend', labels: ['app=frontend', 'version=v1'] },
+  { name: 'reviews-v1', labels: ['app=reviews', 'version=v1'] },
+  { name: 'reviews-v2', labels: ['app=reviews', 'version=v2'] },
+  { name: 'ratings', labels: ['app=ratings', 'version=v1'] },
+];
+
+export interface UpOptions {
+  /** Stop after this long; undefined: run until Ctrl-C. */
+  readonly durationMs: number | undefined;
+  /** Requests per second to each Service address. */
+  readonly rate: number;
+}
 
 type Progress = (step: string) => void;
 
-/** Runs the dialer as the client pod's command and returns its JSON result. */
-async function dialFromPod(runtime: LocalPodRuntime, client: PodRecord, service: SocketAddress): Promise<DialResult> {
-  const child = runtime.exec(client, [process.execPath, CLI_ENTRY, 'debug', 'dial', service.address, String(service.port), '--bytes', '65536'], {
-    stdio: ['ignore', 'pipe', 'inherit'],
+async function portFree(port: number): Promise<boolean> {
+  const { createServer } = await import('node:net');
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.once('error', () => resolve(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => resolve(true)));
   });
-  let out = '';
-  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
-  await new Promise((resolve) => child.once('close', resolve));
-  return JSON.parse(out.trim().split('\n').pop() ?? '{}') as DialResult;
 }
 
-export async function up(progress: Progress, write: (text: string) => void): Promise<number> {
+async function waitHttp(url: string, timeoutMs: number, what: string, child: ChildProcess, log: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (child.exitCode !== null || child.signalCode !== null) throw new NodemeshError('NM_ERR_DEMO', `${what} exited (${child.exitCode ?? child.signalCode}) while starting`, { context: { path: log }, hint: `read ${log}` });
+    const status = await fetch(url).then((r) => r.status).catch(() => 0);
+    if (status === 200) return;
+    if (Date.now() > deadline) throw new NodemeshError('NM_ERR_DEMO', `${what} did not become ready within ${timeoutMs / 1000} s (${url})`, { context: { path: log }, hint: `read ${log}` });
+    await sleep(200);
+  }
+}
+
+/** Counts per (Service, workload, version) from Istio's TCP metrics, as the destination side reported them. */
+export function requestsByEndpoint(metrics: string): Array<{ service: string; workload: string; version: string; connections: number; bytesIn: number; bytesOut: number }> {
+  const rows = new Map<string, { service: string; workload: string; version: string; connections: number; bytesIn: number; bytesOut: number }>();
+  for (const line of metrics.split('\n')) {
+    const m = /^(istio_tcp_connections_opened_total|istio_tcp_received_bytes_total|istio_tcp_sent_bytes_total)\{(.*)\} (\S+)$/.exec(line);
+    if (!m) continue;
+    const labels = Object.fromEntries([...(m[2] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1], x[2]]));
+    if (labels['reporter'] !== 'destination') continue;
+    const key = `${labels['destination_service']}|${labels['destination_workload']}|${labels['destination_version']}`;
+    const row = rows.get(key) ?? { service: labels['destination_service'] ?? '', workload: labels['destination_workload'] ?? '', version: labels['destination_version'] ?? '', connections: 0, bytesIn: 0, bytesOut: 0 };
+    const value = Number(m[3]);
+    if (m[1] === 'istio_tcp_connections_opened_total') row.connections += value;
+    else if (m[1] === 'istio_tcp_received_bytes_total') row.bytesIn += value;
+    else row.bytesOut += value;
+    rows.set(key, row);
+  }
+  return [...rows.values()].sort((a, b) => (a.service + a.version < b.service + b.version ? -1 : 1));
+}
+
+export async function up(options: UpOptions, progress: Progress, write: (text: string) => void): Promise<number> {
   progress('checking the machine (root, kernel, cgroup v2, bpffs, bpf())');
   await preflight(probeBpf);
+  for (const [what, port] of Object.entries(PORTS)) {
+    if (!(await portFree(port))) {
+      throw new NodemeshError('NM_ERR_DEMO', `port ${port} (${what}) on 127.0.0.1 is taken: is a nodemesh agent or control plane already running?`, { context: { detail: String(port) }, hint: 'stop it (or the earlier demo) and run the demo again' });
+    }
+  }
   const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
-  const cleanups: Array<() => Promise<void>> = [];
-  const relayed: RelayedConnection[] = [];
+  const work = await mkdtemp(join(tmpdir(), 'nodemesh-demo-'));
+  const cleanups: Array<() => Promise<unknown>> = [async () => rm(work, { recursive: true, force: true })];
   let cleaning: Promise<void> | undefined;
   const cleanUp = (): Promise<void> =>
     (cleaning ??= (async () => {
-      progress('cleaning up (relay, programs, pods, routes)');
+      progress('cleaning up (load, agent, control plane, pods, routes, pins)');
       for (const c of cleanups.reverse()) await c().catch((e: unknown) => write(`cleanup: ${(e as Error).message}\n`));
     })());
-  // Ctrl-C during the demo still removes everything it made.
-  const onSignal = (): void => void cleanUp().then(() => process.exit(130));
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  let interrupted = false;
+  let loadgen: ChildProcess | undefined;
+  // Ctrl-C ends the load; the summary is printed, then everything is removed.
+  const onSignal = (): void => {
+    if (interrupted) return;
+    interrupted = true;
+    progress('stopping (Ctrl-C): summary, then clean-up');
+    loadgen?.kill('SIGTERM');
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const start = (name: string, args: string[]): { child: ChildProcess; log: string } => {
+    const log = join(work, `${name}.log`);
+    const out = openSync(log, 'w');
+    // Its own process group: Ctrl-C in the terminal reaches the demo, which first reads the
+    // agent's metrics for the summary and then stops these itself.
+    const child = spawn(process.execPath, [join(PACKAGE_ROOT, 'bin', 'nodemesh.js'), ...args], { stdio: ['ignore', out, out], detached: true, env: { ...process.env, NODEMESH_LOG_LEVEL: 'info' } });
+    closeSync(out);
+    cleanups.push(async () => {
+      if (child.exitCode === null && child.signalCode === null) {
+        const exited = new Promise((r) => child.once('exit', r));
+        child.kill('SIGTERM');
+        await exited;
+      }
+    });
+    return { child, log };
+  };
   try {
     for (const stale of (await runtime.list()).filter((p) => p.namespace === NAMESPACE)) {
       progress(`removing pod ${stale.name} left by an earlier demo`);
       await runtime.remove(stale, 1000);
     }
     const holes: Blackhole[] = [];
-    for (const s of SERVICES) holes.push(await holdBlackhole(s.address));
     cleanups.push(async () => {
       for (const h of holes) await h.release();
     });
+    for (const t of TARGETS) holes.push(await holdBlackhole(t.replace(/^\[?([^\]]+?)\]?:\d+$/, '$1')));
 
-    progress('creating pod demo-server (echo server on :8080)');
-    const serverSpec = validatePodSpec({ name: 'demo-server', namespace: NAMESPACE, labels: ['app=echo'], command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(SERVER_PORT)] });
-    const serverRecord = await runtime.create(serverSpec, { detached: true });
-    cleanups.push(() => runtime.remove(serverRecord, 1000));
-    await runtime.start(serverRecord);
-    await waitForListener(serverRecord.ip4, SERVER_PORT, 10_000);
+    progress(`starting the control plane on ${EXAMPLES} (gRPC 127.0.0.1:${PORTS.grpc}, HTTP :${PORTS.cpHttp})`);
+    const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen', `127.0.0.1:${PORTS.grpc}`, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
+    await waitHttp(`http://127.0.0.1:${PORTS.cpHttp}/healthz/ready`, 15_000, 'the control plane', cp.child, cp.log);
 
-    progress('creating pod demo-client');
-    const clientSpec = validatePodSpec({ name: 'demo-client', namespace: NAMESPACE, labels: ['app=client'], command: ['sleep', 'infinity'] });
-    const client = await runtime.create(clientSpec, { detached: true });
-    cleanups.push(() => runtime.remove(client, 1000));
+    const node = hostname();
+    progress(`starting the node agent of ${node} (metrics :${PORTS.metrics}, admin :${PORTS.admin})`);
+    cleanups.push(() => rm(PIN_ROOT.replace(/\/v1$/, ''), { recursive: true, force: true }));
+    const agent = start('agent', ['agent', '--control-plane', `127.0.0.1:${PORTS.grpc}`, '--node', node, '--bpf-root', PIN_ROOT, '--metrics', `127.0.0.1:${PORTS.metrics}`, '--ready', `127.0.0.1:${PORTS.ready}`, '--admin', `127.0.0.1:${PORTS.admin}`]);
+    await waitHttp(`http://127.0.0.1:${PORTS.ready}/healthz/ready`, 15_000, 'the agent', agent.child, agent.log);
 
-    progress('loading the capture programs and attaching them to demo-client');
-    const capture = await OutboundCapture.load();
-    cleanups.push(async () => capture.close());
-    const attached: CgroupCapture = await capture.attach(client.cgroupPath);
-    cleanups.push(async () => attached.detach());
-
-    const relay = new CaptureRelay({
-      capture,
-      pod: { name: client.name, namespace: client.namespace, netnsPath: client.netnsPath },
-      route: (orig) => ({ host: orig.family === 4 ? serverRecord.ip4 : serverRecord.ip6, port: SERVER_PORT }),
-      onConnection: (c) => relayed.push(c),
-    });
-    await relay.start();
-    cleanups.push(() => relay.close());
-
-    const rows: string[][] = [];
-    for (const s of SERVICES) {
-      const service: SocketAddress = { family: familyOf(s.address), address: s.address, port: s.port };
-      progress(`demo-client dials ${formatHostPort(s.address, s.port)}`);
-      const result = await dialFromPod(runtime, client, service);
-      await sleep(50);
-      const conn = relayed.shift();
-      rows.push([
-        formatHostPort(s.address, s.port),
-        conn?.original ? formatHostPort(conn.original.address, conn.original.port) : '-',
-        conn?.upstream ? formatHostPort(conn.upstream.host, conn.upstream.port) : '-',
-        `${result.sent}/${result.received}`,
-        result.intact ? 'yes' : `no${result.error ? ` (${result.error})` : ''}`,
-        result.connectMs === undefined ? '-' : result.connectMs.toFixed(2),
-        result.totalMs.toFixed(2),
-      ]);
+    const pods: PodRecord[] = [];
+    for (const w of WORKLOADS) {
+      progress(`creating pod ${NAMESPACE}/${w.name} (${w.labels.join(', ')}; echo server on :${APP_PORT})`);
+      const spec = validatePodSpec({ name: w.name, namespace: NAMESPACE, serviceAccount: w.name.replace(/-v\d$/, ''), labels: w.labels, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(APP_PORT)] });
+      const record = await runtime.create(spec, { detached: true });
+      cleanups.push(() => runtime.remove(record, 1000));
+      const { record: running } = await runtime.start(record);
+      await waitForListener(running.ip4, APP_PORT, 10_000);
+      pods.push(running);
     }
-    write('\n' + table(['DIALED', 'ORIGINAL DST (BPF MAP)', 'RELAYED TO (demo-server)', 'BYTES SENT/ECHOED', 'INTACT', 'CONNECT MS', 'TOTAL MS'], rows));
-    const pending = capture.pending();
-    write(`capture maps after the run: ${pending.connecting} connecting, ${pending.established} established-unread entries\n`);
-    return rows.every((r) => r[4] === 'yes') ? 0 : 1;
+    progress(`creating pod ${NAMESPACE}/loadgen`);
+    const loadSpec = validatePodSpec({ name: 'loadgen', namespace: NAMESPACE, serviceAccount: 'loadgen', labels: ['app=loadgen'], command: ['sleep', 'infinity'] });
+    const loadRecord = await runtime.create(loadSpec, { detached: true });
+    cleanups.push(() => runtime.remove(loadRecord, 1000));
+    const { record: loadPod } = await runtime.start(loadRecord);
+
+    progress('waiting for the agent to enroll and verify every pod');
+    for (let i = 0; ; i++) {
+      const body = (await fetch(`http://127.0.0.1:${PORTS.admin}/pods`).then((r) => r.json()).catch(() => ({ pods: [] }))) as { pods: Array<{ namespace: string; verified: boolean }> };
+      const mine = body.pods.filter((p) => p.namespace === NAMESPACE);
+      if (mine.length === WORKLOADS.length + 1 && mine.every((p) => p.verified)) break;
+      if (i > 150) throw new NodemeshError('NM_ERR_DEMO', `the agent verified ${mine.filter((p) => p.verified).length} of ${WORKLOADS.length + 1} pods within 30 s`, { context: { path: agent.log }, hint: `read ${agent.log}` });
+      await sleep(200);
+    }
+
+    write(
+      [
+        '',
+        'the mesh is up. Look at:',
+        `  http://127.0.0.1:${PORTS.metrics}/metrics          the node's Prometheus metrics (istio_tcp_*, nodemesh_*)`,
+        `  http://127.0.0.1:${PORTS.admin}/pods  /config   the agent's enrolled pods and routing tables`,
+        `  http://127.0.0.1:${PORTS.cpHttp}/debug/nodes     every node and its config version`,
+        `  http://127.0.0.1:${PORTS.cpHttp}/debug/snapshot?node=${node}`,
+        '  nodemesh status    nodemesh status --control-plane 127.0.0.1:15014',
+        `  edit ${EXAMPLES}/*.yaml: the agent applies it within a second`,
+        `  logs: ${work}/{control-plane,agent}.log`,
+        '',
+      ].join('\n') + '\n',
+    );
+    const duration = options.durationMs ?? 24 * 3600_000;
+    progress(`loadgen calls ${TARGETS.join(', ')} at ${options.rate}/s each ${options.durationMs === undefined ? 'until Ctrl-C' : `for ${duration / 1000} s`}`);
+    loadgen = runtime.exec(loadPod, [process.execPath, CLI_ENTRY, 'debug', 'load', ...TARGETS, '--rate', String(options.rate), '--duration', String(duration)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let output = '';
+    loadgen.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+    const done = new Promise((resolve) => loadgen?.once('close', resolve));
+    const t0 = Date.now();
+    const ticker = setInterval(() => {
+      void fetch(`http://127.0.0.1:${PORTS.metrics}/metrics`)
+        .then((r) => r.text())
+        .then((m) => progress(`${Math.round((Date.now() - t0) / 1000)} s: ${requestsByEndpoint(m).reduce((n, r) => n + r.connections, 0)} requests served`))
+        .catch(() => undefined);
+    }, 5000);
+    await done;
+    clearInterval(ticker);
+    const result = JSON.parse(output.trim().split('\n').pop() ?? '{}') as LoadResult;
+    const metrics = await fetch(`http://127.0.0.1:${PORTS.metrics}/metrics`)
+      .then((r) => r.text())
+      .catch((e: unknown) => {
+        write(`the agent's metrics could not be read (${(e as Error).message}); see ${agent.log}\n`);
+        return '';
+      });
+    const rows = requestsByEndpoint(metrics);
+    write(
+      '\nrequests per Service and endpoint (the agent\'s metrics, reporter="destination"):\n' +
+        table(
+          ['SERVICE', 'WORKLOAD', 'VERSION', 'REQUESTS', 'BYTES IN', 'BYTES OUT'],
+          rows.map((r) => [r.service, r.workload, r.version, String(r.connections), String(r.bytesIn), String(r.bytesOut)]),
+        ),
+    );
+    const targets = Object.entries(result.targets ?? {});
+    write(
+      `\nwhat loadgen saw in ${(result.seconds ?? 0).toFixed(1)} s:\n` +
+        table(
+          ['TARGET', 'OK', 'FAILED', 'ERRORS'],
+          targets.map(([t, c]) => [t, String(c.ok), String(c.failed), Object.entries(c.errors).map(([e, n]) => `${e}: ${n}`).join(', ') || '-']),
+        ),
+    );
+    const ok = targets.length === TARGETS.length && targets.every(([, c]) => c.ok > 0 && c.failed === 0) && rows.length >= 4;
+    return ok ? 0 : 1;
   } finally {
     await cleanUp();
     process.off('SIGINT', onSignal);

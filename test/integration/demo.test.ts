@@ -1,0 +1,39 @@
+/**
+ * `nodemesh up` (what `npm run demo` runs) end to end: control plane on examples/mesh, an agent,
+ * the example's pods and traffic through the mesh; the summary counts requests per Service and
+ * version, and nothing the demo made is left.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { test } from 'node:test';
+
+import { ip } from '../../src/runtime/exec.js';
+import { CLI_ENTRY } from '../../src/shared/paths.js';
+import { collect, createSandbox } from '../support/sandbox.js';
+
+test('demo: the example mesh serves every Service, both versions of reviews, and cleans up', async (t) => {
+  const sb = await createSandbox(t);
+  const child = spawn(process.execPath, [CLI_ENTRY, 'up', '--duration', '4s', '--rate', '5'], { env: sb.env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const { code, stdout, stderr } = await collect(child);
+  assert.equal(code, 0, `demo failed:\n${stdout}\n${stderr}`);
+  const rows = stdout.split('\n').filter((l) => /\.shop\.svc\.cluster\.local/.test(l)).map((l) => l.split(/\s+/));
+  assert.deepEqual(
+    rows.map((r) => [r[0], r[2]]),
+    [
+      ['frontend.shop.svc.cluster.local', 'v1'],
+      ['ratings.shop.svc.cluster.local', 'v1'],
+      ['reviews.shop.svc.cluster.local', 'v1'],
+      ['reviews.shop.svc.cluster.local', 'v2'],
+    ],
+  );
+  for (const r of rows) assert.ok(Number(r[3]) > 0, `${r[0]} ${r[2]} got requests`);
+  // frontend is dual-stack and called on both addresses: twice the requests of ratings.
+  const requests = (svc: string): number => rows.filter((r) => r[0] === svc).reduce((n, r) => n + Number(r[3]), 0);
+  assert.ok(requests('frontend.shop.svc.cluster.local') > requests('ratings.shop.svc.cluster.local'));
+  assert.match(stdout, /what loadgen saw/);
+  assert.doesNotMatch(stdout.split('what loadgen saw')[1] ?? '', /\s[1-9]\d*\s+\S+: /, 'loadgen saw no failures');
+  assert.deepEqual(await sb.runtime.list(), [], 'no pod left');
+  assert.equal(existsSync('/sys/fs/bpf/nodemesh-demo'), false, 'no pins left');
+  assert.doesNotMatch((await ip('route', 'show')).stdout, /10\.96\.100\./, 'no blackhole route left');
+});
