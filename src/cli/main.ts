@@ -58,6 +58,12 @@ function parseDurationOption(value: string, field: string): number {
   return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h'];
 }
 
+function parseRate(value: string, max: number): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0 || n > max) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${value}" must be more than 0 and at most ${max} requests per second`, { context: { field: 'rate' } });
+  return n;
+}
+
 function parsePort(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 65535) {
@@ -149,8 +155,7 @@ program
   .option('--duration <time>', 'stop after this long (e.g. 30s, 2m); default: until Ctrl-C')
   .option('--rate <n>', 'requests per second to each Service address', '10')
   .action(async (opts: { duration?: string; rate: string }) => {
-    const rate = Number(opts.rate);
-    if (!Number.isFinite(rate) || rate <= 0 || rate > 200) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${opts.rate}" must be 1-200 requests per second`, { context: { field: 'rate' } });
+    const rate = parseRate(opts.rate, 200);
     const { up } = await import('./up.js');
     process.exitCode = await up({ durationMs: opts.duration === undefined ? undefined : parseDurationOption(opts.duration, 'duration'), rate }, progress, out);
   });
@@ -322,8 +327,7 @@ debug
   .option('--duration <ms>', 'how long (or until SIGTERM)', '3600000')
   .action(async (targets: string[], opts: { rate: string; duration: string }) => {
     const { load } = await import('./debug-tools.js');
-    const rate = Number(opts.rate);
-    if (!Number.isFinite(rate) || rate <= 0 || rate > 1000) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${opts.rate}" must be 1-1000 requests per second`, { context: { field: 'rate' } });
+    const rate = parseRate(opts.rate, 1000);
     const parsed = targets.map((t) => parseHostPort(t, 'targets', invalid('targets')));
     out(JSON.stringify(await load(parsed, rate, parseMilliseconds(opts.duration, 'duration'))) + '\n');
   });
