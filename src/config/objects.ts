@@ -45,7 +45,13 @@ export function parseObject(origin: string, obj: Record<string, unknown>): { obj
     if (kind === 'v1/Service') return { object: { id, service: parseService(obj) } };
     if (kind === TRAFFIC_POLICY) return { object: { id, policy: parseTrafficPolicy(obj) } };
     const known = schemas().has(String(obj['apiVersion']), String(obj['kind']));
-    return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is ${known ? 'not used by this agent yet' : 'not a supported kind'} (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY})` } };
+    if (known) {
+      // A kind nodemesh defines but does not enforce yet (AuthorizationPolicy, PeerAuthentication):
+      // checked against its schema, then refused, loudly, so that no one believes it protects anything.
+      schemas().validate(String(obj['apiVersion']), String(obj['kind']), obj);
+      return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is valid but not enforced by this version of nodemesh: refused, so that nothing relies on it` } };
+    }
+    return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is not a supported kind (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY})` } };
   } catch (e) {
     if (!(e instanceof ObjectInvalid)) throw e;
     return { issue: { file: origin, object: id, field: e.field, message: e.message } };

@@ -33,7 +33,7 @@ export interface RejectedObject extends ConfigIssue {
 }
 
 /** Kinds counted in metrics: the config kinds plus "yaml" for documents that do not parse. */
-export const CONFIG_KINDS = ['Service', 'TrafficPolicy', 'Namespace', 'ConfigMap', 'yaml'] as const;
+export const CONFIG_KINDS = ['Service', 'TrafficPolicy', 'Namespace', 'ConfigMap', 'AuthorizationPolicy', 'PeerAuthentication', 'yaml', 'other'] as const;
 
 export interface ConfigStoreEvents {
   /** After every read: the config now served and what was rejected. */
@@ -174,6 +174,9 @@ export function recordRejections(rejected: ReadonlyArray<RejectedObject>, errors
 }
 
 /** The metrics kind of a rejected object: its Kind, or "yaml" for a document that did not parse. */
-export function rejectedKind(issue: Pick<ConfigIssue, 'object'>): string {
-  return issue.object.startsWith('document ') ? 'yaml' : (issue.object.split(' ')[0] ?? 'unknown');
+export function rejectedKind(issue: Pick<ConfigIssue, 'object'>): (typeof CONFIG_KINDS)[number] {
+  if (issue.object.startsWith('document ')) return 'yaml';
+  const kind = issue.object.split(' ')[0] ?? '';
+  // A bounded label: any kind nodemesh does not know is "other" (the log names it).
+  return (CONFIG_KINDS as ReadonlyArray<string>).includes(kind) ? (kind as (typeof CONFIG_KINDS)[number]) : 'other';
 }

@@ -38,6 +38,8 @@ export interface FakeKubeApi {
   cutNextEvent(): void;
   /** Raw bytes on every open watch of a resource (a garbled line). */
   sendRaw(path: string, text: string): void;
+  /** Answer 404 for this collection, as an API server without the CRD does. */
+  notServed(path: string): void;
   /** While set, new watches are answered 503. */
   refuseWatches(on: boolean): void;
   openWatches(): number;
@@ -54,6 +56,7 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
   let compactedTo = 0;
   let cutNext = false;
   let refusing = false;
+  const unserved = new Set<string>();
   const resource = (path: string): Resource => {
     let r = resources.get(path);
     if (!r) {
@@ -95,6 +98,10 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
       return;
     }
     const url = new URL(req.url ?? '/', 'http://x');
+    if (unserved.has(url.pathname)) {
+      res.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ kind: 'Status', code: 404, reason: 'NotFound', message: 'the server could not find the requested resource' }));
+      return;
+    }
     const r = resource(url.pathname);
     const field = url.searchParams.get('fieldSelector');
     const nameIs = field?.startsWith('metadata.name=') ? field.slice('metadata.name='.length) : undefined;
@@ -161,6 +168,9 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     },
     sendRaw(path, text) {
       for (const w of resource(path).watches) w.write(text);
+    },
+    notServed(path) {
+      unserved.add(path);
     },
     refuseWatches(on) {
       refusing = on;

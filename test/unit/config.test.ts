@@ -8,6 +8,7 @@ import { keepLastGood } from '../../src/config/last-good.js';
 import { parseDuration } from '../../src/config/schemas.js';
 import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
 import { ObjectInvalid, exportedTo, parseService } from '../../src/config/service.js';
+import { parseObject } from '../../src/config/objects.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
@@ -192,6 +193,36 @@ test('TrafficPolicy is validated against its CRD schema, naming the field', () =
   }
   assert.equal(parseDuration('250ms', 'f'), 250);
   assert.throws(() => parseDuration('5', 'f'), ObjectInvalid);
+});
+
+test('AuthorizationPolicy and PeerAuthentication: checked against their CRD schemas (Istio\'s), then refused as not enforced', () => {
+  const AP = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'allow-web', namespace: 'shop' }, spec });
+  const PA = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', metadata: { name: 'strict', namespace: 'shop' }, spec });
+  const issue = (doc: Record<string, unknown>): { field: string; message: string } => {
+    const r = parseObject('f.yaml', doc);
+    assert.ok('issue' in r, 'never accepted while not enforced');
+    return r.issue;
+  };
+  // Istio's own example policy, with only apiVersion changed, is valid.
+  const valid = issue(
+    AP({
+      selector: { matchLabels: { app: 'web' } },
+      action: 'ALLOW',
+      rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/frontend'], notNamespaces: ['dev'] } }], to: [{ operation: { ports: ['8080'], methods: ['GET'] } }], when: [{ key: 'source.ip', values: ['10.0.0.0/8'] }] }],
+    }),
+  );
+  assert.equal(valid.field, 'kind');
+  assert.match(valid.message, /valid but not enforced/);
+  assert.match(issue(PA({ selector: { matchLabels: { app: 'web' } }, mtls: { mode: 'STRICT' }, portLevelMtls: { '8080': { mode: 'PERMISSIVE' } } })).message, /valid but not enforced/);
+  const bad: Array<[Record<string, unknown>, string]> = [
+    [AP({ action: 'PERMIT' }), 'spec.action'],
+    [AP({ rules: [{ from: [{ source: { principal: ['x'] } }] }] }), 'spec.rules[0].from[0].source.principal'],
+    [AP({ rules: [{ when: [{ values: ['x'] }] }] }), 'spec.rules[0].when[0].key'],
+    [AP({ targetRefs: [{ name: 'web' }] }), 'spec.targetRefs[0].kind'],
+    [PA({ mtls: { mode: 'strict' } }), 'spec.mtls.mode'],
+    [PA({ portLevelMtls: { '8080': { mode: 'ON' } } }), 'spec.portLevelMtls[8080].mode'],
+  ];
+  for (const [doc, field] of bad) assert.equal(issue(doc).field, field, field);
 });
 
 test('snapshot: the first TrafficPolicy by name wins a Service; conflicts and missing targets are warnings', () => {

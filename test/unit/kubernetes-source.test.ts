@@ -56,6 +56,10 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   api.put(PODS, pod('web-1', 'web', 'node-a', '10.200.0.5'));
   api.put(PODS, pod('web-2', 'web', 'node-a', '10.200.0.6', false)); // not ready: no endpoint
   api.put(PODS, pod('client', 'client', 'node-b', '10.200.0.7'));
+  // No PeerAuthentication CRD on this cluster: that resource is empty, the rest is served.
+  api.notServed('/apis/security.nodemesh.io/v1/peerauthentications');
+  // An AuthorizationPolicy nodemesh does not enforce yet: refused and named, never silently ignored.
+  api.put('/apis/security.nodemesh.io/v1/authorizationpolicies', { apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-all', namespace: 'shop' }, spec: {} });
 
   const http = await freePort();
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
@@ -86,9 +90,13 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   // last good version keeps serving, the error names object and field.
   api.put(SERVICES, service('web', 9090, { selectr: { app: 'web' } }));
   await waitFor(async () => metricValue(await metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'Service' }) === 1, 5000, 'web rejected');
+  assert.equal(metricValue(await metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'AuthorizationPolicy' }), 1);
   assert.equal(serviceOf('web')?.ports[0]?.port, 8080, 'the last good web keeps serving');
   const debug = (await (await fetch(`http://127.0.0.1:${http}/debug/snapshot?node=node-b`)).json()) as { configErrors: Array<{ object: string; field: string; file: string; keptLastGood: boolean }> };
-  assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field, e.keptLastGood]), [['kubernetes:services', 'Service shop/web', 'spec.selectr', true]]);
+  assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field, e.keptLastGood]), [
+    ['kubernetes:services', 'Service shop/web', 'spec.selectr', true],
+    ['kubernetes:authorizationpolicies', 'AuthorizationPolicy shop/deny-all', 'kind', false],
+  ]);
   api.put(SERVICES, service('web', 8080));
 
   // Bookmarks move the version on; a watch cut in the middle of an event resumes from the last

@@ -20,6 +20,8 @@ const DEBOUNCE_MS = 20;
 
 interface ConfigResource {
   readonly resource: string;
+  /** Defined by a CRD that may not be installed (see ReflectorOptions.optional). */
+  readonly optional?: boolean;
   readonly path: string;
   /** List items carry no apiVersion/kind; the parser needs them. */
   readonly apiVersion: string;
@@ -30,7 +32,10 @@ const CONFIG_RESOURCES: ReadonlyArray<ConfigResource> = [
   { resource: 'namespaces', path: '/api/v1/namespaces', apiVersion: 'v1', kind: 'Namespace' },
   { resource: 'configmaps', path: `/api/v1/configmaps?fieldSelector=metadata.name%3D${MESH_CONFIG_NAME}`, apiVersion: 'v1', kind: 'ConfigMap' },
   { resource: 'services', path: '/api/v1/services', apiVersion: 'v1', kind: 'Service' },
-  { resource: 'trafficpolicies', path: `/apis/${TRAFFIC_POLICY_API}/trafficpolicies`, apiVersion: TRAFFIC_POLICY_API, kind: 'TrafficPolicy' },
+  { resource: 'trafficpolicies', path: `/apis/${TRAFFIC_POLICY_API}/trafficpolicies`, apiVersion: TRAFFIC_POLICY_API, kind: 'TrafficPolicy', optional: true },
+  // Not enforced yet: watched so that each one is reported (refused), never silently ignored.
+  { resource: 'authorizationpolicies', path: '/apis/security.nodemesh.io/v1/authorizationpolicies', apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', optional: true },
+  { resource: 'peerauthentications', path: '/apis/security.nodemesh.io/v1/peerauthentications', apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', optional: true },
 ];
 
 /** Pods that are the mesh's workloads, by node, from the API (instead of the agents' reports). */
@@ -64,7 +69,7 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     };
     this.invalidPods = new Counter({ name: 'nodemesh_cp_kube_pods_skipped_total', help: 'Pod objects from the API that could not be read as workloads, by reason', labelNames: ['reason'], registers });
     const timeout = options.watchTimeoutSeconds === undefined ? {} : { watchTimeoutSeconds: options.watchTimeoutSeconds };
-    this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, ...timeout }, metrics, () => this.configChanged()) }));
+    this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, optional: spec.optional === true, ...timeout }, metrics, () => this.configChanged()) }));
     this.pods = new Reflector(this.api, { resource: 'pods', path: '/api/v1/pods', ...timeout }, metrics, () => this.podsChanged());
     for (const { reflector } of this.config) reflector.start();
     this.pods.start();

@@ -26,7 +26,14 @@ export interface ReflectorOptions {
   readonly path: string;
   /** Server-side watch timeout; a random value around it spreads the re-watches of many resources. */
   readonly watchTimeoutSeconds?: number;
+  /**
+   * A custom resource whose CRD may not be installed: 404 counts as "no objects" (synced, so the
+   * rest of the config is served) and the list is tried again every OPTIONAL_RETRY_MS.
+   */
+  readonly optional?: boolean;
 }
+
+const OPTIONAL_RETRY_MS = 30_000;
 
 export class Reflector {
   private readonly objects = new Map<string, KubeObject>();
@@ -85,6 +92,19 @@ export class Reflector {
         if (err.expired) {
           log.info({ resource: this.resource, resourceVersion: this.resourceVersion }, 'watch version too old (410 Gone); listing again');
           relist = 'expired';
+          continue;
+        }
+        if (err.status === 404 && this.options.optional) {
+          if (!this.synced || this.objects.size > 0) {
+            log.warn({ resource: this.resource, path: this.options.path }, 'the API server does not serve this resource (CRD not installed?): no objects of it until it does');
+            this.objects.clear();
+            this.synced = true;
+            this.onChange();
+          }
+          relist = 'retry';
+          await new Promise<void>((resolve) => {
+            this.timer = setTimeout(resolve, OPTIONAL_RETRY_MS);
+          });
           continue;
         }
         this.metrics.errors.inc({ resource: this.resource, reason: errorReason(err) });
