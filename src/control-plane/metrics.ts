@@ -10,6 +10,7 @@ export class ControlPlaneMetrics {
   readonly configErrors: Counter<'kind'>;
   readonly configRejected: Gauge<'kind'>;
   readonly configObjects: Gauge<'kind'>;
+  readonly configWarnings: Gauge;
   readonly streamErrors: Counter<'reason'>;
   readonly configVersion: Gauge;
 
@@ -27,6 +28,7 @@ export class ControlPlaneMetrics {
     this.configErrors = new Counter({ name: 'nodemesh_cp_config_errors_total', help: 'Config object rejections, counted at every read, by kind', labelNames: ['kind'], registers });
     this.configRejected = new Gauge({ name: 'nodemesh_cp_config_rejected_objects', help: 'Config objects rejected by the last read, by kind', labelNames: ['kind'], registers });
     this.configObjects = new Gauge({ name: 'nodemesh_cp_config_objects', help: 'Config objects served, by kind', labelNames: ['kind'], registers });
+    this.configWarnings = new Gauge({ name: 'nodemesh_cp_config_warnings', help: 'Valid config objects that do not fit the rest (e.g. a TrafficPolicy for a missing Service), from the last read', registers });
     this.streamErrors = new Counter({ name: 'nodemesh_cp_stream_errors_total', help: 'Discovery streams ended by an error, by reason', labelNames: ['reason'], registers });
     this.configVersion = new Gauge({ name: 'nodemesh_cp_config_version', help: 'The current config version (unix ms based, monotonic)', registers });
     collectDefaultMetrics({ register: this.registry, prefix: 'nodemesh_cp_' });

@@ -16,7 +16,7 @@ import type { Server as HttpServer } from 'node:http';
 import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
 
 import { json, serveHttp, type HostPort } from '../agent/http.js';
-import { SelectorIndex } from '../config/snapshot.js';
+import { MeshSnapshot, SelectorIndex, type SnapshotWarning } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
@@ -108,6 +108,7 @@ export class ControlPlane {
   private podsByNode = new Map<string, ReadonlyArray<WireWorkload>>();
   /** Pods come from the config source (the Kubernetes API); agents' reports are then not used. */
   private podsFromSource = false;
+  private warnings: ReadonlyArray<SnapshotWarning> = [];
   /** What each node last acknowledged, kept across reconnects (for status). */
   private readonly acked = new Map<string, number>();
   private version = 0;
@@ -180,7 +181,7 @@ export class ControlPlane {
         '/debug/snapshot': async (req) => {
           const node = new URL(req.url ?? '/', 'http://x').searchParams.get('node');
           if (!node) return json({ error: 'add ?node=NAME (GET /debug/nodes lists them)' }, 400);
-          return json({ node, version: cp.version, snapshot: cp.snapshotFor(node), status: cp.nodes().find((n) => n.node === node), configErrors: cp.store.lastRejected() });
+          return json({ node, version: cp.version, snapshot: cp.snapshotFor(node), status: cp.nodes().find((n) => n.node === node), configErrors: cp.store.lastRejected(), configWarnings: cp.warnings });
         },
       });
     } catch (e) {
@@ -336,6 +337,11 @@ export class ControlPlane {
     this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
     this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
     this.metrics.configObjects.set({ kind: 'Namespace' }, config.namespaces.size);
+    // Valid objects that do not fit the rest (a policy for a Service that does not exist yet):
+    // served, and shown, as every agent will show them.
+    this.warnings = new MeshSnapshot(0, config.services, [], config.trafficPolicies).warnings;
+    this.metrics.configWarnings.set(this.warnings.length);
+    for (const w of this.warnings) log.warn({ object: w.object }, `config warning: ${w.message}`);
     this.changed();
   }
 
