@@ -208,6 +208,7 @@ export class NodeAgent {
         targetPort: t.port.targetPort,
         policy: t.policy,
         endpoints: t.endpoints.map((e) => ({ pod: `${e.workload.namespace}/${e.workload.name}`, ip4: e.workload.ip4, ip6: e.workload.ip6, port: e.port, ...this.proxy.endpointState(e) })),
+        ...(t.split ? { route: t.route, split: t.split.map((b) => ({ backend: b.target.key, weight: b.weight })) } : {}),
       })),
     };
   }
@@ -242,6 +243,8 @@ export class NodeAgent {
     this.config = config;
     this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
     this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
+    this.metrics.configObjects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
+    this.metrics.configObjects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
     const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();
@@ -256,16 +259,16 @@ export class NodeAgent {
    * node's pods as the agent sees them now (a new pod routes before the control plane echoes it).
    */
   private publish(): void {
-    const { services, trafficPolicies } = this.config;
+    const { services, trafficPolicies, routes } = this.config;
     if (this.remote) {
       const local = new Set(this.pods.map((p) => p.uid));
       const workloads = [...this.remote.workloads.filter((w) => !local.has(w.uid)), ...this.pods];
       this.version = this.remote.version;
-      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies));
+      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies, routes));
       return;
     }
     this.version++;
-    this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.pods, trafficPolicies));
+    this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.pods, trafficPolicies, routes));
   }
 
   /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */

@@ -30,6 +30,8 @@ const NAMESPACE = 'shop';
 const APP_PORT = 8080;
 /** The example's Services (examples/mesh/*.yaml): what loadgen calls. */
 const TARGETS = ['10.96.100.10:80', '[fd00:96::100:10]:80', '10.96.100.11:80', '10.96.100.12:80'];
+/** Addresses the example has besides the targets (reviews' versions): held as blackholes too. */
+const OTHER_ADDRESSES = ['10.96.100.21', '10.96.100.22'];
 const PORTS = { grpc: 15010, cpHttp: 15014, metrics: 15020, ready: 15021, admin: 15000 } as const;
 /** The demo's agent pins under its own folder, so a real agent's pins are never touched. */
 const PIN_ROOT = '/sys/fs/bpf/nodemesh-demo/v1';
@@ -142,7 +144,7 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
     cleanups.push(async () => {
       for (const h of holes) await h.release();
     });
-    for (const t of TARGETS) holes.push(await holdBlackhole(t.replace(/^\[?([^\]]+?)\]?:\d+$/, '$1')));
+    for (const a of [...TARGETS.map((t) => t.replace(/^\[?([^\]]+?)\]?:\d+$/, '$1')), ...OTHER_ADDRESSES]) holes.push(await holdBlackhole(a));
 
     progress(`starting the control plane on ${EXAMPLES} (gRPC 127.0.0.1:${PORTS.grpc}, HTTP :${PORTS.cpHttp})`);
     const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen', `127.0.0.1:${PORTS.grpc}`, '--http', `127.0.0.1:${PORTS.cpHttp}`]);

@@ -7,6 +7,7 @@
 import { MESH_CONFIG_NAME, parseMeshConfig, parseNamespace, type MeshSettings, type Namespace } from './mesh.js';
 import { schemas } from './schemas.js';
 import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
+import { GATEWAY_API, ROUTE_KINDS, parseRoute, type ServiceRoute } from './route.js';
 import { TRAFFIC_POLICY_API, parseTrafficPolicy, type TrafficPolicy } from './traffic-policy.js';
 
 const TRAFFIC_POLICY = `${TRAFFIC_POLICY_API}/TrafficPolicy`;
@@ -14,6 +15,7 @@ const TRAFFIC_POLICY = `${TRAFFIC_POLICY_API}/TrafficPolicy`;
 export interface ConfigObjects {
   readonly services: ReadonlyArray<Service>;
   readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
+  readonly routes: ReadonlyArray<ServiceRoute>;
   readonly namespaces: ReadonlyArray<Namespace>;
   /** From the `nodemesh` ConfigMap, if there is one (and it is valid). */
   readonly mesh: MeshSettings | undefined;
@@ -23,7 +25,13 @@ export interface ConfigObjects {
 }
 
 
-export type ConfigObject = { readonly id: string } & ({ readonly service: Service } | { readonly policy: TrafficPolicy } | { readonly namespace: Namespace } | { readonly mesh: MeshSettings });
+export type ConfigObject = { readonly id: string } & (
+  | { readonly service: Service }
+  | { readonly policy: TrafficPolicy }
+  | { readonly route: ServiceRoute }
+  | { readonly namespace: Namespace }
+  | { readonly mesh: MeshSettings }
+);
 
 /** What one origin (a file, a watched resource) holds, before the objects of all origins are merged. */
 export interface FileContents {
@@ -44,6 +52,7 @@ export function parseObject(origin: string, obj: Record<string, unknown>): { obj
     if (kind === 'v1/ConfigMap') return { object: meta?.name === MESH_CONFIG_NAME ? { id, mesh: parseMeshConfig(obj) } : undefined };
     if (kind === 'v1/Service') return { object: { id, service: parseService(obj) } };
     if (kind === TRAFFIC_POLICY) return { object: { id, policy: parseTrafficPolicy(obj) } };
+    if (obj['apiVersion'] === GATEWAY_API && (ROUTE_KINDS as ReadonlyArray<unknown>).includes(obj['kind'])) return { object: { id, route: parseRoute(obj) } };
     const known = schemas().has(String(obj['apiVersion']), String(obj['kind']));
     if (known) {
       // A kind nodemesh defines but does not enforce yet (AuthorizationPolicy, PeerAuthentication):
@@ -51,7 +60,7 @@ export function parseObject(origin: string, obj: Record<string, unknown>): { obj
       schemas().validate(String(obj['apiVersion']), String(obj['kind']), obj);
       return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is valid but not enforced by this version of nodemesh: refused, so that nothing relies on it` } };
     }
-    return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is not a supported kind (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY})` } };
+    return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is not a supported kind (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY}, ${GATEWAY_API} HTTPRoute and GRPCRoute)` } };
   } catch (e) {
     if (!(e instanceof ObjectInvalid)) throw e;
     return { issue: { file: origin, object: id, field: e.field, message: e.message } };
@@ -62,6 +71,7 @@ export function parseObject(origin: string, obj: Record<string, unknown>): { obj
 export function mergeObjects(origins: ReadonlyArray<{ readonly file: string; readonly contents: FileContents }>): ConfigObjects {
   const services: Service[] = [];
   const trafficPolicies: TrafficPolicy[] = [];
+  const routes: ServiceRoute[] = [];
   const namespaces: Namespace[] = [];
   let mesh: MeshSettings | undefined;
   const issues: ConfigIssue[] = [];
@@ -79,9 +89,10 @@ export function mergeObjects(origins: ReadonlyArray<{ readonly file: string; rea
         }
         names.set(o.id, file);
         if ('service' in o) services.push(o.service);
+        else if ('route' in o) routes.push(o.route);
         else trafficPolicies.push(o.policy);
       }
     }
   }
-  return { services, trafficPolicies, namespaces, mesh, issues, files: names };
+  return { services, trafficPolicies, routes, namespaces, mesh, issues, files: names };
 }

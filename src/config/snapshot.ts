@@ -4,6 +4,7 @@
  * now, the control plane later) and swapped whole, never mutated.
  */
 import type { SocketAddress } from '../agent/datapath/abi.js';
+import type { ServiceRoute } from './route.js';
 import type { Service, ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -32,6 +33,13 @@ export interface ServiceTarget {
   readonly key: string;
   /** From the TrafficPolicy that targets the Service, or the defaults. */
   readonly policy: ServicePolicy;
+  /**
+   * From a route (HTTPRoute/GRPCRoute) whose parent this is: connections go to these backend
+   * Service ports by weight instead of to this Service's own endpoints.
+   */
+  readonly split?: ReadonlyArray<{ readonly target: ServiceTarget; readonly weight: number }>;
+  /** The route that made the split ("HTTPRoute ns/name"). */
+  readonly route?: string;
 }
 
 /** Something in the config that is valid on its own but does not fit the rest (shown, not fatal). */
@@ -93,6 +101,7 @@ export class MeshSnapshot {
     readonly services: ReadonlyArray<Service>,
     readonly workloads: ReadonlyArray<Workload>,
     readonly trafficPolicies: ReadonlyArray<TrafficPolicy> = [],
+    readonly routes: ReadonlyArray<ServiceRoute> = [],
   ) {
     const warnings: SnapshotWarning[] = [];
     const policies = resolvePolicies(services, trafficPolicies, warnings);
@@ -101,21 +110,32 @@ export class MeshSnapshot {
       this.byIp.set(w.ip6, w);
     }
     const index = new SelectorIndex([...workloads].sort(byNamespaceName));
+    const byKey = new Map<string, ServiceTarget>();
     for (const service of services) {
       const members = index.members(service.namespace, service.selector);
       for (const port of service.ports) {
-        const target: ServiceTarget = {
+        const key = `${service.namespace}/${service.name}:${port.port}`;
+        byKey.set(key, {
           service,
           port,
           endpoints: members.map((workload) => ({ workload, port: port.targetPort })),
-          key: `${service.namespace}/${service.name}:${port.port}`,
+          key,
           policy: policies.get(`${service.namespace}/${service.name}`) ?? DEFAULT_SERVICE_POLICY,
-        };
-        for (const ip of service.clusterIPs) this.byVip.set(vipKey(ip, port.port), target);
-        for (const e of target.endpoints) {
-          const k = `${e.workload.uid}|${e.port}`;
-          if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
-        }
+        });
+      }
+    }
+    // Routes turn their parents' targets into splits over the backends' own targets (one level:
+    // a backend's own route does not apply again, as in Gateway API's mesh routing).
+    const plain = new Map(byKey);
+    for (const [key, split] of resolveRoutes(routes, plain, warnings)) {
+      const parent = plain.get(key);
+      if (parent) byKey.set(key, { ...parent, ...split });
+    }
+    for (const target of byKey.values()) {
+      for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);
+      for (const e of target.endpoints) {
+        const k = `${e.workload.uid}|${e.port}`;
+        if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
       }
     }
     this.warnings = warnings;
@@ -164,4 +184,39 @@ function resolvePolicies(services: ReadonlyArray<Service>, policies: ReadonlyArr
     }
   }
   return new Map([...chosen].map(([k, p]) => [k, p.policy]));
+}
+
+/**
+ * The split each routed Service port gets. Several routes on one parent port: the first by
+ * namespace/name applies (Gateway API resolves conflicts by age, then name; nodemesh does not
+ * track age) and the others are warnings; so is a backend that is not there (its share is left
+ * out, the others keep theirs).
+ */
+function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap<string, ServiceTarget>, warnings: SnapshotWarning[]): Map<string, Pick<ServiceTarget, 'split' | 'route'>> {
+  const out = new Map<string, Pick<ServiceTarget, 'split' | 'route'>>();
+  if (routes.length === 0) return out;
+  const byService = new Map<string, ServiceTarget[]>();
+  for (const t of targets.values()) {
+    const k = `${t.service.namespace}/${t.service.name}`;
+    byService.set(k, [...(byService.get(k) ?? []), t]);
+  }
+  for (const r of [...routes].sort(byNamespaceName)) {
+    const object = `${r.kind} ${r.namespace}/${r.name}`;
+    const split: Array<{ target: ServiceTarget; weight: number }> = [];
+    for (const b of r.backends) {
+      const t = targets.get(`${b.namespace}/${b.name}:${b.port ?? 0}`);
+      if (!t) warnings.push({ object, message: `backend Service ${b.namespace}/${b.name} port ${b.port ?? '?'} does not exist; its share is left out` });
+      else if (b.weight > 0) split.push({ target: t, weight: b.weight });
+    }
+    for (const p of r.parents) {
+      const parentKeys = (byService.get(`${p.namespace}/${p.name}`) ?? []).filter((t) => p.port === undefined || t.port.port === p.port).map((t) => t.key);
+      if (parentKeys.length === 0) warnings.push({ object, message: `parent Service ${p.namespace}/${p.name}${p.port === undefined ? '' : ` port ${p.port}`} does not exist` });
+      for (const key of parentKeys) {
+        const winner = out.get(key);
+        if (winner) warnings.push({ object, message: `ignored for ${key}: ${winner.route ?? ''} already routes it` });
+        else out.set(key, { split: Object.freeze(split), route: object });
+      }
+    }
+  }
+  return out;
 }

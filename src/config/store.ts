@@ -14,6 +14,7 @@ import { DEFAULT_MESH, type MeshSettings, type Namespace } from './mesh.js';
 import type { ConfigIssue, Service } from './service.js';
 import type { ConfigObjects } from './objects.js';
 import { readConfigDir, type ConfigDirCache } from './source-dir.js';
+import { checkRouteRefs, type ServiceRoute } from './route.js';
 import type { TrafficPolicy } from './traffic-policy.js';
 
 const log = logger('config');
@@ -21,11 +22,13 @@ const log = logger('config');
 export interface MeshConfig {
   readonly services: ReadonlyArray<Service>;
   readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
+  /** HTTPRoutes and GRPCRoutes whose parents and backends exist (checked against services). */
+  readonly routes: ReadonlyArray<ServiceRoute>;
   readonly namespaces: ReadonlyMap<string, Namespace>;
   readonly mesh: MeshSettings;
 }
 
-export const EMPTY_CONFIG: MeshConfig = Object.freeze({ services: [], trafficPolicies: [], namespaces: new Map(), mesh: DEFAULT_MESH });
+export const EMPTY_CONFIG: MeshConfig = Object.freeze({ services: [], trafficPolicies: [], routes: [], namespaces: new Map(), mesh: DEFAULT_MESH });
 
 /** What the last read rejected, with whether the object's last good version still serves. */
 export interface RejectedObject extends ConfigIssue {
@@ -33,7 +36,7 @@ export interface RejectedObject extends ConfigIssue {
 }
 
 /** Kinds counted in metrics: the config kinds plus "yaml" for documents that do not parse. */
-export const CONFIG_KINDS = ['Service', 'TrafficPolicy', 'Namespace', 'ConfigMap', 'AuthorizationPolicy', 'PeerAuthentication', 'yaml', 'other'] as const;
+export const CONFIG_KINDS = ['Service', 'TrafficPolicy', 'HTTPRoute', 'GRPCRoute', 'Namespace', 'ConfigMap', 'AuthorizationPolicy', 'PeerAuthentication', 'yaml', 'other'] as const;
 
 export interface ConfigStoreEvents {
   /** After every read: the config now served and what was rejected. */
@@ -133,11 +136,22 @@ export class ConfigStore {
 
   private async read(): Promise<void> {
     const read = await this.reader.read();
-    const { issues } = read;
     const previous = this.config;
-    const services = keepLastGood('Service', read.services, previous.services, this.files, issues);
-    const policies = keepLastGood('TrafficPolicy', read.trafficPolicies, previous.trafficPolicies, this.files, issues);
-    const kept = new Set([...services.kept, ...policies.kept]);
+    const services = keepLastGood('Service', read.services, previous.services, this.files, read.issues);
+    const policies = keepLastGood('TrafficPolicy', read.trafficPolicies, previous.trafficPolicies, this.files, read.issues);
+    // A route is valid only with the Services it names: checked against those that will serve.
+    const byName = new Map(services.objects.map((s) => [`${s.namespace}/${s.name}`, s]));
+    const issues = [...read.issues];
+    const routes = read.routes.filter((r) => {
+      const bad = checkRouteRefs(r, byName);
+      const object = `${r.kind} ${r.namespace}/${r.name}`;
+      if (bad) issues.push({ file: read.files.get(object) ?? '', object, ...bad });
+      return !bad;
+    });
+    const byKind = (k: ServiceRoute['kind']) => (r: ServiceRoute): boolean => r.kind === k;
+    const http = keepLastGood('HTTPRoute', routes.filter(byKind('HTTPRoute')), previous.routes.filter(byKind('HTTPRoute')), this.files, issues);
+    const grpc = keepLastGood('GRPCRoute', routes.filter(byKind('GRPCRoute')), previous.routes.filter(byKind('GRPCRoute')), this.files, issues);
+    const kept = new Set([...services.kept, ...policies.kept, ...http.kept, ...grpc.kept]);
     const files = new Map(read.files);
     for (const id of kept) {
       const file = this.files.get(id);
@@ -148,6 +162,7 @@ export class ConfigStore {
     const config: MeshConfig = Object.freeze({
       services: services.objects,
       trafficPolicies: policies.objects,
+      routes: [...http.objects, ...grpc.objects],
       namespaces: new Map(read.namespaces.map((n) => [n.name, n])),
       mesh: read.mesh ?? (meshRejected ? previous.mesh : DEFAULT_MESH),
     });

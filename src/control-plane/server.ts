@@ -30,6 +30,7 @@ import {
   keyParts,
   resourceHash,
   resourceKey,
+  routeToWire,
   serviceToWire,
   sortByKey,
   trafficPolicyToWire,
@@ -281,7 +282,7 @@ export class ControlPlane {
     const exportedTo = new Map<string, string[]>();
     const servicesOf = new Map<string, string[]>();
     // Mesh settings and Namespaces: configResources puts them first, in canonical order.
-    for (const r of configResources({ ...config, services: [], trafficPolicies: [] })) base.add(r);
+    for (const r of configResources({ ...config, services: [], trafficPolicies: [], routes: [] })) base.add(r);
     const policies = new Map<string, WireResource[]>();
     const known = new Set(config.services.map((svc) => `${svc.namespace}/${svc.name}`));
     for (const t of sortByKey(config.trafficPolicies)) {
@@ -291,11 +292,28 @@ export class ControlPlane {
       if (targets.length === 0) base.add(r);
       for (const k of targets) policies.set(k, [...(policies.get(k) ?? []), r]);
     }
+    // Each Service with what comes with it: its policies and endpoints.
+    const own = new Map<string, WireResource[]>();
     for (const svc of sortByKey(config.services)) {
       const key = `${svc.namespace}/${svc.name}`;
       const members = sortByKey(index.members(svc.namespace, svc.selector));
-      const resources: WireResource[] = [{ service: serviceToWire(svc) }, ...(policies.get(key) ?? []), ...members.map((p) => this.workloadResource(p))];
+      own.set(key, [{ service: serviceToWire(svc) }, ...(policies.get(key) ?? []), ...members.map((p) => this.workloadResource(p))]);
       for (const p of members) servicesOf.set(p.uid, [...(servicesOf.get(p.uid) ?? []), key]);
+    }
+    // A routed Service brings its routes and their backends (whoever may call the parent is
+    // sent where its connections go).
+    const routed = new Map<string, WireResource[]>();
+    for (const r of sortByKey(config.routes)) {
+      const resource: WireResource = { route: routeToWire(r) };
+      const backends = r.backends.flatMap((b) => own.get(`${b.namespace}/${b.name}`) ?? []);
+      for (const p of r.parents) {
+        const key = `${p.namespace}/${p.name}`;
+        routed.set(key, [...(routed.get(key) ?? []), resource, ...backends]);
+      }
+    }
+    for (const svc of config.services) {
+      const key = `${svc.namespace}/${svc.name}`;
+      const resources = [...(own.get(key) ?? []), ...(routed.get(key) ?? [])];
       if (svc.exportTo.includes('*')) {
         everywhere.add(key);
         for (const r of resources) base.add(r);
@@ -336,10 +354,12 @@ export class ControlPlane {
     recordRejections(rejected, this.metrics.configErrors, this.metrics.configRejected);
     this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
     this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
+    this.metrics.configObjects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
+    this.metrics.configObjects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
     this.metrics.configObjects.set({ kind: 'Namespace' }, config.namespaces.size);
     // Valid objects that do not fit the rest (a policy for a Service that does not exist yet):
     // served, and shown, as every agent will show them.
-    this.warnings = new MeshSnapshot(0, config.services, [], config.trafficPolicies).warnings;
+    this.warnings = new MeshSnapshot(0, config.services, [], config.trafficPolicies, config.routes).warnings;
     this.metrics.configWarnings.set(this.warnings.length);
     for (const w of this.warnings) log.warn({ object: w.object }, `config warning: ${w.message}`);
     this.changed();

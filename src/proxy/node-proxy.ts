@@ -227,7 +227,18 @@ export class NodeProxy {
    * picks; a failed connect counts against that endpoint's health and is tried once more on
    * another endpoint before the client is refused.
    */
-  private async toService(state: PodState, client: Socket, original: SocketAddress, target: ServiceTarget): Promise<void> {
+  private async toService(state: PodState, client: Socket, original: SocketAddress, routed: ServiceTarget): Promise<void> {
+    // A routed Service: this connection goes to one backend Service by weight, and from there
+    // on it is that Service's connection (its policy, endpoints and metric labels).
+    let target = routed;
+    if (routed.split) {
+      const backend = this.lb.pickBackend(routed);
+      if (!backend) {
+        this.refuse(state, client, 'outbound', 'no_endpoints', { service: routed.key, route: routed.route, original: formatHostPort(original.address, original.port) });
+        return;
+      }
+      target = backend;
+    }
     const policy = target.policy;
     const service = serviceLabels(target.service, original.address, original.port);
     if (!this.lb.hasCapacity(target)) {

@@ -272,3 +272,43 @@ test('agent: a TrafficPolicy picks least connections, caps connections, retries 
   assert.ok((await held).intact, 'the held connection was relayed whole');
   assert.ok((await held2).intact);
 });
+
+test('agent: an HTTPRoute on a Service splits its connections between two backend Services by weight', async (t) => {
+  const sb = await createSandbox(t);
+  const [parent, v1Ip, v2Ip] = ['10.96.0.50', '10.96.0.51', '10.96.0.52'];
+  for (const ip of [parent, v1Ip, v2Ip]) await sb.blackhole(ip);
+  const v1 = await sb.echoPod('reviews-v1', 8080, ['app=reviews', 'version=v1']);
+  const v2 = await sb.echoPod('reviews-v2', 8080, ['app=reviews', 'version=v2']);
+  const client = await sb.idlePod('client-a', ['app=client']);
+  const route = [
+    'apiVersion: gateway.networking.k8s.io/v1',
+    'kind: HTTPRoute',
+    'metadata: {name: reviews-canary}',
+    'spec:',
+    '  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]',
+    '  rules:',
+    '  - backendRefs: [{name: reviews-v1, port: 80, weight: 1}, {name: reviews-v2, port: 80, weight: 3}]',
+    '',
+  ].join('\n');
+  const agent = await startAgent(sb, {
+    'services.yaml': [serviceYaml('reviews', [parent], { app: 'reviews' }), serviceYaml('reviews-v1', [v1Ip], { version: 'v1' }), serviceYaml('reviews-v2', [v2Ip], { version: 'v2' })].join('---\n'),
+    'route.yaml': route,
+  });
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'pods verified');
+  const routed = (await agent.config()).services.find((s) => s.service === 'default/reviews:80') as { route?: string; split?: Array<{ backend: string; weight: number }> } | undefined;
+  assert.equal(routed?.route, 'HTTPRoute default/reviews-canary');
+  assert.deepEqual(routed?.split, [{ backend: 'default/reviews-v1:80', weight: 1 }, { backend: 'default/reviews-v2:80', weight: 3 }]);
+  // Eight connections to the parent: exactly two to v1, six to v2 (smooth weighted round robin).
+  for (let i = 0; i < 8; i++) assert.ok((await sb.dialFrom(client, parent, 80)).intact, `dial ${i}`);
+  await waitFor(async () => (await v1.connections()).length + (await v2.connections()).length === 8, 5000, 'eight connections logged');
+  assert.equal((await v1.connections()).length, 2);
+  assert.equal((await v2.connections()).length, 6);
+  // The metrics name the backend Service each connection went to.
+  const m = await agent.metrics();
+  const opened = (svc: string): number => metricValue(m, 'istio_tcp_connections_opened_total', { reporter: 'source', destination_service: `${svc}.default.svc.cluster.local` });
+  assert.deepEqual([opened('reviews-v1'), opened('reviews-v2'), opened('reviews')], [2, 6, 0]);
+  assert.equal(metricValue(m, 'istio_tcp_connections_opened_total', { reporter: 'destination', destination_version: 'v2' }), 6);
+  // The backends stay callable on their own addresses.
+  assert.ok((await sb.dialFrom(client, v1Ip, 80)).intact);
+  await waitFor(async () => (await v1.connections()).length === 3, 5000, 'direct call to v1');
+});

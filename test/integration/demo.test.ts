@@ -12,7 +12,7 @@ import { ip } from '../../src/runtime/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { collect, createSandbox } from '../support/sandbox.js';
 
-test('demo: the example mesh serves every Service, both versions of reviews, and cleans up', async (t) => {
+test('demo: the example mesh serves every Service, the reviews canary splits 75/25, and it cleans up', async (t) => {
   const sb = await createSandbox(t);
   const child = spawn(process.execPath, [CLI_ENTRY, 'up', '--duration', '4s', '--rate', '5'], { env: sb.env, stdio: ['ignore', 'pipe', 'pipe'] });
   const { code, stdout, stderr } = await collect(child);
@@ -23,10 +23,14 @@ test('demo: the example mesh serves every Service, both versions of reviews, and
     [
       ['frontend.shop.svc.cluster.local', 'v1'],
       ['ratings.shop.svc.cluster.local', 'v1'],
-      ['reviews.shop.svc.cluster.local', 'v1'],
-      ['reviews.shop.svc.cluster.local', 'v2'],
+      ['reviews-v1.shop.svc.cluster.local', 'v1'],
+      ['reviews-v2.shop.svc.cluster.local', 'v2'],
     ],
   );
+  // The canary route: reviews' connections go 3:1 to v1 and v2 (smooth weighted round robin).
+  const v1 = Number(rows[2]?.[3]);
+  const v2 = Number(rows[3]?.[3]);
+  assert.ok(Math.abs(v1 - 3 * v2) <= 3, `reviews-v1 ${v1} vs reviews-v2 ${v2}: 75/25`);
   for (const r of rows) assert.ok(Number(r[3]) > 0, `${r[0]} ${r[2]} got requests`);
   // frontend is dual-stack and called on both addresses: twice the requests of ratings.
   const requests = (svc: string): number => rows.filter((r) => r[0] === svc).reduce((n, r) => n + Number(r[3]), 0);

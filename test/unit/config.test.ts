@@ -9,6 +9,8 @@ import { parseDuration } from '../../src/config/schemas.js';
 import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
 import { ObjectInvalid, exportedTo, parseService } from '../../src/config/service.js';
 import { parseObject } from '../../src/config/objects.js';
+import { parseRoute } from '../../src/config/route.js';
+import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
@@ -280,4 +282,68 @@ test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigM
   assert.deepEqual(read.mesh, optIn);
   assert.deepEqual(read.namespaces, [{ name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]);
   assert.deepEqual(read.issues, []);
+});
+
+const route = (spec: Record<string, unknown>, kind = 'HTTPRoute'): Record<string, unknown> => ({ apiVersion: 'gateway.networking.k8s.io/v1', kind, metadata: { name: 'reviews-canary', namespace: 'shop' }, spec });
+const split = (weights: number[]): Record<string, unknown> =>
+  route({ parentRefs: [{ group: '', kind: 'Service', name: 'reviews', port: 80 }], rules: [{ backendRefs: weights.map((weight, i) => ({ name: `reviews-v${i + 1}`, port: 80, weight })) }] });
+
+test('HTTPRoute/GRPCRoute on Services: weighted backends apply at L4; anything that needs the request is refused with its field', () => {
+  const r = parseRoute(split([90, 10]));
+  assert.deepEqual(r.parents, [{ namespace: 'shop', name: 'reviews', port: 80 }]);
+  assert.deepEqual(r.backends.map((b) => [b.name, b.port, b.weight]), [['reviews-v1', 80, 90], ['reviews-v2', 80, 10]]);
+  // What an API server fills in (the default match, group and kind) changes nothing.
+  const defaulted = route({ parentRefs: [{ group: '', kind: 'Service', name: 'reviews' }], rules: [{ matches: [{ path: { type: 'PathPrefix', value: '/' } }], backendRefs: [{ group: '', kind: 'Service', name: 'reviews-v1', port: 80, weight: 1 }] }] });
+  assert.equal(parseRoute(defaulted).parents[0]?.port, undefined);
+  assert.equal(parseRoute({ ...split([1]), kind: 'GRPCRoute' }).kind, 'GRPCRoute');
+  const rule = (extra: Record<string, unknown>): Record<string, unknown> => route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'reviews-v1', port: 80 }], ...extra }] });
+  const bad: Array<[Record<string, unknown>, string, RegExp]> = [
+    [rule({ matches: [{ headers: [{ name: 'x-user', value: 'beta' }] }] }), 'spec.rules[0].matches', /needs L7 routing/],
+    [rule({ filters: [{ type: 'RequestHeaderModifier' }] }), 'spec.rules[0].filters', /needs L7 routing/],
+    [rule({ timeouts: { request: '2s' } }), 'spec.rules[0].timeouts', /needs L7 routing/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }, { backendRefs: [{ name: 'b', port: 80 }] }] }), 'spec.rules', /more than one rule/],
+    [route({ parentRefs: [{ name: 'gw' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }] }), 'spec.parentRefs[0].kind', /GAMMA/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews', namespace: 'other' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }] }), 'spec.parentRefs[0].namespace', /ReferenceGrant/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a' }] }] }), 'spec.rules[0].backendRefs[0].port', /required/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, weight: -1 }] }] }), 'spec.rules[0].backendRefs[0].weight', /0-1000000/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, wieght: 1 }] }] }), 'spec.rules[0].backendRefs[0].wieght', /unknown field/],
+    [{ ...split([1]), kind: 'GRPCRoute', spec: { parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ matches: [{ method: { service: 'a.B' } }], backendRefs: [{ name: 'a', port: 80 }] }] } }, 'spec.rules[0].matches', /needs L7/],
+  ];
+  for (const [doc, field, message] of bad) {
+    assert.throws(() => parseRoute(doc), (e) => e instanceof ObjectInvalid && e.field === field && message.test(e.message), field);
+  }
+});
+
+test('routes: parents and backends must exist (the field is named, the last good version serves); the split is smooth and exact', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const svcYaml = (name: string, ip: string): string => `apiVersion: v1\nkind: Service\nmetadata: {name: ${name}, namespace: shop}\nspec: {clusterIP: ${ip}, selector: {app: ${name}}, ports: [{port: 80, targetPort: 8080}]}\n---\n`;
+  const routeYaml = (backends: string): string =>
+    `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: canary, namespace: shop}\nspec:\n  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]\n  rules: [{backendRefs: [${backends}]}]\n`;
+  await writeFile(join(dir, 'svc.yaml'), svcYaml('reviews', '10.96.0.20') + svcYaml('reviews-v1', '10.96.0.21') + svcYaml('reviews-v2', '10.96.0.22'));
+  await writeFile(join(dir, 'route.yaml'), routeYaml('{name: reviews-v1, port: 80, weight: 1}, {name: reviews-v2, port: 80, weight: 3}'));
+  const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+  await store.load();
+  assert.deepEqual(store.lastRejected(), []);
+  const snap = (): MeshSnapshot => {
+    const c = store.current();
+    const pods = [pod('v1', { app: 'reviews-v1' }, 1), pod('v2', { app: 'reviews-v2' }, 2)];
+    return new MeshSnapshot(1, c.services, pods, c.trafficPolicies, c.routes);
+  };
+  const parent = snap().service({ family: 4, address: '10.96.0.20', port: 80 });
+  assert.ok(parent?.split);
+  assert.equal(parent.route, 'HTTPRoute shop/canary');
+  const lb = new LoadBalancer();
+  const picks = Array.from({ length: 8 }, () => lb.pickBackend(parent)?.service.name);
+  assert.deepEqual(picks, ['reviews-v2', 'reviews-v1', 'reviews-v2', 'reviews-v2', 'reviews-v2', 'reviews-v1', 'reviews-v2', 'reviews-v2'], '1:3 in every four, spread out');
+  // A backend that does not exist: rejected, naming the field; the last good route keeps serving.
+  await writeFile(join(dir, 'route.yaml'), routeYaml('{name: reviews-v1, port: 80, weight: 1}, {name: reviews-v3, port: 80, weight: 3}'));
+  await store.load();
+  assert.deepEqual(store.lastRejected().map((r) => [r.object, r.field, r.keptLastGood]), [['HTTPRoute shop/canary', 'spec.rules[0].backendRefs[1].name', true]]);
+  assert.match(store.lastRejected()[0]?.message ?? '', /Service shop\/reviews-v3 does not exist/);
+  assert.deepEqual(snap().service({ family: 4, address: '10.96.0.20', port: 80 })?.split?.map((b) => b.target.service.name), ['reviews-v1', 'reviews-v2']);
+  // A port the backend does not have.
+  await writeFile(join(dir, 'route.yaml'), routeYaml('{name: reviews-v1, port: 81}'));
+  await store.load();
+  assert.equal(store.lastRejected()[0]?.field, 'spec.rules[0].backendRefs[0].port');
 });

@@ -91,3 +91,32 @@ metadata: {name: ops}
   assert.deepEqual(b.keys('Workload'), ['Workload/ops/metrics-1', 'Workload/shop/cart-1']);
   assert.deepEqual(cp.snapshotFor('node-b').resources.map(resourceKey).sort(), [...b.held.keys()].sort(), 'the agent holds what /debug/snapshot says');
 });
+
+test('a node that may call a routed Service is also sent the route and its backends, wherever they are exported', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-scope-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  await writeFile(
+    join(dir, 'mesh.yaml'),
+    service('shop', 'reviews', '10.96.1.10') +
+      service('shop', 'reviews-v2', '10.96.1.12', '~') + // exported nowhere: reached only through the route
+      service('shop', 'other', '10.96.1.13', '.') +
+      `apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews}]
+  rules: [{backendRefs: [{name: reviews, port: 80, weight: 9}, {name: reviews-v2, port: 80, weight: 1}]}]
+`,
+  );
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
+  t.after(() => cp.stop());
+  const address = `127.0.0.1:${cp.grpcPort()}`;
+  const a = new TestAgent(address, 'node-a', [pod('node-a', 'ops', 'client', 'client', 1)]);
+  const c = new TestAgent(address, 'node-c', [pod('node-c', 'shop', 'reviews-v2-1', 'reviews-v2', 3)]);
+  t.after(() => [a, c].forEach((x) => x.stop()));
+  await waitFor(() => cp.nodes().length === 2 && cp.nodes().every((n) => n.pods > 0 && n.inSync), 5000, 'two nodes in sync');
+  assert.deepEqual(a.keys('HTTPRoute'), ['HTTPRoute/shop/canary']);
+  assert.deepEqual(a.keys('Service'), ['Service/shop/reviews', 'Service/shop/reviews-v2'], 'the backend comes with the route; "other" does not');
+  assert.deepEqual(a.keys('Workload'), ['Workload/ops/client', 'Workload/shop/reviews-v2-1']);
+  assert.deepEqual(a.held.get('HTTPRoute/shop/canary')?.route?.backends.map((b) => [b.name, b.weight]), [['reviews', 9], ['reviews-v2', 1]]);
+});

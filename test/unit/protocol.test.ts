@@ -28,6 +28,7 @@ const config: MeshConfig = {
       policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', maxConnections: 10, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, baseEjectionMs: 1000, maxEjectionPercent: 100 } },
     },
   ],
+  routes: [{ kind: 'HTTPRoute', namespace: 'shop', name: 'cart-canary', parents: [{ namespace: 'shop', name: 'cart', port: undefined }], backends: [{ namespace: 'shop', name: 'cart', port: 80, weight: 3 }] }],
   namespaces: new Map([['shop', { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]]),
   mesh: { enrollment: 'opt-in', failClosedEnrollment: true },
 };

@@ -33,6 +33,8 @@ const CONFIG_RESOURCES: ReadonlyArray<ConfigResource> = [
   { resource: 'configmaps', path: `/api/v1/configmaps?fieldSelector=metadata.name%3D${MESH_CONFIG_NAME}`, apiVersion: 'v1', kind: 'ConfigMap' },
   { resource: 'services', path: '/api/v1/services', apiVersion: 'v1', kind: 'Service' },
   { resource: 'trafficpolicies', path: `/apis/${TRAFFIC_POLICY_API}/trafficpolicies`, apiVersion: TRAFFIC_POLICY_API, kind: 'TrafficPolicy', optional: true },
+  { resource: 'httproutes', path: '/apis/gateway.networking.k8s.io/v1/httproutes', apiVersion: 'gateway.networking.k8s.io/v1', kind: 'HTTPRoute', optional: true },
+  { resource: 'grpcroutes', path: '/apis/gateway.networking.k8s.io/v1/grpcroutes', apiVersion: 'gateway.networking.k8s.io/v1', kind: 'GRPCRoute', optional: true },
   // Not enforced yet: watched so that each one is reported (refused), never silently ignored.
   { resource: 'authorizationpolicies', path: '/apis/security.nodemesh.io/v1/authorizationpolicies', apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', optional: true },
   { resource: 'peerauthentications', path: '/apis/security.nodemesh.io/v1/peerauthentications', apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', optional: true },

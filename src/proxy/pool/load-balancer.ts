@@ -23,6 +23,8 @@ export class LoadBalancer {
   private readonly active = new Map<string, number>();
   private readonly perTarget = new Map<string, number>();
   private readonly health = new Map<string, Health>();
+  /** Smooth weighted round robin state per routed Service port (reset when its split changes). */
+  private readonly weighted = new Map<string, { signature: string; current: number[] }>();
 
   constructor(private readonly now: () => number = Date.now) {}
 
@@ -56,6 +58,31 @@ export class LoadBalancer {
     const i = ((this.cursors.get(key) ?? -1) + 1) % n;
     this.cursors.set(key, i);
     return i;
+  }
+
+  /**
+   * A routed Service's backend for the next connection: smooth weighted round robin (nginx's), so
+   * weights 1:3 give exactly one in four to the first, spread out rather than in runs.
+   */
+  pickBackend(target: ServiceTarget): ServiceTarget | undefined {
+    const split = target.split;
+    if (!split || split.length === 0) return undefined;
+    const signature = split.map((b) => `${b.target.key}*${b.weight}`).join(',');
+    let state = this.weighted.get(target.key);
+    if (!state || state.signature !== signature) {
+      state = { signature, current: split.map(() => 0) };
+      this.weighted.set(target.key, state);
+    }
+    let total = 0;
+    let best = 0;
+    for (let i = 0; i < split.length; i++) {
+      const w = split[i]?.weight ?? 0;
+      total += w;
+      state.current[i] = (state.current[i] ?? 0) + w;
+      if ((state.current[i] ?? 0) > (state.current[best] ?? 0)) best = i;
+    }
+    state.current[best] = (state.current[best] ?? 0) - total;
+    return split[best]?.target;
   }
 
   /** Whether the Service's connection limit (TrafficPolicy maxConnections) leaves room for one more. */
@@ -113,6 +140,7 @@ export class LoadBalancer {
     const keys = new Set(targets.map((t) => t.key));
     for (const k of this.health.keys()) if (!endpoints.has(k)) this.health.delete(k);
     for (const k of this.cursors.keys()) if (!keys.has(k)) this.cursors.delete(k);
+    for (const k of this.weighted.keys()) if (!keys.has(k)) this.weighted.delete(k);
   }
 }
 

@@ -14,6 +14,7 @@ import { loadSync } from '@grpc/proto-loader';
 import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../../config/mesh.js';
 import type { Service, ServicePort } from '../../config/service.js';
 import type { Workload } from '../../config/snapshot.js';
+import { ROUTE_KINDS, type ServiceRoute } from '../../config/route.js';
 import type { TrafficPolicy } from '../../config/traffic-policy.js';
 import type { LoadBalancing } from '../../proxy/pool/load-balancer.js';
 import type { MeshConfig } from '../../config/store.js';
@@ -22,7 +23,7 @@ import { PACKAGE_ROOT } from '../paths.js';
 
 export const PROTO_FILE = join(PACKAGE_ROOT, 'proto', 'nodemesh', 'v1', 'discovery.proto');
 /** What an agent of this build understands (Hello.capabilities). */
-export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'MeshSettings', 'Namespace'] as const;
+export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'Route', 'MeshSettings', 'Namespace'] as const;
 /** Largest message either side accepts: a node's view of a big mesh fits, a runaway one does not. */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
@@ -62,6 +63,19 @@ export interface WireTrafficPolicy {
   baseEjectionMs: number;
   maxEjectionPercent: number;
 }
+export interface WireRouteRef {
+  namespace: string;
+  name: string;
+  port?: number | null;
+  weight: number;
+}
+export interface WireRoute {
+  kind: string;
+  namespace: string;
+  name: string;
+  parents: WireRouteRef[];
+  backends: WireRouteRef[];
+}
 export interface WireMeshSettings {
   enrollment: string;
   failClosedEnrollment: boolean;
@@ -74,9 +88,10 @@ export interface WireResource {
   service?: WireService;
   workload?: WireWorkload;
   trafficPolicy?: WireTrafficPolicy;
+  route?: WireRoute;
   mesh?: WireMeshSettings;
   namespace?: WireNamespace;
-  resource?: 'service' | 'workload' | 'trafficPolicy' | 'mesh' | 'namespace';
+  resource?: 'service' | 'workload' | 'trafficPolicy' | 'route' | 'mesh' | 'namespace';
 }
 export interface WireConfigError {
   object: string;
@@ -178,6 +193,11 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
   };
 }
 
+export function routeToWire(r: ServiceRoute): WireRoute {
+  const ref = (x: { namespace: string; name: string; port: number | undefined }, weight: number): WireRouteRef => ({ namespace: x.namespace, name: x.name, ...(x.port === undefined ? {} : { port: x.port }), weight });
+  return { kind: r.kind, namespace: r.namespace, name: r.name, parents: r.parents.map((p) => ref(p, 0)), backends: r.backends.map((b) => ref(b, b.weight)) };
+}
+
 /**
  * The resources of a config, in a canonical order (kind, namespace, name): the part every node
  * gets alike. Workloads are added per node.
@@ -188,6 +208,7 @@ export function configResources(config: MeshConfig): WireResource[] {
     ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
     ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
     ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
+    ...sortByKey(config.routes).map((r) => ({ route: routeToWire(r) })),
   ];
 }
 
@@ -206,6 +227,7 @@ export function resourceKey(r: WireResource): string {
   if (r.service) return `Service/${r.service.namespace}/${r.service.name}`;
   if (r.workload) return `Workload/${r.workload.namespace}/${r.workload.name}`;
   if (r.trafficPolicy) return `TrafficPolicy/${r.trafficPolicy.namespace}/${r.trafficPolicy.name}`;
+  if (r.route) return `${r.route.kind}/${r.route.namespace}/${r.route.name}`;
   if (r.namespace) return `Namespace//${r.namespace.name}`;
   if (r.mesh) return 'MeshSettings//nodemesh';
   return 'Unknown//';
@@ -313,6 +335,7 @@ export function decodeResources(version: number, digest: string, resources: Read
   };
   const services: Service[] = [];
   const policies: TrafficPolicy[] = [];
+  const routes: ServiceRoute[] = [];
   const workloads: Workload[] = [];
   const namespaces = new Map<string, Namespace>();
   let mesh: MeshSettings = DEFAULT_MESH;
@@ -364,6 +387,28 @@ export function decodeResources(version: number, digest: string, resources: Read
           }),
         }),
       );
+    } else if (r.route) {
+      const w = r.route;
+      const id = `${w.kind} ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      const kind = ROUTE_KINDS.find((k) => k === w.kind);
+      if (!kind) bad(id, 'kind', `"${w.kind}" is not HTTPRoute or GRPCRoute`);
+      if (w.parents.length === 0) bad(id, 'spec.parentRefs', 'a route needs a parent Service');
+      if (w.backends.length === 0) bad(id, 'spec.rules[0].backendRefs', 'a route needs a backend Service');
+      const ref = (x: WireRouteRef, field: string): { namespace: string; name: string; port: number | undefined } => {
+        const p = x.port ?? undefined;
+        if (p !== undefined && (!Number.isInteger(p) || p < 1 || p > 65535)) bad(id, `${field}.port`, `${p} is not a TCP port`);
+        return { namespace: x.namespace, name: x.name, port: p };
+      };
+      routes.push(
+        Object.freeze({
+          kind: kind ?? 'HTTPRoute',
+          namespace: w.namespace,
+          name: w.name,
+          parents: Object.freeze(w.parents.map((x, i) => Object.freeze(ref(x, `spec.parentRefs[${i}]`)))),
+          backends: Object.freeze(w.backends.map((x, i) => Object.freeze({ ...ref(x, `spec.rules[0].backendRefs[${i}]`), weight: x.weight }))),
+        }),
+      );
     } else if (r.mesh) {
       const w = r.mesh;
       if (!unique('MeshSettings nodemesh')) continue;
@@ -378,5 +423,5 @@ export function decodeResources(version: number, digest: string, resources: Read
     }
   }
   if (errors.length > 0) throw new SnapshotInvalid(errors);
-  return { config: Object.freeze({ services, trafficPolicies: policies, namespaces, mesh }), workloads };
+  return { config: Object.freeze({ services, trafficPolicies: policies, routes, namespaces, mesh }), workloads };
 }
