@@ -168,14 +168,22 @@ export class ConfigStore {
     });
     this.files = files;
     this.config = config;
+    const before = new Set(this.rejected.map(rejectionKey));
     this.rejected = issues.map((i) => ({ ...i, keptLastGood: kept.has(i.object) || (i.object.startsWith('ConfigMap ') && read.mesh === undefined) }));
     this.loaded = true;
+    // One line per rejection when it appears (or changes), not again at every read: a watched
+    // API source reads after every event, and the same refusal a thousand times hides new ones.
     for (const r of this.rejected) {
+      if (before.has(rejectionKey(r))) continue;
       log.error({ file: r.file, object: r.object, field: r.field, keptLastGood: r.keptLastGood }, `config rejected: ${r.message}`);
     }
+    const now = new Set(this.rejected.map(rejectionKey));
+    for (const key of before) if (!now.has(key)) log.info({ rejection: key }, 'config rejection resolved');
     this.events.onLoad(config, this.rejected);
   }
 }
+
+const rejectionKey = (r: RejectedObject): string => `${r.file}|${r.object}|${r.field}|${r.message}|${r.keptLastGood}`;
 
 /** Counts a read's rejections: every one (errors counter) and those of this read, by kind (gauge). */
 export function recordRejections(rejected: ReadonlyArray<RejectedObject>, errors: Counter<'kind'>, current: Gauge<'kind'>): void {

@@ -206,7 +206,7 @@ export class NodeProxy {
       this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
       return;
     }
-    const upstream = this.upstreamTo(state, original, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, original.address, original.port));
+    const upstream = this.upstreamTo(state, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, original.address, original.port));
     this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
   }
 
@@ -253,8 +253,10 @@ export class NodeProxy {
         this.refuse(state, client, 'outbound', 'no_endpoints', { service: target.key, original: formatHostPort(original.address, original.port) });
         return;
       }
-      const host = original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4;
-      const upstream = this.upstreamTo(state, original, endpoint.workload, host, endpoint.port, service);
+      // The same family as the client's connection when the endpoint has it, else the other one
+      // (the proxy terminates the client's connection; upstream it may use either).
+      const host = (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
+      const upstream = this.upstreamTo(state, endpoint.workload, host, endpoint.port, service);
       this.lb.acquire(target, endpoint);
       state.active++;
       try {
@@ -292,7 +294,6 @@ export class NodeProxy {
    */
   private upstreamTo(
     state: PodState,
-    original: SocketAddress,
     destination: Workload | undefined,
     host: string,
     port: number,
@@ -301,7 +302,8 @@ export class NodeProxy {
     const labels: TcpLabels = { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(destination) };
     const local = destination ? this.pods.get(destination.uid) : undefined;
     if (local) {
-      const transparentSource = original.family === 6 ? state.pod.ip6 : state.pod.ip4;
+      // The source pod's address of the family the upstream connection uses.
+      const transparentSource = host.includes(':') ? state.pod.ip6 : state.pod.ip4;
       return { path: 'same_node', netnsPath: local.pod.netnsPath, host, port, transparentSource, labels: [labels, { ...labels, reporter: 'destination' }] };
     }
     return { path: 'outbound', netnsPath: state.pod.netnsPath, host, port, labels: [labels] };

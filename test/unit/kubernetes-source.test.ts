@@ -75,6 +75,32 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   assert.equal(b.held.get('Workload/shop/client')?.workload?.serviceAccount, 'client');
   assert.deepEqual(b.held.get('Namespace//shop')?.namespace?.labels, { 'nodemesh.io/enabled': 'true' });
 
+  // A Service without a selector: its endpoints are those of its EndpointSlices (ready ones),
+  // and its target port is the slices' port of the same name.
+  const SLICES = '/apis/discovery.k8s.io/v1/endpointslices';
+  api.put(SERVICES, { ...service('external-db', 5432), spec: { clusterIP: '10.96.2.99', ports: [{ name: 'pg', port: 5432, protocol: 'TCP', targetPort: 5432 }] } });
+  const slice = (ready51: boolean): Obj => ({
+    apiVersion: 'discovery.k8s.io/v1',
+    kind: 'EndpointSlice',
+    metadata: { name: 'external-db-x1', namespace: 'shop', labels: { 'kubernetes.io/service-name': 'external-db' } },
+    addressType: 'IPv4',
+    ports: [{ name: 'pg', port: 15432, protocol: 'TCP' }],
+    endpoints: [
+      { addresses: ['10.200.0.50'], conditions: { ready: true } },
+      { addresses: ['10.200.0.51'], conditions: { ready: ready51 } },
+    ],
+  });
+  api.put(SLICES, slice(false));
+  const sliceWorkloads = (): string[] => b.keys('Workload').filter((k) => k.includes('external-db'));
+  await waitFor(() => sliceWorkloads().length === 1, 5000, 'the ready slice endpoint');
+  assert.equal(serviceOf('external-db') && (b.held.get('Service/shop/external-db')?.service?.ports[0]?.targetPort), 15432);
+  assert.deepEqual(b.held.get('Service/shop/external-db')?.service?.selector, { 'endpointslice.nodemesh.io/service': 'external-db' });
+  assert.equal(b.held.get(sliceWorkloads()[0] ?? '')?.workload?.ip4, '10.200.0.50');
+  api.put(SLICES, slice(true));
+  await waitFor(() => sliceWorkloads().length === 2, 5000, 'the second endpoint, ready now');
+  api.remove(SLICES, 'shop', 'external-db-x1');
+  await waitFor(() => sliceWorkloads().length === 0, 5000, 'slice deleted: no endpoints');
+
   // Add, update, delete.
   api.put(SERVICES, service('cart', 81));
   api.put(PODS, pod('cart-1', 'cart', 'node-a', '10.200.0.8'));
@@ -136,7 +162,7 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   assert.ok(lists() > listsBefore, 'listed again');
   const m = await metrics();
   assert.ok(metricValue(m, 'nodemesh_cp_kube_lists_total', { resource: 'services', reason: 'expired' }) >= 1);
-  assert.deepEqual(cp.snapshotFor('node-b').resources.filter((r) => r.service).map((r) => r.service?.name).sort(), ['cart', 'later', 'web']);
+  assert.deepEqual(cp.snapshotFor('node-b').resources.filter((r) => r.service).map((r) => r.service?.name).sort(), ['cart', 'external-db', 'later', 'web']);
 });
 
 test('Kubernetes source: nothing is pushed before the first list, and a bad kubeconfig is a clear error', async (t) => {

@@ -40,6 +40,15 @@ const CONFIG_RESOURCES: ReadonlyArray<ConfigResource> = [
   { resource: 'peerauthentications', path: '/apis/security.nodemesh.io/v1/peerauthentications', apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', optional: true },
 ];
 
+/**
+ * Services without a selector get their endpoints from their EndpointSlices (the slices of a
+ * selector Service are computed by Kubernetes from the same ready Pods nodemesh reads, so those
+ * are not needed). Each such endpoint becomes a workload labelled with this, and the Service is
+ * given it as its selector: one endpoint model for both kinds of Service.
+ */
+export const SLICE_SERVICE_LABEL = 'endpointslice.nodemesh.io/service';
+const SERVICE_NAME_LABEL = 'kubernetes.io/service-name';
+
 /** Pods that are the mesh's workloads, by node, from the API (instead of the agents' reports). */
 export interface PodInventory {
   watchPods(onChange: (pods: ReadonlyArray<WireWorkload>) => void): void;
@@ -55,6 +64,7 @@ export class KubernetesSource implements ConfigReader, PodInventory {
   private readonly api: KubeApi;
   private readonly config: Array<{ spec: ConfigResource; reflector: Reflector }>;
   private readonly pods: Reflector;
+  private readonly slices: Reflector;
   private readonly invalidPods: Counter<'reason'>;
   private onConfig: (() => void) | undefined;
   private onPods: ((pods: ReadonlyArray<WireWorkload>) => void) | undefined;
@@ -71,10 +81,21 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     };
     this.invalidPods = new Counter({ name: 'nodemesh_cp_kube_pods_skipped_total', help: 'Pod objects from the API that could not be read as workloads, by reason', labelNames: ['reason'], registers });
     const timeout = options.watchTimeoutSeconds === undefined ? {} : { watchTimeoutSeconds: options.watchTimeoutSeconds };
-    this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, optional: spec.optional === true, ...timeout }, metrics, () => this.configChanged()) }));
+    // A Service that gains or loses its selector changes which slices are its endpoints: workloads too.
+    const onConfig = (spec: ConfigResource) => (): void => {
+      this.configChanged();
+      if (spec.kind === 'Service') this.podsChanged();
+    };
+    this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, optional: spec.optional === true, ...timeout }, metrics, onConfig(spec)) }));
     this.pods = new Reflector(this.api, { resource: 'pods', path: '/api/v1/pods', ...timeout }, metrics, () => this.podsChanged());
+    // Slices change both a selector-less Service (its ports) and the workloads (its endpoints).
+    this.slices = new Reflector(this.api, { resource: 'endpointslices', path: '/apis/discovery.k8s.io/v1/endpointslices', ...timeout }, metrics, () => {
+      this.configChanged();
+      this.podsChanged();
+    });
     for (const { reflector } of this.config) reflector.start();
     this.pods.start();
+    this.slices.start();
   }
 
   get description(): string {
@@ -82,7 +103,7 @@ export class KubernetesSource implements ConfigReader, PodInventory {
   }
 
   synced(): boolean {
-    return this.config.every((c) => c.reflector.hasSynced()) && this.pods.hasSynced();
+    return this.config.every((c) => c.reflector.hasSynced()) && this.pods.hasSynced() && this.slices.hasSynced();
   }
 
   async read(): Promise<ConfigObjects> {
@@ -90,7 +111,8 @@ export class KubernetesSource implements ConfigReader, PodInventory {
       const file = `kubernetes:${spec.resource}`;
       const objects: Array<FileContents['objects'][number]> = [];
       const issues: ConfigIssue[] = [];
-      for (const o of reflector.list()) {
+      for (const raw of reflector.list()) {
+        const o = spec.kind === 'Service' ? this.withSliceEndpoints(raw) : raw;
         const parsed = parseObject(file, { ...o, apiVersion: spec.apiVersion, kind: spec.kind });
         if ('issue' in parsed) issues.push(parsed.issue);
         else if (parsed.object) objects.push(parsed.object);
@@ -114,6 +136,7 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     clearTimeout(this.podsTimer);
     for (const { reflector } of this.config) reflector.stop();
     this.pods.stop();
+    this.slices.stop();
   }
 
   private configChanged(): void {
@@ -124,8 +147,63 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     }, DEBOUNCE_MS);
   }
 
+  /** The ready endpoints of selector-less Services' slices, by Service ("ns/name"). */
+  private sliceEndpoints(): Map<string, { ports: Map<string, number>; endpoints: WireWorkload[] }> {
+    const selectorless = new Set(
+      (this.config.find((c) => c.spec.kind === 'Service')?.reflector.list() ?? [])
+        .filter((svc) => {
+          const sel = (svc['spec'] as { selector?: unknown } | undefined)?.selector;
+          return sel === undefined || sel === null || (typeof sel === 'object' && Object.keys(sel).length === 0);
+        })
+        .map((svc) => `${svc.metadata?.namespace ?? ''}/${svc.metadata?.name ?? ''}`),
+    );
+    const out = new Map<string, { ports: Map<string, number>; endpoints: WireWorkload[] }>();
+    for (const slice of this.slices.list()) {
+      const ns = slice.metadata?.namespace ?? '';
+      const labels = (slice.metadata as { labels?: Record<string, string> } | undefined)?.labels ?? {};
+      const svc = labels[SERVICE_NAME_LABEL];
+      if (!svc || !selectorless.has(`${ns}/${svc}`)) continue;
+      const family = slice['addressType'];
+      if (family !== 'IPv4' && family !== 'IPv6') continue;
+      const entry = out.get(`${ns}/${svc}`) ?? { ports: new Map<string, number>(), endpoints: [] as WireWorkload[] };
+      out.set(`${ns}/${svc}`, entry);
+      for (const p of (slice['ports'] as Array<{ name?: string; port?: number }> | undefined) ?? []) {
+        if (typeof p.port === 'number' && !entry.ports.has(p.name ?? '')) entry.ports.set(p.name ?? '', p.port);
+      }
+      for (const e of (slice['endpoints'] as Array<{ addresses?: string[]; conditions?: { ready?: boolean }; targetRef?: { name?: string }; nodeName?: string }> | undefined) ?? []) {
+        // Ready unless said otherwise (Kubernetes: an unknown state counts as ready).
+        if (e.conditions?.ready === false) continue;
+        for (const ip of e.addresses ?? []) {
+          entry.endpoints.push({
+            uid: `${ns}/${svc}/${ip}`,
+            namespace: ns,
+            name: e.targetRef?.name ?? `${svc}-${ip.replace(/[.:]/g, '-')}`,
+            serviceAccount: 'default',
+            labels: { [SLICE_SERVICE_LABEL]: svc },
+            ip4: family === 'IPv4' ? ip : '',
+            ip6: family === 'IPv6' ? ip : '',
+            node: e.nodeName ?? '',
+          });
+        }
+      }
+    }
+    return out;
+  }
+
+  /** A selector-less Service with slices: selects its slice endpoints, and its target ports are the slices' ports. */
+  private withSliceEndpoints(svc: KubeObject): KubeObject {
+    const found = this.sliceEndpoints().get(`${svc.metadata?.namespace ?? ''}/${svc.metadata?.name ?? ''}`);
+    if (!found) return svc;
+    const spec = (svc['spec'] ?? {}) as { ports?: Array<Record<string, unknown>> };
+    const ports = (spec.ports ?? []).map((p) => {
+      const target = found.ports.get(typeof p['name'] === 'string' ? p['name'] : '');
+      return target === undefined ? p : { ...p, targetPort: target };
+    });
+    return { ...svc, spec: { ...spec, ports, selector: { [SLICE_SERVICE_LABEL]: svc.metadata?.name ?? '' } } };
+  }
+
   private podsChanged(): void {
-    if (this.podsTimer || !this.pods.hasSynced()) return;
+    if (this.podsTimer || !this.pods.hasSynced() || !this.slices.hasSynced()) return;
     this.podsTimer = setTimeout(() => {
       this.podsTimer = undefined;
       const pods: WireWorkload[] = [];
@@ -135,6 +213,7 @@ export class KubernetesSource implements ConfigReader, PodInventory {
           if (w !== 'not_running') this.invalidPods.inc({ reason: w });
         } else pods.push(w);
       }
+      for (const { endpoints } of this.sliceEndpoints().values()) pods.push(...endpoints);
       this.onPods?.(pods);
     }, DEBOUNCE_MS);
   }
