@@ -47,7 +47,7 @@ export interface AgentOptions {
   readonly kernelRelay: boolean;
 }
 
-export type ConfigFeed = { readonly kind: 'dir'; readonly dir: string } | { readonly kind: 'control-plane'; readonly address: HostPort };
+export type ConfigFeed = { readonly kind: 'dir'; readonly dir: string } | { readonly kind: 'control-plane'; readonly address: HostPort; readonly tokenFile?: string };
 
 /** The config the control plane sent for this node: applied whole, under the control plane's version. */
 export interface RemoteConfig {
@@ -138,7 +138,7 @@ export class NodeAgent {
           onAck: () => m.snapshots.inc({ result: 'applied' }),
           onNack: () => m.snapshots.inc({ result: 'rejected' }),
           onConnected: (up) => m.controlPlaneConnected.set(up ? 1 : 0),
-        });
+        }, options.config.tokenFile);
         agent.cpClient.start();
       }
       await agent.reconcile();

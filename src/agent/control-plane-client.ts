@@ -5,7 +5,9 @@
  * gone the agent keeps serving and reconnects with jittered exponential backoff; it resumes from
  * its version, so an unchanged config is not sent again.
  */
-import { credentials, makeClientConstructor, type Client, type ClientDuplexStream } from '@grpc/grpc-js';
+import { readFile } from 'node:fs/promises';
+
+import { Metadata, credentials, makeClientConstructor, type Client, type ClientDuplexStream } from '@grpc/grpc-js';
 
 import type { Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -60,6 +62,8 @@ export class ControlPlaneClient {
     private readonly node: string,
     private readonly agent: SnapshotTarget,
     private readonly events: ClientEvents = {},
+    /** A file holding this node's token for the control plane (read again at every connect: it may be rotated). */
+    private readonly tokenFile?: string,
   ) {}
 
   start(): void {
@@ -94,7 +98,27 @@ export class ControlPlaneClient {
 
   private connect(): void {
     if (this.stopped || !this.client) return;
-    const stream = (this.client as unknown as { Stream(): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream();
+    if (this.tokenFile === undefined) {
+      this.open(new Metadata());
+      return;
+    }
+    const file = this.tokenFile;
+    readFile(file, 'utf8').then(
+      (token) => {
+        const metadata = new Metadata();
+        metadata.set('authorization', `Bearer ${token.trim()}`);
+        this.open(metadata);
+      },
+      (e: unknown) => {
+        log.error({ err: e, path: file }, 'cannot read the control plane token; retrying');
+        this.retry();
+      },
+    );
+  }
+
+  private open(metadata: Metadata): void {
+    if (this.stopped || !this.client) return;
+    const stream = (this.client as unknown as { Stream(metadata: Metadata): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream(metadata);
     this.call = stream;
     const { version, digest } = this.agent.remoteState();
     stream.write({ hello: { node: this.node, agentVersion: packageVersion(), capabilities: [...CAPABILITIES], version, digest } });
@@ -114,20 +138,24 @@ export class ControlPlaneClient {
       }
     });
     let ended = false;
-    const retry = (reason: string): void => {
+    const lost = (reason: string): void => {
       if (ended) return;
       ended = true;
       if (this.call === stream) this.call = undefined;
       this.setConnected(false);
-      if (this.stopped) return;
-      // Full jitter: agents that lost the same control plane do not all come back at once.
-      const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
-      this.attempt = Math.min(this.attempt + 1, 16);
-      log.warn({ reason, retryInMs: Math.round(delay), version: this.agent.remoteState().version }, 'control plane stream lost; serving the last snapshot and reconnecting');
-      this.timer = setTimeout(() => this.connect(), delay);
+      this.retry(reason);
     };
-    stream.on('error', (e: Error & { details?: string }) => retry(e.details ?? e.message));
-    stream.on('end', () => retry('the control plane ended the stream'));
+    stream.on('error', (e: Error & { details?: string }) => lost(e.details ?? e.message));
+    stream.on('end', () => lost('the control plane ended the stream'));
+  }
+
+  private retry(reason = 'the token could not be read'): void {
+    if (this.stopped) return;
+    // Full jitter: agents that lost the same control plane do not all come back at once.
+    const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
+    this.attempt = Math.min(this.attempt + 1, 16);
+    log.warn({ reason, retryInMs: Math.round(delay), version: this.agent.remoteState().version }, 'control plane stream lost; serving the last snapshot and reconnecting');
+    this.timer = setTimeout(() => this.connect(), delay);
   }
 
   private setConnected(connected: boolean): void {

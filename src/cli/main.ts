@@ -164,6 +164,7 @@ program
   .command('agent')
   .description('run the node agent: enroll the pods of this node and serve their traffic')
   .option('--control-plane <host:port>', "the control plane's Discovery stream (15010)")
+  .option('--token-file <file>', "this node's token for the control plane (its --agent-tokens file binds it to the node)")
   .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
   .option('--node <name>', 'node name', hostname())
   .option('--bpf-root <path>', 'bpffs folder for pinned maps and links', DEFAULT_PIN_ROOT)
@@ -181,7 +182,7 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; configDir?: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     assertPinRoot(opts.bpfRoot);
     if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', { context: { field: 'control-plane' } });
@@ -190,7 +191,10 @@ program
     const options: AgentOptions = {
       node: opts.node,
       podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
-      config: opts.controlPlane !== undefined ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')) } : { kind: 'dir', dir: opts.configDir ?? '' },
+      config:
+        opts.controlPlane !== undefined
+          ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }) }
+          : { kind: 'dir', dir: opts.configDir ?? '' },
       pinRoot: opts.bpfRoot,
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
       ready: parseHostPort(opts.ready, 'ready', invalid('ready')),
@@ -267,8 +271,9 @@ program
   .addOption(new Option('--source <source>', 'where config comes from: dir (--config-dir) or kubernetes (list+watch of the API)').choices(['dir', 'kubernetes']).default('dir'))
   .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
   .option('--listen <host:port>', 'gRPC Discovery stream, plaintext', '127.0.0.1:15010')
+  .option('--agent-tokens <file>', 'lines of "<node> <token>": agents must present one and may speak only for its node')
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string }) => {
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string; agentTokens?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' } });
     }
@@ -277,7 +282,7 @@ program
     }
     const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
-    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')) });
+    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

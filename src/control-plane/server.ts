@@ -41,6 +41,7 @@ import {
   type WireSnapshot,
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
+import { AgentTokens } from './agent-tokens.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
@@ -64,6 +65,8 @@ export interface ControlPlaneOptions {
   readonly http: HostPort;
   /** How long agents get to report their pods after a start before the first push (default 2 s). */
   readonly warmupMs?: number;
+  /** `<node> <token>` lines: agents must present a token, and may speak only for its node. Without: any agent is accepted. */
+  readonly agentTokens?: string;
 }
 
 /** What `nodemesh status` and /debug/nodes show per node. */
@@ -110,6 +113,7 @@ export class ControlPlane {
   /** Pods come from the config source (the Kubernetes API); agents' reports are then not used. */
   private podsFromSource = false;
   private warnings: ReadonlyArray<SnapshotWarning> = [];
+  private readonly tokens: AgentTokens | undefined;
   /** What each node last acknowledged, kept across reconnects (for status). */
   private readonly acked = new Map<string, number>();
   private version = 0;
@@ -151,12 +155,15 @@ export class ControlPlane {
       reader = kube;
     }
     this.store = new ConfigStore(reader, { onLoad: (config, rejected) => this.configRead(config, rejected) });
+    this.tokens = options.agentTokens === undefined ? undefined : new AgentTokens(options.agentTokens);
   }
 
   static async start(options: ControlPlaneOptions): Promise<ControlPlane> {
     // The Kubernetes client is loaded only for that source: it is most of the modules there are.
     const cp = new ControlPlane(options, options.source.kind === 'kubernetes' ? await import('./sources/kubernetes.js') : undefined);
     try {
+      if (cp.tokens) log.info({ file: cp.tokens.file, nodes: await cp.tokens.check() }, 'agents authenticate with node-bound tokens');
+      else log.warn({ listen: `${options.listen.host}:${options.listen.port}` }, 'agents are not authenticated (no --agent-tokens): any agent may speak for any node; use on loopback only');
       await cp.store.load();
       cp.store.watch();
       // Pods come from the agents' reports: until they have had time to report after a restart,
@@ -428,6 +435,40 @@ export class ControlPlane {
     this.grpc = server;
   }
 
+  /** A Hello believed: the node's stream, replacing an older one of the same node. */
+  private accept(call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>, hello: NonNullable<AgentMessage['hello']>): AgentStream {
+    const previous = this.streams.get(hello.node);
+    if (previous) {
+      log.info({ node: hello.node }, 'agent reconnected; the older stream of that node is closed');
+      previous.call.end();
+    }
+    const stream = new AgentStream(hello.node, call);
+    // The agent holds exactly what the node needs now (same digest): nothing is sent, and
+    // later changes come as Deltas against it. Otherwise it gets a Snapshot.
+    const view = this.viewOf(hello.node);
+    if (hello.version > 0 && hello.digest === view.digest) {
+      stream.held = view.hashes;
+      stream.heldVersion = hello.version;
+      stream.heldDigest = hello.digest;
+      this.acked.set(hello.node, hello.version);
+    }
+    // Headers now: the agent knows it is connected even when it has nothing new to receive.
+    call.sendMetadata(new Metadata());
+    this.streams.set(hello.node, stream);
+    this.metrics.connectedAgents.set(this.streams.size);
+    log.info({ node: hello.node, agentVersion: hello.agentVersion, version: hello.version }, 'agent connected');
+    this.push(stream);
+    return stream;
+  }
+
+  /** The node the caller's token is bound to; undefined without a valid one (or when tokens are off). */
+  private async authenticate(call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>): Promise<string | undefined> {
+    if (!this.tokens) return undefined;
+    const header = call.metadata.get('authorization')[0];
+    const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
+    return token === undefined ? undefined : this.tokens.nodeOf(token);
+  }
+
   private serveStream(call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>): void {
     let stream: AgentStream | undefined;
     const fail = (reason: string, code: GrpcStatus, message: string): void => {
@@ -436,34 +477,41 @@ export class ControlPlane {
       // grpc-js ends the call with this status.
       call.emit('error', { code, details: message });
     };
+    // Who the agent is, from its token (before any Hello is believed).
+    const authenticated = this.authenticate(call);
+    let authFailed = false;
+    void authenticated.catch(() => undefined);
     call.on('data', (m: AgentMessage) => {
+      if (authFailed) return;
       if (!stream) {
         const hello = m.hello;
         if (!hello || !/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(hello.node)) {
           fail('bad_hello', GrpcStatus.INVALID_ARGUMENT, hello ? `node name "${hello.node}" is not a Kubernetes node name` : 'the first message must be Hello');
           return;
         }
-        const previous = this.streams.get(hello.node);
-        if (previous) {
-          log.info({ node: hello.node }, 'agent reconnected; the older stream of that node is closed');
-          previous.call.end();
+        if (this.tokens) {
+          // Messages wait for the token check; the first (Hello) decides.
+          call.pause();
+          authenticated.then(
+            (node) => {
+              if (node === undefined) fail('unauthenticated', GrpcStatus.UNAUTHENTICATED, `agent for node ${hello.node} presented no valid token`);
+              else if (node !== hello.node) fail('node_mismatch', GrpcStatus.PERMISSION_DENIED, `agent authenticated as node ${node} claims node ${hello.node}`);
+              else {
+                stream = this.accept(call, hello);
+                call.resume();
+                return;
+              }
+              authFailed = true;
+            },
+            (e: unknown) => {
+              authFailed = true;
+              log.error({ err: e }, 'agent token check failed');
+              fail('unauthenticated', GrpcStatus.UNAVAILABLE, 'the control plane cannot check agent tokens now');
+            },
+          );
+          return;
         }
-        stream = new AgentStream(hello.node, call);
-        // The agent holds exactly what the node needs now (same digest): nothing is sent, and
-        // later changes come as Deltas against it. Otherwise it gets a Snapshot.
-        const view = this.viewOf(hello.node);
-        if (hello.version > 0 && hello.digest === view.digest) {
-          stream.held = view.hashes;
-          stream.heldVersion = hello.version;
-          stream.heldDigest = hello.digest;
-          this.acked.set(hello.node, hello.version);
-        }
-        // Headers now: the agent knows it is connected even when it has nothing new to receive.
-        call.sendMetadata(new Metadata());
-        this.streams.set(hello.node, stream);
-        this.metrics.connectedAgents.set(this.streams.size);
-        log.info({ node: hello.node, agentVersion: hello.agentVersion, version: hello.version }, 'agent connected');
-        this.push(stream);
+        stream = this.accept(call, hello);
         return;
       }
       const s = stream;

@@ -26,6 +26,7 @@ export const ERROR_CODES = {
   NM_ERR_CONTROL_PLANE_UNREACHABLE: "the control plane's HTTP port (15014) does not answer",
   NM_ERR_LOCK_TIMEOUT: 'another nodemesh process holds the runtime lock for too long',
   NM_ERR_DEMO: 'the demo could not start one of its parts (a port taken, a process that exited)',
+  NM_ERR_AGENT_TOKENS: 'the control plane\'s agent token file cannot be read or has a bad line',
   NM_ERR_KUBE_CONFIG: 'the Kubernetes client config (kubeconfig or in-cluster service account) cannot be loaded',
 } as const;
 

@@ -5,6 +5,9 @@
  * bad snapshot Nacks it and keeps serving the last good one.
  */
 import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { Server, ServerCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
@@ -24,8 +27,13 @@ test('control plane: edits reach the agent, traffic survives its loss, the agent
   const b = await sb.echoPod('echo-b', 8080, ['app=echo-b']);
   const c = await sb.echoPod('echo-c', 8080, ['app=echo-c']);
   const client = await sb.idlePod('client-a', ['app=client']);
-  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'echo-b' }) });
-  const agent = await startAgent(sb, { controlPlane: cp.address });
+  // Agents authenticate with a token bound to their node (the agent's node is test-<sandbox id>).
+  const tokens = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-tokens-`));
+  sb.defer(() => rm(tokens, { recursive: true, force: true }));
+  await writeFile(join(tokens, 'agents'), `test-${sb.id} token-for-this-node-0123\n`);
+  await writeFile(join(tokens, 'agent-token'), 'token-for-this-node-0123\n');
+  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'echo-b' }) }, { agentTokens: join(tokens, 'agents') });
+  const agent = await startAgent(sb, { controlPlane: cp.address, tokenFile: join(tokens, 'agent-token') });
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods enrolled and verified');
   const endpoints = async (): Promise<string[]> => (await agent.config()).services.find((s) => s.service === 'default/backend:80')?.endpoints.map((e) => e.pod) ?? [];
   // The pods reach the control plane from the agent's report, and come back as endpoints.

@@ -49,10 +49,12 @@ export function metricValue(text: string, name: string, labels: Record<string, s
 }
 
 /** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
-export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string };
+export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string };
 
 export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promise<AgentProcess> {
-  const controlPlane = typeof source['controlPlane'] === 'string' && Object.keys(source).length === 1 ? (source as { controlPlane: string }).controlPlane : undefined;
+  const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile');
+  const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
+  const tokenFile = isRemote ? (source as { tokenFile?: string }).tokenFile : undefined;
   const config: Record<string, string> = controlPlane === undefined ? (source as Record<string, string>) : {};
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
@@ -62,7 +64,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promis
   const spawnAgent = (): ChildProcess => {
     const child = spawn(
       process.execPath,
-      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
+      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
@@ -135,14 +137,15 @@ export interface ControlPlaneProcess {
 }
 
 /** Runs `nodemesh control-plane` on a config folder of its own, on free loopback ports. */
-export async function startControlPlane(sb: Sandbox, config: Record<string, string>): Promise<ControlPlaneProcess> {
+export async function startControlPlane(sb: Sandbox, config: Record<string, string>, options: { agentTokens?: string } = {}): Promise<ControlPlaneProcess> {
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-cp-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
   const [grpc, http] = [await freePort(), await freePort()];
   let output = '';
   let child: ChildProcess;
   const spawnCp = (): ChildProcess => {
-    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--http', `127.0.0.1:${http}`], {
+    const tokens = options.agentTokens === undefined ? [] : ['--agent-tokens', options.agentTokens];
+    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--http', `127.0.0.1:${http}`, ...tokens], {
       env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });

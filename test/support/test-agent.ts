@@ -1,5 +1,5 @@
 /** A Discovery client for control plane tests: says Hello, reports pods, holds what it is sent and Acks it. */
-import { credentials, makeClientConstructor, type ClientDuplexStream } from '@grpc/grpc-js';
+import { Metadata, credentials, makeClientConstructor, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
 import { applyDelta, discoveryService, resourceKey, type AgentMessage, type ControlPlaneMessage, type WireResource, type WireWorkload } from '../../src/shared/protocol/discovery.js';
 
@@ -9,11 +9,16 @@ export class TestAgent {
   version = 0;
   private readonly call: ClientDuplexStream<AgentMessage, ControlPlaneMessage>;
 
-  constructor(address: string, node: string, pods: WireWorkload[]) {
+  /** How the control plane ended the stream, if it did. */
+  error: ServiceError | undefined;
+
+  constructor(address: string, node: string, pods: WireWorkload[], token?: string) {
     const Client = makeClientConstructor(discoveryService(), 'Discovery');
     const client = new Client(address, credentials.createInsecure());
-    this.call = (client as unknown as { Stream(): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream();
-    this.call.on('error', () => undefined);
+    const metadata = new Metadata();
+    if (token !== undefined) metadata.set('authorization', `Bearer ${token}`);
+    this.call = (client as unknown as { Stream(m: Metadata): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream(metadata);
+    this.call.on('error', (e: ServiceError) => (this.error = e));
     this.call.on('data', (m: ControlPlaneMessage) => {
       if (m.snapshot) this.held = new Map(m.snapshot.resources.map((r) => [resourceKey(r), r]));
       else if (m.delta) this.held = applyDelta(this.held, this.version, m.delta);

@@ -112,3 +112,42 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
   silent.call.cancel();
   assert.deepEqual(good.keys('Service'), ['Service/shop/web'], 'the good agent was served throughout');
 });
+
+test('control plane: with --agent-tokens an agent must present a token and may speak only for its node', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-tokens-'));
+  const stops: Array<() => unknown> = [];
+  t.after(async () => {
+    for (const stop of stops.reverse()) await stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+  await writeFile(join(dir, 'svc.yaml'), service('web', 80));
+  const tokens = join(dir, 'agents.tokens');
+  await writeFile(tokens, '# node token\nnode-a tok-aaaaaaaaaaaaaaaa\nnode-b tok-bbbbbbbbbbbbbbbb\n');
+  // The token file sits next to the config here; the config folder reader only reads *.yaml.
+  const http = await freePort();
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http }, warmupMs: 0, agentTokens: tokens });
+  stops.push(() => cp.stop());
+  const address = `127.0.0.1:${cp.grpcPort()}`;
+  const good = new TestAgent(address, 'node-a', [], 'tok-aaaaaaaaaaaaaaaa');
+  const impostor = new TestAgent(address, 'node-b', [], 'tok-aaaaaaaaaaaaaaaa');
+  const anonymous = new TestAgent(address, 'node-c', []);
+  const wrong = new TestAgent(address, 'node-b', [], 'tok-not-a-real-token');
+  stops.push(() => [good, impostor, anonymous, wrong].forEach((a) => a.stop()));
+  await waitFor(() => good.version > 0, 5000, 'node-a is served');
+  await waitFor(() => impostor.error !== undefined && anonymous.error !== undefined && wrong.error !== undefined, 5000, 'the others are refused');
+  assert.equal(impostor.error?.code, 7, 'PERMISSION_DENIED');
+  assert.match(impostor.error?.details ?? '', /authenticated as node node-a claims node node-b/);
+  assert.equal(anonymous.error?.code, 16, 'UNAUTHENTICATED');
+  assert.equal(wrong.error?.code, 16);
+  assert.deepEqual([impostor.version, anonymous.version, wrong.version], [0, 0, 0], 'nothing was sent to them');
+  assert.deepEqual(cp.nodes().map((n) => [n.node, n.connected]), [['node-a', true]]);
+  const metrics = await (await fetch(`http://127.0.0.1:${http}/metrics`)).text();
+  assert.equal(metricValue(metrics, 'nodemesh_cp_stream_errors_total', { reason: 'node_mismatch' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_cp_stream_errors_total', { reason: 'unauthenticated' }), 2);
+  // A broken token file stops a control plane from starting open.
+  await writeFile(tokens, 'node-a short\n');
+  await assert.rejects(
+    ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, agentTokens: tokens }),
+    (e: Error & { code?: string }) => e.code === 'NM_ERR_AGENT_TOKENS' && /line 1/.test(e.message),
+  );
+});
