@@ -51,6 +51,7 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
   await writeFile(join(dir, 'zz-duplicate.yaml'), service('web', 81));
   await writeFile(join(dir, 'policy.yaml'), 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: lb, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: missing}]\n');
   await writeFile(join(dir, 'not-yaml.yaml'), 'apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n');
+  await writeFile(join(dir, 'route.yaml'), 'apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-nowhere, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules: [{backendRefs: [{name: missing, port: 80}]}]\n');
   const http = await freePort();
   const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http }, warmupMs: 0 });
   stops.push(() => cp.stop());
@@ -69,6 +70,7 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
     debug.configErrors.map((e) => [e.file.split('/').pop(), e.object, e.field]).sort(),
     [
       ['not-yaml.yaml', 'document 1', ''],
+      ['route.yaml', 'HTTPRoute shop/to-nowhere', 'spec.rules[0].backendRefs[0].name'],
       ['unknown-field.yaml', 'Service shop/typo', 'spec.selectr'],
       ['wrong-type.yaml', 'Service shop/strport', 'spec.ports[0].port'],
       ['zz-duplicate.yaml', 'Service shop/web', 'metadata.name'],
@@ -78,6 +80,7 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
   const metrics = await (await fetch(`http://127.0.0.1:${http}/metrics`)).text();
   assert.equal(metricValue(metrics, 'nodemesh_cp_config_rejected_objects', { kind: 'Service' }), 3);
   assert.equal(metricValue(metrics, 'nodemesh_cp_config_rejected_objects', { kind: 'yaml' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_cp_config_rejected_objects', { kind: 'HTTPRoute' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_cp_config_warnings'), 1);
 
   // Bytes that are no AgentMessage: that stream ends with an error, the control plane goes on.
