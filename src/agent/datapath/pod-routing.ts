@@ -25,25 +25,37 @@ async function ignoreMissing(p: Promise<unknown>): Promise<void> {
 }
 
 export async function enableInboundDelivery(netnsPath: string): Promise<void> {
+  // One child process of the agent per pod (it was seven, one per step): the steps run in one
+  // shell inside the pod's netns.
   // fwmark_reflect: a reset the kernel sends for a port nothing listens on carries the SYN's mark
   // too, so it reaches the proxy's transparent socket (an immediate ECONNREFUSED) instead of
   // leaving the pod for the real client address and the proxy waiting out its connect timeout.
-  await inNetns(netnsPath, [
-    'sh',
-    '-c',
-    'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept && echo 1 > /proc/sys/net/ipv4/fwmark_reflect && echo 1 > /proc/sys/net/ipv6/fwmark_reflect',
-  ]);
-  for (const [family, any] of [['-4', '0.0.0.0/0'], ['-6', '::/0']] as const) {
-    // del + add keeps it idempotent: re-enrolling a pod must not stack duplicate rules.
-    await ignoreMissing(inNetns(netnsPath, ['ip', family, 'rule', 'del', 'fwmark', mark, 'lookup', table, 'pref', table]));
-    await inNetns(netnsPath, ['ip', family, 'rule', 'add', 'fwmark', mark, 'lookup', table, 'pref', table]);
-    await inNetns(netnsPath, ['ip', family, 'route', 'replace', 'local', any, 'dev', 'lo', 'table', table]);
-  }
+  // del before add keeps it idempotent: re-enrolling a pod must not stack duplicate rules.
+  const rule = `fwmark ${mark} lookup ${table} pref ${table}`;
+  const script = [
+    'set -e',
+    'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept',
+    'echo 1 > /proc/sys/net/ipv4/fwmark_reflect',
+    'echo 1 > /proc/sys/net/ipv6/fwmark_reflect',
+    `ip -4 rule del ${rule} 2>/dev/null || true`,
+    `ip -6 rule del ${rule} 2>/dev/null || true`,
+    `ip -4 rule add ${rule}`,
+    `ip -6 rule add ${rule}`,
+    `ip -4 route replace local 0.0.0.0/0 dev lo table ${table}`,
+    `ip -6 route replace local ::/0 dev lo table ${table}`,
+  ].join('\n');
+  await inNetns(netnsPath, ['sh', '-c', script]);
 }
 
 export async function disableInboundDelivery(netnsPath: string): Promise<void> {
-  for (const [family, any] of [['-4', '0.0.0.0/0'], ['-6', '::/0']] as const) {
-    await ignoreMissing(inNetns(netnsPath, ['ip', family, 'rule', 'del', 'fwmark', mark, 'lookup', table, 'pref', table]));
-    await ignoreMissing(inNetns(netnsPath, ['ip', family, 'route', 'del', 'local', any, 'dev', 'lo', 'table', table]));
-  }
+  const rule = `fwmark ${mark} lookup ${table} pref ${table}`;
+  // Each step on its own: whatever is already gone, the rest is still removed.
+  const script = [
+    `ip -4 rule del ${rule} 2>/dev/null`,
+    `ip -6 rule del ${rule} 2>/dev/null`,
+    `ip -4 route del local 0.0.0.0/0 dev lo table ${table} 2>/dev/null`,
+    `ip -6 route del local ::/0 dev lo table ${table} 2>/dev/null`,
+    'true',
+  ].join('\n');
+  await ignoreMissing(inNetns(netnsPath, ['sh', '-c', script]));
 }
