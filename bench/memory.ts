@@ -18,7 +18,7 @@ import type { RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { preflight } from '../src/shared/preflight.js';
-import { agentCommand } from './tools.js';
+import { agentCommand, cpuSeconds } from './tools.js';
 
 const PODS = Number(process.env['BENCH_PODS'] ?? 100);
 const SETTLE_MS = Number(process.env['BENCH_SETTLE_MS'] ?? 15_000);
@@ -114,14 +114,16 @@ async function main(): Promise<void> {
     }
     const enrolled = await breakdown(agent.pid ?? 0);
     say(`all verified; idle for ${SETTLE_MS / 1000} s`);
+    const cpuBefore = await cpuSeconds([agent.pid ?? 0]);
     await sleep(SETTLE_MS);
+    const idleCpuMsPerS = ((await cpuSeconds([agent.pid ?? 0])) - cpuBefore) * 1000 / (SETTLE_MS / 1000);
     const steady = await breakdown(agent.pid ?? 0);
     const heap = (await fetch('http://127.0.0.1:15901/debug/memory').then((r) => r.json())) as Record<string, number>;
     const mib = (k: number): string => (k / 1024).toFixed(1);
     const kinds = Object.keys(steady.byKind).sort((a, b) => (steady.byKind[b] ?? 0) - (steady.byKind[a] ?? 0));
     process.stdout.write(
       [
-        `agent with ${PODS} enrolled pods${grow ? ' (enrolled as they came)' : ''}: VmRSS ${mib(enrolled.rssKiB)} MiB when all verified, ${mib(steady.rssKiB)} MiB after ${SETTLE_MS / 1000} s idle; ${steady.threads} threads`,
+        `agent with ${PODS} enrolled pods${grow ? ' (enrolled as they came)' : ''}: VmRSS ${mib(enrolled.rssKiB)} MiB when all verified, ${mib(steady.rssKiB)} MiB after ${SETTLE_MS / 1000} s idle; ${steady.threads} threads; CPU while idle ${idleCpuMsPerS.toFixed(1)} ms/s`,
         `V8 heap after idle: total ${mib((heap['heapTotal'] ?? 0) / 1024)} MiB, used ${mib((heap['heapUsed'] ?? 0) / 1024)} MiB, external ${mib((heap['external'] ?? 0) / 1024)} MiB`,
         '| mapping | MiB (verified) | MiB (idle) |',
         '|---|---|---|',

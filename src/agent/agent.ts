@@ -298,7 +298,8 @@ export class NodeAgent {
       }
       this.noteFailure(p, p.reason, p.message);
     }
-    const podsChanged = JSON.stringify(pods.map((p) => [p.uid, p.labels])) !== JSON.stringify(this.pods.map((p) => [p.uid, p.labels]));
+    // The source hands out the same object for a pod that did not change.
+    const podsChanged = pods.length !== this.pods.length || pods.some((p, i) => p !== this.pods[i]);
     this.pods = pods;
     if (podsChanged) {
       this.publish();

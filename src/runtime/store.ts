@@ -3,7 +3,7 @@
  * processes (the agent, `pod list`) read the same files; only the runtime writes them.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -34,6 +34,9 @@ export interface PodRecord {
 
 export const podKey = (namespace: string, name: string): string => `${namespace}_${name}`;
 
+/** Parsed records by path with the file's identity (inode, size, mtime) when they were read. */
+export type RecordCache = Map<string, { readonly signature: string; readonly record: PodRecord }>;
+
 export class PodStore {
   readonly podsDir: string;
   private readonly lockDir: string;
@@ -62,7 +65,7 @@ export class PodStore {
    * Every readable record, and an error for each record that cannot be read. A record removed
    * while we read the folder is simply gone, not an error.
    */
-  async scan(): Promise<{ records: PodRecord[]; errors: NodemeshError[] }> {
+  async scan(cache?: RecordCache): Promise<{ records: PodRecord[]; errors: NodemeshError[] }> {
     let files: string[];
     try {
       files = await readdir(this.podsDir);
@@ -72,15 +75,19 @@ export class PodStore {
     }
     const records: PodRecord[] = [];
     const errors: NodemeshError[] = [];
+    const seen = new Set<string>();
     for (const f of files.filter((f) => f.endsWith('.json')).sort()) {
+      const path = join(this.podsDir, f);
+      seen.add(path);
       try {
-        records.push(await this.read(join(this.podsDir, f)));
+        records.push(cache ? await this.readCached(path, cache) : await this.read(path));
       } catch (e) {
         if (e instanceof NodemeshError && (e.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') continue;
         if (e instanceof NodemeshError) errors.push(e);
         else throw e;
       }
     }
+    if (cache) for (const path of cache.keys()) if (!seen.has(path)) cache.delete(path);
     return { records, errors };
   }
 
@@ -91,6 +98,25 @@ export class PodStore {
       if (e instanceof NodemeshError && (e.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT') return null;
       throw e;
     }
+  }
+
+  /**
+   * The same record object as last time while the file is the same (records are replaced by
+   * rename, so a new version is a new inode): a reader that polls reads and parses only what changed.
+   */
+  private async readCached(path: string, cache: RecordCache): Promise<PodRecord> {
+    let st;
+    try {
+      st = await stat(path);
+    } catch (e) {
+      throw new NodemeshError('NM_ERR_STATE', `pod record ${path} cannot be read: ${(e as Error).message}`, { context: { path }, cause: e });
+    }
+    const signature = `${st.ino}:${st.size}:${st.mtimeMs}`;
+    const hit = cache.get(path);
+    if (hit?.signature === signature) return hit.record;
+    const record = await this.read(path);
+    cache.set(path, { signature, record });
+    return record;
   }
 
   private async read(path: string): Promise<PodRecord> {

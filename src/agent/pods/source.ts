@@ -5,7 +5,7 @@
 import { existsSync, watch, type FSWatcher } from 'node:fs';
 
 import type { ProxyPod } from '../../proxy/node-proxy.js';
-import { PodStore } from '../../runtime/store.js';
+import { PodStore, type PodRecord, type RecordCache } from '../../runtime/store.js';
 
 export interface NodePod extends ProxyPod {
   readonly cgroupPath: string;
@@ -33,6 +33,10 @@ export interface PodSource {
 
 export class LocalRuntimePodSource implements PodSource {
   private readonly store: PodStore;
+  /** The agent polls every second: unchanged records are neither read nor parsed again. */
+  private readonly records: RecordCache = new Map();
+  /** One NodePod object per record object, so an unchanged pod is the same object on every pass. */
+  private readonly nodePods = new WeakMap<PodRecord, NodePod>();
 
   constructor(stateDir: string) {
     this.store = new PodStore(stateDir);
@@ -41,7 +45,7 @@ export class LocalRuntimePodSource implements PodSource {
   async list(): Promise<PodListing> {
     const pods: NodePod[] = [];
     const problems: PodProblem[] = [];
-    const { records, errors } = await this.store.scan();
+    const { records, errors } = await this.store.scan(this.records);
     for (const e of errors) {
       const file = e.context.path ?? '';
       const key = file.split('/').pop()?.replace(/\.json$/, '') ?? file;
@@ -57,7 +61,12 @@ export class LocalRuntimePodSource implements PodSource {
       } else if (!existsSync(r.cgroupPath)) {
         problems.push({ ...id, reason: 'cgroup_missing', message: `cgroup ${r.cgroupPath} does not exist` });
       } else {
-        pods.push({ ...id, serviceAccount: r.serviceAccount, labels: r.labels, ip4: r.ip4, ip6: r.ip6, netnsPath: r.netnsPath, cgroupPath: r.cgroupPath });
+        let pod = this.nodePods.get(r);
+        if (!pod) {
+          pod = { ...id, serviceAccount: r.serviceAccount, labels: r.labels, ip4: r.ip4, ip6: r.ip6, netnsPath: r.netnsPath, cgroupPath: r.cgroupPath };
+          this.nodePods.set(r, pod);
+        }
+        pods.push(pod);
       }
     }
     return { pods, problems };
