@@ -272,8 +272,9 @@ program
   .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
   .option('--listen <host:port>', 'gRPC Discovery stream, plaintext', '127.0.0.1:15010')
   .option('--agent-tokens <file>', 'lines of "<node> <token>": agents must present one and may speak only for its node')
+  .option('--agent-service-account <ns/name>', "with --source kubernetes: agents present their pod's projected token (audience nodemesh), checked with TokenReview")
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string; agentTokens?: string }) => {
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string; agentTokens?: string; agentServiceAccount?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' } });
     }
@@ -282,7 +283,7 @@ program
     }
     const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
-    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }) });
+    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

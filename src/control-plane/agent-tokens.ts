@@ -12,8 +12,21 @@ import { NodemeshError } from '../shared/errors.js';
 const NODE_NAME = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
 const digest = (token: string): Buffer => createHash('sha256').update(token).digest();
 
-export class AgentTokens {
+/** Which node an agent's bearer token speaks for. */
+export interface AgentAuthenticator {
+  readonly description: string;
+  /** Checked once at start: a broken setup must not start open. Returns how many identities it knows, if it can tell. */
+  check(): Promise<number>;
+  /** The node the token is bound to, or undefined. */
+  nodeOf(token: string): Promise<string | undefined>;
+}
+
+export class AgentTokens implements AgentAuthenticator {
   constructor(readonly file: string) {}
+
+  get description(): string {
+    return `token file ${this.file}`;
+  }
 
   /** Checks the file once (at start): a control plane with a broken token file must not start open. */
   async check(): Promise<number> {

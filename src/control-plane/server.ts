@@ -18,6 +18,7 @@ import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerD
 import { json, serveHttp, type HostPort } from '../agent/http.js';
 import { MeshSnapshot, SelectorIndex, type SnapshotWarning } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
+import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
 import {
@@ -41,7 +42,7 @@ import {
   type WireSnapshot,
   type WireWorkload,
 } from '../shared/protocol/discovery.js';
-import { AgentTokens } from './agent-tokens.js';
+import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
@@ -67,6 +68,8 @@ export interface ControlPlaneOptions {
   readonly warmupMs?: number;
   /** `<node> <token>` lines: agents must present a token, and may speak only for its node. Without: any agent is accepted. */
   readonly agentTokens?: string;
+  /** With the Kubernetes source: "namespace/name" of the agents' ServiceAccount, whose pod-bound tokens are checked with TokenReview. */
+  readonly agentServiceAccount?: string;
 }
 
 /** What `nodemesh status` and /debug/nodes show per node. */
@@ -113,7 +116,7 @@ export class ControlPlane {
   /** Pods come from the config source (the Kubernetes API); agents' reports are then not used. */
   private podsFromSource = false;
   private warnings: ReadonlyArray<SnapshotWarning> = [];
-  private readonly tokens: AgentTokens | undefined;
+  private readonly tokens: AgentAuthenticator | undefined;
   /** What each node last acknowledged, kept across reconnects (for status). */
   private readonly acked = new Map<string, number>();
   private version = 0;
@@ -144,7 +147,14 @@ export class ControlPlane {
     kubernetes: typeof import('./sources/kubernetes.js') | undefined,
   ) {
     const source = options.source;
+    if (options.agentServiceAccount !== undefined && source.kind !== 'kubernetes') {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--agent-service-account needs --source kubernetes (TokenReview asks the API server)', { context: { field: 'agent-service-account' } });
+    }
+    if (options.agentServiceAccount !== undefined && !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$/.test(options.agentServiceAccount)) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--agent-service-account "${options.agentServiceAccount}" is not NAMESPACE/NAME`, { context: { field: 'agent-service-account' } });
+    }
     let reader: ConfigReader;
+    let tokenReview: AgentAuthenticator | undefined;
     if (source.kind === 'dir') reader = new ConfigDirReader(source.dir);
     else {
       if (!kubernetes) throw new Error('internal: the Kubernetes source module is not loaded');
@@ -153,16 +163,17 @@ export class ControlPlane {
       this.podsFromSource = true;
       kube.watchPods((pods) => this.sourcePods(pods));
       reader = kube;
+      if (options.agentServiceAccount !== undefined) tokenReview = new kubernetes.TokenReviewAuthenticator(kube.api, options.agentServiceAccount);
     }
     this.store = new ConfigStore(reader, { onLoad: (config, rejected) => this.configRead(config, rejected) });
-    this.tokens = options.agentTokens === undefined ? undefined : new AgentTokens(options.agentTokens);
+    this.tokens = options.agentTokens === undefined ? tokenReview : new AgentTokens(options.agentTokens);
   }
 
   static async start(options: ControlPlaneOptions): Promise<ControlPlane> {
     // The Kubernetes client is loaded only for that source: it is most of the modules there are.
     const cp = new ControlPlane(options, options.source.kind === 'kubernetes' ? await import('./sources/kubernetes.js') : undefined);
     try {
-      if (cp.tokens) log.info({ file: cp.tokens.file, nodes: await cp.tokens.check() }, 'agents authenticate with node-bound tokens');
+      if (cp.tokens) log.info({ by: cp.tokens.description, identities: await cp.tokens.check() }, 'agents authenticate with node-bound tokens');
       else log.warn({ listen: `${options.listen.host}:${options.listen.port}` }, 'agents are not authenticated (no --agent-tokens): any agent may speak for any node; use on loopback only');
       await cp.store.load();
       cp.store.watch();

@@ -38,6 +38,8 @@ export interface FakeKubeApi {
   cutNextEvent(): void;
   /** Raw bytes on every open watch of a resource (a garbled line). */
   sendRaw(path: string, text: string): void;
+  /** What TokenReview says of a token: its ServiceAccount user and the node its pod runs on. */
+  reviewToken(token: string, username: string, node: string | undefined): void;
   /** Answer 404 for this collection, as an API server without the CRD does. */
   notServed(path: string): void;
   /** While set, new watches are answered 503. */
@@ -57,6 +59,7 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
   let cutNext = false;
   let refusing = false;
   const unserved = new Set<string>();
+  const reviews = new Map<string, { username: string; node: string | undefined }>();
   const resource = (path: string): Resource => {
     let r = resources.get(path);
     if (!r) {
@@ -100,6 +103,20 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     const url = new URL(req.url ?? '/', 'http://x');
     if (unserved.has(url.pathname)) {
       res.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ kind: 'Status', code: 404, reason: 'NotFound', message: 'the server could not find the requested resource' }));
+      return;
+    }
+    if (req.method === 'POST' && url.pathname === '/apis/authentication.k8s.io/v1/tokenreviews') {
+      let body = '';
+      req.on('data', (d: Buffer) => (body += d.toString()));
+      req.on('end', () => {
+        const review = JSON.parse(body) as { spec: { token: string; audiences?: string[] } };
+        const who = reviews.get(review.spec.token);
+        const status = who
+          ? { authenticated: true, audiences: review.spec.audiences ?? [], user: { username: who.username, extra: who.node ? { 'authentication.kubernetes.io/node-name': [who.node] } : {} } }
+          : { authenticated: false, error: 'invalid bearer token' };
+        res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ apiVersion: 'authentication.k8s.io/v1', kind: 'TokenReview', spec: review.spec, status }));
+      });
+      requests.push('create tokenreviews');
       return;
     }
     const r = resource(url.pathname);
@@ -168,6 +185,9 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     },
     sendRaw(path, text) {
       for (const w of resource(path).watches) w.write(text);
+    },
+    reviewToken(token, username, node) {
+      reviews.set(token, { username, node });
     },
     notServed(path) {
       unserved.add(path);

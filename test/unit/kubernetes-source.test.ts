@@ -190,3 +190,49 @@ test('Kubernetes source: nothing is pushed before the first list, and a bad kube
   assert.equal((await fetch(`http://127.0.0.1:${http}/healthz/ready`)).status, 503);
   assert.equal(agent.version, 0, 'the agent was sent nothing (not an empty config)');
 });
+
+test('Kubernetes source: agents authenticate with pod-bound ServiceAccount tokens (TokenReview) and speak only for their node', async (t) => {
+  const api = await startFakeKubeApi();
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
+  const stops: Array<() => unknown> = [];
+  t.after(async () => {
+    for (const stop of stops.reverse()) await stop();
+    await api.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+  await writeFile(join(dir, 'kubeconfig'), kubeconfigFor(api));
+  api.put(SERVICES, service('web', 80));
+  const agentSa = 'system:serviceaccount:nodemesh-system:nodemesh-agent';
+  api.reviewToken('token-of-agent-on-node-a', agentSa, 'node-a');
+  api.reviewToken('token-of-some-app-on-node-a', 'system:serviceaccount:shop:web', 'node-a');
+  api.reviewToken('token-without-pod-binding', agentSa, undefined);
+  const http = await freePort();
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'kubeconfig') }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  stops.push(() => cp.stop());
+  const address = `127.0.0.1:${cp.grpcPort()}`;
+  const agents = {
+    good: new TestAgent(address, 'node-a', [], 'token-of-agent-on-node-a'),
+    otherNode: new TestAgent(address, 'node-b', [], 'token-of-agent-on-node-a'),
+    otherAccount: new TestAgent(address, 'node-a', [], 'token-of-some-app-on-node-a'),
+    unbound: new TestAgent(address, 'node-a', [], 'token-without-pod-binding'),
+    unknown: new TestAgent(address, 'node-a', [], 'not-a-token'),
+  };
+  stops.push(() => Object.values(agents).forEach((a) => a.stop()));
+  await waitFor(() => agents.good.version > 0, 5000, 'the agent of node-a is served');
+  const refused = [agents.otherNode, agents.otherAccount, agents.unbound, agents.unknown];
+  await waitFor(() => refused.every((a) => a.error !== undefined), 5000, 'the others are refused');
+  assert.equal(agents.otherNode.error?.code, 7, 'PERMISSION_DENIED: node-a\'s agent claiming node-b');
+  assert.deepEqual([agents.otherAccount, agents.unbound, agents.unknown].map((a) => a.error?.code), [16, 16, 16], 'UNAUTHENTICATED');
+  assert.ok(refused.every((a) => a.version === 0));
+  assert.ok(agents.good.keys('Service').includes('Service/shop/web'));
+  // Reconnects are answered from the review cache, not with a TokenReview each.
+  const reviews = api.requests.filter((r) => r === 'create tokenreviews').length;
+  const again = new TestAgent(address, 'node-a', [], 'token-of-agent-on-node-a');
+  stops.push(() => again.stop());
+  await waitFor(() => again.version > 0, 5000, 'reconnect served');
+  assert.equal(api.requests.filter((r) => r === 'create tokenreviews').length, reviews);
+  await assert.rejects(
+    ControlPlane.start({ source: { kind: 'dir', dir }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() } }),
+    (e: Error & { code?: string }) => e.code === 'NM_ERR_INVALID_ARGUMENT',
+  );
+});

@@ -153,16 +153,26 @@ export class KubeApi {
     });
   }
 
-  private async send(path: string, query: Record<string, string>, signal: AbortSignal): Promise<IncomingMessage> {
+  /** POSTs an object (a TokenReview) and returns the API server's answer, or throws its Status. */
+  async create(path: string, body: unknown, signal: AbortSignal): Promise<unknown> {
+    const res = await this.send(path, {}, signal, JSON.stringify(body));
+    const answer = await readJson(res, path);
+    if (res.statusCode !== 200 && res.statusCode !== 201) throw statusError(path, res.statusCode ?? 0, answer);
+    return answer;
+  }
+
+  private async send(path: string, query: Record<string, string>, signal: AbortSignal, body?: string): Promise<IncomingMessage> {
     const url = new URL(this.server + path);
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
-    const options: RequestOptions & { headers: Record<string, string> } = { method: 'GET', headers: { Accept: 'application/json' }, signal };
+    const method = body === undefined ? 'GET' : 'POST';
+    const headers: Record<string, string> = { Accept: 'application/json', ...(body === undefined ? {} : { 'Content-Type': 'application/json' }) };
+    const options: RequestOptions & { headers: Record<string, string> } = { method, headers, signal };
     await this.config.applyToHTTPSOptions(options as Parameters<KubeConfig['applyToHTTPSOptions']>[0]);
     const request = url.protocol === 'http:' ? httpRequest : httpsRequest;
     return new Promise<IncomingMessage>((resolve, reject) => {
       const req = request(url, options, resolve);
-      req.on('error', (e: NodeJS.ErrnoException) => reject(new KubeApiError(path, 0, e.code ?? e.name, `GET ${url.pathname}: ${e.message}`)));
-      req.end();
+      req.on('error', (e: NodeJS.ErrnoException) => reject(new KubeApiError(path, 0, e.code ?? e.name, `${method} ${url.pathname}: ${e.message}`)));
+      req.end(body);
     });
   }
 }

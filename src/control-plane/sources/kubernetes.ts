@@ -61,7 +61,7 @@ export interface KubernetesSourceOptions extends KubeApiOptions {
 }
 
 export class KubernetesSource implements ConfigReader, PodInventory {
-  private readonly api: KubeApi;
+  readonly api: KubeApi;
   private readonly config: Array<{ spec: ConfigResource; reflector: Reflector }>;
   private readonly pods: Reflector;
   private readonly slices: Reflector;
@@ -248,3 +248,6 @@ export function podWorkload(o: KubeObject): WireWorkload | 'not_running' | 'inva
     node: spec.nodeName,
   };
 }
+
+// The agent authenticator that needs the API server comes with this (lazily loaded) module.
+export { TokenReviewAuthenticator } from './token-review.js';
