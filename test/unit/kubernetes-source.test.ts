@@ -8,12 +8,12 @@ import assert from 'node:assert/strict';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
 import { freePort } from '../../src/shared/ports.js';
 import { metricValue } from '../support/agent.js';
-import { kubeconfigFor, startFakeKubeApi, type Obj } from '../support/fake-kube-api.js';
+import { kubeconfigFor, startFakeKubeApi, type FakeKubeApi, type Obj } from '../support/fake-kube-api.js';
 import { waitFor } from '../support/sandbox.js';
 import { TestAgent } from '../support/test-agent.js';
 
@@ -38,11 +38,11 @@ const pod = (name: string, app: string, node: string, ip: string, ready = true):
   status: { phase: 'Running', podIP: ip, podIPs: [{ ip }], conditions: [{ type: 'Ready', status: ready ? 'True' : 'False' }] },
 });
 
-test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad object; dropped watches resume; 410 lists again', async (t) => {
+/** An API server, a kubeconfig for it, and clean-up that stops agents, then the control plane, then the server. */
+async function testbed(t: TestContext): Promise<{ api: FakeKubeApi; dir: string; kubeconfig: string; stops: Array<() => unknown> }> {
   const api = await startFakeKubeApi();
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
   const stops: Array<() => unknown> = [];
-  // Agents, then the control plane, then the API server it watches.
   t.after(async () => {
     for (const stop of stops.reverse()) await stop();
     await api.close();
@@ -50,6 +50,11 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   });
   const kubeconfig = join(dir, 'kubeconfig');
   await writeFile(kubeconfig, kubeconfigFor(api));
+  return { api, dir, kubeconfig, stops };
+}
+
+test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad object; dropped watches resume; 410 lists again', async (t) => {
+  const { api, kubeconfig, stops } = await testbed(t);
 
   api.put(NAMESPACES, { apiVersion: 'v1', kind: 'Namespace', metadata: { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }, spec: { finalizers: ['kubernetes'] }, status: { phase: 'Active' } });
   api.put(SERVICES, service('web', 80));
@@ -192,22 +197,14 @@ test('Kubernetes source: nothing is pushed before the first list, and a bad kube
 });
 
 test('Kubernetes source: agents authenticate with pod-bound ServiceAccount tokens (TokenReview) and speak only for their node', async (t) => {
-  const api = await startFakeKubeApi();
-  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
-  const stops: Array<() => unknown> = [];
-  t.after(async () => {
-    for (const stop of stops.reverse()) await stop();
-    await api.close();
-    await rm(dir, { recursive: true, force: true });
-  });
-  await writeFile(join(dir, 'kubeconfig'), kubeconfigFor(api));
+  const { api, dir, kubeconfig, stops } = await testbed(t);
   api.put(SERVICES, service('web', 80));
   const agentSa = 'system:serviceaccount:nodemesh-system:nodemesh-agent';
   api.reviewToken('token-of-agent-on-node-a', agentSa, 'node-a');
   api.reviewToken('token-of-some-app-on-node-a', 'system:serviceaccount:shop:web', 'node-a');
   api.reviewToken('token-without-pod-binding', agentSa, undefined);
   const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'kubeconfig') }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
   stops.push(() => cp.stop());
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const agents = {
