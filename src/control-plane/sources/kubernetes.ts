@@ -69,6 +69,10 @@ export class KubernetesSource implements ConfigReader, PodInventory {
   private onConfig: (() => void) | undefined;
   private onPods: ((pods: ReadonlyArray<WireWorkload>) => void) | undefined;
   private configTimer: NodeJS.Timeout | undefined;
+  /** Parse results by resource/namespace/name, reused while the object is unchanged. */
+  private readonly parsed = new Map<string, { signature: string; result: ReturnType<typeof parseObject> }>();
+  /** What selector-less Services take from the slices (ports): slice events that do not change it are no config change. */
+  private slicePorts = '';
   private podsTimer: NodeJS.Timeout | undefined;
 
   constructor(options: KubernetesSourceOptions) {
@@ -90,7 +94,13 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     this.pods = new Reflector(this.api, { resource: 'pods', path: '/api/v1/pods', ...timeout }, metrics, () => this.podsChanged());
     // Slices change both a selector-less Service (its ports) and the workloads (its endpoints).
     this.slices = new Reflector(this.api, { resource: 'endpointslices', path: '/apis/discovery.k8s.io/v1/endpointslices', ...timeout }, metrics, () => {
-      this.configChanged();
+      // Slices change with every pod that comes and goes; the config only when a selector-less
+      // Service's ports do.
+      const ports = JSON.stringify([...this.sliceEndpoints()].map(([k, v]) => [k, [...v.ports]]));
+      if (ports !== this.slicePorts || !this.slices.hasSynced()) {
+        this.slicePorts = ports;
+        this.configChanged();
+      }
       this.podsChanged();
     });
     for (const { reflector } of this.config) reflector.start();
@@ -107,18 +117,31 @@ export class KubernetesSource implements ConfigReader, PodInventory {
   }
 
   async read(): Promise<ConfigObjects> {
+    const slices = this.sliceEndpoints();
+    const seen = new Set<string>();
     const origins = this.config.map(({ spec, reflector }) => {
       const file = `kubernetes:${spec.resource}`;
       const objects: Array<FileContents['objects'][number]> = [];
       const issues: ConfigIssue[] = [];
       for (const raw of reflector.list()) {
-        const o = spec.kind === 'Service' ? this.withSliceEndpoints(raw) : raw;
-        const parsed = parseObject(file, { ...o, apiVersion: spec.apiVersion, kind: spec.kind });
-        if ('issue' in parsed) issues.push(parsed.issue);
-        else if (parsed.object) objects.push(parsed.object);
+        const o = spec.kind === 'Service' ? withSliceEndpoints(raw, slices) : raw;
+        // An object is parsed again only when it changed (its resourceVersion, or for a
+        // selector-less Service what its slices add): a big cluster's reads stay cheap.
+        const key = `${spec.resource}/${o.metadata?.namespace ?? ''}/${o.metadata?.name ?? ''}`;
+        const signature = `${o.metadata?.resourceVersion ?? ''}|${o === raw ? '' : JSON.stringify(o['spec'])}`;
+        let parsed = this.parsed.get(key);
+        if (parsed?.signature !== signature || parsed.signature === '|') {
+          parsed = { signature, result: parseObject(file, { ...o, apiVersion: spec.apiVersion, kind: spec.kind }) };
+          this.parsed.set(key, parsed);
+        }
+        seen.add(key);
+        const result = parsed.result;
+        if ('issue' in result) issues.push(result.issue);
+        else if (result.object) objects.push(result.object);
       }
       return { file, contents: { objects, issues } };
     });
+    for (const key of this.parsed.keys()) if (!seen.has(key)) this.parsed.delete(key);
     return mergeObjects(origins);
   }
 
@@ -190,18 +213,6 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     return out;
   }
 
-  /** A selector-less Service with slices: selects its slice endpoints, and its target ports are the slices' ports. */
-  private withSliceEndpoints(svc: KubeObject): KubeObject {
-    const found = this.sliceEndpoints().get(`${svc.metadata?.namespace ?? ''}/${svc.metadata?.name ?? ''}`);
-    if (!found) return svc;
-    const spec = (svc['spec'] ?? {}) as { ports?: Array<Record<string, unknown>> };
-    const ports = (spec.ports ?? []).map((p) => {
-      const target = found.ports.get(typeof p['name'] === 'string' ? p['name'] : '');
-      return target === undefined ? p : { ...p, targetPort: target };
-    });
-    return { ...svc, spec: { ...spec, ports, selector: { [SLICE_SERVICE_LABEL]: svc.metadata?.name ?? '' } } };
-  }
-
   private podsChanged(): void {
     if (this.podsTimer || !this.pods.hasSynced() || !this.slices.hasSynced()) return;
     this.podsTimer = setTimeout(() => {
@@ -217,6 +228,18 @@ export class KubernetesSource implements ConfigReader, PodInventory {
       this.onPods?.(pods);
     }, DEBOUNCE_MS);
   }
+}
+
+/** A selector-less Service with slices: selects its slice endpoints, and its target ports are the slices' ports. */
+function withSliceEndpoints(svc: KubeObject, slices: ReadonlyMap<string, { ports: ReadonlyMap<string, number> }>): KubeObject {
+  const found = slices.get(`${svc.metadata?.namespace ?? ''}/${svc.metadata?.name ?? ''}`);
+  if (!found) return svc;
+  const spec = (svc['spec'] ?? {}) as { ports?: Array<Record<string, unknown>> };
+  const ports = (spec.ports ?? []).map((p) => {
+    const target = found.ports.get(typeof p['name'] === 'string' ? p['name'] : '');
+    return target === undefined ? p : { ...p, targetPort: target };
+  });
+  return { ...svc, spec: { ...spec, ports, selector: { [SLICE_SERVICE_LABEL]: svc.metadata?.name ?? '' } } };
 }
 
 /**
