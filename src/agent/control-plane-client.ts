@@ -110,8 +110,8 @@ export class ControlPlaneClient {
         this.open(metadata);
       },
       (e: unknown) => {
-        log.error({ err: e, path: file }, 'cannot read the control plane token; retrying');
-        this.retry();
+        log.error({ err: e, path: file }, 'cannot read the control plane token');
+        this.retry(`the token file ${file} could not be read`);
       },
     );
   }
@@ -149,12 +149,12 @@ export class ControlPlaneClient {
     stream.on('end', () => lost('the control plane ended the stream'));
   }
 
-  private retry(reason = 'the token could not be read'): void {
+  private retry(reason: string): void {
     if (this.stopped) return;
     // Full jitter: agents that lost the same control plane do not all come back at once.
     const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
     this.attempt = Math.min(this.attempt + 1, 16);
-    log.warn({ reason, retryInMs: Math.round(delay), version: this.agent.remoteState().version }, 'control plane stream lost; serving the last snapshot and reconnecting');
+    log.warn({ reason, retryInMs: Math.round(delay), version: this.agent.remoteState().version }, 'no control plane stream; serving the last snapshot and connecting again');
     this.timer = setTimeout(() => this.connect(), delay);
   }
 
