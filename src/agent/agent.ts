@@ -10,7 +10,7 @@ import type { Server } from 'node:http';
 
 import { shouldEnroll } from '../config/mesh.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
-import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
+import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { isNodemeshError } from '../shared/errors.js';
@@ -241,10 +241,7 @@ export class NodeAgent {
 
   private applyConfig(config: MeshConfig): void {
     this.config = config;
-    this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
-    this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
-    this.metrics.configObjects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
-    this.metrics.configObjects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
+    recordConfigObjects(config, this.metrics.configObjects);
     const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();

@@ -185,6 +185,15 @@ export class ConfigStore {
 
 const rejectionKey = (r: RejectedObject): string => `${r.file}|${r.object}|${r.field}|${r.message}|${r.keptLastGood}`;
 
+/** The number of objects served, by kind (the agent's and the control plane's nodemesh_*config_objects). */
+export function recordConfigObjects(config: MeshConfig, objects: Gauge<'kind'>): void {
+  objects.set({ kind: 'Service' }, config.services.length);
+  objects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
+  objects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
+  objects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
+  objects.set({ kind: 'Namespace' }, config.namespaces.size);
+}
+
 /** Counts a read's rejections: every one (errors counter) and those of this read, by kind (gauge). */
 export function recordRejections(rejected: ReadonlyArray<RejectedObject>, errors: Counter<'kind'>, current: Gauge<'kind'>): void {
   const counts = new Map<string, number>(CONFIG_KINDS.map((k) => [k, 0]));

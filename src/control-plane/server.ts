@@ -17,7 +17,7 @@ import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerD
 
 import { json, serveHttp, type HostPort } from '../agent/http.js';
 import { MeshSnapshot, SelectorIndex, type SnapshotWarning } from '../config/snapshot.js';
-import { ConfigDirReader, ConfigStore, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
+import { ConfigDirReader, ConfigStore, recordConfigObjects, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
@@ -370,11 +370,7 @@ export class ControlPlane {
 
   private configRead(config: MeshConfig, rejected: ReadonlyArray<RejectedObject>): void {
     recordRejections(rejected, this.metrics.configErrors, this.metrics.configRejected);
-    this.metrics.configObjects.set({ kind: 'Service' }, config.services.length);
-    this.metrics.configObjects.set({ kind: 'TrafficPolicy' }, config.trafficPolicies.length);
-    this.metrics.configObjects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
-    this.metrics.configObjects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
-    this.metrics.configObjects.set({ kind: 'Namespace' }, config.namespaces.size);
+    recordConfigObjects(config, this.metrics.configObjects);
     // Valid objects that do not fit the rest (a policy for a Service that does not exist yet):
     // served, and shown, as every agent will show them.
     this.warnings = new MeshSnapshot(0, config.services, [], config.trafficPolicies, config.routes).warnings;
