@@ -93,16 +93,9 @@ export class KubernetesSource implements ConfigReader, PodInventory {
     this.config = CONFIG_RESOURCES.map((spec) => ({ spec, reflector: new Reflector(this.api, { resource: spec.resource, path: spec.path, optional: spec.optional === true, ...timeout }, metrics, onConfig(spec)) }));
     this.pods = new Reflector(this.api, { resource: 'pods', path: '/api/v1/pods', ...timeout }, metrics, () => this.podsChanged());
     // Slices change both a selector-less Service (its ports) and the workloads (its endpoints).
-    this.slices = new Reflector(this.api, { resource: 'endpointslices', path: '/apis/discovery.k8s.io/v1/endpointslices', ...timeout }, metrics, () => {
-      // Slices change with every pod that comes and goes; the config only when a selector-less
-      // Service's ports do.
-      const ports = JSON.stringify([...this.sliceEndpoints()].map(([k, v]) => [k, [...v.ports]]));
-      if (ports !== this.slicePorts || !this.slices.hasSynced()) {
-        this.slicePorts = ports;
-        this.configChanged();
-      }
-      this.podsChanged();
-    });
+    // Slices change the workloads (endpoints) and, rarely, the config (a selector-less Service's
+    // ports): both are worked out in the debounced pass of podsChanged.
+    this.slices = new Reflector(this.api, { resource: 'endpointslices', path: '/apis/discovery.k8s.io/v1/endpointslices', ...timeout }, metrics, () => this.podsChanged());
     for (const { reflector } of this.config) reflector.start();
     this.pods.start();
     this.slices.start();
@@ -224,8 +217,16 @@ export class KubernetesSource implements ConfigReader, PodInventory {
           if (w !== 'not_running') this.invalidPods.inc({ reason: w });
         } else pods.push(w);
       }
-      for (const { endpoints } of this.sliceEndpoints().values()) pods.push(...endpoints);
+      const slices = this.sliceEndpoints();
+      for (const { endpoints } of slices.values()) pods.push(...endpoints);
       this.onPods?.(pods);
+      // Slices change with every pod that comes and goes; the config only when a selector-less
+      // Service's ports do.
+      const ports = JSON.stringify([...slices].map(([k, v]) => [k, [...v.ports]]));
+      if (ports !== this.slicePorts) {
+        this.slicePorts = ports;
+        this.configChanged();
+      }
     }, DEBOUNCE_MS);
   }
 }
