@@ -5,8 +5,7 @@
  * message, not a queue.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
@@ -17,6 +16,7 @@ import { freePort } from '../../src/shared/ports.js';
 import { discoveryService, type ControlPlaneMessage } from '../../src/shared/protocol/discovery.js';
 import { metricValue } from '../support/agent.js';
 import { waitFor } from '../support/sandbox.js';
+import { scratch } from '../support/scratch.js';
 import { TestAgent } from '../support/test-agent.js';
 
 const service = (name: string, port: unknown): string => `apiVersion: v1\nkind: Service\nmetadata: {name: ${name}, namespace: shop}\nspec:\n  clusterIP: 10.96.3.${name.length}\n  selector: {app: ${name}}\n  ports: [{name: tcp, port: ${JSON.stringify(port)}, targetPort: 8080}]\n`;
@@ -39,12 +39,7 @@ function rawStream(address: string): { call: ClientDuplexStream<Buffer, ControlP
 }
 
 test('control plane: bad objects named and counted, the rest served; garbled, oversized and silent streams cost only themselves', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-bad-'));
-  const stops: Array<() => unknown> = [];
-  t.after(async () => {
-    for (const stop of stops.reverse()) await stop();
-    await rm(dir, { recursive: true, force: true });
-  });
+  const { dir, stops } = await scratch(t, 'nodemesh-cp-bad');
   await writeFile(join(dir, 'good.yaml'), service('web', 80));
   await writeFile(join(dir, 'unknown-field.yaml'), service('typo', 80).replace('selector:', 'selectr:'));
   await writeFile(join(dir, 'wrong-type.yaml'), service('strport', '80'));
@@ -117,12 +112,7 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
 });
 
 test('control plane: with --agent-tokens an agent must present a token and may speak only for its node', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-cp-tokens-'));
-  const stops: Array<() => unknown> = [];
-  t.after(async () => {
-    for (const stop of stops.reverse()) await stop();
-    await rm(dir, { recursive: true, force: true });
-  });
+  const { dir, stops } = await scratch(t, 'nodemesh-cp-tokens');
   await writeFile(join(dir, 'svc.yaml'), service('web', 80));
   const tokens = join(dir, 'agents.tokens');
   await writeFile(tokens, '# node token\nnode-a tok-aaaaaaaaaaaaaaaa\nnode-b tok-bbbbbbbbbbbbbbbb\n');

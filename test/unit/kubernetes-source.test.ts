@@ -5,8 +5,7 @@
  * list, and a watch from a compacted version (410) lists again and catches up.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
@@ -15,6 +14,7 @@ import { freePort } from '../../src/shared/ports.js';
 import { metricValue } from '../support/agent.js';
 import { kubeconfigFor, startFakeKubeApi, type FakeKubeApi, type Obj } from '../support/fake-kube-api.js';
 import { waitFor } from '../support/sandbox.js';
+import { scratch } from '../support/scratch.js';
 import { TestAgent } from '../support/test-agent.js';
 
 const SERVICES = '/api/v1/services';
@@ -41,13 +41,9 @@ const pod = (name: string, app: string, node: string, ip: string, ready = true):
 /** An API server, a kubeconfig for it, and clean-up that stops agents, then the control plane, then the server. */
 async function testbed(t: TestContext): Promise<{ api: FakeKubeApi; dir: string; kubeconfig: string; stops: Array<() => unknown> }> {
   const api = await startFakeKubeApi();
-  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
-  const stops: Array<() => unknown> = [];
-  t.after(async () => {
-    for (const stop of stops.reverse()) await stop();
-    await api.close();
-    await rm(dir, { recursive: true, force: true });
-  });
+  const { dir, stops } = await scratch(t, 'nodemesh-kube');
+  // Pushed first, so it runs last: agents, then the control plane, then the API server it watches.
+  stops.push(() => api.close());
   const kubeconfig = join(dir, 'kubeconfig');
   await writeFile(kubeconfig, kubeconfigFor(api));
   return { api, dir, kubeconfig, stops };
@@ -171,12 +167,7 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
 });
 
 test('Kubernetes source: nothing is pushed before the first list, and a bad kubeconfig is a clear error', async (t) => {
-  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-kube-'));
-  const stops: Array<() => unknown> = [];
-  t.after(async () => {
-    for (const stop of stops.reverse()) await stop();
-    await rm(dir, { recursive: true, force: true });
-  });
+  const { dir, stops } = await scratch(t, 'nodemesh-kube');
   await assert.rejects(
     ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'missing') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() } }),
     (e: Error & { code?: string }) => e.code === 'NM_ERR_KUBE_CONFIG' && e.message.includes('missing'),
