@@ -133,9 +133,20 @@ export class MeshSnapshot {
     }
     for (const target of byKey.values()) {
       for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);
-      for (const e of target.endpoints) {
-        const k = `${e.workload.uid}|${e.port}`;
-        if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
+    }
+    // Which Service an inbound connection to a workload port is reported under when the caller
+    // did not say (a direct connection to the pod's address): a routed Service never, since its
+    // connections always go to one of its backends; among the others the first by namespace/name.
+    // (A routed parent that selects the pod too would otherwise be named for connections that
+    // never went through its route.)
+    const ordered = [...byKey.values()].sort((a, b) => byNamespaceName(a.service, b.service) || a.port.port - b.port.port);
+    for (const routedFirst of [false, true]) {
+      for (const target of ordered) {
+        if ((target.split !== undefined) !== routedFirst) continue;
+        for (const e of target.endpoints) {
+          const k = `${e.workload.uid}|${e.port}`;
+          if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
+        }
       }
     }
     this.warnings = warnings;
@@ -154,7 +165,10 @@ export class MeshSnapshot {
     return this.byIp.get(ip.replace(/^::ffff:/, ''));
   }
 
-  /** The Service an inbound connection to this workload and port belongs to (the first, if several). */
+  /**
+   * The Service an inbound connection to this workload and port is reported under: the first
+   * (by namespace/name) that selects it, preferring one without a route (see the constructor).
+   */
   serviceOf(workloadUid: string, port: number): ServiceTarget | undefined {
     return this.byEndpoint.get(`${workloadUid}|${port}`);
   }

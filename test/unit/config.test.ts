@@ -347,3 +347,31 @@ test('routes: parents and backends must exist (the field is named, the last good
   await store.load();
   assert.equal(store.lastRejected()[0]?.field, 'spec.rules[0].backendRefs[0].port');
 });
+
+test('inbound labels: a direct connection to a pod selected by a routed parent and its backend is reported under the backend, never the parent', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  // As in examples/mesh: the parent selects every version, each backend one of them.
+  const svcYaml = (name: string, ip: string, selector: string): string =>
+    `apiVersion: v1\nkind: Service\nmetadata: {name: ${name}, namespace: shop}\nspec: {clusterIP: ${ip}, selector: {${selector}}, ports: [{port: 80, targetPort: 8080}]}\n---\n`;
+  await writeFile(join(dir, 'svc.yaml'), svcYaml('reviews', '10.96.0.20', 'app: reviews') + svcYaml('reviews-v1', '10.96.0.21', 'app: reviews, version: v1') + svcYaml('reviews-v2', '10.96.0.22', 'app: reviews, version: v2'));
+  const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+  await store.load();
+  const pods = [pod('r1', { app: 'reviews', version: 'v1' }, 1), pod('r2', { app: 'reviews', version: 'v2' }, 2)];
+  const build = (): MeshSnapshot => {
+    const c = store.current();
+    return new MeshSnapshot(1, c.services, pods, c.trafficPolicies, c.routes);
+  };
+  // Without a route the first Service by name is named (reviews), as before.
+  assert.equal(build().serviceOf('uid-r2', 8080)?.service.name, 'reviews');
+  await writeFile(
+    join(dir, 'route.yaml'),
+    'apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: canary, namespace: shop}\nspec:\n  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]\n  rules: [{backendRefs: [{name: reviews-v1, port: 80, weight: 75}, {name: reviews-v2, port: 80, weight: 25}]}]\n',
+  );
+  await store.load();
+  assert.deepEqual(store.lastRejected(), []);
+  const snap = build();
+  assert.ok(snap.service({ family: 4, address: '10.96.0.20', port: 80 })?.split, 'the parent is routed');
+  assert.equal(snap.serviceOf('uid-r1', 8080)?.service.name, 'reviews-v1');
+  assert.equal(snap.serviceOf('uid-r2', 8080)?.service.name, 'reviews-v2');
+});
