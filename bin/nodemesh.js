@@ -11,4 +11,12 @@ if (args[0] === 'agent' && !args.includes('--jit=full') && args[args.indexOf('--
   // Set before any module loads: loading them already makes V8 optimise hot functions.
   (await import('node:v8')).setFlagsFromString('--max-opt=1');
 }
-await import('../dist/src/cli/main.js');
+try {
+  await import('../dist/src/cli/main.js');
+} catch (e) {
+  // Before `npm run build` there is no dist/ (or no node_modules): say so in nodemesh's error
+  // form, with what to run, not with a loader stack. Anything else is a bug and keeps its stack.
+  if (e?.code !== 'ERR_MODULE_NOT_FOUND') throw e;
+  process.stderr.write(`error NM_ERR_NATIVE_MISSING: nodemesh is not built or its dependencies are not installed: ${String(e.message).split('\n')[0]}\n  fix: npm run build (it runs npm ci first when node_modules is missing)\n`);
+  process.exitCode = 1;
+}

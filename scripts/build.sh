@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Builds the BPF objects (clang), the native addon (cmake-js over libbpf), the TypeScript (tsc) and
 # the validators compiled from the CRD schemas in daemonset/crds.
-# Fails loudly, naming the missing tool, if clang or the libbpf headers are not there.
+# Like `npm test` and `npm run demo`, it first installs what the step needs and is missing: the
+# Debian packages (clang, libbpf-dev, cmake...; as root with apt-get, else one line naming them)
+# and node_modules (npm ci), so `npm run build` works on a fresh clone. Each step checks its tools
+# again and fails loudly, naming the missing one.
 source "$(dirname "$0")/lib.sh"
 
 what=${1:-all}
+# An unknown step is refused before anything is installed.
+case "$what" in
+  bpf | native | ts | all) ;;
+  *) die "unknown build step: $what (bpf, native, ts or all)" ;;
+esac
 
 build_bpf() {
   local clang=${CLANG:-clang}
@@ -40,10 +48,23 @@ build_ts() {
   node dist/src/config/generate-validators.js
 }
 
+# What each step needs: the BPF objects only the compilers, the TypeScript only node_modules,
+# the addon both (node-addon-api's headers and cmake-js come from node_modules).
 case "$what" in
-  bpf) build_bpf ;;
-  native) build_native ;;
-  ts) build_ts ;;
-  all) build_bpf; build_native; build_ts ;;
-  *) die "unknown build step: $what (bpf, native, ts or all)" ;;
+  bpf) ensure_system; build_bpf ;;
+  native) ensure_system; ensure_node_modules; build_native ;;
+  ts) ensure_node_modules; build_ts ;;
+  all)
+    ensure_system
+    ensure_node_modules
+    # Hashed before building, stamped after: `npm test` and `npm run demo` (ensure_build) then
+    # do not build again what `npm run build` just built, and an edit made during the build is
+    # still seen as a change.
+    stamp=$(source_hash)
+    build_bpf
+    build_native
+    build_ts
+    mkdir -p build
+    echo "$stamp" >build/.stamp
+    ;;
 esac

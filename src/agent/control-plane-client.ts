@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { Metadata, credentials, makeClientConstructor, type Client, type ClientDuplexStream } from '@grpc/grpc-js';
 
 import type { Workload } from '../config/snapshot.js';
+import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { packageVersion } from '../shared/paths.js';
 import {
@@ -41,6 +42,31 @@ export interface ClientEvents {
   onAck?(version: number): void;
   onNack?(version: number, error: SnapshotInvalid): void;
   onConnected?(connected: boolean): void;
+}
+
+/**
+ * The token in `file` (trimmed). NM_ERR_TOKEN_FILE when it cannot be read or is empty: the agent
+ * checks it once at start, where that is a setup error that must stop it, not a reason to retry
+ * forever; at a reconnect the client retries (a rotated token may be mid-write).
+ */
+export async function readTokenFile(file: string): Promise<string> {
+  let token: string;
+  try {
+    token = (await readFile(file, 'utf8')).trim();
+  } catch (e) {
+    throw new NodemeshError('NM_ERR_TOKEN_FILE', `cannot read the control plane token file ${file}: ${(e as Error).message}`, {
+      context: { path: file, field: 'token-file' },
+      cause: e,
+      hint: "give --token-file the file holding this node's token (its line in the control plane's --agent-tokens file)",
+    });
+  }
+  if (token === '') {
+    throw new NodemeshError('NM_ERR_TOKEN_FILE', `the control plane token file ${file} is empty`, {
+      context: { path: file, field: 'token-file' },
+      hint: "put this node's token in it (its line in the control plane's --agent-tokens file)",
+    });
+  }
+  return token;
 }
 
 const BACKOFF_BASE_MS = 250;
@@ -103,10 +129,10 @@ export class ControlPlaneClient {
       return;
     }
     const file = this.tokenFile;
-    readFile(file, 'utf8').then(
+    readTokenFile(file).then(
       (token) => {
         const metadata = new Metadata();
-        metadata.set('authorization', `Bearer ${token.trim()}`);
+        metadata.set('authorization', `Bearer ${token}`);
         this.open(metadata);
       },
       (e: unknown) => {

@@ -1,6 +1,8 @@
 /** The agent's small HTTP endpoints: metrics (15020), readiness (15021), admin (15000). */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
+import { listenError } from '../shared/ports.js';
+
 export interface HostPort {
   readonly host: string;
   readonly port: number;
@@ -8,7 +10,12 @@ export interface HostPort {
 
 export type Routes = Readonly<Record<string, (req: IncomingMessage) => Promise<{ status: number; type: string; body: string }>>>;
 
-export async function serveHttp(at: HostPort, routes: Routes): Promise<Server> {
+/**
+ * Serves `routes` on `at`. `field` is the option that gave the address (metrics, ready, admin,
+ * http): a port that is taken or an address that is not this machine's fails with a
+ * NodemeshError naming both, not with node's bare EADDRINUSE.
+ */
+export async function serveHttp(at: HostPort, routes: Routes, field?: string): Promise<Server> {
   const server = createServer((req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '/').split('?')[0] ?? '/';
     const route = routes[path];
@@ -22,7 +29,7 @@ export async function serveHttp(at: HostPort, routes: Routes): Promise<Server> {
     );
   });
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    server.once('error', (e) => reject(listenError(e, at, field)));
     server.listen(at.port, at.host, () => resolve());
   });
   return server;

@@ -9,8 +9,10 @@ import { connect, createServer, Socket } from 'node:net';
 import { performance } from 'node:perf_hooks';
 
 import { NM_PROXY_MARK } from '../agent/datapath/abi.js';
+import { listenError } from '../shared/ports.js';
 
-export function echoServer(port: number, logFile: string | undefined): void {
+/** Resolves once it listens on every address; a port that is taken fails with NM_ERR_PORT_IN_USE. */
+export async function echoServer(port: number, logFile: string | undefined): Promise<void> {
   const onConnection = (socket: Socket): void => {
     const peer = { address: socket.remoteAddress, port: socket.remotePort, local: socket.localAddress, localPort: socket.localPort };
     socket.on('error', () => socket.destroy());
@@ -19,10 +21,14 @@ export function echoServer(port: number, logFile: string | undefined): void {
     });
     socket.pipe(socket);
   };
-  for (const host of ['0.0.0.0', '::']) {
-    createServer({ allowHalfOpen: true }, onConnection).listen({ host, port, ipv6Only: host === '::' });
-  }
   process.on('SIGTERM', () => process.exit(0));
+  for (const host of ['0.0.0.0', '::']) {
+    const server = createServer({ allowHalfOpen: true }, onConnection);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (e) => reject(listenError(e, { host, port }, 'port')));
+      server.listen({ host, port, ipv6Only: host === '::' }, () => resolve());
+    });
+  }
 }
 
 export interface DialResult {

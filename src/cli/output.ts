@@ -5,7 +5,7 @@ export type OutputFormat = 'table' | 'json';
 
 export function parseOutputFormat(value: string): OutputFormat {
   if (value === 'table' || value === 'json') return value;
-  throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `-o ${value}: expected "table" or "json"`, { context: { field: 'output' } });
+  throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `-o ${value}: expected "table" or "json"`, { context: { field: 'output' }, hint: 'give -o table or -o json' });
 }
 
 export function table(headers: ReadonlyArray<string>, rows: ReadonlyArray<ReadonlyArray<string>>): string {
@@ -27,5 +27,8 @@ export function formatError(e: unknown): string {
     if (e.hint) out += `  fix: ${e.hint}\n`;
     return out;
   }
-  return `error: ${(e as Error)?.stack ?? String(e)}\n`;
+  // Not one of ours: a bug, since every failure a user can cause is a NodemeshError at its edge.
+  // One line, not a stack: the stack says nothing to the user, and the log has the rest.
+  const message = e instanceof Error ? e.message : String(e);
+  return `error NM_ERR_INTERNAL: ${message.trim().split('\n')[0] ?? ''}\n  fix: this is a nodemesh bug: report it with the command, this message and the log (run again with NODEMESH_LOG_LEVEL=debug for more)\n`;
 }

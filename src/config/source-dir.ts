@@ -7,6 +7,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 
+import { NodemeshError, isSystemError } from '../shared/errors.js';
 import { mergeObjects, parseObject, type ConfigObject, type ConfigObjects, type FileContents } from './objects.js';
 import type { ConfigIssue } from './service.js';
 
@@ -16,14 +17,32 @@ import type { ConfigIssue } from './service.js';
  */
 export type ConfigDirCache = Map<string, { readonly text: string; readonly contents: FileContents }>;
 
+/**
+ * A folder that is missing or cannot be read fails the read with NM_ERR_CONFIG_DIR naming it (at
+ * start that stops the agent or control plane; at a re-read the last config keeps serving). So
+ * does a file of it that cannot be read: its objects are unknown, and serving without them would
+ * delete them. A file gone between the listing and the read is skipped (editors save by rename).
+ */
 export async function readConfigDir(dir: string, cache: ConfigDirCache = new Map()): Promise<ConfigObjects> {
-  const files = (await readdir(dir)).filter((f) => /\.ya?ml$/.test(f)).sort();
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch (e) {
+    throw unreadable(e, dir, 'the config folder');
+  }
+  const files = names.filter((f) => /\.ya?ml$/.test(f)).sort();
   const contents: Array<{ file: string; contents: FileContents }> = [];
   const seen = new Set<string>();
   for (const f of files) {
     const file = join(dir, f);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (e) {
+      if (isSystemError(e) && e.code === 'ENOENT') continue;
+      throw unreadable(e, file, 'a file of the config folder');
+    }
     seen.add(file);
-    const text = await readFile(file, 'utf8');
     let cached = cache.get(file);
     if (cached?.text !== text) {
       cached = { text, contents: parseFile(file, text) };
@@ -33,6 +52,21 @@ export async function readConfigDir(dir: string, cache: ConfigDirCache = new Map
   }
   for (const file of cache.keys()) if (!seen.has(file)) cache.delete(file);
   return mergeObjects(contents);
+}
+
+function unreadable(e: unknown, path: string, what: string): NodemeshError {
+  const code = isSystemError(e) ? e.code : undefined;
+  const why = code === 'ENOENT' ? 'does not exist' : code === 'ENOTDIR' ? 'is not a folder' : code === 'EISDIR' ? 'is a folder' : code === 'EACCES' ? 'cannot be read (permission denied)' : `cannot be read: ${(e as Error).message}`;
+  return new NodemeshError('NM_ERR_CONFIG_DIR', `${what} ${path} ${why}`, {
+    context: { path, ...(code === undefined ? {} : { errnoCode: code }) },
+    cause: e,
+    hint:
+      code === 'ENOENT' || code === 'ENOTDIR'
+        ? 'give --config-dir a folder of Kubernetes YAML files (examples/mesh is one)'
+        : code === 'EISDIR'
+          ? `rename ${path}: every *.yaml and *.yml name in the folder is read as a file`
+          : `check the permissions of ${path}`,
+  });
 }
 
 function parseFile(file: string, text: string): FileContents {

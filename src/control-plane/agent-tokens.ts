@@ -47,7 +47,11 @@ export class AgentTokens implements AgentAuthenticator {
     try {
       text = await readFile(this.file, 'utf8');
     } catch (e) {
-      throw new NodemeshError('NM_ERR_AGENT_TOKENS', `cannot read the agent token file: ${(e as Error).message}`, { context: { path: this.file }, cause: e });
+      throw new NodemeshError('NM_ERR_AGENT_TOKENS', `cannot read the agent token file: ${(e as Error).message}`, {
+        context: { path: this.file },
+        cause: e,
+        hint: 'give --agent-tokens a file of "<node name> <token>" lines',
+      });
     }
     const entries: Array<{ node: string; digest: Buffer }> = [];
     for (const [i, raw] of text.split('\n').entries()) {
@@ -55,7 +59,10 @@ export class AgentTokens implements AgentAuthenticator {
       if (line === '' || line.startsWith('#')) continue;
       const [node = '', token = '', ...rest] = line.split(/\s+/);
       if (!NODE_NAME.test(node) || token.length < 16 || rest.length > 0) {
-        throw new NodemeshError('NM_ERR_AGENT_TOKENS', `line ${i + 1} of the agent token file is not "<node name> <token of 16 or more characters>"`, { context: { path: this.file, detail: `line ${i + 1}` } });
+        throw new NodemeshError('NM_ERR_AGENT_TOKENS', `line ${i + 1} of the agent token file is not "<node name> <token of 16 or more characters>"`, {
+          context: { path: this.file, detail: `line ${i + 1}` },
+          hint: `fix line ${i + 1}: one node name and one token of 16 or more characters, separated by a space (# starts a comment)`,
+        });
       }
       entries.push({ node, digest: digest(token) });
     }

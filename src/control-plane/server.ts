@@ -21,6 +21,7 @@ import { ConfigDirReader, ConfigStore, recordConfigObjects, recordRejections, ty
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
+import { checkListen, listenError } from '../shared/ports.js';
 import {
   MAX_MESSAGE_BYTES,
   configResources,
@@ -148,10 +149,16 @@ export class ControlPlane {
   ) {
     const source = options.source;
     if (options.agentServiceAccount !== undefined && source.kind !== 'kubernetes') {
-      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--agent-service-account needs --source kubernetes (TokenReview asks the API server)', { context: { field: 'agent-service-account' } });
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--agent-service-account needs --source kubernetes (TokenReview asks the API server)', {
+        context: { field: 'agent-service-account' },
+        hint: 'add --source kubernetes, or authenticate agents with --agent-tokens FILE',
+      });
     }
     if (options.agentServiceAccount !== undefined && !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$/.test(options.agentServiceAccount)) {
-      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--agent-service-account "${options.agentServiceAccount}" is not NAMESPACE/NAME`, { context: { field: 'agent-service-account' } });
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--agent-service-account "${options.agentServiceAccount}" is not NAMESPACE/NAME`, {
+        context: { field: 'agent-service-account' },
+        hint: 'give the agents\' ServiceAccount as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-agent',
+      });
     }
     let reader: ConfigReader;
     let tokenReview: AgentAuthenticator | undefined;
@@ -202,7 +209,7 @@ export class ControlPlane {
           if (!node) return json({ error: 'add ?node=NAME (GET /debug/nodes lists them)' }, 400);
           return json({ node, version: cp.version, snapshot: cp.snapshotFor(node), status: cp.nodes().find((n) => n.node === node), configErrors: cp.store.lastRejected(), configWarnings: cp.warnings });
         },
-      });
+      }, 'http');
     } catch (e) {
       await cp.stop();
       throw e;
@@ -436,8 +443,16 @@ export class ControlPlane {
     });
     server.addService(discoveryServerService(), { Stream: (call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>) => this.serveStream(call) });
     const { host, port } = this.options.listen;
+    // gRPC's bind error is a sentence without the errno (and it prints it to stderr itself):
+    // a port that is taken is found first with a plain listen, as NM_ERR_PORT_IN_USE.
+    await checkListen(this.options.listen, 'listen');
     this.port = await new Promise<number>((resolve, reject) => {
-      server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound)));
+      server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, ServerCredentials.createInsecure(), (err, bound) => {
+        if (!err) resolve(bound);
+        // Taken in the moment between the check and the bind.
+        else if (err.message.includes('EADDRINUSE')) reject(listenError(Object.assign(new Error(err.message), { code: 'EADDRINUSE', syscall: 'listen' }), this.options.listen, 'listen'));
+        else reject(err);
+      });
     });
     this.grpc = server;
   }

@@ -41,6 +41,7 @@ export function parseCidr(text: string, family: 4 | 6, field: string): Cidr {
   if (!valid || !Number.isInteger(prefix)) {
     throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `${field}: "${text}" is not an IPv${family} subnet (expected ${family === 4 ? '10.200.0.0/24, prefix 8-30' : 'fd00:6e6d::/64, prefix 64-120'})`, {
       context: { field },
+      hint: `set ${field} to a subnet like ${family === 4 ? '10.200.0.0/24' : 'fd00:6e6d::/64'}, or unset it for the default`,
     });
   }
   return { network, prefix };
@@ -52,12 +53,14 @@ export function runtimeConfigFromEnv(env: NodeJS.ProcessEnv = process.env, base:
   if (!/^[a-zA-Z0-9_.-]{1,15}$/.test(bridge)) {
     throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `NODEMESH_BRIDGE: "${bridge}" is not a valid interface name (1-15 of a-z A-Z 0-9 _ . -)`, {
       context: { field: 'NODEMESH_BRIDGE' },
+      hint: 'set NODEMESH_BRIDGE to a short interface name like nm0, or unset it for the default',
     });
   }
   const namePrefix = env['NODEMESH_NAME_PREFIX'] ?? base.namePrefix;
   if (!/^[a-z]{2,4}$/.test(namePrefix)) {
     throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `NODEMESH_NAME_PREFIX: "${namePrefix}" must be 2-4 lowercase letters (veth names are limited to 15 characters)`, {
       context: { field: 'NODEMESH_NAME_PREFIX' },
+      hint: 'set NODEMESH_NAME_PREFIX to 2-4 lowercase letters like nm, or unset it for the default',
     });
   }
   return {

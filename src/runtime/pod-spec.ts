@@ -15,8 +15,14 @@ const QUALIFIED_NAME = /^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$/;
 const LABEL_VALUE = /^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$/;
 
 function invalid(field: string, message: string, spec: { name?: string; namespace?: string }): NodemeshError {
+  const hint = field.startsWith('label')
+    ? 'give each label as key=value with a Kubernetes label key and value, e.g. -l app=web'
+    : field === 'command'
+      ? 'put the command after --: nodemesh pod run --name web -- CMD ARGS'
+      : `use a Kubernetes name (lowercase letters, digits, "-"), e.g. --${field} web-1`;
   return new NodemeshError('NM_ERR_POD_INVALID', `${field}: ${message}`, {
     context: { field, ...(spec.name ? { pod: spec.name } : {}), ...(spec.namespace ? { namespace: spec.namespace } : {}) },
+    hint,
   });
 }
 

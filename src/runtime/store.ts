@@ -71,7 +71,7 @@ export class PodStore {
       files = await readdir(this.podsDir);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { records: [], errors: [] };
-      throw e;
+      throw stateDirError(e, this.podsDir);
     }
     const records: PodRecord[] = [];
     const errors: NodemeshError[] = [];
@@ -123,6 +123,8 @@ export class PodStore {
     try {
       return JSON.parse(await readFile(path, 'utf8')) as PodRecord;
     } catch (e) {
+      // Not the record's fault: the state folder (or a folder above it) is a file.
+      if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') throw stateDirError(e, this.podsDir);
       throw new NodemeshError('NM_ERR_STATE', `pod record ${path} cannot be read: ${(e as Error).message}`, {
         context: { path },
         cause: e,
@@ -156,7 +158,9 @@ export class PodStore {
    * taken over.
    */
   async withLock<T>(fn: () => Promise<T>, timeoutMs = 30_000): Promise<T> {
-    await mkdir(this.stateDir, { recursive: true });
+    await mkdir(this.stateDir, { recursive: true }).catch((e: unknown) => {
+      throw stateDirError(e, this.stateDir);
+    });
     const deadline = Date.now() + timeoutMs;
     for (;;) {
       try {
@@ -204,4 +208,17 @@ export class PodStore {
       return (e as NodeJS.ErrnoException).code === 'ESRCH';
     }
   }
+}
+
+/**
+ * The state folder itself is unusable (NODEMESH_STATE_DIR names a file, or a folder that cannot
+ * be read or made): nothing of any pod can be known, so every pod command stops with it.
+ */
+function stateDirError(e: unknown, path: string): NodemeshError {
+  const code = (e as NodeJS.ErrnoException).code;
+  return new NodemeshError('NM_ERR_STATE', `the runtime state folder ${path} cannot be used: ${(e as Error).message}`, {
+    context: { path, ...(code === undefined ? {} : { errnoCode: code }) },
+    cause: e,
+    hint: 'set NODEMESH_STATE_DIR to a folder root can write (the default is /run/nodemesh), or remove what is in the way',
+  });
 }

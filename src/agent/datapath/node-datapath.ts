@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
-import { NodemeshError } from '../../shared/errors.js';
+import { NodemeshError, isSystemError } from '../../shared/errors.js';
 import { logger } from '../../shared/log.js';
 import { BPF_OBJECT_DIR } from '../../shared/paths.js';
 import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
@@ -58,8 +58,18 @@ export class NodeDatapath {
 
   static async open(pinRoot = DEFAULT_PIN_ROOT): Promise<NodeDatapath> {
     const mapDir = join(pinRoot, 'maps');
-    await mkdir(mapDir, { recursive: true });
-    await mkdir(join(pinRoot, 'pods'), { recursive: true });
+    for (const dir of [mapDir, join(pinRoot, 'pods')]) {
+      try {
+        await mkdir(dir, { recursive: true });
+      } catch (e) {
+        // A --bpf-root under a file, or on a bpffs that refuses folders: the option is wrong.
+        throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${pinRoot}: cannot make the folder ${dir}: ${(e as Error).message}`, {
+          context: { field: 'bpf-root', path: dir, ...(isSystemError(e) && e.code !== undefined ? { errnoCode: e.code } : {}) },
+          cause: e,
+          hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${DEFAULT_PIN_ROOT}`,
+        });
+      }
+    }
     const capture = await OutboundCapture.load({ mapPinDir: mapDir });
     let inbound: BpfObject | undefined;
     let gate: BpfObject;
@@ -274,6 +284,6 @@ function cgroupKey(cgroupId: bigint): Buffer {
 
 export function assertPinRoot(path: string): void {
   if (!path.startsWith('/sys/fs/bpf/')) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${path} is not under /sys/fs/bpf`, { context: { field: 'bpf-root' } });
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${path} is not under /sys/fs/bpf`, { context: { field: 'bpf-root' }, hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${DEFAULT_PIN_ROOT}` });
   }
 }

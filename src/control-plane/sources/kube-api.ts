@@ -4,13 +4,17 @@
  * KubeConfig (kubeconfig files, in-cluster service account, exec and token-file auth), applied
  * again for every request so rotated tokens are picked up.
  */
+import { existsSync } from 'node:fs';
 import { request as httpRequest, type IncomingMessage, type RequestOptions } from 'node:http';
 import { request as httpsRequest } from 'node:https';
+import { join } from 'node:path';
 
 import { KubeConfig } from '@kubernetes/client-node';
 
 import { NodemeshError } from '../../shared/errors.js';
 
+/** Where a pod's service account token is mounted (client-node's in-cluster config reads it). */
+const SERVICE_ACCOUNT_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';
 /** A watch line longer than this is not an object we could use: the stream is treated as garbled. */
 const MAX_LINE_BYTES = 16 * 1024 * 1024;
 /** A list page: the API server's paging keeps one response (and our memory for it) bounded. */
@@ -55,19 +59,42 @@ export class KubeApi {
 
   static load(options: KubeApiOptions = {}): KubeApi {
     const config = new KubeConfig();
+    // With nothing to load, client-node falls back to http://localhost:8080 and the control plane
+    // would retry that forever: a missing config is said as such, at start.
+    const home = process.env['HOME'];
+    if (
+      options.kubeconfig === undefined &&
+      (process.env['KUBECONFIG'] ?? '') === '' &&
+      process.env['KUBERNETES_SERVICE_HOST'] === undefined &&
+      !(home !== undefined && existsSync(join(home, '.kube', 'config'))) &&
+      !existsSync(SERVICE_ACCOUNT_TOKEN)
+    ) {
+      throw new NodemeshError('NM_ERR_KUBE_CONFIG', 'no Kubernetes client config: no --kubeconfig, no $KUBECONFIG, no ~/.kube/config, and no in-cluster service account', {
+        context: { path: '~/.kube/config' },
+        hint: 'pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account',
+      });
+    }
     try {
       if (options.kubeconfig !== undefined) config.loadFromFile(options.kubeconfig);
       else if (process.env['KUBECONFIG'] === undefined && process.env['KUBERNETES_SERVICE_HOST'] !== undefined) config.loadFromCluster();
       else config.loadFromDefault();
     } catch (e) {
-      throw new NodemeshError('NM_ERR_KUBE_CONFIG', `cannot load the Kubernetes client config: ${(e as Error).message}`, {
-        context: { path: options.kubeconfig ?? process.env['KUBECONFIG'] ?? '~/.kube/config' },
+      // A YAML error's message goes on with an excerpt of the file: that is detail, not the message.
+      const [first = '', ...rest] = (e as Error).message.split('\n');
+      const excerpt = rest.join('\n').trim();
+      throw new NodemeshError('NM_ERR_KUBE_CONFIG', `cannot load the Kubernetes client config: ${first}`, {
+        context: { path: options.kubeconfig ?? process.env['KUBECONFIG'] ?? '~/.kube/config', ...(excerpt === '' ? {} : { detail: excerpt }) },
         hint: 'pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account',
         cause: e,
       });
     }
     const cluster = config.getCurrentCluster();
-    if (!cluster) throw new NodemeshError('NM_ERR_KUBE_CONFIG', 'the Kubernetes client config has no current cluster', { context: { path: options.kubeconfig ?? '' } });
+    if (!cluster) {
+      throw new NodemeshError('NM_ERR_KUBE_CONFIG', 'the Kubernetes client config has no current cluster', {
+        context: { path: options.kubeconfig ?? process.env['KUBECONFIG'] ?? '~/.kube/config' },
+        hint: 'give a kubeconfig whose current-context names a cluster (kubectl config use-context NAME)',
+      });
+    }
     return new KubeApi(config, cluster.server.replace(/\/+$/, ''));
   }
 
