@@ -13,12 +13,14 @@ import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
-import { isNodemeshError } from '../shared/errors.js';
+import type { EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
+import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import type { SocketAddress } from './datapath/abi.js';
 import { probeConnect } from './datapath/native.js';
 import { NodeDatapath } from './datapath/node-datapath.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
+import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
 import { json, serveHttp, type HostPort } from './http.js';
 import type { NodePod, PodSource } from './pods/source.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -32,6 +34,8 @@ export interface AgentOptions {
   readonly node: string;
   /** The cgroup every pod of this node lives under (fail-closed enrollment gates it). */
   readonly podsCgroup: string;
+  /** The agent's run folder: its enrollment socket (root only). */
+  readonly runDir: string;
   /** Where the config comes from: a folder (standalone mode) or the control plane's stream. */
   readonly config: ConfigFeed;
   readonly pinRoot: string;
@@ -66,8 +70,15 @@ export interface EnrolledPodStatus {
   readonly ip4: string;
   readonly ip6: string;
   readonly verified: boolean;
+  /** The proxy holds the pod's config (with a control plane: the snapshot applied covers the pod). */
+  readonly configured: boolean;
   readonly connections: number;
   readonly enrolledAt: string;
+}
+
+interface EnrollWaiter {
+  readonly pod: EnrollPod;
+  settle(result: EnrollAnswer | NodemeshError): void;
 }
 
 interface Enrolled {
@@ -79,8 +90,19 @@ interface Enrolled {
 export class NodeAgent {
   private readonly enrolled = new Map<string, Enrolled>();
   /** Pods that failed to enroll: not retried before `retryAt`, and logged once per reason. */
-  private readonly failed = new Map<string, { reason: string; retryAt: number; attempts: number }>();
+  private readonly failed = new Map<string, { reason: EnrollErrorReason; message: string; retryAt: number; attempts: number }>();
   private readonly probeWaiters = new Map<string, () => void>();
+  /**
+   * Pods a runtime handed over before their command runs (the enrollment endpoint), until the
+   * pod source lists them. `until`: dropped then if the source never does (the runtime died).
+   */
+  private readonly announced = new Map<string, { readonly pod: NodePod; until: number }>();
+  /** Runtimes waiting for a pod to be enrolled, verified and configured. */
+  private readonly enrollWaiters = new Map<string, Set<EnrollWaiter>>();
+  /** Control plane mode: the uids of the workloads in the applied snapshot (its own pods among them). */
+  private remoteUids: ReadonlySet<string> = new Set();
+  private enrollment: EnrollmentServer | undefined;
+  private stopping = false;
   /** cgroup id -> pod, for the cgroups allowed past the fail-closed gate. */
   private readonly allowedCgroups = new Map<bigint, string>();
   private readonly servers: Server[] = [];
@@ -91,7 +113,10 @@ export class NodeAgent {
   private cpClient: ControlPlaneClient | undefined;
   /** Control plane mode: the last snapshot applied. */
   private remote: RemoteConfig | undefined;
+  /** Every pod on the node (the source's and the handed-over ones). */
   private pods: ReadonlyArray<NodePod> = [];
+  /** The pods the mesh serves now (see servable): the snapshot's and the control plane's view of this node. */
+  private served: ReadonlyArray<NodePod> = [];
   private version = 0;
   /** Called when the node's pods change (the control plane client reports them). */
   private readonly podListeners: Array<(pods: ReadonlyArray<NodePod>) => void> = [];
@@ -110,9 +135,23 @@ export class NodeAgent {
   ) {}
 
   static async start(options: AgentOptions, source: PodSource): Promise<NodeAgent> {
-    const datapath = await NodeDatapath.open(options.pinRoot);
-    const metrics = new NodeMetrics(() => datapath.mapEntries());
+    // First: it also proves that no other agent serves this node, before anything is touched.
     let agent: NodeAgent | undefined;
+    const target: EnrollTarget = {
+      enrollAnnounced: (pod, deadline, signal) => {
+        if (!agent) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is starting', { hint: 'try again in a moment' }));
+        return agent.enrollAnnounced(pod, deadline, signal);
+      },
+    };
+    const enrollment = await EnrollmentServer.start(options.runDir, { podsCgroup: options.podsCgroup }, target);
+    let datapath: NodeDatapath;
+    try {
+      datapath = await NodeDatapath.open(options.pinRoot);
+    } catch (e) {
+      await enrollment.close();
+      throw e;
+    }
+    const metrics = new NodeMetrics(() => datapath.mapEntries());
     const proxy = new NodeProxy(datapath, metrics, {
       trustDomain: options.trustDomain,
       passthrough: options.passthrough,
@@ -123,6 +162,7 @@ export class NodeAgent {
       kernelRelay: options.kernelRelay,
     });
     agent = new NodeAgent(options, source, datapath, metrics, proxy);
+    agent.enrollment = enrollment;
     try {
       await agent.startServers();
       if (options.config.kind === 'dir') {
@@ -132,7 +172,10 @@ export class NodeAgent {
         agent.store.watch();
       } else {
         // Loaded only in this mode: gRPC and protobuf cost ~5 MiB of resident memory (bench/memory.ts).
-        const { ControlPlaneClient } = await import('./control-plane-client.js');
+        const { ControlPlaneClient, readTokenFile } = await import('./control-plane-client.js');
+        // A token file that cannot be read at start is a setup error: stop with it (the client
+        // would retry it forever, as it does at a reconnect while the token is rotated).
+        if (options.config.tokenFile !== undefined) await readTokenFile(options.config.tokenFile);
         const m = metrics;
         agent.cpClient = new ControlPlaneClient(options.config.address, options.node, agent, {
           onAck: () => m.snapshots.inc({ result: 'applied' }),
@@ -156,16 +199,20 @@ export class NodeAgent {
     this.servers.push(
       await serveHttp(metrics, {
         '/metrics': async () => ({ status: 200, type: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
-      }),
+      }, 'metrics'),
     );
     this.servers.push(
       await serveHttp(ready, {
         '/healthz/ready': async () => {
-          const notVerified = [...this.enrolled.values()].filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          const ok = this.configLoaded && this.reconciled && notVerified.length === 0;
-          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified }, ok ? 200 : 503);
+          // Ready: every pod of the node is captured, proven, and served with the complete config
+          // the control plane has for it (its snapshot covers the pod), not a part of it.
+          const enrolled = [...this.enrolled.values()];
+          const notVerified = enrolled.filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+          const notConfigured = enrolled.filter((e) => !this.configured(e.pod.uid)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+          const ok = this.configLoaded && this.reconciled && notVerified.length === 0 && notConfigured.length === 0;
+          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified, notConfigured }, ok ? 200 : 503);
         },
-      }),
+      }, 'ready'),
     );
     this.servers.push(
       await serveHttp(admin, {
@@ -178,7 +225,7 @@ export class NodeAgent {
           }),
         '/config': async () => json(this.configDump()),
         '/debug/memory': async () => json({ ...process.memoryUsage(), pods: this.enrolled.size }),
-      }),
+      }, 'admin'),
     );
   }
 
@@ -191,6 +238,7 @@ export class NodeAgent {
         ip4: e.pod.ip4,
         ip6: e.pod.ip6,
         verified: e.verified,
+        configured: this.configured(e.pod.uid),
         connections: this.proxy.activeConnections(e.pod.uid),
         enrolledAt: e.enrolledAt,
       }))
@@ -225,7 +273,17 @@ export class NodeAgent {
    */
   applyRemote(remote: RemoteConfig): void {
     this.remote = remote;
+    this.remoteUids = new Set(remote.workloads.map((w) => w.uid));
     this.applyConfig(remote.config);
+  }
+
+  /**
+   * Whether the proxy serves the pod with its complete config. Standalone, the folder's config
+   * is local: once read, it covers every pod. With a control plane, only a snapshot that includes
+   * the pod was computed for it (the Services exported to its namespace come with it).
+   */
+  private configured(uid: string): boolean {
+    return this.configLoaded && (this.cpClient === undefined || this.remoteUids.has(uid));
   }
 
   /** The control plane snapshot applied (version 0: none); the client resumes from it. */
@@ -233,10 +291,31 @@ export class NodeAgent {
     return { version: this.remote?.version ?? 0, digest: this.remote?.digest ?? '' };
   }
 
-  /** Calls `listener` with the node's pods now and after every change (until the agent stops). */
+  /** Calls `listener` with the node's served pods now and after every change (until the agent stops). */
   onPods(listener: (pods: ReadonlyArray<NodePod>) => void): void {
     this.podListeners.push(listener);
-    listener(this.pods);
+    listener(this.served);
+  }
+
+  /**
+   * A pod of this node is a workload of the mesh (an endpoint here, reported to the control
+   * plane) only once the mesh serves it: enrolled and its capture verified, or left out of the
+   * mesh by its settings. Before that, a connection to it could reach the application around
+   * the proxy, or land on listeners that are not there yet.
+   */
+  private servable(p: NodePod): boolean {
+    if (!shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)) return true;
+    return this.enrolled.get(p.uid)?.verified === true;
+  }
+
+  /** Publishes a new snapshot and reports the pods when the set of served pods changed. */
+  private publishServed(): void {
+    const served = this.pods.filter((p) => this.servable(p));
+    // The source hands out the same object for a pod that did not change.
+    if (served.length === this.served.length && served.every((p, i) => p === this.served[i])) return;
+    this.served = served;
+    this.publish();
+    for (const l of this.podListeners) l(served);
   }
 
   private applyConfig(config: MeshConfig): void {
@@ -258,14 +337,19 @@ export class NodeAgent {
   private publish(): void {
     const { services, trafficPolicies, routes } = this.config;
     if (this.remote) {
+      // The node's own pods as the agent sees them now win over the control plane's copy; one
+      // that is not served yet is no endpoint even if the control plane still has it.
       const local = new Set(this.pods.map((p) => p.uid));
-      const workloads = [...this.remote.workloads.filter((w) => !local.has(w.uid)), ...this.pods];
+      const workloads = [...this.remote.workloads.filter((w) => !local.has(w.uid)), ...this.served];
       this.version = this.remote.version;
       this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies, routes));
-      return;
+    } else {
+      this.version++;
+      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.served, trafficPolicies, routes));
     }
-    this.version++;
-    this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.pods, trafficPolicies, routes));
+    // Connections of a pod whose config is not here yet wait for it (NodeProxy.setConfigured).
+    for (const uid of this.enrolled.keys()) this.proxy.setConfigured(uid, this.configured(uid));
+    this.settleEnrollWaiters();
   }
 
   /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */
@@ -285,7 +369,9 @@ export class NodeAgent {
   }
 
   private async reconcileOnce(): Promise<void> {
-    const { pods, problems } = await this.source.list();
+    const listing = await this.source.list();
+    const problems = listing.problems;
+    const pods = this.withAnnounced(listing.pods);
     for (const p of problems) {
       // A pod being deleted loses its netns before its record: for a pod that was enrolled until
       // now that is a removal, not an error (a record that stays broken is one on the next pass).
@@ -295,13 +381,9 @@ export class NodeAgent {
       }
       this.noteFailure(p, p.reason, p.message);
     }
-    // The source hands out the same object for a pod that did not change.
-    const podsChanged = pods.length !== this.pods.length || pods.some((p, i) => p !== this.pods[i]);
     this.pods = pods;
-    if (podsChanged) {
-      this.publish();
-      for (const l of this.podListeners) l(pods);
-    }
+    // Pods that are gone stop being endpoints before they are unenrolled.
+    this.publishServed();
 
     const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)).map((p) => [p.uid, p]));
     for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
@@ -321,8 +403,99 @@ export class NodeAgent {
     }
     for (const uid of [...this.failed.keys()]) if (!wanted.has(uid) && !problems.some((p) => p.uid === uid)) this.failed.delete(uid);
     await this.syncGate(pods, wanted);
+    // Pods enrolled and verified on this pass become endpoints (and are reported).
+    this.publishServed();
     this.reconciled = true;
     this.metrics.podsEnrolled.set(this.enrolled.size);
+    this.settleEnrollWaiters();
+  }
+
+  /**
+   * The source's pods plus the handed-over pods it does not list yet (their records say
+   * "creating" until the command runs). The source is the authority once it lists a pod; an
+   * announced pod whose netns is gone, or that the source never lists, is dropped.
+   */
+  private withAnnounced(listed: ReadonlyArray<NodePod>): ReadonlyArray<NodePod> {
+    if (this.announced.size === 0) return listed;
+    const uids = new Set(listed.map((p) => p.uid));
+    const extra: NodePod[] = [];
+    const now = Date.now();
+    for (const [uid, a] of this.announced) {
+      if (uids.has(uid) || !existsSync(a.pod.netnsPath) || (now > a.until && !this.enrollWaiters.has(uid))) this.announced.delete(uid);
+      else extra.push(a.pod);
+    }
+    // The same array while nothing was added, so an unchanged node is not published again.
+    if (extra.length === 0) return listed;
+    const previous = this.pods;
+    const next = [...listed, ...extra];
+    return next.length === previous.length && next.every((p, i) => p === previous[i]) ? previous : next;
+  }
+
+  /**
+   * The enrollment endpoint: a runtime hands over a new pod before its command runs. Resolves
+   * once the pod is enrolled, verified and configured, or once the mesh's settings leave it out;
+   * rejects when enrolling it fails (a probe that fails is retried until the deadline).
+   */
+  enrollAnnounced(pod: EnrollPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer> {
+    if (this.stopping) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is stopping', { context: { pod: pod.name, namespace: pod.namespace } }));
+    const known = this.announced.get(pod.uid);
+    // Longer than the runtime waits: the source lists the pod once its command runs.
+    const until = Math.max(known?.until ?? 0, deadline + 30_000);
+    if (known) known.until = until;
+    else if (!this.pods.some((p) => p.uid === pod.uid)) this.announced.set(pod.uid, { pod, until });
+    log.info({ pod: pod.name, namespace: pod.namespace, uid: pod.uid }, 'pod handed over by the runtime');
+    return new Promise<EnrollAnswer>((resolve, reject) => {
+      const waiter: EnrollWaiter = {
+        pod,
+        settle: (result) => {
+          const set = this.enrollWaiters.get(pod.uid);
+          set?.delete(waiter);
+          if (set?.size === 0) this.enrollWaiters.delete(pod.uid);
+          signal.removeEventListener('abort', onAbort);
+          const outcome = result instanceof NodemeshError ? (result.code === 'NM_ERR_ENROLL_TIMEOUT' ? 'timeout' : 'failed') : result.enrolled ? 'enrolled' : 'not_enrolled';
+          this.metrics.enrollments.inc({ result: outcome });
+          log.info({ pod: pod.name, namespace: pod.namespace, uid: pod.uid, result: outcome, ...(result instanceof Error ? { err: result.message } : {}) }, 'hand-over answered');
+          if (result instanceof Error) reject(result);
+          else resolve(result);
+        },
+      };
+      const onAbort = (): void => waiter.settle(this.enrollTimeout(pod));
+      signal.addEventListener('abort', onAbort);
+      const set = this.enrollWaiters.get(pod.uid) ?? new Set<EnrollWaiter>();
+      set.add(waiter);
+      this.enrollWaiters.set(pod.uid, set);
+      void this.reconcile();
+    });
+  }
+
+  private enrollTimeout(pod: EnrollPod): NodemeshError {
+    const e = this.enrolled.get(pod.uid);
+    const failure = this.failed.get(pod.uid);
+    const state = !e ? 'not enrolled' : !e.verified ? 'enrolled, capture not verified' : 'enrolled and verified, but the control plane has not sent its config';
+    return new NodemeshError('NM_ERR_ENROLL_TIMEOUT', `${state}${failure ? ` (last error, ${failure.reason}: ${failure.message})` : ''}`, {
+      context: { pod: pod.name, namespace: pod.namespace, ...(failure ? { detail: failure.reason } : {}) },
+      hint: this.cpClient && e?.verified ? 'check the control plane (`nodemesh status --control-plane HOST:PORT`) and the agent log' : 'see the agent log',
+    });
+  }
+
+  /** Answers the runtimes whose pods are now served, left out, or failed to enroll. */
+  private settleEnrollWaiters(): void {
+    for (const [uid, waiters] of [...this.enrollWaiters]) {
+      const first = [...waiters][0];
+      if (!first) continue;
+      const pod = first.pod;
+      let result: EnrollAnswer | NodemeshError | undefined;
+      const e = this.enrolled.get(uid);
+      const failure = this.failed.get(uid);
+      if (this.stopping) result = new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent stopped', { context: { pod: pod.name, namespace: pod.namespace } });
+      else if (e?.verified && this.configured(uid)) result = { enrolled: true, verified: true };
+      else if (this.configLoaded && !shouldEnroll(pod.labels, this.config.namespaces.get(pod.namespace), this.config.mesh)) {
+        result = { enrolled: false, reason: `capture is not enabled for the pod or its namespace (enrollment: ${this.config.mesh.enrollment})` };
+      } else if (failure && failure.reason !== 'probe_failed') {
+        result = new NodemeshError('NM_ERR_ENROLL_FAILED', `${failure.reason}: ${failure.message}`, { context: { pod: pod.name, namespace: pod.namespace, detail: failure.reason }, hint: 'see the agent log' });
+      }
+      if (result !== undefined) for (const w of [...waiters]) w.settle(result);
+    }
   }
 
   /**
@@ -366,7 +539,7 @@ export class NodeAgent {
   private noteFailure(pod: { uid: string; namespace: string; name: string }, reason: EnrollErrorReason, message: string): void {
     const prev = this.failed.get(pod.uid);
     const attempts = (prev?.attempts ?? 0) + 1;
-    this.failed.set(pod.uid, { reason, attempts, retryAt: Date.now() + Math.min(30_000, 500 * 2 ** attempts) });
+    this.failed.set(pod.uid, { reason, message, attempts, retryAt: Date.now() + Math.min(30_000, 500 * 2 ** attempts) });
     if (prev?.reason === reason) return;
     this.metrics.enrollErrors.inc({ reason });
     log.error({ pod: pod.name, namespace: pod.namespace, uid: pod.uid, reason }, `pod not enrolled: ${message}`);
@@ -381,6 +554,7 @@ export class NodeAgent {
       else await this.datapath.attachPod(pod);
       step = 'listen_failed';
       await this.proxy.addPod(pod);
+      this.proxy.setConfigured(pod.uid, this.configured(pod.uid));
     } catch (e) {
       if (step === 'listen_failed' || pinned) await this.datapath.detachPod(pod.uid).catch(() => undefined);
       const message = isNodemeshError(e) ? e.message : (e as Error).message;
@@ -423,8 +597,8 @@ export class NodeAgent {
     if (ok) {
       this.failed.delete(pod.uid);
       log.info({ pod: pod.name, namespace: pod.namespace }, 'pod redirection verified');
-    }
-    else this.noteFailure(pod, 'probe_failed', `capture probe did not reach the proxy (connect result ${String(result)})`);
+    } else this.noteFailure(pod, 'probe_failed', `capture probe did not reach the proxy (connect result ${String(result)})`);
+    this.settleEnrollWaiters();
   }
 
   private async unenroll(uid: string): Promise<void> {
@@ -441,6 +615,9 @@ export class NodeAgent {
 
   /** Stops serving. Pinned links stay, so pods stay captured until the next agent takes over. */
   async stop(): Promise<void> {
+    this.stopping = true;
+    this.settleEnrollWaiters();
+    await this.enrollment?.close();
     this.stopWatch?.();
     this.store?.close();
     this.cpClient?.stop();

@@ -10,6 +10,7 @@ import { DEFAULT_PIN_ROOT, assertPinRoot } from '../agent/datapath/node-datapath
 import { parseHostPort } from '../agent/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
 import { packageVersion } from '../shared/paths.js';
 import { checkKernel, checkRoot } from '../shared/preflight.js';
@@ -37,7 +38,7 @@ async function podPreflight(): Promise<void> {
 const invalid =
   (field: string) =>
   (message: string): NodemeshError =>
-    new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field } });
+    new NodemeshError('NM_ERR_INVALID_ARGUMENT', message, { context: { field }, hint: `give --${field} as HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080` });
 
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
@@ -46,7 +47,7 @@ function collect(value: string, previous: string[]): string[] {
 function parseMilliseconds(value: string, field: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of milliseconds`, { context: { field } });
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of milliseconds`, { context: { field }, hint: `give --${field} in milliseconds, e.g. --${field} 5000` });
   }
   return n;
 }
@@ -54,20 +55,29 @@ function parseMilliseconds(value: string, field: string): number {
 /** "30s", "2m", "1h", "500ms": how long, in milliseconds. */
 function parseDurationOption(value: string, field: string): number {
   const m = /^(\d+)(ms|s|m|h)$/.exec(value);
-  if (!m) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a duration like 30s, 2m or 1h`, { context: { field } });
+  if (!m) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a duration like 30s, 2m or 1h`, { context: { field }, hint: `give --${field} as a number and a unit (ms, s, m, h), e.g. --${field} 30s` });
   return Number(m[1]) * { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }[m[2] as 'ms' | 's' | 'm' | 'h'];
 }
 
 function parseRate(value: string, max: number): number {
   const n = Number(value);
-  if (!Number.isFinite(n) || n <= 0 || n > max) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${value}" must be more than 0 and at most ${max} requests per second`, { context: { field: 'rate' } });
+  if (!Number.isFinite(n) || n <= 0 || n > max) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--rate "${value}" must be more than 0 and at most ${max} requests per second`, { context: { field: 'rate' }, hint: 'give --rate a number in that range, e.g. --rate 10' });
+  }
   return n;
+}
+
+/** Why a fetch failed: undici says only "fetch failed", its cause has the errno (ECONNREFUSED...). */
+function fetchFailure(e: unknown): string {
+  const cause = (e as { cause?: { code?: unknown; message?: unknown } }).cause;
+  if (typeof cause?.code === 'string') return cause.code;
+  return typeof cause?.message === 'string' ? cause.message : (e as Error).message;
 }
 
 function parsePort(value: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 65535) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `"${value}" is not a TCP port (1-65535)`, { context: { field: 'port' } });
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `"${value}" is not a TCP port (1-65535)`, { context: { field: 'port' }, hint: 'give a port number from 1 to 65535' });
   }
   return n;
 }
@@ -87,14 +97,20 @@ pod
   .option('--service-account <sa>', 'service account (workload identity)', 'default')
   .option('-l, --label <key=value>', 'pod label, repeatable', collect, [])
   .option('-d, --detach', 'return once the pod is up; remove it later with `pod rm`', false)
+  .option('--enroll-timeout <time>', 'when an agent runs on the node: how long it may take to capture the pod before CMD starts (e.g. 30s)', `${DEFAULT_ENROLL_TIMEOUT_MS / 1000}s`)
   .argument('<command...>', 'command and arguments, after --')
-  .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; label: string[]; detach: boolean }) => {
+  .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; label: string[]; detach: boolean; enrollTimeout: string }) => {
+    const enrollTimeoutMs = parseDurationOption(opts.enrollTimeout, 'enroll-timeout');
+    if (enrollTimeoutMs < 1 || enrollTimeoutMs > MAX_ENROLL_TIMEOUT_MS) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--enroll-timeout "${opts.enrollTimeout}" must be more than 0 and at most ${MAX_ENROLL_TIMEOUT_MS / 1000}s`, { context: { field: 'enroll-timeout' }, hint: 'give a duration such as 30s or 2m' });
+    }
     await podPreflight();
     const { validatePodSpec } = await import('../runtime/pod-spec.js');
     const spec = validatePodSpec({ name: opts.name, namespace: opts.namespace, serviceAccount: opts.serviceAccount, labels: opts.label, command });
     const runtime = await podRuntime();
     const record = await runtime.create(spec, { detached: opts.detach });
-    const { record: running, child } = await runtime.start(record);
+    // With an agent on the node, CMD starts only once the agent has captured the pod.
+    const { record: running, child } = await runtime.start(record, { enrollTimeoutMs, progress });
     if (opts.detach) {
       out(table(['NAMESPACE', 'NAME', 'IP', 'IPV6', 'PID'], [[running.namespace, running.name, running.ip4, running.ip6, String(running.pid)]]));
       return;
@@ -168,6 +184,7 @@ program
   .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
   .option('--node <name>', 'node name', hostname())
   .option('--bpf-root <path>', 'bpffs folder for pinned maps and links', DEFAULT_PIN_ROOT)
+  .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: agent/ in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
   .option('--ready <host:port>', '/healthz/ready', '0.0.0.0:15021')
   .option('--admin <host:port>', 'admin API (pods, config)', '127.0.0.1:15000')
@@ -182,15 +199,19 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     assertPinRoot(opts.bpfRoot);
     if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
-      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', { context: { field: 'control-plane' } });
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', {
+        context: { field: 'control-plane' },
+        hint: 'nodemesh agent --config-dir examples/mesh (standalone), or nodemesh agent --control-plane 127.0.0.1:15010',
+      });
     }
     const runtimeConfig = runtimeConfigFromEnv();
     const options: AgentOptions = {
       node: opts.node,
       podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
+      runDir: opts.runDir ?? agentRunDir(runtimeConfig.stateDir),
       config:
         opts.controlPlane !== undefined
           ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }) }
@@ -230,7 +251,10 @@ program
       try {
         nodes = (await (await fetch(url)).json()) as typeof nodes;
       } catch (e) {
-        throw new NodemeshError('NM_ERR_CONTROL_PLANE_UNREACHABLE', `no control plane answers at ${url}: ${(e as Error).message}`, { context: { path: url } });
+        throw new NodemeshError('NM_ERR_CONTROL_PLANE_UNREACHABLE', `no control plane answers at ${url}: ${fetchFailure(e)}`, {
+          context: { path: url },
+          hint: 'start it with `nodemesh control-plane --config-dir DIR`, or give --control-plane the HOST:PORT of its --http',
+        });
       }
       if (format === 'json') {
         out(JSON.stringify(nodes, null, 2) + '\n');
@@ -251,7 +275,7 @@ program
     try {
       body = (await (await fetch(url)).json()) as typeof body;
     } catch (e) {
-      throw new NodemeshError('NM_ERR_AGENT_UNREACHABLE', `no agent answers at ${url}: ${(e as Error).message}`, {
+      throw new NodemeshError('NM_ERR_AGENT_UNREACHABLE', `no agent answers at ${url}: ${fetchFailure(e)}`, {
         context: { path: url },
         hint: 'start it with `nodemesh agent --config-dir DIR`, or give --admin HOST:PORT',
       });
@@ -276,10 +300,10 @@ program
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
   .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string; agentTokens?: string; agentServiceAccount?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
-      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' } });
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' }, hint: 'nodemesh control-plane --config-dir examples/mesh' });
     }
     if (opts.source === 'kubernetes' && opts.configDir !== undefined) {
-      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--config-dir and --source kubernetes exclude each other', { context: { field: 'source' } });
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--config-dir and --source kubernetes exclude each other', { context: { field: 'source' }, hint: 'give one of them' });
     }
     const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
@@ -307,7 +331,7 @@ debug
   .option('--log <file>', 'append a JSON line per closed connection')
   .action(async (opts: { port: string; log?: string }) => {
     const { echoServer } = await import('./debug-tools.js');
-    echoServer(parsePort(opts.port), opts.log);
+    await echoServer(parsePort(opts.port), opts.log);
   });
 
 debug
@@ -347,6 +371,9 @@ function signalNumber(signal: NodeJS.Signals): number {
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
+  // An error that is not a NodemeshError is a bug: the user gets one line (formatError), the
+  // stack goes to the log for the report (NODEMESH_LOG_LEVEL=debug).
+  if (!(e instanceof NodemeshError)) (await import('../shared/log.js')).logger('cli').debug({ err: e }, 'unexpected error');
   process.stderr.write(formatError(e));
   process.exitCode = e instanceof NodemeshError && e.code === 'NM_ERR_INVALID_ARGUMENT' ? 2 : 1;
 }

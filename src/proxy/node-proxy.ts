@@ -71,6 +71,10 @@ interface PodState {
   readonly servers: Server[];
   readonly sockets: Set<Socket>;
   active: number;
+  /** The snapshot holds the pod's complete config; until then its outbound connections wait. */
+  configured: boolean;
+  /** Connections waiting for the pod's config, called when it arrives. */
+  readonly waiting: Set<() => void>;
 }
 
 export class NodeProxy {
@@ -106,7 +110,7 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0 };
+    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, configured: false, waiting: new Set() };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, (s, cookie) => this.outbound(state, s, cookie));
       for (const [family, host, address] of [[4, '0.0.0.0', pod.ip4], [6, '::', pod.ip6]] as const) {
@@ -118,6 +122,20 @@ export class NodeProxy {
       throw e;
     }
     this.pods.set(pod.uid, state);
+  }
+
+  /**
+   * Whether the snapshot has the pod's complete config (the agent decides: with a control plane,
+   * once a snapshot that covers the pod is applied). Until then no outbound connection of the pod
+   * is routed, since a Service's route or the Service itself may still be missing: connections
+   * wait for it, up to the connect timeout, and are then refused (`no_config`).
+   */
+  setConfigured(uid: string, configured: boolean): void {
+    const state = this.pods.get(uid);
+    if (!state || state.configured === configured) return;
+    state.configured = configured;
+    if (!configured) return;
+    for (const resume of [...state.waiting]) resume();
   }
 
   async removePod(uid: string): Promise<void> {
@@ -135,6 +153,7 @@ export class NodeProxy {
         // the entry goes away with its socket anyway
       }
     }
+    for (const resume of [...state.waiting]) resume();
     for (const s of state.sockets) s.destroy();
     await Promise.all(state.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     releaseNetns(state.pod.netnsPath);
@@ -194,6 +213,35 @@ export class NodeProxy {
       this.options.onProbe(state.pod.uid);
       return;
     }
+    if (!state.configured) {
+      this.metrics.heldForConfig.inc();
+      void this.whenConfigured(state, client).then((ok) => {
+        if (client.destroyed) return;
+        if (ok) this.route(state, client, original);
+        else this.refuse(state, client, 'outbound', 'no_config', { original: formatHostPort(original.address, original.port), waitedMs: this.options.connectTimeoutMs });
+      });
+      return;
+    }
+    this.route(state, client, original);
+  }
+
+  /** Resolves true once the pod's config is here, false after the connect timeout (or if the client left, or the pod). */
+  private whenConfigured(state: PodState, client: Socket): Promise<boolean> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        state.waiting.delete(done);
+        client.off('close', done);
+        resolve(state.configured && this.pods.get(state.pod.uid) === state);
+      };
+      const timer = setTimeout(done, this.options.connectTimeoutMs);
+      state.waiting.add(done);
+      client.once('close', done);
+    });
+  }
+
+  /** An outbound connection of a configured pod: to a Service, or passed through. */
+  private route(state: PodState, client: Socket, original: SocketAddress): void {
     const snapshot = this.snapshot;
     const target = snapshot.service(original);
     // A Service not exported to the caller's namespace is not the caller's to see: to it, the

@@ -16,6 +16,7 @@ import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, wait
 import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
 import { bestEffort, CommandFailed, ip, resolveExecutable } from './exec.js';
 import type { PodSpec } from './pod-spec.js';
+import { DEFAULT_ENROLL_TIMEOUT_MS, agentRunDir, handOverPod, type EnrollPod, type HandOver } from './enrollment.js';
 import { PodStore, type PodRecord } from './store.js';
 
 const log = logger('runtime');
@@ -28,6 +29,17 @@ interface Made {
 }
 
 const EVERYTHING: Readonly<Made> = { netns: true, veth: true, cgroup: true };
+
+export interface StartOptions {
+  /** How long the node agent may take to capture the pod (default 30 s). */
+  readonly enrollTimeoutMs?: number;
+  /** Called with a line for humans before a step that can take a while. */
+  readonly progress?: (step: string) => void;
+}
+
+function enrollPod(r: PodRecord): EnrollPod {
+  return { uid: r.uid, name: r.name, namespace: r.namespace, serviceAccount: r.serviceAccount, labels: r.labels, ip4: r.ip4, ip6: r.ip6, netnsPath: r.netnsPath, cgroupPath: r.cgroupPath };
+}
 
 export interface PodStatus extends PodRecord {
   readonly state: 'running' | 'exited' | 'creating';
@@ -160,8 +172,23 @@ export class LocalPodRuntime {
     return spawn('/bin/sh', ['-c', script, 'nodemesh-pod', record.cgroupPath, record.netns, ...argv], options);
   }
 
-  /** Starts the pod's own command; a detached pod's output goes to its log file. */
-  async start(record: PodRecord): Promise<{ record: PodRecord; child: ChildProcess }> {
+  /**
+   * Starts the pod's own command; a detached pod's output goes to its log file. When an agent
+   * runs on the node, the pod is handed to it first and the command starts only once the agent
+   * has captured and verified it (see enrollment.ts): its first connection is already in the
+   * mesh. A refusal or no answer within enrollTimeoutMs removes the pod and throws.
+   */
+  async start(record: PodRecord, options: StartOptions = {}): Promise<{ record: PodRecord; child: ChildProcess; enrollment: HandOver }> {
+    let enrollment: HandOver;
+    try {
+      enrollment = await handOverPod(agentRunDir(this.config.stateDir), enrollPod(record), options.enrollTimeoutMs ?? DEFAULT_ENROLL_TIMEOUT_MS, () =>
+        options.progress?.(`waiting for the node agent to capture pod ${record.namespace}/${record.name}`),
+      );
+    } catch (e) {
+      await this.remove(record, 0).catch((err: unknown) => log.warn({ pod: record.name, namespace: record.namespace, err }, 'removing the pod the agent refused failed'));
+      throw e;
+    }
+    if (enrollment.agent) log.info({ pod: record.name, namespace: record.namespace, enrolled: enrollment.enrolled }, 'pod handed to the node agent');
     let child: ChildProcess;
     if (record.detached && record.logPath) {
       const out = openSync(record.logPath, 'a');
@@ -196,7 +223,7 @@ export class LocalPodRuntime {
     const running: PodRecord = { ...record, pid, phase: 'running' };
     await this.store.write(running);
     log.info({ pod: record.name, namespace: record.namespace, pid }, 'pod started');
-    return { record: running, child };
+    return { record: running, child, enrollment };
   }
 
   async list(): Promise<PodStatus[]> {

@@ -9,7 +9,7 @@ export const ERROR_CODES = {
   NM_ERR_NO_CGROUP2: 'no cgroup v2 hierarchy is mounted',
   NM_ERR_NO_BPF: 'the bpf() system call is missing or not permitted',
   NM_ERR_BPFFS: 'the BPF filesystem is not mounted and could not be mounted',
-  NM_ERR_NATIVE_MISSING: 'the native addon, the compiled BPF objects or the generated CRD validators are not built',
+  NM_ERR_NATIVE_MISSING: 'nodemesh is not built: its JavaScript, the native addon, the BPF objects or the generated CRD validators',
   NM_ERR_TOOL_MISSING: 'a system tool nodemesh runs (iproute2) is not installed',
   NM_ERR_DATAPATH: 'a kernel call of the datapath (BPF, socket, namespace) failed',
   NM_ERR_BPF_LOAD: 'the kernel refused to load a BPF object (verifier or missing feature)',
@@ -21,13 +21,20 @@ export const ERROR_CODES = {
   NM_ERR_POD_COMMAND: "the pod's command could not be started",
   NM_ERR_POD_SETUP: 'creating the pod (namespace, veth, cgroup) failed; everything made was removed',
   NM_ERR_POD_CIDR_EXHAUSTED: 'the local pod subnet has no free address',
-  NM_ERR_STATE: 'the local runtime state folder holds a record that cannot be read',
+  NM_ERR_STATE: 'the local runtime state folder, or a record in it, cannot be read',
   NM_ERR_AGENT_UNREACHABLE: "the node agent's admin API does not answer",
   NM_ERR_CONTROL_PLANE_UNREACHABLE: "the control plane's HTTP port (15014) does not answer",
   NM_ERR_LOCK_TIMEOUT: 'another nodemesh process holds the runtime lock for too long',
   NM_ERR_DEMO: 'the demo could not start one of its parts (a port taken, a process that exited)',
   NM_ERR_AGENT_TOKENS: 'the control plane\'s agent token file cannot be read or has a bad line',
   NM_ERR_KUBE_CONFIG: 'the Kubernetes client config (kubeconfig or in-cluster service account) cannot be loaded',
+  NM_ERR_CONFIG_DIR: 'the config folder (--config-dir), or a file in it, is missing or cannot be read',
+  NM_ERR_PORT_IN_USE: 'a port nodemesh was told to listen on is taken by another process',
+  NM_ERR_TOKEN_FILE: "the agent's control plane token file (--token-file) cannot be read or is empty",
+  NM_ERR_INTERNAL: 'an error nodemesh did not expect (a bug): the message is all it knows',
+  NM_ERR_ENROLL_FAILED: 'the node agent refused to enroll a new pod, or the hand-over was cut off',
+  NM_ERR_ENROLL_TIMEOUT: 'the node agent did not capture a new pod in time',
+  NM_ERR_AGENT_RUNNING: 'another agent already serves this node',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -39,6 +46,8 @@ export interface ErrorContext {
   readonly object?: string;
   readonly field?: string;
   readonly path?: string;
+  /** A HOST:PORT that nodemesh listens on or connects to. */
+  readonly address?: string;
   readonly syscall?: string;
   readonly errno?: number;
   readonly errnoCode?: string;

@@ -105,7 +105,11 @@ test('control plane protocol: a bad snapshot is Nacked with the field named, the
   t.after(() => fake.stop());
   const service = (port: number): Service => ({ namespace: 'default', name: 'backend', clusterIPs: [SVC], ports: [{ name: 'tcp', port, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'echo-b' }, exportTo: ['*'] });
   const podB: Workload = { uid: b.record.uid, namespace: 'default', name: 'echo-b', serviceAccount: 'default', labels: { app: 'echo-b' }, ip4: b.record.ip4, ip6: b.record.ip6 };
-  const good = snapshotMessage(1000, { ...EMPTY_CONFIG, services: [service(80)] }, [{ ...podB, labels: { ...podB.labels }, node: 'n' }]);
+  const podClient: Workload = { uid: client.uid, namespace: 'default', name: 'client-a', serviceAccount: 'default', labels: { app: 'client' }, ip4: client.ip4, ip6: client.ip6 };
+  // As a control plane does, the snapshot names the node's own pods: the agent serves a pod only
+  // with a snapshot that was computed for it.
+  const workloads = [podB, podClient].map((w) => ({ ...w, labels: { ...w.labels }, node: 'n' }));
+  const good = snapshotMessage(1000, { ...EMPTY_CONFIG, services: [service(80)] }, workloads);
   // The agent is ready only once it has a config: send the good one as soon as it says Hello.
   const agentReady = startAgent(sb, { controlPlane: fake.address });
   await waitFor(async () => fake.hellos > 0, 10_000, 'Hello from the agent');
@@ -137,7 +141,7 @@ test('control plane protocol: a bad snapshot is Nacked with the field named, the
   await waitFor(async () => (await b.connections()).length === 2, 5000, 'B got both connections');
 
   // A delta on another base than the agent holds is refused; one on its base applies.
-  const moved = snapshotMessage(4000, { ...EMPTY_CONFIG, services: [service(81)] }, [{ ...podB, labels: { ...podB.labels }, node: 'n' }]);
+  const moved = snapshotMessage(4000, { ...EMPTY_CONFIG, services: [service(81)] }, workloads);
   const upsert = moved.resources.find((r) => r.service);
   assert.ok(upsert);
   fake.send({ delta: { version: 4000, baseVersion: 999, digest: moved.digest, upserts: [upsert], removals: [] } });

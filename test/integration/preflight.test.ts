@@ -17,7 +17,10 @@ async function sh(script: string, env: NodeJS.ProcessEnv = process.env): Promise
 
 test('not root: one clear error and a non-zero exit', async (t) => {
   const sb = await createSandbox(t);
-  const r = await cli(['pod', 'list'], sb.env, ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups']);
+  // uid 65534 (nobody) with one capability, CAP_DAC_READ_SEARCH: it reads the package wherever
+  // the clone lives (a private 0700 folder too), and is still not root, which is what is tested.
+  const nobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--inh-caps=+dac_read_search', '--ambient-caps=+dac_read_search'];
+  const r = await cli(['pod', 'list'], sb.env, nobody);
   assert.equal(r.code, 1);
   assert.match(r.stderr, /^error NM_ERR_NOT_ROOT: nodemesh must run as root \(running as uid 65534\)\n(.*\n)*\s+fix: run it with sudo/);
 });

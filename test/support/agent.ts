@@ -33,7 +33,8 @@ export interface AgentProcess {
   ready(): Promise<number>;
   waitForPods(check: (pods: EnrolledPodStatus[]) => boolean, what: string): Promise<EnrolledPodStatus[]>;
   kill(signal: NodeJS.Signals): Promise<void>;
-  restart(): Promise<void>;
+  /** Starts it again; waits until it is ready unless `waitReady` is false. */
+  restart(options?: { waitReady?: boolean }): Promise<void>;
   writeConfig(file: string, yaml: string): Promise<void>;
 }
 
@@ -51,7 +52,7 @@ export function metricValue(text: string, name: string, labels: Record<string, s
 /** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
 export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string };
 
-export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promise<AgentProcess> {
+export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string> } = {}): Promise<AgentProcess> {
   const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile');
   const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
   const tokenFile = isRemote ? (source as { tokenFile?: string }).tokenFile : undefined;
@@ -64,7 +65,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promis
   const spawnAgent = (): ChildProcess => {
     const child = spawn(
       process.execPath,
-      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`],
+      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`, ...(options.args ?? [])],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
@@ -93,8 +94,9 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource): Promis
       child.kill(signal);
       await exited;
     },
-    async restart() {
+    async restart(options = {}) {
       agent.child = spawnAgent();
+      if (options.waitReady === false) return;
       await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, 'agent ready after restart');
     },
     async writeConfig(file, yaml) {

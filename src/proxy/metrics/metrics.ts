@@ -28,7 +28,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 export const ENROLL_ERROR_REASONS = ['netns_missing', 'cgroup_missing', 'attach_failed', 'listen_failed', 'probe_failed', 'readopt_failed', 'invalid_record'] as const;
@@ -62,6 +62,8 @@ export class NodeMetrics {
   readonly configObjects: Gauge<'kind'>;
   readonly snapshots: Counter<'result'>;
   readonly controlPlaneConnected: Gauge;
+  readonly heldForConfig: Counter;
+  readonly enrollments: Counter<'result'>;
 
   constructor(mapEntries: () => Record<string, number>) {
     const registers = [this.registry];
@@ -88,6 +90,13 @@ export class NodeMetrics {
     this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
     this.snapshots = new Counter({ name: 'nodemesh_config_snapshots_total', help: 'Control plane snapshots, by result (applied, rejected)', labelNames: ['result'], registers });
     this.controlPlaneConnected = new Gauge({ name: 'nodemesh_control_plane_connected', help: '1 while the Discovery stream to the control plane is up', registers });
+    this.heldForConfig = new Counter({ name: 'nodemesh_connections_held_for_config_total', help: "Outbound connections that waited for their pod's config (a new pod, or an agent that just started)", registers });
+    this.enrollments = new Counter({
+      name: 'nodemesh_pod_handovers_total',
+      help: 'Pods handed over by a runtime on the enrollment socket before their command ran, by answer (enrolled, not_enrolled, failed, timeout)',
+      labelNames: ['result'],
+      registers,
+    });
     this.mapEntries = new Gauge({
       name: 'nodemesh_bpf_map_entries',
       help: 'Entries in the BPF maps of this node',

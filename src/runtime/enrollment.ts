@@ -1,0 +1,135 @@
+/**
+ * The node agent's enrollment endpoint, as a runtime sees it (design.md section 2): before a new
+ * pod's command runs, the runtime hands the pod over (identity, netns, cgroup) and waits until the
+ * agent has captured it, proven the capture and holds the pod's config, or refused. This is what
+ * keeps a pod's first connection from leaving the mesh (Istio's CNI plugin does the same for
+ * ztunnel). `nodemesh pod run` (LocalPodRuntime.start) calls it; the Kubernetes CNI plugin will
+ * call the same endpoint.
+ *
+ * Wire: HTTP/1.1 over a Unix socket that only root can reach (the folder is 0700).
+ *   POST /v1/pods  {"pod": EnrollPod, "timeoutMs": n}
+ *     200 {"enrolled": true, "verified": true}                       captured, verified, configured
+ *     200 {"enrolled": false, "reason": "..."}                        the mesh leaves this pod alone
+ *     4xx/5xx {"error": {"code": "NM_ERR_...", "message": "...", ...}} refused, or not in time
+ */
+import { request } from 'node:http';
+import { join } from 'node:path';
+
+import { NodemeshError, type ErrorCode } from '../shared/errors.js';
+
+/** The agent's run folder for the node whose runtime keeps its state in stateDir. */
+export function agentRunDir(stateDir: string): string {
+  return join(stateDir, 'agent');
+}
+
+export const ENROLL_SOCKET = 'enroll.sock';
+
+/** How long a runtime waits for the agent by default (`pod run --enroll-timeout`). */
+export const DEFAULT_ENROLL_TIMEOUT_MS = 30_000;
+/** The most an enrollment request may ask the agent to wait. */
+export const MAX_ENROLL_TIMEOUT_MS = 300_000;
+
+/** A pod as the runtime hands it over. */
+export interface EnrollPod {
+  readonly uid: string;
+  readonly name: string;
+  readonly namespace: string;
+  readonly serviceAccount: string;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly ip4: string;
+  readonly ip6: string;
+  readonly netnsPath: string;
+  readonly cgroupPath: string;
+}
+
+export interface EnrollRequest {
+  readonly pod: EnrollPod;
+  readonly timeoutMs: number;
+}
+
+export type EnrollAnswer = { readonly enrolled: true; readonly verified: true } | { readonly enrolled: false; readonly reason: string };
+
+export interface EnrollErrorBody {
+  readonly error: { readonly code: ErrorCode; readonly message: string; readonly hint?: string; readonly detail?: string };
+}
+
+/** What happened: no agent on this node, or the agent's answer. */
+export type HandOver = { readonly agent: false } | ({ readonly agent: true } & EnrollAnswer);
+
+/**
+ * Hands a new pod to the node's agent and waits for its answer, at most timeoutMs. No agent
+ * listening (no socket, or a socket left by one that died): `{agent: false}` at once. A refusal
+ * or no answer in time: a NodemeshError naming the pod.
+ */
+export async function handOverPod(runDir: string, pod: EnrollPod, timeoutMs: number, onAgent?: () => void): Promise<HandOver> {
+  const socketPath = join(runDir, ENROLL_SOCKET);
+  const body = JSON.stringify({ pod, timeoutMs } satisfies EnrollRequest);
+  const context = { pod: pod.name, namespace: pod.namespace, path: socketPath };
+  return new Promise<HandOver>((resolve, reject) => {
+    let settled = false;
+    const settle = (f: () => void): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      f();
+    };
+    // The agent bounds its own wait by timeoutMs; this one also covers an agent that hangs.
+    const timer = setTimeout(() => {
+      req.destroy();
+      settle(() =>
+        reject(
+          new NodemeshError('NM_ERR_ENROLL_TIMEOUT', `the node agent did not capture pod ${pod.namespace}/${pod.name} within ${timeoutMs / 1000} s`, {
+            context,
+            hint: 'see the agent log and `nodemesh status`; give a longer --enroll-timeout if the node is busy',
+          }),
+        ),
+      );
+    }, timeoutMs + 1000);
+    const req = request({ socketPath, method: 'POST', path: '/v1/pods', headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('error', (e) => settle(() => reject(transportError(pod, socketPath, e))));
+      res.on('end', () =>
+        settle(() => {
+          let parsed: unknown;
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            reject(new NodemeshError('NM_ERR_ENROLL_FAILED', `the node agent answered the enrollment of pod ${pod.namespace}/${pod.name} with something that is not JSON (HTTP ${res.statusCode})`, { context: { ...context, detail: text.slice(0, 200) } }));
+            return;
+          }
+          if (res.statusCode === 200) {
+            resolve({ agent: true, ...(parsed as EnrollAnswer) });
+            return;
+          }
+          const err = (parsed as Partial<EnrollErrorBody>).error;
+          const timedOut = err?.code === 'NM_ERR_ENROLL_TIMEOUT';
+          const code: ErrorCode = timedOut ? 'NM_ERR_ENROLL_TIMEOUT' : 'NM_ERR_ENROLL_FAILED';
+          const what = timedOut ? `did not have pod ${pod.namespace}/${pod.name} in the mesh within ${timeoutMs / 1000} s` : `refused pod ${pod.namespace}/${pod.name}`;
+          reject(
+            new NodemeshError(code, `the node agent ${what}: ${err?.message ?? `HTTP ${res.statusCode}`}`, {
+              context: { ...context, ...(err?.detail ? { detail: err.detail } : {}) },
+              hint: err?.hint ?? 'see the agent log',
+            }),
+          );
+        }),
+      );
+    });
+    // An agent answers: from here on this may take a moment (the caller says so).
+    req.once('socket', (socket) => socket.once('connect', () => onAgent?.()));
+    req.on('error', (e: NodeJS.ErrnoException) => {
+      // Nobody listens: no agent runs on this node (or one died and left its socket).
+      if (e.code === 'ENOENT' || e.code === 'ECONNREFUSED') settle(() => resolve({ agent: false }));
+      else settle(() => reject(transportError(pod, socketPath, e)));
+    });
+    req.end(body);
+  });
+}
+
+function transportError(pod: EnrollPod, socketPath: string, e: Error): NodemeshError {
+  return new NodemeshError('NM_ERR_ENROLL_FAILED', `the enrollment of pod ${pod.namespace}/${pod.name} was cut off: ${e.message}`, {
+    context: { pod: pod.name, namespace: pod.namespace, path: socketPath },
+    hint: 'the node agent may have stopped; see its log',
+  });
+}
