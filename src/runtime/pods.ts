@@ -149,6 +149,11 @@ export class LocalPodRuntime {
 
   private async setUpNetwork(r: PodRecord, peerVeth: string, made: Made): Promise<void> {
     await this.ensureBridge();
+    // Addresses are reused: the host may still hold the neighbour entry (MAC) of the pod that had
+    // them before, and would send this pod's first packets to a veth that is gone for up to a
+    // neighbour timeout (a SYN lost, then retried for seconds).
+    await bestEffort(() => ip('neigh', 'flush', 'to', r.ip4, 'dev', this.config.bridge), () => undefined);
+    await bestEffort(() => ip('-6', 'neigh', 'flush', 'to', r.ip6, 'dev', this.config.bridge), () => undefined);
     await ip('netns', 'add', r.netns);
     made.netns = true;
     await ip('link', 'add', r.hostVeth, 'type', 'veth', 'peer', 'name', peerVeth);

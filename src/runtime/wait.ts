@@ -2,9 +2,14 @@
 import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-export function canConnect(host: string, port: number): Promise<boolean> {
+/** Whether a connection opens within timeoutMs (a lost SYN would otherwise be retried for minutes). */
+export function canConnect(host: string, port: number, timeoutMs = 1000): Promise<boolean> {
   return new Promise((resolve) => {
-    const s = connect({ host, port });
+    const s = connect({ host, port, timeout: timeoutMs });
+    s.once('timeout', () => {
+      s.destroy();
+      resolve(false);
+    });
     s.once('connect', () => {
       s.destroy();
       resolve(true);

@@ -1,16 +1,20 @@
 /** Where the build outputs of this package live, found from this file's own location. */
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 function findPackageRoot(start: string): string {
   let dir = start;
   for (;;) {
-    const manifest = join(dir, 'package.json');
-    if (existsSync(manifest)) {
-      const pkg = JSON.parse(readFileSync(manifest, 'utf8')) as { name?: string };
-      if (pkg.name === 'nodemesh') return dir;
+    // Read, not existsSync(): access() checks with the real uid and no capabilities, so a
+    // process that may read the file (CAP_DAC_READ_SEARCH) would be told it is not there.
+    let text: string | undefined;
+    try {
+      text = readFileSync(join(dir, 'package.json'), 'utf8');
+    } catch {
+      text = undefined;
     }
+    if (text !== undefined && (JSON.parse(text) as { name?: string }).name === 'nodemesh') return dir;
     const parent = dirname(dir);
     if (parent === dir) throw new Error(`nodemesh package root not found above ${start}`);
     dir = parent;
