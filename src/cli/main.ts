@@ -315,6 +315,20 @@ program
   });
 
 program
+  .command('cleanup')
+  .description("take nodemesh off this node: every link and gate it attached, every pin, the in-pod routing and sysctls of live pods, the agent's run folder")
+  .option('--bpf-root <path>', "the agent's --bpf-root", DEFAULT_PIN_ROOT)
+  .option('--run-dir <dir>', "the agent's --run-dir; default: agent/ in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
+  .option('--force', 'go on while an agent runs: it keeps running with its sockets and listeners but loses capture (and may capture pods that start later); stop it too', false)
+  .addOption(new Option('-o, --output <format>', 'table or json').default('table'))
+  .addHelpText('after', "\nIt refuses while an agent answers on the run folder's enrollment socket (unless\n--force), prints what it removed, and is idempotent: a second run says \"nothing\nto remove\". Pods and the runtime's records of them stay.")
+  .action(async (opts: { bpfRoot: string; runDir?: string; force: boolean; output: string }) => {
+    const format = parseOutputFormat(opts.output);
+    const { cleanupCommand } = await import('./cleanup.js');
+    await cleanupCommand(opts, format, out);
+  });
+
+program
   .command('check')
   .description('check that this machine can run nodemesh (root, kernel, cgroup v2, bpffs, bpf())')
   .action(async () => {

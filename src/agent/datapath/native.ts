@@ -3,7 +3,7 @@
  * file. Errors from the addon carry code/errno/syscall/path and are rethrown as NodemeshError
  * NM_ERR_DATAPATH (NM_ERR_BPF_LOAD for a refused object) with that context kept.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
 import { NodemeshError, isSystemError, type ErrorCode } from '../../shared/errors.js';
@@ -209,6 +209,32 @@ export class BpfLink {
 
   static openPinned(path: string): BpfLink {
     return new BpfLink(call(`open pinned link ${path}`, () => native().openPinnedLink(path)), path);
+  }
+}
+
+/**
+ * What the kernel says of a pinned BPF object, from /proc/self/fdinfo of an fd on it: whether it
+ * is a link, a map or a program, and its fields (for a link: link_type, link_id, prog_id, and
+ * cgroup_id or netns_ino, 0 once its cgroup or netns is gone). No syscall beyond BPF_OBJ_GET, so
+ * it works on pins of any build.
+ */
+export interface PinnedObjectInfo {
+  readonly kind: 'link' | 'map' | 'prog' | 'other';
+  readonly fields: Readonly<Record<string, string>>;
+}
+
+export function pinnedObjectInfo(path: string): PinnedObjectInfo {
+  const fd = call(`open pinned object ${path}`, () => native().openPinned(path));
+  try {
+    const fields: Record<string, string> = {};
+    for (const line of readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').split('\n')) {
+      const at = line.indexOf(':');
+      if (at > 0) fields[line.slice(0, at)] = line.slice(at + 1).trim();
+    }
+    const kind = 'link_type' in fields ? 'link' : 'map_type' in fields ? 'map' : 'prog_type' in fields ? 'prog' : 'other';
+    return { kind, fields };
+  } finally {
+    native().closeFd(fd);
   }
 }
 

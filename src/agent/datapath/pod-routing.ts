@@ -4,24 +4,18 @@
  * NM_DELIVERY_MARK. With tcp_fwmark_accept the application's side of the connection inherits the
  * mark, and a policy route sends marked packets for any address to the local table, so replies
  * come back to the proxy instead of leaving the pod. No iptables: sysctls and two ip rules in
- * the pod's own network namespace, which disappear with it.
+ * the pod's own network namespace, which disappear with it. disableInboundDelivery is the whole
+ * inverse (a live pod leaving the mesh, `nodemesh cleanup`): rules, routes and the sysctls back
+ * to the kernel's defaults for a new netns (0).
  */
 import { NM_DELIVERY_MARK, NM_DELIVERY_TABLE } from './abi.js';
-import { CommandFailed, run } from '../../runtime/exec.js';
+import { CommandFailed, run, type ExecResult } from '../../runtime/exec.js';
 
 const mark = `0x${NM_DELIVERY_MARK.toString(16)}`;
 const table = String(NM_DELIVERY_TABLE);
 
-function inNetns(netnsPath: string, argv: string[]): Promise<unknown> {
+function inNetns(netnsPath: string, argv: string[]): Promise<ExecResult> {
   return run('nsenter', [`--net=${netnsPath}`, ...argv]);
-}
-
-async function ignoreMissing(p: Promise<unknown>): Promise<void> {
-  try {
-    await p;
-  } catch (e) {
-    if (!(e instanceof CommandFailed)) throw e;
-  }
 }
 
 export async function enableInboundDelivery(netnsPath: string): Promise<void> {
@@ -47,15 +41,45 @@ export async function enableInboundDelivery(netnsPath: string): Promise<void> {
   await inNetns(netnsPath, ['sh', '-c', script]);
 }
 
-export async function disableInboundDelivery(netnsPath: string): Promise<void> {
+/** The sysctls enableInboundDelivery sets to 1; 0 is their default in a new network namespace. */
+const DELIVERY_SYSCTLS = ['net/ipv4/tcp_fwmark_accept', 'net/ipv4/fwmark_reflect', 'net/ipv6/fwmark_reflect'] as const;
+
+/**
+ * Removes what enableInboundDelivery set in the pod's netns. Resolves true if anything was there
+ * to remove (a rule, a route, a sysctl not at 0), so a caller can report what it changed and a
+ * second call is a no-op that says so.
+ */
+export async function disableInboundDelivery(netnsPath: string): Promise<boolean> {
   const rule = `fwmark ${mark} lookup ${table} pref ${table}`;
-  // Each step on its own: whatever is already gone, the rest is still removed.
+  // Each step on its own: whatever is already gone, the rest is still removed. The rule goes
+  // last: while any of this is left, the rule is too (inboundDeliveryRouted finds it). A rule
+  // is deleted until none is left, in case an older build stacked duplicates.
   const script = [
-    `ip -4 rule del ${rule} 2>/dev/null`,
-    `ip -6 rule del ${rule} 2>/dev/null`,
-    `ip -4 route del local 0.0.0.0/0 dev lo table ${table} 2>/dev/null`,
-    `ip -6 route del local ::/0 dev lo table ${table} 2>/dev/null`,
-    'true',
+    'changed=0',
+    ...DELIVERY_SYSCTLS.map((s) => `f=/proc/sys/${s}; if [ -w "$f" ] && [ "$(cat "$f")" != 0 ]; then echo 0 > "$f" && changed=1; fi`),
+    `ip -4 route del local 0.0.0.0/0 dev lo table ${table} 2>/dev/null && changed=1`,
+    `ip -6 route del local ::/0 dev lo table ${table} 2>/dev/null && changed=1`,
+    `while ip -4 rule del ${rule} 2>/dev/null; do changed=1; done`,
+    `while ip -6 rule del ${rule} 2>/dev/null; do changed=1; done`,
+    'echo "changed=$changed"',
   ].join('\n');
-  await ignoreMissing(inNetns(netnsPath, ['sh', '-c', script]));
+  try {
+    const result = await inNetns(netnsPath, ['sh', '-c', script]);
+    return result.stdout.includes('changed=1');
+  } catch (e) {
+    // nsenter itself failed: the netns is gone, and what was set in it with it.
+    if (e instanceof CommandFailed) return false;
+    throw e;
+  }
+}
+
+/** Whether the pod's netns has nodemesh's delivery rule (enableInboundDelivery ran there). */
+export async function inboundDeliveryRouted(netnsPath: string): Promise<boolean> {
+  try {
+    const result = await inNetns(netnsPath, ['sh', '-c', 'ip -4 rule show; ip -6 rule show']);
+    return new RegExp(`fwmark ${mark} lookup ${table}\\b`).test(result.stdout);
+  } catch (e) {
+    if (e instanceof CommandFailed) return false;
+    throw e;
+  }
 }
