@@ -15,6 +15,7 @@
 import { request } from 'node:http';
 import { join } from 'node:path';
 
+import type { Workload } from '../config/snapshot.js';
 import { NodemeshError, type ErrorCode } from '../shared/errors.js';
 
 /** The agent's run folder for the node whose runtime keeps its state in stateDir. */
@@ -29,15 +30,8 @@ export const DEFAULT_ENROLL_TIMEOUT_MS = 30_000;
 /** The most an enrollment request may ask the agent to wait. */
 export const MAX_ENROLL_TIMEOUT_MS = 300_000;
 
-/** A pod as the runtime hands it over. */
-export interface EnrollPod {
-  readonly uid: string;
-  readonly name: string;
-  readonly namespace: string;
-  readonly serviceAccount: string;
-  readonly labels: Readonly<Record<string, string>>;
-  readonly ip4: string;
-  readonly ip6: string;
+/** A pod as the runtime hands it over: the workload and where its netns and cgroup are. */
+export interface EnrollPod extends Workload {
   readonly netnsPath: string;
   readonly cgroupPath: string;
 }
