@@ -19,7 +19,6 @@
 
 /* Fixed at load time (libbpf-bootstrap style): the agent may override before load. */
 const volatile __u16 outbound_port = NM_PORT_OUTBOUND;
-const volatile __u32 proxy_mark = NM_PROXY_MARK;
 
 static __always_inline int skip_socket(struct bpf_sock_addr *ctx)
 {
@@ -28,8 +27,12 @@ static __always_inline int skip_socket(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return 1;
 	sk = ctx->sk;
-	/* Second guard against loops: the proxy's own sockets are marked. */
-	if (!sk || sk->mark == proxy_mark)
+	/*
+	 * No mark is trusted here: a pod's process may set SO_MARK itself (CAP_NET_RAW is enough
+	 * since 5.17) and would leave the mesh. The proxy's own sockets never reach these programs:
+	 * they are made by the agent's threads, which live in the agent's cgroup, not a pod's.
+	 */
+	if (!sk)
 		return 1;
 	return 0;
 }

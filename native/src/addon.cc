@@ -1,5 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Module entry. Only src/agent/datapath/native.ts loads this file.
+#include <sys/resource.h>
+
+#include <cerrno>
 #include <cstddef>
 
 #include "common.h"
@@ -65,6 +68,22 @@ Napi::Value AbiLayout(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// raiseFdLimit(): {soft, hard}: RLIMIT_NOFILE's soft limit raised to the hard one. Every proxied
+// connection holds several fds; the default soft limit (1024) is a node-wide cap nobody chose.
+Napi::Value RaiseFdLimit(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  struct rlimit rl = {};
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) throw ToJsError(env, {errno, "getrlimit", "RLIMIT_NOFILE", ""});
+  if (rl.rlim_cur < rl.rlim_max) {
+    struct rlimit raised = {rl.rlim_max, rl.rlim_max};
+    if (setrlimit(RLIMIT_NOFILE, &raised) == 0) rl = raised;
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("soft", Napi::Number::New(env, static_cast<double>(rl.rlim_cur)));
+  out.Set("hard", Napi::Number::New(env, static_cast<double>(rl.rlim_max)));
+  return out;
+}
+
 Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData<AddonData>(data);
@@ -73,6 +92,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitSockets(env, exports);
   InitRelay(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
+  exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimit, "raiseFdLimit"));
   return exports;
 }
 

@@ -73,6 +73,18 @@ int OwnNetns() {
 int NetnsSocket(const std::string& nsPath, int family) {
   int own = OwnNetns();
   std::shared_ptr<NetnsFd> ns = NetnsAt(nsPath);
+  // Already there (a process inside a pod asks for a socket of its own netns): no setns(), which
+  // would need CAP_SYS_ADMIN that a pod's process does not have.
+  thread_local ino_t ownInode = 0;
+  if (ownInode == 0) {
+    struct stat st = {};
+    if (fstat(own, &st) == 0) ownInode = st.st_ino;
+  }
+  if (ns->inode == ownInode) {
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) ThrowSys(errno, "socket", nsPath);
+    return fd;
+  }
   if (setns(ns->fd, CLONE_NEWNET) != 0) {
     int err = errno;
     // A netns that could not be entered is not remembered: the path may be valid next time.

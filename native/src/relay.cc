@@ -49,6 +49,7 @@ struct Done {
   uint64_t id;
   uint64_t aToB, bToA;
   std::string error;
+  std::string reason;
 };
 
 struct Conn {
@@ -58,6 +59,11 @@ struct Conn {
   int idleMs = 0;
   Clock::time_point last;
   std::string error;
+  // Why it ended, when not by both sides closing: reset, error, idle_timeout, proxy_stopping.
+  std::string reason;
+  // A side failed (a reset, an error): both are closed with a reset (SO_LINGER {1, 0}), so the
+  // other peer sees the connection fail instead of a clean end of stream.
+  bool reset = false;
 };
 
 class RelayEngine {
@@ -144,6 +150,12 @@ class RelayEngine {
   }
 
   static void Close(Conn& c) {
+    if (c.reset) {
+      struct linger lg = {1, 0};
+      for (int fd : {c.a, c.b}) {
+        if (fd >= 0) setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+      }
+    }
     for (int* fd : {&c.a, &c.b, &c.ab.pipeR, &c.ab.pipeW, &c.ba.pipeR, &c.ba.pipeW}) {
       if (*fd >= 0) close(*fd);
       *fd = -1;
@@ -160,6 +172,12 @@ class RelayEngine {
     epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
   }
 
+  static void Failed(Conn& c, int err, const char* op) {
+    c.error = std::string(op) + ": " + strerror(err);
+    c.reason = err == ECONNRESET ? "reset" : "error";
+    c.reset = true;
+  }
+
   // Moves what it can in one direction. False on an error (recorded in c.error).
   static bool Pump(Conn& c, Direction& d) {
     for (;;) {
@@ -167,7 +185,7 @@ class RelayEngine {
         ssize_t n = splice(d.pipeR, nullptr, d.to, nullptr, d.inPipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0) {
           if (errno == EAGAIN) return true;
-          c.error = std::string("write: ") + strerror(errno);
+          Failed(c, errno, "write");
           return false;
         }
         d.inPipe -= static_cast<size_t>(n);
@@ -178,7 +196,7 @@ class RelayEngine {
       ssize_t n = splice(d.from, nullptr, d.pipeW, nullptr, kChunk, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
       if (n < 0) {
         if (errno == EAGAIN) return true;
-        c.error = std::string("read: ") + strerror(errno);
+        Failed(c, errno, "read");
         return false;
       }
       if (n == 0) {
@@ -198,7 +216,7 @@ class RelayEngine {
     Conn& c = *it->second;
     epoll_ctl(epfd_, EPOLL_CTL_DEL, c.a, nullptr);
     epoll_ctl(epfd_, EPOLL_CTL_DEL, c.b, nullptr);
-    auto* d = new Done{c.id, c.ab.bytes, c.ba.bytes, c.error};
+    auto* d = new Done{c.id, c.ab.bytes, c.ba.bytes, c.error, c.reason};
     Close(c);
     conns_.erase(it);
     tsfn_.NonBlockingCall(d, [this](Napi::Env env, Napi::Function, Done* done) {
@@ -215,6 +233,7 @@ class RelayEngine {
     r.Set("bytesFromClient", Napi::Number::New(env, static_cast<double>(d.aToB)));
     r.Set("bytesToClient", Napi::Number::New(env, static_cast<double>(d.bToA)));
     if (!d.error.empty()) r.Set("error", Napi::String::New(env, d.error));
+    if (!d.reason.empty()) r.Set("reason", Napi::String::New(env, d.reason));
     it->second.Resolve(r);
     pending_.erase(it);
   }
@@ -261,9 +280,11 @@ class RelayEngine {
         Conn& c = *it->second;
         if (aborting) {
           c.error = "proxy stopping";
+          c.reason = "proxy_stopping";
           Finish(it);
         } else if (c.idleMs > 0 && now - c.last > std::chrono::milliseconds(c.idleMs)) {
           c.error = "idle for " + std::to_string(c.idleMs) + " ms";
+          c.reason = "idle_timeout";
           Finish(it);
         }
         it = next;

@@ -17,12 +17,13 @@ import type { EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import type { SocketAddress } from './datapath/abi.js';
-import { probeConnect } from './datapath/native.js';
+import { probeConnect, raiseFdLimit } from './datapath/native.js';
 import { NodeDatapath } from './datapath/node-datapath.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
 import { json, serveHttp, type HostPort } from './http.js';
 import type { NodePod, PodSource } from './pods/source.js';
+import type { PodEdge } from './pods/validate.js';
 import { byNamespaceName } from '../shared/order.js';
 
 const log = logger('agent');
@@ -36,6 +37,8 @@ export interface AgentOptions {
   readonly podsCgroup: string;
   /** The agent's run folder: its enrollment socket (root only). */
   readonly runDir: string;
+  /** What a pod handed over must satisfy besides podsCgroup (the local runtime's netns folder and subnets). */
+  readonly podEdge?: Omit<PodEdge, 'podsCgroup'>;
   /** Where the config comes from: a folder (standalone mode) or the control plane's stream. */
   readonly config: ConfigFeed;
   readonly pinRoot: string;
@@ -49,6 +52,10 @@ export interface AgentOptions {
   readonly probeTimeoutMs: number;
   /** Copy bytes with splice() in the addon (default) rather than through JS streams. */
   readonly kernelRelay: boolean;
+  /** Open proxied connections node-wide (default: what the open file limit allows). */
+  readonly maxConnections?: number;
+  /** Open proxied connections of one pod (default: half the node's). */
+  readonly maxConnectionsPerPod?: number;
 }
 
 export type ConfigFeed = { readonly kind: 'dir'; readonly dir: string } | { readonly kind: 'control-plane'; readonly address: HostPort; readonly tokenFile?: string };
@@ -102,6 +109,8 @@ export class NodeAgent {
   /** Control plane mode: the uids of the workloads in the applied snapshot (its own pods among them). */
   private remoteUids: ReadonlySet<string> = new Set();
   private enrollment: EnrollmentServer | undefined;
+  /** Pods whose runtime is stopping them: no longer endpoints (dropped when the pod is gone). */
+  private readonly draining = new Set<string>();
   private stopping = false;
   /** cgroup id -> pod, for the cgroups allowed past the fail-closed gate. */
   private readonly allowedCgroups = new Map<bigint, string>();
@@ -142,8 +151,9 @@ export class NodeAgent {
         if (!agent) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is starting', { hint: 'try again in a moment' }));
         return agent.enrollAnnounced(pod, deadline, signal);
       },
+      drain: async (uid) => agent?.drain(uid),
     };
-    const enrollment = await EnrollmentServer.start(options.runDir, { podsCgroup: options.podsCgroup }, target);
+    const enrollment = await EnrollmentServer.start(options.runDir, { ...options.podEdge, podsCgroup: options.podsCgroup }, target);
     let datapath: NodeDatapath;
     try {
       datapath = await NodeDatapath.open(options.pinRoot);
@@ -152,6 +162,10 @@ export class NodeAgent {
       throw e;
     }
     const metrics = new NodeMetrics(() => datapath.mapEntries());
+    // Each proxied connection holds several fds: the soft limit (often 1024) is raised to the hard
+    // one, and the proxy keeps its connection limits below it (NodeProxy.connectionLimits).
+    const fds = raiseFdLimit();
+    log.info({ soft: fds.soft, hard: fds.hard }, 'open file limit');
     const proxy = new NodeProxy(datapath, metrics, {
       trustDomain: options.trustDomain,
       passthrough: options.passthrough,
@@ -160,6 +174,9 @@ export class NodeAgent {
       probe: PROBE_ADDRESS,
       onProbe: (uid) => agent?.probeArrived(uid),
       kernelRelay: options.kernelRelay,
+      fdLimit: fds.soft,
+      ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
+      ...(options.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: options.maxConnectionsPerPod }),
     });
     agent = new NodeAgent(options, source, datapath, metrics, proxy);
     agent.enrollment = enrollment;
@@ -304,6 +321,7 @@ export class NodeAgent {
    * the proxy, or land on listeners that are not there yet.
    */
   private servable(p: NodePod): boolean {
+    if (this.draining.has(p.uid)) return false;
     if (!shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)) return true;
     return this.enrolled.get(p.uid)?.verified === true;
   }
@@ -382,6 +400,7 @@ export class NodeAgent {
       this.noteFailure(p, p.reason, p.message);
     }
     this.pods = pods;
+    for (const uid of this.draining) if (!pods.some((p) => p.uid === uid)) this.draining.delete(uid);
     // Pods that are gone stop being endpoints before they are unenrolled.
     this.publishServed();
 
@@ -438,6 +457,12 @@ export class NodeAgent {
    */
   enrollAnnounced(pod: EnrollPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer> {
     if (this.stopping) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is stopping', { context: { pod: pod.name, namespace: pod.namespace } }));
+    const clash = this.pods.find((p) => p.uid !== pod.uid && (p.ip4 === pod.ip4 || p.ip6 === pod.ip6));
+    if (clash) {
+      return Promise.reject(
+        new NodemeshError('NM_ERR_ENROLL_FAILED', `its address ${clash.ip4 === pod.ip4 ? pod.ip4 : pod.ip6} is pod ${clash.namespace}/${clash.name}'s`, { context: { pod: pod.name, namespace: pod.namespace, field: 'pod.ip4' } }),
+      );
+    }
     const known = this.announced.get(pod.uid);
     // Longer than the runtime waits: the source lists the pod once its command runs.
     const until = Math.max(known?.until ?? 0, deadline + 30_000);
@@ -466,6 +491,14 @@ export class NodeAgent {
       this.enrollWaiters.set(pod.uid, set);
       void this.reconcile();
     });
+  }
+
+  /** A runtime is about to stop the pod: no new connection goes to it from now on. */
+  drain(uid: string): void {
+    if (!this.pods.some((p) => p.uid === uid)) return;
+    this.draining.add(uid);
+    log.info({ uid }, 'pod draining: no longer an endpoint');
+    this.publishServed();
   }
 
   private enrollTimeout(pod: EnrollPod): NodemeshError {

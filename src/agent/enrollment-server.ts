@@ -7,18 +7,16 @@
 import { connect } from 'node:net';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, mkdir, rm, stat } from 'node:fs/promises';
-import { isAbsolute, join, normalize, relative } from 'node:path';
-import { isIPv4, isIPv6 } from 'node:net';
+import { join } from 'node:path';
 
 import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
+import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
 
 const log = logger('enrollment');
 
 const MAX_BODY_BYTES = 64 * 1024;
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 
 /** What the endpoint needs of the agent. */
 export interface EnrollTarget {
@@ -28,49 +26,26 @@ export interface EnrollTarget {
    * hangs up or the deadline passes.
    */
   enrollAnnounced(pod: EnrollPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer>;
+  /** The pod is about to stop: it is no endpoint from now on (resolves once that is published). */
+  drain(uid: string): Promise<void>;
 }
 
-export interface EnrollmentEdge {
-  /** cgroups of this node's pods live under it. */
-  readonly podsCgroup: string;
-}
-
-/** Checks a handed-over pod at this edge; a NodemeshError naming the field otherwise. */
-export async function validateEnrollPod(value: unknown, edge: EnrollmentEdge): Promise<EnrollPod> {
-  const bad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad('', 'must be an object');
-  const p = value as Record<string, unknown>;
-  const str = (field: string): string => {
-    const v = p[field];
-    if (typeof v !== 'string') throw bad(field, 'must be a string');
-    return v;
-  };
-  const uid = str('uid');
-  if (!UUID.test(uid)) throw bad('uid', `"${uid}" is not a UUID`);
-  const name = str('name');
-  const namespace = str('namespace');
-  const serviceAccount = str('serviceAccount');
-  for (const [field, v] of [['name', name], ['namespace', namespace], ['serviceAccount', serviceAccount]] as const) if (!DNS_LABEL.test(v)) throw bad(field, `"${v}" is not a DNS-1123 label`);
-  const ip4 = str('ip4');
-  if (!isIPv4(ip4)) throw bad('ip4', `"${ip4}" is not an IPv4 address`);
-  const ip6 = str('ip6');
-  if (!isIPv6(ip6)) throw bad('ip6', `"${ip6}" is not an IPv6 address`);
-  const labels = p['labels'];
-  if (typeof labels !== 'object' || labels === null || Array.isArray(labels)) throw bad('labels', 'must be an object of strings');
-  for (const [k, v] of Object.entries(labels)) if (typeof v !== 'string' || k.length === 0 || k.length > 317) throw bad(`labels["${k}"]`, 'must be a string');
-  const netnsPath = str('netnsPath');
-  const cgroupPath = str('cgroupPath');
-  for (const [field, path] of [['netnsPath', netnsPath], ['cgroupPath', cgroupPath]] as const) {
-    if (!isAbsolute(path) || normalize(path) !== path) throw bad(field, `"${path}" is not an absolute, normalised path`);
+/** Checks a handed-over pod at this edge (fields, then the netns and cgroup as they are now). */
+export async function validateEnrollPod(value: unknown, edge: PodEdge): Promise<EnrollPod> {
+  let pod: EnrollPod;
+  try {
+    pod = checkPodFields(value, edge);
+  } catch (e) {
+    if (!(e instanceof PodFieldInvalid)) throw e;
+    throw new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${e.message}`, { context: { field: `pod.${e.field}` } });
   }
-  const under = relative(edge.podsCgroup, cgroupPath);
-  if (under === '' || under.startsWith('..') || isAbsolute(under)) throw bad('cgroupPath', `"${cgroupPath}" is not under this node's pod cgroups (${edge.podsCgroup})`);
-  const [podNs, ownNs, cg] = await Promise.all([stat(netnsPath).catch(() => undefined), stat('/proc/self/ns/net'), stat(cgroupPath).catch(() => undefined)]);
-  if (!podNs) throw bad('netnsPath', `${netnsPath} does not exist`);
+  const bad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
+  const [podNs, ownNs, cg] = await Promise.all([stat(pod.netnsPath).catch(() => undefined), stat('/proc/self/ns/net'), stat(pod.cgroupPath).catch(() => undefined)]);
+  if (!podNs) throw bad('netnsPath', `${pod.netnsPath} does not exist`);
   // The agent's own (the host's) network namespace is never a pod's.
-  if (podNs.ino === ownNs.ino && podNs.dev === ownNs.dev) throw bad('netnsPath', `${netnsPath} is the agent's own network namespace`);
-  if (!cg?.isDirectory()) throw bad('cgroupPath', `${cgroupPath} does not exist`);
-  return Object.freeze({ uid, name, namespace, serviceAccount, labels: Object.freeze({ ...(labels as Record<string, string>) }), ip4, ip6, netnsPath, cgroupPath });
+  if (podNs.ino === ownNs.ino && podNs.dev === ownNs.dev) throw bad('netnsPath', `${pod.netnsPath} is the agent's own network namespace`);
+  if (!cg?.isDirectory()) throw bad('cgroupPath', `${pod.cgroupPath} does not exist`);
+  return pod;
 }
 
 export class EnrollmentServer {
@@ -80,7 +55,7 @@ export class EnrollmentServer {
   ) {}
 
   /** Listens on <runDir>/enroll.sock; fails if another agent answers there. */
-  static async start(runDir: string, edge: EnrollmentEdge, target: EnrollTarget): Promise<EnrollmentServer> {
+  static async start(runDir: string, edge: PodEdge, target: EnrollTarget): Promise<EnrollmentServer> {
     const socketPath = join(runDir, ENROLL_SOCKET);
     try {
       await mkdir(runDir, { recursive: true, mode: 0o700 });
@@ -151,7 +126,15 @@ async function readBody(req: IncomingMessage): Promise<string | undefined> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-async function handle(req: IncomingMessage, res: ServerResponse, edge: EnrollmentEdge, target: EnrollTarget): Promise<void> {
+async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, target: EnrollTarget): Promise<void> {
+  // DELETE /v1/pods/<uid>: the runtime is about to stop the pod's processes (as Kubernetes takes
+  // a terminating pod out of its Services' endpoints before its containers get SIGTERM).
+  const drain = /^\/v1\/pods\/([0-9a-f-]{36})$/.exec(req.url ?? '');
+  if (req.method === 'DELETE' && drain?.[1]) {
+    await target.drain(drain[1]);
+    res.writeHead(204).end();
+    return;
+  }
   if (req.method !== 'POST' || req.url !== '/v1/pods') {
     fail(res, 404, 'NM_ERR_ENROLL_FAILED', `no such endpoint: ${req.method} ${req.url}`);
     return;

@@ -5,25 +5,37 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { appendFileSync } from 'node:fs';
-import { connect, createServer, Socket } from 'node:net';
+import { connect, createServer, Socket, type Server } from 'node:net';
 import { performance } from 'node:perf_hooks';
 
-import { NM_PROXY_MARK } from '../agent/datapath/abi.js';
 import { listenError } from '../shared/ports.js';
 
 /** Resolves once it listens on every address; a port that is taken fails with NM_ERR_PORT_IN_USE. */
-export async function echoServer(port: number, logFile: string | undefined): Promise<void> {
+export async function echoServer(port: number, logFile: string | undefined, resetAfter?: number): Promise<void> {
   const onConnection = (socket: Socket): void => {
     const peer = { address: socket.remoteAddress, port: socket.remotePort, local: socket.localAddress, localPort: socket.localPort };
     socket.on('error', () => socket.destroy());
     socket.on('close', () => {
       if (logFile) appendFileSync(logFile, JSON.stringify({ ...peer, bytes: socket.bytesRead }) + '\n');
     });
+    if (resetAfter !== undefined) {
+      // An upstream that dies mid-response: part of an answer, then a reset (tests of the relay).
+      socket.write(Buffer.alloc(resetAfter, 0x61), () => setTimeout(() => socket.resetAndDestroy(), 50));
+      return;
+    }
     socket.pipe(socket);
   };
-  process.on('SIGTERM', () => process.exit(0));
+  // A graceful server, as a pod's application should be: on SIGTERM it stops accepting and exits
+  // once its open connections have ended (or after 2 s).
+  const servers: Server[] = [];
+  process.once('SIGTERM', () => {
+    let open = servers.length;
+    for (const s of servers) s.close(() => --open === 0 && process.exit(0));
+    setTimeout(() => process.exit(0), 2000).unref();
+  });
   for (const host of ['0.0.0.0', '::']) {
     const server = createServer({ allowHalfOpen: true }, onConnection);
+    servers.push(server);
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e) => reject(listenError(e, { host, port }, 'port')));
       server.listen({ host, port, ipv6Only: host === '::' }, () => resolve());
@@ -44,17 +56,17 @@ export interface DialResult {
 }
 
 /** Dials host:port, sends `bytes` random bytes, half-closes, and compares the echo. */
-export async function dial(host: string, port: number, bytes: number, options: { mark?: boolean; timeoutMs?: number; holdMs?: number } = {}): Promise<DialResult> {
+export async function dial(host: string, port: number, bytes: number, options: { mark?: number; timeoutMs?: number; holdMs?: number } = {}): Promise<DialResult> {
   const payload = randomBytes(bytes);
   const sentHash = createHash('sha256').update(payload).digest('hex');
   const t0 = performance.now();
   let socket: Socket;
   let connectMs: number | undefined;
   try {
-    if (options.mark) {
+    if (options.mark !== undefined) {
       // A marked socket made from this process (and so this pod's cgroup) through the addon.
       const { connectInNetns } = await import('../agent/datapath/native.js');
-      const fd = await connectInNetns({ netns: '/proc/thread-self/ns/net', host, port, mark: NM_PROXY_MARK, timeoutMs: options.timeoutMs ?? 5000 });
+      const fd = await connectInNetns({ netns: '/proc/thread-self/ns/net', host, port, mark: options.mark, timeoutMs: options.timeoutMs ?? 5000 });
       socket = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
     } else {
       socket = await new Promise<Socket>((resolve, reject) => {
@@ -142,4 +154,41 @@ export async function load(targets: ReadonlyArray<{ host: string; port: number }
   for (const t of timers) clearInterval(t);
   while (inFlight > 0) await new Promise((r) => setTimeout(r, 20));
   return { targets: result, seconds: (performance.now() - started) / 1000 };
+}
+
+export interface FloodResult {
+  /** Connections that opened and were still open after holdMs (the proxy kept them). */
+  readonly held: number;
+  /** Connections that failed, by error (a refusal by the proxy is a reset). */
+  readonly failed: Record<string, number>;
+}
+
+/**
+ * Opens `count` connections to host:port at once and keeps them open for holdMs (tests of
+ * connection limits and fd exhaustion): a connection counts as held when it is still open then.
+ */
+export async function flood(host: string, port: number, count: number, holdMs: number): Promise<FloodResult> {
+  const sockets: Socket[] = [];
+  const failed: Record<string, number> = {};
+  const errored = new Set<Socket>();
+  for (let i = 0; i < count; i++) {
+    const s = connect({ host, port });
+    s.on('error', (e: NodeJS.ErrnoException) => {
+      errored.add(s);
+      const why = e.code ?? e.message;
+      failed[why] = (failed[why] ?? 0) + 1;
+    });
+    // A proxy that refuses closes the connection: an end without an error counts too.
+    s.on('end', () => {
+      if (errored.has(s)) return;
+      errored.add(s);
+      failed['EOF'] = (failed['EOF'] ?? 0) + 1;
+    });
+    s.resume();
+    sockets.push(s);
+  }
+  await new Promise((resolve) => setTimeout(resolve, holdMs));
+  const held = sockets.filter((s) => !errored.has(s) && !s.destroyed && s.readyState === 'open').length;
+  for (const s of sockets) s.destroy();
+  return { held, failed };
 }

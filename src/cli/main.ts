@@ -10,9 +10,11 @@ import { DEFAULT_PIN_ROOT, assertPinRoot } from '../agent/datapath/node-datapath
 import { parseHostPort } from '../agent/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
 import { packageVersion } from '../shared/paths.js';
+import { NM_PROXY_MARK } from '../agent/datapath/abi.js';
 import { checkKernel, checkRoot } from '../shared/preflight.js';
 import { findCgroup2Mount } from '../runtime/cgroup.js';
 import type { NodeSyncStatus } from '../control-plane/server.js';
@@ -48,6 +50,36 @@ function parseMilliseconds(value: string, field: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) {
     throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of milliseconds`, { context: { field }, hint: `give --${field} in milliseconds, e.g. --${field} 5000` });
+  }
+  return n;
+}
+
+/** Milliseconds within the bounds the same setting has in a TrafficPolicy. */
+function boundedMilliseconds(value: string, field: string, bound: { readonly min: number; readonly max: number }): number {
+  const ms = parseMilliseconds(value, field);
+  const why = durationOutOfBounds(ms, bound);
+  if (why) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} ${value}: ${why}`, { context: { field }, hint: `give --${field} from ${bound.min} to ${bound.max}` });
+  return ms;
+}
+
+function parseCount(value: string, field: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number above 0`, { context: { field }, hint: `give --${field} as a count, e.g. --${field} 1000` });
+  }
+  return n;
+}
+
+function parseMark(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0 || n > 0xffffffff) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--mark-value "${value}" is not a 32-bit mark`, { context: { field: 'mark-value' }, hint: 'give a number such as 0x539' });
+  return n;
+}
+
+function parseBytes(value: string, field: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of bytes`, { context: { field }, hint: `give --${field} in bytes, e.g. --${field} 5000` });
   }
   return n;
 }
@@ -192,6 +224,8 @@ program
   .addOption(new Option('--passthrough <mode>', 'destinations that are not mesh Services').choices(['allow', 'deny']).default('allow'))
   .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
   .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
+  .option('--max-connections <n>', 'open proxied connections node-wide (default: what the open file limit allows, about a sixth of it)')
+  .option('--max-connections-per-pod <n>', "open proxied connections of one pod (default: half the node's)")
   .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
   .addOption(
     // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
@@ -199,7 +233,7 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     assertPinRoot(opts.bpfRoot);
     if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', {
@@ -212,6 +246,8 @@ program
       node: opts.node,
       podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
       runDir: opts.runDir ?? agentRunDir(runtimeConfig.stateDir),
+      // Local pods: netns under /run/netns, addresses in the runtime's pod subnets.
+      podEdge: { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
       config:
         opts.controlPlane !== undefined
           ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }) }
@@ -222,14 +258,16 @@ program
       admin: parseHostPort(opts.admin, 'admin', invalid('admin')),
       trustDomain: opts.trustDomain,
       passthrough: opts.passthrough,
-      connectTimeoutMs: parseMilliseconds(opts.connectTimeout, 'connect-timeout'),
-      idleTimeoutMs: parseMilliseconds(opts.idleTimeout, 'idle-timeout'),
+      connectTimeoutMs: boundedMilliseconds(opts.connectTimeout, 'connect-timeout', DURATION_BOUNDS.connectTimeoutMs),
+      idleTimeoutMs: boundedMilliseconds(opts.idleTimeout, 'idle-timeout', DURATION_BOUNDS.idleTimeoutMs),
       probeTimeoutMs: 2000,
       kernelRelay: opts.relay === 'kernel',
+      ...(opts.maxConnections === undefined ? {} : { maxConnections: parseCount(opts.maxConnections, 'max-connections') }),
+      ...(opts.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: parseCount(opts.maxConnectionsPerPod, 'max-connections-per-pod') }),
     };
     const { preflight } = await import('../shared/preflight.js');
     await preflight(probeBpf);
-    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir));
+    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir, { ...options.podEdge, podsCgroup: options.podsCgroup }));
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
@@ -343,9 +381,10 @@ debug
   .command('echo-server')
   .option('--port <port>', 'TCP port on every address', '8080')
   .option('--log <file>', 'append a JSON line per closed connection')
-  .action(async (opts: { port: string; log?: string }) => {
+  .option('--reset-after <bytes>', 'instead of echoing: send this many bytes, then reset the connection')
+  .action(async (opts: { port: string; log?: string; resetAfter?: string }) => {
     const { echoServer } = await import('./debug-tools.js');
-    await echoServer(parsePort(opts.port), opts.log);
+    await echoServer(parsePort(opts.port), opts.log, opts.resetAfter === undefined ? undefined : parseBytes(opts.resetAfter, 'reset-after'));
   });
 
 debug
@@ -354,13 +393,26 @@ debug
   .argument('<port>')
   .option('--bytes <n>', 'bytes to send', '1024')
   .option('--mark', 'connect through the addon with the proxy SO_MARK', false)
+  .option('--mark-value <mark>', 'connect through the addon with this SO_MARK (e.g. 0x539)')
   .option('--timeout <ms>', 'connect and idle timeout', '5000')
   .option('--hold <ms>', 'keep the connection open this long after sending', '0')
-  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; timeout: string; hold: string }) => {
+  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; markValue?: string; timeout: string; hold: string }) => {
     const { dial } = await import('./debug-tools.js');
-    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.mark, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
+    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.markValue !== undefined ? parseMark(opts.markValue) : opts.mark ? NM_PROXY_MARK : undefined, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;
+  });
+
+debug
+  .command('flood')
+  .description('opens many connections at once and holds them; prints how many stayed open (JSON)')
+  .argument('<host>')
+  .argument('<port>')
+  .option('--connections <n>', 'how many', '1000')
+  .option('--hold <ms>', 'how long to keep them open', '3000')
+  .action(async (host: string, port: string, opts: { connections: string; hold: string }) => {
+    const { flood } = await import('./debug-tools.js');
+    out(JSON.stringify(await flood(host, parsePort(port), parseCount(opts.connections, 'connections'), parseMilliseconds(opts.hold, 'hold'))) + '\n');
   });
 
 debug

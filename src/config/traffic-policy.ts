@@ -5,7 +5,7 @@
  */
 import type { LoadBalancing } from '../proxy/pool/load-balancer.js';
 import { parseDuration, schemas } from './schemas.js';
-import { parseMetadata } from './service.js';
+import { ObjectInvalid, parseMetadata } from './service.js';
 
 export const TRAFFIC_POLICY_API = 'networking.nodemesh.io/v1alpha1';
 
@@ -52,6 +52,29 @@ interface Spec {
 
 const LB: Record<string, LoadBalancing> = { RoundRobin: 'round-robin', LeastRequest: 'least-connections', Random: 'random' };
 
+/**
+ * What each duration may be, at the config edge and the wire edge alike: a connect timeout of 0
+ * fails every connect, and the addon and timers take at most 2^31-1 ms (more wraps negative).
+ */
+export const DURATION_BOUNDS = {
+  connectTimeoutMs: { min: 1, max: 300_000, field: 'spec.connectionPool.tcp.connectTimeout' },
+  idleTimeoutMs: { min: 1000, max: 2_147_483_647, field: 'spec.connectionPool.tcp.idleTimeout' },
+  baseEjectionMs: { min: 1, max: 86_400_000, field: 'spec.outlierDetection.baseEjectionTime' },
+} as const;
+
+/** Why `ms` is out of its bounds, or undefined when it is within them. */
+export function durationOutOfBounds(ms: number, bound: { readonly min: number; readonly max: number }): string | undefined {
+  if (Number.isInteger(ms) && ms >= bound.min && ms <= bound.max) return undefined;
+  return `${ms} ms is outside ${bound.min} ms to ${bound.max} ms`;
+}
+
+function boundedDuration(text: string, bound: (typeof DURATION_BOUNDS)[keyof typeof DURATION_BOUNDS]): number {
+  const ms = parseDuration(text, bound.field);
+  const why = durationOutOfBounds(ms, bound);
+  if (why) throw new ObjectInvalid(bound.field, `${bound.field} "${text}": ${why}`);
+  return ms;
+}
+
 export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy {
   schemas().validate(String(doc['apiVersion']), String(doc['kind']), doc);
   const { name, namespace } = parseMetadata(doc['metadata']);
@@ -63,11 +86,11 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
     source: `${namespace}/${name}`,
     loadBalancing: LB[spec.loadBalancer?.type ?? 'RoundRobin'] ?? d.loadBalancing,
     maxConnections: tcp?.maxConnections ?? d.maxConnections,
-    connectTimeoutMs: tcp?.connectTimeout === undefined ? undefined : parseDuration(tcp.connectTimeout, 'spec.connectionPool.tcp.connectTimeout'),
-    idleTimeoutMs: tcp?.idleTimeout === undefined ? undefined : parseDuration(tcp.idleTimeout, 'spec.connectionPool.tcp.idleTimeout'),
+    connectTimeoutMs: tcp?.connectTimeout === undefined ? undefined : boundedDuration(tcp.connectTimeout, DURATION_BOUNDS.connectTimeoutMs),
+    idleTimeoutMs: tcp?.idleTimeout === undefined ? undefined : boundedDuration(tcp.idleTimeout, DURATION_BOUNDS.idleTimeoutMs),
     outlier: Object.freeze({
       consecutiveConnectErrors: od?.consecutiveConnectErrors ?? d.outlier.consecutiveConnectErrors,
-      baseEjectionMs: od?.baseEjectionTime === undefined ? d.outlier.baseEjectionMs : parseDuration(od.baseEjectionTime, 'spec.outlierDetection.baseEjectionTime'),
+      baseEjectionMs: od?.baseEjectionTime === undefined ? d.outlier.baseEjectionMs : boundedDuration(od.baseEjectionTime, DURATION_BOUNDS.baseEjectionMs),
       maxEjectionPercent: od?.maxEjectionPercent ?? d.outlier.maxEjectionPercent,
     }),
   });

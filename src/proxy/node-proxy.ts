@@ -8,7 +8,7 @@
  */
 import { Socket, type Server } from 'node:net';
 
-import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
+import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
@@ -19,6 +19,20 @@ import { listenInPod, socketFd } from './pod-listener.js';
 import { relay, type RelayResult } from './relay.js';
 
 const log = logger('proxy');
+
+/** Fds one proxied connection may hold: the client, the upstream, two pipes of the kernel relay. */
+const FDS_PER_CONNECTION = 6;
+/** Fds kept aside for the agent itself (maps, links, HTTP servers, gRPC, files). */
+const FDS_RESERVED = 128;
+/** Fds each enrolled pod holds without connections: four listeners, its netns, its links. */
+const FDS_PER_POD = 12;
+
+/** The ports of the proxy's own in-pod listeners (design.md section 2): never a destination. */
+const PROXY_PORTS: ReadonlySet<number> = new Set([NM_PORT_OUTBOUND, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_DNS]);
+
+function isLoopback(host: string): boolean {
+  return host.startsWith('127.') || host === '::1';
+}
 
 /** A pod the proxy serves: its identity and where its network namespace is. */
 export interface ProxyPod extends Workload {
@@ -44,15 +58,25 @@ export interface ProxyOptions {
   readonly onProbe: (uid: string) => void;
   /** Relay bytes with splice() in the addon instead of JS streams. */
   readonly kernelRelay: boolean;
+  /** RLIMIT_NOFILE (soft) of this process: the connection limits stay below it. */
+  readonly fdLimit: number;
+  /** Open connections node-wide; default: as many as the fd limit allows. */
+  readonly maxConnections?: number;
+  /** Open connections of one pod; default: half the node's. */
+  readonly maxConnectionsPerPod?: number;
 }
 
 type ServiceLabels = Pick<TcpLabels, 'destination_service' | 'destination_service_namespace' | 'destination_service_name'>;
 
-/** Istio's destination_service labels: the Service's cluster name, or the address for anything else. */
-function serviceLabels(service: Service | undefined, host: string, port: number): ServiceLabels {
-  return service
-    ? { destination_service: `${service.name}.${service.namespace}.svc.cluster.local`, destination_service_namespace: service.namespace, destination_service_name: service.name }
-    : { destination_service: formatHostPort(host, port), destination_service_namespace: 'unknown', destination_service_name: 'unknown' };
+/**
+ * Istio's destination_service labels: the Service's cluster name; a destination that is no
+ * Service is Istio's PassthroughCluster (outbound) or InboundPassthroughCluster (inbound), never
+ * its address: a pod dialling many addresses or ports must not grow the metrics without bound.
+ */
+function serviceLabels(service: Service | undefined, direction: 'outbound' | 'inbound'): ServiceLabels {
+  if (service) return { destination_service: `${service.name}.${service.namespace}.svc.cluster.local`, destination_service_namespace: service.namespace, destination_service_name: service.name };
+  const cluster = direction === 'outbound' ? 'PassthroughCluster' : 'InboundPassthroughCluster';
+  return { destination_service: cluster, destination_service_namespace: 'unknown', destination_service_name: cluster };
 }
 
 /** Where a connection goes, from which netns, and the metric labels it is reported under. */
@@ -71,6 +95,8 @@ interface PodState {
   readonly servers: Server[];
   readonly sockets: Set<Socket>;
   active: number;
+  /** Connections accepted on the pod's listeners and not ended (its share of the limits). */
+  open: number;
   /** The snapshot holds the pod's complete config; until then its outbound connections wait. */
   configured: boolean;
   /** Connections waiting for the pod's config, called when it arrives. */
@@ -81,6 +107,8 @@ export class NodeProxy {
   private snapshot = MeshSnapshot.empty();
   private readonly pods = new Map<string, PodState>();
   private readonly lb: LoadBalancer;
+  /** Connections accepted and not ended, node-wide. */
+  private open = 0;
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -110,11 +138,14 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, configured: false, waiting: new Set() };
+    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, configured: false, waiting: new Set() };
     try {
-      for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, (s, cookie) => this.outbound(state, s, cookie));
-      for (const [family, host, address] of [[4, '0.0.0.0', pod.ip4], [6, '::', pod.ip6]] as const) {
-        const fd = await this.serve(state, host, NM_PORT_INBOUND, (s) => this.inbound(state, s));
+      for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
+      // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
+      // whatever address it is bound to, and nothing can dial podIP:15006 directly (which the
+      // inbound side would deliver to podIP:15006 again, a loop).
+      for (const [family, host, address] of [[4, '127.0.0.1', pod.ip4], [6, '::1', pod.ip6]] as const) {
+        const fd = await this.serve(state, host, NM_PORT_INBOUND, 'inbound', (s) => this.inbound(state, s));
         this.datapath.registerInboundListener(family, address, fd);
       }
     } catch (e) {
@@ -164,15 +195,55 @@ export class NodeProxy {
     if (this.options.kernelRelay) relayAbortAll();
   }
 
-  private async serve(state: PodState, host: string, port: number, onConnection: (s: Socket, cookie: bigint) => void): Promise<number> {
+  /**
+   * Serves one in-pod listener. Every accepted connection is owned here from accept to its end:
+   * it counts against the node's and the pod's connection limits (refused with
+   * `connection_limit` beyond them, before any fd more is spent on it), and whatever fails while
+   * it is handled (an EMFILE from dup(), a bug) resets the client and is counted, never an
+   * unhandled rejection that takes the node's proxy down.
+   */
+  private async serve(state: PodState, host: string, port: number, direction: 'outbound' | 'inbound', onConnection: (s: Socket, cookie: bigint) => Promise<void>): Promise<number> {
     const listener = await listenInPod(state.pod.netnsPath, host, port, (s, cookie) => {
+      s.on('error', () => undefined);
+      const limit = this.connectionLimits();
+      if (this.open >= limit.node || state.open >= limit.pod) {
+        this.refuse(state, s, direction, 'connection_limit', { open: this.open, podOpen: state.open, limit });
+        return;
+      }
+      this.open++;
+      state.open++;
       state.sockets.add(s);
       s.once('close', () => state.sockets.delete(s));
-      s.on('error', () => undefined);
-      onConnection(s, cookie);
+      onConnection(s, cookie)
+        .catch((e: unknown) => {
+          const err = e as NodeJS.ErrnoException & { context?: { errnoCode?: string } };
+          const fdExhausted = (err.context?.errnoCode ?? err.code) === 'EMFILE' || (err.context?.errnoCode ?? err.code) === 'ENFILE';
+          this.refuse(state, s, direction, fdExhausted ? 'fd_exhausted' : 'internal_error', { err: err.message });
+        })
+        .finally(() => {
+          this.open--;
+          state.open--;
+        });
+    });
+    // For the listener's lifetime: an accept that fails (EMFILE) is logged and counted; the
+    // listener keeps serving (libuv drops the connection it could not accept).
+    listener.server.on('error', (e: NodeJS.ErrnoException) => {
+      this.metrics.acceptErrors.inc({ code: e.code ?? 'unknown' });
+      log.warn({ pod: state.pod.name, namespace: state.pod.namespace, listener: formatHostPort(host, port), err: e.message }, 'accept failed');
     });
     state.servers.push(listener.server);
     return listener.fd;
+  }
+
+  /**
+   * How many connections may be open: node-wide below RLIMIT_NOFILE (each one holds up to
+   * FDS_PER_CONNECTION fds; the pods' listeners and netns fds and the agent's own are kept
+   * aside), and per pod a share of that, so one pod cannot take the node's.
+   */
+  private connectionLimits(): { node: number; pod: number } {
+    const spare = this.options.fdLimit - FDS_RESERVED - FDS_PER_POD * this.pods.size;
+    const node = Math.max(0, Math.min(this.options.maxConnections ?? Infinity, Math.floor(spare / FDS_PER_CONNECTION)));
+    return { node, pod: Math.min(node, this.options.maxConnectionsPerPod ?? Math.ceil(node / 2)) };
   }
 
   /**
@@ -183,7 +254,14 @@ export class NodeProxy {
   private async relay(state: PodState, client: Socket, upstreamFd: number, idleTimeoutMs: number): Promise<RelayResult> {
     const clientFd = socketFd(client);
     if (clientFd !== undefined && this.options.kernelRelay) {
-      const own = dupFd(clientFd);
+      let own: number;
+      try {
+        own = dupFd(clientFd);
+      } catch (e) {
+        // No fd for the relay's copy (EMFILE): the upstream connection is ours to close.
+        closeFd(upstreamFd);
+        throw e;
+      }
       // node:net's copy goes; the connection lives on in `own`, which the relay now owns.
       client.destroy();
       return relayFds(own, upstreamFd, idleTimeoutMs);
@@ -200,7 +278,7 @@ export class NodeProxy {
     client.resetAndDestroy();
   }
 
-  private outbound(state: PodState, client: Socket, cookie: bigint): void {
+  private async outbound(state: PodState, client: Socket, cookie: bigint): Promise<void> {
     const family: Family = client.remoteFamily === 'IPv6' ? 6 : 4;
     const original = this.datapath.originalDestination({ netnsCookie: cookie, port: client.remotePort ?? 0, family });
     if (!original) {
@@ -215,14 +293,14 @@ export class NodeProxy {
     }
     if (!state.configured) {
       this.metrics.heldForConfig.inc();
-      void this.whenConfigured(state, client).then((ok) => {
-        if (client.destroyed) return;
-        if (ok) this.route(state, client, original);
-        else this.refuse(state, client, 'outbound', 'no_config', { original: formatHostPort(original.address, original.port), waitedMs: this.options.connectTimeoutMs });
-      });
-      return;
+      const ok = await this.whenConfigured(state, client);
+      if (client.destroyed) return;
+      if (!ok) {
+        this.refuse(state, client, 'outbound', 'no_config', { original: formatHostPort(original.address, original.port), waitedMs: this.options.connectTimeoutMs });
+        return;
+      }
     }
-    this.route(state, client, original);
+    await this.route(state, client, original);
   }
 
   /** Resolves true once the pod's config is here, false after the connect timeout (or if the client left, or the pod). */
@@ -241,33 +319,38 @@ export class NodeProxy {
   }
 
   /** An outbound connection of a configured pod: to a Service, or passed through. */
-  private route(state: PodState, client: Socket, original: SocketAddress): void {
+  private async route(state: PodState, client: Socket, original: SocketAddress): Promise<void> {
     const snapshot = this.snapshot;
     const target = snapshot.service(original);
     // A Service not exported to the caller's namespace is not the caller's to see: to it, the
     // address is one like any other (Istio's exportTo), whatever else this node serves.
     if (target && exportedTo(target.service, state.pod.namespace)) {
-      void this.toService(state, client, original, target);
+      await this.toService(state, client, original, target);
       return;
     }
     if (this.options.passthrough === 'deny') {
       this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
       return;
     }
-    const upstream = this.upstreamTo(state, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, original.address, original.port));
-    this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
+    const upstream = this.upstreamTo(state, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, 'outbound'));
+    await this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
   }
 
   /** One connect attempt, then the relay; a failed connect refuses the client. */
-  private forward(state: PodState, client: Socket, direction: 'outbound' | 'inbound', upstream: Upstream, connectTimeoutMs: number, idleTimeoutMs: number): void {
+  private async forward(state: PodState, client: Socket, direction: 'outbound' | 'inbound', upstream: Upstream, connectTimeoutMs: number, idleTimeoutMs: number): Promise<void> {
     state.active++;
-    this.connect(upstream, connectTimeoutMs).then(
-      (fd) => this.relayAndCount(state, client, fd, upstream, idleTimeoutMs).finally(() => state.active--),
-      (e: unknown) => {
-        state.active--;
+    try {
+      let fd: number;
+      try {
+        fd = await this.connect(upstream, connectTimeoutMs);
+      } catch (e) {
         this.refuse(state, client, direction, 'upstream_connect_failed', { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
-      },
-    );
+        return;
+      }
+      await this.relayAndCount(state, client, fd, upstream, idleTimeoutMs);
+    } finally {
+      state.active--;
+    }
   }
 
   /**
@@ -288,7 +371,7 @@ export class NodeProxy {
       target = backend;
     }
     const policy = target.policy;
-    const service = serviceLabels(target.service, original.address, original.port);
+    const service = serviceLabels(target.service, 'outbound');
     if (!this.lb.hasCapacity(target)) {
       this.refuse(state, client, 'outbound', 'overflow', { service: target.key, maxConnections: policy.maxConnections });
       return;
@@ -357,22 +440,29 @@ export class NodeProxy {
     return { path: 'outbound', netnsPath: state.pod.netnsPath, host, port, labels: [labels] };
   }
 
-  private inbound(state: PodState, client: Socket): void {
+  private async inbound(state: PodState, client: Socket): Promise<void> {
     const host = (client.localAddress ?? '').replace(/^::ffff:/, '');
     const port = client.localPort ?? 0;
+    // Steered connections keep the address and port their client dialed. One that names the
+    // listener itself (127.0.0.1:15006 from inside the pod) or another proxy port was not
+    // steered: delivering it would connect to the proxy again.
+    if (PROXY_PORTS.has(port) || isLoopback(host)) {
+      this.refuse(state, client, 'inbound', 'proxy_port', { local: formatHostPort(host, port) });
+      return;
+    }
     const source = this.snapshot.workload(client.remoteAddress ?? '');
     const target = this.snapshot.serviceOf(state.pod.uid, port);
     const labels: TcpLabels = {
       reporter: 'destination',
       ...this.sourceLabels(source),
-      ...serviceLabels(target?.service, host, port),
+      ...serviceLabels(target?.service, 'inbound'),
       ...this.destinationLabels(state.pod),
     };
     // Delivered from a transparent socket with the client's address, so the application sees
     // who called (see agent/datapath/pod-routing.ts for how the replies come back).
     const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
-    this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+    await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }
 
   private sourceLabels(w: Workload | undefined): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal' | 'source_version'> {
@@ -416,6 +506,7 @@ export class NodeProxy {
     this.metrics.proxied.inc({ path: u.path });
     for (const l of u.labels) this.metrics.tcpOpened.inc(l);
     const result = await this.relay(state, client, fd, idleTimeoutMs);
+    if (result.reason) this.metrics.relayEnds.inc({ reason: result.reason });
     for (const l of u.labels) {
       this.metrics.tcpClosed.inc(l);
       this.metrics.tcpReceived.inc(l, result.bytesFromClient);

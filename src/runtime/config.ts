@@ -95,3 +95,17 @@ export function hostAddress(cidr: Cidr, family: 4 | 6, n: number): string {
 export function podCapacity(cidr: Cidr): number {
   return 2 ** (32 - cidr.prefix) - 3;
 }
+
+/** Whether an address (of the subnet's family) lies inside the subnet. */
+export function cidrContains(cidr: Cidr, family: 4 | 6, address: string): boolean {
+  const bytes = (a: string): number[] => (family === 4 ? a.split('.').map(Number) : [...ipv6Bytes(a)]);
+  const net = bytes(cidr.network);
+  const addr = bytes(address);
+  if (addr.length !== net.length || addr.some((b) => !Number.isInteger(b))) return false;
+  let bits = cidr.prefix;
+  for (let i = 0; i < net.length && bits > 0; i++, bits -= 8) {
+    const mask = bits >= 8 ? 0xff : (0xff << (8 - bits)) & 0xff;
+    if (((addr[i] ?? 0) & mask) !== ((net[i] ?? 0) & mask)) return false;
+  }
+  return true;
+}

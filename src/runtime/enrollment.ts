@@ -127,3 +127,21 @@ function transportError(pod: EnrollPod, socketPath: string, e: Error): NodemeshE
     hint: 'the node agent may have stopped; see its log',
   });
 }
+
+/**
+ * Tells the node's agent that the pod is about to stop, and waits (at most timeoutMs) until it is
+ * no endpoint any more, so no new connection is sent to a pod whose processes are going away.
+ * No agent, or one that does not answer in time: nothing to wait for.
+ */
+export async function drainPod(runDir: string, uid: string, timeoutMs = 2000): Promise<void> {
+  await new Promise<void>((resolve) => {
+    const req = request({ socketPath: join(runDir, ENROLL_SOCKET), method: 'DELETE', path: `/v1/pods/${uid}`, timeout: timeoutMs }, (res) => {
+      res.resume();
+      res.on('end', () => resolve());
+      res.on('error', () => resolve());
+    });
+    req.on('timeout', () => req.destroy());
+    req.on('error', () => resolve());
+    req.end();
+  });
+}

@@ -16,7 +16,7 @@ import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, wait
 import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
 import { bestEffort, CommandFailed, ip, resolveExecutable } from './exec.js';
 import type { PodSpec } from './pod-spec.js';
-import { DEFAULT_ENROLL_TIMEOUT_MS, agentRunDir, handOverPod, type EnrollPod, type HandOver } from './enrollment.js';
+import { DEFAULT_ENROLL_TIMEOUT_MS, agentRunDir, drainPod, handOverPod, type EnrollPod, type HandOver } from './enrollment.js';
 import { PodStore, type PodRecord } from './store.js';
 
 const log = logger('runtime');
@@ -29,6 +29,11 @@ interface Made {
 }
 
 const EVERYTHING: Readonly<Made> = { netns: true, veth: true, cgroup: true };
+
+/** A container runtime's default capability set (what a Kubernetes pod gets without securityContext). */
+const POD_CAPABILITIES = ['chown', 'dac_override', 'fowner', 'fsetid', 'kill', 'setgid', 'setuid', 'setpcap', 'net_bind_service', 'net_raw', 'sys_chroot', 'mknod', 'audit_write', 'setfcap']
+  .map((c) => `+${c}`)
+  .join(',');
 
 export interface StartOptions {
   /** How long the node agent may take to capture the pod (default 30 s). */
@@ -173,7 +178,11 @@ export class LocalPodRuntime {
    * first and then execs, so every socket the command opens belongs to the pod's cgroup.
    */
   exec(record: PodRecord, argv: ReadonlyArray<string>, options: SpawnOptions = {}): ChildProcess {
-    const script = 'cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" && exec ip netns exec "$ns" "$@"';
+    // The command gets a container runtime's default capabilities (Docker's and containerd's),
+    // not root's full set: a local pod can do what a Kubernetes pod can (CAP_NET_RAW: raw
+    // sockets, SO_MARK) and no more (no CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF), so tests of what a
+    // pod can do to the mesh are true of a cluster's pods.
+    const script = 'cg="$1"; ns="$2"; shift 2; echo $$ > "$cg/cgroup.procs" && exec ip netns exec "$ns" setpriv --bounding-set=-all,' + POD_CAPABILITIES + ' -- "$@"';
     return spawn('/bin/sh', ['-c', script, 'nodemesh-pod', record.cgroupPath, record.netns, ...argv], options);
   }
 
@@ -249,6 +258,9 @@ export class LocalPodRuntime {
 
   /** Stops the pod's processes and removes its cgroup, veth, netns and record. */
   async remove(record: PodRecord, graceMs = 5_000): Promise<void> {
+    // Out of its Services' endpoints first, then SIGTERM (Kubernetes' order): connections that
+    // would have been sent to a pod that is stopping go elsewhere.
+    await drainPod(agentRunDir(this.config.stateDir), record.uid);
     await stopCgroupProcesses(record.cgroupPath, graceMs).catch((e: unknown) => {
       log.warn({ pod: record.name, namespace: record.namespace, err: e }, 'stopping pod processes failed');
     });

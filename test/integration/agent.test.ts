@@ -13,6 +13,7 @@ import { test } from 'node:test';
 
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
+import { hostAddress } from '../../src/runtime/config.js';
 import { run } from '../../src/runtime/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent, type AgentConfigDump } from '../support/agent.js';
@@ -94,7 +95,7 @@ test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and
   await sb.runtime.remove(cRecord, 500);
   await agent.waitForPods((p) => !p.some((x) => x.name === 'echo-c'), 'echo-c unenrolled');
   assert.equal(existsSync(join(agent.pinRoot, 'pods', cRecord.uid)), false, 'pinned links of echo-c removed');
-  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_pod_listeners' }) === 2 * 3, 5000, 'listener entries of 3 pods');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_pod_listeners' }) === 2 * 3, 10_000, 'listener entries of 3 pods');
 
   // SIGKILL: pinned programs keep capturing (connections are refused at 15001 instead of
   // finding no route), and a new agent re-owns the pods without detaching them.
@@ -116,13 +117,21 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   const client = await sb.idlePod('client-a');
   // A pod whose record points to a network namespace that does not exist.
   const ghost = await sb.idlePod('ghost');
-  const record = { ...ghost, uid: 'ghost-uid', name: 'ghost-2', netnsPath: '/run/netns/nmt_does_not_exist' };
+  const record = {
+    ...ghost,
+    uid: '6b1f3b8e-0d4c-4c57-9d7e-3a8f2b0c9e11',
+    name: 'ghost-2',
+    ip4: hostAddress(sb.config.podCidr4, 4, 200),
+    ip6: hostAddress(sb.config.podCidr6, 6, 200),
+    netnsPath: '/run/netns/nmt_does_not_exist',
+  };
   await writeFile(join(sb.config.stateDir, 'pods', 'default_ghost-2.json'), JSON.stringify(record));
   sb.defer(() => sb.runtime.store.remove(record));
-  // A pod whose "cgroup" is a plain folder: the kernel refuses to attach there.
+  // A pod whose "cgroup" is a folder outside the node's pod cgroups: refused at the edge, before
+  // anything is attached (a record could name any cgroup of the machine).
   const notCgroup = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-notcg-`));
   sb.defer(() => rm(notCgroup, { recursive: true, force: true }));
-  const refused = { ...ghost, uid: 'refused-uid', name: 'refused', cgroupPath: notCgroup };
+  const refused = { ...ghost, uid: '7c2a4c9f-1e5d-4d68-8e8f-4b9a3c1d0f22', name: 'refused', cgroupPath: notCgroup };
   await writeFile(join(sb.config.stateDir, 'pods', 'default_refused.json'), JSON.stringify(refused));
   sb.defer(() => sb.runtime.store.remove(refused));
   // And a record that is not JSON at all.
@@ -150,12 +159,11 @@ test('agent: bad config and bad pod records are skipped, named and counted; the 
   assert.match(log, /"file":"[^"]*c-noports\.yaml","object":"Service default\/noports","field":"spec\.ports".*spec\.ports must list at least one port/);
   assert.match(log, /"object":"Service default\/typo","field":"spec\.selectr".*unknown field/);
   assert.match(log, /"pod":"ghost-2".*"reason":"netns_missing".*network namespace \/run\/netns\/nmt_does_not_exist does not exist/);
-  assert.match(log, /"pod":"refused".*"reason":"attach_failed".*attach nm_connect4 to cgroup [^ ]*notcg/);
-  assert.equal(existsSync(join(agent.pinRoot, 'pods', 'refused-uid')), false, 'nothing of the refused pod stays pinned');
+  assert.match(log, /"pod":"refused".*"reason":"invalid_record".*cgroupPath: [^ ]*notcg[^ ]* is not under this node's pod cgroups/);
+  assert.equal(existsSync(join(agent.pinRoot, 'pods', refused.uid)), false, 'nothing of the refused pod is pinned');
   assert.match(log, /"pod":"corrupt".*"reason":"invalid_record".*pod record [^ ]*default_corrupt\.json cannot be read/);
   const metrics = await agent.metrics();
-  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'invalid_record' }), 1);
-  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'attach_failed' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'invalid_record' }), 2);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects'), 3);
   assert.equal(metricValue(metrics, 'nodemesh_config_rejected_objects', { kind: 'yaml' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_enroll_errors_total', { reason: 'netns_missing' }), 1);
@@ -190,7 +198,7 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
     `apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "${failClosed}"}\n`;
   const agent = await startAgent(sb, { 'service.yaml': serviceYaml('backend', [SVC_V4], { tier: 'backend' }), 'mesh.yaml': meshConfig(true) });
   await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
-  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_allowed_cgroups' }) === 3, 5000, 'three cgroups allowed');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_allowed_cgroups' }) === 3, 10_000, 'three cgroups allowed');
 
   // Verified and opted-out pods work as before.
   assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact, 'verified pod to a Service');
@@ -203,12 +211,14 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
   const intruder = join(podsCgroup, 'not-yet-enrolled');
   await mkdir(intruder);
   sb.defer(() => rmdir(intruder));
-  const dialFromIntruder = async (): Promise<DialResult> => {
-    const argv = ['sh', '-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" 8080 --bytes 64', intruder, client.netns, process.execPath, CLI_ENTRY, server.record.ip4];
+  const dialFromIntruder = async (mark = false): Promise<DialResult> => {
+    const argv = ['sh', '-c', `echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" 8080 --bytes 64${mark ? ' --mark' : ''}`, intruder, client.netns, process.execPath, CLI_ENTRY, server.record.ip4];
     const r = await collect(spawn(argv[0] ?? 'sh', argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] }));
     return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
   };
   assert.equal((await dialFromIntruder()).error, 'EPERM');
+  // Its socket marked with the proxy's own mark: refused all the same (no mark is trusted).
+  assert.equal((await dialFromIntruder(true)).error, 'EPERM');
 
   // Fail-closed off: the gate goes, the same dial goes through.
   await agent.writeConfig('mesh.yaml', meshConfig(false));

@@ -13,6 +13,7 @@ import { test } from 'node:test';
 import type { LoadResult } from '../../src/cli/debug-tools.js';
 import { agentRunDir, ENROLL_SOCKET } from '../../src/runtime/enrollment.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
+import { hostAddress } from '../../src/runtime/config.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent, startControlPlane } from '../support/agent.js';
 import { cli, collect, createSandbox, waitFor } from '../support/sandbox.js';
@@ -134,7 +135,18 @@ test('hand-over: refused requests name the field, a pod the mesh leaves out star
       req.on('error', reject);
       req.end(body);
     });
-  const pod = { uid: '2b5f7a52-7c42-4d0e-9d55-0d5c7b8e9f10', name: 'x', namespace: 'default', serviceAccount: 'default', labels: {}, ip4: '10.1.1.1', ip6: 'fd00::1', netnsPath: '/proc/self/ns/net', cgroupPath: '/sys/fs/cgroup' };
+  // Addresses in the sandbox's pod subnets (the agent checks them), netns and cgroup to be refused.
+  const pod = {
+    uid: '2b5f7a52-7c42-4d0e-9d55-0d5c7b8e9f10',
+    name: 'x',
+    namespace: 'default',
+    serviceAccount: 'default',
+    labels: {},
+    ip4: hostAddress(sb.config.podCidr4, 4, 200),
+    ip6: hostAddress(sb.config.podCidr6, 6, 200),
+    netnsPath: '/run/netns/nmt_x',
+    cgroupPath: '/sys/fs/cgroup',
+  };
   const refused: Array<[unknown, RegExp]> = [
     ['not json', /not JSON/],
     [{ pod, timeoutMs: 0 }, /timeoutMs/],
@@ -148,11 +160,15 @@ test('hand-over: refused requests name the field, a pod the mesh leaves out star
     assert.equal(r.status, 400, r.body);
     assert.match((JSON.parse(r.body) as { error: { message: string } }).error.message, message);
   }
-  // The host's own network namespace is never a pod's (a pod cgroup that exists, to get that far).
+  // Only the runtime's network namespaces (a pod cgroup that exists, to get that far).
   const idle = await sb.idlePod('idle');
-  const hostNs = await post(JSON.stringify({ pod: { ...pod, cgroupPath: idle.cgroupPath }, timeoutMs: 1000 }));
+  const hostNs = await post(JSON.stringify({ pod: { ...pod, cgroupPath: idle.cgroupPath, netnsPath: '/proc/1/ns/net' }, timeoutMs: 1000 }));
   assert.equal(hostNs.status, 400);
-  assert.match(hostNs.body, /pod\.netnsPath: \/proc\/self\/ns\/net is the agent's own network namespace/);
+  assert.match(hostNs.body, /pod\.netnsPath: \\"\/proc\/1\/ns\/net\\" is not a network namespace of the runtime/);
+  // Another pod's address.
+  const taken = await post(JSON.stringify({ pod: { ...pod, cgroupPath: idle.cgroupPath, netnsPath: idle.netnsPath, ip4: idle.ip4 }, timeoutMs: 1000 }));
+  assert.equal(taken.status, 500);
+  assert.match(taken.body, /is pod default\/idle's/);
 
   // A namespace that opts out: the pod starts at once, not enrolled.
   const spec = validatePodSpec({ name: 'free', namespace: 'skipped', command: ['sleep', 'infinity'] });

@@ -52,7 +52,7 @@ export function metricValue(text: string, name: string, labels: Record<string, s
 /** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
 export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string };
 
-export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string> } = {}): Promise<AgentProcess> {
+export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string> } = {}): Promise<AgentProcess> {
   const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile');
   const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
   const tokenFile = isRemote ? (source as { tokenFile?: string }).tokenFile : undefined;
@@ -63,9 +63,11 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
   const [metrics, ready, admin] = [await freePort(), await freePort(), await freePort()];
   let output = '';
   const spawnAgent = (): ChildProcess => {
+    // `prefix`: a command that runs the agent (prlimit ... --).
+    const [command = process.execPath, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
     const child = spawn(
-      process.execPath,
-      [CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`, ...(options.args ?? [])],
+      command,
+      [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`, ...(options.args ?? [])],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));

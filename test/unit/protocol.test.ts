@@ -4,6 +4,8 @@ import { test } from 'node:test';
 
 import { DEFAULT_MESH } from '../../src/config/mesh.js';
 import type { MeshConfig } from '../../src/config/store.js';
+import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
+import { ObjectInvalid } from '../../src/config/service.js';
 import {
   SnapshotInvalid,
   applyDelta,
@@ -96,4 +98,31 @@ test('a delta applies to the version it was made from, and only to it', () => {
   assert.throws(() => applyDelta(held, 5, delta), /delta from version 1, but this agent holds 5/);
   // A delta that leaves out a change does not reach the digest it promises.
   assert.throws(() => decodeResources(2, delta.digest, [...applyDelta(held, 1, { ...delta, removals: [] }).values()]), /digest does not match/);
+});
+
+test('durations out of bounds are refused at the wire edge as at the config edge, the field named', () => {
+  const policy = (connectTimeoutMs: number, idleTimeoutMs: number) => ({
+    namespace: 'shop',
+    name: 'p',
+    services: ['cart'],
+    policy: { ...DEFAULT_SERVICE_POLICY, source: 'shop/p', connectTimeoutMs, idleTimeoutMs },
+  });
+  const zero = snapshotMessage(7, { ...config, trafficPolicies: [policy(0, 2 ** 31)] }, [pod]);
+  assert.throws(
+    () => decodeSnapshot(zero),
+    (e: unknown) =>
+      e instanceof SnapshotInvalid &&
+      e.errors.map((x) => `${x.object} ${x.field}: ${x.message}`).join('\n') ===
+        ['TrafficPolicy shop/p spec.connectionPool.tcp.connectTimeout: 0 ms is outside 1 ms to 300000 ms', 'TrafficPolicy shop/p spec.connectionPool.tcp.idleTimeout: 2147483648 ms is outside 1000 ms to 2147483647 ms'].join('\n'),
+  );
+  assert.doesNotThrow(() => decodeSnapshot(snapshotMessage(8, { ...config, trafficPolicies: [policy(5000, 3_600_000)] }, [pod])));
+  const tp = (tcp: Record<string, unknown>): Record<string, unknown> => ({
+    apiVersion: 'networking.nodemesh.io/v1alpha1',
+    kind: 'TrafficPolicy',
+    metadata: { name: 'p', namespace: 'shop' },
+    spec: { targetRefs: [{ kind: 'Service', name: 'cart' }], connectionPool: { tcp } },
+  });
+  assert.throws(() => parseTrafficPolicy(tp({ connectTimeout: '0s' })), (e) => e instanceof ObjectInvalid && e.field === 'spec.connectionPool.tcp.connectTimeout' && /0 ms is outside/.test(e.message));
+  assert.throws(() => parseTrafficPolicy(tp({ idleTimeout: '700h' })), (e) => e instanceof ObjectInvalid && e.field === 'spec.connectionPool.tcp.idleTimeout');
+  assert.equal(parseTrafficPolicy(tp({ connectTimeout: '2s', idleTimeout: '1h' })).policy.connectTimeoutMs, 2000);
 });

@@ -77,7 +77,7 @@ export class OutboundCapture {
 
   /** Entries in flight, for metrics: captured connects not yet established, established not yet read. */
   pending(): { connecting: number; established: number } {
-    return { connecting: this.cookieDst.keys().length, established: this.origDst.keys().length };
+    return { connecting: this.cookieDst.count(), established: this.origDst.count() };
   }
 
   close(): void {

@@ -87,10 +87,15 @@ export interface ConnectOptions {
   readonly bypassMapFd?: number;
 }
 
+/** Why a relayed connection ended other than by both sides closing. */
+export type RelayEndReason = 'reset' | 'error' | 'idle_timeout' | 'proxy_stopping';
+
 export interface KernelRelayResult {
   readonly bytesFromClient: number;
   readonly bytesToClient: number;
   readonly error?: string;
+  /** Set when it did not end by both sides closing; after a reset or an error both peers were reset. */
+  readonly reason?: RelayEndReason;
 }
 
 export interface ProbeOptions {
@@ -111,6 +116,7 @@ interface RawAddon {
   mapUpdate(fd: number, key: Buffer, value: Buffer, flags: number): void;
   mapDelete(fd: number, key: Buffer): boolean;
   mapKeys(fd: number): Buffer[];
+  mapCount(fd: number): number;
   openPinned(path: string): number;
   pinFd(fd: number, path: string): void;
   closeFd(fd: number): void;
@@ -124,6 +130,7 @@ interface RawAddon {
   socketCookie(fd: number): bigint;
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
+  raiseFdLimit(): { soft: number; hard: number };
 }
 
 let addon: RawAddon | undefined;
@@ -282,6 +289,11 @@ export class BpfMap {
     return call(`iterate ${this.name}`, () => native().mapKeys(this.fd));
   }
 
+  /** Entries in the map, counted in the kernel's batches (no key copied to JS). */
+  count(): number {
+    return call(`count ${this.name}`, () => native().mapCount(this.fd));
+  }
+
   pin(path: string): void {
     call(`pin ${this.name} at ${path}`, () => native().pinFd(this.fd, path));
   }
@@ -360,6 +372,11 @@ export function connectInNetns(options: ConnectOptions): Promise<number> {
  */
 export function relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult> {
   return native().relayFds(clientFd, upstreamFd, idleTimeoutMs);
+}
+
+/** Raises RLIMIT_NOFILE's soft limit to the hard one; returns both as they are then. */
+export function raiseFdLimit(): { soft: number; hard: number } {
+  return call('raise the open file limit', () => native().raiseFdLimit());
 }
 
 /** Ends every kernel-relayed connection (the proxy is stopping). */

@@ -84,7 +84,9 @@ export class NodeDatapath {
     return new NodeDatapath(pinRoot, capture, inbound, inbound.map('nm_pod_listeners'), inbound.map('nm_inbound_bypass'), gate, gate.map('nm_allowed_cgroups'));
   }
 
+  /** A pod's pin folder; removed recursively later, so only a uid (a UUID) may name it. */
   private podDir(uid: string): string {
+    if (!POD_UID.test(uid)) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `pod uid "${uid}" is not a UUID: it cannot name a pin folder`, { context: { detail: uid } });
     return join(this.pinRoot, 'pods', uid);
   }
 
@@ -93,8 +95,9 @@ export class NodeDatapath {
   }
 
   /** UIDs of pods that have pinned links, from this agent or an earlier one. */
+  /** The pods with pinned state (folders named by uid; anything else there is not ours and is left). */
   async pinnedPods(): Promise<string[]> {
-    return (await readdir(join(this.pinRoot, 'pods')).catch(() => [])).sort();
+    return (await readdir(join(this.pinRoot, 'pods')).catch(() => [])).filter((name) => POD_UID.test(name)).sort();
   }
 
   isAttached(uid: string): boolean {
@@ -250,8 +253,8 @@ export class NodeDatapath {
     return {
       nm_cookie_dst: pending.connecting,
       nm_orig_dst: pending.established,
-      nm_pod_listeners: this.listeners.keys().length,
-      nm_allowed_cgroups: this.allowed.keys().length,
+      nm_pod_listeners: this.listeners.count(),
+      nm_allowed_cgroups: this.allowed.count(),
     };
   }
 
@@ -281,6 +284,8 @@ function cgroupKey(cgroupId: bigint): Buffer {
   key.writeBigUInt64LE(cgroupId);
   return key;
 }
+
+const POD_UID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 export function assertPinRoot(path: string): void {
   if (!path.startsWith('/sys/fs/bpf/')) {

@@ -6,6 +6,7 @@ import { existsSync, watch, type FSWatcher } from 'node:fs';
 
 import type { ProxyPod } from '../../proxy/node-proxy.js';
 import { PodStore, type PodRecord, type RecordCache } from '../../runtime/store.js';
+import { checkPodFields, PodFieldInvalid, type PodEdge } from './validate.js';
 
 export interface NodePod extends ProxyPod {
   readonly cgroupPath: string;
@@ -38,7 +39,11 @@ export class LocalRuntimePodSource implements PodSource {
   /** One NodePod object per record object, so an unchanged pod is the same object on every pass. */
   private readonly nodePods = new WeakMap<PodRecord, NodePod>();
 
-  constructor(stateDir: string) {
+  /** `edge`: what a record must satisfy (pod cgroups, netns folder, pod subnets). */
+  constructor(
+    stateDir: string,
+    private readonly edge: PodEdge,
+  ) {
     this.store = new PodStore(stateDir);
   }
 
@@ -51,12 +56,26 @@ export class LocalRuntimePodSource implements PodSource {
       const key = file.split('/').pop()?.replace(/\.json$/, '') ?? file;
       problems.push({ uid: `record:${file}`, namespace: key.split('_')[0] ?? '', name: key.split('_').slice(1).join('_'), reason: 'invalid_record', message: e.message });
     }
+    // An address is one pod's: a second record claiming it would take over its inbound listener.
+    const owners = new Map<string, string>();
     for (const r of records) {
       if (r.phase !== 'running') continue;
-      const id = { uid: r.uid, namespace: r.namespace, name: r.name };
-      if (!r.ip4 || !r.ip6 || !r.netnsPath || !r.cgroupPath) {
-        problems.push({ ...id, reason: 'invalid_record', message: 'pod record lacks addresses, netns or cgroup' });
-      } else if (!existsSync(r.netnsPath)) {
+      const id = { uid: String(r.uid), namespace: String(r.namespace), name: String(r.name) };
+      try {
+        checkPodFields(r, this.edge);
+      } catch (e) {
+        if (!(e instanceof PodFieldInvalid)) throw e;
+        problems.push({ ...id, reason: 'invalid_record', message: `pod record ${id.namespace}/${id.name}: ${e.message}` });
+        continue;
+      }
+      const taken = [r.ip4, r.ip6].map((a) => [a, owners.get(a)] as const).find(([, owner]) => owner !== undefined);
+      if (taken) {
+        problems.push({ ...id, reason: 'invalid_record', message: `pod record ${id.namespace}/${id.name}: address ${taken[0]} is pod ${taken[1] ?? ''}'s` });
+        continue;
+      }
+      owners.set(r.ip4, `${r.namespace}/${r.name}`);
+      owners.set(r.ip6, `${r.namespace}/${r.name}`);
+      if (!existsSync(r.netnsPath)) {
         problems.push({ ...id, reason: 'netns_missing', message: `network namespace ${r.netnsPath} does not exist` });
       } else if (!existsSync(r.cgroupPath)) {
         problems.push({ ...id, reason: 'cgroup_missing', message: `cgroup ${r.cgroupPath} does not exist` });

@@ -28,8 +28,11 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'fd_exhausted', 'internal_error'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
+
+/** How old the BPF map entry counts on /metrics may be. */
+const MAP_SAMPLE_MS = 2000;
 
 export const ENROLL_ERROR_REASONS = ['netns_missing', 'cgroup_missing', 'attach_failed', 'listen_failed', 'probe_failed', 'readopt_failed', 'invalid_record'] as const;
 export type EnrollErrorReason = (typeof ENROLL_ERROR_REASONS)[number];
@@ -63,10 +66,13 @@ export class NodeMetrics {
   readonly snapshots: Counter<'result'>;
   readonly controlPlaneConnected: Gauge;
   readonly heldForConfig: Counter;
+  readonly relayEnds: Counter<'reason'>;
+  readonly acceptErrors: Counter<'code'>;
   readonly enrollments: Counter<'result'>;
 
   constructor(mapEntries: () => Record<string, number>) {
     const registers = [this.registry];
+    let sampled: { at: number; entries: Record<string, number> } | undefined;
     const tcp = (name: string, help: string): Counter<(typeof TCP_LABELS)[number]> =>
       new Counter({ name, help, labelNames: TCP_LABELS, registers });
     this.tcpOpened = tcp('istio_tcp_connections_opened_total', 'TCP connections opened, by the node proxy');
@@ -90,6 +96,13 @@ export class NodeMetrics {
     this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
     this.snapshots = new Counter({ name: 'nodemesh_config_snapshots_total', help: 'Control plane snapshots, by result (applied, rejected)', labelNames: ['result'], registers });
     this.controlPlaneConnected = new Gauge({ name: 'nodemesh_control_plane_connected', help: '1 while the Discovery stream to the control plane is up', registers });
+    this.acceptErrors = new Counter({ name: 'nodemesh_accept_errors_total', help: 'Connections an in-pod listener could not accept, by errno code (EMFILE: out of file descriptors)', labelNames: ['code'], registers });
+    this.relayEnds = new Counter({
+      name: 'nodemesh_relay_abnormal_ends_total',
+      help: 'Relayed connections that did not end by both sides closing, by reason (reset, error: both peers were reset; idle_timeout; proxy_stopping)',
+      labelNames: ['reason'],
+      registers,
+    });
     this.heldForConfig = new Counter({ name: 'nodemesh_connections_held_for_config_total', help: "Outbound connections that waited for their pod's config (a new pod, or an agent that just started)", registers });
     this.enrollments = new Counter({
       name: 'nodemesh_pod_handovers_total',
@@ -102,8 +115,12 @@ export class NodeMetrics {
       help: 'Entries in the BPF maps of this node',
       labelNames: ['map'],
       registers,
+      // Sampled, not counted at every scrape: a scrape loop (or a pod hitting 15020) costs at
+      // most one count per MAP_SAMPLE_MS, whatever its rate.
       collect() {
-        for (const [map, n] of Object.entries(mapEntries())) this.set({ map }, n);
+        const now = Date.now();
+        if (!sampled || now - sampled.at >= MAP_SAMPLE_MS) sampled = { at: now, entries: mapEntries() };
+        for (const [map, n] of Object.entries(sampled.entries)) this.set({ map }, n);
       },
     });
     collectDefaultMetrics({ register: this.registry, prefix: 'nodemesh_agent_' });

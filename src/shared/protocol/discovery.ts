@@ -15,7 +15,7 @@ import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../../config/me
 import type { Service, ServicePort } from '../../config/service.js';
 import type { Workload } from '../../config/snapshot.js';
 import { ROUTE_KINDS, type ServiceRoute } from '../../config/route.js';
-import type { TrafficPolicy } from '../../config/traffic-policy.js';
+import { DURATION_BOUNDS, durationOutOfBounds, type TrafficPolicy } from '../../config/traffic-policy.js';
 import type { LoadBalancing } from '../../proxy/pool/load-balancer.js';
 import type { MeshConfig } from '../../config/store.js';
 import { compareStrings } from '../order.js';
@@ -372,6 +372,10 @@ export function decodeResources(version: number, digest: string, resources: Read
       const lb = LOAD_BALANCING.find((l) => l === w.loadBalancing);
       if (!lb) bad(id, 'spec.loadBalancer.type', `"${w.loadBalancing}" is not one of ${LOAD_BALANCING.join(', ')}`);
       if (w.maxEjectionPercent > 100) bad(id, 'spec.outlierDetection.maxEjectionPercent', `${w.maxEjectionPercent} is over 100`);
+      for (const [key, value] of [['connectTimeoutMs', w.connectTimeoutMs], ['idleTimeoutMs', w.idleTimeoutMs], ['baseEjectionMs', w.baseEjectionMs]] as const) {
+        const why = value === undefined || value === null ? undefined : durationOutOfBounds(value, DURATION_BOUNDS[key]);
+        if (why) bad(id, DURATION_BOUNDS[key].field, why);
+      }
       policies.push(
         Object.freeze({
           namespace: w.namespace,

@@ -1,0 +1,119 @@
+/**
+ * The L4 data path against what one pod or one connection can do to the node (issue 11): each
+ * test reproduces the attack or fault on the real kernel.
+ */
+import assert from 'node:assert/strict';
+import { readdir } from 'node:fs/promises';
+import { test } from 'node:test';
+
+import { validatePodSpec } from '../../src/runtime/pod-spec.js';
+import { waitForListener } from '../../src/runtime/wait.js';
+import { CLI_ENTRY } from '../../src/shared/paths.js';
+import type { DialResult } from '../../src/cli/debug-tools.js';
+import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
+import { collect, createSandbox } from '../support/sandbox.js';
+
+const SVC = '10.96.0.70';
+
+async function openFds(pid: number | undefined): Promise<number> {
+  return (await readdir(`/proc/${pid ?? 0}/fd`)).length;
+}
+
+test('inbound: a connection to a proxy port (podIP:15006, podIP:15001, 127.0.0.1:15006 in the pod) is refused at once, never delivered to the proxy again', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  const server = await sb.echoPod('server', 8080, ['app=server']);
+  const client = await sb.idlePod('client', ['app=client']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'both pods verified');
+  // Warm up: a normal inbound connection works, and the agent's fds settle.
+  assert.ok((await sb.dialFrom(client, server.record.ip4, 8080)).intact);
+  const before = { fds: await openFds(agent.child.pid), inbound: metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'inbound' }) };
+
+  for (const [host, port] of [[server.record.ip4, 15006], [server.record.ip4, 15001], [server.record.ip6, 15006]] as const) {
+    const r = await sb.dialFrom(client, host, port);
+    assert.equal(r.ok, false, `${host}:${port} must not be served`);
+    // The client's own proxy takes the connection (capture) and finds nothing listening on the
+    // server pod's address: the client gets a reset, at once.
+    assert.match(r.error ?? '', /^(ECONNRESET|ECONNREFUSED)$/, `${host}:${port}: ${JSON.stringify(r)}`);
+  }
+  // From inside the server pod, to the listener's own loopback address: accepted by the kernel,
+  // then reset by the proxy instead of delivered.
+  const own = collect(sb.runtime.exec(server.record, [process.execPath, CLI_ENTRY, 'debug', 'dial', '127.0.0.1', '15006', '--bytes', '100'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const inPod = JSON.parse((await own).stdout.trim().split('\n').pop() ?? '{}') as DialResult;
+  assert.equal(inPod.ok, false);
+  assert.match(inPod.error ?? '', /ECONNRESET|EPIPE/, JSON.stringify(inPod));
+
+  const m = await agent.metrics();
+  assert.equal(metricValue(m, 'nodemesh_connections_refused_total', { direction: 'inbound', reason: 'proxy_port' }), 1);
+  assert.equal(metricValue(m, 'nodemesh_proxied_connections_total', { path: 'inbound' }), before.inbound, 'nothing was delivered (no loop)');
+  assert.ok((await openFds(agent.child.pid)) <= before.fds + 2, 'the agent holds no more sockets than before');
+  // And the pod is served as before.
+  assert.ok((await sb.dialFrom(client, server.record.ip4, 8080)).intact);
+});
+
+for (const relayMode of ['kernel', 'js'] as const) {
+  test(`relay (${relayMode}): an upstream that sends half a response and resets makes the client see a reset, not a clean end; counted`, async (t) => {
+    const sb = await createSandbox(t);
+    await sb.blackhole(SVC);
+    const spec = validatePodSpec({ name: 'dies', labels: ['app=dies'], command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080', '--reset-after', '5000'] });
+    const { record: server } = await sb.runtime.start(await sb.runtime.create(spec, { detached: true }));
+    await waitForListener(server.ip4, 8080, 10_000);
+    const client = await sb.idlePod('client', ['app=client']);
+    const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('dies', [SVC], { app: 'dies' }) }, { args: ['--relay', relayMode] });
+    await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'both pods verified');
+    for (let i = 0; i < 5; i++) {
+      const r = await sb.dialFrom(client, SVC, 80, { bytes: 100 });
+      assert.equal(r.ok, false, JSON.stringify(r));
+      assert.equal(r.error, 'ECONNRESET', `the client sees the upstream's reset: ${JSON.stringify(r)}`);
+    }
+    const m = await agent.metrics();
+    assert.equal(metricValue(m, 'nodemesh_relay_abnormal_ends_total', { reason: 'reset' }), 5);
+  });
+}
+
+test('fd exhaustion: under a 512 open file limit, one pod opening 1000 connections is held to its share, refused with a counted reason, and the agent serves on', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  await sb.echoPod('server', 8080, ['app=server']);
+  const client = await sb.idlePod('client', ['app=client']);
+  // Soft 256, hard 512: the agent raises its soft limit to the hard one at start.
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) }, { prefix: ['prlimit', '--nofile=256:512', '--'] });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'both pods verified');
+  assert.match(agent.log(), /"soft":512,"hard":512,"msg":"open file limit"/);
+
+  const flood = await collect(sb.runtime.exec(client, ['prlimit', '--nofile=4096', '--', process.execPath, CLI_ENTRY, 'debug', 'flood', SVC, '80', '--connections', '1000', '--hold', '3000'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const result = JSON.parse(flood.stdout.trim().split('\n').pop() ?? '{}') as { held: number; failed: Record<string, number> };
+  assert.equal(agent.child.exitCode, null, `the agent is still up: ${agent.log().slice(-2000)}`);
+  assert.ok(result.held > 0, `some connections were served: ${flood.stdout}${flood.stderr}`);
+  // (512 - reserved - the pods' own fds) / 6 fds a connection, half of it for one pod.
+  assert.ok(result.held <= 40, `the pod was held to its share: ${JSON.stringify(result)}`);
+  const m = await agent.metrics();
+  const limited = metricValue(m, 'nodemesh_connections_refused_total', { direction: 'outbound', reason: 'connection_limit' });
+  assert.ok(limited >= 900, `refusals counted: ${limited}`);
+  assert.equal(metricValue(m, 'nodemesh_connections_refused_total', { reason: 'internal_error' }), 0);
+  // The flood is over: the pod is served as before.
+  for (let i = 0; i < 3; i++) assert.ok((await sb.dialFrom(client, SVC, 80)).intact);
+});
+
+test('marks: a pod process that marks its socket with the proxy mark or any other is still captured and served through the mesh', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  await sb.echoPod('server', 8080, ['app=server']);
+  const client = await sb.idlePod('client', ['app=client']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'both pods verified');
+  // The pod's process has a container's capabilities (CAP_NET_RAW, enough for SO_MARK), not root's.
+  for (const mark of ['0x539', '0x53a', '0x1']) {
+    const r = await collect(sb.runtime.exec(client, [process.execPath, CLI_ENTRY, 'debug', 'dial', SVC, '80', '--bytes', '512', '--mark-value', mark], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    const result = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
+    assert.equal(result.intact, true, `mark ${mark}: ${r.stdout}${r.stderr}`);
+  }
+  assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client' }), 3, 'all three through the proxy');
+  // And it cannot do what only the node may: no CAP_NET_ADMIN in a pod.
+  const caps = await collect(sb.runtime.exec(client, ['sh', '-c', 'grep CapEff /proc/self/status'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const eff = BigInt(`0x${caps.stdout.trim().split(/\s+/).pop() ?? '0'}`);
+  assert.equal(eff & (1n << 12n), 0n, 'no CAP_NET_ADMIN');
+  assert.equal(eff & (1n << 21n), 0n, 'no CAP_SYS_ADMIN');
+  assert.notEqual(eff & (1n << 13n), 0n, 'CAP_NET_RAW, as a container has');
+});
