@@ -21,6 +21,7 @@ SYSTEM_PACKAGES=(
   "g++:cmd:g++"
   "iproute2:cmd:ip"
   "bpftool:cmd:bpftool"
+  "nftables:cmd:nft"
   "linux-libc-dev:file:/usr/include/linux/bpf.h"
 )
 

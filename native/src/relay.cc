@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -66,6 +67,19 @@ struct Conn {
   bool reset = false;
 };
 
+// A socket whose non-blocking connect() is in progress, waited for on the relay thread (never on
+// a libuv pool thread: a destination that drops SYNs would hold one for the whole timeout).
+struct Wait {
+  uint64_t id = 0;
+  int fd = -1;
+  Clock::time_point deadline;
+};
+
+struct WaitDone {
+  uint64_t id;
+  int err;  // 0: connected; else connect's errno (ETIMEDOUT at the deadline)
+};
+
 class RelayEngine {
  public:
   static RelayEngine& Get(Napi::Env env) {
@@ -81,6 +95,28 @@ class RelayEngine {
     if (write(wake_, &one, sizeof(one)) < 0) {
       // picked up within a second anyway
     }
+  }
+
+  // Resolves with 0 once fd's connect() has completed, or with its errno. The fd stays the caller's.
+  Napi::Promise WaitConnected(Napi::Env env, int fd, int timeoutMs) {
+    auto deferred = Napi::Promise::Deferred::New(env);
+    uint64_t id = ++nextId_;
+    waitPending_.emplace(id, deferred);
+    auto w = std::make_unique<Wait>();
+    w->id = id;
+    w->fd = fd;
+    w->deadline = Clock::now() + std::chrono::milliseconds(timeoutMs);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      incomingWaits_.push_back(std::move(w));
+    }
+    uint64_t one = 1;
+    if (write(wake_, &one, sizeof(one)) < 0) {
+      // picked up within the loop's next turn anyway
+    }
+    tsfn_.Ref(env);
+    active_++;
+    return deferred.Promise();
   }
 
   Napi::Promise Add(Napi::Env env, int a, int b, int idleMs) {
@@ -238,12 +274,49 @@ class RelayEngine {
     pending_.erase(it);
   }
 
+  void FinishWait(std::map<uint64_t, std::unique_ptr<Wait>>::iterator it, int err) {
+    epoll_ctl(epfd_, EPOLL_CTL_DEL, it->second->fd, nullptr);
+    auto* d = new WaitDone{it->first, err};
+    waits_.erase(it);
+    tsfn_.NonBlockingCall(d, [this](Napi::Env env, Napi::Function, WaitDone* done) {
+      auto p = waitPending_.find(done->id);
+      if (p != waitPending_.end()) {
+        p->second.Resolve(Napi::Number::New(env, done->err));
+        waitPending_.erase(p);
+      }
+      delete done;
+      if (--active_ == 0) tsfn_.Unref(env);
+    });
+  }
+
+  // The soonest connect deadline bounds how long the loop may sleep (at most a second).
+  int NextTimeoutMs() const {
+    int ms = 1000;
+    auto now = Clock::now();
+    for (const auto& [id, w] : waits_) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(w->deadline - now).count();
+      ms = std::min<int>(ms, left < 0 ? 0 : static_cast<int>(left) + 1);
+    }
+    return ms;
+  }
+
   void Loop() {
     epoll_event events[256];
     for (;;) {
-      int n = epoll_wait(epfd_, events, 256, 1000);
+      int n = epoll_wait(epfd_, events, 256, NextTimeoutMs());
       {
         std::lock_guard<std::mutex> lock(mu_);
+        while (!incomingWaits_.empty()) {
+          auto w = std::move(incomingWaits_.front());
+          incomingWaits_.pop_front();
+          epoll_event ev = {};
+          ev.events = EPOLLOUT | EPOLLERR | EPOLLHUP | EPOLLONESHOT;
+          ev.data.u64 = w->id << 1;
+          int fd = w->fd;
+          uint64_t id = w->id;
+          waits_.emplace(id, std::move(w));
+          if (epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev) != 0) FinishWait(waits_.find(id), errno);
+        }
         while (!incoming_.empty()) {
           auto c = std::move(incoming_.front());
           incoming_.pop_front();
@@ -264,6 +337,14 @@ class RelayEngine {
           }
           continue;
         }
+        auto wit = waits_.find(tag >> 1);
+        if (wit != waits_.end()) {
+          int soerr = 0;
+          socklen_t len = sizeof(soerr);
+          if (getsockopt(wit->second->fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0) soerr = errno;
+          FinishWait(wit, soerr);
+          continue;
+        }
         auto it = conns_.find(tag >> 1);
         if (it == conns_.end()) continue;
         Conn& c = *it->second;
@@ -272,9 +353,15 @@ class RelayEngine {
         bool ok = Pump(c, c.ab) && Pump(c, c.ba);
         if (!ok || (c.ab.shutDown && c.ba.shutDown)) Finish(it);
       }
+      // Connects past their deadline.
+      auto now = Clock::now();
+      for (auto it = waits_.begin(); it != waits_.end();) {
+        auto next = std::next(it);
+        if (now >= it->second->deadline) FinishWait(it, ETIMEDOUT);
+        it = next;
+      }
       // Idle timeouts (checked at least once a second), and a stopping proxy.
       bool aborting = abort_.exchange(false);
-      auto now = Clock::now();
       for (auto it = conns_.begin(); it != conns_.end();) {
         auto next = std::next(it);
         Conn& c = *it->second;
@@ -297,6 +384,9 @@ class RelayEngine {
   std::mutex mu_;
   std::deque<std::unique_ptr<Conn>> incoming_;
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;  // relay thread only
+  std::deque<std::unique_ptr<Wait>> incomingWaits_;
+  std::map<uint64_t, std::unique_ptr<Wait>> waits_;  // relay thread only
+  std::map<uint64_t, Napi::Promise::Deferred> waitPending_;  // JS thread only
   std::map<uint64_t, Napi::Promise::Deferred> pending_;  // JS thread only
   std::atomic<uint64_t> nextId_{0};
   std::atomic<int> active_{0};
@@ -311,6 +401,14 @@ Napi::Value RelayFds(const Napi::CallbackInfo& info) {
   int b = info[1].As<Napi::Number>().Int32Value();
   int idle = info[2].As<Napi::Number>().Int32Value();
   return RelayEngine::Get(info.Env()).Add(info.Env(), a, b, idle);
+}
+
+// awaitConnected(fd, timeoutMs): Promise<number>: 0 once fd's non-blocking connect completed, else
+// its errno (ETIMEDOUT after timeoutMs). The fd stays the caller's either way.
+Napi::Value AwaitConnected(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int timeoutMs = info[1].As<Napi::Number>().Int32Value();
+  return RelayEngine::Get(info.Env()).WaitConnected(info.Env(), fd, timeoutMs);
 }
 
 Napi::Value RelayAbortAll(const Napi::CallbackInfo& info) {
@@ -330,6 +428,7 @@ Napi::Value DupFd(const Napi::CallbackInfo& info) {
 
 Napi::Object InitRelay(Napi::Env env, Napi::Object exports) {
   exports.Set("relayFds", Napi::Function::New(env, RelayFds, "relayFds"));
+  exports.Set("awaitConnected", Napi::Function::New(env, AwaitConnected, "awaitConnected"));
   exports.Set("dupFd", Napi::Function::New(env, DupFd, "dupFd"));
   exports.Set("relayAbortAll", Napi::Function::New(env, RelayAbortAll, "relayAbortAll"));
   return exports;

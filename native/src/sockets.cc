@@ -136,58 +136,47 @@ nm_bypass_key BypassKey(int fd, const SockAddr& dst) {
   return key;
 }
 
-// Runs on a libuv pool thread: only socket() needs the pod's netns (NetnsSocket); bind, connect
-// and the wait for the handshake use the socket's own namespace.
-int ConnectIn(const ConnectOptions& o) {
-  int out = -1;
-  {
-    SockAddr a = ParseAddr(o.host, o.port);
-    std::string where = Where(o.netns, o.host, o.port);
-    int fd = NetnsSocket(o.netns, a.family);
-    if (o.mark) SetIntOpt(fd, SOL_SOCKET, SO_MARK, static_cast<int>(o.mark), "SO_MARK", where);
-    if (!o.localHost.empty()) {
-      if (o.transparent) SetTransparent(fd, a.family, where);
-      SockAddr local = ParseAddr(o.localHost, 0);
-      if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0)
-        CloseAndThrow(fd, "bind", o.localHost + " in " + o.netns);
-    }
-    // Registered for the handshake only: sk_lookup consults it for the SYN, retransmits included.
-    bool bypass = o.bypassMapFd >= 0;
-    nm_bypass_key key = bypass ? BypassKey(fd, a) : nm_bypass_key{};
-    if (bypass) {
-      uint8_t one = 1;
-      if (bpf_map_update_elem(o.bypassMapFd, &key, &one, BPF_ANY) != 0) CloseAndThrow(fd, "bpf(BPF_MAP_UPDATE_ELEM)", "nm_inbound_bypass");
-    }
-    struct BypassGuard {
-      bool on;
-      int mapFd;
-      nm_bypass_key key;
-      ~BypassGuard() {
-        if (on) bpf_map_delete_elem(mapFd, &key);
-      }
-    } guard{bypass, o.bypassMapFd, key};
-    if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
-      if (errno != EINPROGRESS) CloseAndThrow(fd, "connect", where);
-      pollfd p = {fd, POLLOUT, 0};
-      int n;
-      do {
-        n = poll(&p, 1, o.timeoutMs);
-      } while (n < 0 && errno == EINTR);
-      if (n <= 0) {
-        int err = n == 0 ? ETIMEDOUT : errno;
-        close(fd);
-        ThrowSys(err, "connect", where);
-      }
-      int soerr = 0;
-      socklen_t len = sizeof(soerr);
-      getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len);
-      if (soerr != 0) {
-        close(fd);
-        ThrowSys(soerr, "connect", where);
-      }
-    }
-    out = fd;
+struct Started {
+  int fd = -1;
+  // connect() is in progress: the caller waits for it on the relay thread (awaitConnected).
+  bool pending = false;
+  // Registered in the bypass map for the handshake: the caller deletes it once the handshake is over.
+  bool bypass = false;
+  nm_bypass_key key = {};
+};
+
+// Runs on a libuv pool thread, briefly: only socket() needs the pod's netns (NetnsSocket); bind
+// and a non-blocking connect() return at once. Nobody waits for the handshake here: a destination
+// that drops SYNs must not hold one of libuv's four pool threads for the whole connect timeout.
+Started ConnectStart(const ConnectOptions& o) {
+  Started out;
+  SockAddr a = ParseAddr(o.host, o.port);
+  std::string where = Where(o.netns, o.host, o.port);
+  int fd = NetnsSocket(o.netns, a.family);
+  if (o.mark) SetIntOpt(fd, SOL_SOCKET, SO_MARK, static_cast<int>(o.mark), "SO_MARK", where);
+  if (!o.localHost.empty()) {
+    if (o.transparent) SetTransparent(fd, a.family, where);
+    SockAddr local = ParseAddr(o.localHost, 0);
+    if (bind(fd, reinterpret_cast<sockaddr*>(&local.ss), local.len) != 0)
+      CloseAndThrow(fd, "bind", o.localHost + " in " + o.netns);
   }
+  // Registered for the handshake only: sk_lookup consults it for the SYN, retransmits included.
+  if (o.bypassMapFd >= 0) {
+    out.key = BypassKey(fd, a);
+    uint8_t one = 1;
+    if (bpf_map_update_elem(o.bypassMapFd, &out.key, &one, BPF_ANY) != 0) CloseAndThrow(fd, "bpf(BPF_MAP_UPDATE_ELEM)", "nm_inbound_bypass");
+    out.bypass = true;
+  }
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a.ss), a.len) != 0) {
+    if (errno != EINPROGRESS) {
+      int err = errno;
+      if (out.bypass) bpf_map_delete_elem(o.bypassMapFd, &out.key);
+      close(fd);
+      ThrowSys(err, "connect", where);
+    }
+    out.pending = true;
+  }
+  out.fd = fd;
   return out;
 }
 
@@ -261,7 +250,8 @@ Napi::Value ListenInNetns(const Napi::CallbackInfo& info) {
       info.Env(), [o, fd]() { *fd = ListenIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });
 }
 
-// connectInNetns({netns, host, port, mark?, timeoutMs?, localHost?, transparent?}): Promise<number>
+// connectStartInNetns({netns, host, port, mark?, localHost?, transparent?, bypassMapFd?}):
+// Promise<{fd, pending, bypassKey?}>: the socket, connecting; wait with awaitConnected(fd).
 Napi::Value ConnectInNetns(const Napi::CallbackInfo& info) {
   Napi::Object opts = info[0].As<Napi::Object>();
   ConnectOptions o;
@@ -270,12 +260,19 @@ Napi::Value ConnectInNetns(const Napi::CallbackInfo& info) {
   o.localHost = StringOpt(opts, "localHost");
   o.port = static_cast<uint16_t>(NumberOpt(opts, "port", 0));
   o.mark = static_cast<uint32_t>(NumberOpt(opts, "mark", 0));
-  o.timeoutMs = static_cast<int>(NumberOpt(opts, "timeoutMs", 10000));
   o.transparent = BoolOpt(opts, "transparent");
   o.bypassMapFd = static_cast<int>(NumberOpt(opts, "bypassMapFd", -1));
-  auto fd = std::make_shared<int>(-1);
+  auto started = std::make_shared<Started>();
   return PromiseTask::Run(
-      info.Env(), [o, fd]() { *fd = ConnectIn(o); }, [fd](Napi::Env env) { return FdResult(env, *fd); });
+      info.Env(), [o, started]() { *started = ConnectStart(o); },
+      [started](Napi::Env env) {
+        Napi::Object r = Napi::Object::New(env);
+        r.Set("fd", Napi::Number::New(env, started->fd));
+        r.Set("pending", Napi::Boolean::New(env, started->pending));
+        if (started->bypass)
+          r.Set("bypassKey", Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(&started->key), sizeof(started->key)));
+        return r;
+      });
 }
 
 // probeConnect({cgroup, netns, host, port, timeoutMs}): Promise<number> (0 or connect's errno)
@@ -313,7 +310,7 @@ Napi::Value NetnsCookie(const Napi::CallbackInfo& info) {
 
 Napi::Object InitSockets(Napi::Env env, Napi::Object exports) {
   exports.Set("listenInNetns", Napi::Function::New(env, ListenInNetns, "listenInNetns"));
-  exports.Set("connectInNetns", Napi::Function::New(env, ConnectInNetns, "connectInNetns"));
+  exports.Set("connectStartInNetns", Napi::Function::New(env, ConnectInNetns, "connectStartInNetns"));
   exports.Set("probeConnect", Napi::Function::New(env, ProbeConnectJs, "probeConnect"));
   exports.Set("releaseNetns", Napi::Function::New(env, ReleaseNetnsJs, "releaseNetns"));
   exports.Set("socketCookie", Napi::Function::New(env, SocketCookie, "socketCookie"));

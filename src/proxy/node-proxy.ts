@@ -20,6 +20,13 @@ import { relay, type RelayResult } from './relay.js';
 
 const log = logger('proxy');
 
+/** Upstream connects in flight at once, per pod and per node. */
+const MAX_CONNECTING_PER_POD = 128;
+const MAX_CONNECTING = 1024;
+
+/** More connects in flight than the limits allow (a refusal, not a failure of the endpoint). */
+class ConnectLimitReached extends Error {}
+
 /** Fds one proxied connection may hold: the client, the upstream, two pipes of the kernel relay. */
 const FDS_PER_CONNECTION = 6;
 /** Fds kept aside for the agent itself (maps, links, HTTP servers, gRPC, files). */
@@ -97,6 +104,8 @@ interface PodState {
   active: number;
   /** Connections accepted on the pod's listeners and not ended (its share of the limits). */
   open: number;
+  /** Upstream connects in flight for the pod. */
+  connecting: number;
   /** The snapshot holds the pod's complete config; until then its outbound connections wait. */
   configured: boolean;
   /** Connections waiting for the pod's config, called when it arrives. */
@@ -109,6 +118,8 @@ export class NodeProxy {
   private readonly lb: LoadBalancer;
   /** Connections accepted and not ended, node-wide. */
   private open = 0;
+  /** Upstream connects in flight, node-wide. */
+  private connecting = 0;
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -138,7 +149,7 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, configured: false, waiting: new Set() };
+    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, connecting: 0, configured: false, waiting: new Set() };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
       // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
@@ -342,9 +353,10 @@ export class NodeProxy {
     try {
       let fd: number;
       try {
-        fd = await this.connect(upstream, connectTimeoutMs);
+        fd = await this.connect(state, upstream, connectTimeoutMs);
       } catch (e) {
-        this.refuse(state, client, direction, 'upstream_connect_failed', { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
+        const reason = e instanceof ConnectLimitReached ? 'connect_limit' : 'upstream_connect_failed';
+        this.refuse(state, client, direction, reason, { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
         return;
       }
       await this.relayAndCount(state, client, fd, upstream, idleTimeoutMs);
@@ -393,8 +405,13 @@ export class NodeProxy {
       try {
         let fd: number;
         try {
-          fd = await this.connect(upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+          fd = await this.connect(state, upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
         } catch (e) {
+          // Too many connects in flight here says nothing of the endpoint's health.
+          if (e instanceof ConnectLimitReached) {
+            this.refuse(state, client, 'outbound', 'connect_limit', { service: target.key, err: e.message });
+            return;
+          }
           if (this.lb.connectFailed(target, endpoint)) {
             this.metrics.ejections.inc({ service: target.key });
             log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port }, 'endpoint ejected after consecutive connect errors');
@@ -489,11 +506,23 @@ export class NodeProxy {
    * Connects to the upstream from inside a pod's netns. With transparentSource the socket carries
    * the client's address (inbound delivery); otherwise the proxy's mark.
    */
-  private connect(u: Upstream, timeoutMs: number): Promise<number> {
+  private async connect(state: PodState, u: Upstream, timeoutMs: number): Promise<number> {
+    // Connects in flight are bounded per pod and per node: a pod dialling a black hole gets its
+    // excess refused instead of piling up sockets and timers for everyone.
+    if (state.connecting >= MAX_CONNECTING_PER_POD || this.connecting >= MAX_CONNECTING) {
+      throw new ConnectLimitReached(`${state.connecting} connects in flight for the pod, ${this.connecting} on the node (at most ${MAX_CONNECTING_PER_POD} and ${MAX_CONNECTING})`);
+    }
     const how = u.transparentSource
       ? { mark: NM_DELIVERY_MARK, localHost: u.transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
       : { mark: NM_PROXY_MARK };
-    return connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how });
+    state.connecting++;
+    this.connecting++;
+    try {
+      return await connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how });
+    } finally {
+      state.connecting--;
+      this.connecting--;
+    }
   }
 
   /** Relays a connected upstream fd and reports the connection under each of its labels. */

@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { readdir } from 'node:fs/promises';
 import { test } from 'node:test';
 
+import { run } from '../../src/runtime/exec.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
@@ -116,4 +117,34 @@ test('marks: a pod process that marks its socket with the proxy mark or any othe
   assert.equal(eff & (1n << 12n), 0n, 'no CAP_NET_ADMIN');
   assert.equal(eff & (1n << 21n), 0n, 'no CAP_SYS_ADMIN');
   assert.notEqual(eff & (1n << 13n), 0n, 'CAP_NET_RAW, as a container has');
+});
+
+test('stalled connects: 20 connects to an endpoint that drops SYNs hold no thread; another pod is served as usual meanwhile', async (t) => {
+  const sb = await createSandbox(t);
+  const STUCK = '10.96.0.71';
+  await sb.blackhole(SVC);
+  await sb.blackhole(STUCK);
+  await sb.echoPod('server', 8080, ['app=server']);
+  const stuck = await sb.echoPod('stuck', 9090, ['app=stuck']);
+  // The stuck pod drops every SYN to its port (nftables in its own netns): connects hang.
+  const nft = (...args: string[]): Promise<unknown> => run('ip', ['netns', 'exec', stuck.record.netns, 'nft', ...args]);
+  await nft('add', 'table', 'inet', 'nmt');
+  await nft('add', 'chain', 'inet', 'nmt', 'input', '{ type filter hook input priority 0 ; }');
+  await nft('add', 'rule', 'inet', 'nmt', 'input', 'tcp', 'dport', '9090', 'tcp', 'flags', 'syn', 'drop');
+  const stalling = await sb.idlePod('stalling', ['app=stalling']);
+  const healthy = await sb.idlePod('healthy', ['app=healthy']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) + '---\n' + serviceYaml('stuck', [STUCK], { app: 'stuck' }, 80, 9090) });
+  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'pods verified');
+
+  const flood = collect(sb.runtime.exec(stalling, [process.execPath, CLI_ENTRY, 'debug', 'flood', STUCK, '80', '--connections', '20', '--hold', '4000'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  await agent.waitForPods((p) => (p.find((x) => x.name === 'stalling')?.connections ?? 0) >= 20, 'twenty connects in flight');
+  // libuv has four pool threads: with connects waiting on them, these would queue for the
+  // connect timeout (5 s). Waited for on the relay's epoll thread, they take what they take.
+  for (let i = 0; i < 5; i++) {
+    const r = await sb.dialFrom(healthy, SVC, 80);
+    assert.ok(r.intact, JSON.stringify(r));
+    assert.ok((r.connectMs ?? 0) + r.totalMs < 2000, `served while 20 connects hang: ${JSON.stringify(r)}`);
+  }
+  const result = JSON.parse((await flood).stdout.trim().split('\n').pop() ?? '{}') as { held: number };
+  assert.equal(result.held, 20, 'the stalled connections were held open by the proxy, not refused');
 });

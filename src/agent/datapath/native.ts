@@ -5,6 +5,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import { getSystemErrorMap } from 'node:util';
 
 import { NodemeshError, isSystemError, type ErrorCode } from '../../shared/errors.js';
 import { NATIVE_ADDON_PATH } from '../../shared/paths.js';
@@ -121,7 +122,8 @@ interface RawAddon {
   pinFd(fd: number, path: string): void;
   closeFd(fd: number): void;
   listenInNetns(options: ListenOptions): Promise<number>;
-  connectInNetns(options: ConnectOptions): Promise<number>;
+  connectStartInNetns(options: ConnectOptions): Promise<{ fd: number; pending: boolean; bypassKey?: Buffer }>;
+  awaitConnected(fd: number, timeoutMs: number): Promise<number>;
   probeConnect(options: ProbeOptions): Promise<number>;
   releaseNetns(netnsPath: string): boolean;
   relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult>;
@@ -360,9 +362,32 @@ export function listenInNetns(options: ListenOptions): Promise<number> {
   return callAsync(`listen in ${options.netns}`, () => native().listenInNetns(options));
 }
 
-/** A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }). */
-export function connectInNetns(options: ConnectOptions): Promise<number> {
-  return callAsync(`connect in ${options.netns}`, () => native().connectInNetns(options));
+/**
+ * A connected TCP socket made inside a network namespace; wrap it with new net.Socket({ fd }).
+ * socket(), bind() and a non-blocking connect() run on a pool thread for microseconds; the wait
+ * for the handshake runs on the relay's epoll thread, so connects that hang (a destination that
+ * drops SYNs) hold no pool thread, and every other pod's connects, probes and fs work go on.
+ */
+export async function connectInNetns(options: ConnectOptions): Promise<number> {
+  const what = `connect in ${options.netns}`;
+  const started = await callAsync(what, () => native().connectStartInNetns(options));
+  let connected = false;
+  try {
+    if (started.pending) {
+      const err = await native().awaitConnected(started.fd, options.timeoutMs ?? 10_000);
+      if (err !== 0) {
+        const [code, message] = getSystemErrorMap().get(-err) ?? [`errno ${err}`, `errno ${err}`];
+        const target = options.host.includes(':') ? `[${options.host}]:${options.port}` : `${options.host}:${options.port}`;
+        throw new NodemeshError('NM_ERR_DATAPATH', `${what}: connect ${target} in ${options.netns}: ${message}`, { context: { errno: err, errnoCode: code, syscall: 'connect', path: options.netns } });
+      }
+    }
+    connected = true;
+    return started.fd;
+  } finally {
+    // The handshake is over either way: its bypass entry goes (sk_lookup needed it for the SYN).
+    if (started.bypassKey && options.bypassMapFd !== undefined) native().mapDelete(options.bypassMapFd, started.bypassKey);
+    if (!connected) native().closeFd(started.fd);
+  }
 }
 
 /**

@@ -28,7 +28,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'fd_exhausted', 'internal_error'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'fd_exhausted', 'internal_error'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 /** How old the BPF map entry counts on /metrics may be. */
