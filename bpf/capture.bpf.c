@@ -20,6 +20,27 @@
 /* Fixed at load time (libbpf-bootstrap style): the agent may override before load. */
 const volatile __u16 outbound_port = NM_PORT_OUTBOUND;
 
+static __always_inline void count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&nm_counters, &what);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+/*
+ * A stream socket that is not TCP (SCTP's one-to-one style) cannot be relayed by the proxy, and
+ * must not leave the mesh either: its connect is refused (EPERM) and counted.
+ */
+static __always_inline int refuse_stream(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type == SOCK_STREAM && ctx->protocol != IPPROTO_TCP) {
+		count(NM_COUNT_NON_TCP_STREAM);
+		return 1;
+	}
+	return 0;
+}
+
 static __always_inline int skip_socket(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk;
@@ -57,7 +78,11 @@ int nm_connect4(struct bpf_sock_addr *ctx)
 	struct nm_addr orig = {};
 	__u32 dst = ctx->user_ip4;
 
-	if (skip_socket(ctx) || is_v4_local(dst))
+	if (is_v4_local(dst))
+		return 1;
+	if (refuse_stream(ctx))
+		return 0;
+	if (skip_socket(ctx))
 		return 1;
 
 	orig.family = NM_AF_INET;
@@ -78,6 +103,12 @@ int nm_connect6(struct bpf_sock_addr *ctx)
 	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
 	__u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 
+	/* Loopback (::1, ::ffff:127.x) stays in the pod; everything else goes through the checks. */
+	if ((a0 == 0 && a1 == 0 && a2 == 0 && (a3 == 0 || a3 == bpf_htonl(1))) ||
+	    (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff) && is_v4_local(a3)))
+		return 1;
+	if (refuse_stream(ctx))
+		return 0;
 	if (skip_socket(ctx))
 		return 1;
 

@@ -45,4 +45,61 @@ int nm_gate6(struct bpf_sock_addr *ctx)
 	return allowed_cgroup();
 }
 
+/*
+ * Everything but TCP (UDP, ICMP, raw sockets, SCTP) meets no connect hook, or not always: an
+ * unverified pod's packets of any other protocol are dropped as they leave its sockets, except
+ * DNS (port 53, UDP and TCP) so that the pod can resolve names. TCP is the connect hooks'
+ * business (above); loopback stays inside the pod. Allowed cgroups pass whole.
+ */
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define NEXTHDR_TCP 6
+#define NEXTHDR_UDP 17
+
+static __always_inline int allow_packet(__u8 proto, __u32 dport_off, struct __sk_buff *skb)
+{
+	__u16 dport = 0;
+
+	if (proto == NEXTHDR_TCP)
+		return 1;
+	if (proto != NEXTHDR_UDP)
+		return 0;
+	if (bpf_skb_load_bytes(skb, dport_off, &dport, sizeof(dport)) != 0)
+		return 0;
+	return bpf_ntohs(dport) == 53;
+}
+
+SEC("cgroup_skb/egress")
+int nm_gate_egress(struct __sk_buff *skb)
+{
+	__u64 id = bpf_skb_cgroup_id(skb);
+
+	if (bpf_map_lookup_elem(&nm_allowed_cgroups, &id))
+		return 1;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		__u8 vihl = 0, proto = 0;
+		__u32 daddr = 0;
+
+		if (bpf_skb_load_bytes(skb, 0, &vihl, 1) || bpf_skb_load_bytes(skb, 9, &proto, 1) ||
+		    bpf_skb_load_bytes(skb, 16, &daddr, 4))
+			return 0;
+		if ((bpf_ntohl(daddr) >> 24) == 127)
+			return 1;
+		/* UDP destination port: after the IPv4 header (IHL words), 2 bytes in. */
+		return allow_packet(proto, (vihl & 0x0f) * 4 + 2, skb);
+	}
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		__u8 next = 0;
+		__u32 d[4] = {};
+
+		if (bpf_skb_load_bytes(skb, 6, &next, 1) || bpf_skb_load_bytes(skb, 24, d, 16))
+			return 0;
+		if (d[0] == 0 && d[1] == 0 && d[2] == 0 && d[3] == bpf_htonl(1))
+			return 1;
+		/* Extension headers are not walked: a packet that has any is not DNS, and is dropped. */
+		return allow_packet(next, 40 + 2, skb);
+	}
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

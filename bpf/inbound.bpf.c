@@ -4,8 +4,9 @@
  * network namespace: a new TCP connection to the pod address is handed to the agent's in-pod
  * inbound listener, found in nm_pod_listeners by {family, role, pod address}.
  * Loopback and self-addressed connections pass, so the proxy can deliver to the application from
- * inside the pod without being steered again. No listener registered: fail open (the kernel's
- * normal lookup), unless the agent loaded the program with strict = 1.
+ * inside the pod without being steered again. No listener registered for the address (agent
+ * stopped, an address of the pod the agent does not know): fail open (the kernel's normal
+ * lookup), unless nm_settings says strict (fail-closed enrollment): then the connection is dropped.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -15,7 +16,13 @@
 #include "nodemesh_abi.h"
 #include "maps.h"
 
-const volatile __u32 strict = 0;
+static __always_inline int strict(void)
+{
+	__u32 zero = 0;
+	__u32 *flags = bpf_map_lookup_elem(&nm_settings, &zero);
+
+	return flags && (*flags & NM_SETTING_STRICT_INBOUND);
+}
 
 static __always_inline int is_proxy_port(__u32 port)
 {
@@ -76,11 +83,11 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
 
 	sk = bpf_map_lookup_elem(&nm_pod_listeners, &key);
 	if (!sk)
-		return strict ? SK_DROP : SK_PASS;
+		return strict() ? SK_DROP : SK_PASS;
 	err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err)
-		return strict ? SK_DROP : SK_PASS;
+		return strict() ? SK_DROP : SK_PASS;
 	return SK_PASS;
 }
 

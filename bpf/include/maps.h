@@ -58,4 +58,30 @@ struct {
 	__type(value, __u8);
 } nm_allowed_cgroups SEC(".maps");
 
+/*
+ * Node-wide settings the agent writes and the programs read (one entry): they stay in force
+ * while no agent runs. Bit NM_SETTING_STRICT_INBOUND: fail-closed enrollment is on, so sk_lookup
+ * drops a connection to an enrolled pod that it cannot hand to a live listener (agent stopped,
+ * an address of the pod it does not know) instead of letting it reach the application.
+ */
+#define NM_SETTING_STRICT_INBOUND 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} nm_settings SEC(".maps");
+
+/* Events the programs count for the agent's metrics, by index (NM_COUNT_*). */
+#define NM_COUNT_NON_TCP_STREAM 0
+#define NM_COUNTERS 4
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NM_COUNTERS);
+	__type(key, __u32);
+	__type(value, __u64);
+} nm_counters SEC(".maps");
+
 #endif /* NODEMESH_MAPS_H */

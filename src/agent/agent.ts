@@ -161,7 +161,7 @@ export class NodeAgent {
       await enrollment.close();
       throw e;
     }
-    const metrics = new NodeMetrics(() => datapath.mapEntries());
+    const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals());
     // Each proxied connection holds several fds: the soft limit (often 1024) is raised to the hard
     // one, and the proxy keeps its connection limits below it (NodeProxy.connectionLimits).
     const fds = raiseFdLimit();
@@ -536,6 +536,7 @@ export class NodeAgent {
    * pods that opted out may connect past it, every other pod only through capture.
    */
   private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>): Promise<void> {
+    this.datapath.setStrictInbound(this.config.mesh.failClosedEnrollment);
     if (this.config.mesh.failClosedEnrollment) {
       await this.datapath.enableGate(this.options.podsCgroup);
     } else {

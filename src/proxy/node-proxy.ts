@@ -51,6 +51,8 @@ export interface ProxyDatapath {
   originalDestination(key: OrigKey): SocketAddress | null;
   registerInboundListener(family: Family, address: string, fd: number): void;
   unregisterInboundListener(family: Family, address: string): void;
+  /** Every non-loopback address of the pod's interfaces (link-local ones too). */
+  podAddresses(uid: string): ReadonlyArray<{ readonly family: Family; readonly address: string }>;
   readonly inboundBypassFd: number;
 }
 
@@ -106,6 +108,8 @@ interface PodState {
   open: number;
   /** Upstream connects in flight for the pod. */
   connecting: number;
+  /** The addresses sk_lookup steers to this pod's inbound listeners. */
+  readonly steered: Array<{ readonly family: Family; readonly address: string }>;
   /** The snapshot holds the pod's complete config; until then its outbound connections wait. */
   configured: boolean;
   /** Connections waiting for the pod's config, called when it arrives. */
@@ -149,7 +153,7 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, connecting: 0, configured: false, waiting: new Set() };
+    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, connecting: 0, steered: [], configured: false, waiting: new Set() };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
       // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
@@ -158,6 +162,13 @@ export class NodeProxy {
       for (const [family, host, address] of [[4, '127.0.0.1', pod.ip4], [6, '::1', pod.ip6]] as const) {
         const fd = await this.serve(state, host, NM_PORT_INBOUND, 'inbound', (s) => this.inbound(state, s));
         this.datapath.registerInboundListener(family, address, fd);
+        state.steered.push({ family, address });
+        // Every other address of the pod (eth0's link-local one): steered too, never around the proxy.
+        for (const other of this.datapath.podAddresses(pod.uid)) {
+          if (other.family !== family || other.address === address) continue;
+          this.datapath.registerInboundListener(family, other.address, fd);
+          state.steered.push(other);
+        }
       }
     } catch (e) {
       await this.closeState(state);
@@ -188,7 +199,7 @@ export class NodeProxy {
   }
 
   private async closeState(state: PodState): Promise<void> {
-    for (const [family, address] of [[4, state.pod.ip4], [6, state.pod.ip6]] as const) {
+    for (const { family, address } of state.steered) {
       try {
         this.datapath.unregisterInboundListener(family, address);
       } catch {
@@ -465,6 +476,12 @@ export class NodeProxy {
     // steered: delivering it would connect to the proxy again.
     if (PROXY_PORTS.has(port) || isLoopback(host)) {
       this.refuse(state, client, 'inbound', 'proxy_port', { local: formatHostPort(host, port) });
+      return;
+    }
+    // A link-local destination (eth0's fe80::): captured so that it never reaches the application
+    // around the proxy, but not delivered (that needs the interface's scope): refused.
+    if (/^fe[89ab][0-9a-f]:/i.test(host)) {
+      this.refuse(state, client, 'inbound', 'link_local', { local: formatHostPort(host, port) });
       return;
     }
     const source = this.snapshot.workload(client.remoteAddress ?? '');

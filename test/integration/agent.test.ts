@@ -95,7 +95,8 @@ test('agent: two endpoints, inbound, metrics, pods coming and going, SIGKILL and
   await sb.runtime.remove(cRecord, 500);
   await agent.waitForPods((p) => !p.some((x) => x.name === 'echo-c'), 'echo-c unenrolled');
   assert.equal(existsSync(join(agent.pinRoot, 'pods', cRecord.uid)), false, 'pinned links of echo-c removed');
-  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_pod_listeners' }) === 2 * 3, 10_000, 'listener entries of 3 pods');
+  // Three addresses steered a pod: its IPv4, its IPv6, and eth0's link-local address.
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_bpf_map_entries', { map: 'nm_pod_listeners' }) === 3 * 3, 10_000, 'listener entries of 3 pods');
 
   // SIGKILL: pinned programs keep capturing (connections are refused at 15001 instead of
   // finding no route), and a new agent re-owns the pods without detaching them.

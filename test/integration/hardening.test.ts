@@ -3,16 +3,19 @@
  * test reproduces the attack or fault on the real kernel.
  */
 import assert from 'node:assert/strict';
-import { readdir } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
+import { mkdir, readdir, rmdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import { test } from 'node:test';
 
+import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { run } from '../../src/runtime/exec.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
-import { collect, createSandbox } from '../support/sandbox.js';
+import { cli, collect, createSandbox, readConnectionLog } from '../support/sandbox.js';
 
 const SVC = '10.96.0.70';
 
@@ -147,4 +150,63 @@ test('stalled connects: 20 connects to an endpoint that drops SYNs hold no threa
   }
   const result = JSON.parse((await flood).stdout.trim().split('\n').pop() ?? '{}') as { held: number };
   assert.equal(result.held, 20, 'the stalled connections were held open by the proxy, not refused');
+});
+
+test('inbound fail-closed: with the agent stopped an enrolled pod gets no connection around the proxy; its link-local address is steered and refused, never served directly', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  const server = await sb.echoPod('server', 8080, ['app=server']);
+  const log = join(sb.config.stateDir, 'server.connections.jsonl');
+  const mesh = 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "true"}\n';
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), 'mesh.yaml': mesh });
+  await agent.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), 'server verified');
+  const links = JSON.parse((await run('ip', ['-n', server.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string }> }>;
+  const linkLocal = links[0]?.addr_info.find((a) => a.local?.startsWith('fe80:'))?.local ?? '';
+  assert.match(linkLocal, /^fe80:/);
+
+  // From outside the pod (the host, on the pods' bridge) to the pod's link-local address.
+  const before = (await readConnectionLog(log)).length;
+  const ll = await cli(['debug', 'dial', `${linkLocal}%${sb.config.bridge}`, '8080', '--bytes', '100', '--timeout', '3000'], sb.env);
+  assert.notEqual(ll.code, 0, `the link-local address is not served around the proxy: ${ll.stdout}`);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_connections_refused_total', { direction: 'inbound', reason: 'link_local' }), 1, 'steered to the proxy, which refused it');
+
+  // The agent goes (its pinned links stay): the listener is gone, and in fail-closed mode
+  // sk_lookup drops the connection rather than letting it reach the application.
+  await agent.kill('SIGKILL');
+  const direct = await cli(['debug', 'dial', server.record.ip4, '8080', '--bytes', '100', '--timeout', '1500'], sb.env);
+  assert.notEqual(direct.code, 0, `not delivered while no agent runs: ${direct.stdout}`);
+  assert.equal((await readConnectionLog(log)).length, before, 'the application saw neither connection');
+});
+
+test('fail-closed gate: an unverified pod sends no UDP but DNS; a verified pod sends what it wants', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  const server = await sb.echoPod('server', 8080, ['app=server']);
+  const client = await sb.idlePod('client', ['app=client']);
+  const mesh = 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "true"}\n';
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), 'mesh.yaml': mesh });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
+
+  // Receivers in the server pod count the datagrams that arrive on a port, for 4 s.
+  const receiver = (port: number): Promise<{ stdout: string }> =>
+    collect(
+      sb.runtime.exec(server.record, [process.execPath, '-e', `const s=require('dgram').createSocket('udp4');let n=0;s.on('message',()=>n++);s.bind(${port},()=>console.log('ready'));setTimeout(()=>{console.log('got '+n);process.exit(0)},4000)`], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    );
+  const other = receiver(9999);
+  const dns = receiver(53);
+  await new Promise((r) => setTimeout(r, 1000));
+  const send = `const s=require('dgram').createSocket('udp4');s.send('x',Number(process.argv[2]),process.argv[1],(e)=>{console.log(e?e.code:'sent');s.close()})`;
+  // A process in the pods' cgroup tree the agent has not verified (it does not know it at all).
+  const podsCgroup = join(await findCgroup2Mount(), sb.config.cgroupSubtree, 'pods');
+  const intruder = join(podsCgroup, 'not-yet-enrolled');
+  await mkdir(intruder);
+  sb.defer(() => rmdir(intruder));
+  const fromIntruder = (port: number): Promise<{ stdout: string }> =>
+    collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', intruder, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  await fromIntruder(9999);
+  await fromIntruder(53);
+  // A verified pod is not gated.
+  await collect(sb.runtime.exec(client, [process.execPath, '-e', send, server.record.ip4, '9999'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  assert.match((await other).stdout, /got 1\b/, 'only the verified pod\'s datagram arrived on 9999');
+  assert.match((await dns).stdout, /got 1\b/, 'the unverified pod\'s DNS datagram arrived on 53');
 });

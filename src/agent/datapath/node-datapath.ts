@@ -16,14 +16,18 @@ import { BPF_OBJECT_DIR } from '../../shared/paths.js';
 import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
 import { BpfLink, BpfObject, detachAll, type BpfMap } from './native.js';
-import { disableInboundDelivery, enableInboundDelivery } from './pod-routing.js';
+import { disableInboundDelivery, enableInboundDelivery, type PodAddress } from './pod-routing.js';
+
+/** bpf/include/maps.h */
+const NM_SETTING_STRICT_INBOUND = 1;
+const NM_COUNT_NON_TCP_STREAM = 0;
 
 const log = logger('datapath');
 
 export const DEFAULT_PIN_ROOT = '/sys/fs/bpf/nodemesh/v1';
 export const INBOUND_OBJECT = join(BPF_OBJECT_DIR, 'inbound.bpf.o');
 export const GATE_OBJECT = join(BPF_OBJECT_DIR, 'gate.bpf.o');
-const GATE_PROGRAMS = ['nm_gate4', 'nm_gate6'] as const;
+const GATE_PROGRAMS = ['nm_gate4', 'nm_gate6', 'nm_gate_egress'] as const;
 const INBOUND_PROGRAM = 'nm_sk_lookup';
 const POD_PROGRAMS = [...CAPTURE_PROGRAMS, INBOUND_PROGRAM] as const;
 
@@ -50,6 +54,25 @@ export class NodeDatapath {
   ) {}
 
   private gateLinks: BpfLink[] = [];
+  /** Every non-loopback address of each enrolled pod, found when its delivery routing was set up. */
+  private readonly addresses = new Map<string, ReadonlyArray<PodAddress>>();
+
+  /** Every non-loopback address of the pod (see enableInboundDelivery); empty if unknown. */
+  podAddresses(uid: string): ReadonlyArray<PodAddress> {
+    return this.addresses.get(uid) ?? [];
+  }
+
+  /**
+   * Fail-closed enrollment for inbound: sk_lookup drops a connection to an enrolled pod that it
+   * cannot hand to a live listener, instead of letting it reach the application. In a pinned map,
+   * so it holds while no agent runs.
+   */
+  setStrictInbound(strict: boolean): void {
+    const key = Buffer.alloc(4);
+    const value = Buffer.alloc(4);
+    value.writeUInt32LE(strict ? NM_SETTING_STRICT_INBOUND : 0);
+    this.inbound.map('nm_settings').update(key, value);
+  }
 
   /** fd of nm_inbound_bypass, for the proxy's inbound delivery connects. */
   get inboundBypassFd(): number {
@@ -119,7 +142,7 @@ export class NodeDatapath {
         made.push(link);
         link.pin(join(dir, program));
       }
-      await enableInboundDelivery(pod.netnsPath);
+      this.addresses.set(pod.uid, await enableInboundDelivery(pod.netnsPath));
     } catch (e) {
       detachAll(made);
       await rm(dir, { recursive: true, force: true });
@@ -142,7 +165,7 @@ export class NodeDatapath {
         links.push(link);
         link.updateProgram(this.object(program), program);
       }
-      await enableInboundDelivery(pod.netnsPath);
+      this.addresses.set(pod.uid, await enableInboundDelivery(pod.netnsPath));
     } catch (e) {
       for (const link of links) link.close();
       throw e;
@@ -159,6 +182,7 @@ export class NodeDatapath {
     const dir = this.podDir(uid);
     const held = this.links.get(uid);
     this.links.delete(uid);
+    this.addresses.delete(uid);
     if (held) {
       detachAll(held);
     } else {
@@ -246,6 +270,14 @@ export class NodeDatapath {
 
   originalDestination(key: OrigKey): SocketAddress | null {
     return this.capture.originalDestination(key);
+  }
+
+  /** What the programs counted (bpf/include/maps.h nm_counters): connects refused by reason. */
+  captureRefusals(): Record<string, number> {
+    const key = Buffer.alloc(4);
+    key.writeUInt32LE(NM_COUNT_NON_TCP_STREAM);
+    const value = this.capture.object.map('nm_counters').lookup(key);
+    return { non_tcp_stream: value ? Number(value.readBigUInt64LE(0)) : 0 };
   }
 
   mapEntries(): Record<string, number> {

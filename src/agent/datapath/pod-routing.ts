@@ -18,7 +18,18 @@ function inNetns(netnsPath: string, argv: string[]): Promise<ExecResult> {
   return run('nsenter', [`--net=${netnsPath}`, ...argv]);
 }
 
-export async function enableInboundDelivery(netnsPath: string): Promise<void> {
+/** An address of a pod's interfaces (its own, link-local ones included). */
+export interface PodAddress {
+  readonly family: 4 | 6;
+  readonly address: string;
+}
+
+/**
+ * Sets up inbound delivery in the pod's netns and returns every non-loopback address the pod has
+ * there (the pod IPs, and link-local ones such as eth0's fe80::): sk_lookup must steer all of
+ * them, or a connection to the one it does not know reaches the application around the proxy.
+ */
+export async function enableInboundDelivery(netnsPath: string): Promise<PodAddress[]> {
   // One child process of the agent per pod (it was seven, one per step): the steps run in one
   // shell inside the pod's netns.
   // fwmark_reflect: a reset the kernel sends for a port nothing listens on carries the SYN's mark
@@ -37,8 +48,30 @@ export async function enableInboundDelivery(netnsPath: string): Promise<void> {
     `ip -6 rule add ${rule}`,
     `ip -4 route replace local 0.0.0.0/0 dev lo table ${table}`,
     `ip -6 route replace local ::/0 dev lo table ${table}`,
+    'ip -j addr show',
   ].join('\n');
-  await inNetns(netnsPath, ['sh', '-c', script]);
+  const result = await inNetns(netnsPath, ['sh', '-c', script]);
+  return parseAddresses(result.stdout);
+}
+
+/** `ip -j addr show` -> the non-loopback addresses. */
+export function parseAddresses(json: string): PodAddress[] {
+  let links: unknown;
+  try {
+    links = JSON.parse(json);
+  } catch {
+    return [];
+  }
+  const out: PodAddress[] = [];
+  for (const link of Array.isArray(links) ? (links as Array<{ ifname?: string; addr_info?: Array<{ family?: string; local?: string }> }>) : []) {
+    if (link.ifname === 'lo') continue;
+    for (const a of link.addr_info ?? []) {
+      if (typeof a.local !== 'string') continue;
+      if (a.family === 'inet' && !a.local.startsWith('127.')) out.push({ family: 4, address: a.local });
+      else if (a.family === 'inet6' && a.local !== '::1') out.push({ family: 6, address: a.local });
+    }
+  }
+  return out;
 }
 
 /** The sysctls enableInboundDelivery sets to 1; 0 is their default in a new network namespace. */

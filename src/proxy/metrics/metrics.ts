@@ -28,7 +28,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'fd_exhausted', 'internal_error'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 /** How old the BPF map entry counts on /metrics may be. */
@@ -68,9 +68,10 @@ export class NodeMetrics {
   readonly heldForConfig: Counter;
   readonly relayEnds: Counter<'reason'>;
   readonly acceptErrors: Counter<'code'>;
+  readonly captureRefused: Counter<'reason'>;
   readonly enrollments: Counter<'result'>;
 
-  constructor(mapEntries: () => Record<string, number>) {
+  constructor(mapEntries: () => Record<string, number>, captureRefusals: () => Record<string, number> = () => ({})) {
     const registers = [this.registry];
     let sampled: { at: number; entries: Record<string, number> } | undefined;
     const tcp = (name: string, help: string): Counter<(typeof TCP_LABELS)[number]> =>
@@ -96,6 +97,17 @@ export class NodeMetrics {
     this.configObjects = new Gauge({ name: 'nodemesh_config_objects', help: 'Config objects applied, by kind', labelNames: ['kind'], registers });
     this.snapshots = new Counter({ name: 'nodemesh_config_snapshots_total', help: 'Control plane snapshots, by result (applied, rejected)', labelNames: ['result'], registers });
     this.controlPlaneConnected = new Gauge({ name: 'nodemesh_control_plane_connected', help: '1 while the Discovery stream to the control plane is up', registers });
+    this.captureRefused = new Counter({
+      name: 'nodemesh_capture_refused_total',
+      help: 'Connects the capture programs refused in the kernel (EPERM), by reason (non_tcp_stream: a stream socket that is not TCP, such as SCTP)',
+      labelNames: ['reason'],
+      registers,
+      // Counted by the BPF programs (nm_counters); read at scrape time.
+      collect() {
+        this.reset();
+        for (const [reason, n] of Object.entries(captureRefusals())) this.inc({ reason }, n);
+      },
+    });
     this.acceptErrors = new Counter({ name: 'nodemesh_accept_errors_total', help: 'Connections an in-pod listener could not accept, by errno code (EMFILE: out of file descriptors)', labelNames: ['code'], registers });
     this.relayEnds = new Counter({
       name: 'nodemesh_relay_abnormal_ends_total',
