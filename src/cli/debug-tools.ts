@@ -11,7 +11,7 @@ import { performance } from 'node:perf_hooks';
 import { listenError } from '../shared/ports.js';
 
 /** Resolves once it listens on every address; a port that is taken fails with NM_ERR_PORT_IN_USE. */
-export async function echoServer(port: number, logFile: string | undefined, resetAfter?: number): Promise<void> {
+export async function echoServer(port: number, logFile: string | undefined, resetAfter?: number, extraPorts: ReadonlyArray<number> = []): Promise<void> {
   const onConnection = (socket: Socket): void => {
     const peer = { address: socket.remoteAddress, port: socket.remotePort, local: socket.localAddress, localPort: socket.localPort };
     socket.on('error', () => socket.destroy());
@@ -33,14 +33,33 @@ export async function echoServer(port: number, logFile: string | undefined, rese
     for (const s of servers) s.close(() => --open === 0 && process.exit(0));
     setTimeout(() => process.exit(0), 2000).unref();
   });
-  for (const host of ['0.0.0.0', '::']) {
+  const listen = async (host: string, p: number): Promise<void> => {
     const server = createServer({ allowHalfOpen: true }, onConnection);
     servers.push(server);
     await new Promise<void>((resolve, reject) => {
-      server.once('error', (e) => reject(listenError(e, { host, port }, 'port')));
-      server.listen({ host, port, ipv6Only: host === '::' }, () => resolve());
+      server.once('error', (e) => reject(listenError(e, { host, port: p }, 'port')));
+      server.listen({ host, port: p, ipv6Only: host === '::' }, () => resolve());
     });
-  }
+  };
+  for (const host of ['0.0.0.0', '::']) await listen(host, port);
+  // More ports (IPv4 only): tests of what many destinations do to the metrics.
+  for (const p of extraPorts) await listen('0.0.0.0', p);
+}
+
+/** Dials host on every port of a range, `parallel` at a time; how many came back intact. */
+export async function dialPorts(host: string, from: number, to: number, parallel: number): Promise<{ ok: number; failed: number }> {
+  let next = from;
+  let ok = 0;
+  let failed = 0;
+  const worker = async (): Promise<void> => {
+    while (next <= to) {
+      const port = next++;
+      if ((await dial(host, port, 16, { timeoutMs: 5000 })).intact) ok++;
+      else failed++;
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, () => worker()));
+  return { ok, failed };
 }
 
 export interface DialResult {

@@ -76,6 +76,15 @@ function parseMark(value: string): number {
   return n;
 }
 
+/** "20000-24999": every port from one to the other. */
+function portRange(value: string): number[] {
+  const m = /^(\d+)-(\d+)$/.exec(value);
+  const from = Number(m?.[1]);
+  const to = Number(m?.[2]);
+  if (!m || from < 1 || to > 65535 || from > to) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `"${value}" is not a port range FROM-TO`, { context: { field: 'port-range' }, hint: 'give two ports, e.g. 20000-20999' });
+  return Array.from({ length: to - from + 1 }, (_, i) => from + i);
+}
+
 function parseBytes(value: string, field: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) {
@@ -382,9 +391,23 @@ debug
   .option('--port <port>', 'TCP port on every address', '8080')
   .option('--log <file>', 'append a JSON line per closed connection')
   .option('--reset-after <bytes>', 'instead of echoing: send this many bytes, then reset the connection')
-  .action(async (opts: { port: string; log?: string; resetAfter?: string }) => {
+  .option('--port-range <from-to>', 'also listen on every port of this range (IPv4)')
+  .action(async (opts: { port: string; log?: string; resetAfter?: string; portRange?: string }) => {
     const { echoServer } = await import('./debug-tools.js');
-    await echoServer(parsePort(opts.port), opts.log, opts.resetAfter === undefined ? undefined : parseBytes(opts.resetAfter, 'reset-after'));
+    const range = opts.portRange === undefined ? [] : portRange(opts.portRange);
+    await echoServer(parsePort(opts.port), opts.log, opts.resetAfter === undefined ? undefined : parseBytes(opts.resetAfter, 'reset-after'), range);
+  });
+
+debug
+  .command('dial-ports')
+  .description('dials every port of a range (16 bytes each, checked); prints how many came back (JSON)')
+  .argument('<host>')
+  .argument('<from-to>')
+  .option('--parallel <n>', 'connections at once', '32')
+  .action(async (host: string, range: string, opts: { parallel: string }) => {
+    const { dialPorts } = await import('./debug-tools.js');
+    const ports = portRange(range);
+    out(JSON.stringify(await dialPorts(host, ports[0] ?? 0, ports[ports.length - 1] ?? 0, parseCount(opts.parallel, 'parallel'))) + '\n');
   });
 
 debug

@@ -223,6 +223,12 @@ export class ControlPlane {
     return this.port;
   }
 
+  /** The HTTP port (the one asked for, or the one the kernel chose for port 0). */
+  httpPort(): number {
+    const a = this.http?.address();
+    return typeof a === 'object' && a !== null ? a.port : 0;
+  }
+
   currentVersion(): number {
     return this.version;
   }

@@ -37,6 +37,22 @@ const FDS_PER_POD = 12;
 /** The ports of the proxy's own in-pod listeners (design.md section 2): never a destination. */
 const PROXY_PORTS: ReadonlySet<number> = new Set([NM_PORT_OUTBOUND, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_DNS]);
 
+/** What socketAddress returns for an address with a scope (link-local) of another netns. */
+const SCOPED = 'scoped';
+
+/**
+ * A socket's local or remote address, without its IPv4-mapped prefix. node:net names the scope of
+ * a link-local address by its interface, looked up in the agent's netns, where a pod's interface
+ * does not exist: it throws (ENXIO). Such an address is SCOPED here.
+ */
+function socketAddress(s: Socket, which: 'local' | 'remote'): string {
+  try {
+    return ((which === 'local' ? s.localAddress : s.remoteAddress) ?? '').replace(/^::ffff:/, '');
+  } catch {
+    return SCOPED;
+  }
+}
+
 function isLoopback(host: string): boolean {
   return host.startsWith('127.') || host === '::1';
 }
@@ -469,7 +485,7 @@ export class NodeProxy {
   }
 
   private async inbound(state: PodState, client: Socket): Promise<void> {
-    const host = (client.localAddress ?? '').replace(/^::ffff:/, '');
+    const host = socketAddress(client, 'local');
     const port = client.localPort ?? 0;
     // Steered connections keep the address and port their client dialed. One that names the
     // listener itself (127.0.0.1:15006 from inside the pod) or another proxy port was not
@@ -480,11 +496,12 @@ export class NodeProxy {
     }
     // A link-local destination (eth0's fe80::): captured so that it never reaches the application
     // around the proxy, but not delivered (that needs the interface's scope): refused.
-    if (/^fe[89ab][0-9a-f]:/i.test(host)) {
+    if (host === SCOPED || /^fe[89ab][0-9a-f]:/i.test(host)) {
       this.refuse(state, client, 'inbound', 'link_local', { local: formatHostPort(host, port) });
       return;
     }
-    const source = this.snapshot.workload(client.remoteAddress ?? '');
+    const from = socketAddress(client, 'remote');
+    const source = this.snapshot.workload(from);
     const target = this.snapshot.serviceOf(state.pod.uid, port);
     const labels: TcpLabels = {
       reporter: 'destination',
@@ -494,7 +511,6 @@ export class NodeProxy {
     };
     // Delivered from a transparent socket with the client's address, so the application sees
     // who called (see agent/datapath/pod-routing.ts for how the replies come back).
-    const from = (client.remoteAddress ?? '').replace(/^::ffff:/, '');
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
     await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }

@@ -168,9 +168,12 @@ export class LocalPodRuntime {
     await ip('-n', r.netns, 'link', 'set', 'lo', 'up');
     await ip('-n', r.netns, 'addr', 'add', `${r.ip4}/${this.config.podCidr4.prefix}`, 'dev', 'eth0');
     await ip('-n', r.netns, '-6', 'addr', 'add', `${r.ip6}/${this.config.podCidr6.prefix}`, 'dev', 'eth0', 'nodad');
-    await ip('-n', r.netns, 'link', 'set', 'eth0', 'up');
+    // The host side first: when eth0 comes up its peer is up, so it has carrier at once and gets
+    // its link-local address then (not up to a second later), before the pod is handed to the
+    // agent, which steers every address the pod has at enrollment.
     await ip('link', 'set', r.hostVeth, 'master', this.config.bridge);
     await ip('link', 'set', r.hostVeth, 'up');
+    await ip('-n', r.netns, 'link', 'set', 'eth0', 'up');
   }
 
   /**

@@ -7,16 +7,27 @@ import { createServer } from 'node:net';
 
 import { NodemeshError, isSystemError } from './errors.js';
 
-/** A TCP port on 127.0.0.1 that nothing listens on right now (tests and benchmarks pick ports with it). */
+/** Ports freePort handed out in this process: the kernel may offer a just-closed one again. */
+const handedOut = new Set<number>();
+
+/**
+ * A TCP port on 127.0.0.1 that nothing listens on right now (tests and benchmarks pick ports with
+ * it), and not one this process was given before: callers pick several before binding any.
+ */
 export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
+  for (;;) {
+    const port = await new Promise<number>((resolve, reject) => {
+      const s = createServer();
+      s.once('error', reject);
+      s.listen(0, '127.0.0.1', () => {
+        const p = (s.address() as { port: number }).port;
+        s.close(() => resolve(p));
+      });
     });
-  });
+    if (handedOut.has(port)) continue;
+    handedOut.add(port);
+    return port;
+  }
 }
 
 export interface ListenAddress {

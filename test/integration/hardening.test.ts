@@ -15,7 +15,7 @@ import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
-import { cli, collect, createSandbox, readConnectionLog } from '../support/sandbox.js';
+import { cli, collect, createSandbox, readConnectionLog, waitFor } from '../support/sandbox.js';
 
 const SVC = '10.96.0.70';
 
@@ -160,15 +160,21 @@ test('inbound fail-closed: with the agent stopped an enrolled pod gets no connec
   const mesh = 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "true"}\n';
   const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), 'mesh.yaml': mesh });
   await agent.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), 'server verified');
-  const links = JSON.parse((await run('ip', ['-n', server.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string }> }>;
-  const linkLocal = links[0]?.addr_info.find((a) => a.local?.startsWith('fe80:'))?.local ?? '';
-  assert.match(linkLocal, /^fe80:/);
+  // eth0's link-local address, once duplicate address detection is over (a tentative address
+  // takes no connection at all, steered or not).
+  let linkLocal = '';
+  await waitFor(async () => {
+    const links = JSON.parse((await run('ip', ['-n', server.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string; tentative?: boolean }> }>;
+    const a = links[0]?.addr_info.find((x) => x.local?.startsWith('fe80:'));
+    linkLocal = a?.local ?? '';
+    return a !== undefined && a.tentative !== true;
+  }, 10_000, 'a usable link-local address');
 
   // From outside the pod (the host, on the pods' bridge) to the pod's link-local address.
   const before = (await readConnectionLog(log)).length;
   const ll = await cli(['debug', 'dial', `${linkLocal}%${sb.config.bridge}`, '8080', '--bytes', '100', '--timeout', '3000'], sb.env);
   assert.notEqual(ll.code, 0, `the link-local address is not served around the proxy: ${ll.stdout}`);
-  assert.equal(metricValue(await agent.metrics(), 'nodemesh_connections_refused_total', { direction: 'inbound', reason: 'link_local' }), 1, 'steered to the proxy, which refused it');
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_connections_refused_total', { direction: 'inbound', reason: 'link_local' }), 1, `steered to the proxy, which refused it: ${ll.stdout}${ll.stderr}`);
 
   // The agent goes (its pinned links stay): the listener is gone, and in fail-closed mode
   // sk_lookup drops the connection rather than letting it reach the application.
@@ -209,4 +215,23 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS; a verified pod s
   await collect(sb.runtime.exec(client, [process.execPath, '-e', send, server.record.ip4, '9999'], { stdio: ['ignore', 'pipe', 'pipe'] }));
   assert.match((await other).stdout, /got 1\b/, 'only the verified pod\'s datagram arrived on 9999');
   assert.match((await dns).stdout, /got 1\b/, 'the unverified pod\'s DNS datagram arrived on 53');
+});
+
+test('metrics: a pod dialling 5,000 distinct passthrough ports adds no series per destination', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  const spec = validatePodSpec({ name: 'many', labels: ['app=many'], command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080', '--port-range', '20000-24999'] });
+  const { record: server } = await sb.runtime.start(await sb.runtime.create(spec, { detached: true }));
+  await waitForListener(server.ip4, 24999, 30_000);
+  const client = await sb.idlePod('client', ['app=client']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'many' }) });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
+  const series = (m: string): number => m.split('\n').filter((l) => l.startsWith('istio_tcp_connections_opened_total{')).length;
+  const r = await collect(sb.runtime.exec(client, [process.execPath, CLI_ENTRY, 'debug', 'dial-ports', server.ip4, '20000-24999', '--parallel', '32'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const result = JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as { ok: number; failed: number };
+  assert.equal(result.ok, 5000, `${r.stdout}${r.stderr}`);
+  const m = await agent.metrics();
+  // One series per reporter for all of them: the destination is PassthroughCluster, not ip:port.
+  assert.ok(series(m) <= 2, `series: ${m.split('\n').filter((l) => l.startsWith('istio_tcp_connections_opened_total{')).join('\n')}`);
+  assert.equal(metricValue(m, 'istio_tcp_connections_opened_total', { reporter: 'source', destination_service: 'PassthroughCluster' }), 5000);
 });

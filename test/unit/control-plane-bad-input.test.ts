@@ -12,7 +12,6 @@ import { test } from 'node:test';
 import { credentials, makeClientConstructor, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { freePort } from '../../src/shared/ports.js';
 import { discoveryService, type ControlPlaneMessage } from '../../src/shared/protocol/discovery.js';
 import { metricValue } from '../support/agent.js';
 import { waitFor } from '../support/sandbox.js';
@@ -47,9 +46,10 @@ test('control plane: bad objects named and counted, the rest served; garbled, ov
   await writeFile(join(dir, 'policy.yaml'), 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: lb, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: missing}]\n');
   await writeFile(join(dir, 'not-yaml.yaml'), 'apiVersion: v1\nkind: Service\nmetadata: {name: [oops\n');
   await writeFile(join(dir, 'route.yaml'), 'apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-nowhere, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules: [{backendRefs: [{name: missing, port: 80}]}]\n');
-  const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http }, warmupMs: 0 });
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, warmupMs: 0 });
   stops.push(() => cp.stop());
+  // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
+  const http = cp.httpPort();
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const good = new TestAgent(address, 'node-good', []);
   stops.push(() => good.stop());
@@ -117,9 +117,10 @@ test('control plane: with --agent-tokens an agent must present a token and may s
   const tokens = join(dir, 'agents.tokens');
   await writeFile(tokens, '# node token\nnode-a tok-aaaaaaaaaaaaaaaa\nnode-b tok-bbbbbbbbbbbbbbbb\n');
   // The token file sits next to the config here; the config folder reader only reads *.yaml.
-  const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http }, warmupMs: 0, agentTokens: tokens });
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, warmupMs: 0, agentTokens: tokens });
   stops.push(() => cp.stop());
+  // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
+  const http = cp.httpPort();
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const good = new TestAgent(address, 'node-a', [], 'tok-aaaaaaaaaaaaaaaa');
   const impostor = new TestAgent(address, 'node-b', [], 'tok-aaaaaaaaaaaaaaaa');
@@ -140,7 +141,7 @@ test('control plane: with --agent-tokens an agent must present a token and may s
   // A broken token file stops a control plane from starting open.
   await writeFile(tokens, 'node-a short\n');
   await assert.rejects(
-    ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, agentTokens: tokens }),
+    ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, agentTokens: tokens }),
     (e: Error & { code?: string }) => e.code === 'NM_ERR_AGENT_TOKENS' && /line 1/.test(e.message),
   );
 });

@@ -9,7 +9,6 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { freePort } from '../../src/shared/ports.js';
 import { resourceKey, type WireWorkload } from '../../src/shared/protocol/discovery.js';
 import { waitFor } from '../support/sandbox.js';
 import { TestAgent } from '../support/test-agent.js';
@@ -59,7 +58,7 @@ kind: Namespace
 metadata: {name: ops}
 `;
   await write(base);
-  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, warmupMs: 0 });
   t.after(() => cp.stop());
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const a = new TestAgent(address, 'node-a', [pod('node-a', 'shop', 'client', 'client', 1)]);
@@ -108,7 +107,7 @@ spec:
   rules: [{backendRefs: [{name: reviews, port: 80, weight: 9}, {name: reviews-v2, port: 80, weight: 1}]}]
 `,
   );
-  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() }, warmupMs: 0 });
+  const cp = await ControlPlane.start({ source: { kind: 'dir', dir }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 }, warmupMs: 0 });
   t.after(() => cp.stop());
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const a = new TestAgent(address, 'node-a', [pod('node-a', 'ops', 'client', 'client', 1)]);

@@ -10,7 +10,6 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { freePort } from '../../src/shared/ports.js';
 import { metricValue } from '../support/agent.js';
 import { kubeconfigFor, startFakeKubeApi, type FakeKubeApi, type Obj } from '../support/fake-kube-api.js';
 import { waitFor } from '../support/sandbox.js';
@@ -62,9 +61,10 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   // An AuthorizationPolicy nodemesh does not enforce yet: refused and named, never silently ignored.
   api.put('/apis/security.nodemesh.io/v1/authorizationpolicies', { apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-all', namespace: 'shop' }, spec: {} });
 
-  const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   stops.push(() => cp.stop());
+  // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
+  const http = cp.httpPort();
   const b = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-b', []);
   stops.push(() => b.stop());
   const serviceOf = (name: string): { ports: Array<{ port: number }> } | undefined => b.held.get(`Service/shop/${name}`)?.service;
@@ -169,7 +169,7 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
 test('Kubernetes source: nothing is pushed before the first list, and a bad kubeconfig is a clear error', async (t) => {
   const { dir, stops } = await scratch(t, 'nodemesh-kube');
   await assert.rejects(
-    ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'missing') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() } }),
+    ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'missing') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }),
     (e: Error & { code?: string }) => e.code === 'NM_ERR_KUBE_CONFIG' && e.message.includes('missing'),
   );
   // An API server that refuses us (wrong token): the control plane runs, is not ready, sends nothing.
@@ -177,9 +177,10 @@ test('Kubernetes source: nothing is pushed before the first list, and a bad kube
   stops.push(() => api.close());
   api.put(SERVICES, service('web', 80));
   await writeFile(join(dir, 'kubeconfig'), kubeconfigFor(api).replace(api.token, 'wrong-token'));
-  const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'kubeconfig') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: join(dir, 'kubeconfig') }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   stops.push(() => cp.stop());
+  // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
+  const http = cp.httpPort();
   const agent = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-a', []);
   stops.push(() => agent.stop());
   await waitFor(async () => metricValue(await (await fetch(`http://127.0.0.1:${http}/metrics`)).text(), 'nodemesh_cp_kube_errors_total', { reason: 'unauthorized' }) >= 5, 5000, 'every resource refused');
@@ -194,9 +195,10 @@ test('Kubernetes source: agents authenticate with pod-bound ServiceAccount token
   api.reviewToken('token-of-agent-on-node-a', agentSa, 'node-a');
   api.reviewToken('token-of-some-app-on-node-a', 'system:serviceaccount:shop:web', 'node-a');
   api.reviewToken('token-without-pod-binding', agentSa, undefined);
-  const http = await freePort();
-  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: http } });
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   stops.push(() => cp.stop());
+  // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
+  const http = cp.httpPort();
   const address = `127.0.0.1:${cp.grpcPort()}`;
   const agents = {
     good: new TestAgent(address, 'node-a', [], 'token-of-agent-on-node-a'),
@@ -220,7 +222,7 @@ test('Kubernetes source: agents authenticate with pod-bound ServiceAccount token
   await waitFor(() => again.version > 0, 5000, 'reconnect served');
   assert.equal(api.requests.filter((r) => r === 'create tokenreviews').length, reviews);
   await assert.rejects(
-    ControlPlane.start({ source: { kind: 'dir', dir }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: await freePort() } }),
+    ControlPlane.start({ source: { kind: 'dir', dir }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }),
     (e: Error & { code?: string }) => e.code === 'NM_ERR_INVALID_ARGUMENT',
   );
 });
