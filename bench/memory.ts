@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/agent/datapath/native.js';
-import type { RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { preflight } from '../src/shared/preflight.js';
@@ -91,7 +91,8 @@ async function main(): Promise<void> {
     const before = grow ? Math.min(2, PODS) : PODS;
     say(`creating ${before} idle pods`);
     await addPods(0, before);
-    const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
+    // The agent checks pods against the runtime's subnets and cgroup subtree: it gets the same config.
+    const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
     agent = spawn(...agentCommand(['agent', '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', '127.0.0.1:15901']), { env, stdio: 'inherit' });
     cleanups.push(async () => {
       if (agent && agent.exitCode === null && agent.signalCode === null) {

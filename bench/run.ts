@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/agent/datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
-import type { RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
@@ -116,7 +116,8 @@ async function main(): Promise<void> {
       join(configDir, 'service.yaml'),
       `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
     );
-    const env = { ...process.env, NODEMESH_STATE_DIR: config.stateDir, NODEMESH_LOG_LEVEL: 'warn' };
+    // The agent checks pods against the runtime's subnets and cgroup subtree: it gets the same config.
+    const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
     const startAgent = (extra: ReadonlyArray<string> = []): ChildProcess => {
       const child = spawn(...agentCommand(['agent', ...extra, '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:15921', '--admin', '127.0.0.1:15900', '--relay', RELAY]), { env, stdio: 'inherit' });
       agent = child;

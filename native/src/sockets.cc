@@ -34,11 +34,22 @@ struct SockAddr {
   int family = 0;
 };
 
-SockAddr ParseAddr(const std::string& host, uint16_t port) {
+// "10.0.0.1", "fd00::1", or "fe80::1%3": an IPv6 address with the index of its interface (a
+// link-local destination needs one; names are per netns, so only the number is taken).
+SockAddr ParseAddr(const std::string& spec, uint16_t port) {
   SockAddr a;
   auto* v4 = reinterpret_cast<sockaddr_in*>(&a.ss);
   auto* v6 = reinterpret_cast<sockaddr_in6*>(&a.ss);
-  if (inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
+  std::string host = spec;
+  uint32_t scope = 0;
+  size_t pct = spec.find('%');
+  if (pct != std::string::npos) {
+    host = spec.substr(0, pct);
+    std::string digits = spec.substr(pct + 1);
+    if (digits.empty() || digits.size() > 10 || digits.find_first_not_of("0123456789") != std::string::npos) ThrowSys(EINVAL, "inet_pton", spec);
+    scope = static_cast<uint32_t>(std::stoul(digits));
+  }
+  if (scope == 0 && inet_pton(AF_INET, host.c_str(), &v4->sin_addr) == 1) {
     v4->sin_family = AF_INET;
     v4->sin_port = htons(port);
     a.len = sizeof(*v4);
@@ -46,6 +57,7 @@ SockAddr ParseAddr(const std::string& host, uint16_t port) {
   } else if (inet_pton(AF_INET6, host.c_str(), &v6->sin6_addr) == 1) {
     v6->sin6_family = AF_INET6;
     v6->sin6_port = htons(port);
+    v6->sin6_scope_id = scope;
     a.len = sizeof(*v6);
     a.family = AF_INET6;
   } else {

@@ -211,3 +211,22 @@ export async function flood(host: string, port: number, count: number, holdMs: n
   for (const s of sockets) s.destroy();
   return { held, failed };
 }
+
+
+/** New connections one after the other at a steady rate: percentiles of connect-to-echo time (ms). */
+export async function dialSeries(host: string, port: number, count: number, rate: number): Promise<{ n: number; failed: number; p50: number; p99: number; max: number }> {
+  const times: number[] = [];
+  let failed = 0;
+  const start = performance.now();
+  for (let i = 0; i < count; i++) {
+    const due = start + (i * 1000) / rate;
+    const wait = due - performance.now();
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+    const r = await dial(host, port, 1024, { timeoutMs: 10_000 });
+    if (r.intact) times.push(r.totalMs);
+    else failed++;
+  }
+  times.sort((a, b) => a - b);
+  const at = (q: number): number => times[Math.min(times.length - 1, Math.floor(q * times.length))] ?? 0;
+  return { n: times.length, failed, p50: at(0.5), p99: at(0.99), max: times[times.length - 1] ?? 0 };
+}

@@ -439,6 +439,18 @@ debug
   });
 
 debug
+  .command('dial-series')
+  .description('new connections one after the other at a steady rate; prints latency percentiles (JSON)')
+  .argument('<host>')
+  .argument('<port>')
+  .option('--count <n>', 'connections', '500')
+  .option('--rate <n>', 'connections per second', '100')
+  .action(async (host: string, port: string, opts: { count: string; rate: string }) => {
+    const { dialSeries } = await import('./debug-tools.js');
+    out(JSON.stringify(await dialSeries(host, parsePort(port), parseCount(opts.count, 'count'), parseRate(opts.rate, 1000))) + '\n');
+  });
+
+debug
   .command('load')
   .description('new connections at a steady rate to each target, bytes checked; prints a JSON summary')
   .argument('<targets...>', 'HOST:PORT of each target')

@@ -53,6 +53,10 @@ function socketAddress(s: Socket, which: 'local' | 'remote'): string {
   }
 }
 
+function isLinkLocal(host: string): boolean {
+  return /^fe[89ab][0-9a-f]:/i.test(host);
+}
+
 function isLoopback(host: string): boolean {
   return host.startsWith('127.') || host === '::1';
 }
@@ -68,7 +72,7 @@ export interface ProxyDatapath {
   registerInboundListener(family: Family, address: string, fd: number): void;
   unregisterInboundListener(family: Family, address: string): void;
   /** Every non-loopback address of the pod's interfaces (link-local ones too). */
-  podAddresses(uid: string): ReadonlyArray<{ readonly family: Family; readonly address: string }>;
+  podAddresses(uid: string): ReadonlyArray<{ readonly family: Family; readonly address: string; readonly ifindex: number }>;
   readonly inboundBypassFd: number;
 }
 
@@ -370,8 +374,17 @@ export class NodeProxy {
       this.refuse(state, client, 'outbound', 'passthrough_denied', { original: formatHostPort(original.address, original.port) });
       return;
     }
-    const upstream = this.upstreamTo(state, snapshot.workload(original.address), original.address, original.port, serviceLabels(undefined, 'outbound'));
+    // A link-local destination is only reachable through an interface: the pod's own (capture
+    // keeps no scope; the pod's interface with a link-local address is the one it can mean).
+    const host = isLinkLocal(original.address) ? this.scoped(state, original.address) : original.address;
+    const upstream = this.upstreamTo(state, snapshot.workload(original.address), host, original.port, serviceLabels(undefined, 'outbound'));
     await this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
+  }
+
+  /** "fe80::1%<ifindex>" with the index of the pod's interface that has a link-local address. */
+  private scoped(state: PodState, address: string): string {
+    const own = this.datapath.podAddresses(state.pod.uid).find((a) => a.family === 6 && isLinkLocal(a.address));
+    return own ? `${address}%${own.ifindex}` : address;
   }
 
   /** One connect attempt, then the relay; a failed connect refuses the client. */
@@ -496,7 +509,7 @@ export class NodeProxy {
     }
     // A link-local destination (eth0's fe80::): captured so that it never reaches the application
     // around the proxy, but not delivered (that needs the interface's scope): refused.
-    if (host === SCOPED || /^fe[89ab][0-9a-f]:/i.test(host)) {
+    if (host === SCOPED || isLinkLocal(host)) {
       this.refuse(state, client, 'inbound', 'link_local', { local: formatHostPort(host, port) });
       return;
     }

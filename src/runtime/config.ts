@@ -109,3 +109,18 @@ export function cidrContains(cidr: Cidr, family: 4 | 6, address: string): boolea
   }
   return true;
 }
+
+/**
+ * The NODEMESH_* environment that makes another nodemesh process (an agent, a CLI) use this
+ * runtime config: the agent checks pods against the same subnets and cgroup subtree.
+ */
+export function runtimeEnv(config: RuntimeConfig): Record<string, string> {
+  return {
+    NODEMESH_STATE_DIR: config.stateDir,
+    NODEMESH_BRIDGE: config.bridge,
+    NODEMESH_POD_CIDR: `${config.podCidr4.network}/${config.podCidr4.prefix}`,
+    NODEMESH_POD_CIDR6: `${config.podCidr6.network}/${config.podCidr6.prefix}`,
+    NODEMESH_CGROUP_SUBTREE: config.cgroupSubtree,
+    NODEMESH_NAME_PREFIX: config.namePrefix,
+  };
+}

@@ -235,3 +235,24 @@ test('metrics: a pod dialling 5,000 distinct passthrough ports adds no series pe
   assert.ok(series(m) <= 2, `series: ${m.split('\n').filter((l) => l.startsWith('istio_tcp_connections_opened_total{')).join('\n')}`);
   assert.equal(metricValue(m, 'istio_tcp_connections_opened_total', { reporter: 'source', destination_service: 'PassthroughCluster' }), 5000);
 });
+
+test('link-local passthrough: a pod dialling another pod\'s link-local address is captured and reaches it through its own interface', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  // Outside the mesh (opted out): its link-local address is a plain passthrough destination.
+  const outside = await sb.echoPod('outside', 8080, ['app=outside', 'nodemesh.io/capture=disabled']);
+  const client = await sb.idlePod('client', ['app=client']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  await agent.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), 'client verified');
+  let linkLocal = '';
+  await waitFor(async () => {
+    const links = JSON.parse((await run('ip', ['-n', outside.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string; tentative?: boolean }> }>;
+    const a = links[0]?.addr_info.find((x) => x.local?.startsWith('fe80:'));
+    linkLocal = a?.local ?? '';
+    return a !== undefined && a.tentative !== true;
+  }, 10_000, 'a usable link-local address');
+  // The client pod's own interface is eth0 too: the application names the scope as it would.
+  const r = await sb.dialFrom(client, `${linkLocal}%eth0`, 8080);
+  assert.ok(r.intact, JSON.stringify(r));
+  assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client', destination_service: 'PassthroughCluster' }), 1, 'through the proxy');
+});

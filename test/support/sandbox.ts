@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TestContext } from 'node:test';
 
-import { hostAddress, type RuntimeConfig } from '../../src/runtime/config.js';
+import { hostAddress, runtimeEnv, type RuntimeConfig } from '../../src/runtime/config.js';
 import { LocalPodRuntime } from '../../src/runtime/pods.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
@@ -61,15 +61,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
   await ensureBpffs();
   await mkdir(bpffsDir, { recursive: true });
   const deferred: Array<() => Promise<unknown> | unknown> = [];
-  const env: NodeJS.ProcessEnv = {
-    ...process.env,
-    NODEMESH_STATE_DIR: config.stateDir,
-    NODEMESH_BRIDGE: config.bridge,
-    NODEMESH_POD_CIDR: `${config.podCidr4.network}/${config.podCidr4.prefix}`,
-    NODEMESH_POD_CIDR6: `${config.podCidr6.network}/${config.podCidr6.prefix}`,
-    NODEMESH_CGROUP_SUBTREE: config.cgroupSubtree,
-    NODEMESH_NAME_PREFIX: TEST_PREFIX,
-  };
+  const env: NodeJS.ProcessEnv = { ...process.env, ...runtimeEnv(config) };
 
   const sandbox: Sandbox = {
     id,

@@ -22,6 +22,8 @@ function inNetns(netnsPath: string, argv: string[]): Promise<ExecResult> {
 export interface PodAddress {
   readonly family: 4 | 6;
   readonly address: string;
+  /** The interface's index in the pod's netns (the scope of a link-local address). */
+  readonly ifindex: number;
 }
 
 /**
@@ -63,12 +65,13 @@ export function parseAddresses(json: string): PodAddress[] {
     return [];
   }
   const out: PodAddress[] = [];
-  for (const link of Array.isArray(links) ? (links as Array<{ ifname?: string; addr_info?: Array<{ family?: string; local?: string }> }>) : []) {
+  for (const link of Array.isArray(links) ? (links as Array<{ ifindex?: number; ifname?: string; addr_info?: Array<{ family?: string; local?: string }> }>) : []) {
     if (link.ifname === 'lo') continue;
+    const ifindex = link.ifindex ?? 0;
     for (const a of link.addr_info ?? []) {
       if (typeof a.local !== 'string') continue;
-      if (a.family === 'inet' && !a.local.startsWith('127.')) out.push({ family: 4, address: a.local });
-      else if (a.family === 'inet6' && a.local !== '::1') out.push({ family: 6, address: a.local });
+      if (a.family === 'inet' && !a.local.startsWith('127.')) out.push({ family: 4, address: a.local, ifindex });
+      else if (a.family === 'inet6' && a.local !== '::1') out.push({ family: 6, address: a.local, ifindex });
     }
   }
   return out;
