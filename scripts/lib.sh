@@ -22,6 +22,7 @@ SYSTEM_PACKAGES=(
   "iproute2:cmd:ip"
   "bpftool:cmd:bpftool"
   "nftables:cmd:nft"
+  "python3:cmd:python3"
   "linux-libc-dev:file:/usr/include/linux/bpf.h"
 )
 

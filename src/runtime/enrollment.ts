@@ -79,7 +79,8 @@ export async function handOverPod(runDir: string, pod: EnrollPod, timeoutMs: num
         ),
       );
     }, timeoutMs + 1000);
-    const req = request({ socketPath, method: 'POST', path: '/v1/pods', headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+    // agent: false: a connection of its own (Node's global agent would keep it alive and reuse it).
+    const req = request({ socketPath, agent: false, method: 'POST', path: '/v1/pods', headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
       let text = '';
       res.setEncoding('utf8');
       res.on('data', (d: string) => (text += d));
@@ -135,7 +136,7 @@ function transportError(pod: EnrollPod, socketPath: string, e: Error): NodemeshE
  */
 export async function drainPod(runDir: string, uid: string, timeoutMs = 2000): Promise<void> {
   await new Promise<void>((resolve) => {
-    const req = request({ socketPath: join(runDir, ENROLL_SOCKET), method: 'DELETE', path: `/v1/pods/${uid}`, timeout: timeoutMs }, (res) => {
+    const req = request({ socketPath: join(runDir, ENROLL_SOCKET), agent: false, method: 'DELETE', path: `/v1/pods/${uid}`, timeout: timeoutMs }, (res) => {
       res.resume();
       res.on('end', () => resolve());
       res.on('error', () => resolve());

@@ -184,7 +184,7 @@ test('inbound fail-closed: with the agent stopped an enrolled pod gets no connec
   assert.equal((await readConnectionLog(log)).length, before, 'the application saw neither connection');
 });
 
-test('fail-closed gate: an unverified pod sends no UDP but DNS; a verified pod sends what it wants', async (t) => {
+test('fail-closed gate: an unverified pod sends no UDP but DNS, and no ICMP from a raw socket; a verified pod sends what it wants', async (t) => {
   const sb = await createSandbox(t);
   await sb.blackhole(SVC);
   const server = await sb.echoPod('server', 8080, ['app=server']);
@@ -215,6 +215,27 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS; a verified pod s
   await collect(sb.runtime.exec(client, [process.execPath, '-e', send, server.record.ip4, '9999'], { stdio: ['ignore', 'pipe', 'pipe'] }));
   assert.match((await other).stdout, /got 1\b/, 'only the verified pod\'s datagram arrived on 9999');
   assert.match((await dns).stdout, /got 1\b/, 'the unverified pod\'s DNS datagram arrived on 53');
+
+  // ICMP from a raw socket (a pod has CAP_NET_RAW): an echo request, answered by the server
+  // pod's kernel. The unverified process's never leaves; the verified pod's is answered.
+  const ping = [
+    'import socket,sys,struct',
+    's=socket.socket(socket.AF_INET,socket.SOCK_RAW,socket.IPPROTO_ICMP); s.settimeout(2)',
+    'def csum(b):',
+    '  t=sum(struct.unpack("!%dH"%(len(b)//2),b)); t=(t>>16)+(t&0xffff); t+=t>>16; return ~t&0xffff',
+    'h=struct.pack("!BBHHH",8,0,0,0x4e4d,1)+b"nodemesh"; h=h[:2]+struct.pack("!H",csum(h))+h[4:]',
+    'try: s.sendto(h,(sys.argv[1],0))',
+    'except PermissionError: print("EPERM"); sys.exit(0)',
+    'try:',
+    '  while True:',
+    '    d,a=s.recvfrom(1500)',
+    '    if d[20]==0: print("reply"); break',
+    'except socket.timeout: print("timeout")',
+  ].join('\n');
+  const pingFromIntruder = await collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" python3 -c "$2" "$3"', intruder, client.netns, ping, server.record.ip4], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  assert.match(pingFromIntruder.stdout, /^(EPERM|timeout)$/m, `the unverified process's ICMP is dropped: ${pingFromIntruder.stdout}${pingFromIntruder.stderr}`);
+  const pingFromClient = await collect(sb.runtime.exec(client, ['python3', '-c', ping, server.record.ip4], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  assert.match(pingFromClient.stdout, /^reply$/m, `the verified pod's ICMP is answered: ${pingFromClient.stdout}${pingFromClient.stderr}`);
 });
 
 test('metrics: a pod dialling 5,000 distinct passthrough ports adds no series per destination', async (t) => {
