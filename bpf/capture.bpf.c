@@ -16,6 +16,13 @@
 #include "maps.h"
 
 #define SOCK_STREAM 1
+/* Multipath TCP: relayed like TCP (the client falls back to plain TCP with the proxy's listener). */
+#define NM_IPPROTO_MPTCP 262
+
+static __always_inline int tcp_like(struct bpf_sock_addr *ctx)
+{
+	return ctx->protocol == IPPROTO_TCP || ctx->protocol == NM_IPPROTO_MPTCP;
+}
 
 /* Fixed at load time (libbpf-bootstrap style): the agent may override before load. */
 const volatile __u16 outbound_port = NM_PORT_OUTBOUND;
@@ -34,7 +41,7 @@ static __always_inline void count(__u32 what)
  */
 static __always_inline int refuse_stream(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type == SOCK_STREAM && ctx->protocol != IPPROTO_TCP) {
+	if (ctx->type == SOCK_STREAM && !tcp_like(ctx)) {
 		count(NM_COUNT_NON_TCP_STREAM);
 		return 1;
 	}
@@ -45,7 +52,7 @@ static __always_inline int skip_socket(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	if (ctx->type != SOCK_STREAM || !tcp_like(ctx))
 		return 1;
 	sk = ctx->sk;
 	/*

@@ -277,3 +277,26 @@ test('link-local passthrough: a pod dialling another pod\'s link-local address i
   assert.ok(r.intact, JSON.stringify(r));
   assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client', destination_service: 'PassthroughCluster' }), 1, 'through the proxy');
 });
+
+test('MPTCP: a pod dialling a Service with a Multipath TCP socket is captured and served (it falls back to TCP with the proxy)', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  await sb.echoPod('server', 8080, ['app=server']);
+  const client = await sb.idlePod('client', ['app=client']);
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
+  const script = [
+    'import socket,sys',
+    's=socket.socket(socket.AF_INET,socket.SOCK_STREAM,262); s.settimeout(5)',
+    's.connect((sys.argv[1],80)); s.sendall(b"nodemesh-mptcp"); s.shutdown(socket.SHUT_WR)',
+    'got=b""',
+    'while True:',
+    '  d=s.recv(100)',
+    '  if not d: break',
+    '  got+=d',
+    'print(got.decode())',
+  ].join('\n');
+  const r = await collect(sb.runtime.exec(client, ['python3', '-c', script, SVC], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  assert.equal(r.stdout.trim(), 'nodemesh-mptcp', `${r.stdout}${r.stderr}`);
+  assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client' }), 1, 'through the proxy');
+});
