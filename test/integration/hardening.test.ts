@@ -19,6 +19,21 @@ import { cli, collect, createSandbox, readConnectionLog, waitFor } from '../supp
 
 const SVC = '10.96.0.70';
 
+/**
+ * eth0's link-local address in a pod, once duplicate address detection is over (a tentative
+ * address takes no connection at all, steered or not).
+ */
+async function linkLocalOf(netns: string): Promise<string> {
+  let linkLocal = '';
+  await waitFor(async () => {
+    const links = JSON.parse((await run('ip', ['-n', netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string; tentative?: boolean }> }>;
+    const a = links[0]?.addr_info.find((x) => x.local?.startsWith('fe80:'));
+    linkLocal = a?.local ?? '';
+    return a !== undefined && a.tentative !== true;
+  }, 10_000, 'a usable link-local address');
+  return linkLocal;
+}
+
 async function openFds(pid: number | undefined): Promise<number> {
   return (await readdir(`/proc/${pid ?? 0}/fd`)).length;
 }
@@ -160,15 +175,7 @@ test('inbound fail-closed: with the agent stopped an enrolled pod gets no connec
   const mesh = 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {failClosedEnrollment: "true"}\n';
   const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), 'mesh.yaml': mesh });
   await agent.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), 'server verified');
-  // eth0's link-local address, once duplicate address detection is over (a tentative address
-  // takes no connection at all, steered or not).
-  let linkLocal = '';
-  await waitFor(async () => {
-    const links = JSON.parse((await run('ip', ['-n', server.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string; tentative?: boolean }> }>;
-    const a = links[0]?.addr_info.find((x) => x.local?.startsWith('fe80:'));
-    linkLocal = a?.local ?? '';
-    return a !== undefined && a.tentative !== true;
-  }, 10_000, 'a usable link-local address');
+  const linkLocal = await linkLocalOf(server.record.netns);
 
   // From outside the pod (the host, on the pods' bridge) to the pod's link-local address.
   const before = (await readConnectionLog(log)).length;
@@ -265,13 +272,7 @@ test('link-local passthrough: a pod dialling another pod\'s link-local address i
   const client = await sb.idlePod('client', ['app=client']);
   const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
   await agent.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), 'client verified');
-  let linkLocal = '';
-  await waitFor(async () => {
-    const links = JSON.parse((await run('ip', ['-n', outside.record.netns, '-j', '-6', 'addr', 'show', 'dev', 'eth0', 'scope', 'link'])).stdout) as Array<{ addr_info: Array<{ local?: string; tentative?: boolean }> }>;
-    const a = links[0]?.addr_info.find((x) => x.local?.startsWith('fe80:'));
-    linkLocal = a?.local ?? '';
-    return a !== undefined && a.tentative !== true;
-  }, 10_000, 'a usable link-local address');
+  const linkLocal = await linkLocalOf(outside.record.netns);
   // The client pod's own interface is eth0 too: the application names the scope as it would.
   const r = await sb.dialFrom(client, `${linkLocal}%eth0`, 8080);
   assert.ok(r.intact, JSON.stringify(r));

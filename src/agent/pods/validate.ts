@@ -7,6 +7,7 @@
 import { isIPv4, isIPv6 } from 'node:net';
 import { isAbsolute, normalize, relative } from 'node:path';
 
+import type { Workload } from '../../config/snapshot.js';
 import { cidrContains, type Cidr } from '../../runtime/config.js';
 
 export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
@@ -31,14 +32,8 @@ export class PodFieldInvalid extends Error {
   }
 }
 
-export interface CheckedPod {
-  readonly uid: string;
-  readonly name: string;
-  readonly namespace: string;
-  readonly serviceAccount: string;
-  readonly labels: Readonly<Record<string, string>>;
-  readonly ip4: string;
-  readonly ip6: string;
+/** A pod that passed: the workload, and where its netns and cgroup are. */
+export interface CheckedPod extends Workload {
   readonly netnsPath: string;
   readonly cgroupPath: string;
 }
