@@ -6,8 +6,8 @@
  */
 import { connect } from 'node:net';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { chmod, mkdir, rm, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
 
 import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
@@ -91,6 +91,9 @@ export class EnrollmentServer {
       this.server.closeAllConnections();
     });
     await rm(this.socketPath, { force: true });
+    // The run folder goes too when nothing else is in it (the runtime removes its state folder
+    // only once it is empty).
+    await rmdir(dirname(this.socketPath)).catch(() => undefined);
   }
 }
 

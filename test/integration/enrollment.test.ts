@@ -6,6 +6,7 @@
  * through; a direct connection to a backend pod is never reported under the routed parent.
  */
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -189,4 +190,8 @@ test('hand-over: refused requests name the field, a pod the mesh leaves out star
   const second = await cli(['agent', '--config-dir', agent.configDir, '--bpf-root', join(sb.bpffsDir, 'second'), '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', '127.0.0.1:0'], sb.env);
   assert.equal(second.code, 1);
   assert.match(second.stderr, /error NM_ERR_AGENT_RUNNING: another agent already serves this node/);
+
+  // A stopped agent leaves no run folder behind (the runtime's state folder can go when empty).
+  await agent.kill('SIGTERM');
+  assert.equal(existsSync(agentRunDir(sb.config.stateDir)), false, 'run folder removed');
 });
