@@ -91,10 +91,7 @@ class RelayEngine {
   // Ends every relayed connection (the proxy is stopping); their Promises resolve with an error.
   void AbortAll() {
     abort_ = true;
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) {
-      // picked up within a second anyway
-    }
+    Wake();
   }
 
   // Resolves with 0 once fd's connect() has completed, or with its errno. The fd stays the caller's.
@@ -110,12 +107,8 @@ class RelayEngine {
       std::lock_guard<std::mutex> lock(mu_);
       incomingWaits_.push_back(std::move(w));
     }
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) {
-      // picked up within the loop's next turn anyway
-    }
-    tsfn_.Ref(env);
-    active_++;
+    Wake();
+    Hold(env);
     return deferred.Promise();
   }
 
@@ -139,16 +132,26 @@ class RelayEngine {
       std::lock_guard<std::mutex> lock(mu_);
       incoming_.push_back(std::move(c));
     }
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) {
-      // the loop polls at least once a second; the connection is picked up then
-    }
-    tsfn_.Ref(env);
-    active_++;
+    Wake();
+    Hold(env);
     return deferred.Promise();
   }
 
  private:
+  // Wakes the loop for new work (it also wakes at least once a second, so a failed write is only late).
+  void Wake() {
+    uint64_t one = 1;
+    if (write(wake_, &one, sizeof(one)) < 0) {
+      // picked up within a second anyway
+    }
+  }
+
+  // One more piece of work the JS side waits for: the process stays alive until it is settled.
+  void Hold(Napi::Env env) {
+    tsfn_.Ref(env);
+    active_++;
+  }
+
   explicit RelayEngine(Napi::Env env) {
     epfd_ = epoll_create1(EPOLL_CLOEXEC);
     wake_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

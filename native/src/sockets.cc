@@ -117,7 +117,6 @@ struct ConnectOptions {
   std::string netns, host, localHost;
   uint16_t port = 0;
   uint32_t mark = 0;
-  int timeoutMs = 10000;
   bool transparent = false;
   int bypassMapFd = -1;
 };
