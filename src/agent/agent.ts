@@ -322,8 +322,13 @@ export class NodeAgent {
    */
   private servable(p: NodePod): boolean {
     if (this.draining.has(p.uid)) return false;
-    if (!shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)) return true;
+    if (!this.wants(p)) return true;
     return this.enrolled.get(p.uid)?.verified === true;
+  }
+
+  /** Whether the mesh's settings (its enrollment mode, the pod's and its Namespace's labels) take the pod in. */
+  private wants(p: Pick<NodePod, 'labels' | 'namespace'>): boolean {
+    return shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh);
   }
 
   /** Publishes a new snapshot and reports the pods when the set of served pods changed. */
@@ -404,7 +409,7 @@ export class NodeAgent {
     // Pods that are gone stop being endpoints before they are unenrolled.
     this.publishServed();
 
-    const wanted = new Map(pods.filter((p) => shouldEnroll(p.labels, this.config.namespaces.get(p.namespace), this.config.mesh)).map((p) => [p.uid, p]));
+    const wanted = new Map(pods.filter((p) => this.wants(p)).map((p) => [p.uid, p]));
     for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
     // Pinned state of pods that are gone (from this or an earlier agent) is removed; what stays
     // pinned belongs to wanted pods, which an earlier agent may have enrolled.
@@ -443,11 +448,7 @@ export class NodeAgent {
       if (uids.has(uid) || !existsSync(a.pod.netnsPath) || (now > a.until && !this.enrollWaiters.has(uid))) this.announced.delete(uid);
       else extra.push(a.pod);
     }
-    // The same array while nothing was added, so an unchanged node is not published again.
-    if (extra.length === 0) return listed;
-    const previous = this.pods;
-    const next = [...listed, ...extra];
-    return next.length === previous.length && next.every((p, i) => p === previous[i]) ? previous : next;
+    return extra.length === 0 ? listed : [...listed, ...extra];
   }
 
   /**
@@ -522,7 +523,7 @@ export class NodeAgent {
       const failure = this.failed.get(uid);
       if (this.stopping) result = new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent stopped', { context: { pod: pod.name, namespace: pod.namespace } });
       else if (e?.verified && this.configured(uid)) result = { enrolled: true, verified: true };
-      else if (this.configLoaded && !shouldEnroll(pod.labels, this.config.namespaces.get(pod.namespace), this.config.mesh)) {
+      else if (this.configLoaded && !this.wants(pod)) {
         result = { enrolled: false, reason: `capture is not enabled for the pod or its namespace (enrollment: ${this.config.mesh.enrollment})` };
       } else if (failure && failure.reason !== 'probe_failed') {
         result = new NodemeshError('NM_ERR_ENROLL_FAILED', `${failure.reason}: ${failure.message}`, { context: { pod: pod.name, namespace: pod.namespace, detail: failure.reason }, hint: 'see the agent log' });
@@ -632,7 +633,6 @@ export class NodeAgent {
       this.failed.delete(pod.uid);
       log.info({ pod: pod.name, namespace: pod.namespace }, 'pod redirection verified');
     } else this.noteFailure(pod, 'probe_failed', `capture probe did not reach the proxy (connect result ${String(result)})`);
-    this.settleEnrollWaiters();
   }
 
   private async unenroll(uid: string): Promise<void> {

@@ -4,15 +4,14 @@
  * pod and waits until the agent has captured, verified and configured it. It also marks the run
  * folder as taken: a second agent for the same node finds the socket answering and stops.
  */
-import { connect } from 'node:net';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 
-import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
+import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, agentAnswers, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
+import { checkPodFields, PodFieldInvalid, UUID, type PodEdge } from './pods/validate.js';
 
 const log = logger('enrollment');
 
@@ -67,7 +66,7 @@ export class EnrollmentServer {
         hint: 'give --run-dir a folder root can create (or set NODEMESH_STATE_DIR to one)',
       });
     }
-    if (await answers(socketPath)) {
+    if (await agentAnswers(socketPath)) {
       throw new NodemeshError('NM_ERR_AGENT_RUNNING', `another agent already serves this node (its enrollment socket ${socketPath} answers)`, {
         context: { path: socketPath },
         hint: 'stop that agent first; one agent per node',
@@ -97,17 +96,6 @@ export class EnrollmentServer {
   }
 }
 
-function answers(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(socketPath);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-}
-
 function reply(res: ServerResponse, status: number, body: EnrollAnswer | EnrollErrorBody): void {
   if (res.writableEnded || res.destroyed) return;
   const text = JSON.stringify(body) + '\n';
@@ -132,9 +120,9 @@ async function readBody(req: IncomingMessage): Promise<string | undefined> {
 async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, target: EnrollTarget): Promise<void> {
   // DELETE /v1/pods/<uid>: the runtime is about to stop the pod's processes (as Kubernetes takes
   // a terminating pod out of its Services' endpoints before its containers get SIGTERM).
-  const drain = /^\/v1\/pods\/([0-9a-f-]{36})$/.exec(req.url ?? '');
-  if (req.method === 'DELETE' && drain?.[1]) {
-    await target.drain(drain[1]);
+  const uid = /^\/v1\/pods\/([^/]+)$/.exec(req.url ?? '')?.[1];
+  if (req.method === 'DELETE' && uid !== undefined && UUID.test(uid)) {
+    await target.drain(uid);
     res.writeHead(204).end();
     return;
   }

@@ -6,7 +6,6 @@
  * agent's run folder removed. Pods and the runtime's records of them stay: they are the
  * runtime's, not nodemesh's capture state.
  */
-import { connect } from 'node:net';
 import { rm, rmdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { dirname, join, normalize } from 'node:path';
@@ -14,7 +13,7 @@ import { dirname, join, normalize } from 'node:path';
 import { assertPinRoot } from '../agent/datapath/node-datapath.js';
 import { emptyReport, teardownNode, type KnownPod, type TeardownReport } from '../agent/datapath/teardown.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
-import { ENROLL_SOCKET, agentRunDir } from '../runtime/enrollment.js';
+import { ENROLL_SOCKET, agentAnswers, agentRunDir } from '../runtime/enrollment.js';
 import { PodStore } from '../runtime/store.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
@@ -76,31 +75,6 @@ export async function cleanup(options: CleanupOptions): Promise<TeardownReport> 
   return report;
 }
 
-/**
- * Whether an agent listens on its enrollment socket. No socket, or one an agent left when it
- * died (the connect is refused): no agent. Any other answer counts as an agent: cleanup must not
- * take capture from one by mistake.
- */
-function agentAnswers(socketPath: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = connect(socketPath);
-    const timer = setTimeout(() => {
-      s.destroy();
-      resolve(true);
-    }, 2000);
-    s.once('connect', () => {
-      clearTimeout(timer);
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', (e: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      resolve(!['ENOENT', 'ENOTDIR', 'ECONNREFUSED'].includes(e.code ?? ''));
-    });
-  });
-}
-
-/** The report for a human (a table of what was removed) or a script (-o json). */
 export function formatCleanup(report: TeardownReport, format: OutputFormat): { stdout: string; stderr: string } {
   let stderr = report.left.map((l) => `note: ${l.kind} ${l.what} left in place: ${l.reason}\n`).join('');
   if (format === 'json') {

@@ -212,7 +212,6 @@ export async function flood(host: string, port: number, count: number, holdMs: n
   return { held, failed };
 }
 
-
 /** New connections one after the other at a steady rate: percentiles of connect-to-echo time (ms). */
 export async function dialSeries(host: string, port: number, count: number, rate: number): Promise<{ n: number; failed: number; p50: number; p99: number; max: number }> {
   const times: number[] = [];

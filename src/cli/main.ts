@@ -46,12 +46,17 @@ function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 
-function parseMilliseconds(value: string, field: string): number {
+/** A whole number, 0 or more, of `unit` (milliseconds, bytes). */
+function parseWholeNumber(value: string, field: string, unit: string): number {
   const n = Number(value);
   if (!Number.isInteger(n) || n < 0) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of milliseconds`, { context: { field }, hint: `give --${field} in milliseconds, e.g. --${field} 5000` });
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of ${unit}`, { context: { field }, hint: `give --${field} in ${unit}, e.g. --${field} 5000` });
   }
   return n;
+}
+
+function parseMilliseconds(value: string, field: string): number {
+  return parseWholeNumber(value, field, 'milliseconds');
 }
 
 /** Milliseconds within the bounds the same setting has in a TrafficPolicy. */
@@ -76,21 +81,13 @@ function parseMark(value: string): number {
   return n;
 }
 
-/** "20000-24999": every port from one to the other. */
-function portRange(value: string): number[] {
+/** "20000-24999": the first and the last port. */
+function portRange(value: string): { from: number; to: number } {
   const m = /^(\d+)-(\d+)$/.exec(value);
   const from = Number(m?.[1]);
   const to = Number(m?.[2]);
   if (!m || from < 1 || to > 65535 || from > to) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `"${value}" is not a port range FROM-TO`, { context: { field: 'port-range' }, hint: 'give two ports, e.g. 20000-20999' });
-  return Array.from({ length: to - from + 1 }, (_, i) => from + i);
-}
-
-function parseBytes(value: string, field: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not a whole number of bytes`, { context: { field }, hint: `give --${field} in bytes, e.g. --${field} 5000` });
-  }
-  return n;
+  return { from, to };
 }
 
 /** "30s", "2m", "1h", "500ms": how long, in milliseconds. */
@@ -394,8 +391,9 @@ debug
   .option('--port-range <from-to>', 'also listen on every port of this range (IPv4)')
   .action(async (opts: { port: string; log?: string; resetAfter?: string; portRange?: string }) => {
     const { echoServer } = await import('./debug-tools.js');
-    const range = opts.portRange === undefined ? [] : portRange(opts.portRange);
-    await echoServer(parsePort(opts.port), opts.log, opts.resetAfter === undefined ? undefined : parseBytes(opts.resetAfter, 'reset-after'), range);
+    const r = opts.portRange === undefined ? undefined : portRange(opts.portRange);
+    const range = r === undefined ? [] : Array.from({ length: r.to - r.from + 1 }, (_, i) => r.from + i);
+    await echoServer(parsePort(opts.port), opts.log, opts.resetAfter === undefined ? undefined : parseWholeNumber(opts.resetAfter, 'reset-after', 'bytes'), range);
   });
 
 debug
@@ -406,8 +404,8 @@ debug
   .option('--parallel <n>', 'connections at once', '32')
   .action(async (host: string, range: string, opts: { parallel: string }) => {
     const { dialPorts } = await import('./debug-tools.js');
-    const ports = portRange(range);
-    out(JSON.stringify(await dialPorts(host, ports[0] ?? 0, ports[ports.length - 1] ?? 0, parseCount(opts.parallel, 'parallel'))) + '\n');
+    const { from, to } = portRange(range);
+    out(JSON.stringify(await dialPorts(host, from, to, parseCount(opts.parallel, 'parallel'))) + '\n');
   });
 
 debug

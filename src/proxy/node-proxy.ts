@@ -123,8 +123,7 @@ interface PodState {
   readonly pod: ProxyPod;
   readonly servers: Server[];
   readonly sockets: Set<Socket>;
-  active: number;
-  /** Connections accepted on the pod's listeners and not ended (its share of the limits). */
+  /** Connections accepted on the pod's listeners and not ended (its share of the limits; status shows it). */
   open: number;
   /** Upstream connects in flight for the pod. */
   connecting: number;
@@ -168,12 +167,12 @@ export class NodeProxy {
   }
 
   activeConnections(uid: string): number {
-    return this.pods.get(uid)?.active ?? 0;
+    return this.pods.get(uid)?.open ?? 0;
   }
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), active: 0, open: 0, connecting: 0, steered: [], configured: false, waiting: new Set() };
+    const state: PodState = { pod, servers: [], sockets: new Set(), open: 0, connecting: 0, steered: [], configured: false, waiting: new Set() };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
       // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
@@ -389,20 +388,15 @@ export class NodeProxy {
 
   /** One connect attempt, then the relay; a failed connect refuses the client. */
   private async forward(state: PodState, client: Socket, direction: 'outbound' | 'inbound', upstream: Upstream, connectTimeoutMs: number, idleTimeoutMs: number): Promise<void> {
-    state.active++;
+    let fd: number;
     try {
-      let fd: number;
-      try {
-        fd = await this.connect(state, upstream, connectTimeoutMs);
-      } catch (e) {
-        const reason = e instanceof ConnectLimitReached ? 'connect_limit' : 'upstream_connect_failed';
-        this.refuse(state, client, direction, reason, { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
-        return;
-      }
-      await this.relayAndCount(state, client, fd, upstream, idleTimeoutMs);
-    } finally {
-      state.active--;
+      fd = await this.connect(state, upstream, connectTimeoutMs);
+    } catch (e) {
+      const reason = e instanceof ConnectLimitReached ? 'connect_limit' : 'upstream_connect_failed';
+      this.refuse(state, client, direction, reason, { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
+      return;
     }
+    await this.relayAndCount(state, client, fd, upstream, idleTimeoutMs);
   }
 
   /**
@@ -441,7 +435,6 @@ export class NodeProxy {
       const host = (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
       const upstream = this.upstreamTo(state, endpoint.workload, host, endpoint.port, service);
       this.lb.acquire(target, endpoint);
-      state.active++;
       try {
         let fd: number;
         try {
@@ -469,7 +462,6 @@ export class NodeProxy {
         return;
       } finally {
         this.lb.release(target, endpoint);
-        state.active--;
       }
     }
   }

@@ -13,6 +13,7 @@
  *     4xx/5xx {"error": {"code": "NM_ERR_...", "message": "...", ...}} refused, or not in time
  */
 import { request } from 'node:http';
+import { connect } from 'node:net';
 import { join } from 'node:path';
 
 import type { Workload } from '../config/snapshot.js';
@@ -49,6 +50,31 @@ export interface EnrollErrorBody {
 
 /** What happened: no agent on this node, or the agent's answer. */
 export type HandOver = { readonly agent: false } | ({ readonly agent: true } & EnrollAnswer);
+
+/**
+ * Whether an agent listens on the enrollment socket at socketPath. No socket, or one an agent
+ * left when it died (the connect is refused): no agent. Any other answer, or none within 2 s,
+ * counts as an agent: neither a second agent nor `nodemesh cleanup` may take over a node from one
+ * by mistake.
+ */
+export function agentAnswers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(socketPath);
+    const timer = setTimeout(() => {
+      s.destroy();
+      resolve(true);
+    }, 2000);
+    s.once('connect', () => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', (e: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      resolve(!['ENOENT', 'ENOTDIR', 'ECONNREFUSED'].includes(e.code ?? ''));
+    });
+  });
+}
 
 /**
  * Hands a new pod to the node's agent and waits for its answer, at most timeoutMs. No agent

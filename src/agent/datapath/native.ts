@@ -9,6 +9,7 @@ import { getSystemErrorMap } from 'node:util';
 
 import { NodemeshError, isSystemError, type ErrorCode } from '../../shared/errors.js';
 import { NATIVE_ADDON_PATH } from '../../shared/paths.js';
+import { formatHostPort } from './abi.js';
 
 export interface ProgramInfo {
   readonly name: string;
@@ -377,8 +378,7 @@ export async function connectInNetns(options: ConnectOptions): Promise<number> {
       const err = await native().awaitConnected(started.fd, options.timeoutMs ?? 10_000);
       if (err !== 0) {
         const [code, message] = getSystemErrorMap().get(-err) ?? [`errno ${err}`, `errno ${err}`];
-        const target = options.host.includes(':') ? `[${options.host}]:${options.port}` : `${options.host}:${options.port}`;
-        throw new NodemeshError('NM_ERR_DATAPATH', `${what}: connect ${target} in ${options.netns}: ${message}`, { context: { errno: err, errnoCode: code, syscall: 'connect', path: options.netns } });
+        throw new NodemeshError('NM_ERR_DATAPATH', `${what}: connect ${formatHostPort(options.host, options.port)} in ${options.netns}: ${message}`, { context: { errno: err, errnoCode: code, syscall: 'connect', path: options.netns } });
       }
     }
     connected = true;

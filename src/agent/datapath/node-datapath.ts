@@ -17,6 +17,7 @@ import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type Soc
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
 import { BpfLink, BpfObject, detachAll, type BpfMap } from './native.js';
 import { disableInboundDelivery, enableInboundDelivery, type PodAddress } from './pod-routing.js';
+import { UUID } from '../pods/validate.js';
 
 /** bpf/include/maps.h */
 const NM_SETTING_STRICT_INBOUND = 1;
@@ -56,6 +57,8 @@ export class NodeDatapath {
   private gateLinks: BpfLink[] = [];
   /** Every non-loopback address of each enrolled pod, found when its delivery routing was set up. */
   private readonly addresses = new Map<string, ReadonlyArray<PodAddress>>();
+  /** What this agent wrote to nm_settings (undefined: nothing yet; an earlier agent's value may be there). */
+  private strictInbound: boolean | undefined;
 
   /** Every non-loopback address of the pod (see enableInboundDelivery); empty if unknown. */
   podAddresses(uid: string): ReadonlyArray<PodAddress> {
@@ -68,6 +71,8 @@ export class NodeDatapath {
    * so it holds while no agent runs.
    */
   setStrictInbound(strict: boolean): void {
+    if (this.strictInbound === strict) return;
+    this.strictInbound = strict;
     const key = Buffer.alloc(4);
     const value = Buffer.alloc(4);
     value.writeUInt32LE(strict ? NM_SETTING_STRICT_INBOUND : 0);
@@ -109,7 +114,7 @@ export class NodeDatapath {
 
   /** A pod's pin folder; removed recursively later, so only a uid (a UUID) may name it. */
   private podDir(uid: string): string {
-    if (!POD_UID.test(uid)) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `pod uid "${uid}" is not a UUID: it cannot name a pin folder`, { context: { detail: uid } });
+    if (!UUID.test(uid)) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `pod uid "${uid}" is not a UUID: it cannot name a pin folder`, { context: { detail: uid } });
     return join(this.pinRoot, 'pods', uid);
   }
 
@@ -120,7 +125,7 @@ export class NodeDatapath {
   /** UIDs of pods that have pinned links, from this agent or an earlier one. */
   /** The pods with pinned state (folders named by uid; anything else there is not ours and is left). */
   async pinnedPods(): Promise<string[]> {
-    return (await readdir(join(this.pinRoot, 'pods')).catch(() => [])).filter((name) => POD_UID.test(name)).sort();
+    return (await readdir(join(this.pinRoot, 'pods')).catch(() => [])).filter((name) => UUID.test(name)).sort();
   }
 
   isAttached(uid: string): boolean {
@@ -316,8 +321,6 @@ function cgroupKey(cgroupId: bigint): Buffer {
   key.writeBigUInt64LE(cgroupId);
   return key;
 }
-
-const POD_UID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
 export function assertPinRoot(path: string): void {
   if (!path.startsWith('/sys/fs/bpf/')) {
