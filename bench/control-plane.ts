@@ -15,7 +15,7 @@ import { credentials, makeClientConstructor, type ClientDuplexStream } from '@gr
 
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 import { freePort } from '../src/shared/ports.js';
-import { discoveryService, type AgentMessage, type ControlPlaneMessage, type WireWorkload } from '../src/shared/protocol/discovery.js';
+import { discoveryService, type AgentMessage, type ControlPlaneMessage, type WireWorkload } from '../src/protocol/discovery.js';
 import { rssMiB } from './tools.js';
 
 const SERVICES = Number(process.env['BENCH_CP_SERVICES'] ?? 1000);

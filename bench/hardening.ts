@@ -13,16 +13,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/agent/datapath/native.js';
+import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
-import { run } from '../src/runtime/exec.js';
+import { run } from '../src/shared/exec.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/shared/preflight.js';
+import { preflight } from '../src/cli/preflight.js';
 import { agentCommand, execIn, latencyFixedRate, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);

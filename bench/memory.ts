@@ -13,11 +13,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/agent/datapath/native.js';
+import { probeBpf } from '../src/datapath/native.js';
 import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
-import { preflight } from '../src/shared/preflight.js';
+import { preflight } from '../src/cli/preflight.js';
 import { agentCommand, cpuSeconds } from './tools.js';
 
 const PODS = Number(process.env['BENCH_PODS'] ?? 100);

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/agent/datapath/native.js';
+import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
@@ -17,7 +17,7 @@ import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/shared/preflight.js';
+import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
 import { agentCommand, cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
 

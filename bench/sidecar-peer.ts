@@ -8,7 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 
-import { run } from '../src/runtime/exec.js';
+import { run } from '../src/shared/exec.js';
 import type { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 

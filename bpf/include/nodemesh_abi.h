@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * The one ABI shared by the BPF programs (bpf/NAME.bpf.c), the C++ addon (native/) and the
- * TypeScript view (src/agent/datapath/abi.ts). A test compares all three: sizes and offsets
+ * TypeScript view (src/datapath/abi.ts). A test compares all three: sizes and offsets
  * from offsetof() in the addon, from the BTF of the compiled objects, and from the TS codec.
  *
  * Changing a layout here changes the pinned map ABI: bump NM_MAP_ABI_VERSION, which is the

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Module entry. Only src/agent/datapath/native.ts loads this file.
+// Module entry. Only src/datapath/native.ts loads this file.
 #include <sys/resource.h>
 
 #include <cerrno>

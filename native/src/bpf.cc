@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // BPF objects and links over libbpf. Loading and attaching run on the libuv pool; the JS side
-// sees BpfObject and BpfLink through src/agent/datapath/native.ts only.
+// sees BpfObject and BpfLink through src/datapath/native.ts only.
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 #include <fcntl.h>

@@ -26,8 +26,8 @@ import {
   type ControlPlaneMessage,
   type DecodedSnapshot,
   type WireResource,
-} from '../shared/protocol/discovery.js';
-import type { HostPort } from './http.js';
+} from '../protocol/discovery.js';
+import type { HostPort } from '../shared/http.js';
 
 const log = logger('cp-client');
 

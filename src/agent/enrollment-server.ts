@@ -11,7 +11,8 @@ import { dirname, join } from 'node:path';
 import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, agentAnswers, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { checkPodFields, PodFieldInvalid, UUID, type PodEdge } from './pods/validate.js';
+import { UUID } from '../shared/names.js';
+import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
 
 const log = logger('enrollment');
 

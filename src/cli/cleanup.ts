@@ -2,7 +2,7 @@
  * `nodemesh cleanup`: takes nodemesh off this node (the DaemonSet's uninstall runs it). The pins
  * under --bpf-root outlive the agent on purpose (capture holds across a restart), so removing
  * them is a step of its own: links and gate detached, pins and folders removed, the in-pod
- * delivery routing and sysctls of live pods undone (src/agent/datapath/teardown.ts), and the
+ * delivery routing and sysctls of live pods undone (src/datapath/teardown.ts), and the
  * agent's run folder removed. Pods and the runtime's records of them stay: they are the
  * runtime's, not nodemesh's capture state.
  */
@@ -10,14 +10,14 @@ import { rm, rmdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { dirname, join, normalize } from 'node:path';
 
-import { assertPinRoot } from '../agent/datapath/node-datapath.js';
-import { emptyReport, teardownNode, type KnownPod, type TeardownReport } from '../agent/datapath/teardown.js';
+import { assertPinRoot } from '../datapath/node-datapath.js';
+import { emptyReport, teardownNode, type KnownPod, type TeardownReport } from '../datapath/teardown.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { ENROLL_SOCKET, agentAnswers, agentRunDir } from '../runtime/enrollment.js';
 import { PodStore } from '../runtime/store.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { checkRoot } from '../shared/preflight.js';
+import { checkRoot } from './preflight.js';
 import { table, type OutputFormat } from './output.js';
 
 const log = logger('cleanup');

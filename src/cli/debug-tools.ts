@@ -84,7 +84,7 @@ export async function dial(host: string, port: number, bytes: number, options: {
   try {
     if (options.mark !== undefined) {
       // A marked socket made from this process (and so this pod's cgroup) through the addon.
-      const { connectInNetns } = await import('../agent/datapath/native.js');
+      const { connectInNetns } = await import('../datapath/native.js');
       const fd = await connectInNetns({ netns: '/proc/thread-self/ns/net', host, port, mark: options.mark, timeoutMs: options.timeoutMs ?? 5000 });
       socket = new Socket({ fd, readable: true, writable: true, allowHalfOpen: true });
     } else {

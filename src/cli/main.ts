@@ -5,17 +5,17 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 
 import { NodeAgent, type AgentOptions, type EnrolledPodStatus } from '../agent/agent.js';
-import { probeBpf } from '../agent/datapath/native.js';
-import { DEFAULT_PIN_ROOT, assertPinRoot } from '../agent/datapath/node-datapath.js';
-import { parseHostPort } from '../agent/http.js';
+import { probeBpf } from '../datapath/native.js';
+import { DEFAULT_PIN_ROOT, assertPinRoot } from '../datapath/node-datapath.js';
+import { parseHostPort } from '../shared/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
 import { packageVersion } from '../shared/paths.js';
-import { NM_PROXY_MARK } from '../agent/datapath/abi.js';
-import { checkKernel, checkRoot } from '../shared/preflight.js';
+import { NM_PROXY_MARK } from '../datapath/abi.js';
+import { checkKernel, checkRoot } from './preflight.js';
 import { findCgroup2Mount } from '../runtime/cgroup.js';
 import type { NodeSyncStatus } from '../control-plane/server.js';
 import { formatError, parseOutputFormat, table } from './output.js';
@@ -271,7 +271,7 @@ program
       ...(opts.maxConnections === undefined ? {} : { maxConnections: parseCount(opts.maxConnections, 'max-connections') }),
       ...(opts.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: parseCount(opts.maxConnectionsPerPod, 'max-connections-per-pod') }),
     };
-    const { preflight } = await import('../shared/preflight.js');
+    const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
     const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir, { ...options.podEdge, podsCgroup: options.podsCgroup }));
     await new Promise<void>((resolve) => {
@@ -376,7 +376,7 @@ program
   .command('check')
   .description('check that this machine can run nodemesh (root, kernel, cgroup v2, bpffs, bpf())')
   .action(async () => {
-    const { preflight } = await import('../shared/preflight.js');
+    const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
     out('ok: root, kernel >= 5.15, cgroup v2, bpffs, bpf()\n');
   });

@@ -12,7 +12,7 @@ import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../agent/datapath/native.js';
+import { probeBpf } from '../datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../runtime/blackhole.js';
 import { runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
@@ -21,7 +21,7 @@ import type { PodRecord } from '../runtime/store.js';
 import { waitForListener } from '../runtime/wait.js';
 import { NodemeshError } from '../shared/errors.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../shared/paths.js';
-import { preflight } from '../shared/preflight.js';
+import { preflight } from './preflight.js';
 import type { LoadResult } from './debug-tools.js';
 import { table } from './output.js';
 

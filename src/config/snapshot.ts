@@ -3,7 +3,7 @@
  * their endpoints computed from pods' labels. Built in one place (the agent in standalone mode
  * now, the control plane later) and swapped whole, never mutated.
  */
-import type { SocketAddress } from '../agent/datapath/abi.js';
+import type { SocketAddress } from '../shared/address.js';
 import type { ServiceRoute } from './route.js';
 import type { Service, ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';

@@ -7,7 +7,7 @@
  */
 import { watch, type FSWatcher } from 'node:fs';
 
-import type { Counter, Gauge } from '../proxy/metrics/prom.js';
+import type { Counter, Gauge } from '../shared/prom.js';
 import { logger } from '../shared/log.js';
 import { keepLastGood } from './last-good.js';
 import { DEFAULT_MESH, type MeshSettings, type Namespace } from './mesh.js';

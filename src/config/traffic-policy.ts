@@ -3,11 +3,13 @@
  * and passive health for the Services it targets. Validated against its CRD schema, then turned
  * into an immutable value with defaults filled in.
  */
-import type { LoadBalancing } from '../proxy/pool/load-balancer.js';
 import { parseDuration, schemas } from './schemas.js';
 import { ObjectInvalid, parseMetadata } from './service.js';
 
 export const TRAFFIC_POLICY_API = 'networking.nodemesh.io/v1alpha1';
+
+/** How the proxy picks an endpoint per connection (proxy/pool/load-balancer.ts does it). */
+export type LoadBalancing = 'round-robin' | 'least-connections' | 'random';
 
 /** What a Service's connections get; every field set (defaults or the policy's values). */
 export interface ServicePolicy {

@@ -1,5 +1,5 @@
 /** The control plane's metrics (15014), defined in one place. Labels are bounded: kinds and outcomes. */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from '../proxy/metrics/prom.js';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from '../shared/prom.js';
 
 export class ControlPlaneMetrics {
   readonly registry = new Registry();

@@ -15,7 +15,7 @@ import type { Server as HttpServer } from 'node:http';
 
 import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
 
-import { json, serveHttp, type HostPort } from '../agent/http.js';
+import { json, serveHttp, type HostPort } from '../shared/http.js';
 import { MeshSnapshot, SelectorIndex, type SnapshotWarning } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, recordConfigObjects, recordRejections, type ConfigReader, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodemeshError } from '../shared/errors.js';
@@ -42,7 +42,7 @@ import {
   type WireResource,
   type WireSnapshot,
   type WireWorkload,
-} from '../shared/protocol/discovery.js';
+} from '../protocol/discovery.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';

@@ -8,8 +8,9 @@
  */
 import { Socket, type Server } from 'node:net';
 
-import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, formatHostPort, type Family, type OrigKey, type SocketAddress } from '../agent/datapath/abi.js';
-import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../agent/datapath/native.js';
+import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, type OrigKey } from '../datapath/abi.js';
+import { formatHostPort, type Family, type SocketAddress } from '../shared/address.js';
+import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -515,7 +516,7 @@ export class NodeProxy {
       ...this.destinationLabels(state.pod),
     };
     // Delivered from a transparent socket with the client's address, so the application sees
-    // who called (see agent/datapath/pod-routing.ts for how the replies come back).
+    // who called (see datapath/pod-routing.ts for how the replies come back).
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
     await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }

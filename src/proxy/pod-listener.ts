@@ -1,7 +1,7 @@
 /** A listening socket made inside a pod's netns, served by node:net in this process. */
 import { createServer, type Server, type Socket } from 'node:net';
 
-import { closeFd, listenInNetns, netnsCookie } from '../agent/datapath/native.js';
+import { closeFd, listenInNetns, netnsCookie } from '../datapath/native.js';
 
 /** Large socket buffers: fewer, bigger reads and writes per relayed byte. */
 export const HIGH_WATER_MARK = 1 << 20;

@@ -5,7 +5,7 @@
  */
 import type { Socket } from 'node:net';
 
-import type { RelayEndReason } from '../agent/datapath/native.js';
+import type { RelayEndReason } from '../datapath/native.js';
 
 export interface RelayResult {
   /** Bytes read from the downstream (client) side. */

@@ -4,7 +4,7 @@
  */
 import { isIPv6 } from 'node:net';
 
-import { CommandFailed, ip } from './exec.js';
+import { CommandFailed, ip } from '../shared/exec.js';
 
 export interface Blackhole {
   release(): Promise<void>;

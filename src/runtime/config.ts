@@ -5,7 +5,7 @@
 import { isIPv4, isIPv6 } from 'node:net';
 
 import { NodemeshError } from '../shared/errors.js';
-import { ipv6Bytes, ipv6Text } from '../agent/datapath/abi.js';
+import { ipv6Bytes, ipv6Text } from '../shared/address.js';
 
 export interface Cidr {
   readonly network: string;

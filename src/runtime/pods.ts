@@ -14,7 +14,7 @@ import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, waitForCgroupMember } from './cgroup.js';
 import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
-import { bestEffort, CommandFailed, ip, resolveExecutable } from './exec.js';
+import { bestEffort, CommandFailed, ip, resolveExecutable } from '../shared/exec.js';
 import type { PodSpec } from './pod-spec.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, agentRunDir, drainPod, handOverPod, type EnrollPod, type HandOver } from './enrollment.js';
 import { PodStore, type PodRecord } from './store.js';

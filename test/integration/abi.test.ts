@@ -6,8 +6,8 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
 
-import { ABI_CONSTANTS, LAYOUTS } from '../../src/agent/datapath/abi.js';
-import { abiLayout } from '../../src/agent/datapath/native.js';
+import { ABI_CONSTANTS, LAYOUTS } from '../../src/datapath/abi.js';
+import { abiLayout } from '../../src/datapath/native.js';
 import { BPF_OBJECT_DIR } from '../../src/shared/paths.js';
 
 interface BtfType {

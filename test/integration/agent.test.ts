@@ -14,7 +14,7 @@ import { test } from 'node:test';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { hostAddress } from '../../src/runtime/config.js';
-import { run } from '../../src/runtime/exec.js';
+import { run } from '../../src/shared/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent, type AgentConfigDump } from '../support/agent.js';
 import { collect, createSandbox, waitFor } from '../support/sandbox.js';

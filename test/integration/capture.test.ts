@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { OutboundCapture, type CgroupCapture } from '../../src/agent/datapath/capture.js';
+import { OutboundCapture, type CgroupCapture } from '../../src/datapath/capture.js';
 import { CaptureRelay, type RelayedConnection } from '../../src/proxy/outbound/capture-relay.js';
 import { createSandbox, waitFor } from '../support/sandbox.js';
 

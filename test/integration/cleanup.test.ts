@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
-import { run } from '../../src/runtime/exec.js';
+import { run } from '../../src/shared/exec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { serviceYaml, startAgent } from '../support/agent.js';
 import { cli, createSandbox, waitFor } from '../support/sandbox.js';

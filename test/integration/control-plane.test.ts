@@ -14,7 +14,7 @@ import { Server, ServerCredentials, type ServerDuplexStream } from '@grpc/grpc-j
 
 import type { Workload } from '../../src/config/snapshot.js';
 import { EMPTY_CONFIG } from '../../src/config/store.js';
-import { discoveryService, snapshotMessage, type AgentMessage, type ControlPlaneMessage } from '../../src/shared/protocol/discovery.js';
+import { discoveryService, snapshotMessage, type AgentMessage, type ControlPlaneMessage } from '../../src/protocol/discovery.js';
 import type { Service } from '../../src/config/service.js';
 import { metricValue, serviceYaml, startAgent, startControlPlane } from '../support/agent.js';
 import { createSandbox, waitFor } from '../support/sandbox.js';

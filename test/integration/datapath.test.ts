@@ -8,9 +8,9 @@ import { createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
-import { NM_ROLE_INBOUND, encodeAddr, encodeListenerKey, encodeOrigKey } from '../../src/agent/datapath/abi.js';
-import { OutboundCapture } from '../../src/agent/datapath/capture.js';
-import { BpfLink, BpfMap, BpfObject, closeFd, listenInNetns, netnsCookie, releaseNetns, socketCookie } from '../../src/agent/datapath/native.js';
+import { NM_ROLE_INBOUND, encodeAddr, encodeListenerKey, encodeOrigKey } from '../../src/datapath/abi.js';
+import { OutboundCapture } from '../../src/datapath/capture.js';
+import { BpfLink, BpfMap, BpfObject, closeFd, listenInNetns, netnsCookie, releaseNetns, socketCookie } from '../../src/datapath/native.js';
 import { BPF_OBJECT_DIR } from '../../src/shared/paths.js';
 import { isNodemeshError } from '../../src/shared/errors.js';
 import { createSandbox, waitFor } from '../support/sandbox.js';

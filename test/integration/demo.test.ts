@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
 
-import { ip } from '../../src/runtime/exec.js';
+import { ip } from '../../src/shared/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { collect, createSandbox } from '../support/sandbox.js';
 

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
-import { run } from '../../src/runtime/exec.js';
+import { run } from '../../src/shared/exec.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';

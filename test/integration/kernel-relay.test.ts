@@ -4,7 +4,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { connect, createServer, type Socket } from 'node:net';
 import { test } from 'node:test';
 
-import { dupFd, relayFds } from '../../src/agent/datapath/native.js';
+import { dupFd, relayFds } from '../../src/datapath/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
 
 /** A connected pair on loopback: [the side we keep, the side we hand to the relay]. */

@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { test } from 'node:test';
 
-import { ip } from '../../src/runtime/exec.js';
+import { ip } from '../../src/shared/exec.js';
 import { isAlive } from '../../src/runtime/pods.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { cli, collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';

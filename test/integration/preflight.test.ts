@@ -8,7 +8,7 @@ import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
 
 import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
-import { ensureBpffs } from '../../src/shared/preflight.js';
+import { ensureBpffs } from '../../src/cli/preflight.js';
 import { cli, collect, createSandbox } from '../support/sandbox.js';
 
 async function sh(script: string, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {

@@ -17,7 +17,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
-import { ensureBpffs } from '../../src/shared/preflight.js';
+import { ensureBpffs } from '../../src/cli/preflight.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 
 export const TEST_PREFIX = 'nmt';

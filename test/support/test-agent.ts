@@ -1,7 +1,7 @@
 /** A Discovery client for control plane tests: says Hello, reports pods, holds what it is sent and Acks it. */
 import { Metadata, credentials, makeClientConstructor, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
-import { applyDelta, discoveryService, resourceKey, type AgentMessage, type ControlPlaneMessage, type WireResource, type WireWorkload } from '../../src/shared/protocol/discovery.js';
+import { applyDelta, discoveryService, resourceKey, type AgentMessage, type ControlPlaneMessage, type WireResource, type WireWorkload } from '../../src/protocol/discovery.js';
 
 /** An agent that only holds what it is sent (Snapshot, then Deltas) and Acks it. */
 export class TestAgent {

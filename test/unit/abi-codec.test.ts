@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { decodeAddr, decodeOrigKey, encodeAddr, encodeListenerKey, encodeOrigKey, ipv6Bytes, ipv6Text, LAYOUTS } from '../../src/agent/datapath/abi.js';
+import { decodeAddr, decodeOrigKey, encodeAddr, encodeListenerKey, encodeOrigKey, LAYOUTS } from '../../src/datapath/abi.js';
+import { ipv6Bytes, ipv6Text } from '../../src/shared/address.js';
 
 test('nm_addr round-trips IPv4 and IPv6 in network byte order', () => {
   const v4 = encodeAddr({ family: 4, address: '10.96.0.10', port: 80 });

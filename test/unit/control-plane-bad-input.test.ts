@@ -12,7 +12,7 @@ import { test } from 'node:test';
 import { credentials, makeClientConstructor, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { discoveryService, type ControlPlaneMessage } from '../../src/shared/protocol/discovery.js';
+import { discoveryService, type ControlPlaneMessage } from '../../src/protocol/discovery.js';
 import { metricValue } from '../support/agent.js';
 import { waitFor } from '../support/sandbox.js';
 import { scratch } from '../support/scratch.js';

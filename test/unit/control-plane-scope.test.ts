@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { resourceKey, type WireWorkload } from '../../src/shared/protocol/discovery.js';
+import { resourceKey, type WireWorkload } from '../../src/protocol/discovery.js';
 import { waitFor } from '../support/sandbox.js';
 import { TestAgent } from '../support/test-agent.js';
 

@@ -8,14 +8,15 @@ import { test } from 'node:test';
 
 import fc from 'fast-check';
 
-import { checkPodFields, PodFieldInvalid, UUID, type PodEdge } from '../../src/agent/pods/validate.js';
+import { checkPodFields, PodFieldInvalid, type PodEdge } from '../../src/agent/pods/validate.js';
+import { UUID } from '../../src/shared/names.js';
 import { parseObject } from '../../src/config/objects.js';
 import { parseDuration } from '../../src/config/schemas.js';
 import { ObjectInvalid } from '../../src/config/service.js';
 import { DEFAULT_SERVICE_POLICY } from '../../src/config/traffic-policy.js';
 import { DEFAULT_MESH } from '../../src/config/mesh.js';
 import { EMPTY_CONFIG } from '../../src/config/store.js';
-import { SnapshotInvalid, decodeSnapshot, discoveryService, encodeControlPlaneMessage, snapshotMessage, type ControlPlaneMessage } from '../../src/shared/protocol/discovery.js';
+import { SnapshotInvalid, decodeSnapshot, discoveryService, encodeControlPlaneMessage, snapshotMessage, type ControlPlaneMessage } from '../../src/protocol/discovery.js';
 
 const RUNS = { numRuns: 300 };
 

@@ -18,7 +18,7 @@ import {
   snapshotMessage,
   type ControlPlaneMessage,
   type WireWorkload,
-} from '../../src/shared/protocol/discovery.js';
+} from '../../src/protocol/discovery.js';
 
 const config: MeshConfig = {
   services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'cart' }, exportTo: ['*'] }],

@@ -5,7 +5,7 @@ import { parseCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { DEFAULT_RUNTIME, hostAddress, parseCidr, podCapacity, runtimeConfigFromEnv } from '../../src/runtime/config.js';
 import { parseLabels, validatePodSpec } from '../../src/runtime/pod-spec.js';
 import { isNodemeshError } from '../../src/shared/errors.js';
-import { checkKernel, parseKernelRelease } from '../../src/shared/preflight.js';
+import { checkKernel, parseKernelRelease } from '../../src/cli/preflight.js';
 
 test('pod addresses come from the configured subnets', () => {
   assert.equal(hostAddress({ network: '10.200.0.0', prefix: 24 }, 4, 2), '10.200.0.2');

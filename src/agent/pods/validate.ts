@@ -9,9 +9,8 @@ import { isAbsolute, normalize, relative } from 'node:path';
 
 import type { Workload } from '../../config/snapshot.js';
 import { cidrContains, type Cidr } from '../../runtime/config.js';
+import { DNS_LABEL, UUID } from '../../shared/names.js';
 
-export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 
 /** What the node allows: where pods' cgroups live, and (local runtime) its netns folder and pod subnets. */
 export interface PodEdge {

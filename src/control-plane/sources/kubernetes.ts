@@ -10,8 +10,8 @@ import type { ConfigIssue } from '../../config/service.js';
 import type { ConfigReader } from '../../config/store.js';
 import { TRAFFIC_POLICY_API } from '../../config/traffic-policy.js';
 import { MESH_CONFIG_NAME } from '../../config/mesh.js';
-import { Counter, type Registry } from '../../proxy/metrics/prom.js';
-import type { WireWorkload } from '../../shared/protocol/discovery.js';
+import { Counter, type Registry } from '../../shared/prom.js';
+import type { WireWorkload } from '../../protocol/discovery.js';
 import { KubeApi, type KubeApiOptions, type KubeObject } from './kube-api.js';
 import { Reflector, type ReflectorMetrics } from './reflector.js';
 

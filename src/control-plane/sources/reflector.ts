@@ -5,7 +5,7 @@
  * whole; any other failure keeps the copy serving and retries with jittered backoff.
  */
 import { logger } from '../../shared/log.js';
-import type { Counter } from '../../proxy/metrics/prom.js';
+import type { Counter } from '../../shared/prom.js';
 import { KubeApiError, type KubeApi, type KubeObject, type WatchEvent } from './kube-api.js';
 
 const log = logger('kubernetes');

@@ -2,7 +2,7 @@
  * Every metric of the node, defined in one place (prom-client). Label sets are bounded: pods,
  * services and fixed reason codes, never a connection or request id.
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics } from './prom.js';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from '../../shared/prom.js';
 
 import { workloadName, type Workload } from '../../config/snapshot.js';
 

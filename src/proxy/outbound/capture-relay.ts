@@ -7,9 +7,10 @@
 import { Socket, type Server } from 'node:net';
 import { performance } from 'node:perf_hooks';
 
-import { NM_PORT_OUTBOUND, NM_PROXY_MARK, type Family, type SocketAddress } from '../../agent/datapath/abi.js';
-import type { OutboundCapture } from '../../agent/datapath/capture.js';
-import { connectInNetns, releaseNetns } from '../../agent/datapath/native.js';
+import { NM_PORT_OUTBOUND, NM_PROXY_MARK } from '../../datapath/abi.js';
+import type { Family, SocketAddress } from '../../shared/address.js';
+import type { OutboundCapture } from '../../datapath/capture.js';
+import { connectInNetns, releaseNetns } from '../../datapath/native.js';
 import { listenInPod } from '../pod-listener.js';
 import { relay } from '../relay.js';
 import { logger } from '../../shared/log.js';

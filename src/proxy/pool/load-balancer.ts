@@ -7,8 +7,7 @@
  * again (panic), since refusing everything helps nobody.
  */
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
-
-export type LoadBalancing = 'round-robin' | 'least-connections' | 'random';
+import type { LoadBalancing } from '../../config/traffic-policy.js';
 
 const endpointKey = (e: Endpoint): string => `${e.workload.uid}:${e.port}`;
 

@@ -4,7 +4,7 @@ import { constants } from 'node:fs';
 import { access } from 'node:fs/promises';
 import { delimiter, isAbsolute, join } from 'node:path';
 
-import { NodemeshError } from '../shared/errors.js';
+import { NodemeshError } from './errors.js';
 
 export interface ExecResult {
   readonly stdout: string;

@@ -2,7 +2,7 @@
  * The TypeScript view of bpf/include/nodemesh_abi.h. test/integration/abi.test.ts checks these
  * layouts against offsetof() in the addon and against the BTF of the compiled BPF objects.
  */
-import { isIPv4, isIPv6 } from 'node:net';
+import { ipv6Bytes, ipv6Text, type Family, type SocketAddress } from '../shared/address.js';
 
 export const AF_INET = 2;
 export const AF_INET6 = 10;
@@ -38,15 +38,6 @@ export const LAYOUTS = {
   nm_bypass_key: { size: 40, offsets: { family: 0, remote_port: 4, local_port: 6, remote_addr: 8, local_addr: 24 } },
 } as const;
 
-export type Family = 4 | 6;
-
-/** A socket address as the application dialed it. */
-export interface SocketAddress {
-  readonly family: Family;
-  readonly address: string;
-  readonly port: number;
-}
-
 function writeAddress(buf: Buffer, offset: number, family: Family, address: string): void {
   if (family === 4) {
     const parts = address.split('.').map(Number);
@@ -60,63 +51,6 @@ function writeAddress(buf: Buffer, offset: number, family: Family, address: stri
 function readAddress(buf: Buffer, offset: number, family: Family): string {
   if (family === 4) return `${buf[offset]}.${buf[offset + 1]}.${buf[offset + 2]}.${buf[offset + 3]}`;
   return ipv6Text(buf, offset);
-}
-
-/** The RFC 5952 text of 16 address bytes at offset. */
-export function ipv6Text(buf: Buffer, offset = 0): string {
-  const groups: string[] = [];
-  for (let i = 0; i < 8; i++) groups.push(buf.readUInt16BE(offset + i * 2).toString(16));
-  return compressIPv6(groups);
-}
-
-/** RFC 5952 text form: the longest run of two or more zero groups becomes "::". */
-function compressIPv6(groups: string[]): string {
-  let bestStart = -1;
-  let bestLen = 0;
-  for (let i = 0; i < 8; ) {
-    if (groups[i] !== '0') {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === '0') j++;
-    if (j - i > bestLen && j - i >= 2) {
-      bestStart = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  if (bestStart < 0) return groups.join(':');
-  return `${groups.slice(0, bestStart).join(':')}::${groups.slice(bestStart + bestLen).join(':')}`;
-}
-
-export function ipv6Bytes(address: string): Buffer {
-  if (!isIPv6(address)) throw new RangeError(`not an IPv6 address: ${address}`);
-  const out = Buffer.alloc(16);
-  let text = address;
-  // An embedded dotted quad (::ffff:1.2.3.4) becomes two hex groups.
-  const quad = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
-  if (quad?.[1]) {
-    const p = quad[1].split('.').map(Number);
-    text = `${text.slice(0, quad.index)}${(((p[0] ?? 0) << 8) | (p[1] ?? 0)).toString(16)}:${(((p[2] ?? 0) << 8) | (p[3] ?? 0)).toString(16)}`;
-  }
-  const [head = '', tail] = text.split('::');
-  const h = head === '' ? [] : head.split(':');
-  const t = tail === undefined || tail === '' ? [] : tail.split(':');
-  const groups = tail === undefined ? h : [...h, ...Array<string>(8 - h.length - t.length).fill('0'), ...t];
-  groups.forEach((g, i) => out.writeUInt16BE(parseInt(g, 16), i * 2));
-  return out;
-}
-
-/** host:port, with brackets around an IPv6 host. */
-export function formatHostPort(host: string, port: number): string {
-  return host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
-}
-
-export function familyOf(address: string): Family {
-  if (isIPv4(address)) return 4;
-  if (isIPv6(address)) return 6;
-  throw new RangeError(`not an IP address: ${address}`);
 }
 
 const toAf = (f: Family): number => (f === 4 ? AF_INET : AF_INET6);

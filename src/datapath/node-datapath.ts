@@ -10,14 +10,15 @@ import { existsSync } from 'node:fs';
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 
-import { NodemeshError, isSystemError } from '../../shared/errors.js';
-import { logger } from '../../shared/log.js';
-import { BPF_OBJECT_DIR } from '../../shared/paths.js';
-import { NM_ROLE_INBOUND, encodeListenerKey, type Family, type OrigKey, type SocketAddress } from './abi.js';
+import { NodemeshError, isSystemError } from '../shared/errors.js';
+import { logger } from '../shared/log.js';
+import { BPF_OBJECT_DIR } from '../shared/paths.js';
+import type { Family, SocketAddress } from '../shared/address.js';
+import { NM_ROLE_INBOUND, encodeListenerKey, type OrigKey } from './abi.js';
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
 import { BpfLink, BpfObject, detachAll, type BpfMap } from './native.js';
 import { disableInboundDelivery, enableInboundDelivery, type PodAddress } from './pod-routing.js';
-import { UUID } from '../pods/validate.js';
+import { UUID } from '../shared/names.js';
 
 /** bpf/include/maps.h */
 const NM_SETTING_STRICT_INBOUND = 1;

@@ -9,7 +9,7 @@
  * to the kernel's defaults for a new netns (0).
  */
 import { NM_DELIVERY_MARK, NM_DELIVERY_TABLE } from './abi.js';
-import { CommandFailed, run, type ExecResult } from '../../runtime/exec.js';
+import { CommandFailed, run, type ExecResult } from '../shared/exec.js';
 
 const mark = `0x${NM_DELIVERY_MARK.toString(16)}`;
 const table = String(NM_DELIVERY_TABLE);

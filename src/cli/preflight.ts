@@ -6,8 +6,8 @@ import { release } from 'node:os';
 import { mkdir, readFile } from 'node:fs/promises';
 
 import { findCgroup2Mount } from '../runtime/cgroup.js';
-import { run } from '../runtime/exec.js';
-import { NodemeshError, isNodemeshError } from './errors.js';
+import { run } from '../shared/exec.js';
+import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 
 export const MIN_KERNEL: readonly [number, number] = [5, 15];
 export const BPFFS = '/sys/fs/bpf';

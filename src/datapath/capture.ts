@@ -5,9 +5,10 @@
  */
 import { join } from 'node:path';
 
-import { NodemeshError } from '../../shared/errors.js';
-import { BPF_OBJECT_DIR } from '../../shared/paths.js';
-import { LAYOUTS, decodeAddr, encodeOrigKey, type OrigKey, type SocketAddress } from './abi.js';
+import { NodemeshError } from '../shared/errors.js';
+import { BPF_OBJECT_DIR } from '../shared/paths.js';
+import type { SocketAddress } from '../shared/address.js';
+import { LAYOUTS, decodeAddr, encodeOrigKey, type OrigKey } from './abi.js';
 import { BpfObject, detachAll, type BpfLink, type BpfMap, type LoadOptions } from './native.js';
 
 export const CAPTURE_OBJECT = join(BPF_OBJECT_DIR, 'capture.bpf.o');

@@ -1,7 +1,7 @@
-/** The agent's small HTTP endpoints: metrics (15020), readiness (15021), admin (15000). */
+/** Small HTTP endpoints: the agent's metrics (15020), readiness (15021) and admin (15000), the control plane's 15014. */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
-import { listenError } from '../shared/ports.js';
+import { listenError } from './ports.js';
 
 export interface HostPort {
   readonly host: string;

@@ -7,9 +7,9 @@ import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { getSystemErrorMap } from 'node:util';
 
-import { NodemeshError, isSystemError, type ErrorCode } from '../../shared/errors.js';
-import { NATIVE_ADDON_PATH } from '../../shared/paths.js';
-import { formatHostPort } from './abi.js';
+import { NodemeshError, isSystemError, type ErrorCode } from '../shared/errors.js';
+import { NATIVE_ADDON_PATH } from '../shared/paths.js';
+import { formatHostPort } from '../shared/address.js';
 
 export interface ProgramInfo {
   readonly name: string;

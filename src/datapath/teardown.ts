@@ -17,8 +17,8 @@ import { existsSync } from 'node:fs';
 import { readdir, rm, rmdir, stat } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 
-import { NodemeshError, isNodemeshError, isSystemError } from '../../shared/errors.js';
-import { logger } from '../../shared/log.js';
+import { NodemeshError, isNodemeshError, isSystemError } from '../shared/errors.js';
+import { logger } from '../shared/log.js';
 import { BpfLink, pinnedObjectInfo } from './native.js';
 import { DEFAULT_PIN_ROOT } from './node-datapath.js';
 import { disableInboundDelivery, inboundDeliveryRouted } from './pod-routing.js';

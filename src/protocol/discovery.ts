@@ -11,15 +11,14 @@ import { join } from 'node:path';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 
-import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../../config/mesh.js';
-import type { Service, ServicePort } from '../../config/service.js';
-import type { Workload } from '../../config/snapshot.js';
-import { ROUTE_KINDS, type ServiceRoute } from '../../config/route.js';
-import { DURATION_BOUNDS, durationOutOfBounds, type TrafficPolicy } from '../../config/traffic-policy.js';
-import type { LoadBalancing } from '../../proxy/pool/load-balancer.js';
-import type { MeshConfig } from '../../config/store.js';
-import { compareStrings } from '../order.js';
-import { PACKAGE_ROOT } from '../paths.js';
+import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../config/mesh.js';
+import type { Service, ServicePort } from '../config/service.js';
+import type { Workload } from '../config/snapshot.js';
+import { ROUTE_KINDS, type ServiceRoute } from '../config/route.js';
+import { DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
+import type { MeshConfig } from '../config/store.js';
+import { compareStrings } from '../shared/order.js';
+import { PACKAGE_ROOT } from '../shared/paths.js';
 
 export const PROTO_FILE = join(PACKAGE_ROOT, 'proto', 'nodemesh', 'v1', 'discovery.proto');
 /** What an agent of this build understands (Hello.capabilities). */

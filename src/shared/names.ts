@@ -1,0 +1,7 @@
+/** The shapes of names that become paths, map keys or identities: checked at every edge. */
+
+/** A Kubernetes uid (RFC 4122 text, lower case): the only thing allowed to name a pod's pin folder. */
+export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** An RFC 1123 label: namespaces, service accounts, node names. */
+export const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
