@@ -104,6 +104,7 @@ async function scopedAgentMemory(grpcAddress: string): Promise<ScopedAgentMemory
     podCidr6: { network: 'fd00:6e64::', prefix: 64 },
     cgroupSubtree: `nodemesh-benchcp-${id}`,
     namePrefix: 'nmc',
+    node: `bench-${id}`,
   });
   const pinRoot = `/sys/fs/bpf/nodemesh-benchcp-${id}`;
   const admin = await freePort();

@@ -69,6 +69,7 @@ async function main(): Promise<void> {
     podCidr6: { network: 'fd00:6e63::', prefix: 64 },
     cgroupSubtree: `nodemesh-benchmem-${id}`,
     namePrefix: 'nmm',
+    node: 'bench',
   };
   const runtime = new LocalPodRuntime(config);
   const work = await mkdtemp(join(tmpdir(), 'nodemesh-benchmem-'));

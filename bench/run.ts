@@ -68,6 +68,7 @@ async function main(): Promise<void> {
     podCidr6: { network: 'fd00:6e62::', prefix: 64 },
     cgroupSubtree: `nodemesh-bench-${id}`,
     namePrefix: 'nmb',
+    node: 'bench',
   };
   const runtime = new LocalPodRuntime(config);
   const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));

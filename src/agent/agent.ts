@@ -539,7 +539,9 @@ export class NodeAgent {
   private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>): Promise<void> {
     this.datapath.setStrictInbound(this.config.mesh.failClosedEnrollment);
     if (this.config.mesh.failClosedEnrollment) {
-      await this.datapath.enableGate(this.options.podsCgroup);
+      if (await this.datapath.enableGate(this.options.podsCgroup)) {
+        log.error({ podsCgroup: this.options.podsCgroup }, "the node's pod cgroup was removed and made again: the fail-closed gate is attached to the new one");
+      }
     } else {
       if (this.datapath.gateEnabled) {
         await this.datapath.disableGate();

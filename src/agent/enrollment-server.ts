@@ -6,7 +6,7 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 
 import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, agentAnswers, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
@@ -91,9 +91,11 @@ export class EnrollmentServer {
       this.server.closeAllConnections();
     });
     await rm(this.socketPath, { force: true });
-    // The run folder goes too when nothing else is in it (the runtime removes its state folder
-    // only once it is empty).
-    await rmdir(dirname(this.socketPath)).catch(() => undefined);
+    // The run folder goes too when nothing else is in it, and the runtime's nodes/ folder above
+    // it when no other node's agent runs (the runtime removes its state folder once it is empty).
+    const runDir = dirname(this.socketPath);
+    await rmdir(runDir).catch(() => undefined);
+    if (basename(dirname(runDir)) === 'nodes') await rmdir(dirname(runDir)).catch(() => undefined);
   }
 }
 

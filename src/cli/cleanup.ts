@@ -6,13 +6,14 @@
  * agent's run folder removed. Pods and the runtime's records of them stay: they are the
  * runtime's, not nodemesh's capture state.
  */
-import { rm, rmdir } from 'node:fs/promises';
+import { readdir, rm, rmdir } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { dirname, join, normalize } from 'node:path';
 
 import { assertPinRoot } from '../datapath/node-datapath.js';
 import { emptyReport, teardownNode, type KnownPod, type TeardownReport } from '../datapath/teardown.js';
-import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { findCgroup2Mount, removeCgroup } from '../runtime/cgroup.js';
+import { nodeCgroup, runtimeConfigFromEnv } from '../runtime/config.js';
 import { ENROLL_SOCKET, agentAnswers, agentRunDir } from '../runtime/enrollment.js';
 import { PodStore } from '../runtime/store.js';
 import { NodemeshError } from '../shared/errors.js';
@@ -23,16 +24,19 @@ import { table, type OutputFormat } from './output.js';
 const log = logger('cleanup');
 
 export interface CleanupOptions {
+  /** The node taken off: its pods' routing, its pod cgroup, its agent's run folder. */
+  readonly node: string;
   readonly pinRoot: string;
-  /** The agent's --run-dir; undefined: agent/ in the runtime's state folder. */
+  /** The agent's --run-dir; undefined: nodes/NODE in the runtime's state folder. */
   readonly runDir?: string;
   readonly force: boolean;
 }
 
 export async function cleanup(options: CleanupOptions): Promise<TeardownReport> {
   checkRoot();
-  const { stateDir } = runtimeConfigFromEnv();
-  const runDir = options.runDir ?? agentRunDir(stateDir);
+  const runtime = runtimeConfigFromEnv();
+  const { stateDir } = runtime;
+  const runDir = options.runDir ?? agentRunDir(stateDir, options.node);
   const socketPath = join(runDir, ENROLL_SOCKET);
   if (await agentAnswers(socketPath)) {
     if (!options.force) {
@@ -50,7 +54,7 @@ export async function cleanup(options: CleanupOptions): Promise<TeardownReport> 
   try {
     const { records, errors } = await new PodStore(stateDir).scan();
     for (const e of errors) log.warn({ err: e }, 'pod record skipped');
-    for (const r of records) known.push({ uid: r.uid, name: `${r.namespace}/${r.name}`, netnsPath: r.netnsPath });
+    for (const r of records.filter((p) => p.node === options.node)) known.push({ uid: r.uid, name: `${r.namespace}/${r.name}`, netnsPath: r.netnsPath });
   } catch (e) {
     log.warn({ err: e }, "the runtime's pod records cannot be read: pods are found from their links only");
   }
@@ -69,8 +73,26 @@ export async function cleanup(options: CleanupOptions): Promise<TeardownReport> 
       });
     }
     // The runtime removes its state folder when its last pod goes; with no pod left, the agent's
-    // folder was what kept it. rmdir leaves it if anything else is there.
-    if (options.runDir === undefined) await rmdir(dirname(runDir)).catch(() => undefined);
+    // folder (and nodes/ above it) was what kept it. rmdir leaves each if anything else is there.
+    if (options.runDir === undefined) {
+      await rmdir(dirname(runDir)).catch(() => undefined);
+      await rmdir(dirname(dirname(runDir))).catch(() => undefined);
+    }
+  }
+  // The node's pod cgroup outlives its pods (the gate sat on it); with the gate gone and no pod
+  // left in it, it goes, and the runtime's cgroup folders above it when they are empty.
+  const podsCgroup = nodeCgroup(await findCgroup2Mount(), runtime, options.node);
+  // While pods of the node run, it is theirs (the runtime's) and stays, as they do.
+  const podsLeft = existsSync(podsCgroup) ? (await readdir(podsCgroup, { withFileTypes: true })).filter((d) => d.isDirectory()).length : 0;
+  if (podsLeft === 0 && existsSync(podsCgroup)) {
+    try {
+      await removeCgroup(podsCgroup, dirname(dirname(dirname(podsCgroup))));
+      report.removed.push({ kind: 'cgroup', what: podsCgroup });
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EBUSY' || code === 'ENOTEMPTY') report.left.push({ kind: 'cgroup', what: podsCgroup, reason: 'pods of the node still run in it' });
+      else report.failed.push({ kind: 'cgroup', what: podsCgroup, error: new NodemeshError('NM_ERR_STATE', `the node's pod cgroup ${podsCgroup} cannot be removed: ${(e as Error).message}`, { context: { path: podsCgroup }, cause: e }) });
+    }
   }
   return report;
 }
@@ -87,11 +109,11 @@ export function formatCleanup(report: TeardownReport, format: OutputFormat): { s
 }
 
 /** The command: checks its options, cleans up, prints the report, and fails if anything could not be removed. */
-export async function cleanupCommand(opts: { bpfRoot: string; runDir?: string; force: boolean }, format: OutputFormat, out: (text: string) => void): Promise<void> {
+export async function cleanupCommand(opts: { node: string; bpfRoot: string; runDir?: string; force: boolean }, format: OutputFormat, out: (text: string) => void): Promise<void> {
   // "/sys/fs/bpf/" would be the whole bpffs: normalised, it is refused as not under it.
   const pinRoot = normalize(opts.bpfRoot).replace(/(.)\/+$/, '$1');
   assertPinRoot(pinRoot);
-  const report = await cleanup({ pinRoot, force: opts.force, ...(opts.runDir === undefined ? {} : { runDir: opts.runDir }) });
+  const report = await cleanup({ node: opts.node, pinRoot, force: opts.force, ...(opts.runDir === undefined ? {} : { runDir: opts.runDir }) });
   const printed = formatCleanup(report, format);
   out(printed.stdout);
   process.stderr.write(printed.stderr);

@@ -1,15 +1,14 @@
 /** The `nodemesh` command (design.md section 9). */
 import { Command, Option } from 'commander';
 
-import { hostname } from 'node:os';
 import { join } from 'node:path';
 
 import { NodeAgent, type AgentOptions, type EnrolledPodStatus } from '../agent/agent.js';
 import { probeBpf } from '../datapath/native.js';
-import { DEFAULT_PIN_ROOT, assertPinRoot } from '../datapath/node-datapath.js';
+import { PIN_BASE, assertPinRoot, defaultPinRoot } from '../datapath/node-datapath.js';
 import { parseHostPort } from '../shared/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
-import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { nodeCgroup, parseNodeName, runtimeConfigFromEnv } from '../runtime/config.js';
 import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
@@ -133,24 +132,25 @@ pod
   .requiredOption('--name <name>', 'pod name (DNS-1123 label)')
   .option('-n, --namespace <namespace>', 'pod namespace', 'default')
   .option('--service-account <sa>', 'service account (workload identity)', 'default')
+  .option('--node <name>', "the node the pod runs on; that node's agent captures it (default: this machine's host name)")
   .option('-l, --label <key=value>', 'pod label, repeatable', collect, [])
   .option('-d, --detach', 'return once the pod is up; remove it later with `pod rm`', false)
   .option('--enroll-timeout <time>', 'when an agent runs on the node: how long it may take to capture the pod before CMD starts (e.g. 30s)', `${DEFAULT_ENROLL_TIMEOUT_MS / 1000}s`)
   .argument('<command...>', 'command and arguments, after --')
-  .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; label: string[]; detach: boolean; enrollTimeout: string }) => {
+  .action(async (command: string[], opts: { name: string; namespace: string; serviceAccount: string; node?: string; label: string[]; detach: boolean; enrollTimeout: string }) => {
     const enrollTimeoutMs = parseDurationOption(opts.enrollTimeout, 'enroll-timeout');
     if (enrollTimeoutMs < 1 || enrollTimeoutMs > MAX_ENROLL_TIMEOUT_MS) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--enroll-timeout "${opts.enrollTimeout}" must be more than 0 and at most ${MAX_ENROLL_TIMEOUT_MS / 1000}s`, { context: { field: 'enroll-timeout' }, hint: 'give a duration such as 30s or 2m' });
     }
     await podPreflight();
     const { validatePodSpec } = await import('../runtime/pod-spec.js');
-    const spec = validatePodSpec({ name: opts.name, namespace: opts.namespace, serviceAccount: opts.serviceAccount, labels: opts.label, command });
+    const spec = validatePodSpec({ name: opts.name, namespace: opts.namespace, serviceAccount: opts.serviceAccount, labels: opts.label, command, ...(opts.node === undefined ? {} : { node: parseNodeName(opts.node) }) });
     const runtime = await podRuntime();
     const record = await runtime.create(spec, { detached: opts.detach });
     // With an agent on the node, CMD starts only once the agent has captured the pod.
     const { record: running, child } = await runtime.start(record, { enrollTimeoutMs, progress });
     if (opts.detach) {
-      out(table(['NAMESPACE', 'NAME', 'IP', 'IPV6', 'PID'], [[running.namespace, running.name, running.ip4, running.ip6, String(running.pid)]]));
+      out(table(['NAMESPACE', 'NAME', 'NODE', 'IP', 'IPV6', 'PID'], [[running.namespace, running.name, running.node, running.ip4, running.ip6, String(running.pid)]]));
       return;
     }
     const forward = (signal: NodeJS.Signals): void => void child.kill(signal);
@@ -180,8 +180,8 @@ pod
     }
     out(
       table(
-        ['NAMESPACE', 'NAME', 'STATE', 'IP', 'IPV6', 'PID', 'SERVICE ACCOUNT', 'LABELS'],
-        pods.map((p) => [p.namespace, p.name, p.state, p.ip4, p.ip6, String(p.pid ?? '-'), p.serviceAccount, Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(',') || '-']),
+        ['NAMESPACE', 'NAME', 'NODE', 'STATE', 'IP', 'IPV6', 'PID', 'SERVICE ACCOUNT', 'LABELS'],
+        pods.map((p) => [p.namespace, p.name, p.node, p.state, p.ip4, p.ip6, String(p.pid ?? '-'), p.serviceAccount, Object.entries(p.labels).map(([k, v]) => `${k}=${v}`).join(',') || '-']),
       ),
     );
   });
@@ -220,9 +220,9 @@ program
   .option('--control-plane <host:port>', "the control plane's Discovery stream (15010)")
   .option('--token-file <file>', "this node's token for the control plane (its --agent-tokens file binds it to the node)")
   .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
-  .option('--node <name>', 'node name', hostname())
-  .option('--bpf-root <path>', 'bpffs folder for pinned maps and links', DEFAULT_PIN_ROOT)
-  .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: agent/ in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
+  .option('--node <name>', "the node this agent serves: only its pods are captured (default: this machine's host name)")
+  .option('--bpf-root <path>', `bpffs folder for pinned maps and links (default: ${PIN_BASE}/NODE)`)
+  .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: nodes/NODE in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
   .option('--ready <host:port>', '/healthz/ready', '0.0.0.0:15021')
   .option('--admin <host:port>', 'admin API (pods, config)', '127.0.0.1:15000')
@@ -239,26 +239,28 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node: string; bpfRoot: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
-    assertPinRoot(opts.bpfRoot);
+  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+    const runtimeConfig = runtimeConfigFromEnv();
+    const node = parseNodeName(opts.node ?? runtimeConfig.node);
+    const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
+    assertPinRoot(pinRoot);
     if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give either --control-plane HOST:PORT or --config-dir DIR (standalone), not both or neither', {
         context: { field: 'control-plane' },
         hint: 'nodemesh agent --config-dir examples/mesh (standalone), or nodemesh agent --control-plane 127.0.0.1:15010',
       });
     }
-    const runtimeConfig = runtimeConfigFromEnv();
     const options: AgentOptions = {
-      node: opts.node,
-      podsCgroup: join(await findCgroup2Mount(), runtimeConfig.cgroupSubtree, 'pods'),
-      runDir: opts.runDir ?? agentRunDir(runtimeConfig.stateDir),
+      node,
+      podsCgroup: nodeCgroup(await findCgroup2Mount(), runtimeConfig, node),
+      runDir: opts.runDir ?? agentRunDir(runtimeConfig.stateDir, node),
       // Local pods: netns under /run/netns, addresses in the runtime's pod subnets.
       podEdge: { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
       config:
         opts.controlPlane !== undefined
           ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }) }
           : { kind: 'dir', dir: opts.configDir ?? '' },
-      pinRoot: opts.bpfRoot,
+      pinRoot,
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
       ready: parseHostPort(opts.ready, 'ready', invalid('ready')),
       admin: parseHostPort(opts.admin, 'admin', invalid('admin')),
@@ -273,7 +275,7 @@ program
     };
     const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
-    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir, { ...options.podEdge, podsCgroup: options.podsCgroup }));
+    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir, node, { ...options.podEdge, podsCgroup: options.podsCgroup }));
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
@@ -361,15 +363,17 @@ program
 program
   .command('cleanup')
   .description("take nodemesh off this node: every link and gate it attached, every pin, the in-pod routing and sysctls of live pods, the agent's run folder")
-  .option('--bpf-root <path>', "the agent's --bpf-root", DEFAULT_PIN_ROOT)
-  .option('--run-dir <dir>', "the agent's --run-dir; default: agent/ in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
+  .option('--node <name>', "the node to take nodemesh off (default: this machine's host name)")
+  .option('--bpf-root <path>', `the agent's --bpf-root (default: ${PIN_BASE}/NODE)`)
+  .option('--run-dir <dir>', "the agent's --run-dir; default: nodes/NODE in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--force', 'go on while an agent runs: it keeps running with its sockets and listeners but loses capture (and may capture pods that start later); stop it too', false)
   .addOption(new Option('-o, --output <format>', 'table or json').default('table'))
   .addHelpText('after', "\nIt refuses while an agent answers on the run folder's enrollment socket (unless\n--force), prints what it removed, and is idempotent: a second run says \"nothing\nto remove\". Pods and the runtime's records of them stay.")
-  .action(async (opts: { bpfRoot: string; runDir?: string; force: boolean; output: string }) => {
+  .action(async (opts: { node?: string; bpfRoot?: string; runDir?: string; force: boolean; output: string }) => {
     const format = parseOutputFormat(opts.output);
+    const node = parseNodeName(opts.node ?? runtimeConfigFromEnv().node);
     const { cleanupCommand } = await import('./cleanup.js');
-    await cleanupCommand(opts, format, out);
+    await cleanupCommand({ ...opts, node, bpfRoot: opts.bpfRoot ?? defaultPinRoot(node) }, format, out);
   });
 
 program

@@ -1,14 +1,15 @@
 /**
- * `nodemesh up`, what `npm run demo` runs: the control plane on examples/mesh, one node agent
- * connected to it, the example's workload pods on this machine, and a load generator pod calling
- * every Service through the mesh. It prints progress, then (on Ctrl-C or after --duration) a
- * table of requests per Service and endpoint read from the agent's metrics endpoint, and removes
- * everything it made.
+ * `nodemesh up`, what `npm run demo` runs: the control plane on examples/mesh, two nodes on this
+ * machine (an agent each, connected to it), the example's workload pods spread over both, and a
+ * load generator pod calling every Service through the mesh. It prints progress, then (on Ctrl-C
+ * or after --duration) a table of requests per Service and endpoint read from the agents' metrics
+ * endpoints, with the node that served each and whether it came over mTLS, and removes everything
+ * it made.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { hostname, tmpdir } from 'node:os';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -32,15 +33,21 @@ const APP_PORT = 8080;
 const TARGETS = ['10.96.100.10:80', '[fd00:96::100:10]:80', '10.96.100.11:80', '10.96.100.12:80'];
 /** Addresses the example has besides the targets (reviews' versions): held as blackholes too. */
 const OTHER_ADDRESSES = ['10.96.100.21', '10.96.100.22'];
-const PORTS = { grpc: 15010, cpHttp: 15014, metrics: 15020, ready: 15021, admin: 15000 } as const;
-/** The demo's agent pins under its own folder, so a real agent's pins are never touched. */
-const PIN_ROOT = '/sys/fs/bpf/nodemesh-demo/v1';
+const PORTS = { grpc: 15010, cpHttp: 15014 } as const;
+/** Each node's agent has its own host ports, as two machines would. */
+const NODE_PORTS = [
+  { metrics: 15020, ready: 15021, admin: 15000 },
+  { metrics: 15120, ready: 15121, admin: 15100 },
+] as const;
+/** The demo's agents pin under their own folder, so a real agent's pins are never touched. */
+const PIN_BASE = '/sys/fs/bpf/nodemesh-demo';
 
-const WORKLOADS: ReadonlyArray<{ name: string; labels: string[] }> = [
-  { name: 'frontend', labels: ['app=frontend', 'version=v1'] },
-  { name: 'reviews-v1', labels: ['app=reviews', 'version=v1'] },
-  { name: 'reviews-v2', labels: ['app=reviews', 'version=v2'] },
-  { name: 'ratings', labels: ['app=ratings', 'version=v1'] },
+/** `node`: 0 is this machine's node (where loadgen runs too), 1 the second node. */
+const WORKLOADS: ReadonlyArray<{ name: string; labels: string[]; node: 0 | 1 }> = [
+  { name: 'frontend', labels: ['app=frontend', 'version=v1'], node: 0 },
+  { name: 'reviews-v1', labels: ['app=reviews', 'version=v1'], node: 0 },
+  { name: 'reviews-v2', labels: ['app=reviews', 'version=v2'], node: 1 },
+  { name: 'ratings', labels: ['app=ratings', 'version=v1'], node: 1 },
 ];
 
 export interface UpOptions {
@@ -72,16 +79,35 @@ async function waitHttp(url: string, timeoutMs: number, what: string, child: Chi
   }
 }
 
-/** Counts per (Service, workload, version) from Istio's TCP metrics, as the destination side reported them. */
-export function requestsByEndpoint(metrics: string): Array<{ service: string; workload: string; version: string; connections: number; bytesIn: number; bytesOut: number }> {
-  const rows = new Map<string, { service: string; workload: string; version: string; connections: number; bytesIn: number; bytesOut: number }>();
+export interface EndpointRow {
+  service: string;
+  workload: string;
+  version: string;
+  /** connection_security_policy: mutual_tls, or none (plaintext). */
+  security: string;
+  connections: number;
+  bytesIn: number;
+  bytesOut: number;
+}
+
+/** Counts per (Service, workload, version, security) from Istio's TCP metrics, as the destination side reported them. */
+export function requestsByEndpoint(metrics: string): EndpointRow[] {
+  const rows = new Map<string, EndpointRow>();
   for (const line of metrics.split('\n')) {
     const m = /^(istio_tcp_connections_opened_total|istio_tcp_received_bytes_total|istio_tcp_sent_bytes_total)\{(.*)\} (\S+)$/.exec(line);
     if (!m) continue;
     const labels = Object.fromEntries([...(m[2] ?? '').matchAll(/(\w+)="([^"]*)"/g)].map((x) => [x[1], x[2]]));
     if (labels['reporter'] !== 'destination') continue;
-    const key = `${labels['destination_service']}|${labels['destination_workload']}|${labels['destination_version']}`;
-    const row = rows.get(key) ?? { service: labels['destination_service'] ?? '', workload: labels['destination_workload'] ?? '', version: labels['destination_version'] ?? '', connections: 0, bytesIn: 0, bytesOut: 0 };
+    const key = `${labels['destination_service']}|${labels['destination_workload']}|${labels['destination_version']}|${labels['connection_security_policy']}`;
+    const row = rows.get(key) ?? {
+      service: labels['destination_service'] ?? '',
+      workload: labels['destination_workload'] ?? '',
+      version: labels['destination_version'] ?? '',
+      security: labels['connection_security_policy'] ?? 'none',
+      connections: 0,
+      bytesIn: 0,
+      bytesOut: 0,
+    };
     const value = Number(m[3]);
     if (m[1] === 'istio_tcp_connections_opened_total') row.connections += value;
     else if (m[1] === 'istio_tcp_received_bytes_total') row.bytesIn += value;
@@ -94,12 +120,14 @@ export function requestsByEndpoint(metrics: string): Array<{ service: string; wo
 export async function up(options: UpOptions, progress: Progress, write: (text: string) => void): Promise<number> {
   progress('checking the machine (root, kernel, cgroup v2, bpffs, bpf())');
   await preflight(probeBpf);
-  for (const [what, port] of Object.entries(PORTS)) {
+  for (const [what, port] of [...Object.entries(PORTS), ...NODE_PORTS.flatMap((p, i) => Object.entries(p).map(([k, v]) => [`node ${i + 1} ${k}`, v] as const))]) {
     if (!(await portFree(port))) {
       throw new NodemeshError('NM_ERR_DEMO', `port ${port} (${what}) on 127.0.0.1 is taken: is a nodemesh agent or control plane already running?`, { context: { detail: String(port) }, hint: 'stop it (or the earlier demo) and run the demo again' });
     }
   }
-  const runtime = new LocalPodRuntime(runtimeConfigFromEnv());
+  const runtimeConfig = runtimeConfigFromEnv();
+  const runtime = new LocalPodRuntime(runtimeConfig);
+  const nodes = [runtimeConfig.node, `${runtimeConfig.node}-b`] as const;
   const work = await mkdtemp(join(tmpdir(), 'nodemesh-demo-'));
   const cleanups: Array<() => Promise<unknown>> = [async () => rm(work, { recursive: true, force: true })];
   let cleaning: Promise<void> | undefined;
@@ -150,34 +178,46 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
     const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen', `127.0.0.1:${PORTS.grpc}`, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
     await waitHttp(`http://127.0.0.1:${PORTS.cpHttp}/healthz/ready`, 15_000, 'the control plane', cp.child, cp.log);
 
-    const node = hostname();
-    progress(`starting the node agent of ${node} (metrics :${PORTS.metrics}, admin :${PORTS.admin})`);
-    cleanups.push(() => rm(PIN_ROOT.replace(/\/v1$/, ''), { recursive: true, force: true }));
-    const agent = start('agent', ['agent', '--control-plane', `127.0.0.1:${PORTS.grpc}`, '--node', node, '--bpf-root', PIN_ROOT, '--metrics', `127.0.0.1:${PORTS.metrics}`, '--ready', `127.0.0.1:${PORTS.ready}`, '--admin', `127.0.0.1:${PORTS.admin}`]);
-    await waitHttp(`http://127.0.0.1:${PORTS.ready}/healthz/ready`, 15_000, 'the agent', agent.child, agent.log);
+    cleanups.push(() => rm(PIN_BASE, { recursive: true, force: true }));
+    const agents: Array<{ child: ChildProcess; log: string }> = [];
+    for (const [i, node] of nodes.entries()) {
+      const ports = NODE_PORTS[i] ?? NODE_PORTS[0];
+      progress(`starting the agent of node ${node} (metrics :${ports.metrics}, admin :${ports.admin})`);
+      const agent = start(`agent-${node}`, ['agent', '--control-plane', `127.0.0.1:${PORTS.grpc}`, '--node', node, '--bpf-root', join(PIN_BASE, node), '--metrics', `127.0.0.1:${ports.metrics}`, '--ready', `127.0.0.1:${ports.ready}`, '--admin', `127.0.0.1:${ports.admin}`]);
+      await waitHttp(`http://127.0.0.1:${ports.ready}/healthz/ready`, 15_000, `the agent of ${node}`, agent.child, agent.log);
+      agents.push(agent);
+    }
 
     const pods: PodRecord[] = [];
     for (const w of WORKLOADS) {
-      progress(`creating pod ${NAMESPACE}/${w.name} (${w.labels.join(', ')}; echo server on :${APP_PORT})`);
-      const spec = validatePodSpec({ name: w.name, namespace: NAMESPACE, serviceAccount: w.name.replace(/-v\d$/, ''), labels: w.labels, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(APP_PORT)] });
+      progress(`creating pod ${NAMESPACE}/${w.name} on ${nodes[w.node]} (${w.labels.join(', ')}; echo server on :${APP_PORT})`);
+      const spec = validatePodSpec({ name: w.name, namespace: NAMESPACE, node: nodes[w.node], serviceAccount: w.name.replace(/-v\d$/, ''), labels: w.labels, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(APP_PORT)] });
       const record = await runtime.create(spec, { detached: true });
       cleanups.push(() => runtime.remove(record, 1000));
       const { record: running } = await runtime.start(record);
       await waitForListener(running.ip4, APP_PORT, 10_000);
       pods.push(running);
     }
-    progress(`creating pod ${NAMESPACE}/loadgen`);
+    progress(`creating pod ${NAMESPACE}/loadgen on ${nodes[0]}`);
     const loadSpec = validatePodSpec({ name: 'loadgen', namespace: NAMESPACE, serviceAccount: 'loadgen', labels: ['app=loadgen'], command: ['sleep', 'infinity'] });
     const loadRecord = await runtime.create(loadSpec, { detached: true });
     cleanups.push(() => runtime.remove(loadRecord, 1000));
     const { record: loadPod } = await runtime.start(loadRecord);
 
-    progress('waiting for the agent to enroll and verify every pod');
+    progress('waiting for the agents to enroll and verify every pod');
+    const expected = nodes.map((_, i) => WORKLOADS.filter((w) => w.node === i).length + (i === 0 ? 1 : 0));
     for (let i = 0; ; i++) {
-      const body = (await fetch(`http://127.0.0.1:${PORTS.admin}/pods`).then((r) => r.json()).catch(() => ({ pods: [] }))) as { pods: Array<{ namespace: string; verified: boolean }> };
-      const mine = body.pods.filter((p) => p.namespace === NAMESPACE);
-      if (mine.length === WORKLOADS.length + 1 && mine.every((p) => p.verified)) break;
-      if (i > 150) throw new NodemeshError('NM_ERR_DEMO', `the agent verified ${mine.filter((p) => p.verified).length} of ${WORKLOADS.length + 1} pods within 30 s`, { context: { path: agent.log }, hint: `read ${agent.log}` });
+      const verified = await Promise.all(
+        NODE_PORTS.map(async (ports) => {
+          const body = (await fetch(`http://127.0.0.1:${ports.admin}/pods`).then((r) => r.json()).catch(() => ({ pods: [] }))) as { pods: Array<{ namespace: string; verified: boolean }> };
+          return body.pods.filter((p) => p.namespace === NAMESPACE && p.verified).length;
+        }),
+      );
+      if (verified.every((n, k) => n === expected[k])) break;
+      if (i > 150) {
+        const logs = agents.map((a) => a.log).join(', ');
+        throw new NodemeshError('NM_ERR_DEMO', `the agents verified ${verified.join(' and ')} of ${expected.join(' and ')} pods within 30 s`, { context: { path: logs }, hint: `read ${logs}` });
+      }
       await sleep(200);
     }
 
@@ -185,13 +225,16 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
       [
         '',
         'the mesh is up. Look at:',
-        `  http://127.0.0.1:${PORTS.metrics}/metrics          the node's Prometheus metrics (istio_tcp_*, nodemesh_*)`,
-        `  http://127.0.0.1:${PORTS.admin}/pods  /config   the agent's enrolled pods and routing tables`,
+        ...nodes.flatMap((node, i) => [
+          `  node ${node}:`,
+          `    http://127.0.0.1:${NODE_PORTS[i]?.metrics}/metrics          its Prometheus metrics (istio_tcp_*, nodemesh_*)`,
+          `    http://127.0.0.1:${NODE_PORTS[i]?.admin}/pods  /config   its agent's enrolled pods and routing tables`,
+        ]),
         `  http://127.0.0.1:${PORTS.cpHttp}/debug/nodes     every node and its config version`,
-        `  http://127.0.0.1:${PORTS.cpHttp}/debug/snapshot?node=${node}`,
-        '  nodemesh status    nodemesh status --control-plane 127.0.0.1:15014',
-        `  edit ${EXAMPLES}/*.yaml: the agent applies it within a second`,
-        `  logs: ${work}/{control-plane,agent}.log`,
+        `  http://127.0.0.1:${PORTS.cpHttp}/debug/snapshot?node=${nodes[0]}`,
+        `  nodemesh status --admin 127.0.0.1:${NODE_PORTS[1].admin}    nodemesh status --control-plane 127.0.0.1:15014`,
+        `  edit ${EXAMPLES}/*.yaml: the agents apply it within a second`,
+        `  logs: ${work}/{control-plane,${nodes.map((n) => `agent-${n}`).join(',')}}.log`,
         '',
       ].join('\n') + '\n',
     );
@@ -203,26 +246,29 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
     const done = new Promise((resolve) => loadgen?.once('close', resolve));
     const t0 = Date.now();
     const ticker = setInterval(() => {
-      void fetch(`http://127.0.0.1:${PORTS.metrics}/metrics`)
-        .then((r) => r.text())
-        .then((m) => progress(`${Math.round((Date.now() - t0) / 1000)} s: ${requestsByEndpoint(m).reduce((n, r) => n + r.connections, 0)} requests served`))
+      void Promise.all(NODE_PORTS.map((p) => fetch(`http://127.0.0.1:${p.metrics}/metrics`).then((r) => r.text())))
+        .then((all) => progress(`${Math.round((Date.now() - t0) / 1000)} s: ${all.flatMap(requestsByEndpoint).reduce((n, r) => n + r.connections, 0)} requests served`))
         .catch(() => undefined);
     }, 5000);
     await done;
     clearInterval(ticker);
     const result = JSON.parse(output.trim().split('\n').pop() ?? '{}') as LoadResult;
-    const metrics = await fetch(`http://127.0.0.1:${PORTS.metrics}/metrics`)
-      .then((r) => r.text())
-      .catch((e: unknown) => {
-        write(`the agent's metrics could not be read (${(e as Error).message}); see ${agent.log}\n`);
-        return '';
-      });
-    const rows = requestsByEndpoint(metrics);
+    const rows: Array<EndpointRow & { node: string }> = [];
+    for (const [i, node] of nodes.entries()) {
+      const metrics = await fetch(`http://127.0.0.1:${NODE_PORTS[i]?.metrics}/metrics`)
+        .then((r) => r.text())
+        .catch((e: unknown) => {
+          write(`the metrics of node ${node} could not be read (${(e as Error).message}); see ${agents[i]?.log}\n`);
+          return '';
+        });
+      rows.push(...requestsByEndpoint(metrics).map((r) => ({ ...r, node })));
+    }
+    rows.sort((a, b) => (a.service + a.version < b.service + b.version ? -1 : 1));
     write(
-      '\nrequests per Service and endpoint (the agent\'s metrics, reporter="destination"):\n' +
+      '\nrequests per Service and endpoint (each node\'s metrics, reporter="destination"):\n' +
         table(
-          ['SERVICE', 'WORKLOAD', 'VERSION', 'REQUESTS', 'BYTES IN', 'BYTES OUT'],
-          rows.map((r) => [r.service, r.workload, r.version, String(r.connections), String(r.bytesIn), String(r.bytesOut)]),
+          ['SERVICE', 'WORKLOAD', 'VERSION', 'REQUESTS', 'BYTES IN', 'BYTES OUT', 'NODE', 'MTLS'],
+          rows.map((r) => [r.service, r.workload, r.version, String(r.connections), String(r.bytesIn), String(r.bytesOut), r.node, r.security === 'mutual_tls' ? 'yes' : 'no']),
         ),
     );
     const targets = Object.entries(result.targets ?? {});

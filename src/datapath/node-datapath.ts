@@ -7,7 +7,7 @@
  * own programs atomically) or removes them if their pod is gone.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 
 import { NodemeshError, isSystemError } from '../shared/errors.js';
@@ -16,7 +16,7 @@ import { BPF_OBJECT_DIR } from '../shared/paths.js';
 import type { Family, SocketAddress } from '../shared/address.js';
 import { NM_ROLE_INBOUND, encodeListenerKey, type OrigKey } from './abi.js';
 import { CAPTURE_PROGRAMS, OutboundCapture } from './capture.js';
-import { BpfLink, BpfObject, detachAll, type BpfMap } from './native.js';
+import { BpfLink, BpfObject, detachAll, pinnedObjectInfo, type BpfMap } from './native.js';
 import { disableInboundDelivery, enableInboundDelivery, type PodAddress } from './pod-routing.js';
 import { UUID } from '../shared/names.js';
 
@@ -26,7 +26,13 @@ const NM_COUNT_NON_TCP_STREAM = 0;
 
 const log = logger('datapath');
 
-export const DEFAULT_PIN_ROOT = '/sys/fs/bpf/nodemesh/v1';
+/** Every node's pin root is a folder of this one, named after the node. */
+export const PIN_BASE = '/sys/fs/bpf/nodemesh';
+
+/** Where a node's agent pins its maps and links unless --bpf-root says otherwise. */
+export function defaultPinRoot(node: string): string {
+  return join(PIN_BASE, node);
+}
 export const INBOUND_OBJECT = join(BPF_OBJECT_DIR, 'inbound.bpf.o');
 export const GATE_OBJECT = join(BPF_OBJECT_DIR, 'gate.bpf.o');
 const GATE_PROGRAMS = ['nm_gate4', 'nm_gate6', 'nm_gate_egress'] as const;
@@ -56,6 +62,8 @@ export class NodeDatapath {
   ) {}
 
   private gateLinks: BpfLink[] = [];
+  /** The cgroup (its id) the gate's links are attached to. */
+  private gateCgroupId: bigint | undefined;
   /** Every non-loopback address of each enrolled pod, found when its delivery routing was set up. */
   private readonly addresses = new Map<string, ReadonlyArray<PodAddress>>();
   /** What this agent wrote to nm_settings (undefined: nothing yet; an earlier agent's value may be there). */
@@ -85,7 +93,7 @@ export class NodeDatapath {
     return this.bypass.fd;
   }
 
-  static async open(pinRoot = DEFAULT_PIN_ROOT): Promise<NodeDatapath> {
+  static async open(pinRoot: string): Promise<NodeDatapath> {
     const mapDir = join(pinRoot, 'maps');
     for (const dir of [mapDir, join(pinRoot, 'pods')]) {
       try {
@@ -95,7 +103,7 @@ export class NodeDatapath {
         throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${pinRoot}: cannot make the folder ${dir}: ${(e as Error).message}`, {
           context: { field: 'bpf-root', path: dir, ...(isSystemError(e) && e.code !== undefined ? { errnoCode: e.code } : {}) },
           cause: e,
-          hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${DEFAULT_PIN_ROOT}`,
+          hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${PIN_BASE}/node-a`,
         });
       }
     }
@@ -207,11 +215,19 @@ export class NodeDatapath {
    * Fail-closed enrollment: the gate programs on the parent cgroup of all pods refuse connections
    * that capture did not rewrite, from any pod whose cgroup is not allowed. Pinned, so the gate
    * holds while the agent restarts; a pinned gate from an earlier agent is re-owned.
+   *
+   * Called on every reconcile pass. A cgroup can be removed while programs are attached to it
+   * (rmdir does not refuse), and one made again under the same name has none: so the gate is
+   * checked against the cgroup that is there now (its id is its inode), and attached again if it
+   * sits on a cgroup that is gone. Returns whether it had to be attached again.
    */
-  async enableGate(podsCgroup: string): Promise<void> {
-    if (this.gateLinks.length > 0) return;
+  async enableGate(podsCgroup: string): Promise<boolean> {
     await mkdir(podsCgroup, { recursive: true });
+    const cgroupId = (await stat(podsCgroup, { bigint: true })).ino;
+    if (this.gateLinks.length > 0 && this.gateCgroupId === cgroupId) return false;
     const dir = join(this.pinRoot, 'gate');
+    const stale = this.gateLinks.length > 0 || GATE_PROGRAMS.some((p) => existsSync(join(dir, p)) && gateCgroupOf(join(dir, p)) !== cgroupId);
+    if (stale) await this.disableGate();
     await mkdir(dir, { recursive: true });
     const links: BpfLink[] = [];
     try {
@@ -234,6 +250,8 @@ export class NodeDatapath {
       throw e;
     }
     this.gateLinks = links;
+    this.gateCgroupId = cgroupId;
+    return stale;
   }
 
   /** Removes the gate, whether this agent or an earlier one set it. */
@@ -242,6 +260,7 @@ export class NodeDatapath {
     const links = this.gateLinks.length > 0 ? this.gateLinks : GATE_PROGRAMS.filter((p) => existsSync(join(dir, p))).map((p) => BpfLink.openPinned(join(dir, p)));
     detachAll(links);
     this.gateLinks = [];
+    this.gateCgroupId = undefined;
     await rm(dir, { recursive: true, force: true });
   }
 
@@ -325,6 +344,12 @@ function cgroupKey(cgroupId: bigint): Buffer {
 
 export function assertPinRoot(path: string): void {
   if (!path.startsWith('/sys/fs/bpf/')) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${path} is not under /sys/fs/bpf`, { context: { field: 'bpf-root' }, hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${DEFAULT_PIN_ROOT}` });
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--bpf-root ${path} is not under /sys/fs/bpf`, { context: { field: 'bpf-root' }, hint: `give a folder under /sys/fs/bpf, e.g. --bpf-root ${PIN_BASE}/node-a` });
   }
+}
+
+/** The id of the cgroup a pinned cgroup link is attached to (0 once that cgroup is gone). */
+function gateCgroupOf(pin: string): bigint {
+  const id = pinnedObjectInfo(pin).fields['cgroup_id'];
+  return id === undefined ? 0n : BigInt(id);
 }

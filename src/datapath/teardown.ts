@@ -20,7 +20,7 @@ import { dirname, join } from 'node:path';
 import { NodemeshError, isNodemeshError, isSystemError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { BpfLink, pinnedObjectInfo } from './native.js';
-import { DEFAULT_PIN_ROOT } from './node-datapath.js';
+import { PIN_BASE } from './node-datapath.js';
 import { disableInboundDelivery, inboundDeliveryRouted } from './pod-routing.js';
 
 const log = logger('cleanup');
@@ -118,8 +118,8 @@ export async function teardownNode(pinRoot: string, knownPods: ReadonlyArray<Kno
       await step(report, 'pin dir', pinRoot, () => rmdir(pinRoot));
     }
   }
-  // /sys/fs/bpf/nodemesh holds one folder per map ABI version; it goes with the last of them.
-  if (pinRoot === DEFAULT_PIN_ROOT && existsSync(dirname(pinRoot)) && (await list(dirname(pinRoot))).length === 0) {
+  // /sys/fs/bpf/nodemesh holds one folder per node; it goes with the last of them.
+  if (dirname(pinRoot) === PIN_BASE && existsSync(dirname(pinRoot)) && (await list(dirname(pinRoot))).length === 0) {
     await step(report, 'pin dir', dirname(pinRoot), () => rmdir(dirname(pinRoot)));
   }
   return report;

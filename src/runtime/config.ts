@@ -3,9 +3,12 @@
  * run its own state folder, bridge, subnets and cgroup subtree so runs never share anything.
  */
 import { isIPv4, isIPv6 } from 'node:net';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
 
 import { NodemeshError } from '../shared/errors.js';
 import { ipv6Bytes, ipv6Text } from '../shared/address.js';
+import { isNodeName } from '../shared/names.js';
 
 export interface Cidr {
   readonly network: string;
@@ -23,6 +26,8 @@ export interface RuntimeConfig {
   readonly cgroupSubtree: string;
   /** Prefix of netns and veth names, so leak checks can find ours. */
   readonly namePrefix: string;
+  /** The node of pods that name none, and of an agent not given --node: this machine's. */
+  readonly node: string;
 }
 
 export const DEFAULT_RUNTIME: RuntimeConfig = {
@@ -32,6 +37,7 @@ export const DEFAULT_RUNTIME: RuntimeConfig = {
   podCidr6: { network: 'fd00:6e6d::', prefix: 64 },
   cgroupSubtree: 'nodemesh',
   namePrefix: 'nm',
+  node: defaultNodeName(),
 };
 
 export function parseCidr(text: string, family: 4 | 6, field: string): Cidr {
@@ -70,6 +76,7 @@ export function runtimeConfigFromEnv(env: NodeJS.ProcessEnv = process.env, base:
     podCidr6: env['NODEMESH_POD_CIDR6'] ? parseCidr(env['NODEMESH_POD_CIDR6'], 6, 'NODEMESH_POD_CIDR6') : base.podCidr6,
     cgroupSubtree: env['NODEMESH_CGROUP_SUBTREE'] ?? base.cgroupSubtree,
     namePrefix,
+    node: env['NODEMESH_NODE'] === undefined ? base.node : parseNodeName(env['NODEMESH_NODE'], 'NODEMESH_NODE'),
   };
 }
 
@@ -122,5 +129,35 @@ export function runtimeEnv(config: RuntimeConfig): Record<string, string> {
     NODEMESH_POD_CIDR6: `${config.podCidr6.network}/${config.podCidr6.prefix}`,
     NODEMESH_CGROUP_SUBTREE: config.cgroupSubtree,
     NODEMESH_NAME_PREFIX: config.namePrefix,
+    NODEMESH_NODE: config.node,
   };
+}
+
+/**
+ * A node name given on the command line (--node), checked: it names the node's cgroup, its
+ * bpffs folder and its agent's run folder.
+ */
+export function parseNodeName(value: string, field = 'node'): string {
+  if (!isNodeName(value)) {
+    const name = field.startsWith('NODEMESH_') ? field : `--${field}`;
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `${name} "${value}" is not a node name (a DNS-1123 subdomain: lowercase letters, digits, "-" and ".", at most 253)`, {
+      context: { field },
+      hint: `give ${name} a Kubernetes node name, e.g. node-b`,
+    });
+  }
+  return value;
+}
+
+/** This machine's node: its host name in lower case (what kubelet registers by default). */
+export function defaultNodeName(): string {
+  return hostname().toLowerCase();
+}
+
+/**
+ * The cgroup that holds every local pod of one node: the agent of that node puts its fail-closed
+ * gate on it and accepts only pods under it. Pods of different nodes never share it, so two
+ * agents on one machine never gate or enroll each other's pods.
+ */
+export function nodeCgroup(cgroupMount: string, config: Pick<RuntimeConfig, 'cgroupSubtree'>, node: string): string {
+  return join(cgroupMount, config.cgroupSubtree, 'nodes', node);
 }

@@ -19,9 +19,9 @@ import { join } from 'node:path';
 import type { Workload } from '../config/snapshot.js';
 import { NodemeshError, type ErrorCode } from '../shared/errors.js';
 
-/** The agent's run folder for the node whose runtime keeps its state in stateDir. */
-export function agentRunDir(stateDir: string): string {
-  return join(stateDir, 'agent');
+/** The run folder (enrollment socket) of a node's agent, for the runtime keeping its state in stateDir. */
+export function agentRunDir(stateDir: string, node: string): string {
+  return join(stateDir, 'nodes', node);
 }
 
 export const ENROLL_SOCKET = 'enroll.sock';

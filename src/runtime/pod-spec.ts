@@ -1,5 +1,6 @@
 /** A local pod as the user asks for it, validated once with Kubernetes' own name rules. */
 import { NodemeshError } from '../shared/errors.js';
+import { isNodeName } from '../shared/names.js';
 
 export interface PodSpec {
   readonly name: string;
@@ -7,6 +8,8 @@ export interface PodSpec {
   readonly serviceAccount: string;
   readonly labels: Readonly<Record<string, string>>;
   readonly command: ReadonlyArray<string>;
+  /** The (simulated) node the pod runs on, whose agent captures it; undefined: the runtime's node. */
+  readonly node: string | undefined;
 }
 
 const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
@@ -70,6 +73,7 @@ export function validatePodSpec(input: {
   serviceAccount?: string;
   labels?: ReadonlyArray<string>;
   command: ReadonlyArray<string>;
+  node?: string;
 }): PodSpec {
   const namespace = input.namespace ?? 'default';
   const ids = { name: input.name, namespace };
@@ -81,5 +85,7 @@ export function validatePodSpec(input: {
   }
   const labels = parseLabels(input.labels ?? [], ids);
   if (input.command.length === 0 || !input.command[0]) throw invalid('command', 'no command given (nodemesh pod run ... -- CMD ARGS)', ids);
-  return { name: input.name, namespace, serviceAccount, labels, command: [...input.command] };
+  const node = input.node;
+  if (node !== undefined && !isNodeName(node)) throw invalid('node', `"${node}" must be a node name (a DNS subdomain, at most 253 characters)`, ids);
+  return { name: input.name, namespace, serviceAccount, labels, command: [...input.command], node };
 }

@@ -8,12 +8,12 @@
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
 import { closeSync, openSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, waitForCgroupMember } from './cgroup.js';
-import { hostAddress, podCapacity, type RuntimeConfig } from './config.js';
+import { hostAddress, nodeCgroup, podCapacity, type RuntimeConfig } from './config.js';
 import { bestEffort, CommandFailed, ip, resolveExecutable } from '../shared/exec.js';
 import type { PodSpec } from './pod-spec.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, agentRunDir, drainPod, handOverPod, type EnrollPod, type HandOver } from './enrollment.js';
@@ -57,8 +57,9 @@ export class LocalPodRuntime {
     this.store = new PodStore(config.stateDir);
   }
 
-  private async cgroupBase(): Promise<string> {
-    return join(await findCgroup2Mount(), this.config.cgroupSubtree);
+  /** The cgroup of all pods of a node (the node agent's gate sits on it). */
+  private async nodeCgroup(node: string): Promise<string> {
+    return nodeCgroup(await findCgroup2Mount(), this.config, node);
   }
 
   private names(spec: Pick<PodSpec, 'namespace' | 'name'>): { netns: string; hostVeth: string; peerVeth: string } {
@@ -70,7 +71,8 @@ export class LocalPodRuntime {
 
   /** Creates the pod's network and cgroup and records it; the command is not started yet. */
   async create(spec: PodSpec, options: { detached: boolean }): Promise<PodRecord> {
-    const cgroupBase = await this.cgroupBase();
+    const node = spec.node ?? this.config.node;
+    const podsCgroup = await this.nodeCgroup(node);
     const executable = await resolveExecutable(spec.command[0] ?? '');
     if (!executable) {
       throw new NodemeshError('NM_ERR_POD_COMMAND', `command "${spec.command[0]}" not found or not executable`, {
@@ -98,6 +100,7 @@ export class LocalPodRuntime {
       const names = this.names(spec);
       const record: PodRecord = {
         uid: randomUUID(),
+        node,
         name: spec.name,
         namespace: spec.namespace,
         serviceAccount: spec.serviceAccount,
@@ -107,7 +110,7 @@ export class LocalPodRuntime {
         slot,
         netns: names.netns,
         netnsPath: `/run/netns/${names.netns}`,
-        cgroupPath: join(cgroupBase, 'pods', `${spec.namespace}_${spec.name}`),
+        cgroupPath: join(podsCgroup, `${spec.namespace}_${spec.name}`),
         hostVeth: names.hostVeth,
         bridge: this.config.bridge,
         command: [executable, ...spec.command.slice(1)],
@@ -198,7 +201,7 @@ export class LocalPodRuntime {
   async start(record: PodRecord, options: StartOptions = {}): Promise<{ record: PodRecord; child: ChildProcess; enrollment: HandOver }> {
     let enrollment: HandOver;
     try {
-      enrollment = await handOverPod(agentRunDir(this.config.stateDir), enrollPod(record), options.enrollTimeoutMs ?? DEFAULT_ENROLL_TIMEOUT_MS, () =>
+      enrollment = await handOverPod(agentRunDir(this.config.stateDir, record.node), enrollPod(record), options.enrollTimeoutMs ?? DEFAULT_ENROLL_TIMEOUT_MS, () =>
         options.progress?.(`waiting for the node agent to capture pod ${record.namespace}/${record.name}`),
       );
     } catch (e) {
@@ -263,7 +266,7 @@ export class LocalPodRuntime {
   async remove(record: PodRecord, graceMs = 5_000): Promise<void> {
     // Out of its Services' endpoints first, then SIGTERM (Kubernetes' order): connections that
     // would have been sent to a pod that is stopping go elsewhere.
-    await drainPod(agentRunDir(this.config.stateDir), record.uid);
+    await drainPod(agentRunDir(this.config.stateDir, record.node), record.uid);
     await stopCgroupProcesses(record.cgroupPath, graceMs).catch((e: unknown) => {
       log.warn({ pod: record.name, namespace: record.namespace, err: e }, 'stopping pod processes failed');
     });
@@ -281,8 +284,9 @@ export class LocalPodRuntime {
     };
     if (made.veth) await bestEffort(() => ip('link', 'del', r.hostVeth), note(`delete veth ${r.hostVeth}`));
     if (made.netns) await bestEffort(() => ip('netns', 'del', r.netns), note(`delete netns ${r.netns}`));
-    const base = await this.cgroupBase();
-    if (made.cgroup) await bestEffort(() => removeCgroup(r.cgroupPath, join(base, '..')), note(`remove cgroup ${r.cgroupPath}`));
+    // Only the pod's own cgroup goes: the node's cgroup above it may carry the agent's gate, and
+    // one removed and made again would not (a cgroup's BPF programs die with it).
+    if (made.cgroup) await bestEffort(() => removeCgroup(r.cgroupPath, dirname(r.cgroupPath)), note(`remove cgroup ${r.cgroupPath}`));
     await this.store.remove(r);
     const others = (await this.store.list()).filter((o) => o.bridge === r.bridge);
     if (others.length === 0) {

@@ -8,9 +8,12 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { NodemeshError } from '../shared/errors.js';
+import { defaultNodeName } from './config.js';
 
 export interface PodRecord {
   readonly uid: string;
+  /** The node whose agent captures the pod. */
+  readonly node: string;
   readonly name: string;
   readonly namespace: string;
   readonly serviceAccount: string;
@@ -121,7 +124,9 @@ export class PodStore {
 
   private async read(path: string): Promise<PodRecord> {
     try {
-      return JSON.parse(await readFile(path, 'utf8')) as PodRecord;
+      const record = JSON.parse(await readFile(path, 'utf8')) as PodRecord;
+      // Records written before pods had a node are this machine's node's.
+      return typeof record.node === 'string' ? record : { ...record, node: defaultNodeName() };
     } catch (e) {
       // Not the record's fault: the state folder (or a folder above it) is a file.
       if ((e as NodeJS.ErrnoException).code === 'ENOTDIR') throw stateDirError(e, this.podsDir);

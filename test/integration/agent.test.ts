@@ -13,7 +13,7 @@ import { test } from 'node:test';
 
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
-import { hostAddress } from '../../src/runtime/config.js';
+import { hostAddress, nodeCgroup } from '../../src/runtime/config.js';
 import { run } from '../../src/shared/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent, type AgentConfigDump } from '../support/agent.js';
@@ -208,7 +208,7 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
 
   // A workload in the pods cgroup that the agent has not verified (here: one it does not know
   // at all) cannot open a connection past the mesh.
-  const podsCgroup = join(await findCgroup2Mount(), sb.config.cgroupSubtree, 'pods');
+  const podsCgroup = nodeCgroup(await findCgroup2Mount(), sb.config, sb.config.node);
   const intruder = join(podsCgroup, 'not-yet-enrolled');
   await mkdir(intruder);
   sb.defer(() => rmdir(intruder));

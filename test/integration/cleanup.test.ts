@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
+import { agentRunDir } from '../../src/runtime/enrollment.js';
 import { run } from '../../src/shared/exec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { serviceYaml, startAgent } from '../support/agent.js';
@@ -99,7 +100,7 @@ test('cleanup: after the agent stopped, nothing of nodemesh is left and pods rea
   // The pins outlive the agent: capture holds (nothing listens on 15001 now). SIGKILL leaves its
   // enrollment socket behind: a socket nobody answers on is no running agent.
   await agent.kill('SIGKILL');
-  assert.ok(existsSync(join(sb.config.stateDir, 'agent', 'enroll.sock')));
+  assert.ok(existsSync(join(agentRunDir(sb.config.stateDir, sb.config.node), 'enroll.sock')));
   assert.deepEqual(pins(agent.pinRoot), pinned);
   assert.equal((await sb.dialFrom(client, server.record.ip4, 8080)).error, 'ECONNREFUSED', 'still captured after the agent stopped');
   // A pod that goes while no agent runs: its pins stay, its links hold nothing any more, its
@@ -110,7 +111,7 @@ test('cleanup: after the agent stopped, nothing of nodemesh is left and pods rea
   const r = await cli(['cleanup', '--bpf-root', agent.pinRoot], sb.env);
   assert.equal(r.code, 0, r.stderr);
   const rows = tableRows(r.stdout);
-  const runDir = join(sb.config.stateDir, 'agent');
+  const runDir = agentRunDir(sb.config.stateDir, sb.config.node);
   const expected = [
     ...linkPins.map((p) => ['link', p]),
     ...pinned.filter((p) => p.startsWith('maps/')).map((p) => ['pin', p]),
@@ -173,7 +174,7 @@ test('cleanup: refuses while an agent runs; --force takes its capture, finding p
   // No records, as on a Kubernetes node: the pods' netns come from their sk_lookup links.
   const noRecords = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-norecords-`));
   sb.defer(() => rm(noRecords, { recursive: true, force: true }));
-  const runDir = join(sb.config.stateDir, 'agent');
+  const runDir = agentRunDir(sb.config.stateDir, sb.config.node);
   const forced = await cli(['cleanup', '--force', '--bpf-root', agent.pinRoot, '--run-dir', runDir, '-o', 'json'], { ...sb.env, NODEMESH_STATE_DIR: noRecords });
   assert.equal(forced.code, 0, forced.stderr);
   const report = JSON.parse(forced.stdout) as { removed: Array<{ kind: string; what: string }>; left: unknown[]; failed: unknown[] };

@@ -12,19 +12,22 @@ import { ip } from '../../src/shared/exec.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { collect, createSandbox } from '../support/sandbox.js';
 
-test('demo: the example mesh serves every Service, the reviews canary splits 75/25, and it cleans up', async (t) => {
+test('demo: the example mesh on two nodes serves every Service, the reviews canary splits 75/25, and it cleans up', async (t) => {
   const sb = await createSandbox(t);
   const child = spawn(process.execPath, [CLI_ENTRY, 'up', '--duration', '4s', '--rate', '5'], { env: sb.env, stdio: ['ignore', 'pipe', 'pipe'] });
   const { code, stdout, stderr } = await collect(child);
   assert.equal(code, 0, `demo failed:\n${stdout}\n${stderr}`);
   const rows = stdout.split('\n').filter((l) => /\.shop\.svc\.cluster\.local/.test(l)).map((l) => l.split(/\s+/));
+  // SERVICE WORKLOAD VERSION REQUESTS BYTES-IN BYTES-OUT NODE MTLS: the pods are spread over the
+  // sandbox's node (with loadgen) and a second one.
+  const [a, b] = [sb.config.node, `${sb.config.node}-b`];
   assert.deepEqual(
-    rows.map((r) => [r[0], r[2]]),
+    rows.map((r) => [r[0], r[2], r[6]]),
     [
-      ['frontend.shop.svc.cluster.local', 'v1'],
-      ['ratings.shop.svc.cluster.local', 'v1'],
-      ['reviews-v1.shop.svc.cluster.local', 'v1'],
-      ['reviews-v2.shop.svc.cluster.local', 'v2'],
+      ['frontend.shop.svc.cluster.local', 'v1', a],
+      ['ratings.shop.svc.cluster.local', 'v1', b],
+      ['reviews-v1.shop.svc.cluster.local', 'v1', a],
+      ['reviews-v2.shop.svc.cluster.local', 'v2', b],
     ],
   );
   // The canary route: reviews' connections go 3:1 to v1 and v2 (smooth weighted round robin).

@@ -124,7 +124,7 @@ test('hand-over: refused requests name the field, a pod the mesh leaves out star
     'ns.yaml': 'apiVersion: v1\nkind: Namespace\nmetadata: {name: skipped, labels: {nodemesh.io/capture: disabled}}\n',
   });
   const agent = await startAgent(sb, { controlPlane: cp.address });
-  const socketPath = join(agentRunDir(sb.config.stateDir), ENROLL_SOCKET);
+  const socketPath = join(agentRunDir(sb.config.stateDir, sb.config.node), ENROLL_SOCKET);
 
   const post = (body: string): Promise<{ status: number; body: string }> =>
     new Promise((resolve, reject) => {
@@ -193,5 +193,5 @@ test('hand-over: refused requests name the field, a pod the mesh leaves out star
 
   // A stopped agent leaves no run folder behind (the runtime's state folder can go when empty).
   await agent.kill('SIGTERM');
-  assert.equal(existsSync(agentRunDir(sb.config.stateDir)), false, 'run folder removed');
+  assert.equal(existsSync(agentRunDir(sb.config.stateDir, sb.config.node)), false, 'run folder removed');
 });

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
+import { nodeCgroup } from '../../src/runtime/config.js';
 import { run } from '../../src/shared/exec.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import { waitForListener } from '../../src/runtime/wait.js';
@@ -210,7 +211,7 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS, and no ICMP from
   await new Promise((r) => setTimeout(r, 1000));
   const send = `const s=require('dgram').createSocket('udp4');s.send('x',Number(process.argv[2]),process.argv[1],(e)=>{console.log(e?e.code:'sent');s.close()})`;
   // A process in the pods' cgroup tree the agent has not verified (it does not know it at all).
-  const podsCgroup = join(await findCgroup2Mount(), sb.config.cgroupSubtree, 'pods');
+  const podsCgroup = nodeCgroup(await findCgroup2Mount(), sb.config, sb.config.node);
   const intruder = join(podsCgroup, 'not-yet-enrolled');
   await mkdir(intruder);
   sb.defer(() => rmdir(intruder));

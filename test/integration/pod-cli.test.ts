@@ -1,11 +1,14 @@
 /** `nodemesh pod run | list | rm` as a user runs them: real processes, namespaces and cgroups. */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { ip } from '../../src/shared/exec.js';
 import { isAlive } from '../../src/runtime/pods.js';
+import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
+import { nodeCgroup } from '../../src/runtime/config.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { cli, collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 
@@ -21,11 +24,17 @@ async function linkExists(name: string): Promise<boolean> {
   );
 }
 
+/**
+ * Nothing of the pods is left. The node's pod cgroup stays, empty: it is the node's (an agent's
+ * fail-closed gate may sit on it), and `nodemesh cleanup` removes it.
+ */
 async function assertNothingMade(sb: Sandbox): Promise<void> {
   assert.deepEqual(await sb.runtime.list(), []);
   assert.deepEqual((await netnsNames()).filter((n) => n.startsWith('nmt_')), []);
   assert.equal(await linkExists(sb.config.bridge), false, 'bridge removed');
-  assert.equal(existsSync(`/sys/fs/cgroup/unified/${sb.config.cgroupSubtree}`) || existsSync(`/sys/fs/cgroup/${sb.config.cgroupSubtree}`), false, 'cgroup subtree removed');
+  const nodeDir = nodeCgroup(await findCgroup2Mount(), sb.config, sb.config.node);
+  assert.deepEqual(readdirSync(nodeDir, { withFileTypes: true }).filter((d) => d.isDirectory()).map((d) => d.name), [], 'no pod cgroup left');
+  assert.equal(readFileSync(join(nodeDir, 'cgroup.procs'), 'utf8'), '', 'no process in the node cgroup');
 }
 
 test('pod run in the foreground passes the exit code on and removes the pod', async (t) => {
@@ -33,18 +42,24 @@ test('pod run in the foreground passes the exit code on and removes the pod', as
   const r = await cli(['pod', 'run', '--name', 'fg', '--', 'sh', '-c', 'ip -o addr show eth0 | grep -q "inet " && exit 7'], sb.env);
   assert.equal(r.code, 7, r.stderr);
   await assertNothingMade(sb);
+  // cleanup takes the node off: its (empty) pod cgroup and the runtime's cgroup folders go.
+  const cleaned = await cli(['cleanup', '-o', 'json'], sb.env);
+  assert.equal(cleaned.code, 0, cleaned.stderr);
+  const nodeDir = nodeCgroup(await findCgroup2Mount(), sb.config, sb.config.node);
+  assert.deepEqual((JSON.parse(cleaned.stdout) as { removed: unknown[] }).removed, [{ kind: 'cgroup', what: nodeDir }]);
+  assert.equal(existsSync(join(nodeDir, '..', '..')), false, 'cgroup subtree removed');
 });
 
 test('pod run --detach, list (table and json), rm', async (t) => {
   const sb = await createSandbox(t);
   const run = await cli(['pod', 'run', '--name', 'web', '-n', 'shop', '--service-account', 'web-sa', '-l', 'app=web', '-l', 'version=v1', '--detach', '--', 'sleep', 'infinity'], sb.env);
   assert.equal(run.code, 0, run.stderr);
-  assert.match(run.stdout, /^NAMESPACE\s+NAME\s+IP\s+IPV6\s+PID\nshop\s+web\s+10\.201\./);
+  assert.match(run.stdout, new RegExp(`^NAMESPACE\\s+NAME\\s+NODE\\s+IP\\s+IPV6\\s+PID\\nshop\\s+web\\s+${sb.config.node}\\s+10\\.201\\.`));
 
   const table = await cli(['pod', 'list'], sb.env);
   assert.equal(table.code, 0, table.stderr);
-  assert.match(table.stdout, /^NAMESPACE\s+NAME\s+STATE\s+IP/);
-  assert.match(table.stdout, /shop\s+web\s+running\s+10\.201\.\d+\.2\s+fd00:6e74:[0-9a-f]+::2\s+\d+\s+web-sa\s+app=web,version=v1/);
+  assert.match(table.stdout, /^NAMESPACE\s+NAME\s+NODE\s+STATE\s+IP/);
+  assert.match(table.stdout, /shop\s+web\s+test-[0-9a-f]+\s+running\s+10\.201\.\d+\.2\s+fd00:6e74:[0-9a-f]+::2\s+\d+\s+web-sa\s+app=web,version=v1/);
 
   const json = await cli(['pod', 'list', '-o', 'json'], sb.env);
   const pods = JSON.parse(json.stdout) as Array<{ name: string; namespace: string; state: string; netns: string; cgroupPath: string; hostVeth: string; pid: number; labels: Record<string, string> }>;

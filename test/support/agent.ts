@@ -52,14 +52,19 @@ export function metricValue(text: string, name: string, labels: Record<string, s
 /** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
 export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string };
 
-export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string> } = {}): Promise<AgentProcess> {
+/**
+ * `node`: the node the agent serves (default: the sandbox's node, where its pods go unless they
+ * name another); each node has its own pin root, ports and run folder.
+ */
+export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string>; node?: string } = {}): Promise<AgentProcess> {
+  const node = options.node ?? sb.config.node;
   const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile');
   const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
   const tokenFile = isRemote ? (source as { tokenFile?: string }).tokenFile : undefined;
   const config: Record<string, string> = controlPlane === undefined ? (source as Record<string, string>) : {};
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
-  const pinRoot = join(sb.bpffsDir, 'agent');
+  const pinRoot = join(sb.bpffsDir, node === sb.config.node ? 'agent' : `agent-${node}`);
   const [metrics, ready, admin] = [await freePort(), await freePort(), await freePort()];
   let output = '';
   const spawnAgent = (): ChildProcess => {
@@ -67,7 +72,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     const [command = process.execPath, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
     const child = spawn(
       command,
-      [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', `test-${sb.id}`, ...(options.args ?? [])],
+      [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', node, ...(options.args ?? [])],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));

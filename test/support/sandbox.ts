@@ -5,7 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TestContext } from 'node:test';
@@ -15,6 +15,7 @@ import { LocalPodRuntime } from '../../src/runtime/pods.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
+import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { ensureBpffs } from '../../src/cli/preflight.js';
@@ -33,9 +34,9 @@ export interface Sandbox {
   /** Environment for CLI processes that should use this sandbox. */
   readonly env: NodeJS.ProcessEnv;
   /** Starts a pod running `nodemesh debug echo-server`; connections() excludes the readiness probe. */
-  echoPod(name: string, port: number, labels?: string[]): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
+  echoPod(name: string, port: number, labels?: string[], options?: PodOptions): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
   /** A pod whose own command just sleeps; tests exec into it. */
-  idlePod(name: string, labels?: string[]): Promise<PodRecord>;
+  idlePod(name: string, labels?: string[], options?: PodOptions): Promise<PodRecord>;
   /** Runs `nodemesh debug dial` inside a pod and returns its result. */
   dialFrom(pod: PodRecord, host: string, port: number, options?: { bytes?: number; mark?: boolean; holdMs?: number }): Promise<DialResult>;
   /** Holds a host blackhole route for a service address until cleanup. */
@@ -43,6 +44,12 @@ export interface Sandbox {
   /** Registers an extra cleanup step (runs first-in, last-out). */
   defer(step: () => Promise<unknown> | unknown): void;
   cleanup(): Promise<void>;
+}
+
+/** Where a test pod runs (default: the sandbox's node) and as whom (default: the default service account). */
+export interface PodOptions {
+  readonly node?: string;
+  readonly serviceAccount?: string;
 }
 
 export async function createSandbox(t: TestContext): Promise<Sandbox> {
@@ -55,6 +62,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
     podCidr6: { network: `fd00:6e74:${octet.toString(16)}::`, prefix: 64 },
     cgroupSubtree: `${TEST_CGROUP_PREFIX}${id}`,
     namePrefix: TEST_PREFIX,
+    node: `test-${id}`,
   };
   const runtime = new LocalPodRuntime(config);
   const bpffsDir = `${TEST_BPFFS_PREFIX}${id}`;
@@ -69,9 +77,9 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
     runtime,
     bpffsDir,
     env,
-    async echoPod(name, port, labels = ['app=echo']) {
+    async echoPod(name, port, labels = ['app=echo'], options = {}) {
       const log = join(config.stateDir, `${name}.connections.jsonl`);
-      const spec = validatePodSpec({ name, labels, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
+      const spec = validatePodSpec({ name, labels, ...options, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
       const record = await runtime.create(spec, { detached: true });
       const { record: running } = await runtime.start(record);
       await waitForListener(running.ip4, port, 10_000);
@@ -79,8 +87,8 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       const connections = async (): Promise<ConnectionLogEntry[]> => (await readConnectionLog(log)).filter((c) => c.address !== host);
       return { record: running, connections };
     },
-    async idlePod(name, labels = []) {
-      const spec = validatePodSpec({ name, labels, command: ['sleep', 'infinity'] });
+    async idlePod(name, labels = [], options = {}) {
+      const spec = validatePodSpec({ name, labels, ...options, command: ['sleep', 'infinity'] });
       const record = await runtime.create(spec, { detached: true });
       return (await runtime.start(record)).record;
     },
@@ -117,12 +125,27 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
         await runtime.remove(pod, 500).catch((e: unknown) => errors.push(e));
       }
       await rm(bpffsDir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
+      // The nodes' pod cgroups outlive their pods (the gates sat on them): the subtree goes last.
+      await removeEmptyCgroups(join(await findCgroup2Mount(), config.cgroupSubtree)).catch((e: unknown) => errors.push(e));
       await rm(config.stateDir, { recursive: true, force: true });
       if (errors.length > 0) throw new AggregateError(errors, `sandbox ${id} cleanup failed`);
     },
   };
   t.after(() => sandbox.cleanup());
   return sandbox;
+}
+
+/** rmdir of a cgroup folder and, first, of every cgroup below it (each must be empty of processes). */
+async function removeEmptyCgroups(dir: string): Promise<void> {
+  let children;
+  try {
+    children = await readdir(dir, { withFileTypes: true });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  for (const c of children) if (c.isDirectory()) await removeEmptyCgroups(join(dir, c.name));
+  await rmdir(dir);
 }
 
 export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {

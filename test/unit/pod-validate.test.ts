@@ -62,18 +62,20 @@ test('subnets: addresses inside and outside', () => {
   assert.equal(cidrContains({ network: 'fd00:6e6d::', prefix: 64 }, 6, 'fd00:6e6d:0:1::1'), false);
 });
 
-test('pod records: a bad record and a second claim of an address are problems naming the record', async (t) => {
+test("pod records: a bad record and a second claim of an address are problems naming the record; another node's pods are not this node's", async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   await mkdir(join(dir, 'pods'));
   const record = (over: Record<string, unknown>): string =>
-    JSON.stringify({ ...POD, slot: 2, netns: 'x', hostVeth: 'v', bridge: 'b', command: ['true'], detached: true, logPath: null, pid: 1, phase: 'running', createdAt: '2026-01-01T00:00:00Z', ...over });
+    JSON.stringify({ ...POD, slot: 2, netns: 'x', hostVeth: 'v', bridge: 'b', command: ['true'], detached: true, logPath: null, pid: 1, phase: 'running', createdAt: '2026-01-01T00:00:00Z', node: 'node-a', ...over });
   // The netns of the good pod must exist for it to be listed: use one that does on any machine.
   const edge: PodEdge = { ...EDGE, netnsDir: '/proc/self/ns' };
   await writeFile(join(dir, 'pods', 'shop_a.json'), record({ name: 'a', netnsPath: '/proc/self/ns/net', cgroupPath: '/sys/fs/cgroup/nodemesh/pods/shop_a' }));
   await writeFile(join(dir, 'pods', 'shop_b.json'), record({ name: 'b', uid: '1f8fad5b-d9cb-469f-a165-70867728950e', netnsPath: '/proc/self/ns/net', cgroupPath: '/sys/fs/cgroup/nodemesh/pods/shop_b' }));
   await writeFile(join(dir, 'pods', 'shop_c.json'), record({ name: 'c', uid: '../../../../etc' }));
-  const { pods, problems } = await new LocalRuntimePodSource(dir, edge).list();
+  // Node B's pod, even one that would be refused here, is neither listed nor a problem of node A.
+  await writeFile(join(dir, 'pods', 'shop_d.json'), record({ name: 'd', uid: '../../../../tmp', node: 'node-b' }));
+  const { pods, problems } = await new LocalRuntimePodSource(dir, 'node-a', edge).list();
   assert.deepEqual(
     problems.map((p) => [p.name, p.reason, p.message]),
     [

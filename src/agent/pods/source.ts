@@ -39,9 +39,10 @@ export class LocalRuntimePodSource implements PodSource {
   /** One NodePod object per record object, so an unchanged pod is the same object on every pass. */
   private readonly nodePods = new WeakMap<PodRecord, NodePod>();
 
-  /** `edge`: what a record must satisfy (pod cgroups, netns folder, pod subnets). */
+  /** `node`: the node served (records of other nodes are not its pods); `edge`: what a record must satisfy (pod cgroups, netns folder, pod subnets). */
   constructor(
     stateDir: string,
+    private readonly node: string,
     private readonly edge: PodEdge,
   ) {
     this.store = new PodStore(stateDir);
@@ -59,7 +60,7 @@ export class LocalRuntimePodSource implements PodSource {
     // An address is one pod's: a second record claiming it would take over its inbound listener.
     const owners = new Map<string, string>();
     for (const r of records) {
-      if (r.phase !== 'running') continue;
+      if (r.phase !== 'running' || r.node !== this.node) continue;
       const id = { uid: String(r.uid), namespace: String(r.namespace), name: String(r.name) };
       try {
         checkPodFields(r, this.edge);
