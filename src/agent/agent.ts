@@ -19,6 +19,7 @@ import { logger } from '../shared/log.js';
 import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
+import type { CertificateManager } from '../identity/certificates.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
 import { json, serveHttp, type HostPort } from '../shared/http.js';
@@ -58,7 +59,15 @@ export interface AgentOptions {
   readonly maxConnectionsPerPod?: number;
 }
 
-export type ConfigFeed = { readonly kind: 'dir'; readonly dir: string } | { readonly kind: 'control-plane'; readonly address: HostPort; readonly tokenFile?: string };
+export type ConfigFeed =
+  | { readonly kind: 'dir'; readonly dir: string }
+  | {
+      readonly kind: 'control-plane';
+      readonly address: HostPort;
+      readonly tokenFile?: string;
+      /** PEM roots from --ca-root: the control plane is dialled over TLS and checked against them. */
+      readonly caRoots?: string;
+    };
 
 /** The config the control plane sent for this node: applied whole, under the control plane's version. */
 export interface RemoteConfig {
@@ -79,6 +88,10 @@ export interface EnrolledPodStatus {
   readonly verified: boolean;
   /** The proxy holds the pod's config (with a control plane: the snapshot applied covers the pod). */
   readonly configured: boolean;
+  /** The pod's workload identity (spiffe://...). */
+  readonly identity: string;
+  /** The node holds a valid certificate for that identity (always true without a control plane: no CA). */
+  readonly certified: boolean;
   readonly connections: number;
   readonly enrolledAt: string;
 }
@@ -120,6 +133,8 @@ export class NodeAgent {
   private store: ConfigStore | undefined;
   /** Control plane mode: the Discovery stream. */
   private cpClient: ControlPlaneClient | undefined;
+  /** The node's workload certificates (with a control plane, whose CA signs them). */
+  private certificates: CertificateManager | undefined;
   /** Control plane mode: the last snapshot applied. */
   private remote: RemoteConfig | undefined;
   /** Every pod on the node (the source's and the handed-over ones). */
@@ -194,12 +209,23 @@ export class NodeAgent {
         // would retry it forever, as it does at a reconnect while the token is rotated).
         if (options.config.tokenFile !== undefined) await readTokenFile(options.config.tokenFile);
         const m = metrics;
-        agent.cpClient = new ControlPlaneClient(options.config.address, options.node, agent, {
+        const client = new ControlPlaneClient(options.config.address, options.node, agent, {
           onAck: () => m.snapshots.inc({ result: 'applied' }),
           onNack: () => m.snapshots.inc({ result: 'rejected' }),
           onConnected: (up) => m.controlPlaneConnected.set(up ? 1 : 0),
-        }, options.config.tokenFile);
-        agent.cpClient.start();
+        }, options.config.tokenFile, options.config.caRoots);
+        agent.cpClient = client;
+        const { CertificateManager } = await import('../identity/certificates.js');
+        const { splitPem } = await import('../identity/x509.js');
+        const self = agent;
+        agent.certificates = new CertificateManager({ sign: (csr) => client.sign(csr) }, options.config.caRoots === undefined ? [] : splitPem(options.config.caRoots), {
+          onIssued: () => {
+            self.recordCertificates();
+            self.settleEnrollWaiters();
+          },
+          onResult: (result) => m.certificateRequests.inc({ result }),
+        });
+        client.start();
       }
       await agent.reconcile();
       agent.stopWatch = source.watch(() => void agent?.reconcile());
@@ -226,8 +252,9 @@ export class NodeAgent {
           const enrolled = [...this.enrolled.values()];
           const notVerified = enrolled.filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
           const notConfigured = enrolled.filter((e) => !this.configured(e.pod.uid)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          const ok = this.configLoaded && this.reconciled && notVerified.length === 0 && notConfigured.length === 0;
-          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified, notConfigured }, ok ? 200 : 503);
+          const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+          const ok = this.configLoaded && this.reconciled && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
+          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
         },
       }, 'ready'),
     );
@@ -239,6 +266,7 @@ export class NodeAgent {
             configVersion: this.version,
             ...(this.cpClient ? { controlPlane: { connected: this.cpClient.isConnected(), version: this.remote?.version ?? 0 } } : {}),
             pods: this.status(),
+            certificates: this.certificates?.status() ?? [],
           }),
         '/config': async () => json(this.configDump()),
         '/debug/memory': async () => json({ ...process.memoryUsage(), pods: this.enrolled.size }),
@@ -256,6 +284,8 @@ export class NodeAgent {
         ip6: e.pod.ip6,
         verified: e.verified,
         configured: this.configured(e.pod.uid),
+        identity: this.identityOf(e.pod),
+        certified: this.certified(e.pod),
         connections: this.proxy.activeConnections(e.pod.uid),
         enrolledAt: e.enrolledAt,
       }))
@@ -303,6 +333,34 @@ export class NodeAgent {
     return this.configLoaded && (this.cpClient === undefined || this.remoteUids.has(uid));
   }
 
+  /** A pod's workload identity, in the mesh config's trust domain. */
+  private identityOf(p: Pick<NodePod, 'namespace' | 'serviceAccount'>): string {
+    return `spiffe://${this.config.mesh.trustDomain}/ns/${p.namespace}/sa/${p.serviceAccount}`;
+  }
+
+  /** Whether the node holds a valid certificate for the pod's identity (without a CA, there is nothing to hold). */
+  private certified(p: Pick<NodePod, 'namespace' | 'serviceAccount'>): boolean {
+    return this.certificates === undefined || this.certificates.caAbsent() || this.certificates.get(this.identityOf(p)) !== undefined;
+  }
+
+  /**
+   * The identities the node needs certificates for: those of its served pods that are in the
+   * mesh. A pod is reported to the control plane once served, and the CA signs only identities
+   * of pods a node reported, so a certificate is asked for once its first pod is served.
+   */
+  private syncIdentities(): void {
+    if (!this.certificates) return;
+    this.certificates.sync(new Set(this.served.filter((p) => this.wants(p)).map((p) => this.identityOf(p))));
+    this.recordCertificates();
+  }
+
+  /** The expiry of each certificate held, as a gauge. */
+  recordCertificates(): void {
+    if (!this.certificates) return;
+    this.metrics.certificateExpiry.reset();
+    for (const c of this.certificates.status()) if (c.notAfter) this.metrics.certificateExpiry.set({ identity: c.identity }, Date.parse(c.notAfter) / 1000);
+  }
+
   /** The control plane snapshot applied (version 0: none); the client resumes from it. */
   remoteState(): { version: number; digest: string } {
     return { version: this.remote?.version ?? 0, digest: this.remote?.digest ?? '' };
@@ -339,6 +397,7 @@ export class NodeAgent {
     this.served = served;
     this.publish();
     for (const l of this.podListeners) l(served);
+    this.syncIdentities();
   }
 
   private applyConfig(config: MeshConfig): void {
@@ -347,6 +406,8 @@ export class NodeAgent {
     const first = !this.configLoaded;
     this.configLoaded = true;
     this.publish();
+    // The trust domain may have changed: the identities are named in it.
+    this.syncIdentities();
     for (const w of this.proxy.currentSnapshot().warnings) log.warn({ object: w.object }, `config warning: ${w.message}`);
     // Enrollment depends on namespace labels and the mesh settings.
     if (!first) void this.reconcile();
@@ -505,7 +566,14 @@ export class NodeAgent {
   private enrollTimeout(pod: EnrollPod): NodemeshError {
     const e = this.enrolled.get(pod.uid);
     const failure = this.failed.get(pod.uid);
-    const state = !e ? 'not enrolled' : !e.verified ? 'enrolled, capture not verified' : 'enrolled and verified, but the control plane has not sent its config';
+    const lastCertError = this.certificates?.status().find((c) => c.identity === this.identityOf(pod))?.lastError;
+    const state = !e
+      ? 'not enrolled'
+      : !e.verified
+        ? 'enrolled, capture not verified'
+        : !this.configured(pod.uid)
+          ? 'enrolled and verified, but the control plane has not sent its config'
+          : `enrolled, verified and configured, but the node holds no certificate for ${this.identityOf(pod)} yet${lastCertError ? ` (${lastCertError})` : ''}`;
     return new NodemeshError('NM_ERR_ENROLL_TIMEOUT', `${state}${failure ? ` (last error, ${failure.reason}: ${failure.message})` : ''}`, {
       context: { pod: pod.name, namespace: pod.namespace, ...(failure ? { detail: failure.reason } : {}) },
       hint: this.cpClient && e?.verified ? 'check the control plane (`nodemesh status --control-plane HOST:PORT`) and the agent log' : 'see the agent log',
@@ -522,7 +590,7 @@ export class NodeAgent {
       const e = this.enrolled.get(uid);
       const failure = this.failed.get(uid);
       if (this.stopping) result = new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent stopped', { context: { pod: pod.name, namespace: pod.namespace } });
-      else if (e?.verified && this.configured(uid)) result = { enrolled: true, verified: true };
+      else if (e?.verified && this.configured(uid) && this.certified(pod)) result = { enrolled: true, verified: true };
       else if (this.configLoaded && !this.wants(pod)) {
         result = { enrolled: false, reason: `capture is not enabled for the pod or its namespace (enrollment: ${this.config.mesh.enrollment})` };
       } else if (failure && failure.reason !== 'probe_failed') {
@@ -657,6 +725,7 @@ export class NodeAgent {
     this.stopWatch?.();
     this.store?.close();
     this.cpClient?.stop();
+    this.certificates?.stop();
     this.podListeners.length = 0;
     await this.running;
     await this.proxy.close();

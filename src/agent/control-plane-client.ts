@@ -7,9 +7,10 @@
  */
 import { readFile } from 'node:fs/promises';
 
-import { Metadata, credentials, makeClientConstructor, type Client, type ClientDuplexStream } from '@grpc/grpc-js';
+import { Metadata, credentials, makeClientConstructor, status as GrpcStatus, type ChannelCredentials, type Client, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
 import type { Workload } from '../config/snapshot.js';
+import { NoCertificateAuthority } from '../identity/certificates.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { packageVersion } from '../shared/paths.js';
@@ -19,12 +20,15 @@ import {
   SnapshotInvalid,
   applyDelta,
   decodeResources,
+  certificatesService,
   discoveryService,
   resourceKey,
   workloadToWire,
   type AgentMessage,
   type ControlPlaneMessage,
   type DecodedSnapshot,
+  type SignRequest,
+  type SignResponse,
   type WireResource,
 } from '../protocol/discovery.js';
 import type { HostPort } from '../shared/http.js';
@@ -72,8 +76,30 @@ export async function readTokenFile(file: string): Promise<string> {
 const BACKOFF_BASE_MS = 250;
 const BACKOFF_MAX_MS = 30_000;
 
+/**
+ * The roots in the agent's --ca-root file: the control plane's TLS port is checked against them
+ * (and, until the CA sends its own, so are workload certificates).
+ */
+export async function readCaRoot(file: string): Promise<string> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    throw new NodemeshError('NM_ERR_CA_ROOT', `cannot read the mesh's root certificate ${file}: ${(e as Error).message}`, {
+      context: { path: file, field: 'ca-root' },
+      cause: e,
+      hint: "give --ca-root the control plane's root-cert.pem (in its --ca-dir)",
+    });
+  }
+  if (!/-----BEGIN CERTIFICATE-----/.test(text)) {
+    throw new NodemeshError('NM_ERR_CA_ROOT', `${file} holds no PEM certificate`, { context: { path: file, field: 'ca-root' }, hint: "give --ca-root the control plane's root-cert.pem" });
+  }
+  return text;
+}
+
 export class ControlPlaneClient {
   private client: Client | undefined;
+  private certificates: Client | undefined;
   private call: ClientDuplexStream<AgentMessage, ControlPlaneMessage> | undefined;
   private pods: ReadonlyArray<Workload> = [];
   /** The resources of the version applied, by key: what the next Delta applies to. */
@@ -90,16 +116,23 @@ export class ControlPlaneClient {
     private readonly events: ClientEvents = {},
     /** A file holding this node's token for the control plane (read again at every connect: it may be rotated). */
     private readonly tokenFile?: string,
+    /** PEM roots: the control plane is dialled over TLS and checked against them; undefined: plaintext (loopback). */
+    private readonly caRoots?: string,
   ) {}
 
   start(): void {
     const Discovery = makeClientConstructor(discoveryService(), 'Discovery');
+    const Certificates = makeClientConstructor(certificatesService(), 'Certificates');
     const host = this.address.host.includes(':') ? `[${this.address.host}]` : this.address.host;
-    this.client = new Discovery(`${host}:${this.address.port}`, credentials.createInsecure(), {
+    const channel: ChannelCredentials = this.caRoots === undefined ? credentials.createInsecure() : credentials.createSsl(Buffer.from(this.caRoots));
+    const options = {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
-    });
+    };
+    this.client = new Discovery(`${host}:${this.address.port}`, channel, options);
+    // Same target, credentials and options: grpc-js shares the connection between the two.
+    this.certificates = new Certificates(`${host}:${this.address.port}`, channel, options);
     this.agent.onPods((pods) => {
       this.pods = pods;
       this.send({ pods: { pods: pods.map((p) => workloadToWire(p, this.node)) } });
@@ -116,6 +149,23 @@ export class ControlPlaneClient {
     clearTimeout(this.timer);
     this.call?.cancel();
     this.client?.close();
+    this.certificates?.close();
+  }
+
+  /** Certificates.Sign for a CSR of this node (authenticated like the stream). */
+  async sign(csr: string): Promise<SignResponse> {
+    const client = this.certificates;
+    if (!client || this.stopped) throw new Error('the control plane client is stopped');
+    const metadata = new Metadata();
+    if (this.tokenFile !== undefined) metadata.set('authorization', `Bearer ${await readTokenFile(this.tokenFile)}`);
+    return new Promise<SignResponse>((resolve, reject) => {
+      (client as unknown as { Sign(r: SignRequest, m: Metadata, o: { deadline: number }, cb: (e: ServiceError | null, r?: SignResponse) => void): void }).Sign(
+        { csr, node: this.node },
+        metadata,
+        { deadline: Date.now() + 10_000 },
+        (e, r) => (e?.code === GrpcStatus.UNIMPLEMENTED ? reject(new NoCertificateAuthority()) : e || !r ? reject(new Error(`Certificates.Sign: ${e?.details || e?.message || 'no answer'}`)) : resolve(r)),
+      );
+    });
   }
 
   private send(m: AgentMessage): void {

@@ -12,11 +12,13 @@ import { nodeCgroup, parseNodeName, runtimeConfigFromEnv } from '../runtime/conf
 import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
-import { packageVersion } from '../shared/paths.js';
+import { CONTROL_PLANE_STATE_DIR, packageVersion } from '../shared/paths.js';
+import { isLoopback } from '../shared/address.js';
 import { NM_PROXY_MARK } from '../datapath/abi.js';
 import { checkKernel, checkRoot } from './preflight.js';
 import { findCgroup2Mount } from '../runtime/cgroup.js';
 import type { NodeSyncStatus } from '../control-plane/server.js';
+import type { CertificateStatus } from '../identity/certificates.js';
 import { formatError, parseOutputFormat, table } from './output.js';
 
 const out = (text: string): void => void process.stdout.write(text);
@@ -217,7 +219,8 @@ program
 program
   .command('agent')
   .description('run the node agent: enroll the pods of this node and serve their traffic')
-  .option('--control-plane <host:port>', "the control plane's Discovery stream (15010)")
+  .option('--control-plane <host:port>', "the control plane's gRPC port: 15012 (TLS, with --ca-root) or a loopback plaintext --listen (15010)")
+  .option('--ca-root <file>', "the mesh's root certificate (the control plane's root-cert.pem): the control plane is dialled over TLS and checked against it")
   .option('--token-file <file>', "this node's token for the control plane (its --agent-tokens file binds it to the node)")
   .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
   .option('--node <name>', "the node this agent serves: only its pods are captured (default: this machine's host name)")
@@ -239,7 +242,7 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
@@ -250,6 +253,17 @@ program
         hint: 'nodemesh agent --config-dir examples/mesh (standalone), or nodemesh agent --control-plane 127.0.0.1:15010',
       });
     }
+    if (opts.caRoot !== undefined && opts.controlPlane === undefined) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--ca-root is for --control-plane (standalone agents have no CA)', { context: { field: 'ca-root' }, hint: 'drop --ca-root, or give --control-plane HOST:15012' });
+    }
+    const controlPlane = opts.controlPlane === undefined ? undefined : parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane'));
+    if (controlPlane && opts.caRoot === undefined && !isLoopback(controlPlane.host) && controlPlane.host !== 'localhost') {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--control-plane ${opts.controlPlane} without --ca-root: plaintext is for a control plane on loopback only`, {
+        context: { field: 'ca-root' },
+        hint: "give --ca-root with the control plane's root-cert.pem (its TLS port is 15012)",
+      });
+    }
+    const caRoots = opts.caRoot === undefined ? undefined : await (await import('../agent/control-plane-client.js')).readCaRoot(opts.caRoot);
     const options: AgentOptions = {
       node,
       podsCgroup: nodeCgroup(await findCgroup2Mount(), runtimeConfig, node),
@@ -258,7 +272,7 @@ program
       podEdge: { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
       config:
         opts.controlPlane !== undefined
-          ? { kind: 'control-plane', address: parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }) }
+          ? { kind: 'control-plane', address: controlPlane ?? parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }), ...(caRoots === undefined ? {} : { caRoots }) }
           : { kind: 'dir', dir: opts.configDir ?? '' },
       pinRoot,
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
@@ -313,11 +327,13 @@ program
           nodes.nodes.map((n) => [n.node, n.connected ? 'yes' : 'no', String(n.pods), String(n.sentVersion), String(n.ackedVersion), n.inSync ? 'yes' : 'no', n.lastNack[0] ? `${n.lastNack[0].object}: ${n.lastNack[0].message}` : '-']),
         ),
       );
+      const certificates = nodes.nodes.flatMap((n) => (n.certificates ?? []).map((c) => [n.node, c.identity, c.serial, c.notAfter]));
+      if (certificates.length > 0) out('\ncertificates signed (the last one per node and identity)\n' + table(['NODE', 'IDENTITY', 'SERIAL', 'EXPIRES'], certificates));
       return;
     }
     const at = parseHostPort(opts.admin, 'admin', invalid('admin'));
     const url = `http://${at.host.includes(':') ? `[${at.host}]` : at.host}:${at.port}/pods`;
-    let body: { node: string; configVersion: number; pods: EnrolledPodStatus[] };
+    let body: { node: string; configVersion: number; pods: EnrolledPodStatus[]; certificates?: CertificateStatus[] };
     try {
       body = (await (await fetch(url)).json()) as typeof body;
     } catch (e) {
@@ -332,6 +348,11 @@ program
     }
     out(`node ${body.node}, config version ${body.configVersion}\n`);
     out(table(['NAMESPACE', 'POD', 'IP', 'IPV6', 'VERIFIED', 'CONNECTIONS'], body.pods.map((p) => [p.namespace, p.name, p.ip4, p.ip6, p.verified ? 'yes' : 'no', String(p.connections)])));
+    const certificates = body.certificates ?? [];
+    if (certificates.length > 0) {
+      out(`\nidentities of node ${body.node}\n`);
+      out(table(['IDENTITY', 'STATE', 'SERIAL', 'EXPIRES', 'RENEWS', 'LAST ERROR'], certificates.map((c) => [c.identity, c.state, c.serial ?? '-', c.notAfter ?? '-', c.renewAt ?? '-', c.lastError ?? '-'])));
+    }
   });
 
 program
@@ -340,11 +361,14 @@ program
   .option('--config-dir <dir>', 'Kubernetes YAML read from this folder and watched (the default source)')
   .addOption(new Option('--source <source>', 'where config comes from: dir (--config-dir) or kubernetes (list+watch of the API)').choices(['dir', 'kubernetes']).default('dir'))
   .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
-  .option('--listen <host:port>', 'gRPC Discovery stream, plaintext', '127.0.0.1:15010')
+  .option('--listen-tls <host:port>', 'gRPC over TLS (Discovery, Certificates) for agents, with a serving certificate from the mesh CA', '0.0.0.0:15012')
+  .option('--listen <host:port>', 'also gRPC in plaintext, on a loopback address only (development; e.g. 127.0.0.1:15010)')
+  .option('--ca-dir <dir>', 'root-cert.pem and root-key.pem (0600): used if there (an operator\'s root or intermediate), created if not', CONTROL_PLANE_STATE_DIR)
+  .option('--cert-ttl <time>', 'lifetime of workload certificates (agents renew at half life), e.g. 24h, 1h, 30s', '24h')
   .option('--agent-tokens <file>', 'lines of "<node> <token>": agents must present one and may speak only for its node')
   .option('--agent-service-account <ns/name>', "with --source kubernetes: agents present their pod's projected token (audience nodemesh), checked with TokenReview")
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen: string; http: string; agentTokens?: string; agentServiceAccount?: string }) => {
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen?: string; listenTls: string; caDir: string; certTtl: string; http: string; agentTokens?: string; agentServiceAccount?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' }, hint: 'nodemesh control-plane --config-dir examples/mesh' });
     }
@@ -353,7 +377,19 @@ program
     }
     const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
-    const cp = await ControlPlane.start({ source, listen: parseHostPort(opts.listen, 'listen', invalid('listen')), http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }) });
+    const listen = opts.listen === undefined ? undefined : parseHostPort(opts.listen, 'listen', invalid('listen'));
+    if (listen && !isLoopback(listen.host) && listen.host !== 'localhost') {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--listen ${opts.listen}: plaintext gRPC is for loopback only (certificates and config would cross the network in clear)`, {
+        context: { field: 'listen' },
+        hint: 'give --listen 127.0.0.1:15010, and let agents on other hosts use --listen-tls',
+      });
+    }
+    const certTtlMs = parseDurationOption(opts.certTtl, 'cert-ttl');
+    const { CERT_TTL_BOUNDS } = await import('../control-plane/ca/ca.js');
+    if (certTtlMs < CERT_TTL_BOUNDS.min || certTtlMs > CERT_TTL_BOUNDS.max) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cert-ttl ${opts.certTtl} must be from ${CERT_TTL_BOUNDS.min / 1000}s to ${CERT_TTL_BOUNDS.max / 3_600_000}h`, { context: { field: 'cert-ttl' }, hint: 'give a duration such as 24h' });
+    }
+    const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

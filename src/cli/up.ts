@@ -33,7 +33,7 @@ const APP_PORT = 8080;
 const TARGETS = ['10.96.100.10:80', '[fd00:96::100:10]:80', '10.96.100.11:80', '10.96.100.12:80'];
 /** Addresses the example has besides the targets (reviews' versions): held as blackholes too. */
 const OTHER_ADDRESSES = ['10.96.100.21', '10.96.100.22'];
-const PORTS = { grpc: 15010, cpHttp: 15014 } as const;
+const PORTS = { grpcTls: 15012, cpHttp: 15014 } as const;
 /** Each node's agent has its own host ports, as two machines would. */
 const NODE_PORTS = [
   { metrics: 15020, ready: 15021, admin: 15000 },
@@ -174,8 +174,9 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
     });
     for (const a of [...TARGETS.map((t) => t.replace(/^\[?([^\]]+?)\]?:\d+$/, '$1')), ...OTHER_ADDRESSES]) holes.push(await holdBlackhole(a));
 
-    progress(`starting the control plane on ${EXAMPLES} (gRPC 127.0.0.1:${PORTS.grpc}, HTTP :${PORTS.cpHttp})`);
-    const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen', `127.0.0.1:${PORTS.grpc}`, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
+    progress(`starting the control plane on ${EXAMPLES} (gRPC over TLS 127.0.0.1:${PORTS.grpcTls}, HTTP :${PORTS.cpHttp}; its CA in ${work}/ca)`);
+    const caDir = join(work, 'ca');
+    const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
     await waitHttp(`http://127.0.0.1:${PORTS.cpHttp}/healthz/ready`, 15_000, 'the control plane', cp.child, cp.log);
 
     cleanups.push(() => rm(PIN_BASE, { recursive: true, force: true }));
@@ -183,7 +184,7 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
     for (const [i, node] of nodes.entries()) {
       const ports = NODE_PORTS[i] ?? NODE_PORTS[0];
       progress(`starting the agent of node ${node} (metrics :${ports.metrics}, admin :${ports.admin})`);
-      const agent = start(`agent-${node}`, ['agent', '--control-plane', `127.0.0.1:${PORTS.grpc}`, '--node', node, '--bpf-root', join(PIN_BASE, node), '--metrics', `127.0.0.1:${ports.metrics}`, '--ready', `127.0.0.1:${ports.ready}`, '--admin', `127.0.0.1:${ports.admin}`]);
+      const agent = start(`agent-${node}`, ['agent', '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--node', node, '--bpf-root', join(PIN_BASE, node), '--metrics', `127.0.0.1:${ports.metrics}`, '--ready', `127.0.0.1:${ports.ready}`, '--admin', `127.0.0.1:${ports.admin}`]);
       await waitHttp(`http://127.0.0.1:${ports.ready}/healthz/ready`, 15_000, `the agent of ${node}`, agent.child, agent.log);
       agents.push(agent);
     }

@@ -18,9 +18,14 @@ export interface MeshSettings {
   readonly enrollment: 'all' | 'opt-in';
   /** Refuse connections from pods the agent has not yet verified (they would escape the mesh). */
   readonly failClosedEnrollment: boolean;
+  /** The SPIFFE trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>). */
+  readonly trustDomain: string;
 }
 
-export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false };
+export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'cluster.local' };
+
+/** SPIFFE trust domain names: lowercase letters, digits, ".", "-" and "_". */
+export const TRUST_DOMAIN = /^[a-z0-9._-]{1,255}$/;
 
 type Json = Record<string, unknown>;
 
@@ -39,7 +44,7 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   const data = (doc['data'] ?? {}) as Json;
   if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new ObjectInvalid('data', 'data must be a mapping');
   for (const key of Object.keys(data)) {
-    if (key !== 'enrollment' && key !== 'failClosedEnrollment') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment)`);
+    if (key !== 'enrollment' && key !== 'failClosedEnrollment' && key !== 'trustDomain') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment, trustDomain)`);
   }
   const enrollment = data['enrollment'] ?? DEFAULT_MESH.enrollment;
   if (enrollment !== 'all' && enrollment !== 'opt-in') throw new ObjectInvalid('data.enrollment', `data.enrollment "${String(enrollment)}" must be "all" or "opt-in"`);
@@ -47,7 +52,11 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   if (failClosed !== 'true' && failClosed !== 'false') {
     throw new ObjectInvalid('data.failClosedEnrollment', `data.failClosedEnrollment "${String(failClosed)}" must be "true" or "false" (a quoted string, as ConfigMap data is)`);
   }
-  return { enrollment, failClosedEnrollment: failClosed === 'true' };
+  const trustDomain = data['trustDomain'] ?? DEFAULT_MESH.trustDomain;
+  if (typeof trustDomain !== 'string' || !TRUST_DOMAIN.test(trustDomain)) {
+    throw new ObjectInvalid('data.trustDomain', `data.trustDomain "${String(trustDomain)}" is not a SPIFFE trust domain (lowercase letters, digits, ".", "-" and "_")`);
+  }
+  return { enrollment, failClosedEnrollment: failClosed === 'true', trustDomain };
 }
 
 /** Whether the agent enrolls a pod, from its labels, its namespace's labels and the mode. */

@@ -13,6 +13,7 @@ export class ControlPlaneMetrics {
   readonly configWarnings: Gauge;
   readonly streamErrors: Counter<'reason'>;
   readonly configVersion: Gauge;
+  readonly certificates: Counter<'result'>;
 
   constructor() {
     const registers = [this.registry];
@@ -31,6 +32,12 @@ export class ControlPlaneMetrics {
     this.configWarnings = new Gauge({ name: 'nodemesh_cp_config_warnings', help: 'Valid config objects that do not fit the rest (e.g. a TrafficPolicy for a missing Service), from the last read', registers });
     this.streamErrors = new Counter({ name: 'nodemesh_cp_stream_errors_total', help: 'Discovery streams ended by an error, by reason', labelNames: ['reason'], registers });
     this.configVersion = new Gauge({ name: 'nodemesh_cp_config_version', help: 'The current config version (unix ms based, monotonic)', registers });
+    this.certificates = new Counter({
+      name: 'nodemesh_cp_certificate_requests_total',
+      help: 'Certificates.Sign requests, by result: signed, or why not (malformed, signature, key_algorithm, san, identity, trust_domain, not_on_node, unauthenticated, node_mismatch, rate_limited, ...)',
+      labelNames: ['result'],
+      registers,
+    });
     collectDefaultMetrics({ register: this.registry, prefix: 'nodemesh_cp_' });
   }
 }

@@ -13,7 +13,9 @@
  */
 import type { Server as HttpServer } from 'node:http';
 
-import { Metadata, Server, ServerCredentials, status as GrpcStatus, type ServerDuplexStream } from '@grpc/grpc-js';
+import { hostname, networkInterfaces } from 'node:os';
+
+import { Metadata, Server, ServerCredentials, status as GrpcStatus, type sendUnaryData, type ServerCredentials as Credentials, type ServerDuplexStream, type ServerUnaryCall } from '@grpc/grpc-js';
 
 import { json, serveHttp, type HostPort } from '../shared/http.js';
 import { MeshSnapshot, SelectorIndex, type SnapshotWarning } from '../config/snapshot.js';
@@ -26,6 +28,7 @@ import {
   MAX_MESSAGE_BYTES,
   configResources,
   digestHex,
+  certificatesService,
   discoveryServerService,
   encodeControlPlaneMessage,
   EncodedMessage,
@@ -38,12 +41,17 @@ import {
   trafficPolicyToWire,
   type AgentMessage,
   type ControlPlaneMessage,
+  type SignRequest,
+  type SignResponse,
   type WireConfigError,
   type WireResource,
   type WireSnapshot,
   type WireWorkload,
 } from '../protocol/discovery.js';
+import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
+import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.js';
+import { RateLimiter } from './rate-limit.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
@@ -61,8 +69,12 @@ export type ControlPlaneSource = { readonly kind: 'dir'; readonly dir: string } 
 
 export interface ControlPlaneOptions {
   readonly source: ControlPlaneSource;
-  /** gRPC, plaintext (15010). */
-  readonly listen: HostPort;
+  /** gRPC, plaintext (15010): loopback development only. */
+  readonly listen?: HostPort;
+  /** gRPC over TLS (15012), with a serving certificate from the CA: what agents use. */
+  readonly listenTls?: HostPort;
+  /** The certificate authority: its folder (root-cert.pem, root-key.pem) and the leaves' lifetime. Without it, no certificates and no TLS. */
+  readonly ca?: { readonly dir: string; readonly certTtlMs?: number };
   /** HTTP: /metrics, /healthz/ready, /debug/snapshot, /debug/nodes (15014). */
   readonly http: HostPort;
   /** How long agents get to report their pods after a start before the first push (default 2 s). */
@@ -84,6 +96,14 @@ export interface NodeSyncStatus {
   /** The node acknowledged the snapshot of the current config, and no change is waiting to go out. */
   readonly inSync: boolean;
   readonly lastNack: ReadonlyArray<WireConfigError>;
+  /** The last certificate signed for each identity of the node's pods (that has not expired). */
+  readonly certificates: ReadonlyArray<IssuedCertificate>;
+}
+
+export interface IssuedCertificate {
+  readonly identity: string;
+  readonly serial: string;
+  readonly notAfter: string;
 }
 
 /** What a node should hold now: resources by key, their hashes, and their digest. */
@@ -142,6 +162,12 @@ export class ControlPlane {
   private grpc: Server | undefined;
   private http: HttpServer | undefined;
   private port = 0;
+  private tlsPort = 0;
+  private ca: CertificateAuthority | undefined;
+  /** Certificates signed, by node, then by identity (the last one). */
+  private readonly issued = new Map<string, Map<string, IssuedCertificate>>();
+  /** Sign requests per node: a node asks once per identity per half life, and again after a restart. */
+  private readonly signLimit = new RateLimiter(200, 20);
 
   private constructor(
     private readonly options: ControlPlaneOptions,
@@ -181,9 +207,14 @@ export class ControlPlane {
     const cp = new ControlPlane(options, options.source.kind === 'kubernetes' ? await import('./sources/kubernetes.js') : undefined);
     try {
       if (cp.tokens) log.info({ by: cp.tokens.description, identities: await cp.tokens.check() }, 'agents authenticate with node-bound tokens');
-      else log.warn({ listen: `${options.listen.host}:${options.listen.port}` }, 'agents are not authenticated (no --agent-tokens): any agent may speak for any node; use on loopback only');
+      else log.warn({ listen: options.listen ? `${options.listen.host}:${options.listen.port}` : undefined, listenTls: options.listenTls ? `${options.listenTls.host}:${options.listenTls.port}` : undefined }, 'agents are not authenticated (no --agent-tokens): any agent may speak for any node and obtain its identities; use on loopback only');
       await cp.store.load();
       cp.store.watch();
+      if (options.ca) {
+        // The trust domain is the mesh config's when the control plane starts: a CA signs for one.
+        const trustDomain = cp.store.current().mesh.trustDomain;
+        cp.ca = await CertificateAuthority.open(options.ca.dir, trustDomain);
+      }
       // Pods come from the agents' reports: until they have had time to report after a restart,
       // a push would tell every node that the endpoints on other nodes are gone.
       // With pods from the API there is nothing to wait for but the source's first list.
@@ -214,13 +245,23 @@ export class ControlPlane {
       await cp.stop();
       throw e;
     }
-    log.info({ grpc: `${options.listen.host}:${cp.port}`, http: `${options.http.host}:${options.http.port}`, version: cp.version }, 'control plane started');
+    log.info({ grpc: options.listen ? `${options.listen.host}:${cp.port}` : undefined, grpcTls: options.listenTls ? `${options.listenTls.host}:${cp.tlsPort}` : undefined, http: `${options.http.host}:${options.http.port}`, version: cp.version }, 'control plane started');
     return cp;
   }
 
-  /** The gRPC port (the one asked for, or the one the kernel chose for port 0). */
+  /** The plaintext gRPC port (the one asked for, or the one the kernel chose for port 0). */
   grpcPort(): number {
     return this.port;
+  }
+
+  /** The TLS gRPC port (the one asked for, or the one the kernel chose for port 0). */
+  grpcTlsPort(): number {
+    return this.tlsPort;
+  }
+
+  /** The roots agents trust (PEM); empty without a CA. */
+  caRoots(): ReadonlyArray<string> {
+    return this.ca?.roots() ?? [];
   }
 
   /** The HTTP port (the one asked for, or the one the kernel chose for port 0). */
@@ -240,12 +281,13 @@ export class ControlPlane {
     for (const s of this.streams.values()) s.call.end();
     const grpc = this.grpc;
     if (grpc) await new Promise<void>((resolve) => grpc.tryShutdown(() => resolve()));
+    this.grpc = undefined;
     const http = this.http;
     if (http) await new Promise((resolve) => http.close(resolve));
   }
 
   nodes(): NodeSyncStatus[] {
-    const names = new Set([...this.podsByNode.keys(), ...this.streams.keys(), ...this.acked.keys()]);
+    const names = new Set([...this.podsByNode.keys(), ...this.streams.keys(), ...this.acked.keys(), ...this.issued.keys()]);
     return [...names].sort(compareStrings).map((node) => {
       const s = this.streams.get(node);
       const acked = this.acked.get(node) ?? 0;
@@ -257,6 +299,7 @@ export class ControlPlane {
         ackedVersion: acked,
         inSync: s !== undefined && this.batch === undefined && s.pending === undefined && !s.dirty && s.held !== undefined && s.heldDigest === this.viewOf(node).digest,
         lastNack: s?.lastNack ?? [],
+        certificates: [...(this.issued.get(node)?.values() ?? [])].filter((c) => Date.parse(c.notAfter) > Date.now()).sort((a, b) => compareStrings(a.identity, b.identity)),
       };
     });
   }
@@ -389,6 +432,10 @@ export class ControlPlane {
     this.warnings = new MeshSnapshot(0, config.services, [], config.trafficPolicies, config.routes).warnings;
     this.metrics.configWarnings.set(this.warnings.length);
     for (const w of this.warnings) log.warn({ object: w.object }, `config warning: ${w.message}`);
+    if (this.ca && config.mesh.trustDomain !== this.ca.trustDomain) {
+      // Agents ask for identities in the new domain and are refused until a restart: said loudly.
+      log.error({ configured: config.mesh.trustDomain, signing: this.ca.trustDomain }, 'the mesh trust domain changed: the CA signs only for the one it started with; restart the control plane');
+    }
     this.changed();
   }
 
@@ -441,6 +488,9 @@ export class ControlPlane {
   }
 
   private async serveGrpc(): Promise<void> {
+    const { listen, listenTls } = this.options;
+    if (!listen && !listenTls) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'the control plane needs a gRPC port: --listen-tls (TLS, 15012) or --listen (plaintext, loopback)', { context: { field: 'listen-tls' }, hint: 'give --listen-tls 0.0.0.0:15012' });
+    if (listenTls && !this.ca) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--listen-tls needs the CA (--ca-dir) for its serving certificate', { context: { field: 'ca-dir' }, hint: 'give --ca-dir DIR' });
     const server = new Server({
       'grpc.max_receive_message_length': 4 * 1024 * 1024,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
@@ -448,19 +498,69 @@ export class ControlPlane {
       'grpc.keepalive_timeout_ms': 10_000,
     });
     server.addService(discoveryServerService(), { Stream: (call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>) => this.serveStream(call) });
-    const { host, port } = this.options.listen;
-    // gRPC's bind error is a sentence without the errno (and it prints it to stderr itself):
-    // a port that is taken is found first with a plain listen, as NM_ERR_PORT_IN_USE.
-    await checkListen(this.options.listen, 'listen');
-    this.port = await new Promise<number>((resolve, reject) => {
-      server.bindAsync(`${host.includes(':') ? `[${host}]` : host}:${port}`, ServerCredentials.createInsecure(), (err, bound) => {
-        if (!err) resolve(bound);
-        // Taken in the moment between the check and the bind.
-        else if (err.message.includes('EADDRINUSE')) reject(listenError(Object.assign(new Error(err.message), { code: 'EADDRINUSE', syscall: 'listen' }), this.options.listen, 'listen'));
-        else reject(err);
-      });
-    });
+    if (this.ca) server.addService(certificatesService(), { Sign: (call: ServerUnaryCall<SignRequest, SignResponse>, done: sendUnaryData<SignResponse>) => void this.serveSign(call, done) });
     this.grpc = server;
+    if (listen) this.port = await bind(server, listen, 'listen', ServerCredentials.createInsecure());
+    if (listenTls && this.ca) {
+      const serving = await this.ca.servingCertificate(servingNames(), servingAddresses(listenTls.host));
+      const credentials = ServerCredentials.createSsl(null, [{ cert_chain: Buffer.from(serving.chainPem), private_key: Buffer.from(serving.keyPem) }], false);
+      this.tlsPort = await bind(server, listenTls, 'listen-tls', credentials);
+      log.info({ listenTls: `${listenTls.host}:${this.tlsPort}`, notAfter: serving.notAfter.toISOString() }, 'gRPC over TLS, with a serving certificate from the mesh CA');
+    }
+  }
+
+  /**
+   * Certificates.Sign: a certificate for a workload identity, only for a node that runs a pod with
+   * that identity now (by the pods it reports, or the API's pods on it). The caller's node is its
+   * token's; without agent authentication, the request's. Every outcome is counted by reason.
+   */
+  private async serveSign(call: ServerUnaryCall<SignRequest, SignResponse>, done: sendUnaryData<SignResponse>): Promise<void> {
+    const refuse = (reason: string, code: GrpcStatus, message: string, node?: string): void => {
+      this.metrics.certificates.inc({ result: reason });
+      log.warn({ node, peer: call.getPeer(), reason }, `certificate refused: ${message}`);
+      done({ code, details: message });
+    };
+    const ca = this.ca;
+    if (!ca) return refuse('internal', GrpcStatus.UNIMPLEMENTED, 'this control plane has no CA');
+    const request = call.request;
+    let node = typeof request.node === 'string' ? request.node : '';
+    if (this.tokens) {
+      const header = call.metadata.get('authorization')[0];
+      const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
+      let authenticated: string | undefined;
+      try {
+        authenticated = token === undefined ? undefined : await this.tokens.nodeOf(token);
+      } catch (e) {
+        log.error({ err: e }, 'agent token check failed');
+        return refuse('unauthenticated', GrpcStatus.UNAVAILABLE, 'the control plane cannot check agent tokens now');
+      }
+      if (authenticated === undefined) return refuse('unauthenticated', GrpcStatus.UNAUTHENTICATED, 'no valid agent token');
+      if (node !== '' && node !== authenticated) return refuse('node_mismatch', GrpcStatus.PERMISSION_DENIED, `agent authenticated as node ${authenticated} asks for node ${node.slice(0, 253)}`, authenticated);
+      node = authenticated;
+    }
+    if (!/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(node)) return refuse('bad_request', GrpcStatus.INVALID_ARGUMENT, 'the request names no valid node');
+    if (!this.signLimit.take(node)) return refuse('rate_limited', GrpcStatus.RESOURCE_EXHAUSTED, `node ${node} asks for certificates too often`, node);
+    const authorize = (id: WorkloadIdentity): void => {
+      const pods = this.podsByNode.get(node) ?? [];
+      if (!pods.some((p) => p.namespace === id.namespace && p.serviceAccount === id.serviceAccount)) {
+        throw new SignRefused('not_on_node', `node ${node} runs no pod with service account ${id.namespace}/${id.serviceAccount}`);
+      }
+    };
+    let issued;
+    try {
+      issued = await ca.sign(typeof request.csr === 'string' ? request.csr : '', authorize, this.options.ca?.certTtlMs ?? DEFAULT_CERT_TTL_MS);
+    } catch (e) {
+      if (e instanceof SignRefused) return refuse(e.reason, e.reason === 'not_on_node' ? GrpcStatus.PERMISSION_DENIED : GrpcStatus.INVALID_ARGUMENT, e.message, node);
+      log.error({ err: e, node }, 'signing failed');
+      return refuse('internal', GrpcStatus.INTERNAL, 'signing failed', node);
+    }
+    const identity = spiffeUri(issued.identity);
+    let byIdentity = this.issued.get(node);
+    if (!byIdentity) this.issued.set(node, (byIdentity = new Map()));
+    byIdentity.set(identity, { identity, serial: issued.serial, notAfter: issued.notAfter.toISOString() });
+    this.metrics.certificates.inc({ result: 'signed' });
+    log.info({ node, identity, serial: issued.serial, notAfter: issued.notAfter.toISOString() }, 'certificate signed');
+    done(null, { certChain: [...issued.chain], roots: [...issued.roots] });
   }
 
   /** A Hello believed: the node's stream, replacing an older one of the same node. */
@@ -657,4 +757,31 @@ interface VersionScopes {
 
 function emptyScopes(): VersionScopes {
   return { base: new ResourceSet(), perService: new Map(), everywhere: new Set(), exportedTo: new Map(), servicesOf: new Map(), byScope: new Map() };
+}
+
+/** Binds one gRPC port; a port that is taken is found first with a plain listen (NM_ERR_PORT_IN_USE, naming the option). */
+async function bind(server: Server, at: HostPort, field: string, credentials: Credentials): Promise<number> {
+  // gRPC's bind error is a sentence without the errno (and it prints it to stderr itself).
+  await checkListen(at, field);
+  return new Promise<number>((resolve, reject) => {
+    server.bindAsync(`${at.host.includes(':') ? `[${at.host}]` : at.host}:${at.port}`, credentials, (err, bound) => {
+      if (!err) resolve(bound);
+      // Taken in the moment between the check and the bind.
+      else if (err.message.includes('EADDRINUSE')) reject(listenError(Object.assign(new Error(err.message), { code: 'EADDRINUSE', syscall: 'listen' }), at, field));
+      else reject(err);
+    });
+  });
+}
+
+/** The names agents may dial the control plane by: this host, and its Service in a cluster. */
+function servingNames(): string[] {
+  const service = 'nodemesh-control-plane';
+  return [...new Set(['localhost', hostname().toLowerCase(), service, `${service}.nodemesh-system`, `${service}.nodemesh-system.svc`, `${service}.nodemesh-system.svc.cluster.local`])];
+}
+
+/** The addresses agents may dial it at: the one it listens on, or every address of this host. */
+function servingAddresses(listenHost: string): string[] {
+  const all = Object.values(networkInterfaces()).flatMap((list) => (list ?? []).map((i) => i.address.split('%')[0] ?? i.address));
+  const specific = listenHost !== '0.0.0.0' && listenHost !== '::' && /^[0-9a-f.:]+$/i.test(listenHost);
+  return [...new Set(specific ? [listenHost, '127.0.0.1', '::1'] : ['127.0.0.1', '::1', ...all])];
 }

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 
-import { DEFAULT_MESH, type MeshSettings, type Namespace } from '../config/mesh.js';
+import { DEFAULT_MESH, TRUST_DOMAIN, type MeshSettings, type Namespace } from '../config/mesh.js';
 import type { Service, ServicePort } from '../config/service.js';
 import type { Workload } from '../config/snapshot.js';
 import { ROUTE_KINDS, type ServiceRoute } from '../config/route.js';
@@ -78,6 +78,7 @@ export interface WireRoute {
 export interface WireMeshSettings {
   enrollment: string;
   failClosedEnrollment: boolean;
+  trustDomain: string;
 }
 export interface WireNamespace {
   name: string;
@@ -134,15 +135,31 @@ export interface ControlPlaneMessage {
   message?: 'snapshot' | 'delta';
 }
 
-let definition: ServiceDefinition | undefined;
+/** Certificates.Sign: a CSR from the agent of `node`, and what the CA answers. */
+export interface SignRequest {
+  csr: string;
+  node: string;
+}
+export interface SignResponse {
+  certChain: string[];
+  roots: string[];
+}
+
+let loaded: ReturnType<typeof loadSync> | undefined;
+
+function service(name: 'Discovery' | 'Certificates'): ServiceDefinition {
+  loaded ??= loadSync(PROTO_FILE, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true });
+  return loaded[`nodemesh.v1.${name}`] as ServiceDefinition;
+}
 
 /** The Discovery service definition, loaded from the proto file once. */
 export function discoveryService(): ServiceDefinition {
-  if (!definition) {
-    const pkg = loadSync(PROTO_FILE, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true });
-    definition = pkg['nodemesh.v1.Discovery'] as ServiceDefinition;
-  }
-  return definition;
+  return service('Discovery');
+}
+
+/** The Certificates service definition (the CA's Sign), from the same proto file. */
+export function certificatesService(): ServiceDefinition {
+  return service('Certificates');
 }
 
 /**
@@ -203,7 +220,7 @@ export function routeToWire(r: ServiceRoute): WireRoute {
  */
 export function configResources(config: MeshConfig): WireResource[] {
   return [
-    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment } },
+    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment, trustDomain: config.mesh.trustDomain } },
     ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
     ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
     ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
@@ -415,8 +432,10 @@ export function decodeResources(version: number, digest: string, resources: Read
     } else if (r.mesh) {
       const w = r.mesh;
       if (!unique('MeshSettings nodemesh')) continue;
+      const trustDomain = w.trustDomain === '' ? DEFAULT_MESH.trustDomain : w.trustDomain;
       if (w.enrollment !== 'all' && w.enrollment !== 'opt-in') bad('ConfigMap nodemesh', 'data.enrollment', `"${w.enrollment}" must be "all" or "opt-in"`);
-      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment });
+      else if (!TRUST_DOMAIN.test(trustDomain)) bad('ConfigMap nodemesh', 'data.trustDomain', `"${trustDomain.slice(0, 300)}" is not a SPIFFE trust domain`);
+      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment, trustDomain });
     } else if (r.namespace) {
       const w = r.namespace;
       if (!unique(`Namespace ${w.name}`)) continue;

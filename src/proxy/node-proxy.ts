@@ -9,7 +9,7 @@
 import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, type OrigKey } from '../datapath/abi.js';
-import { formatHostPort, type Family, type SocketAddress } from '../shared/address.js';
+import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
@@ -56,10 +56,6 @@ function socketAddress(s: Socket, which: 'local' | 'remote'): string {
 
 function isLinkLocal(host: string): boolean {
   return /^fe[89ab][0-9a-f]:/i.test(host);
-}
-
-function isLoopback(host: string): boolean {
-  return host.startsWith('127.') || host === '::1';
 }
 
 /** A pod the proxy serves: its identity and where its network namespace is. */

@@ -70,3 +70,8 @@ export function familyOf(address: string): Family {
   if (isIPv6(address)) return 6;
   throw new RangeError(`not an IP address: ${address}`);
 }
+
+/** Whether an address (text form) is a loopback address: 127/8 or ::1. */
+export function isLoopback(host: string): boolean {
+  return host.startsWith('127.') || host === '::1';
+}

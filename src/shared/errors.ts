@@ -35,6 +35,8 @@ export const ERROR_CODES = {
   NM_ERR_ENROLL_FAILED: 'the node agent refused to enroll a new pod, or the hand-over was cut off',
   NM_ERR_ENROLL_TIMEOUT: 'the node agent did not capture a new pod in time',
   NM_ERR_AGENT_RUNNING: 'another agent already serves this node',
+  NM_ERR_CA: "the control plane's CA files (--ca-dir) are missing one half, unreadable, not a CA, or do not match",
+  NM_ERR_CA_ROOT: "the agent's trust root (--ca-root) cannot be read or holds no certificate",
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

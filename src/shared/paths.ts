@@ -25,6 +25,8 @@ export const PACKAGE_ROOT = findPackageRoot(dirname(fileURLToPath(import.meta.ur
 export const NATIVE_ADDON_PATH = join(PACKAGE_ROOT, 'build', 'native', 'Release', 'nodemesh_native.node');
 export const BPF_OBJECT_DIR = join(PACKAGE_ROOT, 'build', 'bpf');
 export const CLI_ENTRY = join(PACKAGE_ROOT, 'bin', 'nodemesh.js');
+/** The control plane's own state (its CA's root) unless --ca-dir says otherwise: kept across reboots, unlike /run. */
+export const CONTROL_PLANE_STATE_DIR = '/var/lib/nodemesh/control-plane';
 
 export function packageVersion(): string {
   const pkg = JSON.parse(readFileSync(join(PACKAGE_ROOT, 'package.json'), 'utf8')) as { version: string };

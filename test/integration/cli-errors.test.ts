@@ -116,8 +116,9 @@ function agentArgs(sb: Sandbox, overrides: Record<string, string> = {}): string[
   return Object.entries(flags).flat();
 }
 
-function controlPlaneArgs(overrides: Record<string, string> = {}): string[] {
-  return Object.entries({ '--listen': '127.0.0.1:0', '--http': '127.0.0.1:0', ...overrides }).flat();
+/** A control plane of the sandbox: its CA in the sandbox's state folder, every port the kernel's choice. */
+function controlPlaneArgs(sb: Sandbox, overrides: Record<string, string> = {}): string[] {
+  return Object.entries({ '--listen': '127.0.0.1:0', '--listen-tls': '127.0.0.1:0', '--ca-dir': join(sb.config.stateDir, 'ca'), '--http': '127.0.0.1:0', ...overrides }).flat();
 }
 
 const YAML_THAT_IS_NOT = ': : not yaml: [\n';
@@ -158,13 +159,16 @@ test('agent: bad flag values', async (t) => {
     [agentArgs(sb), /give either --control-plane HOST:PORT or --config-dir DIR/],
     [['--config-dir', config, '--control-plane', '127.0.0.1:1', ...agentArgs(sb)], /give either --control-plane HOST:PORT or --config-dir DIR/],
     [['--control-plane', 'nowhere', ...agentArgs(sb)], /--control-plane "nowhere" is not HOST:PORT/],
+    // Refused before anything is dialled: plaintext only to a control plane on loopback.
+    [['--control-plane', '192.0.2.1:15012', ...agentArgs(sb)], /--control-plane 192\.0\.2\.1:15012 without --ca-root: plaintext is for a control plane on loopback only/],
+    [['--config-dir', config, '--ca-root', join(config, 'root.pem'), ...agentArgs(sb)], /--ca-root is for --control-plane/],
   ];
   for (const [args, message] of cases) assertUserError(await nodemesh(['agent', ...args], sb.env), 'NM_ERR_INVALID_ARGUMENT', { message, exit: 2 });
   assertUsageError(await nodemesh(['agent', '--passthrough', 'maybe'], sb.env), /^error: option '--passthrough <mode>' argument 'maybe' is invalid/);
   assertUsageError(await nodemesh(['agent', '--no-such-flag'], sb.env), /^error: unknown option '--no-such-flag'/);
 });
 
-test('agent: a missing or empty --token-file stops it at start', async (t) => {
+test('agent: a missing or empty --token-file, or a --ca-root that is missing or holds no certificate, stops it at start', async (t) => {
   const sb = await createSandbox(t);
   const dir = await scratchDir(sb);
   // Nothing listens there; the agent must stop on the token before it would connect.
@@ -174,39 +178,45 @@ test('agent: a missing or empty --token-file stops it at start', async (t) => {
   const empty = join(dir, 'empty-token');
   await writeFile(empty, '\n');
   assertUserError(await nodemesh(['agent', '--control-plane', controlPlane, '--token-file', empty, ...agentArgs(sb)], sb.env), 'NM_ERR_TOKEN_FILE', { message: /is empty/ });
+  const noRoot = join(dir, 'no-root.pem');
+  assertUserError(await nodemesh(['agent', '--control-plane', controlPlane, '--ca-root', noRoot, ...agentArgs(sb)], sb.env), 'NM_ERR_CA_ROOT', { message: new RegExp(`cannot read the mesh's root certificate ${noRoot}`) });
+  assertUserError(await nodemesh(['agent', '--control-plane', controlPlane, '--ca-root', empty, ...agentArgs(sb)], sb.env), 'NM_ERR_CA_ROOT', { message: /holds no PEM certificate/ });
 });
 
 test('control-plane: missing or unreadable config, bad token files, bad flags', async (t) => {
   const sb = await createSandbox(t);
   const dir = await scratchDir(sb);
   const missing = join(dir, 'nonexistent');
-  assertUserError(await nodemesh(['control-plane', '--config-dir', missing, ...controlPlaneArgs()], sb.env), 'NM_ERR_CONFIG_DIR', { message: new RegExp(`the config folder ${missing} does not exist`) });
+  assertUserError(await nodemesh(['control-plane', '--config-dir', missing, ...controlPlaneArgs(sb)], sb.env), 'NM_ERR_CONFIG_DIR', { message: new RegExp(`the config folder ${missing} does not exist`) });
   const config = join(dir, 'config');
   await mkdir(join(config, 'broken.yml'), { recursive: true });
-  assertUserError(await nodemesh(['control-plane', '--config-dir', config, ...controlPlaneArgs()], sb.env), 'NM_ERR_CONFIG_DIR', { message: /broken\.yml is a folder/ });
+  assertUserError(await nodemesh(['control-plane', '--config-dir', config, ...controlPlaneArgs(sb)], sb.env), 'NM_ERR_CONFIG_DIR', { message: /broken\.yml is a folder/ });
   await rm(join(config, 'broken.yml'), { recursive: true });
 
   const tokens = join(dir, 'tokens');
-  assertUserError(await nodemesh(['control-plane', '--config-dir', config, '--agent-tokens', tokens, ...controlPlaneArgs()], sb.env), 'NM_ERR_AGENT_TOKENS', { message: /cannot read the agent token file/ });
+  assertUserError(await nodemesh(['control-plane', '--config-dir', config, '--agent-tokens', tokens, ...controlPlaneArgs(sb)], sb.env), 'NM_ERR_AGENT_TOKENS', { message: /cannot read the agent token file/ });
   await writeFile(tokens, '# nodes\nnode-a short\n');
-  assertUserError(await nodemesh(['control-plane', '--config-dir', config, '--agent-tokens', tokens, ...controlPlaneArgs()], sb.env), 'NM_ERR_AGENT_TOKENS', { message: /line 2 of the agent token file/, fix: /fix: fix line 2/ });
+  assertUserError(await nodemesh(['control-plane', '--config-dir', config, '--agent-tokens', tokens, ...controlPlaneArgs(sb)], sb.env), 'NM_ERR_AGENT_TOKENS', { message: /line 2 of the agent token file/, fix: /fix: fix line 2/ });
 
   const cases: Array<[string[], RegExp]> = [
-    [['--config-dir', config, ...controlPlaneArgs({ '--listen': 'nope' })], /--listen "nope" is not HOST:PORT/],
-    [controlPlaneArgs(), /give --config-dir DIR, or --source kubernetes/],
-    [['--config-dir', config, '--source', 'kubernetes', ...controlPlaneArgs()], /--config-dir and --source kubernetes exclude each other/],
-    [['--config-dir', config, '--agent-service-account', 'nodemesh-system/nodemesh-agent', ...controlPlaneArgs()], /--agent-service-account needs --source kubernetes/],
+    [['--config-dir', config, ...controlPlaneArgs(sb, { '--listen': 'nope' })], /--listen "nope" is not HOST:PORT/],
+    [controlPlaneArgs(sb), /give --config-dir DIR, or --source kubernetes/],
+    [['--config-dir', config, '--source', 'kubernetes', ...controlPlaneArgs(sb)], /--config-dir and --source kubernetes exclude each other/],
+    [['--config-dir', config, '--agent-service-account', 'nodemesh-system/nodemesh-agent', ...controlPlaneArgs(sb)], /--agent-service-account needs --source kubernetes/],
+    [['--config-dir', config, ...controlPlaneArgs(sb, { '--listen': '0.0.0.0:15010' })], /--listen 0\.0\.0\.0:15010: plaintext gRPC is for loopback only/],
+    [['--config-dir', config, ...controlPlaneArgs(sb, { '--cert-ttl': '1s' })], /--cert-ttl 1s must be from 10s to 2160h/],
+    [['--config-dir', config, ...controlPlaneArgs(sb, { '--cert-ttl': 'forever' })], /--cert-ttl "forever" is not a duration/],
   ];
   for (const [args, message] of cases) assertUserError(await nodemesh(['control-plane', ...args], sb.env), 'NM_ERR_INVALID_ARGUMENT', { message, exit: 2 });
   assertUsageError(await nodemesh(['control-plane', '--source', 'etcd'], sb.env), /^error: option '--source <source>' argument 'etcd' is invalid/);
 });
 
-test('control-plane: a port in use on --listen or --http names the address', async (t) => {
+test('control-plane: a port in use on --listen, --listen-tls or --http names the address', async (t) => {
   const sb = await createSandbox(t);
   const config = await scratchDir(sb);
   const port = await takenPort(t);
-  for (const flag of ['--listen', '--http']) {
-    const r = await nodemesh(['control-plane', '--config-dir', config, ...controlPlaneArgs({ [flag]: `127.0.0.1:${port}` })], sb.env);
+  for (const flag of ['--listen', '--listen-tls', '--http']) {
+    const r = await nodemesh(['control-plane', '--config-dir', config, ...controlPlaneArgs(sb, { [flag]: `127.0.0.1:${port}` })], sb.env);
     assertUserError(r, 'NM_ERR_PORT_IN_USE', { message: new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port} \\(${flag}\\)`) });
     // gRPC prints its own bind failure unless the port is found taken before it binds.
     assert.doesNotMatch(r.stderr, /No address added/);
@@ -220,17 +230,17 @@ test('control-plane --source kubernetes: no kubeconfig, a missing one, one that 
   const env: NodeJS.ProcessEnv = { ...sb.env, HOME: dir };
   delete env['KUBECONFIG'];
   delete env['KUBERNETES_SERVICE_HOST'];
-  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', ...controlPlaneArgs()], env), 'NM_ERR_KUBE_CONFIG', { message: /no Kubernetes client config/ });
+  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', ...controlPlaneArgs(sb)], env), 'NM_ERR_KUBE_CONFIG', { message: /no Kubernetes client config/ });
   const missing = join(dir, 'no-kubeconfig');
-  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', missing, ...controlPlaneArgs()], env), 'NM_ERR_KUBE_CONFIG', { message: /cannot load the Kubernetes client config: ENOENT/ });
-  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', ...controlPlaneArgs()], { ...env, KUBECONFIG: missing }), 'NM_ERR_KUBE_CONFIG', { message: /ENOENT/ });
+  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', missing, ...controlPlaneArgs(sb)], env), 'NM_ERR_KUBE_CONFIG', { message: /cannot load the Kubernetes client config: ENOENT/ });
+  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', ...controlPlaneArgs(sb)], { ...env, KUBECONFIG: missing }), 'NM_ERR_KUBE_CONFIG', { message: /ENOENT/ });
   const notYaml = join(dir, 'kubeconfig');
   await writeFile(notYaml, YAML_THAT_IS_NOT);
-  const r = await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', notYaml, ...controlPlaneArgs()], env);
+  const r = await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', notYaml, ...controlPlaneArgs(sb)], env);
   assertUserError(r, 'NM_ERR_KUBE_CONFIG', { message: /cannot load the Kubernetes client config/ });
   assert.equal(errorOutput(r.stderr).split('\n').filter((l) => l.startsWith('error ')).length, 1, 'one error line; the YAML excerpt is detail');
   await writeFile(notYaml, 'apiVersion: v1\nkind: Config\n');
-  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', notYaml, ...controlPlaneArgs()], env), 'NM_ERR_KUBE_CONFIG', { message: /no current cluster/ });
+  assertUserError(await nodemesh(['control-plane', '--source', 'kubernetes', '--kubeconfig', notYaml, ...controlPlaneArgs(sb)], env), 'NM_ERR_KUBE_CONFIG', { message: /no current cluster/ });
 });
 
 test('pod run: bad names, labels and commands, a pod that exists, a bad environment', async (t) => {

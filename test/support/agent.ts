@@ -23,6 +23,7 @@ export interface AgentConfigDump {
 export interface AgentProcess {
   readonly configDir: string;
   readonly pinRoot: string;
+  readonly adminPort: number;
   child: ChildProcess;
   /** Everything the agent logged (JSON lines). */
   log(): string;
@@ -49,18 +50,22 @@ export function metricValue(text: string, name: string, labels: Record<string, s
   return total;
 }
 
-/** Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address. */
-export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string };
+/**
+ * Where the agent gets its config: YAML files (standalone) or a control plane's gRPC address
+ * (with caRoot: its TLS port, checked against that root file).
+ */
+export type AgentConfigSource = Record<string, string> | { readonly controlPlane: string; readonly tokenFile?: string; readonly caRoot?: string };
 
 /**
  * `node`: the node the agent serves (default: the sandbox's node, where its pods go unless they
  * name another); each node has its own pin root, ports and run folder.
  */
-export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string>; node?: string } = {}): Promise<AgentProcess> {
+export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string>; node?: string; waitReady?: boolean } = {}): Promise<AgentProcess> {
   const node = options.node ?? sb.config.node;
-  const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile');
+  const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile' || k === 'caRoot');
   const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
   const tokenFile = isRemote ? (source as { tokenFile?: string }).tokenFile : undefined;
+  const caRoot = isRemote ? (source as { caRoot?: string }).caRoot : undefined;
   const config: Record<string, string> = controlPlane === undefined ? (source as Record<string, string>) : {};
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
@@ -72,7 +77,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     const [command = process.execPath, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
     const child = spawn(
       command,
-      [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', node, ...(options.args ?? [])],
+      [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile]), ...(caRoot === undefined ? [] : ['--ca-root', caRoot])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', node, ...(options.args ?? [])],
       { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
@@ -83,6 +88,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
   const agent: AgentProcess = {
     configDir,
     pinRoot,
+    adminPort: admin,
     child: spawnAgent(),
     log: () => output,
     pods: async () => ((await (await get(admin, '/pods')).json()) as { pods: EnrolledPodStatus[] }).pods,
@@ -116,6 +122,11 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     // Unpinning the links detaches every program the agent left on the pods.
     await rm(pinRoot, { recursive: true, force: true });
   });
+  if (options.waitReady === false) {
+    // Up enough to answer on its metrics port.
+    await waitFor(async () => (await agent.metrics().catch(() => undefined)) !== undefined, 15_000, `agent metrics; log: ${output}`);
+    return agent;
+  }
   await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, `agent ready; log: ${output}`);
   return agent;
 }
@@ -135,8 +146,13 @@ export function serviceYaml(name: string, ips: string[], selector: Record<string
 
 export interface ControlPlaneProcess {
   readonly configDir: string;
-  /** gRPC address for `agent --control-plane`. */
+  /** gRPC address for `agent --control-plane`: plaintext, loopback. */
   readonly address: string;
+  /** gRPC over TLS, for `agent --control-plane ... --ca-root caRoot`. */
+  readonly tlsAddress: string;
+  /** The CA's root-cert.pem (in its --ca-dir, made at its first start). */
+  readonly caRoot: string;
+  readonly httpPort: number;
   log(): string;
   writeConfig(file: string, yaml: string): Promise<void>;
   nodes(): Promise<{ version: number; nodes: NodeSyncStatus[] }>;
@@ -146,15 +162,18 @@ export interface ControlPlaneProcess {
 }
 
 /** Runs `nodemesh control-plane` on a config folder of its own, on free loopback ports. */
-export async function startControlPlane(sb: Sandbox, config: Record<string, string>, options: { agentTokens?: string } = {}): Promise<ControlPlaneProcess> {
+/** `certTtl`: the workload certificates' lifetime (--cert-ttl), e.g. '20s' to see renewals. */
+export async function startControlPlane(sb: Sandbox, config: Record<string, string>, options: { agentTokens?: string; certTtl?: string } = {}): Promise<ControlPlaneProcess> {
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-cp-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
-  const [grpc, http] = [await freePort(), await freePort()];
+  const caDir = `${configDir}-ca`;
+  const [grpc, grpcTls, http] = [await freePort(), await freePort(), await freePort()];
   let output = '';
   let child: ChildProcess;
   const spawnCp = (): ChildProcess => {
     const tokens = options.agentTokens === undefined ? [] : ['--agent-tokens', options.agentTokens];
-    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--http', `127.0.0.1:${http}`, ...tokens], {
+    const ttl = options.certTtl === undefined ? [] : ['--cert-ttl', options.certTtl];
+    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--listen-tls', `127.0.0.1:${grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${http}`, ...tokens, ...ttl], {
       env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -167,6 +186,9 @@ export async function startControlPlane(sb: Sandbox, config: Record<string, stri
   const cp: ControlPlaneProcess = {
     configDir,
     address: `127.0.0.1:${grpc}`,
+    tlsAddress: `127.0.0.1:${grpcTls}`,
+    httpPort: http,
+    caRoot: join(caDir, 'root-cert.pem'),
     log: () => output,
     writeConfig: (file, yaml) => writeFile(join(configDir, file), yaml),
     nodes: async () => (await (await get('/debug/nodes')).json()) as { version: number; nodes: NodeSyncStatus[] },
@@ -186,6 +208,7 @@ export async function startControlPlane(sb: Sandbox, config: Record<string, stri
   sb.defer(async () => {
     await cp.kill('SIGTERM');
     await rm(configDir, { recursive: true, force: true });
+    await rm(caDir, { recursive: true, force: true });
   });
   await ready();
   return cp;

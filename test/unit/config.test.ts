@@ -258,7 +258,7 @@ test('last good: a rejected object, or one in a file that stops parsing, keeps i
 
 test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {
   const { shouldEnroll, parseMeshConfig, DEFAULT_MESH } = await import('../../src/config/mesh.js');
-  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false };
+  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false, trustDomain: 'cluster.local' };
   const plain = { name: 'shop', labels: {} };
   const enabled = { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } };
   const disabled = { name: 'shop', labels: { 'nodemesh.io/capture': 'disabled' } };
@@ -272,7 +272,11 @@ test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigM
   assert.deepEqual(parseMeshConfig({ data: { enrollment: 'opt-in' } }), optIn);
   assert.throws(() => parseMeshConfig({ data: { enrollment: 'some' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrollment');
   assert.throws(() => parseMeshConfig({ data: { enrolment: 'all' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrolment');
-  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true });
+  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true, trustDomain: 'cluster.local' });
+  assert.deepEqual(parseMeshConfig({ data: { trustDomain: 'example.org' } }), { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'example.org' });
+  for (const bad of ['Example.org', 'a/b', '', 'x'.repeat(256)]) {
+    assert.throws(() => parseMeshConfig({ data: { trustDomain: bad } }), (e) => e instanceof ObjectInvalid && e.field === 'data.trustDomain', bad);
+  }
   assert.throws(() => parseMeshConfig({ data: { failClosedEnrollment: true } }), (e) => e instanceof ObjectInvalid && e.field === 'data.failClosedEnrollment');
 
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));

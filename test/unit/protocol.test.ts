@@ -32,7 +32,7 @@ const config: MeshConfig = {
   ],
   routes: [{ kind: 'HTTPRoute', namespace: 'shop', name: 'cart-canary', parents: [{ namespace: 'shop', name: 'cart', port: undefined }], backends: [{ namespace: 'shop', name: 'cart', port: 80, weight: 3 }] }],
   namespaces: new Map([['shop', { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]]),
-  mesh: { enrollment: 'opt-in', failClosedEnrollment: true },
+  mesh: { enrollment: 'opt-in', failClosedEnrollment: true, trustDomain: 'example.org' },
 };
 const pod: WireWorkload = { uid: 'u1', namespace: 'shop', name: 'cart-1', serviceAccount: 'cart', labels: { app: 'cart' }, ip4: '10.200.0.5', ip6: 'fd00:6e6d::5', node: 'n1' };
 

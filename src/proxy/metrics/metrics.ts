@@ -70,6 +70,8 @@ export class NodeMetrics {
   readonly acceptErrors: Counter<'code'>;
   readonly captureRefused: Counter<'reason'>;
   readonly enrollments: Counter<'result'>;
+  readonly certificateRequests: Counter<'result'>;
+  readonly certificateExpiry: Gauge<'identity'>;
 
   constructor(mapEntries: () => Record<string, number>, captureRefusals: () => Record<string, number> = () => ({})) {
     const registers = [this.registry];
@@ -116,6 +118,13 @@ export class NodeMetrics {
       registers,
     });
     this.heldForConfig = new Counter({ name: 'nodemesh_connections_held_for_config_total', help: "Outbound connections that waited for their pod's config (a new pod, or an agent that just started)", registers });
+    this.certificateRequests = new Counter({
+      name: 'nodemesh_certificate_requests_total',
+      help: 'Workload certificate requests to the control plane CA, by result (signed, failed, bad_answer_<reason>)',
+      labelNames: ['result'],
+      registers,
+    });
+    this.certificateExpiry = new Gauge({ name: 'nodemesh_workload_certificate_expiry_timestamp_seconds', help: 'When the certificate the node holds for each identity of its pods expires (unix seconds)', labelNames: ['identity'], registers });
     this.enrollments = new Counter({
       name: 'nodemesh_pod_handovers_total',
       help: 'Pods handed over by a runtime on the enrollment socket before their command ran, by answer (enrolled, not_enrolled, failed, timeout)',
