@@ -23,6 +23,7 @@ SYSTEM_PACKAGES=(
   "bpftool:cmd:bpftool"
   "nftables:cmd:nft"
   "python3:cmd:python3"
+  "tcpdump:cmd:tcpdump"
   "linux-libc-dev:file:/usr/include/linux/bpf.h"
 )
 

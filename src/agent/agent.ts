@@ -20,6 +20,7 @@ import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
 import type { CertificateManager } from '../identity/certificates.js';
+import type { TunnelIdentities } from '../proxy/tunnel/hbone.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
 import { json, serveHttp, type HostPort } from '../shared/http.js';
@@ -143,7 +144,7 @@ export class NodeAgent {
   private served: ReadonlyArray<NodePod> = [];
   private version = 0;
   /** Called when the node's pods change (the control plane client reports them). */
-  private readonly podListeners: Array<(pods: ReadonlyArray<NodePod>) => void> = [];
+  private readonly podListeners: Array<(pods: ReadonlyArray<Workload>) => void> = [];
   private configLoaded = false;
   private reconciled = false;
   private running: Promise<void> | undefined;
@@ -181,7 +182,18 @@ export class NodeAgent {
     // one, and the proxy keeps its connection limits below it (NodeProxy.connectionLimits).
     const fds = raiseFdLimit();
     log.info({ soft: fds.soft, hard: fds.hard }, 'open file limit');
+    // With a control plane, the node holds workload certificates (its CA signs them): pods of
+    // other nodes are reached through HBONE tunnels and this node's pods accept them.
+    const tunnel: TunnelIdentities | undefined =
+      options.config.kind === 'control-plane'
+        ? {
+            certificate: (uri) => agent?.certificates?.get(uri),
+            roots: () => agent?.certificates?.roots() ?? [],
+            trustDomain: () => agent?.config.mesh.trustDomain ?? options.trustDomain,
+          }
+        : undefined;
     const proxy = new NodeProxy(datapath, metrics, {
+      ...(tunnel ? { tunnel } : {}),
       trustDomain: options.trustDomain,
       passthrough: options.passthrough,
       connectTimeoutMs: options.connectTimeoutMs,
@@ -221,6 +233,7 @@ export class NodeAgent {
         agent.certificates = new CertificateManager({ sign: (csr) => client.sign(csr) }, options.config.caRoots === undefined ? [] : splitPem(options.config.caRoots), {
           onIssued: () => {
             self.recordCertificates();
+            self.proxy.identitiesChanged();
             self.settleEnrollWaiters();
           },
           onResult: (result) => m.certificateRequests.inc({ result }),
@@ -367,9 +380,18 @@ export class NodeAgent {
   }
 
   /** Calls `listener` with the node's served pods now and after every change (until the agent stops). */
-  onPods(listener: (pods: ReadonlyArray<NodePod>) => void): void {
+  onPods(listener: (pods: ReadonlyArray<Workload>) => void): void {
     this.podListeners.push(listener);
-    listener(this.served);
+    listener(this.reported());
+  }
+
+  /**
+   * The served pods as the control plane hears of them: those in the mesh are marked as HBONE
+   * destinations when this node takes tunnels (it has a CA to get their certificates from).
+   */
+  private reported(): ReadonlyArray<Workload> {
+    const tunnels = this.certificates !== undefined && !this.certificates.caAbsent();
+    return this.served.map((p) => (tunnels && this.wants(p) ? { ...p, tunnel: 'hbone' as const } : p));
   }
 
   /**
@@ -396,7 +418,8 @@ export class NodeAgent {
     if (served.length === this.served.length && served.every((p, i) => p === this.served[i])) return;
     this.served = served;
     this.publish();
-    for (const l of this.podListeners) l(served);
+    const reported = this.reported();
+    for (const l of this.podListeners) l(reported);
     this.syncIdentities();
   }
 

@@ -75,8 +75,9 @@ export interface DialResult {
 }
 
 /** Dials host:port, sends `bytes` random bytes, half-closes, and compares the echo. */
-export async function dial(host: string, port: number, bytes: number, options: { mark?: number; timeoutMs?: number; holdMs?: number } = {}): Promise<DialResult> {
-  const payload = randomBytes(bytes);
+export async function dial(host: string, port: number, bytes: number, options: { mark?: number; timeoutMs?: number; holdMs?: number; marker?: string } = {}): Promise<DialResult> {
+  // A marker repeated (a packet capture can look for it) or random bytes.
+  const payload = options.marker ? Buffer.from(options.marker.repeat(Math.ceil(bytes / options.marker.length))).subarray(0, bytes) : randomBytes(bytes);
   const sentHash = createHash('sha256').update(payload).digest('hex');
   const t0 = performance.now();
   let socket: Socket;

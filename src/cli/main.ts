@@ -457,9 +457,10 @@ debug
   .option('--mark-value <mark>', 'connect through the addon with this SO_MARK (e.g. 0x539)')
   .option('--timeout <ms>', 'connect and idle timeout', '5000')
   .option('--hold <ms>', 'keep the connection open this long after sending', '0')
-  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; markValue?: string; timeout: string; hold: string }) => {
+  .option('--marker <text>', 'send this text repeated instead of random bytes (for a packet capture to look for)')
+  .action(async (host: string, port: string, opts: { bytes: string; mark: boolean; markValue?: string; timeout: string; hold: string; marker?: string }) => {
     const { dial } = await import('./debug-tools.js');
-    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.markValue !== undefined ? parseMark(opts.markValue) : opts.mark ? NM_PROXY_MARK : undefined, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold') });
+    const result = await dial(host, parsePort(port), Number(opts.bytes), { mark: opts.markValue !== undefined ? parseMark(opts.markValue) : opts.mark ? NM_PROXY_MARK : undefined, timeoutMs: parseMilliseconds(opts.timeout, 'timeout'), holdMs: parseMilliseconds(opts.hold, 'hold'), ...(opts.marker ? { marker: opts.marker } : {}) });
     out(JSON.stringify(result) + '\n');
     process.exitCode = result.ok ? 0 : 1;
   });

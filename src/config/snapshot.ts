@@ -17,6 +17,8 @@ export interface Workload {
   readonly labels: Readonly<Record<string, string>>;
   readonly ip4: string;
   readonly ip6: string;
+  /** 'hbone': a pod in the mesh whose node accepts HBONE tunnels on its 15008 (undefined: plain TCP). */
+  readonly tunnel?: 'hbone';
 }
 
 export interface Endpoint {

@@ -49,6 +49,8 @@ export interface WireWorkload {
   ip4: string;
   ip6: string;
   node: string;
+  /** "HBONE" or "" (proto3 default). */
+  tunnel?: string;
 }
 export interface WireTrafficPolicy {
   namespace: string;
@@ -186,7 +188,7 @@ export function discoveryServerService(): ServiceDefinition {
 // ---- config model -> wire (control plane) ----
 
 export function workloadToWire(w: Workload, node: string): WireWorkload {
-  return { uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: { ...w.labels }, ip4: w.ip4, ip6: w.ip6, node };
+  return { uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: { ...w.labels }, ip4: w.ip4, ip6: w.ip6, node, tunnel: w.tunnel === 'hbone' ? 'HBONE' : '' };
 }
 
 export function serviceToWire(s: Service): WireService {
@@ -285,15 +287,16 @@ export function digestHex(sum: bigint): string {
 
 /**
  * JSON with object keys sorted, so equal resources hash equally whoever built them; leaves out
- * what protobuf decoding adds (the oneof name in "resource", "_field" presence markers, nulls and
- * proto3 defaults of optional fields).
+ * what protobuf decoding adds (the oneof name in "resource", "_field" presence markers, nulls,
+ * proto3 defaults of optional fields, and empty strings, which a sender may leave unset).
  */
 function canonical(_key: string, value: unknown): unknown {
   if (value === null || typeof value !== 'object' || Array.isArray(value)) return value;
   const obj = value as Record<string, unknown>;
   return Object.fromEntries(
     Object.keys(obj)
-      .filter((k) => k !== 'resource' && !k.startsWith('_') && obj[k] !== undefined && obj[k] !== null)
+      // '' is a string field's proto3 default: on the wire, unset and empty are the same.
+      .filter((k) => k !== 'resource' && !k.startsWith('_') && obj[k] !== undefined && obj[k] !== null && obj[k] !== '')
       .sort(compareStrings)
       .map((k) => [k, obj[k]]),
   );
@@ -380,7 +383,8 @@ export function decodeResources(version: number, digest: string, resources: Read
       if (!w.uid) bad(id, 'uid', 'a workload needs a uid');
       if (w.ip4 && isIP(w.ip4) !== 4) bad(id, 'ip4', `"${w.ip4}" is not an IPv4 address`);
       if (w.ip6 && isIP(w.ip6) !== 6) bad(id, 'ip6', `"${w.ip6}" is not an IPv6 address`);
-      workloads.push(Object.freeze({ uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: Object.freeze({ ...w.labels }), ip4: w.ip4, ip6: w.ip6 }));
+      if (w.tunnel && w.tunnel !== 'HBONE') bad(id, 'tunnel', `"${w.tunnel.slice(0, 50)}" is not a tunnel protocol (HBONE, or empty)`);
+      workloads.push(Object.freeze({ uid: w.uid, namespace: w.namespace, name: w.name, serviceAccount: w.serviceAccount, labels: Object.freeze({ ...w.labels }), ip4: w.ip4, ip6: w.ip6, ...(w.tunnel === 'HBONE' ? { tunnel: 'hbone' as const } : {}) }));
     } else if (r.trafficPolicy) {
       const w = r.trafficPolicy;
       const id = `TrafficPolicy ${w.namespace}/${w.name}`;

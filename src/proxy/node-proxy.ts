@@ -6,6 +6,7 @@
  * never captured again), relay. Inbound: deliver to the application at the address the client
  * dialed, from inside the pod (self-addressed, so sk_lookup lets it through).
  */
+import { constants as h2constants, type ClientHttp2Stream } from 'node:http2';
 import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, type OrigKey } from '../datapath/abi.js';
@@ -17,7 +18,11 @@ import { logger } from '../shared/log.js';
 import { LoadBalancer } from './pool/load-balancer.js';
 import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
 import { listenInPod, socketFd } from './pod-listener.js';
-import { relay, type RelayResult } from './relay.js';
+import { relay, relayStreams, type RelayResult, type RelaySide } from './relay.js';
+import { TunnelFailed, TunnelPool } from './tunnel/client.js';
+import type { TunnelIdentities } from './tunnel/hbone.js';
+import { TunnelServer, answer, type TunnelRequest } from './tunnel/server.js';
+import { spiffeUri } from '../identity/spiffe.js';
 
 const log = logger('proxy');
 
@@ -90,6 +95,8 @@ export interface ProxyOptions {
   readonly maxConnections?: number;
   /** Open connections of one pod; default: half the node's. */
   readonly maxConnectionsPerPod?: number;
+  /** The node's workload certificates: with them, connections to meshed pods of other nodes go through HBONE tunnels, and pods accept tunnels on 15008. */
+  readonly tunnel?: TunnelIdentities;
 }
 
 type ServiceLabels = Pick<TcpLabels, 'destination_service' | 'destination_service_namespace' | 'destination_service_name'>;
@@ -107,14 +114,19 @@ function serviceLabels(service: Service | undefined, direction: 'outbound' | 'in
 
 /** Where a connection goes, from which netns, and the metric labels it is reported under. */
 interface Upstream {
-  readonly path: 'same_node' | 'outbound' | 'inbound';
+  readonly path: 'same_node' | 'outbound' | 'inbound' | 'hbone';
   readonly netnsPath: string;
   readonly host: string;
   readonly port: number;
   /** Connect with the client's address (delivery into the destination pod). */
   readonly transparentSource?: string;
+  /** path 'hbone': the identity the destination pod must present. */
+  readonly destinationIdentity?: string;
   readonly labels: ReadonlyArray<TcpLabels>;
 }
+
+/** A connected upstream: a socket's fd (kernel or JS relay), or a tunnelled stream (JS relay). */
+type Connected = { readonly fd: number } | { readonly stream: ClientHttp2Stream };
 
 interface PodState {
   readonly pod: ProxyPod;
@@ -130,6 +142,9 @@ interface PodState {
   configured: boolean;
   /** Connections waiting for the pod's config, called when it arrives. */
   readonly waiting: Set<() => void>;
+  /** The pod's HBONE listeners (15008), once the node holds its identity's certificate. */
+  tunnelServer: TunnelServer | undefined;
+  tunnelOpening: boolean;
 }
 
 export class NodeProxy {
@@ -141,13 +156,75 @@ export class NodeProxy {
   /** Upstream connects in flight, node-wide. */
   private connecting = 0;
 
+  /** Outbound tunnels to other nodes' pods (with workload certificates only). */
+  private readonly tunnels: TunnelPool | undefined;
+
   constructor(
     private readonly datapath: ProxyDatapath,
     private readonly metrics: NodeMetrics,
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
+    this.tunnels = options.tunnel ? new TunnelPool(options.tunnel, { onTunnelOpened: () => metrics.tunnelsOpened.inc() }) : undefined;
   }
+
+  /** The pod's workload identity (SPIFFE URI) in the mesh's trust domain. */
+  private identityOf(w: Pick<Workload, 'namespace' | 'serviceAccount'>): string {
+    return `spiffe://${this.options.tunnel?.trustDomain() ?? this.options.trustDomain}/ns/${w.namespace}/sa/${w.serviceAccount}`;
+  }
+
+  /**
+   * The node's certificates changed (one obtained or renewed, new roots): pods whose identity
+   * now has one get their HBONE listeners; the open ones present the renewed certificate from
+   * their next handshake on.
+   */
+  identitiesChanged(): void {
+    for (const state of this.pods.values()) void this.openTunnelServer(state);
+  }
+
+  private async openTunnelServer(state: PodState): Promise<void> {
+    const identities = this.options.tunnel;
+    if (!identities) return;
+    if (state.tunnelServer) {
+      state.tunnelServer.refresh();
+      return;
+    }
+    const identity = this.identityOf(state.pod);
+    if (state.tunnelOpening || !identities.certificate(identity)) return;
+    state.tunnelOpening = true;
+    try {
+      const server = await TunnelServer.open(state.pod.netnsPath, [state.pod.ip4, state.pod.ip6].filter(Boolean), identity, identities, {
+        onRequest: (request) => void this.inboundTunnel(state, request).catch((e: unknown) => {
+          this.metrics.tunnelRefused.inc({ reason: 'internal_error' });
+          log.error({ pod: state.pod.name, namespace: state.pod.namespace, err: (e as Error).message }, 'HBONE request failed');
+          answer(request.stream, 503);
+        }),
+        onRefused: (reason, detail) => {
+          this.metrics.tunnelRefused.inc({ reason });
+          this.refusalLog(state, reason, detail);
+        },
+      }, this.options.idleTimeoutMs);
+      if (this.pods.get(state.pod.uid) !== state) {
+        await server.close();
+        return;
+      }
+      state.tunnelServer = server;
+    } catch (e) {
+      log.error({ pod: state.pod.name, namespace: state.pod.namespace, err: (e as Error).message }, 'the pod\'s HBONE listener could not be opened');
+    } finally {
+      state.tunnelOpening = false;
+    }
+  }
+
+  /** One warning per refused tunnel or CONNECT, at most 10 a second node-wide (a scanner must not flood the log). */
+  private refusalLog(state: PodState, reason: string, detail: Record<string, unknown>): void {
+    const now = Date.now();
+    if (now - this.refusalWindow.start >= 1000) this.refusalWindow = { start: now, count: 0 };
+    if (++this.refusalWindow.count > 10) return;
+    log.warn({ pod: state.pod.name, namespace: state.pod.namespace, reason, ...detail }, 'HBONE tunnel refused');
+  }
+
+  private refusalWindow = { start: 0, count: 0 };
 
   setSnapshot(snapshot: MeshSnapshot): void {
     this.snapshot = snapshot;
@@ -169,7 +246,7 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), open: 0, connecting: 0, steered: [], configured: false, waiting: new Set() };
+    const state: PodState = { pod, servers: [], sockets: new Set(), open: 0, connecting: 0, steered: [], configured: false, waiting: new Set(), tunnelServer: undefined, tunnelOpening: false };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
       // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
@@ -191,6 +268,7 @@ export class NodeProxy {
       throw e;
     }
     this.pods.set(pod.uid, state);
+    await this.openTunnelServer(state);
   }
 
   /**
@@ -223,6 +301,9 @@ export class NodeProxy {
       }
     }
     for (const resume of [...state.waiting]) resume();
+    this.tunnels?.closeSource(state.pod.uid);
+    await state.tunnelServer?.close();
+    state.tunnelServer = undefined;
     for (const s of state.sockets) s.destroy();
     await Promise.all(state.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     releaseNetns(state.pod.netnsPath);
@@ -230,6 +311,7 @@ export class NodeProxy {
 
   async close(): Promise<void> {
     for (const uid of [...this.pods.keys()]) await this.removePod(uid);
+    this.tunnels?.close();
     if (this.options.kernelRelay) relayAbortAll();
   }
 
@@ -282,6 +364,21 @@ export class NodeProxy {
     const spare = this.options.fdLimit - FDS_RESERVED - FDS_PER_POD * this.pods.size;
     const node = Math.max(0, Math.min(this.options.maxConnections ?? Infinity, Math.floor(spare / FDS_PER_CONNECTION)));
     return { node, pod: Math.min(node, this.options.maxConnectionsPerPod ?? Math.ceil(node / 2)) };
+  }
+
+  /**
+   * A tunnelled side (an HTTP/2 stream, either end) is relayed through JS streams: TLS and
+   * HTTP/2 framing need the bytes in user space. Socket to socket goes to relay().
+   */
+  private async relayConnected(state: PodState, client: RelaySide, connected: Connected, idleTimeoutMs: number): Promise<RelayResult> {
+    if ('stream' in connected) return relayStreams(client, connected.stream, idleTimeoutMs);
+    if (!(client instanceof Socket)) {
+      const upstream = new Socket({ fd: connected.fd, readable: true, writable: true, allowHalfOpen: true });
+      state.sockets.add(upstream);
+      upstream.once('close', () => state.sockets.delete(upstream));
+      return relayStreams(client, upstream, idleTimeoutMs);
+    }
+    return this.relay(state, client, connected.fd, idleTimeoutMs);
   }
 
   /**
@@ -385,15 +482,15 @@ export class NodeProxy {
 
   /** One connect attempt, then the relay; a failed connect refuses the client. */
   private async forward(state: PodState, client: Socket, direction: 'outbound' | 'inbound', upstream: Upstream, connectTimeoutMs: number, idleTimeoutMs: number): Promise<void> {
-    let fd: number;
+    let connected: Connected;
     try {
-      fd = await this.connect(state, upstream, connectTimeoutMs);
+      connected = await this.connect(state, upstream, connectTimeoutMs, client);
     } catch (e) {
-      const reason = e instanceof ConnectLimitReached ? 'connect_limit' : 'upstream_connect_failed';
+      const reason = e instanceof ConnectLimitReached ? 'connect_limit' : e instanceof TunnelFailed ? 'tunnel_failed' : 'upstream_connect_failed';
       this.refuse(state, client, direction, reason, { upstream: formatHostPort(upstream.host, upstream.port), err: (e as Error).message });
       return;
     }
-    await this.relayAndCount(state, client, fd, upstream, idleTimeoutMs);
+    await this.relayAndCount(state, client, connected, upstream, idleTimeoutMs);
   }
 
   /**
@@ -433,9 +530,9 @@ export class NodeProxy {
       const upstream = this.upstreamTo(state, endpoint.workload, host, endpoint.port, service);
       this.lb.acquire(target, endpoint);
       try {
-        let fd: number;
+        let connected: Connected;
         try {
-          fd = await this.connect(state, upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+          connected = await this.connect(state, upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);
         } catch (e) {
           // Too many connects in flight here says nothing of the endpoint's health.
           if (e instanceof ConnectLimitReached) {
@@ -455,7 +552,7 @@ export class NodeProxy {
           return;
         }
         this.lb.connectSucceeded(endpoint);
-        await this.relayAndCount(state, client, fd, upstream, policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+        await this.relayAndCount(state, client, connected, upstream, policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
         return;
       } finally {
         this.lb.release(target, endpoint);
@@ -482,6 +579,10 @@ export class NodeProxy {
       // The source pod's address of the family the upstream connection uses.
       const transparentSource = host.includes(':') ? state.pod.ip6 : state.pod.ip4;
       return { path: 'same_node', netnsPath: local.pod.netnsPath, host, port, transparentSource, labels: [labels, { ...labels, reporter: 'destination' }] };
+    }
+    // A meshed pod of another node: through an HBONE tunnel to it, mutual TLS with both identities.
+    if (destination?.tunnel === 'hbone' && this.tunnels && !isLinkLocal(host)) {
+      return { path: 'hbone', netnsPath: state.pod.netnsPath, host, port, destinationIdentity: this.identityOf(destination), labels: [{ ...labels, connection_security_policy: 'mutual_tls' }] };
     }
     return { path: 'outbound', netnsPath: state.pod.netnsPath, host, port, labels: [labels] };
   }
@@ -517,6 +618,59 @@ export class NodeProxy {
     await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
   }
 
+  /**
+   * A CONNECT that passed the tunnel's checks: delivered to the application from a transparent
+   * socket with the client pod's address (the tunnel's TCP peer), answered 200 once connected,
+   * 503 when the application cannot be reached or the node is at its connection limits. The
+   * source is who its certificate says, whatever its address claims.
+   */
+  private async inboundTunnel(state: PodState, request: TunnelRequest): Promise<void> {
+    const { stream, peer, source, target } = request;
+    const limit = this.connectionLimits();
+    if (this.open >= limit.node || state.open >= limit.pod) {
+      this.metrics.refused.inc({ direction: 'inbound', reason: 'connection_limit' });
+      answer(stream, 503);
+      return;
+    }
+    this.open++;
+    state.open++;
+    try {
+      const byAddress = this.snapshot.workload(source.address);
+      const principalUri = spiffeUri(peer);
+      // The address's workload names the source only if it is the identity that authenticated.
+      const sourceWorkload = byAddress && byAddress.namespace === peer.namespace && byAddress.serviceAccount === peer.serviceAccount ? byAddress : undefined;
+      const serviceTarget = this.snapshot.serviceOf(state.pod.uid, target.port);
+      const labels: TcpLabels = {
+        reporter: 'destination',
+        ...this.sourceLabels(sourceWorkload),
+        source_workload_namespace: peer.namespace,
+        source_principal: principalUri,
+        ...serviceLabels(serviceTarget?.service, 'inbound'),
+        ...this.destinationLabels(state.pod),
+        connection_security_policy: 'mutual_tls',
+      };
+      const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: target.host, port: target.port, transparentSource: source.address, labels: [labels] };
+      let connected: Connected;
+      try {
+        connected = await this.connect(state, upstream, serviceTarget?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+      } catch (e) {
+        this.metrics.refused.inc({ direction: 'inbound', reason: e instanceof ConnectLimitReached ? 'connect_limit' : 'upstream_connect_failed' });
+        log.warn({ pod: state.pod.name, namespace: state.pod.namespace, source: principalUri, upstream: formatHostPort(target.host, target.port), err: (e as Error).message }, 'tunnelled connection refused');
+        answer(stream, 503);
+        return;
+      }
+      if (stream.destroyed) {
+        if ('fd' in connected) closeFd(connected.fd);
+        return;
+      }
+      stream.respond({ ':status': 200 });
+      await this.relayAndCount(state, stream, connected, upstream, serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+    } finally {
+      this.open--;
+      state.open--;
+    }
+  }
+
   private sourceLabels(w: Workload | undefined): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal' | 'source_version'> {
     const { name, namespace, version } = workloadLabels(w);
     return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain, w), source_version: version };
@@ -541,7 +695,7 @@ export class NodeProxy {
    * Connects to the upstream from inside a pod's netns. With transparentSource the socket carries
    * the client's address (inbound delivery); otherwise the proxy's mark.
    */
-  private async connect(state: PodState, u: Upstream, timeoutMs: number): Promise<number> {
+  private async connect(state: PodState, u: Upstream, timeoutMs: number, client?: Socket): Promise<Connected> {
     // Connects in flight are bounded per pod and per node: a pod dialling a black hole gets its
     // excess refused instead of piling up sockets and timers for everyone.
     if (state.connecting >= MAX_CONNECTING_PER_POD || this.connecting >= MAX_CONNECTING) {
@@ -553,7 +707,17 @@ export class NodeProxy {
     state.connecting++;
     this.connecting++;
     try {
-      return await connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how });
+      if (u.path === 'hbone' && this.tunnels && u.destinationIdentity) {
+        const stream = await this.tunnels.open({
+          source: { uid: state.pod.uid, netnsPath: state.pod.netnsPath, identity: this.identityOf(state.pod) },
+          destination: { address: u.host, identity: u.destinationIdentity },
+          port: u.port,
+          client: { address: (client?.remoteAddress ?? '').replace(/^::ffff:/, ''), port: client?.remotePort ?? 0 },
+          connectTimeoutMs: timeoutMs,
+        });
+        return { stream };
+      }
+      return { fd: await connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how }) };
     } finally {
       state.connecting--;
       this.connecting--;
@@ -561,15 +725,16 @@ export class NodeProxy {
   }
 
   /** Relays a connected upstream fd and reports the connection under each of its labels. */
-  private async relayAndCount(state: PodState, client: Socket, fd: number, u: Upstream, idleTimeoutMs: number): Promise<void> {
+  private async relayAndCount(state: PodState, client: RelaySide, connected: Connected, u: Upstream, idleTimeoutMs: number): Promise<void> {
     // The client went away (or the pod left the mesh) while we were connecting.
     if (client.destroyed || !this.pods.has(state.pod.uid)) {
-      closeFd(fd);
+      if ('fd' in connected) closeFd(connected.fd);
+      else connected.stream.close(h2constants.NGHTTP2_CANCEL);
       return;
     }
     this.metrics.proxied.inc({ path: u.path });
     for (const l of u.labels) this.metrics.tcpOpened.inc(l);
-    const result = await this.relay(state, client, fd, idleTimeoutMs);
+    const result = await this.relayConnected(state, client, connected, idleTimeoutMs);
     if (result.reason) this.metrics.relayEnds.inc({ reason: result.reason });
     for (const l of u.labels) {
       this.metrics.tcpClosed.inc(l);

@@ -3,6 +3,7 @@
  * (a FIN from one side ends the other's writable side), an idle timeout, and one result when both
  * sides are closed. Sockets close themselves once both directions have ended (autoDestroy).
  */
+import { constants as http2constants, type Http2Stream } from 'node:http2';
 import type { Socket } from 'node:net';
 
 import type { RelayEndReason } from '../datapath/native.js';
@@ -49,5 +50,76 @@ export function relay(client: Socket, upstream: Socket, idleTimeoutMs: number): 
     client.pipe(upstream);
     upstream.pipe(client);
     client.resume();
+  });
+}
+
+/** One side of a tunnelled relay: a socket, or an HTTP/2 stream of an HBONE tunnel. */
+export type RelaySide = Socket | Http2Stream;
+
+/** Ends a side abnormally: a socket with a reset (SO_LINGER 0), a stream with RST_STREAM (CANCEL). */
+function abort(side: RelaySide): void {
+  if (side.destroyed) return;
+  if ('resetAndDestroy' in side) side.resetAndDestroy();
+  else side.close(http2constants.NGHTTP2_CANCEL);
+}
+
+/**
+ * relay() for a connection that has an HTTP/2 stream on one side (an HBONE tunnel): the same
+ * half-close, reset and idle rules; bytes are counted on `client` as they pass, since a stream
+ * keeps no byte counts. A RST_STREAM from the peer is a reset, and resets the socket side.
+ */
+export function relayStreams(client: RelaySide, upstream: RelaySide, idleTimeoutMs: number): Promise<RelayResult> {
+  return new Promise((resolve) => {
+    let error: string | undefined;
+    let reason: RelayEndReason | undefined;
+    let fromClient = 0;
+    let toClient = 0;
+    let open = 2;
+    let idleTimer: NodeJS.Timeout | undefined;
+    const touch = (): void => {
+      clearTimeout(idleTimer);
+      idleTimer = setTimeout(() => {
+        error ??= `idle for ${idleTimeoutMs} ms`;
+        reason ??= 'idle_timeout';
+        client.destroy();
+        upstream.destroy();
+      }, idleTimeoutMs);
+      idleTimer.unref();
+    };
+    const onClose = (): void => {
+      // A stream reset by the peer closes without an error event: that is a reset, not an end.
+      for (const s of [client, upstream]) {
+        if (!('rstCode' in s) || s.rstCode === undefined || s.rstCode === http2constants.NGHTTP2_NO_ERROR || error !== undefined) continue;
+        error = `stream reset (code ${s.rstCode})`;
+        reason = 'reset';
+        for (const other of [client, upstream]) if (other !== s) abort(other);
+      }
+      if (--open > 0) return;
+      clearTimeout(idleTimer);
+      resolve({ bytesFromClient: fromClient, bytesToClient: toClient, ...(error ? { error } : {}), ...(reason ? { reason } : {}) });
+    };
+    const fail = (e: Error & { code?: string }): void => {
+      if (error === undefined) {
+        error = e.message;
+        reason = e.code === 'ECONNRESET' || e.code === 'ERR_HTTP2_STREAM_ERROR' ? 'reset' : 'error';
+      }
+      abort(client);
+      abort(upstream);
+    };
+    client.on('data', (d: Buffer) => {
+      fromClient += d.length;
+      touch();
+    });
+    upstream.on('data', (d: Buffer) => {
+      toClient += d.length;
+      touch();
+    });
+    client.on('error', fail).once('close', onClose);
+    upstream.on('error', fail).once('close', onClose);
+    touch();
+    client.pipe(upstream);
+    upstream.pipe(client);
+    client.resume();
+    upstream.resume();
   });
 }

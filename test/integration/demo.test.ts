@@ -21,13 +21,15 @@ test('demo: the example mesh on two nodes serves every Service, the reviews cana
   // SERVICE WORKLOAD VERSION REQUESTS BYTES-IN BYTES-OUT NODE MTLS: the pods are spread over the
   // sandbox's node (with loadgen) and a second one.
   const [a, b] = [sb.config.node, `${sb.config.node}-b`];
+  // From loadgen on the first node: to the second node's pods over HBONE (mutual TLS), to its own
+  // node's pods on the same-node path (they never leave the node).
   assert.deepEqual(
-    rows.map((r) => [r[0], r[2], r[6]]),
+    rows.map((r) => [r[0], r[2], r[6], r[7]]),
     [
-      ['frontend.shop.svc.cluster.local', 'v1', a],
-      ['ratings.shop.svc.cluster.local', 'v1', b],
-      ['reviews-v1.shop.svc.cluster.local', 'v1', a],
-      ['reviews-v2.shop.svc.cluster.local', 'v2', b],
+      ['frontend.shop.svc.cluster.local', 'v1', a, 'no'],
+      ['ratings.shop.svc.cluster.local', 'v1', b, 'yes'],
+      ['reviews-v1.shop.svc.cluster.local', 'v1', a, 'no'],
+      ['reviews-v2.shop.svc.cluster.local', 'v2', b, 'yes'],
     ],
   );
   // The canary route: reviews' connections go 3:1 to v1 and v2 (smooth weighted round robin).

@@ -71,22 +71,24 @@ test('two nodes: each agent serves only its own pods; A to B crosses both proxie
     ((await agent.config()).services.find((s) => s.service === service)?.endpoints.map((e) => e.pod) ?? []).join();
   await waitFor(async () => (await endpoints(agentA, 'default/remote:80')) === 'default/server-b', 10_000, "node B's endpoint known on node A");
 
-  // A to B: out of A's proxy, over the bridge to B's pod address, into B's proxy, delivered with
-  // the client's own address.
+  // A to B: out of A's proxy through an HBONE tunnel (mutual TLS, both pods' identities) to B's
+  // pod address, into B's proxy, delivered with the client's own address.
   const remote = await sb.dialFrom(client, SVC_REMOTE, 80, { bytes: 65536 });
   assert.ok(remote.intact, JSON.stringify(remote));
   await waitFor(async () => (await serverB.connections()).length === 1, 5000, 'server B got the connection');
   assert.equal((await serverB.connections())[0]?.address, client.ip4, "B's application sees the client's address");
   let lastB = '';
-  // Plaintext carries no identity: B names the destination, and the source only as far as its
-  // scoped view of the mesh knows the client's address (A's client is not one of B's endpoints).
-  await waitFor(async () => metricValue((lastB = await agentB.metrics()), 'istio_tcp_connections_closed_total', { reporter: 'destination', destination_workload: 'server-b', connection_security_policy: 'none' }) === 1, 5000, "B's proxy reports the connection from A's pod").catch((e: Error) => {
+  // B knows the source by its certificate: its principal and namespace (its workload name only
+  // if B's scoped view of the mesh has the client, which it does not: it is no endpoint of B's).
+  const fromClient = { reporter: 'destination', destination_workload: 'server-b', connection_security_policy: 'mutual_tls', source_principal: 'spiffe://cluster.local/ns/default/sa/client', source_workload_namespace: 'default' };
+  await waitFor(async () => metricValue((lastB = await agentB.metrics()), 'istio_tcp_connections_closed_total', fromClient) === 1, 5000, "B's proxy reports the connection from A's pod").catch((e: Error) => {
     throw new Error(`${e.message}: ${lastB.split('\n').filter((l) => /^(istio_tcp_connections_closed|nodemesh_proxied|nodemesh_connections_refused)/.test(l)).join('\n')}`);
   });
   const metricsA = await agentA.metrics();
-  assert.equal(metricValue(metricsA, 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client-a', destination_workload: 'server-b' }), 1, "A's proxy reports it as the source");
+  assert.equal(metricValue(metricsA, 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client-a', destination_workload: 'server-b', connection_security_policy: 'mutual_tls' }), 1, "A's proxy reports it as the source");
   assert.equal(metricValue(metricsA, 'istio_tcp_connections_opened_total', { reporter: 'destination' }), 0, 'A is not the destination of it');
-  assert.equal(metricValue(metricsA, 'nodemesh_proxied_connections_total', { path: 'outbound' }), 1, 'A sent it out');
+  assert.equal(metricValue(metricsA, 'nodemesh_proxied_connections_total', { path: 'hbone' }), 1, 'A sent it through a tunnel');
+  assert.equal(metricValue(metricsA, 'nodemesh_hbone_tunnels_opened_total'), 1);
   assert.equal(metricValue(await agentB.metrics(), 'nodemesh_proxied_connections_total', { path: 'inbound' }), 1, 'B took it in');
   assert.ok(metricValue(await agentB.metrics(), 'istio_tcp_received_bytes_total', { reporter: 'destination', destination_workload: 'server-b' }) >= 65536, "B counted the client's bytes");
 
@@ -95,6 +97,10 @@ test('two nodes: each agent serves only its own pods; A to B crosses both proxie
   await waitFor(async () => (await serverA.connections()).length === 1, 5000, 'server A got the connection');
   assert.equal(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }), 1);
   assert.equal(metricValue(await agentB.metrics(), 'istio_tcp_connections_opened_total', { destination_workload: 'server-b' }), 1, 'B saw only the connection from A');
+  // A second connection from the same pod to the same destination reuses the tunnel.
+  assert.ok((await sb.dialFrom(client, SVC_REMOTE, 80)).intact);
+  await waitFor(async () => (await serverB.connections()).length === 2, 5000, 'server B got the second connection');
+  assert.equal(metricValue(await agentA.metrics(), 'nodemesh_hbone_tunnels_opened_total'), 1, 'the tunnel was reused');
 
   // A pod of node A handed to node B's agent is refused: it is not under B's pod cgroup.
   const wrongNode = await handOverPod(agentRunDir(sb.config.stateDir, nodeB), { uid: client.uid, name: client.name, namespace: client.namespace, serviceAccount: client.serviceAccount, labels: client.labels, ip4: client.ip4, ip6: client.ip6, netnsPath: client.netnsPath, cgroupPath: client.cgroupPath }, 5000).then(

@@ -72,6 +72,10 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
   const pinRoot = join(sb.bpffsDir, node === sb.config.node ? 'agent' : `agent-${node}`);
   const [metrics, ready, admin] = [await freePort(), await freePort(), await freePort()];
   let output = '';
+  // The log as it is when a wait gave up, not when it began.
+  const withLog = (e: Error): never => {
+    throw new Error(`${e.message}; log: ${output}`);
+  };
   const spawnAgent = (): ChildProcess => {
     // `prefix`: a command that runs the agent (prlimit ... --).
     const [command = process.execPath, ...prefixArgs] = [...(options.prefix ?? []), process.execPath];
@@ -124,10 +128,10 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
   });
   if (options.waitReady === false) {
     // Up enough to answer on its metrics port.
-    await waitFor(async () => (await agent.metrics().catch(() => undefined)) !== undefined, 15_000, `agent metrics; log: ${output}`);
+    await waitFor(async () => (await agent.metrics().catch(() => undefined)) !== undefined, 15_000, 'agent metrics').catch(withLog);
     return agent;
   }
-  await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, `agent ready; log: ${output}`);
+  await waitFor(async () => (await agent.ready().catch(() => 0)) === 200, 15_000, 'agent ready').catch(withLog);
   return agent;
 }
 
@@ -182,7 +186,11 @@ export async function startControlPlane(sb: Sandbox, config: Record<string, stri
     return c;
   };
   const get = async (path: string): Promise<Response> => fetch(`http://127.0.0.1:${http}${path}`);
-  const ready = async (): Promise<void> => waitFor(async () => (await get('/healthz/ready').catch(() => undefined))?.status === 200, 15_000, `control plane ready; log: ${output}`);
+  const ready = async (): Promise<void> =>
+    waitFor(async () => (await get('/healthz/ready').catch(() => undefined))?.status === 200, 15_000, 'control plane ready').catch((e: Error) => {
+      // The log as it is when the wait gave up, not when it began.
+      throw new Error(`${e.message}; log: ${output}`);
+    });
   const cp: ControlPlaneProcess = {
     configDir,
     address: `127.0.0.1:${grpc}`,

@@ -38,7 +38,7 @@ export interface Sandbox {
   /** A pod whose own command just sleeps; tests exec into it. */
   idlePod(name: string, labels?: string[], options?: PodOptions): Promise<PodRecord>;
   /** Runs `nodemesh debug dial` inside a pod and returns its result. */
-  dialFrom(pod: PodRecord, host: string, port: number, options?: { bytes?: number; mark?: boolean; holdMs?: number }): Promise<DialResult>;
+  dialFrom(pod: PodRecord, host: string, port: number, options?: { bytes?: number; mark?: boolean; holdMs?: number; marker?: string }): Promise<DialResult>;
   /** Holds a host blackhole route for a service address until cleanup. */
   blackhole(address: string): Promise<void>;
   /** Registers an extra cleanup step (runs first-in, last-out). */
@@ -96,6 +96,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       const argv = [process.execPath, CLI_ENTRY, 'debug', 'dial', host, String(port), '--bytes', String(options.bytes ?? 4096)];
       if (options.mark) argv.push('--mark');
       if (options.holdMs) argv.push('--hold', String(options.holdMs));
+      if (options.marker) argv.push('--marker', options.marker);
       const child = runtime.exec(pod, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
       const output = await collect(child);
       const line = output.stdout.trim().split('\n').pop() ?? '';

@@ -53,6 +53,9 @@ test('the digest depends on content, not on key order or version', () => {
   assert.equal(snapshotMessage(2, config, [reordered]).digest, a.digest);
   assert.notEqual(snapshotMessage(1, { ...config, mesh: DEFAULT_MESH }, [pod]).digest, a.digest);
   assert.equal(digestOf(a.resources), a.digest);
+  // A string field left unset and one set to '' (protobuf decodes the first as the second) are the same.
+  assert.equal(snapshotMessage(3, config, [{ ...pod, tunnel: '' }]).digest, a.digest);
+  assert.notEqual(snapshotMessage(3, config, [{ ...pod, tunnel: 'HBONE' }]).digest, a.digest);
 });
 
 test('a snapshot with a bad resource is refused whole, each problem named', () => {

@@ -28,7 +28,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error', 'tunnel_failed'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 /** How old the BPF map entry counts on /metrics may be. */
@@ -70,6 +70,8 @@ export class NodeMetrics {
   readonly acceptErrors: Counter<'code'>;
   readonly captureRefused: Counter<'reason'>;
   readonly enrollments: Counter<'result'>;
+  readonly tunnelsOpened: Counter;
+  readonly tunnelRefused: Counter<'reason'>;
   readonly certificateRequests: Counter<'result'>;
   readonly certificateExpiry: Gauge<'identity'>;
 
@@ -118,6 +120,13 @@ export class NodeMetrics {
       registers,
     });
     this.heldForConfig = new Counter({ name: 'nodemesh_connections_held_for_config_total', help: "Outbound connections that waited for their pod's config (a new pod, or an agent that just started)", registers });
+    this.tunnelsOpened = new Counter({ name: 'nodemesh_hbone_tunnels_opened_total', help: 'HBONE tunnels (mutual TLS + HTTP/2 connections) this node opened to other nodes\' pods; connections reuse them otherwise', registers });
+    this.tunnelRefused = new Counter({
+      name: 'nodemesh_hbone_refused_total',
+      help: 'Tunnels and tunnelled CONNECTs this node refused, by reason (tls_handshake, h2_handshake, h2_error, bad_request, authority_mismatch, proxy_port, no_identity, trust_domain, internal_error)',
+      labelNames: ['reason'],
+      registers,
+    });
     this.certificateRequests = new Counter({
       name: 'nodemesh_certificate_requests_total',
       help: 'Workload certificate requests to the control plane CA, by result (signed, failed, bad_answer_<reason>)',

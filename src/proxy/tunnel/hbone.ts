@@ -1,0 +1,69 @@
+/**
+ * HBONE as Istio ambient's ztunnel speaks it (docs/hbone.md has each fact's source): HTTP/2
+ * CONNECT over mutual TLS 1.3 to <destination pod IP>:15008, ALPN "h2", no SNI, ECDSA P-256
+ * certificates whose one URI SAN is the workload's SPIFFE ID. A classic CONNECT: `:method` and
+ * `:authority` (the destination pod's IP and the application's port) only, plus `forwarded:
+ * for="<client ip:port>"`. The server answers 200 once it has connected to the application, 400
+ * for a malformed request or an authority that is not the address dialled, 401 when
+ * authorization denies, 503 when it cannot deliver.
+ */
+import type { PeerCertificate } from 'node:tls';
+
+import { formatHostPort } from '../../shared/address.js';
+import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js';
+
+export const HBONE_PORT = 15008;
+export const HBONE_ALPN = ['h2'];
+/** ztunnel's TLS 1.3 cipher suites: AES-GCM only (no ChaCha20). */
+export const HBONE_CIPHERS = 'TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256';
+
+/** ztunnel's HTTP/2 settings: 4 MiB per stream, 16 MiB per connection, 1 MiB frames. */
+export const STREAM_WINDOW = 4 * 1024 * 1024;
+export const CONNECTION_WINDOW = 16 * 1024 * 1024;
+export const MAX_FRAME_SIZE = 1024 * 1024;
+/** Streams a server accepts on one connection, and a client opens on one before it opens another. */
+export const SERVER_MAX_STREAMS = 200;
+export const CLIENT_MAX_STREAMS = 100;
+/** A tunnel with no stream for this long is closed. */
+export const IDLE_TUNNEL_MS = 5 * 60_000;
+/** A TLS or HTTP/2 handshake that takes longer is given up. */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
+/** Request headers a peer may send at most (ztunnel's server allows 64 KiB). */
+export const MAX_HEADER_LIST = 64 * 1024;
+
+/** What a node holds to speak HBONE: a certificate per identity of its pods, and the roots. */
+export interface TunnelIdentities {
+  /** The key (PKCS#8 PEM) and chain (PEM, leaf first) of an identity the node holds, if valid now. */
+  certificate(uri: string): { readonly keyPem: string; readonly chain: ReadonlyArray<string> } | undefined;
+  roots(): ReadonlyArray<string>;
+  trustDomain(): string;
+}
+
+/** The workload identity of a peer's certificate: its first URI SAN that is one. */
+export function peerIdentity(cert: PeerCertificate | undefined): WorkloadIdentity | undefined {
+  const sans = (cert?.subjectaltname ?? '').split(', ');
+  for (const san of sans) {
+    if (!san.startsWith('URI:')) continue;
+    try {
+      return parseSpiffeUri(san.slice(4));
+    } catch {
+      // not a workload identity: the next one may be
+    }
+  }
+  return undefined;
+}
+
+/** `forwarded: for="..."` as ztunnel writes it (RFC 7239: IPv6 in brackets, quoted). */
+export function forwardedFor(address: string, port: number): string {
+  return `for="${formatHostPort(address, port)}"`;
+}
+
+/** "10.1.2.3:8080" or "[fd00::1]:8080" to host and port; undefined for anything else. */
+export function parseAuthority(authority: string | undefined): { host: string; port: number } | undefined {
+  if (!authority) return undefined;
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|(\d{1,3}(?:\.\d{1,3}){3})):(\d{1,5})$/.exec(authority);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port < 1 || port > 65535) return undefined;
+  return { host: (m[1] ?? m[2] ?? '').toLowerCase(), port };
+}

@@ -1,0 +1,180 @@
+/**
+ * The inbound end of HBONE for one pod: listeners on <pod IP>:15008 inside the pod's netns
+ * (real sockets: sk_lookup lets the proxy ports through), TLS 1.3 with the pod's own workload
+ * certificate, a client certificate required and checked against the mesh roots, HTTP/2 with
+ * ztunnel's settings. Each CONNECT is checked here (method, authority = the address dialled,
+ * not a proxy port, a workload identity of this trust domain); what passes is handed to the
+ * proxy, which answers 200 once it has connected to the application.
+ */
+import { constants as h2, createSecureServer, type Http2SecureServer, type Http2Session, type Http2Stream, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+
+import type { WorkloadIdentity } from '../../identity/spiffe.js';
+import { listenInNetns, closeFd } from '../../datapath/native.js';
+import { logger } from '../../shared/log.js';
+import {
+  CONNECTION_WINDOW,
+  HANDSHAKE_TIMEOUT_MS,
+  HBONE_ALPN,
+  HBONE_CIPHERS,
+  HBONE_PORT,
+  MAX_FRAME_SIZE,
+  MAX_HEADER_LIST,
+  SERVER_MAX_STREAMS,
+  STREAM_WINDOW,
+  parseAuthority,
+  peerIdentity,
+  type TunnelIdentities,
+} from './hbone.js';
+
+const log = logger('hbone-server');
+
+/** Why a tunnel or a CONNECT on it was refused (a metric label). */
+export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
+
+export interface TunnelRequest {
+  readonly stream: ServerHttp2Stream;
+  /** The client's workload identity, from its certificate. */
+  readonly peer: WorkloadIdentity;
+  /** The tunnel's TCP peer: the client pod's address (ztunnel dials from inside the client pod). */
+  readonly source: { readonly address: string; readonly port: number };
+  /** The application's address in this pod: the :authority, which is the address dialled. */
+  readonly target: { readonly host: string; readonly port: number };
+}
+
+export interface TunnelServerEvents {
+  onRequest(request: TunnelRequest): void;
+  onRefused(reason: TunnelRefusal, detail: Record<string, unknown>): void;
+}
+
+/** Ports of the proxy itself: a CONNECT to them would loop (ztunnel answers 503). */
+const PROXY_PORTS = new Set([15001, 15006, 15008, 15053]);
+
+export class TunnelServer {
+  private readonly servers: Http2SecureServer[] = [];
+  /** Every accepted connection, from its first byte (a handshake in progress too): close() ends them all. */
+  private readonly connections = new Set<Socket>();
+
+  private constructor(
+    private readonly identity: string,
+    private readonly identities: TunnelIdentities,
+    private readonly events: TunnelServerEvents,
+  ) {}
+
+  /**
+   * Listens on each of the pod's addresses, port 15008, inside its netns, presenting the pod's
+   * certificate (`identity`, which the node must hold). Throws if it does not.
+   */
+  static async open(netnsPath: string, addresses: ReadonlyArray<string>, identity: string, identities: TunnelIdentities, events: TunnelServerEvents, idleTimeoutMs: number): Promise<TunnelServer> {
+    const t = new TunnelServer(identity, identities, events);
+    try {
+      for (const address of addresses) await t.listen(netnsPath, address, idleTimeoutMs);
+    } catch (e) {
+      await t.close();
+      throw e;
+    }
+    return t;
+  }
+
+  private credentials(): { key: string; cert: string; ca: string[] } {
+    const held = this.identities.certificate(this.identity);
+    if (!held) throw new Error(`the node holds no certificate for ${this.identity}`);
+    return { key: held.keyPem, cert: held.chain.join(''), ca: [...this.identities.roots()] };
+  }
+
+  /** A renewed certificate or new roots: new handshakes use them, open tunnels go on. */
+  refresh(): void {
+    const held = this.identities.certificate(this.identity);
+    if (!held) return;
+    const creds = this.credentials();
+    for (const s of this.servers) s.setSecureContext({ ...creds, minVersion: 'TLSv1.3', ciphers: HBONE_CIPHERS });
+  }
+
+  private async listen(netnsPath: string, address: string, idleTimeoutMs: number): Promise<void> {
+    const server = createSecureServer({
+      ...this.credentials(),
+      minVersion: 'TLSv1.3',
+      ciphers: HBONE_CIPHERS,
+      requestCert: true,
+      rejectUnauthorized: true,
+      ALPNProtocols: HBONE_ALPN,
+      allowHTTP1: false,
+      handshakeTimeout: HANDSHAKE_TIMEOUT_MS,
+      settings: { initialWindowSize: STREAM_WINDOW, maxConcurrentStreams: SERVER_MAX_STREAMS, maxFrameSize: MAX_FRAME_SIZE, maxHeaderListSize: MAX_HEADER_LIST, enableConnectProtocol: false },
+      maxSessionMemory: 64,
+    });
+    // Idle relays end on the proxy's idle timeout; the connection under them lasts at least as long.
+    server.setTimeout(idleTimeoutMs + 60_000);
+    server.on('tlsClientError', (e: Error & { code?: string }) => this.events.onRefused('tls_handshake', { err: e.code ?? e.message }));
+    server.on('connection', (socket: Socket) => {
+      this.connections.add(socket);
+      socket.once('close', () => this.connections.delete(socket));
+    });
+    server.on('session', (session: Http2Session) => this.adopt(session));
+    server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => this.request(stream, headers));
+    server.on('sessionError', (e: Error) => this.events.onRefused('h2_error', { err: e.message }));
+    const fd = await listenInNetns({ netns: netnsPath, host: address, port: HBONE_PORT });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen({ fd }, () => resolve());
+      });
+    } catch (e) {
+      closeFd(fd);
+      throw e;
+    }
+    server.on('error', (e: Error) => log.warn({ address, err: e.message }, 'HBONE listener error'));
+    this.servers.push(server);
+  }
+
+  /** A new session: its connection window, and a deadline for the peer's HTTP/2 preface. */
+  private adopt(session: Http2Session): void {
+    session.on('error', () => undefined);
+    session.setLocalWindowSize(CONNECTION_WINDOW);
+    const deadline = setTimeout(() => {
+      this.events.onRefused('h2_handshake', { peer: (session.socket as TLSSocket | undefined)?.remoteAddress });
+      session.destroy();
+    }, HANDSHAKE_TIMEOUT_MS);
+    deadline.unref();
+    session.once('remoteSettings', () => clearTimeout(deadline));
+    session.once('close', () => clearTimeout(deadline));
+  }
+
+  private request(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
+    stream.on('error', () => undefined);
+    const socket = stream.session?.socket as TLSSocket | undefined;
+    const refuse = (reason: TunnelRefusal, status: number, detail: Record<string, unknown>): void => {
+      this.events.onRefused(reason, { ...detail, peer: socket?.remoteAddress });
+      if (!stream.destroyed && !stream.headersSent) stream.respond({ ':status': status }, { endStream: true });
+      else stream.close(h2.NGHTTP2_REFUSED_STREAM);
+    };
+    if (!socket) return refuse('bad_request', 400, { detail: 'no connection' });
+    if (headers[':method'] !== 'CONNECT') return refuse('bad_request', 400, { method: headers[':method'] });
+    const target = parseAuthority(headers[':authority']);
+    const local = (socket.localAddress ?? '').replace(/^::ffff:/, '');
+    if (!target) return refuse('bad_request', 400, { authority: String(headers[':authority']).slice(0, 100) });
+    if (target.host !== local.toLowerCase()) return refuse('authority_mismatch', 400, { authority: headers[':authority'], dialled: local });
+    if (PROXY_PORTS.has(target.port)) return refuse('proxy_port', 503, { authority: headers[':authority'] });
+    const peer = peerIdentity(socket.getPeerCertificate());
+    if (!peer) return refuse('no_identity', 401, {});
+    if (peer.trustDomain !== this.identities.trustDomain()) return refuse('trust_domain', 401, { trustDomain: peer.trustDomain });
+    this.events.onRequest({ stream, peer, source: { address: (socket.remoteAddress ?? '').replace(/^::ffff:/, ''), port: socket.remotePort ?? 0 }, target });
+  }
+
+  async close(): Promise<void> {
+    // server.close() waits for every connection: they are ended first, sessions and handshakes alike.
+    const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    for (const c of this.connections) c.destroy();
+    await closed;
+    this.servers.length = 0;
+  }
+}
+
+/** Ends a tunnelled stream with an HTTP status before any byte is relayed. */
+export function answer(stream: Http2Stream & { respond?: ServerHttp2Stream['respond'] }, status: number): void {
+  if (stream.destroyed) return;
+  const s = stream as ServerHttp2Stream;
+  if (!s.headersSent) s.respond({ ':status': status }, { endStream: true });
+  else s.close(h2.NGHTTP2_CANCEL);
+}
