@@ -16,7 +16,7 @@ import { credentials, makeClientConstructor, type ClientDuplexStream } from '@gr
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 import { freePort } from '../src/shared/ports.js';
 import { discoveryService, type AgentMessage, type ControlPlaneMessage, type WireWorkload } from '../src/protocol/discovery.js';
-import { rssMiB } from './tools.js';
+import { rssMiB, removeCgroupTree } from './tools.js';
 
 const SERVICES = Number(process.env['BENCH_CP_SERVICES'] ?? 1000);
 const AGENTS = Number(process.env['BENCH_CP_AGENTS'] ?? 100);
@@ -149,6 +149,7 @@ async function scopedAgentMemory(grpcAddress: string): Promise<ScopedAgentMemory
     return { needs5, needsAll };
   } finally {
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(runtime.config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
     await rm(stateDir, { recursive: true, force: true });
   }
 }

@@ -23,7 +23,7 @@ import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
-import { agentCommand, execIn, latencyFixedRate, type Latency } from './tools.js';
+import { agentCommand, execIn, latencyFixedRate, type Latency, removeCgroupTree } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const HEALTHY_IP = '10.96.0.80';
@@ -153,6 +153,7 @@ async function main(): Promise<void> {
     await writeFile(join(PACKAGE_ROOT, 'bench', 'results', 'hardening.json'), JSON.stringify({ seconds: SECONDS, newConnections: { alone, stalled }, keepAlive: { quiet, scraped, scrapesPerSecond: scrapeCount / SECONDS } }, null, 2) + '\n');
   } finally {
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
   }
 }
 

@@ -18,7 +18,7 @@ import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { preflight } from '../src/cli/preflight.js';
-import { agentCommand, cpuSeconds } from './tools.js';
+import { agentCommand, cpuSeconds, removeCgroupTree } from './tools.js';
 
 const PODS = Number(process.env['BENCH_PODS'] ?? 100);
 const SETTLE_MS = Number(process.env['BENCH_SETTLE_MS'] ?? 15_000);
@@ -135,6 +135,7 @@ async function main(): Promise<void> {
   } finally {
     say('cleaning up');
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
     await rm(work, { recursive: true, force: true });
     await rm(config.stateDir, { recursive: true, force: true });
   }

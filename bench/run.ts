@@ -19,7 +19,7 @@ import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency } from './tools.js';
+import { agentCommand, cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency, removeCgroupTree } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.50';
@@ -217,6 +217,7 @@ async function main(): Promise<void> {
       await exited;
     }
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
     await rm(work, { recursive: true, force: true });
     await rm(config.stateDir, { recursive: true, force: true });
   }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `npm run bench`: installs the load tools and the sidecar peer (iperf3, wrk, HAProxy, nft,
 # nginx as the app) from Debian's packages, builds if needed, runs bench/run.ts, then the control
-# plane and the hardening benchmarks. BENCH_SECONDS (default 5) and BENCH_PODS (default 1,10,100)
-# tune it. `bench.sh memory|control-plane|hardening` runs one of the others alone (see below).
+# plane, the two-node (HBONE) and the hardening benchmarks. BENCH_SECONDS (default 5) and
+# BENCH_PODS (default 1,10,100) tune it. `bench.sh memory|control-plane|two-hop|hardening` runs one
+# of the others alone (see below).
 source "$(dirname "$0")/lib.sh"
 [[ $(id -u) -eq 0 ]] || die "the benchmark creates network namespaces, cgroups and BPF programs: run it as root"
 
@@ -40,6 +41,15 @@ case ${1:-} in
     run_bench hardening
     exit $?
     ;;
+  # `npm run bench:two-hop` (bench/two-hop.ts): client and server pods on two nodes, through both
+  # node proxies over HBONE, against direct and the sidecar peer.
+  two-hop)
+    SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+    ensure_all
+    build_latency
+    run_bench two-hop
+    exit $?
+    ;;
 esac
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
@@ -48,6 +58,8 @@ status=0
 run_bench run || status=$?
 # The control plane at mesh scale (no pods, no traffic): propagation p50/p99, memory.
 [[ $status -ne 0 ]] || run_bench control-plane || status=$?
+# Two nodes: through both proxies over HBONE.
+[[ $status -ne 0 ]] || run_bench two-hop || status=$?
 # One pod's misbehaviour against another pod's latency.
 [[ $status -ne 0 ]] || run_bench hardening || status=$?
 exit $status

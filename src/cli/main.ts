@@ -121,6 +121,17 @@ function parsePort(value: string): number {
   return n;
 }
 
+/**
+ * After a server command stopped everything it owns: exits, naming what is still open (a leak to
+ * fix). Without it, a handle left half-closed at the end of a busy run (seen after the HBONE
+ * benchmark) keeps node's own teardown spinning, and the process never exits on SIGTERM.
+ */
+async function exitWhenStopped(what: string): Promise<void> {
+  const left = process.getActiveResourcesInfo().filter((r) => r !== 'TTYWrap' && r !== 'PipeWrap');
+  if (left.length > 0) (await import('../shared/log.js')).logger('cli').warn({ left }, `${what} stopped with resources still open; exiting`);
+  process.exit(process.exitCode ?? 0);
+}
+
 const program = new Command('nodemesh')
   .description('a service mesh without sidecars: one eBPF-captured proxy per node')
   .version(packageVersion())
@@ -294,6 +305,7 @@ program
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
     await agent.stop();
+    await exitWhenStopped('agent');
   });
 
 program
@@ -394,6 +406,7 @@ program
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
     await cp.stop();
+    await exitWhenStopped('control-plane');
   });
 
 program

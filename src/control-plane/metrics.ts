@@ -14,6 +14,7 @@ export class ControlPlaneMetrics {
   readonly streamErrors: Counter<'reason'>;
   readonly configVersion: Gauge;
   readonly certificates: Counter<'result'>;
+  readonly podReports: Counter<'result'>;
 
   constructor() {
     const registers = [this.registry];
@@ -35,6 +36,12 @@ export class ControlPlaneMetrics {
     this.certificates = new Counter({
       name: 'nodemesh_cp_certificate_requests_total',
       help: 'Certificates.Sign requests, by result: signed, or why not (malformed, signature, key_algorithm, san, identity, trust_domain, not_on_node, unauthenticated, node_mismatch, rate_limited, ...)',
+      labelNames: ['result'],
+      registers,
+    });
+    this.podReports = new Counter({
+      name: 'nodemesh_cp_pod_reports_total',
+      help: 'Pod reports of agents: applied, delayed (rate limit), and entries dropped by reason (invalid, duplicate_uid, address_taken, name_taken)',
       labelNames: ['result'],
       registers,
     });

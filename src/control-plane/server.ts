@@ -52,6 +52,7 @@ import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.js';
 import { RateLimiter } from './rate-limit.js';
+import { checkPodReport } from './pod-reports.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
@@ -59,6 +60,10 @@ const log = logger('control-plane');
 
 /** Pods one agent may report: a node runs at most a few hundred (kubelet's default limit is 110). */
 const MAX_PODS_PER_NODE = 1000;
+/** Pod reports applied per second per node, after a burst of 20. */
+const PODS_PER_SECOND = 10;
+/** How long a node that stopped reporting keeps its pods as endpoints. */
+const POD_GRACE_MS = 60_000;
 /** Changes within this window go out as one version (a burst of pod reports, an editor's saves). */
 const BATCH_MS = 10;
 /** After a start, how long agents get to report their pods before the first push. */
@@ -79,6 +84,8 @@ export interface ControlPlaneOptions {
   readonly http: HostPort;
   /** How long agents get to report their pods after a start before the first push (default 2 s). */
   readonly warmupMs?: number;
+  /** How long a disconnected node's pods stay endpoints (default 60 s). */
+  readonly podGraceMs?: number;
   /** `<node> <token>` lines: agents must present a token, and may speak only for its node. Without: any agent is accepted. */
   readonly agentTokens?: string;
   /** With the Kubernetes source: "namespace/name" of the agents' ServiceAccount, whose pod-bound tokens are checked with TokenReview. */
@@ -168,11 +175,18 @@ export class ControlPlane {
   private readonly issued = new Map<string, Map<string, IssuedCertificate>>();
   /** Sign requests per node: a node asks once per identity per half life, and again after a restart. */
   private readonly signLimit = new RateLimiter(200, 20);
+  /** Pod reports applied per node: a burst, then PODS_PER_SECOND; faster ones wait (the latest wins). */
+  private readonly reportLimit = new RateLimiter(20, PODS_PER_SECOND);
+  private readonly pendingReports = new Map<string, { pods: ReadonlyArray<WireWorkload>; timer: NodeJS.Timeout }>();
+  /** Nodes whose agent went away, until their pods are withdrawn. */
+  private readonly graceTimers = new Map<string, NodeJS.Timeout>();
+  private readonly podGraceMs: number;
 
   private constructor(
     private readonly options: ControlPlaneOptions,
     kubernetes: typeof import('./sources/kubernetes.js') | undefined,
   ) {
+    this.podGraceMs = options.podGraceMs ?? POD_GRACE_MS;
     const source = options.source;
     if (options.agentServiceAccount !== undefined && source.kind !== 'kubernetes') {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--agent-service-account needs --source kubernetes (TokenReview asks the API server)', {
@@ -278,6 +292,8 @@ export class ControlPlane {
     this.store.close();
     clearTimeout(this.batch);
     clearTimeout(this.warmup);
+    for (const t of this.graceTimers.values()) clearTimeout(t);
+    for (const p of this.pendingReports.values()) clearTimeout(p.timer);
     for (const s of this.streams.values()) s.call.end();
     const grpc = this.grpc;
     if (grpc) await new Promise<void>((resolve) => grpc.tryShutdown(() => resolve()));
@@ -563,6 +579,60 @@ export class ControlPlane {
     done(null, { certChain: [...issued.chain], roots: [...issued.roots] });
   }
 
+  /**
+   * A node's pod report: checked (a node is believed only about itself: its pods' uids, addresses
+   * and names must not be another node's), applied at most PODS_PER_SECOND times a second per
+   * node (a report that comes faster waits, and only the latest one is applied).
+   */
+  private report(node: string, pods: ReadonlyArray<WireWorkload>): void {
+    const pending = this.pendingReports.get(node);
+    if (pending) {
+      pending.pods = pods;
+      return;
+    }
+    if (!this.reportLimit.take(node)) {
+      const entry = { pods, timer: setTimeout(() => {
+        this.pendingReports.delete(node);
+        this.applyReport(node, entry.pods);
+      }, 1000 / PODS_PER_SECOND) };
+      this.pendingReports.set(node, entry);
+      this.metrics.podReports.inc({ result: 'delayed' });
+      return;
+    }
+    this.applyReport(node, pods);
+  }
+
+  private applyReport(node: string, report: ReadonlyArray<WireWorkload>): void {
+    const { pods, dropped } = checkPodReport(node, report, this.podsByNode);
+    for (const d of dropped) {
+      this.metrics.podReports.inc({ result: d.reason });
+      log.warn({ node, pod: d.pod, reason: d.reason }, `pod report entry dropped: ${d.message}`);
+    }
+    this.metrics.podReports.inc({ result: 'applied' });
+    if (JSON.stringify(pods) === JSON.stringify(this.podsByNode.get(node))) return;
+    this.podsByNode.set(node, pods);
+    this.changed();
+  }
+
+  /**
+   * A node whose agent went away keeps its pods as endpoints for POD_GRACE_MS (an agent restart,
+   * a control plane failover), then they are withdrawn: a node that stopped reporting is not
+   * believed forever.
+   */
+  private withdrawLater(node: string): void {
+    clearTimeout(this.graceTimers.get(node));
+    log.info({ node, graceMs: this.podGraceMs }, 'agent disconnected; its pods stay endpoints for the grace period unless it reports again');
+    const timer = setTimeout(() => {
+      this.graceTimers.delete(node);
+      if (this.streams.has(node) || this.podsFromSource || !this.podsByNode.has(node)) return;
+      log.warn({ node, pods: this.podsByNode.get(node)?.length ?? 0 }, 'node stopped reporting: its pods are no longer endpoints');
+      this.podsByNode.delete(node);
+      this.changed();
+    }, this.podGraceMs);
+    timer.unref();
+    this.graceTimers.set(node, timer);
+  }
+
   /** A Hello believed: the node's stream, replacing an older one of the same node. */
   private accept(call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>, hello: NonNullable<AgentMessage['hello']>): AgentStream {
     const previous = this.streams.get(hello.node);
@@ -571,6 +641,8 @@ export class ControlPlane {
       previous.call.end();
     }
     const stream = new AgentStream(hello.node, call);
+    clearTimeout(this.graceTimers.get(hello.node));
+    this.graceTimers.delete(hello.node);
     // The agent holds exactly what the node needs now (same digest): nothing is sent, and
     // later changes come as Deltas against it. Otherwise it gets a Snapshot.
     const view = this.viewOf(hello.node);
@@ -650,10 +722,7 @@ export class ControlPlane {
           fail('too_many_pods', GrpcStatus.RESOURCE_EXHAUSTED, `node ${s.node} reported ${m.pods.pods.length} pods (at most ${MAX_PODS_PER_NODE})`);
           return;
         }
-        const pods = m.pods.pods.map((p) => ({ ...p, node: s.node }));
-        if (JSON.stringify(pods) === JSON.stringify(this.podsByNode.get(s.node))) return;
-        this.podsByNode.set(s.node, pods);
-        this.changed();
+        this.report(s.node, m.pods.pods);
       } else if (m.ack || m.nack) {
         const version = m.ack?.version ?? m.nack?.version ?? 0;
         const pending = s.pending;
@@ -690,7 +759,7 @@ export class ControlPlane {
       if (stream && this.streams.get(stream.node) === stream) {
         this.streams.delete(stream.node);
         this.metrics.connectedAgents.set(this.streams.size);
-        log.info({ node: stream.node }, 'agent disconnected; its pods stay endpoints until it reports again');
+        this.withdrawLater(stream.node);
       }
     };
     call.on('end', () => {

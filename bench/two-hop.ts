@@ -1,0 +1,203 @@
+/**
+ * `npm run bench:two-hop` (and part of `npm run bench`): a client pod on node A, a server pod on
+ * node B, both on this machine, in the same run: direct pod to pod, the sidecar peer (HAProxy
+ * behind nft REDIRECT in each pod, plaintext), and nodemesh through both node proxies with an
+ * HBONE tunnel (mutual TLS, HTTP/2) between them. Throughput, keep-alive and new-connection
+ * requests/s, p50/p90/p99 at a fixed rate of 1 KB requests, proxy CPU per 1000 requests, and the
+ * tunnel reuse. Writes bench/results/two-hop.json. Numbers, not assertions.
+ *
+ * Not yet here (issue 12's benchmark): the plaintext two-hop path as its own row and the sidecar
+ * peer with mutual TLS between the HAProxies.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { probeBpf } from '../src/datapath/native.js';
+import { holdBlackhole } from '../src/runtime/blackhole.js';
+import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { validatePodSpec } from '../src/runtime/pod-spec.js';
+import { LocalPodRuntime } from '../src/runtime/pods.js';
+import { waitForListener } from '../src/runtime/wait.js';
+import { PACKAGE_ROOT } from '../src/shared/paths.js';
+import { preflight } from '../src/cli/preflight.js';
+import { startSidecarPeer } from './sidecar-peer.js';
+import { agentCommand, cpuSeconds, iperf, latencyFixedRate, wrk, type Latency, removeCgroupTree } from './tools.js';
+
+const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
+const SERVICE_IP = '10.96.0.52';
+const HTTP_PORT = 80;
+const APP_HTTP = 8080;
+const IPERF_PORT = 5201;
+const PORTS = { grpcTls: 15812, cpHttp: 15814, a: { metrics: 15820, ready: 15821, admin: 15800 }, b: { metrics: 15830, ready: 15831, admin: 15801 } };
+
+interface Scenario {
+  throughputGbps: number;
+  keepAliveRps: number;
+  newConnRps: number;
+  latency: Latency;
+  proxyCpuSecPer1000Req: number | null;
+}
+
+const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
+
+async function metric(port: number, name: string, labels: Record<string, string> = {}): Promise<number> {
+  const text = await fetch(`http://127.0.0.1:${port}/metrics`).then((r) => r.text());
+  let total = 0;
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(`${name}{`) && !line.startsWith(`${name} `)) continue;
+    if (Object.entries(labels).every(([k, v]) => line.includes(`${k}="${v}"`))) total += Number(line.split(' ').pop());
+  }
+  return total;
+}
+
+async function main(): Promise<void> {
+  await preflight(probeBpf);
+  const id = Date.now().toString(36).slice(-5);
+  const config: RuntimeConfig = {
+    stateDir: `/tmp/nodemesh-bench-${id}`,
+    bridge: `nmbt${id}`,
+    podCidr4: { network: '10.203.0.0', prefix: 24 },
+    podCidr6: { network: 'fd00:6e63::', prefix: 64 },
+    cgroupSubtree: `nodemesh-bench-${id}`,
+    namePrefix: 'nmt',
+    node: 'bench-a',
+  };
+  const runtime = new LocalPodRuntime(config);
+  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));
+  const pinBase = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const children: ChildProcess[] = [];
+  const cleanups: Array<() => Promise<unknown>> = [];
+  const measure = async (client: Parameters<typeof iperf>[1], host: string, httpPort: number, pids: () => number[]): Promise<Scenario> => {
+    const throughputGbps = await iperf(runtime, client, host, IPERF_PORT, SECONDS);
+    const cpu0 = await cpuSeconds(pids());
+    const ka = await wrk(runtime, client, host, httpPort, SECONDS, true);
+    const cpu1 = await cpuSeconds(pids());
+    const nc = await wrk(runtime, client, host, httpPort, SECONDS, false);
+    const latency = await latencyFixedRate(runtime, client, host, httpPort, SECONDS);
+    return { throughputGbps, keepAliveRps: ka.rps, newConnRps: nc.rps, latency, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null };
+  };
+  try {
+    const hole = await holdBlackhole(SERVICE_IP);
+    cleanups.push(() => hole.release());
+    const nginxConf = join(work, 'nginx.conf');
+    await writeFile(
+      nginxConf,
+      `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; location / { return 200 "${'x'.repeat(1024)}"; } } }\n`,
+    );
+    const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
+    const start = (args: string[]): ChildProcess => {
+      const child = spawn(...agentCommand(args), { env, stdio: 'inherit' });
+      children.push(child);
+      return child;
+    };
+
+    // The control plane and both agents first: the pods are handed over as they start.
+    const caDir = join(work, 'ca');
+    const configDir = join(work, 'config');
+    await mkdir(configDir);
+    await writeFile(
+      join(configDir, 'service.yaml'),
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
+    );
+    say('control plane (TLS) and two agents, nodes bench-a and bench-b');
+    start(['control-plane', '--config-dir', configDir, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
+    for (let i = 0; (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/healthz/ready`).then((r) => r.status).catch(() => 0)) !== 200; i++) {
+      if (i > 100) throw new Error('the control plane did not become ready');
+      await sleep(200);
+    }
+    const agents: Record<'a' | 'b', ChildProcess> = { a: undefined as unknown as ChildProcess, b: undefined as unknown as ChildProcess };
+    for (const n of ['a', 'b'] as const) {
+      const p = PORTS[n];
+      agents[n] = start(['agent', '--node', `bench-${n}`, '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--bpf-root', `${pinBase}/${n}`, '--metrics', `127.0.0.1:${p.metrics}`, '--ready', `127.0.0.1:${p.ready}`, '--admin', `127.0.0.1:${p.admin}`]);
+      for (let i = 0; (await fetch(`http://127.0.0.1:${p.ready}/healthz/ready`).then((r) => r.status).catch(() => 0)) !== 200; i++) {
+        if (i > 100) throw new Error(`the agent of bench-${n} did not become ready`);
+        await sleep(200);
+      }
+    }
+    cleanups.push(() => rm(pinBase, { recursive: true, force: true }));
+
+    say('pods: server on bench-b (nginx :8080 with 1 KB responses, iperf3 :5201), client on bench-a');
+    const server = await runtime.create(validatePodSpec({ name: 'server', node: 'bench-b', serviceAccount: 'server', labels: ['app=server'], command: ['sh', '-c', `nginx -c ${nginxConf} & exec iperf3 -s -p ${IPERF_PORT}`] }), { detached: true });
+    cleanups.push(() => runtime.remove(server, 1000));
+    await runtime.start(server);
+    const client = await runtime.create(validatePodSpec({ name: 'client', node: 'bench-a', serviceAccount: 'client', labels: ['app=client'], command: ['sleep', 'infinity'] }), { detached: true });
+    cleanups.push(() => runtime.remove(client, 1000));
+    await runtime.start(client);
+    await waitForListener(server.ip4, APP_HTTP, 10_000);
+    await waitForListener(server.ip4, IPERF_PORT, 10_000);
+
+    say('nodemesh, two hops: A proxy -> HBONE (mutual TLS, HTTP/2) -> B proxy');
+    const pids = (): number[] => [agents.a.pid ?? 0, agents.b.pid ?? 0];
+    const mtls = await measure(client, SERVICE_IP, HTTP_PORT, pids);
+    const tunnels = await metric(PORTS.a.metrics, 'nodemesh_hbone_tunnels_opened_total');
+    const tunnelled = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'hbone' });
+
+    // The agents go (the pods stay, captured by their pinned links but unserved): direct and the
+    // sidecar peer need the pods without capture, so the pins go too.
+    for (const c of [agents.a, agents.b]) {
+      const exited = new Promise((r) => c.once('exit', r));
+      c.kill('SIGTERM');
+      await exited;
+    }
+    await rm(pinBase, { recursive: true, force: true });
+
+    say('direct pod to pod');
+    const direct = await measure(client, server.ip4, APP_HTTP, () => []);
+    say('sidecar peer: HAProxy + nft REDIRECT in both pods (plaintext)');
+    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
+      { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
+      { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007 },
+    ]);
+    const sidecar = await measure(client, SERVICE_IP, HTTP_PORT, peer.pids);
+    await peer.stop();
+
+    const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
+    const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
+    const results = {
+      date: new Date().toISOString(),
+      seconds: SECONDS,
+      direct,
+      sidecarPlaintext: sidecar,
+      nodemeshHbone: mtls,
+      tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
+      ratios: {
+        hboneKeepAliveVsSidecarPlaintext: ratio(mtls.keepAliveRps, sidecar.keepAliveRps),
+        hboneThroughputVsSidecarPlaintext: ratio(mtls.throughputGbps, sidecar.throughputGbps),
+        hboneNewConnVsSidecarPlaintext: ratio(mtls.newConnRps, sidecar.newConnRps),
+        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), nodemeshHbone: addedP90(mtls) },
+      },
+    };
+    const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
+    const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft), plaintext', sidecar], ['nodemesh two hops, HBONE mTLS', mtls]];
+    process.stdout.write(
+      [
+        '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
+        '|---|---|---|---|---|---|---|---|',
+        ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+        '',
+        `tunnels: ${tunnels} opened for ${tunnelled} connections; ratios: ${JSON.stringify(results.ratios)}`,
+      ].join('\n') + '\n',
+    );
+    const outDir = join(PACKAGE_ROOT, 'bench', 'results');
+    await mkdir(outDir, { recursive: true });
+    await writeFile(join(outDir, 'two-hop.json'), JSON.stringify(results, null, 2) + '\n');
+    say(`wrote ${join(outDir, 'two-hop.json')}`);
+  } finally {
+    say('cleaning up');
+    for (const c of children.reverse()) {
+      if (c.exitCode !== null || c.signalCode !== null) continue;
+      const exited = new Promise((r) => c.once('exit', r));
+      c.kill('SIGTERM');
+      await exited;
+    }
+    for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await rm(work, { recursive: true, force: true });
+    await rm(config.stateDir, { recursive: true, force: true });
+  }
+}
+
+await main();
