@@ -19,44 +19,18 @@ import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, cpuSeconds, latencyFixedRate, iperf, rssMiB, wrk, type Latency, removeCgroupTree } from './tools.js';
+import { IPERF_PORT, agentCommand, measure, removeCgroupTree, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.50';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
-const IPERF_PORT = 5201;
 const POD_COUNTS = (process.env['BENCH_PODS'] ?? '1,10,100').split(',').map(Number);
 const RSS_SETTLE_MS = 15_000;
 /** kernel (splice in the addon, the default) or js (node streams), to compare the two. */
 const RELAY = process.env['BENCH_RELAY'] ?? 'kernel';
 
-interface Scenario {
-  throughputGbps: number;
-  keepAliveRps: number;
-  newConnRps: number;
-  latency: Latency;
-  proxyCpuSecPer1000Req: number | null;
-}
-
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
-
-async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string, httpPort: number, proxyPids: () => number[]): Promise<Scenario> {
-  const throughputGbps = await iperf(runtime, client, host, IPERF_PORT, SECONDS);
-  const cpu0 = await cpuSeconds(proxyPids());
-  const ka = await wrk(runtime, client, host, httpPort, SECONDS, true);
-  const cpu1 = await cpuSeconds(proxyPids());
-  const nc = await wrk(runtime, client, host, httpPort, SECONDS, false);
-  const latency = await latencyFixedRate(runtime, client, host, httpPort, SECONDS);
-  const pids = proxyPids();
-  return {
-    throughputGbps,
-    keepAliveRps: ka.rps,
-    newConnRps: nc.rps,
-    latency,
-    proxyCpuSecPer1000Req: pids.length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null,
-  };
-}
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
@@ -80,12 +54,7 @@ async function main(): Promise<void> {
     const hole: Blackhole = await holdBlackhole(SERVICE_IP);
     cleanups.push(() => hole.release());
 
-    const nginxConf = join(work, 'nginx.conf');
-    const body = 'x'.repeat(1024);
-    await writeFile(
-      nginxConf,
-      `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; location / { return 200 "${body}"; } } }\n`,
-    );
+    const nginxConf = await writeNginxConf(work, APP_HTTP);
     say('creating pods: server (nginx :8080 with 1 KB responses, iperf3 :5201) and client');
     const server = await runtime.create(
       validatePodSpec({ name: 'server', labels: ['app=server'], command: ['sh', '-c', `nginx -c ${nginxConf} & exec iperf3 -s -p ${IPERF_PORT}`] }),
@@ -100,14 +69,14 @@ async function main(): Promise<void> {
     await waitForListener(server.ip4, IPERF_PORT, 10_000);
 
     say('direct pod to pod');
-    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
+    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => [], SECONDS);
 
     say('sidecar peer: HAProxy + nft REDIRECT in both pods');
     const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
       { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
       { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007 },
     ]);
-    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
+    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids, SECONDS);
     await peer.stop();
 
     say('nodemesh L4: agent, capture, outbound + inbound proxy');
@@ -144,7 +113,7 @@ async function main(): Promise<void> {
     };
     const loaded = startAgent();
     await waitVerified(2);
-    const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [loaded.pid ?? 0]);
+    const mesh = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [loaded.pid ?? 0], SECONDS);
     const rssAfterLoad = await rssMiB(loaded.pid ?? 0);
     await stopAgent(loaded);
 
@@ -152,7 +121,7 @@ async function main(): Promise<void> {
     say('nodemesh L4 with --jit full');
     const fullJit = startAgent(['--jit', 'full']);
     await waitVerified(2);
-    const meshFullJit = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [fullJit.pid ?? 0]);
+    const meshFullJit = await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [fullJit.pid ?? 0], SECONDS);
     const rssAfterLoadFullJit = await rssMiB(fullJit.pid ?? 0);
 
     // RSS by enrolled pods, from a fresh agent: what the pods cost, not what a load burst left
@@ -193,12 +162,9 @@ async function main(): Promise<void> {
       proxyHops: hops,
     } });
 
-    const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
     const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft)', sidecar], ['nodemesh L4', mesh], ['nodemesh L4, --jit full', meshFullJit]];
     const lines = [
-      '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
-      '|---|---|---|---|---|---|---|---|',
-      ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+      ...scenarioTable(rows),
       '',
       `agent RSS (MiB) by enrolled pods, fresh agent, 1 s / ${RSS_SETTLE_MS / 1000} s after enrolling: ${Object.entries(rss).map(([n, m]) => `${n}: ${m.afterEnroll.toFixed(1)} / ${m.steady.toFixed(1)}`).join(', ')}; after the load runs: ${rssAfterLoad.toFixed(1)} (--jit full: ${rssAfterLoadFullJit.toFixed(1)})`,
       `ratios: ${JSON.stringify(results['ratios'])}`,

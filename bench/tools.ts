@@ -109,3 +109,50 @@ export async function removeCgroupTree(subtree: string): Promise<void> {
   };
   await remove(join(await findCgroup2Mount(), subtree));
 }
+
+/** One path's numbers: what `npm run bench` reports for direct, the sidecar peer and nodemesh. */
+export interface Scenario {
+  throughputGbps: number;
+  keepAliveRps: number;
+  newConnRps: number;
+  latency: Latency;
+  proxyCpuSecPer1000Req: number | null;
+}
+
+export const IPERF_PORT = 5201;
+
+/**
+ * Throughput (iperf3 to IPERF_PORT), keep-alive and new-connection requests/s (wrk), latency at a
+ * fixed rate, and the CPU the proxies (`proxyPids`) spent per 1000 keep-alive requests.
+ */
+export async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string, httpPort: number, proxyPids: () => number[], seconds: number): Promise<Scenario> {
+  const throughputGbps = await iperf(runtime, client, host, IPERF_PORT, seconds);
+  const cpu0 = await cpuSeconds(proxyPids());
+  const ka = await wrk(runtime, client, host, httpPort, seconds, true);
+  const cpu1 = await cpuSeconds(proxyPids());
+  const nc = await wrk(runtime, client, host, httpPort, seconds, false);
+  const latency = await latencyFixedRate(runtime, client, host, httpPort, seconds);
+  const pids = proxyPids();
+  return { throughputGbps, keepAliveRps: ka.rps, newConnRps: nc.rps, latency, proxyCpuSecPer1000Req: pids.length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null };
+}
+
+/** The markdown table of scenarios the benchmarks print. */
+export function scenarioTable(rows: ReadonlyArray<readonly [string, Scenario]>): string[] {
+  const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
+  return [
+    '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
+    '|---|---|---|---|---|---|---|---|',
+    ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+  ];
+}
+
+/** The benchmarks' app: nginx on `port` (v4 and v6) answering every request with 1 KB. Returns the config's path. */
+export async function writeNginxConf(work: string, port: number): Promise<string> {
+  const { writeFile } = await import('node:fs/promises');
+  const path = join(work, 'nginx.conf');
+  await writeFile(
+    path,
+    `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${port}; listen [::]:${port}; location / { return 200 "${'x'.repeat(1024)}"; } } }\n`,
+  );
+  return path;
+}

@@ -24,22 +24,14 @@ import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, cpuSeconds, iperf, latencyFixedRate, wrk, type Latency, removeCgroupTree } from './tools.js';
+import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
+import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.52';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
-const IPERF_PORT = 5201;
 const PORTS = { grpcTls: 15812, cpHttp: 15814, a: { metrics: 15820, ready: 15821, admin: 15800 }, b: { metrics: 15830, ready: 15831, admin: 15801 } };
-
-interface Scenario {
-  throughputGbps: number;
-  keepAliveRps: number;
-  newConnRps: number;
-  latency: Latency;
-  proxyCpuSecPer1000Req: number | null;
-}
 
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
@@ -70,23 +62,11 @@ async function main(): Promise<void> {
   const pinBase = `/sys/fs/bpf/nodemesh-bench-${id}`;
   const children: ChildProcess[] = [];
   const cleanups: Array<() => Promise<unknown>> = [];
-  const measure = async (client: Parameters<typeof iperf>[1], host: string, httpPort: number, pids: () => number[]): Promise<Scenario> => {
-    const throughputGbps = await iperf(runtime, client, host, IPERF_PORT, SECONDS);
-    const cpu0 = await cpuSeconds(pids());
-    const ka = await wrk(runtime, client, host, httpPort, SECONDS, true);
-    const cpu1 = await cpuSeconds(pids());
-    const nc = await wrk(runtime, client, host, httpPort, SECONDS, false);
-    const latency = await latencyFixedRate(runtime, client, host, httpPort, SECONDS);
-    return { throughputGbps, keepAliveRps: ka.rps, newConnRps: nc.rps, latency, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null };
-  };
+  const measure = (client: PodRecord, host: string, httpPort: number, pids: () => number[]): Promise<Scenario> => measureWith(runtime, client, host, httpPort, pids, SECONDS);
   try {
     const hole = await holdBlackhole(SERVICE_IP);
     cleanups.push(() => hole.release());
-    const nginxConf = join(work, 'nginx.conf');
-    await writeFile(
-      nginxConf,
-      `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; location / { return 200 "${'x'.repeat(1024)}"; } } }\n`,
-    );
+    const nginxConf = await writeNginxConf(work, APP_HTTP);
     const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
     const start = (args: string[]): ChildProcess => {
       const child = spawn(...agentCommand(args), { env, stdio: 'inherit' });
@@ -170,13 +150,10 @@ async function main(): Promise<void> {
         addedP90Ms: { sidecarPlaintext: addedP90(sidecar), nodemeshHbone: addedP90(mtls) },
       },
     };
-    const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
     const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft), plaintext', sidecar], ['nodemesh two hops, HBONE mTLS', mtls]];
     process.stdout.write(
       [
-        '| path | throughput Gbit/s | keep-alive req/s | new conn/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
-        '|---|---|---|---|---|---|---|---|',
-        ...rows.map(([n, s]) => `| ${n} | ${f(s.throughputGbps)} | ${f(s.keepAliveRps, 0)} | ${f(s.newConnRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+        ...scenarioTable(rows),
         '',
         `tunnels: ${tunnels} opened for ${tunnelled} connections; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',

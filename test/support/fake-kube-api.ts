@@ -39,7 +39,8 @@ export interface FakeKubeApi {
   /** Raw bytes on every open watch of a resource (a garbled line). */
   sendRaw(path: string, text: string): void;
   /** What TokenReview says of a token: its ServiceAccount user and the node its pod runs on. */
-  reviewToken(token: string, username: string, node: string | undefined): void;
+  /** `audiences`: what the review answers as the token's audiences (default: those asked for). */
+  reviewToken(token: string, username: string, node: string | undefined, audiences?: string[]): void;
   /** Answer 404 for this collection, as an API server without the CRD does. */
   notServed(path: string): void;
   /** While set, new watches are answered 503. */
@@ -59,7 +60,7 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
   let cutNext = false;
   let refusing = false;
   const unserved = new Set<string>();
-  const reviews = new Map<string, { username: string; node: string | undefined }>();
+  const reviews = new Map<string, { username: string; node: string | undefined; audiences?: string[] }>();
   const resource = (path: string): Resource => {
     let r = resources.get(path);
     if (!r) {
@@ -112,7 +113,7 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
         const review = JSON.parse(body) as { spec: { token: string; audiences?: string[] } };
         const who = reviews.get(review.spec.token);
         const status = who
-          ? { authenticated: true, audiences: review.spec.audiences ?? [], user: { username: who.username, extra: who.node ? { 'authentication.kubernetes.io/node-name': [who.node] } : {} } }
+          ? { authenticated: true, audiences: who.audiences ?? review.spec.audiences ?? [], user: { username: who.username, extra: who.node ? { 'authentication.kubernetes.io/node-name': [who.node] } : {} } }
           : { authenticated: false, error: 'invalid bearer token' };
         res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ apiVersion: 'authentication.k8s.io/v1', kind: 'TokenReview', spec: review.spec, status }));
       });
@@ -186,8 +187,8 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     sendRaw(path, text) {
       for (const w of resource(path).watches) w.write(text);
     },
-    reviewToken(token, username, node) {
-      reviews.set(token, { username, node });
+    reviewToken(token, username, node, audiences) {
+      reviews.set(token, { username, node, ...(audiences ? { audiences } : {}) });
     },
     notServed(path) {
       unserved.add(path);

@@ -10,6 +10,8 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
+import { KubeApi } from '../../src/control-plane/sources/kube-api.js';
+import { ReviewRateLimited, TokenReviewAuthenticator } from '../../src/control-plane/sources/token-review.js';
 import { metricValue } from '../support/agent.js';
 import { kubeconfigFor, startFakeKubeApi, type FakeKubeApi, type Obj } from '../support/fake-kube-api.js';
 import { waitFor } from '../support/sandbox.js';
@@ -195,6 +197,8 @@ test('Kubernetes source: agents authenticate with pod-bound ServiceAccount token
   api.reviewToken('token-of-agent-on-node-a', agentSa, 'node-a');
   api.reviewToken('token-of-some-app-on-node-a', 'system:serviceaccount:shop:web', 'node-a');
   api.reviewToken('token-without-pod-binding', agentSa, undefined);
+  // A valid token of the agents' ServiceAccount, but the review does not name nodemesh's audience.
+  api.reviewToken('token-for-another-audience', agentSa, 'node-a', ['https://kubernetes.default.svc']);
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   stops.push(() => cp.stop());
   // Both ports from the kernel (a port picked beforehand could be handed to gRPC's port 0).
@@ -206,13 +210,14 @@ test('Kubernetes source: agents authenticate with pod-bound ServiceAccount token
     otherAccount: new TestAgent(address, 'node-a', [], 'token-of-some-app-on-node-a'),
     unbound: new TestAgent(address, 'node-a', [], 'token-without-pod-binding'),
     unknown: new TestAgent(address, 'node-a', [], 'not-a-token'),
+    otherAudience: new TestAgent(address, 'node-a', [], 'token-for-another-audience'),
   };
   stops.push(() => Object.values(agents).forEach((a) => a.stop()));
   await waitFor(() => agents.good.version > 0, 5000, 'the agent of node-a is served');
-  const refused = [agents.otherNode, agents.otherAccount, agents.unbound, agents.unknown];
+  const refused = [agents.otherNode, agents.otherAccount, agents.unbound, agents.unknown, agents.otherAudience];
   await waitFor(() => refused.every((a) => a.error !== undefined), 5000, 'the others are refused');
   assert.equal(agents.otherNode.error?.code, 7, 'PERMISSION_DENIED: node-a\'s agent claiming node-b');
-  assert.deepEqual([agents.otherAccount, agents.unbound, agents.unknown].map((a) => a.error?.code), [16, 16, 16], 'UNAUTHENTICATED');
+  assert.deepEqual([agents.otherAccount, agents.unbound, agents.unknown, agents.otherAudience].map((a) => a.error?.code), [16, 16, 16, 16], 'UNAUTHENTICATED');
   assert.ok(refused.every((a) => a.version === 0));
   assert.ok(agents.good.keys('Service').includes('Service/shop/web'));
   // Reconnects are answered from the review cache, not with a TokenReview each.
@@ -225,4 +230,18 @@ test('Kubernetes source: agents authenticate with pod-bound ServiceAccount token
     ControlPlane.start({ source: { kind: 'dir', dir }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } }),
     (e: Error & { code?: string }) => e.code === 'NM_ERR_INVALID_ARGUMENT',
   );
+});
+
+test('TokenReview: tokens not in the cache are reviewed at a bounded rate; beyond it the caller is told to come back, the API server is not asked', async (t) => {
+  const { api, kubeconfig } = await testbed(t);
+  const agentSa = 'system:serviceaccount:nodemesh-system:nodemesh-agent';
+  for (const n of ['a', 'b', 'c']) api.reviewToken(`token-of-node-${n}`, agentSa, `node-${n}`);
+  const reviews = new TokenReviewAuthenticator(KubeApi.load({ kubeconfig }), 'nodemesh-system/nodemesh-agent', { burst: 2, perSecond: 0.01 });
+  assert.equal(await reviews.nodeOf('token-of-node-a'), 'node-a');
+  assert.equal(await reviews.nodeOf('token-of-node-b'), 'node-b');
+  const asked = api.requests.filter((r) => r === 'create tokenreviews').length;
+  await assert.rejects(reviews.nodeOf('token-of-node-c'), ReviewRateLimited);
+  assert.equal(api.requests.filter((r) => r === 'create tokenreviews').length, asked, 'the API server was not asked');
+  // A token reviewed before is still answered from the cache.
+  assert.equal(await reviews.nodeOf('token-of-node-a'), 'node-a');
 });
