@@ -22,16 +22,16 @@ import { createRoot, generateKeyPair, importSigningKey, issueLeaf, parseCertific
 import { TunnelFailed, TunnelPool } from '../../src/proxy/tunnel/client.js';
 import { metricValue, serviceYaml, startAgent, startControlPlane } from '../support/agent.js';
 import { readPcap } from '../support/pcap.js';
-import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import { collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 
 const SVC = '10.96.0.71';
 
 /** Two nodes behind one control plane (agents over TLS): a client pod on A, server pods on B. */
-async function twoNodes(t: Parameters<typeof createSandbox>[0]) {
+async function twoNodes(t: Parameters<typeof createSandbox>[0], options: { certTtl?: string } = {}) {
   const sb = await createSandbox(t);
   await sb.blackhole(SVC);
   const nodeB = `${sb.config.node}-b`;
-  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) }, options.certTtl === undefined ? {} : { certTtl: options.certTtl });
   const agentA = await startAgent(sb, { controlPlane: cp.tlsAddress, caRoot: cp.caRoot });
   const agentB = await startAgent(sb, { controlPlane: cp.tlsAddress, caRoot: cp.caRoot }, { node: nodeB });
   const server = await sb.echoPod('server-b', 8080, ['app=server'], { node: nodeB, serviceAccount: 'server' });
@@ -197,4 +197,39 @@ test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs wit
   await new Promise<void>((resolve) => silent.once('close', () => resolve()));
   assert.equal(await refused('h2_handshake'), 1);
   assert.ok(!/PRIVATE KEY/.test(agentB.log()), 'no key material in the log');
+});
+
+test('hbone: certificates renew at half life with traffic running: the open tunnel carries on, later handshakes get the new certificate', async (t) => {
+  const { sb, cp, agentB, server, client } = await twoNodes(t, { certTtl: '16s' });
+  const serial = async (): Promise<string | undefined> => {
+    const body = (await (await fetch(`http://127.0.0.1:${agentB.adminPort}/pods`)).json()) as { certificates: Array<{ identity: string; serial?: string }> };
+    return body.certificates.find((c) => c.identity.endsWith('/sa/server'))?.serial;
+  };
+  const before = await serial();
+  // A connection through the tunnel that sends 1 KiB every 100 ms for 14 s and checks each echo.
+  const script = `const s=require('net').connect(80,process.argv[1]);let sent=0,got=0,bad=0;const chunk=Buffer.alloc(1024,7);
+s.on('data',(d)=>{for(const b of d)if(b!==7)bad++;got+=d.length});s.on('error',(e)=>{console.log(JSON.stringify({error:e.code||e.message,sent,got}));process.exit(1)});
+const t=setInterval(()=>{s.write(chunk);sent+=chunk.length},100);
+setTimeout(()=>{clearInterval(t);setTimeout(()=>{console.log(JSON.stringify({sent,got,bad}));s.end();process.exit(0)},500)},14000);`;
+  const running = collect(sb.runtime.exec(client, [process.execPath, '-e', script, SVC], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  // The server's certificate is renewed (a new serial) while the bytes flow.
+  await waitFor(async () => (await serial()) !== before, 15_000, "B's server certificate renewed");
+  const result = await running;
+  assert.equal(result.code, 0, result.stdout + result.stderr);
+  const counts = JSON.parse(result.stdout.trim().split('\n').pop() ?? '{}') as { sent: number; got: number; bad: number };
+  assert.ok(counts.sent > 100 * 1024, `sent ${counts.sent}`);
+  assert.deepEqual([counts.got, counts.bad], [counts.sent, 0], 'every byte came back, across the renewal');
+  // A handshake now gets the renewed certificate.
+  const root = readFileSync(cp.caRoot, 'utf8');
+  const presented = await new Promise<string>((resolve, reject) => {
+    const s = tlsConnect({ host: server.record.ip4, port: 15008, ca: root, ALPNProtocols: ['h2'], checkServerIdentity: () => undefined, rejectUnauthorized: false }, () => {
+      resolve(s.getPeerCertificate().serialNumber);
+      s.destroy();
+    });
+    s.once('error', reject);
+  });
+  assert.equal(presented, await serial());
+  assert.notEqual(presented, before);
+  // And new connections still go through.
+  assert.ok((await sb.dialFrom(client, SVC, 80)).intact);
 });
