@@ -127,7 +127,10 @@ function parsePort(value: string): number {
  * benchmark) keeps node's own teardown spinning, and the process never exits on SIGTERM.
  */
 async function exitWhenStopped(what: string): Promise<void> {
-  const left = process.getActiveResourcesInfo().filter((r) => r !== 'TTYWrap' && r !== 'PipeWrap');
+  // Handles being closed are still listed until their close callbacks ran: give them a moment.
+  const open = (): string[] => process.getActiveResourcesInfo().filter((r) => r !== 'TTYWrap' && r !== 'PipeWrap' && r !== 'Timeout');
+  for (let i = 0; i < 10 && open().length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+  const left = open();
   if (left.length > 0) (await import('../shared/log.js')).logger('cli').warn({ left }, `${what} stopped with resources still open; exiting`);
   process.exit(process.exitCode ?? 0);
 }

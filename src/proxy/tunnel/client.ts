@@ -203,6 +203,10 @@ export class TunnelPool {
     session.once('close', () => {
       clearInterval(tunnel.ping);
       clearTimeout(tunnel.idle);
+      // The TLS socket and the TCP socket under it go with the session (a destroyed session
+      // does not always take the socket it was given along).
+      tls.destroy();
+      tcp.destroy();
       const rest = (this.tunnels.get(key) ?? []).filter((t) => t !== tunnel);
       if (rest.length > 0) this.tunnels.set(key, rest);
       else this.tunnels.delete(key);
