@@ -95,18 +95,9 @@ export function agentCommand(args: ReadonlyArray<string>): [string, string[]] {
   return flags ? [process.execPath, [...flags, CLI_ENTRY, ...args]] : [CLI_ENTRY, [...args]];
 }
 
-/**
- * Removes a benchmark's cgroup subtree: the nodes' pod cgroups outlive their pods (a node's gate
- * may sit on one), so the subtree is left once the pods are gone. Only empty cgroups go.
- */
+/** Removes a benchmark's cgroup subtree (the nodes' pod cgroups outlive their pods). */
 export async function removeCgroupTree(subtree: string): Promise<void> {
-  const { findCgroup2Mount } = await import('../src/runtime/cgroup.js');
-  const { readdir, rmdir } = await import('node:fs/promises');
-  const remove = async (dir: string): Promise<void> => {
-    const children = await readdir(dir, { withFileTypes: true }).catch(() => []);
-    for (const c of children) if (c.isDirectory()) await remove(join(dir, c.name));
-    await rmdir(dir).catch(() => undefined);
-  };
+  const { findCgroup2Mount, removeCgroupTree: remove } = await import('../src/runtime/cgroup.js');
   await remove(join(await findCgroup2Mount(), subtree));
 }
 

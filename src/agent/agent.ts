@@ -20,6 +20,7 @@ import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
 import type { CertificateManager } from '../identity/certificates.js';
+import { spiffeUri } from '../identity/spiffe.js';
 import type { TunnelIdentities } from '../proxy/tunnel/hbone.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
@@ -348,7 +349,7 @@ export class NodeAgent {
 
   /** A pod's workload identity, in the mesh config's trust domain. */
   private identityOf(p: Pick<NodePod, 'namespace' | 'serviceAccount'>): string {
-    return `spiffe://${this.config.mesh.trustDomain}/ns/${p.namespace}/sa/${p.serviceAccount}`;
+    return spiffeUri({ trustDomain: this.config.mesh.trustDomain, namespace: p.namespace, serviceAccount: p.serviceAccount });
   }
 
   /** Whether the node holds a valid certificate for the pod's identity (without a CA, there is nothing to hold). */

@@ -8,7 +8,7 @@
 import { isIP } from 'node:net';
 
 import type { WireWorkload } from '../protocol/discovery.js';
-import { DNS_LABEL } from '../shared/names.js';
+import { DNS_LABEL, DNS_SUBDOMAIN } from '../shared/names.js';
 
 export type PodReportReason = 'invalid' | 'duplicate_uid' | 'address_taken' | 'name_taken';
 
@@ -16,8 +16,6 @@ export interface CheckedReport {
   readonly pods: ReadonlyArray<WireWorkload>;
   readonly dropped: ReadonlyArray<{ readonly pod: string; readonly reason: PodReportReason; readonly message: string }>;
 }
-
-const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
 function invalid(p: WireWorkload): string | undefined {
   if (typeof p.uid !== 'string' || p.uid.length === 0 || p.uid.length > 128) return 'uid must be 1-128 characters';

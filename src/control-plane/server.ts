@@ -52,6 +52,7 @@ import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.js';
 import { RateLimiter } from './rate-limit.js';
+import { isNodeName } from '../shared/names.js';
 import { checkPodReport } from './pod-reports.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
@@ -266,16 +267,6 @@ export class ControlPlane {
   /** The plaintext gRPC port (the one asked for, or the one the kernel chose for port 0). */
   grpcPort(): number {
     return this.port;
-  }
-
-  /** The TLS gRPC port (the one asked for, or the one the kernel chose for port 0). */
-  grpcTlsPort(): number {
-    return this.tlsPort;
-  }
-
-  /** The roots agents trust (PEM); empty without a CA. */
-  caRoots(): ReadonlyArray<string> {
-    return this.ca?.roots() ?? [];
   }
 
   /** The HTTP port (the one asked for, or the one the kernel chose for port 0). */
@@ -541,11 +532,9 @@ export class ControlPlane {
     const request = call.request;
     let node = typeof request.node === 'string' ? request.node : '';
     if (this.tokens) {
-      const header = call.metadata.get('authorization')[0];
-      const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;
       let authenticated: string | undefined;
       try {
-        authenticated = token === undefined ? undefined : await this.tokens.nodeOf(token);
+        authenticated = await this.authenticate(call);
       } catch (e) {
         log.error({ err: e }, 'agent token check failed');
         return refuse('unauthenticated', GrpcStatus.UNAVAILABLE, 'the control plane cannot check agent tokens now');
@@ -554,7 +543,7 @@ export class ControlPlane {
       if (node !== '' && node !== authenticated) return refuse('node_mismatch', GrpcStatus.PERMISSION_DENIED, `agent authenticated as node ${authenticated} asks for node ${node.slice(0, 253)}`, authenticated);
       node = authenticated;
     }
-    if (!/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(node)) return refuse('bad_request', GrpcStatus.INVALID_ARGUMENT, 'the request names no valid node');
+    if (!isNodeName(node)) return refuse('bad_request', GrpcStatus.INVALID_ARGUMENT, 'the request names no valid node');
     if (!this.signLimit.take(node)) return refuse('rate_limited', GrpcStatus.RESOURCE_EXHAUSTED, `node ${node} asks for certificates too often`, node);
     const authorize = (id: WorkloadIdentity): void => {
       const pods = this.podsByNode.get(node) ?? [];
@@ -662,7 +651,7 @@ export class ControlPlane {
   }
 
   /** The node the caller's token is bound to; undefined without a valid one (or when tokens are off). */
-  private async authenticate(call: ServerDuplexStream<AgentMessage, ControlPlaneMessage>): Promise<string | undefined> {
+  private async authenticate(call: { readonly metadata: Metadata }): Promise<string | undefined> {
     if (!this.tokens) return undefined;
     const header = call.metadata.get('authorization')[0];
     const token = typeof header === 'string' && header.startsWith('Bearer ') ? header.slice(7) : undefined;

@@ -15,6 +15,8 @@ export const NM_PORT_OUTBOUND = 15001;
 export const NM_PORT_INBOUND = 15006;
 export const NM_PORT_INBOUND_TUNNEL = 15008;
 export const NM_PORT_DNS = 15053;
+/** The proxy's own in-pod ports: a connection or CONNECT to one of them would loop. */
+export const NM_PROXY_PORTS: ReadonlySet<number> = new Set([NM_PORT_OUTBOUND, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_DNS]);
 export const NM_ROLE_INBOUND = 1;
 export const NM_ROLE_INBOUND_TUNNEL = 2;
 

@@ -4,7 +4,10 @@
  * identity is served, renewed at half life (a new key each time), dropped when the last such pod
  * leaves. Keys live in this process's memory only: never on disk, never in a log line.
  */
+import { webcrypto } from 'node:crypto';
+
 import { logger } from '../shared/log.js';
+import { compareStrings } from '../shared/order.js';
 import { parseSpiffeUri, spiffeUri, type WorkloadIdentity } from './spiffe.js';
 import { CertificateInvalid, certificateInfo, createCsr, generateKeyPair, privateKeyPem, verifyChain, type KeyPair } from './x509.js';
 
@@ -127,7 +130,7 @@ export class CertificateManager {
         renewAt: e.cert?.renewAt.toISOString(),
         lastError: e.lastError,
       }))
-      .sort((a, b) => (a.identity < b.identity ? -1 : a.identity > b.identity ? 1 : 0));
+      .sort((a, b) => compareStrings(a.identity, b.identity));
   }
 
   stop(): void {
@@ -181,7 +184,6 @@ export class CertificateManager {
     const uris = verifyChain(answer.certChain, roots);
     if (uris.length !== 1 || uris[0] !== entry.uri) throw new CertificateInvalid('san', `the CA signed ${uris.join(', ') || 'no URI'} for a request for ${entry.uri}`);
     const leaf = certificateInfo(answer.certChain[0] ?? '');
-    const { webcrypto } = await import('node:crypto');
     const spki = Buffer.from(await webcrypto.subtle.exportKey('spki', keys.publicKey));
     if (!spki.equals(leaf.spki)) throw new CertificateInvalid('key_mismatch', 'the certificate is not for the key the request carried');
     const received = Date.now();

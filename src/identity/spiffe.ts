@@ -4,7 +4,7 @@
  * account shares it.
  */
 import { TRUST_DOMAIN } from '../config/mesh.js';
-import { DNS_LABEL } from '../shared/names.js';
+import { DNS_LABEL, DNS_SUBDOMAIN } from '../shared/names.js';
 
 export interface WorkloadIdentity {
   readonly trustDomain: string;
@@ -22,8 +22,6 @@ export class IdentityInvalid extends Error {
     this.name = 'IdentityInvalid';
   }
 }
-
-const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
 export function isTrustDomain(value: string): boolean {
   return TRUST_DOMAIN.test(value);

@@ -9,7 +9,7 @@
 import { constants as h2constants, type ClientHttp2Stream } from 'node:http2';
 import { Socket, type Server } from 'node:net';
 
-import { NM_DELIVERY_MARK, NM_PORT_DNS, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_OUTBOUND, NM_PROXY_MARK, type OrigKey } from '../datapath/abi.js';
+import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
 import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
@@ -41,7 +41,6 @@ const FDS_RESERVED = 128;
 const FDS_PER_POD = 12;
 
 /** The ports of the proxy's own in-pod listeners (design.md section 2): never a destination. */
-const PROXY_PORTS: ReadonlySet<number> = new Set([NM_PORT_OUTBOUND, NM_PORT_INBOUND, NM_PORT_INBOUND_TUNNEL, NM_PORT_DNS]);
 
 /** What socketAddress returns for an address with a scope (link-local) of another netns. */
 const SCOPED = 'scoped';
@@ -170,7 +169,7 @@ export class NodeProxy {
 
   /** The pod's workload identity (SPIFFE URI) in the mesh's trust domain. */
   private identityOf(w: Pick<Workload, 'namespace' | 'serviceAccount'>): string {
-    return `spiffe://${this.options.tunnel?.trustDomain() ?? this.options.trustDomain}/ns/${w.namespace}/sa/${w.serviceAccount}`;
+    return spiffeUri({ trustDomain: this.options.tunnel?.trustDomain() ?? this.options.trustDomain, namespace: w.namespace, serviceAccount: w.serviceAccount });
   }
 
   /**
@@ -593,7 +592,7 @@ export class NodeProxy {
     // Steered connections keep the address and port their client dialed. One that names the
     // listener itself (127.0.0.1:15006 from inside the pod) or another proxy port was not
     // steered: delivering it would connect to the proxy again.
-    if (PROXY_PORTS.has(port) || isLoopback(host)) {
+    if (NM_PROXY_PORTS.has(port) || isLoopback(host)) {
       this.refuse(state, client, 'inbound', 'proxy_port', { local: formatHostPort(host, port) });
       return;
     }

@@ -126,3 +126,20 @@ export async function removeCgroup(path: string, stopAt: string): Promise<void> 
     dir = dir.slice(0, dir.lastIndexOf('/'));
   }
 }
+
+/**
+ * Removes a cgroup folder and every cgroup below it, deepest first (each must hold no process):
+ * what a sandbox or a benchmark made, whose nodes' pod cgroups outlive their pods. Gone already
+ * is fine.
+ */
+export async function removeCgroupTree(dir: string): Promise<void> {
+  let children;
+  try {
+    children = await readdir(dir, { withFileTypes: true });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw e;
+  }
+  for (const c of children) if (c.isDirectory()) await removeCgroupTree(join(dir, c.name));
+  await rmdir(dir);
+}

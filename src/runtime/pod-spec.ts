@@ -1,6 +1,6 @@
 /** A local pod as the user asks for it, validated once with Kubernetes' own name rules. */
 import { NodemeshError } from '../shared/errors.js';
-import { isNodeName } from '../shared/names.js';
+import { DNS_SUBDOMAIN, isNodeName } from '../shared/names.js';
 
 export interface PodSpec {
   readonly name: string;
@@ -13,7 +13,6 @@ export interface PodSpec {
 }
 
 const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
-const DNS1123_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 const QUALIFIED_NAME = /^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$/;
 const LABEL_VALUE = /^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$/;
 
@@ -41,7 +40,7 @@ export function checkLabel(key: string, value: string, spec: { name?: string; na
   const slash = key.indexOf('/');
   const prefix = slash >= 0 ? key.slice(0, slash) : '';
   const name = slash >= 0 ? key.slice(slash + 1) : key;
-  if (slash >= 0 && (prefix.length === 0 || prefix.length > 253 || !DNS1123_SUBDOMAIN.test(prefix))) {
+  if (slash >= 0 && (prefix.length === 0 || prefix.length > 253 || !DNS_SUBDOMAIN.test(prefix))) {
     throw invalid(field, `key prefix "${prefix}" must be a DNS subdomain (example.com/name)`, spec);
   }
   if (name.length === 0 || name.length > 63 || !QUALIFIED_NAME.test(name)) {
@@ -80,7 +79,7 @@ export function validatePodSpec(input: {
   checkLabelName('name', input.name, ids);
   checkLabelName('namespace', namespace, ids);
   const serviceAccount = input.serviceAccount ?? 'default';
-  if (serviceAccount.length > 253 || !DNS1123_SUBDOMAIN.test(serviceAccount)) {
+  if (serviceAccount.length > 253 || !DNS_SUBDOMAIN.test(serviceAccount)) {
     throw invalid('service-account', `"${serviceAccount}" must be a DNS subdomain`, ids);
   }
   const labels = parseLabels(input.labels ?? [], ids);

@@ -6,9 +6,10 @@ export const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 /** An RFC 1123 label: namespaces, service accounts, node names. */
 export const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
 
-/** A Kubernetes node name: a DNS-1123 subdomain. It names a cgroup, a bpffs folder and a run folder. */
-const NODE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
+/** An RFC 1123 subdomain (its length, at most 253, is the caller's to check): pod names, service accounts, label key prefixes. */
+export const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 
+/** A Kubernetes node name: a DNS-1123 subdomain. It names a cgroup, a bpffs folder and a run folder. */
 export function isNodeName(value: string): boolean {
-  return value.length <= 253 && NODE_NAME.test(value);
+  return value.length <= 253 && DNS_SUBDOMAIN.test(value);
 }

@@ -5,7 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, readFile, readdir, rm, rmdir } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TestContext } from 'node:test';
@@ -15,7 +15,7 @@ import { LocalPodRuntime } from '../../src/runtime/pods.js';
 import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
-import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
+import { findCgroup2Mount, removeCgroupTree } from '../../src/runtime/cgroup.js';
 import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { ensureBpffs } from '../../src/cli/preflight.js';
@@ -127,26 +127,13 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       }
       await rm(bpffsDir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
       // The nodes' pod cgroups outlive their pods (the gates sat on them): the subtree goes last.
-      await removeEmptyCgroups(join(await findCgroup2Mount(), config.cgroupSubtree)).catch((e: unknown) => errors.push(e));
+      await removeCgroupTree(join(await findCgroup2Mount(), config.cgroupSubtree)).catch((e: unknown) => errors.push(e));
       await rm(config.stateDir, { recursive: true, force: true });
       if (errors.length > 0) throw new AggregateError(errors, `sandbox ${id} cleanup failed`);
     },
   };
   t.after(() => sandbox.cleanup());
   return sandbox;
-}
-
-/** rmdir of a cgroup folder and, first, of every cgroup below it (each must be empty of processes). */
-async function removeEmptyCgroups(dir: string): Promise<void> {
-  let children;
-  try {
-    children = await readdir(dir, { withFileTypes: true });
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return;
-    throw e;
-  }
-  for (const c of children) if (c.isDirectory()) await removeEmptyCgroups(join(dir, c.name));
-  await rmdir(dir);
 }
 
 export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {

@@ -5,6 +5,7 @@
 import { Counter, Gauge, Registry, collectDefaultMetrics } from '../../shared/prom.js';
 
 import { workloadName, type Workload } from '../../config/snapshot.js';
+import { spiffeUri } from '../../identity/spiffe.js';
 
 /** Istio's standard TCP labels (reporter, source_*, destination_*, ...). */
 export const TCP_LABELS = [
@@ -38,7 +39,7 @@ export const ENROLL_ERROR_REASONS = ['netns_missing', 'cgroup_missing', 'attach_
 export type EnrollErrorReason = (typeof ENROLL_ERROR_REASONS)[number];
 
 export function principal(trustDomain: string, w: Pick<Workload, 'namespace' | 'serviceAccount'> | undefined): string {
-  return w ? `spiffe://${trustDomain}/ns/${w.namespace}/sa/${w.serviceAccount}` : 'unknown';
+  return w ? spiffeUri({ trustDomain, namespace: w.namespace, serviceAccount: w.serviceAccount }) : 'unknown';
 }
 
 /** Istio's workload labels: name (app label or pod name), namespace, version (the version label). */

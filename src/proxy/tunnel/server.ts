@@ -11,6 +11,7 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 
 import type { WorkloadIdentity } from '../../identity/spiffe.js';
+import { NM_PROXY_PORTS } from '../../datapath/abi.js';
 import { listenInNetns, closeFd } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import {
@@ -48,9 +49,6 @@ export interface TunnelServerEvents {
   onRefused(reason: TunnelRefusal, detail: Record<string, unknown>): void;
 }
 
-/** Ports of the proxy itself: a CONNECT to them would loop (ztunnel answers 503). */
-const PROXY_PORTS = new Set([15001, 15006, 15008, 15053]);
-
 export class TunnelServer {
   private readonly servers: Http2SecureServer[] = [];
   /** Every accepted connection, from its first byte (a handshake in progress too): close() ends them all. */
@@ -77,23 +75,24 @@ export class TunnelServer {
     return t;
   }
 
-  private credentials(): { key: string; cert: string; ca: string[] } {
+  /** The pod identity's key and chain with the mesh roots; undefined while the node holds no valid certificate for it. */
+  private credentials(): { key: string; cert: string; ca: string[] } | undefined {
     const held = this.identities.certificate(this.identity);
-    if (!held) throw new Error(`the node holds no certificate for ${this.identity}`);
-    return { key: held.keyPem, cert: held.chain.join(''), ca: [...this.identities.roots()] };
+    return held && { key: held.keyPem, cert: held.chain.join(''), ca: [...this.identities.roots()] };
   }
 
   /** A renewed certificate or new roots: new handshakes use them, open tunnels go on. */
   refresh(): void {
-    const held = this.identities.certificate(this.identity);
-    if (!held) return;
     const creds = this.credentials();
+    if (!creds) return;
     for (const s of this.servers) s.setSecureContext({ ...creds, minVersion: 'TLSv1.3', ciphers: HBONE_CIPHERS });
   }
 
   private async listen(netnsPath: string, address: string, idleTimeoutMs: number): Promise<void> {
+    const creds = this.credentials();
+    if (!creds) throw new Error(`the node holds no certificate for ${this.identity}`);
     const server = createSecureServer({
-      ...this.credentials(),
+      ...creds,
       minVersion: 'TLSv1.3',
       ciphers: HBONE_CIPHERS,
       requestCert: true,
@@ -155,7 +154,8 @@ export class TunnelServer {
     const local = (socket.localAddress ?? '').replace(/^::ffff:/, '');
     if (!target) return refuse('bad_request', 400, { authority: String(headers[':authority']).slice(0, 100) });
     if (target.host !== local.toLowerCase()) return refuse('authority_mismatch', 400, { authority: headers[':authority'], dialled: local });
-    if (PROXY_PORTS.has(target.port)) return refuse('proxy_port', 503, { authority: headers[':authority'] });
+    // A CONNECT to the proxy itself would loop (ztunnel answers 503).
+    if (NM_PROXY_PORTS.has(target.port)) return refuse('proxy_port', 503, { authority: headers[':authority'] });
     const peer = peerIdentity(socket.getPeerCertificate());
     if (!peer) return refuse('no_identity', 401, {});
     if (peer.trustDomain !== this.identities.trustDomain()) return refuse('trust_domain', 401, { trustDomain: peer.trustDomain });
