@@ -79,6 +79,8 @@ export interface RemoteConfig {
   readonly config: MeshConfig;
   /** Workloads of the whole mesh this node needs (endpoints elsewhere, its own pods). */
   readonly workloads: ReadonlyArray<Workload>;
+  /** The mesh's roots, the signing one first (with a CA). */
+  readonly trustBundle?: ReadonlyArray<string>;
 }
 
 export interface EnrolledPodStatus {
@@ -238,7 +240,12 @@ export class NodeAgent {
             self.settleEnrollWaiters();
           },
           onResult: (result) => m.certificateRequests.inc({ result }),
+          onRootsChanged: (roots) => {
+            m.trustedRoots.set(roots.length);
+            self.proxy.identitiesChanged();
+          },
         });
+        m.trustedRoots.set(agent.certificates.roots().length);
         client.start();
       }
       await agent.reconcile();
@@ -332,8 +339,14 @@ export class NodeAgent {
    * Control plane mode: a snapshot for this node, validated by the client. Applied whole (routing
    * tables and enrollment settings together) before the client acknowledges it.
    */
+  /** Control plane mode: whether the snapshot's roots can be trusted (throws why not). */
+  checkTrustBundle(roots: ReadonlyArray<string>): void {
+    this.certificates?.checkRoots(roots);
+  }
+
   applyRemote(remote: RemoteConfig): void {
     this.remote = remote;
+    if (remote.trustBundle) this.certificates?.setRoots(remote.trustBundle);
     this.remoteUids = new Set(remote.workloads.map((w) => w.uid));
     this.applyConfig(remote.config);
   }
@@ -443,17 +456,18 @@ export class NodeAgent {
    * node's pods as the agent sees them now (a new pod routes before the control plane echoes it).
    */
   private publish(): void {
-    const { services, trafficPolicies, routes } = this.config;
+    const { services, trafficPolicies, routes, peerAuthentications, authorizationPolicies, mesh } = this.config;
+    const security = { peerAuthentications, authorizationPolicies, mtlsMode: mesh.mtlsMode };
     if (this.remote) {
       // The node's own pods as the agent sees them now win over the control plane's copy; one
       // that is not served yet is no endpoint even if the control plane still has it.
       const local = new Set(this.pods.map((p) => p.uid));
       const workloads = [...this.remote.workloads.filter((w) => !local.has(w.uid)), ...this.served];
       this.version = this.remote.version;
-      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies, routes));
+      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, workloads, trafficPolicies, routes, security));
     } else {
       this.version++;
-      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.served, trafficPolicies, routes));
+      this.proxy.setSnapshot(new MeshSnapshot(this.version, services, this.served, trafficPolicies, routes, security));
     }
     // Connections of a pod whose config is not here yet wait for it (NodeProxy.setConfigured).
     for (const uid of this.enrolled.keys()) this.proxy.setConfigured(uid, this.configured(uid));

@@ -7,6 +7,19 @@ import { ObjectInvalid, parseMetadata } from './service.js';
 export const ENABLED_LABEL = 'nodemesh.io/enabled';
 export const CAPTURE_LABEL = 'nodemesh.io/capture';
 export const MESH_CONFIG_NAME = 'nodemesh';
+/**
+ * Istio's root namespace: PeerAuthentications and AuthorizationPolicies here apply mesh-wide
+ * (their selectors, if any, to workloads of every namespace). Where nodemesh itself is installed.
+ */
+export const ROOT_NAMESPACE = 'nodemesh-system';
+
+/** The mesh-wide default of PeerAuthentication's mode, where no policy says otherwise. */
+export type DefaultMtlsMode = 'PERMISSIVE' | 'STRICT' | 'DISABLE';
+const DEFAULT_MTLS_MODES: ReadonlyArray<DefaultMtlsMode> = ['PERMISSIVE', 'STRICT', 'DISABLE'];
+
+export function isDefaultMtlsMode(v: unknown): v is DefaultMtlsMode {
+  return (DEFAULT_MTLS_MODES as ReadonlyArray<unknown>).includes(v);
+}
 
 export interface Namespace {
   readonly name: string;
@@ -20,9 +33,11 @@ export interface MeshSettings {
   readonly failClosedEnrollment: boolean;
   /** The SPIFFE trust domain of workload identities (spiffe://<trust-domain>/ns/<ns>/sa/<sa>). */
   readonly trustDomain: string;
+  /** Inbound mTLS where no PeerAuthentication (workload, namespace, root namespace) sets a mode. */
+  readonly mtlsMode: DefaultMtlsMode;
 }
 
-export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'cluster.local' };
+export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' };
 
 /** SPIFFE trust domain names: lowercase letters, digits, ".", "-" and "_". */
 export const TRUST_DOMAIN = /^[a-z0-9._-]{1,255}$/;
@@ -44,7 +59,7 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   const data = (doc['data'] ?? {}) as Json;
   if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new ObjectInvalid('data', 'data must be a mapping');
   for (const key of Object.keys(data)) {
-    if (key !== 'enrollment' && key !== 'failClosedEnrollment' && key !== 'trustDomain') throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment, trustDomain)`);
+    if (!['enrollment', 'failClosedEnrollment', 'trustDomain', 'mtlsMode'].includes(key)) throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment, trustDomain, mtlsMode)`);
   }
   const enrollment = data['enrollment'] ?? DEFAULT_MESH.enrollment;
   if (enrollment !== 'all' && enrollment !== 'opt-in') throw new ObjectInvalid('data.enrollment', `data.enrollment "${String(enrollment)}" must be "all" or "opt-in"`);
@@ -56,7 +71,9 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   if (typeof trustDomain !== 'string' || !TRUST_DOMAIN.test(trustDomain)) {
     throw new ObjectInvalid('data.trustDomain', `data.trustDomain "${String(trustDomain)}" is not a SPIFFE trust domain (lowercase letters, digits, ".", "-" and "_")`);
   }
-  return { enrollment, failClosedEnrollment: failClosed === 'true', trustDomain };
+  const mtlsMode = data['mtlsMode'] ?? DEFAULT_MESH.mtlsMode;
+  if (!isDefaultMtlsMode(mtlsMode)) throw new ObjectInvalid('data.mtlsMode', `data.mtlsMode "${String(mtlsMode)}" must be one of ${DEFAULT_MTLS_MODES.join(', ')}`);
+  return { enrollment, failClosedEnrollment: failClosed === 'true', trustDomain, mtlsMode };
 }
 
 /** Whether the agent enrolls a pod, from its labels, its namespace's labels and the mode. */

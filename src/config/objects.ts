@@ -5,10 +5,10 @@
  * an object means the same whichever way it arrives.
  */
 import { MESH_CONFIG_NAME, parseMeshConfig, parseNamespace, type MeshSettings, type Namespace } from './mesh.js';
-import { schemas } from './schemas.js';
 import { ObjectInvalid, parseService, type ConfigIssue, type Service } from './service.js';
 import { GATEWAY_API, ROUTE_KINDS, parseRoute, type ServiceRoute } from './route.js';
 import { TRAFFIC_POLICY_API, parseTrafficPolicy, type TrafficPolicy } from './traffic-policy.js';
+import { SECURITY_API, parseAuthorizationPolicy, parsePeerAuthentication, type AuthorizationPolicy, type PeerAuthentication } from './security.js';
 
 const TRAFFIC_POLICY = `${TRAFFIC_POLICY_API}/TrafficPolicy`;
 
@@ -17,6 +17,8 @@ export interface ConfigObjects {
   readonly trafficPolicies: ReadonlyArray<TrafficPolicy>;
   readonly routes: ReadonlyArray<ServiceRoute>;
   readonly namespaces: ReadonlyArray<Namespace>;
+  readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
+  readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
   /** From the `nodemesh` ConfigMap, if there is one (and it is valid). */
   readonly mesh: MeshSettings | undefined;
   readonly issues: ReadonlyArray<ConfigIssue>;
@@ -30,6 +32,8 @@ export type ConfigObject = { readonly id: string } & (
   | { readonly policy: TrafficPolicy }
   | { readonly route: ServiceRoute }
   | { readonly namespace: Namespace }
+  | { readonly peerAuthentication: PeerAuthentication }
+  | { readonly authorizationPolicy: AuthorizationPolicy }
   | { readonly mesh: MeshSettings }
 );
 
@@ -53,14 +57,16 @@ export function parseObject(origin: string, obj: Record<string, unknown>): { obj
     if (kind === 'v1/Service') return { object: { id, service: parseService(obj) } };
     if (kind === TRAFFIC_POLICY) return { object: { id, policy: parseTrafficPolicy(obj) } };
     if (obj['apiVersion'] === GATEWAY_API && (ROUTE_KINDS as ReadonlyArray<unknown>).includes(obj['kind'])) return { object: { id, route: parseRoute(obj) } };
-    const known = schemas().has(String(obj['apiVersion']), String(obj['kind']));
-    if (known) {
-      // A kind nodemesh defines but does not enforce yet (AuthorizationPolicy, PeerAuthentication):
-      // checked against its schema, then refused, loudly, so that no one believes it protects anything.
-      schemas().validate(String(obj['apiVersion']), String(obj['kind']), obj);
-      return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is valid but not enforced by this version of nodemesh: refused, so that nothing relies on it` } };
-    }
-    return { issue: { file: origin, object: id, field: 'kind', message: `${kind} is not a supported kind (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY}, ${GATEWAY_API} HTTPRoute and GRPCRoute)` } };
+    if (kind === `${SECURITY_API}/PeerAuthentication`) return { object: { id, peerAuthentication: parsePeerAuthentication(obj) } };
+    if (kind === `${SECURITY_API}/AuthorizationPolicy`) return { object: { id, authorizationPolicy: parseAuthorizationPolicy(obj) } };
+    return {
+      issue: {
+        file: origin,
+        object: id,
+        field: 'kind',
+        message: `${kind} is not a supported kind (supported: v1 Service, Namespace, the nodemesh ConfigMap, ${TRAFFIC_POLICY}, ${GATEWAY_API} HTTPRoute and GRPCRoute, ${SECURITY_API} PeerAuthentication and AuthorizationPolicy)`,
+      },
+    };
   } catch (e) {
     if (!(e instanceof ObjectInvalid)) throw e;
     return { issue: { file: origin, object: id, field: e.field, message: e.message } };
@@ -73,6 +79,8 @@ export function mergeObjects(origins: ReadonlyArray<{ readonly file: string; rea
   const trafficPolicies: TrafficPolicy[] = [];
   const routes: ServiceRoute[] = [];
   const namespaces: Namespace[] = [];
+  const peerAuthentications: PeerAuthentication[] = [];
+  const authorizationPolicies: AuthorizationPolicy[] = [];
   let mesh: MeshSettings | undefined;
   const issues: ConfigIssue[] = [];
   const names = new Map<string, string>();
@@ -90,9 +98,11 @@ export function mergeObjects(origins: ReadonlyArray<{ readonly file: string; rea
         names.set(o.id, file);
         if ('service' in o) services.push(o.service);
         else if ('route' in o) routes.push(o.route);
+        else if ('peerAuthentication' in o) peerAuthentications.push(o.peerAuthentication);
+        else if ('authorizationPolicy' in o) authorizationPolicies.push(o.authorizationPolicy);
         else trafficPolicies.push(o.policy);
       }
     }
   }
-  return { services, trafficPolicies, routes, namespaces, mesh, issues, files: names };
+  return { services, trafficPolicies, routes, namespaces, peerAuthentications, authorizationPolicies, mesh, issues, files: names };
 }

@@ -7,6 +7,7 @@ import type { SocketAddress } from '../shared/address.js';
 import type { ServiceRoute } from './route.js';
 import type { Service, ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
+import { NO_SECURITY, type SecurityConfig } from './security.js';
 import { byNamespaceName } from '../shared/order.js';
 
 export interface Workload {
@@ -104,6 +105,8 @@ export class MeshSnapshot {
     readonly workloads: ReadonlyArray<Workload>,
     readonly trafficPolicies: ReadonlyArray<TrafficPolicy> = [],
     readonly routes: ReadonlyArray<ServiceRoute> = [],
+    /** PeerAuthentications, AuthorizationPolicies and the mesh's default mode: the proxy enforces them. */
+    readonly security: SecurityConfig = NO_SECURITY,
   ) {
     const warnings: SnapshotWarning[] = [];
     const policies = resolvePolicies(services, trafficPolicies, warnings);

@@ -16,6 +16,7 @@ import type { ConfigObjects } from './objects.js';
 import { readConfigDir, type ConfigDirCache } from './source-dir.js';
 import { checkRouteRefs, type ServiceRoute } from './route.js';
 import type { TrafficPolicy } from './traffic-policy.js';
+import type { AuthorizationPolicy, PeerAuthentication } from './security.js';
 
 const log = logger('config');
 
@@ -25,10 +26,12 @@ export interface MeshConfig {
   /** HTTPRoutes and GRPCRoutes whose parents and backends exist (checked against services). */
   readonly routes: ReadonlyArray<ServiceRoute>;
   readonly namespaces: ReadonlyMap<string, Namespace>;
+  readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
+  readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
   readonly mesh: MeshSettings;
 }
 
-export const EMPTY_CONFIG: MeshConfig = Object.freeze({ services: [], trafficPolicies: [], routes: [], namespaces: new Map(), mesh: DEFAULT_MESH });
+export const EMPTY_CONFIG: MeshConfig = Object.freeze({ services: [], trafficPolicies: [], routes: [], namespaces: new Map(), peerAuthentications: [], authorizationPolicies: [], mesh: DEFAULT_MESH });
 
 /** What the last read rejected, with whether the object's last good version still serves. */
 export interface RejectedObject extends ConfigIssue {
@@ -151,7 +154,10 @@ export class ConfigStore {
     const byKind = (k: ServiceRoute['kind']) => (r: ServiceRoute): boolean => r.kind === k;
     const http = keepLastGood('HTTPRoute', routes.filter(byKind('HTTPRoute')), previous.routes.filter(byKind('HTTPRoute')), this.files, issues);
     const grpc = keepLastGood('GRPCRoute', routes.filter(byKind('GRPCRoute')), previous.routes.filter(byKind('GRPCRoute')), this.files, issues);
-    const kept = new Set([...services.kept, ...policies.kept, ...http.kept, ...grpc.kept]);
+    // A policy that is rejected on update keeps its last good version: a typo must not open access.
+    const peer = keepLastGood('PeerAuthentication', read.peerAuthentications, previous.peerAuthentications, this.files, issues);
+    const authz = keepLastGood('AuthorizationPolicy', read.authorizationPolicies, previous.authorizationPolicies, this.files, issues);
+    const kept = new Set([...services.kept, ...policies.kept, ...http.kept, ...grpc.kept, ...peer.kept, ...authz.kept]);
     const files = new Map(read.files);
     for (const id of kept) {
       const file = this.files.get(id);
@@ -164,6 +170,8 @@ export class ConfigStore {
       trafficPolicies: policies.objects,
       routes: [...http.objects, ...grpc.objects],
       namespaces: new Map(read.namespaces.map((n) => [n.name, n])),
+      peerAuthentications: peer.objects,
+      authorizationPolicies: authz.objects,
       mesh: read.mesh ?? (meshRejected ? previous.mesh : DEFAULT_MESH),
     });
     this.files = files;
@@ -192,6 +200,8 @@ export function recordConfigObjects(config: MeshConfig, objects: Gauge<'kind'>):
   objects.set({ kind: 'HTTPRoute' }, config.routes.filter((r) => r.kind === 'HTTPRoute').length);
   objects.set({ kind: 'GRPCRoute' }, config.routes.filter((r) => r.kind === 'GRPCRoute').length);
   objects.set({ kind: 'Namespace' }, config.namespaces.size);
+  objects.set({ kind: 'PeerAuthentication' }, config.peerAuthentications.length);
+  objects.set({ kind: 'AuthorizationPolicy' }, config.authorizationPolicies.length);
 }
 
 /** Counts a read's rejections: every one (errors counter) and those of this read, by kind (gauge). */

@@ -11,18 +11,19 @@ import { join } from 'node:path';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 
-import { DEFAULT_MESH, TRUST_DOMAIN, type MeshSettings, type Namespace } from '../config/mesh.js';
+import { DEFAULT_MESH, TRUST_DOMAIN, isDefaultMtlsMode, type MeshSettings, type Namespace } from '../config/mesh.js';
 import type { Service, ServicePort } from '../config/service.js';
 import type { Workload } from '../config/snapshot.js';
 import { ROUTE_KINDS, type ServiceRoute } from '../config/route.js';
 import { DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
 import type { MeshConfig } from '../config/store.js';
+import { checkAuthorizationPolicy, checkPeerAuthentication, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
 import { compareStrings } from '../shared/order.js';
 import { PACKAGE_ROOT } from '../shared/paths.js';
 
 export const PROTO_FILE = join(PACKAGE_ROOT, 'proto', 'nodemesh', 'v1', 'discovery.proto');
 /** What an agent of this build understands (Hello.capabilities). */
-export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'Route', 'MeshSettings', 'Namespace'] as const;
+export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'Route', 'MeshSettings', 'Namespace', 'PeerAuthentication', 'AuthorizationPolicy', 'TrustBundle'] as const;
 /** Largest message either side accepts: a node's view of a big mesh fits, a runaway one does not. */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
@@ -81,6 +82,27 @@ export interface WireMeshSettings {
   enrollment: string;
   failClosedEnrollment: boolean;
   trustDomain: string;
+  /** '' (proto3 default) is PERMISSIVE. */
+  mtlsMode?: string;
+}
+export interface WirePeerAuthentication {
+  namespace: string;
+  name: string;
+  selector: Record<string, string>;
+  mode: string;
+  portModes: Record<string, string>;
+}
+export interface WireAuthorizationRule {
+  from: Array<{ principals: string[]; notPrincipals: string[]; namespaces: string[]; notNamespaces: string[]; ipBlocks: string[]; notIpBlocks: string[]; serviceAccounts: string[]; notServiceAccounts: string[] }>;
+  to: Array<{ ports: number[]; notPorts: number[] }>;
+  when: Array<{ key: string; values: string[]; notValues: string[] }>;
+}
+export interface WireAuthorizationPolicy {
+  namespace: string;
+  name: string;
+  selector: Record<string, string>;
+  action: string;
+  rules: WireAuthorizationRule[];
 }
 export interface WireNamespace {
   name: string;
@@ -93,7 +115,10 @@ export interface WireResource {
   route?: WireRoute;
   mesh?: WireMeshSettings;
   namespace?: WireNamespace;
-  resource?: 'service' | 'workload' | 'trafficPolicy' | 'route' | 'mesh' | 'namespace';
+  peerAuthentication?: WirePeerAuthentication;
+  authorizationPolicy?: WireAuthorizationPolicy;
+  trustBundle?: { roots: string[] };
+  resource?: 'service' | 'workload' | 'trafficPolicy' | 'route' | 'mesh' | 'namespace' | 'peerAuthentication' | 'authorizationPolicy' | 'trustBundle';
 }
 export interface WireConfigError {
   object: string;
@@ -216,17 +241,46 @@ export function routeToWire(r: ServiceRoute): WireRoute {
   return { kind: r.kind, namespace: r.namespace, name: r.name, parents: r.parents.map((p) => ref(p, 0)), backends: r.backends.map((b) => ref(b, b.weight)) };
 }
 
+export function peerAuthenticationToWire(p: PeerAuthentication): WirePeerAuthentication {
+  return { namespace: p.namespace, name: p.name, selector: { ...p.selector }, mode: p.mode, portModes: { ...p.portModes } };
+}
+
+export function authorizationPolicyToWire(p: AuthorizationPolicy): WireAuthorizationPolicy {
+  return {
+    namespace: p.namespace,
+    name: p.name,
+    selector: { ...p.selector },
+    action: p.action,
+    rules: p.rules.map((r) => ({
+      from: r.from.map((f) => ({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] })),
+      to: r.to.map((t) => ({ ports: [...t.ports], notPorts: [...t.notPorts] })),
+      when: r.when.map((c) => ({ key: c.key, values: [...c.values], notValues: [...c.notValues] })),
+    })),
+  };
+}
+
+/** A wire rule as the config model holds it (checkAuthorizationPolicy judges it after). */
+function ruleFromWire(r: WireAuthorizationRule): AuthorizationRule {
+  return Object.freeze({
+    from: Object.freeze(r.from.map((f) => Object.freeze({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] }))),
+    to: Object.freeze(r.to.map((t) => Object.freeze({ ports: [...t.ports], notPorts: [...t.notPorts] }))),
+    when: Object.freeze(r.when.map((c) => Object.freeze({ key: c.key as ConditionKey, values: [...c.values], notValues: [...c.notValues] }))),
+  });
+}
+
 /**
  * The resources of a config, in a canonical order (kind, namespace, name): the part every node
  * gets alike. Workloads are added per node.
  */
 export function configResources(config: MeshConfig): WireResource[] {
   return [
-    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment, trustDomain: config.mesh.trustDomain } },
+    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment, trustDomain: config.mesh.trustDomain, mtlsMode: config.mesh.mtlsMode } },
     ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
     ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
     ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
     ...sortByKey(config.routes).map((r) => ({ route: routeToWire(r) })),
+    ...sortByKey(config.peerAuthentications).map((p) => ({ peerAuthentication: peerAuthenticationToWire(p) })),
+    ...sortByKey(config.authorizationPolicies).map((p) => ({ authorizationPolicy: authorizationPolicyToWire(p) })),
   ];
 }
 
@@ -247,7 +301,10 @@ export function resourceKey(r: WireResource): string {
   if (r.trafficPolicy) return `TrafficPolicy/${r.trafficPolicy.namespace}/${r.trafficPolicy.name}`;
   if (r.route) return `${r.route.kind}/${r.route.namespace}/${r.route.name}`;
   if (r.namespace) return `Namespace//${r.namespace.name}`;
+  if (r.peerAuthentication) return `PeerAuthentication/${r.peerAuthentication.namespace}/${r.peerAuthentication.name}`;
+  if (r.authorizationPolicy) return `AuthorizationPolicy/${r.authorizationPolicy.namespace}/${r.authorizationPolicy.name}`;
   if (r.mesh) return 'MeshSettings//nodemesh';
+  if (r.trustBundle) return 'TrustBundle//mesh';
   return 'Unknown//';
 }
 
@@ -315,7 +372,14 @@ const LOAD_BALANCING: ReadonlyArray<LoadBalancing> = ['round-robin', 'least-conn
 export interface DecodedSnapshot {
   readonly config: MeshConfig;
   readonly workloads: ReadonlyArray<Workload>;
+  /** The mesh's roots (PEM, the signing one first), when the control plane has a CA. */
+  readonly trustBundle?: ReadonlyArray<string>;
 }
+
+/** One PEM certificate, no more (its contents are the identity layer's to check). */
+const PEM_CERTIFICATE = /^-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?$/;
+/** More roots than a rotation needs is a garbled bundle. */
+const MAX_TRUSTED_ROOTS = 16;
 
 /**
  * Validates and converts a snapshot for the agent. Any bad resource rejects the snapshot whole
@@ -357,7 +421,10 @@ export function decodeResources(version: number, digest: string, resources: Read
   const routes: ServiceRoute[] = [];
   const workloads: Workload[] = [];
   const namespaces = new Map<string, Namespace>();
+  const peerAuthentications: PeerAuthentication[] = [];
+  const authorizationPolicies: AuthorizationPolicy[] = [];
   let mesh: MeshSettings = DEFAULT_MESH;
+  let trustBundle: string[] | undefined;
   if (!Number.isSafeInteger(s.version) || s.version <= 0) bad('Snapshot', 'version', `version ${String(s.version)} is not a positive integer`);
   if (digestOf(s.resources) !== s.digest) bad('Snapshot', 'digest', 'the digest does not match the resources (garbled or incomplete message)');
   for (const r of s.resources) {
@@ -437,9 +504,33 @@ export function decodeResources(version: number, digest: string, resources: Read
       const w = r.mesh;
       if (!unique('MeshSettings nodemesh')) continue;
       const trustDomain = w.trustDomain === '' ? DEFAULT_MESH.trustDomain : w.trustDomain;
+      const mtlsMode = w.mtlsMode === undefined || w.mtlsMode === '' ? DEFAULT_MESH.mtlsMode : w.mtlsMode;
       if (w.enrollment !== 'all' && w.enrollment !== 'opt-in') bad('ConfigMap nodemesh', 'data.enrollment', `"${w.enrollment}" must be "all" or "opt-in"`);
       else if (!TRUST_DOMAIN.test(trustDomain)) bad('ConfigMap nodemesh', 'data.trustDomain', `"${trustDomain.slice(0, 300)}" is not a SPIFFE trust domain`);
-      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment, trustDomain });
+      else if (!isDefaultMtlsMode(mtlsMode)) bad('ConfigMap nodemesh', 'data.mtlsMode', `"${mtlsMode.slice(0, 50)}" is not PERMISSIVE, STRICT or DISABLE`);
+      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment, trustDomain, mtlsMode });
+    } else if (r.peerAuthentication) {
+      const w = r.peerAuthentication;
+      const id = `PeerAuthentication ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      const p: PeerAuthentication = Object.freeze({ namespace: w.namespace, name: w.name, selector: Object.freeze({ ...w.selector }), mode: w.mode as MtlsMode, portModes: Object.freeze({ ...(w.portModes as Record<string, MtlsMode>) }) });
+      const issue = checkPeerAuthentication(p);
+      if (issue) bad(id, issue.field, issue.message);
+      else peerAuthentications.push(p);
+    } else if (r.authorizationPolicy) {
+      const w = r.authorizationPolicy;
+      const id = `AuthorizationPolicy ${w.namespace}/${w.name}`;
+      if (!unique(id)) continue;
+      const p = Object.freeze({ namespace: w.namespace, name: w.name, selector: Object.freeze({ ...w.selector }), action: w.action as AuthorizationPolicy['action'], rules: Object.freeze(w.rules.map(ruleFromWire)) });
+      const issue = checkAuthorizationPolicy(p);
+      if (issue) bad(id, issue.field, issue.message);
+      else authorizationPolicies.push(p);
+    } else if (r.trustBundle) {
+      if (!unique('TrustBundle mesh')) continue;
+      const roots = r.trustBundle.roots;
+      if (roots.length === 0 || roots.length > MAX_TRUSTED_ROOTS) bad('TrustBundle mesh', 'roots', `${roots.length} roots (1 to ${MAX_TRUSTED_ROOTS})`);
+      roots.forEach((pem, i) => !PEM_CERTIFICATE.test(pem) && bad('TrustBundle mesh', `roots[${i}]`, 'not one PEM certificate'));
+      trustBundle = [...roots];
     } else if (r.namespace) {
       const w = r.namespace;
       if (!unique(`Namespace ${w.name}`)) continue;
@@ -449,5 +540,5 @@ export function decodeResources(version: number, digest: string, resources: Read
     }
   }
   if (errors.length > 0) throw new SnapshotInvalid(errors);
-  return { config: Object.freeze({ services, trafficPolicies: policies, routes, namespaces, mesh }), workloads };
+  return { config: Object.freeze({ services, trafficPolicies: policies, routes, namespaces, peerAuthentications, authorizationPolicies, mesh }), workloads, ...(trustBundle ? { trustBundle: Object.freeze(trustBundle) } : {}) };
 }

@@ -22,7 +22,9 @@ import { relay, relayStreams, type RelayResult, type RelaySide } from './relay.j
 import { TunnelFailed, TunnelPool } from './tunnel/client.js';
 import type { TunnelIdentities } from './tunnel/hbone.js';
 import { TunnelServer, answer, type TunnelRequest } from './tunnel/server.js';
-import { spiffeUri } from '../identity/spiffe.js';
+import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
+import { NO_SECURITY } from '../config/security.js';
+import { PolicyEngine, type ConnectionFacts } from './policy.js';
 
 const log = logger('proxy');
 
@@ -121,6 +123,8 @@ interface Upstream {
   readonly transparentSource?: string;
   /** path 'hbone': the identity the destination pod must present. */
   readonly destinationIdentity?: string;
+  /** path 'same_node': the destination pod (its policies are enforced on this side). */
+  readonly local?: PodState;
   readonly labels: ReadonlyArray<TcpLabels>;
 }
 
@@ -148,6 +152,8 @@ interface PodState {
 
 export class NodeProxy {
   private snapshot = MeshSnapshot.empty();
+  /** The snapshot's PeerAuthentications and AuthorizationPolicies, ready to evaluate. */
+  private policies = new PolicyEngine(NO_SECURITY);
   private readonly pods = new Map<string, PodState>();
   private readonly lb: LoadBalancer;
   /** Connections accepted and not ended, node-wide. */
@@ -167,9 +173,14 @@ export class NodeProxy {
     this.tunnels = options.tunnel ? new TunnelPool(options.tunnel, { onTunnelOpened: () => metrics.tunnelsOpened.inc() }) : undefined;
   }
 
-  /** The pod's workload identity (SPIFFE URI) in the mesh's trust domain. */
+  /** The pod's workload identity in the mesh's trust domain. */
+  private workloadIdentity(w: Pick<Workload, 'namespace' | 'serviceAccount'>): WorkloadIdentity {
+    return { trustDomain: this.options.tunnel?.trustDomain() ?? this.options.trustDomain, namespace: w.namespace, serviceAccount: w.serviceAccount };
+  }
+
+  /** The pod's workload identity as a SPIFFE URI. */
   private identityOf(w: Pick<Workload, 'namespace' | 'serviceAccount'>): string {
-    return spiffeUri({ trustDomain: this.options.tunnel?.trustDomain() ?? this.options.trustDomain, namespace: w.namespace, serviceAccount: w.serviceAccount });
+    return spiffeUri(this.workloadIdentity(w));
   }
 
   /**
@@ -215,18 +226,65 @@ export class NodeProxy {
     }
   }
 
-  /** One warning per refused tunnel or CONNECT, at most 10 a second node-wide (a scanner must not flood the log). */
+  /** One warning per refused tunnel or CONNECT (rate-limited, see limitedLog). */
   private refusalLog(state: PodState, reason: string, detail: Record<string, unknown>): void {
-    const now = Date.now();
-    if (now - this.refusalWindow.start >= 1000) this.refusalWindow = { start: now, count: 0 };
-    if (++this.refusalWindow.count > 10) return;
-    log.warn({ pod: state.pod.name, namespace: state.pod.namespace, reason, ...detail }, 'HBONE tunnel refused');
+    this.limitedLog('warn', { pod: state.pod.name, namespace: state.pod.namespace, reason, ...detail }, 'HBONE tunnel refused');
   }
 
-  private refusalWindow = { start: 0, count: 0 };
+  /**
+   * Lines a peer can cause at will (refused tunnels, denied connections): at most 10 a second
+   * node-wide, so that a scanner or a denied client in a loop cannot flood the log; the metrics
+   * count every one.
+   */
+  private limitedLog(level: 'warn' | 'info', fields: Record<string, unknown>, message: string): void {
+    const now = Date.now();
+    if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
+    if (++this.logWindow.count > 10) return;
+    log[level](fields, message);
+  }
+
+  private logWindow = { start: 0, count: 0 };
+
+  /**
+   * Access control for one connection into a pod this node serves (design.md section 4): the
+   * pod's PeerAuthentication mode and AuthorizationPolicies decide. Denials are counted by policy
+   * and logged once per connection (rate-limited); AUDIT matches are counted and logged too.
+   */
+  private authorize(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone'): boolean {
+    if (this.policies.empty) return true;
+    const verdict = this.policies.authorize({ ...facts, destination: destination.pod });
+    const who = {
+      pod: destination.pod.name,
+      namespace: destination.pod.namespace,
+      source: facts.peer ? spiffeUri(facts.peer) : 'plaintext',
+      sourceIp: facts.sourceIp,
+      destination: formatHostPort(facts.destinationIp, facts.destinationPort),
+      path,
+    };
+    for (const policy of verdict.audited) {
+      this.metrics.policyAudits.inc({ policy });
+      this.limitedLog('info', { ...who, policy, allowed: verdict.allowed }, 'connection matched an AUDIT policy');
+    }
+    if (verdict.allowed) return true;
+    this.metrics.policyDenials.inc({ kind: verdict.kind, policy: verdict.policy, reason: verdict.reason, path });
+    this.metrics.refused.inc({ direction: 'inbound', reason: 'policy_denied' });
+    this.limitedLog('warn', { ...who, kind: verdict.kind, policy: verdict.policy, reason: verdict.reason }, 'connection denied by policy');
+    return false;
+  }
+
+  /**
+   * The same-node fast path delivers straight into a local pod: that pod's policies apply here,
+   * with the source's identity known first-hand (the node captured the connection in the source
+   * pod's own cgroup; nothing crossed a network).
+   */
+  private admitLocal(state: PodState, upstream: Upstream): boolean {
+    if (upstream.path !== 'same_node' || !upstream.local) return true;
+    return this.authorize(upstream.local, { sourceIp: upstream.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: upstream.host, destinationPort: upstream.port }, 'same_node');
+  }
 
   setSnapshot(snapshot: MeshSnapshot): void {
     this.snapshot = snapshot;
+    this.policies = new PolicyEngine(snapshot.security);
     this.lb.retain(snapshot.targets());
   }
 
@@ -470,6 +528,10 @@ export class NodeProxy {
     // keeps no scope; the pod's interface with a link-local address is the one it can mean).
     const host = isLinkLocal(original.address) ? this.scoped(state, original.address) : original.address;
     const upstream = this.upstreamTo(state, snapshot.workload(original.address), host, original.port, serviceLabels(undefined, 'outbound'));
+    if (!this.admitLocal(state, upstream)) {
+      client.resetAndDestroy();
+      return;
+    }
     await this.forward(state, client, 'outbound', upstream, this.options.connectTimeoutMs, this.options.idleTimeoutMs);
   }
 
@@ -527,6 +589,11 @@ export class NodeProxy {
       // (the proxy terminates the client's connection; upstream it may use either).
       const host = (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
       const upstream = this.upstreamTo(state, endpoint.workload, host, endpoint.port, service);
+      // Refused by the destination: the client's answer, not a fault of the endpoint.
+      if (!this.admitLocal(state, upstream)) {
+        client.resetAndDestroy();
+        return;
+      }
       this.lb.acquire(target, endpoint);
       try {
         let connected: Connected;
@@ -577,10 +644,14 @@ export class NodeProxy {
     if (local) {
       // The source pod's address of the family the upstream connection uses.
       const transparentSource = host.includes(':') ? state.pod.ip6 : state.pod.ip4;
-      return { path: 'same_node', netnsPath: local.pod.netnsPath, host, port, transparentSource, labels: [labels, { ...labels, reporter: 'destination' }] };
+      // Both identities are known to this node first-hand and policy applies as for mTLS
+      // (PeerAuthentication STRICT admits it): reported as mutual_tls, as the HBONE path is.
+      const secured = { ...labels, connection_security_policy: 'mutual_tls' };
+      return { path: 'same_node', netnsPath: local.pod.netnsPath, host, port, transparentSource, local, labels: [secured, { ...secured, reporter: 'destination' }] };
     }
-    // A meshed pod of another node: through an HBONE tunnel to it, mutual TLS with both identities.
-    if (destination?.tunnel === 'hbone' && this.tunnels && !isLinkLocal(host)) {
+    // A meshed pod of another node: through an HBONE tunnel to it, mutual TLS with both
+    // identities; unless the destination's PeerAuthentication disables mTLS on that port.
+    if (destination?.tunnel === 'hbone' && this.tunnels && !isLinkLocal(host) && this.policies.mtlsMode(destination, port).mode !== 'DISABLE') {
       return { path: 'hbone', netnsPath: state.pod.netnsPath, host, port, destinationIdentity: this.identityOf(destination), labels: [{ ...labels, connection_security_policy: 'mutual_tls' }] };
     }
     return { path: 'outbound', netnsPath: state.pod.netnsPath, host, port, labels: [labels] };
@@ -608,9 +679,15 @@ export class NodeProxy {
     const labels: TcpLabels = {
       reporter: 'destination',
       ...this.sourceLabels(source),
+      // Plaintext proves no identity: the address may name a workload, never its principal.
+      source_principal: 'unknown',
       ...serviceLabels(target?.service, 'inbound'),
       ...this.destinationLabels(state.pod),
     };
+    if (!this.authorize(state, { sourceIp: from, peer: undefined, destinationIp: host, destinationPort: port }, 'inbound')) {
+      client.resetAndDestroy();
+      return;
+    }
     // Delivered from a transparent socket with the client's address, so the application sees
     // who called (see datapath/pod-routing.ts for how the replies come back).
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: from, labels: [labels] };
@@ -648,6 +725,10 @@ export class NodeProxy {
         ...this.destinationLabels(state.pod),
         connection_security_policy: 'mutual_tls',
       };
+      if (!this.authorize(state, { sourceIp: source.address, peer, destinationIp: target.host, destinationPort: target.port }, 'hbone')) {
+        answer(stream, 401);
+        return;
+      }
       const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: target.host, port: target.port, transparentSource: source.address, labels: [labels] };
       let connected: Connected;
       try {

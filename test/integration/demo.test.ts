@@ -22,13 +22,14 @@ test('demo: the example mesh on two nodes serves every Service, the reviews cana
   // sandbox's node (with loadgen) and a second one.
   const [a, b] = [sb.config.node, `${sb.config.node}-b`];
   // From loadgen on the first node: to the second node's pods over HBONE (mutual TLS), to its own
-  // node's pods on the same-node path (they never leave the node).
+  // node's pods on the same-node path (they never leave the node; both identities are known to it
+  // first-hand, reported as mutual_tls too).
   assert.deepEqual(
     rows.map((r) => [r[0], r[2], r[6], r[7]]),
     [
-      ['frontend.shop.svc.cluster.local', 'v1', a, 'no'],
+      ['frontend.shop.svc.cluster.local', 'v1', a, 'yes'],
       ['ratings.shop.svc.cluster.local', 'v1', b, 'yes'],
-      ['reviews-v1.shop.svc.cluster.local', 'v1', a, 'no'],
+      ['reviews-v1.shop.svc.cluster.local', 'v1', a, 'yes'],
       ['reviews-v2.shop.svc.cluster.local', 'v2', b, 'yes'],
     ],
   );

@@ -197,34 +197,81 @@ test('TrafficPolicy is validated against its CRD schema, naming the field', () =
   assert.throws(() => parseDuration('5', 'f'), ObjectInvalid);
 });
 
-test('AuthorizationPolicy and PeerAuthentication: checked against their CRD schemas (Istio\'s), then refused as not enforced', () => {
+test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemesh cannot enforce at L4 is refused with its field named', () => {
   const AP = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'allow-web', namespace: 'shop' }, spec });
   const PA = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', metadata: { name: 'strict', namespace: 'shop' }, spec });
   const issue = (doc: Record<string, unknown>): { field: string; message: string } => {
     const r = parseObject('f.yaml', doc);
-    assert.ok('issue' in r, 'never accepted while not enforced');
+    assert.ok('issue' in r, `refused: ${JSON.stringify(doc)}`);
     return r.issue;
   };
-  // Istio's own example policy, with only apiVersion changed, is valid.
-  const valid = issue(
+  const accepted = (doc: Record<string, unknown>): unknown => {
+    const r = parseObject('f.yaml', doc);
+    assert.ok('object' in r && r.object, `accepted: ${JSON.stringify('issue' in r ? r.issue : r)}`);
+    return r.object;
+  };
+  // Istio's own L4 example policy, with only apiVersion changed, is accepted as it reads.
+  const ap = accepted(
     AP({
       selector: { matchLabels: { app: 'web' } },
       action: 'ALLOW',
-      rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/frontend'], notNamespaces: ['dev'] } }], to: [{ operation: { ports: ['8080'], methods: ['GET'] } }], when: [{ key: 'source.ip', values: ['10.0.0.0/8'] }] }],
+      rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/frontend'], notNamespaces: ['dev'] } }], to: [{ operation: { ports: ['8080'] } }], when: [{ key: 'source.ip', values: ['10.0.0.0/8'] }] }],
     }),
   );
-  assert.equal(valid.field, 'kind');
-  assert.match(valid.message, /valid but not enforced/);
-  assert.match(issue(PA({ selector: { matchLabels: { app: 'web' } }, mtls: { mode: 'STRICT' }, portLevelMtls: { '8080': { mode: 'PERMISSIVE' } } })).message, /valid but not enforced/);
-  const bad: Array<[Record<string, unknown>, string]> = [
+  assert.deepEqual(ap, {
+    id: 'AuthorizationPolicy shop/allow-web',
+    authorizationPolicy: {
+      namespace: 'shop',
+      name: 'allow-web',
+      selector: { app: 'web' },
+      action: 'ALLOW',
+      rules: [
+        {
+          from: [{ principals: ['cluster.local/ns/shop/sa/frontend'], notPrincipals: [], namespaces: [], notNamespaces: ['dev'], ipBlocks: [], notIpBlocks: [], serviceAccounts: [], notServiceAccounts: [] }],
+          to: [{ ports: [8080], notPorts: [] }],
+          when: [{ key: 'source.ip', values: ['10.0.0.0/8'], notValues: [] }],
+        },
+      ],
+    },
+  });
+  assert.deepEqual(accepted(PA({ selector: { matchLabels: { app: 'web' } }, mtls: { mode: 'STRICT' }, portLevelMtls: { '8080': { mode: 'PERMISSIVE' } } })), {
+    id: 'PeerAuthentication shop/strict',
+    peerAuthentication: { namespace: 'shop', name: 'strict', selector: { app: 'web' }, mode: 'STRICT', portModes: { '8080': 'PERMISSIVE' } },
+  });
+  // Istio's allow-nothing and deny-all shapes.
+  accepted(AP({}));
+  accepted(AP({ action: 'DENY', rules: [{}] }));
+  const bad: Array<[Record<string, unknown>, string, RegExp?]> = [
     [AP({ action: 'PERMIT' }), 'spec.action'],
+    [AP({ action: 'CUSTOM', provider: { name: 'opa' } }), 'spec.action', /CUSTOM/],
     [AP({ rules: [{ from: [{ source: { principal: ['x'] } }] }] }), 'spec.rules[0].from[0].source.principal'],
     [AP({ rules: [{ when: [{ values: ['x'] }] }] }), 'spec.rules[0].when[0].key'],
     [AP({ targetRefs: [{ name: 'web' }] }), 'spec.targetRefs[0].kind'],
+    [AP({ targetRefs: [{ kind: 'Service', name: 'web' }] }), 'spec.targetRefs', /selector/],
+    // L7 fields: refused until the L7 issue, never ignored.
+    [AP({ rules: [{ to: [{ operation: { ports: ['8080'], methods: ['GET'] } }] }] }), 'spec.rules[0].to[0].operation.methods', /L7/],
+    [AP({ rules: [{ to: [{ operation: { paths: ['/admin'] } }] }] }), 'spec.rules[0].to[0].operation.paths', /L7/],
+    [AP({ rules: [{ to: [{ operation: { hosts: ['web'] } }] }] }), 'spec.rules[0].to[0].operation.hosts', /L7/],
+    [AP({ rules: [{ from: [{ source: { requestPrincipals: ['*'] } }] }] }), 'spec.rules[0].from[0].source.requestPrincipals', /L7/],
+    [AP({ rules: [{ from: [{ source: { remoteIpBlocks: ['10.0.0.0/8'] } }] }] }), 'spec.rules[0].from[0].source.remoteIpBlocks', /L7/],
+    [AP({ rules: [{ when: [{ key: 'request.headers[x-user]', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /L7/],
+    [AP({ rules: [{ when: [{ key: 'connection.sni', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /not an attribute/],
+    // Values that cannot match anything are mistakes, named.
+    [AP({ rules: [{ from: [{ source: { ipBlocks: ['10.0.0.0/33'] } }] }] }), 'spec.rules[0].from[0].source.ipBlocks[0]'],
+    [AP({ rules: [{ from: [{ source: { principals: ['a*b'] } }] }] }), 'spec.rules[0].from[0].source.principals[0]'],
+    [AP({ rules: [{ from: [{ source: { serviceAccounts: ['web'] } }] }] }), 'spec.rules[0].from[0].source.serviceAccounts[0]'],
+    [AP({ rules: [{ to: [{ operation: { notPorts: ['http'] } }] }] }), 'spec.rules[0].to[0].operation.notPorts[0]'],
+    [AP({ rules: [{ when: [{ key: 'destination.port', values: ['99999'] }] }] }), 'spec.rules[0].when[0].values[0]'],
+    [AP({ rules: [{ when: [{ key: 'source.namespace' }] }] }), 'spec.rules[0].when[0].values'],
     [PA({ mtls: { mode: 'strict' } }), 'spec.mtls.mode'],
     [PA({ portLevelMtls: { '8080': { mode: 'ON' } } }), 'spec.portLevelMtls[8080].mode'],
+    [PA({ mtls: { mode: 'STRICT' }, portLevelMtls: { '8080': { mode: 'PERMISSIVE' } } }), 'spec.portLevelMtls', /selector/],
   ];
-  for (const [doc, field] of bad) assert.equal(issue(doc).field, field, field);
+  for (const [doc, field, message] of bad) {
+    const i = issue(doc);
+    assert.equal(i.field, field, field);
+    if (message) assert.match(i.message, message);
+  }
 });
 
 test('snapshot: the first TrafficPolicy by name wins a Service; conflicts and missing targets are warnings', () => {
@@ -258,7 +305,7 @@ test('last good: a rejected object, or one in a file that stops parsing, keeps i
 
 test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {
   const { shouldEnroll, parseMeshConfig, DEFAULT_MESH } = await import('../../src/config/mesh.js');
-  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false, trustDomain: 'cluster.local' };
+  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' as const };
   const plain = { name: 'shop', labels: {} };
   const enabled = { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } };
   const disabled = { name: 'shop', labels: { 'nodemesh.io/capture': 'disabled' } };
@@ -272,8 +319,9 @@ test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigM
   assert.deepEqual(parseMeshConfig({ data: { enrollment: 'opt-in' } }), optIn);
   assert.throws(() => parseMeshConfig({ data: { enrollment: 'some' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrollment');
   assert.throws(() => parseMeshConfig({ data: { enrolment: 'all' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrolment');
-  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true, trustDomain: 'cluster.local' });
-  assert.deepEqual(parseMeshConfig({ data: { trustDomain: 'example.org' } }), { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'example.org' });
+  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' });
+  assert.deepEqual(parseMeshConfig({ data: { trustDomain: 'example.org', mtlsMode: 'STRICT' } }), { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'example.org', mtlsMode: 'STRICT' });
+  assert.throws(() => parseMeshConfig({ data: { mtlsMode: 'strict' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.mtlsMode');
   for (const bad of ['Example.org', 'a/b', '', 'x'.repeat(256)]) {
     assert.throws(() => parseMeshConfig({ data: { trustDomain: bad } }), (e) => e instanceof ObjectInvalid && e.field === 'data.trustDomain', bad);
   }

@@ -60,8 +60,8 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   api.put(PODS, pod('client', 'client', 'node-b', '10.200.0.7'));
   // No PeerAuthentication CRD on this cluster: that resource is empty, the rest is served.
   api.notServed('/apis/security.nodemesh.io/v1/peerauthentications');
-  // An AuthorizationPolicy nodemesh does not enforce yet: refused and named, never silently ignored.
-  api.put('/apis/security.nodemesh.io/v1/authorizationpolicies', { apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-all', namespace: 'shop' }, spec: {} });
+  // An AuthorizationPolicy with a field nodemesh does not enforce yet (L7): refused and named, never silently ignored.
+  api.put('/apis/security.nodemesh.io/v1/authorizationpolicies', { apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-all', namespace: 'shop' }, spec: { action: 'DENY', rules: [{ to: [{ operation: { methods: ['POST'] } }] }] } });
 
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   stops.push(() => cp.stop());
@@ -124,7 +124,7 @@ test('Kubernetes source: list+watch adds, updates, deletes; last good on a bad o
   const debug = (await (await fetch(`http://127.0.0.1:${http}/debug/snapshot?node=node-b`)).json()) as { configErrors: Array<{ object: string; field: string; file: string; keptLastGood: boolean }> };
   assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field, e.keptLastGood]), [
     ['kubernetes:services', 'Service shop/web', 'spec.selectr', true],
-    ['kubernetes:authorizationpolicies', 'AuthorizationPolicy shop/deny-all', 'kind', false],
+    ['kubernetes:authorizationpolicies', 'AuthorizationPolicy shop/deny-all', 'spec.rules[0].to[0].operation.methods', false],
   ]);
   api.put(SERVICES, service('web', 8080));
 

@@ -32,7 +32,23 @@ const config: MeshConfig = {
   ],
   routes: [{ kind: 'HTTPRoute', namespace: 'shop', name: 'cart-canary', parents: [{ namespace: 'shop', name: 'cart', port: undefined }], backends: [{ namespace: 'shop', name: 'cart', port: 80, weight: 3 }] }],
   namespaces: new Map([['shop', { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]]),
-  mesh: { enrollment: 'opt-in', failClosedEnrollment: true, trustDomain: 'example.org' },
+  peerAuthentications: [{ namespace: 'shop', name: 'strict', selector: { app: 'cart' }, mode: 'STRICT', portModes: { '9090': 'PERMISSIVE' } }],
+  authorizationPolicies: [
+    {
+      namespace: 'shop',
+      name: 'deny-dev',
+      selector: {},
+      action: 'DENY',
+      rules: [
+        {
+          from: [{ principals: ['cluster.local/ns/dev/*'], notPrincipals: [], namespaces: [], notNamespaces: ['prod'], ipBlocks: ['10.0.0.0/8'], notIpBlocks: [], serviceAccounts: ['dev/ci'], notServiceAccounts: [] }],
+          to: [{ ports: [80], notPorts: [81] }],
+          when: [{ key: 'destination.ip', values: ['10.96.0.0/12'], notValues: [] }],
+        },
+      ],
+    },
+  ],
+  mesh: { enrollment: 'opt-in', failClosedEnrollment: true, trustDomain: 'example.org', mtlsMode: 'STRICT' },
 };
 const pod: WireWorkload = { uid: 'u1', namespace: 'shop', name: 'cart-1', serviceAccount: 'cart', labels: { app: 'cart' }, ip4: '10.200.0.5', ip6: 'fd00:6e6d::5', node: 'n1' };
 

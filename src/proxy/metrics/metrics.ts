@@ -29,7 +29,7 @@ export const TCP_LABELS = [
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
-export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error', 'tunnel_failed'] as const;
+export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error', 'tunnel_failed', 'policy_denied'] as const;
 export type RefuseReason = (typeof REFUSE_REASONS)[number];
 
 /** How old the BPF map entry counts on /metrics may be. */
@@ -75,6 +75,9 @@ export class NodeMetrics {
   readonly tunnelRefused: Counter<'reason'>;
   readonly certificateRequests: Counter<'result'>;
   readonly certificateExpiry: Gauge<'identity'>;
+  readonly trustedRoots: Gauge;
+  readonly policyDenials: Counter<'kind' | 'policy' | 'reason' | 'path'>;
+  readonly policyAudits: Counter<'policy'>;
 
   constructor(mapEntries: () => Record<string, number>, captureRefusals: () => Record<string, number> = () => ({})) {
     const registers = [this.registry];
@@ -135,6 +138,14 @@ export class NodeMetrics {
       registers,
     });
     this.certificateExpiry = new Gauge({ name: 'nodemesh_workload_certificate_expiry_timestamp_seconds', help: 'When the certificate the node holds for each identity of its pods expires (unix seconds)', labelNames: ['identity'], registers });
+    this.trustedRoots = new Gauge({ name: 'nodemesh_trusted_roots', help: 'Mesh roots this node checks peer certificates against (two during a root rotation)', registers });
+    this.policyDenials = new Counter({
+      name: 'nodemesh_policy_denials_total',
+      help: 'Connections refused by access control where the destination is served, by the policy that decided (kind, namespace/name; for not_allowed the ALLOW policies none of which matched; mesh-default for the mesh-wide mTLS mode), reason (mtls_required, denied_by_policy, not_allowed) and path (same_node, inbound, hbone)',
+      labelNames: ['kind', 'policy', 'reason', 'path'],
+      registers,
+    });
+    this.policyAudits = new Counter({ name: 'nodemesh_policy_audits_total', help: 'Connections an AUDIT AuthorizationPolicy matched, by policy (namespace/name)', labelNames: ['policy'], registers });
     this.enrollments = new Counter({
       name: 'nodemesh_pod_handovers_total',
       help: 'Pods handed over by a runtime on the enrollment socket before their command ran, by answer (enrolled, not_enrolled, failed, timeout)',

@@ -1,0 +1,280 @@
+/**
+ * PeerAuthentication and AuthorizationPolicy (security.nodemesh.io/v1, Istio's security.istio.io/v1
+ * schemas field for field): validated against their CRD schemas, then turned into immutable
+ * values. What nodemesh cannot enforce at L4 is refused with the field named, never ignored: a
+ * policy that seems to protect something and does not is worse than none. The proxy evaluates
+ * them (proxy/policy.ts); this module only says what a valid policy is, for the config edge and
+ * the wire edge alike (checkPeerAuthentication, checkAuthorizationPolicy).
+ */
+import { isIP } from 'node:net';
+
+import type { DefaultMtlsMode } from './mesh.js';
+import { schemas } from './schemas.js';
+import { ObjectInvalid, parseMetadata } from './service.js';
+
+export const SECURITY_API = 'security.nodemesh.io/v1';
+
+/** UNSET inherits (workload -> namespace -> mesh); DISABLE plaintext only; PERMISSIVE both; STRICT mTLS only. */
+export type MtlsMode = 'UNSET' | 'DISABLE' | 'PERMISSIVE' | 'STRICT';
+export const MTLS_MODES: ReadonlyArray<MtlsMode> = ['UNSET', 'DISABLE', 'PERMISSIVE', 'STRICT'];
+
+export interface PeerAuthentication {
+  readonly namespace: string;
+  readonly name: string;
+  /** matchLabels; empty: every workload of the namespace (of the mesh, in the root namespace). */
+  readonly selector: Readonly<Record<string, string>>;
+  readonly mode: MtlsMode;
+  /** The workload's port number (as a string) -> its mode. Only with a selector. */
+  readonly portModes: Readonly<Record<string, MtlsMode>>;
+}
+
+export type AuthorizationAction = 'ALLOW' | 'DENY' | 'AUDIT';
+
+/** The L4 attributes a `when` condition may name (Istio's, those known before any HTTP is read). */
+export const CONDITION_KEYS = ['source.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port'] as const;
+export type ConditionKey = (typeof CONDITION_KEYS)[number];
+
+export interface AuthorizationSource {
+  readonly principals: ReadonlyArray<string>;
+  readonly notPrincipals: ReadonlyArray<string>;
+  readonly namespaces: ReadonlyArray<string>;
+  readonly notNamespaces: ReadonlyArray<string>;
+  readonly ipBlocks: ReadonlyArray<string>;
+  readonly notIpBlocks: ReadonlyArray<string>;
+  /** "namespace/name" */
+  readonly serviceAccounts: ReadonlyArray<string>;
+  readonly notServiceAccounts: ReadonlyArray<string>;
+}
+
+export interface AuthorizationOperation {
+  readonly ports: ReadonlyArray<number>;
+  readonly notPorts: ReadonlyArray<number>;
+}
+
+export interface AuthorizationCondition {
+  readonly key: ConditionKey;
+  readonly values: ReadonlyArray<string>;
+  readonly notValues: ReadonlyArray<string>;
+}
+
+export interface AuthorizationRule {
+  /** Any of them (none: any source). */
+  readonly from: ReadonlyArray<AuthorizationSource>;
+  /** Any of them (none: any destination port). */
+  readonly to: ReadonlyArray<AuthorizationOperation>;
+  /** All of them. */
+  readonly when: ReadonlyArray<AuthorizationCondition>;
+}
+
+export interface AuthorizationPolicy {
+  readonly namespace: string;
+  readonly name: string;
+  readonly selector: Readonly<Record<string, string>>;
+  readonly action: AuthorizationAction;
+  /** The policy matches a connection if any rule does; no rules: it matches none (an ALLOW policy then allows nothing). */
+  readonly rules: ReadonlyArray<AuthorizationRule>;
+}
+
+/** The security part of a config snapshot: what the proxy's policy engine is built from. */
+export interface SecurityConfig {
+  readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
+  readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
+  readonly mtlsMode: DefaultMtlsMode;
+}
+
+export const NO_SECURITY: SecurityConfig = Object.freeze({ peerAuthentications: [], authorizationPolicies: [], mtlsMode: 'PERMISSIVE' });
+
+/** A field that is wrong, and why (the wire edge turns it into a Nack, the config edge into an issue). */
+export interface SecurityIssue {
+  readonly field: string;
+  readonly message: string;
+}
+
+type Json = Record<string, unknown>;
+const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
+const strings = (v: unknown): string[] => (Array.isArray(v) ? v.map(String) : []);
+
+const L7_LATER = 'is an L7 attribute: nodemesh enforces AuthorizationPolicy at L4 for now (L7 comes with HTTP support); refused rather than ignored';
+/** Source fields Istio evaluates from HTTP (JWT claims, X-Forwarded-For). */
+const L7_SOURCE_FIELDS = ['requestPrincipals', 'notRequestPrincipals', 'remoteIpBlocks', 'notRemoteIpBlocks'];
+const L7_OPERATION_FIELDS = ['hosts', 'notHosts', 'methods', 'notMethods', 'paths', 'notPaths'];
+
+/** A port number 1-65535 from its decimal text (Istio writes ports as strings). */
+function portOf(text: string): number | undefined {
+  if (!/^[1-9][0-9]{0,4}$/.test(text)) return undefined;
+  const n = Number(text);
+  return n <= 65535 ? n : undefined;
+}
+
+/** "10.0.0.0/8", "fd00::/64" or a single address. */
+export function parseCidr(text: string): { address: string; prefix: number; family: 4 | 6 } | undefined {
+  const [address = '', prefixText, ...rest] = text.split('/');
+  const family = isIP(address);
+  if (rest.length > 0 || family === 0) return undefined;
+  const max = family === 4 ? 32 : 128;
+  const prefix = prefixText === undefined ? max : /^[0-9]{1,3}$/.test(prefixText) ? Number(prefixText) : NaN;
+  if (!(prefix >= 0 && prefix <= max)) return undefined;
+  return { address, prefix, family: family === 4 ? 4 : 6 };
+}
+
+/** Istio's string match: exact, "prefix*", "*suffix", or "*" (any non-empty value). */
+function checkPattern(value: string, field: string): SecurityIssue | undefined {
+  if (value === '') return { field, message: `${field} has an empty value` };
+  if (value.slice(1, -1).includes('*')) return { field, message: `${field} "${value}": "*" may only start or end a value` };
+  return undefined;
+}
+
+function checkServiceAccount(value: string, field: string): SecurityIssue | undefined {
+  return /^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$/.test(value) ? undefined : { field, message: `${field} "${value}" is not "namespace/serviceaccount"` };
+}
+
+function checkCidr(value: string, field: string): SecurityIssue | undefined {
+  return parseCidr(value) ? undefined : { field, message: `${field} "${value}" is not an IP address or CIDR block` };
+}
+
+function checkPort(value: number, field: string): SecurityIssue | undefined {
+  return Number.isInteger(value) && value >= 1 && value <= 65535 ? undefined : { field, message: `${field} ${value} is not a port (1-65535)` };
+}
+
+/** The first thing wrong with a condition's values for its key. */
+function checkConditionValue(key: ConditionKey, value: string, field: string): SecurityIssue | undefined {
+  if (key === 'source.ip' || key === 'destination.ip') return checkCidr(value, field);
+  if (key === 'destination.port') return portOf(value) === undefined ? { field, message: `${field} "${value}" is not a port (1-65535)` } : undefined;
+  return checkPattern(value, field);
+}
+
+/** Semantic checks of a PeerAuthentication, whichever edge it came through. */
+export function checkPeerAuthentication(p: PeerAuthentication): SecurityIssue | undefined {
+  if (!MTLS_MODES.includes(p.mode)) return { field: 'spec.mtls.mode', message: `"${p.mode}" is not one of ${MTLS_MODES.join(', ')}` };
+  const ports = Object.entries(p.portModes);
+  if (ports.length > 0 && Object.keys(p.selector).length === 0) {
+    return { field: 'spec.portLevelMtls', message: 'spec.portLevelMtls needs a workload selector (spec.selector.matchLabels), as in Istio: a port means something only for a given workload' };
+  }
+  for (const [port, mode] of ports) {
+    if (portOf(port) === undefined) return { field: `spec.portLevelMtls.${port}`, message: `"${port}" is not a port (1-65535)` };
+    if (!MTLS_MODES.includes(mode)) return { field: `spec.portLevelMtls.${port}.mode`, message: `"${mode}" is not one of ${MTLS_MODES.join(', ')}` };
+  }
+  return undefined;
+}
+
+/** Semantic checks of an AuthorizationPolicy (actions, addresses, ports, condition keys), whichever edge it came through. */
+export function checkAuthorizationPolicy(p: AuthorizationPolicy): SecurityIssue | undefined {
+  if (!(['ALLOW', 'DENY', 'AUDIT'] as ReadonlyArray<string>).includes(p.action)) return { field: 'spec.action', message: `"${p.action}" is not ALLOW, DENY or AUDIT` };
+  for (const [i, rule] of p.rules.entries()) {
+    for (const [j, s] of rule.from.entries()) {
+      const at = `spec.rules[${i}].from[${j}].source`;
+      for (const f of ['principals', 'notPrincipals', 'namespaces', 'notNamespaces'] as const) {
+        for (const [k, v] of s[f].entries()) {
+          const bad = checkPattern(v, `${at}.${f}[${k}]`);
+          if (bad) return bad;
+        }
+      }
+      for (const f of ['ipBlocks', 'notIpBlocks'] as const) {
+        for (const [k, v] of s[f].entries()) {
+          const bad = checkCidr(v, `${at}.${f}[${k}]`);
+          if (bad) return bad;
+        }
+      }
+      for (const f of ['serviceAccounts', 'notServiceAccounts'] as const) {
+        for (const [k, v] of s[f].entries()) {
+          const bad = checkServiceAccount(v, `${at}.${f}[${k}]`);
+          if (bad) return bad;
+        }
+      }
+    }
+    for (const [j, o] of rule.to.entries()) {
+      for (const f of ['ports', 'notPorts'] as const) {
+        for (const [k, v] of o[f].entries()) {
+          const bad = checkPort(v, `spec.rules[${i}].to[${j}].operation.${f}[${k}]`);
+          if (bad) return bad;
+        }
+      }
+    }
+    for (const [j, c] of rule.when.entries()) {
+      const at = `spec.rules[${i}].when[${j}]`;
+      if (!(CONDITION_KEYS as ReadonlyArray<string>).includes(c.key)) return { field: `${at}.key`, message: `"${c.key}" is not an attribute nodemesh evaluates (${CONDITION_KEYS.join(', ')})` };
+      if (c.values.length === 0 && c.notValues.length === 0) return { field: `${at}.values`, message: `${at} needs values or notValues` };
+      for (const f of ['values', 'notValues'] as const) {
+        for (const [k, v] of c[f].entries()) {
+          const bad = checkConditionValue(c.key, v, `${at}.${f}[${k}]`);
+          if (bad) return bad;
+        }
+      }
+    }
+  }
+  return undefined;
+}
+
+function fail(issue: SecurityIssue | undefined): void {
+  if (issue) throw new ObjectInvalid(issue.field, issue.message);
+}
+
+function selectorOf(spec: Json): Record<string, string> {
+  const selector = spec['selector'];
+  return isObject(selector) && isObject(selector['matchLabels']) ? Object.freeze({ ...(selector['matchLabels'] as Record<string, string>) }) : Object.freeze({});
+}
+
+export function parsePeerAuthentication(doc: Json): PeerAuthentication {
+  schemas().validate(SECURITY_API, 'PeerAuthentication', doc);
+  const { name, namespace } = parseMetadata(doc['metadata']);
+  const spec = isObject(doc['spec']) ? doc['spec'] : {};
+  const mtls = isObject(spec['mtls']) ? spec['mtls'] : {};
+  const portModes: Record<string, MtlsMode> = {};
+  const ports = isObject(spec['portLevelMtls']) ? spec['portLevelMtls'] : {};
+  for (const [port, v] of Object.entries(ports)) portModes[port] = ((isObject(v) ? v['mode'] : undefined) ?? 'UNSET') as MtlsMode;
+  const policy: PeerAuthentication = Object.freeze({ namespace, name, selector: selectorOf(spec), mode: (mtls['mode'] ?? 'UNSET') as MtlsMode, portModes: Object.freeze(portModes) });
+  fail(checkPeerAuthentication(policy));
+  return policy;
+}
+
+export function parseAuthorizationPolicy(doc: Json): AuthorizationPolicy {
+  schemas().validate(SECURITY_API, 'AuthorizationPolicy', doc);
+  const { name, namespace } = parseMetadata(doc['metadata']);
+  const spec = isObject(doc['spec']) ? doc['spec'] : {};
+  const action = String(spec['action'] ?? 'ALLOW');
+  if (action === 'CUSTOM' || spec['provider'] !== undefined) {
+    throw new ObjectInvalid(action === 'CUSTOM' ? 'spec.action' : 'spec.provider', 'CUSTOM authorization (an external authorizer) is not supported by nodemesh: refused rather than ignored');
+  }
+  for (const f of ['targetRef', 'targetRefs']) {
+    if (spec[f] !== undefined) throw new ObjectInvalid(`spec.${f}`, `spec.${f} attaches a policy to a gateway or waypoint, which nodemesh does not have: select workloads with spec.selector`);
+  }
+  const rules = (Array.isArray(spec['rules']) ? spec['rules'] : []).map((r: unknown, i: number): AuthorizationRule => {
+    const rule = isObject(r) ? r : {};
+    const from = (Array.isArray(rule['from']) ? rule['from'] : []).map((f: unknown, j: number): AuthorizationSource => {
+      const s = isObject(f) && isObject(f['source']) ? f['source'] : {};
+      for (const field of L7_SOURCE_FIELDS) if (s[field] !== undefined) throw new ObjectInvalid(`spec.rules[${i}].from[${j}].source.${field}`, `source.${field} ${L7_LATER}`);
+      return Object.freeze({
+        principals: strings(s['principals']),
+        notPrincipals: strings(s['notPrincipals']),
+        namespaces: strings(s['namespaces']),
+        notNamespaces: strings(s['notNamespaces']),
+        ipBlocks: strings(s['ipBlocks']),
+        notIpBlocks: strings(s['notIpBlocks']),
+        serviceAccounts: strings(s['serviceAccounts']),
+        notServiceAccounts: strings(s['notServiceAccounts']),
+      });
+    });
+    const to = (Array.isArray(rule['to']) ? rule['to'] : []).map((t: unknown, j: number): AuthorizationOperation => {
+      const o = isObject(t) && isObject(t['operation']) ? t['operation'] : {};
+      for (const field of L7_OPERATION_FIELDS) if (o[field] !== undefined) throw new ObjectInvalid(`spec.rules[${i}].to[${j}].operation.${field}`, `operation.${field} ${L7_LATER}`);
+      const ports = (field: 'ports' | 'notPorts'): number[] =>
+        strings(o[field]).map((text, k) => {
+          const port = portOf(text);
+          if (port === undefined) throw new ObjectInvalid(`spec.rules[${i}].to[${j}].operation.${field}[${k}]`, `"${text}" is not a port (1-65535)`);
+          return port;
+        });
+      return Object.freeze({ ports: ports('ports'), notPorts: ports('notPorts') });
+    });
+    const when = (Array.isArray(rule['when']) ? rule['when'] : []).map((c: unknown, j: number): AuthorizationCondition => {
+      const cond = isObject(c) ? c : {};
+      const key = String(cond['key']);
+      if (key.startsWith('request.') || key.startsWith('experimental.')) throw new ObjectInvalid(`spec.rules[${i}].when[${j}].key`, `"${key}" ${L7_LATER}`);
+      return Object.freeze({ key: key as ConditionKey, values: strings(cond['values']), notValues: strings(cond['notValues']) });
+    });
+    return Object.freeze({ from: Object.freeze(from), to: Object.freeze(to), when: Object.freeze(when) });
+  });
+  if (!(['ALLOW', 'DENY', 'AUDIT'] as ReadonlyArray<string>).includes(action)) throw new ObjectInvalid('spec.action', `"${action}" is not ALLOW, DENY or AUDIT`);
+  const policy: AuthorizationPolicy = Object.freeze({ namespace, name, selector: selectorOf(spec), action: action as AuthorizationAction, rules: Object.freeze(rules) });
+  fail(checkAuthorizationPolicy(policy));
+  return policy;
+}
