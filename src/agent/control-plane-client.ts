@@ -37,6 +37,8 @@ const log = logger('cp-client');
 
 /** What the client needs of the agent. */
 export interface SnapshotTarget {
+  /** Throws (an Error saying why) if the agent cannot use the snapshot's trust bundle. */
+  checkTrustBundle(roots: ReadonlyArray<string>): void;
   applyRemote(remote: { version: number; digest: string } & DecodedSnapshot): void;
   remoteState(): { version: number; digest: string };
   onPods(listener: (pods: ReadonlyArray<Workload>) => void): void;
@@ -247,6 +249,14 @@ export class ControlPlaneClient {
       if (version < current) throw new SnapshotInvalid([{ object: 'Snapshot', field: 'version', message: `version ${version} is older than the version served (${current})` }]);
       const next = resources();
       const decoded = decodeResources(version, digest, [...next.values()]);
+      // The roots are checked before anything of the snapshot applies: a bad bundle is refused whole.
+      if (decoded.trustBundle) {
+        try {
+          this.agent.checkTrustBundle(decoded.trustBundle);
+        } catch (e) {
+          throw new SnapshotInvalid([{ object: 'TrustBundle mesh', field: 'roots', message: (e as Error).message }]);
+        }
+      }
       this.agent.applyRemote({ version, digest, ...decoded });
       this.held = next;
       stream.write({ ack: { version } });

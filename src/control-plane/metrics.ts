@@ -14,6 +14,7 @@ export class ControlPlaneMetrics {
   readonly streamErrors: Counter<'reason'>;
   readonly configVersion: Gauge;
   readonly certificates: Counter<'result'>;
+  readonly caReloads: Counter<'result'>;
   readonly podReports: Counter<'result'>;
 
   constructor() {
@@ -39,6 +40,7 @@ export class ControlPlaneMetrics {
       labelNames: ['result'],
       registers,
     });
+    this.caReloads = new Counter({ name: 'nodemesh_cp_ca_reloads_total', help: 'Loads of a changed CA folder (a root rotation step), by result: loaded, failed (the CA kept what it had)', labelNames: ['result'], registers });
     this.podReports = new Counter({
       name: 'nodemesh_cp_pod_reports_total',
       help: 'Pod reports of agents: applied, delayed (rate limit), and entries dropped by reason (invalid, duplicate_uid, address_taken, name_taken)',

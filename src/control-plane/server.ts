@@ -14,6 +14,7 @@
 import type { Server as HttpServer } from 'node:http';
 
 import { hostname, networkInterfaces } from 'node:os';
+import { watch, type FSWatcher } from 'node:fs';
 
 import { Metadata, Server, ServerCredentials, status as GrpcStatus, type sendUnaryData, type ServerCredentials as Credentials, type ServerDuplexStream, type ServerUnaryCall } from '@grpc/grpc-js';
 
@@ -67,6 +68,8 @@ const PODS_PER_SECOND = 10;
 const POD_GRACE_MS = 60_000;
 /** Changes within this window go out as one version (a burst of pod reports, an editor's saves). */
 const BATCH_MS = 10;
+/** How long after the last change in the CA folder it is loaded again (an edit is several writes). */
+const CA_RELOAD_DELAY_MS = 500;
 /** After a start, how long agents get to report their pods before the first push. */
 const WARMUP_MS = 2000;
 
@@ -229,6 +232,7 @@ export class ControlPlane {
         // The trust domain is the mesh config's when the control plane starts: a CA signs for one.
         const trustDomain = cp.store.current().mesh.trustDomain;
         cp.ca = await CertificateAuthority.open(options.ca.dir, trustDomain);
+        cp.watchCa(options.ca.dir);
       }
       // Pods come from the agents' reports: until they have had time to report after a restart,
       // a push would tell every node that the endpoints on other nodes are gone.
@@ -281,6 +285,8 @@ export class ControlPlane {
 
   async stop(): Promise<void> {
     this.store.close();
+    this.caWatcher?.close();
+    clearTimeout(this.caReloadTimer);
     clearTimeout(this.batch);
     clearTimeout(this.warmup);
     for (const t of this.graceTimers.values()) clearTimeout(t);
@@ -364,6 +370,8 @@ export class ControlPlane {
     const servicesOf = new Map<string, string[]>();
     // Mesh settings and Namespaces: configResources puts them first, in canonical order.
     for (const r of configResources({ ...config, services: [], trafficPolicies: [], routes: [] })) base.add(r);
+    // The mesh's roots (the signing one first): agents verify peers against exactly these.
+    if (this.ca) base.add({ trustBundle: { roots: [...this.ca.roots()] } });
     const policies = new Map<string, WireResource[]>();
     const known = new Set(config.services.map((svc) => `${svc.namespace}/${svc.name}`));
     for (const t of sortByKey(config.trafficPolicies)) {
@@ -447,6 +455,49 @@ export class ControlPlane {
   }
 
   /** A change: pushed with the others of the next BATCH_MS as one version. */
+  private caWatcher: FSWatcher | undefined;
+  private caReloadTimer: NodeJS.Timeout | undefined;
+  private caReloading: Promise<void> = Promise.resolve();
+
+  /**
+   * Root rotation (design.md section 11): the operator changes the CA folder and the control plane
+   * loads it again shortly after (a change arrives as several file events; they are folded). A
+   * folder that does not load (a key that does not match its certificate half-way through an
+   * edit) is logged and counted, and the CA keeps the one it has. A new trust bundle goes to
+   * every node with the next version.
+   */
+  private watchCa(dir: string): void {
+    try {
+      this.caWatcher = watch(dir, () => {
+        clearTimeout(this.caReloadTimer);
+        this.caReloadTimer = setTimeout(() => {
+          this.caReloading = this.caReloading.then(() => this.reloadCa(dir));
+        }, CA_RELOAD_DELAY_MS);
+      });
+      this.caWatcher.on('error', (e) => log.error({ dir, err: e.message }, 'the CA folder cannot be watched: restart the control plane after changing it'));
+    } catch (e) {
+      log.error({ dir, err: (e as Error).message }, 'the CA folder cannot be watched: restart the control plane after changing it');
+    }
+  }
+
+  private async reloadCa(dir: string): Promise<void> {
+    const current = this.ca;
+    if (!current) return;
+    let next: CertificateAuthority;
+    try {
+      next = await CertificateAuthority.open(dir, current.trustDomain, { create: false });
+    } catch (e) {
+      this.metrics.caReloads.inc({ result: 'failed' });
+      log.error({ dir, err: (e as Error).message }, 'the CA folder changed but does not load; the CA keeps signing as before');
+      return;
+    }
+    if (next.sameAs(current)) return;
+    this.ca = next;
+    this.metrics.caReloads.inc({ result: 'loaded' });
+    log.info({ dir, roots: next.roots().length }, 'CA reloaded: new certificates chain to its signing root; every node gets the new trust bundle');
+    this.changed();
+  }
+
   private changed(): void {
     if (this.batch || !this.warm) return;
     this.changedAt = performance.now();

@@ -67,6 +67,8 @@ interface Entry {
 export interface CertificateEvents {
   /** A certificate was obtained or renewed, or (undefined) the CA turned out to be absent: waiters re-check. */
   onIssued?(cert: WorkloadCertificate | undefined): void;
+  /** The trusted roots changed (a rotation step): new handshakes must check against them. */
+  onRootsChanged?(roots: ReadonlyArray<string>): void;
   /** Every Sign attempt's result: signed, or the error's reason. */
   onResult?(result: string): void;
 }
@@ -115,6 +117,42 @@ export class CertificateManager {
     return this.trustedRoots;
   }
 
+  /**
+   * Checks a trust bundle from the control plane before anything uses it: every entry a
+   * self-signed CA certificate that has not expired. Throws CertificateInvalid naming the entry.
+   */
+  checkRoots(roots: ReadonlyArray<string>): void {
+    roots.forEach((pem, i) => {
+      const info = certificateInfo(pem);
+      if (!info.isCa || !info.selfSigned) throw new CertificateInvalid('untrusted', `root ${i} is not a self-signed CA certificate`);
+      if (info.notAfter.getTime() < Date.now()) throw new CertificateInvalid('expired', `root ${i} expired on ${info.notAfter.toISOString()}`);
+    });
+  }
+
+  /**
+   * A root rotation step (the control plane's trust bundle, checked with checkRoots): peers are
+   * checked against exactly these roots from the next handshake on (open connections go on), and
+   * a held certificate that does not chain to the first root, the one the CA signs with now, is
+   * renewed at once (within a second, spread), so that the old root can be removed soon.
+   */
+  setRoots(roots: ReadonlyArray<string>): void {
+    if (roots.length === 0 || (roots.length === this.trustedRoots.length && roots.every((r, i) => r === this.trustedRoots[i]))) return;
+    this.trustedRoots = roots;
+    const signing = roots.slice(0, 1);
+    let renewing = 0;
+    for (const entry of this.entries.values()) {
+      if (!entry.cert) continue;
+      try {
+        verifyChain(entry.cert.chain, signing);
+      } catch {
+        renewing++;
+        this.schedule(entry, Math.random() * 1000);
+      }
+    }
+    log.info({ roots: roots.length, renewing }, 'trusted roots changed');
+    this.events.onRootsChanged?.(roots);
+  }
+
   /** Whether the control plane has said it has no CA (asked again every 30 s or so). */
   caAbsent(): boolean {
     return this.noCa;
@@ -151,7 +189,7 @@ export class CertificateManager {
       entry.attempt = 0;
       this.noCa = false;
       entry.lastError = undefined;
-      this.trustedRoots = answer.roots.length > 0 ? answer.roots : this.trustedRoots;
+      if (answer.roots.length > 0) this.setRoots(answer.roots);
       this.schedule(entry, cert.renewAt.getTime() - Date.now());
       log.info({ identity: entry.uri, serial: cert.serial, notAfter: cert.notAfter.toISOString(), renewAt: cert.renewAt.toISOString() }, 'certificate obtained');
       this.events.onResult?.('signed');

@@ -10,11 +10,11 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rename, rm, writeFile } from 'node:fs/promises';
 import { connect as h2connect, type ClientHttp2Session } from 'node:http2';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { test } from 'node:test';
 import { connect as tlsConnect } from 'node:tls';
 
@@ -232,4 +232,83 @@ setTimeout(()=>{clearInterval(t);setTimeout(()=>{console.log(JSON.stringify({sen
   assert.notEqual(presented, before);
   // And new connections still go through.
   assert.ok((await sb.dialFrom(client, SVC, 80)).intact);
+});
+
+test('hbone: root rotation with traffic running: both roots trusted during the overlap, certificates move to the new root, the old root goes; nothing is dropped', async (t) => {
+  const { sb, cp, agentA, agentB, server, client } = await twoNodes(t);
+  const caDir = dirname(cp.caRoot);
+  const oldRoot = readFileSync(cp.caRoot, 'utf8');
+  const oldSigner: Signer = { cert: parseCertificate(oldRoot), ...(await importSigningKey(readFileSync(join(caDir, 'root-key.pem'), 'utf8'))) };
+  const fresh = await createRoot('cluster.local', new Date(Date.now() + 365 * 24 * 3600_000));
+  // Each file is replaced whole (written aside, renamed), as an operator's tools or a mounted Secret do.
+  const put = async (name: string, text: string, mode = 0o644): Promise<void> => {
+    await writeFile(join(caDir, `.${name}.new`), text, { mode });
+    await rename(join(caDir, `.${name}.new`), join(caDir, name));
+  };
+  const trusted = async (): Promise<number[]> => Promise.all([agentA, agentB].map(async (a) => metricValue(await a.metrics(), 'nodemesh_trusted_roots')));
+  const serials = async (): Promise<string[]> =>
+    (
+      await Promise.all(
+        [agentA, agentB].map(async (a) => ((await (await fetch(`http://127.0.0.1:${a.adminPort}/pods`)).json()) as { certificates: Array<{ serial?: string }> }).certificates.map((c) => c.serial ?? '')),
+      )
+    ).flat();
+  assert.deepEqual(await trusted(), [1, 1]);
+
+  // Traffic for the whole rotation: one connection through the tunnel sending 1 KiB every 100 ms
+  // and checking each echo, and a new connection after another.
+  const script = `const s=require('net').connect(80,process.argv[1]);let sent=0,got=0,bad=0;const chunk=Buffer.alloc(1024,7);
+s.on('data',(d)=>{for(const b of d)if(b!==7)bad++;got+=d.length});s.on('error',(e)=>{console.log(JSON.stringify({error:e.code||e.message,sent,got}));process.exit(1)});
+const t=setInterval(()=>{s.write(chunk);sent+=chunk.length},100);
+setTimeout(()=>{clearInterval(t);setTimeout(()=>{console.log(JSON.stringify({sent,got,bad}));s.end();process.exit(0)},500)},20000);`;
+  let longDone = false;
+  const long = collect(sb.runtime.exec(client, [process.execPath, '-e', script, SVC], { stdio: ['ignore', 'pipe', 'pipe'] })).finally(() => (longDone = true));
+  let stop = false;
+  const dials: Array<{ intact: boolean; error?: string }> = [];
+  const loop = (async () => {
+    while (!stop) dials.push(await sb.dialFrom(client, SVC, 80, { bytes: 1024 }));
+  })();
+
+  // 1. The new root is trusted beside the old one; the old one still signs.
+  await put('trusted-roots.pem', fresh.certPem);
+  await waitFor(async () => (await trusted()).every((n) => n === 2), 10_000, 'both nodes trust both roots');
+  // 2. The new root signs, the old one stays trusted: every certificate is renewed onto the new root.
+  const before = await serials();
+  await put('root-key.pem', fresh.keyPem, 0o600);
+  await put('root-cert.pem', fresh.certPem);
+  await put('trusted-roots.pem', oldRoot);
+  await waitFor(async () => (await serials()).every((s, i) => s !== before[i]), 10_000, 'every certificate renewed');
+  assert.deepEqual(await trusted(), [2, 2]);
+  // B's pod now presents a certificate that chains to the new root (checked against it alone).
+  await new Promise<void>((resolve, reject) => {
+    const s = tlsConnect({ host: server.record.ip4, port: 15008, ca: fresh.certPem, ALPNProtocols: ['h2'], checkServerIdentity: () => undefined }, () => {
+      s.destroy();
+      resolve();
+    });
+    s.once('error', reject);
+  });
+  // 3. The old root goes.
+  await rm(join(caDir, 'trusted-roots.pem'));
+  await waitFor(async () => (await trusted()).every((n) => n === 1), 10_000, 'both nodes trust the new root only');
+  assert.equal(longDone, false, 'the long connection ran through the whole rotation');
+
+  // A client certificate from the old root is refused now; a new pod (a new tunnel, new handshakes) gets through.
+  const refusedBefore = metricValue(await agentB.metrics(), 'nodemesh_hbone_refused_total', { reason: 'tls_handshake' });
+  const keys = await generateKeyPair();
+  const oldLeaf = { key: await privateKeyPem(keys.privateKey), cert: await issueLeaf(oldSigner, { publicKey: keys.publicKey, uris: ['spiffe://cluster.local/ns/default/sa/client'], notBefore: new Date(Date.now() - 60_000), notAfter: new Date(Date.now() + 3600_000) }) };
+  const session = h2connect(`https://${server.record.ip4}:15008`, { ...oldLeaf, ca: [oldRoot, fresh.certPem], checkServerIdentity: () => undefined });
+  session.on('error', () => undefined);
+  await new Promise<void>((resolve) => session.once('close', () => resolve()));
+  await waitFor(async () => metricValue(await agentB.metrics(), 'nodemesh_hbone_refused_total', { reason: 'tls_handshake' }) > refusedBefore, 5000, 'the old-root client refused');
+  const late = await sb.idlePod('late-a', [], { serviceAccount: 'client' });
+  assert.ok((await sb.dialFrom(late, SVC, 80)).intact, 'a new tunnel after the rotation');
+
+  stop = true;
+  await loop;
+  const result = await long;
+  assert.equal(result.code, 0, result.stdout + result.stderr);
+  const counts = JSON.parse(result.stdout.trim().split('\n').pop() ?? '{}') as { sent: number; got: number; bad: number };
+  assert.deepEqual([counts.got, counts.bad], [counts.sent, 0], 'every byte of the long connection came back');
+  assert.ok(dials.length >= 5, `${dials.length} new connections during the rotation`);
+  assert.deepEqual(dials.filter((d) => !d.intact), [], 'no new connection failed');
+  assert.equal(metricValue(await cp.metrics(), 'nodemesh_cp_ca_reloads_total', { result: 'loaded' }), 3);
 });

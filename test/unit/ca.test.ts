@@ -1,7 +1,7 @@
 /** The control plane's CA: its files (created, reused, refused), the leaves it signs, and each refusal by its reason. */
 import assert from 'node:assert/strict';
 import { X509Certificate, createPrivateKey, createPublicKey, randomBytes, webcrypto } from 'node:crypto';
-import { chmod, copyFile, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -92,6 +92,12 @@ test('open() on an empty folder creates a self-signed root and a 0600 key, and a
   assert.equal(await readFile(join(dir, ROOT_CERT), 'utf8'), certPem);
   assert.equal(await readFile(join(dir, ROOT_KEY), 'utf8'), keyPem);
   assert.deepEqual(again.roots(), ca.roots());
+  assert.ok(again.sameAs(ca), 'a reload of an unchanged folder changes nothing');
+
+  // A reload (create: false) never makes a new root where the files have gone.
+  const empty = await tempDir(t);
+  await assert.rejects(CertificateAuthority.open(empty, TD, { create: false }), /are gone/);
+  assert.deepEqual(await readdir(empty), []);
 });
 
 test('open() refuses a folder with only one of the two files, naming the missing one', async (t) => {

@@ -17,6 +17,7 @@ import {
   resourceKey,
   snapshotMessage,
   type ControlPlaneMessage,
+  type WireResource,
   type WireWorkload,
 } from '../../src/protocol/discovery.js';
 
@@ -144,4 +145,38 @@ test('durations out of bounds are refused at the wire edge as at the config edge
   assert.throws(() => parseTrafficPolicy(tp({ connectTimeout: '0s' })), (e) => e instanceof ObjectInvalid && e.field === 'spec.connectionPool.tcp.connectTimeout' && /0 ms is outside/.test(e.message));
   assert.throws(() => parseTrafficPolicy(tp({ idleTimeout: '700h' })), (e) => e instanceof ObjectInvalid && e.field === 'spec.connectionPool.tcp.idleTimeout');
   assert.equal(parseTrafficPolicy(tp({ connectTimeout: '2s', idleTimeout: '1h' })).policy.connectTimeoutMs, 2000);
+});
+
+test('security policies and the trust bundle survive protobuf; a bad policy or bundle is refused at the wire edge, the field named', () => {
+  const method = discoveryService()['Stream'];
+  assert.ok(method);
+  const sent = snapshotMessage(11, config, [pod]);
+  const root = '-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n';
+  const withBundle = [...sent.resources, { trustBundle: { roots: [root] } }];
+  const received = method.responseDeserialize(method.responseSerialize({ snapshot: { version: 11, digest: digestOf(withBundle), resources: withBundle } })) as ControlPlaneMessage;
+  assert.ok(received.snapshot);
+  const d = decodeSnapshot(received.snapshot);
+  assert.deepEqual(d.config.peerAuthentications, config.peerAuthentications);
+  assert.deepEqual(d.config.authorizationPolicies, config.authorizationPolicies);
+  assert.equal(d.config.mesh.mtlsMode, 'STRICT');
+  assert.deepEqual(d.trustBundle, [root]);
+  const refused = (resources: WireResource[]): string => {
+    try {
+      decodeResources(12, digestOf(resources), resources);
+    } catch (e) {
+      if (e instanceof SnapshotInvalid) return e.errors.map((x) => `${x.object} ${x.field}`).join('; ');
+      throw e;
+    }
+    return 'accepted';
+  };
+  const ap = config.authorizationPolicies[0]!;
+  const rule = ap.rules[0]!;
+  assert.equal(refused([{ trustBundle: { roots: ['junk'] } }]), 'TrustBundle mesh roots[0]');
+  assert.equal(refused([{ trustBundle: { roots: [] } }]), 'TrustBundle mesh roots');
+  assert.equal(refused([{ peerAuthentication: { namespace: 'shop', name: 'p', selector: {}, mode: 'ON', portModes: {} } }]), 'PeerAuthentication shop/p spec.mtls.mode');
+  assert.equal(refused([{ authorizationPolicy: { namespace: 'shop', name: 'a', selector: {}, action: 'CUSTOM', rules: [] } }]), 'AuthorizationPolicy shop/a spec.action');
+  const badRule = { from: rule.from.map((f) => ({ ...f, principals: [...f.principals], notPrincipals: [], namespaces: [], notNamespaces: [...f.notNamespaces], ipBlocks: ['10.0.0.0/99'], notIpBlocks: [], serviceAccounts: [], notServiceAccounts: [] })), to: [], when: [] };
+  assert.equal(refused([{ authorizationPolicy: { namespace: 'shop', name: 'a', selector: {}, action: 'DENY', rules: [badRule] } }]), 'AuthorizationPolicy shop/a spec.rules[0].from[0].source.ipBlocks[0]');
+  assert.equal(refused([{ authorizationPolicy: { namespace: 'shop', name: 'a', selector: {}, action: 'DENY', rules: [{ from: [], to: [], when: [{ key: 'request.method', values: ['GET'], notValues: [] }] }] } }]), 'AuthorizationPolicy shop/a spec.rules[0].when[0].key');
+  assert.equal(refused([{ mesh: { enrollment: 'all', failClosedEnrollment: false, trustDomain: '', mtlsMode: 'OFF' } }]), 'ConfigMap nodemesh data.mtlsMode');
 });

@@ -87,14 +87,26 @@ export class CertificateAuthority {
     private readonly trusted: ReadonlyArray<string>,
     private readonly signerNotAfter: Date,
     readonly created: boolean,
+    /** The signing certificate (PEM): a reload with the same one and the same roots changes nothing. */
+    private readonly signerPem: string,
   ) {}
 
-  /** Loads the CA folder's root (or intermediate) and key, or creates a root when neither exists. */
-  static async open(dir: string, trustDomain: string): Promise<CertificateAuthority> {
+  /** Whether another load of the folder signs with the same certificate and trusts the same roots. */
+  sameAs(other: CertificateAuthority): boolean {
+    return this.signerPem === other.signerPem && this.trusted.length === other.trusted.length && this.trusted.every((r, i) => r === other.trusted[i]);
+  }
+
+  /**
+   * Loads the CA folder's root (or intermediate) and key, or creates a root when neither exists
+   * (at start only: a reload that finds the files gone refuses rather than starting a new mesh
+   * root that no node trusts).
+   */
+  static async open(dir: string, trustDomain: string, options: { create?: boolean } = {}): Promise<CertificateAuthority> {
     const certPath = join(dir, ROOT_CERT);
     const keyPath = join(dir, ROOT_KEY);
     const [haveCert, haveKey] = [await exists(certPath), await exists(keyPath)];
     let created = false;
+    if (!haveCert && !haveKey && options.create === false) throw caError(`${certPath} and ${keyPath} are gone: the CA keeps the root it has`, certPath);
     if (!haveCert && !haveKey) {
       try {
         await mkdir(dir, { recursive: true, mode: 0o700 });
@@ -153,10 +165,10 @@ export class CertificateAuthority {
     const roots = [last.pem, ...extra.filter((p) => certificateInfo(p).pem !== last.pem)];
     const signer: Signer = { cert: parseCertificate(first.pem), key: signing.key, algorithm: signing.algorithm };
     log.info({ dir, trustDomain, roots: roots.length, intermediate: chain.length > 1, notAfter: first.notAfter.toISOString() }, 'CA loaded');
-    return new CertificateAuthority(trustDomain, signer, chain.length > 1 ? infos.slice(0, -1).map((i) => i.pem) : [], roots, first.notAfter, created);
+    return new CertificateAuthority(trustDomain, signer, chain.length > 1 ? infos.slice(0, -1).map((i) => i.pem) : [], roots, first.notAfter, created, first.pem);
   }
 
-  /** The roots agents trust (PEM): the signing chain's root, and the extra ones during a rotation. */
+  /** The roots agents trust (PEM): the signing chain's root first, then the extra ones during a rotation. */
   roots(): ReadonlyArray<string> {
     return this.trusted;
   }
