@@ -382,8 +382,9 @@ program
   .option('--cert-ttl <time>', 'lifetime of workload certificates (agents renew at half life), e.g. 24h, 1h, 30s', '24h')
   .option('--agent-tokens <file>', 'lines of "<node> <token>": agents must present one and may speak only for its node')
   .option('--agent-service-account <ns/name>', "with --source kubernetes: agents present their pod's projected token (audience nodemesh), checked with TokenReview")
+  .option('--pod-cidrs <list>', 'pod addresses nodes may claim in their reports: CIDR blocks of any node and NODE=CIDR blocks of one, comma-separated (default: any address)')
   .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen?: string; listenTls: string; caDir: string; certTtl: string; http: string; agentTokens?: string; agentServiceAccount?: string }) => {
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen?: string; listenTls: string; caDir: string; certTtl: string; http: string; agentTokens?: string; agentServiceAccount?: string; podCidrs?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' }, hint: 'nodemesh control-plane --config-dir examples/mesh' });
     }
@@ -392,6 +393,8 @@ program
     }
     const source = opts.source === 'dir' ? { kind: 'dir' as const, dir: opts.configDir ?? '' } : { kind: 'kubernetes' as const, ...(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) };
     const { ControlPlane } = await import('../control-plane/server.js');
+    const { PodRanges } = await import('../control-plane/pod-ranges.js');
+    const podRanges = opts.podCidrs === undefined ? undefined : PodRanges.parse(opts.podCidrs);
     const listen = opts.listen === undefined ? undefined : parseHostPort(opts.listen, 'listen', invalid('listen'));
     if (listen && !isLoopback(listen.host) && listen.host !== 'localhost') {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--listen ${opts.listen}: plaintext gRPC is for loopback only (certificates and config would cross the network in clear)`, {
@@ -404,7 +407,7 @@ program
     if (certTtlMs < CERT_TTL_BOUNDS.min || certTtlMs > CERT_TTL_BOUNDS.max) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cert-ttl ${opts.certTtl} must be from ${CERT_TTL_BOUNDS.min / 1000}s to ${CERT_TTL_BOUNDS.max / 3_600_000}h`, { context: { field: 'cert-ttl' }, hint: 'give a duration such as 24h' });
     }
-    const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }) });
+    const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }), ...(podRanges ? { podRanges } : {}) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

@@ -15,7 +15,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../runtime/blackhole.js';
-import { runtimeConfigFromEnv } from '../runtime/config.js';
+import { podCidrList, runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
 import { LocalPodRuntime } from '../runtime/pods.js';
 import type { PodRecord } from '../runtime/store.js';
@@ -176,7 +176,7 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
 
     progress(`starting the control plane on ${EXAMPLES} (gRPC over TLS 127.0.0.1:${PORTS.grpcTls}, HTTP :${PORTS.cpHttp}; its CA in ${work}/ca)`);
     const caDir = join(work, 'ca');
-    const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
+    const cp = start('control-plane', ['control-plane', '--config-dir', EXAMPLES, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`, '--pod-cidrs', podCidrList(runtimeConfig)]);
     await waitHttp(`http://127.0.0.1:${PORTS.cpHttp}/healthz/ready`, 15_000, 'the control plane', cp.child, cp.log);
 
     cleanups.push(() => rm(PIN_BASE, { recursive: true, force: true }));

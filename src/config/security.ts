@@ -6,8 +6,7 @@
  * them (proxy/policy.ts); this module only says what a valid policy is, for the config edge and
  * the wire edge alike (checkPeerAuthentication, checkAuthorizationPolicy).
  */
-import { isIP } from 'node:net';
-
+import { parseCidr } from '../shared/address.js';
 import type { DefaultMtlsMode } from './mesh.js';
 import { schemas } from './schemas.js';
 import { ObjectInvalid, parseMetadata } from './service.js';
@@ -104,17 +103,6 @@ function portOf(text: string): number | undefined {
   if (!/^[1-9][0-9]{0,4}$/.test(text)) return undefined;
   const n = Number(text);
   return n <= 65535 ? n : undefined;
-}
-
-/** "10.0.0.0/8", "fd00::/64" or a single address. */
-export function parseCidr(text: string): { address: string; prefix: number; family: 4 | 6 } | undefined {
-  const [address = '', prefixText, ...rest] = text.split('/');
-  const family = isIP(address);
-  if (rest.length > 0 || family === 0) return undefined;
-  const max = family === 4 ? 32 : 128;
-  const prefix = prefixText === undefined ? max : /^[0-9]{1,3}$/.test(prefixText) ? Number(prefixText) : NaN;
-  if (!(prefix >= 0 && prefix <= max)) return undefined;
-  return { address, prefix, family: family === 4 ? 4 : 6 };
 }
 
 /** Istio's string match: exact, "prefix*", "*suffix", or "*" (any non-empty value). */

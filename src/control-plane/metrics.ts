@@ -43,7 +43,7 @@ export class ControlPlaneMetrics {
     this.caReloads = new Counter({ name: 'nodemesh_cp_ca_reloads_total', help: 'Loads of a changed CA folder (a root rotation step), by result: loaded, failed (the CA kept what it had)', labelNames: ['result'], registers });
     this.podReports = new Counter({
       name: 'nodemesh_cp_pod_reports_total',
-      help: 'Pod reports of agents: applied, delayed (rate limit), and entries dropped by reason (invalid, duplicate_uid, address_taken, name_taken)',
+      help: 'Pod reports of agents: applied, delayed (rate limit), and entries dropped by reason (invalid, duplicate_uid, address_taken, address_out_of_range, name_taken)',
       labelNames: ['result'],
       registers,
     });

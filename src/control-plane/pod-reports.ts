@@ -8,9 +8,10 @@
 import { isIP } from 'node:net';
 
 import type { WireWorkload } from '../protocol/discovery.js';
+import type { AddressRanges } from '../shared/address.js';
 import { DNS_LABEL, DNS_SUBDOMAIN } from '../shared/names.js';
 
-export type PodReportReason = 'invalid' | 'duplicate_uid' | 'address_taken' | 'name_taken';
+export type PodReportReason = 'invalid' | 'duplicate_uid' | 'address_taken' | 'address_out_of_range' | 'name_taken';
 
 export interface CheckedReport {
   readonly pods: ReadonlyArray<WireWorkload>;
@@ -31,9 +32,10 @@ function invalid(p: WireWorkload): string | undefined {
 
 /**
  * Checks `node`'s report against what the other nodes reported (`others`: node -> its pods, as
- * believed). Within the report, the first of two pods with one uid, address or name is kept.
+ * believed) and the address ranges the node may claim (undefined: any). Within the report, the
+ * first of two pods with one uid, address or name is kept.
  */
-export function checkPodReport(node: string, report: ReadonlyArray<WireWorkload>, others: ReadonlyMap<string, ReadonlyArray<WireWorkload>>): CheckedReport {
+export function checkPodReport(node: string, report: ReadonlyArray<WireWorkload>, others: ReadonlyMap<string, ReadonlyArray<WireWorkload>>, ranges?: AddressRanges): CheckedReport {
   const uids = new Map<string, string>();
   const addresses = new Map<string, string>();
   const names = new Map<string, string>();
@@ -52,6 +54,11 @@ export function checkPodReport(node: string, report: ReadonlyArray<WireWorkload>
     const bad = invalid(p);
     if (bad) {
       dropped.push({ pod: id, reason: 'invalid', message: bad });
+      continue;
+    }
+    const outside = ranges && [p.ip4, p.ip6].find((a) => a && !ranges.has(a));
+    if (outside) {
+      dropped.push({ pod: id, reason: 'address_out_of_range', message: `address ${outside} is outside the pod ranges node ${node} may claim (${ranges.cidrs.join(', ')})` });
       continue;
     }
     const uidOwner = uids.get(p.uid);

@@ -55,6 +55,7 @@ import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.
 import { RateLimiter } from './rate-limit.js';
 import { isNodeName } from '../shared/names.js';
 import { checkPodReport } from './pod-reports.js';
+import { PodRanges } from './pod-ranges.js';
 import { ControlPlaneMetrics } from './metrics.js';
 import type { KubernetesSourceOptions } from './sources/kubernetes.js';
 
@@ -94,6 +95,8 @@ export interface ControlPlaneOptions {
   readonly agentTokens?: string;
   /** With the Kubernetes source: "namespace/name" of the agents' ServiceAccount, whose pod-bound tokens are checked with TokenReview. */
   readonly agentServiceAccount?: string;
+  /** The pod addresses nodes may claim in their reports (`--pod-cidrs`); none: any. */
+  readonly podRanges?: PodRanges;
 }
 
 /** What `nodemesh status` and /debug/nodes show per node. */
@@ -226,6 +229,7 @@ export class ControlPlane {
     try {
       if (cp.tokens) log.info({ by: cp.tokens.description, identities: await cp.tokens.check() }, 'agents authenticate with node-bound tokens');
       else log.warn({ listen: options.listen ? `${options.listen.host}:${options.listen.port}` : undefined, listenTls: options.listenTls ? `${options.listenTls.host}:${options.listenTls.port}` : undefined }, 'agents are not authenticated (no --agent-tokens): any agent may speak for any node and obtain its identities; use on loopback only');
+      if (!options.podRanges?.restricted && !cp.podsFromSource) log.warn({}, 'no --pod-cidrs: a node\'s pod report is believed whatever addresses it claims (only addresses another node reported are refused)');
       await cp.store.load();
       cp.store.watch();
       if (options.ca) {
@@ -643,7 +647,7 @@ export class ControlPlane {
   }
 
   private applyReport(node: string, report: ReadonlyArray<WireWorkload>): void {
-    const { pods, dropped } = checkPodReport(node, report, this.podsByNode);
+    const { pods, dropped } = checkPodReport(node, report, this.podsByNode, (this.options.podRanges ?? PodRanges.none()).of(node));
     for (const d of dropped) {
       this.metrics.podReports.inc({ result: d.reason });
       log.warn({ node, pod: d.pod, reason: d.reason }, `pod report entry dropped: ${d.message}`);

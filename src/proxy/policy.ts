@@ -7,12 +7,11 @@
  * it for every connection it delivers: the same-node fast path, plaintext inbound (15006) and
  * HBONE (15008) alike.
  */
-import { BlockList } from 'node:net';
-
 import { ROOT_NAMESPACE } from '../config/mesh.js';
-import { parseCidr, type AuthorizationCondition, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
+import { type AuthorizationCondition, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
 import { selects, type Workload } from '../config/snapshot.js';
 import { byNamespaceName } from '../shared/order.js';
+import { AddressRanges } from '../shared/address.js';
 import type { WorkloadIdentity } from '../identity/spiffe.js';
 
 /** What the destination's side knows of a connection when it decides. */
@@ -61,8 +60,8 @@ function matches(pattern: string, value: string | undefined): boolean {
 const nameOf = (p: { namespace: string; name: string }): string => `${p.namespace}/${p.name}`;
 
 export class PolicyEngine {
-  /** Address lists compiled once per snapshot (a BlockList checks v4 and v6, mapped addresses too). */
-  private readonly blocks = new WeakMap<ReadonlyArray<string>, BlockList>();
+  /** Address lists compiled once per snapshot. */
+  private readonly blocks = new WeakMap<ReadonlyArray<string>, AddressRanges>();
   private readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
   private readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
 
@@ -156,16 +155,12 @@ export class PolicyEngine {
 
   private inBlocks(list: ReadonlyArray<string>, address: string): boolean {
     if (list.length === 0) return false;
-    let blocks = this.blocks.get(list);
-    if (!blocks) {
-      blocks = new BlockList();
-      for (const text of list) {
-        const cidr = parseCidr(text);
-        if (cidr) blocks.addSubnet(cidr.address, cidr.prefix, cidr.family === 4 ? 'ipv4' : 'ipv6');
-      }
-      this.blocks.set(list, blocks);
+    let ranges = this.blocks.get(list);
+    if (!ranges) {
+      // The config edge checked every entry: none throws here.
+      ranges = new AddressRanges(list);
+      this.blocks.set(list, ranges);
     }
-    const bare = address.replace(/^::ffff:/, '');
-    return blocks.check(bare, bare.includes(':') ? 'ipv6' : 'ipv4');
+    return ranges.has(address);
   }
 }

@@ -80,6 +80,11 @@ export function runtimeConfigFromEnv(env: NodeJS.ProcessEnv = process.env, base:
   };
 }
 
+/** The pod subnets as `--pod-cidrs` takes them: every local node's pods share the bridge and these. */
+export function podCidrList(config: Pick<RuntimeConfig, 'podCidr4' | 'podCidr6'>): string {
+  return `${config.podCidr4.network}/${config.podCidr4.prefix},${config.podCidr6.network}/${config.podCidr6.prefix}`;
+}
+
 /** The n-th host address of a subnet (n = 1 is the bridge, pods start at 2). */
 export function hostAddress(cidr: Cidr, family: 4 | 6, n: number): string {
   if (family === 4) {

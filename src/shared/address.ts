@@ -3,7 +3,39 @@
  * IPv6, host:port with brackets. Pure functions; the BPF map codecs (datapath/abi.ts), config and
  * the runtime all use these.
  */
-import { isIPv4, isIPv6 } from 'node:net';
+import { BlockList, isIP, isIPv4, isIPv6 } from 'node:net';
+
+/** "10.0.0.0/8", "fd00::/64" or a single address. */
+export function parseCidr(text: string): { address: string; prefix: number; family: Family } | undefined {
+  const [address = '', prefixText, ...rest] = text.split('/');
+  const family = isIP(address);
+  if (rest.length > 0 || family === 0) return undefined;
+  const max = family === 4 ? 32 : 128;
+  const prefix = prefixText === undefined ? max : /^[0-9]{1,3}$/.test(prefixText) ? Number(prefixText) : NaN;
+  if (!(prefix >= 0 && prefix <= max)) return undefined;
+  return { address, prefix, family: family === 4 ? 4 : 6 };
+}
+
+/** A set of address ranges (v4 and v6; an IPv4-mapped address counts as its IPv4 one). */
+export class AddressRanges {
+  private readonly blocks = new BlockList();
+  readonly size: number;
+
+  /** Throws for an entry that is not an address or CIDR block, naming it. */
+  constructor(readonly cidrs: ReadonlyArray<string>) {
+    for (const text of cidrs) {
+      const c = parseCidr(text);
+      if (!c) throw new Error(`"${text}" is not an IP address or CIDR block`);
+      this.blocks.addSubnet(c.address, c.prefix, c.family === 4 ? 'ipv4' : 'ipv6');
+    }
+    this.size = cidrs.length;
+  }
+
+  has(address: string): boolean {
+    const bare = address.replace(/^::ffff:/, '');
+    return this.blocks.check(bare, bare.includes(':') ? 'ipv6' : 'ipv4');
+  }
+}
 
 export type Family = 4 | 6;
 

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import type { EnrolledPodStatus } from '../../src/agent/agent.js';
 import type { NodeSyncStatus } from '../../src/control-plane/server.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
+import { podCidrList } from '../../src/runtime/config.js';
 import { freePort } from '../../src/shared/ports.js';
 import { waitFor, type Sandbox } from './sandbox.js';
 
@@ -177,7 +178,7 @@ export async function startControlPlane(sb: Sandbox, config: Record<string, stri
   const spawnCp = (): ChildProcess => {
     const tokens = options.agentTokens === undefined ? [] : ['--agent-tokens', options.agentTokens];
     const ttl = options.certTtl === undefined ? [] : ['--cert-ttl', options.certTtl];
-    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--listen-tls', `127.0.0.1:${grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${http}`, ...tokens, ...ttl], {
+    const c = spawn(process.execPath, [CLI_ENTRY, 'control-plane', '--config-dir', configDir, '--listen', `127.0.0.1:${grpc}`, '--listen-tls', `127.0.0.1:${grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${http}`, '--pod-cidrs', podCidrList(sb.config), ...tokens, ...ttl], {
       env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });

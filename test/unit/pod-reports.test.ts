@@ -47,3 +47,22 @@ test("pod reports: a node is believed only about itself; another node's uids, ad
   // The node's own previous report does not count against it.
   assert.equal(checkPodReport('node-a', [pod('a-1', '10.0.0.2')], others).pods.length, 1);
 });
+
+test('pod reports: addresses outside the pod ranges the node may claim are dropped (mesh-wide and per-node ranges)', async () => {
+  const { PodRanges } = await import('../../src/control-plane/pod-ranges.js');
+  const ranges = PodRanges.parse('10.0.0.0/24, fd00::/64, node-b=10.1.0.0/24');
+  const report = [pod('in-mesh', '10.0.0.3'), pod('in-b', '10.1.0.3'), pod('outside', '192.168.1.3'), pod('v6-outside', '', { ip6: 'fd01::3' }), pod('mapped', '10.0.0.4', { ip6: 'fd00::4' })];
+  const b = checkPodReport('node-b', report, new Map(), ranges.of('node-b'));
+  assert.deepEqual(b.pods.map((p) => p.name), ['in-mesh', 'in-b', 'mapped']);
+  assert.deepEqual(b.dropped.map((d) => [d.pod, d.reason]), [['shop/outside', 'address_out_of_range'], ['shop/v6-outside', 'address_out_of_range']]);
+  assert.match(b.dropped[0]?.message ?? '', /192\.168\.1\.3 is outside the pod ranges node node-b may claim \(10\.0\.0\.0\/24, fd00::\/64, 10\.1\.0\.0\/24\)/);
+  // node-b's own range is not node-a's.
+  const a = checkPodReport('node-a', [pod('in-b', '10.1.0.3')], new Map(), ranges.of('node-a'));
+  assert.deepEqual(a.dropped.map((d) => d.reason), ['address_out_of_range']);
+  // Without ranges every address is believed.
+  assert.equal(PodRanges.none().of('node-a'), undefined);
+  assert.equal(checkPodReport('node-a', [pod('x', '192.168.1.3')], new Map(), PodRanges.none().of('node-a')).pods.length, 1);
+  for (const bad of ['10.0.0.0/33', 'node_b=10.0.0.0/8', 'x=y', '10.0.0.0/8/1']) {
+    assert.throws(() => PodRanges.parse(bad), (e: unknown) => e instanceof Error && 'code' in e && (e as { code: string }).code === 'NM_ERR_INVALID_ARGUMENT' && e.message.includes(bad), bad);
+  }
+});
