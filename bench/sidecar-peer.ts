@@ -3,6 +3,10 @@
  * netns, with nft REDIRECT on both sides, the way iptables-based sidecars capture:
  *   client pod: output to the service address -> 127.0.0.1:15001/15002 -> server pod IP
  *   server pod: prerouting to the app ports   -> :15006/15007       -> 127.0.0.1:app port
+ * With `tls`, the pair speaks mutual TLS between the pods, as sidecars of a mesh do: the client's
+ * HAProxy originates TLS 1.3 with its client certificate and verifies the server's against the
+ * root; the server's terminates it and requires a client certificate from the same root. The
+ * certificates are the mesh's kind (ECDSA P-256 leaves with a SPIFFE URI, under a P-256 root).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
@@ -33,13 +37,38 @@ async function nft(netnsPath: string, script: string): Promise<void> {
   if (code !== 0) throw new Error(`nft in ${netnsPath} failed: ${err}`);
 }
 
-function haproxyConfig(listens: Array<{ port: number; to: string }>): string {
-  const lines = ['global', '  nbthread 1', '  maxconn 4000', 'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
-  for (const l of listens) lines.push(`listen p${l.port}`, `  bind :${l.port}`, `  server s ${l.to}`);
+/** PEM files of one side: its certificate with its key (HAProxy's crt), and the root (ca-file). */
+export interface SidecarTls {
+  readonly client: { readonly crt: string };
+  readonly server: { readonly crt: string };
+  readonly ca: string;
+}
+
+function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string }>): string {
+  const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
+  for (const l of listens) lines.push(`listen p${l.port}`, `  bind :${l.port}${l.bindTls ?? ''}`, `  server s ${l.to}${l.serverTls ?? ''}`);
   return lines.join('\n') + '\n';
 }
 
-export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[]): Promise<SidecarPeer> {
+/** A root and two leaves (client, server) for the pair, written as HAProxy reads them. */
+export async function writeSidecarTls(dir: string): Promise<SidecarTls> {
+  const { createRoot, generateKeyPair, importSigningKey, issueLeaf, parseCertificate, privateKeyPem } = await import('../src/identity/x509.js');
+  const root = await createRoot('cluster.local', new Date(Date.now() + 24 * 3600_000));
+  const signer = { cert: parseCertificate(root.certPem), ...(await importSigningKey(root.keyPem)) };
+  const leaf = async (name: string, sa: string): Promise<string> => {
+    const keys = await generateKeyPair();
+    const cert = await issueLeaf(signer, { publicKey: keys.publicKey, uris: [`spiffe://cluster.local/ns/default/sa/${sa}`], notBefore: new Date(Date.now() - 60_000), notAfter: new Date(Date.now() + 24 * 3600_000) });
+    const path = join(dir, `${name}.pem`);
+    // One PEM block a line apart: HAProxy reads the certificate, then its key.
+    await writeFile(path, `${cert.trimEnd()}\n${await privateKeyPem(keys.privateKey)}`, { mode: 0o600 });
+    return path;
+  };
+  const ca = join(dir, 'sidecar-root.pem');
+  await writeFile(ca, root.certPem);
+  return { client: { crt: await leaf('sidecar-client', 'client') }, server: { crt: await leaf('sidecar-server', 'server') }, ca };
+}
+
+export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[], tls?: SidecarTls): Promise<SidecarPeer> {
   const children: ChildProcess[] = [];
   const start = async (pod: PodRecord, name: string, cfg: string): Promise<void> => {
     const path = join(dir, `${name}.cfg`);
@@ -47,8 +76,10 @@ export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, cl
     const child = runtime.exec(pod, ['haproxy', '-db', '-f', path], { stdio: ['ignore', 'ignore', 'inherit'] });
     children.push(child);
   };
-  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}` }))));
-  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}` }))));
+  const serverTls = tls ? ` ssl crt ${tls.client.crt} ca-file ${tls.ca} verify required` : '';
+  const bindTls = tls ? ` ssl crt ${tls.server.crt} ca-file ${tls.ca} verify required` : '';
+  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}`, serverTls }))));
+  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}`, bindTls }))));
   const out = routes.map((r) => `ip daddr ${serviceIp} tcp dport ${r.servicePort} redirect to :${r.outboundPort}`).join('\n    ');
   const inb = routes.map((r) => `iifname "eth0" tcp dport ${r.servicePort} redirect to :${r.inboundPort}`).join('\n    ');
   // An iptables/nft sidecar needs a route to the service address (REDIRECT runs after routing);

@@ -1,13 +1,12 @@
 /**
  * `npm run bench:two-hop` (and part of `npm run bench`): a client pod on node A, a server pod on
- * node B, both on this machine, in the same run: direct pod to pod, the sidecar peer (HAProxy
- * behind nft REDIRECT in each pod, plaintext), and nodemesh through both node proxies with an
- * HBONE tunnel (mutual TLS, HTTP/2) between them. Throughput, keep-alive and new-connection
- * requests/s, p50/p90/p99 at a fixed rate of 1 KB requests, proxy CPU per 1000 requests, and the
- * tunnel reuse. Writes bench/results/two-hop.json. Numbers, not assertions.
- *
- * Not yet here (issue 12's benchmark): the plaintext two-hop path as its own row and the sidecar
- * peer with mutual TLS between the HAProxies.
+ * node B, both on this machine, in the same run: direct pod to pod; the sidecar peer (HAProxy
+ * behind nft REDIRECT in each pod) in plaintext and with mutual TLS between the HAProxies; and
+ * nodemesh through both node proxies, with an HBONE tunnel (mutual TLS, HTTP/2) between them and
+ * in plaintext (the server's PeerAuthentication set to DISABLE, so A sends plain TCP to B's
+ * inbound listener). Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
+ * rate of 1 KB requests, proxy CPU per 1000 requests, and the tunnel reuse. Writes
+ * bench/results/two-hop.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -23,7 +22,7 @@ import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
-import { startSidecarPeer } from './sidecar-peer.js';
+import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
 import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
@@ -115,6 +114,19 @@ async function main(): Promise<void> {
     const tunnels = await metric(PORTS.a.metrics, 'nodemesh_hbone_tunnels_opened_total');
     const tunnelled = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'hbone' });
 
+    say('nodemesh, two hops in plaintext: the server\'s PeerAuthentication DISABLE, A -> B\'s inbound listener');
+    const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
+    await writeFile(join(configDir, 'plaintext.yaml'), 'apiVersion: security.nodemesh.io/v1\nkind: PeerAuthentication\nmetadata: {name: server-plaintext, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: DISABLE}\n');
+    for (let i = 0; ; i++) {
+      const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
+      if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
+      if (i > 100) throw new Error('the agents did not take the PeerAuthentication');
+      await sleep(100);
+    }
+    const outboundBefore = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'outbound' });
+    const plain = await measure(client, SERVICE_IP, HTTP_PORT, pids);
+    if ((await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'outbound' })) === outboundBefore) throw new Error('the plaintext run did not take the plaintext path');
+
     // The agents go (the pods stay, captured by their pinned links but unserved): direct and the
     // sidecar peer need the pods without capture, so the pins go too.
     for (const c of [agents.a, agents.b]) {
@@ -133,6 +145,13 @@ async function main(): Promise<void> {
     ]);
     const sidecar = await measure(client, SERVICE_IP, HTTP_PORT, peer.pids);
     await peer.stop();
+    say('sidecar peer: HAProxy + nft REDIRECT in both pods, mutual TLS 1.3 between them (P-256 certificates)');
+    const peerTls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
+      { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
+      { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007 },
+    ], await writeSidecarTls(work));
+    const sidecarMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerTls.pids);
+    await peerTls.stop();
 
     const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
@@ -141,16 +160,27 @@ async function main(): Promise<void> {
       seconds: SECONDS,
       direct,
       sidecarPlaintext: sidecar,
+      sidecarMtls,
+      nodemeshPlaintext: plain,
       nodemeshHbone: mtls,
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
+      // The issue's targets compare the mTLS rows: nodemesh HBONE against the HAProxy mTLS pair.
       ratios: {
-        hboneKeepAliveVsSidecarPlaintext: ratio(mtls.keepAliveRps, sidecar.keepAliveRps),
-        hboneThroughputVsSidecarPlaintext: ratio(mtls.throughputGbps, sidecar.throughputGbps),
-        hboneNewConnVsSidecarPlaintext: ratio(mtls.newConnRps, sidecar.newConnRps),
-        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), nodemeshHbone: addedP90(mtls) },
+        hboneKeepAliveVsSidecarMtls: ratio(mtls.keepAliveRps, sidecarMtls.keepAliveRps),
+        hboneThroughputVsSidecarMtls: ratio(mtls.throughputGbps, sidecarMtls.throughputGbps),
+        hboneNewConnVsSidecarMtls: ratio(mtls.newConnRps, sidecarMtls.newConnRps),
+        hboneCpuPer1000VsSidecarMtls: ratio(mtls.proxyCpuSecPer1000Req ?? 0, sidecarMtls.proxyCpuSecPer1000Req ?? 1),
+        plaintextKeepAliveVsSidecarPlaintext: ratio(plain.keepAliveRps, sidecar.keepAliveRps),
+        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls) },
       },
     };
-    const rows: Array<[string, Scenario]> = [['direct', direct], ['sidecar (HAProxy+nft), plaintext', sidecar], ['nodemesh two hops, HBONE mTLS', mtls]];
+    const rows: Array<[string, Scenario]> = [
+      ['direct', direct],
+      ['sidecar (HAProxy+nft), plaintext', sidecar],
+      ['sidecar (HAProxy+nft), mTLS', sidecarMtls],
+      ['nodemesh two hops, plaintext', plain],
+      ['nodemesh two hops, HBONE mTLS', mtls],
+    ];
     process.stdout.write(
       [
         ...scenarioTable(rows),

@@ -6,6 +6,7 @@
  * its version, so an unchanged config is not sent again.
  */
 import { readFile } from 'node:fs/promises';
+import { isIP } from 'node:net';
 
 import { Metadata, credentials, makeClientConstructor, status as GrpcStatus, type ChannelCredentials, type Client, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 
@@ -16,6 +17,7 @@ import { logger } from '../shared/log.js';
 import { packageVersion } from '../shared/paths.js';
 import {
   CAPABILITIES,
+  CONTROL_PLANE_TLS_NAME,
   MAX_MESSAGE_BYTES,
   SnapshotInvalid,
   applyDelta,
@@ -131,6 +133,9 @@ export class ControlPlaneClient {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.keepalive_time_ms': 30_000,
       'grpc.keepalive_timeout_ms': 10_000,
+      // Dialled by address: the certificate is checked for the control plane's service name
+      // (which it carries), and no IP address goes out as SNI (RFC 6066 forbids it).
+      ...(this.caRoots !== undefined && isIP(this.address.host) !== 0 ? { 'grpc.ssl_target_name_override': CONTROL_PLANE_TLS_NAME } : {}),
     };
     this.client = new Discovery(`${host}:${this.address.port}`, channel, options);
     // Same target, credentials and options: grpc-js shares the connection between the two.

@@ -26,6 +26,7 @@ import { logger } from '../shared/log.js';
 import { compareStrings } from '../shared/order.js';
 import { checkListen, listenError } from '../shared/ports.js';
 import {
+  CONTROL_PLANE_TLS_NAME,
   MAX_MESSAGE_BYTES,
   configResources,
   digestHex,
@@ -889,7 +890,8 @@ async function bind(server: Server, at: HostPort, field: string, credentials: Cr
 /** The names agents may dial the control plane by: this host, and its Service in a cluster. */
 function servingNames(): string[] {
   const service = 'nodemesh-control-plane';
-  return [...new Set(['localhost', hostname().toLowerCase(), service, `${service}.nodemesh-system`, `${service}.nodemesh-system.svc`, `${service}.nodemesh-system.svc.cluster.local`])];
+  // CONTROL_PLANE_TLS_NAME is among them: agents that dial an address check the certificate for it.
+  return [...new Set(['localhost', hostname().toLowerCase(), service, `${service}.nodemesh-system`, CONTROL_PLANE_TLS_NAME, `${service}.nodemesh-system.svc.cluster.local`])];
 }
 
 /** The addresses agents may dial it at: the one it listens on, or every address of this host. */

@@ -24,6 +24,11 @@ import { PACKAGE_ROOT } from '../shared/paths.js';
 export const PROTO_FILE = join(PACKAGE_ROOT, 'proto', 'nodemesh', 'v1', 'discovery.proto');
 /** What an agent of this build understands (Hello.capabilities). */
 export const CAPABILITIES = ['Service', 'Workload', 'TrafficPolicy', 'Route', 'MeshSettings', 'Namespace', 'PeerAuthentication', 'AuthorizationPolicy', 'TrustBundle'] as const;
+/**
+ * The name the control plane's serving certificate carries for agents that dial it by address
+ * (TLS sends no IP address as SNI): its Service's in-cluster name.
+ */
+export const CONTROL_PLANE_TLS_NAME = 'nodemesh-control-plane.nodemesh-system.svc';
 /** Largest message either side accepts: a node's view of a big mesh fits, a runaway one does not. */
 export const MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
