@@ -144,7 +144,10 @@ export async function issueLeaf(signer: Signer, request: LeafRequest): Promise<s
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: serial(),
     subject: '',
-    issuer: signer.cert.subject,
+    // The signer's subject exactly as encoded (its DER, not re-encoded from text): chain
+    // builders such as rustls/webpki (ztunnel) match issuer and subject byte for byte, and a
+    // root whose O is a UTF8String must not become a PrintableString here.
+    issuer: signer.cert.subjectName,
     notBefore: request.notBefore,
     notAfter: request.notAfter,
     signingAlgorithm: signer.algorithm,
@@ -155,10 +158,16 @@ export async function issueLeaf(signer: Signer, request: LeafRequest): Promise<s
       new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment, true),
       new x509.ExtendedKeyUsageExtension([x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth]),
       new x509.SubjectAlternativeNameExtension(names, true),
-      await x509.AuthorityKeyIdentifierExtension.create(signer.cert.publicKey),
+      await authorityKeyIdentifier(signer.cert),
     ],
   });
   return cert.toString('pem');
+}
+
+/** The signer's own key identifier when it has one (an operator's root may compute it otherwise), else one from its key. */
+async function authorityKeyIdentifier(signer: x509.X509Certificate): Promise<x509.AuthorityKeyIdentifierExtension> {
+  const ski = signer.getExtension(x509.SubjectKeyIdentifierExtension);
+  return ski ? new x509.AuthorityKeyIdentifierExtension(ski.keyId) : x509.AuthorityKeyIdentifierExtension.create(signer.publicKey);
 }
 
 /** A self-signed root CA for the trust domain: ECDSA P-256, CA:true, keyCertSign. */

@@ -165,3 +165,26 @@ test('verifyChain accepts a leaf issued by the root, returns its URIs, and refus
   assert.throws(() => verifyChain([], [root.certPem]), (e) => e instanceof CertificateInvalid && e.reason === 'malformed', 'an empty chain');
   assert.throws(() => verifyChain(['garbage'], [root.certPem]), (e) => e instanceof CertificateInvalid && e.reason === 'malformed', 'a garbage chain');
 });
+
+test("leaves name their issuer exactly as the signer's certificate encodes its subject, and carry the signer's own key identifier", async () => {
+  // An operator's root (ztunnel's test root is one): O as a UTF8String, a key identifier that is
+  // not SHA-1 of the key. rustls/webpki builds chains by byte-equal names; OpenSSL matches AKI to SKI.
+  const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' };
+  const keys = (await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
+  const root = await x509.X509CertificateGenerator.createSelfSigned({
+    serialNumber: '01',
+    // SEQUENCE { SET { SEQUENCE { O, UTF8String "cluster.local" } } }
+    name: new x509.Name(Buffer.from('301831163014060355040a0c0d636c75737465722e6c6f63616c', 'hex')),
+    notBefore: new Date(Date.now() - 60_000),
+    notAfter: new Date(Date.now() + 3600_000),
+    signingAlgorithm: alg,
+    keys,
+    extensions: [new x509.BasicConstraintsExtension(true, undefined, true), new x509.SubjectKeyIdentifierExtension('0102030405060708')],
+  });
+  const signer = { cert: root, key: keys.privateKey, algorithm: alg };
+  const leafKeys = await generateKeyPair();
+  const leaf = new x509.X509Certificate(await issueLeaf(signer, { publicKey: leafKeys.publicKey, uris: ['spiffe://cluster.local/ns/a/sa/b'], notBefore: new Date(Date.now() - 60_000), notAfter: new Date(Date.now() + 3600_000) }));
+  assert.equal(Buffer.from(leaf.issuerName.toArrayBuffer()).toString('hex'), Buffer.from(root.subjectName.toArrayBuffer()).toString('hex'));
+  assert.equal(leaf.getExtension(x509.AuthorityKeyIdentifierExtension)?.keyId, '0102030405060708');
+  assert.deepEqual(verifyChain([leaf.toString('pem')], [root.toString('pem')]), ['spiffe://cluster.local/ns/a/sa/b']);
+});
