@@ -27,6 +27,8 @@ import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, sce
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
+/** BENCH_HBONE_ONLY=1: the HBONE row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
+const HBONE_ONLY = process.env['BENCH_HBONE_ONLY'] === '1';
 const SERVICE_IP = '10.96.0.52';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
@@ -113,6 +115,10 @@ async function main(): Promise<void> {
     const mtls = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     const tunnels = await metric(PORTS.a.metrics, 'nodemesh_hbone_tunnels_opened_total');
     const tunnelled = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'hbone' });
+    if (HBONE_ONLY) {
+      process.stdout.write([...scenarioTable([['nodemesh two hops, HBONE mTLS', mtls]]), '', `tunnels: ${tunnels} opened for ${tunnelled} connections`].join('\n') + '\n');
+      return;
+    }
 
     say('nodemesh, two hops in plaintext: the server\'s PeerAuthentication DISABLE, A -> B\'s inbound listener');
     const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
