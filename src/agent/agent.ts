@@ -8,7 +8,7 @@ import { existsSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import type { Server } from 'node:http';
 
-import { shouldEnroll } from '../config/mesh.js';
+import { DEFAULT_MESH, shouldEnroll } from '../config/mesh.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
@@ -48,7 +48,6 @@ export interface AgentOptions {
   readonly metrics: HostPort;
   readonly ready: HostPort;
   readonly admin: HostPort;
-  readonly trustDomain: string;
   readonly passthrough: 'allow' | 'deny';
   readonly connectTimeoutMs: number;
   readonly idleTimeoutMs: number;
@@ -192,12 +191,13 @@ export class NodeAgent {
         ? {
             certificate: (uri) => agent?.certificates?.get(uri),
             roots: () => agent?.certificates?.roots() ?? [],
-            trustDomain: () => agent?.config.mesh.trustDomain ?? options.trustDomain,
+            trustDomain: () => agent?.config.mesh.trustDomain ?? DEFAULT_MESH.trustDomain,
           }
         : undefined;
     const proxy = new NodeProxy(datapath, metrics, {
       ...(tunnel ? { tunnel } : {}),
-      trustDomain: options.trustDomain,
+      // One setting, the mesh config's: certificates, tunnels and metric labels never disagree.
+      trustDomain: () => agent?.config.mesh.trustDomain ?? DEFAULT_MESH.trustDomain,
       passthrough: options.passthrough,
       connectTimeoutMs: options.connectTimeoutMs,
       idleTimeoutMs: options.idleTimeoutMs,

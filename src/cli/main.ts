@@ -243,7 +243,6 @@ program
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
   .option('--ready <host:port>', '/healthz/ready', '0.0.0.0:15021')
   .option('--admin <host:port>', 'admin API (pods, config)', '127.0.0.1:15000')
-  .option('--trust-domain <domain>', 'SPIFFE trust domain', 'cluster.local')
   .addOption(new Option('--passthrough <mode>', 'destinations that are not mesh Services').choices(['allow', 'deny']).default('allow'))
   .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
   .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
@@ -256,7 +255,7 @@ program
       .choices(['baseline', 'full'])
       .default('baseline'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; trustDomain: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
@@ -292,7 +291,6 @@ program
       metrics: parseHostPort(opts.metrics, 'metrics', invalid('metrics')),
       ready: parseHostPort(opts.ready, 'ready', invalid('ready')),
       admin: parseHostPort(opts.admin, 'admin', invalid('admin')),
-      trustDomain: opts.trustDomain,
       passthrough: opts.passthrough,
       connectTimeoutMs: boundedMilliseconds(opts.connectTimeout, 'connect-timeout', DURATION_BOUNDS.connectTimeoutMs),
       idleTimeoutMs: boundedMilliseconds(opts.idleTimeout, 'idle-timeout', DURATION_BOUNDS.idleTimeoutMs),

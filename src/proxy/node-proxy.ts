@@ -80,7 +80,8 @@ export interface ProxyDatapath {
 }
 
 export interface ProxyOptions {
-  readonly trustDomain: string;
+  /** The mesh's trust domain now (the mesh config's `data.trustDomain`): identities and principal labels. */
+  readonly trustDomain: () => string;
   /** Destinations that are not mesh Services: pass through to the original address, or refuse. */
   readonly passthrough: 'allow' | 'deny';
   readonly connectTimeoutMs: number;
@@ -175,7 +176,7 @@ export class NodeProxy {
 
   /** The pod's workload identity in the mesh's trust domain. */
   private workloadIdentity(w: Pick<Workload, 'namespace' | 'serviceAccount'>): WorkloadIdentity {
-    return { trustDomain: this.options.tunnel?.trustDomain() ?? this.options.trustDomain, namespace: w.namespace, serviceAccount: w.serviceAccount };
+    return { trustDomain: this.options.trustDomain(), namespace: w.namespace, serviceAccount: w.serviceAccount };
   }
 
   /** The pod's workload identity as a SPIFFE URI. */
@@ -753,7 +754,7 @@ export class NodeProxy {
 
   private sourceLabels(w: Workload | undefined): Pick<TcpLabels, 'source_workload' | 'source_workload_namespace' | 'source_principal' | 'source_version'> {
     const { name, namespace, version } = workloadLabels(w);
-    return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain, w), source_version: version };
+    return { source_workload: name, source_workload_namespace: namespace, source_principal: principal(this.options.trustDomain(), w), source_version: version };
   }
 
   private destinationLabels(
@@ -763,7 +764,7 @@ export class NodeProxy {
     return {
       destination_workload: name,
       destination_workload_namespace: namespace,
-      destination_principal: principal(this.options.trustDomain, w),
+      destination_principal: principal(this.options.trustDomain(), w),
       destination_version: version,
       request_protocol: 'tcp',
       response_flags: '-',

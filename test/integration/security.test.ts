@@ -48,11 +48,12 @@ ${spec}
  * Node A: meshed clients (service accounts client and other), a pod outside the mesh (plain),
  * and a server (same-node path). Node B: a server behind the Service (cross-node, HBONE).
  */
-async function mesh(t: Parameters<typeof createSandbox>[0]) {
+async function mesh(t: Parameters<typeof createSandbox>[0], options: { trustDomain?: string } = {}) {
   const sb = await createSandbox(t);
   await sb.blackhole(SVC);
   const nodeB = `${sb.config.node}-b`;
-  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }) });
+  const meshConfig: Record<string, string> = options.trustDomain === undefined ? {} : { 'mesh.yaml': `apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {trustDomain: ${options.trustDomain}}\n` };
+  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), ...meshConfig });
   const agentA = await startAgent(sb, { controlPlane: cp.tlsAddress, caRoot: cp.caRoot });
   const agentB = await startAgent(sb, { controlPlane: cp.tlsAddress, caRoot: cp.caRoot }, { node: nodeB });
   const serverB = await sb.echoPod('server-b', 8080, ['app=server', 'role=api'], { node: nodeB, serviceAccount: 'server' });
@@ -72,7 +73,8 @@ async function mesh(t: Parameters<typeof createSandbox>[0]) {
 }
 
 test('security: PeerAuthentication STRICT refuses plaintext, PERMISSIVE admits it, port-level and workload modes override, DISABLE sends plaintext', async (t) => {
-  const { cp, agentA, agentB, serverB, client, plain, reaches } = await mesh(t);
+  // In a trust domain of its own: identities, tunnels and metric labels all follow the mesh config.
+  const { cp, agentA, agentB, serverB, client, plain, reaches } = await mesh(t, { trustDomain: 'example.org' });
   const podB = serverB.record.ip4;
   const denials = async (labels: Record<string, string>): Promise<number> => metricValue(await agentB.metrics(), 'nodemesh_policy_denials_total', labels);
 
@@ -86,6 +88,9 @@ test('security: PeerAuthentication STRICT refuses plaintext, PERMISSIVE admits i
   assert.equal(await denials({ kind: 'PeerAuthentication', policy: 'default/strict', reason: 'mtls_required', path: 'inbound' }), 1);
   assert.ok(await reaches(client, SVC), 'mTLS admitted under STRICT');
   assert.ok(await reaches(client, podB), 'mTLS to the pod address too');
+  const principals = { source_principal: 'spiffe://example.org/ns/default/sa/client', destination_principal: 'spiffe://example.org/ns/default/sa/server' };
+  await waitFor(async () => metricValue(await agentB.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', ...principals }) === 2, 5000, "B reports both mTLS connections in the mesh's trust domain");
+  assert.equal(metricValue(await agentA.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', connection_security_policy: 'mutual_tls', ...principals }), 2);
   assert.ok(agentB.log().split('\n').some((l) => l.includes('connection denied by policy') && l.includes('"policy":"default/strict"') && l.includes('"source":"plaintext"')), 'the refusal is logged with its policy');
 
   // Mesh-wide STRICT in the root namespace, a workload PERMISSIVE on port 8080 only: plaintext
