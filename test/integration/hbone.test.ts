@@ -173,6 +173,25 @@ test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs wit
     s.on('error', () => resolve()).on('close', () => resolve());
   });
   await waitFor(async () => (await refused('tls_handshake')) >= 3, 5000, 'three refused handshakes');
+  // A peer that authenticates and settles HTTP/2, then sends an invalid frame (a SETTINGS frame
+  // of 5 bytes: FRAME_SIZE_ERROR). nghttp2 answers GOAWAY; node:http2 keeps the connection open
+  // without an event, and the server's unanswered pings end it: closed and counted, within 10 s.
+  const framesFrom = await leaf('spiffe://cluster.local/ns/default/sa/tester', ca);
+  await new Promise<void>((resolve, reject) => {
+    const s = tlsConnect({ host: pod, port: 15008, ...framesFrom, ca: root, ALPNProtocols: ['h2'], checkServerIdentity: () => undefined }, () => {
+      const settings = Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+      s.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), settings, Buffer.from([0, 0, 5, 4, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5])]));
+    });
+    const timer = setTimeout(() => reject(new Error('the server kept a connection that sent an invalid frame')), 15_000);
+    s.on('error', () => undefined);
+    s.resume();
+    s.once('close', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+  });
+  await waitFor(async () => (await refused('ping_timeout')) >= 1, 5000, 'the dead connection counted');
+  assert.equal(await status(good, { ':method': 'CONNECT', ':authority': `${pod}:8080` }), 200, 'the listener serves on');
 
   // The outbound end: B's server presents sa/server; a tunnel that expects sa/other is refused.
   const creds = await leaf('spiffe://cluster.local/ns/default/sa/client', ca);

@@ -127,7 +127,7 @@ export class NodeMetrics {
     this.tunnelsOpened = new Counter({ name: 'nodemesh_hbone_tunnels_opened_total', help: 'HBONE tunnels (mutual TLS + HTTP/2 connections) this node opened to other nodes\' pods; connections reuse them otherwise', registers });
     this.tunnelRefused = new Counter({
       name: 'nodemesh_hbone_refused_total',
-      help: 'Tunnels and tunnelled CONNECTs this node refused, by reason (tls_handshake, h2_handshake, h2_error, bad_request, authority_mismatch, proxy_port, no_identity, trust_domain, internal_error)',
+      help: 'Tunnels and tunnelled CONNECTs this node refused, by reason (tls_handshake, h2_handshake, h2_error, ping_timeout: no answer to the server pings, as after an invalid frame, bad_request, authority_mismatch, proxy_port, no_identity, trust_domain, internal_error)',
       labelNames: ['reason'],
       registers,
     });

@@ -16,7 +16,7 @@ import { closeFd, connectInNetns } from '../../datapath/native.js';
 import { formatHostPort } from '../../shared/address.js';
 import { logger } from '../../shared/log.js';
 import { spiffeUri } from '../../identity/spiffe.js';
-import { CLIENT_MAX_STREAMS, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT_MS, HBONE_ALPN, HBONE_CIPHERS, HBONE_PORT, IDLE_TUNNEL_MS, MAX_FRAME_SIZE, STREAM_WINDOW, forwardedFor, peerIdentity, type TunnelIdentities } from './hbone.js';
+import { CLIENT_MAX_STREAMS, CLIENT_PING, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT_MS, HBONE_ALPN, HBONE_CIPHERS, HBONE_PORT, IDLE_TUNNEL_MS, MAX_FRAME_SIZE, STREAM_WINDOW, forwardedFor, keepAlive, peerIdentity, type TunnelIdentities } from './hbone.js';
 
 const log = logger('hbone-client');
 
@@ -50,7 +50,6 @@ interface Tunnel {
   readonly session: ClientHttp2Session;
   streams: number;
   idle: NodeJS.Timeout | undefined;
-  ping: NodeJS.Timeout | undefined;
 }
 
 export interface TunnelPoolEvents {
@@ -186,22 +185,12 @@ export class TunnelPool {
     });
     session.on('error', (e: Error) => log.debug({ peer, err: e.message }, 'tunnel error'));
     session.setLocalWindowSize(CONNECTION_WINDOW);
-    const tunnel: Tunnel = { key, session, streams: 0, idle: undefined, ping: undefined };
-    // ztunnel's keepalive: a ping every 10 s; no answer in 20 s ends the tunnel.
-    tunnel.ping = setInterval(() => {
-      const timeout = setTimeout(() => session.destroy(), 20_000);
-      timeout.unref();
-      session.ping((err) => {
-        clearTimeout(timeout);
-        if (err) session.destroy();
-      });
-    }, 10_000);
-    tunnel.ping.unref();
+    const tunnel: Tunnel = { key, session, streams: 0, idle: undefined };
+    keepAlive(session, CLIENT_PING, () => session.destroy());
     const list = this.tunnels.get(key) ?? [];
     list.push(tunnel);
     this.tunnels.set(key, list);
     session.once('close', () => {
-      clearInterval(tunnel.ping);
       clearTimeout(tunnel.idle);
       // The TLS socket and the TCP socket under it go with the session (a destroyed session
       // does not always take the socket it was given along).

@@ -7,6 +7,7 @@
  * for a malformed request or an authority that is not the address dialled, 401 when
  * authorization denies, 503 when it cannot deliver.
  */
+import type { Http2Session } from 'node:http2';
 import type { PeerCertificate } from 'node:tls';
 
 import { formatHostPort } from '../../shared/address.js';
@@ -26,6 +27,41 @@ export const SERVER_MAX_STREAMS = 200;
 export const CLIENT_MAX_STREAMS = 100;
 /** A tunnel with no stream for this long is closed. */
 export const IDLE_TUNNEL_MS = 5 * 60_000;
+/** ztunnel's client keepalive: a ping every 10 s, no answer in 20 s ends the tunnel. */
+export const CLIENT_PING = { intervalMs: 10_000, timeoutMs: 20_000 } as const;
+/**
+ * The server's: a connection that nghttp2 ended with GOAWAY for a protocol error (invalid frames)
+ * stays open in node:http2 with no event at all (node 20, checked); it answers no ping, which is
+ * how the server finds it and closes it, within 10 s.
+ */
+export const SERVER_PING = { intervalMs: 5_000, timeoutMs: 5_000 } as const;
+
+/** Pings the peer every intervalMs; a ping not answered within timeoutMs, or refused, calls onDead (once). */
+export function keepAlive(session: Http2Session, ping: { readonly intervalMs: number; readonly timeoutMs: number }, onDead: () => void): void {
+  let dead = false;
+  const die = (): void => {
+    if (dead || session.destroyed) return;
+    dead = true;
+    onDead();
+  };
+  const timer = setInterval(() => {
+    if (session.destroyed || session.closed) return;
+    const timeout = setTimeout(die, ping.timeoutMs);
+    timeout.unref();
+    try {
+      session.ping((err) => {
+        clearTimeout(timeout);
+        if (err) die();
+      });
+    } catch {
+      clearTimeout(timeout);
+      die();
+    }
+  }, ping.intervalMs);
+  timer.unref();
+  session.once('close', () => clearInterval(timer));
+}
+
 /** A TLS or HTTP/2 handshake that takes longer is given up. */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Request headers a peer may send at most (ztunnel's server allows 64 KiB). */

@@ -23,7 +23,9 @@ import {
   MAX_FRAME_SIZE,
   MAX_HEADER_LIST,
   SERVER_MAX_STREAMS,
+  SERVER_PING,
   STREAM_WINDOW,
+  keepAlive,
   parseAuthority,
   peerIdentity,
   type TunnelIdentities,
@@ -32,7 +34,7 @@ import {
 const log = logger('hbone-server');
 
 /** Why a tunnel or a CONNECT on it was refused (a metric label). */
-export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
+export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'ping_timeout' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
 
 export interface TunnelRequest {
   readonly stream: ServerHttp2Stream;
@@ -138,6 +140,10 @@ export class TunnelServer {
     deadline.unref();
     session.once('remoteSettings', () => clearTimeout(deadline));
     session.once('close', () => clearTimeout(deadline));
+    keepAlive(session, SERVER_PING, () => {
+      this.events.onRefused('ping_timeout', { peer: (session.socket as TLSSocket | undefined)?.remoteAddress });
+      session.destroy();
+    });
   }
 
   /**
