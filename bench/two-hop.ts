@@ -23,12 +23,14 @@ import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 /** BENCH_HBONE_ONLY=1: the HBONE row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
 const HBONE_ONLY = process.env['BENCH_HBONE_ONLY'] === '1';
+/** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings in the same way. */
+const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
 const SERVICE_IP = '10.96.0.52';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
@@ -92,7 +94,7 @@ async function main(): Promise<void> {
     const agents: Record<'a' | 'b', ChildProcess> = { a: undefined as unknown as ChildProcess, b: undefined as unknown as ChildProcess };
     for (const n of ['a', 'b'] as const) {
       const p = PORTS[n];
-      agents[n] = start(['agent', '--node', `bench-${n}`, '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--bpf-root', `${pinBase}/${n}`, '--metrics', `127.0.0.1:${p.metrics}`, '--ready', `127.0.0.1:${p.ready}`, '--admin', `127.0.0.1:${p.admin}`]);
+      agents[n] = start(['agent', '--node', `bench-${n}`, '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--bpf-root', `${pinBase}/${n}`, '--metrics', `127.0.0.1:${p.metrics}`, '--ready', `127.0.0.1:${p.ready}`, '--admin', `127.0.0.1:${p.admin}`, ...AGENT_ARGS]);
       for (let i = 0; (await fetch(`http://127.0.0.1:${p.ready}/healthz/ready`).then((r) => r.status).catch(() => 0)) !== 200; i++) {
         if (i > 100) throw new Error(`the agent of bench-${n} did not become ready`);
         await sleep(200);
@@ -115,8 +117,10 @@ async function main(): Promise<void> {
     const mtls = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     const tunnels = await metric(PORTS.a.metrics, 'nodemesh_hbone_tunnels_opened_total');
     const tunnelled = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'hbone' });
+    // What carrying the load left the agents at (their flags decide much of it: --jit, the young generation).
+    const agentRss = { a: await rssMiB(agents.a.pid ?? 0), b: await rssMiB(agents.b.pid ?? 0) };
     if (HBONE_ONLY) {
-      process.stdout.write([...scenarioTable([['nodemesh two hops, HBONE mTLS', mtls]]), '', `tunnels: ${tunnels} opened for ${tunnelled} connections`].join('\n') + '\n');
+      process.stdout.write([...scenarioTable([['nodemesh two hops, HBONE mTLS', mtls]]), '', `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB`].join('\n') + '\n');
       return;
     }
 
@@ -170,6 +174,7 @@ async function main(): Promise<void> {
       nodemeshPlaintext: plain,
       nodemeshHbone: mtls,
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
+      agentRssMiBAfterHbone: agentRss,
       // The issue's targets compare the mTLS rows: nodemesh HBONE against the HAProxy mTLS pair.
       ratios: {
         hboneKeepAliveVsSidecarMtls: ratio(mtls.keepAliveRps, sidecarMtls.keepAliveRps),
@@ -191,7 +196,7 @@ async function main(): Promise<void> {
       [
         ...scenarioTable(rows),
         '',
-        `tunnels: ${tunnels} opened for ${tunnelled} connections; ratios: ${JSON.stringify(results.ratios)}`,
+        `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',
     );
     const outDir = join(PACKAGE_ROOT, 'bench', 'results');

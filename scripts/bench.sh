@@ -50,6 +50,14 @@ case ${1:-} in
     run_bench two-hop
     exit $?
     ;;
+  # `npm run bench:tunnel-layers` (bench/tunnel-layers.ts): what TCP, TLS and HTTP/2 each cost
+  # in node on the HBONE data path, two relays on loopback.
+  tunnel-layers)
+    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "nginx-light:cmd:nginx")
+    ensure_all
+    run_bench tunnel-layers
+    exit $?
+    ;;
 esac
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
@@ -60,6 +68,8 @@ run_bench run || status=$?
 [[ $status -ne 0 ]] || run_bench control-plane || status=$?
 # Two nodes: through both proxies over HBONE.
 [[ $status -ne 0 ]] || run_bench two-hop || status=$?
+# The layers of the HBONE data path in node, one by one.
+[[ $status -ne 0 ]] || run_bench tunnel-layers || status=$?
 # One pod's misbehaviour against another pod's latency.
 [[ $status -ne 0 ]] || run_bench hardening || status=$?
 exit $status

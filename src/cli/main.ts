@@ -251,11 +251,14 @@ program
   .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
   .addOption(
     // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
-    new Option('--jit <tiers>', "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s)")
-      .choices(['baseline', 'full'])
-      .default('baseline'),
+    new Option(
+      '--jit <tiers>',
+      "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s, twice the HBONE requests/s); auto: full with --control-plane (HBONE tunnels pass their bytes through JS), baseline standalone",
+    )
+      .choices(['auto', 'baseline', 'full'])
+      .default('auto'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'auto' | 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);

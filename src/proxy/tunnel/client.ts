@@ -7,7 +7,7 @@
  * IDLE_TUNNEL_MS. The server's certificate must carry exactly the identity the config expects for
  * the destination, and chain to the mesh roots.
  */
-import { connect as h2connect, constants as h2, type ClientHttp2Session, type ClientHttp2Stream } from 'node:http2';
+import { connect as h2connect, constants as h2, type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders } from 'node:http2';
 import { Socket } from 'node:net';
 import { connect as tlsConnect, type PeerCertificate, type TLSSocket } from 'node:tls';
 
@@ -88,20 +88,36 @@ export class TunnelPool {
       throw new TunnelFailed('h2', `CONNECT ${authority}: ${(e as Error).message}`);
     }
     stream.once('close', () => this.release(tunnel));
+    // For the stream's life (the relay adds its own): an error is never an unhandled event.
+    stream.on('error', () => undefined);
     const status = await new Promise<number>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new TunnelFailed('refused', `CONNECT ${authority}: no answer within ${target.connectTimeoutMs} ms`)), target.connectTimeoutMs);
-      stream.once('response', (headers) => {
+      // Whichever comes first settles it, and the others' listeners go: a stream that closes
+      // after its answer must not build an error (a stack trace per connection, in the profile).
+      const done = (): void => {
         clearTimeout(timer);
+        stream.off('response', onResponse);
+        stream.off('error', onError);
+        stream.off('close', onClose);
+      };
+      const onResponse = (headers: IncomingHttpHeaders): void => {
+        done();
         resolve(Number(headers[':status']));
-      });
-      stream.once('error', (e: Error) => {
-        clearTimeout(timer);
+      };
+      const onError = (e: Error): void => {
+        done();
         reject(new TunnelFailed('h2', `CONNECT ${authority}: ${e.message}`));
-      });
-      stream.once('close', () => {
-        clearTimeout(timer);
+      };
+      const onClose = (): void => {
+        done();
         reject(new TunnelFailed('refused', `CONNECT ${authority}: stream closed before an answer (code ${stream.rstCode ?? '?'})`));
-      });
+      };
+      const timer = setTimeout(() => {
+        done();
+        reject(new TunnelFailed('refused', `CONNECT ${authority}: no answer within ${target.connectTimeoutMs} ms`));
+      }, target.connectTimeoutMs);
+      stream.once('response', onResponse);
+      stream.once('error', onError);
+      stream.once('close', onClose);
     }).catch((e: unknown) => {
       if (!stream.destroyed) stream.close(h2.NGHTTP2_CANCEL);
       throw e;
