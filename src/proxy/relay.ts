@@ -75,17 +75,16 @@ export function relayStreams(client: RelaySide, upstream: RelaySide, idleTimeout
     let fromClient = 0;
     let toClient = 0;
     let open = 2;
-    let idleTimer: NodeJS.Timeout | undefined;
-    const touch = (): void => {
-      clearTimeout(idleTimer);
-      idleTimer = setTimeout(() => {
-        error ??= `idle for ${idleTimeoutMs} ms`;
-        reason ??= 'idle_timeout';
-        client.destroy();
-        upstream.destroy();
-      }, idleTimeoutMs);
-      idleTimer.unref();
-    };
+    // One timer for the relay's life, re-armed by each chunk (refresh() reuses it: no timer object
+    // per chunk on a path where every byte passes through JS).
+    const idleTimer = setTimeout(() => {
+      error ??= `idle for ${idleTimeoutMs} ms`;
+      reason ??= 'idle_timeout';
+      client.destroy();
+      upstream.destroy();
+    }, idleTimeoutMs);
+    idleTimer.unref();
+    const touch = (): void => void idleTimer.refresh();
     const onClose = (): void => {
       // A stream reset by the peer closes without an error event: that is a reset, not an end.
       for (const s of [client, upstream]) {
@@ -116,7 +115,6 @@ export function relayStreams(client: RelaySide, upstream: RelaySide, idleTimeout
     });
     client.on('error', fail).once('close', onClose);
     upstream.on('error', fail).once('close', onClose);
-    touch();
     client.pipe(upstream);
     upstream.pipe(client);
     client.resume();
