@@ -137,9 +137,11 @@ export class ControlPlaneClient {
       // (which it carries), and no IP address goes out as SNI (RFC 6066 forbids it).
       ...(this.caRoots !== undefined && isIP(this.address.host) !== 0 ? { 'grpc.ssl_target_name_override': CONTROL_PLANE_TLS_NAME } : {}),
     };
-    this.client = new Discovery(`${host}:${this.address.port}`, channel, options);
-    // Same target, credentials and options: grpc-js shares the connection between the two.
-    this.certificates = new Certificates(`${host}:${this.address.port}`, channel, options);
+    // A subchannel pool of the channel's own (not grpc-js's global one, which keeps a closed
+    // channel's connection open for a while): stopping the client closes its connection.
+    this.client = new Discovery(`${host}:${this.address.port}`, channel, { ...options, 'grpc.use_local_subchannel_pool': 1 });
+    // The same channel, so the same connection, for Sign.
+    this.certificates = new Certificates(`${host}:${this.address.port}`, channel, { channelOverride: this.client.getChannel() });
     this.agent.onPods((pods) => {
       this.pods = pods;
       this.send({ pods: { pods: pods.map((p) => workloadToWire(p, this.node)) } });

@@ -55,6 +55,8 @@ export class TunnelServer {
   private readonly servers: Http2SecureServer[] = [];
   /** Every accepted connection, from its first byte (a handshake in progress too): close() ends them all. */
   private readonly connections = new Set<Socket>();
+  /** Every HTTP/2 session: close() destroys them, and with them the TLS sockets they own (destroying the raw socket under TLS does not). */
+  private readonly sessions = new Set<Http2Session>();
 
   private constructor(
     private readonly identity: string,
@@ -132,6 +134,8 @@ export class TunnelServer {
   /** A new session: its connection window, and a deadline for the peer's HTTP/2 preface. */
   private adopt(session: Http2Session): void {
     session.on('error', () => undefined);
+    this.sessions.add(session);
+    session.once('close', () => this.sessions.delete(session));
     session.setLocalWindowSize(CONNECTION_WINDOW);
     const deadline = setTimeout(() => {
       this.events.onRefused('h2_handshake', { peer: (session.socket as TLSSocket | undefined)?.remoteAddress });
@@ -182,6 +186,7 @@ export class TunnelServer {
   async close(): Promise<void> {
     // server.close() waits for every connection: they are ended first, sessions and handshakes alike.
     const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    for (const s of this.sessions) s.destroy();
     for (const c of this.connections) c.destroy();
     await closed;
     this.servers.length = 0;
