@@ -6,7 +6,8 @@
  * P-256, HBONE's ciphers), or over TLS 1.3 + an HTTP/2 CONNECT stream on one shared session
  * (node:http2 with HBONE's windows and frame size: the HBONE data path without the proxy around
  * it); B forwards to nginx (1 KB responses). wrk drives keep-alive requests through them; the
- * relays' CPU per 1000 requests is read from /proc. Relays pipe JS streams, as the HBONE path does.
+ * relays' CPU per 1000 requests is read from /proc; iperf3 (one stream) gives the throughput.
+ * Relays pipe JS streams, as the HBONE path does.
  * Numbers, not assertions; loopback only.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -25,7 +26,7 @@ import { cpuSeconds, writeNginxConf } from './tools.js';
 type Mode = 'tcp' | 'tls' | 'h2';
 const MODES: ReadonlyArray<Mode> = ['tcp', 'tls', 'h2'];
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
-const PORTS = { nginx: 18080, a: 18001, b: 18002 };
+const PORTS = { nginx: 18080, iperf: 18201, a: 18001, b: 18002 };
 
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
@@ -44,12 +45,12 @@ function splice(a: NodeJS.ReadWriteStream & { destroy(): void }, b: NodeJS.ReadW
 }
 
 /** One relay process: `a` (plaintext in, `mode` out to b) or `b` (`mode` in, plaintext out to nginx). */
-async function relay(role: 'a' | 'b', mode: Mode, credsFile: string): Promise<void> {
+async function relay(role: 'a' | 'b', mode: Mode, credsFile: string, appPort: number): Promise<void> {
   const creds = JSON.parse(await readFile(credsFile, 'utf8')) as { client: Creds; server: Creds };
   const tlsOptions = { minVersion: 'TLSv1.3' as const, ciphers: HBONE_CIPHERS };
   if (role === 'b') {
     const toApp = (from: NodeJS.ReadWriteStream & { destroy(): void }): void => {
-      const app = netConnect(PORTS.nginx, '127.0.0.1');
+      const app = netConnect(appPort, '127.0.0.1');
       app.setNoDelay(true);
       splice(from, app);
     };
@@ -101,6 +102,17 @@ async function wrk(port: number): Promise<{ rps: number; requests: number }> {
   return { rps, requests };
 }
 
+/** One iperf3 stream for SECONDS through `port`, Gbit/s at the receiver. */
+async function iperf(port: number): Promise<number> {
+  const child = spawn('iperf3', ['-c', '127.0.0.1', '-p', String(port), '-t', String(SECONDS), '-J'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  await new Promise((resolve) => child.once('close', resolve));
+  const bps = (JSON.parse(out) as { end?: { sum_received?: { bits_per_second: number } } }).end?.sum_received?.bits_per_second;
+  if (bps === undefined) throw new Error(`iperf3: ${out.slice(0, 300)}`);
+  return bps / 1e9;
+}
+
 async function main(): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-layers-'));
   const children: ChildProcess[] = [];
@@ -118,29 +130,44 @@ async function main(): Promise<void> {
     const nginx = spawn('nginx', ['-c', await writeNginxConf(work, PORTS.nginx)], { stdio: 'inherit' });
     children.push(nginx);
     await sleep(500);
-    const rows: string[] = ['| A -> B | keep-alive req/s | relays CPU s / 1000 req |', '|---|---|---|'];
+    const iperfd = spawn('iperf3', ['-s', '-p', String(PORTS.iperf), '-B', '127.0.0.1'], { stdio: 'ignore' });
+    children.push(iperfd);
+    await sleep(500);
+    const rows: string[] = ['| A -> B | keep-alive req/s | relays CPU s / 1000 req | throughput Gbit/s (one stream) |', '|---|---|---|---|'];
     const direct = await wrk(PORTS.nginx);
-    rows.push(`| (direct to nginx) | ${Math.round(direct.rps)} | - |`);
-    for (const mode of MODES) {
-      say(`relays over ${mode}`);
-      const self = fileURLToPath(import.meta.url);
-      const b = spawn(process.execPath, ['--max-semi-space-size=1', '--optimize-for-size', self, 'relay', 'b', mode, credsFile], { stdio: ['ignore', 'pipe', 'inherit'] });
+    rows.push(`| (direct) | ${Math.round(direct.rps)} | - | ${(await iperf(PORTS.iperf)).toFixed(2)} |`);
+    const self = fileURLToPath(import.meta.url);
+    /** The two relays over `mode`, B forwarding to `appPort`; stopped by the returned function. */
+    const relays = async (mode: Mode, appPort: number): Promise<{ pids: number[]; stop(): Promise<void> }> => {
+      const b = spawn(process.execPath, ['--max-semi-space-size=1', '--optimize-for-size', self, 'relay', 'b', mode, credsFile, String(appPort)], { stdio: ['ignore', 'pipe', 'inherit'] });
       children.push(b);
       await waitListening(b);
-      const a = spawn(process.execPath, ['--max-semi-space-size=1', '--optimize-for-size', self, 'relay', 'a', mode, credsFile], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const a = spawn(process.execPath, ['--max-semi-space-size=1', '--optimize-for-size', self, 'relay', 'a', mode, credsFile, String(appPort)], { stdio: ['ignore', 'pipe', 'inherit'] });
       children.push(a);
       await waitListening(a);
+      return {
+        pids: [a.pid ?? 0, b.pid ?? 0],
+        async stop() {
+          for (const c of [a, b]) {
+            const exited = new Promise((r) => c.once('exit', r));
+            c.kill('SIGTERM');
+            await exited;
+          }
+        },
+      };
+    };
+    for (const mode of MODES) {
+      say(`relays over ${mode}`);
+      const web = await relays(mode, PORTS.nginx);
       await wrk(PORTS.a); // warm-up (sessions, JIT)
-      const pids = [a.pid ?? 0, b.pid ?? 0];
-      const cpu0 = await cpuSeconds(pids);
+      const cpu0 = await cpuSeconds(web.pids);
       const run = await wrk(PORTS.a);
-      const cpu1 = await cpuSeconds(pids);
-      rows.push(`| ${mode === 'tcp' ? 'TCP (JS pipe)' : mode === 'tls' ? 'mutual TLS 1.3, a connection per connection' : 'mutual TLS 1.3 + HTTP/2 CONNECT, one session'} | ${Math.round(run.rps)} | ${(((cpu1 - cpu0) / run.requests) * 1000).toFixed(3)} |`);
-      for (const c of [a, b]) {
-        const exited = new Promise((r) => c.once('exit', r));
-        c.kill('SIGTERM');
-        await exited;
-      }
+      const cpu1 = await cpuSeconds(web.pids);
+      await web.stop();
+      const bulk = await relays(mode, PORTS.iperf);
+      const gbps = await iperf(PORTS.a);
+      await bulk.stop();
+      rows.push(`| ${mode === 'tcp' ? 'TCP (JS pipe)' : mode === 'tls' ? 'mutual TLS 1.3, a connection per connection' : 'mutual TLS 1.3 + HTTP/2 CONNECT, one session'} | ${Math.round(run.rps)} | ${(((cpu1 - cpu0) / run.requests) * 1000).toFixed(3)} | ${gbps.toFixed(2)} |`);
     }
     process.stdout.write(rows.join('\n') + '\n');
   } finally {
@@ -150,5 +177,5 @@ async function main(): Promise<void> {
   }
 }
 
-if (process.argv[2] === 'relay') await relay(process.argv[3] as 'a' | 'b', process.argv[4] as Mode, process.argv[5] ?? '');
+if (process.argv[2] === 'relay') await relay(process.argv[3] as 'a' | 'b', process.argv[4] as Mode, process.argv[5] ?? '', Number(process.argv[6]));
 else await main();

@@ -53,7 +53,7 @@ case ${1:-} in
   # `npm run bench:tunnel-layers` (bench/tunnel-layers.ts): what TCP, TLS and HTTP/2 each cost
   # in node on the HBONE data path, two relays on loopback.
   tunnel-layers)
-    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "nginx-light:cmd:nginx")
+    SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "nginx-light:cmd:nginx")
     ensure_all
     run_bench tunnel-layers
     exit $?
