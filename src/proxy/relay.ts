@@ -115,6 +115,8 @@ export function relayStreams(client: RelaySide, upstream: RelaySide, idleTimeout
     });
     client.on('error', fail).once('close', onClose);
     upstream.on('error', fail).once('close', onClose);
+    // Bytes relayed in JS are written as they come (a request's last segment must not wait for an ACK).
+    for (const side of [client, upstream]) if ('setNoDelay' in side) side.setNoDelay(true);
     client.pipe(upstream);
     upstream.pipe(client);
     client.resume();

@@ -156,6 +156,8 @@ export class TunnelPool {
     let tcp: Socket;
     try {
       tcp = new Socket({ fd, readable: true, writable: true });
+      // Many connections' small frames share this socket: none waits for another's ACK (Nagle).
+      tcp.setNoDelay(true);
     } catch (e) {
       closeFd(fd);
       throw new TunnelFailed('connect', `${peer}: ${(e as Error).message}`);

@@ -111,6 +111,8 @@ export class TunnelServer {
     server.setTimeout(idleTimeoutMs + 60_000);
     server.on('tlsClientError', (e: Error & { code?: string }) => this.events.onRefused('tls_handshake', { err: e.code ?? e.message }));
     server.on('connection', (socket: Socket) => {
+      // Many connections' small frames share this socket: none waits for another's ACK (Nagle).
+      socket.setNoDelay(true);
       this.connections.add(socket);
       socket.once('close', () => this.connections.delete(socket));
     });
