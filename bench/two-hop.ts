@@ -9,7 +9,7 @@
  * bench/results/two-hop.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -114,13 +114,19 @@ async function main(): Promise<void> {
 
     say('nodemesh, two hops: A proxy -> HBONE (mutual TLS, HTTP/2) -> B proxy');
     const pids = (): number[] => [agents.a.pid ?? 0, agents.b.pid ?? 0];
+    const fds = async (): Promise<number[]> => Promise.all(pids().map(async (pid) => (await readdir(`/proc/${pid}/fd`)).length));
+    const fdsBefore = await fds();
     const mtls = await measure(client, SERVICE_IP, HTTP_PORT, pids);
+    // 5 s after the load its connections have drained (a few take a second or two to close both
+    // ways): what the agents hold beyond what they held before would be a leak.
+    await sleep(5000);
+    const fdsAfter = await fds();
     const tunnels = await metric(PORTS.a.metrics, 'nodemesh_hbone_tunnels_opened_total');
     const tunnelled = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'hbone' });
     // What carrying the load left the agents at (their flags decide much of it: --jit, the young generation).
     const agentRss = { a: await rssMiB(agents.a.pid ?? 0), b: await rssMiB(agents.b.pid ?? 0) };
     if (HBONE_ONLY) {
-      process.stdout.write([...scenarioTable([['nodemesh two hops, HBONE mTLS', mtls]]), '', `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB`].join('\n') + '\n');
+      process.stdout.write([...scenarioTable([['nodemesh two hops, HBONE mTLS', mtls]]), '', `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; open fds A, B before the load ${fdsBefore.join(', ')}, 5 s after ${fdsAfter.join(', ')}`].join('\n') + '\n');
       return;
     }
 
@@ -175,6 +181,7 @@ async function main(): Promise<void> {
       nodemeshHbone: mtls,
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
       agentRssMiBAfterHbone: agentRss,
+      agentOpenFds: { beforeHbone: fdsBefore, afterHbone: fdsAfter },
       // The issue's targets compare the mTLS rows: nodemesh HBONE against the HAProxy mTLS pair.
       ratios: {
         hboneKeepAliveVsSidecarMtls: ratio(mtls.keepAliveRps, sidecarMtls.keepAliveRps),
@@ -196,7 +203,7 @@ async function main(): Promise<void> {
       [
         ...scenarioTable(rows),
         '',
-        `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; ratios: ${JSON.stringify(results.ratios)}`,
+        `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; open fds A, B before it ${fdsBefore.join(', ')}, 5 s after ${fdsAfter.join(', ')}; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',
     );
     const outDir = join(PACKAGE_ROOT, 'bench', 'results');

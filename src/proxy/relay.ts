@@ -93,7 +93,18 @@ export function relayStreams(client: RelaySide, upstream: RelaySide, idleTimeout
         reason = 'reset';
         for (const other of [client, upstream]) if (other !== s) abort(other);
       }
-      if (--open > 0) return;
+      if (--open > 0) {
+        // One side is closed both ways: it takes nothing more. The other gets what was already
+        // relayed to it (its writes are flushed, with a FIN), then goes; a peer still sending on
+        // it is reset, since its bytes have nowhere to go. (Otherwise it would wait for the idle
+        // timeout, holding its socket and the bytes queued in it.)
+        const other = [client, upstream].find((s) => !s.destroyed && !s.closed);
+        if (other) {
+          if (other.writableFinished) other.destroy();
+          else other.end(() => other.destroy());
+        }
+        return;
+      }
       clearTimeout(idleTimer);
       resolve({ bytesFromClient: fromClient, bytesToClient: toClient, ...(error ? { error } : {}), ...(reason ? { reason } : {}) });
     };
