@@ -27,27 +27,39 @@ export async function execIn(runtime: LocalPodRuntime, pod: PodRecord, argv: str
 
 const url = (host: string, port: number): string => `http://${host.includes(':') ? `[${host}]` : host}:${port}/`;
 
+/** Gbit/s at the receiver from `iperf3 -J` output. */
+export function parseIperf(stdout: string, target: string): number {
+  const report = JSON.parse(stdout) as { error?: string; end?: { sum_received?: { bits_per_second: number } } };
+  const bps = report.end?.sum_received?.bits_per_second;
+  if (report.error || bps === undefined) throw new Error(`iperf3 to ${target}: ${report.error ?? 'no result'}`);
+  return bps / 1e9;
+}
+
 /** Single-stream TCP throughput in Gbit/s (iperf3, receiver side). */
 export async function iperf(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<number> {
   const out = await execIn(runtime, client, ['iperf3', '-c', host, '-p', String(port), '-t', String(seconds), '-J']);
-  const report = JSON.parse(out.stdout) as { error?: string; end?: { sum_received?: { bits_per_second: number } } };
-  const bps = report.end?.sum_received?.bits_per_second;
-  if (report.error || bps === undefined) throw new Error(`iperf3 to ${host}:${port}: ${report.error ?? 'no result'}`);
-  return bps / 1e9;
+  return parseIperf(out.stdout, `${host}:${port}`);
+}
+
+/** The wrk arguments of every benchmark: one thread, 32 connections; keepAlive false sends Connection: close. */
+export function wrkArgs(seconds: number, keepAlive: boolean): string[] {
+  return ['wrk', '-t1', '-c32', `-d${seconds}s`, ...(keepAlive ? [] : ['-H', 'Connection: close'])];
+}
+
+/** The rate and count from wrk's output; a run that saw errors is refused (failed requests would make a path look fast). */
+export function parseWrk(stdout: string, target: string): { rps: number; requests: number } {
+  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(stdout)?.[1]);
+  const requests = Number(/(\d+) requests in/.exec(stdout)?.[1]);
+  if (!Number.isFinite(rps)) throw new Error(`wrk printed no rate: ${stdout}`);
+  const errors = /Non-2xx or 3xx responses: (\d+)|Socket errors: .*/.exec(stdout);
+  if (errors) throw new Error(`wrk saw errors against ${target}: ${errors[0]}`);
+  return { rps, requests };
 }
 
 /** Requests per second with wrk; keepAlive false sends Connection: close (new connections/s). */
 export async function wrk(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number, keepAlive: boolean): Promise<{ rps: number; requests: number }> {
-  const argv = ['wrk', '-t1', '-c32', `-d${seconds}s`];
-  if (!keepAlive) argv.push('-H', 'Connection: close');
-  const out = await execIn(runtime, client, [...argv, url(host, port)]);
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out.stdout)?.[1]);
-  const requests = Number(/(\d+) requests in/.exec(out.stdout)?.[1]);
-  if (!Number.isFinite(rps)) throw new Error(`wrk printed no rate: ${out.stdout}`);
-  // Failed requests would inflate the rate: a path that errors must not look fast.
-  const errors = /Non-2xx or 3xx responses: (\d+)|Socket errors: .*/.exec(out.stdout);
-  if (errors) throw new Error(`wrk saw errors against ${host}:${port}: ${errors[0]}`);
-  return { rps, requests };
+  const out = await execIn(runtime, client, [...wrkArgs(seconds, keepAlive), url(host, port)]);
+  return parseWrk(out.stdout, `${host}:${port}`);
 }
 
 export interface Latency {

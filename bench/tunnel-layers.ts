@@ -21,7 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { connect as tlsConnect, createServer as tlsServer } from 'node:tls';
 
 import { CONNECTION_WINDOW, HBONE_ALPN, HBONE_CIPHERS, MAX_FRAME_SIZE, STREAM_WINDOW } from '../src/proxy/tunnel/hbone.js';
-import { cpuSeconds, writeNginxConf } from './tools.js';
+import { cpuSeconds, parseIperf, parseWrk, wrkArgs, writeNginxConf } from './tools.js';
 
 type Mode = 'tcp' | 'tls' | 'h2';
 const MODES: ReadonlyArray<Mode> = ['tcp', 'tls', 'h2'];
@@ -91,27 +91,20 @@ async function waitListening(child: ChildProcess): Promise<void> {
   });
 }
 
-async function wrk(port: number): Promise<{ rps: number; requests: number }> {
-  const child = spawn('wrk', ['-t1', '-c32', `-d${SECONDS}s`, `http://127.0.0.1:${port}/`], { stdio: ['ignore', 'pipe', 'inherit'] });
+/** A command on this host (loopback only), its standard output once it ends. */
+async function output(argv: ReadonlyArray<string>): Promise<string> {
+  const [command = '', ...args] = argv;
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
   await new Promise((resolve) => child.once('close', resolve));
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]);
-  const requests = Number(/(\d+) requests in/.exec(out)?.[1]);
-  if (!Number.isFinite(rps) || /Non-2xx|Socket errors/.test(out)) throw new Error(`wrk: ${out}`);
-  return { rps, requests };
+  return out;
 }
 
+const wrk = async (port: number): Promise<{ rps: number; requests: number }> => parseWrk(await output([...wrkArgs(SECONDS, true), `http://127.0.0.1:${port}/`]), `127.0.0.1:${port}`);
+
 /** One iperf3 stream for SECONDS through `port`, Gbit/s at the receiver. */
-async function iperf(port: number): Promise<number> {
-  const child = spawn('iperf3', ['-c', '127.0.0.1', '-p', String(port), '-t', String(SECONDS), '-J'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
-  await new Promise((resolve) => child.once('close', resolve));
-  const bps = (JSON.parse(out) as { end?: { sum_received?: { bits_per_second: number } } }).end?.sum_received?.bits_per_second;
-  if (bps === undefined) throw new Error(`iperf3: ${out.slice(0, 300)}`);
-  return bps / 1e9;
-}
+const iperf = async (port: number): Promise<number> => parseIperf(await output(['iperf3', '-c', '127.0.0.1', '-p', String(port), '-t', String(SECONDS), '-J']), `127.0.0.1:${port}`);
 
 async function main(): Promise<void> {
   const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-layers-'));

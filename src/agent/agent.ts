@@ -186,18 +186,19 @@ export class NodeAgent {
     log.info({ soft: fds.soft, hard: fds.hard }, 'open file limit');
     // With a control plane, the node holds workload certificates (its CA signs them): pods of
     // other nodes are reached through HBONE tunnels and this node's pods accept them.
+    // One setting, the mesh config's: certificates, tunnels and metric labels never disagree.
+    const trustDomain = (): string => agent?.config.mesh.trustDomain ?? DEFAULT_MESH.trustDomain;
     const tunnel: TunnelIdentities | undefined =
       options.config.kind === 'control-plane'
         ? {
             certificate: (uri) => agent?.certificates?.get(uri),
             roots: () => agent?.certificates?.roots() ?? [],
-            trustDomain: () => agent?.config.mesh.trustDomain ?? DEFAULT_MESH.trustDomain,
+            trustDomain,
           }
         : undefined;
     const proxy = new NodeProxy(datapath, metrics, {
       ...(tunnel ? { tunnel } : {}),
-      // One setting, the mesh config's: certificates, tunnels and metric labels never disagree.
-      trustDomain: () => agent?.config.mesh.trustDomain ?? DEFAULT_MESH.trustDomain,
+      trustDomain,
       passthrough: options.passthrough,
       connectTimeoutMs: options.connectTimeoutMs,
       idleTimeoutMs: options.idleTimeoutMs,

@@ -6,7 +6,7 @@
  * them (proxy/policy.ts); this module only says what a valid policy is, for the config edge and
  * the wire edge alike (checkPeerAuthentication, checkAuthorizationPolicy).
  */
-import { parseCidr } from '../shared/address.js';
+import { parseAddressBlock } from '../shared/address.js';
 import type { DefaultMtlsMode } from './mesh.js';
 import { schemas } from './schemas.js';
 import { ObjectInvalid, parseMetadata } from './service.js';
@@ -117,7 +117,7 @@ function checkServiceAccount(value: string, field: string): SecurityIssue | unde
 }
 
 function checkCidr(value: string, field: string): SecurityIssue | undefined {
-  return parseCidr(value) ? undefined : { field, message: `${field} "${value}" is not an IP address or CIDR block` };
+  return parseAddressBlock(value) ? undefined : { field, message: `${field} "${value}" is not an IP address or CIDR block` };
 }
 
 function checkPort(value: number, field: string): SecurityIssue | undefined {
@@ -130,6 +130,18 @@ function checkConditionValue(key: ConditionKey, value: string, field: string): S
   if (key === 'destination.port') return portOf(value) === undefined ? { field, message: `${field} "${value}" is not a port (1-65535)` } : undefined;
   return checkPattern(value, field);
 }
+
+/** How each source field's values are checked. */
+const SOURCE_CHECKS: ReadonlyArray<readonly [keyof AuthorizationSource, (value: string, field: string) => SecurityIssue | undefined]> = [
+  ['principals', checkPattern],
+  ['notPrincipals', checkPattern],
+  ['namespaces', checkPattern],
+  ['notNamespaces', checkPattern],
+  ['ipBlocks', checkCidr],
+  ['notIpBlocks', checkCidr],
+  ['serviceAccounts', checkServiceAccount],
+  ['notServiceAccounts', checkServiceAccount],
+];
 
 /** Semantic checks of a PeerAuthentication, whichever edge it came through. */
 export function checkPeerAuthentication(p: PeerAuthentication): SecurityIssue | undefined {
@@ -150,22 +162,9 @@ export function checkAuthorizationPolicy(p: AuthorizationPolicy): SecurityIssue 
   if (!(['ALLOW', 'DENY', 'AUDIT'] as ReadonlyArray<string>).includes(p.action)) return { field: 'spec.action', message: `"${p.action}" is not ALLOW, DENY or AUDIT` };
   for (const [i, rule] of p.rules.entries()) {
     for (const [j, s] of rule.from.entries()) {
-      const at = `spec.rules[${i}].from[${j}].source`;
-      for (const f of ['principals', 'notPrincipals', 'namespaces', 'notNamespaces'] as const) {
+      for (const [f, check] of SOURCE_CHECKS) {
         for (const [k, v] of s[f].entries()) {
-          const bad = checkPattern(v, `${at}.${f}[${k}]`);
-          if (bad) return bad;
-        }
-      }
-      for (const f of ['ipBlocks', 'notIpBlocks'] as const) {
-        for (const [k, v] of s[f].entries()) {
-          const bad = checkCidr(v, `${at}.${f}[${k}]`);
-          if (bad) return bad;
-        }
-      }
-      for (const f of ['serviceAccounts', 'notServiceAccounts'] as const) {
-        for (const [k, v] of s[f].entries()) {
-          const bad = checkServiceAccount(v, `${at}.${f}[${k}]`);
+          const bad = check(v, `spec.rules[${i}].from[${j}].source.${f}[${k}]`);
           if (bad) return bad;
         }
       }

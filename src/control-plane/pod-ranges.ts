@@ -5,7 +5,7 @@
  * Kubernetes node's spec.podCIDRs). A pod report with an address outside its node's ranges is
  * dropped. With no ranges at all, any address is believed (and the control plane says so at start).
  */
-import { AddressRanges } from '../shared/address.js';
+import { AddressRanges, parseAddressBlock } from '../shared/address.js';
 import { NodemeshError } from '../shared/errors.js';
 import { isNodeName } from '../shared/names.js';
 
@@ -28,11 +28,7 @@ export class PodRanges {
       const bad = (why: string): NodemeshError =>
         new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field}: "${entry}" ${why}`, { context: { field }, hint: 'give CIDR blocks any node may use and NODE=CIDR blocks of one node, comma-separated: 10.200.0.0/16,node-b=10.201.0.0/24' });
       if (node !== undefined && !isNodeName(node)) throw bad(`names no node ("${node}" is not a node name)`);
-      try {
-        new AddressRanges([cidr]);
-      } catch (e) {
-        throw bad((e as Error).message.replace(/^"[^"]*" /, ''));
-      }
+      if (!parseAddressBlock(cidr)) throw bad('is not an IP address or CIDR block');
       if (node === undefined) mesh.push(cidr);
       else nodes.set(node, [...(nodes.get(node) ?? []), cidr]);
     }

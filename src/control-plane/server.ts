@@ -459,7 +459,6 @@ export class ControlPlane {
     this.changed();
   }
 
-  /** A change: pushed with the others of the next BATCH_MS as one version. */
   private caWatcher: FSWatcher | undefined;
   private caReloadTimer: NodeJS.Timeout | undefined;
   private caReloading: Promise<void> = Promise.resolve();
@@ -503,6 +502,7 @@ export class ControlPlane {
     this.changed();
   }
 
+  /** A change: pushed with the others of the next BATCH_MS as one version. */
   private changed(): void {
     if (this.batch || !this.warm) return;
     this.changedAt = performance.now();

@@ -250,26 +250,29 @@ export function peerAuthenticationToWire(p: PeerAuthentication): WirePeerAuthent
   return { namespace: p.namespace, name: p.name, selector: { ...p.selector }, mode: p.mode, portModes: { ...p.portModes } };
 }
 
-export function authorizationPolicyToWire(p: AuthorizationPolicy): WireAuthorizationPolicy {
+/**
+ * A rule copied field for field: the wire's and the model's have one shape (the model's arrays
+ * read-only, its condition keys checked by checkAuthorizationPolicy), so one copy serves both ways.
+ */
+function copyRule(r: WireAuthorizationRule | AuthorizationRule): WireAuthorizationRule {
   return {
-    namespace: p.namespace,
-    name: p.name,
-    selector: { ...p.selector },
-    action: p.action,
-    rules: p.rules.map((r) => ({
-      from: r.from.map((f) => ({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] })),
-      to: r.to.map((t) => ({ ports: [...t.ports], notPorts: [...t.notPorts] })),
-      when: r.when.map((c) => ({ key: c.key, values: [...c.values], notValues: [...c.notValues] })),
-    })),
+    from: r.from.map((f) => ({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] })),
+    to: r.to.map((t) => ({ ports: [...t.ports], notPorts: [...t.notPorts] })),
+    when: r.when.map((c) => ({ key: c.key, values: [...c.values], notValues: [...c.notValues] })),
   };
 }
 
-/** A wire rule as the config model holds it (checkAuthorizationPolicy judges it after). */
+export function authorizationPolicyToWire(p: AuthorizationPolicy): WireAuthorizationPolicy {
+  return { namespace: p.namespace, name: p.name, selector: { ...p.selector }, action: p.action, rules: p.rules.map(copyRule) };
+}
+
+/** A wire rule as the config model holds it (checkAuthorizationPolicy judges its keys and values after). */
 function ruleFromWire(r: WireAuthorizationRule): AuthorizationRule {
+  const c = copyRule(r);
   return Object.freeze({
-    from: Object.freeze(r.from.map((f) => Object.freeze({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] }))),
-    to: Object.freeze(r.to.map((t) => Object.freeze({ ports: [...t.ports], notPorts: [...t.notPorts] }))),
-    when: Object.freeze(r.when.map((c) => Object.freeze({ key: c.key as ConditionKey, values: [...c.values], notValues: [...c.notValues] }))),
+    from: Object.freeze(c.from.map((f) => Object.freeze(f))),
+    to: Object.freeze(c.to.map((t) => Object.freeze(t))),
+    when: Object.freeze(c.when.map((x) => Object.freeze({ ...x, key: x.key as ConditionKey }))),
   });
 }
 

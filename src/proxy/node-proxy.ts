@@ -254,6 +254,8 @@ export class NodeProxy {
   private authorize(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone'): boolean {
     if (this.policies.empty) return true;
     const verdict = this.policies.authorize({ ...facts, destination: destination.pod });
+    if (verdict.allowed && verdict.audited.length === 0) return true;
+    // Only for what is logged: an allowed connection on the hot path builds none of it.
     const who = {
       pod: destination.pod.name,
       namespace: destination.pod.namespace,

@@ -12,7 +12,7 @@ import { type AuthorizationCondition, type AuthorizationPolicy, type Authorizati
 import { selects, type Workload } from '../config/snapshot.js';
 import { byNamespaceName } from '../shared/order.js';
 import { AddressRanges } from '../shared/address.js';
-import type { WorkloadIdentity } from '../identity/spiffe.js';
+import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 
 /** What the destination's side knows of a connection when it decides. */
 export interface ConnectionFacts {
@@ -58,6 +58,9 @@ function matches(pattern: string, value: string | undefined): boolean {
 }
 
 const nameOf = (p: { namespace: string; name: string }): string => `${p.namespace}/${p.name}`;
+
+/** Istio's principal of an identity: its SPIFFE ID without the scheme ("cluster.local/ns/a/sa/b"). */
+const principalOf = (peer: WorkloadIdentity | undefined): string | undefined => (peer ? spiffeUri(peer).slice('spiffe://'.length) : undefined);
 
 export class PolicyEngine {
   /** Address lists compiled once per snapshot. */
@@ -118,7 +121,7 @@ export class PolicyEngine {
   }
 
   private sourceMatches(s: AuthorizationSource, f: ConnectionFacts): boolean {
-    const principal = f.peer ? `${f.peer.trustDomain}/ns/${f.peer.namespace}/sa/${f.peer.serviceAccount}` : undefined;
+    const principal = principalOf(f.peer);
     const namespace = f.peer?.namespace;
     const serviceAccount = f.peer ? `${f.peer.namespace}/${f.peer.serviceAccount}` : undefined;
     const any = (list: ReadonlyArray<string>, value: string | undefined): boolean => list.some((m) => matches(m, value));
@@ -147,7 +150,7 @@ export class PolicyEngine {
         case 'source.namespace':
           return values.some((v) => matches(v, f.peer?.namespace));
         case 'source.principal':
-          return values.some((v) => matches(v, f.peer ? `${f.peer.trustDomain}/ns/${f.peer.namespace}/sa/${f.peer.serviceAccount}` : undefined));
+          return values.some((v) => matches(v, principalOf(f.peer)));
       }
     };
     return (c.values.length === 0 || test(c.values)) && !(c.notValues.length > 0 && test(c.notValues));

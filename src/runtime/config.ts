@@ -2,12 +2,12 @@
  * Settings of the local pod runtime, parsed once. Defaults suit a single machine; tests give each
  * run its own state folder, bridge, subnets and cgroup subtree so runs never share anything.
  */
-import { isIPv4, isIPv6 } from 'node:net';
+import { isIP, isIPv4, isIPv6 } from 'node:net';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 
 import { NodemeshError } from '../shared/errors.js';
-import { ipv6Bytes, ipv6Text } from '../shared/address.js';
+import { AddressRanges, ipv6Bytes, ipv6Text } from '../shared/address.js';
 import { isNodeName } from '../shared/names.js';
 
 export interface Cidr {
@@ -110,16 +110,7 @@ export function podCapacity(cidr: Cidr): number {
 
 /** Whether an address (of the subnet's family) lies inside the subnet. */
 export function cidrContains(cidr: Cidr, family: 4 | 6, address: string): boolean {
-  const bytes = (a: string): number[] => (family === 4 ? a.split('.').map(Number) : [...ipv6Bytes(a)]);
-  const net = bytes(cidr.network);
-  const addr = bytes(address);
-  if (addr.length !== net.length || addr.some((b) => !Number.isInteger(b))) return false;
-  let bits = cidr.prefix;
-  for (let i = 0; i < net.length && bits > 0; i++, bits -= 8) {
-    const mask = bits >= 8 ? 0xff : (0xff << (8 - bits)) & 0xff;
-    if (((addr[i] ?? 0) & mask) !== ((net[i] ?? 0) & mask)) return false;
-  }
-  return true;
+  return isIP(address) === family && new AddressRanges([`${cidr.network}/${cidr.prefix}`]).has(address);
 }
 
 /**

@@ -5,8 +5,8 @@
  */
 import { BlockList, isIP, isIPv4, isIPv6 } from 'node:net';
 
-/** "10.0.0.0/8", "fd00::/64" or a single address. */
-export function parseCidr(text: string): { address: string; prefix: number; family: Family } | undefined {
+/** "10.0.0.0/8", "fd00::/64" or a single address (a whole address block, any prefix). */
+export function parseAddressBlock(text: string): { address: string; prefix: number; family: Family } | undefined {
   const [address = '', prefixText, ...rest] = text.split('/');
   const family = isIP(address);
   if (rest.length > 0 || family === 0) return undefined;
@@ -19,16 +19,14 @@ export function parseCidr(text: string): { address: string; prefix: number; fami
 /** A set of address ranges (v4 and v6; an IPv4-mapped address counts as its IPv4 one). */
 export class AddressRanges {
   private readonly blocks = new BlockList();
-  readonly size: number;
 
   /** Throws for an entry that is not an address or CIDR block, naming it. */
   constructor(readonly cidrs: ReadonlyArray<string>) {
     for (const text of cidrs) {
-      const c = parseCidr(text);
+      const c = parseAddressBlock(text);
       if (!c) throw new Error(`"${text}" is not an IP address or CIDR block`);
       this.blocks.addSubnet(c.address, c.prefix, c.family === 4 ? 'ipv4' : 'ipv6');
     }
-    this.size = cidrs.length;
   }
 
   has(address: string): boolean {
