@@ -34,6 +34,7 @@ build_bpf() {
 build_native() {
   command -v "${CMAKE:-cmake}" >/dev/null || die "cmake is not installed (apt-get install -y cmake)"
   pkg-config --exists libbpf || die "libbpf is not found by pkg-config (apt-get install -y libbpf-dev pkg-config)"
+  [[ -f /usr/include/nghttp2/nghttp2.h ]] || die "nghttp2's header is missing: /usr/include/nghttp2/nghttp2.h (apt-get install -y libnghttp2-dev)"
   local napi
   napi=$(node -p "require('path').resolve(require('node-addon-api').include_dir)")
   say "cmake-js: native addon"

@@ -25,6 +25,7 @@ SYSTEM_PACKAGES=(
   "python3:cmd:python3"
   "tcpdump:cmd:tcpdump"
   "linux-libc-dev:file:/usr/include/linux/bpf.h"
+  "libnghttp2-dev:file:/usr/include/nghttp2/nghttp2.h"
 )
 
 ensure_system() {

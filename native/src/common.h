@@ -58,5 +58,6 @@ Napi::Object InitBpf(Napi::Env env, Napi::Object exports, AddonData* data);
 Napi::Object InitSockets(Napi::Env env, Napi::Object exports);
 Napi::Object InitMaps(Napi::Env env, Napi::Object exports);
 Napi::Object InitRelay(Napi::Env env, Napi::Object exports);
+Napi::Object InitHbone(Napi::Env env, Napi::Object exports);
 
 }  // namespace nodemesh

@@ -54,6 +54,8 @@ export interface AgentOptions {
   readonly probeTimeoutMs: number;
   /** Copy bytes with splice() in the addon (default) rather than through JS streams. */
   readonly kernelRelay: boolean;
+  /** What carries HBONE tunnels (see ProxyOptions.hboneEngine). */
+  readonly hboneEngine?: 'native' | 'node';
   /** Open proxied connections node-wide (default: what the open file limit allows). */
   readonly maxConnections?: number;
   /** Open proxied connections of one pod (default: half the node's). */
@@ -205,6 +207,7 @@ export class NodeAgent {
       probe: PROBE_ADDRESS,
       onProbe: (uid) => agent?.probeArrived(uid),
       kernelRelay: options.kernelRelay,
+      ...(options.hboneEngine ? { hboneEngine: options.hboneEngine } : {}),
       fdLimit: fds.soft,
       ...(options.maxConnections === undefined ? {} : { maxConnections: options.maxConnections }),
       ...(options.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: options.maxConnectionsPerPod }),

@@ -249,6 +249,7 @@ program
   .option('--max-connections <n>', 'open proxied connections node-wide (default: what the open file limit allows, about a sixth of it)')
   .option('--max-connections-per-pod <n>', "open proxied connections of one pod (default: half the node's)")
   .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
+  .addOption(new Option('--hbone <engine>', 'what carries HBONE tunnels: native (TLS and HTTP/2 in the addon) or node (node:tls and node:http2)').choices(['native', 'node']).default('native'))
   .addOption(
     // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
     new Option(
@@ -258,7 +259,7 @@ program
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; jit: 'auto' | 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
@@ -299,6 +300,7 @@ program
       idleTimeoutMs: boundedMilliseconds(opts.idleTimeout, 'idle-timeout', DURATION_BOUNDS.idleTimeoutMs),
       probeTimeoutMs: 2000,
       kernelRelay: opts.relay === 'kernel',
+      hboneEngine: opts.hbone,
       ...(opts.maxConnections === undefined ? {} : { maxConnections: parseCount(opts.maxConnections, 'max-connections') }),
       ...(opts.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: parseCount(opts.maxConnectionsPerPod, 'max-connections-per-pod') }),
     };

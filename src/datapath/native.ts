@@ -134,6 +134,20 @@ interface RawAddon {
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
   raiseFdLimit(): { soft: number; hard: number };
+  hboneInit(onEvent: (event: HboneEvent) => void): void;
+  hboneContext(server: boolean, keyPem: string, chainPem: string, roots: ReadonlyArray<string>): number;
+  hboneContextFree(context: number): void;
+  hboneDial(fd: number, context: number, expectedIdentity: string): number;
+  hboneServe(listenFd: number, context: number): number;
+  hboneServerContext(server: number, context: number): void;
+  hboneServerClose(server: number): void;
+  hboneRequest(conn: number, authority: string, forwarded: string): number;
+  hboneAttach(handle: number, fd: number, idleTimeoutMs: number): number;
+  hboneAnswer(handle: number, status: number): void;
+  hboneCancel(handle: number): void;
+  hboneClose(conn: number): void;
+  hboneAbortAll(): void;
+  hboneHold(hold: boolean): void;
 }
 
 let addon: RawAddon | undefined;
@@ -397,6 +411,48 @@ export async function connectInNetns(options: ConnectOptions): Promise<number> {
  */
 export function relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult> {
   return native().relayFds(clientFd, upstreamFd, idleTimeoutMs);
+}
+
+/**
+ * What the addon's HBONE thread reports (native/src/hbone.cc): a client tunnel's handshake
+ * (`dialed`, with `error` and `reason` when it failed), a CONNECT's answer (`response`), a CONNECT
+ * arriving at a server (`request`), a relay's end (`relayed`), a tunnel closing (`closed`, with
+ * `during: 'tls' | 'h2'` for a server connection that never finished its handshakes), and a
+ * GOAWAY from a server (`draining`).
+ */
+export type HboneEvent =
+  | { readonly type: 'dialed'; readonly conn: number; readonly error?: string; readonly reason?: string }
+  | { readonly type: 'response'; readonly handle: number; readonly status?: number; readonly error?: string }
+  | {
+      readonly type: 'request';
+      readonly server: number;
+      readonly conn: number;
+      readonly handle: number;
+      readonly method: string;
+      readonly authority: string;
+      readonly forwarded: string;
+      readonly peer: string;
+      readonly source: string;
+      readonly sourcePort: number;
+      readonly local: string;
+    }
+  | { readonly type: 'relayed'; readonly relay: number; readonly bytesFromApp: number; readonly bytesToApp: number; readonly error?: string; readonly reason?: RelayEndReason }
+  | { readonly type: 'closed'; readonly conn: number; readonly reason: string; readonly detail?: string; readonly server?: number; readonly source?: string; readonly during?: 'tls' | 'h2' }
+  | { readonly type: 'draining'; readonly conn: number };
+
+/** The addon's HBONE engine: TLS 1.3 and HTTP/2 on its own thread, driven by handles (see HboneEvent). */
+export type HboneAddon = Pick<
+  RawAddon,
+  'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold'
+>;
+
+export function hboneAddon(): HboneAddon {
+  return native();
+}
+
+/** Ends every tunnel and listener of the addon's HBONE engine (the proxy is stopping). */
+export function hboneAbortAll(): void {
+  native().hboneAbortAll();
 }
 
 /** Raises RLIMIT_NOFILE's soft limit to the hard one; returns both as they are then. */

@@ -11,7 +11,7 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
-import { closeFd, connectInNetns, dupFd, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
+import { closeFd, connectInNetns, dupFd, hboneAbortAll, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -21,7 +21,8 @@ import { listenInPod, socketFd } from './pod-listener.js';
 import { relay, relayStreams, type RelayResult, type RelaySide } from './relay.js';
 import { TunnelFailed, TunnelPool } from './tunnel/client.js';
 import type { TunnelIdentities } from './tunnel/hbone.js';
-import { TunnelServer, answer, type TunnelRequest } from './tunnel/server.js';
+import { TunnelServer, answer as answerStream, type TunnelRequest } from './tunnel/server.js';
+import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTunnelRequest } from './tunnel/native.js';
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
 import { PolicyEngine, type ConnectionFacts } from './policy.js';
@@ -97,6 +98,8 @@ export interface ProxyOptions {
   readonly maxConnections?: number;
   /** Open connections of one pod; default: half the node's. */
   readonly maxConnectionsPerPod?: number;
+  /** Which HBONE engine carries the tunnels: the addon's (TLS and HTTP/2 on its thread; default) or node:tls with node:http2. */
+  readonly hboneEngine?: 'native' | 'node';
   /** The node's workload certificates: with them, connections to meshed pods of other nodes go through HBONE tunnels, and pods accept tunnels on 15008. */
   readonly tunnel?: TunnelIdentities;
 }
@@ -130,7 +133,16 @@ interface Upstream {
 }
 
 /** A connected upstream: a socket's fd (kernel or JS relay), or a tunnelled stream (JS relay). */
-type Connected = { readonly fd: number } | { readonly stream: ClientHttp2Stream };
+type Connected = { readonly fd: number } | { readonly stream: ClientHttp2Stream } | { readonly native: NativeTunnelStream };
+
+/** The tunnelled side of an inbound HBONE connection, from either engine. */
+type InboundStream = TunnelRequest['stream'] | NativeTunnelStream;
+
+/** Ends an inbound CONNECT with an HTTP status (either engine). */
+function answer(stream: InboundStream, status: number): void {
+  if (stream instanceof NativeTunnelStream) stream.answer(status);
+  else answerStream(stream, status);
+}
 
 interface PodState {
   readonly pod: ProxyPod;
@@ -147,7 +159,7 @@ interface PodState {
   /** Connections waiting for the pod's config, called when it arrives. */
   readonly waiting: Set<() => void>;
   /** The pod's HBONE listeners (15008), once the node holds its identity's certificate. */
-  tunnelServer: TunnelServer | undefined;
+  tunnelServer: TunnelServer | NativeTunnelServer | undefined;
   tunnelOpening: boolean;
 }
 
@@ -163,7 +175,7 @@ export class NodeProxy {
   private connecting = 0;
 
   /** Outbound tunnels to other nodes' pods (with workload certificates only). */
-  private readonly tunnels: TunnelPool | undefined;
+  private readonly tunnels: TunnelPool | NativeTunnelPool | undefined;
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -171,7 +183,8 @@ export class NodeProxy {
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
-    this.tunnels = options.tunnel ? new TunnelPool(options.tunnel, { onTunnelOpened: () => metrics.tunnelsOpened.inc() }) : undefined;
+    const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
+    this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }
 
   /** The pod's workload identity in the mesh's trust domain. */
@@ -204,17 +217,22 @@ export class NodeProxy {
     if (state.tunnelOpening || !identities.certificate(identity)) return;
     state.tunnelOpening = true;
     try {
-      const server = await TunnelServer.open(state.pod.netnsPath, [state.pod.ip4, state.pod.ip6].filter(Boolean), identity, identities, {
-        onRequest: (request) => void this.inboundTunnel(state, request).catch((e: unknown) => {
+      const addresses = [state.pod.ip4, state.pod.ip6].filter(Boolean);
+      const events = {
+        onRequest: (request: TunnelRequest | NativeTunnelRequest) => void this.inboundTunnel(state, request).catch((e: unknown) => {
           this.metrics.tunnelRefused.inc({ reason: 'internal_error' });
           log.error({ pod: state.pod.name, namespace: state.pod.namespace, err: (e as Error).message }, 'HBONE request failed');
           answer(request.stream, 503);
         }),
-        onRefused: (reason, detail) => {
+        onRefused: (reason: string, detail: Record<string, unknown>) => {
           this.metrics.tunnelRefused.inc({ reason });
           this.refusalLog(state, reason, detail);
         },
-      }, this.options.idleTimeoutMs);
+      };
+      const server =
+        this.options.hboneEngine === 'node'
+          ? await TunnelServer.open(state.pod.netnsPath, addresses, identity, identities, events, this.options.idleTimeoutMs)
+          : await NativeTunnelServer.open(state.pod.netnsPath, addresses, identity, identities, events);
       if (this.pods.get(state.pod.uid) !== state) {
         await server.close();
         return;
@@ -373,6 +391,8 @@ export class NodeProxy {
     for (const uid of [...this.pods.keys()]) await this.removePod(uid);
     this.tunnels?.close();
     if (this.options.kernelRelay) relayAbortAll();
+    // Streams of the addon's tunnels still relaying end with their tunnels.
+    if (this.tunnels instanceof NativeTunnelPool) hboneAbortAll();
   }
 
   /**
@@ -430,7 +450,29 @@ export class NodeProxy {
    * A tunnelled side (an HTTP/2 stream, either end) is relayed through JS streams: TLS and
    * HTTP/2 framing need the bytes in user space. Socket to socket goes to relay().
    */
-  private async relayConnected(state: PodState, client: RelaySide, connected: Connected, idleTimeoutMs: number): Promise<RelayResult> {
+  private async relayConnected(state: PodState, client: RelaySide | NativeTunnelStream, connected: Connected, idleTimeoutMs: number): Promise<RelayResult> {
+    // The addon's engine: the stream and the socket meet on its thread.
+    if (client instanceof NativeTunnelStream) {
+      if (!('fd' in connected)) throw new Error('a native tunnel stream is delivered to a socket');
+      return client.attach(connected.fd, idleTimeoutMs);
+    }
+    if ('native' in connected) {
+      if (!(client instanceof Socket)) throw new Error('a native tunnel stream is relayed from a socket');
+      const clientFd = socketFd(client);
+      if (clientFd === undefined) {
+        connected.native.cancel();
+        throw new Error('the client socket has no fd');
+      }
+      let own: number;
+      try {
+        own = dupFd(clientFd);
+      } catch (e) {
+        connected.native.cancel();
+        throw e;
+      }
+      client.destroy();
+      return connected.native.attach(own, idleTimeoutMs);
+    }
     if ('stream' in connected) return relayStreams(client, connected.stream, idleTimeoutMs);
     if (!(client instanceof Socket)) {
       const upstream = new Socket({ fd: connected.fd, readable: true, writable: true, allowHalfOpen: true });
@@ -703,7 +745,7 @@ export class NodeProxy {
    * 503 when the application cannot be reached or the node is at its connection limits. The
    * source is who its certificate says, whatever its address claims.
    */
-  private async inboundTunnel(state: PodState, request: TunnelRequest): Promise<void> {
+  private async inboundTunnel(state: PodState, request: TunnelRequest | NativeTunnelRequest): Promise<void> {
     const { stream, peer, source, target } = request;
     const limit = this.connectionLimits();
     if (this.open >= limit.node || state.open >= limit.pod) {
@@ -742,11 +784,13 @@ export class NodeProxy {
         answer(stream, 503);
         return;
       }
-      if (stream.destroyed) {
-        if ('fd' in connected) closeFd(connected.fd);
-        return;
+      if (!(stream instanceof NativeTunnelStream)) {
+        if (stream.destroyed) {
+          if ('fd' in connected) closeFd(connected.fd);
+          return;
+        }
+        stream.respond({ ':status': 200 });
       }
-      stream.respond({ ':status': 200 });
       await this.relayAndCount(state, stream, connected, upstream, serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
     } finally {
       this.open--;
@@ -791,14 +835,14 @@ export class NodeProxy {
     this.connecting++;
     try {
       if (u.path === 'hbone' && this.tunnels && u.destinationIdentity) {
-        const stream = await this.tunnels.open({
+        const opened = await this.tunnels.open({
           source: { uid: state.pod.uid, netnsPath: state.pod.netnsPath, identity: this.identityOf(state.pod) },
           destination: { address: u.host, identity: u.destinationIdentity },
           port: u.port,
           client: { address: (client?.remoteAddress ?? '').replace(/^::ffff:/, ''), port: client?.remotePort ?? 0 },
           connectTimeoutMs: timeoutMs,
         });
-        return { stream };
+        return opened instanceof NativeTunnelStream ? { native: opened } : { stream: opened };
       }
       return { fd: await connectInNetns({ netns: u.netnsPath, host: u.host, port: u.port, timeoutMs, ...how }) };
     } finally {
@@ -808,11 +852,13 @@ export class NodeProxy {
   }
 
   /** Relays a connected upstream fd and reports the connection under each of its labels. */
-  private async relayAndCount(state: PodState, client: RelaySide, connected: Connected, u: Upstream, idleTimeoutMs: number): Promise<void> {
+  private async relayAndCount(state: PodState, client: RelaySide | NativeTunnelStream, connected: Connected, u: Upstream, idleTimeoutMs: number): Promise<void> {
     // The client went away (or the pod left the mesh) while we were connecting.
-    if (client.destroyed || !this.pods.has(state.pod.uid)) {
+    if (('destroyed' in client && client.destroyed) || !this.pods.has(state.pod.uid)) {
       if ('fd' in connected) closeFd(connected.fd);
+      else if ('native' in connected) connected.native.cancel();
       else connected.stream.close(h2constants.NGHTTP2_CANCEL);
+      if (client instanceof NativeTunnelStream) client.answer(503);
       return;
     }
     this.metrics.proxied.inc({ path: u.path });

@@ -19,7 +19,8 @@ import { test } from 'node:test';
 import { connect as tlsConnect } from 'node:tls';
 
 import { createRoot, generateKeyPair, importSigningKey, issueLeaf, parseCertificate, privateKeyPem, type Signer } from '../../src/identity/x509.js';
-import { TunnelFailed, TunnelPool } from '../../src/proxy/tunnel/client.js';
+import { TunnelFailed, TunnelPool, type TunnelTarget } from '../../src/proxy/tunnel/client.js';
+import { NativeTunnelPool, NativeTunnelStream } from '../../src/proxy/tunnel/native.js';
 import { metricValue, serviceYaml, startAgent, startControlPlane } from '../support/agent.js';
 import { readPcap } from '../support/pcap.js';
 import { collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
@@ -174,8 +175,9 @@ test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs wit
   });
   await waitFor(async () => (await refused('tls_handshake')) >= 3, 5000, 'three refused handshakes');
   // A peer that authenticates and settles HTTP/2, then sends an invalid frame (a SETTINGS frame
-  // of 5 bytes: FRAME_SIZE_ERROR). nghttp2 answers GOAWAY; node:http2 keeps the connection open
-  // without an event, and the server's unanswered pings end it: closed and counted, within 10 s.
+  // of 5 bytes: FRAME_SIZE_ERROR). nghttp2 answers GOAWAY and the addon's engine closes the
+  // connection (h2_error); node:http2 (--hbone node) keeps it open without an event, and the
+  // server's unanswered pings end it (ping_timeout): closed and counted either way.
   const framesFrom = await leaf('spiffe://cluster.local/ns/default/sa/tester', ca);
   await new Promise<void>((resolve, reject) => {
     const s = tlsConnect({ host: pod, port: 15008, ...framesFrom, ca: root, ALPNProtocols: ['h2'], checkServerIdentity: () => undefined }, () => {
@@ -190,24 +192,26 @@ test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs wit
       resolve();
     });
   });
-  await waitFor(async () => (await refused('ping_timeout')) >= 1, 5000, 'the dead connection counted');
+  await waitFor(async () => (await refused('h2_error')) + (await refused('ping_timeout')) >= 1, 5000, 'the dead connection counted');
   assert.equal(await status(good, { ':method': 'CONNECT', ':authority': `${pod}:8080` }), 200, 'the listener serves on');
 
-  // The outbound end: B's server presents sa/server; a tunnel that expects sa/other is refused.
+  // The outbound end, both engines: B's server presents sa/server; a tunnel that expects sa/other is refused.
   const creds = await leaf('spiffe://cluster.local/ns/default/sa/client', ca);
-  const pool = new TunnelPool({ certificate: () => ({ keyPem: creds.key, chain: [creds.cert] }), roots: () => [root], trustDomain: () => 'cluster.local' });
-  t.after(() => pool.close());
-  const wrong = await pool
-    .open({ source: { uid: client.uid, netnsPath: client.netnsPath, identity: 'spiffe://cluster.local/ns/default/sa/client' }, destination: { address: pod, identity: 'spiffe://cluster.local/ns/default/sa/other' }, port: 8080, client: { address: client.ip4, port: 1 }, connectTimeoutMs: 5000 })
-    .then(
+  const identities = { certificate: () => ({ keyPem: creds.key, chain: [creds.cert] }), roots: () => [root], trustDomain: () => 'cluster.local' };
+  for (const pool of [new TunnelPool(identities), new NativeTunnelPool(identities)]) {
+    t.after(() => pool.close());
+    const target = (identity: string): TunnelTarget => ({ source: { uid: client.uid, netnsPath: client.netnsPath, identity: 'spiffe://cluster.local/ns/default/sa/client' }, destination: { address: pod, identity }, port: 8080, client: { address: client.ip4, port: 1 }, connectTimeoutMs: 5000 });
+    const wrong = await pool.open(target('spiffe://cluster.local/ns/default/sa/other')).then(
       () => undefined,
       (e: unknown) => e,
     );
-  assert.ok(wrong instanceof TunnelFailed && wrong.reason === 'identity_mismatch', String(wrong));
-  assert.match(wrong.message, /presented spiffe:\/\/cluster\.local\/ns\/default\/sa\/server, not spiffe:\/\/cluster\.local\/ns\/default\/sa\/other/);
-  // The same pool, expecting the right identity: through.
-  const right = await pool.open({ source: { uid: client.uid, netnsPath: client.netnsPath, identity: 'spiffe://cluster.local/ns/default/sa/client' }, destination: { address: pod, identity: 'spiffe://cluster.local/ns/default/sa/server' }, port: 8080, client: { address: client.ip4, port: 1 }, connectTimeoutMs: 5000 });
-  right.close();
+    assert.ok(wrong instanceof TunnelFailed && wrong.reason === 'identity_mismatch', String(wrong));
+    assert.match(wrong.message, /presented spiffe:\/\/cluster\.local\/ns\/default\/sa\/server, not spiffe:\/\/cluster\.local\/ns\/default\/sa\/other/);
+    // The same pool, expecting the right identity: through.
+    const right = await pool.open(target('spiffe://cluster.local/ns/default/sa/server'));
+    if (right instanceof NativeTunnelStream) right.cancel();
+    else right.close();
+  }
   // TLS alone (no HTTP/2 preface) is given up after the handshake deadline: counted, not kept.
   const silent = tlsConnect({ host: pod, port: 15008, ...(await leaf('spiffe://cluster.local/ns/default/sa/tester', ca)), ca: root, ALPNProtocols: ['h2'], checkServerIdentity: () => undefined });
   silent.on('error', () => undefined);

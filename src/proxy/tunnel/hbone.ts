@@ -10,6 +10,7 @@
 import type { Http2Session } from 'node:http2';
 import type { PeerCertificate } from 'node:tls';
 
+import { NM_PROXY_PORTS } from '../../datapath/abi.js';
 import { formatHostPort } from '../../shared/address.js';
 import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js';
 
@@ -102,4 +103,35 @@ export function parseAuthority(authority: string | undefined): { host: string; p
   const port = Number(m[3]);
   if (port < 1 || port > 65535) return undefined;
   return { host: (m[1] ?? m[2] ?? '').toLowerCase(), port };
+}
+
+/** Why a tunnel or a CONNECT on it was refused (a metric label). */
+export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'ping_timeout' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
+
+/** A CONNECT as it arrived: its headers, the address the tunnel was dialled at, and the client's identity (read on demand). */
+export interface ConnectFacts {
+  readonly method: string | undefined;
+  readonly authority: string | undefined;
+  /** The tunnel's local address (the pod address dialled). */
+  readonly local: string;
+  readonly peer: () => WorkloadIdentity | undefined;
+}
+
+/**
+ * The checks every CONNECT passes before the proxy sees it: the method, an authority that is the
+ * address dialled (a tunnel lands in one pod), not a proxy port (that would loop; ztunnel
+ * answers 503), and a client identity of this trust domain. Either the target and peer, or the
+ * refusal with its HTTP status.
+ */
+export function checkConnect(c: ConnectFacts, trustDomain: string): { readonly target: { host: string; port: number }; readonly peer: WorkloadIdentity } | { readonly refuse: TunnelRefusal; readonly status: number; readonly detail: Record<string, unknown> } {
+  if (c.method !== 'CONNECT') return { refuse: 'bad_request', status: 400, detail: { method: c.method } };
+  const target = parseAuthority(c.authority);
+  const local = c.local.replace(/^::ffff:/, '').toLowerCase();
+  if (!target) return { refuse: 'bad_request', status: 400, detail: { authority: String(c.authority).slice(0, 100) } };
+  if (target.host !== local) return { refuse: 'authority_mismatch', status: 400, detail: { authority: c.authority, dialled: local } };
+  if (NM_PROXY_PORTS.has(target.port)) return { refuse: 'proxy_port', status: 503, detail: { authority: c.authority } };
+  const peer = c.peer();
+  if (!peer) return { refuse: 'no_identity', status: 401, detail: {} };
+  if (peer.trustDomain !== trustDomain) return { refuse: 'trust_domain', status: 401, detail: { trustDomain: peer.trustDomain } };
+  return { target, peer };
 }

@@ -11,7 +11,6 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 
 import type { WorkloadIdentity } from '../../identity/spiffe.js';
-import { NM_PROXY_PORTS } from '../../datapath/abi.js';
 import { listenInNetns, closeFd } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import {
@@ -25,16 +24,17 @@ import {
   SERVER_MAX_STREAMS,
   SERVER_PING,
   STREAM_WINDOW,
+  checkConnect,
   keepAlive,
-  parseAuthority,
   peerIdentity,
   type TunnelIdentities,
+  type TunnelRefusal,
 } from './hbone.js';
+
+export type { TunnelRefusal };
 
 const log = logger('hbone-server');
 
-/** Why a tunnel or a CONNECT on it was refused (a metric label). */
-export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'ping_timeout' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
 
 export interface TunnelRequest {
   readonly stream: ServerHttp2Stream;
@@ -172,17 +172,9 @@ export class TunnelServer {
       else stream.close(h2.NGHTTP2_REFUSED_STREAM);
     };
     if (!socket) return refuse('bad_request', 400, { detail: 'no connection' });
-    if (headers[':method'] !== 'CONNECT') return refuse('bad_request', 400, { method: headers[':method'] });
-    const target = parseAuthority(headers[':authority']);
-    const local = (socket.localAddress ?? '').replace(/^::ffff:/, '');
-    if (!target) return refuse('bad_request', 400, { authority: String(headers[':authority']).slice(0, 100) });
-    if (target.host !== local.toLowerCase()) return refuse('authority_mismatch', 400, { authority: headers[':authority'], dialled: local });
-    // A CONNECT to the proxy itself would loop (ztunnel answers 503).
-    if (NM_PROXY_PORTS.has(target.port)) return refuse('proxy_port', 503, { authority: headers[':authority'] });
-    const peer = this.peerOf(socket);
-    if (!peer) return refuse('no_identity', 401, {});
-    if (peer.trustDomain !== this.identities.trustDomain()) return refuse('trust_domain', 401, { trustDomain: peer.trustDomain });
-    this.events.onRequest({ stream, peer, source: { address: (socket.remoteAddress ?? '').replace(/^::ffff:/, ''), port: socket.remotePort ?? 0 }, target });
+    const checked = checkConnect({ method: headers[':method'], authority: headers[':authority'], local: socket.localAddress ?? '', peer: () => this.peerOf(socket) }, this.identities.trustDomain());
+    if ('refuse' in checked) return refuse(checked.refuse, checked.status, checked.detail);
+    this.events.onRequest({ stream, peer: checked.peer, source: { address: (socket.remoteAddress ?? '').replace(/^::ffff:/, ''), port: socket.remotePort ?? 0 }, target: checked.target });
   }
 
   async close(): Promise<void> {
