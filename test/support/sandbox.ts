@@ -16,7 +16,6 @@ import { validatePodSpec } from '../../src/runtime/pod-spec.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
 import { findCgroup2Mount, removeCgroupTree } from '../../src/runtime/cgroup.js';
-import { waitForListener } from '../../src/runtime/wait.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { ensureBpffs } from '../../src/cli/preflight.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
@@ -82,7 +81,9 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       const spec = validatePodSpec({ name, labels, ...options, command: [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', String(port), '--log', log] });
       const record = await runtime.create(spec, { detached: true });
       const { record: running } = await runtime.start(record);
-      await waitForListener(running.ip4, port, 10_000);
+      // Seen from inside the pod: from the host, a pod the agent already serves accepts on any
+      // port (its inbound listener is steered there) before the application listens.
+      await waitForPodListener(running.pid, port, 10_000);
       const host = hostAddress(config.podCidr4, 4, 1);
       const connections = async (): Promise<ConnectionLogEntry[]> => (await readConnectionLog(log)).filter((c) => c.address !== host);
       return { record: running, connections };
@@ -134,6 +135,21 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
   };
   t.after(() => sandbox.cleanup());
   return sandbox;
+}
+
+/** Waits until a socket listens on port in the network namespace of process pid (its /proc/PID/net/tcp{,6}). */
+export async function waitForPodListener(pid: number | null, port: number, timeoutMs: number): Promise<void> {
+  if (pid === null) throw new Error('the pod has no process');
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  // A row's local address ends in :PORT and its state is 0A (LISTEN).
+  const listening = (table: string): boolean => table.split('\n').some((row) => {
+    const cols = row.trim().split(/\s+/);
+    return cols[1]?.endsWith(`:${hexPort}`) === true && cols[3] === '0A';
+  });
+  await waitFor(async () => {
+    const tables = await Promise.all(['tcp', 'tcp6'].map((f) => readFile(`/proc/${pid}/net/${f}`, 'utf8').catch(() => '')));
+    return tables.some(listening);
+  }, timeoutMs, `a listener on port ${port} in pid ${pid}'s netns`);
 }
 
 export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {

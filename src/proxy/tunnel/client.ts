@@ -52,6 +52,18 @@ interface Tunnel {
   idle: NodeJS.Timeout | undefined;
 }
 
+/** The pool a connection's tunnel comes from: one source pod and identity to one destination pod and identity (both engines). */
+export function poolKey(target: TunnelTarget): string {
+  return `${target.source.uid}|${target.source.identity}|${target.destination.identity}|${target.destination.address}`;
+}
+
+/** Tunnels open in a pool's map. */
+export function tunnelCount(tunnels: ReadonlyMap<string, ReadonlyArray<unknown>>): number {
+  let n = 0;
+  for (const list of tunnels.values()) n += list.length;
+  return n;
+}
+
 export interface TunnelPoolEvents {
   /** A new TLS connection (a tunnel) was made; streams reuse it otherwise. */
   onTunnelOpened?(): void;
@@ -68,14 +80,12 @@ export class TunnelPool {
 
   /** Tunnels open now (for status and the benchmark's reuse figure). */
   size(): number {
-    let n = 0;
-    for (const list of this.tunnels.values()) n += list.length;
-    return n;
+    return tunnelCount(this.tunnels);
   }
 
   /** A CONNECT stream to target's application, answered 200, on a pooled or new tunnel. */
   async open(target: TunnelTarget): Promise<ClientHttp2Stream> {
-    const key = `${target.source.uid}|${target.source.identity}|${target.destination.identity}|${target.destination.address}`;
+    const key = poolKey(target);
     const tunnel = this.reusable(key) ?? (await this.dial(key, target));
     tunnel.streams++;
     clearTimeout(tunnel.idle);

@@ -105,6 +105,23 @@ export function parseAuthority(authority: string | undefined): { host: string; p
   return { host: (m[1] ?? m[2] ?? '').toLowerCase(), port };
 }
 
+/** A CONNECT that passed the tunnel's checks, whichever engine carries its stream. */
+export interface TunnelRequestOf<S> {
+  readonly stream: S;
+  /** The client's workload identity, from its certificate. */
+  readonly peer: WorkloadIdentity;
+  /** The tunnel's TCP peer: the client pod's address (ztunnel dials from inside the client pod). */
+  readonly source: { readonly address: string; readonly port: number };
+  /** The application's address in this pod: the :authority, which is the address dialled. */
+  readonly target: { readonly host: string; readonly port: number };
+}
+
+/** What a pod's HBONE listener reports: each CONNECT that passed, each refusal. */
+export interface TunnelServerEventsOf<S> {
+  onRequest(request: TunnelRequestOf<S>): void;
+  onRefused(reason: TunnelRefusal, detail: Record<string, unknown>): void;
+}
+
 /** Why a tunnel or a CONNECT on it was refused (a metric label). */
 export type TunnelRefusal = 'tls_handshake' | 'h2_handshake' | 'h2_error' | 'ping_timeout' | 'bad_request' | 'authority_mismatch' | 'proxy_port' | 'no_identity' | 'trust_domain';
 

@@ -12,8 +12,8 @@ import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js'
 import { formatHostPort } from '../../shared/address.js';
 import { logger } from '../../shared/log.js';
 import type { RelayResult } from '../relay.js';
-import { TunnelFailed, type TunnelPoolEvents, type TunnelTarget } from './client.js';
-import { CLIENT_MAX_STREAMS, HBONE_PORT, IDLE_TUNNEL_MS, checkConnect, forwardedFor, type TunnelIdentities, type TunnelRefusal } from './hbone.js';
+import { TunnelFailed, poolKey, tunnelCount, type TunnelPoolEvents, type TunnelTarget } from './client.js';
+import { CLIENT_MAX_STREAMS, HBONE_PORT, IDLE_TUNNEL_MS, checkConnect, forwardedFor, type TunnelIdentities, type TunnelRefusal, type TunnelRequestOf, type TunnelServerEventsOf } from './hbone.js';
 
 const log = logger('hbone-native');
 
@@ -228,14 +228,12 @@ export class NativeTunnelPool {
   ) {}
 
   size(): number {
-    let n = 0;
-    for (const list of this.tunnels.values()) n += list.length;
-    return n;
+    return tunnelCount(this.tunnels);
   }
 
   /** A CONNECT stream to target's application, answered 200, on a pooled or new tunnel. */
   async open(target: TunnelTarget): Promise<NativeTunnelStream> {
-    const key = `${target.source.uid}|${target.source.identity}|${target.destination.identity}|${target.destination.address}`;
+    const key = poolKey(target);
     const tunnel = this.tunnels.get(key)?.find((t) => t.usable && t.streams < CLIENT_MAX_STREAMS) ?? (await this.dial(key, target));
     tunnel.streams++;
     clearTimeout(tunnel.idle);
@@ -321,18 +319,8 @@ export class NativeTunnelPool {
   }
 }
 
-/** A CONNECT that passed the tunnel's checks (server.ts's TunnelRequest, with the addon's engine). */
-export interface NativeTunnelRequest {
-  readonly stream: NativeTunnelStream;
-  readonly peer: WorkloadIdentity;
-  readonly source: { readonly address: string; readonly port: number };
-  readonly target: { readonly host: string; readonly port: number };
-}
-
-export interface NativeTunnelServerEvents {
-  onRequest(request: NativeTunnelRequest): void;
-  onRefused(reason: TunnelRefusal, detail: Record<string, unknown>): void;
-}
+export type NativeTunnelRequest = TunnelRequestOf<NativeTunnelStream>;
+export type NativeTunnelServerEvents = TunnelServerEventsOf<NativeTunnelStream>;
 
 /** The inbound end for one pod (server.ts's TunnelServer, with the addon's engine). */
 export class NativeTunnelServer {

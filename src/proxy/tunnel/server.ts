@@ -10,7 +10,6 @@ import { constants as h2, createSecureServer, type Http2SecureServer, type Http2
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 
-import type { WorkloadIdentity } from '../../identity/spiffe.js';
 import { listenInNetns, closeFd } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import {
@@ -29,27 +28,16 @@ import {
   peerIdentity,
   type TunnelIdentities,
   type TunnelRefusal,
+  type TunnelRequestOf,
+  type TunnelServerEventsOf,
 } from './hbone.js';
 
 export type { TunnelRefusal };
 
 const log = logger('hbone-server');
 
-
-export interface TunnelRequest {
-  readonly stream: ServerHttp2Stream;
-  /** The client's workload identity, from its certificate. */
-  readonly peer: WorkloadIdentity;
-  /** The tunnel's TCP peer: the client pod's address (ztunnel dials from inside the client pod). */
-  readonly source: { readonly address: string; readonly port: number };
-  /** The application's address in this pod: the :authority, which is the address dialled. */
-  readonly target: { readonly host: string; readonly port: number };
-}
-
-export interface TunnelServerEvents {
-  onRequest(request: TunnelRequest): void;
-  onRefused(reason: TunnelRefusal, detail: Record<string, unknown>): void;
-}
+export type TunnelRequest = TunnelRequestOf<ServerHttp2Stream>;
+export type TunnelServerEvents = TunnelServerEventsOf<ServerHttp2Stream>;
 
 export class TunnelServer {
   private readonly servers: Http2SecureServer[] = [];
