@@ -132,7 +132,7 @@ interface Upstream {
   readonly labels: ReadonlyArray<TcpLabels>;
 }
 
-/** A connected upstream: a socket's fd (kernel or JS relay), or a tunnelled stream (JS relay). */
+/** A connected upstream: a socket's fd (kernel or JS relay), a tunnelled stream of node:http2 (JS relay), or one of the addon's engine (relayed there). */
 type Connected = { readonly fd: number } | { readonly stream: ClientHttp2Stream } | { readonly native: NativeTunnelStream };
 
 /** The tunnelled side of an inbound HBONE connection, from either engine. */
@@ -447,8 +447,9 @@ export class NodeProxy {
   }
 
   /**
-   * A tunnelled side (an HTTP/2 stream, either end) is relayed through JS streams: TLS and
-   * HTTP/2 framing need the bytes in user space. Socket to socket goes to relay().
+   * A tunnelled side (an HTTP/2 stream, either end): with the addon's engine the stream and the
+   * socket are joined on its thread; a node:http2 stream is relayed through JS streams. Socket to
+   * socket goes to relay().
    */
   private async relayConnected(state: PodState, client: RelaySide | NativeTunnelStream, connected: Connected, idleTimeoutMs: number): Promise<RelayResult> {
     // The addon's engine: the stream and the socket meet on its thread.
