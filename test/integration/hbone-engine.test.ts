@@ -172,9 +172,10 @@ test('hbone engine: a slow application holds the sender back by HTTP/2 flow cont
   t.after(() => server.close());
   const conn = await dial(engine, server.port, await leaf(CLIENT_ID), root, SERVER_ID);
 
-  // 48 MiB towards an application that reads nothing for a second: more than the stream's window
-  // (4 MiB) and the socket buffers hold, so the sender must be held back, then resume.
-  const big = pattern(48 << 20, 3);
+  // 96 MiB towards an application that reads nothing for a second: more than the stream's window
+  // (4 MiB), the engine's read-ahead (512 KiB) and what the loopback sockets on the way can buffer
+  // (here up to 4 MiB sent and 32 MiB received each), so the sender must be held back, then resume.
+  const big = pattern(96 << 20, 3);
   const first = engine.request(conn, '127.0.0.1:1', '');
   assert.equal(await first.status, 200);
   const [sender, fd] = await socketPair(t);
