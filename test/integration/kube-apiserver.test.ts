@@ -1,0 +1,69 @@
+/**
+ * Against a real kube-apiserver and etcd (scripts/kube-local.sh, built from the Go module proxy
+ * once per version): nodemesh's CRDs are accepted and become Established, and the control plane's
+ * Kubernetes source serves what is created through the API server (a Namespace, a Service, a Pod
+ * bound to a node with its status written as a kubelet would), then follows an update and a
+ * delete. No kubelet runs here: the Pod's status is patched through the status subresource.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { test, type TestContext } from 'node:test';
+
+import { ControlPlane } from '../../src/control-plane/server.js';
+import { PACKAGE_ROOT } from '../../src/shared/paths.js';
+import { collect, waitFor } from '../support/sandbox.js';
+import { TestAgent } from '../support/test-agent.js';
+
+const KUBE_LOCAL = join(PACKAGE_ROOT, 'scripts', 'kube-local.sh');
+const KUBECONFIG = join(PACKAGE_ROOT, 'build', 'kube', 'kubeconfig');
+
+async function run(cmd: string, args: ReadonlyArray<string>, input?: string): Promise<string> {
+  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, KUBECONFIG } });
+  child.stdin.end(input ?? '');
+  const r = await collect(child);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${r.code}: ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+const kubectl = (args: ReadonlyArray<string>, input?: string): Promise<string> => run(process.env['NODEMESH_KUBECTL'] ?? kubectlPath(), args, input);
+
+function kubectlPath(): string {
+  return join(process.env['NODEMESH_TOOLS_CACHE'] ?? '/var/cache/nodemesh', `kubernetes-${process.env['NODEMESH_K8S_VERSION'] ?? 'v1.37.2'}`, 'kubectl');
+}
+
+async function cluster(t: TestContext): Promise<void> {
+  await run('bash', [KUBE_LOCAL, 'up']);
+  t.after(() => run('bash', [KUBE_LOCAL, 'down']));
+}
+
+test('real API server: the CRDs become Established; the Kubernetes source serves a Namespace, Service and Pod made through it, and follows an update and a delete', async (t) => {
+  await cluster(t);
+  await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset', 'crds')]);
+  await kubectl(['wait', '--for=condition=Established', '--timeout=30s', 'crd/authorizationpolicies.security.nodemesh.io', 'crd/peerauthentications.security.nodemesh.io', 'crd/trafficpolicies.networking.nodemesh.io']);
+
+  await kubectl(['create', 'namespace', 'shop']);
+  await kubectl(['label', 'namespace', 'shop', 'nodemesh.io/enabled=true']);
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Service', metadata: { name: 'web', namespace: 'shop' }, spec: { selector: { app: 'web' }, ports: [{ name: 'http', port: 80, targetPort: 8080 }] } }));
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'web', namespace: 'shop' } }));
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'web-1', namespace: 'shop', labels: { app: 'web' } }, spec: { nodeName: 'node-a', serviceAccountName: 'web', automountServiceAccountToken: false, containers: [{ name: 'app', image: 'example.invalid/web:1' }] } }));
+  // What the kubelet would report once the pod runs.
+  await kubectl(['patch', 'pod', 'web-1', '-n', 'shop', '--subresource=status', '--type=merge', '-p', JSON.stringify({ status: { phase: 'Running', podIP: '10.200.0.5', podIPs: [{ ip: '10.200.0.5' }], conditions: [{ type: 'Ready', status: 'True' }] } })]);
+
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: KUBECONFIG, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
+  t.after(() => cp.stop());
+  const agent = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-b', []);
+  t.after(() => agent.stop());
+  const service = (): { ports: Array<{ port: number }> } | undefined => agent.held.get('Service/shop/web')?.service;
+
+  await waitFor(() => service() !== undefined && agent.keys('Workload').includes('Workload/shop/web-1'), 15_000, 'web and its endpoint from the API server');
+  assert.equal(service()?.ports[0]?.port, 80);
+  assert.equal(agent.held.get('Workload/shop/web-1')?.workload?.ip4, '10.200.0.5');
+  assert.equal(agent.held.get('Workload/shop/web-1')?.workload?.serviceAccount, 'web');
+  assert.deepEqual(agent.held.get('Namespace//shop')?.namespace?.labels?.['nodemesh.io/enabled'], 'true');
+
+  await kubectl(['patch', 'service', 'web', '-n', 'shop', '--type=json', '-p', JSON.stringify([{ op: 'replace', path: '/spec/ports/0/port', value: 8081 }])]);
+  await waitFor(() => service()?.ports[0]?.port === 8081, 15_000, 'the update through the watch');
+  await kubectl(['delete', 'service', 'web', '-n', 'shop', '--wait=false']);
+  await waitFor(() => service() === undefined, 15_000, 'the delete through the watch');
+});
