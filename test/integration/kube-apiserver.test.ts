@@ -67,3 +67,59 @@ test('real API server: the CRDs become Established; the Kubernetes source serves
   await kubectl(['delete', 'service', 'web', '-n', 'shop', '--wait=false']);
   await waitFor(() => service() === undefined, 15_000, 'the delete through the watch');
 });
+
+/** The API server's own count of requests to a resource (its /metrics, as the admin reads it). */
+async function apiRequests(resource: string, verb: string): Promise<number> {
+  const text = await kubectl(['get', '--raw', '/metrics']);
+  let n = 0;
+  for (const line of text.split('\n')) {
+    if (line.startsWith('apiserver_request_total{') && line.includes(`resource="${resource}"`) && line.includes(`verb="${verb}"`)) n += Number(line.split(' ').pop());
+  }
+  return n;
+}
+
+test('real API server: agents authenticate with pod-bound ServiceAccount tokens from the TokenRequest API (TokenReview) and speak only for their node', async (t) => {
+  await cluster(t);
+  for (const ns of ['nodemesh-system', 'shop']) await kubectl(['create', 'namespace', ns]);
+  await kubectl(['create', 'serviceaccount', 'nodemesh-agent', '-n', 'nodemesh-system']);
+  await kubectl(['create', 'serviceaccount', 'web', '-n', 'shop']);
+  const pod = (name: string, ns: string, sa: string): string =>
+    JSON.stringify({ apiVersion: 'v1', kind: 'Pod', metadata: { name, namespace: ns }, spec: { nodeName: 'node-a', serviceAccountName: sa, automountServiceAccountToken: false, containers: [{ name: 'c', image: 'example.invalid/c:1' }] } });
+  await kubectl(['apply', '-f', '-'], pod('agent-a', 'nodemesh-system', 'nodemesh-agent'));
+  await kubectl(['apply', '-f', '-'], pod('web-1', 'shop', 'web'));
+  // Tokens as the kubelet would project them: bound to a pod (so to its node), for an audience.
+  const token = async (ns: string, sa: string, audience: string, boundPod?: string): Promise<string> =>
+    (await kubectl(['create', 'token', sa, '-n', ns, '--audience', audience, '--duration', '10m', ...(boundPod ? ['--bound-object-kind', 'Pod', '--bound-object-name', boundPod] : [])])).trim();
+  const agentToken = await token('nodemesh-system', 'nodemesh-agent', 'nodemesh', 'agent-a');
+  const tokens = {
+    otherAccount: await token('shop', 'web', 'nodemesh', 'web-1'),
+    unbound: await token('nodemesh-system', 'nodemesh-agent', 'nodemesh'),
+    otherAudience: await token('nodemesh-system', 'nodemesh-agent', 'https://kubernetes.default.svc.cluster.local', 'agent-a'),
+  };
+
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: KUBECONFIG }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
+  t.after(() => cp.stop());
+  const address = `127.0.0.1:${cp.grpcPort()}`;
+  const agents = {
+    good: new TestAgent(address, 'node-a', [], agentToken),
+    otherNode: new TestAgent(address, 'node-b', [], agentToken),
+    otherAccount: new TestAgent(address, 'node-a', [], tokens.otherAccount),
+    unbound: new TestAgent(address, 'node-a', [], tokens.unbound),
+    unknown: new TestAgent(address, 'node-a', [], 'not-a-token'),
+    otherAudience: new TestAgent(address, 'node-a', [], tokens.otherAudience),
+  };
+  t.after(() => Object.values(agents).forEach((a) => a.stop()));
+  await waitFor(() => agents.good.version > 0, 15_000, "node-a's agent is served");
+  const refused = [agents.otherNode, agents.otherAccount, agents.unbound, agents.unknown, agents.otherAudience];
+  await waitFor(() => refused.every((a) => a.error !== undefined), 15_000, 'the others are refused');
+  assert.equal(agents.otherNode.error?.code, 7, "PERMISSION_DENIED: node-a's agent claiming node-b");
+  assert.deepEqual([agents.otherAccount, agents.unbound, agents.unknown, agents.otherAudience].map((a) => a.error?.code), [16, 16, 16, 16], 'UNAUTHENTICATED');
+  assert.ok(refused.every((a) => a.version === 0));
+  // A reconnect is answered from the review cache: the API server sees no TokenReview for it.
+  const before = await apiRequests('tokenreviews', 'POST');
+  assert.ok(before >= 1, 'the reviews reached the API server');
+  const again = new TestAgent(address, 'node-a', [], agentToken);
+  t.after(() => again.stop());
+  await waitFor(() => again.version > 0, 15_000, 'the reconnect is served');
+  assert.equal(await apiRequests('tokenreviews', 'POST'), before);
+});
