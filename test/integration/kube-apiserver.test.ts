@@ -7,11 +7,13 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
 import { PACKAGE_ROOT } from '../../src/shared/paths.js';
+import { metricValue } from '../support/agent.js';
 import { collect, waitFor } from '../support/sandbox.js';
 import { TestAgent } from '../support/test-agent.js';
 
@@ -122,4 +124,46 @@ test('real API server: agents authenticate with pod-bound ServiceAccount tokens 
   t.after(() => again.stop());
   await waitFor(() => again.version > 0, 15_000, 'the reconnect is served');
   assert.equal(await apiRequests('tokenreviews', 'POST'), before);
+});
+
+test('real API server: RBAC that forbids reading Pods is named and counted, the control plane stays not ready, and recovers once the permission is granted', async (t) => {
+  await cluster(t);
+  await kubectl(['create', 'namespace', 'nodemesh-system']);
+  await kubectl(['create', 'namespace', 'shop']);
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Service', metadata: { name: 'web', namespace: 'shop' }, spec: { selector: { app: 'web' }, ports: [{ port: 80 }] } }));
+  await kubectl(['create', 'serviceaccount', 'cp', '-n', 'nodemesh-system']);
+  // Everything the source reads but Pods.
+  const rules = (withPods: boolean): string =>
+    JSON.stringify({
+      apiVersion: 'rbac.authorization.k8s.io/v1',
+      kind: 'ClusterRole',
+      metadata: { name: 'nodemesh-test-reader' },
+      rules: [
+        { apiGroups: [''], resources: ['namespaces', 'services', 'configmaps', ...(withPods ? ['pods'] : [])], verbs: ['get', 'list', 'watch'] },
+        { apiGroups: ['discovery.k8s.io'], resources: ['endpointslices'], verbs: ['get', 'list', 'watch'] },
+        { apiGroups: ['networking.nodemesh.io', 'security.nodemesh.io', 'gateway.networking.k8s.io'], resources: ['*'], verbs: ['get', 'list', 'watch'] },
+      ],
+    });
+  await kubectl(['apply', '-f', '-'], rules(false));
+  await kubectl(['create', 'clusterrolebinding', 'nodemesh-test-reader', '--clusterrole', 'nodemesh-test-reader', '--serviceaccount', 'nodemesh-system:cp']);
+  const token = (await kubectl(['create', 'token', 'cp', '-n', 'nodemesh-system', '--duration', '1h'])).trim();
+  const ca = readFileSync(join(PACKAGE_ROOT, 'build', 'kube', 'pki', 'ca.crt')).toString('base64');
+  const server = /server: (\S+)/.exec(readFileSync(KUBECONFIG, 'utf8'))?.[1] ?? '';
+  const kubeconfig = join(PACKAGE_ROOT, 'build', 'kube', 'cp.kubeconfig');
+  writeFileSync(kubeconfig, `apiVersion: v1\nkind: Config\nclusters: [{name: local, cluster: {server: "${server}", certificate-authority-data: ${ca}}}]\nusers: [{name: cp, user: {token: "${token}"}}]\ncontexts: [{name: local, context: {cluster: local, user: cp}}]\ncurrent-context: local\n`, { mode: 0o600 });
+
+  const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
+  t.after(() => cp.stop());
+  const http = `http://127.0.0.1:${cp.httpPort()}`;
+  const metrics = async (): Promise<string> => (await fetch(`${http}/metrics`)).text();
+  await waitFor(async () => metricValue(await metrics(), 'nodemesh_cp_kube_errors_total', { resource: 'pods', reason: 'unauthorized' }) >= 1, 15_000, 'the forbidden list of pods counted');
+  for (const resource of ['services', 'namespaces', 'configmaps']) assert.equal(metricValue(await metrics(), 'nodemesh_cp_kube_errors_total', { resource, reason: 'unauthorized' }), 0, `only what RBAC forbids (${resource})`);
+  assert.equal((await fetch(`${http}/healthz/ready`)).status, 503, 'not ready while a resource cannot be read');
+
+  await kubectl(['apply', '-f', '-'], rules(true));
+  // The reflector retries with backoff (at most 30 s between tries); the grant is picked up without a restart.
+  await waitFor(async () => (await fetch(`${http}/healthz/ready`)).status === 200, 45_000, 'ready once Pods may be read');
+  const agent = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-a', []);
+  t.after(() => agent.stop());
+  await waitFor(() => agent.held.has('Service/shop/web'), 15_000, 'the Service served');
 });
