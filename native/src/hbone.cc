@@ -277,7 +277,18 @@ class HboneEngine {
     nghttp2_option_set_no_auto_window_update(option_, 1);
     nghttp2_option_set_max_send_header_block_length(option_, kMaxHeaderList);
     thread_ = std::thread([this]() { Loop(); });
-    thread_.detach();
+    // The process is exiting: the thread stops before OpenSSL's and the C++ runtime's exit-time
+    // cleanup runs under it (a thread still inside SSL_read then can abort the process).
+    napi_add_env_cleanup_hook(env, [](void* self) { static_cast<HboneEngine*>(self)->Stop(); }, this);
+  }
+
+  void Stop() {
+    stop_ = true;
+    uint64_t one = 1;
+    if (write(wake_, &one, sizeof(one)) < 0) {
+      // the loop wakes within 200 ms anyway
+    }
+    if (thread_.joinable()) thread_.join();
   }
 
   // Runs fn on the engine thread.
@@ -1151,7 +1162,7 @@ class HboneEngine {
   void Loop() {
     epoll_event events[256];
     auto nextTimers = Clock::now();
-    for (;;) {
+    while (!stop_) {
       int n = epoll_wait(epfd_, events, 256, runnable_.empty() ? 200 : 0);
       std::deque<std::function<void()>> commands;
       {
@@ -1201,6 +1212,7 @@ class HboneEngine {
   std::set<uint64_t> runnable_;
   std::vector<std::pair<uint64_t, int32_t>> idle_;
   std::atomic<uint64_t> nextId_{0};
+  std::atomic<bool> stop_{false};
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* option_ = nullptr;
   Napi::ThreadSafeFunction tsfn_;

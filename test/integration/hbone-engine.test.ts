@@ -291,3 +291,41 @@ test('hbone engine: a node:http2 peer on either end (another HTTP/2 client and s
   assert.equal(checksum(Buffer.concat(chunks)), checksum(payload));
   assert.equal(Buffer.concat(chunks).length, payload.length);
 });
+
+test('hbone engine: a relay with no traffic for its idle timeout ends with idle_timeout, both applications told', async (t) => {
+  const engine = HboneEngine.get();
+  const { root, leaf } = await pki();
+  const serverApps: Socket[] = [];
+  const server = await serve(engine, await leaf(SERVER_ID), root, (e) => {
+    if (e.type !== 'request') return;
+    void socketPair(t).then(([app, fd]) => {
+      serverApps.push(app);
+      void new NativeTunnelStream(e.handle, engine).attach(fd, 60_000);
+    });
+  });
+  t.after(() => server.close());
+  const conn = await dial(engine, server.port, await leaf(CLIENT_ID), root, SERVER_ID);
+  const { handle, status } = engine.request(conn, '127.0.0.1:1', '');
+  assert.equal(await status, 200);
+  const [app, fd] = await socketPair(t);
+  const started = Date.now();
+  const relayed = new NativeTunnelStream(handle, engine).attach(fd, 500);
+  const ended = readAll(app);
+  // Traffic for a while keeps it open past its timeout; then nothing.
+  for (let i = 0; i < 4; i++) {
+    app.write('x');
+    await sleep(200);
+  }
+  const r = await relayed;
+  assert.equal(r.reason, 'idle_timeout');
+  assert.equal(r.bytesFromClient, 4);
+  assert.ok(Date.now() - started >= 1100, 'not before the last byte plus the timeout');
+  assert.equal((await ended).error, undefined, 'the client application gets an end (FIN), not a reset');
+  // The other side's stream was reset (CANCEL): its application is reset too.
+  const deadline = Date.now() + 5000;
+  while (serverApps.length === 0 && Date.now() < deadline) await sleep(20);
+  const other = await readAll(serverApps[0] as Socket);
+  assert.equal(other.bytes, 4);
+  assert.equal(other.error, 'ECONNRESET');
+  engine.addon.hboneClose(conn);
+});
