@@ -3,8 +3,9 @@
 // JS: a 1 MB young generation and V8's optimize-for-size heuristics keep its RSS with 100 pods
 // at about 64 instead of 101 MiB, and V8's baseline compiler only (no TurboFan, `agent --jit
 // baseline`) at 57 (README, Performance, has the measurements). With a control plane the agent
-// speaks HBONE, whose bytes do pass through JS (TLS and HTTP/2): there TurboFan doubles the
-// requests/s and halves the CPU per request, so `--jit auto` (the default) keeps it on then.
+// speaks HBONE and runs more JS per connection (tunnels, CONNECT checks, policy): there TurboFan
+// gives ~15% more requests/s and ~10% less CPU per request (ARCHITECTURE.md), so `--jit auto`
+// (the default) keeps it on then.
 // Long-running processes log at info (one line per enrolled pod, per error); commands for humans
 // log warnings and errors only. NODEMESH_LOG_LEVEL overrides both.
 process.env.NODEMESH_LOG_LEVEL ??= ['agent', 'control-plane'].includes(process.argv[2] ?? '') ? 'info' : 'warn';

@@ -1112,6 +1112,8 @@ class HboneEngine {
   void Timers() {
     auto now = Clock::now();
     std::vector<std::pair<uint64_t, std::string>> dead;
+    // Finished after the walk: finishing one may reap it from the map being walked.
+    std::vector<std::pair<uint64_t, int32_t>> idle;
     for (auto& [id, c] : conns_) {
       if ((c->handshaking || !c->settingsSeen) && now > c->deadline) {
         dead.emplace_back(id, c->handshaking ? (c->server ? "tls_handshake" : "dial_timeout") : "h2_handshake");
@@ -1135,11 +1137,11 @@ class HboneEngine {
           s->error = "idle for " + std::to_string(s->idleMs) + " ms";
           s->reason = "idle_timeout";
           runnable_.insert(id);
-          idle_.push_back({id, sid});
+          idle.emplace_back(id, sid);
         }
       }
     }
-    for (auto& [cid, sid] : idle_) {
+    for (auto& [cid, sid] : idle) {
       auto it = conns_.find(cid);
       if (it == conns_.end()) continue;
       auto s = it->second->streams.find(sid);
@@ -1147,7 +1149,6 @@ class HboneEngine {
       // The application gets a FIN, the peer a RST_STREAM (CANCEL).
       FinishStream(*s->second);
     }
-    idle_.clear();
     for (auto& [id, reason] : dead) {
       if (reason == "dial_timeout") {
         auto it = conns_.find(id);
@@ -1210,7 +1211,6 @@ class HboneEngine {
   std::map<uint64_t, std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, Stream*> handles_;
   std::set<uint64_t> runnable_;
-  std::vector<std::pair<uint64_t, int32_t>> idle_;
   std::atomic<uint64_t> nextId_{0};
   std::atomic<bool> stop_{false};
   nghttp2_session_callbacks* callbacks_ = nullptr;
@@ -1297,6 +1297,9 @@ SSL_CTX* TakeContext(Napi::Env env, uint32_t id) {
   return it->second;
 }
 
+// A server, tunnel or stream id as JS holds it (a number).
+uint64_t IdArg(const Napi::CallbackInfo& info, size_t i) { return static_cast<uint64_t>(info[i].As<Napi::Number>().Int64Value()); }
+
 // hboneInit(onEvent)
 Napi::Value Init(const Napi::CallbackInfo& info) {
   if (!gEngine) gEngine = new HboneEngine(info.Env(), info[0].As<Napi::Function>());
@@ -1357,7 +1360,7 @@ Napi::Value Serve(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerContext(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t id = IdArg(info, 0);
   SSL_CTX* ctx = TakeContext(info.Env(), info[1].As<Napi::Number>().Uint32Value());
   e.Post([&e, id, ctx]() { e.SetServerContext(id, ctx); });
   return info.Env().Undefined();
@@ -1365,7 +1368,7 @@ Napi::Value ServerContext(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerClose(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t id = IdArg(info, 0);
   e.Post([&e, id]() { e.CloseServer(id); });
   return info.Env().Undefined();
 }
@@ -1373,7 +1376,7 @@ Napi::Value ServerClose(const Napi::CallbackInfo& info) {
 // hboneRequest(conn, authority, forwarded): stream handle; a 'response' event follows.
 Napi::Value Request(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t conn = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t conn = IdArg(info, 0);
   std::string authority = info[1].As<Napi::String>().Utf8Value();
   std::string forwarded = info[2].As<Napi::String>().Utf8Value();
   uint64_t handle = e.NextId();
@@ -1384,7 +1387,7 @@ Napi::Value Request(const Napi::CallbackInfo& info) {
 // hboneAttach(handle, fd, idleMs): relay id; a 'relayed' event follows. Takes the fd.
 Napi::Value Attach(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t handle = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t handle = IdArg(info, 0);
   int fd = info[1].As<Napi::Number>().Int32Value();
   int idle = info[2].As<Napi::Number>().Int32Value();
   uint64_t relay = e.NextId();
@@ -1394,7 +1397,7 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
 
 Napi::Value Answer(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t handle = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t handle = IdArg(info, 0);
   int status = info[1].As<Napi::Number>().Int32Value();
   e.Post([&e, handle, status]() { e.Answer(handle, status); });
   return info.Env().Undefined();
@@ -1402,14 +1405,14 @@ Napi::Value Answer(const Napi::CallbackInfo& info) {
 
 Napi::Value Cancel(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t handle = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t handle = IdArg(info, 0);
   e.Post([&e, handle]() { e.Cancel(handle); });
   return info.Env().Undefined();
 }
 
 Napi::Value CloseTunnel(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
-  uint64_t conn = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+  uint64_t conn = IdArg(info, 0);
   e.Post([&e, conn]() { e.Close(conn); });
   return info.Env().Undefined();
 }

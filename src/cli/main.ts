@@ -254,7 +254,7 @@ program
     // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
     new Option(
       '--jit <tiers>',
-      "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s, twice the HBONE requests/s); auto: full with --control-plane (HBONE tunnels pass their bytes through JS), baseline standalone",
+      "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s and HBONE requests/s); auto: full with --control-plane (HBONE: more JS per connection), baseline standalone",
     )
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),

@@ -138,6 +138,23 @@ type Connected = { readonly fd: number } | { readonly stream: ClientHttp2Stream 
 /** The tunnelled side of an inbound HBONE connection, from either engine. */
 type InboundStream = TunnelRequest['stream'] | NativeTunnelStream;
 
+/**
+ * The client's connection taken from node:net for the addon (the kernel relay or the HBONE
+ * engine): a duplicate of its fd, and node:net's copy goes. Without an fd for the copy (EMFILE)
+ * `release` frees the upstream, which is then the caller's to give back.
+ */
+function takeFd(client: Socket, clientFd: number, release: () => void): number {
+  let own: number;
+  try {
+    own = dupFd(clientFd);
+  } catch (e) {
+    release();
+    throw e;
+  }
+  client.destroy();
+  return own;
+}
+
 /** Ends an inbound CONNECT with an HTTP status (either engine). */
 function answer(stream: InboundStream, status: number): void {
   if (stream instanceof NativeTunnelStream) stream.answer(status);
@@ -464,15 +481,7 @@ export class NodeProxy {
         connected.native.cancel();
         throw new Error('the client socket has no fd');
       }
-      let own: number;
-      try {
-        own = dupFd(clientFd);
-      } catch (e) {
-        connected.native.cancel();
-        throw e;
-      }
-      client.destroy();
-      return connected.native.attach(own, idleTimeoutMs);
+      return connected.native.attach(takeFd(client, clientFd, () => connected.native.cancel()), idleTimeoutMs);
     }
     if ('stream' in connected) return relayStreams(client, connected.stream, idleTimeoutMs);
     if (!(client instanceof Socket)) {
@@ -491,19 +500,7 @@ export class NodeProxy {
    */
   private async relay(state: PodState, client: Socket, upstreamFd: number, idleTimeoutMs: number): Promise<RelayResult> {
     const clientFd = socketFd(client);
-    if (clientFd !== undefined && this.options.kernelRelay) {
-      let own: number;
-      try {
-        own = dupFd(clientFd);
-      } catch (e) {
-        // No fd for the relay's copy (EMFILE): the upstream connection is ours to close.
-        closeFd(upstreamFd);
-        throw e;
-      }
-      // node:net's copy goes; the connection lives on in `own`, which the relay now owns.
-      client.destroy();
-      return relayFds(own, upstreamFd, idleTimeoutMs);
-    }
+    if (clientFd !== undefined && this.options.kernelRelay) return relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
     const upstream = new Socket({ fd: upstreamFd, readable: true, writable: true, allowHalfOpen: true });
     state.sockets.add(upstream);
     upstream.once('close', () => state.sockets.delete(upstream));

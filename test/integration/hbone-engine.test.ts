@@ -17,6 +17,7 @@ import type { HboneEvent } from '../../src/datapath/native.js';
 import { createRoot, generateKeyPair, importSigningKey, issueLeaf, parseCertificate, privateKeyPem, type Signer } from '../../src/identity/x509.js';
 import { HboneEngine, NativeTunnelStream } from '../../src/proxy/tunnel/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
+import { waitFor } from '../support/sandbox.js';
 
 const SERVER_ID = 'spiffe://cluster.local/ns/default/sa/server';
 const CLIENT_ID = 'spiffe://cluster.local/ns/default/sa/client';
@@ -201,8 +202,7 @@ test('hbone engine: a slow application holds the sender back by HTTP/2 flow cont
   const ended = readAll(client);
   const relayed2 = new NativeTunnelStream(second.handle, engine).attach(fd2, 30_000);
   client.write('hello');
-  const deadline = Date.now() + 5000;
-  while (apps.length < 2 && Date.now() < deadline) await sleep(20);
+  await waitFor(() => apps.length === 2, 5000, 'the second CONNECT delivered');
   const serverApp = apps[1] as Socket;
   serverApp.resume();
   await sleep(100);
@@ -238,8 +238,7 @@ test('hbone engine: a server of another identity or another root is refused; a c
     const { status } = engine.request(conn, '127.0.0.1:1', '');
     await assert.rejects(status);
   }
-  const deadline = Date.now() + 5000;
-  while (closed.length === before && Date.now() < deadline) await sleep(20);
+  await waitFor(() => closed.length > before, 5000, 'the refused connection reported');
   assert.ok(closed.slice(before).some((e) => e.reason === 'tls_handshake' || e.during === 'tls'), JSON.stringify(closed));
 });
 
@@ -322,8 +321,7 @@ test('hbone engine: a relay with no traffic for its idle timeout ends with idle_
   assert.ok(Date.now() - started >= 1100, 'not before the last byte plus the timeout');
   assert.equal((await ended).error, undefined, 'the client application gets an end (FIN), not a reset');
   // The other side's stream was reset (CANCEL): its application is reset too.
-  const deadline = Date.now() + 5000;
-  while (serverApps.length === 0 && Date.now() < deadline) await sleep(20);
+  await waitFor(() => serverApps.length === 1, 5000, 'the CONNECT delivered');
   const other = await readAll(serverApps[0] as Socket);
   assert.equal(other.bytes, 4);
   assert.equal(other.error, 'ECONNRESET');

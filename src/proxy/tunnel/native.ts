@@ -114,15 +114,12 @@ export class HboneEngine {
     this.hold();
   }
 
-  attach(handle: number, fd: number, idleTimeoutMs: number): Promise<RelayResult> {
-    return new Promise((resolve) => {
-      const relay = this.addon.hboneAttach(handle, fd, idleTimeoutMs);
-      this.relays.set(relay, resolve as (e: Relayed) => void);
+  async attach(handle: number, fd: number, idleTimeoutMs: number): Promise<RelayResult> {
+    const e = await new Promise<Relayed>((resolve) => {
+      this.relays.set(this.addon.hboneAttach(handle, fd, idleTimeoutMs), resolve);
       this.hold();
-    }).then((r) => {
-      const e = r as Relayed;
-      return { bytesFromClient: e.bytesFromApp, bytesToClient: e.bytesToApp, ...(e.error !== undefined ? { error: e.error } : {}), ...(e.reason !== undefined ? { reason: e.reason } : {}) };
     });
+    return { bytesFromClient: e.bytesFromApp, bytesToClient: e.bytesToApp, ...(e.error !== undefined ? { error: e.error } : {}), ...(e.reason !== undefined ? { reason: e.reason } : {}) };
   }
 
   serve(fd: number, context: number, onEvent: (e: Requested | Closed) => void): number {
@@ -209,7 +206,8 @@ export class NativeTunnelStream {
 }
 
 interface Tunnel {
-  readonly conn: number;
+  /** The engine's id of the connection, once its handshakes are done. */
+  conn: number;
   streams: number;
   usable: boolean;
   idle: NodeJS.Timeout | undefined;
@@ -298,7 +296,7 @@ export class NativeTunnelPool {
       .catch((e: unknown) => {
         throw e instanceof TunnelFailed ? new TunnelFailed(e.reason, `${peer}: ${e.message}`) : e;
       });
-    Object.assign(tunnel, { conn });
+    tunnel.conn = conn;
     const list = this.tunnels.get(key) ?? [];
     list.push(tunnel);
     this.tunnels.set(key, list);
