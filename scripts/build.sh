@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the BPF objects (clang), the native addon (cmake-js over libbpf), the TypeScript (tsc) and
-# the validators compiled from the CRD schemas in daemonset/crds.
+# the validators compiled from the CRD schemas in the CRDs in daemonset/.
 # Like `npm test` and `npm run demo`, it first installs what the step needs and is missing: the
 # Debian packages (clang, libbpf-dev, cmake...; as root with apt-get, else one line naming them)
 # and node_modules (npm ci), so `npm run build` works on a fresh clone. Each step checks its tools

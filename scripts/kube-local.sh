@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # A real Kubernetes API server on this machine, for the tests and by hand:
-#   scripts/kube-local.sh build   builds etcd, kube-apiserver and kubectl (the same release, so no
-#                                 version skew) from the Go module proxy into a cache outside the
-#                                 clone, once per version (later runs reuse it)
-#   scripts/kube-local.sh up      builds if needed, then starts etcd and kube-apiserver on loopback:
-#                                 client-certificate authentication (the admin is in
-#                                 system:masters), ServiceAccount tokens signed and reviewable
-#                                 (TokenRequest, TokenReview), the Node and RBAC authorizers;
-#                                 writes build/kube/kubeconfig
-#   scripts/kube-local.sh down    stops both (by the PIDs it recorded) and removes build/kube
+#   scripts/kube-local.sh build   builds etcd, kube-apiserver, kube-controller-manager and kubectl
+#                                 (the same release, so no version skew) from the Go module proxy
+#                                 into a cache outside the clone, once per version (later runs
+#                                 reuse it)
+#   scripts/kube-local.sh up      builds if needed, then starts etcd, kube-apiserver and
+#                                 kube-controller-manager on loopback: client-certificate
+#                                 authentication (the admin is in system:masters), ServiceAccount
+#                                 tokens signed and reviewable (TokenRequest, TokenReview), the Node
+#                                 and RBAC authorizers, the built-in controllers (namespaces,
+#                                 ServiceAccounts, Deployments, DaemonSets, garbage collection);
+#                                 writes build/kube/kubeconfig. No scheduler and no kubelet: pods
+#                                 are created but never bound or run.
+#   scripts/kube-local.sh down    stops them (by the PIDs it recorded) and removes build/kube
 #   scripts/kube-local.sh env     prints `export KUBECONFIG=...` and the kubectl to use
 # Versions: NODEMESH_K8S_VERSION (default v1.37.2; its k8s.io/* staging modules at the matching
 # v0.x), NODEMESH_ETCD_VERSION (default v3.6.16). Cache: NODEMESH_TOOLS_CACHE (default
 # /var/cache/nodemesh). Ports: NODEMESH_KUBE_PORT (default 16443), etcd on the next two up from
-# NODEMESH_ETCD_PORT (default 16379).
+# NODEMESH_ETCD_PORT (default 16379), the controller manager's on the API server's + 1.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,6 +32,7 @@ ETCD_PORT=${NODEMESH_ETCD_PORT:-16379}
 STATE="$ROOT/build/kube"
 APISERVER="$CACHE/kubernetes-$K8S_VERSION/kube-apiserver"
 KUBECTL="$CACHE/kubernetes-$K8S_VERSION/kubectl"
+CONTROLLERS="$CACHE/kubernetes-$K8S_VERSION/kube-controller-manager"
 ETCD="$CACHE/etcd-$ETCD_VERSION/etcd"
 
 need_go() {
@@ -38,12 +43,12 @@ need_go() {
 staging_version() { printf 'v0.%s' "${K8S_VERSION#v1.}"; }
 
 build_kubernetes() {
-  [[ -x $APISERVER && -x $KUBECTL ]] && return 0
+  [[ -x $APISERVER && -x $KUBECTL && -x $CONTROLLERS ]] && return 0
   need_go
   local work gomod started
   started=$(date +%s)
   work=$(mktemp -d)
-  say "building kube-apiserver and kubectl $K8S_VERSION (once; cached in $(dirname "$APISERVER"))"
+  say "building kube-apiserver, kube-controller-manager and kubectl $K8S_VERSION (once; cached in $(dirname "$APISERVER"))"
   gomod=$(cd "$work" && go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])') \
     || die "k8s.io/kubernetes@$K8S_VERSION is not served by the Go module proxy"
   # k8s.io/kubernetes points its staging modules at folders of its own repository; as a module
@@ -54,18 +59,19 @@ build_kubernetes() {
   } >"$work/go.mod"
   (
     cd "$work"
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION" >&2
+    go get "k8s.io/kubernetes/cmd/kube-apiserver@$K8S_VERSION" "k8s.io/kubernetes/cmd/kube-controller-manager@$K8S_VERSION" "k8s.io/kubernetes/cmd/kubectl@$K8S_VERSION" >&2
     local pkg=k8s.io/component-base/version
     mkdir -p "$work/bin"
     CGO_ENABLED=0 go build -trimpath \
       -ldflags "-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)" \
-      -o "$work/bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl >&2
-  ) || die "building kube-apiserver and kubectl failed (see above)"
+      -o "$work/bin/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl >&2
+  ) || die "building kube-apiserver, kube-controller-manager and kubectl failed (see above)"
   mkdir -p "$(dirname "$APISERVER")"
   mv "$work/bin/kubectl" "$KUBECTL"
+  mv "$work/bin/kube-controller-manager" "$CONTROLLERS"
   mv "$work/bin/kube-apiserver" "$APISERVER"
   rm -rf "$work"
-  say "kube-apiserver and kubectl built in $(($(date +%s) - started)) s"
+  say "kube-apiserver, kube-controller-manager and kubectl built in $(($(date +%s) - started)) s"
 }
 
 build_etcd() {
@@ -187,6 +193,7 @@ up() {
   local i
   for i in $(seq 1 300); do
     if curl -sf --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1; then
+      controllers
       say "ready after $((i / 5)) s: export KUBECONFIG=$STATE/kubeconfig"
       return 0
     fi
@@ -198,9 +205,20 @@ up() {
   die "kube-apiserver was not ready within 60 s (log above)"
 }
 
+# The built-in controllers, as the admin (system:masters): no per-controller credentials here.
+controllers() {
+  say "kube-controller-manager on 127.0.0.1:$((API_PORT + 1))"
+  "$CONTROLLERS" --kubeconfig "$STATE/kubeconfig" --leader-elect=false \
+    --bind-address 127.0.0.1 --secure-port "$((API_PORT + 1))" --cert-dir "$STATE/pki" \
+    --root-ca-file "$STATE/pki/ca.crt" --service-account-private-key-file "$STATE/pki/sa.key" \
+    --use-service-account-credentials=false --controllers '*' \
+    >"$STATE/kube-controller-manager.log" 2>&1 </dev/null &
+  echo $! >"$STATE/kube-controller-manager.pid"
+}
+
 down() {
   local name pid
-  for name in kube-apiserver etcd; do
+  for name in kube-controller-manager kube-apiserver etcd; do
     [[ -f $STATE/$name.pid ]] || continue
     pid=$(cat "$STATE/$name.pid")
     if kill -0 "$pid" 2>/dev/null; then

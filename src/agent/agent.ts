@@ -271,6 +271,9 @@ export class NodeAgent {
     );
     this.servers.push(
       await serveHttp(ready, {
+        // Live while the event loop answers: a pod that is not yet verified makes the agent not
+        // ready, never a reason to restart it.
+        '/healthz/live': async () => json({ live: true }, 200),
         '/healthz/ready': async () => {
           // Ready: every pod of the node is captured, proven, and served with the complete config
           // the control plane has for it (its snapshot covers the pod), not a part of it.

@@ -241,7 +241,7 @@ program
   .option('--bpf-root <path>', `bpffs folder for pinned maps and links (default: ${PIN_BASE}/NODE)`)
   .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: nodes/NODE in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
-  .option('--ready <host:port>', '/healthz/ready', '0.0.0.0:15021')
+  .option('--ready <host:port>', '/healthz/ready and /healthz/live', '0.0.0.0:15021')
   .option('--admin <host:port>', 'admin API (pods, config)', '127.0.0.1:15000')
   .addOption(new Option('--passthrough <mode>', 'destinations that are not mesh Services').choices(['allow', 'deny']).default('allow'))
   .option('--connect-timeout <ms>', 'upstream connect timeout', '5000')
@@ -382,12 +382,13 @@ program
   .option('--listen-tls <host:port>', 'gRPC over TLS (Discovery, Certificates) for agents, with a serving certificate from the mesh CA', '0.0.0.0:15012')
   .option('--listen <host:port>', 'also gRPC in plaintext, on a loopback address only (development; e.g. 127.0.0.1:15010)')
   .option('--ca-dir <dir>', 'root-cert.pem and root-key.pem (0600): used if there (an operator\'s root or intermediate), created if not', CONTROL_PLANE_STATE_DIR)
+  .option('--ca-secret <ns/name>', 'with --source kubernetes: the Secret that keeps the CA (created from --ca-dir on first start, written to it on every start and followed after), and beside it the ConfigMap nodemesh-ca-root of trusted roots for agents')
   .option('--cert-ttl <time>', 'lifetime of workload certificates (agents renew at half life), e.g. 24h, 1h, 30s', '24h')
   .option('--agent-tokens <file>', 'lines of "<node> <token>": agents must present one and may speak only for its node')
   .option('--agent-service-account <ns/name>', "with --source kubernetes: agents present their pod's projected token (audience nodemesh), checked with TokenReview")
   .option('--pod-cidrs <list>', 'pod addresses nodes may claim in their reports: CIDR blocks of any node and NODE=CIDR blocks of one, comma-separated (default: any address)')
-  .option('--http <host:port>', '/metrics, /healthz/ready, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
-  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen?: string; listenTls: string; caDir: string; certTtl: string; http: string; agentTokens?: string; agentServiceAccount?: string; podCidrs?: string }) => {
+  .option('--http <host:port>', '/metrics, /healthz/ready, /healthz/live, /debug/snapshot?node=, /debug/nodes', '127.0.0.1:15014')
+  .action(async (opts: { configDir?: string; source: 'dir' | 'kubernetes'; kubeconfig?: string; listen?: string; listenTls: string; caDir: string; caSecret?: string; certTtl: string; http: string; agentTokens?: string; agentServiceAccount?: string; podCidrs?: string }) => {
     if (opts.source === 'dir' && opts.configDir === undefined) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', 'give --config-dir DIR, or --source kubernetes', { context: { field: 'config-dir' }, hint: 'nodemesh control-plane --config-dir examples/mesh' });
     }
@@ -410,7 +411,7 @@ program
     if (certTtlMs < CERT_TTL_BOUNDS.min || certTtlMs > CERT_TTL_BOUNDS.max) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cert-ttl ${opts.certTtl} must be from ${CERT_TTL_BOUNDS.min / 1000}s to ${CERT_TTL_BOUNDS.max / 3_600_000}h`, { context: { field: 'cert-ttl' }, hint: 'give a duration such as 24h' });
     }
-    const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }), ...(podRanges ? { podRanges } : {}) });
+    const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs, ...(opts.caSecret === undefined ? {} : { secret: opts.caSecret }) }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }), ...(podRanges ? { podRanges } : {}) });
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

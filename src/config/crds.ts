@@ -1,16 +1,17 @@
 /**
- * nodemesh's own kinds as their CRDs define them (daemonset/crds/*.yaml): the one source of truth
+ * nodemesh's own kinds as their CRDs define them (daemonset/01-crd-*.yaml): the one source of truth
  * for the API server and for local validation. `npm run build` compiles these schemas into
  * validators (src/config/generate-validators.ts); this module is what both sides read.
  */
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { parse } from 'yaml';
+import { parseAllDocuments } from 'yaml';
 
 import { PACKAGE_ROOT } from '../shared/paths.js';
 
-export const CRD_DIR = join(PACKAGE_ROOT, 'daemonset', 'crds');
+/** The install manifests' folder: its CustomResourceDefinitions are nodemesh's kinds. */
+export const CRD_DIR = join(PACKAGE_ROOT, 'daemonset');
 
 export interface CrdKind {
   readonly group: string;
@@ -44,12 +45,16 @@ export function strictSchema(schema: unknown): unknown {
 export function readCrds(dir = CRD_DIR): CrdKind[] {
   const kinds: CrdKind[] = [];
   for (const file of readdirSync(dir).filter((f) => /\.ya?ml$/.test(f)).sort()) {
-    const crd = parse(readFileSync(join(dir, file), 'utf8')) as {
-      spec: { group: string; names: { kind: string; plural: string }; versions: Array<{ name: string; schema: { openAPIV3Schema: unknown } }> };
-    };
-    for (const v of crd.spec.versions) {
-      const { group, names } = crd.spec;
-      kinds.push({ group, version: v.name, kind: names.kind, plural: names.plural, key: `${group}/${v.name}/${names.kind}`, schema: strictSchema(v.schema.openAPIV3Schema) });
+    for (const doc of parseAllDocuments(readFileSync(join(dir, file), 'utf8'))) {
+      const crd = doc.toJS() as {
+        kind?: string;
+        spec: { group: string; names: { kind: string; plural: string }; versions: Array<{ name: string; schema: { openAPIV3Schema: unknown } }> };
+      } | null;
+      if (crd?.kind !== 'CustomResourceDefinition') continue;
+      for (const v of crd.spec.versions) {
+        const { group, names } = crd.spec;
+        kinds.push({ group, version: v.name, kind: names.kind, plural: names.plural, key: `${group}/${v.name}/${names.kind}`, schema: strictSchema(v.schema.openAPIV3Schema) });
+      }
     }
   }
   return kinds;

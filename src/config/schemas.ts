@@ -1,6 +1,6 @@
 /**
  * Validation of nodemesh's own kinds against the OpenAPI v3 schemas of their CRDs
- * (daemonset/crds/*.yaml, read by crds.ts): one source of truth for the API server and for local
+ * (daemonset/01-crd-*.yaml, read by crds.ts): one source of truth for the API server and for local
  * files. The build compiles them into ajv standalone validators; this module loads those and
  * turns their errors into ObjectInvalid with the field named.
  */
@@ -14,7 +14,7 @@ import { NodemeshError } from '../shared/errors.js';
 import { PACKAGE_ROOT } from '../shared/paths.js';
 import { ObjectInvalid } from './service.js';
 
-/** The validators `npm run build` compiles from daemonset/crds (src/config/generate-validators.ts). */
+/** The validators `npm run build` compiles from the CRDs in daemonset/ (src/config/generate-validators.ts). */
 export const GENERATED_VALIDATORS = join(PACKAGE_ROOT, 'build', 'generated', 'crd-validators.cjs');
 
 interface Validator {

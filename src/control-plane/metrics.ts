@@ -15,6 +15,7 @@ export class ControlPlaneMetrics {
   readonly configVersion: Gauge;
   readonly certificates: Counter<'result'>;
   readonly caReloads: Counter<'result'>;
+  readonly caSecret: Counter<'result'>;
   readonly podReports: Counter<'result'>;
 
   constructor() {
@@ -41,6 +42,12 @@ export class ControlPlaneMetrics {
       registers,
     });
     this.caReloads = new Counter({ name: 'nodemesh_cp_ca_reloads_total', help: 'Loads of a changed CA folder (a root rotation step), by result: loaded, failed (the CA kept what it had)', labelNames: ['result'], registers });
+    this.caSecret = new Counter({
+      name: 'nodemesh_cp_ca_secret_syncs_total',
+      help: 'The CA Secret (--ca-secret) and the trusted roots ConfigMap, by result: stored (a created root kept), restored (the CA folder written from the Secret), failed (tried again; the CA keeps what it has)',
+      labelNames: ['result'],
+      registers,
+    });
     this.podReports = new Counter({
       name: 'nodemesh_cp_pod_reports_total',
       help: 'Pod reports of agents: applied, delayed (rate limit), and entries dropped by reason (invalid, duplicate_uid, address_taken, address_out_of_range, name_taken)',

@@ -15,6 +15,7 @@ import type { Server as HttpServer } from 'node:http';
 
 import { hostname, networkInterfaces } from 'node:os';
 import { watch, type FSWatcher } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 
 import { Metadata, Server, ServerCredentials, status as GrpcStatus, type sendUnaryData, type ServerCredentials as Credentials, type ServerDuplexStream, type ServerUnaryCall } from '@grpc/grpc-js';
 
@@ -72,6 +73,9 @@ const POD_GRACE_MS = 60_000;
 const BATCH_MS = 10;
 /** How long after the last change in the CA folder it is loaded again (an edit is several writes). */
 const CA_RELOAD_DELAY_MS = 500;
+/** How often the CA folder is compared with its Secret, and the trusted roots ConfigMap with the CA (--ca-secret). */
+const CA_SECRET_SYNC_MS = 30_000;
+const CA_SECRET_TIMEOUT_MS = 15_000;
 /** After a start, how long agents get to report their pods before the first push. */
 const WARMUP_MS = 2000;
 
@@ -85,7 +89,12 @@ export interface ControlPlaneOptions {
   /** gRPC over TLS (15012), with a serving certificate from the CA: what agents use. */
   readonly listenTls?: HostPort;
   /** The certificate authority: its folder (root-cert.pem, root-key.pem) and the leaves' lifetime. Without it, no certificates and no TLS. */
-  readonly ca?: { readonly dir: string; readonly certTtlMs?: number };
+  readonly ca?: {
+    readonly dir: string;
+    readonly certTtlMs?: number;
+    /** With the Kubernetes source: "namespace/name" of the Secret that keeps the root and key (the folder follows it) and, beside it, the ConfigMap of trusted roots. */
+    readonly secret?: string;
+  };
   /** HTTP: /metrics, /healthz/ready, /debug/snapshot, /debug/nodes (15014). */
   readonly http: HostPort;
   /** How long agents get to report their pods after a start before the first push (default 2 s). */
@@ -179,6 +188,10 @@ export class ControlPlane {
   private port = 0;
   private tlsPort = 0;
   private ca: CertificateAuthority | undefined;
+  private caSecret: import('./sources/ca-secret.js').CaSecret | undefined;
+  private caSecretTimer: NodeJS.Timeout | undefined;
+  /** The roots last published to the ConfigMap (joined PEM), so an unchanged bundle is not written again. */
+  private publishedRoots = '';
   /** Certificates signed, by node, then by identity (the last one). */
   private readonly issued = new Map<string, Map<string, IssuedCertificate>>();
   /** Sign requests per node: a node asks once per identity per half life, and again after a restart. */
@@ -219,6 +232,13 @@ export class ControlPlane {
       kube.watchPods((pods) => this.sourcePods(pods));
       reader = kube;
       if (options.agentServiceAccount !== undefined) tokenReview = new kubernetes.TokenReviewAuthenticator(kube.api, options.agentServiceAccount);
+      if (options.ca?.secret !== undefined) this.caSecret = kubernetes.CaSecret.of(kube.api, options.ca.secret);
+    }
+    if (options.ca?.secret !== undefined && source.kind !== 'kubernetes') {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', '--ca-secret needs --source kubernetes (the Secret is kept in the API server)', {
+        context: { field: 'ca-secret' },
+        hint: 'add --source kubernetes, or keep the CA in --ca-dir only',
+      });
     }
     this.store = new ConfigStore(reader, { onLoad: (config, rejected) => this.configRead(config, rejected) });
     this.tokens = options.agentTokens === undefined ? tokenReview : new AgentTokens(options.agentTokens);
@@ -236,8 +256,13 @@ export class ControlPlane {
       if (options.ca) {
         // The trust domain is the mesh config's when the control plane starts: a CA signs for one.
         const trustDomain = cp.store.current().mesh.trustDomain;
-        cp.ca = await CertificateAuthority.open(options.ca.dir, trustDomain);
+        cp.ca = await cp.openCa(options.ca.dir, trustDomain);
         cp.watchCa(options.ca.dir);
+        if (cp.caSecret) {
+          await cp.syncCaSecret(options.ca.dir);
+          cp.caSecretTimer = setInterval(() => void cp.syncCaSecret(options.ca?.dir ?? ''), CA_SECRET_SYNC_MS);
+          cp.caSecretTimer.unref();
+        }
       }
       // Pods come from the agents' reports: until they have had time to report after a restart,
       // a push would tell every node that the endpoints on other nodes are gone.
@@ -253,6 +278,7 @@ export class ControlPlane {
       await cp.serveGrpc();
       cp.http = await serveHttp(options.http, {
         '/metrics': async () => ({ status: 200, type: cp.metrics.registry.contentType, body: await cp.metrics.registry.metrics() }),
+        '/healthz/live': async () => json({ live: true }, 200),
         '/healthz/ready': async () => {
           const synced = cp.store.reader.synced();
           const ready = cp.store.hasLoaded() && cp.warm && synced && cp.version > 0;
@@ -292,6 +318,7 @@ export class ControlPlane {
     this.store.close();
     this.caWatcher?.close();
     clearTimeout(this.caReloadTimer);
+    clearInterval(this.caSecretTimer);
     clearTimeout(this.batch);
     clearTimeout(this.warmup);
     for (const t of this.graceTimers.values()) clearTimeout(t);
@@ -484,6 +511,55 @@ export class ControlPlane {
     }
   }
 
+  /**
+   * The CA, from its folder; with --ca-secret the Secret decides what the folder holds: its root
+   * when it exists, else the root this control plane creates, stored as the Secret (another
+   * control plane that stored one first wins, and its root is used).
+   */
+  private async openCa(dir: string, trustDomain: string): Promise<CertificateAuthority> {
+    const secret = this.caSecret;
+    if (!secret) return CertificateAuthority.open(dir, trustDomain);
+    const signal = AbortSignal.timeout(CA_SECRET_TIMEOUT_MS);
+    await mkdir(dir, { recursive: true, mode: 0o700 });
+    if ((await secret.restore(dir, signal)) === undefined) {
+      const ca = await CertificateAuthority.open(dir, trustDomain);
+      if (await secret.store(dir, signal)) {
+        this.metrics.caSecret.inc({ result: 'stored' });
+        log.info({ secret: secret.ref, created: ca.created }, 'stored the CA in its Secret');
+        return ca;
+      }
+      if ((await secret.restore(dir, signal)) === undefined) throw new NodemeshError('NM_ERR_CA', `the CA Secret ${secret.ref} was created by another control plane and then deleted`, { context: { object: `Secret/${secret.ref}` } });
+    }
+    this.metrics.caSecret.inc({ result: 'restored' });
+    log.info({ secret: secret.ref }, 'the CA comes from its Secret');
+    return CertificateAuthority.open(dir, trustDomain, { create: false });
+  }
+
+  /**
+   * Keeps the CA folder following its Secret (a rotation is an update of the Secret; the folder
+   * watcher reloads the CA) and the ConfigMap of trusted roots following the CA. A failure is
+   * logged and counted, and tried again at the next round; the CA keeps what it has.
+   */
+  private async syncCaSecret(dir: string): Promise<void> {
+    const secret = this.caSecret;
+    if (!secret || !this.ca) return;
+    const signal = AbortSignal.timeout(CA_SECRET_TIMEOUT_MS);
+    try {
+      if ((await secret.restore(dir, signal)) === true) {
+        this.metrics.caSecret.inc({ result: 'restored' });
+        log.info({ secret: secret.ref }, 'the CA Secret changed: the CA folder follows it');
+      }
+      const roots = this.ca.roots().join('');
+      if (roots !== this.publishedRoots) {
+        await secret.publishRoots(this.ca.roots(), signal);
+        this.publishedRoots = roots;
+      }
+    } catch (e) {
+      this.metrics.caSecret.inc({ result: 'failed' });
+      log.error({ secret: secret.ref, err: (e as Error).message }, 'the CA Secret or the trusted roots ConfigMap cannot be synced; tried again shortly');
+    }
+  }
+
   private async reloadCa(dir: string): Promise<void> {
     const current = this.ca;
     if (!current) return;
@@ -499,6 +575,7 @@ export class ControlPlane {
     this.ca = next;
     this.metrics.caReloads.inc({ result: 'loaded' });
     log.info({ dir, roots: next.roots().length }, 'CA reloaded: new certificates chain to its signing root; every node gets the new trust bundle');
+    if (this.caSecret) void this.syncCaSecret(dir);
     this.changed();
   }
 

@@ -6,42 +6,21 @@
  * delete. No kubelet runs here: the Pod's status is patched through the status subresource.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
 import { PACKAGE_ROOT } from '../../src/shared/paths.js';
 import { metricValue } from '../support/agent.js';
-import { collect, waitFor } from '../support/sandbox.js';
+import { cluster, KUBECONFIG, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
+import { waitFor } from '../support/sandbox.js';
+import { scratch } from '../support/scratch.js';
 import { TestAgent } from '../support/test-agent.js';
-
-const KUBE_LOCAL = join(PACKAGE_ROOT, 'scripts', 'kube-local.sh');
-const KUBECONFIG = join(PACKAGE_ROOT, 'build', 'kube', 'kubeconfig');
-
-async function run(cmd: string, args: ReadonlyArray<string>, input?: string): Promise<string> {
-  const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, KUBECONFIG } });
-  child.stdin.end(input ?? '');
-  const r = await collect(child);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')}: exit ${r.code}: ${r.stderr.trim()}`);
-  return r.stdout;
-}
-
-const kubectl = (args: ReadonlyArray<string>, input?: string): Promise<string> => run(process.env['NODEMESH_KUBECTL'] ?? kubectlPath(), args, input);
-
-function kubectlPath(): string {
-  return join(process.env['NODEMESH_TOOLS_CACHE'] ?? '/var/cache/nodemesh', `kubernetes-${process.env['NODEMESH_K8S_VERSION'] ?? 'v1.37.2'}`, 'kubectl');
-}
-
-async function cluster(t: TestContext): Promise<void> {
-  await run('bash', [KUBE_LOCAL, 'up']);
-  t.after(() => run('bash', [KUBE_LOCAL, 'down']));
-}
 
 test('real API server: the CRDs become Established; the Kubernetes source serves a Namespace, Service and Pod made through it, and follows an update and a delete', async (t) => {
   await cluster(t);
-  await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset', 'crds')]);
+  for (const f of readdirSync(join(PACKAGE_ROOT, 'daemonset')).filter((f) => f.startsWith('01-crd-'))) await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset', f)]);
   await kubectl(['wait', '--for=condition=Established', '--timeout=30s', 'crd/authorizationpolicies.security.nodemesh.io', 'crd/peerauthentications.security.nodemesh.io', 'crd/trafficpolicies.networking.nodemesh.io']);
 
   await kubectl(['create', 'namespace', 'shop']);
@@ -146,11 +125,7 @@ test('real API server: RBAC that forbids reading Pods is named and counted, the 
     });
   await kubectl(['apply', '-f', '-'], rules(false));
   await kubectl(['create', 'clusterrolebinding', 'nodemesh-test-reader', '--clusterrole', 'nodemesh-test-reader', '--serviceaccount', 'nodemesh-system:cp']);
-  const token = (await kubectl(['create', 'token', 'cp', '-n', 'nodemesh-system', '--duration', '1h'])).trim();
-  const ca = readFileSync(join(PACKAGE_ROOT, 'build', 'kube', 'pki', 'ca.crt')).toString('base64');
-  const server = /server: (\S+)/.exec(readFileSync(KUBECONFIG, 'utf8'))?.[1] ?? '';
-  const kubeconfig = join(PACKAGE_ROOT, 'build', 'kube', 'cp.kubeconfig');
-  writeFileSync(kubeconfig, `apiVersion: v1\nkind: Config\nclusters: [{name: local, cluster: {server: "${server}", certificate-authority-data: ${ca}}}]\nusers: [{name: cp, user: {token: "${token}"}}]\ncontexts: [{name: local, context: {cluster: local, user: cp}}]\ncurrent-context: local\n`, { mode: 0o600 });
+  const kubeconfig = await serviceAccountKubeconfig('nodemesh-system', 'cp');
 
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   t.after(() => cp.stop());
@@ -166,4 +141,54 @@ test('real API server: RBAC that forbids reading Pods is named and counted, the 
   const agent = new TestAgent(`127.0.0.1:${cp.grpcPort()}`, 'node-a', []);
   t.after(() => agent.stop());
   await waitFor(() => agent.held.has('Service/shop/web'), 15_000, 'the Service served');
+});
+
+test('real API server, installed from daemonset/: the control plane runs with exactly its RBAC, keeps the CA in its Secret (made on first start, the same root after a restart), publishes the trusted roots, and only nodemesh-system/nodemesh configures the mesh', async (t) => {
+  await cluster(t);
+  const daemonset = join(PACKAGE_ROOT, 'daemonset');
+  await kubectl(['apply', '-f', daemonset]);
+  await kubectl(['wait', '--for=condition=Established', '--timeout=30s', 'crd/authorizationpolicies.security.nodemesh.io', 'crd/peerauthentications.security.nodemesh.io', 'crd/trafficpolicies.networking.nodemesh.io']);
+  await kubectl(['create', 'namespace', 'shop']);
+  // Whoever may write ConfigMaps in their namespace does not get to set the mesh's trust domain.
+  await kubectl(['create', 'configmap', 'nodemesh', '-n', 'shop', '--from-literal=trustDomain=evil.example']);
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'agent-a', namespace: 'nodemesh-system' }, spec: { nodeName: 'node-a', serviceAccountName: 'nodemesh-agent', automountServiceAccountToken: false, containers: [{ name: 'c', image: 'example.invalid/c:1' }] } }));
+  const agentToken = (await kubectl(['create', 'token', 'nodemesh-agent', '-n', 'nodemesh-system', '--audience', 'nodemesh', '--bound-object-kind', 'Pod', '--bound-object-name', 'agent-a'])).trim();
+  const kubeconfig = await serviceAccountKubeconfig('nodemesh-system', 'nodemesh-control-plane');
+  const { dir } = await scratch(t, 'nodemesh-ca-secret');
+
+  const start = async (caDir: string): Promise<ControlPlane> => {
+    const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, agentServiceAccount: 'nodemesh-system/nodemesh-agent', ca: { dir: caDir, secret: 'nodemesh-system/nodemesh-ca' }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
+    t.after(() => cp.stop());
+    return cp;
+  };
+  const cp1 = await start(join(dir, 'ca-1'));
+  const metrics1 = async (): Promise<string> => (await fetch(`http://127.0.0.1:${cp1.httpPort()}/metrics`)).text();
+  await waitFor(async () => (await fetch(`http://127.0.0.1:${cp1.httpPort()}/healthz/ready`)).status === 200, 15_000, 'ready: every resource readable with the RBAC of daemonset/');
+  assert.equal(metricValue(await metrics1(), 'nodemesh_cp_ca_secret_syncs_total', { result: 'stored' }), 1);
+  assert.equal(metricValue(await metrics1(), 'nodemesh_cp_ca_secret_syncs_total', { result: 'failed' }), 0);
+  assert.doesNotMatch(await metrics1(), /nodemesh_cp_kube_errors_total\{[^}]*reason="unauthorized"/);
+
+  const root = readFileSync(join(dir, 'ca-1', 'root-cert.pem'), 'utf8');
+  const key = readFileSync(join(dir, 'ca-1', 'root-key.pem'), 'utf8');
+  const secret = JSON.parse(await kubectl(['get', 'secret', 'nodemesh-ca', '-n', 'nodemesh-system', '-o', 'json'])) as { data: Record<string, string> };
+  assert.equal(Buffer.from(secret.data['root-cert.pem'] ?? '', 'base64').toString(), root);
+  assert.equal(Buffer.from(secret.data['root-key.pem'] ?? '', 'base64').toString(), key);
+  assert.equal(await kubectl(['get', 'configmap', 'nodemesh-ca-root', '-n', 'nodemesh-system', '-o', 'jsonpath={.data.root-cert\\.pem}']), `${root.trim()}\n`);
+
+  const agent = new TestAgent(`127.0.0.1:${cp1.grpcPort()}`, 'node-a', [], agentToken);
+  t.after(() => agent.stop());
+  await waitFor(() => agent.held.has('TrustBundle//mesh'), 15_000, "node-a's agent is served, its token reviewed with the control plane's RBAC");
+  assert.deepEqual(agent.held.get('TrustBundle//mesh')?.trustBundle?.roots?.map((r) => r.trim()), [root.trim()]);
+  assert.equal(agent.held.get('MeshSettings//nodemesh')?.mesh?.trustDomain, 'cluster.local');
+  assert.equal(agent.held.get('MeshSettings//nodemesh')?.mesh?.enrollment, 'opt-in', "daemonset/'s mesh config");
+  agent.stop();
+  await cp1.stop();
+
+  // Rescheduled with an empty CA folder: the same root and key, from the Secret.
+  const cp2 = await start(join(dir, 'ca-2'));
+  assert.equal(readFileSync(join(dir, 'ca-2', 'root-cert.pem'), 'utf8'), root);
+  assert.equal(readFileSync(join(dir, 'ca-2', 'root-key.pem'), 'utf8'), key);
+  const metrics2 = await (await fetch(`http://127.0.0.1:${cp2.httpPort()}/metrics`)).text();
+  assert.equal(metricValue(metrics2, 'nodemesh_cp_ca_secret_syncs_total', { result: 'restored' }), 1);
+  assert.equal(metricValue(metrics2, 'nodemesh_cp_ca_secret_syncs_total', { result: 'stored' }), 0);
 });

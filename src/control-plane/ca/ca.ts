@@ -66,7 +66,7 @@ async function exists(path: string): Promise<boolean> {
 }
 
 /** Writes a file whole (temp file, then rename) with the given mode from its creation on. */
-async function writeNew(path: string, text: string, mode: number): Promise<void> {
+export async function writeNew(path: string, text: string, mode: number): Promise<void> {
   const tmp = `${path}.${process.pid}.tmp`;
   const f = await open(tmp, 'wx', mode);
   try {

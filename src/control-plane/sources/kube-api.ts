@@ -20,7 +20,7 @@ const MAX_LINE_BYTES = 16 * 1024 * 1024;
 /** A list page: the API server's paging keeps one response (and our memory for it) bounded. */
 const PAGE_LIMIT = 500;
 
-export type KubeObject = Record<string, unknown> & { metadata?: { name?: string; namespace?: string; resourceVersion?: string; uid?: string } };
+export type KubeObject = Record<string, unknown> & { metadata?: { name?: string; namespace?: string; resourceVersion?: string; uid?: string; labels?: Record<string, string> } };
 
 export interface WatchEvent {
   readonly type: 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR';
@@ -180,18 +180,34 @@ export class KubeApi {
     });
   }
 
-  /** POSTs an object (a TokenReview) and returns the API server's answer, or throws its Status. */
+  /** POSTs an object (a TokenReview, a Secret) and returns the API server's answer, or throws its Status (409 AlreadyExists included). */
   async create(path: string, body: unknown, signal: AbortSignal): Promise<unknown> {
-    const res = await this.send(path, {}, signal, JSON.stringify(body));
+    const res = await this.send(path, {}, signal, JSON.stringify(body), 'POST');
     const answer = await readJson(res, path);
     if (res.statusCode !== 200 && res.statusCode !== 201) throw statusError(path, res.statusCode ?? 0, answer);
     return answer;
   }
 
-  private async send(path: string, query: Record<string, string>, signal: AbortSignal, body?: string): Promise<IncomingMessage> {
+  /** One object, or undefined when there is none (404). */
+  async get(path: string, signal: AbortSignal): Promise<KubeObject | undefined> {
+    const res = await this.send(path, {}, signal);
+    const answer = await readJson(res, path);
+    if (res.statusCode === 404) return undefined;
+    if (res.statusCode !== 200) throw statusError(path, res.statusCode ?? 0, answer);
+    return answer as KubeObject;
+  }
+
+  /** PUTs an object whole; its metadata.resourceVersion makes it conditional (409 Conflict if it moved on). */
+  async replace(path: string, body: KubeObject, signal: AbortSignal): Promise<KubeObject> {
+    const res = await this.send(path, {}, signal, JSON.stringify(body), 'PUT');
+    const answer = await readJson(res, path);
+    if (res.statusCode !== 200) throw statusError(path, res.statusCode ?? 0, answer);
+    return answer as KubeObject;
+  }
+
+  private async send(path: string, query: Record<string, string>, signal: AbortSignal, body?: string, method: 'GET' | 'POST' | 'PUT' = 'GET'): Promise<IncomingMessage> {
     const url = new URL(this.server + path);
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
-    const method = body === undefined ? 'GET' : 'POST';
     const headers: Record<string, string> = { Accept: 'application/json', ...(body === undefined ? {} : { 'Content-Type': 'application/json' }) };
     const options: RequestOptions & { headers: Record<string, string> } = { method, headers, signal };
     await this.config.applyToHTTPSOptions(options as Parameters<KubeConfig['applyToHTTPSOptions']>[0]);
@@ -219,5 +235,5 @@ async function readJson(res: IncomingMessage, path: string): Promise<unknown> {
 function statusError(path: string, status: number, body: unknown): KubeApiError {
   const s = (typeof body === 'object' && body !== null ? body : {}) as { code?: unknown; reason?: unknown; message?: unknown };
   const code = typeof s.code === 'number' ? s.code : status;
-  return new KubeApiError(path, code, typeof s.reason === 'string' ? s.reason : `HTTP${code}`, `GET ${path}: HTTP ${code}${typeof s.message === 'string' ? `: ${s.message}` : ''}`);
+  return new KubeApiError(path, code, typeof s.reason === 'string' ? s.reason : `HTTP${code}`, `${path}: HTTP ${code}${typeof s.message === 'string' ? `: ${s.message}` : ''}`);
 }

@@ -9,7 +9,7 @@ import { mergeObjects, parseObject, type ConfigObjects, type FileContents } from
 import type { ConfigIssue } from '../../config/service.js';
 import type { ConfigReader } from '../../config/store.js';
 import { TRAFFIC_POLICY_API } from '../../config/traffic-policy.js';
-import { MESH_CONFIG_NAME } from '../../config/mesh.js';
+import { MESH_CONFIG_NAME, ROOT_NAMESPACE } from '../../config/mesh.js';
 import { Counter, type Registry } from '../../shared/prom.js';
 import type { WireWorkload } from '../../protocol/discovery.js';
 import { KubeApi, type KubeApiOptions, type KubeObject } from './kube-api.js';
@@ -30,7 +30,9 @@ interface ConfigResource {
 
 const CONFIG_RESOURCES: ReadonlyArray<ConfigResource> = [
   { resource: 'namespaces', path: '/api/v1/namespaces', apiVersion: 'v1', kind: 'Namespace' },
-  { resource: 'configmaps', path: `/api/v1/configmaps?fieldSelector=metadata.name%3D${MESH_CONFIG_NAME}`, apiVersion: 'v1', kind: 'ConfigMap' },
+  // Only nodemesh-system/nodemesh configures the mesh (whoever may write ConfigMaps in another
+  // namespace may not change mesh-wide settings), and RBAC can grant exactly that one by name.
+  { resource: 'configmaps', path: `/api/v1/namespaces/${ROOT_NAMESPACE}/configmaps?fieldSelector=metadata.name%3D${MESH_CONFIG_NAME}`, apiVersion: 'v1', kind: 'ConfigMap' },
   { resource: 'services', path: '/api/v1/services', apiVersion: 'v1', kind: 'Service' },
   { resource: 'trafficpolicies', path: `/apis/${TRAFFIC_POLICY_API}/trafficpolicies`, apiVersion: TRAFFIC_POLICY_API, kind: 'TrafficPolicy', optional: true },
   { resource: 'httproutes', path: '/apis/gateway.networking.k8s.io/v1/httproutes', apiVersion: 'gateway.networking.k8s.io/v1', kind: 'HTTPRoute', optional: true },
@@ -273,5 +275,7 @@ export function podWorkload(o: KubeObject): WireWorkload | 'not_running' | 'inva
   };
 }
 
-// The agent authenticator that needs the API server comes with this (lazily loaded) module.
+// What else needs the API server comes with this (lazily loaded) module: the agents'
+// authenticator and the CA's Secret.
 export { TokenReviewAuthenticator } from './token-review.js';
+export { CaSecret } from './ca-secret.js';
