@@ -3,7 +3,8 @@
  * Fail-closed enrollment (design.md section 3). Attached to the parent cgroup of all pods
  * (kubepods, or the local runtime's pods folder), it runs after a pod's own programs: a
  * connection that capture rewrote to the in-pod loopback listener passes, and so does any
- * connection from a pod whose cgroup is in nm_allowed_cgroups (verified, or opted out). Anything
+ * connection from a pod whose cgroup (or an ancestor of its container's cgroup) is in
+ * nm_allowed_cgroups (verified, or opted out). Anything
  * else is refused with EPERM, so no traffic leaves a pod the mesh has not yet proven it captures.
  */
 #include <linux/bpf.h>
@@ -16,11 +17,39 @@
 
 #define SOCK_STREAM 1
 
+/*
+ * A pod's containers live in child cgroups of the pod's cgroup (kubelet: kubepods[-QOS]/pod<UID>/
+ * <container>; the local runtime: pods/<ns_name>), and the pod's cgroup is what the agent allows.
+ * So the task's cgroup and each of its ancestors is looked up, from the root down: a pod's level
+ * differs with its QoS class, and NM_GATE_MAX_LEVELS bounds the walk for the verifier. Level 0
+ * is the root; past the task's own level the helper returns 0.
+ */
+#define NM_GATE_MAX_LEVELS 16
+
 static __always_inline int allowed_cgroup(void)
 {
-	__u64 id = bpf_get_current_cgroup_id();
+	for (int level = 1; level < NM_GATE_MAX_LEVELS; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
 
-	return bpf_map_lookup_elem(&nm_allowed_cgroups, &id) != 0;
+		if (id == 0)
+			return 0;
+		if (bpf_map_lookup_elem(&nm_allowed_cgroups, &id))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int allowed_skb_cgroup(struct __sk_buff *skb)
+{
+	for (int level = 1; level < NM_GATE_MAX_LEVELS; level++) {
+		__u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+
+		if (id == 0)
+			return 0;
+		if (bpf_map_lookup_elem(&nm_allowed_cgroups, &id))
+			return 1;
+	}
+	return 0;
 }
 
 SEC("cgroup/connect4")
@@ -72,9 +101,7 @@ static __always_inline int allow_packet(__u8 proto, __u32 dport_off, struct __sk
 SEC("cgroup_skb/egress")
 int nm_gate_egress(struct __sk_buff *skb)
 {
-	__u64 id = bpf_skb_cgroup_id(skb);
-
-	if (bpf_map_lookup_elem(&nm_allowed_cgroups, &id))
+	if (allowed_skb_cgroup(skb))
 		return 1;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		__u8 vihl = 0, proto = 0;

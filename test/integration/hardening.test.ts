@@ -201,10 +201,10 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS, and no ICMP from
   const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('server', [SVC], { app: 'server' }), 'mesh.yaml': mesh });
   await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'pods verified');
 
-  // Receivers in the server pod count the datagrams that arrive on a port, for 4 s.
+  // Receivers in the server pod count the datagrams that arrive on a port, for 6 s.
   const receiver = (port: number): Promise<{ stdout: string }> =>
     collect(
-      sb.runtime.exec(server.record, [process.execPath, '-e', `const s=require('dgram').createSocket('udp4');let n=0;s.on('message',()=>n++);s.bind(${port},()=>console.log('ready'));setTimeout(()=>{console.log('got '+n);process.exit(0)},4000)`], { stdio: ['ignore', 'pipe', 'pipe'] }),
+      sb.runtime.exec(server.record, [process.execPath, '-e', `const s=require('dgram').createSocket('udp4');let n=0;s.on('message',()=>n++);s.bind(${port},()=>console.log('ready'));setTimeout(()=>{console.log('got '+n);process.exit(0)},6000)`], { stdio: ['ignore', 'pipe', 'pipe'] }),
     );
   const other = receiver(9999);
   const dns = receiver(53);
@@ -219,9 +219,18 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS, and no ICMP from
     collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', intruder, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
   await fromIntruder(9999);
   await fromIntruder(53);
-  // A verified pod is not gated.
+  // A verified pod is not gated, nor are its containers (child cgroups of the pod's, as the
+  // kubelet makes them); a container cgroup under the unverified one is gated like it.
   await collect(sb.runtime.exec(client, [process.execPath, '-e', send, server.record.ip4, '9999'], { stdio: ['ignore', 'pipe', 'pipe'] }));
-  assert.match((await other).stdout, /got 1\b/, 'only the verified pod\'s datagram arrived on 9999');
+  const fromCgroup = (cgroup: string, port: number): Promise<{ stdout: string }> =>
+    collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', cgroup, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  const containers = [join(client.cgroupPath, 'app'), join(client.cgroupPath, 'sidecar'), join(intruder, 'app')];
+  for (const c of containers) {
+    await mkdir(c);
+    sb.defer(() => rmdir(c));
+  }
+  for (const c of containers) await fromCgroup(c, 9999);
+  assert.match((await other).stdout, /got 3\b/, "only the verified pod's datagram and its two containers' arrived on 9999");
   assert.match((await dns).stdout, /got 1\b/, 'the unverified pod\'s DNS datagram arrived on 53');
 
   // ICMP from a raw socket (a pod has CAP_NET_RAW): an echo request, answered by the server
