@@ -16,6 +16,7 @@ import { NodeProxy } from '../proxy/node-proxy.js';
 import type { EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
+import { Gauge } from '../shared/prom.js';
 import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
@@ -182,6 +183,15 @@ export class NodeAgent {
       throw e;
     }
     const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals());
+    source.register?.(metrics.registry);
+    new Gauge({
+      name: 'nodemesh_agent_degraded',
+      help: 'Whether the agent serves its pods while a part of it is failing (the pod source cannot reach the Kubernetes API, ...); /healthz/ready names the cause',
+      registers: [metrics.registry],
+      collect() {
+        this.set((source.health?.().degraded.length ?? 0) > 0 ? 1 : 0);
+      },
+    });
     // Each proxied connection holds several fds: the soft limit (often 1024) is raised to the hard
     // one, and the proxy keeps its connection limits below it (NodeProxy.connectionLimits).
     const fds = raiseFdLimit();
@@ -281,8 +291,11 @@ export class NodeAgent {
           const notVerified = enrolled.filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
           const notConfigured = enrolled.filter((e) => !this.configured(e.pod.uid)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
           const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          const ok = this.configLoaded && this.reconciled && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
-          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
+          // Degraded (the API server went away after the pods were listed) is said, not unready:
+          // the node's pods keep being served from what the agent knows.
+          const health = this.source.health?.() ?? { synced: true, degraded: [] };
+          const ok = this.configLoaded && this.reconciled && health.synced && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
+          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
         },
       }, 'ready'),
     );
@@ -516,12 +529,17 @@ export class NodeAgent {
     this.publishServed();
 
     const wanted = new Map(pods.filter((p) => this.wants(p)).map((p) => [p.uid, p]));
-    for (const uid of [...this.enrolled.keys()]) if (!wanted.has(uid)) await this.unenroll(uid);
+    // A listing that is not complete yet (the API server has not answered) says nothing of the
+    // pods it lacks: they stay as they are, enrolled or pinned.
+    const complete = listing.complete !== false;
+    const listed = new Set(pods.map((p) => p.uid));
+    const gone = (uid: string): boolean => !wanted.has(uid) && (complete || listed.has(uid));
+    for (const uid of [...this.enrolled.keys()]) if (gone(uid)) await this.unenroll(uid);
     // Pinned state of pods that are gone (from this or an earlier agent) is removed; what stays
     // pinned belongs to wanted pods, which an earlier agent may have enrolled.
     const pinned = new Set(await this.datapath.pinnedPods());
     for (const uid of pinned) {
-      if (!wanted.has(uid) && !this.enrolled.has(uid)) {
+      if (gone(uid) && !this.enrolled.has(uid)) {
         await this.datapath.detachPod(uid);
         log.info({ uid }, 'removed pinned state of a pod that is gone');
       }
@@ -532,7 +550,7 @@ export class NodeAgent {
       else if (!e.verified && Date.now() >= (this.failed.get(pod.uid)?.retryAt ?? 0)) await this.verify(e);
     }
     for (const uid of [...this.failed.keys()]) if (!wanted.has(uid) && !problems.some((p) => p.uid === uid)) this.failed.delete(uid);
-    await this.syncGate(pods, wanted);
+    await this.syncGate(pods, wanted, complete);
     // Pods enrolled and verified on this pass become endpoints (and are reported).
     this.publishServed();
     this.reconciled = true;
@@ -564,7 +582,7 @@ export class NodeAgent {
    */
   enrollAnnounced(pod: EnrollPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer> {
     if (this.stopping) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is stopping', { context: { pod: pod.name, namespace: pod.namespace } }));
-    const clash = this.pods.find((p) => p.uid !== pod.uid && (p.ip4 === pod.ip4 || p.ip6 === pod.ip6));
+    const clash = this.pods.find((p) => p.uid !== pod.uid && ((pod.ip4 !== '' && p.ip4 === pod.ip4) || (pod.ip6 !== '' && p.ip6 === pod.ip6)));
     if (clash) {
       return Promise.reject(
         new NodemeshError('NM_ERR_ENROLL_FAILED', `its address ${clash.ip4 === pod.ip4 ? pod.ip4 : pod.ip6} is pod ${clash.namespace}/${clash.name}'s`, { context: { pod: pod.name, namespace: pod.namespace, field: 'pod.ip4' } }),
@@ -649,7 +667,7 @@ export class NodeAgent {
    * Fail-closed enrollment: the gate is on while the mesh config asks for it; verified pods and
    * pods that opted out may connect past it, every other pod only through capture.
    */
-  private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>): Promise<void> {
+  private async syncGate(pods: ReadonlyArray<NodePod>, wanted: ReadonlyMap<string, NodePod>, complete: boolean): Promise<void> {
     this.datapath.setStrictInbound(this.config.mesh.failClosedEnrollment);
     if (this.config.mesh.failClosedEnrollment) {
       if (await this.datapath.enableGate(this.options.podsCgroup)) {
@@ -679,7 +697,8 @@ export class NodeAgent {
       this.datapath.allowCgroup(id);
       this.allowedCgroups.set(id, pod);
     }
-    for (const id of [...this.allowedCgroups.keys()]) {
+    // Until the source knows every pod, what an earlier pass or agent allowed stays allowed.
+    for (const id of complete ? [...this.allowedCgroups.keys()] : []) {
       if (allow.has(id)) continue;
       this.datapath.disallowCgroup(id);
       this.allowedCgroups.delete(id);

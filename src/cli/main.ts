@@ -238,6 +238,10 @@ program
   .option('--token-file <file>', "this node's token for the control plane (its --agent-tokens file binds it to the node)")
   .option('--config-dir <dir>', 'standalone mode, no control plane: Kubernetes YAML read from this folder and watched')
   .option('--node <name>', "the node this agent serves: only its pods are captured (default: this machine's host name)")
+  .addOption(new Option('--source <source>', "where the node's pods come from: local (this machine's runtime, `nodemesh pod run`) or kubernetes (Pods bound to --node, found under the kubelet's cgroups)").choices(['local', 'kubernetes']).default('local'))
+  .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
+  .option('--cgroup-root <path>', "with --source kubernetes: the host's cgroup v2 mount as the agent sees it (kubepods.slice or kubepods under it); default: this machine's cgroup2 mount")
+  .option('--proc <path>', "with --source kubernetes: the host's /proc, where pods' network namespaces are found", '/proc')
   .option('--bpf-root <path>', `bpffs folder for pinned maps and links (default: ${PIN_BASE}/NODE)`)
   .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: nodes/NODE in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
@@ -259,7 +263,7 @@ program
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; source: 'local' | 'kubernetes'; kubeconfig?: string; cgroupRoot?: string; proc: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
@@ -280,13 +284,29 @@ program
         hint: "give --ca-root with the control plane's root-cert.pem (its TLS port is 15012)",
       });
     }
+    if (opts.source === 'local') {
+      for (const [field, given] of [['kubeconfig', opts.kubeconfig], ['cgroup-root', opts.cgroupRoot]] as const) {
+        if (given !== undefined) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} is for --source kubernetes`, { context: { field }, hint: `add --source kubernetes, or drop --${field}` });
+      }
+    }
     const caRoots = opts.caRoot === undefined ? undefined : await (await import('../agent/control-plane-client.js')).readCaRoot(opts.caRoot);
+    // Kubernetes: the kubelet's pods, from the API and the node's kubepods cgroups; the local
+    // runtime's records otherwise.
+    const kube =
+      opts.source === 'kubernetes'
+        ? await (async () => {
+            const { KubeApi } = await import('../kube/api.js');
+            const { KubernetesPodSource } = await import('../agent/pods/kubernetes.js');
+            return new KubernetesPodSource({ node, api: KubeApi.load(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }), cgroupRoot: opts.cgroupRoot ?? (await findCgroup2Mount()), proc: opts.proc });
+          })()
+        : undefined;
     const options: AgentOptions = {
       node,
-      podsCgroup: nodeCgroup(await findCgroup2Mount(), runtimeConfig, node),
+      podsCgroup: kube ? kube.kubepods.path : nodeCgroup(await findCgroup2Mount(), runtimeConfig, node),
       runDir: opts.runDir ?? agentRunDir(runtimeConfig.stateDir, node),
-      // Local pods: netns under /run/netns, addresses in the runtime's pod subnets.
-      podEdge: { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
+      // Local pods: netns under /run/netns, addresses in the runtime's pod subnets. Kubelet's
+      // pods: their runtime's netns paths (from the CNI call) and the cluster's addresses.
+      podEdge: kube ? {} : { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
       config:
         opts.controlPlane !== undefined
           ? { kind: 'control-plane', address: controlPlane ?? parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }), ...(caRoots === undefined ? {} : { caRoots }) }
@@ -306,7 +326,7 @@ program
     };
     const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
-    const agent = await NodeAgent.start(options, new LocalRuntimePodSource(runtimeConfig.stateDir, node, { ...options.podEdge, podsCgroup: options.podsCgroup }));
+    const agent = await NodeAgent.start(options, kube ?? new LocalRuntimePodSource(runtimeConfig.stateDir, node, { ...options.podEdge, podsCgroup: options.podsCgroup }));
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });

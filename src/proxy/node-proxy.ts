@@ -349,8 +349,11 @@ export class NodeProxy {
       // inbound side would deliver to podIP:15006 again, a loop).
       for (const [family, host, address] of [[4, '127.0.0.1', pod.ip4], [6, '::1', pod.ip6]] as const) {
         const fd = await this.serve(state, host, NM_PORT_INBOUND, 'inbound', (s) => this.inbound(state, s));
-        this.datapath.registerInboundListener(family, address, fd);
-        state.steered.push({ family, address });
+        // A single-stack pod has no address of the other family ("" here), though maybe a link-local one.
+        if (address !== '') {
+          this.datapath.registerInboundListener(family, address, fd);
+          state.steered.push({ family, address });
+        }
         // Every other address of the pod (eth0's link-local one): steered too, never around the proxy.
         for (const other of this.datapath.podAddresses(pod.uid)) {
           if (other.family !== family || other.address === address) continue;

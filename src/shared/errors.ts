@@ -7,6 +7,7 @@ export const ERROR_CODES = {
   NM_ERR_NOT_ROOT: 'nodemesh needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF)',
   NM_ERR_KERNEL_TOO_OLD: 'the kernel is older than the minimum nodemesh supports (5.15)',
   NM_ERR_NO_CGROUP2: 'no cgroup v2 hierarchy is mounted',
+  NM_ERR_NO_KUBEPODS: 'no kubelet pod cgroups under the cgroup root',
   NM_ERR_NO_BPF: 'the bpf() system call is missing or not permitted',
   NM_ERR_BPFFS: 'the BPF filesystem is not mounted and could not be mounted',
   NM_ERR_NATIVE_MISSING: 'nodemesh is not built: its JavaScript, the native addon, the BPF objects or the generated CRD validators',

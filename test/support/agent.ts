@@ -102,7 +102,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     ready: async () => (await get(ready, '/healthz/ready')).status,
     async waitForPods(check, what) {
       let last: EnrolledPodStatus[] = [];
-      await waitFor(async () => check((last = await agent.pods().catch(() => []))), 15_000, `${what} (agent pods: ${JSON.stringify(last)})`);
+      await waitFor(async () => check((last = await agent.pods().catch(() => []))), 15_000, what).catch((e: Error) => withLog(new Error(`${e.message} (agent pods: ${JSON.stringify(last)})`)));
       return last;
     },
     async kill(signal) {

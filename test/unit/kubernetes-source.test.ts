@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
 import { ControlPlane } from '../../src/control-plane/server.js';
-import { KubeApi } from '../../src/control-plane/sources/kube-api.js';
+import { KubeApi } from '../../src/kube/api.js';
 import { ReviewRateLimited, TokenReviewAuthenticator } from '../../src/control-plane/sources/token-review.js';
 import { metricValue } from '../support/agent.js';
 import { kubeconfigFor, startFakeKubeApi, type FakeKubeApi, type Obj } from '../support/fake-kube-api.js';

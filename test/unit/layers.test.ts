@@ -17,10 +17,11 @@ const MAY_IMPORT: Readonly<Record<string, readonly string[]>> = {
   datapath: ['shared'],
   identity: ['config', 'shared'],
   runtime: ['config', 'shared'],
+  kube: ['shared'],
   proxy: ['datapath', 'identity', 'config', 'shared'],
-  agent: ['proxy', 'datapath', 'identity', 'protocol', 'runtime', 'config', 'shared'],
-  'control-plane': ['identity', 'protocol', 'config', 'shared'],
-  cli: ['control-plane', 'agent', 'proxy', 'datapath', 'identity', 'protocol', 'runtime', 'config', 'shared'],
+  agent: ['proxy', 'datapath', 'identity', 'protocol', 'runtime', 'kube', 'config', 'shared'],
+  'control-plane': ['identity', 'protocol', 'kube', 'config', 'shared'],
+  cli: ['control-plane', 'agent', 'proxy', 'datapath', 'identity', 'protocol', 'runtime', 'kube', 'config', 'shared'],
 };
 
 const IMPORT = /(?:^|\n)\s*(?:import|export)[^;]*?from\s+'(\.{1,2}\/[^']+)'|import\(\s*'(\.{1,2}\/[^']+)'\s*\)/g;

@@ -1,10 +1,11 @@
 /**
- * Where the agent learns which pods run on its node. The local runtime's records now; kubelet's
- * pods (cgroups under kubepods, netns of a process in them) fit the same interface later.
+ * Where the agent learns which pods run on its node: the local runtime's records (here), or the
+ * kubelet's pods (kubernetes.ts: Pods from the API, cgroups under kubepods, netns of a process in them).
  */
 import { existsSync, watch, type FSWatcher } from 'node:fs';
 
 import type { ProxyPod } from '../../proxy/node-proxy.js';
+import type { Registry } from '../../shared/prom.js';
 import { PodStore, type PodRecord, type RecordCache } from '../../runtime/store.js';
 import { checkPodFields, PodFieldInvalid, type PodEdge } from './validate.js';
 
@@ -24,12 +25,21 @@ export interface PodProblem {
 export interface PodListing {
   readonly pods: ReadonlyArray<NodePod>;
   readonly problems: ReadonlyArray<PodProblem>;
+  /**
+   * False while the source does not know every pod of the node yet (the API server has not
+   * answered the first list): pods it does not list are then not taken for gone.
+   */
+  readonly complete?: boolean;
 }
 
 export interface PodSource {
   list(): Promise<PodListing>;
   /** Calls onChange (possibly spuriously) when pods may have changed; returns a stop function. */
   watch(onChange: () => void): () => void;
+  /** Its metrics, into the agent's registry. */
+  register?(registry: Registry): void;
+  /** Whether it knows the node's pods, and what keeps it degraded (the agent serves on, and says so). */
+  health?(): { readonly synced: boolean; readonly degraded: ReadonlyArray<string> };
 }
 
 export class LocalRuntimePodSource implements PodSource {

@@ -63,9 +63,10 @@ export function checkPodFields(value: unknown, edge: PodEdge): CheckedPod {
   const ip4 = str('ip4');
   if (!isIPv4(ip4)) throw new PodFieldInvalid('ip4', `"${ip4}" is not an IPv4 address`);
   if (edge.cidr4 && !cidrContains(edge.cidr4, 4, ip4)) throw new PodFieldInvalid('ip4', `${ip4} is not in the pod subnet ${edge.cidr4.network}/${edge.cidr4.prefix}`);
+  // A single-stack IPv4 pod (most clusters) has no IPv6 address: "".
   const ip6 = str('ip6');
-  if (!isIPv6(ip6)) throw new PodFieldInvalid('ip6', `"${ip6}" is not an IPv6 address`);
-  if (edge.cidr6 && !cidrContains(edge.cidr6, 6, ip6)) throw new PodFieldInvalid('ip6', `${ip6} is not in the pod subnet ${edge.cidr6.network}/${edge.cidr6.prefix}`);
+  if (ip6 !== '' && !isIPv6(ip6)) throw new PodFieldInvalid('ip6', `"${ip6}" is not an IPv6 address`);
+  if (ip6 !== '' && edge.cidr6 && !cidrContains(edge.cidr6, 6, ip6)) throw new PodFieldInvalid('ip6', `${ip6} is not in the pod subnet ${edge.cidr6.network}/${edge.cidr6.prefix}`);
   const labels = p['labels'];
   if (typeof labels !== 'object' || labels === null || Array.isArray(labels)) throw new PodFieldInvalid('labels', 'must be an object of strings');
   for (const [k, v] of Object.entries(labels)) if (typeof v !== 'string' || k.length === 0 || k.length > 317) throw new PodFieldInvalid(`labels["${k}"]`, 'must be a string');

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { NodemeshError } from '../../shared/errors.js';
 import { logger } from '../../shared/log.js';
 import { ROOT_CERT, ROOT_KEY, TRUSTED_ROOTS, writeNew } from '../ca/ca.js';
-import { KubeApiError, type KubeApi, type KubeObject } from './kube-api.js';
+import { KubeApiError, type KubeApi, type KubeObject } from '../../kube/api.js';
 
 const log = logger('ca-secret');
 

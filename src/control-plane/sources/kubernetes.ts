@@ -12,8 +12,8 @@ import { TRAFFIC_POLICY_API } from '../../config/traffic-policy.js';
 import { MESH_CONFIG_NAME, ROOT_NAMESPACE } from '../../config/mesh.js';
 import { Counter, type Registry } from '../../shared/prom.js';
 import type { WireWorkload } from '../../protocol/discovery.js';
-import { KubeApi, type KubeApiOptions, type KubeObject } from './kube-api.js';
-import { Reflector, type ReflectorMetrics } from './reflector.js';
+import { KubeApi, type KubeApiOptions, type KubeObject } from '../../kube/api.js';
+import { Reflector, type ReflectorMetrics } from '../../kube/reflector.js';
 
 /** Many events in a burst (a rollout) become one read. */
 const DEBOUNCE_MS = 20;

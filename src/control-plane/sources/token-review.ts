@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 
 import { logger } from '../../shared/log.js';
 import type { AgentAuthenticator } from '../agent-tokens.js';
-import type { KubeApi } from './kube-api.js';
+import type { KubeApi } from '../../kube/api.js';
 import { RateLimiter } from '../rate-limit.js';
 
 /** The audience agents' tokens are requested for (the DaemonSet's projected volume says the same). */

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 
 import { KubeConfig } from '@kubernetes/client-node';
 
-import { NodemeshError } from '../../shared/errors.js';
+import { NodemeshError } from '../shared/errors.js';
 
 /** Where a pod's service account token is mounted (client-node's in-cluster config reads it). */
 const SERVICE_ACCOUNT_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';

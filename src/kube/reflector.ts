@@ -4,9 +4,9 @@
  * from the last version seen; 410 Gone (the version is too old) lists again and replaces the copy
  * whole; any other failure keeps the copy serving and retries with jittered backoff.
  */
-import { logger } from '../../shared/log.js';
-import type { Counter } from '../../shared/prom.js';
-import { KubeApiError, type KubeApi, type KubeObject, type WatchEvent } from './kube-api.js';
+import { logger } from '../shared/log.js';
+import type { Counter } from '../shared/prom.js';
+import { KubeApiError, type KubeApi, type KubeObject, type WatchEvent } from './api.js';
 
 const log = logger('kubernetes');
 
@@ -41,6 +41,8 @@ export class Reflector {
   private synced = false;
   private readonly abort = new AbortController();
   private failures = 0;
+  /** The failure the copy is being retried after, until a list or watch works again. */
+  private lastError: string | undefined;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
 
@@ -59,6 +61,11 @@ export class Reflector {
   /** True once a list has succeeded: before that the copy is empty, not "no objects". */
   hasSynced(): boolean {
     return this.synced;
+  }
+
+  /** What keeps the copy from being current (reason and message), or undefined while it is. */
+  failing(): string | undefined {
+    return this.lastError;
   }
 
   /** The objects now, in namespace/name order. */
@@ -108,6 +115,7 @@ export class Reflector {
           continue;
         }
         this.metrics.errors.inc({ resource: this.resource, reason: errorReason(err) });
+        this.lastError = `${errorReason(err)}: ${err.message}`;
         this.failures++;
         const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this.failures - 1, 10)) * (0.5 + Math.random() / 2);
         log.warn({ resource: this.resource, status: err.status, reason: err.reason, retryInMs: Math.round(delay), synced: this.synced }, `${err.message}; the last objects keep serving`);
@@ -127,12 +135,14 @@ export class Reflector {
     for (const o of items) this.objects.set(keyOf(o), o);
     this.resourceVersion = resourceVersion;
     this.synced = true;
+    this.lastError = undefined;
     log.info({ resource: this.resource, objects: items.length, resourceVersion, reason }, 'listed');
     this.onChange();
   }
 
   private event(e: WatchEvent): void {
     this.metrics.events.inc({ resource: this.resource, type: e.type });
+    if (e.type !== 'ERROR') this.lastError = undefined;
     if (e.type === 'ERROR') {
       const status = e.object as { code?: unknown; reason?: unknown; message?: unknown };
       const code = typeof status.code === 'number' ? status.code : 0;

@@ -1,0 +1,226 @@
+/**
+ * The kubelet's pods (design.md section 12): the Pods the API server has bound to this node
+ * (a watch with `spec.nodeName=<node>`), each found on the node by its UID: its cgroup under
+ * kubepods (the systemd and the cgroupfs drivers name it differently, and its parent differs by
+ * QoS class), and its network namespace through a process in that cgroup's subtree (any
+ * container of the pod: they share one, except CRI-O's conmon, which is the runtime's and lives
+ * in the host's). hostNetwork pods are not the mesh's. Addresses come from the Pod's status; a
+ * pod the CNI plugin hands over before its status has them is the enrollment socket's (the agent
+ * merges those, see agent.ts `withAnnounced`).
+ */
+import { existsSync } from 'node:fs';
+import { readdir, readFile, stat } from 'node:fs/promises';
+import { isIPv4, isIPv6 } from 'node:net';
+import { join } from 'node:path';
+
+import type { KubeApi, KubeObject } from '../../kube/api.js';
+import { Reflector, type ReflectorMetrics } from '../../kube/reflector.js';
+import { NodemeshError } from '../../shared/errors.js';
+import { Counter, type Registry } from '../../shared/prom.js';
+import type { NodePod, PodListing, PodProblem, PodSource } from './source.js';
+import { checkPodFields, PodFieldInvalid, type PodEdge } from './validate.js';
+
+/** The kubelet's top pod cgroup, by cgroup driver (under the kubelet's --cgroup-root, / by default). */
+export const KUBEPODS = { systemd: 'kubepods.slice', cgroupfs: 'kubepods' } as const;
+export type CgroupDriver = keyof typeof KUBEPODS;
+
+/** How often pods' cgroups and processes are looked at again without an API event (a container starting). */
+const POLL_MS = 2000;
+
+/**
+ * Where the kubelet puts a pod's cgroup, relative to its kubepods cgroup: the QoS class's
+ * folder (none for Guaranteed), then the pod's, named from its UID (the systemd driver escapes
+ * "-" as "_" in slice names).
+ */
+export function podCgroupCandidates(driver: CgroupDriver, uid: string, qosClass: string | undefined): string[] {
+  const classes = qosClass === 'Guaranteed' ? ['guaranteed'] : qosClass === 'Burstable' ? ['burstable'] : qosClass === 'BestEffort' ? ['besteffort'] : ['guaranteed', 'burstable', 'besteffort'];
+  return classes.map((qos) => {
+    if (driver === 'cgroupfs') return qos === 'guaranteed' ? `pod${uid}` : `${qos}/pod${uid}`;
+    const escaped = uid.replace(/-/g, '_');
+    return qos === 'guaranteed' ? `kubepods-pod${escaped}.slice` : `kubepods-${qos}.slice/kubepods-${qos}-pod${escaped}.slice`;
+  });
+}
+
+/** The kubelet's pod cgroups on this node: the driver whose kubepods cgroup exists under the cgroup root. */
+export function findKubepods(cgroupRoot: string): { driver: CgroupDriver; path: string } {
+  for (const driver of ['systemd', 'cgroupfs'] as const) {
+    const path = join(cgroupRoot, KUBEPODS[driver]);
+    if (existsSync(path)) return { driver, path };
+  }
+  throw new NodemeshError('NM_ERR_NO_KUBEPODS', `no kubelet pod cgroups under ${cgroupRoot}: neither ${KUBEPODS.systemd} (systemd driver) nor ${KUBEPODS.cgroupfs} (cgroupfs driver)`, {
+    context: { path: cgroupRoot },
+    hint: "give --cgroup-root the host's cgroup v2 mount as the agent sees it (the DaemonSet mounts it at /host/sys/fs/cgroup); the kubelet must run with cgroup v2",
+  });
+}
+
+export interface KubernetesPodSourceOptions {
+  readonly node: string;
+  readonly api: KubeApi;
+  /** The host's cgroup v2 mount as the agent sees it. */
+  readonly cgroupRoot: string;
+  /** The host's /proc (its PID namespace): where pods' network namespaces are found. */
+  readonly proc: string;
+  /** For tests: the server's watch timeout. */
+  readonly watchTimeoutSeconds?: number;
+}
+
+export class KubernetesPodSource implements PodSource {
+  readonly kubepods: { readonly driver: CgroupDriver; readonly path: string };
+  private readonly reflector: Reflector;
+  private readonly metrics: ReflectorMetrics & { readonly skipped: Counter<'reason'> };
+  private hostNetns: bigint | undefined;
+  /** Pod objects seen, by uid and resourceVersion, with the NodePod made of them (one object while nothing changed). */
+  private readonly made = new Map<string, { signature: string; pod: NodePod }>();
+
+  constructor(private readonly options: KubernetesPodSourceOptions) {
+    this.kubepods = findKubepods(options.cgroupRoot);
+    this.metrics = {
+      events: new Counter({ name: 'nodemesh_agent_kube_watch_events_total', help: "Watch events of this node's Pods from the Kubernetes API, by type", labelNames: ['resource', 'type'], registers: [] }),
+      lists: new Counter({ name: 'nodemesh_agent_kube_lists_total', help: "Full lists of this node's Pods, by reason (initial, expired: after 410 Gone, retry)", labelNames: ['resource', 'reason'], registers: [] }),
+      errors: new Counter({ name: 'nodemesh_agent_kube_errors_total', help: "Failed lists and watches of this node's Pods, by reason (unauthorized, connection, server_error, ...); the last list keeps serving", labelNames: ['resource', 'reason'], registers: [] }),
+      skipped: new Counter({ name: 'nodemesh_agent_kube_pods_skipped_total', help: 'Pods of this node that are not the mesh\'s, by reason (host_network, finished)', labelNames: ['reason'], registers: [] }),
+    };
+    const fieldSelector = encodeURIComponent(`spec.nodeName=${options.node}`);
+    this.reflector = new Reflector(
+      options.api,
+      { resource: 'pods', path: `/api/v1/pods?fieldSelector=${fieldSelector}`, ...(options.watchTimeoutSeconds === undefined ? {} : { watchTimeoutSeconds: options.watchTimeoutSeconds }) },
+      this.metrics,
+      () => this.onChange?.(),
+    );
+    // Listing starts now: until the first list arrives the listing says it is incomplete, and the
+    // agent removes nothing an earlier agent left enrolled.
+    this.reflector.start();
+  }
+
+  private onChange: (() => void) | undefined;
+
+  get edge(): PodEdge {
+    return { podsCgroup: this.kubepods.path };
+  }
+
+  register(registry: Registry): void {
+    registry.registerMetric(this.metrics.events);
+    registry.registerMetric(this.metrics.lists);
+    registry.registerMetric(this.metrics.errors);
+    registry.registerMetric(this.metrics.skipped);
+  }
+
+  health(): { synced: boolean; degraded: ReadonlyArray<string> } {
+    const synced = this.reflector.hasSynced();
+    const failing = this.reflector.failing();
+    return { synced, degraded: [...(synced ? [] : ["this node's Pods have not been listed from the Kubernetes API yet"]), ...(failing ? [`the Kubernetes API: ${failing}; the last list keeps serving`] : [])] };
+  }
+
+  async list(): Promise<PodListing> {
+    const pods: NodePod[] = [];
+    const problems: PodProblem[] = [];
+    // The agent runs in the node's network namespace (hostNetwork): a process found there is not a pod's.
+    this.hostNetns ??= await netnsInode('/proc/self/ns/net');
+    const seen = new Set<string>();
+    for (const o of this.reflector.list()) {
+      const r = await this.podOf(o);
+      if (r === undefined) continue;
+      if ('reason' in r) problems.push(r);
+      else {
+        pods.push(r);
+        seen.add(r.uid);
+      }
+    }
+    for (const uid of this.made.keys()) if (!seen.has(uid)) this.made.delete(uid);
+    return { pods, problems, complete: this.reflector.hasSynced() };
+  }
+
+  /** A Pod as the mesh's pod on this node, a problem naming why it cannot be one, or undefined (not the mesh's, or not started). */
+  private async podOf(o: KubeObject): Promise<NodePod | PodProblem | undefined> {
+    const meta = (o.metadata ?? {}) as { uid?: string; name?: string; namespace?: string; labels?: Record<string, string>; resourceVersion?: string };
+    const spec = (o['spec'] ?? {}) as { hostNetwork?: boolean; serviceAccountName?: string; nodeName?: string };
+    const status = (o['status'] ?? {}) as { phase?: string; qosClass?: string; podIPs?: Array<{ ip?: string }>; podIP?: string };
+    const id = { uid: String(meta.uid ?? ''), namespace: String(meta.namespace ?? ''), name: String(meta.name ?? '') };
+    if (spec.nodeName !== this.options.node) return undefined;
+    if (spec.hostNetwork === true) return this.skip('host_network');
+    if (status.phase === 'Succeeded' || status.phase === 'Failed') return this.skip('finished');
+    const ips = (status.podIPs ?? (status.podIP ? [{ ip: status.podIP }] : [])).map((a) => a.ip ?? '');
+    const ip4 = ips.find((a) => isIPv4(a)) ?? '';
+    const ip6 = ips.find((a) => isIPv6(a)) ?? '';
+    // Not started yet (no sandbox, so no address): the CNI plugin's hand-over, or a later pass.
+    if (ip4 === '' && ip6 === '') return undefined;
+    const cgroupPath = this.podCgroup(id.uid, status.qosClass);
+    if (cgroupPath === undefined) {
+      return status.phase === 'Running' ? { ...id, reason: 'cgroup_missing', message: `no cgroup for pod ${id.namespace}/${id.name} (uid ${id.uid}) under ${this.kubepods.path} (${this.kubepods.driver} driver)` } : undefined;
+    }
+    const netns = await this.podNetns(cgroupPath);
+    if ('message' in netns) return status.phase === 'Running' ? { ...id, reason: 'netns_missing', message: `pod ${id.namespace}/${id.name}: ${netns.message}` } : undefined;
+    const signature = `${meta.resourceVersion ?? ''}|${cgroupPath}|${netns.path}`;
+    const made = this.made.get(id.uid);
+    if (made?.signature === signature) return made.pod;
+    let pod: NodePod;
+    try {
+      const checked = checkPodFields({ ...id, serviceAccount: spec.serviceAccountName ?? 'default', labels: meta.labels ?? {}, ip4, ip6, netnsPath: netns.path, cgroupPath }, this.edge);
+      pod = { uid: checked.uid, namespace: checked.namespace, name: checked.name, serviceAccount: checked.serviceAccount, labels: checked.labels, ip4: checked.ip4, ip6: checked.ip6, netnsPath: checked.netnsPath, cgroupPath: checked.cgroupPath };
+    } catch (e) {
+      if (!(e instanceof PodFieldInvalid)) throw e;
+      return { ...id, reason: 'invalid_record', message: `Pod ${id.namespace}/${id.name}: ${e.message}` };
+    }
+    this.made.set(id.uid, { signature, pod });
+    return pod;
+  }
+
+  private skip(reason: 'host_network' | 'finished'): undefined {
+    this.metrics.skipped.inc({ reason });
+    return undefined;
+  }
+
+  /** The pod's cgroup, where the kubelet made it; undefined when there is none. */
+  podCgroup(uid: string, qosClass: string | undefined): string | undefined {
+    for (const rel of podCgroupCandidates(this.kubepods.driver, uid, qosClass)) {
+      const path = join(this.kubepods.path, rel);
+      if (existsSync(path)) return path;
+    }
+    return undefined;
+  }
+
+  /**
+   * The network namespace of a process of the pod (the lowest PID first: the sandbox starts
+   * before the containers), as `<proc>/PID/ns/net`. The runtime's own processes that sit in the
+   * pod's cgroup (CRI-O's conmon) are in the host's namespace: those are never taken.
+   */
+  private async podNetns(cgroupPath: string): Promise<{ path: string } | { message: string }> {
+    const pids = (await subtreePids(cgroupPath)).sort((a, b) => a - b);
+    if (pids.length === 0) return { message: `no process in its cgroup ${cgroupPath} yet` };
+    for (const pid of pids) {
+      const path = join(this.options.proc, String(pid), 'ns', 'net');
+      const ino = await netnsInode(path).catch(() => undefined);
+      if (ino !== undefined && ino !== this.hostNetns) return { path };
+    }
+    return { message: `every process in its cgroup ${cgroupPath} is in the host's network namespace (a hostNetwork pod, or only the runtime's processes so far)` };
+  }
+
+  watch(onChange: () => void): () => void {
+    this.onChange = onChange;
+    const timer = setInterval(onChange, POLL_MS);
+    timer.unref();
+    return () => {
+      clearInterval(timer);
+      this.reflector.stop();
+      this.onChange = undefined;
+    };
+  }
+}
+
+async function netnsInode(path: string): Promise<bigint> {
+  return (await stat(path, { bigint: true })).ino;
+}
+
+/** The PIDs in a cgroup and its descendants (containers are child cgroups of the pod's), skipping CRI-O's conmon scopes. */
+async function subtreePids(path: string): Promise<number[]> {
+  const pids: number[] = [];
+  const walk = async (dir: string, depth: number): Promise<void> => {
+    const text = await readFile(join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
+    for (const line of text.split('\n')) if (line !== '') pids.push(Number(line));
+    if (depth >= 4) return;
+    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+    for (const e of entries) if (e.isDirectory() && !e.name.startsWith('crio-conmon-')) await walk(join(dir, e.name), depth + 1);
+  };
+  await walk(path, 0);
+  return pids;
+}

@@ -1,0 +1,141 @@
+/**
+ * `nodemesh agent --source kubernetes` without a kubelet (none runs here): the Pods are real
+ * objects of a real API server (scripts/kube-local.sh), bound to the agent's node and with the
+ * status a kubelet would write; the node side is what a kubelet and its runtime would leave: a
+ * cgroup tree laid out like kubepods (the systemd driver's slices, or the cgroupfs driver's
+ * folders) in a test-owned subtree of cgroup v2, each pod's cgroup named after its Pod's UID,
+ * with two container cgroups holding real processes in the pod's network namespace (made by the
+ * local runtime: a netns, a veth on a bridge, addresses). The agent runs as the DaemonSet's
+ * ServiceAccount with daemonset/'s RBAC, and must find, enroll, verify, capture and unenroll
+ * those pods as it would on a node.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, rmdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test, type TestContext } from 'node:test';
+
+import type { DialResult } from '../../src/cli/debug-tools.js';
+import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
+import type { PodRecord } from '../../src/runtime/store.js';
+import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
+import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
+import { cluster, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
+import { collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+
+const SVC = '10.96.0.70';
+
+type Driver = 'systemd' | 'cgroupfs';
+
+/** Where the kubelet puts a pod's cgroup and its containers' (containerd's names under systemd, bare ids under cgroupfs). */
+function layout(driver: Driver, uid: string, qos: 'burstable' | 'besteffort'): { pod: string; container: (id: string) => string } {
+  if (driver === 'cgroupfs') {
+    const pod = join('kubepods', qos, `pod${uid}`);
+    return { pod, container: (id) => join(pod, id) };
+  }
+  const escaped = uid.replace(/-/g, '_');
+  const pod = join('kubepods.slice', `kubepods-${qos}.slice`, `kubepods-${qos}-pod${escaped}.slice`);
+  return { pod, container: (id) => join(pod, `cri-containerd-${id}.scope`) };
+}
+
+/** Starts a process in a cgroup and a netns; killed (by its PID) at cleanup, before the cgroups go. */
+function processIn(sb: Sandbox, cgroup: string, netns: string, argv: ReadonlyArray<string>): ChildProcess {
+  const child = spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec ip netns exec "$ns" "$@"', cgroup, netns, ...argv], { stdio: 'ignore' });
+  sb.defer(async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise((resolve) => child.once('exit', resolve));
+    child.kill('SIGKILL');
+    await exited;
+  });
+  return child;
+}
+
+async function dialFromCgroup(cgroup: string, netns: string, host: string, port: number): Promise<DialResult> {
+  const r = await collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" "$5" --bytes 4096', cgroup, netns, process.execPath, CLI_ENTRY, host, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
+}
+
+/** A Pod bound to the node, with the status a kubelet would report once it runs; its UID. */
+async function kubePod(name: string, node: string, labels: Record<string, string>, record: PodRecord | undefined, extra: { hostNetwork?: boolean; burstable?: boolean } = {}): Promise<string> {
+  const container = (n: string): Record<string, unknown> => ({ name: n, image: 'example.invalid/app:1', ...(extra.burstable ? { resources: { requests: { cpu: '10m' } } } : {}) });
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Pod', metadata: { name, namespace: 'default', labels }, spec: { nodeName: node, automountServiceAccountToken: false, ...(extra.hostNetwork ? { hostNetwork: true } : {}), containers: [container('app'), container('sidecar')] } }));
+  const ips = record ? [record.ip4, record.ip6] : ['192.0.2.10'];
+  await kubectl(['patch', 'pod', name, '-n', 'default', '--subresource=status', '--type=merge', '-p', JSON.stringify({ status: { phase: 'Running', podIP: ips[0], podIPs: ips.map((ip) => ({ ip })), conditions: [{ type: 'Ready', status: 'True' }] } })]);
+  return (await kubectl(['get', 'pod', name, '-n', 'default', '-o', 'jsonpath={.metadata.uid}'])).trim();
+}
+
+async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
+  await cluster(t);
+  await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset')]);
+  const kubeconfig = await serviceAccountKubeconfig('nodemesh-system', 'nodemesh-agent');
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC);
+  const node = sb.config.node;
+  // The pods' network namespaces (and addresses on the bridge), as a CNI plugin would make them.
+  const serverNet = await sb.idlePod('server-net');
+  const clientNet = await sb.idlePod('client-net');
+
+  const root = join(await findCgroup2Mount(), sb.config.cgroupSubtree, 'host');
+  const made: string[] = [];
+  const cgroup = async (rel: string): Promise<string> => {
+    const path = join(root, rel);
+    const parts = rel.split('/');
+    for (let i = 1; i <= parts.length; i++) {
+      const p = join(root, ...parts.slice(0, i));
+      if (made.includes(p)) continue;
+      await mkdir(p, { recursive: true });
+      made.push(p);
+      sb.defer(() => rmdir(p).catch(() => undefined));
+    }
+    return path;
+  };
+  // The kubepods root exists before any pod, as on a node.
+  await cgroup(driver === 'systemd' ? 'kubepods.slice' : 'kubepods');
+
+  const serverUid = await kubePod('server', node, { app: 'server' }, serverNet, { burstable: true });
+  const clientUid = await kubePod('client', node, { app: 'client' }, clientNet);
+  // Not the mesh's: the node's network.
+  await kubePod('node-exporter', node, { app: 'node-exporter' }, undefined, { hostNetwork: true });
+  const server = layout(driver, serverUid, 'burstable');
+  const client = layout(driver, clientUid, 'besteffort');
+  processIn(sb, await cgroup(server.container('a1')), serverNet.netns, [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080']);
+  processIn(sb, await cgroup(server.container('b2')), serverNet.netns, ['sleep', '600']);
+  const clientApp = await cgroup(client.container('c3'));
+  const clientSidecar = await cgroup(client.container('d4'));
+  processIn(sb, clientApp, clientNet.netns, ['sleep', '600']);
+  processIn(sb, clientSidecar, clientNet.netns, ['sleep', '600']);
+
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'server' }) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root] });
+  const pods = await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'the two Pods enrolled and verified');
+  assert.deepEqual(pods.map((p) => [p.name, p.uid, p.ip4]), [['client', clientUid, clientNet.ip4], ['server', serverUid, serverNet.ip4]]);
+  assert.ok(metricValue(await agent.metrics(), 'nodemesh_agent_kube_pods_skipped_total', { reason: 'host_network' }) >= 1, 'the hostNetwork Pod is skipped');
+
+  // Both containers of the client are captured: the Service address is served by the proxy.
+  for (const c of [clientApp, clientSidecar]) {
+    const r = await dialFromCgroup(c, clientNet.netns, SVC, 80);
+    assert.ok(r.intact, `from ${c}: ${JSON.stringify(r)}`);
+  }
+  assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client', destination_service_name: 'backend' }), 2);
+
+  // A Pod that reports Running but has no cgroup on the node: named, counted, the rest served.
+  await kubePod('lost', node, { app: 'lost' }, undefined);
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_enroll_errors_total', { reason: 'cgroup_missing' }) >= 1, 15_000, 'the Pod without a cgroup counted');
+  assert.match(agent.log(), /no cgroup for pod default\/lost/);
+  assert.equal(await agent.ready(), 200, 'the other pods are served');
+
+  // The Pod goes (a kubelet's last word on a Pod is its deletion with no grace period; a
+  // terminating Pod still runs, and stays captured until then): unenrolled, its processes no
+  // longer the mesh's.
+  await kubectl(['delete', 'pod', 'client', '-n', 'default', '--grace-period=0', '--force']);
+  await agent.waitForPods((p) => p.length === 1 && p[0]?.name === 'server', 'the deleted Pod unenrolled');
+  const after = await dialFromCgroup(clientApp, clientNet.netns, SVC, 80);
+  assert.ok(!after.intact, `no capture after the Pod is deleted: ${JSON.stringify(after)}`);
+}
+
+test('agent --source kubernetes, systemd cgroup driver: Pods bound to the node are found by UID under kubepods.slice, enrolled, verified and captured from every container; hostNetwork skipped; a Pod without a cgroup named; a deleted Pod unenrolled', async (t) => {
+  await kubeletPods(t, 'systemd');
+});
+
+test('agent --source kubernetes, cgroupfs cgroup driver: the same under kubepods/', async (t) => {
+  await kubeletPods(t, 'cgroupfs');
+});
