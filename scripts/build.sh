@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the BPF objects (clang), the native addon (cmake-js over libbpf), the TypeScript (tsc) and
-# the validators compiled from the CRD schemas in the CRDs in daemonset/.
+# Builds the BPF objects (clang), the native addon (cmake-js over libbpf), the nodemesh-cni plugin
+# (go, its one dependency from the Go module proxy), the TypeScript (tsc) and the validators
+# compiled from the CRD schemas in daemonset/.
 # Like `npm test` and `npm run demo`, it first installs what the step needs and is missing: the
 # Debian packages (clang, libbpf-dev, cmake...; as root with apt-get, else one line naming them)
 # and node_modules (npm ci), so `npm run build` works on a fresh clone. Each step checks its tools
@@ -10,8 +11,8 @@ source "$(dirname "$0")/lib.sh"
 what=${1:-all}
 # An unknown step is refused before anything is installed.
 case "$what" in
-  bpf | native | ts | all) ;;
-  *) die "unknown build step: $what (bpf, native, ts or all)" ;;
+  bpf | native | cni | ts | all) ;;
+  *) die "unknown build step: $what (bpf, native, cni, ts or all)" ;;
 esac
 
 build_bpf() {
@@ -42,6 +43,16 @@ build_native() {
     || die "building the native addon failed (see the compiler output above)"
 }
 
+# A static binary: the container runtime runs it on the node, where neither node nor our
+# libraries are.
+build_cni() {
+  command -v go >/dev/null || die "go is not installed: it builds the nodemesh-cni plugin (native/cni)"
+  say "go: nodemesh-cni"
+  mkdir -p build/cni
+  (cd native/cni && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o ../../build/cni/nodemesh-cni .) >&2 \
+    || die "building nodemesh-cni failed (see the go output above)"
+}
+
 build_ts() {
   say "tsc"
   npx --no-install tsc -p tsconfig.json
@@ -54,6 +65,7 @@ build_ts() {
 case "$what" in
   bpf) ensure_system; build_bpf ;;
   native) ensure_system; ensure_node_modules; build_native ;;
+  cni) build_cni ;;
   ts) ensure_node_modules; build_ts ;;
   all)
     ensure_system
@@ -64,6 +76,7 @@ case "$what" in
     stamp=$(source_hash)
     build_bpf
     build_native
+    build_cni
     build_ts
     mkdir -p build
     echo "$stamp" >build/.stamp

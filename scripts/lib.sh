@@ -26,6 +26,8 @@ SYSTEM_PACKAGES=(
   "tcpdump:cmd:tcpdump"
   "linux-libc-dev:file:/usr/include/linux/bpf.h"
   "libnghttp2-dev:file:/usr/include/nghttp2/nghttp2.h"
+  # The reference CNI plugins (bridge, host-local): the tests run nodemesh-cni chained after them.
+  "containernetworking-plugins:file:/usr/lib/cni/bridge"
 )
 
 ensure_system() {
@@ -71,7 +73,7 @@ ensure_build() {
   local want have=""
   want=$(source_hash)
   [[ -f build/.stamp ]] && have=$(cat build/.stamp)
-  if [[ $want != "$have" || ! -f build/native/Release/nodemesh_native.node ]]; then
+  if [[ $want != "$have" || ! -f build/native/Release/nodemesh_native.node || ! -x build/cni/nodemesh-cni ]]; then
     bash scripts/build.sh all
     echo "$want" >build/.stamp
   fi

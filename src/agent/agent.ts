@@ -5,7 +5,9 @@
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
 import { existsSync } from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { mkdir, rmdir, stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Server } from 'node:http';
 
 import { DEFAULT_MESH, shouldEnroll } from '../config/mesh.js';
@@ -13,7 +15,7 @@ import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
-import type { EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
+import type { CniPod, CniRef, EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { Gauge } from '../shared/prom.js';
@@ -173,6 +175,15 @@ export class NodeAgent {
         return agent.enrollAnnounced(pod, deadline, signal);
       },
       drain: async (uid) => agent?.drain(uid),
+      enrollCni: (pod, deadline, signal) => {
+        if (!agent) return Promise.reject(new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is starting', { hint: 'try again in a moment' }));
+        return agent.enrollCni(pod, deadline, signal);
+      },
+      checkCni: async (ref) => {
+        if (!agent) throw new NodemeshError('NM_ERR_ENROLL_FAILED', 'the agent is starting', { hint: 'try again in a moment' });
+        return agent.checkCni(ref);
+      },
+      releaseCni: async (ref) => agent?.releaseCni(ref),
     };
     const enrollment = await EnrollmentServer.start(options.runDir, { ...options.podEdge, podsCgroup: options.podsCgroup }, target);
     let datapath: NodeDatapath;
@@ -618,6 +629,37 @@ export class NodeAgent {
     });
   }
 
+  /** The CNI plugin's ADD: the pod source completes the pod (Pod object, cgroup), then as a runtime's hand-over. */
+  async enrollCni(req: CniPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer> {
+    if (!this.source.fromCni) {
+      throw new NodemeshError('NM_ERR_ENROLL_FAILED', 'this agent does not serve Kubernetes pods (it runs with --source local): a CNI hand-over has no Pod to complete it', { context: { pod: req.name, namespace: req.namespace }, hint: 'run the agent with --source kubernetes' });
+    }
+    const pod = await this.source.fromCni(req, deadline, signal);
+    return this.enrollAnnounced(pod, deadline, signal);
+  }
+
+  /** The pod that a CNI call names: by uid when given, else by namespace and name. */
+  private cniPod(ref: CniRef): NodePod | undefined {
+    return this.withAnnounced(this.pods).find((p) => (ref.uid !== undefined ? p.uid === ref.uid : p.namespace === ref.namespace && p.name === ref.name));
+  }
+
+  /** The CNI plugin's CHECK: whether the pod is as ADD left it (enrolled and verified, or not the mesh's). */
+  checkCni(ref: CniRef): EnrollAnswer {
+    const pod = this.cniPod(ref);
+    if (!pod) throw new NodemeshError('NM_ERR_ENROLL_FAILED', `pod ${ref.namespace}/${ref.name} is not known to the agent of this node`, { context: { pod: ref.name, namespace: ref.namespace } });
+    if (!this.wants(pod)) return { enrolled: false, reason: `capture is not enabled for the pod or its namespace (enrollment: ${this.config.mesh.enrollment})` };
+    const e = this.enrolled.get(pod.uid);
+    if (e?.verified) return { enrolled: true, verified: true };
+    const failure = this.failed.get(pod.uid);
+    throw new NodemeshError('NM_ERR_ENROLL_FAILED', `pod ${ref.namespace}/${ref.name} is ${e ? 'enrolled but its capture is not verified' : 'not enrolled'}${failure ? ` (${failure.reason}: ${failure.message})` : ''}`, { context: { pod: ref.name, namespace: ref.namespace } });
+  }
+
+  /** The CNI plugin's DEL: the pod's network goes away; it stops being an endpoint now (the source unenrolls it once its Pod is gone). */
+  releaseCni(ref: CniRef): void {
+    const pod = this.cniPod(ref);
+    if (pod) this.drain(pod.uid);
+  }
+
   /** A runtime is about to stop the pod: no new connection goes to it from now on. */
   drain(uid: string): void {
     if (!this.pods.some((p) => p.uid === uid)) return;
@@ -753,10 +795,19 @@ export class NodeAgent {
       });
     });
     let result: number | string;
+    // From a leaf of its own under the pod's cgroup: a kubelet's pod cgroup delegates controllers
+    // to its containers' cgroups, and cgroup v2 then lets no process join the pod's cgroup itself
+    // (and at CNI ADD no container cgroup exists yet). The pod's programs apply to its whole subtree.
+    const probeCgroup = join(pod.cgroupPath, PROBE_CGROUP);
     try {
-      result = await probeConnect({ cgroup: pod.cgroupPath, netns: pod.netnsPath, host: PROBE_ADDRESS.address, port: PROBE_ADDRESS.port, timeoutMs: this.options.probeTimeoutMs });
+      await mkdir(probeCgroup).catch((e: NodeJS.ErrnoException) => {
+        if (e.code !== 'EEXIST') throw e;
+      });
+      result = await probeConnect({ cgroup: probeCgroup, netns: pod.netnsPath, host: PROBE_ADDRESS.address, port: PROBE_ADDRESS.port, timeoutMs: this.options.probeTimeoutMs });
     } catch (e) {
       result = (e as Error).message;
+    } finally {
+      await removeProbeCgroup(probeCgroup);
     }
     const ok = result === 0 && (await arrived);
     this.probeWaiters.delete(pod.uid);
@@ -802,4 +853,23 @@ export class NodeAgent {
     await this.stop();
     await this.datapath.purge();
   }
+}
+
+/** The probe's own cgroup under a pod's (see verify()). */
+const PROBE_CGROUP = 'nodemesh-probe';
+
+/** Removes the probe's cgroup once the probe process has left it (an exited task may hold it for a moment: EBUSY). */
+async function removeProbeCgroup(path: string): Promise<void> {
+  for (let i = 0; i < 20; i++) {
+    try {
+      await rmdir(path);
+      return;
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return;
+      if (code !== 'EBUSY') break;
+      await sleep(25);
+    }
+  }
+  log.warn({ path }, "the capture probe's cgroup could not be removed");
 }

@@ -6,12 +6,12 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, isAbsolute, join, normalize } from 'node:path';
 
-import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, agentAnswers, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
+import { ENROLL_SOCKET, MAX_ENROLL_TIMEOUT_MS, agentAnswers, type CniPod, type CniRef, type EnrollAnswer, type EnrollErrorBody, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { UUID } from '../shared/names.js';
+import { DNS_LABEL, DNS_SUBDOMAIN, UUID } from '../shared/names.js';
 import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
 
 const log = logger('enrollment');
@@ -28,6 +28,35 @@ export interface EnrollTarget {
   enrollAnnounced(pod: EnrollPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer>;
   /** The pod is about to stop: it is no endpoint from now on (resolves once that is published). */
   drain(uid: string): Promise<void>;
+  /** The CNI plugin's ADD: completes the pod from the pod source, then as enrollAnnounced. */
+  enrollCni(pod: CniPod, deadline: number, signal: AbortSignal): Promise<EnrollAnswer>;
+  /** The CNI plugin's CHECK: the pod is enrolled and verified (or left alone by the mesh), else a NodemeshError. */
+  checkCni(ref: CniRef): Promise<EnrollAnswer>;
+  /** The CNI plugin's DEL: as drain, by name when the runtime gives no uid. */
+  releaseCni(ref: CniRef): Promise<void>;
+}
+
+/** A CNI hand-over's fields, checked before the agent looks anything up with them. */
+export function checkCniPod(value: unknown, withNetns: boolean): CniPod {
+  const bad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad('', 'must be an object');
+  const p = value as Record<string, unknown>;
+  const str = (field: string, optional = false): string => {
+    const v = p[field] ?? (optional ? '' : undefined);
+    if (typeof v !== 'string') throw bad(field, 'must be a string');
+    return v;
+  };
+  const namespace = str('namespace');
+  if (!DNS_LABEL.test(namespace)) throw bad('namespace', `"${namespace}" is not a DNS-1123 label`);
+  const name = str('name');
+  if (name.length > 253 || !DNS_SUBDOMAIN.test(name)) throw bad('name', `"${name}" is not a DNS-1123 subdomain`);
+  const uid = str('uid', true);
+  if (uid !== '' && !UUID.test(uid)) throw bad('uid', `"${uid}" is not a UUID`);
+  const ref = { namespace, name, ...(uid === '' ? {} : { uid }) };
+  if (!withNetns) return { ...ref, netnsPath: '', ip4: '', ip6: '' };
+  const netnsPath = str('netnsPath');
+  if (!isAbsolute(netnsPath) || normalize(netnsPath) !== netnsPath) throw bad('netnsPath', `"${netnsPath}" is not an absolute, normalised path`);
+  return { ...ref, netnsPath, ip4: str('ip4', true), ip6: str('ip6', true), containerId: str('containerId', true) };
 }
 
 /** Checks a handed-over pod at this edge (fields, then the netns and cgroup as they are now). */
@@ -39,13 +68,18 @@ export async function validateEnrollPod(value: unknown, edge: PodEdge): Promise<
     if (!(e instanceof PodFieldInvalid)) throw e;
     throw new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${e.message}`, { context: { field: `pod.${e.field}` } });
   }
-  const bad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
-  const [podNs, ownNs, cg] = await Promise.all([stat(pod.netnsPath).catch(() => undefined), stat('/proc/self/ns/net'), stat(pod.cgroupPath).catch(() => undefined)]);
-  if (!podNs) throw bad('netnsPath', `${pod.netnsPath} does not exist`);
-  // The agent's own (the host's) network namespace is never a pod's.
-  if (podNs.ino === ownNs.ino && podNs.dev === ownNs.dev) throw bad('netnsPath', `${pod.netnsPath} is the agent's own network namespace`);
-  if (!cg?.isDirectory()) throw bad('cgroupPath', `${pod.cgroupPath} does not exist`);
+  await checkNetns(pod.netnsPath);
+  const cg = await stat(pod.cgroupPath).catch(() => undefined);
+  if (!cg?.isDirectory()) throw new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.cgroupPath: ${pod.cgroupPath} does not exist`, { context: { field: 'pod.cgroupPath' } });
   return pod;
+}
+
+/** A handed-over pod's network namespace exists, and is not the agent's own (the host's). */
+async function checkNetns(path: string): Promise<void> {
+  const bad = (message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.netnsPath: ${message}`, { context: { field: 'pod.netnsPath' } });
+  const [podNs, ownNs] = await Promise.all([stat(path).catch(() => undefined), stat('/proc/self/ns/net')]);
+  if (!podNs) throw bad(`${path} does not exist`);
+  if (podNs.ino === ownNs.ino && podNs.dev === ownNs.dev) throw bad(`${path} is the agent's own network namespace`);
 }
 
 export class EnrollmentServer {
@@ -129,7 +163,8 @@ async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, 
     res.writeHead(204).end();
     return;
   }
-  if (req.method !== 'POST' || req.url !== '/v1/pods') {
+  const cni = req.url === '/v1/cni/pods' || req.url === '/v1/cni/check' || req.url === '/v1/cni/release';
+  if (req.method !== 'POST' || (req.url !== '/v1/pods' && !cni)) {
     fail(res, 404, 'NM_ERR_ENROLL_FAILED', `no such endpoint: ${req.method} ${req.url}`);
     return;
   }
@@ -145,14 +180,30 @@ async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, 
     fail(res, 400, 'NM_ERR_ENROLL_FAILED', 'the request body is not JSON');
     return;
   }
+  if (req.url === '/v1/cni/check' || req.url === '/v1/cni/release') {
+    try {
+      const ref = checkCniPod(request, false);
+      if (req.url === '/v1/cni/release') {
+        await target.releaseCni(ref);
+        res.writeHead(204).end();
+      } else reply(res, 200, await target.checkCni(ref));
+    } catch (e) {
+      const err = isNodemeshError(e) ? e : new NodemeshError('NM_ERR_ENROLL_FAILED', (e as Error).message);
+      fail(res, 409, err.code, err.message, { ...(err.hint ? { hint: err.hint } : {}), ...(err.context.field ? { detail: err.context.field } : {}) });
+    }
+    return;
+  }
   const timeoutMs = request.timeoutMs;
   if (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 1 || timeoutMs > MAX_ENROLL_TIMEOUT_MS) {
     fail(res, 400, 'NM_ERR_ENROLL_FAILED', `timeoutMs must be a whole number of milliseconds from 1 to ${MAX_ENROLL_TIMEOUT_MS}`, { detail: String(timeoutMs) });
     return;
   }
-  let pod: EnrollPod;
+  let pod: EnrollPod | CniPod;
   try {
-    pod = await validateEnrollPod(request.pod, edge);
+    if (cni) {
+      pod = checkCniPod(request.pod, true);
+      await checkNetns(pod.netnsPath);
+    } else pod = await validateEnrollPod(request.pod, edge);
   } catch (e) {
     const err = e as NodemeshError;
     log.warn({ err: err.message, field: err.context.field }, 'enrollment request refused');
@@ -165,7 +216,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, 
   // The runtime gave up (or died): stop waiting for it.
   res.once('close', () => abort.abort());
   try {
-    const answer = await target.enrollAnnounced(pod, deadline, abort.signal);
+    const answer = 'cgroupPath' in pod ? await target.enrollAnnounced(pod, deadline, abort.signal) : await target.enrollCni(pod, deadline, abort.signal);
     reply(res, 200, answer);
   } catch (e) {
     const err = isNodemeshError(e) ? e : new NodemeshError('NM_ERR_ENROLL_FAILED', (e as Error).message);

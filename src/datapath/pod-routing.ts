@@ -41,6 +41,9 @@ export async function enableInboundDelivery(netnsPath: string): Promise<PodAddre
   const rule = `fwmark ${mark} lookup ${table} pref ${table}`;
   const script = [
     'set -e',
+    // The runtime brings lo up (containerd runs the loopback plugin before the pod's network),
+    // but a pod handed over by another runtime may not have it yet: the local table needs it.
+    'ip link set lo up',
     'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept',
     'echo 1 > /proc/sys/net/ipv4/fwmark_reflect',
     'echo 1 > /proc/sys/net/ipv6/fwmark_reflect',

@@ -42,6 +42,32 @@ export interface EnrollRequest {
   readonly timeoutMs: number;
 }
 
+/**
+ * A pod as the CNI plugin (nodemesh-cni, on ADD) hands it over: what the runtime knows of it at
+ * that moment (its name, network namespace and the addresses the network plugin gave it). The
+ * agent completes it from the Pod object (identity, labels) and the node (its cgroup).
+ *   POST /v1/cni/pods     {"pod": CniPod, "timeoutMs": n}   answers as POST /v1/pods
+ *   POST /v1/cni/check    CniRef   200 {"enrolled": true, "verified": true} or an error body
+ *   POST /v1/cni/release  CniRef   204 (DEL: the pod is going)
+ */
+export interface CniPod {
+  /** K8S_POD_UID when the runtime passes it; otherwise the Pod object's. */
+  readonly uid?: string;
+  readonly namespace: string;
+  readonly name: string;
+  readonly netnsPath: string;
+  /** From the network plugin's result: "" when the pod has none of that family. */
+  readonly ip4: string;
+  readonly ip6: string;
+  readonly containerId?: string;
+}
+
+export interface CniRef {
+  readonly uid?: string;
+  readonly namespace: string;
+  readonly name: string;
+}
+
 export type EnrollAnswer = { readonly enrolled: true; readonly verified: true } | { readonly enrolled: false; readonly reason: string };
 
 export interface EnrollErrorBody {

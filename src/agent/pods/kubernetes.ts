@@ -14,6 +14,7 @@ import { isIPv4, isIPv6 } from 'node:net';
 import { join } from 'node:path';
 
 import type { KubeApi, KubeObject } from '../../kube/api.js';
+import type { CniPod, EnrollPod } from '../../runtime/enrollment.js';
 import { Reflector, type ReflectorMetrics } from '../../kube/reflector.js';
 import { NodemeshError } from '../../shared/errors.js';
 import { Counter, type Registry } from '../../shared/prom.js';
@@ -163,6 +164,43 @@ export class KubernetesPodSource implements PodSource {
     }
     this.made.set(id.uid, { signature, pod });
     return pod;
+  }
+
+  /**
+   * A pod the CNI plugin hands over on ADD: its sandbox's netns and addresses are the runtime's
+   * (the Pod's status has none yet, and no process runs in its cgroup yet); its identity, labels
+   * and cgroup are the Pod object's and the kubelet's. The kubelet saw the Pod before this watch
+   * may have: it is waited for, until the deadline.
+   */
+  async fromCni(req: CniPod, deadline: number, signal: AbortSignal): Promise<EnrollPod> {
+    const fail = (message: string, field: string): NodemeshError =>
+      new NodemeshError('NM_ERR_ENROLL_FAILED', message, { context: { pod: req.name, namespace: req.namespace, field }, hint: 'see the agent log' });
+    let o: KubeObject | undefined;
+    for (;;) {
+      o = this.reflector.list().find((x) => x.metadata?.namespace === req.namespace && x.metadata?.name === req.name && (req.uid === undefined || req.uid === '' || x.metadata?.uid === req.uid));
+      if (o) break;
+      if (signal.aborted || Date.now() >= deadline) {
+        throw new NodemeshError('NM_ERR_ENROLL_TIMEOUT', `Pod ${req.namespace}/${req.name}${req.uid ? ` (uid ${req.uid})` : ''} bound to node ${this.options.node} is not known from the Kubernetes API${this.reflector.failing() ? ` (${this.reflector.failing() ?? ''})` : ''}`, {
+          context: { pod: req.name, namespace: req.namespace },
+          hint: 'check that the agent can list Pods (its RBAC, the API server) and that the Pod is bound to this node',
+        });
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const meta = (o.metadata ?? {}) as { uid?: string; labels?: Record<string, string> };
+    const spec = (o['spec'] ?? {}) as { serviceAccountName?: string; nodeName?: string; hostNetwork?: boolean };
+    const status = (o['status'] ?? {}) as { qosClass?: string };
+    if (spec.nodeName !== this.options.node) throw fail(`Pod ${req.namespace}/${req.name} is bound to node ${spec.nodeName ?? '(none)'}, not ${this.options.node}`, 'spec.nodeName');
+    if (spec.hostNetwork === true) throw fail(`Pod ${req.namespace}/${req.name} uses the host's network: no CNI call is expected for it`, 'spec.hostNetwork');
+    const uid = String(meta.uid ?? '');
+    const cgroupPath = this.podCgroup(uid, status.qosClass);
+    if (cgroupPath === undefined) throw fail(`no cgroup for pod ${req.namespace}/${req.name} (uid ${uid}) under ${this.kubepods.path} (${this.kubepods.driver} driver)`, 'cgroupPath');
+    try {
+      return checkPodFields({ uid, namespace: req.namespace, name: req.name, serviceAccount: spec.serviceAccountName ?? 'default', labels: meta.labels ?? {}, ip4: req.ip4, ip6: req.ip6, netnsPath: req.netnsPath, cgroupPath }, this.edge);
+    } catch (e) {
+      if (!(e instanceof PodFieldInvalid)) throw e;
+      throw fail(`pod.${e.message}`, `pod.${e.field}`);
+    }
   }
 
   private skip(reason: 'host_network' | 'finished'): undefined {

@@ -5,6 +5,7 @@
 import { existsSync, watch, type FSWatcher } from 'node:fs';
 
 import type { ProxyPod } from '../../proxy/node-proxy.js';
+import type { CniPod, EnrollPod } from '../../runtime/enrollment.js';
 import type { Registry } from '../../shared/prom.js';
 import { PodStore, type PodRecord, type RecordCache } from '../../runtime/store.js';
 import { checkPodFields, PodFieldInvalid, type PodEdge } from './validate.js';
@@ -38,6 +39,12 @@ export interface PodSource {
   watch(onChange: () => void): () => void;
   /** Its metrics, into the agent's registry. */
   register?(registry: Registry): void;
+  /**
+   * A pod the CNI plugin hands over, completed from what the source knows (its Pod object, its
+   * cgroup): waits for the source to see the Pod, at most until the deadline. Only sources that
+   * serve Kubernetes pods have it.
+   */
+  fromCni?(pod: CniPod, deadline: number, signal: AbortSignal): Promise<EnrollPod>;
   /** Whether it knows the node's pods, and what keeps it degraded (the agent serves on, and says so). */
   health?(): { readonly synced: boolean; readonly degraded: ReadonlyArray<string> };
 }

@@ -9,7 +9,7 @@ import { isAbsolute, normalize, relative } from 'node:path';
 
 import type { Workload } from '../../config/snapshot.js';
 import { cidrContains, type Cidr } from '../../runtime/config.js';
-import { DNS_LABEL, UUID } from '../../shared/names.js';
+import { DNS_LABEL, DNS_SUBDOMAIN, UUID } from '../../shared/names.js';
 
 
 /** What the node allows: where pods' cgroups live, and (local runtime) its netns folder and pod subnets. */
@@ -57,9 +57,11 @@ export function checkPodFields(value: unknown, edge: PodEdge): CheckedPod {
   const name = str('name');
   const namespace = str('namespace');
   const serviceAccount = str('serviceAccount');
-  for (const [field, v] of [['name', name], ['namespace', namespace], ['serviceAccount', serviceAccount]] as const) {
+  for (const [field, v] of [['namespace', namespace], ['serviceAccount', serviceAccount]] as const) {
     if (!DNS_LABEL.test(v)) throw new PodFieldInvalid(field, `"${v}" is not a DNS-1123 label`);
   }
+  // Pod names are DNS-1123 subdomains (a StatefulSet's pods, names with dots).
+  if (name.length > 253 || !DNS_SUBDOMAIN.test(name)) throw new PodFieldInvalid('name', `"${name}" is not a DNS-1123 subdomain`);
   const ip4 = str('ip4');
   if (!isIPv4(ip4)) throw new PodFieldInvalid('ip4', `"${ip4}" is not an IPv4 address`);
   if (edge.cidr4 && !cidrContains(edge.cidr4, 4, ip4)) throw new PodFieldInvalid('ip4', `${ip4} is not in the pod subnet ${edge.cidr4.network}/${edge.cidr4.prefix}`);
