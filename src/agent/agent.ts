@@ -15,17 +15,19 @@ import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
-import type { CniPod, CniRef, EnrollAnswer, EnrollPod } from '../runtime/enrollment.js';
+import { ENROLL_SOCKET, type CniPod, type CniRef, type EnrollAnswer, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { Gauge } from '../shared/prom.js';
 import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
+import { teardownNode, type KnownPod, type TeardownReport } from '../datapath/teardown.js';
 import type { CertificateManager } from '../identity/certificates.js';
 import { spiffeUri } from '../identity/spiffe.js';
 import type { TunnelIdentities } from '../proxy/tunnel/hbone.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
+import { CniInstaller, type CniInstallOptions } from './cni-install.js';
 import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
 import { json, serveHttp, type HostPort } from '../shared/http.js';
 import type { NodePod, PodSource } from './pods/source.js';
@@ -45,6 +47,8 @@ export interface AgentOptions {
   readonly runDir: string;
   /** What a pod handed over must satisfy besides podsCgroup (the local runtime's netns folder and subnets). */
   readonly podEdge?: Omit<PodEdge, 'podsCgroup'>;
+  /** Kubernetes: nodemesh-cni is installed into the node's CNI folders while the agent runs (the enrollment socket is the run folder's). */
+  readonly cni?: Omit<CniInstallOptions, 'enrollSocket'>;
   /** Where the config comes from: a folder (standalone mode) or the control plane's stream. */
   readonly config: ConfigFeed;
   readonly pinRoot: string;
@@ -200,7 +204,7 @@ export class NodeAgent {
       help: 'Whether the agent serves its pods while a part of it is failing (the pod source cannot reach the Kubernetes API, ...); /healthz/ready names the cause',
       registers: [metrics.registry],
       collect() {
-        this.set((source.health?.().degraded.length ?? 0) > 0 ? 1 : 0);
+        this.set((agent?.health().degraded.length ?? 0) > 0 ? 1 : 0);
       },
     });
     // Each proxied connection holds several fds: the soft limit (often 1024) is raised to the hard
@@ -279,8 +283,27 @@ export class NodeAgent {
       await agent.stop();
       throw e;
     }
+    if (options.cni) {
+      // Last: from here the runtime holds new pods' starts until this agent has them.
+      agent.cni = new CniInstaller({ ...options.cni, enrollSocket: join(options.runDir, ENROLL_SOCKET) });
+      try {
+        await agent.cni.start();
+      } catch (e) {
+        await agent.stop();
+        throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `nodemesh-cni cannot be installed: ${(e as Error).message}`, { context: { path: options.cni.binDir, field: 'cni-bin-dir' }, hint: "mount the node's CNI folders into the agent (the DaemonSet does)", cause: e });
+      }
+    }
     log.info({ node: options.node, pods: agent.enrolled.size, services: agent.config.services.length, config: options.config.kind }, 'agent started');
     return agent;
+  }
+
+  private cni: CniInstaller | undefined;
+
+  /** Whether the pod source knows the node's pods, and what keeps the agent degraded (serving, but not whole). */
+  private health(): { synced: boolean; degraded: ReadonlyArray<string> } {
+    const source = this.source.health?.() ?? { synced: true, degraded: [] };
+    const cni = this.cni?.problem;
+    return { synced: source.synced, degraded: [...source.degraded, ...(cni === undefined ? [] : [`nodemesh-cni: ${cni}`])] };
   }
 
   private async startServers(): Promise<void> {
@@ -304,7 +327,7 @@ export class NodeAgent {
           const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
           // Degraded (the API server went away after the pods were listed) is said, not unready:
           // the node's pods keep being served from what the agent knows.
-          const health = this.source.health?.() ?? { synced: true, degraded: [] };
+          const health = this.health();
           const ok = this.configLoaded && this.reconciled && health.synced && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
           return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
         },
@@ -835,6 +858,8 @@ export class NodeAgent {
   /** Stops serving. Pinned links stay, so pods stay captured until the next agent takes over. */
   async stop(): Promise<void> {
     this.stopping = true;
+    // First: pods that start from now on do not wait for an agent that is going.
+    await this.cni?.stop();
     this.settleEnrollWaiters();
     await this.enrollment?.close();
     this.stopWatch?.();
@@ -846,6 +871,21 @@ export class NodeAgent {
     await this.proxy.close();
     for (const s of this.servers) await new Promise((resolve) => s.close(resolve));
     this.datapath.close();
+  }
+
+  /**
+   * Stops, then takes nodemesh off the node as `nodemesh cleanup` does (its DaemonSet was
+   * deleted): every pin and link, the gate, and the in-pod delivery routing of the pods that still
+   * run. Returns what was removed, failed or left.
+   */
+  async uninstall(): Promise<TeardownReport> {
+    const known: KnownPod[] = [...this.enrolled.values()].map((e) => ({ uid: e.pod.uid, name: `${e.pod.namespace}/${e.pod.name}`, netnsPath: e.pod.netnsPath }));
+    await this.stop();
+    const report = await teardownNode(this.options.pinRoot, known);
+    const summary = { removed: report.removed.length, failed: report.failed.map((f) => `${f.kind} ${f.what}: ${f.error.message}`), left: report.left.map((l) => `${l.kind} ${l.what}: ${l.reason}`) };
+    if (report.failed.length > 0) log.error(summary, 'nodemesh taken off this node, but not all of it: run `nodemesh cleanup` on the node');
+    else log.info(summary, 'nodemesh taken off this node');
+    return report;
   }
 
   /** Stops and removes every pin: pods lose capture (uninstall, tests). */

@@ -12,7 +12,9 @@ import { nodeCgroup, parseNodeName, runtimeConfigFromEnv } from '../runtime/conf
 import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.js';
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
-import { CONTROL_PLANE_STATE_DIR, packageVersion } from '../shared/paths.js';
+import { logger } from '../shared/log.js';
+import { DNS_LABEL, DNS_SUBDOMAIN } from '../shared/names.js';
+import { CONTROL_PLANE_STATE_DIR, PACKAGE_ROOT, packageVersion } from '../shared/paths.js';
 import { isLoopback } from '../shared/address.js';
 import { NM_PROXY_MARK } from '../datapath/abi.js';
 import { checkKernel, checkRoot } from './preflight.js';
@@ -58,6 +60,22 @@ function parseWholeNumber(value: string, field: string, unit: string): number {
 
 function parseMilliseconds(value: string, field: string): number {
   return parseWholeNumber(value, field, 'milliseconds');
+}
+
+/** NAMESPACE/NAME of a Kubernetes object given on the command line. */
+function parseNamespacedName(value: string, field: string): { namespace: string; name: string } {
+  const [namespace = '', name = '', ...rest] = value.split('/');
+  if (rest.length > 0 || !DNS_LABEL.test(namespace) || name.length > 253 || !DNS_SUBDOMAIN.test(name)) {
+    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not NAMESPACE/NAME`, { context: { field }, hint: `give --${field} as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-agent` });
+  }
+  return { namespace, name };
+}
+
+/** --cni-timeout: whole seconds from 1 to 300 (what nodemesh-cni accepts). */
+function cniTimeoutSeconds(value: string): number {
+  const ms = parseDurationOption(value, 'cni-timeout');
+  if (ms < 1000 || ms > 300_000) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cni-timeout ${value} must be from 1s to 300s`, { context: { field: 'cni-timeout' }, hint: 'give a duration such as 20s' });
+  return Math.ceil(ms / 1000);
 }
 
 /** Milliseconds within the bounds the same setting has in a TrafficPolicy. */
@@ -242,6 +260,11 @@ program
   .option('--kubeconfig <file>', 'with --source kubernetes: client config (default: $KUBECONFIG, ~/.kube/config, then the in-cluster service account)')
   .option('--cgroup-root <path>', "with --source kubernetes: the host's cgroup v2 mount as the agent sees it (kubepods.slice or kubepods under it); default: this machine's cgroup2 mount")
   .option('--proc <path>', "with --source kubernetes: the host's /proc, where pods' network namespaces are found", '/proc')
+  .option('--daemonset <ns/name>', "with --source kubernetes: the agent's DaemonSet; stopping when it is deleted takes nodemesh off the node (as `nodemesh cleanup`), any other stop keeps pods captured for the next agent")
+  .option('--cni-bin-dir <dir>', "with --source kubernetes: install nodemesh-cni into the node's CNI bin folder (and chain it in --cni-conf-dir) while the agent runs")
+  .option('--cni-conf-dir <dir>', "with --cni-bin-dir: the node's CNI conf folder, whose first network config gets nodemesh-cni as its last plugin", '/etc/cni/net.d')
+  .option('--cni-exclude-namespaces <list>', 'with --cni-bin-dir: namespaces whose pods start without waiting for the agent, comma-separated', 'kube-system')
+  .option('--cni-timeout <time>', 'with --cni-bin-dir: how long a pod start waits for the agent before the runtime gets an error and retries', '20s')
   .option('--bpf-root <path>', `bpffs folder for pinned maps and links (default: ${PIN_BASE}/NODE)`)
   .option('--run-dir <dir>', "the agent's run folder (its enrollment socket); default: nodes/NODE in the runtime's state folder ($NODEMESH_STATE_DIR, /run/nodemesh)")
   .option('--metrics <host:port>', 'Prometheus /metrics', '0.0.0.0:15020')
@@ -263,7 +286,7 @@ program
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; source: 'local' | 'kubernetes'; kubeconfig?: string; cgroupRoot?: string; proc: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; source: 'local' | 'kubernetes'; kubeconfig?: string; cgroupRoot?: string; proc: string; daemonset?: string; cniBinDir?: string; cniConfDir: string; cniExcludeNamespaces: string; cniTimeout: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
@@ -285,21 +308,17 @@ program
       });
     }
     if (opts.source === 'local') {
-      for (const [field, given] of [['kubeconfig', opts.kubeconfig], ['cgroup-root', opts.cgroupRoot]] as const) {
+      for (const [field, given] of [['kubeconfig', opts.kubeconfig], ['cgroup-root', opts.cgroupRoot], ['cni-bin-dir', opts.cniBinDir], ['daemonset', opts.daemonset]] as const) {
         if (given !== undefined) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} is for --source kubernetes`, { context: { field }, hint: `add --source kubernetes, or drop --${field}` });
       }
     }
     const caRoots = opts.caRoot === undefined ? undefined : await (await import('../agent/control-plane-client.js')).readCaRoot(opts.caRoot);
     // Kubernetes: the kubelet's pods, from the API and the node's kubepods cgroups; the local
     // runtime's records otherwise.
-    const kube =
-      opts.source === 'kubernetes'
-        ? await (async () => {
-            const { KubeApi } = await import('../kube/api.js');
-            const { KubernetesPodSource } = await import('../agent/pods/kubernetes.js');
-            return new KubernetesPodSource({ node, api: KubeApi.load(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }), cgroupRoot: opts.cgroupRoot ?? (await findCgroup2Mount()), proc: opts.proc });
-          })()
-        : undefined;
+    const daemonset = opts.daemonset === undefined ? undefined : parseNamespacedName(opts.daemonset, 'daemonset');
+    const kubeApi = opts.source === 'kubernetes' ? (await import('../kube/api.js')).KubeApi.load(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) : undefined;
+    const kubePods = kubeApi ? await import('../agent/pods/kubernetes.js') : undefined;
+    const kube = kubeApi && kubePods ? new kubePods.KubernetesPodSource({ node, api: kubeApi, cgroupRoot: opts.cgroupRoot ?? (await findCgroup2Mount()), proc: opts.proc }) : undefined;
     const options: AgentOptions = {
       node,
       podsCgroup: kube ? kube.kubepods.path : nodeCgroup(await findCgroup2Mount(), runtimeConfig, node),
@@ -307,6 +326,17 @@ program
       // Local pods: netns under /run/netns, addresses in the runtime's pod subnets. Kubelet's
       // pods: their runtime's netns paths (from the CNI call) and the cluster's addresses.
       podEdge: kube ? {} : { netnsDir: '/run/netns', cidr4: runtimeConfig.podCidr4, cidr6: runtimeConfig.podCidr6 },
+      ...(opts.cniBinDir === undefined
+        ? {}
+        : {
+            cni: {
+              binDir: opts.cniBinDir,
+              confDir: opts.cniConfDir,
+              pluginBinary: join(PACKAGE_ROOT, 'build', 'cni', 'nodemesh-cni'),
+              timeoutSeconds: cniTimeoutSeconds(opts.cniTimeout),
+              excludeNamespaces: opts.cniExcludeNamespaces.split(',').map((n) => n.trim()).filter((n) => n !== ''),
+            },
+          }),
       config:
         opts.controlPlane !== undefined
           ? { kind: 'control-plane', address: controlPlane ?? parseHostPort(opts.controlPlane, 'control-plane', invalid('control-plane')), ...(opts.tokenFile === undefined ? {} : { tokenFile: opts.tokenFile }), ...(caRoots === undefined ? {} : { caRoots }) }
@@ -330,7 +360,11 @@ program
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
-    await agent.stop();
+    const uninstall = kubeApi && kubePods && daemonset ? await kubePods.daemonSetGone(kubeApi, daemonset) : undefined;
+    if (uninstall?.gone) {
+      logger('agent').warn({ daemonset: opts.daemonset }, `${uninstall.why}: taking nodemesh off this node`);
+      await agent.uninstall();
+    } else await agent.stop();
     await exitWhenStopped('agent');
   });
 

@@ -11,7 +11,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdir, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
@@ -57,16 +57,20 @@ test('nodemesh-cni chained after bridge and host-local (cnitool, a real netns, a
   const bridge = `nmc${sb.id}`;
   const netns = `nmcni-${sb.id}`;
   const subnet = `10.203.${1 + (parseInt(sb.id.slice(0, 2), 16) % 250)}.0/24`;
+  // The node's CNI folders: the network plugin's config (bridge, host-local) as its installer
+  // wrote it; nodemesh-cni's binary and its entry in that config are the agent's to add.
+  const binDir = join(sb.config.stateDir, 'cni-bin');
   const confDir = join(sb.config.stateDir, 'cni-conf');
+  await mkdir(binDir, { recursive: true });
   await mkdir(confDir, { recursive: true });
   const runDir = agentRunDir(sb.config.stateDir, node);
-  const conflist = (plugin: Record<string, unknown>): string =>
-    JSON.stringify({
-      cniVersion: '1.0.0',
-      name: netName,
-      plugins: [{ type: 'bridge', bridge, ipam: { type: 'host-local', ranges: [[{ subnet }]], dataDir: join(sb.config.stateDir, 'cni-ipam') } }, { type: 'nodemesh-cni', enrollSocket: join(runDir, 'enroll.sock'), timeoutSeconds: 10, ...plugin }],
-    });
-  await writeFile(join(confDir, `${netName}.conflist`), conflist({}));
+  const network = { cniVersion: '1.0.0', name: netName, plugins: [{ type: 'bridge', bridge, ipam: { type: 'host-local', ranges: [[{ subnet }]], dataDir: join(sb.config.stateDir, 'cni-ipam') } }] };
+  const primary = join(confDir, '10-bridge.conflist');
+  await writeFile(primary, JSON.stringify(network));
+  // Before the agent: the same chain written by hand (the binary as built), for a node whose agent is down.
+  const downConfDir = join(sb.config.stateDir, 'cni-conf-down');
+  await mkdir(downConfDir, { recursive: true });
+  await writeFile(join(downConfDir, '10-bridge.conflist'), JSON.stringify({ ...network, plugins: [...network.plugins, { type: 'nodemesh-cni', enrollSocket: join(runDir, 'enroll.sock'), timeoutSeconds: 10 }] }));
   await run('ip', ['netns', 'add', netns]);
   sb.defer(() => run('ip', ['netns', 'del', netns]).catch(() => undefined));
   sb.defer(() => run('ip', ['link', 'del', bridge]).catch(() => undefined));
@@ -76,7 +80,7 @@ test('nodemesh-cni chained after bridge and host-local (cnitool, a real netns, a
     const started = Date.now();
     const r = await collect(
       spawn(cnitool, [command, network, path], {
-        env: { ...process.env, CNI_PATH: `${REFERENCE_PLUGINS}:${join(PACKAGE_ROOT, 'build', 'cni')}`, NETCONFPATH: dir, CNI_ARGS: args, CNI_IFNAME: 'eth0' },
+        env: { ...process.env, CNI_PATH: `${REFERENCE_PLUGINS}:${dir === downConfDir ? join(PACKAGE_ROOT, 'build', 'cni') : binDir}`, NETCONFPATH: dir, CNI_ARGS: args, CNI_IFNAME: 'eth0' },
         stdio: ['ignore', 'pipe', 'pipe'],
       }),
     );
@@ -111,13 +115,18 @@ test('nodemesh-cni chained after bridge and host-local (cnitool, a real netns, a
   };
 
   // ADD with no agent on the node: refused at once ("try again later"), the pod does not start.
-  const noAgent = await cni('add', podArgs('web', uid));
+  const noAgent = await cni('add', podArgs('web', uid), netName, downConfDir);
   assert.notEqual(noAgent.code, 0);
   assert.match(noAgent.stderr, /no nodemesh agent answers on .*pod default\/web is not started outside the mesh/);
   assert.equal(errorOf(await direct('ADD', 'web', uid, netnsPath)).code, 11);
-  await cni('del', podArgs('web', uid));
+  await cni('del', podArgs('web', uid), netName, downConfDir);
 
-  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('web', [SVC], { app: 'web' }, 80, 8080) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root] });
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('web', [SVC], { app: 'web' }, 80, 8080) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root, '--cni-bin-dir', binDir, '--cni-conf-dir', confDir, '--cni-timeout', '10s'] });
+  // Installed: the binary, and the entry chained last in the network config.
+  const installed = JSON.parse(await readFile(primary, 'utf8')) as { plugins: Array<{ type: string; enrollSocket?: string }> };
+  assert.deepEqual(installed.plugins.map((p) => p.type), ['bridge', 'nodemesh-cni']);
+  assert.equal(installed.plugins[1]?.enrollSocket, join(runDir, 'enroll.sock'));
+  assert.ok((await stat(join(binDir, 'nodemesh-cni'))).isFile());
 
   // ADD: bridge and host-local give the pod eth0 and an address; nodemesh-cni returns once the agent has it captured.
   const added = await cni('add', podArgs('web', uid));
@@ -186,4 +195,9 @@ test('nodemesh-cni chained after bridge and host-local (cnitool, a real netns, a
   assert.equal(deleted.code, 0, `${deleted.stdout} ${deleted.stderr}`);
   await kubectl(['delete', 'pod', 'web', '-n', 'default', '--grace-period=0', '--force']);
   await agent.waitForPods((p) => !p.some((x) => x.uid === uid), 'the pod unenrolled once its Pod is gone');
+
+  // The agent stops: the node's network config is as the network plugin wrote it, the binary gone.
+  await agent.kill('SIGTERM');
+  assert.deepEqual(JSON.parse(await readFile(primary, 'utf8')), network);
+  await assert.rejects(stat(join(binDir, 'nodemesh-cni')), { code: 'ENOENT' });
 });
