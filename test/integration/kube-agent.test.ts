@@ -11,6 +11,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdir, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -18,6 +19,7 @@ import { test, type TestContext } from 'node:test';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import type { PodRecord } from '../../src/runtime/store.js';
+import { run } from '../../src/shared/exec.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
 import { cluster, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
@@ -105,7 +107,7 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
   processIn(sb, clientApp, clientNet.netns, ['sleep', '600']);
   processIn(sb, clientSidecar, clientNet.netns, ['sleep', '600']);
 
-  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'server' }) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root] });
+  const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'server' }) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root, '--daemonset', 'nodemesh-system/nodemesh-agent'] });
   const pods = await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'the two Pods enrolled and verified');
   assert.deepEqual(pods.map((p) => [p.name, p.uid, p.ip4]), [['client', clientUid, clientNet.ip4], ['server', serverUid, serverNet.ip4]]);
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_agent_kube_pods_skipped_total', { reason: 'host_network' }) >= 1, 'the hostNetwork Pod is skipped');
@@ -130,12 +132,28 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
   await agent.waitForPods((p) => p.length === 1 && p[0]?.name === 'server', 'the deleted Pod unenrolled');
   const after = await dialFromCgroup(clientApp, clientNet.netns, SVC, 80);
   assert.ok(!after.intact, `no capture after the Pod is deleted: ${JSON.stringify(after)}`);
+
+  // The agent stops. While its DaemonSet is there (a restart, an upgrade) the node stays
+  // captured for the next agent; once the DaemonSet is deleted (uninstall), its stop takes
+  // nodemesh off the node: pins, links and the in-pod delivery routing of the pods still running.
+  const rules = async (): Promise<string> => (await run('ip', ['netns', 'exec', serverNet.netns, 'ip', 'rule'])).stdout;
+  assert.match(await rules(), /fwmark 0x53a/);
+  if (driver === 'cgroupfs') {
+    await agent.kill('SIGTERM');
+    assert.ok(existsSync(join(agent.pinRoot, 'pods', serverUid)), 'a restart keeps the pod pinned');
+    assert.match(await rules(), /fwmark 0x53a/);
+    return;
+  }
+  await kubectl(['delete', 'daemonset', 'nodemesh-agent', '-n', 'nodemesh-system', '--wait=true']);
+  await agent.kill('SIGTERM');
+  assert.ok(!existsSync(agent.pinRoot), `uninstall removes the pins: ${agent.log().split('\n').filter((l) => l.includes('taking nodemesh off')).join(' ')}`);
+  assert.doesNotMatch(await rules(), /fwmark 0x53a/, 'and the in-pod routing of the pods still running');
 }
 
-test('agent --source kubernetes, systemd cgroup driver: Pods bound to the node are found by UID under kubepods.slice, enrolled, verified and captured from every container; hostNetwork skipped; a Pod without a cgroup named; a deleted Pod unenrolled', async (t) => {
+test('agent --source kubernetes, systemd cgroup driver: Pods bound to the node (made before the agent started) are found by UID under kubepods.slice, enrolled, verified and captured from every container; hostNetwork skipped; a Pod without a cgroup named; a deleted Pod unenrolled; with its DaemonSet deleted, its stop takes nodemesh off the node', async (t) => {
   await kubeletPods(t, 'systemd');
 });
 
-test('agent --source kubernetes, cgroupfs cgroup driver: the same under kubepods/', async (t) => {
+test('agent --source kubernetes, cgroupfs cgroup driver: the same under kubepods/; a stop while its DaemonSet is there keeps the node captured', async (t) => {
   await kubeletPods(t, 'cgroupfs');
 });

@@ -80,6 +80,10 @@ const AGENT: ReadonlyArray<Row> = [
   ['create', 'tokenreviews.authentication.k8s.io', '', false],
   ['create', 'serviceaccounts/token', NS, false],
   ['list', 'trafficpolicies.networking.nodemesh.io', '-A', false],
+  ['get', 'daemonsets.apps/nodemesh-agent', NS, true],
+  ['update', 'daemonsets.apps/nodemesh-agent', NS, false],
+  ['get', 'daemonsets.apps/other', NS, false],
+  ['list', 'daemonsets.apps', NS, false],
 ];
 
 const CONTROL_PLANE: ReadonlyArray<Row> = [
@@ -175,7 +179,7 @@ test('kubectl apply -f daemonset/ installs nodemesh on a real API server; RBAC i
   const wrong = table.filter((_, i) => answers[i] !== table[i]?.[1][3]).map(([who, [verb, res, ns, allowed]]) => `${who} ${allowed ? 'may not' : 'may'} ${verb} ${res} ${ns}`);
   assert.deepEqual(wrong, [], 'permissions differ from the table');
   // And the other way: nothing is granted beyond the rules the table checks.
-  assert.deepEqual(await granted(sa('nodemesh-agent'), NS), ['pods [] [get list watch]']);
+  assert.deepEqual(await granted(sa('nodemesh-agent'), NS), ['daemonsets.apps [nodemesh-agent] [get]', 'pods [] [get list watch]']);
   assert.deepEqual(await granted(sa('nodemesh-control-plane'), NS), [
     'authorizationpolicies.security.nodemesh.io [] [list watch]',
     'configmaps [] [create]',

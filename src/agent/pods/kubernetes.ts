@@ -13,7 +13,7 @@ import { readdir, readFile, stat } from 'node:fs/promises';
 import { isIPv4, isIPv6 } from 'node:net';
 import { join } from 'node:path';
 
-import type { KubeApi, KubeObject } from '../../kube/api.js';
+import { KubeApiError, type KubeApi, type KubeObject } from '../../kube/api.js';
 import type { CniPod, EnrollPod } from '../../runtime/enrollment.js';
 import { Reflector, type ReflectorMetrics } from '../../kube/reflector.js';
 import { NodemeshError } from '../../shared/errors.js';
@@ -261,4 +261,22 @@ async function subtreePids(path: string): Promise<number[]> {
   };
   await walk(path, 0);
   return pids;
+}
+
+/**
+ * Whether the agent's DaemonSet is going away, so that its stop is an uninstall: the DaemonSet is
+ * gone (404) or being deleted, or the agent's credentials are (401: its ServiceAccount; 403: its
+ * RBAC; `kubectl delete -f daemonset/` removes those before the DaemonSet). An API server that
+ * does not answer says nothing: a plain stop, which keeps the node captured for the next agent.
+ */
+export async function daemonSetGone(api: KubeApi, ref: { namespace: string; name: string }): Promise<{ gone: boolean; why: string }> {
+  try {
+    const ds = await api.get(`/apis/apps/v1/namespaces/${ref.namespace}/daemonsets/${ref.name}`, AbortSignal.timeout(5000));
+    if (!ds) return { gone: true, why: `DaemonSet ${ref.namespace}/${ref.name} is gone` };
+    const deleting = (ds.metadata as { deletionTimestamp?: string } | undefined)?.deletionTimestamp;
+    return deleting ? { gone: true, why: `DaemonSet ${ref.namespace}/${ref.name} is being deleted` } : { gone: false, why: `DaemonSet ${ref.namespace}/${ref.name} is there` };
+  } catch (e) {
+    if (e instanceof KubeApiError && (e.status === 401 || e.status === 403)) return { gone: true, why: `the agent's credentials are gone (HTTP ${e.status}): nodemesh is being uninstalled` };
+    return { gone: false, why: `the API server did not answer: ${(e as Error).message}` };
+  }
 }
