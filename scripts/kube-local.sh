@@ -12,6 +12,8 @@
 #                                 ServiceAccounts, Deployments, DaemonSets, garbage collection);
 #                                 writes build/kube/kubeconfig. No scheduler and no kubelet: pods
 #                                 are created but never bound or run.
+#   scripts/kube-local.sh restart-apiserver
+#                                 stops kube-apiserver and starts it again (etcd and its data stay)
 #   scripts/kube-local.sh down    stops them (by the PIDs it recorded) and removes build/kube
 #   scripts/kube-local.sh env     prints `export KUBECONFIG=...` and the kubectl to use
 # Versions: NODEMESH_K8S_VERSION (default v1.37.2; its k8s.io/* staging modules at the matching
@@ -161,6 +163,20 @@ EOF
 
 running() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
+start_apiserver() {
+  say "kube-apiserver on 127.0.0.1:$API_PORT"
+  "$APISERVER" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+    --tls-cert-file "$STATE/pki/apiserver.crt" --tls-private-key-file "$STATE/pki/apiserver.key" \
+    --client-ca-file "$STATE/pki/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$STATE/pki/sa.pub" --service-account-signing-key-file "$STATE/pki/sa.key" \
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction --endpoint-reconciler-type none \
+    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --cert-dir "$STATE/pki" \
+    >>"$STATE/kube-apiserver.log" 2>&1 </dev/null &
+  echo $! >"$STATE/kube-apiserver.pid"
+}
+
 up() {
   build_etcd
   build_kubernetes
@@ -178,22 +194,16 @@ up() {
     --initial-cluster "local=http://127.0.0.1:$((ETCD_PORT + 1))" --log-level warn \
     >"$STATE/etcd.log" 2>&1 </dev/null &
   echo $! >"$STATE/etcd.pid"
-  say "kube-apiserver on 127.0.0.1:$API_PORT"
-  "$APISERVER" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
-    --tls-cert-file "$STATE/pki/apiserver.crt" --tls-private-key-file "$STATE/pki/apiserver.key" \
-    --client-ca-file "$STATE/pki/ca.crt" \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$STATE/pki/sa.pub" --service-account-signing-key-file "$STATE/pki/sa.key" \
-    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction --endpoint-reconciler-type none \
-    --service-cluster-ip-range 10.0.0.0/24 --allow-privileged=true --cert-dir "$STATE/pki" \
-    >"$STATE/kube-apiserver.log" 2>&1 </dev/null &
-  echo $! >"$STATE/kube-apiserver.pid"
+  start_apiserver
   kubeconfig
+  wait_ready
+  controllers
+}
+
+wait_ready() {
   local i
   for i in $(seq 1 300); do
     if curl -sf --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1; then
-      controllers
       say "ready after $((i / 5)) s: export KUBECONFIG=$STATE/kubeconfig"
       return 0
     fi
@@ -203,6 +213,28 @@ up() {
   tail -20 "$STATE/kube-apiserver.log" >&2
   down quiet
   die "kube-apiserver was not ready within 60 s (log above)"
+}
+
+# The API server alone goes away and comes back (etcd and its data stay): what clients see when
+# a control plane node restarts. Its watch cache starts again at etcd's current revision.
+restart_apiserver() {
+  running kube-apiserver || die "not up: scripts/kube-local.sh up first"
+  stop_pid kube-apiserver
+  say "kube-apiserver stopped; starting it again"
+  start_apiserver
+  wait_ready
+}
+
+stop_pid() {
+  local pid
+  [[ -f $STATE/$1.pid ]] || return 0
+  pid=$(cat "$STATE/$1.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  return 0
 }
 
 # The built-in controllers, as the admin (system:masters): no per-controller credentials here.
@@ -217,16 +249,8 @@ controllers() {
 }
 
 down() {
-  local name pid
-  for name in kube-controller-manager kube-apiserver etcd; do
-    [[ -f $STATE/$name.pid ]] || continue
-    pid=$(cat "$STATE/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill "$pid"
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-    fi
-  done
+  local name
+  for name in kube-controller-manager kube-apiserver etcd; do stop_pid "$name"; done
   rm -rf "$STATE"
   [[ ${1:-} == quiet ]] || say "stopped; $STATE removed"
 }
@@ -234,7 +258,8 @@ down() {
 case "${1:-}" in
   build) build_etcd; build_kubernetes ;;
   up) up ;;
+  restart-apiserver) restart_apiserver ;;
   down) down ;;
   env) printf 'export KUBECONFIG=%s\nalias kubectl=%s\n' "$STATE/kubeconfig" "$KUBECTL" ;;
-  *) die "usage: scripts/kube-local.sh build|up|down|env" ;;
+  *) die "usage: scripts/kube-local.sh build|up|restart-apiserver|down|env" ;;
 esac

@@ -1,9 +1,9 @@
 /**
- * A small Kubernetes API server for tests, the one fake the project allows (no real API server
- * can run on this machine): list with resourceVersion and paging, watch from a resourceVersion
- * with bookmarks and server-side timeouts, history compaction (a watch from before it gets the
- * API server's 410 "too old resource version" ERROR event), bearer token auth, and ways to break
- * watches (drop the connection, cut an event in half, refuse new watches).
+ * A small Kubernetes API server for the faults a real one (scripts/kube-local.sh) cannot be made
+ * to produce on demand: a bookmark now, a watch dropped or cut in the middle of an event, a
+ * garbled line, refused watches (503), and objects with fields a real one would have pruned.
+ * Lists with resourceVersion and paging, watches from a resourceVersion with server-side
+ * timeouts, bearer token auth. Everything else is tested against the real API server.
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
@@ -30,19 +30,12 @@ export interface FakeKubeApi {
   remove(path: string, namespace: string, name: string): void;
   /** A BOOKMARK with the current resourceVersion on every open watch. */
   bookmark(): void;
-  /** Forget history up to now: a watch from an older version gets 410. */
-  compact(): void;
   /** Drop every open watch connection. */
   dropWatches(): void;
   /** The next event on each open watch is cut in the middle of its line and the connection dropped. */
   cutNextEvent(): void;
   /** Raw bytes on every open watch of a resource (a garbled line). */
   sendRaw(path: string, text: string): void;
-  /** What TokenReview says of a token: its ServiceAccount user and the node its pod runs on. */
-  /** `audiences`: what the review answers as the token's audiences (default: those asked for). */
-  reviewToken(token: string, username: string, node: string | undefined, audiences?: string[]): void;
-  /** Answer 404 for this collection, as an API server without the CRD does. */
-  notServed(path: string): void;
   /** While set, new watches are answered 503. */
   refuseWatches(on: boolean): void;
   openWatches(): number;
@@ -56,11 +49,8 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
   const resources = new Map<string, Resource>();
   const requests: string[] = [];
   let rv = 1000;
-  let compactedTo = 0;
   let cutNext = false;
   let refusing = false;
-  const unserved = new Set<string>();
-  const reviews = new Map<string, { username: string; node: string | undefined; audiences?: string[] }>();
   const resource = (path: string): Resource => {
     let r = resources.get(path);
     if (!r) {
@@ -102,24 +92,6 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
       return;
     }
     const url = new URL(req.url ?? '/', 'http://x');
-    if (unserved.has(url.pathname)) {
-      res.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ kind: 'Status', code: 404, reason: 'NotFound', message: 'the server could not find the requested resource' }));
-      return;
-    }
-    if (req.method === 'POST' && url.pathname === '/apis/authentication.k8s.io/v1/tokenreviews') {
-      let body = '';
-      req.on('data', (d: Buffer) => (body += d.toString()));
-      req.on('end', () => {
-        const review = JSON.parse(body) as { spec: { token: string; audiences?: string[] } };
-        const who = reviews.get(review.spec.token);
-        const status = who
-          ? { authenticated: true, audiences: who.audiences ?? review.spec.audiences ?? [], user: { username: who.username, extra: who.node ? { 'authentication.kubernetes.io/node-name': [who.node] } : {} } }
-          : { authenticated: false, error: 'invalid bearer token' };
-        res.writeHead(201, { 'content-type': 'application/json' }).end(JSON.stringify({ apiVersion: 'authentication.k8s.io/v1', kind: 'TokenReview', spec: review.spec, status }));
-      });
-      requests.push('create tokenreviews');
-      return;
-    }
     const r = resource(url.pathname);
     const field = url.searchParams.get('fieldSelector');
     const nameIs = field?.startsWith('metadata.name=') ? field.slice('metadata.name='.length) : undefined;
@@ -142,10 +114,6 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     }
     const from = Number(url.searchParams.get('resourceVersion') ?? 0);
     res.writeHead(200, { 'content-type': 'application/json', 'transfer-encoding': 'chunked' });
-    if (from < compactedTo) {
-      res.end(eventLine('ERROR', { kind: 'Status', apiVersion: 'v1', status: 'Failure', code: 410, reason: 'Expired', message: `too old resource version: ${from} (${compactedTo})` }));
-      return;
-    }
     for (const e of r.events) if (e.rv > from && matches(e.object)) res.write(eventLine(e.type, e.object));
     Object.assign(res, { matches });
     r.watches.add(res);
@@ -174,10 +142,6 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     bookmark() {
       for (const r of resources.values()) for (const w of r.watches) w.write(eventLine('BOOKMARK', { kind: 'Status', apiVersion: 'v1', metadata: { resourceVersion: String(rv) } }));
     },
-    compact() {
-      compactedTo = rv + 1;
-      for (const r of resources.values()) r.events.length = 0;
-    },
     dropWatches() {
       for (const r of resources.values()) for (const w of r.watches) w.socket?.destroy();
     },
@@ -186,12 +150,6 @@ export async function startFakeKubeApi(): Promise<FakeKubeApi> {
     },
     sendRaw(path, text) {
       for (const w of resource(path).watches) w.write(text);
-    },
-    reviewToken(token, username, node, audiences) {
-      reviews.set(token, { username, node, ...(audiences ? { audiences } : {}) });
-    },
-    notServed(path) {
-      unserved.add(path);
     },
     refuseWatches(on) {
       refusing = on;
