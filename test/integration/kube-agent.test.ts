@@ -133,6 +133,21 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
   const after = await dialFromCgroup(clientApp, clientNet.netns, SVC, 80);
   assert.ok(!after.intact, `no capture after the Pod is deleted: ${JSON.stringify(after)}`);
 
+  if (driver === 'cgroupfs') {
+    // The API server goes away, and comes back refusing the agent (its RBAC binding deleted
+    // meanwhile): degraded, named and counted, not dead; the node's pods are served on. The
+    // binding restored, the agent is whole again.
+    await kubectl(['delete', 'clusterrolebinding', 'nodemesh-agent']);
+    await run('bash', [join(PACKAGE_ROOT, 'scripts', 'kube-local.sh'), 'restart-apiserver']);
+    await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_agent_degraded') === 1, 30_000, 'degraded');
+    assert.ok(metricValue(await agent.metrics(), 'nodemesh_agent_kube_errors_total', { reason: 'unauthorized' }) >= 1);
+    assert.match(agent.log(), /the last objects keep serving/);
+    const served = await dialFromCgroup(await cgroup(server.container('b2')), serverNet.netns, SVC, 80);
+    assert.ok(served.intact, `the pods are served on: ${JSON.stringify(served)}`);
+    await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset', '03-rbac.yaml')]);
+    await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_agent_degraded') === 0, 45_000, 'whole again once the binding is back');
+  }
+
   // The agent stops. While its DaemonSet is there (a restart, an upgrade) the node stays
   // captured for the next agent; once the DaemonSet is deleted (uninstall), its stop takes
   // nodemesh off the node: pins, links and the in-pod delivery routing of the pods still running.
