@@ -36,10 +36,14 @@ build_native() {
   command -v "${CMAKE:-cmake}" >/dev/null || die "cmake is not installed (apt-get install -y cmake)"
   pkg-config --exists libbpf || die "libbpf is not found by pkg-config (apt-get install -y libbpf-dev pkg-config)"
   [[ -f /usr/include/nghttp2/nghttp2.h ]] || die "nghttp2's header is missing: /usr/include/nghttp2/nghttp2.h (apt-get install -y libnghttp2-dev)"
-  local napi
+  local napi nodedir
   napi=$(node -p "require('path').resolve(require('node-addon-api').include_dir)")
+  # The running node's own headers (node's builds and Debian's libnode-dev put them in
+  # <prefix>/include/node): cmake-js would otherwise download them from nodejs.org.
+  nodedir=$(node -p "require('path').resolve(process.execPath, '../..')")
+  [[ -f $nodedir/include/node/node.h ]] || die "node's headers are missing: $nodedir/include/node/node.h (Debian's node: apt-get install -y libnode-dev)"
   say "cmake-js: native addon"
-  npx --no-install cmake-js compile --log-level warn -d native -O build/native "--CDNODE_ADDON_API_DIR=${napi}" >&2 \
+  npm_config_nodedir="$nodedir" npx --no-install cmake-js compile --log-level warn -d native -O build/native "--CDNODE_ADDON_API_DIR=${napi}" >&2 \
     || die "building the native addon failed (see the compiler output above)"
 }
 

@@ -104,6 +104,24 @@ func parseK8sArgs(s string) (k8sArgs, error) {
 	return a, nil
 }
 
+// parseArgs: the configuration and the pod the runtime names.
+func parseArgs(args *skel.CmdArgs) (*netConf, k8sArgs, error) {
+	conf, err := parseConf(args)
+	if err != nil {
+		return nil, k8sArgs{}, err
+	}
+	k, err := parseK8sArgs(args.Args)
+	return conf, k, err
+}
+
+// post: a JSON request to the agent's enrollment socket, bounded by ctx.
+func post(ctx context.Context, conf *netConf, path string, body any) (*http.Response, error) {
+	text, _ := json.Marshal(body)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent"+path, bytes.NewReader(text))
+	req.Header.Set("content-type", "application/json")
+	return agentClient(conf.EnrollSocket).Do(req)
+}
+
 func excluded(conf *netConf, ns string) bool {
 	for _, e := range conf.ExcludeNamespaces {
 		if e == ns {
@@ -172,11 +190,7 @@ func podAddresses(conf *netConf) (string, string, error) {
 }
 
 func cmdAdd(args *skel.CmdArgs) error {
-	conf, err := parseConf(args)
-	if err != nil {
-		return err
-	}
-	k, err := parseK8sArgs(args.Args)
+	conf, k, err := parseArgs(args)
 	if err != nil {
 		return err
 	}
@@ -190,16 +204,13 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	body, _ := json.Marshal(map[string]any{
-		"pod":       cniPod{UID: k.UID, Namespace: k.Namespace, Name: k.Name, NetnsPath: args.Netns, IP4: ip4, IP6: ip6, ContainerID: args.ContainerID},
-		"timeoutMs": conf.TimeoutSeconds * 1000,
-	})
 	// Our own deadline as well as the agent's: the runtime is never held past it.
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(conf.TimeoutSeconds)*time.Second+time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/cni/pods", bytes.NewReader(body))
-	req.Header.Set("content-type", "application/json")
-	resp, err := agentClient(conf.EnrollSocket).Do(req)
+	resp, err := post(ctx, conf, "/v1/cni/pods", map[string]any{
+		"pod":       cniPod{UID: k.UID, Namespace: k.Namespace, Name: k.Name, NetnsPath: args.Netns, IP4: ip4, IP6: ip6, ContainerID: args.ContainerID},
+		"timeoutMs": conf.TimeoutSeconds * 1000,
+	})
 	pod := k.Namespace + "/" + k.Name
 	if err != nil {
 		if ctx.Err() != nil {
@@ -237,33 +248,25 @@ func passThrough(conf *netConf) error {
 }
 
 func cmdDel(args *skel.CmdArgs) error {
-	conf, err := parseConf(args)
-	if err != nil {
+	conf, k, err := parseArgs(args)
+	if conf == nil {
 		return err
 	}
-	k, err := parseK8sArgs(args.Args)
 	if err != nil || k.Namespace == "" || excluded(conf, k.Namespace) {
 		return nil
 	}
-	body, _ := json.Marshal(map[string]any{"namespace": k.Namespace, "name": k.Name, "uid": k.UID, "containerId": args.ContainerID})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/cni/release", bytes.NewReader(body))
-	req.Header.Set("content-type", "application/json")
 	// DEL is best effort and idempotent: no agent, or one that does not answer, is no error
 	// (the agent unenrolls a pod whose Pod object or network namespace is gone on its own).
-	if resp, err := agentClient(conf.EnrollSocket).Do(req); err == nil {
+	if resp, err := post(ctx, conf, "/v1/cni/release", map[string]any{"namespace": k.Namespace, "name": k.Name, "uid": k.UID, "containerId": args.ContainerID}); err == nil {
 		resp.Body.Close()
 	}
 	return nil
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
-	conf, err := parseConf(args)
-	if err != nil {
-		return err
-	}
-	k, err := parseK8sArgs(args.Args)
+	conf, k, err := parseArgs(args)
 	if err != nil {
 		return err
 	}
@@ -272,10 +275,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	body, _ := json.Marshal(map[string]any{"namespace": k.Namespace, "name": k.Name, "uid": k.UID, "netnsPath": args.Netns})
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/cni/check", bytes.NewReader(body))
-	req.Header.Set("content-type", "application/json")
-	resp, err := agentClient(conf.EnrollSocket).Do(req)
+	resp, err := post(ctx, conf, "/v1/cni/check", map[string]any{"namespace": k.Namespace, "name": k.Name, "uid": k.UID, "netnsPath": args.Netns})
 	pod := k.Namespace + "/" + k.Name
 	if err != nil {
 		return types.NewError(errTryAgainLater, fmt.Sprintf("no nodemesh agent answers on %s to check pod %s", conf.EnrollSocket, pod), err.Error())
