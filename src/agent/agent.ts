@@ -327,9 +327,12 @@ export class NodeAgent {
           const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
           // Degraded (the API server went away after the pods were listed) is said, not unready:
           // the node's pods keep being served from what the agent knows.
+          // With nodemesh-cni to install: not ready until it is chained (a pod started before
+          // that would not wait for its capture).
           const health = this.health();
-          const ok = this.configLoaded && this.reconciled && health.synced && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
-          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
+          const cniChained = this.options.cni === undefined || this.cni?.installed === true;
+          const ok = this.configLoaded && this.reconciled && health.synced && cniChained && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
+          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, ...(this.options.cni ? { cniChained } : {}), degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
         },
       }, 'ready'),
     );

@@ -56,6 +56,11 @@ export class CniInstaller {
   /** What keeps it from being installed (no network config yet, a config it cannot read). */
   problem: string | undefined;
 
+  /** Chained in the node's network config: new pods' starts wait for the agent. */
+  get installed(): boolean {
+    return this.installedIn !== undefined && this.problem === undefined;
+  }
+
   constructor(private readonly options: CniInstallOptions) {}
 
   private entry(): Json {

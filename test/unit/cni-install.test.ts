@@ -37,6 +37,7 @@ test('CNI install: chained last in the first conflist, put back after the networ
   // Not the runtime's: a later file by name.
   await writeFile(join(conf, '99-other.conflist'), JSON.stringify({ ...BRIDGE, name: 'other' }));
   await installer.start();
+  assert.equal(installer.installed, true);
 
   assert.equal(((await stat(join(bin, 'nodemesh-cni'))).mode & 0o777).toString(8), '755');
   assert.deepEqual(await plugins(primary), ['bridge', 'portmap', 'nodemesh-cni']);
@@ -59,6 +60,7 @@ test('CNI install: a single-plugin .conf becomes a conflist; a node without a ne
   const { installer, conf } = await setup(t);
   await installer.start();
   assert.match(installer.problem ?? '', /no CNI network config/);
+  assert.equal(installer.installed, false);
   await writeFile(join(conf, '10-flannel.conf'), JSON.stringify({ cniVersion: '0.4.0', name: 'cbr0', type: 'flannel', delegate: { isDefaultGateway: true } }));
   await waitFor(async () => (await readdir(conf)).includes('10-flannel.conflist'), 15_000, 'the conf turned into a conflist');
   assert.deepEqual(await readdir(conf), ['10-flannel.conflist']);
@@ -67,4 +69,5 @@ test('CNI install: a single-plugin .conf becomes a conflist; a node without a ne
   assert.equal(list.name, 'cbr0');
   assert.deepEqual(list.plugins.map((p) => p.type), ['flannel', 'nodemesh-cni']);
   assert.equal(installer.problem, undefined);
+  assert.equal(installer.installed, true);
 });
