@@ -117,14 +117,16 @@ export class KubeApi {
   }
 
   /**
-   * A watch from resourceVersion: onEvent for each event in order. Resolves when the server ends
+   * A watch from resourceVersion: onOpen once the server has accepted it (a 410 comes as an event
+   * after that), onEvent for each event in order. Resolves when the server ends
    * the stream (its timeout; the caller watches again from the last version it saw), rejects on an
    * error status (410 when the version is too old), a dropped connection or a garbled line.
    */
-  async watch(path: string, resourceVersion: string, timeoutSeconds: number, signal: AbortSignal, onEvent: (e: WatchEvent) => void): Promise<void> {
+  async watch(path: string, resourceVersion: string, timeoutSeconds: number, signal: AbortSignal, onEvent: (e: WatchEvent) => void, onOpen?: () => void): Promise<void> {
     const query = { watch: 'true', resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds: String(timeoutSeconds) };
     const res = await this.send(path, query, signal);
     if (res.statusCode !== 200) throw statusError(path, res.statusCode ?? 0, await readJson(res, path).catch(() => undefined));
+    onOpen?.();
     await new Promise<void>((resolve, reject) => {
       let buffered: Buffer[] = [];
       let size = 0;

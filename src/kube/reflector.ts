@@ -90,7 +90,8 @@ export class Reflector {
         if (relist !== undefined) await this.relist(relist);
         relist = undefined;
         const timeout = Math.round((this.options.watchTimeoutSeconds ?? 300) * (1 + Math.random()));
-        await this.api.watch(this.options.path, this.resourceVersion, timeout, this.abort.signal, (e) => this.event(e));
+        // Accepted: whatever failed before is over (no event may come for a long time).
+        await this.api.watch(this.options.path, this.resourceVersion, timeout, this.abort.signal, (e) => this.event(e), () => (this.lastError = undefined));
         // The server ended the watch (its timeout): resume from the last version seen.
         this.failures = 0;
       } catch (e) {
