@@ -5,9 +5,8 @@
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, rmdir, stat } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { Server } from 'node:http';
 
 import { DEFAULT_MESH, shouldEnroll } from '../config/mesh.js';
@@ -15,6 +14,7 @@ import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
+import { rmdirWhenEmpty } from '../runtime/cgroup.js';
 import { ENROLL_SOCKET, type CniPod, type CniRef, type EnrollAnswer, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
@@ -833,7 +833,10 @@ export class NodeAgent {
     } catch (e) {
       result = (e as Error).message;
     } finally {
-      await removeProbeCgroup(probeCgroup);
+      // Once the probe process has left it (an exited task may hold it for a moment).
+      await rmdirWhenEmpty(probeCgroup, true).catch((e: NodeJS.ErrnoException) => {
+        if (e.code !== 'ENOENT') log.warn({ path: probeCgroup, err: e.message }, "the capture probe's cgroup could not be removed");
+      });
     }
     const ok = result === 0 && (await arrived);
     this.probeWaiters.delete(pod.uid);
@@ -900,19 +903,3 @@ export class NodeAgent {
 
 /** The probe's own cgroup under a pod's (see verify()). */
 const PROBE_CGROUP = 'nodemesh-probe';
-
-/** Removes the probe's cgroup once the probe process has left it (an exited task may hold it for a moment: EBUSY). */
-async function removeProbeCgroup(path: string): Promise<void> {
-  for (let i = 0; i < 20; i++) {
-    try {
-      await rmdir(path);
-      return;
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') return;
-      if (code !== 'EBUSY') break;
-      await sleep(25);
-    }
-  }
-  log.warn({ path }, "the capture probe's cgroup could not be removed");
-}

@@ -36,27 +36,35 @@ export interface EnrollTarget {
   releaseCni(ref: CniRef): Promise<void>;
 }
 
-/** A CNI hand-over's fields, checked before the agent looks anything up with them. */
-export function checkCniPod(value: unknown, withNetns: boolean): CniPod {
-  const bad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad('', 'must be an object');
+const cniBad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
+
+/** A field of a CNI request: a string ("" for a missing optional one). */
+function cniString(p: Record<string, unknown>, field: string, optional = false): string {
+  const v = p[field] ?? (optional ? '' : undefined);
+  if (typeof v !== 'string') throw cniBad(field, 'must be a string');
+  return v;
+}
+
+/** The pod a CNI CHECK or DEL names, checked before the agent looks anything up with it. */
+export function checkCniRef(value: unknown): CniRef {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw cniBad('', 'must be an object');
   const p = value as Record<string, unknown>;
-  const str = (field: string, optional = false): string => {
-    const v = p[field] ?? (optional ? '' : undefined);
-    if (typeof v !== 'string') throw bad(field, 'must be a string');
-    return v;
-  };
-  const namespace = str('namespace');
-  if (!DNS_LABEL.test(namespace)) throw bad('namespace', `"${namespace}" is not a DNS-1123 label`);
-  const name = str('name');
-  if (name.length > 253 || !DNS_SUBDOMAIN.test(name)) throw bad('name', `"${name}" is not a DNS-1123 subdomain`);
-  const uid = str('uid', true);
-  if (uid !== '' && !UUID.test(uid)) throw bad('uid', `"${uid}" is not a UUID`);
-  const ref = { namespace, name, ...(uid === '' ? {} : { uid }) };
-  if (!withNetns) return { ...ref, netnsPath: '', ip4: '', ip6: '' };
-  const netnsPath = str('netnsPath');
-  if (!isAbsolute(netnsPath) || normalize(netnsPath) !== netnsPath) throw bad('netnsPath', `"${netnsPath}" is not an absolute, normalised path`);
-  return { ...ref, netnsPath, ip4: str('ip4', true), ip6: str('ip6', true), containerId: str('containerId', true) };
+  const namespace = cniString(p, 'namespace');
+  if (!DNS_LABEL.test(namespace)) throw cniBad('namespace', `"${namespace}" is not a DNS-1123 label`);
+  const name = cniString(p, 'name');
+  if (name.length > 253 || !DNS_SUBDOMAIN.test(name)) throw cniBad('name', `"${name}" is not a DNS-1123 subdomain`);
+  const uid = cniString(p, 'uid', true);
+  if (uid !== '' && !UUID.test(uid)) throw cniBad('uid', `"${uid}" is not a UUID`);
+  return { namespace, name, ...(uid === '' ? {} : { uid }) };
+}
+
+/** A CNI ADD's pod: the reference, its netns path and the addresses the network plugin gave it. */
+export function checkCniPod(value: unknown): CniPod {
+  const ref = checkCniRef(value);
+  const p = value as Record<string, unknown>;
+  const netnsPath = cniString(p, 'netnsPath');
+  if (!isAbsolute(netnsPath) || normalize(netnsPath) !== netnsPath) throw cniBad('netnsPath', `"${netnsPath}" is not an absolute, normalised path`);
+  return { ...ref, netnsPath, ip4: cniString(p, 'ip4', true), ip6: cniString(p, 'ip6', true), containerId: cniString(p, 'containerId', true) };
 }
 
 /** Checks a handed-over pod at this edge (fields, then the netns and cgroup as they are now). */
@@ -182,7 +190,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, 
   }
   if (req.url === '/v1/cni/check' || req.url === '/v1/cni/release') {
     try {
-      const ref = checkCniPod(request, false);
+      const ref = checkCniRef(request);
       if (req.url === '/v1/cni/release') {
         await target.releaseCni(ref);
         res.writeHead(204).end();
@@ -201,7 +209,7 @@ async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, 
   let pod: EnrollPod | CniPod;
   try {
     if (cni) {
-      pod = checkCniPod(request.pod, true);
+      pod = checkCniPod(request.pod);
       await checkNetns(pod.netnsPath);
     } else pod = await validateEnrollPod(request.pod, edge);
   } catch (e) {

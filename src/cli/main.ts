@@ -13,7 +13,7 @@ import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.j
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { DNS_LABEL, DNS_SUBDOMAIN } from '../shared/names.js';
+import { parseNamespacedName } from '../shared/names.js';
 import { CONTROL_PLANE_STATE_DIR, PACKAGE_ROOT, packageVersion } from '../shared/paths.js';
 import { isLoopback } from '../shared/address.js';
 import { NM_PROXY_MARK } from '../datapath/abi.js';
@@ -63,12 +63,10 @@ function parseMilliseconds(value: string, field: string): number {
 }
 
 /** NAMESPACE/NAME of a Kubernetes object given on the command line. */
-function parseNamespacedName(value: string, field: string): { namespace: string; name: string } {
-  const [namespace = '', name = '', ...rest] = value.split('/');
-  if (rest.length > 0 || !DNS_LABEL.test(namespace) || name.length > 253 || !DNS_SUBDOMAIN.test(name)) {
-    throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not NAMESPACE/NAME`, { context: { field }, hint: `give --${field} as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-agent` });
-  }
-  return { namespace, name };
+function namespacedNameOption(value: string, field: string): { namespace: string; name: string } {
+  const ref = parseNamespacedName(value);
+  if (!ref) throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--${field} "${value}" is not NAMESPACE/NAME`, { context: { field }, hint: `give --${field} as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-agent` });
+  return ref;
 }
 
 /** --cni-timeout: whole seconds from 1 to 300 (what nodemesh-cni accepts). */
@@ -315,7 +313,7 @@ program
     const caRoots = opts.caRoot === undefined ? undefined : await (await import('../agent/control-plane-client.js')).readCaRoot(opts.caRoot);
     // Kubernetes: the kubelet's pods, from the API and the node's kubepods cgroups; the local
     // runtime's records otherwise.
-    const daemonset = opts.daemonset === undefined ? undefined : parseNamespacedName(opts.daemonset, 'daemonset');
+    const daemonset = opts.daemonset === undefined ? undefined : namespacedNameOption(opts.daemonset, 'daemonset');
     const kubeApi = opts.source === 'kubernetes' ? (await import('../kube/api.js')).KubeApi.load(opts.kubeconfig === undefined ? {} : { kubeconfig: opts.kubeconfig }) : undefined;
     const kubePods = kubeApi ? await import('../agent/pods/kubernetes.js') : undefined;
     const kube = kubeApi && kubePods ? new kubePods.KubernetesPodSource({ node, api: kubeApi, cgroupRoot: opts.cgroupRoot ?? (await findCgroup2Mount()), proc: opts.proc }) : undefined;

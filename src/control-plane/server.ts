@@ -55,7 +55,7 @@ import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.js';
 import { RateLimiter } from './rate-limit.js';
-import { isNodeName } from '../shared/names.js';
+import { isNodeName, parseNamespacedName } from '../shared/names.js';
 import { checkPodReport } from './pod-reports.js';
 import { PodRanges } from './pod-ranges.js';
 import { ControlPlaneMetrics } from './metrics.js';
@@ -215,7 +215,7 @@ export class ControlPlane {
         hint: 'add --source kubernetes, or authenticate agents with --agent-tokens FILE',
       });
     }
-    if (options.agentServiceAccount !== undefined && !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?\/[a-z0-9]([-.a-z0-9]*[a-z0-9])?$/.test(options.agentServiceAccount)) {
+    if (options.agentServiceAccount !== undefined && !parseNamespacedName(options.agentServiceAccount)) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--agent-service-account "${options.agentServiceAccount}" is not NAMESPACE/NAME`, {
         context: { field: 'agent-service-account' },
         hint: 'give the agents\' ServiceAccount as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-agent',

@@ -96,7 +96,7 @@ export async function stopCgroupProcesses(path: string, graceMs: number): Promis
  * rmdir, retried for a moment on EBUSY: a cgroup counts as populated until its last exited
  * process has been reaped, which can lag the process leaving cgroup.procs.
  */
-async function rmdirWhenEmpty(dir: string, retry: boolean): Promise<void> {
+export async function rmdirWhenEmpty(dir: string, retry: boolean): Promise<void> {
   const deadline = Date.now() + (retry ? 2_000 : 0);
   for (;;) {
     try {

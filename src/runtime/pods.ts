@@ -183,7 +183,7 @@ export class LocalPodRuntime {
    * Spawns argv inside the pod's netns and cgroup (like `kubectl exec`). A shell joins the cgroup
    * first and then execs, so every socket the command opens belongs to the pod's cgroup.
    */
-  exec(record: PodRecord, argv: ReadonlyArray<string>, options: SpawnOptions = {}): ChildProcess {
+  exec(record: Pick<PodRecord, 'cgroupPath' | 'netns'>, argv: ReadonlyArray<string>, options: SpawnOptions = {}): ChildProcess {
     // The command gets a container runtime's default capabilities (Docker's and containerd's),
     // not root's full set: a local pod can do what a Kubernetes pod can (CAP_NET_RAW: raw
     // sockets, SO_MARK) and no more (no CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF), so tests of what a

@@ -212,12 +212,11 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
   const intruder = join(podsCgroup, 'not-yet-enrolled');
   await mkdir(intruder);
   sb.defer(() => rmdir(intruder));
-  const dialFromCgroup = async (cgroup: string, host: string, port: number, mark = false): Promise<DialResult> => {
-    const argv = ['sh', '-c', `echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" "$5" --bytes 64${mark ? ' --mark' : ''}`, cgroup, client.netns, process.execPath, CLI_ENTRY, host, String(port)];
+  const dialFromIntruder = async (mark = false): Promise<DialResult> => {
+    const argv = ['sh', '-c', `echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" 8080 --bytes 64${mark ? ' --mark' : ''}`, intruder, client.netns, process.execPath, CLI_ENTRY, server.record.ip4];
     const r = await collect(spawn(argv[0] ?? 'sh', argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'] }));
     return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
   };
-  const dialFromIntruder = (mark = false): Promise<DialResult> => dialFromCgroup(intruder, server.record.ip4, 8080, mark);
   assert.equal((await dialFromIntruder()).error, 'EPERM');
   // Its socket marked with the proxy's own mark: refused all the same (no mark is trusted).
   assert.equal((await dialFromIntruder(true)).error, 'EPERM');
@@ -232,10 +231,10 @@ test('agent: fail-closed enrollment refuses connections from pods not yet verifi
     sb.defer(() => rmdir(c));
   }
   for (const c of containers) {
-    assert.ok((await dialFromCgroup(c, SVC_V4, 80)).intact, `container ${c} to a Service (captured)`);
-    assert.ok((await dialFromCgroup(c, server.record.ip4, 8080)).intact, `container ${c} to a pod (captured, passed through)`);
+    assert.ok((await sb.dialFrom({ ...client, cgroupPath: c }, SVC_V4, 80, { bytes: 64 })).intact, `container ${c} to a Service (captured)`);
+    assert.ok((await sb.dialFrom({ ...client, cgroupPath: c }, server.record.ip4, 8080, { bytes: 64 })).intact, `container ${c} to a pod (captured, passed through)`);
   }
-  assert.equal((await dialFromCgroup(intruderContainer, server.record.ip4, 8080)).error, 'EPERM');
+  assert.equal((await sb.dialFrom({ ...client, cgroupPath: intruderContainer }, server.record.ip4, 8080, { bytes: 64 })).error, 'EPERM');
   const served = metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', destination_service_name: 'backend' });
   assert.ok(served >= 3, `the containers' Service connections went through the proxy (${served})`);
 

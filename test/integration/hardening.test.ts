@@ -215,15 +215,13 @@ test('fail-closed gate: an unverified pod sends no UDP but DNS, and no ICMP from
   const intruder = join(podsCgroup, 'not-yet-enrolled');
   await mkdir(intruder);
   sb.defer(() => rmdir(intruder));
-  const fromIntruder = (port: number): Promise<{ stdout: string }> =>
-    collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', intruder, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
-  await fromIntruder(9999);
-  await fromIntruder(53);
+  const fromCgroup = (cgroup: string, port: number): Promise<{ stdout: string }> =>
+    collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', cgroup, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
+  await fromCgroup(intruder, 9999);
+  await fromCgroup(intruder, 53);
   // A verified pod is not gated, nor are its containers (child cgroups of the pod's, as the
   // kubelet makes them); a container cgroup under the unverified one is gated like it.
   await collect(sb.runtime.exec(client, [process.execPath, '-e', send, server.record.ip4, '9999'], { stdio: ['ignore', 'pipe', 'pipe'] }));
-  const fromCgroup = (cgroup: string, port: number): Promise<{ stdout: string }> =>
-    collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" -e "$3" "$4" "$5"', cgroup, client.netns, process.execPath, send, server.record.ip4, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
   const containers = [join(client.cgroupPath, 'app'), join(client.cgroupPath, 'sidecar'), join(intruder, 'app')];
   for (const c of containers) {
     await mkdir(c);

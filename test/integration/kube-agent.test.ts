@@ -10,20 +10,18 @@
  * those pods as it would on a node.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 
-import type { DialResult } from '../../src/cli/debug-tools.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 import { run } from '../../src/shared/exec.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
 import { metricValue, serviceYaml, startAgent } from '../support/agent.js';
 import { cluster, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
-import { collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import { createSandbox, waitFor } from '../support/sandbox.js';
 
 const SVC = '10.96.0.70';
 
@@ -38,23 +36,6 @@ function layout(driver: Driver, uid: string, qos: 'burstable' | 'besteffort'): {
   const escaped = uid.replace(/-/g, '_');
   const pod = join('kubepods.slice', `kubepods-${qos}.slice`, `kubepods-${qos}-pod${escaped}.slice`);
   return { pod, container: (id) => join(pod, `cri-containerd-${id}.scope`) };
-}
-
-/** Starts a process in a cgroup and a netns; killed (by its PID) at cleanup, before the cgroups go. */
-function processIn(sb: Sandbox, cgroup: string, netns: string, argv: ReadonlyArray<string>): ChildProcess {
-  const child = spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && ns=$1 && shift && exec ip netns exec "$ns" "$@"', cgroup, netns, ...argv], { stdio: 'ignore' });
-  sb.defer(async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGKILL');
-    await exited;
-  });
-  return child;
-}
-
-async function dialFromCgroup(cgroup: string, netns: string, host: string, port: number): Promise<DialResult> {
-  const r = await collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" "$5" --bytes 4096', cgroup, netns, process.execPath, CLI_ENTRY, host, String(port)], { stdio: ['ignore', 'pipe', 'pipe'] }));
-  return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
 }
 
 /** A Pod bound to the node, with the status a kubelet would report once it runs; its UID. */
@@ -100,12 +81,12 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
   await kubePod('node-exporter', node, { app: 'node-exporter' }, undefined, { hostNetwork: true });
   const server = layout(driver, serverUid, 'burstable');
   const client = layout(driver, clientUid, 'besteffort');
-  processIn(sb, await cgroup(server.container('a1')), serverNet.netns, [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080']);
-  processIn(sb, await cgroup(server.container('b2')), serverNet.netns, ['sleep', '600']);
+  sb.startIn({ cgroupPath: await cgroup(server.container('a1')), netns: serverNet.netns }, [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080']);
+  sb.startIn({ cgroupPath: await cgroup(server.container('b2')), netns: serverNet.netns }, ['sleep', '600']);
   const clientApp = await cgroup(client.container('c3'));
   const clientSidecar = await cgroup(client.container('d4'));
-  processIn(sb, clientApp, clientNet.netns, ['sleep', '600']);
-  processIn(sb, clientSidecar, clientNet.netns, ['sleep', '600']);
+  sb.startIn({ cgroupPath: clientApp, netns: clientNet.netns }, ['sleep', '600']);
+  sb.startIn({ cgroupPath: clientSidecar, netns: clientNet.netns }, ['sleep', '600']);
 
   const agent = await startAgent(sb, { 'svc.yaml': serviceYaml('backend', [SVC], { app: 'server' }) }, { args: ['--source', 'kubernetes', '--kubeconfig', kubeconfig, '--cgroup-root', root, '--daemonset', 'nodemesh-system/nodemesh-agent'] });
   const pods = await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'the two Pods enrolled and verified');
@@ -114,7 +95,7 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
 
   // Both containers of the client are captured: the Service address is served by the proxy.
   for (const c of [clientApp, clientSidecar]) {
-    const r = await dialFromCgroup(c, clientNet.netns, SVC, 80);
+    const r = await sb.dialFrom({ ...clientNet, cgroupPath: c }, SVC, 80);
     assert.ok(r.intact, `from ${c}: ${JSON.stringify(r)}`);
   }
   assert.equal(metricValue(await agent.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'source', source_workload: 'client', destination_service_name: 'backend' }), 2);
@@ -130,7 +111,7 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
   // longer the mesh's.
   await kubectl(['delete', 'pod', 'client', '-n', 'default', '--grace-period=0', '--force']);
   await agent.waitForPods((p) => p.length === 1 && p[0]?.name === 'server', 'the deleted Pod unenrolled');
-  const after = await dialFromCgroup(clientApp, clientNet.netns, SVC, 80);
+  const after = await sb.dialFrom({ ...clientNet, cgroupPath: clientApp }, SVC, 80);
   assert.ok(!after.intact, `no capture after the Pod is deleted: ${JSON.stringify(after)}`);
 
   if (driver === 'cgroupfs') {
@@ -142,7 +123,7 @@ async function kubeletPods(t: TestContext, driver: Driver): Promise<void> {
     await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_agent_degraded') === 1, 30_000, 'degraded');
     assert.ok(metricValue(await agent.metrics(), 'nodemesh_agent_kube_errors_total', { reason: 'unauthorized' }) >= 1);
     assert.match(agent.log(), /the last objects keep serving/);
-    const served = await dialFromCgroup(await cgroup(server.container('b2')), serverNet.netns, SVC, 80);
+    const served = await sb.dialFrom({ ...serverNet, cgroupPath: await cgroup(server.container('b2')) }, SVC, 80);
     assert.ok(served.intact, `the pods are served on: ${JSON.stringify(served)}`);
     await kubectl(['apply', '-f', join(PACKAGE_ROOT, 'daemonset', '03-rbac.yaml')]);
     await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_agent_degraded') === 0, 45_000, 'whole again once the binding is back');

@@ -142,17 +142,8 @@ test('nodemesh-cni chained after bridge and host-local (cnitool, a real netns, a
   // exists in the pod), is served by the proxy.
   await mkdir(container);
   sb.defer(() => rmdir(container).catch(() => undefined));
-  const server = spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug echo-server --port 8080', container, netns, process.execPath, CLI_ENTRY], { stdio: 'ignore' });
-  sb.defer(async () => {
-    if (server.exitCode !== null || server.signalCode !== null) return;
-    const exited = new Promise((resolve) => server.once('exit', resolve));
-    server.kill('SIGKILL');
-    await exited;
-  });
-  const dial = async (): Promise<DialResult> => {
-    const r = await collect(spawn('sh', ['-c', 'echo $$ > "$0/cgroup.procs" && exec ip netns exec "$1" "$2" "$3" debug dial "$4" 80 --bytes 2048', container, netns, process.execPath, CLI_ENTRY, SVC], { stdio: ['ignore', 'pipe', 'pipe'] }));
-    return JSON.parse(r.stdout.trim().split('\n').pop() ?? '{}') as DialResult;
-  };
+  sb.startIn({ cgroupPath: container, netns }, [process.execPath, CLI_ENTRY, 'debug', 'echo-server', '--port', '8080']);
+  const dial = (): Promise<DialResult> => sb.dialFrom({ name: 'web', cgroupPath: container, netns }, SVC, 80, { bytes: 2048 });
   // The echo server needs a moment to listen; the capture does not (a refusal is the proxy's).
   await waitFor(async () => (await dial()).intact, 10_000, 'the pod reaches its Service through the proxy');
   // The kubelet then reports the sandbox's address: the Pod as the API says it takes over from the hand-over.

@@ -36,8 +36,13 @@ export interface Sandbox {
   echoPod(name: string, port: number, labels?: string[], options?: PodOptions): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
   /** A pod whose own command just sleeps; tests exec into it. */
   idlePod(name: string, labels?: string[], options?: PodOptions): Promise<PodRecord>;
-  /** Runs `nodemesh debug dial` inside a pod and returns its result. */
-  dialFrom(pod: PodRecord, host: string, port: number, options?: { bytes?: number; mark?: boolean; holdMs?: number; marker?: string }): Promise<DialResult>;
+  /** Runs `nodemesh debug dial` inside a pod (or one of its container cgroups: give that as cgroupPath) and returns its result. */
+  dialFrom(pod: Pick<PodRecord, 'name' | 'cgroupPath' | 'netns'>, host: string, port: number, options?: { bytes?: number; mark?: boolean; holdMs?: number; marker?: string }): Promise<DialResult>;
+  /**
+   * Starts a long-lived process in a cgroup and netns (a container of a pod this test laid out
+   * itself), as a pod's process; killed by its PID at cleanup, before the cgroups go.
+   */
+  startIn(where: Pick<PodRecord, 'cgroupPath' | 'netns'>, argv: ReadonlyArray<string>): ChildProcess;
   /** Holds a host blackhole route for a service address until cleanup. */
   blackhole(address: string): Promise<void>;
   /** Registers an extra cleanup step (runs first-in, last-out). */
@@ -106,6 +111,16 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       } catch {
         throw new Error(`dial from ${pod.name} printed no result: stdout=${output.stdout} stderr=${output.stderr}`);
       }
+    },
+    startIn(where, argv) {
+      const child = runtime.exec(where, argv, { stdio: 'ignore' });
+      deferred.push(async () => {
+        if (child.exitCode !== null || child.signalCode !== null) return;
+        const exited = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGKILL');
+        await exited;
+      });
+      return child;
     },
     async blackhole(address) {
       const hole = await holdBlackhole(address);

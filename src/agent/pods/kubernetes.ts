@@ -54,6 +54,44 @@ export function findKubepods(cgroupRoot: string): { driver: CgroupDriver; path: 
   });
 }
 
+/** What the agent reads of a Pod object. */
+interface PodFields {
+  readonly uid: string;
+  readonly namespace: string;
+  readonly name: string;
+  readonly labels: Readonly<Record<string, string>>;
+  readonly resourceVersion: string;
+  readonly nodeName: string | undefined;
+  readonly hostNetwork: boolean;
+  readonly serviceAccount: string;
+  readonly phase: string | undefined;
+  readonly qosClass: string | undefined;
+  /** The first IPv4 and IPv6 address of its status ("" when it has none). */
+  readonly ip4: string;
+  readonly ip6: string;
+}
+
+function podFields(o: KubeObject): PodFields {
+  const meta = (o.metadata ?? {}) as { uid?: string; name?: string; namespace?: string; labels?: Record<string, string>; resourceVersion?: string };
+  const spec = (o['spec'] ?? {}) as { hostNetwork?: boolean; serviceAccountName?: string; nodeName?: string };
+  const status = (o['status'] ?? {}) as { phase?: string; qosClass?: string; podIPs?: Array<{ ip?: string }>; podIP?: string };
+  const ips = (status.podIPs ?? (status.podIP ? [{ ip: status.podIP }] : [])).map((a) => a.ip ?? '');
+  return {
+    uid: String(meta.uid ?? ''),
+    namespace: String(meta.namespace ?? ''),
+    name: String(meta.name ?? ''),
+    labels: meta.labels ?? {},
+    resourceVersion: meta.resourceVersion ?? '',
+    nodeName: spec.nodeName,
+    hostNetwork: spec.hostNetwork === true,
+    serviceAccount: spec.serviceAccountName ?? 'default',
+    phase: status.phase,
+    qosClass: status.qosClass,
+    ip4: ips.find((a) => isIPv4(a)) ?? '',
+    ip6: ips.find((a) => isIPv6(a)) ?? '',
+  };
+}
+
 export interface KubernetesPodSourceOptions {
   readonly node: string;
   readonly api: KubeApi;
@@ -70,8 +108,8 @@ export class KubernetesPodSource implements PodSource {
   private readonly reflector: Reflector;
   private readonly metrics: ReflectorMetrics & { readonly skipped: Counter<'reason'> };
   private hostNetns: bigint | undefined;
-  /** Pod objects seen, by uid and resourceVersion, with the NodePod made of them (one object while nothing changed). */
-  private readonly made = new Map<string, { signature: string; pod: NodePod }>();
+  /** The NodePod made of each Pod, by uid, with the Pod's resourceVersion and the netns inode then (one object while nothing changed). */
+  private readonly made = new Map<string, { resourceVersion: string; netnsIno: bigint; pod: NodePod }>();
 
   constructor(private readonly options: KubernetesPodSourceOptions) {
     this.kubepods = findKubepods(options.cgroupRoot);
@@ -133,37 +171,37 @@ export class KubernetesPodSource implements PodSource {
 
   /** A Pod as the mesh's pod on this node, a problem naming why it cannot be one, or undefined (not the mesh's, or not started). */
   private async podOf(o: KubeObject): Promise<NodePod | PodProblem | undefined> {
-    const meta = (o.metadata ?? {}) as { uid?: string; name?: string; namespace?: string; labels?: Record<string, string>; resourceVersion?: string };
-    const spec = (o['spec'] ?? {}) as { hostNetwork?: boolean; serviceAccountName?: string; nodeName?: string };
-    const status = (o['status'] ?? {}) as { phase?: string; qosClass?: string; podIPs?: Array<{ ip?: string }>; podIP?: string };
-    const id = { uid: String(meta.uid ?? ''), namespace: String(meta.namespace ?? ''), name: String(meta.name ?? '') };
-    if (spec.nodeName !== this.options.node) return undefined;
-    if (spec.hostNetwork === true) return this.skip('host_network');
-    if (status.phase === 'Succeeded' || status.phase === 'Failed') return this.skip('finished');
-    const ips = (status.podIPs ?? (status.podIP ? [{ ip: status.podIP }] : [])).map((a) => a.ip ?? '');
-    const ip4 = ips.find((a) => isIPv4(a)) ?? '';
-    const ip6 = ips.find((a) => isIPv6(a)) ?? '';
+    const f = podFields(o);
+    const id = { uid: f.uid, namespace: f.namespace, name: f.name };
+    if (f.nodeName !== this.options.node) return undefined;
+    if (f.hostNetwork) return this.skip('host_network');
+    if (f.phase === 'Succeeded' || f.phase === 'Failed') return this.skip('finished');
     // Not started yet (no sandbox, so no address): the CNI plugin's hand-over, or a later pass.
-    if (ip4 === '' && ip6 === '') return undefined;
-    const cgroupPath = this.podCgroup(id.uid, status.qosClass);
+    if (f.ip4 === '' && f.ip6 === '') return undefined;
+    // Polled every POLL_MS: an unchanged Pod whose cgroup is still there and whose netns path
+    // still names the same namespace (its process lives, or its PID went to one in the same
+    // netns) is the pod made before, without walking its cgroup subtree again.
+    const made = this.made.get(f.uid);
+    if (made?.resourceVersion === f.resourceVersion && existsSync(made.pod.cgroupPath) && (await netnsInode(made.pod.netnsPath).catch(() => undefined)) === made.netnsIno) return made.pod;
+    const cgroupPath = this.podCgroup(f.uid, f.qosClass);
     if (cgroupPath === undefined) {
-      return status.phase === 'Running' ? { ...id, reason: 'cgroup_missing', message: `no cgroup for pod ${id.namespace}/${id.name} (uid ${id.uid}) under ${this.kubepods.path} (${this.kubepods.driver} driver)` } : undefined;
+      return f.phase === 'Running' ? { ...id, reason: 'cgroup_missing', message: this.noCgroup(f) } : undefined;
     }
     const netns = await this.podNetns(cgroupPath);
-    if ('message' in netns) return status.phase === 'Running' ? { ...id, reason: 'netns_missing', message: `pod ${id.namespace}/${id.name}: ${netns.message}` } : undefined;
-    const signature = `${meta.resourceVersion ?? ''}|${cgroupPath}|${netns.path}`;
-    const made = this.made.get(id.uid);
-    if (made?.signature === signature) return made.pod;
+    if ('message' in netns) return f.phase === 'Running' ? { ...id, reason: 'netns_missing', message: `pod ${f.namespace}/${f.name}: ${netns.message}` } : undefined;
     let pod: NodePod;
     try {
-      const checked = checkPodFields({ ...id, serviceAccount: spec.serviceAccountName ?? 'default', labels: meta.labels ?? {}, ip4, ip6, netnsPath: netns.path, cgroupPath }, this.edge);
-      pod = { uid: checked.uid, namespace: checked.namespace, name: checked.name, serviceAccount: checked.serviceAccount, labels: checked.labels, ip4: checked.ip4, ip6: checked.ip6, netnsPath: checked.netnsPath, cgroupPath: checked.cgroupPath };
+      pod = checkPodFields({ ...id, serviceAccount: f.serviceAccount, labels: f.labels, ip4: f.ip4, ip6: f.ip6, netnsPath: netns.path, cgroupPath }, this.edge);
     } catch (e) {
       if (!(e instanceof PodFieldInvalid)) throw e;
-      return { ...id, reason: 'invalid_record', message: `Pod ${id.namespace}/${id.name}: ${e.message}` };
+      return { ...id, reason: 'invalid_record', message: `Pod ${f.namespace}/${f.name}: ${e.message}` };
     }
-    this.made.set(id.uid, { signature, pod });
+    this.made.set(f.uid, { resourceVersion: f.resourceVersion, netnsIno: netns.ino, pod });
     return pod;
+  }
+
+  private noCgroup(f: PodFields): string {
+    return `no cgroup for pod ${f.namespace}/${f.name} (uid ${f.uid}) under ${this.kubepods.path} (${this.kubepods.driver} driver)`;
   }
 
   /**
@@ -187,16 +225,13 @@ export class KubernetesPodSource implements PodSource {
       }
       await new Promise((r) => setTimeout(r, 100));
     }
-    const meta = (o.metadata ?? {}) as { uid?: string; labels?: Record<string, string> };
-    const spec = (o['spec'] ?? {}) as { serviceAccountName?: string; nodeName?: string; hostNetwork?: boolean };
-    const status = (o['status'] ?? {}) as { qosClass?: string };
-    if (spec.nodeName !== this.options.node) throw fail(`Pod ${req.namespace}/${req.name} is bound to node ${spec.nodeName ?? '(none)'}, not ${this.options.node}`, 'spec.nodeName');
-    if (spec.hostNetwork === true) throw fail(`Pod ${req.namespace}/${req.name} uses the host's network: no CNI call is expected for it`, 'spec.hostNetwork');
-    const uid = String(meta.uid ?? '');
-    const cgroupPath = this.podCgroup(uid, status.qosClass);
-    if (cgroupPath === undefined) throw fail(`no cgroup for pod ${req.namespace}/${req.name} (uid ${uid}) under ${this.kubepods.path} (${this.kubepods.driver} driver)`, 'cgroupPath');
+    const f = podFields(o);
+    if (f.nodeName !== this.options.node) throw fail(`Pod ${req.namespace}/${req.name} is bound to node ${f.nodeName ?? '(none)'}, not ${this.options.node}`, 'spec.nodeName');
+    if (f.hostNetwork) throw fail(`Pod ${req.namespace}/${req.name} uses the host's network: no CNI call is expected for it`, 'spec.hostNetwork');
+    const cgroupPath = this.podCgroup(f.uid, f.qosClass);
+    if (cgroupPath === undefined) throw fail(this.noCgroup(f), 'cgroupPath');
     try {
-      return checkPodFields({ uid, namespace: req.namespace, name: req.name, serviceAccount: spec.serviceAccountName ?? 'default', labels: meta.labels ?? {}, ip4: req.ip4, ip6: req.ip6, netnsPath: req.netnsPath, cgroupPath }, this.edge);
+      return checkPodFields({ uid: f.uid, namespace: req.namespace, name: req.name, serviceAccount: f.serviceAccount, labels: f.labels, ip4: req.ip4, ip6: req.ip6, netnsPath: req.netnsPath, cgroupPath }, this.edge);
     } catch (e) {
       if (!(e instanceof PodFieldInvalid)) throw e;
       throw fail(`pod.${e.message}`, `pod.${e.field}`);
@@ -222,13 +257,13 @@ export class KubernetesPodSource implements PodSource {
    * before the containers), as `<proc>/PID/ns/net`. The runtime's own processes that sit in the
    * pod's cgroup (CRI-O's conmon) are in the host's namespace: those are never taken.
    */
-  private async podNetns(cgroupPath: string): Promise<{ path: string } | { message: string }> {
+  private async podNetns(cgroupPath: string): Promise<{ path: string; ino: bigint } | { message: string }> {
     const pids = (await subtreePids(cgroupPath)).sort((a, b) => a - b);
     if (pids.length === 0) return { message: `no process in its cgroup ${cgroupPath} yet` };
     for (const pid of pids) {
       const path = join(this.options.proc, String(pid), 'ns', 'net');
       const ino = await netnsInode(path).catch(() => undefined);
-      if (ino !== undefined && ino !== this.hostNetns) return { path };
+      if (ino !== undefined && ino !== this.hostNetns) return { path, ino };
     }
     return { message: `every process in its cgroup ${cgroupPath} is in the host's network namespace (a hostNetwork pod, or only the runtime's processes so far)` };
   }

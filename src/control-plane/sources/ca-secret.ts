@@ -13,6 +13,7 @@ import { join } from 'node:path';
 
 import { NodemeshError } from '../../shared/errors.js';
 import { logger } from '../../shared/log.js';
+import { DNS_LABEL, parseNamespacedName } from '../../shared/names.js';
 import { ROOT_CERT, ROOT_KEY, TRUSTED_ROOTS, writeNew } from '../ca/ca.js';
 import { KubeApiError, type KubeApi, type KubeObject } from '../../kube/api.js';
 
@@ -21,7 +22,6 @@ const log = logger('ca-secret');
 /** The ConfigMap of the trusted roots (key root-cert.pem), next to the Secret. */
 export const CA_ROOT_CONFIGMAP = 'nodemesh-ca-root';
 
-const NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 const FILES: ReadonlyArray<{ key: string; mode: number; required: boolean }> = [
   { key: ROOT_CERT, mode: 0o644, required: true },
   { key: ROOT_KEY, mode: 0o600, required: true },
@@ -37,11 +37,12 @@ export class CaSecret {
 
   /** From "namespace/name" (--ca-secret). */
   static of(api: KubeApi, ref: string): CaSecret {
-    const [namespace = '', name = '', ...rest] = ref.split('/');
-    if (rest.length > 0 || !NAME.test(namespace) || !NAME.test(name)) {
+    const parsed = parseNamespacedName(ref);
+    // The Secret's name is a DNS-1123 label here (a subdomain would do for Kubernetes).
+    if (!parsed || !DNS_LABEL.test(parsed.name)) {
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--ca-secret "${ref}" is not NAMESPACE/NAME`, { context: { field: 'ca-secret' }, hint: 'give the Secret as NAMESPACE/NAME, e.g. nodemesh-system/nodemesh-ca' });
     }
-    return new CaSecret(api, namespace, name);
+    return new CaSecret(api, parsed.namespace, parsed.name);
   }
 
   get ref(): string {
