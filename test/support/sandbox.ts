@@ -167,11 +167,11 @@ export async function waitForPodListener(pid: number | null, port: number, timeo
   }, timeoutMs, `a listener on port ${port} in pid ${pid}'s netns`);
 }
 
-export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string): Promise<void> {
+export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string, intervalMs = 25): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(25);
+    await sleep(intervalMs);
   }
 }
 
