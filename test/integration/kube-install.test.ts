@@ -233,10 +233,11 @@ test('kubectl apply -f daemonset/ installs nodemesh on a real API server; RBAC i
   // Uninstall: kubectl deletes every object of the folder; then each goes, the namespace with what
   // the controllers made in it. The API server takes its time with a CRD: its finalizer lists the
   // custom resources from a watch cache that starts again once the CRD is terminating, gets 429
-  // "storage is (re)initializing" until it is ready, and retries with a doubling backoff (6-7 s
-  // when the machine is idle, over 60 s once in several full-suite runs). So the deletes are
-  // issued here and their completion is waited for with a generous deadline; a CRD still there at
-  // the end is reported with its Terminating condition and the API server's view of it.
+  // "storage is (re)initializing" until it is ready, and retries with a doubling backoff; the
+  // namespace controller, which lists them too, backs off the same way (6-7 s in all when the
+  // machine is idle, over 60 s once in several full-suite runs). So the deletes are issued here and
+  // their completion is waited for with a generous deadline; whatever is still there at the end is
+  // reported with its conditions and the API server's and controller manager's log lines.
   const deleted = (await kubectl(['delete', '-f', DAEMONSET, '--wait=false'])).trim().split('\n');
   assert.equal(deleted.length, objects.length, deleted.join('\n'));
   const left = async (): Promise<string[]> => (await kubectl(['get', '-f', DAEMONSET, '--ignore-not-found', '-o', 'name'])).trim().split('\n').filter(Boolean);
