@@ -19,7 +19,7 @@ import { KubeApi } from '../../src/kube/api.js';
 import { run } from '../../src/shared/exec.js';
 import { PACKAGE_ROOT } from '../../src/shared/paths.js';
 import { metricValue } from '../support/agent.js';
-import { cluster, KUBECONFIG, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
+import { cluster, KUBE_STATE, KUBECONFIG, kubectl, serviceAccountKubeconfig } from '../support/kube.js';
 import { waitFor } from '../support/sandbox.js';
 import { scratch } from '../support/scratch.js';
 import { TestAgent } from '../support/test-agent.js';
@@ -125,7 +125,7 @@ test('real API server: a control plane the API server refuses (a token it does n
     (e: Error & { code?: string }) => e.code === 'NM_ERR_INVALID_ARGUMENT',
   );
   const kubeconfig = join(dir, 'kubeconfig');
-  const ca = readFileSync(join(PACKAGE_ROOT, 'build', 'kube', 'pki', 'ca.crt')).toString('base64');
+  const ca = readFileSync(join(KUBE_STATE, 'pki', 'ca.crt')).toString('base64');
   const server = /server: (\S+)/.exec(readFileSync(KUBECONFIG, 'utf8'))?.[1] ?? '';
   writeFileSync(kubeconfig, `apiVersion: v1\nkind: Config\nclusters: [{name: local, cluster: {server: "${server}", certificate-authority-data: ${ca}}}]\nusers: [{name: x, user: {token: "not-a-token-of-this-cluster"}}]\ncontexts: [{name: local, context: {cluster: local, user: x}}]\ncurrent-context: local\n`, { mode: 0o600 });
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });

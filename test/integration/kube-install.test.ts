@@ -15,7 +15,7 @@ import { test } from 'node:test';
 import { parseAllDocuments } from 'yaml';
 
 import { PACKAGE_ROOT } from '../../src/shared/paths.js';
-import { cluster, kubectl, kubectlPath, runStatus } from '../support/kube.js';
+import { cluster, KUBE_STATE, kubectl, kubectlPath, runStatus } from '../support/kube.js';
 import { waitFor } from '../support/sandbox.js';
 
 const DAEMONSET = join(PACKAGE_ROOT, 'daemonset');
@@ -247,7 +247,7 @@ test('kubectl apply -f daemonset/ installs nodemesh on a real API server; RBAC i
     // What is holding each up: a CRD's and the namespace's conditions, and the log lines of the
     // API server's CRD finalizer and watch caches and of the namespace controller.
     const conditions = await kubectl(['get', 'crd,namespace', '-l', 'app.kubernetes.io/part-of=nodemesh', '-o', 'jsonpath={range .items[*]}{.metadata.name}: {.status.conditions}{"\\n"}{end}']).catch((x: unknown) => String(x));
-    const logs = ['kube-apiserver', 'kube-controller-manager'].map((name) => readFileSync(join(PACKAGE_ROOT, 'build', 'kube', `${name}.log`), 'utf8').split('\n').filter((l) => /crd_finalizer|cacher|namespace/i.test(l)).slice(-15).join('\n'));
+    const logs = ['kube-apiserver', 'kube-controller-manager'].map((name) => readFileSync(join(KUBE_STATE, `${name}.log`), 'utf8').split('\n').filter((l) => /crd_finalizer|cacher|namespace/i.test(l)).slice(-15).join('\n'));
     throw new Error(`${(e as Error).message}; left: ${(await left()).join(', ')}\n${conditions}\n${logs.join('\n')}`);
   }
   for (const m of objects) {

@@ -12,7 +12,9 @@ import { PACKAGE_ROOT } from '../../src/shared/paths.js';
 import { collect } from './sandbox.js';
 
 const KUBE_LOCAL = join(PACKAGE_ROOT, 'scripts', 'kube-local.sh');
-export const KUBECONFIG = join(PACKAGE_ROOT, 'build', 'kube', 'kubeconfig');
+/** kube-local.sh's state folder ($STATE): the kubeconfig, the PKI, the processes' logs. */
+export const KUBE_STATE = join(PACKAGE_ROOT, 'build', 'kube');
+export const KUBECONFIG = join(KUBE_STATE, 'kubeconfig');
 
 /** Runs a command with the admin's kubeconfig; its exit code and output, whatever the code. */
 export async function runStatus(cmd: string, args: ReadonlyArray<string>, input?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -44,9 +46,9 @@ export async function cluster(t: TestContext): Promise<void> {
 /** A kubeconfig (0600, under build/kube, removed with it) that authenticates as a ServiceAccount with a fresh token. */
 export async function serviceAccountKubeconfig(namespace: string, name: string): Promise<string> {
   const token = (await kubectl(['create', 'token', name, '-n', namespace, '--duration', '1h'])).trim();
-  const ca = readFileSync(join(PACKAGE_ROOT, 'build', 'kube', 'pki', 'ca.crt')).toString('base64');
+  const ca = readFileSync(join(KUBE_STATE, 'pki', 'ca.crt')).toString('base64');
   const server = /server: (\S+)/.exec(readFileSync(KUBECONFIG, 'utf8'))?.[1] ?? '';
-  const file = join(PACKAGE_ROOT, 'build', 'kube', `${namespace}.${name}.kubeconfig`);
+  const file = join(KUBE_STATE, `${namespace}.${name}.kubeconfig`);
   writeFileSync(file, `apiVersion: v1\nkind: Config\nclusters: [{name: local, cluster: {server: "${server}", certificate-authority-data: ${ca}}}]\nusers: [{name: ${name}, user: {token: "${token}"}}]\ncontexts: [{name: local, context: {cluster: local, user: ${name}}}]\ncurrent-context: local\n`, { mode: 0o600 });
   return file;
 }
