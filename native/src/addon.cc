@@ -92,6 +92,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitSockets(env, exports);
   InitRelay(env, exports);
   InitHbone(env, exports);
+  InitFdPassing(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimit, "raiseFdLimit"));
   return exports;

@@ -59,5 +59,6 @@ Napi::Object InitSockets(Napi::Env env, Napi::Object exports);
 Napi::Object InitMaps(Napi::Env env, Napi::Object exports);
 Napi::Object InitRelay(Napi::Env env, Napi::Object exports);
 Napi::Object InitHbone(Napi::Env env, Napi::Object exports);
+Napi::Object InitFdPassing(Napi::Env env, Napi::Object exports);
 
 }  // namespace nodemesh

@@ -349,11 +349,20 @@ class HboneEngine {
     it->second->ctx = ctx;
   }
 
+  // Stops accepting (the listening fd is closed) but keeps the server's connections and context:
+  // the agent handing its node over lets them end on their own.
+  void StopListening(uint64_t id) {
+    auto it = listeners_.find(id);
+    if (it == listeners_.end() || it->second->fd < 0) return;
+    epoll_ctl(epfd_, EPOLL_CTL_DEL, it->second->fd, nullptr);
+    close(it->second->fd);
+    it->second->fd = -1;
+  }
+
   void CloseServer(uint64_t id) {
     auto it = listeners_.find(id);
     if (it != listeners_.end()) {
-      epoll_ctl(epfd_, EPOLL_CTL_DEL, it->second->fd, nullptr);
-      close(it->second->fd);
+      StopListening(id);
       SSL_CTX_free(it->second->ctx);
       listeners_.erase(it);
     }
@@ -1366,6 +1375,13 @@ Napi::Value ServerContext(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value ServerStopListening(const Napi::CallbackInfo& info) {
+  auto& e = Engine(info.Env());
+  uint64_t id = IdArg(info, 0);
+  e.Post([&e, id]() { e.StopListening(id); });
+  return info.Env().Undefined();
+}
+
 Napi::Value ServerClose(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
   uint64_t id = IdArg(info, 0);
@@ -1438,6 +1454,7 @@ Napi::Object InitHbone(Napi::Env env, Napi::Object exports) {
   exports.Set("hboneServe", Napi::Function::New(env, Serve, "hboneServe"));
   exports.Set("hboneServerContext", Napi::Function::New(env, ServerContext, "hboneServerContext"));
   exports.Set("hboneServerClose", Napi::Function::New(env, ServerClose, "hboneServerClose"));
+  exports.Set("hboneServerStopListening", Napi::Function::New(env, ServerStopListening, "hboneServerStopListening"));
   exports.Set("hboneRequest", Napi::Function::New(env, Request, "hboneRequest"));
   exports.Set("hboneAttach", Napi::Function::New(env, Attach, "hboneAttach"));
   exports.Set("hboneAnswer", Napi::Function::New(env, Answer, "hboneAnswer"));

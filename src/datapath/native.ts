@@ -130,6 +130,9 @@ interface RawAddon {
   relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult>;
   relayAbortAll(): void;
   dupFd(fd: number): number;
+  fdsListen(path: string): number;
+  fdsReceive(listenFd: number, timeoutMs: number): Promise<{ peerPid: number; messages: FdMessage[] }>;
+  fdsSend(path: string, messages: ReadonlyArray<FdMessage>, timeoutMs: number): void;
   socketCookie(fd: number): bigint;
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
@@ -141,6 +144,7 @@ interface RawAddon {
   hboneServe(listenFd: number, context: number): number;
   hboneServerContext(server: number, context: number): void;
   hboneServerClose(server: number): void;
+  hboneServerStopListening(server: number): void;
   hboneRequest(conn: number, authority: string, forwarded: string): number;
   hboneAttach(handle: number, fd: number, idleTimeoutMs: number): number;
   hboneAnswer(handle: number, status: number): void;
@@ -443,7 +447,7 @@ export type HboneEvent =
 /** The addon's HBONE engine: TLS 1.3 and HTTP/2 on its own thread, driven by handles (see HboneEvent). */
 export type HboneAddon = Pick<
   RawAddon,
-  'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold'
+  'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneServerStopListening' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold'
 >;
 
 export function hboneAddon(): HboneAddon {
@@ -463,6 +467,30 @@ export function raiseFdLimit(): { soft: number; hard: number } {
 /** Ends every kernel-relayed connection (the proxy is stopping). */
 export function relayAbortAll(): void {
   native().relayAbortAll();
+}
+
+/** One message of a descriptor handover: its JSON and the fds that go with it (SCM_RIGHTS). */
+export interface FdMessage {
+  readonly data: string;
+  readonly fds: ReadonlyArray<number>;
+}
+
+/** A SOCK_SEQPACKET Unix socket listening at `path` (made anew, root only), for fdsReceive. */
+export function fdsListen(path: string): number {
+  return call(`listen on ${path}`, () => native().fdsListen(path));
+}
+
+/**
+ * Accepts one sender (root only) on a socket from fdsListen and reads its messages until it
+ * closes or `timeoutMs` passes; the fds received are the caller's to close.
+ */
+export function fdsReceive(listenFd: number, timeoutMs: number): Promise<{ peerPid: number; messages: FdMessage[] }> {
+  return callAsync('receive descriptors', () => native().fdsReceive(listenFd, timeoutMs));
+}
+
+/** Sends copies of open fds to a socket from fdsListen (SCM_RIGHTS), one message each, then closes. */
+export function fdsSend(path: string, messages: ReadonlyArray<FdMessage>, timeoutMs: number): void {
+  call(`send descriptors to ${path}`, () => native().fdsSend(path, messages, timeoutMs));
 }
 
 export function dupFd(fd: number): number {
