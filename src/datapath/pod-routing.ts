@@ -37,7 +37,9 @@ export async function enableInboundDelivery(netnsPath: string): Promise<PodAddre
   // fwmark_reflect: a reset the kernel sends for a port nothing listens on carries the SYN's mark
   // too, so it reaches the proxy's transparent socket (an immediate ECONNREFUSED) instead of
   // leaving the pod for the real client address and the proxy waiting out its connect timeout.
-  // del before add keeps it idempotent: re-enrolling a pod must not stack duplicate rules.
+  // Added only when absent: re-enrolling a pod must not stack duplicate rules, and the rule must
+  // never be missing while the pod is served (a del-then-add left a window in which replies of
+  // connections being delivered left the pod: an agent taking the node over re-enrolls under load).
   const rule = `fwmark ${mark} lookup ${table} pref ${table}`;
   const script = [
     'set -e',
@@ -47,10 +49,8 @@ export async function enableInboundDelivery(netnsPath: string): Promise<PodAddre
     'echo 1 > /proc/sys/net/ipv4/tcp_fwmark_accept',
     'echo 1 > /proc/sys/net/ipv4/fwmark_reflect',
     'echo 1 > /proc/sys/net/ipv6/fwmark_reflect',
-    `ip -4 rule del ${rule} 2>/dev/null || true`,
-    `ip -6 rule del ${rule} 2>/dev/null || true`,
-    `ip -4 rule add ${rule}`,
-    `ip -6 rule add ${rule}`,
+    `[ -n "$(ip -4 rule show ${rule})" ] || ip -4 rule add ${rule}`,
+    `[ -n "$(ip -6 rule show ${rule})" ] || ip -6 rule add ${rule}`,
     `ip -4 route replace local 0.0.0.0/0 dev lo table ${table}`,
     `ip -6 route replace local ::/0 dev lo table ${table}`,
     'ip -j addr show',
