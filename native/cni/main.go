@@ -21,6 +21,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -290,6 +293,55 @@ func cmdCheck(args *skel.CmdArgs) error {
 	return nil
 }
 
+// podUID is what a Kubernetes pod UID looks like (it names a socket file: nothing else may).
+var podUID = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
+
+// agentReady is the agent DaemonSet's readiness probe (`nodemesh-cni agent-ready`, an exec
+// probe): it asks this pod's own agent, on <run dir>/ready-<pod uid>.sock, whether it is ready.
+// While one agent takes a node over from another, both pods share the host's port 15021, so an
+// HTTP probe there could be answered by the other agent. The pod's UID comes from the container's
+// environment (NODEMESH_POD_UID, the downward API). A static binary: the probe costs a few ms.
+func agentReady(args []string) int {
+	runDir := "/var/run/nodemesh"
+	for i := 0; i < len(args); i++ {
+		if args[i] == "--run-dir" && i+1 < len(args) {
+			runDir = args[i+1]
+			i++
+		} else {
+			fmt.Fprintf(os.Stderr, "nodemesh-cni agent-ready: unknown argument %q (usage: agent-ready [--run-dir DIR])\n", args[i])
+			return 2
+		}
+	}
+	uid := os.Getenv("NODEMESH_POD_UID")
+	if !podUID.MatchString(uid) {
+		fmt.Fprintf(os.Stderr, "nodemesh-cni agent-ready: NODEMESH_POD_UID %q is not a pod UID (set it from metadata.uid)\n", uid)
+		return 2
+	}
+	path := filepath.Join(runDir, "ready-"+uid+".sock")
+	client := http.Client{
+		Timeout: 3 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}},
+	}
+	resp, err := client.Get("http://agent/healthz/ready")
+	if err != nil {
+		fmt.Printf("not ready: this pod's agent does not answer on %s: %v\n", path, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64*1024))
+	os.Stdout.Write(body)
+	if resp.StatusCode != http.StatusOK {
+		return 1
+	}
+	return 0
+}
+
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "agent-ready" {
+		os.Exit(agentReady(os.Args[2:]))
+	}
 	skel.PluginMainFuncs(skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck}, version.PluginSupports("0.4.0", "1.0.0", "1.1.0"), "nodemesh-cni: holds a pod's start until the node's nodemesh agent has captured it")
 }

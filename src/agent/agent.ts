@@ -5,7 +5,7 @@
  * the datapath owns BPF, the proxy owns sockets, the agent owns the set of enrolled pods.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, stat } from 'node:fs/promises';
+import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Server } from 'node:http';
 
@@ -15,7 +15,7 @@ import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, record
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
 import { NodeProxy } from '../proxy/node-proxy.js';
 import { rmdirWhenEmpty } from '../runtime/cgroup.js';
-import { ENROLL_SOCKET, type CniPod, type CniRef, type EnrollAnswer, type EnrollPod } from '../runtime/enrollment.js';
+import { agentAnswers, ENROLL_SOCKET, type CniPod, type CniRef, type EnrollAnswer, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
 import { Gauge } from '../shared/prom.js';
@@ -28,8 +28,10 @@ import { spiffeUri } from '../identity/spiffe.js';
 import type { TunnelIdentities } from '../proxy/tunnel/hbone.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { CniInstaller, type CniInstallOptions } from './cni-install.js';
-import { EnrollmentServer, type EnrollTarget } from './enrollment-server.js';
-import { json, serveHttp, type HostPort } from '../shared/http.js';
+import { EnrollmentServer, type EnrollTarget, type HoldOutcome } from './enrollment-server.js';
+import { abortHandover, beginHandover, checkBeginRequest, commitHandover, ENROLL_SOCKET_NEXT, HANDOVER_COMMIT_MS, HANDOVER_PROTOCOL, HANDOVER_THAW_MS, postJson, sendSockets, type BeginAnswer } from './handover.js';
+import { closeInherited, handoverCommitted } from '../proxy/listen-sockets.js';
+import { json, serveHttp, serveHttpUnix, type HostPort, type Routes } from '../shared/http.js';
 import type { NodePod, PodSource } from './pods/source.js';
 import type { PodEdge } from './pods/validate.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -67,6 +69,15 @@ export interface AgentOptions {
   readonly maxConnections?: number;
   /** Open proxied connections of one pod (default: half the node's). */
   readonly maxConnectionsPerPod?: number;
+  /**
+   * An agent already serving the node is asked to hand it over (src/agent/handover.ts) instead of
+   * this one refusing to start: a DaemonSet rolling with maxSurge.
+   */
+  readonly takeOver?: boolean;
+  /** After a handover, how long the old agent keeps relaying its connections once told to stop (default 20 s). */
+  readonly drainTimeoutMs?: number;
+  /** This agent's pod UID (Kubernetes): readiness is also served on <run dir>/ready-<uid>.sock. */
+  readonly instance?: string;
 }
 
 export type ConfigFeed =
@@ -188,13 +199,30 @@ export class NodeAgent {
         return agent.checkCni(ref);
       },
       releaseCni: async (ref) => agent?.releaseCni(ref),
+      handoverBegin: async (request) => {
+        if (!agent) throw new NodemeshError('NM_ERR_AGENT_RUNNING', 'the agent is starting');
+        return agent.handoverBegin(request);
+      },
+      handoverCommit: async () => agent?.handoverCommit(),
+      handoverAbort: async () => agent?.thaw('the new agent gave up'),
+      probeArrived: (uid) => agent?.probeWaiters.get(uid)?.(),
     };
-    const enrollment = await EnrollmentServer.start(options.runDir, { ...options.podEdge, podsCgroup: options.podsCgroup }, target);
+    // Another agent serves the node: it hands the node over (a surge rollout), or this one stops.
+    const taking = options.takeOver && (await agentAnswers(join(options.runDir, ENROLL_SOCKET))) ? await beginHandover(options.runDir) : undefined;
+    let enrollment: EnrollmentServer;
     let datapath: NodeDatapath;
+    try {
+      enrollment = await EnrollmentServer.start(options.runDir, { ...options.podEdge, podsCgroup: options.podsCgroup }, target, { next: taking !== undefined });
+    } catch (e) {
+      if (taking) await abortHandover(options.runDir);
+      throw e;
+    }
     try {
       datapath = await NodeDatapath.open(options.pinRoot);
     } catch (e) {
       await enrollment.close();
+      if (taking) await abortHandover(options.runDir);
+      closeInherited();
       throw e;
     }
     const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals());
@@ -239,8 +267,11 @@ export class NodeAgent {
     });
     agent = new NodeAgent(options, source, datapath, metrics, proxy);
     agent.enrollment = enrollment;
+    agent.taking = taking;
     try {
-      await agent.startServers();
+      await agent.startInstanceSocket();
+      // Taking over: the host ports are the old agent's until the commit.
+      if (!taking) await agent.startServers();
       if (options.config.kind === 'dir') {
         const self = agent;
         agent.store = new ConfigStore(new ConfigDirReader(options.config.dir), { onLoad: (config, rejected) => self.configRead(config, rejected) });
@@ -279,7 +310,14 @@ export class NodeAgent {
       }
       await agent.reconcile();
       agent.stopWatch = source.watch(() => void agent?.reconcile());
+      if (taking) await agent.commit(taking);
     } catch (e) {
+      if (agent.taking) {
+        // The old agent keeps serving with the same sockets and map entries: leave them alone.
+        agent.proxy.stopListening();
+        await abortHandover(options.runDir);
+        closeInherited();
+      }
       await agent.stop();
       throw e;
     }
@@ -299,12 +337,191 @@ export class NodeAgent {
 
   private cni: CniInstaller | undefined;
 
+  /** New agent: the handover this agent started with, until it commits. */
+  private taking: BeginAnswer | undefined;
+  /** Old agent: a handover under way (frozen until commit, abort, or the new agent's end). */
+  private handover: { readonly pid: number; settle(outcome: HoldOutcome): void; readonly timer: NodeJS.Timeout; readonly watch: NodeJS.Timeout } | undefined;
+  /** Old agent: the node was handed over; this agent only drains what it holds. */
+  handedOver = false;
+
+  /**
+   * Old agent: a new agent asks for the node. Freezes (no reconcile, no enrollment: requests wait;
+   * the control plane stream closed so the new agent gets it), sends copies of every in-pod
+   * listening socket, and answers with the pods verified here. Keeps accepting and relaying until
+   * the commit.
+   */
+  async handoverBegin(request: unknown): Promise<BeginAnswer> {
+    const refuse = (why: string): NodemeshError => new NodemeshError('NM_ERR_AGENT_RUNNING', `handover refused: ${why}`);
+    if (this.stopping || this.handedOver) throw refuse('this agent is stopping');
+    if (this.handover) throw refuse(`a handover to process ${this.handover.pid} is under way`);
+    if (this.taking) throw refuse('this agent is itself taking the node over');
+    const begin = checkBeginRequest(request, this.options.runDir);
+    let settle: (outcome: HoldOutcome) => void = () => undefined;
+    const outcome = new Promise<HoldOutcome>((resolve) => (settle = resolve));
+    this.handover = {
+      pid: begin.pid,
+      settle,
+      timer: setTimeout(() => this.thaw(`no commit within ${HANDOVER_THAW_MS / 1000} s`), HANDOVER_THAW_MS),
+      watch: setInterval(() => {
+        if (!processAlive(begin.pid)) this.thaw(`the new agent (process ${begin.pid}) exited`);
+      }, 250),
+    };
+    this.enrollment?.hold(outcome);
+    this.cpClient?.pause();
+    // Nothing is written to the pins or maps from here: a pass under way ends first.
+    await this.running;
+    let sockets: number;
+    try {
+      sockets = sendSockets(begin.socket, this.proxy.listeningSockets());
+    } catch (e) {
+      this.thaw(`the sockets could not be sent: ${(e as Error).message}`);
+      throw e;
+    }
+    const verified = [...this.enrolled.values()].filter((e) => e.verified).map((e) => e.pod.uid);
+    log.info({ to: begin.pid, sockets, pods: this.enrolled.size, verified: verified.length }, 'handing the node over: frozen, listening sockets sent');
+    return { protocol: HANDOVER_PROTOCOL, pid: process.pid, verified };
+  }
+
+  /** Old agent: the new agent serves the node. Stops accepting and answering; drains what it holds. */
+  async handoverCommit(): Promise<void> {
+    const h = this.handover;
+    if (!h) throw new NodemeshError('NM_ERR_AGENT_RUNNING', 'no handover is under way');
+    clearTimeout(h.timer);
+    clearInterval(h.watch);
+    this.handover = undefined;
+    this.handedOver = true;
+    this.proxy.stopListening();
+    for (const s of this.servers) {
+      s.close();
+      s.closeAllConnections();
+    }
+    this.servers.length = 0;
+    // Requests held meanwhile go to the new agent; the commit's own answer is written first.
+    h.settle('committed');
+    void this.enrollment?.closeHandedOver();
+    log.info({ to: h.pid, connections: this.proxy.openConnections() }, 'node handed over: draining the connections held here');
+  }
+
+  /** Old agent: the handover did not complete; this agent carries on as before it. */
+  thaw(reason: string): void {
+    const h = this.handover;
+    if (!h) return;
+    clearTimeout(h.timer);
+    clearInterval(h.watch);
+    this.handover = undefined;
+    this.datapath.reclaimPrograms();
+    // The new agent may have pointed a pod's address at a socket of its own, gone with it.
+    this.proxy.resteer();
+    this.cpClient?.resume();
+    h.settle('thawed');
+    log.warn({ to: h.pid, reason }, 'handover off: serving the node again');
+    void this.reconcile();
+  }
+
+  /**
+   * New agent: commits once it serves every pod the old agent had verified (with its config and
+   * certificates), then takes the host ports and the enrollment socket.
+   */
+  private async commit(taking: BeginAnswer): Promise<void> {
+    const deadline = Date.now() + HANDOVER_COMMIT_MS;
+    for (;;) {
+      const missing = this.notTakenOver(taking.verified);
+      if (missing.length === 0) break;
+      if (Date.now() > deadline) {
+        throw new NodemeshError('NM_ERR_AGENT_RUNNING', `the node cannot be taken over: not served within ${HANDOVER_COMMIT_MS / 1000} s: ${missing.join(', ')}`, { hint: 'the running agent keeps serving the node; see this agent\'s log' });
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      await this.reconcile();
+    }
+    await commitHandover(this.options.runDir);
+    // The old agent no longer accepts: this one does (connections waited in the queues meanwhile).
+    handoverCommitted();
+    this.enrollment?.moved(join(this.options.runDir, ENROLL_SOCKET));
+    this.taking = undefined;
+    // The old agent may have dropped a map entry while it went (a stop mid-handover).
+    this.proxy.resteer();
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.startServers();
+        break;
+      } catch (e) {
+        for (const s of this.servers.splice(0)) s.close();
+        if ((e as NodeJS.ErrnoException).code !== 'EADDRINUSE' || attempt >= 50) throw e;
+        await new Promise((resolve) => setTimeout(resolve, 100));
+      }
+    }
+    const orphans = closeInherited();
+    log.info({ from: taking.pid, pods: this.enrolled.size, orphanSockets: orphans }, 'node taken over');
+  }
+
+  /** What keeps the new agent from committing: each pod the old one had verified must be served here too. */
+  private notTakenOver(verified: ReadonlyArray<string>): string[] {
+    const missing: string[] = [];
+    if (!this.configLoaded) missing.push('the config');
+    if (!this.reconciled || !this.health().synced) missing.push("the node's pods");
+    for (const uid of verified) {
+      const pod = this.pods.find((p) => p.uid === uid);
+      if (!pod || !this.wants(pod) || this.draining.has(uid)) continue;
+      const e = this.enrolled.get(uid);
+      if (!e?.verified || !this.configured(uid) || !this.certified(pod)) missing.push(`${pod.namespace}/${pod.name}`);
+    }
+    return missing;
+  }
+
   /** Whether the pod source knows the node's pods, and what keeps the agent degraded (serving, but not whole). */
   private health(): { synced: boolean; degraded: ReadonlyArray<string> } {
     const source = this.source.health?.() ?? { synced: true, degraded: [] };
     const cni = this.cni?.problem;
     return { synced: source.synced, degraded: [...source.degraded, ...(cni === undefined ? [] : [`nodemesh-cni: ${cni}`])] };
   }
+
+  /** Liveness and readiness: on the host's port, and on this instance's own socket (see startInstanceSocket). */
+  private healthRoutes(): Routes {
+    return {
+      // Live while the event loop answers: a pod that is not yet verified makes the agent not
+      // ready, never a reason to restart it.
+      '/healthz/live': async () => json({ live: true }, 200),
+      '/healthz/ready': async () => {
+        // Ready: every pod of the node is captured, proven, and served with the complete config
+        // the control plane has for it (its snapshot covers the pod), not a part of it.
+        const enrolled = [...this.enrolled.values()];
+        const notVerified = enrolled.filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+        const notConfigured = enrolled.filter((e) => !this.configured(e.pod.uid)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+        const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
+        // Degraded (the API server went away after the pods were listed) is said, not unready:
+        // the node's pods keep being served from what the agent knows.
+        // With nodemesh-cni to install: not ready until it is chained (a pod started before
+        // that would not wait for its capture).
+        const health = this.health();
+        const cniChained = this.options.cni === undefined || this.cni?.installed === true;
+        // Taking the node over: ready once the node is this agent's (the commit). Handed over: never again.
+        const serving = this.taking === undefined && !this.handedOver;
+        const ok = serving && this.configLoaded && this.reconciled && health.synced && cniChained && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
+        return json({ ready: ok, ...(this.taking ? { takingOver: true } : {}), ...(this.handedOver ? { handedOver: true } : {}), configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, ...(this.options.cni ? { cniChained } : {}), degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
+      },
+    };
+  }
+
+  /**
+   * Kubernetes: readiness on <run dir>/ready-<pod uid>.sock, which the DaemonSet's exec probe
+   * (`nodemesh-cni agent-ready`) asks. Two agent pods of a node share the host's port 15021
+   * while one takes the node over, so an HTTP probe there could get the other agent's answer.
+   */
+  private async startInstanceSocket(): Promise<void> {
+    const instance = this.options.instance;
+    if (instance === undefined) return;
+    // Sockets of agent pods that were killed (a SIGKILL leaves its socket): one per pod would pile up.
+    for (const name of await readdir(this.options.runDir).catch(() => [])) {
+      const path = join(this.options.runDir, name);
+      const handover = /^handover-(\d+)\.sock$/.exec(name);
+      if (handover ? !processAlive(Number(handover[1])) : /^ready-[0-9a-f-]{36}\.sock$/.test(name) && !(await agentAnswers(path))) await rm(path, { force: true });
+    }
+    this.instanceSocket = join(this.options.runDir, `ready-${instance}.sock`);
+    this.instanceServer = await serveHttpUnix(this.instanceSocket, this.healthRoutes());
+  }
+
+  private instanceSocket: string | undefined;
+  private instanceServer: Server | undefined;
 
   private async startServers(): Promise<void> {
     const { metrics, ready, admin } = this.options;
@@ -313,29 +530,7 @@ export class NodeAgent {
         '/metrics': async () => ({ status: 200, type: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
       }, 'metrics'),
     );
-    this.servers.push(
-      await serveHttp(ready, {
-        // Live while the event loop answers: a pod that is not yet verified makes the agent not
-        // ready, never a reason to restart it.
-        '/healthz/live': async () => json({ live: true }, 200),
-        '/healthz/ready': async () => {
-          // Ready: every pod of the node is captured, proven, and served with the complete config
-          // the control plane has for it (its snapshot covers the pod), not a part of it.
-          const enrolled = [...this.enrolled.values()];
-          const notVerified = enrolled.filter((e) => !e.verified).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          const notConfigured = enrolled.filter((e) => !this.configured(e.pod.uid)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          const notCertified = enrolled.filter((e) => !this.certified(e.pod)).map((e) => `${e.pod.namespace}/${e.pod.name}`);
-          // Degraded (the API server went away after the pods were listed) is said, not unready:
-          // the node's pods keep being served from what the agent knows.
-          // With nodemesh-cni to install: not ready until it is chained (a pod started before
-          // that would not wait for its capture).
-          const health = this.health();
-          const cniChained = this.options.cni === undefined || this.cni?.installed === true;
-          const ok = this.configLoaded && this.reconciled && health.synced && cniChained && notVerified.length === 0 && notConfigured.length === 0 && notCertified.length === 0;
-          return json({ ready: ok, configLoaded: this.configLoaded, reconciled: this.reconciled, podsListed: health.synced, ...(this.options.cni ? { cniChained } : {}), degraded: health.degraded, notVerified, notConfigured, notCertified }, ok ? 200 : 503);
-        },
-      }, 'ready'),
-    );
+    this.servers.push(await serveHttp(ready, this.healthRoutes(), 'ready'));
     this.servers.push(
       await serveHttp(admin, {
         '/pods': async () =>
@@ -414,7 +609,10 @@ export class NodeAgent {
    * the pod was computed for it (the Services exported to its namespace come with it).
    */
   private configured(uid: string): boolean {
-    return this.configLoaded && (this.cpClient === undefined || this.remoteUids.has(uid));
+    // Until the first pass has enrolled the node's pods, a Service's endpoints on this node are
+    // not known yet (an agent taking the node over, or restarting, already accepts on the pods'
+    // listeners): connections wait for it rather than be refused.
+    return this.configLoaded && this.reconciled && (this.cpClient === undefined || this.remoteUids.has(uid));
   }
 
   /** A pod's workload identity, in the mesh config's trust domain. */
@@ -533,6 +731,8 @@ export class NodeAgent {
 
   /** Brings enrolled pods in line with the pods on the node. Serialised; a call during a run schedules one more. */
   reconcile(): Promise<void> {
+    // Frozen for a handover (thaw reconciles), or handed over: the pins and maps are not ours.
+    if (this.handover || this.handedOver) return Promise.resolve();
     if (this.running) {
       this.again = true;
       return this.running;
@@ -590,7 +790,10 @@ export class NodeAgent {
     await this.syncGate(pods, wanted, complete);
     // Pods enrolled and verified on this pass become endpoints (and are reported).
     this.publishServed();
-    this.reconciled = true;
+    if (!this.reconciled) {
+      this.reconciled = true;
+      for (const uid of this.enrolled.keys()) this.proxy.setConfigured(uid, this.configured(uid));
+    }
     this.metrics.podsEnrolled.set(this.enrolled.size);
     this.settleEnrollWaiters();
   }
@@ -808,6 +1011,10 @@ export class NodeAgent {
 
   probeArrived(uid: string): void {
     this.probeWaiters.get(uid)?.();
+    // Frozen: the listener that accepted it is shared with the new agent, whose probe it is.
+    if (this.handover) {
+      void postJson(join(this.options.runDir, ENROLL_SOCKET_NEXT), '/v1/handover/probe', { uid }, 2000).catch((e: Error) => log.warn({ uid, err: e.message }, "the new agent's capture probe could not be passed on"));
+    }
   }
 
   /** Proves capture: a connection from inside the pod's cgroup and netns must reach the proxy. */
@@ -864,10 +1071,37 @@ export class NodeAgent {
   /** Stops serving. Pinned links stay, so pods stay captured until the next agent takes over. */
   async stop(): Promise<void> {
     this.stopping = true;
-    // First: pods that start from now on do not wait for an agent that is going.
-    await this.cni?.stop();
+    // Stopped mid-handover: the new agent holds the same sockets and map entries (and commits
+    // to nobody: it then takes the node as it is).
+    const h = this.handover;
+    if (h) {
+      clearTimeout(h.timer);
+      clearInterval(h.watch);
+      this.handover = undefined;
+      this.proxy.stopListening();
+      h.settle('thawed');
+    }
+    if (this.handedOver) {
+      // The node is the new agent's (CNI config, enrollment socket, pins): only the connections
+      // held here are this agent's, and they end or are cut at the drain deadline.
+      const deadline = Date.now() + (this.options.drainTimeoutMs ?? 20_000);
+      while (this.proxy.openConnections() > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 100));
+      log.info({ left: this.proxy.openConnections() }, 'drained');
+    } else {
+      // First: pods that start from now on do not wait for an agent that is going.
+      await this.cni?.stop();
+    }
     this.settleEnrollWaiters();
-    await this.enrollment?.close();
+    // Before the enrollment socket: the run folder goes with it when nothing else is left there.
+    if (this.instanceServer) {
+      const server = this.instanceServer;
+      await new Promise((resolve) => {
+        server.close(resolve);
+        server.closeAllConnections();
+      });
+      await rm(this.instanceSocket ?? '', { force: true });
+    }
+    if (!this.handedOver) await this.enrollment?.close();
     this.stopWatch?.();
     this.store?.close();
     this.cpClient?.stop();
@@ -885,6 +1119,7 @@ export class NodeAgent {
    * run. Returns what was removed, failed or left.
    */
   async uninstall(): Promise<TeardownReport> {
+    if (this.handedOver || this.handover) throw new NodemeshError('NM_ERR_AGENT_RUNNING', 'this agent handed the node over (or is handing it over): the node is not its to uninstall');
     const known: KnownPod[] = [...this.enrolled.values()].map((e) => ({ uid: e.pod.uid, name: `${e.pod.namespace}/${e.pod.name}`, netnsPath: e.pod.netnsPath }));
     await this.stop();
     const report = await teardownNode(this.options.pinRoot, known);
@@ -898,6 +1133,16 @@ export class NodeAgent {
   async stopAndPurge(): Promise<void> {
     await this.stop();
     await this.datapath.purge();
+  }
+}
+
+/** Whether a process exists (signal 0: EPERM means it does, ESRCH that it does not). */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -111,6 +111,8 @@ export class ControlPlaneClient {
   private attempt = 0;
   private timer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** A handover is under way: the stream is closed and not opened again until resume(). */
+  private paused = false;
   private connected = false;
 
   constructor(
@@ -161,6 +163,26 @@ export class ControlPlaneClient {
     this.certificates?.close();
   }
 
+  /**
+   * Closes the stream and does not connect again until resume() (the agent handing its node over:
+   * the control plane keeps one stream per node, and two agents of a node would take it in turns).
+   */
+  pause(): void {
+    this.paused = true;
+    clearTimeout(this.timer);
+    this.call?.cancel();
+    this.call = undefined;
+    this.setConnected(false);
+  }
+
+  /** Connects again after pause() (a handover that did not complete). */
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.attempt = 0;
+    this.connect();
+  }
+
   /** Certificates.Sign for a CSR of this node (authenticated like the stream). */
   async sign(csr: string): Promise<SignResponse> {
     const client = this.certificates;
@@ -182,7 +204,7 @@ export class ControlPlaneClient {
   }
 
   private connect(): void {
-    if (this.stopped || !this.client) return;
+    if (this.stopped || this.paused || !this.client) return;
     if (this.tokenFile === undefined) {
       this.open(new Metadata());
       return;
@@ -202,7 +224,7 @@ export class ControlPlaneClient {
   }
 
   private open(metadata: Metadata): void {
-    if (this.stopped || !this.client) return;
+    if (this.stopped || this.paused || !this.client) return;
     const stream = (this.client as unknown as { Stream(metadata: Metadata): ClientDuplexStream<AgentMessage, ControlPlaneMessage> }).Stream(metadata);
     this.call = stream;
     const { version, digest } = this.agent.remoteState();
@@ -235,7 +257,7 @@ export class ControlPlaneClient {
   }
 
   private retry(reason: string): void {
-    if (this.stopped) return;
+    if (this.stopped || this.paused) return;
     // Full jitter: agents that lost the same control plane do not all come back at once.
     const delay = Math.random() * Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** this.attempt);
     this.attempt = Math.min(this.attempt + 1, 16);

@@ -4,7 +4,7 @@
  * pod and waits until the agent has captured, verified and configured it. It also marks the run
  * folder as taken: a second agent for the same node finds the socket answering and stops.
  */
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { chmod, mkdir, rm, rmdir, stat } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, normalize } from 'node:path';
 
@@ -13,6 +13,7 @@ import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors
 import { logger } from '../shared/log.js';
 import { DNS_LABEL, DNS_SUBDOMAIN, UUID } from '../shared/names.js';
 import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
+import { ENROLL_SOCKET_NEXT, type BeginAnswer } from './handover.js';
 
 const log = logger('enrollment');
 
@@ -34,7 +35,18 @@ export interface EnrollTarget {
   checkCni(ref: CniRef): Promise<EnrollAnswer>;
   /** The CNI plugin's DEL: as drain, by name when the runtime gives no uid. */
   releaseCni(ref: CniRef): Promise<void>;
+  /** A new agent asks for the node (src/agent/handover.ts); rejects with a NodemeshError to refuse. */
+  handoverBegin(request: unknown): Promise<BeginAnswer>;
+  /** The new agent serves the node now. */
+  handoverCommit(): Promise<void>;
+  /** The new agent gave up. */
+  handoverAbort(): Promise<void>;
+  /** During a handover, the old agent's listener accepted this agent's capture probe for the pod. */
+  probeArrived(uid: string): void;
 }
+
+/** What a request held during a handover does once it is over: forwarded to the new agent, or served here. */
+export type HoldOutcome = 'committed' | 'thawed';
 
 const cniBad = (field: string, message: string): NodemeshError => new NodemeshError('NM_ERR_ENROLL_FAILED', `pod.${field}: ${message}`, { context: { field: `pod.${field}` } });
 
@@ -91,14 +103,24 @@ async function checkNetns(path: string): Promise<void> {
 }
 
 export class EnrollmentServer {
+  /** A handover is under way: enrollment requests wait for its outcome. */
+  private held: Promise<HoldOutcome> | undefined;
+
   private constructor(
     private readonly server: Server,
-    readonly socketPath: string,
+    private socketPath: string,
   ) {}
 
-  /** Listens on <runDir>/enroll.sock; fails if another agent answers there. */
-  static async start(runDir: string, edge: PodEdge, target: EnrollTarget): Promise<EnrollmentServer> {
-    const socketPath = join(runDir, ENROLL_SOCKET);
+  get path(): string {
+    return this.socketPath;
+  }
+
+  /**
+   * Listens on <runDir>/enroll.sock; fails if another agent answers there. `next`: a new agent
+   * taking the node over listens on enroll.sock.new until commit (see moved()).
+   */
+  static async start(runDir: string, edge: PodEdge, target: EnrollTarget, options: { next?: boolean } = {}): Promise<EnrollmentServer> {
+    const socketPath = join(runDir, options.next ? ENROLL_SOCKET_NEXT : ENROLL_SOCKET);
     try {
       await mkdir(runDir, { recursive: true, mode: 0o700 });
       await chmod(runDir, 0o700);
@@ -109,7 +131,7 @@ export class EnrollmentServer {
         hint: 'give --run-dir a folder root can create (or set NODEMESH_STATE_DIR to one)',
       });
     }
-    if (await agentAnswers(socketPath)) {
+    if (!options.next && (await agentAnswers(socketPath))) {
       throw new NodemeshError('NM_ERR_AGENT_RUNNING', `another agent already serves this node (its enrollment socket ${socketPath} answers)`, {
         context: { path: socketPath },
         hint: 'stop that agent first; one agent per node',
@@ -117,14 +139,37 @@ export class EnrollmentServer {
     }
     // A socket left by an agent that died.
     await rm(socketPath, { force: true });
-    const server = createServer((req, res) => void handle(req, res, edge, target));
+    let self: EnrollmentServer | undefined;
+    const server = createServer((req, res) => void handle(req, res, edge, target, () => self?.held, runDir));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen(socketPath, () => resolve());
     });
     await chmod(socketPath, 0o600);
     log.info({ path: socketPath }, 'enrollment endpoint listening');
-    return new EnrollmentServer(server, socketPath);
+    self = new EnrollmentServer(server, socketPath);
+    return self;
+  }
+
+  /** Enrollment requests wait until `outcome` settles (a handover under way). */
+  hold(outcome: Promise<HoldOutcome>): void {
+    this.held = outcome;
+    void outcome.then(() => {
+      if (this.held === outcome) this.held = undefined;
+    });
+  }
+
+  /** The socket was renamed (a new agent's enroll.sock.new, at commit). */
+  moved(path: string): void {
+    this.socketPath = path;
+  }
+
+  /** Stops answering, leaving the socket file alone (it is the next agent's now). */
+  async closeHandedOver(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
   }
 
   async close(): Promise<void> {
@@ -141,7 +186,7 @@ export class EnrollmentServer {
   }
 }
 
-function reply(res: ServerResponse, status: number, body: EnrollAnswer | EnrollErrorBody): void {
+function reply(res: ServerResponse, status: number, body: EnrollAnswer | EnrollErrorBody | BeginAnswer | Record<string, never>): void {
   if (res.writableEnded || res.destroyed) return;
   const text = JSON.stringify(body) + '\n';
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) }).end(text);
@@ -162,7 +207,63 @@ async function readBody(req: IncomingMessage): Promise<string | undefined> {
   return Buffer.concat(chunks).toString('utf8');
 }
 
-async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, target: EnrollTarget): Promise<void> {
+/** The new agent's endpoint, once a handover committed: a held request goes there. */
+async function forward(runDir: string, req: IncomingMessage, res: ServerResponse, body: string | undefined): Promise<void> {
+  // The new agent renames its socket over enroll.sock right after the commit.
+  for (const path of [join(runDir, ENROLL_SOCKET_NEXT), join(runDir, ENROLL_SOCKET)]) {
+    const done = await new Promise<boolean>((resolve) => {
+      const out = request({ socketPath: path, agent: false, method: req.method, path: req.url, headers: { 'content-type': 'application/json', ...(body === undefined ? {} : { 'content-length': Buffer.byteLength(body) }) } }, (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+        resolve(true);
+      });
+      out.on('error', () => resolve(false));
+      out.end(body);
+    });
+    if (done) return;
+  }
+  fail(res, 503, 'NM_ERR_ENROLL_FAILED', 'this node was handed over to a new agent, which does not answer', { hint: 'try again in a moment' });
+}
+
+async function handleHandover(req: IncomingMessage, res: ServerResponse, target: EnrollTarget): Promise<void> {
+  const text = await readBody(req).catch(() => undefined);
+  let body: unknown;
+  try {
+    body = text === undefined || text === '' ? {} : JSON.parse(text);
+  } catch {
+    fail(res, 400, 'NM_ERR_AGENT_RUNNING', 'the request body is not JSON');
+    return;
+  }
+  try {
+    if (req.url === '/v1/handover/begin') {
+      reply(res, 200, await target.handoverBegin(body));
+      return;
+    }
+    if (req.url === '/v1/handover/commit') await target.handoverCommit();
+    else if (req.url === '/v1/handover/abort') await target.handoverAbort();
+    else {
+      const uid = (body as { uid?: unknown }).uid;
+      if (typeof uid !== 'string' || !UUID.test(uid)) throw new NodemeshError('NM_ERR_AGENT_RUNNING', 'uid must be a pod uid');
+      target.probeArrived(uid);
+    }
+    reply(res, 200, {});
+  } catch (e) {
+    const err = isNodemeshError(e) ? e : new NodemeshError('NM_ERR_AGENT_RUNNING', (e as Error).message);
+    fail(res, 409, err.code, err.message, err.hint ? { hint: err.hint } : {});
+  }
+}
+
+async function handle(req: IncomingMessage, res: ServerResponse, edge: PodEdge, target: EnrollTarget, held: () => Promise<HoldOutcome> | undefined, runDir: string): Promise<void> {
+  if (req.method === 'POST' && /^\/v1\/handover\/(begin|commit|abort|probe)$/.test(req.url ?? '')) {
+    await handleHandover(req, res, target);
+    return;
+  }
+  const hold = held();
+  if (hold !== undefined && (await hold) === 'committed') {
+    const body = req.method === 'POST' ? await readBody(req).catch(() => undefined) : undefined;
+    await forward(runDir, req, res, body);
+    return;
+  }
   // DELETE /v1/pods/<uid>: the runtime is about to stop the pod's processes (as Kubernetes takes
   // a terminating pod out of its Services' endpoints before its containers get SIGTERM).
   const uid = /^\/v1\/pods\/([^/]+)$/.exec(req.url ?? '')?.[1];

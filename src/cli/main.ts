@@ -13,7 +13,7 @@ import { DURATION_BOUNDS, durationOutOfBounds } from '../config/traffic-policy.j
 import { DEFAULT_ENROLL_TIMEOUT_MS, MAX_ENROLL_TIMEOUT_MS, agentRunDir } from '../runtime/enrollment.js';
 import { NodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
-import { parseNamespacedName } from '../shared/names.js';
+import { parseNamespacedName, UUID } from '../shared/names.js';
 import { CONTROL_PLANE_STATE_DIR, PACKAGE_ROOT, packageVersion } from '../shared/paths.js';
 import { isLoopback } from '../shared/address.js';
 import { NM_PROXY_MARK } from '../datapath/abi.js';
@@ -273,6 +273,8 @@ program
   .option('--idle-timeout <ms>', 'close connections idle this long', '3600000')
   .option('--max-connections <n>', 'open proxied connections node-wide (default: what the open file limit allows, about a sixth of it)')
   .option('--max-connections-per-pod <n>', "open proxied connections of one pod (default: half the node's)")
+  .option('--take-over', 'if an agent already serves this node, take the node over from it with no gap (a DaemonSet rolling with maxSurge) instead of refusing to start')
+  .option('--drain-timeout <duration>', 'after handing the node over, how long this agent keeps relaying its connections once told to stop (ms)', '20000')
   .addOption(new Option('--relay <mode>', 'how bytes are copied: kernel (splice in the addon) or js (node streams)').choices(['kernel', 'js']).default('kernel'))
   .addOption(new Option('--hbone <engine>', 'what carries HBONE tunnels: native (TLS and HTTP/2 in the addon) or node (node:tls and node:http2)').choices(['native', 'node']).default('native'))
   .addOption(
@@ -284,9 +286,14 @@ program
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),
   )
-  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; source: 'local' | 'kubernetes'; kubeconfig?: string; cgroupRoot?: string; proc: string; daemonset?: string; cniBinDir?: string; cniConfDir: string; cniExcludeNamespaces: string; cniTimeout: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full' }) => {
+  .action(async (opts: { controlPlane?: string; caRoot?: string; tokenFile?: string; configDir?: string; node?: string; source: 'local' | 'kubernetes'; kubeconfig?: string; cgroupRoot?: string; proc: string; daemonset?: string; cniBinDir?: string; cniConfDir: string; cniExcludeNamespaces: string; cniTimeout: string; bpfRoot?: string; runDir?: string; metrics: string; ready: string; admin: string; passthrough: 'allow' | 'deny'; connectTimeout: string; idleTimeout: string; maxConnections?: string; maxConnectionsPerPod?: string; relay: 'kernel' | 'js'; hbone: 'native' | 'node'; jit: 'auto' | 'baseline' | 'full'; takeOver?: boolean; drainTimeout: string }) => {
     const runtimeConfig = runtimeConfigFromEnv();
     const node = parseNodeName(opts.node ?? runtimeConfig.node);
+    // The agent's own pod (the DaemonSet sets it from metadata.uid): readiness for its exec probe.
+    const instance = process.env['NODEMESH_POD_UID'] || undefined;
+    if (instance !== undefined && !UUID.test(instance)) {
+      throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `NODEMESH_POD_UID "${instance}" is not a pod UID`, { context: { field: 'NODEMESH_POD_UID' }, hint: "set it from the pod's metadata.uid (the DaemonSet does), or unset it" });
+    }
     const pinRoot = opts.bpfRoot ?? defaultPinRoot(node);
     assertPinRoot(pinRoot);
     if ((opts.controlPlane === undefined) === (opts.configDir === undefined)) {
@@ -351,6 +358,9 @@ program
       hboneEngine: opts.hbone,
       ...(opts.maxConnections === undefined ? {} : { maxConnections: parseCount(opts.maxConnections, 'max-connections') }),
       ...(opts.maxConnectionsPerPod === undefined ? {} : { maxConnectionsPerPod: parseCount(opts.maxConnectionsPerPod, 'max-connections-per-pod') }),
+      takeOver: opts.takeOver === true,
+      ...(instance === undefined ? {} : { instance }),
+      drainTimeoutMs: boundedMilliseconds(opts.drainTimeout, 'drain-timeout', { min: 0, max: 3_600_000 }),
     };
     const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
@@ -358,7 +368,8 @@ program
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
-    const uninstall = kubeApi && kubePods && daemonset ? await kubePods.daemonSetGone(kubeApi, daemonset) : undefined;
+    // Handed over: the node is the new agent's, whatever happens to the DaemonSet.
+    const uninstall = kubeApi && kubePods && daemonset && !agent.handedOver ? await kubePods.daemonSetGone(kubeApi, daemonset) : undefined;
     if (uninstall?.gone) {
       logger('agent').warn({ daemonset: opts.daemonset }, `${uninstall.why}: taking nodemesh off this node`);
       await agent.uninstall();

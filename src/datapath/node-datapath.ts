@@ -188,6 +188,24 @@ export class NodeDatapath {
   }
 
   /**
+   * Puts this agent's programs back on the links of every pod it holds: a handover that did not
+   * complete, after which the new agent had swapped in its build's (readopt).
+   */
+  reclaimPrograms(): void {
+    for (const [uid, links] of this.links) {
+      links.forEach((link, i) => {
+        const program = POD_PROGRAMS[i];
+        if (program === undefined) return;
+        try {
+          link.updateProgram(this.object(program), program);
+        } catch (e) {
+          log.warn({ uid, program, err: (e as Error).message }, "this agent's program could not be put back on the pod's link");
+        }
+      });
+    }
+  }
+
+  /**
    * Detaches and unpins everything of a pod, whether this agent or an earlier one made it. With
    * the pod's netns (a live pod leaving the mesh), its delivery routing is removed too.
    */

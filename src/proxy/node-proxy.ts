@@ -18,6 +18,7 @@ import { logger } from '../shared/log.js';
 import { LoadBalancer } from './pool/load-balancer.js';
 import { principal, workloadLabels, type NodeMetrics, type RefuseReason, type TcpLabels } from './metrics/metrics.js';
 import { listenInPod, socketFd } from './pod-listener.js';
+import type { ListenerRef } from './listen-sockets.js';
 import { relay, relayStreams, type RelayResult, type RelaySide } from './relay.js';
 import { TunnelFailed, TunnelPool } from './tunnel/client.js';
 import type { TunnelIdentities } from './tunnel/hbone.js';
@@ -164,13 +165,15 @@ function answer(stream: InboundStream, status: number): void {
 interface PodState {
   readonly pod: ProxyPod;
   readonly servers: Server[];
+  /** The listening sockets of `servers` (a handover gives the next agent copies). */
+  readonly listeners: Array<ListenerRef & { readonly fd: number }>;
   readonly sockets: Set<Socket>;
   /** Connections accepted on the pod's listeners and not ended (its share of the limits; status shows it). */
   open: number;
   /** Upstream connects in flight for the pod. */
   connecting: number;
   /** The addresses sk_lookup steers to this pod's inbound listeners. */
-  readonly steered: Array<{ readonly family: Family; readonly address: string }>;
+  readonly steered: Array<{ readonly family: Family; readonly address: string; readonly fd: number }>;
   /** The snapshot holds the pod's complete config; until then its outbound connections wait. */
   configured: boolean;
   /** Connections waiting for the pod's config, called when it arrives. */
@@ -225,7 +228,7 @@ export class NodeProxy {
 
   private async openTunnelServer(state: PodState): Promise<void> {
     const identities = this.options.tunnel;
-    if (!identities) return;
+    if (!identities || this.handedOver) return;
     if (state.tunnelServer) {
       state.tunnelServer.refresh();
       return;
@@ -341,7 +344,7 @@ export class NodeProxy {
 
   /** Opens the pod's listeners and registers the inbound ones for sk_lookup. All or nothing. */
   async addPod(pod: ProxyPod): Promise<void> {
-    const state: PodState = { pod, servers: [], sockets: new Set(), open: 0, connecting: 0, steered: [], configured: false, waiting: new Set(), tunnelServer: undefined, tunnelOpening: false };
+    const state: PodState = { pod, servers: [], listeners: [], sockets: new Set(), open: 0, connecting: 0, steered: [], configured: false, waiting: new Set(), tunnelServer: undefined, tunnelOpening: false };
     try {
       for (const host of ['127.0.0.1', '::1']) await this.serve(state, host, NM_PORT_OUTBOUND, 'outbound', (s, cookie) => this.outbound(state, s, cookie));
       // Bound to loopback, not the pod's address: sk_lookup hands the listener its connections
@@ -352,13 +355,13 @@ export class NodeProxy {
         // A single-stack pod has no address of the other family ("" here), though maybe a link-local one.
         if (address !== '') {
           this.datapath.registerInboundListener(family, address, fd);
-          state.steered.push({ family, address });
+          state.steered.push({ family, address, fd });
         }
         // Every other address of the pod (eth0's link-local one): steered too, never around the proxy.
         for (const other of this.datapath.podAddresses(pod.uid)) {
           if (other.family !== family || other.address === address) continue;
           this.datapath.registerInboundListener(family, other.address, fd);
-          state.steered.push(other);
+          state.steered.push({ family, address: other.address, fd });
         }
       }
     } catch (e) {
@@ -390,8 +393,42 @@ export class NodeProxy {
     await this.closeState(state);
   }
 
+  /**
+   * Every listening socket the proxy holds in pods, by pod (the agent taking the node over gets
+   * copies of them, see src/agent/handover.ts).
+   */
+  listeningSockets(): Array<{ readonly uid: string; readonly netnsPath: string; readonly listeners: ReadonlyArray<ListenerRef & { readonly fd: number }> }> {
+    return [...this.pods.values()].map((state) => ({ uid: state.pod.uid, netnsPath: state.pod.netnsPath, listeners: [...state.listeners, ...(state.tunnelServer?.listeners() ?? [])] }));
+  }
+
+  /**
+   * The node was handed over to another agent, which holds the same listening sockets and the
+   * BPF map entries that point to them: this proxy stops accepting, keeps relaying what it holds,
+   * and from now on never touches the maps (closing a pod leaves its sk_lookup entries alone).
+   */
+  stopListening(): void {
+    this.handedOver = true;
+    for (const state of this.pods.values()) {
+      for (const server of state.servers) server.close();
+      state.listeners.length = 0;
+      state.tunnelServer?.stopListening();
+    }
+  }
+
+  /** Writes every pod's sk_lookup entries again (idempotent: after a handover, in case the old agent dropped one as it went). */
+  resteer(): void {
+    for (const state of this.pods.values()) for (const { family, address, fd } of state.steered) this.datapath.registerInboundListener(family, address, fd);
+  }
+
+  /** Connections still relayed (a proxy that handed its node over drains them). */
+  openConnections(): number {
+    return this.open;
+  }
+
+  private handedOver = false;
+
   private async closeState(state: PodState): Promise<void> {
-    for (const { family, address } of state.steered) {
+    for (const { family, address } of this.handedOver ? [] : state.steered) {
       try {
         this.datapath.unregisterInboundListener(family, address);
       } catch {
@@ -452,6 +489,7 @@ export class NodeProxy {
       log.warn({ pod: state.pod.name, namespace: state.pod.namespace, listener: formatHostPort(host, port), err: e.message }, 'accept failed');
     });
     state.servers.push(listener.server);
+    state.listeners.push({ host, port, fd: listener.fd });
     return listener.fd;
   }
 

@@ -1,7 +1,8 @@
 /** A listening socket made inside a pod's netns, served by node:net in this process. */
 import { createServer, type Server, type Socket } from 'node:net';
 
-import { closeFd, listenInNetns, netnsCookie } from '../datapath/native.js';
+import { closeFd, netnsCookie } from '../datapath/native.js';
+import { acceptWhenOurs, listenInPodNetns } from './listen-sockets.js';
 
 /** Large socket buffers: fewer, bigger reads and writes per relayed byte. */
 export const HIGH_WATER_MARK = 1 << 20;
@@ -19,7 +20,7 @@ export interface PodListener {
  * decides where it goes before any byte is read) with the pod's netns cookie.
  */
 export async function listenInPod(netnsPath: string, host: string, port: number, onConnection: (socket: Socket, netnsCookie: bigint) => void): Promise<PodListener> {
-  const fd = await listenInNetns({ netns: netnsPath, host, port });
+  const fd = await listenInPodNetns(netnsPath, host, port);
   let cookie: bigint;
   try {
     cookie = netnsCookie(fd);
@@ -28,11 +29,37 @@ export async function listenInPod(netnsPath: string, host: string, port: number,
     throw e;
   }
   const server = createServer({ allowHalfOpen: true, highWaterMark: HIGH_WATER_MARK, pauseOnConnect: true }, (s) => onConnection(s, cookie));
+  await serveOnFd(server, fd);
+  return { server, fd, netnsCookie: cookie };
+}
+
+/**
+ * Starts `server` accepting on a listening fd: now (resolves once it listens), or, for a socket
+ * handed over by the agent before this one, at the handover's commit (resolves at once). listen()
+ * on a socket that is already listening only starts accepting.
+ */
+export async function serveOnFd(server: Server, fd: number): Promise<void> {
+  if (acceptWhenOurs(fd, listenOnce(server, fd)) === 'at-commit') return;
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen({ fd }, () => resolve());
+    server.once('listening', () => {
+      server.off('error', reject);
+      resolve();
+    });
   });
-  return { server, fd, netnsCookie: cookie };
+}
+
+/**
+ * Starts `server` on fd, unless it was closed first (a pod that went before a handover's commit):
+ * then the fd, which the server never owned, is closed.
+ */
+function listenOnce(server: Server, fd: number): () => void {
+  let closed = false;
+  server.once('close', () => (closed = true));
+  return () => {
+    if (closed) closeFd(fd);
+    else server.listen({ fd });
+  };
 }
 
 /** The fd of a TCP socket node:net accepted (libuv exposes it on Unix), if there is one. */

@@ -1,4 +1,5 @@
 /** Small HTTP endpoints: the agent's metrics (15020), readiness (15021) and admin (15000), the control plane's 15014. */
+import { chmod, rm } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 
 import { listenError } from './ports.js';
@@ -16,7 +17,28 @@ export type Routes = Readonly<Record<string, (req: IncomingMessage) => Promise<{
  * NodemeshError naming both, not with node's bare EADDRINUSE.
  */
 export async function serveHttp(at: HostPort, routes: Routes, field?: string): Promise<Server> {
-  const server = createServer((req: IncomingMessage, res: ServerResponse) => {
+  const server = routesServer(routes);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (e) => reject(listenError(e, at, field)));
+    server.listen(at.port, at.host, () => resolve());
+  });
+  return server;
+}
+
+/** Serves `routes` on a Unix socket at `path` (made anew, root only). */
+export async function serveHttpUnix(path: string, routes: Routes): Promise<Server> {
+  await rm(path, { force: true });
+  const server = routesServer(routes);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(path, () => resolve());
+  });
+  await chmod(path, 0o600);
+  return server;
+}
+
+function routesServer(routes: Routes): Server {
+  return createServer((req: IncomingMessage, res: ServerResponse) => {
     const path = (req.url ?? '/').split('?')[0] ?? '/';
     const route = routes[path];
     if (!route || req.method !== 'GET') {
@@ -28,11 +50,6 @@ export async function serveHttp(at: HostPort, routes: Routes, field?: string): P
       (e: unknown) => res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(e as Error).message}\n`),
     );
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', (e) => reject(listenError(e, at, field)));
-    server.listen(at.port, at.host, () => resolve());
-  });
-  return server;
 }
 
 export function json(value: unknown, status = 200): { status: number; type: string; body: string } {

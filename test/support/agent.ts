@@ -21,10 +21,17 @@ export interface AgentConfigDump {
   }>;
 }
 
+export interface AgentPorts {
+  readonly metrics: number;
+  readonly ready: number;
+  readonly admin: number;
+}
+
 export interface AgentProcess {
   readonly configDir: string;
   readonly pinRoot: string;
   readonly adminPort: number;
+  readonly ports: AgentPorts;
   child: ChildProcess;
   /** Everything the agent logged (JSON lines). */
   log(): string;
@@ -61,7 +68,11 @@ export type AgentConfigSource = Record<string, string> | { readonly controlPlane
  * `node`: the node the agent serves (default: the sandbox's node, where its pods go unless they
  * name another); each node has its own pin root, ports and run folder.
  */
-export async function startAgent(sb: Sandbox, source: AgentConfigSource, options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string>; node?: string; waitReady?: boolean } = {}): Promise<AgentProcess> {
+export async function startAgent(
+  sb: Sandbox,
+  source: AgentConfigSource,
+  options: { args?: ReadonlyArray<string>; prefix?: ReadonlyArray<string>; node?: string; waitReady?: boolean; /** The host ports of this agent (a second agent taking the node over shares them). */ ports?: AgentPorts; /** Added to the agent's environment. */ env?: Readonly<Record<string, string>> } = {},
+): Promise<AgentProcess> {
   const node = options.node ?? sb.config.node;
   const isRemote = typeof source['controlPlane'] === 'string' && Object.keys(source).every((k) => k === 'controlPlane' || k === 'tokenFile' || k === 'caRoot');
   const controlPlane = isRemote ? (source as { controlPlane: string }).controlPlane : undefined;
@@ -71,7 +82,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
   const configDir = await mkdtemp(join(tmpdir(), `nodemesh-test-${sb.id}-config-`));
   for (const [file, yaml] of Object.entries(config)) await writeFile(join(configDir, file), yaml);
   const pinRoot = join(sb.bpffsDir, node === sb.config.node ? 'agent' : `agent-${node}`);
-  const [metrics, ready, admin] = [await freePort(), await freePort(), await freePort()];
+  const { metrics, ready, admin } = options.ports ?? { metrics: await freePort(), ready: await freePort(), admin: await freePort() };
   let output = '';
   // The log as it is when a wait gave up, not when it began.
   const withLog = (e: Error): never => {
@@ -83,7 +94,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     const child = spawn(
       command,
       [...prefixArgs, CLI_ENTRY, 'agent', ...(controlPlane === undefined ? ['--config-dir', configDir] : ['--control-plane', controlPlane, ...(tokenFile === undefined ? [] : ['--token-file', tokenFile]), ...(caRoot === undefined ? [] : ['--ca-root', caRoot])]), '--bpf-root', pinRoot, '--metrics', `127.0.0.1:${metrics}`, '--ready', `127.0.0.1:${ready}`, '--admin', `127.0.0.1:${admin}`, '--node', node, ...(options.args ?? [])],
-      { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info' }, stdio: ['ignore', 'pipe', 'pipe'] },
+      { env: { ...sb.env, NODEMESH_LOG_LEVEL: 'info', ...options.env }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
@@ -94,6 +105,7 @@ export async function startAgent(sb: Sandbox, source: AgentConfigSource, options
     configDir,
     pinRoot,
     adminPort: admin,
+    ports: { metrics, ready, admin },
     child: spawnAgent(),
     log: () => output,
     pods: async () => ((await (await get(admin, '/pods')).json()) as { pods: EnrolledPodStatus[] }).pods,

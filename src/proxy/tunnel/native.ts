@@ -7,7 +7,8 @@
  * the addon moves the bytes and reports each step as an event.
  */
 import { NM_PROXY_MARK } from '../../datapath/abi.js';
-import { closeFd, connectInNetns, hboneAddon, listenInNetns, type HboneAddon, type HboneEvent } from '../../datapath/native.js';
+import { closeFd, connectInNetns, hboneAddon, type HboneAddon, type HboneEvent } from '../../datapath/native.js';
+import { acceptWhenOurs, listenInPodNetns, type ListenerRef } from '../listen-sockets.js';
 import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js';
 import { formatHostPort } from '../../shared/address.js';
 import { logger } from '../../shared/log.js';
@@ -127,6 +128,11 @@ export class HboneEngine {
     this.servers.set(server, onEvent);
     this.hold();
     return server;
+  }
+
+  /** Stops accepting on the server's socket; its connections go on. */
+  stopListening(server: number): void {
+    this.addon.hboneServerStopListening(server);
   }
 
   closeServer(server: number): void {
@@ -325,6 +331,10 @@ export class NativeTunnelServer {
   private readonly engine = HboneEngine.get();
   private readonly contexts = new Contexts(this.engine, true);
   private readonly servers: number[] = [];
+  private readonly sockets: Array<ListenerRef & { readonly fd: number }> = [];
+  private shut = false;
+  /** Sockets handed over, not accepted on until the handover commits. */
+  private readonly waiting = new Set<number>();
 
   private constructor(
     private readonly identity: string,
@@ -361,9 +371,31 @@ export class NativeTunnelServer {
   }
 
   private async listen(netnsPath: string, address: string): Promise<void> {
-    const context = this.context();
-    const fd = await listenInNetns({ netns: netnsPath, host: address, port: HBONE_PORT });
-    this.servers.push(this.engine.serve(fd, context, (e) => (e.type === 'request' ? this.request(e) : this.closed(e))));
+    // Throws while the node holds no certificate for the identity.
+    this.context();
+    const fd = await listenInPodNetns(netnsPath, address, HBONE_PORT);
+    this.sockets.push({ host: address, port: HBONE_PORT, fd });
+    // A socket handed over: accepted on from the commit (closed meanwhile: nothing to serve).
+    this.waiting.add(fd);
+    acceptWhenOurs(fd, () => {
+      if (!this.waiting.delete(fd) || this.shut) return;
+      try {
+        this.servers.push(this.engine.serve(fd, this.context(), (e) => (e.type === 'request' ? this.request(e) : this.closed(e))));
+      } catch (e) {
+        log.error({ address, err: (e as Error).message }, 'HBONE listener could not start accepting');
+      }
+    });
+  }
+
+  /** The listening sockets (for a handover: the next agent gets copies). */
+  listeners(): ReadonlyArray<ListenerRef & { readonly fd: number }> {
+    return this.sockets;
+  }
+
+  /** No new tunnels (the node was handed over); the open ones go on until they end or close(). */
+  stopListening(): void {
+    for (const s of this.servers) this.engine.stopListening(s);
+    this.sockets.length = 0;
   }
 
   private request(e: Requested): void {
@@ -385,8 +417,13 @@ export class NativeTunnelServer {
   }
 
   close(): void {
+    this.shut = true;
     for (const s of this.servers) this.engine.closeServer(s);
     this.servers.length = 0;
+    // Sockets not served yet (waiting for a handover's commit) are closed here.
+    for (const fd of this.waiting) closeFd(fd);
+    this.waiting.clear();
+    this.sockets.length = 0;
     this.contexts.clear();
   }
 }

@@ -10,7 +10,9 @@ import { constants as h2, createSecureServer, type Http2SecureServer, type Http2
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 
-import { listenInNetns, closeFd } from '../../datapath/native.js';
+import { closeFd } from '../../datapath/native.js';
+import { listenInPodNetns, type ListenerRef } from '../listen-sockets.js';
+import { serveOnFd } from '../pod-listener.js';
 import { logger } from '../../shared/log.js';
 import {
   CONNECTION_WINDOW,
@@ -41,6 +43,7 @@ export type TunnelServerEvents = TunnelServerEventsOf<ServerHttp2Stream>;
 
 export class TunnelServer {
   private readonly servers: Http2SecureServer[] = [];
+  private readonly sockets: Array<ListenerRef & { readonly fd: number }> = [];
   /** Every accepted connection, from its first byte (a handshake in progress too): close() ends them all. */
   private readonly connections = new Set<Socket>();
   /** Every HTTP/2 session: close() destroys them, and with them the TLS sockets they own (destroying the raw socket under TLS does not). */
@@ -107,18 +110,16 @@ export class TunnelServer {
     server.on('session', (session: Http2Session) => this.adopt(session));
     server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => this.request(stream, headers));
     server.on('sessionError', (e: Error) => this.events.onRefused('h2_error', { err: e.message }));
-    const fd = await listenInNetns({ netns: netnsPath, host: address, port: HBONE_PORT });
+    const fd = await listenInPodNetns(netnsPath, address, HBONE_PORT);
     try {
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen({ fd }, () => resolve());
-      });
+      await serveOnFd(server, fd);
     } catch (e) {
       closeFd(fd);
       throw e;
     }
     server.on('error', (e: Error) => log.warn({ address, err: e.message }, 'HBONE listener error'));
     this.servers.push(server);
+    this.sockets.push({ host: address, port: HBONE_PORT, fd });
   }
 
   /** A new session: its connection window, and a deadline for the peer's HTTP/2 preface. */
@@ -165,7 +166,19 @@ export class TunnelServer {
     this.events.onRequest({ stream, peer: checked.peer, source: { address: (socket.remoteAddress ?? '').replace(/^::ffff:/, ''), port: socket.remotePort ?? 0 }, target: checked.target });
   }
 
+  /** The listening sockets (for a handover: the next agent gets copies). */
+  listeners(): ReadonlyArray<ListenerRef & { readonly fd: number }> {
+    return this.sockets;
+  }
+
+  /** No new tunnels (the node was handed over); the open ones go on until they end or close(). */
+  stopListening(): void {
+    for (const s of this.servers) s.close();
+    this.sockets.length = 0;
+  }
+
   async close(): Promise<void> {
+    this.sockets.length = 0;
     // server.close() waits for every connection: they are ended first, sessions and handshakes alike.
     const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     for (const s of this.sessions) s.destroy();
