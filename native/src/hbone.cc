@@ -357,6 +357,17 @@ class HboneEngine {
     epoll_ctl(epfd_, EPOLL_CTL_DEL, it->second->fd, nullptr);
     close(it->second->fd);
     it->second->fd = -1;
+    // GOAWAY on each of its tunnels: their streams go on, and clients open new ones elsewhere (a
+    // stream they opened meanwhile is refused before it reaches anything: they may send it again).
+    std::vector<uint64_t> ids;
+    for (auto& [cid, c] : conns_) if (c->server == id && c->h2 && !c->closing && !c->handshaking) ids.push_back(cid);
+    for (uint64_t cid : ids) {
+      auto found = conns_.find(cid);
+      if (found == conns_.end()) continue;
+      Conn& c = *found->second;
+      nghttp2_submit_goaway(c.h2, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(c.h2), NGHTTP2_NO_ERROR, nullptr, 0);
+      Settle(c);
+    }
   }
 
   void CloseServer(uint64_t id) {

@@ -23,7 +23,11 @@ const log = logger('hbone-client');
 /** A tunnel could not carry the connection: why, for metrics and the refusal log. */
 export class TunnelFailed extends Error {
   constructor(
-    readonly reason: 'no_certificate' | 'connect' | 'tls' | 'identity_mismatch' | 'refused' | 'h2',
+    /**
+     * `unanswered`: the stream ended (reset, refused, or its tunnel closed) before any answer, so
+     * the destination's application never saw it: it may go again on a new tunnel.
+     */
+    readonly reason: 'no_certificate' | 'connect' | 'tls' | 'identity_mismatch' | 'refused' | 'h2' | 'unanswered',
     message: string,
     /** The HTTP status the peer answered, for `refused`. */
     readonly status?: number,
@@ -86,7 +90,18 @@ export class TunnelPool {
   /** A CONNECT stream to target's application, answered 200, on a pooled or new tunnel. */
   async open(target: TunnelTarget): Promise<ClientHttp2Stream> {
     const key = poolKey(target);
-    const tunnel = this.reusable(key) ?? (await this.dial(key, target));
+    const pooled = this.reusable(key);
+    try {
+      return await this.request(pooled ?? (await this.dial(key, target)), target);
+    } catch (e) {
+      // A pooled tunnel its destination was closing (GOAWAY: an agent handing its node over, or
+      // stopping): the CONNECT never got there. Once more, on a new tunnel.
+      if (!pooled || !(e instanceof TunnelFailed) || e.reason !== 'unanswered') throw e;
+      return this.request(await this.dial(key, target), target);
+    }
+  }
+
+  private async request(tunnel: Tunnel, target: TunnelTarget): Promise<ClientHttp2Stream> {
     tunnel.streams++;
     clearTimeout(tunnel.idle);
     const authority = formatHostPort(target.destination.address, target.port);
@@ -115,11 +130,11 @@ export class TunnelPool {
       };
       const onError = (e: Error): void => {
         done();
-        reject(new TunnelFailed('h2', `CONNECT ${authority}: ${e.message}`));
+        reject(new TunnelFailed('unanswered', `CONNECT ${authority}: ${e.message}`));
       };
       const onClose = (): void => {
         done();
-        reject(new TunnelFailed('refused', `CONNECT ${authority}: stream closed before an answer (code ${stream.rstCode ?? '?'})`));
+        reject(new TunnelFailed('unanswered', `CONNECT ${authority}: stream closed before an answer (code ${stream.rstCode ?? '?'})`));
       };
       const timer = setTimeout(() => {
         done();

@@ -104,7 +104,7 @@ export class HboneEngine {
   request(conn: number, authority: string, forwarded: string): { handle: number; status: Promise<number> } {
     const handle = this.addon.hboneRequest(conn, authority, forwarded);
     const status = new Promise<number>((resolve, reject) => {
-      this.responses.set(handle, (e) => (e.status !== undefined ? resolve(e.status) : reject(new TunnelFailed('refused', `CONNECT ${authority}: ${e.error ?? 'no answer'}`))));
+      this.responses.set(handle, (e) => (e.status !== undefined ? resolve(e.status) : reject(new TunnelFailed('unanswered', `CONNECT ${authority}: ${e.error ?? 'no answer'}`))));
     });
     this.hold();
     return { handle, status };
@@ -238,7 +238,18 @@ export class NativeTunnelPool {
   /** A CONNECT stream to target's application, answered 200, on a pooled or new tunnel. */
   async open(target: TunnelTarget): Promise<NativeTunnelStream> {
     const key = poolKey(target);
-    const tunnel = this.tunnels.get(key)?.find((t) => t.usable && t.streams < CLIENT_MAX_STREAMS) ?? (await this.dial(key, target));
+    const pooled = this.tunnels.get(key)?.find((t) => t.usable && t.streams < CLIENT_MAX_STREAMS);
+    try {
+      return await this.request(pooled ?? (await this.dial(key, target)), target);
+    } catch (e) {
+      // A pooled tunnel its destination was closing (GOAWAY: an agent handing its node over, or
+      // stopping): the CONNECT never got there. Once more, on a new tunnel.
+      if (!pooled || !(e instanceof TunnelFailed) || e.reason !== 'unanswered') throw e;
+      return this.request(await this.dial(key, target), target);
+    }
+  }
+
+  private async request(tunnel: Tunnel, target: TunnelTarget): Promise<NativeTunnelStream> {
     tunnel.streams++;
     clearTimeout(tunnel.idle);
     const authority = formatHostPort(target.destination.address, target.port);

@@ -175,6 +175,8 @@ export class TunnelServer {
   stopListening(): void {
     for (const s of this.servers) s.close();
     this.sockets.length = 0;
+    // GOAWAY: open streams go on, clients open new ones on a new tunnel (elsewhere).
+    for (const session of this.sessions) session.close();
   }
 
   async close(): Promise<void> {
