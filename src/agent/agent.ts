@@ -651,7 +651,9 @@ export class NodeAgent {
   /** Calls `listener` with the node's served pods now and after every change (until the agent stops). */
   onPods(listener: (pods: ReadonlyArray<Workload>) => void): void {
     this.podListeners.push(listener);
-    listener(this.reported());
+    // Only once the first pass knows the node's pods: an empty report from an agent that has just
+    // started would take them out of every other node's endpoints until the next one.
+    if (this.reconciled) listener(this.reported());
   }
 
   /**
@@ -672,6 +674,9 @@ export class NodeAgent {
   private servable(p: NodePod): boolean {
     if (this.draining.has(p.uid)) return false;
     if (!this.wants(p)) return true;
+    // Taking the node over: what the old agent verified it serves until the commit, and this
+    // agent reports it from the start (the control plane hears one pod list per node).
+    if (this.taking?.verified.includes(p.uid) === true) return true;
     return this.enrolled.get(p.uid)?.verified === true;
   }
 
@@ -687,8 +692,10 @@ export class NodeAgent {
     if (served.length === this.served.length && served.every((p, i) => p === this.served[i])) return;
     this.served = served;
     this.publish();
-    const reported = this.reported();
-    for (const l of this.podListeners) l(reported);
+    if (this.reconciled) {
+      const reported = this.reported();
+      for (const l of this.podListeners) l(reported);
+    }
     this.syncIdentities();
   }
 
@@ -793,6 +800,8 @@ export class NodeAgent {
     if (!this.reconciled) {
       this.reconciled = true;
       for (const uid of this.enrolled.keys()) this.proxy.setConfigured(uid, this.configured(uid));
+      const reported = this.reported();
+      for (const l of this.podListeners) l(reported);
     }
     this.metrics.podsEnrolled.set(this.enrolled.size);
     this.settleEnrollWaiters();

@@ -105,7 +105,8 @@ export class ControlPlaneClient {
   private client: Client | undefined;
   private certificates: Client | undefined;
   private call: ClientDuplexStream<AgentMessage, ControlPlaneMessage> | undefined;
-  private pods: ReadonlyArray<Workload> = [];
+  /** The node's pods as the agent last reported them (none yet: the control plane keeps what it had). */
+  private pods: ReadonlyArray<Workload> | undefined;
   /** The resources of the version applied, by key: what the next Delta applies to. */
   private held = new Map<string, WireResource>();
   private attempt = 0;
@@ -229,7 +230,7 @@ export class ControlPlaneClient {
     this.call = stream;
     const { version, digest } = this.agent.remoteState();
     stream.write({ hello: { node: this.node, agentVersion: packageVersion(), capabilities: [...CAPABILITIES], version, digest } });
-    stream.write({ pods: { pods: this.pods.map((p) => workloadToWire(p, this.node)) } });
+    if (this.pods) stream.write({ pods: { pods: this.pods.map((p) => workloadToWire(p, this.node)) } });
     // The control plane answers Hello with headers: from then on the stream is up.
     stream.on('metadata', () => this.setConnected(true));
     stream.on('data', (m: ControlPlaneMessage) => {

@@ -14,7 +14,7 @@ import { test } from 'node:test';
 import type { LoadResult } from '../../src/cli/debug-tools.js';
 import { agentRunDir } from '../../src/runtime/enrollment.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
-import { metricValue, serviceYaml, startAgent, type AgentProcess } from '../support/agent.js';
+import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import { collect, createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 
 const SVC_V4 = '10.96.0.40';
@@ -128,9 +128,12 @@ test('handover: a new agent killed before it commits leaves the old one serving;
   await logged(next, /"msg":"handover begun/, 'the new agent begins');
   await logged(old, /"msg":"handing the node over: frozen/, 'the old agent freezes');
   // Not ready while it has not taken the node (the host's 15021 still answers for the old agent).
-  const nextProbe = await probeReady(sb, nextUid);
+  // (its socket appears once it has started its servers)
+  let nextProbe = { code: -1, out: '' };
+  await waitFor(async () => /"takingOver": true/.test((nextProbe = await probeReady(sb, nextUid)).out), 5000, 'the new agent answers its probe').catch((e: Error) => {
+    throw new Error(`${e.message}: ${nextProbe.out}`);
+  });
   assert.equal(nextProbe.code, 1, nextProbe.out);
-  assert.match(nextProbe.out, /"takingOver": true/);
   assert.equal(await next.ready(), 200, "the host's port is the old agent's");
   // A pod the runtime hands over now waits for the handover's outcome.
   const late = sb.idlePod('late-e', ['app=late']);
@@ -148,4 +151,39 @@ test('handover: a new agent killed before it commits leaves the old one serving;
   assert.match(gone.out, /does not answer/);
   // A second take-over is possible again once the first is off.
   assert.match(old.log(), /"msg":"pod enrolled".*late-e|late-e.*"msg":"pod enrolled"/);
+});
+
+test('handover with a control plane: each node of two is taken over in turn while pods talk across them through HBONE', async (t) => {
+  const sb = await createSandbox(t);
+  await sb.blackhole(SVC_V4);
+  const nodeB = `${sb.config.node}-b`;
+  const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC_V4], { app: 'server' }) });
+  const source = { controlPlane: cp.tlsAddress, caRoot: cp.caRoot };
+  const agents = { a: await startAgent(sb, source), b: await startAgent(sb, source, { node: nodeB }) };
+  await sb.echoPod('server-b', 8080, ['app=server'], { node: nodeB, serviceAccount: 'server' });
+  const client = await sb.idlePod('client-a', [], { serviceAccount: 'client' });
+  await waitFor(async () => ((await agents.a.config()).services.find((s) => s.service === 'default/server:80')?.endpoints.length ?? 0) === 1, 10_000, "B's server as an endpoint on A");
+  assert.ok((await sb.dialFrom(client, SVC_V4, 80)).intact);
+
+  // The server's node first (its HBONE listener on 15008 is handed over), then the client's
+  // (its tunnels are the old agent's until they end).
+  const load = loadFrom(sb, client, [`${SVC_V4}:80`], 14_000);
+  const taken: AgentProcess[] = [];
+  for (const [key, node] of [['b', nodeB], ['a', sb.config.node]] as const) {
+    const old = agents[key];
+    const next = await startAgent(sb, source, { node, args: ['--take-over'], ports: old.ports, waitReady: false });
+    taken.push(old, next);
+    await logged(next, /"msg":"node taken over"/, `node ${node} taken over`);
+    await waitFor(async () => (await next.ready().catch(() => 0)) === 200, 10_000, `node ${node}'s new agent ready`);
+    const exited = new Promise<number | null>((resolve) => old.child.once('exit', (code) => resolve(code)));
+    old.child.kill('SIGTERM');
+    assert.equal(await exited, 0, old.log());
+    agents[key] = next;
+  }
+  assertNoFailure(await load, 'across two nodes through HBONE while both were taken over', taken);
+  // The control plane sees each node's new agent, in sync, and the mesh carries on.
+  await waitFor(async () => (await cp.nodes()).nodes.filter((n) => n.connected && n.inSync).length === 2, 10_000, 'both new agents connected and in sync');
+  const after = await sb.dialFrom(client, SVC_V4, 80, { bytes: 128 * 1024 });
+  assert.ok(after.intact, JSON.stringify(after));
+  assert.ok(metricValue(await agents.b.metrics(), 'istio_tcp_connections_opened_total', { reporter: 'destination', destination_workload: 'server', connection_security_policy: 'mutual_tls', source_principal: 'spiffe://cluster.local/ns/default/sa/client' }) > 0, 'the new server-side agent took tunnels');
 });
