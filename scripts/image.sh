@@ -15,7 +15,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 CACHE=${NODEMESH_TOOLS_CACHE:-/var/cache/nodemesh}/image
 SUITE=trixie
-BASE=localhost/nodemesh-base:$SUITE
+# -slim: the base keeps no package cache, documentation, man pages or translations (below).
+BASE=localhost/nodemesh-base:$SUITE-slim
 VERSION=$(node -p "require('./package.json').version")
 IMAGE=localhost/nodemesh:$VERSION
 
@@ -38,9 +39,25 @@ base() {
     debootstrap --variant=minbase "$SUITE" "$rootfs" http://deb.debian.org/debian >&2 || die "debootstrap failed"
   fi
   say "importing the base as $BASE"
-  local ctr
+  local ctr mnt
   ctr=$(buildah from scratch)
   buildah copy --quiet "$ctr" "$rootfs" / >/dev/null
+  # As Debian's own slim images: debootstrap's downloaded packages and lists go, and dpkg keeps no
+  # documentation, man pages or translations of what is installed now or later (copyrights stay).
+  mnt=$(buildah mount "$ctr")
+  rm -rf "$mnt"/var/cache/apt/archives/*.deb "$mnt"/var/cache/apt/*.bin "$mnt"/var/lib/apt/lists/* "$mnt"/var/log/*.log
+  cat > "$mnt/etc/dpkg/dpkg.cfg.d/nodemesh-slim" <<'CFG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-exclude /usr/share/lintian/*
+CFG
+  find "$mnt/usr/share/doc" -mindepth 1 ! -name copyright ! -type d -delete
+  find "$mnt/usr/share/doc" -mindepth 1 -type d -empty -delete
+  rm -rf "$mnt"/usr/share/man/* "$mnt"/usr/share/info/* "$mnt"/usr/share/locale/* "$mnt"/usr/share/lintian/*
+  buildah umount "$ctr" >/dev/null
   buildah config --cmd /bin/sh "$ctr"
   buildah commit --quiet "$ctr" "$BASE" >/dev/null
   buildah rm "$ctr" >/dev/null
