@@ -610,8 +610,8 @@ export class NodeAgent {
    */
   private configured(uid: string): boolean {
     // Until the first pass has enrolled the node's pods, a Service's endpoints on this node are
-    // not known yet (an agent taking the node over, or restarting, already accepts on the pods'
-    // listeners): connections wait for it rather than be refused.
+    // not known yet (a restarting agent accepts on a pod's listeners as soon as it has enrolled
+    // it): its connections wait for the pass rather than be refused no_endpoints.
     return this.configLoaded && this.reconciled && (this.cpClient === undefined || this.remoteUids.has(uid));
   }
 
