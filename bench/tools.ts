@@ -1,5 +1,5 @@
 /** Load generators run inside the client pod (so capture applies), and their output parsed. */
-import type { ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 
 import type { LocalPodRuntime } from '../src/runtime/pods.js';
@@ -54,6 +54,21 @@ export function parseWrk(stdout: string, target: string): { rps: number; request
   const errors = /Non-2xx or 3xx responses: (\d+)|Socket errors: .*/.exec(stdout);
   if (errors) throw new Error(`wrk saw errors against ${target}: ${errors[0]}`);
   return { rps, requests };
+}
+
+/** A command on this host (loopback only), its standard output once it ends. */
+export async function outputOf(argv: ReadonlyArray<string>): Promise<string> {
+  const [command = '', ...args] = argv;
+  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
+  await new Promise((resolve) => child.once('close', resolve));
+  return out;
+}
+
+/** Keep-alive requests/s with wrk from this host to 127.0.0.1:port (loopback benchmarks). */
+export async function wrkLocal(port: number, seconds: number): Promise<{ rps: number; requests: number }> {
+  return parseWrk(await outputOf([...wrkArgs(seconds, true), `http://127.0.0.1:${port}/`]), `127.0.0.1:${port}`);
 }
 
 /** Requests per second with wrk; keepAlive false sends Connection: close (new connections/s). */

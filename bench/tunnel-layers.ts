@@ -21,7 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { connect as tlsConnect, createServer as tlsServer } from 'node:tls';
 
 import { CONNECTION_WINDOW, HBONE_ALPN, HBONE_CIPHERS, MAX_FRAME_SIZE, STREAM_WINDOW } from '../src/proxy/tunnel/hbone.js';
-import { cpuSeconds, parseIperf, parseWrk, wrkArgs, writeNginxConf } from './tools.js';
+import { cpuSeconds, outputOf as output, parseIperf, wrkLocal, writeNginxConf } from './tools.js';
 
 type Mode = 'tcp' | 'tls' | 'h2';
 const MODES: ReadonlyArray<Mode> = ['tcp', 'tls', 'h2'];
@@ -91,17 +91,7 @@ async function waitListening(child: ChildProcess): Promise<void> {
   });
 }
 
-/** A command on this host (loopback only), its standard output once it ends. */
-async function output(argv: ReadonlyArray<string>): Promise<string> {
-  const [command = '', ...args] = argv;
-  const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] });
-  let out = '';
-  child.stdout?.on('data', (d: Buffer) => (out += d.toString()));
-  await new Promise((resolve) => child.once('close', resolve));
-  return out;
-}
-
-const wrk = async (port: number): Promise<{ rps: number; requests: number }> => parseWrk(await output([...wrkArgs(SECONDS, true), `http://127.0.0.1:${port}/`]), `127.0.0.1:${port}`);
+const wrk = async (port: number): Promise<{ rps: number; requests: number }> => wrkLocal(port, SECONDS);
 
 /** One iperf3 stream for SECONDS through `port`, Gbit/s at the receiver. */
 const iperf = async (port: number): Promise<number> => parseIperf(await output(['iperf3', '-c', '127.0.0.1', '-p', String(port), '-t', String(SECONDS), '-J']), `127.0.0.1:${port}`);

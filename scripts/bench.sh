@@ -58,6 +58,14 @@ case ${1:-} in
     run_bench tunnel-layers
     exit $?
     ;;
+  # `npm run bench:l7-parsers` (bench/l7-parsers.ts): HTTP/1.1 through one proxy process built on
+  # each candidate parser (node:http, undici, llhttp driven directly) and HAProxy, on loopback.
+  l7-parsers)
+    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "haproxy:cmd:haproxy" "nginx-light:cmd:nginx")
+    ensure_all
+    run_bench l7-parsers
+    exit $?
+    ;;
 esac
 SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
