@@ -153,13 +153,16 @@ test('handover: a new agent killed before it commits leaves the old one serving;
   assert.match(old.log(), /"msg":"pod enrolled".*late-e|late-e.*"msg":"pod enrolled"/);
 });
 
-test('handover with a control plane: each node of two is taken over in turn while pods talk across them through HBONE', async (t) => {
+// Both HBONE engines: each sends GOAWAY from the agent that stops accepting, and each client
+// sends a CONNECT cut before its answer once more on a new tunnel.
+for (const hbone of ['native', 'node'] as const) test(`handover with a control plane (${hbone} HBONE engine): each node of two is taken over in turn while pods talk across them through HBONE`, async (t) => {
   const sb = await createSandbox(t);
   await sb.blackhole(SVC_V4);
   const nodeB = `${sb.config.node}-b`;
   const cp = await startControlPlane(sb, { 'svc.yaml': serviceYaml('server', [SVC_V4], { app: 'server' }) });
   const source = { controlPlane: cp.tlsAddress, caRoot: cp.caRoot };
-  const agents = { a: await startAgent(sb, source), b: await startAgent(sb, source, { node: nodeB }) };
+  const engine = ['--hbone', hbone];
+  const agents = { a: await startAgent(sb, source, { args: engine }), b: await startAgent(sb, source, { node: nodeB, args: engine }) };
   await sb.echoPod('server-b', 8080, ['app=server'], { node: nodeB, serviceAccount: 'server' });
   const client = await sb.idlePod('client-a', [], { serviceAccount: 'client' });
   await waitFor(async () => ((await agents.a.config()).services.find((s) => s.service === 'default/server:80')?.endpoints.length ?? 0) === 1, 10_000, "B's server as an endpoint on A");
@@ -171,7 +174,7 @@ test('handover with a control plane: each node of two is taken over in turn whil
   const taken: AgentProcess[] = [];
   for (const [key, node] of [['b', nodeB], ['a', sb.config.node]] as const) {
     const old = agents[key];
-    const next = await startAgent(sb, source, { node, args: ['--take-over'], ports: old.ports, waitReady: false });
+    const next = await startAgent(sb, source, { node, args: ['--take-over', ...engine], ports: old.ports, waitReady: false });
     taken.push(old, next);
     await logged(next, /"msg":"node taken over"/, `node ${node} taken over`);
     await waitFor(async () => (await next.ready().catch(() => 0)) === 200, 10_000, `node ${node}'s new agent ready`);
