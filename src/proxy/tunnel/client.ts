@@ -21,6 +21,20 @@ import { CLIENT_MAX_STREAMS, CLIENT_PING, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT_M
 const log = logger('hbone-client');
 
 /** A tunnel could not carry the connection: why, for metrics and the refusal log. */
+/**
+ * A CONNECT on a pooled tunnel, or on a new one when there is none; and on a new one again when
+ * the pooled tunnel's destination was closing it (GOAWAY: an agent handing its node over, or
+ * stopping), since then the CONNECT never got there (`unanswered`).
+ */
+export async function onPooledOrNew<T, S>(pooled: T | undefined, dial: () => Promise<T>, request: (tunnel: T) => Promise<S>): Promise<S> {
+  try {
+    return await request(pooled ?? (await dial()));
+  } catch (e) {
+    if (pooled === undefined || !(e instanceof TunnelFailed) || e.reason !== 'unanswered') throw e;
+    return request(await dial());
+  }
+}
+
 export class TunnelFailed extends Error {
   constructor(
     /**
@@ -90,15 +104,7 @@ export class TunnelPool {
   /** A CONNECT stream to target's application, answered 200, on a pooled or new tunnel. */
   async open(target: TunnelTarget): Promise<ClientHttp2Stream> {
     const key = poolKey(target);
-    const pooled = this.reusable(key);
-    try {
-      return await this.request(pooled ?? (await this.dial(key, target)), target);
-    } catch (e) {
-      // A pooled tunnel its destination was closing (GOAWAY: an agent handing its node over, or
-      // stopping): the CONNECT never got there. Once more, on a new tunnel.
-      if (!pooled || !(e instanceof TunnelFailed) || e.reason !== 'unanswered') throw e;
-      return this.request(await this.dial(key, target), target);
-    }
+    return onPooledOrNew(this.reusable(key), () => this.dial(key, target), (tunnel) => this.request(tunnel, target));
   }
 
   private async request(tunnel: Tunnel, target: TunnelTarget): Promise<ClientHttp2Stream> {

@@ -13,7 +13,7 @@ import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js'
 import { formatHostPort } from '../../shared/address.js';
 import { logger } from '../../shared/log.js';
 import type { RelayResult } from '../relay.js';
-import { TunnelFailed, poolKey, tunnelCount, type TunnelPoolEvents, type TunnelTarget } from './client.js';
+import { TunnelFailed, onPooledOrNew, poolKey, tunnelCount, type TunnelPoolEvents, type TunnelTarget } from './client.js';
 import { CLIENT_MAX_STREAMS, HBONE_PORT, IDLE_TUNNEL_MS, checkConnect, forwardedFor, type TunnelIdentities, type TunnelRefusal, type TunnelRequestOf, type TunnelServerEventsOf } from './hbone.js';
 
 const log = logger('hbone-native');
@@ -239,14 +239,7 @@ export class NativeTunnelPool {
   async open(target: TunnelTarget): Promise<NativeTunnelStream> {
     const key = poolKey(target);
     const pooled = this.tunnels.get(key)?.find((t) => t.usable && t.streams < CLIENT_MAX_STREAMS);
-    try {
-      return await this.request(pooled ?? (await this.dial(key, target)), target);
-    } catch (e) {
-      // A pooled tunnel its destination was closing (GOAWAY: an agent handing its node over, or
-      // stopping): the CONNECT never got there. Once more, on a new tunnel.
-      if (!pooled || !(e instanceof TunnelFailed) || e.reason !== 'unanswered') throw e;
-      return this.request(await this.dial(key, target), target);
-    }
+    return onPooledOrNew(pooled, () => this.dial(key, target), (tunnel) => this.request(tunnel, target));
   }
 
   private async request(tunnel: Tunnel, target: TunnelTarget): Promise<NativeTunnelStream> {
