@@ -18,6 +18,7 @@ import { rmdirWhenEmpty } from '../runtime/cgroup.js';
 import { agentAnswers, ENROLL_SOCKET, type CniPod, type CniRef, type EnrollAnswer, type EnrollPod } from '../runtime/enrollment.js';
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
+import { isAlive } from '../shared/process.js';
 import { Gauge } from '../shared/prom.js';
 import type { SocketAddress } from '../shared/address.js';
 import { probeConnect, raiseFdLimit } from '../datapath/native.js';
@@ -29,7 +30,7 @@ import type { TunnelIdentities } from '../proxy/tunnel/hbone.js';
 import type { ControlPlaneClient } from './control-plane-client.js';
 import { CniInstaller, type CniInstallOptions } from './cni-install.js';
 import { EnrollmentServer, type EnrollTarget, type HoldOutcome } from './enrollment-server.js';
-import { abortHandover, beginHandover, checkBeginRequest, commitHandover, ENROLL_SOCKET_NEXT, HANDOVER_COMMIT_MS, HANDOVER_PROTOCOL, HANDOVER_THAW_MS, postJson, sendSockets, type BeginAnswer } from './handover.js';
+import { abortHandover, beginHandover, checkBeginRequest, commitHandover, ENROLL_SOCKET_NEXT, HANDOVER_COMMIT_MS, HANDOVER_PROTOCOL, HANDOVER_THAW_MS, handoverRefused, postJson, sendSockets, type BeginAnswer } from './handover.js';
 import { closeInherited, handoverCommitted } from '../proxy/listen-sockets.js';
 import { json, serveHttp, serveHttpUnix, type HostPort, type Routes } from '../shared/http.js';
 import type { NodePod, PodSource } from './pods/source.js';
@@ -209,20 +210,25 @@ export class NodeAgent {
     };
     // Another agent serves the node: it hands the node over (a surge rollout), or this one stops.
     const taking = options.takeOver && (await agentAnswers(join(options.runDir, ENROLL_SOCKET))) ? await beginHandover(options.runDir) : undefined;
+    // Failing before the commit: the old agent carries on with the sockets it sent.
+    const giveUp = async (): Promise<void> => {
+      if (!taking) return;
+      await abortHandover(options.runDir);
+      closeInherited();
+    };
     let enrollment: EnrollmentServer;
     let datapath: NodeDatapath;
     try {
       enrollment = await EnrollmentServer.start(options.runDir, { ...options.podEdge, podsCgroup: options.podsCgroup }, target, { next: taking !== undefined });
     } catch (e) {
-      if (taking) await abortHandover(options.runDir);
+      await giveUp();
       throw e;
     }
     try {
       datapath = await NodeDatapath.open(options.pinRoot);
     } catch (e) {
       await enrollment.close();
-      if (taking) await abortHandover(options.runDir);
-      closeInherited();
+      await giveUp();
       throw e;
     }
     const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals());
@@ -315,8 +321,7 @@ export class NodeAgent {
       if (agent.taking) {
         // The old agent keeps serving with the same sockets and map entries: leave them alone.
         agent.proxy.stopListening();
-        await abortHandover(options.runDir);
-        closeInherited();
+        await giveUp();
       }
       await agent.stop();
       throw e;
@@ -351,10 +356,9 @@ export class NodeAgent {
    * the commit.
    */
   async handoverBegin(request: unknown): Promise<BeginAnswer> {
-    const refuse = (why: string): NodemeshError => new NodemeshError('NM_ERR_AGENT_RUNNING', `handover refused: ${why}`);
-    if (this.stopping || this.handedOver) throw refuse('this agent is stopping');
-    if (this.handover) throw refuse(`a handover to process ${this.handover.pid} is under way`);
-    if (this.taking) throw refuse('this agent is itself taking the node over');
+    if (this.stopping || this.handedOver) throw handoverRefused('this agent is stopping');
+    if (this.handover) throw handoverRefused(`a handover to process ${this.handover.pid} is under way`);
+    if (this.taking) throw handoverRefused('this agent is itself taking the node over');
     const begin = checkBeginRequest(request, this.options.runDir);
     let settle: (outcome: HoldOutcome) => void = () => undefined;
     const outcome = new Promise<HoldOutcome>((resolve) => (settle = resolve));
@@ -363,7 +367,7 @@ export class NodeAgent {
       settle,
       timer: setTimeout(() => this.thaw(`no commit within ${HANDOVER_THAW_MS / 1000} s`), HANDOVER_THAW_MS),
       watch: setInterval(() => {
-        if (!processAlive(begin.pid)) this.thaw(`the new agent (process ${begin.pid}) exited`);
+        if (!isAlive(begin.pid)) this.thaw(`the new agent (process ${begin.pid}) exited`);
       }, 250),
     };
     this.enrollment?.hold(outcome);
@@ -384,11 +388,8 @@ export class NodeAgent {
 
   /** Old agent: the new agent serves the node. Stops accepting and answering; drains what it holds. */
   async handoverCommit(): Promise<void> {
-    const h = this.handover;
+    const h = this.endHandover();
     if (!h) throw new NodemeshError('NM_ERR_AGENT_RUNNING', 'no handover is under way');
-    clearTimeout(h.timer);
-    clearInterval(h.watch);
-    this.handover = undefined;
     this.handedOver = true;
     this.proxy.stopListening();
     for (const s of this.servers) {
@@ -402,13 +403,20 @@ export class NodeAgent {
     log.info({ to: h.pid, connections: this.proxy.openConnections() }, 'node handed over: draining the connections held here');
   }
 
-  /** Old agent: the handover did not complete; this agent carries on as before it. */
-  thaw(reason: string): void {
+  /** Old agent: the handover under way, if any, is over (its timers stopped); returns it. */
+  private endHandover(): typeof this.handover {
     const h = this.handover;
-    if (!h) return;
+    if (!h) return undefined;
     clearTimeout(h.timer);
     clearInterval(h.watch);
     this.handover = undefined;
+    return h;
+  }
+
+  /** Old agent: the handover did not complete; this agent carries on as before it. */
+  thaw(reason: string): void {
+    const h = this.endHandover();
+    if (!h) return;
     this.datapath.reclaimPrograms();
     // The new agent may have pointed a pod's address at a socket of its own, gone with it.
     this.proxy.resteer();
@@ -514,7 +522,7 @@ export class NodeAgent {
     for (const name of await readdir(this.options.runDir).catch(() => [])) {
       const path = join(this.options.runDir, name);
       const handover = /^handover-(\d+)\.sock$/.exec(name);
-      if (handover ? !processAlive(Number(handover[1])) : /^ready-[0-9a-f-]{36}\.sock$/.test(name) && !(await agentAnswers(path))) await rm(path, { force: true });
+      if (handover ? !isAlive(Number(handover[1])) : /^ready-[0-9a-f-]{36}\.sock$/.test(name) && !(await agentAnswers(path))) await rm(path, { force: true });
     }
     this.instanceSocket = join(this.options.runDir, `ready-${instance}.sock`);
     this.instanceServer = await serveHttpUnix(this.instanceSocket, this.healthRoutes());
@@ -1082,11 +1090,8 @@ export class NodeAgent {
     this.stopping = true;
     // Stopped mid-handover: the new agent holds the same sockets and map entries (and commits
     // to nobody: it then takes the node as it is).
-    const h = this.handover;
+    const h = this.endHandover();
     if (h) {
-      clearTimeout(h.timer);
-      clearInterval(h.watch);
-      this.handover = undefined;
       this.proxy.stopListening();
       h.settle('thawed');
     }
@@ -1142,16 +1147,6 @@ export class NodeAgent {
   async stopAndPurge(): Promise<void> {
     await this.stop();
     await this.datapath.purge();
-  }
-}
-
-/** Whether a process exists (signal 0: EPERM means it does, ESRCH that it does not). */
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

@@ -13,6 +13,7 @@ import { NodemeshError, isNodemeshError, type ErrorCode } from '../shared/errors
 import { logger } from '../shared/log.js';
 import { DNS_LABEL, DNS_SUBDOMAIN, UUID } from '../shared/names.js';
 import { checkPodFields, PodFieldInvalid, type PodEdge } from './pods/validate.js';
+import { listenUnix } from '../shared/http.js';
 import { ENROLL_SOCKET_NEXT, type BeginAnswer } from './handover.js';
 
 const log = logger('enrollment');
@@ -111,10 +112,6 @@ export class EnrollmentServer {
     private socketPath: string,
   ) {}
 
-  get path(): string {
-    return this.socketPath;
-  }
-
   /**
    * Listens on <runDir>/enroll.sock; fails if another agent answers there. `next`: a new agent
    * taking the node over listens on enroll.sock.new until commit (see moved()).
@@ -137,15 +134,10 @@ export class EnrollmentServer {
         hint: 'stop that agent first; one agent per node',
       });
     }
-    // A socket left by an agent that died.
-    await rm(socketPath, { force: true });
     let self: EnrollmentServer | undefined;
     const server = createServer((req, res) => void handle(req, res, edge, target, () => self?.held, runDir));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(socketPath, () => resolve());
-    });
-    await chmod(socketPath, 0o600);
+    // Any socket there was left by an agent that died.
+    await listenUnix(server, socketPath);
     log.info({ path: socketPath }, 'enrollment endpoint listening');
     self = new EnrollmentServer(server, socketPath);
     return self;

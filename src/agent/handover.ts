@@ -57,17 +57,18 @@ interface PodSockets {
   readonly listeners: ReadonlyArray<ListenerRef>;
 }
 
-const bad = (message: string): NodemeshError => new NodemeshError('NM_ERR_AGENT_RUNNING', `handover refused: ${message}`, { hint: 'stop the running agent first (or let the DaemonSet roll)' });
+/** The running agent's answer to a begin it will not take. */
+export const handoverRefused = (message: string): NodemeshError => new NodemeshError('NM_ERR_AGENT_RUNNING', `handover refused: ${message}`, { hint: 'stop the running agent first (or let the DaemonSet roll)' });
 
 /** Checks a begin request at the old agent; the socket must be a handover socket of its run folder. */
 export function checkBeginRequest(value: unknown, runDir: string): BeginRequest {
-  if (typeof value !== 'object' || value === null) throw bad('the request is not an object');
+  if (typeof value !== 'object' || value === null) throw handoverRefused('the request is not an object');
   const r = value as Record<string, unknown>;
-  if (r['protocol'] !== HANDOVER_PROTOCOL) throw bad(`handover protocol ${String(r['protocol'])} is not this agent's (${HANDOVER_PROTOCOL})`);
+  if (r['protocol'] !== HANDOVER_PROTOCOL) throw handoverRefused(`handover protocol ${String(r['protocol'])} is not this agent's (${HANDOVER_PROTOCOL})`);
   const pid = r['pid'];
-  if (typeof pid !== 'number' || !Number.isInteger(pid) || pid < 1) throw bad('pid must be a process id');
+  if (typeof pid !== 'number' || !Number.isInteger(pid) || pid < 1) throw handoverRefused('pid must be a process id');
   const socket = r['socket'];
-  if (socket !== join(runDir, `handover-${pid}.sock`)) throw bad(`socket must be ${join(runDir, `handover-${pid}.sock`)}`);
+  if (socket !== join(runDir, `handover-${pid}.sock`)) throw handoverRefused(`socket must be ${join(runDir, `handover-${pid}.sock`)}`);
   return { protocol: HANDOVER_PROTOCOL, pid, socket };
 }
 
@@ -129,6 +130,7 @@ function errorOf(body: unknown): string {
  */
 export async function beginHandover(runDir: string): Promise<BeginAnswer> {
   const socket = join(runDir, `handover-${process.pid}.sock`);
+  const running = join(runDir, ENROLL_SOCKET);
   const listenFd = fdsListen(socket);
   // The old agent accepts on the sockets it sends until the commit; this one only after it.
   handoverBegun();
@@ -136,12 +138,12 @@ export async function beginHandover(runDir: string): Promise<BeginAnswer> {
     const received = fdsReceive(listenFd, 10_000);
     // The old agent sends before it answers: an answer that refuses means nothing comes.
     received.catch(() => undefined);
-    const answer = await postJson(join(runDir, ENROLL_SOCKET), '/v1/handover/begin', { protocol: HANDOVER_PROTOCOL, pid: process.pid, socket } satisfies BeginRequest, 10_000).catch((e: Error) => {
-      throw new NodemeshError('NM_ERR_AGENT_RUNNING', `another agent serves this node and the handover request failed: ${e.message}`, { context: { path: join(runDir, ENROLL_SOCKET) }, hint: 'stop that agent first' });
+    const answer = await postJson(running, '/v1/handover/begin', { protocol: HANDOVER_PROTOCOL, pid: process.pid, socket } satisfies BeginRequest, 10_000).catch((e: Error) => {
+      throw new NodemeshError('NM_ERR_AGENT_RUNNING', `another agent serves this node and the handover request failed: ${e.message}`, { context: { path: running }, hint: 'stop that agent first' });
     });
     if (answer.status !== 200) {
       throw new NodemeshError('NM_ERR_AGENT_RUNNING', `another agent serves this node and refused to hand it over (${answer.status}): ${errorOf(answer.body)}`, {
-        context: { path: join(runDir, ENROLL_SOCKET) },
+        context: { path: running },
         hint: 'stop that agent first; one agent per node',
       });
     }

@@ -7,11 +7,12 @@
  */
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { createHash, randomUUID } from 'node:crypto';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 
 import { NodemeshError, isNodemeshError } from '../shared/errors.js';
 import { logger } from '../shared/log.js';
+import { isAlive } from '../shared/process.js';
 import { createCgroup, findCgroup2Mount, removeCgroup, stopCgroupProcesses, waitForCgroupMember } from './cgroup.js';
 import { hostAddress, nodeCgroup, podCapacity, type RuntimeConfig } from './config.js';
 import { bestEffort, CommandFailed, ip, resolveExecutable } from '../shared/exec.js';
@@ -301,14 +302,3 @@ export class LocalPodRuntime {
   }
 }
 
-/** Running means it exists and is not a zombie (an exited child nobody reaped yet). */
-export function isAlive(pid: number | null): boolean {
-  if (!pid) return false;
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}

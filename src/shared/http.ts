@@ -27,14 +27,19 @@ export async function serveHttp(at: HostPort, routes: Routes, field?: string): P
 
 /** Serves `routes` on a Unix socket at `path` (made anew, root only). */
 export async function serveHttpUnix(path: string, routes: Routes): Promise<Server> {
-  await rm(path, { force: true });
   const server = routesServer(routes);
+  await listenUnix(server, path);
+  return server;
+}
+
+/** Listens on a Unix socket at `path`, made anew (a file left there by a process that died goes) and root only. */
+export async function listenUnix(server: Server, path: string): Promise<void> {
+  await rm(path, { force: true });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(path, () => resolve());
   });
   await chmod(path, 0o600);
-  return server;
 }
 
 function routesServer(routes: Routes): Server {

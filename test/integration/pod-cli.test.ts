@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 
 import { ip } from '../../src/shared/exec.js';
-import { isAlive } from '../../src/runtime/pods.js';
+import { isAlive } from '../../src/shared/process.js';
 import { findCgroup2Mount } from '../../src/runtime/cgroup.js';
 import { nodeCgroup } from '../../src/runtime/config.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';

@@ -20,7 +20,6 @@ import { CLIENT_MAX_STREAMS, CLIENT_PING, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT_M
 
 const log = logger('hbone-client');
 
-/** A tunnel could not carry the connection: why, for metrics and the refusal log. */
 /**
  * A CONNECT on a pooled tunnel, or on a new one when there is none; and on a new one again when
  * the pooled tunnel's destination was closing it (GOAWAY: an agent handing its node over, or
@@ -35,6 +34,7 @@ export async function onPooledOrNew<T, S>(pooled: T | undefined, dial: () => Pro
   }
 }
 
+/** A tunnel could not carry the connection: why, for metrics and the refusal log. */
 export class TunnelFailed extends Error {
   constructor(
     /**

@@ -336,7 +336,6 @@ export class NativeTunnelServer {
   private readonly contexts = new Contexts(this.engine, true);
   private readonly servers: number[] = [];
   private readonly sockets: Array<ListenerRef & { readonly fd: number }> = [];
-  private shut = false;
   /** Sockets handed over, not accepted on until the handover commits. */
   private readonly waiting = new Set<number>();
 
@@ -382,7 +381,8 @@ export class NativeTunnelServer {
     // A socket handed over: accepted on from the commit (closed meanwhile: nothing to serve).
     this.waiting.add(fd);
     acceptWhenOurs(fd, () => {
-      if (!this.waiting.delete(fd) || this.shut) return;
+      // Not waiting any more: close() came first.
+      if (!this.waiting.delete(fd)) return;
       try {
         this.servers.push(this.engine.serve(fd, this.context(), (e) => (e.type === 'request' ? this.request(e) : this.closed(e))));
       } catch (e) {
@@ -421,7 +421,6 @@ export class NativeTunnelServer {
   }
 
   close(): void {
-    this.shut = true;
     for (const s of this.servers) this.engine.closeServer(s);
     this.servers.length = 0;
     // Sockets not served yet (waiting for a handover's commit) are closed here.
