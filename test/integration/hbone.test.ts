@@ -226,7 +226,7 @@ test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs wit
 test('hbone: certificates renew at half life with traffic running: the open tunnel carries on, later handshakes get the new certificate', async (t) => {
   const { sb, cp, agentB, server, client } = await twoNodes(t, { certTtl: '16s' });
   const serial = async (): Promise<string | undefined> => {
-    const body = (await (await fetch(`http://127.0.0.1:${agentB.adminPort}/pods`)).json()) as { certificates: Array<{ identity: string; serial?: string }> };
+    const body = (await (await fetch(`http://127.0.0.1:${agentB.ports.admin}/pods`)).json()) as { certificates: Array<{ identity: string; serial?: string }> };
     return body.certificates.find((c) => c.identity.endsWith('/sa/server'))?.serial;
   };
   const before = await serial();
@@ -273,7 +273,7 @@ test('hbone: root rotation with traffic running: both roots trusted during the o
   const serials = async (): Promise<string[]> =>
     (
       await Promise.all(
-        [agentA, agentB].map(async (a) => ((await (await fetch(`http://127.0.0.1:${a.adminPort}/pods`)).json()) as { certificates: Array<{ serial?: string }> }).certificates.map((c) => c.serial ?? '')),
+        [agentA, agentB].map(async (a) => ((await (await fetch(`http://127.0.0.1:${a.ports.admin}/pods`)).json()) as { certificates: Array<{ serial?: string }> }).certificates.map((c) => c.serial ?? '')),
       )
     ).flat();
   assert.deepEqual(await trusted(), [1, 1]);

@@ -21,7 +21,7 @@ import { metricValue, startAgent, startControlPlane, type AgentProcess } from '.
 import { cli, createSandbox, waitFor } from '../support/sandbox.js';
 
 async function certificatesOf(agent: AgentProcess): Promise<CertificateStatus[]> {
-  const body = (await (await fetch(`http://127.0.0.1:${agent.adminPort}/pods`)).json()) as { certificates: CertificateStatus[] };
+  const body = (await (await fetch(`http://127.0.0.1:${agent.ports.admin}/pods`)).json()) as { certificates: CertificateStatus[] };
   return body.certificates;
 }
 
@@ -75,7 +75,7 @@ test('identity: the CA signs over TLS only for pods on the calling node; agents 
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_workload_certificate_expiry_timestamp_seconds', { identity: 'spiffe://cluster.local/ns/default/sa/web' }) > Date.now() / 1000);
 
   // `nodemesh status` shows the node's identities; with --control-plane, what was signed per node.
-  const status = await cli(['status', '--admin', `127.0.0.1:${agentA.adminPort}`], sb.env);
+  const status = await cli(['status', '--admin', `127.0.0.1:${agentA.ports.admin}`], sb.env);
   assert.equal(status.code, 0, status.stderr);
   assert.match(status.stdout, /IDENTITY\s+STATE\s+SERIAL\s+EXPIRES\s+RENEWS/);
   assert.match(status.stdout, /spiffe:\/\/cluster\.local\/ns\/default\/sa\/web\s+valid\s+[0-9A-F]+\s+20\d\d-/);

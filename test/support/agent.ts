@@ -30,7 +30,6 @@ export interface AgentPorts {
 export interface AgentProcess {
   readonly configDir: string;
   readonly pinRoot: string;
-  readonly adminPort: number;
   readonly ports: AgentPorts;
   child: ChildProcess;
   /** Everything the agent logged (JSON lines). */
@@ -104,7 +103,6 @@ export async function startAgent(
   const agent: AgentProcess = {
     configDir,
     pinRoot,
-    adminPort: admin,
     ports: { metrics, ready, admin },
     child: spawnAgent(),
     log: () => output,
