@@ -1,12 +1,14 @@
 /**
  * Gateway API HTTPRoute and GRPCRoute (gateway.networking.k8s.io/v1) attached to Services, the
- * GAMMA mesh pattern (design.md section 5). The node proxy works at L4 today, so a route applies
- * when what it asks can be done per connection: one rule whose only content is weighted
- * backendRefs (canary and A/B splits between Services). Anything that needs the request itself
- * (matches beyond "every path", filters, timeouts, retries, session persistence, several rules)
- * is refused with the field named, rather than half applied.
+ * GAMMA mesh pattern (design.md section 5). On a Service port that speaks HTTP (its appProtocol or
+ * name says so) the node proxy routes each request: the rules' matches (path, method, headers,
+ * query parameters) in Gateway API's precedence, then a backend by weight. On any other port a
+ * route can only split connections, so there it may hold no more than weighted backends (the
+ * config store checks that against the Service). What the proxy does not apply yet (filters,
+ * timeouts, retries, session persistence, gRPC matches) is refused with the field named, never
+ * half applied.
  */
-import { ObjectInvalid, parseMetadata } from './service.js';
+import { ObjectInvalid, parseMetadata, portProtocol, type ServicePort } from './service.js';
 
 export const GATEWAY_API = 'gateway.networking.k8s.io/v1';
 export const ROUTE_KINDS = ['HTTPRoute', 'GRPCRoute'] as const;
@@ -20,8 +22,38 @@ export interface RouteRef {
 }
 
 export interface RouteBackend extends RouteRef {
-  /** Relative share of connections (Gateway API: 0 to 1,000,000, default 1). */
+  /** Relative share of requests (of connections on a TCP port); Gateway API: 0 to 1,000,000, default 1. */
   readonly weight: number;
+}
+
+export interface PathMatch {
+  readonly type: 'Exact' | 'PathPrefix' | 'RegularExpression';
+  /** For PathPrefix without its trailing "/" (except the root "/"). */
+  readonly value: string;
+  readonly regex?: RegExp;
+}
+
+/** A header (name in lower case) or query parameter (name as written) match. */
+export interface ValueMatch {
+  readonly type: 'Exact' | 'RegularExpression';
+  readonly name: string;
+  readonly value: string;
+  readonly regex?: RegExp;
+}
+
+/** One of a rule's matches: every condition in it must hold. */
+export interface RouteMatch {
+  readonly path: PathMatch;
+  readonly method?: string;
+  readonly headers: ReadonlyArray<ValueMatch>;
+  readonly queryParams: ReadonlyArray<ValueMatch>;
+}
+
+export interface RouteRule {
+  readonly name?: string;
+  /** At least one; a request matching any of them takes the rule. */
+  readonly matches: ReadonlyArray<RouteMatch>;
+  readonly backends: ReadonlyArray<RouteBackend>;
 }
 
 export interface ServiceRoute {
@@ -30,9 +62,14 @@ export interface ServiceRoute {
   readonly name: string;
   /** The Services whose traffic the route takes (parentRefs). */
   readonly parents: ReadonlyArray<RouteRef>;
-  /** Where that traffic goes, by weight. */
+  readonly rules: ReadonlyArray<RouteRule>;
+  /** Every rule's backends, in order (what the route may send traffic to). */
   readonly backends: ReadonlyArray<RouteBackend>;
 }
+
+/** Gateway API's default match: every request (PathPrefix "/"). */
+export const DEFAULT_PATH: PathMatch = Object.freeze({ type: 'PathPrefix', value: '/' });
+export const ALL_REQUESTS: RouteMatch = Object.freeze({ path: DEFAULT_PATH, headers: Object.freeze([]), queryParams: Object.freeze([]) });
 
 type Json = Record<string, unknown>;
 const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -82,21 +119,86 @@ function sameNamespace(v: unknown, routeNamespace: string, field: string, what: 
   throw new ObjectInvalid(field, `${field} "${v}": ${what} in another namespace need a ReferenceGrant, which nodemesh does not support yet`);
 }
 
-/** The default match (every request) adds nothing; anything else needs L7. */
-function trivialMatches(matches: unknown[]): boolean {
-  return matches.every((m) => {
-    if (!isObject(m)) return false;
-    const keys = Object.keys(m);
-    if (keys.length === 0) return true;
-    if (keys.length !== 1 || keys[0] !== 'path' || !isObject(m['path'])) return false;
-    const p = m['path'];
-    return (p['type'] ?? 'PathPrefix') === 'PathPrefix' && (p['value'] ?? '/') === '/';
+const HTTP_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'timeouts', 'retry', 'sessionPersistence'];
+const GRPC_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'sessionPersistence'];
+/** Rule fields the proxy does not apply yet: refused, never half applied. */
+const NOT_YET = ['filters', 'timeouts', 'retry', 'sessionPersistence'];
+const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE', 'PATCH'];
+/** RFC 9110 token: what a header name may be. */
+const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+const MAX_REGEX = 1024;
+
+/**
+ * A regular expression of a match, compiled whole-string. Gateway API leaves the dialect to the
+ * implementation; nodemesh takes RE2's subset, which JavaScript runs the same way, and refuses what
+ * RE2 does not have (backreferences, lookaround), so a route means the same in every mesh that
+ * reads it.
+ */
+export function compileRegex(source: string, field: string): RegExp {
+  if (source.length === 0 || source.length > MAX_REGEX) throw new ObjectInvalid(field, `${field} must be a regular expression of 1-${MAX_REGEX} characters`);
+  if (/\(\?<?[=!]|\\[1-9]|\\k</.test(source)) throw new ObjectInvalid(field, `${field} "${source}": lookaround and backreferences are not part of RE2's syntax, which routes use`);
+  try {
+    return new RegExp(`^(?:${source})$`, 'u');
+  } catch (e) {
+    throw new ObjectInvalid(field, `${field} "${source}" is not a valid regular expression: ${(e as Error).message}`);
+  }
+}
+
+function string(v: unknown, field: string, max = 4096): string {
+  if (typeof v !== 'string' || v.length === 0 || v.length > max) throw new ObjectInvalid(field, `${field} must be a string of 1-${max} characters`);
+  return v;
+}
+
+function matchType<T extends string>(v: unknown, allowed: ReadonlyArray<T>, fallback: T, field: string): T {
+  if (v === undefined) return fallback;
+  const found = allowed.find((a) => a === v);
+  if (!found) throw new ObjectInvalid(field, `${field} "${String(v)}" must be one of ${allowed.join(', ')}`);
+  return found;
+}
+
+function parsePath(v: unknown, at: string): PathMatch {
+  if (v === undefined) return DEFAULT_PATH;
+  const p = object(v, at);
+  only(p, ['type', 'value'], `${at}.`);
+  const type = matchType(p['type'], ['Exact', 'PathPrefix', 'RegularExpression'] as const, 'PathPrefix', `${at}.type`);
+  const value = p['value'] === undefined ? '/' : string(p['value'], `${at}.value`);
+  if (type === 'RegularExpression') return { type, value, regex: compileRegex(value, `${at}.value`) };
+  if (!value.startsWith('/')) throw new ObjectInvalid(`${at}.value`, `${at}.value "${value}" must start with "/"`);
+  if (/\/\/|\/\.\.?(\/|$)|[?#%]/.test(value)) throw new ObjectInvalid(`${at}.value`, `${at}.value "${value}" must be a plain path (no "//", "/./", "/../", "?", "#" or "%")`);
+  // A prefix matches element by element, and its trailing "/" is ignored ("/abc/" is "/abc").
+  return { type, value: type === 'PathPrefix' && value.length > 1 ? value.replace(/\/+$/, '') : value };
+}
+
+function parseValueMatches(v: unknown, at: string, lowerCaseNames: boolean): ValueMatch[] {
+  const seen = new Set<string>();
+  return list(v, at, 16).map((m, i) => {
+    const f = `${at}[${i}]`;
+    const o = object(m, f);
+    only(o, ['type', 'name', 'value'], `${f}.`);
+    const type = matchType(o['type'], ['Exact', 'RegularExpression'] as const, 'Exact', `${f}.type`);
+    const given = string(o['name'], `${f}.name`, 256);
+    if (lowerCaseNames && !TOKEN.test(given)) throw new ObjectInvalid(`${f}.name`, `${f}.name "${given}" is not a valid header name`);
+    const name = lowerCaseNames ? given.toLowerCase() : given;
+    // Gateway API: a second match on the same name is ignored; nodemesh refuses it rather than guess.
+    if (seen.has(name)) throw new ObjectInvalid(`${f}.name`, `${f}.name "${given}" appears twice in one match`);
+    seen.add(name);
+    const value = string(o['value'], `${f}.value`);
+    return type === 'RegularExpression' ? { type, name, value, regex: compileRegex(value, `${f}.value`) } : { type, name, value };
   });
 }
 
-const HTTP_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'timeouts', 'retry', 'sessionPersistence'];
-const GRPC_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'sessionPersistence'];
-const L7_ONLY = ['filters', 'timeouts', 'retry', 'sessionPersistence'];
+function parseHttpMatch(v: unknown, at: string): RouteMatch {
+  const m = object(v, at);
+  only(m, ['path', 'headers', 'queryParams', 'method'], `${at}.`);
+  const method = m['method'] === undefined ? undefined : matchType(m['method'], METHODS, 'GET', `${at}.method`);
+  return { path: parsePath(m['path'], `${at}.path`), ...(method === undefined ? {} : { method }), headers: parseValueMatches(m['headers'], `${at}.headers`, true), queryParams: parseValueMatches(m['queryParams'], `${at}.queryParams`, false) };
+}
+
+/** Whether a route asks for anything beyond weighted backends for every request. */
+export function matchesRequests(route: Pick<ServiceRoute, 'rules'>): boolean {
+  const everyRequest = (m: RouteMatch): boolean => m.path.type === 'PathPrefix' && m.path.value === '/' && m.method === undefined && m.headers.length === 0 && m.queryParams.length === 0;
+  return route.rules.length > 1 || route.rules.some((r) => !r.matches.every(everyRequest));
+}
 
 export function parseRoute(doc: Json): ServiceRoute {
   const kind = doc['kind'] as RouteKind;
@@ -104,7 +206,7 @@ export function parseRoute(doc: Json): ServiceRoute {
   const { name: routeName, namespace } = parseMetadata(doc['metadata']);
   const spec = object(doc['spec'], 'spec');
   only(spec, ['parentRefs', 'hostnames', 'rules'], 'spec.');
-  const l7 = (field: string, why: string): ObjectInvalid => new ObjectInvalid(field, `${field}: ${why} needs L7 routing, which this version of nodemesh does not do yet (it splits connections by weight): the route is refused rather than applied in part`);
+  const notYet = (field: string, what: string): ObjectInvalid => new ObjectInvalid(field, `${field}: ${what} is not applied by this version of nodemesh yet (it routes requests by match and weight): the route is refused rather than applied in part`);
 
   const parentRefs = list(spec['parentRefs'], 'spec.parentRefs', 32);
   if (parentRefs.length === 0) throw new ObjectInvalid('spec.parentRefs', 'spec.parentRefs must name at least one Service');
@@ -117,54 +219,75 @@ export function parseRoute(doc: Json): ServiceRoute {
     if (ref['sectionName'] !== undefined) throw new ObjectInvalid(`${at}.sectionName`, `${at}.sectionName is not supported for Service parents (use port)`);
     return { namespace: sameNamespace(ref['namespace'], namespace, `${at}.namespace`, 'parents'), name: name(ref['name'], `${at}.name`), port: port(ref['port'], `${at}.port`) };
   });
-  const hostnames = list(spec['hostnames'], 'spec.hostnames', 16);
-  hostnames.forEach((h, i) => {
+  // Hostnames do not apply to mesh routes (GAMMA: the parent Service is what is matched).
+  list(spec['hostnames'], 'spec.hostnames', 16).forEach((h, i) => {
     if (typeof h !== 'string') throw new ObjectInvalid(`spec.hostnames[${i}]`, `spec.hostnames[${i}] must be a string`);
   });
 
-  const rules = list(spec['rules'], 'spec.rules', 16);
-  if (rules.length === 0) throw new ObjectInvalid('spec.rules', 'spec.rules must have a rule');
-  if (rules.length > 1) throw l7('spec.rules', 'more than one rule');
-  const rule = object(rules[0], 'spec.rules[0]');
-  only(rule, kind === 'GRPCRoute' ? GRPC_RULE_FIELDS : HTTP_RULE_FIELDS, 'spec.rules[0].');
-  for (const f of L7_ONLY) if (rule[f] !== undefined) throw l7(`spec.rules[0].${f}`, f);
-  const matches = list(rule['matches'], 'spec.rules[0].matches', 64);
-  if (kind === 'GRPCRoute' ? matches.length > 0 : !trivialMatches(matches)) throw l7('spec.rules[0].matches', 'matching on the request');
-  const backendRefs = list(rule['backendRefs'], 'spec.rules[0].backendRefs', 16);
-  if (backendRefs.length === 0) throw new ObjectInvalid('spec.rules[0].backendRefs', 'spec.rules[0].backendRefs must name at least one Service');
-  const backends = backendRefs.map((r, i): RouteBackend => {
-    const at = `spec.rules[0].backendRefs[${i}]`;
-    const ref = object(r, at);
-    only(ref, ['group', 'kind', 'namespace', 'name', 'port', 'weight', 'filters'], `${at}.`);
-    serviceRef(ref, at, 'Service');
-    if (ref['filters'] !== undefined) throw l7(`${at}.filters`, 'filters');
-    const p = port(ref['port'], `${at}.port`);
-    if (p === undefined) throw new ObjectInvalid(`${at}.port`, `${at}.port is required for a Service backend`);
-    const weight = ref['weight'] ?? 1;
-    if (typeof weight !== 'number' || !Number.isInteger(weight) || weight < 0 || weight > MAX_WEIGHT) throw new ObjectInvalid(`${at}.weight`, `${at}.weight must be a whole number 0-${MAX_WEIGHT}`);
-    return { namespace: sameNamespace(ref['namespace'], namespace, `${at}.namespace`, 'backends'), name: name(ref['name'], `${at}.name`), port: p, weight };
+  const ruleDocs = list(spec['rules'], 'spec.rules', 16);
+  if (ruleDocs.length === 0) throw new ObjectInvalid('spec.rules', 'spec.rules must have a rule');
+  const rules = ruleDocs.map((r, ri): RouteRule => {
+    const at = `spec.rules[${ri}]`;
+    const rule = object(r, at);
+    only(rule, kind === 'GRPCRoute' ? GRPC_RULE_FIELDS : HTTP_RULE_FIELDS, `${at}.`);
+    for (const f of NOT_YET) if (rule[f] !== undefined) throw notYet(`${at}.${f}`, f);
+    const matchDocs = list(rule['matches'], `${at}.matches`, 64);
+    if (kind === 'GRPCRoute' && matchDocs.length > 0) throw notYet(`${at}.matches`, 'matching gRPC requests');
+    const matches = matchDocs.length === 0 ? [ALL_REQUESTS] : matchDocs.map((m, mi) => parseHttpMatch(m, `${at}.matches[${mi}]`));
+    const backendRefs = list(rule['backendRefs'], `${at}.backendRefs`, 16);
+    if (backendRefs.length === 0) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs must name at least one Service`);
+    const backends = backendRefs.map((b, i): RouteBackend => {
+      const bat = `${at}.backendRefs[${i}]`;
+      const ref = object(b, bat);
+      only(ref, ['group', 'kind', 'namespace', 'name', 'port', 'weight', 'filters'], `${bat}.`);
+      serviceRef(ref, bat, 'Service');
+      if (ref['filters'] !== undefined) throw notYet(`${bat}.filters`, 'filters');
+      const p = port(ref['port'], `${bat}.port`);
+      if (p === undefined) throw new ObjectInvalid(`${bat}.port`, `${bat}.port is required for a Service backend`);
+      const weight = ref['weight'] ?? 1;
+      if (typeof weight !== 'number' || !Number.isInteger(weight) || weight < 0 || weight > MAX_WEIGHT) throw new ObjectInvalid(`${bat}.weight`, `${bat}.weight must be a whole number 0-${MAX_WEIGHT}`);
+      return { namespace: sameNamespace(ref['namespace'], namespace, `${bat}.namespace`, 'backends'), name: name(ref['name'], `${bat}.name`), port: p, weight };
+    });
+    // Gateway API answers every request of such a rule 500; nodemesh refuses the route instead,
+    // since no traffic can be meant to go that way.
+    if (backends.every((b) => b.weight === 0)) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs: the weights sum to 0, so no request could go anywhere`);
+    const ruleName = rule['name'] === undefined ? undefined : name(rule['name'], `${at}.name`);
+    return { ...(ruleName === undefined ? {} : { name: ruleName }), matches, backends };
   });
-  return { kind, namespace, name: routeName, parents, backends };
+  const backends = rules.flatMap((r) => r.backends);
+  return { kind, namespace, name: routeName, parents, rules, backends };
 }
 
 /**
  * What a route needs from the rest of the config: its parents and backends must be Services that
- * exist, with the ports it names. The first problem, with its field, or undefined.
+ * exist, with the ports it names; a route that matches requests needs parent ports that speak
+ * HTTP/1.1 (HTTP/2 and gRPC ports are not terminated yet). The first problem, with its field, or
+ * undefined.
  */
-export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string, { readonly ports: ReadonlyArray<{ readonly port: number }> }>): { field: string; message: string } | undefined {
+export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string, { readonly ports: ReadonlyArray<Pick<ServicePort, 'port' | 'name' | 'appProtocol'>> }>): { field: string; message: string } | undefined {
   const check = (ref: RouteRef, at: string): { field: string; message: string } | undefined => {
     const svc = services.get(`${ref.namespace}/${ref.name}`);
     if (!svc) return { field: `${at}.name`, message: `${at}.name: Service ${ref.namespace}/${ref.name} does not exist` };
     if (ref.port !== undefined && !svc.ports.some((p) => p.port === ref.port)) return { field: `${at}.port`, message: `${at}.port: Service ${ref.namespace}/${ref.name} has no port ${ref.port}` };
     return undefined;
   };
+  const l7 = matchesRequests(route);
   for (const [i, p] of route.parents.entries()) {
     const bad = check(p, `spec.parentRefs[${i}]`);
     if (bad) return bad;
+    const notHttp = l7 ? services.get(`${p.namespace}/${p.name}`)?.ports.find((sp) => (p.port === undefined || sp.port === p.port) && portProtocol(sp) !== 'http') : undefined;
+    if (notHttp) {
+      const field = `spec.parentRefs[${i}]${p.port === undefined ? '' : '.port'}`;
+      const speaks = portProtocol(notHttp);
+      const why = speaks === 'unknown' ? 'says no protocol (set its appProtocol to "http" or name it "http" or "http-...")' : `speaks ${speaks}, which nodemesh does not route by request yet`;
+      return { field, message: `${field}: the route matches requests, so its parent port must speak HTTP/1.1; Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
+    }
   }
-  for (const [i, b] of route.backends.entries()) {
-    const bad = check(b, `spec.rules[0].backendRefs[${i}]`);
-    if (bad) return bad;
+  for (const [ri, rule] of route.rules.entries()) {
+    for (const [i, b] of rule.backends.entries()) {
+      const bad = check(b, `spec.rules[${ri}].backendRefs[${i}]`);
+      if (bad) return bad;
+    }
   }
   return undefined;
 }

@@ -9,6 +9,24 @@ export interface ServicePort {
   readonly port: number;
   readonly targetPort: number;
   readonly protocol: 'TCP';
+  /** spec.ports[].appProtocol as written ('' when absent). */
+  readonly appProtocol: string;
+}
+
+/**
+ * What a Service port speaks, Istio's way: its appProtocol, else its name ("http", "http-web",
+ * "grpc-api"); 'unknown' when neither says (sniffed later), 'opaque' for anything the proxy
+ * does not terminate (tcp, tls, https, databases).
+ */
+export type PortProtocol = 'http' | 'http2' | 'grpc' | 'opaque' | 'unknown';
+
+const PROTOCOLS: Record<string, PortProtocol> = { http: 'http', http2: 'http2', h2c: 'http2', 'kubernetes.io/h2c': 'http2', grpc: 'grpc', 'grpc-web': 'http' };
+
+export function portProtocol(p: Pick<ServicePort, 'name' | 'appProtocol'>): PortProtocol {
+  const named = (v: string): PortProtocol | undefined => (v === '' ? undefined : (PROTOCOLS[v.toLowerCase()] ?? 'opaque'));
+  if (p.appProtocol !== '') return named(p.appProtocol) ?? 'unknown';
+  const prefix = p.name.split('-')[0] ?? '';
+  return PROTOCOLS[prefix.toLowerCase()] ?? (['tcp', 'tls', 'https', 'mongo', 'mysql', 'redis'].includes(prefix.toLowerCase()) ? 'opaque' : 'unknown');
 }
 
 export interface Service {
@@ -143,6 +161,7 @@ export function parseService(doc: Json): Service {
       port: servicePort,
       targetPort: o['targetPort'] === undefined ? servicePort : port(o['targetPort'], `${at}.targetPort`),
       protocol: 'TCP',
+      appProtocol: o['appProtocol'] === undefined ? '' : string(o['appProtocol'], `${at}.appProtocol`),
     };
   });
   const seen = new Set<number>();

@@ -4,8 +4,8 @@
  * now, the control plane later) and swapped whole, never mutated.
  */
 import type { SocketAddress } from '../shared/address.js';
-import type { ServiceRoute } from './route.js';
-import type { Service, ServicePort } from './service.js';
+import { matchesRequests, type RouteMatch, type ServiceRoute } from './route.js';
+import { portProtocol, type Service, type ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { NO_SECURITY, type SecurityConfig } from './security.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -43,6 +43,33 @@ export interface ServiceTarget {
   readonly split?: ReadonlyArray<{ readonly target: ServiceTarget; readonly weight: number }>;
   /** The route that made the split ("HTTPRoute ns/name"). */
   readonly route?: string;
+  /**
+   * An HTTP port with routes: the proxy terminates HTTP and routes each request by these entries,
+   * in precedence order (the first whose match holds); a request that matches none is answered 404.
+   */
+  readonly http?: HttpRouting;
+}
+
+export interface WeightedBackend {
+  readonly target: ServiceTarget;
+  readonly weight: number;
+}
+
+/** One match of one rule of one route, with where its requests go. */
+export interface HttpRouteEntry {
+  readonly match: RouteMatch;
+  /** Empty when no backend of the rule exists: such requests are answered 500 (Gateway API). */
+  readonly backends: ReadonlyArray<WeightedBackend>;
+  /** "HTTPRoute ns/name" and the rule's index in it: metrics, logs and the rule's own split state. */
+  readonly route: string;
+  readonly rule: number;
+}
+
+export interface HttpRouting {
+  /** The routes merged, by Gateway API's precedence. */
+  readonly entries: ReadonlyArray<HttpRouteEntry>;
+  /** The routes that apply, "HTTPRoute ns/name", in name order. */
+  readonly routes: ReadonlyArray<string>;
 }
 
 /** Something in the config that is valid on its own but does not fit the rest (shown, not fatal). */
@@ -132,9 +159,9 @@ export class MeshSnapshot {
     // Routes turn their parents' targets into splits over the backends' own targets (one level:
     // a backend's own route does not apply again, as in Gateway API's mesh routing).
     const plain = new Map(byKey);
-    for (const [key, split] of resolveRoutes(routes, plain, warnings)) {
+    for (const [key, routing] of resolveRoutes(routes, plain, warnings)) {
       const parent = plain.get(key);
-      if (parent) byKey.set(key, { ...parent, ...split });
+      if (parent) byKey.set(key, { ...parent, ...routing });
     }
     for (const target of byKey.values()) {
       for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);
@@ -147,7 +174,7 @@ export class MeshSnapshot {
     const ordered = [...byKey.values()].sort((a, b) => byNamespaceName(a.service, b.service) || a.port.port - b.port.port);
     for (const routedFirst of [false, true]) {
       for (const target of ordered) {
-        if ((target.split !== undefined) !== routedFirst) continue;
+        if ((target.split !== undefined || target.http !== undefined) !== routedFirst) continue;
         for (const e of target.endpoints) {
           const k = `${e.workload.uid}|${e.port}`;
           if (!this.byEndpoint.has(k)) this.byEndpoint.set(k, target);
@@ -206,36 +233,78 @@ function resolvePolicies(services: ReadonlyArray<Service>, policies: ReadonlyArr
 }
 
 /**
- * The split each routed Service port gets. Several routes on one parent port: the first by
- * namespace/name applies (Gateway API resolves conflicts by age, then name; nodemesh does not
- * track age) and the others are warnings; so is a backend that is not there (its share is left
- * out, the others keep theirs).
+ * What each routed Service port gets. An HTTP port: every route on it, merged in Gateway API's
+ * precedence (matchOrder). Any other port: a split of connections, from the first route by
+ * namespace/name (Gateway API resolves conflicts by age, then name; nodemesh does not track age),
+ * the others are warnings; a route that matches requests cannot apply there and is a warning too
+ * (the config store refuses it before it gets here). A backend that is not there is a warning; its
+ * share is left out and the others keep theirs.
  */
-function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap<string, ServiceTarget>, warnings: SnapshotWarning[]): Map<string, Pick<ServiceTarget, 'split' | 'route'>> {
-  const out = new Map<string, Pick<ServiceTarget, 'split' | 'route'>>();
+function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap<string, ServiceTarget>, warnings: SnapshotWarning[]): Map<string, Pick<ServiceTarget, 'split' | 'route' | 'http'>> {
+  const out = new Map<string, Pick<ServiceTarget, 'split' | 'route' | 'http'>>();
   if (routes.length === 0) return out;
   const byService = new Map<string, ServiceTarget[]>();
   for (const t of targets.values()) {
     const k = `${t.service.namespace}/${t.service.name}`;
     byService.set(k, [...(byService.get(k) ?? []), t]);
   }
+  const http = new Map<string, { entries: Array<HttpRouteEntry & { readonly order: number }>; routes: string[] }>();
+  let order = 0;
   for (const r of [...routes].sort(byNamespaceName)) {
     const object = `${r.kind} ${r.namespace}/${r.name}`;
-    const split: Array<{ target: ServiceTarget; weight: number }> = [];
-    for (const b of r.backends) {
-      const t = targets.get(`${b.namespace}/${b.name}:${b.port ?? 0}`);
-      if (!t) warnings.push({ object, message: `backend Service ${b.namespace}/${b.name} port ${b.port ?? '?'} does not exist; its share is left out` });
-      else if (b.weight > 0) split.push({ target: t, weight: b.weight });
-    }
+    const rules = r.rules.map((rule) => {
+      const split: WeightedBackend[] = [];
+      for (const b of rule.backends) {
+        const t = targets.get(`${b.namespace}/${b.name}:${b.port ?? 0}`);
+        if (!t) warnings.push({ object, message: `backend Service ${b.namespace}/${b.name} port ${b.port ?? '?'} does not exist; its share is left out` });
+        else if (b.weight > 0) split.push({ target: t, weight: b.weight });
+      }
+      return Object.freeze(split);
+    });
     for (const p of r.parents) {
-      const parentKeys = (byService.get(`${p.namespace}/${p.name}`) ?? []).filter((t) => p.port === undefined || t.port.port === p.port).map((t) => t.key);
-      if (parentKeys.length === 0) warnings.push({ object, message: `parent Service ${p.namespace}/${p.name}${p.port === undefined ? '' : ` port ${p.port}`} does not exist` });
-      for (const key of parentKeys) {
-        const winner = out.get(key);
-        if (winner) warnings.push({ object, message: `ignored for ${key}: ${winner.route ?? ''} already routes it` });
-        else out.set(key, { split: Object.freeze(split), route: object });
+      const parents = (byService.get(`${p.namespace}/${p.name}`) ?? []).filter((t) => p.port === undefined || t.port.port === p.port);
+      if (parents.length === 0) warnings.push({ object, message: `parent Service ${p.namespace}/${p.name}${p.port === undefined ? '' : ` port ${p.port}`} does not exist` });
+      for (const parent of parents) {
+        if (portProtocol(parent.port) === 'http') {
+          const merged = http.get(parent.key) ?? { entries: [], routes: [] };
+          http.set(parent.key, merged);
+          merged.routes.push(object);
+          r.rules.forEach((rule, ri) => {
+            for (const match of rule.matches) merged.entries.push({ match, backends: rules[ri] ?? [], route: object, rule: ri, order: order++ });
+          });
+          continue;
+        }
+        const winner = out.get(parent.key);
+        if (matchesRequests(r)) warnings.push({ object, message: `ignored for ${parent.key}: the route matches requests and the port does not speak HTTP (set its appProtocol or name)` });
+        else if (winner) warnings.push({ object, message: `ignored for ${parent.key}: ${winner.route ?? ''} already routes it` });
+        else out.set(parent.key, { split: rules[0] ?? [], route: object });
       }
     }
   }
+  for (const [key, merged] of http) {
+    const entries = merged.entries.sort(matchOrder).map(({ order: _, ...e }) => Object.freeze(e));
+    out.set(key, { route: merged.routes.join(', '), http: Object.freeze({ entries: Object.freeze(entries), routes: Object.freeze([...new Set(merged.routes)]) }) });
+  }
   return out;
+}
+
+/**
+ * Gateway API's precedence between matches of the routes on one parent: an Exact path, then a
+ * regular expression (its place is left to implementations), then the longest PathPrefix; then a
+ * method match; then the most header matches; then the most query parameter matches; then the
+ * route's namespace/name (the age that comes first in Gateway API is not tracked), the rule's order
+ * in it and the match's order in the rule (`order` holds those last three).
+ */
+function matchOrder(a: HttpRouteEntry & { readonly order: number }, b: HttpRouteEntry & { readonly order: number }): number {
+  const rank = { Exact: 0, RegularExpression: 1, PathPrefix: 2 } as const;
+  const pa = a.match.path;
+  const pb = b.match.path;
+  return (
+    rank[pa.type] - rank[pb.type] ||
+    (pa.type === 'PathPrefix' ? pb.value.length - pa.value.length : 0) ||
+    Number(b.match.method !== undefined) - Number(a.match.method !== undefined) ||
+    b.match.headers.length - a.match.headers.length ||
+    b.match.queryParams.length - a.match.queryParams.length ||
+    a.order - b.order
+  );
 }

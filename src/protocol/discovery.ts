@@ -12,9 +12,9 @@ import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 
 import { DEFAULT_MESH, TRUST_DOMAIN, isDefaultMtlsMode, type MeshSettings, type Namespace } from '../config/mesh.js';
-import type { Service, ServicePort } from '../config/service.js';
+import { ObjectInvalid, type Service, type ServicePort } from '../config/service.js';
 import type { Workload } from '../config/snapshot.js';
-import { ROUTE_KINDS, type ServiceRoute } from '../config/route.js';
+import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, matchesRequests, parseRoute, type ServiceRoute, type ValueMatch } from '../config/route.js';
 import { DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
 import type { MeshConfig } from '../config/store.js';
 import { checkAuthorizationPolicy, checkPeerAuthentication, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
@@ -37,6 +37,7 @@ export interface WireServicePort {
   port: number;
   targetPort: number;
   protocol: string;
+  appProtocol: string;
 }
 export interface WireService {
   namespace: string;
@@ -76,12 +77,31 @@ export interface WireRouteRef {
   port?: number | null;
   weight: number;
 }
+export interface WireValueMatch {
+  type: string;
+  name: string;
+  value: string;
+}
+export interface WireRouteMatch {
+  pathType: string;
+  path: string;
+  method: string;
+  headers: WireValueMatch[];
+  queryParams: WireValueMatch[];
+}
+export interface WireRouteRule {
+  name: string;
+  matches: WireRouteMatch[];
+  backends: WireRouteRef[];
+}
 export interface WireRoute {
   kind: string;
   namespace: string;
   name: string;
   parents: WireRouteRef[];
+  /** Only for a route that does not match requests (agents before `rules` read it). */
   backends: WireRouteRef[];
+  rules: WireRouteRule[];
 }
 export interface WireMeshSettings {
   enrollment: string;
@@ -243,7 +263,43 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
 
 export function routeToWire(r: ServiceRoute): WireRoute {
   const ref = (x: { namespace: string; name: string; port: number | undefined }, weight: number): WireRouteRef => ({ namespace: x.namespace, name: x.name, ...(x.port === undefined ? {} : { port: x.port }), weight });
-  return { kind: r.kind, namespace: r.namespace, name: r.name, parents: r.parents.map((p) => ref(p, 0)), backends: r.backends.map((b) => ref(b, b.weight)) };
+  const values = (ms: ReadonlyArray<ValueMatch>): WireValueMatch[] => ms.map((m) => ({ type: m.type, name: m.name, value: m.value }));
+  const rules = r.rules.map(
+    (rule): WireRouteRule => ({
+      name: rule.name ?? '',
+      // The default match is sent as none, which reads back as it.
+      matches: rule.matches.filter((m) => m !== ALL_REQUESTS).map((m) => ({ pathType: m.path.type, path: m.path.value, method: m.method ?? '', headers: values(m.headers), queryParams: values(m.queryParams) })),
+      backends: rule.backends.map((b) => ref(b, b.weight)),
+    }),
+  );
+  const legacy = matchesRequests(r) ? [] : (rules[0]?.backends ?? []);
+  return { kind: r.kind, namespace: r.namespace, name: r.name, parents: r.parents.map((p) => ref(p, 0)), backends: legacy, rules };
+}
+
+/**
+ * A route from the wire, checked as its YAML would be: it is rebuilt as a Gateway API object and
+ * parsed by the same code, so the wire edge refuses what the config edge does (a bad regex, a path
+ * that is not one, weights that sum to 0), the field named. A route without rules comes from a
+ * control plane that predates them: its backends are the one rule.
+ */
+function routeFromWire(w: WireRoute): ServiceRoute {
+  const ref = (x: WireRouteRef, weight: boolean): Record<string, unknown> => ({ kind: 'Service', namespace: x.namespace, name: x.name, ...(x.port === undefined || x.port === null ? {} : { port: x.port }), ...(weight ? { weight: x.weight } : {}) });
+  const values = (ms: WireValueMatch[]): Array<Record<string, unknown>> => ms.map((m) => ({ type: m.type, name: m.name, value: m.value }));
+  const rules = w.rules.length > 0 ? w.rules : [{ name: '', matches: [], backends: w.backends }];
+  const doc = {
+    apiVersion: GATEWAY_API,
+    kind: w.kind,
+    metadata: { namespace: w.namespace, name: w.name },
+    spec: {
+      parentRefs: w.parents.map((p) => ref(p, false)),
+      rules: rules.map((rule) => ({
+        ...(rule.name === '' ? {} : { name: rule.name }),
+        ...(rule.matches.length === 0 ? {} : { matches: rule.matches.map((m) => ({ path: { type: m.pathType, value: m.path }, ...(m.method === '' ? {} : { method: m.method }), headers: values(m.headers), queryParams: values(m.queryParams) })) }),
+        backendRefs: rule.backends.map((b) => ref(b, true)),
+      })),
+    },
+  };
+  return parseRoute(doc);
 }
 
 export function peerAuthenticationToWire(p: PeerAuthentication): WirePeerAuthentication {
@@ -448,7 +504,7 @@ export function decodeResources(version: number, digest: string, resources: Read
           if (!Number.isInteger(v) || v < 1 || v > 65535) bad(id, `spec.ports[${i}].${field}`, `${v} is not a TCP port`);
         }
         if (p.protocol !== 'TCP') bad(id, `spec.ports[${i}].protocol`, `protocol "${p.protocol}" is not supported (TCP)`);
-        return { name: p.name, port: p.port, targetPort: p.targetPort, protocol: 'TCP' };
+        return { name: p.name, port: p.port, targetPort: p.targetPort, protocol: 'TCP', appProtocol: p.appProtocol };
       });
       services.push(Object.freeze({ namespace: w.namespace, name: w.name, clusterIPs: Object.freeze([...w.clusterIps]), ports: Object.freeze(ports), selector: Object.freeze({ ...w.selector }), exportTo: Object.freeze([...w.exportTo]) }));
     } else if (r.workload) {
@@ -491,23 +547,16 @@ export function decodeResources(version: number, digest: string, resources: Read
       const id = `${w.kind} ${w.namespace}/${w.name}`;
       if (!unique(id)) continue;
       const kind = ROUTE_KINDS.find((k) => k === w.kind);
-      if (!kind) bad(id, 'kind', `"${w.kind}" is not HTTPRoute or GRPCRoute`);
-      if (w.parents.length === 0) bad(id, 'spec.parentRefs', 'a route needs a parent Service');
-      if (w.backends.length === 0) bad(id, 'spec.rules[0].backendRefs', 'a route needs a backend Service');
-      const ref = (x: WireRouteRef, field: string): { namespace: string; name: string; port: number | undefined } => {
-        const p = x.port ?? undefined;
-        if (p !== undefined && (!Number.isInteger(p) || p < 1 || p > 65535)) bad(id, `${field}.port`, `${p} is not a TCP port`);
-        return { namespace: x.namespace, name: x.name, port: p };
-      };
-      routes.push(
-        Object.freeze({
-          kind: kind ?? 'HTTPRoute',
-          namespace: w.namespace,
-          name: w.name,
-          parents: Object.freeze(w.parents.map((x, i) => Object.freeze(ref(x, `spec.parentRefs[${i}]`)))),
-          backends: Object.freeze(w.backends.map((x, i) => Object.freeze({ ...ref(x, `spec.rules[0].backendRefs[${i}]`), weight: x.weight }))),
-        }),
-      );
+      if (!kind) {
+        bad(id, 'kind', `"${w.kind}" is not HTTPRoute or GRPCRoute`);
+        continue;
+      }
+      try {
+        routes.push(Object.freeze(routeFromWire(w)));
+      } catch (e) {
+        if (!(e instanceof ObjectInvalid)) throw e;
+        bad(id, e.field, e.message);
+      }
     } else if (r.mesh) {
       const w = r.mesh;
       if (!unique('MeshSettings nodemesh')) continue;

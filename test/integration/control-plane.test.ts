@@ -103,7 +103,7 @@ test('control plane protocol: a bad snapshot is Nacked with the field named, the
   const client = await sb.idlePod('client-a', ['app=client']);
   const fake = await scriptedControlPlane();
   t.after(() => fake.stop());
-  const service = (port: number): Service => ({ namespace: 'default', name: 'backend', clusterIPs: [SVC], ports: [{ name: 'tcp', port, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'echo-b' }, exportTo: ['*'] });
+  const service = (port: number): Service => ({ namespace: 'default', name: 'backend', clusterIPs: [SVC], ports: [{ name: 'tcp', port, targetPort: 8080, protocol: 'TCP', appProtocol: '' }], selector: { app: 'echo-b' }, exportTo: ['*'] });
   const podB: Workload = { uid: b.record.uid, namespace: 'default', name: 'echo-b', serviceAccount: 'default', labels: { app: 'echo-b' }, ip4: b.record.ip4, ip6: b.record.ip6 };
   const podClient: Workload = { uid: client.uid, namespace: 'default', name: 'client-a', serviceAccount: 'default', labels: { app: 'client' }, ip4: client.ip4, ip6: client.ip6 };
   // As a control plane does, the snapshot names the node's own pods: the agent serves a pod only

@@ -9,7 +9,7 @@ import { parseDuration } from '../../src/config/schemas.js';
 import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
 import { ObjectInvalid, exportedTo, parseService } from '../../src/config/service.js';
 import { parseObject } from '../../src/config/objects.js';
-import { parseRoute } from '../../src/config/route.js';
+import { ALL_REQUESTS, matchesRequests, parseRoute } from '../../src/config/route.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
@@ -29,7 +29,7 @@ const pod = (name: string, labels: Record<string, string>, n: number): Workload 
 
 test('Service validation names the field', () => {
   const ok = parseService(svc({ clusterIPs: ['10.96.0.1', 'fd00::1'], selector: { app: 'web' }, ports: [{ port: 80, targetPort: 8080 }] }));
-  assert.deepEqual(ok.ports, [{ name: '', port: 80, targetPort: 8080, protocol: 'TCP' }]);
+  assert.deepEqual(ok.ports, [{ name: '', port: 80, targetPort: 8080, protocol: 'TCP', appProtocol: '' }]);
   assert.deepEqual(ok.clusterIPs, ['10.96.0.1', 'fd00::1']);
   const bad: Array<[Record<string, unknown>, string]> = [
     [svc({ clusterIP: '10.96.0.1', ports: [] }), 'spec.ports'],
@@ -340,7 +340,7 @@ const route = (spec: Record<string, unknown>, kind = 'HTTPRoute'): Record<string
 const split = (weights: number[]): Record<string, unknown> =>
   route({ parentRefs: [{ group: '', kind: 'Service', name: 'reviews', port: 80 }], rules: [{ backendRefs: weights.map((weight, i) => ({ name: `reviews-v${i + 1}`, port: 80, weight })) }] });
 
-test('HTTPRoute/GRPCRoute on Services: weighted backends apply at L4; anything that needs the request is refused with its field', () => {
+test('HTTPRoute/GRPCRoute on Services: rules, matches and weighted backends parse; what the proxy does not apply yet is refused with its field', () => {
   const r = parseRoute(split([90, 10]));
   assert.deepEqual(r.parents, [{ namespace: 'shop', name: 'reviews', port: 80 }]);
   assert.deepEqual(r.backends.map((b) => [b.name, b.port, b.weight]), [['reviews-v1', 80, 90], ['reviews-v2', 80, 10]]);
@@ -350,20 +350,43 @@ test('HTTPRoute/GRPCRoute on Services: weighted backends apply at L4; anything t
   assert.equal(parseRoute({ ...split([1]), kind: 'GRPCRoute' }).kind, 'GRPCRoute');
   const rule = (extra: Record<string, unknown>): Record<string, unknown> => route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'reviews-v1', port: 80 }], ...extra }] });
   const bad: Array<[Record<string, unknown>, string, RegExp]> = [
-    [rule({ matches: [{ headers: [{ name: 'x-user', value: 'beta' }] }] }), 'spec.rules[0].matches', /needs L7 routing/],
-    [rule({ filters: [{ type: 'RequestHeaderModifier' }] }), 'spec.rules[0].filters', /needs L7 routing/],
-    [rule({ timeouts: { request: '2s' } }), 'spec.rules[0].timeouts', /needs L7 routing/],
-    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }, { backendRefs: [{ name: 'b', port: 80 }] }] }), 'spec.rules', /more than one rule/],
+    [rule({ filters: [{ type: 'RequestHeaderModifier' }] }), 'spec.rules[0].filters', /not applied by this version/],
+    [rule({ timeouts: { request: '2s' } }), 'spec.rules[0].timeouts', /not applied by this version/],
+    [rule({ matches: [{ path: { type: 'RegularExpression', value: '/a/(' } }] }), 'spec.rules[0].matches[0].path.value', /not a valid regular expression/],
+    [rule({ matches: [{ path: { type: 'RegularExpression', value: '/(a)\\1' } }] }), 'spec.rules[0].matches[0].path.value', /backreferences/],
+    [rule({ matches: [{ path: { type: 'Exact', value: 'api' } }] }), 'spec.rules[0].matches[0].path.value', /must start with "\/"/],
+    [rule({ matches: [{ path: { type: 'Prefix', value: '/' } }] }), 'spec.rules[0].matches[0].path.type', /Exact, PathPrefix, RegularExpression/],
+    [rule({ matches: [{ method: 'FETCH' }] }), 'spec.rules[0].matches[0].method', /must be one of/],
+    [rule({ matches: [{ headers: [{ name: 'x user', value: 'a' }] }] }), 'spec.rules[0].matches[0].headers[0].name', /not a valid header name/],
+    [rule({ matches: [{ headers: [{ name: 'X-A', value: 'a' }, { name: 'x-a', value: 'b' }] }] }), 'spec.rules[0].matches[0].headers[1].name', /twice/],
+    [rule({ matches: [{ queryParams: [{ type: 'RegularExpression', name: 'q', value: '(?=x)' }] }] }), 'spec.rules[0].matches[0].queryParams[0].value', /lookaround/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }, { backendRefs: [{ name: 'b', port: 80, weight: 0 }, { name: 'c', port: 80, weight: 0 }] }] }), 'spec.rules[1].backendRefs', /sum to 0/],
     [route({ parentRefs: [{ name: 'gw' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }] }), 'spec.parentRefs[0].kind', /GAMMA/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews', namespace: 'other' }], rules: [{ backendRefs: [{ name: 'a', port: 80 }] }] }), 'spec.parentRefs[0].namespace', /ReferenceGrant/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a' }] }] }), 'spec.rules[0].backendRefs[0].port', /required/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, weight: -1 }] }] }), 'spec.rules[0].backendRefs[0].weight', /0-1000000/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, wieght: 1 }] }] }), 'spec.rules[0].backendRefs[0].wieght', /unknown field/],
-    [{ ...split([1]), kind: 'GRPCRoute', spec: { parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ matches: [{ method: { service: 'a.B' } }], backendRefs: [{ name: 'a', port: 80 }] }] } }, 'spec.rules[0].matches', /needs L7/],
+    [{ ...split([1]), kind: 'GRPCRoute', spec: { parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ matches: [{ method: { service: 'a.B' } }], backendRefs: [{ name: 'a', port: 80 }] }] } }, 'spec.rules[0].matches', /not applied by this version/],
   ];
   for (const [doc, field, message] of bad) {
     assert.throws(() => parseRoute(doc), (e) => e instanceof ObjectInvalid && e.field === field && message.test(e.message), field);
   }
+  // Several rules with matches: each parsed, names lower-cased for headers, prefixes without their trailing "/".
+  const l7 = parseRoute(
+    route({
+      parentRefs: [{ kind: 'Service', name: 'reviews', port: 80 }],
+      rules: [
+        { matches: [{ path: { value: '/api/' }, method: 'POST', headers: [{ name: 'X-Version', value: 'v2' }], queryParams: [{ type: 'RegularExpression', name: 'beta', value: 'y(es)?' }] }], backendRefs: [{ name: 'reviews-v2', port: 80 }] },
+        { backendRefs: [{ name: 'reviews-v1', port: 80, weight: 9 }, { name: 'reviews-v2', port: 80, weight: 1 }] },
+      ],
+    }),
+  );
+  const first = l7.rules[0]?.matches[0];
+  assert.deepEqual([first?.path.type, first?.path.value, first?.method, first?.headers[0]?.name, first?.queryParams[0]?.regex?.test('yes'), first?.queryParams[0]?.regex?.test('yess')], ['PathPrefix', '/api', 'POST', 'x-version', true, false]);
+  assert.equal(l7.rules[1]?.matches[0], ALL_REQUESTS, 'a rule without matches takes every request');
+  assert.deepEqual(l7.backends.map((b) => `${b.name}*${b.weight}`), ['reviews-v2*1', 'reviews-v1*9', 'reviews-v2*1']);
+  assert.ok(matchesRequests(l7));
+  assert.ok(!matchesRequests(parseRoute(split([90, 10]))));
 });
 
 test('routes: parents and backends must exist (the field is named, the last good version serves); the split is smooth and exact', async (t) => {

@@ -6,6 +6,7 @@ import { DEFAULT_MESH } from '../../src/config/mesh.js';
 import type { MeshConfig } from '../../src/config/store.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { ObjectInvalid } from '../../src/config/service.js';
+import { parseRoute } from '../../src/config/route.js';
 import {
   SnapshotInvalid,
   applyDelta,
@@ -22,7 +23,7 @@ import {
 } from '../../src/protocol/discovery.js';
 
 const config: MeshConfig = {
-  services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP' }], selector: { app: 'cart' }, exportTo: ['*'] }],
+  services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.9', 'fd00::9'], ports: [{ name: 'http', port: 80, targetPort: 8080, protocol: 'TCP', appProtocol: '' }], selector: { app: 'cart' }, exportTo: ['*'] }],
   trafficPolicies: [
     {
       namespace: 'shop',
@@ -31,7 +32,21 @@ const config: MeshConfig = {
       policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', maxConnections: 10, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, baseEjectionMs: 1000, maxEjectionPercent: 100 } },
     },
   ],
-  routes: [{ kind: 'HTTPRoute', namespace: 'shop', name: 'cart-canary', parents: [{ namespace: 'shop', name: 'cart', port: undefined }], backends: [{ namespace: 'shop', name: 'cart', port: 80, weight: 3 }] }],
+  routes: [
+    parseRoute({
+      apiVersion: 'gateway.networking.k8s.io/v1',
+      kind: 'HTTPRoute',
+      metadata: { namespace: 'shop', name: 'cart-canary' },
+      spec: {
+        parentRefs: [{ kind: 'Service', name: 'cart' }],
+        rules: [
+          { name: 'beta', matches: [{ path: { type: 'RegularExpression', value: '/v[0-9]+/.*' }, method: 'GET', headers: [{ name: 'x-beta', value: '1' }], queryParams: [{ name: 'q', value: 'a' }] }, { path: { type: 'Exact', value: '/x' } }], backendRefs: [{ name: 'cart', port: 80, weight: 2 }] },
+          { backendRefs: [{ name: 'cart', port: 80, weight: 3 }] },
+        ],
+      },
+    }),
+    parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind: 'GRPCRoute', metadata: { namespace: 'shop', name: 'cart-split' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ backendRefs: [{ name: 'cart', port: 80 }] }] } }),
+  ],
   namespaces: new Map([['shop', { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]]),
   peerAuthentications: [{ namespace: 'shop', name: 'strict', selector: { app: 'cart' }, mode: 'STRICT', portModes: { '9090': 'PERMISSIVE' } }],
   authorizationPolicies: [
@@ -76,7 +91,7 @@ test('the digest depends on content, not on key order or version', () => {
 });
 
 test('a snapshot with a bad resource is refused whole, each problem named', () => {
-  const bad = snapshotMessage(5, { ...config, services: [{ ...config.services[0]!, clusterIPs: ['10.96.0.999'], ports: [{ name: 'x', port: 70000, targetPort: 1, protocol: 'TCP' }] }] }, [{ ...pod, ip4: 'nope' }]);
+  const bad = snapshotMessage(5, { ...config, services: [{ ...config.services[0]!, clusterIPs: ['10.96.0.999'], ports: [{ name: 'x', port: 70000, targetPort: 1, protocol: 'TCP', appProtocol: '' }] }] }, [{ ...pod, ip4: 'nope' }]);
   assert.throws(
     () => decodeSnapshot(bad),
     (e: unknown) => {

@@ -64,13 +64,20 @@ export class LoadBalancer {
    * weights 1:3 give exactly one in four to the first, spread out rather than in runs.
    */
   pickBackend(target: ServiceTarget): ServiceTarget | undefined {
-    const split = target.split;
-    if (!split || split.length === 0) return undefined;
+    return target.split ? this.pickWeighted(target.key, target.split) : undefined;
+  }
+
+  /**
+   * The next of `split` by weight, smooth weighted round robin kept under `key`: the target's key,
+   * or for a rule of an HTTP route `<target key>#<route>#<rule>` (each rule splits on its own).
+   */
+  pickWeighted(key: string, split: ReadonlyArray<{ readonly target: ServiceTarget; readonly weight: number }>): ServiceTarget | undefined {
+    if (split.length === 0) return undefined;
     const signature = split.map((b) => `${b.target.key}*${b.weight}`).join(',');
-    let state = this.weighted.get(target.key);
+    let state = this.weighted.get(key);
     if (!state || state.signature !== signature) {
       state = { signature, current: split.map(() => 0) };
-      this.weighted.set(target.key, state);
+      this.weighted.set(key, state);
     }
     let total = 0;
     let best = 0;
@@ -139,7 +146,7 @@ export class LoadBalancer {
     const keys = new Set(targets.map((t) => t.key));
     for (const k of this.health.keys()) if (!endpoints.has(k)) this.health.delete(k);
     for (const k of this.cursors.keys()) if (!keys.has(k)) this.cursors.delete(k);
-    for (const k of this.weighted.keys()) if (!keys.has(k)) this.weighted.delete(k);
+    for (const k of this.weighted.keys()) if (!keys.has(k.split('#')[0] ?? k)) this.weighted.delete(k);
   }
 }
 
