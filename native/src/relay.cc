@@ -427,12 +427,25 @@ Napi::Value DupFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), copy);
 }
 
+// socketPair(): two connected AF_UNIX stream sockets, non-blocking and close-on-exec. The L7 path
+// joins a tunnel stream of the HBONE engine to node:http through one: the engine relays one end,
+// node:net reads and writes the other.
+Napi::Value SocketPair(const Napi::CallbackInfo& info) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) throw ToJsError(info.Env(), {errno, "socketpair(AF_UNIX)", "", ""});
+  Napi::Array pair = Napi::Array::New(info.Env(), 2);
+  pair.Set(0u, Napi::Number::New(info.Env(), sv[0]));
+  pair.Set(1u, Napi::Number::New(info.Env(), sv[1]));
+  return pair;
+}
+
 }  // namespace
 
 Napi::Object InitRelay(Napi::Env env, Napi::Object exports) {
   exports.Set("relayFds", Napi::Function::New(env, RelayFds, "relayFds"));
   exports.Set("awaitConnected", Napi::Function::New(env, AwaitConnected, "awaitConnected"));
   exports.Set("dupFd", Napi::Function::New(env, DupFd, "dupFd"));
+  exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("relayAbortAll", Napi::Function::New(env, RelayAbortAll, "relayAbortAll"));
   return exports;
 }

@@ -585,6 +585,18 @@ export class NodeAgent {
         policy: t.policy,
         endpoints: t.endpoints.map((e) => ({ pod: `${e.workload.namespace}/${e.workload.name}`, ip4: e.workload.ip4, ip6: e.workload.ip6, port: e.port, ...this.proxy.endpointState(e) })),
         ...(t.split ? { route: t.route, split: t.split.map((b) => ({ backend: b.target.key, weight: b.weight })) } : {}),
+        // An HTTP port routed per request: its matches in the order they are tried.
+        ...(t.http
+          ? {
+              routes: t.http.routes,
+              http: t.http.entries.map((e) => ({
+                route: e.route,
+                rule: e.rule,
+                match: { path: `${e.match.path.type} ${e.match.path.value}`, ...(e.match.method ? { method: e.match.method } : {}), headers: e.match.headers.map((h) => `${h.name} ${h.type} ${h.value}`), queryParams: e.match.queryParams.map((q) => `${q.name} ${q.type} ${q.value}`) },
+                backends: e.backends.map((b) => ({ backend: b.target.key, weight: b.weight })),
+              })),
+            }
+          : {}),
       })),
     };
   }

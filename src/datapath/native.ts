@@ -130,6 +130,7 @@ interface RawAddon {
   relayFds(clientFd: number, upstreamFd: number, idleTimeoutMs: number): Promise<KernelRelayResult>;
   relayAbortAll(): void;
   dupFd(fd: number): number;
+  socketPair(): [number, number];
   fdsListen(path: string): number;
   fdsReceive(listenFd: number, timeoutMs: number): Promise<{ peerPid: number; messages: FdMessage[] }>;
   fdsSend(path: string, messages: ReadonlyArray<FdMessage>, timeoutMs: number): void;
@@ -495,6 +496,11 @@ export function fdsSend(path: string, messages: ReadonlyArray<FdMessage>, timeou
 
 export function dupFd(fd: number): number {
   return call(`dup fd ${fd}`, () => native().dupFd(fd));
+}
+
+/** Two connected Unix stream sockets (non-blocking, close-on-exec); both fds are the caller's. */
+export function socketPair(): [number, number] {
+  return call('socketpair', () => native().socketPair());
 }
 
 /**

@@ -11,7 +11,7 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
-import { closeFd, connectInNetns, dupFd, hboneAbortAll, relayAbortAll, relayFds, releaseNetns } from '../datapath/native.js';
+import { closeFd, connectInNetns, dupFd, hboneAbortAll, relayAbortAll, relayFds, releaseNetns, socketPair } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -27,6 +27,7 @@ import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTu
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
 import { PolicyEngine, type ConnectionFacts } from './policy.js';
+import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 
 const log = logger('proxy');
 
@@ -196,6 +197,8 @@ export class NodeProxy {
 
   /** Outbound tunnels to other nodes' pods (with workload certificates only). */
   private readonly tunnels: TunnelPool | NativeTunnelPool | undefined;
+  /** Connections to HTTP Service ports with routes: terminated, routed per request. */
+  private readonly http: HttpOutbound;
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -203,6 +206,7 @@ export class NodeProxy {
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
+    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }
@@ -446,6 +450,7 @@ export class NodeProxy {
 
   async close(): Promise<void> {
     for (const uid of [...this.pods.keys()]) await this.removePod(uid);
+    this.http.close();
     this.tunnels?.close();
     if (this.options.kernelRelay) relayAbortAll();
     // Streams of the addon's tunnels still relaying end with their tunnels.
@@ -647,6 +652,10 @@ export class NodeProxy {
     // A routed Service: this connection goes to one backend Service by weight, and from there
     // on it is that Service's connection (its policy, endpoints and metric labels).
     let target = routed;
+    if (routed.http) {
+      await this.http.serve(client, this.httpConnection(state, client, original, routed));
+      return;
+    }
     if (routed.split) {
       const backend = this.lb.pickBackend(routed);
       if (!backend) {
@@ -708,6 +717,57 @@ export class NodeProxy {
         this.lb.release(target, endpoint);
       }
     }
+  }
+
+  /**
+   * What the HTTP side needs for one client connection of `state`'s pod: how to open a connection
+   * to an endpoint (as toService would, policy of a same-node destination included) and the
+   * metric labels of a request to it.
+   */
+  private httpConnection(state: PodState, client: Socket, original: SocketAddress, parent: ServiceTarget): HttpClientConnection {
+    const hostOf = (endpoint: Endpoint): string => (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
+    return {
+      parent,
+      source: state.pod,
+      dial: async (target, endpoint) => {
+        const upstream = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
+        if (!this.admitLocal(state, upstream)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
+        const connected = await this.connect(state, upstream, target.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);
+        this.metrics.proxied.inc({ path: upstream.path });
+        return this.socketOf(state, connected, target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+      },
+      labels: (target, endpoint) => {
+        const service = serviceLabels(target.service, 'outbound');
+        if (!endpoint) return { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(undefined) };
+        return this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, service).labels[0] ?? { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(endpoint.workload) };
+      },
+    };
+  }
+
+  /**
+   * A connected upstream as a node:net socket (what node:http reads and writes): a socket's fd as
+   * it is; a tunnel stream joined to one end of a socket pair (relayed on the addon's thread, or
+   * through JS streams for node:http2's), whose other end node:net takes.
+   */
+  private socketOf(state: PodState, connected: Connected, idleTimeoutMs: number): Socket {
+    const track = (s: Socket): Socket => {
+      state.sockets.add(s);
+      s.once('close', () => state.sockets.delete(s));
+      return s;
+    };
+    if ('fd' in connected) return track(new Socket({ fd: connected.fd, readable: true, writable: true }));
+    let pair: [number, number];
+    try {
+      pair = socketPair();
+    } catch (e) {
+      if ('native' in connected) connected.native.cancel();
+      else connected.stream.close(h2constants.NGHTTP2_CANCEL);
+      throw e;
+    }
+    const [ours, tunnelSide] = pair;
+    if ('native' in connected) void connected.native.attach(tunnelSide, idleTimeoutMs);
+    else void relayStreams(track(new Socket({ fd: tunnelSide, readable: true, writable: true, allowHalfOpen: true })), connected.stream, idleTimeoutMs);
+    return track(new Socket({ fd: ours, readable: true, writable: true }));
   }
 
   /**

@@ -146,7 +146,7 @@ export async function startAgent(
   return agent;
 }
 
-export function serviceYaml(name: string, ips: string[], selector: Record<string, string>, port = 80, targetPort = 8080): string {
+export function serviceYaml(name: string, ips: string[], selector: Record<string, string>, port = 80, targetPort = 8080, portName = 'tcp'): string {
   return [
     'apiVersion: v1',
     'kind: Service',
@@ -154,7 +154,7 @@ export function serviceYaml(name: string, ips: string[], selector: Record<string
     'spec:',
     `  clusterIPs: [${ips.join(', ')}]`,
     `  selector: {${Object.entries(selector).map(([k, v]) => `${k}: ${v}`).join(', ')}}`,
-    `  ports: [{name: tcp, port: ${port}, targetPort: ${targetPort}}]`,
+    `  ports: [{name: ${portName}, port: ${port}, targetPort: ${targetPort}}]`,
     '',
   ].join('\n');
 }

@@ -34,6 +34,10 @@ export interface Sandbox {
   readonly env: NodeJS.ProcessEnv;
   /** Starts a pod running `nodemesh debug echo-server`; connections() excludes the readiness probe. */
   echoPod(name: string, port: number, labels?: string[], options?: PodOptions): Promise<{ record: PodRecord; connections(): Promise<ConnectionLogEntry[]> }>;
+  /** A pod running `command`, ready once something listens on `port` inside it. */
+  serverPod(name: string, command: ReadonlyArray<string>, port: number, labels?: string[], options?: PodOptions): Promise<PodRecord>;
+  /** Runs `argv` inside a pod to its end; its stdout (it must exit 0 within timeoutMs, default 60 s, or it is killed). */
+  execIn(pod: Pick<PodRecord, 'name' | 'cgroupPath' | 'netns'>, argv: ReadonlyArray<string>, timeoutMs?: number): Promise<string>;
   /** A pod whose own command just sleeps; tests exec into it. */
   idlePod(name: string, labels?: string[], options?: PodOptions): Promise<PodRecord>;
   /** Runs `nodemesh debug dial` inside a pod (or one of its container cgroups: give that as cgroupPath) and returns its result. */
@@ -92,6 +96,19 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
       const host = hostAddress(config.podCidr4, 4, 1);
       const connections = async (): Promise<ConnectionLogEntry[]> => (await readConnectionLog(log)).filter((c) => c.address !== host);
       return { record: running, connections };
+    },
+    async serverPod(name, command, port, labels = [], options = {}) {
+      const spec = validatePodSpec({ name, labels, ...options, command: [...command] });
+      const { record } = await runtime.start(await runtime.create(spec, { detached: true }));
+      await waitForPodListener(record.pid, port, 10_000);
+      return record;
+    },
+    async execIn(pod, argv, timeoutMs = 60_000) {
+      const child = runtime.exec(pod, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      const output = await collect(child).finally(() => clearTimeout(timer));
+      if (output.code !== 0) throw new Error(`${argv.join(' ').slice(0, 200)} in ${pod.name} exited ${output.code ?? child.signalCode}${child.signalCode === 'SIGKILL' ? ` (killed after ${timeoutMs} ms)` : ''}: ${output.stderr.slice(-2000)}`);
+      return output.stdout;
     },
     async idlePod(name, labels = [], options = {}) {
       const spec = validatePodSpec({ name, labels, ...options, command: ['sleep', 'infinity'] });

@@ -2,7 +2,7 @@
  * Every metric of the node, defined in one place (prom-client). Label sets are bounded: pods,
  * services and fixed reason codes, never a connection or request id.
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics } from '../../shared/prom.js';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from '../../shared/prom.js';
 
 import { workloadName, type Workload } from '../../config/snapshot.js';
 import { spiffeUri } from '../../identity/spiffe.js';
@@ -27,6 +27,10 @@ export const TCP_LABELS = [
 ] as const;
 
 export type TcpLabels = Record<(typeof TCP_LABELS)[number], string>;
+
+/** Istio's request labels: the TCP ones and the answer's code (HTTP, and gRPC's status). */
+export const REQUEST_LABELS = [...TCP_LABELS, 'response_code', 'grpc_response_status'] as const;
+export type RequestLabels = Record<(typeof REQUEST_LABELS)[number], string>;
 
 /** Why a connection was refused: one list, shared by logs and metrics. */
 export const REFUSE_REASONS = ['no_original_destination', 'no_endpoints', 'passthrough_denied', 'upstream_connect_failed', 'no_workload', 'overflow', 'no_config', 'proxy_port', 'connection_limit', 'connect_limit', 'link_local', 'fd_exhausted', 'internal_error', 'tunnel_failed', 'policy_denied'] as const;
@@ -53,6 +57,9 @@ export class NodeMetrics {
   readonly tcpClosed: Counter<(typeof TCP_LABELS)[number]>;
   readonly tcpSent: Counter<(typeof TCP_LABELS)[number]>;
   readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
+  readonly requests: Counter<(typeof REQUEST_LABELS)[number]>;
+  readonly requestDuration: Histogram<(typeof REQUEST_LABELS)[number]>;
+  readonly httpRefused: Counter<'reason'>;
   readonly refused: Counter<'direction' | 'reason'>;
   readonly proxied: Counter<'path'>;
   readonly ejections: Counter<'service'>;
@@ -88,6 +95,16 @@ export class NodeMetrics {
     this.tcpClosed = tcp('istio_tcp_connections_closed_total', 'TCP connections closed, by the node proxy');
     this.tcpSent = tcp('istio_tcp_sent_bytes_total', 'Bytes sent to the client side of a TCP connection');
     this.tcpReceived = tcp('istio_tcp_received_bytes_total', 'Bytes received from the client side of a TCP connection');
+    this.requests = new Counter({ name: 'istio_requests_total', help: 'HTTP requests the node proxy routed (Services with L7 routes), by answer', labelNames: REQUEST_LABELS, registers });
+    this.requestDuration = new Histogram({
+      name: 'istio_request_duration_milliseconds',
+      help: 'From the request head to the end of the answer, in milliseconds',
+      labelNames: REQUEST_LABELS,
+      // Istio's buckets.
+      buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000],
+      registers,
+    });
+    this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW; upgrade)', labelNames: ['reason'], registers });
     this.refused = new Counter({ name: 'nodemesh_connections_refused_total', help: 'Captured connections the proxy refused, by reason', labelNames: ['direction', 'reason'], registers });
     this.proxied = new Counter({
       name: 'nodemesh_proxied_connections_total',

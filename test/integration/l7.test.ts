@@ -1,0 +1,145 @@
+/**
+ * L7 on the client side (issue 14): a Service port that speaks HTTP and has an HTTPRoute is
+ * terminated by the source pod's node proxy and routed per request. Real node:http servers in
+ * pods, a real keep-alive client in another: a 90/10 split over ONE connection, a header match
+ * that always wins, 404 for what no rule matches, large, chunked and trailer-carrying bodies
+ * intact; on one node (same-node delivery) and across two nodes (HBONE, mutual TLS).
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import type { HttpPlan, HttpRun } from '../support/http-client.js';
+import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import type { PodRecord } from '../../src/runtime/store.js';
+
+const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
+const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
+const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73' };
+
+/** `web` (port 80, named http): /api by header to v2, else split 90/10; /echo and /big to v1; nothing else. */
+function meshConfig(): Record<string, string> {
+  return {
+    'svc.yaml': [
+      serviceYaml('web', [SVC.web], { app: 'web' }, 80, 8080, 'http'),
+      serviceYaml('reviews-v1', [SVC.v1], { app: 'reviews', version: 'v1' }, 80, 8080, 'http'),
+      serviceYaml('reviews-v2', [SVC.v2], { app: 'reviews', version: 'v2' }, 80, 8080, 'http'),
+    ].join('---\n'),
+    'route.yaml': [
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: web, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: web, port: 80}]',
+      '  rules:',
+      // Gateway API orders by path first: the header rule names the same prefix to win over the split.
+      '  - matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-version, value: v2}]}]',
+      '    backendRefs: [{name: reviews-v2, port: 80}]',
+      '  - matches: [{path: {type: PathPrefix, value: /api}}]',
+      '    backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]',
+      '  - matches: [{path: {type: PathPrefix, value: /echo}}, {path: {type: PathPrefix, value: /big}}]',
+      '    backendRefs: [{name: reviews-v1, port: 80}]',
+      '',
+    ].join('\n'),
+  };
+}
+
+async function http(sb: Sandbox, client: PodRecord, plan: Omit<HttpPlan, 'host' | 'port'>, agent: AgentProcess): Promise<HttpRun> {
+  const out = await sb.execIn(client, [process.execPath, CLIENT, JSON.stringify({ host: SVC.web, port: 80, ...plan })], 30_000).catch((e: Error) => {
+    throw new Error(`${e.message}\nthe source node's log:\n${agent.log().split('\n').slice(-40).join('\n')}`);
+  });
+  return JSON.parse(out.trim().split('\n').pop() ?? '{}') as HttpRun;
+}
+
+const count = (run: HttpRun): Record<string, number> => {
+  const by: Record<string, number> = {};
+  for (const a of run.answers) by[`${a.status} ${a.servedBy}`] = (by[`${a.status} ${a.servedBy}`] ?? 0) + 1;
+  return by;
+};
+
+/** What both layouts must show; `where` names the layout in messages. */
+async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess, where: string): Promise<void> {
+  // 1000 requests on one keep-alive connection: 90/10 by request, within five standard deviations
+  // of the binomial (sd 9.5 for 1000 at 0.1), whatever the balancer's exact sequence.
+  const split = await http(sb, client, { requests: [{ path: '/api/items' }], repeat: 1000 }, source);
+  assert.equal(split.connections, 1, `${where}: one keep-alive connection carried every request`);
+  const c = count(split);
+  const v2 = c['200 reviews-v2'] ?? 0;
+  assert.equal((c['200 reviews-v1'] ?? 0) + v2, 1000, `${where}: every request answered 200 by a backend: ${JSON.stringify(c)}`);
+  assert.ok(v2 >= 53 && v2 <= 147, `${where}: v2 took ${v2} of 1000 (want 100 +- 47)`);
+  // The header match wins over the path rule, every time.
+  const pinned = await http(sb, client, { requests: [{ path: '/api/items', headers: { 'x-version': 'v2' } }], repeat: 100 }, source);
+  assert.deepEqual(count(pinned), { '200 reviews-v2': 100 }, `${where}: x-version: v2 always goes to v2`);
+  // No rule matches: 404 from the proxy, and the connection goes on.
+  const mixed = await http(sb, client, { requests: [{ path: '/nowhere' }, { path: '/api/x' }] }, source);
+  assert.equal(mixed.answers[0]?.status, 404, `${where}: no rule matched`);
+  assert.equal(mixed.answers[1]?.status, 200, `${where}: the next request on the connection is served`);
+  assert.equal(mixed.connections, 1);
+  // Bodies: 1 MiB with a length, 3 MiB chunked, the answer's trailers; 5 MB down.
+  const bodies = await http(sb, client, { requests: [{ path: '/echo', body: 1 << 20 }, { path: '/echo', body: 3 << 20, chunked: true }, { path: '/big/5000000' }] }, source);
+  for (const [i, a] of bodies.answers.slice(0, 2).entries()) {
+    assert.equal(a.status, 200, `${where}: echo ${i}: ${a.error ?? ''}`);
+    assert.equal(a.sha256, a.sent, `${where}: echo ${i}: the body came back intact`);
+    assert.equal(a.trailers['x-body-sha256'], a.sent, `${where}: echo ${i}: the trailer came through`);
+    assert.equal(a.trailers['x-body-bytes'], String(i === 0 ? 1 << 20 : 3 << 20));
+  }
+  assert.equal(bodies.answers[2]?.bytes, 5_000_000, `${where}: 5 MB down`);
+  // Requests are counted with Istio's names and labels, by the source's proxy.
+  const metrics = await source.metrics();
+  const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'source', destination_service_name: 'reviews-v2', request_protocol: 'http', ...labels });
+  assert.ok(requests({ response_code: '200', destination_version: 'v2' }) >= v2 + 100, `${where}: v2's requests counted`);
+  assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
+}
+
+test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers; malformed requests refused before routing', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, meshConfig());
+  await sb.serverPod('reviews-v1', [process.execPath, APP, 'reviews-v1', '8080'], 8080, ['app=reviews', 'version=v1']);
+  await sb.serverPod('reviews-v2', [process.execPath, APP, 'reviews-v2', '8080'], 8080, ['app=reviews', 'version=v2']);
+  const client = await sb.idlePod('client');
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
+  await checkRouting(sb, client, agent, 'one node');
+  // Requests the parser refuses never go upstream, and the proxy goes on serving.
+  const before = metricValue(await agent.metrics(), 'istio_requests_total');
+  const bad = await http(sb, client, {
+    requests: [],
+    raw: [
+      'POST /api/x HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n',
+      'GET /api/x HTTP/1.1\r\nHost: web\r\nBad Header: x\r\n\r\n',
+      'GET /api/x HTTP/1.1\r\nHost: web\r\nX-A: a\r\n folded\r\n\r\n',
+      `GET /api/x HTTP/1.1\r\nHost: web\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`,
+      'GET /api/x HTTP/1.1\r\nHost: web\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab',
+    ],
+  }, agent);
+  assert.deepEqual(bad.raw, ['HTTP/1.1 400 Bad Request', 'HTTP/1.1 400 Bad Request', 'HTTP/1.1 400 Bad Request', 'HTTP/1.1 431 Request Header Fields Too Large', 'HTTP/1.1 400 Bad Request']);
+  const after = await agent.metrics();
+  assert.equal(metricValue(after, 'istio_requests_total'), before, 'none of them was routed');
+  assert.equal(metricValue(after, 'nodemesh_http_refused_total'), 5);
+  assert.equal((await http(sb, client, { requests: [{ path: '/api/x' }] }, agent)).answers[0]?.status, 200, 'the proxy serves on');
+  // Same-node delivery: the requests reached the backends straight from the client's side.
+  assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 1);
+});
+
+// Both HBONE engines: the addon's relays the tunnel stream to a socket pair on its thread, node:http2's through JS streams.
+for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hbone} HBONE engine): the v2 share crosses in HBONE (mutual TLS) from the client node`, async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const nodeB = `${sb.config.node}-b`;
+  const cp = await startControlPlane(sb, meshConfig());
+  const agentA = await startAgent(sb, { controlPlane: cp.address }, { args: ['--hbone', hbone] });
+  const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB, args: ['--hbone', hbone] });
+  await sb.serverPod('reviews-v1', [process.execPath, APP, 'reviews-v1', '8080'], 8080, ['app=reviews', 'version=v1']);
+  await sb.serverPod('reviews-v2', [process.execPath, APP, 'reviews-v2', '8080'], 8080, ['app=reviews', 'version=v2'], { node: nodeB });
+  const client = await sb.idlePod('client');
+  await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
+  await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
+  const endpoints = async (service: string): Promise<number> => (await agentA.config()).services.find((s) => s.service === service)?.endpoints.length ?? 0;
+  await waitFor(async () => (await endpoints('default/reviews-v2:80')) === 1, 10_000, "node B's endpoint known on node A");
+  await checkRouting(sb, client, agentA, 'two nodes');
+  // v2's requests arrived on node B through tunnels, mutual TLS, with the client's identity.
+  const b = await agentB.metrics();
+  assert.ok(metricValue(b, 'istio_tcp_connections_opened_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', destination_version: 'v2', source_principal: 'spiffe://cluster.local/ns/default/sa/default' }) >= 1, 'node B took tunnelled connections from the client');
+  assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1);
+});

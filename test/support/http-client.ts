@@ -1,0 +1,110 @@
+/**
+ * A real HTTP/1.1 client for L7 tests, run inside a pod: `node http-client.js <json plan>`. Sends
+ * the plan's requests one after the other over ONE keep-alive connection (a new one only if the
+ * server closes it), and prints one JSON line: each answer's status, x-served-by, body size and
+ * sha256, trailers; and how many connections it took.
+ *
+ * Plan: {host, port, requests: [{method?, path, headers?, body?: bytes, chunked?: boolean}], repeat?,
+ * raw?: [bytes as latin1 text]}. Each raw entry goes on a connection of its own, as written; its
+ * answer's status line is reported (or "closed" when the connection closed without one).
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { Agent, request } from 'node:http';
+import { connect, type Socket } from 'node:net';
+
+export interface HttpPlan {
+  readonly host: string;
+  readonly port: number;
+  readonly requests: ReadonlyArray<{ readonly method?: string; readonly path: string; readonly headers?: Record<string, string>; readonly body?: number; readonly chunked?: boolean }>;
+  readonly repeat?: number;
+  readonly raw?: ReadonlyArray<string>;
+}
+
+export interface HttpAnswer {
+  readonly status: number;
+  readonly servedBy: string;
+  readonly bytes: number;
+  readonly sha256: string;
+  /** The request body's sha256, when it had one. */
+  readonly sent?: string;
+  readonly trailers: Record<string, string>;
+  readonly headers: Record<string, string | string[] | undefined>;
+  readonly error?: string;
+}
+
+export interface HttpRun {
+  readonly answers: HttpAnswer[];
+  readonly connections: number;
+  /** Per raw entry: the answer's status line, or "closed". */
+  readonly raw: string[];
+}
+
+function rawExchange(host: string, port: number, text: string): Promise<string> {
+  return new Promise((resolve) => {
+    let got = '';
+    const s = connect(port, host, () => s.write(Buffer.from(text, 'latin1')));
+    const done = (): void => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(got.includes('\r\n') ? (got.split('\r\n')[0] ?? '') : 'closed');
+    };
+    const timer = setTimeout(done, 5000);
+    s.on('data', (d: Buffer) => {
+      got += d.toString('latin1');
+      if (got.includes('\r\n')) done();
+    });
+    s.on('close', done);
+    s.on('error', done);
+  });
+}
+
+async function main(): Promise<void> {
+  const plan = JSON.parse(process.argv[2] ?? '{}') as HttpPlan;
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  const sockets = new Set<Socket>();
+  const answers: HttpAnswer[] = [];
+  for (let i = 0; i < (plan.repeat ?? 1); i++) {
+    for (const r of plan.requests) {
+      answers.push(
+        await new Promise<HttpAnswer>((resolve) => {
+          const body = r.body === undefined ? undefined : randomBytes(r.body);
+          const headers: Record<string, string | number> = { ...r.headers };
+          if (body && !r.chunked) headers['content-length'] = body.length;
+          const req = request({ host: plan.host, port: plan.port, method: r.method ?? (body ? 'POST' : 'GET'), path: r.path, headers, agent }, (res) => {
+            const hash = createHash('sha256');
+            let bytes = 0;
+            res.on('data', (c: Buffer) => {
+              hash.update(c);
+              bytes += c.length;
+            });
+            res.on('end', () =>
+              resolve({
+                status: res.statusCode ?? 0,
+                servedBy: String(res.headers['x-served-by'] ?? ''),
+                bytes,
+                sha256: hash.digest('hex'),
+                ...(body ? { sent: createHash('sha256').update(body).digest('hex') } : {}),
+                trailers: { ...res.trailers } as Record<string, string>,
+                headers: res.headers,
+              }),
+            );
+          });
+          req.on('socket', (s: Socket) => sockets.add(s));
+          req.on('error', (e) => resolve({ status: 0, servedBy: '', bytes: 0, sha256: '', trailers: {}, headers: {}, error: e.message }));
+          if (body && r.chunked) {
+            // Several writes without a length: chunked on the wire.
+            for (let o = 0; o < body.length; o += 65536) req.write(body.subarray(o, o + 65536));
+            req.end();
+          } else req.end(body);
+        }),
+      );
+    }
+  }
+  agent.destroy();
+  const raw: string[] = [];
+  for (const text of plan.raw ?? []) raw.push(await rawExchange(plan.host, plan.port, text));
+  const run: HttpRun = { answers, connections: sockets.size, raw };
+  process.stdout.write(`${JSON.stringify(run)}\n`);
+}
+
+await main();

@@ -1,0 +1,128 @@
+/** L7 routing in the config model and the proxy's matcher: protocols, precedence, matches, the store's checks. */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+
+import { parseRoute } from '../../src/config/route.js';
+import { portProtocol } from '../../src/config/service.js';
+import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
+import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
+import { matchRequest, routeRequest } from '../../src/proxy/http/outbound.js';
+import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
+
+test('port protocols: appProtocol first, else the name prefix; unknown when neither says', () => {
+  const cases: Array<[string, string, string]> = [
+    ['http', '', 'http'],
+    ['http-web', '', 'http'],
+    ['web', 'http', 'http'],
+    ['grpc-api', '', 'grpc'],
+    ['', 'kubernetes.io/h2c', 'http2'],
+    ['http2', '', 'http2'],
+    ['tcp-db', '', 'opaque'],
+    ['http', 'tcp', 'opaque'],
+    ['web', '', 'unknown'],
+    ['', '', 'unknown'],
+    ['HTTP', '', 'http'],
+  ];
+  for (const [name, appProtocol, want] of cases) assert.equal(portProtocol({ name, appProtocol }), want, `${name}/${appProtocol}`);
+});
+
+const routeDoc = (name: string, rules: unknown[]): Record<string, unknown> => ({
+  apiVersion: 'gateway.networking.k8s.io/v1',
+  kind: 'HTTPRoute',
+  metadata: { namespace: 'shop', name },
+  spec: { parentRefs: [{ kind: 'Service', name: 'web', port: 80 }], rules },
+});
+const to = (backend: string, extra: Record<string, unknown> = {}): Record<string, unknown> => ({ backendRefs: [{ name: backend, port: 80 }], ...extra });
+const facts = (path: string, headers: Record<string, string> = {}, method = 'GET', query = ''): { method: string; path: string; query: string; headers: Record<string, string> } => ({ method, path, query, headers });
+
+test('matches: PathPrefix element by element, Exact, whole-string regex, method, headers (case-insensitive names), query parameters (first value)', () => {
+  const m = (match: Record<string, unknown>) => {
+    const first = parseRoute(routeDoc('r', [to('a', { matches: [match] })])).rules[0]?.matches[0];
+    assert.ok(first);
+    return first;
+  };
+  const prefix = m({ path: { type: 'PathPrefix', value: '/abc/' } });
+  assert.deepEqual(['/abc', '/abc/', '/abc/def', '/abcd', '/ab'].map((p) => matchRequest(prefix, facts(p))), [true, true, true, false, false]);
+  const exact = m({ path: { type: 'Exact', value: '/abc' } });
+  assert.deepEqual(['/abc', '/abc/', '/abcd'].map((p) => matchRequest(exact, facts(p))), [true, false, false]);
+  const regex = m({ path: { type: 'RegularExpression', value: '/v[0-9]+/items' } });
+  assert.deepEqual(['/v1/items', '/v12/items', '/x/v1/items', '/v1/items/1'].map((p) => matchRequest(regex, facts(p))), [true, true, false, false]);
+  const headers = m({ method: 'POST', headers: [{ name: 'X-Version', value: 'v2' }, { type: 'RegularExpression', name: 'x-user', value: 'beta-.*' }] });
+  assert.equal(matchRequest(headers, facts('/', { 'x-version': 'v2', 'x-user': 'beta-7' }, 'POST')), true);
+  assert.equal(matchRequest(headers, facts('/', { 'x-version': 'v2', 'x-user': 'beta-7' }, 'GET')), false, 'method');
+  assert.equal(matchRequest(headers, facts('/', { 'x-version': 'V2', 'x-user': 'beta-7' }, 'POST')), false, 'values are case-sensitive');
+  assert.equal(matchRequest(headers, facts('/', { 'x-version': 'v2' }, 'POST')), false, 'a missing header does not match');
+  const query = m({ queryParams: [{ name: 'tier', value: 'gold' }] });
+  assert.deepEqual(['tier=gold', 'tier=gold&tier=x', 'tier=x&tier=gold', 'Tier=gold', ''].map((q) => matchRequest(query, facts('/', {}, 'GET', q))), [true, true, false, false, false]);
+});
+
+const workload = (name: string, app: string, n: number): Workload => ({ uid: `u-${name}`, name, namespace: 'shop', serviceAccount: 'default', labels: { app }, ip4: `10.200.0.${n}`, ip6: '' });
+const svc = (name: string, ip: string, port = '{name: http, port: 80, targetPort: 8080}'): string => `apiVersion: v1\nkind: Service\nmetadata: {name: ${name}, namespace: shop}\nspec: {clusterIP: ${ip}, selector: {app: ${name}}, ports: [${port}]}\n---\n`;
+
+test('precedence: routes on one HTTP port merge; Exact, regex, longest prefix, method, most headers, most query parameters, then name and order', async () => {
+  const rules = (...r: unknown[]): unknown[] => r;
+  const a = parseRoute(routeDoc('a', rules(to('root'), to('api', { matches: [{ path: { value: '/api' } }] }), to('hdr', { matches: [{ path: { value: '/api' }, headers: [{ name: 'x-v', value: '2' }] }] }))));
+  const b = parseRoute(routeDoc('b', rules(to('exact', { matches: [{ path: { type: 'Exact', value: '/api/health' } }] }), to('regex', { matches: [{ path: { type: 'RegularExpression', value: '/api/v[0-9]' } }] }), to('long', { matches: [{ path: { value: '/api/items' } }] }), to('post', { matches: [{ path: { value: '/api' }, method: 'POST' }] }))));
+  const names = ['web', 'root', 'api', 'hdr', 'exact', 'regex', 'long', 'post'];
+  const services = names.map((n, i) => svc(n, `10.96.7.${i + 1}`)).join('');
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  try {
+    await writeFile(join(dir, 'svc.yaml'), services);
+    const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+    await store.load();
+    const c = store.current();
+    const snap = new MeshSnapshot(1, c.services, names.map((n, i) => workload(n, n, i + 1)), [], [b, a]);
+    const web = snap.service({ family: 4, address: '10.96.7.1', port: 80 });
+    assert.ok(web?.http, 'the HTTP port is routed per request');
+    assert.equal(web.split, undefined);
+    assert.deepEqual(web.http.routes, ['HTTPRoute shop/a', 'HTTPRoute shop/b']);
+    assert.deepEqual(
+      web.http.entries.map((e) => e.backends[0]?.target.service.name),
+      ['exact', 'regex', 'long', 'post', 'hdr', 'api', 'root'],
+    );
+    const lb = new LoadBalancer();
+    const go = (path: string, headers: Record<string, string> = {}, method = 'GET'): string | undefined => {
+      const e = routeRequest(web.http?.entries ?? [], facts(path, headers, method));
+      return e ? lb.pickWeighted(`${web.key}#${e.route}#${e.rule}`, e.backends)?.service.name : undefined;
+    };
+    assert.deepEqual(
+      [go('/api/health'), go('/api/v1'), go('/api/items/3'), go('/api/x', {}, 'POST'), go('/api/x', { 'x-v': '2' }), go('/api/x'), go('/other'), go('/api/healthz')],
+      ['exact', 'regex', 'long', 'post', 'hdr', 'api', 'root', 'api'],
+    );
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('the store: a route that matches requests needs an HTTP parent port (field named, last good kept); a split alone may go on any port', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const routeYaml = (matches: string): string =>
+    `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web, port: 80}]\n  rules: [{${matches}backendRefs: [{name: v1, port: 80, weight: 9}, {name: v2, port: 80, weight: 1}]}]\n`;
+  await writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.8.1', '{name: web, port: 80, targetPort: 8080}') + svc('v1', '10.96.8.2') + svc('v2', '10.96.8.3'));
+  await writeFile(join(dir, 'route.yaml'), routeYaml(''));
+  const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+  await store.load();
+  assert.deepEqual(store.lastRejected(), []);
+  const pods = [workload('v1', 'v1', 2), workload('v2', 'v2', 3)];
+  const parent = (): ReturnType<MeshSnapshot['service']> => {
+    const c = store.current();
+    return new MeshSnapshot(1, c.services, pods, [], c.routes).service({ family: 4, address: '10.96.8.1', port: 80 });
+  };
+  assert.ok(parent()?.split, 'a port that says no protocol: connections are split');
+  assert.equal(parent()?.http, undefined);
+  await writeFile(join(dir, 'route.yaml'), routeYaml('matches: [{headers: [{name: x-v, value: "2"}]}], '));
+  await store.load();
+  const rejected = store.lastRejected();
+  assert.deepEqual(rejected.map((r) => [r.object, r.field, r.keptLastGood]), [['HTTPRoute shop/r', 'spec.parentRefs[0].port', true]]);
+  assert.match(rejected[0]?.message ?? '', /says no protocol \(set its appProtocol to "http"/);
+  assert.ok(parent()?.split, 'the last good route keeps serving');
+  // Once the port says it speaks HTTP, the same route applies per request.
+  await writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.8.1', '{name: web, port: 80, targetPort: 8080, appProtocol: http}') + svc('v1', '10.96.8.2') + svc('v2', '10.96.8.3'));
+  await store.load();
+  assert.deepEqual(store.lastRejected(), []);
+  assert.equal(parent()?.http?.entries.length, 1);
+});
