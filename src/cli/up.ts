@@ -19,7 +19,7 @@ import { podCidrList, runtimeConfigFromEnv } from '../runtime/config.js';
 import { validatePodSpec } from '../runtime/pod-spec.js';
 import { LocalPodRuntime } from '../runtime/pods.js';
 import type { PodRecord } from '../runtime/store.js';
-import { waitForListener } from '../runtime/wait.js';
+import { waitForPodListener } from '../runtime/wait.js';
 import { NodemeshError } from '../shared/errors.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../shared/paths.js';
 import { preflight } from './preflight.js';
@@ -196,7 +196,9 @@ export async function up(options: UpOptions, progress: Progress, write: (text: s
       const record = await runtime.create(spec, { detached: true });
       cleanups.push(() => runtime.remove(record, 1000));
       const { record: running } = await runtime.start(record);
-      await waitForListener(running.ip4, APP_PORT, 10_000);
+      // Seen from inside the pod: a dial from the host would go through the mesh once the agent
+      // serves the pod, and show in the summary as a plaintext connection.
+      await waitForPodListener(running.pid, APP_PORT, 10_000);
       pods.push(running);
     }
     progress(`creating pod ${NAMESPACE}/loadgen on ${nodes[0]}`);

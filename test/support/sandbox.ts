@@ -17,6 +17,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 import { holdBlackhole } from '../../src/runtime/blackhole.js';
 import { findCgroup2Mount, removeCgroupTree } from '../../src/runtime/cgroup.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
+import { waitForPodListener } from '../../src/runtime/wait.js';
 import { ensureBpffs } from '../../src/cli/preflight.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 
@@ -169,20 +170,6 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
   return sandbox;
 }
 
-/** Waits until a socket listens on port in the network namespace of process pid (its /proc/PID/net/tcp{,6}). */
-export async function waitForPodListener(pid: number | null, port: number, timeoutMs: number): Promise<void> {
-  if (pid === null) throw new Error('the pod has no process');
-  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
-  // A row's local address ends in :PORT and its state is 0A (LISTEN).
-  const listening = (table: string): boolean => table.split('\n').some((row) => {
-    const cols = row.trim().split(/\s+/);
-    return cols[1]?.endsWith(`:${hexPort}`) === true && cols[3] === '0A';
-  });
-  await waitFor(async () => {
-    const tables = await Promise.all(['tcp', 'tcp6'].map((f) => readFile(`/proc/${pid}/net/${f}`, 'utf8').catch(() => '')));
-    return tables.some(listening);
-  }, timeoutMs, `a listener on port ${port} in pid ${pid}'s netns`);
-}
 
 export async function waitFor(check: () => Promise<boolean> | boolean, timeoutMs: number, what: string, intervalMs = 25): Promise<void> {
   const deadline = Date.now() + timeoutMs;
