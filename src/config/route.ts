@@ -8,7 +8,10 @@
  * timeouts, retries, session persistence, gRPC matches) is refused with the field named, never
  * half applied.
  */
-import { ObjectInvalid, parseMetadata, portProtocol, type ServicePort } from './service.js';
+import { parseFilters, type RouteFilter } from './route-filters.js';
+import { parseDuration } from './schemas.js';
+import { ObjectInvalid, list, object, only, type Json } from './fields.js';
+import { parseMetadata, portProtocol, type ServicePort } from './service.js';
 
 export const GATEWAY_API = 'gateway.networking.k8s.io/v1';
 export const ROUTE_KINDS = ['HTTPRoute', 'GRPCRoute'] as const;
@@ -24,6 +27,8 @@ export interface RouteRef {
 export interface RouteBackend extends RouteRef {
   /** Relative share of requests (of connections on a TCP port); Gateway API: 0 to 1,000,000, default 1. */
   readonly weight: number;
+  /** Header modifiers applied when this backend takes the request (empty: none). */
+  readonly filters?: ReadonlyArray<RouteFilter>;
 }
 
 export interface PathMatch {
@@ -49,12 +54,39 @@ export interface RouteMatch {
   readonly queryParams: ReadonlyArray<ValueMatch>;
 }
 
+/** Gateway API HTTPRouteTimeouts; a field left out (or "0s") sets no limit. */
+export interface RouteTimeouts {
+  /** From the request's head to the end of its answer, retries included: 504 after it. */
+  readonly requestMs?: number;
+  /** Each attempt, to the answer's head: a retry follows when the rule's retry allows. */
+  readonly backendRequestMs?: number;
+}
+
+/** Gateway API HTTPRouteRetry (GEP-1731). */
+export interface RouteRetry {
+  /** Retries after the first attempt (at most). */
+  readonly attempts: number;
+  /** Answers retried; connect failures, resets and per-try timeouts are retried too. */
+  readonly codes: ReadonlyArray<number>;
+  /** Base of the exponential backoff with full jitter (the n-th retry waits up to base * 2^(n-1), at most 10 times base). */
+  readonly backoffMs: number;
+}
+
 export interface RouteRule {
   readonly name?: string;
   /** At least one; a request matching any of them takes the rule. */
   readonly matches: ReadonlyArray<RouteMatch>;
   readonly backends: ReadonlyArray<RouteBackend>;
+  readonly timeouts?: RouteTimeouts;
+  readonly retry?: RouteRetry;
+  /** In the order written (Gateway API applies them in order). */
+  readonly filters?: ReadonlyArray<RouteFilter>;
 }
+
+/** Retries when a route's retry does not say (GEP-1731 leaves the defaults to implementations; Envoy's). */
+export const RETRY_DEFAULTS = Object.freeze({ attempts: 1, backoffMs: 25 });
+const MAX_ATTEMPTS = 10;
+const MAX_TIMEOUT_MS = 3_600_000;
 
 export interface ServiceRoute {
   readonly kind: RouteKind;
@@ -71,27 +103,7 @@ export interface ServiceRoute {
 export const DEFAULT_PATH: PathMatch = Object.freeze({ type: 'PathPrefix', value: '/' });
 export const ALL_REQUESTS: RouteMatch = Object.freeze({ path: DEFAULT_PATH, headers: Object.freeze([]), queryParams: Object.freeze([]) });
 
-type Json = Record<string, unknown>;
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 const MAX_WEIGHT = 1_000_000;
-
-function only(obj: Json, allowed: ReadonlyArray<string>, at: string): void {
-  for (const key of Object.keys(obj)) {
-    if (!allowed.includes(key)) throw new ObjectInvalid(`${at}${key}`, `unknown field "${at}${key}"`);
-  }
-}
-
-function list(v: unknown, field: string, max: number): unknown[] {
-  if (v === undefined) return [];
-  if (!Array.isArray(v)) throw new ObjectInvalid(field, `${field} must be a list`);
-  if (v.length > max) throw new ObjectInvalid(field, `${field} has ${v.length} entries (at most ${max})`);
-  return v;
-}
-
-function object(v: unknown, field: string): Json {
-  if (!isObject(v)) throw new ObjectInvalid(field, `${field} must be an object`);
-  return v;
-}
 
 function name(v: unknown, field: string): string {
   if (typeof v !== 'string' || !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(v) || v.length > 63) throw new ObjectInvalid(field, `${field} must be the name of a Service (a DNS-1123 label)`);
@@ -122,7 +134,7 @@ function sameNamespace(v: unknown, routeNamespace: string, field: string, what: 
 const HTTP_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'timeouts', 'retry', 'sessionPersistence'];
 const GRPC_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'sessionPersistence'];
 /** Rule fields the proxy does not apply yet: refused, never half applied. */
-const NOT_YET = ['filters', 'timeouts', 'retry', 'sessionPersistence'];
+const NOT_YET = ['sessionPersistence'];
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE', 'PATCH'];
 /** RFC 9110 token: what a header name may be. */
 const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
@@ -187,6 +199,41 @@ function parseValueMatches(v: unknown, at: string, lowerCaseNames: boolean): Val
   });
 }
 
+/** A Gateway API duration ("10s", "500ms", "1m30s"); 0 means none. */
+function timeout(v: unknown, field: string): number | undefined {
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string') throw new ObjectInvalid(field, `${field} must be a duration such as 10s or 500ms`);
+  const ms = parseDuration(v, field);
+  if (ms > MAX_TIMEOUT_MS) throw new ObjectInvalid(field, `${field} "${v}" is over 1h`);
+  return ms === 0 ? undefined : ms;
+}
+
+function parseTimeouts(v: unknown, at: string): RouteTimeouts | undefined {
+  if (v === undefined) return undefined;
+  const t = object(v, at);
+  only(t, ['request', 'backendRequest'], `${at}.`);
+  const requestMs = timeout(t['request'], `${at}.request`);
+  const backendRequestMs = timeout(t['backendRequest'], `${at}.backendRequest`);
+  // Gateway API: an attempt cannot be given longer than the whole request.
+  if (requestMs !== undefined && backendRequestMs !== undefined && backendRequestMs > requestMs) throw new ObjectInvalid(`${at}.backendRequest`, `${at}.backendRequest (${backendRequestMs} ms) must not be longer than ${at}.request (${requestMs} ms)`);
+  if (requestMs === undefined && backendRequestMs === undefined) return undefined;
+  return { ...(requestMs === undefined ? {} : { requestMs }), ...(backendRequestMs === undefined ? {} : { backendRequestMs }) };
+}
+
+function parseRetry(v: unknown, at: string): RouteRetry | undefined {
+  if (v === undefined) return undefined;
+  const r = object(v, at);
+  only(r, ['codes', 'attempts', 'backoff'], `${at}.`);
+  const attempts = r['attempts'] ?? RETRY_DEFAULTS.attempts;
+  if (typeof attempts !== 'number' || !Number.isInteger(attempts) || attempts < 0 || attempts > MAX_ATTEMPTS) throw new ObjectInvalid(`${at}.attempts`, `${at}.attempts must be a whole number 0-${MAX_ATTEMPTS}`);
+  const codes = list(r['codes'], `${at}.codes`, 32).map((c, i) => {
+    if (typeof c !== 'number' || !Number.isInteger(c) || c < 400 || c > 599) throw new ObjectInvalid(`${at}.codes[${i}]`, `${at}.codes[${i}] must be an HTTP status 400-599`);
+    return c;
+  });
+  const backoffMs = r['backoff'] === undefined ? RETRY_DEFAULTS.backoffMs : (timeout(r['backoff'], `${at}.backoff`) ?? 0);
+  return { attempts, codes: [...new Set(codes)], backoffMs };
+}
+
 function parseHttpMatch(v: unknown, at: string): RouteMatch {
   const m = object(v, at);
   only(m, ['path', 'headers', 'queryParams', 'method'], `${at}.`);
@@ -194,8 +241,9 @@ function parseHttpMatch(v: unknown, at: string): RouteMatch {
   return { path: parsePath(m['path'], `${at}.path`), ...(method === undefined ? {} : { method }), headers: parseValueMatches(m['headers'], `${at}.headers`, true), queryParams: parseValueMatches(m['queryParams'], `${at}.queryParams`, false) };
 }
 
-/** Whether a route asks for anything beyond weighted backends for every request. */
-export function matchesRequests(route: Pick<ServiceRoute, 'rules'>): boolean {
+/** Whether a route asks for anything beyond weighted backends for every request (it needs an HTTP port). */
+export function needsHttp(route: Pick<ServiceRoute, 'rules'>): boolean {
+  if (route.rules.some((r) => r.timeouts !== undefined || r.retry !== undefined || r.filters !== undefined || r.backends.some((b) => b.filters !== undefined))) return true;
   const everyRequest = (m: RouteMatch): boolean => m.path.type === 'PathPrefix' && m.path.value === '/' && m.method === undefined && m.headers.length === 0 && m.queryParams.length === 0;
   return route.rules.length > 1 || route.rules.some((r) => !r.matches.every(everyRequest));
 }
@@ -234,27 +282,40 @@ export function parseRoute(doc: Json): ServiceRoute {
     const matchDocs = list(rule['matches'], `${at}.matches`, 64);
     if (kind === 'GRPCRoute' && matchDocs.length > 0) throw notYet(`${at}.matches`, 'matching gRPC requests');
     const matches = matchDocs.length === 0 ? [ALL_REQUESTS] : matchDocs.map((m, mi) => parseHttpMatch(m, `${at}.matches[${mi}]`));
+    const refs = { namespace: (v: unknown, field: string) => sameNamespace(v, namespace, field, 'backends'), name };
+    if (kind === 'GRPCRoute' && rule['filters'] !== undefined) throw notYet(`${at}.filters`, 'filters on gRPC routes');
+    const filters = parseFilters(rule['filters'], `${at}.filters`, 'rule', refs);
+    const redirects = filters.some((f) => f.type === 'RequestRedirect');
+    // ReplacePrefixMatch replaces what a PathPrefix match matched: no other kind of match has a prefix.
+    const byPrefix = filters.findIndex((f) => (f.type === 'URLRewrite' || f.type === 'RequestRedirect') && f.path?.type === 'ReplacePrefixMatch');
+    if (byPrefix >= 0 && !matches.every((m) => m.path.type === 'PathPrefix')) throw new ObjectInvalid(`${at}.filters[${byPrefix}]`, `${at}.filters[${byPrefix}]: ReplacePrefixMatch needs every match of the rule to be a PathPrefix`);
     const backendRefs = list(rule['backendRefs'], `${at}.backendRefs`, 16);
-    if (backendRefs.length === 0) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs must name at least one Service`);
+    // A redirect answers the request itself: it needs no backend (and sends to none).
+    if (redirects && backendRefs.length > 0) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs: a rule with a RequestRedirect sends no request to a backend`);
+    if (backendRefs.length === 0 && !redirects) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs must name at least one Service`);
     const backends = backendRefs.map((b, i): RouteBackend => {
       const bat = `${at}.backendRefs[${i}]`;
       const ref = object(b, bat);
       only(ref, ['group', 'kind', 'namespace', 'name', 'port', 'weight', 'filters'], `${bat}.`);
       serviceRef(ref, bat, 'Service');
-      if (ref['filters'] !== undefined) throw notYet(`${bat}.filters`, 'filters');
+      const backendFilters = parseFilters(ref['filters'], `${bat}.filters`, 'backend', refs);
       const p = port(ref['port'], `${bat}.port`);
       if (p === undefined) throw new ObjectInvalid(`${bat}.port`, `${bat}.port is required for a Service backend`);
       const weight = ref['weight'] ?? 1;
       if (typeof weight !== 'number' || !Number.isInteger(weight) || weight < 0 || weight > MAX_WEIGHT) throw new ObjectInvalid(`${bat}.weight`, `${bat}.weight must be a whole number 0-${MAX_WEIGHT}`);
-      return { namespace: sameNamespace(ref['namespace'], namespace, `${bat}.namespace`, 'backends'), name: name(ref['name'], `${bat}.name`), port: p, weight };
+      return { namespace: sameNamespace(ref['namespace'], namespace, `${bat}.namespace`, 'backends'), name: name(ref['name'], `${bat}.name`), port: p, weight, ...(backendFilters.length > 0 ? { filters: backendFilters } : {}) };
     });
     // Gateway API answers every request of such a rule 500; nodemesh refuses the route instead,
     // since no traffic can be meant to go that way.
-    if (backends.every((b) => b.weight === 0)) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs: the weights sum to 0, so no request could go anywhere`);
+    if (!redirects && backends.every((b) => b.weight === 0)) throw new ObjectInvalid(`${at}.backendRefs`, `${at}.backendRefs: the weights sum to 0, so no request could go anywhere`);
     const ruleName = rule['name'] === undefined ? undefined : name(rule['name'], `${at}.name`);
-    return { ...(ruleName === undefined ? {} : { name: ruleName }), matches, backends };
+    const timeouts = parseTimeouts(rule['timeouts'], `${at}.timeouts`);
+    const retry = parseRetry(rule['retry'], `${at}.retry`);
+    return { ...(ruleName === undefined ? {} : { name: ruleName }), matches, backends, ...(timeouts ? { timeouts } : {}), ...(retry ? { retry } : {}), ...(filters.length > 0 ? { filters } : {}) };
   });
-  const backends = rules.flatMap((r) => r.backends);
+  // Where the route may send traffic: the rules' backends, and the Services requests are mirrored to.
+  const mirrors = rules.flatMap((r) => (r.filters ?? []).flatMap((f) => (f.type === 'RequestMirror' ? [{ ...f.backend, weight: 0 }] : [])));
+  const backends = [...rules.flatMap((r) => r.backends), ...mirrors];
   return { kind, namespace, name: routeName, parents, rules, backends };
 }
 
@@ -271,7 +332,7 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
     if (ref.port !== undefined && !svc.ports.some((p) => p.port === ref.port)) return { field: `${at}.port`, message: `${at}.port: Service ${ref.namespace}/${ref.name} has no port ${ref.port}` };
     return undefined;
   };
-  const l7 = matchesRequests(route);
+  const l7 = needsHttp(route);
   for (const [i, p] of route.parents.entries()) {
     const bad = check(p, `spec.parentRefs[${i}]`);
     if (bad) return bad;
@@ -280,12 +341,16 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
       const field = `spec.parentRefs[${i}]${p.port === undefined ? '' : '.port'}`;
       const speaks = portProtocol(notHttp);
       const why = speaks === 'unknown' ? 'says no protocol (set its appProtocol to "http" or name it "http" or "http-...")' : `speaks ${speaks}, which nodemesh does not route by request yet`;
-      return { field, message: `${field}: the route matches requests, so its parent port must speak HTTP/1.1; Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
+      return { field, message: `${field}: the route works per request (matches, timeouts, retries), so its parent port must speak HTTP/1.1; Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
     }
   }
   for (const [ri, rule] of route.rules.entries()) {
     for (const [i, b] of rule.backends.entries()) {
       const bad = check(b, `spec.rules[${ri}].backendRefs[${i}]`);
+      if (bad) return bad;
+    }
+    for (const [i, f] of (rule.filters ?? []).entries()) {
+      const bad = f.type === 'RequestMirror' ? check(f.backend, `spec.rules[${ri}].filters[${i}].requestMirror.backendRef`) : undefined;
       if (bad) return bad;
     }
   }

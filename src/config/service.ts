@@ -4,6 +4,8 @@
  */
 import { isIP } from 'node:net';
 
+import { ObjectInvalid, object, only, type Json } from './fields.js';
+
 export interface ServicePort {
   readonly name: string;
   readonly port: number;
@@ -59,30 +61,9 @@ export interface ConfigIssue {
   readonly message: string;
 }
 
-export class ObjectInvalid extends Error {
-  constructor(
-    readonly field: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+export { ObjectInvalid };
 
-type Json = Record<string, unknown>;
-
-const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
-
-function only(obj: Json, allowed: ReadonlyArray<string>, at: string): void {
-  for (const key of Object.keys(obj)) {
-    if (!allowed.includes(key)) throw new ObjectInvalid(`${at}${key}`, `unknown field "${at}${key}"`);
-  }
-}
-
-function object(v: unknown, field: string): Json {
-  if (!isObject(v)) throw new ObjectInvalid(field, `${field} must be an object`);
-  return v;
-}
 
 function string(v: unknown, field: string): string {
   if (typeof v !== 'string') throw new ObjectInvalid(field, `${field} must be a string`);

@@ -4,7 +4,8 @@
  * now, the control plane later) and swapped whole, never mutated.
  */
 import type { SocketAddress } from '../shared/address.js';
-import { matchesRequests, type RouteMatch, type ServiceRoute } from './route.js';
+import { needsHttp, type RouteMatch, type RouteRetry, type RouteTimeouts, type ServiceRoute } from './route.js';
+import type { RouteFilter } from './route-filters.js';
 import { portProtocol, type Service, type ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { NO_SECURITY, type SecurityConfig } from './security.js';
@@ -53,6 +54,8 @@ export interface ServiceTarget {
 export interface WeightedBackend {
   readonly target: ServiceTarget;
   readonly weight: number;
+  /** The backendRef's own header modifiers. */
+  readonly filters?: ReadonlyArray<RouteFilter>;
 }
 
 /** One match of one rule of one route, with where its requests go. */
@@ -63,6 +66,12 @@ export interface HttpRouteEntry {
   /** "HTTPRoute ns/name" and the rule's index in it: metrics, logs and the rule's own split state. */
   readonly route: string;
   readonly rule: number;
+  readonly timeouts?: RouteTimeouts;
+  readonly retry?: RouteRetry;
+  /** The rule's filters, in order (a mirror's backend is in `mirrors`). */
+  readonly filters?: ReadonlyArray<RouteFilter>;
+  /** Where a share of the requests is copied to (RequestMirror), answers dropped. */
+  readonly mirrors?: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }>;
 }
 
 export interface HttpRouting {
@@ -257,10 +266,18 @@ function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap
       for (const b of rule.backends) {
         const t = targets.get(`${b.namespace}/${b.name}:${b.port ?? 0}`);
         if (!t) warnings.push({ object, message: `backend Service ${b.namespace}/${b.name} port ${b.port ?? '?'} does not exist; its share is left out` });
-        else if (b.weight > 0) split.push({ target: t, weight: b.weight });
+        else if (b.weight > 0) split.push({ target: t, weight: b.weight, ...(b.filters ? { filters: b.filters } : {}) });
       }
       return Object.freeze(split);
     });
+    const mirrors = r.rules.map((rule) =>
+      (rule.filters ?? []).flatMap((f) => {
+        if (f.type !== 'RequestMirror') return [];
+        const t = targets.get(`${f.backend.namespace}/${f.backend.name}:${f.backend.port}`);
+        if (!t) warnings.push({ object, message: `mirror Service ${f.backend.namespace}/${f.backend.name} port ${f.backend.port} does not exist; nothing is mirrored to it` });
+        return t ? [{ target: t, percent: f.percent }] : [];
+      }),
+    );
     for (const p of r.parents) {
       const parents = (byService.get(`${p.namespace}/${p.name}`) ?? []).filter((t) => p.port === undefined || t.port.port === p.port);
       if (parents.length === 0) warnings.push({ object, message: `parent Service ${p.namespace}/${p.name}${p.port === undefined ? '' : ` port ${p.port}`} does not exist` });
@@ -270,12 +287,14 @@ function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap
           http.set(parent.key, merged);
           merged.routes.push(object);
           r.rules.forEach((rule, ri) => {
-            for (const match of rule.matches) merged.entries.push({ match, backends: rules[ri] ?? [], route: object, rule: ri, order: order++ });
+            const mirrored = mirrors[ri] ?? [];
+            const extras = { ...(rule.timeouts ? { timeouts: rule.timeouts } : {}), ...(rule.retry ? { retry: rule.retry } : {}), ...(rule.filters ? { filters: rule.filters } : {}), ...(mirrored.length > 0 ? { mirrors: mirrored } : {}) };
+            for (const match of rule.matches) merged.entries.push({ match, backends: rules[ri] ?? [], route: object, rule: ri, ...extras, order: order++ });
           });
           continue;
         }
         const winner = out.get(parent.key);
-        if (matchesRequests(r)) warnings.push({ object, message: `ignored for ${parent.key}: the route matches requests and the port does not speak HTTP (set its appProtocol or name)` });
+        if (needsHttp(r)) warnings.push({ object, message: `ignored for ${parent.key}: the route works per request and the port does not speak HTTP (set its appProtocol or name)` });
         else if (winner) warnings.push({ object, message: `ignored for ${parent.key}: ${winner.route ?? ''} already routes it` });
         else out.set(parent.key, { split: rules[0] ?? [], route: object });
       }

@@ -26,6 +26,8 @@ export interface ServicePolicy {
     readonly baseEjectionMs: number;
     readonly maxEjectionPercent: number;
   };
+  /** Retries in flight from this node: at most `percent` of the active requests, but always `minRetryConcurrency`. */
+  readonly retryBudget: { readonly percent: number; readonly minRetryConcurrency: number };
 }
 
 export const DEFAULT_SERVICE_POLICY: ServicePolicy = Object.freeze({
@@ -35,6 +37,7 @@ export const DEFAULT_SERVICE_POLICY: ServicePolicy = Object.freeze({
   connectTimeoutMs: undefined,
   idleTimeoutMs: undefined,
   outlier: Object.freeze({ consecutiveConnectErrors: 5, baseEjectionMs: 30_000, maxEjectionPercent: 50 }),
+  retryBudget: Object.freeze({ percent: 20, minRetryConcurrency: 3 }),
 });
 
 export interface TrafficPolicy {
@@ -50,6 +53,7 @@ interface Spec {
   loadBalancer?: { type?: 'RoundRobin' | 'LeastRequest' | 'Random' };
   connectionPool?: { tcp?: { maxConnections?: number; connectTimeout?: string; idleTimeout?: string } };
   outlierDetection?: { consecutiveConnectErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number };
+  retryBudget?: { percent?: number; minRetryConcurrency?: number };
 }
 
 const LB: Record<string, LoadBalancing> = { RoundRobin: 'round-robin', LeastRequest: 'least-connections', Random: 'random' };
@@ -95,6 +99,7 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
       baseEjectionMs: od?.baseEjectionTime === undefined ? d.outlier.baseEjectionMs : boundedDuration(od.baseEjectionTime, DURATION_BOUNDS.baseEjectionMs),
       maxEjectionPercent: od?.maxEjectionPercent ?? d.outlier.maxEjectionPercent,
     }),
+    retryBudget: Object.freeze({ percent: spec.retryBudget?.percent ?? d.retryBudget.percent, minRetryConcurrency: spec.retryBudget?.minRetryConcurrency ?? d.retryBudget.minRetryConcurrency }),
   });
   return { name, namespace, services: [...new Set(spec.targetRefs.map((r) => r.name))], policy };
 }

@@ -14,8 +14,9 @@ import { loadSync } from '@grpc/proto-loader';
 import { DEFAULT_MESH, TRUST_DOMAIN, isDefaultMtlsMode, type MeshSettings, type Namespace } from '../config/mesh.js';
 import { ObjectInvalid, type Service, type ServicePort } from '../config/service.js';
 import type { Workload } from '../config/snapshot.js';
-import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, matchesRequests, parseRoute, type ServiceRoute, type ValueMatch } from '../config/route.js';
-import { DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
+import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, needsHttp, parseRoute, type ServiceRoute, type ValueMatch } from '../config/route.js';
+import type { RouteFilter } from '../config/route-filters.js';
+import { DEFAULT_SERVICE_POLICY, DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
 import type { MeshConfig } from '../config/store.js';
 import { checkAuthorizationPolicy, checkPeerAuthentication, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
 import { compareStrings } from '../shared/order.js';
@@ -70,12 +71,32 @@ export interface WireTrafficPolicy {
   consecutiveConnectErrors: number;
   baseEjectionMs: number;
   maxEjectionPercent: number;
+  retryBudgetPercent?: number | null;
+  minRetryConcurrency?: number | null;
 }
 export interface WireRouteRef {
   namespace: string;
   name: string;
   port?: number | null;
   weight: number;
+  filters: WireRouteFilter[];
+}
+export interface WireHeaderChanges {
+  set: Array<{ name: string; value: string }>;
+  add: Array<{ name: string; value: string }>;
+  remove: string[];
+}
+export interface WireRouteFilter {
+  type: string;
+  headers?: WireHeaderChanges | null;
+  hostname: string;
+  pathType: string;
+  path: string;
+  scheme: string;
+  port?: number | null;
+  statusCode: number;
+  mirror?: WireRouteRef | null;
+  percent: number;
 }
 export interface WireValueMatch {
   type: string;
@@ -93,6 +114,10 @@ export interface WireRouteRule {
   name: string;
   matches: WireRouteMatch[];
   backends: WireRouteRef[];
+  requestTimeoutMs?: number | null;
+  backendRequestTimeoutMs?: number | null;
+  retry?: { attempts: number; codes: number[]; backoffMs: number } | null;
+  filters: WireRouteFilter[];
 }
 export interface WireRoute {
   kind: string;
@@ -258,11 +283,54 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
     consecutiveConnectErrors: p.outlier.consecutiveConnectErrors,
     baseEjectionMs: p.outlier.baseEjectionMs,
     maxEjectionPercent: p.outlier.maxEjectionPercent,
+    retryBudgetPercent: p.retryBudget.percent,
+    minRetryConcurrency: p.retryBudget.minRetryConcurrency,
   };
 }
 
+/** A filter as the wire has it: every scalar set (proto3 decodes an unset one as its default, and the digest must match). */
+function filterToWire(f: RouteFilter): WireRouteFilter {
+  const base: WireRouteFilter = { type: f.type, hostname: '', pathType: '', path: '', scheme: '', statusCode: 0, percent: 0 };
+  const pairs = (xs: ReadonlyArray<readonly [string, string]>): Array<{ name: string; value: string }> => xs.map(([name, value]) => ({ name, value }));
+  switch (f.type) {
+    case 'RequestHeaderModifier':
+    case 'ResponseHeaderModifier':
+      return { ...base, headers: { set: pairs(f.headers.set), add: pairs(f.headers.add), remove: [...f.headers.remove] } };
+    case 'URLRewrite':
+      return { ...base, hostname: f.hostname ?? '', pathType: f.path?.type ?? '', path: f.path?.value ?? '' };
+    case 'RequestRedirect':
+      return { ...base, hostname: f.hostname ?? '', pathType: f.path?.type ?? '', path: f.path?.value ?? '', scheme: f.scheme ?? '', ...(f.port === undefined ? {} : { port: f.port }), statusCode: f.statusCode };
+    case 'RequestMirror':
+      return { ...base, mirror: { namespace: f.backend.namespace, name: f.backend.name, port: f.backend.port, weight: 0, filters: [] }, percent: f.percent };
+  }
+}
+
+/** A wire filter as Gateway API writes it: parseRoute checks it as it would the YAML. */
+function filterFromWire(w: WireRouteFilter): Record<string, unknown> {
+  const path = w.pathType === '' ? {} : { path: { type: w.pathType, [w.pathType === 'ReplaceFullPath' ? 'replaceFullPath' : 'replacePrefixMatch']: w.path } };
+  const h = w.headers;
+  const pairs = (xs: Array<{ name: string; value: string }>): Array<Record<string, string>> => xs.map((x) => ({ name: x.name, value: x.value }));
+  switch (w.type) {
+    case 'RequestHeaderModifier':
+    case 'ResponseHeaderModifier':
+      return { type: w.type, [w.type === 'RequestHeaderModifier' ? 'requestHeaderModifier' : 'responseHeaderModifier']: h ? { set: pairs(h.set), add: pairs(h.add), remove: [...h.remove] } : {} };
+    case 'URLRewrite':
+      return { type: w.type, urlRewrite: { ...(w.hostname === '' ? {} : { hostname: w.hostname }), ...path } };
+    case 'RequestRedirect':
+      return { type: w.type, requestRedirect: { statusCode: w.statusCode, ...(w.scheme === '' ? {} : { scheme: w.scheme }), ...(w.hostname === '' ? {} : { hostname: w.hostname }), ...(w.port === undefined || w.port === null ? {} : { port: w.port }), ...path } };
+    case 'RequestMirror': {
+      const m = w.mirror;
+      // A share that is no whole percent goes as the fraction it is.
+      const share = Number.isInteger(w.percent) ? { percent: w.percent } : { fraction: { numerator: Math.round(w.percent * 10_000), denominator: 1_000_000 } };
+      return { type: w.type, requestMirror: { backendRef: m ? { kind: 'Service', namespace: m.namespace, name: m.name, ...(m.port === undefined || m.port === null ? {} : { port: m.port }) } : {}, ...share } };
+    }
+    default:
+      return { type: w.type };
+  }
+}
+
 export function routeToWire(r: ServiceRoute): WireRoute {
-  const ref = (x: { namespace: string; name: string; port: number | undefined }, weight: number): WireRouteRef => ({ namespace: x.namespace, name: x.name, ...(x.port === undefined ? {} : { port: x.port }), weight });
+  const ref = (x: { namespace: string; name: string; port: number | undefined; filters?: ReadonlyArray<RouteFilter> }, weight: number): WireRouteRef => ({ namespace: x.namespace, name: x.name, ...(x.port === undefined ? {} : { port: x.port }), weight, filters: (x.filters ?? []).map(filterToWire) });
   const values = (ms: ReadonlyArray<ValueMatch>): WireValueMatch[] => ms.map((m) => ({ type: m.type, name: m.name, value: m.value }));
   const rules = r.rules.map(
     (rule): WireRouteRule => ({
@@ -270,9 +338,13 @@ export function routeToWire(r: ServiceRoute): WireRoute {
       // The default match is sent as none, which reads back as it.
       matches: rule.matches.filter((m) => m !== ALL_REQUESTS).map((m) => ({ pathType: m.path.type, path: m.path.value, method: m.method ?? '', headers: values(m.headers), queryParams: values(m.queryParams) })),
       backends: rule.backends.map((b) => ref(b, b.weight)),
+      ...(rule.timeouts?.requestMs === undefined ? {} : { requestTimeoutMs: rule.timeouts.requestMs }),
+      ...(rule.timeouts?.backendRequestMs === undefined ? {} : { backendRequestTimeoutMs: rule.timeouts.backendRequestMs }),
+      ...(rule.retry ? { retry: { attempts: rule.retry.attempts, codes: [...rule.retry.codes], backoffMs: rule.retry.backoffMs } } : {}),
+      filters: (rule.filters ?? []).map(filterToWire),
     }),
   );
-  const legacy = matchesRequests(r) ? [] : (rules[0]?.backends ?? []);
+  const legacy = needsHttp(r) ? [] : (rules[0]?.backends ?? []);
   return { kind: r.kind, namespace: r.namespace, name: r.name, parents: r.parents.map((p) => ref(p, 0)), backends: legacy, rules };
 }
 
@@ -283,9 +355,16 @@ export function routeToWire(r: ServiceRoute): WireRoute {
  * control plane that predates them: its backends are the one rule.
  */
 function routeFromWire(w: WireRoute): ServiceRoute {
-  const ref = (x: WireRouteRef, weight: boolean): Record<string, unknown> => ({ kind: 'Service', namespace: x.namespace, name: x.name, ...(x.port === undefined || x.port === null ? {} : { port: x.port }), ...(weight ? { weight: x.weight } : {}) });
+  const ref = (x: WireRouteRef, backend: boolean): Record<string, unknown> => ({
+    kind: 'Service',
+    namespace: x.namespace,
+    name: x.name,
+    ...(x.port === undefined || x.port === null ? {} : { port: x.port }),
+    ...(backend ? { weight: x.weight } : {}),
+    ...(backend && x.filters.length > 0 ? { filters: x.filters.map(filterFromWire) } : {}),
+  });
   const values = (ms: WireValueMatch[]): Array<Record<string, unknown>> => ms.map((m) => ({ type: m.type, name: m.name, value: m.value }));
-  const rules = w.rules.length > 0 ? w.rules : [{ name: '', matches: [], backends: w.backends }];
+  const rules: WireRouteRule[] = w.rules.length > 0 ? w.rules : [{ name: '', matches: [], backends: w.backends, filters: [] }];
   const doc = {
     apiVersion: GATEWAY_API,
     kind: w.kind,
@@ -296,6 +375,11 @@ function routeFromWire(w: WireRoute): ServiceRoute {
         ...(rule.name === '' ? {} : { name: rule.name }),
         ...(rule.matches.length === 0 ? {} : { matches: rule.matches.map((m) => ({ path: { type: m.pathType, value: m.path }, ...(m.method === '' ? {} : { method: m.method }), headers: values(m.headers), queryParams: values(m.queryParams) })) }),
         backendRefs: rule.backends.map((b) => ref(b, true)),
+        ...(rule.requestTimeoutMs || rule.backendRequestTimeoutMs
+          ? { timeouts: { ...(rule.requestTimeoutMs ? { request: `${rule.requestTimeoutMs}ms` } : {}), ...(rule.backendRequestTimeoutMs ? { backendRequest: `${rule.backendRequestTimeoutMs}ms` } : {}) } }
+          : {}),
+        ...(rule.retry ? { retry: { attempts: rule.retry.attempts, codes: rule.retry.codes, backoff: `${rule.retry.backoffMs}ms` } } : {}),
+        ...(rule.filters.length > 0 ? { filters: rule.filters.map(filterFromWire) } : {}),
       })),
     },
   };
@@ -523,6 +607,7 @@ export function decodeResources(version: number, digest: string, resources: Read
       const lb = LOAD_BALANCING.find((l) => l === w.loadBalancing);
       if (!lb) bad(id, 'spec.loadBalancer.type', `"${w.loadBalancing}" is not one of ${LOAD_BALANCING.join(', ')}`);
       if (w.maxEjectionPercent > 100) bad(id, 'spec.outlierDetection.maxEjectionPercent', `${w.maxEjectionPercent} is over 100`);
+      if ((w.retryBudgetPercent ?? 0) > 100) bad(id, 'spec.retryBudget.percent', `${String(w.retryBudgetPercent)} is over 100`);
       for (const [key, value] of [['connectTimeoutMs', w.connectTimeoutMs], ['idleTimeoutMs', w.idleTimeoutMs], ['baseEjectionMs', w.baseEjectionMs]] as const) {
         const why = value === undefined || value === null ? undefined : durationOutOfBounds(value, DURATION_BOUNDS[key]);
         if (why) bad(id, DURATION_BOUNDS[key].field, why);
@@ -539,6 +624,7 @@ export function decodeResources(version: number, digest: string, resources: Read
             connectTimeoutMs: w.connectTimeoutMs ?? undefined,
             idleTimeoutMs: w.idleTimeoutMs ?? undefined,
             outlier: Object.freeze({ consecutiveConnectErrors: w.consecutiveConnectErrors, baseEjectionMs: w.baseEjectionMs, maxEjectionPercent: w.maxEjectionPercent }),
+            retryBudget: Object.freeze({ percent: w.retryBudgetPercent ?? DEFAULT_SERVICE_POLICY.retryBudget.percent, minRetryConcurrency: w.minRetryConcurrency ?? DEFAULT_SERVICE_POLICY.retryBudget.minRetryConcurrency }),
           }),
         }),
       );

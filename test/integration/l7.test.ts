@@ -40,13 +40,26 @@ function meshConfig(): Record<string, string> {
       '    backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]',
       '  - matches: [{path: {type: PathPrefix, value: /echo}}, {path: {type: PathPrefix, value: /big}}]',
       '    backendRefs: [{name: reviews-v1, port: 80}]',
+      '  - matches: [{path: {value: /headers}}]',
+      '    filters:',
+      '    - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-env, value: prod}], remove: [x-secret]}}',
+      '    - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-mesh, value: nodemesh}]}}',
+      '    backendRefs: [{name: reviews-v1, port: 80}]',
+      '  - matches: [{path: {value: /old}}]',
+      '    filters: [{type: URLRewrite, urlRewrite: {hostname: reviews.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /api}}}]',
+      '    backendRefs: [{name: reviews-v1, port: 80}]',
+      '  - matches: [{path: {value: /moved}}]',
+      '    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /api}, statusCode: 301}}]',
+      '  - matches: [{path: {value: /mirrored}}]',
+      '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v2, port: 80}}}]',
+      '    backendRefs: [{name: reviews-v1, port: 80}]',
       '',
     ].join('\n'),
   };
 }
 
-async function http(sb: Sandbox, client: PodRecord, plan: Omit<HttpPlan, 'host' | 'port'>, agent: AgentProcess): Promise<HttpRun> {
-  const out = await sb.execIn(client, [process.execPath, CLIENT, JSON.stringify({ host: SVC.web, port: 80, ...plan })], 30_000).catch((e: Error) => {
+async function http(sb: Sandbox, client: PodRecord, plan: Omit<HttpPlan, 'host' | 'port'>, agent: AgentProcess, host = SVC.web): Promise<HttpRun> {
+  const out = await sb.execIn(client, [process.execPath, CLIENT, JSON.stringify({ host, port: 80, ...plan })], 30_000).catch((e: Error) => {
     throw new Error(`${e.message}\nthe source node's log:\n${agent.log().split('\n').slice(-40).join('\n')}`);
   });
   return JSON.parse(out.trim().split('\n').pop() ?? '{}') as HttpRun;
@@ -92,7 +105,7 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
 }
 
-test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers; malformed requests refused before routing', async (t) => {
+test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror); malformed requests refused before routing', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, meshConfig());
@@ -101,6 +114,16 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   const client = await sb.idlePod('client');
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
   await checkRouting(sb, client, agent, 'one node');
+  // Filters: header changes both ways, a rewrite, a redirect, a mirror.
+  const f = await http(sb, client, { requests: [{ path: '/headers/x', headers: { 'x-secret': 'hunter2', 'x-env': 'dev' } }, { path: '/old/items?q=1' }, { path: '/moved/items?q=1' }, { path: '/mirrored/a' }] }, agent);
+  const seen = (i: number): { url: string; headers: Record<string, string> } => JSON.parse(f.answers[i]?.text ?? '{}') as { url: string; headers: Record<string, string> };
+  assert.equal(seen(0).headers['x-env'], 'prod', 'set replaced the client\'s value');
+  assert.equal(seen(0).headers['x-secret'], undefined, 'removed before it left the node');
+  assert.equal(f.answers[0]?.headers['x-mesh'], 'nodemesh', 'added to the answer');
+  assert.deepEqual([seen(1).url, seen(1).headers['host']], ['/api/items?q=1', 'reviews.internal'], 'prefix and host rewritten');
+  assert.deepEqual([f.answers[2]?.status, f.answers[2]?.headers['location']], [301, `http://${SVC.web}/api/items?q=1`], 'redirected by the proxy');
+  assert.equal(f.answers[3]?.servedBy, 'reviews-v1', 'the mirror does not answer');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 1, 5000, 'the copy answered by v2');
   // Requests the parser refuses never go upstream, and the proxy goes on serving.
   const before = metricValue(await agent.metrics(), 'istio_requests_total');
   const bad = await http(sb, client, {
@@ -142,4 +165,76 @@ for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hb
   const b = await agentB.metrics();
   assert.ok(metricValue(b, 'istio_tcp_connections_opened_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', destination_version: 'v2', source_principal: 'spiffe://cluster.local/ns/default/sa/default' }) >= 1, 'node B took tunnelled connections from the client');
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1);
+});
+
+const SVC_API = { api: '10.96.0.74', flaky: '10.96.0.75', strict: '10.96.0.76' };
+
+/** `api` routes to `flaky` (one pod) with retries, timeouts, and to `flaky-strict` whose retry budget is 0. */
+function retryConfig(): Record<string, string> {
+  return {
+    'svc.yaml': [
+      serviceYaml('api', [SVC_API.api], { app: 'api' }, 80, 8080, 'http'),
+      serviceYaml('flaky', [SVC_API.flaky], { app: 'flaky' }, 80, 8080, 'http'),
+      serviceYaml('flaky-strict', [SVC_API.strict], { app: 'flaky' }, 80, 8080, 'http'),
+    ].join('---\n'),
+    'policy.yaml': 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: no-retries, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: flaky-strict}]\n  retryBudget: {percent: 0, minRetryConcurrency: 0}\n',
+    'route.yaml': [
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: api, namespace: default}',
+      'spec:',
+      '  parentRefs: [{kind: Service, name: api, port: 80}]',
+      '  rules:',
+      '  - matches: [{path: {value: /retry}}]',
+      '    backendRefs: [{name: flaky, port: 80}]',
+      '    retry: {attempts: 2, codes: [503], backoff: 10ms}',
+      '  - matches: [{path: {value: /no-retry}}]',
+      '    backendRefs: [{name: flaky, port: 80}]',
+      '  - matches: [{path: {value: /timeout}}]',
+      '    backendRefs: [{name: flaky, port: 80}]',
+      '    timeouts: {request: 300ms}',
+      '  - matches: [{path: {value: /per-try}}]',
+      '    backendRefs: [{name: flaky, port: 80}]',
+      '    timeouts: {request: 5s, backendRequest: 200ms}',
+      '    retry: {attempts: 1, backoff: 1ms}',
+      '  - matches: [{path: {value: /budget}}]',
+      '    backendRefs: [{name: flaky-strict, port: 80}]',
+      '    retry: {attempts: 2, codes: [503]}',
+      '',
+    ].join('\n'),
+  };
+}
+
+test('L7 retries and timeouts on one node: a failed first attempt recovers, the budget stops retries, timeouts answer 504 or try again', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, retryConfig());
+  await sb.serverPod('flaky-1', [process.execPath, APP, 'flaky-1', '8080'], 8080, ['app=flaky']);
+  const client = await sb.idlePod('client');
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'two pods verified');
+  const go = async (path: string): Promise<HttpRun['answers'][number]> => {
+    const run = await http(sb, client, { requests: [{ path }] }, agent, SVC_API.api);
+    const a = run.answers[0];
+    assert.ok(a, path);
+    return a;
+  };
+  // The backend fails the first time: without a retry the client sees it, with one it does not.
+  assert.equal((await go('/no-retry/fail-first/a')).status, 503, 'no retry rule: the 503 is passed on');
+  assert.equal((await go('/retry/fail-first/b')).status, 200, 'the retry recovered');
+  let m = await agent.metrics();
+  assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/flaky:80', result: 'retried' }), 1);
+  // The same, to a Service whose retry budget is 0: no retry, the 503 passed on, counted.
+  assert.equal((await go('/budget/fail-first/c')).status, 503, 'the budget stopped the retry');
+  m = await agent.metrics();
+  assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/flaky-strict:80', result: 'budget_exhausted' }), 1);
+  assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/flaky-strict:80', result: 'retried' }), 0);
+  // timeouts.request: 504 once it runs out, not when the backend answers 2 s later.
+  const late = await go('/timeout/slow/2000');
+  assert.equal(late.status, 504);
+  assert.ok(late.ms >= 290 && late.ms < 1500, `answered 504 after ${Math.round(late.ms)} ms (timeout 300 ms)`);
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { response_code: '504', response_flags: 'UT' }), 1);
+  // timeouts.backendRequest: the slow first attempt is cut at 200 ms and the retry answers at once.
+  const retried = await go('/per-try/slow-first/d/3000');
+  assert.equal(retried.status, 200, 'the per-try timeout led to a retry that succeeded');
+  assert.ok(retried.ms < 2500, `answered after ${Math.round(retried.ms)} ms, not after the slow attempt's 3 s`);
 });

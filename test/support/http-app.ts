@@ -4,6 +4,10 @@
  *   /status/<code>    that status
  *   /echo             the request body back, chunked, with trailers x-body-bytes and x-body-sha256
  *   /big/<n>          n bytes (content-length)
+ * and anywhere in the path:
+ *   /fail-first/<key>         503 the first time this key is seen, then 200
+ *   /slow/<ms>                200 after ms
+ *   /slow-first/<key>/<ms>    200 after ms the first time this key is seen, then at once
  * Every answer carries `x-served-by: <name>`.
  */
 import { createHash } from 'node:crypto';
@@ -11,9 +15,31 @@ import { createServer } from 'node:http';
 
 const [name = 'app', portText = '8080'] = process.argv.slice(2);
 
+const seen = new Set<string>();
+/** True the first time `key` comes. */
+const first = (key: string): boolean => !seen.has(key) && Boolean(seen.add(key));
+
 const server = createServer((req, res) => {
   res.setHeader('x-served-by', name);
   const url = req.url ?? '/';
+  const failFirst = /\/fail-first\/([^/?]+)/.exec(url);
+  const slow = /\/slow\/(\d+)/.exec(url);
+  const slowFirst = /\/slow-first\/([^/?]+)\/(\d+)/.exec(url);
+  if (failFirst || slow || slowFirst) {
+    req.resume();
+    if (failFirst && first(`fail:${failFirst[1] ?? ''}`)) {
+      res.writeHead(503, { 'content-type': 'text/plain' });
+      res.end('failing the first time\n');
+      return;
+    }
+    const delay = slow ? Number(slow[1]) : slowFirst && first(`slow:${slowFirst[1] ?? ''}`) ? Number(slowFirst[2]) : 0;
+    setTimeout(() => {
+      if (res.destroyed) return;
+      res.writeHead(200, { 'content-type': 'text/plain' });
+      res.end(`ok after ${delay} ms\n`);
+    }, delay);
+    return;
+  }
   const status = /^\/status\/(\d{3})/.exec(url);
   if (url.startsWith('/echo')) {
     const hash = createHash('sha256');

@@ -30,6 +30,10 @@ export interface HttpAnswer {
   readonly trailers: Record<string, string>;
   readonly headers: Record<string, string | string[] | undefined>;
   readonly error?: string;
+  /** From the request's start to the answer's end. */
+  readonly ms: number;
+  /** The answer's body as text, when it is at most 4 KiB. */
+  readonly text?: string;
 }
 
 export interface HttpRun {
@@ -68,14 +72,17 @@ async function main(): Promise<void> {
       answers.push(
         await new Promise<HttpAnswer>((resolve) => {
           const body = r.body === undefined ? undefined : randomBytes(r.body);
+          const t0 = performance.now();
           const headers: Record<string, string | number> = { ...r.headers };
           if (body && !r.chunked) headers['content-length'] = body.length;
           const req = request({ host: plan.host, port: plan.port, method: r.method ?? (body ? 'POST' : 'GET'), path: r.path, headers, agent }, (res) => {
             const hash = createHash('sha256');
             let bytes = 0;
+            const small: Buffer[] = [];
             res.on('data', (c: Buffer) => {
               hash.update(c);
               bytes += c.length;
+              if (bytes <= 4096) small.push(c);
             });
             res.on('end', () =>
               resolve({
@@ -86,11 +93,13 @@ async function main(): Promise<void> {
                 ...(body ? { sent: createHash('sha256').update(body).digest('hex') } : {}),
                 trailers: { ...res.trailers } as Record<string, string>,
                 headers: res.headers,
+                ms: performance.now() - t0,
+                ...(bytes <= 4096 ? { text: Buffer.concat(small).toString() } : {}),
               }),
             );
           });
           req.on('socket', (s: Socket) => sockets.add(s));
-          req.on('error', (e) => resolve({ status: 0, servedBy: '', bytes: 0, sha256: '', trailers: {}, headers: {}, error: e.message }));
+          req.on('error', (e) => resolve({ status: 0, servedBy: '', bytes: 0, sha256: '', trailers: {}, headers: {}, error: e.message, ms: performance.now() - t0 }));
           if (body && r.chunked) {
             // Several writes without a length: chunked on the wire.
             for (let o = 0; o < body.length; o += 65536) req.write(body.subarray(o, o + 65536));

@@ -9,7 +9,7 @@ import { parseDuration } from '../../src/config/schemas.js';
 import { MeshSnapshot, type ServiceTarget, type Workload } from '../../src/config/snapshot.js';
 import { ObjectInvalid, exportedTo, parseService } from '../../src/config/service.js';
 import { parseObject } from '../../src/config/objects.js';
-import { ALL_REQUESTS, matchesRequests, parseRoute } from '../../src/config/route.js';
+import { ALL_REQUESTS, needsHttp, parseRoute } from '../../src/config/route.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { readConfigDir } from '../../src/config/source-dir.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
@@ -350,8 +350,22 @@ test('HTTPRoute/GRPCRoute on Services: rules, matches and weighted backends pars
   assert.equal(parseRoute({ ...split([1]), kind: 'GRPCRoute' }).kind, 'GRPCRoute');
   const rule = (extra: Record<string, unknown>): Record<string, unknown> => route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'reviews-v1', port: 80 }], ...extra }] });
   const bad: Array<[Record<string, unknown>, string, RegExp]> = [
-    [rule({ filters: [{ type: 'RequestHeaderModifier' }] }), 'spec.rules[0].filters', /not applied by this version/],
-    [rule({ timeouts: { request: '2s' } }), 'spec.rules[0].timeouts', /not applied by this version/],
+    [rule({ filters: [{ type: 'RequestHeaderModifier' }] }), 'spec.rules[0].filters[0].requestHeaderModifier', /required/],
+    [rule({ filters: [{ type: 'ExtensionRef', extensionRef: { group: 'x', kind: 'Y', name: 'z' } }] }), 'spec.rules[0].filters[0].type', /not supported/],
+    [rule({ filters: [{ type: 'RequestHeaderModifier', requestHeaderModifier: { set: [{ name: 'Host', value: 'x' }] } }] }), 'spec.rules[0].filters[0].requestHeaderModifier.set[0].name', /cannot be modified/],
+    [rule({ filters: [{ type: 'RequestHeaderModifier', requestHeaderModifier: { add: [{ name: 'x-a', value: 'a\r\nx-b: b' }] } }] }), 'spec.rules[0].filters[0].requestHeaderModifier.add[0].value', /no line breaks/],
+    [rule({ matches: [{ path: { type: 'Exact', value: '/a' } }], filters: [{ type: 'URLRewrite', urlRewrite: { path: { type: 'ReplacePrefixMatch', replacePrefixMatch: '/b' } } }] }), 'spec.rules[0].filters[0]', /needs every match of the rule to be a PathPrefix/],
+    [rule({ filters: [{ type: 'RequestRedirect', requestRedirect: { statusCode: 302 } }] }), 'spec.rules[0].backendRefs', /sends no request to a backend/],
+    [rule({ filters: [{ type: 'RequestRedirect', requestRedirect: { statusCode: 304 } }] }), 'spec.rules[0].filters[0].requestRedirect.statusCode', /one of 301, 302/],
+    [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, filters: [{ type: 'URLRewrite', urlRewrite: { hostname: 'b' } }] }] }] }), 'spec.rules[0].backendRefs[0].filters[0].type', /not applied per backend/],
+    [rule({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'shadow' } } }] }), 'spec.rules[0].filters[0].requestMirror.backendRef.port', /required/],
+    [rule({ timeouts: { request: '2s', backendRequest: '3s' } }), 'spec.rules[0].timeouts.backendRequest', /must not be longer than/],
+    [rule({ timeouts: { request: 'soon' } }), 'spec.rules[0].timeouts.request', /not a duration/],
+    [rule({ timeouts: { request: '2h' } }), 'spec.rules[0].timeouts.request', /over 1h/],
+    [rule({ retry: { codes: [200] } }), 'spec.rules[0].retry.codes[0]', /400-599/],
+    [rule({ retry: { attempts: 11 } }), 'spec.rules[0].retry.attempts', /0-10/],
+    [rule({ retry: { attempts: 1, perTryTimeout: '1s' } }), 'spec.rules[0].retry.perTryTimeout', /unknown field/],
+    [rule({ sessionPersistence: { sessionName: 'a' } }), 'spec.rules[0].sessionPersistence', /not applied by this version/],
     [rule({ matches: [{ path: { type: 'RegularExpression', value: '/a/(' } }] }), 'spec.rules[0].matches[0].path.value', /not a valid regular expression/],
     [rule({ matches: [{ path: { type: 'RegularExpression', value: '/(a)\\1' } }] }), 'spec.rules[0].matches[0].path.value', /backreferences/],
     [rule({ matches: [{ path: { type: 'Exact', value: 'api' } }] }), 'spec.rules[0].matches[0].path.value', /must start with "\/"/],
@@ -385,8 +399,11 @@ test('HTTPRoute/GRPCRoute on Services: rules, matches and weighted backends pars
   assert.deepEqual([first?.path.type, first?.path.value, first?.method, first?.headers[0]?.name, first?.queryParams[0]?.regex?.test('yes'), first?.queryParams[0]?.regex?.test('yess')], ['PathPrefix', '/api', 'POST', 'x-version', true, false]);
   assert.equal(l7.rules[1]?.matches[0], ALL_REQUESTS, 'a rule without matches takes every request');
   assert.deepEqual(l7.backends.map((b) => `${b.name}*${b.weight}`), ['reviews-v2*1', 'reviews-v1*9', 'reviews-v2*1']);
-  assert.ok(matchesRequests(l7));
-  assert.ok(!matchesRequests(parseRoute(split([90, 10]))));
+  assert.ok(needsHttp(l7));
+  const timed = parseRoute(rule({ timeouts: { request: '2s', backendRequest: '0s' }, retry: { codes: [503, 503, 502] } })).rules[0];
+  assert.deepEqual([timed?.timeouts, timed?.retry], [{ requestMs: 2000 }, { attempts: 1, codes: [503, 502], backoffMs: 25 }], '"0s" is no limit; the defaults fill in');
+  assert.ok(needsHttp(parseRoute(rule({ retry: {} }))), 'a retry works per request');
+  assert.ok(!needsHttp(parseRoute(split([90, 10]))));
 });
 
 test('routes: parents and backends must exist (the field is named, the last good version serves); the split is smooth and exact', async (t) => {

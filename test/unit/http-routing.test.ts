@@ -9,7 +9,7 @@ import { parseRoute } from '../../src/config/route.js';
 import { portProtocol } from '../../src/config/service.js';
 import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
-import { matchRequest, routeRequest } from '../../src/proxy/http/outbound.js';
+import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
 test('port protocols: appProtocol first, else the name prefix; unknown when neither says', () => {
@@ -86,7 +86,7 @@ test('precedence: routes on one HTTP port merge; Exact, regex, longest prefix, m
     const lb = new LoadBalancer();
     const go = (path: string, headers: Record<string, string> = {}, method = 'GET'): string | undefined => {
       const e = routeRequest(web.http?.entries ?? [], facts(path, headers, method));
-      return e ? lb.pickWeighted(`${web.key}#${e.route}#${e.rule}`, e.backends)?.service.name : undefined;
+      return e ? lb.pickWeighted(`${web.key}#${e.route}#${e.rule}`, e.backends)?.target.service.name : undefined;
     };
     assert.deepEqual(
       [go('/api/health'), go('/api/v1'), go('/api/items/3'), go('/api/x', {}, 'POST'), go('/api/x', { 'x-v': '2' }), go('/api/x'), go('/other'), go('/api/healthz')],
@@ -125,4 +125,27 @@ test('the store: a route that matches requests needs an HTTP parent port (field 
   await store.load();
   assert.deepEqual(store.lastRejected(), []);
   assert.equal(parent()?.http?.entries.length, 1);
+});
+
+test('filters: header changes (remove, set, add), prefix and full path rewrites, redirect locations', () => {
+  const raw = ['Host', 'web', 'X-Secret', 's', 'x-env', 'dev', 'Accept', '*/*', 'x-env', 'dev2'];
+  assert.deepEqual(applyHeaderChanges(raw, { set: [['x-env', 'prod']], add: [['x-trace', '1'], ['accept', 'text/plain']], remove: ['x-secret'] }), ['Host', 'web', 'Accept', '*/*', 'x-env', 'prod', 'x-trace', '1', 'accept', 'text/plain']);
+  const prefix = (value: string) => ({ type: 'PathPrefix' as const, value });
+  const replace = (value: string) => ({ type: 'ReplacePrefixMatch' as const, value });
+  const cases: Array<[string, string, string, string, string]> = [
+    // path, query, matched prefix, replacement, result
+    ['/foo/bar', '', '/foo', '/xyz', '/xyz/bar'],
+    ['/foo', 'a=1', '/foo', '/xyz', '/xyz?a=1'],
+    ['/foo/bar', '', '/foo', '/', '/bar'],
+    ['/foo', '', '/foo', '/', '/'],
+    ['/foo/bar', '', '/foo', '/xyz/', '/xyz/bar'],
+    ['/foo/bar', '', '/', '/xyz', '/xyz/foo/bar'],
+  ];
+  for (const [path, query, matched, to, want] of cases) assert.equal(rewritePath(path, query, replace(to), prefix(matched)), want, `${path} ${matched} -> ${to}`);
+  assert.equal(rewritePath('/a/b', 'q=1', { type: 'ReplaceFullPath', value: '/c' }, prefix('/a')), '/c?q=1');
+  const redirect = (extra: Record<string, unknown>) => ({ type: 'RequestRedirect' as const, statusCode: 301, ...extra });
+  assert.equal(redirectLocation(redirect({}), prefix('/'), '/a', 'q=1', 'web:8080'), 'http://web:8080/a?q=1', 'the request\'s own scheme, host, port and path');
+  assert.equal(redirectLocation(redirect({ scheme: 'https' }), prefix('/'), '/a', '', 'web:8080'), 'https://web/a', 'a new scheme: its well-known port');
+  assert.equal(redirectLocation(redirect({ hostname: 'new.example', port: 8443, path: { type: 'ReplacePrefixMatch', value: '/v2' } }), prefix('/v1'), '/v1/items', '', 'web'), 'http://new.example:8443/v2/items');
+  assert.equal(redirectLocation(redirect({ port: 80 }), prefix('/'), '/', '', '[fd00::1]:8080'), 'http://[fd00::1]/', 'IPv6 host, port 80 not written');
 });

@@ -29,7 +29,7 @@ const config: MeshConfig = {
       namespace: 'shop',
       name: 'cart-lb',
       services: ['cart'],
-      policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', maxConnections: 10, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, baseEjectionMs: 1000, maxEjectionPercent: 100 } },
+      policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', maxConnections: 10, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, baseEjectionMs: 1000, maxEjectionPercent: 100 }, retryBudget: { percent: 0, minRetryConcurrency: 5 } },
     },
   ],
   routes: [
@@ -40,7 +40,19 @@ const config: MeshConfig = {
       spec: {
         parentRefs: [{ kind: 'Service', name: 'cart' }],
         rules: [
-          { name: 'beta', matches: [{ path: { type: 'RegularExpression', value: '/v[0-9]+/.*' }, method: 'GET', headers: [{ name: 'x-beta', value: '1' }], queryParams: [{ name: 'q', value: 'a' }] }, { path: { type: 'Exact', value: '/x' } }], backendRefs: [{ name: 'cart', port: 80, weight: 2 }] },
+          {
+            name: 'beta',
+            matches: [{ path: { type: 'RegularExpression', value: '/v[0-9]+/.*' }, method: 'GET', headers: [{ name: 'x-beta', value: '1' }], queryParams: [{ name: 'q', value: 'a' }] }, { path: { type: 'Exact', value: '/x' } }],
+            backendRefs: [{ name: 'cart', port: 80, weight: 2, filters: [{ type: 'ResponseHeaderModifier', responseHeaderModifier: { add: [{ name: 'x-v', value: 'beta' }] } }] }],
+            timeouts: { request: '2s', backendRequest: '500ms' },
+            retry: { attempts: 2, codes: [503], backoff: '10ms' },
+            filters: [
+              { type: 'RequestHeaderModifier', requestHeaderModifier: { set: [{ name: 'x-env', value: 'prod' }], remove: ['x-debug'] } },
+              { type: 'URLRewrite', urlRewrite: { hostname: 'cart.internal', path: { type: 'ReplaceFullPath', replaceFullPath: '/v1' } } },
+              { type: 'RequestMirror', requestMirror: { backendRef: { name: 'cart', port: 80 }, fraction: { numerator: 1, denominator: 8 } } },
+            ],
+          },
+          { matches: [{ path: { value: '/old' } }], filters: [{ type: 'RequestRedirect', requestRedirect: { scheme: 'https', port: 8443, statusCode: 301, path: { type: 'ReplacePrefixMatch', replacePrefixMatch: '/new' } } }] },
           { backendRefs: [{ name: 'cart', port: 80, weight: 3 }] },
         ],
       },

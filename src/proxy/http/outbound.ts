@@ -16,7 +16,8 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
 import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
-import type { RouteMatch } from '../../config/route.js';
+import type { PathMatch, RouteMatch } from '../../config/route.js';
+import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
@@ -215,121 +216,67 @@ export class HttpOutbound {
       req.resume();
       return;
     }
-    const target = this.lb.pickWeighted(`${conn.parent.key}#${entry.route}#${entry.rule}`, entry.backends);
-    if (!target) {
+    const filters = entry.filters ?? [];
+    const redirect = filters.find((f) => f.type === 'RequestRedirect');
+    if (redirect) {
+      const location = redirectLocation(redirect, entry.match.path, path, query, headerValue(req.headers, 'host') ?? '');
+      res.writeHead(redirect.statusCode, { location, 'content-length': 0 });
+      res.end();
+      req.resume();
+      this.count(conn, conn.parent, undefined, redirect.statusCode, '-', started);
+      return;
+    }
+    const backend = this.lb.pickWeighted(`${conn.parent.key}#${entry.route}#${entry.rule}`, entry.backends);
+    if (!backend) {
       this.answer(res, conn, conn.parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` });
       req.resume();
       return;
     }
-    const headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
+    // The rule's filters, then the backend's (Gateway API applies both, the rule's first).
+    const all = [...filters, ...(backend.filters ?? [])];
+    let headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
+    for (const f of all) if (f.type === 'RequestHeaderModifier') headers = applyHeaderChanges(headers, f.headers);
+    let target = req.url ?? '/';
+    const rewrite = filters.find((f) => f.type === 'URLRewrite');
+    if (rewrite?.hostname) headers = applyHeaderChanges(headers, { set: [['host', rewrite.hostname]], add: [], remove: [] });
+    if (rewrite?.path) target = rewritePath(path, query, rewrite.path, entry.match.path);
     // node:http frames what it sends itself; a chunked body must stay chunked whatever the method.
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', randomUUID());
-    this.forward(req, res, conn, target, headers, started, 1);
+    const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
+    new Exchange(this, req, res, conn, entry, backend.target, { path: target, headers, answerChanges }, started).start();
   }
 
   /**
-   * Sends the request to an endpoint of `target`. A request without a body that fails on a reused
-   * keep-alive connection before any answer (its server closed the idle connection just then) is
-   * sent once more on a new one, as node:http's documentation advises.
+   * Retries in flight to `target` may be at most its retry budget: `percent` of its active
+   * requests from this node, but always `minRetryConcurrency` (Envoy's retry budget).
    */
-  private forward(req: IncomingMessage, res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, headers: string[], started: number, attempt: number): void {
-    const endpoint = this.lb.pick(target);
-    if (!endpoint) {
-      this.answer(res, conn, target, undefined, started, { status: 503, flag: 'UH', detail: `Service ${target.key} has no endpoints` });
-      req.resume();
-      return;
-    }
-    this.lb.acquire(target, endpoint);
-    let released = false;
-    const release = (): void => {
-      if (released) return;
-      released = true;
-      this.lb.release(target, endpoint);
-    };
-    const bodyless = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] === undefined;
-    const options: UpstreamRequestOptions = {
-      agent: this.agent,
-      method: req.method ?? 'GET',
-      path: req.url ?? '/',
-      // Raw pairs in the client's order and case; its Host header goes as it came.
-      headers: headers as unknown as OutgoingHttpHeaders,
-      setHost: false,
-      poolKey: `${conn.source.uid}|${endpoint.workload.uid}|${endpoint.port}`,
-      open: async () => {
-        try {
-          const socket = await conn.dial(target, endpoint);
-          this.lb.connectSucceeded(endpoint);
-          return socket;
-        } catch (e) {
-          if (!(e instanceof UpstreamDenied) && this.lb.connectFailed(target, endpoint)) {
-            this.metrics.ejections.inc({ service: target.key });
-            log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port }, 'endpoint ejected after consecutive connect errors');
-          }
-          throw e;
-        }
-      },
-    };
-    let answered = false;
-    const up: ClientRequest = httpRequest(options, (answer) => {
-      answered = true;
-      const out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
-      const status = answer.statusCode ?? 502;
-      try {
-        res.writeHead(status, answer.statusMessage, out as unknown as OutgoingHttpHeaders);
-      } catch (e) {
-        answer.destroy();
-        this.answer(res, conn, target, endpoint, started, { status: 502, flag: 'UPE', detail: `the answer could not be passed on: ${(e as Error).message}` });
-        release();
-        return;
-      }
-      answer.on('data', (chunk: Buffer) => {
-        if (!res.write(chunk)) answer.pause();
-      });
-      res.on('drain', () => answer.resume());
-      answer.on('end', () => {
-        if (answer.rawTrailers.length > 0) res.addTrailers(pairs(answer.rawTrailers));
-        res.end();
-        release();
-        this.count(conn, target, endpoint, status, '-', started);
-      });
-      // Cut before its end (a reset, a framing error upstream): so is the client's answer.
-      answer.on('close', () => {
-        if (answer.complete) return;
-        release();
-        this.count(conn, target, endpoint, status, 'UPE', started);
-        res.destroy();
-      });
-    });
-    up.on('error', (e: NodeJS.ErrnoException) => {
-      release();
-      if (answered) {
-        res.destroy();
-        return;
-      }
-      // The client left first (Envoy's DC: downstream connection termination).
-      if (res.destroyed || req.socket.destroyed) {
-        this.count(conn, target, endpoint, 0, 'DC', started);
-        return;
-      }
-      if (attempt === 1 && up.reusedSocket && bodyless && (e.code === 'ECONNRESET' || e.code === 'EPIPE')) {
-        this.forward(req, res, conn, target, headers, started, attempt + 1);
-        return;
-      }
-      const denied = e instanceof UpstreamDenied;
-      this.answer(res, conn, target, endpoint, started, denied ? { status: 403, flag: 'UAEX', detail: e.message } : { status: 503, flag: up.reusedSocket ? 'UC' : 'UF', detail: e.message });
-    });
-    // The client went away: so does the request upstream.
-    res.on('close', () => {
-      if (!res.writableFinished) up.destroy();
-    });
-    if (!bodyless) {
-      req.pipe(up);
-      return;
-    }
-    up.end();
-    if (attempt === 1) req.resume();
+  retryAllowed(target: ServiceTarget): boolean {
+    const { percent, minRetryConcurrency } = target.policy.retryBudget;
+    const active = this.active.get(target.key) ?? 0;
+    const retrying = this.retrying.get(target.key) ?? 0;
+    return retrying < Math.max(minRetryConcurrency, Math.floor((active * percent) / 100));
   }
+
+  /** Counts a request (or a retry) to `target` in or out of flight. */
+  track(what: 'active' | 'retrying', target: ServiceTarget, by: 1 | -1): void {
+    const m = what === 'active' ? this.active : this.retrying;
+    const n = (m.get(target.key) ?? 0) + by;
+    if (n <= 0) m.delete(target.key);
+    else m.set(target.key, n);
+  }
+
+  private readonly active = new Map<string, number>();
+  private readonly retrying = new Map<string, number>();
+
+  /** What an exchange needs from its HttpOutbound. */
+  readonly services = {
+    agent: (): Agent => this.agent,
+    lb: (): LoadBalancer => this.lb,
+    metrics: (): NodeMetrics => this.metrics,
+    answer: (res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer): void => this.answer(res, conn, target, endpoint, started, a),
+    count: (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number): void => this.count(conn, target, endpoint, status, flag, started),
+  };
 
   /** An answer of the proxy itself, counted and logged. */
   private answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer): void {
@@ -354,9 +301,369 @@ export class HttpOutbound {
   }
 }
 
+/** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
+export function applyHeaderChanges(raw: ReadonlyArray<string>, c: HeaderChanges): string[] {
+  const drop = new Set([...c.remove, ...c.set.map(([n]) => n)]);
+  const out: string[] = [];
+  for (let i = 0; i + 1 < raw.length; i += 2) if (!drop.has((raw[i] ?? '').toLowerCase())) out.push(raw[i] ?? '', raw[i + 1] ?? '');
+  for (const [n, v] of c.set) out.push(n, v);
+  for (const [n, v] of c.add) out.push(n, v);
+  return out;
+}
+
+/**
+ * The path a URLRewrite or RequestRedirect sends the request to, its query kept. ReplacePrefixMatch
+ * replaces the PathPrefix the request matched, element by element (prefix "/foo" to "/xyz": "/foo/bar"
+ * becomes "/xyz/bar", "/foo" becomes "/xyz"; to "/": "/bar").
+ */
+export function rewritePath(path: string, query: string, mod: PathModifier, matched: PathMatch): string {
+  let out: string;
+  if (mod.type === 'ReplaceFullPath') out = mod.value;
+  else {
+    const prefix = matched.value === '/' ? '' : matched.value;
+    const rest = path.slice(prefix.length);
+    const base = mod.value.length > 1 ? mod.value.replace(/\/+$/, '') : mod.value;
+    out = base === '/' ? rest || '/' : base + rest;
+  }
+  return query === '' ? out : `${out}?${query}`;
+}
+
+/** A RequestRedirect's Location: what the filter says, the request's own scheme (http), host and path otherwise. */
+export function redirectLocation(f: Extract<RouteFilter, { type: 'RequestRedirect' }>, matched: PathMatch, path: string, query: string, host: string): string {
+  const scheme = f.scheme ?? 'http';
+  const [requestHost = '', requestPort] = host.startsWith('[') ? [host.slice(0, host.indexOf(']') + 1), host.slice(host.indexOf(']') + 2) || undefined] : host.split(':');
+  // Gateway API: a port left out is the scheme's well-known one when the scheme is set, else the request's; a well-known port is not written.
+  const port = f.port ?? (f.scheme ? undefined : requestPort === undefined ? undefined : Number(requestPort));
+  const wellKnown = (scheme === 'http' && port === 80) || (scheme === 'https' && port === 443);
+  const target = f.path ? rewritePath(path, query, f.path, matched) : query === '' ? path : `${path}?${query}`;
+  return `${scheme}://${f.hostname ?? requestHost}${port === undefined || wellKnown ? '' : `:${port}`}${target}`;
+}
+
 /** [name, value, name, value] as [[name, value], ...]. */
 function pairs(raw: ReadonlyArray<string>): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   for (let i = 0; i + 1 < raw.length; i += 2) out.push([raw[i] ?? '', raw[i + 1] ?? '']);
   return out;
 }
+
+/** An attempt ended without an answer to pass on: why, and whether another attempt may help. */
+type AttemptFailure = { readonly kind: 'connect' | 'reset' | 'per_try_timeout' | 'denied' | 'no_endpoint'; readonly error: string; readonly reused: boolean };
+
+/** A request body kept for a retry: at most this much (Envoy's per-request buffer is 16 KiB to 64 KiB). */
+const REPLAY_LIMIT = 64 * 1024;
+
+/**
+ * One request from its head to the end of its answer: attempts to endpoints of its backend,
+ * the rule's timeouts (the whole request, and each attempt to its answer's head) and retries (on
+ * the rule's codes, connect failures, resets and per-try timeouts; exponential backoff with full
+ * jitter; within the backend's retry budget; only with the whole body in hand, up to 64 KiB).
+ * A request without a body that fails on a reused idle connection before any answer (its server
+ * closed it just then) is sent again once, retry rule or not, as node:http's documentation advises.
+ */
+class Exchange {
+  private attempt = 0;
+  private retries = 0;
+  private readonly body: Buffer[] = [];
+  private bodyBytes = 0;
+  private replayable = true;
+  private bodyDone: boolean;
+  private finished = false;
+  /** The attempt that the client's body is streamed to, until the body ends. */
+  private current: ClientRequest | undefined;
+  /** The latest attempt (a timeout or the client's leaving ends it). */
+  private inflight: ClientRequest | undefined;
+  private requestTimer: NodeJS.Timeout | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private readonly bodyless: boolean;
+
+  constructor(
+    private readonly outbound: HttpOutbound,
+    private readonly req: IncomingMessage,
+    private readonly res: ServerResponse,
+    private readonly conn: HttpClientConnection,
+    private readonly entry: HttpRouteEntry,
+    private readonly target: ServiceTarget,
+    /** What goes upstream (the filters applied) and what changes in the answer. */
+    private readonly upstream: { readonly path: string; readonly headers: string[]; readonly answerChanges: ReadonlyArray<HeaderChanges> },
+    private readonly started: number,
+  ) {
+    this.bodyless = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] === undefined;
+    this.bodyDone = this.bodyless;
+  }
+
+  start(): void {
+    this.outbound.track('active', this.target, 1);
+    const requestMs = this.entry.timeouts?.requestMs;
+    if (requestMs !== undefined) this.requestTimer = setTimeout(() => this.timedOut(), requestMs);
+    // The client left first (Envoy's DC): whatever is in flight goes.
+    this.res.on('close', () => {
+      if (this.finished) return;
+      this.inflight?.destroy();
+      this.finish(0, 'DC');
+    });
+    if (this.bodyless) {
+      this.req.resume();
+      this.mirror();
+    } else {
+      this.req.on('data', (chunk: Buffer) => {
+        if (this.replayable && this.bodyBytes + chunk.length <= REPLAY_LIMIT) {
+          this.body.push(chunk);
+          this.bodyBytes += chunk.length;
+        } else if (this.replayable) {
+          this.replayable = false;
+          this.body.length = 0;
+        }
+        const up = this.current;
+        if (up && !up.write(chunk)) {
+          this.req.pause();
+          up.once('drain', () => this.req.resume());
+        }
+      });
+      this.req.on('end', () => {
+        this.bodyDone = true;
+        this.current?.end();
+        this.current = undefined;
+        this.mirror();
+      });
+    }
+    this.send();
+  }
+
+  /** One attempt to an endpoint of the backend. */
+  private send(): void {
+    if (this.finished) return;
+    this.attempt++;
+    const lb = this.outbound.services.lb();
+    const endpoint = lb.pick(this.target);
+    if (!endpoint) {
+      this.failed({ kind: 'no_endpoint', error: `Service ${this.target.key} has no endpoints`, reused: false }, undefined);
+      return;
+    }
+    lb.acquire(this.target, endpoint);
+    let released = false;
+    const release = (): void => {
+      if (released) return;
+      released = true;
+      lb.release(this.target, endpoint);
+    };
+    const options = this.options(this.target, endpoint, this.upstream.headers);
+    let answered = false;
+    let perTry: NodeJS.Timeout | undefined;
+    const up: ClientRequest = httpRequest(options, (answer) => {
+      answered = true;
+      clearTimeout(perTry);
+      this.answered(up, answer, endpoint, release);
+    });
+    this.inflight = up;
+    const backendMs = this.entry.timeouts?.backendRequestMs;
+    if (backendMs !== undefined) perTry = setTimeout(() => up.destroy(new PerTryTimeout(`no answer within ${backendMs} ms`)), backendMs);
+    up.on('error', (e: NodeJS.ErrnoException) => {
+      clearTimeout(perTry);
+      release();
+      if (this.current === up) this.current = undefined;
+      if (this.finished) return;
+      // Cut while its answer was being passed on: so is the client's.
+      if (answered) {
+        this.done(this.res.statusCode, 'UPE', endpoint);
+        this.res.destroy();
+        return;
+      }
+      const kind = e instanceof PerTryTimeout ? 'per_try_timeout' : e instanceof UpstreamDenied ? 'denied' : up.reusedSocket || (e.code === 'ECONNRESET' && up.socket !== null) ? 'reset' : 'connect';
+      this.failed({ kind, error: e.message, reused: up.reusedSocket }, endpoint);
+    });
+    // The body: what was kept, then the rest as it comes; or all of it when it is here.
+    if (this.bodyDone) {
+      for (const chunk of this.body) up.write(chunk);
+      up.end();
+    } else {
+      for (const chunk of this.body) up.write(chunk);
+      this.current = up;
+    }
+  }
+
+  /** How node:http sends to `endpoint` of `target`: its pool, and a new connection from the node proxy when the pool has none. */
+  private options(target: ServiceTarget, endpoint: Endpoint, headers: string[]): UpstreamRequestOptions {
+    const lb = this.outbound.services.lb();
+    const metrics = this.outbound.services.metrics();
+    return {
+      agent: this.outbound.services.agent(),
+      method: this.req.method ?? 'GET',
+      path: this.upstream.path,
+      // Raw pairs in the client's order and case; its Host header goes as it came.
+      headers: headers as unknown as OutgoingHttpHeaders,
+      setHost: false,
+      poolKey: `${this.conn.source.uid}|${endpoint.workload.uid}|${endpoint.port}`,
+      open: async () => {
+        try {
+          const socket = await this.conn.dial(target, endpoint);
+          lb.connectSucceeded(endpoint);
+          return socket;
+        } catch (e) {
+          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) {
+            metrics.ejections.inc({ service: target.key });
+            log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port }, 'endpoint ejected after consecutive connect errors');
+          }
+          throw e;
+        }
+      },
+    };
+  }
+
+  /**
+   * RequestMirror: a copy of the request, once its body is in hand, to an endpoint of each mirror
+   * Service (its share of requests), with "-shadow" after its host as Envoy marks it; the answer
+   * is read and dropped, a failure only counted. A body over 64 KiB is not mirrored.
+   */
+  private mirror(): void {
+    const metrics = this.outbound.services.metrics();
+    for (const m of this.entry.mirrors ?? []) {
+      if (Math.random() * 100 >= m.percent) continue;
+      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
+      if (!this.replayable) {
+        count('body_too_large');
+        continue;
+      }
+      const endpoint = this.outbound.services.lb().pick(m.target);
+      if (!endpoint) {
+        count('no_endpoint');
+        continue;
+      }
+      const host = headerValue(this.req.headers, 'host') ?? m.target.service.name;
+      const headers = applyHeaderChanges(this.upstream.headers, { set: [['host', `${host}-shadow`]], add: [], remove: [] });
+      const copy = httpRequest(this.options(m.target, endpoint, headers), (answer) => {
+        answer.resume();
+        count('sent');
+      });
+      copy.on('error', () => count('failed'));
+      for (const chunk of this.body) copy.write(chunk);
+      copy.end();
+    }
+  }
+
+  /** An answer's head came: retried if the rule says so for its code, else passed on. */
+  private answered(up: ClientRequest, answer: IncomingMessage, endpoint: Endpoint, release: () => void): void {
+    const status = answer.statusCode ?? 502;
+    if (this.finished) {
+      answer.destroy();
+      release();
+      return;
+    }
+    if (this.entry.retry?.codes.includes(status) && this.mayRetry()) {
+      // This answer is dropped; its connection goes back to the pool once it is read.
+      answer.resume();
+      answer.once('end', release);
+      answer.once('close', release);
+      this.retry(`answered ${status}`);
+      return;
+    }
+    let out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
+    for (const c of this.upstream.answerChanges) out = applyHeaderChanges(out, c);
+    try {
+      this.res.writeHead(status, answer.statusMessage, out as unknown as OutgoingHttpHeaders);
+    } catch (e) {
+      answer.destroy();
+      release();
+      this.finish(502, 'UPE', `the answer could not be passed on: ${(e as Error).message}`, endpoint);
+      return;
+    }
+    answer.on('data', (chunk: Buffer) => {
+      if (!this.res.write(chunk)) answer.pause();
+    });
+    this.res.on('drain', () => answer.resume());
+    answer.on('end', () => {
+      if (answer.rawTrailers.length > 0) this.res.addTrailers(pairs(answer.rawTrailers));
+      this.res.end();
+      release();
+      this.done(status, '-', endpoint);
+    });
+    // Cut before its end (a reset, a framing error upstream): so is the client's answer.
+    answer.on('close', () => {
+      if (answer.complete) return;
+      release();
+      up.destroy();
+      this.done(status, 'UPE', endpoint);
+      this.res.destroy();
+    });
+  }
+
+  /** Whether another attempt may go: retries left, the whole body in hand, within the budget. */
+  private mayRetry(): boolean {
+    const retry = this.entry.retry;
+    if (!retry || this.retries >= retry.attempts || !this.bodyDone || !this.replayable || this.finished) return false;
+    if (this.outbound.retryAllowed(this.target)) return true;
+    this.outbound.services.metrics().httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
+    return false;
+  }
+
+  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  private retry(why: string): void {
+    this.retries++;
+    const base = this.entry.retry?.backoffMs ?? 0;
+    const delay = Math.random() * Math.min(base * 2 ** (this.retries - 1), base * 10);
+    this.outbound.services.metrics().httpRetries.inc({ service: this.target.key, result: 'retried' });
+    this.outbound.track('retrying', this.target, 1);
+    log.debug({ service: this.target.key, retry: this.retries, why, delayMs: Math.round(delay) }, 'request retried');
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.outbound.track('retrying', this.target, -1);
+      this.send();
+    }, delay);
+  }
+
+  /** An attempt ended without an answer. */
+  private failed(f: AttemptFailure, endpoint: Endpoint | undefined): void {
+    if (this.finished) return;
+    // The idle-connection race: once, for a request without a body, whatever the rule says.
+    if (f.kind === 'reset' && f.reused && this.bodyless && this.attempt === 1) {
+      this.send();
+      return;
+    }
+    if (f.kind !== 'denied' && f.kind !== 'no_endpoint' && this.mayRetry()) {
+      this.retry(f.kind);
+      return;
+    }
+    const answer: Record<AttemptFailure['kind'], [number, string]> = { connect: [503, 'UF'], reset: [503, 'UC'], per_try_timeout: [504, 'UT'], denied: [403, 'UAEX'], no_endpoint: [503, 'UH'] };
+    const [status, flag] = answer[f.kind];
+    this.finish(status, flag, f.error, endpoint);
+  }
+
+  /** timeouts.request ran out: 504 if nothing was answered yet, else the answer is cut. */
+  private timedOut(): void {
+    if (this.finished) return;
+    this.inflight?.destroy();
+    if (this.res.headersSent) {
+      this.done(this.res.statusCode, 'UT', undefined);
+      this.res.destroy();
+      return;
+    }
+    this.finish(504, 'UT', `no answer within ${this.entry.timeouts?.requestMs ?? 0} ms (timeouts.request)`, undefined);
+  }
+
+  /** Answered by the proxy itself. */
+  private finish(status: number, flag: string, detail: string | undefined = undefined, endpoint: Endpoint | undefined = undefined): void {
+    if (this.finished) return;
+    this.settle();
+    if (status === 0) this.outbound.services.count(this.conn, this.target, endpoint, 0, flag, this.started);
+    else this.outbound.services.answer(this.res, this.conn, this.target, endpoint, this.started, { status, flag, detail: detail ?? '' });
+  }
+
+  /** The backend's answer was passed on (whole, or cut). */
+  private done(status: number, flag: string, endpoint: Endpoint | undefined): void {
+    if (this.finished) return;
+    this.settle();
+    this.outbound.services.count(this.conn, this.target, endpoint, status, flag, this.started);
+  }
+
+  private settle(): void {
+    this.finished = true;
+    clearTimeout(this.requestTimer);
+    if (this.retryTimer) {
+      clearTimeout(this.retryTimer);
+      this.outbound.track('retrying', this.target, -1);
+    }
+    this.outbound.track('active', this.target, -1);
+  }
+}
+
+/** A per-try timeout (timeouts.backendRequest) cut the attempt. */
+class PerTryTimeout extends Error {}

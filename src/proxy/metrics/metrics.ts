@@ -60,6 +60,8 @@ export class NodeMetrics {
   readonly requests: Counter<(typeof REQUEST_LABELS)[number]>;
   readonly requestDuration: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly httpRefused: Counter<'reason'>;
+  readonly httpRetries: Counter<'service' | 'result'>;
+  readonly httpMirrors: Counter<'service' | 'result'>;
   readonly refused: Counter<'direction' | 'reason'>;
   readonly proxied: Counter<'path'>;
   readonly ejections: Counter<'service'>;
@@ -105,6 +107,8 @@ export class NodeMetrics {
       registers,
     });
     this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW; upgrade)', labelNames: ['reason'], registers });
+    this.httpRetries = new Counter({ name: 'nodemesh_http_retries_total', help: 'Requests sent again by a route\'s retry (result retried), or not because the Service\'s retry budget was spent (budget_exhausted), by backend Service', labelNames: ['service', 'result'], registers });
+    this.httpMirrors = new Counter({ name: 'nodemesh_http_mirrored_total', help: 'Copies of requests sent by a route\'s RequestMirror, by mirror Service and result (sent: answered; failed; no_endpoint; body_too_large: over 64 KiB, not copied)', labelNames: ['service', 'result'], registers });
     this.refused = new Counter({ name: 'nodemesh_connections_refused_total', help: 'Captured connections the proxy refused, by reason', labelNames: ['direction', 'reason'], registers });
     this.proxied = new Counter({
       name: 'nodemesh_proxied_connections_total',

@@ -64,14 +64,14 @@ export class LoadBalancer {
    * weights 1:3 give exactly one in four to the first, spread out rather than in runs.
    */
   pickBackend(target: ServiceTarget): ServiceTarget | undefined {
-    return target.split ? this.pickWeighted(target.key, target.split) : undefined;
+    return target.split ? this.pickWeighted(target.key, target.split)?.target : undefined;
   }
 
   /**
    * The next of `split` by weight, smooth weighted round robin kept under `key`: the target's key,
    * or for a rule of an HTTP route `<target key>#<route>#<rule>` (each rule splits on its own).
    */
-  pickWeighted(key: string, split: ReadonlyArray<{ readonly target: ServiceTarget; readonly weight: number }>): ServiceTarget | undefined {
+  pickWeighted<B extends { readonly target: ServiceTarget; readonly weight: number }>(key: string, split: ReadonlyArray<B>): B | undefined {
     if (split.length === 0) return undefined;
     const signature = split.map((b) => `${b.target.key}*${b.weight}`).join(',');
     let state = this.weighted.get(key);
@@ -88,7 +88,7 @@ export class LoadBalancer {
       if ((state.current[i] ?? 0) > (state.current[best] ?? 0)) best = i;
     }
     state.current[best] = (state.current[best] ?? 0) - total;
-    return split[best]?.target;
+    return split[best];
   }
 
   /** Whether the Service's connection limit (TrafficPolicy maxConnections) leaves room for one more. */
