@@ -4,10 +4,10 @@
  * now, the control plane later) and swapped whole, never mutated.
  */
 import type { SocketAddress } from '../shared/address.js';
-import { needsHttp, type RouteMatch, type RouteRetry, type RouteTimeouts, type ServiceRoute } from './route.js';
+import { ALL_REQUESTS, needsHttp, type RouteMatch, type RouteRetry, type RouteTimeouts, type ServiceRoute } from './route.js';
 import type { RouteFilter } from './route-filters.js';
 import { portProtocol, type Service, type ServicePort } from './service.js';
-import { DEFAULT_SERVICE_POLICY, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
+import { DEFAULT_SERVICE_POLICY, policyNeedsHttp, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { NO_SECURITY, type SecurityConfig } from './security.js';
 import { byNamespaceName } from '../shared/order.js';
 
@@ -171,6 +171,13 @@ export class MeshSnapshot {
     for (const [key, routing] of resolveRoutes(routes, plain, warnings)) {
       const parent = plain.get(key);
       if (parent) byKey.set(key, { ...parent, ...routing });
+    }
+    // An HTTP port whose Service's policy acts on requests (faults, ejection on answers, request
+    // limits) goes through the HTTP path even without a route: every request to its own endpoints.
+    for (const [key, t] of byKey) {
+      if (t.http || t.split || !policyNeedsHttp(t.policy) || portProtocol(t.port) !== 'http') continue;
+      const entry: HttpRouteEntry = { match: ALL_REQUESTS, backends: [{ target: t, weight: 1 }], route: `TrafficPolicy ${t.policy.source ?? ''}`, rule: 0 };
+      byKey.set(key, { ...t, http: Object.freeze({ entries: Object.freeze([entry]), routes: Object.freeze([]) }) });
     }
     for (const target of byKey.values()) {
       for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);

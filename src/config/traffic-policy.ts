@@ -11,21 +11,39 @@ export const TRAFFIC_POLICY_API = 'networking.nodemesh.io/v1alpha1';
 /** How the proxy picks an endpoint per connection (proxy/pool/load-balancer.ts does it). */
 export type LoadBalancing = 'round-robin' | 'least-connections' | 'random';
 
+/** Istio's VirtualService fault: percentages 0-100. */
+export interface Fault {
+  readonly delay?: { readonly percent: number; readonly ms: number };
+  readonly abort?: { readonly percent: number; readonly status: number };
+}
+
 /** What a Service's connections get; every field set (defaults or the policy's values). */
 export interface ServicePolicy {
   /** namespace/name of the TrafficPolicy, or undefined for the defaults. */
   readonly source: string | undefined;
   readonly loadBalancing: LoadBalancing;
-  /** Open connections per Service from this node; beyond it new ones are refused. */
+  /** Open connections per Service from this node; beyond it new ones are refused (L4) or wait (HTTP requests). */
   readonly maxConnections: number;
+  /** HTTP requests that may wait for one of maxConnections; more are answered 503 (UO). */
+  readonly maxPendingRequests: number;
+  /** Requests an upstream HTTP connection carries before it is closed (0: no limit). */
+  readonly maxRequestsPerConnection: number;
   /** Undefined: the agent's --connect-timeout / --idle-timeout. */
   readonly connectTimeoutMs: number | undefined;
   readonly idleTimeoutMs: number | undefined;
   readonly outlier: {
     readonly consecutiveConnectErrors: number;
+    /** HTTP answers 500-599 in a row that eject (0: never). */
+    readonly consecutive5xxErrors: number;
+    /** HTTP answers 502, 503, 504 in a row that eject (0: never). */
+    readonly consecutiveGatewayErrors: number;
     readonly baseEjectionMs: number;
     readonly maxEjectionPercent: number;
+    /** Ejections end at the first sweep after they ran out (Envoy's interval). */
+    readonly intervalMs: number;
   };
+  /** Faults injected into requests to the Service through an HTTP route (on the caller's node). */
+  readonly fault?: Fault;
   /** Retries in flight from this node: at most `percent` of the active requests, but always `minRetryConcurrency`. */
   readonly retryBudget: { readonly percent: number; readonly minRetryConcurrency: number };
 }
@@ -34,11 +52,25 @@ export const DEFAULT_SERVICE_POLICY: ServicePolicy = Object.freeze({
   source: undefined,
   loadBalancing: 'round-robin',
   maxConnections: 1_000_000,
+  maxPendingRequests: 1_000_000,
+  maxRequestsPerConnection: 0,
   connectTimeoutMs: undefined,
   idleTimeoutMs: undefined,
-  outlier: Object.freeze({ consecutiveConnectErrors: 5, baseEjectionMs: 30_000, maxEjectionPercent: 50 }),
+  // Without a policy: connect errors eject (5 in a row, 30 s, at most half the endpoints), answers
+  // do not (Istio ejects on 5xx only where a DestinationRule asks); ejections end exactly when
+  // they run out (an interval of 1 ms).
+  outlier: Object.freeze({ consecutiveConnectErrors: 5, consecutive5xxErrors: 0, consecutiveGatewayErrors: 0, baseEjectionMs: 30_000, maxEjectionPercent: 50, intervalMs: 1 }),
   retryBudget: Object.freeze({ percent: 20, minRetryConcurrency: 3 }),
 });
+
+/**
+ * Whether the policy acts on requests (faults, ejection on answers, request limits): on an HTTP
+ * port such a Service goes through the HTTP path even without a route.
+ */
+export function policyNeedsHttp(p: ServicePolicy): boolean {
+  const d = DEFAULT_SERVICE_POLICY;
+  return p.fault !== undefined || p.outlier.consecutive5xxErrors > 0 || p.outlier.consecutiveGatewayErrors > 0 || p.maxPendingRequests !== d.maxPendingRequests || p.maxRequestsPerConnection !== d.maxRequestsPerConnection;
+}
 
 export interface TrafficPolicy {
   readonly name: string;
@@ -51,8 +83,9 @@ export interface TrafficPolicy {
 interface Spec {
   targetRefs: Array<{ group?: string; kind: 'Service'; name: string }>;
   loadBalancer?: { type?: 'RoundRobin' | 'LeastRequest' | 'Random' };
-  connectionPool?: { tcp?: { maxConnections?: number; connectTimeout?: string; idleTimeout?: string } };
-  outlierDetection?: { consecutiveConnectErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number };
+  connectionPool?: { tcp?: { maxConnections?: number; connectTimeout?: string; idleTimeout?: string }; http?: { http1MaxPendingRequests?: number; maxRequestsPerConnection?: number } };
+  outlierDetection?: { consecutiveConnectErrors?: number; consecutive5xxErrors?: number; consecutiveGatewayErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number; interval?: string };
+  fault?: { delay?: { percentage?: { value?: number }; fixedDelay: string }; abort?: { percentage?: { value?: number }; httpStatus: number } };
   retryBudget?: { percent?: number; minRetryConcurrency?: number };
 }
 
@@ -66,6 +99,8 @@ export const DURATION_BOUNDS = {
   connectTimeoutMs: { min: 1, max: 300_000, field: 'spec.connectionPool.tcp.connectTimeout' },
   idleTimeoutMs: { min: 1000, max: 2_147_483_647, field: 'spec.connectionPool.tcp.idleTimeout' },
   baseEjectionMs: { min: 1, max: 86_400_000, field: 'spec.outlierDetection.baseEjectionTime' },
+  intervalMs: { min: 1, max: 86_400_000, field: 'spec.outlierDetection.interval' },
+  delayMs: { min: 1, max: 3_600_000, field: 'spec.fault.delay.fixedDelay' },
 } as const;
 
 /** Why `ms` is out of its bounds, or undefined when it is within them. */
@@ -81,6 +116,14 @@ function boundedDuration(text: string, bound: (typeof DURATION_BOUNDS)[keyof typ
   return ms;
 }
 
+function parseFault(f: NonNullable<Spec['fault']>): Fault {
+  // Istio: a percentage left out is 100.
+  const delay = f.delay ? { percent: f.delay.percentage?.value ?? 100, ms: boundedDuration(f.delay.fixedDelay, DURATION_BOUNDS.delayMs) } : undefined;
+  const abort = f.abort ? { percent: f.abort.percentage?.value ?? 100, status: f.abort.httpStatus } : undefined;
+  if (!delay && !abort) throw new ObjectInvalid('spec.fault', 'spec.fault injects nothing (give delay or abort)');
+  return Object.freeze({ ...(delay ? { delay } : {}), ...(abort ? { abort } : {}) });
+}
+
 export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy {
   schemas().validate(String(doc['apiVersion']), String(doc['kind']), doc);
   const { name, namespace } = parseMetadata(doc['metadata']);
@@ -92,13 +135,20 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
     source: `${namespace}/${name}`,
     loadBalancing: LB[spec.loadBalancer?.type ?? 'RoundRobin'] ?? d.loadBalancing,
     maxConnections: tcp?.maxConnections ?? d.maxConnections,
+    maxPendingRequests: spec.connectionPool?.http?.http1MaxPendingRequests ?? d.maxPendingRequests,
+    maxRequestsPerConnection: spec.connectionPool?.http?.maxRequestsPerConnection ?? d.maxRequestsPerConnection,
     connectTimeoutMs: tcp?.connectTimeout === undefined ? undefined : boundedDuration(tcp.connectTimeout, DURATION_BOUNDS.connectTimeoutMs),
     idleTimeoutMs: tcp?.idleTimeout === undefined ? undefined : boundedDuration(tcp.idleTimeout, DURATION_BOUNDS.idleTimeoutMs),
     outlier: Object.freeze({
       consecutiveConnectErrors: od?.consecutiveConnectErrors ?? d.outlier.consecutiveConnectErrors,
       baseEjectionMs: od?.baseEjectionTime === undefined ? d.outlier.baseEjectionMs : boundedDuration(od.baseEjectionTime, DURATION_BOUNDS.baseEjectionMs),
       maxEjectionPercent: od?.maxEjectionPercent ?? d.outlier.maxEjectionPercent,
+      // Istio: 5 when an outlierDetection is given without it, none without one.
+      consecutive5xxErrors: od ? (od.consecutive5xxErrors ?? 5) : d.outlier.consecutive5xxErrors,
+      consecutiveGatewayErrors: od?.consecutiveGatewayErrors ?? d.outlier.consecutiveGatewayErrors,
+      intervalMs: od?.interval === undefined ? d.outlier.intervalMs : boundedDuration(od.interval, DURATION_BOUNDS.intervalMs),
     }),
+    ...(spec.fault ? { fault: parseFault(spec.fault) } : {}),
     retryBudget: Object.freeze({ percent: spec.retryBudget?.percent ?? d.retryBudget.percent, minRetryConcurrency: spec.retryBudget?.minRetryConcurrency ?? d.retryBudget.minRetryConcurrency }),
   });
   return { name, namespace, services: [...new Set(spec.targetRefs.map((r) => r.name))], policy };

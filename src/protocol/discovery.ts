@@ -73,6 +73,12 @@ export interface WireTrafficPolicy {
   maxEjectionPercent: number;
   retryBudgetPercent?: number | null;
   minRetryConcurrency?: number | null;
+  consecutiveServerErrors: number;
+  consecutiveGatewayErrors: number;
+  intervalMs?: number | null;
+  fault?: { delayPercent?: number | null; delayMs: number; abortPercent?: number | null; abortStatus: number } | null;
+  maxPendingRequests?: number | null;
+  maxRequestsPerConnection: number;
 }
 export interface WireRouteRef {
   namespace: string;
@@ -285,6 +291,21 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
     maxEjectionPercent: p.outlier.maxEjectionPercent,
     retryBudgetPercent: p.retryBudget.percent,
     minRetryConcurrency: p.retryBudget.minRetryConcurrency,
+    maxPendingRequests: p.maxPendingRequests,
+    maxRequestsPerConnection: p.maxRequestsPerConnection,
+    consecutiveServerErrors: p.outlier.consecutive5xxErrors,
+    consecutiveGatewayErrors: p.outlier.consecutiveGatewayErrors,
+    intervalMs: p.outlier.intervalMs,
+    ...(p.fault
+      ? {
+          fault: {
+            ...(p.fault.delay ? { delayPercent: p.fault.delay.percent } : {}),
+            delayMs: p.fault.delay?.ms ?? 0,
+            ...(p.fault.abort ? { abortPercent: p.fault.abort.percent } : {}),
+            abortStatus: p.fault.abort?.status ?? 0,
+          },
+        }
+      : {}),
   };
 }
 
@@ -608,6 +629,20 @@ export function decodeResources(version: number, digest: string, resources: Read
       if (!lb) bad(id, 'spec.loadBalancer.type', `"${w.loadBalancing}" is not one of ${LOAD_BALANCING.join(', ')}`);
       if (w.maxEjectionPercent > 100) bad(id, 'spec.outlierDetection.maxEjectionPercent', `${w.maxEjectionPercent} is over 100`);
       if ((w.retryBudgetPercent ?? 0) > 100) bad(id, 'spec.retryBudget.percent', `${String(w.retryBudgetPercent)} is over 100`);
+      const f = w.fault ?? undefined;
+      const percentOk = (p: number | null | undefined): boolean => p === null || p === undefined || (Number.isFinite(p) && p >= 0 && p <= 100);
+      if (f && (!percentOk(f.delayPercent) || !percentOk(f.abortPercent))) bad(id, 'spec.fault', 'a percentage is outside 0-100');
+      if (f && f.abortPercent !== null && f.abortPercent !== undefined && (f.abortStatus < 200 || f.abortStatus > 599)) bad(id, 'spec.fault.abort.httpStatus', `${f.abortStatus} is not an HTTP status 200-599`);
+      const delayBad = f && f.delayPercent !== null && f.delayPercent !== undefined ? durationOutOfBounds(f.delayMs, DURATION_BOUNDS.delayMs) : undefined;
+      if (delayBad) bad(id, DURATION_BOUNDS.delayMs.field, delayBad);
+      const intervalBad = w.intervalMs === null || w.intervalMs === undefined ? undefined : durationOutOfBounds(w.intervalMs, DURATION_BOUNDS.intervalMs);
+      if (intervalBad) bad(id, DURATION_BOUNDS.intervalMs.field, intervalBad);
+      const fault = f
+        ? Object.freeze({
+            ...(f.delayPercent !== null && f.delayPercent !== undefined ? { delay: { percent: f.delayPercent, ms: f.delayMs } } : {}),
+            ...(f.abortPercent !== null && f.abortPercent !== undefined ? { abort: { percent: f.abortPercent, status: f.abortStatus } } : {}),
+          })
+        : undefined;
       for (const [key, value] of [['connectTimeoutMs', w.connectTimeoutMs], ['idleTimeoutMs', w.idleTimeoutMs], ['baseEjectionMs', w.baseEjectionMs]] as const) {
         const why = value === undefined || value === null ? undefined : durationOutOfBounds(value, DURATION_BOUNDS[key]);
         if (why) bad(id, DURATION_BOUNDS[key].field, why);
@@ -621,9 +656,19 @@ export function decodeResources(version: number, digest: string, resources: Read
             source: `${w.namespace}/${w.name}`,
             loadBalancing: lb ?? 'round-robin',
             maxConnections: w.maxConnections,
+            maxPendingRequests: w.maxPendingRequests ?? DEFAULT_SERVICE_POLICY.maxPendingRequests,
+            maxRequestsPerConnection: w.maxRequestsPerConnection,
             connectTimeoutMs: w.connectTimeoutMs ?? undefined,
             idleTimeoutMs: w.idleTimeoutMs ?? undefined,
-            outlier: Object.freeze({ consecutiveConnectErrors: w.consecutiveConnectErrors, baseEjectionMs: w.baseEjectionMs, maxEjectionPercent: w.maxEjectionPercent }),
+            outlier: Object.freeze({
+              consecutiveConnectErrors: w.consecutiveConnectErrors,
+              consecutive5xxErrors: w.consecutiveServerErrors,
+              consecutiveGatewayErrors: w.consecutiveGatewayErrors,
+              baseEjectionMs: w.baseEjectionMs,
+              maxEjectionPercent: w.maxEjectionPercent,
+              intervalMs: w.intervalMs ?? DEFAULT_SERVICE_POLICY.outlier.intervalMs,
+            }),
+            ...(fault ? { fault } : {}),
             retryBudget: Object.freeze({ percent: w.retryBudgetPercent ?? DEFAULT_SERVICE_POLICY.retryBudget.percent, minRetryConcurrency: w.minRetryConcurrency ?? DEFAULT_SERVICE_POLICY.retryBudget.minRetryConcurrency }),
           }),
         }),

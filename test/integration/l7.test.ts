@@ -167,7 +167,7 @@ for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hb
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1);
 });
 
-const SVC_API = { api: '10.96.0.74', flaky: '10.96.0.75', strict: '10.96.0.76' };
+const SVC_API = { api: '10.96.0.74', flaky: '10.96.0.75', strict: '10.96.0.76', faulty: '10.96.0.77', slowed: '10.96.0.78', pool: '10.96.0.79', narrow: '10.96.0.80' };
 
 /** `api` routes to `flaky` (one pod) with retries, timeouts, and to `flaky-strict` whose retry budget is 0. */
 function retryConfig(): Record<string, string> {
@@ -176,8 +176,19 @@ function retryConfig(): Record<string, string> {
       serviceYaml('api', [SVC_API.api], { app: 'api' }, 80, 8080, 'http'),
       serviceYaml('flaky', [SVC_API.flaky], { app: 'flaky' }, 80, 8080, 'http'),
       serviceYaml('flaky-strict', [SVC_API.strict], { app: 'flaky' }, 80, 8080, 'http'),
+      serviceYaml('faulty', [SVC_API.faulty], { app: 'flaky' }, 80, 8080, 'http'),
+      serviceYaml('slowed', [SVC_API.slowed], { app: 'flaky' }, 80, 8080, 'http'),
+      serviceYaml('pool', [SVC_API.pool], { app: 'pool' }, 80, 8080, 'http'),
+      serviceYaml('narrow', [SVC_API.narrow], { app: 'flaky' }, 80, 8080, 'http'),
     ].join('---\n'),
-    'policy.yaml': 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: no-retries, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: flaky-strict}]\n  retryBudget: {percent: 0, minRetryConcurrency: 0}\n',
+    'policy.yaml': [
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: no-retries, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: flaky-strict}]\n  retryBudget: {percent: 0, minRetryConcurrency: 0}\n',
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: faults, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: faulty}]\n  fault: {abort: {percentage: {value: 50}, httpStatus: 418}}\n',
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: delays, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: slowed}]\n  fault: {delay: {fixedDelay: 200ms}}\n',
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: ejecting, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: pool}]\n  outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}\n',
+      // A route makes the port go through the HTTP path (the pool limits need no more).
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: narrow, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: narrow}]\n  connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 2}}\n',
+    ].join('---\n'),
     'route.yaml': [
       'apiVersion: gateway.networking.k8s.io/v1',
       'kind: HTTPRoute',
@@ -200,18 +211,22 @@ function retryConfig(): Record<string, string> {
       '  - matches: [{path: {value: /budget}}]',
       '    backendRefs: [{name: flaky-strict, port: 80}]',
       '    retry: {attempts: 2, codes: [503]}',
+      '  - matches: [{path: {value: /narrow}}]',
+      '    backendRefs: [{name: narrow, port: 80}]',
       '',
     ].join('\n'),
   };
 }
 
-test('L7 retries and timeouts on one node: a failed first attempt recovers, the budget stops retries, timeouts answer 504 or try again', async (t) => {
+test('L7 resilience on one node: retries (and their budget), timeouts, fault injection, outlier detection on 5xx, circuit breaking', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
   const agent = await startAgent(sb, retryConfig());
   await sb.serverPod('flaky-1', [process.execPath, APP, 'flaky-1', '8080'], 8080, ['app=flaky']);
+  await sb.serverPod('good-1', [process.execPath, APP, 'good-1', '8080'], 8080, ['app=pool']);
+  await sb.serverPod('broken-1', [process.execPath, APP, 'broken-1', '8080', 'broken'], 8080, ['app=pool']);
   const client = await sb.idlePod('client');
-  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'two pods verified');
+  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'four pods verified');
   const go = async (path: string): Promise<HttpRun['answers'][number]> => {
     const run = await http(sb, client, { requests: [{ path }] }, agent, SVC_API.api);
     const a = run.answers[0];
@@ -237,4 +252,35 @@ test('L7 retries and timeouts on one node: a failed first attempt recovers, the 
   const retried = await go('/per-try/slow-first/d/3000');
   assert.equal(retried.status, 200, 'the per-try timeout led to a retry that succeeded');
   assert.ok(retried.ms < 2500, `answered after ${Math.round(retried.ms)} ms, not after the slow attempt's 3 s`);
+
+  // Fault injection on a Service with no route (its HTTP port goes through the proxy for it):
+  // half the requests aborted with 418, within five standard deviations (5 for 100 at 0.5).
+  const faults = await http(sb, client, { requests: [{ path: '/x' }], repeat: 100 }, agent, SVC_API.faulty);
+  const c = count(faults);
+  assert.equal((c['418 '] ?? 0) + (c['200 flaky-1'] ?? 0), 100, JSON.stringify(c));
+  assert.ok((c['418 '] ?? 0) >= 25 && (c['418 '] ?? 0) <= 75, `aborted ${c['418 '] ?? 0} of 100 (want 50 +- 25)`);
+  assert.equal(faults.connections, 1, 'an abort keeps the connection');
+  const slowed = await http(sb, client, { requests: [{ path: '/x' }], repeat: 3 }, agent, SVC_API.slowed);
+  for (const a of slowed.answers) assert.ok(a.status === 200 && a.ms >= 190, `delayed by the fault: ${a.status} after ${Math.round(a.ms)} ms`);
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { destination_service_name: 'slowed', response_flags: 'DI', response_code: '200' }), 3);
+
+  // Outlier detection: of two endpoints, the one that answers 500 is out after 3 in a row and gets
+  // nothing until its ejection (1 s) ends; then it gets requests again.
+  const before = await http(sb, client, { requests: [{ path: '/x' }], repeat: 40 }, agent, SVC_API.pool);
+  assert.deepEqual(count(before), { '500 broken-1': 3, '200 good-1': 37 }, 'three 500s, then only the good endpoint');
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_outlier_ejections_total', { service: 'default/pool:80' }), 1);
+  await new Promise((resolve) => setTimeout(resolve, 1500));
+  const after = await http(sb, client, { requests: [{ path: '/x' }], repeat: 10 }, agent, SVC_API.pool);
+  assert.ok((count(after)['500 broken-1'] ?? 0) >= 1, `back after its ejection: ${JSON.stringify(count(after))}`);
+
+  // maxRequestsPerConnection 2: six requests in a row take three upstream connections (none to it is pooled yet).
+  const dials = (m: string): number => metricValue(m, 'nodemesh_proxied_connections_total', { path: 'same_node' });
+  const dialled = dials(await agent.metrics());
+  const six = await http(sb, client, { requests: [{ path: '/narrow/x' }], repeat: 6 }, agent, SVC_API.api);
+  assert.deepEqual(count(six), { '200 flaky-1': 6 });
+  assert.equal(dials(await agent.metrics()) - dialled, 3, 'a new upstream connection every two requests');
+  // Circuit breaking: one request in flight and one waiting; of four at once, two are answered 503 (UO).
+  const burst = await http(sb, client, { requests: [{ path: '/narrow/slow/400' }], parallel: 4 }, agent, SVC_API.api);
+  assert.deepEqual(count(burst), { '200 flaky-1': 2, '503 ': 2 }, 'one served, one waited and was served, two overflowed');
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { destination_service_name: 'narrow', response_code: '503', response_flags: 'UO' }), 2);
 });

@@ -1,5 +1,6 @@
 /**
- * A real HTTP/1.1 server for L7 tests, run as a pod's command: `node http-app.js <name> <port>`.
+ * A real HTTP/1.1 server for L7 tests, run as a pod's command: `node http-app.js <name> <port> [broken]`
+ * (broken: every answer is a 500).
  *   any path          200, JSON {pod, method, url, headers}
  *   /status/<code>    that status
  *   /echo             the request body back, chunked, with trailers x-body-bytes and x-body-sha256
@@ -13,7 +14,7 @@
 import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
 
-const [name = 'app', portText = '8080'] = process.argv.slice(2);
+const [name = 'app', portText = '8080', mode = ''] = process.argv.slice(2);
 
 const seen = new Set<string>();
 /** True the first time `key` comes. */
@@ -22,6 +23,12 @@ const first = (key: string): boolean => !seen.has(key) && Boolean(seen.add(key))
 const server = createServer((req, res) => {
   res.setHeader('x-served-by', name);
   const url = req.url ?? '/';
+  if (mode === 'broken') {
+    req.resume();
+    res.writeHead(500, { 'content-type': 'text/plain' });
+    res.end('broken\n');
+    return;
+  }
   const failFirst = /\/fail-first\/([^/?]+)/.exec(url);
   const slow = /\/slow\/(\d+)/.exec(url);
   const slowFirst = /\/slow-first\/([^/?]+)\/(\d+)/.exec(url);

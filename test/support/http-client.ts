@@ -18,6 +18,8 @@ export interface HttpPlan {
   readonly requests: ReadonlyArray<{ readonly method?: string; readonly path: string; readonly headers?: Record<string, string>; readonly body?: number; readonly chunked?: boolean }>;
   readonly repeat?: number;
   readonly raw?: ReadonlyArray<string>;
+  /** Clients sending the plan at once, each on its own connection (default 1). */
+  readonly parallel?: number;
 }
 
 export interface HttpAnswer {
@@ -62,11 +64,9 @@ function rawExchange(host: string, port: number, text: string): Promise<string> 
   });
 }
 
-async function main(): Promise<void> {
-  const plan = JSON.parse(process.argv[2] ?? '{}') as HttpPlan;
+/** The plan's requests, repeated, one after the other on one keep-alive connection. */
+async function sequence(plan: HttpPlan, sockets: Set<Socket>, answers: HttpAnswer[]): Promise<void> {
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
-  const sockets = new Set<Socket>();
-  const answers: HttpAnswer[] = [];
   for (let i = 0; i < (plan.repeat ?? 1); i++) {
     for (const r of plan.requests) {
       answers.push(
@@ -110,6 +110,14 @@ async function main(): Promise<void> {
     }
   }
   agent.destroy();
+}
+
+async function main(): Promise<void> {
+  const plan = JSON.parse(process.argv[2] ?? '{}') as HttpPlan;
+  const sockets = new Set<Socket>();
+  const answers: HttpAnswer[] = [];
+  // Each of `parallel` clients on its own keep-alive connection, all at once.
+  await Promise.all(Array.from({ length: plan.parallel ?? 1 }, () => sequence(plan, sockets, answers)));
   const raw: string[] = [];
   for (const text of plan.raw ?? []) raw.push(await rawExchange(plan.host, plan.port, text));
   const run: HttpRun = { answers, connections: sockets.size, raw };

@@ -9,6 +9,7 @@ import { parseRoute } from '../../src/config/route.js';
 import { portProtocol } from '../../src/config/service.js';
 import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
+import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
@@ -148,4 +149,40 @@ test('filters: header changes (remove, set, add), prefix and full path rewrites,
   assert.equal(redirectLocation(redirect({ scheme: 'https' }), prefix('/'), '/a', '', 'web:8080'), 'https://web/a', 'a new scheme: its well-known port');
   assert.equal(redirectLocation(redirect({ hostname: 'new.example', port: 8443, path: { type: 'ReplacePrefixMatch', value: '/v2' } }), prefix('/v1'), '/v1/items', '', 'web'), 'http://new.example:8443/v2/items');
   assert.equal(redirectLocation(redirect({ port: 80 }), prefix('/'), '/', '', '[fd00::1]:8080'), 'http://[fd00::1]/', 'IPv6 host, port 80 not written');
+});
+
+test('outlier detection on answers: a run of 5xx or gateway errors ejects, anything else clears the run; ejections end at the next sweep', () => {
+  let now = 1_000_000;
+  const lb = new LoadBalancer(() => now);
+  const e = (n: number) => ({ workload: workload(`w${n}`, 'pool', n), port: 8080 });
+  const eps = [e(1), e(2), e(3), e(4)];
+  const policy = { ...DEFAULT_SERVICE_POLICY, outlier: { ...DEFAULT_SERVICE_POLICY.outlier, consecutive5xxErrors: 3, consecutiveGatewayErrors: 2, baseEjectionMs: 1000, intervalMs: 400 } };
+  const target = { key: 'shop/pool:80', endpoints: eps, policy } as unknown as Parameters<LoadBalancer['answered']>[0];
+  const [a, b, c] = eps as [ReturnType<typeof e>, ReturnType<typeof e>, ReturnType<typeof e>];
+  assert.deepEqual([500, 500].map((s) => lb.answered(target, a, s)), [false, false]);
+  assert.equal(lb.answered(target, a, 404), false, 'a 4xx clears the run');
+  assert.deepEqual([500, 501, 500].map((s) => lb.answered(target, a, s)), [false, false, true], 'three 5xx in a row');
+  assert.ok(lb.isEjected(a));
+  assert.deepEqual([503, 502].map((s) => lb.answered(target, b, s)), [false, true], 'two gateway errors in a row');
+  assert.equal(lb.answered(target, c, 503), false);
+  assert.equal(lb.answered(target, c, 500), false, 'a 500 breaks the gateway run');
+  assert.equal(lb.answered(target, c, 500), false, 'the 5xx run is three, but two of four are out already (maxEjectionPercent 50)');
+  assert.equal(lb.isEjected(c), false);
+  // 1000 ms rounded up to the 400 ms sweep: out until 1200 ms.
+  now += 1100;
+  assert.ok(lb.isEjected(a));
+  now += 100;
+  assert.equal(lb.isEjected(a), false);
+  assert.equal(lb.pick(target, undefined) !== undefined, true);
+});
+
+test('TrafficPolicy: fault and the HTTP fields of outlierDetection, with Istio\'s defaults', () => {
+  const doc = (spec: Record<string, unknown>) => ({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'p', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'web' }], ...spec } });
+  const p = parseTrafficPolicy(doc({ fault: { delay: { fixedDelay: '5s' }, abort: { percentage: { value: 12.5 }, httpStatus: 503 } }, outlierDetection: { consecutiveGatewayErrors: 2, interval: '10s' } })).policy;
+  assert.deepEqual(p.fault, { delay: { percent: 100, ms: 5000 }, abort: { percent: 12.5, status: 503 } });
+  assert.deepEqual([p.outlier.consecutive5xxErrors, p.outlier.consecutiveGatewayErrors, p.outlier.intervalMs], [5, 2, 10_000], 'an outlierDetection ejects on 5 5xx unless it says otherwise');
+  assert.equal(parseTrafficPolicy(doc({})).policy.outlier.consecutive5xxErrors, 0, 'no outlierDetection: answers eject nothing');
+  assert.throws(() => parseTrafficPolicy(doc({ fault: {} })), /injects nothing/);
+  assert.throws(() => parseTrafficPolicy(doc({ fault: { abort: { httpStatus: 99 } } })), /httpStatus/);
+  assert.throws(() => parseTrafficPolicy(doc({ fault: { delay: { fixedDelay: '2h' } } })), /fixedDelay/);
 });

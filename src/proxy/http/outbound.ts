@@ -1,11 +1,11 @@
 /**
  * The client side of L7 (issue 14): a captured connection to a Service port that speaks HTTP/1.1
- * and has routes is terminated here, and each request on it is routed on its own: the first route
- * entry whose match holds (Gateway API precedence, see config/snapshot.ts), a backend Service by
- * the rule's weights, an endpoint of it by the Service's load balancing. Requests go upstream
- * over keep-alive connections pooled per source pod and endpoint, opened by the node proxy like
- * any other (same-node delivery, an HBONE stream, or plain TCP), so one keep-alive client spreads
- * its requests as the weights say.
+ * and has routes (or a policy that acts on requests) is terminated here, and each request on it
+ * is routed on its own: the first route entry whose match holds (Gateway API precedence, see
+ * config/snapshot.ts), a backend Service by the rule's weights, an endpoint of it by the
+ * Service's load balancing. Requests go upstream over keep-alive connections pooled per source
+ * pod, backend Service and endpoint, opened by the node proxy like any other (same-node delivery,
+ * an HBONE stream, or plain TCP), so one keep-alive client spreads its requests as the weights say.
  *
  * node:http parses both sides for now: strict (no lenient flags), with its limits on header size;
  * bench/l7-parsers.ts and the README say why and what replaces it.
@@ -28,7 +28,7 @@ const log = logger('http');
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'transfer-encoding', 'upgrade']);
 /** Idle upstream connections are closed after this: below the 5 s of node:http servers, so a pooled connection is rarely reused just as its server closes it. */
 const UPSTREAM_IDLE_MS = 4000;
-/** Idle upstream connections kept per source pod and endpoint. */
+/** Idle upstream connections kept per source pod, backend Service and endpoint. */
 const MAX_IDLE_PER_ENDPOINT = 32;
 const MAX_HEADER_BYTES = 16 * 1024;
 
@@ -56,7 +56,7 @@ interface UpstreamRequestOptions extends ClientRequestArgs {
   readonly open: () => Promise<Socket>;
 }
 
-/** Keep-alive connections pooled by source pod and endpoint; new ones opened by the node proxy. */
+/** Keep-alive connections pooled by source pod, backend Service and endpoint; new ones opened by the node proxy. */
 class UpstreamAgent extends Agent {
   constructor(options: AgentOptions) {
     super(options);
@@ -268,6 +268,56 @@ export class HttpOutbound {
 
   private readonly active = new Map<string, number>();
   private readonly retrying = new Map<string, number>();
+  /** Attempts holding an upstream connection, and those waiting for one, per backend Service. */
+  private readonly inFlight = new Map<string, number>();
+  private readonly waiting = new Map<string, Array<() => void>>();
+
+  /**
+   * Circuit breaking: an attempt to `target` goes now while fewer than its maxConnections are in
+   * flight from this node; otherwise it waits (`go` is called when one ends), unless
+   * maxPendingRequests wait already: then 'overflow'. Returns how to give the slot or the place
+   * in line back (call it exactly once, when the attempt ends or is given up).
+   */
+  admit(target: ServiceTarget, go: () => void): { readonly now: boolean; readonly leave: () => void } | 'overflow' {
+    const key = target.key;
+    let left = false;
+    const leaveSlot = (): void => {
+      if (left) return;
+      left = true;
+      const next = this.waiting.get(key)?.shift();
+      if (next) next();
+      else {
+        const n = (this.inFlight.get(key) ?? 1) - 1;
+        if (n <= 0) this.inFlight.delete(key);
+        else this.inFlight.set(key, n);
+      }
+    };
+    if ((this.inFlight.get(key) ?? 0) < target.policy.maxConnections) {
+      this.inFlight.set(key, (this.inFlight.get(key) ?? 0) + 1);
+      return { now: true, leave: leaveSlot };
+    }
+    const queue = this.waiting.get(key) ?? [];
+    if (queue.length >= target.policy.maxPendingRequests) return 'overflow';
+    this.waiting.set(key, queue);
+    // Its turn: the slot passes from the attempt that ended to this one.
+    let queued = true;
+    const turn = (): void => {
+      queued = false;
+      go();
+    };
+    queue.push(turn);
+    return {
+      now: false,
+      leave: () => {
+        if (!queued) return leaveSlot();
+        queued = false;
+        left = true;
+        const i = queue.indexOf(turn);
+        if (i >= 0) queue.splice(i, 1);
+        if (queue.length === 0) this.waiting.delete(key);
+      },
+    };
+  }
 
   /** What an exchange needs from its HttpOutbound. */
   readonly services = {
@@ -349,6 +399,9 @@ function pairs(raw: ReadonlyArray<string>): Array<[string, string]> {
 /** An attempt ended without an answer to pass on: why, and whether another attempt may help. */
 type AttemptFailure = { readonly kind: 'connect' | 'reset' | 'per_try_timeout' | 'denied' | 'no_endpoint'; readonly error: string; readonly reused: boolean };
 
+/** Requests each upstream connection carried (maxRequestsPerConnection). */
+const requestsOn = new WeakMap<Socket, number>();
+
 /** A request body kept for a retry: at most this much (Envoy's per-request buffer is 16 KiB to 64 KiB). */
 const REPLAY_LIMIT = 64 * 1024;
 
@@ -372,9 +425,15 @@ class Exchange {
   private current: ClientRequest | undefined;
   /** The latest attempt (a timeout or the client's leaving ends it). */
   private inflight: ClientRequest | undefined;
+  /** Gives up the place in line of an attempt waiting for the circuit breaker. */
+  private leaveQueue: (() => void) | undefined;
   private requestTimer: NodeJS.Timeout | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
+  /** A fault's delay before the first attempt. */
+  private delayTimer: NodeJS.Timeout | undefined;
   private readonly bodyless: boolean;
+  /** The response flag of an answer passed on: '-', or DI when a fault delayed it. */
+  private flag = '-';
 
   constructor(
     private readonly outbound: HttpOutbound,
@@ -401,6 +460,11 @@ class Exchange {
       this.inflight?.destroy();
       this.finish(0, 'DC');
     });
+    // Faults (TrafficPolicy fault, Istio's semantics): the delay first, then the abort.
+    const fault = this.conn.parent.policy.fault ?? this.target.policy.fault;
+    const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
+    const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
+    if (delayed) this.flag = 'DI';
     if (this.bodyless) {
       this.req.resume();
       this.mirror();
@@ -426,16 +490,38 @@ class Exchange {
         this.mirror();
       });
     }
-    this.send();
+    const go = (): void => {
+      if (aborted) this.finish(fault?.abort?.status ?? 503, 'FI', 'fault injected (TrafficPolicy fault.abort)');
+      else this.send();
+    };
+    if (delayed) this.delayTimer = setTimeout(go, fault?.delay?.ms ?? 0);
+    else go();
   }
 
-  /** One attempt to an endpoint of the backend. */
+  /** One attempt, once the backend's circuit breaker lets it go (maxConnections in flight, maxPendingRequests waiting). */
   private send(): void {
     if (this.finished) return;
+    const slot = this.outbound.admit(this.target, () => this.sendNow(slot === 'overflow' ? () => undefined : slot.leave));
+    if (slot === 'overflow') {
+      this.finish(503, 'UO', `Service ${this.target.key}: ${this.target.policy.maxConnections} requests in flight and ${this.target.policy.maxPendingRequests} waiting (connectionPool)`);
+      return;
+    }
+    this.leaveQueue = slot.leave;
+    if (slot.now) this.sendNow(slot.leave);
+  }
+
+  /** One attempt to an endpoint of the backend; `leave` gives its slot back when it ends. */
+  private sendNow(leave: () => void): void {
+    this.leaveQueue = undefined;
+    if (this.finished) {
+      leave();
+      return;
+    }
     this.attempt++;
     const lb = this.outbound.services.lb();
     const endpoint = lb.pick(this.target);
     if (!endpoint) {
+      leave();
       this.failed({ kind: 'no_endpoint', error: `Service ${this.target.key} has no endpoints`, reused: false }, undefined);
       return;
     }
@@ -445,6 +531,7 @@ class Exchange {
       if (released) return;
       released = true;
       lb.release(this.target, endpoint);
+      leave();
     };
     const options = this.options(this.target, endpoint, this.upstream.headers);
     let answered = false;
@@ -455,6 +542,15 @@ class Exchange {
       this.answered(up, answer, endpoint, release);
     });
     this.inflight = up;
+    // connectionPool.http.maxRequestsPerConnection: the connection closes after its last answer.
+    const perConnection = this.target.policy.maxRequestsPerConnection;
+    if (perConnection > 0) {
+      up.once('socket', (socket: Socket) => {
+        const n = (requestsOn.get(socket) ?? 0) + 1;
+        requestsOn.set(socket, n);
+        if (n >= perConnection) up.once('response', (answer: IncomingMessage) => answer.once('end', () => socket.destroy()));
+      });
+    }
     const backendMs = this.entry.timeouts?.backendRequestMs;
     if (backendMs !== undefined) perTry = setTimeout(() => up.destroy(new PerTryTimeout(`no answer within ${backendMs} ms`)), backendMs);
     up.on('error', (e: NodeJS.ErrnoException) => {
@@ -492,7 +588,8 @@ class Exchange {
       // Raw pairs in the client's order and case; its Host header goes as it came.
       headers: headers as unknown as OutgoingHttpHeaders,
       setHost: false,
-      poolKey: `${this.conn.source.uid}|${endpoint.workload.uid}|${endpoint.port}`,
+      // Per Service as Envoy pools per cluster: its connectionPool settings are its own.
+      poolKey: `${this.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
       open: async () => {
         try {
           const socket = await this.conn.dial(target, endpoint);
@@ -553,9 +650,11 @@ class Exchange {
       answer.resume();
       answer.once('end', release);
       answer.once('close', release);
+      this.health(endpoint, status);
       this.retry(`answered ${status}`);
       return;
     }
+    this.health(endpoint, status);
     let out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
     for (const c of this.upstream.answerChanges) out = applyHeaderChanges(out, c);
     try {
@@ -574,7 +673,7 @@ class Exchange {
       if (answer.rawTrailers.length > 0) this.res.addTrailers(pairs(answer.rawTrailers));
       this.res.end();
       release();
-      this.done(status, '-', endpoint);
+      this.done(status, this.flag, endpoint);
     });
     // Cut before its end (a reset, a framing error upstream): so is the client's answer.
     answer.on('close', () => {
@@ -584,6 +683,13 @@ class Exchange {
       this.done(status, 'UPE', endpoint);
       this.res.destroy();
     });
+  }
+
+  /** Outlier detection on answers: a run of 5xx or gateway errors may eject the endpoint. */
+  private health(endpoint: Endpoint, status: number): void {
+    if (!this.outbound.services.lb().answered(this.target, endpoint, status)) return;
+    this.outbound.services.metrics().ejections.inc({ service: this.target.key });
+    log.warn({ service: this.target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port, status }, 'endpoint ejected after consecutive error answers');
   }
 
   /** Whether another attempt may go: retries left, the whole body in hand, within the budget. */
@@ -657,6 +763,9 @@ class Exchange {
   private settle(): void {
     this.finished = true;
     clearTimeout(this.requestTimer);
+    clearTimeout(this.delayTimer);
+    this.leaveQueue?.();
+    this.leaveQueue = undefined;
     if (this.retryTimer) {
       clearTimeout(this.retryTimer);
       this.outbound.track('retrying', this.target, -1);

@@ -1,8 +1,10 @@
 /**
- * L4 endpoint choice per Service port, as its TrafficPolicy says: round robin (default), least
- * connections (ties in round robin) or random, over the endpoints that are not ejected. Passive
- * health: an endpoint that fails `consecutiveConnectErrors` connects in a row is ejected for
- * baseEjectionTime times its number of ejections, within maxEjectionPercent of the Service's
+ * Endpoint choice per Service port (per connection at L4, per request on HTTP routes), as its
+ * TrafficPolicy says: round robin (default), least connections or requests (ties in round robin)
+ * or random, over the endpoints that are not ejected. Passive health: an endpoint that fails
+ * `consecutiveConnectErrors` connects in a row, or answers `consecutive5xxErrors` 5xx or
+ * `consecutiveGatewayErrors` 502-504 in a row, is ejected for baseEjectionTime times its number of
+ * ejections (rounded up to the sweep interval), within maxEjectionPercent of the Service's
  * endpoints (at least one may always be ejected). When every endpoint is ejected, all are used
  * again (panic), since refusing everything helps nobody.
  */
@@ -13,6 +15,9 @@ const endpointKey = (e: Endpoint): string => `${e.workload.uid}:${e.port}`;
 
 interface Health {
   consecutiveErrors: number;
+  /** HTTP answers 500-599, and of those 502-504, in a row. */
+  consecutive5xx: number;
+  consecutiveGateway: number;
   ejections: number;
   ejectedUntil: number;
 }
@@ -112,19 +117,62 @@ export class LoadBalancer {
 
   /** Records a failed connect; returns true when this failure ejected the endpoint. */
   connectFailed(target: ServiceTarget, e: Endpoint): boolean {
-    const key = endpointKey(e);
-    const h = this.health.get(key) ?? { consecutiveErrors: 0, ejections: 0, ejectedUntil: 0 };
-    this.health.set(key, h);
+    const h = this.healthOf(e);
     h.consecutiveErrors++;
-    const { consecutiveConnectErrors, baseEjectionMs, maxEjectionPercent } = target.policy.outlier;
+    return h.consecutiveErrors >= target.policy.outlier.consecutiveConnectErrors && this.eject(target, e, h);
+  }
+
+  /**
+   * Records an HTTP answer of the endpoint: 5xx answers and gateway errors (502, 503, 504) in a
+   * row eject it as the policy says (0: never); any other answer clears both counts. Returns true
+   * when this answer ejected the endpoint.
+   */
+  answered(target: ServiceTarget, e: Endpoint, status: number): boolean {
+    const { consecutive5xxErrors, consecutiveGatewayErrors } = target.policy.outlier;
+    if (status < 500) {
+      const h = this.health.get(endpointKey(e));
+      if (h) {
+        h.consecutive5xx = 0;
+        h.consecutiveGateway = 0;
+      }
+      return false;
+    }
+    const h = this.healthOf(e);
+    h.consecutive5xx++;
+    if (status >= 502 && status <= 504) h.consecutiveGateway++;
+    else h.consecutiveGateway = 0;
+    const trips = (consecutive5xxErrors > 0 && h.consecutive5xx >= consecutive5xxErrors) || (consecutiveGatewayErrors > 0 && h.consecutiveGateway >= consecutiveGatewayErrors);
+    return trips && this.eject(target, e, h);
+  }
+
+  private healthOf(e: Endpoint): Health {
+    const key = endpointKey(e);
+    let h = this.health.get(key);
+    if (!h) {
+      h = { consecutiveErrors: 0, consecutive5xx: 0, consecutiveGateway: 0, ejections: 0, ejectedUntil: 0 };
+      this.health.set(key, h);
+    }
+    return h;
+  }
+
+  /**
+   * Ejects the endpoint for baseEjectionTime times its number of ejections, rounded up to the
+   * policy's sweep interval, unless it is out already or maxEjectionPercent of the Service's
+   * endpoints are (at least one may always be).
+   */
+  private eject(target: ServiceTarget, e: Endpoint, h: Health): boolean {
+    const { baseEjectionMs, maxEjectionPercent, intervalMs } = target.policy.outlier;
     const now = this.now();
-    if (h.consecutiveErrors < consecutiveConnectErrors || h.ejectedUntil > now) return false;
+    if (h.ejectedUntil > now) return false;
     const ejected = target.endpoints.filter((x) => this.isEjected(x, now)).length;
     const allowed = maxEjectionPercent === 0 ? 0 : Math.max(1, Math.floor((target.endpoints.length * maxEjectionPercent) / 100));
     if (ejected >= allowed) return false;
     h.ejections++;
-    h.ejectedUntil = now + baseEjectionMs * h.ejections;
+    const interval = Math.max(1, intervalMs);
+    h.ejectedUntil = now + Math.ceil((baseEjectionMs * h.ejections) / interval) * interval;
     h.consecutiveErrors = 0;
+    h.consecutive5xx = 0;
+    h.consecutiveGateway = 0;
     return true;
   }
 
@@ -132,8 +180,11 @@ export class LoadBalancer {
     const h = this.health.get(endpointKey(e));
     if (!h) return;
     h.consecutiveErrors = 0;
-    // A healthy endpoint that has served its ejection forgets it, so the next one is short again.
-    if (h.ejectedUntil <= this.now()) this.health.delete(endpointKey(e));
+    // A healthy endpoint that has served its ejection forgets it, so the next one is short again
+    // (its run of HTTP errors, if any, still counts).
+    if (h.ejectedUntil > this.now()) return;
+    if (h.consecutive5xx === 0 && h.consecutiveGateway === 0) this.health.delete(endpointKey(e));
+    else h.ejections = 0;
   }
 
   isEjected(e: Endpoint, now = this.now()): boolean {
