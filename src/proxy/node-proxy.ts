@@ -728,6 +728,10 @@ export class NodeProxy {
     const hostOf = (endpoint: Endpoint): string => (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
     return {
       parent,
+      current: () => {
+        const now = this.snapshot.service(original);
+        return now && exportedTo(now.service, state.pod.namespace) ? now : undefined;
+      },
       source: state.pod,
       dial: async (target, endpoint) => {
         const upstream = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
@@ -755,7 +759,8 @@ export class NodeProxy {
       s.once('close', () => state.sockets.delete(s));
       return s;
     };
-    if ('fd' in connected) return track(new Socket({ fd: connected.fd, readable: true, writable: true }));
+    // No Nagle on the upstream side either (see HttpOutbound.serve); a no-op on a socket pair.
+    if ('fd' in connected) return track(new Socket({ fd: connected.fd, readable: true, writable: true }).setNoDelay(true));
     let pair: [number, number];
     try {
       pair = socketPair();

@@ -90,6 +90,7 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   assert.equal(mixed.answers[1]?.status, 200, `${where}: the next request on the connection is served`);
   assert.equal(mixed.connections, 1);
   // Bodies: 1 MiB with a length, 3 MiB chunked, the answer's trailers; 5 MB down.
+
   const bodies = await http(sb, client, { requests: [{ path: '/echo', body: 1 << 20 }, { path: '/echo', body: 3 << 20, chunked: true }, { path: '/big/5000000' }] }, source);
   for (const [i, a] of bodies.answers.slice(0, 2).entries()) {
     assert.equal(a.status, 200, `${where}: echo ${i}: ${a.error ?? ''}`);
@@ -124,6 +125,17 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   assert.deepEqual([f.answers[2]?.status, f.answers[2]?.headers['location']], [301, `http://${SVC.web}/api/items?q=1`], 'redirected by the proxy');
   assert.equal(f.answers[3]?.servedBy, 'reviews-v1', 'the mirror does not answer');
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 1, 5000, 'the copy answered by v2');
+  // A route changed while a keep-alive connection is open: its next requests follow the new one.
+  const pausing = http(sb, client, { requests: [{ path: '/api/live' }], repeat: 20, pause: { after: 10, ms: 4000 } }, agent);
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  const config = meshConfig();
+  await agent.writeConfig('route.yaml', (config['route.yaml'] ?? '').replace('{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}', '{name: reviews-v2, port: 80}'));
+  await waitFor(async () => (await agent.config()).services.find((s) => s.service === 'default/web:80')?.http?.some((e) => e.match.path === 'PathPrefix /api' && e.backends.length === 1) === true, 3000, 'the new route applied');
+  const live = await pausing;
+  assert.equal(live.connections, 1);
+  assert.deepEqual(count({ ...live, answers: live.answers.slice(10) }), { '200 reviews-v2': 10 }, 'after the change, every request to v2 on the same connection');
+  await agent.writeConfig('route.yaml', config['route.yaml'] ?? '');
+  await waitFor(async () => (await agent.config()).services.find((s) => s.service === 'default/web:80')?.http?.some((e) => e.match.path === 'PathPrefix /api' && e.backends.length === 2) === true, 3000, 'the route restored');
   // Requests the parser refuses never go upstream, and the proxy goes on serving.
   const before = metricValue(await agent.metrics(), 'istio_requests_total');
   const bad = await http(sb, client, {

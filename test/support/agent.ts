@@ -18,6 +18,8 @@ export interface AgentConfigDump {
     service: string;
     policy: { source?: string; loadBalancing: string; maxConnections: number };
     endpoints: Array<{ pod: string; port: number; activeConnections: number; ejected: boolean }>;
+    /** An HTTP port routed per request: its matches in the order they are tried. */
+    http?: Array<{ route: string; rule: number; match: { path: string }; backends: Array<{ backend: string; weight: number }> }>;
   }>;
 }
 

@@ -20,6 +20,8 @@ export interface HttpPlan {
   readonly raw?: ReadonlyArray<string>;
   /** Clients sending the plan at once, each on its own connection (default 1). */
   readonly parallel?: number;
+  /** A pause on the connection after this many requests (the test changes something meanwhile). */
+  readonly pause?: { readonly after: number; readonly ms: number };
 }
 
 export interface HttpAnswer {
@@ -67,8 +69,10 @@ function rawExchange(host: string, port: number, text: string): Promise<string> 
 /** The plan's requests, repeated, one after the other on one keep-alive connection. */
 async function sequence(plan: HttpPlan, sockets: Set<Socket>, answers: HttpAnswer[]): Promise<void> {
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  let sent = 0;
   for (let i = 0; i < (plan.repeat ?? 1); i++) {
     for (const r of plan.requests) {
+      if (plan.pause && sent++ === plan.pause.after) await new Promise((resolve) => setTimeout(resolve, plan.pause?.ms));
       answers.push(
         await new Promise<HttpAnswer>((resolve) => {
           const body = r.body === undefined ? undefined : randomBytes(r.body);

@@ -16,7 +16,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
 import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
-import type { PathMatch, RouteMatch } from '../../config/route.js';
+import { ALL_REQUESTS, type PathMatch, type RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
@@ -37,8 +37,10 @@ export class UpstreamDenied extends Error {}
 
 /** What the node proxy tells the HTTP side about one client connection. */
 export interface HttpClientConnection {
-  /** The Service port the client dialled, with its routes. */
+  /** The Service port the client dialled, with its routes, as the connection began. */
   readonly parent: ServiceTarget;
+  /** The same Service port in the snapshot now (a keep-alive client's later requests follow config changes); undefined once it is gone. */
+  current(): ServiceTarget | undefined;
   /** The source pod, for logs. */
   readonly source: { readonly namespace: string; readonly name: string; readonly uid: string };
   /**
@@ -187,6 +189,9 @@ export class HttpOutbound {
   /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes. */
   serve(client: Socket, conn: HttpClientConnection): Promise<void> {
     this.contexts.set(client, { conn });
+    // Heads and bodies go in separate writes: with Nagle's algorithm each answer would wait for the
+    // client's delayed ACK (tens of ms).
+    client.setNoDelay(true);
     return new Promise((resolve) => {
       client.once('close', () => resolve());
       this.server.emit('connection', client);
@@ -207,12 +212,20 @@ export class HttpOutbound {
     }
     const started = performance.now();
     const { conn } = ctx;
-    const routing = conn.parent.http;
+    // Each request is routed by the config of its time; a port whose routes went sends to its own
+    // endpoints, a Service that went is no route (Envoy's 404 NR).
+    const parent = conn.current();
+    if (!parent) {
+      this.answer(res, conn, conn.parent, undefined, started, { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` });
+      req.resume();
+      return;
+    }
+    const routing = parent.http ?? { entries: [{ match: ALL_REQUESTS, backends: [{ target: parent, weight: 1 }], route: `Service ${parent.key}`, rule: 0 }], routes: [] };
     const { path, query } = splitTarget(req.url ?? '/');
     const facts: RequestFacts = { method: req.method ?? 'GET', path, query, headers: req.headers };
-    const entry = routing ? routeRequest(routing.entries, facts) : undefined;
+    const entry = routeRequest(routing.entries, facts);
     if (!entry) {
-      this.answer(res, conn, conn.parent, undefined, started, { status: 404, flag: 'NR', detail: 'no route matched the request' });
+      this.answer(res, conn, parent, undefined, started, { status: 404, flag: 'NR', detail: 'no route matched the request' });
       req.resume();
       return;
     }
@@ -223,12 +236,12 @@ export class HttpOutbound {
       res.writeHead(redirect.statusCode, { location, 'content-length': 0 });
       res.end();
       req.resume();
-      this.count(conn, conn.parent, undefined, redirect.statusCode, '-', started);
+      this.count(conn, parent, undefined, redirect.statusCode, '-', started);
       return;
     }
-    const backend = this.lb.pickWeighted(`${conn.parent.key}#${entry.route}#${entry.rule}`, entry.backends);
+    const backend = this.lb.pickWeighted(`${parent.key}#${entry.route}#${entry.rule}`, entry.backends);
     if (!backend) {
-      this.answer(res, conn, conn.parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` });
+      this.answer(res, conn, parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` });
       req.resume();
       return;
     }
@@ -244,7 +257,7 @@ export class HttpOutbound {
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', randomUUID());
     const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
-    new Exchange(this, req, res, conn, entry, backend.target, { path: target, headers, answerChanges }, started).start();
+    new Exchange(this, req, res, conn, parent, entry, backend.target, { path: target, headers, answerChanges }, started).start();
   }
 
   /**
@@ -440,6 +453,8 @@ class Exchange {
     private readonly req: IncomingMessage,
     private readonly res: ServerResponse,
     private readonly conn: HttpClientConnection,
+    /** The Service port the client called (its fault applies first). */
+    private readonly parent: ServiceTarget,
     private readonly entry: HttpRouteEntry,
     private readonly target: ServiceTarget,
     /** What goes upstream (the filters applied) and what changes in the answer. */
@@ -461,7 +476,7 @@ class Exchange {
       this.finish(0, 'DC');
     });
     // Faults (TrafficPolicy fault, Istio's semantics): the delay first, then the abort.
-    const fault = this.conn.parent.policy.fault ?? this.target.policy.fault;
+    const fault = this.parent.policy.fault ?? this.target.policy.fault;
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';
