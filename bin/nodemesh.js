@@ -2,18 +2,17 @@
 // The agent is a long-running daemon on every node, and bytes are copied in the kernel, not in
 // JS: a 1 MB young generation and V8's optimize-for-size heuristics keep its RSS with 100 pods
 // at about 64 instead of 101 MiB, and V8's baseline compiler only (no TurboFan, `agent --jit
-// baseline`) at 57 (README, Performance, has the measurements). With a control plane the agent
-// speaks HBONE and runs more JS per connection (tunnels, CONNECT checks, policy): there TurboFan
-// gives ~15% more requests/s and ~10% less CPU per request (ARCHITECTURE.md), so `--jit auto`
-// (the default) keeps it on then.
+// baseline`) at 57 (README, Performance, has the measurements). TurboFan stays on by default
+// (`--jit auto`): HBONE gains ~15% requests/s with it, and the L7 path (HTTP parsed in JS) costs
+// a third of the CPU per request (bench/l7.ts: 146 against 446 µs); V8 cannot turn it on later,
+// when a route arrives, so `baseline` is for L4-only nodes short of memory.
 // Long-running processes log at info (one line per enrolled pod, per error); commands for humans
 // log warnings and errors only. NODEMESH_LOG_LEVEL overrides both.
 process.env.NODEMESH_LOG_LEVEL ??= ['agent', 'control-plane'].includes(process.argv[2] ?? '') ? 'info' : 'warn';
 const args = process.argv.slice(2);
 const jitArg = args.find((a) => a.startsWith('--jit=')) ?? (args.includes('--jit') ? `--jit=${args[args.indexOf('--jit') + 1]}` : '--jit=auto');
 const jit = jitArg.slice('--jit='.length);
-const tunnels = args.includes('--control-plane') || args.some((a) => a.startsWith('--control-plane='));
-if (args[0] === 'agent' && (jit === 'baseline' || (jit === 'auto' && !tunnels))) {
+if (args[0] === 'agent' && jit === 'baseline') {
   // Set before any module loads: loading them already makes V8 optimise hot functions.
   (await import('node:v8')).setFlagsFromString('--max-opt=1');
 }

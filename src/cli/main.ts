@@ -281,7 +281,7 @@ program
     // Applied by bin/nodemesh.js before any module loads; here for --help and validation.
     new Option(
       '--jit <tiers>',
-      "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS) or full (adds TurboFan; ~15% more new connections/s and HBONE requests/s); auto: full with --control-plane (HBONE: more JS per connection), baseline standalone",
+      "V8's compilers for the agent's JS: baseline (Sparkplug only; ~5 MiB less RSS, for L4-only nodes) or full (adds TurboFan; ~15% more HBONE requests/s, a third of the CPU per L7 request); auto (the default): full",
     )
       .choices(['auto', 'baseline', 'full'])
       .default('auto'),
