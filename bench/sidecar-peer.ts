@@ -1,5 +1,5 @@
 /**
- * The sidecar-style peer: HAProxy (mode tcp, one thread, like a one-CPU sidecar) in each pod's
+ * The sidecar-style peer: HAProxy (mode tcp or http, one thread, like a one-CPU sidecar) in each pod's
  * netns, with nft REDIRECT on both sides, the way iptables-based sidecars capture:
  *   client pod: output to the service address -> 127.0.0.1:15001/15002 -> server pod IP
  *   server pod: prerouting to the app ports   -> :15006/15007       -> 127.0.0.1:app port
@@ -44,8 +44,10 @@ export interface SidecarTls {
   readonly ca: string;
 }
 
-function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string }>): string {
-  const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', '  mode tcp', '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
+function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string }>, mode: 'tcp' | 'http'): string {
+  const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', `  mode ${mode}`, '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
+  // An L7 sidecar keeps its upstream connections and reuses them across client connections.
+  if (mode === 'http') lines.push('  option http-keep-alive', '  http-reuse always');
   for (const l of listens) lines.push(`listen p${l.port}`, `  bind :${l.port}${l.bindTls ?? ''}`, `  server s ${l.to}${l.serverTls ?? ''}`);
   return lines.join('\n') + '\n';
 }
@@ -68,7 +70,8 @@ export async function writeSidecarTls(dir: string): Promise<SidecarTls> {
   return { client: { crt: await leaf('sidecar-client', 'client') }, server: { crt: await leaf('sidecar-server', 'server') }, ca };
 }
 
-export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[], tls?: SidecarTls): Promise<SidecarPeer> {
+/** `mode`: tcp (an L4 sidecar) or http (an L7 one: both HAProxies parse every request). */
+export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[], tls?: SidecarTls, mode: 'tcp' | 'http' = 'tcp'): Promise<SidecarPeer> {
   const children: ChildProcess[] = [];
   const start = async (pod: PodRecord, name: string, cfg: string): Promise<void> => {
     const path = join(dir, `${name}.cfg`);
@@ -78,8 +81,8 @@ export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, cl
   };
   const serverTls = tls ? ` ssl crt ${tls.client.crt} ca-file ${tls.ca} verify required` : '';
   const bindTls = tls ? ` ssl crt ${tls.server.crt} ca-file ${tls.ca} verify required` : '';
-  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}`, serverTls }))));
-  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}`, bindTls }))));
+  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}`, serverTls })), mode));
+  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}`, bindTls })), mode));
   const out = routes.map((r) => `ip daddr ${serviceIp} tcp dport ${r.servicePort} redirect to :${r.outboundPort}`).join('\n    ');
   const inb = routes.map((r) => `iifname "eth0" tcp dport ${r.servicePort} redirect to :${r.inboundPort}`).join('\n    ');
   // An iptables/nft sidecar needs a route to the service address (REDIRECT runs after routing);

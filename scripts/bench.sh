@@ -58,6 +58,15 @@ case ${1:-} in
     run_bench tunnel-layers
     exit $?
     ;;
+  # `npm run bench:l7` (bench/l7.ts): HTTP/1.1 through the node proxy's L7 path, one node,
+  # against direct, the HAProxy mode http pair and nodemesh's L4 path.
+  l7)
+    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+    ensure_all
+    build_latency
+    run_bench l7
+    exit $?
+    ;;
   # `npm run bench:l7-parsers` (bench/l7-parsers.ts): HTTP/1.1 through one proxy process built on
   # each candidate parser (node:http, undici, llhttp driven directly) and HAProxy, on loopback.
   l7-parsers)
@@ -80,4 +89,6 @@ run_bench run || status=$?
 [[ $status -ne 0 ]] || run_bench tunnel-layers || status=$?
 # One pod's misbehaviour against another pod's latency.
 [[ $status -ne 0 ]] || run_bench hardening || status=$?
+# HTTP through the L7 path against the HAProxy mode http pair.
+[[ $status -ne 0 ]] || run_bench l7 || status=$?
 exit $status

@@ -1,0 +1,171 @@
+/**
+ * `npm run bench:l7` (and part of `npm run bench`): HTTP/1.1 through the node proxy's L7 path
+ * (issue 14), one hop (client and server pods on one node), in the same run as its peers:
+ *   direct             client pod to server pod, no proxy
+ *   HAProxy http pair  the sidecar-style L7 peer: HAProxy in `mode http` (one thread) in each pod
+ *                      behind nft REDIRECT, both parsing every request
+ *   nodemesh L4        the Service without L7 config: the kernel relay
+ *   nodemesh L7        the same Service with an HTTPRoute on its HTTP port: each request parsed,
+ *                      routed and forwarded over pooled upstream connections
+ * Keep-alive requests/s (wrk, one thread, 32 connections), p50/p90/p99 at 1000 requests/s of 1 KB
+ * over 10 connections, and proxy CPU per 1000 requests. Writes bench/results/l7.json. Numbers,
+ * not assertions.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { probeBpf } from '../src/datapath/native.js';
+import { holdBlackhole } from '../src/runtime/blackhole.js';
+import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { validatePodSpec } from '../src/runtime/pod-spec.js';
+import { LocalPodRuntime } from '../src/runtime/pods.js';
+import type { PodRecord } from '../src/runtime/store.js';
+import { waitForPodListener } from '../src/runtime/wait.js';
+import { PACKAGE_ROOT } from '../src/shared/paths.js';
+import { preflight } from '../src/cli/preflight.js';
+import { startSidecarPeer } from './sidecar-peer.js';
+import { agentCommand, cpuSeconds, latencyFixedRate, removeCgroupTree, wrk, writeNginxConf, type Latency } from './tools.js';
+
+const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
+const SERVICE_IP = '10.96.0.53';
+const HTTP_PORT = 80;
+const APP_HTTP = 8080;
+const ADMIN = 15902;
+/** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings (as bench/two-hop.ts). */
+const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+
+const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
+
+interface HttpScenario {
+  keepAliveRps: number;
+  latency: Latency;
+  /** CPU seconds the proxies spent per 1000 keep-alive requests (null: no proxy). */
+  proxyCpuSecPer1000Req: number | null;
+}
+
+async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, pids: () => number[]): Promise<HttpScenario> {
+  await wrk(runtime, client, host, port, 1, true); // warm-up: JIT, pools
+  const cpu0 = await cpuSeconds(pids());
+  const ka = await wrk(runtime, client, host, port, SECONDS, true);
+  const cpu1 = await cpuSeconds(pids());
+  const latency = await latencyFixedRate(runtime, client, host, port, SECONDS);
+  return { keepAliveRps: ka.rps, latency, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null };
+}
+
+function serviceYaml(routed: boolean): string {
+  const svc = `apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: default}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
+  const backend = `---\napiVersion: v1\nkind: Service\nmetadata: {name: server-v1, namespace: default}\nspec:\n  clusterIP: 10.96.0.54\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
+  const route = `---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]\n`;
+  return routed ? svc + backend + route : svc;
+}
+
+async function main(): Promise<void> {
+  await preflight(probeBpf);
+  const id = Date.now().toString(36).slice(-5);
+  const config: RuntimeConfig = {
+    stateDir: `/tmp/nodemesh-bench-${id}`,
+    bridge: `nmbl${id}`,
+    podCidr4: { network: '10.204.0.0', prefix: 24 },
+    podCidr6: { network: 'fd00:6e64::', prefix: 64 },
+    cgroupSubtree: `nodemesh-bench-${id}`,
+    namePrefix: 'nml',
+    node: 'bench',
+  };
+  const runtime = new LocalPodRuntime(config);
+  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-l7-'));
+  const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const cleanups: Array<() => Promise<unknown>> = [];
+  let agent: ChildProcess | undefined;
+  try {
+    for (const ip of [SERVICE_IP, '10.96.0.54']) {
+      const hole = await holdBlackhole(ip);
+      cleanups.push(() => hole.release());
+    }
+    const nginxConf = await writeNginxConf(work, APP_HTTP);
+    say('creating pods: server (nginx :8080, 1 KB answers) and client');
+    const server = await runtime.create(validatePodSpec({ name: 'server', labels: ['app=server'], command: ['nginx', '-c', nginxConf] }), { detached: true });
+    cleanups.push(() => runtime.remove(server, 1000));
+    const started = (await runtime.start(server)).record;
+    const client = await runtime.create(validatePodSpec({ name: 'client', labels: ['app=client'], command: ['sleep', 'infinity'] }), { detached: true });
+    cleanups.push(() => runtime.remove(client, 1000));
+    await runtime.start(client);
+    await waitForPodListener(started.pid, APP_HTTP, 10_000);
+
+    say('direct pod to pod');
+    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
+
+    say('sidecar peer: HAProxy mode http + nft REDIRECT in both pods');
+    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
+    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
+    await peer.stop();
+
+    const configDir = join(work, 'config');
+    await mkdir(configDir);
+    const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
+    const runAgent = async (routed: boolean): Promise<HttpScenario> => {
+      await writeFile(join(configDir, 'mesh.yaml'), serviceYaml(routed));
+      const child = spawn(...agentCommand(['agent', ...AGENT_ARGS, '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', `127.0.0.1:${ADMIN}`]), { env, stdio: 'inherit' });
+      agent = child;
+      try {
+        for (let i = 0; ; i++) {
+          const body = await fetch(`http://127.0.0.1:${ADMIN}/pods`).then((r) => r.json() as Promise<{ pods: Array<{ verified: boolean }> }>).catch(() => ({ pods: [] }));
+          if (body.pods.length === 2 && body.pods.every((p) => p.verified)) break;
+          if (i > 300) throw new Error('the agent did not verify the pods');
+          await sleep(100);
+        }
+        return await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [child.pid ?? 0]);
+      } finally {
+        const exited = new Promise((r) => child.once('exit', r));
+        child.kill('SIGTERM');
+        await exited;
+        agent = undefined;
+      }
+    };
+    cleanups.push(() => rm(pinRoot, { recursive: true, force: true }));
+    say('nodemesh L4 (no L7 config: kernel relay)');
+    const l4 = await runAgent(false);
+    say('nodemesh L7 (an HTTPRoute on the HTTP port: each request routed)');
+    const l7 = await runAgent(true);
+
+    const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
+    const rows: Array<[string, HttpScenario]> = [['direct', direct], ['HAProxy mode http pair (2 hops)', sidecar], ['nodemesh L4 (1 hop)', l4], ['nodemesh L7 (1 hop)', l7]];
+    const added = (s: HttpScenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
+    const ratios = {
+      l7KeepAliveRpsVsHaproxyPair: Math.round((l7.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
+      addedP90Ms: { haproxyPair: added(sidecar), nodemeshL7: added(l7), nodemeshL4: added(l4) },
+      // vCPU per 1000 requests/s equals CPU seconds per 1000 requests.
+      vcpuPer1000Rps: { haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req },
+    };
+    process.stdout.write(
+      [
+        `\nHTTP/1.1, 1 KB answers, one node, ${SECONDS} s runs`,
+        '',
+        '| path | keep-alive req/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
+        '|---|---|---|---|---|---|',
+        ...rows.map(([n, s]) => `| ${n} | ${f(s.keepAliveRps, 0)} | ${f(s.latency.p50, 3)} | ${f(s.latency.p90, 3)} | ${f(s.latency.p99, 3)} | ${f(s.proxyCpuSecPer1000Req, 3)} |`),
+        '',
+        `ratios: ${JSON.stringify(ratios)}`,
+        '',
+      ].join('\n'),
+    );
+    const outDir = join(PACKAGE_ROOT, 'bench', 'results');
+    await mkdir(outDir, { recursive: true });
+    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, ratios }, null, 2) + '\n');
+  } finally {
+    say('cleaning up');
+    if (agent && agent.exitCode === null && agent.signalCode === null) {
+      const exited = new Promise((r) => agent?.once('exit', r));
+      agent.kill('SIGTERM');
+      await exited;
+    }
+    for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await rm(work, { recursive: true, force: true });
+    await rm(config.stateDir, { recursive: true, force: true });
+  }
+}
+
+await main();
