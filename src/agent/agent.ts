@@ -9,7 +9,7 @@ import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Server } from 'node:http';
 
-import { DEFAULT_MESH, shouldEnroll } from '../config/mesh.js';
+import { DEFAULT_MESH, logsAccess, shouldEnroll } from '../config/mesh.js';
 import { MeshSnapshot, type Workload } from '../config/snapshot.js';
 import { ConfigDirReader, ConfigStore, EMPTY_CONFIG, recordConfigObjects, recordRejections, type MeshConfig, type RejectedObject } from '../config/store.js';
 import { NodeMetrics, type EnrollErrorReason } from '../proxy/metrics/metrics.js';
@@ -260,6 +260,7 @@ export class NodeAgent {
     const proxy = new NodeProxy(datapath, metrics, {
       ...(tunnel ? { tunnel } : {}),
       trustDomain,
+      accessLog: (namespace) => logsAccess(agent?.config.mesh ?? DEFAULT_MESH, namespace),
       passthrough: options.passthrough,
       connectTimeoutMs: options.connectTimeoutMs,
       idleTimeoutMs: options.idleTimeoutMs,

@@ -35,9 +35,32 @@ export interface MeshSettings {
   readonly trustDomain: string;
   /** Inbound mTLS where no PeerAuthentication (workload, namespace, root namespace) sets a mode. */
   readonly mtlsMode: DefaultMtlsMode;
+  /**
+   * Which source namespaces' HTTP requests get an access log line each (data.accessLog: "off",
+   * "on", or namespaces separated by commas): [] none, ['*'] all.
+   */
+  readonly accessLog: ReadonlyArray<string>;
 }
 
-export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' };
+export const DEFAULT_MESH: MeshSettings = { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE', accessLog: [] };
+
+/** Whether requests from pods of `namespace` are logged one line each. */
+export function logsAccess(mesh: Pick<MeshSettings, 'accessLog'>, namespace: string): boolean {
+  return mesh.accessLog.includes('*') || mesh.accessLog.includes(namespace);
+}
+
+const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+/** data.accessLog as the list MeshSettings holds; throws naming the field. */
+export function parseAccessLog(v: unknown): string[] {
+  if (v === undefined || v === 'off' || v === '') return [];
+  if (v === 'on') return ['*'];
+  if (typeof v !== 'string') throw new ObjectInvalid('data.accessLog', 'data.accessLog must be "on", "off" or namespaces separated by commas');
+  const names = v.split(',').map((n) => n.trim());
+  const bad = names.find((n) => !NAMESPACE_NAME.test(n) || n.length > 63);
+  if (bad !== undefined) throw new ObjectInvalid('data.accessLog', `data.accessLog: "${bad.slice(0, 70)}" is not a namespace name (give "on", "off" or namespaces separated by commas)`);
+  return [...new Set(names)].sort();
+}
 
 /** SPIFFE trust domain names: lowercase letters, digits, ".", "-" and "_". */
 export const TRUST_DOMAIN = /^[a-z0-9._-]{1,255}$/;
@@ -59,7 +82,7 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   const data = (doc['data'] ?? {}) as Json;
   if (typeof data !== 'object' || data === null || Array.isArray(data)) throw new ObjectInvalid('data', 'data must be a mapping');
   for (const key of Object.keys(data)) {
-    if (!['enrollment', 'failClosedEnrollment', 'trustDomain', 'mtlsMode'].includes(key)) throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment, trustDomain, mtlsMode)`);
+    if (!['enrollment', 'failClosedEnrollment', 'trustDomain', 'mtlsMode', 'accessLog'].includes(key)) throw new ObjectInvalid(`data.${key}`, `unknown setting "data.${key}" (known: enrollment, failClosedEnrollment, trustDomain, mtlsMode, accessLog)`);
   }
   const enrollment = data['enrollment'] ?? DEFAULT_MESH.enrollment;
   if (enrollment !== 'all' && enrollment !== 'opt-in') throw new ObjectInvalid('data.enrollment', `data.enrollment "${String(enrollment)}" must be "all" or "opt-in"`);
@@ -73,7 +96,7 @@ export function parseMeshConfig(doc: Json): MeshSettings {
   }
   const mtlsMode = data['mtlsMode'] ?? DEFAULT_MESH.mtlsMode;
   if (!isDefaultMtlsMode(mtlsMode)) throw new ObjectInvalid('data.mtlsMode', `data.mtlsMode "${String(mtlsMode)}" must be one of ${DEFAULT_MTLS_MODES.join(', ')}`);
-  return { enrollment, failClosedEnrollment: failClosed === 'true', trustDomain, mtlsMode };
+  return { enrollment, failClosedEnrollment: failClosed === 'true', trustDomain, mtlsMode, accessLog: parseAccessLog(data['accessLog']) };
 }
 
 /** Whether the agent enrolls a pod, from its labels, its namespace's labels and the mode. */

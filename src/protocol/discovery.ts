@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import type { ServiceDefinition } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 
-import { DEFAULT_MESH, TRUST_DOMAIN, isDefaultMtlsMode, type MeshSettings, type Namespace } from '../config/mesh.js';
+import { DEFAULT_MESH, TRUST_DOMAIN, isDefaultMtlsMode, parseAccessLog, type MeshSettings, type Namespace } from '../config/mesh.js';
 import { ObjectInvalid, type Service, type ServicePort } from '../config/service.js';
 import type { Workload } from '../config/snapshot.js';
 import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, needsHttp, parseRoute, type ServiceRoute, type ValueMatch } from '../config/route.js';
@@ -140,6 +140,8 @@ export interface WireMeshSettings {
   trustDomain: string;
   /** '' (proto3 default) is PERMISSIVE. */
   mtlsMode?: string;
+  /** Absent from a control plane that predates it: off. */
+  accessLog?: string[];
 }
 export interface WirePeerAuthentication {
   namespace: string;
@@ -443,7 +445,7 @@ function ruleFromWire(r: WireAuthorizationRule): AuthorizationRule {
  */
 export function configResources(config: MeshConfig): WireResource[] {
   return [
-    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment, trustDomain: config.mesh.trustDomain, mtlsMode: config.mesh.mtlsMode } },
+    { mesh: { enrollment: config.mesh.enrollment, failClosedEnrollment: config.mesh.failClosedEnrollment, trustDomain: config.mesh.trustDomain, mtlsMode: config.mesh.mtlsMode, accessLog: [...config.mesh.accessLog] } },
     ...[...config.namespaces.values()].sort((a, b) => compareStrings(a.name, b.name)).map((n) => ({ namespace: { name: n.name, labels: { ...n.labels } } })),
     ...sortByKey(config.services).map((s) => ({ service: serviceToWire(s) })),
     ...sortByKey(config.trafficPolicies).map((t) => ({ trafficPolicy: trafficPolicyToWire(t) })),
@@ -696,7 +698,17 @@ export function decodeResources(version: number, digest: string, resources: Read
       if (w.enrollment !== 'all' && w.enrollment !== 'opt-in') bad('ConfigMap nodemesh', 'data.enrollment', `"${w.enrollment}" must be "all" or "opt-in"`);
       else if (!TRUST_DOMAIN.test(trustDomain)) bad('ConfigMap nodemesh', 'data.trustDomain', `"${trustDomain.slice(0, 300)}" is not a SPIFFE trust domain`);
       else if (!isDefaultMtlsMode(mtlsMode)) bad('ConfigMap nodemesh', 'data.mtlsMode', `"${mtlsMode.slice(0, 50)}" is not PERMISSIVE, STRICT or DISABLE`);
-      else mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment, trustDomain, mtlsMode });
+      else {
+        let accessLog: string[] = [];
+        try {
+          const given = w.accessLog ?? [];
+          accessLog = given.includes('*') ? ['*'] : parseAccessLog(given.length === 0 ? undefined : given.join(','));
+        } catch (e) {
+          if (!(e instanceof ObjectInvalid)) throw e;
+          bad('ConfigMap nodemesh', e.field, e.message);
+        }
+        mesh = Object.freeze({ enrollment: w.enrollment, failClosedEnrollment: w.failClosedEnrollment, trustDomain, mtlsMode, accessLog: Object.freeze(accessLog) });
+      }
     } else if (r.peerAuthentication) {
       const w = r.peerAuthentication;
       const id = `PeerAuthentication ${w.namespace}/${w.name}`;

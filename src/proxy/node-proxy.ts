@@ -85,6 +85,8 @@ export interface ProxyDatapath {
 export interface ProxyOptions {
   /** The mesh's trust domain now (the mesh config's `data.trustDomain`): identities and principal labels. */
   readonly trustDomain: () => string;
+  /** Whether HTTP requests from pods of this namespace get an access log line each (the mesh config's `data.accessLog`). */
+  readonly accessLog?: (namespace: string) => boolean;
   /** Destinations that are not mesh Services: pass through to the original address, or refuse. */
   readonly passthrough: 'allow' | 'deny';
   readonly connectTimeoutMs: number;
@@ -206,7 +208,7 @@ export class NodeProxy {
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
-    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs });
+    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }

@@ -193,6 +193,8 @@ function retryConfig(): Record<string, string> {
       serviceYaml('pool', [SVC_API.pool], { app: 'pool' }, 80, 8080, 'http'),
       serviceYaml('narrow', [SVC_API.narrow], { app: 'flaky' }, 80, 8080, 'http'),
     ].join('---\n'),
+    // Access log lines for the client's namespace only.
+    'mesh.yaml': 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: nodemesh, namespace: nodemesh-system}\ndata: {accessLog: "default"}\n',
     'policy.yaml': [
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: no-retries, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: flaky-strict}]\n  retryBudget: {percent: 0, minRetryConcurrency: 0}\n',
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: faults, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: faulty}]\n  fault: {abort: {percentage: {value: 50}, httpStatus: 418}}\n',
@@ -230,7 +232,7 @@ function retryConfig(): Record<string, string> {
   };
 }
 
-test('L7 resilience on one node: retries (and their budget), timeouts, fault injection, outlier detection on 5xx, circuit breaking', async (t) => {
+test('L7 resilience on one node: retries (and their budget), timeouts, fault injection, outlier detection on 5xx, circuit breaking; one access log line per request', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
   const agent = await startAgent(sb, retryConfig());
@@ -248,6 +250,20 @@ test('L7 resilience on one node: retries (and their budget), timeouts, fault inj
   // The backend fails the first time: without a retry the client sees it, with one it does not.
   assert.equal((await go('/no-retry/fail-first/a')).status, 503, 'no retry rule: the 503 is passed on');
   assert.equal((await go('/retry/fail-first/b')).status, 200, 'the retry recovered');
+  // One access log line per request, with a stable field set.
+  const lines = (): Array<Record<string, unknown>> =>
+    agent
+      .log()
+      .split('\n')
+      .filter((l) => l.includes('"subsystem":"access"'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  await waitFor(() => lines().some((l) => l['path'] === '/retry/fail-first/b'), 5000, 'the access log line');
+  const line = lines().find((l) => l['path'] === '/retry/fail-first/b') ?? {};
+  assert.deepEqual(
+    [line['method'], line['response_code'], line['response_flags'], line['attempts'], line['upstream_service'], line['upstream_host'], line['source_pod'], line['protocol'], line['msg']],
+    ['GET', 200, '-', 2, 'default/flaky:80', 'default/flaky-1:8080', 'default/client', 'HTTP/1.1', 'request'],
+  );
+  assert.match(String(line['request_id']), /^[0-9a-f-]{36}$/);
   let m = await agent.metrics();
   assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/flaky:80', result: 'retried' }), 1);
   // The same, to a Service whose retry budget is 0: no retry, the 503 passed on, counted.

@@ -305,7 +305,7 @@ test('last good: a rejected object, or one in a file that stops parsing, keeps i
 
 test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigMap', async (t) => {
   const { shouldEnroll, parseMeshConfig, DEFAULT_MESH } = await import('../../src/config/mesh.js');
-  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' as const };
+  const optIn = { enrollment: 'opt-in' as const, failClosedEnrollment: false, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' as const, accessLog: [] };
   const plain = { name: 'shop', labels: {} };
   const enabled = { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } };
   const disabled = { name: 'shop', labels: { 'nodemesh.io/capture': 'disabled' } };
@@ -319,8 +319,10 @@ test('enrollment: opt-out on pod or namespace, opt-in mode, the nodemesh ConfigM
   assert.deepEqual(parseMeshConfig({ data: { enrollment: 'opt-in' } }), optIn);
   assert.throws(() => parseMeshConfig({ data: { enrollment: 'some' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrollment');
   assert.throws(() => parseMeshConfig({ data: { enrolment: 'all' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.enrolment');
-  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE' });
-  assert.deepEqual(parseMeshConfig({ data: { trustDomain: 'example.org', mtlsMode: 'STRICT' } }), { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'example.org', mtlsMode: 'STRICT' });
+  assert.deepEqual(parseMeshConfig({ data: { failClosedEnrollment: 'true' } }), { enrollment: 'all', failClosedEnrollment: true, trustDomain: 'cluster.local', mtlsMode: 'PERMISSIVE', accessLog: [] });
+  assert.deepEqual(parseMeshConfig({ data: { trustDomain: 'example.org', mtlsMode: 'STRICT' } }), { enrollment: 'all', failClosedEnrollment: false, trustDomain: 'example.org', mtlsMode: 'STRICT', accessLog: [] });
+  assert.deepEqual([parseMeshConfig({ data: { accessLog: 'on' } }).accessLog, parseMeshConfig({ data: { accessLog: 'shop, payments,shop' } }).accessLog, parseMeshConfig({ data: { accessLog: 'off' } }).accessLog], [['*'], ['payments', 'shop'], []]);
+  assert.throws(() => parseMeshConfig({ data: { accessLog: 'shop,Bad_NS' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.accessLog' && /Bad_NS/.test(e.message));
   assert.throws(() => parseMeshConfig({ data: { mtlsMode: 'strict' } }), (e) => e instanceof ObjectInvalid && e.field === 'data.mtlsMode');
   for (const bad of ['Example.org', 'a/b', '', 'x'.repeat(256)]) {
     assert.throws(() => parseMeshConfig({ data: { trustDomain: bad } }), (e) => e instanceof ObjectInvalid && e.field === 'data.trustDomain', bad);

@@ -76,7 +76,7 @@ const config: MeshConfig = {
       ],
     },
   ],
-  mesh: { enrollment: 'opt-in', failClosedEnrollment: true, trustDomain: 'example.org', mtlsMode: 'STRICT' },
+  mesh: { enrollment: 'opt-in', failClosedEnrollment: true, trustDomain: 'example.org', mtlsMode: 'STRICT', accessLog: ['payments', 'shop'] },
 };
 const pod: WireWorkload = { uid: 'u1', namespace: 'shop', name: 'cart-1', serviceAccount: 'cart', labels: { app: 'cart' }, ip4: '10.200.0.5', ip6: 'fd00:6e6d::5', node: 'n1' };
 

@@ -23,6 +23,8 @@ import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
 
 const log = logger('http');
+/** One line per request, where the mesh config asks for it (data.accessLog). */
+const accessLog = logger('access');
 
 /** Headers of one hop only (RFC 9110 section 7.6.1): never forwarded. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'transfer-encoding', 'upgrade']);
@@ -76,6 +78,17 @@ class UpstreamAgent extends Agent {
     );
     return undefined;
   }
+}
+
+/** What an access log line says of a request beyond its answer. */
+interface AccessFacts {
+  readonly req: IncomingMessage;
+  readonly requestId: string;
+  /** "HTTPRoute ns/name" and the rule's index, or '' when no rule took it. */
+  readonly route: string;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly attempts: number;
 }
 
 /** Why a request was answered by the proxy, Envoy's response flags (Istio's `response_flags`). */
@@ -156,7 +169,7 @@ export class HttpOutbound {
   constructor(
     private readonly lb: LoadBalancer,
     private readonly metrics: NodeMetrics,
-    options: { readonly idleTimeoutMs: number },
+    private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
   ) {
     this.server = createServer(
       {
@@ -212,11 +225,13 @@ export class HttpOutbound {
     }
     const started = performance.now();
     const { conn } = ctx;
+    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
+    const access = (route: string): AccessFacts => ({ req, requestId, route, bytesIn: 0, bytesOut: 0, attempts: 0 });
     // Each request is routed by the config of its time; a port whose routes went sends to its own
     // endpoints, a Service that went is no route (Envoy's 404 NR).
     const parent = conn.current();
     if (!parent) {
-      this.answer(res, conn, conn.parent, undefined, started, { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` });
+      this.answer(res, conn, conn.parent, undefined, started, { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` }, access(''));
       req.resume();
       return;
     }
@@ -225,7 +240,7 @@ export class HttpOutbound {
     const facts: RequestFacts = { method: req.method ?? 'GET', path, query, headers: req.headers };
     const entry = routeRequest(routing.entries, facts);
     if (!entry) {
-      this.answer(res, conn, parent, undefined, started, { status: 404, flag: 'NR', detail: 'no route matched the request' });
+      this.answer(res, conn, parent, undefined, started, { status: 404, flag: 'NR', detail: 'no route matched the request' }, access(''));
       req.resume();
       return;
     }
@@ -236,12 +251,12 @@ export class HttpOutbound {
       res.writeHead(redirect.statusCode, { location, 'content-length': 0 });
       res.end();
       req.resume();
-      this.count(conn, parent, undefined, redirect.statusCode, '-', started);
+      this.count(conn, parent, undefined, redirect.statusCode, '-', started, access(`${entry.route} rule ${entry.rule}`));
       return;
     }
     const backend = this.lb.pickWeighted(`${parent.key}#${entry.route}#${entry.rule}`, entry.backends);
     if (!backend) {
-      this.answer(res, conn, parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` });
+      this.answer(res, conn, parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` }, access(`${entry.route} rule ${entry.rule}`));
       req.resume();
       return;
     }
@@ -255,9 +270,9 @@ export class HttpOutbound {
     if (rewrite?.path) target = rewritePath(path, query, rewrite.path, entry.match.path);
     // node:http frames what it sends itself; a chunked body must stay chunked whatever the method.
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
-    if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', randomUUID());
+    if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);
     const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
-    new Exchange(this, req, res, conn, parent, entry, backend.target, { path: target, headers, answerChanges }, started).start();
+    new Exchange(this, req, res, conn, parent, entry, backend.target, { path: target, headers, answerChanges }, started, requestId).start();
   }
 
   /**
@@ -337,13 +352,13 @@ export class HttpOutbound {
     agent: (): Agent => this.agent,
     lb: (): LoadBalancer => this.lb,
     metrics: (): NodeMetrics => this.metrics,
-    answer: (res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer): void => this.answer(res, conn, target, endpoint, started, a),
-    count: (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number): void => this.count(conn, target, endpoint, status, flag, started),
+    answer: (res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void => this.answer(res, conn, target, endpoint, started, a, facts),
+    count: (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void => this.count(conn, target, endpoint, status, flag, started, facts),
   };
 
   /** An answer of the proxy itself, counted and logged. */
-  private answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer): void {
-    this.count(conn, target, endpoint, a.status, a.flag, started);
+  private answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void {
+    this.count(conn, target, endpoint, a.status, a.flag, started, facts);
     // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
     const now = Date.now();
     if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
@@ -357,11 +372,43 @@ export class HttpOutbound {
     res.end(body);
   }
 
-  private count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number): void {
-    const labels: RequestLabels = { ...conn.labels(target, endpoint), request_protocol: 'http', response_flags: flag, response_code: String(status), grpc_response_status: '' };
+  private count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void {
+    const tcp = conn.labels(target, endpoint);
+    const labels: RequestLabels = { ...tcp, request_protocol: 'http', response_flags: flag, response_code: String(status), grpc_response_status: '' };
+    const ms = performance.now() - started;
     this.metrics.requests.inc(labels);
-    this.metrics.requestDuration.observe(labels, performance.now() - started);
+    this.metrics.requestDuration.observe(labels, ms);
+    if (!this.options.accessLog(conn.source.namespace)) return;
+    const { req } = facts;
+    // A stable field set (Envoy's names where it has one); `msg` is always "request".
+    accessLog.info(
+      {
+        start_time: new Date(Date.now() - ms).toISOString(),
+        method: req.method,
+        path: req.url,
+        protocol: `HTTP/${req.httpVersion}`,
+        response_code: status,
+        response_flags: flag,
+        bytes_received: facts.bytesIn,
+        bytes_sent: facts.bytesOut,
+        duration_ms: Math.round(ms * 1000) / 1000,
+        attempts: facts.attempts,
+        request_id: facts.requestId,
+        authority: req.headers.host ?? '',
+        user_agent: req.headers['user-agent'] ?? '',
+        trace_id: /^[0-9a-f]{2}-([0-9a-f]{32})-/.exec(headerValue(req.headers, 'traceparent') ?? '')?.[1] ?? headerValue(req.headers, 'x-b3-traceid') ?? '',
+        route: facts.route,
+        upstream_service: target.key,
+        upstream_host: endpoint ? `${endpoint.workload.namespace}/${endpoint.workload.name}:${endpoint.port}` : '',
+        source_pod: `${conn.source.namespace}/${conn.source.name}`,
+        source_principal: tcp.source_principal,
+        destination_principal: tcp.destination_principal,
+        connection_security_policy: tcp.connection_security_policy,
+      },
+      'request',
+    );
   }
+
 }
 
 /** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
@@ -447,6 +494,9 @@ class Exchange {
   private readonly bodyless: boolean;
   /** The response flag of an answer passed on: '-', or DI when a fault delayed it. */
   private flag = '-';
+  /** Body bytes from the client, and of the answer passed back. */
+  private bytesIn = 0;
+  private bytesOut = 0;
 
   constructor(
     private readonly outbound: HttpOutbound,
@@ -460,6 +510,7 @@ class Exchange {
     /** What goes upstream (the filters applied) and what changes in the answer. */
     private readonly upstream: { readonly path: string; readonly headers: string[]; readonly answerChanges: ReadonlyArray<HeaderChanges> },
     private readonly started: number,
+    private readonly requestId: string,
   ) {
     this.bodyless = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] === undefined;
     this.bodyDone = this.bodyless;
@@ -485,6 +536,7 @@ class Exchange {
       this.mirror();
     } else {
       this.req.on('data', (chunk: Buffer) => {
+        this.bytesIn += chunk.length;
         if (this.replayable && this.bodyBytes + chunk.length <= REPLAY_LIMIT) {
           this.body.push(chunk);
           this.bodyBytes += chunk.length;
@@ -681,6 +733,7 @@ class Exchange {
       return;
     }
     answer.on('data', (chunk: Buffer) => {
+      this.bytesOut += chunk.length;
       if (!this.res.write(chunk)) answer.pause();
     });
     this.res.on('drain', () => answer.resume());
@@ -764,15 +817,19 @@ class Exchange {
   private finish(status: number, flag: string, detail: string | undefined = undefined, endpoint: Endpoint | undefined = undefined): void {
     if (this.finished) return;
     this.settle();
-    if (status === 0) this.outbound.services.count(this.conn, this.target, endpoint, 0, flag, this.started);
-    else this.outbound.services.answer(this.res, this.conn, this.target, endpoint, this.started, { status, flag, detail: detail ?? '' });
+    if (status === 0) this.outbound.services.count(this.conn, this.target, endpoint, 0, flag, this.started, this.facts());
+    else this.outbound.services.answer(this.res, this.conn, this.target, endpoint, this.started, { status, flag, detail: detail ?? '' }, this.facts());
   }
 
   /** The backend's answer was passed on (whole, or cut). */
   private done(status: number, flag: string, endpoint: Endpoint | undefined): void {
     if (this.finished) return;
     this.settle();
-    this.outbound.services.count(this.conn, this.target, endpoint, status, flag, this.started);
+    this.outbound.services.count(this.conn, this.target, endpoint, status, flag, this.started, this.facts());
+  }
+
+  private facts(): AccessFacts {
+    return { req: this.req, requestId: this.requestId, route: `${this.entry.route} rule ${this.entry.rule}`, bytesIn: this.bytesIn, bytesOut: this.bytesOut, attempts: this.attempt };
   }
 
   private settle(): void {
