@@ -106,7 +106,7 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
 }
 
-test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror); malformed requests refused before routing', async (t) => {
+test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror), upgrades; malformed requests refused before routing', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, meshConfig());
@@ -125,6 +125,13 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   assert.deepEqual([f.answers[2]?.status, f.answers[2]?.headers['location']], [301, `http://${SVC.web}/api/items?q=1`], 'redirected by the proxy');
   assert.equal(f.answers[3]?.servedBy, 'reviews-v1', 'the mirror does not answer');
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 1, 5000, 'the copy answered by v2');
+  // Upgrades (WebSocket's mechanism): routed, then joined byte for byte; refused ones passed on.
+  const upgraded = await http(sb, client, { requests: [], upgrades: [{ path: '/api/ws', send: 'hello through the mesh' }, { path: '/api/ws', send: 'x', protocol: 'other' }, { path: '/nowhere', send: 'x' }] }, agent);
+  assert.deepEqual(upgraded.upgrades, [
+    { status: 'HTTP/1.1 101 Switching Protocols', echoed: 'hello through the mesh' },
+    { status: 'HTTP/1.1 426 Upgrade Required', echoed: '' },
+    { status: 'HTTP/1.1 404 Not Found', echoed: '' },
+  ]);
   // A route changed while a keep-alive connection is open: its next requests follow the new one.
   const pausing = http(sb, client, { requests: [{ path: '/api/live' }], repeat: 20, pause: { after: 10, ms: 4000 } }, agent);
   await new Promise((resolve) => setTimeout(resolve, 500));

@@ -9,7 +9,8 @@
  *   /fail-first/<key>         503 the first time this key is seen, then 200
  *   /slow/<ms>                200 after ms
  *   /slow-first/<key>/<ms>    200 after ms the first time this key is seen, then at once
- * Every answer carries `x-served-by: <name>`.
+ * Every answer carries `x-served-by: <name>`. An upgrade to "echo" is answered 101, then every
+ * byte is sent back; any other upgrade is refused with 426.
  */
 import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
@@ -79,6 +80,15 @@ const server = createServer((req, res) => {
   const body = JSON.stringify({ pod: name, method: req.method, url, headers: req.headers });
   res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
   res.end(body);
+});
+server.on('upgrade', (req, socket, head) => {
+  if (req.headers.upgrade !== 'echo') {
+    socket.end('HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+    return;
+  }
+  socket.write(`HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\nx-served-by: ${name}\r\n\r\n`);
+  if (head.length > 0) socket.write(head);
+  socket.pipe(socket);
 });
 server.keepAliveTimeout = 5000;
 server.listen(Number(portText), '::', () => process.stdout.write(`listening ${portText}\n`));

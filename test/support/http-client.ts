@@ -20,6 +20,8 @@ export interface HttpPlan {
   readonly raw?: ReadonlyArray<string>;
   /** Clients sending the plan at once, each on its own connection (default 1). */
   readonly parallel?: number;
+  /** Upgrades to the "echo" protocol of http-app (or `protocol`): the answer's status line, and what came back of `send` after it. */
+  readonly upgrades?: ReadonlyArray<{ readonly path: string; readonly send: string; readonly protocol?: string }>;
   /** A pause on the connection after this many requests (the test changes something meanwhile). */
   readonly pause?: { readonly after: number; readonly ms: number };
 }
@@ -45,6 +47,37 @@ export interface HttpRun {
   readonly connections: number;
   /** Per raw entry: the answer's status line, or "closed". */
   readonly raw: string[];
+  readonly upgrades: Array<{ status: string; echoed: string }>;
+}
+
+/** An upgrade request on a connection of its own; after a 101, `send` goes and its echo is read. */
+function upgradeExchange(host: string, port: number, u: NonNullable<HttpPlan['upgrades']>[number]): Promise<{ status: string; echoed: string }> {
+  return new Promise((resolve) => {
+    let got = '';
+    let head = '';
+    const s = connect(port, host, () => s.write(`GET ${u.path} HTTP/1.1\r\nhost: ${host}\r\nconnection: upgrade\r\nupgrade: ${u.protocol ?? 'echo'}\r\n\r\n`));
+    const done = (): void => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve({ status: (head || got).split('\r\n')[0] ?? 'closed', echoed: head ? got : '' });
+    };
+    const timer = setTimeout(done, 5000);
+    s.on('data', (d: Buffer) => {
+      got += d.toString('latin1');
+      if (head) {
+        if (got.length >= u.send.length) done();
+        return;
+      }
+      const end = got.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      head = got.slice(0, end);
+      got = got.slice(end + 4);
+      if (!head.startsWith('HTTP/1.1 101')) return done();
+      s.write(u.send);
+    });
+    s.on('close', done);
+    s.on('error', done);
+  });
 }
 
 function rawExchange(host: string, port: number, text: string): Promise<string> {
@@ -124,7 +157,9 @@ async function main(): Promise<void> {
   await Promise.all(Array.from({ length: plan.parallel ?? 1 }, () => sequence(plan, sockets, answers)));
   const raw: string[] = [];
   for (const text of plan.raw ?? []) raw.push(await rawExchange(plan.host, plan.port, text));
-  const run: HttpRun = { answers, connections: sockets.size, raw };
+  const upgrades: HttpRun['upgrades'] = [];
+  for (const u of plan.upgrades ?? []) upgrades.push(await upgradeExchange(plan.host, plan.port, u));
+  const run: HttpRun = { answers, connections: sockets.size, raw, upgrades };
   process.stdout.write(`${JSON.stringify(run)}\n`);
 }
 

@@ -11,7 +11,7 @@
  * bench/l7-parsers.ts and the README say why and what replaces it.
  */
 import { randomUUID } from 'node:crypto';
-import { Agent, createServer, request as httpRequest, type AgentOptions, type ClientRequest, type ClientRequestArgs, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
+import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequest, type ClientRequestArgs, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
@@ -96,6 +96,29 @@ type ProxyAnswer = { status: number; flag: string; detail: string };
 
 interface ConnectionContext {
   readonly conn: HttpClientConnection;
+}
+
+/** What becomes of a request (HttpOutbound.decide). */
+type Decision =
+  | { readonly kind: 'answer'; readonly parent: ServiceTarget; readonly route: string; readonly answer: ProxyAnswer }
+  | { readonly kind: 'redirect'; readonly parent: ServiceTarget; readonly route: string; readonly status: number; readonly location: string }
+  | {
+      readonly kind: 'forward';
+      readonly parent: ServiceTarget;
+      readonly route: string;
+      readonly entry: HttpRouteEntry;
+      readonly target: ServiceTarget;
+      readonly upstream: { readonly path: string; readonly headers: string[]; readonly answerChanges: ReadonlyArray<HeaderChanges> };
+    };
+
+/** `f` the first time only. */
+function once(f: () => void): () => void {
+  let done = false;
+  return () => {
+    if (done) return;
+    done = true;
+    f();
+  };
 }
 
 /** A request as route matching sees it. */
@@ -192,11 +215,7 @@ export class HttpOutbound {
       if ((socket as Socket).writable && !(socket as Socket).destroyed) socket.end(`HTTP/1.1 ${status} ${status === 431 ? 'Request Header Fields Too Large' : status === 408 ? 'Request Timeout' : 'Bad Request'}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`);
       else socket.destroy();
     });
-    // Protocol upgrades (WebSocket) are not routed yet: refused rather than passed through unrouted.
-    this.server.on('upgrade', (_req: IncomingMessage, socket: Duplex) => {
-      this.metrics.httpRefused.inc({ reason: 'upgrade' });
-      socket.end('HTTP/1.1 501 Not Implemented\r\nconnection: close\r\ncontent-length: 0\r\n\r\n');
-    });
+    this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => this.onUpgrade(req, socket as Socket, head));
   }
 
   /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes. */
@@ -217,49 +236,25 @@ export class HttpOutbound {
     this.agent.destroy();
   }
 
-  private onRequest(req: IncomingMessage, res: ServerResponse): void {
-    const ctx = this.contexts.get(req.socket);
-    if (!ctx) {
-      res.destroy();
-      return;
-    }
-    const started = performance.now();
-    const { conn } = ctx;
-    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
-    const access = (route: string): AccessFacts => ({ req, requestId, route, bytesIn: 0, bytesOut: 0, attempts: 0 });
-    // Each request is routed by the config of its time; a port whose routes went sends to its own
-    // endpoints, a Service that went is no route (Envoy's 404 NR).
+  /**
+   * Where a request goes, by the config of its time (a keep-alive client's later requests follow
+   * config changes): answered by the proxy (no Service, no route, no backend: 404 or 500, Envoy's
+   * NR), redirected, or forwarded to a backend with the rule's and the backend's filters applied.
+   */
+  private decide(req: IncomingMessage, conn: HttpClientConnection, requestId: string): Decision {
+    // A port whose routes went sends to its own endpoints; a Service that went is no route.
     const parent = conn.current();
-    if (!parent) {
-      this.answer(res, conn, conn.parent, undefined, started, { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` }, access(''));
-      req.resume();
-      return;
-    }
+    if (!parent) return { kind: 'answer', parent: conn.parent, route: '', answer: { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` } };
     const routing = parent.http ?? { entries: [{ match: ALL_REQUESTS, backends: [{ target: parent, weight: 1 }], route: `Service ${parent.key}`, rule: 0 }], routes: [] };
     const { path, query } = splitTarget(req.url ?? '/');
-    const facts: RequestFacts = { method: req.method ?? 'GET', path, query, headers: req.headers };
-    const entry = routeRequest(routing.entries, facts);
-    if (!entry) {
-      this.answer(res, conn, parent, undefined, started, { status: 404, flag: 'NR', detail: 'no route matched the request' }, access(''));
-      req.resume();
-      return;
-    }
+    const entry = routeRequest(routing.entries, { method: req.method ?? 'GET', path, query, headers: req.headers });
+    if (!entry) return { kind: 'answer', parent, route: '', answer: { status: 404, flag: 'NR', detail: 'no route matched the request' } };
+    const route = `${entry.route} rule ${entry.rule}`;
     const filters = entry.filters ?? [];
     const redirect = filters.find((f) => f.type === 'RequestRedirect');
-    if (redirect) {
-      const location = redirectLocation(redirect, entry.match.path, path, query, headerValue(req.headers, 'host') ?? '');
-      res.writeHead(redirect.statusCode, { location, 'content-length': 0 });
-      res.end();
-      req.resume();
-      this.count(conn, parent, undefined, redirect.statusCode, '-', started, access(`${entry.route} rule ${entry.rule}`));
-      return;
-    }
+    if (redirect) return { kind: 'redirect', parent, route, status: redirect.statusCode, location: redirectLocation(redirect, entry.match.path, path, query, headerValue(req.headers, 'host') ?? '') };
     const backend = this.lb.pickWeighted(`${parent.key}#${entry.route}#${entry.rule}`, entry.backends);
-    if (!backend) {
-      this.answer(res, conn, parent, undefined, started, { status: 500, flag: 'NR', detail: `${entry.route} rule ${entry.rule} has no backend that exists` }, access(`${entry.route} rule ${entry.rule}`));
-      req.resume();
-      return;
-    }
+    if (!backend) return { kind: 'answer', parent, route, answer: { status: 500, flag: 'NR', detail: `${route} has no backend that exists` } };
     // The rule's filters, then the backend's (Gateway API applies both, the rule's first).
     const all = [...filters, ...(backend.filters ?? [])];
     let headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
@@ -272,7 +267,127 @@ export class HttpOutbound {
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);
     const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
-    new Exchange(this, req, res, conn, parent, entry, backend.target, { path: target, headers, answerChanges }, started, requestId).start();
+    return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges } };
+  }
+
+  private onRequest(req: IncomingMessage, res: ServerResponse): void {
+    const ctx = this.contexts.get(req.socket);
+    if (!ctx) {
+      res.destroy();
+      return;
+    }
+    const started = performance.now();
+    const { conn } = ctx;
+    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
+    const d = this.decide(req, conn, requestId);
+    const access: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
+    if (d.kind === 'forward') {
+      new Exchange(this, req, res, conn, d.parent, d.entry, d.target, d.upstream, started, requestId).start();
+      return;
+    }
+    req.resume();
+    if (d.kind === 'answer') {
+      this.answer(res, conn, d.parent, undefined, started, d.answer, access);
+      return;
+    }
+    res.writeHead(d.status, { location: d.location, 'content-length': 0 });
+    res.end();
+    this.count(conn, d.parent, undefined, d.status, '-', started, access);
+  }
+
+  /**
+   * A protocol upgrade (WebSocket): routed as any request, then sent on a connection of its own
+   * (never pooled); a 101 answer joins the two connections byte for byte until either ends, any
+   * other answer is passed on and the connection closed.
+   */
+  private onUpgrade(req: IncomingMessage, client: Socket, head: Buffer): void {
+    const ctx = this.contexts.get(client);
+    if (!ctx) {
+      client.destroy();
+      return;
+    }
+    const started = performance.now();
+    const { conn } = ctx;
+    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
+    const d = this.decide(req, conn, requestId);
+    const access: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: d.kind === 'forward' ? 1 : 0 };
+    const raw = (status: number, message: string, headers: ReadonlyArray<string>): string => {
+      let text = `HTTP/1.1 ${status} ${message}\r\n`;
+      for (let i = 0; i + 1 < headers.length; i += 2) text += `${headers[i] ?? ''}: ${headers[i + 1] ?? ''}\r\n`;
+      return `${text}\r\n`;
+    };
+    if (d.kind !== 'forward') {
+      const [status, headers] = d.kind === 'answer' ? [d.answer.status, ['content-length', '0']] : [d.status, ['location', d.location, 'content-length', '0']];
+      client.end(raw(status, STATUS_CODES[status] ?? '', [...headers, 'connection', 'close']));
+      this.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, access);
+      return;
+    }
+    const endpoint = this.lb.pick(d.target);
+    if (!endpoint) {
+      client.end(raw(503, 'Service Unavailable', ['content-length', '0', 'connection', 'close']));
+      this.count(conn, d.target, undefined, 503, 'UH', started, access);
+      return;
+    }
+    this.lb.acquire(d.target, endpoint);
+    const release = once(() => this.lb.release(d.target, endpoint));
+    // The upgrade's own headers go too (forwardable drops them as hop-by-hop).
+    const headers = [...d.upstream.headers, 'connection', 'upgrade', 'upgrade', headerValue(req.headers, 'upgrade') ?? ''];
+    // No agent, a connection of its own: node:http uses createConnection when no agent is given.
+    const up = httpRequest({
+      method: req.method ?? 'GET',
+      path: d.upstream.path,
+      headers: headers as unknown as OutgoingHttpHeaders,
+      setHost: false,
+      createConnection: (_options: ClientRequestArgs, callback: (err: Error | null, socket: Duplex) => void) => {
+        conn.dial(d.target, endpoint).then(
+          (socket) => callback(null, socket),
+          (e: unknown) => callback(e as Error, undefined as unknown as Duplex),
+        );
+        return undefined;
+      },
+    } as ClientRequestArgs);
+    up.on('upgrade', (answer: IncomingMessage, upstream: Socket, upstreamHead: Buffer) => {
+      let out = [...answer.rawHeaders];
+      for (const c of d.upstream.answerChanges) out = applyHeaderChanges(out, c);
+      client.write(raw(answer.statusCode ?? 101, answer.statusMessage ?? 'Switching Protocols', out));
+      if (upstreamHead.length > 0) client.write(upstreamHead);
+      if (head.length > 0) upstream.write(head);
+      let bytesIn = head.length;
+      let bytesOut = upstreamHead.length;
+      client.on('data', (b: Buffer) => (bytesIn += b.length));
+      upstream.on('data', (b: Buffer) => (bytesOut += b.length));
+      client.pipe(upstream);
+      upstream.pipe(client);
+      const done = once(() => {
+        client.destroy();
+        upstream.destroy();
+        release();
+        this.count(conn, d.target, endpoint, answer.statusCode ?? 101, '-', started, { ...access, bytesIn, bytesOut });
+      });
+      client.on('close', done);
+      upstream.on('close', done);
+      client.on('error', done);
+      upstream.on('error', done);
+    });
+    up.on('response', (answer: IncomingMessage) => {
+      // Not upgraded: the answer, then the connection closes (its end frames the body).
+      let out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
+      for (const c of d.upstream.answerChanges) out = applyHeaderChanges(out, c);
+      client.write(raw(answer.statusCode ?? 502, answer.statusMessage ?? '', [...out, 'connection', 'close']));
+      answer.pipe(client);
+      answer.on('end', () => {
+        release();
+        this.count(conn, d.target, endpoint, answer.statusCode ?? 502, '-', started, access);
+      });
+    });
+    up.on('error', (e: Error) => {
+      release();
+      if (client.destroyed) return;
+      const denied = e instanceof UpstreamDenied;
+      client.end(raw(denied ? 403 : 503, denied ? 'Forbidden' : 'Service Unavailable', ['content-length', '0', 'connection', 'close']));
+      this.count(conn, d.target, endpoint, denied ? 403 : 503, denied ? 'UAEX' : 'UF', started, access);
+    });
+    up.end();
   }
 
   /**

@@ -106,7 +106,7 @@ export class NodeMetrics {
       buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000],
       registers,
     });
-    this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW; upgrade)', labelNames: ['reason'], registers });
+    this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW)', labelNames: ['reason'], registers });
     this.httpRetries = new Counter({ name: 'nodemesh_http_retries_total', help: 'Requests sent again by a route\'s retry (result retried), or not because the Service\'s retry budget was spent (budget_exhausted), by backend Service', labelNames: ['service', 'result'], registers });
     this.httpMirrors = new Counter({ name: 'nodemesh_http_mirrored_total', help: 'Copies of requests sent by a route\'s RequestMirror, by mirror Service and result (sent: answered; failed; no_endpoint; body_too_large: over 64 KiB, not copied)', labelNames: ['service', 'result'], registers });
     this.refused = new Counter({ name: 'nodemesh_connections_refused_total', help: 'Captured connections the proxy refused, by reason', labelNames: ['direction', 'reason'], registers });
