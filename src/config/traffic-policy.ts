@@ -11,6 +11,9 @@ export const TRAFFIC_POLICY_API = 'networking.nodemesh.io/v1alpha1';
 /** How the proxy picks an endpoint per connection (proxy/pool/load-balancer.ts does it). */
 export type LoadBalancing = 'round-robin' | 'least-connections' | 'random';
 
+/** Session affinity: what a request's (or connection's) endpoint is hashed from. */
+export type HashOn = { readonly header: string } | { readonly cookie: string; readonly ttlMs?: number } | { readonly sourceIp: true };
+
 /** Istio's VirtualService fault: percentages 0-100. */
 export interface Fault {
   readonly delay?: { readonly percent: number; readonly ms: number };
@@ -22,6 +25,8 @@ export interface ServicePolicy {
   /** namespace/name of the TrafficPolicy, or undefined for the defaults. */
   readonly source: string | undefined;
   readonly loadBalancing: LoadBalancing;
+  /** Consistent hashing instead of loadBalancing (Istio's consistentHash). */
+  readonly hashOn?: HashOn;
   /** Open connections per Service from this node; beyond it new ones are refused (L4) or wait (HTTP requests). */
   readonly maxConnections: number;
   /** HTTP requests that may wait for one of maxConnections; more are answered 503 (UO). */
@@ -69,7 +74,8 @@ export const DEFAULT_SERVICE_POLICY: ServicePolicy = Object.freeze({
  */
 export function policyNeedsHttp(p: ServicePolicy): boolean {
   const d = DEFAULT_SERVICE_POLICY;
-  return p.fault !== undefined || p.outlier.consecutive5xxErrors > 0 || p.outlier.consecutiveGatewayErrors > 0 || p.maxPendingRequests !== d.maxPendingRequests || p.maxRequestsPerConnection !== d.maxRequestsPerConnection;
+  const byRequest = p.hashOn !== undefined && !('sourceIp' in p.hashOn);
+  return byRequest || p.fault !== undefined || p.outlier.consecutive5xxErrors > 0 || p.outlier.consecutiveGatewayErrors > 0 || p.maxPendingRequests !== d.maxPendingRequests || p.maxRequestsPerConnection !== d.maxRequestsPerConnection;
 }
 
 export interface TrafficPolicy {
@@ -82,7 +88,7 @@ export interface TrafficPolicy {
 
 interface Spec {
   targetRefs: Array<{ group?: string; kind: 'Service'; name: string }>;
-  loadBalancer?: { type?: 'RoundRobin' | 'LeastRequest' | 'Random' };
+  loadBalancer?: { type?: 'RoundRobin' | 'LeastRequest' | 'Random'; consistentHash?: { httpHeaderName?: string; httpCookie?: { name: string; ttl?: string }; useSourceIp?: boolean } };
   connectionPool?: { tcp?: { maxConnections?: number; connectTimeout?: string; idleTimeout?: string }; http?: { http1MaxPendingRequests?: number; maxRequestsPerConnection?: number } };
   outlierDetection?: { consecutiveConnectErrors?: number; consecutive5xxErrors?: number; consecutiveGatewayErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number; interval?: string };
   fault?: { delay?: { percentage?: { value?: number }; fixedDelay: string }; abort?: { percentage?: { value?: number }; httpStatus: number } };
@@ -101,6 +107,7 @@ export const DURATION_BOUNDS = {
   baseEjectionMs: { min: 1, max: 86_400_000, field: 'spec.outlierDetection.baseEjectionTime' },
   intervalMs: { min: 1, max: 86_400_000, field: 'spec.outlierDetection.interval' },
   delayMs: { min: 1, max: 3_600_000, field: 'spec.fault.delay.fixedDelay' },
+  cookieTtlMs: { min: 1000, max: 31_536_000_000, field: 'spec.loadBalancer.consistentHash.httpCookie.ttl' },
 } as const;
 
 /** Why `ms` is out of its bounds, or undefined when it is within them. */
@@ -114,6 +121,16 @@ function boundedDuration(text: string, bound: (typeof DURATION_BOUNDS)[keyof typ
   const why = durationOutOfBounds(ms, bound);
   if (why) throw new ObjectInvalid(bound.field, `${bound.field} "${text}": ${why}`);
   return ms;
+}
+
+function parseHashOn(lb: NonNullable<Spec['loadBalancer']>): HashOn {
+  const ch = lb.consistentHash ?? {};
+  if (lb.type !== undefined) throw new ObjectInvalid('spec.loadBalancer.consistentHash', 'spec.loadBalancer: type and consistentHash do not go together (consistentHash chooses the endpoint)');
+  const given = [ch.httpHeaderName !== undefined, ch.httpCookie !== undefined, ch.useSourceIp === true].filter(Boolean).length;
+  if (given !== 1) throw new ObjectInvalid('spec.loadBalancer.consistentHash', 'spec.loadBalancer.consistentHash needs exactly one of httpHeaderName, httpCookie, useSourceIp: true');
+  if (ch.httpHeaderName !== undefined) return { header: ch.httpHeaderName.toLowerCase() };
+  if (ch.httpCookie) return { cookie: ch.httpCookie.name, ...(ch.httpCookie.ttl === undefined ? {} : { ttlMs: boundedDuration(ch.httpCookie.ttl, DURATION_BOUNDS.cookieTtlMs) }) };
+  return { sourceIp: true };
 }
 
 function parseFault(f: NonNullable<Spec['fault']>): Fault {
@@ -134,6 +151,7 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
   const policy: ServicePolicy = Object.freeze({
     source: `${namespace}/${name}`,
     loadBalancing: LB[spec.loadBalancer?.type ?? 'RoundRobin'] ?? d.loadBalancing,
+    ...(spec.loadBalancer?.consistentHash ? { hashOn: parseHashOn(spec.loadBalancer) } : {}),
     maxConnections: tcp?.maxConnections ?? d.maxConnections,
     maxPendingRequests: spec.connectionPool?.http?.http1MaxPendingRequests ?? d.maxPendingRequests,
     maxRequestsPerConnection: spec.connectionPool?.http?.maxRequestsPerConnection ?? d.maxRequestsPerConnection,

@@ -79,6 +79,10 @@ export interface WireTrafficPolicy {
   fault?: { delayPercent?: number | null; delayMs: number; abortPercent?: number | null; abortStatus: number } | null;
   maxPendingRequests?: number | null;
   maxRequestsPerConnection: number;
+  hashHeader: string;
+  hashCookie: string;
+  hashCookieTtlMs?: number | null;
+  hashSourceIp: boolean;
 }
 export interface WireRouteRef {
   namespace: string;
@@ -295,6 +299,10 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
     minRetryConcurrency: p.retryBudget.minRetryConcurrency,
     maxPendingRequests: p.maxPendingRequests,
     maxRequestsPerConnection: p.maxRequestsPerConnection,
+    hashHeader: p.hashOn && 'header' in p.hashOn ? p.hashOn.header : '',
+    hashCookie: p.hashOn && 'cookie' in p.hashOn ? p.hashOn.cookie : '',
+    ...(p.hashOn && 'cookie' in p.hashOn && p.hashOn.ttlMs !== undefined ? { hashCookieTtlMs: p.hashOn.ttlMs } : {}),
+    hashSourceIp: p.hashOn !== undefined && 'sourceIp' in p.hashOn,
     consecutiveServerErrors: p.outlier.consecutive5xxErrors,
     consecutiveGatewayErrors: p.outlier.consecutiveGatewayErrors,
     intervalMs: p.outlier.intervalMs,
@@ -637,6 +645,9 @@ export function decodeResources(version: number, digest: string, resources: Read
       if (f && f.abortPercent !== null && f.abortPercent !== undefined && (f.abortStatus < 200 || f.abortStatus > 599)) bad(id, 'spec.fault.abort.httpStatus', `${f.abortStatus} is not an HTTP status 200-599`);
       const delayBad = f && f.delayPercent !== null && f.delayPercent !== undefined ? durationOutOfBounds(f.delayMs, DURATION_BOUNDS.delayMs) : undefined;
       if (delayBad) bad(id, DURATION_BOUNDS.delayMs.field, delayBad);
+      const hashes = [w.hashHeader !== '', w.hashCookie !== '', w.hashSourceIp].filter(Boolean).length;
+      if (hashes > 1) bad(id, 'spec.loadBalancer.consistentHash', 'more than one of httpHeaderName, httpCookie, useSourceIp');
+      const hashOn = w.hashHeader !== '' ? { header: w.hashHeader } : w.hashCookie !== '' ? { cookie: w.hashCookie, ...(w.hashCookieTtlMs === null || w.hashCookieTtlMs === undefined ? {} : { ttlMs: w.hashCookieTtlMs }) } : w.hashSourceIp ? { sourceIp: true as const } : undefined;
       const intervalBad = w.intervalMs === null || w.intervalMs === undefined ? undefined : durationOutOfBounds(w.intervalMs, DURATION_BOUNDS.intervalMs);
       if (intervalBad) bad(id, DURATION_BOUNDS.intervalMs.field, intervalBad);
       const fault = f
@@ -657,6 +668,7 @@ export function decodeResources(version: number, digest: string, resources: Read
           policy: Object.freeze({
             source: `${w.namespace}/${w.name}`,
             loadBalancing: lb ?? 'round-robin',
+            ...(hashOn ? { hashOn: Object.freeze(hashOn) } : {}),
             maxConnections: w.maxConnections,
             maxPendingRequests: w.maxPendingRequests ?? DEFAULT_SERVICE_POLICY.maxPendingRequests,
             maxRequestsPerConnection: w.maxRequestsPerConnection,

@@ -674,8 +674,11 @@ export class NodeProxy {
     }
     const attempts = Math.min(2, target.endpoints.length);
     let avoid: Endpoint | undefined;
+    // Consistent hashing on the source (loadBalancer.consistentHash.useSourceIp) works per
+    // connection too; header and cookie keys need the request (HTTP ports go through HttpOutbound).
+    const hashKey = target.policy.hashOn && 'sourceIp' in target.policy.hashOn ? state.pod.ip4 || state.pod.ip6 : undefined;
     for (let attempt = 1; ; attempt++) {
-      const endpoint = this.lb.pick(target, avoid);
+      const endpoint = this.lb.pick(target, avoid, hashKey);
       if (!endpoint) {
         this.refuse(state, client, 'outbound', 'no_endpoints', { service: target.key, original: formatHostPort(original.address, original.port) });
         return;

@@ -16,7 +16,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
 const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
-const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73' };
+const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73', sticky: '10.96.0.81', cookie: '10.96.0.82' };
 
 /** `web` (port 80, named http): /api by header to v2, else split 90/10; /echo and /big to v1; nothing else. */
 function meshConfig(): Record<string, string> {
@@ -25,6 +25,12 @@ function meshConfig(): Record<string, string> {
       serviceYaml('web', [SVC.web], { app: 'web' }, 80, 8080, 'http'),
       serviceYaml('reviews-v1', [SVC.v1], { app: 'reviews', version: 'v1' }, 80, 8080, 'http'),
       serviceYaml('reviews-v2', [SVC.v2], { app: 'reviews', version: 'v2' }, 80, 8080, 'http'),
+      serviceYaml('sticky', [SVC.sticky], { app: 'reviews' }, 80, 8080, 'http'),
+      serviceYaml('sticky-cookie', [SVC.cookie], { app: 'reviews' }, 80, 8080, 'http'),
+    ].join('---\n'),
+    'affinity.yaml': [
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: sticky, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: sticky}]\n  loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n',
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: sticky-cookie, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: sticky-cookie}]\n  loadBalancer: {consistentHash: {httpCookie: {name: session, ttl: 60s}}}\n',
     ].join('---\n'),
     'route.yaml': [
       'apiVersion: gateway.networking.k8s.io/v1',
@@ -106,7 +112,7 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
 }
 
-test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror), upgrades; malformed requests refused before routing', async (t) => {
+test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror), upgrades, session affinity; malformed requests refused before routing', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, meshConfig());
@@ -132,6 +138,19 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
     { status: 'HTTP/1.1 426 Upgrade Required', echoed: '' },
     { status: 'HTTP/1.1 404 Not Found', echoed: '' },
   ]);
+  // Session affinity (consistentHash, no route needed): by header, and by a cookie the proxy sets.
+  // Twenty users, three rounds on one connection: each user always on one endpoint, and the users
+  // on both (all twenty on one would happen once in 2^19 runs).
+  const names = Array.from({ length: 20 }, (_, i) => `user-${i}`);
+  const rounds = await http(sb, client, { requests: names.map((u) => ({ path: '/x', headers: { 'x-user': u } })), repeat: 3 }, agent, SVC.sticky);
+  const endpointOf = names.map((_, i) => new Set([0, 1, 2].map((round) => rounds.answers[round * names.length + i]?.servedBy)));
+  for (const [i, seen] of endpointOf.entries()) assert.equal(seen.size, 1, `${names[i] ?? ''} went to ${[...seen].join(' and ')}`);
+  assert.equal(new Set(endpointOf.map((seen) => [...seen][0])).size, 2, 'the users spread over both endpoints');
+  const first = (await http(sb, client, { requests: [{ path: '/x' }] }, agent, SVC.cookie)).answers[0];
+  const setCookie = String(first?.headers['set-cookie'] ?? '');
+  assert.match(setCookie, /^session=[0-9a-f-]{36}; Path=\/; Max-Age=60; HttpOnly$/);
+  const withCookie = await http(sb, client, { requests: [{ path: '/x', headers: { cookie: `theme=dark; ${setCookie.split(';')[0] ?? ''}` } }], repeat: 20 }, agent, SVC.cookie);
+  assert.deepEqual(count(withCookie), { [`200 ${first?.servedBy ?? ''}`]: 20 }, 'the cookie keeps to the endpoint of the first answer');
   // A route changed while a keep-alive connection is open: its next requests follow the new one.
   const pausing = http(sb, client, { requests: [{ path: '/api/live' }], repeat: 20, pause: { after: 10, ms: 4000 } }, agent);
   await new Promise((resolve) => setTimeout(resolve, 500));

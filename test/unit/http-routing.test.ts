@@ -186,3 +186,34 @@ test('TrafficPolicy: fault and the HTTP fields of outlierDetection, with Istio\'
   assert.throws(() => parseTrafficPolicy(doc({ fault: { abort: { httpStatus: 99 } } })), /httpStatus/);
   assert.throws(() => parseTrafficPolicy(doc({ fault: { delay: { fixedDelay: '2h' } } })), /fixedDelay/);
 });
+
+test('consistent hashing: a key keeps its endpoint; when another endpoint goes, only that one\'s keys move', () => {
+  const lb = new LoadBalancer();
+  const e = (n: number) => ({ workload: workload(`w${n}`, 'pool', n), port: 8080 });
+  const policy = { ...DEFAULT_SERVICE_POLICY, hashOn: { header: 'x-user' } };
+  const target = (eps: ReturnType<typeof e>[]) => ({ key: 'shop/pool:80', endpoints: eps, policy }) as unknown as Parameters<LoadBalancer['pick']>[0];
+  const four = target([e(1), e(2), e(3), e(4)]);
+  const keys = Array.from({ length: 400 }, (_, i) => `user-${i}`);
+  const before = keys.map((k) => lb.pick(four, undefined, k)?.workload.name);
+  assert.deepEqual(keys.map((k) => lb.pick(four, undefined, k)?.workload.name), before, 'the same key, the same endpoint');
+  const share = new Map<string, number>();
+  for (const w of before) share.set(w ?? '', (share.get(w ?? '') ?? 0) + 1);
+  for (const [w, n] of share) assert.ok(n > 60 && n < 140, `${w} took ${n} of 400 keys`);
+  const three = target([e(1), e(2), e(4)]);
+  const after = keys.map((k) => lb.pick(three, undefined, k)?.workload.name);
+  keys.forEach((k, i) => {
+    if (before[i] !== 'w3') assert.equal(after[i], before[i], `${k} moved though its endpoint stayed`);
+    else assert.notEqual(after[i], 'w3');
+  });
+  assert.ok(lb.pick(four, undefined, undefined) !== undefined, 'no key: the policy\'s balancing');
+});
+
+test('TrafficPolicy consistentHash: exactly one key source, not with a type', () => {
+  const doc = (lb: Record<string, unknown>) => ({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'p', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'web' }], loadBalancer: lb } });
+  assert.deepEqual(parseTrafficPolicy(doc({ consistentHash: { httpHeaderName: 'X-User' } })).policy.hashOn, { header: 'x-user' });
+  assert.deepEqual(parseTrafficPolicy(doc({ consistentHash: { httpCookie: { name: 'session', ttl: '1h' } } })).policy.hashOn, { cookie: 'session', ttlMs: 3_600_000 });
+  assert.deepEqual(parseTrafficPolicy(doc({ consistentHash: { useSourceIp: true } })).policy.hashOn, { sourceIp: true });
+  assert.throws(() => parseTrafficPolicy(doc({ consistentHash: {} })), /exactly one/);
+  assert.throws(() => parseTrafficPolicy(doc({ consistentHash: { httpHeaderName: 'a', useSourceIp: true } })), /exactly one/);
+  assert.throws(() => parseTrafficPolicy(doc({ type: 'Random', consistentHash: { useSourceIp: true } })), /do not go together/);
+});

@@ -18,6 +18,7 @@ import type { Duplex } from 'node:stream';
 import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
 import { ALL_REQUESTS, type PathMatch, type RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
+import type { HashOn } from '../../config/traffic-policy.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
@@ -43,8 +44,8 @@ export interface HttpClientConnection {
   readonly parent: ServiceTarget;
   /** The same Service port in the snapshot now (a keep-alive client's later requests follow config changes); undefined once it is gone. */
   current(): ServiceTarget | undefined;
-  /** The source pod, for logs. */
-  readonly source: { readonly namespace: string; readonly name: string; readonly uid: string };
+  /** The source pod: logs, pools, and its address for consistent hashing on the source. */
+  readonly source: { readonly namespace: string; readonly name: string; readonly uid: string; readonly ip4: string; readonly ip6: string };
   /**
    * A new connection to `endpoint` of `target` from the source pod (same node, HBONE or plain):
    * a socket node:http can use. Rejects with UpstreamDenied when policy refuses it.
@@ -108,8 +109,37 @@ type Decision =
       readonly route: string;
       readonly entry: HttpRouteEntry;
       readonly target: ServiceTarget;
-      readonly upstream: { readonly path: string; readonly headers: string[]; readonly answerChanges: ReadonlyArray<HeaderChanges> };
+      readonly upstream: Upstream;
     };
+
+/** What goes upstream (the filters applied), what changes in the answer, and the consistent-hash key if the backend's policy has one. */
+interface Upstream {
+  readonly path: string;
+  readonly headers: string[];
+  readonly answerChanges: ReadonlyArray<HeaderChanges>;
+  readonly hashKey?: string;
+}
+
+/**
+ * The consistent-hash key of a request (TrafficPolicy loadBalancer.consistentHash): its header,
+ * its cookie, or the source pod's address. A cookie that is missing and has a ttl is made here and
+ * set on the answer, so the client's next requests keep to the same endpoint (Istio's way).
+ */
+function hashKey(on: HashOn | undefined, req: IncomingMessage, conn: HttpClientConnection): { key?: string; setCookie?: string } {
+  if (!on) return {};
+  if ('sourceIp' in on) return { key: conn.source.ip4 || conn.source.ip6 };
+  if ('header' in on) {
+    const v = headerValue(req.headers, on.header);
+    return v === undefined ? {} : { key: v };
+  }
+  for (const part of (headerValue(req.headers, 'cookie') ?? '').split(';')) {
+    const eq = part.indexOf('=');
+    if (eq > 0 && part.slice(0, eq).trim() === on.cookie) return { key: part.slice(eq + 1).trim() };
+  }
+  if (on.ttlMs === undefined) return {};
+  const value = randomUUID();
+  return { key: value, setCookie: `${on.cookie}=${value}; Path=/; Max-Age=${Math.floor(on.ttlMs / 1000)}; HttpOnly` };
+}
 
 /** `f` the first time only. */
 function once(f: () => void): () => void {
@@ -267,7 +297,9 @@ export class HttpOutbound {
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);
     const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
-    return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges } };
+    const affinity = hashKey(backend.target.policy.hashOn, req, conn);
+    if (affinity.setCookie) answerChanges.push({ set: [], add: [['set-cookie', affinity.setCookie]], remove: [] });
+    return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges, ...(affinity.key === undefined ? {} : { hashKey: affinity.key }) } };
   }
 
   private onRequest(req: IncomingMessage, res: ServerResponse): void {
@@ -322,7 +354,7 @@ export class HttpOutbound {
       this.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, access);
       return;
     }
-    const endpoint = this.lb.pick(d.target);
+    const endpoint = this.lb.pick(d.target, undefined, d.upstream.hashKey);
     if (!endpoint) {
       client.end(raw(503, 'Service Unavailable', ['content-length', '0', 'connection', 'close']));
       this.count(conn, d.target, undefined, 503, 'UH', started, access);
@@ -622,8 +654,8 @@ class Exchange {
     private readonly parent: ServiceTarget,
     private readonly entry: HttpRouteEntry,
     private readonly target: ServiceTarget,
-    /** What goes upstream (the filters applied) and what changes in the answer. */
-    private readonly upstream: { readonly path: string; readonly headers: string[]; readonly answerChanges: ReadonlyArray<HeaderChanges> },
+    /** What goes upstream (the filters applied), what changes in the answer, the hash key. */
+    private readonly upstream: Upstream,
     private readonly started: number,
     private readonly requestId: string,
   ) {
@@ -701,7 +733,7 @@ class Exchange {
     }
     this.attempt++;
     const lb = this.outbound.services.lb();
-    const endpoint = lb.pick(this.target);
+    const endpoint = lb.pick(this.target, undefined, this.upstream.hashKey);
     if (!endpoint) {
       leave();
       this.failed({ kind: 'no_endpoint', error: `Service ${this.target.key} has no endpoints`, reused: false }, undefined);

@@ -32,14 +32,19 @@ export class LoadBalancer {
 
   constructor(private readonly now: () => number = Date.now) {}
 
-  /** Picks an endpoint, or undefined if the target has none. `avoid` is skipped when there is another. */
-  pick(target: ServiceTarget, avoid?: Endpoint): Endpoint | undefined {
+  /**
+   * Picks an endpoint, or undefined if the target has none. `avoid` is skipped when there is
+   * another. With `hashKey` (the policy's consistentHash: a header, cookie or source address) the
+   * endpoint is the key's by rendezvous hashing, the same while it is there and not ejected.
+   */
+  pick(target: ServiceTarget, avoid?: Endpoint, hashKey?: string): Endpoint | undefined {
     const all = target.endpoints;
     if (all.length === 0) return undefined;
     const now = this.now();
     let eps = all.filter((e) => !this.isEjected(e, now) && (avoid === undefined || endpointKey(e) !== endpointKey(avoid)));
     if (eps.length === 0) eps = all.filter((e) => avoid === undefined || endpointKey(e) !== endpointKey(avoid));
     if (eps.length === 0) eps = [...all];
+    if (hashKey !== undefined && target.policy.hashOn) return rendezvous(eps, hashKey);
     const mode = target.policy.loadBalancing;
     if (mode === 'random') return eps[Math.floor(Math.random() * eps.length)];
     const start = this.next(target.key, eps.length);
@@ -199,6 +204,35 @@ export class LoadBalancer {
     for (const k of this.cursors.keys()) if (!keys.has(k)) this.cursors.delete(k);
     for (const k of this.weighted.keys()) if (!keys.has(k.split('#')[0] ?? k)) this.weighted.delete(k);
   }
+}
+
+/** The endpoint with the highest hash of (key, endpoint): highest random weight hashing. */
+function rendezvous(eps: ReadonlyArray<Endpoint>, key: string): Endpoint | undefined {
+  let best: Endpoint | undefined;
+  let bestScore = -1;
+  for (const e of eps) {
+    const score = fnv1a(`${key}\u0000${endpointKey(e)}`);
+    if (score > bestScore) {
+      best = e;
+      bestScore = score;
+    }
+  }
+  return best;
+}
+
+/** 32-bit FNV-1a, mixed once more so that near keys spread (murmur3's finalizer). */
+function fnv1a(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
 }
 
 function bump(m: Map<string, number>, key: string, by: number): void {
