@@ -309,7 +309,8 @@ function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap
   }
   for (const [key, merged] of http) {
     const entries = merged.entries.sort(matchOrder).map(({ order: _, ...e }) => Object.freeze(e));
-    out.set(key, { route: merged.routes.join(', '), http: Object.freeze({ entries: Object.freeze(entries), routes: Object.freeze([...new Set(merged.routes)]) }) });
+    const names = [...new Set(merged.routes)];
+    out.set(key, { route: names.join(', '), http: Object.freeze({ entries: Object.freeze(entries), routes: Object.freeze(names) }) });
   }
   return out;
 }
