@@ -15,6 +15,11 @@ export class ObjectInvalid extends Error {
 
 export type Json = Record<string, unknown>;
 
+/** Kubernetes names of Services and namespaces (at most 63 characters too). */
+export const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+/** RFC 9110 token: what a header name may be. */
+export const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
 export const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 
 /** Unknown fields are errors (as `kubectl --validate=strict`): a typo is not silently ignored. */

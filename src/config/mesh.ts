@@ -2,6 +2,7 @@
  * Namespaces (their labels decide enrollment) and the mesh-wide settings of the `nodemesh`
  * ConfigMap (design.md section 5), validated like every other object.
  */
+import { DNS1123_LABEL, type Json } from './fields.js';
 import { ObjectInvalid, parseMetadata } from './service.js';
 
 export const ENABLED_LABEL = 'nodemesh.io/enabled';
@@ -49,23 +50,19 @@ export function logsAccess(mesh: Pick<MeshSettings, 'accessLog'>, namespace: str
   return mesh.accessLog.includes('*') || mesh.accessLog.includes(namespace);
 }
 
-const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
-
 /** data.accessLog as the list MeshSettings holds; throws naming the field. */
 export function parseAccessLog(v: unknown): string[] {
   if (v === undefined || v === 'off' || v === '') return [];
   if (v === 'on') return ['*'];
   if (typeof v !== 'string') throw new ObjectInvalid('data.accessLog', 'data.accessLog must be "on", "off" or namespaces separated by commas');
   const names = v.split(',').map((n) => n.trim());
-  const bad = names.find((n) => !NAMESPACE_NAME.test(n) || n.length > 63);
+  const bad = names.find((n) => !DNS1123_LABEL.test(n) || n.length > 63);
   if (bad !== undefined) throw new ObjectInvalid('data.accessLog', `data.accessLog: "${bad.slice(0, 70)}" is not a namespace name (give "on", "off" or namespaces separated by commas)`);
   return [...new Set(names)].sort();
 }
 
 /** SPIFFE trust domain names: lowercase letters, digits, ".", "-" and "_". */
 export const TRUST_DOMAIN = /^[a-z0-9._-]{1,255}$/;
-
-type Json = Record<string, unknown>;
 
 export function parseNamespace(doc: Json): Namespace {
   for (const key of Object.keys(doc)) {

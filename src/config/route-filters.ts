@@ -3,7 +3,7 @@
  * RequestHeaderModifier and ResponseHeaderModifier (on a rule or a backendRef), URLRewrite,
  * RequestRedirect and RequestMirror (on a rule). ExtensionRef and CORS are refused with the field.
  */
-import { ObjectInvalid, list, object, only } from './fields.js';
+import { HEADER_NAME, ObjectInvalid, list, object, only } from './fields.js';
 
 /** Header changes in order: remove (remove and set names), then set, then add; names in lower case. */
 export interface HeaderChanges {
@@ -32,7 +32,6 @@ export type RouteFilter =
 
 export type FilterType = RouteFilter['type'];
 
-const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 /** A header value: visible ASCII, spaces and tabs inside, nothing that ends a line. */
 const FIELD_VALUE = /^[\t\x20-\x7e\x80-\xff]*$/;
 const HOSTNAME = /^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
@@ -52,7 +51,7 @@ function text(v: unknown, field: string, max = 4096): string {
 
 function headerName(v: unknown, field: string): string {
   const n = text(v, field, 256);
-  if (!TOKEN.test(n)) throw new ObjectInvalid(field, `${field} "${n}" is not a valid header name`);
+  if (!HEADER_NAME.test(n)) throw new ObjectInvalid(field, `${field} "${n}" is not a valid header name`);
   // The proxy's own framing is not the route's to change.
   if (['host', 'content-length', 'transfer-encoding', 'connection', 'upgrade', 'te', 'keep-alive'].includes(n.toLowerCase()) || n.startsWith(':')) throw new ObjectInvalid(field, `${field} "${n}" frames the message and cannot be modified (URLRewrite changes the host)`);
   return n.toLowerCase();

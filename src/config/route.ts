@@ -10,7 +10,7 @@
  */
 import { parseFilters, type RouteFilter } from './route-filters.js';
 import { parseDuration } from './schemas.js';
-import { ObjectInvalid, list, object, only, type Json } from './fields.js';
+import { DNS1123_LABEL, HEADER_NAME, ObjectInvalid, list, object, only, type Json } from './fields.js';
 import { parseMetadata, portProtocol, type ServicePort } from './service.js';
 
 export const GATEWAY_API = 'gateway.networking.k8s.io/v1';
@@ -106,7 +106,7 @@ export const ALL_REQUESTS: RouteMatch = Object.freeze({ path: DEFAULT_PATH, head
 const MAX_WEIGHT = 1_000_000;
 
 function name(v: unknown, field: string): string {
-  if (typeof v !== 'string' || !/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(v) || v.length > 63) throw new ObjectInvalid(field, `${field} must be the name of a Service (a DNS-1123 label)`);
+  if (typeof v !== 'string' || !DNS1123_LABEL.test(v) || v.length > 63) throw new ObjectInvalid(field, `${field} must be the name of a Service (a DNS-1123 label)`);
   return v;
 }
 
@@ -136,8 +136,6 @@ const GRPC_RULE_FIELDS = ['name', 'matches', 'filters', 'backendRefs', 'sessionP
 /** Rule fields the proxy does not apply yet: refused, never half applied. */
 const NOT_YET = ['sessionPersistence'];
 const METHODS = ['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE', 'PATCH'];
-/** RFC 9110 token: what a header name may be. */
-const TOKEN = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 const MAX_REGEX = 1024;
 
 /**
@@ -189,7 +187,7 @@ function parseValueMatches(v: unknown, at: string, lowerCaseNames: boolean): Val
     only(o, ['type', 'name', 'value'], `${f}.`);
     const type = matchType(o['type'], ['Exact', 'RegularExpression'] as const, 'Exact', `${f}.type`);
     const given = string(o['name'], `${f}.name`, 256);
-    if (lowerCaseNames && !TOKEN.test(given)) throw new ObjectInvalid(`${f}.name`, `${f}.name "${given}" is not a valid header name`);
+    if (lowerCaseNames && !HEADER_NAME.test(given)) throw new ObjectInvalid(`${f}.name`, `${f}.name "${given}" is not a valid header name`);
     const name = lowerCaseNames ? given.toLowerCase() : given;
     // Gateway API: a second match on the same name is ignored; nodemesh refuses it rather than guess.
     if (seen.has(name)) throw new ObjectInvalid(`${f}.name`, `${f}.name "${given}" appears twice in one match`);

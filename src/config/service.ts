@@ -4,7 +4,7 @@
  */
 import { isIP } from 'node:net';
 
-import { ObjectInvalid, object, only, type Json } from './fields.js';
+import { DNS1123_LABEL, ObjectInvalid, object, only, type Json } from './fields.js';
 
 export interface ServicePort {
   readonly name: string;
@@ -63,7 +63,6 @@ export interface ConfigIssue {
 
 export { ObjectInvalid };
 
-const DNS1123_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
 function string(v: unknown, field: string): string {
   if (typeof v !== 'string') throw new ObjectInvalid(field, `${field} must be a string`);
