@@ -81,6 +81,12 @@ export interface HttpRouting {
   readonly routes: ReadonlyArray<string>;
 }
 
+/** Every request of a port to the port's own endpoints, as one entry named `route` (no route applies, but the HTTP path does). */
+export function toItself(target: ServiceTarget, route: string): HttpRouting {
+  const entry: HttpRouteEntry = { match: ALL_REQUESTS, backends: [{ target, weight: 1 }], route, rule: 0 };
+  return Object.freeze({ entries: Object.freeze([entry]), routes: Object.freeze([]) });
+}
+
 /** Something in the config that is valid on its own but does not fit the rest (shown, not fatal). */
 export interface SnapshotWarning {
   readonly object: string;
@@ -176,8 +182,7 @@ export class MeshSnapshot {
     // limits) goes through the HTTP path even without a route: every request to its own endpoints.
     for (const [key, t] of byKey) {
       if (t.http || t.split || !policyNeedsHttp(t.policy) || portProtocol(t.port) !== 'http') continue;
-      const entry: HttpRouteEntry = { match: ALL_REQUESTS, backends: [{ target: t, weight: 1 }], route: `TrafficPolicy ${t.policy.source ?? ''}`, rule: 0 };
-      byKey.set(key, { ...t, http: Object.freeze({ entries: Object.freeze([entry]), routes: Object.freeze([]) }) });
+      byKey.set(key, { ...t, http: toItself(t, `TrafficPolicy ${t.policy.source ?? ''}`) });
     }
     for (const target of byKey.values()) {
       for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);

@@ -15,8 +15,8 @@ import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOp
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
-import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
-import { ALL_REQUESTS, type PathMatch, type RouteMatch } from '../../config/route.js';
+import { toItself, type Endpoint, type HttpRouteEntry, type ServiceTarget } from '../../config/snapshot.js';
+import type { PathMatch, RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import type { HashOn } from '../../config/traffic-policy.js';
 import { logger } from '../../shared/log.js';
@@ -72,13 +72,20 @@ class UpstreamAgent extends Agent {
   }
 
   /** node:http's Agent calls this to open a connection; the callback form lets it be asynchronous. */
-  override createConnection(options: ClientRequestArgs, callback?: (err: Error | null, socket: Duplex) => void): undefined {
-    (options as UpstreamRequestOptions).open().then(
-      (socket) => callback?.(null, socket),
-      (e: unknown) => callback?.(e as Error, undefined as unknown as Duplex),
-    );
-    return undefined;
+  override createConnection(options: ClientRequestArgs, callback?: ConnectionCallback): undefined {
+    return connectLater((options as UpstreamRequestOptions).open(), callback);
   }
+}
+
+type ConnectionCallback = (err: Error | null, socket: Duplex) => void;
+
+/** node:http's createConnection, callback form: the socket or the error once `opening` settles. */
+function connectLater(opening: Promise<Socket>, callback: ConnectionCallback | undefined): undefined {
+  opening.then(
+    (socket) => callback?.(null, socket),
+    (e: unknown) => callback?.(e as Error, undefined as unknown as Duplex),
+  );
+  return undefined;
 }
 
 /** What an access log line says of a request beyond its answer. */
@@ -94,10 +101,6 @@ interface AccessFacts {
 
 /** Why a request was answered by the proxy, Envoy's response flags (Istio's `response_flags`). */
 type ProxyAnswer = { status: number; flag: string; detail: string };
-
-interface ConnectionContext {
-  readonly conn: HttpClientConnection;
-}
 
 /** What becomes of a request (HttpOutbound.decide). */
 type Decision =
@@ -139,6 +142,20 @@ function hashKey(on: HashOn | undefined, req: IncomingMessage, conn: HttpClientC
   if (on.ttlMs === undefined) return {};
   const value = randomUUID();
   return { key: value, setCookie: `${on.cookie}=${value}; Path=/; Max-Age=${Math.floor(on.ttlMs / 1000)}; HttpOnly` };
+}
+
+/** An answer's head as bytes for a socket node:http no longer writes to (a refused request, an upgrade). */
+function rawHead(status: number, headers: ReadonlyArray<string>, message = STATUS_CODES[status] ?? ''): string {
+  let text = `HTTP/1.1 ${status} ${message}\r\n`;
+  for (let i = 0; i + 1 < headers.length; i += 2) text += `${headers[i] ?? ''}: ${headers[i + 1] ?? ''}\r\n`;
+  return `${text}\r\n`;
+}
+
+/** Raw header pairs with each of `changes` applied in order. */
+function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
+  let out = [...raw];
+  for (const c of changes) out = applyHeaderChanges(out, c);
+  return out;
 }
 
 /** `f` the first time only. */
@@ -215,13 +232,13 @@ function forwardable(raw: ReadonlyArray<string>, connection: string | undefined)
 
 export class HttpOutbound {
   private readonly server: Server;
-  private readonly agent = new UpstreamAgent({ keepAlive: true, maxFreeSockets: MAX_IDLE_PER_ENDPOINT, timeout: UPSTREAM_IDLE_MS, scheduling: 'lifo' });
-  private readonly contexts = new WeakMap<Socket, ConnectionContext>();
+  readonly agent = new UpstreamAgent({ keepAlive: true, maxFreeSockets: MAX_IDLE_PER_ENDPOINT, timeout: UPSTREAM_IDLE_MS, scheduling: 'lifo' });
+  private readonly connections = new WeakMap<Socket, HttpClientConnection>();
   private logWindow = { start: 0, count: 0 };
 
   constructor(
-    private readonly lb: LoadBalancer,
-    private readonly metrics: NodeMetrics,
+    readonly lb: LoadBalancer,
+    readonly metrics: NodeMetrics,
     private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
   ) {
     this.server = createServer(
@@ -242,7 +259,7 @@ export class HttpOutbound {
     this.server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
       const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
       this.metrics.httpRefused.inc({ reason: err.code ?? 'unknown' });
-      if ((socket as Socket).writable && !(socket as Socket).destroyed) socket.end(`HTTP/1.1 ${status} ${status === 431 ? 'Request Header Fields Too Large' : status === 408 ? 'Request Timeout' : 'Bad Request'}\r\nconnection: close\r\ncontent-length: 0\r\n\r\n`);
+      if ((socket as Socket).writable && !(socket as Socket).destroyed) socket.end(rawHead(status, ['connection', 'close', 'content-length', '0']));
       else socket.destroy();
     });
     this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => this.onUpgrade(req, socket as Socket, head));
@@ -250,7 +267,7 @@ export class HttpOutbound {
 
   /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes. */
   serve(client: Socket, conn: HttpClientConnection): Promise<void> {
-    this.contexts.set(client, { conn });
+    this.connections.set(client, conn);
     // Heads and bodies go in separate writes: with Nagle's algorithm each answer would wait for the
     // client's delayed ACK (tens of ms).
     client.setNoDelay(true);
@@ -275,7 +292,7 @@ export class HttpOutbound {
     // A port whose routes went sends to its own endpoints; a Service that went is no route.
     const parent = conn.current();
     if (!parent) return { kind: 'answer', parent: conn.parent, route: '', answer: { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` } };
-    const routing = parent.http ?? { entries: [{ match: ALL_REQUESTS, backends: [{ target: parent, weight: 1 }], route: `Service ${parent.key}`, rule: 0 }], routes: [] };
+    const routing = parent.http ?? toItself(parent, `Service ${parent.key}`);
     const { path, query } = splitTarget(req.url ?? '/');
     const entry = routeRequest(routing.entries, { method: req.method ?? 'GET', path, query, headers: req.headers });
     if (!entry) return { kind: 'answer', parent, route: '', answer: { status: 404, flag: 'NR', detail: 'no route matched the request' } };
@@ -287,8 +304,7 @@ export class HttpOutbound {
     if (!backend) return { kind: 'answer', parent, route, answer: { status: 500, flag: 'NR', detail: `${route} has no backend that exists` } };
     // The rule's filters, then the backend's (Gateway API applies both, the rule's first).
     const all = [...filters, ...(backend.filters ?? [])];
-    let headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
-    for (const f of all) if (f.type === 'RequestHeaderModifier') headers = applyHeaderChanges(headers, f.headers);
+    let headers = withChanges(forwardable(req.rawHeaders, headerValue(req.headers, 'connection')), all.flatMap((f) => (f.type === 'RequestHeaderModifier' ? [f.headers] : [])));
     let target = req.url ?? '/';
     const rewrite = filters.find((f) => f.type === 'URLRewrite');
     if (rewrite?.hostname) headers = applyHeaderChanges(headers, { set: [['host', rewrite.hostname]], add: [], remove: [] });
@@ -302,16 +318,22 @@ export class HttpOutbound {
     return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges, ...(affinity.key === undefined ? {} : { hashKey: affinity.key }) } };
   }
 
+  /** A request's start: its connection's facts, its id (the client's, or a new one), where it goes. */
+  private begin(req: IncomingMessage): { conn: HttpClientConnection; started: number; requestId: string; d: Decision } | undefined {
+    const conn = this.connections.get(req.socket);
+    if (!conn) return undefined;
+    const started = performance.now();
+    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
+    return { conn, started, requestId, d: this.decide(req, conn, requestId) };
+  }
+
   private onRequest(req: IncomingMessage, res: ServerResponse): void {
-    const ctx = this.contexts.get(req.socket);
-    if (!ctx) {
+    const b = this.begin(req);
+    if (!b) {
       res.destroy();
       return;
     }
-    const started = performance.now();
-    const { conn } = ctx;
-    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
-    const d = this.decide(req, conn, requestId);
+    const { conn, started, requestId, d } = b;
     const access: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
     if (d.kind === 'forward') {
       new Exchange(this, req, res, conn, d.parent, d.entry, d.target, d.upstream, started, requestId).start();
@@ -333,30 +355,22 @@ export class HttpOutbound {
    * other answer is passed on and the connection closed.
    */
   private onUpgrade(req: IncomingMessage, client: Socket, head: Buffer): void {
-    const ctx = this.contexts.get(client);
-    if (!ctx) {
+    const b = this.begin(req);
+    if (!b) {
       client.destroy();
       return;
     }
-    const started = performance.now();
-    const { conn } = ctx;
-    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
-    const d = this.decide(req, conn, requestId);
+    const { conn, started, requestId, d } = b;
     const access: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: d.kind === 'forward' ? 1 : 0 };
-    const raw = (status: number, message: string, headers: ReadonlyArray<string>): string => {
-      let text = `HTTP/1.1 ${status} ${message}\r\n`;
-      for (let i = 0; i + 1 < headers.length; i += 2) text += `${headers[i] ?? ''}: ${headers[i + 1] ?? ''}\r\n`;
-      return `${text}\r\n`;
-    };
     if (d.kind !== 'forward') {
       const [status, headers] = d.kind === 'answer' ? [d.answer.status, ['content-length', '0']] : [d.status, ['location', d.location, 'content-length', '0']];
-      client.end(raw(status, STATUS_CODES[status] ?? '', [...headers, 'connection', 'close']));
+      client.end(rawHead(status, [...headers, 'connection', 'close']));
       this.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, access);
       return;
     }
     const endpoint = this.lb.pick(d.target, undefined, d.upstream.hashKey);
     if (!endpoint) {
-      client.end(raw(503, 'Service Unavailable', ['content-length', '0', 'connection', 'close']));
+      client.end(rawHead(503, ['content-length', '0', 'connection', 'close']));
       this.count(conn, d.target, undefined, 503, 'UH', started, access);
       return;
     }
@@ -370,18 +384,10 @@ export class HttpOutbound {
       path: d.upstream.path,
       headers: headers as unknown as OutgoingHttpHeaders,
       setHost: false,
-      createConnection: (_options: ClientRequestArgs, callback: (err: Error | null, socket: Duplex) => void) => {
-        conn.dial(d.target, endpoint).then(
-          (socket) => callback(null, socket),
-          (e: unknown) => callback(e as Error, undefined as unknown as Duplex),
-        );
-        return undefined;
-      },
+      createConnection: (_options: ClientRequestArgs, callback: ConnectionCallback) => connectLater(conn.dial(d.target, endpoint), callback),
     } as ClientRequestArgs);
     up.on('upgrade', (answer: IncomingMessage, upstream: Socket, upstreamHead: Buffer) => {
-      let out = [...answer.rawHeaders];
-      for (const c of d.upstream.answerChanges) out = applyHeaderChanges(out, c);
-      client.write(raw(answer.statusCode ?? 101, answer.statusMessage ?? 'Switching Protocols', out));
+      client.write(rawHead(answer.statusCode ?? 101, withChanges(answer.rawHeaders, d.upstream.answerChanges), answer.statusMessage ?? 'Switching Protocols'));
       if (upstreamHead.length > 0) client.write(upstreamHead);
       if (head.length > 0) upstream.write(head);
       let bytesIn = head.length;
@@ -403,9 +409,8 @@ export class HttpOutbound {
     });
     up.on('response', (answer: IncomingMessage) => {
       // Not upgraded: the answer, then the connection closes (its end frames the body).
-      let out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
-      for (const c of d.upstream.answerChanges) out = applyHeaderChanges(out, c);
-      client.write(raw(answer.statusCode ?? 502, answer.statusMessage ?? '', [...out, 'connection', 'close']));
+      const out = withChanges(forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')), d.upstream.answerChanges);
+      client.write(rawHead(answer.statusCode ?? 502, [...out, 'connection', 'close'], answer.statusMessage ?? ''));
       answer.pipe(client);
       answer.on('end', () => {
         release();
@@ -416,7 +421,7 @@ export class HttpOutbound {
       release();
       if (client.destroyed) return;
       const denied = e instanceof UpstreamDenied;
-      client.end(raw(denied ? 403 : 503, denied ? 'Forbidden' : 'Service Unavailable', ['content-length', '0', 'connection', 'close']));
+      client.end(rawHead(denied ? 403 : 503, ['content-length', '0', 'connection', 'close']));
       this.count(conn, d.target, endpoint, denied ? 403 : 503, denied ? 'UAEX' : 'UF', started, access);
     });
     up.end();
@@ -494,17 +499,14 @@ export class HttpOutbound {
     };
   }
 
-  /** What an exchange needs from its HttpOutbound. */
-  readonly services = {
-    agent: (): Agent => this.agent,
-    lb: (): LoadBalancer => this.lb,
-    metrics: (): NodeMetrics => this.metrics,
-    answer: (res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void => this.answer(res, conn, target, endpoint, started, a, facts),
-    count: (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void => this.count(conn, target, endpoint, status, flag, started, facts),
-  };
+  /** Outlier detection took `endpoint` of `target` out: counted and logged. */
+  ejected(target: ServiceTarget, endpoint: Endpoint, why: string): void {
+    this.metrics.ejections.inc({ service: target.key });
+    log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port, why }, 'endpoint ejected');
+  }
 
   /** An answer of the proxy itself, counted and logged. */
-  private answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void {
+  answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void {
     this.count(conn, target, endpoint, a.status, a.flag, started, facts);
     // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
     const now = Date.now();
@@ -519,7 +521,8 @@ export class HttpOutbound {
     res.end(body);
   }
 
-  private count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void {
+  /** Where every request ends: Istio's request metrics, and its access log line where the mesh config asks. */
+  count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void {
     const tcp = conn.labels(target, endpoint);
     const labels: RequestLabels = { ...tcp, request_protocol: 'http', response_flags: flag, response_code: String(status), grpc_response_status: '' };
     const ms = performance.now() - started;
@@ -624,7 +627,6 @@ class Exchange {
   private attempt = 0;
   private retries = 0;
   private readonly body: Buffer[] = [];
-  private bodyBytes = 0;
   private replayable = true;
   private bodyDone: boolean;
   private finished = false;
@@ -684,10 +686,9 @@ class Exchange {
     } else {
       this.req.on('data', (chunk: Buffer) => {
         this.bytesIn += chunk.length;
-        if (this.replayable && this.bodyBytes + chunk.length <= REPLAY_LIMIT) {
-          this.body.push(chunk);
-          this.bodyBytes += chunk.length;
-        } else if (this.replayable) {
+        // While it is replayable the body kept is all of it so far: bytesIn.
+        if (this.replayable && this.bytesIn <= REPLAY_LIMIT) this.body.push(chunk);
+        else if (this.replayable) {
           this.replayable = false;
           this.body.length = 0;
         }
@@ -732,7 +733,7 @@ class Exchange {
       return;
     }
     this.attempt++;
-    const lb = this.outbound.services.lb();
+    const lb = this.outbound.lb;
     const endpoint = lb.pick(this.target, undefined, this.upstream.hashKey);
     if (!endpoint) {
       leave();
@@ -740,13 +741,10 @@ class Exchange {
       return;
     }
     lb.acquire(this.target, endpoint);
-    let released = false;
-    const release = (): void => {
-      if (released) return;
-      released = true;
+    const release = once(() => {
       lb.release(this.target, endpoint);
       leave();
-    };
+    });
     const options = this.options(this.target, endpoint, this.upstream.headers);
     let answered = false;
     let perTry: NodeJS.Timeout | undefined;
@@ -781,22 +779,17 @@ class Exchange {
       const kind = e instanceof PerTryTimeout ? 'per_try_timeout' : e instanceof UpstreamDenied ? 'denied' : up.reusedSocket || (e.code === 'ECONNRESET' && up.socket !== null) ? 'reset' : 'connect';
       this.failed({ kind, error: e.message, reused: up.reusedSocket }, endpoint);
     });
-    // The body: what was kept, then the rest as it comes; or all of it when it is here.
-    if (this.bodyDone) {
-      for (const chunk of this.body) up.write(chunk);
-      up.end();
-    } else {
-      for (const chunk of this.body) up.write(chunk);
-      this.current = up;
-    }
+    // The body: what was kept, then the rest as it comes (or nothing more when it is all here).
+    for (const chunk of this.body) up.write(chunk);
+    if (this.bodyDone) up.end();
+    else this.current = up;
   }
 
   /** How node:http sends to `endpoint` of `target`: its pool, and a new connection from the node proxy when the pool has none. */
   private options(target: ServiceTarget, endpoint: Endpoint, headers: string[]): UpstreamRequestOptions {
-    const lb = this.outbound.services.lb();
-    const metrics = this.outbound.services.metrics();
+    const lb = this.outbound.lb;
     return {
-      agent: this.outbound.services.agent(),
+      agent: this.outbound.agent,
       method: this.req.method ?? 'GET',
       path: this.upstream.path,
       // Raw pairs in the client's order and case; its Host header goes as it came.
@@ -810,10 +803,7 @@ class Exchange {
           lb.connectSucceeded(endpoint);
           return socket;
         } catch (e) {
-          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) {
-            metrics.ejections.inc({ service: target.key });
-            log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port }, 'endpoint ejected after consecutive connect errors');
-          }
+          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
           throw e;
         }
       },
@@ -826,7 +816,7 @@ class Exchange {
    * is read and dropped, a failure only counted. A body over 64 KiB is not mirrored.
    */
   private mirror(): void {
-    const metrics = this.outbound.services.metrics();
+    const metrics = this.outbound.metrics;
     for (const m of this.entry.mirrors ?? []) {
       if (Math.random() * 100 >= m.percent) continue;
       const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
@@ -834,7 +824,7 @@ class Exchange {
         count('body_too_large');
         continue;
       }
-      const endpoint = this.outbound.services.lb().pick(m.target);
+      const endpoint = this.outbound.lb.pick(m.target);
       if (!endpoint) {
         count('no_endpoint');
         continue;
@@ -869,8 +859,7 @@ class Exchange {
       return;
     }
     this.health(endpoint, status);
-    let out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
-    for (const c of this.upstream.answerChanges) out = applyHeaderChanges(out, c);
+    const out = withChanges(forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')), this.upstream.answerChanges);
     try {
       this.res.writeHead(status, answer.statusMessage, out as unknown as OutgoingHttpHeaders);
     } catch (e) {
@@ -902,9 +891,7 @@ class Exchange {
 
   /** Outlier detection on answers: a run of 5xx or gateway errors may eject the endpoint. */
   private health(endpoint: Endpoint, status: number): void {
-    if (!this.outbound.services.lb().answered(this.target, endpoint, status)) return;
-    this.outbound.services.metrics().ejections.inc({ service: this.target.key });
-    log.warn({ service: this.target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port, status }, 'endpoint ejected after consecutive error answers');
+    if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
   }
 
   /** Whether another attempt may go: retries left, the whole body in hand, within the budget. */
@@ -912,7 +899,7 @@ class Exchange {
     const retry = this.entry.retry;
     if (!retry || this.retries >= retry.attempts || !this.bodyDone || !this.replayable || this.finished) return false;
     if (this.outbound.retryAllowed(this.target)) return true;
-    this.outbound.services.metrics().httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
+    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
     return false;
   }
 
@@ -921,7 +908,7 @@ class Exchange {
     this.retries++;
     const base = this.entry.retry?.backoffMs ?? 0;
     const delay = Math.random() * Math.min(base * 2 ** (this.retries - 1), base * 10);
-    this.outbound.services.metrics().httpRetries.inc({ service: this.target.key, result: 'retried' });
+    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'retried' });
     this.outbound.track('retrying', this.target, 1);
     log.debug({ service: this.target.key, retry: this.retries, why, delayMs: Math.round(delay) }, 'request retried');
     this.retryTimer = setTimeout(() => {
@@ -964,15 +951,15 @@ class Exchange {
   private finish(status: number, flag: string, detail: string | undefined = undefined, endpoint: Endpoint | undefined = undefined): void {
     if (this.finished) return;
     this.settle();
-    if (status === 0) this.outbound.services.count(this.conn, this.target, endpoint, 0, flag, this.started, this.facts());
-    else this.outbound.services.answer(this.res, this.conn, this.target, endpoint, this.started, { status, flag, detail: detail ?? '' }, this.facts());
+    if (status === 0) this.outbound.count(this.conn, this.target, endpoint, 0, flag, this.started, this.facts());
+    else this.outbound.answer(this.res, this.conn, this.target, endpoint, this.started, { status, flag, detail: detail ?? '' }, this.facts());
   }
 
   /** The backend's answer was passed on (whole, or cut). */
   private done(status: number, flag: string, endpoint: Endpoint | undefined): void {
     if (this.finished) return;
     this.settle();
-    this.outbound.services.count(this.conn, this.target, endpoint, status, flag, this.started, this.facts());
+    this.outbound.count(this.conn, this.target, endpoint, status, flag, this.started, this.facts());
   }
 
   private facts(): AccessFacts {

@@ -116,7 +116,7 @@ export class NodeMetrics {
       labelNames: ['path'],
       registers,
     });
-    this.ejections = new Counter({ name: 'nodemesh_outlier_ejections_total', help: 'Endpoints ejected after consecutive connect errors (TrafficPolicy outlierDetection), by Service', labelNames: ['service'], registers });
+    this.ejections = new Counter({ name: 'nodemesh_outlier_ejections_total', help: 'Endpoints ejected by outlier detection (TrafficPolicy outlierDetection: consecutive connect errors, or on HTTP routes consecutive 5xx or gateway-error answers), by Service', labelNames: ['service'], registers });
     this.connectRetries = new Counter({ name: 'nodemesh_upstream_connect_retries_total', help: 'Outbound connections retried on another endpoint after a connect error, by Service', labelNames: ['service'], registers });
     this.podsEnrolled = new Gauge({ name: 'nodemesh_pods_enrolled', help: 'Pods whose traffic this node captures', registers });
     this.podVerified = new Gauge({ name: 'nodemesh_pod_redirection_verified', help: '1 once a probe from inside the pod reached the proxy', labelNames: ['namespace', 'pod'], registers });
