@@ -1,13 +1,17 @@
 /**
  * PeerAuthentication and AuthorizationPolicy (security.nodemesh.io/v1, Istio's security.istio.io/v1
  * schemas field for field): validated against their CRD schemas, then turned into immutable
- * values. What nodemesh cannot enforce at L4 is refused with the field named, never ignored: a
- * policy that seems to protect something and does not is worse than none. The proxy evaluates
+ * values. What nodemesh cannot enforce (a JWT's claims, CUSTOM authorizers, gateway attachment)
+ * is refused with the field named, never ignored: a policy that seems to protect something and
+ * does not is worse than none. Request attributes (hosts, methods, paths, request headers) are
+ * evaluated per request where the destination's port speaks HTTP, with Istio's TCP semantics
+ * elsewhere. The proxy evaluates
  * them (proxy/policy.ts); this module only says what a valid policy is, for the config edge and
  * the wire edge alike (checkPeerAuthentication, checkAuthorizationPolicy).
  */
 import { parseAddressBlock } from '../shared/address.js';
 import type { DefaultMtlsMode } from './mesh.js';
+import { HEADER_NAME } from './fields.js';
 import { schemas } from './schemas.js';
 import { ObjectInvalid, parseMetadata } from './service.js';
 
@@ -29,9 +33,17 @@ export interface PeerAuthentication {
 
 export type AuthorizationAction = 'ALLOW' | 'DENY' | 'AUDIT';
 
-/** The L4 attributes a `when` condition may name (Istio's, those known before any HTTP is read). */
-export const CONDITION_KEYS = ['source.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port'] as const;
-export type ConditionKey = (typeof CONDITION_KEYS)[number];
+/** The connection attributes a `when` condition may name (Istio's, known before any HTTP is read). */
+export const CONDITION_KEYS = ['source.ip', 'remote.ip', 'source.namespace', 'source.principal', 'destination.ip', 'destination.port'] as const;
+/** A request header's value (Istio's `request.headers[name]`): evaluated per request, on HTTP ports only. */
+export type HeaderConditionKey = `request.headers[${string}]`;
+export type ConditionKey = (typeof CONDITION_KEYS)[number] | HeaderConditionKey;
+
+/** The header a `request.headers[name]` key names (lower case), or undefined for any other key. */
+export function conditionHeader(key: string): string | undefined {
+  const m = /^request\.headers\[([^\]]+)\]$/.exec(key);
+  return m ? (m[1] ?? '').toLowerCase() : undefined;
+}
 
 export interface AuthorizationSource {
   readonly principals: ReadonlyArray<string>;
@@ -48,6 +60,26 @@ export interface AuthorizationSource {
 export interface AuthorizationOperation {
   readonly ports: ReadonlyArray<number>;
   readonly notPorts: ReadonlyArray<number>;
+  /** The request's Host (case-insensitive; a value without a port matches any port). HTTP only, as the four below. */
+  readonly hosts: ReadonlyArray<string>;
+  readonly notHosts: ReadonlyArray<string>;
+  readonly methods: ReadonlyArray<string>;
+  readonly notMethods: ReadonlyArray<string>;
+  /** The request's normalized path, without its query. */
+  readonly paths: ReadonlyArray<string>;
+  readonly notPaths: ReadonlyArray<string>;
+}
+
+/** The operation fields only a request has (Istio calls them HTTP-only). */
+export const REQUEST_OPERATION_FIELDS = ['hosts', 'notHosts', 'methods', 'notMethods', 'paths', 'notPaths'] as const;
+
+/**
+ * Whether a rule names anything only a request has. On a port the destination does not read as
+ * HTTP such a rule follows Istio's TCP semantics (proxy/policy.ts): in an ALLOW policy it matches
+ * nothing, in a DENY policy its request fields are left out, so it denies more, never less.
+ */
+export function ruleNeedsRequest(r: AuthorizationRule): boolean {
+  return r.to.some((o) => REQUEST_OPERATION_FIELDS.some((f) => o[f].length > 0)) || r.when.some((c) => conditionHeader(c.key) !== undefined);
 }
 
 export interface AuthorizationCondition {
@@ -93,10 +125,9 @@ type Json = Record<string, unknown>;
 const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 const strings = (v: unknown): string[] => (Array.isArray(v) ? v.map(String) : []);
 
-const L7_LATER = 'is an L7 attribute: nodemesh enforces AuthorizationPolicy at L4 for now (L7 comes with HTTP support); refused rather than ignored';
-/** Source fields Istio evaluates from HTTP (JWT claims, X-Forwarded-For). */
-const L7_SOURCE_FIELDS = ['requestPrincipals', 'notRequestPrincipals', 'remoteIpBlocks', 'notRemoteIpBlocks'];
-const L7_OPERATION_FIELDS = ['hosts', 'notHosts', 'methods', 'notMethods', 'paths', 'notPaths'];
+const NO_JWT = 'needs a request\'s JWT (RequestAuthentication), which nodemesh does not validate; refused rather than ignored';
+/** Source fields Istio evaluates from a JWT. */
+const JWT_SOURCE_FIELDS = ['requestPrincipals', 'notRequestPrincipals'];
 
 /** A port number 1-65535 from its decimal text (Istio writes ports as strings). */
 function portOf(text: string): number | undefined {
@@ -124,9 +155,16 @@ function checkPort(value: number, field: string): SecurityIssue | undefined {
   return Number.isInteger(value) && value >= 1 && value <= 65535 ? undefined : { field, message: `${field} ${value} is not a port (1-65535)` };
 }
 
+/** A path pattern: Istio's string match on a path, which starts with "/" unless it is a "*" pattern. */
+function checkPathPattern(value: string, field: string): SecurityIssue | undefined {
+  const bad = checkPattern(value, field);
+  if (bad) return bad;
+  return value.startsWith('/') || value.startsWith('*') ? undefined : { field, message: `${field} "${value}" is not a path (it starts with "/", or "*" for a suffix)` };
+}
+
 /** The first thing wrong with a condition's values for its key. */
 function checkConditionValue(key: ConditionKey, value: string, field: string): SecurityIssue | undefined {
-  if (key === 'source.ip' || key === 'destination.ip') return checkCidr(value, field);
+  if (key === 'source.ip' || key === 'remote.ip' || key === 'destination.ip') return checkCidr(value, field);
   if (key === 'destination.port') return portOf(value) === undefined ? { field, message: `${field} "${value}" is not a port (1-65535)` } : undefined;
   return checkPattern(value, field);
 }
@@ -176,10 +214,21 @@ export function checkAuthorizationPolicy(p: AuthorizationPolicy): SecurityIssue 
           if (bad) return bad;
         }
       }
+      for (const f of REQUEST_OPERATION_FIELDS) {
+        for (const [k, v] of o[f].entries()) {
+          const field = `spec.rules[${i}].to[${j}].operation.${f}[${k}]`;
+          const bad = f === 'paths' || f === 'notPaths' ? checkPathPattern(v, field) : checkPattern(v, field);
+          if (bad) return bad;
+        }
+      }
     }
     for (const [j, c] of rule.when.entries()) {
       const at = `spec.rules[${i}].when[${j}]`;
-      if (!(CONDITION_KEYS as ReadonlyArray<string>).includes(c.key)) return { field: `${at}.key`, message: `"${c.key}" is not an attribute nodemesh evaluates (${CONDITION_KEYS.join(', ')})` };
+      if (!(CONDITION_KEYS as ReadonlyArray<string>).includes(c.key) && conditionHeader(c.key) === undefined) {
+        return { field: `${at}.key`, message: `"${c.key}" is not an attribute nodemesh evaluates (${CONDITION_KEYS.join(', ')}, request.headers[<name>])` };
+      }
+      const header = conditionHeader(c.key);
+      if (header !== undefined && !HEADER_NAME.test(header)) return { field: `${at}.key`, message: `"${header}" in "${c.key}" is not a header name` };
       if (c.values.length === 0 && c.notValues.length === 0) return { field: `${at}.values`, message: `${at} needs values or notValues` };
       for (const f of ['values', 'notValues'] as const) {
         for (const [k, v] of c[f].entries()) {
@@ -229,33 +278,43 @@ export function parseAuthorizationPolicy(doc: Json): AuthorizationPolicy {
     const rule = isObject(r) ? r : {};
     const from = (Array.isArray(rule['from']) ? rule['from'] : []).map((f: unknown, j: number): AuthorizationSource => {
       const s = isObject(f) && isObject(f['source']) ? f['source'] : {};
-      for (const field of L7_SOURCE_FIELDS) if (s[field] !== undefined) throw new ObjectInvalid(`spec.rules[${i}].from[${j}].source.${field}`, `source.${field} ${L7_LATER}`);
+      for (const field of JWT_SOURCE_FIELDS) if (s[field] !== undefined) throw new ObjectInvalid(`spec.rules[${i}].from[${j}].source.${field}`, `source.${field} ${NO_JWT}`);
+      // remoteIpBlocks is the client's address as X-Forwarded-For or PROXY protocol tell it, which
+      // nodemesh trusts from no one (Istio's default, numTrustedProxies 0): the connection's source.
       return Object.freeze({
         principals: strings(s['principals']),
         notPrincipals: strings(s['notPrincipals']),
         namespaces: strings(s['namespaces']),
         notNamespaces: strings(s['notNamespaces']),
-        ipBlocks: strings(s['ipBlocks']),
-        notIpBlocks: strings(s['notIpBlocks']),
+        ipBlocks: [...strings(s['ipBlocks']), ...strings(s['remoteIpBlocks'])],
+        notIpBlocks: [...strings(s['notIpBlocks']), ...strings(s['notRemoteIpBlocks'])],
         serviceAccounts: strings(s['serviceAccounts']),
         notServiceAccounts: strings(s['notServiceAccounts']),
       });
     });
     const to = (Array.isArray(rule['to']) ? rule['to'] : []).map((t: unknown, j: number): AuthorizationOperation => {
       const o = isObject(t) && isObject(t['operation']) ? t['operation'] : {};
-      for (const field of L7_OPERATION_FIELDS) if (o[field] !== undefined) throw new ObjectInvalid(`spec.rules[${i}].to[${j}].operation.${field}`, `operation.${field} ${L7_LATER}`);
       const ports = (field: 'ports' | 'notPorts'): number[] =>
         strings(o[field]).map((text, k) => {
           const port = portOf(text);
           if (port === undefined) throw new ObjectInvalid(`spec.rules[${i}].to[${j}].operation.${field}[${k}]`, `"${text}" is not a port (1-65535)`);
           return port;
         });
-      return Object.freeze({ ports: ports('ports'), notPorts: ports('notPorts') });
+      return Object.freeze({
+        ports: ports('ports'),
+        notPorts: ports('notPorts'),
+        hosts: strings(o['hosts']),
+        notHosts: strings(o['notHosts']),
+        methods: strings(o['methods']),
+        notMethods: strings(o['notMethods']),
+        paths: strings(o['paths']),
+        notPaths: strings(o['notPaths']),
+      });
     });
     const when = (Array.isArray(rule['when']) ? rule['when'] : []).map((c: unknown, j: number): AuthorizationCondition => {
       const cond = isObject(c) ? c : {};
       const key = String(cond['key']);
-      if (key.startsWith('request.') || key.startsWith('experimental.')) throw new ObjectInvalid(`spec.rules[${i}].when[${j}].key`, `"${key}" ${L7_LATER}`);
+      if (key.startsWith('request.auth.')) throw new ObjectInvalid(`spec.rules[${i}].when[${j}].key`, `"${key}" ${NO_JWT}`);
       return Object.freeze({ key: key as ConditionKey, values: strings(cond['values']), notValues: strings(cond['notValues']) });
     });
     return Object.freeze({ from: Object.freeze(from), to: Object.freeze(to), when: Object.freeze(when) });

@@ -156,7 +156,8 @@ export interface WirePeerAuthentication {
 }
 export interface WireAuthorizationRule {
   from: Array<{ principals: string[]; notPrincipals: string[]; namespaces: string[]; notNamespaces: string[]; ipBlocks: string[]; notIpBlocks: string[]; serviceAccounts: string[]; notServiceAccounts: string[] }>;
-  to: Array<{ ports: number[]; notPorts: number[] }>;
+  /** The request fields are absent from a control plane that predates them. */
+  to: Array<{ ports: number[]; notPorts: number[]; hosts?: string[]; notHosts?: string[]; methods?: string[]; notMethods?: string[]; paths?: string[]; notPaths?: string[] }>;
   when: Array<{ key: string; values: string[]; notValues: string[] }>;
 }
 export interface WireAuthorizationPolicy {
@@ -425,10 +426,19 @@ export function peerAuthenticationToWire(p: PeerAuthentication): WirePeerAuthent
  * A rule copied field for field: the wire's and the model's have one shape (the model's arrays
  * read-only, its condition keys checked by checkAuthorizationPolicy), so one copy serves both ways.
  */
-function copyRule(r: WireAuthorizationRule | AuthorizationRule): WireAuthorizationRule {
+function copyRule(r: WireAuthorizationRule | AuthorizationRule): Omit<WireAuthorizationRule, 'to'> & { to: Array<Required<WireAuthorizationRule['to'][number]>> } {
   return {
     from: r.from.map((f) => ({ principals: [...f.principals], notPrincipals: [...f.notPrincipals], namespaces: [...f.namespaces], notNamespaces: [...f.notNamespaces], ipBlocks: [...f.ipBlocks], notIpBlocks: [...f.notIpBlocks], serviceAccounts: [...f.serviceAccounts], notServiceAccounts: [...f.notServiceAccounts] })),
-    to: r.to.map((t) => ({ ports: [...t.ports], notPorts: [...t.notPorts] })),
+    to: r.to.map((t) => ({
+      ports: [...t.ports],
+      notPorts: [...t.notPorts],
+      hosts: [...(t.hosts ?? [])],
+      notHosts: [...(t.notHosts ?? [])],
+      methods: [...(t.methods ?? [])],
+      notMethods: [...(t.notMethods ?? [])],
+      paths: [...(t.paths ?? [])],
+      notPaths: [...(t.notPaths ?? [])],
+    })),
     when: r.when.map((c) => ({ key: c.key, values: [...c.values], notValues: [...c.notValues] })),
   };
 }

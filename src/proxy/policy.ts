@@ -1,14 +1,18 @@
 /**
- * Access control where a destination is served (Istio's semantics at L4): which mTLS mode a
- * workload's port takes (PeerAuthentication: workload, then namespace, then the root namespace,
- * then the mesh default) and whether a connection may reach it (AuthorizationPolicy: a matching
- * DENY refuses; with ALLOW policies on the workload only what one of them matches is let
- * through; AUDIT only marks). One engine per snapshot, swapped in whole with it; the proxy asks
- * it for every connection it delivers: the same-node fast path, plaintext inbound (15006) and
- * HBONE (15008) alike.
+ * Access control where a destination is served (Istio's semantics): which mTLS mode a workload's
+ * port takes (PeerAuthentication: workload, then namespace, then the root namespace, then the mesh
+ * default) and whether a connection or a request may reach it (AuthorizationPolicy: a matching
+ * DENY refuses; with ALLOW policies on the workload only what one of them matches is let through;
+ * AUDIT only marks). One engine per snapshot, swapped in whole with it; the proxy asks it for
+ * every connection it delivers (the same-node fast path, plaintext inbound on 15006 and HBONE on
+ * 15008 alike) and, on ports it reads as HTTP, for every request.
+ *
+ * Rules that name request attributes (hosts, methods, paths, request headers) follow Istio's TCP
+ * semantics where there is no request to read: in an ALLOW or AUDIT policy such a rule matches
+ * nothing; in a DENY policy its request attributes are left out, so it denies more, never less.
  */
 import { ROOT_NAMESPACE } from '../config/mesh.js';
-import { type AuthorizationCondition, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
+import { conditionHeader, ruleNeedsRequest, type AuthorizationCondition, type AuthorizationOperation, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
 import { selects, type Workload } from '../config/snapshot.js';
 import { byNamespaceName } from '../shared/order.js';
 import { AddressRanges } from '../shared/address.js';
@@ -22,6 +26,17 @@ export interface ConnectionFacts {
   readonly destination: Pick<Workload, 'namespace' | 'labels'>;
   readonly destinationIp: string;
   readonly destinationPort: number;
+}
+
+/** What a request adds to its connection's facts (on ports the destination reads as HTTP). */
+export interface RequestFacts {
+  readonly method: string;
+  /** The Host header (HTTP/1.1) or :authority, as sent. */
+  readonly host: string;
+  /** The normalized path, without its query (see http/common.ts normalizePath). */
+  readonly path: string;
+  /** A header's value by its lower-case name (several fields joined with ","). */
+  header(name: string): string | undefined;
 }
 
 export type Verdict =
@@ -58,6 +73,15 @@ function matches(pattern: string, value: string | undefined): boolean {
 }
 
 const nameOf = (p: { namespace: string; name: string }): string => `${p.namespace}/${p.name}`;
+
+/** Istio's host match: case-insensitive, and a pattern without a port matches the host on any port. */
+function hostMatches(pattern: string, host: string): boolean {
+  const p = pattern.toLowerCase();
+  const h = host.toLowerCase();
+  if (matches(p, h)) return true;
+  const withoutPort = h.startsWith('[') ? h.slice(0, h.indexOf(']') + 1) : h.replace(/:[0-9]*$/, '');
+  return withoutPort !== h && matches(p, withoutPort);
+}
 
 /** Istio's principal of an identity: its SPIFFE ID without the scheme ("cluster.local/ns/a/sa/b"). */
 const principalOf = (peer: WorkloadIdentity | undefined): string | undefined => (peer ? spiffeUri(peer).slice('spiffe://'.length) : undefined);
@@ -96,28 +120,63 @@ export class PolicyEngine {
     return { mode: this.config.mtlsMode, policy: MESH_DEFAULT };
   }
 
-  /** The decision for one connection to a workload this node serves. */
+  /**
+   * Whether any AuthorizationPolicy that applies to the workload names request attributes: the
+   * proxy reads its HTTP ports as HTTP then, to decide per request.
+   */
+  hasRequestRules(w: Pick<Workload, 'namespace' | 'labels'>): boolean {
+    return this.applicable(w).some((p) => p.rules.some(ruleNeedsRequest));
+  }
+
+  /** The decision for one connection to a workload this node serves, on a port it relays as bytes (request attributes unknown). */
   authorize(f: ConnectionFacts): Verdict {
+    return this.decide(f, undefined);
+  }
+
+  /**
+   * The decision for a connection to a port the proxy reads as HTTP: only its mTLS mode; the
+   * AuthorizationPolicies decide for each request (authorizeRequest).
+   */
+  admitConnection(f: ConnectionFacts): Verdict {
     const mode = this.mtlsMode(f.destination, f.destinationPort);
     if (mode.mode === 'STRICT' && !f.peer) return { allowed: false, audited: [], kind: 'PeerAuthentication', policy: mode.policy, reason: 'mtls_required' };
-    const applicable = this.authorizationPolicies.filter((p) => (p.namespace === ROOT_NAMESPACE || p.namespace === f.destination.namespace) && appliesTo(p.selector, f.destination.labels));
+    return { allowed: true, audited: [] };
+  }
+
+  /** The decision for one request (its connection was admitted by admitConnection). */
+  authorizeRequest(f: ConnectionFacts, request: RequestFacts): Verdict {
+    return this.decide(f, request);
+  }
+
+  private applicable(w: Pick<Workload, 'namespace' | 'labels'>): AuthorizationPolicy[] {
+    return this.authorizationPolicies.filter((p) => (p.namespace === ROOT_NAMESPACE || p.namespace === w.namespace) && appliesTo(p.selector, w.labels));
+  }
+
+  private decide(f: ConnectionFacts, request: RequestFacts | undefined): Verdict {
+    const mode = this.mtlsMode(f.destination, f.destinationPort);
+    if (mode.mode === 'STRICT' && !f.peer) return { allowed: false, audited: [], kind: 'PeerAuthentication', policy: mode.policy, reason: 'mtls_required' };
+    const applicable = this.applicable(f.destination);
     if (applicable.length === 0) return { allowed: true, audited: [] };
-    const audited = applicable.filter((p) => p.action === 'AUDIT' && this.policyMatches(p, f)).map(nameOf);
-    const deny = applicable.find((p) => p.action === 'DENY' && this.policyMatches(p, f));
+    const audited = applicable.filter((p) => p.action === 'AUDIT' && this.policyMatches(p, f, request)).map(nameOf);
+    const deny = applicable.find((p) => p.action === 'DENY' && this.policyMatches(p, f, request));
     if (deny) return { allowed: false, audited, kind: 'AuthorizationPolicy', policy: nameOf(deny), reason: 'denied_by_policy' };
     const allow = applicable.filter((p) => p.action === 'ALLOW');
-    if (allow.length === 0 || allow.some((p) => this.policyMatches(p, f))) return { allowed: true, audited };
+    if (allow.length === 0 || allow.some((p) => this.policyMatches(p, f, request))) return { allowed: true, audited };
     return { allowed: false, audited, kind: 'AuthorizationPolicy', policy: allow.map(nameOf).join(','), reason: 'not_allowed' };
   }
 
-  private policyMatches(p: AuthorizationPolicy, f: ConnectionFacts): boolean {
-    return p.rules.some((r) => this.ruleMatches(r, f));
+  private policyMatches(p: AuthorizationPolicy, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
+    return p.rules.some((r) => {
+      // No request to read: an ALLOW (AUDIT) rule that needs one matches nothing; a DENY rule is judged on the rest.
+      if (!request && p.action !== 'DENY' && ruleNeedsRequest(r)) return false;
+      return this.ruleMatches(r, f, request);
+    });
   }
 
-  private ruleMatches(r: AuthorizationRule, f: ConnectionFacts): boolean {
+  private ruleMatches(r: AuthorizationRule, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
     if (r.from.length > 0 && !r.from.some((s) => this.sourceMatches(s, f))) return false;
-    if (r.to.length > 0 && !r.to.some((o) => (o.ports.length === 0 || o.ports.includes(f.destinationPort)) && !o.notPorts.includes(f.destinationPort))) return false;
-    return r.when.every((c) => this.conditionMatches(c, f));
+    if (r.to.length > 0 && !r.to.some((o) => operationMatches(o, f.destinationPort, request))) return false;
+    return r.when.every((c) => this.conditionMatches(c, f, request));
   }
 
   private sourceMatches(s: AuthorizationSource, f: ConnectionFacts): boolean {
@@ -138,10 +197,19 @@ export class PolicyEngine {
     );
   }
 
-  private conditionMatches(c: AuthorizationCondition, f: ConnectionFacts): boolean {
+  private conditionMatches(c: AuthorizationCondition, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
+    const header = conditionHeader(c.key);
+    if (header !== undefined) {
+      // Only a DENY rule gets here without a request: its request conditions are left out.
+      if (!request) return true;
+      const value = request.header(header);
+      const any = (values: ReadonlyArray<string>): boolean => values.some((v) => matches(v, value));
+      return (c.values.length === 0 || any(c.values)) && !any(c.notValues);
+    }
     const test = (values: ReadonlyArray<string>): boolean => {
       switch (c.key) {
         case 'source.ip':
+        case 'remote.ip':
           return this.inBlocks(values, f.sourceIp);
         case 'destination.ip':
           return this.inBlocks(values, f.destinationIp);
@@ -151,6 +219,8 @@ export class PolicyEngine {
           return values.some((v) => matches(v, f.peer?.namespace));
         case 'source.principal':
           return values.some((v) => matches(v, principalOf(f.peer)));
+        default:
+          return false;
       }
     };
     return (c.values.length === 0 || test(c.values)) && !(c.notValues.length > 0 && test(c.notValues));
@@ -166,4 +236,19 @@ export class PolicyEngine {
     }
     return ranges.has(address);
   }
+}
+
+/**
+ * Whether an operation matches: its ports, and its request attributes when there is a request
+ * (without one, only a DENY rule's operation is judged, on its ports alone).
+ */
+function operationMatches(o: AuthorizationOperation, port: number, request: RequestFacts | undefined): boolean {
+  if ((o.ports.length > 0 && !o.ports.includes(port)) || o.notPorts.includes(port)) return false;
+  if (!request) return true;
+  const field = (list: ReadonlyArray<string>, notList: ReadonlyArray<string>, test: (pattern: string) => boolean): boolean => (list.length === 0 || list.some(test)) && !notList.some(test);
+  return (
+    field(o.hosts, o.notHosts, (h) => hostMatches(h, request.host)) &&
+    field(o.methods, o.notMethods, (m) => m === request.method) &&
+    field(o.paths, o.notPaths, (p) => matches(p, request.path))
+  );
 }

@@ -197,7 +197,7 @@ test('TrafficPolicy is validated against its CRD schema, naming the field', () =
   assert.throws(() => parseDuration('5', 'f'), ObjectInvalid);
 });
 
-test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemesh cannot enforce at L4 is refused with its field named', () => {
+test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemesh cannot enforce is refused with its field named', () => {
   const AP = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'allow-web', namespace: 'shop' }, spec });
   const PA = (spec: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'security.nodemesh.io/v1', kind: 'PeerAuthentication', metadata: { name: 'strict', namespace: 'shop' }, spec });
   const issue = (doc: Record<string, unknown>): { field: string; message: string } => {
@@ -228,7 +228,7 @@ test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemes
       rules: [
         {
           from: [{ principals: ['cluster.local/ns/shop/sa/frontend'], notPrincipals: [], namespaces: [], notNamespaces: ['dev'], ipBlocks: [], notIpBlocks: [], serviceAccounts: [], notServiceAccounts: [] }],
-          to: [{ ports: [8080], notPorts: [] }],
+          to: [{ ports: [8080], notPorts: [], hosts: [], notHosts: [], methods: [], notMethods: [], paths: [], notPaths: [] }],
           when: [{ key: 'source.ip', values: ['10.0.0.0/8'], notValues: [] }],
         },
       ],
@@ -240,6 +240,9 @@ test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemes
   });
   // Istio's allow-nothing and deny-all shapes.
   accepted(AP({}));
+  // Request attributes (evaluated per request on HTTP ports); remoteIpBlocks is the source's address.
+  const l7 = accepted(AP({ rules: [{ from: [{ source: { remoteIpBlocks: ['10.0.0.0/8'] } }], to: [{ operation: { methods: ['GET'], paths: ['/api/*', '*.css'], hosts: ['web.shop*'] } }], when: [{ key: 'request.headers[X-User]', values: ['a*'] }] }] }));
+  assert.deepEqual((l7 as { authorizationPolicy: { rules: Array<{ from: Array<{ ipBlocks: string[] }> }> } }).authorizationPolicy.rules[0]?.from[0]?.ipBlocks, ['10.0.0.0/8']);
   accepted(AP({ action: 'DENY', rules: [{}] }));
   const bad: Array<[Record<string, unknown>, string, RegExp?]> = [
     [AP({ action: 'PERMIT' }), 'spec.action'],
@@ -248,13 +251,14 @@ test('AuthorizationPolicy and PeerAuthentication: Istio\'s schemas; what nodemes
     [AP({ rules: [{ when: [{ values: ['x'] }] }] }), 'spec.rules[0].when[0].key'],
     [AP({ targetRefs: [{ name: 'web' }] }), 'spec.targetRefs[0].kind'],
     [AP({ targetRefs: [{ kind: 'Service', name: 'web' }] }), 'spec.targetRefs', /selector/],
-    // L7 fields: refused until the L7 issue, never ignored.
-    [AP({ rules: [{ to: [{ operation: { ports: ['8080'], methods: ['GET'] } }] }] }), 'spec.rules[0].to[0].operation.methods', /L7/],
-    [AP({ rules: [{ to: [{ operation: { paths: ['/admin'] } }] }] }), 'spec.rules[0].to[0].operation.paths', /L7/],
-    [AP({ rules: [{ to: [{ operation: { hosts: ['web'] } }] }] }), 'spec.rules[0].to[0].operation.hosts', /L7/],
-    [AP({ rules: [{ from: [{ source: { requestPrincipals: ['*'] } }] }] }), 'spec.rules[0].from[0].source.requestPrincipals', /L7/],
-    [AP({ rules: [{ from: [{ source: { remoteIpBlocks: ['10.0.0.0/8'] } }] }] }), 'spec.rules[0].from[0].source.remoteIpBlocks', /L7/],
-    [AP({ rules: [{ when: [{ key: 'request.headers[x-user]', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /L7/],
+    // What nodemesh cannot evaluate is refused, never ignored: a JWT's claims.
+    [AP({ rules: [{ from: [{ source: { requestPrincipals: ['*'] } }] }] }), 'spec.rules[0].from[0].source.requestPrincipals', /JWT/],
+    [AP({ rules: [{ when: [{ key: 'request.auth.claims[iss]', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /JWT/],
+    // Request attributes that cannot match anything are mistakes, named.
+    [AP({ rules: [{ to: [{ operation: { paths: ['admin'] } }] }] }), 'spec.rules[0].to[0].operation.paths[0]', /not a path/],
+    [AP({ rules: [{ to: [{ operation: { methods: ['G*T'] } }] }] }), 'spec.rules[0].to[0].operation.methods[0]'],
+    [AP({ rules: [{ to: [{ operation: { hosts: [''] } }] }] }), 'spec.rules[0].to[0].operation.hosts[0]'],
+    [AP({ rules: [{ when: [{ key: 'request.headers[x user]', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /header name/],
     [AP({ rules: [{ when: [{ key: 'connection.sni', values: ['a'] }] }] }), 'spec.rules[0].when[0].key', /not an attribute/],
     // Values that cannot match anything are mistakes, named.
     [AP({ rules: [{ from: [{ source: { ipBlocks: ['10.0.0.0/33'] } }] }] }), 'spec.rules[0].from[0].source.ipBlocks[0]'],

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 
 import { parseObject } from '../../src/config/objects.js';
 import type { AuthorizationPolicy, PeerAuthentication } from '../../src/config/security.js';
-import { PolicyEngine, type ConnectionFacts } from '../../src/proxy/policy.js';
+import { PolicyEngine, type ConnectionFacts, type RequestFacts } from '../../src/proxy/policy.js';
 import type { DefaultMtlsMode } from '../../src/config/mesh.js';
 
 function policy(kind: 'AuthorizationPolicy' | 'PeerAuthentication', name: string, spec: Record<string, unknown>, namespace = 'shop'): AuthorizationPolicy | PeerAuthentication {
@@ -121,4 +121,52 @@ test('policy: PeerAuthentication: workload (port first) > namespace > root names
   assert.ok(allowed(e, from(undefined, { destinationPort: 9090 })), 'DISABLE admits plaintext');
   assert.ok(engine([]).empty);
   assert.equal(e.empty, false);
+});
+
+/** A request's facts as the proxy gives them to the engine. */
+const request = (method: string, path: string, host = 'web.shop.svc.cluster.local:8080', headers: Record<string, string> = {}): RequestFacts => ({ method, path, host, header: (name) => headers[name] });
+
+test('policy: request attributes (methods, paths, hosts, request headers) decide per request, Istio\'s way', () => {
+  const readOnly = AP('read-only', { rules: [{ from: [{ source: { namespaces: ['shop'] } }], to: [{ operation: { methods: ['GET', 'HEAD'], paths: ['/api/*', '/health'] } }] }] });
+  const e = engine([readOnly]);
+  const ok = (f: ConnectionFacts, r: RequestFacts): boolean => e.authorizeRequest(f, r).allowed;
+  assert.ok(ok(from('shop/a'), request('GET', '/api/items')));
+  assert.ok(ok(from('shop/a'), request('HEAD', '/health')));
+  assert.equal(ok(from('shop/a'), request('POST', '/api/items')), false, 'a method not listed');
+  assert.equal(ok(from('shop/a'), request('GET', '/healthz')), false, 'an exact path is exact');
+  assert.equal(ok(from('shop/a'), request('get', '/api/items')), false, 'methods are case-sensitive');
+  assert.equal(ok(from('dev/a'), request('GET', '/api/items')), false, 'the source still has to match');
+  assert.deepEqual(e.authorizeRequest(from('shop/a'), request('DELETE', '/api/x')), { allowed: false, audited: [], kind: 'AuthorizationPolicy', policy: 'shop/read-only', reason: 'not_allowed' });
+  // notPaths with a suffix pattern; hosts case-insensitive, a host pattern without a port matches on any port.
+  const noCss = engine([AP('no-css', { action: 'DENY', rules: [{ to: [{ operation: { notHosts: ['WEB.shop.svc.cluster.local'], paths: ['*.css'] } }] }] })]);
+  assert.ok(noCss.authorizeRequest(from('shop/a'), request('GET', '/site.css')).allowed, 'the host is the excluded one (any port)');
+  assert.equal(noCss.authorizeRequest(from('shop/a'), request('GET', '/site.css', 'web')).allowed, false);
+  assert.ok(noCss.authorizeRequest(from('shop/a'), request('GET', '/site.js', 'web')).allowed);
+  // request.headers[...] conditions: Istio's string match on the value; a missing header matches no value.
+  const admins = engine([AP('admins', { rules: [{ when: [{ key: 'request.headers[x-role]', values: ['admin*'] }] }] })]);
+  assert.ok(admins.authorizeRequest(from('shop/a'), request('GET', '/', 'web', { 'x-role': 'admin-eu' })).allowed);
+  assert.equal(admins.authorizeRequest(from('shop/a'), request('GET', '/', 'web', { 'x-role': 'user' })).allowed, false);
+  assert.equal(admins.authorizeRequest(from('shop/a'), request('GET', '/')).allowed, false);
+  assert.ok(engine([readOnly]).hasRequestRules(web));
+  assert.equal(engine([AP('l4', { rules: [{ to: [{ operation: { ports: ['8080'] } }] }] })]).hasRequestRules(web), false);
+  assert.equal(engine([readOnly]).hasRequestRules({ namespace: 'dev', labels: {} }), false, 'not a policy of that workload');
+});
+
+test('policy: with no request to read (a TCP port), request rules follow Istio: ALLOW matches nothing, DENY judges the rest', () => {
+  const allowGet = engine([AP('allow-get', { rules: [{ to: [{ operation: { methods: ['GET'] } }] }] })]);
+  assert.equal(allowed(allowGet, from('shop/a')), false, 'an ALLOW rule that needs a request allows nothing at L4');
+  const denyPost = engine([AP('deny-post', { action: 'DENY', rules: [{ from: [{ source: { namespaces: ['dev'] } }], to: [{ operation: { methods: ['POST'] } }] }] })]);
+  assert.equal(allowed(denyPost, from('dev/a')), false, 'a DENY rule denies on its other fields alone');
+  assert.ok(allowed(denyPost, from('shop/a')));
+  const denyHeader = engine([AP('deny-debug', { action: 'DENY', rules: [{ when: [{ key: 'request.headers[x-debug]', values: ['*'] }] }] })]);
+  assert.equal(allowed(denyHeader, from('shop/a')), false, 'a header condition left out: the DENY rule matches every connection');
+  // On an HTTP port the connection is admitted (mTLS mode only) and each request decides.
+  assert.ok(denyPost.admitConnection(from('dev/a')).allowed);
+  assert.ok(denyPost.authorizeRequest(from('dev/a'), request('GET', '/')).allowed);
+  assert.equal(denyPost.authorizeRequest(from('dev/a'), request('POST', '/')).allowed, false);
+  assert.equal(engine([], [PA('strict', { mtls: { mode: 'STRICT' } })]).admitConnection(from(undefined)).allowed, false, 'STRICT still refuses plaintext connections');
+  // remote.ip is the connection's source (no proxy's X-Forwarded-For is trusted).
+  const remote = engine([AP('remote', { rules: [{ when: [{ key: 'remote.ip', values: ['10.200.0.0/16'] }] }] })]);
+  assert.ok(allowed(remote, from(undefined)));
+  assert.equal(allowed(remote, from(undefined, { sourceIp: '10.9.0.1' })), false);
 });

@@ -70,8 +70,11 @@ const config: MeshConfig = {
       rules: [
         {
           from: [{ principals: ['cluster.local/ns/dev/*'], notPrincipals: [], namespaces: [], notNamespaces: ['prod'], ipBlocks: ['10.0.0.0/8'], notIpBlocks: [], serviceAccounts: ['dev/ci'], notServiceAccounts: [] }],
-          to: [{ ports: [80], notPorts: [81] }],
-          when: [{ key: 'destination.ip', values: ['10.96.0.0/12'], notValues: [] }],
+          to: [{ ports: [80], notPorts: [81], hosts: ['cart.shop*'], notHosts: [], methods: ['POST'], notMethods: ['GET'], paths: ['/admin/*'], notPaths: ['*.css'] }],
+          when: [
+            { key: 'destination.ip', values: ['10.96.0.0/12'], notValues: [] },
+            { key: 'request.headers[x-debug]', values: ['*'], notValues: [] },
+          ],
         },
       ],
     },
