@@ -49,6 +49,11 @@ export interface ServicePolicy {
   };
   /** Faults injected into requests to the Service through an HTTP route (on the caller's node). */
   readonly fault?: Fault;
+  /**
+   * Requests per second each destination pod accepts (localRateLimit, Linkerd's semantics): a
+   * total bucket, and one per client identity. Enforced on the destination's node, on HTTP ports.
+   */
+  readonly rateLimit?: { readonly total?: number; readonly identity?: number };
   /** Retries in flight from this node: at most `percent` of the active requests, but always `minRetryConcurrency`. */
   readonly retryBudget: { readonly percent: number; readonly minRetryConcurrency: number };
 }
@@ -93,6 +98,7 @@ interface Spec {
   outlierDetection?: { consecutiveConnectErrors?: number; consecutive5xxErrors?: number; consecutiveGatewayErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number; interval?: string };
   fault?: { delay?: { percentage?: { value?: number }; fixedDelay: string }; abort?: { percentage?: { value?: number }; httpStatus: number } };
   retryBudget?: { percent?: number; minRetryConcurrency?: number };
+  localRateLimit?: { total?: { requestsPerSecond: number }; identity?: { requestsPerSecond: number } };
 }
 
 const LB: Record<string, LoadBalancing> = { RoundRobin: 'round-robin', LeastRequest: 'least-connections', Random: 'random' };
@@ -141,6 +147,11 @@ function parseFault(f: NonNullable<Spec['fault']>): Fault {
   return Object.freeze({ ...(delay ? { delay } : {}), ...(abort ? { abort } : {}) });
 }
 
+/** A rate limit from its two rates (either may be absent, not both: the schema and the wire edge see to it). */
+export function rateLimitOf(total: number | undefined, identity: number | undefined): NonNullable<ServicePolicy['rateLimit']> {
+  return Object.freeze({ ...(total === undefined ? {} : { total }), ...(identity === undefined ? {} : { identity }) });
+}
+
 export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy {
   schemas().validate(String(doc['apiVersion']), String(doc['kind']), doc);
   const { name, namespace } = parseMetadata(doc['metadata']);
@@ -167,6 +178,7 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
       intervalMs: od?.interval === undefined ? d.outlier.intervalMs : boundedDuration(od.interval, DURATION_BOUNDS.intervalMs),
     }),
     ...(spec.fault ? { fault: parseFault(spec.fault) } : {}),
+    ...(spec.localRateLimit ? { rateLimit: rateLimitOf(spec.localRateLimit.total?.requestsPerSecond, spec.localRateLimit.identity?.requestsPerSecond) } : {}),
     retryBudget: Object.freeze({ percent: spec.retryBudget?.percent ?? d.retryBudget.percent, minRetryConcurrency: spec.retryBudget?.minRetryConcurrency ?? d.retryBudget.minRetryConcurrency }),
   });
   return { name, namespace, services: [...new Set(spec.targetRefs.map((r) => r.name))], policy };

@@ -54,7 +54,7 @@ import {
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { AgentTokens, type AgentAuthenticator } from './agent-tokens.js';
 import { CertificateAuthority, DEFAULT_CERT_TTL_MS, SignRefused } from './ca/ca.js';
-import { RateLimiter } from './rate-limit.js';
+import { RateLimiter } from '../shared/rate-limit.js';
 import { isNodeName, parseNamespacedName } from '../shared/names.js';
 import { checkPodReport } from './pod-reports.js';
 import { PodRanges } from './pod-ranges.js';

@@ -16,7 +16,7 @@ import { ObjectInvalid, type Service, type ServicePort } from '../config/service
 import type { Workload } from '../config/snapshot.js';
 import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, needsHttp, parseRoute, type ServiceRoute, type ValueMatch } from '../config/route.js';
 import type { RouteFilter } from '../config/route-filters.js';
-import { DEFAULT_SERVICE_POLICY, DURATION_BOUNDS, durationOutOfBounds, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
+import { DEFAULT_SERVICE_POLICY, DURATION_BOUNDS, durationOutOfBounds, rateLimitOf, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
 import type { MeshConfig } from '../config/store.js';
 import { checkAuthorizationPolicy, checkPeerAuthentication, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
 import { compareStrings } from '../shared/order.js';
@@ -83,6 +83,8 @@ export interface WireTrafficPolicy {
   hashCookie: string;
   hashCookieTtlMs?: number | null;
   hashSourceIp: boolean;
+  rateLimitTotal?: number | null;
+  rateLimitIdentity?: number | null;
 }
 export interface WireRouteRef {
   namespace: string;
@@ -304,6 +306,8 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
     hashCookie: p.hashOn && 'cookie' in p.hashOn ? p.hashOn.cookie : '',
     ...(p.hashOn && 'cookie' in p.hashOn && p.hashOn.ttlMs !== undefined ? { hashCookieTtlMs: p.hashOn.ttlMs } : {}),
     hashSourceIp: p.hashOn !== undefined && 'sourceIp' in p.hashOn,
+    ...(p.rateLimit?.total === undefined ? {} : { rateLimitTotal: p.rateLimit.total }),
+    ...(p.rateLimit?.identity === undefined ? {} : { rateLimitIdentity: p.rateLimit.identity }),
     consecutiveServerErrors: p.outlier.consecutive5xxErrors,
     consecutiveGatewayErrors: p.outlier.consecutiveGatewayErrors,
     intervalMs: p.outlier.intervalMs,
@@ -658,6 +662,9 @@ export function decodeResources(version: number, digest: string, resources: Read
       const hashes = [w.hashHeader !== '', w.hashCookie !== '', w.hashSourceIp].filter(Boolean).length;
       if (hashes > 1) bad(id, 'spec.loadBalancer.consistentHash', 'more than one of httpHeaderName, httpCookie, useSourceIp');
       const hashOn = w.hashHeader !== '' ? { header: w.hashHeader } : w.hashCookie !== '' ? { cookie: w.hashCookie, ...(w.hashCookieTtlMs === null || w.hashCookieTtlMs === undefined ? {} : { ttlMs: w.hashCookieTtlMs }) } : w.hashSourceIp ? { sourceIp: true as const } : undefined;
+      const rates = [w.rateLimitTotal, w.rateLimitIdentity].map((r) => (r === null || r === undefined ? undefined : r));
+      if (rates.some((r) => r !== undefined && (r < 1 || r > 1_000_000))) bad(id, 'spec.localRateLimit', 'a rate is outside 1-1000000 requests per second');
+      const rateLimit = rates.some((r) => r !== undefined) ? rateLimitOf(rates[0], rates[1]) : undefined;
       const intervalBad = w.intervalMs === null || w.intervalMs === undefined ? undefined : durationOutOfBounds(w.intervalMs, DURATION_BOUNDS.intervalMs);
       if (intervalBad) bad(id, DURATION_BOUNDS.intervalMs.field, intervalBad);
       const fault = f
@@ -693,6 +700,7 @@ export function decodeResources(version: number, digest: string, resources: Read
               intervalMs: w.intervalMs ?? DEFAULT_SERVICE_POLICY.outlier.intervalMs,
             }),
             ...(fault ? { fault } : {}),
+            ...(rateLimit ? { rateLimit } : {}),
             retryBudget: Object.freeze({ percent: w.retryBudgetPercent ?? DEFAULT_SERVICE_POLICY.retryBudget.percent, minRetryConcurrency: w.minRetryConcurrency ?? DEFAULT_SERVICE_POLICY.retryBudget.minRetryConcurrency }),
           }),
         }),

@@ -26,8 +26,10 @@ import { TunnelServer, answer as answerStream, type TunnelRequest } from './tunn
 import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTunnelRequest } from './tunnel/native.js';
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
-import { PolicyEngine, type ConnectionFacts } from './policy.js';
+import { portProtocol } from '../config/service.js';
+import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
+import { HttpInbound } from './http/inbound.js';
 
 const log = logger('proxy');
 
@@ -201,6 +203,10 @@ export class NodeProxy {
   private readonly tunnels: TunnelPool | NativeTunnelPool | undefined;
   /** Connections to HTTP Service ports with routes: terminated, routed per request. */
   private readonly http: HttpOutbound;
+  /** Connections into pods' HTTP ports with request-level config there: read request by request (see readsHttp). */
+  private readonly httpIn: HttpInbound;
+  /** readsHttp's answers for the snapshot, by "uid|port". */
+  private readsHttpCache = new Map<string, boolean>();
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -209,6 +215,7 @@ export class NodeProxy {
   ) {
     this.lb = new LoadBalancer();
     this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
+    this.httpIn = new HttpInbound(metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }
@@ -291,13 +298,43 @@ export class NodeProxy {
   private logWindow = { start: 0, count: 0 };
 
   /**
+   * Whether connections into the pod's port are read as HTTP on this side: the port speaks HTTP
+   * (its Service port's appProtocol or name) and something there acts on requests (an
+   * AuthorizationPolicy rule with request attributes for the pod, or a localRateLimit on the
+   * Service). Everything else stays on the L4 path: L7 costs only where it is used.
+   */
+  private readsHttp(destination: PodState, port: number): boolean {
+    const key = `${destination.pod.uid}|${port}`;
+    let reads = this.readsHttpCache.get(key);
+    if (reads === undefined) {
+      const target = this.snapshot.serviceOf(destination.pod.uid, port);
+      reads = target !== undefined && portProtocol(target.port) === 'http' && (target.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod));
+      this.readsHttpCache.set(key, reads);
+    }
+    return reads;
+  }
+
+  /**
    * Access control for one connection into a pod this node serves (design.md section 4): the
-   * pod's PeerAuthentication mode and AuthorizationPolicies decide. Denials are counted by policy
-   * and logged once per connection (rate-limited); AUDIT matches are counted and logged too.
+   * pod's PeerAuthentication mode and AuthorizationPolicies decide (on a port read as HTTP, only
+   * the mode: the policies then decide per request, see authorizeRequest). Denials are counted by
+   * policy and logged once per connection (rate-limited); AUDIT matches are counted and logged too.
    */
   private authorize(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone'): boolean {
     if (this.policies.empty) return true;
-    const verdict = this.policies.authorize({ ...facts, destination: destination.pod });
+    const all = { ...facts, destination: destination.pod };
+    const verdict = this.readsHttp(destination, facts.destinationPort) ? this.policies.admitConnection(all) : this.policies.authorize(all);
+    return this.judged(destination, facts, path, verdict, undefined);
+  }
+
+  /** Access control for one request on a port read as HTTP (its connection passed authorize). */
+  private authorizeRequest(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', request: RequestFacts): boolean {
+    if (this.policies.empty) return true;
+    return this.judged(destination, facts, path, this.policies.authorizeRequest({ ...facts, destination: destination.pod }, request), request);
+  }
+
+  /** A verdict counted and logged (AUDIT matches, denials); whether it allows. */
+  private judged(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', verdict: Verdict, request: RequestFacts | undefined): boolean {
     if (verdict.allowed && verdict.audited.length === 0) return true;
     // Only for what is logged: an allowed connection on the hot path builds none of it.
     const who = {
@@ -307,16 +344,57 @@ export class NodeProxy {
       sourceIp: facts.sourceIp,
       destination: formatHostPort(facts.destinationIp, facts.destinationPort),
       path,
+      ...(request ? { method: request.method, host: request.host, requestPath: request.path } : {}),
     };
+    const what = request ? 'request' : 'connection';
     for (const policy of verdict.audited) {
       this.metrics.policyAudits.inc({ policy });
-      this.limitedLog('info', { ...who, policy, allowed: verdict.allowed }, 'connection matched an AUDIT policy');
+      this.limitedLog('info', { ...who, policy, allowed: verdict.allowed }, `${what} matched an AUDIT policy`);
     }
     if (verdict.allowed) return true;
     this.metrics.policyDenials.inc({ kind: verdict.kind, policy: verdict.policy, reason: verdict.reason, path });
-    this.metrics.refused.inc({ direction: 'inbound', reason: 'policy_denied' });
-    this.limitedLog('warn', { ...who, kind: verdict.kind, policy: verdict.policy, reason: verdict.reason }, 'connection denied by policy');
+    if (!request) this.metrics.refused.inc({ direction: 'inbound', reason: 'policy_denied' });
+    this.limitedLog('warn', { ...who, kind: verdict.kind, policy: verdict.policy, reason: verdict.reason }, `${what} denied by policy`);
     return false;
+  }
+
+  /**
+   * Serves a connection into a pod's port read as HTTP (readsHttp) until it ends: each request
+   * authorized and rate-limited, then delivered to the application from the caller's address.
+   */
+  private serveHttpIn(state: PodState, client: Socket, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
+    const { destinationIp: host, destinationPort: port, sourceIp } = facts;
+    return this.httpIn.serve(client, {
+      pod: state.pod,
+      facts: { ...facts, destination: state.pod },
+      labels,
+      source: source ? `${source.namespace}/${source.name}` : sourceIp,
+      target: () => this.snapshot.serviceOf(state.pod.uid, port),
+      authorize: (request) => this.authorizeRequest(state, facts, path, request),
+      dial: async () => {
+        const target = this.snapshot.serviceOf(state.pod.uid, port);
+        const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: sourceIp, labels: [] };
+        const connected = await this.connect(state, upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+        if (!('fd' in connected)) throw new Error('a delivery into a pod is a socket');
+        return this.socketOf(state, connected, this.options.idleTimeoutMs);
+      },
+      poolKey: `${state.pod.uid}|${formatHostPort(host, port)}|${sourceIp}`,
+    });
+  }
+
+  /**
+   * A socket pair whose one end is served as a connection into `state`'s pod read as HTTP; the
+   * other end (its fd) is the caller's to relay from the tunnel or the same-node source.
+   */
+  private httpInPair(state: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'hbone', labels: TcpLabels, source: Workload | undefined): number {
+    const [ours, theirs] = socketPair();
+    const socket = new Socket({ fd: ours, readable: true, writable: true });
+    state.sockets.add(socket);
+    socket.once('close', () => state.sockets.delete(socket));
+    socket.on('error', () => undefined);
+    // Already counted against the limits: as the tunnel's stream, or as the source's connection.
+    void this.serveHttpIn(state, socket, facts, path, labels, source);
+    return theirs;
   }
 
   /**
@@ -332,6 +410,7 @@ export class NodeProxy {
   setSnapshot(snapshot: MeshSnapshot): void {
     this.snapshot = snapshot;
     this.policies = new PolicyEngine(snapshot.security);
+    this.readsHttpCache = new Map();
     this.lb.retain(snapshot.targets());
   }
 
@@ -453,6 +532,7 @@ export class NodeProxy {
   async close(): Promise<void> {
     for (const uid of [...this.pods.keys()]) await this.removePod(uid);
     this.http.close();
+    this.httpIn.close();
     this.tunnels?.close();
     if (this.options.kernelRelay) relayAbortAll();
     // Streams of the addon's tunnels still relaying end with their tunnels.
@@ -838,8 +918,14 @@ export class NodeProxy {
       ...serviceLabels(target?.service, 'inbound'),
       ...this.destinationLabels(state.pod),
     };
-    if (!this.authorize(state, { sourceIp: from, peer: undefined, destinationIp: host, destinationPort: port }, 'inbound')) {
+    const facts = { sourceIp: from, peer: undefined, destinationIp: host, destinationPort: port };
+    if (!this.authorize(state, facts, 'inbound')) {
       client.resetAndDestroy();
+      return;
+    }
+    if (this.readsHttp(state, port)) {
+      this.metrics.proxied.inc({ path: 'inbound' });
+      await this.serveHttpIn(state, client, facts, 'inbound', labels, source);
       return;
     }
     // Delivered from a transparent socket with the client's address, so the application sees
@@ -879,8 +965,24 @@ export class NodeProxy {
         ...this.destinationLabels(state.pod),
         connection_security_policy: 'mutual_tls',
       };
-      if (!this.authorize(state, { sourceIp: source.address, peer, destinationIp: target.host, destinationPort: target.port }, 'hbone')) {
+      const facts = { sourceIp: source.address, peer, destinationIp: target.host, destinationPort: target.port };
+      if (!this.authorize(state, facts, 'hbone')) {
         answer(stream, 401);
+        return;
+      }
+      if (this.readsHttp(state, target.port)) {
+        this.metrics.proxied.inc({ path: 'inbound' });
+        const tunnelSide = this.httpInPair(state, facts, 'hbone', labels, sourceWorkload);
+        const idle = serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs;
+        if (stream instanceof NativeTunnelStream) {
+          await stream.attach(tunnelSide, idle);
+          return;
+        }
+        const side = new Socket({ fd: tunnelSide, readable: true, writable: true, allowHalfOpen: true });
+        state.sockets.add(side);
+        side.once('close', () => state.sockets.delete(side));
+        stream.respond({ ':status': 200 });
+        await relayStreams(side, stream, idle);
         return;
       }
       const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: target.host, port: target.port, transparentSource: source.address, labels: [labels] };
@@ -936,6 +1038,14 @@ export class NodeProxy {
     // excess refused instead of piling up sockets and timers for everyone.
     if (state.connecting >= MAX_CONNECTING_PER_POD || this.connecting >= MAX_CONNECTING) {
       throw new ConnectLimitReached(`${state.connecting} connects in flight for the pod, ${this.connecting} on the node (at most ${MAX_CONNECTING_PER_POD} and ${MAX_CONNECTING})`);
+    }
+    // The same-node fast path into a port read as HTTP: the destination's side serves one end of a
+    // socket pair, with the source's identity known first-hand (as admitLocal judged it).
+    if (u.path === 'same_node' && u.local && this.readsHttp(u.local, u.port)) {
+      const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
+      const destinationLabels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
+      if (!destinationLabels) throw new Error('a same-node upstream has its destination labels');
+      return { fd: this.httpInPair(u.local, facts, 'same_node', destinationLabels, state.pod) };
     }
     const how = u.transparentSource
       ? { mark: NM_DELIVERY_MARK, localHost: u.transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }

@@ -43,8 +43,8 @@ test('real API server: the CRDs become Established; the Kubernetes source follow
   };
   await pod('web-1', '10.200.0.5', true);
   await pod('web-2', '10.200.0.6', false);
-  // A field nodemesh does not enforce (L7): refused and named, never silently ignored.
-  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-post', namespace: 'shop' }, spec: { action: 'DENY', rules: [{ to: [{ operation: { methods: ['POST'] } }] }] } }));
+  // A field nodemesh does not enforce (a JWT's principals): refused and named, never silently ignored.
+  await kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name: 'deny-jwt', namespace: 'shop' }, spec: { action: 'DENY', rules: [{ from: [{ source: { requestPrincipals: ['*'] } }] }] } }));
 
   const cp = await ControlPlane.start({ source: { kind: 'kubernetes', kubeconfig: KUBECONFIG, watchTimeoutSeconds: 60 }, listen: { host: '127.0.0.1', port: 0 }, http: { host: '127.0.0.1', port: 0 } });
   t.after(() => cp.stop());
@@ -62,9 +62,9 @@ test('real API server: the CRDs become Established; the Kubernetes source follow
   assert.equal(agent.held.get('Workload/shop/web-1')?.workload?.ip4, '10.200.0.5');
   assert.equal(agent.held.get('Workload/shop/web-1')?.workload?.serviceAccount, 'web');
   assert.deepEqual(agent.held.get('Namespace//shop')?.namespace?.labels?.['nodemesh.io/enabled'], 'true');
-  assert.equal(metricValue(await metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'AuthorizationPolicy' }), 1, 'the L7 policy refused');
+  assert.equal(metricValue(await metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'AuthorizationPolicy' }), 1, 'the JWT policy refused');
   const debug = (await (await fetch(`${http}/debug/snapshot?node=node-b`)).json()) as { configErrors: Array<{ object: string; field: string; file: string }> };
-  assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field]), [['kubernetes:authorizationpolicies', 'AuthorizationPolicy shop/deny-post', 'spec.rules[0].to[0].operation.methods']]);
+  assert.deepEqual(debug.configErrors.map((e) => [e.file, e.object, e.field]), [['kubernetes:authorizationpolicies', 'AuthorizationPolicy shop/deny-jwt', 'spec.rules[0].from[0].source.requestPrincipals']]);
 
   // Updates and deletes through the watch; readiness makes an endpoint.
   await kubectl(['patch', 'service', 'web', '-n', 'shop', '--type=json', '-p', JSON.stringify([{ op: 'replace', path: '/spec/ports/0/port', value: 8081 }])]);

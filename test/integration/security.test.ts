@@ -168,10 +168,17 @@ test('security: AuthorizationPolicy DENY blocks exactly the named principal, ALL
   assert.equal(await denials(agentB, { kind: 'AuthorizationPolicy', policy: 'default/allow-client', reason: 'not_allowed', path: 'inbound' }), 1);
   assert.equal(await denials(agentA, { kind: 'AuthorizationPolicy', policy: 'default/allow-client', reason: 'not_allowed', path: 'same_node' }), 1);
 
-  // A policy with an L7 field is refused whole and named; the last good policies keep serving.
-  await cp.writeConfig('policies.yaml', authorizationPolicy('allow-client', '  selector: {matchLabels: {role: api}}\n  rules:\n  - to:\n    - operation: {methods: ["GET"]}'));
-  await waitFor(async () => metricValue(await cp.metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'AuthorizationPolicy' }) === 1, 10_000, 'the L7 policy rejected');
-  assert.match(cp.log(), /spec\.rules\[0\]\.to\[0\]\.operation\.methods/);
+  // A policy nodemesh cannot evaluate (a JWT's principals) is refused whole and named; the last
+  // good policies keep serving.
+  await cp.writeConfig('policies.yaml', authorizationPolicy('allow-client', '  selector: {matchLabels: {role: api}}\n  rules:\n  - from:\n    - source: {requestPrincipals: ["issuer/*"]}'));
+  await waitFor(async () => metricValue(await cp.metrics(), 'nodemesh_cp_config_rejected_objects', { kind: 'AuthorizationPolicy' }) === 1, 10_000, 'the JWT policy rejected');
+  assert.match(cp.log(), /spec\.rules\[0\]\.from\[0\]\.source\.requestPrincipals/);
   assert.equal(await reaches(other, cross), false, 'the last good ALLOW policy still applies');
+  assert.ok(await reaches(client, cross));
+  // Request attributes on a port that is not HTTP (Istio's TCP semantics): an ALLOW rule that
+  // names a method matches no connection, so nobody gets in.
+  await applyPolicies(cp, authorizationPolicy('allow-client', '  selector: {matchLabels: {role: api}}\n  rules:\n  - from:\n    - source: {principals: ["cluster.local/ns/default/sa/client"]}\n    to:\n    - operation: {methods: ["GET"]}'));
+  assert.equal(await reaches(client, cross), false, 'an ALLOW rule with a method allows nothing on a TCP port');
+  await applyPolicies(cp, '');
   assert.ok(await reaches(client, cross));
 });

@@ -1,7 +1,7 @@
 /**
  * A real HTTP/1.1 server for L7 tests, run as a pod's command: `node http-app.js <name> <port> [broken]`
  * (broken: every answer is a 500).
- *   any path          200, JSON {pod, method, url, headers}
+ *   any path          200, JSON {pod, method, url, headers, remote: the caller's address}
  *   /status/<code>    that status
  *   /echo             the request body back, chunked, with trailers x-body-bytes and x-body-sha256
  *   /big/<n>          n bytes (content-length)
@@ -77,7 +77,7 @@ const server = createServer((req, res) => {
     res.end(body);
     return;
   }
-  const body = JSON.stringify({ pod: name, method: req.method, url, headers: req.headers });
+  const body = JSON.stringify({ pod: name, method: req.method, url, headers: req.headers, remote: (req.socket.remoteAddress ?? '').replace(/^::ffff:/, '') });
   res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
   res.end(body);
 });

@@ -24,6 +24,8 @@ export interface HttpPlan {
   readonly upgrades?: ReadonlyArray<{ readonly path: string; readonly send: string; readonly protocol?: string }>;
   /** A pause on the connection after this many requests (the test changes something meanwhile). */
   readonly pause?: { readonly after: number; readonly ms: number };
+  /** Paced: the n-th request starts no sooner than n * intervalMs after the first (a steady rate). */
+  readonly intervalMs?: number;
 }
 
 export interface HttpAnswer {
@@ -103,9 +105,13 @@ function rawExchange(host: string, port: number, text: string): Promise<string> 
 async function sequence(plan: HttpPlan, sockets: Set<Socket>, answers: HttpAnswer[]): Promise<void> {
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
   let sent = 0;
+  const start = performance.now();
+  let n = 0;
   for (let i = 0; i < (plan.repeat ?? 1); i++) {
     for (const r of plan.requests) {
       if (plan.pause && sent++ === plan.pause.after) await new Promise((resolve) => setTimeout(resolve, plan.pause?.ms));
+      const due = start + n++ * (plan.intervalMs ?? 0) - performance.now();
+      if (due > 0) await new Promise((resolve) => setTimeout(resolve, due));
       answers.push(
         await new Promise<HttpAnswer>((resolve) => {
           const body = r.body === undefined ? undefined : randomBytes(r.body);

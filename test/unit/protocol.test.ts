@@ -29,7 +29,7 @@ const config: MeshConfig = {
       namespace: 'shop',
       name: 'cart-lb',
       services: ['cart'],
-      policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', hashOn: { cookie: 'session', ttlMs: 60_000 }, maxConnections: 10, maxPendingRequests: 0, maxRequestsPerConnection: 7, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, consecutive5xxErrors: 3, consecutiveGatewayErrors: 0, baseEjectionMs: 1000, maxEjectionPercent: 100, intervalMs: 500 }, retryBudget: { percent: 0, minRetryConcurrency: 5 }, fault: { delay: { percent: 12.5, ms: 100 }, abort: { percent: 0, status: 503 } } },
+      policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', hashOn: { cookie: 'session', ttlMs: 60_000 }, maxConnections: 10, maxPendingRequests: 0, maxRequestsPerConnection: 7, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, consecutive5xxErrors: 3, consecutiveGatewayErrors: 0, baseEjectionMs: 1000, maxEjectionPercent: 100, intervalMs: 500 }, retryBudget: { percent: 0, minRetryConcurrency: 5 }, fault: { delay: { percent: 12.5, ms: 100 }, abort: { percent: 0, status: 503 } }, rateLimit: { identity: 5 } },
     },
   ],
   routes: [

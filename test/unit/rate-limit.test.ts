@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { RateLimiter } from '../../src/control-plane/rate-limit.js';
+import { RateLimiter } from '../../src/shared/rate-limit.js';
 
 test('rate limiter: a burst, then the refill rate, per key; the least recently used key is forgotten first', () => {
   const limit = new RateLimiter(3, 2, 2);
@@ -15,4 +15,13 @@ test('rate limiter: a burst, then the refill rate, per key; the least recently u
   // Two keys tracked at most: a third pushes out the least recently used (b), which starts full.
   limit.take('c', t0 + 60_000);
   assert.deepEqual([1, 2, 3, 4].map(() => limit.take('b', t0 + 60_000)), [true, true, true, false]);
+});
+
+test('rate limiter: an empty bucket says how long until its next token', () => {
+  const limit = new RateLimiter(2, 4);
+  const t0 = 5_000;
+  assert.deepEqual([limit.wait('a', t0), limit.wait('a', t0)], [0, 0]);
+  assert.equal(limit.wait('a', t0), 250, 'one token every 250 ms at 4/s');
+  assert.equal(limit.wait('a', t0 + 100), 150, 'a refused request takes nothing');
+  assert.equal(limit.wait('a', t0 + 250), 0);
 });

@@ -13,7 +13,7 @@ import { createHash } from 'node:crypto';
 import { logger } from '../../shared/log.js';
 import type { AgentAuthenticator } from '../agent-tokens.js';
 import type { KubeApi } from '../../kube/api.js';
-import { RateLimiter } from '../rate-limit.js';
+import { RateLimiter } from '../../shared/rate-limit.js';
 
 /** The audience agents' tokens are requested for (the DaemonSet's projected volume says the same). */
 export const AGENT_TOKEN_AUDIENCE = 'nodemesh';

@@ -11,9 +11,8 @@
  * bench/l7-parsers.ts and the README say why and what replaces it.
  */
 import { randomUUID } from 'node:crypto';
-import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequest, type ClientRequestArgs, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
+import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
 
 import { toItself, type Endpoint, type HttpRouteEntry, type ServiceTarget } from '../../config/snapshot.js';
 import type { PathMatch, RouteMatch } from '../../config/route.js';
@@ -21,22 +20,12 @@ import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/rout
 import type { HashOn } from '../../config/traffic-policy.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
-import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
+import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
+import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pairs, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
 
 const log = logger('http');
-/** One line per request, where the mesh config asks for it (data.accessLog). */
-const accessLog = logger('access');
 
-/** Headers of one hop only (RFC 9110 section 7.6.1): never forwarded. */
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'transfer-encoding', 'upgrade']);
-/** Idle upstream connections are closed after this: below the 5 s of node:http servers, so a pooled connection is rarely reused just as its server closes it. */
-const UPSTREAM_IDLE_MS = 4000;
-/** Idle upstream connections kept per source pod, backend Service and endpoint. */
-const MAX_IDLE_PER_ENDPOINT = 32;
-const MAX_HEADER_BYTES = 16 * 1024;
-
-/** The proxy refused the upstream connection itself (the destination's policy): answered 403. */
-export class UpstreamDenied extends Error {}
+export { UpstreamDenied };
 
 /** What the node proxy tells the HTTP side about one client connection. */
 export interface HttpClientConnection {
@@ -53,50 +42,6 @@ export interface HttpClientConnection {
   dial(target: ServiceTarget, endpoint: Endpoint): Promise<Socket>;
   /** The request metric labels (as for a TCP connection to that endpoint). */
   labels(target: ServiceTarget, endpoint: Endpoint | undefined): TcpLabels;
-}
-
-/** What node:http's Agent is given per request: which pool, and how to open a connection for it. */
-interface UpstreamRequestOptions extends ClientRequestArgs {
-  readonly poolKey: string;
-  readonly open: () => Promise<Socket>;
-}
-
-/** Keep-alive connections pooled by source pod, backend Service and endpoint; new ones opened by the node proxy. */
-class UpstreamAgent extends Agent {
-  constructor(options: AgentOptions) {
-    super(options);
-  }
-
-  override getName(options?: ClientRequestArgs): string {
-    return (options as UpstreamRequestOptions).poolKey;
-  }
-
-  /** node:http's Agent calls this to open a connection; the callback form lets it be asynchronous. */
-  override createConnection(options: ClientRequestArgs, callback?: ConnectionCallback): undefined {
-    return connectLater((options as UpstreamRequestOptions).open(), callback);
-  }
-}
-
-type ConnectionCallback = (err: Error | null, socket: Duplex) => void;
-
-/** node:http's createConnection, callback form: the socket or the error once `opening` settles. */
-function connectLater(opening: Promise<Socket>, callback: ConnectionCallback | undefined): undefined {
-  opening.then(
-    (socket) => callback?.(null, socket),
-    (e: unknown) => callback?.(e as Error, undefined as unknown as Duplex),
-  );
-  return undefined;
-}
-
-/** What an access log line says of a request beyond its answer. */
-interface AccessFacts {
-  readonly req: IncomingMessage;
-  readonly requestId: string;
-  /** "HTTPRoute ns/name" and the rule's index, or '' when no rule took it. */
-  readonly route: string;
-  readonly bytesIn: number;
-  readonly bytesOut: number;
-  readonly attempts: number;
 }
 
 /** Why a request was answered by the proxy, Envoy's response flags (Istio's `response_flags`). */
@@ -144,28 +89,11 @@ function hashKey(on: HashOn | undefined, req: IncomingMessage, conn: HttpClientC
   return { key: value, setCookie: `${on.cookie}=${value}; Path=/; Max-Age=${Math.floor(on.ttlMs / 1000)}; HttpOnly` };
 }
 
-/** An answer's head as bytes for a socket node:http no longer writes to (a refused request, an upgrade). */
-function rawHead(status: number, headers: ReadonlyArray<string>, message = STATUS_CODES[status] ?? ''): string {
-  let text = `HTTP/1.1 ${status} ${message}\r\n`;
-  for (let i = 0; i + 1 < headers.length; i += 2) text += `${headers[i] ?? ''}: ${headers[i + 1] ?? ''}\r\n`;
-  return `${text}\r\n`;
-}
-
 /** Raw header pairs with each of `changes` applied in order. */
 function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
   let out = [...raw];
   for (const c of changes) out = applyHeaderChanges(out, c);
   return out;
-}
-
-/** `f` the first time only. */
-function once(f: () => void): () => void {
-  let done = false;
-  return () => {
-    if (done) return;
-    done = true;
-    f();
-  };
 }
 
 /** A request as route matching sees it. */
@@ -174,11 +102,6 @@ interface RequestFacts {
   readonly path: string;
   readonly query: string;
   readonly headers: IncomingMessage['headers'];
-}
-
-function headerValue(headers: IncomingMessage['headers'], name: string): string | undefined {
-  const v = headers[name];
-  return Array.isArray(v) ? v.join(',') : v;
 }
 
 /** Whether a request meets every condition of a match (Gateway API HTTPRouteMatch). */
@@ -206,33 +129,9 @@ export function routeRequest(entries: ReadonlyArray<HttpRouteEntry>, r: RequestF
   return undefined;
 }
 
-/** The request target's path and query; an absolute-form target ("http://host/p?q") too. */
-function splitTarget(url: string): { path: string; query: string } {
-  let rest = url;
-  if (!url.startsWith('/')) {
-    const m = /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*/i.exec(url);
-    rest = m ? url.slice(m[0].length) || '/' : url;
-  }
-  const q = rest.indexOf('?');
-  return q < 0 ? { path: rest, query: '' } : { path: rest.slice(0, q), query: rest.slice(q + 1) };
-}
-
-/** Raw header pairs minus hop-by-hop ones and those the Connection header names. */
-function forwardable(raw: ReadonlyArray<string>, connection: string | undefined): string[] {
-  const named = connection ? new Set(connection.toLowerCase().split(',').map((s) => s.trim())) : undefined;
-  const out: string[] = [];
-  for (let i = 0; i + 1 < raw.length; i += 2) {
-    const name = raw[i] ?? '';
-    const lower = name.toLowerCase();
-    if (HOP_BY_HOP.has(lower) || named?.has(lower)) continue;
-    out.push(name, raw[i + 1] ?? '');
-  }
-  return out;
-}
-
 export class HttpOutbound {
   private readonly server: Server;
-  readonly agent = new UpstreamAgent({ keepAlive: true, maxFreeSockets: MAX_IDLE_PER_ENDPOINT, timeout: UPSTREAM_IDLE_MS, scheduling: 'lifo' });
+  readonly agent = new UpstreamAgent();
   private readonly connections = new WeakMap<Socket, HttpClientConnection>();
   private logWindow = { start: 0, count: 0 };
 
@@ -241,41 +140,18 @@ export class HttpOutbound {
     readonly metrics: NodeMetrics,
     private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
   ) {
-    this.server = createServer(
-      {
-        maxHeaderSize: MAX_HEADER_BYTES,
-        insecureHTTPParser: false,
-        // A slow client may take its time with a body (uploads); its head must come in time.
-        requestTimeout: 0,
-        headersTimeout: 60_000,
-        keepAliveTimeout: options.idleTimeoutMs,
-      },
+    this.server = handedServer(
+      metrics,
+      options.idleTimeoutMs,
       (req, res) => this.onRequest(req, res),
+      (req, client, head) => this.onUpgrade(req, client, head),
     );
-    // Idle client connections end as the L4 path's do (node:http's own header and request timers
-    // run only for servers that listen, which this one never does: it is handed connections).
-    this.server.setTimeout(options.idleTimeoutMs);
-    // A request node:http cannot parse: 400 (431 for oversized headers) and the connection closed; it never goes upstream.
-    this.server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => {
-      const status = err.code === 'HPE_HEADER_OVERFLOW' ? 431 : err.code === 'ERR_HTTP_REQUEST_TIMEOUT' ? 408 : 400;
-      this.metrics.httpRefused.inc({ reason: err.code ?? 'unknown' });
-      if ((socket as Socket).writable && !(socket as Socket).destroyed) socket.end(rawHead(status, ['connection', 'close', 'content-length', '0']));
-      else socket.destroy();
-    });
-    this.server.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => this.onUpgrade(req, socket as Socket, head));
   }
 
   /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes. */
   serve(client: Socket, conn: HttpClientConnection): Promise<void> {
     this.connections.set(client, conn);
-    // Heads and bodies go in separate writes: with Nagle's algorithm each answer would wait for the
-    // client's delayed ACK (tens of ms).
-    client.setNoDelay(true);
-    return new Promise((resolve) => {
-      client.once('close', () => resolve());
-      this.server.emit('connection', client);
-      client.resume();
-    });
+    return serveOn(this.server, client);
   }
 
   /** Closes every pooled upstream connection. */
@@ -323,7 +199,7 @@ export class HttpOutbound {
     const conn = this.connections.get(req.socket);
     if (!conn) return undefined;
     const started = performance.now();
-    const requestId = headerValue(req.headers, 'x-request-id') ?? randomUUID();
+    const requestId = requestIdOf(req);
     return { conn, started, requestId, d: this.decide(req, conn, requestId) };
   }
 
@@ -339,14 +215,13 @@ export class HttpOutbound {
       new Exchange(this, req, res, conn, d.parent, d.entry, d.target, d.upstream, started, requestId).start();
       return;
     }
-    req.resume();
     if (d.kind === 'answer') {
-      this.answer(res, conn, d.parent, undefined, started, d.answer, access);
+      this.answer(res, conn, d.parent, undefined, started, d.answer, access, true);
       return;
     }
     res.writeHead(d.status, { location: d.location, 'content-length': 0 });
     res.end();
-    this.count(conn, d.parent, undefined, d.status, '-', started, access);
+    drain(req, (bytesIn) => this.count(conn, d.parent, undefined, d.status, '-', started, { ...access, bytesIn }));
   }
 
   /**
@@ -375,56 +250,17 @@ export class HttpOutbound {
       return;
     }
     this.lb.acquire(d.target, endpoint);
-    const release = once(() => this.lb.release(d.target, endpoint));
-    // The upgrade's own headers go too (forwardable drops them as hop-by-hop).
-    const headers = [...d.upstream.headers, 'connection', 'upgrade', 'upgrade', headerValue(req.headers, 'upgrade') ?? ''];
-    // No agent, a connection of its own: node:http uses createConnection when no agent is given.
-    const up = httpRequest({
-      method: req.method ?? 'GET',
-      path: d.upstream.path,
-      headers: headers as unknown as OutgoingHttpHeaders,
-      setHost: false,
-      createConnection: (_options: ClientRequestArgs, callback: ConnectionCallback) => connectLater(conn.dial(d.target, endpoint), callback),
-    } as ClientRequestArgs);
-    up.on('upgrade', (answer: IncomingMessage, upstream: Socket, upstreamHead: Buffer) => {
-      client.write(rawHead(answer.statusCode ?? 101, withChanges(answer.rawHeaders, d.upstream.answerChanges), answer.statusMessage ?? 'Switching Protocols'));
-      if (upstreamHead.length > 0) client.write(upstreamHead);
-      if (head.length > 0) upstream.write(head);
-      let bytesIn = head.length;
-      let bytesOut = upstreamHead.length;
-      client.on('data', (b: Buffer) => (bytesIn += b.length));
-      upstream.on('data', (b: Buffer) => (bytesOut += b.length));
-      client.pipe(upstream);
-      upstream.pipe(client);
-      const done = once(() => {
-        client.destroy();
-        upstream.destroy();
-        release();
-        this.count(conn, d.target, endpoint, answer.statusCode ?? 101, '-', started, { ...access, bytesIn, bytesOut });
-      });
-      client.on('close', done);
-      upstream.on('close', done);
-      client.on('error', done);
-      upstream.on('error', done);
-    });
-    up.on('response', (answer: IncomingMessage) => {
-      // Not upgraded: the answer, then the connection closes (its end frames the body).
-      const out = withChanges(forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')), d.upstream.answerChanges);
-      client.write(rawHead(answer.statusCode ?? 502, [...out, 'connection', 'close'], answer.statusMessage ?? ''));
-      answer.pipe(client);
-      answer.on('end', () => {
-        release();
-        this.count(conn, d.target, endpoint, answer.statusCode ?? 502, '-', started, access);
-      });
-    });
-    up.on('error', (e: Error) => {
-      release();
-      if (client.destroyed) return;
-      const denied = e instanceof UpstreamDenied;
-      client.end(rawHead(denied ? 403 : 503, ['content-length', '0', 'connection', 'close']));
-      this.count(conn, d.target, endpoint, denied ? 403 : 503, denied ? 'UAEX' : 'UF', started, access);
-    });
-    up.end();
+    upgradeThrough(
+      req,
+      client,
+      head,
+      { path: d.upstream.path, headers: d.upstream.headers, open: () => conn.dial(d.target, endpoint) },
+      (raw) => withChanges(raw, d.upstream.answerChanges),
+      (status, flag, bytesIn, bytesOut) => {
+        this.lb.release(d.target, endpoint);
+        this.count(conn, d.target, endpoint, status, flag, started, { ...access, bytesIn, bytesOut });
+      },
+    );
   }
 
   /**
@@ -506,8 +342,10 @@ export class HttpOutbound {
   }
 
   /** An answer of the proxy itself, counted and logged. */
-  answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void {
-    this.count(conn, target, endpoint, a.status, a.flag, started, facts);
+  answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts, unread = false): void {
+    // A body nobody read yet (answered before anything went upstream): dropped, counted once it is in.
+    if (unread) drain(facts.req, (bytesIn) => this.count(conn, target, endpoint, a.status, a.flag, started, { ...facts, bytesIn }));
+    else this.count(conn, target, endpoint, a.status, a.flag, started, facts);
     // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
     const now = Date.now();
     if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
@@ -523,42 +361,11 @@ export class HttpOutbound {
 
   /** Where every request ends: Istio's request metrics, and its access log line where the mesh config asks. */
   count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void {
-    const tcp = conn.labels(target, endpoint);
-    const labels: RequestLabels = { ...tcp, request_protocol: 'http', response_flags: flag, response_code: String(status), grpc_response_status: '' };
-    const ms = performance.now() - started;
-    this.metrics.requests.inc(labels);
-    this.metrics.requestDuration.observe(labels, ms);
-    if (!this.options.accessLog(conn.source.namespace)) return;
-    const { req } = facts;
-    // A stable field set (Envoy's names where it has one); `msg` is always "request".
-    accessLog.info(
-      {
-        start_time: new Date(Date.now() - ms).toISOString(),
-        method: req.method,
-        path: req.url,
-        protocol: `HTTP/${req.httpVersion}`,
-        response_code: status,
-        response_flags: flag,
-        bytes_received: facts.bytesIn,
-        bytes_sent: facts.bytesOut,
-        duration_ms: Math.round(ms * 1000) / 1000,
-        attempts: facts.attempts,
-        request_id: facts.requestId,
-        authority: req.headers.host ?? '',
-        user_agent: req.headers['user-agent'] ?? '',
-        trace_id: /^[0-9a-f]{2}-([0-9a-f]{32})-/.exec(headerValue(req.headers, 'traceparent') ?? '')?.[1] ?? headerValue(req.headers, 'x-b3-traceid') ?? '',
-        route: facts.route,
-        upstream_service: target.key,
-        upstream_host: endpoint ? `${endpoint.workload.namespace}/${endpoint.workload.name}:${endpoint.port}` : '',
-        source_pod: `${conn.source.namespace}/${conn.source.name}`,
-        source_principal: tcp.source_principal,
-        destination_principal: tcp.destination_principal,
-        connection_security_policy: tcp.connection_security_policy,
-      },
-      'request',
-    );
+    const log = this.options.accessLog(conn.source.namespace)
+      ? { upstreamService: target.key, upstreamHost: endpoint ? `${endpoint.workload.namespace}/${endpoint.workload.name}:${endpoint.port}` : '', sourcePod: `${conn.source.namespace}/${conn.source.name}` }
+      : undefined;
+    countRequest(this.metrics, conn.labels(target, endpoint), status, flag, started, facts, log);
   }
-
 }
 
 /** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
@@ -597,13 +404,6 @@ export function redirectLocation(f: Extract<RouteFilter, { type: 'RequestRedirec
   const wellKnown = (scheme === 'http' && port === 80) || (scheme === 'https' && port === 443);
   const target = f.path ? rewritePath(path, query, f.path, matched) : query === '' ? path : `${path}?${query}`;
   return `${scheme}://${f.hostname ?? requestHost}${port === undefined || wellKnown ? '' : `:${port}`}${target}`;
-}
-
-/** [name, value, name, value] as [[name, value], ...]. */
-function pairs(raw: ReadonlyArray<string>): Array<[string, string]> {
-  const out: Array<[string, string]> = [];
-  for (let i = 0; i + 1 < raw.length; i += 2) out.push([raw[i] ?? '', raw[i + 1] ?? '']);
-  return out;
 }
 
 /** An attempt ended without an answer to pass on: why, and whether another attempt may help. */

@@ -59,6 +59,8 @@ export class NodeMetrics {
   readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
   readonly requests: Counter<(typeof REQUEST_LABELS)[number]>;
   readonly requestDuration: Histogram<(typeof REQUEST_LABELS)[number]>;
+  readonly requestBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
+  readonly responseBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
@@ -97,7 +99,11 @@ export class NodeMetrics {
     this.tcpClosed = tcp('istio_tcp_connections_closed_total', 'TCP connections closed, by the node proxy');
     this.tcpSent = tcp('istio_tcp_sent_bytes_total', 'Bytes sent to the client side of a TCP connection');
     this.tcpReceived = tcp('istio_tcp_received_bytes_total', 'Bytes received from the client side of a TCP connection');
-    this.requests = new Counter({ name: 'istio_requests_total', help: 'HTTP requests the node proxy routed (Services with L7 routes), by answer', labelNames: REQUEST_LABELS, registers });
+    this.requests = new Counter({ name: 'istio_requests_total', help: 'HTTP requests the node proxy read (reporter source: on the caller\'s node, Services with L7 routes or request policies; destination: on the callee\'s, ports with request-level authorization or rate limits), by answer', labelNames: REQUEST_LABELS, registers });
+    const bytes = (name: string, help: string): Histogram<(typeof REQUEST_LABELS)[number]> =>
+      new Histogram({ name, help, labelNames: REQUEST_LABELS, buckets: [1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000], registers });
+    this.requestBytes = bytes('istio_request_bytes', 'Body bytes of each HTTP request, as the client sent them');
+    this.responseBytes = bytes('istio_response_bytes', 'Body bytes of each HTTP answer, as passed back to the client');
     this.requestDuration = new Histogram({
       name: 'istio_request_duration_milliseconds',
       help: 'From the request head to the end of the answer, in milliseconds',

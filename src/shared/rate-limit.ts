@@ -1,6 +1,7 @@
 /**
- * Token buckets per key (a node, a token): `burst` requests at once, then `perSecond`. At most
- * `maxKeys` keys are tracked; the least recently used goes first (it starts full again).
+ * Token buckets per key (a node, a token, a client identity): `burst` requests at once, then
+ * `perSecond`. At most `maxKeys` keys are tracked; the least recently used goes first (it starts
+ * full again).
  */
 export class RateLimiter {
   private readonly buckets = new Map<string, { tokens: number; at: number }>();
@@ -13,6 +14,11 @@ export class RateLimiter {
 
   /** Takes one token for key; false when its bucket is empty. */
   take(key: string, now = Date.now()): boolean {
+    return this.wait(key, now) === 0;
+  }
+
+  /** Takes one token for key and answers 0; or, when its bucket is empty, takes none and answers the milliseconds until it holds one. */
+  wait(key: string, now = Date.now()): number {
     const b = this.buckets.get(key);
     const tokens = b ? Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.perSecond) : this.burst;
     const allowed = tokens >= 1;
@@ -23,6 +29,6 @@ export class RateLimiter {
       const oldest = this.buckets.keys().next().value;
       if (oldest !== undefined) this.buckets.delete(oldest);
     }
-    return allowed;
+    return allowed ? 0 : Math.ceil(((1 - tokens) / this.perSecond) * 1000);
   }
 }

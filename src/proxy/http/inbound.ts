@@ -1,0 +1,316 @@
+/**
+ * The server side of L7 (issue 14): on the destination's node, a connection to a pod's port that
+ * speaks HTTP and has request-level config there (an AuthorizationPolicy rule that names request
+ * attributes, or a TrafficPolicy localRateLimit on the Service) is read request by request before
+ * it reaches the application: each request is authorized with its method, host, path and headers
+ * (Istio's semantics, proxy/policy.ts), counted against the Service's rate limits for that pod
+ * (Linkerd's HTTPLocalRateLimitPolicy: a total bucket and one per client identity; 429 with
+ * retry-after beyond), then sent to the application over keep-alive connections pooled per
+ * destination pod, port and client address (delivered from the client's address, as the L4 path
+ * does), and reported as `reporter="destination"`. The connections come from all three delivery
+ * paths alike: plaintext inbound (15006), HBONE (15008) and the same-node fast path.
+ */
+import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
+
+import type { ServiceTarget, Workload } from '../../config/snapshot.js';
+import { spiffeUri } from '../../identity/spiffe.js';
+import { logger } from '../../shared/log.js';
+import { RateLimiter } from '../../shared/rate-limit.js';
+import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
+import type { ConnectionFacts, RequestFacts } from '../policy.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pairs, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
+
+const log = logger('http');
+
+/** What the node proxy tells the server side about one connection into a pod it serves. */
+export interface HttpServerConnection {
+  /** The destination pod. */
+  readonly pod: Workload;
+  /** Who calls and where to: what the policy engine decides on (each request adds its attributes). */
+  readonly facts: ConnectionFacts;
+  /** The connection's metric labels (reporter "destination"). */
+  readonly labels: TcpLabels;
+  /** The caller, for logs ("namespace/name", or its address when it is no known workload). */
+  readonly source: string;
+  /** The Service port the pod's port is reported under in the config now (its rate limits), if any. */
+  target(): ServiceTarget | undefined;
+  /** Whether the config now lets this request through (the node proxy counts and logs refusals). */
+  authorize(request: RequestFacts): boolean;
+  /** A new connection to the application, from the caller's address. */
+  dial(): Promise<Socket>;
+  /** The upstream pool: one per destination pod, port and caller address. */
+  readonly poolKey: string;
+}
+
+/** Why a request was answered here instead of by the application. */
+type Refusal = { readonly status: number; readonly flag: string; readonly detail: string; readonly headers?: ReadonlyArray<string> };
+
+/** The seconds a 429's retry-after says: until the bucket that refused holds a token, at least 1. */
+const retryAfter = (ms: number): string => String(Math.max(1, Math.ceil(ms / 1000)));
+
+export class HttpInbound {
+  private readonly server: Server;
+  private readonly agent = new UpstreamAgent();
+  private readonly connections = new WeakMap<Socket, HttpServerConnection>();
+  /** Token buckets per Service (a new rate starts a new limiter); keyed inside by pod, and by pod and identity. */
+  private readonly limiters = new Map<string, { readonly rate: number; readonly limiter: RateLimiter }>();
+  private logWindow = { start: 0, count: 0 };
+
+  constructor(
+    private readonly metrics: NodeMetrics,
+    private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
+  ) {
+    this.server = handedServer(
+      metrics,
+      options.idleTimeoutMs,
+      (req, res) => this.onRequest(req, res),
+      (req, client, head) => this.onUpgrade(req, client, head),
+    );
+  }
+
+  /** Serves one connection into a pod until it closes. */
+  serve(client: Socket, conn: HttpServerConnection): Promise<void> {
+    this.connections.set(client, conn);
+    return serveOn(this.server, client);
+  }
+
+  /** Closes every pooled connection to applications. */
+  close(): void {
+    this.agent.destroy();
+  }
+
+  /**
+   * Whether a request goes on, and where: its normalized target, or why it is answered here
+   * (a path that is no path: 400; policy: 403, Istio's "RBAC: access denied"; a rate limit: 429).
+   */
+  private admit(req: IncomingMessage, conn: HttpServerConnection): { readonly target: string } | Refusal {
+    const { path: raw, query } = splitTarget(req.url ?? '/');
+    const path = normalizePath(raw);
+    if (path === undefined) return { status: 400, flag: '-', detail: `the request target "${(req.url ?? '').slice(0, 100)}" is no path` };
+    const request: RequestFacts = { method: req.method ?? 'GET', host: headerValue(req.headers, 'host') ?? '', path, header: (name) => headerValue(req.headers, name) };
+    if (!conn.authorize(request)) return { status: 403, flag: '-', detail: 'RBAC: access denied' };
+    const wait = this.rateLimited(conn);
+    if (wait > 0) return { status: 429, flag: 'RL', detail: 'local rate limit reached', headers: ['retry-after', retryAfter(wait)] };
+    return { target: query === '' ? path : `${path}?${query}` };
+  }
+
+  /**
+   * 0 when the request may go; otherwise the milliseconds until the bucket that refused it holds
+   * a token. The client's own bucket first (its identity's, plaintext callers share one), then the
+   * pod's total: a client over its share does not spend the others'.
+   */
+  private rateLimited(conn: HttpServerConnection): number {
+    const t = conn.target();
+    const limit = t?.policy.rateLimit;
+    if (!t || !limit) return 0;
+    if (limit.identity !== undefined) {
+      const who = conn.facts.peer ? spiffeUri(conn.facts.peer) : 'unauthenticated';
+      const wait = this.limiter(`identity|${t.key}`, limit.identity).wait(`${conn.pod.uid}|${who}`);
+      if (wait > 0) return wait;
+    }
+    return limit.total === undefined ? 0 : this.limiter(`total|${t.key}`, limit.total).wait(conn.pod.uid);
+  }
+
+  private limiter(key: string, rate: number): RateLimiter {
+    const known = this.limiters.get(key);
+    if (known && known.rate === rate) return known.limiter;
+    // Linkerd's burst: one second's worth.
+    const limiter = new RateLimiter(rate, rate);
+    this.limiters.set(key, { rate, limiter });
+    return limiter;
+  }
+
+  private onRequest(req: IncomingMessage, res: ServerResponse): void {
+    const conn = this.connections.get(req.socket);
+    if (!conn) {
+      res.destroy();
+      return;
+    }
+    const started = performance.now();
+    const requestId = requestIdOf(req);
+    const access = { req, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 0 };
+    const admitted = this.admit(req, conn);
+    if ('status' in admitted) {
+      this.refused(conn, admitted);
+      const body = `${admitted.detail}\n`;
+      res.writeHead(admitted.status, [...(admitted.headers ?? []), 'content-type', 'text/plain', 'content-length', String(Buffer.byteLength(body))] as unknown as OutgoingHttpHeaders);
+      res.end(body);
+      drain(req, (bytesIn) => this.count(conn, admitted.status, admitted.flag, started, { ...access, bytesIn, bytesOut: Buffer.byteLength(body) }));
+      return;
+    }
+    new Delivery(this, req, res, conn, admitted.target, requestId, started).start();
+  }
+
+  /** A protocol upgrade (WebSocket): admitted as any request, then joined to a connection of its own to the application. */
+  private onUpgrade(req: IncomingMessage, client: Socket, head: Buffer): void {
+    const conn = this.connections.get(req.socket);
+    if (!conn) {
+      client.destroy();
+      return;
+    }
+    const started = performance.now();
+    const requestId = requestIdOf(req);
+    const access: AccessFacts = { req, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
+    const admitted = this.admit(req, conn);
+    if ('status' in admitted) {
+      this.refused(conn, admitted);
+      client.end(rawHead(admitted.status, [...(admitted.headers ?? []), 'content-length', '0', 'connection', 'close']));
+      this.count(conn, admitted.status, admitted.flag, started, access);
+      return;
+    }
+    upgradeThrough(
+      req,
+      client,
+      head,
+      { path: admitted.target, headers: this.headersUp(req, requestId), open: () => conn.dial() },
+      (raw) => [...raw],
+      (status, flag, bytesIn, bytesOut) => this.count(conn, status, flag, started, { ...access, bytesIn, bytesOut }),
+    );
+  }
+
+  /** The request's headers as they go to the application: hop-by-hop ones out, its framing kept, an x-request-id if it had none. */
+  headersUp(req: IncomingMessage, requestId: string): string[] {
+    const headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
+    if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
+    if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);
+    return headers;
+  }
+
+  /** How a request goes to the application: its pool, and a new connection from the node proxy when the pool has none. */
+  upstreamOptions(req: IncomingMessage, conn: HttpServerConnection, target: string, headers: string[]): UpstreamRequestOptions {
+    return { agent: this.agent, method: req.method ?? 'GET', path: target, headers: headers as unknown as OutgoingHttpHeaders, setHost: false, poolKey: conn.poolKey, open: () => conn.dial() };
+  }
+
+  /** A refusal, logged (at most 10 lines a second: a client can cause them at will; the metrics count all). */
+  private refused(conn: HttpServerConnection, r: Refusal): void {
+    if (r.status === 403) return; // the node proxy logged and counted the policy's decision
+    const now = Date.now();
+    if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
+    if (++this.logWindow.count <= 10) log.info({ pod: conn.pod.name, namespace: conn.pod.namespace, source: conn.source, status: r.status, responseFlags: r.flag, detail: r.detail }, 'request answered by the destination\'s proxy');
+  }
+
+  count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts): void {
+    const t = conn.target();
+    const logIt = this.options.accessLog(conn.pod.namespace) ? { upstreamService: t?.key ?? '', upstreamHost: `${conn.pod.namespace}/${conn.pod.name}:${conn.facts.destinationPort}`, sourcePod: conn.source } : undefined;
+    countRequest(this.metrics, conn.labels, status, flag, started, facts, logIt);
+  }
+}
+
+/**
+ * One admitted request to the application and its answer back. A request without a body that
+ * fails on a reused idle connection before any answer (the application closed it just then) is
+ * sent again once; nothing else is retried on this side (retries are the caller's node's).
+ */
+class Delivery {
+  private finished = false;
+  private bytesIn = 0;
+  private bytesOut = 0;
+  private attempt = 0;
+  private readonly headers: string[];
+  private readonly bodyless: boolean;
+
+  constructor(
+    private readonly inbound: HttpInbound,
+    private readonly req: IncomingMessage,
+    private readonly res: ServerResponse,
+    private readonly conn: HttpServerConnection,
+    private readonly target: string,
+    private readonly requestId: string,
+    private readonly started: number,
+  ) {
+    this.headers = inbound.headersUp(req, requestId);
+    this.bodyless = req.headers['content-length'] === undefined && req.headers['transfer-encoding'] === undefined;
+  }
+
+  start(): void {
+    this.res.on('close', () => this.done(0, 'DC'));
+    if (this.bodyless) this.req.resume();
+    this.send();
+  }
+
+  private send(): void {
+    this.attempt++;
+    let answered = false;
+    const up: ClientRequest = httpRequest(this.inbound.upstreamOptions(this.req, this.conn, this.target, this.headers), (answer) => {
+      answered = true;
+      this.answered(up, answer);
+    });
+    this.res.once('close', () => {
+      if (!this.res.writableFinished) up.destroy();
+    });
+    up.on('error', (e: NodeJS.ErrnoException) => {
+      if (this.finished) return;
+      if (answered) {
+        this.done(this.res.statusCode, 'UPE');
+        this.res.destroy();
+        return;
+      }
+      if (up.reusedSocket && this.bodyless && this.attempt === 1) {
+        this.send();
+        return;
+      }
+      const reset = up.reusedSocket || (e.code === 'ECONNRESET' && up.socket !== null);
+      this.answer(503, reset ? 'UC' : 'UF', e.message);
+    });
+    if (this.bodyless) {
+      up.end();
+      return;
+    }
+    this.req.on('data', (chunk: Buffer) => {
+      this.bytesIn += chunk.length;
+      if (!up.write(chunk)) {
+        this.req.pause();
+        up.once('drain', () => this.req.resume());
+      }
+    });
+    this.req.on('end', () => up.end());
+  }
+
+  private answered(up: ClientRequest, answer: IncomingMessage): void {
+    const status = answer.statusCode ?? 502;
+    try {
+      this.res.writeHead(status, answer.statusMessage, forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')) as unknown as OutgoingHttpHeaders);
+    } catch (e) {
+      answer.destroy();
+      this.answer(502, 'UPE', `the answer could not be passed on: ${(e as Error).message}`);
+      return;
+    }
+    answer.on('data', (chunk: Buffer) => {
+      this.bytesOut += chunk.length;
+      if (!this.res.write(chunk)) answer.pause();
+    });
+    this.res.on('drain', () => answer.resume());
+    answer.on('end', () => {
+      if (answer.rawTrailers.length > 0) this.res.addTrailers(pairs(answer.rawTrailers));
+      this.res.end();
+      this.done(status, '-');
+    });
+    answer.on('close', () => {
+      if (answer.complete) return;
+      up.destroy();
+      this.done(status, 'UPE');
+      this.res.destroy();
+    });
+  }
+
+  /** Answered here: the application could not be reached. */
+  private answer(status: number, flag: string, detail: string): void {
+    if (this.finished) return;
+    if (this.res.headersSent) {
+      this.done(this.res.statusCode, flag);
+      this.res.destroy();
+      return;
+    }
+    const body = `${detail}\n`;
+    this.res.writeHead(status, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+    this.res.end(body);
+    this.done(status, flag);
+  }
+
+  private done(status: number, flag: string): void {
+    if (this.finished) return;
+    this.finished = true;
+    this.inbound.count(this.conn, status, flag, this.started, { req: this.req, requestId: this.requestId, route: '', bytesIn: this.bytesIn, bytesOut: this.bytesOut, attempts: this.attempt });
+  }
+}

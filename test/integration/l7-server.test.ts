@@ -1,0 +1,192 @@
+/**
+ * L7 on the server side (issue 14): where a pod's HTTP port has request-level config on its own
+ * node (an AuthorizationPolicy rule with request attributes, a localRateLimit), the destination's
+ * node proxy reads each request before the application does: authorized with Istio's semantics,
+ * rate-limited with Linkerd's (a total bucket and one per client identity, 429 with retry-after),
+ * reported as reporter="destination". Real node:http servers in pods, real clients in others; on
+ * one node (the same-node path), from a pod outside the mesh (plaintext inbound) and across two
+ * nodes (HBONE, mutual TLS).
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import type { HttpPlan, HttpRun } from '../support/http-client.js';
+import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import type { PodRecord } from '../../src/runtime/store.js';
+
+const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
+const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
+const SVC = { api: '10.96.0.91', limited: '10.96.0.92', total: '10.96.0.93' };
+
+/**
+ * `api`: GET under /public for anyone, everything for the "admin" service account or a request
+ * with x-role: ops*, never /public/secret*. `limited`: 10 requests a second per client identity;
+ * `total`: 10 a second in all.
+ */
+function meshConfig(): Record<string, string> {
+  return {
+    'svc.yaml': [
+      serviceYaml('api', [SVC.api], { app: 'api' }, 80, 8080, 'http'),
+      serviceYaml('limited', [SVC.limited], { app: 'limited' }, 80, 8080, 'http'),
+      serviceYaml('total', [SVC.total], { app: 'total' }, 80, 8080, 'http-total'),
+    ].join('---\n'),
+    'policy.yaml': [
+      'apiVersion: security.nodemesh.io/v1',
+      'kind: AuthorizationPolicy',
+      'metadata: {name: api-read, namespace: default}',
+      'spec:',
+      '  selector: {matchLabels: {app: api}}',
+      '  rules:',
+      '  - to: [{operation: {methods: [GET], paths: ["/public/*"]}}]',
+      '  - from: [{source: {principals: ["cluster.local/ns/default/sa/admin"]}}]',
+      '  - when: [{key: "request.headers[x-role]", values: ["ops*"]}]',
+      '---',
+      'apiVersion: security.nodemesh.io/v1',
+      'kind: AuthorizationPolicy',
+      'metadata: {name: api-secret, namespace: default}',
+      'spec:',
+      '  selector: {matchLabels: {app: api}}',
+      '  action: DENY',
+      '  rules: [{to: [{operation: {paths: ["/public/secret*"]}}]}]',
+      '',
+    ].join('\n'),
+    'limits.yaml': [
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: limited, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: limited}]\n  localRateLimit: {identity: {requestsPerSecond: 10}}\n',
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: total, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: total}]\n  localRateLimit: {total: {requestsPerSecond: 10}}\n',
+    ].join('---\n'),
+  };
+}
+
+async function http(sb: Sandbox, client: PodRecord, plan: Omit<HttpPlan, 'host' | 'port'>, agents: ReadonlyArray<AgentProcess>, host = SVC.api, port = 80): Promise<HttpRun> {
+  const out = await sb.execIn(client, [process.execPath, CLIENT, JSON.stringify({ host, port, ...plan })], 30_000).catch((e: Error) => {
+    throw new Error(`${e.message}\nthe nodes' logs:\n${agents.map((a) => a.log().split('\n').slice(-30).join('\n')).join('\n----\n')}`);
+  });
+  return JSON.parse(out.trim().split('\n').pop() ?? '{}') as HttpRun;
+}
+
+const statuses = (run: HttpRun): number[] => run.answers.map((a) => a.status);
+const seenBy = (run: HttpRun, i: number): { url: string; remote: string } => JSON.parse(run.answers[i]?.text ?? '{}') as { url: string; remote: string };
+
+/** Authorization per request, as both layouts must show it; `callers` are on the client's node. */
+async function checkAuthorization(sb: Sandbox, callers: { client: PodRecord; admin: PodRecord }, destination: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
+  const run = await http(
+    sb,
+    callers.client,
+    {
+      requests: [
+        { path: '/public/a' },
+        { method: 'POST', path: '/public/a', body: 10 },
+        { path: '/private' },
+        { path: '/private', headers: { 'x-role': 'ops-eu' } },
+        { path: '/public/secret.txt' },
+        // Normalized before it is judged (and sent on normalized): these are /private.
+        { path: '/public/../private' },
+        { path: '/public/%2e%2e/private' },
+        { path: '/public/%61' },
+      ],
+    },
+    agents,
+  );
+  assert.deepEqual(statuses(run), [200, 403, 403, 200, 403, 403, 403, 200], `${where}: each request judged on its own`);
+  assert.equal(run.connections, 1, `${where}: a refused request does not end the keep-alive connection`);
+  assert.equal(run.answers[1]?.text, 'RBAC: access denied\n');
+  assert.equal(seenBy(run, 7).url, '/public/a', `${where}: the application gets the path that was judged`);
+  const admin = await http(sb, callers.admin, { requests: [{ method: 'DELETE', path: '/private/x' }] }, agents);
+  assert.deepEqual(statuses(admin), [200], `${where}: the admin principal may do anything`);
+  assert.equal(seenBy(admin, 0).remote, callers.admin.ip4, `${where}: delivered from the caller's address`);
+  const metrics = await destination.metrics();
+  const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', request_protocol: 'http', ...labels });
+  assert.equal(requests({ response_code: '403' }), 5, `${where}: the refusals counted by the destination`);
+  assert.equal(requests({ response_code: '200' }), 4, `${where}: the answers counted by the destination`);
+  assert.equal(requests({ response_code: '200', source_principal: 'spiffe://cluster.local/ns/default/sa/admin' }), 1, `${where}: with the caller's identity`);
+  assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-secret', reason: 'denied_by_policy' }), 1);
+  assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-read', reason: 'not_allowed' }), 4);
+  assert.equal(metricValue(metrics, 'istio_request_bytes_sum', { reporter: 'destination', destination_workload: 'api', response_code: '403' }), 10, `${where}: the refused POST's body counted`);
+  assert.ok(destination.log().split('\n').some((l) => l.includes('request denied by policy') && l.includes('"requestPath":"/private"')), `${where}: a denial is logged with the request`);
+}
+
+/**
+ * Local rate limits: one client paced at 50 requests a second for two seconds gets its identity's
+ * burst (10) and 10 a second; another identity meanwhile has a bucket of its own. With a total
+ * limit two clients share one bucket.
+ */
+async function checkRateLimits(sb: Sandbox, callers: { client: PodRecord; admin: PodRecord }, destination: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
+  const paced = { requests: [{ path: '/x' }], repeat: 100, intervalMs: 20 };
+  const t0 = performance.now();
+  const run = await http(sb, callers.client, paced, agents, SVC.limited);
+  const seconds = (performance.now() - t0) / 1000;
+  const ok = run.answers.filter((a) => a.status === 200).length;
+  // The last request starts 1.98 s after the first: at least the burst and 19.8 tokens by then;
+  // at most what the bucket could hold over the whole run.
+  assert.ok(ok >= 29 && ok <= 10 + Math.ceil(10 * seconds) + 1, `${where}: ${ok} of 100 answered in ${seconds.toFixed(2)} s at 10/s with a burst of 10`);
+  const limited = run.answers.filter((a) => a.status === 429);
+  assert.equal(ok + limited.length, 100, `${where}: every other request answered 429`);
+  assert.ok(limited.every((a) => a.headers['retry-after'] === '1'), `${where}: 429 says when to retry`);
+  assert.deepEqual(statuses(await http(sb, callers.admin, { requests: [{ path: '/x' }], repeat: 5 }, agents, SVC.limited)), [200, 200, 200, 200, 200], `${where}: another identity has its own bucket`);
+  // The total bucket: both clients at once, 50 a second each for two seconds.
+  const t1 = performance.now();
+  const both = await Promise.all([callers.client, callers.admin].map((c) => http(sb, c, paced, agents, SVC.total)));
+  const bothSeconds = (performance.now() - t1) / 1000;
+  const total = both.flatMap((r) => r.answers).filter((a) => a.status === 200).length;
+  assert.ok(total >= 29 && total <= 10 + Math.ceil(10 * bothSeconds) + 2, `${where}: ${total} of 200 answered in ${bothSeconds.toFixed(2)} s at 10/s in all`);
+  assert.ok(both.every((r) => r.answers.some((a) => a.status === 200)), `${where}: both clients got some`);
+  const metrics = await destination.metrics();
+  assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'limited', response_code: '429', response_flags: 'RL' }), limited.length, `${where}: 429s counted with flag RL`);
+}
+
+test('L7 server side on one node and from plaintext: authorization per request (methods, paths, headers, principals; normalized paths), local rate limits per identity and in total; destination request metrics', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, meshConfig());
+  const api = await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api']);
+  await sb.serverPod('limited', [process.execPath, APP, 'limited', '8080'], 8080, ['app=limited']);
+  await sb.serverPod('total', [process.execPath, APP, 'total', '8080'], 8080, ['app=total']);
+  const client = await sb.idlePod('client', [], { serviceAccount: 'client' });
+  const admin = await sb.idlePod('admin', [], { serviceAccount: 'admin' });
+  const plain = await sb.idlePod('plain', ['nodemesh.io/capture=disabled']);
+  await agent.waitForPods((p) => p.filter((x) => x.verified).length === 5, 'five meshed pods verified');
+  await checkAuthorization(sb, { client, admin }, agent, [agent], 'one node');
+  // Same-node delivery: the client's connection went straight to the destination's side.
+  assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 2);
+  // A pod outside the mesh, straight to the pod's address (plaintext inbound): no identity, so
+  // only what the policy allows anyone; its requests are counted without a principal.
+  const plainRun = await http(sb, plain, { requests: [{ path: '/public/a' }, { method: 'DELETE', path: '/public/a' }] }, [agent], api.ip4, 8080);
+  assert.deepEqual(statuses(plainRun), [200, 403]);
+  assert.equal(seenBy(plainRun, 0).remote, plain.ip4, 'delivered from the plaintext client\'s address');
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', source_principal: 'unknown', connection_security_policy: 'none' }), 2);
+  await checkRateLimits(sb, { client, admin }, agent, [agent], 'one node');
+  // A Service without request-level config stays on the L4 path: no request is read on it.
+  const before = metricValue(await agent.metrics(), 'istio_requests_total');
+  const version = (await agent.config()).version;
+  await agent.writeConfig('policy.yaml', '');
+  await waitFor(async () => (await agent.config()).version > version, 3000, 'the policies removed');
+  assert.deepEqual(statuses(await http(sb, client, { requests: [{ method: 'POST', path: '/private', body: 10 }] }, [agent])), [200]);
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total'), before, 'no policy with request attributes: the port is relayed as bytes');
+});
+
+for (const hbone of ['native', 'node'] as const) test(`L7 server side across two nodes (${hbone} HBONE engine): the destination's node authorizes and rate-limits each tunnelled request`, async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const nodeB = `${sb.config.node}-b`;
+  const cp = await startControlPlane(sb, meshConfig());
+  const agentA = await startAgent(sb, { controlPlane: cp.address }, { args: ['--hbone', hbone] });
+  const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB, args: ['--hbone', hbone] });
+  await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api'], { node: nodeB });
+  await sb.serverPod('limited', [process.execPath, APP, 'limited', '8080'], 8080, ['app=limited'], { node: nodeB });
+  await sb.serverPod('total', [process.execPath, APP, 'total', '8080'], 8080, ['app=total'], { node: nodeB });
+  const client = await sb.idlePod('client', [], { serviceAccount: 'client' });
+  const admin = await sb.idlePod('admin', [], { serviceAccount: 'admin' });
+  await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
+  await agentB.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), "node B's pods verified");
+  for (const name of ['api', 'limited', 'total']) {
+    await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === `default/${name}:80`)?.endpoints.length ?? 0) === 1, 10_000, `${name} known on node A`);
+  }
+  await checkAuthorization(sb, { client, admin }, agentB, [agentA, agentB], 'two nodes');
+  assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 2, 'the requests crossed in HBONE');
+  assert.equal(metricValue(await agentA.metrics(), 'istio_requests_total'), 0, 'the client\'s node read no request (no client-side config)');
+  const mtls = metricValue(await agentB.metrics(), 'istio_requests_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', source_principal: 'spiffe://cluster.local/ns/default/sa/client' });
+  assert.equal(mtls, 8, 'reported as mutual TLS with the client\'s identity');
+  await checkRateLimits(sb, { client, admin }, agentB, [agentA, agentB], 'two nodes');
+});
