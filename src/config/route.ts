@@ -11,7 +11,7 @@
 import { parseFilters, type RouteFilter } from './route-filters.js';
 import { parseDuration } from './schemas.js';
 import { DNS1123_LABEL, HEADER_NAME, ObjectInvalid, list, object, only, type Json } from './fields.js';
-import { parseMetadata, portProtocol, type ServicePort } from './service.js';
+import { parseMetadata, portProtocol, speaksRequests, type ServicePort } from './service.js';
 
 export const GATEWAY_API = 'gateway.networking.k8s.io/v1';
 export const ROUTE_KINDS = ['HTTPRoute', 'GRPCRoute'] as const;
@@ -46,9 +46,18 @@ export interface ValueMatch {
   readonly regex?: RegExp;
 }
 
+/** A GRPCRoute method match as written (its `path` is what the proxy matches: /service/method). */
+export interface GrpcMethodMatch {
+  readonly type: 'Exact' | 'RegularExpression';
+  readonly service?: string;
+  readonly method?: string;
+}
+
 /** One of a rule's matches: every condition in it must hold. */
 export interface RouteMatch {
   readonly path: PathMatch;
+  /** GRPCRoute only: the method match `path` was made from (the wire carries it as written). */
+  readonly grpc?: GrpcMethodMatch;
   readonly method?: string;
   readonly headers: ReadonlyArray<ValueMatch>;
   readonly queryParams: ReadonlyArray<ValueMatch>;
@@ -232,6 +241,43 @@ function parseRetry(v: unknown, at: string): RouteRetry | undefined {
   return { attempts, codes: [...new Set(codes)], backoffMs };
 }
 
+/** Gateway API's GRPCMethodMatch patterns for Exact matches. */
+const GRPC_SERVICE = /^(?:\.?[A-Za-z_][A-Za-z_0-9]*)(?:\.[A-Za-z_][A-Za-z_0-9]*)*$/;
+const GRPC_METHOD = /^[A-Za-z_][A-Za-z_0-9]*$/;
+
+/**
+ * A GRPCRoute match: `method` (service and/or method, Exact or RegularExpression) becomes the
+ * path a gRPC request has ("/package.Service/Method"), so one matcher serves both kinds: both
+ * Exact is an Exact path, a service alone a PathPrefix, anything else a RegularExpression.
+ */
+function parseGrpcMatch(v: unknown, at: string): RouteMatch {
+  const m = object(v, at);
+  only(m, ['method', 'headers'], `${at}.`);
+  const headers = parseValueMatches(m['headers'], `${at}.headers`, true);
+  if (m['method'] === undefined) return { path: DEFAULT_PATH, headers, queryParams: [] };
+  const mm = object(m['method'], `${at}.method`);
+  only(mm, ['type', 'service', 'method'], `${at}.method.`);
+  const type = matchType(mm['type'], ['Exact', 'RegularExpression'] as const, 'Exact', `${at}.method.type`);
+  const service = mm['service'] === undefined ? undefined : string(mm['service'], `${at}.method.service`, 1024);
+  const method = mm['method'] === undefined ? undefined : string(mm['method'], `${at}.method.method`, 1024);
+  if (service === undefined && method === undefined) throw new ObjectInvalid(`${at}.method`, `${at}.method needs a service, a method or both`);
+  const grpc: GrpcMethodMatch = { type, ...(service === undefined ? {} : { service }), ...(method === undefined ? {} : { method }) };
+  if (type === 'Exact') {
+    if (service !== undefined && !GRPC_SERVICE.test(service)) throw new ObjectInvalid(`${at}.method.service`, `${at}.method.service "${service}" is not a gRPC service name (package.Service)`);
+    if (method !== undefined && !GRPC_METHOD.test(method)) throw new ObjectInvalid(`${at}.method.method`, `${at}.method.method "${method}" is not a gRPC method name`);
+    if (service !== undefined && method !== undefined) return { path: { type: 'Exact', value: `/${service}/${method}` }, grpc, headers, queryParams: [] };
+    if (service !== undefined) return { path: { type: 'PathPrefix', value: `/${service}` }, grpc, headers, queryParams: [] };
+  }
+  const part = (p: string | undefined, field: string): string => {
+    if (p === undefined) return '[^/]+';
+    if (type === 'Exact') return p.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+    compileRegex(p, field);
+    return `(?:${p})`;
+  };
+  const source = `/${part(service, `${at}.method.service`)}/${part(method, `${at}.method.method`)}`;
+  return { path: { type: 'RegularExpression', value: source, regex: compileRegex(source, `${at}.method`) }, grpc, headers, queryParams: [] };
+}
+
 function parseHttpMatch(v: unknown, at: string): RouteMatch {
   const m = object(v, at);
   only(m, ['path', 'headers', 'queryParams', 'method'], `${at}.`);
@@ -278,11 +324,13 @@ export function parseRoute(doc: Json): ServiceRoute {
     only(rule, kind === 'GRPCRoute' ? GRPC_RULE_FIELDS : HTTP_RULE_FIELDS, `${at}.`);
     for (const f of NOT_YET) if (rule[f] !== undefined) throw notYet(`${at}.${f}`, f);
     const matchDocs = list(rule['matches'], `${at}.matches`, 64);
-    if (kind === 'GRPCRoute' && matchDocs.length > 0) throw notYet(`${at}.matches`, 'matching gRPC requests');
-    const matches = matchDocs.length === 0 ? [ALL_REQUESTS] : matchDocs.map((m, mi) => parseHttpMatch(m, `${at}.matches[${mi}]`));
+    const parseMatch = kind === 'GRPCRoute' ? parseGrpcMatch : parseHttpMatch;
+    const matches = matchDocs.length === 0 ? [ALL_REQUESTS] : matchDocs.map((m, mi) => parseMatch(m, `${at}.matches[${mi}]`));
     const refs = { namespace: (v: unknown, field: string) => sameNamespace(v, namespace, field, 'backends'), name };
-    if (kind === 'GRPCRoute' && rule['filters'] !== undefined) throw notYet(`${at}.filters`, 'filters on gRPC routes');
     const filters = parseFilters(rule['filters'], `${at}.filters`, 'rule', refs);
+    // GRPCRoute's filters: header modifiers and mirrors (Gateway API has no rewrite or redirect for gRPC).
+    const notGrpc = kind === 'GRPCRoute' ? filters.findIndex((f) => f.type === 'URLRewrite' || f.type === 'RequestRedirect') : -1;
+    if (notGrpc >= 0) throw new ObjectInvalid(`${at}.filters[${notGrpc}].type`, `${at}.filters[${notGrpc}].type ${filters[notGrpc]?.type ?? ''} is not a GRPCRoute filter`);
     const redirects = filters.some((f) => f.type === 'RequestRedirect');
     // ReplacePrefixMatch replaces what a PathPrefix match matched: no other kind of match has a prefix.
     const byPrefix = filters.findIndex((f) => (f.type === 'URLRewrite' || f.type === 'RequestRedirect') && f.path?.type === 'ReplacePrefixMatch');
@@ -334,12 +382,12 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
   for (const [i, p] of route.parents.entries()) {
     const bad = check(p, `spec.parentRefs[${i}]`);
     if (bad) return bad;
-    const notHttp = l7 ? services.get(`${p.namespace}/${p.name}`)?.ports.find((sp) => (p.port === undefined || sp.port === p.port) && portProtocol(sp) !== 'http') : undefined;
+    const notHttp = l7 ? services.get(`${p.namespace}/${p.name}`)?.ports.find((sp) => (p.port === undefined || sp.port === p.port) && speaksRequests(sp) === undefined) : undefined;
     if (notHttp) {
       const field = `spec.parentRefs[${i}]${p.port === undefined ? '' : '.port'}`;
       const speaks = portProtocol(notHttp);
-      const why = speaks === 'unknown' ? 'says no protocol (set its appProtocol to "http" or name it "http" or "http-...")' : `speaks ${speaks}, which nodemesh does not route by request yet`;
-      return { field, message: `${field}: the route works per request (matches, timeouts, retries), so its parent port must speak HTTP/1.1; Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
+      const why = speaks === 'unknown' ? 'says no protocol (set its appProtocol to "http", "http2" or "grpc", or name it "http-...", "http2-..." or "grpc-...")' : `speaks ${speaks}, whose requests nodemesh cannot read`;
+      return { field, message: `${field}: the route works per request (matches, timeouts, retries), so its parent port must speak HTTP (1.1, h2c or gRPC); Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
     }
   }
   for (const [ri, rule] of route.rules.entries()) {

@@ -125,6 +125,18 @@ type Json = Record<string, unknown>;
 const isObject = (v: unknown): v is Json => typeof v === 'object' && v !== null && !Array.isArray(v);
 const strings = (v: unknown): string[] => (Array.isArray(v) ? v.map(String) : []);
 
+/**
+ * The rules of a policy as they read where no request is read (Istio's TCP semantics): ALLOW and
+ * AUDIT rules that name request attributes are left out (they match nothing); DENY rules lose
+ * their request attributes (they match more). What proxy/policy.ts evaluates on an L4 port, and
+ * what an agent that predates request attributes is sent.
+ */
+export function tcpReading(p: AuthorizationPolicy): AuthorizationRule[] {
+  if (p.action !== 'DENY') return p.rules.filter((r) => !ruleNeedsRequest(r));
+  const noRequest = { hosts: [], notHosts: [], methods: [], notMethods: [], paths: [], notPaths: [] };
+  return p.rules.map((r) => Object.freeze({ from: r.from, to: r.to.map((o) => Object.freeze({ ...o, ...noRequest })), when: r.when.filter((c) => conditionHeader(c.key) === undefined) }));
+}
+
 const NO_JWT = 'needs a request\'s JWT (RequestAuthentication), which nodemesh does not validate; refused rather than ignored';
 /** Source fields Istio evaluates from a JWT. */
 const JWT_SOURCE_FIELDS = ['requestPrincipals', 'notRequestPrincipals'];
@@ -315,7 +327,8 @@ export function parseAuthorizationPolicy(doc: Json): AuthorizationPolicy {
       const cond = isObject(c) ? c : {};
       const key = String(cond['key']);
       if (key.startsWith('request.auth.')) throw new ObjectInvalid(`spec.rules[${i}].when[${j}].key`, `"${key}" ${NO_JWT}`);
-      return Object.freeze({ key: key as ConditionKey, values: strings(cond['values']), notValues: strings(cond['notValues']) });
+      // remote.ip is the connection's source here (no proxy's X-Forwarded-For is trusted): one key, which every agent knows.
+      return Object.freeze({ key: (key === 'remote.ip' ? 'source.ip' : key) as ConditionKey, values: strings(cond['values']), notValues: strings(cond['notValues']) });
     });
     return Object.freeze({ from: Object.freeze(from), to: Object.freeze(to), when: Object.freeze(when) });
   });

@@ -31,6 +31,12 @@ export function portProtocol(p: Pick<ServicePort, 'name' | 'appProtocol'>): Port
   return PROTOCOLS[prefix.toLowerCase()] ?? (['tcp', 'tls', 'https', 'mongo', 'mysql', 'redis'].includes(prefix.toLowerCase()) ? 'opaque' : 'unknown');
 }
 
+/** Whether the proxy can read requests on the port: HTTP/1.1, or HTTP/2 (h2c with prior knowledge, gRPC). */
+export function speaksRequests(p: Pick<ServicePort, 'name' | 'appProtocol'>): 'http1' | 'http2' | undefined {
+  const proto = portProtocol(p);
+  return proto === 'http' ? 'http1' : proto === 'http2' || proto === 'grpc' ? 'http2' : undefined;
+}
+
 export interface Service {
   readonly name: string;
   readonly namespace: string;

@@ -18,7 +18,7 @@ import { ALL_REQUESTS, GATEWAY_API, ROUTE_KINDS, needsHttp, parseRoute, type Ser
 import type { RouteFilter } from '../config/route-filters.js';
 import { DEFAULT_SERVICE_POLICY, DURATION_BOUNDS, durationOutOfBounds, rateLimitOf, type LoadBalancing, type TrafficPolicy } from '../config/traffic-policy.js';
 import type { MeshConfig } from '../config/store.js';
-import { checkAuthorizationPolicy, checkPeerAuthentication, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
+import { checkAuthorizationPolicy, checkPeerAuthentication, ruleNeedsRequest, tcpReading, type AuthorizationPolicy, type AuthorizationRule, type ConditionKey, type MtlsMode, type PeerAuthentication } from '../config/security.js';
 import { compareStrings } from '../shared/order.js';
 import { PACKAGE_ROOT } from '../shared/paths.js';
 
@@ -121,6 +121,9 @@ export interface WireRouteMatch {
   method: string;
   headers: WireValueMatch[];
   queryParams: WireValueMatch[];
+  grpcType?: string;
+  grpcService?: string;
+  grpcMethod?: string;
 }
 export interface WireRouteRule {
   name: string;
@@ -168,6 +171,8 @@ export interface WireAuthorizationPolicy {
   selector: Record<string, string>;
   action: string;
   rules: WireAuthorizationRule[];
+  /** Absent from a control plane that predates request attributes. */
+  requestRules?: WireAuthorizationRule[];
 }
 export interface WireNamespace {
   name: string;
@@ -372,7 +377,16 @@ export function routeToWire(r: ServiceRoute): WireRoute {
     (rule): WireRouteRule => ({
       name: rule.name ?? '',
       // The default match is sent as none, which reads back as it.
-      matches: rule.matches.filter((m) => m !== ALL_REQUESTS).map((m) => ({ pathType: m.path.type, path: m.path.value, method: m.method ?? '', headers: values(m.headers), queryParams: values(m.queryParams) })),
+      matches: rule.matches
+        .filter((m) => m !== ALL_REQUESTS)
+        .map((m) => ({
+          pathType: m.path.type,
+          path: m.path.value,
+          method: m.method ?? '',
+          headers: values(m.headers),
+          queryParams: values(m.queryParams),
+          ...(m.grpc ? { grpcType: m.grpc.type, grpcService: m.grpc.service ?? '', grpcMethod: m.grpc.method ?? '' } : {}),
+        })),
       backends: rule.backends.map((b) => ref(b, b.weight)),
       ...(rule.timeouts?.requestMs === undefined ? {} : { requestTimeoutMs: rule.timeouts.requestMs }),
       ...(rule.timeouts?.backendRequestMs === undefined ? {} : { backendRequestTimeoutMs: rule.timeouts.backendRequestMs }),
@@ -401,6 +415,10 @@ function routeFromWire(w: WireRoute): ServiceRoute {
   });
   const values = (ms: WireValueMatch[]): Array<Record<string, unknown>> => ms.map((m) => ({ type: m.type, name: m.name, value: m.value }));
   const rules: WireRouteRule[] = w.rules.length > 0 ? w.rules : [{ name: '', matches: [], backends: w.backends, filters: [] }];
+  const grpcMatch = (m: WireRouteMatch): Record<string, unknown> => ({
+    ...(m.grpcType ? { method: { type: m.grpcType, ...(m.grpcService ? { service: m.grpcService } : {}), ...(m.grpcMethod ? { method: m.grpcMethod } : {}) } } : {}),
+    headers: values(m.headers),
+  });
   const doc = {
     apiVersion: GATEWAY_API,
     kind: w.kind,
@@ -409,7 +427,7 @@ function routeFromWire(w: WireRoute): ServiceRoute {
       parentRefs: w.parents.map((p) => ref(p, false)),
       rules: rules.map((rule) => ({
         ...(rule.name === '' ? {} : { name: rule.name }),
-        ...(rule.matches.length === 0 ? {} : { matches: rule.matches.map((m) => ({ path: { type: m.pathType, value: m.path }, ...(m.method === '' ? {} : { method: m.method }), headers: values(m.headers), queryParams: values(m.queryParams) })) }),
+        ...(rule.matches.length === 0 ? {} : { matches: rule.matches.map((m) => (w.kind === 'GRPCRoute' ? grpcMatch(m) : { path: { type: m.pathType, value: m.path }, ...(m.method === '' ? {} : { method: m.method }), headers: values(m.headers), queryParams: values(m.queryParams) })) }),
         backendRefs: rule.backends.map((b) => ref(b, true)),
         ...(rule.requestTimeoutMs || rule.backendRequestTimeoutMs
           ? { timeouts: { ...(rule.requestTimeoutMs ? { request: `${rule.requestTimeoutMs}ms` } : {}), ...(rule.backendRequestTimeoutMs ? { backendRequest: `${rule.backendRequestTimeoutMs}ms` } : {}) } }
@@ -447,8 +465,21 @@ function copyRule(r: WireAuthorizationRule | AuthorizationRule): Omit<WireAuthor
   };
 }
 
+/**
+ * A policy on the wire: `rules` is what an agent that reads no request attributes can enforce
+ * (tcpReading), `requestRules` the rules as written when they differ. An agent of an older
+ * build ignores the unknown field and enforces the TCP reading: never more than the policy allows.
+ */
 export function authorizationPolicyToWire(p: AuthorizationPolicy): WireAuthorizationPolicy {
-  return { namespace: p.namespace, name: p.name, selector: { ...p.selector }, action: p.action, rules: p.rules.map(copyRule) };
+  const needsRequests = p.rules.some(ruleNeedsRequest);
+  return {
+    namespace: p.namespace,
+    name: p.name,
+    selector: { ...p.selector },
+    action: p.action,
+    rules: (needsRequests ? tcpReading(p) : p.rules).map(copyRule),
+    requestRules: needsRequests ? p.rules.map(copyRule) : [],
+  };
 }
 
 /** A wire rule as the config model holds it (checkAuthorizationPolicy judges its keys and values after). */
@@ -751,7 +782,7 @@ export function decodeResources(version: number, digest: string, resources: Read
       const w = r.authorizationPolicy;
       const id = `AuthorizationPolicy ${w.namespace}/${w.name}`;
       if (!unique(id)) continue;
-      const p = Object.freeze({ namespace: w.namespace, name: w.name, selector: Object.freeze({ ...w.selector }), action: w.action as AuthorizationPolicy['action'], rules: Object.freeze(w.rules.map(ruleFromWire)) });
+      const p = Object.freeze({ namespace: w.namespace, name: w.name, selector: Object.freeze({ ...w.selector }), action: w.action as AuthorizationPolicy['action'], rules: Object.freeze((w.requestRules && w.requestRules.length > 0 ? w.requestRules : w.rules).map(ruleFromWire)) });
       const issue = checkAuthorizationPolicy(p);
       if (issue) bad(id, issue.field, issue.message);
       else authorizationPolicies.push(p);

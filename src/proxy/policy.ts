@@ -12,7 +12,7 @@
  * nothing; in a DENY policy its request attributes are left out, so it denies more, never less.
  */
 import { ROOT_NAMESPACE } from '../config/mesh.js';
-import { conditionHeader, ruleNeedsRequest, type AuthorizationCondition, type AuthorizationOperation, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
+import { conditionHeader, ruleNeedsRequest, tcpReading, type AuthorizationCondition, type AuthorizationOperation, type AuthorizationPolicy, type AuthorizationRule, type AuthorizationSource, type MtlsMode, type PeerAuthentication, type SecurityConfig } from '../config/security.js';
 import { selects, type Workload } from '../config/snapshot.js';
 import { byNamespaceName } from '../shared/order.js';
 import { AddressRanges } from '../shared/address.js';
@@ -89,6 +89,7 @@ const principalOf = (peer: WorkloadIdentity | undefined): string | undefined => 
 export class PolicyEngine {
   /** Address lists compiled once per snapshot. */
   private readonly blocks = new WeakMap<ReadonlyArray<string>, AddressRanges>();
+  private readonly tcp = new WeakMap<AuthorizationPolicy, ReadonlyArray<AuthorizationRule>>();
   private readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
   private readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
 
@@ -166,11 +167,17 @@ export class PolicyEngine {
   }
 
   private policyMatches(p: AuthorizationPolicy, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
-    return p.rules.some((r) => {
-      // No request to read: an ALLOW (AUDIT) rule that needs one matches nothing; a DENY rule is judged on the rest.
-      if (!request && p.action !== 'DENY' && ruleNeedsRequest(r)) return false;
-      return this.ruleMatches(r, f, request);
-    });
+    return (request ? p.rules : this.tcpRules(p)).some((r) => this.ruleMatches(r, f, request));
+  }
+
+  /** A policy's rules where no request is read (tcpReading), worked out once per snapshot. */
+  private tcpRules(p: AuthorizationPolicy): ReadonlyArray<AuthorizationRule> {
+    let rules = this.tcp.get(p);
+    if (!rules) {
+      rules = tcpReading(p);
+      this.tcp.set(p, rules);
+    }
+    return rules;
   }
 
   private ruleMatches(r: AuthorizationRule, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
@@ -200,8 +207,8 @@ export class PolicyEngine {
   private conditionMatches(c: AuthorizationCondition, f: ConnectionFacts, request: RequestFacts | undefined): boolean {
     const header = conditionHeader(c.key);
     if (header !== undefined) {
-      // Only a DENY rule gets here without a request: its request conditions are left out.
-      if (!request) return true;
+      // Never without a request: the TCP reading has no request conditions.
+      if (!request) return false;
       const value = request.header(header);
       const any = (values: ReadonlyArray<string>): boolean => values.some((v) => matches(v, value));
       return (c.values.length === 0 || any(c.values)) && !any(c.notValues);
@@ -238,10 +245,7 @@ export class PolicyEngine {
   }
 }
 
-/**
- * Whether an operation matches: its ports, and its request attributes when there is a request
- * (without one, only a DENY rule's operation is judged, on its ports alone).
- */
+/** Whether an operation matches: its ports, and its request attributes when there is a request (the TCP reading has none). */
 function operationMatches(o: AuthorizationOperation, port: number, request: RequestFacts | undefined): boolean {
   if ((o.ports.length > 0 && !o.ports.includes(port)) || o.notPorts.includes(port)) return false;
   if (!request) return true;

@@ -347,6 +347,7 @@ const split = (weights: number[]): Record<string, unknown> =>
   route({ parentRefs: [{ group: '', kind: 'Service', name: 'reviews', port: 80 }], rules: [{ backendRefs: weights.map((weight, i) => ({ name: `reviews-v${i + 1}`, port: 80, weight })) }] });
 
 test('HTTPRoute/GRPCRoute on Services: rules, matches and weighted backends parse; what the proxy does not apply yet is refused with its field', () => {
+  const grpc = (rule: Record<string, unknown>): Record<string, unknown> => ({ apiVersion: 'gateway.networking.k8s.io/v1', kind: 'GRPCRoute', metadata: { namespace: 'shop', name: 'cart' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart' }], rules: [{ backendRefs: [{ name: 'cart', port: 80 }], ...rule }] } });
   const r = parseRoute(split([90, 10]));
   assert.deepEqual(r.parents, [{ namespace: 'shop', name: 'reviews', port: 80 }]);
   assert.deepEqual(r.backends.map((b) => [b.name, b.port, b.weight]), [['reviews-v1', 80, 90], ['reviews-v2', 80, 10]]);
@@ -386,11 +387,32 @@ test('HTTPRoute/GRPCRoute on Services: rules, matches and weighted backends pars
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a' }] }] }), 'spec.rules[0].backendRefs[0].port', /required/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, weight: -1 }] }] }), 'spec.rules[0].backendRefs[0].weight', /0-1000000/],
     [route({ parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ backendRefs: [{ name: 'a', port: 80, wieght: 1 }] }] }), 'spec.rules[0].backendRefs[0].wieght', /unknown field/],
-    [{ ...split([1]), kind: 'GRPCRoute', spec: { parentRefs: [{ kind: 'Service', name: 'reviews' }], rules: [{ matches: [{ method: { service: 'a.B' } }], backendRefs: [{ name: 'a', port: 80 }] }] } }, 'spec.rules[0].matches', /not applied by this version/],
+    [grpc({ matches: [{ method: {} }] }), 'spec.rules[0].matches[0].method', /service, a method or both/],
+    [grpc({ matches: [{ method: { service: 'a/b' } }] }), 'spec.rules[0].matches[0].method.service', /not a gRPC service name/],
+    [grpc({ matches: [{ method: { type: 'RegularExpression', method: '(?!x)' } }] }), 'spec.rules[0].matches[0].method.method', /lookaround/],
+    [grpc({ matches: [{ path: { value: '/x' } }] }), 'spec.rules[0].matches[0].path', /unknown field/],
+    [grpc({ filters: [{ type: 'URLRewrite', urlRewrite: { hostname: 'x' } }] }), 'spec.rules[0].filters[0].type', /not a GRPCRoute filter/],
   ];
   for (const [doc, field, message] of bad) {
     assert.throws(() => parseRoute(doc), (e) => e instanceof ObjectInvalid && e.field === field && message.test(e.message), field);
   }
+  // GRPCRoute method matches become the path of a gRPC request.
+  const g = parseRoute(
+    grpc({
+      matches: [
+        { method: { service: 'shop.Cart', method: 'Add' } },
+        { method: { service: 'shop.Cart' }, headers: [{ name: 'X-Version', value: 'v2' }] },
+        { method: { method: 'Watch' } },
+        { method: { type: 'RegularExpression', service: 'shop\\..*', method: 'Get.*' } },
+      ],
+      filters: [{ type: 'RequestHeaderModifier', requestHeaderModifier: { set: [{ name: 'x-mesh', value: '1' }] } }],
+    }),
+  );
+  const paths = g.rules[0]?.matches.map((m) => [m.path.type, m.path.value]);
+  assert.deepEqual(paths, [['Exact', '/shop.Cart/Add'], ['PathPrefix', '/shop.Cart'], ['RegularExpression', '/[^/]+/Watch'], ['RegularExpression', '/(?:shop\\..*)/(?:Get.*)']]);
+  assert.ok(g.rules[0]?.matches[3]?.path.regex?.test('/shop.Cart/GetItems'));
+  assert.equal(g.rules[0]?.matches[3]?.path.regex?.test('/shopxCart/GetItems'), false);
+  assert.deepEqual(g.rules[0]?.matches[1]?.headers.map((h) => h.name), ['x-version']);
   // Several rules with matches: each parsed, names lower-cased for headers, prefixes without their trailing "/".
   const l7 = parseRoute(
     route({

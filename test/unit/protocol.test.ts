@@ -57,7 +57,7 @@ const config: MeshConfig = {
         ],
       },
     }),
-    parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind: 'GRPCRoute', metadata: { namespace: 'shop', name: 'cart-split' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ backendRefs: [{ name: 'cart', port: 80 }] }] } }),
+    parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind: 'GRPCRoute', metadata: { namespace: 'shop', name: 'cart-split' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ matches: [{ method: { service: 'shop.Cart', method: 'Add' }, headers: [{ name: 'x-v', value: '2' }] }, { method: { type: 'RegularExpression', method: 'Get.*' } }], backendRefs: [{ name: 'cart', port: 80 }] }, { backendRefs: [{ name: 'cart', port: 80 }] }] } }),
   ],
   namespaces: new Map([['shop', { name: 'shop', labels: { 'nodemesh.io/enabled': 'true' } }]]),
   peerAuthentications: [{ namespace: 'shop', name: 'strict', selector: { app: 'cart' }, mode: 'STRICT', portModes: { '9090': 'PERMISSIVE' } }],
@@ -209,4 +209,20 @@ test('security policies and the trust bundle survive protobuf; a bad policy or b
   assert.equal(refused([{ authorizationPolicy: { namespace: 'shop', name: 'a', selector: {}, action: 'DENY', rules: [badRule] } }]), 'AuthorizationPolicy shop/a spec.rules[0].from[0].source.ipBlocks[0]');
   assert.equal(refused([{ authorizationPolicy: { namespace: 'shop', name: 'a', selector: {}, action: 'DENY', rules: [{ from: [], to: [], when: [{ key: 'request.method', values: ['GET'], notValues: [] }] }] } }]), 'AuthorizationPolicy shop/a spec.rules[0].when[0].key');
   assert.equal(refused([{ mesh: { enrollment: 'all', failClosedEnrollment: false, trustDomain: '', mtlsMode: 'OFF' } }]), 'ConfigMap nodemesh data.mtlsMode');
+});
+
+test('a policy with request attributes: agents get it whole; an agent that predates them gets only what it can enforce (Istio\'s TCP reading)', () => {
+  const method = discoveryService()['Stream'];
+  assert.ok(method);
+  const received = method.responseDeserialize(method.responseSerialize({ snapshot: snapshotMessage(3, config, [pod]) })) as ControlPlaneMessage;
+  const resources = received.snapshot?.resources ?? [];
+  assert.deepEqual(decodeSnapshot({ version: 3, digest: digestOf(resources), resources }).config.authorizationPolicies, config.authorizationPolicies, 'whole, request attributes and all');
+  // An older agent knows no requestRules (protobuf drops the field): it decodes `rules`.
+  const old = resources.map((r) => (r.authorizationPolicy ? { authorizationPolicy: { ...r.authorizationPolicy, requestRules: [] } } : r));
+  const [deny] = decodeSnapshot({ version: 3, digest: digestOf(old), resources: old }).config.authorizationPolicies;
+  assert.deepEqual(deny?.rules[0]?.to, [{ ports: [80], notPorts: [81], hosts: [], notHosts: [], methods: [], notMethods: [], paths: [], notPaths: [] }], 'a DENY rule without its request attributes: it denies more');
+  assert.deepEqual(deny?.rules[0]?.when.map((c) => c.key), ['destination.ip'], 'its request conditions left out');
+  const allow = { ...config.authorizationPolicies[0]!, name: 'allow-get', action: 'ALLOW' as const };
+  const withAllow = snapshotMessage(4, { ...config, authorizationPolicies: [allow] }, [pod]).resources.map((r) => (r.authorizationPolicy ? { authorizationPolicy: { ...r.authorizationPolicy, requestRules: [] } } : r));
+  assert.deepEqual(decodeSnapshot({ version: 4, digest: digestOf(withAllow), resources: withAllow }).config.authorizationPolicies[0]?.rules, [], 'an ALLOW rule that needs a request: left out, so it admits nothing');
 });

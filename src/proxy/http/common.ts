@@ -5,9 +5,9 @@
  * protocol upgrades, Istio's request metrics and the access log line.
  */
 import { randomUUID } from 'node:crypto';
-import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequestArgs, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
+import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequestArgs, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
@@ -120,7 +120,7 @@ export function once(f: () => void): () => void {
   };
 }
 
-export function headerValue(headers: IncomingMessage['headers'], name: string): string | undefined {
+export function headerValue(headers: IncomingHttpHeaders, name: string): string | undefined {
   const v = headers[name];
   return Array.isArray(v) ? v.join(',') : v;
 }
@@ -157,13 +157,36 @@ export function pairs(raw: ReadonlyArray<string>): Array<[string, string]> {
 }
 
 /** Reads a request's body to its end (or its connection's), dropping it; `then` gets how many bytes it had. */
-export function drain(req: IncomingMessage, then: (bytes: number) => void): void {
+export function drain(req: Readable, then: (bytes: number) => void): void {
   let bytes = 0;
   req.on('data', (chunk: Buffer) => (bytes += chunk.length));
   const end = once(() => then(bytes));
   req.once('end', end);
   req.once('close', end);
   req.resume();
+}
+
+/**
+ * Streams an upstream answer's body and trailers into the client's response, with backpressure:
+ * `data` per chunk, `ended` once it is whole; if it breaks off (a reset, a framing error upstream)
+ * the client's answer is cut too and `cut` is told.
+ */
+export function pipeAnswer(answer: IncomingMessage, res: ServerResponse, events: { data(bytes: number): void; ended(): void; cut(): void }): void {
+  answer.on('data', (chunk: Buffer) => {
+    events.data(chunk.length);
+    if (!res.write(chunk)) answer.pause();
+  });
+  res.on('drain', () => answer.resume());
+  answer.on('end', () => {
+    if (answer.rawTrailers.length > 0) res.addTrailers(pairs(answer.rawTrailers));
+    res.end();
+    events.ended();
+  });
+  answer.on('close', () => {
+    if (answer.complete) return;
+    events.cut();
+    res.destroy();
+  });
 }
 
 /** The request's id: its x-request-id, or a new one (then added to what goes upstream). */
@@ -273,9 +296,21 @@ export function upgradeThrough(
 /** The proxy refused the upstream connection itself (the destination's policy): answered 403. */
 export class UpstreamDenied extends Error {}
 
+/** What routing, metrics and logs read of a request, whichever protocol carried it (an IncomingMessage is one). */
+export interface RequestHead {
+  readonly method?: string | undefined;
+  readonly url?: string | undefined;
+  /** "1.1", or "2.0" for an HTTP/2 stream. */
+  readonly httpVersion?: string;
+  /** Lower-case names; Host is :authority for HTTP/2. */
+  readonly headers: IncomingHttpHeaders;
+  /** Name, value, name, value; no pseudo-headers. */
+  readonly rawHeaders: ReadonlyArray<string>;
+}
+
 /** What an access log line says of a request beyond its answer. */
 export interface AccessFacts {
-  readonly req: IncomingMessage;
+  readonly req: RequestHead;
   readonly requestId: string;
   /** "HTTPRoute ns/name rule n", or '' when no rule took it (always '' on the destination's side). */
   readonly route: string;
@@ -297,8 +332,10 @@ export function countRequest(
   started: number,
   facts: AccessFacts,
   log: { readonly upstreamService: string; readonly upstreamHost: string; readonly sourcePod: string } | undefined,
+  grpcStatus: string | undefined = undefined,
 ): void {
-  const labels: RequestLabels = { ...tcp, request_protocol: 'http', response_flags: flag, response_code: String(status), grpc_response_status: '' };
+  // A gRPC request (content-type application/grpc) is reported as Istio does: protocol grpc, with its grpc-status.
+  const labels: RequestLabels = { ...tcp, request_protocol: grpcStatus === undefined ? 'http' : 'grpc', response_flags: flag, response_code: String(status), grpc_response_status: grpcStatus ?? '' };
   const ms = performance.now() - started;
   metrics.requests.inc(labels);
   metrics.requestDuration.observe(labels, ms);
@@ -313,7 +350,7 @@ export function countRequest(
       start_time: new Date(Date.now() - ms).toISOString(),
       method: req.method,
       path: req.url,
-      protocol: `HTTP/${req.httpVersion}`,
+      protocol: `HTTP/${req.httpVersion ?? '1.1'}`,
       response_code: status,
       response_flags: flag,
       bytes_received: facts.bytesIn,

@@ -19,7 +19,7 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pairs, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
 
 const log = logger('http');
 
@@ -276,21 +276,13 @@ class Delivery {
       this.answer(502, 'UPE', `the answer could not be passed on: ${(e as Error).message}`);
       return;
     }
-    answer.on('data', (chunk: Buffer) => {
-      this.bytesOut += chunk.length;
-      if (!this.res.write(chunk)) answer.pause();
-    });
-    this.res.on('drain', () => answer.resume());
-    answer.on('end', () => {
-      if (answer.rawTrailers.length > 0) this.res.addTrailers(pairs(answer.rawTrailers));
-      this.res.end();
-      this.done(status, '-');
-    });
-    answer.on('close', () => {
-      if (answer.complete) return;
-      up.destroy();
-      this.done(status, 'UPE');
-      this.res.destroy();
+    pipeAnswer(answer, this.res, {
+      data: (bytes) => (this.bytesOut += bytes),
+      ended: () => this.done(status, '-'),
+      cut: () => {
+        up.destroy();
+        this.done(status, 'UPE');
+      },
     });
   }
 

@@ -13,15 +13,18 @@
 import { randomUUID } from 'node:crypto';
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
+import type { Readable } from 'node:stream';
 
 import { toItself, type Endpoint, type HttpRouteEntry, type ServiceTarget } from '../../config/snapshot.js';
 import type { PathMatch, RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import type { HashOn } from '../../config/traffic-policy.js';
+import { speaksRequests } from '../../config/service.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pairs, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { H2Outbound } from './h2.js';
 
 const log = logger('http');
 
@@ -48,7 +51,7 @@ export interface HttpClientConnection {
 type ProxyAnswer = { status: number; flag: string; detail: string };
 
 /** What becomes of a request (HttpOutbound.decide). */
-type Decision =
+export type Decision =
   | { readonly kind: 'answer'; readonly parent: ServiceTarget; readonly route: string; readonly answer: ProxyAnswer }
   | { readonly kind: 'redirect'; readonly parent: ServiceTarget; readonly route: string; readonly status: number; readonly location: string }
   | {
@@ -73,7 +76,7 @@ interface Upstream {
  * its cookie, or the source pod's address. A cookie that is missing and has a ttl is made here and
  * set on the answer, so the client's next requests keep to the same endpoint (Istio's way).
  */
-function hashKey(on: HashOn | undefined, req: IncomingMessage, conn: HttpClientConnection): { key?: string; setCookie?: string } {
+function hashKey(on: HashOn | undefined, req: RequestHead, conn: HttpClientConnection): { key?: string; setCookie?: string } {
   if (!on) return {};
   if ('sourceIp' in on) return { key: conn.source.ip4 || conn.source.ip6 };
   if ('header' in on) {
@@ -90,7 +93,7 @@ function hashKey(on: HashOn | undefined, req: IncomingMessage, conn: HttpClientC
 }
 
 /** Raw header pairs with each of `changes` applied in order. */
-function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
+export function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
   let out = [...raw];
   for (const c of changes) out = applyHeaderChanges(out, c);
   return out;
@@ -134,6 +137,7 @@ export class HttpOutbound {
   readonly agent = new UpstreamAgent();
   private readonly connections = new WeakMap<Socket, HttpClientConnection>();
   private logWindow = { start: 0, count: 0 };
+  private readonly h2: H2Outbound;
 
   constructor(
     readonly lb: LoadBalancer,
@@ -146,10 +150,12 @@ export class HttpOutbound {
       (req, res) => this.onRequest(req, res),
       (req, client, head) => this.onUpgrade(req, client, head),
     );
+    this.h2 = new H2Outbound(this, options.idleTimeoutMs);
   }
 
-  /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes. */
+  /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes: HTTP/1.1, or h2c on a port that speaks HTTP/2. */
   serve(client: Socket, conn: HttpClientConnection): Promise<void> {
+    if (speaksRequests(conn.parent.port) === 'http2') return this.h2.serve(client, conn);
     this.connections.set(client, conn);
     return serveOn(this.server, client);
   }
@@ -157,6 +163,7 @@ export class HttpOutbound {
   /** Closes every pooled upstream connection. */
   close(): void {
     this.agent.destroy();
+    this.h2.close();
   }
 
   /**
@@ -164,7 +171,7 @@ export class HttpOutbound {
    * config changes): answered by the proxy (no Service, no route, no backend: 404 or 500, Envoy's
    * NR), redirected, or forwarded to a backend with the rule's and the backend's filters applied.
    */
-  private decide(req: IncomingMessage, conn: HttpClientConnection, requestId: string): Decision {
+  decide(req: RequestHead, conn: HttpClientConnection, requestId: string): Decision {
     // A port whose routes went sends to its own endpoints; a Service that went is no route.
     const parent = conn.current();
     if (!parent) return { kind: 'answer', parent: conn.parent, route: '', answer: { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` } };
@@ -216,7 +223,7 @@ export class HttpOutbound {
       return;
     }
     if (d.kind === 'answer') {
-      this.answer(res, conn, d.parent, undefined, started, d.answer, access, true);
+      this.answer(res, conn, d.parent, undefined, started, d.answer, access, req);
       return;
     }
     res.writeHead(d.status, { location: d.location, 'content-length': 0 });
@@ -342,9 +349,9 @@ export class HttpOutbound {
   }
 
   /** An answer of the proxy itself, counted and logged. */
-  answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts, unread = false): void {
+  answer(res: ServerResponse, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts, unread?: Readable): void {
     // A body nobody read yet (answered before anything went upstream): dropped, counted once it is in.
-    if (unread) drain(facts.req, (bytesIn) => this.count(conn, target, endpoint, a.status, a.flag, started, { ...facts, bytesIn }));
+    if (unread) drain(unread, (bytesIn) => this.count(conn, target, endpoint, a.status, a.flag, started, { ...facts, bytesIn }));
     else this.count(conn, target, endpoint, a.status, a.flag, started, facts);
     // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
     const now = Date.now();
@@ -360,11 +367,11 @@ export class HttpOutbound {
   }
 
   /** Where every request ends: Istio's request metrics, and its access log line where the mesh config asks. */
-  count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts): void {
+  count(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, status: number, flag: string, started: number, facts: AccessFacts, grpcStatus?: string): void {
     const log = this.options.accessLog(conn.source.namespace)
       ? { upstreamService: target.key, upstreamHost: endpoint ? `${endpoint.workload.namespace}/${endpoint.workload.name}:${endpoint.port}` : '', sourcePod: `${conn.source.namespace}/${conn.source.name}` }
       : undefined;
-    countRequest(this.metrics, conn.labels(target, endpoint), status, flag, started, facts, log);
+    countRequest(this.metrics, conn.labels(target, endpoint), status, flag, started, facts, log, grpcStatus);
   }
 }
 
@@ -668,24 +675,17 @@ class Exchange {
       this.finish(502, 'UPE', `the answer could not be passed on: ${(e as Error).message}`, endpoint);
       return;
     }
-    answer.on('data', (chunk: Buffer) => {
-      this.bytesOut += chunk.length;
-      if (!this.res.write(chunk)) answer.pause();
-    });
-    this.res.on('drain', () => answer.resume());
-    answer.on('end', () => {
-      if (answer.rawTrailers.length > 0) this.res.addTrailers(pairs(answer.rawTrailers));
-      this.res.end();
-      release();
-      this.done(status, this.flag, endpoint);
-    });
-    // Cut before its end (a reset, a framing error upstream): so is the client's answer.
-    answer.on('close', () => {
-      if (answer.complete) return;
-      release();
-      up.destroy();
-      this.done(status, 'UPE', endpoint);
-      this.res.destroy();
+    pipeAnswer(answer, this.res, {
+      data: (bytes) => (this.bytesOut += bytes),
+      ended: () => {
+        release();
+        this.done(status, this.flag, endpoint);
+      },
+      cut: () => {
+        release();
+        up.destroy();
+        this.done(status, 'UPE', endpoint);
+      },
     });
   }
 

@@ -1,0 +1,394 @@
+/**
+ * The client side of L7 on ports that speak HTTP/2 (appProtocol http2, h2c, grpc, or such a name
+ * prefix): the client's connection is h2c with prior knowledge (what gRPC clients speak), each
+ * stream is routed as an HTTP/1.1 request is (HttpOutbound.decide: HTTPRoute and GRPCRoute
+ * matches, weights, filters, faults, circuit breaking, request timeout), and goes upstream as a
+ * stream of an HTTP/2 session to the chosen endpoint, multiplexed: one session per source pod,
+ * backend Service and endpoint, opened by the node proxy like any upstream connection. Bodies and
+ * trailers are streamed both ways, so unary, server, client and bidirectional gRPC streaming all
+ * pass; `grpc-status` is reported in Istio's `grpc_response_status`.
+ *
+ * Not here yet: retries (a gRPC body is a stream; nothing is replayed), maxRequestsPerConnection,
+ * mirroring (counted as not sent) and the server side of HTTP/2 ports.
+ */
+import { randomUUID } from 'node:crypto';
+import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
+import type { Socket } from 'node:net';
+
+import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
+import { logger } from '../../shared/log.js';
+import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, type AccessFacts, type RequestHead } from './common.js';
+import { withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+
+const log = logger('http');
+
+/** Headers of one connection only: never forwarded on HTTP/2 (RFC 9113 section 8.2.2). */
+const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'host', 'http2-settings']);
+const END_STREAM = constants.NGHTTP2_FLAG_END_STREAM;
+
+/** A stream's headers as routing reads a request: its method and path, Host from :authority, the other headers as pairs. */
+function headOf(headers: IncomingHttpHeaders): RequestHead {
+  const authority = String(headers[':authority'] ?? headers['host'] ?? '');
+  const raw: string[] = ['host', authority];
+  const plain: IncomingHttpHeaders = { host: authority };
+  for (const [name, value] of Object.entries(headers)) {
+    if (name.startsWith(':') || name === 'host' || value === undefined) continue;
+    plain[name] = value;
+    for (const v of Array.isArray(value) ? value : [value]) raw.push(name, String(v));
+  }
+  return { method: String(headers[':method'] ?? 'GET'), url: String(headers[':path'] ?? '/'), httpVersion: '2.0', headers: plain, rawHeaders: raw };
+}
+
+/** Raw pairs as HTTP/2 header fields: lower-case names, one-connection headers left out (te only as "trailers", which gRPC needs). */
+function fields(raw: ReadonlyArray<string>, into: OutgoingHttpHeaders = {}): OutgoingHttpHeaders {
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = (raw[i] ?? '').toLowerCase();
+    const value = raw[i + 1] ?? '';
+    if (name.startsWith(':') || CONNECTION_SPECIFIC.has(name) || (name === 'te' && value !== 'trailers')) continue;
+    const had = into[name];
+    into[name] = had === undefined ? value : [...(Array.isArray(had) ? had : [String(had)]), value];
+  }
+  return into;
+}
+
+/** Header fields as raw pairs (pseudo-headers left out). */
+function pairsOf(headers: IncomingHttpHeaders): string[] {
+  const raw: string[] = [];
+  for (const [name, value] of Object.entries(headers)) {
+    if (name.startsWith(':') || value === undefined) continue;
+    for (const v of Array.isArray(value) ? value : [value]) raw.push(name, String(v));
+  }
+  return raw;
+}
+
+const isGrpc = (headers: IncomingHttpHeaders): boolean => String(headers['content-type'] ?? '').startsWith('application/grpc');
+
+export class H2Outbound {
+  private readonly server: Http2Server;
+  private readonly connections = new WeakMap<ServerHttp2Session, HttpClientConnection>();
+  /** The connection being handed to the server: its session is made synchronously, in 'session'. */
+  private handing: HttpClientConnection | undefined;
+  /** Upstream sessions by source pod, backend Service and endpoint. */
+  private readonly sessions = new Map<string, Promise<ClientHttp2Session>>();
+
+  constructor(
+    readonly outbound: HttpOutbound,
+    private readonly idleTimeoutMs: number,
+  ) {
+    this.server = createServer({ settings: { maxConcurrentStreams: 256, maxHeaderListSize: 16 * 1024, enablePush: false }, maxSessionMemory: 32 });
+    this.server.on('session', (session: ServerHttp2Session) => {
+      if (this.handing) this.connections.set(session, this.handing);
+      session.on('error', () => undefined);
+      // Idle client connections end as the L4 path's do.
+      session.setTimeout(this.idleTimeoutMs, () => session.close());
+    });
+    this.server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => this.onStream(stream, headers));
+    // A client that breaks the protocol (a bad frame, a SETTINGS flood): its session ends with
+    // GOAWAY (nghttp2 and Node's limits decide), counted; nothing of it went upstream.
+    this.server.on('sessionError', (e: NodeJS.ErrnoException) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
+  }
+
+  /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
+  serve(client: Socket, conn: HttpClientConnection): Promise<void> {
+    client.setNoDelay(true);
+    return new Promise((resolve) => {
+      client.once('close', () => resolve());
+      this.handing = conn;
+      try {
+        this.server.emit('connection', client);
+      } finally {
+        this.handing = undefined;
+      }
+      client.resume();
+    });
+  }
+
+  close(): void {
+    for (const opening of this.sessions.values()) void opening.then((s) => s.destroy(), () => undefined);
+    this.sessions.clear();
+  }
+
+  private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
+    stream.on('error', () => undefined);
+    const conn = this.connections.get(stream.session as ServerHttp2Session);
+    if (!conn) {
+      stream.close(constants.NGHTTP2_REFUSED_STREAM);
+      return;
+    }
+    const started = performance.now();
+    const head = headOf(headers);
+    const requestId = String(headers['x-request-id'] ?? randomUUID());
+    const d = this.outbound.decide(head, conn, requestId);
+    const grpc = isGrpc(headers);
+    const access: AccessFacts = { req: head, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
+    if (d.kind === 'forward') {
+      new H2Exchange(this, stream, head, grpc, conn, d, started, requestId).start();
+      return;
+    }
+    const [status, extra] = d.kind === 'answer' ? [d.answer.status, {}] : [d.status, { location: d.location }];
+    const body = d.kind === 'answer' ? `${d.answer.detail}\n` : '';
+    stream.respond({ ':status': status, 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body), ...extra });
+    stream.end(body);
+    drain(stream, (bytesIn) => this.outbound.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, { ...access, bytesIn }, grpc ? '' : undefined));
+  }
+
+  /**
+   * The session to `endpoint` of `target` for the connection's source pod: the open one, or a new
+   * one over a connection the node proxy opens (a connect failure counts against the endpoint).
+   */
+  session(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
+    const key = `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+    const known = this.sessions.get(key);
+    if (known) {
+      return known.then(
+        (s) => (s.closed || s.destroyed ? this.open(key, conn, target, endpoint) : s),
+        () => this.open(key, conn, target, endpoint),
+      );
+    }
+    return this.open(key, conn, target, endpoint);
+  }
+
+  private open(key: string, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
+    const lb = this.outbound.lb;
+    const opening = (async (): Promise<ClientHttp2Session> => {
+      let socket: Socket;
+      try {
+        socket = await conn.dial(target, endpoint);
+      } catch (e) {
+        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
+        throw e;
+      }
+      lb.connectSucceeded(endpoint);
+      const session = h2connect(`http://${endpoint.workload.ip4 || 'endpoint'}`, { createConnection: () => socket, settings: { enablePush: false }, maxSessionMemory: 32 });
+      session.on('error', (e: Error) => log.debug({ service: target.key, err: e.message }, 'upstream HTTP/2 session failed'));
+      const forget = (): void => {
+        if (this.sessions.get(key) === opening) this.sessions.delete(key);
+      };
+      session.once('close', forget);
+      session.once('goaway', forget);
+      // Idle sessions close (as pooled HTTP/1.1 connections do), before their server would.
+      session.setTimeout(UPSTREAM_IDLE_MS, () => session.close());
+      return session;
+    })();
+    this.sessions.set(key, opening);
+    opening.catch(() => {
+      if (this.sessions.get(key) === opening) this.sessions.delete(key);
+    });
+    return opening;
+  }
+}
+
+/**
+ * One stream from its headers to its end: faults, the backend's circuit breaker, an endpoint
+ * (another one once if the connect fails), the upstream stream, and the answer back with its
+ * trailers. A stream reset on either side resets the other.
+ */
+class H2Exchange {
+  private finished = false;
+  private bytesIn = 0;
+  private bytesOut = 0;
+  private attempt = 0;
+  private inflight: ClientHttp2Stream | undefined;
+  private requestTimer: NodeJS.Timeout | undefined;
+  private delayTimer: NodeJS.Timeout | undefined;
+  private leaveQueue: (() => void) | undefined;
+  private flag = '-';
+  private avoid: Endpoint | undefined;
+  private readonly outbound: HttpOutbound;
+  private readonly target: ServiceTarget;
+
+  constructor(
+    private readonly h2: H2Outbound,
+    private readonly stream: ServerHttp2Stream,
+    private readonly head: RequestHead,
+    private readonly grpc: boolean,
+    private readonly conn: HttpClientConnection,
+    private readonly d: Extract<Decision, { kind: 'forward' }>,
+    private readonly started: number,
+    private readonly requestId: string,
+  ) {
+    this.outbound = h2.outbound;
+    this.target = d.target;
+  }
+
+  start(): void {
+    this.outbound.track('active', this.target, 1);
+    const requestMs = this.d.entry.timeouts?.requestMs;
+    if (requestMs !== undefined) this.requestTimer = setTimeout(() => this.timedOut(requestMs), requestMs);
+    // The client left (or reset the stream) first: Envoy's DC.
+    this.stream.once('close', () => {
+      if (this.finished) return;
+      this.inflight?.close(constants.NGHTTP2_CANCEL);
+      this.done(0, 'DC', undefined);
+    });
+    const fault = this.d.parent.policy.fault ?? this.target.policy.fault;
+    const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
+    const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
+    if (delayed) this.flag = 'DI';
+    const go = (): void => {
+      if (aborted) this.answer(fault?.abort?.status ?? 503, 'FI', 'fault injected (TrafficPolicy fault.abort)', undefined);
+      else this.send();
+    };
+    if (delayed) this.delayTimer = setTimeout(go, fault?.delay?.ms ?? 0);
+    else go();
+  }
+
+  private send(): void {
+    if (this.finished) return;
+    const slot = this.outbound.admit(this.target, () => void this.sendNow(slot === 'overflow' ? () => undefined : slot.leave));
+    if (slot === 'overflow') {
+      this.answer(503, 'UO', `Service ${this.target.key}: ${this.target.policy.maxConnections} requests in flight and ${this.target.policy.maxPendingRequests} waiting (connectionPool)`, undefined);
+      return;
+    }
+    this.leaveQueue = slot.leave;
+    if (slot.now) void this.sendNow(slot.leave);
+  }
+
+  private async sendNow(leave: () => void): Promise<void> {
+    this.leaveQueue = undefined;
+    if (this.finished) {
+      leave();
+      return;
+    }
+    this.attempt++;
+    const lb = this.outbound.lb;
+    const endpoint = lb.pick(this.target, this.avoid, this.d.upstream.hashKey);
+    if (!endpoint) {
+      leave();
+      this.answer(503, 'UH', `Service ${this.target.key} has no endpoints`, undefined);
+      return;
+    }
+    lb.acquire(this.target, endpoint);
+    const release = once(() => {
+      lb.release(this.target, endpoint);
+      leave();
+    });
+    let session: ClientHttp2Session;
+    try {
+      session = await this.h2.session(this.conn, this.target, endpoint);
+    } catch (e) {
+      release();
+      if (e instanceof UpstreamDenied) this.answer(403, 'UAEX', e.message, endpoint);
+      // Nothing was sent yet: another endpoint once.
+      else if (this.attempt < 2 && this.target.endpoints.length > 1 && !this.finished) {
+        this.avoid = endpoint;
+        this.send();
+      } else this.answer(503, 'UF', (e as Error).message, endpoint);
+      return;
+    }
+    if (this.finished) {
+      release();
+      return;
+    }
+    const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': this.authority() });
+    let up: ClientHttp2Stream;
+    try {
+      up = session.request(out, { endStream: this.stream.readableEnded });
+    } catch (e) {
+      release();
+      this.answer(503, 'UC', (e as Error).message, endpoint);
+      return;
+    }
+    this.inflight = up;
+    up.on('error', () => undefined);
+    let answered = false;
+    up.on('response', (headers: IncomingHttpHeaders, flags: number) => {
+      answered = true;
+      this.answered(up, headers, (flags & END_STREAM) !== 0, endpoint, release);
+    });
+    up.once('close', () => {
+      release();
+      if (this.finished) return;
+      if (!answered) {
+        this.answer(503, up.rstCode === constants.NGHTTP2_REFUSED_STREAM ? 'UF' : 'UC', `the upstream stream ended before an answer (code ${up.rstCode ?? 0})`, endpoint);
+        return;
+      }
+      // Reset while its answer was being passed on: so is the client's.
+      if (up.rstCode !== undefined && up.rstCode !== constants.NGHTTP2_NO_ERROR) {
+        this.stream.close(up.rstCode);
+        this.done(this.stream.sentHeaders?.[':status'] === undefined ? 502 : Number(this.stream.sentHeaders[':status']), 'UPE', endpoint);
+      }
+    });
+    // The body flows only now (a data listener earlier would drop what came before the session).
+    if (!this.stream.readableEnded) {
+      this.stream.on('data', (chunk: Buffer) => (this.bytesIn += chunk.length));
+      this.stream.pipe(up);
+    }
+  }
+
+  /** The :authority upstream: the (possibly rewritten) Host of the request. */
+  private authority(): string {
+    const raw = this.d.upstream.headers;
+    for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') return raw[i + 1] ?? '';
+    return this.target.service.name;
+  }
+
+  private answered(up: ClientHttp2Stream, headers: IncomingHttpHeaders, endStream: boolean, endpoint: Endpoint, release: () => void): void {
+    const status = Number(headers[':status'] ?? 502);
+    if (this.finished) {
+      up.close(constants.NGHTTP2_CANCEL);
+      release();
+      return;
+    }
+    if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
+    const out = fields(withChanges(pairsOf(headers), this.d.upstream.answerChanges), { ':status': status });
+    if (this.stream.destroyed || this.stream.closed) {
+      up.close(constants.NGHTTP2_CANCEL);
+      return;
+    }
+    // A trailers-only answer (a gRPC error): its headers end the stream.
+    if (endStream) {
+      this.stream.respond(out, { endStream: true });
+      this.done(status, this.flag, endpoint, String(headers['grpc-status'] ?? ''));
+      return;
+    }
+    let trailers: IncomingHttpHeaders | undefined;
+    this.stream.respond(out, { waitForTrailers: true });
+    this.stream.once('wantTrailers', () => this.stream.sendTrailers(trailers ? fields(pairsOf(trailers)) : {}));
+    up.on('trailers', (t: IncomingHttpHeaders) => (trailers = t));
+    up.on('data', (chunk: Buffer) => {
+      this.bytesOut += chunk.length;
+      if (!this.stream.write(chunk)) up.pause();
+    });
+    this.stream.on('drain', () => up.resume());
+    up.once('end', () => {
+      this.stream.end();
+      this.done(status, this.flag, endpoint, String(trailers?.['grpc-status'] ?? headers['grpc-status'] ?? ''));
+    });
+  }
+
+  /** timeouts.request ran out: 504 if nothing was answered yet, else the stream is cut. */
+  private timedOut(ms: number): void {
+    if (this.finished) return;
+    this.inflight?.close(constants.NGHTTP2_CANCEL);
+    if (this.stream.headersSent) {
+      this.stream.close(constants.NGHTTP2_CANCEL);
+      this.done(Number(this.stream.sentHeaders[':status'] ?? 0), 'UT', undefined);
+      return;
+    }
+    this.answer(504, 'UT', `no answer within ${ms} ms (timeouts.request)`, undefined);
+  }
+
+  /** Answered by the proxy itself. */
+  private answer(status: number, flag: string, detail: string, endpoint: Endpoint | undefined): void {
+    if (this.finished) return;
+    if (!this.stream.headersSent && !this.stream.destroyed && !this.stream.closed) {
+      const body = `${detail}\n`;
+      this.stream.respond({ ':status': status, 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
+      this.stream.end(body);
+    } else this.stream.close(constants.NGHTTP2_INTERNAL_ERROR);
+    this.done(status, flag, endpoint);
+  }
+
+  private done(status: number, flag: string, endpoint: Endpoint | undefined, grpcStatus = ''): void {
+    if (this.finished) return;
+    this.finished = true;
+    clearTimeout(this.requestTimer);
+    clearTimeout(this.delayTimer);
+    this.leaveQueue?.();
+    this.leaveQueue = undefined;
+    this.outbound.track('active', this.target, -1);
+    const facts: AccessFacts = { req: this.head, requestId: this.requestId, route: `${this.d.entry.route} rule ${this.d.entry.rule}`, bytesIn: this.bytesIn, bytesOut: this.bytesOut, attempts: this.attempt };
+    this.outbound.count(this.conn, this.target, endpoint, status, flag, this.started, facts, this.grpc ? grpcStatus : undefined);
+  }
+}

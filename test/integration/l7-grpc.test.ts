@@ -1,0 +1,129 @@
+/**
+ * L7 on HTTP/2 ports (issue 14): a Service port that speaks gRPC (h2c) with a GRPCRoute is
+ * terminated by the source pod's node proxy and routed per stream. Real @grpc/grpc-js servers in
+ * pods and a real client in another, on ONE channel: a 90/10 split per call, a method and
+ * metadata match that always wins with its header filter, unary, server, client and bidirectional
+ * streaming intact, a trailers-only error passed on, grpc_response_status in the metrics; on one
+ * node and across two nodes (HBONE, mutual TLS).
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import type { GrpcPlan, GrpcRun } from '../support/grpc-client.js';
+import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import type { PodRecord } from '../../src/runtime/store.js';
+
+const APP = fileURLToPath(new URL('../support/grpc-app.js', import.meta.url));
+const CLIENT = fileURLToPath(new URL('../support/grpc-client.js', import.meta.url));
+const SVC = { cart: '10.96.0.101', v1: '10.96.0.102', v2: '10.96.0.103' };
+
+function meshConfig(): Record<string, string> {
+  return {
+    'svc.yaml': [
+      serviceYaml('cart', [SVC.cart], { app: 'cart' }, 80, 8080, 'grpc'),
+      serviceYaml('cart-v1', [SVC.v1], { app: 'cart', version: 'v1' }, 80, 8080, 'grpc'),
+      serviceYaml('cart-v2', [SVC.v2], { app: 'cart', version: 'v2' }, 80, 8080, 'grpc'),
+    ].join('---\n'),
+    'route.yaml': [
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: GRPCRoute',
+      'metadata: {name: cart, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: cart, port: 80}]',
+      '  rules:',
+      '  - matches: [{method: {service: mesh.test.Echo}, headers: [{name: x-version, value: v2}]}]',
+      '    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-version, value: pinned}]}}]',
+      '    backendRefs: [{name: cart-v2, port: 80}]',
+      '  - matches: [{method: {service: mesh.test.Echo, method: Fail}}]',
+      '    backendRefs: [{name: cart-v1, port: 80}]',
+      '  - backendRefs: [{name: cart-v1, port: 80, weight: 90}, {name: cart-v2, port: 80, weight: 10}]',
+      '',
+    ].join('\n'),
+  };
+}
+
+async function grpc(sb: Sandbox, client: PodRecord, plan: Omit<GrpcPlan, 'host' | 'port'>, agents: ReadonlyArray<AgentProcess>): Promise<GrpcRun> {
+  const out = await sb.execIn(client, [process.execPath, CLIENT, JSON.stringify({ host: SVC.cart, port: 80, ...plan })], 60_000).catch((e: Error) => {
+    throw new Error(`${e.message}\nthe nodes' logs:\n${agents.map((a) => a.log().split('\n').slice(-30).join('\n')).join('\n----\n')}`);
+  });
+  return JSON.parse(out.trim().split('\n').pop() ?? '{}') as GrpcRun;
+}
+
+async function checkGrpc(sb: Sandbox, client: PodRecord, source: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
+  // 1000 calls on one channel: 90/10 per call, within five standard deviations of the binomial.
+  const split = await grpc(sb, client, { unary: { count: 1000 } }, agents);
+  const by = (pod: string): number => split.unary.filter((u) => u.pod === pod).length;
+  assert.equal(by('cart-v1') + by('cart-v2'), 1000, `${where}: every call answered: ${JSON.stringify(split.unary.filter((u) => u.code !== undefined).slice(0, 3))}`);
+  assert.ok(by('cart-v2') >= 53 && by('cart-v2') <= 147, `${where}: v2 took ${by('cart-v2')} of 1000 (want 100 +- 47)`);
+  // The metadata match wins every time, and its filter changed the header on the way.
+  const pinned = await grpc(sb, client, { unary: { count: 100, metadata: { 'x-version': 'v2' } } }, agents);
+  assert.deepEqual([...new Set(pinned.unary.map((u) => `${u.pod ?? u.code ?? ''} ${u.version ?? ''}`))], ['cart-v2 pinned'], `${where}: x-version: v2 always to v2, rewritten`);
+  // Streaming each way, a large message, and a trailers-only error.
+  const streams = await grpc(sb, client, { serverStream: 50, clientStream: { messages: 200, bytes: 1024 }, bidi: 100, unary: { count: 1, bytes: 1 << 20 }, fail: true }, agents);
+  assert.equal(streams.unary[0]?.code, undefined, `${where}: a 1 MiB message went through`);
+  assert.equal(streams.serverStream?.messages, 50, `${where}: server streaming: every message`);
+  assert.equal(streams.serverStream?.pods.length, 1, `${where}: one stream, one backend`);
+  assert.deepEqual(streams.clientStream, { messages: 200, bytes: 200 * 1024 }, `${where}: client streaming: every message and byte`);
+  assert.deepEqual(streams.bidi, { echoed: 100, intact: true, end: true }, `${where}: bidirectional: a hundred round trips in order`);
+  assert.equal(streams.fail?.code, 5, `${where}: NOT_FOUND passed on`);
+  assert.match(streams.fail?.details ?? '', /no such thing at cart-v1/);
+  const metrics = await source.metrics();
+  const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'source', request_protocol: 'grpc', ...labels });
+  assert.equal(requests({ grpc_response_status: '5', response_code: '200' }), 1, `${where}: the error counted with its gRPC status`);
+  assert.ok(requests({ grpc_response_status: '0', destination_service_name: 'cart-v2' }) >= by('cart-v2') + 100, `${where}: v2's calls counted`);
+}
+
+test('L7 gRPC on one node: per-call split over one channel, method and metadata match, header filter, unary and streaming calls, errors; malformed HTTP/2 refused', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, meshConfig());
+  await sb.serverPod('cart-v1', [process.execPath, APP, 'cart-v1', '8080'], 8080, ['app=cart', 'version=v1']);
+  await sb.serverPod('cart-v2', [process.execPath, APP, 'cart-v2', '8080'], 8080, ['app=cart', 'version=v2']);
+  const client = await sb.idlePod('client');
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
+  await checkGrpc(sb, client, agent, [agent], 'one node');
+  // Clients that break HTTP/2: their connection ends with a GOAWAY, nothing goes upstream, and
+  // the proxy serves on.
+  const frame = (type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer => {
+    const head = Buffer.alloc(9);
+    head.writeUIntBE(payload.length, 0, 3);
+    head[3] = type;
+    head[4] = flags;
+    head.writeUInt32BE(stream, 5);
+    return Buffer.concat([head, payload]);
+  };
+  const settings = frame(4, 0, 0);
+  const before = metricValue(await agent.metrics(), 'istio_requests_total');
+  const bad = await grpc(sb, client, {
+    raw: [
+      { hex: Buffer.concat([settings, frame(0, 0, 0, Buffer.from('x'))]).toString('hex') }, // DATA on stream 0
+      { hex: '', repeat: { hex: settings.toString('hex'), times: 20_000 } }, // a SETTINGS flood
+      { hex: settings.toString('hex'), repeat: { hex: frame(6, 0, 0, Buffer.alloc(8)).toString('hex'), times: 20_000 } }, // a PING flood
+      { hex: Buffer.concat([settings, frame(1, 4, 1, Buffer.from([0xff, 0xff, 0xff, 0xff]))]).toString('hex') }, // headers that do not decode
+    ],
+  }, [agent]);
+  // PROTOCOL_ERROR (1), INTERNAL_ERROR for a flood (2, nghttp2's flood guard), COMPRESSION_ERROR (9).
+  assert.deepEqual(bad.raw, ['goaway:1', 'goaway:2', 'goaway:2', 'goaway:9']);
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total'), before, 'none of them was routed');
+  assert.ok(metricValue(await agent.metrics(), 'nodemesh_http_refused_total') >= 2, 'the floods counted');
+  assert.equal((await grpc(sb, client, { unary: { count: 1 } }, [agent])).unary[0]?.code, undefined, 'the proxy serves on');
+});
+
+test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), streams intact', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC)) await sb.blackhole(ip);
+  const nodeB = `${sb.config.node}-b`;
+  const cp = await startControlPlane(sb, meshConfig());
+  const agentA = await startAgent(sb, { controlPlane: cp.address });
+  const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB });
+  await sb.serverPod('cart-v1', [process.execPath, APP, 'cart-v1', '8080'], 8080, ['app=cart', 'version=v1']);
+  await sb.serverPod('cart-v2', [process.execPath, APP, 'cart-v2', '8080'], 8080, ['app=cart', 'version=v2'], { node: nodeB });
+  const client = await sb.idlePod('client');
+  await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
+  await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
+  await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
+  await checkGrpc(sb, client, agentA, [agentA, agentB], 'two nodes');
+  assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
+});
