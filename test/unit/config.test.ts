@@ -103,7 +103,7 @@ function webTarget(policies: Record<string, unknown>[] = []): ServiceTarget {
   return target;
 }
 
-test('load balancing: round robin by default, least connections from a TrafficPolicy (round-robin ties)', () => {
+test('load balancing: round robin by default, least requests from a TrafficPolicy (power of two choices)', () => {
   const target = webTarget();
   assert.equal(target.policy, DEFAULT_SERVICE_POLICY);
   const rr = new LoadBalancer();
@@ -119,8 +119,12 @@ test('load balancing: round robin by default, least connections from a TrafficPo
   const second = lc.pick(lcTarget);
   assert.ok(second && second.workload.name !== first.workload.name);
   lc.acquire(lcTarget, second);
-  const third = lc.pick(lcTarget);
-  assert.ok(third && ![first.workload.name, second.workload.name].includes(third.workload.name), 'the idle endpoint wins');
+  // Power of two choices over three endpoints loaded 2, 1, 0: the busiest never, the idle one in
+  // two draws of three (each pair equally likely: {busiest, middle} gives the middle one).
+  const picks = Array.from({ length: 3000 }, () => lc.pick(lcTarget)?.workload.name);
+  assert.equal(picks.filter((n) => n === first.workload.name).length, 0, 'the busiest endpoint is never picked');
+  const idle = picks.filter((n) => n !== first.workload.name && n !== second.workload.name).length;
+  assert.ok(idle > 1800 && idle < 2200, `the idle endpoint took ${idle} of 3000 (two thirds: 2000)`);
   lc.release(lcTarget, first);
   lc.release(lcTarget, first);
   assert.equal(lc.activeConnections(first), 0);

@@ -1,7 +1,8 @@
 /**
  * Endpoint choice per Service port (per connection at L4, per request on HTTP routes), as its
- * TrafficPolicy says: round robin (default), least connections or requests (ties in round robin)
- * or random, over the endpoints that are not ejected. Passive health: an endpoint that fails
+ * TrafficPolicy says: round robin (default), least connections or requests (the less loaded of two
+ * endpoints drawn at random, Envoy's power of two choices; with two endpoints the less loaded, ties
+ * in round robin) or random, over the endpoints that are not ejected. Passive health: an endpoint that fails
  * `consecutiveConnectErrors` connects in a row, or answers `consecutive5xxErrors` 5xx or
  * `consecutiveGatewayErrors` 502-504 in a row, is ejected for baseEjectionTime times its number of
  * ejections (rounded up to the sweep interval), within maxEjectionPercent of the Service's
@@ -47,6 +48,15 @@ export class LoadBalancer {
     if (hashKey !== undefined && target.policy.hashOn) return rendezvous(eps, hashKey);
     const mode = target.policy.loadBalancing;
     if (mode === 'random') return eps[Math.floor(Math.random() * eps.length)];
+    if (mode === 'least-connections' && eps.length > 2) {
+      // Power of two choices: O(1), and it never herds every pick onto one endpoint whose count
+      // has not caught up yet (Envoy's LEAST_REQUEST with choice_count 2).
+      const i = Math.floor(Math.random() * eps.length);
+      const j = (i + 1 + Math.floor(Math.random() * (eps.length - 1))) % eps.length;
+      const [a, b] = [eps[i], eps[j]];
+      if (!a || !b) return a ?? b;
+      return (this.active.get(endpointKey(b)) ?? 0) < (this.active.get(endpointKey(a)) ?? 0) ? b : a;
+    }
     const start = this.next(target.key, eps.length);
     if (mode === 'round-robin') return eps[start];
     let best: Endpoint | undefined;
