@@ -7,7 +7,7 @@ import type { SocketAddress } from '../shared/address.js';
 import { ALL_REQUESTS, needsHttp, type RouteMatch, type RouteRetry, type RouteTimeouts, type ServiceRoute } from './route.js';
 import type { RouteFilter } from './route-filters.js';
 import { speaksRequests, type Service, type ServicePort } from './service.js';
-import { DEFAULT_SERVICE_POLICY, policyNeedsHttp, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
+import { DEFAULT_SERVICE_POLICY, policyNeedsHttp, type Fault, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { NO_SECURITY, type SecurityConfig } from './security.js';
 import { byNamespaceName } from '../shared/order.js';
 
@@ -72,6 +72,8 @@ export interface HttpRouteEntry {
   readonly filters?: ReadonlyArray<RouteFilter>;
   /** Where a share of the requests is copied to (RequestMirror), answers dropped. */
   readonly mirrors?: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }>;
+  /** From a TrafficPolicy that targets the route: it wins over the Services' faults. */
+  readonly fault?: Fault;
 }
 
 export interface HttpRouting {
@@ -174,7 +176,7 @@ export class MeshSnapshot {
     // Routes turn their parents' targets into splits over the backends' own targets (one level:
     // a backend's own route does not apply again, as in Gateway API's mesh routing).
     const plain = new Map(byKey);
-    for (const [key, routing] of resolveRoutes(routes, plain, warnings)) {
+    for (const [key, routing] of resolveRoutes(routes, plain, warnings, routeFaults(routes, trafficPolicies, warnings))) {
       const parent = plain.get(key);
       if (parent) byKey.set(key, { ...parent, ...routing });
     }
@@ -261,7 +263,29 @@ function resolvePolicies(services: ReadonlyArray<Service>, policies: ReadonlyArr
  * (the config store refuses it before it gets here). A backend that is not there is a warning; its
  * share is left out and the others keep theirs.
  */
-function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap<string, ServiceTarget>, warnings: SnapshotWarning[]): Map<string, Pick<ServiceTarget, 'split' | 'route' | 'http'>> {
+/**
+ * The fault of each route a TrafficPolicy targets ("HTTPRoute ns/name" -> fault): the first policy
+ * by name wins, the others are warnings, as for Services.
+ */
+function routeFaults(routes: ReadonlyArray<ServiceRoute>, policies: ReadonlyArray<TrafficPolicy>, warnings: SnapshotWarning[]): Map<string, Fault> {
+  const known = new Set(routes.map((r) => `${r.kind} ${r.namespace}/${r.name}`));
+  const chosen = new Map<string, TrafficPolicy>();
+  for (const p of [...policies].sort(byNamespaceName)) {
+    for (const ref of p.routes) {
+      const key = `${ref.replace('/', ` ${p.namespace}/`)}`;
+      const object = `TrafficPolicy ${p.namespace}/${p.name}`;
+      const winner = chosen.get(key);
+      if (!known.has(key)) warnings.push({ object, message: `targets ${key}, which does not exist` });
+      else if (winner) warnings.push({ object, message: `ignored for ${key}: TrafficPolicy ${winner.namespace}/${winner.name} already applies to it` });
+      else chosen.set(key, p);
+    }
+  }
+  const out = new Map<string, Fault>();
+  for (const [key, p] of chosen) if (p.policy.fault) out.set(key, p.policy.fault);
+  return out;
+}
+
+function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap<string, ServiceTarget>, warnings: SnapshotWarning[], faults: ReadonlyMap<string, Fault>): Map<string, Pick<ServiceTarget, 'split' | 'route' | 'http'>> {
   const out = new Map<string, Pick<ServiceTarget, 'split' | 'route' | 'http'>>();
   if (routes.length === 0) return out;
   const byService = new Map<string, ServiceTarget[]>();
@@ -300,7 +324,8 @@ function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap
           merged.routes.push(object);
           r.rules.forEach((rule, ri) => {
             const mirrored = mirrors[ri] ?? [];
-            const extras = { ...(rule.timeouts ? { timeouts: rule.timeouts } : {}), ...(rule.retry ? { retry: rule.retry } : {}), ...(rule.filters ? { filters: rule.filters } : {}), ...(mirrored.length > 0 ? { mirrors: mirrored } : {}) };
+            const fault = faults.get(object);
+            const extras = { ...(rule.timeouts ? { timeouts: rule.timeouts } : {}), ...(rule.retry ? { retry: rule.retry } : {}), ...(rule.filters ? { filters: rule.filters } : {}), ...(mirrored.length > 0 ? { mirrors: mirrored } : {}), ...(fault ? { fault } : {}) };
             for (const match of rule.matches) merged.entries.push({ match, backends: rules[ri] ?? [], route: object, rule: ri, ...extras, order: order++ });
           });
           continue;

@@ -88,11 +88,19 @@ export interface TrafficPolicy {
   readonly namespace: string;
   /** Names of Services in the policy's namespace. */
   readonly services: ReadonlyArray<string>;
+  /**
+   * Routes in the policy's namespace, "HTTPRoute/name" or "GRPCRoute/name": the policy's `fault`
+   * applies to the requests they route (Istio's VirtualService fault). Such a policy targets only
+   * routes and sets only `fault` (what is per route); the rest is per Service.
+   */
+  readonly routes: ReadonlyArray<string>;
   readonly policy: ServicePolicy;
 }
 
+const ROUTE_TARGET_KINDS = ['HTTPRoute', 'GRPCRoute'];
+
 interface Spec {
-  targetRefs: Array<{ group?: string; kind: 'Service'; name: string }>;
+  targetRefs: Array<{ group?: string; kind: 'Service' | 'HTTPRoute' | 'GRPCRoute'; name: string }>;
   loadBalancer?: { type?: 'RoundRobin' | 'LeastRequest' | 'Random'; consistentHash?: { httpHeaderName?: string; httpCookie?: { name: string; ttl?: string }; useSourceIp?: boolean } };
   connectionPool?: { tcp?: { maxConnections?: number; connectTimeout?: string; idleTimeout?: string }; http?: { http1MaxPendingRequests?: number; maxRequestsPerConnection?: number } };
   outlierDetection?: { consecutiveConnectErrors?: number; consecutive5xxErrors?: number; consecutiveGatewayErrors?: number; baseEjectionTime?: string; maxEjectionPercent?: number; interval?: string };
@@ -156,6 +164,20 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
   schemas().validate(String(doc['apiVersion']), String(doc['kind']), doc);
   const { name, namespace } = parseMetadata(doc['metadata']);
   const spec = doc['spec'] as Spec;
+  for (const [i, ref] of spec.targetRefs.entries()) {
+    const route = ROUTE_TARGET_KINDS.includes(ref.kind);
+    const group = ref.group ?? '';
+    if (route ? group !== 'gateway.networking.k8s.io' : group !== '') throw new ObjectInvalid(`spec.targetRefs[${i}].group`, `spec.targetRefs[${i}].group "${group}" is not the group of a ${ref.kind} (${route ? 'gateway.networking.k8s.io' : '""'})`);
+  }
+  const routeRefs = spec.targetRefs.filter((r) => ROUTE_TARGET_KINDS.includes(r.kind));
+  if (routeRefs.length > 0) {
+    // What is per route (Istio's VirtualService) against what is per Service (its DestinationRule).
+    const service = spec.targetRefs.findIndex((r) => r.kind === 'Service');
+    if (service >= 0) throw new ObjectInvalid(`spec.targetRefs[${service}]`, 'a TrafficPolicy targets Services or routes, not both: its fields mean different things for each');
+    const perService = Object.keys(spec).find((k) => k !== 'targetRefs' && k !== 'fault');
+    if (perService) throw new ObjectInvalid(`spec.${perService}`, `spec.${perService} applies to a Service's endpoints; a TrafficPolicy that targets routes sets only fault`);
+    if (!spec.fault) throw new ObjectInvalid('spec.fault', 'a TrafficPolicy that targets routes sets fault (nothing else applies per route)');
+  }
   const tcp = spec.connectionPool?.tcp;
   const od = spec.outlierDetection;
   const d = DEFAULT_SERVICE_POLICY;
@@ -181,5 +203,11 @@ export function parseTrafficPolicy(doc: Record<string, unknown>): TrafficPolicy 
     ...(spec.localRateLimit ? { rateLimit: rateLimitOf(spec.localRateLimit.total?.requestsPerSecond, spec.localRateLimit.identity?.requestsPerSecond) } : {}),
     retryBudget: Object.freeze({ percent: spec.retryBudget?.percent ?? d.retryBudget.percent, minRetryConcurrency: spec.retryBudget?.minRetryConcurrency ?? d.retryBudget.minRetryConcurrency }),
   });
-  return { name, namespace, services: [...new Set(spec.targetRefs.map((r) => r.name))], policy };
+  return {
+    name,
+    namespace,
+    services: [...new Set(spec.targetRefs.filter((r) => r.kind === 'Service').map((r) => r.name))],
+    routes: [...new Set(routeRefs.map((r) => `${r.kind}/${r.name}`))],
+    policy,
+  };
 }

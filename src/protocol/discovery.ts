@@ -85,6 +85,8 @@ export interface WireTrafficPolicy {
   hashSourceIp: boolean;
   rateLimitTotal?: number | null;
   rateLimitIdentity?: number | null;
+  /** Absent from a control plane that predates route targets. */
+  routes?: string[];
 }
 export interface WireRouteRef {
   namespace: string;
@@ -296,6 +298,7 @@ export function trafficPolicyToWire(t: TrafficPolicy): WireTrafficPolicy {
     namespace: t.namespace,
     name: t.name,
     services: [...t.services],
+    routes: [...t.routes],
     loadBalancing: p.loadBalancing,
     maxConnections: p.maxConnections,
     ...(p.connectTimeoutMs === undefined ? {} : { connectTimeoutMs: p.connectTimeoutMs }),
@@ -696,6 +699,7 @@ export function decodeResources(version: number, digest: string, resources: Read
       const rates = [w.rateLimitTotal, w.rateLimitIdentity].map((r) => (r === null || r === undefined ? undefined : r));
       if (rates.some((r) => r !== undefined && (r < 1 || r > 1_000_000))) bad(id, 'spec.localRateLimit', 'a rate is outside 1-1000000 requests per second');
       const rateLimit = rates.some((r) => r !== undefined) ? rateLimitOf(rates[0], rates[1]) : undefined;
+      for (const [i, ref] of (w.routes ?? []).entries()) if (!/^(HTTPRoute|GRPCRoute)\/[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(ref)) bad(id, `spec.targetRefs[${i}]`, `"${ref.slice(0, 80)}" is not "HTTPRoute/name" or "GRPCRoute/name"`);
       const intervalBad = w.intervalMs === null || w.intervalMs === undefined ? undefined : durationOutOfBounds(w.intervalMs, DURATION_BOUNDS.intervalMs);
       if (intervalBad) bad(id, DURATION_BOUNDS.intervalMs.field, intervalBad);
       const fault = f
@@ -713,6 +717,7 @@ export function decodeResources(version: number, digest: string, resources: Read
           namespace: w.namespace,
           name: w.name,
           services: Object.freeze([...w.services]),
+          routes: Object.freeze([...(w.routes ?? [])]),
           policy: Object.freeze({
             source: `${w.namespace}/${w.name}`,
             loadBalancing: lb ?? 'round-robin',

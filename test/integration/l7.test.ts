@@ -227,6 +227,7 @@ function retryConfig(): Record<string, string> {
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: delays, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: slowed}]\n  fault: {delay: {fixedDelay: 200ms}}\n',
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: ejecting, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: pool}]\n  outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1s, maxEjectionPercent: 50}\n',
       // A route makes the port go through the HTTP path (the pool limits need no more).
+      'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: route-faults, namespace: default}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: api-faulty}]\n  fault: {abort: {httpStatus: 429}}\n',
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: narrow, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: narrow}]\n  connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 2}}\n',
     ].join('---\n'),
     'route.yaml': [
@@ -253,6 +254,13 @@ function retryConfig(): Record<string, string> {
       '    retry: {attempts: 2, codes: [503]}',
       '  - matches: [{path: {value: /narrow}}]',
       '    backendRefs: [{name: narrow, port: 80}]',
+      '---',
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: api-faulty, namespace: default}',
+      'spec:',
+      '  parentRefs: [{kind: Service, name: api, port: 80}]',
+      '  rules: [{matches: [{path: {value: /route-fault}}], backendRefs: [{name: flaky, port: 80}]}]',
       '',
     ].join('\n'),
   };
@@ -317,6 +325,9 @@ test('L7 resilience on one node: retries (and their budget), timeouts, fault inj
   const slowed = await http(sb, client, { requests: [{ path: '/x' }], repeat: 3 }, agent, SVC_API.slowed);
   for (const a of slowed.answers) assert.ok(a.status === 200 && a.ms >= 190, `delayed by the fault: ${a.status} after ${Math.round(a.ms)} ms`);
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { destination_service_name: 'slowed', response_flags: 'DI', response_code: '200' }), 3);
+  // A fault on a route (a TrafficPolicy targeting the HTTPRoute): its requests only.
+  assert.deepEqual([(await go('/route-fault/x')).status, (await go('/no-retry/x')).status], [429, 200], 'the route\'s requests aborted, the other route\'s not');
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { response_code: '429', response_flags: 'FI' }), 1);
 
   // Outlier detection: of two endpoints, the one that answers 500 is out after 3 in a row and gets
   // nothing until its ejection (1 s) ends; then it gets requests again.

@@ -105,7 +105,7 @@ test('Discovery: a garbled Snapshot decodes to a clean refusal (SnapshotInvalid)
     ...EMPTY_CONFIG,
     mesh: DEFAULT_MESH,
     services: [{ namespace: 'shop', name: 'cart', clusterIPs: ['10.96.0.1'], ports: [{ name: 'tcp', port: 80, targetPort: 8080, protocol: 'TCP' as const, appProtocol: '' }], selector: { app: 'cart' }, exportTo: ['*'] }],
-    trafficPolicies: [{ namespace: 'shop', name: 'p', services: ['cart'], policy: { ...DEFAULT_SERVICE_POLICY, source: 'shop/p', connectTimeoutMs: 2000 } }],
+    trafficPolicies: [{ namespace: 'shop', name: 'p', services: ['cart'], routes: [], policy: { ...DEFAULT_SERVICE_POLICY, source: 'shop/p', connectTimeoutMs: 2000 } }],
   };
   const valid = encodeControlPlaneMessage({ snapshot: snapshotMessage(5, config, [workload]) }).bytes;
   const deserialize = discoveryService()['Stream']?.responseDeserialize as (b: Buffer) => ControlPlaneMessage;

@@ -217,3 +217,32 @@ test('TrafficPolicy consistentHash: exactly one key source, not with a type', ()
   assert.throws(() => parseTrafficPolicy(doc({ consistentHash: { httpHeaderName: 'a', useSourceIp: true } })), /exactly one/);
   assert.throws(() => parseTrafficPolicy(doc({ type: 'Random', consistentHash: { useSourceIp: true } })), /do not go together/);
 });
+
+test('TrafficPolicy on a route: its fault applies to the requests the route takes; it targets only routes and sets only fault', async () => {
+  const doc = (spec: Record<string, unknown>, name = 'p') => ({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name, namespace: 'shop' }, spec });
+  const routeRef = { group: 'gateway.networking.k8s.io', kind: 'HTTPRoute', name: 'a' };
+  const fault = { abort: { percentage: { value: 50 }, httpStatus: 503 } };
+  const p = parseTrafficPolicy(doc({ targetRefs: [routeRef], fault }));
+  assert.deepEqual([p.services, p.routes], [[], ['HTTPRoute/a']]);
+  assert.throws(() => parseTrafficPolicy(doc({ targetRefs: [routeRef], fault, loadBalancer: { type: 'Random' } })), /spec\.loadBalancer applies to a Service's endpoints/);
+  assert.throws(() => parseTrafficPolicy(doc({ targetRefs: [routeRef, { group: '', kind: 'Service', name: 'web' }], fault })), /Services or routes, not both/);
+  assert.throws(() => parseTrafficPolicy(doc({ targetRefs: [{ ...routeRef, group: '' }], fault })), /spec\.targetRefs\[0\]\.group/);
+  assert.throws(() => parseTrafficPolicy(doc({ targetRefs: [routeRef] })), /sets fault/);
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  try {
+    await writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.9.1') + svc('api', '10.96.9.2'));
+    const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+    await store.load();
+    const c = store.current();
+    const a = parseRoute(routeDoc('a', [to('api', { matches: [{ path: { value: '/api' } }] })]));
+    const b = parseRoute(routeDoc('b', [to('web')]));
+    const loser = parseTrafficPolicy(doc({ targetRefs: [routeRef], fault: { delay: { fixedDelay: '1s' } } }, 'q'));
+    const missing = parseTrafficPolicy(doc({ targetRefs: [{ ...routeRef, name: 'gone' }], fault }, 'r'));
+    const snap = new MeshSnapshot(1, c.services, [workload('web-1', 'web', 1), workload('api-1', 'api', 2)], [p, loser, missing], [a, b]);
+    const entries = snap.service({ family: 4, address: '10.96.9.1', port: 80 })?.http?.entries ?? [];
+    assert.deepEqual(entries.map((e) => [e.route, e.fault?.abort?.percent]), [['HTTPRoute shop/a', 50], ['HTTPRoute shop/b', undefined]], 'route a\'s requests get the fault, route b\'s do not');
+    assert.deepEqual(snap.warnings.map((w) => `${w.object}: ${w.message}`), ['TrafficPolicy shop/q: ignored for HTTPRoute shop/a: TrafficPolicy shop/p already applies to it', 'TrafficPolicy shop/r: targets HTTPRoute shop/gone, which does not exist']);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});

@@ -29,6 +29,7 @@ const config: MeshConfig = {
       namespace: 'shop',
       name: 'cart-lb',
       services: ['cart'],
+      routes: [],
       policy: { source: 'shop/cart-lb', loadBalancing: 'least-connections', hashOn: { cookie: 'session', ttlMs: 60_000 }, maxConnections: 10, maxPendingRequests: 0, maxRequestsPerConnection: 7, connectTimeoutMs: 250, idleTimeoutMs: undefined, outlier: { consecutiveConnectErrors: 2, consecutive5xxErrors: 3, consecutiveGatewayErrors: 0, baseEjectionMs: 1000, maxEjectionPercent: 100, intervalMs: 500 }, retryBudget: { percent: 0, minRetryConcurrency: 5 }, fault: { delay: { percent: 12.5, ms: 100 }, abort: { percent: 0, status: 503 } }, rateLimit: { identity: 5 } },
     },
   ],
@@ -155,6 +156,7 @@ test('durations out of bounds are refused at the wire edge as at the config edge
     namespace: 'shop',
     name: 'p',
     services: ['cart'],
+    routes: [],
     policy: { ...DEFAULT_SERVICE_POLICY, source: 'shop/p', connectTimeoutMs, idleTimeoutMs },
   });
   const zero = snapshotMessage(7, { ...config, trafficPolicies: [policy(0, 2 ** 31)] }, [pod]);

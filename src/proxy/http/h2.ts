@@ -221,7 +221,7 @@ class H2Exchange {
       this.inflight?.close(constants.NGHTTP2_CANCEL);
       this.done(0, 'DC', undefined);
     });
-    const fault = this.d.parent.policy.fault ?? this.target.policy.fault;
+    const fault = this.d.entry.fault ?? this.d.parent.policy.fault ?? this.target.policy.fault;
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';

@@ -483,7 +483,7 @@ class Exchange {
       this.finish(0, 'DC');
     });
     // Faults (TrafficPolicy fault, Istio's semantics): the delay first, then the abort.
-    const fault = this.parent.policy.fault ?? this.target.policy.fault;
+    const fault = this.entry.fault ?? this.parent.policy.fault ?? this.target.policy.fault;
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';
