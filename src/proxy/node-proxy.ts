@@ -26,7 +26,7 @@ import { TunnelServer, answer as answerStream, type TunnelRequest } from './tunn
 import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTunnelRequest } from './tunnel/native.js';
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
-import { portProtocol } from '../config/service.js';
+import { speaksRequests } from '../config/service.js';
 import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 import { HttpInbound } from './http/inbound.js';
@@ -205,8 +205,8 @@ export class NodeProxy {
   private readonly http: HttpOutbound;
   /** Connections into pods' HTTP ports with request-level config there: read request by request (see readsHttp). */
   private readonly httpIn: HttpInbound;
-  /** readsHttp's answers for the snapshot, by "uid|port". */
-  private readsHttpCache = new Map<string, boolean>();
+  /** readsHttp's answers for the snapshot, by "uid|port" (null: not read). */
+  private readsHttpCache = new Map<string, 'http1' | 'http2' | null>();
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -298,20 +298,21 @@ export class NodeProxy {
   private logWindow = { start: 0, count: 0 };
 
   /**
-   * Whether connections into the pod's port are read as HTTP on this side: the port speaks HTTP
-   * (its Service port's appProtocol or name) and something there acts on requests (an
+   * Whether connections into the pod's port are read as HTTP on this side, and which HTTP: the
+   * port speaks HTTP/1.1 or HTTP/2 (its Service port's appProtocol or name) and something there acts on requests (an
    * AuthorizationPolicy rule with request attributes for the pod, or a localRateLimit on the
    * Service). Everything else stays on the L4 path: L7 costs only where it is used.
    */
-  private readsHttp(destination: PodState, port: number): boolean {
+  private readsHttp(destination: PodState, port: number): 'http1' | 'http2' | undefined {
     const key = `${destination.pod.uid}|${port}`;
     let reads = this.readsHttpCache.get(key);
     if (reads === undefined) {
       const target = this.snapshot.serviceOf(destination.pod.uid, port);
-      reads = target !== undefined && portProtocol(target.port) === 'http' && (target.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod));
+      const speaks = target ? speaksRequests(target.port) : undefined;
+      reads = speaks !== undefined && target !== undefined && (target.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod)) ? speaks : null;
       this.readsHttpCache.set(key, reads);
     }
-    return reads;
+    return reads ?? undefined;
   }
 
   /**
@@ -323,7 +324,7 @@ export class NodeProxy {
   private authorize(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone'): boolean {
     if (this.policies.empty) return true;
     const all = { ...facts, destination: destination.pod };
-    const verdict = this.readsHttp(destination, facts.destinationPort) ? this.policies.admitConnection(all) : this.policies.authorize(all);
+    const verdict = this.readsHttp(destination, facts.destinationPort) !== undefined ? this.policies.admitConnection(all) : this.policies.authorize(all);
     return this.judged(destination, facts, path, verdict, undefined);
   }
 
@@ -365,6 +366,7 @@ export class NodeProxy {
   private serveHttpIn(state: PodState, client: Socket, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
     const { destinationIp: host, destinationPort: port, sourceIp } = facts;
     return this.httpIn.serve(client, {
+      protocol: this.readsHttp(state, port) ?? 'http1',
       pod: state.pod,
       facts: { ...facts, destination: state.pod },
       labels,
@@ -923,7 +925,7 @@ export class NodeProxy {
       client.resetAndDestroy();
       return;
     }
-    if (this.readsHttp(state, port)) {
+    if (this.readsHttp(state, port) !== undefined) {
       this.metrics.proxied.inc({ path: 'inbound' });
       await this.serveHttpIn(state, client, facts, 'inbound', labels, source);
       return;
@@ -970,7 +972,7 @@ export class NodeProxy {
         answer(stream, 401);
         return;
       }
-      if (this.readsHttp(state, target.port)) {
+      if (this.readsHttp(state, target.port) !== undefined) {
         this.metrics.proxied.inc({ path: 'inbound' });
         const tunnelSide = this.httpInPair(state, facts, 'hbone', labels, sourceWorkload);
         const idle = serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs;
@@ -1041,7 +1043,7 @@ export class NodeProxy {
     }
     // The same-node fast path into a port read as HTTP: the destination's side serves one end of a
     // socket pair, with the source's identity known first-hand (as admitLocal judged it).
-    if (u.path === 'same_node' && u.local && this.readsHttp(u.local, u.port)) {
+    if (u.path === 'same_node' && u.local && this.readsHttp(u.local, u.port) !== undefined) {
       const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
       const destinationLabels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
       if (!destinationLabels) throw new Error('a same-node upstream has its destination labels');

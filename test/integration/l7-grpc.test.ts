@@ -3,8 +3,9 @@
  * terminated by the source pod's node proxy and routed per stream. Real @grpc/grpc-js servers in
  * pods and a real client in another, on ONE channel: a 90/10 split per call, a method and
  * metadata match that always wins with its header filter, unary, server, client and bidirectional
- * streaming intact, a trailers-only error passed on, grpc_response_status in the metrics; on one
- * node and across two nodes (HBONE, mutual TLS).
+ * streaming intact, a trailers-only error passed on, grpc_response_status in the metrics; on v2's
+ * node each call judged by an AuthorizationPolicy with a request header condition (the server side
+ * of an HTTP/2 port); on one node and across two nodes (HBONE, mutual TLS).
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
@@ -41,6 +42,8 @@ function meshConfig(): Record<string, string> {
       '  - backendRefs: [{name: cart-v1, port: 80, weight: 90}, {name: cart-v2, port: 80, weight: 10}]',
       '',
     ].join('\n'),
+    // On v2's node: calls that carry x-deny: yes are refused, each on its own.
+    'policy.yaml': 'apiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-deny, namespace: default}\nspec:\n  selector: {matchLabels: {version: v2}}\n  action: DENY\n  rules: [{when: [{key: "request.headers[x-deny]", values: ["yes"]}]}]\n',
   };
 }
 
@@ -51,7 +54,7 @@ async function grpc(sb: Sandbox, client: PodRecord, plan: Omit<GrpcPlan, 'host' 
   return JSON.parse(out.trim().split('\n').pop() ?? '{}') as GrpcRun;
 }
 
-async function checkGrpc(sb: Sandbox, client: PodRecord, source: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
+async function checkGrpc(sb: Sandbox, client: PodRecord, source: AgentProcess, destination: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
   // 1000 calls on one channel: 90/10 per call, within five standard deviations of the binomial.
   const split = await grpc(sb, client, { unary: { count: 1000 } }, agents);
   const by = (pod: string): number => split.unary.filter((u) => u.pod === pod).length;
@@ -69,10 +72,18 @@ async function checkGrpc(sb: Sandbox, client: PodRecord, source: AgentProcess, a
   assert.deepEqual(streams.bidi, { echoed: 100, intact: true, end: true }, `${where}: bidirectional: a hundred round trips in order`);
   assert.equal(streams.fail?.code, 5, `${where}: NOT_FOUND passed on`);
   assert.match(streams.fail?.details ?? '', /no such thing at cart-v1/);
+  // The server side on v2's node: each call judged by the AuthorizationPolicy (PERMISSION_DENIED
+  // for a refused one), the others served on the same channel.
+  const denied = await grpc(sb, client, { unary: { count: 20, metadata: { 'x-version': 'v2', 'x-deny': 'yes' } } }, agents);
+  assert.deepEqual([...new Set(denied.unary.map((u) => u.code))], [7], `${where}: refused by the destination's policy`);
   const metrics = await source.metrics();
   const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'source', request_protocol: 'grpc', ...labels });
   assert.equal(requests({ grpc_response_status: '5', response_code: '200' }), 1, `${where}: the error counted with its gRPC status`);
   assert.ok(requests({ grpc_response_status: '0', destination_service_name: 'cart-v2' }) >= by('cart-v2') + 100, `${where}: v2's calls counted`);
+  const d = await destination.metrics();
+  const dest = (labels: Record<string, string>): number => metricValue(d, 'istio_requests_total', { reporter: 'destination', request_protocol: 'grpc', destination_version: 'v2', ...labels });
+  assert.equal(dest({ response_code: '403' }), 20, `${where}: the refusals counted by v2's node`);
+  assert.ok(dest({ response_code: '200', grpc_response_status: '0' }) >= by('cart-v2') + 100, `${where}: v2's calls counted by its node with their gRPC status`);
 }
 
 test('L7 gRPC on one node: per-call split over one channel, method and metadata match, header filter, unary and streaming calls, errors; malformed HTTP/2 refused', async (t) => {
@@ -83,7 +94,7 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   await sb.serverPod('cart-v2', [process.execPath, APP, 'cart-v2', '8080'], 8080, ['app=cart', 'version=v2']);
   const client = await sb.idlePod('client');
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
-  await checkGrpc(sb, client, agent, [agent], 'one node');
+  await checkGrpc(sb, client, agent, agent, [agent], 'one node');
   // Clients that break HTTP/2: their connection ends with a GOAWAY, nothing goes upstream, and
   // the proxy serves on.
   const frame = (type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer => {
@@ -124,6 +135,6 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
   await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
   await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
-  await checkGrpc(sb, client, agentA, [agentA, agentB], 'two nodes');
+  await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
 });

@@ -17,8 +17,11 @@ import type { Socket } from 'node:net';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
-import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, type AccessFacts, type RequestHead } from './common.js';
+import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, type AccessFacts, type RequestHead } from './common.js';
 import { withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import type { HeaderChanges } from '../../config/route-filters.js';
+import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import type { NodeMetrics } from '../metrics/metrics.js';
 
 const log = logger('http');
 
@@ -63,33 +66,80 @@ function pairsOf(headers: IncomingHttpHeaders): string[] {
 
 const isGrpc = (headers: IncomingHttpHeaders): boolean => String(headers['content-type'] ?? '').startsWith('application/grpc');
 
-export class H2Outbound {
-  private readonly server: Http2Server;
-  private readonly connections = new WeakMap<ServerHttp2Session, HttpClientConnection>();
-  /** The connection being handed to the server: its session is made synchronously, in 'session'. */
-  private handing: HttpClientConnection | undefined;
-  /** Upstream sessions by source pod, backend Service and endpoint. */
+/**
+ * Upstream HTTP/2 sessions by a key the caller gives: the open one, or a new one over the
+ * connection `dial` makes (while it opens, every stream waits for the same one). A session that
+ * closes, goes away or stays idle for 4 s leaves the pool.
+ */
+class H2Pool {
   private readonly sessions = new Map<string, Promise<ClientHttp2Session>>();
 
-  constructor(
-    readonly outbound: HttpOutbound,
-    private readonly idleTimeoutMs: number,
-  ) {
+  get(key: string, dial: () => Promise<Socket>, what: string): Promise<ClientHttp2Session> {
+    const known = this.sessions.get(key);
+    if (!known) return this.open(key, dial, what);
+    return known.then(
+      (s) => (s.closed || s.destroyed ? this.open(key, dial, what) : s),
+      () => this.open(key, dial, what),
+    );
+  }
+
+  private open(key: string, dial: () => Promise<Socket>, what: string): Promise<ClientHttp2Session> {
+    const opening = dial().then((socket) => {
+      const session = h2connect('http://upstream', { createConnection: () => socket, settings: { enablePush: false }, maxSessionMemory: 32 });
+      session.on('error', (e: Error) => log.debug({ upstream: what, err: e.message }, 'upstream HTTP/2 session failed'));
+      const forget = (): void => {
+        if (this.sessions.get(key) === opening) this.sessions.delete(key);
+      };
+      session.once('close', forget);
+      session.once('goaway', forget);
+      // Idle sessions close (as pooled HTTP/1.1 connections do), before their server would.
+      session.setTimeout(UPSTREAM_IDLE_MS, () => session.close());
+      return session;
+    });
+    this.sessions.set(key, opening);
+    opening.catch(() => {
+      if (this.sessions.get(key) === opening) this.sessions.delete(key);
+    });
+    return opening;
+  }
+
+  close(): void {
+    for (const opening of this.sessions.values()) void opening.then((s) => s.destroy(), () => undefined);
+    this.sessions.clear();
+  }
+}
+
+/**
+ * An HTTP/2 server that is handed connections and knows, for each of its sessions, the facts the
+ * node proxy gave with the connection (linked in the 'session' event, which emit('connection')
+ * raises synchronously).
+ */
+class HandedH2Server<C extends object> {
+  readonly server: Http2Server;
+  private readonly facts = new WeakMap<ServerHttp2Session, C>();
+  private handing: C | undefined;
+
+  constructor(idleTimeoutMs: number, onStream: (stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: C) => void, onSessionError: (e: NodeJS.ErrnoException) => void) {
     this.server = createServer({ settings: { maxConcurrentStreams: 256, maxHeaderListSize: 16 * 1024, enablePush: false }, maxSessionMemory: 32 });
     this.server.on('session', (session: ServerHttp2Session) => {
-      if (this.handing) this.connections.set(session, this.handing);
+      if (this.handing) this.facts.set(session, this.handing);
       session.on('error', () => undefined);
       // Idle client connections end as the L4 path's do.
-      session.setTimeout(this.idleTimeoutMs, () => session.close());
+      session.setTimeout(idleTimeoutMs, () => session.close());
     });
-    this.server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => this.onStream(stream, headers));
+    this.server.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+      stream.on('error', () => undefined);
+      const conn = this.facts.get(stream.session as ServerHttp2Session);
+      if (conn) onStream(stream, headers, conn);
+      else stream.close(constants.NGHTTP2_REFUSED_STREAM);
+    });
     // A client that breaks the protocol (a bad frame, a SETTINGS flood): its session ends with
     // GOAWAY (nghttp2 and Node's limits decide), counted; nothing of it went upstream.
-    this.server.on('sessionError', (e: NodeJS.ErrnoException) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
+    this.server.on('sessionError', onSessionError);
   }
 
   /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
-  serve(client: Socket, conn: HttpClientConnection): Promise<void> {
+  serve(client: Socket, conn: C): Promise<void> {
     client.setNoDelay(true);
     return new Promise((resolve) => {
       client.once('close', () => resolve());
@@ -102,19 +152,76 @@ export class H2Outbound {
       client.resume();
     });
   }
+}
 
-  close(): void {
-    for (const opening of this.sessions.values()) void opening.then((s) => s.destroy(), () => undefined);
-    this.sessions.clear();
+/**
+ * Passes an upstream HTTP/2 answer to the client's stream: its headers (with `changes`), its body
+ * with backpressure, its trailers; a trailers-only answer (a gRPC error) stays one. `ended` gets
+ * the grpc-status once the answer is whole.
+ */
+function passAnswer(
+  up: ClientHttp2Stream,
+  stream: ServerHttp2Stream,
+  headers: IncomingHttpHeaders,
+  endStream: boolean,
+  changes: ReadonlyArray<HeaderChanges>,
+  events: { data(bytes: number): void; ended(grpcStatus: string): void },
+): void {
+  const out = fields(withChanges(pairsOf(headers), changes), { ':status': Number(headers[':status'] ?? 502) });
+  if (endStream) {
+    stream.respond(out, { endStream: true });
+    events.ended(String(headers['grpc-status'] ?? ''));
+    return;
+  }
+  let trailers: IncomingHttpHeaders | undefined;
+  stream.respond(out, { waitForTrailers: true });
+  stream.once('wantTrailers', () => stream.sendTrailers(trailers ? fields(pairsOf(trailers)) : {}));
+  up.on('trailers', (t: IncomingHttpHeaders) => (trailers = t));
+  up.on('data', (chunk: Buffer) => {
+    events.data(chunk.length);
+    if (!stream.write(chunk)) up.pause();
+  });
+  stream.on('drain', () => up.resume());
+  up.once('end', () => {
+    stream.end();
+    events.ended(String(trailers?.['grpc-status'] ?? headers['grpc-status'] ?? ''));
+  });
+}
+
+/** A plain-text answer of the proxy on a stream (or a reset when its headers went already). */
+function answerStream(stream: ServerHttp2Stream, status: number, detail: string, extra: OutgoingHttpHeaders = {}): number {
+  if (stream.headersSent || stream.destroyed || stream.closed) {
+    stream.close(constants.NGHTTP2_INTERNAL_ERROR);
+    return 0;
+  }
+  const body = `${detail}\n`;
+  stream.respond({ ':status': status, 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body), ...extra });
+  stream.end(body);
+  return Buffer.byteLength(body);
+}
+
+export class H2Outbound {
+  private readonly front: HandedH2Server<HttpClientConnection>;
+  /** Upstream sessions by source pod, backend Service and endpoint. */
+  private readonly pool = new H2Pool();
+
+  constructor(
+    readonly outbound: HttpOutbound,
+    idleTimeoutMs: number,
+  ) {
+    this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
   }
 
-  private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
-    stream.on('error', () => undefined);
-    const conn = this.connections.get(stream.session as ServerHttp2Session);
-    if (!conn) {
-      stream.close(constants.NGHTTP2_REFUSED_STREAM);
-      return;
-    }
+  /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
+  serve(client: Socket, conn: HttpClientConnection): Promise<void> {
+    return this.front.serve(client, conn);
+  }
+
+  close(): void {
+    this.pool.close();
+  }
+
+  private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpClientConnection): void {
     const started = performance.now();
     const head = headOf(headers);
     const requestId = String(headers['x-request-id'] ?? randomUUID());
@@ -126,55 +233,27 @@ export class H2Outbound {
       return;
     }
     const [status, extra] = d.kind === 'answer' ? [d.answer.status, {}] : [d.status, { location: d.location }];
-    const body = d.kind === 'answer' ? `${d.answer.detail}\n` : '';
-    stream.respond({ ':status': status, 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body), ...extra });
-    stream.end(body);
-    drain(stream, (bytesIn) => this.outbound.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, { ...access, bytesIn }, grpc ? '' : undefined));
+    const bytesOut = answerStream(stream, status, d.kind === 'answer' ? d.answer.detail : '', extra);
+    drain(stream, (bytesIn) => this.outbound.count(conn, d.parent, undefined, status, d.kind === 'answer' ? d.answer.flag : '-', started, { ...access, bytesIn, bytesOut }, grpc ? '' : undefined));
   }
 
-  /**
-   * The session to `endpoint` of `target` for the connection's source pod: the open one, or a new
-   * one over a connection the node proxy opens (a connect failure counts against the endpoint).
-   */
+  /** The session to `endpoint` of `target` for the connection's source pod (a connect failure counts against the endpoint). */
   session(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
-    const key = `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
-    const known = this.sessions.get(key);
-    if (known) {
-      return known.then(
-        (s) => (s.closed || s.destroyed ? this.open(key, conn, target, endpoint) : s),
-        () => this.open(key, conn, target, endpoint),
-      );
-    }
-    return this.open(key, conn, target, endpoint);
-  }
-
-  private open(key: string, conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
     const lb = this.outbound.lb;
-    const opening = (async (): Promise<ClientHttp2Session> => {
-      let socket: Socket;
-      try {
-        socket = await conn.dial(target, endpoint);
-      } catch (e) {
-        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-        throw e;
-      }
-      lb.connectSucceeded(endpoint);
-      const session = h2connect(`http://${endpoint.workload.ip4 || 'endpoint'}`, { createConnection: () => socket, settings: { enablePush: false }, maxSessionMemory: 32 });
-      session.on('error', (e: Error) => log.debug({ service: target.key, err: e.message }, 'upstream HTTP/2 session failed'));
-      const forget = (): void => {
-        if (this.sessions.get(key) === opening) this.sessions.delete(key);
-      };
-      session.once('close', forget);
-      session.once('goaway', forget);
-      // Idle sessions close (as pooled HTTP/1.1 connections do), before their server would.
-      session.setTimeout(UPSTREAM_IDLE_MS, () => session.close());
-      return session;
-    })();
-    this.sessions.set(key, opening);
-    opening.catch(() => {
-      if (this.sessions.get(key) === opening) this.sessions.delete(key);
-    });
-    return opening;
+    return this.pool.get(
+      `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
+      async () => {
+        try {
+          const socket = await conn.dial(target, endpoint);
+          lb.connectSucceeded(endpoint);
+          return socket;
+        } catch (e) {
+          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
+          throw e;
+        }
+      },
+      target.key,
+    );
   }
 }
 
@@ -325,35 +404,15 @@ class H2Exchange {
 
   private answered(up: ClientHttp2Stream, headers: IncomingHttpHeaders, endStream: boolean, endpoint: Endpoint, release: () => void): void {
     const status = Number(headers[':status'] ?? 502);
-    if (this.finished) {
+    if (this.finished || this.stream.destroyed || this.stream.closed) {
       up.close(constants.NGHTTP2_CANCEL);
       release();
       return;
     }
     if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
-    const out = fields(withChanges(pairsOf(headers), this.d.upstream.answerChanges), { ':status': status });
-    if (this.stream.destroyed || this.stream.closed) {
-      up.close(constants.NGHTTP2_CANCEL);
-      return;
-    }
-    // A trailers-only answer (a gRPC error): its headers end the stream.
-    if (endStream) {
-      this.stream.respond(out, { endStream: true });
-      this.done(status, this.flag, endpoint, String(headers['grpc-status'] ?? ''));
-      return;
-    }
-    let trailers: IncomingHttpHeaders | undefined;
-    this.stream.respond(out, { waitForTrailers: true });
-    this.stream.once('wantTrailers', () => this.stream.sendTrailers(trailers ? fields(pairsOf(trailers)) : {}));
-    up.on('trailers', (t: IncomingHttpHeaders) => (trailers = t));
-    up.on('data', (chunk: Buffer) => {
-      this.bytesOut += chunk.length;
-      if (!this.stream.write(chunk)) up.pause();
-    });
-    this.stream.on('drain', () => up.resume());
-    up.once('end', () => {
-      this.stream.end();
-      this.done(status, this.flag, endpoint, String(trailers?.['grpc-status'] ?? headers['grpc-status'] ?? ''));
+    passAnswer(up, this.stream, headers, endStream, this.d.upstream.answerChanges, {
+      data: (bytes) => (this.bytesOut += bytes),
+      ended: (grpcStatus) => this.done(status, this.flag, endpoint, grpcStatus),
     });
   }
 
@@ -372,11 +431,7 @@ class H2Exchange {
   /** Answered by the proxy itself. */
   private answer(status: number, flag: string, detail: string, endpoint: Endpoint | undefined): void {
     if (this.finished) return;
-    if (!this.stream.headersSent && !this.stream.destroyed && !this.stream.closed) {
-      const body = `${detail}\n`;
-      this.stream.respond({ ':status': status, 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
-      this.stream.end(body);
-    } else this.stream.close(constants.NGHTTP2_INTERNAL_ERROR);
+    this.bytesOut += answerStream(this.stream, status, detail);
     this.done(status, flag, endpoint);
   }
 
@@ -390,5 +445,95 @@ class H2Exchange {
     this.outbound.track('active', this.target, -1);
     const facts: AccessFacts = { req: this.head, requestId: this.requestId, route: `${this.d.entry.route} rule ${this.d.entry.rule}`, bytesIn: this.bytesIn, bytesOut: this.bytesOut, attempts: this.attempt };
     this.outbound.count(this.conn, this.target, endpoint, status, flag, this.started, facts, this.grpc ? grpcStatus : undefined);
+  }
+}
+
+/**
+ * The server side of an HTTP/2 port (the destination's node, see inbound.ts): each stream admitted
+ * by HttpInbound (authorization with its method, :authority, path and headers; rate limits), then
+ * sent to the application on an HTTP/2 session pooled per pod, port and caller, its answer and
+ * trailers passed back; reported as reporter="destination" with its gRPC status.
+ */
+export class H2Inbound {
+  private readonly front: HandedH2Server<HttpServerConnection>;
+  private readonly pool = new H2Pool();
+
+  constructor(
+    private readonly inbound: HttpInbound,
+    metrics: NodeMetrics,
+    idleTimeoutMs: number,
+  ) {
+    this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
+  }
+
+  serve(client: Socket, conn: HttpServerConnection): Promise<void> {
+    return this.front.serve(client, conn);
+  }
+
+  close(): void {
+    this.pool.close();
+  }
+
+  private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpServerConnection): void {
+    const started = performance.now();
+    const head = headOf(headers);
+    const requestId = String(headers['x-request-id'] ?? randomUUID());
+    const grpc = isGrpc(headers) ? '' : undefined;
+    const access: AccessFacts = { req: head, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
+    const admitted = this.inbound.admit(head, conn);
+    if ('status' in admitted) {
+      this.inbound.refused(conn, admitted);
+      const extra: OutgoingHttpHeaders = {};
+      for (const [name, value] of pairs(admitted.headers ?? [])) extra[name] = value;
+      const bytesOut = answerStream(stream, admitted.status, admitted.detail, extra);
+      drain(stream, (bytesIn) => this.inbound.count(conn, admitted.status, admitted.flag, started, { ...access, bytesIn, bytesOut }, grpc));
+      return;
+    }
+    let bytesIn = 0;
+    let bytesOut = 0;
+    let finished = false;
+    let up: ClientHttp2Stream | undefined;
+    const done = (status: number, flag: string, grpcStatus = grpc): void => {
+      if (finished) return;
+      finished = true;
+      this.inbound.count(conn, status, flag, started, { ...access, bytesIn, bytesOut }, grpc === undefined ? undefined : grpcStatus);
+    };
+    stream.once('close', () => {
+      up?.close(constants.NGHTTP2_CANCEL);
+      done(0, 'DC');
+    });
+    this.pool.get(conn.poolKey, () => conn.dial(), `${conn.pod.namespace}/${conn.pod.name}`).then(
+      (session) => {
+        if (finished) return;
+        const raw = [...head.rawHeaders];
+        if (headers['x-request-id'] === undefined) raw.push('x-request-id', requestId);
+        const stream2 = session.request(fields(raw, { ':method': head.method ?? 'GET', ':path': admitted.target, ':scheme': 'http', ':authority': String(head.headers.host ?? '') }));
+        up = stream2;
+        stream2.on('error', () => undefined);
+        let answered = false;
+        stream2.on('response', (h: IncomingHttpHeaders, flags: number) => {
+          answered = true;
+          const status = Number(h[':status'] ?? 502);
+          passAnswer(stream2, stream, h, (flags & END_STREAM) !== 0, [], { data: (n) => (bytesOut += n), ended: (g) => done(status, '-', g) });
+        });
+        stream2.once('close', () => {
+          if (finished) return;
+          if (!answered) {
+            bytesOut += answerStream(stream, 503, `the application's stream ended before an answer (code ${stream2.rstCode ?? 0})`);
+            done(503, 'UC');
+          } else if (stream2.rstCode !== undefined && stream2.rstCode !== constants.NGHTTP2_NO_ERROR) {
+            stream.close(stream2.rstCode);
+            done(Number(stream.sentHeaders?.[':status'] ?? 502), 'UPE');
+          }
+        });
+        stream.on('data', (chunk: Buffer) => (bytesIn += chunk.length));
+        stream.pipe(stream2);
+      },
+      (e: unknown) => {
+        if (finished) return;
+        bytesOut += answerStream(stream, 503, (e as Error).message);
+        done(503, 'UF');
+      },
+    );
   }
 }

@@ -19,12 +19,15 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { H2Inbound } from './h2.js';
 
 const log = logger('http');
 
 /** What the node proxy tells the server side about one connection into a pod it serves. */
 export interface HttpServerConnection {
+  /** What the port speaks: HTTP/1.1, or h2c (HTTP/2, gRPC). */
+  readonly protocol: 'http1' | 'http2';
   /** The destination pod. */
   readonly pod: Workload;
   /** Who calls and where to: what the policy engine decides on (each request adds its attributes). */
@@ -44,7 +47,7 @@ export interface HttpServerConnection {
 }
 
 /** Why a request was answered here instead of by the application. */
-type Refusal = { readonly status: number; readonly flag: string; readonly detail: string; readonly headers?: ReadonlyArray<string> };
+export type Refusal = { readonly status: number; readonly flag: string; readonly detail: string; readonly headers?: ReadonlyArray<string> };
 
 /** The seconds a 429's retry-after says: until the bucket that refused holds a token, at least 1. */
 const retryAfter = (ms: number): string => String(Math.max(1, Math.ceil(ms / 1000)));
@@ -56,11 +59,13 @@ export class HttpInbound {
   /** Token buckets per Service (a new rate starts a new limiter); keyed inside by pod, and by pod and identity. */
   private readonly limiters = new Map<string, { readonly rate: number; readonly limiter: RateLimiter }>();
   private logWindow = { start: 0, count: 0 };
+  private readonly h2: H2Inbound;
 
   constructor(
     private readonly metrics: NodeMetrics,
     private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
   ) {
+    this.h2 = new H2Inbound(this, metrics, options.idleTimeoutMs);
     this.server = handedServer(
       metrics,
       options.idleTimeoutMs,
@@ -71,6 +76,7 @@ export class HttpInbound {
 
   /** Serves one connection into a pod until it closes. */
   serve(client: Socket, conn: HttpServerConnection): Promise<void> {
+    if (conn.protocol === 'http2') return this.h2.serve(client, conn);
     this.connections.set(client, conn);
     return serveOn(this.server, client);
   }
@@ -78,13 +84,14 @@ export class HttpInbound {
   /** Closes every pooled connection to applications. */
   close(): void {
     this.agent.destroy();
+    this.h2.close();
   }
 
   /**
    * Whether a request goes on, and where: its normalized target, or why it is answered here
    * (a path that is no path: 400; policy: 403, Istio's "RBAC: access denied"; a rate limit: 429).
    */
-  private admit(req: IncomingMessage, conn: HttpServerConnection): { readonly target: string } | Refusal {
+  admit(req: RequestHead, conn: HttpServerConnection): { readonly target: string } | Refusal {
     const { path: raw, query } = splitTarget(req.url ?? '/');
     const path = normalizePath(raw);
     if (path === undefined) return { status: 400, flag: '-', detail: `the request target "${(req.url ?? '').slice(0, 100)}" is no path` };
@@ -183,17 +190,17 @@ export class HttpInbound {
   }
 
   /** A refusal, logged (at most 10 lines a second: a client can cause them at will; the metrics count all). */
-  private refused(conn: HttpServerConnection, r: Refusal): void {
+  refused(conn: HttpServerConnection, r: Refusal): void {
     if (r.status === 403) return; // the node proxy logged and counted the policy's decision
     const now = Date.now();
     if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
     if (++this.logWindow.count <= 10) log.info({ pod: conn.pod.name, namespace: conn.pod.namespace, source: conn.source, status: r.status, responseFlags: r.flag, detail: r.detail }, 'request answered by the destination\'s proxy');
   }
 
-  count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts): void {
+  count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts, grpcStatus?: string): void {
     const t = conn.target();
     const logIt = this.options.accessLog(conn.pod.namespace) ? { upstreamService: t?.key ?? '', upstreamHost: `${conn.pod.namespace}/${conn.pod.name}:${conn.facts.destinationPort}`, sourcePod: conn.source } : undefined;
-    countRequest(this.metrics, conn.labels, status, flag, started, facts, logIt);
+    countRequest(this.metrics, conn.labels, status, flag, started, facts, logIt, grpcStatus);
   }
 }
 
