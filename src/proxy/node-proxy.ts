@@ -8,6 +8,7 @@
  */
 import { constants as h2constants, type ClientHttp2Stream } from 'node:http2';
 import { Socket, type Server } from 'node:net';
+import type { Duplex } from 'node:stream';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
@@ -26,10 +27,11 @@ import { TunnelServer, answer as answerStream, type TunnelRequest } from './tunn
 import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTunnelRequest } from './tunnel/native.js';
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
-import { speaksRequests } from '../config/service.js';
+import { portProtocol, speaksRequests } from '../config/service.js';
 import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 import { HttpInbound } from './http/inbound.js';
+import { SNIFF_DEADLINE_MS, sniff, withHead } from './http/common.js';
 
 const log = logger('proxy');
 
@@ -68,6 +70,9 @@ function socketAddress(s: Socket, which: 'local' | 'remote'): string {
 function isLinkLocal(host: string): boolean {
   return /^fe[89ab][0-9a-f]:/i.test(host);
 }
+
+/** How the destination's side reads a pod's port (NodeProxy.readsHttp). */
+type Reads = 'http1' | 'http2' | 'sniff';
 
 /** A pod the proxy serves: its identity and where its network namespace is. */
 export interface ProxyPod extends Workload {
@@ -206,7 +211,7 @@ export class NodeProxy {
   /** Connections into pods' HTTP ports with request-level config there: read request by request (see readsHttp). */
   private readonly httpIn: HttpInbound;
   /** readsHttp's answers for the snapshot, by "uid|port" (null: not read). */
-  private readsHttpCache = new Map<string, 'http1' | 'http2' | null>();
+  private readsHttpCache = new Map<string, Reads | null>();
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -298,18 +303,20 @@ export class NodeProxy {
   private logWindow = { start: 0, count: 0 };
 
   /**
-   * Whether connections into the pod's port are read as HTTP on this side, and which HTTP: the
-   * port speaks HTTP/1.1 or HTTP/2 (its Service port's appProtocol or name) and something there acts on requests (an
-   * AuthorizationPolicy rule with request attributes for the pod, or a localRateLimit on the
-   * Service). Everything else stays on the L4 path: L7 costs only where it is used.
+   * Whether connections into the pod's port are read as HTTP on this side, and how: only where
+   * something there acts on requests (an AuthorizationPolicy rule with request attributes for the
+   * pod, or a localRateLimit on the Service), as the port's Service says (HTTP/1.1 or HTTP/2 by
+   * its appProtocol or name), or sniffed from the client's first bytes when it says nothing (or
+   * no Service has the port). Everything else stays on the L4 relay: L7 costs only where it is used.
    */
-  private readsHttp(destination: PodState, port: number): 'http1' | 'http2' | undefined {
+  private readsHttp(destination: PodState, port: number): Reads | undefined {
     const key = `${destination.pod.uid}|${port}`;
     let reads = this.readsHttpCache.get(key);
     if (reads === undefined) {
       const target = this.snapshot.serviceOf(destination.pod.uid, port);
-      const speaks = target ? speaksRequests(target.port) : undefined;
-      reads = speaks !== undefined && target !== undefined && (target.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod)) ? speaks : null;
+      const acts = target?.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod);
+      const said = target ? portProtocol(target.port) : 'unknown';
+      reads = !acts ? null : said === 'unknown' ? 'sniff' : (speaksRequests(target?.port ?? { name: '', appProtocol: '' }) ?? null);
       this.readsHttpCache.set(key, reads);
     }
     return reads ?? undefined;
@@ -363,10 +370,10 @@ export class NodeProxy {
    * Serves a connection into a pod's port read as HTTP (readsHttp) until it ends: each request
    * authorized and rate-limited, then delivered to the application from the caller's address.
    */
-  private serveHttpIn(state: PodState, client: Socket, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
+  private serveHttpIn(state: PodState, client: Socket | Duplex, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
     const { destinationIp: host, destinationPort: port, sourceIp } = facts;
     return this.httpIn.serve(client, {
-      protocol: this.readsHttp(state, port) ?? 'http1',
+      protocol,
       pod: state.pod,
       facts: { ...facts, destination: state.pod },
       labels,
@@ -385,17 +392,43 @@ export class NodeProxy {
   }
 
   /**
-   * A socket pair whose one end is served as a connection into `state`'s pod read as HTTP; the
-   * other end (its fd) is the caller's to relay from the tunnel or the same-node source.
+   * A connection into a pod's port that readsHttp says to read: served as HTTP/1.1 or HTTP/2, or
+   * first sniffed. A sniffed connection that is no HTTP is judged by the policies' TCP reading
+   * (its connection was admitted on its mTLS mode alone) and relayed to the application with its
+   * first bytes (through JS: they were read).
    */
-  private httpInPair(state: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'hbone', labels: TcpLabels, source: Workload | undefined): number {
+  private async serveRead(state: PodState, client: Socket, reads: Reads, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
+    if (reads !== 'sniff') return this.serveHttpIn(state, client, reads, facts, path, labels, source);
+    const { protocol, head } = await sniff(client, SNIFF_DEADLINE_MS);
+    this.metrics.sniffed.inc({ protocol });
+    if (protocol !== 'opaque') return this.serveHttpIn(state, withHead(client, head, protocol), protocol, facts, path, labels, source);
+    withHead(client, head, protocol);
+    if (!this.judged(state, facts, path, this.policies.authorize({ ...facts, destination: state.pod }), undefined)) {
+      // A TCP client is reset; a socket pair's end (HBONE, same node) is closed, and its other side with it.
+      if (path === 'inbound') client.resetAndDestroy();
+      else client.destroy();
+      return;
+    }
+    const target = this.snapshot.serviceOf(state.pod.uid, facts.destinationPort);
+    const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: facts.destinationIp, port: facts.destinationPort, transparentSource: facts.sourceIp, labels: [labels] };
+    await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+  }
+
+  /**
+   * A socket pair whose one end is served as a connection into `state`'s pod that readsHttp says
+   * to read; the other end (its fd) is the caller's to relay from the tunnel or the same-node source.
+   */
+  private readPair(state: PodState, reads: Reads, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'hbone', labels: TcpLabels, source: Workload | undefined): number {
     const [ours, theirs] = socketPair();
-    const socket = new Socket({ fd: ours, readable: true, writable: true });
+    const socket = new Socket({ fd: ours, readable: true, writable: true, allowHalfOpen: true });
     state.sockets.add(socket);
     socket.once('close', () => state.sockets.delete(socket));
     socket.on('error', () => undefined);
     // Already counted against the limits: as the tunnel's stream, or as the source's connection.
-    void this.serveHttpIn(state, socket, facts, path, labels, source);
+    void this.serveRead(state, socket, reads, facts, path, labels, source).catch((e: unknown) => {
+      log.warn({ pod: state.pod.name, namespace: state.pod.namespace, path, err: (e as Error).message }, 'connection into the pod failed');
+      socket.destroy();
+    });
     return theirs;
   }
 
@@ -630,7 +663,8 @@ export class NodeProxy {
    */
   private async relay(state: PodState, client: Socket, upstreamFd: number, idleTimeoutMs: number): Promise<RelayResult> {
     const clientFd = socketFd(client);
-    if (clientFd !== undefined && this.options.kernelRelay) return relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
+    // Bytes already read into JS (a sniffed connection's first ones) would be skipped by the kernel.
+    if (clientFd !== undefined && this.options.kernelRelay && client.readableLength === 0) return relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
     const upstream = new Socket({ fd: upstreamFd, readable: true, writable: true, allowHalfOpen: true });
     state.sockets.add(upstream);
     upstream.once('close', () => state.sockets.delete(upstream));
@@ -925,9 +959,10 @@ export class NodeProxy {
       client.resetAndDestroy();
       return;
     }
-    if (this.readsHttp(state, port) !== undefined) {
+    const reads = this.readsHttp(state, port);
+    if (reads !== undefined) {
       this.metrics.proxied.inc({ path: 'inbound' });
-      await this.serveHttpIn(state, client, facts, 'inbound', labels, source);
+      await this.serveRead(state, client, reads, facts, 'inbound', labels, source);
       return;
     }
     // Delivered from a transparent socket with the client's address, so the application sees
@@ -972,9 +1007,10 @@ export class NodeProxy {
         answer(stream, 401);
         return;
       }
-      if (this.readsHttp(state, target.port) !== undefined) {
+      const reads = this.readsHttp(state, target.port);
+      if (reads !== undefined) {
         this.metrics.proxied.inc({ path: 'inbound' });
-        const tunnelSide = this.httpInPair(state, facts, 'hbone', labels, sourceWorkload);
+        const tunnelSide = this.readPair(state, reads, facts, 'hbone', labels, sourceWorkload);
         const idle = serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs;
         if (stream instanceof NativeTunnelStream) {
           await stream.attach(tunnelSide, idle);
@@ -1043,11 +1079,12 @@ export class NodeProxy {
     }
     // The same-node fast path into a port read as HTTP: the destination's side serves one end of a
     // socket pair, with the source's identity known first-hand (as admitLocal judged it).
-    if (u.path === 'same_node' && u.local && this.readsHttp(u.local, u.port) !== undefined) {
+    const reads = u.path === 'same_node' && u.local ? this.readsHttp(u.local, u.port) : undefined;
+    if (u.local && reads !== undefined) {
       const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
       const destinationLabels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
       if (!destinationLabels) throw new Error('a same-node upstream has its destination labels');
-      return { fd: this.httpInPair(u.local, facts, 'same_node', destinationLabels, state.pod) };
+      return { fd: this.readPair(u.local, reads, facts, 'same_node', destinationLabels, state.pod) };
     }
     const how = u.transparentSource
       ? { mark: NM_DELIVERY_MARK, localHost: u.transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }

@@ -18,7 +18,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
 const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
-const SVC = { api: '10.96.0.91', limited: '10.96.0.92', total: '10.96.0.93' };
+const SVC = { api: '10.96.0.91', limited: '10.96.0.92', total: '10.96.0.93', raw: '10.96.0.94' };
 
 /**
  * `api`: GET under /public for anyone, everything for the "admin" service account or a request
@@ -31,13 +31,15 @@ function meshConfig(): Record<string, string> {
       serviceYaml('api', [SVC.api], { app: 'api' }, 80, 8080, 'http'),
       serviceYaml('limited', [SVC.limited], { app: 'limited' }, 80, 8080, 'http'),
       serviceYaml('total', [SVC.total], { app: 'total' }, 80, 8080, 'http-total'),
+      // A port that says no protocol: what it speaks is sniffed.
+      serviceYaml('raw', [SVC.raw], { app: 'raw' }, 80, 8080, 'web'),
     ].join('---\n'),
     'policy.yaml': [
       'apiVersion: security.nodemesh.io/v1',
       'kind: AuthorizationPolicy',
       'metadata: {name: api-read, namespace: default}',
       'spec:',
-      '  selector: {matchLabels: {app: api}}',
+      '  selector: {matchLabels: {role: guarded}}',
       '  rules:',
       '  - to: [{operation: {methods: [GET], paths: ["/public/*"]}}]',
       '  - from: [{source: {principals: ["cluster.local/ns/default/sa/admin"]}}]',
@@ -140,13 +142,14 @@ test('L7 server side on one node and from plaintext: authorization per request (
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, meshConfig());
-  const api = await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api']);
+  const api = await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api', 'role=guarded']);
+  await sb.serverPod('raw', [process.execPath, APP, 'raw', '8080'], 8080, ['app=raw', 'role=guarded']);
   await sb.serverPod('limited', [process.execPath, APP, 'limited', '8080'], 8080, ['app=limited']);
   await sb.serverPod('total', [process.execPath, APP, 'total', '8080'], 8080, ['app=total']);
   const client = await sb.idlePod('client', [], { serviceAccount: 'client' });
   const admin = await sb.idlePod('admin', [], { serviceAccount: 'admin' });
   const plain = await sb.idlePod('plain', ['nodemesh.io/capture=disabled']);
-  await agent.waitForPods((p) => p.filter((x) => x.verified).length === 5, 'five meshed pods verified');
+  await agent.waitForPods((p) => p.filter((x) => x.verified).length === 6, 'six meshed pods verified');
   await checkAuthorization(sb, { client, admin }, agent, [agent], 'one node');
   // Same-node delivery: the client's connection went straight to the destination's side.
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 2);
@@ -157,6 +160,16 @@ test('L7 server side on one node and from plaintext: authorization per request (
   assert.equal(seenBy(plainRun, 0).remote, plain.ip4, 'delivered from the plaintext client\'s address');
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', source_principal: 'unknown', connection_security_policy: 'none' }), 2);
   await checkRateLimits(sb, { client, admin }, agent, [agent], 'one node');
+  // A port that says no protocol, with policies that read requests: the first bytes decide. HTTP
+  // is judged per request; anything else by the policies' TCP reading (the ALLOW rules that name
+  // request attributes match nothing there, so only the admin principal gets in).
+  const sniffed = await http(sb, client, { requests: [{ path: '/public/a' }, { method: 'POST', path: '/public/a', body: 10 }] }, [agent], SVC.raw);
+  assert.deepEqual(statuses(sniffed), [200, 403], 'HTTP/1.1 found and judged per request');
+  const notHttp = { bytes: 64, marker: '\x16\x03\x01 not http' };
+  assert.equal((await sb.dialFrom(client, SVC.raw, 80, notHttp)).received, 0, 'no request to read: refused by the TCP reading');
+  assert.ok((await sb.dialFrom(admin, SVC.raw, 80, notHttp)).received > 0, 'the admin principal is let through at L4 (the application answers its bytes)');
+  const m = await agent.metrics();
+  assert.deepEqual([metricValue(m, 'nodemesh_protocol_sniffed_total', { protocol: 'http1' }), metricValue(m, 'nodemesh_protocol_sniffed_total', { protocol: 'opaque' })], [1, 2]);
   // A Service without request-level config stays on the L4 path: no request is read on it.
   const before = metricValue(await agent.metrics(), 'istio_requests_total');
   const version = (await agent.config()).version;
@@ -173,7 +186,7 @@ for (const hbone of ['native', 'node'] as const) test(`L7 server side across two
   const cp = await startControlPlane(sb, meshConfig());
   const agentA = await startAgent(sb, { controlPlane: cp.address }, { args: ['--hbone', hbone] });
   const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB, args: ['--hbone', hbone] });
-  await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api'], { node: nodeB });
+  await sb.serverPod('api', [process.execPath, APP, 'api', '8080'], 8080, ['app=api', 'role=guarded'], { node: nodeB });
   await sb.serverPod('limited', [process.execPath, APP, 'limited', '8080'], 8080, ['app=limited'], { node: nodeB });
   await sb.serverPod('total', [process.execPath, APP, 'total', '8080'], 8080, ['app=total'], { node: nodeB });
   const client = await sb.idlePod('client', [], { serviceAccount: 'client' });

@@ -11,6 +11,7 @@ import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
+import { classify } from '../../src/proxy/http/common.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
 test('port protocols: appProtocol first, else the name prefix; unknown when neither says', () => {
@@ -245,4 +246,18 @@ test('TrafficPolicy on a route: its fault applies to the requests the route take
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+});
+
+test('protocol sniffing: an HTTP/1.x request line, the HTTP/2 preface, or opaque; undecided while a prefix could still be either', () => {
+  const c = (text: string, final = false): string => classify(Buffer.from(text, 'latin1'), final);
+  assert.equal(c('GET /x HTTP/1.1\r\nhost: a\r\n'), 'http1');
+  assert.equal(c('POST /api?q=1 HTTP/1.0\n'), 'http1');
+  assert.equal(c('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), 'http2');
+  assert.equal(c('PRI * HTTP/2'), 'more', 'a prefix of the preface waits for more');
+  assert.equal(c('GET /x HT'), 'more');
+  assert.equal(c('GET /x HT', true), 'opaque', 'at the deadline (or the end) what is not HTTP yet is not');
+  assert.equal(c('', true), 'opaque', 'nothing came: a server-first protocol');
+  assert.equal(c('\x16\x03\x01\x02\x00'), 'opaque', 'a TLS ClientHello');
+  assert.equal(c('GET /x SPDY/3\r\n'), 'opaque');
+  assert.equal(c('*1\r\n$4\r\nPING\r\n'), 'opaque', 'RESP (Redis)');
 });

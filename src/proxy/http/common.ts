@@ -7,7 +7,7 @@
 import { randomUUID } from 'node:crypto';
 import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequestArgs, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import type { Duplex, Readable } from 'node:stream';
+import { Duplex, PassThrough, type Readable } from 'node:stream';
 
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
@@ -371,4 +371,72 @@ export function countRequest(
     },
     'request',
   );
+}
+
+/** How long the proxy waits for a client's first bytes on a port that does not say its protocol (Istio's protocol detection timeout was 100 ms). */
+export const SNIFF_DEADLINE_MS = 100;
+const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n', 'latin1');
+/** An HTTP/1.x request line (RFC 9112 section 3): a method token, a target, the version. */
+const REQUEST_LINE = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP\/1\.[01]\r?\n/;
+
+export type Sniffed = 'http1' | 'http2' | 'opaque';
+
+/** What the first bytes of a connection say it speaks; 'more' while they could still be either HTTP. */
+export function classify(head: Buffer, final: boolean): Sniffed | 'more' {
+  const n = Math.min(head.length, H2_PREFACE.length);
+  if (head.subarray(0, n).equals(H2_PREFACE.subarray(0, n))) return n === H2_PREFACE.length ? 'http2' : final ? 'opaque' : 'more';
+  const text = head.subarray(0, 8192).toString('latin1');
+  if (REQUEST_LINE.test(text)) return 'http1';
+  // Still within a request line's first line, and nothing yet that no request line has.
+  if (!final && !text.includes('\n') && head.length < 8192 && /^[!#$%&'*+.^_`|~0-9A-Za-z-]*( [^ \r\n]*( [HTP/1.]*\r?)?)?$/.test(text)) return 'more';
+  return 'opaque';
+}
+
+/**
+ * Protocol detection on a port that does not say what it speaks: the client's first bytes, read
+ * until they say HTTP/1.1, HTTP/2 (the preface) or anything else, or until `deadlineMs` passes
+ * with nothing conclusive (a server-first protocol sends nothing: opaque). The socket is left
+ * paused; the bytes read are returned, for `withHead` to put back.
+ */
+export function sniff(socket: Socket, deadlineMs: number): Promise<{ readonly protocol: Sniffed; readonly head: Buffer }> {
+  return new Promise((resolve) => {
+    let head = Buffer.alloc(0);
+    const finish = (final: boolean): void => {
+      const verdict = classify(head, final);
+      if (verdict === 'more') return;
+      clearTimeout(timer);
+      socket.off('data', onData);
+      socket.off('end', onEnd);
+      socket.pause();
+      resolve({ protocol: verdict, head });
+    };
+    const onData = (chunk: Buffer): void => {
+      head = Buffer.concat([head, chunk]);
+      finish(false);
+    };
+    const onEnd = (): void => finish(true);
+    const timer = setTimeout(() => finish(true), deadlineMs);
+    socket.on('data', onData);
+    socket.once('end', onEnd);
+    socket.resume();
+  });
+}
+
+/**
+ * The sniffed socket with its first bytes back in front: put back into the socket itself (node:http
+ * and the relays read what is buffered), or, for HTTP/2, a stream that yields them first, since
+ * node:http2 reads the socket's handle directly and would miss them.
+ */
+export function withHead(socket: Socket, head: Buffer, protocol: Sniffed): Socket | Duplex {
+  if (protocol !== 'http2') {
+    if (head.length > 0) socket.unshift(head);
+    return socket;
+  }
+  const inbound = new PassThrough();
+  inbound.write(head);
+  socket.pipe(inbound);
+  const joined = Duplex.from({ readable: inbound, writable: socket });
+  socket.once('close', () => joined.destroy());
+  joined.on('error', () => socket.destroy());
+  return joined;
 }

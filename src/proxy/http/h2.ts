@@ -13,7 +13,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
-import type { Socket } from 'node:net';
+import { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
@@ -139,8 +140,8 @@ class HandedH2Server<C extends object> {
   }
 
   /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
-  serve(client: Socket, conn: C): Promise<void> {
-    client.setNoDelay(true);
+  serve(client: Socket | Duplex, conn: C): Promise<void> {
+    if (client instanceof Socket) client.setNoDelay(true);
     return new Promise((resolve) => {
       client.once('close', () => resolve());
       this.handing = conn;
@@ -466,7 +467,7 @@ export class H2Inbound {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
   }
 
-  serve(client: Socket, conn: HttpServerConnection): Promise<void> {
+  serve(client: Socket | Duplex, conn: HttpServerConnection): Promise<void> {
     return this.front.serve(client, conn);
   }
 

@@ -11,7 +11,8 @@
  * paths alike: plaintext inbound (15006), HBONE (15008) and the same-node fast path.
  */
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
+import { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 
 import type { ServiceTarget, Workload } from '../../config/snapshot.js';
 import { spiffeUri } from '../../identity/spiffe.js';
@@ -75,8 +76,10 @@ export class HttpInbound {
   }
 
   /** Serves one connection into a pod until it closes. */
-  serve(client: Socket, conn: HttpServerConnection): Promise<void> {
+  serve(client: Socket | Duplex, conn: HttpServerConnection): Promise<void> {
     if (conn.protocol === 'http2') return this.h2.serve(client, conn);
+    // HTTP/1.1 connections are sockets (a sniffed one has its first bytes put back in it).
+    if (!(client instanceof Socket)) throw new Error('an HTTP/1.1 connection is a socket');
     this.connections.set(client, conn);
     return serveOn(this.server, client);
   }
