@@ -7,6 +7,9 @@
  *   nodemesh L4        the Service without L7 config: the kernel relay
  *   nodemesh L7        the same Service with an HTTPRoute on its HTTP port: each request parsed,
  *                      routed and forwarded over pooled upstream connections
+ *   nodemesh L7 server the Service without a route, its pod under an AuthorizationPolicy with a
+ *                      request rule: each request read and authorized on the destination's side
+ *   nodemesh L7 both   the route and the policy: read on both sides, as a sidecar pair does
  * Keep-alive requests/s (wrk, one thread, 32 connections), p50/p90/p99 at 1000 requests/s of 1 KB
  * over 10 connections, and proxy CPU per 1000 requests. Writes bench/results/l7.json. Numbers,
  * not assertions.
@@ -55,11 +58,14 @@ async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string
   return { keepAliveRps: ka.rps, latency, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / ka.requests) * 1000 : null };
 }
 
-function serviceYaml(routed: boolean): string {
+/** An AuthorizationPolicy on the server pod with a request rule (GET and HEAD anywhere): its HTTP port is read per request on the destination's side. */
+const POLICY = '---\napiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}]\n';
+
+function serviceYaml(routed: boolean, authorized = false): string {
   const svc = `apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: default}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
   const backend = `---\napiVersion: v1\nkind: Service\nmetadata: {name: server-v1, namespace: default}\nspec:\n  clusterIP: 10.96.0.54\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
   const route = `---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]\n`;
-  return routed ? svc + backend + route : svc;
+  return (routed ? svc + backend + route : svc) + (authorized ? POLICY : '');
 }
 
 async function main(): Promise<void> {
@@ -105,8 +111,8 @@ async function main(): Promise<void> {
     const configDir = join(work, 'config');
     await mkdir(configDir);
     const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
-    const runAgent = async (routed: boolean): Promise<HttpScenario> => {
-      await writeFile(join(configDir, 'mesh.yaml'), serviceYaml(routed));
+    const runAgent = async (routed: boolean, authorized = false): Promise<HttpScenario> => {
+      await writeFile(join(configDir, 'mesh.yaml'), serviceYaml(routed, authorized));
       const child = spawn(...agentCommand(['agent', ...AGENT_ARGS, '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', `127.0.0.1:${ADMIN}`]), { env, stdio: 'inherit' });
       agent = child;
       try {
@@ -129,15 +135,27 @@ async function main(): Promise<void> {
     const l4 = await runAgent(false);
     say('nodemesh L7 (an HTTPRoute on the HTTP port: each request routed)');
     const l7 = await runAgent(true);
+    say('nodemesh L7 server side (a request-level AuthorizationPolicy on the server pod)');
+    const l7Server = await runAgent(false, true);
+    say('nodemesh L7 both sides (the route and the policy)');
+    const l7Both = await runAgent(true, true);
 
     const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
-    const rows: Array<[string, HttpScenario]> = [['direct', direct], ['HAProxy mode http pair (2 hops)', sidecar], ['nodemesh L4 (1 hop)', l4], ['nodemesh L7 (1 hop)', l7]];
+    const rows: Array<[string, HttpScenario]> = [
+      ['direct', direct],
+      ['HAProxy mode http pair (2 hops)', sidecar],
+      ['nodemesh L4 (1 hop)', l4],
+      ['nodemesh L7 (1 hop)', l7],
+      ['nodemesh L7 server side (1 hop)', l7Server],
+      ['nodemesh L7 both sides (1 hop)', l7Both],
+    ];
     const added = (s: HttpScenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
     const ratios = {
       l7KeepAliveRpsVsHaproxyPair: Math.round((l7.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
-      addedP90Ms: { haproxyPair: added(sidecar), nodemeshL7: added(l7), nodemeshL4: added(l4) },
+      l7BothKeepAliveRpsVsHaproxyPair: Math.round((l7Both.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
+      addedP90Ms: { haproxyPair: added(sidecar), nodemeshL7: added(l7), nodemeshL7Server: added(l7Server), nodemeshL7Both: added(l7Both), nodemeshL4: added(l4) },
       // vCPU per 1000 requests/s equals CPU seconds per 1000 requests.
-      vcpuPer1000Rps: { haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req },
+      vcpuPer1000Rps: { haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req, nodemeshL7Server: l7Server.proxyCpuSecPer1000Req, nodemeshL7Both: l7Both.proxyCpuSecPer1000Req },
     };
     process.stdout.write(
       [
@@ -153,7 +171,7 @@ async function main(): Promise<void> {
     );
     const outDir = join(PACKAGE_ROOT, 'bench', 'results');
     await mkdir(outDir, { recursive: true });
-    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, ratios }, null, 2) + '\n');
+    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, nodemeshL7Server: l7Server, nodemeshL7Both: l7Both, ratios }, null, 2) + '\n');
   } finally {
     say('cleaning up');
     if (agent && agent.exitCode === null && agent.signalCode === null) {

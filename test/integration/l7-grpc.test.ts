@@ -119,6 +119,11 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   assert.deepEqual(bad.raw, ['goaway:1', 'goaway:2', 'goaway:2', 'goaway:9']);
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total'), before, 'none of them was routed');
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_http_refused_total') >= 2, 'the floods counted');
+  // A message over gRPC's 4 MiB limit is refused by the proxy before any of it goes upstream.
+  const big = await grpc(sb, client, { unary: { count: 1, bytes: 5 << 20 } }, [agent]);
+  assert.equal(big.unary[0]?.code, 8, 'RESOURCE_EXHAUSTED');
+  assert.match(big.unary[0]?.details ?? '', /over the limit of 4194304/, 'answered by the proxy, not the server');
+  assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { reporter: 'source', response_flags: 'DPE', grpc_response_status: '8' }), 1);
   assert.equal((await grpc(sb, client, { unary: { count: 1 } }, [agent])).unary[0]?.code, undefined, 'the proxy serves on');
 });
 

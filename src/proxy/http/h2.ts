@@ -189,6 +189,66 @@ function passAnswer(
   });
 }
 
+/** gRPC's default limit on a message a server receives (4 MiB): a longer one is refused before any of it leaves the proxy. */
+export const GRPC_MAX_MESSAGE = 4 * 1024 * 1024;
+
+/**
+ * Streams the client's body upstream with backpressure. For gRPC each message's length prefix is
+ * read first: a message over GRPC_MAX_MESSAGE stops the body (`tooLarge`) before the chunk that
+ * announces it goes, so the backend never sees it.
+ */
+function sendBody(stream: ServerHttp2Stream, up: ClientHttp2Stream, grpc: boolean, events: { data(bytes: number): void; tooLarge(length: number): void }): void {
+  let payloadLeft = 0;
+  let prefix = Buffer.alloc(0);
+  let stopped = false;
+  const fits = (chunk: Buffer): boolean => {
+    for (let o = 0; o < chunk.length; ) {
+      if (payloadLeft > 0) {
+        const take = Math.min(payloadLeft, chunk.length - o);
+        payloadLeft -= take;
+        o += take;
+        continue;
+      }
+      const take = Math.min(5 - prefix.length, chunk.length - o);
+      prefix = Buffer.concat([prefix, chunk.subarray(o, o + take)]);
+      o += take;
+      if (prefix.length < 5) continue;
+      const length = prefix.readUInt32BE(1);
+      prefix = Buffer.alloc(0);
+      if (length > GRPC_MAX_MESSAGE) {
+        events.tooLarge(length);
+        return false;
+      }
+      payloadLeft = length;
+    }
+    return true;
+  };
+  stream.on('data', (chunk: Buffer) => {
+    if (stopped) return;
+    events.data(chunk.length);
+    if (grpc && !fits(chunk)) {
+      stopped = true;
+      return;
+    }
+    if (!up.write(chunk)) {
+      stream.pause();
+      up.once('drain', () => stream.resume());
+    }
+  });
+  stream.once('end', () => {
+    if (!stopped) up.end();
+  });
+}
+
+/** A gRPC message over the limit: answered RESOURCE_EXHAUSTED (a trailers-only answer), or the stream reset once an answer began. */
+function refuseMessage(stream: ServerHttp2Stream, length: number): void {
+  if (stream.headersSent || stream.destroyed || stream.closed) {
+    stream.close(constants.NGHTTP2_CANCEL);
+    return;
+  }
+  stream.respond({ ':status': 200, 'content-type': 'application/grpc', 'grpc-status': '8', 'grpc-message': `a message of ${length} bytes is over the limit of ${GRPC_MAX_MESSAGE}` }, { endStream: true });
+}
+
 /** A plain-text answer of the proxy on a stream (or a reset when its headers went already). */
 function answerStream(stream: ServerHttp2Stream, status: number, detail: string, extra: OutgoingHttpHeaders = {}): number {
   if (stream.headersSent || stream.destroyed || stream.closed) {
@@ -390,10 +450,14 @@ class H2Exchange {
       }
     });
     // The body flows only now (a data listener earlier would drop what came before the session).
-    if (!this.stream.readableEnded) {
-      this.stream.on('data', (chunk: Buffer) => (this.bytesIn += chunk.length));
-      this.stream.pipe(up);
-    }
+    sendBody(this.stream, up, this.grpc, {
+      data: (bytes) => (this.bytesIn += bytes),
+      tooLarge: (length) => {
+        up.close(constants.NGHTTP2_CANCEL);
+        refuseMessage(this.stream, length);
+        this.done(200, 'DPE', endpoint, '8');
+      },
+    });
   }
 
   /** The :authority upstream: the (possibly rewritten) Host of the request. */
@@ -527,8 +591,14 @@ export class H2Inbound {
             done(Number(stream.sentHeaders?.[':status'] ?? 502), 'UPE');
           }
         });
-        stream.on('data', (chunk: Buffer) => (bytesIn += chunk.length));
-        stream.pipe(stream2);
+        sendBody(stream, stream2, grpc !== undefined, {
+          data: (bytes) => (bytesIn += bytes),
+          tooLarge: (length) => {
+            stream2.close(constants.NGHTTP2_CANCEL);
+            refuseMessage(stream, length);
+            done(200, 'DPE', '8');
+          },
+        });
       },
       (e: unknown) => {
         if (finished) return;
