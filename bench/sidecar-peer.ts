@@ -26,6 +26,8 @@ interface Route {
   readonly appPort: number;
   readonly outboundPort: number;
   readonly inboundPort: number;
+  /** Relayed as bytes whatever the peer's mode (a port that is not HTTP, such as iperf's). */
+  readonly opaque?: boolean;
 }
 
 async function nft(netnsPath: string, script: string): Promise<void> {
@@ -44,11 +46,11 @@ export interface SidecarTls {
   readonly ca: string;
 }
 
-function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string }>, mode: 'tcp' | 'http'): string {
+function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string; opaque?: boolean }>, mode: 'tcp' | 'http'): string {
   const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', `  mode ${mode}`, '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
   // An L7 sidecar keeps its upstream connections and reuses them across client connections.
   if (mode === 'http') lines.push('  option http-keep-alive', '  http-reuse always');
-  for (const l of listens) lines.push(`listen p${l.port}`, `  bind :${l.port}${l.bindTls ?? ''}`, `  server s ${l.to}${l.serverTls ?? ''}`);
+  for (const l of listens) lines.push(`listen p${l.port}`, ...(l.opaque && mode !== 'tcp' ? ['  mode tcp'] : []), `  bind :${l.port}${l.bindTls ?? ''}`, `  server s ${l.to}${l.serverTls ?? ''}`);
   return lines.join('\n') + '\n';
 }
 
@@ -81,8 +83,8 @@ export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, cl
   };
   const serverTls = tls ? ` ssl crt ${tls.client.crt} ca-file ${tls.ca} verify required` : '';
   const bindTls = tls ? ` ssl crt ${tls.server.crt} ca-file ${tls.ca} verify required` : '';
-  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}`, serverTls })), mode));
-  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}`, bindTls })), mode));
+  await start(client, 'client', haproxyConfig(routes.map((r) => ({ port: r.outboundPort, to: `${server.ip4}:${r.servicePort}`, serverTls, ...(r.opaque ? { opaque: true } : {}) })), mode));
+  await start(server, 'server', haproxyConfig(routes.map((r) => ({ port: r.inboundPort, to: `127.0.0.1:${r.appPort}`, bindTls, ...(r.opaque ? { opaque: true } : {}) })), mode));
   const out = routes.map((r) => `ip daddr ${serviceIp} tcp dport ${r.servicePort} redirect to :${r.outboundPort}`).join('\n    ');
   const inb = routes.map((r) => `iifname "eth0" tcp dport ${r.servicePort} redirect to :${r.inboundPort}`).join('\n    ');
   // An iptables/nft sidecar needs a route to the service address (REDIRECT runs after routing);

@@ -4,7 +4,9 @@
  * behind nft REDIRECT in each pod) in plaintext and with mutual TLS between the HAProxies; and
  * nodemesh through both node proxies, with an HBONE tunnel (mutual TLS, HTTP/2) between them and
  * in plaintext (the server's PeerAuthentication set to DISABLE, so A sends plain TCP to B's
- * inbound listener). Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
+ * inbound listener). L7 over two hops: nodemesh with an HTTPRoute on the Service (each request
+ * routed on A) and a request-level AuthorizationPolicy on the server (each request authorized on
+ * B), inside HBONE; against HAProxy in `mode http` in both pods with mutual TLS between them. Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
  * rate of 1 KB requests, proxy CPU per 1000 requests, and the tunnel reuse. Writes
  * bench/results/two-hop.json. Numbers, not assertions.
  */
@@ -83,7 +85,7 @@ async function main(): Promise<void> {
     await mkdir(configDir);
     await writeFile(
       join(configDir, 'service.yaml'),
-      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: iperf, port: ${IPERF_PORT}}]\n`,
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: tcp-iperf, port: ${IPERF_PORT}}]\n`,
     );
     say('control plane (TLS) and two agents, nodes bench-a and bench-b');
     start(['control-plane', '--config-dir', configDir, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
@@ -130,15 +132,34 @@ async function main(): Promise<void> {
       return;
     }
 
+    /** Writes (or, with '', removes) a config file and waits until both agents acknowledged it. */
+    const applyConfig = async (file: string, yaml: string): Promise<void> => {
+      const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
+      if (yaml === '') await rm(join(configDir, file), { force: true });
+      else await writeFile(join(configDir, file), yaml);
+      for (let i = 0; ; i++) {
+        const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
+        if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
+        if (i > 100) throw new Error(`the agents did not take ${file}`);
+        await sleep(100);
+      }
+    };
+
+    say('nodemesh L7, two hops in HBONE: an HTTPRoute read on A, a request-level AuthorizationPolicy read on B');
+    await applyConfig(
+      'l7.yaml',
+      [
+        `apiVersion: v1\nkind: Service\nmetadata: {name: server-v1}\nspec:\n  clusterIP: 10.96.0.57\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`,
+        `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules: [{backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]}]\n`,
+        `apiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}, {to: [{operation: {ports: ["${IPERF_PORT}"]}}]}]\n`,
+      ].join('---\n'),
+    );
+    const l7 = await measure(client, SERVICE_IP, HTTP_PORT, pids);
+    if ((await metric(PORTS.b.metrics, 'istio_requests_total', { reporter: 'destination' })) === 0) throw new Error('the L7 run was not read on the server\'s node');
+    await applyConfig('l7.yaml', '');
+
     say('nodemesh, two hops in plaintext: the server\'s PeerAuthentication DISABLE, A -> B\'s inbound listener');
-    const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
-    await writeFile(join(configDir, 'plaintext.yaml'), 'apiVersion: security.nodemesh.io/v1\nkind: PeerAuthentication\nmetadata: {name: server-plaintext, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: DISABLE}\n');
-    for (let i = 0; ; i++) {
-      const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
-      if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
-      if (i > 100) throw new Error('the agents did not take the PeerAuthentication');
-      await sleep(100);
-    }
+    await applyConfig('plaintext.yaml', 'apiVersion: security.nodemesh.io/v1\nkind: PeerAuthentication\nmetadata: {name: server-plaintext, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: DISABLE}\n');
     const outboundBefore = await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'outbound' });
     const plain = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     if ((await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'outbound' })) === outboundBefore) throw new Error('the plaintext run did not take the plaintext path');
@@ -168,6 +189,13 @@ async function main(): Promise<void> {
     ], await writeSidecarTls(work));
     const sidecarMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerTls.pids);
     await peerTls.stop();
+    say('sidecar peer, L7: HAProxy mode http + nft REDIRECT in both pods, mutual TLS between them');
+    const peerHttpTls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
+      { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
+      { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007, opaque: true },
+    ], await writeSidecarTls(work), 'http');
+    const sidecarHttpMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerHttpTls.pids);
+    await peerHttpTls.stop();
 
     const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
@@ -179,6 +207,8 @@ async function main(): Promise<void> {
       sidecarMtls,
       nodemeshPlaintext: plain,
       nodemeshHbone: mtls,
+      sidecarHttpMtls,
+      nodemeshL7Hbone: l7,
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
       agentRssMiBAfterHbone: agentRss,
       agentOpenFds: { beforeHbone: fdsBefore, afterHbone: fdsAfter },
@@ -189,7 +219,9 @@ async function main(): Promise<void> {
         hboneNewConnVsSidecarMtls: ratio(mtls.newConnRps, sidecarMtls.newConnRps),
         hboneCpuPer1000VsSidecarMtls: ratio(mtls.proxyCpuSecPer1000Req ?? 0, sidecarMtls.proxyCpuSecPer1000Req ?? 1),
         plaintextKeepAliveVsSidecarPlaintext: ratio(plain.keepAliveRps, sidecar.keepAliveRps),
-        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls) },
+        l7KeepAliveVsSidecarHttpMtls: ratio(l7.keepAliveRps, sidecarHttpMtls.keepAliveRps),
+        l7CpuPer1000VsSidecarHttpMtls: ratio(l7.proxyCpuSecPer1000Req ?? 0, sidecarHttpMtls.proxyCpuSecPer1000Req ?? 1),
+        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls), sidecarHttpMtls: addedP90(sidecarHttpMtls), nodemeshL7Hbone: addedP90(l7) },
       },
     };
     const rows: Array<[string, Scenario]> = [
@@ -198,6 +230,8 @@ async function main(): Promise<void> {
       ['sidecar (HAProxy+nft), mTLS', sidecarMtls],
       ['nodemesh two hops, plaintext', plain],
       ['nodemesh two hops, HBONE mTLS', mtls],
+      ['sidecar L7 (HAProxy mode http), mTLS', sidecarHttpMtls],
+      ['nodemesh L7 two hops (route on A, policy on B), HBONE mTLS', l7],
     ];
     process.stdout.write(
       [
