@@ -11,8 +11,10 @@
  *                      request rule: each request read and authorized on the destination's side
  *   nodemesh L7 both   the route and the policy: read on both sides, as a sidecar pair does
  * Keep-alive requests/s (wrk, one thread, 32 connections), p50/p90/p99 at 1000 requests/s of 1 KB
- * over 10 connections, and proxy CPU per 1000 requests. Writes bench/results/l7.json. Numbers,
- * not assertions.
+ * over 10 connections, and proxy CPU per 1000 requests. And HTTP/2 (h2c, prior knowledge; nginx
+ * answering on a second port): h2load's keep-alive requests/s (32 connections, 10 streams each)
+ * and proxy CPU per 1000 requests, direct, through an HAProxy h2 pair, and through nodemesh's L7
+ * path with an HTTPRoute on the HTTP/2 port. Writes bench/results/l7.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -30,12 +32,14 @@ import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, cpuSeconds, latencyFixedRate, removeCgroupTree, wrk, writeNginxConf, type Latency } from './tools.js';
+import { agentCommand, cpuSeconds, h2load, latencyFixedRate, removeCgroupTree, wrk, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.53';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
+const H2_PORT = 81;
+const APP_H2 = 8081;
 const ADMIN = 15902;
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings (as bench/two-hop.ts). */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
@@ -61,10 +65,36 @@ async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string
 /** An AuthorizationPolicy on the server pod with a request rule (GET and HEAD anywhere): its HTTP port is read per request on the destination's side. */
 const POLICY = '---\napiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}]\n';
 
+/** HTTP/2 measured by h2load: requests/s and proxy CPU (no fixed-rate latency: the latency client speaks HTTP/1.1). */
+interface H2Scenario {
+  keepAliveRps: number;
+  proxyCpuSecPer1000Req: number | null;
+}
+
+async function measureH2(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, pids: () => number[]): Promise<H2Scenario> {
+  await h2load(runtime, client, host, port, 1); // warm-up
+  const cpu0 = await cpuSeconds(pids());
+  const r = await h2load(runtime, client, host, port, SECONDS);
+  const cpu1 = await cpuSeconds(pids());
+  return { keepAliveRps: r.rps, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / r.requests) * 1000 : null };
+}
+
+/** nginx answering 1 KB on APP_HTTP (HTTP/1.1) and APP_H2 (HTTP/2 with prior knowledge). */
+async function writeNginxConf(work: string): Promise<string> {
+  const path = join(work, 'nginx.conf');
+  const answer = `location / { return 200 "${'x'.repeat(1024)}"; }`;
+  await writeFile(
+    path,
+    `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; http2_max_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; ${answer} } server { listen ${APP_H2} http2; listen [::]:${APP_H2} http2; ${answer} } }\n`,
+  );
+  return path;
+}
+
 function serviceYaml(routed: boolean, authorized = false): string {
-  const svc = `apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: default}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
-  const backend = `---\napiVersion: v1\nkind: Service\nmetadata: {name: server-v1, namespace: default}\nspec:\n  clusterIP: 10.96.0.54\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`;
-  const route = `---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]\n`;
+  const ports = `ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: http2, port: ${H2_PORT}, targetPort: ${APP_H2}}]`;
+  const svc = `apiVersion: v1\nkind: Service\nmetadata: {name: server, namespace: default}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ${ports}\n`;
+  const backend = `---\napiVersion: v1\nkind: Service\nmetadata: {name: server-v1, namespace: default}\nspec:\n  clusterIP: 10.96.0.54\n  selector: {app: server}\n  ${ports}\n`;
+  const route = [HTTP_PORT, H2_PORT].map((p) => `---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server-${p}, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${p}}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: server-v1, port: ${p}}]\n`).join('');
   return (routed ? svc + backend + route : svc) + (authorized ? POLICY : '');
 }
 
@@ -90,7 +120,7 @@ async function main(): Promise<void> {
       const hole = await holdBlackhole(ip);
       cleanups.push(() => hole.release());
     }
-    const nginxConf = await writeNginxConf(work, APP_HTTP);
+    const nginxConf = await writeNginxConf(work);
     say('creating pods: server (nginx :8080, 1 KB answers) and client');
     const server = await runtime.create(validatePodSpec({ name: 'server', labels: ['app=server'], command: ['nginx', '-c', nginxConf] }), { detached: true });
     cleanups.push(() => runtime.remove(server, 1000));
@@ -99,19 +129,25 @@ async function main(): Promise<void> {
     cleanups.push(() => runtime.remove(client, 1000));
     await runtime.start(client);
     await waitForPodListener(started.pid, APP_HTTP, 10_000);
+    await waitForPodListener(started.pid, APP_H2, 10_000);
 
     say('direct pod to pod');
     const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
+    const directH2 = await measureH2(runtime, client, server.ip4, APP_H2, () => []);
 
     say('sidecar peer: HAProxy mode http + nft REDIRECT in both pods');
     const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
     const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
     await peer.stop();
+    say('sidecar peer, HTTP/2: HAProxy mode http with proto h2 on both sides');
+    const peerH2 = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], undefined, 'h2');
+    const sidecarH2 = await measureH2(runtime, client, SERVICE_IP, H2_PORT, peerH2.pids);
+    await peerH2.stop();
 
     const configDir = join(work, 'config');
     await mkdir(configDir);
     const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
-    const runAgent = async (routed: boolean, authorized = false): Promise<HttpScenario> => {
+    const runAgent = async <T>(routed: boolean, authorized: boolean, run: (pids: () => number[]) => Promise<T>): Promise<T> => {
       await writeFile(join(configDir, 'mesh.yaml'), serviceYaml(routed, authorized));
       const child = spawn(...agentCommand(['agent', ...AGENT_ARGS, '--config-dir', configDir, '--bpf-root', pinRoot, '--metrics', '127.0.0.1:0', '--ready', '127.0.0.1:0', '--admin', `127.0.0.1:${ADMIN}`]), { env, stdio: 'inherit' });
       agent = child;
@@ -122,7 +158,7 @@ async function main(): Promise<void> {
           if (i > 300) throw new Error('the agent did not verify the pods');
           await sleep(100);
         }
-        return await measure(runtime, client, SERVICE_IP, HTTP_PORT, () => [child.pid ?? 0]);
+        return await run(() => [child.pid ?? 0]);
       } finally {
         const exited = new Promise((r) => child.once('exit', r));
         child.kill('SIGTERM');
@@ -132,13 +168,16 @@ async function main(): Promise<void> {
     };
     cleanups.push(() => rm(pinRoot, { recursive: true, force: true }));
     say('nodemesh L4 (no L7 config: kernel relay)');
-    const l4 = await runAgent(false);
+    const http1 = (pids: () => number[]): Promise<HttpScenario> => measure(runtime, client, SERVICE_IP, HTTP_PORT, pids);
+    const l4 = await runAgent(false, false, http1);
     say('nodemesh L7 (an HTTPRoute on the HTTP port: each request routed)');
-    const l7 = await runAgent(true);
+    const l7 = await runAgent(true, false, http1);
     say('nodemesh L7 server side (a request-level AuthorizationPolicy on the server pod)');
-    const l7Server = await runAgent(false, true);
+    const l7Server = await runAgent(false, true, http1);
     say('nodemesh L7 both sides (the route and the policy)');
-    const l7Both = await runAgent(true, true);
+    const l7Both = await runAgent(true, true, http1);
+    say('nodemesh L7, HTTP/2: an HTTPRoute on the h2 port (each stream routed, multiplexed upstream)');
+    const l7H2 = await runAgent(true, false, (pids) => measureH2(runtime, client, SERVICE_IP, H2_PORT, pids));
 
     const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
     const rows: Array<[string, HttpScenario]> = [
@@ -155,7 +194,8 @@ async function main(): Promise<void> {
       l7BothKeepAliveRpsVsHaproxyPair: Math.round((l7Both.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
       addedP90Ms: { haproxyPair: added(sidecar), nodemeshL7: added(l7), nodemeshL7Server: added(l7Server), nodemeshL7Both: added(l7Both), nodemeshL4: added(l4) },
       // vCPU per 1000 requests/s equals CPU seconds per 1000 requests.
-      vcpuPer1000Rps: { haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req, nodemeshL7Server: l7Server.proxyCpuSecPer1000Req, nodemeshL7Both: l7Both.proxyCpuSecPer1000Req },
+      h2KeepAliveRpsVsHaproxyPair: Math.round((l7H2.keepAliveRps / sidecarH2.keepAliveRps) * 100) / 100,
+      vcpuPer1000Rps: { haproxyH2Pair: sidecarH2.proxyCpuSecPer1000Req, nodemeshL7H2: l7H2.proxyCpuSecPer1000Req, haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req, nodemeshL7Server: l7Server.proxyCpuSecPer1000Req, nodemeshL7Both: l7Both.proxyCpuSecPer1000Req },
     };
     process.stdout.write(
       [
@@ -167,11 +207,17 @@ async function main(): Promise<void> {
         '',
         `ratios: ${JSON.stringify(ratios)}`,
         '',
+        'HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams',
+        '',
+        '| path | keep-alive req/s | proxy CPU s / 1000 req |',
+        '|---|---|---|',
+        ...([['direct', directH2], ['HAProxy h2 pair (2 hops)', sidecarH2], ['nodemesh L7 h2 (1 hop)', l7H2]] as Array<[string, H2Scenario]>).map(([n, x]) => `| ${n} | ${f(x.keepAliveRps, 0)} | ${f(x.proxyCpuSecPer1000Req, 3)} |`),
+        '',
       ].join('\n'),
     );
     const outDir = join(PACKAGE_ROOT, 'bench', 'results');
     await mkdir(outDir, { recursive: true });
-    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, nodemeshL7Server: l7Server, nodemeshL7Both: l7Both, ratios }, null, 2) + '\n');
+    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, nodemeshL7Server: l7Server, nodemeshL7Both: l7Both, h2: { direct: directH2, haproxyPair: sidecarH2, nodemeshL7: l7H2 }, ratios }, null, 2) + '\n');
   } finally {
     say('cleaning up');
     if (agent && agent.exitCode === null && agent.signalCode === null) {

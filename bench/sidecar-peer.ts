@@ -46,11 +46,13 @@ export interface SidecarTls {
   readonly ca: string;
 }
 
-function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string; opaque?: boolean }>, mode: 'tcp' | 'http'): string {
-  const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', `  mode ${mode}`, '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
+function haproxyConfig(listens: Array<{ port: number; to: string; bindTls?: string; serverTls?: string; opaque?: boolean }>, mode: 'tcp' | 'http' | 'h2'): string {
+  const lines = ['global', '  nbthread 1', '  maxconn 4000', '  ssl-default-bind-options ssl-min-ver TLSv1.3', '  ssl-default-server-options ssl-min-ver TLSv1.3', 'defaults', `  mode ${mode === 'tcp' ? 'tcp' : 'http'}`, '  timeout connect 5s', '  timeout client 1h', '  timeout server 1h'];
   // An L7 sidecar keeps its upstream connections and reuses them across client connections.
-  if (mode === 'http') lines.push('  option http-keep-alive', '  http-reuse always');
-  for (const l of listens) lines.push(`listen p${l.port}`, ...(l.opaque && mode !== 'tcp' ? ['  mode tcp'] : []), `  bind :${l.port}${l.bindTls ?? ''}`, `  server s ${l.to}${l.serverTls ?? ''}`);
+  if (mode !== 'tcp') lines.push('  option http-keep-alive', '  http-reuse always');
+  // h2: HTTP/2 with prior knowledge on both sides (h2c), multiplexed upstream.
+  const proto = mode === 'h2' ? ' proto h2' : '';
+  for (const l of listens) lines.push(`listen p${l.port}`, ...(l.opaque && mode !== 'tcp' ? ['  mode tcp'] : []), `  bind :${l.port}${l.bindTls ?? ''}${l.opaque ? '' : proto}`, `  server s ${l.to}${l.serverTls ?? ''}${l.opaque ? '' : proto}`);
   return lines.join('\n') + '\n';
 }
 
@@ -72,8 +74,8 @@ export async function writeSidecarTls(dir: string): Promise<SidecarTls> {
   return { client: { crt: await leaf('sidecar-client', 'client') }, server: { crt: await leaf('sidecar-server', 'server') }, ca };
 }
 
-/** `mode`: tcp (an L4 sidecar) or http (an L7 one: both HAProxies parse every request). */
-export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[], tls?: SidecarTls, mode: 'tcp' | 'http' = 'tcp'): Promise<SidecarPeer> {
+/** `mode`: tcp (an L4 sidecar), http (an L7 one: both HAProxies parse every request) or h2 (the same, HTTP/2 with prior knowledge on both sides). */
+export async function startSidecarPeer(runtime: LocalPodRuntime, dir: string, client: PodRecord, server: PodRecord, serviceIp: string, routes: Route[], tls?: SidecarTls, mode: 'tcp' | 'http' | 'h2' = 'tcp'): Promise<SidecarPeer> {
   const children: ChildProcess[] = [];
   const start = async (pod: PodRecord, name: string, cfg: string): Promise<void> => {
     const path = join(dir, `${name}.cfg`);

@@ -77,6 +77,18 @@ export async function wrk(runtime: LocalPodRuntime, client: PodRecord, host: str
   return parseWrk(out.stdout, `${host}:${port}`);
 }
 
+/** Keep-alive requests/s over HTTP/2 with prior knowledge (h2load: 32 connections, 10 streams each). */
+export async function h2load(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, seconds: number): Promise<{ rps: number; requests: number }> {
+  const out = await execIn(runtime, client, ['h2load', '-c32', '-m10', '-t1', `-D${seconds}`, url(host, port)]);
+  const rps = Number(/finished in [\d.]+m?s, ([\d.]+) req\/s/.exec(out.stdout)?.[1]);
+  const done = /requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored/.exec(out.stdout);
+  if (!Number.isFinite(rps) || !done) throw new Error(`h2load printed no rate: ${out.stdout}`);
+  if (Number(done[4]) > 0 || Number(done[5]) > 0) throw new Error(`h2load saw failures against ${host}:${port}: ${done[0]}`);
+  const codes = /status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx/.exec(out.stdout);
+  if (codes && (Number(codes[3]) > 0 || Number(codes[4]) > 0)) throw new Error(`h2load saw error answers against ${host}:${port}: ${codes[0]}`);
+  return { rps, requests: Number(done[3]) };
+}
+
 export interface Latency {
   readonly p50: number;
   readonly p90: number;

@@ -61,7 +61,7 @@ case ${1:-} in
   # `npm run bench:l7` (bench/l7.ts): HTTP/1.1 through the node proxy's L7 path, one node,
   # against direct, the HAProxy mode http pair and nodemesh's L4 path.
   l7)
-    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+    SYSTEM_PACKAGES+=("wrk:cmd:wrk" "nghttp2-client:cmd:h2load" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
     ensure_all
     build_latency
     run_bench l7
@@ -76,7 +76,7 @@ case ${1:-} in
     exit $?
     ;;
 esac
-SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "nghttp2-client:cmd:h2load" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
 ensure_all
 build_latency
 status=0
