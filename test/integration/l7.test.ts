@@ -266,15 +266,11 @@ function retryConfig(): Record<string, string> {
   };
 }
 
-test('L7 resilience on one node: retries (and their budget), timeouts, fault injection, outlier detection on 5xx, circuit breaking; one access log line per request', async (t) => {
-  const sb = await createSandbox(t);
-  for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
-  const agent = await startAgent(sb, retryConfig());
-  await sb.serverPod('flaky-1', [process.execPath, APP, 'flaky-1', '8080'], 8080, ['app=flaky']);
-  await sb.serverPod('good-1', [process.execPath, APP, 'good-1', '8080'], 8080, ['app=pool']);
-  await sb.serverPod('broken-1', [process.execPath, APP, 'broken-1', '8080', 'broken'], 8080, ['app=pool']);
-  const client = await sb.idlePod('client');
-  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'four pods verified');
+/**
+ * Retries, timeouts, faults, outlier detection and circuit breaking, as both layouts must show
+ * them; `agent` is the client's node, `dialPath` how its upstream connections go.
+ */
+async function checkResilience(sb: Sandbox, client: PodRecord, agent: AgentProcess, dialPath: 'same_node' | 'hbone'): Promise<void> {
   const go = async (path: string): Promise<HttpRun['answers'][number]> => {
     const run = await http(sb, client, { requests: [{ path }] }, agent, SVC_API.api);
     const a = run.answers[0];
@@ -339,7 +335,7 @@ test('L7 resilience on one node: retries (and their budget), timeouts, fault inj
   assert.ok((count(after)['500 broken-1'] ?? 0) >= 1, `back after its ejection: ${JSON.stringify(count(after))}`);
 
   // maxRequestsPerConnection 2: six requests in a row take three upstream connections (none to it is pooled yet).
-  const dials = (m: string): number => metricValue(m, 'nodemesh_proxied_connections_total', { path: 'same_node' });
+  const dials = (m: string): number => metricValue(m, 'nodemesh_proxied_connections_total', { path: dialPath });
   const dialled = dials(await agent.metrics());
   const six = await http(sb, client, { requests: [{ path: '/narrow/x' }], repeat: 6 }, agent, SVC_API.api);
   assert.deepEqual(count(six), { '200 flaky-1': 6 });
@@ -348,4 +344,34 @@ test('L7 resilience on one node: retries (and their budget), timeouts, fault inj
   const burst = await http(sb, client, { requests: [{ path: '/narrow/slow/400' }], parallel: 4 }, agent, SVC_API.api);
   assert.deepEqual(count(burst), { '200 flaky-1': 2, '503 ': 2 }, 'one served, one waited and was served, two overflowed');
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { destination_service_name: 'narrow', response_code: '503', response_flags: 'UO' }), 2);
+}
+
+test('L7 resilience on one node: retries (and their budget), timeouts, fault injection, outlier detection on 5xx, circuit breaking; one access log line per request', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, retryConfig());
+  await sb.serverPod('flaky-1', [process.execPath, APP, 'flaky-1', '8080'], 8080, ['app=flaky']);
+  await sb.serverPod('good-1', [process.execPath, APP, 'good-1', '8080'], 8080, ['app=pool']);
+  await sb.serverPod('broken-1', [process.execPath, APP, 'broken-1', '8080', 'broken'], 8080, ['app=pool']);
+  const client = await sb.idlePod('client');
+  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'four pods verified');
+  await checkResilience(sb, client, agent, 'same_node');
+});
+
+test('L7 resilience across two nodes: the same, every backend on the other node behind HBONE (mutual TLS)', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(SVC_API)) await sb.blackhole(ip);
+  const nodeB = `${sb.config.node}-b`;
+  const cp = await startControlPlane(sb, retryConfig());
+  const agentA = await startAgent(sb, { controlPlane: cp.address });
+  const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB });
+  await sb.serverPod('flaky-1', [process.execPath, APP, 'flaky-1', '8080'], 8080, ['app=flaky'], { node: nodeB });
+  await sb.serverPod('good-1', [process.execPath, APP, 'good-1', '8080'], 8080, ['app=pool'], { node: nodeB });
+  await sb.serverPod('broken-1', [process.execPath, APP, 'broken-1', '8080', 'broken'], 8080, ['app=pool'], { node: nodeB });
+  const client = await sb.idlePod('client');
+  await agentA.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node A's pod verified");
+  await agentB.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), "node B's pods verified");
+  const endpoints = async (service: string): Promise<number> => (await agentA.config()).services.find((s) => s.service === service)?.endpoints.length ?? 0;
+  await waitFor(async () => (await endpoints('default/flaky:80')) === 1 && (await endpoints('default/pool:80')) === 2, 10_000, "node B's endpoints known on node A");
+  await checkResilience(sb, client, agentA, 'hbone');
 });
