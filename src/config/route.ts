@@ -382,11 +382,12 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
   for (const [i, p] of route.parents.entries()) {
     const bad = check(p, `spec.parentRefs[${i}]`);
     if (bad) return bad;
-    const notHttp = l7 ? services.get(`${p.namespace}/${p.name}`)?.ports.find((sp) => (p.port === undefined || sp.port === p.port) && speaksRequests(sp) === undefined) : undefined;
+    // A port that says no protocol is sniffed; one that says something else than HTTP cannot be routed by request.
+    const notHttp = l7 ? services.get(`${p.namespace}/${p.name}`)?.ports.find((sp) => (p.port === undefined || sp.port === p.port) && speaksRequests(sp) === undefined && portProtocol(sp) !== 'unknown') : undefined;
     if (notHttp) {
       const field = `spec.parentRefs[${i}]${p.port === undefined ? '' : '.port'}`;
       const speaks = portProtocol(notHttp);
-      const why = speaks === 'unknown' ? 'says no protocol (set its appProtocol to "http", "http2" or "grpc", or name it "http-...", "http2-..." or "grpc-...")' : `speaks ${speaks}, whose requests nodemesh cannot read`;
+      const why = `speaks ${speaks}, whose requests nodemesh cannot read`;
       return { field, message: `${field}: the route works per request (matches, timeouts, retries), so its parent port must speak HTTP (1.1, h2c or gRPC); Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
     }
   }

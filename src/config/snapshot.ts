@@ -6,7 +6,7 @@
 import type { SocketAddress } from '../shared/address.js';
 import { ALL_REQUESTS, needsHttp, type RouteMatch, type RouteRetry, type RouteTimeouts, type ServiceRoute } from './route.js';
 import type { RouteFilter } from './route-filters.js';
-import { speaksRequests, type Service, type ServicePort } from './service.js';
+import { portProtocol, speaksRequests, type Service, type ServicePort } from './service.js';
 import { DEFAULT_SERVICE_POLICY, policyNeedsHttp, type Fault, type ServicePolicy, type TrafficPolicy } from './traffic-policy.js';
 import { NO_SECURITY, type SecurityConfig } from './security.js';
 import { byNamespaceName } from '../shared/order.js';
@@ -183,7 +183,7 @@ export class MeshSnapshot {
     // An HTTP port whose Service's policy acts on requests (faults, ejection on answers, request
     // limits) goes through the HTTP path even without a route: every request to its own endpoints.
     for (const [key, t] of byKey) {
-      if (t.http || t.split || !policyNeedsHttp(t.policy) || speaksRequests(t.port) === undefined) continue;
+      if (t.http || t.split || !policyNeedsHttp(t.policy) || (speaksRequests(t.port) === undefined && portProtocol(t.port) !== 'unknown')) continue;
       byKey.set(key, { ...t, http: toItself(t, `TrafficPolicy ${t.policy.source ?? ''}`) });
     }
     for (const target of byKey.values()) {
@@ -318,7 +318,8 @@ function resolveRoutes(routes: ReadonlyArray<ServiceRoute>, targets: ReadonlyMap
       const parents = (byService.get(`${p.namespace}/${p.name}`) ?? []).filter((t) => p.port === undefined || t.port.port === p.port);
       if (parents.length === 0) warnings.push({ object, message: `parent Service ${p.namespace}/${p.name}${p.port === undefined ? '' : ` port ${p.port}`} does not exist` });
       for (const parent of parents) {
-        if (speaksRequests(parent.port) !== undefined) {
+        // A port that says no protocol is sniffed per connection: routed by request when it is HTTP.
+        if (speaksRequests(parent.port) !== undefined || (portProtocol(parent.port) === 'unknown' && needsHttp(r))) {
           const merged = http.get(parent.key) ?? { entries: [], routes: [] };
           http.set(parent.key, merged);
           merged.routes.push(object);

@@ -637,6 +637,9 @@ export class NodeProxy {
       if (!('fd' in connected)) throw new Error('a native tunnel stream is delivered to a socket');
       return client.attach(connected.fd, idleTimeoutMs);
     }
+    // Bytes already read into JS (a sniffed connection's first ones) would be skipped by a relay
+    // that takes the client's fd: through JS then, the upstream as a socket.
+    if (client instanceof Socket && client.readableLength > 0 && !('fd' in connected)) return relay(client, this.socketOf(state, connected, idleTimeoutMs), idleTimeoutMs);
     if ('native' in connected) {
       if (!(client instanceof Socket)) throw new Error('a native tunnel stream is relayed from a socket');
       const clientFd = socketFd(client);
@@ -771,8 +774,21 @@ export class NodeProxy {
     // on it is that Service's connection (its policy, endpoints and metric labels).
     let target = routed;
     if (routed.http) {
-      await this.http.serve(client, this.httpConnection(state, client, original, routed));
-      return;
+      const conn = this.httpConnection(state, client, original, routed);
+      if (portProtocol(routed.port) !== 'unknown') {
+        await this.http.serve(client, conn);
+        return;
+      }
+      // The port says no protocol: the client's first bytes decide. HTTP is routed per request;
+      // anything else cannot be, and goes to the Service's own endpoints (Istio's TCP default).
+      const { protocol, head } = await sniff(client, SNIFF_DEADLINE_MS);
+      this.metrics.sniffed.inc({ protocol });
+      const sniffed = withHead(client, head, protocol);
+      if (protocol !== 'opaque') {
+        await this.http.serve(sniffed, conn, protocol);
+        return;
+      }
+      target = { ...routed, http: undefined };
     }
     if (routed.split) {
       const backend = this.lb.pickBackend(routed);

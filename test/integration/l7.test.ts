@@ -16,7 +16,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
 const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
-const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73', sticky: '10.96.0.81', cookie: '10.96.0.82' };
+const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73', sticky: '10.96.0.81', cookie: '10.96.0.82', raw: '10.96.0.83' };
 
 /** `web` (port 80, named http): /api by header to v2, else split 90/10; /echo and /big to v1; nothing else. */
 function meshConfig(): Record<string, string> {
@@ -27,6 +27,8 @@ function meshConfig(): Record<string, string> {
       serviceYaml('reviews-v2', [SVC.v2], { app: 'reviews', version: 'v2' }, 80, 8080, 'http'),
       serviceYaml('sticky', [SVC.sticky], { app: 'reviews' }, 80, 8080, 'http'),
       serviceYaml('sticky-cookie', [SVC.cookie], { app: 'reviews' }, 80, 8080, 'http'),
+      // A port that says no protocol: sniffed.
+      serviceYaml('raw', [SVC.raw], { app: 'reviews', version: 'v1' }, 80, 8080, 'web'),
     ].join('---\n'),
     'affinity.yaml': [
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: sticky, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: sticky}]\n  loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n',
@@ -59,6 +61,16 @@ function meshConfig(): Record<string, string> {
       '  - matches: [{path: {value: /mirrored}}]',
       '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: reviews-v2, port: 80}}}]',
       '    backendRefs: [{name: reviews-v1, port: 80}]',
+      '---',
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: raw, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: raw, port: 80}]',
+      '  rules:',
+      '  - matches: [{headers: [{name: x-version, value: v2}]}]',
+      '    backendRefs: [{name: reviews-v2, port: 80}]',
+      '  - backendRefs: [{name: reviews-v1, port: 80}]',
       '',
     ].join('\n'),
   };
@@ -179,6 +191,15 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   assert.equal(metricValue(after, 'istio_requests_total'), before, 'none of them was routed');
   assert.equal(metricValue(after, 'nodemesh_http_refused_total'), 5);
   assert.equal((await http(sb, client, { requests: [{ path: '/api/x' }] }, agent)).answers[0]?.status, 200, 'the proxy serves on');
+  // A port that says no protocol: the first bytes decide. HTTP is routed per request (the header
+  // match wins on one connection); anything else goes to the Service's own endpoints as bytes.
+  const sniffed = await http(sb, client, { requests: [{ path: '/a', headers: { 'x-version': 'v2' } }, { path: '/b' }], repeat: 5 }, agent, SVC.raw);
+  assert.deepEqual(count(sniffed), { '200 reviews-v2': 5, '200 reviews-v1': 5 }, 'sniffed as HTTP/1.1 and routed per request');
+  assert.equal(sniffed.connections, 1);
+  const notHttp = await sb.dialFrom(client, SVC.raw, 80, { bytes: 64, marker: '\x16\x03\x01 not http' });
+  assert.ok(notHttp.received > 0, 'not HTTP: relayed to the Service\'s own endpoint (its answer came back)');
+  const sniffs = await agent.metrics();
+  assert.deepEqual([metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'http1' }), metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'opaque' })], [1, 1]);
   // Same-node delivery: the requests reached the backends straight from the client's side.
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 1);
 });

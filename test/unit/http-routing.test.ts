@@ -99,12 +99,13 @@ test('precedence: routes on one HTTP port merge; Exact, regex, longest prefix, m
   }
 });
 
-test('the store: a route that matches requests needs an HTTP parent port (field named, last good kept); a split alone may go on any port', async (t) => {
+test('the store: a route that matches requests needs a parent port that may speak HTTP (said, or sniffed when it says nothing); field named, last good kept; a split alone may go on any port', async (t) => {
   const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
   t.after(() => rm(dir, { recursive: true, force: true }));
   const routeYaml = (matches: string): string =>
     `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web, port: 80}]\n  rules: [{${matches}backendRefs: [{name: v1, port: 80, weight: 9}, {name: v2, port: 80, weight: 1}]}]\n`;
-  await writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.8.1', '{name: web, port: 80, targetPort: 8080}') + svc('v1', '10.96.8.2') + svc('v2', '10.96.8.3'));
+  const webPort = async (port: string): Promise<void> => writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.8.1', port) + svc('v1', '10.96.8.2') + svc('v2', '10.96.8.3'));
+  await webPort('{name: web, port: 80, targetPort: 8080}');
   await writeFile(join(dir, 'route.yaml'), routeYaml(''));
   const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
   await store.load();
@@ -114,16 +115,21 @@ test('the store: a route that matches requests needs an HTTP parent port (field 
     const c = store.current();
     return new MeshSnapshot(1, c.services, pods, [], c.routes).service({ family: 4, address: '10.96.8.1', port: 80 });
   };
-  assert.ok(parent()?.split, 'a port that says no protocol: connections are split');
+  assert.ok(parent()?.split, 'a port that says no protocol, a split alone: connections are split');
   assert.equal(parent()?.http, undefined);
+  // Matches on a port that says nothing: accepted, routed per request once sniffing finds HTTP.
   await writeFile(join(dir, 'route.yaml'), routeYaml('matches: [{headers: [{name: x-v, value: "2"}]}], '));
+  await store.load();
+  assert.deepEqual(store.lastRejected(), []);
+  assert.equal(parent()?.http?.entries.length, 1, 'HTTP entries, for the connections sniffed as HTTP');
+  // A port that says it speaks something else cannot take them: refused, the last good route kept.
+  await webPort('{name: tcp-web, port: 80, targetPort: 8080}');
   await store.load();
   const rejected = store.lastRejected();
   assert.deepEqual(rejected.map((r) => [r.object, r.field, r.keptLastGood]), [['HTTPRoute shop/r', 'spec.parentRefs[0].port', true]]);
-  assert.match(rejected[0]?.message ?? '', /says no protocol \(set its appProtocol to "http"/);
-  assert.ok(parent()?.split, 'the last good route keeps serving');
+  assert.match(rejected[0]?.message ?? '', /speaks opaque, whose requests nodemesh cannot read/);
   // Once the port says it speaks HTTP, the same route applies per request.
-  await writeFile(join(dir, 'svc.yaml'), svc('web', '10.96.8.1', '{name: web, port: 80, targetPort: 8080, appProtocol: http}') + svc('v1', '10.96.8.2') + svc('v2', '10.96.8.3'));
+  await webPort('{name: web, port: 80, targetPort: 8080, appProtocol: http}');
   await store.load();
   assert.deepEqual(store.lastRejected(), []);
   assert.equal(parent()?.http?.entries.length, 1);

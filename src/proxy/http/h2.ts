@@ -274,7 +274,7 @@ export class H2Outbound {
   }
 
   /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
-  serve(client: Socket, conn: HttpClientConnection): Promise<void> {
+  serve(client: Socket | Duplex, conn: HttpClientConnection): Promise<void> {
     return this.front.serve(client, conn);
   }
 

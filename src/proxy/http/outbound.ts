@@ -12,8 +12,8 @@
  */
 import { randomUUID } from 'node:crypto';
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
-import type { Readable } from 'node:stream';
+import { Socket } from 'node:net';
+import type { Duplex, Readable } from 'node:stream';
 
 import { toItself, type Endpoint, type HttpRouteEntry, type ServiceTarget } from '../../config/snapshot.js';
 import type { PathMatch, RouteMatch } from '../../config/route.js';
@@ -153,9 +153,11 @@ export class HttpOutbound {
     this.h2 = new H2Outbound(this, options.idleTimeoutMs);
   }
 
-  /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes: HTTP/1.1, or h2c on a port that speaks HTTP/2. */
-  serve(client: Socket, conn: HttpClientConnection): Promise<void> {
-    if (speaksRequests(conn.parent.port) === 'http2') return this.h2.serve(client, conn);
+  /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes: HTTP/1.1, or h2c on a port that speaks HTTP/2 (or was sniffed as such). */
+  serve(client: Socket | Duplex, conn: HttpClientConnection, sniffed?: 'http1' | 'http2'): Promise<void> {
+    if ((sniffed ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(client, conn);
+    // HTTP/1.1 connections are sockets (a sniffed one has its first bytes put back in it).
+    if (!(client instanceof Socket)) throw new Error('an HTTP/1.1 connection is a socket');
     this.connections.set(client, conn);
     return serveOn(this.server, client);
   }
