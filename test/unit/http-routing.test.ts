@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 
-import { parseRoute } from '../../src/config/route.js';
-import { portProtocol } from '../../src/config/service.js';
+import { checkRouteRefs, parseRoute } from '../../src/config/route.js';
+import { parseService, portProtocol } from '../../src/config/service.js';
 import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
@@ -266,4 +266,23 @@ test('protocol sniffing: an HTTP/1.x request line, the HTTP/2 preface, or opaque
   assert.equal(c('\x16\x03\x01\x02\x00'), 'opaque', 'a TLS ClientHello');
   assert.equal(c('GET /x SPDY/3\r\n'), 'opaque');
   assert.equal(c('*1\r\n$4\r\nPING\r\n'), 'opaque', 'RESP (Redis)');
+});
+
+test('what the HTTP/2 path does not apply (retry, backendRequest timeouts, RequestMirror) is refused on an HTTP/2 parent, the field named; a policy says so in a warning', () => {
+  const services = new Map([['shop/cart', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }], ['shop/v1', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }]]);
+  const route = (rule: Record<string, unknown>, kind = 'HTTPRoute') =>
+    parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind, metadata: { namespace: 'shop', name: 'r' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ backendRefs: [{ name: 'v1', port: 80 }], ...rule }] } });
+  assert.equal(checkRouteRefs(route({ matches: [{ path: { value: '/a' } }] }), services), undefined, 'matches and splits apply');
+  assert.deepEqual(checkRouteRefs(route({ retry: { attempts: 2 } }), services)?.field, 'spec.rules[0].retry');
+  assert.deepEqual(checkRouteRefs(route({ timeouts: { backendRequest: '1s' } }), services)?.field, 'spec.rules[0].timeouts.backendRequest');
+  const mirror = checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'v1', port: 80 } } }] }, 'GRPCRoute'), services);
+  assert.equal(mirror?.field, 'spec.rules[0].filters[0]');
+  assert.match(mirror?.message ?? '', /not applied to HTTP\/2 \(h2c, gRPC\) streams/);
+});
+
+test('a policy whose maxRequestsPerConnection cannot apply to an HTTP/2 port is named in a warning', () => {
+  const cart = parseService({ apiVersion: 'v1', kind: 'Service', metadata: { name: 'cart', namespace: 'shop' }, spec: { clusterIP: '10.96.9.9', selector: { app: 'cart' }, ports: [{ name: 'grpc', port: 80, targetPort: 8080 }] } });
+  const policy = parseTrafficPolicy({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'p', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'cart' }], connectionPool: { http: { maxRequestsPerConnection: 5 } } } });
+  const snap = new MeshSnapshot(1, [cart], [], [policy], []);
+  assert.deepEqual(snap.warnings.map((w) => `${w.object}: ${w.message}`), ['TrafficPolicy shop/p: connectionPool.http.maxRequestsPerConnection is not applied to shop/cart:80: it speaks HTTP/2, whose sessions this version of nodemesh does not recycle']);
 });

@@ -8,8 +8,9 @@
  * trailers are streamed both ways, so unary, server, client and bidirectional gRPC streaming all
  * pass; `grpc-status` is reported in Istio's `grpc_response_status`.
  *
- * Not here yet: retries (a gRPC body is a stream; nothing is replayed), maxRequestsPerConnection,
- * mirroring (counted as not sent) and the server side of HTTP/2 ports.
+ * Not here yet, and so refused at config time on an HTTP/2 parent (config/route.ts
+ * checkRouteRefs) or warned about (maxRequestsPerConnection): retries beyond a failed connect (a
+ * gRPC body is a stream; nothing is kept to replay), per-try timeouts and mirroring.
  */
 import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
