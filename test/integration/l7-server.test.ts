@@ -120,9 +120,10 @@ async function checkRateLimits(sb: Sandbox, callers: { client: PodRecord; admin:
   const run = await http(sb, callers.client, paced, agents, SVC.limited);
   const seconds = (performance.now() - t0) / 1000;
   const ok = run.answers.filter((a) => a.status === 200).length;
-  // The last request starts 1.98 s after the first: at least the burst and 19.8 tokens by then;
-  // at most what the bucket could hold over the whole run.
-  assert.ok(ok >= 29 && ok <= 10 + Math.ceil(10 * seconds) + 1, `${where}: ${ok} of 100 answered in ${seconds.toFixed(2)} s at 10/s with a burst of 10`);
+  // The last request starts 1.98 s after the first: at least the burst and 19.8 tokens by then
+  // (less what the first request's connect may have taken of that span, so 27); at most what the
+  // bucket could hold over the whole run.
+  assert.ok(ok >= 27 && ok <= 10 + Math.ceil(10 * seconds) + 1, `${where}: ${ok} of 100 answered in ${seconds.toFixed(2)} s at 10/s with a burst of 10`);
   const limited = run.answers.filter((a) => a.status === 429);
   assert.equal(ok + limited.length, 100, `${where}: every other request answered 429`);
   assert.ok(limited.every((a) => a.headers['retry-after'] === '1'), `${where}: 429 says when to retry`);
@@ -132,7 +133,7 @@ async function checkRateLimits(sb: Sandbox, callers: { client: PodRecord; admin:
   const both = await Promise.all([callers.client, callers.admin].map((c) => http(sb, c, paced, agents, SVC.total)));
   const bothSeconds = (performance.now() - t1) / 1000;
   const total = both.flatMap((r) => r.answers).filter((a) => a.status === 200).length;
-  assert.ok(total >= 29 && total <= 10 + Math.ceil(10 * bothSeconds) + 2, `${where}: ${total} of 200 answered in ${bothSeconds.toFixed(2)} s at 10/s in all`);
+  assert.ok(total >= 27 && total <= 10 + Math.ceil(10 * bothSeconds) + 2, `${where}: ${total} of 200 answered in ${bothSeconds.toFixed(2)} s at 10/s in all`);
   assert.ok(both.every((r) => r.answers.some((a) => a.status === 200)), `${where}: both clients got some`);
   const metrics = await destination.metrics();
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'limited', response_code: '429', response_flags: 'RL' }), limited.length, `${where}: 429s counted with flag RL`);
