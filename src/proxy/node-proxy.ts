@@ -420,9 +420,7 @@ export class NodeProxy {
    */
   private readPair(state: PodState, reads: Reads, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'hbone', labels: TcpLabels, source: Workload | undefined): number {
     const [ours, theirs] = socketPair();
-    const socket = new Socket({ fd: ours, readable: true, writable: true, allowHalfOpen: true });
-    state.sockets.add(socket);
-    socket.once('close', () => state.sockets.delete(socket));
+    const socket = this.podSocket(state, ours, true);
     socket.on('error', () => undefined);
     // Already counted against the limits: as the tunnel's stream, or as the source's connection.
     void this.serveRead(state, socket, reads, facts, path, labels, source).catch((e: unknown) => {
@@ -650,12 +648,7 @@ export class NodeProxy {
       return connected.native.attach(takeFd(client, clientFd, () => connected.native.cancel()), idleTimeoutMs);
     }
     if ('stream' in connected) return relayStreams(client, connected.stream, idleTimeoutMs);
-    if (!(client instanceof Socket)) {
-      const upstream = new Socket({ fd: connected.fd, readable: true, writable: true, allowHalfOpen: true });
-      state.sockets.add(upstream);
-      upstream.once('close', () => state.sockets.delete(upstream));
-      return relayStreams(client, upstream, idleTimeoutMs);
-    }
+    if (!(client instanceof Socket)) return relayStreams(client, this.podSocket(state, connected.fd, true), idleTimeoutMs);
     return this.relay(state, client, connected.fd, idleTimeoutMs);
   }
 
@@ -668,10 +661,7 @@ export class NodeProxy {
     const clientFd = socketFd(client);
     // Bytes already read into JS (a sniffed connection's first ones) would be skipped by the kernel.
     if (clientFd !== undefined && this.options.kernelRelay && client.readableLength === 0) return relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
-    const upstream = new Socket({ fd: upstreamFd, readable: true, writable: true, allowHalfOpen: true });
-    state.sockets.add(upstream);
-    upstream.once('close', () => state.sockets.delete(upstream));
-    return relay(client, upstream, idleTimeoutMs);
+    return relay(client, this.podSocket(state, upstreamFd, true), idleTimeoutMs);
   }
 
   private refuse(state: PodState, client: Socket, direction: 'outbound' | 'inbound', reason: RefuseReason, detail: Record<string, unknown>): void {
@@ -891,13 +881,8 @@ export class NodeProxy {
    * through JS streams for node:http2's), whose other end node:net takes.
    */
   private socketOf(state: PodState, connected: Connected, idleTimeoutMs: number): Socket {
-    const track = (s: Socket): Socket => {
-      state.sockets.add(s);
-      s.once('close', () => state.sockets.delete(s));
-      return s;
-    };
     // No Nagle on the upstream side either (see HttpOutbound.serve); a no-op on a socket pair.
-    if ('fd' in connected) return track(new Socket({ fd: connected.fd, readable: true, writable: true }).setNoDelay(true));
+    if ('fd' in connected) return this.podSocket(state, connected.fd, false).setNoDelay(true);
     let pair: [number, number];
     try {
       pair = socketPair();
@@ -908,8 +893,16 @@ export class NodeProxy {
     }
     const [ours, tunnelSide] = pair;
     if ('native' in connected) void connected.native.attach(tunnelSide, idleTimeoutMs);
-    else void relayStreams(track(new Socket({ fd: tunnelSide, readable: true, writable: true, allowHalfOpen: true })), connected.stream, idleTimeoutMs);
-    return track(new Socket({ fd: ours, readable: true, writable: true }));
+    else void relayStreams(this.podSocket(state, tunnelSide, true), connected.stream, idleTimeoutMs);
+    return this.podSocket(state, ours, false);
+  }
+
+  /** A node:net socket on `fd`, held by the pod's state until it closes (a pod that leaves ends it). */
+  private podSocket(state: PodState, fd: number, allowHalfOpen: boolean): Socket {
+    const s = new Socket({ fd, readable: true, writable: true, allowHalfOpen });
+    state.sockets.add(s);
+    s.once('close', () => state.sockets.delete(s));
+    return s;
   }
 
   /**
@@ -1032,11 +1025,8 @@ export class NodeProxy {
           await stream.attach(tunnelSide, idle);
           return;
         }
-        const side = new Socket({ fd: tunnelSide, readable: true, writable: true, allowHalfOpen: true });
-        state.sockets.add(side);
-        side.once('close', () => state.sockets.delete(side));
         stream.respond({ ':status': 200 });
-        await relayStreams(side, stream, idle);
+        await relayStreams(this.podSocket(state, tunnelSide, true), stream, idle);
         return;
       }
       const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: target.host, port: target.port, transparentSource: source.address, labels: [labels] };

@@ -6,7 +6,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequestArgs, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
+import { Socket } from 'node:net';
 import { Duplex, PassThrough, type Readable } from 'node:stream';
 
 import { logger } from '../../shared/log.js';
@@ -91,8 +91,14 @@ export function handedServer(
   return server;
 }
 
-/** Hands a client connection (accepted paused, as the pods' listeners do) to `server`; resolves when it closes. */
-export function serveOn(server: Server, client: Socket): Promise<void> {
+/**
+ * Hands an HTTP/1.1 client connection (accepted paused, as the pods' listeners do) to `server`,
+ * its facts kept in `facts` where each request finds them (by req.socket); resolves when it closes.
+ * Such a connection is always a socket (a sniffed one has its first bytes put back in it).
+ */
+export function serveHttp1<C>(server: Server, facts: WeakMap<Socket, C>, client: Socket | Duplex, conn: C): Promise<void> {
+  if (!(client instanceof Socket)) throw new Error('an HTTP/1.1 connection is a socket');
+  facts.set(client, conn);
   // Heads and bodies go in separate writes: with Nagle's algorithm each answer would wait for the
   // client's delayed ACK (tens of ms).
   client.setNoDelay(true);

@@ -376,9 +376,9 @@ class H2Exchange {
 
   private send(): void {
     if (this.finished) return;
-    const slot = this.outbound.admit(this.target, () => void this.sendNow(slot === 'overflow' ? () => undefined : slot.leave));
-    if (slot === 'overflow') {
-      this.answer(503, 'UO', `Service ${this.target.key}: ${this.target.policy.maxConnections} requests in flight and ${this.target.policy.maxPendingRequests} waiting (connectionPool)`, undefined);
+    const slot = this.outbound.admit(this.target, (leave) => void this.sendNow(leave));
+    if ('status' in slot) {
+      this.answer(slot.status, slot.flag, slot.detail, undefined);
       return;
     }
     this.leaveQueue = slot.leave;

@@ -20,7 +20,7 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
 
 const log = logger('http');
@@ -78,10 +78,7 @@ export class HttpInbound {
   /** Serves one connection into a pod until it closes. */
   serve(client: Socket | Duplex, conn: HttpServerConnection): Promise<void> {
     if (conn.protocol === 'http2') return this.h2.serve(client, conn);
-    // HTTP/1.1 connections are sockets (a sniffed one has its first bytes put back in it).
-    if (!(client instanceof Socket)) throw new Error('an HTTP/1.1 connection is a socket');
-    this.connections.set(client, conn);
-    return serveOn(this.server, client);
+    return serveHttp1(this.server, this.connections, client, conn);
   }
 
   /** Closes every pooled connection to applications. */
@@ -201,8 +198,7 @@ export class HttpInbound {
   }
 
   count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts, grpcStatus?: string): void {
-    const t = conn.target();
-    const logIt = this.options.accessLog(conn.pod.namespace) ? { upstreamService: t?.key ?? '', upstreamHost: `${conn.pod.namespace}/${conn.pod.name}:${conn.facts.destinationPort}`, sourcePod: conn.source } : undefined;
+    const logIt = this.options.accessLog(conn.pod.namespace) ? { upstreamService: conn.target()?.key ?? '', upstreamHost: `${conn.pod.namespace}/${conn.pod.name}:${conn.facts.destinationPort}`, sourcePod: conn.source } : undefined;
     countRequest(this.metrics, conn.labels, status, flag, started, facts, logIt, grpcStatus);
   }
 }

@@ -23,7 +23,7 @@ import { speaksRequests } from '../../config/service.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveOn, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 
 const log = logger('http');
@@ -156,10 +156,7 @@ export class HttpOutbound {
   /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes: HTTP/1.1, or h2c on a port that speaks HTTP/2 (or was sniffed as such). */
   serve(client: Socket | Duplex, conn: HttpClientConnection, sniffed?: 'http1' | 'http2'): Promise<void> {
     if ((sniffed ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(client, conn);
-    // HTTP/1.1 connections are sockets (a sniffed one has its first bytes put back in it).
-    if (!(client instanceof Socket)) throw new Error('an HTTP/1.1 connection is a socket');
-    this.connections.set(client, conn);
-    return serveOn(this.server, client);
+    return serveHttp1(this.server, this.connections, client, conn);
   }
 
   /** Closes every pooled upstream connection. */
@@ -299,11 +296,11 @@ export class HttpOutbound {
 
   /**
    * Circuit breaking: an attempt to `target` goes now while fewer than its maxConnections are in
-   * flight from this node; otherwise it waits (`go` is called when one ends), unless
-   * maxPendingRequests wait already: then 'overflow'. Returns how to give the slot or the place
-   * in line back (call it exactly once, when the attempt ends or is given up).
+   * flight from this node; otherwise it waits (`go` is called with its `leave` when one ends),
+   * unless maxPendingRequests wait already: then the proxy's answer (503, UO). Returns how to give
+   * the slot or the place in line back (call it exactly once, when the attempt ends or is given up).
    */
-  admit(target: ServiceTarget, go: () => void): { readonly now: boolean; readonly leave: () => void } | 'overflow' {
+  admit(target: ServiceTarget, go: (leave: () => void) => void): { readonly now: boolean; readonly leave: () => void } | ProxyAnswer {
     const key = target.key;
     let left = false;
     const leaveSlot = (): void => {
@@ -322,26 +319,26 @@ export class HttpOutbound {
       return { now: true, leave: leaveSlot };
     }
     const queue = this.waiting.get(key) ?? [];
-    if (queue.length >= target.policy.maxPendingRequests) return 'overflow';
+    if (queue.length >= target.policy.maxPendingRequests) {
+      return { status: 503, flag: 'UO', detail: `Service ${key}: ${target.policy.maxConnections} requests in flight and ${target.policy.maxPendingRequests} waiting (connectionPool)` };
+    }
     this.waiting.set(key, queue);
-    // Its turn: the slot passes from the attempt that ended to this one.
     let queued = true;
+    const leave = (): void => {
+      if (!queued) return leaveSlot();
+      queued = false;
+      left = true;
+      const i = queue.indexOf(turn);
+      if (i >= 0) queue.splice(i, 1);
+      if (queue.length === 0) this.waiting.delete(key);
+    };
+    // Its turn: the slot passes from the attempt that ended to this one.
     const turn = (): void => {
       queued = false;
-      go();
+      go(leave);
     };
     queue.push(turn);
-    return {
-      now: false,
-      leave: () => {
-        if (!queued) return leaveSlot();
-        queued = false;
-        left = true;
-        const i = queue.indexOf(turn);
-        if (i >= 0) queue.splice(i, 1);
-        if (queue.length === 0) this.waiting.delete(key);
-      },
-    };
+    return { now: false, leave };
   }
 
   /** Outlier detection took `endpoint` of `target` out: counted and logged. */
@@ -525,9 +522,9 @@ class Exchange {
   /** One attempt, once the backend's circuit breaker lets it go (maxConnections in flight, maxPendingRequests waiting). */
   private send(): void {
     if (this.finished) return;
-    const slot = this.outbound.admit(this.target, () => this.sendNow(slot === 'overflow' ? () => undefined : slot.leave));
-    if (slot === 'overflow') {
-      this.finish(503, 'UO', `Service ${this.target.key}: ${this.target.policy.maxConnections} requests in flight and ${this.target.policy.maxPendingRequests} waiting (connectionPool)`);
+    const slot = this.outbound.admit(this.target, (leave) => this.sendNow(leave));
+    if ('status' in slot) {
+      this.finish(slot.status, slot.flag, slot.detail);
       return;
     }
     this.leaveQueue = slot.leave;
