@@ -8,22 +8,20 @@
  * Prints a table and writes bench/results/hardening.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
-import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv } from '../src/runtime/config.js';
 import { run } from '../src/shared/exec.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
-import { agentCommand, execIn, latencyFixedRate, type Latency, removeCgroupTree } from './tools.js';
+import { agentCommand, benchLayout, execIn, latencyFixedRate, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const HEALTHY_IP = '10.96.0.80';
@@ -40,20 +38,9 @@ interface Series {
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
-  const id = Date.now().toString(36).slice(-5);
-  const config: RuntimeConfig = {
-    stateDir: `/tmp/nodemesh-bench-${id}`,
-    bridge: `nmbh${id}`,
-    podCidr4: { network: '10.203.0.0', prefix: 24 },
-    podCidr6: { network: 'fd00:6e63::', prefix: 64 },
-    cgroupSubtree: `nodemesh-bench-${id}`,
-    namePrefix: 'nmb',
-    node: 'bench',
-  };
-  const runtime = new LocalPodRuntime(config);
-  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));
-  const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
-  const cleanups: Array<() => Promise<unknown>> = [async () => rm(work, { recursive: true, force: true })];
+  const layout = await benchLayout({ bridge: 'nmbh', podCidr4: { network: '10.203.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmb', node: 'bench' });
+  const { config, runtime, work, pinRoot } = layout;
+  const cleanups: Array<() => Promise<unknown>> = [];
   let agent: ChildProcess | undefined;
   try {
     for (const ip of [HEALTHY_IP, STUCK_IP]) {
@@ -153,7 +140,7 @@ async function main(): Promise<void> {
     await writeFile(join(PACKAGE_ROOT, 'bench', 'results', 'hardening.json'), JSON.stringify({ seconds: SECONDS, newConnections: { alone, stalled }, keepAlive: { quiet, scraped, scrapesPerSecond: scrapeCount / SECONDS } }, null, 2) + '\n');
   } finally {
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
+    await layout.remove(say);
   }
 }
 

@@ -17,14 +17,13 @@
  * path with an HTTPRoute on the HTTP/2 port. Writes bench/results/l7.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
-import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
@@ -32,7 +31,7 @@ import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, cpuSeconds, h2load, latencyFixedRate, removeCgroupTree, wrk, type Latency } from './tools.js';
+import { agentCommand, benchLayout, cpuSeconds, h2load, latencyFixedRate, wrk, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.53';
@@ -100,19 +99,8 @@ function serviceYaml(routed: boolean, authorized = false): string {
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
-  const id = Date.now().toString(36).slice(-5);
-  const config: RuntimeConfig = {
-    stateDir: `/tmp/nodemesh-bench-${id}`,
-    bridge: `nmbl${id}`,
-    podCidr4: { network: '10.204.0.0', prefix: 24 },
-    podCidr6: { network: 'fd00:6e64::', prefix: 64 },
-    cgroupSubtree: `nodemesh-bench-${id}`,
-    namePrefix: 'nml',
-    node: 'bench',
-  };
-  const runtime = new LocalPodRuntime(config);
-  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-l7-'));
-  const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const layout = await benchLayout({ workPrefix: 'nodemesh-bench-l7-', bridge: 'nmbl', podCidr4: { network: '10.204.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e64::', prefix: 64 }, namePrefix: 'nml', node: 'bench' });
+  const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];
   let agent: ChildProcess | undefined;
   try {
@@ -226,9 +214,7 @@ async function main(): Promise<void> {
       await exited;
     }
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await rm(work, { recursive: true, force: true });
-    await rm(config.stateDir, { recursive: true, force: true });
+    await layout.remove(say);
   }
 }
 

@@ -8,17 +8,15 @@
  * of bin/nodemesh.js, to compare.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/datapath/native.js';
-import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { preflight } from '../src/cli/preflight.js';
-import { agentCommand, cpuSeconds, removeCgroupTree } from './tools.js';
+import { agentCommand, benchLayout, cpuSeconds } from './tools.js';
 
 const PODS = Number(process.env['BENCH_PODS'] ?? 100);
 const SETTLE_MS = Number(process.env['BENCH_SETTLE_MS'] ?? 15_000);
@@ -61,19 +59,8 @@ async function breakdown(pid: number): Promise<Breakdown> {
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
-  const id = Date.now().toString(36).slice(-5);
-  const config: RuntimeConfig = {
-    stateDir: `/tmp/nodemesh-benchmem-${id}`,
-    bridge: `nmbm${id}`,
-    podCidr4: { network: '10.203.0.0', prefix: 22 },
-    podCidr6: { network: 'fd00:6e63::', prefix: 64 },
-    cgroupSubtree: `nodemesh-benchmem-${id}`,
-    namePrefix: 'nmm',
-    node: 'bench',
-  };
-  const runtime = new LocalPodRuntime(config);
-  const work = await mkdtemp(join(tmpdir(), 'nodemesh-benchmem-'));
-  const pinRoot = `/sys/fs/bpf/nodemesh-benchmem-${id}`;
+  const layout = await benchLayout({ label: 'benchmem', bridge: 'nmbm', podCidr4: { network: '10.203.0.0', prefix: 22 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmm', node: 'bench' });
+  const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];
   let agent: ChildProcess | undefined;
   try {
@@ -135,9 +122,7 @@ async function main(): Promise<void> {
   } finally {
     say('cleaning up');
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await rm(work, { recursive: true, force: true });
-    await rm(config.stateDir, { recursive: true, force: true });
+    await layout.remove(say);
   }
 }
 

@@ -4,22 +4,20 @@
  * Prints a table and writes bench/results/latest.json. Not a test: numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
-import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, measure, removeCgroupTree, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, benchLayout, measure, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.50';
@@ -34,19 +32,8 @@ const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
-  const id = Date.now().toString(36).slice(-5);
-  const config: RuntimeConfig = {
-    stateDir: `/tmp/nodemesh-bench-${id}`,
-    bridge: `nmbb${id}`,
-    podCidr4: { network: '10.202.0.0', prefix: 22 },
-    podCidr6: { network: 'fd00:6e62::', prefix: 64 },
-    cgroupSubtree: `nodemesh-bench-${id}`,
-    namePrefix: 'nmb',
-    node: 'bench',
-  };
-  const runtime = new LocalPodRuntime(config);
-  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));
-  const pinRoot = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const layout = await benchLayout({ bridge: 'nmbb', podCidr4: { network: '10.202.0.0', prefix: 22 }, podCidr6: { network: 'fd00:6e62::', prefix: 64 }, namePrefix: 'nmb', node: 'bench' });
+  const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];
   let agent: ChildProcess | undefined;
   const results: Record<string, unknown> = { relay: RELAY, machine: { cpus: (await import('node:os')).cpus().length, kernel: (await import('node:os')).release() }, seconds: SECONDS };
@@ -183,9 +170,7 @@ async function main(): Promise<void> {
       await exited;
     }
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await rm(work, { recursive: true, force: true });
-    await rm(config.stateDir, { recursive: true, force: true });
+    await layout.remove(say);
   }
 }
 

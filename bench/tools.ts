@@ -2,7 +2,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 
-import type { LocalPodRuntime } from '../src/runtime/pods.js';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+
+import type { RuntimeConfig } from '../src/runtime/config.js';
+import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
 
@@ -135,6 +139,50 @@ export function agentCommand(args: ReadonlyArray<string>): [string, string[]] {
 }
 
 /** Removes a benchmark's cgroup subtree (the nodes' pod cgroups outlive their pods). */
+/** What one benchmark run lays out on this machine, every name carrying one id. */
+export interface BenchLayout {
+  readonly id: string;
+  readonly config: RuntimeConfig;
+  readonly runtime: LocalPodRuntime;
+  /** A folder of its own for configs, certificates and logs. */
+  readonly work: string;
+  /** Where its agents pin their BPF objects. */
+  readonly pinRoot: string;
+  /** Takes away the cgroup subtree, the work folder and the runtime's state (after the run's own cleanups); failures go to `report`. */
+  remove(report: (message: string) => void): Promise<void>;
+}
+
+/**
+ * A pod runtime of its own for a benchmark run: bridge `<bridge><id>`, the given pod ranges,
+ * cgroup subtree, state folder and bpffs folder `nodemesh-<label>-<id>`, a work folder.
+ */
+export async function benchLayout(o: { readonly label?: string; readonly workPrefix?: string; readonly bridge: string; readonly podCidr4: RuntimeConfig['podCidr4']; readonly podCidr6: RuntimeConfig['podCidr6']; readonly namePrefix: string; readonly node: string }): Promise<BenchLayout> {
+  const id = Date.now().toString(36).slice(-5);
+  const label = o.label ?? 'bench';
+  const config: RuntimeConfig = {
+    stateDir: `/tmp/nodemesh-${label}-${id}`,
+    bridge: `${o.bridge}${id}`,
+    podCidr4: o.podCidr4,
+    podCidr6: o.podCidr6,
+    cgroupSubtree: `nodemesh-${label}-${id}`,
+    namePrefix: o.namePrefix,
+    node: o.node,
+  };
+  const work = await mkdtemp(join(tmpdir(), o.workPrefix ?? `nodemesh-${label}-`));
+  return {
+    id,
+    config,
+    runtime: new LocalPodRuntime(config),
+    work,
+    pinRoot: `/sys/fs/bpf/nodemesh-${label}-${id}`,
+    async remove(report) {
+      await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => report(`cleanup: ${(e as Error).message}`));
+      await rm(work, { recursive: true, force: true });
+      await rm(config.stateDir, { recursive: true, force: true });
+    },
+  };
+}
+
 export async function removeCgroupTree(subtree: string): Promise<void> {
   const { findCgroup2Mount, removeCgroupTree: remove } = await import('../src/runtime/cgroup.js');
   await remove(join(await findCgroup2Mount(), subtree));

@@ -11,21 +11,19 @@
  * bench/results/two-hop.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
-import { runtimeEnv, type RuntimeConfig } from '../src/runtime/config.js';
+import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import { LocalPodRuntime } from '../src/runtime/pods.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, measure as measureWith, removeCgroupTree, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
@@ -52,19 +50,8 @@ async function metric(port: number, name: string, labels: Record<string, string>
 
 async function main(): Promise<void> {
   await preflight(probeBpf);
-  const id = Date.now().toString(36).slice(-5);
-  const config: RuntimeConfig = {
-    stateDir: `/tmp/nodemesh-bench-${id}`,
-    bridge: `nmbt${id}`,
-    podCidr4: { network: '10.203.0.0', prefix: 24 },
-    podCidr6: { network: 'fd00:6e63::', prefix: 64 },
-    cgroupSubtree: `nodemesh-bench-${id}`,
-    namePrefix: 'nmt',
-    node: 'bench-a',
-  };
-  const runtime = new LocalPodRuntime(config);
-  const work = await mkdtemp(join(tmpdir(), 'nodemesh-bench-'));
-  const pinBase = `/sys/fs/bpf/nodemesh-bench-${id}`;
+  const layout = await benchLayout({ bridge: 'nmbt', podCidr4: { network: '10.203.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmt', node: 'bench-a' });
+  const { config, runtime, work, pinRoot: pinBase } = layout;
   const children: ChildProcess[] = [];
   const cleanups: Array<() => Promise<unknown>> = [];
   const measure = (client: PodRecord, host: string, httpPort: number, pids: () => number[]): Promise<Scenario> => measureWith(runtime, client, host, httpPort, pids, SECONDS);
@@ -253,9 +240,7 @@ async function main(): Promise<void> {
       await exited;
     }
     for (const c of cleanups.reverse()) await c().catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => say(`cleanup: ${(e as Error).message}`));
-    await rm(work, { recursive: true, force: true });
-    await rm(config.stateDir, { recursive: true, force: true });
+    await layout.remove(say);
   }
 }
 
