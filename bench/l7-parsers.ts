@@ -9,6 +9,9 @@
  *   llhttp     net sockets both ways, framed by node's own llhttp binding (HTTPParser) driven
  *              directly: requests and answers parsed, routed and written by this code, no
  *              IncomingMessage or ServerResponse objects
+ *   addon      nodemesh's own engine (native/src/http1.cc): heads and bodies framed in C++ on the
+ *              JS thread's loop, JS called once per request with the head to route it (the
+ *              forwarded head built in JS, as the node proxy builds it), pooled upstreams there
  *   haproxy    the sidecar-style peer: HAProxy in `mode http`, one thread
  *
  * Reported: requests/s at full load, and the proxy's CPU per 1000 requests at full load (from
@@ -25,7 +28,7 @@ import { fileURLToPath } from 'node:url';
 
 import { cpuSeconds, wrkLocal, writeNginxConf } from './tools.js';
 
-const CANDIDATES = ['node:http', 'undici', 'llhttp', 'haproxy'] as const;
+const CANDIDATES = ['node:http', 'undici', 'llhttp', 'addon', 'haproxy'] as const;
 type Candidate = (typeof CANDIDATES)[number];
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const PORTS = { nginx: 18180, proxy: 18181 };
@@ -165,6 +168,53 @@ async function proxyLlhttp(upstreamPort: number): Promise<void> {
   }).listen(PORTS.proxy, '127.0.0.1', () => process.stdout.write('listening\n'));
 }
 
+/**
+ * The addon's engine, driven as the node proxy drives it: per request, JS gets the head, builds
+ * the upstream head (hop-by-hop headers out) and names the pool; a pool with no idle connection
+ * gets one dialled by node:net and handed over by fd.
+ */
+async function proxyAddon(upstreamPort: number): Promise<void> {
+  const { http1Engine, dupFd } = await import('../src/datapath/native.js');
+  const { socketFd } = await import('../src/proxy/pod-listener.js');
+  const dial = (): Promise<number> =>
+    new Promise((resolve, reject) => {
+      const s = netConnect(upstreamPort, '127.0.0.1', () => {
+        s.setNoDelay(true);
+        const fd = dupFd(socketFd(s) ?? -1);
+        s.destroy();
+        resolve(fd);
+      });
+      s.once('error', reject);
+    });
+  const engine = http1Engine(
+    {
+      head: (id, method, target, _minor, headers) => {
+        let head = `${method} ${target} HTTP/1.1\r\n`;
+        // The body is passed as it is framed: a chunked one keeps its Transfer-Encoding.
+        for (let i = 0; i < headers.length; i += 2) {
+          const name = (headers[i] ?? '').toLowerCase();
+          if (!HOP_BY_HOP.has(name) || name === 'transfer-encoding') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+        }
+        head += '\r\n';
+        if (engine.forward(id, 'nginx', head, -1, [], '')) return;
+        dial().then(
+          (fd) => engine.forward(id, 'nginx', head, fd, [], ''),
+          () => engine.respond(id, 'HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n', false),
+        );
+      },
+      done: () => undefined,
+      closed: () => undefined,
+    },
+    { maxHeadBytes: 16 * 1024, idleMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: POOL },
+  );
+  netServer({ pauseOnConnect: true }, (client) => {
+    const fd = socketFd(client);
+    if (fd === undefined) return void client.destroy();
+    engine.serve(dupFd(fd));
+    client.destroy();
+  }).listen(PORTS.proxy, '127.0.0.1', () => process.stdout.write('listening\n'));
+}
+
 async function haproxyConf(work: string, upstreamPort: number): Promise<string> {
   const path = join(work, 'haproxy.cfg');
   await writeFile(
@@ -247,7 +297,7 @@ async function main(): Promise<void> {
 
 const [role, candidate, port] = process.argv.slice(2);
 if (role === 'proxy') {
-  const run: Record<Exclude<Candidate, 'haproxy'>, (p: number) => Promise<void>> = { 'node:http': proxyNodeHttp, undici: proxyUndici, llhttp: proxyLlhttp };
+  const run: Record<Exclude<Candidate, 'haproxy'>, (p: number) => Promise<void>> = { 'node:http': proxyNodeHttp, undici: proxyUndici, llhttp: proxyLlhttp, addon: proxyAddon };
   await run[candidate as Exclude<Candidate, 'haproxy'>](Number(port));
 } else {
   await main();

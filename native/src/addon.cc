@@ -93,6 +93,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitRelay(env, exports);
   InitHbone(env, exports);
   InitFdPassing(env, exports);
+  InitHttp1(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimit, "raiseFdLimit"));
   return exports;

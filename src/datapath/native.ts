@@ -153,6 +153,66 @@ interface RawAddon {
   hboneClose(conn: number): void;
   hboneAbortAll(): void;
   hboneHold(hold: boolean): void;
+  Http1Engine: new (events: Http1Events, options: Http1Options) => Http1Engine;
+}
+
+/** How a request's body is framed, as the engine found it: none, Content-Length, chunked. */
+export type Http1Body = 0 | 1 | 2;
+
+/** What the HTTP/1.1 engine tells JS; ids are the engine's (serve() returns them). */
+export interface Http1Events {
+  /** A request's head: answer it with forward(), respond() or release() (now or later). Names and values are Latin-1 as sent. */
+  head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
+  /**
+   * A request ended: the status the client got (0 if none), Envoy's response flag (`-`, or DPE,
+   * UC, UPE when the engine answered or cut it), body bytes both ways. Not called for respond().
+   */
+  done(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
+  /** The client connection is closed ('' when it ended cleanly, else why). */
+  closed(id: number, reason: string): void;
+}
+
+export interface Http1Options {
+  /** The request head's limit (431 above it); an answer's head may be 4 times that. */
+  readonly maxHeadBytes: number;
+  /** A keep-alive client idle this long between requests is closed. */
+  readonly idleMs: number;
+  /** A pooled upstream connection idle this long is closed. */
+  readonly poolIdleMs: number;
+  /** Idle connections kept per pool (0: none kept). */
+  readonly maxIdlePerPool: number;
+}
+
+/**
+ * HTTP/1.1 framing and forwarding in the addon (native/src/http1.cc), on the JS thread's event
+ * loop: the engine reads each request's head, JS decides, the engine moves bodies and answers.
+ */
+export interface Http1Engine {
+  /** Takes an accepted client socket's fd (the engine owns it from now on); returns its id. */
+  serve(fd: number): number;
+  /**
+   * The request waiting on `id` goes upstream with `head` (its request line and headers, CRLFCRLF
+   * included): on `fd` (a new connection, pooled as `pool` afterwards) or, with fd -1, on an idle
+   * connection of `pool`. False when there is none; then dial and call again with the fd.
+   * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
+   */
+  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string): boolean;
+  /** The proxy's own answer (a whole HTTP/1.1 message) to the request waiting on `id`; `close` ends the connection after it. */
+  respond(id: number, bytes: string | Buffer, close: boolean): void;
+  /** The connection back to JS at the waiting request: its fd, and the bytes read from it (that request's head on). */
+  release(id: number): { fd: number; buffered: Buffer } | undefined;
+  /** Resets the client connection (and its upstream). */
+  close(id: number): void;
+  /** Closes the idle pooled connections of every pool whose key starts with `prefix`. */
+  dropPools(prefix: string): void;
+  stats(): { clients: number; upstreams: number; idle: number };
+  /** Closes every connection; no event follows. */
+  destroy(): void;
+}
+
+/** A new HTTP/1.1 engine on this thread's event loop. */
+export function http1Engine(events: Http1Events, options: Http1Options): Http1Engine {
+  return call('start the HTTP/1.1 engine', () => new (native().Http1Engine)(events, options));
 }
 
 let addon: RawAddon | undefined;

@@ -1,0 +1,1087 @@
+// SPDX-License-Identifier: Apache-2.0
+// HTTP/1.1 framing and forwarding for the node proxy's L7 path (issue 14), on the JS thread's own
+// event loop (libuv polls on the sockets, no thread hop): each request's head is parsed here and
+// handed to JS once, which answers with where it goes (a pooled upstream connection and the head
+// to send) or with the proxy's own answer; bodies, the answer's head and body, keep-alive and the
+// upstream pools stay here. JS is told how each request ended (status, body bytes) for metrics.
+//
+// The parser is strict (RFC 9112): a bad request line, a header name that is not a token, a value
+// with control bytes, obs-fold, Content-Length with Transfer-Encoding, differing Content-Lengths,
+// a Transfer-Encoding whose last coding is not chunked, a malformed chunk: 400 and the connection
+// closes; a head over the limit: 431. Nothing of such a request goes upstream.
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <cstring>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common.h"
+
+namespace nodemesh {
+
+namespace {
+
+constexpr size_t kReadChunk = 64 * 1024;
+// Bytes queued for a peer above which the other side stops being read (backpressure).
+constexpr size_t kHighWater = 256 * 1024;
+constexpr uint64_t kNoLength = ~uint64_t{0};
+
+uint64_t NowMs() { return uv_hrtime() / 1000000; }
+
+// HTTP's bytes are Latin-1 (obs-text included): one byte per char both ways, never UTF-8.
+std::string Latin1(const Napi::Value& v) {
+  size_t n = 0;
+  napi_get_value_string_latin1(v.Env(), v, nullptr, 0, &n);
+  std::string s(n, '\0');
+  napi_get_value_string_latin1(v.Env(), v, s.data(), n + 1, &n);
+  return s;
+}
+
+Napi::String NewLatin1(Napi::Env env, const std::string& s) {
+  napi_value out;
+  napi_create_string_latin1(env, s.data(), s.size(), &out);
+  return Napi::String(env, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+bool IsTchar(unsigned char c) {
+  if (c >= '0' && c <= '9') return true;
+  if ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') return true;
+  return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+}
+
+// field-vchar / SP / HTAB / obs-text: no control bytes but HTAB.
+bool IsValueByte(unsigned char c) { return c == '\t' || (c >= 0x20 && c != 0x7f); }
+
+bool IEquals(const std::string& a, const char* b) {
+  size_t n = strlen(b);
+  if (a.size() != n) return false;
+  for (size_t i = 0; i < n; i++)
+    if (tolower(static_cast<unsigned char>(a[i])) != b[i]) return false;
+  return true;
+}
+
+std::string Lower(std::string s) {
+  for (auto& ch : s) ch = static_cast<char>(tolower(static_cast<unsigned char>(ch)));
+  return s;
+}
+
+// Whether a comma-separated header value holds `token` (case-insensitive).
+bool HasToken(const std::string& value, const char* token) {
+  size_t i = 0;
+  while (i <= value.size()) {
+    size_t comma = value.find(',', i);
+    if (comma == std::string::npos) comma = value.size();
+    size_t a = i, b = comma;
+    while (a < b && (value[a] == ' ' || value[a] == '\t')) a++;
+    while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) b--;
+    if (IEquals(value.substr(a, b - a), token)) return true;
+    i = comma + 1;
+  }
+  return false;
+}
+
+struct Head {
+  // Request: method, target; answer: status, reason.
+  std::string method, target, reason;
+  int status = 0;
+  int minor = 1;
+  std::vector<std::pair<std::string, std::string>> headers;
+  uint64_t contentLength = kNoLength;
+  bool chunked = false;
+  bool close = false;      // Connection: close (or HTTP/1.0 without keep-alive)
+  bool upgrade = false;    // an Upgrade header, or CONNECT
+  size_t length = 0;       // bytes of the head, CRLFCRLF included
+};
+
+enum class Parsed { kMore, kDone, kBad, kTooLarge };
+
+// One line ending in CRLF at `at`; a bare LF or CR is an error (no lenient line endings).
+Parsed Line(const std::string& buf, size_t at, size_t limit, size_t* end) {
+  for (size_t i = at; i < buf.size(); i++) {
+    if (i - at > limit) return Parsed::kTooLarge;
+    if (buf[i] == '\n') return Parsed::kBad;
+    if (buf[i] == '\r') {
+      if (i + 1 >= buf.size()) return Parsed::kMore;
+      if (buf[i + 1] != '\n') return Parsed::kBad;
+      *end = i;
+      return Parsed::kDone;
+    }
+  }
+  return buf.size() - at > limit ? Parsed::kTooLarge : Parsed::kMore;
+}
+
+bool ParseVersion(const std::string& v, int* minor) {
+  if (v == "HTTP/1.1") *minor = 1;
+  else if (v == "HTTP/1.0") *minor = 0;
+  else return false;
+  return true;
+}
+
+// The head (request or answer) at the start of `buf`, at most `limit` bytes.
+Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, std::string* why) {
+  size_t end = 0;
+  Parsed p = Line(buf, 0, limit, &end);
+  if (p != Parsed::kDone) {
+    if (p == Parsed::kBad) *why = "malformed start line";
+    return p;
+  }
+  std::string first = buf.substr(0, end);
+  size_t sp1 = first.find(' ');
+  size_t sp2 = sp1 == std::string::npos ? std::string::npos : first.find(' ', sp1 + 1);
+  if (sp2 == std::string::npos) return *why = "malformed start line", Parsed::kBad;
+  if (request) {
+    h->method = first.substr(0, sp1);
+    h->target = first.substr(sp1 + 1, sp2 - sp1 - 1);
+    if (h->method.empty()) return *why = "empty method", Parsed::kBad;
+    for (unsigned char c : h->method)
+      if (!IsTchar(c)) return *why = "method is not a token", Parsed::kBad;
+    if (h->target.empty()) return *why = "empty request target", Parsed::kBad;
+    for (unsigned char c : h->target)
+      if (c <= 0x20 || c >= 0x7f) return *why = "request target has a byte outside visible ASCII", Parsed::kBad;
+    if (!ParseVersion(first.substr(sp2 + 1), &h->minor)) return *why = "not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
+    if (h->method == "CONNECT") h->upgrade = true;
+  } else {
+    if (!ParseVersion(first.substr(0, sp1), &h->minor)) return *why = "not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
+    std::string code = first.substr(sp1 + 1, sp2 - sp1 - 1);
+    if (code.size() != 3 || code.find_first_not_of("0123456789") != std::string::npos) return *why = "bad status code", Parsed::kBad;
+    h->status = std::stoi(code);
+    if (h->status < 100) return *why = "bad status code", Parsed::kBad;
+    h->reason = first.substr(sp2 + 1);
+    for (unsigned char c : h->reason)
+      if (!IsValueByte(c)) return *why = "bad reason phrase", Parsed::kBad;
+  }
+  size_t at = end + 2;
+  bool keepAlive = false, closeToken = false, sawTe = false;
+  for (;;) {
+    p = Line(buf, at, limit, &end);
+    if (p == Parsed::kMore && buf.size() > limit) p = Parsed::kTooLarge;
+    if (p != Parsed::kDone) {
+      if (p == Parsed::kBad) *why = "malformed header line";
+      return p;
+    }
+    if (end + 2 > limit) return Parsed::kTooLarge;
+    if (end == at) {
+      h->length = end + 2;
+      break;
+    }
+    if (buf[at] == ' ' || buf[at] == '\t') return *why = "obs-fold (a header line that starts with whitespace)", Parsed::kBad;
+    size_t colon = buf.find(':', at);
+    if (colon == std::string::npos || colon >= end || colon == at) return *why = "header line without a name", Parsed::kBad;
+    for (size_t i = at; i < colon; i++)
+      if (!IsTchar(static_cast<unsigned char>(buf[i]))) return *why = "header name is not a token", Parsed::kBad;
+    size_t v = colon + 1, ve = end;
+    while (v < ve && (buf[v] == ' ' || buf[v] == '\t')) v++;
+    while (ve > v && (buf[ve - 1] == ' ' || buf[ve - 1] == '\t')) ve--;
+    for (size_t i = v; i < ve; i++)
+      if (!IsValueByte(static_cast<unsigned char>(buf[i]))) return *why = "header value has a control byte", Parsed::kBad;
+    std::string name = buf.substr(at, colon - at), value = buf.substr(v, ve - v);
+    if (IEquals(name, "content-length")) {
+      if (value.empty() || value.size() > 18 || value.find_first_not_of("0123456789") != std::string::npos) return *why = "bad Content-Length", Parsed::kBad;
+      uint64_t n = std::stoull(value);
+      if (h->contentLength != kNoLength && h->contentLength != n) return *why = "differing Content-Lengths", Parsed::kBad;
+      h->contentLength = n;
+    } else if (IEquals(name, "transfer-encoding")) {
+      // The last coding must be chunked (RFC 9112 6.3); anything else cannot be framed.
+      size_t last = value.rfind(',');
+      std::string coding = value.substr(last == std::string::npos ? 0 : last + 1);
+      size_t a = coding.find_first_not_of(" \t");
+      coding = a == std::string::npos ? "" : coding.substr(a);
+      if (!IEquals(coding, "chunked") || sawTe) return *why = "Transfer-Encoding is not chunked", Parsed::kBad;
+      if (value != coding && request) return *why = "Transfer-Encoding other than chunked", Parsed::kBad;
+      sawTe = true;
+      h->chunked = true;
+    } else if (IEquals(name, "connection")) {
+      if (HasToken(value, "close")) closeToken = true;
+      if (HasToken(value, "keep-alive")) keepAlive = true;
+      if (HasToken(value, "upgrade")) h->upgrade = h->upgrade || request;
+    } else if (IEquals(name, "upgrade") && request) {
+      h->upgrade = true;
+    }
+    h->headers.emplace_back(std::move(name), std::move(value));
+    at = end + 2;
+  }
+  if (h->chunked && h->contentLength != kNoLength) {
+    // A request with both is a smuggling attempt; an answer with both is framed by chunked (RFC 9112 6.3).
+    if (request) return *why = "Content-Length with Transfer-Encoding", Parsed::kBad;
+    h->contentLength = kNoLength;
+  }
+  if (h->chunked && h->minor == 0 && request) return *why = "Transfer-Encoding in HTTP/1.0", Parsed::kBad;
+  h->close = closeToken || (h->minor == 0 && !keepAlive);
+  return Parsed::kDone;
+}
+
+// A chunked body passed through as it is, checked as it goes: chunk sizes in hex (an extension
+// after ';' allowed), CRLF after each chunk's data, trailer lines, the empty line that ends it.
+class Chunked {
+ public:
+  enum class Step { kMore, kDone, kBad };
+
+  // Takes what it can of `in` from `at`; `*used` is how many bytes belong to the body, `*data`
+  // how many of them are payload.
+  Step Feed(const std::string& in, size_t at, size_t* used, uint64_t* data) {
+    size_t i = at;
+    *data = 0;
+    for (;;) {
+      if (state_ == kData) {
+        size_t n = static_cast<size_t>(std::min<uint64_t>(left_, in.size() - i));
+        i += n;
+        left_ -= n;
+        *data += n;
+        if (left_ > 0) break;
+        state_ = kDataEnd;
+        continue;
+      }
+      size_t end = 0;
+      Parsed p = Line(in, i, 4096, &end);
+      if (p == Parsed::kMore) break;
+      if (p != Parsed::kDone) return Step::kBad;
+      if (state_ == kSize) {
+        size_t semi = in.find(';', i);
+        size_t digitsEnd = (semi != std::string::npos && semi < end) ? semi : end;
+        if (digitsEnd == i || digitsEnd - i > 15) return Step::kBad;
+        uint64_t n = 0;
+        for (size_t k = i; k < digitsEnd; k++) {
+          char ch = in[k];
+          int d = ch >= '0' && ch <= '9' ? ch - '0' : (ch | 0x20) >= 'a' && (ch | 0x20) <= 'f' ? (ch | 0x20) - 'a' + 10 : -1;
+          if (d < 0) return Step::kBad;
+          n = n * 16 + static_cast<uint64_t>(d);
+        }
+        for (size_t k = digitsEnd; k < end; k++)
+          if (!IsValueByte(static_cast<unsigned char>(in[k]))) return Step::kBad;
+        i = end + 2;
+        if (n == 0) state_ = kTrailers;
+        else left_ = n, state_ = kData;
+      } else if (state_ == kDataEnd) {
+        if (end != i) return Step::kBad;
+        i = end + 2;
+        state_ = kSize;
+      } else {  // trailers: header lines, then the empty line that ends the body
+        if (end == i) {
+          i = end + 2;
+          state_ = kSize;
+          *used = i - at;
+          return Step::kDone;
+        }
+        size_t colon = in.find(':', i);
+        if (colon == std::string::npos || colon >= end || colon == i) return Step::kBad;
+        for (size_t k = i; k < colon; k++)
+          if (!IsTchar(static_cast<unsigned char>(in[k]))) return Step::kBad;
+        for (size_t k = colon + 1; k < end; k++)
+          if (!IsValueByte(static_cast<unsigned char>(in[k]))) return Step::kBad;
+        i = end + 2;
+      }
+    }
+    *used = i - at;
+    return Step::kMore;
+  }
+
+ private:
+  enum { kSize, kData, kDataEnd, kTrailers } state_ = kSize;
+  uint64_t left_ = 0;
+};
+
+
+// ---------------------------------------------------------------------------------------------
+// The engine
+
+enum class BodyKind { kNone, kLength, kChunked, kUntilClose };
+
+// A body as it is read: its framing and how much of it has passed.
+struct Framing {
+  BodyKind kind = BodyKind::kNone;
+  uint64_t left = 0;
+  Chunked chunked;
+  uint64_t bytes = 0;  // payload bytes
+  bool done = true;
+
+  void Start(BodyKind k, uint64_t length) {
+    kind = k;
+    left = length;
+    chunked = Chunked();
+    bytes = 0;
+    done = k == BodyKind::kNone || (k == BodyKind::kLength && length == 0);
+  }
+
+  // Moves what belongs to the body from the front of `in` to `out` (or drops it when `out` is
+  // null). False on a malformed chunk.
+  bool Pump(std::string* in, std::string* out, bool eof) {
+    if (done || in->empty()) {
+      if (!done && eof && kind == BodyKind::kUntilClose) done = true;
+      return true;
+    }
+    size_t used = 0;
+    if (kind == BodyKind::kLength) {
+      used = static_cast<size_t>(std::min<uint64_t>(left, in->size()));
+      left -= used;
+      bytes += used;
+      done = left == 0;
+    } else if (kind == BodyKind::kChunked) {
+      uint64_t data = 0;
+      Chunked::Step step = chunked.Feed(*in, 0, &used, &data);
+      if (step == Chunked::Step::kBad) return false;
+      bytes += data;
+      done = step == Chunked::Step::kDone;
+    } else {
+      used = in->size();
+      bytes += used;
+    }
+    if (out) out->append(*in, 0, used);
+    in->erase(0, used);
+    if (!done && eof && kind == BodyKind::kUntilClose && in->empty()) done = true;
+    return true;
+  }
+};
+
+class Http1Engine;
+struct Client;
+struct Upstream;
+
+// One socket on the loop: what was read and not yet used, what waits to be written.
+struct Peer {
+  Http1Engine* engine = nullptr;
+  uv_poll_t* poll = nullptr;
+  int fd = -1;
+  int events = 0;
+  bool isClient = false;
+  Client* client = nullptr;      // whose socket this is
+  Upstream* upstream = nullptr;
+  bool eof = false;
+  bool closed = false;
+  std::string in, out;
+};
+
+struct Client {
+  Peer peer;
+  uint64_t id = 0;
+  enum class Phase { kHead, kDecide, kExchange, kClosing } phase = Phase::kHead;
+  Head req;
+  Framing body;
+  Upstream* up = nullptr;
+  bool answered = false;  // the answer is whole (from upstream or the proxy)
+  bool closeAfter = false;
+  bool headRequest = false;
+  std::vector<std::string> answerRemove;  // lower-case names
+  std::string answerAdd;                  // "name: value\r\n" lines
+  uint64_t lastActive = 0;
+  uint64_t bytesOut = 0;
+  int status = 0;
+};
+
+struct Upstream {
+  Peer peer;
+  std::string pool;
+  Client* client = nullptr;
+  bool headDone = false;
+  Head answer;
+  Framing body;
+  bool reusable = false;
+  uint64_t idleSince = 0;
+};
+
+class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "Http1Engine",
+                       {
+                           InstanceMethod<&Http1Engine::Serve>("serve"),
+                           InstanceMethod<&Http1Engine::Forward>("forward"),
+                           InstanceMethod<&Http1Engine::Respond>("respond"),
+                           InstanceMethod<&Http1Engine::Release>("release"),
+                           InstanceMethod<&Http1Engine::CloseJs>("close"),
+                           InstanceMethod<&Http1Engine::DropPools>("dropPools"),
+                           InstanceMethod<&Http1Engine::Stats>("stats"),
+                           InstanceMethod<&Http1Engine::Destroy>("destroy"),
+                       });
+  }
+
+  // new Http1Engine({head, done, closed}, {maxHeadBytes, idleMs, poolIdleMs, maxIdlePerPool})
+  explicit Http1Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Http1Engine>(info), env_(info.Env()), ctx_(info.Env(), "nodemesh:http1") {
+    Napi::Object cb = info[0].As<Napi::Object>();
+    head_ = Napi::Persistent(cb.Get("head").As<Napi::Function>());
+    done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
+    closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
+    Napi::Object o = info[1].As<Napi::Object>();
+    maxHead_ = o.Get("maxHeadBytes").As<Napi::Number>().Uint32Value();
+    idleMs_ = o.Get("idleMs").As<Napi::Number>().Int64Value();
+    poolIdleMs_ = o.Get("poolIdleMs").As<Napi::Number>().Int64Value();
+    maxIdlePerPool_ = o.Get("maxIdlePerPool").As<Napi::Number>().Uint32Value();
+    napi_get_uv_event_loop(env_, &loop_);
+    timer_ = new uv_timer_t;
+    uv_timer_init(loop_, timer_);
+    timer_->data = this;
+    uv_timer_start(timer_, [](uv_timer_t* t) { static_cast<Http1Engine*>(t->data)->Sweep(); }, 1000, 1000);
+    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+  }
+
+  ~Http1Engine() override { Shutdown(); }
+
+ private:
+  // -- JS methods --------------------------------------------------------------------------------
+
+  // serve(fd): the engine owns the accepted client socket from now on; returns its id.
+  Napi::Value Serve(const Napi::CallbackInfo& info) {
+    int fd = info[0].As<Napi::Number>().Int32Value();
+    auto c = std::make_unique<Client>();
+    c->id = ++nextId_;
+    c->lastActive = NowMs();
+    Client* raw = c.get();
+    clients_[c->id] = std::move(c);
+    if (!Open(&raw->peer, fd, true)) {
+      clients_.erase(raw->id);
+      throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    }
+    raw->peer.client = raw;
+    Arm(&raw->peer);
+    return Napi::Number::New(info.Env(), static_cast<double>(raw->id));
+  }
+
+  // forward(id, pool, head, fd, answerRemove, answerAdd): the request goes upstream, on `fd` (a
+  // new connection, kept in `pool` afterwards) or, with fd -1, on an idle one of `pool`. False
+  // when there is none (the caller dials and calls again with the fd).
+  Napi::Value Forward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    int fd = info[3].As<Napi::Number>().Int32Value();
+    if (!c || c->phase != Client::Phase::kDecide) {
+      // The client went while the upstream was dialled: the connection is not needed.
+      if (fd >= 0) close(fd);
+      return Napi::Boolean::New(env, true);
+    }
+    std::string pool = info[1].As<Napi::String>().Utf8Value();
+    Upstream* u = nullptr;
+    if (fd >= 0) {
+      auto fresh = std::make_unique<Upstream>();
+      u = fresh.get();
+      if (!Open(&u->peer, fd, false)) {
+        close(fd);
+        throw ToJsError(env, {errno, "uv_poll_init", "", ""});
+      }
+      u->peer.upstream = u;
+      upstreams_[u] = std::move(fresh);
+      u->pool = pool;
+    } else {
+      u = TakeIdle(pool);
+      if (!u) return Napi::Boolean::New(env, false);
+    }
+    c->answerRemove.clear();
+    Napi::Array remove = info[4].As<Napi::Array>();
+    for (uint32_t i = 0; i < remove.Length(); i++) c->answerRemove.push_back(Lower(remove.Get(i).As<Napi::String>().Utf8Value()));
+    c->answerAdd = Latin1(info[5]);
+    c->up = u;
+    u->client = c;
+    u->headDone = false;
+    u->answer = Head();
+    u->reusable = false;
+    u->peer.out.append(Latin1(info[2]));
+    c->peer.in.erase(0, c->req.length);
+    c->phase = Client::Phase::kExchange;
+    depth_++;
+    PumpRequest(c);
+    depth_--;
+    return Napi::Boolean::New(env, true);
+  }
+
+  // respond(id, bytes, close): the proxy's own answer to the request waiting for a decision.
+  Napi::Value Respond(const Napi::CallbackInfo& info) {
+    Client* c = Find(info[0]);
+    if (!c || c->phase != Client::Phase::kDecide) return info.Env().Undefined();
+    if (info[1].IsBuffer()) {
+      auto b = info[1].As<Napi::Buffer<char>>();
+      c->peer.out.append(b.Data(), b.Length());
+    } else {
+      c->peer.out.append(Latin1(info[1]));
+    }
+    c->peer.in.erase(0, c->req.length);
+    // A body nobody will read cannot be told from the next request: the connection ends after it.
+    if (info[2].ToBoolean().Value() || !c->body.done) c->closeAfter = true;
+    c->phase = Client::Phase::kExchange;
+    c->answered = true;
+    c->status = 0;
+    depth_++;
+    Finish(c, false);
+    depth_--;
+    return info.Env().Undefined();
+  }
+
+  // release(id): {fd, buffered}: the client connection back to JS, at a request's start (the
+  // request's head and whatever followed it are `buffered`). Undefined if it is not there.
+  Napi::Value Release(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    if (!c || c->phase != Client::Phase::kDecide || !c->peer.out.empty()) return env.Undefined();
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("fd", Napi::Number::New(env, c->peer.fd));
+    out.Set("buffered", Napi::Buffer<char>::Copy(env, c->peer.in.data(), c->peer.in.size()));
+    c->peer.fd = -1;  // JS's now
+    Drop(&c->peer);
+    Bury(c);
+    return out;
+  }
+
+  Napi::Value CloseJs(const Napi::CallbackInfo& info) {
+    Client* c = Find(info[0]);
+    if (c) {
+      depth_++;
+      CloseClient(c, "closed by the proxy", true);
+      depth_--;
+    }
+    return info.Env().Undefined();
+  }
+
+  // dropPools(prefix): closes the idle upstream connections of pools whose key starts with it.
+  Napi::Value DropPools(const Napi::CallbackInfo& info) {
+    std::string prefix = info[0].As<Napi::String>().Utf8Value();
+    for (auto it = idle_.begin(); it != idle_.end();) {
+      if (it->first.compare(0, prefix.size(), prefix) != 0) {
+        ++it;
+        continue;
+      }
+      for (Upstream* u : it->second) CloseUpstream(u);
+      it = idle_.erase(it);
+    }
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    size_t idle = 0;
+    for (auto& [k, v] : idle_) idle += v.size();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("clients", Napi::Number::New(env, static_cast<double>(clients_.size())));
+    o.Set("upstreams", Napi::Number::New(env, static_cast<double>(upstreams_.size())));
+    o.Set("idle", Napi::Number::New(env, static_cast<double>(idle)));
+    return o;
+  }
+
+  Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  // -- sockets ---------------------------------------------------------------------------------
+
+  bool Open(Peer* p, int fd, bool isClient) {
+    p->engine = this;
+    p->fd = fd;
+    p->isClient = isClient;
+    p->poll = new uv_poll_t;
+    if (uv_poll_init(loop_, p->poll, fd) != 0) {
+      delete p->poll;
+      p->poll = nullptr;
+      errno = EBADF;
+      return false;
+    }
+    p->poll->data = p;
+    return true;
+  }
+
+  // Stops polling the socket and closes it (unless it was handed back to JS: fd -1).
+  void Drop(Peer* p) {
+    if (p->closed) return;
+    p->closed = true;
+    if (p->poll) {
+      uv_poll_stop(p->poll);
+      uv_close(reinterpret_cast<uv_handle_t*>(p->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+      p->poll = nullptr;
+    }
+    if (p->fd >= 0) close(p->fd);
+    p->fd = -1;
+  }
+
+  // The events the socket waits for, from what its connection needs now.
+  void Arm(Peer* p) {
+    if (p->closed) return;
+    int want = p->out.empty() ? 0 : UV_WRITABLE;
+    if (!p->eof && WantsRead(p)) want |= UV_READABLE;
+    if (want == p->events) return;
+    p->events = want;
+    if (want == 0) uv_poll_stop(p->poll);
+    else uv_poll_start(p->poll, want, OnPoll);
+  }
+
+  bool WantsRead(Peer* p) {
+    if (p->isClient) {
+      Client* c = ClientOf(p);
+      switch (c->phase) {
+        case Client::Phase::kHead:
+        case Client::Phase::kDecide:
+          return p->in.size() < maxHead_ + kReadChunk;
+        case Client::Phase::kExchange:
+          if (!c->body.done) return c->up ? c->up->peer.out.size() < kHighWater : p->in.size() < kReadChunk;
+          return p->in.size() < kReadChunk;
+        case Client::Phase::kClosing:
+          return false;
+      }
+      return false;
+    }
+    Upstream* u = UpstreamOf(p);
+    return u->client == nullptr || u->client->peer.out.size() < kHighWater;
+  }
+
+  static Client* ClientOf(Peer* p) { return p->client; }
+  static Upstream* UpstreamOf(Peer* p) { return p->upstream; }
+
+  // Writes what it can; false on an error (the peer is gone).
+  bool Flush(Peer* p) {
+    while (!p->out.empty() && !p->closed) {
+      ssize_t n = send(p->fd, p->out.data(), p->out.size(), MSG_NOSIGNAL);
+      if (n > 0) {
+        p->out.erase(0, static_cast<size_t>(n));
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return true;
+      return false;
+    }
+    return true;
+  }
+
+  // Reads what is there (up to a bound); false on an error. EOF sets `eof`.
+  bool Fill(Peer* p) {
+    static char buf[kReadChunk];
+    for (int rounds = 0; rounds < 4 && !p->eof; rounds++) {
+      ssize_t n = recv(p->fd, buf, sizeof buf, 0);
+      if (n > 0) {
+        p->in.append(buf, static_cast<size_t>(n));
+        if (static_cast<size_t>(n) < sizeof buf) return true;
+        continue;
+      }
+      if (n == 0) {
+        p->eof = true;
+        return true;
+      }
+      if (errno == EINTR) continue;
+      return errno == EAGAIN || errno == EWOULDBLOCK;
+    }
+    return true;
+  }
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    Peer* p = static_cast<Peer*>(h->data);
+    Http1Engine* e = p->engine;
+    Napi::HandleScope scope(e->env_);
+    e->depth_++;
+    e->Ready(p, status, events);
+    e->depth_--;
+    if (e->depth_ == 0) e->graveyard_.clear();
+  }
+
+  void Ready(Peer* p, int status, int events) {
+    if (p->closed) return;
+    if (p->isClient) {
+      Client* c = ClientOf(p);
+      bool ok = status >= 0;
+      if (ok && (events & UV_WRITABLE)) ok = Flush(p);
+      if (ok && (events & UV_READABLE) && WantsRead(p)) ok = Fill(p);
+      if (!ok) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+      c->lastActive = NowMs();
+      AdvanceClient(c);
+    } else {
+      Upstream* u = UpstreamOf(p);
+      bool ok = status >= 0;
+      if (ok && (events & UV_WRITABLE)) ok = Flush(p);
+      if (ok && (events & UV_READABLE)) ok = Fill(p);
+      if (!ok) p->eof = true;  // an error reads as the end: the answer is cut if it was not whole
+      if (!u->client) {
+        // Idle in its pool: anything it sends, or its close, ends it.
+        if (p->eof || !p->in.empty()) RemoveIdle(u), CloseUpstream(u);
+        return;
+      }
+      AdvanceAnswer(u);
+    }
+  }
+
+  // -- the client's side -------------------------------------------------------------------------
+
+  void AdvanceClient(Client* c) {
+    Peer* p = &c->peer;
+    if (p->closed) return;
+    switch (c->phase) {
+      case Client::Phase::kHead: {
+        if (!p->out.empty()) break;  // the last answer goes out first
+        if (p->in.empty()) {
+          if (p->eof) return CloseClient(c, "", false);
+          break;
+        }
+        Head h;
+        std::string why;
+        Parsed r = ParseHead(p->in, true, maxHead_, &h, &why);
+        if (r == Parsed::kMore) {
+          if (p->eof) return CloseClient(c, "the client closed within a request's head", false);
+          break;
+        }
+        if (r == Parsed::kTooLarge) return Refuse(c, 431, "request head over the limit");
+        if (r == Parsed::kBad) return Refuse(c, 400, why);
+        c->req = std::move(h);
+        c->body.Start(c->req.chunked ? BodyKind::kChunked : c->req.contentLength != kNoLength ? BodyKind::kLength : BodyKind::kNone, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
+        c->phase = Client::Phase::kDecide;
+        c->answered = false;
+        c->bytesOut = 0;
+        c->status = 0;
+        c->closeAfter = c->req.close;
+        c->headRequest = c->req.method == "HEAD";
+        Arm(p);
+        AskJs(c);
+        return;
+      }
+      case Client::Phase::kExchange:
+        if (!c->body.done) return PumpRequest(c);
+        // Bytes after a whole request are the next request's: read once this one is answered.
+        // A client that closed its side still gets its answer, then the connection ends.
+        if (p->eof) c->closeAfter = true;
+        break;
+      case Client::Phase::kDecide:
+      case Client::Phase::kClosing:
+        break;
+    }
+    if (c->phase == Client::Phase::kClosing && p->out.empty()) return CloseClient(c, "", false);
+    Arm(p);
+  }
+
+  void AskJs(Client* c) {
+    Napi::Env env = env_;
+    Napi::Array headers = Napi::Array::New(env, c->req.headers.size() * 2);
+    uint32_t i = 0;
+    for (auto& [n, v] : c->req.headers) {
+      headers.Set(i++, NewLatin1(env, n));
+      headers.Set(i++, NewLatin1(env, v));
+    }
+    int body = c->req.chunked ? 2 : c->req.contentLength != kNoLength && c->req.contentLength > 0 ? 1 : 0;
+    uint64_t id = c->id;
+    Call(head_, {Napi::Number::New(env, static_cast<double>(id)), Napi::String::New(env, c->req.method), NewLatin1(env, c->req.target),
+                 Napi::Number::New(env, c->req.minor), headers, Napi::Number::New(env, body), Napi::Boolean::New(env, c->req.upgrade)});
+  }
+
+  // The request's body, as it comes, to its upstream (or nowhere once it was answered).
+  void PumpRequest(Client* c) {
+    Peer* p = &c->peer;
+    Upstream* u = c->up;
+    if (!c->body.done) {
+      if (!c->body.Pump(&p->in, u && !u->peer.closed ? &u->peer.out : nullptr, p->eof)) {
+        if (u) DetachUpstream(c, false);
+        return Refuse(c, 400, "malformed chunked body");
+      }
+      if (!c->body.done && p->eof) {
+        // The client ended within its body: nothing whole can come of it.
+        if (u) DetachUpstream(c, false);
+        return CloseClient(c, "the client closed within a request's body", true);
+      }
+    }
+    if (u && !u->peer.closed) {
+      if (!Flush(&u->peer)) {
+        u->peer.eof = true;
+        return AdvanceAnswer(u);
+      }
+      Arm(&u->peer);
+    }
+    if (c->answered && c->body.done) return Finish(c, false);
+    Arm(p);
+  }
+
+  // The answer is whole (and the request too, or the connection ends): the next request, or the end.
+  void Finish(Client* c, bool report) {
+    if (!c->body.done) c->closeAfter = true;
+    if (report) ReportDone(c, c->status, "-", "");
+    if (c->peer.closed) return;
+    c->phase = c->closeAfter ? Client::Phase::kClosing : Client::Phase::kHead;
+    if (!Flush(&c->peer)) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    AdvanceClient(c);
+  }
+
+  // The proxy's answer to a request it cannot read; the connection ends after it.
+  void Refuse(Client* c, int status, const std::string& why) {
+    std::string body = why + "\n";
+    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 431 ? " Request Header Fields Too Large" : " Bad Request") +
+                   "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\nconnection: close\r\n\r\n" + body;
+    c->phase = Client::Phase::kClosing;
+    c->peer.in.clear();
+    ReportDone(c, status, "DPE", why);
+    if (c->peer.closed) return;
+    if (!Flush(&c->peer)) return CloseClient(c, "", true);
+    AdvanceClient(c);
+  }
+
+  void CloseClient(Client* c, const std::string& reason, bool abortive) {
+    if (c->peer.closed) return;
+    if (c->up) DetachUpstream(c, false);
+    if (abortive && c->peer.fd >= 0) {
+      struct linger l = {1, 0};
+      setsockopt(c->peer.fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    }
+    Drop(&c->peer);
+    uint64_t id = c->id;
+    Bury(c);
+    Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason)});
+  }
+
+  // -- the upstream's side -----------------------------------------------------------------------
+
+  void AdvanceAnswer(Upstream* u) {
+    Client* c = u->client;
+    Peer* p = &u->peer;
+    while (!u->headDone) {
+      std::string why;
+      Head h;
+      Parsed r = ParseHead(p->in, false, maxHead_ * 4, &h, &why);
+      if (r == Parsed::kMore && !p->eof) return Arm(p);
+      if (r != Parsed::kDone || h.status == 101) {
+        // Nothing of an answer, or not one we can pass on: the proxy answers (Envoy's UC / UPE).
+        bool none = r == Parsed::kMore;
+        DetachUpstream(c, false);
+        return Answer(c, none ? 503 : 502, none ? "UC" : "UPE", none ? "upstream connect error or disconnect/reset before headers" : "upstream sent a malformed answer: " + why);
+      }
+      p->in.erase(0, h.length);
+      std::string head = "HTTP/1.1 " + std::to_string(h.status) + " " + h.reason + "\r\n";
+      bool interim = h.status < 200;
+      bool untilClose = !interim && !c->headRequest && h.status != 204 && h.status != 304 && !h.chunked && h.contentLength == kNoLength;
+      if (untilClose) c->closeAfter = true;
+      std::vector<std::string> listed;
+      for (auto& [n, v] : h.headers)
+        if (IEquals(n, "connection")) {
+          size_t i = 0;
+          while (i <= v.size()) {
+            size_t comma = v.find(',', i);
+            if (comma == std::string::npos) comma = v.size();
+            std::string t = v.substr(i, comma - i);
+            size_t a = t.find_first_not_of(" \t"), b = t.find_last_not_of(" \t");
+            if (a != std::string::npos) listed.push_back(Lower(t.substr(a, b - a + 1)));
+            i = comma + 1;
+          }
+        }
+      for (auto& [n, v] : h.headers) {
+        std::string ln = Lower(n);
+        if (ln == "connection" || ln == "keep-alive" || ln == "proxy-connection" || ln == "upgrade" || ln == "te") continue;
+        bool drop = false;
+        for (auto& l : listed) drop = drop || l == ln;
+        if (!interim)
+          for (auto& r2 : c->answerRemove) drop = drop || r2 == ln;
+        if (drop) continue;
+        head += n;
+        head += ": ";
+        head += v;
+        head += "\r\n";
+      }
+      if (!interim) {
+        head += c->answerAdd;
+        if (c->closeAfter) head += "connection: close\r\n";
+      }
+      head += "\r\n";
+      c->peer.out += head;
+      if (interim) continue;
+      u->headDone = true;
+      c->status = h.status;
+      u->reusable = !h.close && !untilClose;
+      u->body.Start(c->headRequest || h.status == 204 || h.status == 304 ? BodyKind::kNone : h.chunked ? BodyKind::kChunked : untilClose ? BodyKind::kUntilClose : BodyKind::kLength,
+                    h.contentLength == kNoLength ? 0 : h.contentLength);
+      u->answer = std::move(h);
+    }
+    if (!u->body.Pump(&p->in, &c->peer.out, p->eof)) {
+      DetachUpstream(c, false);
+      return Cut(c, "upstream sent a malformed chunked body");
+    }
+    c->bytesOut = u->body.bytes;
+    if (!Flush(&c->peer)) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    if (!u->body.done) {
+      if (p->eof) {
+        DetachUpstream(c, false);
+        return Cut(c, "upstream closed within the answer's body");
+      }
+      Arm(p);
+      Arm(&c->peer);
+      return;
+    }
+    // Bytes after a whole answer, or a request not sent whole: this connection is not reused.
+    DetachUpstream(c, u->reusable && p->in.empty() && !p->eof && c->body.done);
+    c->answered = true;
+    Finish(c, true);
+  }
+
+  // The proxy's answer in place of the upstream's (nothing of it was passed on yet).
+  void Answer(Client* c, int status, const char* flag, const std::string& detail) {
+    std::string body = detail + "\n";
+    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 503 ? " Service Unavailable" : " Bad Gateway") +
+                   "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\n" + (c->closeAfter || !c->body.done ? "connection: close\r\n" : "") + "\r\n" + body;
+    c->status = status;
+    c->answered = true;
+    ReportDone(c, status, flag, detail);
+    if (c->peer.closed) return;
+    Finish(c, false);
+  }
+
+  // An answer cut short after its head went to the client: the client's connection is reset, so
+  // it cannot take what it got for a whole answer.
+  void Cut(Client* c, const std::string& why) {
+    ReportDone(c, c->status, "UPE", why);
+    CloseClient(c, why, true);
+  }
+
+  // Ends the client's use of its upstream: back to its pool, or closed.
+  void DetachUpstream(Client* c, bool reuse) {
+    Upstream* u = c->up;
+    if (!u) return;
+    c->up = nullptr;
+    u->client = nullptr;
+    if (!reuse || u->peer.closed || maxIdlePerPool_ == 0) return CloseUpstream(u);
+    auto& list = idle_[u->pool];
+    if (list.size() >= maxIdlePerPool_) return CloseUpstream(u);
+    u->idleSince = NowMs();
+    u->body = Framing();
+    list.push_back(u);
+    Arm(&u->peer);
+  }
+
+  Upstream* TakeIdle(const std::string& pool) {
+    auto it = idle_.find(pool);
+    if (it == idle_.end()) return nullptr;
+    while (!it->second.empty()) {
+      Upstream* u = it->second.back();
+      it->second.pop_back();
+      if (!u->peer.closed && !u->peer.eof) {
+        if (it->second.empty()) idle_.erase(it);
+        return u;
+      }
+      CloseUpstream(u);
+    }
+    idle_.erase(it);
+    return nullptr;
+  }
+
+  void RemoveIdle(Upstream* u) {
+    auto it = idle_.find(u->pool);
+    if (it == idle_.end()) return;
+    auto& list = it->second;
+    for (size_t i = 0; i < list.size(); i++)
+      if (list[i] == u) {
+        list.erase(list.begin() + static_cast<long>(i));
+        break;
+      }
+    if (list.empty()) idle_.erase(it);
+  }
+
+  void CloseUpstream(Upstream* u) {
+    Drop(&u->peer);
+    auto it = upstreams_.find(u);
+    if (it == upstreams_.end()) return;
+    graveyard_.push_back(std::move(it->second));
+    upstreams_.erase(it);
+  }
+
+  // -- bookkeeping -------------------------------------------------------------------------------
+
+  Client* Find(const Napi::Value& v) {
+    auto it = clients_.find(static_cast<uint64_t>(v.As<Napi::Number>().Int64Value()));
+    return it == clients_.end() || it->second->peer.closed ? nullptr : it->second.get();
+  }
+
+  // Deleted once no call on the stack can still hold it.
+  void Bury(Client* c) {
+    auto it = clients_.find(c->id);
+    if (it == clients_.end()) return;
+    graveyard_.push_back(std::move(it->second));
+    clients_.erase(it);
+    if (depth_ == 0) graveyard_.clear();
+  }
+
+  void ReportDone(Client* c, int status, const char* flag, const std::string& detail) {
+    Napi::Env env = env_;
+    Call(done_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag),
+                 Napi::Number::New(env, static_cast<double>(c->body.bytes)), Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::String::New(env, detail)});
+  }
+
+  void Call(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
+    if (shutdown_) return;
+    Napi::HandleScope scope(env_);
+    try {
+      f.MakeCallback(Value(), args, ctx_);
+    } catch (const Napi::Error& e) {
+      napi_fatal_exception(env_, e.Value());
+    }
+  }
+
+  // Once a second: keep-alive clients idle for idleMs, and pooled upstreams idle for poolIdleMs, close.
+  void Sweep() {
+    Napi::HandleScope scope(env_);
+    uint64_t now = NowMs();
+    depth_++;
+    std::vector<Client*> stale;
+    for (auto& [id, c] : clients_)
+      if (c->phase == Client::Phase::kHead && c->peer.in.empty() && static_cast<int64_t>(now - c->lastActive) >= idleMs_) stale.push_back(c.get());
+    for (Client* c : stale) CloseClient(c, "idle", false);
+    for (auto it = idle_.begin(); it != idle_.end();) {
+      auto& list = it->second;
+      for (size_t i = 0; i < list.size();) {
+        if (static_cast<int64_t>(now - list[i]->idleSince) >= poolIdleMs_) {
+          CloseUpstream(list[i]);
+          list.erase(list.begin() + static_cast<long>(i));
+        } else {
+          i++;
+        }
+      }
+      it = list.empty() ? idle_.erase(it) : std::next(it);
+    }
+    depth_--;
+    if (depth_ == 0) graveyard_.clear();
+  }
+
+  void Shutdown() {
+    if (shutdown_) return;
+    shutdown_ = true;
+    for (auto& [id, c] : clients_) Drop(&c->peer);
+    for (auto& [u, owned] : upstreams_) Drop(&u->peer);
+    idle_.clear();
+    if (timer_) {
+      uv_timer_stop(timer_);
+      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+      timer_ = nullptr;
+    }
+    if (depth_ == 0) {
+      clients_.clear();
+      upstreams_.clear();
+      graveyard_.clear();
+    }
+  }
+
+  Napi::Env env_;
+  Napi::AsyncContext ctx_;
+  Napi::FunctionReference head_, done_, closed_;
+  uv_loop_t* loop_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
+  uint32_t maxHead_ = 16 * 1024;
+  int64_t idleMs_ = 3600000;
+  int64_t poolIdleMs_ = 4000;
+  uint32_t maxIdlePerPool_ = 64;
+  uint64_t nextId_ = 0;
+  int depth_ = 0;
+  bool shutdown_ = false;
+  std::unordered_map<uint64_t, std::unique_ptr<Client>> clients_;
+  std::unordered_map<Upstream*, std::unique_ptr<Upstream>> upstreams_;
+  std::map<std::string, std::vector<Upstream*>> idle_;
+  // Objects that ended while a call up the stack may still hold them.
+  struct Grave {
+    std::unique_ptr<Client> c;
+    std::unique_ptr<Upstream> u;
+    Grave(std::unique_ptr<Client> x) : c(std::move(x)) {}
+    Grave(std::unique_ptr<Upstream> x) : u(std::move(x)) {}
+  };
+  std::vector<Grave> graveyard_;
+};
+
+}  // namespace
+
+Napi::Object InitHttp1(Napi::Env env, Napi::Object exports) {
+  exports.Set("Http1Engine", Http1Engine::Define(env));
+  return exports;
+}
+
+}  // namespace nodemesh
