@@ -207,10 +207,11 @@ async function proxyAddon(upstreamPort: number): Promise<void> {
     },
     { maxHeadBytes: 16 * 1024, idleMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: POOL },
   );
+  let served = 0;
   netServer({ pauseOnConnect: true }, (client) => {
     const fd = socketFd(client);
     if (fd === undefined) return void client.destroy();
-    engine.serve(dupFd(fd));
+    engine.serve(++served, dupFd(fd));
     client.destroy();
   }).listen(PORTS.proxy, '127.0.0.1', () => process.stdout.write('listening\n'));
 }

@@ -10,6 +10,8 @@
 // a Transfer-Encoding whose last coding is not chunked, a malformed chunk: 400 and the connection
 // closes; a head over the limit: 431. Nothing of such a request goes upstream.
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -133,33 +135,33 @@ Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, st
   size_t end = 0;
   Parsed p = Line(buf, 0, limit, &end);
   if (p != Parsed::kDone) {
-    if (p == Parsed::kBad) *why = "malformed start line";
+    if (p == Parsed::kBad) *why = "HPE_INVALID_REQUEST_LINE: malformed start line";
     return p;
   }
   std::string first = buf.substr(0, end);
   size_t sp1 = first.find(' ');
   size_t sp2 = sp1 == std::string::npos ? std::string::npos : first.find(' ', sp1 + 1);
-  if (sp2 == std::string::npos) return *why = "malformed start line", Parsed::kBad;
+  if (sp2 == std::string::npos) return *why = "HPE_INVALID_REQUEST_LINE: malformed start line", Parsed::kBad;
   if (request) {
     h->method = first.substr(0, sp1);
     h->target = first.substr(sp1 + 1, sp2 - sp1 - 1);
-    if (h->method.empty()) return *why = "empty method", Parsed::kBad;
+    if (h->method.empty()) return *why = "HPE_INVALID_METHOD: empty method", Parsed::kBad;
     for (unsigned char c : h->method)
-      if (!IsTchar(c)) return *why = "method is not a token", Parsed::kBad;
-    if (h->target.empty()) return *why = "empty request target", Parsed::kBad;
+      if (!IsTchar(c)) return *why = "HPE_INVALID_METHOD: method is not a token", Parsed::kBad;
+    if (h->target.empty()) return *why = "HPE_INVALID_URL: empty request target", Parsed::kBad;
     for (unsigned char c : h->target)
-      if (c <= 0x20 || c >= 0x7f) return *why = "request target has a byte outside visible ASCII", Parsed::kBad;
-    if (!ParseVersion(first.substr(sp2 + 1), &h->minor)) return *why = "not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
+      if (c <= 0x20 || c >= 0x7f) return *why = "HPE_INVALID_URL: request target has a byte outside visible ASCII", Parsed::kBad;
+    if (!ParseVersion(first.substr(sp2 + 1), &h->minor)) return *why = "HPE_INVALID_VERSION: not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
     if (h->method == "CONNECT") h->upgrade = true;
   } else {
-    if (!ParseVersion(first.substr(0, sp1), &h->minor)) return *why = "not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
+    if (!ParseVersion(first.substr(0, sp1), &h->minor)) return *why = "HPE_INVALID_VERSION: not HTTP/1.0 or HTTP/1.1", Parsed::kBad;
     std::string code = first.substr(sp1 + 1, sp2 - sp1 - 1);
-    if (code.size() != 3 || code.find_first_not_of("0123456789") != std::string::npos) return *why = "bad status code", Parsed::kBad;
+    if (code.size() != 3 || code.find_first_not_of("0123456789") != std::string::npos) return *why = "HPE_INVALID_STATUS: bad status code", Parsed::kBad;
     h->status = std::stoi(code);
-    if (h->status < 100) return *why = "bad status code", Parsed::kBad;
+    if (h->status < 100) return *why = "HPE_INVALID_STATUS: bad status code", Parsed::kBad;
     h->reason = first.substr(sp2 + 1);
     for (unsigned char c : h->reason)
-      if (!IsValueByte(c)) return *why = "bad reason phrase", Parsed::kBad;
+      if (!IsValueByte(c)) return *why = "HPE_INVALID_STATUS: bad reason phrase", Parsed::kBad;
   }
   size_t at = end + 2;
   bool keepAlive = false, closeToken = false, sawTe = false;
@@ -167,7 +169,7 @@ Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, st
     p = Line(buf, at, limit, &end);
     if (p == Parsed::kMore && buf.size() > limit) p = Parsed::kTooLarge;
     if (p != Parsed::kDone) {
-      if (p == Parsed::kBad) *why = "malformed header line";
+      if (p == Parsed::kBad) *why = "HPE_INVALID_HEADER_TOKEN: malformed header line";
       return p;
     }
     if (end + 2 > limit) return Parsed::kTooLarge;
@@ -175,21 +177,21 @@ Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, st
       h->length = end + 2;
       break;
     }
-    if (buf[at] == ' ' || buf[at] == '\t') return *why = "obs-fold (a header line that starts with whitespace)", Parsed::kBad;
+    if (buf[at] == ' ' || buf[at] == '\t') return *why = "HPE_INVALID_HEADER_TOKEN: obs-fold (a header line that starts with whitespace)", Parsed::kBad;
     size_t colon = buf.find(':', at);
-    if (colon == std::string::npos || colon >= end || colon == at) return *why = "header line without a name", Parsed::kBad;
+    if (colon == std::string::npos || colon >= end || colon == at) return *why = "HPE_INVALID_HEADER_TOKEN: header line without a name", Parsed::kBad;
     for (size_t i = at; i < colon; i++)
-      if (!IsTchar(static_cast<unsigned char>(buf[i]))) return *why = "header name is not a token", Parsed::kBad;
+      if (!IsTchar(static_cast<unsigned char>(buf[i]))) return *why = "HPE_INVALID_HEADER_TOKEN: header name is not a token", Parsed::kBad;
     size_t v = colon + 1, ve = end;
     while (v < ve && (buf[v] == ' ' || buf[v] == '\t')) v++;
     while (ve > v && (buf[ve - 1] == ' ' || buf[ve - 1] == '\t')) ve--;
     for (size_t i = v; i < ve; i++)
-      if (!IsValueByte(static_cast<unsigned char>(buf[i]))) return *why = "header value has a control byte", Parsed::kBad;
+      if (!IsValueByte(static_cast<unsigned char>(buf[i]))) return *why = "HPE_INVALID_HEADER_TOKEN: header value has a control byte", Parsed::kBad;
     std::string name = buf.substr(at, colon - at), value = buf.substr(v, ve - v);
     if (IEquals(name, "content-length")) {
-      if (value.empty() || value.size() > 18 || value.find_first_not_of("0123456789") != std::string::npos) return *why = "bad Content-Length", Parsed::kBad;
+      if (value.empty() || value.size() > 18 || value.find_first_not_of("0123456789") != std::string::npos) return *why = "HPE_INVALID_CONTENT_LENGTH: bad Content-Length", Parsed::kBad;
       uint64_t n = std::stoull(value);
-      if (h->contentLength != kNoLength && h->contentLength != n) return *why = "differing Content-Lengths", Parsed::kBad;
+      if (h->contentLength != kNoLength && h->contentLength != n) return *why = "HPE_UNEXPECTED_CONTENT_LENGTH: differing Content-Lengths", Parsed::kBad;
       h->contentLength = n;
     } else if (IEquals(name, "transfer-encoding")) {
       // The last coding must be chunked (RFC 9112 6.3); anything else cannot be framed.
@@ -197,8 +199,8 @@ Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, st
       std::string coding = value.substr(last == std::string::npos ? 0 : last + 1);
       size_t a = coding.find_first_not_of(" \t");
       coding = a == std::string::npos ? "" : coding.substr(a);
-      if (!IEquals(coding, "chunked") || sawTe) return *why = "Transfer-Encoding is not chunked", Parsed::kBad;
-      if (value != coding && request) return *why = "Transfer-Encoding other than chunked", Parsed::kBad;
+      if (!IEquals(coding, "chunked") || sawTe) return *why = "HPE_INVALID_TRANSFER_ENCODING: Transfer-Encoding is not chunked", Parsed::kBad;
+      if (value != coding && request) return *why = "HPE_INVALID_TRANSFER_ENCODING: Transfer-Encoding other than chunked", Parsed::kBad;
       sawTe = true;
       h->chunked = true;
     } else if (IEquals(name, "connection")) {
@@ -213,10 +215,10 @@ Parsed ParseHead(const std::string& buf, bool request, size_t limit, Head* h, st
   }
   if (h->chunked && h->contentLength != kNoLength) {
     // A request with both is a smuggling attempt; an answer with both is framed by chunked (RFC 9112 6.3).
-    if (request) return *why = "Content-Length with Transfer-Encoding", Parsed::kBad;
+    if (request) return *why = "HPE_UNEXPECTED_CONTENT_LENGTH: Content-Length with Transfer-Encoding", Parsed::kBad;
     h->contentLength = kNoLength;
   }
-  if (h->chunked && h->minor == 0 && request) return *why = "Transfer-Encoding in HTTP/1.0", Parsed::kBad;
+  if (h->chunked && h->minor == 0 && request) return *why = "HPE_INVALID_TRANSFER_ENCODING: Transfer-Encoding in HTTP/1.0", Parsed::kBad;
   h->close = closeToken || (h->minor == 0 && !keepAlive);
   return Parsed::kDone;
 }
@@ -429,21 +431,26 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
  private:
   // -- JS methods --------------------------------------------------------------------------------
 
-  // serve(fd): the engine owns the accepted client socket from now on; returns its id.
+  // serve(id, fd, initial?): the engine owns the accepted client socket from now on, under the
+  // id JS gave it; `initial` is what was read from it already (a sniffed connection's first bytes).
   Napi::Value Serve(const Napi::CallbackInfo& info) {
-    int fd = info[0].As<Napi::Number>().Int32Value();
     auto c = std::make_unique<Client>();
-    c->id = ++nextId_;
+    c->id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+    int fd = info[1].As<Napi::Number>().Int32Value();
+    if (clients_.count(c->id) != 0) throw Napi::Error::New(info.Env(), "http1 engine: id " + std::to_string(c->id) + " is in use");
     c->lastActive = NowMs();
     Client* raw = c.get();
+    if (!Open(&raw->peer, fd, true)) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
     clients_[c->id] = std::move(c);
-    if (!Open(&raw->peer, fd, true)) {
-      clients_.erase(raw->id);
-      throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
-    }
     raw->peer.client = raw;
-    Arm(&raw->peer);
-    return Napi::Number::New(info.Env(), static_cast<double>(raw->id));
+    if (info.Length() > 2 && info[2].IsBuffer()) {
+      auto b = info[2].As<Napi::Buffer<char>>();
+      raw->peer.in.append(b.Data(), b.Length());
+    }
+    depth_++;
+    AdvanceClient(raw);
+    depth_--;
+    return info.Env().Undefined();
   }
 
   // forward(id, pool, head, fd, answerRemove, answerAdd): the request goes upstream, on `fd` (a
@@ -583,6 +590,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       return false;
     }
     p->poll->data = p;
+    // Heads and bodies go as they are ready: Nagle's algorithm would hold a small answer for the
+    // peer's delayed ACK. (Not a TCP socket, such as a socket pair's end: nothing to set.)
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return true;
   }
 
@@ -686,7 +697,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       if (ok && (events & UV_READABLE) && WantsRead(p)) ok = Fill(p);
       if (!ok) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
       c->lastActive = NowMs();
+      Upstream* u = c->up;
       AdvanceClient(c);
+      // The client took what was queued for it: its upstream may be read again.
+      if (u && u->client == c && !c->peer.closed) Arm(&u->peer);
     } else {
       Upstream* u = UpstreamOf(p);
       bool ok = status >= 0;
@@ -698,7 +712,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         if (p->eof || !p->in.empty()) RemoveIdle(u), CloseUpstream(u);
         return;
       }
+      Client* c = u->client;
       AdvanceAnswer(u);
+      // The upstream took what was queued for it: its client may be read again.
+      if (c->up == u && !c->peer.closed) Arm(&c->peer);
     }
   }
 
@@ -721,7 +738,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
           if (p->eof) return CloseClient(c, "the client closed within a request's head", false);
           break;
         }
-        if (r == Parsed::kTooLarge) return Refuse(c, 431, "request head over the limit");
+        if (r == Parsed::kTooLarge) return Refuse(c, 431, "HPE_HEADER_OVERFLOW: request head over the limit");
         if (r == Parsed::kBad) return Refuse(c, 400, why);
         c->req = std::move(h);
         c->body.Start(c->req.chunked ? BodyKind::kChunked : c->req.contentLength != kNoLength ? BodyKind::kLength : BodyKind::kNone, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
@@ -770,7 +787,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (!c->body.done) {
       if (!c->body.Pump(&p->in, u && !u->peer.closed ? &u->peer.out : nullptr, p->eof)) {
         if (u) DetachUpstream(c, false);
-        return Refuse(c, 400, "malformed chunked body");
+        return Refuse(c, 400, "HPE_INVALID_CHUNK_SIZE: malformed chunked body");
       }
       if (!c->body.done && p->eof) {
         // The client ended within its body: nothing whole can come of it.
@@ -799,9 +816,12 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     AdvanceClient(c);
   }
 
-  // The proxy's answer to a request it cannot read; the connection ends after it.
+  // The proxy's answer to a request it cannot read; the connection ends after it. `why` is
+  // "CODE: text" (llhttp's error codes, as node:http reports them): JS counts the code, the
+  // client reads the text.
   void Refuse(Client* c, int status, const std::string& why) {
-    std::string body = why + "\n";
+    size_t colon = why.find(": ");
+    std::string body = (colon == std::string::npos ? why : why.substr(colon + 2)) + "\n";
     c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 431 ? " Request Header Fields Too Large" : " Bad Request") +
                    "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\nconnection: close\r\n\r\n" + body;
     c->phase = Client::Phase::kClosing;

@@ -159,7 +159,7 @@ interface RawAddon {
 /** How a request's body is framed, as the engine found it: none, Content-Length, chunked. */
 export type Http1Body = 0 | 1 | 2;
 
-/** What the HTTP/1.1 engine tells JS; ids are the engine's (serve() returns them). */
+/** What the HTTP/1.1 engine tells JS, by the ids given to serve(). */
 export interface Http1Events {
   /** A request's head: answer it with forward(), respond() or release() (now or later). Names and values are Latin-1 as sent. */
   head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
@@ -188,8 +188,11 @@ export interface Http1Options {
  * loop: the engine reads each request's head, JS decides, the engine moves bodies and answers.
  */
 export interface Http1Engine {
-  /** Takes an accepted client socket's fd (the engine owns it from now on); returns its id. */
-  serve(fd: number): number;
+  /**
+   * Takes an accepted client socket's fd (the engine owns it from now on) under `id` (the
+   * caller's, unique among its open connections); `initial` holds bytes already read from it.
+   */
+  serve(id: number, fd: number, initial?: Buffer): void;
   /**
    * The request waiting on `id` goes upstream with `head` (its request line and headers, CRLFCRLF
    * included): on `fd` (a new connection, pooled as `pool` afterwards) or, with fd -1, on an idle

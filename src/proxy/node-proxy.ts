@@ -103,6 +103,8 @@ export interface ProxyOptions {
   readonly onProbe: (uid: string) => void;
   /** Relay bytes with splice() in the addon instead of JS streams. */
   readonly kernelRelay: boolean;
+  /** HTTP/1.1 routed on the addon's engine (native/src/http1.cc) instead of node:http; default: as kernelRelay. */
+  readonly nativeHttp?: boolean;
   /** RLIMIT_NOFILE (soft) of this process: the connection limits stay below it. */
   readonly fdLimit: number;
   /** Open connections node-wide; default: as many as the fd limit allows. */
@@ -219,7 +221,7 @@ export class NodeProxy {
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
-    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
+    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay });
     this.httpIn = new HttpInbound(metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
@@ -555,6 +557,7 @@ export class NodeProxy {
     }
     for (const resume of [...state.waiting]) resume();
     this.tunnels?.closeSource(state.pod.uid);
+    this.http.forgetPod(state.pod.uid);
     await state.tunnelServer?.close();
     state.tunnelServer = undefined;
     for (const s of state.sockets) s.destroy();
@@ -773,11 +776,11 @@ export class NodeProxy {
       // anything else cannot be, and goes to the Service's own endpoints (Istio's TCP default).
       const { protocol, head } = await sniff(client, SNIFF_DEADLINE_MS);
       this.metrics.sniffed.inc({ protocol });
-      const sniffed = withHead(client, head, protocol);
       if (protocol !== 'opaque') {
-        await this.http.serve(sniffed, conn, protocol);
+        await this.http.serve(client, conn, { protocol, head });
         return;
       }
+      withHead(client, head, protocol);
       target = { ...routed, http: undefined };
     }
     if (routed.split) {
@@ -853,6 +856,13 @@ export class NodeProxy {
    */
   private httpConnection(state: PodState, client: Socket, original: SocketAddress, parent: ServiceTarget): HttpClientConnection {
     const hostOf = (endpoint: Endpoint): string => (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
+    const dial = async (target: ServiceTarget, endpoint: Endpoint): Promise<Connected> => {
+      const upstream = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
+      if (!this.admitLocal(state, upstream)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
+      const connected = await this.connect(state, upstream, target.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);
+      this.metrics.proxied.inc({ path: upstream.path });
+      return connected;
+    };
     return {
       parent,
       current: () => {
@@ -860,13 +870,8 @@ export class NodeProxy {
         return now && exportedTo(now.service, state.pod.namespace) ? now : undefined;
       },
       source: state.pod,
-      dial: async (target, endpoint) => {
-        const upstream = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
-        if (!this.admitLocal(state, upstream)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
-        const connected = await this.connect(state, upstream, target.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);
-        this.metrics.proxied.inc({ path: upstream.path });
-        return this.socketOf(state, connected, target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
-      },
+      dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
+      dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       labels: (target, endpoint) => {
         const service = serviceLabels(target.service, 'outbound');
         if (!endpoint) return { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(undefined) };
@@ -883,6 +888,12 @@ export class NodeProxy {
   private socketOf(state: PodState, connected: Connected, idleTimeoutMs: number): Socket {
     // No Nagle on the upstream side either (see HttpOutbound.serve); a no-op on a socket pair.
     if ('fd' in connected) return this.podSocket(state, connected.fd, false).setNoDelay(true);
+    return this.podSocket(state, this.fdOf(state, connected, idleTimeoutMs), false);
+  }
+
+  /** A connected upstream as an fd the caller owns: a socket's as it is, a tunnel stream's joined to a socket pair's other end. */
+  private fdOf(state: PodState, connected: Connected, idleTimeoutMs: number): number {
+    if ('fd' in connected) return connected.fd;
     let pair: [number, number];
     try {
       pair = socketPair();
@@ -894,7 +905,7 @@ export class NodeProxy {
     const [ours, tunnelSide] = pair;
     if ('native' in connected) void connected.native.attach(tunnelSide, idleTimeoutMs);
     else void relayStreams(this.podSocket(state, tunnelSide, true), connected.stream, idleTimeoutMs);
-    return this.podSocket(state, ours, false);
+    return ours;
   }
 
   /** A node:net socket on `fd`, held by the pod's state until it closes (a pod that leaves ends it). */

@@ -21,7 +21,7 @@ const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te'
 export const UPSTREAM_IDLE_MS = 4000;
 /** Idle upstream connections kept per pool. */
 const MAX_IDLE_PER_POOL = 32;
-const MAX_HEADER_BYTES = 16 * 1024;
+export const MAX_HEADER_BYTES = 16 * 1024;
 
 /** What node:http's Agent is given per request: which pool, and how to open a connection for it. */
 export interface UpstreamRequestOptions extends ClientRequestArgs {

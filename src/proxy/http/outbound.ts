@@ -23,8 +23,9 @@ import { speaksRequests } from '../../config/service.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
+import { NativeOutbound } from './native-outbound.js';
 
 const log = logger('http');
 
@@ -43,12 +44,14 @@ export interface HttpClientConnection {
    * a socket node:http can use. Rejects with UpstreamDenied when policy refuses it.
    */
   dial(target: ServiceTarget, endpoint: Endpoint): Promise<Socket>;
+  /** The same connection as an fd the caller owns (a tunnel stream is joined to a socket pair's other end). */
+  dialFd(target: ServiceTarget, endpoint: Endpoint): Promise<number>;
   /** The request metric labels (as for a TCP connection to that endpoint). */
   labels(target: ServiceTarget, endpoint: Endpoint | undefined): TcpLabels;
 }
 
 /** Why a request was answered by the proxy, Envoy's response flags (Istio's `response_flags`). */
-type ProxyAnswer = { status: number; flag: string; detail: string };
+export type ProxyAnswer = { readonly status: number; readonly flag: string; readonly detail: string };
 
 /** What becomes of a request (HttpOutbound.decide). */
 export type Decision =
@@ -138,11 +141,17 @@ export class HttpOutbound {
   private readonly connections = new WeakMap<Socket, HttpClientConnection>();
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Outbound;
+  private readonly native: NativeOutbound | undefined;
 
   constructor(
     readonly lb: LoadBalancer,
     readonly metrics: NodeMetrics,
-    private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
+    private readonly options: {
+      readonly idleTimeoutMs: number;
+      readonly accessLog: (namespace: string) => boolean;
+      /** HTTP/1.1 on the addon's engine (NativeOutbound) where a request allows it. */
+      readonly nativeHttp?: boolean;
+    },
   ) {
     this.server = handedServer(
       metrics,
@@ -151,18 +160,34 @@ export class HttpOutbound {
       (req, client, head) => this.onUpgrade(req, client, head),
     );
     this.h2 = new H2Outbound(this, options.idleTimeoutMs);
+    if (options.nativeHttp) this.native = new NativeOutbound(this, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
 
-  /** Serves the client connection (accepted paused, as the pods' listeners do) until it closes: HTTP/1.1, or h2c on a port that speaks HTTP/2 (or was sniffed as such). */
-  serve(client: Socket | Duplex, conn: HttpClientConnection, sniffed?: 'http1' | 'http2'): Promise<void> {
-    if ((sniffed ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(client, conn);
-    return serveHttp1(this.server, this.connections, client, conn);
+  /**
+   * Serves the client connection (accepted paused, as the pods' listeners do) until it closes:
+   * HTTP/1.1 on the addon's engine (node:http where it cannot), or h2c on a port that speaks
+   * HTTP/2; a sniffed connection comes with the protocol found and the bytes read to find it.
+   */
+  serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<void> {
+    if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(sniffed ? withHead(client, sniffed.head, 'http2') : client, conn);
+    return this.native?.serve(client, conn, sniffed?.head) ?? this.serveNodeHttp(client, conn, sniffed?.head, this.native?.available === true ? 'no_fd' : 'no_addon');
+  }
+
+  private serveNodeHttp(client: Socket, conn: HttpClientConnection, unread: Buffer | undefined, why?: string): Promise<void> {
+    if (why) this.metrics.httpEngine.inc({ engine: 'node', why });
+    return serveHttp1(this.server, this.connections, unread ? withHead(client, unread, 'http1') : client, conn);
+  }
+
+  /** Closes the idle upstream connections pooled for a source pod (it left). */
+  forgetPod(uid: string): void {
+    this.native?.forgetPod(uid);
   }
 
   /** Closes every pooled upstream connection. */
   close(): void {
     this.agent.destroy();
     this.h2.close();
+    this.native?.close();
   }
 
   /**
@@ -352,10 +377,7 @@ export class HttpOutbound {
     // A body nobody read yet (answered before anything went upstream): dropped, counted once it is in.
     if (unread) drain(unread, (bytesIn) => this.count(conn, target, endpoint, a.status, a.flag, started, { ...facts, bytesIn }));
     else this.count(conn, target, endpoint, a.status, a.flag, started, facts);
-    // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
-    const now = Date.now();
-    if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
-    if (++this.logWindow.count <= 10) log.info({ pod: conn.source.name, namespace: conn.source.namespace, service: target.key, status: a.status, responseFlags: a.flag, detail: a.detail }, 'request answered by the proxy');
+    this.logAnswer(conn, target, a);
     if (res.headersSent) {
       res.destroy();
       return;
@@ -363,6 +385,19 @@ export class HttpOutbound {
     const body = `${a.detail}\n`;
     res.writeHead(a.status, { 'content-type': 'text/plain', 'content-length': Buffer.byteLength(body) });
     res.end(body);
+  }
+
+  /** An answer of the proxy itself (or one it cut), counted and logged; the engine writes it. */
+  noteAnswer(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint | undefined, started: number, a: ProxyAnswer, facts: AccessFacts): void {
+    this.count(conn, target, endpoint, a.status, a.flag, started, facts);
+    this.logAnswer(conn, target, a);
+  }
+
+  private logAnswer(conn: HttpClientConnection, target: ServiceTarget, a: ProxyAnswer): void {
+    // A client can cause these at will (a scanner's 404s): at most 10 lines a second; the metrics count all.
+    const now = Date.now();
+    if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
+    if (++this.logWindow.count <= 10) log.info({ pod: conn.source.name, namespace: conn.source.namespace, service: target.key, status: a.status, responseFlags: a.flag, detail: a.detail }, 'request answered by the proxy');
   }
 
   /** Where every request ends: Istio's request metrics, and its access log line where the mesh config asks. */

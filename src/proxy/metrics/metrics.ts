@@ -61,6 +61,7 @@ export class NodeMetrics {
   readonly requestDuration: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly requestBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly sniffed: Counter<'protocol'>;
+  readonly httpEngine: Counter<'engine' | 'why'>;
   readonly responseBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpRetries: Counter<'service' | 'result'>;
@@ -103,6 +104,12 @@ export class NodeMetrics {
     this.requests = new Counter({ name: 'istio_requests_total', help: 'HTTP requests the node proxy read (reporter source: on the caller\'s node, Services with L7 routes or request policies; destination: on the callee\'s, ports with request-level authorization or rate limits), by answer', labelNames: REQUEST_LABELS, registers });
     const bytes = (name: string, help: string): Histogram<(typeof REQUEST_LABELS)[number]> =>
       new Histogram({ name, help, labelNames: REQUEST_LABELS, buckets: [1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000], registers });
+    this.httpEngine = new Counter({
+      name: 'nodemesh_http1_connections_total',
+      help: "HTTP/1.1 client connections routed per request, by what served them: engine=addon (native/src/http1.cc) or engine=node (node:http); why says why node:http took one (a request that needs retries, timeouts, mirrors, faults, maxRequestsPerConnection, an upgrade, HTTP/1.0; or no addon)",
+      labelNames: ['engine', 'why'],
+      registers,
+    });
     this.sniffed = new Counter({ name: 'nodemesh_protocol_sniffed_total', help: 'Connections into a port that says no protocol and has request-level config, by what their first bytes said (http1, http2, opaque: anything else, or nothing within 100 ms)', labelNames: ['protocol'], registers });
     this.requestBytes = bytes('istio_request_bytes', 'Body bytes of each HTTP request, as the client sent them');
     this.responseBytes = bytes('istio_response_bytes', 'Body bytes of each HTTP answer, as passed back to the client');
