@@ -1,0 +1,297 @@
+/**
+ * The addon's HTTP/1.1 engine (native/src/http1.cc) on loopback sockets, between a real node:http
+ * client and server: keep-alive and pooled upstreams, bodies both framings with trailers, answers
+ * without bodies, interim answers, answers until close, the proxy's own answers, header edits,
+ * pipelining, handing a connection back, and malformed requests that never reach the server.
+ */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { Agent, createServer as httpServer, request, type IncomingMessage, type Server as HttpServer } from 'node:http';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { test, type TestContext } from 'node:test';
+
+import { dupFd, http1Engine, type Http1Engine } from '../../src/datapath/native.js';
+import { socketFd } from '../../src/proxy/pod-listener.js';
+
+interface Done {
+  readonly status: number;
+  readonly flag: string;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly detail: string;
+}
+
+interface Rig {
+  readonly port: number;
+  readonly upstreamPort: number;
+  readonly engine: Http1Engine;
+  readonly done: Done[];
+  readonly closed: string[];
+  /** Requests and connections the upstream server saw. */
+  readonly upstream: { requests: Array<{ method: string; url: string; headers: IncomingMessage['headers'] }>; connections: number };
+  /** What to do with a request's head (default: forward to the upstream, pool "up"). */
+  onHead: (id: number, method: string, target: string, headers: string[]) => void;
+}
+
+async function listening(server: Server | HttpServer): Promise<number> {
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return (server.address() as { port: number }).port;
+}
+
+/** An fd of a new loopback connection to `port`, the caller's. */
+async function dial(port: number): Promise<number> {
+  const s = connect(port, '127.0.0.1');
+  await once(s, 'connect');
+  const fd = dupFd(socketFd(s) ?? -1);
+  s.destroy();
+  return fd;
+}
+
+/**
+ * The engine between a front listener and `app` (a node:http request handler, or a raw server
+ * for answers node:http would not write).
+ */
+async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node:http').ServerResponse) => void, raw?: (s: Socket) => void): Promise<Rig> {
+  const upstream: Rig['upstream'] = { requests: [], connections: 0 };
+  const server: Server | HttpServer = raw
+    ? createServer(raw)
+    : httpServer((req, res) => {
+        upstream.requests.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers });
+        app(req, res);
+      });
+  server.on('connection', () => upstream.connections++);
+  const upPort = await listening(server);
+  const done: Done[] = [];
+  const closed: string[] = [];
+  const r: Rig = {
+    port: 0,
+    upstreamPort: upPort,
+    engine: undefined as unknown as Http1Engine,
+    done,
+    closed,
+    upstream,
+    onHead: (id, method, target, headers) => {
+      let head = `${method} ${target} HTTP/1.1\r\n`;
+      for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+      head += '\r\n';
+      if (r.engine.forward(id, 'up', head, -1, [], '')) return;
+      void dial(upPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], ''));
+    },
+  };
+  const engine = http1Engine(
+    {
+      head: (id, method, target, _minor, headers) => r.onHead(id, method, target, headers),
+      done: (_id, status, flag, bytesIn, bytesOut, detail) => void done.push({ status, flag, bytesIn, bytesOut, detail }),
+      closed: (_id, reason) => void closed.push(reason),
+    },
+    { maxHeadBytes: 16 * 1024, idleMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
+  );
+  (r as { engine: Http1Engine }).engine = engine;
+  let ids = 0;
+  const front = createServer({ pauseOnConnect: true }, (client) => {
+    engine.serve(++ids, dupFd(socketFd(client) ?? -1));
+    client.destroy();
+  });
+  (r as { port: number }).port = await listening(front);
+  t.after(() => {
+    engine.destroy();
+    front.close();
+    server.close();
+    if ('closeAllConnections' in server) server.closeAllConnections();
+  });
+  return r;
+}
+
+/** Raw bytes to the front, and everything that comes back until the connection closes (or 2 s). */
+async function rawExchange(port: number, bytes: string): Promise<string> {
+  const s = connect(port, '127.0.0.1');
+  const chunks: Buffer[] = [];
+  s.on('data', (d: Buffer) => chunks.push(d));
+  s.on('error', () => undefined);
+  s.write(bytes);
+  // A reset is an end too (events.once would reject on the error before the close).
+  await Promise.race([new Promise((resolve) => s.once('close', resolve)), new Promise((resolve) => setTimeout(resolve, 2000))]);
+  s.destroy();
+  return Buffer.concat(chunks).toString('latin1');
+}
+
+/** One request through the front on `agent`; the answer's status, headers, body and trailers. */
+function fetchOn(agent: Agent, port: number, path: string, options: { method?: string; body?: Buffer; chunked?: boolean; headers?: Record<string, string> } = {}): Promise<{ status: number; headers: IncomingMessage['headers']; body: Buffer; trailers: IncomingMessage['trailers'] }> {
+  return new Promise((resolve, reject) => {
+    const headers: Record<string, string> = { ...options.headers };
+    if (options.body && !options.chunked) headers['content-length'] = String(options.body.length);
+    const req = request({ host: '127.0.0.1', port, path, method: options.method ?? 'GET', agent, headers }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (d: Buffer) => chunks.push(d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks), trailers: res.trailers }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    if (options.body) {
+      if (options.chunked) {
+        // Several chunks, to cross reads.
+        for (let i = 0; i < options.body.length; i += 100_000) req.write(options.body.subarray(i, i + 100_000));
+      } else req.write(options.body);
+    }
+    req.end();
+  });
+}
+
+/** Echoes the body, with its hash and size as trailers (chunked answer). */
+const echo = (req: IncomingMessage, res: import('node:http').ServerResponse): void => {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  res.writeHead(200, { trailer: 'x-sha256, x-bytes' });
+  req.on('data', (d: Buffer) => {
+    hash.update(d);
+    bytes += d.length;
+    res.write(d);
+  });
+  req.on('end', () => {
+    res.addTrailers({ 'x-sha256': hash.digest('hex'), 'x-bytes': String(bytes) });
+    res.end();
+  });
+};
+
+test('keep-alive: many requests on one client connection over one pooled upstream connection; bodies both framings and trailers intact; counts reported', async (t) => {
+  const r = await rig(t, (req, res) => (req.url?.startsWith('/echo') ? echo(req, res) : res.end(`hello ${req.url ?? ''}`)));
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  for (let i = 0; i < 20; i++) {
+    const a = await fetchOn(agent, r.port, `/n/${i}`);
+    assert.equal(a.status, 200);
+    assert.equal(a.body.toString(), `hello /n/${i}`);
+  }
+  assert.equal(r.upstream.connections, 1, 'one upstream connection, reused from the pool');
+  const body = Buffer.alloc(3 << 20);
+  for (let i = 0; i < body.length; i++) body[i] = (i * 7) & 0xff;
+  const sha = createHash('sha256').update(body).digest('hex');
+  for (const chunked of [false, true]) {
+    const a = await fetchOn(agent, r.port, '/echo', { method: 'POST', body, chunked });
+    assert.equal(a.status, 200);
+    assert.equal(createHash('sha256').update(a.body).digest('hex'), sha, `chunked=${chunked}: the body came back intact`);
+    assert.deepEqual([a.trailers['x-sha256'], a.trailers['x-bytes']], [sha, String(body.length)], 'trailers passed on');
+  }
+  assert.equal(r.done.length, 22);
+  assert.ok(r.done.every((d) => d.status === 200 && d.flag === '-'));
+  assert.deepEqual([r.done[20]?.bytesIn, r.done[20]?.bytesOut, r.done[21]?.bytesIn], [body.length, body.length, body.length], 'body bytes counted both ways');
+  assert.equal(r.upstream.connections, 1, 'still one upstream connection');
+});
+
+test('malformed requests are refused with 400 or 431 and the reason, and never reach the server', async (t) => {
+  const r = await rig(t, (_req, res) => res.end('should not be here'));
+  const cases: Array<[string, string, string]> = [
+    ['POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n', '400', 'HPE_UNEXPECTED_CONTENT_LENGTH'],
+    ['POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n', '400', 'HPE_INVALID_TRANSFER_ENCODING'],
+    ['POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n', '400', 'HPE_INVALID_TRANSFER_ENCODING'],
+    ['GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab', '400', 'HPE_UNEXPECTED_CONTENT_LENGTH'],
+    ['GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n', '400', 'HPE_INVALID_CONTENT_LENGTH'],
+    ['GET / HTTP/1.1\r\nBad Header: x\r\n\r\n', '400', 'HPE_INVALID_HEADER_TOKEN'],
+    ['GET / HTTP/1.1\r\nHost : x\r\n\r\n', '400', 'HPE_INVALID_HEADER_TOKEN'],
+    ['GET / HTTP/1.1\r\nX-A: a\r\n folded\r\n\r\n', '400', 'HPE_INVALID_HEADER_TOKEN'],
+    ['GET / HTTP/1.1\r\nX-A: a\x01b\r\n\r\n', '400', 'HPE_INVALID_HEADER_TOKEN'],
+    ['GET / HTTP/1.1\nHost: x\n\n', '400', 'HPE_INVALID_REQUEST_LINE'],
+    ['GET /a b HTTP/1.1\r\n\r\n', '400', 'HPE_INVALID_VERSION'],
+    ['GET / HTTP/2.0\r\n\r\n', '400', 'HPE_INVALID_VERSION'],
+    ['G(T / HTTP/1.1\r\n\r\n', '400', 'HPE_INVALID_METHOD'],
+    ['POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n', '400', 'HPE_INVALID_CHUNK_SIZE'],
+    [`GET / HTTP/1.1\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, '431', 'HPE_HEADER_OVERFLOW'],
+    [`GET /${'a'.repeat(20_000)} HTTP/1.1\r\n\r\n`, '431', 'HPE_HEADER_OVERFLOW'],
+  ];
+  for (const [bytes, status] of cases) {
+    const got = await rawExchange(r.port, bytes);
+    assert.match(got, new RegExp(`^HTTP/1\\.1 ${status} `), `${JSON.stringify(bytes.slice(0, 60))}: ${got.slice(0, 80)}`);
+    assert.match(got, /\r\nconnection: close\r\n/i);
+  }
+  // (The bad chunk is found once its request was routed: the head goes upstream only with the
+  // body's first bytes, which refused it here.)
+  assert.deepEqual(
+    r.done.map((d) => [String(d.status), d.detail.split(':')[0]]),
+    cases.map(([, s, code]) => [s, code]),
+  );
+  assert.ok(r.done.every((d) => d.flag === 'DPE'));
+  assert.equal(r.upstream.requests.length, 0, 'nothing reached the server');
+});
+
+test('answers: HEAD and 204 without bodies, 100-continue passed on, an answer until close, pipelined requests in order, header edits', async (t) => {
+  const r = await rig(t, (req, res) => {
+    if (req.url === '/empty') return void res.writeHead(204).end();
+    if (req.url === '/close') {
+      // No length and no chunking: the body ends with the connection.
+      res.useChunkedEncodingByDefault = false;
+      res.shouldKeepAlive = false;
+      res.writeHead(200, { 'x-drop': 'me', 'x-keep': 'yes' });
+      return void res.end('until close');
+    }
+    res.writeHead(200, { 'content-length': 5, 'x-drop': 'me' });
+    res.end(req.method === 'HEAD' ? undefined : 'hello');
+  });
+  r.onHead = (id, method, target, headers) => {
+    let head = `${method} ${target} HTTP/1.1\r\n`;
+    for (let i = 0; i < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+    head += '\r\n';
+    void forwardWith(r, id, head, ['x-drop'], 'x-added: 1\r\n');
+  };
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const head = await fetchOn(agent, r.port, '/h', { method: 'HEAD' });
+  assert.deepEqual([head.status, head.headers['content-length'], head.body.length], [200, '5', 0], 'HEAD: the length, no body');
+  assert.equal(head.headers['x-drop'], undefined, 'removed from the answer');
+  assert.equal(head.headers['x-added'], '1', 'added to the answer');
+  const empty = await fetchOn(agent, r.port, '/empty');
+  assert.equal(empty.status, 204);
+  const cont = await fetchOn(agent, r.port, '/c', { method: 'POST', body: Buffer.from('abc'), headers: { expect: '100-continue' } });
+  assert.deepEqual([cont.status, cont.body.toString()], [200, 'hello']);
+  const untilClose = await rawExchange(r.port, 'GET /close HTTP/1.1\r\nHost: x\r\n\r\n');
+  assert.match(untilClose, /^HTTP\/1\.1 200 OK\r\n/);
+  assert.match(untilClose, /\r\nconnection: close\r\n/i, 'the client is told the connection ends the body');
+  assert.match(untilClose, /\r\n\r\nuntil close$/);
+  const pipelined = await rawExchange(r.port, 'GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+  assert.equal(pipelined.match(/HTTP\/1\.1 200 OK/g)?.length, 3, 'three answers, in order');
+  assert.deepEqual(r.upstream.requests.slice(-3).map((q) => q.url), ['/1', '/2', '/3']);
+});
+
+/** To the rig's upstream, with answer edits. */
+async function forwardWith(r: Rig, id: number, head: string, remove: string[], add: string): Promise<void> {
+  if (r.engine.forward(id, 'up', head, -1, remove, add)) return;
+  r.engine.forward(id, 'up', head, await dial(r.upstreamPort), remove, add);
+}
+
+test('the upstream fails: closed before its answer (503, UC), cut within its body (the client is reset, UPE)', async (t) => {
+  let n = 0;
+  const r = await rig(t, () => undefined, (s) => {
+    s.on('error', () => undefined);
+    s.once('data', () => {
+      if (n++ === 0) s.destroy();
+      else s.end('HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part');
+    });
+  });
+  const before = await rawExchange(r.port, 'GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n');
+  assert.match(before, /^HTTP\/1\.1 503 Service Unavailable\r\n/);
+  const cut = await rawExchange(r.port, 'GET /b HTTP/1.1\r\nHost: x\r\n\r\n');
+  assert.match(cut, /^HTTP\/1\.1 200 OK\r\n[\s\S]*only part$/, 'what came was passed on, then the connection ended');
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[503, 'UC'], [200, 'UPE']]);
+});
+
+test('release: a connection handed back at a request has its fd and the bytes read from it, that request first', async (t) => {
+  const r = await rig(t, (_req, res) => res.end('x'));
+  let back: { fd: number; buffered: Buffer } | undefined;
+  r.onHead = (id) => {
+    back = r.engine.release(id);
+  };
+  const s = connect(r.port, '127.0.0.1');
+  s.write('GET /upgrade-me HTTP/1.1\r\nHost: x\r\n\r\nmore bytes');
+  for (let i = 0; i < 100 && !back; i++) await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.ok(back, 'released');
+  assert.match(back.buffered.toString(), /^GET \/upgrade-me HTTP\/1\.1\r\n[\s\S]*\r\n\r\n(more bytes)?$/);
+  // The fd is the client's connection: what is written to it reaches the client.
+  const answered = once(s, 'data') as Promise<[Buffer]>;
+  const { Socket: NetSocket } = await import('node:net');
+  const adopted = new NetSocket({ fd: back.fd, readable: true, writable: true });
+  adopted.end('HTTP/1.1 204 No Content\r\n\r\n');
+  assert.match((await answered)[0].toString(), /^HTTP\/1\.1 204/);
+  s.destroy();
+  assert.equal(r.engine.stats().clients, 0, 'the engine keeps nothing of it');
+});
