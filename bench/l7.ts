@@ -42,6 +42,8 @@ const APP_H2 = 8081;
 const ADMIN = 15902;
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings (as bench/two-hop.ts). */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+/** BENCH_L7_ONLY=client|server|both: that nodemesh HTTP/1.1 row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
+const ONLY = ((v) => (v === 'client' || v === 'server' || v === 'both' ? v : undefined))(process.env['BENCH_L7_ONLY']);
 
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
@@ -119,19 +121,6 @@ async function main(): Promise<void> {
     await waitForPodListener(started.pid, APP_HTTP, 10_000);
     await waitForPodListener(started.pid, APP_H2, 10_000);
 
-    say('direct pod to pod');
-    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
-    const directH2 = await measureH2(runtime, client, server.ip4, APP_H2, () => []);
-
-    say('sidecar peer: HAProxy mode http + nft REDIRECT in both pods');
-    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
-    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
-    await peer.stop();
-    say('sidecar peer, HTTP/2: HAProxy mode http with proto h2 on both sides');
-    const peerH2 = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], undefined, 'h2');
-    const sidecarH2 = await measureH2(runtime, client, SERVICE_IP, H2_PORT, peerH2.pids);
-    await peerH2.stop();
-
     const configDir = join(work, 'config');
     await mkdir(configDir);
     const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
@@ -155,6 +144,26 @@ async function main(): Promise<void> {
       }
     };
     cleanups.push(() => rm(pinRoot, { recursive: true, force: true }));
+    if (ONLY) {
+      // One nodemesh row alone (profiling), nothing written.
+      const [routed, authorized] = ({ client: [true, false], server: [false, true], both: [true, true] } as const)[ONLY];
+      const row = await runAgent(routed, authorized, (pids) => measure(runtime, client, SERVICE_IP, HTTP_PORT, pids));
+      process.stdout.write(`${JSON.stringify({ only: ONLY, ...row })}\n`);
+      return;
+    }
+    say('direct pod to pod');
+    const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
+    const directH2 = await measureH2(runtime, client, server.ip4, APP_H2, () => []);
+
+    say('sidecar peer: HAProxy mode http + nft REDIRECT in both pods');
+    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
+    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
+    await peer.stop();
+    say('sidecar peer, HTTP/2: HAProxy mode http with proto h2 on both sides');
+    const peerH2 = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], undefined, 'h2');
+    const sidecarH2 = await measureH2(runtime, client, SERVICE_IP, H2_PORT, peerH2.pids);
+    await peerH2.stop();
+
     say('nodemesh L4 (no L7 config: kernel relay)');
     const http1 = (pids: () => number[]): Promise<HttpScenario> => measure(runtime, client, SERVICE_IP, HTTP_PORT, pids);
     const l4 = await runAgent(false, false, http1);

@@ -343,10 +343,7 @@ export function countRequest(
   // A gRPC request (content-type application/grpc) is reported as Istio does: protocol grpc, with its grpc-status.
   const labels: RequestLabels = { ...tcp, request_protocol: grpcStatus === undefined ? 'http' : 'grpc', response_flags: flag, response_code: String(status), grpc_response_status: grpcStatus ?? '' };
   const ms = performance.now() - started;
-  metrics.requests.inc(labels);
-  metrics.requestDuration.observe(labels, ms);
-  metrics.requestBytes.observe(labels, facts.bytesIn);
-  metrics.responseBytes.observe(labels, facts.bytesOut);
+  metrics.requests.record(labels, ms, facts.bytesIn, facts.bytesOut);
   if (!log) return;
   const { req } = facts;
   // A stable field set (Envoy's names where it has one); `msg` is always "request".

@@ -2,10 +2,11 @@
  * Every metric of the node, defined in one place (prom-client). Label sets are bounded: pods,
  * services and fixed reason codes, never a connection or request id.
  */
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from '../../shared/prom.js';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from '../../shared/prom.js';
 
 import { workloadName, type Workload } from '../../config/snapshot.js';
 import { spiffeUri } from '../../identity/spiffe.js';
+import { RequestMetrics } from './request-metrics.js';
 
 /** Istio's standard TCP labels (reporter, source_*, destination_*, ...). */
 export const TCP_LABELS = [
@@ -57,12 +58,10 @@ export class NodeMetrics {
   readonly tcpClosed: Counter<(typeof TCP_LABELS)[number]>;
   readonly tcpSent: Counter<(typeof TCP_LABELS)[number]>;
   readonly tcpReceived: Counter<(typeof TCP_LABELS)[number]>;
-  readonly requests: Counter<(typeof REQUEST_LABELS)[number]>;
-  readonly requestDuration: Histogram<(typeof REQUEST_LABELS)[number]>;
-  readonly requestBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
+  /** istio_requests_total, istio_request_duration_milliseconds, istio_request_bytes, istio_response_bytes. */
+  readonly requests: RequestMetrics;
   readonly sniffed: Counter<'protocol'>;
   readonly httpEngine: Counter<'engine' | 'why'>;
-  readonly responseBytes: Histogram<(typeof REQUEST_LABELS)[number]>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
@@ -101,9 +100,7 @@ export class NodeMetrics {
     this.tcpClosed = tcp('istio_tcp_connections_closed_total', 'TCP connections closed, by the node proxy');
     this.tcpSent = tcp('istio_tcp_sent_bytes_total', 'Bytes sent to the client side of a TCP connection');
     this.tcpReceived = tcp('istio_tcp_received_bytes_total', 'Bytes received from the client side of a TCP connection');
-    this.requests = new Counter({ name: 'istio_requests_total', help: 'HTTP requests the node proxy read (reporter source: on the caller\'s node, Services with L7 routes or request policies; destination: on the callee\'s, ports with request-level authorization or rate limits), by answer', labelNames: REQUEST_LABELS, registers });
-    const bytes = (name: string, help: string): Histogram<(typeof REQUEST_LABELS)[number]> =>
-      new Histogram({ name, help, labelNames: REQUEST_LABELS, buckets: [1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000], registers });
+    this.requests = new RequestMetrics(this.registry);
     this.httpEngine = new Counter({
       name: 'nodemesh_http1_connections_total',
       help: "HTTP/1.1 client connections routed per request, by what served them: engine=addon (native/src/http1.cc) or engine=node (node:http); why says why node:http took one (a request that needs retries, timeouts, mirrors, faults, maxRequestsPerConnection, an upgrade, HTTP/1.0; or no addon)",
@@ -111,16 +108,6 @@ export class NodeMetrics {
       registers,
     });
     this.sniffed = new Counter({ name: 'nodemesh_protocol_sniffed_total', help: 'Connections into a port that says no protocol and has request-level config, by what their first bytes said (http1, http2, opaque: anything else, or nothing within 100 ms)', labelNames: ['protocol'], registers });
-    this.requestBytes = bytes('istio_request_bytes', 'Body bytes of each HTTP request, as the client sent them');
-    this.responseBytes = bytes('istio_response_bytes', 'Body bytes of each HTTP answer, as passed back to the client');
-    this.requestDuration = new Histogram({
-      name: 'istio_request_duration_milliseconds',
-      help: 'From the request head to the end of the answer, in milliseconds',
-      labelNames: REQUEST_LABELS,
-      // Istio's buckets.
-      buckets: [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000, 3600000],
-      registers,
-    });
     this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW)', labelNames: ['reason'], registers });
     this.httpRetries = new Counter({ name: 'nodemesh_http_retries_total', help: 'Requests sent again by a route\'s retry (result retried), or not because the Service\'s retry budget was spent (budget_exhausted), by backend Service', labelNames: ['service', 'result'], registers });
     this.httpMirrors = new Counter({ name: 'nodemesh_http_mirrored_total', help: 'Copies of requests sent by a route\'s RequestMirror, by mirror Service and result (sent: answered; failed; no_endpoint; body_too_large: over 64 KiB, not copied)', labelNames: ['service', 'result'], registers });
