@@ -199,7 +199,7 @@ async function proxyAddon(upstreamPort: number): Promise<void> {
         if (engine.forward(id, 'nginx', head, -1, [], '')) return;
         dial().then(
           (fd) => engine.forward(id, 'nginx', head, fd, [], ''),
-          () => engine.respond(id, 'HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n', false),
+          () => engine.respond(id, 'HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n', false, 502),
         );
       },
       done: () => undefined,

@@ -373,6 +373,7 @@ struct Client {
   bool answered = false;  // the answer is whole (from upstream or the proxy)
   bool closeAfter = false;
   bool headRequest = false;
+  bool reportAtEnd = false;  // answered by the proxy: done() when the request was read whole
   std::vector<std::string> answerRemove;  // lower-case names
   std::string answerAdd;                  // "name: value\r\n" lines
   uint64_t lastActive = 0;
@@ -499,7 +500,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return Napi::Boolean::New(env, true);
   }
 
-  // respond(id, bytes, close): the proxy's own answer to the request waiting for a decision.
+  // respond(id, bytes, close, status): the proxy's own answer to the request waiting for a
+  // decision; done() follows once the request's body (if any) was read and dropped.
   Napi::Value Respond(const Napi::CallbackInfo& info) {
     Client* c = Find(info[0]);
     if (!c || c->phase != Client::Phase::kDecide) return info.Env().Undefined();
@@ -510,13 +512,16 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       c->peer.out.append(Latin1(info[1]));
     }
     c->peer.in.erase(0, c->req.length);
-    // A body nobody will read cannot be told from the next request: the connection ends after it.
-    if (info[2].ToBoolean().Value() || !c->body.done) c->closeAfter = true;
+    if (info[2].ToBoolean().Value()) c->closeAfter = true;
     c->phase = Client::Phase::kExchange;
     c->answered = true;
-    c->status = 0;
+    // Reported (with the body bytes dropped) once the request is read whole.
+    c->status = info[3].As<Napi::Number>().Int32Value();
+    c->reportAtEnd = true;
     depth_++;
-    Finish(c, false);
+    // The request's body, if any, is read and dropped (as it comes) before the next request.
+    if (!Flush(&c->peer)) CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    else PumpRequest(c);
     depth_--;
     return info.Env().Undefined();
   }
@@ -802,13 +807,14 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       }
       Arm(&u->peer);
     }
-    if (c->answered && c->body.done) return Finish(c, false);
+    if (c->answered && c->body.done) return Finish(c, c->reportAtEnd);
     Arm(p);
   }
 
   // The answer is whole (and the request too, or the connection ends): the next request, or the end.
   void Finish(Client* c, bool report) {
     if (!c->body.done) c->closeAfter = true;
+    c->reportAtEnd = false;
     if (report) ReportDone(c, c->status, "-", "");
     if (c->peer.closed) return;
     c->phase = c->closeAfter ? Client::Phase::kClosing : Client::Phase::kHead;

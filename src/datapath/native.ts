@@ -165,7 +165,7 @@ export interface Http1Events {
   head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
   /**
    * A request ended: the status the client got (0 if none), Envoy's response flag (`-`, or DPE,
-   * UC, UPE when the engine answered or cut it), body bytes both ways. Not called for respond().
+   * UC, UPE when the engine answered or cut it), body bytes both ways.
    */
   done(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
   /** The client connection is closed ('' when it ended cleanly, else why). */
@@ -200,8 +200,12 @@ export interface Http1Engine {
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
   forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string): boolean;
-  /** The proxy's own answer (a whole HTTP/1.1 message) to the request waiting on `id`; `close` ends the connection after it. */
-  respond(id: number, bytes: string | Buffer, close: boolean): void;
+  /**
+   * The proxy's own answer (a whole HTTP/1.1 message, its status `status`) to the request waiting
+   * on `id`; `close` ends the connection after it. The request's body, if any, is read and
+   * dropped; then done() reports it with flag '-' and the body bytes dropped.
+   */
+  respond(id: number, bytes: string | Buffer, close: boolean, status: number): void;
   /** The connection back to JS at the waiting request: its fd, and the bytes read from it (that request's head on). */
   release(id: number): { fd: number; buffered: Buffer } | undefined;
   /** Resets the client connection (and its upstream). */

@@ -222,7 +222,7 @@ export class NodeProxy {
   ) {
     this.lb = new LoadBalancer();
     this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay });
-    this.httpIn = new HttpInbound(metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false) });
+    this.httpIn = new HttpInbound(metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }
@@ -372,8 +372,15 @@ export class NodeProxy {
    * Serves a connection into a pod's port read as HTTP (readsHttp) until it ends: each request
    * authorized and rate-limited, then delivered to the application from the caller's address.
    */
-  private serveHttpIn(state: PodState, client: Socket | Duplex, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
+  private serveHttpIn(state: PodState, client: Socket, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined, sniffedHead?: Buffer): Promise<void> {
     const { destinationIp: host, destinationPort: port, sourceIp } = facts;
+    const dial = async (): Promise<number> => {
+      const target = this.snapshot.serviceOf(state.pod.uid, port);
+      const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: sourceIp, labels: [] };
+      const connected = await this.connect(state, upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
+      if (!('fd' in connected)) throw new Error('a delivery into a pod is a socket');
+      return connected.fd;
+    };
     return this.httpIn.serve(client, {
       protocol,
       pod: state.pod,
@@ -382,15 +389,10 @@ export class NodeProxy {
       source: source ? `${source.namespace}/${source.name}` : sourceIp,
       target: () => this.snapshot.serviceOf(state.pod.uid, port),
       authorize: (request) => this.authorizeRequest(state, facts, path, request),
-      dial: async () => {
-        const target = this.snapshot.serviceOf(state.pod.uid, port);
-        const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host, port, transparentSource: sourceIp, labels: [] };
-        const connected = await this.connect(state, upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs);
-        if (!('fd' in connected)) throw new Error('a delivery into a pod is a socket');
-        return this.socketOf(state, connected, this.options.idleTimeoutMs);
-      },
+      dial: async () => this.podSocket(state, await dial(), false).setNoDelay(true),
+      dialFd: dial,
       poolKey: `${state.pod.uid}|${formatHostPort(host, port)}|${sourceIp}`,
-    });
+    }, sniffedHead);
   }
 
   /**
@@ -403,7 +405,7 @@ export class NodeProxy {
     if (reads !== 'sniff') return this.serveHttpIn(state, client, reads, facts, path, labels, source);
     const { protocol, head } = await sniff(client, SNIFF_DEADLINE_MS);
     this.metrics.sniffed.inc({ protocol });
-    if (protocol !== 'opaque') return this.serveHttpIn(state, withHead(client, head, protocol), protocol, facts, path, labels, source);
+    if (protocol !== 'opaque') return this.serveHttpIn(state, client, protocol, facts, path, labels, source, head);
     withHead(client, head, protocol);
     if (!this.judged(state, facts, path, this.policies.authorize({ ...facts, destination: state.pod }), undefined)) {
       // A TCP client is reset; a socket pair's end (HBONE, same node) is closed, and its other side with it.
@@ -558,6 +560,7 @@ export class NodeProxy {
     for (const resume of [...state.waiting]) resume();
     this.tunnels?.closeSource(state.pod.uid);
     this.http.forgetPod(state.pod.uid);
+    this.httpIn.forgetPod(state.pod.uid);
     await state.tunnelServer?.close();
     state.tunnelServer = undefined;
     for (const s of state.sockets) s.destroy();

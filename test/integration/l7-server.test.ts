@@ -106,6 +106,9 @@ async function checkAuthorization(sb: Sandbox, callers: { client: PodRecord; adm
   assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-secret', reason: 'denied_by_policy' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-read', reason: 'not_allowed' }), 4);
   assert.equal(metricValue(metrics, 'istio_request_bytes_sum', { reporter: 'destination', destination_workload: 'api', response_code: '403' }), 10, `${where}: the refused POST's body counted`);
+  // Read on the addon's HTTP/1.1 engine, never handed to node:http.
+  assert.ok(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'server', engine: 'addon' }) >= 1, `${where}: the server side on the addon's engine`);
+  assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'server', engine: 'node' }), 0, `${where}: none on node:http`);
   assert.ok(destination.log().split('\n').some((l) => l.includes('request denied by policy') && l.includes('"requestPath":"/private"')), `${where}: a denial is logged with the request`);
 }
 

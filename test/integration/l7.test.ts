@@ -123,8 +123,8 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   assert.ok(requests({ response_code: '200', destination_version: 'v2' }) >= v2 + 100, `${where}: v2's requests counted`);
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
   // All of it on the addon's HTTP/1.1 engine: no connection so far needed node:http.
-  assert.ok(metricValue(metrics, 'nodemesh_http1_connections_total', { engine: 'addon' }) >= 4, `${where}: served by the addon's engine`);
-  assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { engine: 'node' }), 0, `${where}: none handed to node:http`);
+  assert.ok(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'client', engine: 'addon' }) >= 4, `${where}: served by the addon's engine`);
+  assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'client', engine: 'node' }), 0, `${where}: none handed to node:http`);
 }
 
 test('L7 on one node: per-request split over one keep-alive connection, header match, 404, bodies and trailers, filters (headers, rewrite, redirect, mirror), upgrades, session affinity; malformed requests refused before routing', async (t) => {
@@ -145,7 +145,7 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   assert.deepEqual([seen(1).url, seen(1).headers['host']], ['/api/items?q=1', 'reviews.internal'], 'prefix and host rewritten');
   assert.deepEqual([f.answers[2]?.status, f.answers[2]?.headers['location']], [301, `http://${SVC.web}/api/items?q=1`], 'redirected by the proxy');
   assert.equal(f.answers[3]?.servedBy, 'reviews-v1', 'the mirror does not answer');
-  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { engine: 'node', why: 'mirror' }), 1, 'the mirrored request took its connection to node:http');
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { side: 'client', engine: 'node', why: 'mirror' }), 1, 'the mirrored request took its connection to node:http');
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 1, 5000, 'the copy answered by v2');
   // Upgrades (WebSocket's mechanism): routed, then joined byte for byte; refused ones passed on.
   const upgraded = await http(sb, client, { requests: [], upgrades: [{ path: '/api/ws', send: 'hello through the mesh' }, { path: '/api/ws', send: 'x', protocol: 'other' }, { path: '/nowhere', send: 'x' }] }, agent);

@@ -12,7 +12,6 @@
  */
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
 
 import type { ServiceTarget, Workload } from '../../config/snapshot.js';
 import { spiffeUri } from '../../identity/spiffe.js';
@@ -20,8 +19,9 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
+import { NativeInbound } from './native-inbound.js';
 
 const log = logger('http');
 
@@ -43,6 +43,8 @@ export interface HttpServerConnection {
   authorize(request: RequestFacts): boolean;
   /** A new connection to the application, from the caller's address. */
   dial(): Promise<Socket>;
+  /** The same, as an fd the caller owns. */
+  dialFd(): Promise<number>;
   /** The upstream pool: one per destination pod, port and caller address. */
   readonly poolKey: string;
 }
@@ -62,11 +64,19 @@ export class HttpInbound {
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Inbound;
 
+  private readonly native: NativeInbound | undefined;
+
   constructor(
-    private readonly metrics: NodeMetrics,
-    private readonly options: { readonly idleTimeoutMs: number; readonly accessLog: (namespace: string) => boolean },
+    readonly metrics: NodeMetrics,
+    private readonly options: {
+      readonly idleTimeoutMs: number;
+      readonly accessLog: (namespace: string) => boolean;
+      /** HTTP/1.1 on the addon's engine (NativeInbound). */
+      readonly nativeHttp?: boolean;
+    },
   ) {
     this.h2 = new H2Inbound(this, metrics, options.idleTimeoutMs);
+    if (options.nativeHttp) this.native = new NativeInbound(this, metrics, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
     this.server = handedServer(
       metrics,
       options.idleTimeoutMs,
@@ -75,16 +85,27 @@ export class HttpInbound {
     );
   }
 
-  /** Serves one connection into a pod until it closes. */
-  serve(client: Socket | Duplex, conn: HttpServerConnection): Promise<void> {
-    if (conn.protocol === 'http2') return this.h2.serve(client, conn);
-    return serveHttp1(this.server, this.connections, client, conn);
+  /** Serves one connection into a pod until it closes; a sniffed one comes with the bytes read to sniff it. */
+  serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<void> {
+    if (conn.protocol === 'http2') return this.h2.serve(sniffedHead ? withHead(client, sniffedHead, 'http2') : client, conn);
+    return this.native?.host.serve(client, conn, sniffedHead) ?? this.serveNodeHttp(client, conn, sniffedHead, this.native?.host.available === true ? 'no_fd' : 'no_addon');
+  }
+
+  private serveNodeHttp(client: Socket, conn: HttpServerConnection, unread: Buffer | undefined, why?: string): Promise<void> {
+    if (why) this.metrics.httpEngine.inc({ side: 'server', engine: 'node', why });
+    return serveHttp1(this.server, this.connections, unread ? withHead(client, unread, 'http1') : client, conn);
+  }
+
+  /** Closes the idle pooled connections to a pod's application (it left). */
+  forgetPod(uid: string): void {
+    this.native?.host.dropPools(`${uid}|`);
   }
 
   /** Closes every pooled connection to applications. */
   close(): void {
     this.agent.destroy();
     this.h2.close();
+    this.native?.host.close();
   }
 
   /**

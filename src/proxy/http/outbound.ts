@@ -170,11 +170,11 @@ export class HttpOutbound {
    */
   serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<void> {
     if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(sniffed ? withHead(client, sniffed.head, 'http2') : client, conn);
-    return this.native?.serve(client, conn, sniffed?.head) ?? this.serveNodeHttp(client, conn, sniffed?.head, this.native?.available === true ? 'no_fd' : 'no_addon');
+    return this.native?.host.serve(client, conn, sniffed?.head) ?? this.serveNodeHttp(client, conn, sniffed?.head, this.native?.host.available === true ? 'no_fd' : 'no_addon');
   }
 
   private serveNodeHttp(client: Socket, conn: HttpClientConnection, unread: Buffer | undefined, why?: string): Promise<void> {
-    if (why) this.metrics.httpEngine.inc({ engine: 'node', why });
+    if (why) this.metrics.httpEngine.inc({ side: 'client', engine: 'node', why });
     return serveHttp1(this.server, this.connections, unread ? withHead(client, unread, 'http1') : client, conn);
   }
 
@@ -187,7 +187,7 @@ export class HttpOutbound {
   close(): void {
     this.agent.destroy();
     this.h2.close();
-    this.native?.close();
+    this.native?.host.close();
   }
 
   /**

@@ -61,7 +61,7 @@ export class NodeMetrics {
   /** istio_requests_total, istio_request_duration_milliseconds, istio_request_bytes, istio_response_bytes. */
   readonly requests: RequestMetrics;
   readonly sniffed: Counter<'protocol'>;
-  readonly httpEngine: Counter<'engine' | 'why'>;
+  readonly httpEngine: Counter<'side' | 'engine' | 'why'>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
@@ -103,8 +103,8 @@ export class NodeMetrics {
     this.requests = new RequestMetrics(this.registry);
     this.httpEngine = new Counter({
       name: 'nodemesh_http1_connections_total',
-      help: "HTTP/1.1 client connections routed per request, by what served them: engine=addon (native/src/http1.cc) or engine=node (node:http); why says why node:http took one (a request that needs retries, timeouts, mirrors, faults, maxRequestsPerConnection, an upgrade, HTTP/1.0; or no addon)",
-      labelNames: ['engine', 'why'],
+      help: "HTTP/1.1 connections read per request, by side (client: routed on the caller's node; server: authorized on the callee's) and what served them: engine=addon (native/src/http1.cc) or engine=node (node:http, from the first request that needs it); why says why node:http took one (retry, timeout, mirror, fault, max_requests_per_connection, upgrade, http1.0, no_addon, no_fd). A connection handed over is counted under both.",
+      labelNames: ['side', 'engine', 'why'],
       registers,
     });
     this.sniffed = new Counter({ name: 'nodemesh_protocol_sniffed_total', help: 'Connections into a port that says no protocol and has request-level config, by what their first bytes said (http1, http2, opaque: anything else, or nothing within 100 ms)', labelNames: ['protocol'], registers });

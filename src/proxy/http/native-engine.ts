@@ -1,0 +1,250 @@
+/**
+ * HTTP/1.1 connections served on the addon's engine (native/src/http1.cc), for either side of L7:
+ * the engine frames requests and answers in C++ on this thread's loop and asks a handler once per
+ * request (the client side routes it, the server side authorizes it). A request the engine cannot
+ * carry hands its connection back to node:http, from that request on.
+ *
+ * The engine reads and writes a duplicate of the client socket's fd; node:net keeps the original,
+ * paused, so the pod's bookkeeping (its open connections, its sockets closed when it leaves) stays
+ * as for any connection, and a connection handed back is the same socket.
+ */
+import type { IncomingHttpHeaders } from 'node:http';
+import type { Socket } from 'node:net';
+
+import { closeFd, dupFd, http1Engine, type Http1Engine } from '../../datapath/native.js';
+import { logger } from '../../shared/log.js';
+import type { NodeMetrics } from '../metrics/metrics.js';
+import { socketFd } from '../pod-listener.js';
+import { MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, rawHead, type RequestHead } from './common.js';
+
+const log = logger('http');
+
+/** Idle upstream connections kept per pool. */
+const MAX_IDLE_PER_POOL = 64;
+
+/** One connection on the engine, with what its handler keeps of the request in flight. */
+export interface Served<C, R> {
+  readonly id: number;
+  readonly conn: C;
+  request: R | undefined;
+}
+
+/** What a side does with each request on the engine. */
+export interface Http1Handler<C, R> {
+  /** A request's head: answer it through the host (forward, respond or handBack), now or later. */
+  head(s: Served<C, R>, req: RequestHead): void;
+  /** The engine ended the request: its answer passed on (or cut), or the engine's own answer (flags DPE, UC, UPE). */
+  done(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
+  /** The client left with the request in flight. */
+  left(s: Served<C, R>): void;
+}
+
+/** Raw header pairs as node:http's IncomingMessage.headers has them: lower-case names, repeats joined (set-cookie kept as a list). */
+function headerObject(raw: ReadonlyArray<string>): IncomingHttpHeaders {
+  const out: Record<string, string | string[]> = {};
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = (raw[i] ?? '').toLowerCase();
+    const value = raw[i + 1] ?? '';
+    const had = out[name];
+    if (had === undefined) out[name] = name === 'set-cookie' ? [value] : value;
+    else if (Array.isArray(had)) had.push(value);
+    else out[name] = name === 'cookie' ? `${had}; ${value}` : `${had}, ${value}`;
+  }
+  return out;
+}
+
+/** A request head line and headers, as the engine sends them upstream. */
+export function requestHead(method: string, target: string, headers: ReadonlyArray<string>): string {
+  let head = `${method} ${target} HTTP/1.1\r\n`;
+  for (let i = 0; i + 1 < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+  return `${head}\r\n`;
+}
+
+/** The proxy's own answer: a whole message with a text body and any extra headers. */
+export function proxyAnswer(status: number, detail: string, headers: ReadonlyArray<string> = []): Buffer {
+  const body = `${detail}\n`;
+  return Buffer.from(rawHead(status, [...headers, 'content-type', 'text/plain', 'content-length', String(Buffer.byteLength(body))]) + body);
+}
+
+/**
+ * Stops node:net reading `client` and takes what it read and holds (a sniffed connection, or a
+ * socket pair's end node:net started reading): from now on only the engine reads its fd. Its
+ * _read is made a no-op so that nothing (not even taking the buffer) starts reading again;
+ * resumeReading() gives it back to node:net.
+ */
+function stopReading(client: Socket): Buffer | undefined {
+  const socket = client as unknown as { _handle?: { reading?: boolean; readStop?: () => number }; _read: (size: number) => void };
+  socket._read = () => undefined;
+  if (socket._handle?.reading) {
+    socket._handle.reading = false;
+    socket._handle.readStop?.();
+  }
+  if (client.readableLength === 0) return undefined;
+  return (client.read() as Buffer | null) ?? undefined;
+}
+
+function resumeReading(client: Socket): void {
+  delete (client as unknown as { _read?: unknown })._read;
+}
+
+export class Http1Host<C, R> {
+  private engine: Http1Engine | undefined;
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void }>();
+  private nextId = 0;
+  private failed = false;
+
+  constructor(
+    private readonly metrics: NodeMetrics,
+    /** Which side: the metric's label. */
+    private readonly side: 'client' | 'server',
+    private readonly idleTimeoutMs: number,
+    private readonly handler: Http1Handler<C, R>,
+    /** node:http's way, for a connection handed back (its unread bytes put back first). */
+    private readonly fallback: (client: Socket, conn: C, unread: Buffer) => Promise<void>,
+  ) {}
+
+  /** Whether the addon has the engine (known once a connection asked for it). */
+  get available(): boolean {
+    return !this.failed;
+  }
+
+  /**
+   * Serves the connection on the engine until it closes (or is handed back and node:http is done
+   * with it); `initial` holds bytes already read from it. Undefined when the engine cannot take
+   * it (no addon, no fd): node:http serves it then.
+   */
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | undefined {
+    const engine = this.start();
+    const fd = socketFd(client);
+    if (!engine || fd === undefined) return undefined;
+    const own = dupFd(fd);
+    const id = ++this.nextId;
+    client.setNoDelay(true);
+    const held = stopReading(client);
+    if (held) initial = initial ? Buffer.concat([initial, held]) : held;
+    return new Promise<void>((resolve) => {
+      const s: Served<C, R> = { id, conn, request: undefined };
+      let ended = false;
+      const end = (then?: Buffer): void => {
+        if (ended) return;
+        ended = true;
+        const answered = this.served.get(id)?.answered;
+        this.served.delete(id);
+        answered?.(0);
+        if (then !== undefined) {
+          resumeReading(client);
+          void this.fallback(client, conn, then).then(resolve);
+          return;
+        }
+        if (s.request !== undefined) this.handler.left(s);
+        client.destroy();
+        resolve();
+      };
+      this.served.set(id, { s, end });
+      // The pod left (its sockets are destroyed) or the proxy closes: the engine's copy goes too.
+      client.once('close', () => {
+        if (!ended) engine.close(id);
+      });
+      try {
+        engine.serve(id, own, initial);
+        this.metrics.httpEngine.inc({ side: this.side, engine: 'addon', why: '' });
+      } catch (e) {
+        closeFd(own);
+        ended = true;
+        this.served.delete(id);
+        log.warn({ err: (e as Error).message }, 'the HTTP/1.1 engine could not take a connection: node:http serves it');
+        resumeReading(client);
+        void this.fallback(client, conn, initial ?? Buffer.alloc(0)).then(resolve);
+      }
+    });
+  }
+
+  /**
+   * The request goes upstream with `head`: on an idle connection of `pool`, else on a new one
+   * from `dial` (pooled afterwards). `failed` is told when the dial fails (the request still waits
+   * for an answer: respond()). `answerRemove`/`answerAdd` change the answer's head.
+   */
+  forward(s: Served<C, R>, pool: string, head: string, dial: () => Promise<number>, failed: (e: Error) => void, answerRemove: ReadonlyArray<string> = [], answerAdd = ''): void {
+    const engine = this.engine;
+    if (!engine || engine.forward(s.id, pool, head, -1, answerRemove, answerAdd)) return;
+    const request = s.request;
+    dial().then(
+      (fd) => {
+        // The client may have gone meanwhile: forward() closes the fd then.
+        if (this.engine === engine) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd);
+        else closeFd(fd);
+      },
+      (e: Error) => {
+        if (s.request === request) failed(e);
+      },
+    );
+  }
+
+  /**
+   * The proxy's own answer to the request waiting on `s` (status `status`); `counted` is called
+   * with the request's body bytes once they were read and dropped (0 if the client left first).
+   */
+  respond(s: Served<C, R>, bytes: Buffer | string, status: number, counted: (bytesIn: number) => void): void {
+    const entry = this.served.get(s.id);
+    if (!entry || !this.engine) return counted(0);
+    entry.answered = counted;
+    this.engine.respond(s.id, bytes, false, status);
+  }
+
+  /** Gives the connection back to node:http from this request on. */
+  handBack(s: Served<C, R>, why: string): void {
+    this.metrics.httpEngine.inc({ side: this.side, engine: 'node', why });
+    const engine = this.engine;
+    const back = engine?.release(s.id);
+    if (!back) {
+      engine?.close(s.id);
+      return;
+    }
+    closeFd(back.fd);
+    this.served.get(s.id)?.end(back.buffered);
+  }
+
+  /** Closes the idle upstream connections of every pool whose key starts with `prefix`. */
+  dropPools(prefix: string): void {
+    this.engine?.dropPools(prefix);
+  }
+
+  close(): void {
+    this.engine?.destroy();
+    this.engine = undefined;
+    for (const { end } of [...this.served.values()]) end();
+  }
+
+  private start(): Http1Engine | undefined {
+    if (this.engine || this.failed) return this.engine;
+    try {
+      this.engine = http1Engine(
+        {
+          head: (id, method, url, minor, rawHeaders, _body, upgrade) => {
+            const entry = this.served.get(id);
+            if (!entry) return this.engine?.close(id);
+            // HTTP/1.0 (its answers framed as it reads them) and upgrades are node:http's.
+            if (minor === 0 || upgrade) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'upgrade');
+            this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders });
+          },
+          done: (id, status, flag, bytesIn, bytesOut, detail) => {
+            const entry = this.served.get(id);
+            if (!entry) return;
+            const answered = entry.answered;
+            entry.answered = undefined;
+            if (answered) return answered(bytesIn);
+            // Refused before any decision: a request the parser would not take.
+            if (entry.s.request === undefined) this.metrics.httpRefused.inc({ reason: detail.split(':')[0] || 'unknown' });
+            else this.handler.done(entry.s, status, flag, bytesIn, bytesOut, detail);
+          },
+          closed: (id) => this.served.get(id)?.end(),
+        },
+        { maxHeadBytes: MAX_HEADER_BYTES, idleMs: this.idleTimeoutMs, poolIdleMs: UPSTREAM_IDLE_MS, maxIdlePerPool: MAX_IDLE_PER_POOL },
+      );
+    } catch (e) {
+      this.failed = true;
+      log.warn({ err: (e as Error).message }, 'no HTTP/1.1 engine in the addon: node:http serves every HTTP/1.1 connection');
+    }
+    return this.engine;
+  }
+}

@@ -1,0 +1,77 @@
+/**
+ * The server side of L7 on the addon's HTTP/1.1 engine (native-engine.ts): each request is
+ * admitted by the same HttpInbound.admit() as on node:http (its path normalized, authorized,
+ * rate-limited), then the engine delivers it to the application over its pooled connections and
+ * passes the answer back; the request is reported as `reporter="destination"`.
+ */
+import { randomUUID } from 'node:crypto';
+import type { Socket } from 'node:net';
+
+import { forwardable, headerValue, type AccessFacts, type RequestHead } from './common.js';
+import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import { Http1Host, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
+
+interface Delivering {
+  readonly started: number;
+  readonly facts: AccessFacts;
+}
+
+export class NativeInbound implements Http1Handler<HttpServerConnection, Delivering> {
+  readonly host: Http1Host<HttpServerConnection, Delivering>;
+
+  constructor(
+    private readonly inbound: HttpInbound,
+    metrics: HttpInbound['metrics'],
+    idleTimeoutMs: number,
+    fallback: (client: Socket, conn: HttpServerConnection, unread: Buffer) => Promise<void>,
+  ) {
+    this.host = new Http1Host(metrics, 'server', idleTimeoutMs, this, fallback);
+  }
+
+  head(s: Served<HttpServerConnection, Delivering>, req: RequestHead): void {
+    const started = performance.now();
+    const given = req.headers['x-request-id'];
+    const requestId = typeof given === 'string' ? given : randomUUID();
+    const { conn } = s;
+    const facts: AccessFacts = { req, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 0 };
+    const admitted = this.inbound.admit(req, conn);
+    if ('status' in admitted) {
+      this.inbound.refused(conn, admitted);
+      const bytesOut = Buffer.byteLength(`${admitted.detail}\n`);
+      return this.host.respond(s, proxyAnswer(admitted.status, admitted.detail, admitted.headers), admitted.status, (bytesIn) => this.inbound.count(conn, admitted.status, admitted.flag, started, { ...facts, bytesIn, bytesOut }));
+    }
+    const headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
+    if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
+    if (given === undefined) headers.push('x-request-id', requestId);
+    s.request = { started, facts: { ...facts, attempts: 1 } };
+    this.host.forward(
+      s,
+      conn.poolKey,
+      requestHead(req.method ?? 'GET', admitted.target, headers),
+      () => conn.dialFd(),
+      (e) => this.answers(s, 503, 'UF', e.message),
+    );
+  }
+
+  /** Answered here: the application could not be reached. */
+  private answers(s: Served<HttpServerConnection, Delivering>, status: number, flag: string, detail: string): void {
+    const r = s.request;
+    if (!r) return;
+    s.request = undefined;
+    this.host.respond(s, proxyAnswer(status, detail), status, (bytesIn) => this.inbound.count(s.conn, status, flag, r.started, { ...r.facts, bytesIn }));
+  }
+
+  done(s: Served<HttpServerConnection, Delivering>, status: number, flag: string, bytesIn: number, bytesOut: number): void {
+    const r = s.request;
+    if (!r) return;
+    s.request = undefined;
+    this.inbound.count(s.conn, status, flag, r.started, { ...r.facts, bytesIn, bytesOut });
+  }
+
+  left(s: Served<HttpServerConnection, Delivering>): void {
+    const r = s.request;
+    if (!r) return;
+    s.request = undefined;
+    this.inbound.count(s.conn, 0, 'DC', r.started, r.facts);
+  }
+}
