@@ -374,6 +374,8 @@ struct Client {
   bool closeAfter = false;
   bool headRequest = false;
   bool reportAtEnd = false;  // answered by the proxy: done() when the request was read whole
+  std::string rawHead;       // the request's head as the client sent it (sent again: see Retry)
+  bool idleRetried = false;
   std::vector<std::string> answerRemove;  // lower-case names
   std::string answerAdd;                  // "name: value\r\n" lines
   uint64_t lastActive = 0;
@@ -389,6 +391,7 @@ struct Upstream {
   Head answer;
   Framing body;
   bool reusable = false;
+  bool reused = false;  // taken idle from its pool (not dialled for this request)
   uint64_t idleSince = 0;
 };
 
@@ -412,6 +415,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   explicit Http1Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Http1Engine>(info), env_(info.Env()), ctx_(info.Env(), "nodemesh:http1") {
     Napi::Object cb = info[0].As<Napi::Object>();
     head_ = Napi::Persistent(cb.Get("head").As<Napi::Function>());
+    retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     Napi::Object o = info[1].As<Napi::Object>();
@@ -491,6 +495,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     u->headDone = false;
     u->answer = Head();
     u->reusable = false;
+    u->reused = fd < 0;
+    c->rawHead.assign(c->peer.in, 0, c->req.length);
     u->peer.out.append(Latin1(info[2]));
     c->peer.in.erase(0, c->req.length);
     c->phase = Client::Phase::kExchange;
@@ -748,6 +754,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         c->req = std::move(h);
         c->body.Start(c->req.chunked ? BodyKind::kChunked : c->req.contentLength != kNoLength ? BodyKind::kLength : BodyKind::kNone, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
         c->phase = Client::Phase::kDecide;
+        c->idleRetried = false;
         c->answered = false;
         c->bytesOut = 0;
         c->status = 0;
@@ -862,8 +869,19 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       Parsed r = ParseHead(p->in, false, maxHead_ * 4, &h, &why);
       if (r == Parsed::kMore && !p->eof) return Arm(p);
       if (r != Parsed::kDone || h.status == 101) {
-        // Nothing of an answer, or not one we can pass on: the proxy answers (Envoy's UC / UPE).
         bool none = r == Parsed::kMore;
+        // A reused idle connection its server closed just as the request went (the keep-alive
+        // race): a request without a body is sent again once, on another connection JS gives
+        // (forward() again), as node:http's documentation advises. Nothing reached the client.
+        if (none && p->in.empty() && u->reused && !c->idleRetried && c->body.kind == BodyKind::kNone) {
+          c->idleRetried = true;
+          DetachUpstream(c, false);
+          c->peer.in.insert(0, c->rawHead);
+          c->phase = Client::Phase::kDecide;
+          Arm(&c->peer);
+          return Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id))});
+        }
+        // Nothing of an answer, or not one we can pass on: the proxy answers (Envoy's UC / UPE).
         DetachUpstream(c, false);
         return Answer(c, none ? 503 : 502, none ? "UC" : "UPE", none ? "upstream connect error or disconnect/reset before headers" : "upstream sent a malformed answer: " + why);
       }
@@ -1080,7 +1098,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference head_, done_, closed_;
+  Napi::FunctionReference head_, retry_, done_, closed_;
   uv_loop_t* loop_ = nullptr;
   uv_timer_t* timer_ = nullptr;
   uint32_t maxHead_ = 16 * 1024;

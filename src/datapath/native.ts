@@ -164,6 +164,12 @@ export interface Http1Events {
   /** A request's head: answer it with forward(), respond() or release() (now or later). Names and values are Latin-1 as sent. */
   head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
   /**
+   * The request waiting on `id` went on a reused idle connection that its server closed before
+   * answering (the keep-alive race); it has no body and nothing reached the client: forward() it
+   * again (once), on another connection.
+   */
+  retry(id: number): void;
+  /**
    * A request ended: the status the client got (0 if none), Envoy's response flag (`-`, or DPE,
    * UC, UPE when the engine answered or cut it), body bytes both ways.
    */

@@ -23,6 +23,7 @@ interface Done {
 }
 
 interface Rig {
+  readonly heads: Map<number, string>;
   readonly port: number;
   readonly upstreamPort: number;
   readonly engine: Http1Engine;
@@ -65,7 +66,10 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
   const upPort = await listening(server);
   const done: Done[] = [];
   const closed: string[] = [];
+  /** The head each connection's request went with (the engine's retry sends it again). */
+  const heads = new Map<number, string>();
   const r: Rig = {
+    heads,
     port: 0,
     upstreamPort: upPort,
     engine: undefined as unknown as Http1Engine,
@@ -76,13 +80,13 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
       let head = `${method} ${target} HTTP/1.1\r\n`;
       for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
       head += '\r\n';
-      if (r.engine.forward(id, 'up', head, -1, [], '')) return;
-      void dial(upPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], ''));
+      void forwardWith(r, id, head, [], '');
     },
   };
   const engine = http1Engine(
     {
       head: (id, method, target, _minor, headers) => r.onHead(id, method, target, headers),
+      retry: (id) => void forwardWith(r, id, heads.get(id) ?? '', [], ''),
       done: (_id, status, flag, bytesIn, bytesOut, detail) => void done.push({ status, flag, bytesIn, bytesOut, detail }),
       closed: (_id, reason) => void closed.push(reason),
     },
@@ -255,6 +259,7 @@ test('answers: HEAD and 204 without bodies, 100-continue passed on, an answer un
 
 /** To the rig's upstream, with answer edits. */
 async function forwardWith(r: Rig, id: number, head: string, remove: string[], add: string): Promise<void> {
+  r.heads.set(id, head);
   if (r.engine.forward(id, 'up', head, -1, remove, add)) return;
   r.engine.forward(id, 'up', head, await dial(r.upstreamPort), remove, add);
 }
@@ -294,4 +299,23 @@ test('release: a connection handed back at a request has its fd and the bytes re
   assert.match((await answered)[0].toString(), /^HTTP\/1\.1 204/);
   s.destroy();
   assert.equal(r.engine.stats().clients, 0, 'the engine keeps nothing of it');
+});
+
+test('the keep-alive race: a request on an idle pooled connection its server closes unanswered goes again once, on a new connection', async (t) => {
+  let served = 0;
+  const r = await rig(t, () => undefined, (s) => {
+    s.on('error', () => undefined);
+    let requests = 0;
+    s.on('data', () => {
+      // Each connection answers its first request and drops the second unanswered.
+      if (++requests === 1) s.write(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n${String(++served).padStart(2, '0')}`);
+      else s.destroy();
+    });
+  });
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  assert.equal((await fetchOn(agent, r.port, '/1')).body.toString(), '01');
+  assert.equal((await fetchOn(agent, r.port, '/2')).body.toString(), '02', 'sent again on a new connection');
+  assert.equal(r.upstream.connections, 2);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [200, '-']]);
 });

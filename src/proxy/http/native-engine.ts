@@ -89,7 +89,7 @@ function resumeReading(client: Socket): void {
 
 export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
-  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void }>();
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void; again?: () => void }>();
   private nextId = 0;
   private failed = false;
 
@@ -166,7 +166,11 @@ export class Http1Host<C, R> {
    */
   forward(s: Served<C, R>, pool: string, head: string, dial: () => Promise<number>, failed: (e: Error) => void, answerRemove: ReadonlyArray<string> = [], answerAdd = ''): void {
     const engine = this.engine;
-    if (!engine || engine.forward(s.id, pool, head, -1, answerRemove, answerAdd)) return;
+    const entry = this.served.get(s.id);
+    if (!engine || !entry) return;
+    // The keep-alive race (the engine's retry event): the same request again, on another connection.
+    entry.again = () => this.forward(s, pool, head, dial, failed, answerRemove, answerAdd);
+    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd)) return;
     const request = s.request;
     dial().then(
       (fd) => {
@@ -226,6 +230,13 @@ export class Http1Host<C, R> {
             // HTTP/1.0 (its answers framed as it reads them) and upgrades are node:http's.
             if (minor === 0 || upgrade) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'upgrade');
             this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders });
+          },
+          retry: (id) => {
+            const entry = this.served.get(id);
+            const again = entry?.again;
+            if (!entry || !again) return this.engine?.close(id);
+            entry.again = undefined;
+            again();
           },
           done: (id, status, flag, bytesIn, bytesOut, detail) => {
             const entry = this.served.get(id);
