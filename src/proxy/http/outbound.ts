@@ -7,8 +7,10 @@
  * pod, backend Service and endpoint, opened by the node proxy like any other (same-node delivery,
  * an HBONE stream, or plain TCP), so one keep-alive client spreads its requests as the weights say.
  *
- * node:http parses both sides for now: strict (no lenient flags), with its limits on header size;
- * bench/l7-parsers.ts and the README say why and what replaces it.
+ * HTTP/1.1 connections are served by the addon's engine (NativeOutbound) where the kernel relay
+ * is on; node:http serves the rest (strict, no lenient flags), and every connection from its
+ * first request that needs what the engine does not do (retries, timeouts, mirrors, faults,
+ * maxRequestsPerConnection, upgrades, HTTP/1.0). Both are routed by decide().
  */
 import { randomUUID } from 'node:crypto';
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
