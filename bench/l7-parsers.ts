@@ -206,7 +206,7 @@ async function proxyAddon(upstreamPort: number): Promise<void> {
       done: () => undefined,
       closed: () => undefined,
     },
-    { maxHeadBytes: 16 * 1024, idleMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: POOL },
+    { maxHeadBytes: 16 * 1024, idleMs: 60_000, headTimeoutMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: POOL },
   );
   let served = 0;
   netServer({ pauseOnConnect: true }, (client) => {

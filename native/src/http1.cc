@@ -378,7 +378,8 @@ struct Client {
   bool idleRetried = false;
   std::vector<std::string> answerRemove;  // lower-case names
   std::string answerAdd;                  // "name: value\r\n" lines
-  uint64_t lastActive = 0;
+  uint64_t lastActive = 0;  // the last byte either way, on either side
+  uint64_t headSince = 0;   // when the first byte of the head being read came (0: none yet)
   uint64_t bytesOut = 0;
   int status = 0;
 };
@@ -421,6 +422,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::Object o = info[1].As<Napi::Object>();
     maxHead_ = o.Get("maxHeadBytes").As<Napi::Number>().Uint32Value();
     idleMs_ = o.Get("idleMs").As<Napi::Number>().Int64Value();
+    headMs_ = o.Get("headTimeoutMs").As<Napi::Number>().Int64Value();
     poolIdleMs_ = o.Get("poolIdleMs").As<Napi::Number>().Int64Value();
     maxIdlePerPool_ = o.Get("maxIdlePerPool").As<Napi::Number>().Uint32Value();
     napi_get_uv_event_loop(env_, &loop_);
@@ -714,6 +716,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       if (u && u->client == c && !c->peer.closed) Arm(&u->peer);
     } else {
       Upstream* u = UpstreamOf(p);
+      if (u->client) u->client->lastActive = NowMs();
       bool ok = status >= 0;
       if (ok && (events & UV_WRITABLE)) ok = Flush(p);
       if (ok && (events & UV_READABLE)) ok = Fill(p);
@@ -747,8 +750,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         Parsed r = ParseHead(p->in, true, maxHead_, &h, &why);
         if (r == Parsed::kMore) {
           if (p->eof) return CloseClient(c, "the client closed within a request's head", false);
+          if (c->headSince == 0) c->headSince = NowMs();
           break;
         }
+        c->headSince = 0;
         if (r == Parsed::kTooLarge) return Refuse(c, 431, "HPE_HEADER_OVERFLOW: request head over the limit");
         if (r == Parsed::kBad) return Refuse(c, 400, why);
         c->req = std::move(h);
@@ -835,7 +840,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   void Refuse(Client* c, int status, const std::string& why) {
     size_t colon = why.find(": ");
     std::string body = (colon == std::string::npos ? why : why.substr(colon + 2)) + "\n";
-    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 431 ? " Request Header Fields Too Large" : " Bad Request") +
+    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 431 ? " Request Header Fields Too Large" : status == 408 ? " Request Timeout" : " Bad Request") +
                    "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\nconnection: close\r\n\r\n" + body;
     c->phase = Client::Phase::kClosing;
     c->peer.in.clear();
@@ -906,6 +911,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       for (auto& [n, v] : h.headers) {
         std::string ln = Lower(n);
         if (ln == "connection" || ln == "keep-alive" || ln == "proxy-connection" || ln == "upgrade" || ln == "te") continue;
+        // Both framings: chunked frames it (RFC 9112 6.3), and only that goes on.
+        if (ln == "content-length" && h.chunked) continue;
         bool drop = false;
         for (auto& l : listed) drop = drop || l == ln;
         if (!interim)
@@ -1058,10 +1065,19 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::HandleScope scope(env_);
     uint64_t now = NowMs();
     depth_++;
-    std::vector<Client*> stale;
-    for (auto& [id, c] : clients_)
-      if (c->phase == Client::Phase::kHead && c->peer.in.empty() && static_cast<int64_t>(now - c->lastActive) >= idleMs_) stale.push_back(c.get());
-    for (Client* c : stale) CloseClient(c, "idle", false);
+    // Idle: nothing either way on either side for idleMs (between requests, or a stalled
+    // exchange). Slow: a request head not whole within headTimeoutMs (node:http's headersTimeout).
+    std::vector<Client*> idle, slow;
+    for (auto& [id, c] : clients_) {
+      if (c->phase == Client::Phase::kClosing) continue;
+      if (static_cast<int64_t>(now - c->lastActive) >= idleMs_) idle.push_back(c.get());
+      else if (c->phase == Client::Phase::kHead && c->headSince != 0 && static_cast<int64_t>(now - c->headSince) >= headMs_) slow.push_back(c.get());
+    }
+    for (Client* c : idle) CloseClient(c, "idle", false);
+    for (Client* c : slow) {
+      c->headSince = 0;
+      Refuse(c, 408, "HPE_HEADERS_TIMEOUT: the request head did not come whole in time");
+    }
     for (auto it = idle_.begin(); it != idle_.end();) {
       auto& list = it->second;
       for (size_t i = 0; i < list.size();) {
@@ -1103,6 +1119,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   uv_timer_t* timer_ = nullptr;
   uint32_t maxHead_ = 16 * 1024;
   int64_t idleMs_ = 3600000;
+  int64_t headMs_ = 60000;
   int64_t poolIdleMs_ = 4000;
   uint32_t maxIdlePerPool_ = 64;
   uint64_t nextId_ = 0;

@@ -181,8 +181,10 @@ export interface Http1Events {
 export interface Http1Options {
   /** The request head's limit (431 above it); an answer's head may be 4 times that. */
   readonly maxHeadBytes: number;
-  /** A keep-alive client idle this long between requests is closed. */
+  /** A client connection with nothing passing either way this long (between requests, or a stalled exchange) is closed. */
   readonly idleMs: number;
+  /** A request head not whole this long after its first byte is answered 408 (node:http's headersTimeout). */
+  readonly headTimeoutMs: number;
   /** A pooled upstream connection idle this long is closed. */
   readonly poolIdleMs: number;
   /** Idle connections kept per pool (0: none kept). */

@@ -54,7 +54,7 @@ async function dial(port: number): Promise<number> {
  * The engine between a front listener and `app` (a node:http request handler, or a raw server
  * for answers node:http would not write).
  */
-async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node:http').ServerResponse) => void, raw?: (s: Socket) => void): Promise<Rig> {
+async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node:http').ServerResponse) => void, raw?: (s: Socket) => void, options: { idleMs?: number; headTimeoutMs?: number } = {}): Promise<Rig> {
   const upstream: Rig['upstream'] = { requests: [], connections: 0 };
   const server: Server | HttpServer = raw
     ? createServer(raw)
@@ -90,7 +90,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
       done: (_id, status, flag, bytesIn, bytesOut, detail) => void done.push({ status, flag, bytesIn, bytesOut, detail }),
       closed: (_id, reason) => void closed.push(reason),
     },
-    { maxHeadBytes: 16 * 1024, idleMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
+    { maxHeadBytes: 16 * 1024, idleMs: options.idleMs ?? 60_000, headTimeoutMs: options.headTimeoutMs ?? 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
   );
   (r as { engine: Http1Engine }).engine = engine;
   let ids = 0;
@@ -318,4 +318,23 @@ test('the keep-alive race: a request on an idle pooled connection its server clo
   assert.equal((await fetchOn(agent, r.port, '/2')).body.toString(), '02', 'sent again on a new connection');
   assert.equal(r.upstream.connections, 2);
   assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [200, '-']]);
+});
+
+test('timeouts: a head that does not come whole is answered 408; an exchange with nothing passing is closed', async (t) => {
+  const r = await rig(t, () => undefined, (s) => s.on('error', () => undefined), { idleMs: 2500, headTimeoutMs: 1000 });
+  // Slowloris: a head begun and never ended.
+  const slow = connect(r.port, '127.0.0.1');
+  const answer: Buffer[] = [];
+  slow.on('data', (d: Buffer) => answer.push(d));
+  slow.write('GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ');
+  await new Promise((resolve) => slow.once('close', resolve));
+  assert.match(Buffer.concat(answer).toString(), /^HTTP\/1\.1 408 Request Timeout\r\n/);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag, d.detail.split(':')[0]]), [[408, 'DPE', 'HPE_HEADERS_TIMEOUT']]);
+  // An upstream that takes the request and never answers: nothing passes, the client is closed.
+  const stalled = connect(r.port, '127.0.0.1');
+  stalled.on('error', () => undefined);
+  stalled.write('GET /never HTTP/1.1\r\nHost: x\r\n\r\n');
+  await new Promise((resolve) => stalled.once('close', resolve));
+  assert.deepEqual(r.closed.at(-1), 'idle');
+  assert.equal(r.engine.stats().clients, 0);
 });

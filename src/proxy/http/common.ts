@@ -22,6 +22,8 @@ export const UPSTREAM_IDLE_MS = 4000;
 /** Idle upstream connections kept per pool. */
 const MAX_IDLE_PER_POOL = 32;
 export const MAX_HEADER_BYTES = 16 * 1024;
+/** A request head must come whole within this after its first byte (node:http's headersTimeout; the engine's too). */
+export const HEADERS_TIMEOUT_MS = 60_000;
 
 /** What node:http's Agent is given per request: which pool, and how to open a connection for it. */
 export interface UpstreamRequestOptions extends ClientRequestArgs {
@@ -73,7 +75,7 @@ export function handedServer(
       insecureHTTPParser: false,
       // A slow client may take its time with a body (uploads); its head must come in time.
       requestTimeout: 0,
-      headersTimeout: 60_000,
+      headersTimeout: HEADERS_TIMEOUT_MS,
       keepAliveTimeout: idleTimeoutMs,
     },
     onRequest,
