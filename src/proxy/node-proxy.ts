@@ -30,7 +30,7 @@ import { NO_SECURITY } from '../config/security.js';
 import { portProtocol, speaksRequests } from '../config/service.js';
 import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
-import { HttpInbound } from './http/inbound.js';
+import { HttpInbound, type HttpServerConnection } from './http/inbound.js';
 import { SNIFF_DEADLINE_MS, sniff, withHead } from './http/common.js';
 
 const log = logger('proxy');
@@ -221,8 +221,8 @@ export class NodeProxy {
     private readonly options: ProxyOptions,
   ) {
     this.lb = new LoadBalancer();
-    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay });
     this.httpIn = new HttpInbound(metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay });
+    this.http = new HttpOutbound(this.lb, metrics, { idleTimeoutMs: options.idleTimeoutMs, accessLog: options.accessLog ?? (() => false), nativeHttp: options.nativeHttp ?? options.kernelRelay, destinationSide: this.httpIn });
     const tunnelEvents = { onTunnelOpened: () => metrics.tunnelsOpened.inc() };
     this.tunnels = !options.tunnel ? undefined : options.hboneEngine === 'node' ? new TunnelPool(options.tunnel, tunnelEvents) : new NativeTunnelPool(options.tunnel, tunnelEvents);
   }
@@ -373,6 +373,11 @@ export class NodeProxy {
    * authorized and rate-limited, then delivered to the application from the caller's address.
    */
   private serveHttpIn(state: PodState, client: Socket, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined, sniffedHead?: Buffer): Promise<void> {
+    return this.httpIn.serve(client, this.serverConnection(state, protocol, facts, path, labels, source), sniffedHead);
+  }
+
+  /** What the server side needs of one connection into `state`'s pod: its facts, labels, policy, and how to reach the application. */
+  private serverConnection(state: PodState, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): HttpServerConnection {
     const { destinationIp: host, destinationPort: port, sourceIp } = facts;
     const dial = async (): Promise<number> => {
       const target = this.snapshot.serviceOf(state.pod.uid, port);
@@ -381,7 +386,7 @@ export class NodeProxy {
       if (!('fd' in connected)) throw new Error('a delivery into a pod is a socket');
       return connected.fd;
     };
-    return this.httpIn.serve(client, {
+    return {
       protocol,
       pod: state.pod,
       facts: { ...facts, destination: state.pod },
@@ -392,7 +397,7 @@ export class NodeProxy {
       dial: async () => this.podSocket(state, await dial(), false).setNoDelay(true),
       dialFd: dial,
       poolKey: `${state.pod.uid}|${formatHostPort(host, port)}|${sourceIp}`,
-    }, sniffedHead);
+    };
   }
 
   /**
@@ -875,6 +880,18 @@ export class NodeProxy {
       source: state.pod,
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
+      localServer: (target, endpoint) => {
+        // A pod of this node whose port its side reads as HTTP/1.1: that side is served here, in
+        // the same pass, with the source's identity known first-hand (as connect() would hand it
+        // a socket pair, judged by admitLocal).
+        const u = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
+        if (u.path !== 'same_node' || !u.local || this.readsHttp(u.local, u.port) !== 'http1') return undefined;
+        const destinationLabels = u.labels.find((l) => l.reporter === 'destination');
+        if (!destinationLabels) return undefined;
+        if (!this.admitLocal(state, u)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
+        const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
+        return this.serverConnection(u.local, 'http1', facts, 'same_node', destinationLabels, state.pod);
+      },
       labels: (target, endpoint) => {
         const service = serviceLabels(target.service, 'outbound');
         if (!endpoint) return { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(undefined) };

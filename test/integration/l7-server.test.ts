@@ -18,7 +18,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
 const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
-const SVC = { api: '10.96.0.91', limited: '10.96.0.92', total: '10.96.0.93', raw: '10.96.0.94' };
+const SVC = { api: '10.96.0.91', limited: '10.96.0.92', total: '10.96.0.93', raw: '10.96.0.94', both: '10.96.0.95' };
 
 /**
  * `api`: GET under /public for anyone, everything for the "admin" service account or a request
@@ -33,7 +33,23 @@ function meshConfig(): Record<string, string> {
       serviceYaml('total', [SVC.total], { app: 'total' }, 80, 8080, 'http-total'),
       // A port that says no protocol: what it speaks is sniffed.
       serviceYaml('raw', [SVC.raw], { app: 'raw' }, 80, 8080, 'web'),
+      serviceYaml('both', [SVC.both], { app: 'both' }, 80, 8080, 'http'),
     ].join('---\n'),
+    // A route on `both` (read on the caller's side) in front of a pod the api-read policy guards
+    // (read on its side): on one node, both sides in one pass.
+    'route.yaml': [
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: both, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: both, port: 80}]',
+      '  rules:',
+      '  - matches: [{path: {type: PathPrefix, value: /routed}}]',
+      '    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-role, value: ops-routed}]}}]',
+      '    backendRefs: [{name: both, port: 80}]',
+      '  - backendRefs: [{name: both, port: 80}]',
+      '',
+    ].join('\n'),
     'policy.yaml': [
       'apiVersion: security.nodemesh.io/v1',
       'kind: AuthorizationPolicy',
@@ -150,10 +166,11 @@ test('L7 server side on one node and from plaintext: authorization per request (
   await sb.serverPod('raw', [process.execPath, APP, 'raw', '8080'], 8080, ['app=raw', 'role=guarded']);
   await sb.serverPod('limited', [process.execPath, APP, 'limited', '8080'], 8080, ['app=limited']);
   await sb.serverPod('total', [process.execPath, APP, 'total', '8080'], 8080, ['app=total']);
+  await sb.serverPod('both', [process.execPath, APP, 'both', '8080'], 8080, ['app=both', 'role=guarded']);
   const client = await sb.idlePod('client', [], { serviceAccount: 'client' });
   const admin = await sb.idlePod('admin', [], { serviceAccount: 'admin' });
   const plain = await sb.idlePod('plain', ['nodemesh.io/capture=disabled']);
-  await agent.waitForPods((p) => p.filter((x) => x.verified).length === 6, 'six meshed pods verified');
+  await agent.waitForPods((p) => p.filter((x) => x.verified).length === 7, 'seven meshed pods verified');
   await checkAuthorization(sb, { client, admin }, agent, [agent], 'one node');
   // Same-node delivery: the client's connection went straight to the destination's side.
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 2);
@@ -164,6 +181,18 @@ test('L7 server side on one node and from plaintext: authorization per request (
   assert.equal(seenBy(plainRun, 0).remote, plain.ip4, 'delivered from the plaintext client\'s address');
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', source_principal: 'unknown', connection_security_policy: 'none' }), 2);
   await checkRateLimits(sb, { client, admin }, agent, [agent], 'one node');
+  // Both sides on one node: the caller's route and the pod's policy in one pass, no second read.
+  const serverConnections = (text: string): number => metricValue(text, 'nodemesh_http1_connections_total', { side: 'server' });
+  const serverBefore = serverConnections(await agent.metrics());
+  const both = await http(sb, client, { requests: [{ path: '/public/a' }, { path: '/private' }, { path: '/routed/private' }] }, [agent], SVC.both);
+  assert.deepEqual(statuses(both), [200, 403, 200], 'the policy judges the request as the route changed it (x-role set for /routed)');
+  assert.equal(both.connections, 1);
+  const afterBoth = await agent.metrics();
+  for (const reporter of ['source', 'destination']) {
+    const counted = (code: string): number => metricValue(afterBoth, 'istio_requests_total', { reporter, destination_workload: 'both', response_code: code });
+    assert.deepEqual([counted('200'), counted('403')], [2, 1], `reporter ${reporter}: each request counted once by each side`);
+  }
+  assert.equal(serverConnections(afterBoth), serverBefore, 'no connection was read a second time on the server side');
   // A port that says no protocol, with policies that read requests: the first bytes decide. HTTP
   // is judged per request; anything else by the policies' TCP reading (the ALLOW rules that name
   // request attributes match nothing there, so only the admin principal gets in).

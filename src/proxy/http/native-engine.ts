@@ -15,7 +15,7 @@ import { closeFd, dupFd, http1Engine, type Http1Engine } from '../../datapath/na
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
-import { MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, rawHead, type RequestHead } from './common.js';
+import { HEADERS_TIMEOUT_MS, MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, rawHead, type RequestHead } from './common.js';
 
 const log = logger('http');
 
@@ -40,7 +40,7 @@ export interface Http1Handler<C, R> {
 }
 
 /** Raw header pairs as node:http's IncomingMessage.headers has them: lower-case names, repeats joined (set-cookie kept as a list). */
-function headerObject(raw: ReadonlyArray<string>): IncomingHttpHeaders {
+export function headerObject(raw: ReadonlyArray<string>): IncomingHttpHeaders {
   const out: Record<string, string | string[]> = {};
   for (let i = 0; i + 1 < raw.length; i += 2) {
     const name = (raw[i] ?? '').toLowerCase();
@@ -250,7 +250,7 @@ export class Http1Host<C, R> {
           },
           closed: (id) => this.served.get(id)?.end(),
         },
-        { maxHeadBytes: MAX_HEADER_BYTES, idleMs: this.idleTimeoutMs, poolIdleMs: UPSTREAM_IDLE_MS, maxIdlePerPool: MAX_IDLE_PER_POOL },
+        { maxHeadBytes: MAX_HEADER_BYTES, idleMs: this.idleTimeoutMs, headTimeoutMs: HEADERS_TIMEOUT_MS, poolIdleMs: UPSTREAM_IDLE_MS, maxIdlePerPool: MAX_IDLE_PER_POOL },
       );
     } catch (e) {
       this.failed = true;

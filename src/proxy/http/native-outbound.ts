@@ -12,7 +12,8 @@ import type { Socket } from 'node:net';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, rawHead, type AccessFacts, type RequestHead } from './common.js';
-import { Http1Host, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
+import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import { Http1Host, headerObject, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
 import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
@@ -23,6 +24,8 @@ interface InFlight {
   endpoint?: Endpoint;
   /** Gives the circuit breaker's slot (or place in line) and the endpoint's count back; once. */
   release?: () => void;
+  /** Served in one pass with the destination's side (a pod of this node that reads HTTP): its connection and the request as it saw it. */
+  local?: { readonly conn: HttpServerConnection; readonly facts: AccessFacts };
 }
 
 /** Why the engine cannot carry a request decided so (what needs it kept or timed), or undefined when it can. */
@@ -58,6 +61,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
 
   constructor(
     private readonly outbound: HttpOutbound,
+    /** This node's server side: a request to a pod of this node that reads HTTP is admitted here (one pass). */
+    private readonly inbound: HttpInbound | undefined,
     idleTimeoutMs: number,
     /** node:http's way, for a connection handed back (its unread bytes put back first). */
     fallback: (client: Socket, conn: HttpClientConnection, unread: Buffer) => Promise<void>,
@@ -78,6 +83,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     r.release?.();
     this.outbound.track('active', r.target, -1);
     this.outbound.count(s.conn, r.target, r.endpoint, 0, 'DC', r.started, r.facts);
+    if (r.local) this.inbound?.count(r.local.conn, 0, 'DC', r.started, r.local.facts);
   }
 
   head(s: Served<HttpClientConnection, InFlight>, req: RequestHead): void {
@@ -118,6 +124,14 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       return this.proxyAnswers(s, request, 503, 'UH', `Service ${target.key} has no endpoints`);
     }
     request.endpoint = endpoint;
+    let local: HttpServerConnection | undefined;
+    try {
+      local = this.inbound ? s.conn.localServer?.(target, endpoint) : undefined;
+    } catch (e) {
+      leave();
+      request.release = undefined;
+      return this.proxyAnswers(s, request, 403, 'UAEX', (e as Error).message);
+    }
     lb.acquire(target, endpoint);
     let released = false;
     request.release = (): void => {
@@ -127,6 +141,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       leave();
     };
     const edits = answerEdits(upstream.answerChanges);
+    if (local && this.inbound) return this.sendLocal(s, request, d, local, this.inbound, edits);
     this.host.forward(
       s,
       `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
@@ -145,12 +160,49 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     );
   }
 
+  /**
+   * Both sides in one pass (a pod of this node whose side reads HTTP): the request as the client
+   * side sends it is admitted by the destination's side (normalized path, authorization, rate
+   * limits) and goes straight to the application; each side counts it under its own reporter.
+   */
+  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, d: Extract<Decision, { kind: 'forward' }>, local: HttpServerConnection, inbound: HttpInbound, edits: { remove: string[]; add: string }): void {
+    const { upstream, target } = d;
+    const req: RequestHead = { method: request.facts.req.method, url: upstream.path, httpVersion: '1.1', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
+    const atDestination: AccessFacts = { ...request.facts, req, route: '', attempts: 1 };
+    request.local = { conn: local, facts: atDestination };
+    const admitted = inbound.admit(req, local);
+    if ('status' in admitted) {
+      inbound.refused(local, admitted);
+      s.request = undefined;
+      request.release?.();
+      this.outbound.track('active', target, -1);
+      const bytesOut = Buffer.byteLength(`${admitted.detail}\n`);
+      // The source's side sees the destination's answer, as it would from another node.
+      return this.host.respond(s, proxyAnswer(admitted.status, admitted.detail, admitted.headers), admitted.status, (bytesIn) => {
+        inbound.count(local, admitted.status, admitted.flag, request.started, { ...atDestination, bytesIn, bytesOut });
+        this.outbound.count(s.conn, target, request.endpoint, admitted.status, '-', request.started, { ...request.facts, bytesIn, bytesOut, attempts: 1 });
+      });
+    }
+    this.host.forward(
+      s,
+      local.poolKey,
+      requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
+      () => local.dialFd(),
+      (e) => this.proxyAnswers(s, request, 503, 'UF', e.message),
+      edits.remove,
+      edits.add,
+    );
+  }
+
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
   private proxyAnswers(s: Served<HttpClientConnection, InFlight>, request: InFlight, status: number, flag: string, detail: string): void {
     s.request = undefined;
     request.release?.();
     this.outbound.track('active', request.target, -1);
-    this.host.respond(s, proxyAnswer(status, detail), status, (bytesIn) => this.outbound.noteAnswer(s.conn, request.target, request.endpoint, request.started, { status, flag, detail }, { ...request.facts, bytesIn }));
+    this.host.respond(s, proxyAnswer(status, detail), status, (bytesIn) => {
+      this.outbound.noteAnswer(s.conn, request.target, request.endpoint, request.started, { status, flag, detail }, { ...request.facts, bytesIn });
+      if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn });
+    });
   }
 
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {
@@ -163,6 +215,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     // Outlier detection on answers the backend gave (not on the engine's own).
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
     const facts = { ...request.facts, bytesIn, bytesOut, attempts: 1 };
+    if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn, bytesOut });
     if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, flag, request.started, facts);
     else this.outbound.noteAnswer(s.conn, target, endpoint, request.started, { status, flag, detail }, facts);
   }

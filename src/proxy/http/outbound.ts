@@ -27,6 +27,7 @@ import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
+import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { NativeOutbound } from './native-outbound.js';
 
 const log = logger('http');
@@ -48,6 +49,12 @@ export interface HttpClientConnection {
   dial(target: ServiceTarget, endpoint: Endpoint): Promise<Socket>;
   /** The same connection as an fd the caller owns (a tunnel stream is joined to a socket pair's other end). */
   dialFd(target: ServiceTarget, endpoint: Endpoint): Promise<number>;
+  /**
+   * For an endpoint that is a pod of this node whose port its own side reads as HTTP/1.1: that
+   * side's connection facts, so both sides of a request are served in one pass; undefined
+   * otherwise. Throws UpstreamDenied when its policy refuses the connection.
+   */
+  localServer?(target: ServiceTarget, endpoint: Endpoint): HttpServerConnection | undefined;
   /** The request metric labels (as for a TCP connection to that endpoint). */
   labels(target: ServiceTarget, endpoint: Endpoint | undefined): TcpLabels;
 }
@@ -153,6 +160,8 @@ export class HttpOutbound {
       readonly accessLog: (namespace: string) => boolean;
       /** HTTP/1.1 on the addon's engine (NativeOutbound) where a request allows it. */
       readonly nativeHttp?: boolean;
+      /** The server side of this node, for requests to its own pods served in one pass (localServer). */
+      readonly destinationSide?: HttpInbound;
     },
   ) {
     this.server = handedServer(
@@ -162,7 +171,7 @@ export class HttpOutbound {
       (req, client, head) => this.onUpgrade(req, client, head),
     );
     this.h2 = new H2Outbound(this, options.idleTimeoutMs);
-    if (options.nativeHttp) this.native = new NativeOutbound(this, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
+    if (options.nativeHttp) this.native = new NativeOutbound(this, options.destinationSide, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
 
   /**
