@@ -29,6 +29,8 @@ import type { PodRecord } from '../src/runtime/store.js';
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 /** BENCH_HBONE_ONLY=1: the HBONE row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
 const HBONE_ONLY = process.env['BENCH_HBONE_ONLY'] === '1';
+/** BENCH_L7_ONLY=1: the L7 row alone (profiling, as HBONE_ONLY), nothing written. */
+const L7_ONLY = process.env['BENCH_L7_ONLY'] === '1';
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings in the same way. */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
 const SERVICE_IP = '10.96.0.52';
@@ -101,6 +103,31 @@ async function main(): Promise<void> {
     await waitForListener(server.ip4, APP_HTTP, 10_000);
     await waitForListener(server.ip4, IPERF_PORT, 10_000);
 
+    /** Writes (or, with '', removes) a config file and waits until both agents acknowledged it. */
+    const applyConfig = async (file: string, yaml: string): Promise<void> => {
+      const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
+      if (yaml === '') await rm(join(configDir, file), { force: true });
+      else await writeFile(join(configDir, file), yaml);
+      for (let i = 0; ; i++) {
+        const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
+        if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
+        if (i > 100) throw new Error(`the agents did not take ${file}`);
+        await sleep(100);
+      }
+    };
+
+    /** An HTTPRoute on the Service (read on A) and a request-level AuthorizationPolicy on the server (read on B). */
+    const l7Yaml = [
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server-v1}\nspec:\n  clusterIP: 10.96.0.57\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`,
+      `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules: [{backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]}]\n`,
+      `apiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}, {to: [{operation: {ports: ["${IPERF_PORT}"]}}]}]\n`,
+    ].join('---\n');
+    if (L7_ONLY) {
+      await applyConfig('l7.yaml', l7Yaml);
+      const row = await measure(client, SERVICE_IP, HTTP_PORT, () => [agents.a.pid ?? 0, agents.b.pid ?? 0]);
+      process.stdout.write(scenarioTable([['nodemesh L7 two hops (route on A, policy on B), HBONE mTLS', row]]).join('\n') + '\n');
+      return;
+    }
     say('nodemesh, two hops: A proxy -> HBONE (mutual TLS, HTTP/2) -> B proxy');
     const pids = (): number[] => [agents.a.pid ?? 0, agents.b.pid ?? 0];
     const fds = async (): Promise<number[]> => Promise.all(pids().map(async (pid) => (await readdir(`/proc/${pid}/fd`)).length));
@@ -119,28 +146,8 @@ async function main(): Promise<void> {
       return;
     }
 
-    /** Writes (or, with '', removes) a config file and waits until both agents acknowledged it. */
-    const applyConfig = async (file: string, yaml: string): Promise<void> => {
-      const before = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json()) as { version: number }).version;
-      if (yaml === '') await rm(join(configDir, file), { force: true });
-      else await writeFile(join(configDir, file), yaml);
-      for (let i = 0; ; i++) {
-        const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
-        if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
-        if (i > 100) throw new Error(`the agents did not take ${file}`);
-        await sleep(100);
-      }
-    };
-
     say('nodemesh L7, two hops in HBONE: an HTTPRoute read on A, a request-level AuthorizationPolicy read on B');
-    await applyConfig(
-      'l7.yaml',
-      [
-        `apiVersion: v1\nkind: Service\nmetadata: {name: server-v1}\nspec:\n  clusterIP: 10.96.0.57\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`,
-        `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules: [{backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]}]\n`,
-        `apiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}, {to: [{operation: {ports: ["${IPERF_PORT}"]}}]}]\n`,
-      ].join('---\n'),
-    );
+    await applyConfig('l7.yaml', l7Yaml);
     const l7 = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     if ((await metric(PORTS.b.metrics, 'istio_requests_total', { reporter: 'destination' })) === 0) throw new Error('the L7 run was not read on the server\'s node');
     await applyConfig('l7.yaml', '');
