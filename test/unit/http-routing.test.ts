@@ -12,6 +12,7 @@ import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
 import { classify } from '../../src/proxy/http/common.js';
+import { answerEdits } from '../../src/proxy/http/native-outbound.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
 test('port protocols: appProtocol first, else the name prefix; unknown when neither says', () => {
@@ -156,6 +157,24 @@ test('filters: header changes (remove, set, add), prefix and full path rewrites,
   assert.equal(redirectLocation(redirect({ scheme: 'https' }), prefix('/'), '/a', '', 'web:8080'), 'https://web/a', 'a new scheme: its well-known port');
   assert.equal(redirectLocation(redirect({ hostname: 'new.example', port: 8443, path: { type: 'ReplacePrefixMatch', value: '/v2' } }), prefix('/v1'), '/v1/items', '', 'web'), 'http://new.example:8443/v2/items');
   assert.equal(redirectLocation(redirect({ port: 80 }), prefix('/'), '/', '', '[fd00::1]:8080'), 'http://[fd00::1]/', 'IPv6 host, port 80 not written');
+});
+
+test('answer header changes on the engine: removed names, then added lines, the same result as applying the changes one by one', () => {
+  const changes = [
+    { set: [['X-Mesh', 'one'] as [string, string]], add: [['x-trace', 'a'] as [string, string]], remove: ['server'] },
+    { set: [['x-trace', 'b'] as [string, string]], add: [['Set-Cookie', 'k=v'] as [string, string]], remove: [] },
+  ];
+  const edits = answerEdits(changes);
+  assert.deepEqual(new Set(edits.remove), new Set(['x-mesh', 'x-trace', 'server']));
+  assert.equal(edits.add, 'X-Mesh: one\r\nx-trace: b\r\nSet-Cookie: k=v\r\n');
+  // What the engine does (the upstream's headers minus the removed names, then the added lines)
+  // against what node:http's path does (each change applied in turn).
+  const upstream = ['Server', 'nginx', 'X-Trace', 'up', 'content-length', '5'];
+  const engine = [...upstream.flatMap((v, i, a) => (i % 2 === 0 && !edits.remove.includes(v.toLowerCase()) ? [v, a[i + 1] ?? ''] : [])), ...edits.add.split('\r\n').filter(Boolean).flatMap((l) => l.split(': '))];
+  let reference = upstream;
+  for (const c of changes) reference = applyHeaderChanges(reference, c);
+  const asSet = (raw: string[]): Set<string> => new Set(raw.flatMap((v, i) => (i % 2 === 0 ? [`${v.toLowerCase()}=${raw[i + 1] ?? ''}`] : [])));
+  assert.deepEqual(asSet(engine), asSet(reference));
 });
 
 test('outlier detection on answers: a run of 5xx or gateway errors ejects, anything else clears the run; ejections end at the next sweep', () => {
