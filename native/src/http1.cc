@@ -404,6 +404,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                            InstanceMethod<&Http1Engine::Serve>("serve"),
                            InstanceMethod<&Http1Engine::Forward>("forward"),
                            InstanceMethod<&Http1Engine::Respond>("respond"),
+                           InstanceMethod<&Http1Engine::Expire>("expire"),
                            InstanceMethod<&Http1Engine::Release>("release"),
                            InstanceMethod<&Http1Engine::CloseJs>("close"),
                            InstanceMethod<&Http1Engine::DropPools>("dropPools"),
@@ -532,6 +533,30 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     else PumpRequest(c);
     depth_--;
     return info.Env().Undefined();
+  }
+
+  // expire(id, bytes, status): the request's time ran out (a route's timeouts.request). If
+  // nothing of its answer went to the client yet, its upstream goes and `bytes` answer it (done()
+  // follows as for respond): 0. If the answer was under way: its status, and nothing is done here
+  // (the caller resets the connection). -1 when no request is in flight.
+  Napi::Value Expire(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    if (!c || c->answered || (c->phase != Client::Phase::kDecide && c->phase != Client::Phase::kExchange)) return Napi::Number::New(env, -1);
+    if (c->up && c->up->headDone) return Napi::Number::New(env, c->status);
+    depth_++;
+    if (c->phase == Client::Phase::kDecide) c->peer.in.erase(0, c->req.length);
+    if (c->up) DetachUpstream(c, false);
+    auto b = info[1].As<Napi::Buffer<char>>();
+    c->peer.out.append(b.Data(), b.Length());
+    c->phase = Client::Phase::kExchange;
+    c->answered = true;
+    c->status = info[2].As<Napi::Number>().Int32Value();
+    c->reportAtEnd = true;
+    if (!Flush(&c->peer)) CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    else PumpRequest(c);
+    depth_--;
+    return Napi::Number::New(env, 0);
   }
 
   // release(id): {fd, buffered}: the client connection back to JS, at a request's start (the

@@ -214,6 +214,13 @@ export interface Http1Engine {
    * dropped; then done() reports it with flag '-' and the body bytes dropped.
    */
   respond(id: number, bytes: string | Buffer, close: boolean, status: number): void;
+  /**
+   * The request in flight on `id` ran out of time (a route's timeouts.request): when nothing of
+   * its answer reached the client yet, its upstream is closed and `bytes` (status `status`) answer
+   * it, done() following as for respond(): 0. When the answer is under way: its status, and
+   * nothing is done (reset the connection with close()). -1: no request in flight.
+   */
+  expire(id: number, bytes: Buffer, status: number): number;
   /** The connection back to JS at the waiting request: its fd, and the bytes read from it (that request's head on). */
   release(id: number): { fd: number; buffered: Buffer } | undefined;
   /** Resets the client connection (and its upstream). */

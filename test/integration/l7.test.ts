@@ -331,6 +331,7 @@ async function checkResilience(sb: Sandbox, client: PodRecord, agent: AgentProce
   assert.equal(late.status, 504);
   assert.ok(late.ms >= 290 && late.ms < 1500, `answered 504 after ${Math.round(late.ms)} ms (timeout 300 ms)`);
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { response_code: '504', response_flags: 'UT' }), 1);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { side: 'client', engine: 'node', why: 'timeout' }), 0, 'timeouts.request timed on the engine, not handed to node:http');
   // timeouts.backendRequest: the slow first attempt is cut at 200 ms and the retry answers at once.
   const retried = await go('/per-try/slow-first/d/3000');
   assert.equal(retried.status, 200, 'the per-try timeout led to a retry that succeeded');

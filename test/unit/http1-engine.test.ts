@@ -338,3 +338,33 @@ test('timeouts: a head that does not come whole is answered 408; an exchange wit
   assert.deepEqual(r.closed.at(-1), 'idle');
   assert.equal(r.engine.stats().clients, 0);
 });
+
+test('expire: a request whose time ran out is answered by the proxy when nothing of its answer went out (the connection goes on), and reported as cut otherwise', async (t) => {
+  const r = await rig(t, (req, res) => {
+    if (req.url === '/slow') return void setTimeout(() => res.end('late'), 1500);
+    res.writeHead(200, { 'content-length': 10 });
+    res.write('part');
+    setTimeout(() => res.end('rest!!'), 1500);
+  });
+  const ids: number[] = [];
+  const forward = r.onHead;
+  r.onHead = (id, method, target, headers) => {
+    ids.push(id);
+    forward(id, method, target, headers);
+  };
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const slow = fetchOn(agent, r.port, '/slow');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(r.engine.expire(ids[0] ?? 0, Buffer.from('HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n'), 504), 0, 'answered by the proxy');
+  assert.equal((await slow).status, 504);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[504, '-']], 'reported as the proxy answer');
+  assert.equal(r.engine.expire(ids[0] ?? 0, Buffer.alloc(0), 504), -1, 'nothing in flight any more');
+  // The same keep-alive connection serves on.
+  const next = fetchOn(agent, r.port, '/partial');
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  assert.equal(ids[1], ids[0], 'the next request came on the same connection');
+  assert.equal(r.engine.expire(ids[1] ?? 0, Buffer.alloc(0), 504), 200, 'under way: the status of the answer to cut');
+  r.engine.close(ids[1] ?? 0);
+  await assert.rejects(next, 'the client sees its answer cut');
+});

@@ -195,6 +195,23 @@ export class Http1Host<C, R> {
     this.engine.respond(s.id, bytes, false, status);
   }
 
+  /**
+   * The request in flight on `s` ran out of time. Answered with `bytes` if nothing of its answer
+   * went out yet (`counted` as for respond): 0; else the connection is reset and the status of the
+   * answer that was cut is returned (no done() follows); -1 when nothing was in flight.
+   */
+  expire(s: Served<C, R>, bytes: Buffer, status: number, counted: (bytesIn: number) => void): number {
+    const entry = this.served.get(s.id);
+    const engine = this.engine;
+    if (!entry || !engine) return -1;
+    entry.answered = counted;
+    const r = engine.expire(s.id, bytes, status);
+    if (r === 0) return 0;
+    entry.answered = undefined;
+    if (r > 0) engine.close(s.id);
+    return r;
+  }
+
   /** Gives the connection back to node:http from this request on. */
   handBack(s: Served<C, R>, why: string): void {
     this.metrics.httpEngine.inc({ side: this.side, engine: 'node', why });

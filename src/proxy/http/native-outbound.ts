@@ -1,8 +1,9 @@
 /**
  * The client side of L7 on the addon's HTTP/1.1 engine (native-engine.ts): each request is routed
  * by the same decide() as on node:http, so routing, weights, filters, affinity, circuit breaking
- * and outlier detection are one code. The engine does not do what needs a request kept or timed:
- * retries, timeouts, mirrors, faults, maxRequestsPerConnection (and upgrades, HTTP/1.0). A
+ * and outlier detection are one code; a rule's timeouts.request is timed here (expire()). The
+ * engine does not do what needs a request kept or timed per attempt: retries, backendRequest
+ * timeouts, mirrors, faults, maxRequestsPerConnection (and upgrades, HTTP/1.0). A
  * request that needs one of them hands its connection to node:http (HttpOutbound) from that
  * request on, so nothing is refused for being unsupported here.
  */
@@ -26,13 +27,16 @@ interface InFlight {
   release?: () => void;
   /** Served in one pass with the destination's side (a pod of this node that reads HTTP): its connection and the request as it saw it. */
   local?: { readonly conn: HttpServerConnection; readonly facts: AccessFacts };
+  /** The rule's timeouts.request. */
+  timer?: NodeJS.Timeout;
 }
 
 /** Why the engine cannot carry a request decided so (what needs it kept or timed), or undefined when it can. */
 function engineCannot(d: Extract<Decision, { kind: 'forward' }>): string | undefined {
   const { entry, target, parent } = d;
   if (entry.retry !== undefined) return 'retry';
-  if (entry.timeouts?.requestMs !== undefined || entry.timeouts?.backendRequestMs !== undefined) return 'timeout';
+  // timeouts.request is the engine's (expire()); a per-attempt timeout to the answer's head is not.
+  if (entry.timeouts?.backendRequestMs !== undefined) return 'timeout';
   if ((entry.mirrors?.length ?? 0) > 0) return 'mirror';
   if ((entry.fault ?? parent.policy.fault ?? target.policy.fault) !== undefined) return 'fault';
   if (target.policy.maxRequestsPerConnection !== 0) return 'max_requests_per_connection';
@@ -75,13 +79,33 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     this.host.dropPools(`${uid}|`);
   }
 
+  /** The request in flight on `s` is over, whatever ended it: its slot, counts and timer go. */
+  private settle(s: Served<HttpClientConnection, InFlight>, r: InFlight): void {
+    if (s.request === r) s.request = undefined;
+    clearTimeout(r.timer);
+    r.release?.();
+    r.release = undefined;
+    this.outbound.track('active', r.target, -1);
+  }
+
+  /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the answer is cut. */
+  private timedOut(s: Served<HttpClientConnection, InFlight>, r: InFlight, ms: number): void {
+    if (s.request !== r) return;
+    this.settle(s, r);
+    const detail = `no answer within ${ms} ms (timeouts.request)`;
+    const count = (status: number, bytesIn: number): void => {
+      this.outbound.noteAnswer(s.conn, r.target, r.endpoint, r.started, { status, flag: 'UT', detail }, { ...r.facts, bytesIn, attempts: 1 });
+      if (r.local) this.inbound?.count(r.local.conn, status, 'UT', r.started, { ...r.local.facts, bytesIn });
+    };
+    const cut = this.host.expire(s, proxyAnswer(504, detail), 504, (bytesIn) => count(504, bytesIn));
+    if (cut > 0) count(cut, r.facts.bytesIn);
+  }
+
   left(s: Served<HttpClientConnection, InFlight>): void {
     // The client left before its answer was whole (Envoy's DC).
     const r = s.request;
     if (!r) return;
-    s.request = undefined;
-    r.release?.();
-    this.outbound.track('active', r.target, -1);
+    this.settle(s, r);
     this.outbound.count(s.conn, r.target, r.endpoint, 0, 'DC', r.started, r.facts);
     if (r.local) this.inbound?.count(r.local.conn, 0, 'DC', r.started, r.local.facts);
   }
@@ -106,6 +130,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const request: InFlight = { started, target, facts };
     s.request = request;
     this.outbound.track('active', target, 1);
+    const requestMs = d.entry.timeouts?.requestMs;
+    if (requestMs !== undefined) request.timer = setTimeout(() => this.timedOut(s, request, requestMs), requestMs);
     const slot = this.outbound.admit(target, (leave) => this.send(s, request, d, leave));
     if ('status' in slot) return this.proxyAnswers(s, request, slot.status, slot.flag, slot.detail);
     request.release = slot.leave;
@@ -173,9 +199,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const admitted = inbound.admit(req, local);
     if ('status' in admitted) {
       inbound.refused(local, admitted);
-      s.request = undefined;
-      request.release?.();
-      this.outbound.track('active', target, -1);
+      this.settle(s, request);
       const bytesOut = Buffer.byteLength(`${admitted.detail}\n`);
       // The source's side sees the destination's answer, as it would from another node.
       return this.host.respond(s, proxyAnswer(admitted.status, admitted.detail, admitted.headers), admitted.status, (bytesIn) => {
@@ -196,9 +220,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
   private proxyAnswers(s: Served<HttpClientConnection, InFlight>, request: InFlight, status: number, flag: string, detail: string): void {
-    s.request = undefined;
-    request.release?.();
-    this.outbound.track('active', request.target, -1);
+    this.settle(s, request);
     this.host.respond(s, proxyAnswer(status, detail), status, (bytesIn) => {
       this.outbound.noteAnswer(s.conn, request.target, request.endpoint, request.started, { status, flag, detail }, { ...request.facts, bytesIn });
       if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn });
@@ -208,9 +230,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {
     const request = s.request;
     if (!request) return;
-    s.request = undefined;
-    request.release?.();
-    this.outbound.track('active', request.target, -1);
+    this.settle(s, request);
     const { endpoint, target } = request;
     // Outlier detection on answers the backend gave (not on the engine's own).
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
