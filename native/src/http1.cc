@@ -393,6 +393,8 @@ struct Upstream {
   Framing body;
   bool reusable = false;
   bool reused = false;  // taken idle from its pool (not dialled for this request)
+  uint32_t served = 0;       // answers it carried
+  uint32_t maxRequests = 0;  // it closes after this many (0: no limit)
   uint64_t idleSince = 0;
 };
 
@@ -461,7 +463,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return info.Env().Undefined();
   }
 
-  // forward(id, pool, head, fd, answerRemove, answerAdd): the request goes upstream, on `fd` (a
+  // forward(id, pool, head, fd, answerRemove, answerAdd, maxRequests?): the request goes upstream, on `fd` (a
   // new connection, kept in `pool` afterwards) or, with fd -1, on an idle one of `pool`. False
   // when there is none (the caller dials and calls again with the fd).
   Napi::Value Forward(const Napi::CallbackInfo& info) {
@@ -499,6 +501,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     u->answer = Head();
     u->reusable = false;
     u->reused = fd < 0;
+    u->maxRequests = info.Length() > 6 && info[6].IsNumber() ? info[6].As<Napi::Number>().Uint32Value() : 0;
     c->rawHead.assign(c->peer.in, 0, c->req.length);
     u->peer.out.append(Latin1(info[2]));
     c->peer.in.erase(0, c->req.length);
@@ -977,8 +980,11 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       Arm(&c->peer);
       return;
     }
-    // Bytes after a whole answer, or a request not sent whole: this connection is not reused.
-    DetachUpstream(c, u->reusable && p->in.empty() && !p->eof && c->body.done);
+    // Bytes after a whole answer, or a request not sent whole: this connection is not reused;
+    // nor after its last request (connectionPool.http.maxRequestsPerConnection).
+    u->served++;
+    bool spent = u->maxRequests != 0 && u->served >= u->maxRequests;
+    DetachUpstream(c, u->reusable && !spent && p->in.empty() && !p->eof && c->body.done);
     c->answered = true;
     Finish(c, true);
   }

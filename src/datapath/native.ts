@@ -207,7 +207,7 @@ export interface Http1Engine {
    * connection of `pool`. False when there is none; then dial and call again with the fd.
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
-  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string): boolean;
+  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number): boolean;
   /**
    * The proxy's own answer (a whole HTTP/1.1 message, its status `status`) to the request waiting
    * on `id`; `close` ends the connection after it. The request's body, if any, is read and

@@ -162,20 +162,21 @@ export class Http1Host<C, R> {
   /**
    * The request goes upstream with `head`: on an idle connection of `pool`, else on a new one
    * from `dial` (pooled afterwards). `failed` is told when the dial fails (the request still waits
-   * for an answer: respond()). `answerRemove`/`answerAdd` change the answer's head.
+   * for an answer: respond()). `answerRemove`/`answerAdd` change the answer's head; a connection
+   * closes after `maxRequests` answers (0: no limit).
    */
-  forward(s: Served<C, R>, pool: string, head: string, dial: () => Promise<number>, failed: (e: Error) => void, answerRemove: ReadonlyArray<string> = [], answerAdd = ''): void {
+  forward(s: Served<C, R>, pool: string, head: string, dial: () => Promise<number>, failed: (e: Error) => void, answerRemove: ReadonlyArray<string> = [], answerAdd = '', maxRequests = 0): void {
     const engine = this.engine;
     const entry = this.served.get(s.id);
     if (!engine || !entry) return;
     // The keep-alive race (the engine's retry event): the same request again, on another connection.
-    entry.again = () => this.forward(s, pool, head, dial, failed, answerRemove, answerAdd);
-    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd)) return;
+    entry.again = () => this.forward(s, pool, head, dial, failed, answerRemove, answerAdd, maxRequests);
+    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests)) return;
     const request = s.request;
     dial().then(
       (fd) => {
         // The client may have gone meanwhile: forward() closes the fd then.
-        if (this.engine === engine) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd);
+        if (this.engine === engine) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests);
         else closeFd(fd);
       },
       (e: Error) => {

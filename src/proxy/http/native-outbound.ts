@@ -1,9 +1,9 @@
 /**
  * The client side of L7 on the addon's HTTP/1.1 engine (native-engine.ts): each request is routed
  * by the same decide() as on node:http, so routing, weights, filters, affinity, circuit breaking
- * and outlier detection are one code; a rule's timeouts.request is timed here (expire()). The
- * engine does not do what needs a request kept or timed per attempt: retries, backendRequest
- * timeouts, mirrors, faults, maxRequestsPerConnection (and upgrades, HTTP/1.0). A
+ * and outlier detection are one code; a rule's timeouts.request (expire()), faults and
+ * maxRequestsPerConnection apply here too. The engine does not do what needs a request kept or
+ * timed per attempt: retries, backendRequest timeouts, mirrors (and upgrades, HTTP/1.0). A
  * request that needs one of them hands its connection to node:http (HttpOutbound) from that
  * request on, so nothing is refused for being unsupported here.
  */
@@ -29,17 +29,19 @@ interface InFlight {
   local?: { readonly conn: HttpServerConnection; readonly facts: AccessFacts };
   /** The rule's timeouts.request. */
   timer?: NodeJS.Timeout;
+  /** A fault's delay before the request goes. */
+  delay?: NodeJS.Timeout;
+  /** The response flag of an answer passed on: '-', or DI when a fault delayed it. */
+  flag: string;
 }
 
 /** Why the engine cannot carry a request decided so (what needs it kept or timed), or undefined when it can. */
 function engineCannot(d: Extract<Decision, { kind: 'forward' }>): string | undefined {
-  const { entry, target, parent } = d;
+  const { entry } = d;
   if (entry.retry !== undefined) return 'retry';
   // timeouts.request is the engine's (expire()); a per-attempt timeout to the answer's head is not.
   if (entry.timeouts?.backendRequestMs !== undefined) return 'timeout';
   if ((entry.mirrors?.length ?? 0) > 0) return 'mirror';
-  if ((entry.fault ?? parent.policy.fault ?? target.policy.fault) !== undefined) return 'fault';
-  if (target.policy.maxRequestsPerConnection !== 0) return 'max_requests_per_connection';
   return undefined;
 }
 
@@ -83,6 +85,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
   private settle(s: Served<HttpClientConnection, InFlight>, r: InFlight): void {
     if (s.request === r) s.request = undefined;
     clearTimeout(r.timer);
+    clearTimeout(r.delay);
     r.release?.();
     r.release = undefined;
     this.outbound.track('active', r.target, -1);
@@ -127,15 +130,26 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       return this.host.respond(s, rawHead(d.status, ['location', d.location, 'content-length', '0']), d.status, (bytesIn) => this.outbound.count(conn, d.parent, undefined, d.status, '-', started, { ...facts, bytesIn }));
     }
     const { target } = d;
-    const request: InFlight = { started, target, facts };
+    const request: InFlight = { started, target, facts, flag: '-' };
     s.request = request;
     this.outbound.track('active', target, 1);
     const requestMs = d.entry.timeouts?.requestMs;
     if (requestMs !== undefined) request.timer = setTimeout(() => this.timedOut(s, request, requestMs), requestMs);
-    const slot = this.outbound.admit(target, (leave) => this.send(s, request, d, leave));
-    if ('status' in slot) return this.proxyAnswers(s, request, slot.status, slot.flag, slot.detail);
-    request.release = slot.leave;
-    if (slot.now) this.send(s, request, d, slot.leave);
+    // Faults (TrafficPolicy fault, Istio's semantics): the delay first, then the abort.
+    const fault = d.entry.fault ?? d.parent.policy.fault ?? target.policy.fault;
+    const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
+    const abort = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent ? fault.abort : undefined;
+    const go = (): void => {
+      if (s.request !== request) return;
+      if (abort) return this.proxyAnswers(s, request, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
+      const slot = this.outbound.admit(target, (leave) => this.send(s, request, d, leave));
+      if ('status' in slot) return this.proxyAnswers(s, request, slot.status, slot.flag, slot.detail);
+      request.release = slot.leave;
+      if (slot.now) this.send(s, request, d, slot.leave);
+    };
+    if (!delayed) return go();
+    request.flag = 'DI';
+    request.delay = setTimeout(go, fault?.delay?.ms ?? 0);
   }
 
   /** The request to an endpoint of its backend, once the circuit breaker lets it go. */
@@ -183,6 +197,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       (e) => (e instanceof UpstreamDenied ? this.proxyAnswers(s, request, 403, 'UAEX', e.message) : this.proxyAnswers(s, request, 503, 'UF', e.message)),
       edits.remove,
       edits.add,
+      target.policy.maxRequestsPerConnection,
     );
   }
 
@@ -215,6 +230,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       (e) => this.proxyAnswers(s, request, 503, 'UF', e.message),
       edits.remove,
       edits.add,
+      target.policy.maxRequestsPerConnection,
     );
   }
 
@@ -236,7 +252,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
     const facts = { ...request.facts, bytesIn, bytesOut, attempts: 1 };
     if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn, bytesOut });
-    if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, flag, request.started, facts);
+    if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, request.flag, request.started, facts);
     else this.outbound.noteAnswer(s.conn, target, endpoint, request.started, { status, flag, detail }, facts);
   }
 }
