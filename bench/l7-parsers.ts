@@ -202,7 +202,7 @@ async function proxyAddon(upstreamPort: number): Promise<void> {
           () => engine.respond(id, 'HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n', false, 502),
         );
       },
-      retry: () => undefined,
+      retry: () => false,
       done: () => undefined,
       closed: () => undefined,
     },

@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include <algorithm>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -374,8 +375,10 @@ struct Client {
   bool closeAfter = false;
   bool headRequest = false;
   bool reportAtEnd = false;  // answered by the proxy: done() when the request was read whole
-  std::string rawHead;       // the request's head as the client sent it (sent again: see Retry)
+  std::string rawHead;       // the request's head as the client sent it (sent again: see retry)
   bool idleRetried = false;
+  bool retryable = false;    // a route's retry applies: JS is asked (retry) before an answer or a reset ends it
+  std::vector<int> retryOn;  // the codes it retries on
   std::vector<std::string> answerRemove;  // lower-case names
   std::string answerAdd;                  // "name: value\r\n" lines
   uint64_t lastActive = 0;  // the last byte either way, on either side
@@ -407,6 +410,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                            InstanceMethod<&Http1Engine::Forward>("forward"),
                            InstanceMethod<&Http1Engine::Respond>("respond"),
                            InstanceMethod<&Http1Engine::Expire>("expire"),
+                           InstanceMethod<&Http1Engine::Abandon>("abandon"),
                            InstanceMethod<&Http1Engine::Release>("release"),
                            InstanceMethod<&Http1Engine::CloseJs>("close"),
                            InstanceMethod<&Http1Engine::DropPools>("dropPools"),
@@ -463,7 +467,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return info.Env().Undefined();
   }
 
-  // forward(id, pool, head, fd, answerRemove, answerAdd, maxRequests?): the request goes upstream, on `fd` (a
+  // forward(id, pool, head, fd, answerRemove, answerAdd, maxRequests?, retryOn?): the request goes upstream, on `fd` (a
   // new connection, kept in `pool` afterwards) or, with fd -1, on an idle one of `pool`. False
   // when there is none (the caller dials and calls again with the fd).
   Napi::Value Forward(const Napi::CallbackInfo& info) {
@@ -502,6 +506,12 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     u->reusable = false;
     u->reused = fd < 0;
     u->maxRequests = info.Length() > 6 && info[6].IsNumber() ? info[6].As<Napi::Number>().Uint32Value() : 0;
+    c->retryable = info.Length() > 7 && info[7].IsArray();
+    c->retryOn.clear();
+    if (c->retryable) {
+      Napi::Array codes = info[7].As<Napi::Array>();
+      for (uint32_t i = 0; i < codes.Length(); i++) c->retryOn.push_back(codes.Get(i).As<Napi::Number>().Int32Value());
+    }
     c->rawHead.assign(c->peer.in, 0, c->req.length);
     u->peer.out.append(Latin1(info[2]));
     c->peer.in.erase(0, c->req.length);
@@ -560,6 +570,22 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     else PumpRequest(c);
     depth_--;
     return Napi::Number::New(env, 0);
+  }
+
+  // abandon(id): the attempt in flight is given up before its answer came (a per-try timeout):
+  // its upstream goes and the request waits for forward() again. False when there is no such
+  // attempt (its answer is under way, it has a body, or none is in flight).
+  Napi::Value Abandon(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    if (!c || c->phase != Client::Phase::kExchange || c->answered || !c->up || c->up->headDone || c->body.kind != BodyKind::kNone) return Napi::Boolean::New(env, false);
+    depth_++;
+    DetachUpstream(c, false);
+    c->peer.in.insert(0, c->rawHead);
+    c->phase = Client::Phase::kDecide;
+    Arm(&c->peer);
+    depth_--;
+    return Napi::Boolean::New(env, true);
   }
 
   // release(id): {fd, buffered}: the client connection back to JS, at a request's start (the
@@ -906,21 +932,39 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         // A reused idle connection its server closed just as the request went (the keep-alive
         // race): a request without a body is sent again once, on another connection JS gives
         // (forward() again), as node:http's documentation advises. Nothing reached the client.
-        if (none && p->in.empty() && u->reused && !c->idleRetried && c->body.kind == BodyKind::kNone) {
+        // A route's retry does the same for any request without a body, when JS says so.
+        if (none && p->in.empty() && c->body.kind == BodyKind::kNone && (c->retryable || (u->reused && !c->idleRetried))) {
           c->idleRetried = true;
           DetachUpstream(c, false);
           c->peer.in.insert(0, c->rawHead);
           c->phase = Client::Phase::kDecide;
           Arm(&c->peer);
-          return Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id))});
+          if (Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, 0)})) return;
+          // JS will not send it again: the proxy answers, as below.
+          if (c->peer.closed || c->phase != Client::Phase::kDecide) return;
+          c->peer.in.erase(0, c->req.length);
+          c->phase = Client::Phase::kExchange;
+          return Answer(c, 503, "UC", "upstream connect error or disconnect/reset before headers");
         }
         // Nothing of an answer, or not one we can pass on: the proxy answers (Envoy's UC / UPE).
         DetachUpstream(c, false);
         return Answer(c, none ? 503 : 502, none ? "UC" : "UPE", none ? "upstream connect error or disconnect/reset before headers" : "upstream sent a malformed answer: " + why);
       }
+      bool interim = h.status < 200;
+      // A route's retry on this code (a request without a body): JS says whether it goes again
+      // (then this answer is dropped with its connection) or is passed on.
+      if (!interim && c->retryable && c->body.kind == BodyKind::kNone && std::find(c->retryOn.begin(), c->retryOn.end(), h.status) != c->retryOn.end()) {
+        bool again = Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, h.status)});
+        if (c->peer.closed || c->up != u) return;
+        if (again) {
+          DetachUpstream(c, false);
+          c->peer.in.insert(0, c->rawHead);
+          c->phase = Client::Phase::kDecide;
+          return Arm(&c->peer);
+        }
+      }
       p->in.erase(0, h.length);
       std::string head = "HTTP/1.1 " + std::to_string(h.status) + " " + h.reason + "\r\n";
-      bool interim = h.status < 200;
       bool untilClose = !interim && !c->headRequest && h.status != 204 && h.status != 304 && !h.chunked && h.contentLength == kNoLength;
       if (untilClose) c->closeAfter = true;
       std::vector<std::string> listed;
@@ -1081,13 +1125,16 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                  Napi::Number::New(env, static_cast<double>(c->body.bytes)), Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::String::New(env, detail)});
   }
 
-  void Call(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
-    if (shutdown_) return;
+  // Calls into JS; true when it returned true (what retry() answers).
+  bool Call(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
+    if (shutdown_) return false;
     Napi::HandleScope scope(env_);
     try {
-      f.MakeCallback(Value(), args, ctx_);
+      Napi::Value v = f.MakeCallback(Value(), args, ctx_);
+      return v.IsBoolean() && v.As<Napi::Boolean>().Value();
     } catch (const Napi::Error& e) {
       napi_fatal_exception(env_, e.Value());
+      return false;
     }
   }
 

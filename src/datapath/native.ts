@@ -164,11 +164,12 @@ export interface Http1Events {
   /** A request's head: answer it with forward(), respond() or release() (now or later). Names and values are Latin-1 as sent. */
   head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
   /**
-   * The request waiting on `id` went on a reused idle connection that its server closed before
-   * answering (the keep-alive race); it has no body and nothing reached the client: forward() it
-   * again (once), on another connection.
+   * The request on `id` (no body, nothing of an answer passed on) may go again: its answer has a
+   * code of its `retryOn` (`status`), or its connection ended before any answer (status 0: a
+   * reset, or the keep-alive race on a reused idle connection). True: it is dropped and waits for
+   * forward() again (later is fine); false: the answer is passed on (or 503 UC answers the reset).
    */
-  retry(id: number): void;
+  retry(id: number, status: number): boolean;
   /**
    * A request ended: the status the client got (0 if none), Envoy's response flag (`-`, or DPE,
    * UC, UPE when the engine answered or cut it), body bytes both ways.
@@ -207,7 +208,9 @@ export interface Http1Engine {
    * connection of `pool`. False when there is none; then dial and call again with the fd.
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
-  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number): boolean;
+  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>): boolean;
+  /** Gives up the attempt in flight on `id` before its answer came (its upstream closed; the request waits for forward() again); false when there is none to give up. */
+  abandon(id: number): boolean;
   /**
    * The proxy's own answer (a whole HTTP/1.1 message, its status `status`) to the request waiting
    * on `id`; `close` ends the connection after it. The request's body, if any, is read and

@@ -33,6 +33,8 @@ interface Rig {
   readonly upstream: { requests: Array<{ method: string; url: string; headers: IncomingMessage['headers'] }>; connections: number };
   /** What to do with a request's head (default: forward to the upstream, pool "up"). */
   onHead: (id: number, method: string, target: string, headers: string[]) => void;
+  /** The engine's retry event (default: the same head again, at once). */
+  onRetry: (id: number, status: number) => boolean;
 }
 
 async function listening(server: Server | HttpServer): Promise<number> {
@@ -76,6 +78,10 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
     done,
     closed,
     upstream,
+    onRetry: (id) => {
+      void forwardWith(r, id, heads.get(id) ?? '', [], '');
+      return true;
+    },
     onHead: (id, method, target, headers) => {
       let head = `${method} ${target} HTTP/1.1\r\n`;
       for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
@@ -86,7 +92,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
   const engine = http1Engine(
     {
       head: (id, method, target, _minor, headers) => r.onHead(id, method, target, headers),
-      retry: (id) => void forwardWith(r, id, heads.get(id) ?? '', [], ''),
+      retry: (id, status) => r.onRetry(id, status),
       done: (_id, status, flag, bytesIn, bytesOut, detail) => void done.push({ status, flag, bytesIn, bytesOut, detail }),
       closed: (_id, reason) => void closed.push(reason),
     },
@@ -367,4 +373,42 @@ test('expire: a request whose time ran out is answered by the proxy when nothing
   assert.equal(r.engine.expire(ids[1] ?? 0, Buffer.alloc(0), 504), 200, 'under way: the status of the answer to cut');
   r.engine.close(ids[1] ?? 0);
   await assert.rejects(next, 'the client sees its answer cut');
+});
+
+test('a route\'s retry: an answer with a code it retries on is dropped and the request goes again when the caller says so; a reset before any answer too; otherwise the answer stands', async (t) => {
+  let n = 0;
+  const r = await rig(t, () => undefined, (sock) => {
+    sock.on('error', () => undefined);
+    sock.on('data', () => {
+      n++;
+      // 1: a 503; 2: a reset; 3: a 200; 4: a 503 the caller lets stand.
+      if (n === 2) return void sock.destroy();
+      const [status, body] = n === 1 || n === 4 ? ['503 Service Unavailable', 'no'] : ['200 OK', 'ok'];
+      sock.write(`HTTP/1.1 ${status}\r\ncontent-length: ${body.length}\r\n\r\n${body}`);
+    });
+  });
+  const asked: number[] = [];
+  let allow = true;
+  r.onHead = (id, method, target) => {
+    const head = `${method} ${target} HTTP/1.1\r\nhost: x\r\n\r\n`;
+    r.heads.set(id, head);
+    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
+  };
+  r.onRetry = (id, status) => {
+    asked.push(status);
+    if (!allow) return false;
+    // Later, as a backoff would: a new connection each time.
+    setTimeout(() => void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
+    return true;
+  };
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const first = await fetchOn(agent, r.port, '/a');
+  assert.deepEqual([first.status, first.body.toString()], [200, 'ok'], 'the 503 and the reset were retried');
+  assert.deepEqual(asked, [503, 0]);
+  allow = false;
+  const second = await fetchOn(agent, r.port, '/b');
+  assert.deepEqual([second.status, second.body.toString()], [503, 'no'], 'not retried: the answer stands');
+  assert.deepEqual(asked, [503, 0, 503]);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [503, '-']]);
 });

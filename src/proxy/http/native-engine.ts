@@ -29,10 +29,34 @@ export interface Served<C, R> {
   request: R | undefined;
 }
 
+/** How a request goes upstream (Http1Host.forward). */
+export interface Forwarding {
+  /** The pool: its idle connections are used first, a new one joins it. */
+  readonly pool: string;
+  /** The request line and headers, CRLFCRLF included. */
+  readonly head: string;
+  /** A new connection's fd, the caller's. */
+  dial(): Promise<number>;
+  failed(e: Error): void;
+  /** Lower-case names removed from the answer's head, then these "name: value\r\n" lines added. */
+  readonly answerRemove?: ReadonlyArray<string>;
+  readonly answerAdd?: string;
+  /** A connection closes after this many answers (0: no limit). */
+  readonly maxRequests?: number;
+  /** A route's retry: the codes it retries on (the handler's retry() is asked on those and on resets). */
+  readonly retryOn?: ReadonlyArray<number>;
+}
+
 /** What a side does with each request on the engine. */
 export interface Http1Handler<C, R> {
-  /** A request's head: answer it through the host (forward, respond or handBack), now or later. */
-  head(s: Served<C, R>, req: RequestHead): void;
+  /** A request's head (`body`: it has one): answer it through the host (forward, respond or handBack), now or later. */
+  head(s: Served<C, R>, req: RequestHead, body: boolean): void;
+  /**
+   * The attempt in flight got an answer with a code of its `retryOn` (or a reset before any
+   * answer: status 0): true to send it again (later, through forward), false to let the answer
+   * (or the engine's 503) stand, undefined when no retry rule applies.
+   */
+  retry?(s: Served<C, R>, status: number): boolean | undefined;
   /** The engine ended the request: its answer passed on (or cut), or the engine's own answer (flags DPE, UC, UPE). */
   done(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
   /** The client left with the request in flight. */
@@ -89,7 +113,7 @@ function resumeReading(client: Socket): void {
 
 export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
-  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void; again?: () => void }>();
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
   private nextId = 0;
   private failed = false;
 
@@ -140,7 +164,7 @@ export class Http1Host<C, R> {
         client.destroy();
         resolve();
       };
-      this.served.set(id, { s, end });
+      this.served.set(id, { s, end, attempts: 0 });
       // The pod left (its sockets are destroyed) or the proxy closes: the engine's copy goes too.
       client.once('close', () => {
         if (!ended) engine.close(id);
@@ -160,29 +184,35 @@ export class Http1Host<C, R> {
   }
 
   /**
-   * The request goes upstream with `head`: on an idle connection of `pool`, else on a new one
-   * from `dial` (pooled afterwards). `failed` is told when the dial fails (the request still waits
-   * for an answer: respond()). `answerRemove`/`answerAdd` change the answer's head; a connection
-   * closes after `maxRequests` answers (0: no limit).
+   * The request goes upstream (`how`): on an idle connection of its pool, else on a new one from
+   * `dial` (pooled afterwards). `failed` is told when the dial fails (the request still waits for
+   * an answer). A dial that comes back after its attempt was given up (answered, retried, or the
+   * connection's next request) is closed unused.
    */
-  forward(s: Served<C, R>, pool: string, head: string, dial: () => Promise<number>, failed: (e: Error) => void, answerRemove: ReadonlyArray<string> = [], answerAdd = '', maxRequests = 0): void {
+  forward(s: Served<C, R>, how: Forwarding): void {
     const engine = this.engine;
     const entry = this.served.get(s.id);
     if (!engine || !entry) return;
-    // The keep-alive race (the engine's retry event): the same request again, on another connection.
-    entry.again = () => this.forward(s, pool, head, dial, failed, answerRemove, answerAdd, maxRequests);
-    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests)) return;
+    const attempt = ++entry.attempts;
     const request = s.request;
-    dial().then(
+    // The keep-alive race (the engine's retry event, no retry rule): the same request again, on another connection.
+    entry.again = () => this.forward(s, how);
+    const { pool, head, answerRemove = [], answerAdd = '', maxRequests = 0, retryOn } = how;
+    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn)) return;
+    how.dial().then(
       (fd) => {
-        // The client may have gone meanwhile: forward() closes the fd then.
-        if (this.engine === engine) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests);
+        if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn);
         else closeFd(fd);
       },
       (e: Error) => {
-        if (s.request === request) failed(e);
+        if (entry.attempts === attempt && s.request === request) how.failed(e);
       },
     );
+  }
+
+  /** Gives up the attempt in flight on `s` before its answer came (a per-try timeout); false when there is none to give up. */
+  abandon(s: Served<C, R>): boolean {
+    return this.engine?.abandon(s.id) ?? false;
   }
 
   /**
@@ -242,19 +272,24 @@ export class Http1Host<C, R> {
     try {
       this.engine = http1Engine(
         {
-          head: (id, method, url, minor, rawHeaders, _body, upgrade) => {
+          head: (id, method, url, minor, rawHeaders, body, upgrade) => {
             const entry = this.served.get(id);
             if (!entry) return this.engine?.close(id);
             // HTTP/1.0 (its answers framed as it reads them) and upgrades are node:http's.
             if (minor === 0 || upgrade) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'upgrade');
-            this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders });
+            this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders }, body !== 0);
           },
-          retry: (id) => {
+          retry: (id, status) => {
             const entry = this.served.get(id);
-            const again = entry?.again;
-            if (!entry || !again) return this.engine?.close(id);
+            if (!entry || entry.s.request === undefined) return false;
+            // A route's retry decides; without one, the keep-alive race is sent again once.
+            const decided = this.handler.retry?.(entry.s, status);
+            if (decided !== undefined) return decided;
+            const again = entry.again;
             entry.again = undefined;
+            if (!again || status !== 0) return false;
             again();
+            return true;
           },
           done: (id, status, flag, bytesIn, bytesOut, detail) => {
             const entry = this.served.get(id);

@@ -44,13 +44,12 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (given === undefined) headers.push('x-request-id', requestId);
     s.request = { started, facts: { ...facts, attempts: 1 } };
-    this.host.forward(
-      s,
-      conn.poolKey,
-      requestHead(req.method ?? 'GET', admitted.target, headers),
-      () => conn.dialFd(),
-      (e) => this.answers(s, 503, 'UF', e.message),
-    );
+    this.host.forward(s, {
+      pool: conn.poolKey,
+      head: requestHead(req.method ?? 'GET', admitted.target, headers),
+      dial: () => conn.dialFd(),
+      failed: (e) => this.answers(s, 503, 'UF', e.message),
+    });
   }
 
   /** Answered here: the application could not be reached. */

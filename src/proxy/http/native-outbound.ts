@@ -1,9 +1,10 @@
 /**
  * The client side of L7 on the addon's HTTP/1.1 engine (native-engine.ts): each request is routed
  * by the same decide() as on node:http, so routing, weights, filters, affinity, circuit breaking
- * and outlier detection are one code; a rule's timeouts.request (expire()), faults and
- * maxRequestsPerConnection apply here too. The engine does not do what needs a request kept or
- * timed per attempt: retries, backendRequest timeouts, mirrors (and upgrades, HTTP/1.0). A
+ * and outlier detection are one code; a rule's timeouts.request (expire()), faults,
+ * maxRequestsPerConnection, and the retries and per-attempt timeouts of requests without a body
+ * apply here too. The engine keeps no body for a replay: a request with one on a rule with a
+ * retry or backendRequest timeout, a mirror (and upgrades, HTTP/1.0) go to node:http. A
  * request that needs one of them hands its connection to node:http (HttpOutbound) from that
  * request on, so nothing is refused for being unsupported here.
  */
@@ -14,7 +15,7 @@ import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, rawHead, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { Http1Host, headerObject, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
+import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
@@ -33,14 +34,25 @@ interface InFlight {
   delay?: NodeJS.Timeout;
   /** The response flag of an answer passed on: '-', or DI when a fault delayed it. */
   flag: string;
+  /** Where it goes (the decision), for each attempt. */
+  readonly d: Extract<Decision, { kind: 'forward' }>;
+  /** Attempts made, and retries among them. */
+  attempts: number;
+  retries: number;
+  /** timeouts.backendRequest of the attempt in flight; the backoff before the next one. */
+  tryTimer?: NodeJS.Timeout;
+  retryTimer?: NodeJS.Timeout;
 }
 
-/** Why the engine cannot carry a request decided so (what needs it kept or timed), or undefined when it can. */
-function engineCannot(d: Extract<Decision, { kind: 'forward' }>): string | undefined {
+/**
+ * Why the engine cannot carry a request decided so, or undefined when it can. Retries and
+ * per-attempt timeouts need the request sent again: the engine does that for requests without a
+ * body only (it keeps no body for a replay); a mirror needs a copy of it.
+ */
+function engineCannot(d: Extract<Decision, { kind: 'forward' }>, body: boolean): string | undefined {
   const { entry } = d;
-  if (entry.retry !== undefined) return 'retry';
-  // timeouts.request is the engine's (expire()); a per-attempt timeout to the answer's head is not.
-  if (entry.timeouts?.backendRequestMs !== undefined) return 'timeout';
+  if (entry.retry !== undefined && body) return 'retry';
+  if (entry.timeouts?.backendRequestMs !== undefined && body) return 'timeout';
   if ((entry.mirrors?.length ?? 0) > 0) return 'mirror';
   return undefined;
 }
@@ -86,6 +98,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (s.request === r) s.request = undefined;
     clearTimeout(r.timer);
     clearTimeout(r.delay);
+    clearTimeout(r.tryTimer);
+    if (r.retryTimer) {
+      clearTimeout(r.retryTimer);
+      r.retryTimer = undefined;
+      this.outbound.track('retrying', r.target, -1);
+    }
     r.release?.();
     r.release = undefined;
     this.outbound.track('active', r.target, -1);
@@ -97,7 +115,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     this.settle(s, r);
     const detail = `no answer within ${ms} ms (timeouts.request)`;
     const count = (status: number, bytesIn: number): void => {
-      this.outbound.noteAnswer(s.conn, r.target, r.endpoint, r.started, { status, flag: 'UT', detail }, { ...r.facts, bytesIn, attempts: 1 });
+      this.outbound.noteAnswer(s.conn, r.target, r.endpoint, r.started, { status, flag: 'UT', detail }, { ...r.facts, bytesIn, attempts: r.attempts });
       if (r.local) this.inbound?.count(r.local.conn, status, 'UT', r.started, { ...r.local.facts, bytesIn });
     };
     const cut = this.host.expire(s, proxyAnswer(504, detail), 504, (bytesIn) => count(504, bytesIn));
@@ -113,13 +131,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (r.local) this.inbound?.count(r.local.conn, 0, 'DC', r.started, r.local.facts);
   }
 
-  head(s: Served<HttpClientConnection, InFlight>, req: RequestHead): void {
+  head(s: Served<HttpClientConnection, InFlight>, req: RequestHead, body: boolean): void {
     const started = performance.now();
     const given = req.headers['x-request-id'];
     const requestId = typeof given === 'string' ? given : randomUUID();
     const { conn } = s;
     const d = this.outbound.decide(req, conn, requestId);
-    const cannot = d.kind === 'forward' ? engineCannot(d) : undefined;
+    const cannot = d.kind === 'forward' ? engineCannot(d, body) : undefined;
     if (cannot) return this.host.handBack(s, cannot);
     const facts: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
     if (d.kind === 'answer') {
@@ -130,7 +148,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       return this.host.respond(s, rawHead(d.status, ['location', d.location, 'content-length', '0']), d.status, (bytesIn) => this.outbound.count(conn, d.parent, undefined, d.status, '-', started, { ...facts, bytesIn }));
     }
     const { target } = d;
-    const request: InFlight = { started, target, facts, flag: '-' };
+    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0 };
     s.request = request;
     this.outbound.track('active', target, 1);
     const requestMs = d.entry.timeouts?.requestMs;
@@ -142,19 +160,69 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const go = (): void => {
       if (s.request !== request) return;
       if (abort) return this.proxyAnswers(s, request, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
-      const slot = this.outbound.admit(target, (leave) => this.send(s, request, d, leave));
-      if ('status' in slot) return this.proxyAnswers(s, request, slot.status, slot.flag, slot.detail);
-      request.release = slot.leave;
-      if (slot.now) this.send(s, request, d, slot.leave);
+      this.attempt(s, request);
     };
     if (!delayed) return go();
     request.flag = 'DI';
     request.delay = setTimeout(go, fault?.delay?.ms ?? 0);
   }
 
+  /** One attempt, once the backend's circuit breaker lets it go (maxConnections in flight, maxPendingRequests waiting). */
+  private attempt(s: Served<HttpClientConnection, InFlight>, request: InFlight): void {
+    const slot = this.outbound.admit(request.target, (leave) => this.send(s, request, leave));
+    if ('status' in slot) return this.proxyAnswers(s, request, slot.status, slot.flag, slot.detail);
+    request.release = slot.leave;
+    if (slot.now) this.send(s, request, slot.leave);
+  }
+
+  /** Whether another attempt may go: retries left, within the backend's retry budget. */
+  private mayRetry(r: InFlight): boolean {
+    const retry = r.d.entry.retry;
+    if (!retry || r.retries >= retry.attempts) return false;
+    if (this.outbound.retryAllowed(r.target)) return true;
+    this.outbound.metrics.httpRetries.inc({ service: r.target.key, result: 'budget_exhausted' });
+    return false;
+  }
+
+  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  private retryLater(s: Served<HttpClientConnection, InFlight>, r: InFlight): void {
+    clearTimeout(r.tryTimer);
+    r.release?.();
+    r.release = undefined;
+    r.retries++;
+    const base = r.d.entry.retry?.backoffMs ?? 0;
+    const delay = Math.random() * Math.min(base * 2 ** (r.retries - 1), base * 10);
+    this.outbound.metrics.httpRetries.inc({ service: r.target.key, result: 'retried' });
+    this.outbound.track('retrying', r.target, 1);
+    r.retryTimer = setTimeout(() => {
+      r.retryTimer = undefined;
+      this.outbound.track('retrying', r.target, -1);
+      if (s.request === r) this.attempt(s, r);
+    }, delay);
+  }
+
+  retry(s: Served<HttpClientConnection, InFlight>, status: number): boolean | undefined {
+    const r = s.request;
+    if (!r?.d.entry.retry) return undefined;
+    // Outlier detection counts the answer that is dropped.
+    if (status > 0 && r.endpoint && this.outbound.lb.answered(r.target, r.endpoint, status)) this.outbound.ejected(r.target, r.endpoint, `consecutive error answers (the last ${status})`);
+    if (!this.mayRetry(r)) return false;
+    this.retryLater(s, r);
+    return true;
+  }
+
+  /** timeouts.backendRequest ran out before the attempt's answer: another attempt, or 504 (UT). */
+  private perTryTimeout(s: Served<HttpClientConnection, InFlight>, r: InFlight, ms: number): void {
+    if (s.request !== r || !this.host.abandon(s)) return;
+    if (this.mayRetry(r)) return this.retryLater(s, r);
+    this.proxyAnswers(s, r, 504, 'UT', `no answer within ${ms} ms (timeouts.backendRequest)`);
+  }
+
   /** The request to an endpoint of its backend, once the circuit breaker lets it go. */
-  private send(s: Served<HttpClientConnection, InFlight>, request: InFlight, d: Extract<Decision, { kind: 'forward' }>, leave: () => void): void {
+  private send(s: Served<HttpClientConnection, InFlight>, request: InFlight, leave: () => void): void {
     if (s.request !== request) return leave();
+    const { d } = request;
+    request.attempts++;
     const { target, upstream } = d;
     const lb = this.outbound.lb;
     const endpoint = lb.pick(target, undefined, upstream.hashKey);
@@ -181,12 +249,16 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       leave();
     };
     const edits = answerEdits(upstream.answerChanges);
-    if (local && this.inbound) return this.sendLocal(s, request, d, local, this.inbound, edits);
-    this.host.forward(
-      s,
-      `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
-      requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers),
-      async () => {
+    const { retry, timeouts } = d.entry;
+    const backendMs = timeouts?.backendRequestMs;
+    if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
+    const common = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, ...(retry ? { retryOn: retry.codes } : {}) };
+    if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
+    this.host.forward(s, {
+      ...common,
+      pool: `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
+      head: requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers),
+      dial: async () => {
         const fd = await s.conn.dialFd(target, endpoint).catch((e: unknown) => {
           if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
           throw e;
@@ -194,11 +266,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         lb.connectSucceeded(endpoint);
         return fd;
       },
-      (e) => (e instanceof UpstreamDenied ? this.proxyAnswers(s, request, 403, 'UAEX', e.message) : this.proxyAnswers(s, request, 503, 'UF', e.message)),
-      edits.remove,
-      edits.add,
-      target.policy.maxRequestsPerConnection,
-    );
+      failed: (e) => {
+        if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
+        if (this.mayRetry(request)) return this.retryLater(s, request);
+        this.proxyAnswers(s, request, 503, 'UF', e.message);
+      },
+    });
   }
 
   /**
@@ -206,8 +279,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
    * side sends it is admitted by the destination's side (normalized path, authorization, rate
    * limits) and goes straight to the application; each side counts it under its own reporter.
    */
-  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, d: Extract<Decision, { kind: 'forward' }>, local: HttpServerConnection, inbound: HttpInbound, edits: { remove: string[]; add: string }): void {
-    const { upstream, target } = d;
+  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: Omit<Forwarding, 'pool' | 'head' | 'dial' | 'failed'>): void {
+    const { upstream, target } = request.d;
     const req: RequestHead = { method: request.facts.req.method, url: upstream.path, httpVersion: '1.1', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
     const atDestination: AccessFacts = { ...request.facts, req, route: '', attempts: 1 };
     request.local = { conn: local, facts: atDestination };
@@ -222,16 +295,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         this.outbound.count(s.conn, target, request.endpoint, admitted.status, '-', request.started, { ...request.facts, bytesIn, bytesOut, attempts: 1 });
       });
     }
-    this.host.forward(
-      s,
-      local.poolKey,
-      requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
-      () => local.dialFd(),
-      (e) => this.proxyAnswers(s, request, 503, 'UF', e.message),
-      edits.remove,
-      edits.add,
-      target.policy.maxRequestsPerConnection,
-    );
+    this.host.forward(s, {
+      ...common,
+      pool: local.poolKey,
+      head: requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
+      dial: () => local.dialFd(),
+      failed: (e) => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message)),
+    });
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
@@ -250,7 +320,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { endpoint, target } = request;
     // Outlier detection on answers the backend gave (not on the engine's own).
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
-    const facts = { ...request.facts, bytesIn, bytesOut, attempts: 1 };
+    const facts = { ...request.facts, bytesIn, bytesOut, attempts: request.attempts };
     if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn, bytesOut });
     if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, request.flag, request.started, facts);
     else this.outbound.noteAnswer(s.conn, target, endpoint, request.started, { status, flag, detail }, facts);
