@@ -141,7 +141,13 @@ export class Http1Host<C, R> {
     const engine = this.start();
     const fd = socketFd(client);
     if (!engine || fd === undefined) return undefined;
-    const own = dupFd(fd);
+    let own: number;
+    try {
+      own = dupFd(fd);
+    } catch {
+      // No fd for the engine's copy (EMFILE): node:http serves this one on the socket it has.
+      return undefined;
+    }
     const id = ++this.nextId;
     client.setNoDelay(true);
     const held = stopReading(client);
