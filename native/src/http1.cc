@@ -535,15 +535,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     }
     c->peer.in.erase(0, c->req.length);
     if (info[2].ToBoolean().Value()) c->closeAfter = true;
-    c->phase = Client::Phase::kExchange;
-    c->answered = true;
-    // Reported (with the body bytes dropped) once the request is read whole.
-    c->status = info[3].As<Napi::Number>().Int32Value();
-    c->reportAtEnd = true;
     depth_++;
-    // The request's body, if any, is read and dropped (as it comes) before the next request.
-    if (!Flush(&c->peer)) CloseClient(c, std::string("client socket: ") + strerror(errno), true);
-    else PumpRequest(c);
+    AnswerWith(c, info[3].As<Napi::Number>().Int32Value());
     depth_--;
     return info.Env().Undefined();
   }
@@ -562,12 +555,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (c->up) DetachUpstream(c, false);
     auto b = info[1].As<Napi::Buffer<char>>();
     c->peer.out.append(b.Data(), b.Length());
-    c->phase = Client::Phase::kExchange;
-    c->answered = true;
-    c->status = info[2].As<Napi::Number>().Int32Value();
-    c->reportAtEnd = true;
-    if (!Flush(&c->peer)) CloseClient(c, std::string("client socket: ") + strerror(errno), true);
-    else PumpRequest(c);
+    AnswerWith(c, info[2].As<Napi::Number>().Int32Value());
     depth_--;
     return Napi::Number::New(env, 0);
   }
@@ -580,10 +568,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Client* c = Find(info[0]);
     if (!c || c->phase != Client::Phase::kExchange || c->answered || !c->up || c->up->headDone || c->body.kind != BodyKind::kNone) return Napi::Boolean::New(env, false);
     depth_++;
-    DetachUpstream(c, false);
-    c->peer.in.insert(0, c->rawHead);
-    c->phase = Client::Phase::kDecide;
-    Arm(&c->peer);
+    Requeue(c);
     depth_--;
     return Napi::Boolean::New(env, true);
   }
@@ -884,8 +869,41 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (report) ReportDone(c, c->status, "-", "");
     if (c->peer.closed) return;
     c->phase = c->closeAfter ? Client::Phase::kClosing : Client::Phase::kHead;
-    if (!Flush(&c->peer)) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    if (!FlushClient(c)) return;
     AdvanceClient(c);
+  }
+
+  // Writes what is queued for the client; on an error the connection is reset: false.
+  bool FlushClient(Client* c) {
+    if (Flush(&c->peer)) return true;
+    CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    return false;
+  }
+
+  // The proxy's own answer (queued in the client's out already) ends the request: reported with
+  // `status` once the request's body, if any, was read and dropped (as it comes), before the next
+  // request.
+  void AnswerWith(Client* c, int status) {
+    c->phase = Client::Phase::kExchange;
+    c->answered = true;
+    c->status = status;
+    c->reportAtEnd = true;
+    if (FlushClient(c)) PumpRequest(c);
+  }
+
+  // The request waits for forward() again, as it came (its head back in front of what was read):
+  // its upstream goes.
+  void Requeue(Client* c) {
+    DetachUpstream(c, false);
+    c->peer.in.insert(0, c->rawHead);
+    c->phase = Client::Phase::kDecide;
+    Arm(&c->peer);
+  }
+
+  // A whole message of the proxy's: a text body, closing the connection after it when `close`.
+  static std::string ProxyMessage(int status, const char* reason, const std::string& detail, bool close) {
+    std::string body = detail + "\n";
+    return "HTTP/1.1 " + std::to_string(status) + " " + reason + "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\n" + (close ? "connection: close\r\n" : "") + "\r\n" + body;
   }
 
   // The proxy's answer to a request it cannot read; the connection ends after it. `why` is
@@ -893,9 +911,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   // client reads the text.
   void Refuse(Client* c, int status, const std::string& why) {
     size_t colon = why.find(": ");
-    std::string body = (colon == std::string::npos ? why : why.substr(colon + 2)) + "\n";
-    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 431 ? " Request Header Fields Too Large" : status == 408 ? " Request Timeout" : " Bad Request") +
-                   "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\nconnection: close\r\n\r\n" + body;
+    c->peer.out += ProxyMessage(status, status == 431 ? "Request Header Fields Too Large" : status == 408 ? "Request Timeout" : "Bad Request", colon == std::string::npos ? why : why.substr(colon + 2), true);
     c->phase = Client::Phase::kClosing;
     c->peer.in.clear();
     ReportDone(c, status, "DPE", why);
@@ -935,10 +951,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         // A route's retry does the same for any request without a body, when JS says so.
         if (none && p->in.empty() && c->body.kind == BodyKind::kNone && (c->retryable || (u->reused && !c->idleRetried))) {
           c->idleRetried = true;
-          DetachUpstream(c, false);
-          c->peer.in.insert(0, c->rawHead);
-          c->phase = Client::Phase::kDecide;
-          Arm(&c->peer);
+          Requeue(c);
           if (Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, 0)})) return;
           // JS will not send it again: the proxy answers, as below.
           if (c->peer.closed || c->phase != Client::Phase::kDecide) return;
@@ -956,12 +969,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       if (!interim && c->retryable && c->body.kind == BodyKind::kNone && std::find(c->retryOn.begin(), c->retryOn.end(), h.status) != c->retryOn.end()) {
         bool again = Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, h.status)});
         if (c->peer.closed || c->up != u) return;
-        if (again) {
-          DetachUpstream(c, false);
-          c->peer.in.insert(0, c->rawHead);
-          c->phase = Client::Phase::kDecide;
-          return Arm(&c->peer);
-        }
+        if (again) return Requeue(c);
       }
       p->in.erase(0, h.length);
       std::string head = "HTTP/1.1 " + std::to_string(h.status) + " " + h.reason + "\r\n";
@@ -1014,7 +1022,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       return Cut(c, "upstream sent a malformed chunked body");
     }
     c->bytesOut = u->body.bytes;
-    if (!Flush(&c->peer)) return CloseClient(c, std::string("client socket: ") + strerror(errno), true);
+    if (!FlushClient(c)) return;
     if (!u->body.done) {
       if (p->eof) {
         DetachUpstream(c, false);
@@ -1035,9 +1043,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   // The proxy's answer in place of the upstream's (nothing of it was passed on yet).
   void Answer(Client* c, int status, const char* flag, const std::string& detail) {
-    std::string body = detail + "\n";
-    c->peer.out += "HTTP/1.1 " + std::to_string(status) + (status == 503 ? " Service Unavailable" : " Bad Gateway") +
-                   "\r\ncontent-type: text/plain\r\ncontent-length: " + std::to_string(body.size()) + "\r\n" + (c->closeAfter || !c->body.done ? "connection: close\r\n" : "") + "\r\n" + body;
+    c->peer.out += ProxyMessage(status, status == 503 ? "Service Unavailable" : "Bad Gateway", detail, c->closeAfter || !c->body.done);
     c->status = status;
     c->answered = true;
     ReportDone(c, status, flag, detail);
