@@ -864,9 +864,14 @@ export class NodeProxy {
    */
   private httpConnection(state: PodState, client: Socket, original: SocketAddress, parent: ServiceTarget): HttpClientConnection {
     const hostOf = (endpoint: Endpoint): string => (original.family === 6 ? endpoint.workload.ip6 : endpoint.workload.ip4) || endpoint.workload.ip4 || endpoint.workload.ip6;
-    const dial = async (target: ServiceTarget, endpoint: Endpoint): Promise<Connected> => {
-      const upstream = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
+    const upstreamOf = (target: ServiceTarget, endpoint: Endpoint): Upstream => this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
+    // The destination's policy on this node judges the connection (admitLocal).
+    const admitted = (upstream: Upstream, endpoint: Endpoint): Upstream => {
       if (!this.admitLocal(state, upstream)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
+      return upstream;
+    };
+    const dial = async (target: ServiceTarget, endpoint: Endpoint): Promise<Connected> => {
+      const upstream = admitted(upstreamOf(target, endpoint), endpoint);
       const connected = await this.connect(state, upstream, target.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);
       this.metrics.proxied.inc({ path: upstream.path });
       return connected;
@@ -884,13 +889,11 @@ export class NodeProxy {
         // A pod of this node whose port its side reads as HTTP/1.1: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it
         // a socket pair, judged by admitLocal).
-        const u = this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, serviceLabels(target.service, 'outbound'));
-        if (u.path !== 'same_node' || !u.local || this.readsHttp(u.local, u.port) !== 'http1') return undefined;
-        const destinationLabels = u.labels.find((l) => l.reporter === 'destination');
-        if (!destinationLabels) return undefined;
-        if (!this.admitLocal(state, u)) throw new UpstreamDenied(`the policy of ${endpoint.workload.namespace}/${endpoint.workload.name} refused the connection`);
-        const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
-        return this.serverConnection(u.local, 'http1', facts, 'same_node', destinationLabels, state.pod);
+        const u = upstreamOf(target, endpoint);
+        const read = this.readHere(state, u);
+        if (read?.reads !== 'http1') return undefined;
+        admitted(u, endpoint);
+        return this.serverConnection(read.local, 'http1', read.facts, 'same_node', read.labels, state.pod);
       },
       labels: (target, endpoint) => {
         const service = serviceLabels(target.service, 'outbound');
@@ -1116,13 +1119,8 @@ export class NodeProxy {
     }
     // The same-node fast path into a port read as HTTP: the destination's side serves one end of a
     // socket pair, with the source's identity known first-hand (as admitLocal judged it).
-    const reads = u.path === 'same_node' && u.local ? this.readsHttp(u.local, u.port) : undefined;
-    if (u.local && reads !== undefined) {
-      const facts = { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port };
-      const destinationLabels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
-      if (!destinationLabels) throw new Error('a same-node upstream has its destination labels');
-      return { fd: this.readPair(u.local, reads, facts, 'same_node', destinationLabels, state.pod) };
-    }
+    const read = this.readHere(state, u);
+    if (read) return { fd: this.readPair(read.local, read.reads, read.facts, 'same_node', read.labels, state.pod) };
     const how = u.transparentSource
       ? { mark: NM_DELIVERY_MARK, localHost: u.transparentSource, transparent: true, bypassMapFd: this.datapath.inboundBypassFd }
       : { mark: NM_PROXY_MARK };
@@ -1144,6 +1142,19 @@ export class NodeProxy {
       state.connecting--;
       this.connecting--;
     }
+  }
+
+  /**
+   * A same-node upstream into a port its pod's side reads as HTTP (readsHttp): that pod, how it
+   * reads, and the connection's facts and destination labels as that side sees them (the source's
+   * identity known first-hand). Undefined for any other upstream.
+   */
+  private readHere(state: PodState, u: Upstream): { local: PodState; reads: Reads; facts: Omit<ConnectionFacts, 'destination'>; labels: TcpLabels } | undefined {
+    const reads = u.path === 'same_node' && u.local ? this.readsHttp(u.local, u.port) : undefined;
+    if (!u.local || reads === undefined) return undefined;
+    const labels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
+    if (!labels) throw new Error('a same-node upstream has its destination labels');
+    return { local: u.local, reads, facts: { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port }, labels };
   }
 
   /** Relays a connected upstream fd and reports the connection under each of its labels. */

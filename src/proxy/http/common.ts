@@ -198,7 +198,7 @@ export function pipeAnswer(answer: IncomingMessage, res: ServerResponse, events:
 }
 
 /** The request's id: its x-request-id, or a new one (then added to what goes upstream). */
-export function requestIdOf(req: IncomingMessage): string {
+export function requestIdOf(req: RequestHead): string {
   return headerValue(req.headers, 'x-request-id') ?? randomUUID();
 }
 

@@ -64,7 +64,7 @@ export class HttpInbound {
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Inbound;
 
-  private readonly native: NativeInbound | undefined;
+  private readonly native: NativeInbound;
 
   constructor(
     readonly metrics: NodeMetrics,
@@ -76,7 +76,7 @@ export class HttpInbound {
     },
   ) {
     this.h2 = new H2Inbound(this, metrics, options.idleTimeoutMs);
-    if (options.nativeHttp) this.native = new NativeInbound(this, metrics, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
+    this.native = new NativeInbound(this, metrics, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
     this.server = handedServer(
       metrics,
       options.idleTimeoutMs,
@@ -88,24 +88,24 @@ export class HttpInbound {
   /** Serves one connection into a pod until it closes; a sniffed one comes with the bytes read to sniff it. */
   serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<void> {
     if (conn.protocol === 'http2') return this.h2.serve(sniffedHead ? withHead(client, sniffedHead, 'http2') : client, conn);
-    return this.native?.host.serve(client, conn, sniffedHead) ?? this.serveNodeHttp(client, conn, sniffedHead, this.native?.host.available === true ? 'no_fd' : 'no_addon');
+    return this.native.host.serve(client, conn, sniffedHead);
   }
 
-  private serveNodeHttp(client: Socket, conn: HttpServerConnection, unread: Buffer | undefined, why?: string): Promise<void> {
-    if (why) this.metrics.httpEngine.inc({ side: 'server', engine: 'node', why });
-    return serveHttp1(this.server, this.connections, unread ? withHead(client, unread, 'http1') : client, conn);
+  /** node:http serves the connection, its unread bytes put back first. */
+  private serveNodeHttp(client: Socket, conn: HttpServerConnection, unread: Buffer): Promise<void> {
+    return serveHttp1(this.server, this.connections, withHead(client, unread, 'http1'), conn);
   }
 
   /** Closes the idle pooled connections to a pod's application (it left). */
   forgetPod(uid: string): void {
-    this.native?.host.dropPools(`${uid}|`);
+    this.native.host.dropPools(`${uid}|`);
   }
 
   /** Closes every pooled connection to applications. */
   close(): void {
     this.agent.destroy();
     this.h2.close();
-    this.native?.host.close();
+    this.native.host.close();
   }
 
   /**
@@ -198,7 +198,7 @@ export class HttpInbound {
   }
 
   /** The request's headers as they go to the application: hop-by-hop ones out, its framing kept, an x-request-id if it had none. */
-  headersUp(req: IncomingMessage, requestId: string): string[] {
+  headersUp(req: RequestHead, requestId: string): string[] {
     const headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);

@@ -115,38 +115,45 @@ export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
   private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
   private nextId = 0;
-  private failed = false;
+  /** No engine: turned off, or the addon could not start one. */
+  private failed: boolean;
 
   constructor(
     private readonly metrics: NodeMetrics,
     /** Which side: the metric's label. */
     private readonly side: 'client' | 'server',
+    /** The engine may be used (off: every connection is node:http's). */
+    enabled: boolean,
     private readonly idleTimeoutMs: number,
     private readonly handler: Http1Handler<C, R>,
     /** node:http's way, for a connection handed back (its unread bytes put back first). */
     private readonly fallback: (client: Socket, conn: C, unread: Buffer) => Promise<void>,
-  ) {}
+  ) {
+    this.failed = !enabled;
+  }
 
-  /** Whether the addon has the engine (known once a connection asked for it). */
-  get available(): boolean {
-    return !this.failed;
+  /** node:http serves the connection (counted with why), its unread bytes put back first. */
+  private nodeServes(client: Socket, conn: C, unread: Buffer | undefined, why: string): Promise<void> {
+    this.metrics.httpEngine.inc({ side: this.side, engine: 'node', why });
+    return this.fallback(client, conn, unread ?? Buffer.alloc(0));
   }
 
   /**
    * Serves the connection on the engine until it closes (or is handed back and node:http is done
-   * with it); `initial` holds bytes already read from it. Undefined when the engine cannot take
-   * it (no addon, no fd): node:http serves it then.
+   * with it); `initial` holds bytes already read from it. node:http serves it when the engine
+   * cannot take it: no engine (turned off, or no addon), no fd.
    */
-  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | undefined {
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> {
     const engine = this.start();
+    if (!engine) return this.nodeServes(client, conn, initial, 'no_addon');
     const fd = socketFd(client);
-    if (!engine || fd === undefined) return undefined;
+    if (fd === undefined) return this.nodeServes(client, conn, initial, 'no_fd');
     let own: number;
     try {
       own = dupFd(fd);
     } catch {
       // No fd for the engine's copy (EMFILE): node:http serves this one on the socket it has.
-      return undefined;
+      return this.nodeServes(client, conn, initial, 'no_fd');
     }
     const id = ++this.nextId;
     client.setNoDelay(true);

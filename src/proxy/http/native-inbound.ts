@@ -4,10 +4,9 @@
  * rate-limited), then the engine delivers it to the application over its pooled connections and
  * passes the answer back; the request is reported as `reporter="destination"`.
  */
-import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 
-import { forwardable, headerValue, type AccessFacts, type RequestHead } from './common.js';
+import { requestIdOf, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
 
@@ -22,16 +21,16 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
   constructor(
     private readonly inbound: HttpInbound,
     metrics: HttpInbound['metrics'],
+    enabled: boolean,
     idleTimeoutMs: number,
     fallback: (client: Socket, conn: HttpServerConnection, unread: Buffer) => Promise<void>,
   ) {
-    this.host = new Http1Host(metrics, 'server', idleTimeoutMs, this, fallback);
+    this.host = new Http1Host(metrics, 'server', enabled, idleTimeoutMs, this, fallback);
   }
 
   head(s: Served<HttpServerConnection, Delivering>, req: RequestHead): void {
     const started = performance.now();
-    const given = req.headers['x-request-id'];
-    const requestId = typeof given === 'string' ? given : randomUUID();
+    const requestId = requestIdOf(req);
     const { conn } = s;
     const facts: AccessFacts = { req, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 0 };
     const admitted = this.inbound.admit(req, conn);
@@ -40,9 +39,7 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
       const bytesOut = Buffer.byteLength(`${admitted.detail}\n`);
       return this.host.respond(s, proxyAnswer(admitted.status, admitted.detail, admitted.headers), admitted.status, (bytesIn) => this.inbound.count(conn, admitted.status, admitted.flag, started, { ...facts, bytesIn, bytesOut }));
     }
-    const headers = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
-    if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
-    if (given === undefined) headers.push('x-request-id', requestId);
+    const headers = this.inbound.headersUp(req, requestId);
     s.request = { started, facts: { ...facts, attempts: 1 } };
     this.host.forward(s, {
       pool: conn.poolKey,

@@ -8,12 +8,11 @@
  * request that needs one of them hands its connection to node:http (HttpOutbound) from that
  * request on, so nothing is refused for being unsupported here.
  */
-import { randomUUID } from 'node:crypto';
 import type { Socket } from 'node:net';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
-import { UpstreamDenied, rawHead, type AccessFacts, type RequestHead } from './common.js';
+import { UpstreamDenied, rawHead, requestIdOf, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
@@ -81,16 +80,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     private readonly outbound: HttpOutbound,
     /** This node's server side: a request to a pod of this node that reads HTTP is admitted here (one pass). */
     private readonly inbound: HttpInbound | undefined,
+    enabled: boolean,
     idleTimeoutMs: number,
     /** node:http's way, for a connection handed back (its unread bytes put back first). */
     fallback: (client: Socket, conn: HttpClientConnection, unread: Buffer) => Promise<void>,
   ) {
-    this.host = new Http1Host(outbound.metrics, 'client', idleTimeoutMs, this, fallback);
-  }
-
-  /** Closes the idle upstream connections pooled for a source pod (it left). */
-  forgetPod(uid: string): void {
-    this.host.dropPools(`${uid}|`);
+    this.host = new Http1Host(outbound.metrics, 'client', enabled, idleTimeoutMs, this, fallback);
   }
 
   /** The request in flight on `s` is over, whatever ended it: its slot, counts and timer go. */
@@ -133,8 +128,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
 
   head(s: Served<HttpClientConnection, InFlight>, req: RequestHead, body: boolean): void {
     const started = performance.now();
-    const given = req.headers['x-request-id'];
-    const requestId = typeof given === 'string' ? given : randomUUID();
+    const requestId = requestIdOf(req);
     const { conn } = s;
     const d = this.outbound.decide(req, conn, requestId);
     const cannot = d.kind === 'forward' ? engineCannot(d, body) : undefined;

@@ -150,7 +150,7 @@ export class HttpOutbound {
   private readonly connections = new WeakMap<Socket, HttpClientConnection>();
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Outbound;
-  private readonly native: NativeOutbound | undefined;
+  private readonly native: NativeOutbound;
 
   constructor(
     readonly lb: LoadBalancer,
@@ -171,7 +171,7 @@ export class HttpOutbound {
       (req, client, head) => this.onUpgrade(req, client, head),
     );
     this.h2 = new H2Outbound(this, options.idleTimeoutMs);
-    if (options.nativeHttp) this.native = new NativeOutbound(this, options.destinationSide, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
+    this.native = new NativeOutbound(this, options.destinationSide, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
 
   /**
@@ -181,24 +181,24 @@ export class HttpOutbound {
    */
   serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<void> {
     if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(sniffed ? withHead(client, sniffed.head, 'http2') : client, conn);
-    return this.native?.host.serve(client, conn, sniffed?.head) ?? this.serveNodeHttp(client, conn, sniffed?.head, this.native?.host.available === true ? 'no_fd' : 'no_addon');
+    return this.native.host.serve(client, conn, sniffed?.head);
   }
 
-  private serveNodeHttp(client: Socket, conn: HttpClientConnection, unread: Buffer | undefined, why?: string): Promise<void> {
-    if (why) this.metrics.httpEngine.inc({ side: 'client', engine: 'node', why });
-    return serveHttp1(this.server, this.connections, unread ? withHead(client, unread, 'http1') : client, conn);
+  /** node:http serves the connection, its unread bytes put back first. */
+  private serveNodeHttp(client: Socket, conn: HttpClientConnection, unread: Buffer): Promise<void> {
+    return serveHttp1(this.server, this.connections, withHead(client, unread, 'http1'), conn);
   }
 
   /** Closes the idle upstream connections pooled for a source pod (it left). */
   forgetPod(uid: string): void {
-    this.native?.forgetPod(uid);
+    this.native.host.dropPools(`${uid}|`);
   }
 
   /** Closes every pooled upstream connection. */
   close(): void {
     this.agent.destroy();
     this.h2.close();
-    this.native?.host.close();
+    this.native.host.close();
   }
 
   /**
