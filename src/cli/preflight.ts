@@ -3,7 +3,7 @@
  * missing and how to fix it (NodemeshError with a hint), before anything is created.
  */
 import { release } from 'node:os';
-import { mkdir, readFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir } from 'node:fs/promises';
 
 import { findCgroup2Mount } from '../runtime/cgroup.js';
 import { run } from '../shared/exec.js';
@@ -34,7 +34,8 @@ export function checkRoot(uid = process.getuid?.() ?? -1): void {
   }
 }
 
-async function isBpffsMounted(): Promise<boolean> {
+/** Whether bpffs is mounted at /sys/fs/bpf (in this mount namespace). */
+export async function isBpffsMounted(): Promise<boolean> {
   const mounts = await readFile('/proc/self/mounts', 'utf8');
   return mounts.split('\n').some((l) => {
     const [, point, type] = l.split(' ');
@@ -42,12 +43,13 @@ async function isBpffsMounted(): Promise<boolean> {
   });
 }
 
-/** Mounts bpffs at /sys/fs/bpf when it is not mounted yet. */
-export async function ensureBpffs(): Promise<void> {
-  if (await isBpffsMounted()) return;
+/** Mounts bpffs at /sys/fs/bpf when it is not mounted yet; true when this call mounted it. */
+export async function ensureBpffs(): Promise<boolean> {
+  if (await isBpffsMounted()) return false;
   try {
     await mkdir(BPFFS, { recursive: true });
     await run('mount', ['-t', 'bpf', 'bpf', BPFFS]);
+    return true;
   } catch (e) {
     throw new NodemeshError('NM_ERR_BPFFS', `the BPF filesystem is not mounted at ${BPFFS} and mounting it failed: ${(e as Error).message}`, {
       context: { path: BPFFS },
@@ -55,6 +57,19 @@ export async function ensureBpffs(): Promise<void> {
       hint: 'mount it on the host (mount -t bpf bpf /sys/fs/bpf) and, in Kubernetes, give the agent a hostPath volume for /sys/fs/bpf',
     });
   }
+}
+
+/** The kernel's own entries in every bpffs (its BPF preload iterators), which nobody pinned. */
+const BPFFS_PRELOAD = new Set(['maps.debug', 'progs.debug']);
+
+/**
+ * Unmounts /sys/fs/bpf again (after ensureBpffs() mounted it) when nothing but the kernel's
+ * preload entries is left in it; anything pinned since keeps it mounted.
+ */
+export async function releaseBpffs(): Promise<void> {
+  if (!(await isBpffsMounted())) return;
+  if ((await readdir(BPFFS)).some((name) => !BPFFS_PRELOAD.has(name))) return;
+  await run('umount', [BPFFS]);
 }
 
 /** bpf() must exist and be allowed; probe() is the addon's one-entry map creation. */

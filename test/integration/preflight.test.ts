@@ -8,7 +8,7 @@ import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
 
 import { CLI_ENTRY, PACKAGE_ROOT } from '../../src/shared/paths.js';
-import { ensureBpffs } from '../../src/cli/preflight.js';
+import { ensureBpffs, isBpffsMounted, releaseBpffs } from '../../src/cli/preflight.js';
 import { cli, collect, createSandbox } from '../support/sandbox.js';
 
 async function sh(script: string, env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -43,15 +43,17 @@ test('bpffs missing and not mountable: NM_ERR_BPFFS', async () => {
   assert.match(r.stderr, /error NM_ERR_BPFFS: the BPF filesystem is not mounted at \/sys\/fs\/bpf and mounting it failed/);
 });
 
-test('bpf() not permitted: NM_ERR_NO_BPF names the errno', async () => {
-  await ensureBpffs();
+test('bpf() not permitted: NM_ERR_NO_BPF names the errno', async (t) => {
+  if (await ensureBpffs()) t.after(releaseBpffs);
   const r = await sh(`exec setpriv --inh-caps=-bpf,-sys_admin,-net_admin,-perfmon --bounding-set=-bpf,-sys_admin,-net_admin,-perfmon ${process.execPath} ${CLI_ENTRY} check`);
   assert.equal(r.code, 1);
   assert.match(r.stderr, /error NM_ERR_NO_BPF: the bpf\(\) system call failed \(EPERM\)/);
   assert.match(r.stderr, /fix: run as root with CAP_BPF/);
 });
 
-test('the machine checks pass here', async () => {
+test('the machine checks pass here', async (t) => {
+  // The check mounts bpffs when it is missing: unmounted again afterwards if it did.
+  if (!(await isBpffsMounted())) t.after(releaseBpffs);
   const r = await cli(['check'], process.env);
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /^ok: root, kernel >= 5\.15, cgroup v2, bpffs, bpf\(\)/);

@@ -18,7 +18,7 @@ import { holdBlackhole } from '../../src/runtime/blackhole.js';
 import { findCgroup2Mount, removeCgroupTree } from '../../src/runtime/cgroup.js';
 import { CLI_ENTRY } from '../../src/shared/paths.js';
 import { waitForPodListener } from '../../src/runtime/wait.js';
-import { ensureBpffs } from '../../src/cli/preflight.js';
+import { ensureBpffs, releaseBpffs } from '../../src/cli/preflight.js';
 import type { DialResult } from '../../src/cli/debug-tools.js';
 
 export const TEST_PREFIX = 'nmt';
@@ -75,7 +75,8 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
   };
   const runtime = new LocalPodRuntime(config);
   const bpffsDir = `${TEST_BPFFS_PREFIX}${id}`;
-  await ensureBpffs();
+  // Mounted here if it was not: unmounted again at cleanup, as the npm scripts do (lib.sh).
+  const mountedBpffs = await ensureBpffs();
   await mkdir(bpffsDir, { recursive: true });
   const deferred: Array<() => Promise<unknown> | unknown> = [];
   const env: NodeJS.ProcessEnv = { ...process.env, ...runtimeEnv(config) };
@@ -160,6 +161,7 @@ export async function createSandbox(t: TestContext): Promise<Sandbox> {
         await runtime.remove(pod, 500).catch((e: unknown) => errors.push(e));
       }
       await rm(bpffsDir, { recursive: true, force: true }).catch((e: unknown) => errors.push(e));
+      if (mountedBpffs) await releaseBpffs().catch((e: unknown) => errors.push(e));
       // The nodes' pod cgroups outlive their pods (the gates sat on them): the subtree goes last.
       await removeCgroupTree(join(await findCgroup2Mount(), config.cgroupSubtree)).catch((e: unknown) => errors.push(e));
       await rm(config.stateDir, { recursive: true, force: true });
