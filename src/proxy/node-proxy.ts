@@ -130,6 +130,9 @@ function serviceLabels(service: Service | undefined, direction: 'outbound' | 'in
   return { destination_service: cluster, destination_service_namespace: 'unknown', destination_service_name: cluster };
 }
 
+/** The labels cache's key for a request answered before an endpoint was picked. */
+const NO_ENDPOINT = Symbol('no endpoint');
+
 /** Where a connection goes, from which netns, and the metric labels it is reported under. */
 interface Upstream {
   readonly path: 'same_node' | 'outbound' | 'inbound' | 'hbone';
@@ -214,6 +217,12 @@ export class NodeProxy {
   private readonly httpIn: HttpInbound;
   /** readsHttp's answers for the snapshot, by "uid|port" (null: not read). */
   private readsHttpCache = new Map<string, Reads | null>();
+  /**
+   * Bumped whenever what a connection's metric labels are made of may change (the snapshot, the
+   * pods of this node, identities): a client connection keeps the labels of its requests' targets
+   * (HttpClientConnection.labels) while it is unchanged, instead of making them per request.
+   */
+  private labelsGeneration = 0;
 
   constructor(
     private readonly datapath: ProxyDatapath,
@@ -243,6 +252,7 @@ export class NodeProxy {
    * their next handshake on.
    */
   identitiesChanged(): void {
+    this.labelsGeneration++;
     for (const state of this.pods.values()) void this.openTunnelServer(state);
   }
 
@@ -453,6 +463,7 @@ export class NodeProxy {
     this.snapshot = snapshot;
     this.policies = new PolicyEngine(snapshot.security);
     this.readsHttpCache = new Map();
+    this.labelsGeneration++;
     this.lb.retain(snapshot.targets());
   }
 
@@ -496,6 +507,7 @@ export class NodeProxy {
       throw e;
     }
     this.pods.set(pod.uid, state);
+    this.labelsGeneration++;
     await this.openTunnelServer(state);
   }
 
@@ -517,6 +529,7 @@ export class NodeProxy {
     const state = this.pods.get(uid);
     if (!state) return;
     this.pods.delete(uid);
+    this.labelsGeneration++;
     await this.closeState(state);
   }
 
@@ -876,6 +889,8 @@ export class NodeProxy {
       this.metrics.proxied.inc({ path: upstream.path });
       return connected;
     };
+    // Each request's metric labels, by target and endpoint, while labelsGeneration stays.
+    let labelsMade: { generation: number; byTarget: WeakMap<ServiceTarget, Map<Endpoint | typeof NO_ENDPOINT, TcpLabels>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     return {
       parent,
       current: () => {
@@ -896,9 +911,19 @@ export class NodeProxy {
         return this.serverConnection(read.local, 'http1', read.facts, 'same_node', read.labels, state.pod);
       },
       labels: (target, endpoint) => {
-        const service = serviceLabels(target.service, 'outbound');
-        if (!endpoint) return { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(undefined) };
-        return this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, service).labels[0] ?? { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(endpoint.workload) };
+        if (labelsMade.generation !== this.labelsGeneration) labelsMade = { generation: this.labelsGeneration, byTarget: new WeakMap() };
+        let byEndpoint = labelsMade.byTarget.get(target);
+        if (!byEndpoint) labelsMade.byTarget.set(target, (byEndpoint = new Map()));
+        const key = endpoint ?? NO_ENDPOINT;
+        let labels = byEndpoint.get(key);
+        if (!labels) {
+          const service = serviceLabels(target.service, 'outbound');
+          labels = !endpoint
+            ? { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(undefined) }
+            : (this.upstreamTo(state, endpoint.workload, hostOf(endpoint), endpoint.port, service).labels[0] ?? { reporter: 'source', ...this.sourceLabels(state.pod), ...service, ...this.destinationLabels(endpoint.workload) });
+          byEndpoint.set(key, labels);
+        }
+        return labels;
       },
     };
   }

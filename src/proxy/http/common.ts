@@ -10,7 +10,7 @@ import { Socket } from 'node:net';
 import { Duplex, PassThrough, type Readable } from 'node:stream';
 
 import { logger } from '../../shared/log.js';
-import type { NodeMetrics, RequestLabels, TcpLabels } from '../metrics/metrics.js';
+import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 
 /** One line per request, where the mesh config asks for it (data.accessLog). */
 const accessLog = logger('access');
@@ -343,9 +343,8 @@ export function countRequest(
   grpcStatus: string | undefined = undefined,
 ): void {
   // A gRPC request (content-type application/grpc) is reported as Istio does: protocol grpc, with its grpc-status.
-  const labels: RequestLabels = { ...tcp, request_protocol: grpcStatus === undefined ? 'http' : 'grpc', response_flags: flag, response_code: String(status), grpc_response_status: grpcStatus ?? '' };
   const ms = performance.now() - started;
-  metrics.requests.record(labels, ms, facts.bytesIn, facts.bytesOut);
+  metrics.requests.record(tcp, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, facts.bytesIn, facts.bytesOut);
   if (!log) return;
   const { req } = facts;
   // A stable field set (Envoy's names where it has one); `msg` is always "request".

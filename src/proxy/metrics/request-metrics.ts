@@ -6,14 +6,15 @@
  * Why not prom-client's Counter and Histogram: with Istio's 17 labels, each of their calls
  * validates every label against every name and hashes the sorted set, four times per request;
  * profiled on the L7 path (bench:l7 with BENCH_L7_ONLY=client) that was most of the JS work per
- * request, more than routing it. Here a request costs one key built from its label values and
- * one Map lookup for all four metrics. The text on /metrics is the same.
+ * request, more than routing it. Here the connection's labels (the 15 of istio_tcp_*, one object
+ * per connection and destination) are keyed once; a request costs a WeakMap lookup on that object
+ * and one on its four answer labels, for all four metrics. The text on /metrics is the same.
  */
 import type { Metric } from 'prom-client';
 
 import type { Registry } from '../../shared/prom.js';
 
-import { REQUEST_LABELS, type RequestLabels } from './metrics.js';
+import { TCP_LABELS, type RequestLabels, type TcpLabels } from './metrics.js';
 
 /** Observations in buckets (upper bounds, each counted on its own; cumulated when exposed), and their sum. */
 class Bins {
@@ -53,18 +54,37 @@ function observe(bins: Bins, bounds: ReadonlyArray<number>, value: number): void
   }
 }
 
+/** What a request adds to its connection's labels. */
+export interface RequestOutcome {
+  readonly protocol: 'http' | 'grpc';
+  readonly flag: string;
+  readonly status: number;
+  readonly grpcStatus: string;
+}
+
+/**
+ * The connection's labels that a request keeps (request_protocol and response_flags are its own).
+ * Made on first use: metrics.ts, which defines TCP_LABELS, imports this module.
+ */
+let tcpKeyed: ReadonlyArray<(typeof TCP_LABELS)[number]> | undefined;
+
 export class RequestMetrics {
-  private readonly series = new Map<string, Series>();
+  /** Every series, for the registry to read. */
+  private series: Series[] = [];
+  /** A connection's labels object -> the series of its requests by outcome (same labels, same map). */
+  private byConnection = new WeakMap<TcpLabels, Map<string, Series>>();
+  /** The connection labels' values -> the series of their requests by outcome. */
+  private byValues = new Map<string, Map<string, Series>>();
 
   constructor(registry: Registry) {
-    const all = (): Iterable<Series> => this.series.values();
+    const all = (): Iterable<Series> => this.series;
     const counter = {
       name: 'istio_requests_total',
       help: "HTTP requests the node proxy read (reporter source: on the caller's node, Services with L7 routes or request policies; destination: on the callee's, ports with request-level authorization or rate limits), by answer",
       type: 'counter',
       aggregator: 'sum',
       get: async () => ({ name: counter.name, help: counter.help, type: counter.type, aggregator: counter.aggregator, values: [...all()].map((s): ExposedValue => ({ labels: s.labels, value: s.count })) }),
-      reset: () => this.series.clear(),
+      reset: () => this.reset(),
     };
     const histogram = (name: string, help: string, bounds: ReadonlyArray<number>, bins: (s: Series) => Bins): Record<string, unknown> => {
       const m = {
@@ -87,7 +107,7 @@ export class RequestMetrics {
           }
           return { name, help, type: 'histogram', aggregator: 'sum', values };
         },
-        reset: () => this.series.clear(),
+        reset: () => this.reset(),
       };
       return m;
     };
@@ -102,18 +122,34 @@ export class RequestMetrics {
     }
   }
 
-  /** One request: counted, its duration and body bytes observed, under its labels. */
-  record(labels: RequestLabels, ms: number, bytesIn: number, bytesOut: number): void {
-    let key = '';
-    for (const name of REQUEST_LABELS) key += `${labels[name]}\u0001`;
-    let s = this.series.get(key);
+  /** One request on a connection labelled `tcp`: counted, its duration and body bytes observed, under the labels both give. */
+  record(tcp: TcpLabels, outcome: RequestOutcome, ms: number, bytesIn: number, bytesOut: number): void {
+    let outcomes = this.byConnection.get(tcp);
+    if (!outcomes) {
+      let key = '';
+      tcpKeyed ??= TCP_LABELS.filter((n) => n !== 'request_protocol' && n !== 'response_flags');
+      for (const name of tcpKeyed) key += `${tcp[name]}\u0001`;
+      outcomes = this.byValues.get(key);
+      if (!outcomes) this.byValues.set(key, (outcomes = new Map()));
+      this.byConnection.set(tcp, outcomes);
+    }
+    const key = `${outcome.status}\u0001${outcome.flag}\u0001${outcome.protocol}\u0001${outcome.grpcStatus}`;
+    let s = outcomes.get(key);
     if (!s) {
-      s = { labels: { ...labels }, count: 0, duration: new Bins(DURATION_BUCKETS.length), requestBytes: new Bins(BYTES_BUCKETS.length), responseBytes: new Bins(BYTES_BUCKETS.length) };
-      this.series.set(key, s);
+      const labels: RequestLabels = { ...tcp, request_protocol: outcome.protocol, response_flags: outcome.flag, response_code: String(outcome.status), grpc_response_status: outcome.grpcStatus };
+      s = { labels, count: 0, duration: new Bins(DURATION_BUCKETS.length), requestBytes: new Bins(BYTES_BUCKETS.length), responseBytes: new Bins(BYTES_BUCKETS.length) };
+      outcomes.set(key, s);
+      this.series.push(s);
     }
     s.count++;
     observe(s.duration, DURATION_BUCKETS, ms);
     observe(s.requestBytes, BYTES_BUCKETS, bytesIn);
     observe(s.responseBytes, BYTES_BUCKETS, bytesOut);
+  }
+
+  private reset(): void {
+    this.series = [];
+    this.byConnection = new WeakMap();
+    this.byValues = new Map();
   }
 }
