@@ -216,7 +216,8 @@ export class NodeProxy {
   /** Connections into pods' HTTP ports with request-level config there: read request by request (see readsHttp). */
   private readonly httpIn: HttpInbound;
   /** readsHttp's answers for the snapshot, by "uid|port" (null: not read). */
-  private readsHttpCache = new Map<string, Reads | null>();
+  /** readsHttp's answers by pod uid and port, until the next snapshot. */
+  private readsHttpCache = new Map<string, Map<number, Reads | null>>();
   /**
    * Bumped whenever what a connection's metric labels are made of may change (the snapshot, the
    * pods of this node, identities): a client connection keeps the labels of its requests' targets
@@ -322,14 +323,15 @@ export class NodeProxy {
    * no Service has the port). Everything else stays on the L4 relay: L7 costs only where it is used.
    */
   private readsHttp(destination: PodState, port: number): Reads | undefined {
-    const key = `${destination.pod.uid}|${port}`;
-    let reads = this.readsHttpCache.get(key);
+    let ports = this.readsHttpCache.get(destination.pod.uid);
+    if (!ports) this.readsHttpCache.set(destination.pod.uid, (ports = new Map()));
+    let reads = ports.get(port);
     if (reads === undefined) {
       const target = this.snapshot.serviceOf(destination.pod.uid, port);
       const acts = target?.policy.rateLimit !== undefined || this.policies.hasRequestRules(destination.pod);
       const said = target ? portProtocol(target.port) : 'unknown';
       reads = !acts ? null : said === 'unknown' ? 'sniff' : (speaksRequests(target?.port ?? { name: '', appProtocol: '' }) ?? null);
-      this.readsHttpCache.set(key, reads);
+      ports.set(port, reads);
     }
     return reads ?? undefined;
   }
@@ -889,6 +891,8 @@ export class NodeProxy {
       this.metrics.proxied.inc({ path: upstream.path });
       return connected;
     };
+    // This connection's requests to a pod of this node, served in one pass, by target and endpoint.
+    let servedMade: { generation: number; byTarget: WeakMap<ServiceTarget, WeakMap<Endpoint, HttpServerConnection>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     // Each request's metric labels, by target and endpoint, while labelsGeneration stays.
     let labelsMade: { generation: number; byTarget: WeakMap<ServiceTarget, Map<Endpoint | typeof NO_ENDPOINT, TcpLabels>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     return {
@@ -903,12 +907,22 @@ export class NodeProxy {
       localServer: (target, endpoint) => {
         // A pod of this node whose port its side reads as HTTP/1.1: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it
-        // a socket pair, judged by admitLocal).
+        // a socket pair, judged by admitLocal). Judged once per target and endpoint on this
+        // connection while labelsGeneration stays (a policy change bumps it), as a connection is.
+        const here = this.pods.get(endpoint.workload.uid);
+        if (!here || this.readsHttp(here, endpoint.port) !== 'http1') return undefined;
+        if (servedMade.generation !== this.labelsGeneration) servedMade = { generation: this.labelsGeneration, byTarget: new WeakMap() };
+        let byEndpoint = servedMade.byTarget.get(target);
+        if (!byEndpoint) servedMade.byTarget.set(target, (byEndpoint = new WeakMap()));
+        const known = byEndpoint.get(endpoint);
+        if (known) return known;
         const u = upstreamOf(target, endpoint);
         const read = this.readHere(state, u);
         if (read?.reads !== 'http1') return undefined;
         admitted(u, endpoint);
-        return this.serverConnection(read.local, 'http1', read.facts, 'same_node', read.labels, state.pod);
+        const server = this.serverConnection(read.local, 'http1', read.facts, 'same_node', read.labels, state.pod);
+        byEndpoint.set(endpoint, server);
+        return server;
       },
       labels: (target, endpoint) => {
         if (labelsMade.generation !== this.labelsGeneration) labelsMade = { generation: this.labelsGeneration, byTarget: new WeakMap() };

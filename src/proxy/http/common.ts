@@ -327,6 +327,11 @@ export interface AccessFacts {
   readonly attempts: number;
 }
 
+/** A request's facts once it ended: a literal of one shape rather than a spread (this runs for every request). */
+export function withBytes(f: AccessFacts, bytesIn: number, bytesOut: number, attempts: number): AccessFacts {
+  return { req: f.req, requestId: f.requestId, route: f.route, bytesIn, bytesOut, attempts };
+}
+
 /**
  * Where every request ends, on either side: Istio's request metrics under `tcp` (the connection's
  * labels, its reporter among them) with the answer's code and flags; and an access log line when

@@ -6,7 +6,7 @@
  */
 import type { Socket } from 'node:net';
 
-import { requestIdOf, type AccessFacts, type RequestHead } from './common.js';
+import { requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
 
@@ -40,7 +40,7 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
       return this.host.respond(s, proxyAnswer(admitted.status, admitted.detail, admitted.headers), admitted.status, (bytesIn) => this.inbound.count(conn, admitted.status, admitted.flag, started, { ...facts, bytesIn, bytesOut }));
     }
     const headers = this.inbound.headersUp(req, requestId);
-    s.request = { started, facts: { ...facts, attempts: 1 } };
+    s.request = { started, facts: withBytes(facts, 0, 0, 1) };
     this.host.forward(s, {
       pool: conn.poolKey,
       head: requestHead(req.method ?? 'GET', admitted.target, headers),
@@ -61,7 +61,7 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
     const r = s.request;
     if (!r) return;
     s.request = undefined;
-    this.inbound.count(s.conn, status, flag, r.started, { ...r.facts, bytesIn, bytesOut });
+    this.inbound.count(s.conn, status, flag, r.started, withBytes(r.facts, bytesIn, bytesOut, r.facts.attempts));
   }
 
   left(s: Served<HttpServerConnection, Delivering>): void {

@@ -12,7 +12,7 @@ import type { Socket } from 'node:net';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
-import { UpstreamDenied, rawHead, requestIdOf, type AccessFacts, type RequestHead } from './common.js';
+import { UpstreamDenied, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
@@ -42,6 +42,9 @@ interface InFlight {
   tryTimer?: NodeJS.Timeout;
   retryTimer?: NodeJS.Timeout;
 }
+
+/** What every attempt of a request asks of the engine besides where it goes. */
+type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn'>;
 
 /**
  * Why the engine cannot carry a request decided so, or undefined when it can. Retries and
@@ -142,7 +145,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       return this.host.respond(s, rawHead(d.status, ['location', d.location, 'content-length', '0']), d.status, (bytesIn) => this.outbound.count(conn, d.parent, undefined, d.status, '-', started, { ...facts, bytesIn }));
     }
     const { target } = d;
-    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0 };
+    // Every field from the start: one shape for every request (no map transitions per request).
+    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined };
     s.request = request;
     this.outbound.track('active', target, 1);
     const requestMs = d.entry.timeouts?.requestMs;
@@ -246,10 +250,14 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { retry, timeouts } = d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
-    const common = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, ...(retry ? { retryOn: retry.codes } : {}) };
+    const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
+    // Object literals of one shape, no spreads: this runs for every request.
     this.host.forward(s, {
-      ...common,
+      answerRemove: common.answerRemove,
+      answerAdd: common.answerAdd,
+      maxRequests: common.maxRequests,
+      retryOn: common.retryOn,
       pool: `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
       head: requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers),
       dial: async () => {
@@ -273,10 +281,10 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
    * side sends it is admitted by the destination's side (normalized path, authorization, rate
    * limits) and goes straight to the application; each side counts it under its own reporter.
    */
-  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: Omit<Forwarding, 'pool' | 'head' | 'dial' | 'failed'>): void {
+  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: AnswerHandling): void {
     const { upstream, target } = request.d;
     const req: RequestHead = { method: request.facts.req.method, url: upstream.path, httpVersion: '1.1', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
-    const atDestination: AccessFacts = { ...request.facts, req, route: '', attempts: 1 };
+    const atDestination: AccessFacts = { req, requestId: request.facts.requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
     request.local = { conn: local, facts: atDestination };
     const admitted = inbound.admit(req, local);
     if ('status' in admitted) {
@@ -290,7 +298,10 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       });
     }
     this.host.forward(s, {
-      ...common,
+      answerRemove: common.answerRemove,
+      answerAdd: common.answerAdd,
+      maxRequests: common.maxRequests,
+      retryOn: common.retryOn,
       pool: local.poolKey,
       head: requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
       dial: () => local.dialFd(),
@@ -314,8 +325,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { endpoint, target } = request;
     // Outlier detection on answers the backend gave (not on the engine's own).
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
-    const facts = { ...request.facts, bytesIn, bytesOut, attempts: request.attempts };
-    if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, { ...request.local.facts, bytesIn, bytesOut });
+    const facts = withBytes(request.facts, bytesIn, bytesOut, request.attempts);
+    if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, withBytes(request.local.facts, bytesIn, bytesOut, request.local.facts.attempts));
     if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, request.flag, request.started, facts);
     else this.outbound.noteAnswer(s.conn, target, endpoint, request.started, { status, flag, detail }, facts);
   }

@@ -233,7 +233,7 @@ export class HttpOutbound {
     const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
     const affinity = hashKey(backend.target.policy.hashOn, req, conn);
     if (affinity.setCookie) answerChanges.push({ set: [], add: [['set-cookie', affinity.setCookie]], remove: [] });
-    return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges, ...(affinity.key === undefined ? {} : { hashKey: affinity.key }) } };
+    return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges, hashKey: affinity.key } };
   }
 
   /** A request's start: its connection's facts, its id (the client's, or a new one), where it goes. */

@@ -12,7 +12,15 @@
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { LoadBalancing } from '../../config/traffic-policy.js';
 
-const endpointKey = (e: Endpoint): string => `${e.workload.uid}:${e.port}`;
+/** Endpoint objects live as long as their snapshot; their keys are made once (a key made per lookup is hashed per lookup). */
+const endpointKeys = new WeakMap<Endpoint, string>();
+const endpointKey = (e: Endpoint): string => {
+  let key = endpointKeys.get(e);
+  if (key === undefined) endpointKeys.set(e, (key = `${e.workload.uid}:${e.port}`));
+  return key;
+};
+/** A split's signature (its backends and weights), made once per split of a snapshot. */
+const signatures = new WeakMap<ReadonlyArray<{ readonly target: ServiceTarget; readonly weight: number }>, string>();
 
 interface Health {
   consecutiveErrors: number;
@@ -42,7 +50,8 @@ export class LoadBalancer {
     const all = target.endpoints;
     if (all.length === 0) return undefined;
     const now = this.now();
-    let eps = all.filter((e) => !this.isEjected(e, now) && (avoid === undefined || endpointKey(e) !== endpointKey(avoid)));
+    // Nothing ejected and nothing to avoid (most picks): every endpoint, without a copy.
+    let eps: ReadonlyArray<Endpoint> = avoid === undefined && this.health.size === 0 ? all : all.filter((e) => !this.isEjected(e, now) && (avoid === undefined || endpointKey(e) !== endpointKey(avoid)));
     if (eps.length === 0) eps = all.filter((e) => avoid === undefined || endpointKey(e) !== endpointKey(avoid));
     if (eps.length === 0) eps = [...all];
     if (hashKey !== undefined && target.policy.hashOn) return rendezvous(eps, hashKey);
@@ -93,7 +102,8 @@ export class LoadBalancer {
    */
   pickWeighted<B extends { readonly target: ServiceTarget; readonly weight: number }>(key: string, split: ReadonlyArray<B>): B | undefined {
     if (split.length === 0) return undefined;
-    const signature = split.map((b) => `${b.target.key}*${b.weight}`).join(',');
+    let signature = signatures.get(split);
+    if (signature === undefined) signatures.set(split, (signature = split.map((b) => `${b.target.key}*${b.weight}`).join(',')));
     let state = this.weighted.get(key);
     if (!state || state.signature !== signature) {
       state = { signature, current: split.map(() => 0) };
@@ -145,10 +155,13 @@ export class LoadBalancer {
   answered(target: ServiceTarget, e: Endpoint, status: number): boolean {
     const { consecutive5xxErrors, consecutiveGatewayErrors } = target.policy.outlier;
     if (status < 500) {
-      const h = this.health.get(endpointKey(e));
+      const key = endpointKey(e);
+      const h = this.health.get(key);
       if (h) {
         h.consecutive5xx = 0;
         h.consecutiveGateway = 0;
+        // Nothing left to remember: forgotten, so that picks go back to the path without ejections.
+        if (h.consecutiveErrors === 0 && h.ejections === 0 && h.ejectedUntil <= this.now()) this.health.delete(key);
       }
       return false;
     }
