@@ -42,8 +42,8 @@ const APP_H2 = 8081;
 const ADMIN = 15902;
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings (as bench/two-hop.ts). */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
-/** BENCH_L7_ONLY=client|server|both: that nodemesh HTTP/1.1 row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
-const ONLY = ((v) => (v === 'client' || v === 'server' || v === 'both' ? v : undefined))(process.env['BENCH_L7_ONLY']);
+/** BENCH_L7_ONLY=client|server|both|h2: that nodemesh row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
+const ONLY = ((v) => (v === 'client' || v === 'server' || v === 'both' || v === 'h2' ? v : undefined))(process.env['BENCH_L7_ONLY']);
 
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
@@ -144,6 +144,11 @@ async function main(): Promise<void> {
       }
     };
     cleanups.push(() => rm(pinRoot, { recursive: true, force: true }));
+    if (ONLY === 'h2') {
+      const row = await runAgent(true, false, (pids) => measureH2(runtime, client, SERVICE_IP, H2_PORT, pids));
+      process.stdout.write(`${JSON.stringify({ only: ONLY, ...row })}\n`);
+      return;
+    }
     if (ONLY) {
       // One nodemesh row alone (profiling), nothing written.
       const [routed, authorized] = ({ client: [true, false], server: [false, true], both: [true, true] } as const)[ONLY];

@@ -36,6 +36,7 @@ constexpr size_t kReadChunk = 64 * 1024;
 // Bytes queued for a peer above which the other side stops being read (backpressure).
 constexpr size_t kHighWater = 256 * 1024;
 constexpr uint64_t kNoLength = ~uint64_t{0};
+constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry (as node:http's path keeps it)
 
 uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
@@ -378,6 +379,9 @@ struct Client {
   std::string rawHead;       // the request's head as the client sent it (sent again: see retry)
   bool idleRetried = false;
   bool retryable = false;    // a route's retry applies: JS is asked (retry) before an answer or a reset ends it
+  bool keepBody = false;     // the body is kept as it is sent (a retry sends it again), while under kReplayLimit
+  bool resend = false;       // Requeue()d: the next forward() sends the same request again
+  std::string replay;        // the body as sent so far (its framing included), while keepBody
   std::vector<int> retryOn;  // the codes it retries on
   std::vector<std::string> answerRemove;  // lower-case names
   std::string answerAdd;                  // "name: value\r\n" lines
@@ -512,6 +516,12 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       Napi::Array codes = info[7].As<Napi::Array>();
       for (uint32_t i = 0; i < codes.Length(); i++) c->retryOn.push_back(codes.Get(i).As<Napi::Number>().Int32Value());
     }
+    if (!c->resend) {
+      // A request with a body that a retry may send again keeps it as it goes.
+      c->keepBody = c->retryable && c->body.kind != BodyKind::kNone;
+      c->replay.clear();
+    }
+    c->resend = false;
     c->rawHead.assign(c->peer.in, 0, c->req.length);
     u->peer.out.append(Latin1(info[2]));
     c->peer.in.erase(0, c->req.length);
@@ -561,16 +571,18 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   }
 
   // abandon(id): the attempt in flight is given up before its answer came (a per-try timeout):
-  // its upstream goes and the request waits for forward() again. False when there is no such
-  // attempt (its answer is under way, it has a body, or none is in flight).
+  // its upstream goes and the request waits for forward() again: 1. 0 when there is no such
+  // attempt (its answer is under way, or none is in flight); -1 when it cannot be sent again (its
+  // body is not whole yet, or was not kept): nothing is done (the caller expires the request).
   Napi::Value Abandon(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Client* c = Find(info[0]);
-    if (!c || c->phase != Client::Phase::kExchange || c->answered || !c->up || c->up->headDone || c->body.kind != BodyKind::kNone) return Napi::Boolean::New(env, false);
+    if (!c || c->phase != Client::Phase::kExchange || c->answered || !c->up || c->up->headDone) return Napi::Number::New(env, 0);
+    if (!Replayable(c)) return Napi::Number::New(env, -1);
     depth_++;
     Requeue(c);
     depth_--;
-    return Napi::Boolean::New(env, true);
+    return Napi::Number::New(env, 1);
   }
 
   // release(id): {fd, buffered}: the client connection back to JS, at a request's start (the
@@ -799,6 +811,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         c->body.Start(c->req.chunked ? BodyKind::kChunked : c->req.contentLength != kNoLength ? BodyKind::kLength : BodyKind::kNone, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
         c->phase = Client::Phase::kDecide;
         c->idleRetried = false;
+        c->resend = false;
+        c->keepBody = false;
+        c->replay.clear();
         c->answered = false;
         c->bytesOut = 0;
         c->status = 0;
@@ -841,7 +856,18 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Peer* p = &c->peer;
     Upstream* u = c->up;
     if (!c->body.done) {
-      if (!c->body.Pump(&p->in, u && !u->peer.closed ? &u->peer.out : nullptr, p->eof)) {
+      std::string* out = u && !u->peer.closed ? &u->peer.out : nullptr;
+      size_t before = out ? out->size() : 0;
+      bool pumped = c->body.Pump(&p->in, out, p->eof);
+      if (c->keepBody) {
+        if (out) c->replay.append(*out, before, std::string::npos);
+        // Too large to keep, or dropped (nobody to send it to): no retry sends it again.
+        if (!out || c->replay.size() > kReplayLimit) {
+          c->keepBody = false;
+          std::string().swap(c->replay);
+        }
+      }
+      if (!pumped) {
         if (u) DetachUpstream(c, false);
         return Refuse(c, 400, "HPE_INVALID_CHUNK_SIZE: malformed chunked body");
       }
@@ -891,11 +917,21 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (FlushClient(c)) PumpRequest(c);
   }
 
-  // The request waits for forward() again, as it came (its head back in front of what was read):
-  // its upstream goes.
+  // Whether the request in flight can be sent again: it has no body, or its body was read whole
+  // and kept (a route's retry, under kReplayLimit).
+  static bool Replayable(const Client* c) { return c->body.kind == BodyKind::kNone || (c->keepBody && c->body.done); }
+
+  // The request waits for forward() again, as it came (its head, and its body as kept, back in
+  // front of what was read): its upstream goes.
   void Requeue(Client* c) {
     DetachUpstream(c, false);
+    if (c->body.kind != BodyKind::kNone) {
+      c->peer.in.insert(0, c->replay);
+      c->replay.clear();
+      c->body.Start(c->body.kind, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
+    }
     c->peer.in.insert(0, c->rawHead);
+    c->resend = true;
     c->phase = Client::Phase::kDecide;
     Arm(&c->peer);
   }
@@ -949,7 +985,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         // race): a request without a body is sent again once, on another connection JS gives
         // (forward() again), as node:http's documentation advises. Nothing reached the client.
         // A route's retry does the same for any request without a body, when JS says so.
-        if (none && p->in.empty() && c->body.kind == BodyKind::kNone && (c->retryable || (u->reused && !c->idleRetried))) {
+        if (none && p->in.empty() && Replayable(c) && (c->retryable || (u->reused && !c->idleRetried && c->body.kind == BodyKind::kNone))) {
           c->idleRetried = true;
           Requeue(c);
           if (Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, 0)})) return;
@@ -966,7 +1002,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       bool interim = h.status < 200;
       // A route's retry on this code (a request without a body): JS says whether it goes again
       // (then this answer is dropped with its connection) or is passed on.
-      if (!interim && c->retryable && c->body.kind == BodyKind::kNone && std::find(c->retryOn.begin(), c->retryOn.end(), h.status) != c->retryOn.end()) {
+      if (!interim && c->retryable && Replayable(c) && std::find(c->retryOn.begin(), c->retryOn.end(), h.status) != c->retryOn.end()) {
         bool again = Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, h.status)});
         if (c->peer.closed || c->up != u) return;
         if (again) return Requeue(c);

@@ -209,8 +209,13 @@ export interface Http1Engine {
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
   forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>): boolean;
-  /** Gives up the attempt in flight on `id` before its answer came (its upstream closed; the request waits for forward() again); false when there is none to give up. */
-  abandon(id: number): boolean;
+  /**
+   * Gives up the attempt in flight on `id` before its answer came (its upstream closed; the
+   * request waits for forward() again): 1. 0 when there is none to give up (its answer is under
+   * way); -1 when it cannot be sent again (a body not read whole yet, or not kept: over 64 KiB,
+   * or no retry on its route): nothing is done.
+   */
+  abandon(id: number): -1 | 0 | 1;
   /**
    * The proxy's own answer (a whole HTTP/1.1 message, its status `status`) to the request waiting
    * on `id`; `close` ends the connection after it. The request's body, if any, is read and

@@ -336,6 +336,25 @@ async function checkResilience(sb: Sandbox, client: PodRecord, agent: AgentProce
   const retried = await go('/per-try/slow-first/d/3000');
   assert.equal(retried.status, 200, 'the per-try timeout led to a retry that succeeded');
   assert.ok(retried.ms < 2500, `answered after ${Math.round(retried.ms)} ms, not after the slow attempt's 3 s`);
+  // The same with request bodies (either framing): kept by the engine and sent again whole.
+  const posts = await http(
+    sb,
+    client,
+    {
+      requests: [
+        { path: '/retry/fail-first/e', body: 20_000 },
+        { path: '/retry/fail-first/f', body: 30_000, chunked: true },
+        { path: '/per-try/slow-first/g/3000', body: 20_000 },
+      ],
+    },
+    agent,
+    SVC_API.api,
+  );
+  for (const a of posts.answers) {
+    assert.equal(a.status, 200, JSON.stringify(a));
+    assert.equal(a.headers['x-body-sha256'], a.sent, 'the body came whole on the attempt that answered');
+  }
+  assert.ok((posts.answers[2]?.ms ?? Infinity) < 2500, 'the per-try timeout cut the slow attempt that had a body');
 
   // Fault injection on a Service with no route (its HTTP port goes through the proxy for it):
   // half the requests aborted with 418, within five standard deviations (5 for 100 at 0.5).
@@ -370,7 +389,7 @@ async function checkResilience(sb: Sandbox, client: PodRecord, agent: AgentProce
   const burst = await http(sb, client, { requests: [{ path: '/narrow/slow/400' }], parallel: 4 }, agent, SVC_API.api);
   assert.deepEqual(count(burst), { '200 flaky-1': 2, '503 ': 2 }, 'one served, one waited and was served, two overflowed');
   assert.equal(metricValue(await agent.metrics(), 'istio_requests_total', { destination_service_name: 'narrow', response_code: '503', response_flags: 'UO' }), 2);
-  // All of it on the engine (these requests have no body, so the engine sends them again itself):
+  // All of it on the engine (it keeps a request's body, up to 64 KiB, to send it again itself):
   // retries and their budget, both timeouts, faults, outlier detection, maxRequestsPerConnection,
   // circuit breaking. None went to node:http.
   const last = await agent.metrics();

@@ -6,7 +6,7 @@
  *   /echo             the request body back, chunked, with trailers x-body-bytes and x-body-sha256
  *   /big/<n>          n bytes (content-length)
  * and anywhere in the path:
- *   /fail-first/<key>         503 the first time this key is seen, then 200
+ *   /fail-first/<key>         503 the first time this key is seen, then 200 (with x-body-sha256 and x-body-bytes of the body it read)
  *   /slow/<ms>                200 after ms
  *   /slow-first/<key>/<ms>    200 after ms the first time this key is seen, then at once
  * Every answer carries `x-served-by: <name>`. An upgrade to "echo" is answered 101, then every
@@ -34,18 +34,27 @@ const server = createServer((req, res) => {
   const slow = /\/slow\/(\d+)/.exec(url);
   const slowFirst = /\/slow-first\/([^/?]+)\/(\d+)/.exec(url);
   if (failFirst || slow || slowFirst) {
-    req.resume();
-    if (failFirst && first(`fail:${failFirst[1] ?? ''}`)) {
-      res.writeHead(503, { 'content-type': 'text/plain' });
-      res.end('failing the first time\n');
-      return;
-    }
-    const delay = slow ? Number(slow[1]) : slowFirst && first(`slow:${slowFirst[1] ?? ''}`) ? Number(slowFirst[2]) : 0;
-    setTimeout(() => {
-      if (res.destroyed) return;
-      res.writeHead(200, { 'content-type': 'text/plain' });
-      res.end(`ok after ${delay} ms\n`);
-    }, delay);
+    // Answered once the body was read: the 200 says what came (x-body-sha256, x-body-bytes).
+    const hash = createHash('sha256');
+    let bytes = 0;
+    req.on('data', (chunk: Buffer) => {
+      hash.update(chunk);
+      bytes += chunk.length;
+    });
+    req.on('end', () => {
+      if (failFirst && first(`fail:${failFirst[1] ?? ''}`)) {
+        res.writeHead(503, { 'content-type': 'text/plain' });
+        res.end('failing the first time\n');
+        return;
+      }
+      const delay = slow ? Number(slow[1]) : slowFirst && first(`slow:${slowFirst[1] ?? ''}`) ? Number(slowFirst[2]) : 0;
+      const received = { 'x-body-sha256': hash.digest('hex'), 'x-body-bytes': String(bytes) };
+      setTimeout(() => {
+        if (res.destroyed) return;
+        res.writeHead(200, { 'content-type': 'text/plain', ...received });
+        res.end(`ok after ${delay} ms\n`);
+      }, delay);
+    });
     return;
   }
   const status = /^\/status\/(\d{3})/.exec(url);

@@ -412,3 +412,78 @@ test('a route\'s retry: an answer with a code it retries on is dropped and the r
   assert.deepEqual(asked, [503, 0, 503]);
   assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [503, '-']]);
 });
+
+test('a route\'s retry with a request body: the body (either framing, up to 64 KiB) is kept and sent again whole; a larger one is not retried; a per-try abandon says which', async (t) => {
+  // Each request's body as the server read it: the first of each path is answered 503, the next 200.
+  const seen = new Map<string, string[]>();
+  const silent = new Set<string>();
+  const r = await rig(t, (req, res) => {
+    const hash = createHash('sha256');
+    req.on('data', (d: Buffer) => hash.update(d));
+    req.on('end', () => {
+      const path = req.url ?? '';
+      const bodies = seen.get(path) ?? [];
+      bodies.push(hash.digest('hex'));
+      seen.set(path, bodies);
+      // A silent path never answers its first attempt (a per-try timeout gives it up).
+      if (silent.has(path) && bodies.length === 1) return;
+      if (bodies.length === 1) return void res.writeHead(503, { 'content-length': '2' }).end('no');
+      res.writeHead(200, { 'content-length': '2' }).end('ok');
+    });
+  });
+  const asked: number[] = [];
+  const ids = new Map<string, number>();
+  r.onHead = (id, method, target, headers) => {
+    let head = `${method} ${target} HTTP/1.1\r\n`;
+    for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+    head += '\r\n';
+    r.heads.set(id, head);
+    ids.set(target, id);
+    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
+  };
+  r.onRetry = (id, status) => {
+    asked.push(status);
+    setTimeout(() => void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
+    return true;
+  };
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+  const small = Buffer.alloc(40_000, 'a');
+  const one = await fetchOn(agent, r.port, '/length', { method: 'POST', body: small });
+  assert.deepEqual([one.status, one.body.toString()], [200, 'ok'], 'retried after the 503');
+  assert.deepEqual(seen.get('/length'), [sha(small), sha(small)], 'the same body both times');
+  const chunked = Buffer.alloc(60_000, 'b');
+  const two = await fetchOn(agent, r.port, '/chunked', { method: 'POST', body: chunked, chunked: true });
+  assert.deepEqual([two.status, two.body.toString()], [200, 'ok']);
+  assert.deepEqual(seen.get('/chunked'), [sha(chunked), sha(chunked)], 'chunked: the same body both times');
+  assert.deepEqual(asked, [503, 503]);
+  // Over 64 KiB: not kept, so the 503 stands and the caller is not asked.
+  const large = Buffer.alloc(100_000, 'c');
+  const three = await fetchOn(agent, r.port, '/large', { method: 'POST', body: large });
+  assert.deepEqual([three.status, three.body.toString()], [503, 'no'], 'too large to send again: the answer stands');
+  assert.deepEqual(asked, [503, 503]);
+  // A per-try timeout: an attempt with its body read whole is given up and goes again (1).
+  silent.add('/slow');
+  const slow = fetchOn(agent, r.port, '/slow', { method: 'POST', body: small });
+  while ((seen.get('/slow')?.length ?? 0) < 1) await new Promise((resolve) => setTimeout(resolve, 5));
+  const id = ids.get('/slow') ?? -1;
+  assert.equal(r.engine.abandon(id), 1);
+  void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503]));
+  const four = await slow;
+  assert.deepEqual([four.status, four.body.toString()], [200, 'ok']);
+  assert.deepEqual(seen.get('/slow'), [sha(small), sha(small)]);
+  // Over 64 KiB it cannot go again: -1, and nothing changes (the caller expires it).
+  silent.add('/slow-large');
+  const slowLarge = fetchOn(agent, r.port, '/slow-large', { method: 'POST', body: large });
+  while ((seen.get('/slow-large')?.length ?? 0) < 1) await new Promise((resolve) => setTimeout(resolve, 5));
+  const big = ids.get('/slow-large') ?? -1;
+  assert.equal(r.engine.abandon(big), -1);
+  assert.equal(r.engine.expire(big, Buffer.from('HTTP/1.1 504 Gateway Timeout\r\ncontent-length: 0\r\n\r\n'), 504), 0);
+  assert.equal((await slowLarge).status, 504);
+  // Counted once each, with the body's bytes once (not once per attempt).
+  assert.deepEqual(
+    r.done.map((d) => [d.status, d.flag, d.bytesIn]),
+    [[200, '-', 40_000], [200, '-', 60_000], [503, '-', 100_000], [200, '-', 40_000], [504, '-', 100_000]],
+  );
+});

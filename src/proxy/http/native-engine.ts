@@ -223,9 +223,9 @@ export class Http1Host<C, R> {
     );
   }
 
-  /** Gives up the attempt in flight on `s` before its answer came (a per-try timeout); false when there is none to give up. */
-  abandon(s: Served<C, R>): boolean {
-    return this.engine?.abandon(s.id) ?? false;
+  /** Gives up the attempt in flight on `s` before its answer came (a per-try timeout): as the engine's abandon(). */
+  abandon(s: Served<C, R>): -1 | 0 | 1 {
+    return this.engine?.abandon(s.id) ?? 0;
   }
 
   /**

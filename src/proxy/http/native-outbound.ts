@@ -2,11 +2,10 @@
  * The client side of L7 on the addon's HTTP/1.1 engine (native-engine.ts): each request is routed
  * by the same decide() as on node:http, so routing, weights, filters, affinity, circuit breaking
  * and outlier detection are one code; a rule's timeouts.request (expire()), faults,
- * maxRequestsPerConnection, and the retries and per-attempt timeouts of requests without a body
- * apply here too. The engine keeps no body for a replay: a request with one on a rule with a
- * retry or backendRequest timeout, a mirror (and upgrades, HTTP/1.0) go to node:http. A
- * request that needs one of them hands its connection to node:http (HttpOutbound) from that
- * request on, so nothing is refused for being unsupported here.
+ * maxRequestsPerConnection, retries and per-attempt timeouts apply here too (the engine keeps a
+ * request's body up to 64 KiB to send it again, as node:http's path does). A mirror (and
+ * upgrades, HTTP/1.0) go to node:http: a request that needs one hands its connection to
+ * node:http (HttpOutbound) from that request on, so nothing is refused for being unsupported here.
  */
 import type { Socket } from 'node:net';
 
@@ -47,15 +46,12 @@ interface InFlight {
 type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn'>;
 
 /**
- * Why the engine cannot carry a request decided so, or undefined when it can. Retries and
- * per-attempt timeouts need the request sent again: the engine does that for requests without a
- * body only (it keeps no body for a replay); a mirror needs a copy of it.
+ * Why the engine cannot carry a request decided so, or undefined when it can: a mirror needs a
+ * copy of the request sent elsewhere. (Retries and per-attempt timeouts are the engine's: it keeps
+ * a body up to 64 KiB to send again, as node:http's path does.)
  */
-function engineCannot(d: Extract<Decision, { kind: 'forward' }>, body: boolean): string | undefined {
-  const { entry } = d;
-  if (entry.retry !== undefined && body) return 'retry';
-  if (entry.timeouts?.backendRequestMs !== undefined && body) return 'timeout';
-  if ((entry.mirrors?.length ?? 0) > 0) return 'mirror';
+function engineCannot(d: Extract<Decision, { kind: 'forward' }>): string | undefined {
+  if ((d.entry.mirrors?.length ?? 0) > 0) return 'mirror';
   return undefined;
 }
 
@@ -110,8 +106,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
   /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the answer is cut. */
   private timedOut(s: Served<HttpClientConnection, InFlight>, r: InFlight, ms: number): void {
     if (s.request !== r) return;
+    this.expired(s, r, `no answer within ${ms} ms (timeouts.request)`);
+  }
+
+  /** The request's time ran out (`detail` says which): 504 (UT) if nothing was answered yet, else the answer is cut. */
+  private expired(s: Served<HttpClientConnection, InFlight>, r: InFlight, detail: string): void {
     this.settle(s, r);
-    const detail = `no answer within ${ms} ms (timeouts.request)`;
     const count = (status: number, bytesIn: number): void => {
       this.outbound.noteAnswer(s.conn, r.target, r.endpoint, r.started, { status, flag: 'UT', detail }, { ...r.facts, bytesIn, attempts: r.attempts });
       if (r.local) this.inbound?.count(r.local.conn, status, 'UT', r.started, { ...r.local.facts, bytesIn });
@@ -129,12 +129,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (r.local) this.inbound?.count(r.local.conn, 0, 'DC', r.started, r.local.facts);
   }
 
-  head(s: Served<HttpClientConnection, InFlight>, req: RequestHead, body: boolean): void {
+  head(s: Served<HttpClientConnection, InFlight>, req: RequestHead): void {
     const started = performance.now();
     const requestId = requestIdOf(req);
     const { conn } = s;
     const d = this.outbound.decide(req, conn, requestId);
-    const cannot = d.kind === 'forward' ? engineCannot(d, body) : undefined;
+    const cannot = d.kind === 'forward' ? engineCannot(d) : undefined;
     if (cannot) return this.host.handBack(s, cannot);
     const facts: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
     if (d.kind === 'answer') {
@@ -211,9 +211,14 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
 
   /** timeouts.backendRequest ran out before the attempt's answer: another attempt, or 504 (UT). */
   private perTryTimeout(s: Served<HttpClientConnection, InFlight>, r: InFlight, ms: number): void {
-    if (s.request !== r || !this.host.abandon(s)) return;
+    if (s.request !== r) return;
+    const detail = `no answer within ${ms} ms (timeouts.backendRequest)`;
+    const given = this.host.abandon(s);
+    if (given === 0) return;
+    // Its body cannot go again (not whole yet, or over what is kept): the attempt ends with 504.
+    if (given < 0) return this.expired(s, r, detail);
     if (this.mayRetry(r)) return this.retryLater(s, r);
-    this.proxyAnswers(s, r, 504, 'UT', `no answer within ${ms} ms (timeouts.backendRequest)`);
+    this.proxyAnswers(s, r, 504, 'UT', detail);
   }
 
   /** The request to an endpoint of its backend, once the circuit breaker lets it go. */
