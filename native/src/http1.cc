@@ -415,6 +415,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                            InstanceMethod<&Http1Engine::Respond>("respond"),
                            InstanceMethod<&Http1Engine::Expire>("expire"),
                            InstanceMethod<&Http1Engine::Abandon>("abandon"),
+                           InstanceMethod<&Http1Engine::KeptBody>("keptBody"),
                            InstanceMethod<&Http1Engine::Release>("release"),
                            InstanceMethod<&Http1Engine::CloseJs>("close"),
                            InstanceMethod<&Http1Engine::DropPools>("dropPools"),
@@ -517,8 +518,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       for (uint32_t i = 0; i < codes.Length(); i++) c->retryOn.push_back(codes.Get(i).As<Napi::Number>().Int32Value());
     }
     if (!c->resend) {
-      // A request with a body that a retry may send again keeps it as it goes.
-      c->keepBody = c->retryable && c->body.kind != BodyKind::kNone;
+      // A request with a body that a retry may send again keeps it as it goes; so does one JS
+      // asks to keep (a mirror sends a copy: keptBody()).
+      bool keep = info.Length() > 8 && info[8].ToBoolean().Value();
+      c->keepBody = (c->retryable || keep) && c->body.kind != BodyKind::kNone;
       c->replay.clear();
     }
     c->resend = false;
@@ -583,6 +586,16 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Requeue(c);
     depth_--;
     return Napi::Number::New(env, 1);
+  }
+
+  // keptBody(id): the body of the request in flight as it was sent (its framing included; empty
+  // for a request without one), once it was read whole and kept (forward's `keep`, or a retry);
+  // undefined otherwise (over 64 KiB, not kept, or not whole yet). Valid until the next request.
+  Napi::Value KeptBody(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    if (!c || !Replayable(c)) return env.Undefined();
+    return Napi::Buffer<char>::Copy(env, c->replay.data(), c->body.kind == BodyKind::kNone ? 0 : c->replay.size());
   }
 
   // release(id): {fd, buffered}: the client connection back to JS, at a request's start (the

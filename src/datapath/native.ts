@@ -208,7 +208,13 @@ export interface Http1Engine {
    * connection of `pool`. False when there is none; then dial and call again with the fd.
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
-  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>): boolean;
+  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  /**
+   * The body of the request in flight on `id` as it was sent (framing included; empty without
+   * one), once read whole and kept (forward's `keep`, or a retry's): undefined otherwise (over
+   * 64 KiB, not kept, not whole yet).
+   */
+  keptBody(id: number): Buffer | undefined;
   /**
    * Gives up the attempt in flight on `id` before its answer came (its upstream closed; the
    * request waits for forward() again): 1. 0 when there is none to give up (its answer is under

@@ -145,8 +145,13 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   assert.deepEqual([seen(1).url, seen(1).headers['host']], ['/api/items?q=1', 'reviews.internal'], 'prefix and host rewritten');
   assert.deepEqual([f.answers[2]?.status, f.answers[2]?.headers['location']], [301, `http://${SVC.web}/api/items?q=1`], 'redirected by the proxy');
   assert.equal(f.answers[3]?.servedBy, 'reviews-v1', 'the mirror does not answer');
-  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { side: 'client', engine: 'node', why: 'mirror' }), 1, 'the mirrored request took its connection to node:http');
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 1, 5000, 'the copy answered by v2');
+  // With a body (either framing), the copy carries it; over 64 KiB it is not copied.
+  const bodies = await http(sb, client, { requests: [{ path: '/mirrored/b', body: 5000 }, { path: '/mirrored/c', body: 7000, chunked: true }, { path: '/mirrored/d', body: 100_000 }] }, agent);
+  assert.deepEqual(bodies.answers.map((a) => a.servedBy), ['reviews-v1', 'reviews-v1', 'reviews-v1']);
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 3, 5000, 'the copies with bodies answered by v2');
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'body_too_large' }), 1);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { side: 'client', engine: 'node' }), 0, 'mirrored on the engine, not handed to node:http');
   // Upgrades (WebSocket's mechanism): routed, then joined byte for byte; refused ones passed on.
   const upgraded = await http(sb, client, { requests: [], upgrades: [{ path: '/api/ws', send: 'hello through the mesh' }, { path: '/api/ws', send: 'x', protocol: 'other' }, { path: '/nowhere', send: 'x' }] }, agent);
   assert.deepEqual(upgraded.upgrades, [

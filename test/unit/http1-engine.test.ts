@@ -35,6 +35,8 @@ interface Rig {
   onHead: (id: number, method: string, target: string, headers: string[]) => void;
   /** The engine's retry event (default: the same head again, at once). */
   onRetry: (id: number, status: number) => boolean;
+  /** Called with a request's id as it ends, before its done() is recorded. */
+  onDone?: (id: number) => void;
 }
 
 async function listening(server: Server | HttpServer): Promise<number> {
@@ -93,7 +95,10 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
     {
       head: (id, method, target, _minor, headers) => r.onHead(id, method, target, headers),
       retry: (id, status) => r.onRetry(id, status),
-      done: (_id, status, flag, bytesIn, bytesOut, detail) => void done.push({ status, flag, bytesIn, bytesOut, detail }),
+      done: (id, status, flag, bytesIn, bytesOut, detail) => {
+        r.onDone?.(id);
+        done.push({ status, flag, bytesIn, bytesOut, detail });
+      },
       closed: (_id, reason) => void closed.push(reason),
     },
     { maxHeadBytes: 16 * 1024, idleMs: options.idleMs ?? 60_000, headTimeoutMs: options.headTimeoutMs ?? 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
@@ -486,4 +491,30 @@ test('a route\'s retry with a request body: the body (either framing, up to 64 K
     r.done.map((d) => [d.status, d.flag, d.bytesIn]),
     [[200, '-', 40_000], [200, '-', 60_000], [503, '-', 100_000], [200, '-', 40_000], [504, '-', 100_000]],
   );
+});
+
+test('keptBody: a request forwarded with keep has its body as it was sent when it ends (a mirror\'s copy); over 64 KiB, or not kept, nothing', async (t) => {
+  const r = await rig(t, (req, res) => {
+    req.resume();
+    req.on('end', () => res.writeHead(200, { 'content-length': '2' }).end('ok'));
+  });
+  const kept: Array<string | undefined> = [];
+  let keep = true;
+  r.onHead = (id, method, target, headers) => {
+    let head = `${method} ${target} HTTP/1.1\r\n`;
+    for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+    head += '\r\n';
+    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, undefined, keep));
+  };
+  // Asked when the request ends (as the client side's done() asks it).
+  r.onDone = (id) => void kept.push(r.engine.keptBody(id)?.toString('latin1'));
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  await fetchOn(agent, r.port, '/a', { method: 'POST', body: Buffer.from('hello') });
+  await fetchOn(agent, r.port, '/b', { method: 'POST', body: Buffer.alloc(10, 'z'), chunked: true });
+  await fetchOn(agent, r.port, '/c');
+  await fetchOn(agent, r.port, '/d', { method: 'POST', body: Buffer.alloc(70_000, 'y') });
+  keep = false;
+  await fetchOn(agent, r.port, '/e', { method: 'POST', body: Buffer.from('hello') });
+  assert.deepEqual(kept, ['hello', 'a\r\nzzzzzzzzzz\r\n0\r\n\r\n', '', undefined, undefined]);
 });

@@ -45,6 +45,8 @@ export interface Forwarding {
   readonly maxRequests?: number;
   /** A route's retry: the codes it retries on (the handler's retry() is asked on those and on resets). */
   readonly retryOn?: ReadonlyArray<number>;
+  /** Keep the request's body as it is sent (up to 64 KiB), for keptBody() (a mirror's copy). */
+  readonly keep?: boolean;
 }
 
 /** What a side does with each request on the engine. */
@@ -210,17 +212,22 @@ export class Http1Host<C, R> {
     const request = s.request;
     // The keep-alive race (the engine's retry event, no retry rule): the same request again, on another connection.
     entry.again = () => this.forward(s, how);
-    const { pool, head, answerRemove = [], answerAdd = '', maxRequests = 0, retryOn } = how;
-    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn)) return;
+    const { pool, head, answerRemove = [], answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
+    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn, keep)) return;
     how.dial().then(
       (fd) => {
-        if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn);
+        if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn, keep);
         else closeFd(fd);
       },
       (e: Error) => {
         if (entry.attempts === attempt && s.request === request) how.failed(e);
       },
     );
+  }
+
+  /** The body of the request in flight on `s` as it was sent, when it was kept whole (Forwarding.keep): as the engine's keptBody(). */
+  keptBody(s: Served<C, R>): Buffer | undefined {
+    return this.engine?.keptBody(s.id);
   }
 
   /** Gives up the attempt in flight on `s` before its answer came (a per-try timeout): as the engine's abandon(). */

@@ -11,10 +11,10 @@ import type { Socket } from 'node:net';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
-import { UpstreamDenied, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
+import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
-import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
+import { applyHeaderChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
 interface InFlight {
@@ -40,20 +40,15 @@ interface InFlight {
   /** timeouts.backendRequest of the attempt in flight; the backoff before the next one. */
   tryTimer?: NodeJS.Timeout;
   retryTimer?: NodeJS.Timeout;
+  /** The rule's mirrors this request was drawn for (their percentages): a copy to each once it is done. */
+  mirrors: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }> | undefined;
 }
+
+/** How long a mirror's copy may take before its connection goes (its answer is only counted). */
+const MIRROR_TIMEOUT_MS = 30_000;
 
 /** What every attempt of a request asks of the engine besides where it goes. */
-type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn'>;
-
-/**
- * Why the engine cannot carry a request decided so, or undefined when it can: a mirror needs a
- * copy of the request sent elsewhere. (Retries and per-attempt timeouts are the engine's: it keeps
- * a body up to 64 KiB to send again, as node:http's path does.)
- */
-function engineCannot(d: Extract<Decision, { kind: 'forward' }>): string | undefined {
-  if ((d.entry.mirrors?.length ?? 0) > 0) return 'mirror';
-  return undefined;
-}
+type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn' | 'keep'>;
 
 /**
  * The answer's header changes as the engine applies them: names removed from the upstream's
@@ -134,8 +129,6 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const requestId = requestIdOf(req);
     const { conn } = s;
     const d = this.outbound.decide(req, conn, requestId);
-    const cannot = d.kind === 'forward' ? engineCannot(d) : undefined;
-    if (cannot) return this.host.handBack(s, cannot);
     const facts: AccessFacts = { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
     if (d.kind === 'answer') {
       const { answer } = d;
@@ -146,7 +139,9 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     }
     const { target } = d;
     // Every field from the start: one shape for every request (no map transitions per request).
-    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined };
+    // RequestMirror: drawn now (each mirror's percentage), copied once the request is done.
+    const mirrors = d.entry.mirrors?.filter((m) => Math.random() * 100 < m.percent);
+    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined, mirrors: mirrors?.length ? mirrors : undefined };
     s.request = request;
     this.outbound.track('active', target, 1);
     const requestMs = d.entry.timeouts?.requestMs;
@@ -255,7 +250,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { retry, timeouts } = d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
-    const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes };
+    const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
     // Object literals of one shape, no spreads: this runs for every request.
     this.host.forward(s, {
@@ -263,6 +258,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       answerAdd: common.answerAdd,
       maxRequests: common.maxRequests,
       retryOn: common.retryOn,
+      keep: common.keep,
       pool: `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
       head: requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers),
       dial: async () => {
@@ -307,6 +303,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       answerAdd: common.answerAdd,
       maxRequests: common.maxRequests,
       retryOn: common.retryOn,
+      keep: common.keep,
       pool: local.poolKey,
       head: requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
       dial: () => local.dialFd(),
@@ -323,10 +320,55 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     });
   }
 
+  /**
+   * RequestMirror: a copy of the request that ended (its body as the engine kept it, up to 64 KiB)
+   * to an endpoint of each mirror Service drawn for it, with "-shadow" after its host as Envoy
+   * marks it, on a connection of its own that closes after the answer; the answer is read and
+   * dropped, its result only counted. Only now: keptBody() is the request's until the next one.
+   */
+  private mirror(s: Served<HttpClientConnection, InFlight>, r: InFlight, mirrors: NonNullable<InFlight['mirrors']>): void {
+    const metrics = this.outbound.metrics;
+    const body = this.host.keptBody(s);
+    for (const m of mirrors) {
+      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
+      if (!body) {
+        count('body_too_large');
+        continue;
+      }
+      const endpoint = this.outbound.lb.pick(m.target);
+      if (!endpoint) {
+        count('no_endpoint');
+        continue;
+      }
+      const host = headerValue(r.facts.req.headers, 'host') ?? m.target.service.name;
+      const headers = applyHeaderChanges(r.d.upstream.headers, { set: [['host', `${host}-shadow`], ['connection', 'close']], add: [], remove: [] });
+      const head = requestHead(r.facts.req.method ?? 'GET', r.d.upstream.path, headers);
+      s.conn.dial(m.target, endpoint).then(
+        (socket) => {
+          let counted = false;
+          const once = (result: string): void => {
+            if (counted) return;
+            counted = true;
+            count(result);
+          };
+          socket.setTimeout(MIRROR_TIMEOUT_MS, () => socket.destroy());
+          socket.on('data', (d: Buffer) => once(d.subarray(0, 7).toString('latin1') === 'HTTP/1.' ? 'sent' : 'failed'));
+          socket.on('error', () => once('failed'));
+          socket.on('end', () => socket.destroy());
+          socket.on('close', () => once('failed'));
+          socket.write(head);
+          if (body.length > 0) socket.write(body);
+        },
+        () => count('failed'),
+      );
+    }
+  }
+
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {
     const request = s.request;
     if (!request) return;
     this.settle(s, request);
+    if (request.mirrors) this.mirror(s, request, request.mirrors);
     const { endpoint, target } = request;
     // Outlier detection on answers the backend gave (not on the engine's own).
     if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);

@@ -9,8 +9,8 @@
  *
  * HTTP/1.1 connections are served by the addon's engine (NativeOutbound) where the kernel relay
  * is on; node:http serves the rest (strict, no lenient flags), and every connection from its
- * first request that needs what the engine does not do (retries and per-attempt timeouts of a
- * request with a body, mirrors, upgrades, HTTP/1.0). Both are routed by decide().
+ * first request that needs what the engine does not do (upgrades, HTTP/1.0). Both are routed by
+ * decide().
  */
 import { randomUUID } from 'node:crypto';
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
