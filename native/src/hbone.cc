@@ -411,7 +411,8 @@ class HboneEngine {
   }
 
   // Delivers a stream to an application socket (server: answering 200 first). Takes the fd.
-  void Attach(uint64_t handle, uint64_t relay, int fd, int idleMs) {
+  // `initial`: bytes of the application's already read (a sniffed connection's first ones), sent first.
+  void Attach(uint64_t handle, uint64_t relay, int fd, int idleMs, const std::string& initial) {
     auto it = handles_.find(handle);
     if (it == handles_.end()) {
       close(fd);
@@ -423,6 +424,7 @@ class HboneEngine {
     s.relay = relay;
     s.idleMs = idleMs;
     s.last = Clock::now();
+    if (!initial.empty()) s.fromApp.append(initial.data(), initial.size());
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     if (s.h2Closed && (s.rstCode != NGHTTP2_NO_ERROR || !s.peerEnd)) {
       s.error = "stream reset (code " + std::to_string(s.rstCode) + ")";
@@ -1411,14 +1413,20 @@ Napi::Value Request(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(handle));
 }
 
-// hboneAttach(handle, fd, idleMs): relay id; a 'relayed' event follows. Takes the fd.
+// hboneAttach(handle, fd, idleMs, initial?): relay id; a 'relayed' event follows. Takes the fd;
+// `initial` (a Buffer) goes to the peer before what is read from it.
 Napi::Value Attach(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
   uint64_t handle = IdArg(info, 0);
   int fd = info[1].As<Napi::Number>().Int32Value();
   int idle = info[2].As<Napi::Number>().Int32Value();
+  std::string initial;
+  if (info.Length() > 3 && info[3].IsBuffer()) {
+    auto b = info[3].As<Napi::Buffer<char>>();
+    initial.assign(b.Data(), b.Length());
+  }
   uint64_t relay = e.NextId();
-  e.Post([&e, handle, relay, fd, idle]() { e.Attach(handle, relay, fd, idle); });
+  e.Post([&e, handle, relay, fd, idle, initial = std::move(initial)]() { e.Attach(handle, relay, fd, idle, initial); });
   return Napi::Number::New(info.Env(), static_cast<double>(relay));
 }
 

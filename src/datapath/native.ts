@@ -147,7 +147,8 @@ interface RawAddon {
   hboneServerClose(server: number): void;
   hboneServerStopListening(server: number): void;
   hboneRequest(conn: number, authority: string, forwarded: string): number;
-  hboneAttach(handle: number, fd: number, idleTimeoutMs: number): number;
+  /** Relays `fd` and the stream (`initial`, bytes already read from the fd, first); takes the fd. */
+  hboneAttach(handle: number, fd: number, idleTimeoutMs: number, initial?: Buffer): number;
   hboneAnswer(handle: number, status: number): void;
   hboneCancel(handle: number): void;
   hboneClose(conn: number): void;

@@ -6,6 +6,7 @@
  * never captured again), relay. Inbound: deliver to the application at the address the client
  * dialed, from inside the pod (self-addressed, so sk_lookup lets it through).
  */
+import { writeSync } from 'node:fs';
 import { constants as h2constants, type ClientHttp2Stream } from 'node:http2';
 import { Socket, type Server } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -169,6 +170,19 @@ function takeFd(client: Socket, clientFd: number, release: () => void): number {
   }
   client.destroy();
   return own;
+}
+
+/** Writes what a non-blocking socket takes of `bytes` now; how many it took (0 on an error: the relay reports it). */
+function writeNow(fd: number, bytes: Buffer): number {
+  let sent = 0;
+  while (sent < bytes.length) {
+    try {
+      sent += writeSync(fd, bytes, sent, bytes.length - sent);
+    } catch {
+      break;
+    }
+  }
+  return sent;
 }
 
 /** Ends an inbound CONNECT with an HTTP status (either engine). */
@@ -661,9 +675,6 @@ export class NodeProxy {
       if (!('fd' in connected)) throw new Error('a native tunnel stream is delivered to a socket');
       return client.attach(connected.fd, idleTimeoutMs);
     }
-    // Bytes already read into JS (a sniffed connection's first ones) would be skipped by a relay
-    // that takes the client's fd: through JS then, the upstream as a socket.
-    if (client instanceof Socket && client.readableLength > 0 && !('fd' in connected)) return relay(client, this.socketOf(state, connected, idleTimeoutMs), idleTimeoutMs);
     if ('native' in connected) {
       if (!(client instanceof Socket)) throw new Error('a native tunnel stream is relayed from a socket');
       const clientFd = socketFd(client);
@@ -671,8 +682,13 @@ export class NodeProxy {
         connected.native.cancel();
         throw new Error('the client socket has no fd');
       }
-      return connected.native.attach(takeFd(client, clientFd, () => connected.native.cancel()), idleTimeoutMs);
+      // Bytes already read into JS (a sniffed connection's first ones) go first, from the engine.
+      const held = client.readableLength > 0 ? ((client.read() as Buffer | null) ?? undefined) : undefined;
+      return connected.native.attach(takeFd(client, clientFd, () => connected.native.cancel()), idleTimeoutMs, held);
     }
+    // Bytes already read into JS would be skipped by a relay that takes the client's fd: through
+    // JS then (node's own HBONE engine).
+    if (client instanceof Socket && client.readableLength > 0 && !('fd' in connected)) return relay(client, this.socketOf(state, connected, idleTimeoutMs), idleTimeoutMs);
     if ('stream' in connected) return relayStreams(client, connected.stream, idleTimeoutMs);
     if (!(client instanceof Socket)) return relayStreams(client, this.podSocket(state, connected.fd, true), idleTimeoutMs);
     return this.relay(state, client, connected.fd, idleTimeoutMs);
@@ -685,8 +701,20 @@ export class NodeProxy {
    */
   private async relay(state: PodState, client: Socket, upstreamFd: number, idleTimeoutMs: number): Promise<RelayResult> {
     const clientFd = socketFd(client);
-    // Bytes already read into JS (a sniffed connection's first ones) would be skipped by the kernel.
-    if (clientFd !== undefined && this.options.kernelRelay && client.readableLength === 0) return relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
+    if (clientFd !== undefined && this.options.kernelRelay) {
+      // Bytes already read into JS (a sniffed connection's first ones) would be skipped by the
+      // kernel: written to the upstream first (a new connection takes them at once; if it would
+      // not, through JS).
+      const held = client.readableLength > 0 ? ((client.read() as Buffer | null) ?? undefined) : undefined;
+      const sent = held ? writeNow(upstreamFd, held) : 0;
+      if (!held || sent === held.length) {
+        const result = await relayFds(takeFd(client, clientFd, () => closeFd(upstreamFd)), upstreamFd, idleTimeoutMs);
+        return { ...result, bytesFromClient: result.bytesFromClient + sent };
+      }
+      client.unshift(held.subarray(sent));
+      const result = await relay(client, this.podSocket(state, upstreamFd, true), idleTimeoutMs);
+      return { ...result, bytesFromClient: result.bytesFromClient + sent };
+    }
     return relay(client, this.podSocket(state, upstreamFd, true), idleTimeoutMs);
   }
 

@@ -16,7 +16,7 @@ import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/http-app.js', import.meta.url));
 const CLIENT = fileURLToPath(new URL('../support/http-client.js', import.meta.url));
-const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73', sticky: '10.96.0.81', cookie: '10.96.0.82', raw: '10.96.0.83' };
+const SVC = { web: '10.96.0.71', v1: '10.96.0.72', v2: '10.96.0.73', sticky: '10.96.0.81', cookie: '10.96.0.82', raw: '10.96.0.83', rawEcho: '10.96.0.84' };
 
 /** `web` (port 80, named http): /api by header to v2, else split 90/10; /echo and /big to v1; nothing else. */
 function meshConfig(): Record<string, string> {
@@ -29,6 +29,8 @@ function meshConfig(): Record<string, string> {
       serviceYaml('sticky-cookie', [SVC.cookie], { app: 'reviews' }, 80, 8080, 'http'),
       // A port that says no protocol: sniffed.
       serviceYaml('raw', [SVC.raw], { app: 'reviews', version: 'v1' }, 80, 8080, 'web'),
+      // The same, to an echo server: what is not HTTP is relayed, its first bytes included.
+      serviceYaml('raw-echo', [SVC.rawEcho], { app: 'echo' }, 80, 9000, 'web'),
     ].join('---\n'),
     'affinity.yaml': [
       'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: sticky, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: sticky}]\n  loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n',
@@ -71,6 +73,13 @@ function meshConfig(): Record<string, string> {
       '  - matches: [{headers: [{name: x-version, value: v2}]}]',
       '    backendRefs: [{name: reviews-v2, port: 80}]',
       '  - backendRefs: [{name: reviews-v1, port: 80}]',
+      '---',
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: raw-echo, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: raw-echo, port: 80}]',
+      '  rules: [{matches: [{headers: [{name: x-version, value: v2}]}], backendRefs: [{name: reviews-v2, port: 80}]}, {backendRefs: [{name: raw-echo, port: 80}]}]',
       '',
     ].join('\n'),
   };
@@ -117,6 +126,10 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
     assert.equal(a.trailers['x-body-bytes'], String(i === 0 ? 1 << 20 : 3 << 20));
   }
   assert.equal(bodies.answers[2]?.bytes, 5_000_000, `${where}: 5 MB down`);
+  // A port that says no protocol, with a route: bytes that are not HTTP go to the Service's own
+  // endpoint (on the kernel relay or the HBONE engine), the first ones the sniffing read included.
+  const opaque = await sb.dialFrom(client, SVC.rawEcho, 80, { bytes: 200_000, marker: '\x16\x03\x01 not http' });
+  assert.ok(opaque.ok && opaque.intact && opaque.received === opaque.sent, `${where}: not HTTP: echoed whole, first bytes first: ${JSON.stringify(opaque)}`);
   // Requests are counted with Istio's names and labels, by the source's proxy.
   const metrics = await source.metrics();
   const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'source', destination_service_name: 'reviews-v2', request_protocol: 'http', ...labels });
@@ -133,8 +146,9 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   const agent = await startAgent(sb, meshConfig());
   await sb.serverPod('reviews-v1', [process.execPath, APP, 'reviews-v1', '8080'], 8080, ['app=reviews', 'version=v1']);
   await sb.serverPod('reviews-v2', [process.execPath, APP, 'reviews-v2', '8080'], 8080, ['app=reviews', 'version=v2']);
+  await sb.echoPod('echo', 9000, ['app=echo']);
   const client = await sb.idlePod('client');
-  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
+  await agent.waitForPods((p) => p.length === 4 && p.every((x) => x.verified), 'four pods verified');
   await checkRouting(sb, client, agent, 'one node');
   // Filters: header changes both ways, a rewrite, a redirect, a mirror.
   const f = await http(sb, client, { requests: [{ path: '/headers/x', headers: { 'x-secret': 'hunter2', 'x-env': 'dev' } }, { path: '/old/items?q=1' }, { path: '/moved/items?q=1' }, { path: '/mirrored/a' }] }, agent);
@@ -208,7 +222,8 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   const notHttp = await sb.dialFrom(client, SVC.raw, 80, { bytes: 64, marker: '\x16\x03\x01 not http' });
   assert.ok(notHttp.received > 0, 'not HTTP: relayed to the Service\'s own endpoint (its answer came back)');
   const sniffs = await agent.metrics();
-  assert.deepEqual([metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'http1' }), metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'opaque' })], [1, 1]);
+  // Opaque: this one and the echo's in checkRouting.
+  assert.deepEqual([metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'http1' }), metricValue(sniffs, 'nodemesh_protocol_sniffed_total', { protocol: 'opaque' })], [1, 2]);
   // Same-node delivery: the requests reached the backends straight from the client's side.
   assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 1);
 });
@@ -223,11 +238,13 @@ for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hb
   const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB, args: ['--hbone', hbone] });
   await sb.serverPod('reviews-v1', [process.execPath, APP, 'reviews-v1', '8080'], 8080, ['app=reviews', 'version=v1']);
   await sb.serverPod('reviews-v2', [process.execPath, APP, 'reviews-v2', '8080'], 8080, ['app=reviews', 'version=v2'], { node: nodeB });
+  await sb.echoPod('echo', 9000, ['app=echo'], { node: nodeB });
   const client = await sb.idlePod('client');
   await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
-  await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
+  await agentB.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node B's pods verified");
   const endpoints = async (service: string): Promise<number> => (await agentA.config()).services.find((s) => s.service === service)?.endpoints.length ?? 0;
   await waitFor(async () => (await endpoints('default/reviews-v2:80')) === 1, 10_000, "node B's endpoint known on node A");
+  await waitFor(async () => (await endpoints('default/raw-echo:80')) === 1, 10_000, "node B's echo endpoint known on node A");
   await checkRouting(sb, client, agentA, 'two nodes');
   // v2's requests arrived on node B through tunnels, mutual TLS, with the client's identity.
   const b = await agentB.metrics();

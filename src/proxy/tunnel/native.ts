@@ -115,9 +115,9 @@ export class HboneEngine {
     this.hold();
   }
 
-  async attach(handle: number, fd: number, idleTimeoutMs: number): Promise<RelayResult> {
+  async attach(handle: number, fd: number, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
     const e = await new Promise<Relayed>((resolve) => {
-      this.relays.set(this.addon.hboneAttach(handle, fd, idleTimeoutMs), resolve);
+      this.relays.set(this.addon.hboneAttach(handle, fd, idleTimeoutMs, initial), resolve);
       this.hold();
     });
     return { bytesFromClient: e.bytesFromApp, bytesToClient: e.bytesToApp, ...(e.error !== undefined ? { error: e.error } : {}), ...(e.reason !== undefined ? { reason: e.reason } : {}) };
@@ -181,14 +181,15 @@ export class NativeTunnelStream {
   ) {}
 
   /** Relays the stream to fd (a server stream is answered 200 first); the addon takes fd. */
-  async attach(fd: number, idleTimeoutMs: number): Promise<RelayResult> {
+  /** Relays `fd` and the stream until both end; `initial` (bytes already read from `fd`) goes first. Takes the fd. */
+  async attach(fd: number, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
     if (this.settled) {
       closeFd(fd);
       return { bytesFromClient: 0, bytesToClient: 0, error: 'the tunnel stream was already ended', reason: 'reset' };
     }
     this.settled = true;
     try {
-      return await this.engine.attach(this.handle, fd, idleTimeoutMs);
+      return await this.engine.attach(this.handle, fd, idleTimeoutMs, initial);
     } finally {
       this.onEnd();
     }
