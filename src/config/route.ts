@@ -405,8 +405,6 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
       if (bad) return bad;
       if (h2Parent && f.type === 'RequestMirror') return notOnH2(`spec.rules[${ri}].filters[${i}]`, 'RequestMirror', h2Parent);
     }
-    if (h2Parent && rule.retry) return notOnH2(`spec.rules[${ri}].retry`, 'retry', h2Parent);
-    if (h2Parent && rule.timeouts?.backendRequestMs !== undefined) return notOnH2(`spec.rules[${ri}].timeouts.backendRequest`, 'timeouts.backendRequest', h2Parent);
   }
   return undefined;
 }

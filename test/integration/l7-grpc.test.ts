@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 
 import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import type { GrpcPlan, GrpcRun } from '../support/grpc-client.js';
+import type { H2Answer } from '../support/h2-client.js';
 import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 
@@ -142,4 +143,62 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
+});
+
+const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));
+const H2_CLIENT = fileURLToPath(new URL('../support/h2-client.js', import.meta.url));
+const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105' };
+
+test('L7 HTTP/2 retries and per-try timeouts: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands', async (t) => {
+  const sb = await createSandbox(t);
+  for (const ip of Object.values(H2_SVC)) await sb.blackhole(ip);
+  const agent = await startAgent(sb, {
+    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2')].join('---\n'),
+    'route.yaml': [
+      'apiVersion: gateway.networking.k8s.io/v1',
+      'kind: HTTPRoute',
+      'metadata: {name: h2web, namespace: default}',
+      'spec:',
+      '  parentRefs: [{group: "", kind: Service, name: h2web, port: 80}]',
+      '  rules:',
+      '  - matches: [{path: {value: /retry}}]',
+      '    backendRefs: [{name: h2web-v1, port: 80}]',
+      '    retry: {attempts: 2, codes: [503], backoff: 10ms}',
+      '  - matches: [{path: {value: /per-try}}]',
+      '    backendRefs: [{name: h2web-v1, port: 80}]',
+      '    timeouts: {request: 5s, backendRequest: 200ms}',
+      '    retry: {attempts: 1, backoff: 1ms}',
+      '  - backendRefs: [{name: h2web-v1, port: 80}]',
+      '',
+    ].join('\n'),
+  });
+  await sb.serverPod('h2-1', [process.execPath, H2_APP, 'h2-1', '8080'], 8080, ['app=h2']);
+  const client = await sb.idlePod('client');
+  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'two pods verified');
+  const out = await sb.execIn(
+    client,
+    [
+      process.execPath,
+      H2_CLIENT,
+      JSON.stringify({
+        host: H2_SVC.web,
+        port: 80,
+        requests: [
+          { path: '/no-retry/fail-first/a' },
+          { path: '/retry/fail-first/b' },
+          { path: '/retry/fail-first/c', body: 20_000 },
+          { path: '/per-try/slow-first/d/3000', body: 10_000 },
+          { path: '/retry/fail-first/e', body: 100_000 },
+        ],
+      }),
+    ],
+    30_000,
+  );
+  const { answers } = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { answers: H2Answer[] };
+  assert.deepEqual(answers.map((a) => a.status), [503, 200, 200, 200, 503], JSON.stringify(answers));
+  for (const a of answers.slice(2, 4)) assert.equal(a.received, a.sent, 'the attempt that answered had the whole body');
+  assert.ok((answers[3]?.ms ?? Infinity) < 2500, `the per-try timeout cut the slow attempt: answered after ${Math.round(answers[3]?.ms ?? 0)} ms`);
+  const m = await agent.metrics();
+  assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/h2web-v1:80', result: 'retried' }), 3, 'b, c and d retried once each');
+  assert.equal(metricValue(m, 'istio_requests_total', { reporter: 'source', request_protocol: 'http', response_code: '503' }), 2);
 });

@@ -287,13 +287,13 @@ test('protocol sniffing: an HTTP/1.x request line, the HTTP/2 preface, or opaque
   assert.equal(c('*1\r\n$4\r\nPING\r\n'), 'opaque', 'RESP (Redis)');
 });
 
-test('what the HTTP/2 path does not apply (retry, backendRequest timeouts, RequestMirror) is refused on an HTTP/2 parent, the field named; a policy says so in a warning', () => {
+test('what the HTTP/2 path does not apply (RequestMirror) is refused on an HTTP/2 parent, the field named; retries and per-try timeouts apply', () => {
   const services = new Map([['shop/cart', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }], ['shop/v1', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }]]);
   const route = (rule: Record<string, unknown>, kind = 'HTTPRoute') =>
     parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind, metadata: { namespace: 'shop', name: 'r' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ backendRefs: [{ name: 'v1', port: 80 }], ...rule }] } });
   assert.equal(checkRouteRefs(route({ matches: [{ path: { value: '/a' } }] }), services), undefined, 'matches and splits apply');
-  assert.deepEqual(checkRouteRefs(route({ retry: { attempts: 2 } }), services)?.field, 'spec.rules[0].retry');
-  assert.deepEqual(checkRouteRefs(route({ timeouts: { backendRequest: '1s' } }), services)?.field, 'spec.rules[0].timeouts.backendRequest');
+  assert.equal(checkRouteRefs(route({ retry: { attempts: 2, codes: [503] } }), services), undefined, 'retries apply to streams');
+  assert.equal(checkRouteRefs(route({ timeouts: { backendRequest: '1s' } }), services), undefined, 'per-try timeouts apply to streams');
   const mirror = checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'v1', port: 80 } } }] }, 'GRPCRoute'), services);
   assert.equal(mirror?.field, 'spec.rules[0].filters[0]');
   assert.match(mirror?.message ?? '', /not applied to HTTP\/2 \(h2c, gRPC\) streams/);

@@ -8,9 +8,12 @@
  * trailers are streamed both ways, so unary, server, client and bidirectional gRPC streaming all
  * pass; `grpc-status` is reported in Istio's `grpc_response_status`.
  *
- * Not here yet, and so refused at config time on an HTTP/2 parent (config/route.ts
- * checkRouteRefs) or warned about (maxRequestsPerConnection): retries beyond a failed connect (a
- * gRPC body is a stream; nothing is kept to replay), per-try timeouts and mirroring.
+ * A rule's retry (GEP-1731: its codes on the answer's :status, resets and refused streams before
+ * any answer, failed connects; the backend's retry budget; backoff with full jitter) and per-try
+ * timeout (timeouts.backendRequest) apply to a stream whose body the client has ended and that
+ * fits in 64 KiB (kept as it goes, sent again first): unary calls and requests, not a stream
+ * still being sent. Not here yet, and so refused at config time on an HTTP/2 parent
+ * (config/route.ts checkRouteRefs) or warned about (maxRequestsPerConnection): mirroring.
  */
 import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
@@ -193,52 +196,113 @@ function passAnswer(
 /** gRPC's default limit on a message a server receives (4 MiB): a longer one is refused before any of it leaves the proxy. */
 export const GRPC_MAX_MESSAGE = 4 * 1024 * 1024;
 
+/** A request body kept for a retry (as the HTTP/1.1 paths keep it): at most this much. */
+const REPLAY_LIMIT = 64 * 1024;
+
 /**
- * Streams the client's body upstream with backpressure. For gRPC each message's length prefix is
- * read first: a message over GRPC_MAX_MESSAGE stops the body (`tooLarge`) before the chunk that
+ * The client's body, streamed to the attempt in flight with backpressure, and kept (up to
+ * REPLAY_LIMIT) so that a retry sends it again. For gRPC each message's length prefix is read
+ * first: a message over GRPC_MAX_MESSAGE stops the body (`tooLarge`) before the chunk that
  * announces it goes, so the backend never sees it.
  */
-function sendBody(stream: ServerHttp2Stream, up: ClientHttp2Stream, grpc: boolean, events: { data(bytes: number): void; tooLarge(length: number): void }): void {
-  let payloadLeft = 0;
-  let prefix = Buffer.alloc(0);
-  let stopped = false;
-  const fits = (chunk: Buffer): boolean => {
-    for (let o = 0; o < chunk.length; ) {
-      if (payloadLeft > 0) {
-        const take = Math.min(payloadLeft, chunk.length - o);
-        payloadLeft -= take;
+class H2Body {
+  /** Every chunk so far while replayable. */
+  private readonly kept: Buffer[] = [];
+  private keptBytes = 0;
+  private up: ClientHttp2Stream | undefined;
+  private stopped = false;
+  /** Nothing past the limit was dropped: an attempt can be given all of it. */
+  replayable = true;
+  /** The client ended its body. */
+  ended = false;
+
+  constructor(
+    private readonly stream: ServerHttp2Stream,
+    grpc: boolean,
+    /** Keep it for a retry (else nothing is kept and no attempt can have it again). */
+    keep: boolean,
+    events: { data(bytes: number): void; tooLarge(length: number): void },
+  ) {
+    this.replayable = keep;
+    let payloadLeft = 0;
+    let prefix = Buffer.alloc(0);
+    const fits = (chunk: Buffer): boolean => {
+      for (let o = 0; o < chunk.length; ) {
+        if (payloadLeft > 0) {
+          const take = Math.min(payloadLeft, chunk.length - o);
+          payloadLeft -= take;
+          o += take;
+          continue;
+        }
+        const take = Math.min(5 - prefix.length, chunk.length - o);
+        prefix = Buffer.concat([prefix, chunk.subarray(o, o + take)]);
         o += take;
-        continue;
+        if (prefix.length < 5) continue;
+        const length = prefix.readUInt32BE(1);
+        prefix = Buffer.alloc(0);
+        if (length > GRPC_MAX_MESSAGE) {
+          events.tooLarge(length);
+          return false;
+        }
+        payloadLeft = length;
       }
-      const take = Math.min(5 - prefix.length, chunk.length - o);
-      prefix = Buffer.concat([prefix, chunk.subarray(o, o + take)]);
-      o += take;
-      if (prefix.length < 5) continue;
-      const length = prefix.readUInt32BE(1);
-      prefix = Buffer.alloc(0);
-      if (length > GRPC_MAX_MESSAGE) {
-        events.tooLarge(length);
-        return false;
-      }
-      payloadLeft = length;
-    }
-    return true;
-  };
-  stream.on('data', (chunk: Buffer) => {
-    if (stopped) return;
-    events.data(chunk.length);
-    if (grpc && !fits(chunk)) {
-      stopped = true;
+      return true;
+    };
+    // No body (END_STREAM on the request's headers): nothing to send or keep.
+    if (stream.endAfterHeaders) {
+      this.ended = true;
+      stream.resume();
       return;
     }
-    if (!up.write(chunk)) {
-      stream.pause();
-      up.once('drain', () => stream.resume());
-    }
-  });
-  stream.once('end', () => {
-    if (!stopped) up.end();
-  });
+    // Paused until an attempt has its stream (a data listener earlier would drop what came before).
+    stream.pause();
+    stream.on('data', (chunk: Buffer) => {
+      if (this.stopped) return;
+      events.data(chunk.length);
+      if (grpc && !fits(chunk)) {
+        this.stopped = true;
+        return;
+      }
+      if (this.replayable) {
+        this.keptBytes += chunk.length;
+        if (this.keptBytes <= REPLAY_LIMIT) this.kept.push(chunk);
+        else {
+          this.replayable = false;
+          this.kept.length = 0;
+        }
+      }
+      const up = this.up;
+      if (up && !up.write(chunk)) {
+        stream.pause();
+        up.once('drain', () => stream.resume());
+      }
+    });
+    stream.once('end', () => {
+      this.ended = true;
+      if (!this.stopped) this.up?.end();
+    });
+  }
+
+  /** The request has no body: its upstream stream ends with its headers. */
+  get none(): boolean {
+    return this.stream.endAfterHeaders;
+  }
+
+  /** The attempt `up` gets the body: what was kept first (a retry), then the rest as it comes. False when it cannot be given all of it. */
+  sendTo(up: ClientHttp2Stream, again: boolean): boolean {
+    if (again && !this.replayable) return false;
+    this.up = up;
+    if (again) for (const chunk of this.kept) up.write(chunk);
+    if (this.ended && !this.stopped) up.end();
+    else this.stream.resume();
+    return true;
+  }
+
+  /** The attempt in flight is given up: nothing more goes to it (the client waits, paused). */
+  detach(): void {
+    this.up = undefined;
+    this.stream.pause();
+  }
 }
 
 /** A gRPC message over the limit: answered RESOURCE_EXHAUSTED (a trailers-only answer), or the stream reset once an answer began. */
@@ -337,6 +401,12 @@ class H2Exchange {
   private avoid: Endpoint | undefined;
   private readonly outbound: HttpOutbound;
   private readonly target: ServiceTarget;
+  private body: H2Body | undefined;
+  /** The endpoint of the attempt in flight (or the last one). */
+  private endpoint: Endpoint | undefined;
+  private retries = 0;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private tryTimer: NodeJS.Timeout | undefined;
 
   constructor(
     private readonly h2: H2Outbound,
@@ -366,6 +436,14 @@ class H2Exchange {
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';
+    this.body = new H2Body(this.stream, this.grpc, this.d.entry.retry !== undefined, {
+      data: (bytes) => (this.bytesIn += bytes),
+      tooLarge: (length) => {
+        this.inflight?.close(constants.NGHTTP2_CANCEL);
+        refuseMessage(this.stream, length);
+        this.done(200, 'DPE', this.endpoint, '8');
+      },
+    });
     const go = (): void => {
       if (aborted) this.answer(fault?.abort?.status ?? 503, 'FI', 'fault injected (TrafficPolicy fault.abort)', undefined);
       else this.send();
@@ -400,6 +478,7 @@ class H2Exchange {
       return;
     }
     lb.acquire(this.target, endpoint);
+    this.endpoint = endpoint;
     const release = once(() => {
       lb.release(this.target, endpoint);
       leave();
@@ -410,6 +489,7 @@ class H2Exchange {
     } catch (e) {
       release();
       if (e instanceof UpstreamDenied) this.answer(403, 'UAEX', e.message, endpoint);
+      else if (this.mayRetry()) this.retry();
       // Nothing was sent yet: another endpoint once.
       else if (this.attempt < 2 && this.target.endpoints.length > 1 && !this.finished) {
         this.avoid = endpoint;
@@ -422,9 +502,11 @@ class H2Exchange {
       return;
     }
     const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': this.authority() });
+    const body = this.body;
+    if (!body) return;
     let up: ClientHttp2Stream;
     try {
-      up = session.request(out, { endStream: this.stream.readableEnded });
+      up = session.request(out, { endStream: body.none });
     } catch (e) {
       release();
       this.answer(503, 'UC', (e as Error).message, endpoint);
@@ -433,14 +515,41 @@ class H2Exchange {
     this.inflight = up;
     up.on('error', () => undefined);
     let answered = false;
+    // timeouts.backendRequest: this attempt, to its answer's headers.
+    const tryMs = this.d.entry.timeouts?.backendRequestMs;
+    if (tryMs !== undefined) {
+      this.tryTimer = setTimeout(() => {
+        if (answered || this.finished || this.inflight !== up) return;
+        this.giveUp(up, release);
+        if (this.mayRetry()) this.retry();
+        else this.answer(504, 'UT', `no answer within ${tryMs} ms (timeouts.backendRequest)`, endpoint);
+      }, tryMs);
+    }
     up.on('response', (headers: IncomingHttpHeaders, flags: number) => {
       answered = true;
+      clearTimeout(this.tryTimer);
+      if (this.inflight !== up) return;
+      // A route's retry on this code: the answer is dropped with its stream and the request goes again.
+      const status = Number(headers[':status'] ?? 502);
+      if (this.d.entry.retry?.codes.includes(status) && this.mayRetry()) {
+        if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
+        this.giveUp(up, release);
+        this.retry();
+        return;
+      }
       this.answered(up, headers, (flags & END_STREAM) !== 0, endpoint, release);
     });
     up.once('close', () => {
       release();
-      if (this.finished) return;
+      if (this.finished || this.inflight !== up) return;
       if (!answered) {
+        clearTimeout(this.tryTimer);
+        // Reset (or refused) before any answer: a route's retry sends it again.
+        if (this.mayRetry()) {
+          this.giveUp(up, release);
+          this.retry();
+          return;
+        }
         this.answer(503, up.rstCode === constants.NGHTTP2_REFUSED_STREAM ? 'UF' : 'UC', `the upstream stream ended before an answer (code ${up.rstCode ?? 0})`, endpoint);
         return;
       }
@@ -450,15 +559,43 @@ class H2Exchange {
         this.done(this.stream.sentHeaders?.[':status'] === undefined ? 502 : Number(this.stream.sentHeaders[':status']), 'UPE', endpoint);
       }
     });
-    // The body flows only now (a data listener earlier would drop what came before the session).
-    sendBody(this.stream, up, this.grpc, {
-      data: (bytes) => (this.bytesIn += bytes),
-      tooLarge: (length) => {
-        up.close(constants.NGHTTP2_CANCEL);
-        refuseMessage(this.stream, length);
-        this.done(200, 'DPE', endpoint, '8');
-      },
-    });
+    // The body flows only now: what a retry kept first.
+    if (!body.none && !body.sendTo(up, this.attempt > 1)) {
+      this.giveUp(up, release);
+      this.answer(503, 'UF', 'the request body could not be sent again (over 64 KiB)', endpoint);
+    }
+  }
+
+  /** The attempt in flight is dropped (a retry, a per-try timeout): its stream cancelled, its slot given back. */
+  private giveUp(up: ClientHttp2Stream, release: () => void): void {
+    if (this.inflight === up) this.inflight = undefined;
+    this.body?.detach();
+    up.close(constants.NGHTTP2_CANCEL);
+    release();
+  }
+
+  /** Whether another attempt may go: the rule's retry has attempts left, the whole body is in hand and kept, within the budget. */
+  private mayRetry(): boolean {
+    const retry = this.d.entry.retry;
+    const body = this.body;
+    if (!retry || this.finished || this.retries >= retry.attempts || !body?.ended || !body.replayable || this.stream.headersSent) return false;
+    if (this.outbound.retryAllowed(this.target)) return true;
+    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
+    return false;
+  }
+
+  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  private retry(): void {
+    this.retries++;
+    const base = this.d.entry.retry?.backoffMs ?? 0;
+    const delay = Math.random() * Math.min(base * 2 ** (this.retries - 1), base * 10);
+    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'retried' });
+    this.outbound.track('retrying', this.target, 1);
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.outbound.track('retrying', this.target, -1);
+      this.send();
+    }, delay);
   }
 
   /** The :authority upstream: the (possibly rewritten) Host of the request. */
@@ -506,6 +643,12 @@ class H2Exchange {
     this.finished = true;
     clearTimeout(this.requestTimer);
     clearTimeout(this.delayTimer);
+    clearTimeout(this.tryTimer);
+    if (this.retryTimer) {
+      clearTimeout(this.retryTimer);
+      this.retryTimer = undefined;
+      this.outbound.track('retrying', this.target, -1);
+    }
     this.leaveQueue?.();
     this.leaveQueue = undefined;
     this.outbound.track('active', this.target, -1);
@@ -592,7 +735,7 @@ export class H2Inbound {
             done(Number(stream.sentHeaders?.[':status'] ?? 502), 'UPE');
           }
         });
-        sendBody(stream, stream2, grpc !== undefined, {
+        const body = new H2Body(stream, grpc !== undefined, false, {
           data: (bytes) => (bytesIn += bytes),
           tooLarge: (length) => {
             stream2.close(constants.NGHTTP2_CANCEL);
@@ -600,6 +743,7 @@ export class H2Inbound {
             done(200, 'DPE', '8');
           },
         });
+        body.sendTo(stream2, false);
       },
       (e: unknown) => {
         if (finished) return;
