@@ -391,24 +391,16 @@ export function checkRouteRefs(route: ServiceRoute, services: ReadonlyMap<string
       return { field, message: `${field}: the route works per request (matches, timeouts, retries), so its parent port must speak HTTP (1.1, h2c or gRPC); Service ${p.namespace}/${p.name} port ${notHttp.port} ${why}` };
     }
   }
-  // What the HTTP/2 path does not apply yet is refused on an HTTP/2 parent, never ignored.
-  const h2Parent = route.parents.find((p) => services.get(`${p.namespace}/${p.name}`)?.ports.some((sp) => (p.port === undefined || sp.port === p.port) && speaksRequests(sp) === 'http2'));
   for (const [ri, rule] of route.rules.entries()) {
     for (const [i, b] of rule.backends.entries()) {
       const bad = check(b, `spec.rules[${ri}].backendRefs[${i}]`);
       if (bad) return bad;
-      const mirror = (b.filters ?? []).findIndex((f) => f.type === 'RequestMirror');
-      if (h2Parent && mirror >= 0) return notOnH2(`spec.rules[${ri}].backendRefs[${i}].filters[${mirror}]`, 'RequestMirror', h2Parent);
     }
     for (const [i, f] of (rule.filters ?? []).entries()) {
       const bad = f.type === 'RequestMirror' ? check(f.backend, `spec.rules[${ri}].filters[${i}].requestMirror.backendRef`) : undefined;
       if (bad) return bad;
-      if (h2Parent && f.type === 'RequestMirror') return notOnH2(`spec.rules[${ri}].filters[${i}]`, 'RequestMirror', h2Parent);
     }
   }
   return undefined;
 }
 
-function notOnH2(field: string, what: string, parent: RouteRef): { field: string; message: string } {
-  return { field, message: `${field}: ${what} is not applied to HTTP/2 (h2c, gRPC) streams by this version of nodemesh, and Service ${parent.namespace}/${parent.name}${parent.port === undefined ? '' : ` port ${parent.port}`} speaks HTTP/2: the route is refused rather than applied in part` };
-}

@@ -147,13 +147,13 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
 
 const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));
 const H2_CLIENT = fileURLToPath(new URL('../support/h2-client.js', import.meta.url));
-const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105' };
+const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105', mirror: '10.96.0.106' };
 
-test('L7 HTTP/2 retries and per-try timeouts: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands', async (t) => {
+test('L7 HTTP/2 retries, per-try timeouts and mirrors: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands; a mirrored stream is copied', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(H2_SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, {
-    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2')].join('---\n'),
+    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-mirror', [H2_SVC.mirror], { app: 'h2-mirror' }, 80, 8080, 'http2')].join('---\n'),
     'route.yaml': [
       'apiVersion: gateway.networking.k8s.io/v1',
       'kind: HTTPRoute',
@@ -168,13 +168,17 @@ test('L7 HTTP/2 retries and per-try timeouts: a stream answered 503 or too slow 
       '    backendRefs: [{name: h2web-v1, port: 80}]',
       '    timeouts: {request: 5s, backendRequest: 200ms}',
       '    retry: {attempts: 1, backoff: 1ms}',
+      '  - matches: [{path: {type: PathPrefix, value: /mirrored}}]',
+      '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: h2web-mirror, port: 80}}}]',
+      '    backendRefs: [{name: h2web-v1, port: 80}]',
       '  - backendRefs: [{name: h2web-v1, port: 80}]',
       '',
     ].join('\n'),
   });
   await sb.serverPod('h2-1', [process.execPath, H2_APP, 'h2-1', '8080'], 8080, ['app=h2']);
+  await sb.serverPod('h2-m', [process.execPath, H2_APP, 'h2-m', '8080'], 8080, ['app=h2-mirror']);
   const client = await sb.idlePod('client');
-  await agent.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), 'two pods verified');
+  await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
   const out = await sb.execIn(
     client,
     [
@@ -189,13 +193,17 @@ test('L7 HTTP/2 retries and per-try timeouts: a stream answered 503 or too slow 
           { path: '/retry/fail-first/c', body: 20_000 },
           { path: '/per-try/slow-first/d/3000', body: 10_000 },
           { path: '/retry/fail-first/e', body: 100_000 },
+          { path: '/mirrored/f' },
+          { path: '/mirrored/g', body: 5000 },
         ],
       }),
     ],
     30_000,
   );
   const { answers } = JSON.parse(out.trim().split('\n').pop() ?? '{}') as { answers: H2Answer[] };
-  assert.deepEqual(answers.map((a) => a.status), [503, 200, 200, 200, 503], JSON.stringify(answers));
+  assert.deepEqual(answers.map((a) => a.status), [503, 200, 200, 200, 503, 200, 200], JSON.stringify(answers));
+  assert.deepEqual(answers.slice(5).map((a) => a.servedBy), ['h2-1', 'h2-1'], 'the mirror does not answer');
+  await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/h2web-mirror:80', result: 'sent' }) === 2, 5000, 'both copies answered by the mirror');
   for (const a of answers.slice(2, 4)) assert.equal(a.received, a.sent, 'the attempt that answered had the whole body');
   assert.ok((answers[3]?.ms ?? Infinity) < 2500, `the per-try timeout cut the slow attempt: answered after ${Math.round(answers[3]?.ms ?? 0)} ms`);
   const m = await agent.metrics();

@@ -287,16 +287,16 @@ test('protocol sniffing: an HTTP/1.x request line, the HTTP/2 preface, or opaque
   assert.equal(c('*1\r\n$4\r\nPING\r\n'), 'opaque', 'RESP (Redis)');
 });
 
-test('what the HTTP/2 path does not apply (RequestMirror) is refused on an HTTP/2 parent, the field named; retries and per-try timeouts apply', () => {
+test('routes on an HTTP/2 parent take everything an HTTP/1.1 one does: retries, per-try timeouts, mirrors', () => {
   const services = new Map([['shop/cart', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }], ['shop/v1', { ports: [{ port: 80, name: 'grpc', appProtocol: '' }] }]]);
   const route = (rule: Record<string, unknown>, kind = 'HTTPRoute') =>
     parseRoute({ apiVersion: 'gateway.networking.k8s.io/v1', kind, metadata: { namespace: 'shop', name: 'r' }, spec: { parentRefs: [{ kind: 'Service', name: 'cart', port: 80 }], rules: [{ backendRefs: [{ name: 'v1', port: 80 }], ...rule }] } });
   assert.equal(checkRouteRefs(route({ matches: [{ path: { value: '/a' } }] }), services), undefined, 'matches and splits apply');
   assert.equal(checkRouteRefs(route({ retry: { attempts: 2, codes: [503] } }), services), undefined, 'retries apply to streams');
   assert.equal(checkRouteRefs(route({ timeouts: { backendRequest: '1s' } }), services), undefined, 'per-try timeouts apply to streams');
-  const mirror = checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'v1', port: 80 } } }] }, 'GRPCRoute'), services);
-  assert.equal(mirror?.field, 'spec.rules[0].filters[0]');
-  assert.match(mirror?.message ?? '', /not applied to HTTP\/2 \(h2c, gRPC\) streams/);
+  assert.equal(checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'v1', port: 80 } } }] }, 'GRPCRoute'), services), undefined, 'mirrors apply to streams');
+  // A mirror to a Service that does not exist is still refused, the field named.
+  assert.equal(checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'nowhere', port: 80 } } }] }, 'GRPCRoute'), services)?.field, 'spec.rules[0].filters[0].requestMirror.backendRef.name');
 });
 
 test('a policy whose maxRequestsPerConnection cannot apply to an HTTP/2 port is named in a warning', () => {

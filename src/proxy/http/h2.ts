@@ -12,8 +12,8 @@
  * any answer, failed connects; the backend's retry budget; backoff with full jitter) and per-try
  * timeout (timeouts.backendRequest) apply to a stream whose body the client has ended and that
  * fits in 64 KiB (kept as it goes, sent again first): unary calls and requests, not a stream
- * still being sent. Not here yet, and so refused at config time on an HTTP/2 parent
- * (config/route.ts checkRouteRefs) or warned about (maxRequestsPerConnection): mirroring.
+ * still being sent. A RequestMirror copies a stream once it ended (its body kept up to 64 KiB).
+ * Not here yet, and so warned about at config time: maxRequestsPerConnection.
  */
 import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
@@ -298,6 +298,11 @@ class H2Body {
     return true;
   }
 
+  /** The whole body as it came, when it ended and was kept (none: empty); undefined otherwise. */
+  whole(): ReadonlyArray<Buffer> | undefined {
+    return this.ended && this.replayable && !this.stopped ? this.kept : undefined;
+  }
+
   /** The attempt in flight is given up: nothing more goes to it (the client waits, paused). */
   detach(): void {
     this.up = undefined;
@@ -407,6 +412,8 @@ class H2Exchange {
   private retries = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private tryTimer: NodeJS.Timeout | undefined;
+  /** The rule's mirrors drawn for this stream (their percentages): a copy to each when it ends. */
+  private mirrors: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }> = [];
 
   constructor(
     private readonly h2: H2Outbound,
@@ -436,7 +443,8 @@ class H2Exchange {
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';
-    this.body = new H2Body(this.stream, this.grpc, this.d.entry.retry !== undefined, {
+    this.mirrors = this.d.entry.mirrors?.filter((m) => Math.random() * 100 < m.percent) ?? [];
+    this.body = new H2Body(this.stream, this.grpc, this.d.entry.retry !== undefined || this.mirrors.length > 0, {
       data: (bytes) => (this.bytesIn += bytes),
       tooLarge: (length) => {
         this.inflight?.close(constants.NGHTTP2_CANCEL);
@@ -654,6 +662,50 @@ class H2Exchange {
     this.outbound.track('active', this.target, -1);
     const facts: AccessFacts = { req: this.head, requestId: this.requestId, route: `${this.d.entry.route} rule ${this.d.entry.rule}`, bytesIn: this.bytesIn, bytesOut: this.bytesOut, attempts: this.attempt };
     this.outbound.count(this.conn, this.target, endpoint, status, flag, this.started, facts, this.grpc ? grpcStatus : undefined);
+    if (this.mirrors.length > 0 && flag !== 'DC') this.mirror();
+  }
+
+  /**
+   * RequestMirror: a copy of the stream that ended (its body as kept, up to 64 KiB) to an endpoint
+   * of each mirror Service drawn for it, on that Service's pooled session, with "-shadow" after
+   * its :authority as Envoy marks it; the answer is read and dropped, its result only counted.
+   */
+  private mirror(): void {
+    const metrics = this.outbound.metrics;
+    const body = this.body?.whole();
+    for (const m of this.mirrors) {
+      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
+      if (!body) {
+        count('body_too_large');
+        continue;
+      }
+      const endpoint = this.outbound.lb.pick(m.target);
+      if (!endpoint) {
+        count('no_endpoint');
+        continue;
+      }
+      const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': `${this.authority()}-shadow` });
+      this.h2.session(this.conn, m.target, endpoint).then(
+        (session) => {
+          const copy = session.request(out, { endStream: body.length === 0 });
+          copy.on('error', () => undefined);
+          let answered = false;
+          copy.on('response', () => {
+            answered = true;
+            count('sent');
+          });
+          copy.on('data', () => undefined);
+          copy.once('close', () => {
+            if (!answered) count('failed');
+          });
+          if (body.length > 0) {
+            for (const chunk of body) copy.write(chunk);
+            copy.end();
+          }
+        },
+        () => count('failed'),
+      );
+    }
   }
 }
 
