@@ -188,10 +188,6 @@ export class MeshSnapshot {
     }
     for (const target of byKey.values()) {
       for (const ip of target.service.clusterIPs) this.byVip.set(vipKey(ip, target.port.port), target);
-      // Said, not silently dropped: what the HTTP/2 path does not apply.
-      if (target.policy.maxRequestsPerConnection > 0 && speaksRequests(target.port) === 'http2') {
-        warnings.push({ object: `TrafficPolicy ${target.policy.source ?? ''}`, message: `connectionPool.http.maxRequestsPerConnection is not applied to ${target.key}: it speaks HTTP/2, whose sessions this version of nodemesh does not recycle` });
-      }
     }
     // Which Service an inbound connection to a workload port is reported under when the caller
     // did not say (a direct connection to the pod's address): a routed Service never, since its

@@ -147,13 +147,14 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
 
 const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));
 const H2_CLIENT = fileURLToPath(new URL('../support/h2-client.js', import.meta.url));
-const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105', mirror: '10.96.0.106' };
+const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105', mirror: '10.96.0.106', narrow: '10.96.0.107' };
 
-test('L7 HTTP/2 retries, per-try timeouts and mirrors: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands; a mirrored stream is copied', async (t) => {
+test('L7 HTTP/2 retries, per-try timeouts, mirrors and maxRequestsPerConnection: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands; a mirrored stream is copied; sessions recycled', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(H2_SVC)) await sb.blackhole(ip);
   const agent = await startAgent(sb, {
-    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-mirror', [H2_SVC.mirror], { app: 'h2-mirror' }, 80, 8080, 'http2')].join('---\n'),
+    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-mirror', [H2_SVC.mirror], { app: 'h2-mirror' }, 80, 8080, 'http2'), serviceYaml('h2web-narrow', [H2_SVC.narrow], { app: 'h2' }, 80, 8080, 'http2')].join('---\n'),
+    'policy.yaml': 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: narrow, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: h2web-narrow}]\n  connectionPool: {http: {maxRequestsPerConnection: 2}}\n',
     'route.yaml': [
       'apiVersion: gateway.networking.k8s.io/v1',
       'kind: HTTPRoute',
@@ -168,6 +169,8 @@ test('L7 HTTP/2 retries, per-try timeouts and mirrors: a stream answered 503 or 
       '    backendRefs: [{name: h2web-v1, port: 80}]',
       '    timeouts: {request: 5s, backendRequest: 200ms}',
       '    retry: {attempts: 1, backoff: 1ms}',
+      '  - matches: [{path: {type: PathPrefix, value: /narrow}}]',
+      '    backendRefs: [{name: h2web-narrow, port: 80}]',
       '  - matches: [{path: {type: PathPrefix, value: /mirrored}}]',
       '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: h2web-mirror, port: 80}}}]',
       '    backendRefs: [{name: h2web-v1, port: 80}]',
@@ -204,6 +207,12 @@ test('L7 HTTP/2 retries, per-try timeouts and mirrors: a stream answered 503 or 
   assert.deepEqual(answers.map((a) => a.status), [503, 200, 200, 200, 503, 200, 200], JSON.stringify(answers));
   assert.deepEqual(answers.slice(5).map((a) => a.servedBy), ['h2-1', 'h2-1'], 'the mirror does not answer');
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/h2web-mirror:80', result: 'sent' }) === 2, 5000, 'both copies answered by the mirror');
+  // maxRequestsPerConnection 2: six streams in a row take three upstream sessions.
+  const dials = async (): Promise<number> => metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' });
+  const dialled = await dials();
+  const narrow = await sb.execIn(client, [process.execPath, H2_CLIENT, JSON.stringify({ host: H2_SVC.web, port: 80, requests: Array.from({ length: 6 }, () => ({ path: '/narrow/x' })) })], 30_000);
+  assert.deepEqual((JSON.parse(narrow.trim().split('\n').pop() ?? '{}') as { answers: H2Answer[] }).answers.map((a) => a.status), [200, 200, 200, 200, 200, 200]);
+  assert.equal((await dials()) - dialled, 3, 'a new upstream session every two streams');
   for (const a of answers.slice(2, 4)) assert.equal(a.received, a.sent, 'the attempt that answered had the whole body');
   assert.ok((answers[3]?.ms ?? Infinity) < 2500, `the per-try timeout cut the slow attempt: answered after ${Math.round(answers[3]?.ms ?? 0)} ms`);
   const m = await agent.metrics();

@@ -299,9 +299,10 @@ test('routes on an HTTP/2 parent take everything an HTTP/1.1 one does: retries, 
   assert.equal(checkRouteRefs(route({ filters: [{ type: 'RequestMirror', requestMirror: { backendRef: { name: 'nowhere', port: 80 } } }] }, 'GRPCRoute'), services)?.field, 'spec.rules[0].filters[0].requestMirror.backendRef.name');
 });
 
-test('a policy whose maxRequestsPerConnection cannot apply to an HTTP/2 port is named in a warning', () => {
+test('a policy\'s maxRequestsPerConnection on an HTTP/2 port applies (sessions recycled): no warning', () => {
   const cart = parseService({ apiVersion: 'v1', kind: 'Service', metadata: { name: 'cart', namespace: 'shop' }, spec: { clusterIP: '10.96.9.9', selector: { app: 'cart' }, ports: [{ name: 'grpc', port: 80, targetPort: 8080 }] } });
   const policy = parseTrafficPolicy({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'p', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'cart' }], connectionPool: { http: { maxRequestsPerConnection: 5 } } } });
   const snap = new MeshSnapshot(1, [cart], [], [policy], []);
-  assert.deepEqual(snap.warnings.map((w) => `${w.object}: ${w.message}`), ['TrafficPolicy shop/p: connectionPool.http.maxRequestsPerConnection is not applied to shop/cart:80: it speaks HTTP/2, whose sessions this version of nodemesh does not recycle']);
+  assert.deepEqual(snap.warnings, []);
+  assert.equal(snap.targets().find((t) => t.key === 'shop/cart:80')?.policy.maxRequestsPerConnection, 5);
 });

@@ -13,7 +13,7 @@
  * timeout (timeouts.backendRequest) apply to a stream whose body the client has ended and that
  * fits in 64 KiB (kept as it goes, sent again first): unary calls and requests, not a stream
  * still being sent. A RequestMirror copies a stream once it ended (its body kept up to 64 KiB).
- * Not here yet, and so warned about at config time: maxRequestsPerConnection.
+ * A backend's maxRequestsPerConnection closes a session (gracefully) after that many streams.
  */
 import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
@@ -78,6 +78,28 @@ const isGrpc = (headers: IncomingHttpHeaders): boolean => String(headers['conten
  */
 class H2Pool {
   private readonly sessions = new Map<string, Promise<ClientHttp2Session>>();
+  /** Streams started on each session (connectionPool.http.maxRequestsPerConnection). */
+  private readonly streams = new WeakMap<ClientHttp2Session, number>();
+
+  /**
+   * `stream` was started on `session` (of `key`): with `max` (> 0) streams it leaves the pool (no
+   * new stream on it) and closes once the last one ended, as an HTTP/1.1 connection closes after
+   * its maxRequestsPerConnection-th answer.
+   */
+  started(key: string, session: ClientHttp2Session, max: number, stream: ClientHttp2Stream): void {
+    if (max <= 0) return;
+    const n = (this.streams.get(session) ?? 0) + 1;
+    this.streams.set(session, n);
+    if (n < max) return;
+    void this.sessions.get(key)?.then(
+      (s) => {
+        if (s === session) this.sessions.delete(key);
+      },
+      () => undefined,
+    );
+    // Not at once: a session closed before its newest stream went out would refuse it.
+    stream.once('close', () => session.close());
+  }
 
   get(key: string, dial: () => Promise<Socket>, what: string): Promise<ClientHttp2Session> {
     const known = this.sessions.get(key);
@@ -331,6 +353,11 @@ function answerStream(stream: ServerHttp2Stream, status: number, detail: string,
   return Buffer.byteLength(body);
 }
 
+/** Upstream sessions are pooled by source pod, backend Service and endpoint. */
+function poolKey(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): string {
+  return `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+}
+
 export class H2Outbound {
   private readonly front: HandedH2Server<HttpClientConnection>;
   /** Upstream sessions by source pod, backend Service and endpoint. */
@@ -350,6 +377,11 @@ export class H2Outbound {
 
   close(): void {
     this.pool.close();
+  }
+
+  /** A stream was started on `session` to `endpoint` of `target`: counted against the backend's maxRequestsPerConnection. */
+  started(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, session: ClientHttp2Session, stream: ClientHttp2Stream): void {
+    this.pool.started(poolKey(conn, target, endpoint), session, target.policy.maxRequestsPerConnection, stream);
   }
 
   private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpClientConnection): void {
@@ -372,7 +404,7 @@ export class H2Outbound {
   session(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
     const lb = this.outbound.lb;
     return this.pool.get(
-      `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
+      poolKey(conn, target, endpoint),
       async () => {
         try {
           const socket = await conn.dial(target, endpoint);
@@ -521,6 +553,7 @@ class H2Exchange {
       return;
     }
     this.inflight = up;
+    this.h2.started(this.conn, this.target, endpoint, session, up);
     up.on('error', () => undefined);
     let answered = false;
     // timeouts.backendRequest: this attempt, to its answer's headers.
