@@ -6,8 +6,9 @@
  *   /slow-first/<key>/<ms>     the first time, answers after <ms>; then at once
  *   anything else              200
  */
-import { createHash } from 'node:crypto';
 import { createServer } from 'node:http2';
+
+import { readBody } from './app-body.js';
 
 const [name = 'app', portText = '8080'] = process.argv.slice(2);
 const seen = new Set<string>();
@@ -18,15 +19,9 @@ const first = (key: string): boolean => {
 };
 
 const server = createServer((req, res) => {
-  const hash = createHash('sha256');
-  let bytes = 0;
-  req.on('data', (chunk: Buffer) => {
-    hash.update(chunk);
-    bytes += chunk.length;
-  });
-  req.on('end', () => {
+  readBody(req, (sha256, bytes) => {
     const url = req.url;
-    const headers = { 'x-served-by': name, 'x-body-sha256': hash.digest('hex'), 'x-body-bytes': String(bytes), 'content-type': 'text/plain' };
+    const headers = { 'x-served-by': name, 'x-body-sha256': sha256, 'x-body-bytes': String(bytes), 'content-type': 'text/plain' };
     const failFirst = /^\/[^/]*\/?fail-first\/([^/?]+)/.exec(url);
     if (failFirst && first(`fail:${failFirst[1] ?? ''}`)) {
       res.writeHead(503, headers);

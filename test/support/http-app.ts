@@ -15,6 +15,8 @@
 import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
 
+import { readBody } from './app-body.js';
+
 const [name = 'app', portText = '8080', mode = ''] = process.argv.slice(2);
 
 const seen = new Set<string>();
@@ -35,20 +37,14 @@ const server = createServer((req, res) => {
   const slowFirst = /\/slow-first\/([^/?]+)\/(\d+)/.exec(url);
   if (failFirst || slow || slowFirst) {
     // Answered once the body was read: the 200 says what came (x-body-sha256, x-body-bytes).
-    const hash = createHash('sha256');
-    let bytes = 0;
-    req.on('data', (chunk: Buffer) => {
-      hash.update(chunk);
-      bytes += chunk.length;
-    });
-    req.on('end', () => {
+    readBody(req, (sha256, bytes) => {
       if (failFirst && first(`fail:${failFirst[1] ?? ''}`)) {
         res.writeHead(503, { 'content-type': 'text/plain' });
         res.end('failing the first time\n');
         return;
       }
       const delay = slow ? Number(slow[1]) : slowFirst && first(`slow:${slowFirst[1] ?? ''}`) ? Number(slowFirst[2]) : 0;
-      const received = { 'x-body-sha256': hash.digest('hex'), 'x-body-bytes': String(bytes) };
+      const received = { 'x-body-sha256': sha256, 'x-body-bytes': String(bytes) };
       setTimeout(() => {
         if (res.destroyed) return;
         res.writeHead(200, { 'content-type': 'text/plain', ...received });

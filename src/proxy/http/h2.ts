@@ -704,23 +704,13 @@ class H2Exchange {
    * its :authority as Envoy marks it; the answer is read and dropped, its result only counted.
    */
   private mirror(): void {
-    const metrics = this.outbound.metrics;
     const body = this.body?.whole();
-    for (const m of this.mirrors) {
-      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
-      if (!body) {
-        count('body_too_large');
-        continue;
-      }
-      const endpoint = this.outbound.lb.pick(m.target);
-      if (!endpoint) {
-        count('no_endpoint');
-        continue;
-      }
+    this.outbound.mirrorTo(this.mirrors, body !== undefined, (target, endpoint, count) => {
       const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': `${this.authority()}-shadow` });
-      this.h2.session(this.conn, m.target, endpoint).then(
+      this.h2.session(this.conn, target, endpoint).then(
         (session) => {
-          const copy = session.request(out, { endStream: body.length === 0 });
+          const chunks = body ?? [];
+          const copy = session.request(out, { endStream: chunks.length === 0 });
           copy.on('error', () => undefined);
           let answered = false;
           copy.on('response', () => {
@@ -731,14 +721,14 @@ class H2Exchange {
           copy.once('close', () => {
             if (!answered) count('failed');
           });
-          if (body.length > 0) {
-            for (const chunk of body) copy.write(chunk);
+          if (chunks.length > 0) {
+            for (const chunk of chunks) copy.write(chunk);
             copy.end();
           }
         },
         () => count('failed'),
       );
-    }
+    });
   }
 }
 

@@ -327,23 +327,12 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
    * dropped, its result only counted. Only now: keptBody() is the request's until the next one.
    */
   private mirror(s: Served<HttpClientConnection, InFlight>, r: InFlight, mirrors: NonNullable<InFlight['mirrors']>): void {
-    const metrics = this.outbound.metrics;
     const body = this.host.keptBody(s);
-    for (const m of mirrors) {
-      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
-      if (!body) {
-        count('body_too_large');
-        continue;
-      }
-      const endpoint = this.outbound.lb.pick(m.target);
-      if (!endpoint) {
-        count('no_endpoint');
-        continue;
-      }
-      const host = headerValue(r.facts.req.headers, 'host') ?? m.target.service.name;
+    this.outbound.mirrorTo(mirrors, body !== undefined, (target, endpoint, count) => {
+      const host = headerValue(r.facts.req.headers, 'host') ?? target.service.name;
       const headers = applyHeaderChanges(r.d.upstream.headers, { set: [['host', `${host}-shadow`], ['connection', 'close']], add: [], remove: [] });
       const head = requestHead(r.facts.req.method ?? 'GET', r.d.upstream.path, headers);
-      s.conn.dial(m.target, endpoint).then(
+      s.conn.dial(target, endpoint).then(
         (socket) => {
           let counted = false;
           const once = (result: string): void => {
@@ -357,11 +346,11 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
           socket.on('end', () => socket.destroy());
           socket.on('close', () => once('failed'));
           socket.write(head);
-          if (body.length > 0) socket.write(body);
+          if (body && body.length > 0) socket.write(body);
         },
         () => count('failed'),
       );
-    }
+    });
   }
 
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {

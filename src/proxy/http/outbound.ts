@@ -309,6 +309,21 @@ export class HttpOutbound {
    * Retries in flight to `target` may be at most its retry budget: `percent` of its active
    * requests from this node, but always `minRetryConcurrency` (Envoy's retry budget).
    */
+  /**
+   * RequestMirror, on any path: for each of `mirrors` (drawn for the request), counted as not
+   * copied when the body was not kept (`kept` false: over 64 KiB) or the mirror Service has no
+   * endpoint; else `send` makes the copy to the endpoint picked and counts its result.
+   */
+  mirrorTo(mirrors: ReadonlyArray<{ readonly target: ServiceTarget }>, kept: boolean, send: (target: ServiceTarget, endpoint: Endpoint, count: (result: string) => void) => void): void {
+    for (const m of mirrors) {
+      const count = (result: string): void => this.metrics.httpMirrors.inc({ service: m.target.key, result });
+      const endpoint = kept ? this.lb.pick(m.target) : undefined;
+      if (!kept) count('body_too_large');
+      else if (!endpoint) count('no_endpoint');
+      else send(m.target, endpoint, count);
+    }
+  }
+
   retryAllowed(target: ServiceTarget): boolean {
     const { percent, minRetryConcurrency } = target.policy.retryBudget;
     const active = this.active.get(target.key) ?? 0;
@@ -668,29 +683,18 @@ class Exchange {
    * is read and dropped, a failure only counted. A body over 64 KiB is not mirrored.
    */
   private mirror(): void {
-    const metrics = this.outbound.metrics;
-    for (const m of this.entry.mirrors ?? []) {
-      if (Math.random() * 100 >= m.percent) continue;
-      const count = (result: string): void => metrics.httpMirrors.inc({ service: m.target.key, result });
-      if (!this.replayable) {
-        count('body_too_large');
-        continue;
-      }
-      const endpoint = this.outbound.lb.pick(m.target);
-      if (!endpoint) {
-        count('no_endpoint');
-        continue;
-      }
-      const host = headerValue(this.req.headers, 'host') ?? m.target.service.name;
+    const drawn = (this.entry.mirrors ?? []).filter((m) => Math.random() * 100 < m.percent);
+    this.outbound.mirrorTo(drawn, this.replayable, (target, endpoint, count) => {
+      const host = headerValue(this.req.headers, 'host') ?? target.service.name;
       const headers = applyHeaderChanges(this.upstream.headers, { set: [['host', `${host}-shadow`]], add: [], remove: [] });
-      const copy = httpRequest(this.options(m.target, endpoint, headers), (answer) => {
+      const copy = httpRequest(this.options(target, endpoint, headers), (answer) => {
         answer.resume();
         count('sent');
       });
       copy.on('error', () => count('failed'));
       for (const chunk of this.body) copy.write(chunk);
       copy.end();
-    }
+    });
   }
 
   /** An answer's head came: retried if the rule says so for its code, else passed on. */
