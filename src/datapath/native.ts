@@ -165,9 +165,9 @@ export interface Http1Events {
   /** A request's head: answer it with forward(), respond() or release() (now or later). Names and values are Latin-1 as sent. */
   head(id: number, method: string, target: string, minor: 0 | 1, headers: string[], body: Http1Body, upgrade: boolean): void;
   /**
-   * The request on `id` (no body, nothing of an answer passed on) may go again: its answer has a
-   * code of its `retryOn` (`status`), or its connection ended before any answer (status 0: a
-   * reset, or the keep-alive race on a reused idle connection). True: it is dropped and waits for
+   * The request on `id` (nothing of an answer passed on; no body, or one read whole and kept)
+   * may go again: its answer has a code of its `retryOn` (`status`), or its connection ended
+   * before any answer (status 0: a reset, or the keep-alive race on a reused idle connection). True: it is dropped and waits for
    * forward() again (later is fine); false: the answer is passed on (or 503 UC answers the reset).
    */
   retry(id: number, status: number): boolean;

@@ -23,7 +23,7 @@ import type { Duplex } from 'node:stream';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
 import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, type AccessFacts, type RequestHead } from './common.js';
-import { withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import { drawMirrors, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
@@ -475,7 +475,7 @@ class H2Exchange {
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const aborted = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent;
     if (delayed) this.flag = 'DI';
-    this.mirrors = this.d.entry.mirrors?.filter((m) => Math.random() * 100 < m.percent) ?? [];
+    this.mirrors = drawMirrors(this.d.entry);
     this.body = new H2Body(this.stream, this.grpc, this.d.entry.retry !== undefined || this.mirrors.length > 0, {
       data: (bytes) => (this.bytesIn += bytes),
       tooLarge: (length) => {
@@ -620,23 +620,16 @@ class H2Exchange {
     const retry = this.d.entry.retry;
     const body = this.body;
     if (!retry || this.finished || this.retries >= retry.attempts || !body?.ended || !body.replayable || this.stream.headersSent) return false;
-    if (this.outbound.retryAllowed(this.target)) return true;
-    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
-    return false;
+    return this.outbound.retryBudgetAllows(this.target);
   }
 
-  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  /** The next attempt after the backoff (HttpOutbound.retryAfterBackoff). */
   private retry(): void {
     this.retries++;
-    const base = this.d.entry.retry?.backoffMs ?? 0;
-    const delay = Math.random() * Math.min(base * 2 ** (this.retries - 1), base * 10);
-    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'retried' });
-    this.outbound.track('retrying', this.target, 1);
-    this.retryTimer = setTimeout(() => {
+    this.retryTimer = this.outbound.retryAfterBackoff(this.target, this.retries, this.d.entry.retry?.backoffMs ?? 0, () => {
       this.retryTimer = undefined;
-      this.outbound.track('retrying', this.target, -1);
       this.send();
-    }, delay);
+    });
   }
 
   /** The :authority upstream: the (possibly rewritten) Host of the request. */
@@ -685,11 +678,7 @@ class H2Exchange {
     clearTimeout(this.requestTimer);
     clearTimeout(this.delayTimer);
     clearTimeout(this.tryTimer);
-    if (this.retryTimer) {
-      clearTimeout(this.retryTimer);
-      this.retryTimer = undefined;
-      this.outbound.track('retrying', this.target, -1);
-    }
+    this.retryTimer = this.outbound.cancelRetry(this.target, this.retryTimer);
     this.leaveQueue?.();
     this.leaveQueue = undefined;
     this.outbound.track('active', this.target, -1);

@@ -51,8 +51,8 @@ export interface Forwarding {
 
 /** What a side does with each request on the engine. */
 export interface Http1Handler<C, R> {
-  /** A request's head (`body`: it has one): answer it through the host (forward, respond or handBack), now or later. */
-  head(s: Served<C, R>, req: RequestHead, body: boolean): void;
+  /** A request's head: answer it through the host (forward or respond), now or later. */
+  head(s: Served<C, R>, req: RequestHead): void;
   /**
    * The attempt in flight got an answer with a code of its `retryOn` (or a reset before any
    * answer: status 0): true to send it again (later, through forward), false to let the answer
@@ -264,7 +264,7 @@ export class Http1Host<C, R> {
   }
 
   /** Gives the connection back to node:http from this request on. */
-  handBack(s: Served<C, R>, why: string): void {
+  private handBack(s: Served<C, R>, why: string): void {
     this.metrics.httpEngine.inc({ side: this.side, engine: 'node', why });
     const engine = this.engine;
     const back = engine?.release(s.id);
@@ -292,12 +292,12 @@ export class Http1Host<C, R> {
     try {
       this.engine = http1Engine(
         {
-          head: (id, method, url, minor, rawHeaders, body, upgrade) => {
+          head: (id, method, url, minor, rawHeaders, _body, upgrade) => {
             const entry = this.served.get(id);
             if (!entry) return this.engine?.close(id);
             // HTTP/1.0 (its answers framed as it reads them) and upgrades are node:http's.
             if (minor === 0 || upgrade) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'upgrade');
-            this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders }, body !== 0);
+            this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders });
           },
           retry: (id, status) => {
             const entry = this.served.get(id);

@@ -14,7 +14,7 @@ import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
-import { applyHeaderChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import { applyHeaderChanges, drawMirrors, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
 interface InFlight {
@@ -49,6 +49,11 @@ const MIRROR_TIMEOUT_MS = 30_000;
 
 /** What every attempt of a request asks of the engine besides where it goes. */
 type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn' | 'keep'>;
+
+/** An attempt's Forwarding: a literal of one shape, no spread (this runs for every request). */
+function forwarding(common: AnswerHandling, pool: string, head: string, dial: Forwarding['dial'], failed: Forwarding['failed']): Forwarding {
+  return { answerRemove: common.answerRemove, answerAdd: common.answerAdd, maxRequests: common.maxRequests, retryOn: common.retryOn, keep: common.keep, pool, head, dial, failed };
+}
 
 /**
  * The answer's header changes as the engine applies them: names removed from the upstream's
@@ -88,11 +93,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     clearTimeout(r.timer);
     clearTimeout(r.delay);
     clearTimeout(r.tryTimer);
-    if (r.retryTimer) {
-      clearTimeout(r.retryTimer);
-      r.retryTimer = undefined;
-      this.outbound.track('retrying', r.target, -1);
-    }
+    r.retryTimer = this.outbound.cancelRetry(r.target, r.retryTimer);
     r.release?.();
     r.release = undefined;
     this.outbound.track('active', r.target, -1);
@@ -140,8 +141,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { target } = d;
     // Every field from the start: one shape for every request (no map transitions per request).
     // RequestMirror: drawn now (each mirror's percentage), copied once the request is done.
-    const mirrors = d.entry.mirrors?.filter((m) => Math.random() * 100 < m.percent);
-    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined, mirrors: mirrors?.length ? mirrors : undefined };
+    const mirrors = drawMirrors(d.entry);
+    const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined, mirrors: mirrors.length > 0 ? mirrors : undefined };
     s.request = request;
     this.outbound.track('active', target, 1);
     const requestMs = d.entry.timeouts?.requestMs;
@@ -172,26 +173,19 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
   private mayRetry(r: InFlight): boolean {
     const retry = r.d.entry.retry;
     if (!retry || r.retries >= retry.attempts) return false;
-    if (this.outbound.retryAllowed(r.target)) return true;
-    this.outbound.metrics.httpRetries.inc({ service: r.target.key, result: 'budget_exhausted' });
-    return false;
+    return this.outbound.retryBudgetAllows(r.target);
   }
 
-  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  /** The next attempt after the backoff (HttpOutbound.retryAfterBackoff). */
   private retryLater(s: Served<HttpClientConnection, InFlight>, r: InFlight): void {
     clearTimeout(r.tryTimer);
     r.release?.();
     r.release = undefined;
     r.retries++;
-    const base = r.d.entry.retry?.backoffMs ?? 0;
-    const delay = Math.random() * Math.min(base * 2 ** (r.retries - 1), base * 10);
-    this.outbound.metrics.httpRetries.inc({ service: r.target.key, result: 'retried' });
-    this.outbound.track('retrying', r.target, 1);
-    r.retryTimer = setTimeout(() => {
+    r.retryTimer = this.outbound.retryAfterBackoff(r.target, r.retries, r.d.entry.retry?.backoffMs ?? 0, () => {
       r.retryTimer = undefined;
-      this.outbound.track('retrying', r.target, -1);
       if (s.request === r) this.attempt(s, r);
-    }, delay);
+    });
   }
 
   retry(s: Served<HttpClientConnection, InFlight>, status: number): boolean | undefined {
@@ -252,29 +246,21 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
-    // Object literals of one shape, no spreads: this runs for every request.
-    this.host.forward(s, {
-      answerRemove: common.answerRemove,
-      answerAdd: common.answerAdd,
-      maxRequests: common.maxRequests,
-      retryOn: common.retryOn,
-      keep: common.keep,
-      pool: `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
-      head: requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers),
-      dial: async () => {
-        const fd = await s.conn.dialFd(target, endpoint).catch((e: unknown) => {
-          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-          throw e;
-        });
-        lb.connectSucceeded(endpoint);
-        return fd;
-      },
-      failed: (e) => {
-        if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
-        if (this.mayRetry(request)) return this.retryLater(s, request);
-        this.proxyAnswers(s, request, 503, 'UF', e.message);
-      },
-    });
+    const dial = async (): Promise<number> => {
+      const fd = await s.conn.dialFd(target, endpoint).catch((e: unknown) => {
+        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
+        throw e;
+      });
+      lb.connectSucceeded(endpoint);
+      return fd;
+    };
+    const failed = (e: Error): void => {
+      if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
+      if (this.mayRetry(request)) return this.retryLater(s, request);
+      this.proxyAnswers(s, request, 503, 'UF', e.message);
+    };
+    const pool = `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+    this.host.forward(s, forwarding(common, pool, requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers), dial, failed));
   }
 
   /**
@@ -298,17 +284,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         this.outbound.count(s.conn, target, request.endpoint, admitted.status, '-', request.started, { ...request.facts, bytesIn, bytesOut, attempts: 1 });
       });
     }
-    this.host.forward(s, {
-      answerRemove: common.answerRemove,
-      answerAdd: common.answerAdd,
-      maxRequests: common.maxRequests,
-      retryOn: common.retryOn,
-      keep: common.keep,
-      pool: local.poolKey,
-      head: requestHead(req.method ?? 'GET', admitted.target, upstream.headers),
-      dial: () => local.dialFd(),
-      failed: (e) => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message)),
-    });
+    const failed = (e: Error): void => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message));
+    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers), () => local.dialFd(), failed));
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */

@@ -324,11 +324,38 @@ export class HttpOutbound {
     }
   }
 
-  retryAllowed(target: ServiceTarget): boolean {
+  /** Whether the backend's retry budget (Envoy's semantics) has room for one more retry; counted when it has not. */
+  retryBudgetAllows(target: ServiceTarget): boolean {
     const { percent, minRetryConcurrency } = target.policy.retryBudget;
     const active = this.active.get(target.key) ?? 0;
     const retrying = this.retrying.get(target.key) ?? 0;
-    return retrying < Math.max(minRetryConcurrency, Math.floor((active * percent) / 100));
+    if (retrying < Math.max(minRetryConcurrency, Math.floor((active * percent) / 100))) return true;
+    this.metrics.httpRetries.inc({ service: target.key, result: 'budget_exhausted' });
+    return false;
+  }
+
+  /**
+   * The `n`-th retry of a request to `target`, counted and tracked as retrying until `then` runs
+   * after the backoff: a random time up to base * 2^(n-1), at most 10 times base (full jitter).
+   * The timer is the caller's, to cancel with cancelRetry(). `why` (what ended the attempt) is logged when known.
+   */
+  retryAfterBackoff(target: ServiceTarget, n: number, backoffMs: number, then: () => void, why?: string): NodeJS.Timeout {
+    const delay = Math.random() * Math.min(backoffMs * 2 ** (n - 1), backoffMs * 10);
+    this.metrics.httpRetries.inc({ service: target.key, result: 'retried' });
+    this.track('retrying', target, 1);
+    log.debug({ service: target.key, retry: n, ...(why === undefined ? {} : { why }), delayMs: Math.round(delay) }, 'request retried');
+    return setTimeout(() => {
+      this.track('retrying', target, -1);
+      then();
+    }, delay);
+  }
+
+  /** A retry waiting for its backoff (retryAfterBackoff) will not go: no longer tracked. */
+  cancelRetry(target: ServiceTarget, timer: NodeJS.Timeout | undefined): undefined {
+    if (timer === undefined) return undefined;
+    clearTimeout(timer);
+    this.track('retrying', target, -1);
+    return undefined;
   }
 
   /** Counts a request (or a retry) to `target` in or out of flight. */
@@ -436,6 +463,11 @@ export class HttpOutbound {
 }
 
 /** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
+/** The rule's mirrors a request is copied to: each drawn by its percentage (RequestMirror's percent or fraction). */
+export function drawMirrors(entry: Pick<HttpRouteEntry, 'mirrors'>): NonNullable<HttpRouteEntry['mirrors']> {
+  return (entry.mirrors ?? []).filter((m) => Math.random() * 100 < m.percent);
+}
+
 export function applyHeaderChanges(raw: ReadonlyArray<string>, c: HeaderChanges): string[] {
   const drop = new Set([...c.remove, ...c.set.map(([n]) => n)]);
   const out: string[] = [];
@@ -683,8 +715,7 @@ class Exchange {
    * is read and dropped, a failure only counted. A body over 64 KiB is not mirrored.
    */
   private mirror(): void {
-    const drawn = (this.entry.mirrors ?? []).filter((m) => Math.random() * 100 < m.percent);
-    this.outbound.mirrorTo(drawn, this.replayable, (target, endpoint, count) => {
+    this.outbound.mirrorTo(drawMirrors(this.entry), this.replayable, (target, endpoint, count) => {
       const host = headerValue(this.req.headers, 'host') ?? target.service.name;
       const headers = applyHeaderChanges(this.upstream.headers, { set: [['host', `${host}-shadow`]], add: [], remove: [] });
       const copy = httpRequest(this.options(target, endpoint, headers), (answer) => {
@@ -747,24 +778,22 @@ class Exchange {
   private mayRetry(): boolean {
     const retry = this.entry.retry;
     if (!retry || this.retries >= retry.attempts || !this.bodyDone || !this.replayable || this.finished) return false;
-    if (this.outbound.retryAllowed(this.target)) return true;
-    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'budget_exhausted' });
-    return false;
+    return this.outbound.retryBudgetAllows(this.target);
   }
 
-  /** The next attempt after the backoff: the n-th retry waits a random time up to base * 2^(n-1), at most 10 times base. */
+  /** The next attempt after the backoff (`why`: what ended this one). */
   private retry(why: string): void {
     this.retries++;
-    const base = this.entry.retry?.backoffMs ?? 0;
-    const delay = Math.random() * Math.min(base * 2 ** (this.retries - 1), base * 10);
-    this.outbound.metrics.httpRetries.inc({ service: this.target.key, result: 'retried' });
-    this.outbound.track('retrying', this.target, 1);
-    log.debug({ service: this.target.key, retry: this.retries, why, delayMs: Math.round(delay) }, 'request retried');
-    this.retryTimer = setTimeout(() => {
-      this.retryTimer = undefined;
-      this.outbound.track('retrying', this.target, -1);
-      this.send();
-    }, delay);
+    this.retryTimer = this.outbound.retryAfterBackoff(
+      this.target,
+      this.retries,
+      this.entry.retry?.backoffMs ?? 0,
+      () => {
+        this.retryTimer = undefined;
+        this.send();
+      },
+      why,
+    );
   }
 
   /** An attempt ended without an answer. */
@@ -821,10 +850,7 @@ class Exchange {
     clearTimeout(this.delayTimer);
     this.leaveQueue?.();
     this.leaveQueue = undefined;
-    if (this.retryTimer) {
-      clearTimeout(this.retryTimer);
-      this.outbound.track('retrying', this.target, -1);
-    }
+    this.retryTimer = this.outbound.cancelRetry(this.target, this.retryTimer);
     this.outbound.track('active', this.target, -1);
   }
 }
