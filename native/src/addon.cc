@@ -94,6 +94,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitHbone(env, exports);
   InitFdPassing(env, exports);
   InitHttp1(env, exports);
+  InitH2(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimit, "raiseFdLimit"));
   return exports;

@@ -61,5 +61,6 @@ Napi::Object InitRelay(Napi::Env env, Napi::Object exports);
 Napi::Object InitHbone(Napi::Env env, Napi::Object exports);
 Napi::Object InitFdPassing(Napi::Env env, Napi::Object exports);
 Napi::Object InitHttp1(Napi::Env env, Napi::Object exports);
+Napi::Object InitH2(Napi::Env env, Napi::Object exports);
 
 }  // namespace nodemesh

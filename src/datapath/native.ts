@@ -155,6 +155,7 @@ interface RawAddon {
   hboneAbortAll(): void;
   hboneHold(hold: boolean): void;
   Http1Engine: new (events: Http1Events, options: Http1Options) => Http1Engine;
+  H2Engine: new (events: H2Events, options: H2Options) => H2Engine;
 }
 
 /** How a request's body is framed, as the engine found it: none, Content-Length, chunked. */
@@ -250,6 +251,72 @@ export interface Http1Engine {
 /** A new HTTP/1.1 engine on this thread's event loop. */
 export function http1Engine(events: Http1Events, options: Http1Options): Http1Engine {
   return call('start the HTTP/1.1 engine', () => new (native().Http1Engine)(events, options));
+}
+
+/** What the HTTP/2 engine tells JS: connections by the ids given to serve(), streams by the engine's ids. */
+export interface H2Events {
+  /**
+   * A client stream's headers (`headers`: the fields other than pseudo-header fields, as pairs;
+   * `ended`: no body follows): answer it with forward() or respond(), now or later.
+   */
+  request(conn: number, stream: number, method: string, path: string, authority: string, headers: string[], ended: boolean): void;
+  /**
+   * A stream ended: the status the client got (0 if none), Envoy's response flag (`-`; DC, UC,
+   * UF, UPE, DPE when the engine saw it end otherwise; '' after respond() or expire()), body bytes
+   * both ways, the answer's grpc-status ('' if none), why (when the engine answered).
+   */
+  done(stream: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
+  /** The client connection closed. */
+  closed(conn: number): void;
+  /** A client broke the protocol (a bad frame, a flood): its session ended with GOAWAY. */
+  refused(conn: number, reason: string): void;
+}
+
+export interface H2Options {
+  /** A client connection with no stream this long ends (GOAWAY). */
+  readonly idleMs: number;
+  /** An upstream session with no stream this long ends. */
+  readonly poolIdleMs: number;
+  /** SETTINGS_MAX_HEADER_LIST_SIZE, enforced: a longer header block resets its stream. */
+  readonly maxHeaderListBytes: number;
+  /** A gRPC request message longer than this is refused (RESOURCE_EXHAUSTED) before it goes upstream. */
+  readonly grpcMaxMessage: number;
+}
+
+/**
+ * HTTP/2 (h2c) proxying in the addon (native/src/h2.cc), on the JS thread's event loop: nghttp2
+ * serves the client connection and the upstream sessions, JS decides each stream once.
+ */
+export interface H2Engine {
+  /** Takes an accepted client socket's fd under `id` (the caller's); `initial` holds bytes already read from it. */
+  serve(id: number, fd: number, initial?: Buffer): void;
+  /** A new upstream connection's fd joins `pool` (its session starts; it closes after `maxRequests` streams, 0: no limit). */
+  attach(pool: string, fd: number, maxRequests: number): void;
+  /**
+   * The stream goes upstream on a session of `pool` with `fields` (pairs, pseudo-header fields
+   * first, lower-case names): false when the pool has none that takes a stream (attach one, call again).
+   * `answerRemove` (lower-case names) and `answerAdd` (pairs) change the answer's header fields.
+   */
+  forward(stream: number, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>): boolean;
+  /** The proxy's own answer to a stream waiting for a decision; its body (if any) is read and dropped. */
+  respond(stream: number, status: number, fields: ReadonlyArray<string>, body: string): void;
+  /**
+   * The stream's time ran out: answered so if nothing of its answer went yet (0); else it is
+   * reset and the status of the answer that was cut returned; -1 when it is not in flight.
+   */
+  expire(stream: number, status: number, fields: ReadonlyArray<string>, body: string): number;
+  /** Resets the client connection (and its streams upstream). */
+  close(id: number): void;
+  /** Upstream sessions of every pool whose key starts with `prefix` take no new stream and end once idle. */
+  dropPools(prefix: string): void;
+  stats(): { clients: number; upstreams: number; streams: number };
+  /** Closes every connection; no event follows. */
+  destroy(): void;
+}
+
+/** A new HTTP/2 engine on this thread's event loop. */
+export function h2Engine(events: H2Events, options: H2Options): H2Engine {
+  return call('start the HTTP/2 engine', () => new (native().H2Engine)(events, options));
 }
 
 let addon: RawAddon | undefined;

@@ -22,16 +22,15 @@ import type { Duplex } from 'node:stream';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
-import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, type AccessFacts, type RequestHead } from './common.js';
+import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, withHead, type AccessFacts, type RequestHead } from './common.js';
 import { drawMirrors, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
+import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound, clientSideServes } from './native-h2.js';
 
 const log = logger('http');
 
-/** Headers of one connection only: never forwarded on HTTP/2 (RFC 9113 section 8.2.2). */
-const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'host', 'http2-settings']);
 const END_STREAM = constants.NGHTTP2_FLAG_END_STREAM;
 
 /** A stream's headers as routing reads a request: its method and path, Host from :authority, the other headers as pairs. */
@@ -215,9 +214,6 @@ function passAnswer(
   });
 }
 
-/** gRPC's default limit on a message a server receives (4 MiB): a longer one is refused before any of it leaves the proxy. */
-export const GRPC_MAX_MESSAGE = 4 * 1024 * 1024;
-
 /** A request body kept for a retry (as the HTTP/1.1 paths keep it): at most this much. */
 const REPLAY_LIMIT = 64 * 1024;
 
@@ -363,20 +359,41 @@ export class H2Outbound {
   /** Upstream sessions by source pod, backend Service and endpoint. */
   private readonly pool = new H2Pool();
 
+  /** The addon's engine, for connections whose routes need nothing only node:http2 has. */
+  private readonly native: NativeH2Outbound;
+
   constructor(
     readonly outbound: HttpOutbound,
     idleTimeoutMs: number,
+    nativeHttp: boolean,
   ) {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
+    this.native = new NativeH2Outbound(outbound, nativeHttp, idleTimeoutMs);
   }
 
-  /** Serves a client connection that speaks h2c (accepted paused) until it closes. */
-  serve(client: Socket | Duplex, conn: HttpClientConnection): Promise<void> {
-    return this.front.serve(client, conn);
+  /**
+   * Serves a client connection that speaks h2c (accepted paused) until it closes: on the addon's
+   * engine when the port's routes allow it, else on node:http2; `initial` holds bytes already read.
+   */
+  serve(client: Socket, conn: HttpClientConnection, initial?: Buffer): Promise<void> {
+    if (clientSideServes(conn.current())) {
+      const served = this.native.host.serve(client, conn, initial);
+      if (served) return served;
+      this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: 'no_addon' });
+    } else {
+      this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: 'route' });
+    }
+    return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+  }
+
+  /** Upstream sessions opened for a source pod (it left) end once idle. */
+  forgetPod(uid: string): void {
+    this.native.host.dropPools(`${uid}|`);
   }
 
   close(): void {
     this.pool.close();
+    this.native.host.close();
   }
 
   /** A stream was started on `session` to `endpoint` of `target`: counted against the backend's maxRequestsPerConnection. */
@@ -731,20 +748,34 @@ export class H2Inbound {
   private readonly front: HandedH2Server<HttpServerConnection>;
   private readonly pool = new H2Pool();
 
+  private readonly native: NativeH2Inbound;
+
   constructor(
     private readonly inbound: HttpInbound,
-    metrics: NodeMetrics,
+    private readonly metrics: NodeMetrics,
     idleTimeoutMs: number,
+    nativeHttp: boolean,
   ) {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
+    this.native = new NativeH2Inbound(inbound, metrics, nativeHttp, idleTimeoutMs);
   }
 
-  serve(client: Socket | Duplex, conn: HttpServerConnection): Promise<void> {
-    return this.front.serve(client, conn);
+  /** Serves a connection into a pod's h2c port until it closes: on the addon's engine, else on node:http2. */
+  serve(client: Socket, conn: HttpServerConnection, initial?: Buffer): Promise<void> {
+    const served = this.native.host.serve(client, conn, initial);
+    if (served) return served;
+    this.metrics.http2Engine.inc({ side: 'server', engine: 'node', why: 'no_addon' });
+    return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+  }
+
+  /** The upstream sessions to a pod's application (it left) end once idle. */
+  forgetPod(uid: string): void {
+    this.native.host.dropPools(`${uid}|`);
   }
 
   close(): void {
     this.pool.close();
+    this.native.host.close();
   }
 
   private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpServerConnection): void {

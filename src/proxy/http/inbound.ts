@@ -75,7 +75,7 @@ export class HttpInbound {
       readonly nativeHttp?: boolean;
     },
   ) {
-    this.h2 = new H2Inbound(this, metrics, options.idleTimeoutMs);
+    this.h2 = new H2Inbound(this, metrics, options.idleTimeoutMs, options.nativeHttp === true);
     this.native = new NativeInbound(this, metrics, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
     this.server = handedServer(
       metrics,
@@ -87,7 +87,7 @@ export class HttpInbound {
 
   /** Serves one connection into a pod until it closes; a sniffed one comes with the bytes read to sniff it. */
   serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<void> {
-    if (conn.protocol === 'http2') return this.h2.serve(sniffedHead ? withHead(client, sniffedHead, 'http2') : client, conn);
+    if (conn.protocol === 'http2') return this.h2.serve(client, conn, sniffedHead);
     return this.native.host.serve(client, conn, sniffedHead);
   }
 
@@ -99,6 +99,7 @@ export class HttpInbound {
   /** Closes the idle pooled connections to a pod's application (it left). */
   forgetPod(uid: string): void {
     this.native.host.dropPools(`${uid}|`);
+    this.h2.forgetPod(uid);
   }
 
   /** Closes every pooled connection to applications. */

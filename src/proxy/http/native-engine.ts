@@ -98,7 +98,7 @@ export function proxyAnswer(status: number, detail: string, headers: ReadonlyArr
  * _read is made a no-op so that nothing (not even taking the buffer) starts reading again;
  * resumeReading() gives it back to node:net.
  */
-function stopReading(client: Socket): Buffer | undefined {
+export function stopReading(client: Socket): Buffer | undefined {
   const socket = client as unknown as { _handle?: { reading?: boolean; readStop?: () => number }; _read: (size: number) => void };
   socket._read = () => undefined;
   if (socket._handle?.reading) {

@@ -56,11 +56,11 @@ function forwarding(common: AnswerHandling, pool: string, head: string, dial: Fo
 }
 
 /**
- * The answer's header changes as the engine applies them: names removed from the upstream's
- * answer, then lines added. Folded in order, as applyHeaderChanges() applies them one by one:
- * a later change's remove or set drops what an earlier one added.
+ * The answer's header changes as the engines apply them: names removed from the upstream's
+ * answer, then fields added (pairs, names as configured). Folded in order, as applyHeaderChanges() applies them one by
+ * one: a later change's remove or set drops what an earlier one added.
  */
-export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { remove: string[]; add: string } {
+export function answerEditPairs(changes: ReadonlyArray<HeaderChanges>): { remove: string[]; add: string[] } {
   const remove = new Set<string>();
   let added: Array<readonly [string, string]> = [];
   for (const c of changes) {
@@ -69,7 +69,15 @@ export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { remove: st
     added = added.filter(([n]) => !drop.has(n.toLowerCase()));
     added.push(...c.set, ...c.add);
   }
-  return { remove: [...remove], add: added.map(([n, v]) => `${n}: ${v}\r\n`).join('') };
+  return { remove: [...remove], add: added.flatMap(([n, v]) => [n, v]) };
+}
+
+/** The same for the HTTP/1.1 engine: the fields added as "name: value\r\n" lines. */
+export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { remove: string[]; add: string } {
+  const { remove, add } = answerEditPairs(changes);
+  let lines = '';
+  for (let i = 0; i + 1 < add.length; i += 2) lines += `${add[i]}: ${add[i + 1]}\r\n`;
+  return { remove, add: lines };
 }
 
 export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlight> {

@@ -170,7 +170,7 @@ export class HttpOutbound {
       (req, res) => this.onRequest(req, res),
       (req, client, head) => this.onUpgrade(req, client, head),
     );
-    this.h2 = new H2Outbound(this, options.idleTimeoutMs);
+    this.h2 = new H2Outbound(this, options.idleTimeoutMs, options.nativeHttp === true);
     this.native = new NativeOutbound(this, options.destinationSide, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
 
@@ -180,7 +180,7 @@ export class HttpOutbound {
    * HTTP/2; a sniffed connection comes with the protocol found and the bytes read to find it.
    */
   serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<void> {
-    if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(sniffed ? withHead(client, sniffed.head, 'http2') : client, conn);
+    if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(client, conn, sniffed?.head);
     return this.native.host.serve(client, conn, sniffed?.head);
   }
 
@@ -192,6 +192,7 @@ export class HttpOutbound {
   /** Closes the idle upstream connections pooled for a source pod (it left). */
   forgetPod(uid: string): void {
     this.native.host.dropPools(`${uid}|`);
+    this.h2.forgetPod(uid);
   }
 
   /** Closes every pooled upstream connection. */

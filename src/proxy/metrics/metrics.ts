@@ -62,6 +62,7 @@ export class NodeMetrics {
   readonly requests: RequestMetrics;
   readonly sniffed: Counter<'protocol'>;
   readonly httpEngine: Counter<'side' | 'engine' | 'why'>;
+  readonly http2Engine: Counter<'side' | 'engine' | 'why'>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
@@ -104,6 +105,12 @@ export class NodeMetrics {
     this.httpEngine = new Counter({
       name: 'nodemesh_http1_connections_total',
       help: "HTTP/1.1 connections read per request, by side (client: routed on the caller's node; server: authorized on the callee's) and what served them: engine=addon (native/src/http1.cc) or engine=node (node:http, from the first request that needs it); why says why node:http took one (upgrade, http1.0, no_addon, no_fd). A connection handed over is counted under both.",
+      labelNames: ['side', 'engine', 'why'],
+      registers,
+    });
+    this.http2Engine = new Counter({
+      name: 'nodemesh_http2_connections_total',
+      help: "HTTP/2 (h2c, gRPC) connections, by side and what served them: engine=addon (native/src/h2.cc) or engine=node (node:http2); why says why node:http2 took one (route: the port's routes have a retry, a per-try timeout or a mirror; no_addon; no_fd).",
       labelNames: ['side', 'engine', 'why'],
       registers,
     });

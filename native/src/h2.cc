@@ -1,0 +1,1149 @@
+// SPDX-License-Identifier: Apache-2.0
+// HTTP/2 (h2c) proxying for the node proxy's L7 path (issue 14), on the JS thread's own event loop
+// as the HTTP/1.1 engine (http1.cc) is: a client connection's session is served by nghttp2 here,
+// each stream's headers are handed to JS once, which answers with where it goes (an upstream
+// session of a pool and the request's header fields) or with the proxy's own answer; bodies,
+// trailers, flow control and the upstream sessions stay here. JS is told how each stream ended
+// (status, bytes, gRPC status) for metrics and logs.
+//
+// Flow control is the backpressure: DATA is acknowledged (nghttp2_session_consume) only once the
+// other side's session took it into a frame, so a stream holds at most its window (kStreamWindow)
+// here, a connection at most kConnectionWindow. nghttp2 checks what a client sends (frames,
+// header blocks, floods) and ends its session with GOAWAY; none of such a stream goes upstream.
+// A gRPC request message over the limit is refused (RESOURCE_EXHAUSTED) before its first byte
+// leaves the proxy.
+#include <errno.h>
+#include <nghttp2/nghttp2.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "common.h"
+
+namespace nodemesh {
+
+namespace {
+
+constexpr size_t kReadChunk = 64 * 1024;
+// Bytes of frames queued for a socket above which the session is not asked for more.
+constexpr size_t kHighWater = 256 * 1024;
+constexpr int32_t kStreamWindow = 1 << 20;
+constexpr int32_t kConnectionWindow = 16 << 20;
+constexpr uint32_t kServerMaxStreams = 256;
+
+uint64_t NowMs() { return uv_hrtime() / 1000000; }
+
+std::string Latin1(const Napi::Value& v) {
+  size_t n = 0;
+  napi_get_value_string_latin1(v.Env(), v, nullptr, 0, &n);
+  std::string s(n, '\0');
+  napi_get_value_string_latin1(v.Env(), v, s.data(), n + 1, &n);
+  return s;
+}
+
+Napi::String NewLatin1(Napi::Env env, const std::string& s) {
+  napi_value out;
+  napi_create_string_latin1(env, s.data(), s.size(), &out);
+  return Napi::String(env, out);
+}
+
+using Fields = std::vector<std::pair<std::string, std::string>>;
+
+// Header fields as nghttp2 takes them (pointing into `f`, which must outlive the call).
+std::vector<nghttp2_nv> Nvs(const Fields& f) {
+  std::vector<nghttp2_nv> out;
+  out.reserve(f.size());
+  for (const auto& [n, v] : f)
+    out.push_back({reinterpret_cast<uint8_t*>(const_cast<char*>(n.data())), reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), n.size(), v.size(), NGHTTP2_NV_FLAG_NONE});
+  return out;
+}
+
+Fields FieldsOf(const Napi::Value& v) {
+  Fields out;
+  if (!v.IsArray()) return out;
+  Napi::Array a = v.As<Napi::Array>();
+  for (uint32_t i = 0; i + 1 < a.Length(); i += 2) out.emplace_back(Latin1(a.Get(i)), Latin1(a.Get(i + 1)));
+  return out;
+}
+
+// Bytes received from one stream for the other, taken from the front by a data provider.
+struct Pipe {
+  std::string buf;
+  size_t off = 0;
+  bool end = false;       // END_STREAM came
+  bool trailers = false;  // it ended with a trailer block
+  Fields trailerFields;
+  bool deferred = false;  // the reading provider is waiting (NGHTTP2_ERR_DEFERRED)
+
+  size_t size() const { return buf.size() - off; }
+  void Take(uint8_t* to, size_t n) {
+    memcpy(to, buf.data() + off, n);
+    off += n;
+    if (off == buf.size()) buf.clear(), off = 0;
+    else if (off > 256 * 1024 && off * 2 > buf.size()) buf.erase(0, off), off = 0;
+  }
+};
+
+class H2Engine;
+struct Exchange;
+
+// One socket with its session: a client's (server role) or an upstream's (client role).
+struct Conn {
+  H2Engine* engine = nullptr;
+  uv_poll_t* poll = nullptr;
+  int fd = -1;
+  int events = 0;
+  bool server = false;
+  uint64_t id = 0;  // JS's id for a client connection
+  nghttp2_session* session = nullptr;
+  std::string out;
+  size_t outOff = 0;
+  bool closed = false;
+  bool dirty = false;
+  bool refused = false;  // counted as a protocol error once
+  // Upstream sessions: their pool, whether new streams may start on them, how many did.
+  std::string pool;
+  bool retired = false;
+  uint32_t started = 0;
+  uint32_t maxRequests = 0;
+  uint64_t lastActive = 0;
+  std::unordered_set<Exchange*> exchanges;
+};
+
+// One client stream, from its headers to its end, and the upstream stream it went out on.
+struct Exchange {
+  uint64_t xid = 0;
+  Conn* down = nullptr;
+  int32_t downId = 0;
+  Conn* up = nullptr;
+  int32_t upId = 0;
+  bool downClosed = false;
+  bool upOpen = false;
+  // The request as it came: its pseudo-header fields and the others.
+  std::string method, path, authority, scheme;
+  Fields headers;
+  size_t headerBytes = 0;
+  bool headersDone = false;
+  bool decided = false;   // forward() or respond() came
+  bool dropping = false;  // the request's body is consumed and dropped (answered here, or its upstream went)
+  bool grpc = false;
+  uint8_t prefix[5] = {0};
+  size_t prefixLen = 0;
+  uint64_t messageLeft = 0;
+  Pipe req, resp;
+  bool answerHeaders = false;  // the upstream's answer headers came
+  bool responded = false;      // headers went (or are queued) to the client
+  bool respDone = false;       // the answer's END_STREAM went to the client
+  int status = 0;
+  std::string grpcStatus;
+  std::string flag = "-";
+  std::string detail;
+  uint64_t bytesIn = 0, bytesOut = 0;
+  std::vector<std::string> answerRemove;
+  Fields answerAdd;
+  Fields answerFields;  // the upstream's answer headers (pseudo-header left out)
+  bool reported = false;
+};
+
+ssize_t ReadRequestBody(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
+ssize_t ReadAnswerBody(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
+
+class H2Engine : public Napi::ObjectWrap<H2Engine> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "H2Engine",
+                       {
+                           InstanceMethod<&H2Engine::Serve>("serve"),
+                           InstanceMethod<&H2Engine::Forward>("forward"),
+                           InstanceMethod<&H2Engine::Attach>("attach"),
+                           InstanceMethod<&H2Engine::Respond>("respond"),
+                           InstanceMethod<&H2Engine::Expire>("expire"),
+                           InstanceMethod<&H2Engine::CloseJs>("close"),
+                           InstanceMethod<&H2Engine::DropPools>("dropPools"),
+                           InstanceMethod<&H2Engine::Stats>("stats"),
+                           InstanceMethod<&H2Engine::Destroy>("destroy"),
+                       });
+  }
+
+  // new H2Engine({request, done, closed, refused}, {idleMs, poolIdleMs, maxHeaderListBytes, grpcMaxMessage})
+  explicit H2Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<H2Engine>(info), env_(info.Env()), ctx_(info.Env(), "nodemesh:h2") {
+    Napi::Object cb = info[0].As<Napi::Object>();
+    request_ = Napi::Persistent(cb.Get("request").As<Napi::Function>());
+    done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
+    closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
+    refused_ = Napi::Persistent(cb.Get("refused").As<Napi::Function>());
+    Napi::Object o = info[1].As<Napi::Object>();
+    idleMs_ = o.Get("idleMs").As<Napi::Number>().Int64Value();
+    poolIdleMs_ = o.Get("poolIdleMs").As<Napi::Number>().Int64Value();
+    maxHeaderList_ = o.Get("maxHeaderListBytes").As<Napi::Number>().Uint32Value();
+    grpcMax_ = static_cast<uint64_t>(o.Get("grpcMaxMessage").As<Napi::Number>().Int64Value());
+
+    nghttp2_session_callbacks_new(&callbacks_);
+    nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks_, OnBeginHeaders);
+    nghttp2_session_callbacks_set_on_header_callback(callbacks_, OnHeader);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks_, OnFrameRecv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks_, OnDataChunk);
+    nghttp2_session_callbacks_set_on_stream_close_callback(callbacks_, OnStreamClose);
+    nghttp2_session_callbacks_set_on_frame_send_callback(callbacks_, OnFrameSend);
+    nghttp2_session_callbacks_set_error_callback2(callbacks_, OnError);
+    nghttp2_option_new(&options_);
+    nghttp2_option_set_no_auto_window_update(options_, 1);
+
+    napi_get_uv_event_loop(env_, &loop_);
+    timer_ = new uv_timer_t;
+    uv_timer_init(loop_, timer_);
+    timer_->data = this;
+    uv_timer_start(timer_, [](uv_timer_t* t) { static_cast<H2Engine*>(t->data)->Sweep(); }, 1000, 1000);
+    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+  }
+
+  ~H2Engine() override {
+    Shutdown();
+    if (callbacks_) nghttp2_session_callbacks_del(callbacks_);
+    if (options_) nghttp2_option_del(options_);
+  }
+
+  // -- what the data providers call ------------------------------------------------------------
+
+  // The request body to the upstream stream: what came from the client, acknowledged to the
+  // client's session as it is taken; its end (and trailers) once all of it went.
+  int64_t RequestBody(Exchange* x, uint8_t* buf, size_t length, uint32_t* flags) {
+    size_t n = std::min(length, x->req.size());
+    if (n > 0) {
+      x->req.Take(buf, n);
+      Ack(x->down, x->downId, n);
+    }
+    if (x->req.size() == 0 && x->req.end) {
+      *flags |= NGHTTP2_DATA_FLAG_EOF;
+      if (x->req.trailers && x->up) {
+        *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+        auto nv = Nvs(x->req.trailerFields);
+        nghttp2_submit_trailer(x->up->session, x->upId, nv.data(), nv.size());
+      }
+      return static_cast<int64_t>(n);
+    }
+    if (n == 0) {
+      x->req.deferred = true;
+      return NGHTTP2_ERR_DEFERRED;
+    }
+    return static_cast<int64_t>(n);
+  }
+
+  int64_t AnswerBody(Exchange* x, uint8_t* buf, size_t length, uint32_t* flags) {
+    size_t n = std::min(length, x->resp.size());
+    if (n > 0) {
+      x->resp.Take(buf, n);
+      x->bytesOut += n;
+      if (x->up && x->upOpen) Ack(x->up, x->upId, n);
+    }
+    if (x->resp.size() == 0 && x->resp.end) {
+      *flags |= NGHTTP2_DATA_FLAG_EOF;
+      if (x->resp.trailers) {
+        *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+        Fields t = x->resp.trailerFields;
+        auto nv = Nvs(t);
+        nghttp2_submit_trailer(x->down->session, x->downId, nv.data(), nv.size());
+      }
+      return static_cast<int64_t>(n);
+    }
+    if (n == 0) {
+      x->resp.deferred = true;
+      return NGHTTP2_ERR_DEFERRED;
+    }
+    return static_cast<int64_t>(n);
+  }
+
+ private:
+  // -- JS methods --------------------------------------------------------------------------------
+
+  // serve(id, fd, initial?): the engine owns the client connection (h2c, prior knowledge) from
+  // now on under JS's id; `initial` is what was read from it already.
+  Napi::Value Serve(const Napi::CallbackInfo& info) {
+    uint64_t id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
+    int fd = info[1].As<Napi::Number>().Int32Value();
+    if (clients_.count(id) != 0) throw Napi::Error::New(info.Env(), "h2 engine: id " + std::to_string(id) + " is in use");
+    Conn* c = Open(fd, true);
+    if (!c) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    c->id = id;
+    clients_[id] = c;
+    Enter();
+    if (info.Length() > 2 && info[2].IsBuffer()) {
+      auto b = info[2].As<Napi::Buffer<uint8_t>>();
+      Receive(c, b.Data(), b.Length());
+    }
+    Touch(c);
+    Leave();
+    return info.Env().Undefined();
+  }
+
+  // attach(pool, fd, maxRequests): a new upstream connection joins `pool` (its session starts).
+  Napi::Value Attach(const Napi::CallbackInfo& info) {
+    std::string pool = info[0].As<Napi::String>().Utf8Value();
+    int fd = info[1].As<Napi::Number>().Int32Value();
+    Conn* u = Open(fd, false);
+    if (!u) {
+      close(fd);
+      throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    }
+    u->pool = pool;
+    u->maxRequests = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0;
+    pools_[pool].push_back(u);
+    Enter();
+    Touch(u);
+    Leave();
+    return info.Env().Undefined();
+  }
+
+  // forward(xid, pool, fields, answerRemove, answerAdd): the stream goes upstream as a new stream
+  // of a session of `pool` with these header fields (pseudo-header fields first). False when the
+  // pool has no session that takes new streams (the caller dials, attach()es, and calls again).
+  Napi::Value Forward(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Exchange* x = Find(info[0]);
+    if (!x || x->decided || x->downClosed || x->dropping) return Napi::Boolean::New(env, true);
+    std::string pool = info[1].As<Napi::String>().Utf8Value();
+    Conn* u = Usable(pool);
+    if (!u) return Napi::Boolean::New(env, false);
+    Fields fields = FieldsOf(info[2]);
+    x->answerRemove.clear();
+    if (info[3].IsArray()) {
+      Napi::Array remove = info[3].As<Napi::Array>();
+      for (uint32_t i = 0; i < remove.Length(); i++) x->answerRemove.push_back(remove.Get(i).As<Napi::String>().Utf8Value());
+    }
+    x->answerAdd = FieldsOf(info[4]);
+    Enter();
+    x->decided = true;
+    auto nv = Nvs(fields);
+    nghttp2_data_provider data;
+    data.source.ptr = x;
+    data.read_callback = ReadRequestBody;
+    bool body = !(x->req.end && x->req.size() == 0 && !x->req.trailers);
+    int32_t sid = nghttp2_submit_request(u->session, nullptr, nv.data(), nv.size(), body ? &data : nullptr, x);
+    if (sid < 0) {
+      x->decided = false;
+      Leave();
+      throw Napi::Error::New(env, std::string("h2 engine: the upstream stream could not start: ") + nghttp2_strerror(sid));
+    }
+    x->up = u;
+    x->upId = sid;
+    x->upOpen = true;
+    u->exchanges.insert(x);
+    u->started++;
+    if (u->maxRequests > 0 && u->started >= u->maxRequests) Retire(u);
+    Touch(u);
+    Leave();
+    return Napi::Boolean::New(env, true);
+  }
+
+  // respond(xid, status, fields, body): the proxy's own answer to a stream waiting for a decision
+  // (its request body, if any, is read and dropped); done() follows when the stream ends.
+  Napi::Value Respond(const Napi::CallbackInfo& info) {
+    Exchange* x = Find(info[0]);
+    if (!x || x->decided || x->downClosed || x->dropping) return info.Env().Undefined();
+    Enter();
+    x->decided = true;
+    x->flag = "";
+    Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldsOf(info[2]), Latin1(info[3]));
+    Leave();
+    return info.Env().Undefined();
+  }
+
+  // expire(xid, status, fields, body): the stream's time ran out. Answered with these if nothing
+  // of its answer went yet: 0; else the stream is reset (its upstream too) and the status of the
+  // answer that was cut returned; -1 when the stream is not in flight. done() follows either way.
+  Napi::Value Expire(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Exchange* x = Find(info[0]);
+    if (!x || x->downClosed || x->respDone) return Napi::Number::New(env, -1);
+    Enter();
+    x->flag = "";
+    CancelUpstream(x);
+    int result = 0;
+    if (x->responded) {
+      result = x->status;
+      nghttp2_submit_rst_stream(x->down->session, NGHTTP2_FLAG_NONE, x->downId, NGHTTP2_CANCEL);
+      Touch(x->down);
+    } else {
+      x->decided = true;
+      Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldsOf(info[2]), Latin1(info[3]));
+    }
+    Leave();
+    return Napi::Number::New(env, result);
+  }
+
+  Napi::Value CloseJs(const Napi::CallbackInfo& info) {
+    auto it = clients_.find(static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value()));
+    if (it != clients_.end()) {
+      Enter();
+      CloseConn(it->second);
+      Leave();
+    }
+    return info.Env().Undefined();
+  }
+
+  // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
+  // and end (GOAWAY) once their streams did.
+  Napi::Value DropPools(const Napi::CallbackInfo& info) {
+    std::string prefix = info[0].As<Napi::String>().Utf8Value();
+    Enter();
+    std::vector<Conn*> drop;
+    for (auto& [key, list] : pools_)
+      if (key.compare(0, prefix.size(), prefix) == 0) drop.insert(drop.end(), list.begin(), list.end());
+    for (Conn* u : drop) Retire(u);
+    Leave();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    size_t sessions = 0;
+    for (auto& [k, v] : pools_) sessions += v.size();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("clients", Napi::Number::New(env, static_cast<double>(clients_.size())));
+    o.Set("upstreams", Napi::Number::New(env, static_cast<double>(sessions)));
+    o.Set("streams", Napi::Number::New(env, static_cast<double>(exchanges_.size())));
+    return o;
+  }
+
+  Napi::Value Destroy(const Napi::CallbackInfo& info) {
+    Shutdown();
+    return info.Env().Undefined();
+  }
+
+  // -- streams -----------------------------------------------------------------------------------
+
+  Exchange* Find(const Napi::Value& v) {
+    auto it = exchanges_.find(static_cast<uint64_t>(v.As<Napi::Number>().Int64Value()));
+    return it == exchanges_.end() ? nullptr : it->second.get();
+  }
+
+  // Acknowledges `n` bytes of a stream's DATA to its sender (they left the proxy, or were dropped).
+  void Ack(Conn* c, int32_t sid, size_t n) {
+    if (!c || c->closed || n == 0) return;
+    nghttp2_session_consume(c->session, sid, n);
+    Touch(c);
+  }
+
+  // The proxy's answer on the client's stream (or a reset if headers went already).
+  void Answer(Exchange* x, int status, Fields extra, const std::string& body) {
+    x->dropping = true;
+    if (x->req.size() > 0) {
+      Ack(x->down, x->downId, x->req.size());
+      x->req.buf.clear();
+      x->req.off = 0;
+    }
+    if (x->responded) {
+      nghttp2_submit_rst_stream(x->down->session, NGHTTP2_FLAG_NONE, x->downId, NGHTTP2_INTERNAL_ERROR);
+      Touch(x->down);
+      return;
+    }
+    Fields f;
+    f.emplace_back(":status", std::to_string(status));
+    for (auto& kv : extra) f.push_back(std::move(kv));
+    if (!body.empty()) f.emplace_back("content-length", std::to_string(body.size()));
+    x->status = status;
+    x->responded = true;
+    x->resp = Pipe();
+    x->resp.buf = body;
+    x->resp.end = true;
+    auto nv = Nvs(f);
+    nghttp2_data_provider data;
+    data.source.ptr = x;
+    data.read_callback = ReadAnswerBody;
+    nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), body.empty() ? nullptr : &data);
+    Touch(x->down);
+  }
+
+  // The upstream stream is given up (a timeout, the client left, a message over the limit).
+  void CancelUpstream(Exchange* x) {
+    if (!x->up || !x->upOpen) return;
+    nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->upId, NGHTTP2_CANCEL);
+    Touch(x->up);
+    UnlinkUp(x);
+  }
+
+  void UnlinkUp(Exchange* x) {
+    if (!x->up) return;
+    Conn* u = x->up;
+    if (!u->closed) {
+      if (x->upOpen) nghttp2_session_set_stream_user_data(u->session, x->upId, nullptr);
+      // What of its answer is still buffered here is acknowledged now (the connection's window).
+      if (x->resp.size() > 0) nghttp2_session_consume(u->session, x->upId, x->resp.size());
+      Touch(u);
+    }
+    x->upOpen = false;
+    u->exchanges.erase(x);
+    u->lastActive = NowMs();
+    if (u->retired && u->exchanges.empty()) Finish(u);
+    x->up = nullptr;
+  }
+
+  // A request body's gRPC messages are checked as they come: false when one is over the limit.
+  bool GrpcFits(Exchange* x, const uint8_t* data, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+      if (x->messageLeft > 0) {
+        size_t take = static_cast<size_t>(std::min<uint64_t>(x->messageLeft, len - i));
+        x->messageLeft -= take;
+        i += take;
+        continue;
+      }
+      size_t take = std::min(5 - x->prefixLen, len - i);
+      memcpy(x->prefix + x->prefixLen, data + i, take);
+      x->prefixLen += take;
+      i += take;
+      if (x->prefixLen < 5) continue;
+      x->prefixLen = 0;
+      uint64_t length = (uint64_t{x->prefix[1]} << 24) | (uint64_t{x->prefix[2]} << 16) | (uint64_t{x->prefix[3]} << 8) | x->prefix[4];
+      if (length > grpcMax_) {
+        RefuseMessage(x, length);
+        return false;
+      }
+      x->messageLeft = length;
+    }
+    return true;
+  }
+
+  // RESOURCE_EXHAUSTED as a trailers-only answer, or a reset once an answer began.
+  void RefuseMessage(Exchange* x, uint64_t length) {
+    CancelUpstream(x);
+    x->flag = "DPE";
+    x->grpcStatus = "8";
+    x->status = 200;
+    x->dropping = true;
+    if (x->req.size() > 0) Ack(x->down, x->downId, x->req.size());
+    x->req = Pipe();
+    if (x->responded) {
+      nghttp2_submit_rst_stream(x->down->session, NGHTTP2_FLAG_NONE, x->downId, NGHTTP2_CANCEL);
+    } else {
+      x->responded = true;
+      x->respDone = true;
+      Fields f = {{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "8"}, {"grpc-message", "a message of " + std::to_string(length) + " bytes is over the limit of " + std::to_string(grpcMax_)}};
+      auto nv = Nvs(f);
+      nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), nullptr);
+    }
+    Touch(x->down);
+  }
+
+  // The upstream's answer headers: to the client with the route's changes.
+  void PassAnswer(Exchange* x, bool endStream) {
+    if (x->downClosed || x->responded) return;
+    Fields f;
+    f.emplace_back(":status", std::to_string(x->status));
+    for (auto& [n, v] : x->answerFields) {
+      if (std::find(x->answerRemove.begin(), x->answerRemove.end(), n) != x->answerRemove.end()) continue;
+      if (n == "grpc-status" && endStream) x->grpcStatus = v;
+      f.emplace_back(n, v);
+    }
+    for (auto& [n, v] : x->answerAdd) f.emplace_back(n, v);
+    x->answerFields.clear();
+    x->responded = true;
+    auto nv = Nvs(f);
+    if (endStream) {
+      x->respDone = true;
+      nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), nullptr);
+    } else {
+      nghttp2_data_provider data;
+      data.source.ptr = x;
+      data.read_callback = ReadAnswerBody;
+      nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), &data);
+    }
+    Touch(x->down);
+  }
+
+  void Resume(Conn* c, int32_t sid, Pipe* p) {
+    if (!c || c->closed || !p->deferred) return;
+    p->deferred = false;
+    nghttp2_session_resume_data(c->session, sid);
+    Touch(c);
+  }
+
+  // The upstream stream ended (closed, reset, or its session went) with `code`.
+  void UpstreamEnded(Exchange* x, uint32_t code) {
+    bool answered = x->answerHeaders;
+    bool whole = x->resp.end;
+    UnlinkUp(x);
+    if (x->downClosed || x->dropping) return;
+    if (!answered) {
+      x->flag = code == NGHTTP2_REFUSED_STREAM ? "UF" : "UC";
+      x->detail = "the upstream stream ended before an answer (code " + std::to_string(code) + ")";
+      Answer(x, 503, {{"content-type", "text/plain"}}, x->detail + "\n");
+      return;
+    }
+    if (!whole) {
+      x->flag = "UPE";
+      nghttp2_submit_rst_stream(x->down->session, NGHTTP2_FLAG_NONE, x->downId, code == NGHTTP2_NO_ERROR ? static_cast<uint32_t>(NGHTTP2_INTERNAL_ERROR) : code);
+      Touch(x->down);
+    }
+  }
+
+  // The client's stream ended: its upstream goes if it is still open; JS hears how it ended.
+  void DownstreamEnded(Exchange* x, uint32_t code) {
+    x->downClosed = true;
+    if (x->down && !x->down->closed) {
+      nghttp2_session_set_stream_user_data(x->down->session, x->downId, nullptr);
+      if (x->req.size() > 0) nghttp2_session_consume(x->down->session, x->downId, x->req.size());
+      x->req = Pipe();
+    }
+    if (x->down) x->down->exchanges.erase(x);
+    if (!x->respDone && x->flag == "-") x->flag = "DC";
+    CancelUpstream(x);
+    if (x->headersDone) pendingDone_.push_back(x->xid);
+    else Bury(x);
+  }
+
+  void Bury(Exchange* x) {
+    auto it = exchanges_.find(x->xid);
+    if (it == exchanges_.end()) return;
+    graveyard_.push_back(std::move(it->second));
+    exchanges_.erase(it);
+  }
+
+  // -- nghttp2 callbacks ---------------------------------------------------------------------------
+
+  static H2Engine* Of(void* user) { return static_cast<Conn*>(user)->engine; }
+
+  static int OnBeginHeaders(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+    H2Engine* e = c->engine;
+    auto x = std::make_unique<Exchange>();
+    x->xid = ++e->nextXid_;
+    x->down = c;
+    x->downId = frame->hd.stream_id;
+    c->exchanges.insert(x.get());
+    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, x.get());
+    e->exchanges_[x->xid] = std::move(x);
+    return 0;
+  }
+
+  static int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name, size_t namelen, const uint8_t* value, size_t valuelen, uint8_t, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    if (frame->hd.type != NGHTTP2_HEADERS) return 0;
+    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (!x) return 0;
+    std::string n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
+    if (c->server) {
+      x->headerBytes += namelen + valuelen + 32;
+      if (x->headerBytes > c->engine->maxHeaderList_) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+      if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        if (n == ":method") x->method = v;
+        else if (n == ":path") x->path = v;
+        else if (n == ":authority") x->authority = v;
+        else if (n == ":scheme") x->scheme = v;
+        else if (n[0] != ':') {
+          if (n == "content-type" && v.compare(0, 16, "application/grpc") == 0) x->grpc = true;
+          x->headers.emplace_back(std::move(n), std::move(v));
+        }
+      } else {
+        x->req.trailerFields.emplace_back(std::move(n), std::move(v));
+        x->req.trailers = true;
+      }
+      return 0;
+    }
+    // An upstream's answer: its status and fields, or its trailers.
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE || (frame->headers.cat == NGHTTP2_HCAT_HEADERS && !x->answerHeaders)) {
+      if (n == ":status") x->status = atoi(v.c_str());
+      else if (n[0] != ':') x->answerFields.emplace_back(std::move(n), std::move(v));
+    } else {
+      if (n == "grpc-status") x->grpcStatus = v;
+      x->resp.trailerFields.emplace_back(std::move(n), std::move(v));
+      x->resp.trailers = true;
+    }
+    return 0;
+  }
+
+  static int OnFrameRecv(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    H2Engine* e = c->engine;
+    if (frame->hd.type == NGHTTP2_GOAWAY && !c->server) {
+      e->Retire(c);
+      return 0;
+    }
+    if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) return 0;
+    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (!x) return 0;
+    bool end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+    if (c->server) {
+      if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+        x->headersDone = true;
+        x->req.end = end;
+        e->pendingRequests_.push_back(x->xid);
+        return 0;
+      }
+      if (end) {
+        x->req.end = true;
+        e->Resume(x->up, x->upId, &x->req);
+      }
+      return 0;
+    }
+    if (frame->hd.type == NGHTTP2_HEADERS) {
+      if (!x->answerHeaders) {
+        if (x->status >= 100 && x->status < 200) {  // informational: not passed on
+          x->answerFields.clear();
+          x->status = 0;
+          return 0;
+        }
+        x->answerHeaders = true;
+        x->resp.end = end;
+        e->PassAnswer(x, end);
+        return 0;
+      }
+    }
+    if (end) {
+      x->resp.end = true;
+      e->Resume(x->down, x->downId, &x->resp);
+    }
+    return 0;
+  }
+
+  static int OnDataChunk(nghttp2_session* session, uint8_t, int32_t sid, const uint8_t* data, size_t len, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    H2Engine* e = c->engine;
+    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+    if (!x) {
+      nghttp2_session_consume(session, sid, len);
+      return 0;
+    }
+    if (c->server) {
+      x->bytesIn += len;
+      if (x->dropping || (x->grpc && !e->GrpcFits(x, data, len))) {
+        nghttp2_session_consume(session, sid, len);
+        return 0;
+      }
+      x->req.buf.append(reinterpret_cast<const char*>(data), len);
+      e->Resume(x->up, x->upId, &x->req);
+      return 0;
+    }
+    if (x->downClosed || x->dropping) {
+      nghttp2_session_consume(session, sid, len);
+      return 0;
+    }
+    x->resp.buf.append(reinterpret_cast<const char*>(data), len);
+    e->Resume(x->down, x->downId, &x->resp);
+    return 0;
+  }
+
+  static int OnStreamClose(nghttp2_session* session, int32_t sid, uint32_t code, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+    if (!x) return 0;
+    if (c->server) c->engine->DownstreamEnded(x, code);
+    else if (x->up == c && x->upId == sid) c->engine->UpstreamEnded(x, code);
+    return 0;
+  }
+
+  static int OnFrameSend(nghttp2_session* session, const nghttp2_frame* frame, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    // A client whose session ends for an error of its own: counted once (a flood was already).
+    if (c->server && frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) c->engine->Refused(c, -static_cast<int>(frame->goaway.error_code));
+    if (!c->server || (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) == 0) return 0;
+    if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) return 0;
+    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    if (!x) return 0;
+    x->respDone = true;
+    // The answer is whole while the client still sends: its stream ends (RFC 9113 8.1).
+    if (!x->req.end) {
+      x->dropping = true;
+      c->engine->CancelUpstream(x);
+      nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_NO_ERROR);
+    }
+    return 0;
+  }
+
+  static int OnError(nghttp2_session*, int code, const char* msg, size_t, void* user) {
+    Conn* c = static_cast<Conn*>(user);
+    if (c->server) c->engine->Refused(c, code);
+    return 0;
+  }
+
+  void Refused(Conn* c, int code) {
+    if (c->refused) return;
+    c->refused = true;
+    pendingRefused_.push_back({c->id, code});
+  }
+
+  // -- sockets -------------------------------------------------------------------------------------
+
+  Conn* Open(int fd, bool server) {
+    auto owned = std::make_unique<Conn>();
+    Conn* c = owned.get();
+    c->engine = this;
+    c->fd = fd;
+    c->server = server;
+    c->lastActive = NowMs();
+    c->poll = new uv_poll_t;
+    if (uv_poll_init(loop_, c->poll, fd) != 0) {
+      delete c->poll;
+      errno = EBADF;
+      return nullptr;
+    }
+    c->poll->data = c;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (server) nghttp2_session_server_new2(&c->session, callbacks_, c, options_);
+    else nghttp2_session_client_new2(&c->session, callbacks_, c, options_);
+    std::vector<nghttp2_settings_entry> iv = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, static_cast<uint32_t>(kStreamWindow)}, {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
+    if (server) {
+      iv.push_back({NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kServerMaxStreams});
+      iv.push_back({NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, maxHeaderList_});
+    }
+    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, iv.data(), iv.size());
+    nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
+    conns_[c] = std::move(owned);
+    return c;
+  }
+
+  // Frames from the socket into the session; a protocol error ends the session (GOAWAY).
+  void Receive(Conn* c, const uint8_t* data, size_t len) {
+    if (c->closed) return;
+    c->lastActive = NowMs();
+    ssize_t rv = nghttp2_session_mem_recv(c->session, data, len);
+    if (rv < 0) {
+      if (c->server) Refused(c, static_cast<int>(rv));
+      uint32_t code = rv == NGHTTP2_ERR_HEADER_COMP ? NGHTTP2_COMPRESSION_ERROR : rv == NGHTTP2_ERR_FLOODED ? NGHTTP2_INTERNAL_ERROR : NGHTTP2_PROTOCOL_ERROR;
+      nghttp2_session_terminate_session(c->session, code);
+    }
+    Touch(c);
+  }
+
+  void Touch(Conn* c) {
+    if (c->closed || c->dirty) return;
+    c->dirty = true;
+    dirty_.push_back(c);
+  }
+
+  // Frames out to the socket; the connection ends once its session wants nothing more.
+  void Flush(Conn* c) {
+    c->dirty = false;
+    if (c->closed) return;
+    for (;;) {
+      while (c->outOff < c->out.size()) {
+        ssize_t n = send(c->fd, c->out.data() + c->outOff, c->out.size() - c->outOff, MSG_NOSIGNAL);
+        if (n > 0) {
+          c->outOff += static_cast<size_t>(n);
+          c->lastActive = NowMs();
+          continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        CloseConn(c);
+        return;
+      }
+      if (c->outOff == c->out.size()) c->out.clear(), c->outOff = 0;
+      if (c->out.size() - c->outOff >= kHighWater) break;
+      const uint8_t* data = nullptr;
+      ssize_t n = nghttp2_session_mem_send(c->session, &data);
+      if (n < 0) {
+        CloseConn(c);
+        return;
+      }
+      if (n == 0) break;
+      c->out.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
+      // Gather more frames before a send, up to a bound.
+      while (c->out.size() - c->outOff < kReadChunk) {
+        n = nghttp2_session_mem_send(c->session, &data);
+        if (n <= 0) break;
+        c->out.append(reinterpret_cast<const char*>(data), static_cast<size_t>(n));
+      }
+      if (n < 0) {
+        CloseConn(c);
+        return;
+      }
+    }
+    bool pending = c->outOff < c->out.size();
+    if (!pending && !nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session)) {
+      CloseConn(c);
+      return;
+    }
+    int want = UV_READABLE | (pending ? UV_WRITABLE : 0);
+    if (want != c->events) {
+      c->events = want;
+      uv_poll_start(c->poll, want, OnPoll);
+    }
+  }
+
+  static void OnPoll(uv_poll_t* h, int status, int events) {
+    Conn* c = static_cast<Conn*>(h->data);
+    H2Engine* e = c->engine;
+    e->Enter();
+    if (status < 0) {
+      e->CloseConn(c);
+    } else {
+      if (events & UV_READABLE) e->Fill(c);
+      if (!c->closed) e->Touch(c);
+    }
+    e->Leave();
+  }
+
+  void Fill(Conn* c) {
+    static uint8_t buf[kReadChunk];
+    for (int rounds = 0; rounds < 4 && !c->closed; rounds++) {
+      ssize_t n = recv(c->fd, buf, sizeof buf, 0);
+      if (n > 0) {
+        Receive(c, buf, static_cast<size_t>(n));
+        if (static_cast<size_t>(n) < sizeof buf) return;
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+      CloseConn(c);  // EOF or an error: its streams end with it
+      return;
+    }
+  }
+
+  // An upstream session takes no new stream; it ends (GOAWAY) once its streams did.
+  void Retire(Conn* u) {
+    if (u->server || u->retired) return;
+    u->retired = true;
+    auto it = pools_.find(u->pool);
+    if (it != pools_.end()) {
+      auto& list = it->second;
+      list.erase(std::remove(list.begin(), list.end(), u), list.end());
+      if (list.empty()) pools_.erase(it);
+    }
+    if (u->exchanges.empty()) Finish(u);
+  }
+
+  void Finish(Conn* c) {
+    if (c->closed) return;
+    nghttp2_session_terminate_session(c->session, NGHTTP2_NO_ERROR);
+    Touch(c);
+  }
+
+  Conn* Usable(const std::string& pool) {
+    auto it = pools_.find(pool);
+    if (it == pools_.end()) return nullptr;
+    for (Conn* u : it->second)
+      if (!u->closed && !u->retired) return u;
+    return nullptr;
+  }
+
+  void CloseConn(Conn* c) {
+    if (c->closed) return;
+    c->closed = true;
+    if (!c->server) Retire(c);
+    std::vector<Exchange*> xs(c->exchanges.begin(), c->exchanges.end());
+    for (Exchange* x : xs) {
+      if (c->server) DownstreamEnded(x, NGHTTP2_CANCEL);
+      else if (x->up == c) UpstreamEnded(x, NGHTTP2_INTERNAL_ERROR);
+    }
+    c->exchanges.clear();
+    if (c->poll) {
+      uv_poll_stop(c->poll);
+      uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+      c->poll = nullptr;
+    }
+    if (c->fd >= 0) close(c->fd);
+    c->fd = -1;
+    if (c->server) {
+      clients_.erase(c->id);
+      pendingClosed_.push_back(c->id);
+    }
+    auto it = conns_.find(c);
+    if (it != conns_.end()) {
+      deadConns_.push_back(std::move(it->second));
+      conns_.erase(it);
+    }
+  }
+
+  // -- JS calls and the loop ------------------------------------------------------------------------
+
+  void Enter() { depth_++; }
+
+  // The outermost call: frames out, then what JS must hear (which may queue more frames).
+  void Leave() {
+    if (depth_ > 1) {
+      depth_--;
+      return;
+    }
+    for (;;) {
+      while (!dirty_.empty()) {
+        std::vector<Conn*> now;
+        now.swap(dirty_);
+        for (Conn* c : now) Flush(c);
+      }
+      if (pendingRequests_.empty() && pendingDone_.empty() && pendingClosed_.empty() && pendingRefused_.empty()) break;
+      Dispatch();
+    }
+    depth_--;
+    if (depth_ == 0) {
+      graveyard_.clear();
+      for (auto& c : deadConns_)
+        if (c->session) nghttp2_session_del(c->session), c->session = nullptr;
+      deadConns_.clear();
+    }
+  }
+
+  void Dispatch() {
+    Napi::HandleScope scope(env_);
+    std::vector<std::pair<uint64_t, int>> refused;
+    refused.swap(pendingRefused_);
+    for (auto& [id, code] : refused) Call(refused_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, Reason(code))});
+    std::vector<uint64_t> requests;
+    requests.swap(pendingRequests_);
+    for (uint64_t xid : requests) {
+      auto it = exchanges_.find(xid);
+      if (it == exchanges_.end()) continue;
+      Exchange* x = it->second.get();
+      // Told even when the stream ended already (the client left, a message over the limit):
+      // its decision is what its metrics are labelled with; forward() and respond() do nothing then.
+      if (x->decided) continue;
+      Napi::Array raw = Napi::Array::New(env_, x->headers.size() * 2);
+      uint32_t i = 0;
+      for (auto& [n, v] : x->headers) {
+        raw.Set(i++, NewLatin1(env_, n));
+        raw.Set(i++, NewLatin1(env_, v));
+      }
+      Call(request_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, static_cast<double>(xid)), NewLatin1(env_, x->method), NewLatin1(env_, x->path),
+                      NewLatin1(env_, x->authority), raw, Napi::Boolean::New(env_, x->req.end && x->req.size() == 0)});
+    }
+    std::vector<uint64_t> done;
+    done.swap(pendingDone_);
+    for (uint64_t xid : done) {
+      auto it = exchanges_.find(xid);
+      if (it == exchanges_.end()) continue;
+      Exchange* x = it->second.get();
+      if (!x->reported) {
+        x->reported = true;
+        Call(done_, {Napi::Number::New(env_, static_cast<double>(xid)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
+                     Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), NewLatin1(env_, x->grpcStatus), Napi::String::New(env_, x->detail)});
+      }
+      Bury(x);
+    }
+    std::vector<uint64_t> closed;
+    closed.swap(pendingClosed_);
+    for (uint64_t id : closed) Call(closed_, {Napi::Number::New(env_, static_cast<double>(id))});
+  }
+
+  // A library error (< -500), or a GOAWAY's error code negated.
+  static std::string Reason(int code) {
+    switch (code) {
+      case -NGHTTP2_PROTOCOL_ERROR: return "h2_protocol_error";
+      case -NGHTTP2_INTERNAL_ERROR: return "h2_internal_error";
+      case -NGHTTP2_FLOW_CONTROL_ERROR: return "h2_flow_control_error";
+      case -NGHTTP2_FRAME_SIZE_ERROR: return "h2_frame_size_error";
+      case -NGHTTP2_COMPRESSION_ERROR: return "h2_compression_error";
+      case -NGHTTP2_ENHANCE_YOUR_CALM: return "h2_enhance_your_calm";
+      case NGHTTP2_ERR_FLOODED: return "h2_flood";
+      case NGHTTP2_ERR_HEADER_COMP: return "h2_compression_error";
+      case NGHTTP2_ERR_BAD_CLIENT_MAGIC: return "h2_bad_preface";
+      case NGHTTP2_ERR_FLOW_CONTROL: return "h2_flow_control_error";
+      default: return "h2_protocol_error";
+    }
+  }
+
+  void Call(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
+    if (shutdown_) return;
+    try {
+      f.MakeCallback(Value(), args, ctx_);
+    } catch (const Napi::Error& e) {
+      napi_fatal_exception(env_, e.Value());
+    }
+  }
+
+  // Once a second: client connections with no stream for idleMs, and upstream sessions with no
+  // stream for poolIdleMs, end (GOAWAY).
+  void Sweep() {
+    Napi::HandleScope scope(env_);
+    uint64_t now = NowMs();
+    Enter();
+    for (auto& [c, owned] : conns_) {
+      if (c->closed || !c->exchanges.empty()) continue;
+      int64_t idle = static_cast<int64_t>(now - c->lastActive);
+      if (idle >= (c->server ? idleMs_ : poolIdleMs_)) {
+        if (!c->server) Retire(c);
+        Finish(c);
+      }
+    }
+    Leave();
+  }
+
+  void Shutdown() {
+    if (shutdown_) return;
+    shutdown_ = true;
+    for (auto& [c, owned] : conns_) {
+      if (c->poll) {
+        uv_poll_stop(c->poll);
+        uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+        c->poll = nullptr;
+      }
+      if (c->fd >= 0) close(c->fd);
+      c->fd = -1;
+      c->closed = true;
+    }
+    pools_.clear();
+    clients_.clear();
+    if (timer_) {
+      uv_timer_stop(timer_);
+      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+      timer_ = nullptr;
+    }
+    if (depth_ == 0) {
+      for (auto& [c, owned] : conns_)
+        if (c->session) nghttp2_session_del(c->session), c->session = nullptr;
+      exchanges_.clear();
+      conns_.clear();
+      graveyard_.clear();
+    }
+  }
+
+  Napi::Env env_;
+  Napi::AsyncContext ctx_;
+  Napi::FunctionReference request_, done_, closed_, refused_;
+  nghttp2_session_callbacks* callbacks_ = nullptr;
+  nghttp2_option* options_ = nullptr;
+  uv_loop_t* loop_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
+  int64_t idleMs_ = 3600000;
+  int64_t poolIdleMs_ = 4000;
+  uint32_t maxHeaderList_ = 16 * 1024;
+  uint64_t grpcMax_ = 4 << 20;
+  uint64_t nextXid_ = 0;
+  int depth_ = 0;
+  bool shutdown_ = false;
+  std::unordered_map<Conn*, std::unique_ptr<Conn>> conns_;
+  std::unordered_map<uint64_t, Conn*> clients_;
+  std::map<std::string, std::vector<Conn*>> pools_;
+  std::unordered_map<uint64_t, std::unique_ptr<Exchange>> exchanges_;
+  std::vector<Conn*> dirty_;
+  std::vector<uint64_t> pendingRequests_, pendingDone_, pendingClosed_;
+  std::vector<std::pair<uint64_t, int>> pendingRefused_;
+  // Objects that ended while a call up the stack may still hold them.
+  std::vector<std::unique_ptr<Exchange>> graveyard_;
+  std::vector<std::unique_ptr<Conn>> deadConns_;
+};
+
+// The exchange is looked up by the stream, not kept in the provider: a stream given up (its
+// user data cleared) may still be asked once before its RST_STREAM goes.
+ssize_t ReadRequestBody(nghttp2_session* session, int32_t sid, uint8_t* buf, size_t length, uint32_t* flags, nghttp2_data_source*, void* user) {
+  auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+  if (!x) return NGHTTP2_ERR_DEFERRED;
+  return static_cast<ssize_t>(static_cast<Conn*>(user)->engine->RequestBody(x, buf, length, flags));
+}
+
+ssize_t ReadAnswerBody(nghttp2_session* session, int32_t sid, uint8_t* buf, size_t length, uint32_t* flags, nghttp2_data_source*, void* user) {
+  auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+  if (!x) return NGHTTP2_ERR_DEFERRED;
+  return static_cast<ssize_t>(static_cast<Conn*>(user)->engine->AnswerBody(x, buf, length, flags));
+}
+
+}  // namespace
+
+Napi::Object InitH2(Napi::Env env, Napi::Object exports) {
+  exports.Set("H2Engine", H2Engine::Define(env));
+  return exports;
+}
+
+}  // namespace nodemesh

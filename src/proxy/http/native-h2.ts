@@ -1,0 +1,441 @@
+/**
+ * HTTP/2 (h2c, gRPC) connections served on the addon's engine (native/src/h2.cc), for either
+ * side of L7: nghttp2 serves the client's session and the upstream sessions in C++ on this
+ * thread's loop, and a handler decides each stream once (the client side routes it, the server
+ * side authorizes it). Bodies, trailers and flow control never reach JS.
+ *
+ * What the engine does not do yet stays on node:http2 (h2.ts), chosen per connection when it
+ * starts: a port whose routes have a retry, a per-try timeout (timeouts.backendRequest) or a
+ * RequestMirror; a connection that is no socket (no fd); no addon.
+ *
+ * As on the HTTP/1.1 engine, the engine works on a duplicate of the client socket's fd; node:net
+ * keeps the original, paused, for the pod's bookkeeping.
+ */
+import type { Socket } from 'node:net';
+
+import { closeFd, dupFd, h2Engine, type H2Engine } from '../../datapath/native.js';
+import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
+import { logger } from '../../shared/log.js';
+import type { NodeMetrics } from '../metrics/metrics.js';
+import { socketFd } from '../pod-listener.js';
+import { MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
+import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import { headerObject, stopReading } from './native-engine.js';
+import { answerEditPairs } from './native-outbound.js';
+import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
+
+const log = logger('http');
+
+/** gRPC's default limit on a message a server receives (4 MiB): a longer one is refused before any of it leaves the proxy. */
+export const GRPC_MAX_MESSAGE = 4 * 1024 * 1024;
+
+/** Header fields of one connection only: never forwarded on HTTP/2 (RFC 9113 section 8.2.2). */
+export const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'host', 'http2-settings']);
+
+/** Raw pairs as HTTP/2 field pairs, appended to `into`: lower-case names, one-connection fields left out (te only as "trailers", which gRPC needs). */
+export function h2Pairs(raw: ReadonlyArray<string>, into: string[]): string[] {
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    const name = (raw[i] ?? '').toLowerCase();
+    const value = raw[i + 1] ?? '';
+    if (name.startsWith(':') || CONNECTION_SPECIFIC.has(name) || (name === 'te' && value !== 'trailers')) continue;
+    into.push(name, value);
+  }
+  return into;
+}
+
+/** A stream's request as routing reads one: Host from :authority, the other fields as pairs. */
+function headOf(method: string, path: string, authority: string, fields: ReadonlyArray<string>): RequestHead {
+  const raw = ['host', authority];
+  for (const f of fields) raw.push(f);
+  return { method, url: path, httpVersion: '2.0', headers: headerObject(raw), rawHeaders: raw };
+}
+
+/** Whether every rule of the port can be served on the engine (no retry, per-try timeout or mirror: node:http2 has those). */
+export function engineServes(entries: ReadonlyArray<HttpRouteEntry> | undefined): boolean {
+  for (const e of entries ?? []) if (e.retry !== undefined || e.timeouts?.backendRequestMs !== undefined || (e.mirrors?.length ?? 0) > 0) return false;
+  return true;
+}
+
+/** One client stream on the engine, with what its handler keeps of it. */
+export interface H2Stream<C, R> {
+  readonly id: number;
+  readonly conn: C;
+  state: R | undefined;
+}
+
+/** What a side does with each stream on the engine. */
+export interface H2Handler<C, R> {
+  /** A stream's headers: answer it through the host (forward or respond), now or later. */
+  request(s: H2Stream<C, R>, req: RequestHead, grpc: boolean): void;
+  /** The stream ended (see H2Events.done). */
+  done(s: H2Stream<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
+}
+
+/** The plain-text answer of the proxy: its header fields and body. */
+function textAnswer(detail: string, extra: ReadonlyArray<string> = []): { fields: string[]; body: string } {
+  return { fields: h2Pairs(extra, ['content-type', 'text/plain']), body: `${detail}\n` };
+}
+
+export class H2Host<C, R> {
+  private engine: H2Engine | undefined;
+  private failed: boolean;
+  private readonly conns = new Map<number, { readonly conn: C; readonly end: () => void }>();
+  private readonly streams = new Map<number, H2Stream<C, R>>();
+  /** Upstream connections being dialled, by pool: streams to the same pool wait for the same one. */
+  private readonly dialing = new Map<string, Promise<void>>();
+  private nextId = 0;
+
+  constructor(
+    private readonly metrics: NodeMetrics,
+    private readonly side: 'client' | 'server',
+    enabled: boolean,
+    private readonly idleTimeoutMs: number,
+    private readonly handler: H2Handler<C, R>,
+  ) {
+    this.failed = !enabled;
+  }
+
+  /**
+   * Serves the client connection on the engine until it closes; `initial` holds bytes already
+   * read from it. Undefined when the engine cannot take it (no engine, no fd): node:http2 serves it.
+   */
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | undefined {
+    const engine = this.start();
+    const fd = engine ? socketFd(client) : undefined;
+    if (!engine || fd === undefined) return undefined;
+    let own: number;
+    try {
+      own = dupFd(fd);
+    } catch {
+      return undefined;
+    }
+    const id = ++this.nextId;
+    client.setNoDelay(true);
+    const held = stopReading(client);
+    if (held) initial = initial ? Buffer.concat([initial, held]) : held;
+    return new Promise<void>((resolve) => {
+      let ended = false;
+      const end = (): void => {
+        if (ended) return;
+        ended = true;
+        this.conns.delete(id);
+        client.destroy();
+        resolve();
+      };
+      this.conns.set(id, { conn, end });
+      client.once('close', () => {
+        if (!ended) engine.close(id);
+      });
+      try {
+        engine.serve(id, own, initial);
+        this.metrics.http2Engine.inc({ side: this.side, engine: 'addon', why: '' });
+      } catch (e) {
+        closeFd(own);
+        log.warn({ err: (e as Error).message }, 'the HTTP/2 engine could not take a connection');
+        end();
+      }
+    });
+  }
+
+  /**
+   * The stream goes upstream with `fields` on a session of `pool`, a new one from `dial` when the
+   * pool has none (one dial for every stream that waits for it); `failed` when that fails.
+   */
+  forward(s: H2Stream<C, R>, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>, dial: () => Promise<number>, maxRequests: number, failed: (e: Error) => void): void {
+    const engine = this.engine;
+    if (!engine) return;
+    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd)) return;
+    let opening = this.dialing.get(pool);
+    if (!opening) {
+      opening = dial().then((fd) => {
+        if (this.engine === engine) engine.attach(pool, fd, maxRequests);
+        else closeFd(fd);
+      });
+      const forget = (): void => {
+        if (this.dialing.get(pool) === opening) this.dialing.delete(pool);
+      };
+      opening.then(forget, forget);
+      this.dialing.set(pool, opening);
+    }
+    const state = s.state;
+    opening.then(
+      () => {
+        if (this.streams.get(s.id) !== s || s.state !== state || this.engine !== engine) return;
+        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd)) failed(new Error('the upstream session ended before the stream could start'));
+      },
+      (e: Error) => {
+        if (this.streams.get(s.id) === s && s.state === state) failed(e);
+      },
+    );
+  }
+
+  /** The proxy's own plain-text answer (`extra`: more header pairs). */
+  respond(s: H2Stream<C, R>, status: number, detail: string, extra?: ReadonlyArray<string>): void {
+    const { fields, body } = textAnswer(detail, extra);
+    this.engine?.respond(s.id, status, fields, body);
+  }
+
+  /** A redirect: its status and location, no body. */
+  redirect(s: H2Stream<C, R>, status: number, location: string): void {
+    this.engine?.respond(s.id, status, ['location', location], '');
+  }
+
+  /** The stream's time ran out: answered (0), or cut (the status of the answer cut), or -1 when it is not in flight. */
+  expire(s: H2Stream<C, R>, status: number, detail: string): number {
+    const { fields, body } = textAnswer(detail);
+    return this.engine?.expire(s.id, status, fields, body) ?? -1;
+  }
+
+  /** Upstream sessions of the pools whose key starts with `prefix` end once idle. */
+  dropPools(prefix: string): void {
+    this.engine?.dropPools(prefix);
+  }
+
+  close(): void {
+    this.engine?.destroy();
+    this.engine = undefined;
+    for (const { end } of [...this.conns.values()]) end();
+    this.streams.clear();
+  }
+
+  private start(): H2Engine | undefined {
+    if (this.engine || this.failed) return this.engine;
+    try {
+      this.engine = h2Engine(
+        {
+          request: (connId, id, method, path, authority, fields) => {
+            const c = this.conns.get(connId);
+            if (!c) return;
+            const s: H2Stream<C, R> = { id, conn: c.conn, state: undefined };
+            this.streams.set(id, s);
+            const head = headOf(method, path, authority, fields);
+            this.handler.request(s, head, String(head.headers['content-type'] ?? '').startsWith('application/grpc'));
+          },
+          done: (id, status, flag, bytesIn, bytesOut, grpcStatus, detail) => {
+            const s = this.streams.get(id);
+            if (!s) return;
+            this.streams.delete(id);
+            this.handler.done(s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
+          },
+          closed: (connId) => this.conns.get(connId)?.end(),
+          refused: (_connId, reason) => this.metrics.httpRefused.inc({ reason }),
+        },
+        { idleMs: this.idleTimeoutMs, poolIdleMs: UPSTREAM_IDLE_MS, maxHeaderListBytes: MAX_HEADER_BYTES, grpcMaxMessage: GRPC_MAX_MESSAGE },
+      );
+    } catch (e) {
+      this.failed = true;
+      log.warn({ err: (e as Error).message }, 'no HTTP/2 engine in the addon: node:http2 serves every HTTP/2 connection');
+    }
+    return this.engine;
+  }
+}
+
+/** A client stream from its decision to its end. */
+interface Routed {
+  readonly started: number;
+  readonly facts: AccessFacts;
+  readonly grpc: boolean;
+  /** Where it goes; undefined when the proxy answered at once (no route, a redirect). */
+  readonly d: Decision;
+  endpoint?: Endpoint;
+  release?: () => void;
+  timer?: NodeJS.Timeout;
+  delay?: NodeJS.Timeout;
+  /** '-', or DI when a fault delayed it. */
+  flag: string;
+  /** The proxy answered it itself (or cut it): the flag and why, which the engine's done() does not know. */
+  answered?: { readonly flag: string; readonly detail: string };
+  active: boolean;
+  attempts: number;
+}
+
+/** The client side of HTTP/2 ports on the engine: each stream decided by HttpOutbound.decide, as on node:http2. */
+export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed> {
+  readonly host: H2Host<HttpClientConnection, Routed>;
+
+  constructor(
+    private readonly outbound: HttpOutbound,
+    enabled: boolean,
+    idleTimeoutMs: number,
+  ) {
+    this.host = new H2Host(outbound.metrics, 'client', enabled, idleTimeoutMs, this);
+  }
+
+  request(s: H2Stream<HttpClientConnection, Routed>, req: RequestHead, grpc: boolean): void {
+    const started = performance.now();
+    const requestId = requestIdOf(req);
+    const d = this.outbound.decide(req, s.conn, requestId);
+    const r: Routed = { started, grpc, d, facts: { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 }, flag: '-', active: false, attempts: 0, endpoint: undefined, release: undefined, timer: undefined, delay: undefined, answered: undefined };
+    s.state = r;
+    if (d.kind === 'answer') return this.proxyAnswers(s, r, d.answer.status, d.answer.flag, d.answer.detail);
+    if (d.kind === 'redirect') {
+      r.answered = { flag: '-', detail: '' };
+      return this.host.redirect(s, d.status, d.location);
+    }
+    const { target, entry } = d;
+    r.active = true;
+    this.outbound.track('active', target, 1);
+    const requestMs = entry.timeouts?.requestMs;
+    if (requestMs !== undefined) r.timer = setTimeout(() => this.timedOut(s, r, requestMs), requestMs);
+    const fault = entry.fault ?? d.parent.policy.fault ?? target.policy.fault;
+    const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
+    const abort = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent ? fault.abort : undefined;
+    const go = (): void => {
+      if (s.state !== r) return;
+      if (abort) return this.proxyAnswers(s, r, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
+      const slot = this.outbound.admit(target, (leave) => this.send(s, r, leave));
+      if ('status' in slot) return this.proxyAnswers(s, r, slot.status, slot.flag, slot.detail);
+      r.release = slot.leave;
+      if (slot.now) this.send(s, r, slot.leave);
+    };
+    if (!delayed) return go();
+    r.flag = 'DI';
+    r.delay = setTimeout(go, fault?.delay?.ms ?? 0);
+  }
+
+  private send(s: H2Stream<HttpClientConnection, Routed>, r: Routed, leave: () => void): void {
+    const d = r.d;
+    if (s.state !== r || d.kind !== 'forward' || r.answered) return leave();
+    r.attempts++;
+    const { target, upstream } = d;
+    const lb = this.outbound.lb;
+    const endpoint = lb.pick(target, undefined, upstream.hashKey);
+    if (!endpoint) {
+      leave();
+      r.release = undefined;
+      return this.proxyAnswers(s, r, 503, 'UH', `Service ${target.key} has no endpoints`);
+    }
+    r.endpoint = endpoint;
+    lb.acquire(target, endpoint);
+    let released = false;
+    r.release = (): void => {
+      if (released) return;
+      released = true;
+      lb.release(target, endpoint);
+      leave();
+    };
+    let authority = target.service.name;
+    const raw = upstream.headers;
+    for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') authority = raw[i + 1] ?? '';
+    const fields = h2Pairs(raw, [':method', r.facts.req.method ?? 'GET', ':scheme', 'http', ':authority', authority, ':path', upstream.path]);
+    const edits = answerEditPairs(upstream.answerChanges);
+    const conn = s.conn;
+    const dial = async (): Promise<number> => {
+      const fd = await conn.dialFd(target, endpoint).catch((e: unknown) => {
+        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
+        throw e;
+      });
+      lb.connectSucceeded(endpoint);
+      return fd;
+    };
+    const failed = (e: Error): void => {
+      if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
+      this.proxyAnswers(s, r, 503, 'UF', e.message);
+    };
+    const pool = `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+    this.host.forward(s, pool, fields, edits.remove, h2Pairs(edits.add, []), dial, target.policy.maxRequestsPerConnection, failed);
+  }
+
+  /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the stream is cut. */
+  private timedOut(s: H2Stream<HttpClientConnection, Routed>, r: Routed, ms: number): void {
+    if (s.state !== r || r.answered) return;
+    const detail = `no answer within ${ms} ms (timeouts.request)`;
+    r.answered = { flag: 'UT', detail };
+    this.settle(r);
+    this.host.expire(s, 504, detail);
+  }
+
+  private proxyAnswers(s: H2Stream<HttpClientConnection, Routed>, r: Routed, status: number, flag: string, detail: string): void {
+    if (r.answered) return;
+    r.answered = { flag, detail };
+    this.settle(r);
+    this.host.respond(s, status, detail);
+  }
+
+  /** The stream's slot, counts and timers go (once). */
+  private settle(r: Routed): void {
+    clearTimeout(r.timer);
+    clearTimeout(r.delay);
+    r.release?.();
+    r.release = undefined;
+    if (r.active && r.d.kind === 'forward') this.outbound.track('active', r.d.target, -1);
+    r.active = false;
+  }
+
+  done(s: H2Stream<HttpClientConnection, Routed>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string): void {
+    const r = s.state;
+    if (!r) return;
+    s.state = undefined;
+    this.settle(r);
+    const target = r.d.kind === 'forward' ? r.d.target : r.d.parent;
+    const { endpoint } = r;
+    const facts = withBytes(r.facts, bytesIn, bytesOut, r.attempts);
+    const grpc = r.grpc ? grpcStatus : undefined;
+    if (r.answered) {
+      // A flag the engine saw (the client left first) says more than the proxy's answer.
+      const f = flag === 'DC' ? 'DC' : r.answered.flag;
+      if (f !== '-' && f !== 'DC') this.outbound.noteAnswer(s.conn, target, endpoint, r.started, { status, flag: f, detail: r.answered.detail }, facts);
+      else this.outbound.count(s.conn, target, endpoint, status, f, r.started, facts, grpc);
+      return;
+    }
+    // Outlier detection on answers the backend gave (not on the engine's own).
+    if (endpoint && flag === '-' && r.d.kind === 'forward' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
+    this.outbound.count(s.conn, target, endpoint, flag === 'DC' ? 0 : status, flag === '-' ? r.flag : flag, r.started, facts, grpc);
+  }
+}
+
+interface Delivering {
+  readonly started: number;
+  readonly facts: AccessFacts;
+  readonly grpc: boolean;
+  answered?: string;
+}
+
+/** The server side of HTTP/2 ports on the engine: each stream admitted by HttpInbound.admit, then delivered on a session pooled per pod, port and caller. */
+export class NativeH2Inbound implements H2Handler<HttpServerConnection, Delivering> {
+  readonly host: H2Host<HttpServerConnection, Delivering>;
+
+  constructor(
+    private readonly inbound: HttpInbound,
+    metrics: NodeMetrics,
+    enabled: boolean,
+    idleTimeoutMs: number,
+  ) {
+    this.host = new H2Host(metrics, 'server', enabled, idleTimeoutMs, this);
+  }
+
+  request(s: H2Stream<HttpServerConnection, Delivering>, req: RequestHead, grpc: boolean): void {
+    const started = performance.now();
+    const requestId = requestIdOf(req);
+    const { conn } = s;
+    const r: Delivering = { started, grpc, facts: { req, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 }, answered: undefined };
+    s.state = r;
+    const admitted = this.inbound.admit(req, conn);
+    if ('status' in admitted) {
+      this.inbound.refused(conn, admitted);
+      r.answered = admitted.flag;
+      return this.host.respond(s, admitted.status, admitted.detail, admitted.headers);
+    }
+    const raw = req.rawHeaders;
+    const fields = h2Pairs(raw, [':method', req.method ?? 'GET', ':scheme', 'http', ':authority', String(req.headers.host ?? ''), ':path', admitted.target]);
+    if (req.headers['x-request-id'] === undefined) fields.push('x-request-id', requestId);
+    this.host.forward(s, conn.poolKey, fields, [], [], () => conn.dialFd(), 0, (e) => {
+      if (s.state !== r || r.answered) return;
+      r.answered = 'UF';
+      this.host.respond(s, 503, e.message);
+    });
+  }
+
+  done(s: H2Stream<HttpServerConnection, Delivering>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string): void {
+    const r = s.state;
+    if (!r) return;
+    s.state = undefined;
+    const f = flag === 'DC' || r.answered === undefined ? flag : r.answered;
+    this.inbound.count(s.conn, f === 'DC' ? 0 : status, f, r.started, withBytes(r.facts, bytesIn, bytesOut, 1), r.grpc ? grpcStatus : undefined);
+  }
+}
+
+/** Whether a client connection to `parent` can be served on the engine (its routes need nothing only node:http2 has). */
+export function clientSideServes(parent: ServiceTarget | undefined): boolean {
+  return engineServes(parent?.http?.entries);
+}

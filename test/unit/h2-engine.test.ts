@@ -1,0 +1,315 @@
+/**
+ * The addon's HTTP/2 engine (native/src/h2.cc) on loopback sockets, between a real node:http2
+ * client and server: many streams on one connection over one pooled upstream session, bodies
+ * both ways with trailers, trailers-only answers, the proxy's own answers, header edits, a
+ * request's time running out before and during its answer, resets either way, an upstream that
+ * goes away, gRPC messages over the limit, and clients that break the protocol.
+ */
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect as h2connect, constants, createServer as h2server, type ClientHttp2Session, type Http2Server, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import { connect, createServer, type Server } from 'node:net';
+import { test, type TestContext } from 'node:test';
+
+import { dupFd, h2Engine, type H2Engine } from '../../src/datapath/native.js';
+import { socketFd } from '../../src/proxy/pod-listener.js';
+
+interface Done {
+  readonly stream: number;
+  readonly status: number;
+  readonly flag: string;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly grpcStatus: string;
+}
+
+interface Rig {
+  readonly port: number;
+  readonly engine: H2Engine;
+  readonly done: Done[];
+  readonly refused: string[];
+  /** Upstream connections the server accepted. */
+  readonly upstream: { connections: number; streams: number };
+  /** What to do with a stream (default: forward it as it came, pool "up"). */
+  onRequest: (stream: number, method: string, path: string, authority: string, headers: string[]) => void;
+  forward(stream: number, fields: string[], remove?: string[], add?: string[]): Promise<void>;
+}
+
+async function listening(server: Server | Http2Server): Promise<number> {
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  return (server.address() as { port: number }).port;
+}
+
+async function dial(port: number): Promise<number> {
+  const s = connect(port, '127.0.0.1');
+  await once(s, 'connect');
+  const fd = dupFd(socketFd(s) ?? -1);
+  s.destroy();
+  return fd;
+}
+
+async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => void): Promise<Rig> {
+  const upstream = { connections: 0, streams: 0 };
+  const server = h2server();
+  server.on('connection', () => upstream.connections++);
+  server.on('stream', (stream, headers) => {
+    upstream.streams++;
+    stream.on('error', () => undefined);
+    app(stream, headers);
+  });
+  const upPort = await listening(server);
+  const done: Done[] = [];
+  const refused: string[] = [];
+  let opening: Promise<void> | undefined;
+  const r: Rig = {
+    port: 0,
+    engine: undefined as unknown as H2Engine,
+    done,
+    refused,
+    upstream,
+    onRequest: (stream, method, path, authority, headers) => {
+      void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
+    },
+    forward: async (stream, fields, remove = [], add = []) => {
+      if (r.engine.forward(stream, 'up', fields, remove, add)) return;
+      // One dial for every stream that waits (as H2Host does).
+      opening ??= dial(upPort).then((fd) => {
+        r.engine.attach('up', fd, 0);
+        opening = undefined;
+      });
+      await opening;
+      assert.ok(r.engine.forward(stream, 'up', fields, remove, add), 'a stream starts on the session just attached');
+    },
+  };
+  const engine = h2Engine(
+    {
+      request: (_conn, stream, method, path, authority, headers) => r.onRequest(stream, method, path, authority, headers),
+      done: (stream, status, flag, bytesIn, bytesOut, grpcStatus) => void done.push({ stream, status, flag, bytesIn, bytesOut, grpcStatus }),
+      closed: () => undefined,
+      refused: (_conn, reason) => void refused.push(reason),
+    },
+    { idleMs: 60_000, poolIdleMs: 60_000, maxHeaderListBytes: 16 * 1024, grpcMaxMessage: 4 << 20 },
+  );
+  (r as { engine: H2Engine }).engine = engine;
+  let ids = 0;
+  const front = createServer({ pauseOnConnect: true }, (client) => {
+    engine.serve(++ids, dupFd(socketFd(client) ?? -1));
+    client.destroy();
+  });
+  (r as { port: number }).port = await listening(front);
+  t.after(() => {
+    engine.destroy();
+    front.close();
+    server.close();
+  });
+  return r;
+}
+
+interface Answer {
+  status: number;
+  headers: IncomingHttpHeaders;
+  body: Buffer;
+  trailers: IncomingHttpHeaders | undefined;
+  rst?: number;
+}
+
+function fetch(session: ClientHttp2Session, path: string, options: { method?: string; body?: Buffer; headers?: Record<string, string>; trailers?: Record<string, string> } = {}): Promise<Answer> {
+  return new Promise((resolve) => {
+    const req = session.request({ ':method': options.method ?? (options.body ? 'POST' : 'GET'), ':path': path, ...options.headers }, { endStream: !options.body, waitForTrailers: options.trailers !== undefined });
+    if (options.trailers) req.once('wantTrailers', () => req.sendTrailers(options.trailers ?? {}));
+    const a: Answer = { status: 0, headers: {}, body: Buffer.alloc(0), trailers: undefined };
+    const chunks: Buffer[] = [];
+    req.on('response', (h) => {
+      a.status = Number(h[':status']);
+      a.headers = h;
+    });
+    req.on('trailers', (t) => (a.trailers = t));
+    req.on('data', (d: Buffer) => chunks.push(d));
+    req.on('error', () => undefined);
+    req.once('close', () => {
+      a.body = Buffer.concat(chunks);
+      if (req.rstCode !== constants.NGHTTP2_NO_ERROR) a.rst = req.rstCode;
+      resolve(a);
+    });
+    if (options.body) req.end(options.body);
+  });
+}
+
+async function until(what: string, check: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** Echoes the request: its method, path and headers as answer headers, its body back, its trailers as answer trailers. */
+function echo(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
+  const chunks: Buffer[] = [];
+  stream.on('data', (d: Buffer) => chunks.push(d));
+  stream.on('end', () => {
+    const got = stream.sentHeaders;
+    void got;
+    stream.respond({ ':status': 200, 'x-method': String(headers[':method']), 'x-path': String(headers[':path']), 'x-authority': String(headers[':authority']), 'x-seen': String(headers['x-in'] ?? ''), 'x-drop': 'me' }, { waitForTrailers: true });
+    stream.once('wantTrailers', () => stream.sendTrailers({ 'x-trailer': 'end', 'x-had-trailer': String((stream as unknown as { trailers?: IncomingHttpHeaders }).trailers?.['x-req-trailer'] ?? '') }));
+    stream.end(Buffer.concat(chunks));
+  });
+  stream.on('trailers', (t: IncomingHttpHeaders) => ((stream as unknown as { trailers?: IncomingHttpHeaders }).trailers = t));
+}
+
+test('h2 engine: 200 streams on one client connection go on one upstream session, bodies and trailers intact both ways, answer fields edited', async (t) => {
+  const r = await rig(t, echo);
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const base: Buffer = Buffer.alloc(300_000);
+  for (let i = 0; i < base.length; i++) base[i] = (i * 7) & 0xff;
+  r.onRequest = (stream, method, path, authority, headers) => void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', `/up${path}`, ...headers], ['x-drop'], ['x-added', 'yes']);
+  const answers = await Promise.all(Array.from({ length: 200 }, (_, i) => fetch(session, `/p/${i}`, i % 10 === 0 ? { body: base.subarray(0, 1000 * i + 1), headers: { 'x-in': String(i) }, trailers: { 'x-req-trailer': `t${i}` } } : { headers: { 'x-in': String(i) } })));
+  answers.forEach((a, i) => {
+    assert.equal(a.status, 200, `stream ${i}`);
+    assert.equal(a.headers['x-path'], `/up/p/${i}`);
+    assert.equal(a.headers['x-seen'], String(i));
+    assert.equal(a.headers['x-drop'], undefined, 'removed');
+    assert.equal(a.headers['x-added'], 'yes', 'added');
+    assert.equal(a.trailers?.['x-trailer'], 'end', 'answer trailers passed');
+    if (i % 10 === 0) {
+      assert.ok(a.body.equals(base.subarray(0, 1000 * i + 1)), `body of stream ${i} intact`);
+      assert.equal(a.trailers?.['x-had-trailer'], `t${i}`, 'request trailers passed');
+    } else assert.equal(a.body.length, 0);
+  });
+  await until('every done()', () => r.done.length === 200);
+  assert.equal(r.upstream.connections, 1, 'one upstream session');
+  assert.equal(r.upstream.streams, 200);
+  assert.ok(r.done.every((d) => d.flag === '-' && d.status === 200));
+  const big = r.done.reduce((n, d) => n + d.bytesIn, 0);
+  assert.equal(big, Array.from({ length: 20 }, (_, k) => 1000 * k * 10 + 1).reduce((a, b) => a + b, 0), 'request bytes counted');
+});
+
+test('h2 engine: a large answer streams with flow control (more than every window), the proxy answers, redirects and cuts', async (t) => {
+  const huge = Buffer.alloc(40 << 20, 1);
+  let stall: ServerHttp2Stream | undefined;
+  const r = await rig(t, (stream, headers) => {
+    if (headers[':path'] === '/huge') {
+      stream.respond({ ':status': 200 });
+      stream.end(huge);
+    } else if (headers[':path'] === '/stall') {
+      stream.respond({ ':status': 200 });
+      stream.write('partial');
+      stall = stream;
+    } else if (headers[':path'] === '/slow') {
+      setTimeout(() => {
+        if (!stream.destroyed) stream.respond({ ':status': 200 }, { endStream: true });
+      }, 2000);
+    } else echo(stream, headers);
+  });
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const a = await fetch(session, '/huge');
+  assert.equal(a.body.length, huge.length, '40 MiB through a 16 MiB connection window');
+  r.onRequest = (stream, method, path, authority, headers) => {
+    if (path === '/mine') return r.engine.respond(stream, 418, ['content-type', 'text/plain'], 'short and stout\n');
+    if (path === '/moved') return r.engine.respond(stream, 301, ['location', '/there'], '');
+    if (path === '/late') return void setTimeout(() => r.engine.expire(stream, 504, ['content-type', 'text/plain'], 'too late\n'), 100);
+    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
+    if (path === '/stall') void until('the stalled answer', () => stall !== undefined).then(() => setTimeout(() => assert.equal(r.engine.expire(stream, 504, [], ''), 200, 'the status of the answer cut'), 100));
+    if (path === '/slow') setTimeout(() => assert.equal(r.engine.expire(stream, 504, ['content-type', 'text/plain'], 'no answer in time\n'), 0), 200);
+  };
+  const mine = await fetch(session, '/mine', { body: Buffer.alloc(100_000) });
+  assert.equal(mine.status, 418);
+  assert.equal(mine.body.toString(), 'short and stout\n');
+  assert.equal((await fetch(session, '/moved')).headers.location, '/there');
+  assert.equal((await fetch(session, '/late')).status, 504);
+  const slow = await fetch(session, '/slow');
+  assert.equal(slow.status, 504);
+  assert.equal(slow.body.toString(), 'no answer in time\n');
+  const cut = await fetch(session, '/stall');
+  assert.equal(cut.status, 200);
+  assert.equal(cut.rst, constants.NGHTTP2_CANCEL, 'the answer under way is reset');
+  await until('every done()', () => r.done.length === 6);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [418, ''], [301, ''], [504, ''], [504, ''], [200, '']]);
+  assert.equal(r.done[1]?.bytesIn, 100_000, "the answered stream's body read and dropped");
+  // The session serves on after all of it.
+  assert.equal((await fetch(session, '/again', { body: Buffer.from('x') })).body.toString(), 'x');
+});
+
+test('h2 engine: resets pass both ways, a refused or lost upstream answers 503, gRPC messages over the limit never go upstream', async (t) => {
+  let reached = 0;
+  const r = await rig(t, (stream, headers) => {
+    if (headers[':path'] === '/reset') return stream.close(constants.NGHTTP2_ENHANCE_YOUR_CALM);
+    if (headers[':path'] === '/reset-late') {
+      // The upstream connection is lost in the middle of the answer.
+      stream.respond({ ':status': 200 });
+      stream.write('some');
+      return void setTimeout(() => stream.session?.destroy(), 50);
+    }
+    if (headers[':path'] === '/grpc') {
+      stream.on('data', () => reached++);
+      return;
+    }
+    if (headers[':path'] === '/hang') return;
+    echo(stream, headers);
+  });
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const early = await fetch(session, '/reset');
+  assert.equal(early.status, 503, 'reset before an answer: the proxy answers');
+  const late = await fetch(session, '/reset-late');
+  assert.equal(late.rst, constants.NGHTTP2_INTERNAL_ERROR, "the upstream lost during the answer: the client's stream is reset");
+  // A gRPC message announcing 5 MiB: RESOURCE_EXHAUSTED from the proxy.
+  const prefix = Buffer.from([0, 0, 0x50, 0, 0]);
+  const grpc = await fetch(session, '/grpc', { body: Buffer.concat([prefix, Buffer.alloc(1000)]), headers: { 'content-type': 'application/grpc' } });
+  assert.equal(grpc.headers['grpc-status'], '8');
+  assert.match(String(grpc.headers['grpc-message']), /5242880 bytes is over the limit of 4194304/);
+  assert.equal(reached, 0, 'none of it reached the server');
+  // The client leaves with a stream in flight: its upstream stream is cancelled.
+  const before = r.upstream.streams;
+  const req = session.request({ ':path': '/hang' });
+  req.on('error', () => undefined);
+  await until('the hanging stream upstream', () => r.upstream.streams === before + 1);
+  req.close(constants.NGHTTP2_CANCEL);
+  await until('its done()', () => r.done.some((d) => d.flag === 'DC'));
+  assert.deepEqual(r.done.map((d) => d.flag), ['UC', 'UPE', 'DPE', 'DC']);
+  assert.equal(r.done[2]?.grpcStatus, '8');
+  assert.equal((await fetch(session, '/fine')).status, 200, 'the connection serves on');
+});
+
+/** Raw bytes to the front; the GOAWAY error code that comes back (or 'none'). */
+async function goaway(port: number, bytes: Buffer): Promise<string> {
+  const s = connect(port, '127.0.0.1');
+  let got = Buffer.alloc(0);
+  s.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
+  s.on('error', () => undefined);
+  s.write(bytes);
+  await Promise.race([once(s, 'close'), new Promise((resolve) => setTimeout(resolve, 3000))]);
+  s.destroy();
+  for (let o = 0; o + 9 <= got.length; ) {
+    const len = got.readUIntBE(o, 3);
+    if (got[o + 3] === 7) return `goaway:${got.readUInt32BE(o + 9 + 4)}`;
+    o += 9 + len;
+  }
+  return 'none';
+}
+
+test('h2 engine: clients that break the protocol end with GOAWAY, counted, nothing routed', async (t) => {
+  const r = await rig(t, echo);
+  let routed = 0;
+  r.onRequest = () => void routed++;
+  const preface = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+  const frame = (type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer => {
+    const head = Buffer.alloc(9);
+    head.writeUIntBE(payload.length, 0, 3);
+    head[3] = type;
+    head[4] = flags;
+    head.writeUInt32BE(stream, 5);
+    return Buffer.concat([head, payload]);
+  };
+  const settings = frame(4, 0, 0);
+  assert.equal(await goaway(r.port, Buffer.concat([preface, settings, frame(0, 0, 0, Buffer.from('x'))])), 'goaway:1', 'DATA on stream 0');
+  assert.equal(await goaway(r.port, Buffer.concat([preface, ...Array.from({ length: 20_000 }, () => settings)])), 'goaway:2', 'a SETTINGS flood');
+  assert.equal(await goaway(r.port, Buffer.concat([preface, settings, ...Array.from({ length: 20_000 }, () => frame(6, 0, 0, Buffer.alloc(8)))])), 'goaway:2', 'a PING flood');
+  assert.equal(await goaway(r.port, Buffer.concat([preface, settings, frame(1, 4, 1, Buffer.from([0xff, 0xff, 0xff, 0xff]))])), 'goaway:9', 'headers that do not decode');
+  assert.equal(await goaway(r.port, Buffer.from('GET / HTTP/1.1\r\nhost: x\r\n\r\n')), 'goaway:1', 'no preface');
+  assert.equal(routed, 0);
+  assert.deepEqual(r.refused, ['h2_protocol_error', 'h2_flood', 'h2_flood', 'h2_compression_error', 'h2_bad_preface']);
+});
