@@ -41,6 +41,7 @@ constexpr size_t kHighWater = 256 * 1024;
 constexpr int32_t kStreamWindow = 1 << 20;
 constexpr int32_t kConnectionWindow = 16 << 20;
 constexpr uint32_t kServerMaxStreams = 256;
+constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry or a mirror (as the other paths keep it)
 
 uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
@@ -154,6 +155,16 @@ struct Exchange {
   Fields answerAdd;
   Fields answerFields;  // the upstream's answer headers (pseudo-header left out)
   bool reported = false;
+  // Retries and mirrors: the body kept as it comes (up to kReplayLimit), what was taken of it
+  // for the attempt in flight and what of it was acknowledged to the client.
+  bool attempted = false;
+  bool keep = false;
+  bool keptWhole = true;
+  bool sawBody = false;
+  std::string kept;
+  bool retryable = false;
+  std::vector<int> retryOn;
+  uint64_t reqTaken = 0, reqAcked = 0;
 };
 
 ssize_t ReadRequestBody(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
@@ -169,6 +180,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
                            InstanceMethod<&H2Engine::Attach>("attach"),
                            InstanceMethod<&H2Engine::Respond>("respond"),
                            InstanceMethod<&H2Engine::Expire>("expire"),
+                           InstanceMethod<&H2Engine::Abandon>("abandon"),
+                           InstanceMethod<&H2Engine::KeptBody>("keptBody"),
                            InstanceMethod<&H2Engine::CloseJs>("close"),
                            InstanceMethod<&H2Engine::DropPools>("dropPools"),
                            InstanceMethod<&H2Engine::Stats>("stats"),
@@ -180,6 +193,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   explicit H2Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<H2Engine>(info), env_(info.Env()), ctx_(info.Env(), "nodemesh:h2") {
     Napi::Object cb = info[0].As<Napi::Object>();
     request_ = Napi::Persistent(cb.Get("request").As<Napi::Function>());
+    retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     refused_ = Napi::Persistent(cb.Get("refused").As<Napi::Function>());
@@ -222,7 +236,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     size_t n = std::min(length, x->req.size());
     if (n > 0) {
       x->req.Take(buf, n);
-      Ack(x->down, x->downId, n);
+      // A retry sends again what was acknowledged already: only what is new is.
+      x->reqTaken += n;
+      if (x->reqTaken > x->reqAcked) {
+        Ack(x->down, x->downId, static_cast<size_t>(x->reqTaken - x->reqAcked));
+        x->reqAcked = x->reqTaken;
+      }
     }
     if (x->req.size() == 0 && x->req.end) {
       *flags |= NGHTTP2_DATA_FLAG_EOF;
@@ -322,6 +341,21 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       for (uint32_t i = 0; i < remove.Length(); i++) x->answerRemove.push_back(remove.Get(i).As<Napi::String>().Utf8Value());
     }
     x->answerAdd = FieldsOf(info[4]);
+    x->retryable = info.Length() > 5 && info[5].IsArray();
+    x->retryOn.clear();
+    if (x->retryable) {
+      Napi::Array codes = info[5].As<Napi::Array>();
+      for (uint32_t i = 0; i < codes.Length(); i++) x->retryOn.push_back(codes.Get(i).As<Napi::Number>().Int32Value());
+    }
+    if (!x->attempted) {
+      // The body so far is all in the pipe (nothing was taken yet): kept from here on if asked.
+      x->keep = x->retryable || (info.Length() > 6 && info[6].ToBoolean().Value());
+      if (x->keep) {
+        x->keptWhole = x->req.size() <= kReplayLimit;
+        if (x->keptWhole) x->kept.assign(x->req.buf, x->req.off, std::string::npos);
+      }
+    }
+    x->attempted = true;
     Enter();
     x->decided = true;
     auto nv = Nvs(fields);
@@ -380,6 +414,30 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     Leave();
     return Napi::Number::New(env, result);
+  }
+
+  // abandon(xid): the attempt in flight is given up before its answer came (a per-try timeout):
+  // its upstream stream is cancelled and the stream waits for forward() again: 1. 0 when there
+  // is none to give up (its answer is under way, or nothing is in flight); -1 when it cannot be
+  // sent again (its body is not whole yet, or was not kept): nothing is done.
+  Napi::Value Abandon(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Exchange* x = Find(info[0]);
+    if (!x || x->downClosed || x->dropping || !x->up || x->answerHeaders || x->responded) return Napi::Number::New(env, 0);
+    if (!Replayable(x)) return Napi::Number::New(env, -1);
+    Enter();
+    DropAttempt(x);
+    Leave();
+    return Napi::Number::New(env, 1);
+  }
+
+  // keptBody(xid): the stream's request body once it ended and was kept whole (empty without
+  // one); undefined otherwise. Valid until its done() returns.
+  Napi::Value KeptBody(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Exchange* x = Find(info[0]);
+    if (!x || !Replayable(x)) return env.Undefined();
+    return Napi::Buffer<char>::Copy(env, x->kept.data(), x->sawBody ? x->kept.size() : 0);
   }
 
   Napi::Value CloseJs(const Napi::CallbackInfo& info) {
@@ -569,12 +627,44 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     Touch(c);
   }
 
+  // Whether the request can go again: it ended, and had no body or had it kept whole.
+  static bool Replayable(const Exchange* x) { return x->req.end && (!x->sawBody || (x->keep && x->keptWhole)); }
+
+  // The attempt in flight is dropped (its answer, if one began to come, with it) and the stream
+  // waits for forward() again, its body (as kept) to be sent again.
+  void DropAttempt(Exchange* x) {
+    CancelUpstream(x);
+    x->answerHeaders = false;
+    x->status = 0;
+    x->answerFields.clear();
+    x->grpcStatus.clear();
+    x->resp = Pipe();
+    x->req.buf = x->kept;
+    x->req.off = 0;
+    x->req.deferred = false;
+    x->reqTaken = 0;
+    x->decided = false;
+  }
+
+  // JS decides whether the request goes again (`status`: the answer's code, 0 for a stream that
+  // ended before any answer): true when it does (it calls forward() again, now or later).
+  bool AskRetry(Exchange* x, int status) {
+    if (!Replayable(x) || x->responded || x->downClosed || x->dropping) return false;
+    Napi::HandleScope scope(env_);
+    if (!CallBool(retry_, {Napi::Number::New(env_, static_cast<double>(x->xid)), Napi::Number::New(env_, status)})) return false;
+    DropAttempt(x);
+    return true;
+  }
+
   // The upstream stream ended (closed, reset, or its session went) with `code`.
   void UpstreamEnded(Exchange* x, uint32_t code) {
     bool answered = x->answerHeaders;
     bool whole = x->resp.end;
     UnlinkUp(x);
     if (x->downClosed || x->dropping) return;
+    // Before any answer: a route's retry may send it again; so may a refused stream (it was not
+    // processed: RFC 9113 8.7), which JS sends again once without a retry rule.
+    if (!answered && (x->retryable || code == NGHTTP2_REFUSED_STREAM) && AskRetry(x, 0)) return;
     if (!answered) {
       x->flag = code == NGHTTP2_REFUSED_STREAM ? "UF" : "UC";
       x->detail = "the upstream stream ended before an answer (code " + std::to_string(code) + ")";
@@ -594,7 +684,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (x->down && !x->down->closed) {
       nghttp2_session_set_stream_user_data(x->down->session, x->downId, nullptr);
       if (x->req.size() > 0) nghttp2_session_consume(x->down->session, x->downId, x->req.size());
-      x->req = Pipe();
+      x->req.buf.clear();
+      x->req.off = 0;
     }
     if (x->down) x->down->exchanges.erase(x);
     if (!x->respDone && x->flag == "-") x->flag = "DC";
@@ -697,6 +788,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         }
         x->answerHeaders = true;
         x->resp.end = end;
+        if (x->retryable && std::find(x->retryOn.begin(), x->retryOn.end(), x->status) != x->retryOn.end() && e->AskRetry(x, x->status)) return 0;
         e->PassAnswer(x, end);
         return 0;
       }
@@ -722,7 +814,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         nghttp2_session_consume(session, sid, len);
         return 0;
       }
+      x->sawBody = true;
       x->req.buf.append(reinterpret_cast<const char*>(data), len);
+      if (x->keep && x->keptWhole) {
+        if (x->kept.size() + len <= kReplayLimit) x->kept.append(reinterpret_cast<const char*>(data), len);
+        else x->keptWhole = false, x->kept.clear();
+      }
       e->Resume(x->up, x->upId, &x->req);
       return 0;
     }
@@ -1044,6 +1141,17 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
   }
 
+  bool CallBool(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
+    if (shutdown_) return false;
+    try {
+      Napi::Value v = f.MakeCallback(Value(), args, ctx_);
+      return v.IsBoolean() && v.As<Napi::Boolean>().Value();
+    } catch (const Napi::Error& e) {
+      napi_fatal_exception(env_, e.Value());
+      return false;
+    }
+  }
+
   void Call(Napi::FunctionReference& f, const std::initializer_list<napi_value>& args) {
     if (shutdown_) return;
     try {
@@ -1101,7 +1209,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference request_, done_, closed_, refused_;
+  Napi::FunctionReference request_, retry_, done_, closed_, refused_;
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* options_ = nullptr;
   uv_loop_t* loop_ = nullptr;

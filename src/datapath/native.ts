@@ -261,6 +261,13 @@ export interface H2Events {
    */
   request(conn: number, stream: number, method: string, path: string, authority: string, headers: string[], ended: boolean): void;
   /**
+   * The stream's attempt in flight got an answer with a code of its `retryOn` (`status`), or
+   * ended before any answer (status 0: reset, refused, its session lost), and its request can go
+   * again (ended; no body, or one kept whole). True: the attempt is dropped and the stream waits
+   * for forward() again (later is fine); false: the answer is passed on (or 503 answers the reset).
+   */
+  retry(stream: number, status: number): boolean;
+  /**
    * A stream ended: the status the client got (0 if none), Envoy's response flag (`-`; DC, UC,
    * UF, UPE, DPE when the engine saw it end otherwise; '' after respond() or expire()), body bytes
    * both ways, the answer's grpc-status ('' if none), why (when the engine answered).
@@ -297,7 +304,15 @@ export interface H2Engine {
    * first, lower-case names): false when the pool has none that takes a stream (attach one, call again).
    * `answerRemove` (lower-case names) and `answerAdd` (pairs) change the answer's header fields.
    */
-  forward(stream: number, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>): boolean;
+  forward(stream: number, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  /**
+   * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for
+   * forward() again): 1. 0 when there is none to give up; -1 when it cannot go again (its body not
+   * ended yet, or not kept: over 64 KiB, or no retry or mirror asked for it): nothing is done.
+   */
+  abandon(stream: number): -1 | 0 | 1;
+  /** The stream's request body once it ended and was kept whole (forward's `keep`, or a retry's; empty without one); undefined otherwise. */
+  keptBody(stream: number): Buffer | undefined;
   /** The proxy's own answer to a stream waiting for a decision; its body (if any) is read and dropped. */
   respond(stream: number, status: number, fields: ReadonlyArray<string>, body: string): void;
   /**

@@ -8,7 +8,7 @@
  * of an HTTP/2 port); on one node and across two nodes (HBONE, mutual TLS).
  */
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
 import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
@@ -149,35 +149,39 @@ const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));
 const H2_CLIENT = fileURLToPath(new URL('../support/h2-client.js', import.meta.url));
 const H2_SVC = { web: '10.96.0.104', v1: '10.96.0.105', mirror: '10.96.0.106', narrow: '10.96.0.107' };
 
-test('L7 HTTP/2 retries, per-try timeouts, mirrors and maxRequestsPerConnection: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands; a mirrored stream is copied; sessions recycled', async (t) => {
+async function h2Features(t: TestContext, relay: 'kernel' | 'js'): Promise<void> {
   const sb = await createSandbox(t);
   for (const ip of Object.values(H2_SVC)) await sb.blackhole(ip);
-  const agent = await startAgent(sb, {
-    'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-mirror', [H2_SVC.mirror], { app: 'h2-mirror' }, 80, 8080, 'http2'), serviceYaml('h2web-narrow', [H2_SVC.narrow], { app: 'h2' }, 80, 8080, 'http2')].join('---\n'),
-    'policy.yaml': 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: narrow, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: h2web-narrow}]\n  connectionPool: {http: {maxRequestsPerConnection: 2}}\n',
-    'route.yaml': [
-      'apiVersion: gateway.networking.k8s.io/v1',
-      'kind: HTTPRoute',
-      'metadata: {name: h2web, namespace: default}',
-      'spec:',
-      '  parentRefs: [{group: "", kind: Service, name: h2web, port: 80}]',
-      '  rules:',
-      '  - matches: [{path: {value: /retry}}]',
-      '    backendRefs: [{name: h2web-v1, port: 80}]',
-      '    retry: {attempts: 2, codes: [503], backoff: 10ms}',
-      '  - matches: [{path: {value: /per-try}}]',
-      '    backendRefs: [{name: h2web-v1, port: 80}]',
-      '    timeouts: {request: 5s, backendRequest: 200ms}',
-      '    retry: {attempts: 1, backoff: 1ms}',
-      '  - matches: [{path: {type: PathPrefix, value: /narrow}}]',
-      '    backendRefs: [{name: h2web-narrow, port: 80}]',
-      '  - matches: [{path: {type: PathPrefix, value: /mirrored}}]',
-      '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: h2web-mirror, port: 80}}}]',
-      '    backendRefs: [{name: h2web-v1, port: 80}]',
-      '  - backendRefs: [{name: h2web-v1, port: 80}]',
-      '',
-    ].join('\n'),
-  });
+  const agent = await startAgent(
+    sb,
+    {
+      'svc.yaml': [serviceYaml('h2web', [H2_SVC.web], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-v1', [H2_SVC.v1], { app: 'h2' }, 80, 8080, 'http2'), serviceYaml('h2web-mirror', [H2_SVC.mirror], { app: 'h2-mirror' }, 80, 8080, 'http2'), serviceYaml('h2web-narrow', [H2_SVC.narrow], { app: 'h2' }, 80, 8080, 'http2')].join('---\n'),
+      'policy.yaml': 'apiVersion: networking.nodemesh.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: narrow, namespace: default}\nspec:\n  targetRefs: [{group: "", kind: Service, name: h2web-narrow}]\n  connectionPool: {http: {maxRequestsPerConnection: 2}}\n',
+      'route.yaml': [
+        'apiVersion: gateway.networking.k8s.io/v1',
+        'kind: HTTPRoute',
+        'metadata: {name: h2web, namespace: default}',
+        'spec:',
+        '  parentRefs: [{group: "", kind: Service, name: h2web, port: 80}]',
+        '  rules:',
+        '  - matches: [{path: {value: /retry}}]',
+        '    backendRefs: [{name: h2web-v1, port: 80}]',
+        '    retry: {attempts: 2, codes: [503], backoff: 10ms}',
+        '  - matches: [{path: {value: /per-try}}]',
+        '    backendRefs: [{name: h2web-v1, port: 80}]',
+        '    timeouts: {request: 5s, backendRequest: 200ms}',
+        '    retry: {attempts: 1, backoff: 1ms}',
+        '  - matches: [{path: {type: PathPrefix, value: /narrow}}]',
+        '    backendRefs: [{name: h2web-narrow, port: 80}]',
+        '  - matches: [{path: {type: PathPrefix, value: /mirrored}}]',
+        '    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: h2web-mirror, port: 80}}}]',
+        '    backendRefs: [{name: h2web-v1, port: 80}]',
+        '  - backendRefs: [{name: h2web-v1, port: 80}]',
+        '',
+      ].join('\n'),
+    },
+    { args: ['--relay', relay] },
+  );
   await sb.serverPod('h2-1', [process.execPath, H2_APP, 'h2-1', '8080'], 8080, ['app=h2']);
   await sb.serverPod('h2-m', [process.execPath, H2_APP, 'h2-m', '8080'], 8080, ['app=h2-mirror']);
   const client = await sb.idlePod('client');
@@ -218,4 +222,12 @@ test('L7 HTTP/2 retries, per-try timeouts, mirrors and maxRequestsPerConnection:
   const m = await agent.metrics();
   assert.equal(metricValue(m, 'nodemesh_http_retries_total', { service: 'default/h2web-v1:80', result: 'retried' }), 3, 'b, c and d retried once each');
   assert.equal(metricValue(m, 'istio_requests_total', { reporter: 'source', request_protocol: 'http', response_code: '503' }), 2);
-});
+  // All of it on the addon's HTTP/2 engine (none on node:http2), or all on node:http2 with the JS relay.
+  const [on, off] = relay === 'kernel' ? ['addon', 'node'] : ['node', 'addon'];
+  assert.equal(metricValue(m, 'nodemesh_http2_connections_total', { side: 'client', engine: on }), 2, "the two clients' connections");
+  assert.equal(metricValue(m, 'nodemesh_http2_connections_total', { engine: off }), 0);
+}
+
+test('L7 HTTP/2 on the addon engine: retries, per-try timeouts, mirrors and maxRequestsPerConnection: a stream answered 503 or too slow goes again, its body (up to 64 KiB) sent whole; without a rule, or over 64 KiB, the answer stands; a mirrored stream is copied; sessions recycled', (t) => h2Features(t, 'kernel'));
+
+test('L7 HTTP/2 on node:http2 (--relay js): the same retries, per-try timeouts, mirrors and maxRequestsPerConnection', (t) => h2Features(t, 'js'));

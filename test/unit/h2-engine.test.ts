@@ -32,7 +32,11 @@ interface Rig {
   readonly upstream: { connections: number; streams: number };
   /** What to do with a stream (default: forward it as it came, pool "up"). */
   onRequest: (stream: number, method: string, path: string, authority: string, headers: string[]) => void;
-  forward(stream: number, fields: string[], remove?: string[], add?: string[]): Promise<void>;
+  /** The engine's retry event (default: no). */
+  onRetry: (stream: number, status: number) => boolean;
+  /** Called with a stream's id as it ends, before its done() is recorded. */
+  onDone?: (stream: number) => void;
+  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean): Promise<void>;
 }
 
 async function listening(server: Server | Http2Server): Promise<number> {
@@ -71,21 +75,26 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
     onRequest: (stream, method, path, authority, headers) => {
       void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
     },
-    forward: async (stream, fields, remove = [], add = []) => {
-      if (r.engine.forward(stream, 'up', fields, remove, add)) return;
+    onRetry: () => false,
+    forward: async (stream, fields, remove = [], add = [], retryOn = undefined, keep = false) => {
+      if (r.engine.forward(stream, 'up', fields, remove, add, retryOn, keep)) return;
       // One dial for every stream that waits (as H2Host does).
       opening ??= dial(upPort).then((fd) => {
         r.engine.attach('up', fd, 0);
         opening = undefined;
       });
       await opening;
-      assert.ok(r.engine.forward(stream, 'up', fields, remove, add), 'a stream starts on the session just attached');
+      assert.ok(r.engine.forward(stream, 'up', fields, remove, add, retryOn, keep), 'a stream starts on the session just attached');
     },
   };
   const engine = h2Engine(
     {
       request: (_conn, stream, method, path, authority, headers) => r.onRequest(stream, method, path, authority, headers),
-      done: (stream, status, flag, bytesIn, bytesOut, grpcStatus) => void done.push({ stream, status, flag, bytesIn, bytesOut, grpcStatus }),
+      retry: (stream, status) => r.onRetry(stream, status),
+      done: (stream, status, flag, bytesIn, bytesOut, grpcStatus) => {
+        r.onDone?.(stream);
+        done.push({ stream, status, flag, bytesIn, bytesOut, grpcStatus });
+      },
       closed: () => undefined,
       refused: (_conn, reason) => void refused.push(reason),
     },
@@ -312,4 +321,70 @@ test('h2 engine: clients that break the protocol end with GOAWAY, counted, nothi
   assert.equal(await goaway(r.port, Buffer.from('GET / HTTP/1.1\r\nhost: x\r\n\r\n')), 'goaway:1', 'no preface');
   assert.equal(routed, 0);
   assert.deepEqual(r.refused, ['h2_protocol_error', 'h2_flood', 'h2_flood', 'h2_compression_error', 'h2_bad_preface']);
+});
+
+test('h2 engine: retries send the kept body again (a retried code, a reset before any answer, a per-try timeout), not over 64 KiB; keptBody for mirrors', async (t) => {
+  const seen = new Map<string, Buffer[]>();
+  const r = await rig(t, (stream, headers) => {
+    const path = String(headers[':path']);
+    const chunks: Buffer[] = [];
+    stream.on('data', (d: Buffer) => chunks.push(d));
+    stream.on('end', () => {
+      const bodies = seen.get(path) ?? [];
+      bodies.push(Buffer.concat(chunks));
+      seen.set(path, bodies);
+      const first = bodies.length === 1;
+      if (first && path.startsWith('/503')) return stream.respond({ ':status': 503 }, { endStream: true });
+      if (first && path === '/reset') return stream.close(constants.NGHTTP2_INTERNAL_ERROR);
+      if (first && path === '/slow') return;
+      stream.respond({ ':status': 200, 'x-attempt': String(bodies.length) });
+      stream.end(Buffer.concat(chunks));
+    });
+  });
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const asked: Array<[string, number]> = [];
+  const paths = new Map<number, string>();
+  const kept = new Map<string, Buffer | undefined>();
+  const send = (stream: number): void => {
+    const path = paths.get(stream) ?? '';
+    void r.forward(stream, [':method', 'POST', ':scheme', 'http', ':authority', 'x', ':path', path], [], [], [503], path === '/keep');
+    if (path === '/slow' && (seen.get('/slow')?.length ?? 0) === 0) setTimeout(() => {
+      assert.equal(r.engine.abandon(stream), 1, 'the slow attempt given up');
+      send(stream);
+    }, 200);
+  };
+  r.onRequest = (stream, _m, path) => {
+    paths.set(stream, path);
+    send(stream);
+  };
+  r.onRetry = (stream, status) => {
+    asked.push([paths.get(stream) ?? '', status]);
+    setImmediate(() => send(stream));
+    return true;
+  };
+  r.onDone = (stream) => kept.set(paths.get(stream) ?? '', r.engine.keptBody(stream));
+  const body = Buffer.alloc(40_000, 7);
+  const big = Buffer.alloc(100_000, 9);
+  const [a503, reset, slow, tooBig, keep] = await Promise.all([
+    fetch(session, '/503', { body }),
+    fetch(session, '/reset', { body }),
+    fetch(session, '/slow', { body }),
+    fetch(session, '/503-big', { body: big }),
+    fetch(session, '/keep', { body }),
+  ]);
+  assert.equal(a503.status, 200);
+  assert.equal(a503.headers['x-attempt'], '2');
+  assert.ok(a503.body.equals(body), 'the second attempt had the whole body');
+  assert.equal(reset.status, 200, 'a reset before any answer: sent again');
+  assert.ok(seen.get('/reset')?.every((b) => b.equals(body)));
+  assert.equal(slow.status, 200, 'after abandon(): sent again');
+  assert.ok(seen.get('/slow')?.[1]?.equals(body));
+  assert.equal(tooBig.status, 503, 'over 64 KiB: the answer stands');
+  assert.deepEqual(asked.sort(), [['/503', 503], ['/reset', 0]]);
+  assert.equal(keep.status, 200);
+  assert.ok(kept.get('/keep')?.equals(body), 'keptBody: the body as it came');
+  assert.equal(kept.get('/503-big'), undefined, 'not kept whole');
+  // The connection's window was not given twice for what went twice: it serves on.
+  assert.equal((await fetch(session, '/after', { body: Buffer.alloc(2 << 20, 1) })).body.length, 2 << 20);
 });

@@ -27,7 +27,7 @@ import { drawMirrors, withChanges, type Decision, type HttpClientConnection, typ
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
-import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound, clientSideServes } from './native-h2.js';
+import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound } from './native-h2.js';
 
 const log = logger('http');
 
@@ -368,7 +368,15 @@ export class H2Outbound {
     nativeHttp: boolean,
   ) {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
-    this.native = new NativeH2Outbound(outbound, nativeHttp, idleTimeoutMs);
+    this.native = new NativeH2Outbound(outbound, nativeHttp, idleTimeoutMs, (conn, target, endpoint, raw, body, count) => {
+      const out: OutgoingHttpHeaders = {};
+      for (let i = 0; i + 1 < raw.length; i += 2) {
+        const name = raw[i] ?? '';
+        const had = out[name];
+        out[name] = had === undefined ? (raw[i + 1] ?? '') : [...(Array.isArray(had) ? had : [String(had)]), raw[i + 1] ?? ''];
+      }
+      this.copy(conn, target, endpoint, out, body.length > 0 ? [body] : [], count);
+    });
   }
 
   /**
@@ -376,14 +384,37 @@ export class H2Outbound {
    * engine when the port's routes allow it, else on node:http2; `initial` holds bytes already read.
    */
   serve(client: Socket, conn: HttpClientConnection, initial?: Buffer): Promise<void> {
-    if (clientSideServes(conn.current())) {
-      const served = this.native.host.serve(client, conn, initial);
-      if (served) return served;
-      this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: 'no_addon' });
-    } else {
-      this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: 'route' });
-    }
+    const served = this.native.host.serve(client, conn, initial);
+    if (typeof served !== 'string') return served;
+    this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: served });
     return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+  }
+
+  /**
+   * A mirror's copy (`out`, its header fields; `chunks`, its body) on the mirror Service's pooled
+   * session to `endpoint`; its answer read and dropped, `count` told whether it came.
+   */
+  copy(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, out: OutgoingHttpHeaders, chunks: ReadonlyArray<Buffer>, count: (result: string) => void): void {
+    this.session(conn, target, endpoint).then(
+      (session) => {
+        const copy = session.request(out, { endStream: chunks.length === 0 });
+        copy.on('error', () => undefined);
+        let answered = false;
+        copy.on('response', () => {
+          answered = true;
+          count('sent');
+        });
+        copy.on('data', () => undefined);
+        copy.once('close', () => {
+          if (!answered) count('failed');
+        });
+        if (chunks.length > 0) {
+          for (const chunk of chunks) copy.write(chunk);
+          copy.end();
+        }
+      },
+      () => count('failed'),
+    );
   }
 
   /** Upstream sessions opened for a source pod (it left) end once idle. */
@@ -713,27 +744,7 @@ class H2Exchange {
     const body = this.body?.whole();
     this.outbound.mirrorTo(this.mirrors, body !== undefined, (target, endpoint, count) => {
       const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': `${this.authority()}-shadow` });
-      this.h2.session(this.conn, target, endpoint).then(
-        (session) => {
-          const chunks = body ?? [];
-          const copy = session.request(out, { endStream: chunks.length === 0 });
-          copy.on('error', () => undefined);
-          let answered = false;
-          copy.on('response', () => {
-            answered = true;
-            count('sent');
-          });
-          copy.on('data', () => undefined);
-          copy.once('close', () => {
-            if (!answered) count('failed');
-          });
-          if (chunks.length > 0) {
-            for (const chunk of chunks) copy.write(chunk);
-            copy.end();
-          }
-        },
-        () => count('failed'),
-      );
+      this.h2.copy(this.conn, target, endpoint, out, body ?? [], count);
     });
   }
 }
@@ -763,8 +774,8 @@ export class H2Inbound {
   /** Serves a connection into a pod's h2c port until it closes: on the addon's engine, else on node:http2. */
   serve(client: Socket, conn: HttpServerConnection, initial?: Buffer): Promise<void> {
     const served = this.native.host.serve(client, conn, initial);
-    if (served) return served;
-    this.metrics.http2Engine.inc({ side: 'server', engine: 'node', why: 'no_addon' });
+    if (typeof served !== 'string') return served;
+    this.metrics.http2Engine.inc({ side: 'server', engine: 'node', why: served });
     return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
   }
 

@@ -4,9 +4,10 @@
  * thread's loop, and a handler decides each stream once (the client side routes it, the server
  * side authorizes it). Bodies, trailers and flow control never reach JS.
  *
- * What the engine does not do yet stays on node:http2 (h2.ts), chosen per connection when it
- * starts: a port whose routes have a retry, a per-try timeout (timeouts.backendRequest) or a
- * RequestMirror; a connection that is no socket (no fd); no addon.
+ * Retries and per-try timeouts are the engine's too: it keeps a request's body (up to 64 KiB)
+ * when a rule may send it again or a mirror copies it, asks JS on a retried code or a stream that
+ * ended before any answer, and drops the attempt when JS sends it again. node:http2 (h2.ts) serves
+ * only a connection the engine cannot take: no addon, no fd.
  *
  * As on the HTTP/1.1 engine, the engine works on a duplicate of the client socket's fd; node:net
  * keeps the original, paused, for the pod's bookkeeping.
@@ -14,7 +15,7 @@
 import type { Socket } from 'node:net';
 
 import { closeFd, dupFd, h2Engine, type H2Engine } from '../../datapath/native.js';
-import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
+import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
@@ -22,7 +23,7 @@ import { MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, withBy
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { headerObject, stopReading } from './native-engine.js';
 import { answerEditPairs } from './native-outbound.js';
-import type { Decision, HttpClientConnection, HttpOutbound } from './outbound.js';
+import { drawMirrors, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 const log = logger('http');
 
@@ -50,10 +51,9 @@ function headOf(method: string, path: string, authority: string, fields: Readonl
   return { method, url: path, httpVersion: '2.0', headers: headerObject(raw), rawHeaders: raw };
 }
 
-/** Whether every rule of the port can be served on the engine (no retry, per-try timeout or mirror: node:http2 has those). */
-export function engineServes(entries: ReadonlyArray<HttpRouteEntry> | undefined): boolean {
-  for (const e of entries ?? []) if (e.retry !== undefined || e.timeouts?.backendRequestMs !== undefined || (e.mirrors?.length ?? 0) > 0) return false;
-  return true;
+/** A stream's header fields as they go upstream: pseudo-header fields first, then `raw` as HTTP/2 fields. */
+export function streamFields(method: string, authority: string, path: string, raw: ReadonlyArray<string>): string[] {
+  return h2Pairs(raw, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path]);
 }
 
 /** One client stream on the engine, with what its handler keeps of it. */
@@ -67,8 +67,30 @@ export interface H2Stream<C, R> {
 export interface H2Handler<C, R> {
   /** A stream's headers: answer it through the host (forward or respond), now or later. */
   request(s: H2Stream<C, R>, req: RequestHead, grpc: boolean): void;
+  /** The attempt in flight got a retried code, or ended before an answer (status 0): see H2Events.retry; undefined when no rule of the handler's applies. */
+  retry?(s: H2Stream<C, R>, status: number): boolean | undefined;
   /** The stream ended (see H2Events.done). */
   done(s: H2Stream<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
+}
+
+/** How a stream goes upstream (H2Host.forward). */
+export interface H2Forwarding {
+  /** The pool: its session takes the stream, or a new one from `dial` joins it. */
+  readonly pool: string;
+  /** Header fields, pseudo-header fields first (streamFields). */
+  readonly fields: ReadonlyArray<string>;
+  /** Lower-case names removed from the answer, then these pairs added. */
+  readonly answerRemove: ReadonlyArray<string>;
+  readonly answerAdd: ReadonlyArray<string>;
+  /** A route's retry: the codes it retries on (the handler's retry() is asked on those and on resets). */
+  readonly retryOn: ReadonlyArray<number> | undefined;
+  /** Keep the body (up to 64 KiB) for keptBody(): a mirror's copy. */
+  readonly keep: boolean;
+  /** A new connection's fd, the caller's. */
+  dial(): Promise<number>;
+  /** A new session closes after this many streams (0: no limit). */
+  readonly maxRequests: number;
+  failed(e: Error): void;
 }
 
 /** The plain-text answer of the proxy: its header fields and body. */
@@ -80,7 +102,7 @@ export class H2Host<C, R> {
   private engine: H2Engine | undefined;
   private failed: boolean;
   private readonly conns = new Map<number, { readonly conn: C; readonly end: () => void }>();
-  private readonly streams = new Map<number, H2Stream<C, R>>();
+  private readonly streams = new Map<number, { readonly s: H2Stream<C, R>; again: (() => void) | undefined }>();
   /** Upstream connections being dialled, by pool: streams to the same pool wait for the same one. */
   private readonly dialing = new Map<string, Promise<void>>();
   private nextId = 0;
@@ -97,17 +119,19 @@ export class H2Host<C, R> {
 
   /**
    * Serves the client connection on the engine until it closes; `initial` holds bytes already
-   * read from it. Undefined when the engine cannot take it (no engine, no fd): node:http2 serves it.
+   * read from it. Why not when the engine cannot take it (no_addon: no engine; no_fd: no socket,
+   * or no fd left for the engine's copy): node:http2 serves it then.
    */
-  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | undefined {
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | 'no_addon' | 'no_fd' {
     const engine = this.start();
-    const fd = engine ? socketFd(client) : undefined;
-    if (!engine || fd === undefined) return undefined;
+    if (!engine) return 'no_addon';
+    const fd = socketFd(client);
+    if (fd === undefined) return 'no_fd';
     let own: number;
     try {
       own = dupFd(fd);
     } catch {
-      return undefined;
+      return 'no_fd';
     }
     const id = ++this.nextId;
     client.setNoDelay(true);
@@ -138,13 +162,17 @@ export class H2Host<C, R> {
   }
 
   /**
-   * The stream goes upstream with `fields` on a session of `pool`, a new one from `dial` when the
+   * The stream goes upstream (`how`) on a session of its pool, a new one from `dial` when the
    * pool has none (one dial for every stream that waits for it); `failed` when that fails.
    */
-  forward(s: H2Stream<C, R>, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>, dial: () => Promise<number>, maxRequests: number, failed: (e: Error) => void): void {
+  forward(s: H2Stream<C, R>, how: H2Forwarding): void {
     const engine = this.engine;
-    if (!engine) return;
-    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd)) return;
+    const entry = this.streams.get(s.id);
+    if (!engine || !entry) return;
+    // A refused stream (not processed upstream) goes again once, with no retry rule too.
+    entry.again = () => this.forward(s, how);
+    const { pool, fields, answerRemove, answerAdd, retryOn, keep, dial, maxRequests, failed } = how;
+    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) return;
     let opening = this.dialing.get(pool);
     if (!opening) {
       opening = dial().then((fd) => {
@@ -160,13 +188,23 @@ export class H2Host<C, R> {
     const state = s.state;
     opening.then(
       () => {
-        if (this.streams.get(s.id) !== s || s.state !== state || this.engine !== engine) return;
-        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd)) failed(new Error('the upstream session ended before the stream could start'));
+        if (this.streams.get(s.id) !== entry || s.state !== state || this.engine !== engine) return;
+        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) failed(new Error('the upstream session ended before the stream could start'));
       },
       (e: Error) => {
-        if (this.streams.get(s.id) === s && s.state === state) failed(e);
+        if (this.streams.get(s.id) === entry && s.state === state) failed(e);
       },
     );
+  }
+
+  /** Gives up the attempt in flight before its answer (a per-try timeout): as the engine's abandon(). */
+  abandon(s: H2Stream<C, R>): -1 | 0 | 1 {
+    return this.engine?.abandon(s.id) ?? 0;
+  }
+
+  /** The stream's body as kept (a mirror's copy): as the engine's keptBody(); only until its done() returns. */
+  keptBody(s: H2Stream<C, R>): Buffer | undefined {
+    return this.engine?.keptBody(s.id);
   }
 
   /** The proxy's own plain-text answer (`extra`: more header pairs). */
@@ -207,15 +245,27 @@ export class H2Host<C, R> {
             const c = this.conns.get(connId);
             if (!c) return;
             const s: H2Stream<C, R> = { id, conn: c.conn, state: undefined };
-            this.streams.set(id, s);
+            this.streams.set(id, { s, again: undefined });
             const head = headOf(method, path, authority, fields);
             this.handler.request(s, head, String(head.headers['content-type'] ?? '').startsWith('application/grpc'));
           },
+          retry: (id, status) => {
+            const entry = this.streams.get(id);
+            if (!entry || entry.s.state === undefined) return false;
+            const decided = this.handler.retry?.(entry.s, status);
+            if (decided !== undefined) return decided;
+            const again = entry.again;
+            entry.again = undefined;
+            if (!again || status !== 0) return false;
+            // Not now: the engine drops the attempt once this returns, then waits for forward().
+            setImmediate(again);
+            return true;
+          },
           done: (id, status, flag, bytesIn, bytesOut, grpcStatus, detail) => {
-            const s = this.streams.get(id);
-            if (!s) return;
+            const entry = this.streams.get(id);
+            if (!entry) return;
             this.streams.delete(id);
-            this.handler.done(s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
+            this.handler.done(entry.s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
           },
           closed: (connId) => this.conns.get(connId)?.end(),
           refused: (_connId, reason) => this.metrics.httpRefused.inc({ reason }),
@@ -247,7 +297,16 @@ interface Routed {
   answered?: { readonly flag: string; readonly detail: string };
   active: boolean;
   attempts: number;
+  retries: number;
+  /** timeouts.backendRequest of the attempt in flight; the backoff before the next one. */
+  tryTimer?: NodeJS.Timeout;
+  retryTimer?: NodeJS.Timeout;
+  /** The rule's mirrors this stream was drawn for: a copy to each once it ended. */
+  mirrors: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }> | undefined;
 }
+
+/** Sends a mirror's copy of a stream (its fields and kept body) to `endpoint` of `target`; `count` gets the result. */
+export type MirrorCopy = (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, fields: ReadonlyArray<string>, body: Buffer, count: (result: string) => void) => void;
 
 /** The client side of HTTP/2 ports on the engine: each stream decided by HttpOutbound.decide, as on node:http2. */
 export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed> {
@@ -257,6 +316,8 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     private readonly outbound: HttpOutbound,
     enabled: boolean,
     idleTimeoutMs: number,
+    /** How a mirror's copy goes (node:http2's pooled sessions: copies are a share of the traffic). */
+    private readonly copy: MirrorCopy,
   ) {
     this.host = new H2Host(outbound.metrics, 'client', enabled, idleTimeoutMs, this);
   }
@@ -265,7 +326,25 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const started = performance.now();
     const requestId = requestIdOf(req);
     const d = this.outbound.decide(req, s.conn, requestId);
-    const r: Routed = { started, grpc, d, facts: { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 }, flag: '-', active: false, attempts: 0, endpoint: undefined, release: undefined, timer: undefined, delay: undefined, answered: undefined };
+    const mirrors = d.kind === 'forward' ? drawMirrors(d.entry) : [];
+    const r: Routed = {
+      started,
+      grpc,
+      d,
+      facts: { req, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 },
+      flag: '-',
+      active: false,
+      attempts: 0,
+      retries: 0,
+      endpoint: undefined,
+      release: undefined,
+      timer: undefined,
+      delay: undefined,
+      answered: undefined,
+      tryTimer: undefined,
+      retryTimer: undefined,
+      mirrors: mirrors.length > 0 ? mirrors : undefined,
+    };
     s.state = r;
     if (d.kind === 'answer') return this.proxyAnswers(s, r, d.answer.status, d.answer.flag, d.answer.detail);
     if (d.kind === 'redirect') {
@@ -283,14 +362,64 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const go = (): void => {
       if (s.state !== r) return;
       if (abort) return this.proxyAnswers(s, r, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
-      const slot = this.outbound.admit(target, (leave) => this.send(s, r, leave));
-      if ('status' in slot) return this.proxyAnswers(s, r, slot.status, slot.flag, slot.detail);
-      r.release = slot.leave;
-      if (slot.now) this.send(s, r, slot.leave);
+      this.attempt(s, r, target);
     };
     if (!delayed) return go();
     r.flag = 'DI';
     r.delay = setTimeout(go, fault?.delay?.ms ?? 0);
+  }
+
+  /** One attempt, once the backend's circuit breaker lets it go. */
+  private attempt(s: H2Stream<HttpClientConnection, Routed>, r: Routed, target: ServiceTarget): void {
+    const slot = this.outbound.admit(target, (leave) => this.send(s, r, leave));
+    if ('status' in slot) return this.proxyAnswers(s, r, slot.status, slot.flag, slot.detail);
+    r.release = slot.leave;
+    if (slot.now) this.send(s, r, slot.leave);
+  }
+
+  /** Whether another attempt may go: the rule's retry has attempts left, within the backend's retry budget. */
+  private mayRetry(r: Routed): boolean {
+    const retry = r.d.kind === 'forward' ? r.d.entry.retry : undefined;
+    if (!retry || r.answered || r.retries >= retry.attempts || r.d.kind !== 'forward') return false;
+    return this.outbound.retryBudgetAllows(r.d.target);
+  }
+
+  /** The next attempt after the backoff (HttpOutbound.retryAfterBackoff). */
+  private retryLater(s: H2Stream<HttpClientConnection, Routed>, r: Routed): void {
+    if (r.d.kind !== 'forward') return;
+    const { target, entry } = r.d;
+    clearTimeout(r.tryTimer);
+    r.release?.();
+    r.release = undefined;
+    r.retries++;
+    r.retryTimer = this.outbound.retryAfterBackoff(target, r.retries, entry.retry?.backoffMs ?? 0, () => {
+      r.retryTimer = undefined;
+      if (s.state === r && !r.answered) this.attempt(s, r, target);
+    });
+  }
+
+  retry(s: H2Stream<HttpClientConnection, Routed>, status: number): boolean | undefined {
+    const r = s.state;
+    if (!r || r.d.kind !== 'forward' || !r.d.entry.retry) return undefined;
+    // Outlier detection counts the answer that is dropped.
+    if (status > 0 && r.endpoint && this.outbound.lb.answered(r.d.target, r.endpoint, status)) this.outbound.ejected(r.d.target, r.endpoint, `consecutive error answers (the last ${status})`);
+    if (!this.mayRetry(r)) return false;
+    this.retryLater(s, r);
+    return true;
+  }
+
+  /** timeouts.backendRequest ran out before the attempt's answer: another attempt, or 504 (UT). */
+  private perTryTimeout(s: H2Stream<HttpClientConnection, Routed>, r: Routed, ms: number): void {
+    if (s.state !== r || r.answered) return;
+    const detail = `no answer within ${ms} ms (timeouts.backendRequest)`;
+    const given = this.host.abandon(s);
+    if (given === 0) return;
+    if (given > 0 && this.mayRetry(r)) return this.retryLater(s, r);
+    // Given up (504), or its body cannot go again (not whole yet, or over what is kept): cut as timeouts.request is.
+    r.answered = { flag: 'UT', detail };
+    this.settle(r);
+    if (given > 0) this.host.respond(s, 504, detail);
+    else this.host.expire(s, 504, detail);
   }
 
   private send(s: H2Stream<HttpClientConnection, Routed>, r: Routed, leave: () => void): void {
@@ -314,11 +443,11 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       lb.release(target, endpoint);
       leave();
     };
-    let authority = target.service.name;
-    const raw = upstream.headers;
-    for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') authority = raw[i + 1] ?? '';
-    const fields = h2Pairs(raw, [':method', r.facts.req.method ?? 'GET', ':scheme', 'http', ':authority', authority, ':path', upstream.path]);
+    const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
     const edits = answerEditPairs(upstream.answerChanges);
+    const { retry, timeouts } = d.entry;
+    const backendMs = timeouts?.backendRequestMs;
+    if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
     const conn = s.conn;
     const dial = async (): Promise<number> => {
       const fd = await conn.dialFd(target, endpoint).catch((e: unknown) => {
@@ -330,10 +459,33 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     };
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
+      if (this.mayRetry(r)) return this.retryLater(s, r);
       this.proxyAnswers(s, r, 503, 'UF', e.message);
     };
-    const pool = `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
-    this.host.forward(s, pool, fields, edits.remove, h2Pairs(edits.add, []), dial, target.policy.maxRequestsPerConnection, failed);
+    this.host.forward(s, {
+      pool: `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
+      fields,
+      answerRemove: edits.remove,
+      answerAdd: h2Pairs(edits.add, []),
+      retryOn: retry?.codes,
+      keep: r.mirrors !== undefined,
+      dial,
+      maxRequests: target.policy.maxRequestsPerConnection,
+      failed,
+    });
+  }
+
+  /**
+   * RequestMirror: a copy of the stream that ended (its body as the engine kept it, up to 64 KiB)
+   * to an endpoint of each mirror Service drawn for it, "-shadow" after its :authority as Envoy
+   * marks it; the answer is dropped, its result only counted.
+   */
+  private mirror(s: H2Stream<HttpClientConnection, Routed>, r: Routed, mirrors: NonNullable<Routed['mirrors']>): void {
+    if (r.d.kind !== 'forward') return;
+    const { upstream, target } = r.d;
+    const body = this.host.keptBody(s);
+    const fields = streamFields(r.facts.req.method ?? 'GET', `${authorityOf(upstream.headers, target)}-shadow`, upstream.path, upstream.headers);
+    this.outbound.mirrorTo(mirrors, body !== undefined, (t, endpoint, count) => this.copy(s.conn, t, endpoint, fields, body ?? Buffer.alloc(0), count));
   }
 
   /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the stream is cut. */
@@ -356,6 +508,8 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
   private settle(r: Routed): void {
     clearTimeout(r.timer);
     clearTimeout(r.delay);
+    clearTimeout(r.tryTimer);
+    if (r.d.kind === 'forward') r.retryTimer = this.outbound.cancelRetry(r.d.target, r.retryTimer);
     r.release?.();
     r.release = undefined;
     if (r.active && r.d.kind === 'forward') this.outbound.track('active', r.d.target, -1);
@@ -371,6 +525,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const { endpoint } = r;
     const facts = withBytes(r.facts, bytesIn, bytesOut, r.attempts);
     const grpc = r.grpc ? grpcStatus : undefined;
+    if (r.mirrors && flag !== 'DC') this.mirror(s, r, r.mirrors);
     if (r.answered) {
       // A flag the engine saw (the client left first) says more than the proxy's answer.
       const f = flag === 'DC' ? 'DC' : r.answered.flag;
@@ -416,13 +571,22 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
       r.answered = admitted.flag;
       return this.host.respond(s, admitted.status, admitted.detail, admitted.headers);
     }
-    const raw = req.rawHeaders;
-    const fields = h2Pairs(raw, [':method', req.method ?? 'GET', ':scheme', 'http', ':authority', String(req.headers.host ?? ''), ':path', admitted.target]);
+    const fields = streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.rawHeaders);
     if (req.headers['x-request-id'] === undefined) fields.push('x-request-id', requestId);
-    this.host.forward(s, conn.poolKey, fields, [], [], () => conn.dialFd(), 0, (e) => {
-      if (s.state !== r || r.answered) return;
-      r.answered = 'UF';
-      this.host.respond(s, 503, e.message);
+    this.host.forward(s, {
+      pool: conn.poolKey,
+      fields,
+      answerRemove: [],
+      answerAdd: [],
+      retryOn: undefined,
+      keep: false,
+      dial: () => conn.dialFd(),
+      maxRequests: 0,
+      failed: (e) => {
+        if (s.state !== r || r.answered) return;
+        r.answered = 'UF';
+        this.host.respond(s, 503, e.message);
+      },
     });
   }
 
@@ -435,7 +599,8 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
   }
 }
 
-/** Whether a client connection to `parent` can be served on the engine (its routes need nothing only node:http2 has). */
-export function clientSideServes(parent: ServiceTarget | undefined): boolean {
-  return engineServes(parent?.http?.entries);
+/** The :authority upstream: the (possibly rewritten) Host of the request, else the Service's name. */
+function authorityOf(raw: ReadonlyArray<string>, target: ServiceTarget): string {
+  for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') return raw[i + 1] ?? '';
+  return target.service.name;
 }

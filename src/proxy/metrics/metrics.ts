@@ -110,7 +110,7 @@ export class NodeMetrics {
     });
     this.http2Engine = new Counter({
       name: 'nodemesh_http2_connections_total',
-      help: "HTTP/2 (h2c, gRPC) connections, by side and what served them: engine=addon (native/src/h2.cc) or engine=node (node:http2); why says why node:http2 took one (route: the port's routes have a retry, a per-try timeout or a mirror; no_addon; no_fd).",
+      help: "HTTP/2 (h2c, gRPC) connections, by side and what served them: engine=addon (native/src/h2.cc) or engine=node (node:http2); why says why node:http2 took one (no_addon; no_fd: not a socket, or no fd left for the engine's copy).",
       labelNames: ['side', 'engine', 'why'],
       registers,
     });
