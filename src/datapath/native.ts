@@ -256,10 +256,11 @@ export function http1Engine(events: Http1Events, options: Http1Options): Http1En
 /** What the HTTP/2 engine tells JS: connections by the ids given to serve(), streams by the engine's ids. */
 export interface H2Events {
   /**
-   * A client stream's headers (`headers`: the fields other than pseudo-header fields, as pairs;
-   * `ended`: no body follows): answer it with forward() or respond(), now or later.
+   * A client stream's headers, joined by NUL: "host", its :authority, its other fields as name
+   * and value, then its :method and :path (`ended`: no body follows). Answer it with forward() or
+   * respond(), now or later.
    */
-  request(conn: number, stream: number, method: string, path: string, authority: string, headers: string[], ended: boolean): void;
+  request(conn: number, stream: number, head: string, ended: boolean): void;
   /**
    * The stream's attempt in flight got an answer with a code of its `retryOn` (`status`), or
    * ended before any answer (status 0: reset, refused, its session lost), and its request can go
@@ -300,11 +301,12 @@ export interface H2Engine {
   /** A new upstream connection's fd joins `pool` (its session starts; it closes after `maxRequests` streams, 0: no limit). */
   attach(pool: string, fd: number, maxRequests: number): void;
   /**
-   * The stream goes upstream on a session of `pool` with `fields` (pairs, pseudo-header fields
-   * first, lower-case names): false when the pool has none that takes a stream (attach one, call again).
-   * `answerRemove` (lower-case names) and `answerAdd` (pairs) change the answer's header fields.
+   * The stream goes upstream on a session of `pool` with `fields` (names and values joined by
+   * NUL, pseudo-header fields first, lower-case names): false when the pool has none that takes a
+   * stream (attach one, call again). `answerRemove` (lower-case names) and `answerAdd` (joined as
+   * `fields` are) change the answer's header fields.
    */
-  forward(stream: number, pool: string, fields: ReadonlyArray<string>, answerRemove: ReadonlyArray<string>, answerAdd: ReadonlyArray<string>, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
   /**
    * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for
    * forward() again): 1. 0 when there is none to give up; -1 when it cannot go again (its body not
@@ -314,12 +316,12 @@ export interface H2Engine {
   /** The stream's request body once it ended and was kept whole (forward's `keep`, or a retry's; empty without one); undefined otherwise. */
   keptBody(stream: number): Buffer | undefined;
   /** The proxy's own answer to a stream waiting for a decision; its body (if any) is read and dropped. */
-  respond(stream: number, status: number, fields: ReadonlyArray<string>, body: string): void;
+  respond(stream: number, status: number, fields: string, body: string): void;
   /**
    * The stream's time ran out: answered so if nothing of its answer went yet (0); else it is
    * reset and the status of the answer that was cut returned; -1 when it is not in flight.
    */
-  expire(stream: number, status: number, fields: ReadonlyArray<string>, body: string): number;
+  expire(stream: number, status: number, fields: string, body: string): number;
   /** Resets the client connection (and its streams upstream). */
   close(id: number): void;
   /** Upstream sessions of every pool whose key starts with `prefix` take no new stream and end once idle. */

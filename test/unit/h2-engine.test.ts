@@ -76,20 +76,28 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
       void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
     },
     onRetry: () => false,
-    forward: async (stream, fields, remove = [], add = [], retryOn = undefined, keep = false) => {
-      if (r.engine.forward(stream, 'up', fields, remove, add, retryOn, keep)) return;
+    forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false) => {
+      // The engine takes fields as one string, joined by NUL.
+      const fields = list.join('\0');
+      if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep)) return;
       // One dial for every stream that waits (as H2Host does).
       opening ??= dial(upPort).then((fd) => {
         r.engine.attach('up', fd, 0);
         opening = undefined;
       });
       await opening;
-      assert.ok(r.engine.forward(stream, 'up', fields, remove, add, retryOn, keep), 'a stream starts on the session just attached');
+      assert.ok(r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep), 'a stream starts on the session just attached');
     },
   };
   const engine = h2Engine(
     {
-      request: (_conn, stream, method, path, authority, headers) => r.onRequest(stream, method, path, authority, headers),
+      request: (_conn, stream, head) => {
+        // "host", :authority, the fields, :method, :path.
+        const parts = head.split('\0');
+        const path = parts.pop() ?? '';
+        const method = parts.pop() ?? '';
+        r.onRequest(stream, method, path, parts[1] ?? '', parts.slice(2));
+      },
       retry: (stream, status) => r.onRetry(stream, status),
       done: (stream, status, flag, bytesIn, bytesOut, grpcStatus) => {
         r.onDone?.(stream);
@@ -217,12 +225,12 @@ test('h2 engine: a large answer streams with flow control (more than every windo
   const a = await fetch(session, '/huge');
   assert.equal(a.body.length, huge.length, '40 MiB through a 16 MiB connection window');
   r.onRequest = (stream, method, path, authority, headers) => {
-    if (path === '/mine') return r.engine.respond(stream, 418, ['content-type', 'text/plain'], 'short and stout\n');
-    if (path === '/moved') return r.engine.respond(stream, 301, ['location', '/there'], '');
-    if (path === '/late') return void setTimeout(() => r.engine.expire(stream, 504, ['content-type', 'text/plain'], 'too late\n'), 100);
+    if (path === '/mine') return r.engine.respond(stream, 418, 'content-type\0text/plain', 'short and stout\n');
+    if (path === '/moved') return r.engine.respond(stream, 301, 'location\0/there', '');
+    if (path === '/late') return void setTimeout(() => r.engine.expire(stream, 504, 'content-type\0text/plain', 'too late\n'), 100);
     void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
-    if (path === '/stall') void until('the stalled answer', () => stall !== undefined).then(() => setTimeout(() => assert.equal(r.engine.expire(stream, 504, [], ''), 200, 'the status of the answer cut'), 100));
-    if (path === '/slow') setTimeout(() => assert.equal(r.engine.expire(stream, 504, ['content-type', 'text/plain'], 'no answer in time\n'), 0), 200);
+    if (path === '/stall') void until('the stalled answer', () => stall !== undefined).then(() => setTimeout(() => assert.equal(r.engine.expire(stream, 504, '', ''), 200, 'the status of the answer cut'), 100));
+    if (path === '/slow') setTimeout(() => assert.equal(r.engine.expire(stream, 504, 'content-type\0text/plain', 'no answer in time\n'), 0), 200);
   };
   const mine = await fetch(session, '/mine', { body: Buffer.alloc(100_000) });
   assert.equal(mine.status, 418);

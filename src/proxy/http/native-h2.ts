@@ -16,6 +16,7 @@ import type { Socket } from 'node:net';
 
 import { closeFd, dupFd, h2Engine, type H2Engine } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
+import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
@@ -33,27 +34,34 @@ export const GRPC_MAX_MESSAGE = 4 * 1024 * 1024;
 /** Header fields of one connection only: never forwarded on HTTP/2 (RFC 9113 section 8.2.2). */
 export const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'upgrade', 'host', 'http2-settings']);
 
-/** Raw pairs as HTTP/2 field pairs, appended to `into`: lower-case names, one-connection fields left out (te only as "trailers", which gRPC needs). */
-export function h2Pairs(raw: ReadonlyArray<string>, into: string[]): string[] {
+/**
+ * Raw pairs as HTTP/2 fields, names and values joined by NUL after `into` (the engine's form:
+ * one string crosses into C++): lower-case names, one-connection fields left out (te only as
+ * "trailers", which gRPC needs).
+ */
+export function h2Fields(raw: ReadonlyArray<string>, into = ''): string {
+  let out = into;
   for (let i = 0; i + 1 < raw.length; i += 2) {
     const name = (raw[i] ?? '').toLowerCase();
     const value = raw[i + 1] ?? '';
     if (name.startsWith(':') || CONNECTION_SPECIFIC.has(name) || (name === 'te' && value !== 'trailers')) continue;
-    into.push(name, value);
+    out = out.length === 0 ? `${name}\0${value}` : `${out}\0${name}\0${value}`;
   }
-  return into;
+  return out;
 }
 
-/** A stream's request as routing reads one: Host from :authority, the other fields as pairs. */
-function headOf(method: string, path: string, authority: string, fields: ReadonlyArray<string>): RequestHead {
-  const raw = ['host', authority];
-  for (const f of fields) raw.push(f);
-  return { method, url: path, httpVersion: '2.0', headers: headerObject(raw), rawHeaders: raw };
+/** A stream's header fields as they go upstream (joined as h2Fields joins them): pseudo-header fields first, then `raw`. */
+export function streamFields(method: string, authority: string, path: string, raw: ReadonlyArray<string>): string {
+  return h2Fields(raw, `:method\0${method}\0:scheme\0http\0:authority\0${authority}\0:path\0${path}`);
 }
 
-/** A stream's header fields as they go upstream: pseudo-header fields first, then `raw` as HTTP/2 fields. */
-export function streamFields(method: string, authority: string, path: string, raw: ReadonlyArray<string>): string[] {
-  return h2Pairs(raw, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path]);
+const NO_EDITS: { readonly remove: string[]; readonly add: string } = Object.freeze({ remove: [], add: '' });
+
+/** The answer's header changes in the engine's form (none, for most requests: nothing made). */
+function answerEditsH2(changes: ReadonlyArray<HeaderChanges>): { readonly remove: string[]; readonly add: string } {
+  if (changes.length === 0) return NO_EDITS;
+  const { remove, add } = answerEditPairs(changes);
+  return { remove, add: h2Fields(add) };
 }
 
 /** One client stream on the engine, with what its handler keeps of it. */
@@ -78,10 +86,10 @@ export interface H2Forwarding {
   /** The pool: its session takes the stream, or a new one from `dial` joins it. */
   readonly pool: string;
   /** Header fields, pseudo-header fields first (streamFields). */
-  readonly fields: ReadonlyArray<string>;
-  /** Lower-case names removed from the answer, then these pairs added. */
+  readonly fields: string;
+  /** Lower-case names removed from the answer, then these fields (as h2Fields joins them) added. */
   readonly answerRemove: ReadonlyArray<string>;
-  readonly answerAdd: ReadonlyArray<string>;
+  readonly answerAdd: string;
   /** A route's retry: the codes it retries on (the handler's retry() is asked on those and on resets). */
   readonly retryOn: ReadonlyArray<number> | undefined;
   /** Keep the body (up to 64 KiB) for keptBody(): a mirror's copy. */
@@ -94,8 +102,8 @@ export interface H2Forwarding {
 }
 
 /** The plain-text answer of the proxy: its header fields and body. */
-function textAnswer(detail: string, extra: ReadonlyArray<string> = []): { fields: string[]; body: string } {
-  return { fields: h2Pairs(extra, ['content-type', 'text/plain']), body: `${detail}\n` };
+function textAnswer(detail: string, extra: ReadonlyArray<string> = []): { fields: string; body: string } {
+  return { fields: h2Fields(extra, 'content-type\0text/plain'), body: `${detail}\n` };
 }
 
 export class H2Host<C, R> {
@@ -215,7 +223,7 @@ export class H2Host<C, R> {
 
   /** A redirect: its status and location, no body. */
   redirect(s: H2Stream<C, R>, status: number, location: string): void {
-    this.engine?.respond(s.id, status, ['location', location], '');
+    this.engine?.respond(s.id, status, `location\0${location}`, '');
   }
 
   /** The stream's time ran out: answered (0), or cut (the status of the answer cut), or -1 when it is not in flight. */
@@ -241,12 +249,16 @@ export class H2Host<C, R> {
     try {
       this.engine = h2Engine(
         {
-          request: (connId, id, method, path, authority, fields) => {
+          request: (connId, id, joined) => {
             const c = this.conns.get(connId);
             if (!c) return;
             const s: H2Stream<C, R> = { id, conn: c.conn, state: undefined };
             this.streams.set(id, { s, again: undefined });
-            const head = headOf(method, path, authority, fields);
+            // "host", :authority, the fields, :method, :path: the raw pairs once the last two are taken.
+            const raw = joined.split('\0');
+            const path = raw.pop() ?? '/';
+            const method = raw.pop() ?? 'GET';
+            const head: RequestHead = { method, url: path, httpVersion: '2.0', headers: headerObject(raw), rawHeaders: raw };
             this.handler.request(s, head, String(head.headers['content-type'] ?? '').startsWith('application/grpc'));
           },
           retry: (id, status) => {
@@ -444,7 +456,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       leave();
     };
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
-    const edits = answerEditPairs(upstream.answerChanges);
+    const edits = answerEditsH2(upstream.answerChanges);
     const { retry, timeouts } = d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
@@ -466,7 +478,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       pool: `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
       fields,
       answerRemove: edits.remove,
-      answerAdd: h2Pairs(edits.add, []),
+      answerAdd: edits.add,
       retryOn: retry?.codes,
       keep: r.mirrors !== undefined,
       dial,
@@ -485,7 +497,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const { upstream, target } = r.d;
     const body = this.host.keptBody(s);
     const fields = streamFields(r.facts.req.method ?? 'GET', `${authorityOf(upstream.headers, target)}-shadow`, upstream.path, upstream.headers);
-    this.outbound.mirrorTo(mirrors, body !== undefined, (t, endpoint, count) => this.copy(s.conn, t, endpoint, fields, body ?? Buffer.alloc(0), count));
+    this.outbound.mirrorTo(mirrors, body !== undefined, (t, endpoint, count) => this.copy(s.conn, t, endpoint, fields.split('\0'), body ?? Buffer.alloc(0), count));
   }
 
   /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the stream is cut. */
@@ -571,13 +583,13 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
       r.answered = admitted.flag;
       return this.host.respond(s, admitted.status, admitted.detail, admitted.headers);
     }
-    const fields = streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.rawHeaders);
-    if (req.headers['x-request-id'] === undefined) fields.push('x-request-id', requestId);
+    let fields = streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.rawHeaders);
+    if (req.headers['x-request-id'] === undefined) fields += `\0x-request-id\0${requestId}`;
     this.host.forward(s, {
       pool: conn.poolKey,
       fields,
       answerRemove: [],
-      answerAdd: [],
+      answerAdd: '',
       retryOn: undefined,
       keep: false,
       dial: () => conn.dialFd(),

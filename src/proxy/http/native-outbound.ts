@@ -74,6 +74,7 @@ export function answerEditPairs(changes: ReadonlyArray<HeaderChanges>): { remove
 
 /** The same for the HTTP/1.1 engine: the fields added as "name: value\r\n" lines. */
 export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { remove: string[]; add: string } {
+  if (changes.length === 0) return { remove: [], add: '' };
   const { remove, add } = answerEditPairs(changes);
   let lines = '';
   for (let i = 0; i + 1 < add.length; i += 2) lines += `${add[i]}: ${add[i + 1]}\r\n`;

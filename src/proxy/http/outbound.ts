@@ -465,8 +465,11 @@ export class HttpOutbound {
 
 /** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
 /** The rule's mirrors a request is copied to: each drawn by its percentage (RequestMirror's percent or fraction). */
+const NO_MIRRORS: NonNullable<HttpRouteEntry['mirrors']> = Object.freeze([]);
+
 export function drawMirrors(entry: Pick<HttpRouteEntry, 'mirrors'>): NonNullable<HttpRouteEntry['mirrors']> {
-  return (entry.mirrors ?? []).filter((m) => Math.random() * 100 < m.percent);
+  // Most rules have none: no new array per request for them.
+  return entry.mirrors === undefined || entry.mirrors.length === 0 ? NO_MIRRORS : entry.mirrors.filter((m) => Math.random() * 100 < m.percent);
 }
 
 export function applyHeaderChanges(raw: ReadonlyArray<string>, c: HeaderChanges): string[] {
