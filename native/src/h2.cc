@@ -129,6 +129,7 @@ struct Conn {
   uint32_t started = 0;
   uint32_t maxRequests = 0;
   uint64_t lastActive = 0;
+  uint64_t read = 0, written = 0;  // bytes the engine read from and wrote to the socket itself
   std::unordered_set<Exchange*> exchanges;
 };
 
@@ -939,6 +940,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       while (c->outOff < c->out.size()) {
         ssize_t n = send(c->fd, c->out.data() + c->outOff, c->out.size() - c->outOff, MSG_NOSIGNAL);
         if (n > 0) {
+          c->written += static_cast<uint64_t>(n);
           c->outOff += static_cast<size_t>(n);
           c->lastActive = NowMs();
           continue;
@@ -999,6 +1001,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     for (int rounds = 0; rounds < 4 && !c->closed; rounds++) {
       ssize_t n = recv(c->fd, buf, sizeof buf, 0);
       if (n > 0) {
+        c->read += static_cast<uint64_t>(n);
         Receive(c, buf, static_cast<size_t>(n));
         if (static_cast<size_t>(n) < sizeof buf) return;
         continue;
@@ -1056,7 +1059,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     c->fd = -1;
     if (c->server) {
       clients_.erase(c->id);
-      pendingClosed_.push_back(c->id);
+      pendingClosed_.push_back({c->id, c->read, c->written});
     }
     auto it = conns_.find(c);
     if (it != conns_.end()) {
@@ -1136,9 +1139,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       }
       Bury(x);
     }
-    std::vector<uint64_t> closed;
+    std::vector<Closed> closed;
     closed.swap(pendingClosed_);
-    for (uint64_t id : closed) Call(closed_, {Napi::Number::New(env_, static_cast<double>(id))});
+    for (const Closed& c : closed) Call(closed_, {Napi::Number::New(env_, static_cast<double>(c.id)), Napi::Number::New(env_, static_cast<double>(c.read)), Napi::Number::New(env_, static_cast<double>(c.written))});
   }
 
   // A library error (< -500), or a GOAWAY's error code negated.
@@ -1243,7 +1246,11 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   std::map<std::string, std::vector<Conn*>> pools_;
   std::unordered_map<uint64_t, std::unique_ptr<Exchange>> exchanges_;
   std::vector<Conn*> dirty_;
-  std::vector<uint64_t> pendingRequests_, pendingDone_, pendingClosed_;
+  std::vector<uint64_t> pendingRequests_, pendingDone_;
+  struct Closed {
+    uint64_t id, read, written;
+  };
+  std::vector<Closed> pendingClosed_;
   std::vector<std::pair<uint64_t, int>> pendingRefused_;
   // Objects that ended while a call up the stack may still hold them.
   std::vector<std::unique_ptr<Exchange>> graveyard_;

@@ -363,6 +363,7 @@ struct Peer {
   bool eof = false;
   bool closed = false;
   std::string in, out;
+  uint64_t read = 0, written = 0;  // bytes the engine read from and wrote to the socket itself
 };
 
 struct Client {
@@ -607,6 +608,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::Object out = Napi::Object::New(env);
     out.Set("fd", Napi::Number::New(env, c->peer.fd));
     out.Set("buffered", Napi::Buffer<char>::Copy(env, c->peer.in.data(), c->peer.in.size()));
+    // The bytes the engine itself read from the socket (node:net counts what it reads) and wrote.
+    out.Set("read", Napi::Number::New(env, static_cast<double>(c->peer.read)));
+    out.Set("written", Napi::Number::New(env, static_cast<double>(c->peer.written)));
     c->peer.fd = -1;  // JS's now
     Drop(&c->peer);
     Bury(c);
@@ -725,6 +729,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     while (!p->out.empty() && !p->closed) {
       ssize_t n = send(p->fd, p->out.data(), p->out.size(), MSG_NOSIGNAL);
       if (n > 0) {
+        p->written += static_cast<uint64_t>(n);
         p->out.erase(0, static_cast<size_t>(n));
         continue;
       }
@@ -741,6 +746,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     for (int rounds = 0; rounds < 4 && !p->eof; rounds++) {
       ssize_t n = recv(p->fd, buf, sizeof buf, 0);
       if (n > 0) {
+        p->read += static_cast<uint64_t>(n);
         p->in.append(buf, static_cast<size_t>(n));
         if (static_cast<size_t>(n) < sizeof buf) return true;
         continue;
@@ -978,8 +984,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     }
     Drop(&c->peer);
     uint64_t id = c->id;
+    double read = static_cast<double>(c->peer.read), written = static_cast<double>(c->peer.written);
     Bury(c);
-    Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason)});
+    Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason), Napi::Number::New(env_, read), Napi::Number::New(env_, written)});
   }
 
   // -- the upstream's side -----------------------------------------------------------------------

@@ -177,8 +177,8 @@ export interface Http1Events {
    * UC, UPE when the engine answered or cut it), body bytes both ways.
    */
   done(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
-  /** The client connection is closed ('' when it ended cleanly, else why). */
-  closed(id: number, reason: string): void;
+  /** The client connection is closed ('' when it ended cleanly, else why); the bytes the engine read from it and wrote to it. */
+  closed(id: number, reason: string, read: number, written: number): void;
 }
 
 export interface Http1Options {
@@ -238,7 +238,7 @@ export interface Http1Engine {
    */
   expire(id: number, bytes: Buffer, status: number): number;
   /** The connection back to JS at the waiting request: its fd, and the bytes read from it (that request's head on). */
-  release(id: number): { fd: number; buffered: Buffer } | undefined;
+  release(id: number): { fd: number; buffered: Buffer; read: number; written: number } | undefined;
   /** Resets the client connection (and its upstream). */
   close(id: number): void;
   /** Closes the idle pooled connections of every pool whose key starts with `prefix`. */
@@ -274,8 +274,8 @@ export interface H2Events {
    * both ways, the answer's grpc-status ('' if none), why (when the engine answered).
    */
   done(stream: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
-  /** The client connection closed. */
-  closed(conn: number): void;
+  /** The client connection closed; the bytes the engine read from it and wrote to it. */
+  closed(conn: number, read: number, written: number): void;
   /** A client broke the protocol (a bad frame, a flood): its session ended with GOAWAY. */
   refused(conn: number, reason: string): void;
 }

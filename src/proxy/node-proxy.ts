@@ -32,7 +32,7 @@ import { portProtocol, speaksRequests } from '../config/service.js';
 import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 import { HttpInbound, type HttpServerConnection } from './http/inbound.js';
-import { SNIFF_DEADLINE_MS, sniff, withHead } from './http/common.js';
+import { SNIFF_DEADLINE_MS, sniff, withHead, type ConnectionBytes } from './http/common.js';
 
 const log = logger('proxy');
 
@@ -398,7 +398,7 @@ export class NodeProxy {
    * Serves a connection into a pod's port read as HTTP (readsHttp) until it ends: each request
    * authorized and rate-limited, then delivered to the application from the caller's address.
    */
-  private serveHttpIn(state: PodState, client: Socket, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined, sniffedHead?: Buffer): Promise<void> {
+  private serveHttpIn(state: PodState, client: Socket, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined, sniffedHead?: Buffer): Promise<ConnectionBytes> {
     return this.httpIn.serve(client, this.serverConnection(state, protocol, facts, path, labels, source), sniffedHead);
   }
 
@@ -432,7 +432,7 @@ export class NodeProxy {
    * (its connection was admitted on its mTLS mode alone) and relayed to the application with its
    * first bytes (through JS: they were read).
    */
-  private async serveRead(state: PodState, client: Socket, reads: Reads, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<void> {
+  private async serveRead(state: PodState, client: Socket, reads: Reads, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', labels: TcpLabels, source: Workload | undefined): Promise<ConnectionBytes | undefined> {
     if (reads !== 'sniff') return this.serveHttpIn(state, client, reads, facts, path, labels, source);
     const { protocol, head } = await sniff(client, SNIFF_DEADLINE_MS);
     this.metrics.sniffed.inc({ protocol });
@@ -447,6 +447,7 @@ export class NodeProxy {
     const target = this.snapshot.serviceOf(state.pod.uid, facts.destinationPort);
     const upstream: Upstream = { path: 'inbound', netnsPath: state.pod.netnsPath, host: facts.destinationIp, port: facts.destinationPort, transparentSource: facts.sourceIp, labels: [labels] };
     await this.forward(state, client, 'inbound', upstream, target?.policy.connectTimeoutMs ?? this.options.connectTimeoutMs, target?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs);
+    return undefined;
   }
 
   /**
@@ -868,6 +869,18 @@ export class NodeProxy {
         client.resetAndDestroy();
         return;
       }
+      // A pod of this node whose side reads the port as HTTP (and says so: no sniffing): that
+      // side serves the client's own connection, with no relay and no socket pair between.
+      const read = this.readHere(state, upstream);
+      if (read && read.reads !== 'sniff') {
+        this.lb.acquire(target, endpoint);
+        try {
+          await this.serveHere(state, client, upstream, read);
+        } finally {
+          this.lb.release(target, endpoint);
+        }
+        return;
+      }
       this.lb.acquire(target, endpoint);
       try {
         let connected: Connected;
@@ -1222,6 +1235,30 @@ export class NodeProxy {
     const labels = u.labels.find((l) => l.reporter === 'destination') ?? u.labels[0];
     if (!labels) throw new Error('a same-node upstream has its destination labels');
     return { local: u.local, reads, facts: { sourceIp: u.transparentSource ?? '', peer: this.workloadIdentity(state.pod), destinationIp: u.host, destinationPort: u.port }, labels };
+  }
+
+  /**
+   * The same-node connection served by the destination's side directly (readHere): reported as
+   * relayAndCount reports a relayed one, under each of its labels, with the bytes the serving
+   * engine (or node:net) moved on the client's socket. The socket is the destination pod's too
+   * while it lasts: it is cut when that pod leaves, as a relayed one is.
+   */
+  private async serveHere(state: PodState, client: Socket, u: Upstream, read: NonNullable<ReturnType<NodeProxy['readHere']>>): Promise<void> {
+    if (read.reads === 'sniff') throw new Error('a sniffed port is served through a socket pair');
+    this.metrics.proxied.inc({ path: u.path });
+    for (const l of u.labels) this.metrics.tcpOpened.inc(l);
+    read.local.sockets.add(client);
+    let bytes: ConnectionBytes = { read: 0, written: 0 };
+    try {
+      bytes = await this.serveHttpIn(read.local, client, read.reads, read.facts, 'same_node', read.labels, state.pod);
+    } finally {
+      read.local.sockets.delete(client);
+      for (const l of u.labels) {
+        this.metrics.tcpClosed.inc(l);
+        this.metrics.tcpReceived.inc(l, bytes.read);
+        this.metrics.tcpSent.inc(l, bytes.written);
+      }
+    }
   }
 
   /** Relays a connected upstream fd and reports the connection under each of its labels. */

@@ -172,8 +172,20 @@ test('L7 server side on one node and from plaintext: authorization per request (
   const plain = await sb.idlePod('plain', ['nodemesh.io/capture=disabled']);
   await agent.waitForPods((p) => p.filter((x) => x.verified).length === 7, 'seven meshed pods verified');
   await checkAuthorization(sb, { client, admin }, agent, [agent], 'one node');
-  // Same-node delivery: the client's connection went straight to the destination's side.
-  assert.ok(metricValue(await agent.metrics(), 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 2);
+  // Same-node delivery: the client's connection went straight to the destination's side, which
+  // served the client's own socket (no relay): each side reports it as TCP with the bytes that
+  // crossed it, the requests' heads and bodies and the answers.
+  const tcpOf = (text: string, reporter: string, name: string): number => metricValue(text, name, { reporter, destination_workload: 'api' });
+  const allClosed = (text: string): boolean => ['source', 'destination'].every((r) => tcpOf(text, r, 'istio_tcp_connections_closed_total') === tcpOf(text, r, 'istio_tcp_connections_opened_total'));
+  await waitFor(async () => allClosed(await agent.metrics()), 5000, 'the clients\' connections reported closed');
+  const sameNode = await agent.metrics();
+  assert.ok(metricValue(sameNode, 'nodemesh_proxied_connections_total', { path: 'same_node' }) >= 2);
+  for (const reporter of ['source', 'destination']) {
+    const tcp = (name: string): number => tcpOf(sameNode, reporter, name);
+    assert.ok(tcp('istio_tcp_connections_opened_total') >= 2, `${reporter}: connections opened`);
+    assert.ok(tcp('istio_tcp_received_bytes_total') > tcp('istio_tcp_connections_opened_total') * 40, `${reporter}: the requests' bytes counted (${tcp('istio_tcp_received_bytes_total')})`);
+    assert.ok(tcp('istio_tcp_sent_bytes_total') > tcp('istio_tcp_connections_opened_total') * 40, `${reporter}: the answers' bytes counted (${tcp('istio_tcp_sent_bytes_total')})`);
+  }
   // A pod outside the mesh, straight to the pod's address (plaintext inbound): no identity, so
   // only what the policy allows anyone; its requests are counted without a principal.
   const plainRun = await http(sb, plain, { requests: [{ path: '/public/a' }, { method: 'DELETE', path: '/public/a' }] }, [agent], api.ip4, 8080);

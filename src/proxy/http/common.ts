@@ -316,6 +316,23 @@ export interface RequestHead {
   readonly rawHeaders: ReadonlyArray<string>;
 }
 
+/**
+ * Bytes a served connection's engine read from and wrote to its socket itself; node:net counts
+ * what it read and wrote on the socket (`bytesRead`, `bytesWritten`), so the connection's totals
+ * are the sum (socketTotals).
+ */
+export interface ConnectionBytes {
+  readonly read: number;
+  readonly written: number;
+}
+
+export const NO_BYTES: ConnectionBytes = Object.freeze({ read: 0, written: 0 });
+
+/** A connection's totals: what node:net moved on `socket` and what an engine moved (`engine`). */
+export function socketTotals(socket: Socket, engine: ConnectionBytes): ConnectionBytes {
+  return { read: socket.bytesRead + engine.read, written: socket.bytesWritten + engine.written };
+}
+
 /** What an access log line says of a request beyond its answer. */
 export interface AccessFacts {
   readonly req: RequestHead;

@@ -22,7 +22,7 @@ import type { Duplex } from 'node:stream';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
-import { UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, withHead, type AccessFacts, type RequestHead } from './common.js';
+import { NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, socketTotals, withHead, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import { drawMirrors, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
@@ -383,11 +383,12 @@ export class H2Outbound {
    * Serves a client connection that speaks h2c (accepted paused) until it closes: on the addon's
    * engine when the port's routes allow it, else on node:http2; `initial` holds bytes already read.
    */
-  serve(client: Socket, conn: HttpClientConnection, initial?: Buffer): Promise<void> {
+  async serve(client: Socket, conn: HttpClientConnection, initial?: Buffer): Promise<ConnectionBytes> {
     const served = this.native.host.serve(client, conn, initial);
     if (typeof served !== 'string') return served;
     this.outbound.metrics.http2Engine.inc({ side: 'client', engine: 'node', why: served });
-    return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+    await this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+    return socketTotals(client, NO_BYTES);
   }
 
   /**
@@ -772,11 +773,12 @@ export class H2Inbound {
   }
 
   /** Serves a connection into a pod's h2c port until it closes: on the addon's engine, else on node:http2. */
-  serve(client: Socket, conn: HttpServerConnection, initial?: Buffer): Promise<void> {
+  async serve(client: Socket, conn: HttpServerConnection, initial?: Buffer): Promise<ConnectionBytes> {
     const served = this.native.host.serve(client, conn, initial);
     if (typeof served !== 'string') return served;
     this.metrics.http2Engine.inc({ side: 'server', engine: 'node', why: served });
-    return this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+    await this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
+    return socketTotals(client, NO_BYTES);
   }
 
   /** The upstream sessions to a pod's application (it left) end once idle. */

@@ -19,7 +19,7 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
 import { NativeInbound } from './native-inbound.js';
 
@@ -86,7 +86,7 @@ export class HttpInbound {
   }
 
   /** Serves one connection into a pod until it closes; a sniffed one comes with the bytes read to sniff it. */
-  serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<void> {
+  serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<ConnectionBytes> {
     if (conn.protocol === 'http2') return this.h2.serve(client, conn, sniffedHead);
     return this.native.host.serve(client, conn, sniffedHead);
   }

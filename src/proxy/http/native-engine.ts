@@ -15,7 +15,7 @@ import { closeFd, dupFd, http1Engine, type Http1Engine } from '../../datapath/na
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
-import { HEADERS_TIMEOUT_MS, MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, rawHead, type RequestHead } from './common.js';
+import { HEADERS_TIMEOUT_MS, MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, rawHead, socketTotals, type ConnectionBytes, type RequestHead } from './common.js';
 
 const log = logger('http');
 
@@ -115,7 +115,7 @@ function resumeReading(client: Socket): void {
 
 export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
-  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer, bytes?: ConnectionBytes) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
   private nextId = 0;
   /** No engine: turned off, or the addon could not start one. */
   private failed: boolean;
@@ -135,17 +135,19 @@ export class Http1Host<C, R> {
   }
 
   /** node:http serves the connection (counted with why), its unread bytes put back first. */
-  private nodeServes(client: Socket, conn: C, unread: Buffer | undefined, why: string): Promise<void> {
+  private async nodeServes(client: Socket, conn: C, unread: Buffer | undefined, why: string): Promise<ConnectionBytes> {
     this.metrics.httpEngine.inc({ side: this.side, engine: 'node', why });
-    return this.fallback(client, conn, unread ?? Buffer.alloc(0));
+    await this.fallback(client, conn, unread ?? Buffer.alloc(0));
+    return socketTotals(client, NO_BYTES);
   }
 
   /**
    * Serves the connection on the engine until it closes (or is handed back and node:http is done
    * with it); `initial` holds bytes already read from it. node:http serves it when the engine
-   * cannot take it: no engine (turned off, or no addon), no fd.
+   * cannot take it: no engine (turned off, or no addon), no fd. Resolves with the connection's
+   * bytes each way.
    */
-  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> {
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<ConnectionBytes> {
     const engine = this.start();
     if (!engine) return this.nodeServes(client, conn, initial, 'no_addon');
     const fd = socketFd(client);
@@ -161,10 +163,10 @@ export class Http1Host<C, R> {
     client.setNoDelay(true);
     const held = stopReading(client);
     if (held) initial = initial ? Buffer.concat([initial, held]) : held;
-    return new Promise<void>((resolve) => {
+    return new Promise<ConnectionBytes>((resolve) => {
       const s: Served<C, R> = { id, conn, request: undefined };
       let ended = false;
-      const end = (then?: Buffer): void => {
+      const end = (then?: Buffer, bytes: ConnectionBytes = NO_BYTES): void => {
         if (ended) return;
         ended = true;
         const answered = this.served.get(id)?.answered;
@@ -172,12 +174,12 @@ export class Http1Host<C, R> {
         answered?.(0);
         if (then !== undefined) {
           resumeReading(client);
-          void this.fallback(client, conn, then).then(resolve);
+          void this.fallback(client, conn, then).then(() => resolve(socketTotals(client, bytes)));
           return;
         }
         if (s.request !== undefined) this.handler.left(s);
         client.destroy();
-        resolve();
+        resolve(socketTotals(client, bytes));
       };
       this.served.set(id, { s, end, attempts: 0 });
       // The pod left (its sockets are destroyed) or the proxy closes: the engine's copy goes too.
@@ -193,7 +195,7 @@ export class Http1Host<C, R> {
         this.served.delete(id);
         log.warn({ err: (e as Error).message }, 'the HTTP/1.1 engine could not take a connection: node:http serves it');
         resumeReading(client);
-        void this.fallback(client, conn, initial ?? Buffer.alloc(0)).then(resolve);
+        void this.fallback(client, conn, initial ?? Buffer.alloc(0)).then(() => resolve(socketTotals(client, NO_BYTES)));
       }
     });
   }
@@ -273,7 +275,7 @@ export class Http1Host<C, R> {
       return;
     }
     closeFd(back.fd);
-    this.served.get(s.id)?.end(back.buffered);
+    this.served.get(s.id)?.end(back.buffered, { read: back.read, written: back.written });
   }
 
   /** Closes the idle upstream connections of every pool whose key starts with `prefix`. */
@@ -321,7 +323,7 @@ export class Http1Host<C, R> {
             if (entry.s.request === undefined) this.metrics.httpRefused.inc({ reason: detail.split(':')[0] || 'unknown' });
             else this.handler.done(entry.s, status, flag, bytesIn, bytesOut, detail);
           },
-          closed: (id) => this.served.get(id)?.end(),
+          closed: (id, _reason, read, written) => this.served.get(id)?.end(undefined, { read, written }),
         },
         { maxHeadBytes: MAX_HEADER_BYTES, idleMs: this.idleTimeoutMs, headTimeoutMs: HEADERS_TIMEOUT_MS, poolIdleMs: UPSTREAM_IDLE_MS, maxIdlePerPool: MAX_IDLE_PER_POOL },
       );

@@ -20,7 +20,7 @@ import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
-import { MAX_HEADER_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
+import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { headerObject, stopReading } from './native-engine.js';
 import { answerEditPairs } from './native-outbound.js';
@@ -109,7 +109,7 @@ function textAnswer(detail: string, extra: ReadonlyArray<string> = []): { fields
 export class H2Host<C, R> {
   private engine: H2Engine | undefined;
   private failed: boolean;
-  private readonly conns = new Map<number, { readonly conn: C; readonly end: () => void }>();
+  private readonly conns = new Map<number, { readonly conn: C; readonly end: (bytes?: ConnectionBytes) => void }>();
   private readonly streams = new Map<number, { readonly s: H2Stream<C, R>; again: (() => void) | undefined }>();
   /** Upstream connections being dialled, by pool: streams to the same pool wait for the same one. */
   private readonly dialing = new Map<string, Promise<void>>();
@@ -128,9 +128,10 @@ export class H2Host<C, R> {
   /**
    * Serves the client connection on the engine until it closes; `initial` holds bytes already
    * read from it. Why not when the engine cannot take it (no_addon: no engine; no_fd: no socket,
-   * or no fd left for the engine's copy): node:http2 serves it then.
+   * or no fd left for the engine's copy): node:http2 serves it then. Resolves with the
+   * connection's bytes each way.
    */
-  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<void> | 'no_addon' | 'no_fd' {
+  serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<ConnectionBytes> | 'no_addon' | 'no_fd' {
     const engine = this.start();
     if (!engine) return 'no_addon';
     const fd = socketFd(client);
@@ -145,14 +146,14 @@ export class H2Host<C, R> {
     client.setNoDelay(true);
     const held = stopReading(client);
     if (held) initial = initial ? Buffer.concat([initial, held]) : held;
-    return new Promise<void>((resolve) => {
+    return new Promise<ConnectionBytes>((resolve) => {
       let ended = false;
-      const end = (): void => {
+      const end = (bytes: ConnectionBytes = NO_BYTES): void => {
         if (ended) return;
         ended = true;
         this.conns.delete(id);
         client.destroy();
-        resolve();
+        resolve(socketTotals(client, bytes));
       };
       this.conns.set(id, { conn, end });
       client.once('close', () => {
@@ -279,7 +280,7 @@ export class H2Host<C, R> {
             this.streams.delete(id);
             this.handler.done(entry.s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
           },
-          closed: (connId) => this.conns.get(connId)?.end(),
+          closed: (connId, read, written) => this.conns.get(connId)?.end({ read, written }),
           refused: (_connId, reason) => this.metrics.httpRefused.inc({ reason }),
         },
         { idleMs: this.idleTimeoutMs, poolIdleMs: UPSTREAM_IDLE_MS, maxHeaderListBytes: MAX_HEADER_BYTES, grpcMaxMessage: GRPC_MAX_MESSAGE },

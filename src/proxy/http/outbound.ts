@@ -25,7 +25,7 @@ import { speaksRequests } from '../../config/service.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { NativeOutbound } from './native-outbound.js';
@@ -179,7 +179,7 @@ export class HttpOutbound {
    * HTTP/1.1 on the addon's engine (node:http where it cannot), or h2c on a port that speaks
    * HTTP/2; a sniffed connection comes with the protocol found and the bytes read to find it.
    */
-  serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<void> {
+  serve(client: Socket, conn: HttpClientConnection, sniffed?: { readonly protocol: 'http1' | 'http2'; readonly head: Buffer }): Promise<ConnectionBytes> {
     if ((sniffed?.protocol ?? speaksRequests(conn.parent.port)) === 'http2') return this.h2.serve(client, conn, sniffed?.head);
     return this.native.host.serve(client, conn, sniffed?.head);
   }
