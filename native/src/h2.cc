@@ -792,7 +792,16 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     if (frame->hd.type == NGHTTP2_HEADERS) {
       if (!x->answerHeaders) {
-        if (x->status >= 100 && x->status < 200) {  // informational: not passed on
+        if (x->status >= 100 && x->status < 200) {
+          // Informational (100 Continue, 103 Early Hints): passed on as it came, before the answer.
+          if (!x->downClosed && !x->responded && !x->dropping && x->status != 101) {
+            Fields f;
+            f.emplace_back(":status", std::to_string(x->status));
+            for (auto& kv : x->answerFields) f.push_back(std::move(kv));
+            auto nv = Nvs(f);
+            nghttp2_submit_headers(x->down->session, NGHTTP2_FLAG_NONE, x->downId, nullptr, nv.data(), nv.size(), nullptr);
+            e->Touch(x->down);
+          }
           x->answerFields.clear();
           x->status = 0;
           return 0;

@@ -203,7 +203,7 @@ test('h2 engine: 200 streams on one client connection go on one upstream session
   assert.equal(big, Array.from({ length: 20 }, (_, k) => 1000 * k * 10 + 1).reduce((a, b) => a + b, 0), 'request bytes counted');
 });
 
-test('h2 engine: a large answer streams with flow control (more than every window), the proxy answers, redirects and cuts', async (t) => {
+test('h2 engine: a large answer streams with flow control (more than every window), a 100 Continue passes, the proxy answers, redirects and cuts', async (t) => {
   const huge = Buffer.alloc(40 << 20, 1);
   let stall: ServerHttp2Stream | undefined;
   const r = await rig(t, (stream, headers) => {
@@ -214,6 +214,10 @@ test('h2 engine: a large answer streams with flow control (more than every windo
       stream.respond({ ':status': 200 });
       stream.write('partial');
       stall = stream;
+    } else if (headers[':path'] === '/continue') {
+      // The app says go on before it reads the body.
+      stream.additionalHeaders({ ':status': 100 });
+      echo(stream, headers);
     } else if (headers[':path'] === '/slow') {
       setTimeout(() => {
         if (!stream.destroyed) stream.respond({ ':status': 200 }, { endStream: true });
@@ -232,6 +236,20 @@ test('h2 engine: a large answer streams with flow control (more than every windo
     if (path === '/stall') void until('the stalled answer', () => stall !== undefined).then(() => setTimeout(() => assert.equal(r.engine.expire(stream, 504, '', ''), 200, 'the status of the answer cut'), 100));
     if (path === '/slow') setTimeout(() => assert.equal(r.engine.expire(stream, 504, 'content-type\0text/plain', 'no answer in time\n'), 0), 200);
   };
+  // An interim answer (100 Continue) is passed on before the answer.
+  const cont = session.request({ ':method': 'POST', ':path': '/continue', expect: '100-continue' });
+  const interim: number[] = [];
+  cont.on('continue', () => {
+    interim.push(100);
+    cont.end('after the 100');
+  });
+  const contAnswer = await new Promise<string>((resolve) => {
+    const chunks: Buffer[] = [];
+    cont.on('data', (d: Buffer) => chunks.push(d));
+    cont.once('close', () => resolve(Buffer.concat(chunks).toString()));
+  });
+  assert.deepEqual(interim, [100]);
+  assert.equal(contAnswer, 'after the 100');
   const mine = await fetch(session, '/mine', { body: Buffer.alloc(100_000) });
   assert.equal(mine.status, 418);
   assert.equal(mine.body.toString(), 'short and stout\n');
@@ -243,9 +261,9 @@ test('h2 engine: a large answer streams with flow control (more than every windo
   const cut = await fetch(session, '/stall');
   assert.equal(cut.status, 200);
   assert.equal(cut.rst, constants.NGHTTP2_CANCEL, 'the answer under way is reset');
-  await until('every done()', () => r.done.length === 6);
-  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [418, ''], [301, ''], [504, ''], [504, ''], [200, '']]);
-  assert.equal(r.done[1]?.bytesIn, 100_000, "the answered stream's body read and dropped");
+  await until('every done()', () => r.done.length === 7);
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag]), [[200, '-'], [200, '-'], [418, ''], [301, ''], [504, ''], [504, ''], [200, '']]);
+  assert.equal(r.done[2]?.bytesIn, 100_000, "the answered stream's body read and dropped");
   // The session serves on after all of it.
   assert.equal((await fetch(session, '/again', { body: Buffer.from('x') })).body.toString(), 'x');
 });
