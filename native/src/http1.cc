@@ -369,7 +369,8 @@ struct Peer {
 struct Client {
   Peer peer;
   uint64_t id = 0;
-  enum class Phase { kHead, kDecide, kExchange, kClosing } phase = Phase::kHead;
+  // kTunnel: an upgrade answered 101; bytes pass as they are both ways until both sides ended.
+  enum class Phase { kHead, kDecide, kExchange, kTunnel, kClosing } phase = Phase::kHead;
   Head req;
   Framing body;
   Upstream* up = nullptr;
@@ -390,6 +391,8 @@ struct Client {
   uint64_t headSince = 0;   // when the first byte of the head being read came (0: none yet)
   uint64_t bytesOut = 0;
   int status = 0;
+  bool upgrading = false;  // a request with Upgrade: on a connection of its own, a 101 joins the two
+  bool clientDone = false, upstreamDone = false;  // a tunnel's sides that ended (their FIN passed on)
 };
 
 struct Upstream {
@@ -486,6 +489,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       return Napi::Boolean::New(env, true);
     }
     std::string pool = info[1].As<Napi::String>().Utf8Value();
+    // An upgrade goes on a connection of its own (it may become a tunnel): never an idle one.
+    bool upgrading = c->req.upgrade && c->req.method != "CONNECT";
+    if (upgrading && fd < 0) return Napi::Boolean::New(env, false);
     Upstream* u = nullptr;
     if (fd >= 0) {
       auto fresh = std::make_unique<Upstream>();
@@ -506,6 +512,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     for (uint32_t i = 0; i < remove.Length(); i++) c->answerRemove.push_back(Lower(remove.Get(i).As<Napi::String>().Utf8Value()));
     c->answerAdd = Latin1(info[5]);
     c->up = u;
+    c->upgrading = upgrading;
     u->client = c;
     u->headDone = false;
     u->answer = Head();
@@ -548,7 +555,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       c->peer.out.append(Latin1(info[1]));
     }
     c->peer.in.erase(0, c->req.length);
-    if (info[2].ToBoolean().Value()) c->closeAfter = true;
+    // An upgrade answered by the proxy: what follows its head may be the new protocol's, not a request.
+    if (info[2].ToBoolean().Value() || c->req.upgrade) c->closeAfter = true;
     depth_++;
     AnswerWith(c, info[3].As<Napi::Number>().Int32Value());
     depth_--;
@@ -712,6 +720,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         case Client::Phase::kExchange:
           if (!c->body.done) return c->up ? c->up->peer.out.size() < kHighWater : p->in.size() < kReadChunk;
           return p->in.size() < kReadChunk;
+        case Client::Phase::kTunnel:
+          return c->up && c->up->peer.out.size() < kHighWater;
         case Client::Phase::kClosing:
           return false;
       }
@@ -829,6 +839,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         c->req = std::move(h);
         c->body.Start(c->req.chunked ? BodyKind::kChunked : c->req.contentLength != kNoLength ? BodyKind::kLength : BodyKind::kNone, c->req.contentLength == kNoLength ? 0 : c->req.contentLength);
         c->phase = Client::Phase::kDecide;
+        c->upgrading = false;
         c->idleRetried = false;
         c->resend = false;
         c->keepBody = false;
@@ -848,6 +859,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         // A client that closed its side still gets its answer, then the connection ends.
         if (p->eof) c->closeAfter = true;
         break;
+      case Client::Phase::kTunnel:
+        return PumpTunnel(c);
       case Client::Phase::kDecide:
       case Client::Phase::kClosing:
         break;
@@ -977,6 +990,12 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   void CloseClient(Client* c, const std::string& reason, bool abortive) {
     if (c->peer.closed) return;
+    // A tunnel that ends by an error or the proxy: still the upgrade that was made (101).
+    if (c->phase == Client::Phase::kTunnel) {
+      c->phase = Client::Phase::kClosing;
+      ReportDone(c, 101, "-", reason);
+      if (c->peer.closed) return;
+    }
     if (c->up) DetachUpstream(c, false);
     if (abortive && c->peer.fd >= 0) {
       struct linger l = {1, 0};
@@ -994,11 +1013,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   void AdvanceAnswer(Upstream* u) {
     Client* c = u->client;
     Peer* p = &u->peer;
+    if (c->phase == Client::Phase::kTunnel) return PumpTunnel(c);
     while (!u->headDone) {
       std::string why;
       Head h;
       Parsed r = ParseHead(p->in, false, maxHead_ * 4, &h, &why);
       if (r == Parsed::kMore && !p->eof) return Arm(p);
+      if (r == Parsed::kDone && h.status == 101 && c->upgrading) return StartTunnel(c, u, h);
       if (r != Parsed::kDone || h.status == 101) {
         bool none = r == Parsed::kMore;
         // A reused idle connection its server closed just as the request went (the keep-alive
@@ -1030,7 +1051,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       p->in.erase(0, h.length);
       std::string head = "HTTP/1.1 " + std::to_string(h.status) + " " + h.reason + "\r\n";
       bool untilClose = !interim && !c->headRequest && h.status != 204 && h.status != 304 && !h.chunked && h.contentLength == kNoLength;
-      if (untilClose) c->closeAfter = true;
+      // An upgrade refused: its answer, then the connection ends (what the client sent after
+      // its head may be the new protocol's, which nobody can read now).
+      if (untilClose || (c->upgrading && !interim)) c->closeAfter = true;
       std::vector<std::string> listed;
       for (auto& [n, v] : h.headers)
         if (IEquals(n, "connection")) {
@@ -1095,6 +1118,61 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     DetachUpstream(c, u->reusable && !spent && p->in.empty() && !p->eof && c->body.done);
     c->answered = true;
     Finish(c, true);
+  }
+
+  // A 101 to an upgrade: its head goes to the client as it came (its Connection and Upgrade
+  // fields are the switch), the route's answer edits applied; then the two connections are joined.
+  void StartTunnel(Client* c, Upstream* u, const Head& h) {
+    std::string head = "HTTP/1.1 101 " + h.reason + "\r\n";
+    for (auto& [n, v] : h.headers) {
+      std::string ln = Lower(n);
+      bool drop = false;
+      for (auto& r : c->answerRemove) drop = drop || r == ln;
+      if (drop) continue;
+      head += n + ": " + v + "\r\n";
+    }
+    head += c->answerAdd;
+    head += "\r\n";
+    u->peer.in.erase(0, h.length);
+    u->headDone = true;
+    c->status = 101;
+    c->phase = Client::Phase::kTunnel;
+    c->peer.out += head;
+    PumpTunnel(c);
+  }
+
+  // A tunnel's bytes both ways, as they are; an end of one side is passed on (shutdown) once what
+  // it sent went; when both ended, the exchange is done (101) and the connection closes.
+  void PumpTunnel(Client* c) {
+    Upstream* u = c->up;
+    if (!u) return CloseClient(c, "", false);
+    Peer* cp = &c->peer;
+    Peer* up = &u->peer;
+    c->body.bytes += cp->in.size();
+    up->out += cp->in;
+    cp->in.clear();
+    c->bytesOut += up->in.size();
+    cp->out += up->in;
+    up->in.clear();
+    if (!Flush(up)) up->eof = true, up->out.clear();
+    if (!Flush(cp)) return EndTunnel(c, true);
+    if (cp->eof && up->out.empty() && !c->clientDone) {
+      c->clientDone = true;
+      shutdown(up->fd, SHUT_WR);
+    }
+    if (up->eof && cp->out.empty() && !c->upstreamDone) {
+      c->upstreamDone = true;
+      shutdown(cp->fd, SHUT_WR);
+    }
+    if (c->clientDone && c->upstreamDone) return EndTunnel(c, false);
+    Arm(up);
+    Arm(cp);
+  }
+
+  void EndTunnel(Client* c, bool abortive) {
+    c->phase = Client::Phase::kClosing;
+    ReportDone(c, 101, "-", "");
+    CloseClient(c, "", abortive);
   }
 
   // The proxy's answer in place of the upstream's (nothing of it was passed on yet).

@@ -166,13 +166,14 @@ test('L7 on one node: per-request split over one keep-alive connection, header m
   await waitFor(async () => metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'sent' }) === 3, 5000, 'the copies with bodies answered by v2');
   assert.equal(metricValue(await agent.metrics(), 'nodemesh_http_mirrored_total', { service: 'default/reviews-v2:80', result: 'body_too_large' }), 1);
   assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { side: 'client', engine: 'node' }), 0, 'mirrored on the engine, not handed to node:http');
-  // Upgrades (WebSocket's mechanism): routed, then joined byte for byte; refused ones passed on.
+  // Upgrades (WebSocket's mechanism): routed, then joined byte for byte in the engine; refused ones passed on.
   const upgraded = await http(sb, client, { requests: [], upgrades: [{ path: '/api/ws', send: 'hello through the mesh' }, { path: '/api/ws', send: 'x', protocol: 'other' }, { path: '/nowhere', send: 'x' }] }, agent);
   assert.deepEqual(upgraded.upgrades, [
     { status: 'HTTP/1.1 101 Switching Protocols', echoed: 'hello through the mesh' },
     { status: 'HTTP/1.1 426 Upgrade Required', echoed: '' },
-    { status: 'HTTP/1.1 404 Not Found', echoed: '' },
+    { status: 'HTTP/1.1 404 Not Found', echoed: 'no route matched the request\n' },
   ]);
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http1_connections_total', { engine: 'node' }), 0, 'upgraded on the engine, not handed to node:http');
   // Session affinity (consistentHash, no route needed): by header, and by a cookie the proxy sets.
   // Twenty users, three rounds on one connection: each user always on one endpoint, and the users
   // on both (all twenty on one would happen once in 2^19 runs).

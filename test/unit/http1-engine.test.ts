@@ -518,3 +518,49 @@ test('keptBody: a request forwarded with keep has its body as it was sent when i
   await fetchOn(agent, r.port, '/e', { method: 'POST', body: Buffer.from('hello') });
   assert.deepEqual(kept, ['hello', 'a\r\nzzzzzzzzzz\r\n0\r\n\r\n', '', undefined, undefined]);
 });
+
+test('upgrades: a 101 joins the client and a connection of its own byte for byte until both ended (done 101 with the bytes); a refused upgrade is answered and the connection closes', async (t) => {
+  let connections = 0;
+  const r = await rig(t, () => undefined, (s) => {
+    connections++;
+    s.on('error', () => undefined);
+    let head = '';
+    const onHead = (d: Buffer): void => {
+      head += d.toString('latin1');
+      const end = head.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      s.off('data', onHead);
+      if (!/^GET \/ws /.test(head) || !/\r\nupgrade: echo\r\n/i.test(head)) {
+        s.end('HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n');
+        return;
+      }
+      s.write('HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n');
+      // Whatever came after the head, then everything: echoed upper-cased, until the client ends.
+      const rest = head.slice(end + 4);
+      if (rest.length > 0) s.write(rest.toUpperCase());
+      s.on('data', (more: Buffer) => s.write(more.toString('latin1').toUpperCase()));
+    };
+    s.on('data', onHead);
+  });
+  r.onHead = (id, method, target, headers) => {
+    let head = `${method} ${target} HTTP/1.1\r\n`;
+    for (let i = 0; i < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+    void forwardWith(r, id, `${head}\r\n`, [], '');
+  };
+  const s = connect(r.port, '127.0.0.1');
+  let got = '';
+  s.on('data', (d: Buffer) => (got += d.toString('latin1')));
+  s.write('GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly ');
+  for (let i = 0; i < 100 && !got.includes('\r\n\r\n'); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.match(got, /^HTTP\/1\.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n/);
+  const big = 'x'.repeat(300_000);
+  s.write(`hello ${big}`);
+  s.end();
+  await once(s, 'close');
+  assert.equal(got.slice(got.indexOf('\r\n\r\n') + 4), `EARLY HELLO ${big.toUpperCase()}`, 'both ways, in order, 300 KB through');
+  assert.deepEqual(r.done.map((d) => [d.status, d.flag, d.bytesIn, d.bytesOut]), [[101, '-', 6 + 6 + big.length, 12 + big.length]]);
+  // Refused: the answer, then the connection ends; each upgrade had a connection of its own.
+  const refused = await rawExchange(r.port, 'GET /other HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: other\r\n\r\n');
+  assert.match(refused, /^HTTP\/1\.1 426 Upgrade Required\r\n[\s\S]*connection: close\r\n\r\n$/);
+  assert.equal(connections, 2);
+});

@@ -79,10 +79,21 @@ export function headerObject(raw: ReadonlyArray<string>): IncomingHttpHeaders {
   return out;
 }
 
+/**
+ * The fields that ask the upstream for the request's upgrade (WebSocket's mechanism), which
+ * forwardable() drops as hop-by-hop: none for a request that asks for none.
+ */
+export function upgradeFields(req: RequestHead): ReadonlyArray<string> {
+  const protocol = req.headers['upgrade'];
+  return protocol === undefined ? NO_FIELDS : ['connection', 'upgrade', 'upgrade', String(protocol)];
+}
+const NO_FIELDS: ReadonlyArray<string> = Object.freeze([]);
+
 /** A request head line and headers, as the engine sends them upstream. */
-export function requestHead(method: string, target: string, headers: ReadonlyArray<string>): string {
+export function requestHead(method: string, target: string, headers: ReadonlyArray<string>, extra: ReadonlyArray<string> = NO_FIELDS): string {
   let head = `${method} ${target} HTTP/1.1\r\n`;
   for (let i = 0; i + 1 < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+  for (let i = 0; i + 1 < extra.length; i += 2) head += `${extra[i]}: ${extra[i + 1]}\r\n`;
   return `${head}\r\n`;
 }
 
@@ -297,8 +308,9 @@ export class Http1Host<C, R> {
           head: (id, method, url, minor, rawHeaders, _body, upgrade) => {
             const entry = this.served.get(id);
             if (!entry) return this.engine?.close(id);
-            // HTTP/1.0 (its answers framed as it reads them) and upgrades are node:http's.
-            if (minor === 0 || upgrade) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'upgrade');
+            // HTTP/1.0 (its answers framed as it reads them) and CONNECT are node:http's; an
+            // Upgrade is the engine's (a 101 joins the connections in C++).
+            if (minor === 0 || (upgrade && method === 'CONNECT')) return this.handBack(entry.s, minor === 0 ? 'http1.0' : 'connect');
             this.handler.head(entry.s, { method, url, httpVersion: '1.1', headers: headerObject(rawHeaders), rawHeaders });
           },
           retry: (id, status) => {

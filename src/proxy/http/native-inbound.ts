@@ -8,7 +8,7 @@ import type { Socket } from 'node:net';
 
 import { requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { Http1Host, proxyAnswer, requestHead, type Http1Handler, type Served } from './native-engine.js';
+import { Http1Host, proxyAnswer, requestHead, upgradeFields, type Http1Handler, type Served } from './native-engine.js';
 
 interface Delivering {
   readonly started: number;
@@ -43,7 +43,7 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
     s.request = { started, facts: withBytes(facts, 0, 0, 1) };
     this.host.forward(s, {
       pool: conn.poolKey,
-      head: requestHead(req.method ?? 'GET', admitted.target, headers),
+      head: requestHead(req.method ?? 'GET', admitted.target, headers, upgradeFields(req)),
       dial: () => conn.dialFd(),
       failed: (e) => this.answers(s, 503, 'UF', e.message),
     });

@@ -3,17 +3,18 @@
  * by the same decide() as on node:http, so routing, weights, filters, affinity, circuit breaking
  * and outlier detection are one code; a rule's timeouts.request (expire()), faults,
  * maxRequestsPerConnection, retries and per-attempt timeouts apply here too (the engine keeps a
- * request's body up to 64 KiB to send it again, as node:http's path does). A mirror (and
- * upgrades, HTTP/1.0) go to node:http: a request that needs one hands its connection to
- * node:http (HttpOutbound) from that request on, so nothing is refused for being unsupported here.
+ * request's body up to 64 KiB to send it again, as node:http's path does), and so do mirrors
+ * (keptBody) and upgrades (a 101 joins the connections in the engine). HTTP/1.0 and CONNECT go
+ * to node:http: a request that needs it hands its connection to node:http (HttpOutbound) from
+ * that request on, so nothing is refused for being unsupported here.
  */
 import type { Socket } from 'node:net';
 
-import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
+import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { Http1Host, headerObject, proxyAnswer, requestHead, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
+import { Http1Host, headerObject, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import { applyHeaderChanges, drawMirrors, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
@@ -43,6 +44,9 @@ interface InFlight {
   /** The rule's mirrors this request was drawn for (their percentages): a copy to each once it is done. */
   mirrors: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }> | undefined;
 }
+
+/** An upgrade's attempt: no retry, no per-try timeout (it becomes a tunnel). */
+const NO_RETRY: Pick<HttpRouteEntry, 'retry' | 'timeouts'> = Object.freeze({});
 
 /** How long a mirror's copy may take before its connection goes (its answer is only counted). */
 const MIRROR_TIMEOUT_MS = 30_000;
@@ -150,11 +154,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const { target } = d;
     // Every field from the start: one shape for every request (no map transitions per request).
     // RequestMirror: drawn now (each mirror's percentage), copied once the request is done.
-    const mirrors = drawMirrors(d.entry);
+    // An upgrade (WebSocket) is no request to copy or to time: it becomes a tunnel.
+    const upgrade = req.headers['upgrade'] !== undefined;
+    const mirrors = upgrade ? [] : drawMirrors(d.entry);
     const request: InFlight = { started, target, facts, flag: '-', d, attempts: 0, retries: 0, endpoint: undefined, release: undefined, local: undefined, timer: undefined, delay: undefined, tryTimer: undefined, retryTimer: undefined, mirrors: mirrors.length > 0 ? mirrors : undefined };
     s.request = request;
     this.outbound.track('active', target, 1);
-    const requestMs = d.entry.timeouts?.requestMs;
+    const requestMs = upgrade ? undefined : d.entry.timeouts?.requestMs;
     if (requestMs !== undefined) request.timer = setTimeout(() => this.timedOut(s, request, requestMs), requestMs);
     // Faults (TrafficPolicy fault, Istio's semantics): the delay first, then the abort.
     const fault = d.entry.fault ?? d.parent.policy.fault ?? target.policy.fault;
@@ -250,7 +256,8 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       leave();
     };
     const edits = answerEdits(upstream.answerChanges);
-    const { retry, timeouts } = d.entry;
+    const upgrade = upgradeFields(request.facts.req);
+    const { retry, timeouts } = upgrade.length > 0 ? NO_RETRY : d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
@@ -269,7 +276,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       this.proxyAnswers(s, request, 503, 'UF', e.message);
     };
     const pool = `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
-    this.host.forward(s, forwarding(common, pool, requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers), dial, failed));
+    this.host.forward(s, forwarding(common, pool, requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade), dial, failed));
   }
 
   /**
@@ -294,7 +301,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       });
     }
     const failed = (e: Error): void => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message));
-    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers), () => local.dialFd(), failed));
+    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgradeFields(request.facts.req)), () => local.dialFd(), failed));
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */

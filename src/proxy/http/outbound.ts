@@ -9,7 +9,7 @@
  *
  * HTTP/1.1 connections are served by the addon's engine (NativeOutbound) where the kernel relay
  * is on; node:http serves the rest (strict, no lenient flags), and every connection from its
- * first request that needs what the engine does not do (upgrades, HTTP/1.0). Both are routed by
+ * first request that needs what the engine does not do (HTTP/1.0, CONNECT). Both are routed by
  * decide().
  */
 import { randomUUID } from 'node:crypto';

@@ -104,7 +104,7 @@ export class NodeMetrics {
     this.requests = new RequestMetrics(this.registry);
     this.httpEngine = new Counter({
       name: 'nodemesh_http1_connections_total',
-      help: "HTTP/1.1 connections read per request, by side (client: routed on the caller's node; server: authorized on the callee's) and what served them: engine=addon (native/src/http1.cc) or engine=node (node:http, from the first request that needs it); why says why node:http took one (upgrade, http1.0, no_addon, no_fd). A connection handed over is counted under both.",
+      help: "HTTP/1.1 connections read per request, by side (client: routed on the caller's node; server: authorized on the callee's) and what served them: engine=addon (native/src/http1.cc) or engine=node (node:http, from the first request that needs it); why says why node:http took one (connect: a CONNECT request, http1.0, no_addon, no_fd). A connection handed over is counted under both.",
       labelNames: ['side', 'engine', 'why'],
       registers,
     });
