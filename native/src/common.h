@@ -10,6 +10,21 @@
 
 namespace nodemesh {
 
+// HTTP's bytes are Latin-1 (obs-text included): one byte per char both ways, never UTF-8.
+inline std::string Latin1(const Napi::Value& v) {
+  size_t n = 0;
+  napi_get_value_string_latin1(v.Env(), v, nullptr, 0, &n);
+  std::string s(n, '\0');
+  napi_get_value_string_latin1(v.Env(), v, s.data(), n + 1, &n);
+  return s;
+}
+
+inline Napi::String NewLatin1(Napi::Env env, const std::string& s) {
+  napi_value out;
+  napi_create_string_latin1(env, s.data(), s.size(), &out);
+  return Napi::String(env, out);
+}
+
 // A failed system or libbpf call. `detail` carries libbpf's log (verifier output) if any.
 struct SysError {
   int err = 0;

@@ -45,20 +45,6 @@ constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry o
 
 uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
-std::string Latin1(const Napi::Value& v) {
-  size_t n = 0;
-  napi_get_value_string_latin1(v.Env(), v, nullptr, 0, &n);
-  std::string s(n, '\0');
-  napi_get_value_string_latin1(v.Env(), v, s.data(), n + 1, &n);
-  return s;
-}
-
-Napi::String NewLatin1(Napi::Env env, const std::string& s) {
-  napi_value out;
-  napi_create_string_latin1(env, s.data(), s.size(), &out);
-  return Napi::String(env, out);
-}
-
 using Fields = std::vector<std::pair<std::string, std::string>>;
 
 // Header fields as nghttp2 takes them (pointing into `f`, which must outlive the call).
@@ -254,20 +240,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         x->reqAcked = x->reqTaken;
       }
     }
-    if (x->req.size() == 0 && x->req.end) {
-      *flags |= NGHTTP2_DATA_FLAG_EOF;
-      if (x->req.trailers && x->up) {
-        *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        auto nv = Nvs(x->req.trailerFields);
-        nghttp2_submit_trailer(x->up->session, x->upId, nv.data(), nv.size());
-      }
-      return static_cast<int64_t>(n);
-    }
-    if (n == 0) {
-      x->req.deferred = true;
-      return NGHTTP2_ERR_DEFERRED;
-    }
-    return static_cast<int64_t>(n);
+    return Provided(&x->req, n, flags, x->up ? x->up->session : nullptr, x->upId);
   }
 
   int64_t AnswerBody(Exchange* x, uint8_t* buf, size_t length, uint32_t* flags) {
@@ -277,18 +250,24 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       x->bytesOut += n;
       if (x->up && x->upOpen) Ack(x->up, x->upId, n);
     }
-    if (x->resp.size() == 0 && x->resp.end) {
+    return Provided(&x->resp, n, flags, x->down->session, x->downId);
+  }
+
+  // What a data provider returns once it took `n` bytes of `p`: the end when all of it went (its
+  // trailers, if any, submitted on stream `sid` of `to`), NGHTTP2_ERR_DEFERRED when nothing is
+  // there yet (resume_data wakes it), else `n`.
+  static int64_t Provided(Pipe* p, size_t n, uint32_t* flags, nghttp2_session* to, int32_t sid) {
+    if (p->size() == 0 && p->end) {
       *flags |= NGHTTP2_DATA_FLAG_EOF;
-      if (x->resp.trailers) {
+      if (p->trailers && to) {
         *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
-        Fields t = x->resp.trailerFields;
-        auto nv = Nvs(t);
-        nghttp2_submit_trailer(x->down->session, x->downId, nv.data(), nv.size());
+        auto nv = Nvs(p->trailerFields);
+        nghttp2_submit_trailer(to, sid, nv.data(), nv.size());
       }
       return static_cast<int64_t>(n);
     }
     if (n == 0) {
-      x->resp.deferred = true;
+      p->deferred = true;
       return NGHTTP2_ERR_DEFERRED;
     }
     return static_cast<int64_t>(n);
@@ -1059,13 +1038,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       else if (x->up == c) UpstreamEnded(x, NGHTTP2_INTERNAL_ERROR);
     }
     c->exchanges.clear();
-    if (c->poll) {
-      uv_poll_stop(c->poll);
-      uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-      c->poll = nullptr;
-    }
-    if (c->fd >= 0) close(c->fd);
-    c->fd = -1;
+    Unpoll(c);
     if (c->server) {
       clients_.erase(c->id);
       pendingClosed_.push_back({c->id, c->read, c->written});
@@ -1075,6 +1048,17 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       deadConns_.push_back(std::move(it->second));
       conns_.erase(it);
     }
+  }
+
+  // Stops polling the socket and closes it.
+  static void Unpoll(Conn* c) {
+    if (c->poll) {
+      uv_poll_stop(c->poll);
+      uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+      c->poll = nullptr;
+    }
+    if (c->fd >= 0) close(c->fd);
+    c->fd = -1;
   }
 
   // -- JS calls and the loop ------------------------------------------------------------------------
@@ -1211,13 +1195,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (shutdown_) return;
     shutdown_ = true;
     for (auto& [c, owned] : conns_) {
-      if (c->poll) {
-        uv_poll_stop(c->poll);
-        uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-        c->poll = nullptr;
-      }
-      if (c->fd >= 0) close(c->fd);
-      c->fd = -1;
+      Unpoll(c);
       c->closed = true;
     }
     pools_.clear();

@@ -40,21 +40,6 @@ constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry (
 
 uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
-// HTTP's bytes are Latin-1 (obs-text included): one byte per char both ways, never UTF-8.
-std::string Latin1(const Napi::Value& v) {
-  size_t n = 0;
-  napi_get_value_string_latin1(v.Env(), v, nullptr, 0, &n);
-  std::string s(n, '\0');
-  napi_get_value_string_latin1(v.Env(), v, s.data(), n + 1, &n);
-  return s;
-}
-
-Napi::String NewLatin1(Napi::Env env, const std::string& s) {
-  napi_value out;
-  napi_create_string_latin1(env, s.data(), s.size(), &out);
-  return Napi::String(env, out);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Parsing
 

@@ -14,6 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import type { GrpcPlan, GrpcRun } from '../support/grpc-client.js';
 import type { H2Answer } from '../support/h2-client.js';
+import { h2Frame } from '../support/loopback.js';
 import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 
@@ -98,14 +99,7 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   await checkGrpc(sb, client, agent, agent, [agent], 'one node');
   // Clients that break HTTP/2: their connection ends with a GOAWAY, nothing goes upstream, and
   // the proxy serves on.
-  const frame = (type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer => {
-    const head = Buffer.alloc(9);
-    head.writeUIntBE(payload.length, 0, 3);
-    head[3] = type;
-    head[4] = flags;
-    head.writeUInt32BE(stream, 5);
-    return Buffer.concat([head, payload]);
-  };
+  const frame = h2Frame;
   const settings = frame(4, 0, 0);
   const before = metricValue(await agent.metrics(), 'istio_requests_total');
   const bad = await grpc(sb, client, {

@@ -7,12 +7,13 @@
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect as h2connect, constants, createServer as h2server, type ClientHttp2Session, type Http2Server, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
-import { connect, createServer, type Server } from 'node:net';
+import { connect as h2connect, constants, createServer as h2server, type ClientHttp2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import { connect, createServer } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
 import { dupFd, h2Engine, type H2Engine } from '../../src/datapath/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
+import { dialFd, h2Frame, listening } from '../support/loopback.js';
 
 interface Done {
   readonly stream: number;
@@ -39,19 +40,7 @@ interface Rig {
   forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean): Promise<void>;
 }
 
-async function listening(server: Server | Http2Server): Promise<number> {
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  return (server.address() as { port: number }).port;
-}
 
-async function dial(port: number): Promise<number> {
-  const s = connect(port, '127.0.0.1');
-  await once(s, 'connect');
-  const fd = dupFd(socketFd(s) ?? -1);
-  s.destroy();
-  return fd;
-}
 
 async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => void): Promise<Rig> {
   const upstream = { connections: 0, streams: 0 };
@@ -81,7 +70,7 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
       const fields = list.join('\0');
       if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep)) return;
       // One dial for every stream that waits (as H2Host does).
-      opening ??= dial(upPort).then((fd) => {
+      opening ??= dialFd(upPort).then((fd) => {
         r.engine.attach('up', fd, 0);
         opening = undefined;
       });
@@ -331,14 +320,7 @@ test('h2 engine: clients that break the protocol end with GOAWAY, counted, nothi
   let routed = 0;
   r.onRequest = () => void routed++;
   const preface = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
-  const frame = (type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer => {
-    const head = Buffer.alloc(9);
-    head.writeUIntBE(payload.length, 0, 3);
-    head[3] = type;
-    head[4] = flags;
-    head.writeUInt32BE(stream, 5);
-    return Buffer.concat([head, payload]);
-  };
+  const frame = h2Frame;
   const settings = frame(4, 0, 0);
   assert.equal(await goaway(r.port, Buffer.concat([preface, settings, frame(0, 0, 0, Buffer.from('x'))])), 'goaway:1', 'DATA on stream 0');
   assert.equal(await goaway(r.port, Buffer.concat([preface, ...Array.from({ length: 20_000 }, () => settings)])), 'goaway:2', 'a SETTINGS flood');

@@ -13,6 +13,7 @@ import { test, type TestContext } from 'node:test';
 
 import { dupFd, http1Engine, type Http1Engine } from '../../src/datapath/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
+import { dialFd, listening } from '../support/loopback.js';
 
 interface Done {
   readonly status: number;
@@ -39,20 +40,7 @@ interface Rig {
   onDone?: (id: number) => void;
 }
 
-async function listening(server: Server | HttpServer): Promise<number> {
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  return (server.address() as { port: number }).port;
-}
 
-/** An fd of a new loopback connection to `port`, the caller's. */
-async function dial(port: number): Promise<number> {
-  const s = connect(port, '127.0.0.1');
-  await once(s, 'connect');
-  const fd = dupFd(socketFd(s) ?? -1);
-  s.destroy();
-  return fd;
-}
 
 /**
  * The engine between a front listener and `app` (a node:http request handler, or a raw server
@@ -272,7 +260,7 @@ test('answers: HEAD and 204 without bodies, 100-continue passed on, an answer un
 async function forwardWith(r: Rig, id: number, head: string, remove: string[], add: string): Promise<void> {
   r.heads.set(id, head);
   if (r.engine.forward(id, 'up', head, -1, remove, add)) return;
-  r.engine.forward(id, 'up', head, await dial(r.upstreamPort), remove, add);
+  r.engine.forward(id, 'up', head, await dialFd(r.upstreamPort), remove, add);
 }
 
 test('the upstream fails: closed before its answer (503, UC), cut within its body (the client is reset, UPE)', async (t) => {
@@ -397,13 +385,13 @@ test('a route\'s retry: an answer with a code it retries on is dropped and the r
   r.onHead = (id, method, target) => {
     const head = `${method} ${target} HTTP/1.1\r\nhost: x\r\n\r\n`;
     r.heads.set(id, head);
-    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
+    void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
   };
   r.onRetry = (id, status) => {
     asked.push(status);
     if (!allow) return false;
     // Later, as a backoff would: a new connection each time.
-    setTimeout(() => void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
+    setTimeout(() => void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
     return true;
   };
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
@@ -444,11 +432,11 @@ test('a route\'s retry with a request body: the body (either framing, up to 64 K
     head += '\r\n';
     r.heads.set(id, head);
     ids.set(target, id);
-    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
+    void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, [503]));
   };
   r.onRetry = (id, status) => {
     asked.push(status);
-    setTimeout(() => void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
+    setTimeout(() => void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503])), 10);
     return true;
   };
   const agent = new Agent({ keepAlive: true, maxSockets: 1 });
@@ -474,7 +462,7 @@ test('a route\'s retry with a request body: the body (either framing, up to 64 K
   while ((seen.get('/slow')?.length ?? 0) < 1) await new Promise((resolve) => setTimeout(resolve, 5));
   const id = ids.get('/slow') ?? -1;
   assert.equal(r.engine.abandon(id), 1);
-  void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503]));
+  void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', r.heads.get(id) ?? '', fd, [], '', 0, [503]));
   const four = await slow;
   assert.deepEqual([four.status, four.body.toString()], [200, 'ok']);
   assert.deepEqual(seen.get('/slow'), [sha(small), sha(small)]);
@@ -504,7 +492,7 @@ test('keptBody: a request forwarded with keep has its body as it was sent when i
     let head = `${method} ${target} HTTP/1.1\r\n`;
     for (let i = 0; i < headers.length; i += 2) if ((headers[i] ?? '').toLowerCase() !== 'connection') head += `${headers[i]}: ${headers[i + 1]}\r\n`;
     head += '\r\n';
-    void dial(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, undefined, keep));
+    void dialFd(r.upstreamPort).then((fd) => r.engine.forward(id, 'up', head, fd, [], '', 0, undefined, keep));
   };
   // Asked when the request ends (as the client side's done() asks it).
   r.onDone = (id) => void kept.push(r.engine.keptBody(id)?.toString('latin1'));

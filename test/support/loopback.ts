@@ -1,0 +1,35 @@
+/**
+ * Loopback helpers the engine unit tests share: a server listening on an ephemeral port, a new
+ * connection's fd (the caller's, as the node proxy hands engines theirs), and raw HTTP/2 frames.
+ */
+import { once } from 'node:events';
+import { connect, type Server } from 'node:net';
+
+import { dupFd } from '../../src/datapath/native.js';
+import { socketFd } from '../../src/proxy/pod-listener.js';
+
+/** Listens on 127.0.0.1 (an ephemeral port): the port. */
+export async function listening(server: Pick<Server, 'listen' | 'address' | 'once'>): Promise<number> {
+  server.listen(0, '127.0.0.1');
+  await once(server as Server, 'listening');
+  return (server.address() as { port: number }).port;
+}
+
+/** An fd of a new loopback connection to `port`, the caller's. */
+export async function dialFd(port: number): Promise<number> {
+  const s = connect(port, '127.0.0.1');
+  await once(s, 'connect');
+  const fd = dupFd(socketFd(s) ?? -1);
+  s.destroy();
+  return fd;
+}
+
+/** One HTTP/2 frame as it goes on the wire (RFC 9113 4.1). */
+export function h2Frame(type: number, flags: number, stream: number, payload = Buffer.alloc(0)): Buffer {
+  const head = Buffer.alloc(9);
+  head.writeUIntBE(payload.length, 0, 3);
+  head[3] = type;
+  head[4] = flags;
+  head.writeUInt32BE(stream, 5);
+  return Buffer.concat([head, payload]);
+}
