@@ -945,13 +945,13 @@ export class NodeProxy {
       source: state.pod,
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
-      localServer: (target, endpoint) => {
-        // A pod of this node whose port its side reads as HTTP/1.1: that side is served here, in
+      localServer: (target, endpoint, protocol) => {
+        // A pod of this node whose port its side reads as `protocol`: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it
         // a socket pair, judged by admitLocal). Judged once per target and endpoint on this
         // connection while labelsGeneration stays (a policy change bumps it), as a connection is.
         const here = this.pods.get(endpoint.workload.uid);
-        if (!here || this.readsHttp(here, endpoint.port) !== 'http1') return undefined;
+        if (!here || this.readsHttp(here, endpoint.port) !== protocol) return undefined;
         if (servedMade.generation !== this.labelsGeneration) servedMade = { generation: this.labelsGeneration, byTarget: new WeakMap() };
         let byEndpoint = servedMade.byTarget.get(target);
         if (!byEndpoint) servedMade.byTarget.set(target, (byEndpoint = new WeakMap()));
@@ -959,9 +959,9 @@ export class NodeProxy {
         if (known) return known;
         const u = upstreamOf(target, endpoint);
         const read = this.readHere(state, u);
-        if (read?.reads !== 'http1') return undefined;
+        if (read?.reads !== protocol) return undefined;
         admitted(u, endpoint);
-        const server = this.serverConnection(read.local, 'http1', read.facts, 'same_node', read.labels, state.pod);
+        const server = this.serverConnection(read.local, protocol, read.facts, 'same_node', read.labels, state.pod);
         byEndpoint.set(endpoint, server);
         return server;
       },

@@ -97,6 +97,9 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   const client = await sb.idlePod('client');
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
   await checkGrpc(sb, client, agent, agent, [agent], 'one node');
+  // Both sides on one node in one pass: the destination's side admitted each stream in the
+  // client's engine, so no connection into cart-v2 was read a second time.
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http2_connections_total', { side: 'server' }), 0, 'no second read on the server side');
   // Clients that break HTTP/2: their connection ends with a GOAWAY, nothing goes upstream, and
   // the proxy serves on.
   const frame = h2Frame;
@@ -136,6 +139,7 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
   await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
+  assert.ok(metricValue(await agentB.metrics(), 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' }) >= 1, "node B's side read the tunnelled streams on its engine");
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
 });
 

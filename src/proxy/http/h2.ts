@@ -366,9 +366,11 @@ export class H2Outbound {
     readonly outbound: HttpOutbound,
     idleTimeoutMs: number,
     nativeHttp: boolean,
+    /** This node's server side: a stream to a pod of this node that reads HTTP/2 is admitted here (one pass). */
+    destinationSide: HttpInbound | undefined,
   ) {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
-    this.native = new NativeH2Outbound(outbound, nativeHttp, idleTimeoutMs, (conn, target, endpoint, raw, body, count) => {
+    this.native = new NativeH2Outbound(outbound, destinationSide, nativeHttp, idleTimeoutMs, (conn, target, endpoint, raw, body, count) => {
       const out: OutgoingHttpHeaders = {};
       for (let i = 0; i + 1 < raw.length; i += 2) {
         const name = raw[i] ?? '';

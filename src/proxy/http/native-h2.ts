@@ -316,6 +316,8 @@ interface Routed {
   retryTimer?: NodeJS.Timeout;
   /** The rule's mirrors this stream was drawn for: a copy to each once it ended. */
   mirrors: ReadonlyArray<{ readonly target: ServiceTarget; readonly percent: number }> | undefined;
+  /** Served in one pass with the destination's side: its connection, the stream as it saw it, and its own flag when it refused it. */
+  local?: { readonly conn: HttpServerConnection; readonly facts: AccessFacts; readonly flag: string | undefined };
 }
 
 /** Sends a mirror's copy of a stream (its fields and kept body) to `endpoint` of `target`; `count` gets the result. */
@@ -327,6 +329,8 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
 
   constructor(
     private readonly outbound: HttpOutbound,
+    /** This node's server side: a stream to a pod of this node that reads HTTP/2 is admitted here (one pass). */
+    private readonly inbound: HttpInbound | undefined,
     enabled: boolean,
     idleTimeoutMs: number,
     /** How a mirror's copy goes (node:http2's pooled sessions: copies are a share of the traffic). */
@@ -357,6 +361,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       tryTimer: undefined,
       retryTimer: undefined,
       mirrors: mirrors.length > 0 ? mirrors : undefined,
+      local: undefined,
     };
     s.state = r;
     if (d.kind === 'answer') return this.proxyAnswers(s, r, d.answer.status, d.answer.flag, d.answer.detail);
@@ -448,6 +453,16 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       return this.proxyAnswers(s, r, 503, 'UH', `Service ${target.key} has no endpoints`);
     }
     r.endpoint = endpoint;
+    const conn = s.conn;
+    // A pod of this node whose side reads HTTP/2: that side admits the stream here, in one pass.
+    let local: HttpServerConnection | undefined;
+    try {
+      local = this.inbound ? conn.localServer?.(target, endpoint, 'http2') : undefined;
+    } catch (e) {
+      leave();
+      r.release = undefined;
+      return this.proxyAnswers(s, r, 403, 'UAEX', (e as Error).message);
+    }
     lb.acquire(target, endpoint);
     let released = false;
     r.release = (): void => {
@@ -456,12 +471,12 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       lb.release(target, endpoint);
       leave();
     };
-    const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
     const edits = answerEditsH2(upstream.answerChanges);
     const { retry, timeouts } = d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
-    const conn = s.conn;
+    if (local && this.inbound) return this.sendLocal(s, r, local, this.inbound, edits);
+    const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
     const dial = async (): Promise<number> => {
       const fd = await conn.dialFd(target, endpoint).catch((e: unknown) => {
         if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
@@ -484,6 +499,41 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       keep: r.mirrors !== undefined,
       dial,
       maxRequests: target.policy.maxRequestsPerConnection,
+      failed,
+    });
+  }
+
+  /**
+   * Both sides in one pass (a pod of this node whose side reads HTTP/2): the stream as the client
+   * side sends it is admitted by the destination's side (normalized path, authorization, rate
+   * limits) and goes straight to the application over that side's pool; each side counts it under
+   * its own reporter. A refusal reaches the client as the destination's answer.
+   */
+  private sendLocal(s: H2Stream<HttpClientConnection, Routed>, r: Routed, local: HttpServerConnection, inbound: HttpInbound, edits: { readonly remove: string[]; readonly add: string }): void {
+    if (r.d.kind !== 'forward') return;
+    const { upstream, entry } = r.d;
+    const method = r.facts.req.method ?? 'GET';
+    const req: RequestHead = { method, url: upstream.path, httpVersion: '2.0', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
+    const facts: AccessFacts = { req, requestId: r.facts.requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
+    const admitted = inbound.admit(req, local);
+    if ('status' in admitted) {
+      inbound.refused(local, admitted);
+      r.local = { conn: local, facts, flag: admitted.flag };
+      r.answered = { flag: '-', detail: admitted.detail };
+      this.settle(r);
+      return this.host.respond(s, admitted.status, admitted.detail, admitted.headers);
+    }
+    r.local = { conn: local, facts, flag: undefined };
+    const failed = (e: Error): void => (this.mayRetry(r) ? this.retryLater(s, r) : this.proxyAnswers(s, r, 503, 'UF', e.message));
+    this.host.forward(s, {
+      pool: local.poolKey,
+      fields: streamFields(method, authorityOf(upstream.headers, r.d.target), admitted.target, upstream.headers),
+      answerRemove: edits.remove,
+      answerAdd: edits.add,
+      retryOn: entry.retry?.codes,
+      keep: r.mirrors !== undefined,
+      dial: () => local.dialFd(),
+      maxRequests: 0,
       failed,
     });
   }
@@ -539,6 +589,10 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const facts = withBytes(r.facts, bytesIn, bytesOut, r.attempts);
     const grpc = r.grpc ? grpcStatus : undefined;
     if (r.mirrors && flag !== 'DC') this.mirror(s, r, r.mirrors);
+    if (r.local) {
+      const f = flag === 'DC' ? 'DC' : (r.local.flag ?? (r.answered ? r.answered.flag : flag));
+      this.inbound?.count(r.local.conn, f === 'DC' ? 0 : status, f, r.started, withBytes(r.local.facts, bytesIn, bytesOut, 1), grpc);
+    }
     if (r.answered) {
       // A flag the engine saw (the client left first) says more than the proxy's answer.
       const f = flag === 'DC' ? 'DC' : r.answered.flag;

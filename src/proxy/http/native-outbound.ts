@@ -241,7 +241,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     request.endpoint = endpoint;
     let local: HttpServerConnection | undefined;
     try {
-      local = this.inbound ? s.conn.localServer?.(target, endpoint) : undefined;
+      local = this.inbound ? s.conn.localServer?.(target, endpoint, 'http1') : undefined;
     } catch (e) {
       leave();
       request.release = undefined;

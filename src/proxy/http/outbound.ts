@@ -54,7 +54,7 @@ export interface HttpClientConnection {
    * side's connection facts, so both sides of a request are served in one pass; undefined
    * otherwise. Throws UpstreamDenied when its policy refuses the connection.
    */
-  localServer?(target: ServiceTarget, endpoint: Endpoint): HttpServerConnection | undefined;
+  localServer?(target: ServiceTarget, endpoint: Endpoint, protocol: 'http1' | 'http2'): HttpServerConnection | undefined;
   /** The request metric labels (as for a TCP connection to that endpoint). */
   labels(target: ServiceTarget, endpoint: Endpoint | undefined): TcpLabels;
 }
@@ -170,7 +170,7 @@ export class HttpOutbound {
       (req, res) => this.onRequest(req, res),
       (req, client, head) => this.onUpgrade(req, client, head),
     );
-    this.h2 = new H2Outbound(this, options.idleTimeoutMs, options.nativeHttp === true);
+    this.h2 = new H2Outbound(this, options.idleTimeoutMs, options.nativeHttp === true, options.destinationSide);
     this.native = new NativeOutbound(this, options.destinationSide, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
 
