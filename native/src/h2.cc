@@ -129,7 +129,7 @@ struct Exchange {
   bool downClosed = false;
   bool upOpen = false;
   // The request as it came: its pseudo-header fields and the others.
-  std::string method, path, authority, scheme;
+  std::string method, path, authority;
   Fields headers;
   size_t headerBytes = 0;
   bool headersDone = false;
@@ -722,7 +722,6 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         if (n == ":method") x->method = v;
         else if (n == ":path") x->path = v;
         else if (n == ":authority") x->authority = v;
-        else if (n == ":scheme") x->scheme = v;
         else if (n[0] != ':') {
           if (n == "content-type" && v.compare(0, 16, "application/grpc") == 0) x->grpc = true;
           x->headers.emplace_back(std::move(n), std::move(v));
@@ -1117,7 +1116,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       all += x->method;
       all.push_back('\0');
       all += x->path;
-      Call(request_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, static_cast<double>(xid)), NewLatin1(env_, all), Napi::Boolean::New(env_, x->req.end && x->req.size() == 0)});
+      Call(request_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, static_cast<double>(xid)), NewLatin1(env_, all)});
     }
     std::vector<uint64_t> done;
     done.swap(pendingDone_);

@@ -257,10 +257,10 @@ export function http1Engine(events: Http1Events, options: Http1Options): Http1En
 export interface H2Events {
   /**
    * A client stream's headers, joined by NUL: "host", its :authority, its other fields as name
-   * and value, then its :method and :path (`ended`: no body follows). Answer it with forward() or
+   * and value (:scheme left out), then its :method and :path. Answer it with forward() or
    * respond(), now or later.
    */
-  request(conn: number, stream: number, head: string, ended: boolean): void;
+  request(conn: number, stream: number, head: string): void;
   /**
    * The stream's attempt in flight got an answer with a code of its `retryOn` (`status`), or
    * ended before any answer (status 0: reset, refused, its session lost), and its request can go

@@ -9,7 +9,6 @@
 import { writeSync } from 'node:fs';
 import { constants as h2constants, type ClientHttp2Stream } from 'node:http2';
 import { Socket, type Server } from 'node:net';
-import type { Duplex } from 'node:stream';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
@@ -32,7 +31,7 @@ import { portProtocol, speaksRequests } from '../config/service.js';
 import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 import { HttpInbound, type HttpServerConnection } from './http/inbound.js';
-import { SNIFF_DEADLINE_MS, sniff, withHead, type ConnectionBytes } from './http/common.js';
+import { NO_BYTES, SNIFF_DEADLINE_MS, sniff, withHead, type ConnectionBytes } from './http/common.js';
 
 const log = logger('proxy');
 
@@ -875,7 +874,7 @@ export class NodeProxy {
       if (read && read.reads !== 'sniff') {
         this.lb.acquire(target, endpoint);
         try {
-          await this.serveHere(state, client, upstream, read);
+          await this.serveHere(state, client, upstream, read, read.reads);
         } finally {
           this.lb.release(target, endpoint);
         }
@@ -1243,21 +1242,30 @@ export class NodeProxy {
    * engine (or node:net) moved on the client's socket. The socket is the destination pod's too
    * while it lasts: it is cut when that pod leaves, as a relayed one is.
    */
-  private async serveHere(state: PodState, client: Socket, u: Upstream, read: NonNullable<ReturnType<NodeProxy['readHere']>>): Promise<void> {
-    if (read.reads === 'sniff') throw new Error('a sniffed port is served through a socket pair');
-    this.metrics.proxied.inc({ path: u.path });
-    for (const l of u.labels) this.metrics.tcpOpened.inc(l);
+  private async serveHere(state: PodState, client: Socket, u: Upstream, read: NonNullable<ReturnType<NodeProxy['readHere']>>, protocol: 'http1' | 'http2'): Promise<void> {
+    this.countOpened(u);
     read.local.sockets.add(client);
-    let bytes: ConnectionBytes = { read: 0, written: 0 };
+    let bytes: ConnectionBytes = NO_BYTES;
     try {
-      bytes = await this.serveHttpIn(read.local, client, read.reads, read.facts, 'same_node', read.labels, state.pod);
+      bytes = await this.serveHttpIn(read.local, client, protocol, read.facts, 'same_node', read.labels, state.pod);
     } finally {
       read.local.sockets.delete(client);
-      for (const l of u.labels) {
-        this.metrics.tcpClosed.inc(l);
-        this.metrics.tcpReceived.inc(l, bytes.read);
-        this.metrics.tcpSent.inc(l, bytes.written);
-      }
+      this.countClosed(u, bytes.read, bytes.written);
+    }
+  }
+
+  /** A connection to `u` began: counted by path and under each of its labels. */
+  private countOpened(u: Upstream): void {
+    this.metrics.proxied.inc({ path: u.path });
+    for (const l of u.labels) this.metrics.tcpOpened.inc(l);
+  }
+
+  /** A connection to `u` ended, with the bytes from and to its client, under each of its labels. */
+  private countClosed(u: Upstream, fromClient: number, toClient: number): void {
+    for (const l of u.labels) {
+      this.metrics.tcpClosed.inc(l);
+      this.metrics.tcpReceived.inc(l, fromClient);
+      this.metrics.tcpSent.inc(l, toClient);
     }
   }
 
@@ -1271,14 +1279,9 @@ export class NodeProxy {
       if (client instanceof NativeTunnelStream) client.answer(503);
       return;
     }
-    this.metrics.proxied.inc({ path: u.path });
-    for (const l of u.labels) this.metrics.tcpOpened.inc(l);
+    this.countOpened(u);
     const result = await this.relayConnected(state, client, connected, idleTimeoutMs);
     if (result.reason) this.metrics.relayEnds.inc({ reason: result.reason });
-    for (const l of u.labels) {
-      this.metrics.tcpClosed.inc(l);
-      this.metrics.tcpReceived.inc(l, result.bytesFromClient);
-      this.metrics.tcpSent.inc(l, result.bytesToClient);
-    }
+    this.countClosed(u, result.bytesFromClient, result.bytesToClient);
   }
 }

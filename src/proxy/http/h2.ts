@@ -22,12 +22,12 @@ import type { Duplex } from 'node:stream';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
-import { NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, drain, once, pairs, socketTotals, withHead, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
-import { drawMirrors, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import { NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, drain, pairs, socketTotals, withHead, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
+import { drawMirrors, upstreamPool, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
-import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound } from './native-h2.js';
+import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound, authorityOf, type CopyHead } from './native-h2.js';
 
 const log = logger('http');
 
@@ -349,10 +349,6 @@ function answerStream(stream: ServerHttp2Stream, status: number, detail: string,
   return Buffer.byteLength(body);
 }
 
-/** Upstream sessions are pooled by source pod, backend Service and endpoint. */
-function poolKey(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): string {
-  return `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
-}
 
 export class H2Outbound {
   private readonly front: HandedH2Server<HttpClientConnection>;
@@ -370,15 +366,7 @@ export class H2Outbound {
     destinationSide: HttpInbound | undefined,
   ) {
     this.front = new HandedH2Server(idleTimeoutMs, (stream, headers, conn) => this.onStream(stream, headers, conn), (e) => this.outbound.metrics.httpRefused.inc({ reason: e.code ?? 'h2_error' }));
-    this.native = new NativeH2Outbound(outbound, destinationSide, nativeHttp, idleTimeoutMs, (conn, target, endpoint, raw, body, count) => {
-      const out: OutgoingHttpHeaders = {};
-      for (let i = 0; i + 1 < raw.length; i += 2) {
-        const name = raw[i] ?? '';
-        const had = out[name];
-        out[name] = had === undefined ? (raw[i + 1] ?? '') : [...(Array.isArray(had) ? had : [String(had)]), raw[i + 1] ?? ''];
-      }
-      this.copy(conn, target, endpoint, out, body.length > 0 ? [body] : [], count);
-    });
+    this.native = new NativeH2Outbound(outbound, destinationSide, nativeHttp, idleTimeoutMs, (conn, target, endpoint, head, chunks, count) => this.copy(conn, target, endpoint, head, chunks, count));
   }
 
   /**
@@ -394,10 +382,11 @@ export class H2Outbound {
   }
 
   /**
-   * A mirror's copy (`out`, its header fields; `chunks`, its body) on the mirror Service's pooled
-   * session to `endpoint`; its answer read and dropped, `count` told whether it came.
+   * A mirror's copy (`head`; `chunks`, its body) on the mirror Service's pooled session to
+   * `endpoint`; its answer read and dropped, `count` told whether it came.
    */
-  copy(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, out: OutgoingHttpHeaders, chunks: ReadonlyArray<Buffer>, count: (result: string) => void): void {
+  copy(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, head: CopyHead, chunks: ReadonlyArray<Buffer>, count: (result: string) => void): void {
+    const out = fields(head.headers, { ':method': head.method, ':path': head.path, ':scheme': 'http', ':authority': head.authority });
     this.session(conn, target, endpoint).then(
       (session) => {
         const copy = session.request(out, { endStream: chunks.length === 0 });
@@ -432,7 +421,7 @@ export class H2Outbound {
 
   /** A stream was started on `session` to `endpoint` of `target`: counted against the backend's maxRequestsPerConnection. */
   started(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, session: ClientHttp2Session, stream: ClientHttp2Stream): void {
-    this.pool.started(poolKey(conn, target, endpoint), session, target.policy.maxRequestsPerConnection, stream);
+    this.pool.started(upstreamPool(conn, target, endpoint), session, target.policy.maxRequestsPerConnection, stream);
   }
 
   private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpClientConnection): void {
@@ -453,21 +442,7 @@ export class H2Outbound {
 
   /** The session to `endpoint` of `target` for the connection's source pod (a connect failure counts against the endpoint). */
   session(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<ClientHttp2Session> {
-    const lb = this.outbound.lb;
-    return this.pool.get(
-      poolKey(conn, target, endpoint),
-      async () => {
-        try {
-          const socket = await conn.dial(target, endpoint);
-          lb.connectSucceeded(endpoint);
-          return socket;
-        } catch (e) {
-          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-          throw e;
-        }
-      },
-      target.key,
-    );
+    return this.pool.get(upstreamPool(conn, target, endpoint), () => this.outbound.connected(target, endpoint, () => conn.dial(target, endpoint)), target.key);
   }
 }
 
@@ -568,12 +543,8 @@ class H2Exchange {
       this.answer(503, 'UH', `Service ${this.target.key} has no endpoints`, undefined);
       return;
     }
-    lb.acquire(this.target, endpoint);
     this.endpoint = endpoint;
-    const release = once(() => {
-      lb.release(this.target, endpoint);
-      leave();
-    });
+    const release = this.outbound.hold(this.target, endpoint, leave);
     let session: ClientHttp2Session;
     try {
       session = await this.h2.session(this.conn, this.target, endpoint);
@@ -592,7 +563,7 @@ class H2Exchange {
       release();
       return;
     }
-    const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': this.authority() });
+    const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': authorityOf(this.d.upstream.headers, this.target) });
     const body = this.body;
     if (!body) return;
     let up: ClientHttp2Stream;
@@ -683,13 +654,6 @@ class H2Exchange {
     });
   }
 
-  /** The :authority upstream: the (possibly rewritten) Host of the request. */
-  private authority(): string {
-    const raw = this.d.upstream.headers;
-    for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') return raw[i + 1] ?? '';
-    return this.target.service.name;
-  }
-
   private answered(up: ClientHttp2Stream, headers: IncomingHttpHeaders, endStream: boolean, endpoint: Endpoint, release: () => void): void {
     const status = Number(headers[':status'] ?? 502);
     if (this.finished || this.stream.destroyed || this.stream.closed) {
@@ -746,8 +710,8 @@ class H2Exchange {
   private mirror(): void {
     const body = this.body?.whole();
     this.outbound.mirrorTo(this.mirrors, body !== undefined, (target, endpoint, count) => {
-      const out = fields(this.d.upstream.headers, { ':method': this.head.method ?? 'GET', ':path': this.d.upstream.path, ':scheme': 'http', ':authority': `${this.authority()}-shadow` });
-      this.h2.copy(this.conn, target, endpoint, out, body ?? [], count);
+      const head: CopyHead = { method: this.head.method ?? 'GET', authority: `${authorityOf(this.d.upstream.headers, this.target)}-shadow`, path: this.d.upstream.path, headers: this.d.upstream.headers };
+      this.h2.copy(this.conn, target, endpoint, head, body ?? [], count);
     });
   }
 }
@@ -824,9 +788,7 @@ export class H2Inbound {
     this.pool.get(conn.poolKey, () => conn.dial(), `${conn.pod.namespace}/${conn.pod.name}`).then(
       (session) => {
         if (finished) return;
-        const raw = [...head.rawHeaders];
-        if (headers['x-request-id'] === undefined) raw.push('x-request-id', requestId);
-        const stream2 = session.request(fields(raw, { ':method': head.method ?? 'GET', ':path': admitted.target, ':scheme': 'http', ':authority': String(head.headers.host ?? '') }));
+        const stream2 = session.request(fields(this.inbound.headersUp(head, requestId), { ':method': head.method ?? 'GET', ':path': admitted.target, ':scheme': 'http', ':authority': String(head.headers.host ?? '') }));
         up = stream2;
         stream2.on('error', () => undefined);
         let answered = false;

@@ -109,7 +109,7 @@ export function proxyAnswer(status: number, detail: string, headers: ReadonlyArr
  * _read is made a no-op so that nothing (not even taking the buffer) starts reading again;
  * resumeReading() gives it back to node:net.
  */
-export function stopReading(client: Socket): Buffer | undefined {
+function stopReading(client: Socket): Buffer | undefined {
   const socket = client as unknown as { _handle?: { reading?: boolean; readStop?: () => number }; _read: (size: number) => void };
   socket._read = () => undefined;
   if (socket._handle?.reading) {
@@ -118,6 +118,25 @@ export function stopReading(client: Socket): Buffer | undefined {
   }
   if (client.readableLength === 0) return undefined;
   return (client.read() as Buffer | null) ?? undefined;
+}
+
+/**
+ * An engine's own copy of an accepted client socket: a duplicate of its fd (node:net keeps the
+ * original, its reading stopped) and what to feed the engine first (`initial`, then what
+ * node:net had read and held). 'no_fd' when there is none: not a socket, or no fd left (EMFILE).
+ */
+export function engineCopy(client: Socket, initial: Buffer | undefined): { readonly fd: number; readonly initial: Buffer | undefined } | 'no_fd' {
+  const fd = socketFd(client);
+  if (fd === undefined) return 'no_fd';
+  let own: number;
+  try {
+    own = dupFd(fd);
+  } catch {
+    return 'no_fd';
+  }
+  client.setNoDelay(true);
+  const held = stopReading(client);
+  return { fd: own, initial: held ? (initial ? Buffer.concat([initial, held]) : held) : initial };
 }
 
 function resumeReading(client: Socket): void {
@@ -161,19 +180,12 @@ export class Http1Host<C, R> {
   serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<ConnectionBytes> {
     const engine = this.start();
     if (!engine) return this.nodeServes(client, conn, initial, 'no_addon');
-    const fd = socketFd(client);
-    if (fd === undefined) return this.nodeServes(client, conn, initial, 'no_fd');
-    let own: number;
-    try {
-      own = dupFd(fd);
-    } catch {
-      // No fd for the engine's copy (EMFILE): node:http serves this one on the socket it has.
-      return this.nodeServes(client, conn, initial, 'no_fd');
-    }
+    // No fd for the engine's copy: node:http serves this one on the socket it has.
+    const copy = engineCopy(client, initial);
+    if (copy === 'no_fd') return this.nodeServes(client, conn, initial, 'no_fd');
+    const own = copy.fd;
+    initial = copy.initial;
     const id = ++this.nextId;
-    client.setNoDelay(true);
-    const held = stopReading(client);
-    if (held) initial = initial ? Buffer.concat([initial, held]) : held;
     return new Promise<ConnectionBytes>((resolve) => {
       const s: Served<C, R> = { id, conn, request: undefined };
       let ended = false;

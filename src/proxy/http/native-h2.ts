@@ -14,17 +14,16 @@
  */
 import type { Socket } from 'node:net';
 
-import { closeFd, dupFd, h2Engine, type H2Engine } from '../../datapath/native.js';
+import { closeFd, h2Engine, type H2Engine } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
-import { socketFd } from '../pod-listener.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { headerObject, stopReading } from './native-engine.js';
+import { engineCopy, headerObject } from './native-engine.js';
 import { answerEditPairs } from './native-outbound.js';
-import { drawMirrors, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 const log = logger('http');
 
@@ -134,18 +133,10 @@ export class H2Host<C, R> {
   serve(client: Socket, conn: C, initial: Buffer | undefined): Promise<ConnectionBytes> | 'no_addon' | 'no_fd' {
     const engine = this.start();
     if (!engine) return 'no_addon';
-    const fd = socketFd(client);
-    if (fd === undefined) return 'no_fd';
-    let own: number;
-    try {
-      own = dupFd(fd);
-    } catch {
-      return 'no_fd';
-    }
+    const copy = engineCopy(client, initial);
+    if (copy === 'no_fd') return 'no_fd';
+    const { fd: own } = copy;
     const id = ++this.nextId;
-    client.setNoDelay(true);
-    const held = stopReading(client);
-    if (held) initial = initial ? Buffer.concat([initial, held]) : held;
     return new Promise<ConnectionBytes>((resolve) => {
       let ended = false;
       const end = (bytes: ConnectionBytes = NO_BYTES): void => {
@@ -160,7 +151,7 @@ export class H2Host<C, R> {
         if (!ended) engine.close(id);
       });
       try {
-        engine.serve(id, own, initial);
+        engine.serve(id, own, copy.initial);
         this.metrics.http2Engine.inc({ side: this.side, engine: 'addon', why: '' });
       } catch (e) {
         closeFd(own);
@@ -298,7 +289,7 @@ interface Routed {
   readonly started: number;
   readonly facts: AccessFacts;
   readonly grpc: boolean;
-  /** Where it goes; undefined when the proxy answered at once (no route, a redirect). */
+  /** Where it goes: forwarded, or answered by the proxy at once (no route, a redirect). */
   readonly d: Decision;
   endpoint?: Endpoint;
   release?: () => void;
@@ -320,8 +311,16 @@ interface Routed {
   local?: { readonly conn: HttpServerConnection; readonly facts: AccessFacts; readonly flag: string | undefined };
 }
 
-/** Sends a mirror's copy of a stream (its fields and kept body) to `endpoint` of `target`; `count` gets the result. */
-export type MirrorCopy = (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, fields: ReadonlyArray<string>, body: Buffer, count: (result: string) => void) => void;
+/** A mirror's copy of a stream: its method, :authority ("-shadow" added), path and header pairs. */
+export interface CopyHead {
+  readonly method: string;
+  readonly authority: string;
+  readonly path: string;
+  readonly headers: ReadonlyArray<string>;
+}
+
+/** Sends a mirror's copy of a stream (its head and kept body) to `endpoint` of `target`; `count` gets the result. */
+export type MirrorCopy = (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, head: CopyHead, chunks: ReadonlyArray<Buffer>, count: (result: string) => void) => void;
 
 /** The client side of HTTP/2 ports on the engine: each stream decided by HttpOutbound.decide, as on node:http2. */
 export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed> {
@@ -397,8 +396,9 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
 
   /** Whether another attempt may go: the rule's retry has attempts left, within the backend's retry budget. */
   private mayRetry(r: Routed): boolean {
-    const retry = r.d.kind === 'forward' ? r.d.entry.retry : undefined;
-    if (!retry || r.answered || r.retries >= retry.attempts || r.d.kind !== 'forward') return false;
+    if (r.d.kind !== 'forward') return false;
+    const { retry } = r.d.entry;
+    if (!retry || r.answered || r.retries >= retry.attempts) return false;
     return this.outbound.retryBudgetAllows(r.d.target);
   }
 
@@ -463,35 +463,21 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       r.release = undefined;
       return this.proxyAnswers(s, r, 403, 'UAEX', (e as Error).message);
     }
-    lb.acquire(target, endpoint);
-    let released = false;
-    r.release = (): void => {
-      if (released) return;
-      released = true;
-      lb.release(target, endpoint);
-      leave();
-    };
+    r.release = this.outbound.hold(target, endpoint, leave);
     const edits = answerEditsH2(upstream.answerChanges);
     const { retry, timeouts } = d.entry;
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
     if (local && this.inbound) return this.sendLocal(s, r, local, this.inbound, edits);
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
-    const dial = async (): Promise<number> => {
-      const fd = await conn.dialFd(target, endpoint).catch((e: unknown) => {
-        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-        throw e;
-      });
-      lb.connectSucceeded(endpoint);
-      return fd;
-    };
+    const dial = (): Promise<number> => this.outbound.connected(target, endpoint, () => conn.dialFd(target, endpoint));
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
       if (this.mayRetry(r)) return this.retryLater(s, r);
       this.proxyAnswers(s, r, 503, 'UF', e.message);
     };
     this.host.forward(s, {
-      pool: `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
+      pool: upstreamPool(conn, target, endpoint),
       fields,
       answerRemove: edits.remove,
       answerAdd: edits.add,
@@ -547,8 +533,9 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     if (r.d.kind !== 'forward') return;
     const { upstream, target } = r.d;
     const body = this.host.keptBody(s);
-    const fields = streamFields(r.facts.req.method ?? 'GET', `${authorityOf(upstream.headers, target)}-shadow`, upstream.path, upstream.headers);
-    this.outbound.mirrorTo(mirrors, body !== undefined, (t, endpoint, count) => this.copy(s.conn, t, endpoint, fields.split('\0'), body ?? Buffer.alloc(0), count));
+    const head: CopyHead = { method: r.facts.req.method ?? 'GET', authority: `${authorityOf(upstream.headers, target)}-shadow`, path: upstream.path, headers: upstream.headers };
+    const chunks = body && body.length > 0 ? [body] : [];
+    this.outbound.mirrorTo(mirrors, body !== undefined, (t, endpoint, count) => this.copy(s.conn, t, endpoint, head, chunks, count));
   }
 
   /** timeouts.request ran out: 504 (UT) if nothing was answered yet, else the stream is cut. */
@@ -638,11 +625,9 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
       r.answered = admitted.flag;
       return this.host.respond(s, admitted.status, admitted.detail, admitted.headers);
     }
-    let fields = streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.rawHeaders);
-    if (req.headers['x-request-id'] === undefined) fields += `\0x-request-id\0${requestId}`;
     this.host.forward(s, {
       pool: conn.poolKey,
-      fields,
+      fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, this.inbound.headersUp(req, requestId)),
       answerRemove: [],
       answerAdd: '',
       retryOn: undefined,
@@ -667,7 +652,7 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
 }
 
 /** The :authority upstream: the (possibly rewritten) Host of the request, else the Service's name. */
-function authorityOf(raw: ReadonlyArray<string>, target: ServiceTarget): string {
+export function authorityOf(raw: ReadonlyArray<string>, target: ServiceTarget): string {
   for (let i = 0; i + 1 < raw.length; i += 2) if ((raw[i] ?? '').toLowerCase() === 'host') return raw[i + 1] ?? '';
   return target.service.name;
 }

@@ -15,7 +15,7 @@ import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
-import { applyHeaderChanges, drawMirrors, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
+import { applyHeaderChanges, drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 /** The request a connection is on, from its decision to its end. */
 interface InFlight {
@@ -247,14 +247,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       request.release = undefined;
       return this.proxyAnswers(s, request, 403, 'UAEX', (e as Error).message);
     }
-    lb.acquire(target, endpoint);
-    let released = false;
-    request.release = (): void => {
-      if (released) return;
-      released = true;
-      lb.release(target, endpoint);
-      leave();
-    };
+    request.release = this.outbound.hold(target, endpoint, leave);
     const edits = answerEdits(upstream.answerChanges);
     const upgrade = upgradeFields(request.facts.req);
     const { retry, timeouts } = upgrade.length > 0 ? NO_RETRY : d.entry;
@@ -262,21 +255,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
-    const dial = async (): Promise<number> => {
-      const fd = await s.conn.dialFd(target, endpoint).catch((e: unknown) => {
-        if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-        throw e;
-      });
-      lb.connectSucceeded(endpoint);
-      return fd;
-    };
+    const dial = (): Promise<number> => this.outbound.connected(target, endpoint, () => s.conn.dialFd(target, endpoint));
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
       if (this.mayRetry(request)) return this.retryLater(s, request);
       this.proxyAnswers(s, request, 503, 'UF', e.message);
     };
-    const pool = `${s.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
-    this.host.forward(s, forwarding(common, pool, requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade), dial, failed));
+    this.host.forward(s, forwarding(common, upstreamPool(s.conn, target, endpoint), requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade), dial, failed));
   }
 
   /**

@@ -15,7 +15,7 @@
 import { randomUUID } from 'node:crypto';
 import { request as httpRequest, type ClientRequest, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
-import type { Duplex, Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 
 import { toItself, type Endpoint, type HttpRouteEntry, type ServiceTarget } from '../../config/snapshot.js';
 import type { PathMatch, RouteMatch } from '../../config/route.js';
@@ -420,6 +420,31 @@ export class HttpOutbound {
     return { now: false, leave };
   }
 
+  /**
+   * One attempt holds `endpoint` of `target` (its requests in flight, for least-request picks):
+   * the release, once, gives it back and leaves the circuit breaker's slot (`leave`).
+   */
+  hold(target: ServiceTarget, endpoint: Endpoint, leave: () => void): () => void {
+    this.lb.acquire(target, endpoint);
+    return once(() => {
+      this.lb.release(target, endpoint);
+      leave();
+    });
+  }
+
+  /** A new connection to `endpoint` of `target` (`dial`), its outcome told to outlier detection: a failed connect counts against the endpoint unless policy refused it. */
+  async connected<T>(target: ServiceTarget, endpoint: Endpoint, dial: () => Promise<T>): Promise<T> {
+    let made: T;
+    try {
+      made = await dial();
+    } catch (e) {
+      if (!(e instanceof UpstreamDenied) && this.lb.connectFailed(target, endpoint)) this.ejected(target, endpoint, 'consecutive connect errors');
+      throw e;
+    }
+    this.lb.connectSucceeded(endpoint);
+    return made;
+  }
+
   /** Outlier detection took `endpoint` of `target` out: counted and logged. */
   ejected(target: ServiceTarget, endpoint: Endpoint, why: string): void {
     this.metrics.ejections.inc({ service: target.key });
@@ -466,6 +491,11 @@ export class HttpOutbound {
 /** Raw header pairs with Gateway API's header modifier applied: removed and set names go, then set, then add. */
 /** The rule's mirrors a request is copied to: each drawn by its percentage (RequestMirror's percent or fraction). */
 const NO_MIRRORS: NonNullable<HttpRouteEntry['mirrors']> = Object.freeze([]);
+
+/** The upstream pool of a client connection's requests to `endpoint` of `target`: per source pod, backend Service (its connectionPool is its own, as Envoy pools per cluster) and endpoint. */
+export function upstreamPool(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): string {
+  return `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+}
 
 export function drawMirrors(entry: Pick<HttpRouteEntry, 'mirrors'>): NonNullable<HttpRouteEntry['mirrors']> {
   // Most rules have none: no new array per request for them.
@@ -643,11 +673,7 @@ class Exchange {
       this.failed({ kind: 'no_endpoint', error: `Service ${this.target.key} has no endpoints`, reused: false }, undefined);
       return;
     }
-    lb.acquire(this.target, endpoint);
-    const release = once(() => {
-      lb.release(this.target, endpoint);
-      leave();
-    });
+    const release = this.outbound.hold(this.target, endpoint, leave);
     const options = this.options(this.target, endpoint, this.upstream.headers);
     let answered = false;
     let perTry: NodeJS.Timeout | undefined;
@@ -690,7 +716,6 @@ class Exchange {
 
   /** How node:http sends to `endpoint` of `target`: its pool, and a new connection from the node proxy when the pool has none. */
   private options(target: ServiceTarget, endpoint: Endpoint, headers: string[]): UpstreamRequestOptions {
-    const lb = this.outbound.lb;
     return {
       agent: this.outbound.agent,
       method: this.req.method ?? 'GET',
@@ -698,18 +723,8 @@ class Exchange {
       // Raw pairs in the client's order and case; its Host header goes as it came.
       headers: headers as unknown as OutgoingHttpHeaders,
       setHost: false,
-      // Per Service as Envoy pools per cluster: its connectionPool settings are its own.
-      poolKey: `${this.conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`,
-      open: async () => {
-        try {
-          const socket = await this.conn.dial(target, endpoint);
-          lb.connectSucceeded(endpoint);
-          return socket;
-        } catch (e) {
-          if (!(e instanceof UpstreamDenied) && lb.connectFailed(target, endpoint)) this.outbound.ejected(target, endpoint, 'consecutive connect errors');
-          throw e;
-        }
-      },
+      poolKey: upstreamPool(this.conn, target, endpoint),
+      open: () => this.outbound.connected(target, endpoint, () => this.conn.dial(target, endpoint)),
     };
   }
 
