@@ -3,7 +3,7 @@
  * connection's fd (the caller's, as the node proxy hands engines theirs), and raw HTTP/2 frames.
  */
 import { once } from 'node:events';
-import { connect, type Server } from 'node:net';
+import { connect, createServer, type Server } from 'node:net';
 
 import { dupFd } from '../../src/datapath/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
@@ -22,6 +22,18 @@ export async function dialFd(port: number): Promise<number> {
   const fd = dupFd(socketFd(s) ?? -1);
   s.destroy();
   return fd;
+}
+
+/**
+ * A listener whose every accepted connection is given to an engine (`serve`, with a new id and
+ * a duplicate of the fd; the accepted socket is closed, as the engine owns its copy): the server.
+ */
+export function engineFront(serve: (id: number, fd: number) => void): Server {
+  let ids = 0;
+  return createServer({ pauseOnConnect: true }, (client) => {
+    serve(++ids, dupFd(socketFd(client) ?? -1));
+    client.destroy();
+  });
 }
 
 /** One HTTP/2 frame as it goes on the wire (RFC 9113 4.1). */

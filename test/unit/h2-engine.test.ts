@@ -8,12 +8,11 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect as h2connect, constants, createServer as h2server, type ClientHttp2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { dupFd, h2Engine, type H2Engine } from '../../src/datapath/native.js';
-import { socketFd } from '../../src/proxy/pod-listener.js';
-import { dialFd, h2Frame, listening } from '../support/loopback.js';
+import { h2Engine, type H2Engine } from '../../src/datapath/native.js';
+import { dialFd, engineFront, h2Frame, listening } from '../support/loopback.js';
 
 interface Done {
   readonly stream: number;
@@ -98,11 +97,7 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
     { idleMs: 60_000, poolIdleMs: 60_000, maxHeaderListBytes: 16 * 1024, grpcMaxMessage: 4 << 20 },
   );
   (r as { engine: H2Engine }).engine = engine;
-  let ids = 0;
-  const front = createServer({ pauseOnConnect: true }, (client) => {
-    engine.serve(++ids, dupFd(socketFd(client) ?? -1));
-    client.destroy();
-  });
+  const front = engineFront((id, fd) => engine.serve(id, fd));
   (r as { port: number }).port = await listening(front);
   t.after(() => {
     engine.destroy();

@@ -11,9 +11,8 @@ import { Agent, createServer as httpServer, request, type IncomingMessage, type 
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { dupFd, http1Engine, type Http1Engine } from '../../src/datapath/native.js';
-import { socketFd } from '../../src/proxy/pod-listener.js';
-import { dialFd, listening } from '../support/loopback.js';
+import { http1Engine, type Http1Engine } from '../../src/datapath/native.js';
+import { dialFd, engineFront, listening } from '../support/loopback.js';
 
 interface Done {
   readonly status: number;
@@ -92,11 +91,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
     { maxHeadBytes: 16 * 1024, idleMs: options.idleMs ?? 60_000, headTimeoutMs: options.headTimeoutMs ?? 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
   );
   (r as { engine: Http1Engine }).engine = engine;
-  let ids = 0;
-  const front = createServer({ pauseOnConnect: true }, (client) => {
-    engine.serve(++ids, dupFd(socketFd(client) ?? -1));
-    client.destroy();
-  });
+  const front = engineFront((id, fd) => engine.serve(id, fd));
   (r as { port: number }).port = await listening(front);
   t.after(() => {
     engine.destroy();
