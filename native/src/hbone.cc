@@ -58,6 +58,7 @@ constexpr int32_t kConnectionWindow = 16 * 1024 * 1024;
 constexpr uint32_t kMaxFrame = 1024 * 1024;
 constexpr ssize_t kSendFrame = 256 * 1024;
 constexpr uint32_t kServerMaxStreams = 200;
+constexpr uint32_t kAppEvents = EPOLLIN | EPOLLRDHUP | EPOLLET;  // an application socket's, EPOLLOUT only while needed
 constexpr uint32_t kMaxHeaderList = 64 * 1024;
 constexpr int kHandshakeMs = 10000;
 const char* const kCiphers = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
@@ -204,6 +205,9 @@ struct Stream {
   Buffer toApp;
   bool peerEnd = false;
   bool appShut = false;
+  // EPOLLOUT is asked for only while a write waits for room: a socket pair's end reports an
+  // EPOLLOUT edge each time its peer reads, which would wake this thread for nothing.
+  bool wantOut = false;
   uint64_t bytesFromApp = 0, bytesToApp = 0;
   // HTTP/2 state
   bool h2Closed = false;
@@ -452,7 +456,7 @@ class HboneEngine {
       nghttp2_session_resume_data(c.h2, s.id);
     }
     epoll_event ev = {};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.events = kAppEvents;
     ev.data.u64 = Tag(c.id, static_cast<uint64_t>(s.id));
     epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
     ReadApp(s);
@@ -823,7 +827,8 @@ class HboneEngine {
     while (!s.toApp.empty()) {
       ssize_t n = write(s.appFd, s.toApp.data(), s.toApp.size());
       if (n < 0) {
-        if (errno == EAGAIN || errno == EINTR) return;
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN) return WantOut(s, true);
         AppFailed(s, errno, "write");
         return;
       }
@@ -833,11 +838,21 @@ class HboneEngine {
       if (!s.h2Closed) nghttp2_session_consume(c.h2, s.id, static_cast<size_t>(n));
       else nghttp2_session_consume_connection(c.h2, static_cast<size_t>(n));
     }
+    WantOut(s, false);
     if (s.peerEnd && !s.appShut) {
       shutdown(s.appFd, SHUT_WR);
       s.appShut = true;
     }
     MaybeFinish(s);
+  }
+
+  void WantOut(Stream& s, bool want) {
+    if (s.wantOut == want) return;
+    s.wantOut = want;
+    epoll_event ev = {};
+    ev.events = kAppEvents | (want ? EPOLLOUT : 0u);
+    ev.data.u64 = Tag(s.conn->id, static_cast<uint64_t>(s.id));
+    epoll_ctl(epfd_, EPOLL_CTL_MOD, s.appFd, &ev);
   }
 
   void AppFailed(Stream& s, int err, const char* op) {

@@ -65,6 +65,8 @@ struct Conn {
   // A side failed (a reset, an error): both are closed with a reset (SO_LINGER {1, 0}), so the
   // other peer sees the connection fail instead of a clean end of stream.
   bool reset = false;
+  // Which sockets EPOLLOUT is asked for on: only while bytes wait in the pipe toward them.
+  bool outA = false, outB = false;
 };
 
 // A socket whose non-blocking connect() is in progress, waited for on the relay thread (never on
@@ -201,14 +203,31 @@ class RelayEngine {
     }
   }
 
-  // Edge-triggered, registered once: every readiness change of either socket pumps both
-  // directions as far as they go (until EAGAIN, EOF or a full pipe), so no edge is missed, and a
-  // hang-up is reported once instead of on every wait while its bytes cannot move yet.
+  // Edge-triggered: every readiness change of either socket pumps both directions as far as
+  // they go (until EAGAIN, EOF or a full pipe), so no edge is missed, and a hang-up is reported
+  // once instead of on every wait while its bytes cannot move yet. EPOLLOUT is asked for only
+  // while bytes wait for room (Pumped): a socket pair's end (the L7 paths) reports an EPOLLOUT
+  // edge each time its peer reads, which would wake this thread for nothing.
   void Register(Conn& c, int fd) {
     epoll_event ev = {};
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
     ev.data.u64 = (c.id << 1) | (fd == c.b ? 1 : 0);
     epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
+  }
+
+  // After both directions were pumped: EPOLLOUT on a socket while its direction holds bytes.
+  void Pumped(Conn& c) {
+    WantOut(c, c.a, c.outA, c.ba.inPipe > 0);
+    WantOut(c, c.b, c.outB, c.ab.inPipe > 0);
+  }
+
+  void WantOut(Conn& c, int fd, bool& now, bool want) {
+    if (now == want) return;
+    now = want;
+    epoll_event ev = {};
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (want ? EPOLLOUT : 0u);
+    ev.data.u64 = (c.id << 1) | (fd == c.b ? 1 : 0);
+    epoll_ctl(epfd_, EPOLL_CTL_MOD, fd, &ev);
   }
 
   static void Failed(Conn& c, int err, const char* op) {
@@ -330,6 +349,7 @@ class RelayEngine {
           // Bytes may have arrived before registration: pump once now.
           bool ok = Pump(ref, ref.ab) && Pump(ref, ref.ba);
           if (!ok || (ref.ab.shutDown && ref.ba.shutDown)) Finish(conns_.find(ref.id));
+          else Pumped(ref);
         }
       }
       for (int i = 0; i < n; i++) {
@@ -355,6 +375,7 @@ class RelayEngine {
         // Errors and resets surface from splice itself (SO_ERROR), in Pump.
         bool ok = Pump(c, c.ab) && Pump(c, c.ba);
         if (!ok || (c.ab.shutDown && c.ba.shutDown)) Finish(it);
+        else Pumped(c);
       }
       // Connects past their deadline.
       auto now = Clock::now();

@@ -1,10 +1,11 @@
-/** The addon's splice relay on real TCP sockets: bytes, half-close both ways, counts, idle timeout. */
+/** The addon's splice relay on real TCP sockets and socket pairs: bytes, half-close both ways, counts, slow readers, idle timeout. */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { connect, createServer, type Socket } from 'node:net';
+import { Socket, connect, createServer } from 'node:net';
 import { test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
 
-import { dupFd, relayFds } from '../../src/datapath/native.js';
+import { dupFd, relayFds, socketPair } from '../../src/datapath/native.js';
 import { socketFd } from '../../src/proxy/pod-listener.js';
 
 /** A connected pair on loopback: [the side we keep, the side we hand to the relay]. */
@@ -58,6 +59,32 @@ test('kernel relay: 8 MiB one way, 4 MiB back, half-close each way, exact counts
   assert.deepEqual(await done, { bytesFromClient: 8 << 20, bytesToClient: 4 << 20 });
   left.destroy();
   rightPeer.destroy();
+});
+
+test('kernel relay: a socket pair end and a TCP socket, each reader stopped for a while: the relay waits for room and loses nothing', async () => {
+  const [left, leftPeer] = await tcpPair();
+  const [relayed, kept] = socketPair();
+  // A socket pair's end as the L7 paths hand it over (the other end served in this process).
+  const app = new Socket({ fd: kept, readable: true, writable: true, allowHalfOpen: true });
+  app.pause();
+  left.pause();
+  const done = relayFds(handOver(leftPeer), relayed, 10_000);
+  const up = randomBytes(16 << 20);
+  const down = randomBytes(16 << 20);
+  left.end(up);
+  // Nobody reads the pair's end: the relay fills it and must wait for room (EPOLLOUT).
+  await sleep(300);
+  const atApp = readAll(app);
+  app.resume();
+  assert.equal(sha(await atApp), sha(up), 'bytes into the socket pair intact, then EOF');
+  app.end(down);
+  await sleep(300);
+  const atLeft = readAll(left);
+  left.resume();
+  assert.equal(sha(await atLeft), sha(down), 'bytes into the TCP socket intact, then EOF');
+  assert.deepEqual(await done, { bytesFromClient: 16 << 20, bytesToClient: 16 << 20 });
+  left.destroy();
+  app.destroy();
 });
 
 test('kernel relay: an idle connection ends after the timeout with the reason', async () => {
