@@ -932,14 +932,19 @@ export class NodeProxy {
       return connected;
     };
     // This connection's requests to a pod of this node, served in one pass, by target and endpoint.
+    let currentMade: { snapshot: MeshSnapshot | undefined; target: ServiceTarget | undefined } = { snapshot: undefined, target: undefined };
     let servedMade: { generation: number; byTarget: WeakMap<ServiceTarget, WeakMap<Endpoint, HttpServerConnection>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     // Each request's metric labels, by target and endpoint, while labelsGeneration stays.
     let labelsMade: { generation: number; byTarget: WeakMap<ServiceTarget, Map<Endpoint | typeof NO_ENDPOINT, TcpLabels>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     return {
       parent,
+      // Looked up again only when the snapshot changed (a key made per request is hashed per request).
       current: () => {
-        const now = this.snapshot.service(original);
-        return now && exportedTo(now.service, state.pod.namespace) ? now : undefined;
+        if (currentMade.snapshot !== this.snapshot) {
+          const now = this.snapshot.service(original);
+          currentMade = { snapshot: this.snapshot, target: now && exportedTo(now.service, state.pod.namespace) ? now : undefined };
+        }
+        return currentMade.target;
       },
       source: state.pod,
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),

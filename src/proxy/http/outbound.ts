@@ -89,7 +89,7 @@ interface Upstream {
  * set on the answer, so the client's next requests keep to the same endpoint (Istio's way).
  */
 function hashKey(on: HashOn | undefined, req: RequestHead, conn: HttpClientConnection): { key?: string; setCookie?: string } {
-  if (!on) return {};
+  if (!on) return NO_AFFINITY;
   if ('sourceIp' in on) return { key: conn.source.ip4 || conn.source.ip6 };
   if ('header' in on) {
     const v = headerValue(req.headers, on.header);
@@ -104,9 +104,65 @@ function hashKey(on: HashOn | undefined, req: RequestHead, conn: HttpClientConne
   return { key: value, setCookie: `${on.cookie}=${value}; Path=/; Max-Age=${Math.floor(on.ttlMs / 1000)}; HttpOnly` };
 }
 
+const NO_AFFINITY: { key?: string; setCookie?: string } = Object.freeze({});
+
+/**
+ * What decide() needs of a rule that does not depend on the request, made once per rule object
+ * of a snapshot (a string or array made per request is hashed or collected per request): its
+ * name in metrics, its redirect and rewrite, the split's key per parent, and per backend the
+ * header changes of the rule's filters then the backend's (Gateway API applies both, the rule's
+ * first).
+ */
+interface RulePlan {
+  readonly route: string;
+  readonly redirect: Extract<RouteFilter, { type: 'RequestRedirect' }> | undefined;
+  readonly rewrite: Extract<RouteFilter, { type: 'URLRewrite' }> | undefined;
+  readonly splitKeys: WeakMap<ServiceTarget, string>;
+  readonly backends: WeakMap<object, { readonly request: ReadonlyArray<HeaderChanges>; readonly answer: ReadonlyArray<HeaderChanges> }>;
+}
+
+const rulePlans = new WeakMap<HttpRouteEntry, RulePlan>();
+
+function rulePlan(entry: HttpRouteEntry): RulePlan {
+  let plan = rulePlans.get(entry);
+  if (plan) return plan;
+  const filters = entry.filters ?? [];
+  plan = {
+    route: `${entry.route} rule ${entry.rule}`,
+    redirect: filters.find((f): f is Extract<RouteFilter, { type: 'RequestRedirect' }> => f.type === 'RequestRedirect'),
+    rewrite: filters.find((f): f is Extract<RouteFilter, { type: 'URLRewrite' }> => f.type === 'URLRewrite'),
+    splitKeys: new WeakMap(),
+    backends: new WeakMap(),
+  };
+  rulePlans.set(entry, plan);
+  return plan;
+}
+
+/** The split's key (each rule of each parent splits on its own): `<parent key>#<route>#<rule>`. */
+function splitKey(plan: RulePlan, parent: ServiceTarget, entry: HttpRouteEntry): string {
+  let key = plan.splitKeys.get(parent);
+  if (key === undefined) plan.splitKeys.set(parent, (key = `${parent.key}#${entry.route}#${entry.rule}`));
+  return key;
+}
+
+function backendChanges(plan: RulePlan, entry: HttpRouteEntry, backend: HttpRouteEntry['backends'][number]): { readonly request: ReadonlyArray<HeaderChanges>; readonly answer: ReadonlyArray<HeaderChanges> } {
+  let changes = plan.backends.get(backend);
+  if (changes) return changes;
+  const all = [...(entry.filters ?? []), ...(backend.filters ?? [])];
+  changes = {
+    request: all.flatMap((f) => (f.type === 'RequestHeaderModifier' ? [f.headers] : [])),
+    answer: all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : [])),
+  };
+  plan.backends.set(backend, changes);
+  return changes;
+}
+
+/** A port's routing to itself when it has no routes (made once per snapshot object). */
+const ownRouting = new WeakMap<ServiceTarget, NonNullable<ServiceTarget['http']>>();
+
 /** Raw header pairs with each of `changes` applied in order. */
 export function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
-  let out = [...raw];
+  let out = raw.slice();
   for (const c of changes) out = applyHeaderChanges(out, c);
   return out;
 }
@@ -211,29 +267,27 @@ export class HttpOutbound {
     // A port whose routes went sends to its own endpoints; a Service that went is no route.
     const parent = conn.current();
     if (!parent) return { kind: 'answer', parent: conn.parent, route: '', answer: { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` } };
-    const routing = parent.http ?? toItself(parent, `Service ${parent.key}`);
+    let routing = parent.http ?? ownRouting.get(parent);
+    if (!routing) ownRouting.set(parent, (routing = toItself(parent, `Service ${parent.key}`)));
     const { path, query } = splitTarget(req.url ?? '/');
     const entry = routeRequest(routing.entries, { method: req.method ?? 'GET', path, query, headers: req.headers });
     if (!entry) return { kind: 'answer', parent, route: '', answer: { status: 404, flag: 'NR', detail: 'no route matched the request' } };
-    const route = `${entry.route} rule ${entry.rule}`;
-    const filters = entry.filters ?? [];
-    const redirect = filters.find((f) => f.type === 'RequestRedirect');
+    const plan = rulePlan(entry);
+    const { route, redirect, rewrite } = plan;
     if (redirect) return { kind: 'redirect', parent, route, status: redirect.statusCode, location: redirectLocation(redirect, entry.match.path, path, query, headerValue(req.headers, 'host') ?? '') };
-    const backend = this.lb.pickWeighted(`${parent.key}#${entry.route}#${entry.rule}`, entry.backends);
+    const backend = this.lb.pickWeighted(splitKey(plan, parent, entry), entry.backends);
     if (!backend) return { kind: 'answer', parent, route, answer: { status: 500, flag: 'NR', detail: `${route} has no backend that exists` } };
-    // The rule's filters, then the backend's (Gateway API applies both, the rule's first).
-    const all = [...filters, ...(backend.filters ?? [])];
-    let headers = withChanges(forwardable(req.rawHeaders, headerValue(req.headers, 'connection')), all.flatMap((f) => (f.type === 'RequestHeaderModifier' ? [f.headers] : [])));
+    const changes = backendChanges(plan, entry, backend);
+    const forwarded = forwardable(req.rawHeaders, headerValue(req.headers, 'connection'));
+    let headers = changes.request.length === 0 ? forwarded : withChanges(forwarded, changes.request);
     let target = req.url ?? '/';
-    const rewrite = filters.find((f) => f.type === 'URLRewrite');
     if (rewrite?.hostname) headers = applyHeaderChanges(headers, { set: [['host', rewrite.hostname]], add: [], remove: [] });
     if (rewrite?.path) target = rewritePath(path, query, rewrite.path, entry.match.path);
     // node:http frames what it sends itself; a chunked body must stay chunked whatever the method.
     if (req.headers['transfer-encoding'] !== undefined) headers.push('transfer-encoding', 'chunked');
     if (req.headers['x-request-id'] === undefined) headers.push('x-request-id', requestId);
-    const answerChanges = all.flatMap((f) => (f.type === 'ResponseHeaderModifier' ? [f.headers] : []));
     const affinity = hashKey(backend.target.policy.hashOn, req, conn);
-    if (affinity.setCookie) answerChanges.push({ set: [], add: [['set-cookie', affinity.setCookie]], remove: [] });
+    const answerChanges: ReadonlyArray<HeaderChanges> = affinity.setCookie ? [...changes.answer, { set: [], add: [['set-cookie', affinity.setCookie]], remove: [] }] : changes.answer;
     return { kind: 'forward', parent, route, entry, target: backend.target, upstream: { path: target, headers, answerChanges, hashKey: affinity.key } };
   }
 
