@@ -68,13 +68,21 @@ export interface RequestOutcome {
  */
 let tcpKeyed: ReadonlyArray<(typeof TCP_LABELS)[number]> | undefined;
 
+/** The series of one set of connection labels by outcome, and the last one used (most requests have the outcome of the one before: no key made for them). */
+interface Outcomes {
+  readonly byKey: Map<string, Series>;
+  last: { readonly outcome: RequestOutcome; readonly series: Series } | undefined;
+}
+
+const sameOutcome = (a: RequestOutcome, b: RequestOutcome): boolean => a.status === b.status && a.flag === b.flag && a.protocol === b.protocol && a.grpcStatus === b.grpcStatus;
+
 export class RequestMetrics {
   /** Every series, for the registry to read. */
   private series: Series[] = [];
   /** A connection's labels object -> the series of its requests by outcome (same labels, same map). */
-  private byConnection = new WeakMap<TcpLabels, Map<string, Series>>();
+  private byConnection = new WeakMap<TcpLabels, Outcomes>();
   /** The connection labels' values -> the series of their requests by outcome. */
-  private byValues = new Map<string, Map<string, Series>>();
+  private byValues = new Map<string, Outcomes>();
 
   constructor(registry: Registry) {
     const all = (): Iterable<Series> => this.series;
@@ -130,16 +138,20 @@ export class RequestMetrics {
       tcpKeyed ??= TCP_LABELS.filter((n) => n !== 'request_protocol' && n !== 'response_flags');
       for (const name of tcpKeyed) key += `${tcp[name]}\u0001`;
       outcomes = this.byValues.get(key);
-      if (!outcomes) this.byValues.set(key, (outcomes = new Map()));
+      if (!outcomes) this.byValues.set(key, (outcomes = { byKey: new Map(), last: undefined }));
       this.byConnection.set(tcp, outcomes);
     }
-    const key = `${outcome.status}\u0001${outcome.flag}\u0001${outcome.protocol}\u0001${outcome.grpcStatus}`;
-    let s = outcomes.get(key);
+    let s = outcomes.last !== undefined && sameOutcome(outcomes.last.outcome, outcome) ? outcomes.last.series : undefined;
     if (!s) {
-      const labels: RequestLabels = { ...tcp, request_protocol: outcome.protocol, response_flags: outcome.flag, response_code: String(outcome.status), grpc_response_status: outcome.grpcStatus };
-      s = { labels, count: 0, duration: new Bins(DURATION_BUCKETS.length), requestBytes: new Bins(BYTES_BUCKETS.length), responseBytes: new Bins(BYTES_BUCKETS.length) };
-      outcomes.set(key, s);
-      this.series.push(s);
+      const key = `${outcome.status}\u0001${outcome.flag}\u0001${outcome.protocol}\u0001${outcome.grpcStatus}`;
+      s = outcomes.byKey.get(key);
+      if (!s) {
+        const labels: RequestLabels = { ...tcp, request_protocol: outcome.protocol, response_flags: outcome.flag, response_code: String(outcome.status), grpc_response_status: outcome.grpcStatus };
+        s = { labels, count: 0, duration: new Bins(DURATION_BUCKETS.length), requestBytes: new Bins(BYTES_BUCKETS.length), responseBytes: new Bins(BYTES_BUCKETS.length) };
+        outcomes.byKey.set(key, s);
+        this.series.push(s);
+      }
+      outcomes.last = { outcome: { ...outcome }, series: s };
     }
     s.count++;
     observe(s.duration, DURATION_BUCKETS, ms);
