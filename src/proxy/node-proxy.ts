@@ -363,9 +363,9 @@ export class NodeProxy {
   }
 
   /** Access control for one request on a port read as HTTP (its connection passed authorize). */
-  private authorizeRequest(destination: PodState, facts: Omit<ConnectionFacts, 'destination'>, path: 'same_node' | 'inbound' | 'hbone', request: RequestFacts): boolean {
+  private authorizeRequest(destination: PodState, facts: ConnectionFacts, path: 'same_node' | 'inbound' | 'hbone', request: RequestFacts): boolean {
     if (this.policies.empty) return true;
-    return this.judged(destination, facts, path, this.policies.authorizeRequest({ ...facts, destination: destination.pod }, request), request);
+    return this.judged(destination, facts, path, this.policies.authorizeRequest(facts, request), request);
   }
 
   /** A verdict counted and logged (AUDIT matches, denials); whether it allows. */
@@ -411,14 +411,19 @@ export class NodeProxy {
       if (!('fd' in connected)) throw new Error('a delivery into a pod is a socket');
       return connected.fd;
     };
+    let all: ConnectionFacts = { ...facts, destination: state.pod };
     return {
       protocol,
       pod: state.pod,
-      facts: { ...facts, destination: state.pod },
+      facts: all,
       labels,
       source: source ? `${source.namespace}/${source.name}` : sourceIp,
       target: () => this.snapshot.serviceOf(state.pod.uid, port),
-      authorize: (request) => this.authorizeRequest(state, facts, path, request),
+      authorize: (request) => {
+        // Made again only when the pod's object changed (its labels), not per request.
+        if (all.destination !== state.pod) all = { ...facts, destination: state.pod };
+        return this.authorizeRequest(state, all, path, request);
+      },
       dial: async () => this.podSocket(state, await dial(), false).setNoDelay(true),
       dialFd: dial,
       poolKey: `${state.pod.uid}|${formatHostPort(host, port)}|${sourceIp}`,

@@ -86,10 +86,29 @@ function hostMatches(pattern: string, host: string): boolean {
 /** Istio's principal of an identity: its SPIFFE ID without the scheme ("cluster.local/ns/a/sa/b"). */
 const principalOf = (peer: WorkloadIdentity | undefined): string | undefined => (peer ? spiffeUri(peer).slice('spiffe://'.length) : undefined);
 
+/** The verdict of most connections and requests: one object, never changed. */
+const ALLOWED: Verdict = Object.freeze({ allowed: true, audited: Object.freeze([]) });
+
+/**
+ * What applies to one destination workload, worked out once per engine (a snapshot's config)
+ * and workload object: the AuthorizationPolicies by action, and the mTLS mode by port. A
+ * request's decision then only matches rules; before, every request filtered every policy of
+ * the mesh by namespace and selector.
+ */
+interface Prepared {
+  readonly applicable: ReadonlyArray<AuthorizationPolicy>;
+  readonly audit: ReadonlyArray<AuthorizationPolicy>;
+  readonly deny: ReadonlyArray<AuthorizationPolicy>;
+  readonly allow: ReadonlyArray<AuthorizationPolicy>;
+  readonly modes: Map<number, EffectiveMode>;
+}
+
 export class PolicyEngine {
   /** Address lists compiled once per snapshot. */
   private readonly blocks = new WeakMap<ReadonlyArray<string>, AddressRanges>();
   private readonly tcp = new WeakMap<AuthorizationPolicy, ReadonlyArray<AuthorizationRule>>();
+  /** By workload object (a pod's labels change: a new object). */
+  private readonly prepared = new WeakMap<Pick<Workload, 'namespace' | 'labels'>, Prepared>();
   private readonly peerAuthentications: ReadonlyArray<PeerAuthentication>;
   private readonly authorizationPolicies: ReadonlyArray<AuthorizationPolicy>;
 
@@ -110,6 +129,13 @@ export class PolicyEngine {
    * not track age).
    */
   mtlsMode(w: Pick<Workload, 'namespace' | 'labels'>, port: number): EffectiveMode {
+    const { modes } = this.prepare(w);
+    let mode = modes.get(port);
+    if (!mode) modes.set(port, (mode = this.modeOf(w, port)));
+    return mode;
+  }
+
+  private modeOf(w: Pick<Workload, 'namespace' | 'labels'>, port: number): EffectiveMode {
     const own = this.peerAuthentications.find((p) => p.namespace === w.namespace && Object.keys(p.selector).length > 0 && selects(p.selector, w.labels));
     const portMode = own?.portModes[String(port)];
     if (own && portMode && portMode !== 'UNSET') return { mode: portMode, policy: nameOf(own) };
@@ -126,7 +152,7 @@ export class PolicyEngine {
    * proxy reads its HTTP ports as HTTP then, to decide per request.
    */
   hasRequestRules(w: Pick<Workload, 'namespace' | 'labels'>): boolean {
-    return this.applicable(w).some((p) => p.rules.some(ruleNeedsRequest));
+    return this.prepare(w).applicable.some((p) => p.rules.some(ruleNeedsRequest));
   }
 
   /** The decision for one connection to a workload this node serves, on a port it relays as bytes (request attributes unknown). */
@@ -141,7 +167,7 @@ export class PolicyEngine {
   admitConnection(f: ConnectionFacts): Verdict {
     const mode = this.mtlsMode(f.destination, f.destinationPort);
     if (mode.mode === 'STRICT' && !f.peer) return { allowed: false, audited: [], kind: 'PeerAuthentication', policy: mode.policy, reason: 'mtls_required' };
-    return { allowed: true, audited: [] };
+    return ALLOWED;
   }
 
   /** The decision for one request (its connection was admitted by admitConnection). */
@@ -149,20 +175,31 @@ export class PolicyEngine {
     return this.decide(f, request);
   }
 
-  private applicable(w: Pick<Workload, 'namespace' | 'labels'>): AuthorizationPolicy[] {
-    return this.authorizationPolicies.filter((p) => (p.namespace === ROOT_NAMESPACE || p.namespace === w.namespace) && appliesTo(p.selector, w.labels));
+  private prepare(w: Pick<Workload, 'namespace' | 'labels'>): Prepared {
+    let prepared = this.prepared.get(w);
+    if (!prepared) {
+      const applicable = this.authorizationPolicies.filter((p) => (p.namespace === ROOT_NAMESPACE || p.namespace === w.namespace) && appliesTo(p.selector, w.labels));
+      prepared = {
+        applicable,
+        audit: applicable.filter((p) => p.action === 'AUDIT'),
+        deny: applicable.filter((p) => p.action === 'DENY'),
+        allow: applicable.filter((p) => p.action === 'ALLOW'),
+        modes: new Map(),
+      };
+      this.prepared.set(w, prepared);
+    }
+    return prepared;
   }
 
   private decide(f: ConnectionFacts, request: RequestFacts | undefined): Verdict {
     const mode = this.mtlsMode(f.destination, f.destinationPort);
     if (mode.mode === 'STRICT' && !f.peer) return { allowed: false, audited: [], kind: 'PeerAuthentication', policy: mode.policy, reason: 'mtls_required' };
-    const applicable = this.applicable(f.destination);
-    if (applicable.length === 0) return { allowed: true, audited: [] };
-    const audited = applicable.filter((p) => p.action === 'AUDIT' && this.policyMatches(p, f, request)).map(nameOf);
-    const deny = applicable.find((p) => p.action === 'DENY' && this.policyMatches(p, f, request));
-    if (deny) return { allowed: false, audited, kind: 'AuthorizationPolicy', policy: nameOf(deny), reason: 'denied_by_policy' };
-    const allow = applicable.filter((p) => p.action === 'ALLOW');
-    if (allow.length === 0 || allow.some((p) => this.policyMatches(p, f, request))) return { allowed: true, audited };
+    const { applicable, audit, deny, allow } = this.prepare(f.destination);
+    if (applicable.length === 0) return ALLOWED;
+    const audited = audit.length === 0 ? ALLOWED.audited : audit.filter((p) => this.policyMatches(p, f, request)).map(nameOf);
+    const denied = deny.find((p) => this.policyMatches(p, f, request));
+    if (denied) return { allowed: false, audited, kind: 'AuthorizationPolicy', policy: nameOf(denied), reason: 'denied_by_policy' };
+    if (allow.length === 0 || allow.some((p) => this.policyMatches(p, f, request))) return audited.length === 0 ? ALLOWED : { allowed: true, audited };
     return { allowed: false, audited, kind: 'AuthorizationPolicy', policy: allow.map(nameOf).join(','), reason: 'not_allowed' };
   }
 

@@ -170,3 +170,21 @@ test('policy: with no request to read (a TCP port), request rules follow Istio: 
   assert.ok(allowed(remote, from(undefined)));
   assert.equal(allowed(remote, from(undefined, { sourceIp: '10.9.0.1' })), false);
 });
+
+test('policy: one engine asked again and again about the same workload and port, then about that workload with new labels (a new object), answers for each as it is now', () => {
+  const onlyWeb = AP('web-only-b', { selector: { matchLabels: { app: 'web' } }, rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/b'] } }] }] });
+  const strictWeb = PA('strict-web', { selector: { matchLabels: { app: 'web' } }, mtls: { mode: 'STRICT' } });
+  const e = engine([onlyWeb], [strictWeb]);
+  for (let i = 0; i < 3; i++) {
+    assert.equal(allowed(e, from('shop/a')), false, `ask ${i}: the ALLOW policy selects web`);
+    assert.equal(e.mtlsMode(web, 8080).mode, 'STRICT');
+  }
+  // The same pod relabelled: no longer selected by either policy.
+  const relabelled = { namespace: 'shop', labels: { app: 'api' } };
+  assert.ok(allowed(e, from('shop/a', { destination: relabelled })));
+  assert.equal(e.mtlsMode(relabelled, 8080).mode, 'PERMISSIVE');
+  assert.equal(e.hasRequestRules(relabelled), false);
+  // And the first object still gets its own answer.
+  assert.equal(allowed(e, from('shop/a')), false);
+  assert.ok(allowed(e, from('shop/b')));
+});
