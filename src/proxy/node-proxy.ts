@@ -362,6 +362,18 @@ export class NodeProxy {
     return this.judged(destination, facts, path, verdict, undefined);
   }
 
+  /**
+   * `look` of the snapshot in force, worked out again only when the snapshot changes: what a
+   * connection asks of the config on every request (a key made per request is hashed per request).
+   */
+  private perSnapshot<T>(look: (snapshot: MeshSnapshot) => T): () => T {
+    let made: { readonly snapshot: MeshSnapshot; readonly value: T } | undefined;
+    return () => {
+      if (made?.snapshot !== this.snapshot) made = { snapshot: this.snapshot, value: look(this.snapshot) };
+      return made.value;
+    };
+  }
+
   /** Access control for one request on a port read as HTTP (its connection passed authorize). */
   private authorizeRequest(destination: PodState, facts: ConnectionFacts, path: 'same_node' | 'inbound' | 'hbone', request: RequestFacts): boolean {
     if (this.policies.empty) return true;
@@ -418,7 +430,7 @@ export class NodeProxy {
       facts: all,
       labels,
       source: source ? `${source.namespace}/${source.name}` : sourceIp,
-      target: () => this.snapshot.serviceOf(state.pod.uid, port),
+      target: this.perSnapshot((snapshot) => snapshot.serviceOf(state.pod.uid, port)),
       authorize: (request) => {
         // Made again only when the pod's object changed (its labels), not per request.
         if (all.destination !== state.pod) all = { ...facts, destination: state.pod };
@@ -937,20 +949,15 @@ export class NodeProxy {
       return connected;
     };
     // This connection's requests to a pod of this node, served in one pass, by target and endpoint.
-    let currentMade: { snapshot: MeshSnapshot | undefined; target: ServiceTarget | undefined } = { snapshot: undefined, target: undefined };
     let servedMade: { generation: number; byTarget: WeakMap<ServiceTarget, WeakMap<Endpoint, HttpServerConnection>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     // Each request's metric labels, by target and endpoint, while labelsGeneration stays.
     let labelsMade: { generation: number; byTarget: WeakMap<ServiceTarget, Map<Endpoint | typeof NO_ENDPOINT, TcpLabels>> } = { generation: this.labelsGeneration, byTarget: new WeakMap() };
     return {
       parent,
-      // Looked up again only when the snapshot changed (a key made per request is hashed per request).
-      current: () => {
-        if (currentMade.snapshot !== this.snapshot) {
-          const now = this.snapshot.service(original);
-          currentMade = { snapshot: this.snapshot, target: now && exportedTo(now.service, state.pod.namespace) ? now : undefined };
-        }
-        return currentMade.target;
-      },
+      current: this.perSnapshot((snapshot) => {
+        const now = snapshot.service(original);
+        return now && exportedTo(now.service, state.pod.namespace) ? now : undefined;
+      }),
       source: state.pod,
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
