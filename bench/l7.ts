@@ -14,7 +14,9 @@
  * over 10 connections, and proxy CPU per 1000 requests. And HTTP/2 (h2c, prior knowledge; nginx
  * answering on a second port): h2load's keep-alive requests/s (32 connections, 10 streams each)
  * and proxy CPU per 1000 requests, direct, through an HAProxy h2 pair, and through nodemesh's L7
- * path with an HTTPRoute on the HTTP/2 port. Writes bench/results/l7.json. Numbers, not assertions.
+ * path with an HTTPRoute on the HTTP/2 port. BENCH_ROUNDS=3 runs the peers and nodemesh rows in
+ * three alternating rounds and reports medians (below). Writes bench/results/l7.json. Numbers,
+ * not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
@@ -42,6 +44,13 @@ const APP_H2 = 8081;
 const ADMIN = 15902;
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings (as bench/two-hop.ts). */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+/**
+ * BENCH_ROUNDS=N (default 1): the peers and the nodemesh rows N times, alternating, each row's
+ * median run reported (by requests/s) and each ratio as the median of the rounds' own ratios
+ * (a nodemesh run against the peer's run of the same round), with their range: this machine's
+ * speed drifts by 15 % or more between runs, so one round's ratio can be off by that much.
+ */
+const ROUNDS = Math.max(1, Math.floor(Number(process.env['BENCH_ROUNDS'] ?? 1)) || 1);
 /** BENCH_L7_ONLY=client|server|both|h2: that nodemesh row alone (profiling: BENCH_NODE_FLAGS="--cpu-prof --cpu-prof-dir=DIR"), nothing written. */
 const ONLY = ((v) => (v === 'client' || v === 'server' || v === 'both' || v === 'h2' ? v : undefined))(process.env['BENCH_L7_ONLY']);
 
@@ -97,6 +106,44 @@ function serviceYaml(routed: boolean, authorized = false): string {
   const backend = `---\napiVersion: v1\nkind: Service\nmetadata: {name: server-v1, namespace: default}\nspec:\n  clusterIP: 10.96.0.54\n  selector: {app: server}\n  ${ports}\n`;
   const route = [HTTP_PORT, H2_PORT].map((p) => `---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server-${p}, namespace: default}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${p}}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: server-v1, port: ${p}}]\n`).join('');
   return (routed ? svc + backend + route : svc) + (authorized ? POLICY : '');
+}
+
+/** Each row's runs, one per round, in order. */
+interface Rounds {
+  readonly sidecar: HttpScenario[];
+  readonly sidecarH2: H2Scenario[];
+  readonly l4: HttpScenario[];
+  readonly l7: HttpScenario[];
+  readonly l7Server: HttpScenario[];
+  readonly l7Both: HttpScenario[];
+  readonly l7H2: H2Scenario[];
+}
+
+/** The run with the median requests/s (the lower middle one of an even count): a real run, its latency and CPU with it. */
+function medianRun<T extends { readonly keepAliveRps: number }>(runs: ReadonlyArray<T>): T {
+  const sorted = [...runs].sort((a, b) => a.keepAliveRps - b.keepAliveRps);
+  const run = sorted[Math.floor((sorted.length - 1) / 2)];
+  if (!run) throw new Error('no run to report');
+  return run;
+}
+
+/** Each round's ratio: a nodemesh run against the peer's run of the same round. */
+function roundRatios(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number[] {
+  return ours.map((o, i) => o.keepAliveRps / (peer[i]?.keepAliveRps ?? Number.NaN)).sort((a, b) => a - b);
+}
+
+const twoPlaces = (n: number): number => Math.round(n * 100) / 100;
+
+/** The median of the rounds' ratios. */
+function roundRatio(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number {
+  const r = roundRatios(ours, peer);
+  return twoPlaces(r[Math.floor((r.length - 1) / 2)] ?? Number.NaN);
+}
+
+/** The lowest and highest of the rounds' ratios. */
+function ratioRange(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): [number, number] {
+  const r = roundRatios(ours, peer);
+  return [twoPlaces(r[0] ?? Number.NaN), twoPlaces(r[r.length - 1] ?? Number.NaN)];
 }
 
 async function main(): Promise<void> {
@@ -160,26 +207,40 @@ async function main(): Promise<void> {
     const direct = await measure(runtime, client, server.ip4, APP_HTTP, () => []);
     const directH2 = await measureH2(runtime, client, server.ip4, APP_H2, () => []);
 
-    say('sidecar peer: HAProxy mode http + nft REDIRECT in both pods');
-    const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
-    const sidecar = await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids);
-    await peer.stop();
-    say('sidecar peer, HTTP/2: HAProxy mode http with proto h2 on both sides');
-    const peerH2 = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], undefined, 'h2');
-    const sidecarH2 = await measureH2(runtime, client, SERVICE_IP, H2_PORT, peerH2.pids);
-    await peerH2.stop();
-
-    say('nodemesh L4 (no L7 config: kernel relay)');
     const http1 = (pids: () => number[]): Promise<HttpScenario> => measure(runtime, client, SERVICE_IP, HTTP_PORT, pids);
-    const l4 = await runAgent(false, false, http1);
-    say('nodemesh L7 (an HTTPRoute on the HTTP port: each request routed)');
-    const l7 = await runAgent(true, false, http1);
-    say('nodemesh L7 server side (a request-level AuthorizationPolicy on the server pod)');
-    const l7Server = await runAgent(false, true, http1);
-    say('nodemesh L7 both sides (the route and the policy)');
-    const l7Both = await runAgent(true, true, http1);
-    say('nodemesh L7, HTTP/2: an HTTPRoute on the h2 port (each stream routed, multiplexed upstream)');
-    const l7H2 = await runAgent(true, false, (pids) => measureH2(runtime, client, SERVICE_IP, H2_PORT, pids));
+    const runs: Rounds = { sidecar: [], sidecarH2: [], l4: [], l7: [], l7Server: [], l7Both: [], l7H2: [] };
+    for (let round = 1; round <= ROUNDS; round++) {
+      const of = ROUNDS > 1 ? ` (round ${round} of ${ROUNDS})` : '';
+      // The agent that stopped left its capture pinned (as an agent does for the next one): the
+      // pods' traffic would still go to a proxy that is gone. Its pins removed, nothing is attached.
+      if (round > 1) await rm(pinRoot, { recursive: true, force: true });
+      say(`sidecar peer: HAProxy mode http + nft REDIRECT in both pods${of}`);
+      const peer = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 }], undefined, 'http');
+      runs.sidecar.push(await measure(runtime, client, SERVICE_IP, HTTP_PORT, peer.pids));
+      await peer.stop();
+      say(`sidecar peer, HTTP/2: HAProxy mode http with proto h2 on both sides${of}`);
+      const peerH2 = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], undefined, 'h2');
+      runs.sidecarH2.push(await measureH2(runtime, client, SERVICE_IP, H2_PORT, peerH2.pids));
+      await peerH2.stop();
+
+      say(`nodemesh L4 (no L7 config: kernel relay)${of}`);
+      runs.l4.push(await runAgent(false, false, http1));
+      say(`nodemesh L7 (an HTTPRoute on the HTTP port: each request routed)${of}`);
+      runs.l7.push(await runAgent(true, false, http1));
+      say(`nodemesh L7 server side (a request-level AuthorizationPolicy on the server pod)${of}`);
+      runs.l7Server.push(await runAgent(false, true, http1));
+      say(`nodemesh L7 both sides (the route and the policy)${of}`);
+      runs.l7Both.push(await runAgent(true, true, http1));
+      say(`nodemesh L7, HTTP/2: an HTTPRoute on the h2 port (each stream routed, multiplexed upstream)${of}`);
+      runs.l7H2.push(await runAgent(true, false, (pids) => measureH2(runtime, client, SERVICE_IP, H2_PORT, pids)));
+    }
+    const sidecar = medianRun(runs.sidecar);
+    const sidecarH2 = medianRun(runs.sidecarH2);
+    const l4 = medianRun(runs.l4);
+    const l7 = medianRun(runs.l7);
+    const l7Server = medianRun(runs.l7Server);
+    const l7Both = medianRun(runs.l7Both);
+    const l7H2 = medianRun(runs.l7H2);
 
     const f = (n: number | null, d = 2): string => (n === null ? '-' : n.toFixed(d));
     const rows: Array<[string, HttpScenario]> = [
@@ -192,16 +253,19 @@ async function main(): Promise<void> {
     ];
     const added = (s: HttpScenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
     const ratios = {
-      l7KeepAliveRpsVsHaproxyPair: Math.round((l7.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
-      l7BothKeepAliveRpsVsHaproxyPair: Math.round((l7Both.keepAliveRps / sidecar.keepAliveRps) * 100) / 100,
+      rounds: ROUNDS,
+      l7KeepAliveRpsVsHaproxyPair: roundRatio(runs.l7, runs.sidecar),
+      l7ServerKeepAliveRpsVsHaproxyPair: roundRatio(runs.l7Server, runs.sidecar),
+      l7BothKeepAliveRpsVsHaproxyPair: roundRatio(runs.l7Both, runs.sidecar),
       addedP90Ms: { haproxyPair: added(sidecar), nodemeshL7: added(l7), nodemeshL7Server: added(l7Server), nodemeshL7Both: added(l7Both), nodemeshL4: added(l4) },
       // vCPU per 1000 requests/s equals CPU seconds per 1000 requests.
-      h2KeepAliveRpsVsHaproxyPair: Math.round((l7H2.keepAliveRps / sidecarH2.keepAliveRps) * 100) / 100,
+      h2KeepAliveRpsVsHaproxyPair: roundRatio(runs.l7H2, runs.sidecarH2),
+      ...(ROUNDS > 1 ? { rangeOverRounds: { l7: ratioRange(runs.l7, runs.sidecar), l7Server: ratioRange(runs.l7Server, runs.sidecar), l7Both: ratioRange(runs.l7Both, runs.sidecar), h2: ratioRange(runs.l7H2, runs.sidecarH2) } } : {}),
       vcpuPer1000Rps: { haproxyH2Pair: sidecarH2.proxyCpuSecPer1000Req, nodemeshL7H2: l7H2.proxyCpuSecPer1000Req, haproxyPair: sidecar.proxyCpuSecPer1000Req, nodemeshL7: l7.proxyCpuSecPer1000Req, nodemeshL7Server: l7Server.proxyCpuSecPer1000Req, nodemeshL7Both: l7Both.proxyCpuSecPer1000Req },
     };
     process.stdout.write(
       [
-        `\nHTTP/1.1, 1 KB answers, one node, ${SECONDS} s runs`,
+        `\nHTTP/1.1, 1 KB answers, one node, ${SECONDS} s runs${ROUNDS > 1 ? `, the median of ${ROUNDS} alternating rounds` : ''}`,
         '',
         '| path | keep-alive req/s | p50 ms | p90 ms | p99 ms | proxy CPU s / 1000 req |',
         '|---|---|---|---|---|---|',
@@ -219,7 +283,7 @@ async function main(): Promise<void> {
     );
     const outDir = join(PACKAGE_ROOT, 'bench', 'results');
     await mkdir(outDir, { recursive: true });
-    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, nodemeshL7Server: l7Server, nodemeshL7Both: l7Both, h2: { direct: directH2, haproxyPair: sidecarH2, nodemeshL7: l7H2 }, ratios }, null, 2) + '\n');
+    await writeFile(join(outDir, 'l7.json'), JSON.stringify({ date: new Date().toISOString(), seconds: SECONDS, rounds: ROUNDS, direct, haproxyHttpPair: sidecar, nodemeshL4: l4, nodemeshL7: l7, nodemeshL7Server: l7Server, nodemeshL7Both: l7Both, h2: { direct: directH2, haproxyPair: sidecarH2, nodemeshL7: l7H2 }, ratios }, null, 2) + '\n');
   } finally {
     say('cleaning up');
     if (agent && agent.exitCode === null && agent.signalCode === null) {
