@@ -12,7 +12,6 @@ import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { preflight } from '../src/cli/preflight.js';

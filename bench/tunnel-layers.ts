@@ -12,7 +12,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { connect as h2connect, constants as h2c, createSecureServer, type ClientHttp2Session, type ServerHttp2Stream } from 'node:http2';
+import { connect as h2connect, createSecureServer, type ClientHttp2Session, type ServerHttp2Stream } from 'node:http2';
 import { connect as netConnect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';

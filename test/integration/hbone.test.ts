@@ -103,7 +103,7 @@ test('hbone: between nodes the application bytes cross the bridge only inside mu
 });
 
 test('hbone: the inbound end refuses bad certificates, junk and bad CONNECTs with counted reasons; the outbound end refuses a server of the wrong identity', async (t) => {
-  const { sb, cp, agentB, server, client } = await twoNodes(t);
+  const { cp, agentB, server, client } = await twoNodes(t);
   // The mesh CA, as the test can reach it: leaves for any identity, with any lifetime.
   const ca: Signer = { cert: parseCertificate(readFileSync(cp.caRoot, 'utf8')), ...(await importSigningKey(readFileSync(join(cp.caRoot, '..', 'root-key.pem'), 'utf8'))) };
   const root = readFileSync(cp.caRoot, 'utf8');

@@ -10,7 +10,6 @@
  * again (panic), since refusing everything helps nobody.
  */
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
-import type { LoadBalancing } from '../../config/traffic-policy.js';
 
 /** Endpoint objects live as long as their snapshot; their keys are made once (a key made per lookup is hashed per lookup). */
 const endpointKeys = new WeakMap<Endpoint, string>();
