@@ -1,11 +1,15 @@
-#!/usr/bin/env -S node --max-semi-space-size=1 --optimize-for-size
-// The agent is a long-running daemon on every node, and bytes are copied in the kernel, not in
-// JS: a 1 MB young generation and V8's optimize-for-size heuristics keep its RSS with 100 pods
-// at about 64 instead of 101 MiB, and V8's baseline compiler only (no TurboFan, `agent --jit
-// baseline`) at 57 (README, Performance, has the measurements). TurboFan stays on by default
-// (`--jit auto`): HBONE gains ~15% requests/s with it, and the L7 path (HTTP parsed in JS) costs
-// a third of the CPU per request (bench/l7.ts: 146 against 446 µs); V8 cannot turn it on later,
-// when a route arrives, so `baseline` is for L4-only nodes short of memory.
+#!/usr/bin/env -S node --max-semi-space-size=16
+// V8's young generation may grow to 16 MB a semi-space (V8's own default on a 64-bit host, set
+// here so a small memory limit does not shrink it), and no --optimize-for-size: V8 grows the
+// young generation only when the agent allocates fast, which is the L7 path under load, so an
+// idle or L4-only node stays near its lean size (100 pods, idle: 68.8 against 66.9 MiB with a
+// 1 MB young generation and --optimize-for-size). Under L7 load those two flags cost 20-40 %
+// of requests/s and a third more CPU per request (README, "L7, fourth session"). The image's
+// ENTRYPOINT (daemonset/Dockerfile) passes the same flags: the shebang is not read there.
+// V8's baseline compiler only (no TurboFan, `agent --jit baseline`) saves a few MiB more;
+// TurboFan stays on by default (`--jit auto`): HBONE gains ~15% requests/s with it, and the L7
+// path costs a third of the CPU per request without it; V8 cannot turn it on later, when a
+// route arrives, so `baseline` is for L4-only nodes short of memory.
 // Long-running processes log at info (one line per enrolled pod, per error); commands for humans
 // log warnings and errors only. NODEMESH_LOG_LEVEL overrides both.
 process.env.NODEMESH_LOG_LEVEL ??= ['agent', 'control-plane'].includes(process.argv[2] ?? '') ? 'info' : 'warn';
