@@ -12,7 +12,6 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { run } from '../src/shared/exec.js';
@@ -20,7 +19,6 @@ import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/cli/preflight.js';
 import { agentCommand, benchLayout, execIn, latencyFixedRate, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
@@ -37,7 +35,6 @@ interface Series {
 }
 
 async function main(): Promise<void> {
-  await preflight(probeBpf);
   const layout = await benchLayout({ bridge: 'nmbh', podCidr4: { network: '10.203.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmb', node: 'bench' });
   const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];

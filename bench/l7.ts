@@ -23,7 +23,6 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
@@ -31,7 +30,6 @@ import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
 import { agentCommand, benchLayout, cpuSeconds, h2load, latencyFixedRate, wrk, type Latency } from './tools.js';
 
@@ -147,7 +145,6 @@ function ratioRange(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer
 }
 
 async function main(): Promise<void> {
-  await preflight(probeBpf);
   const layout = await benchLayout({ workPrefix: 'nodemesh-bench-l7-', bridge: 'nmbl', podCidr4: { network: '10.204.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e64::', prefix: 64 }, namePrefix: 'nml', node: 'bench' });
   const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];

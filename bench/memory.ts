@@ -12,10 +12,8 @@ import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/datapath/native.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
-import { preflight } from '../src/cli/preflight.js';
 import { agentCommand, benchLayout, cpuSeconds } from './tools.js';
 
 const PODS = Number(process.env['BENCH_PODS'] ?? 100);
@@ -58,7 +56,6 @@ async function breakdown(pid: number): Promise<Breakdown> {
 }
 
 async function main(): Promise<void> {
-  await preflight(probeBpf);
   const layout = await benchLayout({ label: 'benchmem', bridge: 'nmbm', podCidr4: { network: '10.203.0.0', prefix: 22 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmm', node: 'bench' });
   const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];

@@ -8,13 +8,11 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole, type Blackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer } from './sidecar-peer.js';
 import { IPERF_PORT, agentCommand, benchLayout, measure, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 
@@ -30,7 +28,6 @@ const RELAY = process.env['BENCH_RELAY'] ?? 'kernel';
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
 
 async function main(): Promise<void> {
-  await preflight(probeBpf);
   const layout = await benchLayout({ bridge: 'nmbb', podCidr4: { network: '10.202.0.0', prefix: 22 }, podCidr6: { network: 'fd00:6e62::', prefix: 64 }, namePrefix: 'nmb', node: 'bench' });
   const { config, runtime, work, pinRoot } = layout;
   const cleanups: Array<() => Promise<unknown>> = [];

@@ -9,6 +9,8 @@ import type { RuntimeConfig } from '../src/runtime/config.js';
 import { LocalPodRuntime } from '../src/runtime/pods.js';
 import type { PodRecord } from '../src/runtime/store.js';
 import { CLI_ENTRY, PACKAGE_ROOT } from '../src/shared/paths.js';
+import { isBpffsMounted, preflight, releaseBpffs } from '../src/cli/preflight.js';
+import { probeBpf } from '../src/datapath/native.js';
 
 export interface Output {
   readonly code: number | null;
@@ -153,10 +155,15 @@ export interface BenchLayout {
 }
 
 /**
- * A pod runtime of its own for a benchmark run: bridge `<bridge><id>`, the given pod ranges,
- * cgroup subtree, state folder and bpffs folder `nodemesh-<label>-<id>`, a work folder.
+ * A pod runtime of its own for a benchmark run, once the datapath's preflight passed: bridge
+ * `<bridge><id>`, the given pod ranges, cgroup subtree, state folder and bpffs folder
+ * `nodemesh-<label>-<id>`, a work folder. bpffs, when the preflight mounted it, is unmounted again
+ * by remove() if nothing is left pinned (as the test sandbox does): a bench run straight with node,
+ * not through scripts/bench.sh, leaves the machine as it found it too.
  */
 export async function benchLayout(o: { readonly label?: string; readonly workPrefix?: string; readonly bridge: string; readonly podCidr4: RuntimeConfig['podCidr4']; readonly podCidr6: RuntimeConfig['podCidr6']; readonly namePrefix: string; readonly node: string }): Promise<BenchLayout> {
+  const mountedBpffs = !(await isBpffsMounted());
+  await preflight(probeBpf);
   const id = Date.now().toString(36).slice(-5);
   const label = o.label ?? 'bench';
   const config: RuntimeConfig = {
@@ -179,6 +186,7 @@ export async function benchLayout(o: { readonly label?: string; readonly workPre
       await removeCgroupTree(config.cgroupSubtree).catch((e: unknown) => report(`cleanup: ${(e as Error).message}`));
       await rm(work, { recursive: true, force: true });
       await rm(config.stateDir, { recursive: true, force: true });
+      if (mountedBpffs) await releaseBpffs().catch((e: unknown) => report(`cleanup: ${(e as Error).message}`));
     },
   };
 }

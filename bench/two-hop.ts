@@ -15,13 +15,11 @@ import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
-import { probeBpf } from '../src/datapath/native.js';
 import { holdBlackhole } from '../src/runtime/blackhole.js';
 import { runtimeEnv } from '../src/runtime/config.js';
 import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
-import { preflight } from '../src/cli/preflight.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
 import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
@@ -51,7 +49,6 @@ async function metric(port: number, name: string, labels: Record<string, string>
 }
 
 async function main(): Promise<void> {
-  await preflight(probeBpf);
   const layout = await benchLayout({ bridge: 'nmbt', podCidr4: { network: '10.203.0.0', prefix: 24 }, podCidr6: { network: 'fd00:6e63::', prefix: 64 }, namePrefix: 'nmt', node: 'bench-a' });
   const { config, runtime, work, pinRoot: pinBase } = layout;
   const children: ChildProcess[] = [];
