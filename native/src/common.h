@@ -4,6 +4,8 @@
 #pragma once
 
 #include <napi.h>
+#include <unistd.h>
+#include <uv.h>
 
 #include <functional>
 #include <string>
@@ -23,6 +25,18 @@ inline Napi::String NewLatin1(Napi::Env env, const std::string& s) {
   napi_value out;
   napi_create_string_latin1(env, s.data(), s.size(), &out);
   return Napi::String(env, out);
+}
+
+// Stops polling a socket on the JS thread's loop (its handle freed once libuv lets go of it) and
+// closes it; an fd of -1 is not closed (it was handed back to JS).
+inline void ClosePolled(uv_poll_t*& poll, int& fd) {
+  if (poll) {
+    uv_poll_stop(poll);
+    uv_close(reinterpret_cast<uv_handle_t*>(poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+    poll = nullptr;
+  }
+  if (fd >= 0) close(fd);
+  fd = -1;
 }
 
 // A failed system or libbpf call. `detail` carries libbpf's log (verifier output) if any.

@@ -1037,7 +1037,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       else if (x->up == c) UpstreamEnded(x, NGHTTP2_INTERNAL_ERROR);
     }
     c->exchanges.clear();
-    Unpoll(c);
+    ClosePolled(c->poll, c->fd);
     if (c->server) {
       clients_.erase(c->id);
       pendingClosed_.push_back({c->id, c->read, c->written});
@@ -1047,17 +1047,6 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       deadConns_.push_back(std::move(it->second));
       conns_.erase(it);
     }
-  }
-
-  // Stops polling the socket and closes it.
-  static void Unpoll(Conn* c) {
-    if (c->poll) {
-      uv_poll_stop(c->poll);
-      uv_close(reinterpret_cast<uv_handle_t*>(c->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-      c->poll = nullptr;
-    }
-    if (c->fd >= 0) close(c->fd);
-    c->fd = -1;
   }
 
   // -- JS calls and the loop ------------------------------------------------------------------------
@@ -1194,7 +1183,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (shutdown_) return;
     shutdown_ = true;
     for (auto& [c, owned] : conns_) {
-      Unpoll(c);
+      ClosePolled(c->poll, c->fd);
       c->closed = true;
     }
     pools_.clear();

@@ -675,13 +675,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   void Drop(Peer* p) {
     if (p->closed) return;
     p->closed = true;
-    if (p->poll) {
-      uv_poll_stop(p->poll);
-      uv_close(reinterpret_cast<uv_handle_t*>(p->poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-      p->poll = nullptr;
-    }
-    if (p->fd >= 0) close(p->fd);
-    p->fd = -1;
+    ClosePolled(p->poll, p->fd);
   }
 
   // The events the socket waits for, from what its connection needs now.
@@ -1057,10 +1051,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         if (ln == "connection" || ln == "keep-alive" || ln == "proxy-connection" || ln == "upgrade" || ln == "te") continue;
         // Both framings: chunked frames it (RFC 9112 6.3), and only that goes on.
         if (ln == "content-length" && h.chunked) continue;
-        bool drop = false;
+        bool drop = !interim && AnswerRemoves(c, ln);
         for (auto& l : listed) drop = drop || l == ln;
-        if (!interim)
-          for (auto& r2 : c->answerRemove) drop = drop || r2 == ln;
         if (drop) continue;
         head += n;
         head += ": ";
@@ -1105,15 +1097,19 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Finish(c, true);
   }
 
+  // Whether the route's answer edits remove the field `lower` (a lower-case name).
+  static bool AnswerRemoves(const Client* c, const std::string& lower) {
+    for (auto& r : c->answerRemove)
+      if (r == lower) return true;
+    return false;
+  }
+
   // A 101 to an upgrade: its head goes to the client as it came (its Connection and Upgrade
   // fields are the switch), the route's answer edits applied; then the two connections are joined.
   void StartTunnel(Client* c, Upstream* u, const Head& h) {
     std::string head = "HTTP/1.1 101 " + h.reason + "\r\n";
     for (auto& [n, v] : h.headers) {
-      std::string ln = Lower(n);
-      bool drop = false;
-      for (auto& r : c->answerRemove) drop = drop || r == ln;
-      if (drop) continue;
+      if (AnswerRemoves(c, Lower(n))) continue;
       head += n + ": " + v + "\r\n";
     }
     head += c->answerAdd;

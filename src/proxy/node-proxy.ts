@@ -885,20 +885,15 @@ export class NodeProxy {
         client.resetAndDestroy();
         return;
       }
-      // A pod of this node whose side reads the port as HTTP (and says so: no sniffing): that
-      // side serves the client's own connection, with no relay and no socket pair between.
       const read = this.readHere(state, upstream);
-      if (read && read.reads !== 'sniff') {
-        this.lb.acquire(target, endpoint);
-        try {
-          await this.serveHere(state, client, upstream, read, read.reads);
-        } finally {
-          this.lb.release(target, endpoint);
-        }
-        return;
-      }
       this.lb.acquire(target, endpoint);
       try {
+        // A pod of this node whose side reads the port as HTTP (and says so: no sniffing): that
+        // side serves the client's own connection, with no relay and no socket pair between.
+        if (read && read.reads !== 'sniff') {
+          await this.serveHere(state, client, upstream, read, read.reads);
+          return;
+        }
         let connected: Connected;
         try {
           connected = await this.connect(state, upstream, policy.connectTimeoutMs ?? this.options.connectTimeoutMs, client);

@@ -349,7 +349,6 @@ function answerStream(stream: ServerHttp2Stream, status: number, detail: string,
   return Buffer.byteLength(body);
 }
 
-
 export class H2Outbound {
   private readonly front: HandedH2Server<HttpClientConnection>;
   /** Upstream sessions by source pod, backend Service and endpoint. */

@@ -254,7 +254,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
-    if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common);
+    if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common, upgrade);
     const dial = (): Promise<number> => this.outbound.connected(target, endpoint, () => s.conn.dialFd(target, endpoint));
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
@@ -268,8 +268,9 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
    * Both sides in one pass (a pod of this node whose side reads HTTP): the request as the client
    * side sends it is admitted by the destination's side (normalized path, authorization, rate
    * limits) and goes straight to the application; each side counts it under its own reporter.
+   * `upgrade`: the request's upgrade fields, as send() found them.
    */
-  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: AnswerHandling): void {
+  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: AnswerHandling, upgrade: ReadonlyArray<string>): void {
     const { upstream, target } = request.d;
     const req: RequestHead = { method: request.facts.req.method, url: upstream.path, httpVersion: '1.1', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
     const atDestination: AccessFacts = { req, requestId: request.facts.requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
@@ -286,7 +287,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
       });
     }
     const failed = (e: Error): void => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message));
-    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgradeFields(request.facts.req)), () => local.dialFd(), failed));
+    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgrade), () => local.dialFd(), failed));
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
