@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// HBONE's byte path in native code, on its own epoll thread: TLS 1.3 (the OpenSSL that node
-// carries and exports), HTTP/2 (the nghttp2 node carries and exports; Debian's headers), and the
-// copy between each CONNECT stream and its application socket. JS keeps every decision: which
-// tunnel to dial and to whom, what identity the peer must have, whether a CONNECT may pass, and
-// the socket a stream is delivered to; this thread moves bytes and reports events.
+// HBONE's byte path in native code, on the JS thread's own libuv loop (its epoll set is one
+// uv_poll there): TLS 1.3 (the OpenSSL that node carries and exports), HTTP/2 (the nghttp2 node
+// carries and exports; Debian's headers), and the copy between each CONNECT stream and its
+// application socket. JS keeps every decision: which tunnel to dial and to whom, what identity
+// the peer must have, whether a CONNECT may pass, and the socket a stream is delivered to; the
+// engine moves bytes and reports events. It shares the loop with the HTTP/1.1 engine (http1.cc)
+// so that an L7 request crosses no thread (ARCHITECTURE.md, "One loop for HTTP and HBONE").
 //
 // Flow control is HTTP/2's own: a stream's DATA is acknowledged (WINDOW_UPDATE) only once it was
 // written to the application, so a slow application holds at most a window per stream; bytes
@@ -15,9 +17,9 @@
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <uv.h>
 
 #include <nghttp2/nghttp2.h>
 #include <openssl/err.h>
@@ -33,10 +35,8 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <set>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -61,6 +61,7 @@ constexpr uint32_t kServerMaxStreams = 200;
 constexpr uint32_t kAppEvents = EPOLLIN | EPOLLRDHUP | EPOLLET;  // an application socket's, EPOLLOUT only while needed
 constexpr uint32_t kMaxHeaderList = 64 * 1024;
 constexpr int kHandshakeMs = 10000;
+constexpr uint64_t kTimersMs = 200;  // handshake deadlines, pings, stream idle timeouts
 const char* const kCiphers = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
 
 std::string SslError(const char* what) {
@@ -262,11 +263,6 @@ class HboneEngine {
  public:
   HboneEngine(Napi::Env env, Napi::Function onEvent) {
     epfd_ = epoll_create1(EPOLL_CLOEXEC);
-    wake_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    epoll_event ev = {};
-    ev.events = EPOLLIN;
-    ev.data.u64 = 0;
-    epoll_ctl(epfd_, EPOLL_CTL_ADD, wake_, &ev);
     tsfn_ = Napi::ThreadSafeFunction::New(env, onEvent, "nodemesh.hbone", 0, 1);
     tsfn_.Unref(env);
     nghttp2_session_callbacks_new(&callbacks_);
@@ -280,30 +276,53 @@ class HboneEngine {
     nghttp2_option_new(&option_);
     nghttp2_option_set_no_auto_window_update(option_, 1);
     nghttp2_option_set_max_send_header_block_length(option_, kMaxHeaderList);
-    thread_ = std::thread([this]() { Loop(); });
-    // The process is exiting: the thread stops before OpenSSL's and the C++ runtime's exit-time
-    // cleanup runs under it (a thread still inside SSL_read then can abort the process).
+    // The engine's epoll set is one readable fd in the JS thread's loop; its handles do not keep
+    // the process alive (Hold does, through the event function, while JS waits for an event).
+    napi_get_uv_event_loop(env, &loop_);
+    poll_ = new uv_poll_t;
+    uv_poll_init(loop_, poll_, epfd_);
+    poll_->data = this;
+    uv_poll_start(poll_, UV_READABLE, [](uv_poll_t* h, int, int) { static_cast<HboneEngine*>(h->data)->Iterate(); });
+    uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+    timer_ = new uv_timer_t;
+    uv_timer_init(loop_, timer_);
+    timer_->data = this;
+    uv_timer_start(timer_, [](uv_timer_t* t) {
+      auto* e = static_cast<HboneEngine*>(t->data);
+      if (!e->stop_) e->Timers();
+    }, kTimersMs, kTimersMs);
+    uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+    // Work left for the next turn of the loop (commands, connections to settle again): the idle
+    // handle keeps the loop from blocking while it is started.
+    again_ = new uv_idle_t;
+    uv_idle_init(loop_, again_);
+    again_->data = this;
+    uv_unref(reinterpret_cast<uv_handle_t*>(again_));
     napi_add_env_cleanup_hook(env, [](void* self) { static_cast<HboneEngine*>(self)->Stop(); }, this);
   }
 
   void Stop() {
+    if (stop_) return;
     stop_ = true;
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) {
-      // the loop wakes within 200 ms anyway
-    }
-    if (thread_.joinable()) thread_.join();
+    uv_poll_stop(poll_);
+    uv_timer_stop(timer_);
+    uv_idle_stop(again_);
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
+    uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
+    uv_close(reinterpret_cast<uv_handle_t*>(again_), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
   }
 
-  // Runs fn on the engine thread.
+  // Runs fn on the engine's next turn (never inside the call that posts it: a command from JS
+  // never runs in the middle of the engine's own work up the stack).
   void Post(std::function<void()> fn) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      commands_.push_back(std::move(fn));
-    }
-    uint64_t one = 1;
-    if (write(wake_, &one, sizeof(one)) < 0) {
-      // the loop wakes within a second anyway
+    commands_.push_back(std::move(fn));
+    Schedule();
+  }
+
+  void Schedule() {
+    if (!stop_ && !scheduled_) {
+      scheduled_ = true;
+      uv_idle_start(again_, [](uv_idle_t* h) { static_cast<HboneEngine*>(h->data)->Iterate(); });
     }
   }
 
@@ -315,7 +334,7 @@ class HboneEngine {
     else tsfn_.Unref(env);
   }
 
-  // --- commands (engine thread) ---
+  // --- commands (run by Iterate, posted from JS) ---
 
   void Dial(uint64_t id, int fd, SSL_CTX* ctx, std::string expected) {
     auto c = NewConn(id, fd, ctx, false);
@@ -1195,61 +1214,56 @@ class HboneEngine {
         CloseConn(id, reason, "");
       }
     }
+    if (!runnable_.empty()) Schedule();
   }
 
-  void Loop() {
+  // One turn: the commands JS posted, every ready socket, then the connections left to settle.
+  void Iterate() {
+    if (stop_) return;
     epoll_event events[256];
-    auto nextTimers = Clock::now();
-    while (!stop_) {
-      int n = epoll_wait(epfd_, events, 256, runnable_.empty() ? 200 : 0);
-      std::deque<std::function<void()>> commands;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        commands.swap(commands_);
+    int n = epoll_wait(epfd_, events, 256, 0);
+    std::deque<std::function<void()>> commands;
+    commands.swap(commands_);
+    for (auto& fn : commands) fn();
+    for (int i = 0; i < n; i++) {
+      uint64_t tag = events[i].data.u64;
+      uint64_t hi = tag >> 32, lo = tag & 0xffffffffull;
+      if (lo == kListenerTag) {
+        auto it = listeners_.find(hi);
+        if (it != listeners_.end()) Accept(*it->second);
+      } else if (lo == 0) {
+        OnConn(hi, events[i].events);
+      } else {
+        OnApp(hi, static_cast<int32_t>(lo), events[i].events);
       }
-      for (auto& fn : commands) fn();
-      for (int i = 0; i < n; i++) {
-        uint64_t tag = events[i].data.u64;
-        if (tag == 0) {
-          uint64_t v;
-          while (read(wake_, &v, sizeof(v)) > 0) {
-          }
-          continue;
-        }
-        uint64_t hi = tag >> 32, lo = tag & 0xffffffffull;
-        if (lo == kListenerTag) {
-          auto it = listeners_.find(hi);
-          if (it != listeners_.end()) Accept(*it->second);
-        } else if (lo == 0) {
-          OnConn(hi, events[i].events);
-        } else {
-          OnApp(hi, static_cast<int32_t>(lo), events[i].events);
-        }
-      }
-      std::set<uint64_t> again;
-      again.swap(runnable_);
-      for (uint64_t id : again) {
-        auto it = conns_.find(id);
-        if (it != conns_.end()) Settle(*it->second);
-      }
-      auto now = Clock::now();
-      if (now >= nextTimers) {
-        Timers();
-        nextTimers = now + std::chrono::milliseconds(200);
-      }
+    }
+    std::set<uint64_t> again;
+    again.swap(runnable_);
+    for (uint64_t id : again) {
+      auto it = conns_.find(id);
+      if (it != conns_.end()) Settle(*it->second);
+    }
+    if (runnable_.empty() && commands_.empty()) {
+      if (scheduled_) uv_idle_stop(again_);
+      scheduled_ = false;
+    } else {
+      Schedule();
     }
   }
 
-  int epfd_ = -1, wake_ = -1;
-  std::thread thread_;
-  std::mutex mu_;
+  int epfd_ = -1;
+  uv_loop_t* loop_ = nullptr;
+  uv_poll_t* poll_ = nullptr;
+  uv_timer_t* timer_ = nullptr;
+  uv_idle_t* again_ = nullptr;
+  bool scheduled_ = false;
   std::deque<std::function<void()>> commands_;
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;
   std::map<uint64_t, std::unique_ptr<Listener>> listeners_;
   std::unordered_map<uint64_t, Stream*> handles_;
   std::set<uint64_t> runnable_;
-  std::atomic<uint64_t> nextId_{0};
-  std::atomic<bool> stop_{false};
+  uint64_t nextId_ = 0;
+  bool stop_ = false;
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* option_ = nullptr;
   Napi::ThreadSafeFunction tsfn_;
@@ -1260,7 +1274,7 @@ HboneEngine& Engine(Napi::Env env) {
   return *gEngine;
 }
 
-// --- TLS contexts (JS thread) ---
+// --- TLS contexts ---
 
 std::map<uint32_t, SSL_CTX*> gContexts;
 uint32_t gNextContext = 0;
@@ -1326,7 +1340,7 @@ SSL_CTX* MakeContext(bool server, const std::string& keyPem, const std::string& 
   return ctx;
 }
 
-// A context's SSL_CTX with a reference of its own, for the engine thread to keep.
+// A context's SSL_CTX with a reference of its own, for the engine to keep past JS freeing it.
 SSL_CTX* TakeContext(Napi::Env env, uint32_t id) {
   auto it = gContexts.find(id);
   if (it == gContexts.end()) throw Napi::Error::New(env, "unknown HBONE TLS context " + std::to_string(id));
