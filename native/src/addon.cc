@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstddef>
 
+#include "channel.h"
 #include "common.h"
 #include "nodemesh_abi.h"
 
@@ -95,6 +96,7 @@ Napi::Object InitAll(Napi::Env env, Napi::Object exports) {
   InitFdPassing(env, exports);
   InitHttp1(env, exports);
   InitH2(env, exports);
+  InitChannel(env, exports);
   exports.Set("abiLayout", Napi::Function::New(env, AbiLayout, "abiLayout"));
   exports.Set("raiseFdLimit", Napi::Function::New(env, RaiseFdLimit, "raiseFdLimit"));
   return exports;

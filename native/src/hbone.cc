@@ -40,6 +40,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "channel.h"
 #include "common.h"
 
 namespace nodemesh {
@@ -188,12 +189,15 @@ class Buffer {
 
 struct Conn;
 
-struct Stream {
+struct Stream final : ChannelEnd {
   uint64_t handle = 0;
   int32_t id = -1;
   Conn* conn = nullptr;
-  // The application socket, once attached.
+  // The application's side, once attached: a socket, or a channel to the HTTP/1.1 engine (side 1 here).
   int appFd = -1;
+  std::shared_ptr<Channel> ch;
+  bool Attached() const { return appFd >= 0 || ch != nullptr; }
+  void ChannelChanged() override;
   uint64_t relay = 0;  // the attach's id, for its 'relayed' event
   int idleMs = 0;
   Clock::time_point last;
@@ -435,20 +439,23 @@ class HboneEngine {
 
   // Delivers a stream to an application socket (server: answering 200 first). Takes the fd.
   // `initial`: bytes of the application's already read (a sniffed connection's first ones), sent first.
-  void Attach(uint64_t handle, uint64_t relay, int fd, int idleMs, const std::string& initial) {
+  void Attach(uint64_t handle, uint64_t relay, int fd, std::shared_ptr<Channel> ch, int idleMs, const std::string& initial) {
     auto it = handles_.find(handle);
     if (it == handles_.end()) {
-      close(fd);
+      if (fd >= 0) close(fd);
+      if (ch) ch->Close(1, true);
       return Emit(Event{"relayed"}.N("relay", static_cast<double>(relay)).N("bytesFromApp", 0).N("bytesToApp", 0).S("error", "the tunnel stream is gone").S("reason", "reset"));
     }
     Stream& s = *it->second;
     Conn& c = *s.conn;
     s.appFd = fd;
+    s.ch = std::move(ch);
+    if (s.ch) s.ch->Bind(1, &s);
     s.relay = relay;
     s.idleMs = idleMs;
     s.last = Clock::now();
     if (!initial.empty()) s.fromApp.append(initial.data(), initial.size());
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    if (fd >= 0) fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     if (s.h2Closed && (s.rstCode != NGHTTP2_NO_ERROR || !s.peerEnd)) {
       s.error = "stream reset (code " + std::to_string(s.rstCode) + ")";
       s.reason = "reset";
@@ -474,13 +481,13 @@ class HboneEngine {
       s.deferred = false;
       nghttp2_session_resume_data(c.h2, s.id);
     }
-    epoll_event ev = {};
-    ev.events = kAppEvents;
-    ev.data.u64 = Tag(c.id, static_cast<uint64_t>(s.id));
-    epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
-    ReadApp(s);
-    WriteApp(s);
-    Settle(c);
+    if (fd >= 0) {
+      epoll_event ev = {};
+      ev.events = kAppEvents;
+      ev.data.u64 = Tag(c.id, static_cast<uint64_t>(s.id));
+      epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
+    }
+    OnAppSide(s);
   }
 
   // Server: ends a CONNECT with a status and no tunnel.
@@ -807,10 +814,26 @@ class HboneEngine {
 
   // Reads from the application into the stream's buffer while it has room.
   void ReadApp(Stream& s) {
-    if (s.appFd < 0 || s.appEof || s.finished) return;
+    if (!s.Attached() || s.appEof || s.finished) return;
     Conn& c = *s.conn;
     bool got = false;
+    if (s.ch) {
+      // A channel: what the HTTP engine queued, as far as the buffer has room.
+      Channel& ch = *s.ch;
+      if (ch.WasReset(1)) return AppFailed(s, ECONNRESET, "read");
+      const std::string& in = ch.Inbox(1);
+      size_t room = s.fromApp.size() < kAppBuffer ? kAppBuffer - s.fromApp.size() : 0;
+      size_t n = std::min(room, in.size());
+      if (n > 0) {
+        s.fromApp.append(in.data(), n);
+        ch.Consumed(1, n);
+        got = true;
+      }
+      if (!in.empty()) s.appPaused = true;
+      else if (ch.AtEnd(1)) s.appEof = got = true;
+    }
     for (;;) {
+      if (s.ch) break;
       if (s.fromApp.size() >= kAppBuffer) {
         s.appPaused = true;
         break;
@@ -841,10 +864,18 @@ class HboneEngine {
 
   // Writes what the peer sent to the application; its window opens as it is written.
   void WriteApp(Stream& s) {
-    if (s.appFd < 0 || s.finished) return;
+    if (!s.Attached() || s.finished) return;
     Conn& c = *s.conn;
     while (!s.toApp.empty()) {
-      ssize_t n = write(s.appFd, s.toApp.data(), s.toApp.size());
+      ssize_t n;
+      if (s.ch) {
+        // A channel: as much as it has room for; it says when the HTTP engine made more.
+        if (s.ch->PeerClosed(1)) n = -1, errno = s.ch->WasReset(1) ? ECONNRESET : EPIPE;
+        else if ((n = static_cast<ssize_t>(std::min(s.toApp.size(), s.ch->Room(1)))) == 0) return;
+        else s.ch->Write(1, s.toApp.data(), static_cast<size_t>(n));
+      } else {
+        n = write(s.appFd, s.toApp.data(), s.toApp.size());
+      }
       if (n < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN) return WantOut(s, true);
@@ -858,15 +889,19 @@ class HboneEngine {
       else nghttp2_session_consume_connection(c.h2, static_cast<size_t>(n));
     }
     WantOut(s, false);
-    if (s.peerEnd && !s.appShut) {
-      shutdown(s.appFd, SHUT_WR);
-      s.appShut = true;
-    }
+    if (s.peerEnd && !s.appShut) ShutApp(s);
     MaybeFinish(s);
   }
 
+  // The peer's END_STREAM passed on: a FIN to the application.
+  void ShutApp(Stream& s) {
+    s.appShut = true;
+    if (s.ch) s.ch->Shut(1);
+    else shutdown(s.appFd, SHUT_WR);
+  }
+
   void WantOut(Stream& s, bool want) {
-    if (s.wantOut == want) return;
+    if (s.wantOut == want || s.appFd < 0) return;
     s.wantOut = want;
     epoll_event ev = {};
     ev.events = kAppEvents | (want ? EPOLLOUT : 0u);
@@ -883,7 +918,7 @@ class HboneEngine {
 
   // The relay ends when both directions have ended: the stream closed on HTTP/2, all it carried written.
   void MaybeFinish(Stream& s) {
-    if (s.finished || s.appFd < 0) return;
+    if (s.finished || !s.Attached()) return;
     if (!s.h2Closed) return;
     if (s.rstCode != NGHTTP2_NO_ERROR) {
       s.error = "stream reset (code " + std::to_string(s.rstCode) + ")";
@@ -892,10 +927,7 @@ class HboneEngine {
       return FinishStream(s);
     }
     if (!s.toApp.empty()) return;
-    if (!s.appShut && s.peerEnd) {
-      shutdown(s.appFd, SHUT_WR);
-      s.appShut = true;
-    }
+    if (!s.appShut && s.peerEnd) ShutApp(s);
     FinishStream(s);
   }
 
@@ -904,6 +936,10 @@ class HboneEngine {
     if (s.finished) return;
     s.finished = true;
     handles_.erase(s.handle);
+    if (s.ch) {
+      s.ch->Close(1, s.reset);
+      s.ch.reset();
+    }
     if (s.appFd >= 0) {
       epoll_ctl(epfd_, EPOLL_CTL_DEL, s.appFd, nullptr);
       if (s.reset) {
@@ -912,6 +948,8 @@ class HboneEngine {
       }
       close(s.appFd);
       s.appFd = -1;
+    }
+    if (s.relay != 0) {
       Event e{"relayed"};
       e.N("relay", static_cast<double>(s.relay)).N("bytesFromApp", static_cast<double>(s.bytesFromApp)).N("bytesToApp", static_cast<double>(s.bytesToApp));
       if (!s.error.empty()) e.S("error", s.error);
@@ -992,8 +1030,8 @@ class HboneEngine {
       return 0;
     }
     size_t avail = s->fromApp.size();
-    if (avail == 0 || s->appFd < 0) {
-      if (s->appEof && s->appFd >= 0) {
+    if (avail == 0 || !s->Attached()) {
+      if (s->appEof && s->Attached()) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         return 0;
       }
@@ -1124,7 +1162,7 @@ class HboneEngine {
       gEngine->Reap(c, *s);
       return 0;
     }
-    if (s->appFd >= 0) {
+    if (s->Attached()) {
       gEngine->MaybeFinish(*s);
     } else if (!c.server && !s->responded) {
       s->error = "stream closed before an answer (code " + std::to_string(code) + ")";
@@ -1153,16 +1191,33 @@ class HboneEngine {
   }
 
   void OnApp(uint64_t connId, int32_t sid, uint32_t events) {
+    Stream* s = FindStream(connId, sid);
+    if (!s) return;
+    if (events & EPOLLOUT) WriteApp(*s);
+    // Writing may have finished the stream and forgotten it.
+    if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && (s = FindStream(connId, sid))) ReadApp(*s);
     auto it = conns_.find(connId);
-    if (it == conns_.end()) return;
-    Conn& c = *it->second;
-    auto s = c.streams.find(sid);
-    if (s == c.streams.end()) return;
-    Stream& st = *s->second;
-    if (events & EPOLLOUT) WriteApp(st);
-    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) ReadApp(st);
-    if (conns_.find(connId) == conns_.end()) return;
-    Settle(c);
+    if (it != conns_.end()) Settle(*it->second);
+  }
+
+ public:
+  // The application's side may have moved (a channel's notice, or just attached): what waits for
+  // it is written, what it sent is read, then the tunnel settles.
+  void OnAppSide(Stream& st) {
+    uint64_t connId = st.conn->id;
+    int32_t sid = st.id;
+    WriteApp(st);
+    if (Stream* s = FindStream(connId, sid)) ReadApp(*s);
+    auto it = conns_.find(connId);
+    if (it != conns_.end()) Settle(*it->second);
+  }
+
+ private:
+  Stream* FindStream(uint64_t connId, int32_t sid) {
+    auto it = conns_.find(connId);
+    if (it == conns_.end()) return nullptr;
+    auto s = it->second->streams.find(sid);
+    return s == it->second->streams.end() || s->second->finished ? nullptr : s->second.get();
   }
 
   void Timers() {
@@ -1188,7 +1243,7 @@ class HboneEngine {
         runnable_.insert(id);
       }
       for (auto& [sid, s] : c->streams) {
-        if (s->finished || s->appFd < 0 || s->idleMs <= 0) continue;
+        if (s->finished || !s->Attached() || s->idleMs <= 0) continue;
         if (now - s->last > std::chrono::milliseconds(s->idleMs)) {
           s->error = "idle for " + std::to_string(s->idleMs) + " ms";
           s->reason = "idle_timeout";
@@ -1268,6 +1323,8 @@ class HboneEngine {
   nghttp2_option* option_ = nullptr;
   Napi::ThreadSafeFunction tsfn_;
 };
+
+void Stream::ChannelChanged() { gEngine->OnAppSide(*this); }
 
 HboneEngine& Engine(Napi::Env env) {
   if (!gEngine) throw Napi::Error::New(env, "hboneInit() was not called");
@@ -1447,7 +1504,16 @@ Napi::Value Request(const Napi::CallbackInfo& info) {
 Napi::Value Attach(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
   uint64_t handle = IdArg(info, 0);
-  int fd = info[1].As<Napi::Number>().Int32Value();
+  // An fd, or {channel}: the HTTP/1.1 engine's upstream joined in memory (side 1 is the stream's).
+  int fd = -1;
+  std::shared_ptr<Channel> ch;
+  if (info[1].IsObject()) {
+    uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+    ch = Channel::Take(id, 1);
+    if (!ch) throw Napi::Error::New(info.Env(), "hboneAttach: channel " + std::to_string(id) + " is unknown or taken");
+  } else {
+    fd = info[1].As<Napi::Number>().Int32Value();
+  }
   int idle = info[2].As<Napi::Number>().Int32Value();
   std::string initial;
   if (info.Length() > 3 && info[3].IsBuffer()) {
@@ -1455,7 +1521,7 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
     initial.assign(b.Data(), b.Length());
   }
   uint64_t relay = e.NextId();
-  e.Post([&e, handle, relay, fd, idle, initial = std::move(initial)]() { e.Attach(handle, relay, fd, idle, initial); });
+  e.Post([&e, handle, relay, fd, ch = std::move(ch), idle, initial = std::move(initial)]() mutable { e.Attach(handle, relay, fd, std::move(ch), idle, initial); });
   return Napi::Number::New(info.Env(), static_cast<double>(relay));
 }
 

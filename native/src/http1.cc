@@ -26,6 +26,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "channel.h"
 #include "common.h"
 
 namespace nodemesh {
@@ -336,11 +337,14 @@ class Http1Engine;
 struct Client;
 struct Upstream;
 
-// One socket on the loop: what was read and not yet used, what waits to be written.
-struct Peer {
+// One socket on the loop (or an upstream's channel to an HBONE stream, side 0 here): what was
+// read and not yet used, what waits to be written.
+struct Peer final : ChannelEnd {
   Http1Engine* engine = nullptr;
   uv_poll_t* poll = nullptr;
   int fd = -1;
+  std::shared_ptr<Channel> ch;
+  void ChannelChanged() override;
   int events = 0;
   bool isClient = false;
   Client* client = nullptr;      // whose socket this is
@@ -378,6 +382,9 @@ struct Client {
   int status = 0;
   bool upgrading = false;  // a request with Upgrade: on a connection of its own, a 101 joins the two
   bool clientDone = false, upstreamDone = false;  // a tunnel's sides that ended (their FIN passed on)
+  // Released to JS while it came on a channel: its bytes pass (a tunnel) to a socket pair whose
+  // other end JS serves; nothing of it is reported any more (JS's connection is that socket's).
+  bool bridge = false;
 };
 
 struct Upstream {
@@ -441,14 +448,21 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   // serve(id, fd, initial?): the engine owns the accepted client socket from now on, under the
   // id JS gave it; `initial` is what was read from it already (a sniffed connection's first bytes).
+  // Or serve(id, {channel}): the client is an HBONE stream's, joined in memory (side 0 here).
   Napi::Value Serve(const Napi::CallbackInfo& info) {
     auto c = std::make_unique<Client>();
     c->id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
-    int fd = info[1].As<Napi::Number>().Int32Value();
     if (clients_.count(c->id) != 0) throw Napi::Error::New(info.Env(), "http1 engine: id " + std::to_string(c->id) + " is in use");
     c->lastActive = NowMs();
     Client* raw = c.get();
-    if (!Open(&raw->peer, fd, true)) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    if (info[1].IsObject()) {
+      uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+      std::shared_ptr<Channel> ch = Channel::Take(id, 0);
+      if (!ch) throw Napi::Error::New(info.Env(), "http1 engine: channel " + std::to_string(id) + " is unknown or taken");
+      OpenChannel(&raw->peer, std::move(ch), true);
+    } else if (!Open(&raw->peer, info[1].As<Napi::Number>().Int32Value(), true)) {
+      throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    }
     clients_[c->id] = std::move(c);
     raw->peer.client = raw;
     if (info.Length() > 2 && info[2].IsBuffer()) {
@@ -467,26 +481,38 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Client* c = Find(info[0]);
-    int fd = info[3].As<Napi::Number>().Int32Value();
+    // A new connection: an fd, or {channel} (an HBONE stream's, joined in memory); -1: an idle one.
+    int fd = -1;
+    std::shared_ptr<Channel> ch;
+    if (info[3].IsObject()) {
+      uint32_t id = info[3].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+      if (!(ch = Channel::Take(id, 0))) throw Napi::Error::New(env, "http1 engine: channel " + std::to_string(id) + " is unknown or taken");
+    } else {
+      fd = info[3].As<Napi::Number>().Int32Value();
+    }
+    bool fresh = fd >= 0 || ch;
     if (!c || c->phase != Client::Phase::kDecide) {
       // The client went while the upstream was dialled: the connection is not needed.
       if (fd >= 0) close(fd);
+      if (ch) ch->Close(0, true);
       return Napi::Boolean::New(env, true);
     }
     std::string pool = info[1].As<Napi::String>().Utf8Value();
     // An upgrade goes on a connection of its own (it may become a tunnel): never an idle one.
     bool upgrading = c->req.upgrade && c->req.method != "CONNECT";
-    if (upgrading && fd < 0) return Napi::Boolean::New(env, false);
+    if (upgrading && !fresh) return Napi::Boolean::New(env, false);
     Upstream* u = nullptr;
-    if (fd >= 0) {
-      auto fresh = std::make_unique<Upstream>();
-      u = fresh.get();
-      if (!Open(&u->peer, fd, false)) {
+    if (fresh) {
+      auto made = std::make_unique<Upstream>();
+      u = made.get();
+      if (ch) {
+        OpenChannel(&u->peer, std::move(ch), false);
+      } else if (!Open(&u->peer, fd, false)) {
         close(fd);
         throw ToJsError(env, {errno, "uv_poll_init", "", ""});
       }
       u->peer.upstream = u;
-      upstreams_[u] = std::move(fresh);
+      upstreams_[u] = std::move(made);
       u->pool = pool;
     } else {
       u = TakeIdle(pool);
@@ -502,7 +528,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     u->headDone = false;
     u->answer = Head();
     u->reusable = false;
-    u->reused = fd < 0;
+    u->reused = !fresh;
     u->maxRequests = info.Length() > 6 && info[6].IsNumber() ? info[6].As<Napi::Number>().Uint32Value() : 0;
     c->retryable = info.Length() > 7 && info[7].IsArray();
     c->retryOn.clear();
@@ -599,15 +625,48 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Client* c = Find(info[0]);
     if (!c || c->phase != Client::Phase::kDecide || !c->peer.out.empty()) return env.Undefined();
     Napi::Object out = Napi::Object::New(env);
-    out.Set("fd", Napi::Number::New(env, c->peer.fd));
     out.Set("buffered", Napi::Buffer<char>::Copy(env, c->peer.in.data(), c->peer.in.size()));
     // The bytes the engine itself read from the socket (node:net counts what it reads) and wrote.
     out.Set("read", Napi::Number::New(env, static_cast<double>(c->peer.read)));
     out.Set("written", Napi::Number::New(env, static_cast<double>(c->peer.written)));
+    if (c->peer.ch) {
+      int fd = Bridge(c);
+      if (fd < 0) return env.Undefined();
+      out.Set("fd", Napi::Number::New(env, fd));
+      out.Set("bridged", Napi::Boolean::New(env, true));
+      return out;
+    }
+    out.Set("fd", Napi::Number::New(env, c->peer.fd));
     c->peer.fd = -1;  // JS's now
     Drop(&c->peer);
     Bury(c);
     return out;
+  }
+
+  // A client on a channel has no socket to give JS: the bytes after its buffered ones pass to a
+  // socket pair's end (as an upgrade's tunnel) and JS gets the other end. -1 without one (EMFILE).
+  int Bridge(Client* c) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+    auto made = std::make_unique<Upstream>();
+    Upstream* u = made.get();
+    if (!Open(&u->peer, sv[0], false)) {
+      close(sv[0]);
+      close(sv[1]);
+      return -1;
+    }
+    u->peer.upstream = u;
+    u->client = c;
+    u->headDone = true;
+    upstreams_[u] = std::move(made);
+    c->peer.in.clear();
+    c->up = u;
+    c->bridge = true;
+    c->phase = Client::Phase::kTunnel;
+    depth_++;
+    PumpTunnel(c);
+    depth_--;
+    return sv[1];
   }
 
   Napi::Value CloseJs(const Napi::CallbackInfo& info) {
@@ -671,11 +730,30 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return true;
   }
 
-  // Stops polling the socket and closes it (unless it was handed back to JS: fd -1).
+  void OpenChannel(Peer* p, std::shared_ptr<Channel> ch, bool isClient) {
+    p->engine = this;
+    p->isClient = isClient;
+    p->ch = std::move(ch);
+    p->ch->Bind(0, p);
+  }
+
+  // Stops polling the socket and closes it (unless it was handed back to JS: fd -1); a channel is
+  // closed (its stream reset if bytes for it were left unread, as a socket's peer would be).
   void Drop(Peer* p) {
     if (p->closed) return;
     p->closed = true;
+    if (p->ch) {
+      p->ch->Close(0, false);
+      p->ch.reset();
+      return;
+    }
     ClosePolled(p->poll, p->fd);
+  }
+
+  // No more bytes from this side (a FIN).
+  void ShutWrite(Peer* p) {
+    if (p->ch) p->ch->Shut(0);
+    else shutdown(p->fd, SHUT_WR);
   }
 
   // The events the socket waits for, from what its connection needs now.
@@ -683,6 +761,14 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (p->closed) return;
     int want = p->out.empty() ? 0 : UV_WRITABLE;
     if (!p->eof && WantsRead(p)) want |= UV_READABLE;
+    if (p->ch) {
+      // A channel tells of changes only: what is ready already is looked at on the next turn.
+      p->events = want;
+      const Channel& ch = *p->ch;
+      bool readable = !ch.Inbox(0).empty() || ch.AtEnd(0) || ch.WasReset(0);
+      if (((want & UV_READABLE) && readable) || ((want & UV_WRITABLE) && (ch.Room(0) > 0 || ch.PeerClosed(0)))) p->ch->Poke(0);
+      return;
+    }
     if (want == p->events) return;
     p->events = want;
     if (want == 0) uv_poll_stop(p->poll);
@@ -715,6 +801,16 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   // Writes what it can; false on an error (the peer is gone).
   bool Flush(Peer* p) {
+    if (p->ch) {
+      if (p->closed || p->out.empty()) return true;
+      if (p->ch->PeerClosed(0)) return errno = p->ch->WasReset(0) ? ECONNRESET : EPIPE, false;
+      size_t n = std::min(p->out.size(), p->ch->Room(0));
+      if (n == 0) return true;
+      p->ch->Write(0, p->out.data(), n);
+      p->written += n;
+      p->out.erase(0, n);
+      return true;
+    }
     while (!p->out.empty() && !p->closed) {
       ssize_t n = send(p->fd, p->out.data(), p->out.size(), MSG_NOSIGNAL);
       if (n > 0) {
@@ -731,6 +827,18 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   // Reads what is there (up to a bound); false on an error. EOF sets `eof`.
   bool Fill(Peer* p) {
+    if (p->ch) {
+      if (p->eof) return true;
+      Channel& ch = *p->ch;
+      if (ch.WasReset(0)) return errno = ECONNRESET, false;
+      const std::string& in = ch.Inbox(0);
+      size_t n = std::min(in.size(), 4 * kReadChunk);
+      p->in.append(in.data(), n);
+      p->read += n;
+      ch.Consumed(0, n);
+      if (ch.AtEnd(0)) p->eof = true;
+      return true;
+    }
     static char buf[kReadChunk];
     for (int rounds = 0; rounds < 4 && !p->eof; rounds++) {
       ssize_t n = recv(p->fd, buf, sizeof buf, 0);
@@ -750,8 +858,16 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return true;
   }
 
-  static void OnPoll(uv_poll_t* h, int status, int events) {
-    Peer* p = static_cast<Peer*>(h->data);
+  static void OnPoll(uv_poll_t* h, int status, int events) { OnEvents(static_cast<Peer*>(h->data), status, events); }
+
+ public:
+  // A channel's notice: as a poll's, for the events its peer waits for.
+  static void OnChannel(Peer* p) {
+    if (p->events != 0) OnEvents(p, 0, p->events);
+  }
+
+ private:
+  static void OnEvents(Peer* p, int status, int events) {
     Http1Engine* e = p->engine;
     Napi::HandleScope scope(e->env_);
     e->depth_++;
@@ -980,11 +1096,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       struct linger l = {1, 0};
       setsockopt(c->peer.fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
     }
+    if (abortive && c->peer.ch) c->peer.ch->Close(0, true);  // the stream is reset
     Drop(&c->peer);
     uint64_t id = c->id;
     double read = static_cast<double>(c->peer.read), written = static_cast<double>(c->peer.written);
+    bool bridge = c->bridge;
     Bury(c);
-    Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason), Napi::Number::New(env_, read), Napi::Number::New(env_, written)});
+    if (!bridge) Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason), Napi::Number::New(env_, read), Napi::Number::New(env_, written)});
   }
 
   // -- the upstream's side -----------------------------------------------------------------------
@@ -1139,11 +1257,11 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (!Flush(cp)) return EndTunnel(c, true);
     if (cp->eof && up->out.empty() && !c->clientDone) {
       c->clientDone = true;
-      shutdown(up->fd, SHUT_WR);
+      ShutWrite(up);
     }
     if (up->eof && cp->out.empty() && !c->upstreamDone) {
       c->upstreamDone = true;
-      shutdown(cp->fd, SHUT_WR);
+      ShutWrite(cp);
     }
     if (c->clientDone && c->upstreamDone) return EndTunnel(c, false);
     Arm(up);
@@ -1241,6 +1359,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   }
 
   void ReportDone(Client* c, int status, const char* flag, const std::string& detail) {
+    if (c->bridge) return;
     Napi::Env env = env_;
     Call(done_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag),
                  Napi::Number::New(env, static_cast<double>(c->body.bytes)), Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::String::New(env, detail)});
@@ -1336,6 +1455,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   };
   std::vector<Grave> graveyard_;
 };
+
+void Peer::ChannelChanged() { Http1Engine::OnChannel(this); }
 
 }  // namespace
 

@@ -147,14 +147,16 @@ interface RawAddon {
   hboneServerClose(server: number): void;
   hboneServerStopListening(server: number): void;
   hboneRequest(conn: number, authority: string, forwarded: string): number;
-  /** Relays `fd` and the stream (`initial`, bytes already read from the fd, first); takes the fd. */
-  hboneAttach(handle: number, fd: number, idleTimeoutMs: number, initial?: Buffer): number;
+  /** Relays `fd` (or a channel's side 1) and the stream (`initial`, bytes already read from the fd, first); takes the fd. */
+  hboneAttach(handle: number, fd: number | ChannelRef, idleTimeoutMs: number, initial?: Buffer): number;
   hboneAnswer(handle: number, status: number): void;
   hboneCancel(handle: number): void;
   hboneClose(conn: number): void;
   hboneAbortAll(): void;
   hboneHold(hold: boolean): void;
   Http1Engine: new (events: Http1Events, options: Http1Options) => Http1Engine;
+  channelNew(): number;
+  channelDrop(channel: number, side: 0 | 1): void;
   H2Engine: new (events: H2Events, options: H2Options) => H2Engine;
 }
 
@@ -202,15 +204,17 @@ export interface Http1Engine {
   /**
    * Takes an accepted client socket's fd (the engine owns it from now on) under `id` (the
    * caller's, unique among its open connections); `initial` holds bytes already read from it.
+   * Or an HBONE stream's side of a channel: release() then bridges it to a socket pair's end.
    */
-  serve(id: number, fd: number, initial?: Buffer): void;
+  serve(id: number, fd: number | ChannelRef, initial?: Buffer): void;
   /**
    * The request waiting on `id` goes upstream with `head` (its request line and headers, CRLFCRLF
-   * included): on `fd` (a new connection, pooled as `pool` afterwards) or, with fd -1, on an idle
+   * included): on `fd` (a new connection, pooled as `pool` afterwards: a socket, or a channel to
+   * an HBONE stream) or, with fd -1, on an idle
    * connection of `pool`. False when there is none; then dial and call again with the fd.
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
    */
-  forward(id: number, pool: string, head: string, fd: number, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  forward(id: number, pool: string, head: string, fd: number | ChannelRef, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
   /**
    * The body of the request in flight on `id` as it was sent (framing included; empty without
    * one), once read whole and kept (forward's `keep`, or a retry's): undefined otherwise (over
@@ -238,7 +242,7 @@ export interface Http1Engine {
    */
   expire(id: number, bytes: Buffer, status: number): number;
   /** The connection back to JS at the waiting request: its fd, and the bytes read from it (that request's head on). */
-  release(id: number): { fd: number; buffered: Buffer; read: number; written: number } | undefined;
+  release(id: number): { fd: number; buffered: Buffer; read: number; written: number; bridged?: boolean } | undefined;
   /** Resets the client connection (and its upstream). */
   close(id: number): void;
   /** Closes the idle pooled connections of every pool whose key starts with `prefix`. */
@@ -629,7 +633,7 @@ export type HboneEvent =
 /** The addon's HBONE engine: TLS 1.3 and HTTP/2 on its own thread, driven by handles (see HboneEvent). */
 export type HboneAddon = Pick<
   RawAddon,
-  'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneServerStopListening' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold'
+  'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneServerStopListening' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold' | 'channelDrop'
 >;
 
 export function hboneAddon(): HboneAddon {
@@ -677,6 +681,29 @@ export function fdsSend(path: string, messages: ReadonlyArray<FdMessage>, timeou
 
 export function dupFd(fd: number): number {
   return call(`dup fd ${fd}`, () => native().dupFd(fd));
+}
+
+/**
+ * A channel between the HTTP/1.1 engine's upstream connection and an HBONE stream, joined in
+ * memory on the JS thread's loop instead of through a socket pair (native/src/channel.h): the
+ * stream takes it in hboneAttach, the engine in forward. Whichever is not taken is given up with
+ * dropUpstream.
+ */
+export interface ChannelRef {
+  readonly channel: number;
+}
+
+/** A new upstream connection for the HTTP/1.1 engine: an fd, or a channel to an HBONE stream. */
+export type EngineUpstream = number | ChannelRef;
+
+export function channelNew(): ChannelRef {
+  return { channel: native().channelNew() };
+}
+
+/** Gives up an upstream that no engine took: closes the fd, or resets the channel's stream. */
+export function dropUpstream(upstream: EngineUpstream): void {
+  if (typeof upstream === 'number') closeFd(upstream);
+  else native().channelDrop(upstream.channel, 0);
 }
 
 /** Two connected Unix stream sockets (non-blocking, close-on-exec); both fds are the caller's. */

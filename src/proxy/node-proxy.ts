@@ -12,7 +12,7 @@ import { Socket, type Server } from 'node:net';
 
 import { NM_DELIVERY_MARK, NM_PORT_INBOUND, NM_PORT_OUTBOUND, NM_PROXY_MARK, NM_PROXY_PORTS, type OrigKey } from '../datapath/abi.js';
 import { formatHostPort, isLoopback, type Family, type SocketAddress } from '../shared/address.js';
-import { closeFd, connectInNetns, dupFd, hboneAbortAll, relayAbortAll, relayFds, releaseNetns, socketPair } from '../datapath/native.js';
+import { channelNew, closeFd, connectInNetns, dupFd, hboneAbortAll, relayAbortAll, relayFds, releaseNetns, socketPair, type ChannelRef, type EngineUpstream } from '../datapath/native.js';
 import { exportedTo, type Service } from '../config/service.js';
 import { MeshSnapshot, type Endpoint, type ServiceTarget, type Workload } from '../config/snapshot.js';
 import { logger } from '../shared/log.js';
@@ -195,7 +195,8 @@ interface PodState {
   readonly servers: Server[];
   /** The listening sockets of `servers` (a handover gives the next agent copies). */
   readonly listeners: Array<ListenerRef & { readonly fd: number }>;
-  readonly sockets: Set<Socket>;
+  /** Its open connections (sockets, or engine connections on a channel): a pod that leaves destroys them. */
+  readonly sockets: Set<{ destroy(): void }>;
   /** Connections accepted on the pod's listeners and not ended (its share of the limits; status shows it). */
   open: number;
   /** Upstream connects in flight for the pod. */
@@ -480,6 +481,21 @@ export class NodeProxy {
       socket.destroy();
     });
     return theirs;
+  }
+
+  /**
+   * A tunnelled connection into `state`'s pod whose port reads HTTP/1.1, served by the addon's
+   * engine on a channel (no socket pair between the engine and the HBONE stream): the channel's
+   * side for the stream, or undefined when the engine is not there.
+   */
+  private serveChannel(state: PodState, facts: Omit<ConnectionFacts, 'destination'>, labels: TcpLabels, source: Workload | undefined): ChannelRef | undefined {
+    const served = this.httpIn.serveChannel(this.serverConnection(state, 'http1', facts, 'hbone', labels, source), (fd) => this.podSocket(state, fd, true).on('error', () => undefined));
+    if (!served) return undefined;
+    // A pod that leaves resets its connections, this one as its sockets.
+    const held = { destroy: () => served.close() };
+    state.sockets.add(held);
+    void served.done.finally(() => state.sockets.delete(held));
+    return served.channel;
   }
 
   /**
@@ -956,6 +972,7 @@ export class NodeProxy {
       source: state.pod,
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
+      dialEngine: async (target, endpoint) => this.engineUpstreamOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       localServer: (target, endpoint, protocol) => {
         // A pod of this node whose port its side reads as `protocol`: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it
@@ -1020,6 +1037,17 @@ export class NodeProxy {
     if ('native' in connected) void connected.native.attach(tunnelSide, idleTimeoutMs);
     else void relayStreams(this.podSocket(state, tunnelSide, true), connected.stream, idleTimeoutMs);
     return ours;
+  }
+
+  /**
+   * A connected upstream for the HTTP/1.1 engine: a native tunnel's stream is joined to it in
+   * memory (a channel; the engine and the stream share the JS thread's loop), anything else as fdOf.
+   */
+  private engineUpstreamOf(state: PodState, connected: Connected, idleTimeoutMs: number): EngineUpstream {
+    if (!('native' in connected)) return this.fdOf(state, connected, idleTimeoutMs);
+    const channel = channelNew();
+    void connected.native.attach(channel, idleTimeoutMs);
+    return channel;
   }
 
   /** A node:net socket on `fd`, held by the pod's state until it closes (a pod that leaves ends it). */
@@ -1144,12 +1172,14 @@ export class NodeProxy {
       const reads = this.readsHttp(state, target.port);
       if (reads !== undefined) {
         this.metrics.proxied.inc({ path: 'inbound' });
-        const tunnelSide = this.readPair(state, reads, facts, 'hbone', labels, sourceWorkload);
         const idle = serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs;
         if (stream instanceof NativeTunnelStream) {
-          await stream.attach(tunnelSide, idle);
+          // HTTP/1.1 on the addon's engine: the stream joined to it in memory; else a socket pair.
+          const joined = reads === 'http1' ? this.serveChannel(state, facts, labels, sourceWorkload) : undefined;
+          await stream.attach(joined ?? this.readPair(state, reads, facts, 'hbone', labels, sourceWorkload), idle);
           return;
         }
+        const tunnelSide = this.readPair(state, reads, facts, 'hbone', labels, sourceWorkload);
         stream.respond({ ':status': 200 });
         await relayStreams(this.podSocket(state, tunnelSide, true), stream, idle);
         return;

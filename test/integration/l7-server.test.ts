@@ -247,4 +247,30 @@ for (const hbone of ['native', 'node'] as const) test(`L7 server side across two
   const mtls = metricValue(await agentB.metrics(), 'istio_requests_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', source_principal: 'spiffe://cluster.local/ns/default/sa/client' });
   assert.equal(mtls, 8, 'reported as mutual TLS with the client\'s identity');
   await checkRateLimits(sb, { client, admin }, agentB, [agentA, agentB], 'two nodes');
+  await checkTunnelledBytes(sb, admin, agentB, [agentA, agentB], 'two nodes');
 });
+
+/**
+ * What the destination's engine does with a tunnelled connection besides requests it forwards
+ * (with the addon's HBONE engine, the stream is joined to it in memory): large bodies both ways
+ * under flow control, an upgrade joined byte for byte, and HTTP/1.0 handed to node:http (given a
+ * socket then, bridged to the stream), its body passed whole.
+ */
+async function checkTunnelledBytes(sb: Sandbox, admin: PodRecord, destination: AgentProcess, agents: ReadonlyArray<AgentProcess>, where: string): Promise<void> {
+  const bodies = await http(sb, admin, { requests: [{ method: 'POST', path: '/echo', body: 3 << 20, chunked: true }, { path: '/big/5000000' }, { method: 'POST', path: '/echo', body: 1 << 20 }] }, agents);
+  assert.deepEqual(statuses(bodies), [200, 200, 200], `${where}: ${JSON.stringify(bodies.answers.map((a) => a.error))}`);
+  for (const i of [0, 2]) {
+    assert.equal(bodies.answers[i]?.sha256, bodies.answers[i]?.sent, `${where}: echo ${i}: the body came back intact`);
+    assert.equal(bodies.answers[i]?.trailers['x-body-sha256'], bodies.answers[i]?.sent, `${where}: echo ${i}: its trailer came through`);
+  }
+  assert.equal(bodies.answers[1]?.bytes, 5_000_000, `${where}: 5 MB down`);
+  assert.equal(bodies.connections, 1);
+  const upgraded = await http(sb, admin, { requests: [], upgrades: [{ path: '/ws', send: 'hello across two nodes' }] }, agents);
+  assert.deepEqual(upgraded.upgrades, [{ status: 'HTTP/1.1 101 Switching Protocols', echoed: 'hello across two nodes' }], `${where}: upgraded on the destination's engine`);
+  const body = 'b'.repeat(70_000);
+  const old = await http(sb, admin, { requests: [], raw: ['GET /public/a HTTP/1.0\r\nHost: api\r\n\r\n', `POST /echo HTTP/1.0\r\nHost: api\r\nContent-Length: ${body.length}\r\n\r\n${body}`] }, agents);
+  assert.deepEqual(old.raw, ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK'], `${where}: HTTP/1.0 served by node:http on the destination`);
+  const metrics = await destination.metrics();
+  assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'server', engine: 'node', why: 'http1.0' }), 2, `${where}: both HTTP/1.0 requests handed to node:http`);
+  assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', request_protocol: 'http', response_code: '101' }), 1, `${where}: the upgrade counted`);
+}

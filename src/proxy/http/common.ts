@@ -157,6 +157,19 @@ export function forwardable(raw: ReadonlyArray<string>, connection: string | und
   return out;
 }
 
+/**
+ * An upstream answer's fields as they go to the client of `req`: forwardable(), and no Trailer
+ * field for an HTTP/1.0 client. Without chunked coding its trailers cannot be framed, so they are
+ * dropped (node:http refuses to send a Trailer field it cannot honour).
+ */
+export function answerFields(req: IncomingMessage, answer: IncomingMessage): string[] {
+  const out = forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection'));
+  if (req.httpVersion !== '1.0') return out;
+  const kept: string[] = [];
+  for (let i = 0; i + 1 < out.length; i += 2) if ((out[i] ?? '').toLowerCase() !== 'trailer') kept.push(out[i] ?? '', out[i + 1] ?? '');
+  return kept;
+}
+
 /** [name, value, name, value] as [[name, value], ...]. */
 export function pairs(raw: ReadonlyArray<string>): Array<[string, string]> {
   const out: Array<[string, string]> = [];

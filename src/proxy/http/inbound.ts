@@ -19,8 +19,9 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts } from '../policy.js';
-import { UpstreamAgent, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, answerFields, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
+import type { ChannelServed } from './native-engine.js';
 import { NativeInbound } from './native-inbound.js';
 
 const log = logger('http');
@@ -89,6 +90,14 @@ export class HttpInbound {
   serve(client: Socket, conn: HttpServerConnection, sniffedHead?: Buffer): Promise<ConnectionBytes> {
     if (conn.protocol === 'http2') return this.h2.serve(client, conn, sniffedHead);
     return this.native.host.serve(client, conn, sniffedHead);
+  }
+
+  /**
+   * An HTTP/1.1 connection on the addon's engine with no socket: a channel the caller joins to an
+   * HBONE stream (Http1Host.serveChannel). Undefined when the engine is not there.
+   */
+  serveChannel(conn: HttpServerConnection, socketFor: (fd: number) => Socket): ChannelServed | undefined {
+    return this.native.host.serveChannel(conn, socketFor);
   }
 
   /** node:http serves the connection, its unread bytes put back first. */
@@ -298,7 +307,7 @@ class Delivery {
   private answered(up: ClientRequest, answer: IncomingMessage): void {
     const status = answer.statusCode ?? 502;
     try {
-      this.res.writeHead(status, answer.statusMessage, forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')) as unknown as OutgoingHttpHeaders);
+      this.res.writeHead(status, answer.statusMessage, answerFields(this.req, answer) as unknown as OutgoingHttpHeaders);
     } catch (e) {
       answer.destroy();
       this.answer(502, 'UPE', `the answer could not be passed on: ${(e as Error).message}`);

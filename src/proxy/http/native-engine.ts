@@ -11,7 +11,7 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 
-import { closeFd, dupFd, http1Engine, type Http1Engine } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, dupFd, http1Engine, type ChannelRef, type EngineUpstream, type Http1Engine } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
@@ -35,8 +35,8 @@ export interface Forwarding {
   readonly pool: string;
   /** The request line and headers, CRLFCRLF included. */
   readonly head: string;
-  /** A new connection's fd, the caller's. */
-  dial(): Promise<number>;
+  /** A new connection: its fd (the caller's), or a channel to an HBONE stream. */
+  dial(): Promise<EngineUpstream>;
   failed(e: Error): void;
   /** Lower-case names removed from the answer's head, then these "name: value\r\n" lines added. */
   readonly answerRemove?: ReadonlyArray<string>;
@@ -143,9 +143,19 @@ function resumeReading(client: Socket): void {
   delete (client as unknown as { _read?: unknown })._read;
 }
 
+/** A connection the engine serves on a channel (Http1Host.serveChannel). */
+export interface ChannelServed {
+  /** Side 1 is the caller's to give an HBONE stream. */
+  readonly channel: ChannelRef;
+  /** Its bytes each way, once it closed (or node:http was done with it). */
+  readonly done: Promise<ConnectionBytes>;
+  /** Resets it (the pod left). */
+  close(): void;
+}
+
 export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
-  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer, bytes?: ConnectionBytes) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer, bytes?: ConnectionBytes, fd?: number) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
   private nextId = 0;
   /** No engine: turned off, or the addon could not start one. */
   private failed: boolean;
@@ -185,42 +195,80 @@ export class Http1Host<C, R> {
     if (copy === 'no_fd') return this.nodeServes(client, conn, initial, 'no_fd');
     const own = copy.fd;
     initial = copy.initial;
-    const id = ++this.nextId;
     return new Promise<ConnectionBytes>((resolve) => {
-      const s: Served<C, R> = { id, conn, request: undefined };
-      let ended = false;
-      const end = (then?: Buffer, bytes: ConnectionBytes = NO_BYTES): void => {
-        if (ended) return;
-        ended = true;
-        const answered = this.served.get(id)?.answered;
-        this.served.delete(id);
-        answered?.(0);
-        if (then !== undefined) {
+      const id = this.admit(conn, {
+        handBack: (then, bytes) => {
           resumeReading(client);
           void this.fallback(client, conn, then).then(() => resolve(socketTotals(client, bytes)));
-          return;
-        }
-        if (s.request !== undefined) this.handler.left(s);
-        client.destroy();
-        resolve(socketTotals(client, bytes));
-      };
-      this.served.set(id, { s, end, attempts: 0 });
-      // The pod left (its sockets are destroyed) or the proxy closes: the engine's copy goes too.
-      client.once('close', () => {
-        if (!ended) engine.close(id);
+        },
+        closed: (bytes) => {
+          client.destroy();
+          resolve(socketTotals(client, bytes));
+        },
       });
+      // The pod left (its sockets are destroyed) or the proxy closes: the engine's copy goes too.
+      client.once('close', () => engine.close(id));
       try {
         engine.serve(id, own, initial);
         this.metrics.httpEngine.inc({ side: this.side, engine: 'addon', why: '' });
       } catch (e) {
         closeFd(own);
-        ended = true;
         this.served.delete(id);
         log.warn({ err: (e as Error).message }, 'the HTTP/1.1 engine could not take a connection: node:http serves it');
         resumeReading(client);
         void this.fallback(client, conn, initial ?? Buffer.alloc(0)).then(() => resolve(socketTotals(client, NO_BYTES)));
       }
     });
+  }
+
+  /**
+   * A new channel whose side 0 the engine serves as a client connection until it closes (the
+   * caller gives the other side to an HBONE stream: joined in memory, no socket): `done` resolves
+   * with its bytes each way; `close()` resets it (the pod left). A connection handed back to
+   * node:http (HTTP/1.0, CONNECT) gets a socket then: `socketFor` makes it of a socket pair's end
+   * whose other end the engine joins to the channel. Undefined when there is no engine (the
+   * caller gives the stream a socket instead).
+   */
+  serveChannel(conn: C, socketFor: (fd: number) => Socket): ChannelServed | undefined {
+    const engine = this.start();
+    if (!engine) return undefined;
+    const channel = channelNew();
+    let id = 0;
+    const done = new Promise<ConnectionBytes>((resolve) => {
+      id = this.admit(conn, {
+        handBack: (then, bytes, fd) => {
+          if (fd === undefined) return resolve(bytes);
+          const socket = socketFor(fd);
+          void this.fallback(socket, conn, then).then(() => resolve(socketTotals(socket, bytes)));
+        },
+        closed: resolve,
+      });
+    });
+    engine.serve(id, channel);
+    this.metrics.httpEngine.inc({ side: this.side, engine: 'addon', why: '' });
+    return { channel, done, close: () => engine.close(id) };
+  }
+
+  /**
+   * A new connection's entry under a new id: `handBack` when the engine gives it back to node:http
+   * (`then`: its unread bytes; `fd`: a bridged channel's socket), `closed` when the engine closed it.
+   */
+  private admit(conn: C, on: { handBack(then: Buffer, bytes: ConnectionBytes, fd: number | undefined): void; closed(bytes: ConnectionBytes): void }): number {
+    const id = ++this.nextId;
+    const s: Served<C, R> = { id, conn, request: undefined };
+    let ended = false;
+    const end = (then?: Buffer, bytes: ConnectionBytes = NO_BYTES, fd?: number): void => {
+      if (ended) return;
+      ended = true;
+      const answered = this.served.get(id)?.answered;
+      this.served.delete(id);
+      answered?.(0);
+      if (then !== undefined) return on.handBack(then, bytes, fd);
+      if (s.request !== undefined) this.handler.left(s);
+      on.closed(bytes);
+    };
+    this.served.set(id, { s, end, attempts: 0 });
+    return id;
   }
 
   /**
@@ -242,7 +290,7 @@ export class Http1Host<C, R> {
     how.dial().then(
       (fd) => {
         if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn, keep);
-        else closeFd(fd);
+        else dropUpstream(fd);
       },
       (e: Error) => {
         if (entry.attempts === attempt && s.request === request) how.failed(e);
@@ -297,8 +345,9 @@ export class Http1Host<C, R> {
       engine?.close(s.id);
       return;
     }
-    closeFd(back.fd);
-    this.served.get(s.id)?.end(back.buffered, { read: back.read, written: back.written });
+    // A socket's copy is closed (node:net has the original); a channel's bridge is node:http's socket now.
+    if (!back.bridged) closeFd(back.fd);
+    this.served.get(s.id)?.end(back.buffered, { read: back.read, written: back.written }, back.bridged ? back.fd : undefined);
   }
 
   /** Closes the idle upstream connections of every pool whose key starts with `prefix`. */

@@ -13,6 +13,7 @@ import type { Socket } from 'node:net';
 import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
+import type { EngineUpstream } from '../../datapath/native.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import { applyHeaderChanges, drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
@@ -255,7 +256,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common, upgrade);
-    const dial = (): Promise<number> => this.outbound.connected(target, endpoint, () => s.conn.dialFd(target, endpoint));
+    const dial = (): Promise<EngineUpstream> => this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
       if (this.mayRetry(request)) return this.retryLater(s, request);

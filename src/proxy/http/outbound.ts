@@ -22,10 +22,11 @@ import type { PathMatch, RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import type { HashOn } from '../../config/traffic-policy.js';
 import { speaksRequests } from '../../config/service.js';
+import type { EngineUpstream } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, answerFields, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { NativeOutbound } from './native-outbound.js';
@@ -49,6 +50,8 @@ export interface HttpClientConnection {
   dial(target: ServiceTarget, endpoint: Endpoint): Promise<Socket>;
   /** The same connection as an fd the caller owns (a tunnel stream is joined to a socket pair's other end). */
   dialFd(target: ServiceTarget, endpoint: Endpoint): Promise<number>;
+  /** The same connection for the HTTP/1.1 engine: an fd as dialFd's, or a tunnel stream joined to the engine in memory (a channel). */
+  dialEngine(target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream>;
   /**
    * For an endpoint that is a pod of this node whose port its own side reads as HTTP/1.1: that
    * side's connection facts, so both sides of a request are served in one pass; undefined
@@ -819,7 +822,7 @@ class Exchange {
       return;
     }
     this.health(endpoint, status);
-    const out = withChanges(forwardable(answer.rawHeaders, headerValue(answer.headers, 'connection')), this.upstream.answerChanges);
+    const out = withChanges(answerFields(this.req, answer), this.upstream.answerChanges);
     try {
       this.res.writeHead(status, answer.statusMessage, out as unknown as OutgoingHttpHeaders);
     } catch (e) {

@@ -7,7 +7,7 @@
  * the addon moves the bytes and reports each step as an event.
  */
 import { NM_PROXY_MARK } from '../../datapath/abi.js';
-import { closeFd, connectInNetns, hboneAddon, type HboneAddon, type HboneEvent } from '../../datapath/native.js';
+import { closeFd, connectInNetns, hboneAddon, type ChannelRef, type HboneAddon, type HboneEvent } from '../../datapath/native.js';
 import { acceptWhenOurs, listenInPodNetns, type ListenerRef } from '../listen-sockets.js';
 import { parseSpiffeUri, type WorkloadIdentity } from '../../identity/spiffe.js';
 import { formatHostPort } from '../../shared/address.js';
@@ -115,7 +115,7 @@ export class HboneEngine {
     this.hold();
   }
 
-  async attach(handle: number, fd: number, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
+  async attach(handle: number, fd: number | ChannelRef, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
     const e = await new Promise<Relayed>((resolve) => {
       this.relays.set(this.addon.hboneAttach(handle, fd, idleTimeoutMs, initial), resolve);
       this.hold();
@@ -180,11 +180,15 @@ export class NativeTunnelStream {
     private readonly onEnd: () => void = () => undefined,
   ) {}
 
-  /** Relays the stream to fd (a server stream is answered 200 first); the addon takes fd. */
-  /** Relays `fd` and the stream until both end; `initial` (bytes already read from `fd`) goes first. Takes the fd. */
-  async attach(fd: number, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
+  /**
+   * Relays `fd` and the stream until both end (a server stream is answered 200 first); `initial`
+   * (bytes already read from `fd`) goes first. Takes the fd; or the stream's side of a channel to
+   * the HTTP/1.1 engine (which the engine's side then reads as reset if the stream was ended).
+   */
+  async attach(fd: number | ChannelRef, idleTimeoutMs: number, initial?: Buffer): Promise<RelayResult> {
     if (this.settled) {
-      closeFd(fd);
+      if (typeof fd === 'number') closeFd(fd);
+      else this.engine.addon.channelDrop(fd.channel, 1);
       return { bytesFromClient: 0, bytesToClient: 0, error: 'the tunnel stream was already ended', reason: 'reset' };
     }
     this.settled = true;

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0
+// Channels between the engines of the JS thread's loop (channel.h): the ids JS hands from one
+// engine to the other, and the notices each side gets on the loop's next turn.
+#include "channel.h"
+
+namespace nodemesh {
+
+ChannelRegistry& Channels() {
+  static ChannelRegistry* r = new ChannelRegistry();  // lives as long as the process
+  return *r;
+}
+
+uint32_t Channel::Make() {
+  ChannelRegistry& r = Channels();
+  auto ch = std::make_shared<Channel>();
+  ch->self_ = ch;
+  do r.next = r.next == UINT32_MAX ? 1 : r.next + 1;
+  while (r.open.count(r.next) != 0);
+  r.open[r.next].channel = std::move(ch);
+  return r.next;
+}
+
+std::shared_ptr<Channel> Channel::Take(uint32_t id, int side) {
+  ChannelRegistry& r = Channels();
+  auto it = r.open.find(id);
+  if (it == r.open.end() || it->second.taken[side]) return nullptr;
+  it->second.taken[side] = true;
+  std::shared_ptr<Channel> ch = it->second.channel;
+  if (it->second.taken[1 - side]) r.open.erase(it);
+  return ch;
+}
+
+void Channel::Notify(int side) {
+  if (noticed_[side] || !ends_[side]) return;
+  std::shared_ptr<Channel> self = self_.lock();
+  if (!self) return;
+  noticed_[side] = true;
+  ChannelRegistry& r = Channels();
+  r.notices.emplace_back(std::move(self), side);
+  if (r.notices.size() == 1 && r.idle) uv_idle_start(r.idle, RunNotices);
+}
+
+// One batch a turn: what a side does when told may notify again, for the next turn.
+void Channel::RunNotices(uv_idle_t* idle) {
+  ChannelRegistry& r = Channels();
+  std::vector<std::pair<std::shared_ptr<Channel>, int>> batch;
+  batch.swap(r.notices);
+  for (auto& [ch, side] : batch) {
+    ch->noticed_[side] = false;
+    if (ch->ends_[side]) ch->ends_[side]->ChannelChanged();
+  }
+  if (r.notices.empty()) uv_idle_stop(idle);
+}
+
+namespace {
+
+// channelNew(): the id of a new channel, for one engine's side 0 and the other's side 1.
+Napi::Value New(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), Channel::Make()); }
+
+// channelDrop(id, side): JS gives up a side of a channel it made that no engine took (0 the HTTP
+// engine's, 1 the HBONE stream's): the other side reads a reset. Nothing happens if it was taken.
+Napi::Value Drop(const Napi::CallbackInfo& info) {
+  int side = info[1].As<Napi::Number>().Int32Value() == 1 ? 1 : 0;
+  auto ch = Channel::Take(info[0].As<Napi::Number>().Uint32Value(), side);
+  if (ch) ch->Close(side, true);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void InitChannel(Napi::Env env, Napi::Object exports) {
+  ChannelRegistry& r = Channels();
+  if (!r.idle) {
+    uv_loop_t* loop = nullptr;
+    napi_get_uv_event_loop(env, &loop);
+    r.idle = new uv_idle_t;
+    uv_idle_init(loop, r.idle);
+    // Pending notices keep the loop turning (an idle handle makes its poll not block), but a
+    // channel alone does not keep the process alive: its engines' sockets do.
+    uv_unref(reinterpret_cast<uv_handle_t*>(r.idle));
+  }
+  exports.Set("channelNew", Napi::Function::New(env, New, "channelNew"));
+  exports.Set("channelDrop", Napi::Function::New(env, Drop, "channelDrop"));
+}
+
+}  // namespace nodemesh
