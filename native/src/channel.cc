@@ -10,9 +10,13 @@ ChannelRegistry& Channels() {
   return *r;
 }
 
+Channel::~Channel() { Channels().live--; }
+
 uint32_t Channel::Make() {
   ChannelRegistry& r = Channels();
   auto ch = std::make_shared<Channel>();
+  r.live++;
+  r.made++;
   ch->self_ = ch;
   do r.next = r.next == UINT32_MAX ? 1 : r.next + 1;
   while (r.open.count(r.next) != 0);
@@ -37,11 +41,17 @@ void Channel::Notify(int side) {
   noticed_[side] = true;
   ChannelRegistry& r = Channels();
   r.notices.emplace_back(std::move(self), side);
-  if (r.notices.size() == 1 && r.idle) uv_idle_start(r.idle, RunNotices);
+  if (r.notices.size() == 1 && r.idle) {
+    uv_check_start(r.check, [](uv_check_t*) { RunNotices(); });
+    uv_idle_start(r.idle, [](uv_idle_t*) { RunNotices(); });
+  }
 }
 
-// One batch a turn: what a side does when told may notify again, for the next turn.
-void Channel::RunNotices(uv_idle_t* idle) {
+// One batch at a time: what a side does when told may notify again, for the next batch. Run
+// right after the loop's I/O callbacks (check) so that what one engine did for a socket event
+// reaches the other in the same turn; the idle handle keeps the loop's next poll from blocking
+// while notices wait.
+void Channel::RunNotices() {
   ChannelRegistry& r = Channels();
   std::vector<std::pair<std::shared_ptr<Channel>, int>> batch;
   batch.swap(r.notices);
@@ -49,7 +59,10 @@ void Channel::RunNotices(uv_idle_t* idle) {
     ch->noticed_[side] = false;
     if (ch->ends_[side]) ch->ends_[side]->ChannelChanged();
   }
-  if (r.notices.empty()) uv_idle_stop(idle);
+  if (r.notices.empty()) {
+    uv_check_stop(r.check);
+    uv_idle_stop(r.idle);
+  }
 }
 
 namespace {
@@ -66,6 +79,17 @@ Napi::Value Drop(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// channelStats(): {open, unclaimed, made}: channels either engine still holds, ids no engine took
+// yet, and how many were made.
+Napi::Value Stats(const Napi::CallbackInfo& info) {
+  ChannelRegistry& r = Channels();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("open", Napi::Number::New(info.Env(), static_cast<double>(r.live)));
+  o.Set("unclaimed", Napi::Number::New(info.Env(), static_cast<double>(r.open.size())));
+  o.Set("made", Napi::Number::New(info.Env(), static_cast<double>(r.made)));
+  return o;
+}
+
 }  // namespace
 
 void InitChannel(Napi::Env env, Napi::Object exports) {
@@ -75,12 +99,16 @@ void InitChannel(Napi::Env env, Napi::Object exports) {
     napi_get_uv_event_loop(env, &loop);
     r.idle = new uv_idle_t;
     uv_idle_init(loop, r.idle);
+    r.check = new uv_check_t;
+    uv_check_init(loop, r.check);
+    uv_unref(reinterpret_cast<uv_handle_t*>(r.check));
     // Pending notices keep the loop turning (an idle handle makes its poll not block), but a
     // channel alone does not keep the process alive: its engines' sockets do.
     uv_unref(reinterpret_cast<uv_handle_t*>(r.idle));
   }
   exports.Set("channelNew", Napi::Function::New(env, New, "channelNew"));
   exports.Set("channelDrop", Napi::Function::New(env, Drop, "channelDrop"));
+  exports.Set("channelStats", Napi::Function::New(env, Stats, "channelStats"));
 }
 
 }  // namespace nodemesh

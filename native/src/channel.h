@@ -5,8 +5,9 @@
 // way, a half close each way, a close, an abortive close), without the four system calls and the
 // wake-ups a request costs each way through one (ARCHITECTURE.md, "One loop for HTTP and HBONE").
 //
-// A side is told that something changed (bytes or room, an end, a reset) on a later turn of the
-// loop, never inside the other side's call: neither engine is re-entered in the middle of its work.
+// A side is told that something changed (bytes or room, an end, a reset) once the loop's current
+// callbacks are done, never inside the other side's call: neither engine is re-entered in the
+// middle of its work.
 #pragma once
 
 #include <napi.h>
@@ -34,6 +35,8 @@ class Channel {
  public:
   // Bytes queued one way above which the writer waits for room (as a socket buffer would).
   static constexpr size_t kHighWater = 256 * 1024;
+
+  ~Channel();
 
   // The end `side` (0 or 1) is `end`'s until it closes.
   void Bind(int side, ChannelEnd* end) { ends_[side] = end; }
@@ -99,7 +102,7 @@ class Channel {
 
  private:
   void Notify(int side);
-  static void RunNotices(uv_idle_t* idle);
+  static void RunNotices();
 
   std::string queue_[2];  // queue_[i]: written by side i, for the other
   bool shut_[2] = {false, false};
@@ -121,6 +124,9 @@ struct ChannelRegistry {
   uint32_t next = 0;
   std::vector<std::pair<std::shared_ptr<Channel>, int>> notices;
   uv_idle_t* idle = nullptr;
+  uv_check_t* check = nullptr;
+  uint64_t live = 0;  // channels not yet freed (either side still holds one)
+  uint64_t made = 0;  // channels made since the process started
 };
 
 ChannelRegistry& Channels();

@@ -21,7 +21,7 @@ import { logger } from '../shared/log.js';
 import { isAlive } from '../shared/process.js';
 import { Gauge } from '../shared/prom.js';
 import type { SocketAddress } from '../shared/address.js';
-import { probeConnect, raiseFdLimit } from '../datapath/native.js';
+import { channelStats, probeConnect, raiseFdLimit } from '../datapath/native.js';
 import { NodeDatapath } from '../datapath/node-datapath.js';
 import { teardownNode, type KnownPod, type TeardownReport } from '../datapath/teardown.js';
 import type { CertificateManager } from '../identity/certificates.js';
@@ -231,7 +231,7 @@ export class NodeAgent {
       await giveUp();
       throw e;
     }
-    const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals());
+    const metrics = new NodeMetrics(() => datapath.mapEntries(), () => datapath.captureRefusals(), channelStats);
     source.register?.(metrics.registry);
     new Gauge({
       name: 'nodemesh_agent_degraded',

@@ -157,6 +157,7 @@ interface RawAddon {
   Http1Engine: new (events: Http1Events, options: Http1Options) => Http1Engine;
   channelNew(): number;
   channelDrop(channel: number, side: 0 | 1): void;
+  channelStats(): ChannelStats;
   H2Engine: new (events: H2Events, options: H2Options) => H2Engine;
 }
 
@@ -698,6 +699,17 @@ export type EngineUpstream = number | ChannelRef;
 
 export function channelNew(): ChannelRef {
   return { channel: native().channelNew() };
+}
+
+/** Channels either engine still holds (open), ids made that no engine took yet (unclaimed), and all made. */
+export interface ChannelStats {
+  readonly open: number;
+  readonly unclaimed: number;
+  readonly made: number;
+}
+
+export function channelStats(): ChannelStats {
+  return native().channelStats();
 }
 
 /** Gives up an upstream that no engine took: closes the fd, or resets the channel's stream. */

@@ -248,6 +248,17 @@ for (const hbone of ['native', 'node'] as const) test(`L7 server side across two
   assert.equal(mtls, 8, 'reported as mutual TLS with the client\'s identity');
   await checkRateLimits(sb, { client, admin }, agentB, [agentA, agentB], 'two nodes');
   await checkTunnelledBytes(sb, admin, agentB, [agentA, agentB], 'two nodes');
+  // The addon's engines serve each tunnelled connection on a channel (none with node:http2's),
+  // and once the clients are gone none is left open or unclaimed on either node.
+  const made = metricValue(await agentB.metrics(), 'nodemesh_http1_channels_total');
+  if (hbone === 'native') assert.ok(made >= 8, `node B served the tunnelled connections on channels: ${made}`);
+  else assert.equal(made, 0);
+  for (const agent of [agentA, agentB]) {
+    await waitFor(async () => {
+      const m = await agent.metrics();
+      return metricValue(m, 'nodemesh_http1_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http1_channels', { state: 'unclaimed' }) === 0;
+    }, 10_000, 'no channel left once the connections ended');
+  }
 });
 
 /**

@@ -74,6 +74,8 @@ export class NodeMetrics {
   readonly podVerified: Gauge<'namespace' | 'pod'>;
   readonly enrollErrors: Counter<'reason'>;
   readonly mapEntries: Gauge<'map'>;
+  readonly channels: Gauge<'state'>;
+  readonly channelsMade: Counter;
   readonly configErrors: Counter<'kind'>;
   readonly configRejected: Gauge<'kind'>;
   readonly configObjects: Gauge<'kind'>;
@@ -92,7 +94,7 @@ export class NodeMetrics {
   readonly policyDenials: Counter<'kind' | 'policy' | 'reason' | 'path'>;
   readonly policyAudits: Counter<'policy'>;
 
-  constructor(mapEntries: () => Record<string, number>, captureRefusals: () => Record<string, number> = () => ({})) {
+  constructor(mapEntries: () => Record<string, number>, captureRefusals: () => Record<string, number> = () => ({}), channels: () => { open: number; unclaimed: number; made: number } = () => ({ open: 0, unclaimed: 0, made: 0 })) {
     const registers = [this.registry];
     let sampled: { at: number; entries: Record<string, number> } | undefined;
     const tcp = (name: string, help: string): Counter<(typeof TCP_LABELS)[number]> =>
@@ -193,6 +195,26 @@ export class NodeMetrics {
         const now = Date.now();
         if (!sampled || now - sampled.at >= MAP_SAMPLE_MS) sampled = { at: now, entries: mapEntries() };
         for (const [map, n] of Object.entries(sampled.entries)) this.set({ map }, n);
+      },
+    });
+    this.channels = new Gauge({
+      name: 'nodemesh_http1_channels',
+      help: 'In-memory channels between the HTTP/1.1 engine and HBONE streams: open (a connection holds one), unclaimed (made, not yet taken by both engines; stays 0 at rest)',
+      labelNames: ['state'],
+      registers,
+      collect() {
+        const now = channels();
+        this.set({ state: 'open' }, now.open);
+        this.set({ state: 'unclaimed' }, now.unclaimed);
+      },
+    });
+    this.channelsMade = new Counter({
+      name: 'nodemesh_http1_channels_total',
+      help: 'In-memory channels made between the HTTP/1.1 engine and HBONE streams (one per upstream connection the client side opens in a tunnel, one per tunnelled connection the server side serves)',
+      registers,
+      collect() {
+        this.reset();
+        this.inc(channels().made);
       },
     });
     collectDefaultMetrics({ register: this.registry, prefix: 'nodemesh_agent_' });
