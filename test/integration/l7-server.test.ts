@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import { checkChannels, metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import type { HttpPlan, HttpRun } from '../support/http-client.js';
 import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 import type { PodRecord } from '../../src/runtime/store.js';
@@ -250,15 +250,7 @@ for (const hbone of ['native', 'node'] as const) test(`L7 server side across two
   await checkTunnelledBytes(sb, admin, agentB, [agentA, agentB], 'two nodes');
   // The addon's engines serve each tunnelled connection on a channel (none with node:http2's),
   // and once the clients are gone none is left open or unclaimed on either node.
-  const made = metricValue(await agentB.metrics(), 'nodemesh_http1_channels_total');
-  if (hbone === 'native') assert.ok(made >= 8, `node B served the tunnelled connections on channels: ${made}`);
-  else assert.equal(made, 0);
-  for (const agent of [agentA, agentB]) {
-    await waitFor(async () => {
-      const m = await agent.metrics();
-      return metricValue(m, 'nodemesh_http1_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http1_channels', { state: 'unclaimed' }) === 0;
-    }, 10_000, 'no channel left once the connections ended');
-  }
+  await checkChannels(agentB, hbone === 'native' ? 8 : 0, [agentA, agentB], 10_000);
 });
 
 /**

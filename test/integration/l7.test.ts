@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import { checkChannels, metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import type { HttpPlan, HttpRun } from '../support/http-client.js';
 import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
 import type { PodRecord } from '../../src/runtime/store.js';
@@ -253,15 +253,7 @@ for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hb
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1);
   // With the addon's HBONE engine, node A's upstream connections in tunnels are channels to the
   // HTTP/1.1 engine (no socket pair); once idle they close (4 s), none left open or unclaimed.
-  const made = metricValue(await agentA.metrics(), 'nodemesh_http1_channels_total');
-  if (hbone === 'native') assert.ok(made >= 1, `node A's upstreams in tunnels were channels: ${made}`);
-  else assert.equal(made, 0);
-  for (const agent of [agentA, agentB]) {
-    await waitFor(async () => {
-      const m = await agent.metrics();
-      return metricValue(m, 'nodemesh_http1_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http1_channels', { state: 'unclaimed' }) === 0;
-    }, 15_000, 'no channel left once the upstream connections idled out');
-  }
+  await checkChannels(agentA, hbone === 'native' ? 1 : 0, [agentA, agentB], 15_000);
 });
 
 const SVC_API = { api: '10.96.0.74', flaky: '10.96.0.75', strict: '10.96.0.76', faulty: '10.96.0.77', slowed: '10.96.0.78', pool: '10.96.0.79', narrow: '10.96.0.80' };

@@ -1,4 +1,5 @@
 /** Runs `nodemesh agent` as its own process inside a test sandbox, on free loopback ports. */
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -57,6 +58,23 @@ export function metricValue(text: string, name: string, labels: Record<string, s
     if (Object.entries(labels).every(([k, v]) => line.includes(`${k}="${v}"`))) total += Number(line.split(' ').pop());
   }
   return total;
+}
+
+/**
+ * Checks that the addon's engines used channels for tunnelled HTTP/1.1 on `counted` (at least
+ * `atLeast`; none when `atLeast` is 0, as with node:http2's HBONE), then waits until no agent
+ * holds a channel open or unclaimed (the connections ended, pooled ones idled out).
+ */
+export async function checkChannels(counted: AgentProcess, atLeast: number, agents: ReadonlyArray<AgentProcess>, ms: number): Promise<void> {
+  const made = metricValue(await counted.metrics(), 'nodemesh_http1_channels_total');
+  if (atLeast > 0) assert.ok(made >= atLeast, `tunnelled HTTP/1.1 went on channels: ${made} made, want ${atLeast} or more`);
+  else assert.equal(made, 0, 'no channel without the addon\'s HBONE engine');
+  for (const agent of agents) {
+    await waitFor(async () => {
+      const m = await agent.metrics();
+      return metricValue(m, 'nodemesh_http1_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http1_channels', { state: 'unclaimed' }) === 0;
+    }, ms, 'no channel left once the connections ended');
+  }
 }
 
 /**
