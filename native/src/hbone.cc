@@ -2,10 +2,11 @@
 // HBONE's byte path in native code, on the JS thread's own libuv loop (its epoll set is one
 // uv_poll there): TLS 1.3 (the OpenSSL that node carries and exports), HTTP/2 (the nghttp2 node
 // carries and exports; Debian's headers), and the copy between each CONNECT stream and its
-// application socket. JS keeps every decision: which tunnel to dial and to whom, what identity
-// the peer must have, whether a CONNECT may pass, and the socket a stream is delivered to; the
-// engine moves bytes and reports events. It shares the loop with the HTTP/1.1 engine (http1.cc)
-// so that an L7 request crosses no thread (ARCHITECTURE.md, "One loop for HTTP and HBONE").
+// application socket, or a channel to the HTTP/1.1 engine (channel.h). JS keeps every decision:
+// which tunnel to dial and to whom, what identity the peer must have, whether a CONNECT may
+// pass, and where a stream is delivered; the engine moves bytes and reports events. It shares
+// the loop with the HTTP/1.1 engine (http1.cc) so that an L7 request crosses no thread and no
+// socket pair (ARCHITECTURE.md, "One loop for HTTP and HBONE").
 //
 // Flow control is HTTP/2's own: a stream's DATA is acknowledged (WINDOW_UPDATE) only once it was
 // written to the application, so a slow application holds at most a window per stream; bytes
@@ -211,7 +212,7 @@ struct Stream final : ChannelEnd {
   bool peerEnd = false;
   bool appShut = false;
   // EPOLLOUT is asked for only while a write waits for room: a socket pair's end reports an
-  // EPOLLOUT edge each time its peer reads, which would wake this thread for nothing.
+  // EPOLLOUT edge each time its peer reads, which would wake the loop for nothing.
   bool wantOut = false;
   uint64_t bytesFromApp = 0, bytesToApp = 0;
   // HTTP/2 state

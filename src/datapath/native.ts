@@ -631,7 +631,7 @@ export type HboneEvent =
   | { readonly type: 'closed'; readonly conn: number; readonly reason: string; readonly detail?: string; readonly server?: number; readonly source?: string; readonly during?: 'tls' | 'h2' }
   | { readonly type: 'draining'; readonly conn: number };
 
-/** The addon's HBONE engine: TLS 1.3 and HTTP/2 on its own thread, driven by handles (see HboneEvent). */
+/** The addon's HBONE engine: TLS 1.3 and HTTP/2 on the JS thread's loop, driven by handles (see HboneEvent). */
 export type HboneAddon = Pick<
   RawAddon,
   'hboneInit' | 'hboneContext' | 'hboneContextFree' | 'hboneDial' | 'hboneServe' | 'hboneServerContext' | 'hboneServerClose' | 'hboneServerStopListening' | 'hboneRequest' | 'hboneAttach' | 'hboneAnswer' | 'hboneCancel' | 'hboneClose' | 'hboneAbortAll' | 'hboneHold' | 'channelDrop'

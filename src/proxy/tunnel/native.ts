@@ -1,6 +1,7 @@
 /**
- * HBONE with the bytes in the addon (native/src/hbone.cc: TLS 1.3 and HTTP/2 on the addon's own
- * thread, each CONNECT stream copied to and from its application socket there). The same
+ * HBONE with the bytes in the addon (native/src/hbone.cc: TLS 1.3 and HTTP/2 on the JS thread's
+ * loop, each CONNECT stream copied to and from its application socket, or joined in memory to
+ * the HTTP/1.1 engine through a channel). The same
  * tunnels, checks and pooling as the node:tls + node:http2 engine (client.ts, server.ts), which
  * stays selectable (`nodemesh agent --hbone node`): JS still decides whom to dial and which
  * identity the peer must present, whether a CONNECT passes, and where a stream is delivered;
