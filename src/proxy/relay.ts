@@ -36,7 +36,7 @@ export function relay(client: Socket, upstream: Socket, idleTimeoutMs: number): 
         error = e.message;
         reason = e.code === 'ECONNRESET' ? 'reset' : 'error';
       }
-      for (const s of [client, upstream]) if (!s.destroyed) s.resetAndDestroy();
+      for (const s of [client, upstream]) abort(s);
     };
     const idle = (): void => {
       error ??= `idle for ${idleTimeoutMs} ms`;
@@ -56,11 +56,20 @@ export function relay(client: Socket, upstream: Socket, idleTimeoutMs: number): 
 /** One side of a tunnelled relay: a socket, or an HTTP/2 stream of an HBONE tunnel. */
 export type RelaySide = Socket | Http2Stream;
 
-/** Ends a side abnormally: a socket with a reset (SO_LINGER 0), a stream with RST_STREAM (CANCEL). */
+/**
+ * Ends a side abnormally: a TCP socket with a reset (SO_LINGER 0), a stream with RST_STREAM
+ * (CANCEL). A Unix socket (a socket pair's end: a tunnel stream's or a same-node delivery's) has
+ * no reset: node throws ERR_INVALID_HANDLE_TYPE for one, which here ended the agent; it is closed,
+ * and its peer's relay reads the end of it where a reset cannot be said.
+ */
 function abort(side: RelaySide): void {
   if (side.destroyed) return;
-  if ('resetAndDestroy' in side) side.resetAndDestroy();
-  else side.close(http2constants.NGHTTP2_CANCEL);
+  if (!('resetAndDestroy' in side)) return void side.close(http2constants.NGHTTP2_CANCEL);
+  try {
+    side.resetAndDestroy();
+  } catch {
+    side.destroy();
+  }
 }
 
 /**

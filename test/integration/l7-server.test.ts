@@ -273,6 +273,10 @@ async function checkTunnelledBytes(sb: Sandbox, admin: PodRecord, destination: A
   const body = 'b'.repeat(70_000);
   const old = await http(sb, admin, { requests: [], raw: ['GET /public/a HTTP/1.0\r\nHost: api\r\n\r\n', `POST /echo HTTP/1.0\r\nHost: api\r\nContent-Length: ${body.length}\r\n\r\n${body}`] }, agents);
   assert.deepEqual(old.raw, ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK'], `${where}: HTTP/1.0 served by node:http on the destination`);
+  // A client that leaves in the middle of a 50 MB answer: the tunnel stream is reset, and the
+  // destination's engine lets its side go (checkChannels: nothing left open).
+  const left = await http(sb, admin, { requests: [], raw: ['GET /big/50000000 HTTP/1.1\r\nHost: api\r\n\r\n'] }, agents);
+  assert.deepEqual(left.raw, ['HTTP/1.1 200 OK']);
   const metrics = await destination.metrics();
   assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'server', engine: 'node', why: 'http1.0' }), 2, `${where}: both HTTP/1.0 requests handed to node:http`);
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', request_protocol: 'http', response_code: '101' }), 1, `${where}: the upgrade counted`);

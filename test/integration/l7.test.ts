@@ -251,6 +251,10 @@ for (const hbone of ['native', 'node'] as const) test(`L7 across two nodes (${hb
   const b = await agentB.metrics();
   assert.ok(metricValue(b, 'istio_tcp_connections_opened_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', destination_version: 'v2', source_principal: 'spiffe://cluster.local/ns/default/sa/default' }) >= 1, 'node B took tunnelled connections from the client');
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1);
+  // A client that leaves in the middle of a 50 MB answer from node B: its upstream (a channel
+  // with the addon's engines) is reset, and nothing is left of it (checkChannels below).
+  const left = await http(sb, client, { requests: [], raw: ['GET /big/50000000 HTTP/1.1\r\nHost: raw\r\nx-version: v2\r\n\r\n'] }, agentA, SVC.raw);
+  assert.deepEqual(left.raw, ['HTTP/1.1 200 OK']);
   // With the addon's HBONE engine, node A's upstream connections in tunnels are channels to the
   // HTTP/1.1 engine (no socket pair); once idle they close (4 s), none left open or unclaimed.
   await checkChannels(agentA, hbone === 'native' ? 1 : 0, [agentA, agentB], 15_000);
