@@ -29,6 +29,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "channel.h"
 #include "common.h"
 
 namespace nodemesh {
@@ -95,11 +96,14 @@ struct Pipe {
 class H2Engine;
 struct Exchange;
 
-// One socket with its session: a client's (server role) or an upstream's (client role).
-struct Conn {
+// One socket with its session: a client's (server role) or an upstream's (client role). An
+// upstream may be a channel to an HBONE stream instead (side 0 here; channel.h).
+struct Conn final : ChannelEnd {
   H2Engine* engine = nullptr;
   uv_poll_t* poll = nullptr;
   int fd = -1;
+  std::shared_ptr<Channel> ch;
+  void ChannelChanged() override;
   int events = 0;
   bool server = false;
   uint64_t id = 0;  // JS's id for a client connection
@@ -299,11 +303,20 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // attach(pool, fd, maxRequests): a new upstream connection joins `pool` (its session starts).
   Napi::Value Attach(const Napi::CallbackInfo& info) {
     std::string pool = info[0].As<Napi::String>().Utf8Value();
-    int fd = info[1].As<Napi::Number>().Int32Value();
-    Conn* u = Open(fd, false);
-    if (!u) {
-      close(fd);
-      throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    Conn* u = nullptr;
+    if (info[1].IsObject()) {
+      // {channel}: an HBONE stream's, joined in memory.
+      uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+      std::shared_ptr<Channel> ch = Channel::Take(id, 0);
+      if (!ch) throw Napi::Error::New(info.Env(), "h2 engine: channel " + std::to_string(id) + " is unknown or taken");
+      u = Open(-1, false, std::move(ch));
+    } else {
+      int fd = info[1].As<Napi::Number>().Int32Value();
+      u = Open(fd, false);
+      if (!u) {
+        close(fd);
+        throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+      }
     }
     u->pool = pool;
     u->maxRequests = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0;
@@ -871,22 +884,27 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   // -- sockets -------------------------------------------------------------------------------------
 
-  Conn* Open(int fd, bool server) {
+  Conn* Open(int fd, bool server, std::shared_ptr<Channel> ch = nullptr) {
     auto owned = std::make_unique<Conn>();
     Conn* c = owned.get();
     c->engine = this;
     c->fd = fd;
     c->server = server;
     c->lastActive = NowMs();
-    c->poll = new uv_poll_t;
-    if (uv_poll_init(loop_, c->poll, fd) != 0) {
-      delete c->poll;
-      errno = EBADF;
-      return nullptr;
+    if (ch) {
+      c->ch = std::move(ch);
+      c->ch->Bind(0, c);
+    } else {
+      c->poll = new uv_poll_t;
+      if (uv_poll_init(loop_, c->poll, fd) != 0) {
+        delete c->poll;
+        errno = EBADF;
+        return nullptr;
+      }
+      c->poll->data = c;
+      int one = 1;
+      setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    c->poll->data = c;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (server) nghttp2_session_server_new2(&c->session, callbacks_, c, options_);
     else nghttp2_session_client_new2(&c->session, callbacks_, c, options_);
     std::vector<nghttp2_settings_entry> iv = {{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, static_cast<uint32_t>(kStreamWindow)}, {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
@@ -925,7 +943,16 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (c->closed) return;
     for (;;) {
       while (c->outOff < c->out.size()) {
-        ssize_t n = send(c->fd, c->out.data() + c->outOff, c->out.size() - c->outOff, MSG_NOSIGNAL);
+        ssize_t n;
+        if (c->ch) {
+          // A channel: as much as it has room for; it says when the stream took some.
+          if (c->ch->PeerClosed(0)) return CloseConn(c);
+          n = static_cast<ssize_t>(std::min(c->out.size() - c->outOff, c->ch->Room(0)));
+          if (n == 0) break;
+          c->ch->Write(0, c->out.data() + c->outOff, static_cast<size_t>(n));
+        } else {
+          n = send(c->fd, c->out.data() + c->outOff, c->out.size() - c->outOff, MSG_NOSIGNAL);
+        }
         if (n > 0) {
           c->written += static_cast<uint64_t>(n);
           c->outOff += static_cast<size_t>(n);
@@ -963,6 +990,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       CloseConn(c);
       return;
     }
+    if (c->ch) return;  // a channel tells of bytes and room itself
     int want = UV_READABLE | (pending ? UV_WRITABLE : 0);
     if (want != c->events) {
       c->events = want;
@@ -970,8 +998,14 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
   }
 
-  static void OnPoll(uv_poll_t* h, int status, int events) {
-    Conn* c = static_cast<Conn*>(h->data);
+  static void OnPoll(uv_poll_t* h, int status, int events) { OnEvents(static_cast<Conn*>(h->data), status, events); }
+
+ public:
+  // A channel's notice: as a poll's, readable and writable.
+  static void OnChannel(Conn* c) { OnEvents(c, 0, UV_READABLE | UV_WRITABLE); }
+
+ private:
+  static void OnEvents(Conn* c, int status, int events) {
     H2Engine* e = c->engine;
     e->Enter();
     if (status < 0) {
@@ -984,6 +1018,22 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   }
 
   void Fill(Conn* c) {
+    if (c->ch) {
+      // A channel: what the stream queued (a bound per turn; the rest on the next), then its end.
+      Channel& ch = *c->ch;
+      if (ch.WasReset(0)) return CloseConn(c);
+      const std::string& in = ch.Inbox(0);
+      size_t n = std::min(in.size(), 4 * kReadChunk);
+      if (n > 0) {
+        c->read += n;
+        Receive(c, reinterpret_cast<const uint8_t*>(in.data()), n);
+        if (c->closed) return;
+        ch.Consumed(0, n);
+      }
+      if (!ch.Inbox(0).empty()) ch.Poke(0);
+      else if (ch.AtEnd(0)) CloseConn(c);
+      return;
+    }
     static uint8_t buf[kReadChunk];
     for (int rounds = 0; rounds < 4 && !c->closed; rounds++) {
       ssize_t n = recv(c->fd, buf, sizeof buf, 0);
@@ -1037,6 +1087,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       else if (x->up == c) UpstreamEnded(x, NGHTTP2_INTERNAL_ERROR);
     }
     c->exchanges.clear();
+    if (c->ch) {
+      c->ch->Close(0, false);
+      c->ch.reset();
+    }
     ClosePolled(c->poll, c->fd);
     if (c->server) {
       clients_.erase(c->id);
@@ -1183,6 +1237,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (shutdown_) return;
     shutdown_ = true;
     for (auto& [c, owned] : conns_) {
+      if (c->ch) c->ch->Close(0, true), c->ch.reset();
       ClosePolled(c->poll, c->fd);
       c->closed = true;
     }
@@ -1245,6 +1300,8 @@ ssize_t ReadAnswerBody(nghttp2_session* session, int32_t sid, uint8_t* buf, size
   if (!x) return NGHTTP2_ERR_DEFERRED;
   return static_cast<ssize_t>(static_cast<Conn*>(user)->engine->AnswerBody(x, buf, length, flags));
 }
+
+void Conn::ChannelChanged() { H2Engine::OnChannel(this); }
 
 }  // namespace
 

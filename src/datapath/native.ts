@@ -303,8 +303,11 @@ export interface H2Options {
 export interface H2Engine {
   /** Takes an accepted client socket's fd under `id` (the caller's); `initial` holds bytes already read from it. */
   serve(id: number, fd: number, initial?: Buffer): void;
-  /** A new upstream connection's fd joins `pool` (its session starts; it closes after `maxRequests` streams, 0: no limit). */
-  attach(pool: string, fd: number, maxRequests: number): void;
+  /**
+   * A new upstream connection joins `pool` (its session starts; it closes after `maxRequests`
+   * streams, 0: no limit): its fd, or a channel to an HBONE stream.
+   */
+  attach(pool: string, fd: number | ChannelRef, maxRequests: number): void;
   /**
    * The stream goes upstream on a session of `pool` with `fields` (names and values joined by
    * NUL, pseudo-header fields first, lower-case names): false when the pool has none that takes a
@@ -685,16 +688,16 @@ export function dupFd(fd: number): number {
 }
 
 /**
- * A channel between the HTTP/1.1 engine's upstream connection and an HBONE stream, joined in
- * memory on the JS thread's loop instead of through a socket pair (native/src/channel.h): the
- * stream takes it in hboneAttach, the engine in forward. Whichever is not taken is given up with
- * dropUpstream.
+ * A channel between an HTTP engine's connection and an HBONE stream, joined in memory on the JS
+ * thread's loop instead of through a socket pair (native/src/channel.h): the stream takes side 1
+ * in hboneAttach, the engine side 0 (the HTTP/1.1 engine's forward or serve, the HTTP/2 engine's
+ * attach). An upstream no engine took is given up with dropUpstream.
  */
 export interface ChannelRef {
   readonly channel: number;
 }
 
-/** A new upstream connection for the HTTP/1.1 engine: an fd, or a channel to an HBONE stream. */
+/** A new upstream connection for the addon's HTTP engines: an fd, or a channel to an HBONE stream. */
 export type EngineUpstream = number | ChannelRef;
 
 export function channelNew(): ChannelRef {

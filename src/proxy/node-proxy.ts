@@ -1040,8 +1040,8 @@ export class NodeProxy {
   }
 
   /**
-   * A connected upstream for the HTTP/1.1 engine: a native tunnel's stream is joined to it in
-   * memory (a channel; the engine and the stream share the JS thread's loop), anything else as fdOf.
+   * A connected upstream for the addon's HTTP engines: a native tunnel's stream is joined to it
+   * in memory (a channel; the engine and the stream share the JS thread's loop), anything else as fdOf.
    */
   private engineUpstreamOf(state: PodState, connected: Connected, idleTimeoutMs: number): EngineUpstream {
     if (!('native' in connected)) return this.fdOf(state, connected, idleTimeoutMs);

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import { checkChannels, metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
 import type { GrpcPlan, GrpcRun } from '../support/grpc-client.js';
 import type { H2Answer } from '../support/h2-client.js';
 import { h2Frame } from '../support/loopback.js';
@@ -141,6 +141,9 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
   assert.ok(metricValue(await agentB.metrics(), 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' }) >= 1, "node B's side read the tunnelled streams on its engine");
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
+  // Node A's HTTP/2 sessions in tunnels are channels to the HBONE streams; once idle (4 s) they
+  // end, and nothing is left of them.
+  await checkChannels(agentA, 1, [agentA, agentB], 15_000);
 });
 
 const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));

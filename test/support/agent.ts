@@ -66,13 +66,13 @@ export function metricValue(text: string, name: string, labels: Record<string, s
  * holds a channel open or unclaimed (the connections ended, pooled ones idled out).
  */
 export async function checkChannels(counted: AgentProcess, atLeast: number, agents: ReadonlyArray<AgentProcess>, ms: number): Promise<void> {
-  const made = metricValue(await counted.metrics(), 'nodemesh_http1_channels_total');
+  const made = metricValue(await counted.metrics(), 'nodemesh_http_channels_total');
   if (atLeast > 0) assert.ok(made >= atLeast, `tunnelled HTTP/1.1 went on channels: ${made} made, want ${atLeast} or more`);
   else assert.equal(made, 0, 'no channel without the addon\'s HBONE engine');
   for (const agent of agents) {
     await waitFor(async () => {
       const m = await agent.metrics();
-      return metricValue(m, 'nodemesh_http1_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http1_channels', { state: 'unclaimed' }) === 0;
+      return metricValue(m, 'nodemesh_http_channels', { state: 'open' }) === 0 && metricValue(m, 'nodemesh_http_channels', { state: 'unclaimed' }) === 0;
     }, ms, 'no channel left once the connections ended');
   }
 }

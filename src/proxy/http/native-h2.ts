@@ -14,7 +14,7 @@
  */
 import type { Socket } from 'node:net';
 
-import { closeFd, h2Engine, type H2Engine } from '../../datapath/native.js';
+import { closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
@@ -93,8 +93,8 @@ export interface H2Forwarding {
   readonly retryOn: ReadonlyArray<number> | undefined;
   /** Keep the body (up to 64 KiB) for keptBody(): a mirror's copy. */
   readonly keep: boolean;
-  /** A new connection's fd, the caller's. */
-  dial(): Promise<number>;
+  /** A new connection: its fd (the caller's), or a channel to an HBONE stream. */
+  dial(): Promise<EngineUpstream>;
   /** A new session closes after this many streams (0: no limit). */
   readonly maxRequests: number;
   failed(e: Error): void;
@@ -177,7 +177,7 @@ export class H2Host<C, R> {
     if (!opening) {
       opening = dial().then((fd) => {
         if (this.engine === engine) engine.attach(pool, fd, maxRequests);
-        else closeFd(fd);
+        else dropUpstream(fd);
       });
       const forget = (): void => {
         if (this.dialing.get(pool) === opening) this.dialing.delete(pool);
@@ -470,7 +470,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
     if (local && this.inbound) return this.sendLocal(s, r, local, this.inbound, edits);
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
-    const dial = (): Promise<number> => this.outbound.connected(target, endpoint, () => conn.dialFd(target, endpoint));
+    const dial = (): Promise<EngineUpstream> => this.outbound.connected(target, endpoint, () => conn.dialEngine(target, endpoint));
     const failed = (e: Error): void => {
       if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
       if (this.mayRetry(r)) return this.retryLater(s, r);

@@ -50,7 +50,7 @@ export interface HttpClientConnection {
   dial(target: ServiceTarget, endpoint: Endpoint): Promise<Socket>;
   /** The same connection as an fd the caller owns (a tunnel stream is joined to a socket pair's other end). */
   dialFd(target: ServiceTarget, endpoint: Endpoint): Promise<number>;
-  /** The same connection for the HTTP/1.1 engine: an fd as dialFd's, or a tunnel stream joined to the engine in memory (a channel). */
+  /** The same connection for the addon's HTTP engines: an fd as dialFd's, or a tunnel stream joined to the engine in memory (a channel). */
   dialEngine(target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream>;
   /**
    * For an endpoint that is a pod of this node whose port its own side reads as HTTP/1.1: that

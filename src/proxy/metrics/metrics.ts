@@ -198,8 +198,8 @@ export class NodeMetrics {
       },
     });
     this.channels = new Gauge({
-      name: 'nodemesh_http1_channels',
-      help: 'In-memory channels between the HTTP/1.1 engine and HBONE streams: open (a connection holds one), unclaimed (made, not yet taken by both engines; stays 0 at rest)',
+      name: 'nodemesh_http_channels',
+      help: 'In-memory channels between the addon\'s HTTP engines and HBONE streams: open (a connection holds one), unclaimed (made, not yet taken by both engines; stays 0 at rest)',
       labelNames: ['state'],
       registers,
       collect() {
@@ -209,8 +209,8 @@ export class NodeMetrics {
       },
     });
     this.channelsMade = new Counter({
-      name: 'nodemesh_http1_channels_total',
-      help: 'In-memory channels made between the HTTP/1.1 engine and HBONE streams (one per upstream connection the client side opens in a tunnel, one per tunnelled connection the server side serves)',
+      name: 'nodemesh_http_channels_total',
+      help: 'In-memory channels made between the addon\'s HTTP engines and HBONE streams (one per HTTP/1.1 or HTTP/2 upstream connection the client side opens in a tunnel, one per tunnelled HTTP/1.1 connection the server side serves)',
       registers,
       collect() {
         this.reset();
