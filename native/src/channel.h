@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // A channel joins two engines of the JS thread's loop in memory where they would otherwise talk
-// through a socket pair: an HTTP engine's connection (side 0: the HTTP/1.1 engine's upstream or
-// client, the HTTP/2 engine's upstream) and an HBONE stream (side 1). It behaves as a socket pair's two ends would (bytes in order, a bounded queue each
+// through a socket pair: an HTTP engine's connection (side 0: an HTTP/1.1 or HTTP/2 engine's
+// upstream or client) and an HBONE stream (side 1). It behaves as a socket pair's two ends would (bytes in order, a bounded queue each
 // way, a half close each way, a close, an abortive close), without the four system calls and the
 // wake-ups a request costs each way through one (ARCHITECTURE.md, "One loop for HTTP and HBONE").
 //

@@ -281,13 +281,21 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // -- JS methods --------------------------------------------------------------------------------
 
   // serve(id, fd, initial?): the engine owns the client connection (h2c, prior knowledge) from
-  // now on under JS's id; `initial` is what was read from it already.
+  // now on under JS's id; `initial` is what was read from it already. Or serve(id, {channel}):
+  // the client is an HBONE stream's, joined in memory (side 0 here).
   Napi::Value Serve(const Napi::CallbackInfo& info) {
     uint64_t id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
-    int fd = info[1].As<Napi::Number>().Int32Value();
     if (clients_.count(id) != 0) throw Napi::Error::New(info.Env(), "h2 engine: id " + std::to_string(id) + " is in use");
-    Conn* c = Open(fd, true);
-    if (!c) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    Conn* c = nullptr;
+    if (info[1].IsObject()) {
+      uint32_t ch = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+      std::shared_ptr<Channel> taken = Channel::Take(ch, 0);
+      if (!taken) throw Napi::Error::New(info.Env(), "h2 engine: channel " + std::to_string(ch) + " is unknown or taken");
+      c = Open(-1, true, std::move(taken));
+    } else {
+      c = Open(info[1].As<Napi::Number>().Int32Value(), true);
+      if (!c) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
+    }
     c->id = id;
     clients_[id] = c;
     Enter();

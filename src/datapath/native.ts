@@ -301,8 +301,8 @@ export interface H2Options {
  * serves the client connection and the upstream sessions, JS decides each stream once.
  */
 export interface H2Engine {
-  /** Takes an accepted client socket's fd under `id` (the caller's); `initial` holds bytes already read from it. */
-  serve(id: number, fd: number, initial?: Buffer): void;
+  /** Takes an accepted client socket's fd under `id` (the caller's); `initial` holds bytes already read from it. Or an HBONE stream's side of a channel. */
+  serve(id: number, fd: number | ChannelRef, initial?: Buffer): void;
   /**
    * A new upstream connection joins `pool` (its session starts; it closes after `maxRequests`
    * streams, 0: no limit): its fd, or a channel to an HBONE stream.
@@ -691,7 +691,7 @@ export function dupFd(fd: number): number {
  * A channel between an HTTP engine's connection and an HBONE stream, joined in memory on the JS
  * thread's loop instead of through a socket pair (native/src/channel.h): the stream takes side 1
  * in hboneAttach, the engine side 0 (the HTTP/1.1 engine's forward or serve, the HTTP/2 engine's
- * attach). An upstream no engine took is given up with dropUpstream.
+ * attach or serve). An upstream no engine took is given up with dropUpstream.
  */
 export interface ChannelRef {
   readonly channel: number;

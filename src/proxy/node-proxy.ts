@@ -484,12 +484,12 @@ export class NodeProxy {
   }
 
   /**
-   * A tunnelled connection into `state`'s pod whose port reads HTTP/1.1, served by the addon's
+   * A tunnelled connection into `state`'s pod whose port reads `protocol`, served by the addon's
    * engine on a channel (no socket pair between the engine and the HBONE stream): the channel's
    * side for the stream, or undefined when the engine is not there.
    */
-  private serveChannel(state: PodState, facts: Omit<ConnectionFacts, 'destination'>, labels: TcpLabels, source: Workload | undefined): ChannelRef | undefined {
-    const served = this.httpIn.serveChannel(this.serverConnection(state, 'http1', facts, 'hbone', labels, source), (fd) => this.podSocket(state, fd, true).on('error', () => undefined));
+  private serveChannel(state: PodState, protocol: 'http1' | 'http2', facts: Omit<ConnectionFacts, 'destination'>, labels: TcpLabels, source: Workload | undefined): ChannelRef | undefined {
+    const served = this.httpIn.serveChannel(this.serverConnection(state, protocol, facts, 'hbone', labels, source), (fd) => this.podSocket(state, fd, true).on('error', () => undefined));
     if (!served) return undefined;
     // A pod that leaves resets its connections, this one as its sockets.
     const held = { destroy: () => served.close() };
@@ -1174,8 +1174,9 @@ export class NodeProxy {
         this.metrics.proxied.inc({ path: 'inbound' });
         const idle = serviceTarget?.policy.idleTimeoutMs ?? this.options.idleTimeoutMs;
         if (stream instanceof NativeTunnelStream) {
-          // HTTP/1.1 on the addon's engine: the stream joined to it in memory; else a socket pair.
-          const joined = reads === 'http1' ? this.serveChannel(state, facts, labels, sourceWorkload) : undefined;
+          // HTTP/1.1 or HTTP/2 on the addon's engines: the stream joined to it in memory; else (a
+          // port to sniff) a socket pair.
+          const joined = reads !== 'sniff' ? this.serveChannel(state, reads, facts, labels, sourceWorkload) : undefined;
           await stream.attach(joined ?? this.readPair(state, reads, facts, 'hbone', labels, sourceWorkload), idle);
           return;
         }

@@ -141,9 +141,10 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
   assert.ok(metricValue(await agentB.metrics(), 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' }) >= 1, "node B's side read the tunnelled streams on its engine");
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
-  // Node A's HTTP/2 sessions in tunnels are channels to the HBONE streams; once idle (4 s) they
-  // end, and nothing is left of them.
+  // Node A's HTTP/2 sessions in tunnels are channels to the HBONE streams, and so are node B's
+  // tunnelled connections into the pod's port; once idle (4 s) they end, and nothing is left.
   await checkChannels(agentA, 1, [agentA, agentB], 15_000);
+  await checkChannels(agentB, 1, [agentA, agentB], 15_000);
 });
 
 const H2_APP = fileURLToPath(new URL('../support/h2-app.js', import.meta.url));

@@ -28,6 +28,7 @@ import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { CONNECTION_SPECIFIC, GRPC_MAX_MESSAGE, NativeH2Inbound, NativeH2Outbound, authorityOf, type CopyHead } from './native-h2.js';
+import type { ChannelServed } from './native-engine.js';
 
 const log = logger('http');
 
@@ -744,6 +745,11 @@ export class H2Inbound {
     this.metrics.http2Engine.inc({ side: 'server', engine: 'node', why: served });
     await this.front.serve(initial ? withHead(client, initial, 'http2') : client, conn);
     return socketTotals(client, NO_BYTES);
+  }
+
+  /** A connection on the addon's engine with no socket: a channel the caller joins to an HBONE stream (H2Host.serveChannel). */
+  serveChannel(conn: HttpServerConnection): ChannelServed | undefined {
+    return this.native.host.serveChannel(conn);
   }
 
   /** The upstream sessions to a pod's application (it left) end once idle. */

@@ -93,10 +93,12 @@ export class HttpInbound {
   }
 
   /**
-   * An HTTP/1.1 connection on the addon's engine with no socket: a channel the caller joins to an
-   * HBONE stream (Http1Host.serveChannel). Undefined when the engine is not there.
+   * A connection on the addon's engine (HTTP/1.1 or HTTP/2, as `conn` says) with no socket: a
+   * channel the caller joins to an HBONE stream (Http1Host and H2Host.serveChannel). Undefined
+   * when the engine is not there.
    */
   serveChannel(conn: HttpServerConnection, socketFor: (fd: number) => Socket): ChannelServed | undefined {
+    if (conn.protocol === 'http2') return this.h2.serveChannel(conn);
     return this.native.host.serveChannel(conn, socketFor);
   }
 

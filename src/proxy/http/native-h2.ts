@@ -14,14 +14,14 @@
  */
 import type { Socket } from 'node:net';
 
-import { closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { engineCopy, headerObject } from './native-engine.js';
+import { engineCopy, headerObject, type ChannelServed } from './native-engine.js';
 import { answerEditPairs } from './native-outbound.js';
 import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
@@ -159,6 +159,31 @@ export class H2Host<C, R> {
         end();
       }
     });
+  }
+
+  /**
+   * A new channel whose side 0 the engine serves as a client connection until it closes (the
+   * caller gives the other side to an HBONE stream: joined in memory, no socket). Undefined when
+   * there is no engine (the caller gives the stream a socket instead).
+   */
+  serveChannel(conn: C): ChannelServed | undefined {
+    const engine = this.start();
+    if (!engine) return undefined;
+    const channel = channelNew();
+    const id = ++this.nextId;
+    const done = new Promise<ConnectionBytes>((resolve) => {
+      let ended = false;
+      const end = (bytes: ConnectionBytes = NO_BYTES): void => {
+        if (ended) return;
+        ended = true;
+        this.conns.delete(id);
+        resolve(bytes);
+      };
+      this.conns.set(id, { conn, end });
+    });
+    engine.serve(id, channel);
+    this.metrics.http2Engine.inc({ side: this.side, engine: 'addon', why: '' });
+    return { channel, done, close: () => engine.close(id) };
   }
 
   /**

@@ -210,7 +210,7 @@ export class NodeMetrics {
     });
     this.channelsMade = new Counter({
       name: 'nodemesh_http_channels_total',
-      help: 'In-memory channels made between the addon\'s HTTP engines and HBONE streams (one per HTTP/1.1 or HTTP/2 upstream connection the client side opens in a tunnel, one per tunnelled HTTP/1.1 connection the server side serves)',
+      help: 'In-memory channels made between the addon\'s HTTP engines and HBONE streams (one per HTTP/1.1 or HTTP/2 upstream connection the client side opens in a tunnel, one per tunnelled HTTP/1.1 or HTTP/2 connection the server side serves)',
       registers,
       collect() {
         this.reset();
