@@ -65,6 +65,14 @@ void Channel::RunNotices() {
   }
 }
 
+std::shared_ptr<Channel> ChannelArg(const Napi::Value& v, int side, const char* who) {
+  if (!v.IsObject()) return nullptr;
+  uint32_t id = v.As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
+  std::shared_ptr<Channel> ch = Channel::Take(id, side);
+  if (!ch) throw Napi::Error::New(v.Env(), std::string(who) + ": channel " + std::to_string(id) + " is unknown or taken");
+  return ch;
+}
+
 namespace {
 
 // channelNew(): the id of a new channel, for one engine's side 0 and the other's side 1.

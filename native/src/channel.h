@@ -130,6 +130,10 @@ struct ChannelRegistry {
 };
 
 ChannelRegistry& Channels();
+
+// A JS argument that may name a channel ({channel: id}): its `side`, taken now; nullptr when the
+// argument is something else (an fd). Throws when the id is unknown or that side was taken.
+std::shared_ptr<Channel> ChannelArg(const Napi::Value& v, int side, const char* who);
 void InitChannel(Napi::Env env, Napi::Object exports);
 
 }  // namespace nodemesh

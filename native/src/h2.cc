@@ -287,11 +287,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     uint64_t id = static_cast<uint64_t>(info[0].As<Napi::Number>().Int64Value());
     if (clients_.count(id) != 0) throw Napi::Error::New(info.Env(), "h2 engine: id " + std::to_string(id) + " is in use");
     Conn* c = nullptr;
-    if (info[1].IsObject()) {
-      uint32_t ch = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
-      std::shared_ptr<Channel> taken = Channel::Take(ch, 0);
-      if (!taken) throw Napi::Error::New(info.Env(), "h2 engine: channel " + std::to_string(ch) + " is unknown or taken");
-      c = Open(-1, true, std::move(taken));
+    if (std::shared_ptr<Channel> ch = ChannelArg(info[1], 0, "h2 engine")) {
+      c = Open(-1, true, std::move(ch));
     } else {
       c = Open(info[1].As<Napi::Number>().Int32Value(), true);
       if (!c) throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
@@ -312,11 +309,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   Napi::Value Attach(const Napi::CallbackInfo& info) {
     std::string pool = info[0].As<Napi::String>().Utf8Value();
     Conn* u = nullptr;
-    if (info[1].IsObject()) {
-      // {channel}: an HBONE stream's, joined in memory.
-      uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
-      std::shared_ptr<Channel> ch = Channel::Take(id, 0);
-      if (!ch) throw Napi::Error::New(info.Env(), "h2 engine: channel " + std::to_string(id) + " is unknown or taken");
+    if (std::shared_ptr<Channel> ch = ChannelArg(info[1], 0, "h2 engine")) {
+      // An HBONE stream's, joined in memory.
       u = Open(-1, false, std::move(ch));
     } else {
       int fd = info[1].As<Napi::Number>().Int32Value();

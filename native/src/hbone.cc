@@ -1506,15 +1506,8 @@ Napi::Value Attach(const Napi::CallbackInfo& info) {
   auto& e = Engine(info.Env());
   uint64_t handle = IdArg(info, 0);
   // An fd, or {channel}: the HTTP/1.1 engine's upstream joined in memory (side 1 is the stream's).
-  int fd = -1;
-  std::shared_ptr<Channel> ch;
-  if (info[1].IsObject()) {
-    uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
-    ch = Channel::Take(id, 1);
-    if (!ch) throw Napi::Error::New(info.Env(), "hboneAttach: channel " + std::to_string(id) + " is unknown or taken");
-  } else {
-    fd = info[1].As<Napi::Number>().Int32Value();
-  }
+  std::shared_ptr<Channel> ch = ChannelArg(info[1], 1, "hboneAttach");
+  int fd = ch ? -1 : info[1].As<Napi::Number>().Int32Value();
   int idle = info[2].As<Napi::Number>().Int32Value();
   std::string initial;
   if (info.Length() > 3 && info[3].IsBuffer()) {

@@ -455,10 +455,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (clients_.count(c->id) != 0) throw Napi::Error::New(info.Env(), "http1 engine: id " + std::to_string(c->id) + " is in use");
     c->lastActive = NowMs();
     Client* raw = c.get();
-    if (info[1].IsObject()) {
-      uint32_t id = info[1].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
-      std::shared_ptr<Channel> ch = Channel::Take(id, 0);
-      if (!ch) throw Napi::Error::New(info.Env(), "http1 engine: channel " + std::to_string(id) + " is unknown or taken");
+    if (std::shared_ptr<Channel> ch = ChannelArg(info[1], 0, "http1 engine")) {
       OpenChannel(&raw->peer, std::move(ch), true);
     } else if (!Open(&raw->peer, info[1].As<Napi::Number>().Int32Value(), true)) {
       throw ToJsError(info.Env(), {errno, "uv_poll_init", "", ""});
@@ -482,14 +479,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::Env env = info.Env();
     Client* c = Find(info[0]);
     // A new connection: an fd, or {channel} (an HBONE stream's, joined in memory); -1: an idle one.
-    int fd = -1;
-    std::shared_ptr<Channel> ch;
-    if (info[3].IsObject()) {
-      uint32_t id = info[3].As<Napi::Object>().Get("channel").As<Napi::Number>().Uint32Value();
-      if (!(ch = Channel::Take(id, 0))) throw Napi::Error::New(env, "http1 engine: channel " + std::to_string(id) + " is unknown or taken");
-    } else {
-      fd = info[3].As<Napi::Number>().Int32Value();
-    }
+    std::shared_ptr<Channel> ch = ChannelArg(info[3], 0, "http1 engine");
+    int fd = ch ? -1 : info[3].As<Napi::Number>().Int32Value();
     bool fresh = fd >= 0 || ch;
     if (!c || c->phase != Client::Phase::kDecide) {
       // The client went while the upstream was dialled: the connection is not needed.
