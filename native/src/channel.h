@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // A channel joins two engines of the JS thread's loop in memory where they would otherwise talk
 // through a socket pair: an HTTP engine's connection (side 0: an HTTP/1.1 or HTTP/2 engine's
-// upstream or client) and an HBONE stream (side 1). It behaves as a socket pair's two ends would (bytes in order, a bounded queue each
-// way, a half close each way, a close, an abortive close), without the four system calls and the
-// wake-ups a request costs each way through one (ARCHITECTURE.md, "One loop for HTTP and HBONE").
+// upstream or client) and an HBONE stream (side 1). It behaves as a socket pair's two ends would
+// (bytes in order, a bounded queue each way, a half close each way, a close, an abortive close),
+// without the four system calls and the wake-ups a request costs each way through one
+// (ARCHITECTURE.md, "One loop for HTTP and HBONE").
 //
 // A side is told that something changed (bytes or room, an end, a reset) once the loop's current
 // callbacks are done, never inside the other side's call: neither engine is re-entered in the
@@ -88,9 +89,6 @@ class Channel {
   bool WasReset(int side) const { return reset_[1 - side]; }
   // The other side closed: `side`'s writes fail (EPIPE).
   bool PeerClosed(int side) const { return closed_[1 - side]; }
-  bool Closed(int side) const { return closed_[side]; }
-  // Bytes queued from `side` that the other side has not read yet.
-  size_t Queued(int side) const { return queue_[side].size(); }
 
   // Tells `side` to look again on the next turn (what it waits for may be there already).
   void Poke(int side) { Notify(side); }
@@ -111,7 +109,6 @@ class Channel {
   bool noticed_[2] = {false, false};  // a notice for that side is pending
   ChannelEnd* ends_[2] = {nullptr, nullptr};
   std::weak_ptr<Channel> self_;
-  friend struct ChannelRegistry;
 };
 
 // The channel ids JS holds and the notices due, per process (one JS thread uses the engines).

@@ -27,14 +27,18 @@ inline Napi::String NewLatin1(Napi::Env env, const std::string& s) {
   return Napi::String(env, out);
 }
 
-// Stops polling a socket on the JS thread's loop (its handle freed once libuv lets go of it) and
-// closes it; an fd of -1 is not closed (it was handed back to JS).
+// Closes a libuv handle made with `new` (closing stops it; it is freed once libuv lets go of it).
+template <typename Handle>
+inline void CloseHandle(Handle*& h) {
+  if (!h) return;
+  uv_close(reinterpret_cast<uv_handle_t*>(h), [](uv_handle_t* x) { delete reinterpret_cast<Handle*>(x); });
+  h = nullptr;
+}
+
+// Stops polling a socket on the JS thread's loop and closes it; an fd of -1 is not closed (it was
+// handed back to JS).
 inline void ClosePolled(uv_poll_t*& poll, int& fd) {
-  if (poll) {
-    uv_poll_stop(poll);
-    uv_close(reinterpret_cast<uv_handle_t*>(poll), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-    poll = nullptr;
-  }
+  CloseHandle(poll);
   if (fd >= 0) close(fd);
   fd = -1;
 }

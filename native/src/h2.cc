@@ -1245,11 +1245,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     pools_.clear();
     clients_.clear();
-    if (timer_) {
-      uv_timer_stop(timer_);
-      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-      timer_ = nullptr;
-    }
+    CloseHandle(timer_);
     if (depth_ == 0) {
       for (auto& [c, owned] : conns_)
         if (c->session) nghttp2_session_del(c->session), c->session = nullptr;

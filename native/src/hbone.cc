@@ -309,12 +309,9 @@ class HboneEngine {
   void Stop() {
     if (stop_) return;
     stop_ = true;
-    uv_poll_stop(poll_);
-    uv_timer_stop(timer_);
-    uv_idle_stop(again_);
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), [](uv_handle_t* h) { delete reinterpret_cast<uv_poll_t*>(h); });
-    uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-    uv_close(reinterpret_cast<uv_handle_t*>(again_), [](uv_handle_t* h) { delete reinterpret_cast<uv_idle_t*>(h); });
+    CloseHandle(poll_);
+    CloseHandle(timer_);
+    CloseHandle(again_);
   }
 
   // Runs fn on the engine's next turn (never inside the call that posts it: a command from JS
@@ -482,12 +479,7 @@ class HboneEngine {
       s.deferred = false;
       nghttp2_session_resume_data(c.h2, s.id);
     }
-    if (fd >= 0) {
-      epoll_event ev = {};
-      ev.events = kAppEvents;
-      ev.data.u64 = Tag(c.id, static_cast<uint64_t>(s.id));
-      epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
-    }
+    if (fd >= 0) AppEvents(s, EPOLL_CTL_ADD);
     OnAppSide(s);
   }
 
@@ -832,27 +824,27 @@ class HboneEngine {
       }
       if (!in.empty()) s.appPaused = true;
       else if (ch.AtEnd(1)) s.appEof = got = true;
-    }
-    for (;;) {
-      if (s.ch) break;
-      if (s.fromApp.size() >= kAppBuffer) {
-        s.appPaused = true;
-        break;
+    } else {
+      for (;;) {
+        if (s.fromApp.size() >= kAppBuffer) {
+          s.appPaused = true;
+          break;
+        }
+        ssize_t n = read(s.appFd, s.fromApp.space(kAppRead), kAppRead);
+        if (n > 0) {
+          s.fromApp.commit(static_cast<size_t>(n));
+          got = true;
+          continue;
+        }
+        if (n == 0) {
+          s.appEof = true;
+          got = true;
+          break;
+        }
+        if (errno == EAGAIN || errno == EINTR) break;
+        AppFailed(s, errno, "read");
+        return;
       }
-      ssize_t n = read(s.appFd, s.fromApp.space(kAppRead), kAppRead);
-      if (n > 0) {
-        s.fromApp.commit(static_cast<size_t>(n));
-        got = true;
-        continue;
-      }
-      if (n == 0) {
-        s.appEof = true;
-        got = true;
-        break;
-      }
-      if (errno == EAGAIN || errno == EINTR) break;
-      AppFailed(s, errno, "read");
-      return;
     }
     if (got) {
       s.last = Clock::now();
@@ -904,10 +896,15 @@ class HboneEngine {
   void WantOut(Stream& s, bool want) {
     if (s.wantOut == want || s.appFd < 0) return;
     s.wantOut = want;
+    AppEvents(s, EPOLL_CTL_MOD);
+  }
+
+  // The application socket's registration: kAppEvents, and EPOLLOUT while a write waits (wantOut).
+  void AppEvents(Stream& s, int op) {
     epoll_event ev = {};
-    ev.events = kAppEvents | (want ? EPOLLOUT : 0u);
+    ev.events = kAppEvents | (s.wantOut ? EPOLLOUT : 0u);
     ev.data.u64 = Tag(s.conn->id, static_cast<uint64_t>(s.id));
-    epoll_ctl(epfd_, EPOLL_CTL_MOD, s.appFd, &ev);
+    epoll_ctl(epfd_, op, s.appFd, &ev);
   }
 
   void AppFailed(Stream& s, int err, const char* op) {
@@ -1204,14 +1201,7 @@ class HboneEngine {
  public:
   // The application's side may have moved (a channel's notice, or just attached): what waits for
   // it is written, what it sent is read, then the tunnel settles.
-  void OnAppSide(Stream& st) {
-    uint64_t connId = st.conn->id;
-    int32_t sid = st.id;
-    WriteApp(st);
-    if (Stream* s = FindStream(connId, sid)) ReadApp(*s);
-    auto it = conns_.find(connId);
-    if (it != conns_.end()) Settle(*it->second);
-  }
+  void OnAppSide(Stream& st) { OnApp(st.conn->id, st.id, EPOLLOUT | EPOLLIN); }
 
  private:
   Stream* FindStream(uint64_t connId, int32_t sid) {
@@ -1300,7 +1290,7 @@ class HboneEngine {
       if (it != conns_.end()) Settle(*it->second);
     }
     if (runnable_.empty() && commands_.empty()) {
-      if (scheduled_) uv_idle_stop(again_);
+      if (scheduled_ && again_) uv_idle_stop(again_);
       scheduled_ = false;
     } else {
       Schedule();

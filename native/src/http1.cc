@@ -1409,11 +1409,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     for (auto& [id, c] : clients_) Drop(&c->peer);
     for (auto& [u, owned] : upstreams_) Drop(&u->peer);
     idle_.clear();
-    if (timer_) {
-      uv_timer_stop(timer_);
-      uv_close(reinterpret_cast<uv_handle_t*>(timer_), [](uv_handle_t* h) { delete reinterpret_cast<uv_timer_t*>(h); });
-      timer_ = nullptr;
-    }
+    CloseHandle(timer_);
     if (depth_ == 0) {
       clients_.clear();
       upstreams_.clear();

@@ -208,12 +208,7 @@ class RelayEngine {
   // once instead of on every wait while its bytes cannot move yet. EPOLLOUT is asked for only
   // while bytes wait for room (Pumped): a socket pair's end (the L7 paths) reports an EPOLLOUT
   // edge each time its peer reads, which would wake this thread for nothing.
-  void Register(Conn& c, int fd) {
-    epoll_event ev = {};
-    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
-    ev.data.u64 = (c.id << 1) | (fd == c.b ? 1 : 0);
-    epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
-  }
+  void Register(Conn& c, int fd) { Events(c, fd, EPOLL_CTL_ADD, false); }
 
   // After both directions were pumped: EPOLLOUT on a socket while its direction holds bytes.
   void Pumped(Conn& c) {
@@ -224,10 +219,14 @@ class RelayEngine {
   void WantOut(Conn& c, int fd, bool& now, bool want) {
     if (now == want) return;
     now = want;
+    Events(c, fd, EPOLL_CTL_MOD, want);
+  }
+
+  void Events(Conn& c, int fd, int op, bool out) {
     epoll_event ev = {};
-    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (want ? EPOLLOUT : 0u);
+    ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET | (out ? EPOLLOUT : 0u);
     ev.data.u64 = (c.id << 1) | (fd == c.b ? 1 : 0);
-    epoll_ctl(epfd_, EPOLL_CTL_MOD, fd, &ev);
+    epoll_ctl(epfd_, op, fd, &ev);
   }
 
   static void Failed(Conn& c, int err, const char* op) {
