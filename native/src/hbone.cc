@@ -1194,8 +1194,10 @@ class HboneEngine {
     if (events & EPOLLOUT) WriteApp(*s);
     // Writing may have finished the stream and forgotten it.
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && (s = FindStream(connId, sid))) ReadApp(*s);
-    auto it = conns_.find(connId);
-    if (it != conns_.end()) Settle(*it->second);
+    // The tunnel settles once per turn, after every stream that moved: what all of them queued
+    // goes out in one TLS write (one TCP send, one wakeup of the peer), not one per stream.
+    runnable_.insert(connId);
+    Schedule();
   }
 
  public:
