@@ -59,6 +59,7 @@ void Channel::RunNotices() {
     ch->noticed_[side] = false;
     if (ch->ends_[side]) ch->ends_[side]->ChannelChanged();
   }
+  for (auto fn : r.afterBatch) fn();
   if (r.notices.empty()) {
     uv_check_stop(r.check);
     uv_idle_stop(r.idle);

@@ -120,6 +120,8 @@ struct ChannelRegistry {
   std::unordered_map<uint32_t, Entry> open;
   uint32_t next = 0;
   std::vector<std::pair<std::shared_ptr<Channel>, int>> notices;
+  // Run after each batch of notices (an engine that coalesces what its sides did in one batch).
+  std::vector<void (*)()> afterBatch;
   uv_idle_t* idle = nullptr;
   uv_check_t* check = nullptr;
   uint64_t live = 0;  // channels not yet freed (either side still holds one)

@@ -1194,16 +1194,28 @@ class HboneEngine {
     if (events & EPOLLOUT) WriteApp(*s);
     // Writing may have finished the stream and forgotten it.
     if ((events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) && (s = FindStream(connId, sid))) ReadApp(*s);
-    // The tunnel settles once per turn, after every stream that moved: what all of them queued
-    // goes out in one TLS write (one TCP send, one wakeup of the peer), not one per stream.
+    // The tunnel settles once, after every stream that moved (Iterate's end, or the end of a batch
+    // of channel notices): what all of them queued goes out in one TLS write (one TCP send, one
+    // wakeup of the peer), not one per stream.
     runnable_.insert(connId);
-    Schedule();
   }
 
  public:
   // The application's side may have moved (a channel's notice, or just attached): what waits for
   // it is written, what it sent is read, then the tunnel settles.
   void OnAppSide(Stream& st) { OnApp(st.conn->id, st.id, EPOLLOUT | EPOLLIN); }
+
+  // The end of a batch of channel notices: the tunnels whose streams moved settle now, in the
+  // same turn, before anything else the loop runs (node's immediates, the next turn's timers).
+  void SettleMoved() {
+    std::set<uint64_t> moved;
+    moved.swap(runnable_);
+    for (uint64_t id : moved) {
+      auto it = conns_.find(id);
+      if (it != conns_.end()) Settle(*it->second);
+    }
+    if (!runnable_.empty()) Schedule();
+  }
 
  private:
   Stream* FindStream(uint64_t connId, int32_t sid) {
@@ -1403,7 +1415,12 @@ uint64_t IdArg(const Napi::CallbackInfo& info, size_t i) { return static_cast<ui
 
 // hboneInit(onEvent)
 Napi::Value Init(const Napi::CallbackInfo& info) {
-  if (!gEngine) gEngine = new HboneEngine(info.Env(), info[0].As<Napi::Function>());
+  if (!gEngine) {
+    gEngine = new HboneEngine(info.Env(), info[0].As<Napi::Function>());
+    Channels().afterBatch.push_back([] {
+      if (gEngine) gEngine->SettleMoved();
+    });
+  }
   return info.Env().Undefined();
 }
 
