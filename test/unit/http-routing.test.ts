@@ -11,7 +11,7 @@ import { MeshSnapshot, type Workload } from '../../src/config/snapshot.js';
 import { ConfigDirReader, ConfigStore } from '../../src/config/store.js';
 import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/traffic-policy.js';
 import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
-import { classify } from '../../src/proxy/http/common.js';
+import { classify, newRequestId } from '../../src/proxy/http/common.js';
 import { answerEdits } from '../../src/proxy/http/native-outbound.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
@@ -305,4 +305,18 @@ test('a policy\'s maxRequestsPerConnection on an HTTP/2 port applies (sessions r
   const snap = new MeshSnapshot(1, [cart], [], [policy], []);
   assert.deepEqual(snap.warnings, []);
   assert.equal(snap.targets().find((t) => t.key === 'shop/cart:80')?.policy.maxRequestsPerConnection, 5);
+});
+
+test('x-request-id made by the proxy: version 4 UUIDs, flat strings, none repeated across refills of the random pool', () => {
+  const seen = new Set<string>();
+  // 256 ids per refill: this crosses several.
+  for (let i = 0; i < 2000; i++) {
+    const id = newRequestId();
+    assert.match(id, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    seen.add(id);
+  }
+  assert.equal(seen.size, 2000);
+  // Each hex digit position takes every value over many ids (not a constant, not a counter's few).
+  const digits = new Set([...seen].map((id) => id[0]));
+  assert.equal(digits.size, 16);
 });

@@ -4,7 +4,7 @@
  * keep-alive pools whose connections the node proxy opens, hop-by-hop header handling, joined
  * protocol upgrades, Istio's request metrics and the access log line.
  */
-import { randomUUID } from 'node:crypto';
+import { randomFillSync } from 'node:crypto';
 import { Agent, STATUS_CODES, createServer, request as httpRequest, type AgentOptions, type ClientRequestArgs, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders, type Server, type ServerResponse } from 'node:http';
 import { Socket } from 'node:net';
 import { Duplex, PassThrough, type Readable } from 'node:stream';
@@ -210,9 +210,40 @@ export function pipeAnswer(answer: IncomingMessage, res: ServerResponse, events:
   });
 }
 
+/** Random bytes for request ids, refilled 256 ids at a time (crypto.randomUUID's own scheme). */
+const ID_RANDOM = Buffer.alloc(16 * 256);
+let idRandomAt = ID_RANDOM.length;
+/** An id's text, written in place; read out as one string. */
+const ID_TEXT = Buffer.alloc(36);
+const HEX_DIGITS = Buffer.from('0123456789abcdef', 'latin1');
+
+/**
+ * A random (version 4) UUID as crypto.randomUUID() makes it, as one flat string: randomUUID()
+ * joins it of 20 pieces, which V8 keeps as a tree of strings until something flattens it, and
+ * at this rate (one per request without an x-request-id) that tree was an eighth of what the
+ * L7 path allocated per request.
+ */
+export function newRequestId(): string {
+  if (idRandomAt === ID_RANDOM.length) {
+    randomFillSync(ID_RANDOM);
+    idRandomAt = 0;
+  }
+  let at = 0;
+  for (let i = 0; i < 16; i++) {
+    let byte = ID_RANDOM[idRandomAt + i] ?? 0;
+    if (i === 6) byte = (byte & 0x0f) | 0x40;
+    else if (i === 8) byte = (byte & 0x3f) | 0x80;
+    if (i === 4 || i === 6 || i === 8 || i === 10) ID_TEXT[at++] = 0x2d;
+    ID_TEXT[at++] = HEX_DIGITS[byte >> 4] ?? 0;
+    ID_TEXT[at++] = HEX_DIGITS[byte & 0x0f] ?? 0;
+  }
+  idRandomAt += 16;
+  return ID_TEXT.toString('latin1', 0, 36);
+}
+
 /** The request's id: its x-request-id, or a new one (then added to what goes upstream). */
 export function requestIdOf(req: RequestHead): string {
-  return headerValue(req.headers, 'x-request-id') ?? randomUUID();
+  return headerValue(req.headers, 'x-request-id') ?? newRequestId();
 }
 
 /** Unreserved characters (RFC 3986 section 2.3): their percent-encodings mean the characters themselves. */

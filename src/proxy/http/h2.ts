@@ -15,14 +15,13 @@
  * still being sent. A RequestMirror copies a stream once it ended (its body kept up to 64 KiB).
  * A backend's maxRequestsPerConnection closes a session (gracefully) after that many streams.
  */
-import { randomUUID } from 'node:crypto';
 import { connect as h2connect, constants, createServer, type ClientHttp2Session, type ClientHttp2Stream, type Http2Server, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerHttp2Session, type ServerHttp2Stream } from 'node:http2';
 import { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import { logger } from '../../shared/log.js';
-import { NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, drain, pairs, socketTotals, withHead, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
+import { NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, drain, newRequestId, pairs, socketTotals, withHead, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import { drawMirrors, upstreamPool, withChanges, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
@@ -427,7 +426,7 @@ export class H2Outbound {
   private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpClientConnection): void {
     const started = performance.now();
     const head = headOf(headers);
-    const requestId = String(headers['x-request-id'] ?? randomUUID());
+    const requestId = String(headers['x-request-id'] ?? newRequestId());
     const d = this.outbound.decide(head, conn, requestId);
     const grpc = isGrpc(headers);
     const access: AccessFacts = { req: head, requestId, route: d.route, bytesIn: 0, bytesOut: 0, attempts: 0 };
@@ -765,7 +764,7 @@ export class H2Inbound {
   private onStream(stream: ServerHttp2Stream, headers: IncomingHttpHeaders, conn: HttpServerConnection): void {
     const started = performance.now();
     const head = headOf(headers);
-    const requestId = String(headers['x-request-id'] ?? randomUUID());
+    const requestId = String(headers['x-request-id'] ?? newRequestId());
     const grpc = isGrpc(headers) ? '' : undefined;
     const access: AccessFacts = { req: head, requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
     const admitted = this.inbound.admit(head, conn);
