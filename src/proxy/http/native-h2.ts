@@ -109,7 +109,8 @@ export class H2Host<C, R> {
   private engine: H2Engine | undefined;
   private failed: boolean;
   private readonly conns = new Map<number, { readonly conn: C; readonly end: (bytes?: ConnectionBytes) => void }>();
-  private readonly streams = new Map<number, { readonly s: H2Stream<C, R>; again: (() => void) | undefined }>();
+  /** Streams in flight, with how the last attempt went upstream (a refused one goes again, once). */
+  private readonly streams = new Map<number, { readonly s: H2Stream<C, R>; how: H2Forwarding | undefined }>();
   /** Upstream connections being dialled, by pool: streams to the same pool wait for the same one. */
   private readonly dialing = new Map<string, Promise<void>>();
   private nextId = 0;
@@ -195,12 +196,13 @@ export class H2Host<C, R> {
     const entry = this.streams.get(s.id);
     if (!engine || !entry) return;
     // A refused stream (not processed upstream) goes again once, with no retry rule too.
-    entry.again = () => this.forward(s, how);
-    const { pool, fields, answerRemove, answerAdd, retryOn, keep, dial, maxRequests, failed } = how;
+    entry.how = how;
+    const { pool, fields, answerRemove, answerAdd, retryOn, keep } = how;
     if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) return;
     let opening = this.dialing.get(pool);
     if (!opening) {
-      opening = dial().then((fd) => {
+      const { maxRequests } = how;
+      opening = how.dial().then((fd) => {
         if (this.engine === engine) engine.attach(pool, fd, maxRequests);
         else dropUpstream(fd);
       });
@@ -214,10 +216,10 @@ export class H2Host<C, R> {
     opening.then(
       () => {
         if (this.streams.get(s.id) !== entry || s.state !== state || this.engine !== engine) return;
-        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) failed(new Error('the upstream session ended before the stream could start'));
+        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) how.failed(new Error('the upstream session ended before the stream could start'));
       },
       (e: Error) => {
-        if (this.streams.get(s.id) === entry && s.state === state) failed(e);
+        if (this.streams.get(s.id) === entry && s.state === state) how.failed(e);
       },
     );
   }
@@ -270,7 +272,7 @@ export class H2Host<C, R> {
             const c = this.conns.get(connId);
             if (!c) return;
             const s: H2Stream<C, R> = { id, conn: c.conn, state: undefined };
-            this.streams.set(id, { s, again: undefined });
+            this.streams.set(id, { s, how: undefined });
             // "host", :authority, the fields, :method, :path: the raw pairs once the last two are taken.
             const raw = joined.split('\0');
             const path = raw.pop() ?? '/';
@@ -283,11 +285,11 @@ export class H2Host<C, R> {
             if (!entry || entry.s.state === undefined) return false;
             const decided = this.handler.retry?.(entry.s, status);
             if (decided !== undefined) return decided;
-            const again = entry.again;
-            entry.again = undefined;
-            if (!again || status !== 0) return false;
+            const how = entry.how;
+            entry.how = undefined;
+            if (!how || status !== 0) return false;
             // Not now: the engine drops the attempt once this returns, then waits for forward().
-            setImmediate(again);
+            setImmediate(() => this.forward(entry.s, how));
             return true;
           },
           done: (id, status, flag, bytesIn, bytesOut, grpcStatus, detail) => {
@@ -346,6 +348,43 @@ export interface CopyHead {
 
 /** Sends a mirror's copy of a stream (its head and kept body) to `endpoint` of `target`; `count` gets the result. */
 export type MirrorCopy = (conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint, head: CopyHead, chunks: ReadonlyArray<Buffer>, count: (result: string) => void) => void;
+
+/**
+ * One attempt of a client stream as it goes upstream: one object per attempt, its dial and
+ * failure methods on the prototype (no closures made per stream, which every stream's
+ * allocations, kept alive past a scavenge, made costly).
+ */
+class Attempt implements H2Forwarding {
+  readonly answerRemove: ReadonlyArray<string>;
+  readonly answerAdd: string;
+  readonly keep: boolean;
+  readonly maxRequests: number;
+
+  constructor(
+    private readonly handler: NativeH2Outbound,
+    private readonly s: H2Stream<HttpClientConnection, Routed>,
+    private readonly r: Routed,
+    private readonly target: ServiceTarget,
+    private readonly endpoint: Endpoint,
+    readonly pool: string,
+    readonly fields: string,
+    edits: { readonly remove: string[]; readonly add: string },
+    readonly retryOn: ReadonlyArray<number> | undefined,
+  ) {
+    this.answerRemove = edits.remove;
+    this.answerAdd = edits.add;
+    this.keep = r.mirrors !== undefined;
+    this.maxRequests = target.policy.maxRequestsPerConnection;
+  }
+
+  dial(): Promise<EngineUpstream> {
+    return this.handler.dialFor(this.s, this.target, this.endpoint);
+  }
+
+  failed(e: Error): void {
+    this.handler.attemptFailed(this.s, this.r, e);
+  }
+}
 
 /** The client side of HTTP/2 ports on the engine: each stream decided by HttpOutbound.decide, as on node:http2. */
 export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed> {
@@ -495,23 +534,19 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     if (backendMs !== undefined) r.tryTimer = setTimeout(() => this.perTryTimeout(s, r, backendMs), backendMs);
     if (local && this.inbound) return this.sendLocal(s, r, local, this.inbound, edits);
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
-    const dial = (): Promise<EngineUpstream> => this.outbound.connected(target, endpoint, () => conn.dialEngine(target, endpoint));
-    const failed = (e: Error): void => {
-      if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
-      if (this.mayRetry(r)) return this.retryLater(s, r);
-      this.proxyAnswers(s, r, 503, 'UF', e.message);
-    };
-    this.host.forward(s, {
-      pool: upstreamPool(conn, target, endpoint),
-      fields,
-      answerRemove: edits.remove,
-      answerAdd: edits.add,
-      retryOn: retry?.codes,
-      keep: r.mirrors !== undefined,
-      dial,
-      maxRequests: target.policy.maxRequestsPerConnection,
-      failed,
-    });
+    this.host.forward(s, new Attempt(this, s, r, target, endpoint, upstreamPool(conn, target, endpoint), fields, edits, retry?.codes));
+  }
+
+  /** A new upstream connection for the attempt in flight (Attempt.dial), its outcome told to outlier detection. */
+  dialFor(s: H2Stream<HttpClientConnection, Routed>, target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream> {
+    return this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
+  }
+
+  /** The attempt could not go upstream (Attempt.failed): another attempt, or the proxy's answer. */
+  attemptFailed(s: H2Stream<HttpClientConnection, Routed>, r: Routed, e: Error): void {
+    if (e instanceof UpstreamDenied) return this.proxyAnswers(s, r, 403, 'UAEX', e.message);
+    if (this.mayRetry(r)) return this.retryLater(s, r);
+    this.proxyAnswers(s, r, 503, 'UF', e.message);
   }
 
   /**

@@ -551,8 +551,18 @@ const NO_MIRRORS: NonNullable<HttpRouteEntry['mirrors']> = Object.freeze([]);
 
 /** The upstream pool of a client connection's requests to `endpoint` of `target`: per source pod, backend Service (its connectionPool is its own, as Envoy pools per cluster) and endpoint. */
 export function upstreamPool(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): string {
-  return `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+  // Made once per source pod, Service and endpoint of a snapshot, not per request: the key is
+  // asked for every request, and each new string lived as long as its request.
+  let bySource = POOL_KEYS.get(endpoint);
+  if (!bySource) POOL_KEYS.set(endpoint, (bySource = new Map()));
+  const had = bySource.get(conn.source.uid);
+  if (had?.target === target) return had.key;
+  const key = `${conn.source.uid}|${target.key}|${endpoint.workload.uid}|${endpoint.port}`;
+  bySource.set(conn.source.uid, { target, key });
+  return key;
 }
+/** Pool keys by endpoint (a snapshot's object: they go with it), then by source pod's uid. */
+const POOL_KEYS = new WeakMap<Endpoint, Map<string, { readonly target: ServiceTarget; readonly key: string }>>();
 
 export function drawMirrors(entry: Pick<HttpRouteEntry, 'mirrors'>): NonNullable<HttpRouteEntry['mirrors']> {
   // Most rules have none: no new array per request for them.
