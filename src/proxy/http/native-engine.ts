@@ -88,13 +88,19 @@ export function upgradeFields(req: RequestHead): ReadonlyArray<string> {
   return protocol === undefined ? NO_FIELDS : ['connection', 'upgrade', 'upgrade', String(protocol)];
 }
 const NO_FIELDS: ReadonlyArray<string> = Object.freeze([]);
+const NO_NAMES: ReadonlyArray<string> = NO_FIELDS;
 
-/** A request head line and headers, as the engine sends them upstream. */
+/**
+ * A request head line and headers, as the engine sends them upstream: its pieces joined once,
+ * into one flat string (adding them one by one made a tree of a string per piece, which the
+ * engine's read of it then copied flat again).
+ */
 export function requestHead(method: string, target: string, headers: ReadonlyArray<string>, extra: ReadonlyArray<string> = NO_FIELDS): string {
-  let head = `${method} ${target} HTTP/1.1\r\n`;
-  for (let i = 0; i + 1 < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
-  for (let i = 0; i + 1 < extra.length; i += 2) head += `${extra[i]}: ${extra[i + 1]}\r\n`;
-  return `${head}\r\n`;
+  const parts: string[] = [method, ' ', target, ' HTTP/1.1\r\n'];
+  for (let i = 0; i + 1 < headers.length; i += 2) parts.push(headers[i] ?? '', ': ', headers[i + 1] ?? '', '\r\n');
+  for (let i = 0; i + 1 < extra.length; i += 2) parts.push(extra[i] ?? '', ': ', extra[i + 1] ?? '', '\r\n');
+  parts.push('\r\n');
+  return parts.join('');
 }
 
 /** The proxy's own answer: a whole message with a text body and any extra headers. */
@@ -155,7 +161,7 @@ export interface ChannelServed {
 
 export class Http1Host<C, R> {
   private engine: Http1Engine | undefined;
-  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer, bytes?: ConnectionBytes, fd?: number) => void; answered?: (bytesIn: number) => void; again?: () => void; attempts: number }>();
+  private readonly served = new Map<number, { readonly s: Served<C, R>; readonly end: (then?: Buffer, bytes?: ConnectionBytes, fd?: number) => void; answered?: (bytesIn: number) => void; how?: Forwarding; attempts: number }>();
   private nextId = 0;
   /** No engine: turned off, or the addon could not start one. */
   private failed: boolean;
@@ -284,8 +290,8 @@ export class Http1Host<C, R> {
     const attempt = ++entry.attempts;
     const request = s.request;
     // The keep-alive race (the engine's retry event, no retry rule): the same request again, on another connection.
-    entry.again = () => this.forward(s, how);
-    const { pool, head, answerRemove = [], answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
+    entry.how = how;
+    const { pool, head, answerRemove = NO_NAMES, answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
     if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn, keep)) return;
     how.dial().then(
       (fd) => {
@@ -380,10 +386,10 @@ export class Http1Host<C, R> {
             // A route's retry decides; without one, the keep-alive race is sent again once.
             const decided = this.handler.retry?.(entry.s, status);
             if (decided !== undefined) return decided;
-            const again = entry.again;
-            entry.again = undefined;
-            if (!again || status !== 0) return false;
-            again();
+            const how = entry.how;
+            entry.how = undefined;
+            if (!how || status !== 0) return false;
+            this.forward(entry.s, how);
             return true;
           },
           done: (id, status, flag, bytesIn, bytesOut, detail) => {

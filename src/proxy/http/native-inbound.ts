@@ -8,11 +8,29 @@ import type { Socket } from 'node:net';
 
 import { requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { Http1Host, proxyAnswer, requestHead, upgradeFields, type Http1Handler, type Served } from './native-engine.js';
+import { Http1Host, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 
 interface Delivering {
   readonly started: number;
   readonly facts: AccessFacts;
+}
+
+/** A request on its way to the application: one object per request, no closures (its dial and failure on the prototype). */
+class Delivery implements Forwarding {
+  constructor(
+    private readonly handler: NativeInbound,
+    private readonly s: Served<HttpServerConnection, Delivering>,
+    readonly pool: string,
+    readonly head: string,
+  ) {}
+
+  dial(): Promise<number> {
+    return this.s.conn.dialFd();
+  }
+
+  failed(e: Error): void {
+    this.handler.answers(this.s, 503, 'UF', e.message);
+  }
 }
 
 export class NativeInbound implements Http1Handler<HttpServerConnection, Delivering> {
@@ -41,16 +59,11 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
     }
     const headers = this.inbound.headersUp(req, requestId);
     s.request = { started, facts: withBytes(facts, 0, 0, 1) };
-    this.host.forward(s, {
-      pool: conn.poolKey,
-      head: requestHead(req.method ?? 'GET', admitted.target, headers, upgradeFields(req)),
-      dial: () => conn.dialFd(),
-      failed: (e) => this.answers(s, 503, 'UF', e.message),
-    });
+    this.host.forward(s, new Delivery(this, s, conn.poolKey, requestHead(req.method ?? 'GET', admitted.target, headers, upgradeFields(req))));
   }
 
   /** Answered here: the application could not be reached. */
-  private answers(s: Served<HttpServerConnection, Delivering>, status: number, flag: string, detail: string): void {
+  answers(s: Served<HttpServerConnection, Delivering>, status: number, flag: string, detail: string): void {
     const r = s.request;
     if (!r) return;
     s.request = undefined;

@@ -55,9 +55,44 @@ const MIRROR_TIMEOUT_MS = 30_000;
 /** What every attempt of a request asks of the engine besides where it goes. */
 type AnswerHandling = Pick<Forwarding, 'answerRemove' | 'answerAdd' | 'maxRequests' | 'retryOn' | 'keep'>;
 
-/** An attempt's Forwarding: a literal of one shape, no spread (this runs for every request). */
-function forwarding(common: AnswerHandling, pool: string, head: string, dial: Forwarding['dial'], failed: Forwarding['failed']): Forwarding {
-  return { answerRemove: common.answerRemove, answerAdd: common.answerAdd, maxRequests: common.maxRequests, retryOn: common.retryOn, keep: common.keep, pool, head, dial, failed };
+/**
+ * One attempt of a request as it goes upstream: one object of one shape per attempt, its dial and
+ * failure on the prototype (no closures made per request: a request's allocations mostly outlive
+ * a scavenge, so each one costs). `local`: the destination's side of this node serves it (one pass).
+ */
+class Attempt implements Forwarding {
+  readonly answerRemove: ReadonlyArray<string> | undefined;
+  readonly answerAdd: string | undefined;
+  readonly maxRequests: number | undefined;
+  readonly retryOn: ReadonlyArray<number> | undefined;
+  readonly keep: boolean | undefined;
+
+  constructor(
+    private readonly handler: NativeOutbound,
+    private readonly s: Served<HttpClientConnection, InFlight>,
+    private readonly request: InFlight,
+    /** Where it goes: an endpoint of another node (or of this node without its side reading HTTP), or `local`. */
+    private readonly endpoint: Endpoint | undefined,
+    private readonly local: HttpServerConnection | undefined,
+    common: AnswerHandling,
+    readonly pool: string,
+    readonly head: string,
+  ) {
+    this.answerRemove = common.answerRemove;
+    this.answerAdd = common.answerAdd;
+    this.maxRequests = common.maxRequests;
+    this.retryOn = common.retryOn;
+    this.keep = common.keep;
+  }
+
+  dial(): Promise<EngineUpstream> {
+    if (this.local) return this.local.dialFd();
+    return this.endpoint ? this.handler.dialFor(this.s, this.request, this.endpoint) : Promise.reject(new Error('no endpoint to dial'));
+  }
+
+  failed(e: Error): void {
+    this.handler.attemptFailed(this.s, this.request, e, this.local === undefined);
+  }
 }
 
 /**
@@ -77,9 +112,11 @@ export function answerEditPairs(changes: ReadonlyArray<HeaderChanges>): { remove
   return { remove: [...remove], add: added.flatMap(([n, v]) => [n, v]) };
 }
 
+const NO_EDITS: { readonly remove: ReadonlyArray<string>; readonly add: string } = Object.freeze({ remove: Object.freeze([]), add: '' });
+
 /** The same for the HTTP/1.1 engine: the fields added as "name: value\r\n" lines. */
-export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { remove: string[]; add: string } {
-  if (changes.length === 0) return { remove: [], add: '' };
+export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { readonly remove: ReadonlyArray<string>; readonly add: string } {
+  if (changes.length === 0) return NO_EDITS;
   const { remove, add } = answerEditPairs(changes);
   let lines = '';
   for (let i = 0; i + 1 < add.length; i += 2) lines += `${add[i]}: ${add[i + 1]}\r\n`;
@@ -256,13 +293,20 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common, upgrade);
-    const dial = (): Promise<EngineUpstream> => this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
-    const failed = (e: Error): void => {
-      if (e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
-      if (this.mayRetry(request)) return this.retryLater(s, request);
-      this.proxyAnswers(s, request, 503, 'UF', e.message);
-    };
-    this.host.forward(s, forwarding(common, upstreamPool(s.conn, target, endpoint), requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade), dial, failed));
+    this.host.forward(s, new Attempt(this, s, request, endpoint, undefined, common, upstreamPool(s.conn, target, endpoint), requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade)));
+  }
+
+  /** A new upstream connection for the attempt in flight (Attempt.dial), its outcome told to outlier detection. */
+  dialFor(s: Served<HttpClientConnection, InFlight>, request: InFlight, endpoint: Endpoint): Promise<EngineUpstream> {
+    const { target } = request;
+    return this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
+  }
+
+  /** The attempt could not go upstream (Attempt.failed): another attempt, or the proxy's answer (403 when policy refused the connection to another node). */
+  attemptFailed(s: Served<HttpClientConnection, InFlight>, request: InFlight, e: Error, remote: boolean): void {
+    if (remote && e instanceof UpstreamDenied) return this.proxyAnswers(s, request, 403, 'UAEX', e.message);
+    if (this.mayRetry(request)) return this.retryLater(s, request);
+    this.proxyAnswers(s, request, 503, 'UF', e.message);
   }
 
   /**
@@ -287,8 +331,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         this.outbound.count(s.conn, target, request.endpoint, admitted.status, '-', request.started, { ...request.facts, bytesIn, bytesOut, attempts: 1 });
       });
     }
-    const failed = (e: Error): void => (this.mayRetry(request) ? this.retryLater(s, request) : this.proxyAnswers(s, request, 503, 'UF', e.message));
-    this.host.forward(s, forwarding(common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgrade), () => local.dialFd(), failed));
+    this.host.forward(s, new Attempt(this, s, request, undefined, local, common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgrade)));
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
