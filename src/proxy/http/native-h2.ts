@@ -39,19 +39,27 @@ export const CONNECTION_SPECIFIC = new Set(['connection', 'keep-alive', 'proxy-c
  * "trailers", which gRPC needs).
  */
 export function h2Fields(raw: ReadonlyArray<string>, into = ''): string {
-  let out = into;
+  return joinFields(into.length === 0 ? [] : [into], raw);
+}
+
+/**
+ * `parts` (fields already joined), then the pairs of `raw` that may go, joined with NULs at once:
+ * one flat string (adding the pieces one by one made a tree of a string per piece, copied flat
+ * again when the engine read it).
+ */
+function joinFields(parts: string[], raw: ReadonlyArray<string>): string {
   for (let i = 0; i + 1 < raw.length; i += 2) {
     const name = (raw[i] ?? '').toLowerCase();
     const value = raw[i + 1] ?? '';
     if (name.startsWith(':') || CONNECTION_SPECIFIC.has(name) || (name === 'te' && value !== 'trailers')) continue;
-    out = out.length === 0 ? `${name}\0${value}` : `${out}\0${name}\0${value}`;
+    parts.push(name, value);
   }
-  return out;
+  return parts.join('\0');
 }
 
 /** A stream's header fields as they go upstream (joined as h2Fields joins them): pseudo-header fields first, then `raw`. */
 export function streamFields(method: string, authority: string, path: string, raw: ReadonlyArray<string>): string {
-  return h2Fields(raw, `:method\0${method}\0:scheme\0http\0:authority\0${authority}\0:path\0${path}`);
+  return joinFields([':method', method, ':scheme', 'http', ':authority', authority, ':path', path], raw);
 }
 
 const NO_EDITS: { readonly remove: string[]; readonly add: string } = Object.freeze({ remove: [], add: '' });
@@ -440,14 +448,16 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const fault = entry.fault ?? d.parent.policy.fault ?? target.policy.fault;
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const abort = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent ? fault.abort : undefined;
-    const go = (): void => {
-      if (s.state !== r) return;
-      if (abort) return this.proxyAnswers(s, r, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
-      this.attempt(s, r, target);
-    };
-    if (!delayed) return go();
+    if (!delayed) return this.go(s, r, target, abort);
     r.flag = 'DI';
-    r.delay = setTimeout(go, fault?.delay?.ms ?? 0);
+    r.delay = setTimeout(() => this.go(s, r, target, abort), fault?.delay?.ms ?? 0);
+  }
+
+  /** The stream goes (after a fault's delay, if any): a fault's abort, or its first attempt. */
+  private go(s: H2Stream<HttpClientConnection, Routed>, r: Routed, target: ServiceTarget, abort: { readonly status: number } | undefined): void {
+    if (s.state !== r) return;
+    if (abort) return this.proxyAnswers(s, r, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
+    this.attempt(s, r, target);
   }
 
   /** One attempt, once the backend's circuit breaker lets it go. */

@@ -204,14 +204,16 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const fault = d.entry.fault ?? d.parent.policy.fault ?? target.policy.fault;
     const delayed = fault?.delay !== undefined && Math.random() * 100 < fault.delay.percent;
     const abort = fault?.abort !== undefined && Math.random() * 100 < fault.abort.percent ? fault.abort : undefined;
-    const go = (): void => {
-      if (s.request !== request) return;
-      if (abort) return this.proxyAnswers(s, request, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
-      this.attempt(s, request);
-    };
-    if (!delayed) return go();
+    if (!delayed) return this.go(s, request, abort);
     request.flag = 'DI';
-    request.delay = setTimeout(go, fault?.delay?.ms ?? 0);
+    request.delay = setTimeout(() => this.go(s, request, abort), fault?.delay?.ms ?? 0);
+  }
+
+  /** The request goes (after a fault's delay, if any): a fault's abort, or its first attempt. */
+  private go(s: Served<HttpClientConnection, InFlight>, request: InFlight, abort: { readonly status: number } | undefined): void {
+    if (s.request !== request) return;
+    if (abort) return this.proxyAnswers(s, request, abort.status, 'FI', 'fault injected (TrafficPolicy fault.abort)');
+    this.attempt(s, request);
   }
 
   /** One attempt, once the backend's circuit breaker lets it go (maxConnections in flight, maxPendingRequests waiting). */
