@@ -31,7 +31,7 @@ import type { PodRecord } from '../src/runtime/store.js';
 import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, benchLayout, cpuSeconds, h2load, latencyFixedRate, wrk, type Latency } from './tools.js';
+import { agentCommand, benchLayout, cpuSeconds, latencyFixedRate, measureH2 as measureH2With, writeNginxConf, wrk, type H2Scenario, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.53';
@@ -73,30 +73,7 @@ async function measure(runtime: LocalPodRuntime, client: PodRecord, host: string
 /** An AuthorizationPolicy on the server pod with a request rule (GET and HEAD anywhere): its HTTP port is read per request on the destination's side. */
 const POLICY = '---\napiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads, namespace: default}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}]\n';
 
-/** HTTP/2 measured by h2load: requests/s and proxy CPU (no fixed-rate latency: the latency client speaks HTTP/1.1). */
-interface H2Scenario {
-  keepAliveRps: number;
-  proxyCpuSecPer1000Req: number | null;
-}
-
-async function measureH2(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, pids: () => number[]): Promise<H2Scenario> {
-  await h2load(runtime, client, host, port, 1); // warm-up
-  const cpu0 = await cpuSeconds(pids());
-  const r = await h2load(runtime, client, host, port, SECONDS);
-  const cpu1 = await cpuSeconds(pids());
-  return { keepAliveRps: r.rps, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / r.requests) * 1000 : null };
-}
-
-/** nginx answering 1 KB on APP_HTTP (HTTP/1.1) and APP_H2 (HTTP/2 with prior knowledge). */
-async function writeNginxConf(work: string): Promise<string> {
-  const path = join(work, 'nginx.conf');
-  const answer = `location / { return 200 "${'x'.repeat(1024)}"; }`;
-  await writeFile(
-    path,
-    `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; http2_max_requests 1000000; server { listen ${APP_HTTP}; listen [::]:${APP_HTTP}; ${answer} } server { listen ${APP_H2} http2; listen [::]:${APP_H2} http2; ${answer} } }\n`,
-  );
-  return path;
-}
+const measureH2 = (runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, pids: () => number[]): Promise<H2Scenario> => measureH2With(runtime, client, host, port, pids, SECONDS);
 
 function serviceYaml(routed: boolean, authorized = false): string {
   const ports = `ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: http2, port: ${H2_PORT}, targetPort: ${APP_H2}}]`;
@@ -154,7 +131,7 @@ async function main(): Promise<void> {
       const hole = await holdBlackhole(ip);
       cleanups.push(() => hole.release());
     }
-    const nginxConf = await writeNginxConf(work);
+    const nginxConf = await writeNginxConf(work, APP_HTTP, APP_H2);
     say('creating pods: server (nginx :8080, 1 KB answers) and client');
     const server = await runtime.create(validatePodSpec({ name: 'server', labels: ['app=server'], command: ['nginx', '-c', nginxConf] }), { detached: true });
     cleanups.push(() => runtime.remove(server, 1000));

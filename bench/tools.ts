@@ -232,13 +232,33 @@ export function scenarioTable(rows: ReadonlyArray<readonly [string, Scenario]>):
   ];
 }
 
-/** The benchmarks' app: nginx on `port` (v4 and v6) answering every request with 1 KB. Returns the config's path. */
-export async function writeNginxConf(work: string, port: number): Promise<string> {
+/**
+ * The benchmarks' app: nginx on `port` (v4 and v6) answering every request with 1 KB, and with
+ * `h2Port` the same over HTTP/2 with prior knowledge there. Returns the config's path.
+ */
+export async function writeNginxConf(work: string, port: number, h2Port?: number): Promise<string> {
   const { writeFile } = await import('node:fs/promises');
   const path = join(work, 'nginx.conf');
+  const answer = `location / { return 200 "${'x'.repeat(1024)}"; }`;
+  const h2 = h2Port === undefined ? '' : ` http2_max_requests 1000000; server { listen ${h2Port} http2; listen [::]:${h2Port} http2; ${answer} }`;
   await writeFile(
     path,
-    `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${port}; listen [::]:${port}; location / { return 200 "${'x'.repeat(1024)}"; } } }\n`,
+    `daemon off; worker_processes 1; pid ${work}/nginx.pid; error_log stderr;\nevents { worker_connections 4096; }\nhttp { access_log off; keepalive_requests 1000000; server { listen ${port}; listen [::]:${port}; ${answer} }${h2} }\n`,
   );
   return path;
+}
+
+/** HTTP/2 measured by h2load: requests/s and proxy CPU (no fixed-rate latency: the latency client speaks HTTP/1.1). */
+export interface H2Scenario {
+  keepAliveRps: number;
+  proxyCpuSecPer1000Req: number | null;
+}
+
+/** h2load's keep-alive requests/s over `seconds` after a 1 s warm-up, with the CPU of `pids` per 1000 requests. */
+export async function measureH2(runtime: LocalPodRuntime, client: PodRecord, host: string, port: number, pids: () => number[], seconds: number): Promise<H2Scenario> {
+  await h2load(runtime, client, host, port, 1); // warm-up
+  const cpu0 = await cpuSeconds(pids());
+  const r = await h2load(runtime, client, host, port, seconds);
+  const cpu1 = await cpuSeconds(pids());
+  return { keepAliveRps: r.rps, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / r.requests) * 1000 : null };
 }

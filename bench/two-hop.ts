@@ -21,7 +21,7 @@ import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, rssMiB, scenarioTable, writeNginxConf, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, measureH2 as measureH2With, rssMiB, scenarioTable, writeNginxConf, type H2Scenario, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
@@ -34,6 +34,9 @@ const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a)
 const SERVICE_IP = '10.96.0.52';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
+/** HTTP/2 with prior knowledge (h2c): the Service's port and nginx's. */
+const H2_PORT = 81;
+const APP_H2 = 8081;
 const PORTS = { grpcTls: 15812, cpHttp: 15814, a: { metrics: 15820, ready: 15821, admin: 15800 }, b: { metrics: 15830, ready: 15831, admin: 15801 } };
 
 const say = (s: string): void => void process.stderr.write(`» ${s}\n`);
@@ -54,10 +57,11 @@ async function main(): Promise<void> {
   const children: ChildProcess[] = [];
   const cleanups: Array<() => Promise<unknown>> = [];
   const measure = (client: PodRecord, host: string, httpPort: number, pids: () => number[]): Promise<Scenario> => measureWith(runtime, client, host, httpPort, pids, SECONDS);
+  const measureH2 = (client: PodRecord, host: string, port: number, pids: () => number[]): Promise<H2Scenario> => measureH2With(runtime, client, host, port, pids, SECONDS);
   try {
     const hole = await holdBlackhole(SERVICE_IP);
     cleanups.push(() => hole.release());
-    const nginxConf = await writeNginxConf(work, APP_HTTP);
+    const nginxConf = await writeNginxConf(work, APP_HTTP, APP_H2);
     const env = { ...process.env, ...runtimeEnv(config), NODEMESH_LOG_LEVEL: 'warn' };
     const start = (args: string[]): ChildProcess => {
       const child = spawn(...agentCommand(args), { env, stdio: 'inherit' });
@@ -71,7 +75,7 @@ async function main(): Promise<void> {
     await mkdir(configDir);
     await writeFile(
       join(configDir, 'service.yaml'),
-      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: tcp-iperf, port: ${IPERF_PORT}}]\n`,
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server}\nspec:\n  clusterIP: ${SERVICE_IP}\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: http2, port: ${H2_PORT}, targetPort: ${APP_H2}}, {name: tcp-iperf, port: ${IPERF_PORT}}]\n`,
     );
     say('control plane (TLS) and two agents, nodes bench-a and bench-b');
     start(['control-plane', '--config-dir', configDir, '--listen-tls', `127.0.0.1:${PORTS.grpcTls}`, '--ca-dir', caDir, '--http', `127.0.0.1:${PORTS.cpHttp}`]);
@@ -90,7 +94,7 @@ async function main(): Promise<void> {
     }
     cleanups.push(() => rm(pinBase, { recursive: true, force: true }));
 
-    say('pods: server on bench-b (nginx :8080 with 1 KB responses, iperf3 :5201), client on bench-a');
+    say('pods: server on bench-b (nginx :8080 and h2c :8081 with 1 KB responses, iperf3 :5201), client on bench-a');
     const server = await runtime.create(validatePodSpec({ name: 'server', node: 'bench-b', serviceAccount: 'server', labels: ['app=server'], command: ['sh', '-c', `nginx -c ${nginxConf} & exec iperf3 -s -p ${IPERF_PORT}`] }), { detached: true });
     cleanups.push(() => runtime.remove(server, 1000));
     await runtime.start(server);
@@ -98,6 +102,7 @@ async function main(): Promise<void> {
     cleanups.push(() => runtime.remove(client, 1000));
     await runtime.start(client);
     await waitForListener(server.ip4, APP_HTTP, 10_000);
+    await waitForListener(server.ip4, APP_H2, 10_000);
     await waitForListener(server.ip4, IPERF_PORT, 10_000);
 
     /** Writes (or, with '', removes) a config file and waits until both agents acknowledged it. */
@@ -115,14 +120,16 @@ async function main(): Promise<void> {
 
     /** An HTTPRoute on the Service (read on A) and a request-level AuthorizationPolicy on the server (read on B). */
     const l7Yaml = [
-      `apiVersion: v1\nkind: Service\nmetadata: {name: server-v1}\nspec:\n  clusterIP: 10.96.0.57\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}]\n`,
-      `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${HTTP_PORT}}]\n  rules: [{backendRefs: [{name: server-v1, port: ${HTTP_PORT}}]}]\n`,
+      `apiVersion: v1\nkind: Service\nmetadata: {name: server-v1}\nspec:\n  clusterIP: 10.96.0.57\n  selector: {app: server}\n  ports: [{name: http, port: ${HTTP_PORT}, targetPort: ${APP_HTTP}}, {name: http2, port: ${H2_PORT}, targetPort: ${APP_H2}}]\n`,
+      ...[HTTP_PORT, H2_PORT].map((p) => `apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: server-${p}}\nspec:\n  parentRefs: [{kind: Service, name: server, port: ${p}}]\n  rules: [{backendRefs: [{name: server-v1, port: ${p}}]}]\n`),
       `apiVersion: security.nodemesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: server-reads}\nspec:\n  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {methods: [GET, HEAD]}}]}, {to: [{operation: {ports: ["${IPERF_PORT}"]}}]}]\n`,
     ].join('---\n');
     if (L7_ONLY) {
       await applyConfig('l7.yaml', l7Yaml);
-      const row = await measure(client, SERVICE_IP, HTTP_PORT, () => [agents.a.pid ?? 0, agents.b.pid ?? 0]);
+      const both = (): number[] => [agents.a.pid ?? 0, agents.b.pid ?? 0];
+      const row = await measure(client, SERVICE_IP, HTTP_PORT, both);
       process.stdout.write(scenarioTable([['nodemesh L7 two hops (route on A, policy on B), HBONE mTLS', row]]).join('\n') + '\n');
+      if (process.env['BENCH_L7_H2'] === '1') process.stdout.write(`${JSON.stringify({ h2: await measureH2(client, SERVICE_IP, H2_PORT, both) })}\n`);
       return;
     }
     say('nodemesh, two hops: A proxy -> HBONE (mutual TLS, HTTP/2) -> B proxy');
@@ -147,6 +154,13 @@ async function main(): Promise<void> {
     await applyConfig('l7.yaml', l7Yaml);
     const l7 = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     if ((await metric(PORTS.b.metrics, 'istio_requests_total', { reporter: 'destination' })) === 0) throw new Error('the L7 run was not read on the server\'s node');
+    say('nodemesh L7 HTTP/2, two hops in HBONE: the route on the h2c port read on A (each stream routed), the policy on B');
+    // Read as HTTP/2 by the addon's engine on both nodes: A routes each stream, B authorizes it.
+    const h2Served = async (): Promise<number[]> => [await metric(PORTS.a.metrics, 'nodemesh_http2_connections_total', { side: 'client', engine: 'addon' }), await metric(PORTS.b.metrics, 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' })];
+    const h2Before = await h2Served();
+    const l7H2 = await measureH2(client, SERVICE_IP, H2_PORT, pids);
+    const h2After = await h2Served();
+    if (h2After.some((n, i) => n === h2Before[i])) throw new Error(`the L7 HTTP/2 run was not read by both nodes' HTTP/2 engines (connections before ${h2Before.join(', ')}, after ${h2After.join(', ')})`);
     await applyConfig('l7.yaml', '');
 
     say('nodemesh, two hops in plaintext: the server\'s PeerAuthentication DISABLE, A -> B\'s inbound listener');
@@ -187,6 +201,11 @@ async function main(): Promise<void> {
     ], await writeSidecarTls(work), 'http');
     const sidecarHttpMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerHttpTls.pids);
     await peerHttpTls.stop();
+    say('sidecar peer, L7 HTTP/2: HAProxy mode http with proto h2 on both sides + nft REDIRECT, mutual TLS between them');
+    const peerH2Tls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], await writeSidecarTls(work), 'h2');
+    const sidecarH2Mtls = await measureH2(client, SERVICE_IP, H2_PORT, peerH2Tls.pids);
+    await peerH2Tls.stop();
+    const directH2 = await measureH2(client, server.ip4, APP_H2, () => []);
 
     const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
@@ -200,6 +219,7 @@ async function main(): Promise<void> {
       nodemeshHbone: mtls,
       sidecarHttpMtls,
       nodemeshL7Hbone: l7,
+      h2: { direct: directH2, sidecarH2Mtls, nodemeshL7H2Hbone: l7H2 },
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
       agentRssMiBAfterHbone: agentRss,
       agentOpenFds: { beforeHbone: fdsBefore, afterHbone: fdsAfter },
@@ -212,6 +232,8 @@ async function main(): Promise<void> {
         plaintextKeepAliveVsSidecarPlaintext: ratio(plain.keepAliveRps, sidecar.keepAliveRps),
         l7KeepAliveVsSidecarHttpMtls: ratio(l7.keepAliveRps, sidecarHttpMtls.keepAliveRps),
         l7CpuPer1000VsSidecarHttpMtls: ratio(l7.proxyCpuSecPer1000Req ?? 0, sidecarHttpMtls.proxyCpuSecPer1000Req ?? 1),
+        l7H2KeepAliveVsSidecarH2Mtls: ratio(l7H2.keepAliveRps, sidecarH2Mtls.keepAliveRps),
+        l7H2CpuPer1000VsSidecarH2Mtls: ratio(l7H2.proxyCpuSecPer1000Req ?? 0, sidecarH2Mtls.proxyCpuSecPer1000Req ?? 1),
         addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls), sidecarHttpMtls: addedP90(sidecarHttpMtls), nodemeshL7Hbone: addedP90(l7) },
       },
     };
@@ -227,6 +249,12 @@ async function main(): Promise<void> {
     process.stdout.write(
       [
         ...scenarioTable(rows),
+        '',
+        'HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams',
+        '',
+        '| path | keep-alive req/s | proxy CPU s / 1000 req |',
+        '|---|---|---|',
+        ...([['direct', directH2], ['sidecar L7 h2 (HAProxy proto h2), mTLS', sidecarH2Mtls], ['nodemesh L7 h2 two hops (route on A, policy on B), HBONE mTLS', l7H2]] as Array<[string, H2Scenario]>).map(([n, x]) => `| ${n} | ${x.keepAliveRps.toFixed(0)} | ${x.proxyCpuSecPer1000Req === null ? '-' : x.proxyCpuSecPer1000Req.toFixed(3)} |`),
         '',
         `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; open fds A, B before it ${fdsBefore.join(', ')}, 5 s after ${fdsAfter.join(', ')}; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',
