@@ -6,8 +6,11 @@
  * in plaintext (the server's PeerAuthentication set to DISABLE, so A sends plain TCP to B's
  * inbound listener). L7 over two hops: nodemesh with an HTTPRoute on the Service (each request
  * routed on A) and a request-level AuthorizationPolicy on the server (each request authorized on
- * B), inside HBONE; against HAProxy in `mode http` in both pods with mutual TLS between them. Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
- * rate of 1 KB requests, proxy CPU per 1000 requests, and the tunnel reuse. Writes
+ * B), inside HBONE; against HAProxy in `mode http` in both pods with mutual TLS between them; and
+ * the same over HTTP/2 (h2c, h2load's keep-alive requests/s and CPU) against HAProxy `proto h2`
+ * pairs with mutual TLS. Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
+ * rate of 1 KB requests, proxy CPU per 1000 requests, and the tunnel reuse. BENCH_L7_ONLY=1
+ * BENCH_L7_H2=1 adds the HTTP/2 row to the L7 row alone. Writes
  * bench/results/two-hop.json. Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
