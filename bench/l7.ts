@@ -31,7 +31,7 @@ import type { PodRecord } from '../src/runtime/store.js';
 import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, benchLayout, cpuSeconds, latencyFixedRate, measureH2 as measureH2With, writeNginxConf, wrk, type H2Scenario, type Latency } from './tools.js';
+import { agentCommand, benchLayout, cpuSeconds, latencyFixedRate, h2Table, measureH2 as measureH2With, writeNginxConf, wrk, type H2Scenario, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.53';
@@ -247,11 +247,7 @@ async function main(): Promise<void> {
         '',
         `ratios: ${JSON.stringify(ratios)}`,
         '',
-        'HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams',
-        '',
-        '| path | keep-alive req/s | proxy CPU s / 1000 req |',
-        '|---|---|---|',
-        ...([['direct', directH2], ['HAProxy h2 pair (2 hops)', sidecarH2], ['nodemesh L7 h2 (1 hop)', l7H2]] as Array<[string, H2Scenario]>).map(([n, x]) => `| ${n} | ${f(x.keepAliveRps, 0)} | ${f(x.proxyCpuSecPer1000Req, 3)} |`),
+        ...h2Table('HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams', [['direct', directH2], ['HAProxy h2 pair (2 hops)', sidecarH2], ['nodemesh L7 h2 (1 hop)', l7H2]]),
         '',
       ].join('\n'),
     );

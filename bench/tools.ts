@@ -232,6 +232,12 @@ export function scenarioTable(rows: ReadonlyArray<readonly [string, Scenario]>):
   ];
 }
 
+/** The markdown table of h2load rows the benchmarks print (the table's heading line first). */
+export function h2Table(heading: string, rows: ReadonlyArray<readonly [string, H2Scenario]>): string[] {
+  const f = (n: number | null, d: number): string => (n === null ? '-' : n.toFixed(d));
+  return [heading, '', '| path | keep-alive req/s | proxy CPU s / 1000 req |', '|---|---|---|', ...rows.map(([n, x]) => `| ${n} | ${f(x.keepAliveRps, 0)} | ${f(x.proxyCpuSecPer1000Req, 3)} |`)];
+}
+
 /**
  * The benchmarks' app: nginx on `port` (v4 and v6) answering every request with 1 KB, and with
  * `h2Port` the same over HTTP/2 with prior knowledge there. Returns the config's path.

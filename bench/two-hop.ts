@@ -24,7 +24,7 @@ import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, measureH2 as measureH2With, rssMiB, scenarioTable, writeNginxConf, type H2Scenario, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, h2Table, measureH2 as measureH2With, rssMiB, scenarioTable, writeNginxConf, type H2Scenario, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
@@ -253,11 +253,7 @@ async function main(): Promise<void> {
       [
         ...scenarioTable(rows),
         '',
-        'HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams',
-        '',
-        '| path | keep-alive req/s | proxy CPU s / 1000 req |',
-        '|---|---|---|',
-        ...([['direct', directH2], ['sidecar L7 h2 (HAProxy proto h2), mTLS', sidecarH2Mtls], ['nodemesh L7 h2 two hops (route on A, policy on B), HBONE mTLS', l7H2]] as Array<[string, H2Scenario]>).map(([n, x]) => `| ${n} | ${x.keepAliveRps.toFixed(0)} | ${x.proxyCpuSecPer1000Req === null ? '-' : x.proxyCpuSecPer1000Req.toFixed(3)} |`),
+        ...h2Table('HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams', [['direct', directH2], ['sidecar L7 h2 (HAProxy proto h2), mTLS', sidecarH2Mtls], ['nodemesh L7 h2 two hops (route on A, policy on B), HBONE mTLS', l7H2]]),
         '',
         `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; open fds A, B before it ${fdsBefore.join(', ')}, 5 s after ${fdsAfter.join(', ')}; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',
