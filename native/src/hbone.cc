@@ -1208,12 +1208,7 @@ class HboneEngine {
   // The end of a batch of channel notices: the tunnels whose streams moved settle now, in the
   // same turn, before anything else the loop runs (node's immediates, the next turn's timers).
   void SettleMoved() {
-    std::set<uint64_t> moved;
-    moved.swap(runnable_);
-    for (uint64_t id : moved) {
-      auto it = conns_.find(id);
-      if (it != conns_.end()) Settle(*it->second);
-    }
+    SettleRunnable();
     if (!runnable_.empty()) Schedule();
   }
 
@@ -1277,6 +1272,16 @@ class HboneEngine {
     if (!runnable_.empty()) Schedule();
   }
 
+  // Settles every tunnel marked to settle; one marked again while settling waits for the next turn.
+  void SettleRunnable() {
+    std::set<uint64_t> marked;
+    marked.swap(runnable_);
+    for (uint64_t id : marked) {
+      auto it = conns_.find(id);
+      if (it != conns_.end()) Settle(*it->second);
+    }
+  }
+
   // One turn: the commands JS posted, every ready socket, then the connections left to settle.
   void Iterate() {
     if (stop_) return;
@@ -1297,12 +1302,7 @@ class HboneEngine {
         OnApp(hi, static_cast<int32_t>(lo), events[i].events);
       }
     }
-    std::set<uint64_t> again;
-    again.swap(runnable_);
-    for (uint64_t id : again) {
-      auto it = conns_.find(id);
-      if (it != conns_.end()) Settle(*it->second);
-    }
+    SettleRunnable();
     if (runnable_.empty() && commands_.empty()) {
       if (scheduled_ && again_) uv_idle_stop(again_);
       scheduled_ = false;
