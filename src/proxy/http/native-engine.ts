@@ -88,7 +88,6 @@ export function upgradeFields(req: RequestHead): ReadonlyArray<string> {
   return protocol === undefined ? NO_FIELDS : ['connection', 'upgrade', 'upgrade', String(protocol)];
 }
 const NO_FIELDS: ReadonlyArray<string> = Object.freeze([]);
-const NO_NAMES: ReadonlyArray<string> = NO_FIELDS;
 
 /**
  * A request head line and headers, as the engine sends them upstream: its pieces joined once,
@@ -291,7 +290,7 @@ export class Http1Host<C, R> {
     const request = s.request;
     // The keep-alive race (the engine's retry event, no retry rule): the same request again, on another connection.
     entry.how = how;
-    const { pool, head, answerRemove = NO_NAMES, answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
+    const { pool, head, answerRemove = NO_FIELDS, answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
     if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn, keep)) return;
     how.dial().then(
       (fd) => {

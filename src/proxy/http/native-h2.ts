@@ -22,7 +22,7 @@ import type { NodeMetrics } from '../metrics/metrics.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { engineCopy, headerObject, type ChannelServed } from './native-engine.js';
-import { answerEditPairs } from './native-outbound.js';
+import { NO_ANSWER_EDITS, answerEditPairs, type AnswerEdits } from './native-outbound.js';
 import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
 const log = logger('http');
@@ -62,11 +62,9 @@ export function streamFields(method: string, authority: string, path: string, ra
   return joinFields([':method', method, ':scheme', 'http', ':authority', authority, ':path', path], raw);
 }
 
-const NO_EDITS: { readonly remove: string[]; readonly add: string } = Object.freeze({ remove: [], add: '' });
-
 /** The answer's header changes in the engine's form (none, for most requests: nothing made). */
-function answerEditsH2(changes: ReadonlyArray<HeaderChanges>): { readonly remove: string[]; readonly add: string } {
-  if (changes.length === 0) return NO_EDITS;
+function answerEditsH2(changes: ReadonlyArray<HeaderChanges>): AnswerEdits {
+  if (changes.length === 0) return NO_ANSWER_EDITS;
   const { remove, add } = answerEditPairs(changes);
   return { remove, add: h2Fields(add) };
 }
@@ -376,7 +374,7 @@ class Attempt implements H2Forwarding {
     private readonly endpoint: Endpoint,
     readonly pool: string,
     readonly fields: string,
-    edits: { readonly remove: string[]; readonly add: string },
+    edits: AnswerEdits,
     readonly retryOn: ReadonlyArray<number> | undefined,
   ) {
     this.answerRemove = edits.remove;
@@ -565,7 +563,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
    * limits) and goes straight to the application over that side's pool; each side counts it under
    * its own reporter. A refusal reaches the client as the destination's answer.
    */
-  private sendLocal(s: H2Stream<HttpClientConnection, Routed>, r: Routed, local: HttpServerConnection, inbound: HttpInbound, edits: { readonly remove: string[]; readonly add: string }): void {
+  private sendLocal(s: H2Stream<HttpClientConnection, Routed>, r: Routed, local: HttpServerConnection, inbound: HttpInbound, edits: AnswerEdits): void {
     if (r.d.kind !== 'forward') return;
     const { upstream, entry } = r.d;
     const method = r.facts.req.method ?? 'GET';

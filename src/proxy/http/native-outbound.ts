@@ -71,8 +71,8 @@ class Attempt implements Forwarding {
     private readonly handler: NativeOutbound,
     private readonly s: Served<HttpClientConnection, InFlight>,
     private readonly request: InFlight,
-    /** Where it goes: an endpoint of another node (or of this node without its side reading HTTP), or `local`. */
-    private readonly endpoint: Endpoint | undefined,
+    private readonly endpoint: Endpoint,
+    /** The endpoint's pod is of this node and its side reads HTTP: that side's connection (one pass). */
     private readonly local: HttpServerConnection | undefined,
     common: AnswerHandling,
     readonly pool: string,
@@ -86,8 +86,7 @@ class Attempt implements Forwarding {
   }
 
   dial(): Promise<EngineUpstream> {
-    if (this.local) return this.local.dialFd();
-    return this.endpoint ? this.handler.dialFor(this.s, this.request, this.endpoint) : Promise.reject(new Error('no endpoint to dial'));
+    return this.local ? this.local.dialFd() : this.handler.dialFor(this.s, this.request, this.endpoint);
   }
 
   failed(e: Error): void {
@@ -112,11 +111,18 @@ export function answerEditPairs(changes: ReadonlyArray<HeaderChanges>): { remove
   return { remove: [...remove], add: added.flatMap(([n, v]) => [n, v]) };
 }
 
-const NO_EDITS: { readonly remove: ReadonlyArray<string>; readonly add: string } = Object.freeze({ remove: Object.freeze([]), add: '' });
+/** An answer's header changes in an engine's form: names removed, then fields added (each engine joins them its way). */
+export interface AnswerEdits {
+  readonly remove: ReadonlyArray<string>;
+  readonly add: string;
+}
+
+/** No changes: what most requests get, made once. */
+export const NO_ANSWER_EDITS: AnswerEdits = Object.freeze({ remove: Object.freeze([]), add: '' });
 
 /** The same for the HTTP/1.1 engine: the fields added as "name: value\r\n" lines. */
-export function answerEdits(changes: ReadonlyArray<HeaderChanges>): { readonly remove: ReadonlyArray<string>; readonly add: string } {
-  if (changes.length === 0) return NO_EDITS;
+export function answerEdits(changes: ReadonlyArray<HeaderChanges>): AnswerEdits {
+  if (changes.length === 0) return NO_ANSWER_EDITS;
   const { remove, add } = answerEditPairs(changes);
   let lines = '';
   for (let i = 0; i + 1 < add.length; i += 2) lines += `${add[i]}: ${add[i + 1]}\r\n`;
@@ -294,7 +300,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const backendMs = timeouts?.backendRequestMs;
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
-    if (local && this.inbound) return this.sendLocal(s, request, local, this.inbound, common, upgrade);
+    if (local && this.inbound) return this.sendLocal(s, request, endpoint, local, this.inbound, common, upgrade);
     this.host.forward(s, new Attempt(this, s, request, endpoint, undefined, common, upstreamPool(s.conn, target, endpoint), requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade)));
   }
 
@@ -317,7 +323,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
    * limits) and goes straight to the application; each side counts it under its own reporter.
    * `upgrade`: the request's upgrade fields, as send() found them.
    */
-  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, local: HttpServerConnection, inbound: HttpInbound, common: AnswerHandling, upgrade: ReadonlyArray<string>): void {
+  private sendLocal(s: Served<HttpClientConnection, InFlight>, request: InFlight, endpoint: Endpoint, local: HttpServerConnection, inbound: HttpInbound, common: AnswerHandling, upgrade: ReadonlyArray<string>): void {
     const { upstream, target } = request.d;
     const req: RequestHead = { method: request.facts.req.method, url: upstream.path, httpVersion: '1.1', headers: headerObject(upstream.headers), rawHeaders: upstream.headers };
     const atDestination: AccessFacts = { req, requestId: request.facts.requestId, route: '', bytesIn: 0, bytesOut: 0, attempts: 1 };
@@ -333,7 +339,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         this.outbound.count(s.conn, target, request.endpoint, admitted.status, '-', request.started, { ...request.facts, bytesIn, bytesOut, attempts: 1 });
       });
     }
-    this.host.forward(s, new Attempt(this, s, request, undefined, local, common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgrade)));
+    this.host.forward(s, new Attempt(this, s, request, endpoint, local, common, local.poolKey, requestHead(req.method ?? 'GET', admitted.target, upstream.headers, upgrade)));
   }
 
   /** The proxy answers the request in flight itself (no endpoint, a failed connect, a refusal, the circuit breaker). */
