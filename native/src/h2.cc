@@ -25,6 +25,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -46,32 +47,75 @@ constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry o
 
 uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
-using Fields = std::vector<std::pair<std::string, std::string>>;
+// Header fields as one buffer, each name and each value followed by a NUL (which no field name
+// or value holds: RFC 9113 section 8.2.1): one allocation for a block, not two strings per field,
+// and nghttp2 reads the fields in place (Nvs). JS hands blocks over joined the same way.
+class FieldBlock {
+ public:
+  FieldBlock() = default;
+  // From JS: names and values joined by NUL ("name\0value\0name\0value"), one crossing for them all.
+  explicit FieldBlock(const Napi::Value& v) {
+    if (!v.IsString()) return;
+    buf_ = Latin1(v);
+    if (!buf_.empty()) buf_.push_back('\0');
+  }
 
-// Header fields as nghttp2 takes them (pointing into `f`, which must outlive the call).
-std::vector<nghttp2_nv> Nvs(const Fields& f) {
-  std::vector<nghttp2_nv> out;
-  out.reserve(f.size());
-  for (const auto& [n, v] : f)
-    out.push_back({reinterpret_cast<uint8_t*>(const_cast<char*>(n.data())), reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), n.size(), v.size(), NGHTTP2_NV_FLAG_NONE});
-  return out;
+  FieldBlock(std::initializer_list<std::pair<std::string_view, std::string_view>> fields) {
+    for (const auto& [n, v] : fields) Add(n, v);
+  }
+
+  void Add(std::string_view n, std::string_view v) {
+    buf_.append(n);
+    buf_.push_back('\0');
+    buf_.append(v);
+    buf_.push_back('\0');
+  }
+  bool empty() const { return buf_.empty(); }
+  void clear() { buf_.clear(); }
+  const std::string& bytes() const { return buf_; }
+
+  // Each field in order, as f(name, value); a name with no value after it ends the block.
+  template <typename F>
+  void Each(F&& f) const {
+    std::string_view all(buf_);
+    size_t at = 0;
+    while (at < all.size()) {
+      size_t a = all.find('\0', at);
+      if (a == std::string_view::npos) return;
+      size_t b = all.find('\0', a + 1);
+      if (b == std::string_view::npos) return;
+      f(all.substr(at, a - at), all.substr(a + 1, b - a - 1));
+      at = b + 1;
+    }
+  }
+
+ private:
+  std::string buf_;
+};
+
+// An answer's :status ("200"): 0 when it is not three digits (nghttp2 checked it already).
+int StatusOf(std::string_view v) {
+  if (v.size() != 3) return 0;
+  int code = 0;
+  for (char ch : v) {
+    if (ch < '0' || ch > '9') return 0;
+    code = code * 10 + (ch - '0');
+  }
+  return code;
 }
 
-// Header fields from JS as one string, names and values joined by NUL (which no field name or
-// value holds: RFC 9113 8.2.1): one crossing for them all.
-Fields FieldsOf(const Napi::Value& v) {
-  Fields out;
-  if (!v.IsString()) return out;
-  std::string all = Latin1(v);
-  size_t at = 0;
-  while (at < all.size()) {
-    size_t a = all.find('\0', at);
-    if (a == std::string::npos) break;
-    size_t b = all.find('\0', a + 1);
-    if (b == std::string::npos) b = all.size();
-    out.emplace_back(all.substr(at, a - at), all.substr(a + 1, b - a - 1));
-    at = b + 1;
-  }
+nghttp2_nv Nv(std::string_view n, std::string_view v) {
+  return {reinterpret_cast<uint8_t*>(const_cast<char*>(n.data())), reinterpret_cast<uint8_t*>(const_cast<char*>(v.data())), n.size(), v.size(), NGHTTP2_NV_FLAG_NONE};
+}
+
+// Header fields as nghttp2 takes them, appended to `out` (pointing into `f`, which must outlive the call).
+void AddNvs(std::vector<nghttp2_nv>& out, const FieldBlock& f) {
+  f.Each([&out](std::string_view n, std::string_view v) { out.push_back(Nv(n, v)); });
+}
+
+std::vector<nghttp2_nv> Nvs(const FieldBlock& f) {
+  std::vector<nghttp2_nv> out;
+  AddNvs(out, f);
   return out;
 }
 
@@ -81,7 +125,7 @@ struct Pipe {
   size_t off = 0;
   bool end = false;       // END_STREAM came
   bool trailers = false;  // it ended with a trailer block
-  Fields trailerFields;
+  FieldBlock trailerFields;
   bool deferred = false;  // the reading provider is waiting (NGHTTP2_ERR_DEFERRED)
 
   size_t size() const { return buf.size() - off; }
@@ -134,7 +178,7 @@ struct Exchange {
   bool upOpen = false;
   // The request as it came: its pseudo-header fields and the others.
   std::string method, path, authority;
-  Fields headers;
+  FieldBlock headers;
   size_t headerBytes = 0;
   bool headersDone = false;
   bool decided = false;   // forward() or respond() came
@@ -153,8 +197,8 @@ struct Exchange {
   std::string detail;
   uint64_t bytesIn = 0, bytesOut = 0;
   std::vector<std::string> answerRemove;
-  Fields answerAdd;
-  Fields answerFields;  // the upstream's answer headers (pseudo-header left out)
+  FieldBlock answerAdd;
+  FieldBlock answerFields;  // the upstream's answer headers (pseudo-header left out)
   bool reported = false;
   // Retries and mirrors: the body kept as it comes (up to kReplayLimit), what was taken of it
   // for the attempt in flight and what of it was acknowledged to the client.
@@ -339,13 +383,13 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     std::string pool = info[1].As<Napi::String>().Utf8Value();
     Conn* u = Usable(pool);
     if (!u) return Napi::Boolean::New(env, false);
-    Fields fields = FieldsOf(info[2]);
+    FieldBlock fields(info[2]);
     x->answerRemove.clear();
     if (info[3].IsArray()) {
       Napi::Array remove = info[3].As<Napi::Array>();
       for (uint32_t i = 0; i < remove.Length(); i++) x->answerRemove.push_back(remove.Get(i).As<Napi::String>().Utf8Value());
     }
-    x->answerAdd = FieldsOf(info[4]);
+    x->answerAdd = FieldBlock(info[4]);
     x->retryable = info.Length() > 5 && info[5].IsArray();
     x->retryOn.clear();
     if (x->retryable) {
@@ -393,7 +437,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     Enter();
     x->decided = true;
     x->flag = "";
-    Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldsOf(info[2]), Latin1(info[3]));
+    Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldBlock(info[2]), Latin1(info[3]));
     Leave();
     return info.Env().Undefined();
   }
@@ -415,7 +459,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       Touch(x->down);
     } else {
       x->decided = true;
-      Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldsOf(info[2]), Latin1(info[3]));
+      Answer(x, info[1].As<Napi::Number>().Int32Value(), FieldBlock(info[2]), Latin1(info[3]));
     }
     Leave();
     return Napi::Number::New(env, result);
@@ -499,7 +543,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   }
 
   // The proxy's answer on the client's stream (or a reset if headers went already).
-  void Answer(Exchange* x, int status, Fields extra, const std::string& body) {
+  void Answer(Exchange* x, int status, const FieldBlock& extra, const std::string& body) {
     x->dropping = true;
     if (x->req.size() > 0) {
       Ack(x->down, x->downId, x->req.size());
@@ -511,16 +555,15 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       Touch(x->down);
       return;
     }
-    Fields f;
-    f.emplace_back(":status", std::to_string(status));
-    for (auto& kv : extra) f.push_back(std::move(kv));
-    if (!body.empty()) f.emplace_back("content-length", std::to_string(body.size()));
+    std::string code = std::to_string(status), length = std::to_string(body.size());
+    std::vector<nghttp2_nv> nv = {Nv(":status", code)};
+    AddNvs(nv, extra);
+    if (!body.empty()) nv.push_back(Nv("content-length", length));
     x->status = status;
     x->responded = true;
     x->resp = Pipe();
     x->resp.buf = body;
     x->resp.end = true;
-    auto nv = Nvs(f);
     nghttp2_data_provider data;
     data.source.ptr = x;
     data.read_callback = ReadAnswerBody;
@@ -592,8 +635,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     } else {
       x->responded = true;
       x->respDone = true;
-      Fields f = {{":status", "200"}, {"content-type", "application/grpc"}, {"grpc-status", "8"}, {"grpc-message", "a message of " + std::to_string(length) + " bytes is over the limit of " + std::to_string(grpcMax_)}};
-      auto nv = Nvs(f);
+      std::string message = "a message of " + std::to_string(length) + " bytes is over the limit of " + std::to_string(grpcMax_);
+      std::vector<nghttp2_nv> nv = {Nv(":status", "200"), Nv("content-type", "application/grpc"), Nv("grpc-status", "8"), Nv("grpc-message", message)};
       nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), nullptr);
     }
     Touch(x->down);
@@ -602,17 +645,16 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // The upstream's answer headers: to the client with the route's changes.
   void PassAnswer(Exchange* x, bool endStream) {
     if (x->downClosed || x->responded) return;
-    Fields f;
-    f.emplace_back(":status", std::to_string(x->status));
-    for (auto& [n, v] : x->answerFields) {
-      if (std::find(x->answerRemove.begin(), x->answerRemove.end(), n) != x->answerRemove.end()) continue;
-      if (n == "grpc-status" && endStream) x->grpcStatus = v;
-      f.emplace_back(n, v);
-    }
-    for (auto& [n, v] : x->answerAdd) f.emplace_back(n, v);
-    x->answerFields.clear();
+    // Pointing into answerFields and answerAdd: both stay until the answer is submitted.
+    std::string code = std::to_string(x->status);
+    std::vector<nghttp2_nv> nv = {Nv(":status", code)};
+    x->answerFields.Each([x, endStream, &nv](std::string_view n, std::string_view v) {
+      if (std::find(x->answerRemove.begin(), x->answerRemove.end(), n) != x->answerRemove.end()) return;
+      if (endStream && n == "grpc-status") x->grpcStatus = v;
+      nv.push_back(Nv(n, v));
+    });
+    AddNvs(nv, x->answerAdd);
     x->responded = true;
-    auto nv = Nvs(f);
     if (endStream) {
       x->respDone = true;
       nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), nullptr);
@@ -622,6 +664,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       data.read_callback = ReadAnswerBody;
       nghttp2_submit_response(x->down->session, x->downId, nv.data(), nv.size(), &data);
     }
+    x->answerFields.clear();
     Touch(x->down);
   }
 
@@ -729,7 +772,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (frame->hd.type != NGHTTP2_HEADERS) return 0;
     auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
     if (!x) return 0;
-    std::string n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
+    std::string_view n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
     if (c->server) {
       x->headerBytes += namelen + valuelen + 32;
       if (x->headerBytes > c->engine->maxHeaderList_) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -738,22 +781,22 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         else if (n == ":path") x->path = v;
         else if (n == ":authority") x->authority = v;
         else if (n[0] != ':') {
-          if (n == "content-type" && v.compare(0, 16, "application/grpc") == 0) x->grpc = true;
-          x->headers.emplace_back(std::move(n), std::move(v));
+          if (n == "content-type" && v.substr(0, 16) == "application/grpc") x->grpc = true;
+          x->headers.Add(n, v);
         }
       } else {
-        x->req.trailerFields.emplace_back(std::move(n), std::move(v));
+        x->req.trailerFields.Add(n, v);
         x->req.trailers = true;
       }
       return 0;
     }
     // An upstream's answer: its status and fields, or its trailers.
     if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE || (frame->headers.cat == NGHTTP2_HCAT_HEADERS && !x->answerHeaders)) {
-      if (n == ":status") x->status = atoi(v.c_str());
-      else if (n[0] != ':') x->answerFields.emplace_back(std::move(n), std::move(v));
+      if (n == ":status") x->status = StatusOf(v);
+      else if (n[0] != ':') x->answerFields.Add(n, v);
     } else {
       if (n == "grpc-status") x->grpcStatus = v;
-      x->resp.trailerFields.emplace_back(std::move(n), std::move(v));
+      x->resp.trailerFields.Add(n, v);
       x->resp.trailers = true;
     }
     return 0;
@@ -788,10 +831,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         if (x->status >= 100 && x->status < 200) {
           // Informational (100 Continue, 103 Early Hints): passed on as it came, before the answer.
           if (!x->downClosed && !x->responded && !x->dropping && x->status != 101) {
-            Fields f;
-            f.emplace_back(":status", std::to_string(x->status));
-            for (auto& kv : x->answerFields) f.push_back(std::move(kv));
-            auto nv = Nvs(f);
+            std::string code = std::to_string(x->status);
+            std::vector<nghttp2_nv> nv = {Nv(":status", code)};
+            AddNvs(nv, x->answerFields);
             nghttp2_submit_headers(x->down->session, NGHTTP2_FLAG_NONE, x->downId, nullptr, nv.data(), nv.size(), nullptr);
             e->Touch(x->down);
           }
@@ -1148,16 +1190,14 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       // its decision is what its metrics are labelled with; forward() and respond() do nothing then.
       if (x->decided) continue;
       // One string: "host", the :authority, the fields, then :method and :path, joined by NUL.
-      std::string all = "host";
+      const std::string& fields = x->headers.bytes();
+      std::string all;
+      all.reserve(7 + x->authority.size() + fields.size() + x->method.size() + x->path.size());
+      all += "host";
       all.push_back('\0');
       all += x->authority;
-      for (auto& [n, v] : x->headers) {
-        all.push_back('\0');
-        all += n;
-        all.push_back('\0');
-        all += v;
-      }
       all.push_back('\0');
+      all += fields;  // each field's name and value followed by a NUL
       all += x->method;
       all.push_back('\0');
       all += x->path;
