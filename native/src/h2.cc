@@ -113,6 +113,20 @@ void AddNvs(std::vector<nghttp2_nv>& out, const FieldBlock& f) {
   f.Each([&out](std::string_view n, std::string_view v) { out.push_back(Nv(n, v)); });
 }
 
+// A request's fields for nghttp2, those whose value is new in each request (its id, its trace
+// and span ids) sent as literals that are never indexed: each would take a new entry of the
+// HPACK dynamic table (4 KiB) and push out the entries that do repeat (user-agent, content-type,
+// :authority), so the fields that repeat would go as literals again, on both sides of the hop.
+std::vector<nghttp2_nv> RequestNvs(const FieldBlock& f) {
+  std::vector<nghttp2_nv> out;
+  f.Each([&out](std::string_view n, std::string_view v) {
+    nghttp2_nv nv = Nv(n, v);
+    if (n == "x-request-id" || n == "traceparent" || n == "b3" || n == "x-b3-traceid" || n == "x-b3-spanid" || n == "x-b3-parentspanid") nv.flags = NGHTTP2_NV_FLAG_NO_INDEX;
+    out.push_back(nv);
+  });
+  return out;
+}
+
 std::vector<nghttp2_nv> Nvs(const FieldBlock& f) {
   std::vector<nghttp2_nv> out;
   AddNvs(out, f);
@@ -407,7 +421,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->attempted = true;
     Enter();
     x->decided = true;
-    auto nv = Nvs(fields);
+    auto nv = RequestNvs(fields);
     nghttp2_data_provider data;
     data.source.ptr = x;
     data.read_callback = ReadRequestBody;

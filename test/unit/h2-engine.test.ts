@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect as h2connect, constants, createServer as h2server, type ClientHttp2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import { connect as h2connect, constants, createServer as h2server, sensitiveHeaders, type ClientHttp2Session, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import { connect } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
@@ -145,30 +145,38 @@ async function until(what: string, check: () => boolean, ms = 5000): Promise<voi
   }
 }
 
-/** Echoes the request: its method, path and headers as answer headers, its body back, its trailers as answer trailers. */
+/**
+ * Echoes the request: its method, path and headers as answer headers (x-never-indexed: the fields
+ * HPACK sent as never indexed), its body back, its trailers as answer trailers.
+ */
 function echo(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
   const chunks: Buffer[] = [];
   stream.on('data', (d: Buffer) => chunks.push(d));
   stream.on('end', () => {
-    const got = stream.sentHeaders;
-    void got;
-    stream.respond({ ':status': 200, 'x-method': String(headers[':method']), 'x-path': String(headers[':path']), 'x-authority': String(headers[':authority']), 'x-seen': String(headers['x-in'] ?? ''), 'x-drop': 'me' }, { waitForTrailers: true });
+    const neverIndexed = ((headers as Record<symbol, unknown>)[sensitiveHeaders] as string[] | undefined) ?? [];
+    stream.respond(
+      { ':status': 200, 'x-method': String(headers[':method']), 'x-path': String(headers[':path']), 'x-authority': String(headers[':authority']), 'x-seen': String(headers['x-in'] ?? ''), 'x-never-indexed': neverIndexed.join(','), 'x-drop': 'me' },
+      { waitForTrailers: true },
+    );
     stream.once('wantTrailers', () => stream.sendTrailers({ 'x-trailer': 'end', 'x-had-trailer': String((stream as unknown as { trailers?: IncomingHttpHeaders }).trailers?.['x-req-trailer'] ?? '') }));
     stream.end(Buffer.concat(chunks));
   });
   stream.on('trailers', (t: IncomingHttpHeaders) => ((stream as unknown as { trailers?: IncomingHttpHeaders }).trailers = t));
 }
 
-test('h2 engine: 200 streams on one client connection go on one upstream session, bodies and trailers intact both ways, answer fields edited', async (t) => {
+test('h2 engine: 200 streams on one client connection go on one upstream session, bodies and trailers intact both ways, answer fields edited, per-request ids never indexed', async (t) => {
   const r = await rig(t, echo);
   const session = h2connect(`http://127.0.0.1:${r.port}`);
   t.after(() => session.destroy());
   const base: Buffer = Buffer.alloc(300_000);
   for (let i = 0; i < base.length; i++) base[i] = (i * 7) & 0xff;
   r.onRequest = (stream, method, path, authority, headers) => void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', `/up${path}`, ...headers], ['x-drop'], ['x-added', 'yes']);
-  const answers = await Promise.all(Array.from({ length: 200 }, (_, i) => fetch(session, `/p/${i}`, i % 10 === 0 ? { body: base.subarray(0, 1000 * i + 1), headers: { 'x-in': String(i) }, trailers: { 'x-req-trailer': `t${i}` } } : { headers: { 'x-in': String(i) } })));
+  // Each request's own id and trace context: never indexed upstream (they would churn HPACK's table).
+  const ids = (i: number): Record<string, string> => ({ 'x-in': String(i), 'x-request-id': `req-${i}`, traceparent: `00-${String(i).padStart(32, '0')}-${String(i).padStart(16, '0')}-01` });
+  const answers = await Promise.all(Array.from({ length: 200 }, (_, i) => fetch(session, `/p/${i}`, i % 10 === 0 ? { body: base.subarray(0, 1000 * i + 1), headers: ids(i), trailers: { 'x-req-trailer': `t${i}` } } : { headers: ids(i) })));
   answers.forEach((a, i) => {
     assert.equal(a.status, 200, `stream ${i}`);
+    assert.equal(a.headers['x-never-indexed'], 'x-request-id,traceparent', `stream ${i}: only the per-request fields never indexed`);
     assert.equal(a.headers['x-path'], `/up/p/${i}`);
     assert.equal(a.headers['x-seen'], String(i));
     assert.equal(a.headers['x-drop'], undefined, 'removed');
