@@ -117,14 +117,13 @@ void AddNvs(std::vector<nghttp2_nv>& out, const FieldBlock& f) {
 // and span ids) sent as literals that are never indexed: each would take a new entry of the
 // HPACK dynamic table (4 KiB) and push out the entries that do repeat (user-agent, content-type,
 // :authority), so the fields that repeat would go as literals again, on both sides of the hop.
-std::vector<nghttp2_nv> RequestNvs(const FieldBlock& f) {
-  std::vector<nghttp2_nv> out;
-  f.Each([&out](std::string_view n, std::string_view v) {
+void AddRequestNvs(std::vector<nghttp2_nv>& out, const FieldBlock& f, bool dropHost) {
+  f.Each([&out, dropHost](std::string_view n, std::string_view v) {
+    if (dropHost && n == "host") return;  // :authority says it
     nghttp2_nv nv = Nv(n, v);
     if (n == "x-request-id" || n == "traceparent" || n == "b3" || n == "x-b3-traceid" || n == "x-b3-spanid" || n == "x-b3-parentspanid") nv.flags = NGHTTP2_NV_FLAG_NO_INDEX;
     out.push_back(nv);
   });
-  return out;
 }
 
 std::vector<nghttp2_nv> Nvs(const FieldBlock& f) {
@@ -387,9 +386,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     return info.Env().Undefined();
   }
 
-  // forward(xid, pool, fields, answerRemove, answerAdd): the stream goes upstream as a new stream
-  // of a session of `pool` with these header fields (pseudo-header fields first). False when the
-  // pool has no session that takes new streams (the caller dials, attach()es, and calls again).
+  // forward(xid, pool, fields, answerRemove, answerAdd, retryOn, keep, own): the stream goes
+  // upstream as a new stream of a session of `pool` with these header fields (pseudo-header fields
+  // first), then with `own` the stream's own. False when the pool has no session that takes new
+  // streams (the caller dials, attach()es, and calls again).
   Napi::Value Forward(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Exchange* x = Find(info[0]);
@@ -421,7 +421,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->attempted = true;
     Enter();
     x->decided = true;
-    auto nv = RequestNvs(fields);
+    // With `own`: the stream's own fields as they came (HTTP/2 has no hop-by-hop ones: nghttp2
+    // refused the stream otherwise) after JS's, which are then the pseudo-header fields and additions.
+    bool own = info.Length() > 7 && info[7].ToBoolean().Value();
+    std::vector<nghttp2_nv> nv;
+    AddRequestNvs(nv, fields, false);
+    if (own) AddRequestNvs(nv, x->headers, true);
     nghttp2_data_provider data;
     data.source.ptr = x;
     data.read_callback = ReadRequestBody;

@@ -312,9 +312,11 @@ export interface H2Engine {
    * The stream goes upstream on a session of `pool` with `fields` (names and values joined by
    * NUL, pseudo-header fields first, lower-case names): false when the pool has none that takes a
    * stream (attach one, call again). `answerRemove` (lower-case names) and `answerAdd` (joined as
-   * `fields` are) change the answer's header fields.
+   * `fields` are) change the answer's header fields. With `own`, the stream's own fields as the
+   * client sent them (all but host) follow `fields`, which then hold the pseudo-header fields and
+   * what is added.
    */
-  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean): boolean;
   /**
    * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for
    * forward() again): 1. 0 when there is none to give up; -1 when it cannot go again (its body not

@@ -62,6 +62,10 @@ async function checkGrpc(sb: Sandbox, client: PodRecord, source: AgentProcess, d
   const by = (pod: string): number => split.unary.filter((u) => u.pod === pod).length;
   assert.equal(by('cart-v1') + by('cart-v2'), 1000, `${where}: every call answered: ${JSON.stringify(split.unary.filter((u) => u.code !== undefined).slice(0, 3))}`);
   assert.ok(by('cart-v2') >= 53 && by('cart-v2') <= 147, `${where}: v2 took ${by('cart-v2')} of 1000 (want 100 +- 47)`);
+  // The client sends no x-request-id: the source's proxy made one per call, which reached the app (through v2's node too).
+  const ids = split.unary.map((u) => u.requestId ?? '');
+  assert.ok(ids.every((id) => /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/.test(id)), `${where}: every call reached its app with an x-request-id: ${ids.slice(0, 3).join(', ')}`);
+  assert.equal(new Set(ids).size, 1000, `${where}: one id per call`);
   // The metadata match wins every time, and its filter changed the header on the way.
   const pinned = await grpc(sb, client, { unary: { count: 100, metadata: { 'x-version': 'v2' } } }, agents);
   assert.deepEqual([...new Set(pinned.unary.map((u) => `${u.pod ?? u.code ?? ''} ${u.version ?? ''}`))], ['cart-v2 pinned'], `${where}: x-version: v2 always to v2, rewritten`);

@@ -1,7 +1,7 @@
 /**
  * A real gRPC server (@grpc/grpc-js, h2c) for L7 tests, run as a pod's command:
  * `node grpc-app.js <name> <port>`. Service mesh.test.Echo, messages as raw bytes:
- *   Unary          {pod, got: bytes, version: the x-version metadata} as JSON
+ *   Unary          {pod, got: bytes, version: the x-version metadata, requestId: the x-request-id} as JSON
  *   ServerStream   the request's first byte says how many messages (each {pod, n})
  *   ClientStream   {pod, messages, bytes} once the client's stream ends
  *   Bidi           every message back as it comes, then {pod, end: true}
@@ -24,7 +24,7 @@ const server = new Server();
 server.addService(ECHO_SERVICE as ServiceDefinition, {
   Unary: (call: { request: Buffer; metadata: Metadata; sendMetadata(md: Metadata): void }, done: (err: null, out: Buffer) => void) => {
     call.sendMetadata(served());
-    done(null, json({ pod: name, got: call.request.length, version: call.metadata.get('x-version')[0] ?? '' }));
+    done(null, json({ pod: name, got: call.request.length, version: call.metadata.get('x-version')[0] ?? '', requestId: call.metadata.get('x-request-id')[0] ?? '' }));
   },
   ServerStream: (call: { request: Buffer; sendMetadata(md: Metadata): void; write(b: Buffer): boolean; end(): void }) => {
     call.sendMetadata(served());

@@ -25,7 +25,7 @@ export interface GrpcPlan {
 
 export interface GrpcRun {
   /** Per unary call: the pod that answered (from the body), or the error's code. */
-  readonly unary: Array<{ readonly pod?: string; readonly version?: string; readonly code?: number; readonly details?: string; readonly servedBy?: string }>;
+  readonly unary: Array<{ readonly pod?: string; readonly version?: string; readonly requestId?: string; readonly code?: number; readonly details?: string; readonly servedBy?: string }>;
   readonly serverStream?: { readonly messages: number; readonly pods: string[]; readonly code?: number };
   readonly clientStream?: { readonly messages?: number; readonly bytes?: number; readonly code?: number };
   readonly bidi?: { readonly echoed: number; readonly intact: boolean; readonly end: boolean; readonly code?: number };
@@ -74,7 +74,7 @@ function unary(md: Metadata, bytes: number): Promise<GrpcRun['unary'][number]> {
       if (err) resolve({ code: err.code, details: err.details });
       else {
         const o = parse(out ?? Buffer.alloc(0));
-        resolve({ pod: String(o['pod']), version: String(o['version']), ...(servedBy ? { servedBy } : {}) });
+        resolve({ pod: String(o['pod']), version: String(o['version']), requestId: String(o['requestId']), ...(servedBy ? { servedBy } : {}) });
       }
     });
     call?.on('metadata', (m: never) => (servedBy = String((m as Metadata).get('x-served-by')[0] ?? '')));

@@ -87,7 +87,7 @@ export function upgradeFields(req: RequestHead): ReadonlyArray<string> {
   const protocol = req.headers['upgrade'];
   return protocol === undefined ? NO_FIELDS : ['connection', 'upgrade', 'upgrade', String(protocol)];
 }
-const NO_FIELDS: ReadonlyArray<string> = Object.freeze([]);
+export const NO_FIELDS: ReadonlyArray<string> = Object.freeze([]);
 
 /**
  * A request head line and headers, as the engine sends them upstream: its pieces joined once,

@@ -21,7 +21,7 @@ import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { engineCopy, headerObject, type ChannelServed } from './native-engine.js';
+import { NO_FIELDS, engineCopy, headerObject, type ChannelServed } from './native-engine.js';
 import { NO_ANSWER_EDITS, answerEditPairs, type AnswerEdits } from './native-outbound.js';
 import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
 
@@ -99,6 +99,8 @@ export interface H2Forwarding {
   readonly retryOn: ReadonlyArray<number> | undefined;
   /** Keep the body (up to 64 KiB) for keptBody(): a mirror's copy. */
   readonly keep: boolean;
+  /** The stream's own fields go after `fields` as the client sent them (the engine adds them; `fields` are the pseudo-header fields and additions). */
+  readonly own?: boolean;
   /** A new connection: its fd (the caller's), or a channel to an HBONE stream. */
   dial(): Promise<EngineUpstream>;
   /** A new session closes after this many streams (0: no limit). */
@@ -203,8 +205,8 @@ export class H2Host<C, R> {
     if (!engine || !entry) return;
     // A refused stream (not processed upstream) goes again once, with no retry rule too.
     entry.how = how;
-    const { pool, fields, answerRemove, answerAdd, retryOn, keep } = how;
-    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) return;
+    const { pool, fields, answerRemove, answerAdd, retryOn, keep, own } = how;
+    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own)) return;
     let opening = this.dialing.get(pool);
     if (!opening) {
       const { maxRequests } = how;
@@ -222,7 +224,7 @@ export class H2Host<C, R> {
     opening.then(
       () => {
         if (this.streams.get(s.id) !== entry || s.state !== state || this.engine !== engine) return;
-        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep)) how.failed(new Error('the upstream session ended before the stream could start'));
+        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own)) how.failed(new Error('the upstream session ended before the stream could start'));
       },
       (e: Error) => {
         if (this.streams.get(s.id) === entry && s.state === state) how.failed(e);
@@ -695,7 +697,11 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
     }
     this.host.forward(s, {
       pool: conn.poolKey,
-      fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, this.inbound.headersUp(req, requestId)),
+      // The stream's own fields go as they came (HTTP/2 has no hop-by-hop fields: the engine
+      // refused the stream otherwise; te: trailers, which gRPC needs, stays), the engine adding
+      // them; here only an x-request-id if it had none.
+      fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.headers['x-request-id'] === undefined ? ['x-request-id', requestId] : NO_FIELDS),
+      own: true,
       answerRemove: [],
       answerAdd: '',
       retryOn: undefined,
