@@ -36,7 +36,7 @@ interface Rig {
   onRetry: (stream: number, status: number) => boolean;
   /** Called with a stream's id as it ends, before its done() is recorded. */
   onDone?: (stream: number) => void;
-  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean): Promise<void>;
+  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean): Promise<void>;
 }
 
 
@@ -64,17 +64,17 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
       void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
     },
     onRetry: () => false,
-    forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false) => {
+    forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false, own = false) => {
       // The engine takes fields as one string, joined by NUL.
       const fields = list.join('\0');
-      if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep)) return;
+      if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own)) return;
       // One dial for every stream that waits (as H2Host does).
       opening ??= dialFd(upPort).then((fd) => {
         r.engine.attach('up', fd, 0);
         opening = undefined;
       });
       await opening;
-      assert.ok(r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep), 'a stream starts on the session just attached');
+      assert.ok(r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own), 'a stream starts on the session just attached');
     },
   };
   const engine = h2Engine(
@@ -193,6 +193,18 @@ test('h2 engine: 200 streams on one client connection go on one upstream session
   assert.ok(r.done.every((d) => d.flag === '-' && d.status === 200));
   const big = r.done.reduce((n, d) => n + d.bytesIn, 0);
   assert.equal(big, Array.from({ length: 20 }, (_, k) => 1000 * k * 10 + 1).reduce((a, b) => a + b, 0), 'request bytes counted');
+});
+
+test('h2 engine: with own, a stream goes upstream with its fields from the engine as they came, after the pseudo-header fields and additions from JS', async (t) => {
+  const r = await rig(t, echo);
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  // JS sends only the pseudo-header fields and what it adds; the engine adds the client's own.
+  r.onRequest = (stream, method, path, authority) => void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, 'x-request-id', 'added'], [], [], undefined, false, true);
+  const a = await fetch(session, '/own', { headers: { 'x-in': 'mine', traceparent: `00-${'1'.repeat(32)}-${'2'.repeat(16)}-01` } });
+  assert.equal(a.status, 200);
+  assert.equal(a.headers['x-seen'], 'mine', "the client's own field went upstream");
+  assert.equal(a.headers['x-never-indexed'], 'x-request-id,traceparent', 'the added id and the own trace context, never indexed');
 });
 
 test('h2 engine: a large answer streams with flow control (more than every window), a 100 Continue passes, the proxy answers, redirects and cuts', async (t) => {
