@@ -44,7 +44,7 @@ case ${1:-} in
   # `npm run bench:two-hop` (bench/two-hop.ts): client and server pods on two nodes, through both
   # node proxies over HBONE, against direct and the sidecar peer.
   two-hop)
-    SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
+    SYSTEM_PACKAGES+=("iperf3:cmd:iperf3" "wrk:cmd:wrk" "nghttp2-client:cmd:h2load" "haproxy:cmd:haproxy" "nftables:cmd:nft" "nginx-light:cmd:nginx")
     ensure_all
     build_latency
     run_bench two-hop

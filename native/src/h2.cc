@@ -16,6 +16,7 @@
 #include <nghttp2/nghttp2.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <uv.h>
@@ -132,6 +133,104 @@ std::vector<nghttp2_nv> Nvs(const FieldBlock& f) {
   return out;
 }
 
+// A random (version 4) UUID, as JS's newRequestId() writes it: 36 characters at `out`.
+void NewRequestId(char* out) {
+  static uint8_t pool[4096];
+  static size_t at = sizeof(pool);
+  if (at == sizeof(pool)) {
+    size_t got = 0;
+    while (got < sizeof(pool)) {
+      ssize_t n = getrandom(pool + got, sizeof(pool) - got, 0);
+      if (n > 0) got += static_cast<size_t>(n);
+      else if (errno != EINTR) abort();  // the kernel's generator is always there (since 3.17)
+    }
+    at = 0;
+  }
+  static const char kHex[] = "0123456789abcdef";
+  size_t o = 0;
+  for (int i = 0; i < 16; i++) {
+    uint8_t b = pool[at + i];
+    if (i == 6) b = (b & 0x0f) | 0x40;
+    else if (i == 8) b = (b & 0x3f) | 0x80;
+    if (i == 4 || i == 6 || i == 8 || i == 10) out[o++] = '-';
+    out[o++] = kHex[b >> 4];
+    out[o++] = kHex[b & 0x0f];
+  }
+  at += 16;
+}
+
+// Istio's string match: exact, "prefix*", "*suffix", "*" (any value but none).
+bool IstioMatch(std::string_view p, std::string_view v) {
+  if (p == "*") return !v.empty();
+  if (!p.empty() && p.back() == '*') return v.size() >= p.size() - 1 && v.compare(0, p.size() - 1, p.substr(0, p.size() - 1)) == 0;
+  if (!p.empty() && p.front() == '*') return v.size() >= p.size() - 1 && v.compare(v.size() - (p.size() - 1), std::string_view::npos, p.substr(1)) == 0;
+  return p == v;
+}
+
+// An AuthorizationPolicy operation reduced to what a request says (H2Gate in datapath/native.ts):
+// each list empty, or one of its patterns matching; none of a not-list's matching.
+struct GateOp {
+  std::vector<std::string> hosts, notHosts, methods, notMethods, paths, notPaths;  // hosts lower-cased
+
+  bool Matches(std::string_view method, std::string_view host, std::string_view path) const {
+    auto any = [](const std::vector<std::string>& list, auto&& test) { return std::any_of(list.begin(), list.end(), test); };
+    auto hostIs = [host](const std::string& p) {
+      if (IstioMatch(p, host)) return true;
+      // A pattern without a port matches the host on any port.
+      std::string_view bare = host;
+      if (!host.empty() && host[0] == '[') {
+        size_t close = host.find(']');
+        bare = host.substr(0, close == std::string_view::npos ? 0 : close + 1);
+      } else if (size_t colon = host.rfind(':'); colon != std::string_view::npos && std::all_of(host.begin() + colon + 1, host.end(), [](char ch) { return ch >= '0' && ch <= '9'; })) {
+        bare = host.substr(0, colon);
+      }
+      return bare != host && IstioMatch(p, bare);
+    };
+    auto methodIs = [method](const std::string& m) { return m == method; };
+    auto pathIs = [path](const std::string& p) { return IstioMatch(p, path); };
+    return (hosts.empty() || any(hosts, hostIs)) && !any(notHosts, hostIs) && (methods.empty() || any(methods, methodIs)) && !any(notMethods, methodIs) &&
+           (paths.empty() || any(paths, pathIs)) && !any(notPaths, pathIs);
+  }
+};
+
+// Which streams of a connection go on without asking JS: no deny operation matches, and with
+// allow lists one allow operation does.
+struct Gate {
+  double id = -1;
+  std::vector<GateOp> deny, allow;
+  bool allowAll = true;
+  bool readsHost = false;
+
+  bool Passes(std::string_view method, std::string_view host, std::string_view path) const {
+    for (const GateOp& o : deny)
+      if (o.Matches(method, host, path)) return false;
+    if (allowAll) return true;
+    for (const GateOp& o : allow)
+      if (o.Matches(method, host, path)) return true;
+    return false;
+  }
+};
+
+// Whether a request target is one the destination's admission would pass on unchanged
+// (HttpInbound.admit: normalizePath, then path and query joined again): an origin-form path with
+// no percent-encoding and no "." or ".." segment, and no empty query. Any other goes to JS.
+bool PlainTarget(std::string_view t) {
+  if (t.empty() || t[0] != '/') return false;
+  size_t q = t.find('?');
+  if (q != std::string_view::npos && q + 1 == t.size()) return false;
+  std::string_view path = t.substr(0, q);
+  if (path.find('%') != std::string_view::npos) return false;
+  size_t at = 1;
+  while (at <= path.size()) {
+    size_t end = path.find('/', at);
+    if (end == std::string_view::npos) end = path.size();
+    std::string_view seg = path.substr(at, end - at);
+    if (seg == "." || seg == "..") return false;
+    at = end + 1;
+  }
+  return true;
+}
+
 // Bytes received from one stream for the other, taken from the front by a data provider.
 struct Pipe {
   std::string buf;
@@ -172,6 +271,10 @@ struct Conn final : ChannelEnd {
   bool refused = false;  // counted as a protocol error once
   // Upstream sessions: their pool, whether new streams may start on them, how many did.
   std::string pool;
+  // A client connection's streams that go on without asking JS (forward()'s `gate`): their pool,
+  // empty when each stream is JS's to decide, and which of them may.
+  std::string direct;
+  Gate gate;
   bool retired = false;
   uint32_t started = 0;
   uint32_t maxRequests = 0;
@@ -192,6 +295,7 @@ struct Exchange {
   // The request as it came: its pseudo-header fields and the others.
   std::string method, path, authority;
   FieldBlock headers;
+  bool hasRequestId = false, hasHost = false;
   size_t headerBytes = 0;
   bool headersDone = false;
   bool decided = false;   // forward() or respond() came
@@ -213,6 +317,10 @@ struct Exchange {
   FieldBlock answerAdd;
   FieldBlock answerFields;  // the upstream's answer headers (pseudo-header left out)
   bool reported = false;
+  // Forwarded by the engine on its connection's `direct` pool, JS never asked (then told of it in
+  // delivered(), not done()); `noDirect`: JS decides it (it went back to JS once).
+  bool direct = false, noDirect = false;
+  uint64_t startedNs = 0;
   // Retries and mirrors: the body kept as it comes (up to kReplayLimit), what was taken of it
   // for the attempt in flight and what of it was acknowledged to the client.
   bool attempted = false;
@@ -242,6 +350,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
                            InstanceMethod<&H2Engine::KeptBody>("keptBody"),
                            InstanceMethod<&H2Engine::CloseJs>("close"),
                            InstanceMethod<&H2Engine::DropPools>("dropPools"),
+                           InstanceMethod<&H2Engine::Undirect>("undirect"),
                            InstanceMethod<&H2Engine::Stats>("stats"),
                            InstanceMethod<&H2Engine::Destroy>("destroy"),
                        });
@@ -253,6 +362,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     request_ = Napi::Persistent(cb.Get("request").As<Napi::Function>());
     retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
+    delivered_ = Napi::Persistent(cb.Get("delivered").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     refused_ = Napi::Persistent(cb.Get("refused").As<Napi::Function>());
     Napi::Object o = info[1].As<Napi::Object>();
@@ -427,16 +537,72 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     std::vector<nghttp2_nv> nv;
     AddRequestNvs(nv, fields, false);
     if (own) AddRequestNvs(nv, x->headers, true);
-    nghttp2_data_provider data;
-    data.source.ptr = x;
-    data.read_callback = ReadRequestBody;
-    bool body = !(x->req.end && x->req.size() == 0 && !x->req.trailers);
-    int32_t sid = nghttp2_submit_request(u->session, nullptr, nv.data(), nv.size(), body ? &data : nullptr, x);
+    int32_t sid = Submit(x, u, nv);
     if (sid < 0) {
       x->decided = false;
       Leave();
       throw Napi::Error::New(env, std::string("h2 engine: the upstream stream could not start: ") + nghttp2_strerror(sid));
     }
+    // With a `gate` (what JS would pass on as it came on this connection), the connection's later
+    // streams that it passes go the same way without asking JS, while their targets are plain and
+    // the pool has a session that takes them (Dispatch); undirect() ends that.
+    if (own && x->down && x->down->server) {
+      if (info.Length() > 8 && info[8].IsObject()) {
+        ReadGate(info[8].As<Napi::Object>(), x->down->gate);
+        x->down->direct = pool;
+      } else {
+        x->down->direct.clear();
+      }
+    }
+    Leave();
+    return Napi::Boolean::New(env, true);
+  }
+
+  // forward()'s gate into `g`, unless `g` holds it already (the same id).
+  static void ReadGate(const Napi::Object& o, Gate& g) {
+    double id = o.Get("id").As<Napi::Number>().DoubleValue();
+    if (id == g.id) return;
+    auto strings = [](const Napi::Object& op, const char* key, bool lower) {
+      std::vector<std::string> out;
+      Napi::Value v = op.Get(key);
+      if (!v.IsArray()) return out;
+      Napi::Array a = v.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); i++) {
+        std::string s = Latin1(a.Get(i));
+        if (lower) std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return ch >= 'A' && ch <= 'Z' ? ch + 32 : ch; });
+        out.push_back(std::move(s));
+      }
+      return out;
+    };
+    auto ops = [&strings, &g](const Napi::Value& v) {
+      std::vector<GateOp> out;
+      if (!v.IsArray()) return out;
+      Napi::Array a = v.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); i++) {
+        Napi::Object op = a.Get(i).As<Napi::Object>();
+        GateOp r{strings(op, "hosts", true), strings(op, "notHosts", true), strings(op, "methods", false), strings(op, "notMethods", false), strings(op, "paths", false), strings(op, "notPaths", false)};
+        if (!r.hosts.empty() || !r.notHosts.empty()) g.readsHost = true;
+        out.push_back(std::move(r));
+      }
+      return out;
+    };
+    g = Gate();
+    g.id = id;
+    g.deny = ops(o.Get("deny"));
+    Napi::Value allow = o.Get("allow");
+    g.allowAll = !allow.IsArray();
+    g.allow = ops(allow);
+  }
+
+  // The attempt goes out on `u` with these fields; its body (if any) as it comes. The stream's id
+  // upstream, or nghttp2's error.
+  int32_t Submit(Exchange* x, Conn* u, const std::vector<nghttp2_nv>& nv) {
+    nghttp2_data_provider data;
+    data.source.ptr = x;
+    data.read_callback = ReadRequestBody;
+    bool body = !(x->req.end && x->req.size() == 0 && !x->req.trailers);
+    int32_t sid = nghttp2_submit_request(u->session, nullptr, nv.data(), nv.size(), body ? &data : nullptr, x);
+    if (sid < 0) return sid;
     x->up = u;
     x->upId = sid;
     x->upOpen = true;
@@ -444,8 +610,53 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     u->started++;
     if (u->maxRequests > 0 && u->started >= u->maxRequests) Retire(u);
     Touch(u);
-    Leave();
-    return Napi::Boolean::New(env, true);
+    return sid;
+  }
+
+  // A stream of a `direct` connection, forwarded here when JS would only have passed it on as it
+  // came (the pseudo-header fields, an x-request-id if it had none, then its own fields): false
+  // when it is JS's to decide (no direct pool, a target admission would change, no session).
+  bool ForwardDirect(Exchange* x) {
+    Conn* c = x->down;
+    if (c->direct.empty() || x->noDirect || x->downClosed || x->dropping || x->hasHost || x->authority.empty() || !PlainTarget(x->path)) return false;
+    std::string_view path(x->path);
+    path = path.substr(0, path.find('?'));
+    if (c->gate.readsHost) {
+      // JS lower-cases with Unicode's rules: a host with other than ASCII is JS's to judge.
+      std::string host = x->authority;
+      for (char& ch : host) {
+        if (static_cast<unsigned char>(ch) >= 0x80) return false;
+        if (ch >= 'A' && ch <= 'Z') ch = static_cast<char>(ch + 32);
+      }
+      if (!c->gate.Passes(x->method, host, path)) return false;
+    } else if (!c->gate.Passes(x->method, x->authority, path)) {
+      return false;
+    }
+    Conn* u = Usable(c->direct);
+    if (!u) return false;
+    char id[36];
+    std::vector<nghttp2_nv> nv;
+    nv.reserve(8 + 2 * 8);
+    nv.push_back(Nv(":method", x->method));
+    nv.push_back(Nv(":scheme", "http"));
+    nv.push_back(Nv(":authority", x->authority));
+    nv.push_back(Nv(":path", x->path));
+    if (!x->hasRequestId) {
+      NewRequestId(id);
+      nghttp2_nv rid = Nv("x-request-id", std::string_view(id, sizeof(id)));
+      rid.flags = NGHTTP2_NV_FLAG_NO_INDEX;
+      nv.push_back(rid);
+    }
+    AddRequestNvs(nv, x->headers, true);
+    x->attempted = true;
+    x->decided = true;
+    if (Submit(x, u, nv) < 0) {
+      x->decided = false;
+      return false;
+    }
+    x->direct = true;
+    x->startedNs = uv_hrtime();
+    return true;
   }
 
   // respond(xid, status, fields, body): the proxy's own answer to a stream waiting for a decision
@@ -520,6 +731,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
   // and end (GOAWAY) once their streams did.
+  // undirect(): every stream from now on is JS's to decide again (the config changed).
+  Napi::Value Undirect(const Napi::CallbackInfo& info) {
+    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate();
+    return info.Env().Undefined();
+  }
+
   Napi::Value DropPools(const Napi::CallbackInfo& info) {
     std::string prefix = info[0].As<Napi::String>().Utf8Value();
     Enter();
@@ -717,6 +934,16 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // ended before any answer): true when it does (it calls forward() again, now or later).
   bool AskRetry(Exchange* x, int status) {
     if (!Replayable(x) || x->responded || x->downClosed || x->dropping) return false;
+    if (x->direct) {
+      // Only a stream that ended before any answer (refused, reset, its session lost) goes again:
+      // to JS, which decides it as any other (it goes again once more if refused again).
+      if (status != 0) return false;
+      DropAttempt(x);
+      x->direct = false;
+      x->noDirect = true;
+      pendingRequests_.push_back(x->xid);
+      return true;
+    }
     Napi::HandleScope scope(env_);
     if (!CallBool(retry_, {Napi::Number::New(env_, static_cast<double>(x->xid)), Napi::Number::New(env_, status)})) return false;
     DropAttempt(x);
@@ -801,6 +1028,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         else if (n == ":authority") x->authority = v;
         else if (n[0] != ':') {
           if (n == "content-type" && v.substr(0, 16) == "application/grpc") x->grpc = true;
+          else if (n == "x-request-id") x->hasRequestId = true;
+          else if (n == "host") x->hasHost = true;
           x->headers.Add(n, v);
         }
       } else {
@@ -1207,7 +1436,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       Exchange* x = it->second.get();
       // Told even when the stream ended already (the client left, a message over the limit):
       // its decision is what its metrics are labelled with; forward() and respond() do nothing then.
-      if (x->decided) continue;
+      if (x->decided || ForwardDirect(x)) continue;
       // One string: "host", the :authority, the fields, then :method and :path, joined by NUL.
       const std::string& fields = x->headers.bytes();
       std::string all;
@@ -1228,7 +1457,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       auto it = exchanges_.find(xid);
       if (it == exchanges_.end()) continue;
       Exchange* x = it->second.get();
-      if (!x->reported) {
+      if (!x->reported && x->direct) {
+        x->reported = true;
+        double ms = static_cast<double>(uv_hrtime() - x->startedNs) / 1e6;
+        Call(delivered_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
+                          Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), x->grpc ? NewLatin1(env_, x->grpcStatus) : env_.Undefined(), Napi::Number::New(env_, ms)});
+      } else if (!x->reported) {
         x->reported = true;
         Call(done_, {Napi::Number::New(env_, static_cast<double>(xid)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
                      Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), NewLatin1(env_, x->grpcStatus), Napi::String::New(env_, x->detail)});
@@ -1316,7 +1550,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference request_, retry_, done_, closed_, refused_;
+  Napi::FunctionReference request_, retry_, done_, delivered_, closed_, refused_;
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* options_ = nullptr;
   uv_loop_t* loop_ = nullptr;

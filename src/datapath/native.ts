@@ -279,10 +279,39 @@ export interface H2Events {
    * both ways, the answer's grpc-status ('' if none), why (when the engine answered).
    */
   done(stream: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
+  /**
+   * A stream the engine forwarded on its connection's direct pool (forward's `direct`), JS never
+   * told of it, ended: as done() says, with its gRPC status (undefined when it was no gRPC
+   * request) and the milliseconds from its headers to its end.
+   */
+  delivered(conn: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
   /** The client connection closed; the bytes the engine read from it and wrote to it. */
   closed(conn: number, read: number, written: number): void;
   /** A client broke the protocol (a bad frame, a flood): its session ended with GOAWAY. */
   refused(conn: number, reason: string): void;
+}
+
+/**
+ * Which streams of a client connection the HTTP/2 engine forwards without asking JS (forward's
+ * `gate`): those that match no `deny` operation and, when `allow` is set, one of its operations.
+ * An operation matches as an AuthorizationPolicy operation does (Istio's string match: exact,
+ * "prefix*", "*suffix", "*" for any non-empty value; hosts case-insensitive, a host without a port
+ * matching any port), on the stream's :method, :authority and path without its query.
+ */
+export interface H2Gate {
+  /** The engine reads a connection's gate again only when its id changes. */
+  readonly id: number;
+  readonly deny: ReadonlyArray<H2GateOperation>;
+  readonly allow: ReadonlyArray<H2GateOperation> | undefined;
+}
+
+export interface H2GateOperation {
+  readonly hosts: ReadonlyArray<string>;
+  readonly notHosts: ReadonlyArray<string>;
+  readonly methods: ReadonlyArray<string>;
+  readonly notMethods: ReadonlyArray<string>;
+  readonly paths: ReadonlyArray<string>;
+  readonly notPaths: ReadonlyArray<string>;
 }
 
 export interface H2Options {
@@ -314,9 +343,16 @@ export interface H2Engine {
    * stream (attach one, call again). `answerRemove` (lower-case names) and `answerAdd` (joined as
    * `fields` are) change the answer's header fields. With `own`, the stream's own fields as the
    * client sent them (all but host) follow `fields`, which then hold the pseudo-header fields and
-   * what is added.
+   * what is added. With `own` and a `gate` on a client connection, its later streams that the
+   * gate passes go to the same pool as they came (pseudo-header fields, an x-request-id when they
+   * have none, their own fields) without a request() event, while their :path is one the
+   * destination's admission passes on unchanged (no percent-encoding, no "." or ".." segment, an
+   * empty query) and the pool has a session that takes them; each is reported in delivered().
+   * undirect() ends that for all.
    */
-  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean): boolean;
+  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean, gate?: H2Gate): boolean;
+  /** Every stream from now on gets a request() event again (the config changed): see forward's `direct`. */
+  undirect(): void;
   /**
    * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for
    * forward() again): 1. 0 when there is none to give up; -1 when it cannot go again (its body not

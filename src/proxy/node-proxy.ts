@@ -28,7 +28,7 @@ import { NativeTunnelPool, NativeTunnelServer, NativeTunnelStream, type NativeTu
 import { spiffeUri, type WorkloadIdentity } from '../identity/spiffe.js';
 import { NO_SECURITY } from '../config/security.js';
 import { portProtocol, speaksRequests } from '../config/service.js';
-import { PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
+import { OPEN_GATE, PolicyEngine, type ConnectionFacts, type RequestFacts, type Verdict } from './policy.js';
 import { HttpOutbound, UpstreamDenied, type HttpClientConnection } from './http/outbound.js';
 import { HttpInbound, type HttpServerConnection } from './http/inbound.js';
 import { NO_BYTES, SNIFF_DEADLINE_MS, sniff, withHead, type ConnectionBytes } from './http/common.js';
@@ -437,6 +437,7 @@ export class NodeProxy {
         if (all.destination !== state.pod) all = { ...facts, destination: state.pod };
         return this.authorizeRequest(state, all, path, request);
       },
+      requestGate: this.perSnapshot(() => (this.policies.empty ? OPEN_GATE : this.policies.requestGate({ ...facts, destination: state.pod }))),
       dial: async () => this.podSocket(state, await dial(), false).setNoDelay(true),
       dialFd: dial,
       poolKey: `${state.pod.uid}|${formatHostPort(host, port)}|${sourceIp}`,
@@ -513,6 +514,7 @@ export class NodeProxy {
     this.policies = new PolicyEngine(snapshot.security);
     this.readsHttpCache = new Map();
     this.labelsGeneration++;
+    this.httpIn.configChanged();
     this.lb.retain(snapshot.targets());
   }
 

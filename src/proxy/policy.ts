@@ -90,6 +90,31 @@ const principalOf = (peer: WorkloadIdentity | undefined): string | undefined => 
 const ALLOWED: Verdict = Object.freeze({ allowed: true, audited: Object.freeze([]) });
 
 /**
+ * What the destination's HTTP/2 engine checks of a request itself (PolicyEngine.requestGate): a
+ * request that matches no `deny` operation and, when `allow` is set, one of its operations goes on
+ * unread; any other is decided in JS by the full policy. Operations match as operationMatches
+ * does with a request (hosts, methods, paths; Istio's string match).
+ */
+export interface RequestGate {
+  /** Made anew for each reduction: the engine reads a gate again only when this changes. */
+  readonly id: number;
+  readonly deny: ReadonlyArray<GateOperation>;
+  /** Undefined: no ALLOW policy applies (what no deny operation matches goes on). */
+  readonly allow: ReadonlyArray<GateOperation> | undefined;
+}
+
+export type GateOperation = Pick<AuthorizationOperation, 'hosts' | 'notHosts' | 'methods' | 'notMethods' | 'paths' | 'notPaths'>;
+
+let gates = 0;
+
+/** No policy applies: every request goes on. */
+export const OPEN_GATE: RequestGate = Object.freeze({ id: 0, deny: Object.freeze([]), allow: undefined });
+
+const ANY_REQUEST: GateOperation = Object.freeze({ hosts: [], notHosts: [], methods: [], notMethods: [], paths: [], notPaths: [] });
+
+const matchesAnyRequest = (o: GateOperation): boolean => o.hosts.length === 0 && o.methods.length === 0 && o.paths.length === 0 && o.notHosts.length === 0 && o.notMethods.length === 0 && o.notPaths.length === 0;
+
+/**
  * What applies to one destination workload, worked out once per engine (a snapshot's config)
  * and workload object: the AuthorizationPolicies by action, and the mTLS mode by port. A
  * request's decision then only matches rules; before, every request filtered every policy of
@@ -153,6 +178,53 @@ export class PolicyEngine {
    */
   hasRequestRules(w: Pick<Workload, 'namespace' | 'labels'>): boolean {
     return this.prepare(w).applicable.some((p) => p.rules.some(ruleNeedsRequest));
+  }
+
+  /**
+   * What of this connection's requests the destination's engine may pass on without asking
+   * (RequestGate): the policies that apply, with everything about the connection (its source, its
+   * port, conditions on either) decided here once, reduced to the request's method, host and path.
+   * Approximated only towards asking: a DENY rule with request header conditions stops every
+   * request it might match, an ALLOW rule with them lets none through unread. Undefined when the
+   * engine should ask for every request: an AUDIT policy applies (each match is counted), the
+   * connection's verdict refuses (a STRICT mode without a peer), a DENY rule may match any request,
+   * or no ALLOW rule can match without reading headers.
+   */
+  requestGate(f: ConnectionFacts): RequestGate | undefined {
+    const mode = this.mtlsMode(f.destination, f.destinationPort);
+    if (mode.mode === 'STRICT' && !f.peer) return undefined;
+    const { applicable, audit, deny, allow } = this.prepare(f.destination);
+    if (applicable.length === 0) return OPEN_GATE;
+    if (audit.length > 0) return undefined;
+    const denied = deny.flatMap((p) => this.gateOperations(p, f, true));
+    if (denied.some(matchesAnyRequest)) return undefined;
+    const allowed = allow.length === 0 ? undefined : allow.flatMap((p) => this.gateOperations(p, f, false));
+    if (allowed?.length === 0) return undefined;
+    return { id: ++gates, deny: denied, allow: allowed };
+  }
+
+  /**
+   * The operations under which `p` matches a request on this connection: its rules whose sources
+   * and connection conditions hold, each rule's operations on this port (a rule with none: any
+   * request). A rule with request header conditions counts (`headersMatch`: as if they held) or not.
+   */
+  private gateOperations(p: AuthorizationPolicy, f: ConnectionFacts, headersMatch: boolean): GateOperation[] {
+    const out: GateOperation[] = [];
+    for (const r of p.rules) {
+      if (r.from.length > 0 && !r.from.some((s) => this.sourceMatches(s, f))) continue;
+      const readsHeaders = r.when.some((c) => conditionHeader(c.key) !== undefined);
+      if (readsHeaders && !headersMatch) continue;
+      if (!r.when.every((c) => conditionHeader(c.key) !== undefined || this.conditionMatches(c, f, undefined))) continue;
+      if (r.to.length === 0) {
+        out.push(ANY_REQUEST);
+        continue;
+      }
+      for (const o of r.to) {
+        if ((o.ports.length > 0 && !o.ports.includes(f.destinationPort)) || o.notPorts.includes(f.destinationPort)) continue;
+        out.push({ hosts: o.hosts, notHosts: o.notHosts, methods: o.methods, notMethods: o.notMethods, paths: o.paths, notPaths: o.notPaths });
+      }
+    }
+    return out;
   }
 
   /** The decision for one connection to a workload this node serves, on a port it relays as bytes (request attributes unknown). */

@@ -8,14 +8,17 @@
  * of an HTTP/2 port); on one node and across two nodes (HBONE, mutual TLS).
  */
 import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { checkChannels, metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess } from '../support/agent.js';
+import { checkChannels, metricValue, serviceYaml, startAgent, startControlPlane, type AgentProcess, type ControlPlaneProcess } from '../support/agent.js';
 import type { GrpcPlan, GrpcRun } from '../support/grpc-client.js';
 import type { H2Answer } from '../support/h2-client.js';
 import { h2Frame } from '../support/loopback.js';
 import { createSandbox, waitFor, type Sandbox } from '../support/sandbox.js';
+import { scratch } from '../support/scratch.js';
 import type { PodRecord } from '../../src/runtime/store.js';
 
 const APP = fileURLToPath(new URL('../support/grpc-app.js', import.meta.url));
@@ -129,6 +132,35 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   assert.equal((await grpc(sb, client, { unary: { count: 1 } }, [agent])).unary[0]?.code, undefined, 'the proxy serves on');
 });
 
+/**
+ * Without its policy nothing at v2's node decides per call: its engine passes the calls on unread.
+ * The policy written back while the calls' connection into the pod stays busy judges the next
+ * calls on that same connection.
+ */
+async function checkUnread(t: TestContext, sb: Sandbox, client: PodRecord, cp: ControlPlaneProcess, destination: AgentProcess, agents: ReadonlyArray<AgentProcess>): Promise<void> {
+  const { dir } = await scratch(t, 'nodemesh-test-unread');
+  const go = join(dir, 'go');
+  const denied = { 'x-version': 'v2', 'x-deny': 'yes' };
+  const configured = async (change: () => Promise<void>, what: string): Promise<void> => {
+    const before = (await destination.config()).version;
+    await change();
+    await waitFor(async () => (await destination.config()).version > before, 10_000, what);
+  };
+  const unread = async (): Promise<number> => metricValue(await destination.metrics(), 'nodemesh_http_unread_requests_total');
+  await configured(() => cp.writeConfig('policy.yaml', ''), "v2's node without the policy");
+  const before = await unread();
+  const running = grpc(sb, client, { unary: { count: 50, metadata: denied }, then: { waitFor: go, ping: { 'x-version': 'v2' }, unary: { count: 20, metadata: denied } } }, agents);
+  await waitFor(async () => (await unread()) >= before + 49, 20_000, 'the calls passed on unread by the engine (all but the first on the connection)');
+  const connections = async (): Promise<number> => metricValue(await destination.metrics(), 'nodemesh_http2_connections_total', { side: 'server' });
+  const served = await connections();
+  await configured(() => cp.writeConfig('policy.yaml', meshConfig()['policy.yaml'] ?? ''), "v2's node with the policy again");
+  await writeFile(go, '');
+  const run = await running;
+  assert.deepEqual([...new Set(run.unary.map((u) => u.pod ?? u.code))], ['cart-v2'], 'no policy: every call served');
+  assert.deepEqual([...new Set(run.then?.map((u) => u.code))], [7], 'the policy back: each next call judged and refused');
+  assert.equal(await connections(), served, 'on the same connection into the pod');
+}
+
 test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), streams intact', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
@@ -143,6 +175,7 @@ test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), stre
   await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
   await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
+  await checkUnread(t, sb, client, cp, agentB, [agentA, agentB]);
   assert.ok(metricValue(await agentB.metrics(), 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' }) >= 1, "node B's side read the tunnelled streams on its engine");
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');
   // Node A's HTTP/2 sessions in tunnels are channels to the HBONE streams, and so are node B's

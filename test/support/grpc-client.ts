@@ -3,11 +3,14 @@
  * One channel (one HTTP/2 connection) for the whole plan; prints one JSON line with what came back.
  *
  * Plan: {host, port, unary?: {count, metadata?}, serverStream?: n, clientStream?: {messages, bytes},
- * bidi?: messages, fail?: true, raw?: [{hex, repeat?: {hex, times}}]}. Each raw entry (its bytes,
+ * bidi?: messages, fail?: true, raw?: [{hex, repeat?: {hex, times}}], then?: {waitFor, ping?, unary}}.
+ * `then` comes last: one unary call (with the metadata `ping`) every 100 ms, keeping the connection
+ * busy, until the file `waitFor` exists; then its unary calls, reported as `then`. Each raw entry (its bytes,
  * then `repeat` so many times) goes on a connection of its own after the client preface; what is reported is the GOAWAY's error code ("goaway:<code>"),
  * "closed" when the connection closed without one, or "timeout" after 5 s.
  */
 import { Metadata, credentials, makeGenericClientConstructor, type ServiceError } from '@grpc/grpc-js';
+import { existsSync } from 'node:fs';
 import { connect } from 'node:net';
 
 import { ECHO_SERVICE } from './grpc-service.js';
@@ -21,6 +24,7 @@ export interface GrpcPlan {
   readonly bidi?: number;
   readonly fail?: boolean;
   readonly raw?: ReadonlyArray<{ readonly hex: string; readonly repeat?: { readonly hex: string; readonly times: number } }>;
+  readonly then?: { readonly waitFor: string; readonly ping?: Record<string, string>; readonly unary: { readonly count: number; readonly metadata?: Record<string, string> } };
 }
 
 export interface GrpcRun {
@@ -31,6 +35,7 @@ export interface GrpcRun {
   readonly bidi?: { readonly echoed: number; readonly intact: boolean; readonly end: boolean; readonly code?: number };
   readonly fail?: { readonly code: number; readonly details: string };
   readonly raw?: string[];
+  readonly then?: GrpcRun['unary'];
 }
 
 const PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
@@ -83,11 +88,12 @@ function unary(md: Metadata, bytes: number): Promise<GrpcRun['unary'][number]> {
 
 async function main(): Promise<GrpcRun> {
   const run: { -readonly [K in keyof GrpcRun]: GrpcRun[K] } = { unary: [] };
-  if (plan.unary) {
+  const calls = async (u: NonNullable<GrpcPlan['unary']>, into: GrpcRun['unary']): Promise<void> => {
     const md = new Metadata();
-    for (const [k, v] of Object.entries(plan.unary.metadata ?? {})) md.set(k, v);
-    for (let i = 0; i < plan.unary.count; i++) run.unary.push(await unary(md, plan.unary.bytes ?? 16));
-  }
+    for (const [k, v] of Object.entries(u.metadata ?? {})) md.set(k, v);
+    for (let i = 0; i < u.count; i++) into.push(await unary(md, u.bytes ?? 16));
+  };
+  if (plan.unary) await calls(plan.unary, run.unary);
   if (plan.serverStream !== undefined) {
     const n = plan.serverStream;
     run.serverStream = await new Promise((resolve) => {
@@ -151,6 +157,17 @@ async function main(): Promise<GrpcRun> {
     run.fail = await new Promise((resolve) => {
       client['Fail']?.(Buffer.alloc(1), new Metadata(), (err: ServiceError | null) => resolve({ code: err?.code ?? 0, details: err?.details ?? '' }));
     });
+  }
+  if (plan.then) {
+    const { waitFor, ping, unary: after } = plan.then;
+    const md = new Metadata();
+    for (const [k, v] of Object.entries(ping ?? {})) md.set(k, v);
+    while (!existsSync(waitFor)) {
+      await unary(md, 16);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    run.then = [];
+    await calls(after, run.then);
   }
   return run;
 }

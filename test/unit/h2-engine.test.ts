@@ -11,7 +11,10 @@ import { connect as h2connect, constants, createServer as h2server, sensitiveHea
 import { connect } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { h2Engine, type H2Engine } from '../../src/datapath/native.js';
+import { parseObject } from '../../src/config/objects.js';
+import type { AuthorizationPolicy } from '../../src/config/security.js';
+import { h2Engine, type H2Engine, type H2Gate } from '../../src/datapath/native.js';
+import { PolicyEngine, type ConnectionFacts } from '../../src/proxy/policy.js';
 import { dialFd, engineFront, h2Frame, listening } from '../support/loopback.js';
 
 interface Done {
@@ -23,10 +26,24 @@ interface Done {
   readonly grpcStatus: string;
 }
 
+interface Delivered {
+  readonly conn: number;
+  readonly status: number;
+  readonly flag: string;
+  readonly bytesIn: number;
+  readonly bytesOut: number;
+  readonly grpcStatus: string | undefined;
+  readonly ms: number;
+}
+
 interface Rig {
   readonly port: number;
   readonly engine: H2Engine;
   readonly done: Done[];
+  /** Streams the engine forwarded without a request() event. */
+  readonly delivered: Delivered[];
+  /** request() events so far. */
+  readonly requests: { count: number };
   readonly refused: string[];
   /** Upstream connections the server accepted. */
   readonly upstream: { connections: number; streams: number };
@@ -36,7 +53,7 @@ interface Rig {
   onRetry: (stream: number, status: number) => boolean;
   /** Called with a stream's id as it ends, before its done() is recorded. */
   onDone?: (stream: number) => void;
-  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean): Promise<void>;
+  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean, gate?: H2Gate): Promise<void>;
 }
 
 
@@ -52,34 +69,39 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
   });
   const upPort = await listening(server);
   const done: Done[] = [];
+  const delivered: Delivered[] = [];
+  const requests = { count: 0 };
   const refused: string[] = [];
   let opening: Promise<void> | undefined;
   const r: Rig = {
     port: 0,
     engine: undefined as unknown as H2Engine,
     done,
+    delivered,
+    requests,
     refused,
     upstream,
     onRequest: (stream, method, path, authority, headers) => {
       void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
     },
     onRetry: () => false,
-    forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false, own = false) => {
+    forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false, own = false, gate = undefined) => {
       // The engine takes fields as one string, joined by NUL.
       const fields = list.join('\0');
-      if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own)) return;
+      if (r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own, gate)) return;
       // One dial for every stream that waits (as H2Host does).
       opening ??= dialFd(upPort).then((fd) => {
         r.engine.attach('up', fd, 0);
         opening = undefined;
       });
       await opening;
-      assert.ok(r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own), 'a stream starts on the session just attached');
+      assert.ok(r.engine.forward(stream, 'up', fields, remove, add.join('\0'), retryOn, keep, own, gate), 'a stream starts on the session just attached');
     },
   };
   const engine = h2Engine(
     {
       request: (_conn, stream, head) => {
+        r.requests.count++;
         // "host", :authority, the fields, :method, :path.
         const parts = head.split('\0');
         const path = parts.pop() ?? '';
@@ -91,6 +113,7 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
         r.onDone?.(stream);
         done.push({ stream, status, flag, bytesIn, bytesOut, grpcStatus });
       },
+      delivered: (conn, status, flag, bytesIn, bytesOut, grpcStatus, ms) => void delivered.push({ conn, status, flag, bytesIn, bytesOut, grpcStatus, ms }),
       closed: () => undefined,
       refused: (_conn, reason) => void refused.push(reason),
     },
@@ -155,7 +178,7 @@ function echo(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): void {
   stream.on('end', () => {
     const neverIndexed = ((headers as Record<symbol, unknown>)[sensitiveHeaders] as string[] | undefined) ?? [];
     stream.respond(
-      { ':status': 200, 'x-method': String(headers[':method']), 'x-path': String(headers[':path']), 'x-authority': String(headers[':authority']), 'x-seen': String(headers['x-in'] ?? ''), 'x-never-indexed': neverIndexed.join(','), 'x-drop': 'me' },
+      { ':status': 200, 'x-method': String(headers[':method']), 'x-path': String(headers[':path']), 'x-authority': String(headers[':authority']), 'x-seen': String(headers['x-in'] ?? ''), 'x-rid': String(headers['x-request-id'] ?? ''), 'x-never-indexed': neverIndexed.join(','), 'x-drop': 'me' },
       { waitForTrailers: true },
     );
     stream.once('wantTrailers', () => stream.sendTrailers({ 'x-trailer': 'end', 'x-had-trailer': String((stream as unknown as { trailers?: IncomingHttpHeaders }).trailers?.['x-req-trailer'] ?? '') }));
@@ -205,6 +228,156 @@ test('h2 engine: with own, a stream goes upstream with its fields from the engin
   assert.equal(a.status, 200);
   assert.equal(a.headers['x-seen'], 'mine', "the client's own field went upstream");
   assert.equal(a.headers['x-never-indexed'], 'x-request-id,traceparent', 'the added id and the own trace context, never indexed');
+});
+
+/** Every stream passes: no policy applies. */
+const OPEN: H2Gate = { id: 1, deny: [], allow: undefined };
+
+test('h2 engine: with a gate, a connection\'s later streams with plain paths go on without asking JS (an id added when missing, bodies and trailers intact, reported in delivered()), others ask; undirect() ends it', async (t) => {
+  const r = await rig(t, (stream, headers) => {
+    if (headers['content-type'] === 'application/grpc') {
+      stream.respond({ ':status': 200, 'content-type': 'application/grpc' }, { waitForTrailers: true });
+      stream.once('wantTrailers', () => stream.sendTrailers({ 'grpc-status': '7' }));
+      stream.end();
+      return;
+    }
+    echo(stream, headers);
+  });
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const asked: string[] = [];
+  // As NativeH2Inbound forwards: pseudo-header fields, an id when missing, the stream's own fields.
+  r.onRequest = (stream, method, path, authority, headers) => {
+    asked.push(path);
+    const id = headers.includes('x-request-id') ? [] : ['x-request-id', `js-${asked.length}`];
+    // A client that sends a host field and no :authority: the host field says it.
+    const host = headers.indexOf('host');
+    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', host >= 0 ? (headers[host + 1] ?? '') : authority, ':path', path, ...id], [], [], undefined, false, true, OPEN);
+  };
+  const first = await fetch(session, '/first');
+  assert.equal(first.status, 200);
+  assert.equal(first.headers['x-rid'], 'js-1');
+  assert.deepEqual(asked, ['/first']);
+
+  const body = Buffer.alloc(70_000, 7);
+  const answers = await Promise.all(Array.from({ length: 50 }, (_, i) => fetch(session, `/d/${i}?q=${i}`, i % 5 === 0 ? { body, headers: { 'x-in': String(i), 'x-request-id': `mine-${i}` }, trailers: { 'x-req-trailer': `t${i}` } } : { headers: { 'x-in': String(i) } })));
+  assert.deepEqual(asked, ['/first'], 'no request() event for the plain streams');
+  const ids = new Set<string>();
+  answers.forEach((a, i) => {
+    assert.equal(a.status, 200, `stream ${i}`);
+    assert.equal(a.headers['x-path'], `/d/${i}?q=${i}`);
+    assert.equal(a.headers['x-method'], i % 5 === 0 ? 'POST' : 'GET');
+    assert.equal(a.headers['x-seen'], String(i), 'its own fields went upstream');
+    if (i % 5 === 0) {
+      assert.equal(a.headers['x-rid'], `mine-${i}`, "the client's id kept");
+      assert.ok(a.body.equals(body), `body of stream ${i} intact`);
+      assert.equal(a.trailers?.['x-had-trailer'], `t${i}`, 'request trailers passed');
+    } else {
+      assert.match(String(a.headers['x-rid']), /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, 'a new version 4 UUID');
+      ids.add(String(a.headers['x-rid']));
+    }
+    assert.equal(a.headers['x-never-indexed'], 'x-request-id', 'the id (added or the client\'s) never indexed');
+    assert.equal(a.trailers?.['x-trailer'], 'end', 'answer trailers passed');
+  });
+  assert.equal(ids.size, 40, 'each id new');
+  await until('every delivered()', () => r.delivered.length === 50);
+  assert.ok(r.delivered.every((d) => d.status === 200 && d.flag === '-' && d.grpcStatus === undefined && d.ms > 0 && d.ms < 60_000));
+  assert.equal(r.delivered.reduce((n, d) => n + d.bytesIn, 0), 10 * body.length, 'request bytes counted');
+  assert.equal(r.delivered.reduce((n, d) => n + d.bytesOut, 0), 10 * body.length, 'answer bytes counted');
+  assert.equal(new Set(r.delivered.map((d) => d.conn)).size, 1, 'under the client connection');
+
+  // gRPC: its status from the trailers.
+  const g = await fetch(session, '/pkg.Svc/Call', { body: Buffer.from([0, 0, 0, 0, 0]), headers: { 'content-type': 'application/grpc', te: 'trailers' } });
+  assert.equal(g.trailers?.['grpc-status'], '7');
+  await until('the gRPC stream delivered', () => r.delivered.length === 51);
+  assert.equal(r.delivered[50]?.grpcStatus, '7');
+
+  // Targets admission would change (a percent-encoding, a dot segment, an empty query) and a host field go to JS.
+  for (const path of ['/a/%41', '/a/../b', '/a/./b', '/q?']) assert.equal((await fetch(session, path)).status, 200, path);
+  assert.equal((await fetch(session, '/h', { headers: { host: 'other' } })).status, 200);
+  assert.deepEqual(asked, ['/first', '/a/%41', '/a/../b', '/a/./b', '/q?', '/h']);
+
+  r.engine.undirect();
+  assert.equal((await fetch(session, '/after')).status, 200);
+  assert.equal(asked.at(-1), '/after', 'asked again after undirect()');
+  assert.equal(r.upstream.connections, 1, 'one upstream session throughout');
+});
+
+test('h2 engine: a policy\'s request gate: the streams it passes go on unread, each one the policy allows; it asks for the others', async (t) => {
+  const r = await rig(t, echo);
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  const ap = (name: string, spec: Record<string, unknown>): AuthorizationPolicy => {
+    const p = parseObject('t.yaml', { apiVersion: 'security.nodemesh.io/v1', kind: 'AuthorizationPolicy', metadata: { name, namespace: 'shop' }, spec });
+    if (!('object' in p) || !p.object || !('authorizationPolicy' in p.object)) throw new Error(`refused: ${JSON.stringify(p)}`);
+    return p.object.authorizationPolicy;
+  };
+  const policies = new PolicyEngine({
+    mtlsMode: 'PERMISSIVE',
+    peerAuthentications: [],
+    authorizationPolicies: [
+      ap('reads', {
+        rules: [
+          { to: [{ operation: { methods: ['GET', 'HEAD'], paths: ['/public/*', '/api/*', '/exact'] } }] },
+          // Another caller's: never on this connection.
+          { from: [{ source: { principals: ['cluster.local/ns/shop/sa/admin'] } }] },
+          // Reads a header: the engine leaves these to JS.
+          { to: [{ operation: { methods: ['POST'] } }], when: [{ key: 'request.headers[x-role]', values: ['ops'] }] },
+          // Another port's.
+          { to: [{ operation: { ports: ['9090'] } }] },
+        ],
+      }),
+      ap('secrets', {
+        action: 'DENY',
+        rules: [
+          { to: [{ operation: { paths: ['*.secret'] } }] },
+          { to: [{ operation: { hosts: ['internal.example'] } }] },
+          // Its header condition left out: every GET /api/x goes to JS.
+          { to: [{ operation: { paths: ['/api/x'] } }], when: [{ key: 'request.headers[x-force]', values: ['yes'] }] },
+        ],
+      }),
+    ],
+  });
+  const facts: ConnectionFacts = { sourceIp: '10.200.0.7', peer: { trustDomain: 'cluster.local', namespace: 'shop', serviceAccount: 'a' }, destination: { namespace: 'shop', labels: { app: 'web' } }, destinationIp: '10.200.0.9', destinationPort: 8080 };
+  const gate = policies.requestGate(facts);
+  assert.ok(gate);
+  assert.equal(gate.allow?.length, 1, 'one ALLOW operation holds on this connection without reading headers');
+  assert.equal(gate.deny.length, 3);
+  const asked: string[] = [];
+  r.onRequest = (stream, method, path, authority) => {
+    asked.push(`${method} ${authority} ${path}`);
+    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path], [], [], undefined, false, true, gate);
+  };
+  assert.equal((await fetch(session, '/first')).status, 200);
+  const cases: ReadonlyArray<{ method?: string; path: string; authority?: string; unread: boolean }> = [
+    { path: '/public/a', unread: true },
+    { method: 'HEAD', path: '/api/y', unread: true },
+    { path: '/public/a?x=1', unread: true },
+    { path: '/exact', unread: true },
+    { path: '/public/a', authority: 'Web.Shop:8080', unread: true },
+    { path: '/exact/more', unread: false },
+    { path: '/PUBLIC/a', unread: false },
+    { path: '/public/x.secret', unread: false },
+    { path: '/public/a', authority: 'internal.example:8080', unread: false },
+    { path: '/public/a', authority: 'INTERNAL.example', unread: false },
+    { path: '/api/x', unread: false },
+    { path: '/other', unread: false },
+    { method: 'POST', path: '/public/a', unread: false },
+    { method: 'DELETE', path: '/public/a', unread: false },
+  ];
+  for (const c of cases) {
+    const method = c.method ?? 'GET';
+    const authority = c.authority ?? 'web.shop';
+    const before = asked.length;
+    const a = await fetch(session, c.path, { method, headers: { ':authority': authority } });
+    assert.equal(a.status, 200);
+    const unread = asked.length === before;
+    assert.equal(unread, c.unread, `${method} ${authority} ${c.path}: ${unread ? 'unread' : 'asked'}`);
+    // Whatever went unread, the policy allows.
+    const path = c.path.split('?')[0] ?? '';
+    if (unread) assert.ok(policies.authorizeRequest(facts, { method, host: authority, path, header: () => undefined }).allowed, `${method} ${c.path}: allowed by the policy`);
+  }
+  await until('every unread stream delivered', () => r.delivered.length === cases.filter((c) => c.unread).length);
 });
 
 test('h2 engine: a large answer streams with flow control (more than every window), a 100 Continue passes, the proxy answers, redirects and cuts', async (t) => {

@@ -188,3 +188,19 @@ test('policy: one engine asked again and again about the same workload and port,
   assert.equal(allowed(e, from('shop/a')), false);
   assert.ok(allowed(e, from('shop/b')));
 });
+
+test('policy: the request gate for the destination\'s engine: open without policies; none with AUDIT, a DENY of any request, no ALLOW rule it can read, or a refused connection', () => {
+  assert.deepEqual(engine([]).requestGate(from('shop/a')), { id: 0, deny: [], allow: undefined });
+  assert.equal(engine([AP('audit', { action: 'AUDIT', rules: [{ to: [{ operation: { paths: ['/x'] } }] }] })]).requestGate(from('shop/a')), undefined, 'AUDIT counts each match');
+  assert.equal(engine([AP('deny-all', { action: 'DENY', rules: [{}] })]).requestGate(from('shop/a')), undefined);
+  assert.equal(engine([AP('deny-h', { action: 'DENY', rules: [{ when: [{ key: 'request.headers[x-a]', values: ['1'] }] }] })]).requestGate(from('shop/a')), undefined, 'a DENY on headers alone may match any request');
+  assert.equal(engine([AP('allow-nothing', {})]).requestGate(from('shop/a')), undefined);
+  assert.equal(engine([AP('allow-h', { rules: [{ when: [{ key: 'request.headers[x-a]', values: ['1'] }] }] })]).requestGate(from('shop/a')), undefined, 'an ALLOW on headers: JS reads each request');
+  assert.equal(engine([AP('allow-b', { rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/b'] } }] }] })]).requestGate(from('shop/a')), undefined, "another caller's rule");
+  assert.equal(engine([], [PA('strict', { mtls: { mode: 'STRICT' } })]).requestGate(from(undefined)), undefined, 'plaintext into STRICT');
+  // The caller's own rule: any request, on this connection.
+  const g = engine([AP('allow-a', { rules: [{ from: [{ source: { principals: ['cluster.local/ns/shop/sa/a'] } }] }, { to: [{ operation: { ports: ['9090'], methods: ['GET'] } }] }] })]).requestGate(from('shop/a'));
+  assert.deepEqual(g?.allow?.length, 1, 'the other port\'s operation left out');
+  assert.deepEqual(g?.allow?.[0], { hosts: [], notHosts: [], methods: [], notMethods: [], paths: [], notPaths: [] });
+  assert.deepEqual(g?.deny, []);
+});

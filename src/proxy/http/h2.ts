@@ -756,6 +756,11 @@ export class H2Inbound {
     this.native.host.dropPools(`${uid}|`);
   }
 
+  /** The config changed: every stream is admitted by HttpInbound again until it finds nothing to decide (H2Forwarding.direct). */
+  configChanged(): void {
+    this.native.host.undirect();
+  }
+
   close(): void {
     this.pool.close();
     this.native.host.close();

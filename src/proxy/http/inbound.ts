@@ -18,7 +18,7 @@ import { spiffeUri } from '../../identity/spiffe.js';
 import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import type { ConnectionFacts, RequestFacts } from '../policy.js';
+import type { ConnectionFacts, RequestFacts, RequestGate } from '../policy.js';
 import { UpstreamAgent, answerFields, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
 import type { ChannelServed } from './native-engine.js';
@@ -42,6 +42,8 @@ export interface HttpServerConnection {
   target(): ServiceTarget | undefined;
   /** Whether the config now lets this request through (the node proxy counts and logs refusals). */
   authorize(request: RequestFacts): boolean;
+  /** What of its requests the config now lets through unread (PolicyEngine.requestGate); undefined: none. */
+  requestGate(): RequestGate | undefined;
   /** A new connection to the application, from the caller's address. */
   dial(): Promise<Socket>;
   /** The same, as an fd the caller owns. */
@@ -105,6 +107,22 @@ export class HttpInbound {
   /** node:http serves the connection, its unread bytes put back first. */
   private serveNodeHttp(client: Socket, conn: HttpServerConnection, unread: Buffer): Promise<void> {
     return serveHttp1(this.server, this.connections, withHead(client, unread, 'http1'), conn);
+  }
+
+  /**
+   * Which requests on `conn` would go on as they came in the config now (unless a path needs
+   * normalizing): those its policies' gate passes, when no local rate limit and no access log
+   * line asks for each request. The HTTP/2 engine then passes those on itself (H2Forwarding.gate)
+   * until configChanged(); undefined: every request is admitted here.
+   */
+  unreadGate(conn: HttpServerConnection): RequestGate | undefined {
+    if (conn.target()?.policy.rateLimit !== undefined || this.options.accessLog(conn.pod.namespace)) return undefined;
+    return conn.requestGate();
+  }
+
+  /** The config changed: what unreadGate() said holds no more. */
+  configChanged(): void {
+    this.h2.configChanged();
   }
 
   /** Closes the idle pooled connections to a pod's application (it left). */
@@ -228,6 +246,12 @@ export class HttpInbound {
     const now = Date.now();
     if (now - this.logWindow.start >= 1000) this.logWindow = { start: now, count: 0 };
     if (++this.logWindow.count <= 10) log.info({ pod: conn.pod.name, namespace: conn.pod.namespace, source: conn.source, status: r.status, responseFlags: r.flag, detail: r.detail }, 'request answered by the destination\'s proxy');
+  }
+
+  /** A request the engine passed on unread (admitsUnread), counted: no access log line (admitsUnread said none is asked for). */
+  counted(conn: HttpServerConnection, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
+    this.metrics.httpUnread.inc();
+    this.metrics.requests.record(conn.labels, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);
   }
 
   count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts, grpcStatus?: string): void {

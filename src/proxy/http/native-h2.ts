@@ -14,7 +14,7 @@
  */
 import type { Socket } from 'node:net';
 
-import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine, type H2Gate } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
@@ -84,6 +84,8 @@ export interface H2Handler<C, R> {
   retry?(s: H2Stream<C, R>, status: number): boolean | undefined;
   /** The stream ended (see H2Events.done). */
   done(s: H2Stream<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
+  /** A stream the engine forwarded on its own (H2Forwarding.direct) ended (see H2Events.delivered). */
+  delivered?(conn: C, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
 }
 
 /** How a stream goes upstream (H2Host.forward). */
@@ -101,6 +103,8 @@ export interface H2Forwarding {
   readonly keep: boolean;
   /** The stream's own fields go after `fields` as the client sent them (the engine adds them; `fields` are the pseudo-header fields and additions). */
   readonly own?: boolean;
+  /** With `own`: the connection's later streams this gate passes go the same way without asking the handler, reported in its delivered() (H2Engine.forward). */
+  readonly gate?: H2Gate;
   /** A new connection: its fd (the caller's), or a channel to an HBONE stream. */
   dial(): Promise<EngineUpstream>;
   /** A new session closes after this many streams (0: no limit). */
@@ -205,8 +209,8 @@ export class H2Host<C, R> {
     if (!engine || !entry) return;
     // A refused stream (not processed upstream) goes again once, with no retry rule too.
     entry.how = how;
-    const { pool, fields, answerRemove, answerAdd, retryOn, keep, own } = how;
-    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own)) return;
+    const { pool, fields, answerRemove, answerAdd, retryOn, keep, own, gate } = how;
+    if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own, gate)) return;
     let opening = this.dialing.get(pool);
     if (!opening) {
       const { maxRequests } = how;
@@ -224,7 +228,7 @@ export class H2Host<C, R> {
     opening.then(
       () => {
         if (this.streams.get(s.id) !== entry || s.state !== state || this.engine !== engine) return;
-        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own)) how.failed(new Error('the upstream session ended before the stream could start'));
+        if (!engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own, gate)) how.failed(new Error('the upstream session ended before the stream could start'));
       },
       (e: Error) => {
         if (this.streams.get(s.id) === entry && s.state === state) how.failed(e);
@@ -257,6 +261,11 @@ export class H2Host<C, R> {
   expire(s: H2Stream<C, R>, status: number, detail: string): number {
     const { fields, body } = textAnswer(detail);
     return this.engine?.expire(s.id, status, fields, body) ?? -1;
+  }
+
+  /** Every stream from now on goes to the handler again (the config it decided on changed). */
+  undirect(): void {
+    this.engine?.undirect();
   }
 
   /** Upstream sessions of the pools whose key starts with `prefix` end once idle. */
@@ -305,6 +314,10 @@ export class H2Host<C, R> {
             if (!entry) return;
             this.streams.delete(id);
             this.handler.done(entry.s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
+          },
+          delivered: (connId, status, flag, bytesIn, bytesOut, grpcStatus, ms) => {
+            const c = this.conns.get(connId);
+            if (c) this.handler.delivered?.(c.conn, status, flag, bytesIn, bytesOut, grpcStatus, ms);
           },
           closed: (connId, read, written) => this.conns.get(connId)?.end({ read, written }),
           refused: (_connId, reason) => this.metrics.httpRefused.inc({ reason }),
@@ -702,6 +715,10 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
       // them; here only an x-request-id if it had none.
       fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.headers['x-request-id'] === undefined ? ['x-request-id', requestId] : NO_FIELDS),
       own: true,
+      // What the config now lets through unread on this connection (no rate limit, no access
+      // log; what the policies allow by method, host and path): the engine passes those later
+      // streams on itself, and asks for the others.
+      gate: this.inbound.unreadGate(conn),
       answerRemove: [],
       answerAdd: '',
       retryOn: undefined,
@@ -722,6 +739,10 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
     s.state = undefined;
     const f = flag === 'DC' || r.answered === undefined ? flag : r.answered;
     this.inbound.count(s.conn, f === 'DC' ? 0 : status, f, r.started, withBytes(r.facts, bytesIn, bytesOut, 1), r.grpc ? grpcStatus : undefined);
+  }
+
+  delivered(conn: HttpServerConnection, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void {
+    this.inbound.counted(conn, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, grpcStatus);
   }
 }
 

@@ -64,6 +64,7 @@ export class NodeMetrics {
   readonly httpEngine: Counter<'side' | 'engine' | 'why'>;
   readonly http2Engine: Counter<'side' | 'engine' | 'why'>;
   readonly httpRefused: Counter<'reason'>;
+  readonly httpUnread: Counter;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
   readonly refused: Counter<'direction' | 'reason'>;
@@ -117,6 +118,11 @@ export class NodeMetrics {
       registers,
     });
     this.sniffed = new Counter({ name: 'nodemesh_protocol_sniffed_total', help: 'Connections into a port that says no protocol and has request-level config, by what their first bytes said (http1, http2, opaque: anything else, or nothing within 100 ms)', labelNames: ['protocol'], registers });
+    this.httpUnread = new Counter({
+      name: 'nodemesh_http_unread_requests_total',
+      help: "HTTP/2 requests the destination's engine passed to the application without JS reading them: nothing in the config decides per request on their connection (no AuthorizationPolicy that reads requests, no local rate limit, no access log), and their path needs no normalizing",
+      registers,
+    });
     this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW)', labelNames: ['reason'], registers });
     this.httpRetries = new Counter({ name: 'nodemesh_http_retries_total', help: 'Requests sent again by a route\'s retry (result retried), or not because the Service\'s retry budget was spent (budget_exhausted), by backend Service', labelNames: ['service', 'result'], registers });
     this.httpMirrors = new Counter({ name: 'nodemesh_http_mirrored_total', help: 'Copies of requests sent by a route\'s RequestMirror, by mirror Service and result (sent: answered; failed; no_endpoint; body_too_large: over 64 KiB, not copied)', labelNames: ['service', 'result'], registers });
