@@ -614,7 +614,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   }
 
   // A stream of a `direct` connection, forwarded here when JS would only have passed it on as it
-  // came (the pseudo-header fields, an x-request-id if it had none, then its own fields): false
+  // came (the pseudo-header fields, then its own fields, its x-request-id among them): false
   // when it is JS's to decide (no direct pool, a target admission would change, no session).
   bool ForwardDirect(Exchange* x) {
     Conn* c = x->down;
@@ -634,19 +634,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     Conn* u = Usable(c->direct);
     if (!u) return false;
-    char id[36];
     std::vector<nghttp2_nv> nv;
-    nv.reserve(8 + 2 * 8);
+    nv.reserve(16);
     nv.push_back(Nv(":method", x->method));
     nv.push_back(Nv(":scheme", "http"));
     nv.push_back(Nv(":authority", x->authority));
     nv.push_back(Nv(":path", x->path));
-    if (!x->hasRequestId) {
-      NewRequestId(id);
-      nghttp2_nv rid = Nv("x-request-id", std::string_view(id, sizeof(id)));
-      rid.flags = NGHTTP2_NV_FLAG_NO_INDEX;
-      nv.push_back(rid);
-    }
     AddRequestNvs(nv, x->headers, true);
     x->attempted = true;
     x->decided = true;
@@ -1064,6 +1057,14 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (c->server) {
       if (frame->hd.type == NGHTTP2_HEADERS && frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
         x->headersDone = true;
+        // A request without an id gets one here (as it goes on, as JS sees it), made in C++: in JS
+        // it was a string per request for the collector.
+        if (!x->hasRequestId) {
+          char id[36];
+          NewRequestId(id);
+          x->headers.Add("x-request-id", std::string_view(id, sizeof(id)));
+          x->hasRequestId = true;
+        }
         x->req.end = end;
         e->pendingRequests_.push_back(x->xid);
         return 0;

@@ -26,6 +26,8 @@ interface Done {
   readonly grpcStatus: string;
 }
 
+const UUID4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
 interface Delivered {
   readonly conn: number;
   readonly status: number;
@@ -223,11 +225,12 @@ test('h2 engine: with own, a stream goes upstream with its fields from the engin
   const session = h2connect(`http://127.0.0.1:${r.port}`);
   t.after(() => session.destroy());
   // JS sends only the pseudo-header fields and what it adds; the engine adds the client's own.
-  r.onRequest = (stream, method, path, authority) => void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, 'x-request-id', 'added'], [], [], undefined, false, true);
+  r.onRequest = (stream, method, path, authority) => void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, 'x-added', 'yes'], [], [], undefined, false, true);
   const a = await fetch(session, '/own', { headers: { 'x-in': 'mine', traceparent: `00-${'1'.repeat(32)}-${'2'.repeat(16)}-01` } });
   assert.equal(a.status, 200);
   assert.equal(a.headers['x-seen'], 'mine', "the client's own field went upstream");
-  assert.equal(a.headers['x-never-indexed'], 'x-request-id,traceparent', 'the added id and the own trace context, never indexed');
+  assert.match(String(a.headers['x-rid']), UUID4, 'the id the engine gave the request (it had none) went upstream');
+  assert.equal(a.headers['x-never-indexed'], 'traceparent,x-request-id', 'that id and the own trace context, never indexed');
 });
 
 /** Every stream passes: no policy applies. */
@@ -246,17 +249,19 @@ test('h2 engine: with a gate, a connection\'s later streams with plain paths go 
   const session = h2connect(`http://127.0.0.1:${r.port}`);
   t.after(() => session.destroy());
   const asked: string[] = [];
-  // As NativeH2Inbound forwards: pseudo-header fields, an id when missing, the stream's own fields.
+  const seenIds: string[] = [];
+  // As NativeH2Inbound forwards: pseudo-header fields, then the stream's own fields.
   r.onRequest = (stream, method, path, authority, headers) => {
     asked.push(path);
-    const id = headers.includes('x-request-id') ? [] : ['x-request-id', `js-${asked.length}`];
+    seenIds.push(headers[headers.indexOf('x-request-id') + 1] ?? '');
     // A client that sends a host field and no :authority: the host field says it.
     const host = headers.indexOf('host');
-    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', host >= 0 ? (headers[host + 1] ?? '') : authority, ':path', path, ...id], [], [], undefined, false, true, OPEN);
+    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', host >= 0 ? (headers[host + 1] ?? '') : authority, ':path', path], [], [], undefined, false, true, OPEN);
   };
   const first = await fetch(session, '/first');
   assert.equal(first.status, 200);
-  assert.equal(first.headers['x-rid'], 'js-1');
+  assert.match(seenIds[0] ?? '', UUID4, 'a request without an id gets one from the engine, in what JS reads');
+  assert.equal(first.headers['x-rid'], seenIds[0], 'and upstream');
   assert.deepEqual(asked, ['/first']);
 
   const body = Buffer.alloc(70_000, 7);
@@ -273,7 +278,7 @@ test('h2 engine: with a gate, a connection\'s later streams with plain paths go 
       assert.ok(a.body.equals(body), `body of stream ${i} intact`);
       assert.equal(a.trailers?.['x-had-trailer'], `t${i}`, 'request trailers passed');
     } else {
-      assert.match(String(a.headers['x-rid']), /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/, 'a new version 4 UUID');
+      assert.match(String(a.headers['x-rid']), UUID4, 'a new version 4 UUID');
       ids.add(String(a.headers['x-rid']));
     }
     assert.equal(a.headers['x-never-indexed'], 'x-request-id', 'the id (added or the client\'s) never indexed');
