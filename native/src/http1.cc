@@ -28,6 +28,7 @@
 
 #include "channel.h"
 #include "common.h"
+#include "gate.h"
 
 namespace nodemesh {
 
@@ -385,6 +386,13 @@ struct Client {
   // Released to JS while it came on a channel: its bytes pass (a tunnel) to a socket pair whose
   // other end JS serves; nothing of it is reported any more (JS's connection is that socket's).
   bool bridge = false;
+  // Requests that go on without asking JS (forward()'s `gate`): their pool (empty: JS decides
+  // each), and which of them may. `unread`: the request in flight went so (reported in
+  // delivered(), not done()), since `startedNs`.
+  std::string direct;
+  Gate gate;
+  bool unread = false;
+  uint64_t startedNs = 0;
 };
 
 struct Upstream {
@@ -415,6 +423,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                            InstanceMethod<&Http1Engine::Release>("release"),
                            InstanceMethod<&Http1Engine::CloseJs>("close"),
                            InstanceMethod<&Http1Engine::DropPools>("dropPools"),
+                           InstanceMethod<&Http1Engine::Undirect>("undirect"),
                            InstanceMethod<&Http1Engine::Stats>("stats"),
                            InstanceMethod<&Http1Engine::Destroy>("destroy"),
                        });
@@ -426,6 +435,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     head_ = Napi::Persistent(cb.Get("head").As<Napi::Function>());
     retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
+    delivered_ = Napi::Persistent(cb.Get("delivered").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     Napi::Object o = info[1].As<Napi::Object>();
     maxHead_ = o.Get("maxHeadBytes").As<Napi::Number>().Uint32Value();
@@ -472,7 +482,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return info.Env().Undefined();
   }
 
-  // forward(id, pool, head, fd, answerRemove, answerAdd, maxRequests?, retryOn?): the request goes upstream, on `fd` (a
+  // undirect(): every request from now on is JS's to decide again (the config changed).
+  Napi::Value Undirect(const Napi::CallbackInfo& info) {
+    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate();
+    return info.Env().Undefined();
+  }
+
+  // forward(id, pool, head, fd, answerRemove, answerAdd, maxRequests?, retryOn?, keep?, gate?): the request goes upstream, on `fd` (a
   // new connection, kept in `pool` afterwards) or, with fd -1, on an idle one of `pool`. False
   // when there is none (the caller dials and calls again with the fd).
   Napi::Value Forward(const Napi::CallbackInfo& info) {
@@ -535,14 +551,90 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       c->replay.clear();
     }
     c->resend = false;
-    c->rawHead.assign(c->peer.in, 0, c->req.length);
-    u->peer.out.append(Latin1(info[2]));
-    c->peer.in.erase(0, c->req.length);
-    c->phase = Client::Phase::kExchange;
+    // With a `gate` (what JS would pass on as it came on this connection), the connection's later
+    // requests that it passes go the same way without asking JS (ForwardDirect); undirect() ends that.
+    if (info.Length() > 9 && info[9].IsObject()) {
+      ReadGate(info[9].As<Napi::Object>(), c->gate);
+      c->direct = pool;
+    } else {
+      c->direct.clear();
+    }
     depth_++;
-    PumpRequest(c);
+    Send(c, Latin1(info[2]));
     depth_--;
     return Napi::Boolean::New(env, true);
+  }
+
+  // The request goes out on its upstream (c->up) with `head`, its body as it comes.
+  void Send(Client* c, const std::string& head) {
+    c->rawHead.assign(c->peer.in, 0, c->req.length);
+    c->up->peer.out.append(head);
+    c->peer.in.erase(0, c->req.length);
+    c->phase = Client::Phase::kExchange;
+    PumpRequest(c);
+  }
+
+  // A request on a `direct` connection, sent here when JS would only have passed it on as it came
+  // (HttpInbound.headersUp: hop-by-hop fields out, chunked framing kept, its id), on an idle
+  // connection of the pool: false when it is JS's to decide (no gate, or one that does not pass
+  // it; a target admission would change; HTTP/1.0, an upgrade, a Connection field naming other
+  // fields, no single Host; no idle connection).
+  bool ForwardDirect(Client* c) {
+    if (c->direct.empty() || c->req.minor != 1 || c->req.upgrade || c->req.method == "CONNECT" || !PlainTarget(c->req.target)) return false;
+    const std::string* host = nullptr;
+    for (const auto& [n, v] : c->req.headers) {
+      if (IEquals(n, "host")) {
+        if (host) return false;
+        host = &v;
+      } else if (IEquals(n, "connection")) {
+        // Only its own tokens: a field it names must go too, which JS's forwardable() does.
+        size_t i = 0;
+        while (i <= v.size()) {
+          size_t comma = v.find(',', i);
+          if (comma == std::string::npos) comma = v.size();
+          size_t a = i, b = comma;
+          while (a < b && (v[a] == ' ' || v[a] == '\t')) a++;
+          while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t')) b--;
+          std::string token = v.substr(a, b - a);
+          if (!token.empty() && !IEquals(token, "close") && !IEquals(token, "keep-alive")) return false;
+          i = comma + 1;
+        }
+      }
+    }
+    std::string_view target(c->req.target);
+    if (!host || !c->gate.PassesRequest(c->req.method, *host, target.substr(0, target.find('?')))) return false;
+    Upstream* u = TakeIdle(c->direct);
+    if (!u) return false;
+    std::string head;
+    head.reserve(c->req.length + 64);
+    head.append(c->req.method).append(" ").append(c->req.target).append(" HTTP/1.1\r\n");
+    for (const auto& [n, v] : c->req.headers) {
+      if (IEquals(n, "connection") || IEquals(n, "keep-alive") || IEquals(n, "proxy-connection") || IEquals(n, "te") || IEquals(n, "transfer-encoding") || IEquals(n, "upgrade")) continue;
+      head.append(n).append(": ").append(v).append("\r\n");
+    }
+    if (c->req.chunked) head.append("transfer-encoding: chunked\r\n");
+    head.append("\r\n");
+    c->answerRemove.clear();
+    c->answerAdd.clear();
+    c->up = u;
+    c->upgrading = false;
+    u->client = c;
+    u->headDone = false;
+    u->answer = Head();
+    u->reusable = false;
+    u->reused = true;
+    u->maxRequests = 0;
+    c->retryable = false;
+    c->retryOn.clear();
+    c->keepBody = false;
+    c->replay.clear();
+    c->resend = false;
+    c->unread = true;
+    c->startedNs = uv_hrtime();
+    depth_++;
+    Send(c, head);
+    depth_--;
+    return true;
   }
 
   // respond(id, bytes, close, status): the proxy's own answer to the request waiting for a
@@ -935,8 +1027,15 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         c->status = 0;
         c->closeAfter = c->req.close;
         c->headRequest = c->req.method == "HEAD";
+        c->unread = false;
+        // A request without an id gets one here (as it goes on, as JS sees it).
+        if (std::none_of(c->req.headers.begin(), c->req.headers.end(), [](const auto& f) { return IEquals(f.first, "x-request-id"); })) {
+          char id[36];
+          NewRequestId(id);
+          c->req.headers.emplace_back("x-request-id", std::string(id, sizeof(id)));
+        }
         Arm(p);
-        AskJs(c);
+        if (!ForwardDirect(c)) AskJs(c);
         return;
       }
       case Client::Phase::kExchange:
@@ -1082,6 +1181,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       ReportDone(c, 101, "-", reason);
       if (c->peer.closed) return;
     }
+    // A request the engine passed on unread, in flight: JS would have counted it (left()).
+    if (c->unread) ReportDone(c, 0, "DC", reason);
     if (c->up) DetachUpstream(c, false);
     if (abortive && c->peer.fd >= 0) {
       struct linger l = {1, 0};
@@ -1117,6 +1218,12 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         if (none && p->in.empty() && Replayable(c) && (c->retryable || (u->reused && !c->idleRetried && c->body.kind == BodyKind::kNone))) {
           c->idleRetried = true;
           Requeue(c);
+          if (c->unread) {
+            // JS decides it now, as any request it was asked about.
+            c->unread = false;
+            AskJs(c);
+            return;
+          }
           if (Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, 0)})) return;
           // JS will not send it again: the proxy answers, as below.
           if (c->peer.closed || c->phase != Client::Phase::kDecide) return;
@@ -1352,6 +1459,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   void ReportDone(Client* c, int status, const char* flag, const std::string& detail) {
     if (c->bridge) return;
     Napi::Env env = env_;
+    if (c->unread) {
+      c->unread = false;
+      double ms = static_cast<double>(uv_hrtime() - c->startedNs) / 1e6;
+      Call(delivered_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag), Napi::Number::New(env, static_cast<double>(c->body.bytes)),
+                        Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::Number::New(env, ms)});
+      return;
+    }
     Call(done_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag),
                  Napi::Number::New(env, static_cast<double>(c->body.bytes)), Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::String::New(env, detail)});
   }
@@ -1419,7 +1533,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference head_, retry_, done_, closed_;
+  Napi::FunctionReference head_, retry_, done_, delivered_, closed_;
   uv_loop_t* loop_ = nullptr;
   uv_timer_t* timer_ = nullptr;
   uint32_t maxHead_ = 16 * 1024;

@@ -180,6 +180,12 @@ export interface Http1Events {
    * UC, UPE when the engine answered or cut it), body bytes both ways.
    */
   done(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
+  /**
+   * A request the engine sent on without a head() event (forward's `gate`) ended: as done() says
+   * (status 0 and flag DC when the client left with it in flight), with the milliseconds from its
+   * head to its end.
+   */
+  delivered(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number): void;
   /** The client connection is closed ('' when it ended cleanly, else why); the bytes the engine read from it and wrote to it. */
   closed(id: number, reason: string, read: number, written: number): void;
 }
@@ -214,8 +220,15 @@ export interface Http1Engine {
    * an HBONE stream) or, with fd -1, on an idle
    * connection of `pool`. False when there is none; then dial and call again with the fd.
    * `answerRemove` (lower-case names) and `answerAdd` ("name: value\r\n" lines) change the answer's head.
+   * With a `gate`, the connection's later requests that it passes go to an idle connection of the
+   * same pool as they came (hop-by-hop fields out, chunked framing kept) without a head() event,
+   * while they are HTTP/1.1 with one Host, no upgrade, a Connection field naming nothing else and
+   * a target the destination's admission passes on unchanged (see H2Engine.forward); each is
+   * reported in delivered(). Without one, each is asked again. undirect() ends it for all.
    */
-  forward(id: number, pool: string, head: string, fd: number | ChannelRef, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean): boolean;
+  forward(id: number, pool: string, head: string, fd: number | ChannelRef, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean, gate?: EngineGate): boolean;
+  /** Every request from now on gets a head() event again (the config changed): see forward's `gate`. */
+  undirect(): void;
   /**
    * The body of the request in flight on `id` as it was sent (framing included; empty without
    * one), once read whole and kept (forward's `keep`, or a retry's): undefined otherwise (over
@@ -298,14 +311,14 @@ export interface H2Events {
  * "prefix*", "*suffix", "*" for any non-empty value; hosts case-insensitive, a host without a port
  * matching any port), on the stream's :method, :authority and path without its query.
  */
-export interface H2Gate {
+export interface EngineGate {
   /** The engine reads a connection's gate again only when its id changes. */
   readonly id: number;
-  readonly deny: ReadonlyArray<H2GateOperation>;
-  readonly allow: ReadonlyArray<H2GateOperation> | undefined;
+  readonly deny: ReadonlyArray<EngineGateOperation>;
+  readonly allow: ReadonlyArray<EngineGateOperation> | undefined;
 }
 
-export interface H2GateOperation {
+export interface EngineGateOperation {
   readonly hosts: ReadonlyArray<string>;
   readonly notHosts: ReadonlyArray<string>;
   readonly methods: ReadonlyArray<string>;
@@ -350,7 +363,7 @@ export interface H2Engine {
    * empty query) and the pool has a session that takes them; each is reported in delivered().
    * undirect() ends that for all.
    */
-  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean, gate?: H2Gate): boolean;
+  forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean, gate?: EngineGate): boolean;
   /** Every stream from now on gets a request() event again (the config changed): see forward's `direct`. */
   undirect(): void;
   /**

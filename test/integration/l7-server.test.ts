@@ -103,11 +103,14 @@ async function checkAuthorization(sb: Sandbox, callers: { client: PodRecord; adm
         { path: '/public/../private' },
         { path: '/public/%2e%2e/private' },
         { path: '/public/%61' },
+        // What the policy allows by method and path alone: across nodes the destination's engine
+        // passes it on unread (its gate), counted as the others.
+        { path: '/public/b' },
       ],
     },
     agents,
   );
-  assert.deepEqual(statuses(run), [200, 403, 403, 200, 403, 403, 403, 200], `${where}: each request judged on its own`);
+  assert.deepEqual(statuses(run), [200, 403, 403, 200, 403, 403, 403, 200, 200], `${where}: each request judged on its own`);
   assert.equal(run.connections, 1, `${where}: a refused request does not end the keep-alive connection`);
   assert.equal(run.answers[1]?.text, 'RBAC: access denied\n');
   assert.equal(seenBy(run, 7).url, '/public/a', `${where}: the application gets the path that was judged`);
@@ -117,7 +120,8 @@ async function checkAuthorization(sb: Sandbox, callers: { client: PodRecord; adm
   const metrics = await destination.metrics();
   const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'destination', destination_workload: 'api', request_protocol: 'http', ...labels });
   assert.equal(requests({ response_code: '403' }), 5, `${where}: the refusals counted by the destination`);
-  assert.equal(requests({ response_code: '200' }), 4, `${where}: the answers counted by the destination`);
+  assert.equal(requests({ response_code: '200' }), 5, `${where}: the answers counted by the destination`);
+  assert.equal(metricValue(metrics, 'nodemesh_http_unread_requests_total'), 1, `${where}: GET /public/b passed on unread by the destination's engine`);
   assert.equal(requests({ response_code: '200', source_principal: 'spiffe://cluster.local/ns/default/sa/admin' }), 1, `${where}: with the caller's identity`);
   assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-secret', reason: 'denied_by_policy' }), 1);
   assert.equal(metricValue(metrics, 'nodemesh_policy_denials_total', { policy: 'default/api-read', reason: 'not_allowed' }), 4);
@@ -245,7 +249,7 @@ for (const hbone of ['native', 'node'] as const) test(`L7 server side across two
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 2, 'the requests crossed in HBONE');
   assert.equal(metricValue(await agentA.metrics(), 'istio_requests_total'), 0, 'the client\'s node read no request (no client-side config)');
   const mtls = metricValue(await agentB.metrics(), 'istio_requests_total', { reporter: 'destination', connection_security_policy: 'mutual_tls', source_principal: 'spiffe://cluster.local/ns/default/sa/client' });
-  assert.equal(mtls, 8, 'reported as mutual TLS with the client\'s identity');
+  assert.equal(mtls, 9, 'reported as mutual TLS with the client\'s identity (the request passed on unread too)');
   await checkRateLimits(sb, { client, admin }, agentB, [agentA, agentB], 'two nodes');
   await checkTunnelledBytes(sb, admin, agentB, [agentA, agentB], 'two nodes');
   // The addon's engines serve each tunnelled connection on a channel (none with node:http2's),

@@ -45,3 +45,12 @@ export function h2Frame(type: number, flags: number, stream: number, payload = B
   head.writeUInt32BE(stream, 5);
   return Buffer.concat([head, payload]);
 }
+
+/** Polls `check` every 10 ms until it holds; throws after `ms`. */
+export async function until(what: string, check: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

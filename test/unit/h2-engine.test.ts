@@ -13,9 +13,9 @@ import { test, type TestContext } from 'node:test';
 
 import { parseObject } from '../../src/config/objects.js';
 import type { AuthorizationPolicy } from '../../src/config/security.js';
-import { h2Engine, type H2Engine, type H2Gate } from '../../src/datapath/native.js';
+import { h2Engine, type H2Engine, type EngineGate } from '../../src/datapath/native.js';
 import { PolicyEngine, type ConnectionFacts } from '../../src/proxy/policy.js';
-import { dialFd, engineFront, h2Frame, listening } from '../support/loopback.js';
+import { dialFd, engineFront, h2Frame, listening, until } from '../support/loopback.js';
 
 interface Done {
   readonly stream: number;
@@ -55,7 +55,7 @@ interface Rig {
   onRetry: (stream: number, status: number) => boolean;
   /** Called with a stream's id as it ends, before its done() is recorded. */
   onDone?: (stream: number) => void;
-  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean, gate?: H2Gate): Promise<void>;
+  forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean, gate?: EngineGate): Promise<void>;
 }
 
 
@@ -162,13 +162,6 @@ function fetch(session: ClientHttp2Session, path: string, options: { method?: st
   });
 }
 
-async function until(what: string, check: () => boolean, ms = 5000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
 /**
  * Echoes the request: its method, path and headers as answer headers (x-never-indexed: the fields
@@ -234,7 +227,7 @@ test('h2 engine: with own, a stream goes upstream with its fields from the engin
 });
 
 /** Every stream passes: no policy applies. */
-const OPEN: H2Gate = { id: 1, deny: [], allow: undefined };
+const OPEN: EngineGate = { id: 1, deny: [], allow: undefined };
 
 test('h2 engine: with a gate, a connection\'s later streams with plain paths go on without asking JS (an id added when missing, bodies and trailers intact, reported in delivered()), others ask; undirect() ends it', async (t) => {
   const r = await rig(t, (stream, headers) => {

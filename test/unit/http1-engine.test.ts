@@ -11,8 +11,8 @@ import { Agent, createServer as httpServer, request, type IncomingMessage, type 
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { http1Engine, type Http1Engine } from '../../src/datapath/native.js';
-import { dialFd, engineFront, listening } from '../support/loopback.js';
+import { http1Engine, type EngineGate, type Http1Engine } from '../../src/datapath/native.js';
+import { dialFd, engineFront, listening, until } from '../support/loopback.js';
 
 interface Done {
   readonly status: number;
@@ -28,6 +28,8 @@ interface Rig {
   readonly upstreamPort: number;
   readonly engine: Http1Engine;
   readonly done: Done[];
+  /** Requests the engine sent on without a head() event: [status, flag, bytesIn]. */
+  readonly delivered: Array<[number, string, number]>;
   readonly closed: string[];
   /** Requests and connections the upstream server saw. */
   readonly upstream: { requests: Array<{ method: string; url: string; headers: IncomingMessage['headers'] }>; connections: number };
@@ -56,6 +58,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
   server.on('connection', () => upstream.connections++);
   const upPort = await listening(server);
   const done: Done[] = [];
+  const delivered: Rig['delivered'] = [];
   const closed: string[] = [];
   /** The head each connection's request went with (the engine's retry sends it again). */
   const heads = new Map<number, string>();
@@ -65,6 +68,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
     upstreamPort: upPort,
     engine: undefined as unknown as Http1Engine,
     done,
+    delivered,
     closed,
     upstream,
     onRetry: (id) => {
@@ -86,6 +90,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
         r.onDone?.(id);
         done.push({ status, flag, bytesIn, bytesOut, detail });
       },
+      delivered: (_id, status, flag, bytesIn) => void delivered.push([status, flag, bytesIn]),
       closed: (_id, reason) => void closed.push(reason),
     },
     { maxHeadBytes: 16 * 1024, idleMs: options.idleMs ?? 60_000, headTimeoutMs: options.headTimeoutMs ?? 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
@@ -252,11 +257,112 @@ test('answers: HEAD and 204 without bodies, 100-continue passed on, an answer un
 });
 
 /** To the rig's upstream, with answer edits. */
-async function forwardWith(r: Rig, id: number, head: string, remove: string[], add: string): Promise<void> {
+async function forwardWith(r: Rig, id: number, head: string, remove: string[], add: string, gate?: EngineGate): Promise<void> {
   r.heads.set(id, head);
-  if (r.engine.forward(id, 'up', head, -1, remove, add)) return;
-  r.engine.forward(id, 'up', head, await dialFd(r.upstreamPort), remove, add);
+  if (r.engine.forward(id, 'up', head, -1, remove, add, 0, undefined, false, gate)) return;
+  r.engine.forward(id, 'up', head, await dialFd(r.upstreamPort), remove, add, 0, undefined, false, gate);
 }
+
+const UUID4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+/** Forwards as the destination's side does (hop-by-hop fields out, chunked kept), with `gate`; records what it was asked. */
+function asking(r: Rig, gate: EngineGate, asked: string[]): void {
+  r.onHead = (id, method, target, headers) => {
+    asked.push(`${method} ${target}`);
+    let head = `${method} ${target} HTTP/1.1\r\n`;
+    let chunked = false;
+    for (let i = 0; i < headers.length; i += 2) {
+      const name = (headers[i] ?? '').toLowerCase();
+      if (name === 'transfer-encoding') chunked = true;
+      if (!['connection', 'keep-alive', 'transfer-encoding', 'x-foo'].includes(name)) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
+    }
+    head += `${chunked ? 'transfer-encoding: chunked\r\n' : ''}\r\n`;
+    void forwardWith(r, id, head, [], '', gate);
+  };
+  r.onRetry = (id) => {
+    void forwardWith(r, id, r.heads.get(id) ?? '', [], '', gate);
+    return true;
+  };
+}
+
+test('with a gate, a connection\'s later requests it passes go on an idle upstream connection without a head() event (hop-by-hop fields out, chunked kept, an id added when missing), reported in delivered(); others are asked; undirect() ends it', async (t) => {
+  const r = await rig(t, (req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (d: Buffer) => chunks.push(d));
+    req.on('end', () => res.end(JSON.stringify({ url: req.url, rid: req.headers['x-request-id'] ?? '', conn: req.headers.connection ?? '', te: req.headers['transfer-encoding'] ?? '', x: req.headers['x-in'] ?? '', body: Buffer.concat(chunks).length })));
+  });
+  const asked: string[] = [];
+  asking(r, { id: 1, deny: [{ hosts: [], notHosts: [], methods: ['DELETE'], notMethods: [], paths: [], notPaths: [] }], allow: undefined }, asked);
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const seen = async (path: string, options: Parameters<typeof fetchOn>[3] = {}): Promise<Record<string, string | number>> => {
+    const a = await fetchOn(agent, r.port, path, options);
+    assert.equal(a.status, 200, path);
+    return JSON.parse(a.body.toString()) as Record<string, string | number>;
+  };
+  const first = await seen('/first');
+  assert.match(String(first['rid']), UUID4, 'a request without an id gets one from the engine (JS read it too)');
+  assert.deepEqual(asked, ['GET /first']);
+  const plain = await seen('/a?x=1', { headers: { 'x-in': '1' } });
+  assert.deepEqual([plain['url'], plain['x'], plain['conn']], ['/a?x=1', '1', ''], 'its own fields, no Connection');
+  assert.match(String(plain['rid']), UUID4);
+  assert.notEqual(plain['rid'], first['rid']);
+  assert.equal((await seen('/b', { method: 'POST', body: Buffer.alloc(1000, 1) }))['body'], 1000);
+  const chunked = await seen('/c', { method: 'POST', body: Buffer.alloc(3000, 2), chunked: true });
+  assert.deepEqual([chunked['body'], chunked['te']], [3000, 'chunked'], 'chunked framing kept');
+  assert.equal((await seen('/d', { headers: { 'x-request-id': 'mine' } }))['rid'], 'mine', "the client's id kept");
+  assert.deepEqual(asked, ['GET /first'], 'none of those asked');
+  await seen('/e', { method: 'DELETE' });
+  await seen('/f/../g');
+  await seen('/%41');
+  assert.deepEqual(asked.slice(1), ['DELETE /e', 'GET /f/../g', 'GET /%41'], 'what the gate does not pass, and targets admission would change, are asked');
+  r.engine.undirect();
+  await seen('/h');
+  assert.equal(asked.at(-1), 'GET /h', 'asked again after undirect()');
+  assert.deepEqual(r.delivered, [[200, '-', 0], [200, '-', 1000], [200, '-', 3000], [200, '-', 0]]);
+  assert.equal(r.upstream.connections, 1, 'one upstream connection throughout');
+  // A Connection field that names another field: asked (the named field must go too).
+  const raw = await rawExchange(r.port, 'GET /r1 HTTP/1.1\r\nHost: x\r\n\r\nGET /r2 HTTP/1.1\r\nHost: x\r\nConnection: x-foo, close\r\nX-Foo: 1\r\n\r\n');
+  assert.equal(raw.match(/HTTP\/1\.1 200 OK/g)?.length, 2);
+  assert.deepEqual(asked.slice(-2), ['GET /r1', 'GET /r2']);
+});
+
+test('with a gate: an unread request that meets the keep-alive race is asked (and goes on a new connection); one the client resets is reported DC', async (t) => {
+  let served = 0;
+  let slow = false;
+  const r = await rig(t, () => undefined, (s) => {
+    s.on('error', () => undefined);
+    let requests = 0;
+    s.on('data', (d: Buffer) => {
+      // /slow is never answered. Otherwise each connection answers its first request and drops the second unanswered.
+      if (d.toString('latin1').startsWith('GET /slow')) return void (slow = true);
+      if (++requests === 1) s.write(`HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n${String(++served).padStart(2, '0')}`);
+      else s.destroy();
+    });
+  });
+  const asked: string[] = [];
+  asking(r, { id: 1, deny: [], allow: undefined }, asked);
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  assert.equal((await fetchOn(agent, r.port, '/1')).body.toString(), '01');
+  assert.equal((await fetchOn(agent, r.port, '/2')).body.toString(), '02', 'sent again on a new connection');
+  assert.deepEqual(asked, ['GET /1', 'GET /2'], 'the second went unread, met the race, and was asked');
+  assert.equal(r.upstream.connections, 2);
+  assert.deepEqual(r.delivered, []);
+  // The third goes unread on the idle connection; the client leaves before its answer.
+  const s = connect(r.port, '127.0.0.1');
+  s.on('error', () => undefined);
+  await once(s, 'connect');
+  s.write('GET /3 HTTP/1.1\r\nHost: x\r\n\r\n');
+  await once(s, 'data');
+  s.write('GET /slow HTTP/1.1\r\nHost: x\r\n\r\n');
+  await until('the unread request at the server', () => slow);
+  assert.equal(asked.length, 3, '/slow went unread');
+  // Reset: a client that only closed its side would still wait for the answer.
+  s.resetAndDestroy();
+  await until('its report', () => r.delivered.length === 1);
+  assert.deepEqual(r.delivered, [[0, 'DC', 0]]);
+});
 
 test('the upstream fails: closed before its answer (503, UC), cut within its body (the client is reset, UPE)', async (t) => {
   let n = 0;

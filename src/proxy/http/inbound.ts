@@ -112,8 +112,8 @@ export class HttpInbound {
   /**
    * Which requests on `conn` would go on as they came in the config now (unless a path needs
    * normalizing): those its policies' gate passes, when no local rate limit and no access log
-   * line asks for each request. The HTTP/2 engine then passes those on itself (H2Forwarding.gate)
-   * until configChanged(); undefined: every request is admitted here.
+   * line asks for each request. The engines (HTTP/1.1 and HTTP/2) then pass those on themselves
+   * (Forwarding.gate, H2Forwarding.gate) until configChanged(); undefined: every request is admitted here.
    */
   unreadGate(conn: HttpServerConnection): RequestGate | undefined {
     if (conn.target()?.policy.rateLimit !== undefined || this.options.accessLog(conn.pod.namespace)) return undefined;
@@ -123,6 +123,7 @@ export class HttpInbound {
   /** The config changed: what unreadGate() said holds no more. */
   configChanged(): void {
     this.h2.configChanged();
+    this.native.host.undirect();
   }
 
   /** Closes the idle pooled connections to a pod's application (it left). */

@@ -11,7 +11,7 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 
-import { channelNew, closeFd, dropUpstream, dupFd, http1Engine, type ChannelRef, type EngineUpstream, type Http1Engine } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, dupFd, http1Engine, type ChannelRef, type EngineGate, type EngineUpstream, type Http1Engine } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
@@ -45,6 +45,8 @@ export interface Forwarding {
   readonly maxRequests?: number;
   /** A route's retry: the codes it retries on (the handler's retry() is asked on those and on resets). */
   readonly retryOn?: ReadonlyArray<number>;
+  /** The connection's later requests this gate passes go the same way without asking the handler, reported in its delivered() (Http1Engine.forward). */
+  readonly gate?: EngineGate;
   /** Keep the request's body as it is sent (up to 64 KiB), for keptBody() (a mirror's copy). */
   readonly keep?: boolean;
 }
@@ -63,6 +65,8 @@ export interface Http1Handler<C, R> {
   done(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
   /** The client left with the request in flight. */
   left(s: Served<C, R>): void;
+  /** A request the engine sent on by itself (Forwarding.gate) ended (see Http1Events.delivered). */
+  delivered?(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number): void;
 }
 
 /** Raw header pairs as node:http's IncomingMessage.headers has them: lower-case names, repeats joined (set-cookie kept as a list). */
@@ -290,11 +294,11 @@ export class Http1Host<C, R> {
     const request = s.request;
     // The keep-alive race (the engine's retry event, no retry rule): the same request again, on another connection.
     entry.how = how;
-    const { pool, head, answerRemove = NO_FIELDS, answerAdd = '', maxRequests = 0, retryOn, keep = false } = how;
-    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn, keep)) return;
+    const { pool, head, answerRemove = NO_FIELDS, answerAdd = '', maxRequests = 0, retryOn, keep = false, gate } = how;
+    if (engine.forward(s.id, pool, head, -1, answerRemove, answerAdd, maxRequests, retryOn, keep, gate)) return;
     how.dial().then(
       (fd) => {
-        if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn, keep);
+        if (this.engine === engine && entry.attempts === attempt && s.request === request) engine.forward(s.id, pool, head, fd, answerRemove, answerAdd, maxRequests, retryOn, keep, gate);
         else dropUpstream(fd);
       },
       (e: Error) => {
@@ -360,6 +364,11 @@ export class Http1Host<C, R> {
     this.engine?.dropPools(prefix);
   }
 
+  /** Every request from now on goes to the handler again (the config it decided on changed). */
+  undirect(): void {
+    this.engine?.undirect();
+  }
+
   close(): void {
     this.engine?.destroy();
     this.engine = undefined;
@@ -400,6 +409,10 @@ export class Http1Host<C, R> {
             // Refused before any decision: a request the parser would not take.
             if (entry.s.request === undefined) this.metrics.httpRefused.inc({ reason: detail.split(':')[0] || 'unknown' });
             else this.handler.done(entry.s, status, flag, bytesIn, bytesOut, detail);
+          },
+          delivered: (id, status, flag, bytesIn, bytesOut, ms) => {
+            const entry = this.served.get(id);
+            if (entry) this.handler.delivered?.(entry.s, status, flag, bytesIn, bytesOut, ms);
           },
           closed: (id, _reason, read, written) => this.served.get(id)?.end(undefined, { read, written }),
         },

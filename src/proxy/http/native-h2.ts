@@ -14,7 +14,7 @@
  */
 import type { Socket } from 'node:net';
 
-import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine, type H2Gate } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine, type EngineGate } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
@@ -104,7 +104,7 @@ export interface H2Forwarding {
   /** The stream's own fields go after `fields` as the client sent them (the engine adds them; `fields` are the pseudo-header fields and additions). */
   readonly own?: boolean;
   /** With `own`: the connection's later streams this gate passes go the same way without asking the handler, reported in its delivered() (H2Engine.forward). */
-  readonly gate?: H2Gate;
+  readonly gate?: EngineGate;
   /** A new connection: its fd (the caller's), or a channel to an HBONE stream. */
   dial(): Promise<EngineUpstream>;
   /** A new session closes after this many streams (0: no limit). */

@@ -7,6 +7,7 @@
 import type { Socket } from 'node:net';
 
 import { requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
+import type { RequestGate } from '../policy.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 
@@ -22,6 +23,7 @@ class Delivery implements Forwarding {
     private readonly s: Served<HttpServerConnection, Delivering>,
     readonly pool: string,
     readonly head: string,
+    readonly gate: RequestGate | undefined,
   ) {}
 
   dial(): Promise<number> {
@@ -59,7 +61,13 @@ export class NativeInbound implements Http1Handler<HttpServerConnection, Deliver
     }
     const headers = this.inbound.headersUp(req, requestId);
     s.request = { started, facts: withBytes(facts, 0, 0, 1) };
-    this.host.forward(s, new Delivery(this, s, conn.poolKey, requestHead(req.method ?? 'GET', admitted.target, headers, upgradeFields(req))));
+    // What the config now lets through unread on this connection: the engine sends those of its
+    // later requests on itself, and asks for the others.
+    this.host.forward(s, new Delivery(this, s, conn.poolKey, requestHead(req.method ?? 'GET', admitted.target, headers, upgradeFields(req)), this.inbound.unreadGate(conn)));
+  }
+
+  delivered(s: Served<HttpServerConnection, Delivering>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number): void {
+    this.inbound.counted(s.conn, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, undefined);
   }
 
   /** Answered here: the application could not be reached. */

@@ -120,7 +120,7 @@ export class NodeMetrics {
     this.sniffed = new Counter({ name: 'nodemesh_protocol_sniffed_total', help: 'Connections into a port that says no protocol and has request-level config, by what their first bytes said (http1, http2, opaque: anything else, or nothing within 100 ms)', labelNames: ['protocol'], registers });
     this.httpUnread = new Counter({
       name: 'nodemesh_http_unread_requests_total',
-      help: "HTTP/2 requests the destination's engine passed to the application without JS reading them: nothing in the config decides per request on their connection (no AuthorizationPolicy that reads requests, no local rate limit, no access log), and their path needs no normalizing",
+      help: "HTTP requests (HTTP/1.1 and HTTP/2) the destination's engine passed to the application without JS reading them: nothing in the config decides per request on their connection (no AuthorizationPolicy that reads requests, no local rate limit, no access log), and their path needs no normalizing",
       registers,
     });
     this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW)', labelNames: ['reason'], registers });
