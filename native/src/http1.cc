@@ -67,8 +67,9 @@ std::string Lower(std::string s) {
   return s;
 }
 
-// Whether a comma-separated header value holds `token` (case-insensitive).
-bool HasToken(const std::string& value, const char* token) {
+// Whether `test` holds for a token of a comma-separated header value (blanks around it trimmed).
+template <typename F>
+bool AnyToken(const std::string& value, F&& test) {
   size_t i = 0;
   while (i <= value.size()) {
     size_t comma = value.find(',', i);
@@ -76,10 +77,15 @@ bool HasToken(const std::string& value, const char* token) {
     size_t a = i, b = comma;
     while (a < b && (value[a] == ' ' || value[a] == '\t')) a++;
     while (b > a && (value[b - 1] == ' ' || value[b - 1] == '\t')) b--;
-    if (IEquals(value.substr(a, b - a), token)) return true;
+    if (test(value.substr(a, b - a))) return true;
     i = comma + 1;
   }
   return false;
+}
+
+// Whether a comma-separated header value holds `token` (case-insensitive).
+bool HasToken(const std::string& value, const char* token) {
+  return AnyToken(value, [token](const std::string& t) { return IEquals(t, token); });
 }
 
 struct Head {
@@ -529,14 +535,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::Array remove = info[4].As<Napi::Array>();
     for (uint32_t i = 0; i < remove.Length(); i++) c->answerRemove.push_back(Lower(remove.Get(i).As<Napi::String>().Utf8Value()));
     c->answerAdd = Latin1(info[5]);
-    c->up = u;
-    c->upgrading = upgrading;
-    u->client = c;
-    u->headDone = false;
-    u->answer = Head();
-    u->reusable = false;
-    u->reused = !fresh;
-    u->maxRequests = info.Length() > 6 && info[6].IsNumber() ? info[6].As<Napi::Number>().Uint32Value() : 0;
+    Link(c, u, upgrading, !fresh, info.Length() > 6 && info[6].IsNumber() ? info[6].As<Napi::Number>().Uint32Value() : 0);
     c->retryable = info.Length() > 7 && info[7].IsArray();
     c->retryOn.clear();
     if (c->retryable) {
@@ -565,6 +564,18 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     return Napi::Boolean::New(env, true);
   }
 
+  // The request's attempt takes `u` (reused: an idle connection of its pool).
+  static void Link(Client* c, Upstream* u, bool upgrading, bool reused, uint32_t maxRequests) {
+    c->up = u;
+    c->upgrading = upgrading;
+    u->client = c;
+    u->headDone = false;
+    u->answer = Head();
+    u->reusable = false;
+    u->reused = reused;
+    u->maxRequests = maxRequests;
+  }
+
   // The request goes out on its upstream (c->up) with `head`, its body as it comes.
   void Send(Client* c, const std::string& head) {
     c->rawHead.assign(c->peer.in, 0, c->req.length);
@@ -588,17 +599,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         host = &v;
       } else if (IEquals(n, "connection")) {
         // Only its own tokens: a field it names must go too, which JS's forwardable() does.
-        size_t i = 0;
-        while (i <= v.size()) {
-          size_t comma = v.find(',', i);
-          if (comma == std::string::npos) comma = v.size();
-          size_t a = i, b = comma;
-          while (a < b && (v[a] == ' ' || v[a] == '\t')) a++;
-          while (b > a && (v[b - 1] == ' ' || v[b - 1] == '\t')) b--;
-          std::string token = v.substr(a, b - a);
-          if (!token.empty() && !IEquals(token, "close") && !IEquals(token, "keep-alive")) return false;
-          i = comma + 1;
-        }
+        if (AnyToken(v, [](const std::string& t) { return !t.empty() && !IEquals(t, "close") && !IEquals(t, "keep-alive"); })) return false;
       }
     }
     std::string_view target(c->req.target);
@@ -616,14 +617,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     head.append("\r\n");
     c->answerRemove.clear();
     c->answerAdd.clear();
-    c->up = u;
-    c->upgrading = false;
-    u->client = c;
-    u->headDone = false;
-    u->answer = Head();
-    u->reusable = false;
-    u->reused = true;
-    u->maxRequests = 0;
+    Link(c, u, false, true, 0);
     c->retryable = false;
     c->retryOn.clear();
     c->keepBody = false;

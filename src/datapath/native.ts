@@ -318,14 +318,8 @@ export interface EngineGate {
   readonly allow: ReadonlyArray<EngineGateOperation> | undefined;
 }
 
-export interface EngineGateOperation {
-  readonly hosts: ReadonlyArray<string>;
-  readonly notHosts: ReadonlyArray<string>;
-  readonly methods: ReadonlyArray<string>;
-  readonly notMethods: ReadonlyArray<string>;
-  readonly paths: ReadonlyArray<string>;
-  readonly notPaths: ReadonlyArray<string>;
-}
+/** Each list: patterns the request's attribute must match one of (empty: any), or none of (not*). */
+export type EngineGateOperation = Readonly<Record<'hosts' | 'notHosts' | 'methods' | 'notMethods' | 'paths' | 'notPaths', ReadonlyArray<string>>>;
 
 export interface H2Options {
   /** A client connection with no stream this long ends (GOAWAY). */
