@@ -481,7 +481,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   // A stream of a `direct` connection, forwarded here when JS would only have passed it on as it
   // came (the pseudo-header fields, then its own fields, its x-request-id among them): false
-  // when it is JS's to decide (no direct pool, a target admission would change, no session).
+  // when it is JS's to decide (no direct pool, a gate that does not pass it, a target admission
+  // would change, a host field, no session).
   bool ForwardDirect(Exchange* x) {
     Conn* c = x->down;
     if (c->direct.empty() || x->noDirect || x->downClosed || x->dropping || x->hasHost || x->authority.empty() || !PlainTarget(x->path)) return false;

@@ -293,8 +293,8 @@ export interface H2Events {
    */
   done(stream: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
   /**
-   * A stream the engine forwarded on its connection's direct pool (forward's `direct`), JS never
-   * told of it, ended: as done() says, with its gRPC status (undefined when it was no gRPC
+   * A stream the engine forwarded by its connection's gate (forward's `gate`), JS never told of
+   * it, ended: as done() says, with its gRPC status (undefined when it was no gRPC
    * request) and the milliseconds from its headers to its end.
    */
   delivered(conn: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
@@ -305,11 +305,11 @@ export interface H2Events {
 }
 
 /**
- * Which streams of a client connection the HTTP/2 engine forwards without asking JS (forward's
- * `gate`): those that match no `deny` operation and, when `allow` is set, one of its operations.
+ * Which requests of a client connection the HTTP/1.1 and HTTP/2 engines forward without asking
+ * JS (their forward's `gate`): those that match no `deny` operation and, when `allow` is set, one of its operations.
  * An operation matches as an AuthorizationPolicy operation does (Istio's string match: exact,
  * "prefix*", "*suffix", "*" for any non-empty value; hosts case-insensitive, a host without a port
- * matching any port), on the stream's :method, :authority and path without its query.
+ * matching any port), on the request's method, Host (:authority) and path without its query.
  */
 export interface EngineGate {
   /** The engine reads a connection's gate again only when its id changes. */
@@ -358,7 +358,7 @@ export interface H2Engine {
    * undirect() ends that for all.
    */
   forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean, gate?: EngineGate): boolean;
-  /** Every stream from now on gets a request() event again (the config changed): see forward's `direct`. */
+  /** Every stream from now on gets a request() event again (the config changed): see forward's `gate`. */
   undirect(): void;
   /**
    * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for

@@ -756,7 +756,7 @@ export class H2Inbound {
     this.native.host.dropPools(`${uid}|`);
   }
 
-  /** The config changed: every stream is admitted by HttpInbound again until it finds nothing to decide (H2Forwarding.direct). */
+  /** The config changed: every stream is admitted by HttpInbound again until it hands the engine a gate again (H2Forwarding.gate). */
   configChanged(): void {
     this.native.host.undirect();
   }

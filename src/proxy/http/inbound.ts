@@ -249,7 +249,7 @@ export class HttpInbound {
     if (++this.logWindow.count <= 10) log.info({ pod: conn.pod.name, namespace: conn.pod.namespace, source: conn.source, status: r.status, responseFlags: r.flag, detail: r.detail }, 'request answered by the destination\'s proxy');
   }
 
-  /** A request the engine passed on unread (admitsUnread), counted: no access log line (admitsUnread said none is asked for). */
+  /** A request the engine passed on unread (unreadGate), counted: no access log line (there is no gate when one is asked for). */
   counted(conn: HttpServerConnection, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
     this.metrics.httpUnread.inc();
     this.metrics.requests.record(conn.labels, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);

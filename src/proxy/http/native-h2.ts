@@ -84,7 +84,7 @@ export interface H2Handler<C, R> {
   retry?(s: H2Stream<C, R>, status: number): boolean | undefined;
   /** The stream ended (see H2Events.done). */
   done(s: H2Stream<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
-  /** A stream the engine forwarded on its own (H2Forwarding.direct) ended (see H2Events.delivered). */
+  /** A stream the engine forwarded on its own (H2Forwarding.gate) ended (see H2Events.delivered). */
   delivered?(conn: C, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
 }
 
