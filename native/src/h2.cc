@@ -578,14 +578,14 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     return info.Env().Undefined();
   }
 
-  // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
-  // and end (GOAWAY) once their streams did.
   // undirect(): every stream from now on is JS's to decide again (the config changed).
   Napi::Value Undirect(const Napi::CallbackInfo& info) {
     for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate();
     return info.Env().Undefined();
   }
 
+  // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
+  // and end (GOAWAY) once their streams did.
   Napi::Value DropPools(const Napi::CallbackInfo& info) {
     std::string prefix = info[0].As<Napi::String>().Utf8Value();
     Enter();

@@ -88,6 +88,12 @@ bool HasToken(const std::string& value, const char* token) {
   return AnyToken(value, [token](const std::string& t) { return IEquals(t, token); });
 }
 
+// A field of one hop only, never passed on (RFC 9110 7.6.1; Transfer-Encoding is the framing's,
+// each side of the proxy its own).
+bool HopByHop(const std::string& name) {
+  return IEquals(name, "connection") || IEquals(name, "keep-alive") || IEquals(name, "proxy-connection") || IEquals(name, "upgrade") || IEquals(name, "te");
+}
+
 struct Head {
   // Request: method, target; answer: status, reason.
   std::string method, target, reason;
@@ -610,7 +616,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     head.reserve(c->req.length + 64);
     head.append(c->req.method).append(" ").append(c->req.target).append(" HTTP/1.1\r\n");
     for (const auto& [n, v] : c->req.headers) {
-      if (IEquals(n, "connection") || IEquals(n, "keep-alive") || IEquals(n, "proxy-connection") || IEquals(n, "te") || IEquals(n, "transfer-encoding") || IEquals(n, "upgrade")) continue;
+      if (HopByHop(n) || IEquals(n, "transfer-encoding")) continue;
       head.append(n).append(": ").append(v).append("\r\n");
     }
     if (c->req.chunked) head.append("transfer-encoding: chunked\r\n");
@@ -1245,20 +1251,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       if (untilClose || (c->upgrading && !interim)) c->closeAfter = true;
       std::vector<std::string> listed;
       for (auto& [n, v] : h.headers)
-        if (IEquals(n, "connection")) {
-          size_t i = 0;
-          while (i <= v.size()) {
-            size_t comma = v.find(',', i);
-            if (comma == std::string::npos) comma = v.size();
-            std::string t = v.substr(i, comma - i);
-            size_t a = t.find_first_not_of(" \t"), b = t.find_last_not_of(" \t");
-            if (a != std::string::npos) listed.push_back(Lower(t.substr(a, b - a + 1)));
-            i = comma + 1;
-          }
-        }
+        if (IEquals(n, "connection")) AnyToken(v, [&listed](const std::string& t) {
+            if (!t.empty()) listed.push_back(Lower(t));
+            return false;
+          });
       for (auto& [n, v] : h.headers) {
+        if (HopByHop(n)) continue;
         std::string ln = Lower(n);
-        if (ln == "connection" || ln == "keep-alive" || ln == "proxy-connection" || ln == "upgrade" || ln == "te") continue;
         // Both framings: chunked frames it (RFC 9112 6.3), and only that goes on.
         if (ln == "content-length" && h.chunked) continue;
         bool drop = !interim && AnswerRemoves(c, ln);

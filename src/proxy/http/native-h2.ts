@@ -712,8 +712,8 @@ export class NativeH2Inbound implements H2Handler<HttpServerConnection, Deliveri
       pool: conn.poolKey,
       // The stream's own fields go as they came (HTTP/2 has no hop-by-hop fields: the engine
       // refused the stream otherwise; te: trailers, which gRPC needs, stays), the engine adding
-      // them; here only an x-request-id if it had none.
-      fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, req.headers['x-request-id'] === undefined ? ['x-request-id', requestId] : NO_FIELDS),
+      // them, its x-request-id among them (the engine gave one to a stream that had none).
+      fields: streamFields(req.method ?? 'GET', String(req.headers.host ?? ''), admitted.target, NO_FIELDS),
       own: true,
       // What the config now lets through unread on this connection (no rate limit, no access
       // log; what the policies allow by method, host and path): the engine passes those later
