@@ -33,6 +33,7 @@
 #include "channel.h"
 #include "common.h"
 #include "gate.h"
+#include "routes.h"
 
 namespace nodemesh {
 
@@ -177,6 +178,9 @@ struct Conn final : ChannelEnd {
   // empty when each stream is JS's to decide, and which of them may.
   std::string direct;
   Gate gate;
+  // A client connection's streams the engine routes itself (route()): by these routes, each to a
+  // pool of the endpoint it picks; null when each stream is JS's to decide.
+  std::shared_ptr<Routes> routes;
   bool retired = false;
   uint32_t started = 0;
   uint32_t maxRequests = 0;
@@ -222,6 +226,11 @@ struct Exchange {
   // Forwarded by the engine on its connection's `direct` pool, JS never asked (then told of it in
   // delivered(), not done()); `noDirect`: JS decides it (it went back to JS once).
   bool direct = false, noDirect = false;
+  // Routed by the engine (its connection's routes): the backend (a target of `routes`) and the
+  // endpoint it went to, reported in delivered().
+  std::shared_ptr<Routes> routes;
+  uint32_t target = 0, endpoint = 0;
+  std::string waitingPool;  // routed to a pool with no session yet: waiting for the one JS dials
   uint64_t startedNs = 0;
   // Retries and mirrors: the body kept as it comes (up to kReplayLimit), what was taken of it
   // for the attempt in flight and what of it was acknowledged to the client.
@@ -253,6 +262,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
                            InstanceMethod<&H2Engine::CloseJs>("close"),
                            InstanceMethod<&H2Engine::DropPools>("dropPools"),
                            InstanceMethod<&H2Engine::Undirect>("undirect"),
+                           InstanceMethod<&H2Engine::Route>("route"),
+                           InstanceMethod<&H2Engine::DialFailed>("dialFailed"),
+                           InstanceMethod<&H2Engine::InFlight>("inFlight"),
                            InstanceMethod<&H2Engine::Stats>("stats"),
                            InstanceMethod<&H2Engine::Destroy>("destroy"),
                        });
@@ -265,6 +277,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
     delivered_ = Napi::Persistent(cb.Get("delivered").As<Napi::Function>());
+    dial_ = Napi::Persistent(cb.Get("dial").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     refused_ = Napi::Persistent(cb.Get("refused").As<Napi::Function>());
     Napi::Object o = info[1].As<Napi::Object>();
@@ -394,6 +407,23 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     pools_[pool].push_back(u);
     Enter();
     Touch(u);
+    ReleaseWaiting(pool);
+    Leave();
+    return info.Env().Undefined();
+  }
+
+  // dialFailed(pool): no session for `pool` came (the dial() event's): the routed streams that
+  // wait for one are JS's to decide (request() events).
+  Napi::Value DialFailed(const Napi::CallbackInfo& info) {
+    std::string pool = info[0].As<Napi::String>().Utf8Value();
+    Enter();
+    auto it = waiting_.find(pool);
+    if (it != waiting_.end()) {
+      std::vector<uint64_t> xids = std::move(it->second);
+      waiting_.erase(it);
+      for (uint64_t xid : xids)
+        if (Exchange* x = Waiting(xid, pool)) GiveBack(x);
+    }
     Leave();
     return info.Env().Undefined();
   }
@@ -490,6 +520,73 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (!c->gate.PassesRequest(x->method, x->authority, path.substr(0, path.find('?')))) return false;
     Conn* u = Usable(c->direct);
     if (!u) return false;
+    x->attempted = true;
+    x->decided = true;
+    if (!SubmitAsItCame(x, u)) {
+      x->decided = false;
+      return false;
+    }
+    x->direct = true;
+    x->startedNs = uv_hrtime();
+    return true;
+  }
+
+  // A stream of a client connection with routes (route()), routed here when JS would have sent it
+  // on as it came (the pseudo-header fields, then its own fields, its x-request-id among them) to
+  // the endpoint the routes pick: false when it is JS's to decide (no routes, or they ran out; a
+  // rule the engine does not read or act on, or none matched; a host field; the endpoint's pool
+  // has no session).
+  bool ForwardRouted(Exchange* x) {
+    Conn* c = x->down;
+    Routes* routes = c->routes.get();
+    if (!routes || x->noDirect || x->downClosed || x->dropping || x->hasHost || x->authority.empty() || x->path.empty() || x->path[0] != '/') return false;
+    if (NowMs() >= routes->untilMs) {
+      c->routes.reset();
+      return false;
+    }
+    std::string_view path(x->path);
+    RouteRule* rule = routes->Match(x->method, path.substr(0, path.find('?')), [x](std::string_view name, std::string_view* value) {
+      if (name == "host") {
+        *value = x->authority;
+        return FieldCount::kOnce;
+      }
+      FieldCount n = FieldCount::kAbsent;
+      x->headers.Each([&](std::string_view fn, std::string_view fv) {
+        if (fn != name) return;
+        n = n == FieldCount::kAbsent ? FieldCount::kOnce : FieldCount::kMany;
+        *value = fv;
+      });
+      return n;
+    });
+    if (!rule) return false;
+    uint32_t t = rule->PickBackend();
+    RouteTarget& target = routes->targets[t];
+    uint32_t e = routes->PickEndpoint(target);
+    x->attempted = true;
+    x->decided = true;
+    x->direct = true;
+    x->routes = c->routes;
+    x->target = t;
+    x->endpoint = e;
+    (*target.active)++;
+    x->startedNs = uv_hrtime();
+    const std::string& pool = target.pools[e];
+    if (Conn* u = Usable(pool)) {
+      if (SubmitAsItCame(x, u)) return true;
+      GiveBack(x, false);
+      return false;
+    }
+    // No session yet: the stream waits for the one JS dials (a dial() event per pool), as the
+    // engine picked it; if none comes, it is JS's (dialFailed()).
+    auto& list = waiting_[pool];
+    if (list.empty()) pendingDials_.push_back({c->id, x->routes, t, e});
+    list.push_back(x->xid);
+    x->waitingPool = pool;
+    return true;
+  }
+
+  // A stream goes out on `u` as it came (the engine's own decision): the pseudo-header fields, then its own fields.
+  bool SubmitAsItCame(Exchange* x, Conn* u) {
     std::vector<nghttp2_nv> nv;
     nv.reserve(16);
     nv.push_back(Nv(":method", x->method));
@@ -497,15 +594,53 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     nv.push_back(Nv(":authority", x->authority));
     nv.push_back(Nv(":path", x->path));
     AddRequestNvs(nv, x->headers, true);
-    x->attempted = true;
-    x->decided = true;
-    if (Submit(x, u, nv) < 0) {
-      x->decided = false;
-      return false;
+    return Submit(x, u, nv) >= 0;
+  }
+
+  // A routed stream is JS's to decide after all (a request() event, when `ask`).
+  void GiveBack(Exchange* x, bool ask = true) {
+    Unroute(x);
+    x->routes.reset();
+    x->waitingPool.clear();
+    x->direct = false;
+    x->decided = false;
+    x->noDirect = true;
+    if (ask) pendingRequests_.push_back(x->xid);
+  }
+
+  // The stream `xid` if it still waits for a session of `pool`.
+  Exchange* Waiting(uint64_t xid, const std::string& pool) {
+    auto it = exchanges_.find(xid);
+    if (it == exchanges_.end()) return nullptr;
+    Exchange* x = it->second.get();
+    if (x->waitingPool != pool) return nullptr;
+    if (x->downClosed || x->dropping) {
+      x->waitingPool.clear();
+      return nullptr;
     }
-    x->direct = true;
-    x->startedNs = uv_hrtime();
-    return true;
+    return x;
+  }
+
+  // A session of `pool` came: the routed streams that waited for it go out on it.
+  void ReleaseWaiting(const std::string& pool) {
+    auto it = waiting_.find(pool);
+    if (it == waiting_.end()) return;
+    std::vector<uint64_t> xids = std::move(it->second);
+    waiting_.erase(it);
+    for (uint64_t xid : xids) {
+      Exchange* x = Waiting(xid, pool);
+      if (!x) continue;
+      x->waitingPool.clear();
+      Conn* u = Usable(pool);
+      if (!u || !SubmitAsItCame(x, u)) GiveBack(x);
+    }
+  }
+
+  // A routed stream is no longer in flight as the engine's (it ended, or went to JS).
+  static void Unroute(Exchange* x) {
+    if (!x->routes) return;
+    uint32_t* active = x->routes->targets[x->target].active;
+    if (*active > 0) (*active)--;
   }
 
   // respond(xid, status, fields, body): the proxy's own answer to a stream waiting for a decision
@@ -580,8 +715,33 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   // undirect(): every stream from now on is JS's to decide again (the config changed).
   Napi::Value Undirect(const Napi::CallbackInfo& info) {
-    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate();
+    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate(), c->routes.reset();
+    routes_.clear();
     return info.Env().Undefined();
+  }
+
+  // route(xid, routes): the later streams of the stream's client connection are routed here by
+  // `routes` (EngineRoutes), each reported in delivered(); without `routes`, each is JS's to decide.
+  // Routes are read once per id until undirect().
+  Napi::Value Route(const Napi::CallbackInfo& info) {
+    Exchange* x = Find(info[0]);
+    if (!x || !x->down || x->down->closed) return info.Env().Undefined();
+    if (!info[1].IsObject()) {
+      x->down->routes.reset();
+      return info.Env().Undefined();
+    }
+    Napi::Object o = info[1].As<Napi::Object>();
+    double id = o.Get("id").As<Napi::Number>().DoubleValue();
+    auto it = routes_.find(id);
+    if (it == routes_.end()) it = routes_.emplace(id, ReadRoutes(o, routedActive_, NowMs())).first;
+    x->down->routes = it->second;
+    return info.Env().Undefined();
+  }
+
+  // inFlight(key): requests to the backend Service `key` the engine routed itself that are in flight.
+  Napi::Value InFlight(const Napi::CallbackInfo& info) {
+    auto it = routedActive_.find(info[0].As<Napi::String>().Utf8Value());
+    return Napi::Number::New(info.Env(), it == routedActive_.end() ? 0 : it->second);
   }
 
   // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
@@ -788,9 +948,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       // to JS, which decides it as any other (it goes again once more if refused again).
       if (status != 0) return false;
       DropAttempt(x);
-      x->direct = false;
-      x->noDirect = true;
-      pendingRequests_.push_back(x->xid);
+      GiveBack(x);
       return true;
     }
     Napi::HandleScope scope(env_);
@@ -1268,7 +1426,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         now.swap(dirty_);
         for (Conn* c : now) Flush(c);
       }
-      if (pendingRequests_.empty() && pendingDone_.empty() && pendingClosed_.empty() && pendingRefused_.empty()) break;
+      if (pendingRequests_.empty() && pendingDone_.empty() && pendingClosed_.empty() && pendingRefused_.empty() && pendingDials_.empty()) break;
       Dispatch();
     }
     depth_--;
@@ -1293,7 +1451,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       Exchange* x = it->second.get();
       // Told even when the stream ended already (the client left, a message over the limit):
       // its decision is what its metrics are labelled with; forward() and respond() do nothing then.
-      if (x->decided || ForwardDirect(x)) continue;
+      if (x->decided || ForwardDirect(x) || ForwardRouted(x)) continue;
       // One string: "host", the :authority, the fields, then :method and :path, joined by NUL.
       const std::string& fields = x->headers.bytes();
       std::string all;
@@ -1308,6 +1466,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       all += x->path;
       Call(request_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, static_cast<double>(xid)), NewLatin1(env_, all)});
     }
+    std::vector<Dial> dials;
+    dials.swap(pendingDials_);
+    for (const Dial& d : dials)
+      Call(dial_, {Napi::Number::New(env_, static_cast<double>(d.conn)), d.routes->record.Value(), Napi::Number::New(env_, d.target), Napi::Number::New(env_, d.endpoint)});
     std::vector<uint64_t> done;
     done.swap(pendingDone_);
     for (uint64_t xid : done) {
@@ -1317,8 +1479,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       if (!x->reported && x->direct) {
         x->reported = true;
         double ms = static_cast<double>(uv_hrtime() - x->startedNs) / 1e6;
+        Unroute(x);
+        Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
+        if (x->routes) routes = x->routes->record.Value(), target = Napi::Number::New(env_, x->target), endpoint = Napi::Number::New(env_, x->endpoint);
         Call(delivered_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
-                          Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), x->grpc ? NewLatin1(env_, x->grpcStatus) : env_.Undefined(), Napi::Number::New(env_, ms)});
+                          Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), x->grpc ? NewLatin1(env_, x->grpcStatus) : env_.Undefined(), Napi::Number::New(env_, ms),
+                          routes, target, endpoint});
       } else if (!x->reported) {
         x->reported = true;
         Call(done_, {Napi::Number::New(env_, static_cast<double>(xid)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
@@ -1407,7 +1573,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference request_, retry_, done_, delivered_, closed_, refused_;
+  Napi::FunctionReference request_, retry_, done_, delivered_, dial_, closed_, refused_;
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* options_ = nullptr;
   uv_loop_t* loop_ = nullptr;
@@ -1423,6 +1589,17 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   std::unordered_map<uint64_t, Conn*> clients_;
   std::map<std::string, std::vector<Conn*>> pools_;
   std::unordered_map<uint64_t, std::unique_ptr<Exchange>> exchanges_;
+  // Routes read (route()) by their id, until undirect(); requests in flight the engine routed, by backend Service key.
+  std::unordered_map<double, std::shared_ptr<Routes>> routes_;
+  std::unordered_map<std::string, uint32_t> routedActive_;
+  // Routed streams waiting for a session, by pool; the pools JS is to dial (dial() events).
+  std::unordered_map<std::string, std::vector<uint64_t>> waiting_;
+  struct Dial {
+    uint64_t conn;
+    std::shared_ptr<Routes> routes;
+    uint32_t target, endpoint;
+  };
+  std::vector<Dial> pendingDials_;
   std::vector<Conn*> dirty_;
   std::vector<uint64_t> pendingRequests_, pendingDone_;
   struct Closed {

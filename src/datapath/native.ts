@@ -293,11 +293,20 @@ export interface H2Events {
    */
   done(stream: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
   /**
-   * A stream the engine forwarded by its connection's gate (forward's `gate`), JS never told of
-   * it, ended: as done() says, with its gRPC status (undefined when it was no gRPC
-   * request) and the milliseconds from its headers to its end.
+   * A stream the engine forwarded by its connection's gate (forward's `gate`) or routed by its
+   * routes (route()), JS never told of it, ended: as done() says, with its gRPC status (undefined
+   * when it was no gRPC request) and the milliseconds from its headers to its end; a routed one
+   * with its routes (the object given to route()), the index of its backend in their targets and
+   * of its endpoint in that target's pools.
    */
-  delivered(conn: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
+  delivered(conn: number, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void;
+  /**
+   * A stream the engine routed (route()) waits for a session of the pool its routes give for
+   * target `target`'s endpoint `endpoint`, which has none: dial it from the client's source and
+   * attach() it (the streams that wait go out on it), or call dialFailed() (they become request()
+   * events). One event per pool while streams wait for it.
+   */
+  dial(conn: number, routes: EngineRoutes, target: number, endpoint: number): void;
   /** The client connection closed; the bytes the engine read from it and wrote to it. */
   closed(conn: number, read: number, written: number): void;
   /** A client broke the protocol (a bad frame, a flood): its session ended with GOAWAY. */
@@ -320,6 +329,41 @@ export interface EngineGate {
 
 /** Each list: patterns the request's attribute must match one of (empty: any), or none of (not*). */
 export type EngineGateOperation = Readonly<Record<'hosts' | 'notHosts' | 'methods' | 'notMethods' | 'paths' | 'notPaths', ReadonlyArray<string>>>;
+
+/**
+ * A client connection's routes as the HTTP/2 engine follows them itself (route()): the route
+ * entries of the Service port the client called, in precedence order. The engine routes a stream
+ * by the first rule whose match holds when that rule has `backends`: a backend by smooth weighted
+ * round robin, then an endpoint of its target by round robin (or at random), to that endpoint's
+ * pool, the stream's fields as they came. A stream is JS's (a request() event) when it reaches a
+ * rule without `match` (the engine cannot read it), when the rule it matches has no `backends`,
+ * when it matches none, when it has a host field or a header a rule reads more than once, and
+ * when the endpoint's pool has no session yet.
+ */
+export interface EngineRoutes {
+  /** The engine reads routes again only for a new id (until undirect()). */
+  readonly id: number;
+  /** Milliseconds after which the engine stops following them (an ejection ends); -1: until undirect(). */
+  readonly ttlMs: number;
+  readonly rules: ReadonlyArray<EngineRouteRule>;
+  readonly targets: ReadonlyArray<EngineRouteTarget>;
+}
+
+export interface EngineRouteRule {
+  /** Gateway API's path (Exact, or PathPrefix without a trailing "/"), method and exact header values (lower-case names; "host" is the :authority). */
+  readonly match?: { readonly exact: boolean; readonly path: string; readonly method?: string; readonly headers: ReadonlyArray<readonly [string, string]> };
+  /** Where a stream it matches goes: [index in targets, weight] each. */
+  readonly backends?: ReadonlyArray<readonly [number, number]>;
+}
+
+export interface EngineRouteTarget {
+  /** The backend Service's key (inFlight()). */
+  readonly key: string;
+  /** The pool of each endpoint that may be picked. */
+  readonly pools: ReadonlyArray<string>;
+  /** An endpoint at random, else round robin. */
+  readonly random: boolean;
+}
 
 export interface H2Options {
   /** A client connection with no stream this long ends (GOAWAY). */
@@ -358,8 +402,14 @@ export interface H2Engine {
    * undirect() ends that for all.
    */
   forward(stream: number, pool: string, fields: string, answerRemove: ReadonlyArray<string>, answerAdd: string, retryOn?: ReadonlyArray<number>, keep?: boolean, own?: boolean, gate?: EngineGate): boolean;
-  /** Every stream from now on gets a request() event again (the config changed): see forward's `gate`. */
+  /** Every stream from now on gets a request() event again (the config changed): see forward's `gate` and route(). */
   undirect(): void;
+  /** The later streams of the stream's client connection are routed by the engine by `routes` (each reported in delivered()); without, each is JS's again. */
+  route(stream: number, routes: EngineRoutes | undefined): void;
+  /** Streams to the backend Service `key` the engine routed itself that are in flight. */
+  inFlight(key: string): number;
+  /** No session of `pool` came after a dial() event: the routed streams that wait for it become request() events. */
+  dialFailed(pool: string): void;
   /**
    * Gives up the attempt in flight before its answer came (a per-try timeout; the stream waits for
    * forward() again): 1. 0 when there is none to give up; -1 when it cannot go again (its body not

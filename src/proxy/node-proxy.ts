@@ -515,6 +515,7 @@ export class NodeProxy {
     this.readsHttpCache = new Map();
     this.labelsGeneration++;
     this.httpIn.configChanged();
+    this.http.routesChanged();
     this.lb.retain(snapshot.targets());
   }
 
@@ -559,6 +560,8 @@ export class NodeProxy {
     }
     this.pods.set(pod.uid, state);
     this.labelsGeneration++;
+    // A pod of this node may now be served in the same pass (what the engines route themselves leaves it out).
+    this.http.routesChanged();
     await this.openTunnelServer(state);
   }
 
@@ -581,6 +584,7 @@ export class NodeProxy {
     if (!state) return;
     this.pods.delete(uid);
     this.labelsGeneration++;
+    this.http.routesChanged();
     await this.closeState(state);
   }
 
@@ -975,6 +979,10 @@ export class NodeProxy {
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialEngine: async (target, endpoint) => this.engineUpstreamOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
+      servesHere: (endpoint, protocol) => {
+        const here = this.pods.get(endpoint.workload.uid);
+        return here !== undefined && this.readsHttp(here, endpoint.port) === protocol;
+      },
       localServer: (target, endpoint, protocol) => {
         // A pod of this node whose port its side reads as `protocol`: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it

@@ -104,6 +104,10 @@ test('L7 gRPC on one node: per-call split over one channel, method and metadata 
   const client = await sb.idlePod('client');
   await agent.waitForPods((p) => p.length === 3 && p.every((x) => x.verified), 'three pods verified');
   await checkGrpc(sb, client, agent, agent, [agent], 'one node');
+  // cart-v2's side reads requests (its policy) and is served in the same pass, so JS routes every
+  // call of a rule with v2 in it; the Fail method's one call goes to cart-v1, which nothing on its
+  // side reads: the engine routed it itself.
+  assert.equal(metricValue(await agent.metrics(), 'nodemesh_http_engine_routed_requests_total'), 1, 'only the call to cart-v1 alone routed by the engine');
   // Both sides on one node in one pass: the destination's side admitted each stream in the
   // client's engine, so no connection into cart-v2 was read a second time.
   assert.equal(metricValue(await agent.metrics(), 'nodemesh_http2_connections_total', { side: 'server' }), 0, 'no second read on the server side');
@@ -161,20 +165,24 @@ async function checkUnread(t: TestContext, sb: Sandbox, client: PodRecord, cp: C
   assert.equal(await connections(), served, 'on the same connection into the pod');
 }
 
-test('L7 gRPC across two nodes: the v2 share crosses in HBONE (mutual TLS), streams intact', async (t) => {
+test('L7 gRPC across two nodes: every call crosses in HBONE (mutual TLS), the split and the plain rules routed by the source\'s engine itself, streams intact', async (t) => {
   const sb = await createSandbox(t);
   for (const ip of Object.values(SVC)) await sb.blackhole(ip);
   const nodeB = `${sb.config.node}-b`;
   const cp = await startControlPlane(sb, meshConfig());
   const agentA = await startAgent(sb, { controlPlane: cp.address });
   const agentB = await startAgent(sb, { controlPlane: cp.address }, { node: nodeB });
-  await sb.serverPod('cart-v1', [process.execPath, APP, 'cart-v1', '8080'], 8080, ['app=cart', 'version=v1']);
+  await sb.serverPod('cart-v1', [process.execPath, APP, 'cart-v1', '8080'], 8080, ['app=cart', 'version=v1'], { node: nodeB });
   await sb.serverPod('cart-v2', [process.execPath, APP, 'cart-v2', '8080'], 8080, ['app=cart', 'version=v2'], { node: nodeB });
   const client = await sb.idlePod('client');
-  await agentA.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node A's pods verified");
-  await agentB.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node B's pod verified");
-  await waitFor(async () => ((await agentA.config()).services.find((s) => s.service === 'default/cart-v2:80')?.endpoints.length ?? 0) === 1, 10_000, "node B's endpoint known on node A");
+  await agentA.waitForPods((p) => p.length === 1 && p.every((x) => x.verified), "node A's pod verified");
+  await agentB.waitForPods((p) => p.length === 2 && p.every((x) => x.verified), "node B's pods verified");
+  for (const s of ['default/cart-v1:80', 'default/cart-v2:80']) await waitFor(async () => ((await agentA.config()).services.find((x) => x.service === s)?.endpoints.length ?? 0) === 1, 10_000, `node B's endpoint of ${s} known on node A`);
+  const routed = async (): Promise<number> => metricValue(await agentA.metrics(), 'nodemesh_http_engine_routed_requests_total');
   await checkGrpc(sb, client, agentA, agentB, [agentA, agentB], 'two nodes');
+  // The split and the Fail method's rule only pass calls on: after each channel's first call (and
+  // the calls of the rule with a filter, which JS reads), node A's engine routed them itself.
+  assert.ok((await routed()) >= 1000 - 10, `node A's engine routed the split's calls: ${await routed()}`);
   await checkUnread(t, sb, client, cp, agentB, [agentA, agentB]);
   assert.ok(metricValue(await agentB.metrics(), 'nodemesh_http2_connections_total', { side: 'server', engine: 'addon' }) >= 1, "node B's side read the tunnelled streams on its engine");
   assert.ok(metricValue(await agentA.metrics(), 'nodemesh_proxied_connections_total', { path: 'hbone' }) >= 1, 'v2 was reached through HBONE');

@@ -13,7 +13,7 @@ import { test, type TestContext } from 'node:test';
 
 import { parseObject } from '../../src/config/objects.js';
 import type { AuthorizationPolicy } from '../../src/config/security.js';
-import { h2Engine, type H2Engine, type EngineGate } from '../../src/datapath/native.js';
+import { h2Engine, type H2Engine, type EngineGate, type EngineRoutes } from '../../src/datapath/native.js';
 import { PolicyEngine, type ConnectionFacts } from '../../src/proxy/policy.js';
 import { dialFd, engineFront, h2Frame, listening, until } from '../support/loopback.js';
 
@@ -36,6 +36,9 @@ interface Delivered {
   readonly bytesOut: number;
   readonly grpcStatus: string | undefined;
   readonly ms: number;
+  readonly routes: EngineRoutes | undefined;
+  readonly target: number | undefined;
+  readonly endpoint: number | undefined;
 }
 
 interface Rig {
@@ -53,6 +56,8 @@ interface Rig {
   onRequest: (stream: number, method: string, path: string, authority: string, headers: string[]) => void;
   /** The engine's retry event (default: no). */
   onRetry: (stream: number, status: number) => boolean;
+  /** The engine's dial event for routed streams (default: dialFailed). */
+  onDial: (routes: EngineRoutes, target: number, endpoint: number) => void;
   /** Called with a stream's id as it ends, before its done() is recorded. */
   onDone?: (stream: number) => void;
   forward(stream: number, fields: string[], remove?: string[], add?: string[], retryOn?: number[], keep?: boolean, own?: boolean, gate?: EngineGate): Promise<void>;
@@ -87,6 +92,7 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
       void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', authority, ':path', path, ...headers]);
     },
     onRetry: () => false,
+    onDial: (routes, target, endpoint) => r.engine.dialFailed(routes.targets[target]?.pools[endpoint] ?? ''),
     forward: async (stream, list, remove = [], add = [], retryOn = undefined, keep = false, own = false, gate = undefined) => {
       // The engine takes fields as one string, joined by NUL.
       const fields = list.join('\0');
@@ -115,7 +121,8 @@ async function rig(t: TestContext, app: (stream: ServerHttp2Stream, headers: Inc
         r.onDone?.(stream);
         done.push({ stream, status, flag, bytesIn, bytesOut, grpcStatus });
       },
-      delivered: (conn, status, flag, bytesIn, bytesOut, grpcStatus, ms) => void delivered.push({ conn, status, flag, bytesIn, bytesOut, grpcStatus, ms }),
+      delivered: (conn, status, flag, bytesIn, bytesOut, grpcStatus, ms, routes, target, endpoint) => void delivered.push({ conn, status, flag, bytesIn, bytesOut, grpcStatus, ms, routes, target, endpoint }),
+      dial: (_conn, routes, target, endpoint) => r.onDial(routes, target, endpoint),
       closed: () => undefined,
       refused: (_conn, reason) => void refused.push(reason),
     },
@@ -376,6 +383,134 @@ test('h2 engine: a policy\'s request gate: the streams it passes go on unread, e
     if (unread) assert.ok(policies.authorizeRequest(facts, { method, host: authority, path, header: () => undefined }).allowed, `${method} ${c.path}: allowed by the policy`);
   }
   await until('every unread stream delivered', () => r.delivered.length === cases.filter((c) => c.unread).length);
+});
+
+/** An upstream that names itself in each answer (x-from), with the path and x-version it got; /api/slow answers after 300 ms. */
+function tagged(name: string): (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => void {
+  return (stream, headers) => {
+    const answer = (): void => {
+      if (stream.destroyed) return;
+      stream.respond({ ':status': 200, 'x-from': name, 'x-path': String(headers[':path']), 'x-rid': String(headers['x-request-id'] ?? '') });
+      stream.end('ok');
+    };
+    stream.resume();
+    stream.on('end', () => (String(headers[':path']).startsWith('/api/slow') ? setTimeout(answer, 300) : answer()));
+  };
+}
+
+test('h2 engine: with routes, a connection\'s later streams are routed in the engine (first matching rule, weighted split and round robin per request, reported with target and endpoint); what it cannot act on asks JS; the routes end with their time and at undirect()', async (t) => {
+  const r = await rig(t, tagged('e0'));
+  const ports = new Map<string, number>();
+  for (const name of ['e1', 'e2', 'late']) {
+    const server = h2server();
+    server.on('stream', (stream, headers) => {
+      stream.on('error', () => undefined);
+      tagged(name)(stream, headers);
+    });
+    const port = await listening(server);
+    ports.set(name, port);
+    t.after(() => server.close());
+    if (name !== 'late') r.engine.attach(name, await dialFd(port), 0);
+  }
+  // The engine asks for a session of a pool with none: "late" is dialled, "no-session" fails.
+  const dials: string[] = [];
+  r.onDial = (routes, target, endpoint) => {
+    const pool = routes.targets[target]?.pools[endpoint] ?? '';
+    dials.push(pool);
+    const port = ports.get(pool);
+    if (port === undefined) r.engine.dialFailed(pool);
+    else void dialFd(port).then((fd) => r.engine.attach(pool, fd, 0));
+  };
+  const rules = (last: string): EngineRoutes['rules'] => [
+    { match: { exact: true, path: '/js', headers: [] } },
+    { match: { exact: false, path: '/api', method: 'POST', headers: [['x-version', 'v2']] }, backends: [[1, 1]] },
+    { match: { exact: false, path: '/cold', headers: [] }, backends: [[2, 1]] },
+    { match: { exact: false, path: '/late', headers: [] }, backends: [[3, 1]] },
+    { match: { exact: false, path: last, headers: [] }, backends: [[0, 9], [1, 1]] },
+  ];
+  const targets: EngineRoutes['targets'] = [
+    { key: 'shop/v1:80', pools: ['up', 'e1'], random: false },
+    { key: 'shop/v2:80', pools: ['e2'], random: false },
+    { key: 'shop/cold:80', pools: ['no-session'], random: false },
+    { key: 'shop/late:80', pools: ['late'], random: false },
+  ];
+  const routes: EngineRoutes = { id: 1, ttlMs: -1, rules: rules('/d'), targets };
+  let next: EngineRoutes = routes;
+  const asked: string[] = [];
+  r.onRequest = (stream, method, path, authority, headers) => {
+    asked.push(`${method} ${path}`);
+    // A client that sends a host field and no :authority: the host field says it.
+    const host = headers.indexOf('host');
+    void r.forward(stream, [':method', method, ':scheme', 'http', ':authority', host >= 0 ? (headers[host + 1] ?? '') : authority, ':path', path], [], [], undefined, false, true).then(() => r.engine.route(stream, next));
+  };
+  const session = h2connect(`http://127.0.0.1:${r.port}`);
+  t.after(() => session.destroy());
+  assert.equal((await fetch(session, '/first')).status, 200);
+  assert.deepEqual(asked, ['GET /first']);
+
+  const answers = await Promise.all(Array.from({ length: 100 }, (_, i) => fetch(session, `/d/${i}`)));
+  assert.deepEqual(asked, ['GET /first'], 'no request() event for the routed streams');
+  const from = new Map<string, number>();
+  for (const a of answers) {
+    assert.equal(a.status, 200);
+    assert.match(String(a.headers['x-rid']), UUID4, 'an id added');
+    from.set(String(a.headers['x-from']), (from.get(String(a.headers['x-from'])) ?? 0) + 1);
+  }
+  assert.deepEqual(Object.fromEntries([...from].sort()), { e0: 45, e1: 45, e2: 10 }, '90/10 by weight, then round robin over the two endpoints');
+  await until('every routed stream delivered', () => r.delivered.length === 100);
+  const reported = new Map<string, number>();
+  for (const d of r.delivered) {
+    assert.equal(d.routes, routes, 'reported with the routes object JS gave');
+    assert.ok(d.status === 200 && d.flag === '-' && d.ms > 0);
+    const pool = targets[d.target ?? -1]?.pools[d.endpoint ?? -1] ?? '?';
+    reported.set(pool, (reported.get(pool) ?? 0) + 1);
+  }
+  assert.deepEqual(Object.fromEntries([...reported].sort()), { e1: 45, e2: 10, up: 45 }, 'each report names where it went');
+
+  // A method and an exact header are read; a repeated header, a rule the engine does not act on,
+  // no matching rule, a host field and an endpoint whose pool has no session are JS's.
+  const post = await fetch(session, '/api/x', { method: 'POST', headers: { 'x-version': 'v2' } });
+  assert.equal(post.headers['x-from'], 'e2');
+  const jsCases: Array<[string, Parameters<typeof fetch>[2]]> = [
+    ['/api/x', { headers: { 'x-version': 'v2' } }],
+    ['/api/x', { method: 'POST', headers: { 'x-version': ['v2', 'v2'] as unknown as string } }],
+    ['/js', {}],
+    ['/zzz', {}],
+    ['/d/h', { headers: { host: 'web.shop' } }],
+    ['/cold', {}],
+  ];
+  for (const [path, options] of jsCases) assert.equal((await fetch(session, path, options)).status, 200, path);
+  assert.deepEqual(asked.slice(1), ['GET /api/x', 'POST /api/x', 'GET /js', 'GET /zzz', 'GET /d/h', 'GET /cold'], 'a pool whose dial failed: JS decides the stream');
+  // Streams routed to a pool with no session wait for the one dialled on their behalf (one dial for all).
+  const late = await Promise.all(Array.from({ length: 5 }, (_, i) => fetch(session, `/late/${i}`)));
+  assert.deepEqual(late.map((a) => a.headers['x-from']), ['late', 'late', 'late', 'late', 'late']);
+  assert.deepEqual(dials, ['no-session', 'late']);
+  assert.equal(asked.length, 7, 'not asked');
+
+  // Requests in flight per backend Service, for the retry budget.
+  const slow = fetch(session, '/api/slow', { method: 'POST', headers: { 'x-version': 'v2' } });
+  await until('the slow stream in flight', () => r.engine.inFlight('shop/v2:80') === 1);
+  assert.equal((await slow).headers['x-from'], 'e2');
+  await until('and out of flight', () => r.engine.inFlight('shop/v2:80') === 0);
+
+  // Routes with a time limit are followed until it passes.
+  next = { id: 2, ttlMs: 150, rules: rules('/'), targets };
+  await fetch(session, '/js');
+  const before = asked.length;
+  assert.equal((await fetch(session, '/zzz')).status, 200);
+  assert.equal(asked.length, before, 'the new routes (a "/" rule) route it');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  await fetch(session, '/zzz');
+  assert.equal(asked.at(-1), 'GET /zzz', 'asked once their time passed');
+
+  next = routes;
+  await fetch(session, '/js');
+  const held = asked.length;
+  await fetch(session, '/d/1');
+  assert.equal(asked.length, held);
+  r.engine.undirect();
+  await fetch(session, '/d/2');
+  assert.equal(asked.at(-1), 'GET /d/2', 'asked again after undirect()');
 });
 
 test('h2 engine: a large answer streams with flow control (more than every window), a 100 Continue passes, the proxy answers, redirects and cuts', async (t) => {

@@ -13,6 +13,7 @@ import { DEFAULT_SERVICE_POLICY, parseTrafficPolicy } from '../../src/config/tra
 import { applyHeaderChanges, matchRequest, redirectLocation, rewritePath, routeRequest } from '../../src/proxy/http/outbound.js';
 import { classify, newRequestId } from '../../src/proxy/http/common.js';
 import { answerEdits } from '../../src/proxy/http/native-outbound.js';
+import { EngineRoutePlans } from '../../src/proxy/http/engine-routes.js';
 import { LoadBalancer } from '../../src/proxy/pool/load-balancer.js';
 
 test('port protocols: appProtocol first, else the name prefix; unknown when neither says', () => {
@@ -319,4 +320,86 @@ test('x-request-id made by the proxy: version 4 UUIDs, flat strings, none repeat
   // Each hex digit position takes every value over many ids (not a constant, not a counter's few).
   const digits = new Set([...seen].map((id) => id[0]));
   assert.equal(digits.size, 16);
+});
+
+test('engine routes: rules the engine reads and acts on get backends, others are left to JS (a regex stops the reading), targets with their pools; none for an access-logged namespace; ejections left out for as long as they last', async () => {
+  const names = ['web', 'v1', 'v2', 'slow', 'hashed'];
+  const dir = await mkdtemp(join(tmpdir(), 'nodemesh-unit-'));
+  try {
+    await writeFile(join(dir, 'svc.yaml'), names.map((n, i) => svc(n, `10.96.8.${i + 1}`)).join(''));
+    const store = new ConfigStore(new ConfigDirReader(dir), { onLoad: () => undefined });
+    await store.load();
+    const c = store.current();
+    const route = parseRoute(
+      routeDoc('r', [
+        to('slow', { matches: [{ path: { type: 'Exact', value: '/slow' } }], timeouts: { request: '1s' } }),
+        to('hashed', { matches: [{ path: { value: '/hashed' } }] }),
+        to('v2', { matches: [{ path: { value: '/api' }, method: 'POST', headers: [{ name: 'X-Version', value: 'v2' }] }] }),
+        { matches: [{ path: { value: '/' } }], backendRefs: [{ name: 'v1', port: 80, weight: 90 }, { name: 'v2', port: 80, weight: 10 }] },
+      ]),
+    );
+    const hashing = parseTrafficPolicy({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'h', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'hashed' }], loadBalancer: { consistentHash: { httpHeaderName: 'x-user' } } } });
+    const workloads = [workload('web-1', 'web', 1), workload('v1-a', 'v1', 2), workload('v1-b', 'v1', 3), workload('v2-a', 'v2', 4), workload('slow-1', 'slow', 5), workload('hashed-1', 'hashed', 6)];
+    const snap = new MeshSnapshot(1, c.services, workloads, [hashing], [route]);
+    const web = snap.service({ family: 4, address: '10.96.8.1', port: 80 });
+    assert.ok(web?.http);
+    let now = 1_000_000;
+    const lb = new LoadBalancer(() => now);
+    let logged = false;
+    const plans = new EngineRoutePlans(lb, (ns) => logged && ns === 'shop', () => now);
+    const source = { namespace: 'shop', name: 'client', uid: 'u-client', ip4: '10.200.0.9', ip6: '' };
+    const here = new Set<string>();
+    const conn = { parent: web, current: () => web, source, servesHere: (e: { workload: { uid: string } }) => here.has(e.workload.uid) } as unknown as Parameters<EngineRoutePlans['for']>[0];
+    const plan = plans.for(conn);
+    assert.ok(plan);
+    assert.equal(plans.for(conn), plan, 'one plan per source pod and port until reset()');
+    assert.equal(plan.ttlMs, -1);
+    assert.deepEqual(
+      plan.rules.map((r) => [r.match?.exact, r.match?.path, r.match?.method, r.match?.headers, r.backends]),
+      [
+        [true, '/slow', undefined, [], undefined],
+        [false, '/hashed', undefined, [], undefined],
+        [false, '/api', 'POST', [['x-version', 'v2']], [[0, 1]]],
+        [false, '/', undefined, [], [[1, 90], [0, 10]]],
+      ],
+      'a timeout and consistent hashing are JS\'s; a method and an exact header are read; a split keeps its weights',
+    );
+    assert.deepEqual(plan.targets.map((t) => [t.key, t.pools, t.random]), [
+      ['shop/v2:80', ['u-client|shop/v2:80|u-v2-a|8080'], false],
+      ['shop/v1:80', ['u-client|shop/v1:80|u-v1-a|8080', 'u-client|shop/v1:80|u-v1-b|8080'], false],
+    ]);
+    assert.deepEqual(plan.endpoints.map((eps) => eps.map((e) => e.workload.name)), [['v2-a'], ['v1-a', 'v1-b']]);
+
+    // An endpoint ejected: left out, the plan lasting as long as the ejection; made again after reset().
+    const v1 = plan.services[1];
+    assert.ok(v1);
+    const ejectable = { ...v1, policy: { ...v1.policy, outlier: { ...v1.policy.outlier, consecutive5xxErrors: 1 } } };
+    assert.ok(lb.answered(ejectable, v1.endpoints[0] ?? assert.fail(), 500));
+    plans.reset();
+    const ejected = plans.for(conn);
+    assert.ok(ejected && ejected.id !== plan.id);
+    assert.deepEqual(ejected.targets[1]?.pools, ['u-client|shop/v1:80|u-v1-b|8080']);
+    assert.ok(ejected.ttlMs > 0 && ejected.ttlMs <= 30_000, `ttl ${ejected.ttlMs}`);
+    now += ejected.ttlMs;
+    const back = plans.for(conn);
+    assert.ok(back && back.id !== ejected.id, 'made again once the ejection ended');
+    assert.equal(back.targets[1]?.pools.length, 2);
+
+    // A backend with an endpoint this node serves in the same pass is JS's; a regex stops the reading.
+    here.add('u-v2-a');
+    plans.reset();
+    assert.equal(plans.for(conn), undefined, 'v2 is in both rules the engine could act on: no plan');
+    here.clear();
+    const regex = parseRoute(routeDoc('r', [to('v2', { matches: [{ path: { type: 'RegularExpression', value: '/v[0-9]' } }] }), to('v1')]));
+    const regexWeb = new MeshSnapshot(2, c.services, workloads, [], [regex]).service({ family: 4, address: '10.96.8.1', port: 80 });
+    const regexConn = { ...conn, current: () => regexWeb } as unknown as Parameters<EngineRoutePlans['for']>[0];
+    assert.equal(plans.for(regexConn), undefined, 'nothing before the regex the engine could act on: no plan');
+
+    // An access-logged namespace: every request is JS's (its log line).
+    logged = true;
+    plans.reset();
+    assert.equal(plans.for(conn), undefined);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 });

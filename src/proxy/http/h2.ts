@@ -368,6 +368,16 @@ export class H2Outbound {
     this.native = new NativeH2Outbound(outbound, destinationSide, nativeHttp, idleTimeoutMs, (conn, target, endpoint, head, chunks, count) => this.copy(conn, target, endpoint, head, chunks, count));
   }
 
+  /** Every stream goes to decide() again until its connection gets a new plan (HttpOutbound.routesChanged). */
+  routesChanged(): void {
+    this.native.host.undirect();
+  }
+
+  /** Streams to the backend Service `key` the engine routed itself that are in flight (the retry budget counts them). */
+  routedInFlight(key: string): number {
+    return this.native.host.inFlight(key);
+  }
+
   /**
    * Serves a client connection that speaks h2c (accepted paused) until it closes: on the addon's
    * engine when the port's routes allow it, else on node:http2; `initial` holds bytes already read.

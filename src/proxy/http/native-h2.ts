@@ -14,13 +14,14 @@
  */
 import type { Socket } from 'node:net';
 
-import { channelNew, closeFd, dropUpstream, h2Engine, type EngineUpstream, type H2Engine, type EngineGate } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, h2Engine, type EngineGate, type EngineRoutes, type EngineUpstream, type H2Engine } from '../../datapath/native.js';
 import type { Endpoint, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import { RoutePlan } from './engine-routes.js';
 import { NO_FIELDS, engineCopy, headerObject, type ChannelServed } from './native-engine.js';
 import { NO_ANSWER_EDITS, answerEditPairs, type AnswerEdits } from './native-outbound.js';
 import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
@@ -84,8 +85,13 @@ export interface H2Handler<C, R> {
   retry?(s: H2Stream<C, R>, status: number): boolean | undefined;
   /** The stream ended (see H2Events.done). */
   done(s: H2Stream<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string, detail: string): void;
-  /** A stream the engine forwarded on its own (H2Forwarding.gate) ended (see H2Events.delivered). */
-  delivered?(conn: C, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number): void;
+  /**
+   * Streams the engine routed (H2Host.route) wait for a session of the pool of `routes`' target
+   * `target`, endpoint `endpoint`: how to dial it from `conn`'s source; undefined when it cannot be.
+   */
+  dialRouted?(conn: C, routes: EngineRoutes, target: number, endpoint: number): { readonly dial: () => Promise<EngineUpstream>; readonly maxRequests: number } | undefined;
+  /** A stream the engine forwarded on its own (H2Forwarding.gate) or routed (H2Host.route) ended (see H2Events.delivered). */
+  delivered?(conn: C, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void;
 }
 
 /** How a stream goes upstream (H2Host.forward). */
@@ -211,19 +217,7 @@ export class H2Host<C, R> {
     entry.how = how;
     const { pool, fields, answerRemove, answerAdd, retryOn, keep, own, gate } = how;
     if (engine.forward(s.id, pool, fields, answerRemove, answerAdd, retryOn, keep, own, gate)) return;
-    let opening = this.dialing.get(pool);
-    if (!opening) {
-      const { maxRequests } = how;
-      opening = how.dial().then((fd) => {
-        if (this.engine === engine) engine.attach(pool, fd, maxRequests);
-        else dropUpstream(fd);
-      });
-      const forget = (): void => {
-        if (this.dialing.get(pool) === opening) this.dialing.delete(pool);
-      };
-      opening.then(forget, forget);
-      this.dialing.set(pool, opening);
-    }
+    const opening = this.open(engine, pool, how);
     const state = s.state;
     opening.then(
       () => {
@@ -234,6 +228,23 @@ export class H2Host<C, R> {
         if (this.streams.get(s.id) === entry && s.state === state) how.failed(e);
       },
     );
+  }
+
+  /** A new session of `pool` from `how.dial`, attached once there: one dial for every stream that waits for it. */
+  private open(engine: H2Engine, pool: string, how: { dial(): Promise<EngineUpstream>; readonly maxRequests: number }): Promise<void> {
+    let opening = this.dialing.get(pool);
+    if (opening) return opening;
+    const { maxRequests } = how;
+    opening = how.dial().then((fd) => {
+      if (this.engine === engine) engine.attach(pool, fd, maxRequests);
+      else dropUpstream(fd);
+    });
+    const forget = (): void => {
+      if (this.dialing.get(pool) === opening) this.dialing.delete(pool);
+    };
+    opening.then(forget, forget);
+    this.dialing.set(pool, opening);
+    return opening;
   }
 
   /** Gives up the attempt in flight before its answer (a per-try timeout): as the engine's abandon(). */
@@ -266,6 +277,16 @@ export class H2Host<C, R> {
   /** Every stream from now on goes to the handler again (the config it decided on changed). */
   undirect(): void {
     this.engine?.undirect();
+  }
+
+  /** The later streams of `s`'s connection are routed by the engine by `routes` (reported in the handler's delivered()); without, each goes to the handler. */
+  route(s: H2Stream<C, R>, routes: EngineRoutes | undefined): void {
+    this.engine?.route(s.id, routes);
+  }
+
+  /** Streams to the backend Service `key` the engine routed itself that are in flight. */
+  inFlight(key: string): number {
+    return this.engine?.inFlight(key) ?? 0;
   }
 
   /** Upstream sessions of the pools whose key starts with `prefix` end once idle. */
@@ -315,9 +336,21 @@ export class H2Host<C, R> {
             this.streams.delete(id);
             this.handler.done(entry.s, status, flag, bytesIn, bytesOut, grpcStatus, detail);
           },
-          delivered: (connId, status, flag, bytesIn, bytesOut, grpcStatus, ms) => {
+          delivered: (connId, status, flag, bytesIn, bytesOut, grpcStatus, ms, routes, target, endpoint) => {
             const c = this.conns.get(connId);
-            if (c) this.handler.delivered?.(c.conn, status, flag, bytesIn, bytesOut, grpcStatus, ms);
+            if (c) this.handler.delivered?.(c.conn, status, flag, bytesIn, bytesOut, grpcStatus, ms, routes, target, endpoint);
+          },
+          dial: (connId, routes, target, endpoint) => {
+            const engine = this.engine;
+            const pool = routes.targets[target]?.pools[endpoint];
+            if (!engine || pool === undefined) return;
+            const c = this.conns.get(connId);
+            const how = c ? this.handler.dialRouted?.(c.conn, routes, target, endpoint) : undefined;
+            if (!how) return engine.dialFailed(pool);
+            // Attached, the waiting streams go; failed, they are the handler's (which dials again, and answers a failure).
+            this.open(engine, pool, how).catch(() => {
+              if (this.engine === engine) engine.dialFailed(pool);
+            });
           },
           closed: (connId, read, written) => this.conns.get(connId)?.end({ read, written }),
           refused: (_connId, reason) => this.metrics.httpRefused.inc({ reason }),
@@ -558,6 +591,8 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     if (local && this.inbound) return this.sendLocal(s, r, local, this.inbound, edits);
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
     this.host.forward(s, new Attempt(this, s, r, target, endpoint, upstreamPool(conn, target, endpoint), fields, edits, retry?.codes));
+    // The connection's later streams that its routes let the engine send on are routed there.
+    this.host.route(s, this.outbound.plans.for(conn));
   }
 
   /** A new upstream connection for the attempt in flight (Attempt.dial), its outcome told to outlier detection. */
@@ -647,6 +682,17 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     r.release = undefined;
     if (r.active && r.d.kind === 'forward') this.outbound.track('active', r.d.target, -1);
     r.active = false;
+  }
+
+  dialRouted(conn: HttpClientConnection, routes: EngineRoutes, at: number, endpointAt: number): { readonly dial: () => Promise<EngineUpstream>; readonly maxRequests: number } | undefined {
+    const target = routes instanceof RoutePlan ? routes.services[at] : undefined;
+    const endpoint = routes instanceof RoutePlan ? routes.endpoints[at]?.[endpointAt] : undefined;
+    if (!target || !endpoint) return undefined;
+    return { dial: () => this.outbound.connected(target, endpoint, () => conn.dialEngine(target, endpoint)), maxRequests: target.policy.maxRequestsPerConnection };
+  }
+
+  delivered(conn: HttpClientConnection, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void {
+    if (routes instanceof RoutePlan && target !== undefined && endpoint !== undefined) this.outbound.delivered(conn, routes, target, endpoint, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, grpcStatus);
   }
 
   done(s: H2Stream<HttpClientConnection, Routed>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string): void {

@@ -29,6 +29,7 @@ import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import { UpstreamAgent, UpstreamDenied, answerFields, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
+import { EngineRoutePlans, type RoutePlan } from './engine-routes.js';
 import { NativeOutbound } from './native-outbound.js';
 
 const log = logger('http');
@@ -58,6 +59,8 @@ export interface HttpClientConnection {
    * otherwise. Throws UpstreamDenied when its policy refuses the connection.
    */
   localServer?(target: ServiceTarget, endpoint: Endpoint, protocol: 'http1' | 'http2'): HttpServerConnection | undefined;
+  /** Whether localServer might serve `endpoint` (a pod of this node whose port its side reads as `protocol`), judged without admitting anything. */
+  servesHere?(endpoint: Endpoint, protocol: 'http1' | 'http2'): boolean;
   /** The request metric labels (as for a TCP connection to that endpoint). */
   labels(target: ServiceTarget, endpoint: Endpoint | undefined): TcpLabels;
 }
@@ -163,6 +166,13 @@ function backendChanges(plan: RulePlan, entry: HttpRouteEntry, backend: HttpRout
 /** A port's routing to itself when it has no routes (made once per snapshot object). */
 const ownRouting = new WeakMap<ServiceTarget, NonNullable<ServiceTarget['http']>>();
 
+/** The route entries a port's requests go by: its routes', or to its own endpoints when it has none. */
+export function routingOf(parent: ServiceTarget): NonNullable<ServiceTarget['http']> {
+  let routing = parent.http ?? ownRouting.get(parent);
+  if (!routing) ownRouting.set(parent, (routing = toItself(parent, `Service ${parent.key}`)));
+  return routing;
+}
+
 /** Raw header pairs with each of `changes` applied in order. */
 export function withChanges(raw: ReadonlyArray<string>, changes: ReadonlyArray<HeaderChanges>): string[] {
   let out = raw.slice();
@@ -203,6 +213,14 @@ export function routeRequest(entries: ReadonlyArray<HttpRouteEntry>, r: RequestF
   return undefined;
 }
 
+/** What the HTTP/2 engine's response flags on a request it routed itself mean (its own answer, or a cut). */
+const ENGINE_FLAGS: Readonly<Record<string, string>> = {
+  UC: 'the upstream stream ended before an answer',
+  UF: 'the upstream refused the stream',
+  UPE: "the upstream's answer was cut",
+  DPE: 'a gRPC message over the limit',
+};
+
 export class HttpOutbound {
   private readonly server: Server;
   readonly agent = new UpstreamAgent();
@@ -210,6 +228,8 @@ export class HttpOutbound {
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Outbound;
   private readonly native: NativeOutbound;
+  /** The routes the HTTP/2 engine follows itself, per source pod and port. */
+  readonly plans: EngineRoutePlans;
 
   constructor(
     readonly lb: LoadBalancer,
@@ -229,6 +249,7 @@ export class HttpOutbound {
       (req, res) => this.onRequest(req, res),
       (req, client, head) => this.onUpgrade(req, client, head),
     );
+    this.plans = new EngineRoutePlans(lb, options.accessLog);
     this.h2 = new H2Outbound(this, options.idleTimeoutMs, options.nativeHttp === true, options.destinationSide);
     this.native = new NativeOutbound(this, options.destinationSide, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
@@ -254,6 +275,29 @@ export class HttpOutbound {
     this.h2.forgetPod(uid);
   }
 
+  /**
+   * What the engine routes by itself was made of what changed (the snapshot, this node's pods, an
+   * endpoint's health): every request goes to decide() again until its connection gets a new plan.
+   */
+  routesChanged(): void {
+    this.plans.reset();
+    this.h2.routesChanged();
+  }
+
+  /**
+   * A request the engine routed by `plan` ended (H2Events.delivered): counted as decide()'s are,
+   * its answer told to outlier detection.
+   */
+  delivered(conn: HttpClientConnection, plan: RoutePlan, at: number, endpointAt: number, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
+    const target = plan.services[at];
+    const endpoint = plan.endpoints[at]?.[endpointAt];
+    if (!target || !endpoint) return;
+    this.metrics.httpRouted.inc();
+    if (flag === '-' && this.lb.answered(target, endpoint, status)) this.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
+    this.metrics.requests.record(conn.labels(target, endpoint), { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);
+    if (flag !== '-' && flag !== 'DC') this.logAnswer(conn, target, { status, flag, detail: ENGINE_FLAGS[flag] ?? 'ended by the engine' });
+  }
+
   /** Closes every pooled upstream connection. */
   close(): void {
     this.agent.destroy();
@@ -270,10 +314,8 @@ export class HttpOutbound {
     // A port whose routes went sends to its own endpoints; a Service that went is no route.
     const parent = conn.current();
     if (!parent) return { kind: 'answer', parent: conn.parent, route: '', answer: { status: 404, flag: 'NR', detail: `Service ${conn.parent.key} is no longer in the config` } };
-    let routing = parent.http ?? ownRouting.get(parent);
-    if (!routing) ownRouting.set(parent, (routing = toItself(parent, `Service ${parent.key}`)));
     const { path, query } = splitTarget(req.url ?? '/');
-    const entry = routeRequest(routing.entries, { method: req.method ?? 'GET', path, query, headers: req.headers });
+    const entry = routeRequest(routingOf(parent).entries, { method: req.method ?? 'GET', path, query, headers: req.headers });
     if (!entry) return { kind: 'answer', parent, route: '', answer: { status: 404, flag: 'NR', detail: 'no route matched the request' } };
     const plan = rulePlan(entry);
     const { route, redirect, rewrite } = plan;
@@ -385,7 +427,7 @@ export class HttpOutbound {
   /** Whether the backend's retry budget (Envoy's semantics) has room for one more retry; counted when it has not. */
   retryBudgetAllows(target: ServiceTarget): boolean {
     const { percent, minRetryConcurrency } = target.policy.retryBudget;
-    const active = this.active.get(target.key) ?? 0;
+    const active = (this.active.get(target.key) ?? 0) + this.h2.routedInFlight(target.key);
     const retrying = this.retrying.get(target.key) ?? 0;
     if (retrying < Math.max(minRetryConcurrency, Math.floor((active * percent) / 100))) return true;
     this.metrics.httpRetries.inc({ service: target.key, result: 'budget_exhausted' });
@@ -505,6 +547,7 @@ export class HttpOutbound {
   /** Outlier detection took `endpoint` of `target` out: counted and logged. */
   ejected(target: ServiceTarget, endpoint: Endpoint, why: string): void {
     this.metrics.ejections.inc({ service: target.key });
+    this.routesChanged();
     log.warn({ service: target.key, endpoint: `${endpoint.workload.namespace}/${endpoint.workload.name}`, port: endpoint.port, why }, 'endpoint ejected');
   }
 

@@ -65,6 +65,7 @@ export class NodeMetrics {
   readonly http2Engine: Counter<'side' | 'engine' | 'why'>;
   readonly httpRefused: Counter<'reason'>;
   readonly httpUnread: Counter;
+  readonly httpRouted: Counter;
   readonly httpRetries: Counter<'service' | 'result'>;
   readonly httpMirrors: Counter<'service' | 'result'>;
   readonly refused: Counter<'direction' | 'reason'>;
@@ -121,6 +122,11 @@ export class NodeMetrics {
     this.httpUnread = new Counter({
       name: 'nodemesh_http_unread_requests_total',
       help: "HTTP requests (HTTP/1.1 and HTTP/2) the destination's engine passed to the application without JS reading them: nothing in the config decides per request on their connection (no AuthorizationPolicy that reads requests, no local rate limit, no access log), and their path needs no normalizing",
+      registers,
+    });
+    this.httpRouted = new Counter({
+      name: 'nodemesh_http_engine_routed_requests_total',
+      help: "HTTP/2 requests the source's engine routed without JS reading them: the rule they matched only splits by weight (no filter, retry, timeout, fault or mirror), and their backends need no consistent hashing, least-request picks or circuit-breaker limits",
       registers,
     });
     this.httpRefused = new Counter({ name: 'nodemesh_http_refused_total', help: 'HTTP requests refused before routing, by reason (the parser\'s error code, such as HPE_INVALID_HEADER_TOKEN or HPE_HEADER_OVERFLOW)', labelNames: ['reason'], registers });

@@ -81,6 +81,25 @@ export class LoadBalancer {
     return best;
   }
 
+  /**
+   * The endpoints pick() chooses from when nothing is avoided (those not ejected; all of them when
+   * every one is), and for how many milliseconds that holds: until the first ejection among them
+   * ends (Infinity when none is ejected).
+   */
+  eligible(target: ServiceTarget): { readonly endpoints: ReadonlyArray<Endpoint>; readonly forMs: number } {
+    const all = target.endpoints;
+    if (this.health.size === 0) return { endpoints: all, forMs: Infinity };
+    const now = this.now();
+    let forMs = Infinity;
+    const endpoints = all.filter((e) => {
+      const until = this.health.get(endpointKey(e))?.ejectedUntil ?? 0;
+      if (until <= now) return true;
+      forMs = Math.min(forMs, until - now);
+      return false;
+    });
+    return endpoints.length > 0 ? { endpoints, forMs } : { endpoints: all, forMs };
+  }
+
   private next(key: string, n: number): number {
     const i = ((this.cursors.get(key) ?? -1) + 1) % n;
     this.cursors.set(key, i);
