@@ -27,7 +27,6 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "channel.h"
@@ -47,7 +46,6 @@ constexpr int32_t kConnectionWindow = 16 << 20;
 constexpr uint32_t kServerMaxStreams = 256;
 constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry or a mirror (as the other paths keep it)
 
-uint64_t NowMs() { return uv_hrtime() / 1000000; }
 
 // Header fields as one buffer, each name and each value followed by a NUL (which no field name
 // or value holds: RFC 9113 section 8.2.1): one allocation for a block, not two strings per field,
@@ -155,6 +153,26 @@ struct Pipe {
 class H2Engine;
 struct Exchange;
 
+// A connection's exchanges (a client connection's streams, or those an upstream session
+// carries): a list through the exchanges themselves (Exchange::links), so that a stream joins and
+// leaves it with no allocation.
+class ExchangeList {
+ public:
+  bool empty() const { return head_ == nullptr; }
+  void Add(Exchange* x);
+  void Remove(Exchange* x);
+  // Each exchange, in no particular order (a copy: the caller may remove them as it goes).
+  std::vector<Exchange*> All() const;
+  // Empties the list (its exchanges left it already, or are going).
+  void Clear();
+  // An upstream session's list uses an exchange's second place (a client connection's its first).
+  void SetUpstream(bool upstream) { upstream_ = upstream; }
+
+ private:
+  Exchange* head_ = nullptr;
+  bool upstream_ = false;
+};
+
 // One socket with its session: a client's (server role) or an upstream's (client role). An
 // upstream may be a channel to an HBONE stream instead (side 0 here; channel.h).
 struct Conn final : ChannelEnd {
@@ -186,11 +204,36 @@ struct Conn final : ChannelEnd {
   uint32_t maxRequests = 0;
   uint64_t lastActive = 0;
   uint64_t read = 0, written = 0;  // bytes the engine read from and wrote to the socket itself
-  std::unordered_set<Exchange*> exchanges;
+  ExchangeList exchanges;
+  // The last stream looked up and its exchange (StreamOf): a header block's fields, a frame's
+  // callbacks and a body's data provider ask for the same stream one after another.
+  int32_t seenSid = 0;
+  Exchange* seenX = nullptr;
 };
+
+// The exchange of stream `sid` of the session whose user data is `user` (a Conn), or nullptr.
+Exchange* StreamOf(void* user, nghttp2_session* session, int32_t sid) {
+  Conn* c = static_cast<Conn*>(user);
+  if (sid != 0 && sid == c->seenSid) return c->seenX;
+  auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+  if (x) c->seenSid = sid, c->seenX = x;
+  return x;
+}
+
+// Sets the exchange of stream `sid` of `c`'s session (nullptr: the stream is given up).
+void SetStream(Conn* c, int32_t sid, Exchange* x) {
+  nghttp2_session_set_stream_user_data(c->session, sid, x);
+  if (sid == c->seenSid) c->seenSid = 0, c->seenX = nullptr;
+}
 
 // One client stream, from its headers to its end, and the upstream stream it went out on.
 struct Exchange {
+  // Its places in its client connection's list and its upstream session's (ExchangeList).
+  struct Link {
+    Exchange* prev = nullptr;
+    Exchange* next = nullptr;
+    bool in = false;
+  } links[2];
   uint64_t xid = 0;
   Conn* down = nullptr;
   int32_t downId = 0;
@@ -244,6 +287,35 @@ struct Exchange {
   uint64_t reqTaken = 0, reqAcked = 0;
 };
 
+void ExchangeList::Add(Exchange* x) {
+  Exchange::Link& l = x->links[upstream_];
+  if (l.in) return;
+  l.in = true;
+  l.prev = nullptr;
+  l.next = head_;
+  if (head_) head_->links[upstream_].prev = x;
+  head_ = x;
+}
+
+void ExchangeList::Remove(Exchange* x) {
+  Exchange::Link& l = x->links[upstream_];
+  if (!l.in) return;
+  if (l.prev) l.prev->links[upstream_].next = l.next;
+  else head_ = l.next;
+  if (l.next) l.next->links[upstream_].prev = l.prev;
+  l = Exchange::Link();
+}
+
+std::vector<Exchange*> ExchangeList::All() const {
+  std::vector<Exchange*> out;
+  for (Exchange* x = head_; x; x = x->links[upstream_].next) out.push_back(x);
+  return out;
+}
+
+void ExchangeList::Clear() {
+  while (head_) Remove(head_);
+}
+
 ssize_t ReadRequestBody(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
 ssize_t ReadAnswerBody(nghttp2_session*, int32_t, uint8_t*, size_t, uint32_t*, nghttp2_data_source*, void*);
 
@@ -296,6 +368,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     nghttp2_session_callbacks_set_error_callback2(callbacks_, OnError);
     nghttp2_option_new(&options_);
     nghttp2_option_set_no_auto_window_update(options_, 1);
+    // A closed stream is forgotten at once: nghttp2 otherwise keeps some in its priority tree
+    // (RFC 7540 priorities, which nothing here uses), and every stream lookup pays for them.
+    nghttp2_option_set_no_closed_streams(options_, 1);
 
     napi_get_uv_event_loop(env_, &loop_);
     timer_ = new uv_timer_t;
@@ -502,7 +577,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->up = u;
     x->upId = sid;
     x->upOpen = true;
-    u->exchanges.insert(x);
+    u->exchanges.Add(x);
     u->started++;
     if (u->maxRequests > 0 && u->started >= u->maxRequests) Retire(u);
     Touch(u);
@@ -828,13 +903,13 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (!x->up) return;
     Conn* u = x->up;
     if (!u->closed) {
-      if (x->upOpen) nghttp2_session_set_stream_user_data(u->session, x->upId, nullptr);
+      if (x->upOpen) SetStream(u, x->upId, nullptr);
       // What of its answer is still buffered here is acknowledged now (the connection's window).
       if (x->resp.size() > 0) nghttp2_session_consume(u->session, x->upId, x->resp.size());
       Touch(u);
     }
     x->upOpen = false;
-    u->exchanges.erase(x);
+    u->exchanges.Remove(x);
     u->lastActive = NowMs();
     if (u->retired && u->exchanges.empty()) Finish(u);
     x->up = nullptr;
@@ -983,12 +1058,12 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   void DownstreamEnded(Exchange* x, uint32_t code) {
     x->downClosed = true;
     if (x->down && !x->down->closed) {
-      nghttp2_session_set_stream_user_data(x->down->session, x->downId, nullptr);
+      SetStream(x->down, x->downId, nullptr);
       if (x->req.size() > 0) nghttp2_session_consume(x->down->session, x->downId, x->req.size());
       x->req.buf.clear();
       x->req.off = 0;
     }
-    if (x->down) x->down->exchanges.erase(x);
+    if (x->down) x->down->exchanges.Remove(x);
     if (!x->respDone && x->flag == "-") x->flag = "DC";
     CancelUpstream(x);
     if (x->headersDone) pendingDone_.push_back(x->xid);
@@ -1014,8 +1089,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->xid = ++e->nextXid_;
     x->down = c;
     x->downId = frame->hd.stream_id;
-    c->exchanges.insert(x.get());
-    nghttp2_session_set_stream_user_data(session, frame->hd.stream_id, x.get());
+    c->exchanges.Add(x.get());
+    SetStream(c, frame->hd.stream_id, x.get());
     e->exchanges_[x->xid] = std::move(x);
     return 0;
   }
@@ -1023,7 +1098,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   static int OnHeader(nghttp2_session* session, const nghttp2_frame* frame, const uint8_t* name, size_t namelen, const uint8_t* value, size_t valuelen, uint8_t, void* user) {
     Conn* c = static_cast<Conn*>(user);
     if (frame->hd.type != NGHTTP2_HEADERS) return 0;
-    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    auto* x = StreamOf(user, session, frame->hd.stream_id);
     if (!x) return 0;
     std::string_view n(reinterpret_cast<const char*>(name), namelen), v(reinterpret_cast<const char*>(value), valuelen);
     if (c->server) {
@@ -1065,7 +1140,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       return 0;
     }
     if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) return 0;
-    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    auto* x = StreamOf(user, session, frame->hd.stream_id);
     if (!x) return 0;
     bool end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     if (c->server) {
@@ -1121,7 +1196,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   static int OnDataChunk(nghttp2_session* session, uint8_t, int32_t sid, const uint8_t* data, size_t len, void* user) {
     Conn* c = static_cast<Conn*>(user);
     H2Engine* e = c->engine;
-    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+    auto* x = StreamOf(user, session, sid);
     if (!x) {
       nghttp2_session_consume(session, sid, len);
       return 0;
@@ -1152,7 +1227,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   static int OnStreamClose(nghttp2_session* session, int32_t sid, uint32_t code, void* user) {
     Conn* c = static_cast<Conn*>(user);
-    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+    auto* x = StreamOf(user, session, sid);
+    if (sid == c->seenSid) c->seenSid = 0, c->seenX = nullptr;
     if (!x) return 0;
     if (c->server) c->engine->DownstreamEnded(x, code);
     else if (x->up == c && x->upId == sid) c->engine->UpstreamEnded(x, code);
@@ -1165,7 +1241,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (c->server && frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) c->engine->Refused(c, -static_cast<int>(frame->goaway.error_code));
     if (!c->server || (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) == 0) return 0;
     if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) return 0;
-    auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, frame->hd.stream_id));
+    auto* x = StreamOf(user, session, frame->hd.stream_id);
     if (!x) return 0;
     x->respDone = true;
     // The answer is whole while the client still sends: its stream ends (RFC 9113 8.1).
@@ -1197,6 +1273,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     c->engine = this;
     c->fd = fd;
     c->server = server;
+    c->exchanges.SetUpstream(!server);
     c->lastActive = NowMs();
     if (ch) {
       c->ch = std::move(ch);
@@ -1388,12 +1465,11 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     if (c->closed) return;
     c->closed = true;
     if (!c->server) Retire(c);
-    std::vector<Exchange*> xs(c->exchanges.begin(), c->exchanges.end());
-    for (Exchange* x : xs) {
+    for (Exchange* x : c->exchanges.All()) {
       if (c->server) DownstreamEnded(x, NGHTTP2_CANCEL);
       else if (x->up == c) UpstreamEnded(x, NGHTTP2_INTERNAL_ERROR);
     }
-    c->exchanges.clear();
+    c->exchanges.Clear();
     if (c->ch) {
       c->ch->Close(0, false);
       c->ch.reset();
@@ -1413,6 +1489,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // -- JS calls and the loop ------------------------------------------------------------------------
 
   void Enter() { depth_++; }
+
+  // The loop's time in milliseconds (read once per turn, not a clock call per use): idle times,
+  // routes' lifetimes.
+  uint64_t NowMs() const { return uv_now(loop_); }
 
   // The outermost call: frames out, then what JS must hear (which may queue more frames).
   void Leave() {
@@ -1615,13 +1695,13 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 // The exchange is looked up by the stream, not kept in the provider: a stream given up (its
 // user data cleared) may still be asked once before its RST_STREAM goes.
 ssize_t ReadRequestBody(nghttp2_session* session, int32_t sid, uint8_t* buf, size_t length, uint32_t* flags, nghttp2_data_source*, void* user) {
-  auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+  auto* x = StreamOf(user, session, sid);
   if (!x) return NGHTTP2_ERR_DEFERRED;
   return static_cast<ssize_t>(static_cast<Conn*>(user)->engine->RequestBody(x, buf, length, flags));
 }
 
 ssize_t ReadAnswerBody(nghttp2_session* session, int32_t sid, uint8_t* buf, size_t length, uint32_t* flags, nghttp2_data_source*, void* user) {
-  auto* x = static_cast<Exchange*>(nghttp2_session_get_stream_user_data(session, sid));
+  auto* x = StreamOf(user, session, sid);
   if (!x) return NGHTTP2_ERR_DEFERRED;
   return static_cast<ssize_t>(static_cast<Conn*>(user)->engine->AnswerBody(x, buf, length, flags));
 }
