@@ -44,7 +44,8 @@ constexpr size_t kHighWater = 256 * 1024;
 constexpr int32_t kStreamWindow = 1 << 20;
 constexpr int32_t kConnectionWindow = 16 << 20;
 constexpr uint32_t kServerMaxStreams = 256;
-constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry or a mirror (as the other paths keep it)
+constexpr size_t kReplayLimit = 64 * 1024;
+constexpr size_t kFieldBlockBytes = 512;  // a request's or an answer's fields, as most are  // a request body kept for a retry or a mirror (as the other paths keep it)
 
 
 // Header fields as one buffer, each name and each value followed by a NUL (which no field name
@@ -72,6 +73,8 @@ class FieldBlock {
   }
   bool empty() const { return buf_.empty(); }
   void clear() { buf_.clear(); }
+  // Room for a block's usual size at once (grown a field at a time, a block was copied about five times).
+  void Reserve(size_t n) { buf_.reserve(n); }
   const std::string& bytes() const { return buf_; }
 
   // Each field in order, as f(name, value); a name with no value after it ends the block.
@@ -1089,6 +1092,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->xid = ++e->nextXid_;
     x->down = c;
     x->downId = frame->hd.stream_id;
+    x->headers.Reserve(kFieldBlockBytes);
+    x->answerFields.Reserve(kFieldBlockBytes);
     c->exchanges.Add(x.get());
     SetStream(c, frame->hd.stream_id, x.get());
     e->exchanges_[x->xid] = std::move(x);
