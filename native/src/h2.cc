@@ -593,7 +593,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // would change, a host field, no session).
   bool ForwardDirect(Exchange* x) {
     Conn* c = x->down;
-    if (c->direct.empty() || x->noDirect || x->downClosed || x->dropping || x->hasHost || x->authority.empty() || !PlainTarget(x->path)) return false;
+    if (c->direct.empty() || !MayGoAsItCame(x) || !PlainTarget(x->path)) return false;
     std::string_view path(x->path);
     if (!c->gate.PassesRequest(x->method, x->authority, path.substr(0, path.find('?')))) return false;
     Conn* u = Usable(c->direct);
@@ -617,7 +617,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   bool ForwardRouted(Exchange* x) {
     Conn* c = x->down;
     Routes* routes = c->routes.get();
-    if (!routes || x->noDirect || x->downClosed || x->dropping || x->hasHost || x->authority.empty() || x->path.empty() || x->path[0] != '/') return false;
+    if (!routes || !MayGoAsItCame(x) || x->path.empty() || x->path[0] != '/') return false;
     if (NowMs() >= routes->untilMs) {
       c->routes.reset();
       return false;
@@ -662,6 +662,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     x->waitingPool = pool;
     return true;
   }
+
+  // Whether a stream may go on without JS as it came (SubmitAsItCame): it did not go back to JS
+  // once, it is still open, and its :authority says its host (no host field to reconcile with it).
+  static bool MayGoAsItCame(const Exchange* x) { return !x->noDirect && !x->downClosed && !x->dropping && !x->hasHost && !x->authority.empty(); }
 
   // A stream goes out on `u` as it came (the engine's own decision): the pseudo-header fields, then its own fields.
   bool SubmitAsItCame(Exchange* x, Conn* u) {

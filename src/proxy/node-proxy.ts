@@ -336,6 +336,12 @@ export class NodeProxy {
    * its appProtocol or name), or sniffed from the client's first bytes when it says nothing (or
    * no Service has the port). Everything else stays on the L4 relay: L7 costs only where it is used.
    */
+  /** Whether `endpoint` is a pod of this node whose port its side reads as `protocol`. */
+  private readsHere(endpoint: Endpoint, protocol: 'http1' | 'http2'): boolean {
+    const here = this.pods.get(endpoint.workload.uid);
+    return here !== undefined && this.readsHttp(here, endpoint.port) === protocol;
+  }
+
   private readsHttp(destination: PodState, port: number): Reads | undefined {
     let ports = this.readsHttpCache.get(destination.pod.uid);
     if (!ports) this.readsHttpCache.set(destination.pod.uid, (ports = new Map()));
@@ -979,17 +985,13 @@ export class NodeProxy {
       dial: async (target, endpoint) => this.socketOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialFd: async (target, endpoint) => this.fdOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
       dialEngine: async (target, endpoint) => this.engineUpstreamOf(state, await dial(target, endpoint), target.policy.idleTimeoutMs ?? this.options.idleTimeoutMs),
-      servesHere: (endpoint, protocol) => {
-        const here = this.pods.get(endpoint.workload.uid);
-        return here !== undefined && this.readsHttp(here, endpoint.port) === protocol;
-      },
+      servesHere: (endpoint, protocol) => this.readsHere(endpoint, protocol),
       localServer: (target, endpoint, protocol) => {
         // A pod of this node whose port its side reads as `protocol`: that side is served here, in
         // the same pass, with the source's identity known first-hand (as connect() would hand it
         // a socket pair, judged by admitLocal). Judged once per target and endpoint on this
         // connection while labelsGeneration stays (a policy change bumps it), as a connection is.
-        const here = this.pods.get(endpoint.workload.uid);
-        if (!here || this.readsHttp(here, endpoint.port) !== protocol) return undefined;
+        if (!this.readsHere(endpoint, protocol)) return undefined;
         if (servedMade.generation !== this.labelsGeneration) servedMade = { generation: this.labelsGeneration, byTarget: new WeakMap() };
         let byEndpoint = servedMade.byTarget.get(target);
         if (!byEndpoint) servedMade.byTarget.set(target, (byEndpoint = new WeakMap()));

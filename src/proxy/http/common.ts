@@ -394,9 +394,18 @@ export function withBytes(f: AccessFacts, bytesIn: number, bytesOut: number, att
 }
 
 /**
- * Where every request ends, on either side: Istio's request metrics under `tcp` (the connection's
- * labels, its reporter among them) with the answer's code and flags; and an access log line when
- * `log` is set (the mesh config asks for it: data.accessLog).
+ * Istio's request metrics for one request under `tcp` (the connection's labels, its reporter
+ * among them); a gRPC request (content-type application/grpc) as Istio reports it: protocol grpc,
+ * with its grpc-status. Every request is counted here, the engines' unread and routed ones too.
+ */
+export function recordRequest(metrics: NodeMetrics, tcp: TcpLabels, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
+  metrics.requests.record(tcp, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);
+}
+
+/**
+ * Where every request JS read ends, on either side: its metrics (recordRequest) with the answer's
+ * code and flags; and an access log line when `log` is set (the mesh config asks for it:
+ * data.accessLog).
  */
 export function countRequest(
   metrics: NodeMetrics,
@@ -408,9 +417,8 @@ export function countRequest(
   log: { readonly upstreamService: string; readonly upstreamHost: string; readonly sourcePod: string } | undefined,
   grpcStatus: string | undefined = undefined,
 ): void {
-  // A gRPC request (content-type application/grpc) is reported as Istio does: protocol grpc, with its grpc-status.
   const ms = performance.now() - started;
-  metrics.requests.record(tcp, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, facts.bytesIn, facts.bytesOut);
+  recordRequest(metrics, tcp, status, flag, ms, facts.bytesIn, facts.bytesOut, grpcStatus);
   if (!log) return;
   const { req } = facts;
   // A stable field set (Envoy's names where it has one); `msg` is always "request".

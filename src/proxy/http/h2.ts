@@ -604,7 +604,7 @@ class H2Exchange {
       // A route's retry on this code: the answer is dropped with its stream and the request goes again.
       const status = Number(headers[':status'] ?? 502);
       if (this.d.entry.retry?.codes.includes(status) && this.mayRetry()) {
-        if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
+        this.outbound.answered(this.target, endpoint, status);
         this.giveUp(up, release);
         this.retry();
         return;
@@ -670,7 +670,7 @@ class H2Exchange {
       release();
       return;
     }
-    if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
+    this.outbound.answered(this.target, endpoint, status);
     passAnswer(up, this.stream, headers, endStream, this.d.upstream.answerChanges, {
       data: (bytes) => (this.bytesOut += bytes),
       ended: (grpcStatus) => this.done(status, this.flag, endpoint, grpcStatus),

@@ -19,7 +19,7 @@ import { logger } from '../../shared/log.js';
 import { RateLimiter } from '../../shared/rate-limit.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import type { ConnectionFacts, RequestFacts, RequestGate } from '../policy.js';
-import { UpstreamAgent, answerFields, countRequest, drain, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, answerFields, countRequest, drain, recordRequest, forwardable, handedServer, headerValue, normalizePath, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Inbound } from './h2.js';
 import type { ChannelServed } from './native-engine.js';
 import { NativeInbound } from './native-inbound.js';
@@ -252,7 +252,7 @@ export class HttpInbound {
   /** A request the engine passed on unread (unreadGate), counted: no access log line (there is no gate when one is asked for). */
   counted(conn: HttpServerConnection, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
     this.metrics.httpUnread.inc();
-    this.metrics.requests.record(conn.labels, { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);
+    recordRequest(this.metrics, conn.labels, status, flag, ms, bytesIn, bytesOut, grpcStatus);
   }
 
   count(conn: HttpServerConnection, status: number, flag: string, started: number, facts: AccessFacts, grpcStatus?: string): void {

@@ -432,7 +432,7 @@ class Attempt implements H2Forwarding {
   }
 
   dial(): Promise<EngineUpstream> {
-    return this.handler.dialFor(this.s, this.target, this.endpoint);
+    return this.handler.dialFor(this.s.conn, this.target, this.endpoint);
   }
 
   failed(e: Error): void {
@@ -540,7 +540,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const r = s.state;
     if (!r || r.d.kind !== 'forward' || !r.d.entry.retry) return undefined;
     // Outlier detection counts the answer that is dropped.
-    if (status > 0 && r.endpoint && this.outbound.lb.answered(r.d.target, r.endpoint, status)) this.outbound.ejected(r.d.target, r.endpoint, `consecutive error answers (the last ${status})`);
+    if (status > 0 && r.endpoint) this.outbound.answered(r.d.target, r.endpoint, status);
     if (!this.mayRetry(r)) return false;
     this.retryLater(s, r);
     return true;
@@ -595,9 +595,9 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     this.host.route(s, this.outbound.plans.for(conn));
   }
 
-  /** A new upstream connection for the attempt in flight (Attempt.dial), its outcome told to outlier detection. */
-  dialFor(s: H2Stream<HttpClientConnection, Routed>, target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream> {
-    return this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
+  /** A new upstream connection from `conn`'s source (an attempt's, or routed streams' waiting for their pool), its outcome told to outlier detection. */
+  dialFor(conn: HttpClientConnection, target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream> {
+    return this.outbound.connected(target, endpoint, () => conn.dialEngine(target, endpoint));
   }
 
   /** The attempt could not go upstream (Attempt.failed): another attempt, or the proxy's answer. */
@@ -688,7 +688,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const target = routes instanceof RoutePlan ? routes.services[at] : undefined;
     const endpoint = routes instanceof RoutePlan ? routes.endpoints[at]?.[endpointAt] : undefined;
     if (!target || !endpoint) return undefined;
-    return { dial: () => this.outbound.connected(target, endpoint, () => conn.dialEngine(target, endpoint)), maxRequests: target.policy.maxRequestsPerConnection };
+    return { dial: () => this.dialFor(conn, target, endpoint), maxRequests: target.policy.maxRequestsPerConnection };
   }
 
   delivered(conn: HttpClientConnection, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void {
@@ -717,7 +717,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
       return;
     }
     // Outlier detection on answers the backend gave (not on the engine's own).
-    if (endpoint && flag === '-' && r.d.kind === 'forward' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
+    if (endpoint && flag === '-' && r.d.kind === 'forward') this.outbound.answered(target, endpoint, status);
     this.outbound.count(s.conn, target, endpoint, flag === 'DC' ? 0 : status, flag === '-' ? r.flag : flag, r.started, facts, grpc);
   }
 }

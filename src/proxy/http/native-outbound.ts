@@ -253,7 +253,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     const r = s.request;
     if (!r?.d.entry.retry) return undefined;
     // Outlier detection counts the answer that is dropped.
-    if (status > 0 && r.endpoint && this.outbound.lb.answered(r.target, r.endpoint, status)) this.outbound.ejected(r.target, r.endpoint, `consecutive error answers (the last ${status})`);
+    if (status > 0 && r.endpoint) this.outbound.answered(r.target, r.endpoint, status);
     if (!this.mayRetry(r)) return false;
     this.retryLater(s, r);
     return true;
@@ -391,7 +391,7 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (request.mirrors) this.mirror(s, request, request.mirrors);
     const { endpoint, target } = request;
     // Outlier detection on answers the backend gave (not on the engine's own).
-    if (endpoint && flag === '-' && this.outbound.lb.answered(target, endpoint, status)) this.outbound.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
+    if (endpoint && flag === '-') this.outbound.answered(target, endpoint, status);
     const facts = withBytes(request.facts, bytesIn, bytesOut, request.attempts);
     if (request.local) this.inbound?.count(request.local.conn, status, flag, request.started, withBytes(request.local.facts, bytesIn, bytesOut, request.local.facts.attempts));
     if (flag === '-') this.outbound.count(s.conn, target, endpoint, status, request.flag, request.started, facts);

@@ -26,7 +26,7 @@ import type { EngineUpstream } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
-import { UpstreamAgent, UpstreamDenied, answerFields, countRequest, drain, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
+import { UpstreamAgent, UpstreamDenied, answerFields, countRequest, drain, recordRequest, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { EngineRoutePlans, type RoutePlan } from './engine-routes.js';
@@ -293,8 +293,8 @@ export class HttpOutbound {
     const endpoint = plan.endpoints[at]?.[endpointAt];
     if (!target || !endpoint) return;
     this.metrics.httpRouted.inc();
-    if (flag === '-' && this.lb.answered(target, endpoint, status)) this.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
-    this.metrics.requests.record(conn.labels(target, endpoint), { protocol: grpcStatus === undefined ? 'http' : 'grpc', flag, status, grpcStatus: grpcStatus ?? '' }, ms, bytesIn, bytesOut);
+    if (flag === '-') this.answered(target, endpoint, status);
+    recordRequest(this.metrics, conn.labels(target, endpoint), status, flag, ms, bytesIn, bytesOut, grpcStatus);
     if (flag !== '-' && flag !== 'DC') this.logAnswer(conn, target, { status, flag, detail: ENGINE_FLAGS[flag] ?? 'ended by the engine' });
   }
 
@@ -545,6 +545,11 @@ export class HttpOutbound {
   }
 
   /** Outlier detection took `endpoint` of `target` out: counted and logged. */
+  /** Outlier detection on an answer of `endpoint`: a run of 5xx or gateway errors may eject it. */
+  answered(target: ServiceTarget, endpoint: Endpoint, status: number): void {
+    if (this.lb.answered(target, endpoint, status)) this.ejected(target, endpoint, `consecutive error answers (the last ${status})`);
+  }
+
   ejected(target: ServiceTarget, endpoint: Endpoint, why: string): void {
     this.metrics.ejections.inc({ service: target.key });
     this.routesChanged();
@@ -900,7 +905,7 @@ class Exchange {
 
   /** Outlier detection on answers: a run of 5xx or gateway errors may eject the endpoint. */
   private health(endpoint: Endpoint, status: number): void {
-    if (this.outbound.lb.answered(this.target, endpoint, status)) this.outbound.ejected(this.target, endpoint, `consecutive error answers (the last ${status})`);
+    this.outbound.answered(this.target, endpoint, status);
   }
 
   /** Whether another attempt may go: retries left, the whole body in hand, within the budget. */
