@@ -205,6 +205,7 @@ async function proxyAddon(upstreamPort: number): Promise<void> {
       retry: () => false,
       done: () => undefined,
       delivered: () => undefined,
+      dial: () => undefined,
       closed: () => undefined,
     },
     { maxHeadBytes: 16 * 1024, idleMs: 60_000, headTimeoutMs: 60_000, poolIdleMs: 60_000, maxIdlePerPool: POOL },

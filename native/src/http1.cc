@@ -29,6 +29,7 @@
 #include "channel.h"
 #include "common.h"
 #include "gate.h"
+#include "routes.h"
 
 namespace nodemesh {
 
@@ -53,6 +54,14 @@ bool IsTchar(unsigned char c) {
 
 // field-vchar / SP / HTAB / obs-text: no control bytes but HTAB.
 bool IsValueByte(unsigned char c) { return c == '\t' || (c >= 0x20 && c != 0x7f); }
+
+// `a` equals `lower` (lower-case) but for the case of ASCII letters.
+bool IEqualsLower(std::string_view a, std::string_view lower) {
+  if (a.size() != lower.size()) return false;
+  for (size_t i = 0; i < a.size(); i++)
+    if ((a[i] >= 'A' && a[i] <= 'Z' ? a[i] | 0x20 : a[i]) != lower[i]) return false;
+  return true;
+}
 
 bool IEquals(const std::string& a, const char* b) {
   size_t n = strlen(b);
@@ -405,6 +414,13 @@ struct Client {
   Gate gate;
   bool unread = false;
   uint64_t startedNs = 0;
+  // The connection's routes (route()): its later requests that they route go on without asking
+  // JS. The request in flight that went so: its routes, backend (a target of them) and endpoint,
+  // and while it waits for the connection JS dials for it (a dial() event), that pool.
+  std::shared_ptr<Routes> routes;
+  std::shared_ptr<Routes> routed;
+  uint32_t target = 0, endpoint = 0;
+  std::string waitingPool;
 };
 
 struct Upstream {
@@ -436,18 +452,23 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
                            InstanceMethod<&Http1Engine::CloseJs>("close"),
                            InstanceMethod<&Http1Engine::DropPools>("dropPools"),
                            InstanceMethod<&Http1Engine::Undirect>("undirect"),
+                           InstanceMethod<&Http1Engine::Route>("route"),
+                           InstanceMethod<&Http1Engine::InFlight>("inFlight"),
+                           InstanceMethod<&Http1Engine::Attach>("attach"),
+                           InstanceMethod<&Http1Engine::DialFailed>("dialFailed"),
                            InstanceMethod<&Http1Engine::Stats>("stats"),
                            InstanceMethod<&Http1Engine::Destroy>("destroy"),
                        });
   }
 
-  // new Http1Engine({head, done, closed}, {maxHeadBytes, idleMs, poolIdleMs, maxIdlePerPool})
+  // new Http1Engine({head, retry, done, delivered, dial, closed}, {maxHeadBytes, idleMs, headTimeoutMs, poolIdleMs, maxIdlePerPool})
   explicit Http1Engine(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Http1Engine>(info), env_(info.Env()), ctx_(info.Env(), "nodemesh:http1") {
     Napi::Object cb = info[0].As<Napi::Object>();
     head_ = Napi::Persistent(cb.Get("head").As<Napi::Function>());
     retry_ = Napi::Persistent(cb.Get("retry").As<Napi::Function>());
     done_ = Napi::Persistent(cb.Get("done").As<Napi::Function>());
     delivered_ = Napi::Persistent(cb.Get("delivered").As<Napi::Function>());
+    dial_ = Napi::Persistent(cb.Get("dial").As<Napi::Function>());
     closed_ = Napi::Persistent(cb.Get("closed").As<Napi::Function>());
     Napi::Object o = info[1].As<Napi::Object>();
     maxHead_ = o.Get("maxHeadBytes").As<Napi::Number>().Uint32Value();
@@ -496,7 +517,75 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   // undirect(): every request from now on is JS's to decide again (the config changed).
   Napi::Value Undirect(const Napi::CallbackInfo& info) {
-    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate();
+    for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate(), c->routes.reset();
+    routes_.clear();
+    return info.Env().Undefined();
+  }
+
+  // route(id, routes): the connection's later requests are routed here by `routes` (EngineRoutes),
+  // each reported in delivered(); without `routes`, each is JS's to decide. Routes are read once
+  // per id until undirect().
+  Napi::Value Route(const Napi::CallbackInfo& info) {
+    Client* c = Find(info[0]);
+    if (!c) return info.Env().Undefined();
+    if (!info[1].IsObject()) {
+      c->routes.reset();
+      return info.Env().Undefined();
+    }
+    Napi::Object o = info[1].As<Napi::Object>();
+    double id = o.Get("id").As<Napi::Number>().DoubleValue();
+    auto it = routes_.find(id);
+    if (it == routes_.end()) it = routes_.emplace(id, ReadRoutes(o, routedActive_, NowMs())).first;
+    c->routes = it->second;
+    return info.Env().Undefined();
+  }
+
+  // inFlight(key): requests to the backend Service `key` the engine routed itself that are in flight.
+  Napi::Value InFlight(const Napi::CallbackInfo& info) {
+    auto it = routedActive_.find(info[0].As<Napi::String>().Utf8Value());
+    return Napi::Number::New(info.Env(), it == routedActive_.end() ? 0 : it->second);
+  }
+
+  // attach(id, fd | {channel}): the connection JS dialled for the routed request waiting on `id`
+  // (a dial() event): the request goes out on it, and it joins its pool afterwards. False when no
+  // request waits for it (the connection is closed).
+  Napi::Value Attach(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Client* c = Find(info[0]);
+    std::shared_ptr<Channel> ch = ChannelArg(info[1], 0, "http1 engine");
+    int fd = ch ? -1 : info[1].As<Napi::Number>().Int32Value();
+    if (!c || c->phase != Client::Phase::kDecide || c->waitingPool.empty()) {
+      if (fd >= 0) close(fd);
+      if (ch) ch->Close(0, true);
+      return Napi::Boolean::New(env, false);
+    }
+    auto made = std::make_unique<Upstream>();
+    Upstream* u = made.get();
+    if (ch) {
+      OpenChannel(&u->peer, std::move(ch), false);
+    } else if (!Open(&u->peer, fd, false)) {
+      close(fd);
+      throw ToJsError(env, {errno, "uv_poll_init", "", ""});
+    }
+    u->peer.upstream = u;
+    upstreams_[u] = std::move(made);
+    u->pool = std::move(c->waitingPool);
+    c->waitingPool.clear();
+    depth_++;
+    SendAsItCame(c, u, false);
+    depth_--;
+    return Napi::Boolean::New(env, true);
+  }
+
+  // dialFailed(id): no connection comes for the routed request waiting on `id`: it is JS's to decide (a head() event).
+  Napi::Value DialFailed(const Napi::CallbackInfo& info) {
+    Client* c = Find(info[0]);
+    if (c && c->phase == Client::Phase::kDecide && !c->waitingPool.empty()) {
+      c->waitingPool.clear();
+      depth_++;
+      GiveBack(c);
+      depth_--;
+    }
     return info.Env().Undefined();
   }
 
@@ -510,8 +599,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     std::shared_ptr<Channel> ch = ChannelArg(info[3], 0, "http1 engine");
     int fd = ch ? -1 : info[3].As<Napi::Number>().Int32Value();
     bool fresh = fd >= 0 || ch;
-    if (!c || c->phase != Client::Phase::kDecide) {
-      // The client went while the upstream was dialled: the connection is not needed.
+    if (!c || c->phase != Client::Phase::kDecide || !c->waitingPool.empty()) {
+      // The client went while the upstream was dialled (or its request is the engine's): the connection is not needed.
       if (fd >= 0) close(fd);
       if (ch) ch->Close(0, true);
       return Napi::Boolean::New(env, true);
@@ -591,27 +680,27 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     PumpRequest(c);
   }
 
-  // A request on a `direct` connection, sent here when JS would only have passed it on as it came
-  // (HttpInbound.headersUp: hop-by-hop fields out, chunked framing kept, its id), on an idle
-  // connection of the pool: false when it is JS's to decide (no gate, or one that does not pass
-  // it; a target admission would change; HTTP/1.0, an upgrade, a Connection field naming other
-  // fields, no single Host; no idle connection).
-  bool ForwardDirect(Client* c) {
-    if (c->direct.empty() || c->req.minor != 1 || c->req.upgrade || c->req.method == "CONNECT" || !PlainTarget(c->req.target)) return false;
-    const std::string* host = nullptr;
+  // Whether the request may go on without JS as it came (HttpInbound.headersUp, HttpOutbound.decide
+  // for a rule without filters): HTTP/1.1, no upgrade, one Host (`*host`), a Connection field that
+  // names no other field (JS's forwardable() would drop that one too).
+  static bool MayGoAsItCame(const Client* c, const std::string** host) {
+    if (c->req.minor != 1 || c->req.upgrade || c->req.method == "CONNECT") return false;
+    *host = nullptr;
     for (const auto& [n, v] : c->req.headers) {
       if (IEquals(n, "host")) {
-        if (host) return false;
-        host = &v;
+        if (*host) return false;
+        *host = &v;
       } else if (IEquals(n, "connection")) {
-        // Only its own tokens: a field it names must go too, which JS's forwardable() does.
         if (AnyToken(v, [](const std::string& t) { return !t.empty() && !IEquals(t, "close") && !IEquals(t, "keep-alive"); })) return false;
       }
     }
-    std::string_view target(c->req.target);
-    if (!host || !c->gate.PassesRequest(c->req.method, *host, target.substr(0, target.find('?')))) return false;
-    Upstream* u = TakeIdle(c->direct);
-    if (!u) return false;
+    return *host != nullptr;
+  }
+
+  // The request goes out on `u` as it came (the engine's own decision, reported in delivered()):
+  // hop-by-hop fields out, chunked framing kept, its id (added as its head was read, if missing).
+  // `reused`: an idle connection of its pool.
+  void SendAsItCame(Client* c, Upstream* u, bool reused) {
     std::string head;
     head.reserve(c->req.length + 64);
     head.append(c->req.method).append(" ").append(c->req.target).append(" HTTP/1.1\r\n");
@@ -623,18 +712,92 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     head.append("\r\n");
     c->answerRemove.clear();
     c->answerAdd.clear();
-    Link(c, u, false, true, 0);
+    Link(c, u, false, reused, c->routed ? c->routed->targets[c->target].maxRequests : 0);
     c->retryable = false;
     c->retryOn.clear();
     c->keepBody = false;
     c->replay.clear();
     c->resend = false;
     c->unread = true;
+    Send(c, head);
+  }
+
+  // A request on a `direct` connection, sent here when JS would only have passed it on as it came,
+  // on an idle connection of the pool: false when it is JS's to decide (no gate, or one that does
+  // not pass it; a target admission would change; see MayGoAsItCame; no idle connection).
+  bool ForwardDirect(Client* c) {
+    const std::string* host = nullptr;
+    if (c->direct.empty() || !PlainTarget(c->req.target) || !MayGoAsItCame(c, &host)) return false;
+    std::string_view target(c->req.target);
+    if (!c->gate.PassesRequest(c->req.method, *host, target.substr(0, target.find('?')))) return false;
+    Upstream* u = TakeIdle(c->direct);
+    if (!u) return false;
     c->startedNs = uv_hrtime();
     depth_++;
-    Send(c, head);
+    SendAsItCame(c, u, true);
     depth_--;
     return true;
+  }
+
+  // A request on a connection with routes (route()), routed here when JS would have sent it on as
+  // it came to the endpoint the routes pick: false when it is JS's to decide (no routes, or they
+  // ran out; a rule the engine does not read or act on, or none matched; see MayGoAsItCame). An
+  // endpoint whose pool has no idle connection gets one JS dials for the request (a dial() event:
+  // attach() sends it, dialFailed() makes it JS's), so that the split stays the engine's.
+  bool ForwardRouted(Client* c) {
+    Routes* routes = c->routes.get();
+    const std::string* host = nullptr;
+    if (!routes || c->req.target.empty() || c->req.target[0] != '/' || !MayGoAsItCame(c, &host)) return false;
+    if (NowMs() >= routes->untilMs) {
+      c->routes.reset();
+      return false;
+    }
+    std::string_view path(c->req.target);
+    RouteRule* rule = routes->Match(c->req.method, path.substr(0, path.find('?')), [c](std::string_view name, std::string_view* value) {
+      FieldCount n = FieldCount::kAbsent;
+      for (const auto& [fn, fv] : c->req.headers) {
+        if (!IEqualsLower(fn, name)) continue;
+        n = n == FieldCount::kAbsent ? FieldCount::kOnce : FieldCount::kMany;
+        *value = fv;
+      }
+      return n;
+    });
+    if (!rule) return false;
+    uint32_t t = rule->PickBackend();
+    RouteTarget& target = routes->targets[t];
+    uint32_t e = routes->PickEndpoint(target);
+    c->routed = c->routes;
+    c->target = t;
+    c->endpoint = e;
+    (*target.active)++;
+    c->unread = true;
+    c->startedNs = uv_hrtime();
+    const std::string& pool = target.pools[e];
+    depth_++;
+    if (Upstream* u = TakeIdle(pool)) {
+      SendAsItCame(c, u, true);
+    } else {
+      c->waitingPool = pool;
+      Call(dial_, {Napi::Number::New(env_, static_cast<double>(c->id)), c->routed->record.Value(), Napi::Number::New(env_, t), Napi::Number::New(env_, e)});
+    }
+    depth_--;
+    return true;
+  }
+
+  // A request the engine sent on (or was to) is JS's to decide after all: a head() event.
+  void GiveBack(Client* c) {
+    Unroute(c);
+    c->unread = false;
+    c->waitingPool.clear();
+    AskJs(c);
+  }
+
+  // A routed request is no longer in flight as the engine's (it ended, or went to JS).
+  static void Unroute(Client* c) {
+    if (!c->routed) return;
+    uint32_t* active = c->routed->targets[c->target].active;
+    if (*active > 0) (*active)--;
+    c->routed.reset();
   }
 
   // respond(id, bytes, close, status): the proxy's own answer to the request waiting for a
@@ -1035,7 +1198,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
           c->req.headers.emplace_back("x-request-id", std::string(id, sizeof(id)));
         }
         Arm(p);
-        if (!ForwardDirect(c)) AskJs(c);
+        if (!ForwardDirect(c) && !ForwardRouted(c)) AskJs(c);
         return;
       }
       case Client::Phase::kExchange:
@@ -1183,6 +1346,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     }
     // A request the engine passed on unread, in flight: JS would have counted it (left()).
     if (c->unread) ReportDone(c, 0, "DC", reason);
+    c->waitingPool.clear();
     if (c->up) DetachUpstream(c, false);
     if (abortive && c->peer.fd >= 0) {
       struct linger l = {1, 0};
@@ -1218,12 +1382,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         if (none && p->in.empty() && Replayable(c) && (c->retryable || (u->reused && !c->idleRetried && c->body.kind == BodyKind::kNone))) {
           c->idleRetried = true;
           Requeue(c);
-          if (c->unread) {
-            // JS decides it now, as any request it was asked about.
-            c->unread = false;
-            AskJs(c);
-            return;
-          }
+          // JS decides it now, as any request it was asked about.
+          if (c->unread) return GiveBack(c);
           if (Call(retry_, {Napi::Number::New(env_, static_cast<double>(c->id)), Napi::Number::New(env_, 0)})) return;
           // JS will not send it again: the proxy answers, as below.
           if (c->peer.closed || c->phase != Client::Phase::kDecide) return;
@@ -1455,8 +1615,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (c->unread) {
       c->unread = false;
       double ms = static_cast<double>(uv_hrtime() - c->startedNs) / 1e6;
+      Napi::Value routes = env.Undefined(), target = env.Undefined(), endpoint = env.Undefined();
+      if (c->routed) routes = c->routed->record.Value(), target = Napi::Number::New(env, c->target), endpoint = Napi::Number::New(env, c->endpoint);
+      // Kept until the call returns: it holds the routes object JS is handed.
+      std::shared_ptr<Routes> held = c->routed;
+      Unroute(c);
       Call(delivered_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag), Napi::Number::New(env, static_cast<double>(c->body.bytes)),
-                        Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::Number::New(env, ms)});
+                        Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::Number::New(env, ms), routes, target, endpoint});
       return;
     }
     Call(done_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag),
@@ -1526,7 +1691,11 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
 
   Napi::Env env_;
   Napi::AsyncContext ctx_;
-  Napi::FunctionReference head_, retry_, done_, delivered_, closed_;
+  Napi::FunctionReference head_, retry_, done_, delivered_, dial_, closed_;
+  // Routes as read, by their id (route()), until undirect(); the engine's routed requests in
+  // flight per backend Service key (inFlight()).
+  std::unordered_map<double, std::shared_ptr<Routes>> routes_;
+  std::unordered_map<std::string, uint32_t> routedActive_;
   uv_loop_t* loop_ = nullptr;
   uv_timer_t* timer_ = nullptr;
   uint32_t maxHead_ = 16 * 1024;

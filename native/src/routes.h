@@ -31,6 +31,7 @@ struct RouteTarget {
   std::string key;                 // the backend Service's key: what JS's reports name
   std::vector<std::string> pools;  // per endpoint that may be picked, its pool
   bool random = false;             // TrafficPolicy loadBalancer RANDOM; else round robin
+  uint32_t maxRequests = 0;        // an HTTP/1.1 upstream connection closes after this many answers (0: no limit)
   uint32_t cursor = 0;
   uint32_t* active = nullptr;      // the engine's count of its requests in flight (inFlight())
 };
@@ -118,6 +119,8 @@ inline std::shared_ptr<Routes> ReadRoutes(const Napi::Object& o, std::unordered_
     RouteTarget rt;
     rt.key = t.Get("key").As<Napi::String>().Utf8Value();
     rt.random = t.Get("random").ToBoolean().Value();
+    Napi::Value max = t.Get("maxRequests");
+    if (max.IsNumber()) rt.maxRequests = max.As<Napi::Number>().Uint32Value();
     Napi::Array pools = t.Get("pools").As<Napi::Array>();
     for (uint32_t j = 0; j < pools.Length(); j++) rt.pools.push_back(pools.Get(j).As<Napi::String>().Utf8Value());
     rt.cursor = static_cast<uint32_t>(rt.pools.empty() ? 0 : rt.pools.size() - 1);

@@ -181,11 +181,18 @@ export interface Http1Events {
    */
   done(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
   /**
-   * A request the engine sent on without a head() event (forward's `gate`) ended: as done() says
-   * (status 0 and flag DC when the client left with it in flight), with the milliseconds from its
-   * head to its end.
+   * A request the engine sent on without a head() event (forward's `gate`, or the connection's
+   * routes) ended: as done() says (status 0 and flag DC when the client left with it in flight),
+   * with the milliseconds from its head to its end; a routed one with its routes (the object given
+   * to route()), the index of its backend in their targets and of its endpoint in that target's pools.
    */
-  delivered(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number): void;
+  delivered(id: number, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void;
+  /**
+   * A request the engine routed (route()) waits for a connection of the pool its routes give for
+   * target `target`'s endpoint `endpoint`, which has no idle one: dial it from the client's source
+   * and attach() it, or call dialFailed() (the request becomes a head() event).
+   */
+  dial(id: number, routes: EngineRoutes, target: number, endpoint: number): void;
   /** The client connection is closed ('' when it ended cleanly, else why); the bytes the engine read from it and wrote to it. */
   closed(id: number, reason: string, read: number, written: number): void;
 }
@@ -227,8 +234,20 @@ export interface Http1Engine {
    * reported in delivered(). Without one, each is asked again. undirect() ends it for all.
    */
   forward(id: number, pool: string, head: string, fd: number | ChannelRef, answerRemove: ReadonlyArray<string>, answerAdd: string, maxRequests?: number, retryOn?: ReadonlyArray<number>, keep?: boolean, gate?: EngineGate): boolean;
-  /** Every request from now on gets a head() event again (the config changed): see forward's `gate`. */
+  /** Every request from now on gets a head() event again (the config changed): see forward's `gate` and route(). */
   undirect(): void;
+  /**
+   * The connection's later requests are routed by the engine by `routes` (reported in
+   * delivered()) where they allow it; without `routes`, each gets a head() event. Routes are read
+   * once per id, until undirect().
+   */
+  route(id: number, routes: EngineRoutes | undefined): void;
+  /** Requests to the backend Service `key` the engine routed itself that are in flight. */
+  inFlight(key: string): number;
+  /** The connection dialled for the routed request waiting on `id` (a dial() event): the request goes on it. False (and it is closed) when nothing waits for it. */
+  attach(id: number, upstream: EngineUpstream): boolean;
+  /** No connection comes for the routed request waiting on `id`: it gets a head() event. */
+  dialFailed(id: number): void;
   /**
    * The body of the request in flight on `id` as it was sent (framing included; empty without
    * one), once read whole and kept (forward's `keep`, or a retry's): undefined otherwise (over
@@ -331,14 +350,16 @@ export interface EngineGate {
 export type EngineGateOperation = Readonly<Record<'hosts' | 'notHosts' | 'methods' | 'notMethods' | 'paths' | 'notPaths', ReadonlyArray<string>>>;
 
 /**
- * A client connection's routes as the HTTP/2 engine follows them itself (route()): the route
- * entries of the Service port the client called, in precedence order. The engine routes a stream
+ * A client connection's routes as an HTTP engine follows them itself (route()): the route
+ * entries of the Service port the client called, in precedence order. The engine routes a request
  * by the first rule whose match holds when that rule has `backends`: a backend by smooth weighted
  * round robin, then an endpoint of its target by round robin (or at random), to that endpoint's
- * pool, the stream's fields as they came. A stream is JS's (a request() event) when it reaches a
- * rule without `match` (the engine cannot read it), when the rule it matches has no `backends`,
- * when it matches none, when it has a host field or a header a rule reads more than once, and
- * when the endpoint's pool has no session yet.
+ * pool, the request's fields as they came (HTTP/1.1: its hop-by-hop fields out). A request is
+ * JS's (a request() or head() event) when it reaches a rule without `match` (the engine cannot
+ * read it), when the rule it matches has no `backends`, when it matches none, when a header a rule
+ * reads comes more than once, for HTTP/2 when it has a host field, for HTTP/1.1 when it is not
+ * one the engine sends on as it came (HTTP/1.0, an upgrade, not one Host, a Connection field
+ * naming another), and when no connection comes for the endpoint's pool (a dial() event).
  */
 export interface EngineRoutes {
   /** The engine reads routes again only for a new id (until undirect()). */
@@ -363,6 +384,8 @@ export interface EngineRouteTarget {
   readonly pools: ReadonlyArray<string>;
   /** An endpoint at random, else round robin. */
   readonly random: boolean;
+  /** HTTP/1.1: an upstream connection closes after this many answers (0 or absent: no limit); HTTP/2 takes it from the dial. */
+  readonly maxRequests?: number;
 }
 
 export interface H2Options {

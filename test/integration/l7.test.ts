@@ -135,6 +135,9 @@ async function checkRouting(sb: Sandbox, client: PodRecord, source: AgentProcess
   const requests = (labels: Record<string, string>): number => metricValue(metrics, 'istio_requests_total', { reporter: 'source', destination_service_name: 'reviews-v2', request_protocol: 'http', ...labels });
   assert.ok(requests({ response_code: '200', destination_version: 'v2' }) >= v2 + 100, `${where}: v2's requests counted`);
   assert.equal(metricValue(metrics, 'istio_requests_total', { reporter: 'source', response_code: '404', response_flags: 'NR' }), 1, `${where}: the unrouted request counted with flag NR`);
+  // The split's and the header match's requests were routed by the source's engine itself (each connection's first is JS's).
+  const routed = metricValue(metrics, 'nodemesh_http_engine_routed_requests_total');
+  assert.ok(routed >= 1050, `${where}: the engine routed ${routed} of the 1100 split and pinned requests`);
   // All of it on the addon's HTTP/1.1 engine: no connection so far needed node:http.
   assert.ok(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'client', engine: 'addon' }) >= 4, `${where}: served by the addon's engine`);
   assert.equal(metricValue(metrics, 'nodemesh_http1_connections_total', { side: 'client', engine: 'node' }), 0, `${where}: none handed to node:http`);

@@ -340,16 +340,26 @@ test('engine routes: rules the engine reads and acts on get backends, others are
     );
     const hashing = parseTrafficPolicy({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'h', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'hashed' }], loadBalancer: { consistentHash: { httpHeaderName: 'x-user' } } } });
     const workloads = [workload('web-1', 'web', 1), workload('v1-a', 'v1', 2), workload('v1-b', 'v1', 3), workload('v2-a', 'v2', 4), workload('slow-1', 'slow', 5), workload('hashed-1', 'hashed', 6)];
-    const snap = new MeshSnapshot(1, c.services, workloads, [hashing], [route]);
+    const recycled = parseTrafficPolicy({ apiVersion: 'networking.nodemesh.io/v1alpha1', kind: 'TrafficPolicy', metadata: { name: 'r', namespace: 'shop' }, spec: { targetRefs: [{ group: '', kind: 'Service', name: 'v2' }], connectionPool: { http: { maxRequestsPerConnection: 5 } } } });
+    const snap = new MeshSnapshot(1, c.services, workloads, [hashing, recycled], [route]);
     const web = snap.service({ family: 4, address: '10.96.8.1', port: 80 });
     assert.ok(web?.http);
     let now = 1_000_000;
     const lb = new LoadBalancer(() => now);
     let logged = false;
-    const plans = new EngineRoutePlans(lb, (ns) => logged && ns === 'shop', () => now);
+    const plans = new EngineRoutePlans(lb, (ns) => logged && ns === 'shop', 'http2', () => now);
     const source = { namespace: 'shop', name: 'client', uid: 'u-client', ip4: '10.200.0.9', ip6: '' };
     const here = new Set<string>();
-    const conn = { parent: web, current: () => web, source, servesHere: (e: { workload: { uid: string } }) => here.has(e.workload.uid) } as unknown as Parameters<EngineRoutePlans['for']>[0];
+    const askedFor = new Set<string>();
+    const conn = {
+      parent: web,
+      current: () => web,
+      source,
+      servesHere: (e: { workload: { uid: string } }, protocol: string) => {
+        askedFor.add(protocol);
+        return here.has(e.workload.uid);
+      },
+    } as unknown as Parameters<EngineRoutePlans['for']>[0];
     const plan = plans.for(conn);
     assert.ok(plan);
     assert.equal(plans.for(conn), plan, 'one plan per source pod and port until reset()');
@@ -369,6 +379,12 @@ test('engine routes: rules the engine reads and acts on get backends, others are
       ['shop/v1:80', ['u-client|shop/v1:80|u-v1-a|8080', 'u-client|shop/v1:80|u-v1-b|8080'], false],
     ]);
     assert.deepEqual(plan.endpoints.map((eps) => eps.map((e) => e.workload.name)), [['v2-a'], ['v1-a', 'v1-b']]);
+    assert.deepEqual([...askedFor], ['http2'], "whether this node's HTTP/2 side serves an endpoint in the same pass");
+    // The HTTP/1.1 engine's plans ask of that side, and carry each backend's maxRequestsPerConnection.
+    askedFor.clear();
+    const plans1 = new EngineRoutePlans(lb, () => false, 'http1', () => now);
+    assert.deepEqual(plans1.for(conn)?.targets.map((t) => [t.key, t.maxRequests]), [['shop/v2:80', 5], ['shop/v1:80', 0]]);
+    assert.deepEqual([...askedFor], ['http1']);
 
     // An endpoint ejected: left out, the plan lasting as long as the ejection; made again after reset().
     const v1 = plan.services[1];

@@ -11,7 +11,7 @@ import { Agent, createServer as httpServer, request, type IncomingMessage, type 
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { http1Engine, type EngineGate, type Http1Engine } from '../../src/datapath/native.js';
+import { http1Engine, type EngineGate, type EngineRoutes, type Http1Engine } from '../../src/datapath/native.js';
 import { dialFd, engineFront, listening, until } from '../support/loopback.js';
 
 interface Done {
@@ -30,6 +30,8 @@ interface Rig {
   readonly done: Done[];
   /** Requests the engine sent on without a head() event: [status, flag, bytesIn]. */
   readonly delivered: Array<[number, string, number]>;
+  /** The same for routed ones, with where they went. */
+  readonly routed: Array<{ readonly status: number; readonly flag: string; readonly ms: number; readonly routes: EngineRoutes | undefined; readonly target: number | undefined; readonly endpoint: number | undefined }>;
   readonly closed: string[];
   /** Requests and connections the upstream server saw. */
   readonly upstream: { requests: Array<{ method: string; url: string; headers: IncomingMessage['headers'] }>; connections: number };
@@ -39,6 +41,8 @@ interface Rig {
   onRetry: (id: number, status: number) => boolean;
   /** Called with a request's id as it ends, before its done() is recorded. */
   onDone?: (id: number) => void;
+  /** The engine's dial event for a routed request (default: dialFailed). */
+  onDial: (id: number, routes: EngineRoutes, target: number, endpoint: number) => void;
 }
 
 
@@ -59,6 +63,7 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
   const upPort = await listening(server);
   const done: Done[] = [];
   const delivered: Rig['delivered'] = [];
+  const routed: Rig['routed'] = [];
   const closed: string[] = [];
   /** The head each connection's request went with (the engine's retry sends it again). */
   const heads = new Map<number, string>();
@@ -69,8 +74,10 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
     engine: undefined as unknown as Http1Engine,
     done,
     delivered,
+    routed,
     closed,
     upstream,
+    onDial: (id) => r.engine.dialFailed(id),
     onRetry: (id) => {
       void forwardWith(r, id, heads.get(id) ?? '', [], '');
       return true;
@@ -90,7 +97,11 @@ async function rig(t: TestContext, app: (req: IncomingMessage, res: import('node
         r.onDone?.(id);
         done.push({ status, flag, bytesIn, bytesOut, detail });
       },
-      delivered: (_id, status, flag, bytesIn) => void delivered.push([status, flag, bytesIn]),
+      delivered: (_id, status, flag, bytesIn, _bytesOut, ms, routes, target, endpoint) => {
+        if (routes) routed.push({ status, flag, ms, routes, target, endpoint });
+        else delivered.push([status, flag, bytesIn]);
+      },
+      dial: (id, routes, target, endpoint) => r.onDial(id, routes, target, endpoint),
       closed: (_id, reason) => void closed.push(reason),
     },
     { maxHeadBytes: 16 * 1024, idleMs: options.idleMs ?? 60_000, headTimeoutMs: options.headTimeoutMs ?? 60_000, poolIdleMs: 60_000, maxIdlePerPool: 8 },
@@ -362,6 +373,156 @@ test('with a gate: an unread request that meets the keep-alive race is asked (an
   s.resetAndDestroy();
   await until('its report', () => r.delivered.length === 1);
   assert.deepEqual(r.delivered, [[0, 'DC', 0]]);
+});
+
+test('with routes, a connection\'s later requests are routed in the engine (first matching rule, weighted split and round robin per request over ONE keep-alive connection, reported with target and endpoint); a pool without an idle connection gets one dialled for the request; what it cannot act on is asked; the routes end with their time and at undirect()', async (t) => {
+  /** An answer naming its server, and the request as that server saw it. */
+  const tagged = (name: string) => (req: IncomingMessage, res: import('node:http').ServerResponse): void => {
+    req.resume();
+    const wait = req.url === '/api/slow' ? 300 : 0;
+    setTimeout(() => res.end(JSON.stringify({ from: name, url: req.url, rid: req.headers['x-request-id'] ?? '', conn: req.headers.connection ?? '', foo: req.headers['x-foo'] ?? '' })), wait);
+  };
+  const r = await rig(t, tagged('e0'));
+  const ports = new Map<string, number>([['up', r.upstreamPort]]);
+  const connections = new Map<string, number>();
+  for (const name of ['e1', 'e2', 'few']) {
+    const server = httpServer(tagged(name));
+    server.on('connection', () => connections.set(name, (connections.get(name) ?? 0) + 1));
+    ports.set(name, await listening(server));
+    t.after(() => {
+      server.close();
+      server.closeAllConnections();
+    });
+  }
+  // A routed request whose pool has no idle connection: one is dialled for it ("no-session" fails; "hold" is kept back).
+  const dials: string[] = [];
+  const held: Array<() => void> = [];
+  r.onDial = (id, routes, target, endpoint) => {
+    const pool = routes.targets[target]?.pools[endpoint] ?? '';
+    dials.push(pool);
+    const port = ports.get(pool === 'hold' ? 'e1' : pool);
+    if (port === undefined) return r.engine.dialFailed(id);
+    const attach = (): void => void dialFd(port).then((fd) => held.push(() => assert.equal(r.engine.attach(id, fd), false, 'nothing waits for it: closed')));
+    if (pool === 'hold') return attach();
+    void dialFd(port).then((fd) => assert.equal(r.engine.attach(id, fd), true));
+  };
+  const rules = (last: string): EngineRoutes['rules'] => [
+    { match: { exact: true, path: '/js', headers: [] } },
+    { match: { exact: false, path: '/api', method: 'POST', headers: [['x-version', 'v2']] }, backends: [[1, 1]] },
+    { match: { exact: false, path: '/cold', headers: [] }, backends: [[2, 1]] },
+    { match: { exact: false, path: '/few', headers: [] }, backends: [[3, 1]] },
+    { match: { exact: false, path: '/hold', headers: [] }, backends: [[4, 1]] },
+    { match: { exact: false, path: last, headers: [] }, backends: [[0, 9], [1, 1]] },
+  ];
+  const targets: EngineRoutes['targets'] = [
+    { key: 'shop/v1:80', pools: ['up', 'e1'], random: false },
+    { key: 'shop/v2:80', pools: ['e2'], random: false },
+    { key: 'shop/cold:80', pools: ['no-session'], random: false },
+    { key: 'shop/few:80', pools: ['few'], random: false, maxRequests: 2 },
+    { key: 'shop/hold:80', pools: ['hold'], random: false },
+  ];
+  const routes: EngineRoutes = { id: 1, ttlMs: -1, rules: rules('/d'), targets };
+  let next: EngineRoutes = routes;
+  const asked: string[] = [];
+  const ask = r.onHead;
+  r.onHead = (id, method, target, headers) => {
+    asked.push(`${method} ${target}`);
+    ask(id, method, target, headers);
+    r.engine.route(id, next);
+  };
+  const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  t.after(() => agent.destroy());
+  const seen = async (path: string, options: Parameters<typeof fetchOn>[3] = {}): Promise<Record<string, string>> => {
+    const a = await fetchOn(agent, r.port, path, options);
+    assert.equal(a.status, 200, path);
+    return JSON.parse(a.body.toString()) as Record<string, string>;
+  };
+  assert.equal((await seen('/first')).from, 'e0');
+  assert.deepEqual(asked, ['GET /first']);
+
+  const from = new Map<string, number>();
+  for (let i = 0; i < 100; i++) {
+    const a = await seen(`/d/${i}?q=1`, { headers: { connection: 'keep-alive', 'x-foo': 'kept' } });
+    assert.equal(a.url, `/d/${i}?q=1`);
+    assert.match(a.rid ?? '', UUID4, 'an id added');
+    assert.deepEqual([a.conn, a.foo], ['', 'kept'], 'hop-by-hop fields out, the others as they came');
+    from.set(a.from ?? '', (from.get(a.from ?? '') ?? 0) + 1);
+  }
+  assert.deepEqual(asked, ['GET /first'], 'no head() event for the routed requests');
+  assert.deepEqual(Object.fromEntries([...from].sort()), { e0: 45, e1: 45, e2: 10 }, '90/10 by weight over one client connection, then round robin over the two endpoints');
+  assert.deepEqual(dials, ['e1', 'e2'], 'a connection dialled for the first request to each pool with none idle');
+  await until('every routed request delivered', () => r.routed.length === 100);
+  const reported = new Map<string, number>();
+  for (const d of r.routed) {
+    assert.equal(d.routes, routes, 'reported with the routes object JS gave');
+    assert.ok(d.status === 200 && d.flag === '-' && d.ms > 0);
+    const pool = targets[d.target ?? -1]?.pools[d.endpoint ?? -1] ?? '?';
+    reported.set(pool, (reported.get(pool) ?? 0) + 1);
+  }
+  assert.deepEqual(Object.fromEntries([...reported].sort()), { e1: 45, e2: 10, up: 45 }, 'each report names where it went');
+
+  // A method and an exact header are read. A repeated header a rule reads, a rule the engine does
+  // not act on, no matching rule, a Connection field naming another, an absolute-form target and a
+  // pool whose dial failed are asked.
+  assert.equal((await seen('/api/x', { method: 'POST', headers: { 'x-version': 'v2' } })).from, 'e2');
+  const cases: Array<[string, string]> = [
+    ['GET /api/x', 'GET /api/x HTTP/1.1\r\nHost: x\r\nX-Version: v2\r\n\r\n'],
+    ['POST /api/x', 'POST /api/x HTTP/1.1\r\nHost: x\r\nX-Version: v2\r\nx-version: v2\r\ncontent-length: 0\r\n\r\n'],
+    ['GET /js', 'GET /js HTTP/1.1\r\nHost: x\r\n\r\n'],
+    ['GET /zzz', 'GET /zzz HTTP/1.1\r\nHost: x\r\n\r\n'],
+    ['GET /d/c', 'GET /d/c HTTP/1.1\r\nHost: x\r\nConnection: x-foo\r\nX-Foo: 1\r\n\r\n'],
+    ['GET http://x/d/a', 'GET http://x/d/a HTTP/1.1\r\nHost: x\r\n\r\n'],
+    ['GET /cold', 'GET /cold HTTP/1.1\r\nHost: x\r\n\r\n'],
+  ];
+  const before = asked.length;
+  // The first request of each connection is asked (it gets the routes); the case follows on it.
+  const raw = await rawExchange(r.port, cases.map(([, bytes]) => `GET /first HTTP/1.1\r\nHost: x\r\n\r\n${bytes}`).join('').replace(/\r\n\r\n$/, '\r\nConnection: close\r\n\r\n'));
+  assert.equal(raw.match(/HTTP\/1\.1 200 OK/g)?.length, cases.length * 2);
+  assert.deepEqual(asked.slice(before).filter((a) => a !== 'GET /first'), cases.map(([what]) => what));
+  assert.ok(dials.includes('no-session'));
+
+  // Requests in flight per backend Service, for the retry budget.
+  const slow = seen('/api/slow', { method: 'POST', headers: { 'x-version': 'v2' } });
+  await until('the slow request in flight', () => r.engine.inFlight('shop/v2:80') === 1);
+  assert.equal((await slow).from, 'e2');
+  await until('and out of flight', () => r.engine.inFlight('shop/v2:80') === 0);
+
+  // A target's maxRequests: its connections close after that many answers.
+  for (let i = 0; i < 4; i++) assert.equal((await seen('/few')).from, 'few');
+  assert.equal(connections.get('few'), 2);
+
+  // The client leaves while its routed request waits for a connection: reported DC, the late connection closed.
+  const leaving = connect(r.port, '127.0.0.1');
+  leaving.on('error', () => undefined);
+  leaving.write('GET /first HTTP/1.1\r\nHost: x\r\n\r\n');
+  await once(leaving, 'data');
+  const reports = r.routed.length;
+  leaving.write('GET /hold HTTP/1.1\r\nHost: x\r\n\r\n');
+  await until('its dial', () => held.length === 1);
+  leaving.resetAndDestroy();
+  await until('its report', () => r.routed.length === reports + 1);
+  assert.deepEqual([r.routed.at(-1)?.status, r.routed.at(-1)?.flag, r.routed.at(-1)?.target], [0, 'DC', 4]);
+  held[0]?.();
+  assert.equal(r.engine.inFlight('shop/hold:80'), 0);
+
+  // Routes with a time limit are followed until it passes.
+  next = { id: 2, ttlMs: 150, rules: rules('/'), targets };
+  await seen('/js');
+  const held2 = asked.length;
+  await seen('/zzz');
+  assert.equal(asked.length, held2, 'the new routes (a "/" rule) route it');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  await seen('/zzz');
+  assert.equal(asked.at(-1), 'GET /zzz', 'asked once their time passed');
+
+  next = routes;
+  await seen('/js');
+  const kept = asked.length;
+  await seen('/d/1');
+  assert.equal(asked.length, kept);
+  r.engine.undirect();
+  await seen('/d/2');
+  assert.equal(asked.at(-1), 'GET /d/2', 'asked again after undirect()');
 });
 
 test('the upstream fails: closed before its answer (503, UC), cut within its body (the client is reset, UPE)', async (t) => {

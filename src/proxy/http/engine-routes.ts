@@ -1,13 +1,14 @@
 /**
- * The client side's routes as the HTTP/2 engine follows them itself (EngineRoutes, route() in
- * datapath/native.ts): for a source pod and the Service port it called, the port's route entries
- * reduced to what the engine reads of a request (path Exact and PathPrefix, method, exact header
- * values) and to the rules whose requests it may send on by itself, which are those that
- * HttpOutbound.decide and NativeH2Outbound would only pass on as they came: no filter, retry,
+ * The client side's routes as an HTTP engine follows them itself (EngineRoutes, route() of
+ * H2Engine and Http1Engine in datapath/native.ts): for a source pod and the Service port it
+ * called, the port's route entries reduced to what the engine reads of a request (path Exact and
+ * PathPrefix, method, exact header values) and to the rules whose requests it may send on by
+ * itself, which are those that HttpOutbound.decide and NativeH2Outbound or NativeOutbound would
+ * only pass on as they came: no filter, retry,
  * timeout, fault or mirror; backends whose TrafficPolicy asks for no consistent hashing, least
  * request or circuit breaking; no endpoint on this node that this node's side serves in the same
- * pass; no access log for the pod's namespace. Every other request stays JS's, as does a stream
- * whose endpoint's pool has no session yet (JS dials it).
+ * pass; no access log for the pod's namespace. Every other request stays JS's. A request whose
+ * endpoint's pool has no session (HTTP/2) or idle connection (HTTP/1.1) waits for one JS dials.
  *
  * One plan per source pod and port of a snapshot, made on a connection's first request and kept
  * until reset(): a new snapshot, a pod of this node coming or going, an ejection (the endpoints
@@ -62,6 +63,8 @@ export class EngineRoutePlans {
   constructor(
     private readonly lb: LoadBalancer,
     private readonly accessLog: (namespace: string) => boolean,
+    /** The engine the plans are for (the pools are its; which of this node's sides would serve an endpoint in the same pass). */
+    private readonly protocol: 'http1' | 'http2',
     /** The load balancer's clock (its ejections' ends). */
     private readonly now: () => number = Date.now,
   ) {}
@@ -96,11 +99,11 @@ export class EngineRoutePlans {
       if (at >= 0) return at;
       const eligible = this.lb.eligible(t);
       // An endpoint this node's side serves in the same pass (localServer) is JS's to send to.
-      if (eligible.endpoints.length === 0 || eligible.endpoints.some((e) => conn.servesHere?.(e, 'http2') === true)) return undefined;
+      if (eligible.endpoints.length === 0 || eligible.endpoints.some((e) => conn.servesHere?.(e, this.protocol) === true)) return undefined;
       forMs = Math.min(forMs, eligible.forMs);
       services.push(t);
       endpoints.push(eligible.endpoints);
-      targets.push({ key: t.key, pools: eligible.endpoints.map((e) => upstreamPool(conn, t, e)), random: t.policy.loadBalancing === 'random' });
+      targets.push({ key: t.key, pools: eligible.endpoints.map((e) => upstreamPool(conn, t, e)), random: t.policy.loadBalancing === 'random', maxRequests: t.policy.maxRequestsPerConnection });
       return services.length - 1;
     };
     let any = false;

@@ -11,7 +11,7 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 
-import { channelNew, closeFd, dropUpstream, dupFd, http1Engine, type ChannelRef, type EngineGate, type EngineUpstream, type Http1Engine } from '../../datapath/native.js';
+import { channelNew, closeFd, dropUpstream, dupFd, http1Engine, type ChannelRef, type EngineGate, type EngineRoutes, type EngineUpstream, type Http1Engine } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { socketFd } from '../pod-listener.js';
@@ -65,8 +65,10 @@ export interface Http1Handler<C, R> {
   done(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void;
   /** The client left with the request in flight. */
   left(s: Served<C, R>): void;
-  /** A request the engine sent on by itself (Forwarding.gate) ended (see Http1Events.delivered). */
-  delivered?(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number): void;
+  /** A request the engine sent on by itself (Forwarding.gate, or routed: Http1Host.route) ended (see Http1Events.delivered). */
+  delivered?(s: Served<C, R>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void;
+  /** A connection for a request the engine routed (Http1Events.dial): undefined when there is none to make (the request becomes a head()). */
+  dialRouted?(s: Served<C, R>, routes: EngineRoutes, target: number, endpoint: number): Promise<EngineUpstream> | undefined;
 }
 
 /** Raw header pairs as node:http's IncomingMessage.headers has them: lower-case names, repeats joined (set-cookie kept as a list). */
@@ -369,6 +371,16 @@ export class Http1Host<C, R> {
     this.engine?.undirect();
   }
 
+  /** The later requests of `s`'s connection are routed by the engine by `routes` (reported in the handler's delivered()); without, each goes to the handler. */
+  route(s: Served<C, R>, routes: EngineRoutes | undefined): void {
+    this.engine?.route(s.id, routes);
+  }
+
+  /** Requests to the backend Service `key` the engine routed itself that are in flight (the retry budget counts them). */
+  inFlight(key: string): number {
+    return this.engine?.inFlight(key) ?? 0;
+  }
+
   close(): void {
     this.engine?.destroy();
     this.engine = undefined;
@@ -410,9 +422,26 @@ export class Http1Host<C, R> {
             if (entry.s.request === undefined) this.metrics.httpRefused.inc({ reason: detail.split(':')[0] || 'unknown' });
             else this.handler.done(entry.s, status, flag, bytesIn, bytesOut, detail);
           },
-          delivered: (id, status, flag, bytesIn, bytesOut, ms) => {
+          delivered: (id, status, flag, bytesIn, bytesOut, ms, routes, target, endpoint) => {
             const entry = this.served.get(id);
-            if (entry) this.handler.delivered?.(entry.s, status, flag, bytesIn, bytesOut, ms);
+            if (entry) this.handler.delivered?.(entry.s, status, flag, bytesIn, bytesOut, ms, routes, target, endpoint);
+          },
+          dial: (id, routes, target, endpoint) => {
+            const engine = this.engine;
+            const entry = this.served.get(id);
+            const dialled = entry ? this.handler.dialRouted?.(entry.s, routes, target, endpoint) : undefined;
+            if (!engine) return;
+            if (!dialled) return engine.dialFailed(id);
+            // Failed: the request is the handler's (which dials again, and answers a failure).
+            dialled.then(
+              (fd) => {
+                if (this.engine === engine) engine.attach(id, fd);
+                else dropUpstream(fd);
+              },
+              () => {
+                if (this.engine === engine) engine.dialFailed(id);
+              },
+            );
           },
           closed: (id, _reason, read, written) => this.served.get(id)?.end(undefined, { read, written }),
         },

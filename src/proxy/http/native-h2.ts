@@ -592,7 +592,7 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
     const fields = streamFields(r.facts.req.method ?? 'GET', authorityOf(upstream.headers, target), upstream.path, upstream.headers);
     this.host.forward(s, new Attempt(this, s, r, target, endpoint, upstreamPool(conn, target, endpoint), fields, edits, retry?.codes));
     // The connection's later streams that its routes let the engine send on are routed there.
-    this.host.route(s, this.outbound.plans.for(conn));
+    this.host.route(s, this.outbound.plans.http2.for(conn));
   }
 
   /** A new upstream connection from `conn`'s source (an attempt's, or routed streams' waiting for their pool), its outcome told to outlier detection. */

@@ -13,7 +13,8 @@ import type { Socket } from 'node:net';
 import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snapshot.js';
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
-import type { EngineUpstream } from '../../datapath/native.js';
+import type { EngineRoutes, EngineUpstream } from '../../datapath/native.js';
+import { RoutePlan } from './engine-routes.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import { applyHeaderChanges, drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
@@ -86,7 +87,7 @@ class Attempt implements Forwarding {
   }
 
   dial(): Promise<EngineUpstream> {
-    return this.local ? this.local.dialFd() : this.handler.dialFor(this.s, this.request, this.endpoint);
+    return this.local ? this.local.dialFd() : this.handler.dialFor(this.s, this.request.target, this.endpoint);
   }
 
   failed(e: Error): void {
@@ -301,12 +302,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
     if (backendMs !== undefined) request.tryTimer = setTimeout(() => this.perTryTimeout(s, request, backendMs), backendMs);
     const common: AnswerHandling = { answerRemove: edits.remove, answerAdd: edits.add, maxRequests: target.policy.maxRequestsPerConnection, retryOn: retry?.codes, keep: request.mirrors !== undefined };
     if (local && this.inbound) return this.sendLocal(s, request, endpoint, local, this.inbound, common, upgrade);
+    // The connection's later requests that its routes would only pass on go from the engine.
+    this.host.route(s, this.outbound.plans.http1.for(s.conn));
     this.host.forward(s, new Attempt(this, s, request, endpoint, undefined, common, upstreamPool(s.conn, target, endpoint), requestHead(request.facts.req.method ?? 'GET', upstream.path, upstream.headers, upgrade)));
   }
 
-  /** A new upstream connection for the attempt in flight (Attempt.dial), its outcome told to outlier detection. */
-  dialFor(s: Served<HttpClientConnection, InFlight>, request: InFlight, endpoint: Endpoint): Promise<EngineUpstream> {
-    const { target } = request;
+  /** A new upstream connection to `endpoint` of `target` from the client's source (an attempt's, or a routed request's), its outcome told to outlier detection. */
+  dialFor(s: Served<HttpClientConnection, InFlight>, target: ServiceTarget, endpoint: Endpoint): Promise<EngineUpstream> {
     return this.outbound.connected(target, endpoint, () => s.conn.dialEngine(target, endpoint));
   }
 
@@ -382,6 +384,18 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
         () => count('failed'),
       );
     });
+  }
+
+  /** A connection for a request the engine routed by a plan (Http1Events.dial), from the client's source; its outcome told to outlier detection. */
+  dialRouted(s: Served<HttpClientConnection, InFlight>, routes: EngineRoutes, at: number, endpointAt: number): Promise<EngineUpstream> | undefined {
+    const target = routes instanceof RoutePlan ? routes.services[at] : undefined;
+    const endpoint = routes instanceof RoutePlan ? routes.endpoints[at]?.[endpointAt] : undefined;
+    return target && endpoint ? this.dialFor(s, target, endpoint) : undefined;
+  }
+
+  /** A request the engine routed by a plan ended: counted as decide()'s are, its answer told to outlier detection. */
+  delivered(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void {
+    if (routes instanceof RoutePlan && target !== undefined && endpoint !== undefined) this.outbound.delivered(s.conn, routes, target, endpoint, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, undefined);
   }
 
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {

@@ -228,8 +228,8 @@ export class HttpOutbound {
   private logWindow = { start: 0, count: 0 };
   private readonly h2: H2Outbound;
   private readonly native: NativeOutbound;
-  /** The routes the HTTP/2 engine follows itself, per source pod and port. */
-  readonly plans: EngineRoutePlans;
+  /** The routes each engine follows itself, per source pod and port. */
+  readonly plans: { readonly http1: EngineRoutePlans; readonly http2: EngineRoutePlans };
 
   constructor(
     readonly lb: LoadBalancer,
@@ -249,7 +249,7 @@ export class HttpOutbound {
       (req, res) => this.onRequest(req, res),
       (req, client, head) => this.onUpgrade(req, client, head),
     );
-    this.plans = new EngineRoutePlans(lb, options.accessLog);
+    this.plans = { http1: new EngineRoutePlans(lb, options.accessLog, 'http1'), http2: new EngineRoutePlans(lb, options.accessLog, 'http2') };
     this.h2 = new H2Outbound(this, options.idleTimeoutMs, options.nativeHttp === true, options.destinationSide);
     this.native = new NativeOutbound(this, options.destinationSide, options.nativeHttp === true, options.idleTimeoutMs, (client, conn, unread) => this.serveNodeHttp(client, conn, unread));
   }
@@ -280,12 +280,14 @@ export class HttpOutbound {
    * endpoint's health): every request goes to decide() again until its connection gets a new plan.
    */
   routesChanged(): void {
-    this.plans.reset();
+    this.plans.http1.reset();
+    this.plans.http2.reset();
     this.h2.routesChanged();
+    this.native.host.undirect();
   }
 
   /**
-   * A request the engine routed by `plan` ended (H2Events.delivered): counted as decide()'s are,
+   * A request an engine routed by `plan` ended (H2Events.delivered, Http1Events.delivered): counted as decide()'s are,
    * its answer told to outlier detection.
    */
   delivered(conn: HttpClientConnection, plan: RoutePlan, at: number, endpointAt: number, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
@@ -427,7 +429,7 @@ export class HttpOutbound {
   /** Whether the backend's retry budget (Envoy's semantics) has room for one more retry; counted when it has not. */
   retryBudgetAllows(target: ServiceTarget): boolean {
     const { percent, minRetryConcurrency } = target.policy.retryBudget;
-    const active = (this.active.get(target.key) ?? 0) + this.h2.routedInFlight(target.key);
+    const active = (this.active.get(target.key) ?? 0) + this.h2.routedInFlight(target.key) + this.native.host.inFlight(target.key);
     const retrying = this.retrying.get(target.key) ?? 0;
     if (retrying < Math.max(minRetryConcurrency, Math.floor((active * percent) / 100))) return true;
     this.metrics.httpRetries.inc({ service: target.key, result: 'budget_exhausted' });
