@@ -381,6 +381,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     timer_->data = this;
     uv_timer_start(timer_, [](uv_timer_t* t) { static_cast<H2Engine*>(t->data)->Sweep(); }, 1000, 1000);
     uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+    reportIdle_ = new uv_idle_t;
+    uv_idle_init(loop_, reportIdle_);
+    reportIdle_->data = this;
   }
 
   ~H2Engine() override {
@@ -1567,13 +1570,11 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       Exchange* x = it->second.get();
       if (!x->reported && x->direct) {
         x->reported = true;
-        double ms = static_cast<double>(uv_hrtime() - x->startedNs) / 1e6;
         Unroute(x);
-        Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
-        if (x->routes) routes = x->routes->record.Value(), target = Napi::Number::New(env_, x->target), endpoint = Napi::Number::New(env_, x->endpoint);
-        Call(delivered_, {Napi::Number::New(env_, static_cast<double>(x->down->id)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
-                          Napi::Number::New(env_, static_cast<double>(x->bytesIn)), Napi::Number::New(env_, static_cast<double>(x->bytesOut)), x->grpc ? NewLatin1(env_, x->grpcStatus) : env_.Undefined(), Napi::Number::New(env_, ms),
-                          routes, target, endpoint});
+        // Told on the loop's next turn (FlushReports): its answer goes on first.
+        reports_.push_back({x->down->id, x->respDone || x->responded ? x->status : 0, x->flag, x->bytesIn, x->bytesOut, x->grpc, x->grpcStatus,
+                            static_cast<double>(uv_hrtime() - x->startedNs) / 1e6, x->routes, x->target, x->endpoint});
+        if (reports_.size() == 1) uv_idle_start(reportIdle_, [](uv_idle_t* h) { static_cast<H2Engine*>(h->data)->FlushReports(); });
       } else if (!x->reported) {
         x->reported = true;
         Call(done_, {Napi::Number::New(env_, static_cast<double>(xid)), Napi::Number::New(env_, x->respDone || x->responded ? x->status : 0), Napi::String::New(env_, x->flag),
@@ -1583,6 +1584,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     std::vector<Closed> closed;
     closed.swap(pendingClosed_);
+    // A connection's reports go before its closed().
+    if (!closed.empty() && !reports_.empty()) TellReports();
     for (const Closed& c : closed) Call(closed_, {Napi::Number::New(env_, static_cast<double>(c.id)), Napi::Number::New(env_, static_cast<double>(c.read)), Napi::Number::New(env_, static_cast<double>(c.written))});
   }
 
@@ -1623,6 +1626,30 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
   }
 
+  // The streams the engine sent on by itself that ended are told to JS (delivered()) on the loop's
+  // turn after they ended, not as they end: an answer that went into a channel reaches its HBONE
+  // stream only after the loop's I/O callbacks (uv_check), which JS's counting would delay; and one
+  // turn's reports go together. A client connection's reports go before its closed().
+  void FlushReports() {
+    uv_idle_stop(reportIdle_);
+    if (reports_.empty()) return;
+    Napi::HandleScope scope(env_);
+    Enter();
+    TellReports();
+    Leave();
+  }
+
+  void TellReports() {
+    std::vector<Report> now;
+    now.swap(reports_);
+    for (const Report& r : now) {
+      Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
+      if (r.routes) routes = r.routes->record.Value(), target = Napi::Number::New(env_, r.target), endpoint = Napi::Number::New(env_, r.endpoint);
+      Call(delivered_, {Napi::Number::New(env_, static_cast<double>(r.conn)), Napi::Number::New(env_, r.status), Napi::String::New(env_, r.flag), Napi::Number::New(env_, static_cast<double>(r.bytesIn)),
+                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), r.grpc ? NewLatin1(env_, r.grpcStatus) : env_.Undefined(), Napi::Number::New(env_, r.ms), routes, target, endpoint});
+    }
+  }
+
   // Once a second: client connections with no stream for idleMs, and upstream sessions with no
   // stream for poolIdleMs, end (GOAWAY).
   void Sweep() {
@@ -1651,6 +1678,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     pools_.clear();
     clients_.clear();
     CloseHandle(timer_);
+    CloseHandle(reportIdle_);
     if (depth_ == 0) {
       for (auto& [c, owned] : conns_)
         if (c->session) nghttp2_session_del(c->session), c->session = nullptr;
@@ -1663,6 +1691,20 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   Napi::Env env_;
   Napi::AsyncContext ctx_;
   Napi::FunctionReference request_, retry_, done_, delivered_, dial_, closed_, refused_;
+  // What delivered() is to tell, on the loop's next turn (FlushReports).
+  struct Report {
+    uint64_t conn;
+    int status;
+    std::string flag;
+    uint64_t bytesIn, bytesOut;
+    bool grpc;
+    std::string grpcStatus;
+    double ms;
+    std::shared_ptr<Routes> routes;
+    uint32_t target, endpoint;
+  };
+  std::vector<Report> reports_;
+  uv_idle_t* reportIdle_ = nullptr;
   nghttp2_session_callbacks* callbacks_ = nullptr;
   nghttp2_option* options_ = nullptr;
   uv_loop_t* loop_ = nullptr;

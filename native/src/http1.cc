@@ -482,6 +482,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     timer_->data = this;
     uv_timer_start(timer_, [](uv_timer_t* t) { static_cast<Http1Engine*>(t->data)->Sweep(); }, 1000, 1000);
     uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+    reportIdle_ = new uv_idle_t;
+    uv_idle_init(loop_, reportIdle_);
+    reportIdle_->data = this;
   }
 
   ~Http1Engine() override { Shutdown(); }
@@ -1358,6 +1361,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     double read = static_cast<double>(c->peer.read), written = static_cast<double>(c->peer.written);
     bool bridge = c->bridge;
     Bury(c);
+    if (!reports_.empty()) FlushReports();
     if (!bridge) Call(closed_, {Napi::Number::New(env_, static_cast<double>(id)), Napi::String::New(env_, reason), Napi::Number::New(env_, read), Napi::Number::New(env_, written)});
   }
 
@@ -1614,14 +1618,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Napi::Env env = env_;
     if (c->unread) {
       c->unread = false;
-      double ms = static_cast<double>(uv_hrtime() - c->startedNs) / 1e6;
-      Napi::Value routes = env.Undefined(), target = env.Undefined(), endpoint = env.Undefined();
-      if (c->routed) routes = c->routed->record.Value(), target = Napi::Number::New(env, c->target), endpoint = Napi::Number::New(env, c->endpoint);
-      // Kept until the call returns: it holds the routes object JS is handed.
-      std::shared_ptr<Routes> held = c->routed;
+      // Told on the loop's next turn (see FlushReports): its answer goes on first.
+      reports_.push_back({c->id, status, flag, c->body.bytes, c->bytesOut, static_cast<double>(uv_hrtime() - c->startedNs) / 1e6, c->routed, c->target, c->endpoint});
       Unroute(c);
-      Call(delivered_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag), Napi::Number::New(env, static_cast<double>(c->body.bytes)),
-                        Napi::Number::New(env, static_cast<double>(c->bytesOut)), Napi::Number::New(env, ms), routes, target, endpoint});
+      if (reports_.size() == 1) uv_idle_start(reportIdle_, [](uv_idle_t* h) { static_cast<Http1Engine*>(h->data)->FlushReports(); });
       return;
     }
     Call(done_, {Napi::Number::New(env, static_cast<double>(c->id)), Napi::Number::New(env, status), Napi::String::New(env, flag),
@@ -1639,6 +1639,27 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       napi_fatal_exception(env_, e.Value());
       return false;
     }
+  }
+
+  // The requests the engine sent on by itself that ended are told to JS (delivered()) on the loop's
+  // turn after they ended, not as they end: an answer that went into a channel reaches its HBONE
+  // stream only after the loop's I/O callbacks (uv_check), which JS's counting would delay; and one
+  // turn's reports go together. A client connection's reports go before its closed().
+  void FlushReports() {
+    uv_idle_stop(reportIdle_);
+    if (reports_.empty()) return;
+    Napi::HandleScope scope(env_);
+    std::vector<Report> now;
+    now.swap(reports_);
+    depth_++;
+    for (const Report& r : now) {
+      Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
+      if (r.routes) routes = r.routes->record.Value(), target = Napi::Number::New(env_, r.target), endpoint = Napi::Number::New(env_, r.endpoint);
+      Call(delivered_, {Napi::Number::New(env_, static_cast<double>(r.id)), Napi::Number::New(env_, r.status), Napi::String::New(env_, r.flag), Napi::Number::New(env_, static_cast<double>(r.bytesIn)),
+                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), Napi::Number::New(env_, r.ms), routes, target, endpoint});
+    }
+    depth_--;
+    if (depth_ == 0) graveyard_.clear();
   }
 
   // Once a second: keep-alive clients idle for idleMs, and pooled upstreams idle for poolIdleMs, close.
@@ -1682,6 +1703,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     for (auto& [u, owned] : upstreams_) Drop(&u->peer);
     idle_.clear();
     CloseHandle(timer_);
+    CloseHandle(reportIdle_);
     if (depth_ == 0) {
       clients_.clear();
       upstreams_.clear();
@@ -1692,6 +1714,18 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   Napi::Env env_;
   Napi::AsyncContext ctx_;
   Napi::FunctionReference head_, retry_, done_, delivered_, dial_, closed_;
+  // What delivered() is to tell, on the loop's next turn (FlushReports).
+  struct Report {
+    uint64_t id;
+    int status;
+    const char* flag;  // a literal
+    uint64_t bytesIn, bytesOut;
+    double ms;
+    std::shared_ptr<Routes> routes;
+    uint32_t target, endpoint;
+  };
+  std::vector<Report> reports_;
+  uv_idle_t* reportIdle_ = nullptr;
   // Routes as read, by their id (route()), until undirect(); the engine's routed requests in
   // flight per backend Service key (inFlight()).
   std::unordered_map<double, std::shared_ptr<Routes>> routes_;
