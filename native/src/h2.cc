@@ -625,8 +625,8 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       c->routes.reset();
       return false;
     }
-    std::string_view path(x->path);
-    RouteRule* rule = routes->Match(x->method, path.substr(0, path.find('?')), [x](std::string_view name, std::string_view* value) {
+    uint32_t t = 0, e = 0;
+    auto field = [x](std::string_view name, std::string_view* value) {
       if (name == "host") {
         *value = x->authority;
         return FieldCount::kOnce;
@@ -638,20 +638,16 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
         *value = fv;
       });
       return n;
-    });
-    if (!rule) return false;
-    uint32_t t = rule->PickBackend();
-    RouteTarget& target = routes->targets[t];
-    uint32_t e = routes->PickEndpoint(target);
+    };
+    if (!routes->Route(x->method, x->path, field, &t, &e)) return false;
     x->attempted = true;
     x->decided = true;
     x->direct = true;
     x->routes = c->routes;
     x->target = t;
     x->endpoint = e;
-    (*target.active)++;
     x->startedNs = uv_hrtime();
-    const std::string& pool = target.pools[e];
+    const std::string& pool = routes->targets[t].pools[e];
     if (Conn* u = Usable(pool)) {
       if (SubmitAsItCame(x, u)) return true;
       GiveBack(x, false);

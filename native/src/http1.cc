@@ -562,17 +562,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       if (ch) ch->Close(0, true);
       return Napi::Boolean::New(env, false);
     }
-    auto made = std::make_unique<Upstream>();
-    Upstream* u = made.get();
-    if (ch) {
-      OpenChannel(&u->peer, std::move(ch), false);
-    } else if (!Open(&u->peer, fd, false)) {
-      close(fd);
-      throw ToJsError(env, {errno, "uv_poll_init", "", ""});
-    }
-    u->peer.upstream = u;
-    upstreams_[u] = std::move(made);
-    u->pool = std::move(c->waitingPool);
+    Upstream* u = NewUpstream(env, fd, std::move(ch), c->waitingPool);
     c->waitingPool.clear();
     depth_++;
     SendAsItCame(c, u, false);
@@ -614,17 +604,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     if (upgrading && !fresh) return Napi::Boolean::New(env, false);
     Upstream* u = nullptr;
     if (fresh) {
-      auto made = std::make_unique<Upstream>();
-      u = made.get();
-      if (ch) {
-        OpenChannel(&u->peer, std::move(ch), false);
-      } else if (!Open(&u->peer, fd, false)) {
-        close(fd);
-        throw ToJsError(env, {errno, "uv_poll_init", "", ""});
-      }
-      u->peer.upstream = u;
-      upstreams_[u] = std::move(made);
-      u->pool = pool;
+      u = NewUpstream(env, fd, std::move(ch), pool);
     } else {
       u = TakeIdle(pool);
       if (!u) return Napi::Boolean::New(env, false);
@@ -660,6 +640,22 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     Send(c, Latin1(info[2]));
     depth_--;
     return Napi::Boolean::New(env, true);
+  }
+
+  // A new upstream connection of `pool`: the socket `fd`, or `ch` (an HBONE stream's, joined in memory).
+  Upstream* NewUpstream(Napi::Env env, int fd, std::shared_ptr<Channel> ch, const std::string& pool) {
+    auto made = std::make_unique<Upstream>();
+    Upstream* u = made.get();
+    if (ch) {
+      OpenChannel(&u->peer, std::move(ch), false);
+    } else if (!Open(&u->peer, fd, false)) {
+      close(fd);
+      throw ToJsError(env, {errno, "uv_poll_init", "", ""});
+    }
+    u->peer.upstream = u;
+    upstreams_[u] = std::move(made);
+    u->pool = pool;
+    return u;
   }
 
   // The request's attempt takes `u` (reused: an idle connection of its pool).
@@ -755,8 +751,8 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
       c->routes.reset();
       return false;
     }
-    std::string_view path(c->req.target);
-    RouteRule* rule = routes->Match(c->req.method, path.substr(0, path.find('?')), [c](std::string_view name, std::string_view* value) {
+    uint32_t t = 0, e = 0;
+    auto field = [c](std::string_view name, std::string_view* value) {
       FieldCount n = FieldCount::kAbsent;
       for (const auto& [fn, fv] : c->req.headers) {
         if (!IEqualsLower(fn, name)) continue;
@@ -764,18 +760,14 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
         *value = fv;
       }
       return n;
-    });
-    if (!rule) return false;
-    uint32_t t = rule->PickBackend();
-    RouteTarget& target = routes->targets[t];
-    uint32_t e = routes->PickEndpoint(target);
+    };
+    if (!routes->Route(c->req.method, c->req.target, field, &t, &e)) return false;
     c->routed = c->routes;
     c->target = t;
     c->endpoint = e;
-    (*target.active)++;
     c->unread = true;
     c->startedNs = uv_hrtime();
-    const std::string& pool = target.pools[e];
+    const std::string& pool = routes->targets[t].pools[e];
     depth_++;
     if (Upstream* u = TakeIdle(pool)) {
       SendAsItCame(c, u, true);

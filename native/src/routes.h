@@ -93,6 +93,20 @@ struct Routes {
     return nullptr;
   }
 
+  // Where a request goes by the first rule it matches (`target`: its request target, a query
+  // after "?"): the backend (an index into targets) and its endpoint (an index into its pools),
+  // counted in flight; false when it is JS's to decide.
+  template <typename F>
+  bool Route(std::string_view method, std::string_view target, F&& field, uint32_t* backend, uint32_t* endpoint) {
+    RouteRule* rule = Match(method, target.substr(0, target.find('?')), field);
+    if (!rule) return false;
+    *backend = rule->PickBackend();
+    RouteTarget& t = targets[*backend];
+    *endpoint = PickEndpoint(t);
+    (*t.active)++;
+    return true;
+  }
+
   // The endpoint of `t` a request goes to (an index into its pools).
   uint32_t PickEndpoint(RouteTarget& t) {
     uint32_t n = static_cast<uint32_t>(t.pools.size());
