@@ -864,7 +864,9 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   Napi::Value Release(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Client* c = Find(info[0]);
-    if (!c || c->phase != Client::Phase::kDecide || !c->peer.out.empty()) return env.Undefined();
+    if (!c || c->phase != Client::Phase::kDecide || !c->peer.out.empty() || !c->waitingPool.empty()) return env.Undefined();
+    // Its earlier requests' reports go first: JS takes the connection from here on.
+    if (!reports_.empty()) FlushReports();
     Napi::Object out = Napi::Object::New(env);
     out.Set("buffered", Napi::Buffer<char>::Copy(env, c->peer.in.data(), c->peer.in.size()));
     // The bytes the engine itself read from the socket (node:net counts what it reads) and wrote.

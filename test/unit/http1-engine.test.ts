@@ -11,7 +11,7 @@ import { Agent, createServer as httpServer, request, type IncomingMessage, type 
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { test, type TestContext } from 'node:test';
 
-import { http1Engine, type EngineGate, type EngineRoutes, type Http1Engine } from '../../src/datapath/native.js';
+import { closeFd, http1Engine, type EngineGate, type EngineRoutes, type Http1Engine } from '../../src/datapath/native.js';
 import { dialFd, engineFront, listening, until } from '../support/loopback.js';
 
 interface Done {
@@ -490,6 +490,21 @@ test('with routes, a connection\'s later requests are routed in the engine (firs
   // A target's maxRequests: its connections close after that many answers.
   for (let i = 0; i < 4; i++) assert.equal((await seen('/few')).from, 'few');
   assert.equal(connections.get('few'), 2);
+
+  // A connection handed back (release) right after a routed request: that request is reported first.
+  let reportedAtRelease: number[] = [];
+  const asking = r.onHead;
+  r.onHead = (id, method, target, headers) => {
+    if (target !== '/release') return asking(id, method, target, headers);
+    const before = r.routed.length;
+    const back = r.engine.release(id);
+    reportedAtRelease = [before, r.routed.length];
+    if (back) closeFd(back.fd);
+  };
+  const routedBefore = r.routed.length;
+  await rawExchange(r.port, 'GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /d/9 HTTP/1.1\r\nHost: x\r\n\r\nGET /release HTTP/1.1\r\nHost: x\r\n\r\n');
+  assert.deepEqual(reportedAtRelease, [routedBefore, routedBefore + 1], 'the routed request reported as its connection was released, not after');
+  r.onHead = asking;
 
   // The client leaves while its routed request waits for a connection: reported DC, the late connection closed.
   const leaving = connect(r.port, '127.0.0.1');
