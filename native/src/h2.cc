@@ -44,9 +44,8 @@ constexpr size_t kHighWater = 256 * 1024;
 constexpr int32_t kStreamWindow = 1 << 20;
 constexpr int32_t kConnectionWindow = 16 << 20;
 constexpr uint32_t kServerMaxStreams = 256;
-constexpr size_t kReplayLimit = 64 * 1024;
-constexpr size_t kFieldBlockBytes = 512;  // a request's or an answer's fields, as most are  // a request body kept for a retry or a mirror (as the other paths keep it)
-
+constexpr size_t kReplayLimit = 64 * 1024;  // a request body kept for a retry or a mirror (as the other paths keep it)
+constexpr size_t kFieldBlockBytes = 512;     // a request's or an answer's fields, as most are
 
 // Header fields as one buffer, each name and each value followed by a NUL (which no field name
 // or value holds: RFC 9113 section 8.2.1): one allocation for a block, not two strings per field,
@@ -719,9 +718,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
 
   // A routed stream is no longer in flight as the engine's (it ended, or went to JS).
   static void Unroute(Exchange* x) {
-    if (!x->routes) return;
-    uint32_t* active = x->routes->targets[x->target].active;
-    if (*active > 0) (*active)--;
+    if (x->routes) x->routes->Done(x->target);
   }
 
   // respond(xid, status, fields, body): the proxy's own answer to a stream waiting for a decision
@@ -797,7 +794,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // undirect(): every stream from now on is JS's to decide again (the config changed).
   Napi::Value Undirect(const Napi::CallbackInfo& info) {
     for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate(), c->routes.reset();
-    routes_.clear();
+    routeBook_.Clear();
     return info.Env().Undefined();
   }
 
@@ -806,23 +803,13 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   // Routes are read once per id until undirect().
   Napi::Value Route(const Napi::CallbackInfo& info) {
     Exchange* x = Find(info[0]);
-    if (!x || !x->down || x->down->closed) return info.Env().Undefined();
-    if (!info[1].IsObject()) {
-      x->down->routes.reset();
-      return info.Env().Undefined();
-    }
-    Napi::Object o = info[1].As<Napi::Object>();
-    double id = o.Get("id").As<Napi::Number>().DoubleValue();
-    auto it = routes_.find(id);
-    if (it == routes_.end()) it = routes_.emplace(id, ReadRoutes(o, routedActive_, NowMs())).first;
-    x->down->routes = it->second;
+    if (x && x->down && !x->down->closed) x->down->routes = routeBook_.Get(info[1], NowMs());
     return info.Env().Undefined();
   }
 
   // inFlight(key): requests to the backend Service `key` the engine routed itself that are in flight.
   Napi::Value InFlight(const Napi::CallbackInfo& info) {
-    auto it = routedActive_.find(info[0].As<Napi::String>().Utf8Value());
-    return Napi::Number::New(info.Env(), it == routedActive_.end() ? 0 : it->second);
+    return Napi::Number::New(info.Env(), routeBook_.InFlight(info[0].As<Napi::String>().Utf8Value()));
   }
 
   // dropPools(prefix): upstream sessions of pools whose key starts with it take no new stream
@@ -1639,10 +1626,10 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     std::vector<Report> now;
     now.swap(reports_);
     for (const Report& r : now) {
-      Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
-      if (r.routes) routes = r.routes->record.Value(), target = Napi::Number::New(env_, r.target), endpoint = Napi::Number::New(env_, r.endpoint);
+      napi_value routed[3];
+      RoutedArgs(env_, r.routes, r.target, r.endpoint, routed);
       Call(delivered_, {Napi::Number::New(env_, static_cast<double>(r.conn)), Napi::Number::New(env_, r.status), Napi::String::New(env_, r.flag), Napi::Number::New(env_, static_cast<double>(r.bytesIn)),
-                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), r.grpc ? NewLatin1(env_, r.grpcStatus) : env_.Undefined(), Napi::Number::New(env_, r.ms), routes, target, endpoint});
+                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), r.grpc ? NewLatin1(env_, r.grpcStatus) : env_.Undefined(), Napi::Number::New(env_, r.ms), routed[0], routed[1], routed[2]});
     }
   }
 
@@ -1716,9 +1703,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   std::unordered_map<uint64_t, Conn*> clients_;
   std::map<std::string, std::vector<Conn*>> pools_;
   std::unordered_map<uint64_t, std::unique_ptr<Exchange>> exchanges_;
-  // Routes read (route()) by their id, until undirect(); requests in flight the engine routed, by backend Service key.
-  std::unordered_map<double, std::shared_ptr<Routes>> routes_;
-  std::unordered_map<std::string, uint32_t> routedActive_;
+  RouteBook routeBook_;
   // Routed streams waiting for a session, by pool; the pools JS is to dial (dial() events).
   std::unordered_map<std::string, std::vector<uint64_t>> waiting_;
   struct Dial {

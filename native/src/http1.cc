@@ -521,7 +521,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   // undirect(): every request from now on is JS's to decide again (the config changed).
   Napi::Value Undirect(const Napi::CallbackInfo& info) {
     for (auto& [id, c] : clients_) c->direct.clear(), c->gate = Gate(), c->routes.reset();
-    routes_.clear();
+    routeBook_.Clear();
     return info.Env().Undefined();
   }
 
@@ -530,23 +530,13 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   // per id until undirect().
   Napi::Value Route(const Napi::CallbackInfo& info) {
     Client* c = Find(info[0]);
-    if (!c) return info.Env().Undefined();
-    if (!info[1].IsObject()) {
-      c->routes.reset();
-      return info.Env().Undefined();
-    }
-    Napi::Object o = info[1].As<Napi::Object>();
-    double id = o.Get("id").As<Napi::Number>().DoubleValue();
-    auto it = routes_.find(id);
-    if (it == routes_.end()) it = routes_.emplace(id, ReadRoutes(o, routedActive_, NowMs())).first;
-    c->routes = it->second;
+    if (c) c->routes = routeBook_.Get(info[1], NowMs());
     return info.Env().Undefined();
   }
 
   // inFlight(key): requests to the backend Service `key` the engine routed itself that are in flight.
   Napi::Value InFlight(const Napi::CallbackInfo& info) {
-    auto it = routedActive_.find(info[0].As<Napi::String>().Utf8Value());
-    return Napi::Number::New(info.Env(), it == routedActive_.end() ? 0 : it->second);
+    return Napi::Number::New(info.Env(), routeBook_.InFlight(info[0].As<Napi::String>().Utf8Value()));
   }
 
   // attach(id, fd | {channel}): the connection JS dialled for the routed request waiting on `id`
@@ -790,8 +780,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   // A routed request is no longer in flight as the engine's (it ended, or went to JS).
   static void Unroute(Client* c) {
     if (!c->routed) return;
-    uint32_t* active = c->routed->targets[c->target].active;
-    if (*active > 0) (*active)--;
+    c->routed->Done(c->target);
     c->routed.reset();
   }
 
@@ -1647,10 +1636,10 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
     now.swap(reports_);
     depth_++;
     for (const Report& r : now) {
-      Napi::Value routes = env_.Undefined(), target = env_.Undefined(), endpoint = env_.Undefined();
-      if (r.routes) routes = r.routes->record.Value(), target = Napi::Number::New(env_, r.target), endpoint = Napi::Number::New(env_, r.endpoint);
+      napi_value routed[3];
+      RoutedArgs(env_, r.routes, r.target, r.endpoint, routed);
       Call(delivered_, {Napi::Number::New(env_, static_cast<double>(r.id)), Napi::Number::New(env_, r.status), Napi::String::New(env_, r.flag), Napi::Number::New(env_, static_cast<double>(r.bytesIn)),
-                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), Napi::Number::New(env_, r.ms), routes, target, endpoint});
+                        Napi::Number::New(env_, static_cast<double>(r.bytesOut)), Napi::Number::New(env_, r.ms), routed[0], routed[1], routed[2]});
     }
     depth_--;
     if (depth_ == 0) graveyard_.clear();
@@ -1720,10 +1709,7 @@ class Http1Engine : public Napi::ObjectWrap<Http1Engine> {
   };
   std::vector<Report> reports_;
   uv_idle_t* reportIdle_ = nullptr;
-  // Routes as read, by their id (route()), until undirect(); the engine's routed requests in
-  // flight per backend Service key (inFlight()).
-  std::unordered_map<double, std::shared_ptr<Routes>> routes_;
-  std::unordered_map<std::string, uint32_t> routedActive_;
+  RouteBook routeBook_;
   uv_loop_t* loop_ = nullptr;
   uv_timer_t* timer_ = nullptr;
   uint32_t maxHead_ = 16 * 1024;

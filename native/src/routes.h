@@ -107,6 +107,12 @@ struct Routes {
     return true;
   }
 
+  // A request Route() sent to backend `t` is no longer in flight as the engine's (it ended, or went to JS).
+  void Done(uint32_t t) {
+    uint32_t* active = targets[t].active;
+    if (*active > 0) (*active)--;
+  }
+
   // The endpoint of `t` a request goes to (an index into its pools).
   uint32_t PickEndpoint(RouteTarget& t) {
     uint32_t n = static_cast<uint32_t>(t.pools.size());
@@ -179,6 +185,45 @@ inline std::shared_ptr<Routes> ReadRoutes(const Napi::Object& o, std::unordered_
   }
   r->record = Napi::Persistent(o);
   return r;
+}
+
+// An engine's routes as JS gave them (route()), read once per id until Clear() (undirect()),
+// and the engine's routed requests in flight per backend Service key (inFlight()).
+class RouteBook {
+ public:
+  // The routes JS's object `v` stands for (read now if its id is new); none for anything but an object.
+  std::shared_ptr<Routes> Get(const Napi::Value& v, uint64_t nowMs) {
+    if (!v.IsObject()) return nullptr;
+    Napi::Object o = v.As<Napi::Object>();
+    double id = o.Get("id").As<Napi::Number>().DoubleValue();
+    auto it = byId_.find(id);
+    if (it == byId_.end()) it = byId_.emplace(id, ReadRoutes(o, active_, nowMs)).first;
+    return it->second;
+  }
+
+  uint32_t InFlight(const std::string& key) const {
+    auto it = active_.find(key);
+    return it == active_.end() ? 0 : it->second;
+  }
+
+  // Routes are read again from now on (the requests in flight keep theirs, and their counts).
+  void Clear() { byId_.clear(); }
+
+ private:
+  std::unordered_map<double, std::shared_ptr<Routes>> byId_;
+  std::unordered_map<std::string, uint32_t> active_;
+};
+
+// A report's last three arguments (delivered()): the routes' JS object and the backend's and
+// endpoint's indices of a routed request; undefined each for one that was not routed.
+inline void RoutedArgs(Napi::Env env, const std::shared_ptr<Routes>& routes, uint32_t target, uint32_t endpoint, napi_value out[3]) {
+  if (!routes) {
+    out[0] = out[1] = out[2] = env.Undefined();
+    return;
+  }
+  out[0] = routes->record.Value();
+  out[1] = Napi::Number::New(env, target);
+  out[2] = Napi::Number::New(env, endpoint);
 }
 
 }  // namespace nodemesh

@@ -4,10 +4,9 @@
  * called, the port's route entries reduced to what the engine reads of a request (path Exact and
  * PathPrefix, method, exact header values) and to the rules whose requests it may send on by
  * itself, which are those that HttpOutbound.decide and NativeH2Outbound or NativeOutbound would
- * only pass on as they came: no filter, retry,
- * timeout, fault or mirror; backends whose TrafficPolicy asks for no consistent hashing, least
- * request or circuit breaking; no endpoint on this node that this node's side serves in the same
- * pass; no access log for the pod's namespace. Every other request stays JS's. A request whose
+ * only pass on as they came: no filter, retry, timeout, fault or mirror; backends whose
+ * TrafficPolicy asks for no consistent hashing, least request or circuit breaking; no endpoint on
+ * this node that this node's side serves in the same pass; no access log for the pod's namespace. Every other request stays JS's. A request whose
  * endpoint's pool has no session (HTTP/2) or idle connection (HTTP/1.1) waits for one JS dials.
  *
  * One plan per source pod and port of a snapshot, made on a connection's first request and kept
@@ -33,6 +32,18 @@ export class RoutePlan implements EngineRoutes {
     /** When it no longer holds, on the load balancer's clock (ttlMs from its making). */
     readonly expires: number,
   ) {}
+}
+
+/**
+ * Where an engine's report or dial says a routed request went: the Service and endpoint of
+ * `routes`' target `target`, its endpoint `endpoint`; undefined for routes that are no plan of
+ * this node's, or indices out of them.
+ */
+export function routedTo(routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): { readonly target: ServiceTarget; readonly endpoint: Endpoint } | undefined {
+  if (!(routes instanceof RoutePlan) || target === undefined || endpoint === undefined) return undefined;
+  const service = routes.services[target];
+  const picked = routes.endpoints[target]?.[endpoint];
+  return service && picked ? { target: service, endpoint: picked } : undefined;
 }
 
 /** Whether the engine may send a rule's requests on by itself: JS would change nothing of them and keep no state of them but counts. */

@@ -21,7 +21,7 @@ import { logger } from '../../shared/log.js';
 import type { NodeMetrics } from '../metrics/metrics.js';
 import { MAX_HEADER_BYTES, NO_BYTES, UPSTREAM_IDLE_MS, UpstreamDenied, requestIdOf, socketTotals, withBytes, type AccessFacts, type ConnectionBytes, type RequestHead } from './common.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { RoutePlan } from './engine-routes.js';
+import { routedTo } from './engine-routes.js';
 import { NO_FIELDS, engineCopy, headerObject, type ChannelServed } from './native-engine.js';
 import { NO_ANSWER_EDITS, answerEditPairs, type AnswerEdits } from './native-outbound.js';
 import { drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
@@ -685,14 +685,14 @@ export class NativeH2Outbound implements H2Handler<HttpClientConnection, Routed>
   }
 
   dialRouted(conn: HttpClientConnection, routes: EngineRoutes, at: number, endpointAt: number): { readonly dial: () => Promise<EngineUpstream>; readonly maxRequests: number } | undefined {
-    const target = routes instanceof RoutePlan ? routes.services[at] : undefined;
-    const endpoint = routes instanceof RoutePlan ? routes.endpoints[at]?.[endpointAt] : undefined;
-    if (!target || !endpoint) return undefined;
+    const to = routedTo(routes, at, endpointAt);
+    if (!to) return undefined;
+    const { target, endpoint } = to;
     return { dial: () => this.dialFor(conn, target, endpoint), maxRequests: target.policy.maxRequestsPerConnection };
   }
 
   delivered(conn: HttpClientConnection, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string | undefined, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void {
-    if (routes instanceof RoutePlan && target !== undefined && endpoint !== undefined) this.outbound.delivered(conn, routes, target, endpoint, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, grpcStatus);
+    this.outbound.delivered(conn, routes, target, endpoint, status, flag, ms, bytesIn, bytesOut, grpcStatus);
   }
 
   done(s: H2Stream<HttpClientConnection, Routed>, status: number, flag: string, bytesIn: number, bytesOut: number, grpcStatus: string): void {

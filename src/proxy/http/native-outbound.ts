@@ -14,7 +14,7 @@ import type { Endpoint, HttpRouteEntry, ServiceTarget } from '../../config/snaps
 import type { HeaderChanges } from '../../config/route-filters.js';
 import { UpstreamDenied, headerValue, rawHead, requestIdOf, withBytes, type AccessFacts, type RequestHead } from './common.js';
 import type { EngineRoutes, EngineUpstream } from '../../datapath/native.js';
-import { RoutePlan } from './engine-routes.js';
+import { routedTo } from './engine-routes.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
 import { Http1Host, headerObject, proxyAnswer, requestHead, upgradeFields, type Forwarding, type Http1Handler, type Served } from './native-engine.js';
 import { applyHeaderChanges, drawMirrors, upstreamPool, type Decision, type HttpClientConnection, type HttpOutbound } from './outbound.js';
@@ -388,14 +388,13 @@ export class NativeOutbound implements Http1Handler<HttpClientConnection, InFlig
 
   /** A connection for a request the engine routed by a plan (Http1Events.dial), from the client's source; its outcome told to outlier detection. */
   dialRouted(s: Served<HttpClientConnection, InFlight>, routes: EngineRoutes, at: number, endpointAt: number): Promise<EngineUpstream> | undefined {
-    const target = routes instanceof RoutePlan ? routes.services[at] : undefined;
-    const endpoint = routes instanceof RoutePlan ? routes.endpoints[at]?.[endpointAt] : undefined;
-    return target && endpoint ? this.dialFor(s, target, endpoint) : undefined;
+    const to = routedTo(routes, at, endpointAt);
+    return to ? this.dialFor(s, to.target, to.endpoint) : undefined;
   }
 
   /** A request the engine routed by a plan ended: counted as decide()'s are, its answer told to outlier detection. */
   delivered(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, ms: number, routes: EngineRoutes | undefined, target: number | undefined, endpoint: number | undefined): void {
-    if (routes instanceof RoutePlan && target !== undefined && endpoint !== undefined) this.outbound.delivered(s.conn, routes, target, endpoint, flag === 'DC' ? 0 : status, flag, ms, bytesIn, bytesOut, undefined);
+    this.outbound.delivered(s.conn, routes, target, endpoint, status, flag, ms, bytesIn, bytesOut, undefined);
   }
 
   done(s: Served<HttpClientConnection, InFlight>, status: number, flag: string, bytesIn: number, bytesOut: number, detail: string): void {

@@ -22,14 +22,14 @@ import type { PathMatch, RouteMatch } from '../../config/route.js';
 import type { HeaderChanges, PathModifier, RouteFilter } from '../../config/route-filters.js';
 import type { HashOn } from '../../config/traffic-policy.js';
 import { speaksRequests } from '../../config/service.js';
-import type { EngineUpstream } from '../../datapath/native.js';
+import type { EngineRoutes, EngineUpstream } from '../../datapath/native.js';
 import { logger } from '../../shared/log.js';
 import type { LoadBalancer } from '../pool/load-balancer.js';
 import type { NodeMetrics, TcpLabels } from '../metrics/metrics.js';
 import { UpstreamAgent, UpstreamDenied, answerFields, countRequest, drain, recordRequest, forwardable, handedServer, headerValue, once, pipeAnswer, rawHead, requestIdOf, serveHttp1, splitTarget, upgradeThrough, withHead, type AccessFacts, type ConnectionBytes, type RequestHead, type UpstreamRequestOptions } from './common.js';
 import { H2Outbound } from './h2.js';
 import type { HttpInbound, HttpServerConnection } from './inbound.js';
-import { EngineRoutePlans, type RoutePlan } from './engine-routes.js';
+import { EngineRoutePlans, routedTo } from './engine-routes.js';
 import { NativeOutbound } from './native-outbound.js';
 
 const log = logger('http');
@@ -287,13 +287,16 @@ export class HttpOutbound {
   }
 
   /**
-   * A request an engine routed by `plan` ended (H2Events.delivered, Http1Events.delivered): counted as decide()'s are,
-   * its answer told to outlier detection.
+   * A request an engine sent on by itself ended (H2Events.delivered, Http1Events.delivered): one
+   * it routed by a plan of this node's (`routes`, its target's and endpoint's indices) is counted
+   * as decide()'s are, its answer told to outlier detection; any other is the destination's side's.
    */
-  delivered(conn: HttpClientConnection, plan: RoutePlan, at: number, endpointAt: number, status: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
-    const target = plan.services[at];
-    const endpoint = plan.endpoints[at]?.[endpointAt];
-    if (!target || !endpoint) return;
+  delivered(conn: HttpClientConnection, routes: EngineRoutes | undefined, at: number | undefined, endpointAt: number | undefined, reported: number, flag: string, ms: number, bytesIn: number, bytesOut: number, grpcStatus: string | undefined): void {
+    const to = routedTo(routes, at, endpointAt);
+    if (!to) return;
+    const { target, endpoint } = to;
+    // A client that left is counted with no answer, as JS's own path counts it.
+    const status = flag === 'DC' ? 0 : reported;
     this.metrics.httpRouted.inc();
     if (flag === '-') this.answered(target, endpoint, status);
     recordRequest(this.metrics, conn.labels(target, endpoint), status, flag, ms, bytesIn, bytesOut, grpcStatus);
