@@ -31,7 +31,7 @@ import type { PodRecord } from '../src/runtime/store.js';
 import { waitForPodListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer } from './sidecar-peer.js';
-import { agentCommand, benchLayout, cpuSeconds, latencyFixedRate, h2Table, measureH2 as measureH2With, writeNginxConf, wrk, type H2Scenario, type Latency } from './tools.js';
+import { agentCommand, benchLayout, cpuSeconds, latencyFixedRate, h2Table, measureH2 as measureH2With, medianRun, ratioRange, roundRatio, writeNginxConf, wrk, type H2Scenario, type Latency } from './tools.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
 const SERVICE_IP = '10.96.0.53';
@@ -92,33 +92,6 @@ interface Rounds {
   readonly l7Server: HttpScenario[];
   readonly l7Both: HttpScenario[];
   readonly l7H2: H2Scenario[];
-}
-
-/** The run with the median requests/s (the lower middle one of an even count): a real run, its latency and CPU with it. */
-function medianRun<T extends { readonly keepAliveRps: number }>(runs: ReadonlyArray<T>): T {
-  const sorted = [...runs].sort((a, b) => a.keepAliveRps - b.keepAliveRps);
-  const run = sorted[Math.floor((sorted.length - 1) / 2)];
-  if (!run) throw new Error('no run to report');
-  return run;
-}
-
-/** Each round's ratio: a nodemesh run against the peer's run of the same round. */
-function roundRatios(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number[] {
-  return ours.map((o, i) => o.keepAliveRps / (peer[i]?.keepAliveRps ?? Number.NaN)).sort((a, b) => a - b);
-}
-
-const twoPlaces = (n: number): number => Math.round(n * 100) / 100;
-
-/** The median of the rounds' ratios. */
-function roundRatio(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number {
-  const r = roundRatios(ours, peer);
-  return twoPlaces(r[Math.floor((r.length - 1) / 2)] ?? Number.NaN);
-}
-
-/** The lowest and highest of the rounds' ratios. */
-function ratioRange(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): [number, number] {
-  const r = roundRatios(ours, peer);
-  return [twoPlaces(r[0] ?? Number.NaN), twoPlaces(r[r.length - 1] ?? Number.NaN)];
 }
 
 async function main(): Promise<void> {

@@ -268,3 +268,36 @@ export async function measureH2(runtime: LocalPodRuntime, client: PodRecord, hos
   const cpu1 = await cpuSeconds(pids());
   return { keepAliveRps: r.rps, proxyCpuSecPer1000Req: pids().length > 0 ? ((cpu1 - cpu0) / r.requests) * 1000 : null };
 }
+
+/** The run with the median requests/s (the lower middle one of an even count): a real run, its latency and CPU with it. */
+export function medianRun<T extends { readonly keepAliveRps: number }>(runs: ReadonlyArray<T>): T {
+  const sorted = [...runs].sort((a, b) => a.keepAliveRps - b.keepAliveRps);
+  const run = sorted[Math.floor((sorted.length - 1) / 2)];
+  if (!run) throw new Error('no run to report');
+  return run;
+}
+
+/** Each round's ratio: a nodemesh run against the peer's run of the same round. */
+function roundRatios(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number[] {
+  return ours.map((o, i) => o.keepAliveRps / (peer[i]?.keepAliveRps ?? Number.NaN)).sort((a, b) => a - b);
+}
+
+const twoPlaces = (n: number): number => Math.round(n * 100) / 100;
+
+/** The median of the rounds' ratios. */
+export function roundRatio(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number {
+  const r = roundRatios(ours, peer);
+  return twoPlaces(r[Math.floor((r.length - 1) / 2)] ?? Number.NaN);
+}
+
+/** The lowest and highest of the rounds' ratios. */
+export function ratioRange(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): [number, number] {
+  const r = roundRatios(ours, peer);
+  return [twoPlaces(r[0] ?? Number.NaN), twoPlaces(r[r.length - 1] ?? Number.NaN)];
+}
+
+/** The median of some numbers (the lower middle one of an even count). */
+export function median(values: ReadonlyArray<number>): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)] ?? Number.NaN;
+}

@@ -10,8 +10,11 @@
  * the same over HTTP/2 (h2c, h2load's keep-alive requests/s and CPU) against HAProxy `proto h2`
  * pairs with mutual TLS. Throughput, keep-alive and new-connection requests/s, p50/p90/p99 at a fixed
  * rate of 1 KB requests, proxy CPU per 1000 requests, and the tunnel reuse. BENCH_L7_ONLY=1
- * BENCH_L7_H2=1 adds the HTTP/2 row to the L7 row alone. Writes
- * bench/results/two-hop.json. Numbers, not assertions.
+ * BENCH_L7_H2=1 adds the HTTP/2 row to the L7 row alone. BENCH_ROUNDS=N (default 3) runs the L7
+ * rows, their peers and direct N times, alternating (the agents restarted each round, taking over
+ * the pods): each L7 ratio is the median of the rounds' own ratios, with their range, since this
+ * machine's speed drifts by 15 % or more between runs. Writes bench/results/two-hop.json.
+ * Numbers, not assertions.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
@@ -24,7 +27,7 @@ import { validatePodSpec } from '../src/runtime/pod-spec.js';
 import { waitForListener } from '../src/runtime/wait.js';
 import { PACKAGE_ROOT } from '../src/shared/paths.js';
 import { startSidecarPeer, writeSidecarTls } from './sidecar-peer.js';
-import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, h2Table, measureH2 as measureH2With, rssMiB, scenarioTable, writeNginxConf, type H2Scenario, type Scenario } from './tools.js';
+import { IPERF_PORT, agentCommand, benchLayout, measure as measureWith, h2Table, measureH2 as measureH2With, median, medianRun, ratioRange, roundRatio, rssMiB, scenarioTable, writeNginxConf, type H2Scenario, type Scenario } from './tools.js';
 import type { PodRecord } from '../src/runtime/store.js';
 
 const SECONDS = Number(process.env['BENCH_SECONDS'] ?? 5);
@@ -34,6 +37,7 @@ const HBONE_ONLY = process.env['BENCH_HBONE_ONLY'] === '1';
 const L7_ONLY = process.env['BENCH_L7_ONLY'] === '1';
 /** BENCH_AGENT_ARGS="--jit full": extra agent flags, to compare settings in the same way. */
 const AGENT_ARGS = (process.env['BENCH_AGENT_ARGS'] ?? '').split(' ').filter((a) => a !== '');
+const ROUNDS = Math.max(1, Math.floor(Number(process.env['BENCH_ROUNDS'] ?? 3)) || 1);
 const SERVICE_IP = '10.96.0.52';
 const HTTP_PORT = 80;
 const APP_HTTP = 8080;
@@ -87,14 +91,28 @@ async function main(): Promise<void> {
       await sleep(200);
     }
     const agents: Record<'a' | 'b', ChildProcess> = { a: undefined as unknown as ChildProcess, b: undefined as unknown as ChildProcess };
-    for (const n of ['a', 'b'] as const) {
-      const p = PORTS[n];
-      agents[n] = start(['agent', '--node', `bench-${n}`, '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--bpf-root', `${pinBase}/${n}`, '--metrics', `127.0.0.1:${p.metrics}`, '--ready', `127.0.0.1:${p.ready}`, '--admin', `127.0.0.1:${p.admin}`, ...AGENT_ARGS]);
-      for (let i = 0; (await fetch(`http://127.0.0.1:${p.ready}/healthz/ready`).then((r) => r.status).catch(() => 0)) !== 200; i++) {
-        if (i > 100) throw new Error(`the agent of bench-${n} did not become ready`);
-        await sleep(200);
+    const startAgents = async (): Promise<void> => {
+      for (const n of ['a', 'b'] as const) {
+        const p = PORTS[n];
+        agents[n] = start(['agent', '--node', `bench-${n}`, '--control-plane', `127.0.0.1:${PORTS.grpcTls}`, '--ca-root', join(caDir, 'root-cert.pem'), '--bpf-root', `${pinBase}/${n}`, '--metrics', `127.0.0.1:${p.metrics}`, '--ready', `127.0.0.1:${p.ready}`, '--admin', `127.0.0.1:${p.admin}`, ...AGENT_ARGS]);
+        for (let i = 0; (await fetch(`http://127.0.0.1:${p.ready}/healthz/ready`).then((r) => r.status).catch(() => 0)) !== 200; i++) {
+          if (i > 100) throw new Error(`the agent of bench-${n} did not become ready`);
+          await sleep(200);
+        }
       }
-    }
+    };
+    // The agents go (the pods stay, captured by their pinned links but unserved): direct and the
+    // sidecar peer need the pods without capture, so the pins go too.
+    const stopAgents = async (): Promise<void> => {
+      for (const c of [agents.a, agents.b]) {
+        if (c.exitCode !== null || c.signalCode !== null) continue;
+        const exited = new Promise((r) => c.once('exit', r));
+        c.kill('SIGTERM');
+        await exited;
+      }
+      await rm(pinBase, { recursive: true, force: true });
+    };
+    await startAgents();
     cleanups.push(() => rm(pinBase, { recursive: true, force: true }));
 
     say('pods: server on bench-b (nginx :8080 and h2c :8081 with 1 KB responses, iperf3 :5201), client on bench-a');
@@ -117,6 +135,23 @@ async function main(): Promise<void> {
         const { version, nodes } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number; nodes: Array<{ inSync: boolean; ackedVersion: number }> };
         if (version > before && nodes.length === 2 && nodes.every((n) => n.inSync && n.ackedVersion === version)) break;
         if (i > 100) throw new Error(`the agents did not take ${file}`);
+        await sleep(100);
+      }
+    };
+
+    /** Waits until both (restarted) agents serve their pod: verified, certified, with the control plane's latest config. */
+    const podsServed = async (): Promise<void> => {
+      for (let i = 0; ; i++) {
+        const { version } = (await fetch(`http://127.0.0.1:${PORTS.cpHttp}/debug/nodes`).then((r) => r.json())) as { version: number };
+        const views = await Promise.all(
+          (['a', 'b'] as const).map((n) =>
+            fetch(`http://127.0.0.1:${PORTS[n].admin}/pods`)
+              .then((r) => r.json() as Promise<{ controlPlane?: { version: number }; pods: Array<{ verified: boolean; configured: boolean; certified: boolean }> }>)
+              .catch(() => undefined),
+          ),
+        );
+        if (views.every((v) => v?.controlPlane?.version === version && v.pods.length === 1 && v.pods.every((p) => p.verified && p.configured && p.certified))) return;
+        if (i > 300) throw new Error(`the restarted agents did not serve their pods: ${JSON.stringify(views)}`);
         await sleep(100);
       }
     };
@@ -172,14 +207,12 @@ async function main(): Promise<void> {
     const plain = await measure(client, SERVICE_IP, HTTP_PORT, pids);
     if ((await metric(PORTS.a.metrics, 'nodemesh_proxied_connections_total', { path: 'outbound' })) === outboundBefore) throw new Error('the plaintext run did not take the plaintext path');
 
-    // The agents go (the pods stay, captured by their pinned links but unserved): direct and the
-    // sidecar peer need the pods without capture, so the pins go too.
-    for (const c of [agents.a, agents.b]) {
-      const exited = new Promise((r) => c.once('exit', r));
-      c.kill('SIGTERM');
-      await exited;
+    if (ROUNDS > 1) {
+      // What the restarted agents of the further rounds start with.
+      await applyConfig('plaintext.yaml', '');
+      await applyConfig('l7.yaml', l7Yaml);
     }
-    await rm(pinBase, { recursive: true, force: true });
+    await stopAgents();
 
     say('direct pod to pod');
     const direct = await measure(client, server.ip4, APP_HTTP, () => []);
@@ -197,21 +230,51 @@ async function main(): Promise<void> {
     ], await writeSidecarTls(work));
     const sidecarMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerTls.pids);
     await peerTls.stop();
-    say('sidecar peer, L7: HAProxy mode http + nft REDIRECT in both pods, mutual TLS between them');
-    const peerHttpTls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
-      { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
-      { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007, opaque: true },
-    ], await writeSidecarTls(work), 'http');
-    const sidecarHttpMtls = await measure(client, SERVICE_IP, HTTP_PORT, peerHttpTls.pids);
-    await peerHttpTls.stop();
-    say('sidecar peer, L7 HTTP/2: HAProxy mode http with proto h2 on both sides + nft REDIRECT, mutual TLS between them');
-    const peerH2Tls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], await writeSidecarTls(work), 'h2');
-    const sidecarH2Mtls = await measureH2(client, SERVICE_IP, H2_PORT, peerH2Tls.pids);
-    await peerH2Tls.stop();
-    const directH2 = await measureH2(client, server.ip4, APP_H2, () => []);
+    /** The L7 peers and direct HTTP/2, once per round. */
+    const l7Peers = async (of: string): Promise<{ http: Scenario; h2: H2Scenario; directH2: H2Scenario }> => {
+      say(`sidecar peer, L7: HAProxy mode http + nft REDIRECT in both pods, mutual TLS between them${of}`);
+      const peerHttpTls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [
+        { servicePort: HTTP_PORT, appPort: APP_HTTP, outboundPort: 15001, inboundPort: 15006 },
+        { servicePort: IPERF_PORT, appPort: IPERF_PORT, outboundPort: 15002, inboundPort: 15007, opaque: true },
+      ], await writeSidecarTls(work), 'http');
+      const http = await measure(client, SERVICE_IP, HTTP_PORT, peerHttpTls.pids);
+      await peerHttpTls.stop();
+      say(`sidecar peer, L7 HTTP/2: HAProxy mode http with proto h2 on both sides + nft REDIRECT, mutual TLS between them${of}`);
+      const peerH2Tls = await startSidecarPeer(runtime, work, client, server, SERVICE_IP, [{ servicePort: H2_PORT, appPort: APP_H2, outboundPort: 15001, inboundPort: 15006 }], await writeSidecarTls(work), 'h2');
+      const h2 = await measureH2(client, SERVICE_IP, H2_PORT, peerH2Tls.pids);
+      await peerH2Tls.stop();
+      return { http, h2, directH2: await measureH2(client, server.ip4, APP_H2, () => []) };
+    };
+    const peers = [await l7Peers(ROUNDS > 1 ? ` (round 1 of ${ROUNDS})` : '')];
+    const directs = [direct];
+    const l7s = [l7];
+    const l7H2s = [l7H2];
+    // The further rounds: the L7 rows, direct and the L7 peers again, the agents restarted with the
+    // L7 config (they take the pods over from their store, as after an upgrade).
+    for (let round = 2; round <= ROUNDS; round++) {
+      const of = ` (round ${round} of ${ROUNDS})`;
+      say(`nodemesh L7, HTTP/1.1 and HTTP/2, two hops in HBONE${of}`);
+      await startAgents();
+      await podsServed();
+      l7s.push(await measure(client, SERVICE_IP, HTTP_PORT, pids));
+      l7H2s.push(await measureH2(client, SERVICE_IP, H2_PORT, pids));
+      await stopAgents();
+      say(`direct pod to pod${of}`);
+      directs.push(await measure(client, server.ip4, APP_HTTP, () => []));
+      peers.push(await l7Peers(of));
+    }
+    const sidecarHttpMtls = medianRun(peers.map((p) => p.http));
+    const sidecarH2Mtls = medianRun(peers.map((p) => p.h2));
+    const directH2 = medianRun(peers.map((p) => p.directH2));
+    const l7Median = medianRun(l7s);
+    const l7H2Median = medianRun(l7H2s);
+    /** Each round's added p90 (against that round's direct run), and their median. */
+    const addedP90s = (runs: ReadonlyArray<Scenario>): number[] => runs.map((s, i) => Math.round((s.latency.p90 - (directs[i] ?? direct).latency.p90) * 1000) / 1000);
 
     const ratio = (a: number, b: number): number => Math.round((a / b) * 100) / 100;
     const addedP90 = (s: Scenario): number => Math.round((s.latency.p90 - direct.latency.p90) * 1000) / 1000;
+    const l7Peer = peers.map((p) => p.http);
+    const h2Peer = peers.map((p) => p.h2);
     const results = {
       date: new Date().toISOString(),
       seconds: SECONDS,
@@ -220,9 +283,11 @@ async function main(): Promise<void> {
       sidecarMtls,
       nodemeshPlaintext: plain,
       nodemeshHbone: mtls,
+      rounds: ROUNDS,
       sidecarHttpMtls,
-      nodemeshL7Hbone: l7,
-      h2: { direct: directH2, sidecarH2Mtls, nodemeshL7H2Hbone: l7H2 },
+      nodemeshL7Hbone: l7Median,
+      h2: { direct: directH2, sidecarH2Mtls, nodemeshL7H2Hbone: l7H2Median },
+      l7Rounds: { direct: directs, sidecarHttpMtls: l7Peer, nodemeshL7Hbone: l7s, sidecarH2Mtls: h2Peer, nodemeshL7H2Hbone: l7H2s },
       tunnels: { opened: tunnels, connections: tunnelled, connectionsPerTunnel: tunnels > 0 ? Math.round(tunnelled / tunnels) : null },
       agentRssMiBAfterHbone: agentRss,
       agentOpenFds: { beforeHbone: fdsBefore, afterHbone: fdsAfter },
@@ -233,11 +298,15 @@ async function main(): Promise<void> {
         hboneNewConnVsSidecarMtls: ratio(mtls.newConnRps, sidecarMtls.newConnRps),
         hboneCpuPer1000VsSidecarMtls: ratio(mtls.proxyCpuSecPer1000Req ?? 0, sidecarMtls.proxyCpuSecPer1000Req ?? 1),
         plaintextKeepAliveVsSidecarPlaintext: ratio(plain.keepAliveRps, sidecar.keepAliveRps),
-        l7KeepAliveVsSidecarHttpMtls: ratio(l7.keepAliveRps, sidecarHttpMtls.keepAliveRps),
-        l7CpuPer1000VsSidecarHttpMtls: ratio(l7.proxyCpuSecPer1000Req ?? 0, sidecarHttpMtls.proxyCpuSecPer1000Req ?? 1),
-        l7H2KeepAliveVsSidecarH2Mtls: ratio(l7H2.keepAliveRps, sidecarH2Mtls.keepAliveRps),
-        l7H2CpuPer1000VsSidecarH2Mtls: ratio(l7H2.proxyCpuSecPer1000Req ?? 0, sidecarH2Mtls.proxyCpuSecPer1000Req ?? 1),
-        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls), sidecarHttpMtls: addedP90(sidecarHttpMtls), nodemeshL7Hbone: addedP90(l7) },
+        // The L7 ones: the median of the rounds' own ratios (a nodemesh run against the peer's run of the same round).
+        l7KeepAliveVsSidecarHttpMtls: roundRatio(l7s, l7Peer),
+        l7CpuPer1000VsSidecarHttpMtls: ratio(l7Median.proxyCpuSecPer1000Req ?? 0, sidecarHttpMtls.proxyCpuSecPer1000Req ?? 1),
+        l7H2KeepAliveVsSidecarH2Mtls: roundRatio(l7H2s, h2Peer),
+        l7H2CpuPer1000VsSidecarH2Mtls: ratio(l7H2Median.proxyCpuSecPer1000Req ?? 0, sidecarH2Mtls.proxyCpuSecPer1000Req ?? 1),
+        addedP90Ms: { sidecarPlaintext: addedP90(sidecar), sidecarMtls: addedP90(sidecarMtls), nodemeshPlaintext: addedP90(plain), nodemeshHbone: addedP90(mtls), sidecarHttpMtls: median(addedP90s(l7Peer)), nodemeshL7Hbone: median(addedP90s(l7s)) },
+        ...(ROUNDS > 1
+          ? { l7Rounds: { rounds: ROUNDS, keepAliveRange: ratioRange(l7s, l7Peer), h2KeepAliveRange: ratioRange(l7H2s, h2Peer), addedP90Ms: { sidecarHttpMtls: addedP90s(l7Peer), nodemeshL7Hbone: addedP90s(l7s) } } }
+          : {}),
       },
     };
     const rows: Array<[string, Scenario]> = [
@@ -247,13 +316,14 @@ async function main(): Promise<void> {
       ['nodemesh two hops, plaintext', plain],
       ['nodemesh two hops, HBONE mTLS', mtls],
       ['sidecar L7 (HAProxy mode http), mTLS', sidecarHttpMtls],
-      ['nodemesh L7 two hops (route on A, policy on B), HBONE mTLS', l7],
+      ['nodemesh L7 two hops (route on A, policy on B), HBONE mTLS', l7Median],
     ];
     process.stdout.write(
       [
         ...scenarioTable(rows),
+        ...(ROUNDS > 1 ? ['', `(the L7 rows: the median run of ${ROUNDS} alternating rounds; direct as measured in round 1)`] : []),
         '',
-        ...h2Table('HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams', [['direct', directH2], ['sidecar L7 h2 (HAProxy proto h2), mTLS', sidecarH2Mtls], ['nodemesh L7 h2 two hops (route on A, policy on B), HBONE mTLS', l7H2]]),
+        ...h2Table('HTTP/2 (h2c), 1 KB answers, h2load 32 connections x 10 streams', [['direct', directH2], ['sidecar L7 h2 (HAProxy proto h2), mTLS', sidecarH2Mtls], ['nodemesh L7 h2 two hops (route on A, policy on B), HBONE mTLS', l7H2Median]]),
         '',
         `tunnels: ${tunnels} opened for ${tunnelled} connections; agent RSS after the HBONE load: A ${agentRss.a.toFixed(1)} MiB, B ${agentRss.b.toFixed(1)} MiB; open fds A, B before it ${fdsBefore.join(', ')}, 5 s after ${fdsAfter.join(', ')}; ratios: ${JSON.stringify(results.ratios)}`,
       ].join('\n') + '\n',
