@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=16
+#!/usr/bin/env -S node --max-semi-space-size=16 --no-memory-reducer
 // V8's young generation may grow to 16 MB a semi-space (V8's own default on a 64-bit host, set
 // here so a small memory limit does not shrink it), and no --optimize-for-size: V8 grows the
 // young generation only when the agent allocates fast, which is the L7 path under load, so an

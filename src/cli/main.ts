@@ -4,7 +4,7 @@ import { Command, Option } from 'commander';
 import { join } from 'node:path';
 
 import { NodeAgent, type AgentOptions, type EnrolledPodStatus } from '../agent/agent.js';
-import { probeBpf } from '../datapath/native.js';
+import { probeBpf, trimHeap } from '../datapath/native.js';
 import { PIN_BASE, assertPinRoot, defaultPinRoot } from '../datapath/node-datapath.js';
 import { parseHostPort } from '../shared/http.js';
 import { LocalRuntimePodSource } from '../agent/pods/source.js';
@@ -149,6 +149,12 @@ async function exitWhenStopped(what: string): Promise<void> {
   const left = open();
   if (left.length > 0) (await import('../shared/log.js')).logger('cli').warn({ left }, `${what} stopped with resources still open; exiting`);
   process.exit(process.exitCode ?? 0);
+}
+
+/** The V8 heap given back when the process is idle: the memory reducer is off (bin/nodemesh.js; src/shared/heap-trim.ts). */
+async function trimWhenIdle(): Promise<{ stop(): void }> {
+  const { HeapTrim } = await import('../shared/heap-trim.js');
+  return new HeapTrim({ trim: trimHeap }).start();
 }
 
 const program = new Command('nodemesh')
@@ -365,9 +371,11 @@ program
     const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
     const agent = await NodeAgent.start(options, kube ?? new LocalRuntimePodSource(runtimeConfig.stateDir, node, { ...options.podEdge, podsCgroup: options.podsCgroup }));
+    const heap = await trimWhenIdle();
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
+    heap.stop();
     // Handed over: the node is the new agent's, whatever happens to the DaemonSet.
     const uninstall = kubeApi && kubePods && daemonset && !agent.handedOver ? await kubePods.daemonSetGone(kubeApi, daemonset) : undefined;
     if (uninstall?.gone) {
@@ -475,9 +483,11 @@ program
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cert-ttl ${opts.certTtl} must be from ${CERT_TTL_BOUNDS.min / 1000}s to ${CERT_TTL_BOUNDS.max / 3_600_000}h`, { context: { field: 'cert-ttl' }, hint: 'give a duration such as 24h' });
     }
     const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs, ...(opts.caSecret === undefined ? {} : { secret: opts.caSecret }) }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }), ...(podRanges ? { podRanges } : {}) });
+    const heap = await trimWhenIdle();
     await new Promise<void>((resolve) => {
       for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
     });
+    heap.stop();
     await cp.stop();
     await exitWhenStopped('control-plane');
   });

@@ -138,6 +138,7 @@ interface RawAddon {
   netnsCookie(fd: number): bigint;
   abiLayout(): AbiLayout;
   raiseFdLimit(): { soft: number; hard: number };
+  trimHeap(): void;
   hboneInit(onEvent: (event: HboneEvent) => void): void;
   hboneContext(server: boolean, keyPem: string, chainPem: string, roots: ReadonlyArray<string>): number;
   hboneContextFree(context: number): void;
@@ -770,6 +771,11 @@ export function hboneAbortAll(): void {
 /** Raises RLIMIT_NOFILE's soft limit to the hard one; returns both as they are then. */
 export function raiseFdLimit(): { soft: number; hard: number } {
   return call('raise the open file limit', () => native().raiseFdLimit());
+}
+
+/** V8's full, compacting, memory-reducing collection, now (a pause of the JS thread: call it when idle). */
+export function trimHeap(): void {
+  native().trimHeap();
 }
 
 /** Ends every kernel-relayed connection (the proxy is stopping). */
