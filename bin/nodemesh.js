@@ -6,6 +6,9 @@
 // 1 MB young generation and --optimize-for-size). Under L7 load those two flags cost 20-40 %
 // of requests/s and a third more CPU per request (README, "L7, fourth session"). The image's
 // ENTRYPOINT (daemonset/Dockerfile) passes the same flags: the shebang is not read there.
+// No memory reducer: its compacting collections came when a load dropped to a lower rate, 10-20 ms
+// pauses while requests still flowed; the agent and the control plane trim their heap themselves
+// once their loop is idle (src/shared/heap-trim.ts, README "L7, eleventh session").
 // V8's baseline compiler only (no TurboFan, `agent --jit baseline`) saves a few MiB more;
 // TurboFan stays on by default (`--jit auto`): HBONE gains ~15% requests/s with it, and the L7
 // path costs a third of the CPU per request without it; V8 cannot turn it on later, when a
