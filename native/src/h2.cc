@@ -74,6 +74,7 @@ class FieldBlock {
   void clear() { buf_.clear(); }
   // Room for a block's usual size at once (grown a field at a time, a block was copied about five times).
   void Reserve(size_t n) { buf_.reserve(n); }
+  size_t capacity() const { return buf_.capacity(); }
   const std::string& bytes() const { return buf_; }
 
   // Each field in order, as f(name, value); a name with no value after it ends the block.
@@ -1063,6 +1064,29 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     else Bury(x);
   }
 
+  // An exchange for a new stream: one that ended, with the room its buffers had, if there is one.
+  std::unique_ptr<Exchange> NewExchange() {
+    if (spare_.empty()) return std::make_unique<Exchange>();
+    std::unique_ptr<Exchange> x = std::move(spare_.back());
+    spare_.pop_back();
+    return x;
+  }
+
+  // An exchange that ended, reset and kept for a later stream with its field blocks' and bodies'
+  // room (up to kSpareExchanges of them, buffers of up to kSpareBytes): each stream made five
+  // allocations for them, and under load the streams that end together freed a burst of them.
+  void Recycle(std::unique_ptr<Exchange> x) {
+    if (spare_.size() >= kSpareExchanges) return;
+    FieldBlock headers = std::move(x->headers), answer = std::move(x->answerFields);
+    std::string reqBuf = std::move(x->req.buf), respBuf = std::move(x->resp.buf);
+    *x = Exchange();
+    if (headers.capacity() <= kSpareBytes) headers.clear(), x->headers = std::move(headers);
+    if (answer.capacity() <= kSpareBytes) answer.clear(), x->answerFields = std::move(answer);
+    if (reqBuf.capacity() <= kSpareBytes) reqBuf.clear(), x->req.buf = std::move(reqBuf);
+    if (respBuf.capacity() <= kSpareBytes) respBuf.clear(), x->resp.buf = std::move(respBuf);
+    spare_.push_back(std::move(x));
+  }
+
   void Bury(Exchange* x) {
     auto it = exchanges_.find(x->xid);
     if (it == exchanges_.end()) return;
@@ -1078,7 +1102,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     Conn* c = static_cast<Conn*>(user);
     if (!c->server || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
     H2Engine* e = c->engine;
-    auto x = std::make_unique<Exchange>();
+    auto x = e->NewExchange();
     x->xid = ++e->nextXid_;
     x->down = c;
     x->downId = frame->hd.stream_id;
@@ -1506,6 +1530,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
     }
     depth_--;
     if (depth_ == 0) {
+      for (auto& x : graveyard_) Recycle(std::move(x));
       graveyard_.clear();
       for (auto& c : deadConns_)
         if (c->session) nghttp2_session_del(c->session), c->session = nullptr;
@@ -1668,6 +1693,7 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
       exchanges_.clear();
       conns_.clear();
       graveyard_.clear();
+      spare_.clear();
     }
   }
 
@@ -1721,6 +1747,9 @@ class H2Engine : public Napi::ObjectWrap<H2Engine> {
   std::vector<std::pair<uint64_t, int>> pendingRefused_;
   // Objects that ended while a call up the stack may still hold them.
   std::vector<std::unique_ptr<Exchange>> graveyard_;
+  std::vector<std::unique_ptr<Exchange>> spare_;
+  static constexpr size_t kSpareExchanges = 512;
+  static constexpr size_t kSpareBytes = 16 * 1024;
   std::vector<std::unique_ptr<Conn>> deadConns_;
 };
 
