@@ -88,7 +88,7 @@ Napi::Value RaiseFdLimit(const Napi::CallbackInfo& info) {
 
 // trimHeap(): V8's full, compacting, memory-reducing collection (what its memory reducer does),
 // now. The agent runs without the memory reducer and calls this when its loop has been idle
-// (src/agent/heap-trim.ts): the pause it costs (10-20 ms) then delays no request.
+// (src/shared/heap-trim.ts): the pause it costs (10-20 ms) then delays no request.
 Napi::Value TrimHeap(const Napi::CallbackInfo& info) {
   v8::Isolate* isolate = v8::Isolate::GetCurrent();
   if (isolate != nullptr) isolate->LowMemoryNotification();
