@@ -286,8 +286,7 @@ const twoPlaces = (n: number): number => Math.round(n * 100) / 100;
 
 /** The median of the rounds' ratios. */
 export function roundRatio(ours: ReadonlyArray<{ readonly keepAliveRps: number }>, peer: ReadonlyArray<{ readonly keepAliveRps: number }>): number {
-  const r = roundRatios(ours, peer);
-  return twoPlaces(r[Math.floor((r.length - 1) / 2)] ?? Number.NaN);
+  return twoPlaces(median(roundRatios(ours, peer)));
 }
 
 /** The lowest and highest of the rounds' ratios. */

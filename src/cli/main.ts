@@ -151,10 +151,17 @@ async function exitWhenStopped(what: string): Promise<void> {
   process.exit(process.exitCode ?? 0);
 }
 
-/** The V8 heap given back when the process is idle: the memory reducer is off (bin/nodemesh.js; src/shared/heap-trim.ts). */
-async function trimWhenIdle(): Promise<{ stop(): void }> {
+/**
+ * A long-running command serves until SIGINT or SIGTERM; meanwhile its V8 heap is given back when
+ * the process is idle (the memory reducer is off: bin/nodemesh.js, src/shared/heap-trim.ts).
+ */
+async function serveUntilSignal(): Promise<void> {
   const { HeapTrim } = await import('../shared/heap-trim.js');
-  return new HeapTrim({ trim: trimHeap }).start();
+  const heap = new HeapTrim({ trim: trimHeap }).start();
+  await new Promise<void>((resolve) => {
+    for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
+  });
+  heap.stop();
 }
 
 const program = new Command('nodemesh')
@@ -371,11 +378,7 @@ program
     const { preflight } = await import('./preflight.js');
     await preflight(probeBpf);
     const agent = await NodeAgent.start(options, kube ?? new LocalRuntimePodSource(runtimeConfig.stateDir, node, { ...options.podEdge, podsCgroup: options.podsCgroup }));
-    const heap = await trimWhenIdle();
-    await new Promise<void>((resolve) => {
-      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
-    });
-    heap.stop();
+    await serveUntilSignal();
     // Handed over: the node is the new agent's, whatever happens to the DaemonSet.
     const uninstall = kubeApi && kubePods && daemonset && !agent.handedOver ? await kubePods.daemonSetGone(kubeApi, daemonset) : undefined;
     if (uninstall?.gone) {
@@ -483,11 +486,7 @@ program
       throw new NodemeshError('NM_ERR_INVALID_ARGUMENT', `--cert-ttl ${opts.certTtl} must be from ${CERT_TTL_BOUNDS.min / 1000}s to ${CERT_TTL_BOUNDS.max / 3_600_000}h`, { context: { field: 'cert-ttl' }, hint: 'give a duration such as 24h' });
     }
     const cp = await ControlPlane.start({ source, ...(listen ? { listen } : {}), listenTls: parseHostPort(opts.listenTls, 'listen-tls', invalid('listen-tls')), ca: { dir: opts.caDir, certTtlMs, ...(opts.caSecret === undefined ? {} : { secret: opts.caSecret }) }, http: parseHostPort(opts.http, 'http', invalid('http')), ...(opts.agentTokens === undefined ? {} : { agentTokens: opts.agentTokens }), ...(opts.agentServiceAccount === undefined ? {} : { agentServiceAccount: opts.agentServiceAccount }), ...(podRanges ? { podRanges } : {}) });
-    const heap = await trimWhenIdle();
-    await new Promise<void>((resolve) => {
-      for (const s of ['SIGINT', 'SIGTERM'] as const) process.once(s, () => resolve());
-    });
-    heap.stop();
+    await serveUntilSignal();
     await cp.stop();
     await exitWhenStopped('control-plane');
   });

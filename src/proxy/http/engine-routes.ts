@@ -6,8 +6,9 @@
  * itself, which are those that HttpOutbound.decide and NativeH2Outbound or NativeOutbound would
  * only pass on as they came: no filter, retry, timeout, fault or mirror; backends whose
  * TrafficPolicy asks for no consistent hashing, least request or circuit breaking; no endpoint on
- * this node that this node's side serves in the same pass; no access log for the pod's namespace. Every other request stays JS's. A request whose
- * endpoint's pool has no session (HTTP/2) or idle connection (HTTP/1.1) waits for one JS dials.
+ * this node that this node's side serves in the same pass; no access log for the pod's namespace.
+ * Every other request stays JS's. A request whose endpoint's pool has no session (HTTP/2) or idle
+ * connection (HTTP/1.1) waits for one JS dials.
  *
  * One plan per source pod and port of a snapshot, made on a connection's first request and kept
  * until reset(): a new snapshot, a pod of this node coming or going, an ejection (the endpoints
